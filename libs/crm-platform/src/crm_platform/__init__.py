@@ -1,0 +1,1 @@
+"""What every CRM service shares: settings, logging, telemetry, database, outbox, consumer, gRPC."""

@@ -1,0 +1,70 @@
+"""Settings read from environment variables (pydantic-settings).
+
+Each service subclasses `ServiceSettings` with its own prefix (`CRM_LEADS_`, ...); Kafka settings are
+shared by every process under `CRM_KAFKA_`.
+"""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def data_dir() -> Path:
+    """Folder for the embedded defaults (SQLite files); `CRM_DATA_DIR`, default `.data`."""
+    return Path(DataDirSettings().data_dir)
+
+
+class DataDirSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_")
+    data_dir: str = ".data"
+
+
+class KafkaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_KAFKA_")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+    security_protocol: str = "PLAINTEXT"
+    # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    # On for real Kafka; tansu (the local broker) does not support InitProducerId.
+    enable_idempotence: bool = False
+    # Create the service's topics at start-up (local and test brokers); off where a platform team owns topics.
+    create_topics: bool = True
+    topic_partitions: int = 6
+    replication_factor: int = 1
+    send_timeout_seconds: float = 10.0
+    # How long a consumer waits for more data before returning a fetch: the main driver of event latency.
+    fetch_max_wait_ms: int = 100
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every gRPC service has. Subclasses set `env_prefix` and `service_name`."""
+
+    service_name: str = "crm"
+    database_url: str = ""
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50050
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    # Graceful shutdown: time for in-flight RPCs to finish after SIGTERM.
+    shutdown_grace_seconds: float = 10.0
+    # Upper bound for any RPC whose caller sent no deadline.
+    default_deadline_seconds: float = 30.0
+    outbox_poll_seconds: float = 0.05
+    outbox_batch_size: int = 500
+    # Run Alembic migrations at start (embedded defaults); in Kubernetes a Job runs them instead.
+    migrate_on_start: bool = False
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    def resolved_database_url(self) -> str:
+        """The configured URL, or a SQLite file under the data folder (the embedded default)."""
+        if self.database_url:
+            return self.database_url
+        folder = data_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{folder / (self.service_name + '.db')}"

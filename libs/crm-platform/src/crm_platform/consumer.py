@@ -1,0 +1,300 @@
+"""Idempotent Kafka consumers: an event is applied in a DB transaction that also records its id in
+the inbox, and the offset is committed only after that transaction. Redeliveries are no-ops;
+poison messages go to `<topic>.dlt` with the error, and the partition keeps moving."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from google.protobuf.message import DecodeError, Message
+from opentelemetry import propagate, trace
+from sqlalchemy import MetaData
+
+from crm_platform import metrics
+from crm_platform.cloudevents import (
+    DLT_ERROR,
+    DLT_ERROR_TYPE,
+    DLT_ORIGINAL_OFFSET,
+    DLT_ORIGINAL_PARTITION,
+    DLT_ORIGINAL_TOPIC,
+    CloudEventHeaders,
+    MalformedEvent,
+    spec_of,
+)
+from crm_platform.config import KafkaSettings
+from crm_platform.db import insert_ignore
+from crm_platform.errors import CrmError
+from crm_platform.kafka import client_options, create_producer, stop_quietly
+from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
+from crm_platform.timeutil import utcnow
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedEvent(Generic[M]):
+    headers: CloudEventHeaders
+    message: M
+    key: str
+    topic: str
+    partition: int
+    offset: int
+
+
+Handler = Callable[[Transaction, ReceivedEvent[Any]], Awaitable[None]]
+
+
+class PoisonMessage(Exception):
+    """A message that can never be applied; it goes straight to the dead-letter topic."""
+
+
+def dead_letter_topic(topic: str) -> str:
+    return f"{topic}.dlt"
+
+
+class EventConsumer:
+    """Consumes the topics of the given event messages in one consumer group."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        uow: UnitOfWork,
+        metadata: MetaData,
+        kafka: KafkaSettings,
+        handlers: Mapping[type[Message], Handler],
+        service: str,
+        max_attempts: int = 5,
+        retry_base_seconds: float = 0.2,
+    ) -> None:
+        self.name = name
+        self.uow = uow
+        self.inbox = metadata.tables["processed_events"]
+        self.kafka = kafka
+        self.service = service
+        self.max_attempts = max_attempts
+        self.retry_base_seconds = retry_base_seconds
+        self.handlers: dict[str, tuple[type[Message], Handler]] = {
+            spec_of(message_type).type: (message_type, handler) for message_type, handler in handlers.items()
+        }
+        self.topics = sorted({spec_of(message_type).topic for message_type in handlers})
+        self._stopping = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._dlt_producer: Any = None
+        self._processed: dict[TopicPartition, int] = {}
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._consume()
+            except Exception:
+                log.exception("consumer %s failed; restarting", self.name)
+                await self._close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), 2.0)
+        await self._close()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    async def _consume(self) -> None:
+        consumer = AIOKafkaConsumer(
+            group_id=self.name,
+            client_id=f"{self.service}-{self.name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
+            **client_options(self.kafka),
+        )
+        self._consumer = consumer
+        await asyncio.wait_for(consumer.start(), self.kafka.send_timeout_seconds)
+        consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
+        while not self._stopping.is_set():
+            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            if consumer.assignment():
+                self.ready.set()
+            # Partitions are independent (order is per key, and a key lives in one partition):
+            # apply them concurrently, each in order, then commit what was applied.
+            await asyncio.gather(
+                *(self._apply_partition(consumer, partition, records) for partition, records in batches.items())
+            )
+            await self._commit()
+
+    async def _apply_partition(
+        self, consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[Any, Any]]
+    ) -> None:
+        for record in records:
+            if self._stopping.is_set():
+                break
+            await self._handle(record)
+            self._processed[partition] = record.offset + 1
+        highwater = consumer.highwater(partition)
+        if highwater is not None and records:
+            metrics.CONSUMER_LAG.labels(self.service, partition.topic, str(partition.partition)).set(
+                max(0, highwater - records[-1].offset - 1)
+            )
+
+    async def _commit(self) -> None:
+        if self._consumer is None or not self._processed:
+            return
+        offsets, self._processed = dict(self._processed), {}
+        await asyncio.wait_for(self._consumer.commit(offsets), self.kafka.send_timeout_seconds)
+
+    async def _handle(self, record: ConsumerRecord[Any, Any]) -> None:
+        try:
+            event = self._decode(record)
+        except PoisonMessage as error:
+            await self._dead_letter(record, error)
+            return
+        if event is None:
+            metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, "ignored").inc()
+            return
+        _, handler = self.handlers[event.headers.type]
+        context = propagate.extract({"traceparent": event.headers.traceparent, "tracestate": event.headers.tracestate})
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with tracer.start_as_current_span(
+                    f"consume {record.topic}", context=context, kind=trace.SpanKind.CONSUMER
+                ) as span:
+                    span.set_attribute("messaging.message.id", event.headers.id)
+                    span.set_attribute("cloudevents.event_type", event.headers.type)
+                    applied = await self._apply(handler, event)
+                metrics.CONSUMER_PROCESSED.labels(
+                    self.service, record.topic, "applied" if applied else "duplicate"
+                ).inc()
+                return
+            except CrmError as error:
+                # A business rule said no: retrying cannot change the answer.
+                await self._dead_letter(record, error)
+                return
+            except Exception as error:  # noqa: BLE001 - transient until proven otherwise
+                if attempt >= self.max_attempts:
+                    await self._dead_letter(record, error)
+                    return
+                log.warning("consumer %s: attempt %d for %s failed: %s", self.name, attempt, event.headers.id, error)
+                await asyncio.sleep(backoff_seconds(attempt, base=self.retry_base_seconds, cap=5.0))
+
+    def _decode(self, record: ConsumerRecord[Any, Any]) -> ReceivedEvent[Any] | None:
+        try:
+            headers = CloudEventHeaders.decode(record.headers)
+        except MalformedEvent as error:
+            raise PoisonMessage(str(error)) from None
+        entry = self.handlers.get(headers.type)
+        if entry is None:
+            return None  # another event type on the same topic that this consumer does not need
+        message_type, _ = entry
+        try:
+            message = message_type.FromString(record.value or b"")
+        except DecodeError as error:
+            raise PoisonMessage(
+                f"cannot decode {headers.type} as {message_type.DESCRIPTOR.full_name}: {error}"
+            ) from None
+        key = record.key.decode() if isinstance(record.key, bytes) else str(record.key or "")
+        return ReceivedEvent(
+            headers=headers,
+            message=message,
+            key=key,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+        )
+
+    async def _apply(self, handler: Handler, event: ReceivedEvent[Any]) -> bool:
+        async with self.uow.begin() as tx:
+            first_time = await insert_ignore(
+                tx.conn,
+                self.inbox,
+                {"consumer": self.name, "event_id": event.headers.id, "processed_at": utcnow()},
+                keys=["consumer", "event_id"],
+            )
+            if not first_time:
+                return False
+            await handler(tx, event)
+        return True
+
+    async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: BaseException) -> None:
+        headers = [
+            *(record.headers or ()),
+            (DLT_ERROR, str(error)[:4000].encode()),
+            (DLT_ERROR_TYPE, type(error).__name__.encode()),
+            (DLT_ORIGINAL_TOPIC, record.topic.encode()),
+            (DLT_ORIGINAL_PARTITION, str(record.partition).encode()),
+            (DLT_ORIGINAL_OFFSET, str(record.offset).encode()),
+        ]
+        # Until the dead letter is stored, the offset must not move past the message.
+        while True:
+            try:
+                producer = await self._ensure_dlt_producer()
+                await asyncio.wait_for(
+                    producer.send_and_wait(
+                        dead_letter_topic(record.topic), value=record.value, key=record.key, headers=headers
+                    ),
+                    self.kafka.send_timeout_seconds,
+                )
+                break
+            except Exception:
+                log.exception("consumer %s: could not dead-letter offset %d", self.name, record.offset)
+                await self._reset_dlt_producer()
+                if self._stopping.is_set():
+                    raise
+                await asyncio.sleep(1.0)
+        metrics.DEAD_LETTERS.labels(self.service, record.topic).inc()
+        log.error(
+            "consumer %s: dead-lettered %s[%d]@%d: %s", self.name, record.topic, record.partition, record.offset, error
+        )
+
+    async def _ensure_dlt_producer(self) -> Any:
+        if self._dlt_producer is None:
+            producer = create_producer(self.kafka, client_id=f"{self.service}-{self.name}-dlt")
+            await asyncio.wait_for(producer.start(), self.kafka.send_timeout_seconds)
+            self._dlt_producer = producer
+        return self._dlt_producer
+
+    async def _reset_dlt_producer(self) -> None:
+        producer, self._dlt_producer = self._dlt_producer, None
+        if producer is not None:
+            await stop_quietly(producer)
+
+    async def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            try:
+                await self._commit_with(consumer)
+            finally:
+                await stop_quietly(consumer)
+        await self._reset_dlt_producer()
+
+    async def _commit_with(self, consumer: AIOKafkaConsumer) -> None:
+        if self._processed:
+            offsets, self._processed = dict(self._processed), {}
+            try:
+                await asyncio.wait_for(consumer.commit(offsets), self.kafka.send_timeout_seconds)
+            except Exception:
+                log.warning("consumer %s: final commit failed", self.name, exc_info=True)
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commits what was applied before partitions move to another replica."""
+
+    def __init__(self, owner: EventConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        try:
+            await self.owner._commit()
+        except Exception:
+            log.warning("consumer %s: commit on revoke failed", self.owner.name, exc_info=True)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("consumer %s: assigned %s", self.owner.name, sorted(str(tp) for tp in assigned))

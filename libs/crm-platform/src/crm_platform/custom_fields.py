@@ -1,0 +1,234 @@
+"""Custom fields (字段自定义): definitions and the validation of the values written under `custom`.
+
+Pure and typed, shared by every service that owns entities with custom fields (lead, account,
+contact, opportunity, ticket). A service stores its definitions, then on every write:
+
+    errors = validate(definitions, values, partial=is_update)   # list[FieldError], field "custom.<key>"
+    if errors: raise ValidationFailed(errors)
+    stored = coerce(definitions, values)                         # canonical JSON-able values
+
+and for list filters `parse_filter(definition, text)` turns a query-string value into the stored form.
+"""
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from enum import StrEnum
+from urllib.parse import urlparse
+
+from crm_platform.errors import FieldError
+
+ENTITIES = ("lead", "account", "contact", "opportunity", "ticket")
+KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+MAX_TEXT = 4000
+
+JsonValue = str | int | float | bool | list[str] | None
+
+
+class FieldType(StrEnum):
+    TEXT = "text"
+    NUMBER = "number"
+    DECIMAL = "decimal"
+    DATE = "date"
+    BOOL = "bool"
+    ENUM = "enum"
+    MULTI_ENUM = "multi_enum"
+    EMAIL = "email"
+    PHONE = "phone"
+    URL = "url"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDefinition:
+    entity: str
+    key: str
+    label: str
+    type: FieldType
+    required: bool = False
+    options: tuple[str, ...] = ()
+    # Personal data: the gateway masks it like phone and email.
+    pii: bool = False
+    version: int = 1
+
+
+def check_definition(entity: str, key: str, label: str, type_name: str, options: Iterable[str]) -> list[FieldError]:
+    """Errors in a definition itself (before it is stored)."""
+    errors: list[FieldError] = []
+    if entity not in ENTITIES:
+        errors.append(FieldError("entity", f"must be one of {', '.join(ENTITIES)}"))
+    if not KEY_PATTERN.match(key):
+        errors.append(FieldError("key", "must be lower-case letters, digits and _ starting with a letter"))
+    if not label.strip():
+        errors.append(FieldError("label", "is required"))
+    try:
+        kind = FieldType(type_name)
+    except ValueError:
+        errors.append(FieldError("type", f"must be one of {', '.join(t.value for t in FieldType)}"))
+        return errors
+    opts = list(options)
+    if kind in (FieldType.ENUM, FieldType.MULTI_ENUM):
+        if not opts:
+            errors.append(FieldError("options", f"a {kind.value} field needs at least one option"))
+        elif len(set(opts)) != len(opts) or any(not o.strip() for o in opts):
+            errors.append(FieldError("options", "options must be non-empty and unique"))
+    elif opts:
+        errors.append(FieldError("options", f"a {kind.value} field takes no options"))
+    return errors
+
+
+def validate(
+    definitions: Iterable[FieldDefinition],
+    values: Mapping[str, object],
+    *,
+    partial: bool = False,
+    prefix: str = "custom",
+) -> list[FieldError]:
+    """Every problem with `values`; each error names `<prefix>.<key>`.
+
+    `partial` is for updates that write only some keys: absent required fields are not errors there,
+    but setting a required field to null/empty is.
+    """
+    by_key = {d.key: d for d in definitions}
+    errors: list[FieldError] = []
+    for key, value in values.items():
+        definition = by_key.get(key)
+        name = f"{prefix}.{key}"
+        if definition is None:
+            errors.append(FieldError(name, "is not a defined custom field"))
+            continue
+        if _is_empty(value):
+            if definition.required:
+                errors.append(FieldError(name, "is required"))
+            continue
+        message = _check_value(definition, value)
+        if message:
+            errors.append(FieldError(name, message))
+    if not partial:
+        for definition in by_key.values():
+            if definition.required and definition.key not in values:
+                errors.append(FieldError(f"{prefix}.{definition.key}", "is required"))
+    return errors
+
+
+def coerce(definitions: Iterable[FieldDefinition], values: Mapping[str, object]) -> dict[str, JsonValue]:
+    """Canonical stored form of already validated values (empty values are dropped)."""
+    by_key = {d.key: d for d in definitions}
+    result: dict[str, JsonValue] = {}
+    for key, value in values.items():
+        if _is_empty(value):
+            continue
+        result[key] = _canonical(by_key[key], value)
+    return result
+
+
+def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
+    """A filter value from a query string in the stored form; ValueError with a reason if malformed."""
+    match definition.type:
+        case FieldType.NUMBER:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"{text!r} is not a number") from None
+            return int(number) if number.is_integer() else number
+        case FieldType.BOOL:
+            if text.lower() not in ("true", "false"):
+                raise ValueError("must be true or false")
+            return text.lower() == "true"
+        case FieldType.MULTI_ENUM | FieldType.ENUM:
+            if text not in definition.options:
+                raise ValueError(f"must be one of {', '.join(definition.options)}")
+            return text
+    message = _check_value(definition, text)
+    if message:
+        raise ValueError(message)
+    return _canonical(definition, text)
+
+
+def pii_keys(definitions: Iterable[FieldDefinition]) -> frozenset[str]:
+    return frozenset(d.key for d in definitions if d.pii)
+
+
+def _is_empty(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or value == []
+
+
+def _check_value(definition: FieldDefinition, value: object) -> str:
+    """A reason the value is invalid for the definition, or ""."""
+    match definition.type:
+        case FieldType.TEXT:
+            if not isinstance(value, str):
+                return "must be a string"
+            if len(value) > MAX_TEXT:
+                return f"must be at most {MAX_TEXT} characters"
+        case FieldType.NUMBER:
+            # JSON numbers arrive as floats through protobuf Struct; bool is an int subclass, refuse it.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return "must be a number"
+            if not math.isfinite(value):
+                return "must be a finite number"
+        case FieldType.DECIMAL:
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                return 'must be a decimal string such as "12.50"'
+            try:
+                if not Decimal(str(value).strip()).is_finite():
+                    return "must be a finite decimal"
+            except InvalidOperation:
+                return f"{value!r} is not a decimal number"
+        case FieldType.DATE:
+            if not isinstance(value, str):
+                return "must be a date YYYY-MM-DD"
+            try:
+                date.fromisoformat(value.strip())
+            except ValueError:
+                return f"{value!r} is not a date YYYY-MM-DD"
+        case FieldType.BOOL:
+            if not isinstance(value, bool):
+                return "must be true or false"
+        case FieldType.ENUM:
+            if not isinstance(value, str) or value not in definition.options:
+                return f"must be one of {', '.join(definition.options)}"
+        case FieldType.MULTI_ENUM:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                return "must be a list of options"
+            unknown = [v for v in value if v not in definition.options]
+            if unknown:
+                return f"unknown options {', '.join(unknown)}; allowed: {', '.join(definition.options)}"
+        case FieldType.EMAIL:
+            if not isinstance(value, str) or not _EMAIL.match(value.strip()):
+                return "must be an email address"
+        case FieldType.PHONE:
+            if not isinstance(value, str):
+                return "must be a phone number"
+            digits = re.sub(r"\D", "", value)
+            if not 5 <= len(digits) <= 20 or re.search(r"[^\d\s+\-().]", value):
+                return "must be a phone number (5 to 20 digits)"
+        case FieldType.URL:
+            parsed = urlparse(value.strip()) if isinstance(value, str) else None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+                return "must be an http(s) URL"
+    return ""
+
+
+def _canonical(definition: FieldDefinition, value: object) -> JsonValue:
+    match definition.type:
+        case FieldType.NUMBER:
+            assert isinstance(value, int | float)
+            return int(value) if float(value).is_integer() else float(value)
+        case FieldType.DECIMAL:
+            return format(Decimal(str(value).strip()), "f")
+        case FieldType.DATE:
+            return date.fromisoformat(str(value).strip()).isoformat()
+        case FieldType.BOOL:
+            return bool(value)
+        case FieldType.MULTI_ENUM:
+            assert isinstance(value, list)
+            # Stored in the definition's order, without repeats, so equal sets compare equal.
+            return [o for o in definition.options if o in value]
+        case FieldType.EMAIL:
+            return str(value).strip().lower()
+        case _:
+            return str(value).strip()

@@ -1,0 +1,66 @@
+"""Async database engines: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) as the embedded default."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+
+def normalise_url(url: str) -> str:
+    """Accepts plain `postgresql://` and `sqlite:///` URLs and picks the async driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    elif parsed.drivername == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    return parsed.render_as_string(hide_password=False)
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    # No pre-ping: it costs a round trip per checkout on the hot path; connections are recycled
+    # instead, and a connection that died mid-pool fails one transaction, which the caller retries.
+    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL lets the relay read while a request writes; busy_timeout waits instead of failing.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def is_postgres(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "postgresql"
+
+
+@asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One database transaction: committed when the block ends, rolled back on an exception."""
+    async with engine.begin() as connection:
+        yield connection
+
+
+async def insert_ignore(conn: AsyncConnection, table: Any, values: dict[str, Any], *, keys: list[str]) -> bool:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was new."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        pg_statement = pg_insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
+        result = await conn.execute(pg_statement)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        sqlite_statement = sqlite_insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
+        result = await conn.execute(sqlite_statement)
+    return bool(result.rowcount)

@@ -1,0 +1,68 @@
+"""Domain errors raised by handlers; the gRPC layer maps them to status codes with details,
+and the gateway maps those back to problem+json (SPEC §3)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    field: str
+    message: str
+
+
+class CrmError(Exception):
+    """Base of every error a handler may raise on purpose."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(CrmError):
+    def __init__(self, resource: str, record_id: str) -> None:
+        super().__init__(f"{resource} {record_id} not found")
+        self.resource = resource
+        self.record_id = record_id
+
+
+class AlreadyExists(CrmError):
+    """A duplicate: `existing_id` names the record that already exists."""
+
+    def __init__(self, detail: str, *, existing_id: str = "") -> None:
+        super().__init__(detail)
+        self.existing_id = existing_id
+
+
+class Conflict(CrmError):
+    """An illegal state transition or a business rule conflict (HTTP 409)."""
+
+    def __init__(self, detail: str, *, existing_id: str = "", reason: str = "CONFLICT") -> None:
+        super().__init__(detail)
+        self.existing_id = existing_id
+        self.reason = reason
+
+
+class ValidationFailed(CrmError):
+    """Input that breaks a rule; every offending field is named (HTTP 422)."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        super().__init__("; ".join(f"{e.field}: {e.message}" for e in errors))
+        self.errors = errors
+
+
+class PermissionDenied(CrmError):
+    def __init__(self, detail: str, *, field: str = "") -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+class StaleVersion(CrmError):
+    """The caller's expected version is not the stored one (HTTP 412)."""
+
+    def __init__(self, resource: str, record_id: str, current_version: int) -> None:
+        super().__init__(f"{resource} {record_id} has version {current_version}")
+        self.current_version = current_version
+
+
+class Unavailable(CrmError):
+    """A dependency is down; the caller may retry (HTTP 503)."""

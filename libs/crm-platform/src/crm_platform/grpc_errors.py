@@ -1,0 +1,95 @@
+"""Domain errors <-> gRPC status with machine-readable details (google.rpc BadRequest / ErrorInfo)."""
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    CrmError,
+    FieldError,
+    NotFound,
+    PermissionDenied,
+    StaleVersion,
+    Unavailable,
+    ValidationFailed,
+)
+
+DOMAIN = "crm"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def _info(reason: str, **metadata: str) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    return packed
+
+
+def to_status(error: CrmError) -> grpc.Status:
+    details: list[any_pb2.Any] = []
+    match error:
+        case ValidationFailed():
+            code = code_pb2.INVALID_ARGUMENT
+            bad_request = error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=e.field, description=e.message)
+                    for e in error.errors
+                ]
+            )
+            packed = any_pb2.Any()
+            packed.Pack(bad_request)
+            details.append(packed)
+        case NotFound():
+            code = code_pb2.NOT_FOUND
+            details.append(_info("NOT_FOUND", resource=error.resource, id=error.record_id))
+        case AlreadyExists():
+            code = code_pb2.ALREADY_EXISTS
+            details.append(_info("DUPLICATE", existing_id=error.existing_id))
+        case Conflict():
+            code = code_pb2.FAILED_PRECONDITION
+            details.append(_info(error.reason, existing_id=error.existing_id))
+        case StaleVersion():
+            code = code_pb2.ABORTED
+            details.append(_info("STALE_VERSION", current_version=str(error.current_version)))
+        case PermissionDenied():
+            code = code_pb2.PERMISSION_DENIED
+            details.append(_info("FORBIDDEN", field=error.field))
+        case Unavailable():
+            code = code_pb2.UNAVAILABLE
+        case _:
+            code = code_pb2.INTERNAL
+    return rpc_status.to_status(status_pb2.Status(code=code, message=error.detail, details=details))
+
+
+@dataclass(slots=True)
+class RemoteError:
+    """What a caller learns from a failed call: the code, the message and the details."""
+
+    code: grpc.StatusCode
+    message: str
+    field_errors: list[FieldError] = field(default_factory=list)
+    reason: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
+    remote = RemoteError(code=error.code(), message=error.details() or "")
+    for key, value in error.trailing_metadata() or ():
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                detail.Unpack(bad_request)
+                remote.field_errors.extend(FieldError(v.field, v.description) for v in bad_request.field_violations)
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                remote.reason = info.reason
+                remote.metadata.update(info.metadata)
+    return remote

@@ -1,0 +1,151 @@
+"""The gRPC server every service runs: health checking and reflection from the libraries, and one
+interceptor that sets the caller's context, bounds the deadline, maps domain errors and counts."""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crm_platform import metrics
+from crm_platform.errors import CrmError
+from crm_platform.grpc_errors import to_status
+from crm_platform.principal import acting_as, context_from_metadata
+
+log = logging.getLogger(__name__)
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, service: str, default_deadline_seconds: float) -> None:
+        self.service = service
+        self.default_deadline_seconds = default_deadline_seconds
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.default_deadline_seconds if remaining is None else min(remaining, self.default_deadline_seconds)
+
+    def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = context_from_metadata(context.invocation_metadata())
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                with acting_as(call.principal, call.scope, call.request_id):
+                    async with asyncio.timeout(self._deadline(context)):
+                        return await behaviour(request, context)
+            except CrmError as error:
+                status = to_status(error)
+                code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except TimeoutError:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                await context.abort(code, "deadline exceeded")
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as error:
+                if isinstance(error, grpc.aio.AbortError):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", method)
+                await context.abort(code, "internal error")
+            finally:
+                self._observe(method, code, started)
+
+        return wrapper
+
+    def _wrap_stream(
+        self, behaviour: Callable[..., AsyncIterator[Any]], method: str
+    ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = context_from_metadata(context.invocation_metadata())
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                with acting_as(call.principal, call.scope, call.request_id):
+                    async for item in behaviour(request, context):
+                        yield item
+            except CrmError as error:
+                status = to_status(error)
+                code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                self._observe(method, code, started)
+
+        return wrapper
+
+    def _observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        name = method.rsplit("/", 1)[-1]
+        metrics.RPC_REQUESTS.labels(self.service, name, code.name).inc()
+        metrics.RPC_LATENCY.labels(self.service, name).observe(time.perf_counter() - started)
+
+
+class GrpcServer:
+    """A grpc.aio server with health and reflection; SIGTERM → NOT_SERVING → stop(grace)."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        service_names: list[str],
+        register: Callable[[grpc.aio.Server], None],
+        default_deadline_seconds: float = 30.0,
+    ) -> None:
+        self.server = grpc.aio.server(
+            interceptors=[CallInterceptor(service, default_deadline_seconds)],
+            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        )
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = service_names
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+
+    async def start(self, host: str, port: int) -> int:
+        bound = int(self.server.add_insecure_port(f"{host}:{port}"))
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return bound
+
+    async def stop(self, grace: float) -> None:
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)

@@ -1,0 +1,48 @@
+"""Timers that run inside a service (recycling, SLA checks, overdue detection).
+
+Every replica runs every job; a job claims the rows it acts on with `claim_due` (FOR UPDATE SKIP
+LOCKED on PostgreSQL) inside the transaction that changes them, so no two replicas act on one record.
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Select
+
+log = logging.getLogger(__name__)
+
+
+def claim_due(query: Select[tuple[object, ...]]) -> Select[tuple[object, ...]]:
+    """Rows another replica is working on are skipped, not waited for (SQLite ignores the clause)."""
+    return query.with_for_update(skip_locked=True)
+
+
+@dataclass
+class PeriodicJob:
+    name: str
+    interval_seconds: float
+    # Returns how many records it acted on; a full batch runs again at once.
+    run_once: Callable[[], Awaitable[int]]
+    batch_size: int = 500
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        # Jitter spreads replicas started together.
+        delay = random.uniform(0, min(self.interval_seconds, 5.0))
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
+            delay = self.interval_seconds
+            try:
+                acted = await self.run_once()
+                if acted >= self.batch_size:
+                    delay = 0
+                elif acted:
+                    log.info("job %s acted on %d records", self.name, acted)
+            except Exception:
+                log.exception("job %s failed", self.name)

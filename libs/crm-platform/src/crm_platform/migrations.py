@@ -1,0 +1,99 @@
+"""Alembic, shared: every service keeps its revisions in `services/<name>/migrations/` and its
+`env.py` is two lines (`from crm_platform.migrations import run_env; run_env(metadata)`)."""
+
+import asyncio
+from pathlib import Path
+
+from alembic import command, context
+from alembic.config import Config
+from alembic.operations import Operations
+from sqlalchemy import MetaData, pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from crm_platform.db import normalise_url
+from crm_platform.outbox import NOTIFY_CHANNEL, add_messaging_tables
+
+# Date-prefixed revision files sort in the order they were written.
+FILE_TEMPLATE = "%%(year)d%%(month).2d%%(day).2d_%%(rev)s_%%(slug)s"
+
+
+def alembic_config(migrations_dir: Path, database_url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir))
+    config.set_main_option("file_template", FILE_TEMPLATE)
+    config.set_main_option("sqlalchemy.url", normalise_url(database_url).replace("%", "%%"))
+    return config
+
+
+def upgrade(migrations_dir: Path, database_url: str, revision: str = "head") -> None:
+    """Migrates a database to `revision`. Blocking: call it with `asyncio.to_thread` from async code."""
+    command.upgrade(alembic_config(migrations_dir, database_url), revision)
+
+
+def run_env(metadata: MetaData) -> None:
+    """The body of every service's `migrations/env.py`."""
+    url = context.config.get_main_option("sqlalchemy.url")
+    if url is None:
+        raise RuntimeError("sqlalchemy.url is not set for Alembic")
+    if context.is_offline_mode():
+        context.configure(url=url, target_metadata=metadata, literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+
+    def migrate(connection: Connection) -> None:
+        context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+
+    async def run_async() -> None:
+        engine = create_async_engine(url, poolclass=pool.NullPool)
+        async with engine.connect() as connection:
+            await connection.run_sync(migrate)
+        await engine.dispose()
+
+    asyncio.run(run_async())
+
+
+OUTBOX_NOTIFY_SQL = (
+    f"""
+    CREATE OR REPLACE FUNCTION crm_outbox_notify() RETURNS trigger AS $$
+    BEGIN
+        PERFORM pg_notify('{NOTIFY_CHANNEL}', '');
+        RETURN NULL;
+    END;
+    $$ LANGUAGE plpgsql
+    """,
+    "CREATE OR REPLACE TRIGGER outbox_notify AFTER INSERT ON outbox "
+    "FOR EACH STATEMENT EXECUTE FUNCTION crm_outbox_notify()",
+)
+
+
+def create_messaging_tables(op: Operations) -> None:
+    """The outbox and inbox tables (and the NOTIFY trigger on PostgreSQL), for a service's first revision."""
+    metadata = MetaData()
+    add_messaging_tables(metadata)
+    metadata.create_all(op.get_bind())
+    create_outbox_notify_trigger(op)
+
+
+def drop_messaging_tables(op: Operations) -> None:
+    drop_outbox_notify_trigger(op)
+    op.drop_table("processed_events")
+    op.drop_table("outbox")
+
+
+def create_outbox_notify_trigger(op: Operations) -> None:
+    """PostgreSQL only: NOTIFY the relays once per inserting statement, so they wake at commit."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    for statement in OUTBOX_NOTIFY_SQL:
+        op.execute(statement)
+
+
+def drop_outbox_notify_trigger(op: Operations) -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.execute("DROP TRIGGER IF EXISTS outbox_notify ON outbox")
+    op.execute("DROP FUNCTION IF EXISTS crm_outbox_notify()")

@@ -1,0 +1,409 @@
+"""Transactional outbox: events are rows written in the business transaction, and a relay
+publishes them to Kafka afterwards — so an event exists exactly when its change committed.
+
+Ordering: the relay publishes a key's rows in insertion order and never overtakes a row of the
+same key that is unpublished (locked by another replica or waiting for a retry).
+"""
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.protobuf.message import Message
+from opentelemetry import propagate
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from crm_platform import metrics
+from crm_platform.cloudevents import CloudEventHeaders, spec_of
+from crm_platform.config import KafkaSettings
+from crm_platform.db import is_postgres
+from crm_platform.ids import new_id
+from crm_platform.kafka import create_producer, stop_quietly
+from crm_platform.timeutil import as_utc, utcnow
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "crm_outbox"
+
+# SQLite only auto-increments INTEGER PRIMARY KEY columns.
+_SEQ_TYPE = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
+    """Adds the outbox and inbox (processed events) tables to a service's metadata."""
+    outbox = Table(
+        "outbox",
+        metadata,
+        Column("seq", _SEQ_TYPE, primary_key=True, autoincrement=True),
+        Column("id", String(36), nullable=False, unique=True),
+        Column("topic", String(200), nullable=False),
+        Column("key", String(200), nullable=False),
+        Column("type", String(200), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("headers", JSON, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("published_at", DateTime(timezone=True)),
+        Column("attempts", Integer, nullable=False, server_default="0"),
+        Column("next_attempt_at", DateTime(timezone=True)),
+        Column("last_error", Text),
+        Index(
+            "ix_outbox_pending",
+            "seq",
+            postgresql_where=Column("published_at").is_(None),
+            sqlite_where=Column("published_at").is_(None),
+        ),
+        Index("ix_outbox_key_pending", "key", "seq", postgresql_where=Column("published_at").is_(None)),
+        Index("ix_outbox_published_at", "published_at"),
+    )
+    inbox = Table(
+        "processed_events",
+        metadata,
+        Column("consumer", String(200), nullable=False),
+        Column("event_id", String(200), nullable=False),
+        Column("processed_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("consumer", "event_id"),
+    )
+    return outbox, inbox
+
+
+def outbox_table(metadata: MetaData) -> Table:
+    return metadata.tables["outbox"]
+
+
+@dataclass(slots=True)
+class PendingEvent:
+    message: Message
+    key: str
+    subject: str
+
+
+@dataclass(slots=True)
+class Transaction:
+    """What a handler gets inside a unit of work: the connection and a place to publish events."""
+
+    conn: AsyncConnection
+    source: str
+    _events: list[PendingEvent] = field(default_factory=list)
+
+    def publish(self, message: Message, *, key: str, subject: str = "") -> None:
+        """Queues an event; it is written to the outbox in this transaction, published after commit."""
+        spec_of(message)  # fail now, in the handler, if this is not an event message
+        self._events.append(PendingEvent(message=message, key=key, subject=subject or key))
+
+    @property
+    def events(self) -> list[PendingEvent]:
+        return list(self._events)
+
+
+def outbox_rows(events: list[PendingEvent], *, source: str, now: datetime) -> list[dict[str, Any]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)  # the current trace continues in the consumers
+    rows = []
+    for pending in events:
+        spec = spec_of(pending.message)
+        event_id = new_id()
+        headers = CloudEventHeaders(
+            id=event_id,
+            type=spec.type,
+            source=source,
+            time=now,
+            subject=pending.subject,
+            dataschema=spec.schema,
+            traceparent=carrier.get("traceparent", ""),
+            tracestate=carrier.get("tracestate", ""),
+        )
+        rows.append(
+            {
+                "id": event_id,
+                "topic": spec.topic,
+                "key": pending.key,
+                "type": spec.type,
+                "payload": pending.message.SerializeToString(),
+                "headers": [[name, value.decode()] for name, value in headers.encode()],
+                "created_at": now,
+            }
+        )
+    return rows
+
+
+class UnitOfWork:
+    """Runs a use case in one transaction and writes its events to the outbox in that transaction."""
+
+    def __init__(self, engine: AsyncEngine, metadata: MetaData, *, source: str) -> None:
+        self.engine = engine
+        self.outbox = outbox_table(metadata)
+        self.source = source
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Called after every commit that wrote events (the in-process relay wakes up at once)."""
+        self._listeners.append(listener)
+
+    @asynccontextmanager
+    async def begin(self) -> AsyncIterator[Transaction]:
+        async with self.engine.begin() as conn:
+            tx = Transaction(conn=conn, source=self.source)
+            yield tx
+            if tx.events:
+                await conn.execute(insert(self.outbox), outbox_rows(tx.events, source=self.source, now=utcnow()))
+        if tx.events:
+            for listener in self._listeners:
+                listener()
+
+
+def backoff_seconds(attempts: int, *, base: float = 0.5, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter: attempt 1 waits up to 0.5 s, then 1 s, 2 s, ... 60 s."""
+    return random.uniform(0, min(cap, base * 2 ** max(0, attempts - 1)))
+
+
+def publishable(rows: list[Any], first_pending_seq: dict[str, int]) -> list[Any]:
+    """Rows that may go now: a key's rows only when its oldest unpublished row is among them,
+    and only up to the first gap, so no row overtakes an earlier one of the same key."""
+    batch_seqs = {row.seq for row in rows}
+    result = []
+    blocked: set[str] = set()
+    for row in rows:  # ordered by seq
+        if row.key in blocked:
+            continue
+        if first_pending_seq.get(row.key, row.seq) != row.seq and first_pending_seq[row.key] not in batch_seqs:
+            blocked.add(row.key)
+            continue
+        result.append(row)
+    return result
+
+
+class OutboxRelay:
+    """Publishes outbox rows to Kafka: per-key order, retries with backoff, survives broker outages."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metadata: MetaData,
+        kafka: KafkaSettings,
+        *,
+        service: str,
+        batch_size: int = 500,
+        poll_seconds: float = 0.05,
+        retention: timedelta = timedelta(days=1),
+    ) -> None:
+        self.engine = engine
+        self.outbox = outbox_table(metadata)
+        self.kafka = kafka
+        self.service = service
+        self.batch_size = batch_size
+        # PostgreSQL wakes the relay by NOTIFY; the poll is then only a safety net for retries.
+        self.poll_seconds = poll_seconds if not is_postgres(engine) else max(poll_seconds, 1.0)
+        self.retention = retention
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._producer: Any = None
+        self._listen_connection: Any = None
+        self._last_housekeeping = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self._listen()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    published = await self.publish_pending()
+                except Exception:
+                    log.exception("outbox relay pass failed")
+                    published = 0
+                await self._housekeeping()
+                if published:
+                    continue
+                self._wake.clear()
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+        finally:
+            await self._close()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def drain(self, wait_seconds: float) -> int:
+        """Publishes what is pending (graceful shutdown); returns the rows left behind."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_seconds
+        while loop.time() < deadline:
+            try:
+                if await self.publish_pending(ignore_backoff=True) == 0:
+                    break
+            except Exception:
+                log.exception("outbox drain pass failed")
+                await asyncio.sleep(0.2)
+        left = await self.backlog()
+        await self._close()
+        return left
+
+    async def backlog(self) -> int:
+        async with self.engine.connect() as conn:
+            count = await conn.scalar(
+                select(func.count()).select_from(self.outbox).where(self.outbox.c.published_at.is_(None))
+            )
+        return int(count or 0)
+
+    async def publish_pending(self, *, ignore_backoff: bool = False) -> int:
+        """One pass: claims a batch, publishes it, marks what the broker acknowledged."""
+        table = self.outbox
+        now = utcnow()
+        query = select(
+            table.c.seq,
+            table.c.id,
+            table.c.topic,
+            table.c.key,
+            table.c.payload,
+            table.c.headers,
+            table.c.created_at,
+            table.c.attempts,
+        ).where(table.c.published_at.is_(None))
+        if not ignore_backoff:
+            query = query.where(or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now))
+        query = query.order_by(table.c.seq).limit(self.batch_size)
+        if is_postgres(self.engine):
+            query = query.with_for_update(skip_locked=True)
+        async with self.engine.begin() as conn:
+            rows = list(await conn.execute(query))
+            if not rows:
+                return 0
+            keys = {row.key for row in rows}
+            firsts = await conn.execute(
+                select(table.c.key, func.min(table.c.seq))
+                .where(table.c.published_at.is_(None), table.c.key.in_(keys))
+                .group_by(table.c.key)
+            )
+            rows = publishable(rows, {key: seq for key, seq in firsts})
+            if not rows:
+                return 0
+            sent, failed, error = await self._send(rows)
+            acked_at = utcnow()
+            if sent:
+                await conn.execute(
+                    update(table).where(table.c.seq.in_([row.seq for row in sent])).values(published_at=acked_at)
+                )
+                for row in sent:
+                    metrics.OUTBOX_LATENCY.labels(self.service).observe(
+                        (acked_at - as_utc(row.created_at)).total_seconds()
+                    )
+                metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
+            for row in failed:
+                await conn.execute(
+                    update(table)
+                    .where(table.c.seq == row.seq)
+                    .values(
+                        attempts=row.attempts + 1,
+                        next_attempt_at=acked_at + timedelta(seconds=backoff_seconds(row.attempts + 1)),
+                        last_error=error[:2000],
+                    )
+                )
+            if failed:
+                metrics.OUTBOX_FAILURES.labels(self.service).inc(len(failed))
+        return len(sent)
+
+    async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
+        try:
+            producer = await self._ensure_producer()
+            futures = [
+                await producer.send(
+                    row.topic,
+                    value=row.payload,
+                    key=row.key.encode(),
+                    headers=[(name, value.encode()) for name, value in row.headers],
+                )
+                for row in rows
+            ]
+        except Exception as error:  # noqa: BLE001 - broker down: every row waits for a retry
+            await self._reset_producer()
+            return [], rows, f"{type(error).__name__}: {error}"
+        results = await asyncio.wait_for(
+            asyncio.gather(*futures, return_exceptions=True), self.kafka.send_timeout_seconds * 2
+        )
+        sent = [row for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
+        failed = [row for row, result in zip(rows, results, strict=True) if isinstance(result, BaseException)]
+        first_error = next((f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)), "")
+        if failed:
+            await self._reset_producer()
+        return sent, failed, first_error
+
+    async def _ensure_producer(self) -> Any:
+        if self._producer is None:
+            producer = create_producer(self.kafka, client_id=f"{self.service}-outbox")
+            try:
+                await asyncio.wait_for(producer.start(), self.kafka.send_timeout_seconds)
+            except BaseException:
+                await stop_quietly(producer)
+                raise
+            self._producer = producer
+        return self._producer
+
+    async def _reset_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await stop_quietly(producer)
+
+    async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._last_housekeeping < 5.0:
+            return
+        self._last_housekeeping = loop.time()
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(delete(self.outbox).where(self.outbox.c.published_at < utcnow() - self.retention))
+            metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+        except Exception:
+            log.exception("outbox housekeeping failed")
+
+    async def _listen(self) -> None:
+        """On PostgreSQL, a trigger NOTIFYs on insert so replicas wake without polling delay."""
+        if not is_postgres(self.engine):
+            return
+        import asyncpg  # only needed on PostgreSQL
+
+        url = self.engine.url
+        try:
+            self._listen_connection = await asyncpg.connect(
+                host=url.host, port=url.port, user=url.username, password=url.password, database=url.database
+            )
+            await self._listen_connection.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+        except Exception:
+            log.warning("outbox relay could not LISTEN; falling back to polling", exc_info=True)
+            self._listen_connection = None
+            self.poll_seconds = 0.05
+
+    async def _close(self) -> None:
+        await self._reset_producer()
+        if self._listen_connection is not None:
+            connection, self._listen_connection = self._listen_connection, None
+            try:
+                await asyncio.wait_for(connection.close(), 5)
+            except Exception:
+                log.warning("could not close the LISTEN connection", exc_info=True)

@@ -1,0 +1,142 @@
+"""A service process: gRPC server + outbox relay + consumers + jobs, with graceful shutdown.
+
+Every service's `__main__.py` builds a `ServiceApp` and hands it to `run_cli`, which offers
+`serve` (the default) and `migrate` (what the Kubernetes migration Job runs).
+"""
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from sqlalchemy import MetaData
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crm_platform import migrations
+from crm_platform.config import ServiceSettings
+from crm_platform.consumer import EventConsumer, dead_letter_topic
+from crm_platform.grpc_server import GrpcServer
+from crm_platform.jobs import PeriodicJob
+from crm_platform.kafka import ensure_topics
+from crm_platform.logging import configure_logging
+from crm_platform.metrics import serve_metrics
+from crm_platform.outbox import OutboxRelay, UnitOfWork
+from crm_platform.telemetry import configure_telemetry, instrument_engine, shutdown_telemetry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceApp:
+    settings: ServiceSettings
+    engine: AsyncEngine
+    metadata: MetaData
+    uow: UnitOfWork
+    # Full gRPC service names, e.g. "crm.leads.v1.LeadsService" (health and reflection).
+    service_names: list[str]
+    register: Callable[[grpc.aio.Server], None]
+    # Topics this service publishes to (created on local brokers).
+    topics: list[str] = field(default_factory=list)
+    consumers: list[EventConsumer] = field(default_factory=list)
+    jobs: list[PeriodicJob] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.relay = OutboxRelay(
+            self.engine,
+            self.metadata,
+            self.settings.kafka,
+            service=self.settings.service_name,
+            batch_size=self.settings.outbox_batch_size,
+            poll_seconds=self.settings.outbox_poll_seconds,
+        )
+        self.uow.on_commit(self.relay.wake)
+        self.server = GrpcServer(
+            service=self.settings.service_name,
+            service_names=self.service_names,
+            register=self.register,
+            default_deadline_seconds=self.settings.default_deadline_seconds,
+        )
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    async def start(self) -> int:
+        """Starts everything and returns the bound gRPC port."""
+        await self._create_topics()
+        self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        for consumer in self.consumers:
+            self._tasks.append(asyncio.create_task(consumer.run(), name=f"consumer-{consumer.name}"))
+        for job in self.jobs:
+            self._tasks.append(asyncio.create_task(job.run(self._stopping), name=f"job-{job.name}"))
+        self.port = await self.server.start(self.settings.grpc_host, self.settings.grpc_port)
+        log.info("%s serving gRPC on %s:%d", self.settings.service_name, self.settings.grpc_host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """SIGTERM path: NOT_SERVING, drain in-flight RPCs, stop consumers and jobs, flush the outbox."""
+        await self.server.stop(self.settings.shutdown_grace_seconds)
+        self._stopping.set()
+        for consumer in self.consumers:
+            await consumer.stop()
+        await self.relay.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        left = await self.relay.drain(self.settings.shutdown_grace_seconds)
+        if left:
+            log.warning("%d outbox rows left for the next start to publish", left)
+        await self.engine.dispose()
+
+    async def serve(self) -> None:
+        """Runs until SIGTERM or SIGINT."""
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        await self.start()
+        await stop_requested.wait()
+        log.info("%s shutting down", self.settings.service_name)
+        await self.stop()
+
+    async def _create_topics(self) -> None:
+        topics = list(self.topics)
+        for consumer in self.consumers:
+            topics += consumer.topics + [dead_letter_topic(topic) for topic in consumer.topics]
+        try:
+            await ensure_topics(self.settings.kafka, topics)
+        except Exception as error:  # noqa: BLE001 - the broker may come later; the outbox waits for it
+            log.warning("could not ensure topics %s: %s", topics, error)
+
+
+def run_cli(
+    *,
+    settings: ServiceSettings,
+    build: Callable[[ServiceSettings, AsyncEngine], ServiceApp],
+    migrations_dir: Path,
+    create_engine: Callable[[str], AsyncEngine],
+) -> None:
+    """`crm-<service> [serve|migrate]`."""
+    parser = argparse.ArgumentParser(prog=f"crm-{settings.service_name}")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "migrate"])
+    args = parser.parse_args()
+    configure_logging(settings.service_name, settings.log_level)
+    url = settings.resolved_database_url()
+    if args.command == "migrate" or settings.migrate_on_start:
+        migrations.upgrade(migrations_dir, url)
+        log.info("%s database migrated", settings.service_name)
+        if args.command == "migrate":
+            return
+    configure_telemetry(settings.service_name)
+    serve_metrics(settings.metrics_port)
+
+    async def serve() -> None:
+        engine = create_engine(url)
+        instrument_engine(engine)
+        await build(settings, engine).serve()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        shutdown_telemetry()

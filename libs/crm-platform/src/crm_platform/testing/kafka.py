@@ -1,0 +1,151 @@
+"""Observing and producing events in tests: read a topic from its start without a consumer group
+(no group join delay) and wait until what a test expects has arrived."""
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from google.protobuf.message import Message
+
+from crm_platform.cloudevents import CloudEventHeaders, spec_of
+from crm_platform.ids import new_id
+from crm_platform.timeutil import utcnow
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedRecord:
+    topic: str
+    partition: int
+    offset: int
+    key: str
+    value: bytes
+    headers: dict[str, str]
+
+    @property
+    def event_type(self) -> str:
+        return self.headers.get("ce_type", "")
+
+    def decode(self, message_type: type[M]) -> M:
+        return message_type.FromString(self.value)
+
+
+class EventCollector:
+    """Collects every record of some topics, from the beginning, in the background."""
+
+    def __init__(self, bootstrap_servers: str, topics: list[str]) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topics = topics
+        self.records: list[ObservedRecord] = []
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._arrived = asyncio.Condition()
+
+    async def __aenter__(self) -> "EventCollector":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=50
+        )
+        await consumer.start()
+        partitions: list[TopicPartition] = []
+        for topic in self.topics:
+            found = await _partitions_of(consumer, topic)
+            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._collect())
+
+    async def _collect(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            if not batches:
+                continue
+            async with self._arrived:
+                for records in batches.values():
+                    for record in records:
+                        self.records.append(
+                            ObservedRecord(
+                                topic=record.topic,
+                                partition=record.partition,
+                                offset=record.offset,
+                                key=(record.key or b"").decode(),
+                                value=record.value or b"",
+                                headers={name: value.decode() for name, value in record.headers},
+                            )
+                        )
+                self._arrived.notify_all()
+
+    async def wait_for(
+        self, predicate: Callable[[list[ObservedRecord]], bool], timeout: float = 30.0
+    ) -> list[ObservedRecord]:
+        """Waits until `predicate(all records so far)` holds; returns the records."""
+        async with asyncio.timeout(timeout), self._arrived:
+            await self._arrived.wait_for(lambda: predicate(self.records))
+        return list(self.records)
+
+    def of_type(self, event_type: str) -> list[ObservedRecord]:
+        return [record for record in self.records if record.event_type == event_type]
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def _partitions_of(consumer: AIOKafkaConsumer, topic: str, timeout: float = 15.0) -> set[int]:
+    async with asyncio.timeout(timeout):
+        while True:
+            partitions = consumer.partitions_for_topic(topic)
+            if partitions:
+                return set(partitions)
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.1)
+
+
+async def produce_event(
+    bootstrap_servers: str,
+    message: Message,
+    *,
+    key: str,
+    source: str = "/tests",
+    event_id: str | None = None,
+    extra_headers: list[tuple[str, bytes]] | None = None,
+) -> str:
+    """Publishes one event exactly as a CRM service would (CloudEvents headers); returns its id."""
+    spec = spec_of(message)
+    event_id = event_id or new_id()
+    headers = CloudEventHeaders(
+        id=event_id, type=spec.type, source=source, time=utcnow(), subject=key, dataschema=spec.schema
+    ).encode()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            spec.topic, value=message.SerializeToString(), key=key.encode(), headers=headers + (extra_headers or [])
+        )
+    finally:
+        await producer.stop()
+    return event_id
+
+
+async def produce_raw(bootstrap_servers: str, topic: str, *, key: str, value: bytes, headers: Any = ()) -> None:
+    """Publishes bytes as they are: for poison-message tests."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value=value, key=key.encode(), headers=list(headers))
+    finally:
+        await producer.stop()

@@ -1,0 +1,36 @@
+"""UTC time and conversions to and from protobuf Timestamps."""
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; every datetime in the code is aware UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def to_timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(as_utc(value))
+    return stamp
+
+
+def from_timestamp(stamp: Timestamp) -> datetime | None:
+    """An unset Timestamp (0 seconds, 0 nanos) reads as None."""
+    if stamp.seconds == 0 and stamp.nanos == 0:
+        return None
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def isoformat(value: datetime | None) -> str | None:
+    """RFC 3339 UTC with a `Z`, as the REST API prints times."""
+    if value is None:
+        return None
+    return as_utc(value).isoformat().replace("+00:00", "Z")

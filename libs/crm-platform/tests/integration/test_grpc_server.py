@@ -1,0 +1,124 @@
+"""The gRPC chassis over a real connection: health, reflection, caller context, errors, deadlines."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from crm_platform.config import KafkaSettings, ServiceSettings
+from crm_platform.db import create_engine
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.grpc_client import create_channel
+from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import (
+    Principal,
+    RecordScope,
+    ScopeKind,
+    current_principal,
+    current_scope,
+    outgoing_metadata,
+)
+from crm_platform.service import ServiceApp
+from crm_platform.testing.sample_service import create_schema, metadata
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+SERVICE = "crm.test.v1.ProbeService"
+
+
+async def whoami(request: bytes, context: Any) -> bytes:
+    scope = current_scope()
+    return f"{current_principal().user_id}|{scope.kind.value}|{scope.team}".encode()
+
+
+async def refuse(request: bytes, context: Any) -> bytes:
+    raise ValidationFailed([FieldError("email", "is not an email address")])
+
+
+async def dawdle(request: bytes, context: Any) -> bytes:
+    await asyncio.sleep(5)
+    return b"too late"
+
+
+async def crash(request: bytes, context: Any) -> bytes:
+    raise RuntimeError("secret internals")
+
+
+@pytest.fixture
+async def channel(database_url: str, kafka_settings: KafkaSettings) -> AsyncIterator[grpc.aio.Channel]:
+    engine = create_engine(database_url)
+    await create_schema(engine)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(fn)
+        for name, fn in {"WhoAmI": whoami, "Refuse": refuse, "Dawdle": dawdle, "Crash": crash}.items()
+    }
+    app = ServiceApp(
+        settings=ServiceSettings(
+            service_name="probe",
+            grpc_port=0,
+            kafka=kafka_settings,
+            default_deadline_seconds=0.5,
+            shutdown_grace_seconds=1,
+        ),
+        engine=engine,
+        metadata=metadata,
+        uow=UnitOfWork(engine, metadata, source="/crm/probe"),
+        service_names=[SERVICE],
+        register=lambda server: server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),)
+        ),
+    )
+    port = await app.start()
+    client = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    yield client
+    await client.close()
+    await app.stop()
+
+
+async def test_health_reports_serving_for_the_server_and_each_service(channel: grpc.aio.Channel) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for name in ("", SERVICE):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_the_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    async for reply in replies:
+        names = {service.name for service in reply.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health"} <= names
+        break
+
+
+async def test_the_callers_principal_and_scope_reach_the_handler(channel: grpc.aio.Channel) -> None:
+    metadata = outgoing_metadata(
+        Principal("u-7", ("sales_rep",), team="east"), RecordScope(ScopeKind.TEAM, team="east")
+    )
+    reply = await channel.unary_unary(f"/{SERVICE}/WhoAmI")(b"", metadata=metadata)
+    assert reply == b"u-7|team|east"
+
+
+async def test_domain_errors_arrive_with_field_details(channel: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/Refuse")(b"")
+    remote = from_rpc_error(caught.value)
+    assert remote.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert remote.field_errors == [FieldError("email", "is not an email address")]
+
+
+async def test_a_call_is_cut_at_the_servers_deadline(channel: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/Dawdle")(b"", timeout=3)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_unexpected_errors_do_not_leak_internals(channel: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/Crash")(b"")
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in (caught.value.details() or "")

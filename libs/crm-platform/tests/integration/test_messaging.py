@@ -1,0 +1,317 @@
+"""The outbox and the consumer against real PostgreSQL and a real broker."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+from crm.audit.v1 import events_pb2
+from crm_platform.config import KafkaSettings
+from crm_platform.consumer import EventConsumer, ReceivedEvent
+from crm_platform.db import create_engine
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.kafka import ensure_topics
+from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
+from crm_platform.testing.infra import TansuBroker, free_port, port_open
+from crm_platform.testing.kafka import EventCollector, produce_event, produce_raw
+from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import func, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+TOPIC = "crm.audit.v1"
+
+
+@pytest.fixture
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(postgres_url)
+    await create_schema(engine)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def broker_settings(own_broker: TansuBroker) -> KafkaSettings:
+    return KafkaSettings(
+        bootstrap_servers=own_broker.bootstrap, topic_partitions=6, send_timeout_seconds=3.0, fetch_max_wait_ms=50
+    )
+
+
+def relay_for(engine: AsyncEngine, kafka: KafkaSettings) -> OutboxRelay:
+    return OutboxRelay(engine, metadata, kafka, service="test", poll_seconds=0.02)
+
+
+async def outbox_count(engine: AsyncEngine) -> int:
+    async with engine.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(metadata.tables["outbox"])) or 0)
+
+
+async def test_a_rolled_back_transaction_leaves_no_outbox_row_and_no_event(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    with pytest.raises(RuntimeError):
+        async with uow.begin() as tx:
+            await add_note(tx, "rolled-back")
+            raise RuntimeError("business rule failed after the write")
+    assert await outbox_count(engine) == 0
+    relay = relay_for(engine, broker_settings)
+    assert await relay.publish_pending() == 0
+    await relay.drain(1)
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        await asyncio.sleep(1.0)
+        assert collector.records == []
+
+
+async def test_a_committed_transaction_publishes_exactly_one_event_with_cloudevents_headers(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    async with uow.begin() as tx:
+        note_id = await add_note(tx, "account-42")
+    relay = relay_for(engine, broker_settings)
+    assert await relay.publish_pending() == 1
+    assert await relay.publish_pending() == 0
+    await relay.drain(1)
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        records = await collector.wait_for(lambda r: len(r) >= 1)
+        await asyncio.sleep(0.5)
+        assert len(collector.records) == 1
+    record = records[0]
+    assert record.key == "account-42"
+    assert record.headers["ce_specversion"] == "1.0"
+    assert record.headers["ce_type"] == "crm.audit.record.recorded"
+    assert record.headers["ce_source"] == "/crm/test"
+    assert record.headers["ce_subject"] == "account-42"
+    assert record.headers["ce_dataschema"] == "crm.audit.v1.AuditRecorded"
+    assert record.headers["content-type"] == "application/protobuf"
+    assert record.headers["ce_id"] and record.headers["ce_time"].endswith("Z")
+    assert record.decode(events_pb2.AuditRecorded).id == note_id
+
+
+async def test_events_written_while_the_broker_is_down_are_all_delivered_after_it_returns(
+    engine: AsyncEngine, own_broker: TansuBroker, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    relay = relay_for(engine, broker_settings)
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    uow.on_commit(relay.wake)
+    relay_task = asyncio.create_task(relay.run())
+    own_broker.stop()
+    written = []
+    for index in range(200):
+        async with uow.begin() as tx:
+            await add_note(tx, f"key-{index % 17}")
+        written.append(index)
+    await asyncio.sleep(2.0)  # the relay keeps trying against a dead broker
+    assert await relay.backlog() == 200
+    own_broker.start()  # memory storage: the topic is gone with the old process
+    await ensure_topics(broker_settings, [TOPIC])
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        await collector.wait_for(lambda r: len(r) >= 200, timeout=90)
+        ids = {r.decode(events_pb2.AuditRecorded).id for r in collector.records}
+    await relay.stop()
+    await relay_task
+    assert len(ids) == 200
+    assert await relay.backlog() == 0
+
+
+async def test_per_key_order_is_kept_across_1000_events_on_6_partitions(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    relays = [relay_for(engine, broker_settings) for _ in range(2)]  # two replicas share the work
+    for relay in relays:
+        uow.on_commit(relay.wake)
+    tasks = [asyncio.create_task(relay.run()) for relay in relays]
+    keys = [f"order-{k}" for k in range(25)]
+    sent: dict[str, list[str]] = defaultdict(list)
+
+    async def writer(worker: int) -> None:
+        # Writes to one aggregate are serialised (as a version check or row lock does in a service):
+        # each key belongs to one writer, and the writers run concurrently.
+        own_keys = keys[worker::4]
+        for index in range(250):
+            key = own_keys[index % len(own_keys)]
+            async with uow.begin() as tx:
+                sent[key].append(await add_note(tx, key))
+
+    await asyncio.gather(*(writer(w) for w in range(4)))
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        await collector.wait_for(lambda r: len(r) >= 1000, timeout=90)
+        records = list(collector.records)
+    for relay in relays:
+        await relay.stop()
+    await asyncio.gather(*tasks)
+    received: dict[str, list[str]] = defaultdict(list)
+    partitions_of_key: dict[str, set[int]] = defaultdict(set)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        received[record.key].append(record.decode(events_pb2.AuditRecorded).id)
+        partitions_of_key[record.key].add(record.partition)
+    assert {p for ps in partitions_of_key.values() for p in ps} == set(range(6))
+    assert all(len(ps) == 1 for ps in partitions_of_key.values())
+    for key in keys:
+        assert received[key] == sorted(sent[key]), key
+
+
+def consumer_for(
+    engine: AsyncEngine, kafka: KafkaSettings, applied: list[str], *, fail_on: set[str] | None = None
+) -> EventConsumer:
+    async def on_recorded(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
+        if event.message.record_id in (fail_on or set()):
+            raise ValidationFailed([FieldError("record_id", "refused by the test")])
+        await tx.conn.execute(
+            insert(notes).values(id=event.headers.id, key=event.message.record_id, created_at=event.headers.time)
+        )
+        applied.append(event.message.record_id)
+
+    return EventConsumer(
+        name="test-consumer",
+        uow=UnitOfWork(engine, metadata, source="/crm/test"),
+        metadata=metadata,
+        kafka=kafka,
+        handlers={events_pb2.AuditRecorded: on_recorded},
+        service="test",
+    )
+
+
+async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_settings: KafkaSettings) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    event = events_pb2.AuditRecorded(id="a1", record_id="applied-once")
+    event_id = await produce_event(broker_settings.bootstrap_servers, event, key="k1")
+    await produce_event(broker_settings.bootstrap_servers, event, key="k1", event_id=event_id)  # redelivery
+    await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id="last"), key="k1")
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    task = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(60):
+        while "last" not in applied:
+            await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    assert applied == ["applied-once", "last"]
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(notes).where(notes.c.key == "applied-once")) == 1
+
+
+async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_keeps_moving(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    bootstrap = broker_settings.bootstrap_servers
+    await produce_raw(bootstrap, TOPIC, key="k", value=b"\xff\x00not protobuf", headers=[("ce_type", b"x")])
+    await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="refused"), key="k")
+    await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="after-poison"), key="k")
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied, fail_on={"refused"})
+    task = asyncio.create_task(consumer.run())
+    async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
+        await dead_letters.wait_for(lambda r: len(r) >= 2, timeout=60)
+        async with asyncio.timeout(30):
+            while "after-poison" not in applied:
+                await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    assert applied == ["after-poison"]
+    reasons = sorted(r.headers["dlt_error_type"] for r in dead_letters.records)
+    assert reasons == ["PoisonMessage", "ValidationFailed"]
+    assert all(r.headers["dlt_original_topic"] == TOPIC for r in dead_letters.records)
+    assert any("refused by the test" in r.headers["dlt_error"] for r in dead_letters.records)
+
+
+async def test_sigterm_under_load_loses_no_accepted_request(postgres_url: str, own_broker: TansuBroker) -> None:
+    engine = create_engine(postgres_url)
+    await create_schema(engine)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crm_platform.testing.sample_service", postgres_url, own_broker.bootstrap, str(port)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        async with asyncio.timeout(30):
+            while not port_open("127.0.0.1", port):
+                await asyncio.sleep(0.05)
+        accepted: list[tuple[str, str]] = []
+        refused = 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            add = channel.unary_unary(f"/{SERVICE}/AddNote")
+
+            async def client(worker: int) -> None:
+                nonlocal refused
+                for index in range(10_000):
+                    key = f"w{worker}-{index}"
+                    try:
+                        note_id = await add(key.encode(), timeout=5)
+                    except grpc.aio.AioRpcError:
+                        refused += 1
+                        return
+                    accepted.append((key, note_id.decode()))
+
+            clients = [asyncio.create_task(client(w)) for w in range(8)]
+            await asyncio.sleep(1.5)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.gather(*clients)
+        assert await asyncio.to_thread(process.wait, 30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(accepted) > 50 and refused > 0
+    async with engine.connect() as conn:
+        stored = {row.id for row in await conn.execute(select(notes.c.id))}
+    assert {note_id for _, note_id in accepted} <= stored
+    async with EventCollector(own_broker.bootstrap, [TOPIC]) as collector:
+        await collector.wait_for(lambda r: len(r) >= len(stored), timeout=60)
+        published = {r.decode(events_pb2.AuditRecorded).id for r in collector.records}
+    assert {note_id for _, note_id in accepted} <= published
+    await engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+
+
+async def test_the_trace_continues_from_the_publisher_to_the_consumer(
+    engine: AsyncEngine, broker_settings: KafkaSettings, spans: InMemorySpanExporter
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    with trace.get_tracer("test").start_as_current_span("handle request") as request_span:
+        async with uow.begin() as tx:
+            await add_note(tx, "traced")
+    trace_id = format(request_span.get_span_context().trace_id, "032x")
+    relay = relay_for(engine, broker_settings)
+    assert await relay.publish_pending() == 1
+    await relay.drain(1)
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        (record,) = await collector.wait_for(lambda r: len(r) >= 1)
+    assert record.headers["traceparent"].split("-")[1] == trace_id
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    task = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(60):
+        while "traced" not in applied:
+            await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    consumed = [span for span in spans.get_finished_spans() if span.name == f"consume {TOPIC}"]
+    assert consumed and format(consumed[0].context.trace_id, "032x") == trace_id

@@ -1,0 +1,181 @@
+"""Pure rules of the platform: event naming, ordering, scopes, cursors, error details."""
+
+from collections import namedtuple
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import grpc
+import pytest
+from crm.leads.v1 import events_pb2 as lead_events
+from crm.sales.v1 import events_pb2 as sales_events
+from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
+from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
+from crm_platform.money import Money, parse_decimal
+from crm_platform.outbox import backoff_seconds, publishable
+from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
+from crm_platform.principal import (
+    Principal,
+    RecordScope,
+    ScopeKind,
+    context_from_metadata,
+    outgoing_metadata,
+    scope_clause,
+)
+from sqlalchemy import Column, MetaData, String, Table
+from sqlalchemy.dialects import postgresql
+
+pytestmark = pytest.mark.unit
+
+
+def test_event_type_and_topic_come_from_the_contract() -> None:
+    spec = spec_of(sales_events.ContractSigned)
+    assert (spec.type, spec.topic, spec.schema) == (
+        "crm.sales.contract.signed",
+        "crm.sales.v1",
+        "crm.sales.v1.ContractSigned",
+    )
+    assert spec_of(lead_events.LeadCreated()).topic == "crm.leads.v1"
+
+
+def test_a_message_that_is_not_an_event_is_refused() -> None:
+    from crm.common.v1 import common_pb2
+
+    with pytest.raises(ValueError, match="not an event message"):
+        spec_of(common_pb2.Money)
+
+
+def test_cloudevents_headers_round_trip() -> None:
+    headers = CloudEventHeaders(
+        id="e1",
+        type="crm.leads.lead.created",
+        source="/crm/leads",
+        time=datetime(2026, 11, 23, 8, 0, tzinfo=UTC),
+        subject="lead-1",
+        dataschema="crm.leads.v1.LeadCreated",
+        traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
+    )
+    encoded = headers.encode()
+    assert dict(encoded)["ce_time"] == b"2026-11-23T08:00:00Z"
+    assert dict(encoded)["content-type"] == b"application/protobuf"
+    assert CloudEventHeaders.decode(encoded) == headers
+
+
+def test_headers_without_an_id_are_malformed() -> None:
+    with pytest.raises(MalformedEvent, match="ce_id"):
+        CloudEventHeaders.decode(
+            [("ce_specversion", b"1.0"), ("ce_type", b"t"), ("ce_source", b"s"), ("ce_time", b"2026-01-01T00:00:00Z")]
+        )
+
+
+Row = namedtuple("Row", "seq key")
+
+
+def test_a_key_waits_while_an_earlier_row_of_it_is_held_elsewhere() -> None:
+    rows = [Row(5, "a"), Row(6, "b"), Row(7, "a"), Row(9, "c")]
+    # "b" has an older pending row (seq 2) that another relay holds or that waits for a retry.
+    first_pending = {"a": 5, "b": 2, "c": 9}
+    assert [row.seq for row in publishable(rows, first_pending)] == [5, 7, 9]
+
+
+def test_every_row_goes_when_nothing_older_is_pending() -> None:
+    rows = [Row(1, "a"), Row(2, "a"), Row(3, "b")]
+    assert publishable(rows, {"a": 1, "b": 3}) == rows
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    assert all(0 <= backoff_seconds(1) <= 0.5 for _ in range(50))
+    assert all(0 <= backoff_seconds(30) <= 60 for _ in range(50))
+
+
+def test_principal_and_scope_travel_in_metadata() -> None:
+    principal = Principal(user_id="u1", roles=("sales_rep",), team="east", region="cn-north", name="Li")
+    scope = RecordScope(ScopeKind.TEAM, team="east")
+    context = context_from_metadata(outgoing_metadata(principal, scope, "req-1"))
+    assert (context.principal, context.scope, context.request_id) == (principal, scope, "req-1")
+
+
+def test_a_call_without_metadata_gets_no_wider_scope_than_its_own_records() -> None:
+    context = context_from_metadata(())
+    assert context.scope.kind is ScopeKind.OWN and context.scope.owner_id == ""
+    assert not context.scope.allows(owner_id="anyone", team="t", region="r")
+
+
+def test_scope_clause_filters_on_the_right_column() -> None:
+    table = Table("leads", MetaData(), Column("owner_id", String), Column("team", String), Column("region", String))
+
+    def sql(scope: RecordScope) -> str:
+        return str(
+            scope_clause(table, scope).compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True})
+        )
+
+    assert sql(RecordScope(ScopeKind.OWN, owner_id="u1")) == "leads.owner_id = 'u1'"
+    assert sql(RecordScope(ScopeKind.TEAM, team="east")) == "leads.team = 'east'"
+    assert sql(RecordScope(ScopeKind.REGION, region="north")) == "leads.region = 'north'"
+    assert sql(RecordScope(ScopeKind.ALL)) == "true"
+    assert sql(RecordScope(ScopeKind.TEAM)) == "false"  # a team scope without a team sees nothing
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    assert decode_cursor(encode_cursor(["2026-11-23 08:00:00+00:00", "id-1"])) == ["2026-11-23 08:00:00+00:00", "id-1"]
+    with pytest.raises(ValidationFailed) as caught:
+        decode_cursor("%%%not-a-cursor")
+    assert caught.value.errors[0].field == "cursor"
+
+
+def test_page_limit_defaults_and_caps() -> None:
+    assert (page_limit(0), page_limit(20), page_limit(10_000)) == (50, 20, 500)
+
+
+def test_money_is_decimal_and_refuses_mixed_currencies() -> None:
+    total = Money(Decimal("0.10"), "CNY") + Money(Decimal("0.20"), "CNY")
+    assert total.amount == Decimal("0.30")
+    assert total.to_proto().amount == "0.30"
+    with pytest.raises(ValueError, match="currency"):
+        _ = total + Money(Decimal("1"), "USD")
+    with pytest.raises(ValidationFailed):
+        parse_decimal("1e", field="amount")
+
+
+class _FakeRpcError:
+    def __init__(self, status: grpc.Status) -> None:
+        self.status = status
+
+    def code(self) -> grpc.StatusCode:
+        return self.status.code
+
+    def details(self) -> str:
+        return self.status.details
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return tuple(self.status.trailing_metadata)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "check"),
+    [
+        (
+            ValidationFailed([FieldError("email", "is not an email")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            lambda r: r.field_errors == [FieldError("email", "is not an email")],
+        ),
+        (
+            AlreadyExists("duplicate lead", existing_id="lead-7"),
+            grpc.StatusCode.ALREADY_EXISTS,
+            lambda r: r.metadata["existing_id"] == "lead-7",
+        ),
+        (
+            StaleVersion("lead", "l1", 4),
+            grpc.StatusCode.ABORTED,
+            lambda r: r.reason == "STALE_VERSION" and r.metadata["current_version"] == "4",
+        ),
+        (NotFound("lead", "l1"), grpc.StatusCode.NOT_FOUND, lambda r: r.message == "lead l1 not found"),
+    ],
+)
+def test_domain_errors_cross_grpc_with_their_details(error: Exception, code: grpc.StatusCode, check: object) -> None:
+    status = to_status(error)  # type: ignore[arg-type]
+    assert status.code == code
+    assert any(key == STATUS_DETAILS_KEY for key, _ in status.trailing_metadata)
+    remote = from_rpc_error(_FakeRpcError(status))  # type: ignore[arg-type]
+    assert remote.code == code
+    assert check(remote)  # type: ignore[operator]
