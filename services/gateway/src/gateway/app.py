@@ -1,0 +1,73 @@
+"""The FastAPI application: routers per context, problem+json errors, health, readiness, metrics."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+
+from gateway.config import Settings
+from gateway.errors import install_error_handlers
+from gateway.middleware import RequestContextMiddleware
+from gateway.routers import accounts, analytics, api_keys, audit, exports, leads, me, sales, service_desk
+from gateway.security import install_security
+from gateway.upstreams import Upstreams
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    upstreams = Upstreams(settings.upstream_targets(), deadline_seconds=settings.upstream_deadline_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await security.start(migrate=settings.migrate_on_start, relay=settings.audit_relay_enabled)
+        try:
+            yield
+        finally:
+            await upstreams.close()
+            await security.stop()
+
+    app = FastAPI(
+        title="CRM API",
+        version="1.0.0",
+        description="The CRM's public REST API. Errors are application/problem+json (RFC 9457).",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.upstreams = upstreams
+    install_error_handlers(app)
+    security = install_security(app, settings, kafka=settings.kafka)
+    app.add_middleware(RequestContextMiddleware)
+    for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics):
+        app.include_router(module.router, prefix=API_PREFIX)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> JSONResponse:
+        """Readiness of the gateway, with each upstream's gRPC health.
+
+        A down upstream makes the gateway "degraded", not unready: its routes answer 503 while the
+        rest of the API keeps working (an unready gateway would take the whole API offline).
+        """
+        dependencies = await upstreams.health()
+        degraded = any(status != "SERVING" for status in dependencies.values())
+        return JSONResponse({"status": "degraded" if degraded else "ready", "dependencies": dependencies})
+
+    app.mount("/metrics", make_asgi_app())
+    security.check_routes(app)
+    return app
+
+
+def get_upstreams(request: Request) -> Upstreams:
+    upstreams: Upstreams = request.app.state.upstreams
+    return upstreams

@@ -1,0 +1,148 @@
+"""Every error leaves the gateway as RFC 9457 problem+json, never as a stack trace.
+
+gRPC status codes from the services map as ARCHITECTURE.md §5 says; the details the services
+attach (field violations, the conflicting record's id) are carried into the problem body.
+"""
+
+import logging
+from typing import Any
+
+import grpc
+from crm_platform.grpc_errors import RemoteError, from_rpc_error
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.upstreams import UpstreamNotConfigured
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_BASE = "https://crm.example/problems/"
+
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+_GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 422,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 422,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+RETRY_AFTER_SECONDS = "5"
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+    instance: str = "",
+) -> JSONResponse:
+    title = _TITLES.get(status, "Error")
+    body: dict[str, Any] = {
+        "type": PROBLEM_BASE + title.lower().replace(" ", "-"),
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance
+    if errors:
+        body["errors"] = errors
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def http_status_of(remote: RemoteError) -> int:
+    if remote.code == grpc.StatusCode.ABORTED and remote.reason == "STALE_VERSION":
+        return 412
+    return _GRPC_TO_HTTP.get(remote.code, 500)
+
+
+def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
+    status = http_status_of(remote)
+    errors = [{"field": e.field, "message": e.message} for e in remote.field_errors]
+    if status == 403 and remote.metadata.get("field"):
+        errors.append({"field": remote.metadata["field"], "message": remote.message})
+    extra: dict[str, Any] = {}
+    if remote.metadata.get("existing_id"):
+        extra["existing_id"] = remote.metadata["existing_id"]
+    if remote.metadata.get("current_version"):
+        extra["current_version"] = int(remote.metadata["current_version"])
+    if remote.reason and status in (409, 412):
+        extra["reason"] = remote.reason
+    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    detail = remote.message if status < 500 or status in (503, 504) else "internal error"
+    return problem(status, detail, errors=errors or None, headers=headers, extra=extra or None, instance=instance)
+
+
+async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, grpc.aio.AioRpcError)
+    remote = from_rpc_error(error)
+    if http_status_of(remote) >= 500 and remote.code not in (grpc.StatusCode.UNAVAILABLE,):
+        log.error("upstream error on %s %s: %s %s", request.method, request.url.path, remote.code, remote.message)
+    return remote_problem(remote, request.url.path)
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    errors = []
+    malformed = False
+    for item in error.errors():
+        if item.get("type") == "json_invalid":
+            malformed = True
+        location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+        errors.append({"field": ".".join(location) or "body", "message": str(item.get("msg", "invalid"))})
+    if malformed:
+        return problem(400, "the request body is not valid JSON", errors=errors, instance=request.url.path)
+    return problem(422, "the request has invalid fields", errors=errors, instance=request.url.path)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    headers = dict(error.headers or {})
+    return problem(error.status_code, str(error.detail), headers=headers or None, instance=request.url.path)
+
+
+async def _not_configured(request: Request, error: Exception) -> JSONResponse:
+    return problem(503, str(error), headers={"Retry-After": RETRY_AFTER_SECONDS}, instance=request.url.path)
+
+
+async def _unhandled(request: Request, error: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal error", instance=request.url.path)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(UpstreamNotConfigured, _not_configured)
+    app.add_exception_handler(Exception, _unhandled)

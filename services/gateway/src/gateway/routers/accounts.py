@@ -1,0 +1,1590 @@
+"""Accounts context over REST: accounts, contacts, the public pool, transfer, merge, activities,
+tasks, reminder rules, segments, custom field definitions (routed to the owning service) and the
+composed 360° view. Permissions come only from `require(...)`/`Access` (gateway.security)."""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+import grpc
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import accounts_service_pb2 as pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
+from crm.common.v1 import common_pb2
+from crm.sales.v1 import sales_service_pb2
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
+from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from google.protobuf import descriptor_pool, field_mask_pb2, json_format, message_factory
+from google.protobuf.message import Message
+from pydantic import BaseModel, Field, field_validator
+
+from gateway.errors import http_status_of
+from gateway.security import Access, require
+from gateway.security.masking import mask_value
+from gateway.security.policy import FieldRule
+from gateway.security.problems import forbidden
+from gateway.upstreams import UpstreamNotConfigured, Upstreams
+
+router = APIRouter(tags=["accounts"])
+
+# Parts of the 360° view read at most this many records each.
+VIEW_LIMIT = 20
+# Custom field definitions change rarely; the pii flags are cached this long per entity.
+DEFINITIONS_TTL_SECONDS = 10.0
+# Which service owns the custom fields of each entity (SPEC §5).
+CUSTOM_FIELD_OWNERS = {
+    "account": ("accounts", "crm.accounts.v1.AccountsService"),
+    "contact": ("accounts", "crm.accounts.v1.AccountsService"),
+    "lead": ("leads", "crm.leads.v1.LeadsService"),
+    "opportunity": ("sales", "crm.sales.v1.SalesService"),
+    "ticket": ("service_desk", "crm.servicedesk.v1.ServiceDeskService"),
+}
+
+
+# --- request models ----------------------------------------------------------------------------------
+
+
+class MoneyIn(BaseModel):
+    amount: str = Field(description='decimal string, e.g. "12500.00"')
+    currency: str = Field(min_length=3, max_length=3)
+
+    @field_validator("amount")
+    @classmethod
+    def _decimal(cls, value: str) -> str:
+        try:
+            if not Decimal(value).is_finite():
+                raise ValueError("must be finite")
+        except InvalidOperation:
+            raise ValueError("must be a decimal string") from None
+        return value
+
+    def proto(self) -> common_pb2.Money:
+        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
+
+
+class AccountIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str | None = Field(default=None, max_length=300)
+    industry: str | None = None
+    size: str | None = None
+    annual_revenue: MoneyIn | None = None
+    region: str | None = None
+    address: str | None = None
+    website: str | None = None
+    tier: str | None = None
+    lifecycle: str | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+    parent_id: str | None = None
+    credit_limit: MoneyIn | None = None
+
+
+class AccountCreate(AccountIn):
+    name: str = Field(min_length=1, max_length=300)
+    in_pool: bool = False
+
+
+class ContactIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    account_id: str | None = None
+    name: str | None = Field(default=None, max_length=300)
+    title: str | None = None
+    department: str | None = None
+    phone: str | None = None
+    mobile: str | None = None
+    email: str | None = None
+    wechat: str | None = None
+    decision_role: str | None = None
+    is_primary: bool | None = None
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+
+
+class ContactCreate(ContactIn):
+    name: str = Field(min_length=1, max_length=300)
+
+
+class MergeIn(BaseModel):
+    duplicate_id: str = Field(min_length=1)
+
+
+class ReleaseIn(BaseModel):
+    reason: str = ""
+
+
+class TransferIn(BaseModel):
+    new_owner_id: str = Field(min_length=1)
+    new_team: str = ""
+    reason: str = ""
+
+
+class BulkTransferIn(BaseModel):
+    from_owner_id: str = Field(min_length=1)
+    to_owner_id: str = Field(min_length=1)
+    to_team: str = ""
+    reason: str = ""
+
+
+class ActivityIn(BaseModel):
+    kind: str
+    subject: str = ""
+    notes: str = ""
+    contact_id: str = ""
+    occurred_at: datetime | None = None
+
+
+class TaskIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    title: str | None = None
+    description: str | None = None
+    account_id: str | None = None
+    contact_id: str | None = None
+    due_at: datetime | None = None
+    owner_id: str | None = None
+
+
+class TaskCreate(TaskIn):
+    title: str = Field(min_length=1)
+
+
+class ReminderRuleIn(BaseModel):
+    name: str = Field(min_length=1)
+    tiers: list[str] = Field(default_factory=list)
+    inactive_days: int = Field(ge=1)
+    task_title: str = ""
+    due_in_hours: int = Field(default=24, ge=0)
+    enabled: bool = True
+
+
+class SegmentIn(BaseModel):
+    name: str = Field(min_length=1)
+    entity: Literal["account"] = "account"
+    filters: dict[str, str | list[str]] = Field(default_factory=dict)
+    shared_with_team: bool = False
+
+
+class CustomFieldIn(BaseModel):
+    key: str
+    label: str
+    type: str
+    required: bool = False
+    options: list[str] = Field(default_factory=list)
+    pii: bool = False
+
+
+# --- response models (every field but the id is optional: hidden fields are left out) -------------------
+
+
+class MoneyOut(BaseModel):
+    amount: str
+    currency: str
+
+
+class AccountOut(BaseModel):
+    id: str
+    name: str | None = None
+    industry: str | None = None
+    size: str | None = None
+    annual_revenue: MoneyOut | None = None
+    region: str | None = None
+    address: str | None = None
+    website: str | None = None
+    tier: str | None = None
+    lifecycle: str | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+    parent_id: str | None = None
+    credit_limit: MoneyOut | None = None
+    in_pool: bool | None = None
+    last_activity_at: str | None = None
+    released_at: str | None = None
+    claimed_at: str | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    merged_into_id: str | None = None
+    version: int | None = None
+
+
+class ContactOut(BaseModel):
+    id: str
+    account_id: str | None = None
+    name: str | None = None
+    title: str | None = None
+    department: str | None = None
+    phone: str | None = None
+    mobile: str | None = None
+    email: str | None = None
+    wechat: str | None = None
+    decision_role: str | None = None
+    is_primary: bool | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    region: str | None = None
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+    created_at: str | None = None
+    updated_at: str | None = None
+    version: int | None = None
+
+
+class ActivityOut(BaseModel):
+    id: str
+    account_id: str | None = None
+    contact_id: str | None = None
+    kind: str | None = None
+    subject: str | None = None
+    notes: str | None = None
+    actor_id: str | None = None
+    occurred_at: str | None = None
+
+
+class TaskOut(BaseModel):
+    id: str
+    title: str | None = None
+    description: str | None = None
+    account_id: str | None = None
+    contact_id: str | None = None
+    due_at: str | None = None
+    status: str | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    region: str | None = None
+    source: str | None = None
+    reminder_rule_id: str | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+    version: int | None = None
+
+
+class SegmentOut(BaseModel):
+    id: str
+    name: str | None = None
+    entity: str | None = None
+    filters: dict[str, Any] | None = None
+    shared_with_team: bool | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    created_at: str | None = None
+
+
+class CustomFieldOut(BaseModel):
+    entity: str
+    key: str
+    label: str | None = None
+    type: str | None = None
+    required: bool | None = None
+    options: list[str] | None = None
+    pii: bool | None = None
+    created_at: str | None = None
+    version: int | None = None
+
+
+class ReminderRuleOut(BaseModel):
+    id: str
+    name: str
+    tiers: list[str]
+    inactive_days: int
+    task_title: str
+    due_in_hours: int
+    enabled: bool
+    created_at: str | None = None
+
+
+class AccountPage(BaseModel):
+    items: list[AccountOut]
+    next_cursor: str | None
+
+
+class ContactPage(BaseModel):
+    items: list[ContactOut]
+    next_cursor: str | None
+
+
+class ActivityPage(BaseModel):
+    items: list[ActivityOut]
+    next_cursor: str | None
+
+
+class TaskPage(BaseModel):
+    items: list[TaskOut]
+    next_cursor: str | None
+
+
+class SegmentPage(BaseModel):
+    items: list[SegmentOut]
+    next_cursor: str | None
+
+
+class CustomFieldPage(BaseModel):
+    items: list[CustomFieldOut]
+    next_cursor: str | None
+
+
+class ReminderRulePage(BaseModel):
+    items: list[ReminderRuleOut]
+    next_cursor: str | None
+
+
+class MergeOut(BaseModel):
+    survivor: AccountOut
+    duplicate_id: str
+    moved_contact_ids: list[str]
+    moved_activities: int
+    moved_tasks: int
+
+
+class BulkTransferOut(BaseModel):
+    bulk_transfer_id: str
+    accounts_transferred: int
+    contacts_transferred: int
+    tasks_transferred: int
+
+
+class ViewPart(BaseModel):
+    """One part of the 360° view: `ok` with its records, or `forbidden` / `unavailable` / `error`."""
+
+    model_config = {"extra": "allow"}
+    status: Literal["ok", "forbidden", "unavailable", "error"]
+    detail: str | None = None
+    items: list[dict[str, Any]] | None = None
+
+
+class Account360(BaseModel):
+    account: AccountOut
+    contacts: ViewPart
+    open_opportunities: ViewPart
+    contracts_and_receivables: ViewPart
+    open_tickets: ViewPart
+    recent_activities: ViewPart
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _upstreams(request: Request) -> Upstreams:
+    upstreams: Upstreams = request.app.state.upstreams
+    return upstreams
+
+
+def _stub(request: Request) -> AccountsServiceStub:
+    return _upstreams(request).stub("accounts", AccountsServiceStub)
+
+
+def _money(message: common_pb2.Money, present: bool) -> dict[str, str] | None:
+    return {"amount": message.amount, "currency": message.currency} if present else None
+
+
+def _time(message: Message, name: str) -> str | None:
+    return isoformat(from_timestamp(getattr(message, name))) if message.HasField(name) else None
+
+
+def _struct(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message)
+
+
+def account_dict(a: accounts_pb2.Account) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "name": a.name,
+        "industry": a.industry,
+        "size": a.size,
+        "annual_revenue": _money(a.annual_revenue, a.HasField("annual_revenue")),
+        "region": a.region,
+        "address": a.address,
+        "website": a.website,
+        "tier": a.tier,
+        "lifecycle": a.lifecycle,
+        "owner_id": a.owner_id,
+        "team": a.team,
+        "tags": list(a.tags),
+        "custom": _struct(a.custom),
+        "parent_id": a.parent_id or None,
+        "credit_limit": _money(a.credit_limit, a.HasField("credit_limit")),
+        "in_pool": a.in_pool,
+        "last_activity_at": _time(a, "last_activity_at"),
+        "released_at": _time(a, "released_at"),
+        "claimed_at": _time(a, "claimed_at"),
+        "created_at": _time(a, "created_at"),
+        "updated_at": _time(a, "updated_at"),
+        "merged_into_id": a.merged_into_id or None,
+        "version": a.version,
+    }
+
+
+def contact_dict(c: accounts_pb2.Contact) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "account_id": c.account_id,
+        "name": c.name,
+        "title": c.title,
+        "department": c.department,
+        "phone": c.phone,
+        "mobile": c.mobile,
+        "email": c.email,
+        "wechat": c.wechat,
+        "decision_role": c.decision_role,
+        "is_primary": c.is_primary,
+        "owner_id": c.owner_id,
+        "team": c.team,
+        "region": c.region,
+        "tags": list(c.tags),
+        "custom": _struct(c.custom),
+        "created_at": _time(c, "created_at"),
+        "updated_at": _time(c, "updated_at"),
+        "version": c.version,
+    }
+
+
+def activity_dict(a: accounts_pb2.Activity) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "account_id": a.account_id,
+        "contact_id": a.contact_id or None,
+        "kind": a.kind,
+        "subject": a.subject,
+        "notes": a.notes,
+        "actor_id": a.actor_id,
+        "occurred_at": _time(a, "occurred_at"),
+    }
+
+
+def task_dict(t: accounts_pb2.Task) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "title": t.title,
+        "description": t.notes,
+        "account_id": t.account_id or None,
+        "contact_id": t.contact_id or None,
+        "due_at": _time(t, "due_at"),
+        "status": t.status,
+        "owner_id": t.owner_id,
+        "team": t.team,
+        "region": t.region,
+        "source": t.source,
+        "reminder_rule_id": t.reminder_rule_id or None,
+        "created_at": _time(t, "created_at"),
+        "completed_at": _time(t, "completed_at"),
+        "version": t.version,
+    }
+
+
+def segment_dict(s: accounts_pb2.Segment) -> dict[str, Any]:
+    filters: dict[str, Any] = dict(s.filters)
+    if s.tags:
+        filters["tag"] = list(s.tags)
+    return {
+        "id": s.id,
+        "name": s.name,
+        "entity": "account",
+        "filters": filters,
+        "shared_with_team": s.visibility == "team",
+        "owner_id": s.owner_id,
+        "team": s.team,
+        "created_at": _time(s, "created_at"),
+    }
+
+
+def definition_dict(d: accounts_pb2.CustomFieldDefinition) -> dict[str, Any]:
+    return {
+        "entity": d.entity,
+        "key": d.key,
+        "label": d.label,
+        "type": d.type,
+        "required": d.required,
+        "options": list(d.options),
+        "pii": d.pii,
+        "created_at": _time(d, "created_at"),
+        "version": d.version,
+    }
+
+
+def _page(limit: int | None, cursor: str | None, sort: str | None, access: Access) -> common_pb2.PageRequest:
+    if sort:
+        access.check_filter([sort])
+    return common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor or "", sort=sort or "")
+
+
+def _list_body(items: list[dict[str, Any]], next_cursor: str) -> dict[str, Any]:
+    return {"items": items, "next_cursor": next_cursor or None}
+
+
+def _expected_version(if_match: str | None) -> int:
+    if not if_match:
+        return 0
+    text = if_match.strip().removeprefix("W/").strip('"')
+    try:
+        return int(text)
+    except ValueError:
+        return -1  # never matches: a malformed If-Match is a stale one (412)
+
+
+def _with_etag(body: dict[str, Any], response: Response) -> dict[str, Any]:
+    response.headers["ETag"] = f'"{body.get("version", 0)}"'
+    return body
+
+
+def _mask_paths(values: dict[str, Any]) -> list[str]:
+    paths: list[str] = []
+    for key, value in values.items():
+        if key == "custom" and isinstance(value, dict):
+            paths.extend(f"custom.{name}" for name in value)
+        else:
+            paths.append(key)
+    return paths
+
+
+def _account_input(values: dict[str, Any]) -> pb.AccountInput:
+    message = pb.AccountInput()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key in ("annual_revenue", "credit_limit"):
+            getattr(message, key).CopyFrom(MoneyIn(**value).proto())
+        elif key == "custom":
+            message.custom.update(value)
+        elif key == "tags":
+            message.tags.extend(value)
+        else:
+            setattr(message, key, value)
+    return message
+
+
+def _contact_input(values: dict[str, Any]) -> pb.ContactInput:
+    message = pb.ContactInput()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "custom":
+            message.custom.update(value)
+        elif key == "tags":
+            message.tags.extend(value)
+        else:
+            setattr(message, key, value)
+    return message
+
+
+def _task_input(values: dict[str, Any]) -> pb.TaskInput:
+    message = pb.TaskInput()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "due_at":
+            stamp = to_timestamp(as_utc(value))
+            assert stamp is not None
+            message.due_at.CopyFrom(stamp)
+        elif key == "description":
+            message.notes = value
+        else:
+            setattr(message, key, value)
+    return message
+
+
+_definitions_cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+
+async def _pii_keys(request: Request, access: Access, entity: str) -> frozenset[str]:
+    cached = _definitions_cache.get(entity)
+    if cached and time.monotonic() - cached[0] < DEFINITIONS_TTL_SECONDS:
+        return cached[1]
+    reply = await _stub(request).ListCustomFields(
+        pb.ListCustomFieldsRequest(entity=entity), metadata=access.grpc_metadata()
+    )
+    keys = frozenset(d.key for d in reply.items if d.pii)
+    _definitions_cache[entity] = (time.monotonic(), keys)
+    return keys
+
+
+def _masks_pii(access: Access) -> bool:
+    """A caller who sees any declared pii field of the resource masked (or hidden) sees custom
+    pii fields masked too: the same rule as phone and email."""
+    return any(
+        spec is not None and spec.pii and access.decision.read_rule(name) < FieldRule.READ
+        for name, spec in access.spec.fields.items()
+    )
+
+
+async def _presenter(request: Request, access: Access, entity: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    pii = await _pii_keys(request, access, entity) if _masks_pii(access) else frozenset()
+
+    def present(record: dict[str, Any]) -> dict[str, Any]:
+        if pii and isinstance(record.get("custom"), dict):
+            record = {
+                **record,
+                "custom": {k: mask_value(v, "text") if k in pii else v for k, v in record["custom"].items()},
+            }
+        return access.present(record)
+
+    return present
+
+
+async def _custom_filters(request: Request, access: Access, entity: str) -> list[pb.CustomFieldFilter]:
+    """`?custom.<key>=value` filters; filtering by a pii custom field the caller sees masked is refused
+    like filtering by a masked email (it would reveal the value)."""
+    filters = [
+        pb.CustomFieldFilter(key=name.removeprefix("custom."), value=value)
+        for name, value in request.query_params.multi_items()
+        if name.startswith("custom.")
+    ]
+    access.check_filter(f"custom.{f.key}" for f in filters)
+    if filters and _masks_pii(access):
+        pii = await _pii_keys(request, access, entity)
+        for f in filters:
+            if f.key in pii:
+                raise forbidden(
+                    f"you may not filter by field 'custom.{f.key}' of {access.resource}", field=f"custom.{f.key}"
+                )
+    return filters
+
+
+def _me(value: str | None, access: Access) -> str:
+    return access.principal.user_id if value == "me" else value or ""
+
+
+# --- accounts ----------------------------------------------------------------------------------------
+
+AccountsRead = Annotated[Access, Depends(require("accounts", "read"))]
+AccountsCreate = Annotated[Access, Depends(require("accounts", "create"))]
+AccountsUpdate = Annotated[Access, Depends(require("accounts", "update"))]
+AccountsDelete = Annotated[Access, Depends(require("accounts", "delete"))]
+AccountsAssign = Annotated[Access, Depends(require("accounts", "assign"))]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+IfMatch = Annotated[str | None, Header(alias="If-Match")]
+CSV = Annotated[list[str] | None, Query()]
+
+
+@router.post("/accounts", status_code=201, response_model=AccountOut, response_model_exclude_unset=True)
+async def create_account(
+    body: AccountCreate,
+    request: Request,
+    response: Response,
+    access: AccountsCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_none=True, exclude={"in_pool"})
+    access.check_write(values)
+    reply = await _stub(request).CreateAccount(
+        pb.CreateAccountRequest(
+            account=_account_input(values), idempotency_key=idempotency_key or "", in_pool=body.in_pool
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = account_dict(reply.account)
+    await access.audit_write(record["id"], None, record)
+    present = await _presenter(request, access, "account")
+    return _with_etag(present(record), response)
+
+
+@router.get("/accounts", response_model=AccountPage, response_model_exclude_unset=True)
+async def list_accounts(
+    request: Request,
+    access: AccountsRead,
+    q: Annotated[str | None, Query(max_length=200, description="name contains")] = None,
+    tier: CSV = None,
+    lifecycle: CSV = None,
+    region: CSV = None,
+    industry: CSV = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    team: str | None = None,
+    tag: Annotated[list[str] | None, Query(description="every tag must be present")] = None,
+    parent_id: str | None = None,
+    in_pool: bool | None = None,
+    created_after: datetime | None = None,
+    segment_id: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: Annotated[str | None, Query(description="created_at, name, updated_at; - for descending")] = None,
+) -> dict[str, Any]:
+    filters = {
+        "tier": tier,
+        "lifecycle": lifecycle,
+        "region": region,
+        "industry": industry,
+        "owner_id": owner_id,
+        "team": team,
+        "tags": tag,
+        "parent_id": parent_id,
+        "in_pool": in_pool,
+        "created_after": created_after,
+    }
+    access.check_filter(name for name, value in filters.items() if value is not None)
+    request_message = pb.ListAccountsRequest(
+        page=_page(limit, cursor, sort, access),
+        q=q or "",
+        tiers=_split(tier),
+        lifecycles=_split(lifecycle),
+        regions=_split(region),
+        industries=_split(industry),
+        owner_id=_me(owner_id, access),
+        team=team or "",
+        tags=tag or [],
+        parent_id=parent_id or "",
+        in_pool="" if in_pool is None else str(in_pool).lower(),
+        custom=await _custom_filters(request, access, "account"),
+        segment_id=segment_id or "",
+    )
+    if created_after is not None:
+        stamp = to_timestamp(as_utc(created_after))
+        assert stamp is not None
+        request_message.created_after.CopyFrom(stamp)
+    reply = await _stub(request).ListAccounts(request_message, metadata=access.grpc_metadata())
+    present = await _presenter(request, access, "account")
+    return _list_body([present(account_dict(a)) for a in reply.items], reply.page_info.next_cursor)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    """`?tier=A,B` and `?tier=A&tier=B` both work."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+@router.get(
+    "/accounts/{account_id}",
+    response_model=AccountOut,
+    response_model_exclude_unset=True,
+    responses={301: {"description": "merged into another account: `merged_into_id` and `Location` name the survivor"}},
+)
+async def get_account(account_id: str, request: Request, response: Response, access: AccountsRead) -> Any:
+    reply = await _stub(request).GetAccount(
+        pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata()
+    )
+    if reply.account.merged_into_id:
+        survivor = reply.account.merged_into_id
+        return JSONResponse(
+            {
+                "id": account_id,
+                "merged_into_id": survivor,
+                "detail": f"account {account_id} was merged into {survivor}",
+            },
+            status_code=301,
+            headers={"Location": f"{request.scope.get('root_path', '')}/api/v1/accounts/{survivor}"},
+        )
+    present = await _presenter(request, access, "account")
+    return _with_etag(present(account_dict(reply.account)), response)
+
+
+@router.patch("/accounts/{account_id}", response_model=AccountOut, response_model_exclude_unset=True)
+async def update_account(
+    account_id: str,
+    body: AccountIn,
+    request: Request,
+    response: Response,
+    access: AccountsUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_unset=True)
+    access.check_write(values)
+    stub = _stub(request)
+    before = await stub.GetAccount(pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateAccount(
+        pb.UpdateAccountRequest(
+            account_id=account_id,
+            account=_account_input(values),
+            update_mask=field_mask_pb2.FieldMask(paths=_mask_paths(values)),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = account_dict(reply.account)
+    await access.audit_write(account_id, account_dict(before.account), record)
+    present = await _presenter(request, access, "account")
+    return _with_etag(present(record), response)
+
+
+@router.delete("/accounts/{account_id}", status_code=204)
+async def delete_account(
+    account_id: str, request: Request, access: AccountsDelete, if_match: IfMatch = None
+) -> Response:
+    await _stub(request).DeleteAccount(
+        pb.DeleteAccountRequest(account_id=account_id, expected_version=_expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(account_id, {"id": account_id}, None)
+    return Response(status_code=204)
+
+
+@router.post("/accounts/{account_id}/merge", response_model=MergeOut, response_model_exclude_unset=True)
+async def merge_accounts(
+    account_id: str, body: MergeIn, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    reply = await _stub(request).MergeAccounts(
+        pb.MergeAccountsRequest(
+            survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key or ""
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("merge", account_id, fields=["merged_into_id"], reason=f"merged {body.duplicate_id}")
+    present = await _presenter(request, access, "account")
+    return {
+        "survivor": present(account_dict(reply.survivor)),
+        "duplicate_id": body.duplicate_id,
+        "moved_contact_ids": list(reply.moved_contact_ids),
+        "moved_activities": reply.moved_activities,
+        "moved_tasks": reply.moved_tasks,
+    }
+
+
+# --- public pool and ownership ---------------------------------------------------------------------------
+
+
+@router.get("/account-pool", response_model=AccountPage, response_model_exclude_unset=True)
+async def list_pool(
+    request: Request,
+    access: AccountsRead,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    tier: CSV = None,
+    region: CSV = None,
+    industry: CSV = None,
+    tag: Annotated[list[str] | None, Query()] = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: str | None = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ListPoolAccounts(
+        pb.ListPoolAccountsRequest(
+            page=_page(limit, cursor, sort, access),
+            q=q or "",
+            tiers=_split(tier),
+            regions=_split(region),
+            industries=_split(industry),
+            tags=tag or [],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    present = await _presenter(request, access, "account")
+    return _list_body([present(account_dict(a)) for a in reply.items], reply.page_info.next_cursor)
+
+
+# Claim and release are a rep's own work on their book (update); moving records between
+# owners is `assign` (managers).
+@router.post("/accounts/{account_id}/claim", response_model=AccountOut, response_model_exclude_unset=True)
+async def claim_account(
+    account_id: str, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    reply = await _stub(request).ClaimAccount(
+        pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key or ""),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("claim", account_id, fields=["owner_id", "in_pool"])
+    present = await _presenter(request, access, "account")
+    return present(account_dict(reply.account))
+
+
+@router.post("/accounts/{account_id}/release", response_model=AccountOut, response_model_exclude_unset=True)
+async def release_account(
+    account_id: str,
+    request: Request,
+    access: AccountsUpdate,
+    body: ReleaseIn | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ReleaseAccount(
+        pb.ReleaseAccountRequest(
+            account_id=account_id, reason=body.reason if body else "", expected_version=_expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("release", account_id, fields=["owner_id", "in_pool"], reason=body.reason if body else "")
+    present = await _presenter(request, access, "account")
+    return present(account_dict(reply.account))
+
+
+@router.post("/accounts/{account_id}/transfer", response_model=AccountOut, response_model_exclude_unset=True)
+async def transfer_account(
+    account_id: str, body: TransferIn, request: Request, access: AccountsAssign, if_match: IfMatch = None
+) -> dict[str, Any]:
+    access.check_write(["owner_id"])
+    reply = await _stub(request).TransferAccount(
+        pb.TransferAccountRequest(
+            account_id=account_id,
+            new_owner_id=body.new_owner_id,
+            new_team=body.new_team,
+            reason=body.reason,
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("transfer", account_id, fields=["owner_id"], reason=body.reason)
+    present = await _presenter(request, access, "account")
+    return present(account_dict(reply.account))
+
+
+@router.post("/accounts:transfer", response_model=BulkTransferOut, response_model_exclude_unset=True)
+async def bulk_transfer(
+    body: BulkTransferIn, request: Request, access: AccountsAssign, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    access.check_write(["owner_id"])
+    reply = await _stub(request).BulkTransferAccounts(
+        pb.BulkTransferAccountsRequest(
+            from_owner_id=body.from_owner_id,
+            to_owner_id=body.to_owner_id,
+            to_team=body.to_team,
+            reason=body.reason,
+            idempotency_key=idempotency_key or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit(
+        "bulk_transfer",
+        reply.bulk_transfer_id,
+        fields=["owner_id"],
+        reason=f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}",
+    )
+    return {
+        "bulk_transfer_id": reply.bulk_transfer_id,
+        "accounts_transferred": reply.accounts_transferred,
+        "contacts_transferred": reply.contacts_transferred,
+        "tasks_transferred": reply.tasks_transferred,
+    }
+
+
+# --- contacts --------------------------------------------------------------------------------------------
+
+ContactsRead = Annotated[Access, Depends(require("contacts", "read"))]
+ContactsCreate = Annotated[Access, Depends(require("contacts", "create"))]
+ContactsUpdate = Annotated[Access, Depends(require("contacts", "update"))]
+ContactsDelete = Annotated[Access, Depends(require("contacts", "delete"))]
+
+
+async def _create_contact(
+    values: dict[str, Any], request: Request, response: Response, access: Access, idempotency_key: str | None
+) -> dict[str, Any]:
+    access.check_write(values)
+    reply = await _stub(request).CreateContact(
+        pb.CreateContactRequest(contact=_contact_input(values), idempotency_key=idempotency_key or ""),
+        metadata=access.grpc_metadata(),
+    )
+    record = contact_dict(reply.contact)
+    await access.audit_write(record["id"], None, record)
+    present = await _presenter(request, access, "contact")
+    return _with_etag(present(record), response)
+
+
+@router.post("/contacts", status_code=201, response_model=ContactOut, response_model_exclude_unset=True)
+async def create_contact(
+    body: ContactCreate,
+    request: Request,
+    response: Response,
+    access: ContactsCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    return await _create_contact(body.model_dump(exclude_none=True), request, response, access, idempotency_key)
+
+
+@router.post(
+    "/accounts/{account_id}/contacts", status_code=201, response_model=ContactOut, response_model_exclude_unset=True
+)
+async def create_account_contact(
+    account_id: str,
+    body: ContactCreate,
+    request: Request,
+    response: Response,
+    access: ContactsCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    values = {**body.model_dump(exclude_none=True), "account_id": account_id}
+    return await _create_contact(values, request, response, access, idempotency_key)
+
+
+async def _list_contacts(
+    request: Request,
+    access: Access,
+    *,
+    account_id: str,
+    q: str | None,
+    tag: list[str] | None,
+    decision_role: list[str] | None,
+    owner_id: str | None,
+    limit: int | None,
+    cursor: str | None,
+    sort: str | None,
+) -> dict[str, Any]:
+    access.check_filter(n for n, v in (("tags", tag), ("decision_role", decision_role), ("owner_id", owner_id)) if v)
+    reply = await _stub(request).ListContacts(
+        pb.ListContactsRequest(
+            page=_page(limit, cursor, sort, access),
+            account_id=account_id,
+            q=q or "",
+            tags=tag or [],
+            decision_roles=_split(decision_role),
+            owner_id=_me(owner_id, access),
+            custom=await _custom_filters(request, access, "contact"),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    present = await _presenter(request, access, "contact")
+    return _list_body([present(contact_dict(c)) for c in reply.items], reply.page_info.next_cursor)
+
+
+@router.get("/contacts", response_model=ContactPage, response_model_exclude_unset=True)
+async def list_contacts(
+    request: Request,
+    access: ContactsRead,
+    account_id: str | None = None,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    tag: Annotated[list[str] | None, Query()] = None,
+    decision_role: CSV = None,
+    owner_id: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: str | None = None,
+) -> dict[str, Any]:
+    return await _list_contacts(
+        request,
+        access,
+        account_id=account_id or "",
+        q=q,
+        tag=tag,
+        decision_role=decision_role,
+        owner_id=owner_id,
+        limit=limit,
+        cursor=cursor,
+        sort=sort,
+    )
+
+
+@router.get("/accounts/{account_id}/contacts", response_model=ContactPage, response_model_exclude_unset=True)
+async def list_account_contacts(
+    account_id: str,
+    request: Request,
+    access: ContactsRead,
+    q: Annotated[str | None, Query(max_length=200)] = None,
+    tag: Annotated[list[str] | None, Query()] = None,
+    decision_role: CSV = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: str | None = None,
+) -> dict[str, Any]:
+    return await _list_contacts(
+        request,
+        access,
+        account_id=account_id,
+        q=q,
+        tag=tag,
+        decision_role=decision_role,
+        owner_id=None,
+        limit=limit,
+        cursor=cursor,
+        sort=sort,
+    )
+
+
+@router.get("/contacts/{contact_id}", response_model=ContactOut, response_model_exclude_unset=True)
+async def get_contact(contact_id: str, request: Request, response: Response, access: ContactsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetContact(
+        pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata()
+    )
+    present = await _presenter(request, access, "contact")
+    return _with_etag(present(contact_dict(reply.contact)), response)
+
+
+@router.patch("/contacts/{contact_id}", response_model=ContactOut, response_model_exclude_unset=True)
+async def update_contact(
+    contact_id: str,
+    body: ContactIn,
+    request: Request,
+    response: Response,
+    access: ContactsUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_unset=True)
+    access.check_write(values)
+    stub = _stub(request)
+    before = await stub.GetContact(pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateContact(
+        pb.UpdateContactRequest(
+            contact_id=contact_id,
+            contact=_contact_input(values),
+            update_mask=field_mask_pb2.FieldMask(paths=_mask_paths(values)),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = contact_dict(reply.contact)
+    await access.audit_write(contact_id, contact_dict(before.contact), record)
+    present = await _presenter(request, access, "contact")
+    return _with_etag(present(record), response)
+
+
+@router.delete("/contacts/{contact_id}", status_code=204)
+async def delete_contact(
+    contact_id: str, request: Request, access: ContactsDelete, if_match: IfMatch = None
+) -> Response:
+    await _stub(request).DeleteContact(
+        pb.DeleteContactRequest(contact_id=contact_id, expected_version=_expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(contact_id, {"id": contact_id}, None)
+    return Response(status_code=204)
+
+
+# --- activities and tasks --------------------------------------------------------------------------------
+
+TasksRead = Annotated[Access, Depends(require("tasks", "read"))]
+TasksCreate = Annotated[Access, Depends(require("tasks", "create"))]
+TasksUpdate = Annotated[Access, Depends(require("tasks", "update"))]
+# Reminder rules are team-wide configuration: only roles that may delete tasks (managers) manage them.
+TasksManage = Annotated[Access, Depends(require("tasks", "delete"))]
+
+
+@router.post(
+    "/accounts/{account_id}/activities", status_code=201, response_model=ActivityOut, response_model_exclude_unset=True
+)
+async def log_activity(
+    account_id: str,
+    body: ActivityIn,
+    request: Request,
+    access: Annotated[Access, Depends(require("activities", "create"))],
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    message = pb.LogActivityRequest(
+        account_id=account_id,
+        contact_id=body.contact_id,
+        kind=body.kind,
+        subject=body.subject,
+        notes=body.notes,
+        idempotency_key=idempotency_key or "",
+    )
+    if body.occurred_at is not None:
+        stamp = to_timestamp(as_utc(body.occurred_at))
+        assert stamp is not None
+        message.occurred_at.CopyFrom(stamp)
+    reply = await _stub(request).LogActivity(message, metadata=access.grpc_metadata())
+    record = activity_dict(reply.activity)
+    await access.audit_write(record["id"], None, record)
+    return access.present(record)
+
+
+@router.get("/accounts/{account_id}/activities", response_model=ActivityPage, response_model_exclude_unset=True)
+async def list_activities(
+    account_id: str,
+    request: Request,
+    access: Annotated[Access, Depends(require("activities", "read"))],
+    contact_id: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ListActivities(
+        pb.ListActivitiesRequest(
+            page=_page(limit, cursor, None, access), account_id=account_id, contact_id=contact_id or ""
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list_body(access.present_many(activity_dict(a) for a in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/tasks", response_model=TaskPage, response_model_exclude_unset=True)
+async def list_tasks(
+    request: Request,
+    access: TasksRead,
+    due: Annotated[Literal["today", "overdue"] | None, Query(description="open tasks due today or overdue")] = None,
+    account_id: str | None = None,
+    owner_id: str | None = None,
+    status: CSV = None,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: str | None = None,
+) -> dict[str, Any]:
+    access.check_filter(n for n, v in (("owner_id", owner_id), ("status", status), ("due_at", due)) if v)
+    reply = await _stub(request).ListTasks(
+        pb.ListTasksRequest(
+            page=_page(limit, cursor, sort, access),
+            due=due or "",
+            account_id=account_id or "",
+            owner_id=_me(owner_id, access),
+            statuses=_split(status),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list_body(access.present_many(task_dict(t) for t in reply.items), reply.page_info.next_cursor)
+
+
+@router.post("/tasks", status_code=201, response_model=TaskOut, response_model_exclude_unset=True)
+async def create_task(
+    body: TaskCreate, request: Request, response: Response, access: TasksCreate, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_none=True)
+    access.check_write(values)
+    reply = await _stub(request).CreateTask(
+        pb.CreateTaskRequest(task=_task_input(values), idempotency_key=idempotency_key or ""),
+        metadata=access.grpc_metadata(),
+    )
+    record = task_dict(reply.task)
+    await access.audit_write(record["id"], None, record)
+    return _with_etag(access.present(record), response)
+
+
+@router.patch("/tasks/{task_id}", response_model=TaskOut, response_model_exclude_unset=True)
+async def update_task(
+    task_id: str, body: TaskIn, request: Request, response: Response, access: TasksUpdate, if_match: IfMatch = None
+) -> dict[str, Any]:
+    values = body.model_dump(exclude_unset=True)
+    access.check_write(values)
+    paths = ["notes" if p == "description" else p for p in values]
+    reply = await _stub(request).UpdateTask(
+        pb.UpdateTaskRequest(
+            task_id=task_id,
+            task=_task_input(values),
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = task_dict(reply.task)
+    await access.audit_write(task_id, None, record, action="update")
+    return _with_etag(access.present(record), response)
+
+
+@router.post("/tasks/{task_id}/complete", response_model=TaskOut, response_model_exclude_unset=True)
+async def complete_task(
+    task_id: str, request: Request, response: Response, access: TasksUpdate, if_match: IfMatch = None
+) -> dict[str, Any]:
+    reply = await _stub(request).CompleteTask(
+        pb.CompleteTaskRequest(task_id=task_id, expected_version=_expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("complete", task_id, fields=["status"])
+    return _with_etag(access.present(task_dict(reply.task)), response)
+
+
+@router.get("/reminder-rules", response_model=ReminderRulePage, response_model_exclude_unset=True)
+async def list_reminder_rules(request: Request, access: TasksRead) -> dict[str, Any]:
+    reply = await _stub(request).ListReminderRules(pb.ListReminderRulesRequest(), metadata=access.grpc_metadata())
+    return _list_body([_rule_dict(r) for r in reply.items], "")
+
+
+@router.post("/reminder-rules", status_code=201, response_model=ReminderRuleOut, response_model_exclude_unset=True)
+async def create_reminder_rule(
+    body: ReminderRuleIn, request: Request, access: TasksManage, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    rule = accounts_pb2.ReminderRule(
+        name=body.name,
+        tiers=body.tiers,
+        inactive_days=body.inactive_days,
+        task_title=body.task_title,
+        due_in_hours=body.due_in_hours,
+        enabled=body.enabled,
+    )
+    reply = await _stub(request).CreateReminderRule(
+        pb.CreateReminderRuleRequest(rule=rule, idempotency_key=idempotency_key or ""), metadata=access.grpc_metadata()
+    )
+    await access.audit("create_reminder_rule", reply.rule.id, fields=list(body.model_fields_set))
+    return _rule_dict(reply.rule)
+
+
+@router.delete("/reminder-rules/{rule_id}", status_code=204)
+async def delete_reminder_rule(rule_id: str, request: Request, access: TasksManage) -> Response:
+    await _stub(request).DeleteReminderRule(
+        pb.DeleteReminderRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
+    )
+    await access.audit("delete_reminder_rule", rule_id)
+    return Response(status_code=204)
+
+
+def _rule_dict(r: accounts_pb2.ReminderRule) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "name": r.name,
+        "tiers": list(r.tiers),
+        "inactive_days": r.inactive_days,
+        "task_title": r.task_title,
+        "due_in_hours": r.due_in_hours,
+        "enabled": r.enabled,
+        "created_at": _time(r, "created_at"),
+    }
+
+
+# --- segments --------------------------------------------------------------------------------------------
+
+
+@router.get("/segments", response_model=SegmentPage, response_model_exclude_unset=True)
+async def list_segments(
+    request: Request, access: Annotated[Access, Depends(require("segments", "read"))]
+) -> dict[str, Any]:
+    reply = await _stub(request).ListSegments(pb.ListSegmentsRequest(), metadata=access.grpc_metadata())
+    return _list_body(access.present_many(segment_dict(s) for s in reply.items), "")
+
+
+@router.post("/segments", status_code=201, response_model=SegmentOut, response_model_exclude_unset=True)
+async def create_segment(
+    body: SegmentIn,
+    request: Request,
+    access: Annotated[Access, Depends(require("segments", "create"))],
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    filters = {k: ",".join(v) if isinstance(v, list) else v for k, v in body.filters.items() if k != "tag"}
+    raw_tags = body.filters.get("tag", [])
+    tags = [raw_tags] if isinstance(raw_tags, str) else raw_tags
+    reply = await _stub(request).CreateSegment(
+        pb.CreateSegmentRequest(
+            name=body.name,
+            visibility="team" if body.shared_with_team else "user",
+            filters=filters,
+            tags=tags,
+            idempotency_key=idempotency_key or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = segment_dict(reply.segment)
+    await access.audit_write(record["id"], None, record)
+    return access.present(record)
+
+
+@router.get("/segments/{segment_id}", response_model=SegmentOut, response_model_exclude_unset=True)
+async def get_segment(
+    segment_id: str, request: Request, access: Annotated[Access, Depends(require("segments", "read"))]
+) -> dict[str, Any]:
+    reply = await _stub(request).GetSegment(
+        pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata()
+    )
+    return access.present(segment_dict(reply.segment))
+
+
+@router.delete("/segments/{segment_id}", status_code=204)
+async def delete_segment(
+    segment_id: str, request: Request, access: Annotated[Access, Depends(require("segments", "delete"))]
+) -> Response:
+    await _stub(request).DeleteSegment(pb.DeleteSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata())
+    await access.audit_write(segment_id, {"id": segment_id}, None)
+    return Response(status_code=204)
+
+
+# --- custom field definitions (routed to the entity's owning service) ---------------------------------------
+
+EntityName = Literal["lead", "account", "contact", "opportunity", "ticket"]
+
+
+async def _call_owner(request: Request, access: Access, entity: str, method: str, message: Message) -> Any:
+    """Calls `method` on the service owning `entity`'s custom fields. Services expose the same
+    three RPCs (UpsertCustomField, ListCustomFields, DeleteCustomField) with the accounts messages."""
+    upstream, service_name = CUSTOM_FIELD_OWNERS[entity]
+    if upstream == "accounts":
+        return await getattr(_stub(request), method)(message, metadata=access.grpc_metadata())
+    pool = descriptor_pool.Default()
+    try:
+        service = pool.FindServiceByName(service_name)
+        rpc = service.methods_by_name[method]
+    except KeyError:
+        return _unavailable(f"the {upstream} service does not serve {entity} custom fields yet")
+    try:
+        channel = _upstreams(request).channel(upstream)
+    except UpstreamNotConfigured as error:
+        return _unavailable(str(error))
+    response_type = message_factory.GetMessageClass(rpc.output_type)
+    call = channel.unary_unary(
+        f"/{service_name}/{method}",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=response_type.FromString,
+    )
+    request_type = message_factory.GetMessageClass(rpc.input_type)
+    return await call(request_type.FromString(message.SerializeToString()), metadata=access.grpc_metadata())
+
+
+def _unavailable(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {
+            "type": "https://crm.example/problems/service-unavailable",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": detail,
+        },
+        status_code=503,
+        headers={"Retry-After": "5"},
+        media_type="application/problem+json",
+    )
+
+
+@router.get("/custom-fields/{entity}", response_model=CustomFieldPage, response_model_exclude_unset=True)
+async def list_custom_fields(
+    entity: EntityName, request: Request, access: Annotated[Access, Depends(require("custom_fields", "read"))]
+) -> Any:
+    reply = await _call_owner(request, access, entity, "ListCustomFields", pb.ListCustomFieldsRequest(entity=entity))
+    if isinstance(reply, JSONResponse):
+        return reply
+    return _list_body(access.present_many(definition_dict(d) for d in reply.items), "")
+
+
+async def _upsert(entity: str, key: str, body: CustomFieldIn, request: Request, access: Access, version: int) -> Any:
+    definition = accounts_pb2.CustomFieldDefinition(
+        entity=entity,
+        key=key,
+        label=body.label,
+        type=body.type,
+        required=body.required,
+        options=body.options,
+        pii=body.pii,
+    )
+    reply = await _call_owner(
+        request,
+        access,
+        entity,
+        "UpsertCustomField",
+        pb.UpsertCustomFieldRequest(definition=definition, expected_version=version),
+    )
+    if isinstance(reply, JSONResponse):
+        return reply
+    _definitions_cache.pop(entity, None)
+    record = definition_dict(reply.definition)
+    await access.audit_write(f"{entity}.{key}", None, record, action="upsert")
+    return access.present(record)
+
+
+@router.post(
+    "/custom-fields/{entity}", status_code=201, response_model=CustomFieldOut, response_model_exclude_unset=True
+)
+async def create_custom_field(
+    entity: EntityName,
+    body: CustomFieldIn,
+    request: Request,
+    access: Annotated[Access, Depends(require("custom_fields", "create"))],
+) -> Any:
+    return await _upsert(entity, body.key, body, request, access, 0)
+
+
+@router.put("/custom-fields/{entity}/{key}", response_model=CustomFieldOut, response_model_exclude_unset=True)
+async def update_custom_field(
+    entity: EntityName,
+    key: str,
+    body: CustomFieldIn,
+    request: Request,
+    access: Annotated[Access, Depends(require("custom_fields", "update"))],
+    if_match: IfMatch = None,
+) -> Any:
+    return await _upsert(entity, key, body, request, access, _expected_version(if_match))
+
+
+@router.delete("/custom-fields/{entity}/{key}", status_code=204)
+async def delete_custom_field(
+    entity: EntityName,
+    key: str,
+    request: Request,
+    access: Annotated[Access, Depends(require("custom_fields", "delete"))],
+) -> Response:
+    reply = await _call_owner(
+        request, access, entity, "DeleteCustomField", pb.DeleteCustomFieldRequest(entity=entity, key=key)
+    )
+    if isinstance(reply, JSONResponse):
+        return reply
+    _definitions_cache.pop(entity, None)
+    await access.audit_write(f"{entity}.{key}", {"key": key}, None)
+    return Response(status_code=204)
+
+
+# --- the 360° view -------------------------------------------------------------------------------------------
+
+Part = dict[str, Any]
+
+
+async def _part(access: Access | None, fetch: Callable[[Access], Awaitable[Part]]) -> Part:
+    """One part of the view: forbidden without permission, unavailable when its service is down."""
+    if access is None:
+        return {"status": "forbidden"}
+    try:
+        return {"status": "ok", **await fetch(access)}
+    except UpstreamNotConfigured as error:
+        return {"status": "unavailable", "detail": str(error)}
+    except grpc.aio.AioRpcError as error:
+        remote = from_rpc_error(error)
+        status = http_status_of(remote)
+        if status in (503, 504) or status >= 500:
+            return {"status": "unavailable", "detail": remote.message or remote.code.name}
+        return {"status": "error", "http_status": status, "detail": remote.message}
+
+
+def _sales_stub(request: Request) -> SalesServiceStub:
+    return _upstreams(request).stub("sales", SalesServiceStub)
+
+
+async def _tickets_part(view: Access | None) -> Part:
+    # The service-desk contract has no ticket listing yet: the part says so instead of guessing.
+    if view is None:
+        return {"status": "forbidden"}
+    return {"status": "unavailable", "detail": "the service-desk service offers no ticket listing yet"}
+
+
+def _sales_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+@router.get("/accounts/{account_id}/360", response_model=Account360, response_model_exclude_unset=True)
+async def account_360(account_id: str, request: Request, access: AccountsRead) -> Any:
+    """Account, contacts, open opportunities, contracts and receivables, open tickets, recent
+    activities and lifetime value — each part under the caller's own permissions for its resource."""
+    reply = await _stub(request).GetAccount(
+        pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata()
+    )
+    if reply.account.merged_into_id:
+        return await get_account(account_id, request, Response(), access)
+    present_account = await _presenter(request, access, "account")
+    stub = _stub(request)
+
+    async def contacts(view: Access) -> Part:
+        rows = await stub.ListContacts(
+            pb.ListContactsRequest(account_id=account_id, page=common_pb2.PageRequest(limit=VIEW_LIMIT)),
+            metadata=view.grpc_metadata(),
+        )
+        present = await _presenter(request, view, "contact")
+        return {"items": [present(contact_dict(c)) for c in rows.items]}
+
+    async def activities(view: Access) -> Part:
+        rows = await stub.ListActivities(
+            pb.ListActivitiesRequest(account_id=account_id, page=common_pb2.PageRequest(limit=VIEW_LIMIT)),
+            metadata=view.grpc_metadata(),
+        )
+        return {"items": view.present_many(activity_dict(a) for a in rows.items)}
+
+    async def opportunities(view: Access) -> Part:
+        rows = await _sales_stub(request).ListOpportunities(
+            sales_service_pb2.ListOpportunitiesRequest(
+                account_id=account_id, status="open", page=common_pb2.PageRequest(limit=VIEW_LIMIT)
+            ),
+            metadata=view.grpc_metadata(),
+        )
+        return {"items": view.present_many(_sales_dict(o) for o in rows.items)}
+
+    async def contracts(view: Access) -> Part:
+        sales = _sales_stub(request)
+        contract_rows, receivables = await asyncio.gather(
+            sales.ListContracts(
+                sales_service_pb2.ListContractsRequest(
+                    account_id=account_id, page=common_pb2.PageRequest(limit=VIEW_LIMIT)
+                ),
+                metadata=view.grpc_metadata(),
+            ),
+            sales.ListReceivables(
+                sales_service_pb2.ListReceivablesRequest(
+                    account_id=account_id, page=common_pb2.PageRequest(limit=VIEW_LIMIT)
+                ),
+                metadata=view.grpc_metadata(),
+            ),
+        )
+        lifetime: dict[str, Decimal] = {}
+        for item in receivables.items:
+            if item.HasField("paid"):
+                lifetime[item.paid.currency] = lifetime.get(item.paid.currency, Decimal(0)) + Decimal(item.paid.amount)
+        return {
+            "items": view.present_many(_sales_dict(c) for c in contract_rows.items),
+            "receivables": view.present_many(_sales_dict(r) for r in receivables.items),
+            "total_outstanding": [_sales_dict(m) for m in receivables.total_outstanding],
+            "total_overdue": [_sales_dict(m) for m in receivables.total_overdue],
+            # Lifetime value: what the account has paid, per currency.
+            "lifetime_value": [{"amount": format(v, "f"), "currency": c} for c, v in sorted(lifetime.items())],
+        }
+
+    parts = await asyncio.gather(
+        _part(access.view("contacts"), contacts),
+        _part(access.view("opportunities"), opportunities),
+        _part(access.view("contracts"), contracts),
+        _tickets_part(access.view("tickets")),
+        _part(access.view("activities"), activities),
+    )
+    names = ("contacts", "open_opportunities", "contracts_and_receivables", "open_tickets", "recent_activities")
+    return {"account": present_account(account_dict(reply.account)), **dict(zip(names, parts, strict=True))}

@@ -1,0 +1,118 @@
+"""Admin management of API keys for machine clients (ERP integrations, webforms)."""
+
+from datetime import datetime
+from typing import Annotated
+
+from crm_platform.timeutil import as_utc, isoformat, utcnow
+from fastapi import APIRouter, Depends, Path, Response
+from pydantic import BaseModel, Field, field_validator
+
+from gateway.security import Access, require
+from gateway.security.api_keys import ApiKeyRecord
+from gateway.security.problems import SecurityProblem, not_found
+
+router = APIRouter(tags=["api-keys"])
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    principal_id: str = Field(min_length=1, max_length=200, description="the user id the key acts as")
+    roles: list[str] = Field(min_length=1, max_length=20)
+    team: str = Field(default="", max_length=200)
+    region: str = Field(default="", max_length=200)
+    expires_at: datetime | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _future(cls, value: datetime | None) -> datetime | None:
+        if value is not None and as_utc(value) <= utcnow():
+            raise ValueError("must be in the future")
+        return as_utc(value) if value is not None else None
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    prefix: str
+    principal_id: str
+    roles: list[str]
+    team: str
+    region: str
+    created_by: str
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+
+
+class ApiKeyCreated(BaseModel):
+    # Shown once: only its hash is stored.
+    key: str
+    api_key: ApiKeyOut
+
+
+class ApiKeyPage(BaseModel):
+    items: list[ApiKeyOut]
+    next_cursor: str | None = None
+
+
+def _out(record: ApiKeyRecord) -> ApiKeyOut:
+    return ApiKeyOut(
+        id=record.id,
+        name=record.name,
+        prefix=record.prefix,
+        principal_id=record.principal_id,
+        roles=list(record.roles),
+        team=record.team,
+        region=record.region,
+        created_by=record.created_by,
+        created_at=isoformat(record.created_at) or "",
+        expires_at=isoformat(record.expires_at),
+        revoked_at=isoformat(record.revoked_at),
+    )
+
+
+@router.post("/api-keys", status_code=201, response_model=ApiKeyCreated)
+async def create_api_key(
+    body: ApiKeyCreate, access: Annotated[Access, Depends(require("api_keys", "create"))]
+) -> ApiKeyCreated:
+    access.check_write(body.model_dump(exclude_unset=True))
+    known = access.runtime.policy.roles
+    for position, role in enumerate(body.roles):
+        if role not in known:
+            raise SecurityProblem(
+                422,
+                "Unprocessable Content",
+                f"unknown role {role!r}; known: {', '.join(known)}",
+                field=f"roles.{position}",
+            )
+    record, key = await access.runtime.api_keys.create(
+        name=body.name,
+        principal_id=body.principal_id,
+        roles=body.roles,
+        team=body.team,
+        region=body.region,
+        created_by=access.principal.user_id,
+        expires_at=body.expires_at,
+    )
+    out = _out(record)
+    await access.audit_write(record.id, None, out.model_dump())
+    return ApiKeyCreated(key=key, api_key=out)
+
+
+@router.get("/api-keys", response_model=ApiKeyPage)
+async def list_api_keys(access: Annotated[Access, Depends(require("api_keys", "read"))]) -> ApiKeyPage:
+    records = await access.runtime.api_keys.list()
+    return ApiKeyPage(items=[ApiKeyOut.model_validate(access.present(_out(r).model_dump())) for r in records])
+
+
+@router.delete("/api-keys/{key_id}", status_code=204, response_class=Response)
+async def revoke_api_key(
+    key_id: Annotated[str, Path(max_length=36)], access: Annotated[Access, Depends(require("api_keys", "delete"))]
+) -> Response:
+    before = await access.runtime.api_keys.get(key_id)
+    if before is None:
+        raise not_found(f"api key {key_id} not found")
+    after = await access.runtime.api_keys.revoke(key_id)
+    if before.revoked_at is None and after is not None:
+        await access.audit_write(key_id, _out(before).model_dump(), _out(after).model_dump(), action="delete")
+    return Response(status_code=204)

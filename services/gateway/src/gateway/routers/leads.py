@@ -1,0 +1,1009 @@
+"""Leads context over REST (SPEC §4): leads, import, activities, assignment, conversion,
+disqualification, the lead pool, scoring and assignment rules, campaigns and web forms.
+
+Permissions come only from `require(...)`/`Access`; the leads service applies the record scope.
+Rules are managed with the `assign` action on leads (managers, admins), web forms with campaigns.
+The public web form intake is authenticated by its form key and rate limited by the service.
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import leads_pb2
+from crm.leads.v1 import leads_service_pb2 as pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
+from crm_platform.timeutil import isoformat, to_timestamp
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from google.protobuf import field_mask_pb2, json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from gateway.security import Access, require
+from gateway.security.masking import mask_value
+from gateway.security.policy import FieldRule
+
+router = APIRouter(tags=["leads"])
+
+LeadsRead = Annotated[Access, Depends(require("leads", "read"))]
+LeadsCreate = Annotated[Access, Depends(require("leads", "create"))]
+LeadsUpdate = Annotated[Access, Depends(require("leads", "update"))]
+LeadsAssign = Annotated[Access, Depends(require("leads", "assign"))]
+CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
+CampaignsCreate = Annotated[Access, Depends(require("campaigns", "create"))]
+CampaignsUpdate = Annotated[Access, Depends(require("campaigns", "update"))]
+IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", max_length=200)]
+IfMatch = Annotated[str, Header(alias="If-Match")]
+# Imports can run for minutes; everything else uses the channel's default deadline.
+IMPORT_DEADLINE_SECONDS = 600.0
+IMPORT_CHUNK_BYTES = 256 * 1024
+
+
+def _stub(request: Request) -> LeadsServiceStub:
+    return request.app.state.upstreams.stub("leads", LeadsServiceStub)  # type: ignore[no-any-return]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+def _valid_text(value: Any, path: str) -> None:
+    """Text must be encodable UTF-8 (JSON allows lone surrogates; protobuf strings do not)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path or 'value'}: is not valid UTF-8 text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_text(key, path)
+            _valid_text(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            _valid_text(item, path)
+
+
+class In(BaseModel):
+    """Request bodies: unknown fields are errors, text is valid UTF-8."""
+
+    model_config = {"extra": "forbid"}
+
+    @model_validator(mode="after")
+    def _text(self) -> "In":
+        for name in type(self).model_fields:
+            _valid_text(getattr(self, name), name)
+        for name, value in (self.model_extra or {}).items():
+            _valid_text(value, name)
+        return self
+
+
+class MoneyIn(In):
+    amount: str = Field(description='decimal string, e.g. "12500.00"')
+    currency: str = Field(min_length=3, max_length=3)
+
+    @field_validator("amount")
+    @classmethod
+    def _decimal(cls, value: str) -> str:
+        try:
+            if not Decimal(value).is_finite():
+                raise ValueError("must be finite")
+        except InvalidOperation:
+            raise ValueError("must be a decimal string") from None
+        return value
+
+    def proto(self) -> common_pb2.Money:
+        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
+
+
+class LeadIn(In):
+    name: str | None = Field(default=None, max_length=200)
+    company: str | None = Field(default=None, max_length=200)
+    title: str | None = Field(default=None, max_length=200)
+    phone: str | None = Field(default=None, max_length=64)
+    email: str | None = Field(default=None, max_length=254)
+    source: str | None = Field(default=None, description="website, webform, ad, event, referral, wechat, phone, ...")
+    source_detail: str | None = Field(default=None, max_length=200)
+    campaign_id: str | None = None
+    region: str | None = Field(default=None, max_length=200)
+    industry: str | None = Field(default=None, max_length=200)
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    external_id: str | None = Field(default=None, max_length=200)
+
+
+class LeadPatch(LeadIn):
+    status: Literal["new", "contacted", "qualified"] | None = None
+
+
+class ActivityIn(In):
+    kind: Literal["call", "email", "meeting", "visit", "note", "wechat"]
+    outcome: str = Field(default="", max_length=200)
+    notes: str = Field(default="", max_length=10_000)
+    occurred_at: datetime | None = None
+    next_follow_up_at: datetime | None = None
+
+
+class AssignIn(In):
+    owner_id: str = Field(default="", description="empty: run the assignment rules")
+    team: str = ""
+
+
+class ReasonIn(In):
+    reason: str = Field(default="", max_length=2000)
+
+
+class DisqualifyIn(In):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class OpportunityIn(In):
+    name: str = Field(default="", max_length=300)
+    amount: MoneyIn | None = None
+    pipeline_id: str = ""
+    expected_close_date: date | None = None
+
+
+class ConvertIn(In):
+    account_id: str = Field(default="", description="attach to this existing account; empty creates one")
+    account_name: str = Field(default="", max_length=300)
+    create_opportunity: bool = False
+    opportunity: OpportunityIn | None = None
+
+
+class ScoringRuleIn(In):
+    name: str = Field(min_length=1, max_length=200)
+    field: str = ""
+    operator: str = ""
+    value: str = ""
+    activity_kind: str = ""
+    min_count: int = 0
+    points: int
+    enabled: bool = True
+
+
+class ThresholdsIn(In):
+    a: int = Field(ge=0, le=100)
+    b: int = Field(ge=0, le=100)
+    c: int = Field(ge=0, le=100)
+
+
+class AssignmentRuleIn(In):
+    name: str = Field(min_length=1, max_length=200)
+    position: int = 0
+    enabled: bool = True
+    regions: list[str] = []
+    industries: list[str] = []
+    sources: list[str] = []
+    min_score: int = 0
+    max_score: int = 0
+    team: str = ""
+    user_ids: list[str]
+    strategy: str = "round_robin"
+    capacity: int = 0
+
+
+class CampaignIn(In):
+    name: str | None = Field(default=None, max_length=200)
+    channel: str | None = Field(default=None, max_length=100)
+    cost: MoneyIn | None = None
+    starts_on: date | None = None
+    ends_on: date | None = None
+    owner_id: str | None = None
+    team: str | None = None
+
+
+class CampaignCreate(CampaignIn):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class WebformIn(In):
+    name: str = Field(min_length=1, max_length=200)
+    campaign_id: str = ""
+    team: str = ""
+    region: str = ""
+    rate_limit_per_minute: int = Field(default=0, ge=0, le=10_000)
+
+
+# --- proto <-> JSON ------------------------------------------------------------------------------
+
+_LEAD_TIMES = (
+    "created_at",
+    "updated_at",
+    "assigned_at",
+    "first_contacted_at",
+    "last_activity_at",
+    "first_contact_due_at",
+    "recycled_at",
+)
+_LEAD_TEXT = (
+    "id",
+    "name",
+    "company",
+    "title",
+    "phone",
+    "email",
+    "source",
+    "source_detail",
+    "campaign_id",
+    "region",
+    "industry",
+    "status",
+    "grade",
+    "owner_id",
+    "team",
+    "external_id",
+    "matched_contact_id",
+    "disqualified_reason",
+    "converted_account_id",
+    "converted_contact_id",
+    "converted_opportunity_id",
+    "import_id",
+)
+
+
+def _time(stamp: Timestamp) -> str | None:
+    if stamp.seconds == 0 and stamp.nanos == 0:
+        return None
+    return isoformat(stamp.ToDatetime())
+
+
+def lead_json(lead: leads_pb2.Lead) -> dict[str, Any]:
+    body: dict[str, Any] = {name: getattr(lead, name) for name in _LEAD_TEXT}
+    body.update(
+        score=lead.score,
+        tags=list(lead.tags),
+        custom=json_format.MessageToDict(lead.custom),
+        in_pool=lead.in_pool,
+        follow_up_overdue=lead.follow_up_overdue,
+        version=lead.version,
+    )
+    for name in _LEAD_TIMES:
+        body[name] = _time(getattr(lead, name))
+    return body
+
+
+def _message_json(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(  # type: ignore[no-any-return]
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def campaign_json(campaign: leads_pb2.Campaign) -> dict[str, Any]:
+    body = _message_json(campaign)
+    body["cost"] = _message_json(campaign.cost) if campaign.HasField("cost") else None
+    for name in ("created_at", "updated_at"):
+        body[name] = _time(getattr(campaign, name))
+    return body
+
+
+# Custom field definitions change rarely: the pii keys are cached this long.
+PII_TTL_SECONDS = 10.0
+_pii_cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+
+def _masks_pii(access: Access) -> bool:
+    """Callers who see phone or email masked see custom pii fields masked too."""
+    return any(
+        spec is not None and spec.pii and access.decision.read_rule(name) < FieldRule.READ
+        for name, spec in access.spec.fields.items()
+    )
+
+
+async def _pii_custom_keys(request: Request, access: Access) -> frozenset[str]:
+    cached = _pii_cache.get("lead")
+    if cached and time.monotonic() - cached[0] < PII_TTL_SECONDS:
+        return cached[1]
+    reply = await _stub(request).ListCustomFields(
+        pb.ListCustomFieldsRequest(entity="lead"), metadata=access.grpc_metadata()
+    )
+    keys = frozenset(d.key for d in reply.items if d.pii)
+    _pii_cache["lead"] = (time.monotonic(), keys)
+    return keys
+
+
+async def _present_many(request: Request, access: Access, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`access.present`, with custom fields defined as pii masked like phone and email."""
+    pii = await _pii_custom_keys(request, access) if _masks_pii(access) else frozenset()
+    shown = []
+    for record in records:
+        custom = record.get("custom")
+        if pii and isinstance(custom, dict):
+            record = {**record, "custom": {k: mask_value(v, "text") if k in pii else v for k, v in custom.items()}}
+        shown.append(access.present(record))
+    return shown
+
+
+async def _present(request: Request, access: Access, record: dict[str, Any]) -> dict[str, Any]:
+    return (await _present_many(request, access, [record]))[0]
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    return to_timestamp(value) if value is not None else None
+
+
+def _lead_input(body: LeadIn) -> tuple[pb.LeadInput, list[str]]:
+    given = body.model_dump(exclude_unset=True)
+    message = pb.LeadInput()
+    for name, value in given.items():
+        if value is None:
+            continue
+        if name == "custom":
+            message.custom.update(value)
+        elif name == "tags":
+            message.tags.extend(value)
+        else:
+            setattr(message, name, value)
+    return message, list(given)
+
+
+def _expected_version(if_match: str | None) -> int:
+    if not if_match:
+        return 0
+    text = if_match.strip().removeprefix("W/").strip('"')
+    return int(text) if text.isdigit() else -1  # a malformed If-Match never matches (412)
+
+
+def _with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:
+    response.headers["ETag"] = f'"{body.get("version", 0)}"'
+    return body
+
+
+def _page(limit: int | None, cursor: str, sort: str = "") -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(limit=limit or 0, cursor=cursor, sort=sort)
+
+
+# --- leads ---------------------------------------------------------------------------------------
+
+
+@router.post("/leads", status_code=201)
+async def create_lead(
+    body: LeadIn,
+    request: Request,
+    response: Response,
+    access: LeadsCreate,
+    on_duplicate: Annotated[Literal["reject", "merge", "allow"], Query()] = "reject",
+    idempotency_key: IdempotencyKey = "",
+) -> dict[str, Any]:
+    """Captures a lead: deduplicated by email/phone (409 with `existing_id`), scored, assigned."""
+    access.check_write(body.model_dump(exclude_unset=True, exclude_none=True))
+    lead, _ = _lead_input(body)
+    reply = await _stub(request).CreateLead(
+        pb.CreateLeadRequest(lead=lead, on_duplicate=on_duplicate, idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
+    )
+    result = lead_json(reply.lead)
+    await access.audit_write(result["id"], None, result)
+    if reply.merged:
+        response.status_code = 200
+        response.headers["X-Merged-Into"] = result["id"]
+    return _with_etag(response, await _present(request, access, result))
+
+
+@router.get("/leads")
+async def list_leads(
+    request: Request,
+    access: LeadsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    sort: Annotated[str, Query(pattern=r"^-?(created_at|updated_at|score|name)$")] = "-created_at",
+    status: Annotated[list[str] | None, Query()] = None,
+    source: Annotated[list[str] | None, Query()] = None,
+    owner_id: str = "",
+    team: str = "",
+    region: str = "",
+    industry: str = "",
+    grade: str = "",
+    campaign_id: str = "",
+    tag: str = "",
+    q: Annotated[str, Query(max_length=200)] = "",
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    source_detail: str = "",
+    in_pool: bool | None = None,
+    min_score: Annotated[int, Query(ge=0, le=100)] = 0,
+) -> dict[str, Any]:
+    filters = {
+        "status": status,
+        "source": source,
+        "owner_id": owner_id,
+        "team": team,
+        "region": region,
+        "industry": industry,
+        "grade": grade,
+        "campaign_id": campaign_id,
+        "tags": tag,
+        "source_detail": source_detail,
+        "in_pool": in_pool,
+        "score": min_score,
+        "created_at": created_after or created_before,
+    }
+    access.check_filter([name for name, value in filters.items() if value] + [sort])
+    if q:
+        access.check_filter(["name", "company", "email"])
+    if owner_id == "me":
+        owner_id = access.principal.user_id
+    reply = await _stub(request).ListLeads(
+        pb.ListLeadsRequest(
+            page=_page(access.page_limit(limit), cursor, sort),
+            statuses=status or [],
+            sources=source or [],
+            owner_id=owner_id,
+            team=team,
+            region=region,
+            industry=industry,
+            grade=grade,
+            campaign_id=campaign_id,
+            tag=tag,
+            q=q,
+            created_after=_timestamp(created_after),
+            created_before=_timestamp(created_before),
+            source_detail=source_detail,
+            in_pool="" if in_pool is None else str(in_pool).lower(),
+            min_score=min_score,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return {
+        "items": await _present_many(request, access, [lead_json(item) for item in reply.items]),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
+
+
+@router.get("/leads/summary")
+async def summarize_leads(
+    request: Request,
+    access: LeadsRead,
+    group_by: Annotated[str, Query(pattern=r"^[a-z_]+$")],
+    status: Annotated[list[str] | None, Query()] = None,
+    import_id: str = "",
+) -> dict[str, Any]:
+    """Counts of the caller's in-scope leads grouped by one field (e.g. source, source_detail)."""
+    access.check_filter([group_by, *(["status"] if status else [])])
+    reply = await _stub(request).SummarizeLeads(
+        pb.SummarizeLeadsRequest(group_by=group_by, statuses=status or [], import_id=import_id),
+        metadata=access.grpc_metadata(),
+    )
+    return {"group_by": group_by, "counts": {c.key: c.count for c in reply.counts}, "total": reply.total}
+
+
+@router.post("/leads/import")
+async def import_leads(
+    request: Request,
+    access: LeadsCreate,
+    format: Annotated[Literal["csv", "json", "jsonl"] | None, Query()] = None,
+    import_key: Annotated[str, Query(max_length=200)] = "",
+    on_duplicate: Annotated[Literal["reject", "merge", "allow"], Query()] = "reject",
+    column_map: Annotated[str, Query(description="JSON object: file column -> lead field")] = "",
+    source_map: Annotated[str, Query(description="JSON object: file value -> source")] = "",
+    default_source: str = "",
+    campaign_id: str = "",
+    assign: bool = False,
+    report_accepted: bool = False,
+    part: Annotated[int, Query(ge=0, description="1, 2, ... for a file sent in parts; 0: the whole file")] = 0,
+    final: bool = False,
+) -> dict[str, Any]:
+    """Bulk import of CSV, a JSON array or JSON Lines, streamed to the service.
+
+    Every row not accepted is listed with its reason. Files larger than one request body are sent
+    in parts under one `import_key` (`part=1..n`, `final=true` on the last); a part re-sent after a
+    failure is skipped or resumed, never applied twice. Progress: `GET /leads/imports/{import_key}`.
+    """
+    fmt = format or _format_of(request.headers.get("content-type", ""))
+    header = pb.ImportHeader(
+        format=fmt,
+        import_key=import_key,
+        on_duplicate=on_duplicate,
+        column_map=_json_map(column_map, "column_map"),
+        source_map=_json_map(source_map, "source_map"),
+        default_source=default_source,
+        campaign_id=campaign_id,
+        assign=assign,
+        report_accepted=report_accepted,
+        part=part,
+        final=final,
+    )
+    access.check_write(["owner_id"] if assign else [])
+
+    async def messages() -> AsyncIterator[pb.ImportLeadsRequest]:
+        yield pb.ImportLeadsRequest(header=header)
+        buffer = bytearray()
+        async for chunk in request.stream():
+            buffer += chunk
+            if len(buffer) >= IMPORT_CHUNK_BYTES:
+                yield pb.ImportLeadsRequest(chunk=bytes(buffer))
+                buffer.clear()
+        if buffer:
+            yield pb.ImportLeadsRequest(chunk=bytes(buffer))
+
+    reply = await _stub(request).ImportLeads(
+        messages(), metadata=access.grpc_metadata(), timeout=IMPORT_DEADLINE_SECONDS
+    )
+    await access.audit("import", reply.lead_import.id, reason=f"{reply.lead_import.progress.accepted} accepted")
+    return {"import": _import_json(reply.lead_import), "rows": [_message_json(row) for row in reply.rows]}
+
+
+def _format_of(content_type: str) -> str:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return {"application/json": "json", "application/x-ndjson": "jsonl", "application/jsonl": "jsonl"}.get(media, "csv")
+
+
+def _json_map(text: str, name: str) -> dict[str, str]:
+    if not text:
+        return {}
+    from fastapi.exceptions import RequestValidationError
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise RequestValidationError(
+            [{"loc": ("query", name), "msg": "must be a JSON object of strings", "type": "value_error"}]
+        )
+    return value
+
+
+def _import_json(lead_import: pb.LeadImport) -> dict[str, Any]:
+    body = _message_json(lead_import)
+    body["started_at"] = _time(lead_import.started_at)
+    body["finished_at"] = _time(lead_import.finished_at)
+    return body
+
+
+@router.get("/leads/imports/{import_id}")
+async def get_import(import_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
+    """An import's status, progress and rejected rows (with reasons)."""
+    reply = await _stub(request).GetLeadImport(
+        pb.GetLeadImportRequest(import_id=import_id), metadata=access.grpc_metadata()
+    )
+    return _import_json(reply.lead_import)
+
+
+@router.get("/leads/{lead_id}")
+async def get_lead(lead_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
+    return _with_etag(response, await _present(request, access, lead_json(reply.lead)))
+
+
+@router.patch("/leads/{lead_id}")
+async def update_lead(
+    lead_id: str, body: LeadPatch, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    given = body.model_dump(exclude_unset=True)
+    status = given.pop("status", None)
+    access.check_write(given)
+    lead, paths = _lead_input(body)
+    if status is not None:  # status moves are a transition of the lead, checked by the service
+        lead.status = status
+    reply = await _stub(request).UpdateLead(
+        pb.UpdateLeadRequest(
+            lead_id=lead_id,
+            lead=lead,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
+    return _with_etag(response, await _present(request, access, result))
+
+
+@router.post("/leads/{lead_id}/activities", status_code=201)
+async def log_activity(
+    lead_id: str, body: ActivityIn, request: Request, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """A follow-up record; a contact activity moves a new lead to `contacted`; `next_follow_up_at` makes a task."""
+    reply = await _stub(request).LogLeadActivity(
+        pb.LogLeadActivityRequest(
+            lead_id=lead_id,
+            kind=body.kind,
+            outcome=body.outcome,
+            notes=body.notes,
+            occurred_at=_timestamp(body.occurred_at),
+            next_follow_up_at=_timestamp(body.next_follow_up_at),
+            idempotency_key=idempotency_key,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    activity = _message_json(reply.activity)
+    activity["occurred_at"] = _time(reply.activity.occurred_at)
+    activity["next_follow_up_at"] = _time(reply.activity.next_follow_up_at)
+    return {"activity": activity, "lead": await _present(request, access, lead_json(reply.lead))}
+
+
+@router.get("/leads/{lead_id}/activities")
+async def list_activities(
+    lead_id: str,
+    request: Request,
+    access: LeadsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+) -> dict[str, Any]:
+    reply = await _stub(request).ListLeadActivities(
+        pb.ListLeadActivitiesRequest(lead_id=lead_id, page=_page(access.page_limit(limit), cursor)),
+        metadata=access.grpc_metadata(),
+    )
+    items = []
+    for item in reply.items:
+        body = _message_json(item)
+        body["occurred_at"] = _time(item.occurred_at)
+        body["next_follow_up_at"] = _time(item.next_follow_up_at)
+        items.append(body)
+    return {"items": items, "next_cursor": reply.page_info.next_cursor or None}
+
+
+@router.get("/leads/{lead_id}/tasks")
+async def list_tasks(
+    lead_id: str,
+    request: Request,
+    access: LeadsRead,
+    status: Annotated[Literal["open", "done", "cancelled"] | None, Query()] = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ListLeadTasks(
+        pb.ListLeadTasksRequest(lead_id=lead_id, status=status or ""), metadata=access.grpc_metadata()
+    )
+    items = []
+    for item in reply.items:
+        body = _message_json(item)
+        for name in ("due_at", "created_at", "completed_at"):
+            body[name] = _time(getattr(item, name))
+        items.append(body)
+    return {"items": items}
+
+
+@router.get("/leads/{lead_id}/score-history")
+async def score_history(lead_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetLeadScoreHistory(
+        pb.GetLeadScoreHistoryRequest(lead_id=lead_id), metadata=access.grpc_metadata()
+    )
+    items = []
+    for item in reply.items:
+        body = _message_json(item)
+        body["changed_at"] = _time(item.changed_at)
+        items.append(body)
+    return {"items": items}
+
+
+@router.post("/leads/{lead_id}/assign")
+async def assign_lead(
+    lead_id: str, body: AssignIn, request: Request, response: Response, access: LeadsAssign, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the pool."""
+    reply = await _stub(request).AssignLead(
+        pb.AssignLeadRequest(
+            lead_id=lead_id, owner_id=body.owner_id, team=body.team, expected_version=_expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]})
+    return _with_etag(response, await _present(request, access, result))
+
+
+@router.post("/leads/{lead_id}/disqualify")
+async def disqualify_lead(
+    lead_id: str, body: DisqualifyIn, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).DisqualifyLead(
+        pb.DisqualifyLeadRequest(lead_id=lead_id, reason=body.reason, expected_version=_expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, {"status": None}, {"status": result["status"]})
+    return _with_etag(response, await _present(request, access, result))
+
+
+@router.post("/leads/{lead_id}/convert")
+async def convert_lead(
+    lead_id: str, body: ConvertIn, request: Request, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """Lead -> account (new or `account_id`) + contact (+ opportunity), idempotent; a partial failure is undone."""
+    opportunity = body.opportunity or OpportunityIn()
+    message = pb.ConvertLeadRequest(
+        lead_id=lead_id,
+        account_id=body.account_id,
+        account_name=body.account_name,
+        create_opportunity=body.create_opportunity or body.opportunity is not None,
+        opportunity_name=opportunity.name,
+        pipeline_id=opportunity.pipeline_id,
+        idempotency_key=idempotency_key,
+    )
+    if opportunity.amount is not None:
+        message.opportunity_amount.CopyFrom(opportunity.amount.proto())
+    if opportunity.expected_close_date is not None:
+        close = datetime.combine(opportunity.expected_close_date, datetime.min.time())
+        message.expected_close_date.FromDatetime(close)
+    reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata())
+    await access.audit_write(lead_id, {"status": None}, {"status": reply.lead.status})
+    return {
+        "lead": await _present(request, access, lead_json(reply.lead)),
+        "account_id": reply.account_id,
+        "contact_id": reply.contact_id,
+        "opportunity_id": reply.opportunity_id or None,
+    }
+
+
+# --- lead pool -----------------------------------------------------------------------------------
+
+
+@router.get("/lead-pool")
+async def list_pool(
+    request: Request,
+    access: LeadsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    region: str = "",
+    industry: str = "",
+    source: str = "",
+) -> dict[str, Any]:
+    access.check_filter(
+        [name for name, value in (("region", region), ("industry", industry), ("source", source)) if value]
+    )
+    reply = await _stub(request).ListLeadPool(
+        pb.ListLeadPoolRequest(
+            page=_page(access.page_limit(limit), cursor), region=region, industry=industry, source=source
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return {
+        "items": await _present_many(request, access, [lead_json(item) for item in reply.items]),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
+
+
+@router.post("/leads/{lead_id}/claim")
+async def claim_lead(lead_id: str, request: Request, response: Response, access: LeadsUpdate) -> dict[str, Any]:
+    """Takes a pool lead (within the per-rep claim limit: 409 `CLAIM_LIMIT` beyond it)."""
+    reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]}, action="assign")
+    return _with_etag(response, await _present(request, access, result))
+
+
+@router.post("/leads/{lead_id}/release")
+async def release_lead(
+    lead_id: str, body: ReasonIn, request: Request, response: Response, access: LeadsUpdate
+) -> dict[str, Any]:
+    reply = await _stub(request).ReleaseLead(
+        pb.ReleaseLeadRequest(lead_id=lead_id, reason=body.reason), metadata=access.grpc_metadata()
+    )
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, {"owner_id": access.principal.user_id}, {"owner_id": ""}, action="assign")
+    return _with_etag(response, await _present(request, access, result))
+
+
+# --- scoring and assignment rules ----------------------------------------------------------------
+
+
+def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRule:
+    return leads_pb2.ScoringRule(id=rule_id, **body.model_dump())
+
+
+@router.get("/lead-scoring-rules")
+async def list_scoring_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    return {"items": [_message_json(r) for r in reply.items], "thresholds": _message_json(reply.thresholds)}
+
+
+@router.post("/lead-scoring-rules", status_code=201)
+async def create_scoring_rule(
+    body: ScoringRuleIn, request: Request, access: LeadsAssign, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).CreateScoringRule(
+        pb.CreateScoringRuleRequest(rule=_scoring_rule(body), idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
+    )
+    return _message_json(reply.rule)
+
+
+@router.put("/lead-scoring-rules/thresholds")
+async def set_thresholds(body: ThresholdsIn, request: Request, access: LeadsAssign) -> dict[str, Any]:
+    reply = await _stub(request).SetGradeThresholds(
+        pb.SetGradeThresholdsRequest(thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c)),
+        metadata=access.grpc_metadata(),
+    )
+    return _message_json(reply.thresholds)
+
+
+@router.put("/lead-scoring-rules/{rule_id}")
+async def update_scoring_rule(
+    rule_id: str, body: ScoringRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).UpdateScoringRule(
+        pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=_expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    return _message_json(reply.rule)
+
+
+@router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
+async def delete_scoring_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
+    await _stub(request).DeleteScoringRule(
+        pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
+    )
+    return Response(status_code=204)
+
+
+def _assignment_rule(body: AssignmentRuleIn, rule_id: str = "") -> leads_pb2.AssignmentRule:
+    return leads_pb2.AssignmentRule(id=rule_id, **body.model_dump())
+
+
+@router.get("/lead-assignment-rules")
+async def list_assignment_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    return {"items": [_message_json(r) for r in reply.items]}
+
+
+@router.post("/lead-assignment-rules", status_code=201)
+async def create_assignment_rule(
+    body: AssignmentRuleIn, request: Request, access: LeadsAssign, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).CreateAssignmentRule(
+        pb.CreateAssignmentRuleRequest(rule=_assignment_rule(body), idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
+    )
+    return _message_json(reply.rule)
+
+
+@router.put("/lead-assignment-rules/{rule_id}")
+async def update_assignment_rule(
+    rule_id: str, body: AssignmentRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).UpdateAssignmentRule(
+        pb.UpdateAssignmentRuleRequest(
+            rule=_assignment_rule(body, rule_id), expected_version=_expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _message_json(reply.rule)
+
+
+@router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
+async def delete_assignment_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
+    await _stub(request).DeleteAssignmentRule(
+        pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
+    )
+    return Response(status_code=204)
+
+
+# --- campaigns -----------------------------------------------------------------------------------
+
+
+def _campaign_input(body: CampaignIn) -> tuple[pb.CampaignInput, list[str]]:
+    given = body.model_dump(exclude_unset=True)
+    message = pb.CampaignInput(
+        name=body.name or "",
+        channel=body.channel or "",
+        owner_id=body.owner_id or "",
+        team=body.team or "",
+        starts_on=body.starts_on.isoformat() if body.starts_on else "",
+        ends_on=body.ends_on.isoformat() if body.ends_on else "",
+    )
+    if body.cost is not None:
+        message.cost.CopyFrom(body.cost.proto())
+    return message, list(given)
+
+
+@router.post("/campaigns", status_code=201)
+async def create_campaign(
+    body: CampaignCreate,
+    request: Request,
+    response: Response,
+    access: CampaignsCreate,
+    idempotency_key: IdempotencyKey = "",
+) -> dict[str, Any]:
+    access.check_write(body.model_dump(exclude_unset=True, exclude_none=True, mode="json"))
+    campaign, _ = _campaign_input(body)
+    reply = await _stub(request).CreateCampaign(
+        pb.CreateCampaignRequest(campaign=campaign, idempotency_key=idempotency_key), metadata=access.grpc_metadata()
+    )
+    result = campaign_json(reply.campaign)
+    await access.audit_write(result["id"], None, result)
+    return _with_etag(response, access.present(result))
+
+
+@router.get("/campaigns")
+async def list_campaigns(
+    request: Request,
+    access: CampaignsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    channel: str = "",
+) -> dict[str, Any]:
+    access.check_filter(["channel"] if channel else [])
+    reply = await _stub(request).ListCampaigns(
+        pb.ListCampaignsRequest(page=_page(access.page_limit(limit), cursor), channel=channel),
+        metadata=access.grpc_metadata(),
+    )
+    return {
+        "items": access.present_many(campaign_json(item) for item in reply.items),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
+
+
+@router.get("/campaigns/{campaign_id}")
+async def get_campaign(campaign_id: str, request: Request, response: Response, access: CampaignsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetCampaign(
+        pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata()
+    )
+    return _with_etag(response, access.present(campaign_json(reply.campaign)))
+
+
+@router.patch("/campaigns/{campaign_id}")
+async def update_campaign(
+    campaign_id: str,
+    body: CampaignIn,
+    request: Request,
+    response: Response,
+    access: CampaignsUpdate,
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    access.check_write(body.model_dump(exclude_unset=True, mode="json"))
+    campaign, paths = _campaign_input(body)
+    reply = await _stub(request).UpdateCampaign(
+        pb.UpdateCampaignRequest(
+            campaign_id=campaign_id,
+            campaign=campaign,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = campaign_json(reply.campaign)
+    await access.audit_write(campaign_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
+    return _with_etag(response, access.present(result))
+
+
+# --- web forms -----------------------------------------------------------------------------------
+
+
+@router.post("/webforms", status_code=201)
+async def create_webform(
+    body: WebformIn, request: Request, access: CampaignsCreate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """A public lead form; its `form_key` authenticates submissions."""
+    reply = await _stub(request).CreateWebform(
+        pb.CreateWebformRequest(webform=leads_pb2.Webform(**body.model_dump()), idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
+    )
+    body_json = _message_json(reply.webform)
+    body_json["created_at"] = _time(reply.webform.created_at)
+    return body_json
+
+
+@router.get("/webforms")
+async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, Any]:
+    reply = await _stub(request).ListWebforms(pb.ListWebformsRequest(), metadata=access.grpc_metadata())
+    return {"items": [_message_json(w) for w in reply.items]}
+
+
+class SubmissionIn(In):
+    model_config = {"extra": "allow"}
+    name: str | None = Field(default=None, max_length=200)
+    email: str | None = Field(default=None, max_length=254)
+    phone: str | None = Field(default=None, max_length=64)
+    company: str | None = Field(default=None, max_length=200)
+
+
+@router.post("/webforms/{form_key}/submissions", status_code=202)
+async def submit_webform(
+    form_key: Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+    body: SubmissionIn,
+    request: Request,
+    idempotency_key: IdempotencyKey = "",
+) -> dict[str, Any]:
+    """Public intake: no login, the form key authenticates; rate limited per form (429 + Retry-After).
+    The answer never echoes the lead: it only acknowledges the submission."""
+    fields = {key: str(value) for key, value in body.model_dump(exclude_none=True).items() if len(str(value)) <= 2000}
+    reply = await _stub(request).SubmitWebform(
+        pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
+        timeout=10,
+    )
+    del reply  # the public answer never says whether the person was already known
+    return {"status": "received"}

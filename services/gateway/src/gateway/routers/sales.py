@@ -1,0 +1,1325 @@
+"""Sales context over REST (SPEC §6): pipelines, opportunities, forecast, quotes, contracts with
+approvals, payment plans, payments, receivables and invoices, routed to the sales service.
+
+Permissions come only from `require(...)`/`Access` (gateway.security); approvals need the
+`approve` action here, and the sales service then checks that the caller holds the role the
+approval chain waits for. Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
+"""
+
+from datetime import date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Literal
+
+from crm.common.v1 import common_pb2
+from crm.sales.v1 import sales_pb2
+from crm.sales.v1 import sales_service_pb2 as pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
+from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from google.protobuf import field_mask_pb2, json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, Field, field_validator
+
+from gateway.security import Access, require
+from gateway.upstreams import Upstreams
+
+router = APIRouter(tags=["sales"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+IfMatch = Annotated[str | None, Header(alias="If-Match")]
+Limit = Annotated[int | None, Query(ge=1, le=500)]
+
+
+# --- request models ----------------------------------------------------------------------------------
+
+
+class MoneyBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    amount: str = Field(description='decimal string, e.g. "12500.00"', examples=["12500.00"])
+    currency: str = Field(min_length=3, max_length=3, examples=["CNY"])
+
+    @field_validator("amount")
+    @classmethod
+    def _decimal(cls, value: str) -> str:
+        try:
+            number = Decimal(value)
+        except InvalidOperation:
+            raise ValueError('must be a decimal string such as "12.50"') from None
+        if not number.is_finite():
+            raise ValueError("must be a finite decimal")
+        return value
+
+    def proto(self) -> common_pb2.Money:
+        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
+
+
+class LineItemBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    product_id: str = ""
+    product_name: str = ""
+    product_line: str = ""
+    quantity: str = "1"
+    unit_price: MoneyBody
+    discount_percent: str | None = Field(default=None, description='percent as a decimal string, e.g. "12.5"')
+
+    def proto(self) -> pb.LineItemInput:
+        return pb.LineItemInput(
+            product_id=self.product_id,
+            product_name=self.product_name,
+            product_line=self.product_line,
+            quantity=self.quantity,
+            unit_price=self.unit_price.proto(),
+            discount_percent=self.discount_percent or "",
+        )
+
+
+class StageBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    key: str
+    name: str
+    probability: str
+    required_fields: list[str] = Field(default_factory=list)
+    rotting_days: int = Field(default=0, ge=0)
+    outcome: Literal["open", "won", "lost"] = "open"
+
+
+class PipelineCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=200)
+    stages: list[StageBody] = Field(min_length=3)
+    is_default: bool = False
+
+
+class OpportunityFields(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str | None = Field(default=None, max_length=200)
+    primary_contact_id: str | None = None
+    amount: MoneyBody | None = None
+    expected_close_date: date | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    region: str | None = None
+    line_items: list[LineItemBody] | None = None
+    next_step: str | None = None
+    product_line: str | None = None
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = None
+    forecast_category: Literal["pipeline", "best_case", "commit", "omitted"] | None = None
+
+
+class OpportunityCreate(OpportunityFields):
+    account_id: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=200)
+    pipeline_id: str | None = None
+    stage: str | None = None
+    source_lead_id: str | None = None
+    campaign_id: str | None = None
+    # 防撞单 override: managers only, with a reason (audited).
+    override_collision: bool = False
+    override_reason: str | None = None
+
+
+class StageMove(BaseModel):
+    stage: str = Field(min_length=1)
+
+
+class WinBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    close_date: date | None = None
+    amount: MoneyBody | None = None
+
+
+class LoseBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    reason: str = Field(min_length=1)
+    close_date: date | None = None
+
+
+class ImportRowBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    external_id: str = Field(min_length=1)
+    account_id: str
+    name: str
+    owner_id: str = ""
+    team: str = ""
+    region: str = ""
+    product_line: str = ""
+    line_items: list[LineItemBody] = Field(default_factory=list)
+    stage: str = ""
+    amount: MoneyBody | None = None
+    expected_close_date: date | None = None
+    close_date: date | None = None
+    lost_reason: str = ""
+    engaged_at: datetime | None = None
+
+
+class ImportBody(BaseModel):
+    pipeline_id: str = ""
+    rows: list[ImportRowBody] = Field(min_length=1, max_length=5000)
+
+
+class QuoteCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    opportunity_id: str = Field(min_length=1)
+    line_items: list[LineItemBody] = Field(min_length=1)
+
+
+class DecisionBody(BaseModel):
+    comment: str = ""
+
+
+class ContractCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    opportunity_id: str | None = None
+    account_id: str | None = None
+    title: str | None = None
+    amount: MoneyBody | None = None
+    owner_id: str | None = None
+    team: str | None = None
+    region: str | None = None
+    starts_on: date | None = None
+    ends_on: date | None = None
+
+
+class SignBody(BaseModel):
+    signed_at: datetime | None = None
+
+
+class ReasonBody(BaseModel):
+    reason: str = Field(min_length=1)
+
+
+class InstallmentBody(BaseModel):
+    model_config = {"extra": "forbid"}
+    due_date: date
+    amount: MoneyBody
+
+
+class PaymentPlanCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    installments: list[InstallmentBody] = Field(min_length=1, max_length=240)
+
+
+class PaymentCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    contract_id: str = Field(min_length=1)
+    amount: MoneyBody
+    external_reference: str = Field(min_length=1, max_length=200, description="unique; the idempotency key")
+    received_at: datetime | None = None
+    method: str = ""
+
+
+class InvoiceCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    contract_id: str = Field(min_length=1)
+    amount: MoneyBody
+
+
+class IssueBody(BaseModel):
+    number: str = Field(min_length=1, max_length=64)
+    issued_at: datetime | None = None
+
+
+# --- proto -> JSON -----------------------------------------------------------------------------------
+
+
+def _money(message: common_pb2.Money) -> dict[str, str] | None:
+    return {"amount": message.amount, "currency": message.currency} if message.currency else None
+
+
+def _time(message: Message, name: str) -> str | None:
+    return isoformat(from_timestamp(getattr(message, name))) if message.HasField(name) else None
+
+
+def _line_item(item: sales_pb2.LineItem) -> dict[str, Any]:
+    return {
+        "product_id": item.product_id,
+        "product_name": item.product_name,
+        "product_line": item.product_line,
+        "quantity": item.quantity,
+        "unit_price": _money(item.unit_price),
+        "discount_percent": item.discount_percent,
+        "total": _money(item.total),
+    }
+
+
+def _decision(decision: sales_pb2.ApprovalDecision) -> dict[str, Any]:
+    return {
+        "role": decision.role,
+        "approver_id": decision.approver_id,
+        "decision": decision.decision,
+        "comment": decision.comment,
+        "decided_at": _time(decision, "decided_at"),
+    }
+
+
+def pipeline_dict(p: sales_pb2.Pipeline) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "name": p.name,
+        "is_default": p.is_default,
+        "stages": [
+            {
+                "key": s.key,
+                "name": s.name,
+                "probability": s.probability,
+                "required_fields": list(s.required_fields),
+                "rotting_days": s.rotting_days,
+                "position": s.position,
+                "outcome": s.outcome,
+            }
+            for s in p.stages
+        ],
+        "created_at": _time(p, "created_at"),
+        "version": p.version,
+    }
+
+
+def opportunity_dict(o: sales_pb2.Opportunity) -> dict[str, Any]:
+    return {
+        "id": o.id,
+        "account_id": o.account_id,
+        "primary_contact_id": o.primary_contact_id or None,
+        "name": o.name,
+        "pipeline_id": o.pipeline_id,
+        "stage": o.stage,
+        "probability": o.probability,
+        "amount": _money(o.amount),
+        "expected_close_date": o.expected_close_date or None,
+        "close_date": o.close_date or None,
+        "owner_id": o.owner_id,
+        "team": o.team,
+        "region": o.region,
+        "source_lead_id": o.source_lead_id or None,
+        "campaign_id": o.campaign_id or None,
+        "line_items": [_line_item(item) for item in o.line_items],
+        "status": o.status,
+        "lost_reason": o.lost_reason or None,
+        "stage_history": [
+            {"stage": h.stage, "entered_at": _time(h, "entered_at"), "exited_at": _time(h, "exited_at")}
+            for h in o.stage_history
+        ],
+        "next_step": o.next_step,
+        "product_line": o.product_line,
+        "forecast_category": o.forecast_category or None,
+        "tags": list(o.tags),
+        "custom": json_format.MessageToDict(o.custom),
+        "collision_override_by": o.collision_override_by or None,
+        "collision_override_reason": o.collision_override_reason or None,
+        "colliding_opportunity_id": o.colliding_opportunity_id or None,
+        "stage_entered_at": _time(o, "stage_entered_at"),
+        "rotting": o.rotting,
+        "created_at": _time(o, "created_at"),
+        "updated_at": _time(o, "updated_at"),
+        "closed_at": _time(o, "closed_at"),
+        "version": o.version,
+    }
+
+
+def quote_dict(q: sales_pb2.Quote) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "opportunity_id": q.opportunity_id,
+        "account_id": q.account_id,
+        "line_items": [_line_item(item) for item in q.line_items],
+        "subtotal": _money(q.subtotal),
+        "discount_total": _money(q.discount_total),
+        "total": _money(q.total),
+        "max_discount_percent": q.max_discount_percent,
+        "status": q.status,
+        "required_approvals": list(q.required_approvals),
+        "decisions": [_decision(x) for x in q.decisions],
+        "owner_id": q.owner_id,
+        "team": q.team,
+        "region": q.region,
+        "created_at": _time(q, "created_at"),
+        "updated_at": _time(q, "updated_at"),
+        "version": q.version,
+    }
+
+
+def contract_dict(c: sales_pb2.Contract) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "number": c.number,
+        "opportunity_id": c.opportunity_id or None,
+        "account_id": c.account_id,
+        "title": c.title,
+        "amount": _money(c.amount),
+        "status": c.status,
+        "approval_chain": list(c.approval_chain),
+        "decisions": [_decision(x) for x in c.decisions],
+        "owner_id": c.owner_id,
+        "team": c.team,
+        "region": c.region,
+        "starts_on": c.starts_on or None,
+        "ends_on": c.ends_on or None,
+        "signed_at": _time(c, "signed_at"),
+        "completed_at": _time(c, "completed_at"),
+        "terminated_at": _time(c, "terminated_at"),
+        "terminated_reason": c.terminated_reason or None,
+        "created_at": _time(c, "created_at"),
+        "updated_at": _time(c, "updated_at"),
+        "version": c.version,
+    }
+
+
+def plan_dict(p: sales_pb2.PaymentPlan) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "contract_id": p.contract_id,
+        "total": _money(p.total),
+        "installments": [
+            {
+                "id": i.id,
+                "sequence": i.sequence,
+                "due_date": i.due_date,
+                "amount": _money(i.amount),
+                "paid": _money(i.paid),
+                "status": i.status,
+                "overdue_at": _time(i, "overdue_at"),
+            }
+            for i in p.installments
+        ],
+        "created_at": _time(p, "created_at"),
+    }
+
+
+def payment_dict(p: sales_pb2.Payment) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "contract_id": p.contract_id,
+        "amount": _money(p.amount),
+        "received_at": _time(p, "received_at"),
+        "method": p.method,
+        "external_reference": p.external_reference,
+        "allocations": [{"installment_id": a.installment_id, "amount": _money(a.amount)} for a in p.allocations],
+        "created_at": _time(p, "created_at"),
+    }
+
+
+def invoice_dict(i: sales_pb2.Invoice) -> dict[str, Any]:
+    return {
+        "id": i.id,
+        "contract_id": i.contract_id,
+        "account_id": i.account_id,
+        "number": i.number or None,
+        "amount": _money(i.amount),
+        "status": i.status,
+        "external_reference": i.external_reference or None,
+        "requested_at": _time(i, "requested_at"),
+        "issued_at": _time(i, "issued_at"),
+        "voided_at": _time(i, "voided_at"),
+        "void_reason": i.void_reason or None,
+    }
+
+
+def receivable_dict(r: sales_pb2.Receivable) -> dict[str, Any]:
+    return {
+        "contract_id": r.contract_id,
+        "contract_number": r.contract_number,
+        "account_id": r.account_id,
+        "status": r.status,
+        "amount": _money(r.amount),
+        "paid": _money(r.paid),
+        "outstanding": _money(r.outstanding),
+        "overdue": _money(r.overdue),
+        "invoiced": _money(r.invoiced),
+        "next_due_date": r.next_due_date or None,
+    }
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _stub(request: Request) -> SalesServiceStub:
+    upstreams: Upstreams = request.app.state.upstreams
+    return upstreams.stub("sales", SalesServiceStub)
+
+
+def _page(limit: int | None, cursor: str | None, sort: str | None, access: Access) -> common_pb2.PageRequest:
+    if sort:
+        access.check_filter([sort])
+    return common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor or "", sort=sort or "")
+
+
+def _list(items: list[dict[str, Any]], next_cursor: str) -> dict[str, Any]:
+    return {"items": items, "next_cursor": next_cursor or None}
+
+
+def _version(if_match: str | None) -> int:
+    """`If-Match: "3"` → 3; absent → 0 (unconditional); malformed → -1, which never matches (412)."""
+    if not if_match:
+        return 0
+    try:
+        return int(if_match.strip().removeprefix("W/").strip('"'))
+    except ValueError:
+        return -1
+
+
+def _etag(body: dict[str, Any], response: Response) -> dict[str, Any]:
+    response.headers["ETag"] = f'"{body.get("version", 0)}"'
+    return body
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    return to_timestamp(as_utc(value)) if value is not None else None
+
+
+def _iso(value: date | None) -> str:
+    return value.isoformat() if value else ""
+
+
+def _me(value: str | None, access: Access) -> str:
+    return access.principal.user_id if value == "me" else value or ""
+
+
+def _written(body: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
+    """The fields a request sets, as JSON: what `check_write` and the audit see."""
+    return body.model_dump(mode="json", exclude_none=True, exclude=exclude)
+
+
+# --- pipelines ---------------------------------------------------------------------------------------
+
+PipelinesRead = Annotated[Access, Depends(require("pipelines", "read"))]
+PipelinesCreate = Annotated[Access, Depends(require("pipelines", "create"))]
+PipelinesUpdate = Annotated[Access, Depends(require("pipelines", "update"))]
+PipelinesDelete = Annotated[Access, Depends(require("pipelines", "delete"))]
+
+
+@router.get("/pipelines")
+async def list_pipelines(
+    request: Request, access: PipelinesRead, limit: Limit = None, cursor: str | None = None
+) -> dict[str, Any]:
+    reply = await _stub(request).ListPipelines(
+        pb.ListPipelinesRequest(page=_page(limit, cursor, None, access)), metadata=access.grpc_metadata()
+    )
+    return _list(access.present_many(pipeline_dict(p) for p in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/pipelines/{pipeline_id}", description='"default" is the default pipeline')
+async def get_pipeline(pipeline_id: str, request: Request, access: PipelinesRead) -> dict[str, Any]:
+    reply = await _stub(request).GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
+    return access.present(pipeline_dict(reply.pipeline))
+
+
+@router.post("/pipelines", status_code=201)
+async def create_pipeline(
+    body: PipelineCreate, request: Request, access: PipelinesCreate, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    access.check_write(_written(body))
+    reply = await _stub(request).CreatePipeline(
+        pb.CreatePipelineRequest(
+            idempotency_key=idempotency_key or "",
+            name=body.name,
+            is_default=body.is_default,
+            stages=[pb.StageInput(**stage.model_dump()) for stage in body.stages],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = pipeline_dict(reply.pipeline)
+    await access.audit_write(record["id"], None, record)
+    return access.present(record)
+
+
+@router.put("/pipelines/{pipeline_id}")
+async def replace_pipeline(
+    pipeline_id: str,
+    body: PipelineCreate,
+    request: Request,
+    response: Response,
+    access: PipelinesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """Name, stages and default flag at once. 409 when a removed stage still holds open deals;
+    open deals take their stage's new probability."""
+    access.check_write(_written(body))
+    stub = _stub(request)
+    before = await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdatePipeline(
+        pb.UpdatePipelineRequest(
+            id=pipeline_id,
+            expected_version=_version(if_match),
+            name=body.name,
+            is_default=body.is_default,
+            stages=[pb.StageInput(**stage.model_dump()) for stage in body.stages],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = pipeline_dict(reply.pipeline)
+    await access.audit_write(pipeline_id, pipeline_dict(before.pipeline), record)
+    return _etag(access.present(record), response)
+
+
+@router.delete("/pipelines/{pipeline_id}", status_code=204)
+async def delete_pipeline(pipeline_id: str, request: Request, access: PipelinesDelete) -> Response:
+    stub = _stub(request)
+    before = await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
+    await stub.DeletePipeline(pb.DeletePipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
+    await access.audit_write(pipeline_id, pipeline_dict(before.pipeline), None)
+    return Response(status_code=204)
+
+
+# --- opportunities -----------------------------------------------------------------------------------
+
+OpportunitiesRead = Annotated[Access, Depends(require("opportunities", "read"))]
+OpportunitiesCreate = Annotated[Access, Depends(require("opportunities", "create"))]
+OpportunitiesUpdate = Annotated[Access, Depends(require("opportunities", "update"))]
+OpportunitiesDelete = Annotated[Access, Depends(require("opportunities", "delete"))]
+
+
+@router.post("/opportunities", status_code=201)
+async def create_opportunity(
+    body: OpportunityCreate,
+    request: Request,
+    response: Response,
+    access: OpportunitiesCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    access.check_write(_written(body, exclude={"override_collision", "override_reason"}))
+    message = pb.CreateOpportunityRequest(
+        idempotency_key=idempotency_key or "",
+        account_id=body.account_id,
+        primary_contact_id=body.primary_contact_id or "",
+        name=body.name,
+        pipeline_id=body.pipeline_id or "",
+        stage=body.stage or "",
+        expected_close_date=_iso(body.expected_close_date),
+        owner_id=body.owner_id or "",
+        team=body.team or "",
+        region=body.region or "",
+        source_lead_id=body.source_lead_id or "",
+        campaign_id=body.campaign_id or "",
+        line_items=[item.proto() for item in body.line_items or []],
+        next_step=body.next_step or "",
+        product_line=body.product_line or "",
+        tags=body.tags or [],
+        forecast_category=body.forecast_category or "",
+        override_collision=body.override_collision,
+        override_reason=body.override_reason or "",
+    )
+    if body.amount is not None:
+        message.amount.CopyFrom(body.amount.proto())
+    if body.custom:
+        message.custom.update(body.custom)
+    reply = await _stub(request).CreateOpportunity(message, metadata=access.grpc_metadata())
+    record = opportunity_dict(reply.opportunity)
+    await access.audit_write(record["id"], None, record)
+    if record["collision_override_by"]:
+        await access.audit(
+            "override_collision",
+            record["id"],
+            fields=["colliding_opportunity_id"],
+            reason=f"over {record['colliding_opportunity_id']}: {record['collision_override_reason']}",
+        )
+    return _etag(access.present(record), response)
+
+
+@router.get("/opportunities")
+async def list_opportunities(
+    request: Request,
+    access: OpportunitiesRead,
+    account_id: str | None = None,
+    status: Annotated[list[str] | None, Query(description="open, won, lost (repeat or comma-separate)")] = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    team: str | None = None,
+    stage: str | None = None,
+    pipeline_id: str | None = None,
+    product_line: str | None = None,
+    q: Annotated[str | None, Query(max_length=200, description="name contains")] = None,
+    rotting: Annotated[bool, Query(description="only open deals past their stage's rotting days")] = False,
+    limit: Limit = None,
+    cursor: str | None = None,
+    sort: Annotated[str | None, Query(description="created_at, updated_at, expected_close_date, amount, name")] = None,
+) -> dict[str, Any]:
+    filters = {"account_id": account_id, "status": status, "owner_id": owner_id, "team": team, "stage": stage,
+               "pipeline_id": pipeline_id, "product_line": product_line, "name": q}  # fmt: skip
+    access.check_filter(name for name, value in filters.items() if value is not None)
+    statuses = [part.strip() for value in status or [] for part in value.split(",") if part.strip()]
+    reply = await _stub(request).ListOpportunities(
+        pb.ListOpportunitiesRequest(
+            page=_page(limit, cursor, sort, access),
+            account_id=account_id or "",
+            statuses=statuses,
+            owner_id=_me(owner_id, access),
+            team=team or "",
+            stage=stage or "",
+            pipeline_id=pipeline_id or "",
+            product_line=product_line or "",
+            q=q or "",
+            rotting_only=rotting,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(opportunity_dict(o) for o in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/opportunities/{opportunity_id}")
+async def get_opportunity(
+    opportunity_id: str, request: Request, response: Response, access: OpportunitiesRead
+) -> dict[str, Any]:
+    reply = await _stub(request).GetOpportunity(
+        pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata()
+    )
+    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+
+
+@router.patch("/opportunities/{opportunity_id}")
+async def update_opportunity(
+    opportunity_id: str,
+    body: OpportunityFields,
+    request: Request,
+    response: Response,
+    access: OpportunitiesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    values = body.model_dump(mode="json", exclude_unset=True)
+    access.check_write(values)
+    source = sales_pb2.Opportunity(
+        name=body.name or "",
+        primary_contact_id=body.primary_contact_id or "",
+        expected_close_date=_iso(body.expected_close_date),
+        owner_id=body.owner_id or "",
+        team=body.team or "",
+        region=body.region or "",
+        next_step=body.next_step or "",
+        product_line=body.product_line or "",
+        tags=body.tags or [],
+        forecast_category=body.forecast_category or "",
+    )
+    if body.amount is not None:
+        source.amount.CopyFrom(body.amount.proto())
+    if body.custom:
+        source.custom.update(body.custom)
+    stub = _stub(request)
+    before = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateOpportunity(
+        pb.UpdateOpportunityRequest(
+            id=opportunity_id,
+            expected_version=_version(if_match),
+            update_mask=field_mask_pb2.FieldMask(paths=list(values)),
+            opportunity=source,
+            line_items=[item.proto() for item in body.line_items or []],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = opportunity_dict(reply.opportunity)
+    await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), record)
+    return _etag(access.present(record), response)
+
+
+@router.delete("/opportunities/{opportunity_id}", status_code=204)
+async def delete_opportunity(
+    opportunity_id: str, request: Request, access: OpportunitiesDelete, if_match: IfMatch = None
+) -> Response:
+    """A deal entered by mistake (409 when a contract refers to it: close it as won or lost instead)."""
+    stub = _stub(request)
+    before = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+    await stub.DeleteOpportunity(
+        pb.DeleteOpportunityRequest(id=opportunity_id, expected_version=_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), None)
+    return Response(status_code=204)
+
+
+@router.post("/opportunities/{opportunity_id}/stage")
+async def move_opportunity_stage(
+    opportunity_id: str,
+    body: StageMove,
+    request: Request,
+    response: Response,
+    access: OpportunitiesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """422 names the fields the stage gate requires and the deal lacks."""
+    reply = await _stub(request).MoveOpportunityStage(
+        pb.MoveOpportunityStageRequest(id=opportunity_id, stage=body.stage, expected_version=_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    record = opportunity_dict(reply.opportunity)
+    await access.audit("update", opportunity_id, fields=["stage"], reason=f"stage -> {body.stage}")
+    return _etag(access.present(record), response)
+
+
+@router.post("/opportunities/{opportunity_id}/win")
+async def win_opportunity(
+    opportunity_id: str,
+    request: Request,
+    response: Response,
+    access: OpportunitiesUpdate,
+    body: WinBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    body = body or WinBody()
+    message = pb.WinOpportunityRequest(
+        id=opportunity_id, expected_version=_version(if_match), close_date=_iso(body.close_date)
+    )
+    if body.amount is not None:
+        access.check_write(["amount"])
+        message.amount.CopyFrom(body.amount.proto())
+    reply = await _stub(request).WinOpportunity(message, metadata=access.grpc_metadata())
+    await access.audit("update", opportunity_id, fields=["status", "stage"], reason="won")
+    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+
+
+@router.post("/opportunities/{opportunity_id}/lose")
+async def lose_opportunity(
+    opportunity_id: str,
+    body: LoseBody,
+    request: Request,
+    response: Response,
+    access: OpportunitiesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).LoseOpportunity(
+        pb.LoseOpportunityRequest(
+            id=opportunity_id, expected_version=_version(if_match), reason=body.reason, close_date=_iso(body.close_date)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("update", opportunity_id, fields=["status", "stage", "lost_reason"], reason="lost")
+    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+
+
+@router.post("/opportunities/import")
+async def import_opportunities(body: ImportBody, request: Request, access: OpportunitiesCreate) -> dict[str, Any]:
+    """Deals of another system as they are (open at a stage, won or lost), per-row results;
+    a repeated `external_id` returns the first result."""
+    for row in body.rows:
+        access.check_write(_written(row, exclude={"external_id", "engaged_at", "close_date", "lost_reason", "stage"}))
+    rows = []
+    for row in body.rows:
+        message = pb.ImportOpportunityRow(
+            external_id=row.external_id,
+            account_id=row.account_id,
+            name=row.name,
+            owner_id=row.owner_id,
+            team=row.team,
+            region=row.region,
+            product_line=row.product_line,
+            line_items=[item.proto() for item in row.line_items],
+            stage=row.stage,
+            expected_close_date=_iso(row.expected_close_date),
+            close_date=_iso(row.close_date),
+            lost_reason=row.lost_reason,
+        )
+        if row.amount is not None:
+            message.amount.CopyFrom(row.amount.proto())
+        engaged = _timestamp(row.engaged_at)
+        if engaged is not None:
+            message.engaged_at.CopyFrom(engaged)
+        rows.append(message)
+    reply = await _stub(request).ImportOpportunities(
+        pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id, rows=rows), metadata=access.grpc_metadata()
+    )
+    await access.audit("import", "", reason=f"{reply.created} created, {reply.rejected} rejected")
+    return {
+        "created": reply.created,
+        "rejected": reply.rejected,
+        "results": [
+            {
+                "row": r.row,
+                "external_id": r.external_id,
+                "outcome": r.outcome,
+                "opportunity_id": r.opportunity_id or None,
+                "errors": [{"field": e.field, "message": e.message} for e in r.errors],
+            }
+            for r in reply.results
+        ],
+    }
+
+
+# --- forecast ----------------------------------------------------------------------------------------
+
+ForecastRead = Annotated[Access, Depends(require("forecast", "read"))]
+
+
+@router.get("/forecast")
+async def forecast(
+    request: Request,
+    access: ForecastRead,
+    period: Literal["month", "quarter"] = "month",
+    group_by: Literal["owner", "team"] = "owner",
+    from_date: Annotated[date | None, Query(alias="from")] = None,
+    to_date: Annotated[date | None, Query(alias="to")] = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    team: str | None = None,
+    pipeline_id: str | None = None,
+) -> dict[str, Any]:
+    """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
+    Open deals count by expected close date, won deals by close date."""
+    reply = await _stub(request).GetForecast(
+        pb.GetForecastRequest(
+            period=pb.FORECAST_PERIOD_QUARTER if period == "quarter" else pb.FORECAST_PERIOD_MONTH,
+            group_by=pb.FORECAST_GROUP_BY_TEAM if group_by == "team" else pb.FORECAST_GROUP_BY_OWNER,
+            from_date=_iso(from_date),
+            to_date=_iso(to_date),
+            owner_id=_me(owner_id, access),
+            team=team or "",
+            pipeline_id=pipeline_id or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    rows = [
+        {
+            "period": r.period,
+            "group": r.group,
+            "currency": r.currency,
+            "pipeline": _money(r.pipeline),
+            "weighted": _money(r.weighted),
+            "commit": _money(r.commit),
+            "best_case": _money(r.best_case),
+            "closed_won": _money(r.closed_won),
+            "open_count": r.open_count,
+            "won_count": r.won_count,
+        }
+        for r in reply.rows
+    ]
+    return {"period": period, "group_by": group_by, "rows": access.present_many(rows)}
+
+
+@router.get("/forecast/win-statistics")
+async def win_statistics(
+    request: Request,
+    access: ForecastRead,
+    from_date: Annotated[date | None, Query(alias="from")] = None,
+    to_date: Annotated[date | None, Query(alias="to")] = None,
+    team: str | None = None,
+) -> dict[str, Any]:
+    """Closed deals (by close date): won amount, won and lost counts and win rate, overall and per owner."""
+    reply = await _stub(request).GetWinStatistics(
+        pb.GetWinStatisticsRequest(from_date=_iso(from_date), to_date=_iso(to_date), team=team or ""),
+        metadata=access.grpc_metadata(),
+    )
+
+    def stats(s: pb.WinStatistics) -> dict[str, Any]:
+        return {
+            "owner_id": s.owner_id or None,
+            "currency": s.currency,
+            "won_amount": _money(s.won_amount),
+            "won_count": s.won_count,
+            "lost_count": s.lost_count,
+            "win_rate": s.win_rate,
+        }
+
+    return {"overall": [stats(s) for s in reply.overall], "by_owner": [stats(s) for s in reply.by_owner]}
+
+
+# --- quotes ------------------------------------------------------------------------------------------
+
+QuotesRead = Annotated[Access, Depends(require("quotes", "read"))]
+QuotesCreate = Annotated[Access, Depends(require("quotes", "create"))]
+QuotesApprove = Annotated[Access, Depends(require("quotes", "approve"))]
+
+
+@router.post("/quotes", status_code=201)
+async def create_quote(
+    body: QuoteCreate,
+    request: Request,
+    response: Response,
+    access: QuotesCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    access.check_write(_written(body))
+    reply = await _stub(request).CreateQuote(
+        pb.CreateQuoteRequest(
+            idempotency_key=idempotency_key or "",
+            opportunity_id=body.opportunity_id,
+            line_items=[item.proto() for item in body.line_items],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = quote_dict(reply.quote)
+    await access.audit_write(record["id"], None, record)
+    return _etag(access.present(record), response)
+
+
+@router.get("/quotes")
+async def list_quotes(
+    request: Request,
+    access: QuotesRead,
+    opportunity_id: str | None = None,
+    status: str | None = None,
+    limit: Limit = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    access.check_filter(name for name, value in (("opportunity_id", opportunity_id), ("status", status)) if value)
+    reply = await _stub(request).ListQuotes(
+        pb.ListQuotesRequest(
+            page=_page(limit, cursor, None, access), opportunity_id=opportunity_id or "", status=status or ""
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(quote_dict(q) for q in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/quotes/{quote_id}")
+async def get_quote(quote_id: str, request: Request, response: Response, access: QuotesRead) -> dict[str, Any]:
+    reply = await _stub(request).GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    return _etag(access.present(quote_dict(reply.quote)), response)
+
+
+@router.post("/quotes/{quote_id}/approve")
+async def approve_quote(
+    quote_id: str,
+    request: Request,
+    response: Response,
+    access: QuotesApprove,
+    body: DecisionBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    comment = (body or DecisionBody()).comment
+    reply = await _stub(request).ApproveQuote(
+        pb.ApproveQuoteRequest(id=quote_id, expected_version=_version(if_match), comment=comment),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("approve", quote_id, fields=["decisions"], reason=comment)
+    return _etag(access.present(quote_dict(reply.quote)), response)
+
+
+@router.post("/quotes/{quote_id}/reject")
+async def reject_quote(
+    quote_id: str,
+    request: Request,
+    response: Response,
+    access: QuotesApprove,
+    body: DecisionBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    comment = (body or DecisionBody()).comment
+    reply = await _stub(request).RejectQuote(
+        pb.RejectQuoteRequest(id=quote_id, expected_version=_version(if_match), comment=comment),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit("reject", quote_id, fields=["decisions"], reason=comment)
+    return _etag(access.present(quote_dict(reply.quote)), response)
+
+
+# --- contracts ---------------------------------------------------------------------------------------
+
+ContractsRead = Annotated[Access, Depends(require("contracts", "read"))]
+ContractsCreate = Annotated[Access, Depends(require("contracts", "create"))]
+ContractsUpdate = Annotated[Access, Depends(require("contracts", "update"))]
+ContractsApprove = Annotated[Access, Depends(require("contracts", "approve"))]
+
+
+@router.post("/contracts", status_code=201)
+async def create_contract(
+    body: ContractCreate,
+    request: Request,
+    response: Response,
+    access: ContractsCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    """From a won opportunity (`opportunity_id`: account, amount, owner follow it) or direct
+    (`account_id`, `title`, `amount`)."""
+    access.check_write(_written(body))
+    message = pb.CreateContractRequest(
+        idempotency_key=idempotency_key or "",
+        opportunity_id=body.opportunity_id or "",
+        account_id=body.account_id or "",
+        title=body.title or "",
+        owner_id=body.owner_id or "",
+        team=body.team or "",
+        region=body.region or "",
+        starts_on=_iso(body.starts_on),
+        ends_on=_iso(body.ends_on),
+    )
+    if body.amount is not None:
+        message.amount.CopyFrom(body.amount.proto())
+    reply = await _stub(request).CreateContract(message, metadata=access.grpc_metadata())
+    record = contract_dict(reply.contract)
+    await access.audit_write(record["id"], None, record)
+    return _etag(access.present(record), response)
+
+
+@router.get("/contracts")
+async def list_contracts(
+    request: Request,
+    access: ContractsRead,
+    account_id: str | None = None,
+    status: str | None = None,
+    opportunity_id: str | None = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    limit: Limit = None,
+    cursor: str | None = None,
+    sort: Annotated[str | None, Query(description="created_at, updated_at; - for descending")] = None,
+) -> dict[str, Any]:
+    filters = {"account_id": account_id, "status": status, "opportunity_id": opportunity_id, "owner_id": owner_id}
+    access.check_filter(name for name, value in filters.items() if value is not None)
+    reply = await _stub(request).ListContracts(
+        pb.ListContractsRequest(
+            page=_page(limit, cursor, sort, access),
+            account_id=account_id or "",
+            status=status or "",
+            opportunity_id=opportunity_id or "",
+            owner_id=_me(owner_id, access),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(contract_dict(c) for c in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/contracts/{contract_id}")
+async def get_contract(contract_id: str, request: Request, response: Response, access: ContractsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
+    return _etag(access.present(contract_dict(reply.contract)), response)
+
+
+async def _contract_step(
+    request: Request, response: Response, access: Access, contract_id: str, call: str, message: Message, reason: str
+) -> dict[str, Any]:
+    """One status-machine step (illegal transitions come back as 409), audited with its action."""
+    reply = await getattr(_stub(request), call)(message, metadata=access.grpc_metadata())
+    record = contract_dict(reply.contract)
+    await access.audit(access.action, contract_id, fields=["status"], reason=reason or f"status -> {record['status']}")
+    return _etag(access.present(record), response)
+
+
+@router.post("/contracts/{contract_id}/submit")
+async def submit_contract(
+    contract_id: str, request: Request, response: Response, access: ContractsUpdate, if_match: IfMatch = None
+) -> dict[str, Any]:
+    message = pb.SubmitContractRequest(id=contract_id, expected_version=_version(if_match))
+    return await _contract_step(request, response, access, contract_id, "SubmitContract", message, "submitted")
+
+
+@router.post("/contracts/{contract_id}/approve")
+async def approve_contract(
+    contract_id: str,
+    request: Request,
+    response: Response,
+    access: ContractsApprove,
+    body: DecisionBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """The step the approval chain waits for, decided with the caller's role (403 for any other role)."""
+    comment = (body or DecisionBody()).comment
+    message = pb.ApproveContractRequest(id=contract_id, expected_version=_version(if_match), comment=comment)
+    return await _contract_step(request, response, access, contract_id, "ApproveContract", message, comment)
+
+
+@router.post("/contracts/{contract_id}/reject")
+async def reject_contract(
+    contract_id: str,
+    request: Request,
+    response: Response,
+    access: ContractsApprove,
+    body: DecisionBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    comment = (body or DecisionBody()).comment
+    message = pb.RejectContractRequest(id=contract_id, expected_version=_version(if_match), comment=comment)
+    return await _contract_step(request, response, access, contract_id, "RejectContract", message, comment)
+
+
+@router.post("/contracts/{contract_id}/sign")
+async def sign_contract(
+    contract_id: str,
+    request: Request,
+    response: Response,
+    access: ContractsUpdate,
+    body: SignBody | None = None,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    message = pb.SignContractRequest(id=contract_id, expected_version=_version(if_match))
+    signed_at = _timestamp((body or SignBody()).signed_at)
+    if signed_at is not None:
+        message.signed_at.CopyFrom(signed_at)
+    return await _contract_step(request, response, access, contract_id, "SignContract", message, "signed")
+
+
+@router.post("/contracts/{contract_id}/complete")
+async def complete_contract(
+    contract_id: str, request: Request, response: Response, access: ContractsUpdate, if_match: IfMatch = None
+) -> dict[str, Any]:
+    message = pb.CompleteContractRequest(id=contract_id, expected_version=_version(if_match))
+    return await _contract_step(request, response, access, contract_id, "CompleteContract", message, "completed")
+
+
+@router.post("/contracts/{contract_id}/terminate")
+async def terminate_contract(
+    contract_id: str,
+    body: ReasonBody,
+    request: Request,
+    response: Response,
+    access: ContractsUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    access.check_write(["terminated_reason"])
+    message = pb.TerminateContractRequest(id=contract_id, expected_version=_version(if_match), reason=body.reason)
+    return await _contract_step(request, response, access, contract_id, "TerminateContract", message, body.reason)
+
+
+# --- payment plans, payments, receivables ----------------------------------------------------------
+
+PlansRead = Annotated[Access, Depends(require("payment_plans", "read"))]
+PlansCreate = Annotated[Access, Depends(require("payment_plans", "create"))]
+PaymentsRead = Annotated[Access, Depends(require("payments", "read"))]
+PaymentsCreate = Annotated[Access, Depends(require("payments", "create"))]
+
+
+@router.post("/contracts/{contract_id}/payment-plan", status_code=201)
+async def create_payment_plan(
+    contract_id: str,
+    body: PaymentPlanCreate,
+    request: Request,
+    access: PlansCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    """Installments must sum exactly to the contract amount (else 422)."""
+    access.check_write(["installments"])
+    reply = await _stub(request).CreatePaymentPlan(
+        pb.CreatePaymentPlanRequest(
+            idempotency_key=idempotency_key or "",
+            contract_id=contract_id,
+            installments=[
+                pb.InstallmentInput(due_date=item.due_date.isoformat(), amount=item.amount.proto())
+                for item in body.installments
+            ],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = plan_dict(reply.payment_plan)
+    await access.audit_write(record["id"], None, record)
+    return access.present(record)
+
+
+@router.get("/contracts/{contract_id}/payment-plan")
+async def get_payment_plan(contract_id: str, request: Request, access: PlansRead) -> dict[str, Any]:
+    reply = await _stub(request).GetPaymentPlan(
+        pb.GetPaymentPlanRequest(contract_id=contract_id), metadata=access.grpc_metadata()
+    )
+    return access.present(plan_dict(reply.payment_plan))
+
+
+@router.post("/payments", status_code=201, responses={200: {"description": "the reference was posted before"}})
+async def record_payment(body: PaymentCreate, request: Request, response: Response, access: PaymentsCreate) -> Any:
+    """`external_reference` is the idempotency key: posting it again returns the first payment (200)."""
+    access.check_write(_written(body))
+    message = pb.RecordPaymentRequest(
+        contract_id=body.contract_id,
+        amount=body.amount.proto(),
+        method=body.method,
+        external_reference=body.external_reference,
+    )
+    received_at = _timestamp(body.received_at)
+    if received_at is not None:
+        message.received_at.CopyFrom(received_at)
+    reply = await _stub(request).RecordPayment(message, metadata=access.grpc_metadata())
+    record = payment_dict(reply.payment)
+    if reply.created:
+        await access.audit_write(record["id"], None, record)
+    else:
+        response.status_code = 200
+    return access.present(record)
+
+
+@router.get("/payments")
+async def list_payments(
+    request: Request,
+    access: PaymentsRead,
+    contract_id: str | None = None,
+    account_id: str | None = None,
+    limit: Limit = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ListPayments(
+        pb.ListPaymentsRequest(
+            page=_page(limit, cursor, None, access), contract_id=contract_id or "", account_id=account_id or ""
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(payment_dict(p) for p in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/receivables")
+async def list_receivables(
+    request: Request, access: ContractsRead, account_id: str, limit: Limit = None, cursor: str | None = None
+) -> dict[str, Any]:
+    """What an account owes per signed contract: amount, paid, outstanding, overdue, invoiced."""
+    reply = await _stub(request).ListReceivables(
+        pb.ListReceivablesRequest(account_id=account_id, page=_page(limit, cursor, None, access)),
+        metadata=access.grpc_metadata(),
+    )
+    return {
+        "items": [receivable_dict(r) for r in reply.items],
+        "next_cursor": reply.page_info.next_cursor or None,
+        "total_outstanding": [_money(m) for m in reply.total_outstanding],
+        "total_overdue": [_money(m) for m in reply.total_overdue],
+    }
+
+
+# --- invoices ----------------------------------------------------------------------------------------
+
+InvoicesRead = Annotated[Access, Depends(require("invoices", "read"))]
+InvoicesCreate = Annotated[Access, Depends(require("invoices", "create"))]
+InvoicesUpdate = Annotated[Access, Depends(require("invoices", "update"))]
+
+
+@router.post("/invoices", status_code=201)
+async def request_invoice(
+    body: InvoiceCreate, request: Request, access: InvoicesCreate, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    """Never more than the contract's uninvoiced amount (else 422)."""
+    access.check_write(_written(body))
+    reply = await _stub(request).RequestInvoice(
+        pb.RequestInvoiceRequest(
+            idempotency_key=idempotency_key or "", contract_id=body.contract_id, amount=body.amount.proto()
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = invoice_dict(reply.invoice)
+    await access.audit_write(record["id"], None, record)
+    return access.present(record)
+
+
+@router.get("/invoices")
+async def list_invoices(
+    request: Request,
+    access: InvoicesRead,
+    contract_id: str | None = None,
+    account_id: str | None = None,
+    status: str | None = None,
+    limit: Limit = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    reply = await _stub(request).ListInvoices(
+        pb.ListInvoicesRequest(
+            page=_page(limit, cursor, None, access),
+            contract_id=contract_id or "",
+            account_id=account_id or "",
+            status=status or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(invoice_dict(i) for i in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/invoices/{invoice_id}")
+async def get_invoice(invoice_id: str, request: Request, access: InvoicesRead) -> dict[str, Any]:
+    reply = await _stub(request).GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
+    return access.present(invoice_dict(reply.invoice))
+
+
+@router.post("/invoices/{invoice_id}/issue")
+async def issue_invoice(invoice_id: str, body: IssueBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
+    message = pb.IssueInvoiceRequest(id=invoice_id, number=body.number)
+    issued_at = _timestamp(body.issued_at)
+    if issued_at is not None:
+        message.issued_at.CopyFrom(issued_at)
+    reply = await _stub(request).IssueInvoice(message, metadata=access.grpc_metadata())
+    await access.audit("update", invoice_id, fields=["status", "number"], reason=f"issued {body.number}")
+    return access.present(invoice_dict(reply.invoice))
+
+
+@router.post("/invoices/{invoice_id}/void")
+async def void_invoice(invoice_id: str, body: ReasonBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
+    access.check_write(["void_reason"])
+    reply = await _stub(request).VoidInvoice(
+        pb.VoidInvoiceRequest(id=invoice_id, reason=body.reason), metadata=access.grpc_metadata()
+    )
+    await access.audit("update", invoice_id, fields=["status", "void_reason"], reason=body.reason)
+    return access.present(invoice_dict(reply.invoice))

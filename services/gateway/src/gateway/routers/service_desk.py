@@ -1,0 +1,644 @@
+"""Service desk over REST (SPEC §7): tickets (status machine, assignment, comments, work log),
+CSAT, SLA policies, agents, return visits and the knowledge base.
+
+Permissions come only from `require(...)`/`Access`; the service-desk service applies record scope
+(a ticket's owner is its assignee). Illegal status transitions answer 409.
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from crm.common.v1 import common_pb2
+from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
+from crm_platform.timeutil import isoformat, to_timestamp
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from google.protobuf import field_mask_pb2, json_format
+from google.protobuf.message import Message
+from pydantic import BaseModel, Field
+
+from gateway.security import Access, require
+
+router = APIRouter(tags=["service desk"])
+
+TicketsRead = Annotated[Access, Depends(require("tickets", "read"))]
+TicketsCreate = Annotated[Access, Depends(require("tickets", "create"))]
+TicketsUpdate = Annotated[Access, Depends(require("tickets", "update"))]
+TicketsAssign = Annotated[Access, Depends(require("tickets", "assign"))]
+CsatRead = Annotated[Access, Depends(require("csat", "read"))]
+CsatCreate = Annotated[Access, Depends(require("csat", "create"))]
+SlaRead = Annotated[Access, Depends(require("sla_policies", "read"))]
+SlaUpdate = Annotated[Access, Depends(require("sla_policies", "update"))]
+AgentsRead = Annotated[Access, Depends(require("agents", "read"))]
+AgentsCreate = Annotated[Access, Depends(require("agents", "create"))]
+AgentsUpdate = Annotated[Access, Depends(require("agents", "update"))]
+VisitsRead = Annotated[Access, Depends(require("return_visits", "read"))]
+VisitsUpdate = Annotated[Access, Depends(require("return_visits", "update"))]
+KbRead = Annotated[Access, Depends(require("kb_articles", "read"))]
+KbCreate = Annotated[Access, Depends(require("kb_articles", "create"))]
+KbUpdate = Annotated[Access, Depends(require("kb_articles", "update"))]
+IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", max_length=200)]
+IfMatch = Annotated[str, Header(alias="If-Match")]
+
+Channel = Literal["phone", "email", "web", "wechat", "api"]
+Priority = Literal["urgent", "high", "normal", "low"]
+TicketStatus = Literal["new", "assigned", "in_progress", "waiting_customer", "resolved", "closed", "reopened"]
+OPEN_STATUSES = ["new", "assigned", "in_progress", "waiting_customer", "reopened"]
+
+
+def _stub(request: Request) -> ServiceDeskServiceStub:
+    return request.app.state.upstreams.stub("service_desk", ServiceDeskServiceStub)  # type: ignore[no-any-return]
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+class TicketIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    account_id: str | None = Field(default=None, max_length=64)
+    contact_id: str | None = Field(default=None, max_length=64)
+    subject: str | None = Field(default=None, max_length=500)
+    description: str | None = Field(default=None, max_length=20_000)
+    channel: Channel | None = None
+    category: str | None = Field(default=None, max_length=100)
+    priority: Priority | None = None
+    region: str | None = Field(default=None, max_length=100)
+    team: str | None = Field(default=None, max_length=100)
+    tags: list[str] | None = None
+    custom: dict[str, Any] | None = Field(default=None, description="custom field values (null removes one)")
+
+
+class TicketCreate(TicketIn):
+    subject: str = Field(min_length=1, max_length=500)
+
+
+class StatusIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    status: Literal["in_progress", "waiting_customer", "resolved", "closed", "reopened"]
+    note: str = Field(default="", max_length=20_000)
+
+
+class AssignIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    assignee_id: str = Field(default="", max_length=64, description="empty: auto-dispatch")
+
+
+class CommentIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    body: str = Field(min_length=1, max_length=20_000)
+    public: bool = False
+
+
+class WorkLogIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    minutes: int = Field(ge=1, le=1440)
+    note: str = Field(default="", max_length=2000)
+
+
+class CsatIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    score: int = Field(ge=1, le=5)
+    comment: str = Field(default="", max_length=2000)
+
+
+class SlaPolicyIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    first_response_minutes: int = Field(ge=1, le=525_600)
+    resolution_minutes: int = Field(ge=1, le=525_600)
+
+
+class AgentIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str | None = Field(default=None, max_length=200)
+    skills: list[str] | None = None
+    region: str | None = Field(default=None, max_length=100)
+    team: str | None = Field(default=None, max_length=100)
+    capacity: int | None = Field(default=None, ge=0, le=1000)
+    available: bool | None = None
+
+
+class AgentCreate(AgentIn):
+    id: str = Field(min_length=1, max_length=64, description="the agent's user id")
+    name: str = Field(min_length=1, max_length=200)
+
+
+class VisitDoneIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    notes: str = Field(default="", max_length=20_000)
+
+
+class ArticleIn(BaseModel):
+    model_config = {"extra": "forbid"}
+    title: str | None = Field(default=None, max_length=300)
+    body: str | None = Field(default=None, max_length=200_000)
+    category: str | None = Field(default=None, max_length=100)
+    tags: list[str] | None = None
+    published: bool | None = None
+
+
+class ArticleCreate(ArticleIn):
+    title: str = Field(min_length=1, max_length=300)
+    body: str = Field(min_length=1, max_length=200_000)
+
+
+# --- proto <-> JSON ------------------------------------------------------------------------------
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """Every field of a resource message: times as RFC 3339 (null when unset), int64 as numbers."""
+    body: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.full_name == "google.protobuf.Struct":
+            body[field.name] = json_format.MessageToDict(value)
+        elif field.message_type is not None and field.message_type.full_name == "google.protobuf.Timestamp":
+            body[field.name] = None if value.seconds == 0 and value.nanos == 0 else isoformat(value.ToDatetime())
+        elif hasattr(value, "extend"):  # a repeated field
+            body[field.name] = list(value)
+        else:
+            body[field.name] = value
+    return body
+
+
+def _fill(message: Message, values: dict[str, Any]) -> Message:
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            getattr(message, name).update(value)
+        elif isinstance(value, list):
+            getattr(message, name).extend(value)
+        else:
+            setattr(message, name, value)
+    return message
+
+
+def _expected_version(if_match: str | None) -> int:
+    if not if_match:
+        return 0
+    text = if_match.strip().removeprefix("W/").strip('"')
+    return int(text) if text.isdigit() else -1  # a malformed If-Match never matches (412)
+
+
+def _with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:
+    response.headers["ETag"] = f'"{body.get("version", 0)}"'
+    return body
+
+
+def _page(limit: int, cursor: str, sort: str = "") -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(limit=limit, cursor=cursor, sort=sort)
+
+
+def _listing(access: Access, items: Any, cursor: str) -> dict[str, Any]:
+    return {"items": access.present_many(to_json(item) for item in items), "next_cursor": cursor or None}
+
+
+def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
+    """Top-level fields, and `custom.<key>` per custom value so the others stay as they are."""
+    paths = [name for name in given if name != "custom"]
+    paths += [f"custom.{key}" for key in given.get("custom") or {}]
+    return field_mask_pb2.FieldMask(paths=paths)
+
+
+# --- tickets -------------------------------------------------------------------------------------
+
+
+@router.post("/tickets", status_code=201)
+async def create_ticket(
+    body: TicketCreate,
+    request: Request,
+    response: Response,
+    access: TicketsCreate,
+    idempotency_key: IdempotencyKey = "",
+) -> dict[str, Any]:
+    """Opens a ticket: SLA due times (tier-A accounts one priority up), auto-dispatch to an agent,
+    and suggested knowledge-base articles."""
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    reply = await _stub(request).CreateTicket(
+        pb.CreateTicketRequest(ticket=_fill(pb.TicketInput(), given), idempotency_key=idempotency_key),  # type: ignore[arg-type]
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.ticket)
+    await access.audit_write(result["id"], None, result)
+    shown = access.present(result)
+    kb = access.view("kb_articles")
+    shown["suggested_articles"] = kb.present_many(to_json(a) for a in reply.suggested_articles) if kb else []
+    return _with_etag(response, shown)
+
+
+@router.get("/tickets")
+async def list_tickets(
+    request: Request,
+    access: TicketsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    sort: Annotated[str, Query(pattern=r"^-?(created_at|updated_at|resolution_due_at)$")] = "-created_at",
+    account_id: str = "",
+    contact_id: str = "",
+    status: Annotated[list[TicketStatus] | None, Query()] = None,
+    open: Annotated[bool, Query(description="only new, assigned, in_progress, waiting_customer, reopened")] = False,
+    priority: Annotated[list[Priority] | None, Query()] = None,
+    channel: Annotated[list[Channel] | None, Query()] = None,
+    category: Annotated[list[str] | None, Query()] = None,
+    assignee_id: str = "",
+    region: str = "",
+    escalated: bool | None = None,
+    created_after: datetime | None = None,
+    q: Annotated[str, Query(max_length=200)] = "",
+) -> dict[str, Any]:
+    filters = {
+        "account_id": account_id,
+        "contact_id": contact_id,
+        "status": status or open,
+        "priority": priority,
+        "channel": channel,
+        "category": category,
+        "assignee_id": assignee_id,
+        "region": region,
+        "escalated": escalated is not None,
+        "created_at": created_after,
+        "subject": q,
+    }
+    access.check_filter([name for name, value in filters.items() if value] + [sort])
+    if assignee_id == "me":
+        assignee_id = access.principal.user_id
+    statuses: list[str] = list(status or [])
+    if open:
+        statuses = [s for s in statuses if s in OPEN_STATUSES] if statuses else OPEN_STATUSES
+    reply = await _stub(request).ListTickets(
+        pb.ListTicketsRequest(
+            page=_page(access.page_limit(limit), cursor, sort),
+            account_id=account_id,
+            contact_id=contact_id,
+            statuses=statuses,
+            priorities=priority or [],
+            channels=channel or [],
+            categories=category or [],
+            assignee_id=assignee_id,
+            region=region,
+            escalated="" if escalated is None else str(escalated).lower(),
+            created_after=to_timestamp(created_after) if created_after else None,
+            q=q,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _listing(access, reply.items, reply.page_info.next_cursor)
+
+
+@router.get("/tickets/{ticket_id}")
+async def get_ticket(ticket_id: str, request: Request, response: Response, access: TicketsRead) -> dict[str, Any]:
+    """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
+    reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
+    body = access.present(to_json(reply.ticket))
+    body["comments"] = [to_json(c) for c in reply.comments]
+    body["work_log"] = [to_json(e) for e in reply.work_log]
+    csat = access.view("csat")
+    body["csat"] = csat.present(to_json(reply.csat)) if csat and reply.HasField("csat") else None
+    return _with_etag(response, body)
+
+
+@router.patch("/tickets/{ticket_id}")
+async def update_ticket(
+    ticket_id: str, body: TicketIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    stub = _stub(request)
+    before = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateTicket(
+        pb.UpdateTicketRequest(
+            ticket_id=ticket_id,
+            ticket=_fill(pb.TicketInput(), given),  # type: ignore[arg-type]
+            update_mask=_mask(given),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.ticket)
+    await access.audit_write(ticket_id, to_json(before.ticket), result)
+    return _with_etag(response, access.present(result))
+
+
+@router.post("/tickets/{ticket_id}/status")
+async def change_ticket_status(
+    ticket_id: str, body: StatusIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    """Moves the ticket along its status machine; an illegal move is 409."""
+    reply = await _stub(request).ChangeTicketStatus(
+        pb.ChangeTicketStatusRequest(
+            ticket_id=ticket_id, status=body.status, note=body.note, expected_version=_expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.ticket)
+    await access.audit_write(ticket_id, {}, {"status": body.status})
+    return _with_etag(response, access.present(result))
+
+
+@router.post("/tickets/{ticket_id}/assign")
+async def assign_ticket(
+    ticket_id: str, body: AssignIn, request: Request, response: Response, access: TicketsAssign, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    """Assigns to an agent, or auto-dispatches again when `assignee_id` is empty."""
+    reply = await _stub(request).AssignTicket(
+        pb.AssignTicketRequest(
+            ticket_id=ticket_id, assignee_id=body.assignee_id, expected_version=_expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.ticket)
+    await access.audit_write(ticket_id, {}, {"assignee_id": result["assignee_id"]})
+    return _with_etag(response, access.present(result))
+
+
+@router.post("/tickets/{ticket_id}/comments", status_code=201)
+async def add_ticket_comment(
+    ticket_id: str, body: CommentIn, request: Request, access: TicketsUpdate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).AddTicketComment(
+        pb.AddTicketCommentRequest(
+            ticket_id=ticket_id, body=body.body, public=body.public, idempotency_key=idempotency_key
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return to_json(reply.comment)
+
+
+@router.post("/tickets/{ticket_id}/work-log", status_code=201)
+async def log_ticket_work(
+    ticket_id: str, body: WorkLogIn, request: Request, access: TicketsUpdate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    reply = await _stub(request).LogWork(
+        pb.LogWorkRequest(ticket_id=ticket_id, minutes=body.minutes, note=body.note, idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
+    )
+    return to_json(reply.entry)
+
+
+@router.get("/tickets/{ticket_id}/suggested-articles")
+async def suggest_articles(
+    ticket_id: str, request: Request, access: TicketsRead, limit: Annotated[int, Query(ge=1, le=20)] = 3
+) -> dict[str, Any]:
+    """Published knowledge-base articles matching the ticket (empty for callers who may not read the KB)."""
+    kb = access.view("kb_articles")
+    if kb is None:
+        return {"items": []}
+    reply = await _stub(request).SuggestKbArticles(
+        pb.SuggestKbArticlesRequest(ticket_id=ticket_id, limit=limit), metadata=access.grpc_metadata()
+    )
+    return {"items": kb.present_many(to_json(a) for a in reply.items)}
+
+
+@router.post("/tickets/{ticket_id}/csat", status_code=201)
+async def submit_csat(
+    ticket_id: str, body: CsatIn, request: Request, access: CsatCreate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """The customer's satisfaction answer (1 to 5): one per resolved ticket; a second one is 409."""
+    access.check_write(body.model_dump(exclude_unset=True))
+    reply = await _stub(request).SubmitCsat(
+        pb.SubmitCsatRequest(
+            ticket_id=ticket_id, score=body.score, comment=body.comment, idempotency_key=idempotency_key
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.response)
+    await access.audit_write(result["id"], None, result)
+    return access.present(result)
+
+
+@router.get("/csat")
+async def list_csat(
+    request: Request,
+    access: CsatRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    ticket_id: str = "",
+    account_id: str = "",
+) -> dict[str, Any]:
+    access.check_filter([name for name, value in (("ticket_id", ticket_id), ("account_id", account_id)) if value])
+    reply = await _stub(request).ListCsatResponses(
+        pb.ListCsatResponsesRequest(
+            page=_page(access.page_limit(limit), cursor), ticket_id=ticket_id, account_id=account_id
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _listing(access, reply.items, reply.page_info.next_cursor)
+
+
+# --- SLA policies --------------------------------------------------------------------------------
+
+
+@router.get("/sla-policies")
+async def list_sla_policies(request: Request, access: SlaRead) -> dict[str, Any]:
+    reply = await _stub(request).ListSlaPolicies(pb.ListSlaPoliciesRequest(), metadata=access.grpc_metadata())
+    return {"items": access.present_many(to_json(p) for p in reply.items)}
+
+
+@router.put("/sla-policies/{priority}")
+async def update_sla_policy(
+    priority: Priority,
+    body: SlaPolicyIn,
+    request: Request,
+    response: Response,
+    access: SlaUpdate,
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    """New targets for tickets created from now on."""
+    access.check_write(body.model_dump())
+    reply = await _stub(request).UpdateSlaPolicy(
+        pb.UpdateSlaPolicyRequest(
+            priority=priority,
+            first_response_minutes=body.first_response_minutes,
+            resolution_minutes=body.resolution_minutes,
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.policy)
+    await access.audit_write(priority, {}, result)
+    return _with_etag(response, access.present(result))
+
+
+# --- agents --------------------------------------------------------------------------------------
+
+
+@router.post("/agents", status_code=201)
+async def create_agent(
+    body: AgentCreate, request: Request, response: Response, access: AgentsCreate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    values = {"capacity": 10, "available": True, **given}
+    reply = await _stub(request).CreateAgent(
+        pb.CreateAgentRequest(agent=_fill(pb.AgentInput(), values), idempotency_key=idempotency_key),  # type: ignore[arg-type]
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.agent)
+    await access.audit_write(result["id"], None, result)
+    return _with_etag(response, access.present(result))
+
+
+@router.get("/agents")
+async def list_agents(
+    request: Request,
+    access: AgentsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    region: str = "",
+    skill: str = "",
+    team: str = "",
+    available: bool | None = None,
+) -> dict[str, Any]:
+    filters = {"region": region, "skills": skill, "team": team, "available": available is not None}
+    access.check_filter([name for name, value in filters.items() if value])
+    reply = await _stub(request).ListAgents(
+        pb.ListAgentsRequest(
+            page=_page(access.page_limit(limit), cursor),
+            region=region,
+            skill=skill,
+            team=team,
+            available="" if available is None else str(available).lower(),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _listing(access, reply.items, reply.page_info.next_cursor)
+
+
+@router.get("/agents/{agent_id}")
+async def get_agent(agent_id: str, request: Request, response: Response, access: AgentsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetAgent(pb.GetAgentRequest(agent_id=agent_id), metadata=access.grpc_metadata())
+    return _with_etag(response, access.present(to_json(reply.agent)))
+
+
+@router.patch("/agents/{agent_id}")
+async def update_agent(
+    agent_id: str, body: AgentIn, request: Request, response: Response, access: AgentsUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    """Skills, region, capacity and availability drive auto-dispatch."""
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    reply = await _stub(request).UpdateAgent(
+        pb.UpdateAgentRequest(
+            agent_id=agent_id,
+            agent=_fill(pb.AgentInput(), given),  # type: ignore[arg-type]
+            update_mask=_mask(given),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.agent)
+    await access.audit_write(agent_id, {}, given)
+    return _with_etag(response, access.present(result))
+
+
+# --- return visits -------------------------------------------------------------------------------
+
+
+@router.get("/return-visits")
+async def list_return_visits(
+    request: Request,
+    access: VisitsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    account_id: str = "",
+    status: Literal["open", "done"] | None = None,
+    assignee_id: str = "",
+    due_before: datetime | None = None,
+) -> dict[str, Any]:
+    """Follow-up calls scheduled after tier-A accounts' tickets were resolved (回访)."""
+    filters = {"account_id": account_id, "status": status, "assignee_id": assignee_id, "due_at": due_before}
+    access.check_filter([name for name, value in filters.items() if value])
+    if assignee_id == "me":
+        assignee_id = access.principal.user_id
+    reply = await _stub(request).ListReturnVisits(
+        pb.ListReturnVisitsRequest(
+            page=_page(access.page_limit(limit), cursor),
+            account_id=account_id,
+            status=status or "",
+            assignee_id=assignee_id,
+            due_before=to_timestamp(due_before) if due_before else None,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _listing(access, reply.items, reply.page_info.next_cursor)
+
+
+@router.post("/return-visits/{visit_id}/complete")
+async def complete_return_visit(
+    visit_id: str, body: VisitDoneIn, request: Request, access: VisitsUpdate
+) -> dict[str, Any]:
+    access.check_write(body.model_dump(exclude_unset=True))
+    reply = await _stub(request).CompleteReturnVisit(
+        pb.CompleteReturnVisitRequest(return_visit_id=visit_id, notes=body.notes), metadata=access.grpc_metadata()
+    )
+    result = to_json(reply.return_visit)
+    await access.audit_write(visit_id, {"status": "open"}, {"status": "done", "notes": body.notes})
+    return access.present(result)
+
+
+# --- knowledge base ------------------------------------------------------------------------------
+
+
+@router.post("/kb-articles", status_code=201)
+async def create_article(
+    body: ArticleCreate, request: Request, response: Response, access: KbCreate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    reply = await _stub(request).CreateKbArticle(
+        pb.CreateKbArticleRequest(article=_fill(pb.KbArticleInput(), given), idempotency_key=idempotency_key),  # type: ignore[arg-type]
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.article)
+    await access.audit_write(result["id"], None, result)
+    return _with_etag(response, access.present(result))
+
+
+@router.get("/kb-articles")
+async def search_articles(
+    request: Request,
+    access: KbRead,
+    q: Annotated[str, Query(max_length=200, description="full-text search over title and body")] = "",
+    category: str = "",
+    include_unpublished: bool = False,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+) -> dict[str, Any]:
+    """Published articles matching every word of `q` (drafts only for who may edit articles)."""
+    if include_unpublished:
+        access.ensure("update")
+    reply = await _stub(request).SearchKbArticles(
+        pb.SearchKbArticlesRequest(
+            q=q, category=category, limit=access.page_limit(limit), include_unpublished=include_unpublished
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return {"items": access.present_many(to_json(a) for a in reply.items), "next_cursor": None}
+
+
+@router.get("/kb-articles/{article_id}")
+async def get_article(article_id: str, request: Request, response: Response, access: KbRead) -> dict[str, Any]:
+    reply = await _stub(request).GetKbArticle(
+        pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata()
+    )
+    return _with_etag(response, access.present(to_json(reply.article)))
+
+
+@router.patch("/kb-articles/{article_id}")
+async def update_article(
+    article_id: str, body: ArticleIn, request: Request, response: Response, access: KbUpdate, if_match: IfMatch = ""
+) -> dict[str, Any]:
+    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    access.check_write(given)
+    reply = await _stub(request).UpdateKbArticle(
+        pb.UpdateKbArticleRequest(
+            article_id=article_id,
+            article=_fill(pb.KbArticleInput(), given),  # type: ignore[arg-type]
+            update_mask=_mask(given),
+            expected_version=_expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    result = to_json(reply.article)
+    await access.audit_write(article_id, {}, given)
+    return _with_etag(response, access.present(result))

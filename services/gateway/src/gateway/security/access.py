@@ -1,0 +1,288 @@
+"""The per-request face of the policy: `require(resource, action)` authenticates, rate-limits,
+decides, audits refusals and hands the route an `Access` that applies the same decision to the
+gRPC call (record scope), to writes, filters and to what the response shows."""
+
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Annotated, Any
+
+from crm_platform.ids import new_id
+from crm_platform.principal import Principal, RecordScope, outgoing_metadata
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from gateway.middleware import current_request_id
+from gateway.security.audit import AuditEntry, diff_for_audit
+from gateway.security.masking import mask_value
+from gateway.security.policy import ACTIONS, Decision, FieldRule, ResourceSpec
+from gateway.security.problems import SecurityProblem, forbidden, rate_limited
+
+if TYPE_CHECKING:
+    from gateway.security.runtime import SecurityRuntime
+
+# Declared so the OpenAPI document lists both ways to authenticate; the values are read from the
+# request headers by the authenticator itself.
+bearer_scheme = HTTPBearer(auto_error=False, description="OIDC access token (JWT)")
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key of a machine client")
+
+Sensitive = tuple[str, list[str]]
+
+
+def runtime_of(request: Request) -> "SecurityRuntime":
+    runtime = getattr(request.app.state, "security", None)
+    if runtime is None:
+        raise RuntimeError("security is not installed on this app (gateway.security.install_security)")
+    return runtime  # type: ignore[no-any-return]
+
+
+def request_id_of(request: Request) -> str:
+    current = current_request_id() or getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
+    if not current:
+        current = new_id()
+        request.state.request_id = current
+    return str(current)
+
+
+async def authenticate(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
+    _api_key: Annotated[str | None, Security(api_key_scheme)] = None,
+) -> Principal:
+    """The caller (401 otherwise), rate-limited per principal (429). Cached on the request."""
+    cached = getattr(request.state, "principal", None)
+    if isinstance(cached, Principal):
+        return cached
+    runtime = runtime_of(request)
+    try:
+        principal = await runtime.authenticator.authenticate(request.headers)
+    except SecurityProblem as problem:
+        if problem.status == 401:
+            # Failed logins are limited per client address, so guessing is slow and cannot flood the audit.
+            client = request.client.host if request.client else "unknown"
+            wait = runtime.auth_failure_limiter.acquire(f"ip:{client}")
+            if wait:
+                raise rate_limited(wait, "too many failed authentications") from problem
+            await runtime.audit_denied(request, None, "", "authenticate", problem)
+        raise
+    wait = runtime.rate_limiter.acquire(f"{principal.kind}:{principal.user_id}")
+    if wait:
+        raise rate_limited(wait, f"rate limit exceeded for {principal.user_id}")
+    request.state.principal = principal
+    return principal
+
+
+CurrentPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+class Access:
+    """What the authenticated caller may do with one resource in this request."""
+
+    def __init__(
+        self,
+        *,
+        runtime: "SecurityRuntime",
+        request: Request,
+        principal: Principal,
+        decision: Decision,
+    ) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.principal = principal
+        self.decision = decision
+        self.resource = decision.resource
+        self.action = decision.action
+        self.spec: ResourceSpec = runtime.policy.resource(decision.resource)
+        self.request_id = request_id_of(request)
+        self._sensitive_reads: list[Sensitive] = []
+
+    # --- service calls ---------------------------------------------------------------------
+    @property
+    def scope(self) -> RecordScope:
+        assert self.decision.scope is not None  # an Access exists only for allowed decisions
+        return self.decision.scope
+
+    def grpc_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        """Principal, record scope and request id for the owning service's call."""
+        return outgoing_metadata(self.principal, self.scope, self.request_id)
+
+    def allows_record(self, record: Mapping[str, Any]) -> bool:
+        """In scope? For records the gateway already holds (composed views); services filter their own."""
+        owner = record.get("owner_id", record.get("assignee_id"))
+        return self.scope.allows(owner_id=owner, team=record.get("team"), region=record.get("region"))
+
+    def page_limit(self, limit: int | None, default: int = 50) -> int:
+        """The page size to ask for: the caller's `limit`, capped at the configured maximum."""
+        if limit is None:
+            return min(default, self.runtime.settings.max_page_size)
+        return max(1, min(limit, self.runtime.settings.max_page_size))
+
+    # --- writes and filters ----------------------------------------------------------------
+    def check_write(self, fields: Iterable[str] | Mapping[str, Any]) -> None:
+        """403 naming the first field this caller may not set (nothing has been changed yet).
+        A mapping is checked with its nested paths (`custom.x`, `line_items.discount_percent`)."""
+        paths = _paths(fields) if isinstance(fields, Mapping) else list(fields)
+        for path in paths:
+            if self.decision.write_rule(path) is not FieldRule.WRITE:
+                raise forbidden(f"you may not set field '{path}' of {self.resource}", field=path)
+
+    def check_filter(self, fields: Iterable[str]) -> None:
+        """403 when filtering or sorting by a field the caller cannot read in clear (`-x` = sort by x)."""
+        for name in fields:
+            path = name.lstrip("-+")
+            if not path:
+                continue
+            if self.decision.read_rule(path) < FieldRule.READ:
+                raise forbidden(f"you may not filter or sort by field '{path}' of {self.resource}", field=path)
+
+    def ensure(self, action: str) -> None:
+        """403 unless the caller may also do `action` on this resource (routes needing two actions)."""
+        if not self.runtime.policy.decide(self.principal, self.resource, action).allowed:
+            raise forbidden(f"you may not {action} {self.resource}")
+
+    def view(self, resource: str, action: str = "read") -> "Access | None":
+        """The caller's access to another resource (parts of a composed view), None when not allowed."""
+        decision = self.runtime.policy.decide(self.principal, resource, action)
+        if not decision.allowed:
+            return None
+        return Access(runtime=self.runtime, request=self.request, principal=self.principal, decision=decision)
+
+    # --- responses -------------------------------------------------------------------------
+    def present(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The record as this caller may see it: hidden fields dropped, masked fields masked.
+        Reads of fields flagged `sensitive` are queued for the audit trail."""
+        sensitive: list[str] = []
+        shown = self._present(record, "", sensitive)
+        if sensitive:
+            self._sensitive_reads.append((str(record.get("id", "")), sensitive))
+        return shown
+
+    def present_many(self, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        return [self.present(record) for record in records]
+
+    def readable_fields(self) -> list[str]:
+        """Declared top-level fields the caller sees (hidden ones left out): export columns."""
+        return [
+            name for name in self.spec.fields if "." not in name and self.decision.read_rule(name) > FieldRule.HIDDEN
+        ]
+
+    def _present(self, record: Mapping[str, Any], prefix: str, sensitive: list[str]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in record.items():
+            path = f"{prefix}{key}"
+            rule = self.decision.read_rule(path)
+            if rule is FieldRule.HIDDEN:
+                continue
+            field_spec = self.spec.field(path)
+            if rule is FieldRule.MASKED:
+                result[key] = mask_value(value, field_spec.type)
+                continue
+            if field_spec.sensitive and value not in (None, "", [], {}):
+                sensitive.append(path)
+            if self._has_nested_rules(path) and isinstance(value, Mapping):
+                result[key] = self._present(value, f"{path}.", sensitive)
+            elif self._has_nested_rules(path) and isinstance(value, list):
+                result[key] = [
+                    self._present(item, f"{path}.", sensitive) if isinstance(item, Mapping) else item for item in value
+                ]
+            else:
+                result[key] = value
+        return result
+
+    def _has_nested_rules(self, path: str) -> bool:
+        return self.runtime.nested_prefixes(self.resource, path)
+
+    # --- audit -----------------------------------------------------------------------------
+    async def audit_write(
+        self,
+        record_id: str,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any] | None,
+        *,
+        action: str | None = None,
+    ) -> None:
+        """One audit row for a write: the changed fields, before and after, PII masked.
+        `before=None` is a create, `after=None` a delete."""
+        fields, old, new = diff_for_audit(before, after, self.spec)
+        if action is None:
+            action = "create" if before is None else "delete" if after is None else self.action
+        await self.runtime.audit.record([self._entry(action, record_id, fields=fields, before=old, after=new)])
+
+    async def audit(self, action: str, record_id: str = "", *, fields: Iterable[str] = (), reason: str = "") -> None:
+        """An audit row for anything else worth tracing (exports, approvals, ...)."""
+        await self.runtime.audit.record([self._entry(action, record_id, fields=list(fields), reason=reason)])
+
+    async def flush(self) -> None:
+        """Writes the queued sensitive-read rows (called by `require` when the route returns)."""
+        reads, self._sensitive_reads = self._sensitive_reads, []
+        if not reads:
+            return
+        fields = sorted({name for _, names in reads for name in names})
+        if len(reads) == 1:
+            entry = self._entry("read_sensitive", reads[0][0], fields=fields)
+        else:
+            # A page of records is one row (the ids listed), not one row per record.
+            entry = self._entry(
+                "read_sensitive", "", fields=fields, after={"record_ids": [record_id for record_id, _ in reads]}
+            )
+        await self.runtime.audit.record([entry])
+
+    def _entry(self, action: str, record_id: str, **values: Any) -> AuditEntry:
+        return AuditEntry(
+            actor=self.principal,
+            action=action,
+            resource=self.resource,
+            record_id=record_id,
+            request_id=self.request_id,
+            method=self.request.method,
+            path=self.request.url.path,
+            status_code=0,
+            **values,
+        )
+
+
+def _paths(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    paths: list[str] = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if isinstance(value, Mapping) and not _is_money(value):
+            paths.extend(_paths(value, f"{path}."))
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, Mapping):
+                    paths.extend(p for p in _paths(item, f"{path}.") if p not in paths)
+    return paths
+
+
+def _is_money(value: Mapping[str, Any]) -> bool:
+    return set(value) <= {"amount", "currency"}
+
+
+def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
+    """A FastAPI dependency: the caller must be allowed `action` on `resource`.
+
+    Unknown actions fail at import time; unknown resources when the gateway starts
+    (`SecurityRuntime.check_routes`)."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+
+    async def dependency(request: Request, principal: CurrentPrincipal) -> AsyncIterator[Access]:
+        runtime = runtime_of(request)
+        decision = runtime.policy.decide(principal, resource, action)
+        if not decision.allowed:
+            problem = forbidden(f"you may not {action} {resource}")
+            await runtime.audit_denied(request, principal, resource, action, problem)
+            raise problem
+        access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
+        try:
+            yield access
+        except SecurityProblem as problem:
+            # A field the caller may not write or filter by: a denied request, audited too.
+            if problem.status == 403:
+                await runtime.audit_denied(request, principal, resource, action, problem)
+            raise
+        finally:
+            await access.flush()
+
+    dependency.crm_requirement = (resource, action)  # type: ignore[attr-defined]
+    dependency.__name__ = f"require_{resource}_{action}"
+    return dependency

@@ -1,0 +1,155 @@
+"""API keys for machine principals (ERP integrations, webforms): stored as SHA-256 hashes, shown
+in plain text exactly once, at creation."""
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from crm_platform.ids import new_id
+from crm_platform.principal import Principal
+from crm_platform.timeutil import as_utc, utcnow
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.security.store import api_keys
+
+KEY_PREFIX = "crmk_"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def generate_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: str
+    name: str
+    prefix: str
+    principal_id: str
+    roles: tuple[str, ...]
+    team: str
+    region: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+    def principal(self) -> Principal:
+        return Principal(
+            user_id=self.principal_id,
+            roles=self.roles,
+            team=self.team,
+            region=self.region,
+            name=self.name,
+            kind="api_key",
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "prefix": self.prefix,
+            "principal_id": self.principal_id,
+            "roles": list(self.roles),
+            "team": self.team,
+            "region": self.region,
+            "created_by": self.created_by,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def _record(row: Mapping[Any, Any]) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        id=row["id"],
+        name=row["name"],
+        prefix=row["prefix"],
+        principal_id=row["principal_id"],
+        roles=tuple(row["roles"] or ()),
+        team=row["team"],
+        region=row["region"],
+        created_by=row["created_by"],
+        created_at=as_utc(row["created_at"]),
+        expires_at=as_utc(row["expires_at"]) if row["expires_at"] else None,
+        revoked_at=as_utc(row["revoked_at"]) if row["revoked_at"] else None,
+    )
+
+
+class ApiKeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(
+        self,
+        *,
+        name: str,
+        principal_id: str,
+        roles: Sequence[str],
+        team: str = "",
+        region: str = "",
+        created_by: str,
+        expires_at: datetime | None = None,
+    ) -> tuple[ApiKeyRecord, str]:
+        """Returns the record and the plain key (never stored)."""
+        key = generate_key()
+        row = {
+            "id": new_id(),
+            "name": name,
+            "key_hash": hash_key(key),
+            "prefix": key[: len(KEY_PREFIX) + 6],
+            "principal_id": principal_id,
+            "roles": list(roles),
+            "team": team,
+            "region": region,
+            "created_by": created_by,
+            "created_at": utcnow(),
+            "expires_at": expires_at,
+            "revoked_at": None,
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(api_keys), [row])
+        return _record(row), key
+
+    async def list(self) -> list[ApiKeyRecord]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(api_keys).order_by(api_keys.c.id))
+            return [_record(row._mapping) for row in rows]
+
+    async def get(self, key_id: str) -> ApiKeyRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        return _record(row._mapping) if row is not None else None
+
+    async def revoke(self, key_id: str) -> ApiKeyRecord | None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=utcnow())
+            )
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        return _record(row._mapping) if row is not None else None
+
+    async def authenticate(self, key: str) -> Principal | None:
+        """The key's principal, or None for an unknown, revoked or expired key."""
+        if not key.startswith(KEY_PREFIX):
+            return None
+        digest = hash_key(key)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(api_keys).where(api_keys.c.key_hash == digest))).first()
+        if row is None or not hmac.compare_digest(row.key_hash, digest):
+            return None
+        record = _record(row._mapping)
+        now = utcnow()
+        if record.revoked_at is not None or (record.expires_at is not None and record.expires_at <= now):
+            return None
+        return record.principal()

@@ -1,0 +1,219 @@
+"""The audit trail: rows in the append-only `audit_events` table, each written in the same
+transaction as its `crm.audit.v1.AuditRecorded` outbox row (nothing lost while Kafka is down)."""
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, overload
+
+from crm.audit.v1 import events_pb2
+from crm_platform.ids import new_id
+from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import Principal
+from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
+from google.protobuf import struct_pb2
+from sqlalchemy import Select, and_, insert, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.security.masking import mask_value
+from gateway.security.policy import ResourceSpec
+from gateway.security.store import audit_events, metadata
+
+AUDIT_SOURCE = "crm-gateway"
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    actor: Principal
+    action: str
+    resource: str
+    record_id: str = ""
+    outcome: str = "allowed"
+    reason: str = ""
+    fields: Sequence[str] = ()
+    before: Mapping[str, Any] | None = None
+    after: Mapping[str, Any] | None = None
+    request_id: str = ""
+    method: str = ""
+    path: str = ""
+    status_code: int = 0
+    id: str = field(default_factory=new_id)
+    occurred_at: datetime = field(default_factory=utcnow)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON (Decimals and datetimes as strings), as stored and as put in the event's Struct."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def changed_fields(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[str]:
+    before = before or {}
+    after = after or {}
+    return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
+
+
+@overload
+def mask_pii(values: Mapping[str, Any], spec: ResourceSpec | None) -> dict[str, Any]: ...
+@overload
+def mask_pii(values: None, spec: ResourceSpec | None) -> None: ...
+def mask_pii(values: Mapping[str, Any] | None, spec: ResourceSpec | None) -> dict[str, Any] | None:
+    """Masks fields flagged `pii` (and `custom` values, which may hold PII) for the audit trail."""
+    if values is None:
+        return None
+    result: dict[str, Any] = {}
+    for key, value in values.items():
+        field_spec = spec.fields.get(key) if spec is not None else None
+        if field_spec is not None and field_spec.pii:
+            result[key] = mask_value(value, field_spec.type)
+        else:
+            result[key] = value
+    masked: dict[str, Any] = _jsonable(result)
+    return masked
+
+
+def diff_for_audit(
+    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, spec: ResourceSpec | None
+) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
+    """Only the changed fields, before and after, with PII masked."""
+    fields = changed_fields(before, after)
+    old = {key: (before or {}).get(key) for key in fields} if before is not None else None
+    new = {key: (after or {}).get(key) for key in fields} if after is not None else None
+    return fields, mask_pii(old, spec), mask_pii(new, spec)
+
+
+def to_event(entry: AuditEntry) -> events_pb2.AuditRecorded:
+    event = events_pb2.AuditRecorded(
+        id=entry.id,
+        occurred_at=to_timestamp(entry.occurred_at),
+        actor=entry.actor.to_proto(),
+        action=entry.action,
+        resource=entry.resource,
+        record_id=entry.record_id,
+        outcome=entry.outcome,
+        reason=entry.reason,
+        fields=list(entry.fields),
+        request_id=entry.request_id,
+        method=entry.method,
+        path=entry.path,
+        status_code=entry.status_code,
+    )
+    if entry.before is not None:
+        before = struct_pb2.Struct()
+        before.update(_jsonable(dict(entry.before)))
+        event.before.CopyFrom(before)
+    if entry.after is not None:
+        after = struct_pb2.Struct()
+        after.update(_jsonable(dict(entry.after)))
+        event.after.CopyFrom(after)
+    return event
+
+
+def _row(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "occurred_at": entry.occurred_at,
+        "actor_id": entry.actor.user_id,
+        "actor_kind": entry.actor.kind,
+        "actor_roles": list(entry.actor.roles),
+        "actor_team": entry.actor.team,
+        "actor_region": entry.actor.region,
+        "action": entry.action,
+        "resource": entry.resource,
+        "record_id": entry.record_id,
+        "outcome": entry.outcome,
+        "reason": entry.reason,
+        "fields": list(entry.fields),
+        "before": _jsonable(dict(entry.before)) if entry.before is not None else None,
+        "after": _jsonable(dict(entry.after)) if entry.after is not None else None,
+        "request_id": entry.request_id,
+        "method": entry.method,
+        "path": entry.path,
+        "status_code": entry.status_code,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    actor_id: str | None = None
+    resource: str | None = None
+    record_id: str | None = None
+    action: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 50
+    # The id of the last event of the previous page (newest first).
+    cursor: str | None = None
+
+
+class AuditLog:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.uow = UnitOfWork(engine, metadata, source=AUDIT_SOURCE)
+
+    async def record(self, entries: Sequence[AuditEntry]) -> None:
+        """Appends the entries and their events in one transaction."""
+        if not entries:
+            return
+        async with self.uow.begin() as tx:
+            await tx.conn.execute(insert(audit_events), [_row(entry) for entry in entries])
+            for entry in entries:
+                tx.publish(to_event(entry), key=entry.record_id or entry.actor.user_id or entry.id)
+
+    async def query(self, query: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
+        statement = self._select(query)
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(statement)).mappings())
+        page = rows[: query.limit]
+        next_cursor = page[-1]["id"] if len(rows) > query.limit else None
+        return [_present(row) for row in page], next_cursor
+
+    @staticmethod
+    def _select(query: AuditQuery) -> Select[Any]:
+        table = audit_events
+        conditions = []
+        if query.actor_id:
+            conditions.append(table.c.actor_id == query.actor_id)
+        if query.resource:
+            conditions.append(table.c.resource == query.resource)
+        if query.record_id:
+            conditions.append(table.c.record_id == query.record_id)
+        if query.action:
+            conditions.append(table.c.action == query.action)
+        if query.since is not None:
+            conditions.append(table.c.occurred_at >= query.since)
+        if query.until is not None:
+            conditions.append(table.c.occurred_at < query.until)
+        if query.cursor:
+            conditions.append(table.c.id < query.cursor)
+        statement = select(table).order_by(table.c.id.desc()).limit(query.limit + 1)
+        return statement.where(and_(*conditions)) if conditions else statement
+
+
+def _present(row: Mapping[Any, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "occurred_at": isoformat(as_utc(row["occurred_at"])),
+        "actor": {
+            "user_id": row["actor_id"],
+            "kind": row["actor_kind"],
+            "roles": list(row["actor_roles"] or []),
+            "team": row["actor_team"],
+            "region": row["actor_region"],
+        },
+        "action": row["action"],
+        "resource": row["resource"],
+        "record_id": row["record_id"],
+        "outcome": row["outcome"],
+        "reason": row["reason"],
+        "fields": list(row["fields"] or []),
+        "before": row["before"],
+        "after": row["after"],
+        "request_id": row["request_id"],
+        "method": row["method"],
+        "path": row["path"],
+        "status_code": row["status_code"],
+    }
+
+
+__all__ = ["AuditEntry", "AuditLog", "AuditQuery", "diff_for_audit", "mask_pii"]

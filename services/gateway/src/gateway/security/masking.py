@@ -1,0 +1,50 @@
+"""Masking by field type: what a `masked` field shows, and how PII is written into audit records."""
+
+from typing import Any
+
+MASK = "***"
+
+
+def mask_phone(value: str) -> str:
+    """`13812345678` -> `138****5678`; short numbers keep only their last two digits."""
+    digits = "".join(ch for ch in value if ch.isdigit())
+    if len(digits) >= 8:
+        return f"{digits[:3]}****{digits[-4:]}"
+    if len(digits) >= 3:
+        return f"{'*' * (len(digits) - 2)}{digits[-2:]}"
+    return "****"
+
+
+def mask_email(value: str) -> str:
+    """`john@example.com` -> `j***@example.com`."""
+    local, sep, domain = value.partition("@")
+    if not sep:
+        return mask_text(value)
+    return f"{local[:1]}***@{domain}"
+
+
+def mask_text(value: str) -> str:
+    """Keeps the first character so a person can still tell records apart."""
+    return f"{value[:1]}{MASK}" if value else value
+
+
+def mask_value(value: Any, field_type: str) -> Any:
+    """A masked rendering that keeps the JSON type where one exists: strings stay strings, money
+    keeps its currency; numbers, dates and booleans become null (no partial number is meaningful)."""
+    if value is None or value == "":
+        return value
+    if field_type == "phone" and isinstance(value, str):
+        return mask_phone(value)
+    if field_type == "email" and isinstance(value, str):
+        return mask_email(value)
+    if field_type == "money" and isinstance(value, dict):
+        return {**value, "amount": MASK}
+    if isinstance(value, str) and field_type in ("text", "url", "id", "percent", "decimal"):
+        return mask_text(value) if field_type in ("text", "url") else MASK
+    if isinstance(value, list):
+        return [mask_value(item, field_type) for item in value]
+    if isinstance(value, dict):
+        return {key: mask_value(item, "text") for key, item in value.items()}
+    if isinstance(value, str):
+        return MASK
+    return None

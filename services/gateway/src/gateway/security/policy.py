@@ -1,0 +1,428 @@
+"""The access policy as data: roles, their grants per resource (actions, record scope, field rules).
+
+The YAML file is validated when the gateway starts; a bad file stops it with a message naming the
+line. `Policy.decide` is the one decision function: every route, export and composed view asks it.
+
+File shape (see default_policy.yaml):
+
+    version: 1
+    resources:
+      leads:
+        actions: [read, create, update, delete, export, assign]
+        fields:
+          name: {}
+          phone: {type: phone, pii: true}
+          id: {readonly: true}
+          discount_total: {type: money, default: hidden}   # rule for roles that do not name it
+    roles:
+      sales_rep:
+        grants:
+          leads: {actions: [read, create, update], scope: own, fields: {owner_id: read}}
+          "*": {...}   # every resource the role does not name (admin)
+
+Field rule of a role for a field, first match wins: the grant's rule for the field (or its nearest
+parent path, `line_items` for `line_items.discount_percent`), the grant's `"*"` rule, the
+resource's `default` for the field, then `write` when the grant can create or update, else `read`.
+`readonly` fields are never writable. With several roles the widest scope and the most
+permissive field rule win, counted only over the roles that grant the action in question.
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from crm_platform.principal import Principal, RecordScope, ScopeKind
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_POLICY_PATH = Path(__file__).with_name("default_policy.yaml")
+# libyaml's loader when present: the pure-Python one takes about a second for the default file.
+_BASE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _LOADER(_BASE_LOADER):  # type: ignore[valid-type,misc]
+    """Refuses duplicate keys: YAML would silently keep the last one, hiding a policy mistake."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_LOADER.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+# The action vocabulary. Routes map their verbs onto it: state transitions (stage, win, sign,
+# submit, ...) are `update`, ownership changes (assign, claim, release, transfer) are `assign`,
+# approve/reject decisions are `approve`, bulk import is `create`.
+ACTIONS: tuple[str, ...] = ("read", "create", "update", "delete", "export", "assign", "approve")
+WRITE_ACTIONS = frozenset({"create", "update"})
+
+FieldType = Literal[
+    "text",
+    "phone",
+    "email",
+    "money",
+    "number",
+    "decimal",
+    "percent",
+    "date",
+    "datetime",
+    "bool",
+    "url",
+    "list",
+    "object",
+    "id",
+]
+RuleName = Literal["hidden", "masked", "read", "write"]
+
+
+class FieldRule(IntEnum):
+    """Ordered from least to most permissive, so `max` picks the most permissive."""
+
+    HIDDEN = 0
+    MASKED = 1
+    READ = 2
+    WRITE = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, value: str) -> "FieldRule":
+        return cls[value.upper()]
+
+
+_SCOPE_ORDER = {ScopeKind.OWN: 0, ScopeKind.TEAM: 1, ScopeKind.REGION: 2, ScopeKind.ALL: 3}
+
+
+class PolicyError(ValueError):
+    """The policy file is invalid; the message names the file and line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldSpec(_Strict):
+    type: FieldType = "text"
+    pii: bool = False
+    sensitive: bool = False
+    readonly: bool = False
+    default: RuleName | None = None
+
+
+class ResourceSpec(_Strict):
+    description: str = ""
+    actions: tuple[str, ...]
+    fields: dict[str, FieldSpec | None] = Field(default_factory=dict)
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, actions: tuple[str, ...]) -> tuple[str, ...]:
+        for action in actions:
+            if action not in ACTIONS:
+                raise ValueError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        return actions
+
+    def field(self, name: str) -> FieldSpec:
+        return self.fields.get(name) or FieldSpec()
+
+
+class Grant(_Strict):
+    actions: tuple[str, ...]
+    scope: ScopeKind = ScopeKind.OWN
+    fields: dict[str, RuleName] = Field(default_factory=dict)
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, actions: tuple[str, ...]) -> tuple[str, ...]:
+        for action in actions:
+            if action not in ACTIONS:
+                raise ValueError(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        return actions
+
+
+class RoleSpec(_Strict):
+    description: str = ""
+    grants: dict[str, Grant] = Field(default_factory=dict)
+
+
+class PolicyDocument(_Strict):
+    version: Literal[1]
+    resources: dict[str, ResourceSpec]
+    roles: dict[str, RoleSpec]
+
+    @model_validator(mode="after")
+    def _references(self) -> "PolicyDocument":
+        for role_name, role in self.roles.items():
+            for resource_name, grant in role.grants.items():
+                if resource_name == "*":
+                    continue
+                resource = self.resources.get(resource_name)
+                if resource is None:
+                    raise ValueError(f"roles.{role_name}.grants.{resource_name}: unknown resource {resource_name!r}")
+                for action in grant.actions:
+                    if action not in resource.actions:
+                        raise ValueError(
+                            f"roles.{role_name}.grants.{resource_name}: action {action!r} "
+                            f"is not an action of {resource_name} ({', '.join(resource.actions)})"
+                        )
+                for field_name in grant.fields:
+                    if field_name != "*" and field_name not in resource.fields:
+                        raise ValueError(
+                            f"roles.{role_name}.grants.{resource_name}.fields.{field_name}: "
+                            f"unknown field {field_name!r} of {resource_name}"
+                        )
+        return self
+
+
+@dataclass(slots=True)
+class Decision:
+    """What one principal may do with one resource for one action, and with which fields."""
+
+    allowed: bool
+    resource: str
+    action: str
+    scope: RecordScope | None
+    reason: str = ""
+    policy: "Policy | None" = None
+    # The caller's grants that allow reading, and those that allow this action.
+    readers: tuple[Grant, ...] = ()
+    acting: tuple[Grant, ...] = ()
+    _read_cache: dict[str, FieldRule] = field(default_factory=dict)
+    _write_cache: dict[str, FieldRule] = field(default_factory=dict)
+
+    def read_rule(self, path: str) -> FieldRule:
+        """How the caller sees the field: hidden, masked or read (write reads as read)."""
+        rule = self._read_cache.get(path)
+        if rule is None:
+            if self.policy is None or not self.readers:
+                rule = FieldRule.HIDDEN
+            else:
+                policy = self.policy
+                rule = _cap_read(max(policy.field_rule(g, self.resource, path) for g in self.readers))
+            self._read_cache[path] = rule
+        return rule
+
+    def write_rule(self, path: str) -> FieldRule:
+        """`write` when some grant allowing this action lets the caller set the field."""
+        rule = self._write_cache.get(path)
+        if rule is None:
+            if self.policy is None or not self.acting:
+                rule = FieldRule.HIDDEN
+            else:
+                policy = self.policy
+                rule = max(policy.field_rule(g, self.resource, path) for g in self.acting)
+            self._write_cache[path] = rule
+        return rule
+
+
+class Policy:
+    def __init__(self, document: PolicyDocument, source: str = "<policy>") -> None:
+        self.document = document
+        self.source = source
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def resources(self) -> Mapping[str, ResourceSpec]:
+        return self.document.resources
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(self.document.roles)
+
+    def resource(self, name: str) -> ResourceSpec:
+        try:
+            return self.document.resources[name]
+        except KeyError:
+            raise KeyError(f"unknown resource {name!r} in policy {self.source}") from None
+
+    def grant(self, role: str, resource: str) -> Grant | None:
+        role_spec = self.document.roles.get(role)
+        if role_spec is None:
+            return None
+        grant = role_spec.grants.get(resource) or role_spec.grants.get("*")
+        if grant is None:
+            return None
+        allowed = tuple(action for action in grant.actions if action in self.resource(resource).actions)
+        return grant if allowed == grant.actions else grant.model_copy(update={"actions": allowed})
+
+    # --- field rules -----------------------------------------------------------------------
+    def field_rule(self, grant: Grant, resource: str, path: str) -> FieldRule:
+        spec = self.resource(resource)
+        rule = self._explicit_rule(grant, spec, path)
+        if rule is None:
+            rule = FieldRule.WRITE if WRITE_ACTIONS & set(grant.actions) else FieldRule.READ
+        readonly = any(spec.field(candidate).readonly for candidate in _path_and_parents(path))
+        if rule is FieldRule.WRITE and (readonly or not WRITE_ACTIONS & set(grant.actions)):
+            rule = FieldRule.READ
+        return rule
+
+    @staticmethod
+    def _explicit_rule(grant: Grant, spec: ResourceSpec, path: str) -> FieldRule | None:
+        candidates = _path_and_parents(path)
+        for candidate in candidates:
+            if candidate in grant.fields:
+                return FieldRule.parse(grant.fields[candidate])
+        if "*" in grant.fields:
+            return FieldRule.parse(grant.fields["*"])
+        for candidate in candidates:
+            default = spec.field(candidate).default
+            if default is not None:
+                return FieldRule.parse(default)
+        return None
+
+    # --- the decision ----------------------------------------------------------------------
+    def decide(self, principal: Principal, resource: str, action: str) -> Decision:
+        """May `principal` do `action` on `resource`, within which records, with which field rules?"""
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r}")
+        self.resource(resource)  # unknown resource: KeyError naming it
+        grants = [g for g in (self.grant(role, resource) for role in principal.roles) if g is not None]
+        acting = [g for g in grants if action in g.actions]
+        readers = [g for g in grants if "read" in g.actions] or acting
+        if not acting:
+            return Decision(
+                allowed=False,
+                resource=resource,
+                action=action,
+                scope=None,
+                reason=f"no role of the caller may {action} {resource}",
+                policy=self,
+                readers=tuple(readers),
+            )
+        widest = max((g.scope for g in acting), key=_SCOPE_ORDER.__getitem__)
+        return Decision(
+            allowed=True,
+            resource=resource,
+            action=action,
+            scope=scope_for(principal, widest),
+            policy=self,
+            readers=tuple(readers),
+            acting=tuple(acting),
+        )
+
+    def effective(self, principal: Principal) -> dict[str, dict[str, Any]]:
+        """Per resource: allowed actions, scope per action and field rules (for `GET /me`)."""
+        result: dict[str, dict[str, Any]] = {}
+        for resource in self.resources:
+            decisions = {action: self.decide(principal, resource, action) for action in self.resource(resource).actions}
+            allowed = {action: d for action, d in decisions.items() if d.allowed}
+            if not allowed:
+                continue
+            fields: dict[str, str] = {}
+            for name in self.resource(resource).fields:
+                read = max((d.read_rule(name) for d in allowed.values()), default=FieldRule.HIDDEN)
+                writable = any(d.write_rule(name) is FieldRule.WRITE for a, d in allowed.items() if a in WRITE_ACTIONS)
+                fields[name] = FieldRule.WRITE.label if writable and read >= FieldRule.READ else read.label
+            result[resource] = {
+                "actions": sorted(allowed, key=ACTIONS.index),
+                "scopes": {action: d.scope.kind.value for action, d in allowed.items() if d.scope is not None},
+                "fields": fields,
+            }
+        return result
+
+
+def _path_and_parents(path: str) -> list[str]:
+    """`line_items.discount_percent` -> [`line_items.discount_percent`, `line_items`]."""
+    parts = path.split(".")
+    return [".".join(parts[:end]) for end in range(len(parts), 0, -1)]
+
+
+def _cap_read(rule: FieldRule) -> FieldRule:
+    """For presentation `write` means the same as `read`."""
+    return min(rule, FieldRule.READ)
+
+
+def scope_for(principal: Principal, kind: ScopeKind) -> RecordScope:
+    return RecordScope(kind=kind, owner_id=principal.user_id, team=principal.team, region=principal.region)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    """Reads and validates a policy file; `PolicyError` names the file and line of the first problem."""
+    file = Path(path) if path else DEFAULT_POLICY_PATH
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PolicyError(f"policy file {file}: cannot read: {error.strerror}") from error
+    return parse_policy(text, source=str(file))
+
+
+def parse_policy(text: str, *, source: str = "<policy>") -> Policy:
+    try:
+        data = yaml.load(text, Loader=_LOADER)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "unknown line"
+        raise PolicyError(f"policy file {source}, {where}: invalid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise PolicyError(f"policy file {source}, line 1: expected a mapping with version, resources and roles")
+    try:
+        document = PolicyDocument.model_validate(data)
+    except ValidationError as error:
+        # Line numbers are needed only to report an error: compose the node tree now.
+        lines = _line_index(yaml.compose(text, Loader=_LOADER))
+        first = error.errors()[0]
+        loc = tuple(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if hint := _loc_from_message(message):
+            # Cross-reference errors name their own path: more precise than the model's location.
+            loc = hint
+            message = message.split(": ", 1)[1]
+        line = _nearest_line(lines, loc)
+        where = ".".join(loc) or "(document)"
+        raise PolicyError(f"policy file {source}, line {line}: {where}: {message}") from error
+    return Policy(document, source=source)
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple[str, ...], int]:
+    """Maps each key path in the YAML to its 1-based line number."""
+    index: dict[tuple[str, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[str, ...]) -> None:
+        index.setdefault(path, current.start_mark.line + 1)
+        if isinstance(current, yaml.MappingNode):
+            for key_node, value_node in current.value:
+                child = (*path, str(key_node.value))
+                index[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(current, yaml.SequenceNode):
+            for position, item in enumerate(current.value):
+                walk(item, (*path, str(position)))
+
+    if node is not None:
+        walk(node, ())
+    return index
+
+
+def _nearest_line(lines: Mapping[tuple[str, ...], int], loc: tuple[str, ...]) -> int:
+    for end in range(len(loc), -1, -1):
+        line = lines.get(loc[:end])
+        if line is not None:
+            return line
+    return 1
+
+
+def _loc_from_message(message: str) -> tuple[str, ...] | None:
+    """Cross-reference errors carry their path in the message ("roles.x.grants.y: ...")."""
+    head, sep, _ = message.partition(": ")
+    parts = tuple(head.split("."))
+    return parts if sep and len(parts) > 1 and " " not in head else None
+
+
+def roles_known(policy: Policy, roles: Iterable[str]) -> tuple[str, ...]:
+    """The roles the policy defines; unknown role names grant nothing and are dropped."""
+    return tuple(role for role in roles if role in policy.document.roles)

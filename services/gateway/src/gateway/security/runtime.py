@@ -1,0 +1,288 @@
+"""Everything the security layer holds for the gateway's lifetime, and `install_security`, which
+puts it on a FastAPI app (state, middleware, error handlers, OpenAPI responses)."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+from crm_platform.config import KafkaSettings, data_dir
+from crm_platform.db import create_engine
+from crm_platform.outbox import OutboxRelay
+from crm_platform.principal import Principal
+from fastapi import FastAPI, Request
+from fastapi import routing as fastapi_routing
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.security.access import request_id_of
+from gateway.security.api_keys import ApiKeyStore
+from gateway.security.audit import AuditEntry, AuditLog
+from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
+from gateway.security.body_limit import BodySizeLimit
+from gateway.security.policy import Policy, load_policy
+from gateway.security.problems import SecurityProblem, handle_security_problem
+from gateway.security.rate_limit import RateLimiter
+from gateway.security.settings import SecuritySettings
+from gateway.security.store import metadata, migrate_async
+
+log = logging.getLogger(__name__)
+
+
+def database_url(settings: SecuritySettings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{folder / 'gateway.db'}"
+
+
+class SecurityRuntime:
+    def __init__(
+        self,
+        settings: SecuritySettings,
+        *,
+        policy: Policy | None = None,
+        engine: AsyncEngine | None = None,
+        jwks_client: httpx.AsyncClient | None = None,
+        kafka: KafkaSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy or load_policy(settings.policy_path or None)
+        self.engine = engine or create_engine(database_url(settings))
+        self.audit = AuditLog(self.engine)
+        self.api_keys = ApiKeyStore(self.engine)
+        jwks = (
+            JwksCache(
+                settings.jwks_url,
+                client=jwks_client,
+                cache_seconds=settings.jwks_cache_seconds,
+                refetch_min_seconds=settings.jwks_refetch_min_seconds,
+                timeout_seconds=settings.jwks_timeout_seconds,
+            )
+            if settings.jwks_url and not settings.dev_mode
+            else None
+        )
+        self.authenticator = Authenticator(JwtVerifier(settings, jwks), self.api_keys.authenticate)
+        self.rate_limiter = RateLimiter(rate_per_second=settings.rate_limit_per_second, burst=settings.rate_limit_burst)
+        self.export_limiter = RateLimiter(
+            rate_per_second=settings.export_rate_limit_per_minute / 60.0, burst=settings.export_rate_limit_burst
+        )
+        self.auth_failure_limiter = RateLimiter(
+            rate_per_second=settings.auth_failure_rate_per_second, burst=settings.auth_failure_burst
+        )
+        self.kafka = kafka
+        self._relay: OutboxRelay | None = None
+        self._relay_task: asyncio.Task[None] | None = None
+        self._nested = {
+            name: {path.rsplit(".", 1)[0] for path in spec.fields if "." in path}
+            for name, spec in self.policy.resources.items()
+        }
+
+    def nested_prefixes(self, resource: str, path: str) -> bool:
+        """Does the policy have rules for fields inside `path` (e.g. `line_items.discount_percent`)?"""
+        return path in self._nested.get(resource, set())
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def start(self, *, migrate: bool = True, relay: bool = True) -> None:
+        """Migrates the gateway database (embedded default) and starts the audit outbox relay."""
+        if migrate:
+            await migrate_async(self.engine.url.render_as_string(hide_password=False))
+        if relay and self.kafka is not None:
+            self._relay = OutboxRelay(self.engine, metadata, self.kafka, service="gateway")
+            self.audit.uow.on_commit(self._relay.wake)
+            self._relay_task = asyncio.create_task(self._relay.run(), name="gateway-audit-relay")
+
+    async def stop(self, *, drain_seconds: float = 5.0) -> None:
+        if self._relay is not None:
+            await self._relay.stop()
+            if self._relay_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(self._relay_task, drain_seconds)
+            left = await self._relay.drain(drain_seconds)
+            if left:
+                log.warning("gateway outbox: %d audit events left for the next start", left)
+        await self.engine.dispose()
+
+    # --- audit of refusals -----------------------------------------------------------------
+    async def audit_denied(
+        self, request: Request, principal: Principal | None, resource: str, action: str, problem: SecurityProblem
+    ) -> None:
+        actor = principal or Principal(user_id="", kind="anonymous")
+        entry = AuditEntry(
+            actor=actor,
+            action="denied",
+            resource=resource,
+            outcome="denied",
+            reason=f"{action}: {problem.detail}",
+            fields=[problem.field] if problem.field else [],
+            request_id=request_id_of(request),
+            method=request.method,
+            path=request.url.path,
+            status_code=problem.status,
+        )
+        try:
+            await self.audit.record([entry])
+        except Exception:
+            log.exception("could not audit a denied request")
+
+    # --- start-up checks -------------------------------------------------------------------
+    def check_routes(self, app: FastAPI) -> None:
+        """Every route's declared resource must exist in the policy: fail at start, not per request."""
+        for declaration in declared_routes(app):
+            if declaration["resource"] not in self.policy.resources:
+                raise ValueError(
+                    f"route {declaration['method']} {declaration['path']} requires unknown resource "
+                    f"{declaration['resource']!r} (policy {self.policy.source})"
+                )
+
+
+def _walk(dependant: Any) -> Iterator[Any]:
+    for dependency in dependant.dependencies:
+        yield dependency
+        yield from _walk(dependency)
+
+
+def _api_routes(app: FastAPI) -> Iterator[tuple[str, set[str], APIRoute]]:
+    """(full path, methods, route) of every API route, including those of included routers
+    (FastAPI >= 0.16x keeps included routers nested instead of copying their routes)."""
+    contexts = getattr(fastapi_routing, "iter_route_contexts", None)
+    if contexts is None:
+        for route in app.routes:
+            if isinstance(route, APIRoute):
+                yield route.path, set(route.methods or ()), route
+        return
+    for context in contexts(app.routes):
+        original = context.original_route
+        if isinstance(original, APIRoute):
+            yield str(context.path), set(context.methods or original.methods or ()), original
+
+
+def declared_routes(app: FastAPI) -> list[dict[str, str]]:
+    """(method, path, resource, action) of every route guarded by `require` — for start-up
+    checks and for tests that must cover every route."""
+    result: list[dict[str, str]] = []
+    for path, methods, route in _api_routes(app):
+        for dependency in _walk(route.dependant):
+            requirement = getattr(dependency.call, "crm_requirement", None)
+            if requirement is None:
+                continue
+            for method in sorted(methods):
+                result.append({"method": method, "path": path, "resource": requirement[0], "action": requirement[1]})
+    return result
+
+
+def authenticated_routes(app: FastAPI) -> set[tuple[str, str]]:
+    """(method, path) of every API route that authenticates its caller (directly or via `require`)."""
+    from gateway.security.access import authenticate
+
+    found: set[tuple[str, str]] = set()
+    for path, methods, route in _api_routes(app):
+        if any(dependency.call is authenticate for dependency in _walk(route.dependant)):
+            found |= {(method, path) for method in methods}
+    return found
+
+
+def api_routes(app: FastAPI) -> set[tuple[str, str]]:
+    return {(method, path) for path, methods, _ in _api_routes(app) for method in methods}
+
+
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+            },
+        },
+    },
+    "required": ["title", "status"],
+}
+_SECURITY_RESPONSES = {
+    "401": "Not authenticated",
+    "403": "Forbidden: the action or a field is not allowed",
+    "413": "Request body too large",
+    "429": "Rate limited (see Retry-After)",
+}
+# Every route can answer these through the gateway's problem+json error handlers.
+_ERROR_RESPONSES = {
+    "400": "Malformed request",
+    "404": "Not found, or outside the caller's record scope",
+    "409": "Conflict (duplicate or illegal state transition)",
+    "412": "Stale If-Match",
+    "422": "Validation failed: `errors` names each field",
+    "503": "A dependency is down (see Retry-After)",
+    "504": "A dependency did not answer in time",
+}
+_PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def _document_problem_responses(app: FastAPI) -> None:
+    """Documents the problem+json responses in the OpenAPI document: the security ones on every
+    guarded route, the error ones on every API route (replacing FastAPI's default 422 shape, which
+    the gateway never sends)."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = original()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", _PROBLEM_SCHEMA)
+        guarded = {(d["method"].lower(), d["path"]) for d in declared_routes(app)}
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                if "HTTPValidationError" in str(responses.get("422", "")):
+                    del responses["422"]
+                wanted = dict(_ERROR_RESPONSES)
+                if (method, path) in guarded:
+                    wanted.update(_SECURITY_RESPONSES)
+                for code, description in wanted.items():
+                    responses.setdefault(code, {"description": description, "content": _PROBLEM_CONTENT})
+        # FastAPI's validation error schemas are unused once every 422 is a problem.
+        if "HTTPValidationError" not in str(schema.get("paths", {})):
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install_security(
+    app: FastAPI,
+    settings: SecuritySettings,
+    *,
+    policy: Policy | None = None,
+    engine: AsyncEngine | None = None,
+    jwks_client: httpx.AsyncClient | None = None,
+    kafka: KafkaSettings | None = None,
+) -> SecurityRuntime:
+    """Loads and validates the policy (a bad file raises `PolicyError` naming the line), and adds
+    the security state, body-size limit, CORS, error handler and OpenAPI responses to `app`.
+    Call `await runtime.start()` / `await runtime.stop()` from the app's lifespan."""
+    runtime = SecurityRuntime(settings, policy=policy, engine=engine, jwks_client=jwks_client, kafka=kafka)
+    app.state.security = runtime
+    app.add_exception_handler(SecurityProblem, handle_security_problem)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "Idempotency-Key", "X-API-Key", "X-Request-ID"],
+            expose_headers=["ETag", "Retry-After", "X-Request-ID", "Location"],
+        )
+    _document_problem_responses(app)
+    return runtime

@@ -1,0 +1,79 @@
+"""API keys for machine principals: created by admins (plain key shown once, only a hash stored),
+accepted as `X-API-Key`, scoped by the roles they carry, refused once revoked."""
+
+from typing import Any
+
+import pytest
+from gateway.security.api_keys import hash_key
+from gateway.security.store import api_keys
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+
+async def create_key(gateway: Any, admin: dict[str, str], **body: Any) -> dict[str, Any]:
+    payload = {"name": "SAP ERP", "principal_id": "erp-sap", "roles": ["erp_integration"], **body}
+    response = await gateway.client.post("/api/v1/api-keys", json=payload, headers=admin)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+async def test_api_key_lifecycle(gateway: Any, auth_headers: Any) -> None:
+    admin = auth_headers("admin", sub="root")
+    created = await create_key(gateway, admin)
+    key = created["key"]
+    assert key.startswith("crmk_") and created["api_key"]["prefix"] == key[:11]
+    async with gateway.runtime.engine.connect() as conn:
+        stored = (await conn.execute(select(api_keys))).mappings().one()
+    assert stored["key_hash"] == hash_key(key) and key not in str(dict(stored))
+
+    machine = {"X-API-Key": key}
+    me = await gateway.client.get("/api/v1/me", headers=machine)
+    assert me.status_code == 200
+    assert (me.json()["user_id"], me.json()["kind"], me.json()["roles"]) == ("erp-sap", "api_key", ["erp_integration"])
+    # The ERP may post payments but not read leads.
+    assert (
+        await gateway.client.post("/api/v1/fake/payments", json={"method": "wire"}, headers=machine)
+    ).status_code == 201
+    assert (await gateway.client.get("/api/v1/fake/leads", headers=machine)).status_code == 403
+    # `Authorization: ApiKey ...` works too.
+    assert (await gateway.client.get("/api/v1/me", headers={"Authorization": f"ApiKey {key}"})).status_code == 200
+
+    listing = await gateway.client.get("/api/v1/api-keys", headers=admin)
+    assert [item["id"] for item in listing.json()["items"]] == [created["api_key"]["id"]]
+    assert "key" not in listing.json()["items"][0]
+
+    revoked = await gateway.client.delete(f"/api/v1/api-keys/{created['api_key']['id']}", headers=admin)
+    assert revoked.status_code == 204
+    assert (await gateway.client.get("/api/v1/me", headers=machine)).status_code == 401
+    assert (await gateway.client.delete("/api/v1/api-keys/nope", headers=admin)).status_code == 404
+
+
+async def test_only_admins_manage_keys(gateway: Any, auth_headers: Any) -> None:
+    for role in ("sales_manager", "finance", "erp_integration"):
+        headers = auth_headers(role)
+        assert (await gateway.client.get("/api/v1/api-keys", headers=headers)).status_code == 403
+        body = {"name": "x", "principal_id": "x", "roles": ["admin"]}
+        assert (await gateway.client.post("/api/v1/api-keys", json=body, headers=headers)).status_code == 403
+
+
+async def test_unknown_role_and_bad_keys_are_refused(gateway: Any, auth_headers: Any) -> None:
+    admin = auth_headers("admin")
+    bad = await gateway.client.post(
+        "/api/v1/api-keys", json={"name": "x", "principal_id": "x", "roles": ["god"]}, headers=admin
+    )
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "roles.0"
+    for key in ("crmk_made_up", "something-else", "crmk_" + "a" * 43):
+        assert (await gateway.client.get("/api/v1/me", headers={"X-API-Key": key})).status_code == 401
+
+
+async def test_expired_keys_are_refused(gateway: Any, auth_headers: Any) -> None:
+    created = await create_key(gateway, auth_headers("admin"), expires_at="2999-01-01T00:00:00Z")
+    assert (await gateway.client.get("/api/v1/me", headers={"X-API-Key": created["key"]})).status_code == 200
+    past = await gateway.client.post(
+        "/api/v1/api-keys",
+        json={"name": "x", "principal_id": "x", "roles": ["erp_integration"], "expires_at": "2001-01-01T00:00:00Z"},
+        headers=auth_headers("admin"),
+    )
+    assert past.status_code == 422

@@ -1,0 +1,251 @@
+"""The audit trail: one row per write with the right before/after (PII masked), rows for denied
+requests, exports and sensitive reads, an outbox event per row, the admin query API, and a table
+the database itself keeps append-only (SQLite and PostgreSQL)."""
+
+import random
+from typing import Any
+
+import pytest
+from crm.audit.v1 import events_pb2
+from crm_platform.config import KafkaSettings
+from crm_platform.kafka import ensure_topics
+from crm_platform.testing.kafka import EventCollector
+from gateway.security.audit import AuditQuery
+from gateway.security.store import audit_events, outbox
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.exc import DBAPIError
+
+pytestmark = pytest.mark.integration
+
+ME, TEAM, REGION = "u-me", "team-a", "north"
+
+
+async def all_audit_rows(gateway: Any, **filters: Any) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        page, cursor = await gateway.runtime.audit.query(AuditQuery(limit=500, cursor=cursor, **filters))
+        rows += page
+        if cursor is None:
+            return rows
+
+
+async def random_writes(gateway: Any, headers: dict[str, str], count: int, seed: int) -> list[dict[str, Any]]:
+    """Creates, updates and deletes leads at random; returns what each write should have audited."""
+    rng = random.Random(seed)
+    expected: list[dict[str, Any]] = []
+    live: list[str] = []
+    for step in range(count):
+        choice = rng.choice(["create", "update", "update", "delete"]) if live else "create"
+        if choice == "create":
+            body = {"name": f"lead {step}", "phone": f"1381234{step:04d}", "company": rng.choice(["A", "B"])}
+            response = await gateway.client.post("/api/v1/fake/leads", json=body, headers=headers)
+            assert response.status_code == 201, response.text
+            record_id = response.json()["id"]
+            live.append(record_id)
+            expected.append({"action": "create", "record_id": record_id, "after": body})
+        elif choice == "update":
+            record_id = rng.choice(live)
+            before = dict(gateway.store.get("leads", record_id))
+            body = {"company": f"C{step}", "email": f"person{step}@example.com"}
+            response = await gateway.client.patch(f"/api/v1/fake/leads/{record_id}", json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            changed = {k: v for k, v in body.items() if before.get(k) != v}
+            expected.append(
+                {
+                    "action": "update",
+                    "record_id": record_id,
+                    "before": {k: before.get(k) for k in changed},
+                    "after": changed,
+                }
+            )
+        else:
+            record_id = live.pop(rng.randrange(len(live)))
+            response = await gateway.client.delete(f"/api/v1/fake/leads/{record_id}", headers=headers)
+            assert response.status_code == 204, response.text
+            expected.append({"action": "delete", "record_id": record_id})
+    return expected
+
+
+def masked(values: dict[str, Any]) -> dict[str, Any]:
+    from gateway.security.masking import mask_email, mask_phone
+
+    result = dict(values)
+    if result.get("phone"):
+        result["phone"] = mask_phone(result["phone"])
+    if result.get("email"):
+        result["email"] = mask_email(result["email"])
+    return result
+
+
+async def check_random_writes(gateway: Any, auth_headers: Any, count: int) -> None:
+    headers = auth_headers("sales_manager", sub=ME, team=TEAM, region=REGION)
+    expected = await random_writes(gateway, headers, count, seed=count)
+    rows = await all_audit_rows(gateway, resource="leads")
+    writes = [row for row in rows if row["action"] in ("create", "update", "delete")]
+    assert len(writes) == count == len(rows)
+    writes.reverse()  # the API answers newest first
+    for want, row in zip(expected, writes, strict=True):
+        assert row["action"] == want["action"] and row["record_id"] == want["record_id"]
+        assert row["actor"]["user_id"] == ME and row["actor"]["roles"] == ["sales_manager"]
+        assert row["outcome"] == "allowed"
+        assert row["request_id"] and row["method"] in ("POST", "PATCH", "DELETE")
+        if want["action"] == "create":
+            assert row["before"] is None
+            assert {k: row["after"][k] for k in want["after"]} == masked(want["after"])
+        elif want["action"] == "update":
+            assert row["before"] == masked(want["before"])
+            assert row["after"] == masked(want["after"])
+            assert row["fields"] == sorted(want["after"])
+        else:
+            assert row["after"] is None and row["before"]["id"] == want["record_id"]
+        # PII never appears in clear.
+        for side in (row["before"] or {}, row["after"] or {}):
+            assert "@example.com" not in str(side.get("email", "")) or "***@" in side["email"]
+            assert "****" in side.get("phone", "****") or not side.get("phone")
+    # Every audit row has its event in the outbox, in the same transaction.
+    async with gateway.runtime.engine.connect() as conn:
+        payloads = [row.payload for row in await conn.execute(select(outbox.c.payload, outbox.c.topic))]
+        topics = set((await conn.execute(select(outbox.c.topic).distinct())).scalars())
+    assert topics == {"crm.audit.v1"}
+    events = [events_pb2.AuditRecorded.FromString(payload) for payload in payloads]
+    assert sorted(event.id for event in events) == sorted(row["id"] for row in rows)
+
+
+async def test_n_random_writes_give_n_audit_rows(gateway: Any, auth_headers: Any) -> None:
+    await check_random_writes(gateway, auth_headers, 40)
+
+
+async def test_n_random_writes_on_postgresql(make_gateway: Any, postgres_url: str, auth_headers: Any) -> None:
+    gateway = await make_gateway(database_url=postgres_url)
+    await check_random_writes(gateway, auth_headers, 25)
+    await check_append_only(gateway)
+    with pytest.raises(DBAPIError, match="append-only"):
+        async with gateway.runtime.engine.begin() as conn:
+            await conn.execute(text("TRUNCATE audit_events"))
+
+
+async def check_append_only(gateway: Any) -> None:
+    async with gateway.runtime.engine.connect() as conn:
+        before = await conn.scalar(select(func.count()).select_from(audit_events))
+    assert before
+    for statement in (update(audit_events).values(reason="tampered"), delete(audit_events)):
+        with pytest.raises(DBAPIError, match="append-only"):
+            async with gateway.runtime.engine.begin() as conn:
+                await conn.execute(statement)
+    async with gateway.runtime.engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(audit_events)) == before
+        assert not await conn.scalar(select(func.count()).where(audit_events.c.reason == "tampered"))
+
+
+async def test_audit_table_refuses_update_and_delete_on_sqlite(gateway: Any, auth_headers: Any) -> None:
+    await random_writes(gateway, auth_headers("admin"), 3, seed=1)
+    await check_append_only(gateway)
+
+
+async def test_denied_requests_exports_and_sensitive_reads_are_audited(gateway: Any, auth_headers: Any) -> None:
+    gateway.store.put("quotes", {"id": "q1", "owner_id": "x", "discount_total": {"amount": "5", "currency": "CNY"}})
+    gateway.store.put("leads", {"id": "l1", "owner_id": "x", "name": "n"})
+    rep = auth_headers("sales_rep", sub=ME)
+    assert (await gateway.client.delete("/api/v1/fake/leads/l1", headers=rep)).status_code == 403
+    assert (await gateway.client.patch("/api/v1/fake/leads/l1", json={}, headers=rep)).status_code == 404
+    assert (await gateway.client.get("/api/v1/exports/leads", headers=rep)).status_code == 403
+    admin = auth_headers("admin", sub="boss")
+    assert (await gateway.client.get("/api/v1/fake/quotes/q1", headers=admin)).status_code == 200
+    assert (await gateway.client.get("/api/v1/exports/leads", headers=admin)).status_code == 200
+    marketing = auth_headers("marketing", sub="m1")
+    leads = await gateway.client.get("/api/v1/fake/leads?email=x", headers=marketing)
+    assert leads.status_code == 403
+
+    rows = await all_audit_rows(gateway)
+    denied = [row for row in rows if row["action"] == "denied"]
+    assert {(row["actor"]["user_id"], row["resource"], row["status_code"]) for row in denied} == {
+        (ME, "leads", 403),
+        ("m1", "leads", 403),
+    }
+    assert len(denied) == 3  # delete and export by the rep, the filter by marketing
+    assert any(row["fields"] == ["email"] for row in denied)
+    exports = [row for row in rows if row["action"] == "export"]
+    assert len(exports) == 1 and exports[0]["actor"]["user_id"] == "boss" and "name" in exports[0]["fields"]
+    sensitive = [row for row in rows if row["action"] == "read_sensitive"]
+    assert [(row["record_id"], row["fields"]) for row in sensitive] == [("q1", ["discount_total"])]
+
+
+async def test_a_page_of_sensitive_reads_is_one_audit_row(gateway: Any, auth_headers: Any) -> None:
+    for number in range(5):
+        gateway.store.put(
+            "accounts", {"id": f"a{number}", "owner_id": "x", "credit_limit": {"amount": "1", "currency": "CNY"}}
+        )
+    gateway.store.put("accounts", {"id": "a-no-limit", "owner_id": "x"})
+    response = await gateway.client.get("/api/v1/fake/accounts", headers=auth_headers("admin"))
+    assert len(response.json()["items"]) == 6
+    rows = [row for row in await all_audit_rows(gateway) if row["action"] == "read_sensitive"]
+    assert len(rows) == 1
+    assert rows[0]["fields"] == ["credit_limit"] and rows[0]["record_id"] == ""
+    assert sorted(rows[0]["after"]["record_ids"]) == [f"a{n}" for n in range(5)]
+
+
+async def test_audit_events_api_is_admin_only_and_filters(gateway: Any, auth_headers: Any) -> None:
+    await random_writes(gateway, auth_headers("sales_manager", sub="u-a", team="t-a"), 6, seed=3)
+    await random_writes(gateway, auth_headers("sales_manager", sub="u-b", team=TEAM), 4, seed=4)
+    admin = auth_headers("admin", sub="root")
+    for role in ("sales_manager", "analyst", "finance", "sales_rep"):
+        refused = await gateway.client.get("/api/v1/audit-events", headers=auth_headers(role))
+        assert refused.status_code == 403
+    everything = await gateway.client.get("/api/v1/audit-events?limit=500", headers=admin)
+    assert everything.status_code == 200
+    items = everything.json()["items"]
+    by_a = await gateway.client.get("/api/v1/audit-events?actor=u-a", headers=admin)
+    assert {item["actor"]["user_id"] for item in by_a.json()["items"]} == {"u-a"}
+    assert len(by_a.json()["items"]) == 6
+    first = items[-1]
+    by_record = await gateway.client.get(
+        f"/api/v1/audit-events?resource=leads&record_id={first['record_id']}", headers=admin
+    )
+    assert by_record.json()["items"] and {i["record_id"] for i in by_record.json()["items"]} == {first["record_id"]}
+    creates = await gateway.client.get("/api/v1/audit-events?action=create", headers=admin)
+    assert {i["action"] for i in creates.json()["items"]} == {"create"}
+    future = await gateway.client.get("/api/v1/audit-events?since=2999-01-01T00:00:00Z", headers=admin)
+    assert future.json()["items"] == []
+    past = await gateway.client.get("/api/v1/audit-events?until=2000-01-01T00:00:00Z", headers=admin)
+    assert past.json()["items"] == []
+    # Paging: pages of 3 add up to everything, newest first, no repeats.
+    seen: list[str] = []
+    cursor = ""
+    while True:
+        page = await gateway.client.get(f"/api/v1/audit-events?limit=3&cursor={cursor}", headers=admin)
+        body = page.json()
+        seen += [item["id"] for item in body["items"]]
+        if not body["next_cursor"]:
+            break
+        cursor = body["next_cursor"]
+    assert seen == [item["id"] for item in items if item["id"] in seen]
+    assert len(seen) == len(set(seen)) >= 10
+
+
+async def test_audit_events_reach_kafka(make_gateway: Any, kafka_settings: KafkaSettings, auth_headers: Any) -> None:
+    await ensure_topics(kafka_settings, ["crm.audit.v1"])
+    gateway = await make_gateway()
+    runtime = gateway.runtime
+    runtime.kafka = kafka_settings
+    await runtime.start(migrate=False, relay=True)
+    response = await gateway.client.post(
+        "/api/v1/fake/leads", json={"name": "via kafka"}, headers=auth_headers("sales_rep", sub="u-kafka")
+    )
+    record_id = response.json()["id"]
+    async with EventCollector(kafka_settings.bootstrap_servers, ["crm.audit.v1"]) as collector:
+        records = await collector.wait_for(lambda got: any(r.key == record_id for r in got), timeout=30)
+    record = next(r for r in records if r.key == record_id)
+    assert record.event_type == "crm.audit.record.recorded"
+    event = record.decode(events_pb2.AuditRecorded)
+    assert (event.action, event.resource, event.actor.user_id) == ("create", "leads", "u-kafka")
+
+
+async def test_export_audit_masks_personal_data_in_filters(gateway: Any, auth_headers: Any) -> None:
+    response = await gateway.client.get(
+        "/api/v1/exports/leads?phone=13812345678&status=new", headers=auth_headers("admin")
+    )
+    assert response.status_code == 200
+    (row,) = [row for row in await all_audit_rows(gateway) if row["action"] == "export"]
+    assert "13812345678" not in row["reason"]
+    assert "phone=138****5678" in row["reason"] and "status=new" in row["reason"]
