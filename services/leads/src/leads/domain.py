@@ -1,0 +1,507 @@
+"""Pure rules of the leads context: validation, normalisation, dedupe keys, scoring, assignment,
+state transitions, follow-up SLA and recycling. No I/O here; handlers load, decide with these, write.
+"""
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from crm_platform.errors import Conflict, FieldError, ValidationFailed
+
+SOURCES = ("website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other")
+STATUSES = ("new", "contacted", "qualified", "unqualified", "converted", "recycled")
+# Statuses a caller may set with an update; the others only come from their commands.
+SETTABLE_STATUSES = ("new", "contacted", "qualified")
+OPEN_STATUSES = ("new", "contacted", "qualified", "recycled")
+ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
+# Activities that count as contacting the lead (a note is internal).
+CONTACT_KINDS = frozenset({"call", "email", "meeting", "visit", "wechat"})
+ON_DUPLICATE = ("reject", "merge", "allow")
+STRATEGIES = ("round_robin", "least_loaded")
+GRADES = ("A", "B", "C", "D")
+SCORING_OPERATORS = ("equals", "not_equals", "contains", "in", "present", "absent", "gte", "lte")
+SCORING_FIELDS = (
+    "name",
+    "company",
+    "title",
+    "phone",
+    "email",
+    "source",
+    "source_detail",
+    "region",
+    "industry",
+    "tags",
+    "campaign_id",
+)
+TEXT_FIELDS = ("name", "company", "title", "region", "industry", "team", "owner_id", "campaign_id")
+MAX_TEXT = 200
+MAX_TAGS = 50
+
+# The import's built-in source table: values seen in real lead exports (Leads.csv of X Education
+# among them), lower-cased, onto the SPEC's source enum. The original value is kept in
+# `source_detail`, so nothing of the file is lost and counts can be compared on either.
+SOURCE_ALIASES: Mapping[str, str] = {
+    "google": "website",
+    "bing": "website",
+    "organic search": "website",
+    "direct traffic": "website",
+    "welingak website": "website",
+    "welearn": "website",
+    "welearnblog_home": "website",
+    "blog": "website",
+    "olark chat": "website",
+    "live chat": "website",
+    "referral sites": "referral",
+    "reference": "referral",
+    "facebook": "ad",
+    "social media": "ad",
+    "youtubechannel": "ad",
+    "pay per click ads": "ad",
+    "click2call": "phone",
+    "nc_edm": "email",
+    "press_release": "other",
+    "testone": "other",
+    "web form": "webform",
+    "landing page": "webform",
+    "trade show": "event",
+    "seminar": "event",
+    "weixin": "wechat",
+    "微信": "wechat",
+}
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_PHONE_ALLOWED = re.compile(r"^\+?[\d\s\-().]+$")
+
+
+def normalise_email(raw: str) -> str:
+    """Trimmed, lower-cased; raises ValueError when it is not an address."""
+    value = raw.strip().lower()
+    if len(value) > 254 or not _EMAIL.match(value):
+        raise ValueError(f"{raw!r} is not an email address")
+    return value
+
+
+def normalise_phone(raw: str, default_country: str = "86") -> str:
+    """E.164 digits with country code, without '+': '138 0013 8000' -> '8613800138000'.
+
+    '+' or '00' starts an international number; a national number gets `default_country`
+    (a leading trunk '0' dropped). Raises ValueError on letters or an implausible length.
+    """
+    value = raw.strip()
+    if not value or not _PHONE_ALLOWED.match(value):
+        raise ValueError(f"{raw!r} is not a phone number")
+    digits = re.sub(r"\D", "", value)
+    if value.startswith("+"):
+        national = ""
+    elif digits.startswith("00"):
+        digits, national = digits[2:], ""
+    else:
+        national = digits.lstrip("0") if digits.startswith("0") else digits
+    full = default_country + national if national else digits
+    if not 8 <= len(full) <= 15:
+        raise ValueError(f"{raw!r} has {len(digits)} digits, not a phone number")
+    return full
+
+
+def map_source(raw: str, extra: Mapping[str, str] | None = None, default: str = "import") -> tuple[str, str]:
+    """(source enum, original value) for an imported source value; unknown values are `other`."""
+    value = raw.strip()
+    if not value:
+        return default, ""
+    key = value.lower()
+    if extra and value in extra:
+        return extra[value], value
+    if key in SOURCES:
+        return key, value
+    return SOURCE_ALIASES.get(key, "other"), value
+
+
+def clean_tags(tags: Iterable[str]) -> list[str]:
+    """Trimmed, non-empty, unique, in first-seen order."""
+    seen: dict[str, None] = {}
+    for tag in tags:
+        tag = tag.strip()
+        if tag:
+            seen.setdefault(tag, None)
+    return list(seen)
+
+
+@dataclass(slots=True)
+class CleanLead:
+    """Validated, normalised input for one lead (only the fields that were given)."""
+
+    values: dict[str, Any]
+    email_norm: str | None = None
+    phone_norm: str | None = None
+
+
+def validate_lead(
+    data: Mapping[str, Any], *, partial: bool = False, prefix: str = "", default_country: str = "86"
+) -> CleanLead:
+    """Validates and normalises lead input, naming every offending field.
+
+    `partial` (an update) checks only the fields present; a create needs something that
+    identifies the lead: a name, company, email, phone or external id.
+    """
+    errors: list[FieldError] = []
+    values: dict[str, Any] = {}
+    email_norm = phone_norm = None
+
+    def err(name: str, message: str) -> None:
+        errors.append(FieldError(prefix + name, message))
+
+    for name in (*TEXT_FIELDS, "title", "external_id", "source_detail"):
+        if name in data:
+            text = str(data[name] or "").strip()
+            if len(text) > MAX_TEXT:
+                err(name, f"longer than {MAX_TEXT} characters")
+            values[name] = text
+    if "email" in data:
+        raw = str(data["email"] or "").strip()
+        values["email"] = raw
+        if raw:
+            try:
+                email_norm = normalise_email(raw)
+                values["email"] = email_norm
+            except ValueError as exc:
+                err("email", str(exc))
+    if "phone" in data:
+        raw = str(data["phone"] or "").strip()
+        values["phone"] = raw
+        if raw:
+            try:
+                phone_norm = normalise_phone(raw, default_country)
+            except ValueError as exc:
+                err("phone", str(exc))
+    if "source" in data:
+        source = str(data["source"] or "").strip().lower()
+        if source and source not in SOURCES:
+            err("source", f"{data['source']!r} is not one of {', '.join(SOURCES)}")
+        values["source"] = source or "other"
+    if data.get("status"):
+        status = str(data["status"]).strip().lower()
+        if status not in SETTABLE_STATUSES:
+            err("status", f"{data['status']!r} is not one of {', '.join(SETTABLE_STATUSES)}")
+        values["status"] = status
+    if "tags" in data:
+        tags = clean_tags(data["tags"] or [])
+        if len(tags) > MAX_TAGS:
+            err("tags", f"more than {MAX_TAGS} tags")
+        values["tags"] = tags
+    if "custom" in data:
+        custom = data["custom"] or {}
+        if not isinstance(custom, Mapping):
+            err("custom", "must be an object")
+        else:
+            values["custom"] = dict(custom)
+    if not partial and not any(values.get(k) for k in ("name", "company", "email", "phone", "external_id")):
+        err("name", "a lead needs a name, company, email, phone or external_id")
+    if partial and "name" in values and not values["name"] and not data.get("company"):
+        err("name", "must not be empty")
+    if errors:
+        raise ValidationFailed(errors)
+    return CleanLead(values, email_norm, phone_norm)
+
+
+def merge_into(existing: Mapping[Any, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """What `on_duplicate=merge` changes: empty fields filled from the input, tags appended."""
+    changes: dict[str, Any] = {}
+    for name, value in incoming.items():
+        if name in ("tags", "custom", "status", "owner_id", "team"):
+            continue
+        if value and not existing.get(name):
+            changes[name] = value
+    new_tags = clean_tags([*(existing.get("tags") or []), *(incoming.get("tags") or [])])
+    if new_tags != list(existing.get("tags") or []):
+        changes["tags"] = new_tags
+    incoming_custom = incoming.get("custom") or {}
+    existing_custom = dict(existing.get("custom") or {})
+    added = {k: v for k, v in incoming_custom.items() if k not in existing_custom}
+    if added:
+        changes["custom"] = {**existing_custom, **added}
+    return changes
+
+
+# --- state transitions -------------------------------------------------------------------------
+
+
+def ensure_open(status: str, action: str) -> None:
+    if status not in OPEN_STATUSES:
+        raise Conflict(f"cannot {action} a lead in status {status}", reason="ILLEGAL_TRANSITION")
+
+
+def status_after_activity(status: str, kind: str) -> str:
+    """A contact activity moves a new (or recycled) lead to `contacted`; other statuses stay."""
+    if kind in CONTACT_KINDS and status in ("new", "recycled"):
+        return "contacted"
+    return status
+
+
+def check_status_change(current: str, new: str) -> None:
+    """Updates may move between new, contacted and qualified of an open lead only."""
+    if new == current:
+        return
+    if current not in OPEN_STATUSES or new not in SETTABLE_STATUSES:
+        raise Conflict(f"cannot change status from {current} to {new}", reason="ILLEGAL_TRANSITION")
+
+
+def status_after_claim(first_contacted_at: datetime | None) -> str:
+    return "contacted" if first_contacted_at else "new"
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringRule:
+    id: str
+    points: int
+    field: str = ""
+    operator: str = ""
+    value: str = ""
+    activity_kind: str = ""
+    min_count: int = 0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    a: int = 80
+    b: int = 60
+    c: int = 40
+
+
+def validate_scoring_rule(rule: ScoringRule, name: str) -> None:
+    errors: list[FieldError] = []
+    if not name.strip():
+        errors.append(FieldError("name", "must not be empty"))
+    if not -100 <= rule.points <= 100:
+        errors.append(FieldError("points", "must be between -100 and 100"))
+    if rule.activity_kind:
+        if rule.activity_kind not in (*ACTIVITY_KINDS, "any"):
+            errors.append(FieldError("activity_kind", f"{rule.activity_kind!r} is not an activity kind or 'any'"))
+        if rule.min_count < 1:
+            errors.append(FieldError("min_count", "must be at least 1 for an activity rule"))
+        if rule.field:
+            errors.append(FieldError("field", "a rule is either a field condition or an activity count"))
+    else:
+        if not (rule.field in SCORING_FIELDS or rule.field.startswith("custom.")):
+            errors.append(FieldError("field", f"{rule.field!r} is not a scorable field"))
+        if rule.operator not in SCORING_OPERATORS:
+            errors.append(FieldError("operator", f"{rule.operator!r} is not one of {', '.join(SCORING_OPERATORS)}"))
+        if rule.operator in ("gte", "lte"):
+            try:
+                float(rule.value)
+            except ValueError:
+                errors.append(FieldError("value", "must be a number for gte/lte"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def validate_thresholds(t: Thresholds) -> None:
+    if not 0 <= t.c <= t.b <= t.a <= 100:
+        raise ValidationFailed([FieldError("thresholds", "need 0 <= c <= b <= a <= 100")])
+
+
+def _field_value(lead: Mapping[str, Any], name: str) -> Any:
+    if name.startswith("custom."):
+        return (lead.get("custom") or {}).get(name.removeprefix("custom."))
+    return lead.get(name)
+
+
+def _as_number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def rule_matches(rule: ScoringRule, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> bool:
+    if rule.activity_kind:
+        count = (
+            sum(activity_counts.values()) if rule.activity_kind == "any" else activity_counts.get(rule.activity_kind, 0)
+        )
+        return count >= rule.min_count
+    actual = _field_value(lead, rule.field)
+    expected = rule.value.strip().lower()
+    if isinstance(actual, list):
+        texts = [str(v).lower() for v in actual]
+    else:
+        texts = [] if actual in (None, "") else [str(actual).lower()]
+    match rule.operator:
+        case "present":
+            return bool(texts)
+        case "absent":
+            return not texts
+        case "equals":
+            return expected in texts
+        case "not_equals":
+            return expected not in texts
+        case "contains":
+            return any(expected in t for t in texts)
+        case "in":
+            options = {v.strip().lower() for v in rule.value.split(",")}
+            return any(t in options for t in texts)
+        case "gte" | "lte":
+            number = _as_number(actual)
+            if number is None:
+                return False
+            limit = float(rule.value)
+            return number >= limit if rule.operator == "gte" else number <= limit
+    return False
+
+
+def compute_score(
+    lead: Mapping[str, Any], activity_counts: Mapping[str, int], rules: Sequence[ScoringRule]
+) -> tuple[int, list[str]]:
+    """Sum of the matching rules' points, capped to 0..100, and the ids of those rules."""
+    matched = [r for r in rules if r.enabled and rule_matches(r, lead, activity_counts)]
+    total = sum(r.points for r in matched)
+    return max(0, min(100, total)), [r.id for r in matched]
+
+
+def grade_for(score: int, t: Thresholds) -> str:
+    if score >= t.a:
+        return "A"
+    if score >= t.b:
+        return "B"
+    if score >= t.c:
+        return "C"
+    return "D"
+
+
+# --- assignment ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRule:
+    id: str
+    position: int
+    user_ids: tuple[str, ...]
+    strategy: str = "round_robin"
+    team: str = ""
+    regions: frozenset[str] = frozenset()
+    industries: frozenset[str] = frozenset()
+    sources: frozenset[str] = frozenset()
+    min_score: int = 0
+    max_score: int = 0
+    capacity: int = 0
+    enabled: bool = True
+
+
+def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
+    errors: list[FieldError] = []
+    if not name.strip():
+        errors.append(FieldError("name", "must not be empty"))
+    if rule.strategy not in STRATEGIES:
+        errors.append(FieldError("strategy", f"{rule.strategy!r} is not one of {', '.join(STRATEGIES)}"))
+    if not rule.user_ids:
+        errors.append(FieldError("user_ids", "a rule assigns to at least one user"))
+    bad_sources = sorted(rule.sources - set(SOURCES))
+    if bad_sources:
+        errors.append(FieldError("sources", f"unknown sources {', '.join(bad_sources)}"))
+    if rule.capacity < 0:
+        errors.append(FieldError("capacity", "must not be negative"))
+    if not 0 <= rule.min_score <= 100 or not 0 <= rule.max_score <= 100:
+        errors.append(FieldError("min_score", "scores are between 0 and 100"))
+    elif rule.max_score and rule.max_score < rule.min_score:
+        errors.append(FieldError("max_score", "must not be below min_score"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def _casefold_in(value: str, options: frozenset[str]) -> bool:
+    return not options or value.lower() in {o.lower() for o in options}
+
+
+def assignment_rule_matches(rule: AssignmentRule, lead: Mapping[str, Any]) -> bool:
+    score = int(lead.get("score") or 0)
+    return (
+        rule.enabled
+        and _casefold_in(str(lead.get("region") or ""), rule.regions)
+        and _casefold_in(str(lead.get("industry") or ""), rule.industries)
+        and _casefold_in(str(lead.get("source") or ""), rule.sources)
+        and score >= rule.min_score
+        and (not rule.max_score or score <= rule.max_score)
+    )
+
+
+def first_matching_rule(rules: Sequence[AssignmentRule], lead: Mapping[str, Any]) -> AssignmentRule | None:
+    for rule in sorted(rules, key=lambda r: r.position):
+        if assignment_rule_matches(rule, lead):
+            return rule
+    return None
+
+
+def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str | None) -> str | None:
+    """The rep who gets the lead, or None when every rep is at capacity.
+
+    round_robin: the next rep after `last_user` in list order with room; least_loaded: the rep with
+    the fewest open leads (ties in list order). `loads` counts each rep's open leads.
+    """
+    users = list(rule.user_ids)
+    eligible = [u for u in users if not rule.capacity or loads.get(u, 0) < rule.capacity]
+    if not eligible:
+        return None
+    if rule.strategy == "least_loaded":
+        return min(eligible, key=lambda u: (loads.get(u, 0), users.index(u)))
+    start = users.index(last_user) + 1 if last_user in users else 0
+    for offset in range(len(users)):
+        candidate = users[(start + offset) % len(users)]
+        if candidate in eligible:
+            return candidate
+    return None
+
+
+# --- follow-up SLA and recycling ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FollowUpPolicy:
+    first_contact_hours: float = 2.0
+    recycle_after_days: float = 3.0
+    pool_claim_limit: int = 20
+
+    def first_contact_due(self, assigned_at: datetime) -> datetime:
+        return assigned_at + timedelta(hours=self.first_contact_hours)
+
+    def recycle_cutoff(self, now: datetime) -> datetime:
+        """Leads whose last activity (or assignment, if none) is before this are recycled."""
+        return now - timedelta(days=self.recycle_after_days)
+
+
+def is_first_contact_overdue(
+    *, status: str, owner_id: str, first_contacted_at: datetime | None, due_at: datetime | None, now: datetime
+) -> bool:
+    return bool(owner_id) and status in ("new",) and first_contacted_at is None and due_at is not None and due_at <= now
+
+
+def is_recyclable(
+    *,
+    status: str,
+    owner_id: str,
+    assigned_at: datetime | None,
+    last_activity_at: datetime | None,
+    policy: FollowUpPolicy,
+    now: datetime,
+) -> bool:
+    """An owned new or contacted lead nobody has worked for N days returns to the pool.
+
+    Qualified leads stay with their owner (someone is converting them); closed ones never move.
+    """
+    if not owner_id or assigned_at is None or status not in ("new", "contacted"):
+        return False
+    last_touch = max(assigned_at, last_activity_at) if last_activity_at else assigned_at
+    return last_touch <= policy.recycle_cutoff(now)
+
+
+@dataclass(slots=True)
+class ImportCounters:
+    rows_seen: int = 0
+    accepted: int = 0
+    merged: int = 0
+    rejected: int = 0
+    skipped: int = 0
+    rejected_rows: list[tuple[int, str, str]] = field(default_factory=list)

@@ -1,0 +1,1977 @@
+"""Use cases of the leads service. Each loads, decides with `domain`, writes and publishes its
+events in one unit of work; the servicer only translates gRPC to these calls and back."""
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, Protocol
+
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import events_pb2
+from crm_platform import custom_fields as cf
+from crm_platform.db import insert_ignore
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    CrmError,
+    FieldError,
+    NotFound,
+    PermissionDenied,
+    StaleVersion,
+    Unavailable,
+    ValidationFailed,
+)
+from crm_platform.ids import new_id
+from crm_platform.money import Money
+from crm_platform.outbox import PendingEvent, Transaction, UnitOfWork, outbox_rows, outbox_table
+from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
+from crm_platform.principal import (
+    ALL_RECORDS,
+    Principal,
+    ScopeKind,
+    acting_as,
+    current_principal,
+    current_request_id,
+    current_scope,
+)
+from crm_platform.timeutil import utcnow
+from sqlalchemy import Select, delete, func, insert, or_, select, update
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from leads import domain
+from leads import repository as repo
+from leads.config import LeadsSettings
+from leads.db_ops import bulk_insert
+from leads.domain import AssignmentRule, FollowUpPolicy, ScoringRule, Thresholds
+from leads.importing import ParserState, RowMapper, StreamParser
+from leads.messages import activity_to_proto, campaign_to_proto, lead_to_proto
+
+LEAD = "lead"
+
+
+class RateLimited(CrmError):
+    """Too many requests (HTTP 429); `retry_after` seconds until the window reopens."""
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+def actor(principal: Principal) -> common_pb2.Actor:
+    return common_pb2.Actor(user_id=principal.user_id, kind=principal.kind)
+
+
+# --- idempotency -------------------------------------------------------------------------------
+
+
+async def recall(conn: AsyncConnection, operation: str, key: str, principal: Principal) -> dict[str, Any] | None:
+    if not key:
+        return None
+    stored = await conn.scalar(
+        select(repo.idempotency.c.response).where(
+            repo.idempotency.c.operation == operation,
+            repo.idempotency.c.principal_id == principal.user_id,
+            repo.idempotency.c.key == key,
+        )
+    )
+    return None if stored is None else dict(json.loads(stored))
+
+
+async def remember(
+    conn: AsyncConnection, operation: str, key: str, principal: Principal, result: Mapping[Any, Any], now: datetime
+) -> None:
+    if key:
+        await conn.execute(
+            insert(repo.idempotency).values(
+                operation=operation,
+                key=key,
+                principal_id=principal.user_id,
+                response=json.dumps(dict(result)).encode(),
+                created_at=now,
+            )
+        )
+
+
+# --- cached rules ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Rules:
+    scoring: list[ScoringRule] = field(default_factory=list)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    assignment: list[AssignmentRule] = field(default_factory=list)
+    custom_fields: list[cf.FieldDefinition] = field(default_factory=list)
+
+
+class RulesCache:
+    """Scoring and assignment rules per replica, reloaded after `ttl` seconds or on a local change."""
+
+    def __init__(self, engine: AsyncEngine, ttl: float) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self._rules: Rules | None = None
+        self._loaded_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def invalidate(self) -> None:
+        self._rules = None
+
+    async def get(self) -> Rules:
+        if self._rules is not None and time.monotonic() - self._loaded_at < self.ttl:
+            return self._rules
+        async with self._lock:
+            if self._rules is None or time.monotonic() - self._loaded_at >= self.ttl:
+                async with self.engine.connect() as conn:
+                    self._rules = await load_rules(conn)
+                self._loaded_at = time.monotonic()
+            return self._rules
+
+
+async def load_rules(conn: AsyncConnection) -> Rules:
+    scoring = [
+        ScoringRule(
+            id=r.id,
+            points=r.points,
+            field=r.field,
+            operator=r.operator,
+            value=r.value,
+            activity_kind=r.activity_kind,
+            min_count=r.min_count,
+            enabled=r.enabled,
+        )
+        for r in await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))
+    ]
+    settings_row = (await conn.execute(select(repo.settings_table))).first()
+    thresholds = (
+        Thresholds(settings_row.grade_a, settings_row.grade_b, settings_row.grade_c) if settings_row else Thresholds()
+    )
+    assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
+    definitions = [definition_of(r._mapping) for r in await conn.execute(select(repo.custom_fields))]
+    return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions)
+
+
+def definition_of(row: Mapping[Any, Any]) -> cf.FieldDefinition:
+    return cf.FieldDefinition(
+        entity="lead",
+        key=row["key"],
+        label=row["label"],
+        type=cf.FieldType(row["type"]),
+        required=row["required"],
+        options=tuple(row["options"]),
+        pii=row["pii"],
+        version=row["version"],
+    )
+
+
+def checked_custom(
+    definitions: Sequence[cf.FieldDefinition], values: Mapping[str, Any], *, partial: bool, lenient: bool = False
+) -> dict[str, Any]:
+    """Custom values validated against the definitions (422 naming `custom.<key>`), in stored form.
+
+    `lenient` (imports, web forms) keeps keys without a definition as given, so no column of a
+    file or field of a form is lost; the defined keys are still checked.
+    """
+    by_key = {d.key for d in definitions}
+    checked = {k: v for k, v in values.items() if k in by_key} if lenient else dict(values)
+    errors = cf.validate(definitions, checked, partial=partial)
+    if errors:
+        raise ValidationFailed(errors)
+    extra = {k: v for k, v in values.items() if k not in by_key} if lenient else {}
+    return {**extra, **cf.coerce(definitions, checked)}
+
+
+def assignment_rule_of(row: Mapping[Any, Any]) -> AssignmentRule:
+    return AssignmentRule(
+        id=row["id"],
+        position=row["position"],
+        user_ids=tuple(row["user_ids"]),
+        strategy=row["strategy"],
+        team=row["team"],
+        regions=frozenset(row["regions"]),
+        industries=frozenset(row["industries"]),
+        sources=frozenset(row["sources"]),
+        min_score=row["min_score"],
+        max_score=row["max_score"],
+        capacity=row["capacity"],
+        enabled=row["enabled"],
+    )
+
+
+# --- conversion ports (accounts and sales services) ---------------------------------------------
+
+
+class ConversionPorts(Protocol):
+    """What conversion needs from the accounts and sales services (gRPC in production)."""
+
+    async def get_account(self, account_id: str) -> None: ...
+
+    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str: ...
+
+    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str: ...
+
+    async def create_opportunity(
+        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: "ConvertRequest"
+    ) -> str: ...
+
+    async def delete_contact(self, contact_id: str) -> None: ...
+
+    async def delete_account(self, account_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertRequest:
+    lead_id: str
+    account_id: str = ""
+    account_name: str = ""
+    create_opportunity: bool = False
+    opportunity_name: str = ""
+    opportunity_amount: Money | None = None
+    pipeline_id: str = ""
+    expected_close_date: date | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    lead: RowMapping
+    account_id: str
+    contact_id: str
+    opportunity_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImportOptions:
+    mapper: RowMapper
+    on_duplicate: str = "reject"
+    assign: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImportSpec:
+    import_id: str
+    format: str
+    options: ImportOptions
+    part: int = 0
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRowOutcome:
+    row: int
+    status: str
+    lead_id: str = ""
+    reason: str = ""
+    field: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportPartResult:
+    lead_import: RowMapping
+    outcomes: list[ImportRowOutcome]
+    skipped: int
+
+
+def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
+    keys = []
+    if clean.email_norm:
+        keys.append(f"email:{clean.email_norm}")
+    if clean.phone_norm:
+        keys.append(f"phone:{clean.phone_norm}")
+    if clean.values.get("external_id"):
+        keys.append(f"external_id:{clean.values['external_id']}")
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityInput:
+    lead_id: str
+    kind: str
+    outcome: str = ""
+    notes: str = ""
+    occurred_at: datetime | None = None
+    next_follow_up_at: datetime | None = None
+    idempotency_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LeadFilters:
+    statuses: Sequence[str] = ()
+    sources: Sequence[str] = ()
+    owner_id: str = ""
+    team: str = ""
+    region: str = ""
+    industry: str = ""
+    grade: str = ""
+    campaign_id: str = ""
+    tag: str = ""
+    q: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    source_detail: str = ""
+    in_pool: bool | None = None
+    min_score: int = 0
+
+
+SORTS = {
+    "created_at": repo.leads.c.id,
+    "updated_at": repo.leads.c.updated_at,
+    "score": repo.leads.c.score,
+    "name": repo.leads.c.name,
+}
+
+
+def _lead_values_for_rules(lead: Mapping[Any, Any]) -> dict[str, Any]:
+    return dict(lead)
+
+
+class LeadsService:
+    """The use cases. `clock` is injectable so timers can be tested without waiting."""
+
+    def __init__(
+        self,
+        *,
+        engine: AsyncEngine,
+        uow: UnitOfWork,
+        settings: LeadsSettings,
+        ports: ConversionPorts | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.uow = uow
+        self.settings = settings
+        self.ports = ports
+        self.clock = clock
+        self.rules = RulesCache(engine, settings.rules_cache_seconds)
+        self.outbox = outbox_table(repo.metadata)
+        self.policy: FollowUpPolicy = settings.follow_up_policy()
+
+    # --- shared steps -----------------------------------------------------------------------
+
+    async def _visible_lead(self, conn: AsyncConnection, lead_id: str, *, for_update: bool = False) -> RowMapping:
+        query = select(repo.leads).where(repo.leads.c.id == lead_id, repo.lead_scope_clause(current_scope()))
+        if for_update:
+            query = query.with_for_update()
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound(LEAD, lead_id)
+        return row
+
+    async def _check_campaign(self, conn: AsyncConnection, campaign_id: str, field_name: str = "campaign_id") -> None:
+        if (
+            campaign_id
+            and await conn.scalar(select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)) is None
+        ):
+            raise ValidationFailed([FieldError(field_name, f"campaign {campaign_id} does not exist")])
+
+    def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
+        score, matched = domain.compute_score(lead, counts, rules.scoring)
+        return score, domain.grade_for(score, rules.thresholds), matched
+
+    async def _pick_by_rules(
+        self, conn: AsyncConnection, rules: Rules, lead: Mapping[Any, Any], *, move_pointer: bool = True
+    ) -> tuple[str, str, str] | None:
+        """(owner, team, rule id) from the first matching rule, or None for the pool.
+
+        The rule row is locked so concurrent assignments rotate the round-robin pointer in turn;
+        with `move_pointer=False` the caller moves it (in its own insert statement).
+        """
+        rule = domain.first_matching_rule(rules.assignment, lead)
+        if rule is None:
+            return None
+        needs_loads = rule.capacity > 0 or rule.strategy == "least_loaded"
+        last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=needs_loads)
+        if last is None:  # deleted since the cache was loaded
+            return None
+        user = domain.pick_assignee(rule, loads, last)
+        if user is None:
+            return None
+        if move_pointer:
+            await conn.execute(
+                update(repo.assignment_rules).where(repo.assignment_rules.c.id == rule.id).values(last_user_id=user)
+            )
+        return user, rule.team, rule.id
+
+    def _assignment_values(self, owner_id: str, team: str, first_contacted: bool, now: datetime) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "owner_id": owner_id,
+            "assigned_at": now,
+            "in_pool": False,
+            "follow_up_overdue": False,
+            "first_contact_due_at": None if first_contacted else self.policy.first_contact_due(now),
+        }
+        if team:
+            values["team"] = team
+        return values
+
+    def _first_contact_task(self, lead_id: str, owner_id: str, now: datetime) -> dict[str, Any]:
+        return {
+            "id": new_id(),
+            "lead_id": lead_id,
+            "kind": "first_contact",
+            "owner_id": owner_id,
+            "due_at": self.policy.first_contact_due(now),
+            "status": "open",
+            "created_at": now,
+            "completed_at": None,
+        }
+
+    async def _close_tasks(self, conn: AsyncConnection, lead_id: str, status: str, now: datetime) -> None:
+        await conn.execute(
+            update(repo.tasks)
+            .where(repo.tasks.c.lead_id == lead_id, repo.tasks.c.status == "open")
+            .values(status=status, completed_at=now)
+        )
+
+    async def _rescore(self, tx: Transaction, lead: Mapping[Any, Any], now: datetime) -> dict[str, Any]:
+        """Recomputes the score; writes history and publishes `lead.scored` when it changed."""
+        rules = await self.rules.get()
+        counts = await repo.activity_counts(tx.conn, lead["id"])
+        score, grade, matched = self._score(rules, lead, counts)
+        if score == lead["score"] and grade == lead["grade"]:
+            return {}
+        await tx.conn.execute(
+            insert(repo.score_history).values(
+                id=new_id(),
+                lead_id=lead["id"],
+                previous_score=lead["score"],
+                score=score,
+                previous_grade=lead["grade"],
+                grade=grade,
+                matched_rule_ids=matched,
+                changed_at=now,
+            )
+        )
+        tx.publish(
+            events_pb2.LeadScored(
+                lead_id=lead["id"],
+                previous_score=lead["score"],
+                score=score,
+                previous_grade=lead["grade"],
+                grade=grade,
+                matched_rule_ids=matched,
+            ),
+            key=lead["id"],
+        )
+        return {"score": score, "grade": grade}
+
+    async def _write(self, conn: AsyncConnection, lead_id: str, values: Mapping[Any, Any]) -> RowMapping:
+        row = (
+            (
+                await conn.execute(
+                    update(repo.leads)
+                    .where(repo.leads.c.id == lead_id)
+                    .values(**values, version=repo.leads.c.version + 1)
+                    .returning(repo.leads)
+                )
+            )
+            .mappings()
+            .one()
+        )
+        return row
+
+    # --- capture ----------------------------------------------------------------------------
+
+    async def create_lead(
+        self,
+        data: Mapping[Any, Any],
+        *,
+        on_duplicate: str = "reject",
+        idempotency_key: str = "",
+        defaults: Mapping[Any, Any] | None = None,
+        lenient_custom: bool = False,
+    ) -> tuple[RowMapping, bool]:
+        """Creates a lead (or merges it into its open duplicate); returns (lead, merged)."""
+        on_duplicate = on_duplicate or "reject"
+        if on_duplicate not in domain.ON_DUPLICATE:
+            raise ValidationFailed([FieldError("on_duplicate", f"{on_duplicate!r} is not one of reject, merge, allow")])
+        clean = domain.validate_lead(data, default_country=self.settings.default_country_code)
+        principal = current_principal()
+        now = self.clock()
+        rules = await self.rules.get()
+        if rules.custom_fields or clean.values.get("custom"):
+            clean.values["custom"] = checked_custom(
+                rules.custom_fields, clean.values.get("custom") or {}, partial=False, lenient=lenient_custom
+            )
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            earlier = await recall(conn, "create_lead", idempotency_key, principal)
+            if earlier is not None:
+                return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
+            await self._check_campaign(conn, clean.values.get("campaign_id", ""))
+            duplicate_id, contact_id = await repo.dedupe_probe(
+                conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm, check_duplicates=on_duplicate != "allow"
+            )
+            if duplicate_id is not None:
+                if on_duplicate == "reject":
+                    raise AlreadyExists(
+                        f"an open lead with this email or phone exists: {duplicate_id}", existing_id=duplicate_id
+                    )
+                duplicate = await repo.load_lead(conn, duplicate_id, for_update=True)
+                assert duplicate is not None  # the key lock keeps it
+                merged = await self._merge(tx, duplicate, clean, principal, now)
+                await remember(
+                    conn, "create_lead", idempotency_key, principal, {"lead_id": merged["id"], "merged": True}, now
+                )
+                return merged, True
+            row = await self._insert_lead(tx, clean, principal, now, rules, defaults or {}, contact_id)
+            await remember(
+                conn, "create_lead", idempotency_key, principal, {"lead_id": row["id"], "merged": False}, now
+            )
+            return row, False
+
+    async def _merge(
+        self, tx: Transaction, existing: RowMapping, clean: domain.CleanLead, principal: Principal, now: datetime
+    ) -> RowMapping:
+        changes = domain.merge_into(existing, clean.values)
+        if clean.phone_norm and not existing["phone_norm"] and "phone" in changes:
+            changes["phone_norm"] = clean.phone_norm
+        if clean.email_norm and not existing["email_norm"] and "email" in changes:
+            changes["email_norm"] = clean.email_norm
+        if not changes:
+            return existing
+        row = await self._write(tx.conn, existing["id"], {**changes, "updated_at": now})
+        scored = await self._rescore(tx, row, now)
+        if scored:
+            row = await self._write(tx.conn, row["id"], scored)
+        tx.publish(
+            events_pb2.LeadUpdated(lead=lead_to_proto(row), changed_fields=sorted(changes), actor=actor(principal)),
+            key=row["id"],
+        )
+        return row
+
+    async def _insert_lead(
+        self,
+        tx: Transaction,
+        clean: domain.CleanLead,
+        principal: Principal,
+        now: datetime,
+        rules: Rules,
+        defaults: Mapping[Any, Any],
+        contact_id: str,
+    ) -> RowMapping:
+        conn = tx.conn
+        values: dict[str, Any] = {
+            "name": "",
+            "company": "",
+            "title": "",
+            "phone": "",
+            "email": "",
+            "source": "other",
+            "source_detail": "",
+            "campaign_id": "",
+            "region": "",
+            "industry": "",
+            "owner_id": "",
+            "team": "",
+            "tags": [],
+            "custom": {},
+            "external_id": "",
+        }
+        values.update({k: v for k, v in defaults.items() if v})
+        values.update({k: v for k, v in clean.values.items() if v not in (None, "") or k not in defaults})
+        if not values["team"] and principal.kind == "user":
+            values["team"] = principal.team
+        status = values.pop("status", None) or "new"
+        lead_id = new_id()
+        values.update(
+            id=lead_id,
+            status=status,
+            email_norm=clean.email_norm,
+            phone_norm=clean.phone_norm,
+            matched_contact_id=contact_id,
+            created_at=now,
+            updated_at=now,
+            version=1,
+            in_pool=False,
+            follow_up_overdue=False,
+        )
+        score, grade, matched = self._score(rules, values, {})
+        values.update(score=score, grade=grade)
+        rule_id = ""
+        pointer = None
+        if values["owner_id"]:
+            values.update(self._assignment_values(values["owner_id"], "", False, now))
+        else:
+            picked = await self._pick_by_rules(conn, rules, values, move_pointer=False)
+            if picked is None:
+                values["in_pool"] = True
+            else:
+                owner, team, rule_id = picked
+                pointer = (rule_id, owner)
+                values.update(self._assignment_values(owner, team, False, now))
+        history = {
+            "id": new_id(),
+            "lead_id": lead_id,
+            "previous_score": 0,
+            "score": score,
+            "previous_grade": "",
+            "grade": grade,
+            "matched_rule_ids": matched,
+            "changed_at": now,
+        }
+        task = self._first_contact_task(lead_id, values["owner_id"], now) if values["owner_id"] else None
+        row = await repo.insert_lead_bundle(conn, values, history, task, pointer)
+        message = lead_to_proto(row)
+        tx.publish(events_pb2.LeadCreated(lead=message, actor=actor(principal)), key=lead_id)
+        if row["owner_id"]:
+            tx.publish(events_pb2.LeadAssigned(lead=message, rule_id=rule_id, actor=actor(principal)), key=lead_id)
+        return row
+
+    async def get_lead(self, lead_id: str) -> RowMapping:
+        async with self.engine.connect() as conn:
+            return await self._visible_lead(conn, lead_id)
+
+    async def update_lead(
+        self, lead_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
+    ) -> RowMapping:
+        allowed = {
+            *domain.TEXT_FIELDS,
+            "title",
+            "phone",
+            "email",
+            "source",
+            "source_detail",
+            "tags",
+            "custom",
+            "external_id",
+            "status",
+        }
+        unknown = [p for p in paths if p not in allowed]
+        if unknown:
+            raise ValidationFailed([FieldError(p, "is not a writable lead field") for p in unknown])
+        if not paths:
+            raise ValidationFailed([FieldError("update_mask", "names no field to update")])
+        given = {p: data.get(p) for p in paths}
+        clean = domain.validate_lead(given, partial=True, default_country=self.settings.default_country_code)
+        principal = current_principal()
+        now = self.clock()
+        if "custom" in clean.values:
+            definitions = (await self.rules.get()).custom_fields
+            updates = checked_custom(definitions, clean.values["custom"], partial=True)
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            lead = await self._visible_lead(conn, lead_id, for_update=True)
+            if "custom" in clean.values:  # the keys given are set; an empty value removes its key
+                kept = {k: v for k, v in (lead["custom"] or {}).items() if k not in clean.values["custom"]}
+                clean.values["custom"] = {**kept, **updates}
+            if expected_version and lead["version"] != expected_version:
+                raise StaleVersion(LEAD, lead_id, lead["version"])
+            domain.ensure_open(lead["status"], "update")
+            if "status" in clean.values:
+                domain.check_status_change(lead["status"], clean.values["status"])
+            if "campaign_id" in clean.values:
+                await self._check_campaign(conn, clean.values["campaign_id"])
+            changes = {k: v for k, v in clean.values.items() if lead[k] != v and k != "owner_id"}
+            if "email" in clean.values:
+                changes["email_norm"] = clean.email_norm
+            if "phone" in clean.values:
+                changes["phone_norm"] = clean.phone_norm
+            new_keys = [k for k in (clean.email_norm, clean.phone_norm) if k]
+            if new_keys:
+                duplicate = await repo.find_open_duplicate(
+                    conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm
+                )
+                if duplicate is not None and duplicate["id"] != lead_id:
+                    raise AlreadyExists("another open lead has this email or phone", existing_id=duplicate["id"])
+            new_owner = clean.values.get("owner_id")
+            reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
+            if not changes and not reassign:
+                return lead
+            row = await self._write(conn, lead_id, {**changes, "updated_at": now})
+            if reassign:
+                row = await self._assign_to(tx, row, new_owner or "", "", "", principal, now)
+            scored = await self._rescore(tx, row, now)
+            if scored:
+                row = await self._write(conn, lead_id, scored)
+            if changes:
+                tx.publish(
+                    events_pb2.LeadUpdated(
+                        lead=lead_to_proto(row),
+                        changed_fields=sorted(k for k in changes if not k.endswith("_norm")),
+                        actor=actor(principal),
+                    ),
+                    key=lead_id,
+                )
+            return row
+
+    def _filtered(self, conn: AsyncConnection, query: Select[Any], f: LeadFilters) -> Select[Any]:
+        c = repo.leads.c
+        bad = [s for s in f.statuses if s not in domain.STATUSES]
+        if bad:
+            raise ValidationFailed([FieldError("status", f"{bad[0]!r} is not one of {', '.join(domain.STATUSES)}")])
+        bad = [s for s in f.sources if s not in domain.SOURCES]
+        if bad:
+            raise ValidationFailed([FieldError("source", f"{bad[0]!r} is not one of {', '.join(domain.SOURCES)}")])
+        if f.grade and f.grade not in domain.GRADES:
+            raise ValidationFailed([FieldError("grade", f"{f.grade!r} is not one of A, B, C, D")])
+        if f.statuses:
+            query = query.where(c.status.in_(list(f.statuses)) if len(f.statuses) > 1 else c.status == f.statuses[0])
+        if f.sources:
+            query = query.where(c.source.in_(list(f.sources)) if len(f.sources) > 1 else c.source == f.sources[0])
+        for name in ("owner_id", "team", "region", "industry", "grade", "campaign_id", "source_detail"):
+            value = getattr(f, name)
+            if value:
+                query = query.where(c[name] == value)
+        if f.tag:
+            query = query.where(repo.tag_clause(conn, f.tag))
+        if f.q:
+            pattern = f"%{f.q.lower()}%"
+            query = query.where(
+                or_(func.lower(c.name).like(pattern), func.lower(c.company).like(pattern), c.email_norm.like(pattern))
+            )
+        if f.created_after:
+            query = query.where(c.created_at >= f.created_after)
+        if f.created_before:
+            query = query.where(c.created_at < f.created_before)
+        if f.in_pool is not None:
+            query = query.where(c.in_pool == f.in_pool)
+        if f.min_score:
+            query = query.where(c.score >= f.min_score)
+        return query
+
+    async def list_leads(self, f: LeadFilters, *, limit: int, cursor: str, sort: str) -> tuple[list[RowMapping], str]:
+        size = page_limit(limit)
+        column, descending = parse_sort(sort, SORTS, default="-created_at")
+        async with self.engine.connect() as conn:
+            query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f)
+            query = keyset_page(
+                query, sort_column=column, id_column=repo.leads.c.id, descending=descending, cursor=cursor, limit=size
+            )
+            rows = list((await conn.execute(query)).mappings())
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key=column.name, limit=size)
+
+    async def summarize(
+        self, group_by: str, statuses: Sequence[str], import_id: str
+    ) -> tuple[list[tuple[str, int]], int]:
+        groups = ("source", "source_detail", "status", "grade", "region", "owner_id", "industry", "team", "campaign_id")
+        if group_by not in groups:
+            raise ValidationFailed([FieldError("group_by", f"{group_by!r} is not one of {', '.join(groups)}")])
+        column = repo.leads.c[group_by]
+        query = select(column, func.count()).where(repo.lead_scope_clause(current_scope())).group_by(column)
+        if statuses:
+            query = query.where(repo.leads.c.status.in_(list(statuses)))
+        if import_id:
+            query = query.where(repo.leads.c.import_id == import_id)
+        async with self.engine.connect() as conn:
+            counts = [(str(key or ""), int(n)) for key, n in await conn.execute(query.order_by(column))]
+        return counts, sum(n for _, n in counts)
+
+    # --- activities and tasks ---------------------------------------------------------------
+
+    async def log_activity(self, a: ActivityInput) -> tuple[Mapping[Any, Any], RowMapping]:
+        if a.kind not in domain.ACTIVITY_KINDS:
+            raise ValidationFailed([FieldError("kind", f"{a.kind!r} is not one of {', '.join(domain.ACTIVITY_KINDS)}")])
+        principal = current_principal()
+        now = self.clock()
+        occurred = a.occurred_at or now
+        if occurred > now:
+            raise ValidationFailed([FieldError("occurred_at", "must not be in the future")])
+        if a.next_follow_up_at is not None and a.next_follow_up_at <= occurred:
+            raise ValidationFailed([FieldError("next_follow_up_at", "must be after occurred_at")])
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            earlier = await recall(conn, "log_activity", a.idempotency_key, principal)
+            if earlier is not None:
+                activity = (
+                    (await conn.execute(select(repo.activities).where(repo.activities.c.id == earlier["activity_id"])))
+                    .mappings()
+                    .one()
+                )
+                return activity, await self._visible_lead(conn, a.lead_id)
+            lead = await self._visible_lead(conn, a.lead_id, for_update=True)
+            domain.ensure_open(lead["status"], "log an activity on")
+            new_activity: dict[str, Any] = {
+                "id": new_id(),
+                "lead_id": a.lead_id,
+                "kind": a.kind,
+                "outcome": a.outcome.strip(),
+                "notes": a.notes,
+                "actor_id": principal.user_id,
+                "occurred_at": occurred,
+                "next_follow_up_at": a.next_follow_up_at,
+            }
+            await conn.execute(insert(repo.activities).values(new_activity))
+            contact = a.kind in domain.CONTACT_KINDS
+            changes: dict[str, Any] = {"updated_at": now}
+            if lead["last_activity_at"] is None or occurred > lead["last_activity_at"]:
+                changes["last_activity_at"] = occurred
+            new_status = domain.status_after_activity(lead["status"], a.kind)
+            if new_status != lead["status"]:
+                changes["status"] = new_status
+            if contact and lead["first_contacted_at"] is None:
+                changes.update(first_contacted_at=occurred, follow_up_overdue=False)
+            if contact:
+                await self._close_tasks(conn, a.lead_id, "done", now)
+            if a.next_follow_up_at is not None:
+                await conn.execute(
+                    insert(repo.tasks).values(
+                        id=new_id(),
+                        lead_id=a.lead_id,
+                        kind="follow_up",
+                        owner_id=lead["owner_id"] or principal.user_id,
+                        due_at=a.next_follow_up_at,
+                        status="open",
+                        created_at=now,
+                        completed_at=None,
+                    )
+                )
+            row = await self._write(conn, a.lead_id, changes)
+            scored = await self._rescore(tx, row, now)
+            if scored:
+                row = await self._write(conn, a.lead_id, scored)
+            activity_message = activity_to_proto(new_activity)
+            if contact:
+                tx.publish(
+                    events_pb2.LeadContacted(
+                        lead=lead_to_proto(row), activity=activity_message, actor=actor(principal)
+                    ),
+                    key=a.lead_id,
+                )
+            else:
+                tx.publish(
+                    events_pb2.LeadUpdated(
+                        lead=lead_to_proto(row), changed_fields=["last_activity_at"], actor=actor(principal)
+                    ),
+                    key=a.lead_id,
+                )
+            await remember(conn, "log_activity", a.idempotency_key, principal, {"activity_id": new_activity["id"]}, now)
+            return new_activity, row
+
+    async def list_activities(self, lead_id: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+        size = page_limit(limit)
+        async with self.engine.connect() as conn:
+            await self._visible_lead(conn, lead_id)
+            query = keyset_page(
+                select(repo.activities).where(repo.activities.c.lead_id == lead_id),
+                sort_column=repo.activities.c.id,
+                id_column=repo.activities.c.id,
+                descending=True,
+                cursor=cursor,
+                limit=size,
+            )
+            rows = list((await conn.execute(query)).mappings())
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+
+    async def list_tasks(self, lead_id: str, status: str) -> list[RowMapping]:
+        if status and status not in ("open", "done", "cancelled"):
+            raise ValidationFailed([FieldError("status", "is not one of open, done, cancelled")])
+        async with self.engine.connect() as conn:
+            await self._visible_lead(conn, lead_id)
+            query = select(repo.tasks).where(repo.tasks.c.lead_id == lead_id).order_by(repo.tasks.c.id)
+            if status:
+                query = query.where(repo.tasks.c.status == status)
+            return list((await conn.execute(query)).mappings())
+
+    async def score_history(self, lead_id: str) -> list[RowMapping]:
+        async with self.engine.connect() as conn:
+            await self._visible_lead(conn, lead_id)
+            query = (
+                select(repo.score_history)
+                .where(repo.score_history.c.lead_id == lead_id)
+                .order_by(repo.score_history.c.id)
+            )
+            return list((await conn.execute(query)).mappings())
+
+    # --- assignment, pool, disqualify -------------------------------------------------------
+
+    async def _assign_to(
+        self,
+        tx: Transaction,
+        lead: RowMapping,
+        owner_id: str,
+        team: str,
+        rule_id: str,
+        principal: Principal,
+        now: datetime,
+    ) -> RowMapping:
+        """Gives the lead to `owner_id` (or the pool when empty) with a fresh first-contact SLA."""
+        await self._close_tasks(tx.conn, lead["id"], "cancelled", now)
+        if owner_id:
+            values = self._assignment_values(owner_id, team, lead["first_contacted_at"] is not None, now)
+            if lead["status"] == "recycled":
+                values["status"] = domain.status_after_claim(lead["first_contacted_at"])
+        else:
+            values = {"owner_id": "", "in_pool": True, "first_contact_due_at": None, "follow_up_overdue": False}
+        row = await self._write(tx.conn, lead["id"], {**values, "updated_at": now})
+        if owner_id and row["first_contacted_at"] is None:
+            await tx.conn.execute(insert(repo.tasks).values(self._first_contact_task(lead["id"], owner_id, now)))
+        tx.publish(
+            events_pb2.LeadAssigned(
+                lead=lead_to_proto(row), previous_owner_id=lead["owner_id"], rule_id=rule_id, actor=actor(principal)
+            ),
+            key=lead["id"],
+        )
+        return row
+
+    async def assign(self, lead_id: str, owner_id: str, team: str, expected_version: int) -> RowMapping:
+        principal = current_principal()
+        now = self.clock()
+        rules = await self.rules.get()
+        async with self.uow.begin() as tx:
+            lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
+            if expected_version and lead["version"] != expected_version:
+                raise StaleVersion(LEAD, lead_id, lead["version"])
+            domain.ensure_open(lead["status"], "assign")
+            rule_id = ""
+            if not owner_id:
+                picked = await self._pick_by_rules(tx.conn, rules, lead)
+                if picked is not None:
+                    owner_id, team, rule_id = picked
+            return await self._assign_to(tx, lead, owner_id, team, rule_id, principal, now)
+
+    async def disqualify(self, lead_id: str, reason: str, expected_version: int) -> RowMapping:
+        if not reason.strip():
+            raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
+        principal = current_principal()
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
+            if expected_version and lead["version"] != expected_version:
+                raise StaleVersion(LEAD, lead_id, lead["version"])
+            domain.ensure_open(lead["status"], "disqualify")
+            await self._close_tasks(tx.conn, lead_id, "cancelled", now)
+            row = await self._write(
+                tx.conn,
+                lead_id,
+                {"status": "unqualified", "disqualified_reason": reason.strip(), "in_pool": False, "updated_at": now},
+            )
+            tx.publish(
+                events_pb2.LeadDisqualified(lead=lead_to_proto(row), reason=reason.strip(), actor=actor(principal)),
+                key=lead_id,
+            )
+            return row
+
+    async def list_pool(
+        self, *, region: str, industry: str, source: str, limit: int, cursor: str
+    ) -> tuple[list[RowMapping], str]:
+        size = page_limit(limit)
+        f = LeadFilters(region=region, industry=industry, sources=[source] if source else [], in_pool=True)
+        async with self.engine.connect() as conn:
+            query = self._filtered(conn, select(repo.leads).where(repo.pool_scope_clause(current_scope())), f)
+            query = query.where(repo.leads.c.status.in_(domain.OPEN_STATUSES))
+            query = keyset_page(
+                query,
+                sort_column=repo.leads.c.id,
+                id_column=repo.leads.c.id,
+                descending=True,
+                cursor=cursor,
+                limit=size,
+            )
+            rows = list((await conn.execute(query)).mappings())
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+
+    async def claim(self, lead_id: str) -> RowMapping:
+        principal = current_principal()
+        if principal.kind != "user" or not principal.user_id:
+            raise PermissionDenied("only a user can claim a lead from the pool")
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            lead = (
+                (
+                    await conn.execute(
+                        select(repo.leads)
+                        .where(repo.leads.c.id == lead_id, repo.pool_scope_clause(current_scope()))
+                        .with_for_update()
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if lead is None or not lead["in_pool"]:
+                if lead is None:
+                    raise NotFound(LEAD, lead_id)
+                raise Conflict(f"lead {lead_id} is not in the pool", reason="NOT_IN_POOL")
+            domain.ensure_open(lead["status"], "claim")
+            # Serialise one rep's claims so two parallel claims cannot both pass the limit.
+            await repo.lock_dedupe_keys(conn, [f"claim:{principal.user_id}"])
+            held = await conn.scalar(
+                select(func.count()).where(
+                    repo.leads.c.owner_id == principal.user_id,
+                    repo.leads.c.claimed_at.is_not(None),
+                    repo.leads.c.status.in_(domain.OPEN_STATUSES),
+                )
+            )
+            if int(held or 0) >= self.policy.pool_claim_limit:
+                raise Conflict(
+                    f"claim limit reached: {principal.user_id} holds {held} claimed leads "
+                    f"(limit {self.policy.pool_claim_limit})",
+                    reason="CLAIM_LIMIT",
+                )
+            row = await self._write(conn, lead_id, {"claimed_at": now, "team": lead["team"] or principal.team})
+            return await self._assign_to(tx, row, principal.user_id, "", "", principal, now)
+
+    async def release(self, lead_id: str, reason: str) -> RowMapping:
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
+            if lead["in_pool"] or not lead["owner_id"]:
+                raise Conflict(f"lead {lead_id} is already in the pool", reason="IN_POOL")
+            domain.ensure_open(lead["status"], "release")
+            return await self._to_pool(tx, lead, f"released: {reason.strip() or 'no reason given'}", now)
+
+    async def _to_pool(self, tx: Transaction, lead: RowMapping, reason: str, now: datetime) -> RowMapping:
+        await self._close_tasks(tx.conn, lead["id"], "cancelled", now)
+        row = await self._write(
+            tx.conn,
+            lead["id"],
+            {
+                "owner_id": "",
+                "in_pool": True,
+                "status": "recycled",
+                "recycled_at": now,
+                "claimed_at": None,
+                "first_contact_due_at": None,
+                "follow_up_overdue": False,
+                "updated_at": now,
+            },
+        )
+        tx.publish(
+            events_pb2.LeadRecycled(lead=lead_to_proto(row), previous_owner_id=lead["owner_id"], reason=reason),
+            key=lead["id"],
+        )
+        return row
+
+    # --- bulk import ------------------------------------------------------------------------
+
+    async def start_import(self, import_id: str, fmt: str) -> RowMapping:
+        """Creates the import record, or returns the earlier one with the same key (resume)."""
+        principal = current_principal()
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            await insert_ignore(
+                conn,
+                repo.imports,
+                {"id": import_id, "status": "running", "format": fmt, "owner_id": principal.user_id, "started_at": now},
+                keys=["id"],
+            )
+            row = (await conn.execute(select(repo.imports).where(repo.imports.c.id == import_id))).mappings().one()
+            if row["owner_id"] != principal.user_id:
+                raise Conflict(f"import key {import_id} belongs to another user", reason="IMPORT_KEY_TAKEN")
+            if row["format"] != fmt:
+                raise ValidationFailed([FieldError("format", f"import {import_id} is {row['format']}, not {fmt}")])
+            return row
+
+    async def import_part(self, spec: ImportSpec, chunks: AsyncIterator[bytes]) -> ImportPartResult:
+        """Applies one part (or the whole file) of an import, batch by batch.
+
+        Each batch commits its leads with the import's progress; the parser state is saved when
+        the part ends. A crash mid-part is resumed by sending the part again: rows already
+        committed are skipped, so nothing is imported twice.
+        """
+        record = await self.start_import(spec.import_id, spec.format)
+        part = spec.part
+        if record["status"] == "completed" or (part and part <= record["parts_received"]):
+            return ImportPartResult(record, [], 0)  # a repeated request returns the first result
+        expected = record["parts_received"] + 1
+        if part and part != expected:
+            raise Conflict(f"import {spec.import_id} expects part {expected}, not {part}", reason="PART_OUT_OF_ORDER")
+        if not part and record["parts_received"]:
+            raise ValidationFailed(
+                [FieldError("part", f"import {spec.import_id} is sent in parts; send part {expected}")]
+            )
+        final = not part or spec.final
+        if spec.format == "json" and part and (part > 1 or not final):
+            raise ValidationFailed(
+                [FieldError("part", "a JSON array comes in one part; send jsonl to import in parts")]
+            )
+        state = ParserState(
+            rows=record["parsed_rows"],
+            bytes_seen=record["bytes_seen"],
+            header=record["csv_header"],
+            pending=bytes(record["pending"] or b""),
+        )
+        parser = StreamParser(spec.format, self.settings.import_max_bytes, state)
+        already = int(record["committed_rows"])
+        outcomes: list[ImportRowOutcome] = []
+        batch: list[tuple[int, Mapping[str, Any] | str]] = []
+        skipped = 0
+
+        async def take(rows: Iterable[tuple[int, Mapping[str, Any] | str]]) -> None:
+            nonlocal skipped
+            for number, item in rows:
+                if number > self.settings.import_max_rows:
+                    raise ValidationFailed([FieldError("file", f"more than {self.settings.import_max_rows} rows")])
+                if number <= already:
+                    skipped += 1  # committed by an earlier run of this part
+                    continue
+                batch.append((number, item))
+                if len(batch) >= self.settings.import_batch_size:
+                    outcomes.extend(await self.import_batch(spec.import_id, batch, spec.options))
+                    batch.clear()
+
+        try:
+            async for chunk in chunks:
+                await take(parser.feed(chunk))
+            if final:
+                await take(parser.finish())
+            if batch:
+                outcomes.extend(await self.import_batch(spec.import_id, batch, spec.options))
+        except ValidationFailed as error:
+            await self._save_import_state(
+                spec.import_id, None, record["parts_received"], final=False, error=error.detail
+            )
+            raise
+        done = await self._save_import_state(spec.import_id, parser.state, max(part, 1), final=final, error="")
+        return ImportPartResult(done, outcomes, skipped)
+
+    async def _save_import_state(
+        self, import_id: str, state: ParserState | None, parts: int, *, final: bool, error: str
+    ) -> RowMapping:
+        values: dict[str, Any] = {"parts_received": parts, "error": error[:2000]}
+        if state is not None:
+            values.update(
+                parsed_rows=state.rows,
+                bytes_seen=state.bytes_seen,
+                csv_header=state.header,
+                pending=b"" if final else state.pending,
+            )
+        if error:
+            values["status"] = "failed"
+        elif final:
+            values.update(status="completed", finished_at=self.clock())
+        else:
+            values["status"] = "running"
+        async with self.engine.begin() as conn:
+            row = (
+                (
+                    await conn.execute(
+                        update(repo.imports)
+                        .where(repo.imports.c.id == import_id)
+                        .values(values)
+                        .returning(repo.imports)
+                    )
+                )
+                .mappings()
+                .one()
+            )
+        return row
+
+    async def import_batch(
+        self, import_id: str, batch: Sequence[tuple[int, Mapping[Any, Any] | str]], options: ImportOptions
+    ) -> list[ImportRowOutcome]:
+        """One transaction per batch: inserts the new leads, their events and the import's progress."""
+        principal = current_principal()
+        now = self.clock()
+        rules = await self.rules.get()
+        outcomes: list[ImportRowOutcome] = []
+        accepted: list[tuple[int, domain.CleanLead, dict[str, Any]]] = []
+        for row_number, record in batch:
+            if isinstance(record, str):
+                outcomes.append(ImportRowOutcome(row_number, "rejected", reason=record, field="row"))
+                continue
+            try:
+                data = options.mapper.map(record)
+                clean = domain.validate_lead(data, default_country=self.settings.default_country_code)
+                if rules.custom_fields:
+                    clean.values["custom"] = checked_custom(
+                        rules.custom_fields, clean.values.get("custom") or {}, partial=False, lenient=True
+                    )
+            except ValidationFailed as error:
+                first = error.errors[0]
+                outcomes.append(ImportRowOutcome(row_number, "rejected", reason=error.detail, field=first.field))
+                continue
+            accepted.append((row_number, clean, data))
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            existing = await self._existing_keys(conn, [clean for _, clean, _ in accepted], options.on_duplicate)
+            seen: dict[str, str] = {}
+            new_rows: list[dict[str, Any]] = []
+            history: list[dict[str, Any]] = []
+            tasks: list[dict[str, Any]] = []
+            for row_number, clean, _data in accepted:
+                keys = _dedupe_keys(clean)
+                duplicate_of = next(
+                    (existing.get(k) or seen.get(k) for k in keys if existing.get(k) or seen.get(k)), None
+                )
+                if duplicate_of is not None and options.on_duplicate != "allow":
+                    if options.on_duplicate == "merge" and duplicate_of in existing.values():
+                        target = await repo.load_lead(conn, duplicate_of, for_update=True)
+                        if target is not None:
+                            await self._merge(tx, target, clean, principal, now)
+                            outcomes.append(ImportRowOutcome(row_number, "merged", lead_id=duplicate_of))
+                            continue
+                    key = next(k for k in keys if existing.get(k) == duplicate_of or seen.get(k) == duplicate_of)
+                    outcomes.append(
+                        ImportRowOutcome(
+                            row_number,
+                            "rejected",
+                            lead_id=duplicate_of,
+                            field=key.split(":", 1)[0],
+                            reason=f"duplicate of open lead {duplicate_of} ({key.split(':', 1)[0]})",
+                        )
+                    )
+                    continue
+                values = self._import_values(clean, principal, now, rules, import_id)
+                if options.assign:
+                    picked = await self._pick_by_rules(conn, rules, values)
+                    if picked is not None:
+                        owner, team, _rule = picked
+                        values.update(self._assignment_values(owner, team, False, now))
+                        tasks.append(self._first_contact_task(values["id"], owner, now))
+                    else:
+                        values["in_pool"] = True
+                new_rows.append(values)
+                history.append(
+                    {
+                        "id": new_id(),
+                        "lead_id": values["id"],
+                        "previous_score": 0,
+                        "score": values["score"],
+                        "previous_grade": "",
+                        "grade": values["grade"],
+                        "matched_rule_ids": values.pop("_matched"),
+                        "changed_at": now,
+                    }
+                )
+                for k in keys:
+                    seen[k] = values["id"]
+                outcomes.append(ImportRowOutcome(row_number, "accepted", lead_id=values["id"]))
+            if new_rows:
+                await bulk_insert(conn, repo.leads, new_rows)
+                await bulk_insert(conn, repo.score_history, history)
+                await bulk_insert(conn, repo.tasks, tasks)
+                who = actor(principal)
+                events: list[PendingEvent] = []
+                for values in new_rows:
+                    message = lead_to_proto(values)
+                    events.append(
+                        PendingEvent(events_pb2.LeadCreated(lead=message, actor=who), values["id"], values["id"])
+                    )
+                    if values["owner_id"]:
+                        assigned = events_pb2.LeadAssigned(lead=message, actor=who)
+                        events.append(PendingEvent(assigned, values["id"], values["id"]))
+                # The batch's events go to the outbox in this transaction, in one COPY.
+                await bulk_insert(conn, self.outbox, outbox_rows(events, source=self.uow.source, now=now))
+            rejected = [o for o in outcomes if o.status == "rejected"]
+            if rejected:
+                await conn.execute(
+                    insert(repo.import_rejections),
+                    [{"import_id": import_id, "row": o.row, "field": o.field, "reason": o.reason} for o in rejected],
+                )
+            counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("accepted", "merged", "rejected")}
+            last_row = max((n for n, _ in batch), default=0)
+            t = repo.imports
+            await conn.execute(
+                update(t)
+                .where(t.c.id == import_id)
+                .values(
+                    rows_seen=t.c.rows_seen + len(batch),
+                    accepted=t.c.accepted + counts["accepted"],
+                    merged=t.c.merged + counts["merged"],
+                    rejected=t.c.rejected + counts["rejected"],
+                    committed_rows=func.greatest(t.c.committed_rows, last_row)
+                    if conn.dialect.name == "postgresql"
+                    else func.max(t.c.committed_rows, last_row),
+                )
+            )
+        return sorted(outcomes, key=lambda o: o.row)
+
+    async def _existing_keys(
+        self, conn: AsyncConnection, cleans: Sequence[domain.CleanLead], on_duplicate: str
+    ) -> dict[str, str]:
+        """Dedupe keys of the batch already held by open leads: one query per batch."""
+        if on_duplicate == "allow" or not cleans:
+            return {}
+        emails = sorted({c.email_norm for c in cleans if c.email_norm})
+        phones = sorted({c.phone_norm for c in cleans if c.phone_norm})
+        externals = sorted({c.values["external_id"] for c in cleans if c.values.get("external_id")})
+        c = repo.leads.c
+        conditions = []
+        if emails:
+            conditions.append(c.email_norm.in_(emails))
+        if phones:
+            conditions.append(c.phone_norm.in_(phones))
+        if externals:
+            conditions.append(c.external_id.in_(externals))
+        if not conditions:
+            return {}
+        found: dict[str, str] = {}
+        query = select(c.id, c.email_norm, c.phone_norm, c.external_id).where(
+            or_(*conditions), c.status.in_(domain.OPEN_STATUSES)
+        )
+        for lead_id, email, phone, external in await conn.execute(query.order_by(c.id)):
+            for key in (
+                f"email:{email}" if email else "",
+                f"phone:{phone}" if phone else "",
+                f"external_id:{external}" if external else "",
+            ):
+                if key:
+                    found.setdefault(key, lead_id)
+        return found
+
+    def _import_values(
+        self, clean: domain.CleanLead, principal: Principal, now: datetime, rules: Rules, import_id: str
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {
+            "name": "",
+            "company": "",
+            "title": "",
+            "phone": "",
+            "email": "",
+            "source": "import",
+            "source_detail": "",
+            "campaign_id": "",
+            "region": "",
+            "industry": "",
+            "owner_id": "",
+            "team": principal.team if principal.kind == "user" else "",
+            "tags": [],
+            "custom": {},
+            "external_id": "",
+        }
+        values.update({k: v for k, v in clean.values.items() if v not in (None, "")})
+        status = values.pop("status", None) or "new"
+        score, grade, matched = self._score(rules, values, {})
+        values.update(
+            id=new_id(),
+            status=status,
+            email_norm=clean.email_norm,
+            phone_norm=clean.phone_norm,
+            score=score,
+            grade=grade,
+            created_at=now,
+            updated_at=now,
+            version=1,
+            in_pool=not values["owner_id"],
+            follow_up_overdue=False,
+            import_id=import_id,
+            matched_contact_id="",
+            disqualified_reason="",
+            converted_account_id="",
+            converted_contact_id="",
+            converted_opportunity_id="",
+            assigned_at=None,
+            first_contact_due_at=None,
+            first_contacted_at=None,
+            last_activity_at=None,
+            recycled_at=None,
+            claimed_at=None,
+            _matched=matched,
+        )
+        if values["owner_id"]:
+            values.update(self._assignment_values(values["owner_id"], "", False, now))
+        return values
+
+    async def get_import(self, import_id: str) -> RowMapping:
+        principal = current_principal()
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(repo.imports).where(repo.imports.c.id == import_id))).mappings().first()
+            if row is None or (row["owner_id"] != principal.user_id and current_scope().kind != ScopeKind.ALL):
+                raise NotFound("import", import_id)
+            return row
+
+    async def import_rejections(self, import_id: str) -> list[RowMapping]:
+        async with self.engine.connect() as conn:
+            query = select(repo.import_rejections).where(repo.import_rejections.c.import_id == import_id)
+            return list((await conn.execute(query.order_by(repo.import_rejections.c.row))).mappings())
+
+    # --- scoring and assignment rules -------------------------------------------------------
+
+    async def _idempotent_create(
+        self,
+        operation: str,
+        key: str,
+        table: Any,
+        values: dict[str, Any],
+        publish: Callable[[Transaction, RowMapping], None] | None = None,
+    ) -> RowMapping:
+        principal = current_principal()
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            earlier = await recall(tx.conn, operation, key, principal)
+            if earlier is not None:
+                return (await tx.conn.execute(select(table).where(table.c.id == earlier["id"]))).mappings().one()
+            row = (await tx.conn.execute(insert(table).values(values).returning(table))).mappings().one()
+            if publish is not None:
+                publish(tx, row)
+            await remember(tx.conn, operation, key, principal, {"id": row["id"]}, now)
+        self.rules.invalidate()
+        return row
+
+    async def _versioned_update(
+        self, table: Any, resource: str, record_id: str, expected_version: int, values: dict[str, Any]
+    ) -> RowMapping:
+        async with self.engine.begin() as conn:
+            current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
+            if current is None:
+                raise NotFound(resource, record_id)
+            if expected_version and current != expected_version:
+                raise StaleVersion(resource, record_id, current)
+            row = (
+                (
+                    await conn.execute(
+                        update(table)
+                        .where(table.c.id == record_id)
+                        .values(**values, version=table.c.version + 1)
+                        .returning(table)
+                    )
+                )
+                .mappings()
+                .one()
+            )
+        self.rules.invalidate()
+        return row
+
+    async def _delete(self, table: Any, resource: str, record_id: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(table).where(table.c.id == record_id))
+            if not result.rowcount:
+                raise NotFound(resource, record_id)
+        self.rules.invalidate()
+
+    @staticmethod
+    def _scoring_values(rule: ScoringRule, name: str) -> dict[str, Any]:
+        domain.validate_scoring_rule(rule, name)
+        return {
+            "name": name.strip(),
+            "field": rule.field,
+            "operator": rule.operator,
+            "value": rule.value,
+            "activity_kind": rule.activity_kind,
+            "min_count": rule.min_count,
+            "points": rule.points,
+            "enabled": rule.enabled,
+        }
+
+    async def create_scoring_rule(self, rule: ScoringRule, name: str, key: str) -> RowMapping:
+        values = {"id": new_id(), **self._scoring_values(rule, name), "version": 1}
+        return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values)
+
+    async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> RowMapping:
+        values = self._scoring_values(rule, name)
+        return await self._versioned_update(repo.scoring_rules, "scoring rule", rule.id, expected_version, values)
+
+    async def delete_scoring_rule(self, rule_id: str) -> None:
+        await self._delete(repo.scoring_rules, "scoring rule", rule_id)
+
+    async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds]:
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))).mappings())
+            rules = await load_rules(conn)
+        return rows, rules.thresholds
+
+    async def set_thresholds(self, t: Thresholds) -> Thresholds:
+        domain.validate_thresholds(t)
+        async with self.engine.begin() as conn:
+            values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c}
+            if (
+                await conn.execute(update(repo.settings_table).where(repo.settings_table.c.id == 1).values(values))
+            ).rowcount == 0:
+                await conn.execute(insert(repo.settings_table).values(id=1, **values))
+        self.rules.invalidate()
+        return t
+
+    @staticmethod
+    def _assignment_values_of(rule: AssignmentRule, name: str) -> dict[str, Any]:
+        domain.validate_assignment_rule(rule, name)
+        return {
+            "name": name.strip(),
+            "position": rule.position,
+            "enabled": rule.enabled,
+            "regions": sorted(rule.regions),
+            "industries": sorted(rule.industries),
+            "sources": sorted(rule.sources),
+            "min_score": rule.min_score,
+            "max_score": rule.max_score,
+            "team": rule.team,
+            "user_ids": list(rule.user_ids),
+            "strategy": rule.strategy,
+            "capacity": rule.capacity,
+        }
+
+    async def create_assignment_rule(self, rule: AssignmentRule, name: str, key: str) -> RowMapping:
+        values = {"id": new_id(), **self._assignment_values_of(rule, name), "last_user_id": "", "version": 1}
+        return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
+
+    async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowMapping:
+        values = self._assignment_values_of(rule, name)
+        return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)
+
+    async def delete_assignment_rule(self, rule_id: str) -> None:
+        await self._delete(repo.assignment_rules, "assignment rule", rule_id)
+
+    async def list_assignment_rules(self) -> list[RowMapping]:
+        async with self.engine.connect() as conn:
+            query = select(repo.assignment_rules).order_by(repo.assignment_rules.c.position, repo.assignment_rules.c.id)
+            return list((await conn.execute(query)).mappings())
+
+    # --- campaigns --------------------------------------------------------------------------
+
+    @staticmethod
+    def _campaign_values(data: Mapping[Any, Any], paths: Sequence[str] | None) -> dict[str, Any]:
+        fields = paths if paths is not None else ("name", "channel", "cost", "starts_on", "ends_on", "owner_id", "team")
+        errors: list[FieldError] = []
+        values: dict[str, Any] = {}
+        for name in fields:
+            value = data.get(name)
+            if name in ("name", "channel", "owner_id", "team"):
+                text = str(value or "").strip()
+                if name == "name" and not text:
+                    errors.append(FieldError("name", "must not be empty"))
+                if len(text) > 200:
+                    errors.append(FieldError(name, "longer than 200 characters"))
+                values[name] = text
+            elif name == "cost":
+                cost: Money | None = value
+                if cost is not None and cost.amount < 0:
+                    errors.append(FieldError("cost.amount", "must not be negative"))
+                values["cost_amount"] = cost.amount if cost else None
+                values["cost_currency"] = cost.currency if cost else ""
+            elif name in ("starts_on", "ends_on"):
+                try:
+                    values[name] = date.fromisoformat(value) if value else None
+                except ValueError:
+                    errors.append(FieldError(name, f"{value!r} is not a date (YYYY-MM-DD)"))
+            else:
+                errors.append(FieldError(name, "is not a writable campaign field"))
+        starts, ends = values.get("starts_on"), values.get("ends_on")
+        if starts and ends and ends < starts:
+            errors.append(FieldError("ends_on", "must not be before starts_on"))
+        if errors:
+            raise ValidationFailed(errors)
+        return values
+
+    async def create_campaign(self, data: Mapping[Any, Any], key: str) -> RowMapping:
+        principal = current_principal()
+        now = self.clock()
+        values = self._campaign_values(data, None)
+        values.update(
+            id=new_id(),
+            owner_id=values["owner_id"] or principal.user_id,
+            team=values["team"] or principal.team,
+            region=principal.region,
+            created_at=now,
+            updated_at=now,
+            version=1,
+        )
+
+        def publish(tx: Transaction, row: RowMapping) -> None:
+            tx.publish(
+                events_pb2.CampaignCreated(campaign=campaign_to_proto(row), actor=actor(principal)), key=row["id"]
+            )
+
+        return await self._idempotent_create("create_campaign", key, repo.campaigns, values, publish)
+
+    async def get_campaign(self, campaign_id: str) -> RowMapping:
+        async with self.engine.connect() as conn:
+            row = (
+                (await conn.execute(select(repo.campaigns).where(repo.campaigns.c.id == campaign_id)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound("campaign", campaign_id)
+        return row
+
+    async def update_campaign(
+        self, campaign_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
+    ) -> RowMapping:
+        if not paths:
+            raise ValidationFailed([FieldError("update_mask", "names no field to update")])
+        values = self._campaign_values(data, paths)
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            t = repo.campaigns
+            current = (
+                (await tx.conn.execute(select(t).where(t.c.id == campaign_id).with_for_update())).mappings().first()
+            )
+            if current is None:
+                raise NotFound("campaign", campaign_id)
+            if expected_version and current["version"] != expected_version:
+                raise StaleVersion("campaign", campaign_id, current["version"])
+            stmt = (
+                update(t)
+                .where(t.c.id == campaign_id)
+                .values(**values, updated_at=self.clock(), version=t.c.version + 1)
+            )
+            row = (await tx.conn.execute(stmt.returning(t))).mappings().one()
+            tx.publish(
+                events_pb2.CampaignUpdated(
+                    campaign=campaign_to_proto(row), changed_fields=sorted(paths), actor=actor(principal)
+                ),
+                key=campaign_id,
+            )
+            return row
+
+    async def list_campaigns(self, channel: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+        size = page_limit(limit)
+        query = select(repo.campaigns)
+        if channel:
+            query = query.where(repo.campaigns.c.channel == channel)
+        query = keyset_page(
+            query,
+            sort_column=repo.campaigns.c.id,
+            id_column=repo.campaigns.c.id,
+            descending=True,
+            cursor=cursor,
+            limit=size,
+        )
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(query)).mappings())
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+
+    # --- webforms ---------------------------------------------------------------------------
+
+    async def create_webform(self, data: Mapping[Any, Any], key: str) -> RowMapping:
+        errors: list[FieldError] = []
+        name = str(data.get("name") or "").strip()
+        if not name:
+            errors.append(FieldError("name", "must not be empty"))
+        rate = int(data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute)
+        if not 1 <= rate <= 10_000:
+            errors.append(FieldError("rate_limit_per_minute", "must be between 1 and 10000"))
+        if errors:
+            raise ValidationFailed(errors)
+        async with self.engine.connect() as conn:
+            await self._check_campaign(conn, str(data.get("campaign_id") or ""))
+        values = {
+            "id": new_id(),
+            "name": name,
+            "form_key": secrets.token_urlsafe(24),
+            "campaign_id": str(data.get("campaign_id") or ""),
+            "team": str(data.get("team") or ""),
+            "region": str(data.get("region") or ""),
+            "rate_limit_per_minute": rate,
+            "enabled": True,
+            "created_at": self.clock(),
+        }
+        return await self._idempotent_create("create_webform", key, repo.webforms, values)
+
+    async def list_webforms(self) -> list[RowMapping]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(repo.webforms).order_by(repo.webforms.c.id))).mappings())
+
+    async def submit_webform(self, form_key: str, fields: Mapping[str, str], key: str) -> tuple[RowMapping, bool]:
+        """Public intake: the form key authenticates; a fixed one-minute window limits the rate."""
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            form = (
+                (await conn.execute(select(repo.webforms).where(repo.webforms.c.form_key == form_key)))
+                .mappings()
+                .first()
+            )
+            if form is None or not form["enabled"]:
+                raise NotFound("webform", form_key)
+            window = now.replace(second=0, microsecond=0)
+            used = await repo.count_submission(conn, form_key, window)
+        if used > form["rate_limit_per_minute"]:
+            raise RateLimited(
+                f"webform {form['name']} accepts {form['rate_limit_per_minute']} submissions per minute",
+                retry_after=60 - now.second,
+            )
+        data: dict[str, Any] = {}
+        custom: dict[str, Any] = {}
+        for name, value in fields.items():
+            if name in ("name", "company", "title", "phone", "email", "region", "industry"):
+                data[name] = value
+            else:
+                custom[name] = value
+        data.update(source="webform", source_detail=form["name"], custom=custom)
+        defaults = {"campaign_id": form["campaign_id"], "team": form["team"], "region": form["region"]}
+        # The form key was the credential: the lead is captured by the form itself, with full scope.
+        form_principal = Principal(user_id=f"webform:{form['id']}", kind="webform")
+        with acting_as(form_principal, ALL_RECORDS, current_request_id()):
+            return await self.create_lead(
+                data, on_duplicate="merge", idempotency_key=key, defaults=defaults, lenient_custom=True
+            )
+
+    # --- custom field definitions ------------------------------------------------------------
+
+    async def upsert_custom_field(self, definition: cf.FieldDefinition, expected_version: int) -> RowMapping:
+        errors = cf.check_definition(
+            definition.entity, definition.key, definition.label, str(definition.type), definition.options
+        )
+        if definition.entity != "lead":
+            errors.append(FieldError("entity", "the leads service holds the custom fields of leads only"))
+        if errors:
+            raise ValidationFailed(errors)
+        t = repo.custom_fields
+        async with self.engine.begin() as conn:
+            current = (
+                (await conn.execute(select(t).where(t.c.key == definition.key).with_for_update())).mappings().first()
+            )
+            if expected_version and (current is None or current["version"] != expected_version):
+                raise StaleVersion("custom field", definition.key, current["version"] if current else 0)
+            values = {
+                "label": definition.label.strip(),
+                "type": str(definition.type),
+                "required": definition.required,
+                "options": list(definition.options),
+                "pii": definition.pii,
+            }
+            if current is None:
+                created = insert(t).values(key=definition.key, created_at=self.clock(), version=1, **values)
+                row = (await conn.execute(created.returning(t))).mappings().one()
+            else:
+                changed = update(t).where(t.c.key == definition.key).values(**values, version=t.c.version + 1)
+                row = (await conn.execute(changed.returning(t))).mappings().one()
+        self.rules.invalidate()
+        return row
+
+    async def list_custom_fields(self) -> list[RowMapping]:
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(repo.custom_fields).order_by(repo.custom_fields.c.key))).mappings())
+
+    async def delete_custom_field(self, key: str) -> None:
+        async with self.engine.begin() as conn:
+            result = await conn.execute(delete(repo.custom_fields).where(repo.custom_fields.c.key == key))
+        if not result.rowcount:
+            raise NotFound("custom field", key)
+        self.rules.invalidate()
+
+    # --- timers -----------------------------------------------------------------------------
+
+    async def flag_overdue_first_contacts(self) -> int:
+        """SLA timer: leads past their first-contact due time are flagged and evented, once."""
+        now = self.clock()
+        c = repo.leads.c
+        async with self.uow.begin() as tx:
+            due = (
+                (
+                    await tx.conn.execute(
+                        select(repo.leads)
+                        .where(
+                            c.first_contact_due_at <= now,
+                            c.first_contacted_at.is_(None),
+                            c.follow_up_overdue.is_(False),
+                            c.owner_id != "",
+                            c.status == "new",
+                        )
+                        .order_by(c.first_contact_due_at)
+                        .limit(self.settings.jobs_batch_size)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            for lead in due:
+                if not domain.is_first_contact_overdue(
+                    status=lead["status"],
+                    owner_id=lead["owner_id"],
+                    first_contacted_at=lead["first_contacted_at"],
+                    due_at=lead["first_contact_due_at"],
+                    now=now,
+                ):
+                    continue
+                row = await self._write(tx.conn, lead["id"], {"follow_up_overdue": True, "updated_at": now})
+                tx.publish(
+                    events_pb2.LeadFollowUpOverdue(
+                        lead=lead_to_proto(row), due_at=lead_to_proto(row).first_contact_due_at
+                    ),
+                    key=lead["id"],
+                )
+            return len(due)
+
+    async def recycle_idle_leads(self) -> int:
+        """Recycling timer: owned leads without activity for N days return to the pool."""
+        now = self.clock()
+        cutoff = self.policy.recycle_cutoff(now)
+        c = repo.leads.c
+        async with self.uow.begin() as tx:
+            idle = (
+                (
+                    await tx.conn.execute(
+                        select(repo.leads)
+                        .where(
+                            c.status.in_(("new", "contacted")),
+                            c.owner_id != "",
+                            c.assigned_at <= cutoff,
+                            or_(c.last_activity_at.is_(None), c.last_activity_at <= cutoff),
+                        )
+                        .order_by(c.assigned_at)
+                        .limit(self.settings.jobs_batch_size)
+                        .with_for_update(skip_locked=True)
+                    )
+                )
+                .mappings()
+                .all()
+            )
+            for lead in idle:
+                if domain.is_recyclable(
+                    status=lead["status"],
+                    owner_id=lead["owner_id"],
+                    assigned_at=lead["assigned_at"],
+                    last_activity_at=lead["last_activity_at"],
+                    policy=self.policy,
+                    now=now,
+                ):
+                    days = self.policy.recycle_after_days
+                    await self._to_pool(tx, lead, f"no activity for {days:g} days", now)
+            return len(idle)
+
+    # --- conversion saga --------------------------------------------------------------------
+
+    async def convert(self, req: ConvertRequest) -> ConvertResult:
+        """Lead -> account (new or existing) + contact (+ opportunity), idempotent and compensated.
+
+        The saga row records each step, and every upstream create uses a key derived from the lead
+        and attempt, so a retry after a crash or timeout resumes without creating anything twice.
+        A business error from a later step deletes what this attempt created (compensation).
+        """
+        if self.ports is None:
+            raise Unavailable("conversion is not configured (no accounts/sales targets)")
+        if req.create_opportunity and req.opportunity_amount is not None and req.opportunity_amount.amount < 0:
+            raise ValidationFailed([FieldError("opportunity_amount.amount", "must not be negative")])
+        principal = current_principal()
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
+            lead = await self._visible_lead(conn, req.lead_id, for_update=True)
+            if earlier is not None or lead["status"] == "converted":
+                return ConvertResult(
+                    lead, lead["converted_account_id"], lead["converted_contact_id"], lead["converted_opportunity_id"]
+                )
+            domain.ensure_open(lead["status"], "convert")
+            saga: Mapping[Any, Any] | None = (
+                (
+                    await conn.execute(
+                        select(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).with_for_update()
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if saga is None or saga["state"] == "compensated":
+                attempt = 1 if saga is None else saga["attempt"] + 1
+                values = {
+                    "lead_id": req.lead_id,
+                    "attempt": attempt,
+                    "state": "running",
+                    "account_id": "",
+                    "account_created": False,
+                    "contact_id": "",
+                    "opportunity_id": "",
+                    "error": "",
+                    "updated_at": now,
+                }
+                if saga is None:
+                    await conn.execute(insert(repo.conversions).values(values))
+                else:
+                    await conn.execute(
+                        update(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).values(values)
+                    )
+                saga = values
+        attempt_key = f"lead-convert:{req.lead_id}:{saga['attempt']}"
+        account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
+        opportunity_id = str(saga["opportunity_id"])
+        account_created = bool(saga["account_created"])
+        try:
+            if not account_id:
+                if req.account_id:
+                    await self.ports.get_account(req.account_id)
+                    account_id = req.account_id
+                else:
+                    name = req.account_name.strip() or lead["company"] or lead["name"]
+                    account_id = await self.ports.create_account(key=f"{attempt_key}:account", lead=lead, name=name)
+                    account_created = True
+                await self._saga_step(req.lead_id, account_id=account_id, account_created=account_created)
+            if not contact_id:
+                contact_id = await self.ports.create_contact(
+                    key=f"{attempt_key}:contact", account_id=account_id, lead=lead
+                )
+                await self._saga_step(req.lead_id, contact_id=contact_id)
+            if req.create_opportunity and not opportunity_id:
+                opportunity_id = await self.ports.create_opportunity(
+                    key=f"{attempt_key}:opportunity",
+                    account_id=account_id,
+                    contact_id=contact_id,
+                    lead=lead,
+                    request=req,
+                )
+                await self._saga_step(req.lead_id, opportunity_id=opportunity_id)
+        except Unavailable:
+            raise  # the saga row keeps the progress; a retry resumes with the same keys
+        except CrmError as error:
+            await self._compensate(req.lead_id, account_id if account_created else "", contact_id, error)
+            raise
+        async with self.uow.begin() as tx:
+            lead = await self._visible_lead(tx.conn, req.lead_id, for_update=True)
+            if lead["status"] == "converted":  # a concurrent call finished first
+                return ConvertResult(lead, account_id, contact_id, opportunity_id)
+            await self._close_tasks(tx.conn, req.lead_id, "done", now)
+            row = await self._write(
+                tx.conn,
+                req.lead_id,
+                {
+                    "status": "converted",
+                    "converted_account_id": account_id,
+                    "converted_contact_id": contact_id,
+                    "converted_opportunity_id": opportunity_id,
+                    "in_pool": False,
+                    "updated_at": now,
+                },
+            )
+            await tx.conn.execute(
+                update(repo.conversions)
+                .where(repo.conversions.c.lead_id == req.lead_id)
+                .values(state="completed", updated_at=now)
+            )
+            tx.publish(
+                events_pb2.LeadConverted(
+                    lead=lead_to_proto(row),
+                    account_id=account_id,
+                    contact_id=contact_id,
+                    opportunity_id=opportunity_id,
+                    actor=actor(principal),
+                ),
+                key=req.lead_id,
+            )
+            await remember(tx.conn, "convert_lead", req.idempotency_key, principal, {"lead_id": req.lead_id}, now)
+            return ConvertResult(row, account_id, contact_id, opportunity_id)
+
+    async def _saga_step(self, lead_id: str, **values: Any) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(repo.conversions)
+                .where(repo.conversions.c.lead_id == lead_id)
+                .values(**values, updated_at=self.clock())
+            )
+
+    async def _compensate(self, lead_id: str, created_account_id: str, contact_id: str, cause: CrmError) -> None:
+        """Undoes this attempt's creations; if that fails too the saga stays `compensating`."""
+        assert self.ports is not None
+        state = "compensated"
+        try:
+            if contact_id:
+                await self.ports.delete_contact(contact_id)
+            if created_account_id:
+                await self.ports.delete_account(created_account_id)
+        except CrmError:
+            state = "compensating"
+        async with self.engine.begin() as conn:
+            saga = (
+                (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id)))
+                .mappings()
+                .one()
+            )
+            await conn.execute(
+                update(repo.conversions)
+                .where(repo.conversions.c.lead_id == lead_id)
+                .values(
+                    state=state,
+                    account_id="" if state == "compensated" else saga["account_id"],
+                    contact_id="" if state == "compensated" else saga["contact_id"],
+                    opportunity_id="",
+                    account_created=False if state == "compensated" else saga["account_created"],
+                    error=f"{type(cause).__name__}: {cause.detail}"[:2000],
+                    updated_at=self.clock(),
+                )
+            )
+
+
+class _Row:
+    """Attribute access over a row mapping, for `next_cursor`."""
+
+    def __init__(self, mapping: Mapping[Any, Any]) -> None:
+        self._mapping = mapping
+
+    def __getattr__(self, name: str) -> Any:
+        return self._mapping[name]

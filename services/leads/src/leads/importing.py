@@ -1,0 +1,253 @@
+"""Bulk import parsing (pure): streamed CSV/JSON Lines/JSON into numbered rows of lead input.
+
+The file arrives in chunks; records are cut only at line ends outside quotes, so a quoted CSV
+field may span lines and chunks. Rows are numbered from 1 (the CSV header is not a row).
+"""
+
+import codecs
+import csv
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from crm_platform.errors import FieldError, ValidationFailed
+
+from leads import domain
+
+FORMATS = ("csv", "json", "jsonl")
+LEAD_FIELDS = frozenset(
+    {
+        "name",
+        "company",
+        "title",
+        "phone",
+        "email",
+        "source",
+        "region",
+        "industry",
+        "tags",
+        "external_id",
+        "campaign_id",
+        "owner_id",
+        "team",
+    }
+)
+# Header names understood without a column map (lower-cased), besides the field names themselves.
+HEADER_ALIASES: Mapping[str, str] = {
+    "lead source": "source",
+    "prospect id": "external_id",
+    "company name": "company",
+    "job title": "title",
+    "mobile": "phone",
+    "phone number": "phone",
+    "e-mail": "email",
+    "email address": "email",
+    "country": "region",
+    "full name": "name",
+}
+
+
+def custom_key(header: str) -> str:
+    """'Total Time Spent on Website' -> 'total_time_spent_on_website'."""
+    key = re.sub(r"[^0-9a-z]+", "_", header.strip().lower()).strip("_")
+    return key or "column"
+
+
+@dataclass(slots=True)
+class RowMapper:
+    """Turns one file record into lead input: mapped columns to fields, the rest into `custom`."""
+
+    column_map: Mapping[str, str]
+    source_map: Mapping[str, str]
+    default_source: str = "import"
+    campaign_id: str = ""
+    _targets: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        errors = [
+            FieldError(f"column_map.{column}", f"{target!r} is not an importable lead field")
+            for column, target in self.column_map.items()
+            if target not in LEAD_FIELDS
+        ]
+        errors += [
+            FieldError(f"source_map.{value}", f"{target!r} is not one of {', '.join(domain.SOURCES)}")
+            for value, target in self.source_map.items()
+            if target not in domain.SOURCES
+        ]
+        if self.default_source not in domain.SOURCES:
+            errors.append(
+                FieldError("default_source", f"{self.default_source!r} is not one of {', '.join(domain.SOURCES)}")
+            )
+        if errors:
+            raise ValidationFailed(errors)
+
+    def target(self, column: str) -> str:
+        """The lead field a column feeds, or '' for `custom`."""
+        return self._route(column)[0]
+
+    def _route(self, column: str) -> tuple[str, str]:
+        """(lead field or '', custom key): decided once per column name."""
+        cached = self._targets.get(column)
+        if cached is None:
+            lowered = column.strip().lower()
+            if self.column_map:
+                target = self.column_map.get(column, "")  # an explicit map decides alone
+            else:
+                target = lowered if lowered in LEAD_FIELDS else HEADER_ALIASES.get(lowered, "")
+            cached = (target, custom_key(column))
+            self._targets[column] = cached
+        return cached
+
+    def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        custom: dict[str, Any] = {}
+        route = self._route
+        for column, value in record.items():
+            if value is None or value == "":
+                continue
+            target, key = route(column)
+            if not target:
+                custom[key] = value
+            elif target == "tags":
+                data["tags"] = value if isinstance(value, list) else str(value).split(";")
+            else:
+                data[target] = value if isinstance(value, str) else str(value)
+        source, detail = domain.map_source(str(data.get("source", "")), self.source_map, self.default_source)
+        data["source"] = source
+        data["source_detail"] = detail
+        if self.campaign_id and not data.get("campaign_id"):
+            data["campaign_id"] = self.campaign_id
+        if custom:
+            data["custom"] = custom
+        return data
+
+
+class RecordSplitter:
+    """Cuts decoded text into complete CSV records (a newline inside quotes does not end one)."""
+
+    def __init__(self, pending: bytes = b"", *, first: bool = True) -> None:
+        # Only the file's first bytes may carry a byte-order mark.
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig" if first else "utf-8")()
+        self._pending = self._decoder.decode(pending)
+
+    @property
+    def pending(self) -> bytes:
+        """The bytes after the last complete record, including a character cut by the chunk end."""
+        buffered, _flag = self._decoder.getstate()
+        return self._pending.encode() + buffered
+
+    def feed(self, chunk: bytes) -> list[str]:
+        text = self._pending + self._decoder.decode(chunk)
+        records: list[str] = []
+        start = 0
+        quotes = 0
+        scan = 0
+        while True:
+            end = text.find("\n", scan)
+            if end < 0:
+                break
+            quotes += text.count('"', scan, end)
+            scan = end + 1
+            if quotes % 2 == 0:
+                records.append(text[start:end].rstrip("\r"))
+                start = scan
+                quotes = 0
+        self._pending = text[start:]
+        return records
+
+    def finish(self) -> list[str]:
+        tail = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return [tail.rstrip("\r\n")] if tail.strip() else []
+
+
+@dataclass(slots=True)
+class ParserState:
+    """Where a multi-part import stopped: the next part continues from here."""
+
+    rows: int = 0
+    bytes_seen: int = 0
+    header: list[str] | None = None
+    pending: bytes = b""
+
+
+class StreamParser:
+    """Feeds chunks, yields (row number, record dict or an error text) in file order.
+
+    A file may arrive in several parts (requests); `state` after one part restores the parser
+    for the next, so rows keep their numbers and a record cut between parts is completed.
+    """
+
+    def __init__(self, fmt: str, max_bytes: int, state: ParserState | None = None) -> None:
+        if fmt not in FORMATS:
+            raise ValidationFailed([FieldError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")])
+        state = state or ParserState()
+        self.format = fmt
+        self.max_bytes = max_bytes
+        self.bytes_seen = state.bytes_seen
+        self.rows = state.rows
+        self._splitter = RecordSplitter(state.pending, first=state.bytes_seen == 0)
+        self._header: list[str] | None = state.header
+        self._json_parts: list[bytes] = []
+
+    @property
+    def state(self) -> ParserState:
+        return ParserState(
+            rows=self.rows, bytes_seen=self.bytes_seen, header=self._header, pending=self._splitter.pending
+        )
+
+    def feed(self, chunk: bytes) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        self.bytes_seen += len(chunk)
+        if self.bytes_seen > self.max_bytes:
+            raise ValidationFailed([FieldError("file", f"the import is larger than {self.max_bytes} bytes")])
+        if self.format == "json":
+            self._json_parts.append(chunk)  # a JSON array is only complete at its end
+            return iter(())
+        try:
+            records = self._splitter.feed(chunk)
+        except UnicodeDecodeError as error:
+            raise ValidationFailed([FieldError("file", f"is not UTF-8 text: {error.reason}")]) from None
+        return self._records(records)
+
+    def finish(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        if self.format != "json":
+            yield from self._records(self._splitter.finish())
+            return
+        try:
+            items = json.loads(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValidationFailed([FieldError("file", f"not a JSON array: {error}")]) from None
+        if not isinstance(items, list):
+            raise ValidationFailed([FieldError("file", "a JSON import is an array of objects")])
+        for item in items:
+            self.rows += 1
+            yield self.rows, item if isinstance(item, dict) else "the row is not a JSON object"
+
+    def _records(self, records: list[str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        if self.format == "jsonl":
+            for line in records:
+                if not line.strip():
+                    continue
+                self.rows += 1
+                try:
+                    item = json.loads(line)
+                except ValueError as error:
+                    yield self.rows, f"not valid JSON: {error}"
+                    continue
+                yield self.rows, item if isinstance(item, dict) else "the row is not a JSON object"
+            return
+        for values in csv.reader(records):
+            if self._header is None:
+                if not values or not any(v.strip() for v in values):
+                    raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
+                self._header = [v.strip() for v in values]
+                continue
+            if not values:
+                continue  # a blank line is not a row
+            self.rows += 1
+            if len(values) != len(self._header):
+                yield self.rows, f"has {len(values)} columns, the header has {len(self._header)}"
+                continue
+            yield self.rows, dict(zip(self._header, values, strict=True))

@@ -1,0 +1,27 @@
+"""Timers of the leads service: the first-contact SLA and recycling into the pool.
+
+Every replica runs both; each pass claims due leads with FOR UPDATE SKIP LOCKED in the
+transaction that changes them (see handlers), so one replica acts on a given lead.
+"""
+
+from crm_platform.jobs import PeriodicJob
+
+from leads.handlers import LeadsService
+
+
+def build_jobs(service: LeadsService) -> list[PeriodicJob]:
+    settings = service.settings
+    return [
+        PeriodicJob(
+            name="first-contact-sla",
+            interval_seconds=settings.jobs_interval_seconds,
+            run_once=service.flag_overdue_first_contacts,
+            batch_size=settings.jobs_batch_size,
+        ),
+        PeriodicJob(
+            name="recycle-idle-leads",
+            interval_seconds=settings.jobs_interval_seconds,
+            run_once=service.recycle_idle_leads,
+            batch_size=settings.jobs_batch_size,
+        ),
+    ]

@@ -1,0 +1,204 @@
+"""Rows of the leads tables as protobuf messages (shared by the servicer and the events)."""
+
+from collections.abc import Mapping
+from datetime import date
+from typing import Any
+
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import leads_pb2
+from crm_platform.timeutil import to_timestamp
+from google.protobuf import struct_pb2
+
+_LEAD_TEXT = (
+    "id",
+    "name",
+    "company",
+    "title",
+    "phone",
+    "email",
+    "source",
+    "source_detail",
+    "campaign_id",
+    "region",
+    "industry",
+    "status",
+    "grade",
+    "owner_id",
+    "team",
+    "external_id",
+    "matched_contact_id",
+    "disqualified_reason",
+    "converted_account_id",
+    "converted_contact_id",
+    "converted_opportunity_id",
+    "import_id",
+)
+_LEAD_TIMES = (
+    "created_at",
+    "updated_at",
+    "assigned_at",
+    "first_contacted_at",
+    "last_activity_at",
+    "first_contact_due_at",
+    "recycled_at",
+)
+
+
+def struct_of(values: Mapping[Any, Any]) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    if values:
+        message.update(values)
+    return message
+
+
+def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
+    """Struct.update, with a fast path for text (imports carry dozens of text columns per row)."""
+    fields = message.fields
+    rest = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            fields[key].string_value = value
+        else:
+            rest[key] = value
+    if rest:
+        message.update(rest)
+
+
+def lead_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Lead:
+    message = leads_pb2.Lead(
+        score=row["score"],
+        tags=row["tags"] or [],
+        in_pool=bool(row["in_pool"]),
+        follow_up_overdue=bool(row["follow_up_overdue"]),
+        version=row["version"],
+    )
+    for name in _LEAD_TEXT:
+        setattr(message, name, row[name] or "")
+    if row["custom"]:
+        fill_struct(message.custom, row["custom"])
+    for name in _LEAD_TIMES:
+        stamp = to_timestamp(row[name])
+        if stamp is not None:
+            getattr(message, name).CopyFrom(stamp)
+    return message
+
+
+def activity_to_proto(row: Mapping[Any, Any]) -> leads_pb2.LeadActivity:
+    return leads_pb2.LeadActivity(
+        id=row["id"],
+        lead_id=row["lead_id"],
+        kind=row["kind"],
+        outcome=row["outcome"],
+        notes=row["notes"],
+        actor_id=row["actor_id"],
+        occurred_at=to_timestamp(row["occurred_at"]),
+        next_follow_up_at=to_timestamp(row["next_follow_up_at"]),
+    )
+
+
+def task_to_proto(row: Mapping[Any, Any]) -> leads_pb2.LeadTask:
+    return leads_pb2.LeadTask(
+        id=row["id"],
+        lead_id=row["lead_id"],
+        kind=row["kind"],
+        owner_id=row["owner_id"],
+        due_at=to_timestamp(row["due_at"]),
+        status=row["status"],
+        created_at=to_timestamp(row["created_at"]),
+        completed_at=to_timestamp(row["completed_at"]),
+    )
+
+
+def score_change_to_proto(row: Mapping[Any, Any]) -> leads_pb2.ScoreChange:
+    return leads_pb2.ScoreChange(
+        previous_score=row["previous_score"],
+        score=row["score"],
+        previous_grade=row["previous_grade"],
+        grade=row["grade"],
+        matched_rule_ids=row["matched_rule_ids"],
+        changed_at=to_timestamp(row["changed_at"]),
+    )
+
+
+def scoring_rule_to_proto(row: Mapping[Any, Any]) -> leads_pb2.ScoringRule:
+    return leads_pb2.ScoringRule(
+        id=row["id"],
+        name=row["name"],
+        field=row["field"],
+        operator=row["operator"],
+        value=row["value"],
+        activity_kind=row["activity_kind"],
+        min_count=row["min_count"],
+        points=row["points"],
+        enabled=row["enabled"],
+        version=row["version"],
+    )
+
+
+def assignment_rule_to_proto(row: Mapping[Any, Any]) -> leads_pb2.AssignmentRule:
+    return leads_pb2.AssignmentRule(
+        id=row["id"],
+        name=row["name"],
+        position=row["position"],
+        enabled=row["enabled"],
+        regions=row["regions"],
+        industries=row["industries"],
+        sources=row["sources"],
+        min_score=row["min_score"],
+        max_score=row["max_score"],
+        team=row["team"],
+        user_ids=row["user_ids"],
+        strategy=row["strategy"],
+        capacity=row["capacity"],
+        version=row["version"],
+    )
+
+
+def _date_text(value: date | None) -> str:
+    return value.isoformat() if value else ""
+
+
+def campaign_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Campaign:
+    message = leads_pb2.Campaign(
+        id=row["id"],
+        name=row["name"],
+        channel=row["channel"],
+        starts_on=_date_text(row["starts_on"]),
+        ends_on=_date_text(row["ends_on"]),
+        owner_id=row["owner_id"],
+        team=row["team"],
+        created_at=to_timestamp(row["created_at"]),
+        updated_at=to_timestamp(row["updated_at"]),
+        version=row["version"],
+    )
+    if row["cost_amount"] is not None:
+        message.cost.CopyFrom(common_pb2.Money(amount=format(row["cost_amount"], "f"), currency=row["cost_currency"]))
+    return message
+
+
+def webform_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Webform:
+    return leads_pb2.Webform(
+        id=row["id"],
+        name=row["name"],
+        form_key=row["form_key"],
+        campaign_id=row["campaign_id"],
+        team=row["team"],
+        region=row["region"],
+        rate_limit_per_minute=row["rate_limit_per_minute"],
+        enabled=row["enabled"],
+        created_at=to_timestamp(row["created_at"]),
+    )
+
+
+def custom_field_to_proto(row: Mapping[Any, Any]) -> leads_pb2.CustomFieldDefinition:
+    return leads_pb2.CustomFieldDefinition(
+        entity="lead",
+        key=row["key"],
+        label=row["label"],
+        type=row["type"],
+        required=row["required"],
+        options=row["options"],
+        pii=row["pii"],
+        created_at=to_timestamp(row["created_at"]),
+        version=row["version"],
+    )

@@ -1,0 +1,579 @@
+"""Tables of the leads service (SQLAlchemy Core) and the queries the handlers share."""
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from crm_platform.outbox import add_messaging_tables
+from crm_platform.principal import RecordScope, ScopeKind
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from leads.domain import OPEN_STATUSES
+
+metadata = MetaData()
+add_messaging_tables(metadata)
+
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+_ID = String(36)
+_TS = DateTime(timezone=True)
+
+leads = Table(
+    "leads",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", String(200), nullable=False, server_default=""),
+    Column("company", String(200), nullable=False, server_default=""),
+    Column("title", String(200), nullable=False, server_default=""),
+    Column("phone", String(64), nullable=False, server_default=""),
+    Column("phone_norm", String(32)),
+    Column("email", String(254), nullable=False, server_default=""),
+    Column("email_norm", String(254)),
+    Column("source", String(20), nullable=False),
+    Column("source_detail", String(200), nullable=False, server_default=""),
+    Column("campaign_id", String(36), nullable=False, server_default=""),
+    Column("region", String(200), nullable=False, server_default=""),
+    Column("industry", String(200), nullable=False, server_default=""),
+    Column("status", String(20), nullable=False),
+    Column("score", Integer, nullable=False, server_default="0"),
+    Column("grade", String(1), nullable=False, server_default="D"),
+    Column("owner_id", String(200), nullable=False, server_default=""),
+    Column("team", String(200), nullable=False, server_default=""),
+    Column("tags", _JSON, nullable=False),
+    Column("custom", _JSON, nullable=False),
+    Column("external_id", String(200), nullable=False, server_default=""),
+    Column("matched_contact_id", String(36), nullable=False, server_default=""),
+    Column("disqualified_reason", Text, nullable=False, server_default=""),
+    Column("converted_account_id", String(36), nullable=False, server_default=""),
+    Column("converted_contact_id", String(36), nullable=False, server_default=""),
+    Column("converted_opportunity_id", String(36), nullable=False, server_default=""),
+    Column("in_pool", Boolean, nullable=False, server_default=false()),
+    Column("follow_up_overdue", Boolean, nullable=False, server_default=false()),
+    Column("import_id", String(200), nullable=False, server_default=""),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("assigned_at", _TS),
+    Column("first_contact_due_at", _TS),
+    Column("first_contacted_at", _TS),
+    Column("last_activity_at", _TS),
+    Column("recycled_at", _TS),
+    Column("claimed_at", _TS),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    # Keyset pages order by id (time-ordered), so every filter index ends with it.
+    Index("ix_leads_status_id", "status", "id"),
+    Index("ix_leads_source_id", "source", "id"),
+    Index("ix_leads_source_detail_id", "source_detail", "id"),
+    Index("ix_leads_owner_status", "owner_id", "status", "id"),
+    Index("ix_leads_team_id", "team", "id"),
+    Index("ix_leads_region_id", "region", "id"),
+    Index("ix_leads_industry_id", "industry", "id"),
+    Index("ix_leads_grade_id", "grade", "id"),
+    Index("ix_leads_campaign_id", "campaign_id", "id"),
+    Index("ix_leads_created_at_id", "created_at", "id"),
+    Index("ix_leads_import_id", "import_id"),
+    Index("ix_leads_email_norm", "email_norm"),
+    Index("ix_leads_phone_norm", "phone_norm"),
+    Index("ix_leads_external_id", "external_id"),
+    Index("ix_leads_pool", "in_pool", "id"),
+    Index(
+        "ix_leads_sla_due",
+        "first_contact_due_at",
+        postgresql_where=text("first_contacted_at IS NULL AND NOT follow_up_overdue"),
+    ),
+)
+
+activities = Table(
+    "lead_activities",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("lead_id", _ID, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("outcome", String(200), nullable=False, server_default=""),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("actor_id", String(200), nullable=False, server_default=""),
+    Column("occurred_at", _TS, nullable=False),
+    Column("next_follow_up_at", _TS),
+    Index("ix_lead_activities_lead", "lead_id", "id"),
+)
+
+tasks = Table(
+    "lead_tasks",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("lead_id", _ID, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("owner_id", String(200), nullable=False, server_default=""),
+    Column("due_at", _TS, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("created_at", _TS, nullable=False),
+    Column("completed_at", _TS),
+    Index("ix_lead_tasks_lead", "lead_id", "status"),
+    Index("ix_lead_tasks_owner", "owner_id", "status", "due_at"),
+)
+
+score_history = Table(
+    "lead_score_history",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("lead_id", _ID, nullable=False),
+    Column("previous_score", Integer, nullable=False),
+    Column("score", Integer, nullable=False),
+    Column("previous_grade", String(1), nullable=False),
+    Column("grade", String(1), nullable=False),
+    Column("matched_rule_ids", _JSON, nullable=False),
+    Column("changed_at", _TS, nullable=False),
+    Index("ix_lead_score_history_lead", "lead_id", "id"),
+)
+
+scoring_rules = Table(
+    "scoring_rules",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("field", String(200), nullable=False, server_default=""),
+    Column("operator", String(20), nullable=False, server_default=""),
+    Column("value", String(500), nullable=False, server_default=""),
+    Column("activity_kind", String(20), nullable=False, server_default=""),
+    Column("min_count", Integer, nullable=False, server_default="0"),
+    Column("points", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+)
+
+settings_table = Table(
+    "lead_settings",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("grade_a", Integer, nullable=False),
+    Column("grade_b", Integer, nullable=False),
+    Column("grade_c", Integer, nullable=False),
+)
+
+assignment_rules = Table(
+    "assignment_rules",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("regions", _JSON, nullable=False),
+    Column("industries", _JSON, nullable=False),
+    Column("sources", _JSON, nullable=False),
+    Column("min_score", Integer, nullable=False, server_default="0"),
+    Column("max_score", Integer, nullable=False, server_default="0"),
+    Column("team", String(200), nullable=False, server_default=""),
+    Column("user_ids", _JSON, nullable=False),
+    Column("strategy", String(20), nullable=False),
+    Column("capacity", Integer, nullable=False, server_default="0"),
+    # Round-robin pointer: the rep who got this rule's previous lead.
+    Column("last_user_id", String(200), nullable=False, server_default=""),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+)
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("channel", String(100), nullable=False, server_default=""),
+    Column("cost_amount", Numeric(18, 2)),
+    Column("cost_currency", String(3), nullable=False, server_default=""),
+    Column("starts_on", Date),
+    Column("ends_on", Date),
+    Column("owner_id", String(200), nullable=False, server_default=""),
+    Column("team", String(200), nullable=False, server_default=""),
+    Column("region", String(200), nullable=False, server_default=""),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Index("ix_campaigns_channel", "channel", "id"),
+)
+
+webforms = Table(
+    "webforms",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("form_key", String(64), nullable=False, unique=True),
+    Column("campaign_id", String(36), nullable=False, server_default=""),
+    Column("team", String(200), nullable=False, server_default=""),
+    Column("region", String(200), nullable=False, server_default=""),
+    Column("rate_limit_per_minute", Integer, nullable=False),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("created_at", _TS, nullable=False),
+)
+
+# Fixed one-minute windows per form; one UPSERT per submission counts across replicas.
+webform_rate = Table(
+    "webform_rate",
+    metadata,
+    Column("form_key", String(64), nullable=False),
+    Column("window_start", _TS, nullable=False),
+    Column("count", Integer, nullable=False),
+    PrimaryKeyConstraint("form_key", "window_start"),
+)
+
+idempotency = Table(
+    "idempotency_keys",
+    metadata,
+    Column("operation", String(50), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("principal_id", String(200), nullable=False, server_default=""),
+    Column("response", LargeBinary, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    PrimaryKeyConstraint("operation", "principal_id", "key"),
+)
+
+imports = Table(
+    "lead_imports",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("status", String(20), nullable=False),
+    Column("format", String(10), nullable=False),
+    Column("owner_id", String(200), nullable=False, server_default=""),
+    Column("rows_seen", BigInteger, nullable=False, server_default="0"),
+    Column("accepted", BigInteger, nullable=False, server_default="0"),
+    Column("merged", BigInteger, nullable=False, server_default="0"),
+    Column("rejected", BigInteger, nullable=False, server_default="0"),
+    Column("skipped", BigInteger, nullable=False, server_default="0"),
+    # Every data row up to this one is committed: a re-run skips them.
+    Column("committed_rows", BigInteger, nullable=False, server_default="0"),
+    # Parser state between the parts of a multi-part import.
+    Column("parts_received", Integer, nullable=False, server_default="0"),
+    Column("parsed_rows", BigInteger, nullable=False, server_default="0"),
+    Column("bytes_seen", BigInteger, nullable=False, server_default="0"),
+    Column("csv_header", _JSON),
+    Column("pending", LargeBinary, nullable=False, server_default=""),
+    Column("started_at", _TS, nullable=False),
+    Column("finished_at", _TS),
+    Column("error", Text, nullable=False, server_default=""),
+)
+
+import_rejections = Table(
+    "lead_import_rejections",
+    metadata,
+    Column("import_id", String(200), nullable=False),
+    Column("row", BigInteger, nullable=False),
+    Column("field", String(100), nullable=False, server_default=""),
+    Column("reason", Text, nullable=False),
+    PrimaryKeyConstraint("import_id", "row"),
+)
+
+custom_fields = Table(
+    "lead_custom_fields",
+    metadata,
+    Column("key", String(63), primary_key=True),
+    Column("label", String(200), nullable=False),
+    Column("type", String(20), nullable=False),
+    Column("required", Boolean, nullable=False, server_default=false()),
+    Column("options", _JSON, nullable=False),
+    Column("pii", Boolean, nullable=False, server_default=false()),
+    Column("created_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+)
+
+# A projection of accounts' contacts (from crm.accounts.v1 events) for linking leads to contacts.
+contact_keys = Table(
+    "contact_keys",
+    metadata,
+    Column("contact_id", _ID, primary_key=True),
+    Column("email_norm", String(254)),
+    Column("phone_norm", String(32)),
+    Column("updated_at", _TS, nullable=False),
+    Index("ix_contact_keys_email", "email_norm"),
+    Index("ix_contact_keys_phone", "phone_norm"),
+)
+
+# The conversion saga's log: one row per lead, so a retried conversion resumes where it stopped.
+conversions = Table(
+    "lead_conversions",
+    metadata,
+    Column("lead_id", _ID, primary_key=True),
+    # Upstream idempotency keys include the attempt; a compensated attempt is never reused.
+    Column("attempt", Integer, nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("account_id", String(36), nullable=False, server_default=""),
+    Column("account_created", Boolean, nullable=False, server_default=false()),
+    Column("contact_id", String(36), nullable=False, server_default=""),
+    Column("opportunity_id", String(36), nullable=False, server_default=""),
+    Column("error", Text, nullable=False, server_default=""),
+    Column("updated_at", _TS, nullable=False),
+)
+
+
+def lead_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
+    """Records of the caller's scope (crm_platform's `scope_clause`, typed for this table)."""
+    match scope.kind:
+        case ScopeKind.ALL:
+            return true()
+        case ScopeKind.OWN:
+            return leads.c.owner_id == scope.owner_id if scope.owner_id else false()
+        case ScopeKind.TEAM:
+            return leads.c.team == scope.team if scope.team else false()
+        case ScopeKind.REGION:
+            return leads.c.region == scope.region if scope.region else false()
+
+
+def pool_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
+    """The pool is shared: own- and team-scoped reps see their team's pool plus team-less leads."""
+    match scope.kind:
+        case ScopeKind.ALL:
+            return true()
+        case ScopeKind.REGION:
+            return leads.c.region == scope.region if scope.region else false()
+        case _:
+            return or_(leads.c.team == "", leads.c.team == scope.team)
+
+
+def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:
+    if conn.dialect.name == "postgresql":
+        return leads.c.tags.contains([tag])
+    return cast(leads.c.tags, String).like(f'%"{tag}"%')
+
+
+async def find_open_duplicate(
+    conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None, external_id: str = ""
+) -> RowMapping | None:
+    conditions = []
+    if email_norm:
+        conditions.append(leads.c.email_norm == email_norm)
+    if phone_norm:
+        conditions.append(leads.c.phone_norm == phone_norm)
+    if external_id:
+        conditions.append(leads.c.external_id == external_id)
+    if not conditions:
+        return None
+    row = (
+        (
+            await conn.execute(
+                select(leads)
+                .where(or_(*conditions), leads.c.status.in_(OPEN_STATUSES))
+                .order_by(leads.c.id)
+                .limit(1)
+                .with_for_update()
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return row
+
+
+async def lock_dedupe_keys(conn: AsyncConnection, keys: Iterable[str]) -> None:
+    """Serialises concurrent creates of the same email/phone (PostgreSQL advisory locks)."""
+    keys = sorted(set(keys))
+    if not keys or conn.dialect.name != "postgresql":
+        return
+    await conn.execute(select(*[func.pg_advisory_xact_lock(func.hashtext(key)) for key in keys]))
+
+
+async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None) -> str:
+    conditions = []
+    if email_norm:
+        conditions.append(contact_keys.c.email_norm == email_norm)
+    if phone_norm:
+        conditions.append(contact_keys.c.phone_norm == phone_norm)
+    if not conditions:
+        return ""
+    found = await conn.scalar(select(contact_keys.c.contact_id).where(or_(*conditions)).limit(1))
+    return str(found or "")
+
+
+async def open_loads(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, int]:
+    rows = await conn.execute(
+        select(leads.c.owner_id, func.count())
+        .where(leads.c.owner_id.in_(list(user_ids)), leads.c.status.in_(OPEN_STATUSES))
+        .group_by(leads.c.owner_id)
+    )
+    return {owner: int(count) for owner, count in rows}
+
+
+async def activity_counts(conn: AsyncConnection, lead_id: str) -> dict[str, int]:
+    rows = await conn.execute(
+        select(activities.c.kind, func.count()).where(activities.c.lead_id == lead_id).group_by(activities.c.kind)
+    )
+    return {kind: int(count) for kind, count in rows}
+
+
+async def load_lead(conn: AsyncConnection, lead_id: str, *, for_update: bool = False) -> RowMapping | None:
+    query = select(leads).where(leads.c.id == lead_id)
+    if for_update:
+        query = query.with_for_update()
+    return (await conn.execute(query)).mappings().first()
+
+
+async def count_submission(conn: AsyncConnection, form_key: str, window: datetime) -> int:
+    """Counts one submission in the form's current minute and returns the count (one UPSERT)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    statement = upsert(webform_rate).values(form_key=form_key, window_start=window, count=1)
+    counted = statement.on_conflict_do_update(
+        index_elements=["form_key", "window_start"], set_={"count": webform_rate.c["count"] + 1}
+    ).returning(webform_rate.c["count"])
+    return int((await conn.execute(counted)).scalar_one())
+
+
+# --- the create path on PostgreSQL: fewer round trips ----------------------------------------------
+
+_OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
+_DEDUPE_PROBE = text(
+    f"""
+    WITH locks AS MATERIALIZED (
+        SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k
+    )
+    SELECT (SELECT count(*) FROM locks) AS locked,
+           (SELECT id FROM leads
+             WHERE (email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text))
+               AND status IN ({_OPEN_SQL})
+             ORDER BY id LIMIT 1) AS duplicate_id,
+           (SELECT contact_id FROM contact_keys
+             WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id
+    """
+)
+_RULE_STATE = text(
+    f"""
+    SELECT r.last_user_id,
+           COALESCE((SELECT json_object_agg(x.owner_id, x.n) FROM (
+                SELECT owner_id, count(*) AS n FROM leads
+                 WHERE owner_id = ANY(CAST(:users AS text[])) AND status IN ({_OPEN_SQL})
+                 GROUP BY owner_id) AS x), '{{}}') AS loads
+      FROM assignment_rules AS r WHERE r.id = :rule_id FOR UPDATE OF r
+    """
+)
+
+
+async def dedupe_probe(
+    conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None, check_duplicates: bool
+) -> tuple[str | None, str]:
+    """(id of an open lead with this email/phone, id of a known contact with it).
+
+    Locks the keys for the transaction first (PostgreSQL), so two concurrent creates of the same
+    person cannot both pass; one statement instead of three round trips.
+    """
+    keys = sorted({k for k in (email_norm, phone_norm) if k})
+    if not keys:
+        return None, ""
+    if conn.dialect.name == "postgresql":
+        row = (
+            await conn.execute(
+                _DEDUPE_PROBE, {"keys": keys if check_duplicates else [], "email": email_norm, "phone": phone_norm}
+            )
+        ).one()
+        return (row.duplicate_id if check_duplicates else None), str(row.contact_id or "")
+    duplicate = None
+    if check_duplicates:
+        found = await find_open_duplicate(conn, email_norm=email_norm, phone_norm=phone_norm)
+        duplicate = found["id"] if found is not None else None
+    return duplicate, await find_contact(conn, email_norm=email_norm, phone_norm=phone_norm)
+
+
+async def rule_state(
+    conn: AsyncConnection, rule_id: str, user_ids: Sequence[str], *, loads: bool
+) -> tuple[str | None, dict[str, int]]:
+    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted."""
+    if conn.dialect.name == "postgresql":
+        row = (await conn.execute(_RULE_STATE, {"rule_id": rule_id, "users": list(user_ids) if loads else []})).first()
+        if row is None:
+            return None, {}
+        counts = row.loads if isinstance(row.loads, dict) else json.loads(row.loads)
+        return str(row.last_user_id), {str(k): int(v) for k, v in counts.items()}
+    last = await conn.scalar(
+        select(assignment_rules.c.last_user_id).where(assignment_rules.c.id == rule_id).with_for_update()
+    )
+    if last is None:
+        return None, {}
+    return str(last), (await open_loads(conn, user_ids) if loads else {})
+
+
+def _bundle_statement() -> Any:
+    """One static statement (compiled once) inserting a lead with its first score entry, an
+    optional first-contact task and an optional round-robin pointer move (data-modifying CTEs)."""
+    new_lead = (
+        insert(leads)
+        .values({c.name: bindparam(f"l_{c.name}", type_=c.type) for c in leads.c})
+        .returning(*leads.c)
+        .cte("new_lead")
+    )
+    new_history = (
+        insert(score_history)
+        .values({c.name: bindparam(f"h_{c.name}", type_=c.type) for c in score_history.c})
+        .cte("new_history")
+    )
+    task_values = select(*[bindparam(f"t_{c.name}", type_=c.type) for c in tasks.c]).where(
+        bindparam("t_present", type_=Boolean)
+    )
+    new_task = insert(tasks).from_select([c.name for c in tasks.c], task_values).cte("new_task")
+    moved = (
+        update(assignment_rules)
+        .where(assignment_rules.c.id == bindparam("p_rule", type_=String))
+        .values(last_user_id=bindparam("p_user", type_=String))
+        .cte("moved_pointer")
+    )
+    return select(new_lead).add_cte(new_history, new_task, moved)
+
+
+_BUNDLE = _bundle_statement()
+_TASK_BLANK = {c.name: None for c in tasks.c}
+LEAD_DEFAULTS: dict[str, Any] = {
+    c.name: ("" if isinstance(c.type, String) and not c.nullable else None) for c in leads.c
+} | {"in_pool": False, "follow_up_overdue": False, "score": 0, "grade": "D", "version": 1, "tags": [], "custom": {}}
+
+
+async def insert_lead_bundle(
+    conn: AsyncConnection,
+    lead: dict[str, Any],
+    history: dict[str, Any],
+    task: dict[str, Any] | None,
+    pointer: tuple[str, str] | None,
+) -> RowMapping:
+    """The new lead, its first score entry, its first-contact task and the round-robin pointer
+    move; on PostgreSQL in one round trip. Returns the inserted lead row."""
+    if conn.dialect.name != "postgresql":
+        row = (await conn.execute(insert(leads).values(lead).returning(leads))).mappings().one()
+        await conn.execute(insert(score_history).values(history))
+        if task is not None:
+            await conn.execute(insert(tasks).values(task))
+        if pointer is not None:
+            await conn.execute(
+                update(assignment_rules).where(assignment_rules.c.id == pointer[0]).values(last_user_id=pointer[1])
+            )
+        return row
+    params: dict[str, Any] = {f"l_{k}": v for k, v in (LEAD_DEFAULTS | lead).items()}
+    params.update({f"h_{k}": v for k, v in history.items()})
+    params.update({f"t_{k}": v for k, v in (task or _TASK_BLANK).items()})
+    params.update(
+        t_present=task is not None, p_rule=pointer[0] if pointer else "", p_user=pointer[1] if pointer else ""
+    )
+    return (await conn.execute(_BUNDLE, params)).mappings().one()

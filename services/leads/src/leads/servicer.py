@@ -1,0 +1,528 @@
+"""gRPC <-> use cases: request messages to handler arguments, results to response messages."""
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
+from crm_platform import custom_fields as cf
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.ids import new_id
+from crm_platform.money import Money, money_from_proto
+from crm_platform.timeutil import from_timestamp, to_timestamp
+from google.protobuf import json_format
+from sqlalchemy.engine import RowMapping
+
+from leads import messages
+from leads.domain import AssignmentRule, ScoringRule, Thresholds
+from leads.handlers import (
+    ActivityInput,
+    ConvertRequest,
+    ImportOptions,
+    ImportRowOutcome,
+    ImportSpec,
+    LeadFilters,
+    LeadsService,
+    RateLimited,
+)
+from leads.importing import FORMATS, RowMapper
+
+LEAD_INPUT_FIELDS = tuple(f.name for f in leads_service_pb2.LeadInput.DESCRIPTOR.fields)
+
+
+def lead_input(message: leads_service_pb2.LeadInput, paths: list[str] | None = None) -> dict[str, Any]:
+    """The fields of a LeadInput that were given: all non-empty ones, or exactly `paths` on update."""
+    names = paths if paths is not None else [n for n in LEAD_INPUT_FIELDS if n in _given(message)]
+    data: dict[str, Any] = {}
+    for name in names:
+        if name not in LEAD_INPUT_FIELDS:
+            data[name] = None  # the handler names it as not writable
+        elif name == "custom":
+            data[name] = json_format.MessageToDict(message.custom)
+        elif name == "tags":
+            data[name] = list(message.tags)
+        else:
+            data[name] = getattr(message, name)
+    return data
+
+
+def _given(message: leads_service_pb2.LeadInput) -> set[str]:
+    return {descriptor.name for descriptor, _ in message.ListFields()}
+
+
+def _money(message: common_pb2.Money, field: str, present: bool) -> Money | None:
+    return money_from_proto(message, field=field) if present else None
+
+
+def _row_result(o: ImportRowOutcome) -> leads_service_pb2.ImportRowResult:
+    return leads_service_pb2.ImportRowResult(
+        row=o.row, status=o.status, lead_id=o.lead_id, reason=o.reason, field=o.field
+    )
+
+
+def _import_message(row: Mapping[Any, Any], rejections: list[RowMapping]) -> leads_service_pb2.LeadImport:
+    return leads_service_pb2.LeadImport(
+        id=row["id"],
+        status=row["status"],
+        progress=leads_service_pb2.ImportProgress(
+            rows_seen=row["rows_seen"], accepted=row["accepted"], merged=row["merged"], rejected=row["rejected"]
+        ),
+        started_at=to_timestamp(row["started_at"]),
+        finished_at=to_timestamp(row["finished_at"]),
+        error=row["error"],
+        parts_received=row["parts_received"],
+        rejected_rows=[
+            leads_service_pb2.ImportRowResult(row=r["row"], status="rejected", reason=r["reason"], field=r["field"])
+            for r in rejections
+        ],
+    )
+
+
+class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
+    def __init__(self, service: LeadsService) -> None:
+        self.service = service
+
+    # --- leads ---
+
+    async def CreateLead(
+        self, request: leads_service_pb2.CreateLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.CreateLeadResponse:
+        row, merged = await self.service.create_lead(
+            lead_input(request.lead), on_duplicate=request.on_duplicate, idempotency_key=request.idempotency_key
+        )
+        return leads_service_pb2.CreateLeadResponse(lead=messages.lead_to_proto(row), merged=merged)
+
+    async def GetLead(
+        self, request: leads_service_pb2.GetLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetLeadResponse:
+        return leads_service_pb2.GetLeadResponse(
+            lead=messages.lead_to_proto(await self.service.get_lead(request.lead_id))
+        )
+
+    async def UpdateLead(
+        self, request: leads_service_pb2.UpdateLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateLeadResponse:
+        paths = list(request.update_mask.paths)
+        row = await self.service.update_lead(
+            request.lead_id, lead_input(request.lead, paths), paths, request.expected_version
+        )
+        return leads_service_pb2.UpdateLeadResponse(lead=messages.lead_to_proto(row))
+
+    async def ListLeads(
+        self, request: leads_service_pb2.ListLeadsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadsResponse:
+        in_pool = {"": None, "true": True, "false": False}.get(request.in_pool.lower())
+        if request.in_pool and in_pool is None:
+            raise ValidationFailed([FieldError("in_pool", "must be true or false")])
+        filters = LeadFilters(
+            statuses=list(request.statuses),
+            sources=list(request.sources),
+            owner_id=request.owner_id,
+            team=request.team,
+            region=request.region,
+            industry=request.industry,
+            grade=request.grade,
+            campaign_id=request.campaign_id,
+            tag=request.tag,
+            q=request.q,
+            created_after=from_timestamp(request.created_after),
+            created_before=from_timestamp(request.created_before),
+            source_detail=request.source_detail,
+            in_pool=in_pool,
+            min_score=request.min_score,
+        )
+        rows, cursor = await self.service.list_leads(
+            filters, limit=request.page.limit, cursor=request.page.cursor, sort=request.page.sort
+        )
+        return leads_service_pb2.ListLeadsResponse(
+            items=[messages.lead_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def SummarizeLeads(
+        self, request: leads_service_pb2.SummarizeLeadsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.SummarizeLeadsResponse:
+        counts, total = await self.service.summarize(request.group_by, list(request.statuses), request.import_id)
+        return leads_service_pb2.SummarizeLeadsResponse(
+            counts=[leads_service_pb2.LeadCount(key=k, count=n) for k, n in counts], total=total
+        )
+
+    # --- import ---
+
+    async def ImportLeads(
+        self,
+        request_iterator: AsyncIterator[leads_service_pb2.ImportLeadsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> leads_service_pb2.ImportLeadsResponse:
+        first = await anext(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise ValidationFailed([FieldError("header", "the first message of an import is its header")])
+        header = first.header
+        on_duplicate = header.on_duplicate or "reject"
+        if on_duplicate not in ("reject", "merge", "allow"):
+            raise ValidationFailed([FieldError("on_duplicate", f"{on_duplicate!r} is not one of reject, merge, allow")])
+        if header.part < 0:
+            raise ValidationFailed([FieldError("part", "must not be negative")])
+        fmt = header.format or "csv"
+        if fmt not in FORMATS:
+            raise ValidationFailed([FieldError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")])
+        mapper = RowMapper(
+            column_map=dict(header.column_map),
+            source_map=dict(header.source_map),
+            default_source=header.default_source or "import",
+            campaign_id=header.campaign_id,
+        )
+        spec = ImportSpec(
+            import_id=header.import_key or new_id(),
+            format=fmt,
+            options=ImportOptions(mapper=mapper, on_duplicate=on_duplicate, assign=header.assign),
+            part=header.part,
+            final=header.final,
+        )
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                yield message.chunk
+
+        result = await self.service.import_part(spec, chunks())
+        summary = _import_message(result.lead_import, [])
+        summary.progress.skipped = result.skipped
+        rows = [_row_result(o) for o in result.outcomes if header.report_accepted or o.status != "accepted"]
+        return leads_service_pb2.ImportLeadsResponse(lead_import=summary, rows=rows)
+
+    async def GetLeadImport(
+        self, request: leads_service_pb2.GetLeadImportRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetLeadImportResponse:
+        row = await self.service.get_import(request.import_id)
+        return leads_service_pb2.GetLeadImportResponse(
+            lead_import=_import_message(row, await self.service.import_rejections(request.import_id))
+        )
+
+    # --- activities, tasks, scores ---
+
+    async def LogLeadActivity(
+        self, request: leads_service_pb2.LogLeadActivityRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.LogLeadActivityResponse:
+        activity, lead = await self.service.log_activity(
+            ActivityInput(
+                lead_id=request.lead_id,
+                kind=request.kind,
+                outcome=request.outcome,
+                notes=request.notes,
+                occurred_at=from_timestamp(request.occurred_at),
+                next_follow_up_at=from_timestamp(request.next_follow_up_at),
+                idempotency_key=request.idempotency_key,
+            )
+        )
+        return leads_service_pb2.LogLeadActivityResponse(
+            activity=messages.activity_to_proto(activity), lead=messages.lead_to_proto(lead)
+        )
+
+    async def ListLeadActivities(
+        self, request: leads_service_pb2.ListLeadActivitiesRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadActivitiesResponse:
+        rows, cursor = await self.service.list_activities(
+            request.lead_id, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.ListLeadActivitiesResponse(
+            items=[messages.activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def ListLeadTasks(
+        self, request: leads_service_pb2.ListLeadTasksRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadTasksResponse:
+        rows = await self.service.list_tasks(request.lead_id, request.status)
+        return leads_service_pb2.ListLeadTasksResponse(items=[messages.task_to_proto(r) for r in rows])
+
+    async def GetLeadScoreHistory(
+        self, request: leads_service_pb2.GetLeadScoreHistoryRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetLeadScoreHistoryResponse:
+        rows = await self.service.score_history(request.lead_id)
+        return leads_service_pb2.GetLeadScoreHistoryResponse(items=[messages.score_change_to_proto(r) for r in rows])
+
+    # --- assignment, disqualification, conversion, pool ---
+
+    async def AssignLead(
+        self, request: leads_service_pb2.AssignLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.AssignLeadResponse:
+        row = await self.service.assign(request.lead_id, request.owner_id, request.team, request.expected_version)
+        return leads_service_pb2.AssignLeadResponse(lead=messages.lead_to_proto(row))
+
+    async def DisqualifyLead(
+        self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DisqualifyLeadResponse:
+        row = await self.service.disqualify(request.lead_id, request.reason, request.expected_version)
+        return leads_service_pb2.DisqualifyLeadResponse(lead=messages.lead_to_proto(row))
+
+    async def ConvertLead(
+        self, request: leads_service_pb2.ConvertLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ConvertLeadResponse:
+        close = from_timestamp(request.expected_close_date)
+        result = await self.service.convert(
+            ConvertRequest(
+                lead_id=request.lead_id,
+                account_id=request.account_id,
+                account_name=request.account_name,
+                create_opportunity=request.create_opportunity,
+                opportunity_name=request.opportunity_name,
+                opportunity_amount=_money(
+                    request.opportunity_amount, "opportunity_amount", request.HasField("opportunity_amount")
+                ),
+                pipeline_id=request.pipeline_id,
+                expected_close_date=close.date() if close else None,
+                idempotency_key=request.idempotency_key,
+            )
+        )
+        return leads_service_pb2.ConvertLeadResponse(
+            lead=messages.lead_to_proto(result.lead),
+            account_id=result.account_id,
+            contact_id=result.contact_id,
+            opportunity_id=result.opportunity_id,
+        )
+
+    async def ListLeadPool(
+        self, request: leads_service_pb2.ListLeadPoolRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadPoolResponse:
+        rows, cursor = await self.service.list_pool(
+            region=request.region,
+            industry=request.industry,
+            source=request.source,
+            limit=request.page.limit,
+            cursor=request.page.cursor,
+        )
+        return leads_service_pb2.ListLeadPoolResponse(
+            items=[messages.lead_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def ClaimLead(
+        self, request: leads_service_pb2.ClaimLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ClaimLeadResponse:
+        return leads_service_pb2.ClaimLeadResponse(
+            lead=messages.lead_to_proto(await self.service.claim(request.lead_id))
+        )
+
+    async def ReleaseLead(
+        self, request: leads_service_pb2.ReleaseLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ReleaseLeadResponse:
+        row = await self.service.release(request.lead_id, request.reason)
+        return leads_service_pb2.ReleaseLeadResponse(lead=messages.lead_to_proto(row))
+
+    # --- rules ---
+
+    @staticmethod
+    def _scoring_rule(message: leads_pb2.ScoringRule) -> ScoringRule:
+        return ScoringRule(
+            id=message.id,
+            points=message.points,
+            field=message.field,
+            operator=message.operator,
+            value=message.value,
+            activity_kind=message.activity_kind,
+            min_count=message.min_count,
+            enabled=message.enabled,
+        )
+
+    async def CreateScoringRule(
+        self, request: leads_service_pb2.CreateScoringRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.CreateScoringRuleResponse:
+        row = await self.service.create_scoring_rule(
+            self._scoring_rule(request.rule), request.rule.name, request.idempotency_key
+        )
+        return leads_service_pb2.CreateScoringRuleResponse(rule=messages.scoring_rule_to_proto(row))
+
+    async def UpdateScoringRule(
+        self, request: leads_service_pb2.UpdateScoringRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateScoringRuleResponse:
+        row = await self.service.update_scoring_rule(
+            self._scoring_rule(request.rule), request.rule.name, request.expected_version
+        )
+        return leads_service_pb2.UpdateScoringRuleResponse(rule=messages.scoring_rule_to_proto(row))
+
+    async def DeleteScoringRule(
+        self, request: leads_service_pb2.DeleteScoringRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteScoringRuleResponse:
+        await self.service.delete_scoring_rule(request.rule_id)
+        return leads_service_pb2.DeleteScoringRuleResponse()
+
+    async def ListScoringRules(
+        self, request: leads_service_pb2.ListScoringRulesRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListScoringRulesResponse:
+        rows, t = await self.service.list_scoring_rules()
+        return leads_service_pb2.ListScoringRulesResponse(
+            items=[messages.scoring_rule_to_proto(r) for r in rows],
+            thresholds=leads_pb2.GradeThresholds(a=t.a, b=t.b, c=t.c),
+        )
+
+    async def SetGradeThresholds(
+        self, request: leads_service_pb2.SetGradeThresholdsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.SetGradeThresholdsResponse:
+        t = request.thresholds
+        saved = await self.service.set_thresholds(Thresholds(a=t.a, b=t.b, c=t.c))
+        return leads_service_pb2.SetGradeThresholdsResponse(
+            thresholds=leads_pb2.GradeThresholds(a=saved.a, b=saved.b, c=saved.c)
+        )
+
+    @staticmethod
+    def _assignment_rule(message: leads_pb2.AssignmentRule) -> AssignmentRule:
+        return AssignmentRule(
+            id=message.id,
+            position=message.position,
+            user_ids=tuple(u.strip() for u in message.user_ids if u.strip()),
+            strategy=message.strategy or "round_robin",
+            team=message.team,
+            regions=frozenset(message.regions),
+            industries=frozenset(message.industries),
+            sources=frozenset(message.sources),
+            min_score=message.min_score,
+            max_score=message.max_score,
+            capacity=message.capacity,
+            enabled=message.enabled,
+        )
+
+    async def CreateAssignmentRule(
+        self, request: leads_service_pb2.CreateAssignmentRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.CreateAssignmentRuleResponse:
+        row = await self.service.create_assignment_rule(
+            self._assignment_rule(request.rule), request.rule.name, request.idempotency_key
+        )
+        return leads_service_pb2.CreateAssignmentRuleResponse(rule=messages.assignment_rule_to_proto(row))
+
+    async def UpdateAssignmentRule(
+        self, request: leads_service_pb2.UpdateAssignmentRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateAssignmentRuleResponse:
+        row = await self.service.update_assignment_rule(
+            self._assignment_rule(request.rule), request.rule.name, request.expected_version
+        )
+        return leads_service_pb2.UpdateAssignmentRuleResponse(rule=messages.assignment_rule_to_proto(row))
+
+    async def DeleteAssignmentRule(
+        self, request: leads_service_pb2.DeleteAssignmentRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteAssignmentRuleResponse:
+        await self.service.delete_assignment_rule(request.rule_id)
+        return leads_service_pb2.DeleteAssignmentRuleResponse()
+
+    async def ListAssignmentRules(
+        self, request: leads_service_pb2.ListAssignmentRulesRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListAssignmentRulesResponse:
+        rows = await self.service.list_assignment_rules()
+        return leads_service_pb2.ListAssignmentRulesResponse(items=[messages.assignment_rule_to_proto(r) for r in rows])
+
+    # --- campaigns ---
+
+    @staticmethod
+    def _campaign(message: leads_service_pb2.CampaignInput) -> dict[str, Any]:
+        return {
+            "name": message.name,
+            "channel": message.channel,
+            "cost": _money(message.cost, "cost", message.HasField("cost")),
+            "starts_on": message.starts_on,
+            "ends_on": message.ends_on,
+            "owner_id": message.owner_id,
+            "team": message.team,
+        }
+
+    async def CreateCampaign(
+        self, request: leads_service_pb2.CreateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.CreateCampaignResponse:
+        row = await self.service.create_campaign(self._campaign(request.campaign), request.idempotency_key)
+        return leads_service_pb2.CreateCampaignResponse(campaign=messages.campaign_to_proto(row))
+
+    async def GetCampaign(
+        self, request: leads_service_pb2.GetCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetCampaignResponse:
+        row = await self.service.get_campaign(request.campaign_id)
+        return leads_service_pb2.GetCampaignResponse(campaign=messages.campaign_to_proto(row))
+
+    async def UpdateCampaign(
+        self, request: leads_service_pb2.UpdateCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateCampaignResponse:
+        paths = list(request.update_mask.paths)
+        row = await self.service.update_campaign(
+            request.campaign_id, self._campaign(request.campaign), paths, request.expected_version
+        )
+        return leads_service_pb2.UpdateCampaignResponse(campaign=messages.campaign_to_proto(row))
+
+    async def ListCampaigns(
+        self, request: leads_service_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListCampaignsResponse:
+        rows, cursor = await self.service.list_campaigns(
+            request.channel, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.ListCampaignsResponse(
+            items=[messages.campaign_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    # --- webforms ---
+
+    async def CreateWebform(
+        self, request: leads_service_pb2.CreateWebformRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.CreateWebformResponse:
+        w = request.webform
+        row = await self.service.create_webform(
+            {
+                "name": w.name,
+                "campaign_id": w.campaign_id,
+                "team": w.team,
+                "region": w.region,
+                "rate_limit_per_minute": w.rate_limit_per_minute,
+            },
+            request.idempotency_key,
+        )
+        return leads_service_pb2.CreateWebformResponse(webform=messages.webform_to_proto(row))
+
+    async def ListWebforms(
+        self, request: leads_service_pb2.ListWebformsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListWebformsResponse:
+        rows = await self.service.list_webforms()
+        return leads_service_pb2.ListWebformsResponse(items=[messages.webform_to_proto(r) for r in rows])
+
+    async def SubmitWebform(
+        self, request: leads_service_pb2.SubmitWebformRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.SubmitWebformResponse:
+        try:
+            row, merged = await self.service.submit_webform(
+                request.form_key, dict(request.fields), request.idempotency_key
+            )
+        except RateLimited as error:
+            # crm_platform maps no rate-limit error yet: RESOURCE_EXHAUSTED with the wait in trailers.
+            context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.detail)
+        return leads_service_pb2.SubmitWebformResponse(lead_id=row["id"], merged=merged)
+
+    # --- custom fields ---
+
+    async def UpsertCustomField(
+        self, request: leads_service_pb2.UpsertCustomFieldRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpsertCustomFieldResponse:
+        d = request.definition
+        try:
+            kind = cf.FieldType(d.type)
+        except ValueError:
+            raise ValidationFailed(
+                [FieldError("type", f"must be one of {', '.join(t.value for t in cf.FieldType)}")]
+            ) from None
+        definition = cf.FieldDefinition(
+            entity=d.entity or "lead",
+            key=d.key,
+            label=d.label,
+            type=kind,
+            required=d.required,
+            options=tuple(d.options),
+            pii=d.pii,
+        )
+        row = await self.service.upsert_custom_field(definition, request.expected_version)
+        return leads_service_pb2.UpsertCustomFieldResponse(definition=messages.custom_field_to_proto(row))
+
+    async def ListCustomFields(
+        self, request: leads_service_pb2.ListCustomFieldsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListCustomFieldsResponse:
+        if request.entity not in ("", "lead"):
+            raise ValidationFailed([FieldError("entity", "the leads service holds the custom fields of leads only")])
+        rows = await self.service.list_custom_fields()
+        return leads_service_pb2.ListCustomFieldsResponse(items=[messages.custom_field_to_proto(r) for r in rows])
+
+    async def DeleteCustomField(
+        self, request: leads_service_pb2.DeleteCustomFieldRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteCustomFieldResponse:
+        await self.service.delete_custom_field(request.key)
+        return leads_service_pb2.DeleteCustomFieldResponse()

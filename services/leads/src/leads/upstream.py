@@ -1,0 +1,165 @@
+"""The conversion ports over gRPC: accounts (account, contact) and sales (opportunity).
+
+Calls carry the caller's principal and scope, so ownership and permissions stay the caller's.
+Remote errors become domain errors: a business rejection triggers compensation, while
+UNAVAILABLE/DEADLINE_EXCEEDED become `Unavailable` (the saga keeps its progress for a retry).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from crm.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
+from crm.common.v1 import common_pb2
+from crm.sales.v1 import sales_service_pb2, sales_service_pb2_grpc
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    CrmError,
+    FieldError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+    ValidationFailed,
+)
+from crm_platform.grpc_client import create_channel
+from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.principal import current_principal, current_request_id, current_scope, outgoing_metadata
+
+from leads.handlers import ConvertRequest
+
+ACCOUNTS = "crm.accounts.v1.AccountsService"
+SALES = "crm.sales.v1.SalesService"
+
+
+def domain_error(error: grpc.aio.AioRpcError, *, step: str) -> CrmError:
+    remote = from_rpc_error(error)
+    detail = f"{step}: {remote.message}"
+    match remote.code:
+        case grpc.StatusCode.INVALID_ARGUMENT:
+            errors = [FieldError(f"{step}.{e.field}", e.message) for e in remote.field_errors]
+            return ValidationFailed(errors or [FieldError(step, remote.message)])
+        case grpc.StatusCode.NOT_FOUND:
+            return NotFound(step, remote.metadata.get("id", ""))
+        case grpc.StatusCode.ALREADY_EXISTS:
+            return AlreadyExists(detail, existing_id=remote.metadata.get("existing_id", ""))
+        case grpc.StatusCode.FAILED_PRECONDITION | grpc.StatusCode.ABORTED:
+            return Conflict(
+                detail, existing_id=remote.metadata.get("existing_id", ""), reason=remote.reason or "CONFLICT"
+            )
+        case grpc.StatusCode.PERMISSION_DENIED:
+            return PermissionDenied(detail, field=remote.metadata.get("field", ""))
+        case _:
+            return Unavailable(f"{step} failed ({remote.code.name}): {remote.message}")
+
+
+class GrpcConversionPorts:
+    def __init__(self, accounts_target: str, sales_target: str, deadline_seconds: float) -> None:
+        # Creates are idempotent by key and deletes by id, so UNAVAILABLE may be retried by the channel.
+        accounts_methods = [
+            (ACCOUNTS, m) for m in ("GetAccount", "CreateAccount", "CreateContact", "DeleteContact", "DeleteAccount")
+        ]
+        self._accounts_channel = create_channel(
+            accounts_target, idempotent_methods=accounts_methods, default_deadline_seconds=deadline_seconds
+        )
+        self._sales_channel = create_channel(
+            sales_target, idempotent_methods=[(SALES, "CreateOpportunity")], default_deadline_seconds=deadline_seconds
+        )
+        self.accounts = accounts_service_pb2_grpc.AccountsServiceStub(self._accounts_channel)
+        self.sales = sales_service_pb2_grpc.SalesServiceStub(self._sales_channel)
+        self.deadline = deadline_seconds
+
+    async def close(self) -> None:
+        await self._accounts_channel.close()
+        await self._sales_channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return outgoing_metadata(current_principal(), current_scope(), current_request_id())
+
+    async def _call(self, step: str, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata(), timeout=self.deadline)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error, step=step) from error
+
+    async def get_account(self, account_id: str) -> None:
+        try:
+            await self._call(
+                "account", self.accounts.GetAccount, accounts_service_pb2.GetAccountRequest(account_id=account_id)
+            )
+        except NotFound:
+            raise ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")]) from None
+
+    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
+        account = accounts_service_pb2.AccountInput(
+            name=name,
+            industry=lead["industry"],
+            region=lead["region"],
+            owner_id=lead["owner_id"],
+            team=lead["team"],
+            tags=list(lead["tags"] or []),
+        )
+        response = await self._call(
+            "account",
+            self.accounts.CreateAccount,
+            accounts_service_pb2.CreateAccountRequest(account=account, idempotency_key=key),
+        )
+        return str(response.account.id)
+
+    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
+        contact = accounts_service_pb2.ContactInput(
+            account_id=account_id,
+            name=lead["name"] or lead["company"],
+            title=lead["title"],
+            phone=lead["phone"],
+            email=lead["email"],
+            is_primary=True,
+            tags=list(lead["tags"] or []),
+        )
+        response = await self._call(
+            "contact",
+            self.accounts.CreateContact,
+            accounts_service_pb2.CreateContactRequest(contact=contact, idempotency_key=key),
+        )
+        return str(response.contact.id)
+
+    async def create_opportunity(
+        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: ConvertRequest
+    ) -> str:
+        message = sales_service_pb2.CreateOpportunityRequest(
+            idempotency_key=key,
+            account_id=account_id,
+            primary_contact_id=contact_id,
+            name=request.opportunity_name.strip() or f"{lead['company'] or lead['name']} opportunity",
+            pipeline_id=request.pipeline_id,
+            owner_id=lead["owner_id"],
+            team=lead["team"],
+            region=lead["region"],
+            source_lead_id=lead["id"],
+            campaign_id=lead["campaign_id"],
+            expected_close_date=request.expected_close_date.isoformat() if request.expected_close_date else "",
+        )
+        if request.opportunity_amount is not None:
+            message.amount.CopyFrom(
+                common_pb2.Money(
+                    amount=format(request.opportunity_amount.amount, "f"), currency=request.opportunity_amount.currency
+                )
+            )
+        response = await self._call("opportunity", self.sales.CreateOpportunity, message)
+        return str(response.opportunity.id)
+
+    async def delete_contact(self, contact_id: str) -> None:
+        try:
+            await self._call(
+                "contact", self.accounts.DeleteContact, accounts_service_pb2.DeleteContactRequest(contact_id=contact_id)
+            )
+        except NotFound:
+            return  # already gone: compensation is idempotent
+
+    async def delete_account(self, account_id: str) -> None:
+        try:
+            await self._call(
+                "account", self.accounts.DeleteAccount, accounts_service_pb2.DeleteAccountRequest(account_id=account_id)
+            )
+        except NotFound:
+            return

@@ -1,0 +1,117 @@
+"""A migrated PostgreSQL database per test and the leads use cases over it (fake upstream ports)."""
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from crm_platform import migrations
+from crm_platform.db import create_engine
+from crm_platform.errors import CrmError, Unavailable
+from crm_platform.ids import new_id
+from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
+from leads import repository as repo
+from leads.config import LeadsSettings
+from leads.handlers import ConvertRequest, LeadsService
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+@dataclass
+class FakePorts:
+    """Accounts and sales as the saga sees them; failures can be injected per step."""
+
+    accounts: dict[str, str] = field(default_factory=dict)
+    contacts: dict[str, str] = field(default_factory=dict)
+    opportunities: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    fail: dict[str, CrmError] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def _create(self, step: str, key: str, store: dict[str, str], value: str) -> str:
+        self.calls.append(f"create_{step}")
+        if step in self.fail:
+            raise self.fail[step]
+        if key not in self.keys:
+            created = new_id()
+            self.keys[key] = created
+            store[created] = value
+        return self.keys[key]
+
+    async def get_account(self, account_id: str) -> None:
+        if account_id not in self.accounts:
+            from crm_platform.errors import FieldError, ValidationFailed
+
+            raise ValidationFailed([FieldError("account_id", "does not exist")])
+
+    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
+        return self._create("account", key, self.accounts, name)
+
+    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
+        return self._create("contact", key, self.contacts, account_id)
+
+    async def create_opportunity(
+        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: ConvertRequest
+    ) -> str:
+        return self._create("opportunity", key, self.opportunities, account_id)
+
+    async def delete_contact(self, contact_id: str) -> None:
+        self.calls.append("delete_contact")
+        if "delete" in self.fail:
+            raise Unavailable("accounts down")
+        self.contacts.pop(contact_id, None)
+
+    async def delete_account(self, account_id: str) -> None:
+        self.calls.append("delete_account")
+        self.accounts.pop(account_id, None)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kw: float) -> None:
+        self.now += timedelta(**kw)
+
+
+@dataclass
+class Env:
+    engine: AsyncEngine
+    service: LeadsService
+    ports: FakePorts
+    clock: Clock
+    url: str
+
+    @contextmanager
+    def acting(self, user: str = "rep1", *, roles: tuple[str, ...] = ("sales_rep",), team: str = "east",
+               scope: ScopeKind = ScopeKind.ALL) -> Iterator[None]:  # fmt: skip
+        principal = Principal(user_id=user, roles=roles, team=team, region="cn-east")
+        record_scope = RecordScope(scope, owner_id=user, team=team, region="cn-east")
+        with acting_as(principal, record_scope):
+            yield
+
+
+async def migrated(url: str) -> None:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+
+
+@pytest.fixture
+async def env(postgres_url: str) -> AsyncIterator[Env]:
+    await migrated(postgres_url)
+    engine = create_engine(postgres_url)
+    clock = Clock()
+    ports = FakePorts()
+    settings = LeadsSettings(database_url=postgres_url, rules_cache_seconds=0, import_batch_size=500)
+    uow = UnitOfWork(engine, repo.metadata, source="crm/leads")
+    service = LeadsService(engine=engine, uow=uow, settings=settings, ports=ports, clock=clock)
+    yield Env(engine, service, ports, clock, postgres_url)
+    await engine.dispose()

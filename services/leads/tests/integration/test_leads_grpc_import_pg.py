@@ -1,0 +1,195 @@
+"""The leads gRPC service on PostgreSQL: the import API with the real Leads.csv, and the events of
+the outbox observed on the broker with their CloudEvents headers."""
+
+import asyncio
+import csv
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from crm.leads.v1 import events_pb2, leads_service_pb2, leads_service_pb2_grpc
+from crm_platform.config import KafkaSettings
+from crm_platform.grpc_server import GrpcServer
+from crm_platform.outbox import OutboxRelay
+from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
+from crm_platform.testing.fixtures import create_topics
+from crm_platform.testing.kafka import EventCollector
+from leads import domain
+from leads import repository as repo
+from leads.servicer import LeadsServicer
+
+pytestmark = pytest.mark.integration
+
+LEADS_CSV = Path(__file__).resolve().parents[4] / ".." / "shared" / "datasets" / "x-education-leads" / "Leads.csv"
+COLUMN_MAP = {"Prospect ID": "external_id", "Lead Source": "source", "Country": "region"}
+METADATA = outgoing_metadata(Principal(user_id="importer", roles=("admin",), team="ops"), RecordScope(ScopeKind.ALL))
+
+
+@pytest.fixture
+async def stub(env: Any) -> AsyncIterator[leads_service_pb2_grpc.LeadsServiceStub]:
+    server = GrpcServer(
+        service="leads",
+        service_names=["crm.leads.v1.LeadsService"],
+        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
+    )
+    port = await server.start("127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield leads_service_pb2_grpc.LeadsServiceStub(channel)
+    await server.stop(1)
+
+
+def parts_of(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+async def send(
+    stub: leads_service_pb2_grpc.LeadsServiceStub,
+    data: bytes,
+    *,
+    part: int = 0,
+    final: bool = False,
+    key: str = "x1",
+    column_map: dict[str, str] | None = None,
+) -> leads_service_pb2.ImportLeadsResponse:
+    columns = COLUMN_MAP if column_map is None else column_map
+    header = leads_service_pb2.ImportHeader(format="csv", import_key=key, column_map=columns, part=part, final=final)
+
+    async def requests() -> AsyncIterator[leads_service_pb2.ImportLeadsRequest]:
+        yield leads_service_pb2.ImportLeadsRequest(header=header)
+        for chunk in parts_of(data, 64 * 1024):  # a quoted field or a character may be cut anywhere
+            yield leads_service_pb2.ImportLeadsRequest(chunk=chunk)
+
+    response: leads_service_pb2.ImportLeadsResponse = await stub.ImportLeads(requests(), metadata=METADATA)
+    return response
+
+
+async def test_import_leads_csv_in_parts_counts_every_row_and_is_idempotent(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    data = LEADS_CSV.read_bytes()
+    with LEADS_CSV.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_detail = Counter(row["Lead Source"] for row in rows)
+    by_source = Counter(domain.map_source(row["Lead Source"])[0] for row in rows)
+
+    pieces = parts_of(data, 700_000)  # each part fits a 1 MiB request body
+    for number, piece in enumerate(pieces, start=1):
+        response = await send(stub, piece, part=number, final=number == len(pieces))
+    summary = response.lead_import
+    assert summary.status == "completed" and summary.parts_received == len(pieces)
+    progress = summary.progress
+    assert progress.rows_seen == len(rows) == 9240
+    assert progress.accepted + progress.merged + progress.rejected == len(rows)
+    assert progress.accepted == len(rows)  # every Prospect ID is new
+
+    detail_counts = await stub.SummarizeLeads(
+        leads_service_pb2.SummarizeLeadsRequest(group_by="source_detail", import_id="x1"), metadata=METADATA
+    )
+    assert {c.key: c.count for c in detail_counts.counts} == dict(by_detail)
+    source_counts = await stub.SummarizeLeads(
+        leads_service_pb2.SummarizeLeadsRequest(group_by="source"), metadata=METADATA
+    )
+    assert {c.key: c.count for c in source_counts.counts} == dict(by_source)
+
+    # The same part again (a client retry) applies nothing twice.
+    again = await send(stub, pieces[0], part=1)
+    assert again.lead_import.progress.accepted == len(rows)
+    # The whole file under a new key: every row is a duplicate of its open lead, with the reason.
+    rerun = await send(stub, data, key="x2")
+    assert rerun.lead_import.progress.rejected == len(rows) and rerun.lead_import.progress.accepted == 0
+    assert all(r.status == "rejected" and "duplicate of open lead" in r.reason for r in rerun.rows)
+    assert len(rerun.rows) == len(rows)
+    total = await stub.SummarizeLeads(leads_service_pb2.SummarizeLeadsRequest(group_by="status"), metadata=METADATA)
+    assert total.total == len(rows)
+
+
+async def test_import_reports_bad_rows_and_resumes_after_a_crash(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    text = (
+        "Name,Email,Phone,Lead Source,Notes\n"
+        'Li Lei,li@x.cn,13800138000,Google,"multi\nline"\n'
+        "Bad Mail,not-an-email,,Google,\n"
+        "Han Mei,han@x.cn,abc,Facebook,\n"
+        "Twin,LI@x.cn,,Google,\n"
+        "short,row\n"
+        ",,,,\n"
+        "Wang,wang@x.cn,+1 415 555 0100,Something New,\n"
+    )
+    # Crash simulation: the first run dies after committing the first batch (size 2 here).
+    env.service.settings.import_batch_size = 2
+    original = env.service.import_batch
+    calls = 0
+
+    async def crashing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("killed")
+        return await original(*args, **kwargs)
+
+    env.service.import_batch = crashing
+    with pytest.raises(grpc.aio.AioRpcError):
+        await send(stub, text.encode(), key="bad", column_map={})
+    env.service.import_batch = original
+    response = await send(stub, text.encode(), key="bad", column_map={})
+    progress = response.lead_import.progress
+    assert progress.skipped == 2  # committed by the crashed run
+    results = {r.row: r for r in response.rows}
+    assert 2 not in results and results[3].field == "phone"  # row 2 was reported by the crashed run
+    assert "duplicate of open lead" in results[4].reason and results[4].field == "email"
+    assert results[5].field == "row" and "columns" in results[5].reason
+    assert results[6].field == "name"
+    assert (progress.rows_seen, progress.accepted, progress.rejected) == (7, 2, 5)
+    status = await stub.GetLeadImport(leads_service_pb2.GetLeadImportRequest(import_id="bad"), metadata=METADATA)
+    assert sorted(r.row for r in status.lead_import.rejected_rows) == [2, 3, 4, 5, 6]
+    wang = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(q="wang"), metadata=METADATA)
+    assert wang.items[0].source == "other" and wang.items[0].source_detail == "Something New"
+    assert wang.items[0].phone == "+1 415 555 0100"
+
+
+async def test_bad_input_is_rejected_with_the_field(stub: leads_service_pb2_grpc.LeadsServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.CreateLead(
+            leads_service_pb2.CreateLeadRequest(lead=leads_service_pb2.LeadInput(name="x", source="tv")),
+            metadata=METADATA,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "source" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await send(stub, b"a,b\n1,2\n", key="m1", part=3)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_events_reach_the_broker_with_cloudevents_headers(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub, kafka_settings: KafkaSettings
+) -> None:
+    await create_topics(kafka_settings, "crm.leads.v1")
+    relay = OutboxRelay(env.engine, repo.metadata, kafka_settings, service="leads")
+    task = asyncio.create_task(relay.run())
+    try:
+        async with EventCollector(kafka_settings.bootstrap_servers, ["crm.leads.v1"]) as events:
+            created = await stub.CreateLead(
+                leads_service_pb2.CreateLeadRequest(
+                    lead=leads_service_pb2.LeadInput(name="Evented", email="ev@x.cn", owner_id="rep9")
+                ),
+                metadata=METADATA,
+            )
+            lead_id = created.lead.id
+            records = await events.wait_for(
+                lambda rs: (
+                    {r.event_type for r in rs if r.key == lead_id}
+                    >= {"crm.leads.lead.created", "crm.leads.lead.assigned"}
+                )
+            )
+    finally:
+        await relay.stop()
+        await task
+    mine = [r for r in records if r.key == lead_id]
+    assert [r.event_type for r in mine] == ["crm.leads.lead.created", "crm.leads.lead.assigned"]
+    headers = mine[0].headers
+    assert headers["ce_specversion"] == "1.0" and headers["ce_source"] == "crm/leads" and headers["ce_id"]
+    assert headers["ce_subject"] == lead_id and headers["content-type"] == "application/protobuf"
+    assert mine[0].decode(events_pb2.LeadCreated).lead.email == "ev@x.cn"

@@ -1,0 +1,328 @@
+"""The leads use cases on a real PostgreSQL database (events checked in the outbox)."""
+
+import asyncio
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
+from crm_platform.money import Money
+from crm_platform.principal import ScopeKind
+from leads import repository as repo
+from leads.domain import AssignmentRule, ScoringRule, Thresholds
+from leads.handlers import ActivityInput, ConvertRequest, LeadFilters
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+
+async def outbox_types(env: Any, key: str | None = None) -> list[str]:
+    query = select(repo.metadata.tables["outbox"].c.type).order_by(repo.metadata.tables["outbox"].c.seq)
+    if key:
+        query = query.where(repo.metadata.tables["outbox"].c.key == key)
+    async with env.engine.connect() as conn:
+        return [t for (t,) in await conn.execute(query)]
+
+
+async def test_create_dedupe_reject_merge_allow(env: Any) -> None:
+    with env.acting():
+        lead, merged = await env.service.create_lead(
+            {"name": "Li Lei", "email": " LI.LEI@Example.com", "phone": "138 0013 8000", "tags": ["a"]}
+        )
+        assert not merged and lead["email"] == "li.lei@example.com" and lead["phone_norm"] == "8613800138000"
+        assert lead["in_pool"] and lead["status"] == "new"
+        with pytest.raises(AlreadyExists) as caught:
+            await env.service.create_lead({"name": "Other", "phone": "+86 13800138000"})
+        assert caught.value.existing_id == lead["id"]
+        same, merged = await env.service.create_lead(
+            {"name": "Other", "email": "li.lei@example.com", "company": "ACME", "tags": ["b"]}, on_duplicate="merge"
+        )
+        assert merged and same["id"] == lead["id"] and same["company"] == "ACME" and same["tags"] == ["a", "b"]
+        assert same["name"] == "Li Lei"
+        other, merged = await env.service.create_lead(
+            {"name": "Twin", "email": "li.lei@example.com"}, on_duplicate="allow"
+        )
+        assert other["id"] != lead["id"] and not merged
+        with pytest.raises(ValidationFailed) as bad:
+            await env.service.create_lead({"name": "x", "email": "nope", "source": "tv"})
+        assert {e.field for e in bad.value.errors} == {"email", "source"}
+        with pytest.raises(ValidationFailed):
+            await env.service.create_lead({"name": "x"}, on_duplicate="maybe")
+    assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.updated"]
+
+
+async def test_idempotent_create_returns_the_first_result(env: Any) -> None:
+    with env.acting():
+        first, _ = await env.service.create_lead({"name": "A", "email": "a@x.cn"}, idempotency_key="k1")
+        again, _ = await env.service.create_lead({"name": "A", "email": "a@x.cn"}, idempotency_key="k1")
+    assert again["id"] == first["id"]
+
+
+async def test_lead_is_linked_to_a_known_contact(env: Any) -> None:
+    from crm.accounts.v1 import accounts_pb2
+    from leads.consumers import apply_contact
+
+    async with env.service.uow.begin() as tx:
+        await apply_contact(tx, accounts_pb2.Contact(id="c-1", email="Wang@Corp.cn", mobile="139 0000 1111"), "86")
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wang", "phone": "13900001111"})
+    assert lead["matched_contact_id"] == "c-1"
+
+
+async def test_scoring_rules_grades_and_history(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_scoring_rule(
+            ScoringRule(id="", field="industry", operator="equals", value="software", points=50), "software", "s1"
+        )
+        await env.service.create_scoring_rule(
+            ScoringRule(id="", activity_kind="visit", min_count=1, points=40), "visit", ""
+        )
+        await env.service.set_thresholds(Thresholds(a=85, b=50, c=30))
+        lead, _ = await env.service.create_lead({"name": "S", "industry": "Software"})
+        assert (lead["score"], lead["grade"]) == (50, "B")
+        _, lead = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="visit"))
+        assert (lead["score"], lead["grade"]) == (90, "A")
+        history = await env.service.score_history(lead["id"])
+    assert [(h["score"], h["grade"]) for h in history] == [(50, "B"), (90, "A")]
+    assert "crm.leads.lead.scored" in await outbox_types(env, lead["id"])
+
+
+async def test_assignment_round_robin_capacity_and_pool(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="round_robin", capacity=2,
+                           regions=frozenset({"east"}), team="east-sales"),
+            "east", "",
+        )  # fmt: skip
+        owners = []
+        for i in range(5):
+            lead, _ = await env.service.create_lead({"name": f"L{i}", "region": "East"})
+            owners.append(lead["owner_id"])
+        west, _ = await env.service.create_lead({"name": "W", "region": "west"})
+    assert owners == ["u1", "u2", "u1", "u2", ""]  # the fifth finds both reps at capacity
+    assert west["in_pool"] and not west["owner_id"]
+    async with env.engine.connect() as conn:
+        tasks = (await conn.execute(select(repo.tasks).where(repo.tasks.c.owner_id == "u1"))).mappings().all()
+    assert len(tasks) == 2 and all(t["kind"] == "first_contact" for t in tasks)
+
+
+async def test_least_loaded_assignment(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        for i in range(2):
+            await env.service.create_lead({"name": f"pre{i}", "owner_id": "u1"})
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="least_loaded"), "all", ""
+        )
+        owners = [(await env.service.create_lead({"name": f"n{i}"}))[0]["owner_id"] for i in range(3)]
+    assert owners == ["u2", "u2", "u1"]
+
+
+async def test_activity_contacts_the_lead_and_creates_a_follow_up(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "C", "owner_id": "rep1"})
+        assert lead["first_contact_due_at"] == env.clock.now + timedelta(hours=2)
+        env.clock.advance(minutes=30)
+        _activity, lead = await env.service.log_activity(
+            ActivityInput(
+                lead_id=lead["id"], kind="call", outcome="reached", next_follow_up_at=env.clock.now.replace(day=5)
+            )
+        )
+        assert lead["status"] == "contacted" and lead["first_contacted_at"] == env.clock.now
+        tasks = await env.service.list_tasks(lead["id"], "")
+        with pytest.raises(ValidationFailed):
+            await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="fax"))
+    assert [(t["kind"], t["status"]) for t in tasks] == [("first_contact", "done"), ("follow_up", "open")]
+    assert "crm.leads.lead.contacted" in await outbox_types(env, lead["id"])
+
+
+async def test_scope_hides_other_reps_leads(env: Any) -> None:
+    with env.acting("rep1"):
+        lead, _ = await env.service.create_lead({"name": "mine", "owner_id": "rep1"})
+    with env.acting("rep2", scope=ScopeKind.OWN), pytest.raises(NotFound):
+        await env.service.get_lead(lead["id"])
+    with env.acting("rep2", scope=ScopeKind.OWN):
+        rows, _ = await env.service.list_leads(LeadFilters(), limit=50, cursor="", sort="")
+    assert rows == []
+
+
+async def test_update_with_version_and_status_rules(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "U", "owner_id": "rep1"})
+        with pytest.raises(StaleVersion):
+            await env.service.update_lead(lead["id"], {"title": "CEO"}, ["title"], 99)
+        row = await env.service.update_lead(lead["id"], {"title": "CEO", "status": "qualified"}, ["title", "status"], 1)
+        assert (row["title"], row["status"], row["version"]) == ("CEO", "qualified", 2)
+        with pytest.raises(ValidationFailed):
+            await env.service.update_lead(lead["id"], {"score": 5}, ["score"], 0)
+        disqualified = await env.service.disqualify(lead["id"], "no budget", 0)
+        assert disqualified["status"] == "unqualified"
+        with pytest.raises(Conflict):
+            await env.service.update_lead(lead["id"], {"status": "new"}, ["status"], 0)
+
+
+async def test_list_filters_and_keyset_paging(env: Any) -> None:
+    with env.acting():
+        for i in range(7):
+            await env.service.create_lead({"name": f"P{i}", "source": "ad" if i % 2 else "event", "region": "north"})
+        seen: list[str] = []
+        cursor = ""
+        while True:
+            rows, cursor = await env.service.list_leads(
+                LeadFilters(sources=["ad"], region="north"), limit=2, cursor=cursor, sort="-created_at"
+            )
+            seen += [r["name"] for r in rows]
+            if not cursor:
+                break
+    assert seen == ["P5", "P3", "P1"]
+
+
+async def test_sla_overdue_and_recycling_timers(env: Any) -> None:
+    with env.acting():
+        late, _ = await env.service.create_lead({"name": "late", "owner_id": "rep1"})
+        worked, _ = await env.service.create_lead({"name": "worked", "owner_id": "rep1"})
+        await env.service.log_activity(ActivityInput(lead_id=worked["id"], kind="call"))
+    env.clock.advance(hours=2, minutes=1)
+    assert await env.service.flag_overdue_first_contacts() == 1
+    assert await env.service.flag_overdue_first_contacts() == 0  # flagged once
+    env.clock.advance(days=3)
+    assert await env.service.recycle_idle_leads() == 2
+    with env.acting():
+        recycled = await env.service.get_lead(late["id"])
+    assert recycled["in_pool"] and recycled["status"] == "recycled" and recycled["owner_id"] == ""
+    types = await outbox_types(env, late["id"])
+    assert "crm.leads.lead.follow_up_overdue" in types and types[-1] == "crm.leads.lead.recycled"
+
+
+async def test_pool_claim_limit_and_release(env: Any) -> None:
+    env.service.policy = type(env.service.policy)(pool_claim_limit=1)
+    with env.acting():
+        a, _ = await env.service.create_lead({"name": "pa"})
+        b, _ = await env.service.create_lead({"name": "pb"})
+        pool, _ = await env.service.list_pool(region="", industry="", source="", limit=10, cursor="")
+        assert {r["id"] for r in pool} == {a["id"], b["id"]}
+        claimed = await env.service.claim(a["id"])
+        assert claimed["owner_id"] == "rep1" and not claimed["in_pool"]
+        with pytest.raises(Conflict) as caught:
+            await env.service.claim(b["id"])
+        assert "limit" in caught.value.detail
+        released = await env.service.release(a["id"], "not my region")
+        assert released["in_pool"] and released["status"] == "recycled"
+        again = await env.service.claim(b["id"])
+    assert again["owner_id"] == "rep1"
+
+
+async def test_conversion_is_idempotent(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zhang", "company": "Zhang Co", "owner_id": "rep1"})
+        request = ConvertRequest(
+            lead_id=lead["id"], create_opportunity=True, opportunity_amount=Money(Decimal("1200.50"), "CNY"),
+            idempotency_key="conv-1",
+        )  # fmt: skip
+        result = await env.service.convert(request)
+        again = await env.service.convert(request)
+    assert result.lead["status"] == "converted"
+    assert (again.account_id, again.contact_id, again.opportunity_id) == (
+        result.account_id, result.contact_id, result.opportunity_id,
+    )  # fmt: skip
+    assert len(env.ports.accounts) == len(env.ports.contacts) == len(env.ports.opportunities) == 1
+    assert (await outbox_types(env, lead["id"]))[-1] == "crm.leads.lead.converted"
+
+
+async def test_conversion_compensates_a_partial_failure_and_resumes_after_an_outage(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Qian", "company": "Qian Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = ValidationFailed([])
+        with pytest.raises(ValidationFailed):
+            await env.service.convert(ConvertRequest(lead_id=lead["id"], create_opportunity=True))
+        assert env.ports.accounts == {} and env.ports.contacts == {}  # compensated
+        assert (await env.service.get_lead(lead["id"]))["status"] == "new"
+        env.ports.fail = {"contact": Unavailable("accounts down")}
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead_id=lead["id"]))
+        assert len(env.ports.accounts) == 1  # kept for the retry
+        env.ports.fail = {}
+        result = await env.service.convert(ConvertRequest(lead_id=lead["id"]))
+    assert len(env.ports.accounts) == 1 and result.account_id in env.ports.accounts
+    assert result.contact_id in env.ports.contacts and result.lead["converted_contact_id"] == result.contact_id
+
+
+async def test_campaign_and_webform_intake_with_rate_limit(env: Any) -> None:
+    from leads.handlers import RateLimited
+
+    with env.acting("mkt", roles=("marketing",)):
+        campaign = await env.service.create_campaign(
+            {"name": "Expo", "channel": "event", "cost": Money(Decimal("5000.00"), "CNY"), "starts_on": "2026-03-01",
+             "ends_on": "2026-03-03"}, "c1",
+        )  # fmt: skip
+        with pytest.raises(ValidationFailed) as bad:
+            await env.service.create_campaign({"name": "", "starts_on": "2026-13-01"}, "")
+        assert {e.field for e in bad.value.errors} == {"name", "starts_on"}
+        form = await env.service.create_webform(
+            {"name": "Expo form", "campaign_id": campaign["id"], "rate_limit_per_minute": 2}, ""
+        )
+    lead, merged = await env.service.submit_webform(
+        form["form_key"], {"name": "Sun", "email": "sun@x.cn", "budget": "10k"}, ""
+    )
+    assert lead["source"] == "webform" and lead["campaign_id"] == campaign["id"] and lead["custom"] == {"budget": "10k"}
+    _, merged = await env.service.submit_webform(
+        form["form_key"], {"name": "Sun", "email": "sun@x.cn", "company": "Sun"}, ""
+    )
+    assert merged
+    with pytest.raises(RateLimited):
+        await env.service.submit_webform(form["form_key"], {"name": "Third", "email": "t@x.cn"}, "")
+    with pytest.raises(NotFound):
+        await env.service.submit_webform("wrong-key", {"name": "x"}, "")
+    assert "crm.leads.campaign.created" in await outbox_types(env, campaign["id"])
+
+
+async def test_custom_fields_are_validated_against_their_definitions(env: Any) -> None:
+    from crm_platform import custom_fields as cf
+
+    with env.acting("admin", roles=("admin",)):
+        await env.service.upsert_custom_field(
+            cf.FieldDefinition(entity="lead", key="budget", label="Budget", type=cf.FieldType.DECIMAL, required=True), 0
+        )
+        with pytest.raises(ValidationFailed) as missing:
+            await env.service.create_lead({"name": "No budget"})
+        assert missing.value.errors[0].field == "custom.budget"
+        with pytest.raises(ValidationFailed) as unknown:
+            await env.service.create_lead({"name": "x", "custom": {"budget": "10", "colour": "red"}})
+        assert unknown.value.errors[0].field == "custom.colour"
+        with pytest.raises(ValidationFailed) as wrong:
+            await env.service.create_lead({"name": "x", "custom": {"budget": "lots"}})
+        assert wrong.value.errors[0].field == "custom.budget"
+        lead, _ = await env.service.create_lead({"name": "Rich", "custom": {"budget": "1200.50"}})
+        updated = await env.service.update_lead(lead["id"], {"custom": {"budget": "99"}}, ["custom"], 0)
+        assert updated["custom"]["budget"] == "99"
+        assert [d["key"] for d in await env.service.list_custom_fields()] == ["budget"]
+        await env.service.delete_custom_field("budget")
+        with pytest.raises(NotFound):
+            await env.service.delete_custom_field("budget")
+
+
+async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
+    from crm_platform.db import create_engine
+    from crm_platform.outbox import UnitOfWork
+    from leads.handlers import LeadsService
+
+    with env.acting():
+        for i in range(12):
+            await env.service.create_lead({"name": f"o{i}", "owner_id": "rep1"})
+    env.clock.advance(hours=3)
+    other_engine = create_engine(env.url)
+    replica = LeadsService(
+        engine=other_engine,
+        uow=UnitOfWork(other_engine, repo.metadata, source="crm/leads"),
+        settings=env.service.settings,
+        clock=env.clock,
+    )
+    try:
+        acted = await asyncio.gather(env.service.flag_overdue_first_contacts(), replica.flag_overdue_first_contacts())
+        acted_again = await asyncio.gather(
+            env.service.flag_overdue_first_contacts(), replica.flag_overdue_first_contacts()
+        )
+    finally:
+        await other_engine.dispose()
+    assert sum(acted) == 12 and sum(acted_again) == 0
+    assert (await outbox_types(env)).count("crm.leads.lead.follow_up_overdue") == 12

@@ -1,0 +1,195 @@
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from crm_platform.errors import Conflict, ValidationFailed
+from hypothesis import given
+from hypothesis import strategies as st
+from leads import domain
+from leads.domain import AssignmentRule, FollowUpPolicy, ScoringRule, Thresholds
+
+pytestmark = pytest.mark.unit
+NOW = datetime(2026, 1, 10, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("138 0013 8000", "8613800138000"),
+        ("+86 138-0013-8000", "8613800138000"),
+        ("0086 13800138000", "8613800138000"),
+        ("(010) 6552 9988", "861065529988"),
+        ("+1 (415) 555-0100", "14155550100"),
+    ],
+)
+def test_phone_normalisation(raw: str, expected: str) -> None:
+    assert domain.normalise_phone(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["abc", "12", "+1 555 CALL NOW", "1234567890123456789"])
+def test_malformed_phones_are_rejected(raw: str) -> None:
+    with pytest.raises(ValueError):
+        domain.normalise_phone(raw)
+
+
+def test_email_normalisation() -> None:
+    assert domain.normalise_email("  Li.Lei@Example.COM ") == "li.lei@example.com"
+    for bad in ("no-at-sign", "a@b", "two@@example.com", "sp ace@example.com"):
+        with pytest.raises(ValueError):
+            domain.normalise_email(bad)
+
+
+@given(st.from_regex(r"\+?[1-9][0-9]{9,12}", fullmatch=True))
+def test_phone_normalisation_is_idempotent(raw: str) -> None:
+    once = domain.normalise_phone(raw)
+    assert domain.normalise_phone("+" + once) == once
+
+
+def test_validation_names_every_bad_field() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_lead({"name": "x", "email": "nope", "phone": "abc", "source": "tv"})
+    assert {e.field for e in caught.value.errors} == {"email", "phone", "source"}
+
+
+def test_create_needs_an_identifying_field() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_lead({"title": "CEO"})
+    assert caught.value.errors[0].field == "name"
+    assert domain.validate_lead({"external_id": "p-1"}).values["external_id"] == "p-1"
+
+
+def test_validation_normalises_keys() -> None:
+    clean = domain.validate_lead({"name": "Li", "email": "LI@X.CN", "phone": "13800138000", "tags": [" a", "a", "b"]})
+    assert clean.email_norm == "li@x.cn"
+    assert clean.phone_norm == "8613800138000"
+    assert clean.values["tags"] == ["a", "b"]
+
+
+def test_source_mapping_keeps_the_original() -> None:
+    assert domain.map_source("Olark Chat") == ("website", "Olark Chat")
+    assert domain.map_source("Reference") == ("referral", "Reference")
+    assert domain.map_source("Facebook") == ("ad", "Facebook")
+    assert domain.map_source("WeChat") == ("wechat", "WeChat")
+    assert domain.map_source("Something New") == ("other", "Something New")
+    assert domain.map_source("") == ("import", "")
+    assert domain.map_source("Partner X", {"Partner X": "referral"}) == ("referral", "Partner X")
+
+
+def test_merge_fills_empty_fields_and_appends_tags() -> None:
+    existing = {"name": "Li", "company": "", "tags": ["a"], "custom": {"k": 1}}
+    changes = domain.merge_into(
+        existing, {"name": "Other", "company": "ACME", "tags": ["b", "a"], "custom": {"k": 2, "n": 3}}
+    )
+    assert changes == {"company": "ACME", "tags": ["a", "b"], "custom": {"k": 1, "n": 3}}
+
+
+def test_activity_transitions() -> None:
+    assert domain.status_after_activity("new", "call") == "contacted"
+    assert domain.status_after_activity("new", "note") == "new"
+    assert domain.status_after_activity("qualified", "call") == "qualified"
+    with pytest.raises(Conflict):
+        domain.ensure_open("converted", "convert")
+    with pytest.raises(Conflict):
+        domain.check_status_change("unqualified", "new")
+    domain.check_status_change("contacted", "qualified")
+
+
+SCORING = [
+    ScoringRule(id="r1", field="industry", operator="equals", value="Software", points=30),
+    ScoringRule(id="r2", field="email", operator="present", points=20),
+    ScoringRule(id="r3", activity_kind="visit", min_count=3, points=40),
+    ScoringRule(id="r4", field="source", operator="in", value="ad, event", points=-10),
+    ScoringRule(id="r5", field="custom.visits", operator="gte", value="5", points=30),
+    ScoringRule(id="off", field="name", operator="present", points=50, enabled=False),
+]
+
+
+def test_scoring_sums_matching_rules() -> None:
+    lead = {"industry": "software", "email": "a@b.cn", "source": "ad", "name": "x", "custom": {"visits": 7}}
+    score, matched = domain.compute_score(lead, {"visit": 3}, SCORING)
+    assert matched == ["r1", "r2", "r3", "r4", "r5"]
+    assert score == 100  # 110 capped
+
+
+def test_scoring_floors_at_zero_and_grades() -> None:
+    score, matched = domain.compute_score({"source": "event"}, {}, SCORING)
+    assert (score, matched) == (0, ["r4"])
+    t = Thresholds(a=80, b=60, c=40)
+    assert [domain.grade_for(s, t) for s in (100, 80, 79, 60, 40, 39, 0)] == ["A", "A", "B", "B", "C", "D", "D"]
+
+
+@given(st.lists(st.integers(-100, 100), max_size=20))
+def test_score_is_always_within_bounds(points: list[int]) -> None:
+    rules = [ScoringRule(id=str(i), field="name", operator="present", points=p) for i, p in enumerate(points)]
+    score, _ = domain.compute_score({"name": "x"}, {}, rules)
+    assert 0 <= score <= 100
+
+
+def test_scoring_rule_validation() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_scoring_rule(ScoringRule(id="", field="salary", operator="like", points=500), "")
+    assert {e.field for e in caught.value.errors} == {"name", "field", "operator", "points"}
+
+
+def _rule(**kw: object) -> AssignmentRule:
+    base: dict[str, object] = {"id": "r", "position": 1, "user_ids": ("u1", "u2", "u3")}
+    base.update(kw)
+    return AssignmentRule(**base)  # type: ignore[arg-type]
+
+
+def test_assignment_rules_match_in_order() -> None:
+    rules = [
+        _rule(id="east-hot", position=1, regions=frozenset({"East"}), min_score=60),
+        _rule(id="east", position=2, regions=frozenset({"east"})),
+        _rule(id="software", position=3, industries=frozenset({"Software"}), sources=frozenset({"ad"})),
+    ]
+    assert domain.first_matching_rule(rules, {"region": "East", "score": 70}).id == "east-hot"  # type: ignore[union-attr]
+    assert domain.first_matching_rule(rules, {"region": "east", "score": 10}).id == "east"  # type: ignore[union-attr]
+    assert domain.first_matching_rule(rules, {"industry": "software", "source": "ad"}).id == "software"  # type: ignore[union-attr]
+    assert domain.first_matching_rule(rules, {"industry": "software", "source": "event"}) is None
+
+
+def test_round_robin_rotates_and_skips_full_reps() -> None:
+    rule = _rule(strategy="round_robin", capacity=2)
+    assert domain.pick_assignee(rule, {}, None) == "u1"
+    assert domain.pick_assignee(rule, {}, "u1") == "u2"
+    assert domain.pick_assignee(rule, {}, "u3") == "u1"
+    assert domain.pick_assignee(rule, {"u2": 2}, "u1") == "u3"
+    assert domain.pick_assignee(rule, {"u1": 2, "u2": 2, "u3": 2}, "u1") is None
+
+
+def test_least_loaded_picks_the_lightest_rep_within_capacity() -> None:
+    rule = _rule(strategy="least_loaded", capacity=5)
+    assert domain.pick_assignee(rule, {"u1": 3, "u2": 1, "u3": 1}, None) == "u2"
+    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 4}, None) == "u3"
+    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 5}, None) is None
+    assert domain.pick_assignee(_rule(strategy="least_loaded"), {"u1": 99, "u2": 100, "u3": 100}, None) == "u1"
+
+
+def test_assignment_rule_validation() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_assignment_rule(_rule(strategy="random", user_ids=(), sources=frozenset({"tv"})), "x")
+    assert {e.field for e in caught.value.errors} == {"strategy", "user_ids", "sources"}
+
+
+def test_first_contact_sla() -> None:
+    policy = FollowUpPolicy(first_contact_hours=2)
+    due = policy.first_contact_due(NOW)
+    assert due == NOW + timedelta(hours=2)
+    args = {"status": "new", "owner_id": "u1", "first_contacted_at": None, "due_at": due}
+    assert not domain.is_first_contact_overdue(**args, now=NOW + timedelta(hours=1))
+    assert domain.is_first_contact_overdue(**args, now=NOW + timedelta(hours=2))
+    assert not domain.is_first_contact_overdue(**{**args, "first_contacted_at": NOW}, now=NOW + timedelta(hours=3))
+
+
+def test_recycling_eligibility() -> None:
+    policy = FollowUpPolicy(recycle_after_days=3)
+    base = {"status": "new", "owner_id": "u1", "assigned_at": NOW - timedelta(days=4), "last_activity_at": None}
+    assert domain.is_recyclable(**base, policy=policy, now=NOW)
+    assert not domain.is_recyclable(**{**base, "last_activity_at": NOW - timedelta(days=1)}, policy=policy, now=NOW)
+    assert domain.is_recyclable(
+        **{**base, "status": "contacted", "last_activity_at": NOW - timedelta(days=3)}, policy=policy, now=NOW
+    )
+    assert not domain.is_recyclable(**{**base, "status": "qualified"}, policy=policy, now=NOW)
+    assert not domain.is_recyclable(**{**base, "status": "converted"}, policy=policy, now=NOW)
+    assert not domain.is_recyclable(**{**base, "owner_id": ""}, policy=policy, now=NOW)
+    assert not domain.is_recyclable(**{**base, "assigned_at": NOW - timedelta(days=2)}, policy=policy, now=NOW)

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+from crm_platform.errors import ValidationFailed
+from hypothesis import given
+from hypothesis import strategies as st
+from leads.importing import RecordSplitter, RowMapper, StreamParser
+
+pytestmark = pytest.mark.unit
+
+CSV = b'Name,Email,Notes\nLi,li@x.cn,"two\nlines, and ""quotes"""\nWang,wang@x.cn,plain\n'
+
+
+def parse_in_chunks(data: bytes, size: int, fmt: str = "csv") -> list[tuple[int, object]]:
+    parser = StreamParser(fmt, 10_000)
+    rows: list[tuple[int, object]] = []
+    for start in range(0, len(data), size):
+        rows += list(parser.feed(data[start : start + size]))
+    return rows + list(parser.finish())
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_csv_records_survive_any_chunking(size: int) -> None:
+    rows = parse_in_chunks(CSV, size)
+    assert rows == [
+        (1, {"Name": "Li", "Email": "li@x.cn", "Notes": 'two\nlines, and "quotes"'}),
+        (2, {"Name": "Wang", "Email": "wang@x.cn", "Notes": "plain"}),
+    ]
+
+
+@given(st.integers(min_value=1, max_value=len("Zhāng,北京\n".encode())))
+def test_multibyte_characters_cut_between_chunks(size: int) -> None:
+    data = "name,city\nZhāng,北京\n".encode()
+    assert parse_in_chunks(data, size) == [(1, {"name": "Zhāng", "city": "北京"})]
+
+
+def test_parser_state_carries_a_file_across_parts() -> None:
+    first = StreamParser("csv", 10_000)
+    cut = CSV.index(b"lines")  # inside the quoted field of row 1
+    rows = list(first.feed(CSV[:cut]))
+    assert rows == []
+    second = StreamParser("csv", 10_000, first.state)
+    rows = list(second.feed(CSV[cut:])) + list(second.finish())
+    assert [n for n, _ in rows] == [1, 2]
+
+
+def test_bad_rows_are_reported_not_dropped() -> None:
+    rows = parse_in_chunks(b"a,b\n1,2\n3\n\n4,5,6\n", 4)
+    assert rows[0] == (1, {"a": "1", "b": "2"})
+    assert rows[1][0] == 2 and "columns" in str(rows[1][1])
+    assert rows[2][0] == 3 and "columns" in str(rows[2][1])
+
+
+def test_json_and_jsonl() -> None:
+    items = [{"name": "A"}, {"name": "B"}]
+    assert parse_in_chunks(json.dumps(items).encode(), 5, "json") == [(1, items[0]), (2, items[1])]
+    lines = b'{"name": "A"}\nnot json\n[1]\n'
+    rows = parse_in_chunks(lines, 3, "jsonl")
+    assert rows[0] == (1, {"name": "A"}) and "not valid JSON" in str(rows[1][1]) and "object" in str(rows[2][1])
+
+
+def test_limits_and_formats() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        list(StreamParser("csv", 10).feed(b"x" * 11))
+    assert caught.value.errors[0].field == "file"
+    with pytest.raises(ValidationFailed):
+        StreamParser("xlsx", 10)
+    with pytest.raises(ValidationFailed) as bad:
+        list(StreamParser("csv", 100).feed(b"a,b\n\xff\xfe,1\n"))
+    assert "UTF-8" in bad.value.detail
+
+
+def test_splitter_keeps_the_tail_until_finish() -> None:
+    splitter = RecordSplitter()
+    assert splitter.feed(b"a,b\nc,") == ["a,b"]
+    assert splitter.pending == b"c,"
+    assert splitter.finish() == ["c,"]
+
+
+def test_row_mapper_fields_custom_and_sources() -> None:
+    mapper = RowMapper(column_map={}, source_map={"Partner Y": "referral"})
+    data = mapper.map({"Name": "Li", "Lead Source": "Olark Chat", "Total Visits": "5", "Empty": ""})
+    assert data == {"name": "Li", "source": "website", "source_detail": "Olark Chat", "custom": {"total_visits": "5"}}
+    assert mapper.map({"Lead Source": "Partner Y"})["source"] == "referral"
+    explicit = RowMapper(column_map={"Prospect ID": "external_id"}, source_map={})
+    assert explicit.map({"Prospect ID": "p1", "Name": "ignored as a field"}) == {
+        "external_id": "p1", "source": "import", "source_detail": "", "custom": {"name": "ignored as a field"},
+    }  # fmt: skip
+    with pytest.raises(ValidationFailed) as caught:
+        RowMapper(column_map={"X": "salary"}, source_map={"Y": "tv"})
+    assert {e.field for e in caught.value.errors} == {"column_map.X", "source_map.Y"}

@@ -1,0 +1,180 @@
+"""Leads end to end, through the gateway and Kafka: capture -> assign -> activity -> convert (account,
+contact and opportunity readable through the gateway, events on the topics); the X Education
+Leads.csv import with per-source counts; bad input; the public web form with its rate limit."""
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from crm.leads.v1 import events_pb2
+from crm_devstack.stack import RunningStack
+from crm_platform.testing.kafka import EventCollector
+from leads.domain import map_source
+
+pytestmark = pytest.mark.e2e
+
+LEADS_CSV = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "x-education-leads" / "Leads.csv"
+PART_BYTES = 700_000  # below the gateway's 1 MiB request body limit
+
+
+def client(stack: RunningStack, sub: str, roles: list[str], team: str = "east") -> httpx.AsyncClient:
+    return stack.client(stack.token(sub, roles, team=team, region="cn-east"))
+
+
+async def test_capture_assign_contact_convert_with_events(stack: RunningStack) -> None:
+    topics = ["crm.leads.v1", "crm.accounts.v1", "crm.sales.v1"]
+    async with (
+        EventCollector(stack.bootstrap, topics) as events,
+        client(stack, "mgr-e2e", ["sales_manager"]) as manager,
+        client(stack, "rep-e2e", ["sales_rep"]) as rep,
+    ):
+        created = await manager.post(
+            "/api/v1/leads",
+            json={"name": "Zhou Xun", "company": "Zhou Robotics", "email": "zhou@robotics.cn",
+                  "phone": "138 0013 9000", "source": "event", "region": "cn-east", "industry": "manufacturing"},
+        )  # fmt: skip
+        assert created.status_code == 201, created.text
+        lead = created.json()
+        lead_id = lead["id"]
+        assert lead["status"] == "new" and created.headers["etag"] == '"1"'
+
+        duplicate = await manager.post("/api/v1/leads", json={"name": "Zhou again", "phone": "+86 13800139000"})
+        assert duplicate.status_code == 409 and duplicate.json()["existing_id"] == lead_id
+
+        assigned = await manager.post(f"/api/v1/leads/{lead_id}/assign", json={"owner_id": "rep-e2e"})
+        assert assigned.status_code == 200, assigned.text
+        assert assigned.json()["owner_id"] == "rep-e2e" and assigned.json()["first_contact_due_at"]
+
+        called = await rep.post(
+            f"/api/v1/leads/{lead_id}/activities",
+            json={"kind": "call", "outcome": "interested", "next_follow_up_at": "2099-01-01T09:00:00Z"},
+        )
+        assert called.status_code == 201, called.text
+        contacted = called.json()["lead"]
+        assert contacted["status"] == "contacted" and contacted["first_contacted_at"]
+        tasks = (await rep.get(f"/api/v1/leads/{lead_id}/tasks")).json()["items"]
+        assert {(t["kind"], t["status"]) for t in tasks} == {("first_contact", "done"), ("follow_up", "open")}
+
+        body = {"opportunity": {"name": "Robot arms", "amount": {"amount": "250000.00", "currency": "CNY"}}}
+        headers = {"Idempotency-Key": f"convert-{lead_id}"}
+        converted = await rep.post(f"/api/v1/leads/{lead_id}/convert", json=body, headers=headers)
+        assert converted.status_code == 200, converted.text + stack.logs(20)
+        result = converted.json()
+        again = await rep.post(f"/api/v1/leads/{lead_id}/convert", json=body, headers=headers)
+        assert again.json()["account_id"] == result["account_id"]
+        assert result["lead"]["status"] == "converted"
+        assert result["lead"]["converted_opportunity_id"] == result["opportunity_id"]
+
+        account = await rep.get(f"/api/v1/accounts/{result['account_id']}")
+        assert account.status_code == 200, account.text
+        assert account.json()["name"] == "Zhou Robotics"
+        contact = await rep.get(f"/api/v1/contacts/{result['contact_id']}")
+        assert contact.status_code == 200, contact.text
+        assert contact.json()["name"] == "Zhou Xun"
+        opportunity = await rep.get(f"/api/v1/opportunities/{result['opportunity_id']}")
+        assert opportunity.status_code == 200, opportunity.text
+        assert opportunity.json()["amount"] == {"amount": "250000.00", "currency": "CNY"}
+
+        wanted = {"crm.leads.lead.created", "crm.leads.lead.assigned", "crm.leads.lead.contacted",
+                  "crm.leads.lead.converted"}  # fmt: skip
+        records = await events.wait_for(lambda rs: wanted <= {r.event_type for r in rs if r.key == lead_id}, 60)
+        mine = [r.event_type for r in records if r.key == lead_id and r.event_type in wanted]
+        assert mine.index("crm.leads.lead.created") < mine.index("crm.leads.lead.converted")
+        converted_event = next(r for r in records if r.event_type == "crm.leads.lead.converted" and r.key == lead_id)
+        message = converted_event.decode(events_pb2.LeadConverted)
+        assert (message.account_id, message.opportunity_id) == (result["account_id"], result["opportunity_id"])
+        await events.wait_for(
+            lambda rs: (
+                any(r.key == result["account_id"] and r.event_type == "crm.accounts.account.created" for r in rs)
+                and any(r.key == result["opportunity_id"] for r in rs)
+            ),
+            60,
+        )
+
+
+async def test_bad_input_names_the_field(stack: RunningStack) -> None:
+    async with client(stack, "mgr-bad", ["sales_manager"]) as manager:
+        bad_email = await manager.post("/api/v1/leads", json={"name": "x", "email": "not-an-email"})
+        bad_source = await manager.post("/api/v1/leads", json={"name": "x", "source": "television"})
+        bad_phone = await manager.post("/api/v1/leads", json={"name": "x", "phone": "call me maybe"})
+        unknown = await manager.post("/api/v1/leads", json={"name": "x", "salary": 5})
+        bad_status = await manager.get("/api/v1/leads", params={"status": "sleeping"})
+    for response, field in ((bad_email, "email"), (bad_source, "source"), (bad_phone, "phone"),
+                            (unknown, "salary"), (bad_status, "status")):  # fmt: skip
+        assert response.status_code == 422, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+        assert field in {e["field"] for e in response.json()["errors"]}
+
+
+async def test_import_leads_csv_per_source_counts(stack: RunningStack) -> None:
+    data = LEADS_CSV.read_bytes()
+    with LEADS_CSV.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    by_detail = Counter(row["Lead Source"] for row in rows)
+    by_source = Counter(map_source(row["Lead Source"])[0] for row in rows)
+    columns = json.dumps({"Prospect ID": "external_id", "Lead Source": "source", "Country": "region"})
+    key = "xeducation-e2e"
+    parts = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)]
+    async with client(stack, "mgr-import", ["sales_manager"], team="import-team") as manager:
+        for number, part in enumerate(parts, start=1):
+            response = await manager.post(
+                "/api/v1/leads/import",
+                params={"import_key": key, "column_map": columns, "part": number, "final": number == len(parts)},
+                content=part,
+                headers={"Content-Type": "text/csv"},
+            )
+            assert response.status_code == 200, response.text
+            progress = response.json()["import"]["progress"]
+        assert response.json()["import"]["status"] == "completed"
+        assert int(progress["rows_seen"]) == len(rows) == 9240
+        accepted, rejected = int(progress.get("accepted", 0)), int(progress.get("rejected", 0))
+        assert accepted + rejected == len(rows)
+        status = (await manager.get(f"/api/v1/leads/imports/{key}")).json()
+        assert len(status.get("rejected_rows", [])) == rejected  # each rejection carries its reason
+        assert all(r["reason"] for r in status.get("rejected_rows", []))
+        details = await manager.get("/api/v1/leads/summary", params={"group_by": "source_detail", "import_id": key})
+        sources = await manager.get("/api/v1/leads/summary", params={"group_by": "source", "import_id": key})
+    assert details.json()["counts"] == dict(by_detail)
+    assert sources.json()["counts"] == dict(by_source)
+
+
+async def test_public_webform_intake_is_rate_limited(stack: RunningStack) -> None:
+    async with client(stack, "admin-e2e", ["admin"]) as admin:
+        defined = await admin.post(
+            "/api/v1/custom-fields/lead", json={"key": "interest", "label": "Interest", "type": "text", "pii": True}
+        )
+        assert defined.status_code == 201, defined.text
+    async with client(stack, "mkt-e2e", ["marketing"]) as marketing:
+        campaign = await marketing.post(
+            "/api/v1/campaigns",
+            json={"name": "Spring expo", "channel": "event", "cost": {"amount": "8000.00", "currency": "CNY"},
+                  "starts_on": "2026-04-01", "ends_on": "2026-04-03"},
+        )  # fmt: skip
+        assert campaign.status_code == 201, campaign.text
+        form = await marketing.post(
+            "/api/v1/webforms",
+            json={"name": "Expo form", "campaign_id": campaign.json()["id"], "rate_limit_per_minute": 2},
+        )
+        assert form.status_code == 201, form.text
+        form_key = form.json()["form_key"]
+    async with stack.client() as public:
+        url = f"/api/v1/webforms/{form_key}/submissions"
+        first = await public.post(url, json={"name": "Visitor", "email": "visitor@expo.cn", "interest": "robots"})
+        second = await public.post(url, json={"name": "Visitor 2", "email": "visitor2@expo.cn"})
+        third = await public.post(url, json={"name": "Visitor 3", "email": "visitor3@expo.cn"})
+        wrong = await public.post("/api/v1/webforms/not-a-real-form-key/submissions", json={"name": "x"})
+    assert (first.status_code, second.status_code) == (202, 202)
+    assert third.status_code == 429 and third.headers["retry-after"]
+    assert wrong.status_code == 404
+    async with client(stack, "mkt-e2e", ["marketing"]) as marketing:
+        listed = await marketing.get("/api/v1/leads", params={"campaign_id": campaign.json()["id"]})
+    visitor = next(item for item in listed.json()["items"] if item["name"] == "Visitor")
+    assert visitor["source"] == "webform" and visitor["campaign_id"] == campaign.json()["id"]
+    # Masked for marketing: the email, and the custom field defined as personal data.
+    assert visitor["email"] != "visitor@expo.cn" and visitor["custom"]["interest"] != "robots"
+    async with client(stack, "admin-e2e", ["admin"]) as admin:
+        clear = (await admin.get(f"/api/v1/leads/{visitor['id']}")).json()
+    assert clear["email"] == "visitor@expo.cn" and clear["custom"] == {"interest": "robots"}
