@@ -1,0 +1,1 @@
+"""The accounts service (客户与联系人)."""

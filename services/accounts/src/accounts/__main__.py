@@ -1,0 +1,53 @@
+"""`crm-accounts [serve|migrate]`: the gRPC server, outbox relay, sales-activity consumer and timers."""
+
+from pathlib import Path
+
+from crm.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
+from crm_platform.config import ServiceSettings
+from crm_platform.db import create_engine
+from crm_platform.outbox import UnitOfWork
+from crm_platform.service import ServiceApp, run_cli
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from accounts.config import AccountsSettings
+from accounts.consumers import build_consumer
+from accounts.handlers import Context
+from accounts.jobs import build_jobs
+from accounts.repository import metadata
+from accounts.servicer import AccountsServicer
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+SERVICE_NAME = accounts_service_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name
+TOPIC = "crm.accounts.v1"
+
+
+def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
+    assert isinstance(settings, AccountsSettings)
+    return build_with_context(settings, engine)[0]
+
+
+def build_with_context(settings: AccountsSettings, engine: AsyncEngine) -> tuple[ServiceApp, Context]:
+    """The app and the handlers' context it serves with (tests drive the context's clock)."""
+    uow = UnitOfWork(engine, metadata, source=f"/crm/{settings.service_name}")
+    ctx = Context(uow=uow, policy=settings.pool_policy(), default_country_code=settings.default_country_code)
+    servicer = AccountsServicer(ctx)
+    app = ServiceApp(
+        settings=settings,
+        engine=engine,
+        metadata=metadata,
+        uow=uow,
+        service_names=[SERVICE_NAME],
+        register=lambda server: accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server),
+        topics=[TOPIC],
+        consumers=[build_consumer(uow, settings.kafka)],
+        jobs=build_jobs(ctx, settings),
+    )
+    return app, ctx
+
+
+def main() -> None:
+    run_cli(settings=AccountsSettings(), build=build, migrations_dir=MIGRATIONS, create_engine=create_engine)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1351 @@
+"""Use cases of the accounts service: one function per command, each in one unit of work that
+writes the change and its events (outbox) together."""
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from crm.accounts.v1 import events_pb2
+from crm_platform import custom_fields as cf
+from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.ids import new_id
+from crm_platform.outbox import Transaction, UnitOfWork
+from crm_platform.principal import (
+    Principal,
+    RecordScope,
+    ScopeKind,
+    current_principal,
+    current_scope,
+    scope_clause,
+)
+from crm_platform.timeutil import as_utc, utcnow
+from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from accounts import domain
+from accounts import repository as repo
+from accounts.domain import PoolPolicy
+from accounts.messages import account_to_proto, activity_to_proto, actor, contact_to_proto, task_to_proto
+from accounts.repository import AccountFilter, ContactFilter, Page
+
+ACCOUNT_FIELDS = (
+    "name",
+    "industry",
+    "size",
+    "annual_revenue",
+    "region",
+    "address",
+    "website",
+    "tier",
+    "lifecycle",
+    "owner_id",
+    "team",
+    "tags",
+    "custom",
+    "parent_id",
+    "credit_limit",
+)
+CONTACT_FIELDS = (
+    "account_id",
+    "name",
+    "title",
+    "department",
+    "phone",
+    "mobile",
+    "email",
+    "wechat",
+    "decision_role",
+    "is_primary",
+    "tags",
+    "custom",
+)
+TASK_FIELDS = ("account_id", "contact_id", "title", "notes", "due_at", "owner_id")
+OWNED_ENTITIES = ("account", "contact")
+
+
+@dataclass(slots=True)
+class Context:
+    uow: UnitOfWork
+    policy: PoolPolicy
+    default_country_code: str = "86"
+    clock: Callable[[], datetime] = utcnow
+
+
+def _fail(errors: list[FieldError]) -> None:
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def _visible(scope: RecordScope, row: Any) -> bool:
+    return scope.allows(owner_id=row.owner_id, team=row.team, region=row.region)
+
+
+def _check_version(resource: str, row: Any, expected: int) -> None:
+    if expected and row.version != expected:
+        raise StaleVersion(resource, row.id, row.version)
+
+
+# --- custom fields ---------------------------------------------------------------------------------
+
+
+async def definitions(conn: AsyncConnection, entity: str) -> list[cf.FieldDefinition]:
+    rows = await conn.execute(select(repo.custom_fields).where(repo.custom_fields.c.entity == entity))
+    return [
+        cf.FieldDefinition(
+            entity=r.entity,
+            key=r.key,
+            label=r.label,
+            type=cf.FieldType(r.type),
+            required=r.required,
+            options=tuple(r.options),
+            pii=r.pii,
+            version=r.version,
+        )
+        for r in rows
+    ]
+
+
+async def _custom_values(
+    conn: AsyncConnection, entity: str, values: Mapping[str, Any], *, existing: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Validated, canonical custom values; an update merges into the stored ones."""
+    defs = await definitions(conn, entity)
+    _fail(cf.validate(defs, values, partial=existing is not None))
+    merged = dict(existing or {})
+    for key, _value in values.items():
+        merged.pop(key, None)
+    merged.update(cf.coerce(defs, values))
+    return merged
+
+
+async def custom_filters(
+    conn: AsyncConnection, entity: str, pairs: Iterable[tuple[str, str]], *, field_prefix: str = "custom"
+) -> list[tuple[str, Any, bool]]:
+    pairs = list(pairs)
+    if not pairs:  # the common case costs no definitions lookup
+        return []
+    by_key = {d.key: d for d in await definitions(conn, entity)}
+    result: list[tuple[str, Any, bool]] = []
+    errors: list[FieldError] = []
+    for key, text in pairs:
+        definition = by_key.get(key)
+        name = f"{field_prefix}.{key}"
+        if definition is None:
+            errors.append(FieldError(name, "is not a defined custom field"))
+            continue
+        try:
+            value = cf.parse_filter(definition, text)
+        except ValueError as error:
+            errors.append(FieldError(name, str(error)))
+            continue
+        result.append((key, value, definition.type == cf.FieldType.MULTI_ENUM))
+    _fail(errors)
+    return result
+
+
+async def upsert_custom_field(
+    ctx: Context,
+    *,
+    entity: str,
+    key: str,
+    label: str,
+    type_name: str,
+    required: bool,
+    options: list[str],
+    pii: bool,
+    expected_version: int,
+) -> Any:
+    errors = cf.check_definition(entity, key, label, type_name, options)
+    if entity in cf.ENTITIES and entity not in OWNED_ENTITIES:
+        errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
+    _fail(errors)
+    t = repo.custom_fields
+    async with ctx.uow.begin() as tx:
+        current = (await tx.conn.execute(select(t).where(t.c.entity == entity, t.c.key == key))).first()
+        values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
+        if current is None:
+            if expected_version:
+                raise NotFound("custom field", f"{entity}.{key}")
+            await tx.conn.execute(insert(t).values(entity=entity, key=key, created_at=ctx.clock(), version=1, **values))
+        else:
+            if expected_version and current.version != expected_version:
+                raise StaleVersion("custom field", f"{entity}.{key}", current.version)
+            await tx.conn.execute(
+                update(t).where(t.c.entity == entity, t.c.key == key).values(version=current.version + 1, **values)
+            )
+        return (await tx.conn.execute(select(t).where(t.c.entity == entity, t.c.key == key))).one()
+
+
+async def list_custom_fields(ctx: Context, entity: str) -> list[Any]:
+    _fail([] if entity in OWNED_ENTITIES else [FieldError("entity", f"must be one of {', '.join(OWNED_ENTITIES)}")])
+    t = repo.custom_fields
+    async with ctx.uow.engine.connect() as conn:
+        return list(await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key)))
+
+
+async def delete_custom_field(ctx: Context, entity: str, key: str) -> None:
+    t = repo.custom_fields
+    async with ctx.uow.begin() as tx:
+        result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
+        if result.rowcount == 0:
+            raise NotFound("custom field", f"{entity}.{key}")
+
+
+# --- accounts --------------------------------------------------------------------------------------
+
+
+async def _live_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False) -> Any:
+    """A visible, not merged account (pool accounts are visible to everyone), else NotFound/Conflict."""
+    row = await repo.get_account(conn, account_id, for_update=for_update)
+    if row is None or not (row.in_pool or _visible(current_scope(), row)):
+        raise NotFound("account", account_id)
+    if row.merged_into_id:
+        raise Conflict(
+            f"account {account_id} was merged into {row.merged_into_id}",
+            existing_id=row.merged_into_id,
+            reason="MERGED",
+        )
+    return row
+
+
+async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) -> None:
+    if not parent_id:
+        return
+    parent = await repo.get_account(conn, parent_id)
+    if parent is None or parent.merged_into_id:
+        raise ValidationFailed([FieldError("parent_id", f"account {parent_id} does not exist")])
+    if domain.parent_cycle(account_id, parent_id, await repo.parent_chain(conn, parent_id)):
+        raise ValidationFailed([FieldError("parent_id", "would make the account hierarchy a cycle")])
+
+
+async def _replay(conn: AsyncConnection, operation: str, key: str) -> str | None:
+    return await repo.remembered(conn, operation, current_principal().user_id, key)
+
+
+async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_key: str, in_pool: bool) -> Any:
+    principal = current_principal()
+    try:
+        async with ctx.uow.begin() as tx:
+            replayed = await _replay(tx.conn, "create_account", idempotency_key)
+            if replayed:
+                return await repo.get_account(tx.conn, replayed)
+            # A rep's new account lands in their own region and team unless set (managers may set them).
+            values = {**values, "name": str(values.get("name", "")).strip()}
+            values["region"] = values.get("region") or principal.region
+            values["tags"] = domain.normalise_tags(values.get("tags", []))
+            _fail(domain.check_account(values))
+            custom = await _custom_values(tx.conn, "account", values.get("custom") or {}, existing=None)
+            key = domain.dedupe_key(values["name"], values.get("region", ""))
+            duplicate = await repo.find_by_dedupe_key(tx.conn, key)
+            if duplicate is not None:
+                raise AlreadyExists(
+                    f"account {values['name']!r} already exists in this region", existing_id=duplicate.id
+                )
+            account_id = new_id()
+            await _check_parent(tx.conn, account_id, values.get("parent_id") or "")
+            now = ctx.clock()
+            row = {
+                **{k: v for k, v in values.items() if k in repo.accounts.c and k not in ("custom", "tags")},
+                "id": account_id,
+                "dedupe_key": key,
+                "tags": values["tags"],
+                "custom": custom,
+                "parent_id": values.get("parent_id") or None,
+                "owner_id": "" if in_pool else (values.get("owner_id") or principal.user_id),
+                "team": values.get("team") or principal.team,
+                "lifecycle": values.get("lifecycle") or "prospect",
+                "in_pool": in_pool,
+                "released_at": now if in_pool else None,
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            await tx.conn.execute(insert(repo.accounts).values(**row))
+            created = await repo.get_account(tx.conn, account_id)
+            tx.publish(
+                events_pb2.AccountCreated(account=account_to_proto(created), actor=actor(principal)), key=account_id
+            )
+            await repo.remember(tx.conn, "create_account", principal.user_id, idempotency_key, account_id, now)
+            return created
+    except IntegrityError:
+        # A concurrent create won the unique dedupe index (or the idempotency key): answer as it would have.
+        async with ctx.uow.engine.connect() as conn:
+            replayed = await _replay(conn, "create_account", idempotency_key)
+            if replayed:
+                return await repo.get_account(conn, replayed)
+            duplicate = await repo.find_by_dedupe_key(conn, domain.dedupe_key(values["name"], values.get("region", "")))
+        raise AlreadyExists(
+            "account already exists in this region", existing_id=duplicate.id if duplicate else ""
+        ) from None
+
+
+async def get_account(ctx: Context, account_id: str) -> Any:
+    """The account; a merged-away id answers with its tombstone (merged_into_id names the survivor)."""
+    async with ctx.uow.engine.connect() as conn:
+        row = await repo.get_account(conn, account_id)
+    if row is None or not (row.in_pool or _visible(current_scope(), row)):
+        raise NotFound("account", account_id)
+    return row
+
+
+async def update_account(ctx: Context, account_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    principal = current_principal()
+    for forbidden in ("owner_id", "in_pool"):
+        if forbidden in values:
+            _fail([FieldError(forbidden, "change ownership with the transfer, release or claim actions")])
+    try:
+        async with ctx.uow.begin() as tx:
+            row = await _live_account(tx.conn, account_id, for_update=True)
+            _check_version("account", row, expected_version)
+            if "tags" in values:
+                values["tags"] = domain.normalise_tags(values["tags"])
+            if "name" in values:
+                values["name"] = str(values["name"]).strip()
+            _fail(domain.check_account(values))
+            changes = {k: v for k, v in values.items() if k != "custom"}
+            if "custom" in values:
+                changes["custom"] = await _custom_values(tx.conn, "account", values["custom"], existing=row.custom)
+            if "parent_id" in values:
+                changes["parent_id"] = values["parent_id"] or None
+                await _check_parent(tx.conn, account_id, values["parent_id"] or "")
+            name, region = changes.get("name", row.name), changes.get("region", row.region)
+            key = domain.dedupe_key(name, region)
+            if key != row.dedupe_key:
+                duplicate = await repo.find_by_dedupe_key(tx.conn, key)
+                if duplicate is not None and duplicate.id != account_id:
+                    raise AlreadyExists(f"account {name!r} already exists in this region", existing_id=duplicate.id)
+                changes["dedupe_key"] = key
+            changed = sorted(k for k, v in changes.items() if k != "dedupe_key" and getattr(row, k) != v)
+            if not changed:
+                return row
+            await tx.conn.execute(
+                update(repo.accounts)
+                .where(repo.accounts.c.id == account_id)
+                .values(**changes, updated_at=ctx.clock(), version=row.version + 1)
+            )
+            updated = await repo.get_account(tx.conn, account_id)
+            tx.publish(
+                events_pb2.AccountUpdated(
+                    account=account_to_proto(updated), changed_fields=changed, actor=actor(principal)
+                ),
+                key=account_id,
+            )
+            return updated
+    except IntegrityError:
+        raise AlreadyExists("account already exists in this region") from None
+
+
+async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> None:
+    async with ctx.uow.begin() as tx:
+        row = await _live_account(tx.conn, account_id, for_update=True)
+        _check_version("account", row, expected_version)
+        now = ctx.clock()
+        await tx.conn.execute(
+            update(repo.accounts).where(repo.accounts.c.id == account_id).values(deleted_at=now, updated_at=now)
+        )
+        tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(current_principal())), key=account_id)
+
+
+async def segment_filter(conn: AsyncConnection, segment_id: str) -> AccountFilter:
+    segment = await _visible_segment(conn, segment_id)
+    return await filter_from_pairs(conn, _segment_pairs(segment), field_prefix="filters")
+
+
+def _segment_pairs(segment: Any) -> list[tuple[str, str]]:
+    pairs = [(k, v) for k, v in dict(segment.filters).items()]
+    pairs.extend(("tag", tag) for tag in segment.tags)
+    return pairs
+
+
+async def filter_from_pairs(
+    conn: AsyncConnection, pairs: Iterable[tuple[str, str]], *, field_prefix: str = ""
+) -> AccountFilter:
+    """An account filter from query-string style pairs (segments store their filters this way)."""
+    f = AccountFilter()
+    custom_pairs: list[tuple[str, str]] = []
+    errors: list[FieldError] = []
+    lists = {"tier": f.tiers, "lifecycle": f.lifecycles, "region": f.regions, "industry": f.industries, "tag": f.tags}
+    prefix = f"{field_prefix}." if field_prefix else ""
+    for key, raw in pairs:
+        values = [v.strip() for v in raw.split(",") if v.strip()] if key != "q" else [raw]
+        if key in lists:
+            lists[key].extend(values)
+        elif key in ("q", "owner_id", "team", "parent_id"):
+            setattr(f, key, raw)
+        elif key == "in_pool":
+            if raw not in ("true", "false"):
+                errors.append(FieldError(f"{prefix}in_pool", "must be true or false"))
+            f.in_pool = raw == "true"
+        elif key == "created_after":
+            try:
+                f.created_after = as_utc(datetime.fromisoformat(raw.replace("Z", "+00:00")))
+            except ValueError:
+                errors.append(FieldError(f"{prefix}created_after", "must be an RFC 3339 time"))
+        elif key.startswith("custom."):
+            custom_pairs.append((key.removeprefix("custom."), raw))
+        else:
+            errors.append(FieldError(f"{prefix}{key}", "is not an account filter"))
+    _fail(errors)
+    f.custom = await custom_filters(conn, "account", custom_pairs, field_prefix=f"{prefix}custom")
+    return f
+
+
+async def list_accounts(
+    ctx: Context, f: AccountFilter, custom_pairs: list[tuple[str, str]], page: Page, sort: str, segment_id: str
+) -> tuple[list[Any], str]:
+    async with ctx.uow.engine.connect() as conn:
+        f.custom = await custom_filters(conn, "account", custom_pairs)
+        if segment_id:
+            saved = await segment_filter(conn, segment_id)
+            for name in ("tiers", "lifecycles", "regions", "industries", "tags", "custom"):
+                getattr(f, name).extend(getattr(saved, name))
+            for name in ("q", "owner_id", "team", "parent_id", "in_pool", "created_after"):
+                if getattr(f, name) in ("", None):
+                    setattr(f, name, getattr(saved, name))
+        return await repo.list_accounts(conn, f, current_scope(), page, sort)
+
+
+async def list_pool(ctx: Context, f: AccountFilter, page: Page, sort: str) -> tuple[list[Any], str]:
+    f.in_pool = True
+    async with ctx.uow.engine.connect() as conn:
+        return await repo.list_accounts(conn, f, None, page, sort)
+
+
+async def _publish_account_updated(tx: Transaction, account_id: str, changed: list[str], principal: Principal) -> Any:
+    row = await repo.get_account(tx.conn, account_id)
+    tx.publish(
+        events_pb2.AccountUpdated(account=account_to_proto(row), changed_fields=changed, actor=actor(principal)),
+        key=account_id,
+    )
+    return row
+
+
+async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, idempotency_key: str) -> dict[str, Any]:
+    principal = current_principal()
+    a, c, act, t = repo.accounts, repo.contacts, repo.activities, repo.tasks
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "merge_accounts", idempotency_key)
+        if replayed:
+            return {"survivor": await repo.get_account(tx.conn, replayed), "contacts": [], "activities": 0, "tasks": 0}
+        # Lock in id order so two merges touching the same pair cannot deadlock.
+        rows = {}
+        for account_id in sorted({survivor_id, duplicate_id}):
+            row = await repo.get_account(tx.conn, account_id, for_update=True)
+            if row is None or not _visible(current_scope(), row):
+                raise NotFound("account", account_id)
+            rows[account_id] = row
+        survivor, duplicate = rows[survivor_id], rows[duplicate_id]
+        _fail(
+            domain.check_merge(
+                survivor_id=survivor_id,
+                duplicate_id=duplicate_id,
+                survivor_merged_into=survivor.merged_into_id,
+                duplicate_merged_into=duplicate.merged_into_id,
+            )
+        )
+        now = ctx.clock()
+        changes = domain.merge_changes(survivor._asdict(), duplicate._asdict())
+        if changes.get("parent_id") and domain.parent_cycle(
+            survivor_id, str(changes["parent_id"]), await repo.parent_chain(tx.conn, str(changes["parent_id"]))
+        ):
+            changes.pop("parent_id")
+        last_activity = max((x for x in (survivor.last_activity_at, duplicate.last_activity_at) if x), default=None)
+        if last_activity is not None and last_activity != survivor.last_activity_at:
+            changes["last_activity_at"] = last_activity
+        moved_contacts = [r.id for r in await tx.conn.execute(select(c.c.id).where(c.c.account_id == duplicate_id))]
+        await tx.conn.execute(
+            update(c)
+            .where(c.c.account_id == duplicate_id)
+            .values(
+                account_id=survivor_id,
+                owner_id=survivor.owner_id,
+                team=survivor.team,
+                region=survivor.region,
+                updated_at=now,
+            )
+        )
+        moved_activities = (
+            await tx.conn.execute(update(act).where(act.c.account_id == duplicate_id).values(account_id=survivor_id))
+        ).rowcount
+        moved_tasks = (
+            await tx.conn.execute(update(t).where(t.c.account_id == duplicate_id).values(account_id=survivor_id))
+        ).rowcount
+        # Children and earlier tombstones point at the survivor, so no pointer chain forms.
+        await tx.conn.execute(update(a).where(a.c.parent_id == duplicate_id).values(parent_id=survivor_id))
+        await tx.conn.execute(update(a).where(a.c.merged_into_id == duplicate_id).values(merged_into_id=survivor_id))
+        await tx.conn.execute(
+            update(a)
+            .where(a.c.id == duplicate_id)
+            .values(merged_into_id=survivor_id, in_pool=False, updated_at=now, version=duplicate.version + 1)
+        )
+        await tx.conn.execute(
+            update(a).where(a.c.id == survivor_id).values(**changes, updated_at=now, version=survivor.version + 1)
+        )
+        tx.publish(
+            events_pb2.AccountMerged(
+                survivor_id=survivor_id,
+                duplicate_id=duplicate_id,
+                moved_contact_ids=moved_contacts,
+                actor=actor(principal),
+            ),
+            key=duplicate_id,
+        )
+        updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
+        await repo.remember(tx.conn, "merge_accounts", principal.user_id, idempotency_key, survivor_id, now)
+        return {"survivor": updated, "contacts": moved_contacts, "activities": moved_activities, "tasks": moved_tasks}
+
+
+# --- pool, claim, transfer ---------------------------------------------------------------------------
+
+
+async def release_account(ctx: Context, account_id: str, *, reason: str, expected_version: int) -> Any:
+    principal = current_principal()
+    async with ctx.uow.begin() as tx:
+        row = await _live_account(tx.conn, account_id, for_update=True)
+        _check_version("account", row, expected_version)
+        if row.in_pool:
+            raise Conflict(f"account {account_id} is already in the public pool", reason="ALREADY_IN_POOL")
+        released = await _release(tx, row, now=ctx.clock(), reason=reason or "manual", principal=principal)
+        return released
+
+
+async def _release(tx: Transaction, row: Any, *, now: datetime, reason: str, principal: Principal) -> Any:
+    await tx.conn.execute(
+        update(repo.accounts)
+        .where(repo.accounts.c.id == row.id)
+        .values(
+            in_pool=True,
+            owner_id="",
+            released_at=now,
+            released_by_id=row.owner_id,
+            claimed_at=None,
+            updated_at=now,
+            version=row.version + 1,
+        )
+    )
+    released = await repo.get_account(tx.conn, row.id)
+    tx.publish(
+        events_pb2.AccountReleased(
+            account=account_to_proto(released), previous_owner_id=row.owner_id, reason=reason, actor=actor(principal)
+        ),
+        key=row.id,
+    )
+    return released
+
+
+async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) -> Any:
+    principal = current_principal()
+    a = repo.accounts
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "claim_account", idempotency_key)
+        if replayed:
+            return await repo.get_account(tx.conn, replayed)
+        row = await repo.get_account(tx.conn, account_id, for_update=True)
+        if row is None or row.merged_into_id:
+            raise NotFound("account", account_id)
+        now = ctx.clock()
+        claims = await tx.conn.scalar(
+            select(func.count())
+            .select_from(repo.pool_claims)
+            .where(
+                repo.pool_claims.c.claimant_id == principal.user_id,
+                repo.pool_claims.c.claimed_at > now - timedelta(hours=24),
+            )
+        )
+        released_at = as_utc(row.released_at) if row.released_at else None
+        decision = domain.decide_claim(
+            ctx.policy,
+            claimant_id=principal.user_id,
+            in_pool=row.in_pool,
+            released_by_id=row.released_by_id,
+            released_at=released_at,
+            claims_last_24h=int(claims or 0),
+            now=now,
+        )
+        if not decision.allowed:
+            raise Conflict(decision.detail, reason=decision.reason.upper())
+        # The version guard makes two concurrent claims of one account end with exactly one winner.
+        result = await tx.conn.execute(
+            update(a)
+            .where(a.c.id == account_id, a.c.version == row.version, a.c.in_pool.is_(True))
+            .values(
+                in_pool=False,
+                owner_id=principal.user_id,
+                team=principal.team or row.team,
+                claimed_at=now,
+                updated_at=now,
+                version=row.version + 1,
+            )
+        )
+        if result.rowcount != 1:
+            raise Conflict(f"account {account_id} was claimed by someone else", reason="NOT_IN_POOL")
+        await tx.conn.execute(
+            insert(repo.pool_claims).values(
+                id=new_id(), account_id=account_id, claimant_id=principal.user_id, claimed_at=now
+            )
+        )
+        await _follow_owner(
+            tx,
+            account_id,
+            previous_owner="",
+            new_owner=principal.user_id,
+            new_team=principal.team or row.team,
+            now=now,
+            principal=principal,
+        )
+        claimed = await repo.get_account(tx.conn, account_id)
+        tx.publish(
+            events_pb2.AccountClaimed(
+                account=account_to_proto(claimed), owner_id=principal.user_id, actor=actor(principal)
+            ),
+            key=account_id,
+        )
+        await repo.remember(tx.conn, "claim_account", principal.user_id, idempotency_key, account_id, now)
+        return claimed
+
+
+async def _follow_owner(
+    tx: Transaction,
+    account_id: str,
+    *,
+    previous_owner: str,
+    new_owner: str,
+    new_team: str,
+    now: datetime,
+    principal: Principal,
+) -> tuple[int, int]:
+    """The account's contacts and open tasks follow a change of owner (counts moved)."""
+    c, t = repo.contacts, repo.tasks
+    moved_contacts = (
+        await tx.conn.execute(
+            update(c)
+            .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
+            .values(owner_id=new_owner, team=new_team, updated_at=now)
+        )
+    ).rowcount
+    open_tasks = list(
+        await tx.conn.execute(
+            select(t).where(t.c.account_id == account_id, t.c.status == "open", t.c.owner_id == previous_owner)
+        )
+    )
+    for task in open_tasks:
+        await tx.conn.execute(
+            update(t)
+            .where(t.c.id == task.id)
+            .values(owner_id=new_owner, team=new_team, updated_at=now, version=task.version + 1)
+        )
+        moved = (await tx.conn.execute(select(t).where(t.c.id == task.id))).one()
+        tx.publish(
+            events_pb2.TaskReassigned(
+                task=task_to_proto(moved), previous_owner_id=previous_owner, actor=actor(principal)
+            ),
+            key=task.id,
+        )
+    return moved_contacts, len(open_tasks)
+
+
+async def transfer_account(
+    ctx: Context, account_id: str, *, new_owner_id: str, new_team: str, reason: str, expected_version: int
+) -> Any:
+    _fail([] if new_owner_id else [FieldError("new_owner_id", "is required")])
+    principal = current_principal()
+    async with ctx.uow.begin() as tx:
+        row = await _live_account(tx.conn, account_id, for_update=True)
+        _check_version("account", row, expected_version)
+        if row.owner_id == new_owner_id and not row.in_pool:
+            raise Conflict(f"account {account_id} is already owned by {new_owner_id}", reason="SAME_OWNER")
+        transferred, _, _ = await _transfer(
+            tx, row, new_owner_id, new_team or row.team, reason, "", ctx.clock(), principal
+        )
+        return transferred
+
+
+async def _transfer(
+    tx: Transaction,
+    row: Any,
+    new_owner: str,
+    new_team: str,
+    reason: str,
+    bulk_id: str,
+    now: datetime,
+    principal: Principal,
+) -> tuple[Any, int, int]:
+    await tx.conn.execute(
+        update(repo.accounts)
+        .where(repo.accounts.c.id == row.id)
+        .values(owner_id=new_owner, team=new_team, in_pool=False, updated_at=now, version=row.version + 1)
+    )
+    contacts, tasks = await _follow_owner(
+        tx, row.id, previous_owner=row.owner_id, new_owner=new_owner, new_team=new_team, now=now, principal=principal
+    )
+    transferred = await repo.get_account(tx.conn, row.id)
+    tx.publish(
+        events_pb2.AccountTransferred(
+            account=account_to_proto(transferred),
+            previous_owner_id=row.owner_id,
+            new_owner_id=new_owner,
+            reason=reason,
+            actor=actor(principal),
+            bulk_transfer_id=bulk_id,
+        ),
+        key=row.id,
+    )
+    return transferred, contacts, tasks
+
+
+async def bulk_transfer(
+    ctx: Context, *, from_owner_id: str, to_owner_id: str, to_team: str, reason: str, idempotency_key: str
+) -> Any:
+    errors = [
+        FieldError(n, "is required")
+        for n, v in (("from_owner_id", from_owner_id), ("to_owner_id", to_owner_id))
+        if not v
+    ]
+    if from_owner_id and from_owner_id == to_owner_id:
+        errors.append(FieldError("to_owner_id", "must differ from from_owner_id"))
+    _fail(errors)
+    principal = current_principal()
+    a, t = repo.accounts, repo.tasks
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "bulk_transfer", idempotency_key)
+        if replayed:
+            return (
+                await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == replayed))
+            ).one()
+        now = ctx.clock()
+        bulk_id = new_id()
+        query = (
+            select(a)
+            .where(
+                a.c.owner_id == from_owner_id,
+                a.c.merged_into_id == "",
+                a.c.deleted_at.is_(None),
+                scope_clause(a, current_scope()),
+            )
+            .order_by(a.c.id)
+        )
+        if repo.is_pg(tx.conn):
+            query = query.with_for_update()
+        accounts = list(await tx.conn.execute(query))
+        contacts = tasks = 0
+        for row in accounts:
+            _, moved_contacts, moved_tasks = await _transfer(
+                tx, row, to_owner_id, to_team or row.team, reason, bulk_id, now, principal
+            )
+            contacts += moved_contacts
+            tasks += moved_tasks
+        # Open tasks of the departing owner that belong to no transferred account follow too.
+        loose = list(
+            await tx.conn.execute(
+                select(t).where(t.c.owner_id == from_owner_id, t.c.status == "open", scope_clause(t, current_scope()))
+            )
+        )
+        for task in loose:
+            await tx.conn.execute(
+                update(t)
+                .where(t.c.id == task.id)
+                .values(owner_id=to_owner_id, team=to_team or task.team, updated_at=now, version=task.version + 1)
+            )
+            moved = (await tx.conn.execute(select(t).where(t.c.id == task.id))).one()
+            tx.publish(
+                events_pb2.TaskReassigned(
+                    task=task_to_proto(moved), previous_owner_id=from_owner_id, actor=actor(principal)
+                ),
+                key=task.id,
+            )
+        await tx.conn.execute(
+            insert(repo.bulk_transfers).values(
+                id=bulk_id,
+                from_owner_id=from_owner_id,
+                to_owner_id=to_owner_id,
+                reason=reason,
+                accounts=len(accounts),
+                contacts=contacts,
+                tasks=tasks + len(loose),
+                actor_id=principal.user_id,
+                created_at=now,
+            )
+        )
+        await repo.remember(tx.conn, "bulk_transfer", principal.user_id, idempotency_key, bulk_id, now)
+        return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))).one()
+
+
+# --- contacts ----------------------------------------------------------------------------------------
+
+
+def _contact_norms(values: Mapping[str, Any], country_code: str) -> dict[str, str]:
+    norms: dict[str, str] = {}
+    if "email" in values:
+        norms["email_norm"] = domain.normalise_email(values["email"] or "")
+    for name in ("phone", "mobile"):
+        if name in values:
+            norms[f"{name}_norm"] = domain.normalise_phone(values[name] or "", default_country_code=country_code)
+    return norms
+
+
+async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
+    """The live account a contact attaches to; a merged-away id resolves to its survivor."""
+    row = await repo.get_account(conn, account_id)
+    if row is not None and row.merged_into_id:
+        row = await repo.get_account(conn, row.merged_into_id)
+    if row is None or not (row.in_pool or _visible(current_scope(), row)):
+        raise ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")])
+    return row
+
+
+async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> Any:
+    principal = current_principal()
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "create_contact", idempotency_key)
+        if replayed:
+            return await repo.get_contact(tx.conn, replayed)
+        values["tags"] = domain.normalise_tags(values.get("tags", []))
+        _fail(domain.check_contact(values))
+        account = await _account_for_contact(tx.conn, values["account_id"])
+        custom = await _custom_values(tx.conn, "contact", values.get("custom") or {}, existing=None)
+        now = ctx.clock()
+        contact_id = new_id()
+        if values.get("is_primary"):
+            await _clear_primary(tx.conn, account.id)
+        row = {
+            **{k: v for k, v in values.items() if k in repo.contacts.c and k != "custom"},
+            **_contact_norms(values, ctx.default_country_code),
+            "id": contact_id,
+            "account_id": account.id,
+            "name": values["name"].strip(),
+            "custom": custom,
+            "owner_id": account.owner_id or principal.user_id,
+            "team": account.team,
+            "region": account.region,
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        }
+        await tx.conn.execute(insert(repo.contacts).values(**row))
+        created = await repo.get_contact(tx.conn, contact_id)
+        tx.publish(events_pb2.ContactCreated(contact=contact_to_proto(created), actor=actor(principal)), key=contact_id)
+        await repo.remember(tx.conn, "create_contact", principal.user_id, idempotency_key, contact_id, now)
+        return created
+
+
+async def _clear_primary(conn: AsyncConnection, account_id: str) -> None:
+    c = repo.contacts
+    await conn.execute(update(c).where(c.c.account_id == account_id, c.c.is_primary.is_(True)).values(is_primary=False))
+
+
+async def get_contact(ctx: Context, contact_id: str) -> Any:
+    async with ctx.uow.engine.connect() as conn:
+        row = await repo.get_contact(conn, contact_id)
+    if row is None or not _visible(current_scope(), row):
+        raise NotFound("contact", contact_id)
+    return row
+
+
+async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    principal = current_principal()
+    c = repo.contacts
+    async with ctx.uow.begin() as tx:
+        row = await repo.get_contact(tx.conn, contact_id)
+        if row is None or not _visible(current_scope(), row):
+            raise NotFound("contact", contact_id)
+        _check_version("contact", row, expected_version)
+        if "tags" in values:
+            values["tags"] = domain.normalise_tags(values["tags"])
+        _fail(domain.check_contact(values))
+        changes = {k: v for k, v in values.items() if k != "custom"}
+        if "custom" in values:
+            changes["custom"] = await _custom_values(tx.conn, "contact", values["custom"], existing=row.custom)
+        if "account_id" in values and values["account_id"] != row.account_id:
+            account = await _account_for_contact(tx.conn, values["account_id"])
+            changes.update(account_id=account.id, team=account.team, region=account.region)
+        if values.get("is_primary"):
+            await _clear_primary(tx.conn, changes.get("account_id", row.account_id))
+        changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
+        if not changed:
+            return row
+        changes.update(_contact_norms(values, ctx.default_country_code))
+        await tx.conn.execute(
+            update(c).where(c.c.id == contact_id).values(**changes, updated_at=ctx.clock(), version=row.version + 1)
+        )
+        updated = await repo.get_contact(tx.conn, contact_id)
+        tx.publish(
+            events_pb2.ContactUpdated(
+                contact=contact_to_proto(updated), changed_fields=changed, actor=actor(principal)
+            ),
+            key=contact_id,
+        )
+        return updated
+
+
+async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int) -> None:
+    c = repo.contacts
+    async with ctx.uow.begin() as tx:
+        row = await repo.get_contact(tx.conn, contact_id)
+        if row is None or not _visible(current_scope(), row):
+            raise NotFound("contact", contact_id)
+        _check_version("contact", row, expected_version)
+        now = ctx.clock()
+        await tx.conn.execute(update(c).where(c.c.id == contact_id).values(deleted_at=now, updated_at=now))
+        tx.publish(
+            events_pb2.ContactDeleted(
+                contact_id=contact_id, account_id=row.account_id, actor=actor(current_principal())
+            ),
+            key=contact_id,
+        )
+
+
+async def list_contacts(
+    ctx: Context, f: ContactFilter, custom_pairs: list[tuple[str, str]], page: Page, sort: str
+) -> tuple[list[Any], str]:
+    async with ctx.uow.engine.connect() as conn:
+        f.custom = await custom_filters(conn, "contact", custom_pairs)
+        return await repo.list_contacts(conn, f, current_scope(), page, sort)
+
+
+async def find_contacts(ctx: Context, *, email: str, phone: str, limit: int) -> list[Any]:
+    email_norm = domain.normalise_email(email) if email else ""
+    phone_norm = domain.normalise_phone(phone, default_country_code=ctx.default_country_code) if phone else ""
+    _fail([] if email_norm or phone_norm else [FieldError("email", "email or phone is required")])
+    async with ctx.uow.engine.connect() as conn:
+        return await repo.find_contacts(
+            conn, email=email_norm, phone=phone_norm, scope=current_scope(), limit=min(max(limit, 1), 100)
+        )
+
+
+# --- activities ----------------------------------------------------------------------------------------
+
+
+async def log_activity(
+    ctx: Context,
+    *,
+    account_id: str,
+    contact_id: str,
+    kind: str,
+    subject: str,
+    notes: str,
+    occurred_at: datetime | None,
+    idempotency_key: str,
+) -> Any:
+    principal = current_principal()
+    act = repo.activities
+    errors = (
+        []
+        if kind in domain.ACTIVITY_KINDS
+        else [FieldError("kind", f"must be one of {', '.join(domain.ACTIVITY_KINDS)}")]
+    )
+    now = ctx.clock()
+    when = occurred_at or now
+    if when > now + timedelta(minutes=5):
+        errors.append(FieldError("occurred_at", "must not be in the future"))
+    _fail(errors)
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "log_activity", idempotency_key)
+        if replayed:
+            return (await tx.conn.execute(select(act).where(act.c.id == replayed))).one()
+        account = await _live_account(tx.conn, account_id, for_update=True)
+        if contact_id:
+            contact = await repo.get_contact(tx.conn, contact_id)
+            if contact is None or contact.account_id != account_id:
+                raise ValidationFailed(
+                    [FieldError("contact_id", f"contact {contact_id} is not on account {account_id}")]
+                )
+        activity_id = new_id()
+        await tx.conn.execute(
+            insert(act).values(
+                id=activity_id,
+                account_id=account_id,
+                contact_id=contact_id,
+                kind=kind,
+                subject=subject,
+                notes=notes,
+                actor_id=principal.user_id,
+                occurred_at=when,
+                created_at=now,
+            )
+        )
+        if account.last_activity_at is None or as_utc(account.last_activity_at) < when:
+            # Not a version bump: logging activity must not make an open edit form stale.
+            await tx.conn.execute(
+                update(repo.accounts).where(repo.accounts.c.id == account_id).values(last_activity_at=when)
+            )
+        row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
+        tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
+        await repo.remember(tx.conn, "log_activity", principal.user_id, idempotency_key, activity_id, now)
+        return row
+
+
+async def list_activities(
+    ctx: Context, *, account_id: str, contact_id: str, page: Page, sort: str
+) -> tuple[list[Any], str]:
+    """The account's timeline. The activities scope applies: on an account outside it, an `own`
+    scope still lists the caller's own entries (e.g. a service agent's visits); other scopes none."""
+    act = repo.activities
+    scope = current_scope()
+    async with ctx.uow.engine.connect() as conn:
+        if not account_id and contact_id:
+            contact = await repo.get_contact(conn, contact_id)
+            if contact is None or not _visible(scope, contact):
+                raise NotFound("contact", contact_id)
+            account_id = contact.account_id
+        if not account_id:
+            raise ValidationFailed([FieldError("account_id", "is required")])
+        row = await repo.get_account(conn, account_id)
+        if row is None:
+            raise NotFound("account", account_id)
+        query = select(act).where(act.c.account_id == account_id)
+        if not (row.in_pool or _visible(scope, row)):
+            if scope.kind != ScopeKind.OWN:
+                return [], ""
+            query = query.where(act.c.actor_id == scope.owner_id)
+        if contact_id:
+            query = query.where(act.c.contact_id == contact_id)
+        rows = list(await conn.execute(repo.apply_page(query, act, page)))
+        return repo.page_result(rows, page, sort)
+
+
+# --- tasks ------------------------------------------------------------------------------------------------
+
+
+async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> Any:
+    principal = current_principal()
+    t = repo.tasks
+    _fail([] if str(values.get("title", "")).strip() else [FieldError("title", "is required")])
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "create_task", idempotency_key)
+        if replayed:
+            return (await tx.conn.execute(select(t).where(t.c.id == replayed))).one()
+        team, region = principal.team, principal.region
+        if values.get("account_id"):
+            account = await _live_account(tx.conn, values["account_id"])
+            team, region = account.team or team, account.region
+        now = ctx.clock()
+        task_id = new_id()
+        await tx.conn.execute(
+            insert(t).values(
+                id=task_id,
+                account_id=values.get("account_id", ""),
+                contact_id=values.get("contact_id", ""),
+                title=values["title"].strip(),
+                notes=values.get("notes", ""),
+                due_at=values.get("due_at"),
+                status="open",
+                owner_id=values.get("owner_id") or principal.user_id,
+                team=team,
+                region=region,
+                source="manual",
+                created_at=now,
+                updated_at=now,
+                version=1,
+            )
+        )
+        row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+        tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
+        await repo.remember(tx.conn, "create_task", principal.user_id, idempotency_key, task_id, now)
+        return row
+
+
+async def _visible_task(conn: AsyncConnection, task_id: str) -> Any:
+    t = repo.tasks
+    row = (await conn.execute(select(t).where(t.c.id == task_id))).first()
+    if row is None or not _visible(current_scope(), row):
+        raise NotFound("task", task_id)
+    return row
+
+
+async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    t = repo.tasks
+    if "title" in values and not str(values["title"]).strip():
+        _fail([FieldError("title", "is required")])
+    async with ctx.uow.begin() as tx:
+        row = await _visible_task(tx.conn, task_id)
+        _check_version("task", row, expected_version)
+        if values.get("account_id"):
+            await _live_account(tx.conn, values["account_id"])
+        await tx.conn.execute(
+            update(t).where(t.c.id == task_id).values(**values, updated_at=ctx.clock(), version=row.version + 1)
+        )
+        return (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+
+
+async def complete_task(ctx: Context, task_id: str, *, expected_version: int) -> Any:
+    t = repo.tasks
+    async with ctx.uow.begin() as tx:
+        row = await _visible_task(tx.conn, task_id)
+        _check_version("task", row, expected_version)
+        if row.status != "open":
+            raise Conflict(f"task {task_id} is {row.status}", reason="TASK_NOT_OPEN")
+        now = ctx.clock()
+        await tx.conn.execute(
+            update(t)
+            .where(t.c.id == task_id)
+            .values(status="done", completed_at=now, updated_at=now, version=row.version + 1)
+        )
+        done = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+        tx.publish(events_pb2.TaskCompleted(task=task_to_proto(done), actor=actor(current_principal())), key=task_id)
+        return done
+
+
+async def list_tasks(
+    ctx: Context, *, due: str, account_id: str, owner_id: str, statuses: list[str], page: Page, sort: str
+) -> tuple[list[Any], str]:
+    t = repo.tasks
+    errors = [FieldError("status", f"unknown status {s}") for s in statuses if s not in domain.TASK_STATUSES]
+    if due and due not in domain.DUE_FILTERS:
+        errors.append(FieldError("due", f"must be one of {', '.join(domain.DUE_FILTERS)}"))
+    if page.sort_field == "due_at" and not due:
+        errors.append(FieldError("sort", "due_at sorting needs a due filter"))
+    _fail(errors)
+    query = select(t).where(scope_clause(t, current_scope()))
+    if due:
+        _, before = domain.due_window(due, ctx.clock())
+        query = query.where(t.c.status == "open", t.c.due_at.is_not(None), t.c.due_at < before)
+    if statuses:
+        query = query.where(t.c.status.in_(statuses))
+    if account_id:
+        query = query.where(t.c.account_id == account_id)
+    if owner_id:
+        query = query.where(t.c.owner_id == owner_id)
+    async with ctx.uow.engine.connect() as conn:
+        rows = list(await conn.execute(repo.apply_page(query, t, page)))
+    return repo.page_result(rows, page, sort)
+
+
+# --- reminder rules ------------------------------------------------------------------------------------------
+
+
+async def create_reminder_rule(
+    ctx: Context,
+    *,
+    name: str,
+    tiers: list[str],
+    inactive_days: int,
+    task_title: str,
+    due_in_hours: int,
+    enabled: bool,
+    idempotency_key: str,
+) -> Any:
+    _fail(domain.check_reminder_rule(name=name, tiers=tiers, inactive_days=inactive_days, due_in_hours=due_in_hours))
+    principal = current_principal()
+    r = repo.reminder_rules
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "create_reminder_rule", idempotency_key)
+        if replayed:
+            return (await tx.conn.execute(select(r).where(r.c.id == replayed))).one()
+        rule_id = new_id()
+        now = ctx.clock()
+        title = task_title.strip() or f"{name.strip()}: follow up"
+        await tx.conn.execute(
+            insert(r).values(
+                id=rule_id,
+                name=name.strip(),
+                tiers=tiers,
+                inactive_days=inactive_days,
+                task_title=title,
+                due_in_hours=due_in_hours,
+                enabled=enabled,
+                created_by=principal.user_id,
+                created_at=now,
+            )
+        )
+        await repo.remember(tx.conn, "create_reminder_rule", principal.user_id, idempotency_key, rule_id, now)
+        return (await tx.conn.execute(select(r).where(r.c.id == rule_id))).one()
+
+
+async def list_reminder_rules(ctx: Context) -> list[Any]:
+    async with ctx.uow.engine.connect() as conn:
+        return list(await conn.execute(select(repo.reminder_rules).order_by(repo.reminder_rules.c.id)))
+
+
+async def delete_reminder_rule(ctx: Context, rule_id: str) -> None:
+    async with ctx.uow.begin() as tx:
+        result = await tx.conn.execute(delete(repo.reminder_rules).where(repo.reminder_rules.c.id == rule_id))
+        if result.rowcount == 0:
+            raise NotFound("reminder rule", rule_id)
+
+
+# --- segments --------------------------------------------------------------------------------------------------
+
+
+async def _visible_segment(conn: AsyncConnection, segment_id: str) -> Any:
+    s = repo.segments
+    principal = current_principal()
+    row = (await conn.execute(select(s).where(s.c.id == segment_id))).first()
+    if row is None or not (
+        row.owner_id == principal.user_id or (row.visibility == "team" and row.team and row.team == principal.team)
+    ):
+        raise NotFound("segment", segment_id)
+    return row
+
+
+async def create_segment(
+    ctx: Context, *, name: str, visibility: str, filters: dict[str, str], tags: list[str], idempotency_key: str
+) -> Any:
+    principal = current_principal()
+    visibility = visibility or "user"
+    errors = [] if name.strip() else [FieldError("name", "is required")]
+    if visibility not in domain.SEGMENT_VISIBILITIES:
+        errors.append(FieldError("visibility", "must be user or team"))
+    if visibility == "team" and not principal.team:
+        errors.append(FieldError("visibility", "a team segment needs a caller with a team"))
+    _fail(errors)
+    s = repo.segments
+    async with ctx.uow.begin() as tx:
+        replayed = await _replay(tx.conn, "create_segment", idempotency_key)
+        if replayed:
+            return (await tx.conn.execute(select(s).where(s.c.id == replayed))).one()
+        # Validate the filter now, so a saved segment always runs.
+        await filter_from_pairs(tx.conn, [*filters.items(), *(("tag", t) for t in tags)], field_prefix="filters")
+        segment_id = new_id()
+        now = ctx.clock()
+        await tx.conn.execute(
+            insert(s).values(
+                id=segment_id,
+                name=name.strip(),
+                visibility=visibility,
+                owner_id=principal.user_id,
+                team=principal.team,
+                filters=filters,
+                tags=domain.normalise_tags(tags),
+                created_at=now,
+            )
+        )
+        await repo.remember(tx.conn, "create_segment", principal.user_id, idempotency_key, segment_id, now)
+        return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
+
+
+async def get_segment(ctx: Context, segment_id: str) -> Any:
+    async with ctx.uow.engine.connect() as conn:
+        return await _visible_segment(conn, segment_id)
+
+
+async def list_segments(ctx: Context) -> list[Any]:
+    s = repo.segments
+    principal = current_principal()
+    visible = s.c.owner_id == principal.user_id
+    if principal.team:
+        visible = or_(visible, and_(s.c.visibility == "team", s.c.team == principal.team))
+    async with ctx.uow.engine.connect() as conn:
+        return list(await conn.execute(select(s).where(visible).order_by(s.c.name, s.c.id)))
+
+
+async def delete_segment(ctx: Context, segment_id: str) -> None:
+    async with ctx.uow.begin() as tx:
+        row = await _visible_segment(tx.conn, segment_id)
+        if row.owner_id != current_principal().user_id:
+            raise NotFound("segment", segment_id)
+        await tx.conn.execute(delete(repo.segments).where(repo.segments.c.id == segment_id))
+
+
+# --- timers (run by jobs.py; safe with several replicas) ------------------------------------------------------------
+
+
+def _anchor(row: Any) -> datetime:
+    return domain.inactivity_anchor(
+        last_activity_at=as_utc(row.last_activity_at) if row.last_activity_at else None,
+        claimed_at=as_utc(row.claimed_at) if row.claimed_at else None,
+        created_at=as_utc(row.created_at),
+    )
+
+
+def _quiet_since(cutoff: datetime) -> Any:
+    """Inactivity anchor (latest of activity, claim, creation) is before the cutoff."""
+    a = repo.accounts
+    return and_(
+        a.c.created_at < cutoff,
+        or_(a.c.last_activity_at.is_(None), a.c.last_activity_at < cutoff),
+        or_(a.c.claimed_at.is_(None), a.c.claimed_at < cutoff),
+    )
+
+
+async def return_inactive_accounts(ctx: Context, *, batch_size: int) -> int:
+    """Owned accounts quiet past their tier's limit go back to the pool. Rows are claimed with
+    FOR UPDATE SKIP LOCKED in the transaction that changes them, so replicas never collide."""
+    a = repo.accounts
+    now = ctx.clock()
+    returned = 0
+    for tier, cutoff in domain.return_cutoffs(ctx.policy, now).items():
+        tiers = [tier, ""] if tier == "C" else [tier]  # an account without a tier counts as C
+        async with ctx.uow.begin() as tx:
+            query = (
+                select(a)
+                .where(
+                    a.c.in_pool.is_(False),
+                    a.c.owner_id != "",
+                    a.c.merged_into_id == "",
+                    a.c.deleted_at.is_(None),
+                    a.c.tier.in_(tiers),
+                    _quiet_since(cutoff),
+                )
+                .order_by(a.c.id)
+                .limit(batch_size)
+            )
+            if repo.is_pg(tx.conn):
+                query = query.with_for_update(skip_locked=True)
+            for row in await tx.conn.execute(query):
+                # The query narrows the candidates; the domain rule decides.
+                if not domain.due_for_return(
+                    ctx.policy, tier=row.tier, in_pool=row.in_pool, anchor=_anchor(row), now=now
+                ):
+                    continue
+                await _release(tx, row, now=now, reason="inactivity", principal=current_principal())
+                returned += 1
+    return returned
+
+
+async def raise_reminders(ctx: Context, *, batch_size: int) -> int:
+    """Reminder rules create one open task per quiet account (never a second while one is open)."""
+    a, t = repo.accounts, repo.tasks
+    now = ctx.clock()
+    created = 0
+    async with ctx.uow.engine.connect() as conn:
+        rules = list(await conn.execute(select(repo.reminder_rules).where(repo.reminder_rules.c.enabled.is_(True))))
+    for rule in rules:
+        async with ctx.uow.begin() as tx:
+            open_task = exists().where(t.c.reminder_rule_id == rule.id, t.c.account_id == a.c.id, t.c.status == "open")
+            query = select(a).where(
+                a.c.in_pool.is_(False),
+                a.c.owner_id != "",
+                a.c.merged_into_id == "",
+                a.c.deleted_at.is_(None),
+                _quiet_since(now - timedelta(days=rule.inactive_days)),
+                ~open_task,
+            )
+            if rule.tiers:
+                query = query.where(a.c.tier.in_(rule.tiers))
+            query = query.order_by(a.c.id).limit(batch_size)
+            if repo.is_pg(tx.conn):
+                query = query.with_for_update(of=a, skip_locked=True)
+            reminder = domain.Reminder(tiers=tuple(rule.tiers), inactive_days=rule.inactive_days)
+            for account in await tx.conn.execute(query):
+                if not domain.reminder_fires(
+                    reminder, tier=account.tier, in_pool=account.in_pool, anchor=_anchor(account), now=now
+                ):
+                    continue
+                task_id = new_id()
+                await tx.conn.execute(
+                    insert(t).values(
+                        id=task_id,
+                        account_id=account.id,
+                        contact_id="",
+                        title=rule.task_title,
+                        notes=f"{account.name}: no activity for {rule.inactive_days} days",
+                        status="open",
+                        due_at=now + timedelta(hours=rule.due_in_hours),
+                        owner_id=account.owner_id,
+                        team=account.team,
+                        region=account.region,
+                        source="reminder_rule",
+                        reminder_rule_id=rule.id,
+                        created_at=now,
+                        updated_at=now,
+                        version=1,
+                    )
+                )
+                row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+                tx.publish(
+                    events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(current_principal())), key=task_id
+                )
+                created += 1
+    return created

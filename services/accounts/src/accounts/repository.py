@@ -1,0 +1,551 @@
+"""Tables and queries of the accounts service (SQLAlchemy Core; PostgreSQL or SQLite)."""
+
+import base64
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.outbox import add_messaging_tables
+from crm_platform.principal import RecordScope, scope_clause
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    column,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Select
+
+metadata = MetaData()
+add_messaging_tables(metadata)
+
+# PostgreSQL: text[] with a GIN index (tags @> ...); SQLite: a JSON array.
+TagsType = ARRAY(Text).with_variant(JSON(), "sqlite")
+# PostgreSQL: jsonb with a GIN index (custom @> ...); SQLite: JSON text.
+CustomType = JSON().with_variant(JSONB(), "postgresql")
+Money = Numeric(20, 4)
+Stamp = DateTime(timezone=True)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("dedupe_key", Text, nullable=False),
+    Column("industry", Text, nullable=False, server_default=""),
+    Column("size", Text, nullable=False, server_default=""),
+    Column("annual_revenue", Money),
+    Column("annual_revenue_currency", String(3)),
+    Column("region", Text, nullable=False, server_default=""),
+    Column("address", Text, nullable=False, server_default=""),
+    Column("website", Text, nullable=False, server_default=""),
+    Column("tier", String(1), nullable=False, server_default=""),
+    Column("lifecycle", String(20), nullable=False, server_default="prospect"),
+    Column("owner_id", String(100), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("tags", TagsType, nullable=False),
+    Column("custom", CustomType, nullable=False),
+    Column("parent_id", String(36)),
+    Column("credit_limit", Money),
+    Column("credit_limit_currency", String(3)),
+    Column("in_pool", Boolean, nullable=False, server_default=false()),
+    Column("last_activity_at", Stamp),
+    Column("claimed_at", Stamp),
+    Column("released_at", Stamp),
+    Column("released_by_id", String(100), nullable=False, server_default=""),
+    Column("merged_into_id", String(36), nullable=False, server_default=""),
+    Column("deleted_at", Stamp),
+    Column("created_at", Stamp, nullable=False),
+    Column("updated_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Index("ix_accounts_owner", "owner_id", "id"),
+    Index("ix_accounts_team", "team", "id"),
+    Index("ix_accounts_region", "region", "id"),
+    Index("ix_accounts_tier", "tier", "id"),
+    Index("ix_accounts_lifecycle", "lifecycle", "id"),
+    Index("ix_accounts_industry", "industry", "id"),
+    Index("ix_accounts_parent", "parent_id"),
+    Index("ix_accounts_pool", "in_pool", "tier", "id"),
+    Index("ix_accounts_created", "created_at", "id"),
+    Index("ix_accounts_name", "name", "id"),
+    # One live account per normalised name + region: the dedupe rule, enforced even under races.
+    Index(
+        "ux_accounts_dedupe",
+        "dedupe_key",
+        unique=True,
+        postgresql_where=text("merged_into_id = '' AND deleted_at IS NULL"),
+        sqlite_where=text("merged_into_id = '' AND deleted_at IS NULL"),
+    ),
+)
+
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("title", Text, nullable=False, server_default=""),
+    Column("department", Text, nullable=False, server_default=""),
+    Column("phone", Text, nullable=False, server_default=""),
+    Column("phone_norm", String(32), nullable=False, server_default=""),
+    Column("mobile", Text, nullable=False, server_default=""),
+    Column("mobile_norm", String(32), nullable=False, server_default=""),
+    Column("email", Text, nullable=False, server_default=""),
+    Column("email_norm", Text, nullable=False, server_default=""),
+    Column("wechat", Text, nullable=False, server_default=""),
+    Column("decision_role", String(20), nullable=False, server_default=""),
+    Column("is_primary", Boolean, nullable=False, server_default=false()),
+    Column("owner_id", String(100), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("region", Text, nullable=False, server_default=""),
+    Column("tags", TagsType, nullable=False),
+    Column("custom", CustomType, nullable=False),
+    Column("deleted_at", Stamp),
+    Column("created_at", Stamp, nullable=False),
+    Column("updated_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Index("ix_contacts_account", "account_id", "id"),
+    Index("ix_contacts_owner", "owner_id", "id"),
+    Index("ix_contacts_email", "email_norm"),
+    Index("ix_contacts_phone", "phone_norm"),
+    Index("ix_contacts_mobile", "mobile_norm"),
+)
+
+activities = Table(
+    "activities",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), nullable=False),
+    Column("contact_id", String(36), nullable=False, server_default=""),
+    Column("kind", String(20), nullable=False),
+    Column("subject", Text, nullable=False, server_default=""),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("actor_id", String(100), nullable=False, server_default=""),
+    Column("occurred_at", Stamp, nullable=False),
+    Column("created_at", Stamp, nullable=False),
+    Index("ix_activities_account", "account_id", "occurred_at", "id"),
+    Index("ix_activities_contact", "contact_id"),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), nullable=False, server_default=""),
+    Column("contact_id", String(36), nullable=False, server_default=""),
+    Column("title", Text, nullable=False),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("due_at", Stamp),
+    Column("status", String(20), nullable=False, server_default="open"),
+    Column("owner_id", String(100), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("region", Text, nullable=False, server_default=""),
+    Column("source", String(20), nullable=False, server_default="manual"),
+    Column("reminder_rule_id", String(36), nullable=False, server_default=""),
+    Column("created_at", Stamp, nullable=False),
+    Column("completed_at", Stamp),
+    Column("updated_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    Index("ix_tasks_owner_due", "owner_id", "status", "due_at", "id"),
+    Index("ix_tasks_account", "account_id", "status"),
+    # At most one open reminder task per rule and account, even with several job replicas.
+    Index(
+        "ux_tasks_open_reminder",
+        "reminder_rule_id",
+        "account_id",
+        unique=True,
+        postgresql_where=text("status = 'open' AND reminder_rule_id <> ''"),
+        sqlite_where=text("status = 'open' AND reminder_rule_id <> ''"),
+    ),
+)
+
+reminder_rules = Table(
+    "reminder_rules",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("tiers", JSON, nullable=False),
+    Column("inactive_days", Integer, nullable=False),
+    Column("task_title", Text, nullable=False),
+    Column("due_in_hours", Integer, nullable=False, server_default="24"),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("created_by", String(100), nullable=False, server_default=""),
+    Column("created_at", Stamp, nullable=False),
+)
+
+segments = Table(
+    "segments",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("visibility", String(10), nullable=False),
+    Column("owner_id", String(100), nullable=False),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("filters", JSON, nullable=False),
+    Column("tags", JSON, nullable=False),
+    Column("created_at", Stamp, nullable=False),
+    Index("ix_segments_owner", "owner_id"),
+    Index("ix_segments_team", "team"),
+)
+
+custom_fields = Table(
+    "custom_field_definitions",
+    metadata,
+    Column("entity", String(20), nullable=False),
+    Column("key", String(63), nullable=False),
+    Column("label", Text, nullable=False),
+    Column("type", String(20), nullable=False),
+    Column("required", Boolean, nullable=False, server_default=false()),
+    Column("options", JSON, nullable=False),
+    Column("pii", Boolean, nullable=False, server_default=false()),
+    Column("created_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
+    PrimaryKeyConstraint("entity", "key"),
+)
+
+pool_claims = Table(
+    "pool_claims",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(36), nullable=False),
+    Column("claimant_id", String(100), nullable=False),
+    Column("claimed_at", Stamp, nullable=False),
+    Index("ix_pool_claims_claimant", "claimant_id", "claimed_at"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("operation", String(50), nullable=False),
+    Column("caller", String(100), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("result_id", String(100), nullable=False),
+    Column("created_at", Stamp, nullable=False),
+    PrimaryKeyConstraint("operation", "caller", "key"),
+)
+
+bulk_transfers = Table(
+    "bulk_transfers",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("from_owner_id", String(100), nullable=False),
+    Column("to_owner_id", String(100), nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("accounts", Integer, nullable=False),
+    Column("contacts", Integer, nullable=False),
+    Column("tasks", Integer, nullable=False),
+    Column("actor_id", String(100), nullable=False),
+    Column("created_at", Stamp, nullable=False),
+)
+
+
+# --- dialect helpers -----------------------------------------------------------------------------
+
+
+def is_pg(conn: AsyncConnection) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def has_all_tags(conn: AsyncConnection, table: Table, tags: Sequence[str]) -> ColumnElement[bool]:
+    if is_pg(conn):
+        return table.c.tags.contains(list(tags))
+    clauses = [
+        select(literal(1))
+        .select_from(func.json_each(table.c.tags).table_valued("value"))
+        .where(column("value") == tag)
+        .exists()
+        for tag in tags
+    ]
+    return and_(*clauses)
+
+
+def custom_equals(conn: AsyncConnection, table: Table, key: str, value: Any, *, multi: bool) -> ColumnElement[bool]:
+    """custom[key] equals the value (multi_enum: contains it)."""
+    if is_pg(conn):
+        return table.c.custom.op("@>")(bindparam(None, {key: [value] if multi else value}, type_=JSONB()))
+    path = f'$."{key}"'
+    if multi:
+        return (
+            select(literal(1))
+            .select_from(func.json_each(table.c.custom, path).table_valued("value"))
+            .where(column("value") == value)
+            .exists()
+        )
+    if isinstance(value, bool):
+        value = 1 if value else 0  # SQLite's json_extract yields 1/0 for JSON booleans
+    extracted: ColumnElement[Any] = func.json_extract(table.c.custom, path)
+    return extracted.__eq__(value)  # typed as ColumnElement[bool]
+
+
+def name_contains(table: Table, query: str) -> ColumnElement[bool]:
+    """Case-insensitive substring match; served by the pg_trgm GIN index on PostgreSQL."""
+    escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return table.c.name.ilike(f"%{escaped}%", escape="\\")
+
+
+# --- keyset paging --------------------------------------------------------------------------------
+
+SORTS = {"created_at", "name", "updated_at"}
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    limit: int
+    sort_field: str
+    descending: bool
+    after: tuple[Any, str] | None
+
+
+def parse_page(limit: int, cursor: str, sort: str, *, sorts: set[str] = SORTS) -> Page:
+    limit = 50 if limit <= 0 else limit
+    if limit > 500:
+        raise ValidationFailed([FieldError("limit", "must be at most 500")])
+    descending = sort.startswith("-")
+    sort_field = sort.lstrip("-") or "created_at"
+    if sort_field not in sorts:
+        raise ValidationFailed([FieldError("sort", f"must be one of {', '.join(sorted(sorts))} (- for descending)")])
+    after = None
+    if cursor:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            if data["s"] != sort:
+                raise ValueError("cursor of another sort")
+            after = (data["v"], str(data["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise ValidationFailed([FieldError("cursor", "is not a cursor of this list")]) from None
+    return Page(limit, sort_field, descending, after)
+
+
+def _sort_value(row: Any, sort_field: str) -> Any:
+    value = row._mapping[sort_field]
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def apply_page(query: Select[Any], table: Table, page: Page) -> Select[Any]:
+    # Ids are time-ordered, so created_at order is id order: one indexed column.
+    key = table.c.id if page.sort_field == "created_at" else table.c[page.sort_field]
+    if page.after is not None:
+        value, last_id = page.after
+        if page.sort_field == "created_at":
+            query = query.where(table.c.id < last_id if page.descending else table.c.id > last_id)
+        else:
+            if isinstance(key.type, DateTime):
+                value = datetime.fromisoformat(value)
+            if page.descending:
+                query = query.where(or_(key < value, and_(key == value, table.c.id < last_id)))
+            else:
+                query = query.where(or_(key > value, and_(key == value, table.c.id > last_id)))
+    if page.sort_field == "created_at":
+        order = [table.c.id.desc() if page.descending else table.c.id]
+    else:
+        order = [key.desc(), table.c.id.desc()] if page.descending else [key, table.c.id]
+    return query.order_by(*order).limit(page.limit + 1)
+
+
+def page_result(rows: list[Any], page: Page, sort: str) -> tuple[list[Any], str]:
+    """Drops the look-ahead row; the cursor points after the last row returned."""
+    if len(rows) <= page.limit:
+        return rows, ""
+    rows = rows[: page.limit]
+    last = rows[-1]
+    value = last.id if page.sort_field == "created_at" else _sort_value(last, page.sort_field)
+    payload = {"s": sort, "v": value, "id": last.id}
+    return rows, base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+
+
+# --- account queries ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class AccountFilter:
+    q: str = ""
+    tiers: list[str] = field(default_factory=list)
+    lifecycles: list[str] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    industries: list[str] = field(default_factory=list)
+    owner_id: str = ""
+    team: str = ""
+    tags: list[str] = field(default_factory=list)
+    parent_id: str = ""
+    in_pool: bool | None = None
+    created_after: datetime | None = None
+    # (key, stored value, multi_enum)
+    custom: list[tuple[str, Any, bool]] = field(default_factory=list)
+    include_merged: bool = False
+    ids: list[str] = field(default_factory=list)
+
+
+def account_conditions(conn: AsyncConnection, f: AccountFilter) -> list[ColumnElement[bool]]:
+    t = accounts
+    where: list[ColumnElement[bool]] = [t.c.deleted_at.is_(None)]
+    if not f.include_merged:
+        where.append(t.c.merged_into_id == "")
+    if f.q:
+        where.append(name_contains(t, f.q))
+    if f.tiers:
+        where.append(t.c.tier.in_(f.tiers))
+    if f.lifecycles:
+        where.append(t.c.lifecycle.in_(f.lifecycles))
+    if f.regions:
+        where.append(t.c.region.in_(f.regions))
+    if f.industries:
+        where.append(t.c.industry.in_(f.industries))
+    if f.owner_id:
+        where.append(t.c.owner_id == f.owner_id)
+    if f.team:
+        where.append(t.c.team == f.team)
+    if f.tags:
+        where.append(has_all_tags(conn, t, f.tags))
+    if f.parent_id:
+        where.append(t.c.parent_id == f.parent_id)
+    if f.in_pool is not None:
+        where.append(t.c.in_pool.is_(f.in_pool))
+    if f.created_after is not None:
+        where.append(t.c.created_at > f.created_after)
+    for key, value, multi in f.custom:
+        where.append(custom_equals(conn, t, key, value, multi=multi))
+    if f.ids:
+        where.append(t.c.id.in_(f.ids))
+    return where
+
+
+async def list_accounts(
+    conn: AsyncConnection, f: AccountFilter, scope: RecordScope | None, page: Page, sort: str
+) -> tuple[list[Any], str]:
+    where = account_conditions(conn, f)
+    if scope is not None:
+        where.append(scope_clause(accounts, scope))
+    query = apply_page(select(accounts).where(*where), accounts, page)
+    rows = list(await conn.execute(query))
+    return page_result(rows, page, sort)
+
+
+async def get_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False) -> Any | None:
+    query = select(accounts).where(accounts.c.id == account_id, accounts.c.deleted_at.is_(None))
+    if for_update and is_pg(conn):
+        query = query.with_for_update()
+    return (await conn.execute(query)).first()
+
+
+async def find_by_dedupe_key(conn: AsyncConnection, key: str) -> Any | None:
+    query = select(accounts.c.id).where(
+        accounts.c.dedupe_key == key, accounts.c.merged_into_id == "", accounts.c.deleted_at.is_(None)
+    )
+    return (await conn.execute(query)).first()
+
+
+async def parent_chain(conn: AsyncConnection, start_id: str, *, limit: int = 100) -> dict[str, str | None]:
+    """Parents of `start_id` and its ancestors (bounded walk; hierarchies are shallow)."""
+    chain: dict[str, str | None] = {}
+    current: str | None = start_id
+    while current and current not in chain and len(chain) < limit:
+        parent = await conn.scalar(select(accounts.c.parent_id).where(accounts.c.id == current))
+        chain[current] = parent
+        current = parent
+    return chain
+
+
+# --- contacts -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ContactFilter:
+    account_id: str = ""
+    q: str = ""
+    tags: list[str] = field(default_factory=list)
+    decision_roles: list[str] = field(default_factory=list)
+    owner_id: str = ""
+    custom: list[tuple[str, Any, bool]] = field(default_factory=list)
+
+
+async def list_contacts(
+    conn: AsyncConnection, f: ContactFilter, scope: RecordScope | None, page: Page, sort: str
+) -> tuple[list[Any], str]:
+    t = contacts
+    where: list[ColumnElement[bool]] = [t.c.deleted_at.is_(None)]
+    if f.account_id:
+        where.append(t.c.account_id == f.account_id)
+    if f.q:
+        where.append(name_contains(t, f.q))
+    if f.tags:
+        where.append(has_all_tags(conn, t, f.tags))
+    if f.decision_roles:
+        where.append(t.c.decision_role.in_(f.decision_roles))
+    if f.owner_id:
+        where.append(t.c.owner_id == f.owner_id)
+    for key, value, multi in f.custom:
+        where.append(custom_equals(conn, t, key, value, multi=multi))
+    if scope is not None:
+        where.append(scope_clause(t, scope))
+    rows = list(await conn.execute(apply_page(select(t).where(*where), t, page)))
+    return page_result(rows, page, sort)
+
+
+async def get_contact(conn: AsyncConnection, contact_id: str) -> Any | None:
+    query = select(contacts).where(contacts.c.id == contact_id, contacts.c.deleted_at.is_(None))
+    return (await conn.execute(query)).first()
+
+
+async def find_contacts(conn: AsyncConnection, *, email: str, phone: str, scope: RecordScope, limit: int) -> list[Any]:
+    matches: list[ColumnElement[bool]] = []
+    if email:
+        matches.append(contacts.c.email_norm == email)
+    if phone:
+        matches.append(or_(contacts.c.phone_norm == phone, contacts.c.mobile_norm == phone))
+    if not matches:
+        return []
+    query = (
+        select(contacts)
+        .where(contacts.c.deleted_at.is_(None), or_(*matches), scope_clause(contacts, scope))
+        .order_by(contacts.c.id)
+        .limit(limit)
+    )
+    return list(await conn.execute(query))
+
+
+# --- idempotency --------------------------------------------------------------------------------
+
+
+async def remembered(conn: AsyncConnection, operation: str, caller: str, key: str) -> str | None:
+    if not key:
+        return None
+    query = select(idempotency_keys.c.result_id).where(
+        idempotency_keys.c.operation == operation,
+        idempotency_keys.c.caller == caller,
+        idempotency_keys.c.key == key,
+    )
+    result: str | None = await conn.scalar(query)
+    return result
+
+
+async def remember(conn: AsyncConnection, operation: str, caller: str, key: str, result_id: str, now: datetime) -> None:
+    if key:
+        await conn.execute(
+            idempotency_keys.insert().values(
+                operation=operation, caller=caller, key=key, result_id=result_id, created_at=now
+            )
+        )

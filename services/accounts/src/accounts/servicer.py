@@ -1,0 +1,401 @@
+"""gRPC <-> handler translation for crm.accounts.v1.AccountsService (no business rules here)."""
+
+from typing import Any
+
+from crm.accounts.v1 import accounts_service_pb2 as pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer
+from crm.common.v1 import common_pb2
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.timeutil import from_timestamp
+
+from accounts import handlers
+from accounts.handlers import ACCOUNT_FIELDS, CONTACT_FIELDS, TASK_FIELDS, Context
+from accounts.messages import (
+    account_to_proto,
+    activity_to_proto,
+    contact_to_proto,
+    definition_to_proto,
+    money_value,
+    rule_to_proto,
+    segment_to_proto,
+    struct_to_dict,
+    task_to_proto,
+)
+from accounts.repository import AccountFilter, ContactFilter, Page, parse_page
+
+Ctx = Any  # grpc.aio.ServicerContext; grpc is untyped here
+
+
+def _page(page: common_pb2.PageRequest, *, sorts: set[str] | None = None) -> tuple[Page, str]:
+    if sorts is None:
+        return parse_page(page.limit, page.cursor, page.sort), page.sort
+    return parse_page(page.limit, page.cursor, page.sort, sorts=sorts), page.sort
+
+
+def _mask(mask: Any, allowed: tuple[str, ...]) -> list[str]:
+    """Update-mask paths; `custom.<key>` selects one custom field."""
+    paths = list(mask.paths)
+    unknown = [p for p in paths if p.split(".", 1)[0] not in allowed]
+    if unknown:
+        raise ValidationFailed([FieldError(p, "is not a writable field") for p in unknown])
+    if not paths:
+        raise ValidationFailed([FieldError("update_mask", "names no field to update")])
+    return paths
+
+
+def _select(values: dict[str, Any], paths: list[str]) -> dict[str, Any]:
+    selected: dict[str, Any] = {}
+    for path in paths:
+        head, _, key = path.partition(".")
+        if head == "custom" and key:
+            selected.setdefault("custom", {})[key] = values.get("custom", {}).get(key)
+        elif head in values:
+            selected[head] = values[head]
+    return selected
+
+
+def account_values(message: pb.AccountInput) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        name: getattr(message, name)
+        for name in ("name", "industry", "size", "region", "address", "website", "tier", "lifecycle", "owner_id",
+                     "team", "parent_id")
+    }  # fmt: skip
+    values["tags"] = list(message.tags)
+    values["custom"] = struct_to_dict(message.custom)
+    for name in ("annual_revenue", "credit_limit"):
+        amount, currency = money_value(getattr(message, name), field=name)
+        values[name] = amount
+        values[f"{name}_currency"] = currency
+    return values
+
+
+def _with_currency(selected: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    for name in ("annual_revenue", "credit_limit"):
+        if name in selected:
+            selected[f"{name}_currency"] = values[f"{name}_currency"]
+    return selected
+
+
+def contact_values(message: pb.ContactInput) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        name: getattr(message, name)
+        for name in ("account_id", "name", "title", "department", "phone", "mobile", "email", "wechat",
+                     "decision_role", "is_primary")
+    }  # fmt: skip
+    values["tags"] = list(message.tags)
+    values["custom"] = struct_to_dict(message.custom)
+    return values
+
+
+def task_values(message: pb.TaskInput) -> dict[str, Any]:
+    return {
+        "account_id": message.account_id,
+        "contact_id": message.contact_id,
+        "title": message.title,
+        "notes": message.notes,
+        "due_at": from_timestamp(message.due_at) if message.HasField("due_at") else None,
+        "owner_id": message.owner_id,
+    }
+
+
+def _in_pool(text: str) -> bool | None:
+    if text not in ("", "true", "false"):
+        raise ValidationFailed([FieldError("in_pool", "must be true or false")])
+    return None if text == "" else text == "true"
+
+
+class AccountsServicer(AccountsServiceServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # accounts
+
+    async def CreateAccount(self, request: pb.CreateAccountRequest, context: Ctx) -> pb.CreateAccountResponse:
+        row = await handlers.create_account(
+            self.ctx, account_values(request.account), idempotency_key=request.idempotency_key, in_pool=request.in_pool
+        )
+        return pb.CreateAccountResponse(account=account_to_proto(row))
+
+    async def GetAccount(self, request: pb.GetAccountRequest, context: Ctx) -> pb.GetAccountResponse:
+        return pb.GetAccountResponse(account=account_to_proto(await handlers.get_account(self.ctx, request.account_id)))
+
+    async def UpdateAccount(self, request: pb.UpdateAccountRequest, context: Ctx) -> pb.UpdateAccountResponse:
+        values = account_values(request.account)
+        selected = _with_currency(_select(values, _mask(request.update_mask, ACCOUNT_FIELDS)), values)
+        row = await handlers.update_account(
+            self.ctx, request.account_id, selected, expected_version=request.expected_version
+        )
+        return pb.UpdateAccountResponse(account=account_to_proto(row))
+
+    async def DeleteAccount(self, request: pb.DeleteAccountRequest, context: Ctx) -> pb.DeleteAccountResponse:
+        await handlers.delete_account(self.ctx, request.account_id, expected_version=request.expected_version)
+        return pb.DeleteAccountResponse()
+
+    async def ListAccounts(self, request: pb.ListAccountsRequest, context: Ctx) -> pb.ListAccountsResponse:
+        page, sort = _page(request.page)
+        f = AccountFilter(
+            q=request.q,
+            tiers=list(request.tiers),
+            lifecycles=list(request.lifecycles),
+            regions=list(request.regions),
+            industries=list(request.industries),
+            owner_id=request.owner_id,
+            team=request.team,
+            tags=list(request.tags),
+            parent_id=request.parent_id,
+            in_pool=_in_pool(request.in_pool),
+            created_after=from_timestamp(request.created_after) if request.HasField("created_after") else None,
+            include_merged=request.include_merged,
+            ids=list(request.ids),
+        )
+        custom = [(c.key, c.value) for c in request.custom]
+        rows, cursor = await handlers.list_accounts(self.ctx, f, custom, page, sort, request.segment_id)
+        return pb.ListAccountsResponse(
+            items=[account_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def MergeAccounts(self, request: pb.MergeAccountsRequest, context: Ctx) -> pb.MergeAccountsResponse:
+        result = await handlers.merge_accounts(
+            self.ctx, request.survivor_id, request.duplicate_id, idempotency_key=request.idempotency_key
+        )
+        return pb.MergeAccountsResponse(
+            survivor=account_to_proto(result["survivor"]),
+            moved_contact_ids=result["contacts"],
+            moved_activities=result["activities"],
+            moved_tasks=result["tasks"],
+        )
+
+    # pool and ownership
+
+    async def ListPoolAccounts(self, request: pb.ListPoolAccountsRequest, context: Ctx) -> pb.ListPoolAccountsResponse:
+        page, sort = _page(request.page)
+        f = AccountFilter(
+            q=request.q,
+            tiers=list(request.tiers),
+            regions=list(request.regions),
+            industries=list(request.industries),
+            tags=list(request.tags),
+        )
+        rows, cursor = await handlers.list_pool(self.ctx, f, page, sort)
+        return pb.ListPoolAccountsResponse(
+            items=[account_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def ReleaseAccount(self, request: pb.ReleaseAccountRequest, context: Ctx) -> pb.ReleaseAccountResponse:
+        row = await handlers.release_account(
+            self.ctx, request.account_id, reason=request.reason, expected_version=request.expected_version
+        )
+        return pb.ReleaseAccountResponse(account=account_to_proto(row))
+
+    async def ClaimAccount(self, request: pb.ClaimAccountRequest, context: Ctx) -> pb.ClaimAccountResponse:
+        row = await handlers.claim_account(self.ctx, request.account_id, idempotency_key=request.idempotency_key)
+        return pb.ClaimAccountResponse(account=account_to_proto(row))
+
+    async def TransferAccount(self, request: pb.TransferAccountRequest, context: Ctx) -> pb.TransferAccountResponse:
+        row = await handlers.transfer_account(
+            self.ctx,
+            request.account_id,
+            new_owner_id=request.new_owner_id,
+            new_team=request.new_team,
+            reason=request.reason,
+            expected_version=request.expected_version,
+        )
+        return pb.TransferAccountResponse(account=account_to_proto(row))
+
+    async def BulkTransferAccounts(
+        self, request: pb.BulkTransferAccountsRequest, context: Ctx
+    ) -> pb.BulkTransferAccountsResponse:
+        row = await handlers.bulk_transfer(
+            self.ctx,
+            from_owner_id=request.from_owner_id,
+            to_owner_id=request.to_owner_id,
+            to_team=request.to_team,
+            reason=request.reason,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.BulkTransferAccountsResponse(
+            bulk_transfer_id=row.id,
+            accounts_transferred=row.accounts,
+            contacts_transferred=row.contacts,
+            tasks_transferred=row.tasks,
+        )
+
+    # contacts
+
+    async def CreateContact(self, request: pb.CreateContactRequest, context: Ctx) -> pb.CreateContactResponse:
+        row = await handlers.create_contact(
+            self.ctx, contact_values(request.contact), idempotency_key=request.idempotency_key
+        )
+        return pb.CreateContactResponse(contact=contact_to_proto(row))
+
+    async def GetContact(self, request: pb.GetContactRequest, context: Ctx) -> pb.GetContactResponse:
+        return pb.GetContactResponse(contact=contact_to_proto(await handlers.get_contact(self.ctx, request.contact_id)))
+
+    async def UpdateContact(self, request: pb.UpdateContactRequest, context: Ctx) -> pb.UpdateContactResponse:
+        values = _select(contact_values(request.contact), _mask(request.update_mask, CONTACT_FIELDS))
+        row = await handlers.update_contact(
+            self.ctx, request.contact_id, values, expected_version=request.expected_version
+        )
+        return pb.UpdateContactResponse(contact=contact_to_proto(row))
+
+    async def DeleteContact(self, request: pb.DeleteContactRequest, context: Ctx) -> pb.DeleteContactResponse:
+        await handlers.delete_contact(self.ctx, request.contact_id, expected_version=request.expected_version)
+        return pb.DeleteContactResponse()
+
+    async def ListContacts(self, request: pb.ListContactsRequest, context: Ctx) -> pb.ListContactsResponse:
+        page, sort = _page(request.page)
+        f = ContactFilter(
+            account_id=request.account_id,
+            q=request.q,
+            tags=list(request.tags),
+            decision_roles=list(request.decision_roles),
+            owner_id=request.owner_id,
+        )
+        custom = [(c.key, c.value) for c in request.custom]
+        rows, cursor = await handlers.list_contacts(self.ctx, f, custom, page, sort)
+        return pb.ListContactsResponse(
+            items=[contact_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def FindContacts(self, request: pb.FindContactsRequest, context: Ctx) -> pb.FindContactsResponse:
+        rows = await handlers.find_contacts(
+            self.ctx, email=request.email, phone=request.phone, limit=request.limit or 10
+        )
+        return pb.FindContactsResponse(items=[contact_to_proto(r) for r in rows])
+
+    # activities and tasks
+
+    async def LogActivity(self, request: pb.LogActivityRequest, context: Ctx) -> pb.LogActivityResponse:
+        row = await handlers.log_activity(
+            self.ctx,
+            account_id=request.account_id,
+            contact_id=request.contact_id,
+            kind=request.kind,
+            subject=request.subject,
+            notes=request.notes,
+            occurred_at=from_timestamp(request.occurred_at) if request.HasField("occurred_at") else None,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.LogActivityResponse(activity=activity_to_proto(row))
+
+    async def ListActivities(self, request: pb.ListActivitiesRequest, context: Ctx) -> pb.ListActivitiesResponse:
+        sort = request.page.sort or "-occurred_at"
+        page = parse_page(request.page.limit, request.page.cursor, sort, sorts={"occurred_at"})
+        rows, cursor = await handlers.list_activities(
+            self.ctx, account_id=request.account_id, contact_id=request.contact_id, page=page, sort=sort
+        )
+        return pb.ListActivitiesResponse(
+            items=[activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def CreateTask(self, request: pb.CreateTaskRequest, context: Ctx) -> pb.CreateTaskResponse:
+        row = await handlers.create_task(self.ctx, task_values(request.task), idempotency_key=request.idempotency_key)
+        return pb.CreateTaskResponse(task=task_to_proto(row))
+
+    async def UpdateTask(self, request: pb.UpdateTaskRequest, context: Ctx) -> pb.UpdateTaskResponse:
+        values = _select(task_values(request.task), _mask(request.update_mask, TASK_FIELDS))
+        row = await handlers.update_task(self.ctx, request.task_id, values, expected_version=request.expected_version)
+        return pb.UpdateTaskResponse(task=task_to_proto(row))
+
+    async def CompleteTask(self, request: pb.CompleteTaskRequest, context: Ctx) -> pb.CompleteTaskResponse:
+        row = await handlers.complete_task(self.ctx, request.task_id, expected_version=request.expected_version)
+        return pb.CompleteTaskResponse(task=task_to_proto(row))
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
+        sort = request.page.sort or ("due_at" if request.due else "")
+        page = parse_page(request.page.limit, request.page.cursor, sort, sorts={"created_at", "due_at"})
+        rows, cursor = await handlers.list_tasks(
+            self.ctx,
+            due=request.due,
+            account_id=request.account_id,
+            owner_id=request.owner_id,
+            statuses=list(request.statuses),
+            page=page,
+            sort=sort,
+        )
+        return pb.ListTasksResponse(
+            items=[task_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    # reminder rules
+
+    async def CreateReminderRule(
+        self, request: pb.CreateReminderRuleRequest, context: Ctx
+    ) -> pb.CreateReminderRuleResponse:
+        rule = request.rule
+        row = await handlers.create_reminder_rule(
+            self.ctx,
+            name=rule.name,
+            tiers=list(rule.tiers),
+            inactive_days=rule.inactive_days,
+            task_title=rule.task_title,
+            due_in_hours=rule.due_in_hours,
+            enabled=rule.enabled,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.CreateReminderRuleResponse(rule=rule_to_proto(row))
+
+    async def ListReminderRules(
+        self, request: pb.ListReminderRulesRequest, context: Ctx
+    ) -> pb.ListReminderRulesResponse:
+        return pb.ListReminderRulesResponse(
+            items=[rule_to_proto(r) for r in await handlers.list_reminder_rules(self.ctx)]
+        )
+
+    async def DeleteReminderRule(
+        self, request: pb.DeleteReminderRuleRequest, context: Ctx
+    ) -> pb.DeleteReminderRuleResponse:
+        await handlers.delete_reminder_rule(self.ctx, request.rule_id)
+        return pb.DeleteReminderRuleResponse()
+
+    # segments
+
+    async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Ctx) -> pb.CreateSegmentResponse:
+        row = await handlers.create_segment(
+            self.ctx,
+            name=request.name,
+            visibility=request.visibility,
+            filters=dict(request.filters),
+            tags=list(request.tags),
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.CreateSegmentResponse(segment=segment_to_proto(row))
+
+    async def GetSegment(self, request: pb.GetSegmentRequest, context: Ctx) -> pb.GetSegmentResponse:
+        return pb.GetSegmentResponse(segment=segment_to_proto(await handlers.get_segment(self.ctx, request.segment_id)))
+
+    async def ListSegments(self, request: pb.ListSegmentsRequest, context: Ctx) -> pb.ListSegmentsResponse:
+        return pb.ListSegmentsResponse(items=[segment_to_proto(r) for r in await handlers.list_segments(self.ctx)])
+
+    async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Ctx) -> pb.DeleteSegmentResponse:
+        await handlers.delete_segment(self.ctx, request.segment_id)
+        return pb.DeleteSegmentResponse()
+
+    # custom fields
+
+    async def UpsertCustomField(
+        self, request: pb.UpsertCustomFieldRequest, context: Ctx
+    ) -> pb.UpsertCustomFieldResponse:
+        d = request.definition
+        row = await handlers.upsert_custom_field(
+            self.ctx,
+            entity=d.entity,
+            key=d.key,
+            label=d.label,
+            type_name=d.type,
+            required=d.required,
+            options=list(d.options),
+            pii=d.pii,
+            expected_version=request.expected_version,
+        )
+        return pb.UpsertCustomFieldResponse(definition=definition_to_proto(row))
+
+    async def ListCustomFields(self, request: pb.ListCustomFieldsRequest, context: Ctx) -> pb.ListCustomFieldsResponse:
+        rows = await handlers.list_custom_fields(self.ctx, request.entity)
+        return pb.ListCustomFieldsResponse(items=[definition_to_proto(r) for r in rows])
+
+    async def DeleteCustomField(
+        self, request: pb.DeleteCustomFieldRequest, context: Ctx
+    ) -> pb.DeleteCustomFieldResponse:
+        await handlers.delete_custom_field(self.ctx, request.entity, request.key)
+        return pb.DeleteCustomFieldResponse()

@@ -1,0 +1,109 @@
+"""The embedded default: the same handlers on SQLite (no PostgreSQL-only SQL on any path)."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from accounts import handlers
+from accounts.__main__ import MIGRATIONS
+from accounts.domain import PoolPolicy
+from accounts.handlers import Context
+from accounts.repository import AccountFilter, ContactFilter, metadata, parse_page
+from crm_platform import migrations
+from crm_platform.db import create_engine
+from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
+from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.timeutil import utcnow
+
+pytestmark = pytest.mark.integration
+
+REP = Principal(user_id="rep-1", roles=("sales_rep",), team="east", region="cn-east")
+REP_SCOPE = RecordScope(ScopeKind.OWN, owner_id="rep-1")
+OTHER = Principal(user_id="rep-2", roles=("sales_rep",), team="east", region="cn-east")
+PAGE = parse_page(50, "", "")
+
+
+@pytest.fixture
+async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'accounts.db'}"
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    engine = create_engine(url)
+    yield Context(uow=UnitOfWork(engine, metadata, source="/test"), policy=PoolPolicy(claim_limit_per_day=5))
+    await engine.dispose()
+
+
+async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> None:
+    with acting_as(SYSTEM, ALL_RECORDS):
+        await handlers.upsert_custom_field(
+            ctx,
+            entity="account",
+            key="products",
+            label="Products",
+            type_name="multi_enum",
+            required=False,
+            options=["crm", "erp"],
+            pii=False,
+            expected_version=0,
+        )
+        await handlers.upsert_custom_field(
+            ctx,
+            entity="account",
+            key="vip",
+            label="VIP",
+            type_name="bool",
+            required=False,
+            options=[],
+            pii=False,
+            expected_version=0,
+        )
+    with acting_as(REP, REP_SCOPE):
+        acme = await handlers.create_account(
+            ctx,
+            {"name": "Acme Ltd", "tags": ["vip", "east"], "custom": {"products": ["erp"], "vip": True}, "tier": "C"},
+            idempotency_key="",
+            in_pool=False,
+        )
+        other = await handlers.create_account(
+            ctx, {"name": "Other Co", "tags": ["east"]}, idempotency_key="", in_pool=False
+        )
+        with pytest.raises(AlreadyExists) as duplicate:
+            await handlers.create_account(ctx, {"name": "ACME limited"}, idempotency_key="", in_pool=False)
+        assert duplicate.value.existing_id == acme.id
+        with pytest.raises(ValidationFailed) as invalid:
+            await handlers.create_account(
+                ctx, {"name": "X", "custom": {"vip": "yes"}}, idempotency_key="", in_pool=False
+            )
+        assert invalid.value.errors[0].field == "custom.vip"
+
+        async def names(f: AccountFilter, custom: list[tuple[str, str]] | None = None) -> list[str]:
+            rows, _ = await handlers.list_accounts(ctx, f, custom or [], PAGE, "", "")
+            return sorted(r.name for r in rows)
+
+        assert await names(AccountFilter(q="acm")) == ["Acme Ltd"]
+        assert await names(AccountFilter(tags=["east"])) == ["Acme Ltd", "Other Co"]
+        assert await names(AccountFilter(tags=["east", "vip"])) == ["Acme Ltd"]
+        assert await names(AccountFilter(), [("products", "erp")]) == ["Acme Ltd"]
+        assert await names(AccountFilter(), [("vip", "true")]) == ["Acme Ltd"]
+        assert await names(AccountFilter(), [("vip", "false")]) == []
+
+        contact = await handlers.create_contact(
+            ctx, {"account_id": other.id, "name": "Li", "mobile": "138 0013 8000"}, idempotency_key=""
+        )
+        merged = await handlers.merge_accounts(ctx, acme.id, other.id, idempotency_key="")
+        assert merged["contacts"] == [contact.id]
+        moved, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=acme.id), [], PAGE, "")
+        assert [c.id for c in moved] == [contact.id]
+
+    later = utcnow() + timedelta(days=8)
+    ctx.clock = lambda: later
+    with acting_as(SYSTEM, ALL_RECORDS):
+        assert await handlers.return_inactive_accounts(ctx, batch_size=10) == 1
+    with acting_as(REP, REP_SCOPE), pytest.raises(Conflict) as cooldown:
+        await handlers.claim_account(ctx, acme.id, idempotency_key="")
+    assert cooldown.value.reason == "COOLDOWN"
+    with acting_as(OTHER, RecordScope(ScopeKind.OWN, owner_id="rep-2")):
+        claimed = await handlers.claim_account(ctx, acme.id, idempotency_key="")
+    assert claimed.owner_id == "rep-2"

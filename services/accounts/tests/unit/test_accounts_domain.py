@@ -1,0 +1,166 @@
+"""Pure rules of the accounts context."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from accounts import domain
+from accounts.domain import PoolPolicy
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.unit
+NOW = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("Acme Corporation", "ACME corp."),
+        ("Acme, Inc.", "acme"),
+        ("  Blue   Sky Ltd ", "blue sky limited"),
+        ("\uff21\uff23\uff2d\uff25", "acme"),  # full-width ACME
+        ("华为技术有限公司", "华为技术"),
+    ],
+)
+def test_names_that_normalise_equal(a: str, b: str) -> None:
+    assert domain.normalise_name(a) == domain.normalise_name(b)
+
+
+def test_distinct_names_stay_distinct_and_legal_word_alone_is_kept() -> None:
+    assert domain.normalise_name("Acme") != domain.normalise_name("Acme Tools")
+    assert domain.normalise_name("Company") == "company"
+    assert domain.dedupe_key("Acme Inc", "East ") == domain.dedupe_key("acme", "east")
+    assert domain.dedupe_key("Acme", "East") != domain.dedupe_key("Acme", "West")
+
+
+@given(st.text(max_size=40))
+def test_normalise_name_is_idempotent(name: str) -> None:
+    once = domain.normalise_name(name)
+    assert domain.normalise_name(once) == once
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("138 0013 8000", "+8613800138000"),
+        ("+86 138-0013-8000", "+8613800138000"),
+        ("0086 13800138000", "+8613800138000"),
+        ("010-12345678", "+861012345678"),
+        ("+1 (415) 555-0100", "+14155550100"),
+        ("n/a", ""),
+    ],
+)
+def test_normalise_phone(raw: str, expected: str) -> None:
+    assert domain.normalise_phone(raw) == expected
+
+
+def test_normalise_email_and_tags() -> None:
+    assert domain.normalise_email("  Li.Lei@Example.COM ") == "li.lei@example.com"
+    assert domain.normalise_tags([" vip ", "vip", "", "key  account"]) == ["vip", "key account"]
+
+
+def test_account_validation_names_fields() -> None:
+    errors = domain.check_account(
+        {"name": " ", "tier": "Z", "lifecycle": "lost", "website": "nope", "credit_limit": Decimal("-1")}
+    )
+    assert {e.field for e in errors} == {"name", "tier", "lifecycle", "website", "credit_limit.amount"}
+    assert domain.check_account({"name": "Acme", "tier": "A", "website": "acme.com"}) == []
+    # Sector values are free data (the Maven dataset has typos such as "technolgy").
+    assert domain.check_account({"name": "Acme", "industry": "technolgy"}) == []
+
+
+def test_contact_validation() -> None:
+    errors = domain.check_contact({"name": "", "email": "x", "phone": "12", "decision_role": "boss"})
+    assert {e.field for e in errors} == {"name", "email", "phone", "decision_role"}
+
+
+def test_hierarchy_cycles() -> None:
+    parents: dict[str, str | None] = {"b": "a", "c": "b", "a": None}
+    assert domain.parent_cycle("a", "c", parents)  # a -> c -> b -> a
+    assert domain.parent_cycle("a", "a", parents)
+    assert not domain.parent_cycle("c", "a", parents)
+    assert not domain.parent_cycle("x", "c", parents)
+    assert domain.parent_cycle("x", "p", {"p": "q", "q": "p"})  # never extend an existing loop
+
+
+def test_pool_return_eligibility_per_tier() -> None:
+    policy = PoolPolicy()
+    quiet_20_days = NOW - timedelta(days=20)
+    assert not domain.due_for_return(policy, tier="A", in_pool=False, anchor=quiet_20_days, now=NOW)
+    assert domain.due_for_return(policy, tier="B", in_pool=False, anchor=quiet_20_days, now=NOW)
+    assert domain.due_for_return(policy, tier="C", in_pool=False, anchor=NOW - timedelta(days=8), now=NOW)
+    assert not domain.due_for_return(policy, tier="C", in_pool=True, anchor=quiet_20_days, now=NOW)
+    custom = PoolPolicy(inactivity_days={"A": 60})
+    assert not domain.due_for_return(custom, tier="A", in_pool=False, anchor=NOW - timedelta(days=59), now=NOW)
+    assert not domain.due_for_return(custom, tier="B", in_pool=False, anchor=quiet_20_days, now=NOW)
+
+
+def test_inactivity_anchor_is_latest_event() -> None:
+    created = NOW - timedelta(days=100)
+    claimed = NOW - timedelta(days=3)
+    assert domain.inactivity_anchor(last_activity_at=None, claimed_at=claimed, created_at=created) == claimed
+    assert domain.inactivity_anchor(last_activity_at=NOW, claimed_at=claimed, created_at=created) == NOW
+
+
+def _claim(policy: PoolPolicy, **kw: object) -> domain.ClaimDecision:
+    args: dict[str, object] = {
+        "claimant_id": "rep-2",
+        "in_pool": True,
+        "released_by_id": "rep-1",
+        "released_at": NOW - timedelta(hours=1),
+        "claims_last_24h": 0,
+        "now": NOW,
+    }
+    args.update(kw)
+    return domain.decide_claim(policy, **args)  # type: ignore[arg-type]
+
+
+def test_claim_limit_and_cooldown() -> None:
+    policy = PoolPolicy(claim_limit_per_day=2, cooldown=timedelta(hours=24))
+    assert _claim(policy).allowed
+    assert _claim(policy, in_pool=False).reason == "not_in_pool"
+    assert _claim(policy, claims_last_24h=2).reason == "claim_limit"
+    assert _claim(policy, claimant_id="rep-1").reason == "cooldown"
+    assert _claim(policy, claimant_id="rep-1", released_at=NOW - timedelta(hours=25)).allowed
+
+
+def test_merge_changes_fill_and_union() -> None:
+    survivor = {"id": "s", "industry": "", "tags": ["vip"], "custom": {"a": 1}, "credit_limit": None}
+    duplicate = {
+        "id": "d",
+        "industry": "retail",
+        "tags": ["vip", "east"],
+        "custom": {"a": 2, "b": 3},
+        "credit_limit": Decimal("10"),
+        "credit_limit_currency": "CNY",
+        "parent_id": "s",
+    }
+    changes = domain.merge_changes(survivor, duplicate)
+    assert changes == {
+        "industry": "retail",
+        "tags": ["vip", "east"],
+        "custom": {"a": 1, "b": 3},
+        "credit_limit": Decimal("10"),
+        "credit_limit_currency": "CNY",
+    }
+    assert domain.check_merge(survivor_id="a", duplicate_id="a", survivor_merged_into="", duplicate_merged_into="")
+    assert domain.check_merge(survivor_id="a", duplicate_id="b", survivor_merged_into="", duplicate_merged_into="c")
+    assert not domain.check_merge(survivor_id="a", duplicate_id="b", survivor_merged_into="", duplicate_merged_into="")
+
+
+def test_due_windows() -> None:
+    assert domain.due_window("overdue", NOW) == (None, NOW)
+    assert domain.due_window("today", NOW) == (None, datetime(2026, 11, 24, tzinfo=UTC))
+    with pytest.raises(ValueError, match="today, overdue"):
+        domain.due_window("tomorrow", NOW)
+
+
+def test_reminder_rules() -> None:
+    rule = domain.Reminder(tiers=("A",), inactive_days=3)
+    assert domain.reminder_fires(rule, tier="A", in_pool=False, anchor=NOW - timedelta(days=3), now=NOW)
+    assert not domain.reminder_fires(rule, tier="A", in_pool=False, anchor=NOW - timedelta(days=2), now=NOW)
+    assert not domain.reminder_fires(rule, tier="B", in_pool=False, anchor=NOW - timedelta(days=9), now=NOW)
+    assert not domain.reminder_fires(rule, tier="A", in_pool=True, anchor=NOW - timedelta(days=9), now=NOW)
+    errors = domain.check_reminder_rule(name="", tiers=["E"], inactive_days=0, due_in_hours=-1)
+    assert {e.field for e in errors} == {"name", "tiers", "inactive_days", "due_in_hours"}
