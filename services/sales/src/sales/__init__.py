@@ -1,0 +1,1 @@
+"""The sales service: pipelines, opportunities, quotes, contracts, payment plans, payments, invoices."""

@@ -1,0 +1,733 @@
+"""Sales rules without I/O: pipelines and stage gates, anti-collision (防撞单), forecast arithmetic,
+quote and contract approval chains, the contract status machine, payment plans, payment
+allocation and invoice limits. Money is `Decimal` plus a currency everywhere; never a float.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+
+from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
+from crm_platform.money import Money
+
+CENT = Decimal("0.01")
+HUNDRED = Decimal(100)
+# Amounts are stored with 4 decimal places; what the API accepts has at most 2 (CENT).
+MAX_AMOUNT_PLACES = 2
+MAX_AMOUNT = Decimal("999999999999.99")
+# Longest id of another service's record (account, contact, lead, campaign) and longest text field.
+REF_LENGTH = 64
+NAME_LENGTH = 200
+
+
+def check_lengths(values: Mapping[str, str], limit: int) -> list[FieldError]:
+    return [FieldError(name, f"at most {limit} characters") for name, value in values.items() if len(value) > limit]
+
+
+def quantize_money(value: Decimal) -> Decimal:
+    """Commercial rounding to cents (half up), applied once at the end of a computation."""
+    return value.quantize(CENT, rounding=ROUND_HALF_UP)
+
+
+def check_amount(value: Decimal, *, field_name: str, allow_zero: bool = True) -> list[FieldError]:
+    """What is wrong with a money amount: sign, precision, size."""
+    errors = []
+    if value < 0 or (value == 0 and not allow_zero):
+        errors.append(FieldError(field_name, "must be greater than zero" if not allow_zero else "must not be negative"))
+    if value != value.quantize(CENT):
+        errors.append(FieldError(field_name, f"at most {MAX_AMOUNT_PLACES} decimal places"))
+    if value > MAX_AMOUNT:
+        errors.append(FieldError(field_name, f"must not exceed {MAX_AMOUNT}"))
+    return errors
+
+
+def require_valid_amount(money: Money, *, field_name: str, allow_zero: bool = True) -> None:
+    errors = check_amount(money.amount, field_name=f"{field_name}.amount", allow_zero=allow_zero)
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def parse_iso_date(text: str, *, field_name: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValidationFailed([FieldError(field_name, f"{text!r} is not an ISO date (YYYY-MM-DD)")]) from None
+
+
+def optional_date(text: str, *, field_name: str) -> date | None:
+    return parse_iso_date(text, field_name=field_name) if text else None
+
+
+# ---------------------------------------------------------------- pipelines and stages
+
+
+class Outcome(StrEnum):
+    OPEN = "open"
+    WON = "won"
+    LOST = "lost"
+
+
+# Opportunity fields a stage gate may require (the names clients see in the API).
+GATEABLE_FIELDS = frozenset(
+    {
+        "account_id",
+        "primary_contact_id",
+        "name",
+        "amount",
+        "expected_close_date",
+        "line_items",
+        "next_step",
+        "product_line",
+        "source_lead_id",
+        "campaign_id",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    key: str
+    name: str
+    probability: Decimal
+    required_fields: tuple[str, ...] = ()
+    rotting_days: int = 0
+    outcome: Outcome = Outcome.OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    id: str
+    name: str
+    stages: tuple[Stage, ...]
+    is_default: bool = False
+
+    def stage(self, key: str) -> Stage:
+        for stage in self.stages:
+            if stage.key == key:
+                return stage
+        known = ", ".join(s.key for s in self.stages)
+        raise ValidationFailed([FieldError("stage", f"unknown stage {key!r} (pipeline stages: {known})")])
+
+    def position(self, key: str) -> int:
+        return [s.key for s in self.stages].index(self.stage(key).key)
+
+    @property
+    def first_open_stage(self) -> Stage:
+        return next(s for s in self.stages if s.outcome is Outcome.OPEN)
+
+    def outcome_stage(self, outcome: Outcome) -> Stage:
+        for stage in self.stages:
+            if stage.outcome is outcome:
+                return stage
+        raise ValidationFailed([FieldError("stage", f"pipeline {self.name!r} has no {outcome} stage")])
+
+
+# The default pipeline of SPEC §6 (seed probabilities). The gates are what a manager expects
+# before each step: someone to talk to, then a date, then what is sold and for how much.
+DEFAULT_STAGES: tuple[Stage, ...] = (
+    Stage("initial_contact", "Initial contact", Decimal(10), (), 14),
+    Stage("needs_confirmed", "Needs confirmed", Decimal(25), ("primary_contact_id",), 21),
+    Stage("solution_demo", "Solution demo", Decimal(50), ("expected_close_date",), 21),
+    Stage("quote_negotiation", "Quote and negotiation", Decimal(75), ("amount", "line_items"), 30),
+    Stage("contract_signing", "Contract signing", Decimal(90), ("next_step",), 30),
+    Stage("won", "Won", Decimal(100), ("amount",), 0, Outcome.WON),
+    Stage("lost", "Lost", Decimal(0), (), 0, Outcome.LOST),
+)
+DEFAULT_PIPELINE_NAME = "Default"
+
+
+def validate_stages(stages: Sequence[Stage]) -> None:
+    """A pipeline needs unique keys, probabilities 0..100, known gate fields, and one won and one
+    lost stage after at least one open stage."""
+    errors: list[FieldError] = []
+    seen: set[str] = set()
+    for index, stage in enumerate(stages):
+        prefix = f"stages[{index}]"
+        if not stage.key or not stage.key.replace("_", "").isalnum() or stage.key != stage.key.lower():
+            errors.append(FieldError(f"{prefix}.key", "lower-case letters, digits and underscores"))
+        if stage.key in seen:
+            errors.append(FieldError(f"{prefix}.key", f"duplicate stage key {stage.key!r}"))
+        seen.add(stage.key)
+        if not stage.name.strip():
+            errors.append(FieldError(f"{prefix}.name", "must not be empty"))
+        if not Decimal(0) <= stage.probability <= HUNDRED:
+            errors.append(FieldError(f"{prefix}.probability", "must be between 0 and 100"))
+        if stage.probability != stage.probability.quantize(CENT):
+            errors.append(FieldError(f"{prefix}.probability", "at most 2 decimal places"))
+        if stage.rotting_days < 0:
+            errors.append(FieldError(f"{prefix}.rotting_days", "must not be negative"))
+        for name in stage.required_fields:
+            if name not in GATEABLE_FIELDS:
+                errors.append(
+                    FieldError(
+                        f"{prefix}.required_fields", f"{name!r} is not a gateable field ({sorted(GATEABLE_FIELDS)})"
+                    )
+                )
+    outcomes = [s.outcome for s in stages]
+    if Outcome.OPEN not in outcomes:
+        errors.append(FieldError("stages", "needs at least one open stage"))
+    for outcome in (Outcome.WON, Outcome.LOST):
+        if outcomes.count(outcome) != 1:
+            errors.append(FieldError("stages", f"needs exactly one {outcome} stage"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def field_is_filled(value: object) -> bool:
+    """A gate field counts as filled when it holds something meaningful (an amount above zero)."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    if isinstance(value, Money):
+        return value.amount > 0
+    if isinstance(value, Decimal):
+        return value > 0
+    if isinstance(value, (list, tuple, dict)):
+        return len(value) > 0
+    return True
+
+
+def missing_gate_fields(pipeline: Pipeline, target: str, fields: Mapping[str, object]) -> list[str]:
+    """The fields required to enter `target` that are empty. For an open stage the gates of the
+    open stages before it count too, so skipping stages never skips a gate; closing (won/lost)
+    checks only the closing stage's own fields."""
+    target_stage = pipeline.stage(target)
+    required: list[str] = []
+    gates = pipeline.stages if target_stage.outcome is Outcome.OPEN else (target_stage,)
+    for stage in gates:
+        required.extend(name for name in stage.required_fields if name not in required)
+        if stage is target_stage:
+            break
+    return [name for name in required if not field_is_filled(fields.get(name))]
+
+
+def check_stage_gate(pipeline: Pipeline, target: str, fields: Mapping[str, object]) -> None:
+    missing = missing_gate_fields(pipeline, target, fields)
+    if missing:
+        raise ValidationFailed([FieldError(name, f"required to enter stage {target!r}") for name in missing])
+
+
+# ---------------------------------------------------------------- line items
+
+
+@dataclass(frozen=True, slots=True)
+class LineItem:
+    product_id: str
+    product_name: str
+    product_line: str
+    quantity: Decimal
+    unit_price: Money
+    discount_percent: Decimal = Decimal(0)
+
+    @property
+    def gross(self) -> Decimal:
+        return self.quantity * self.unit_price.amount
+
+    @property
+    def discount(self) -> Decimal:
+        return quantize_money(self.gross * self.discount_percent / HUNDRED)
+
+    @property
+    def total(self) -> Decimal:
+        return quantize_money(self.gross) - self.discount
+
+
+def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_items") -> str | None:
+    """Checks every item; returns the common currency (None without items)."""
+    errors: list[FieldError] = []
+    currencies = {item.unit_price.currency for item in items}
+    for index, item in enumerate(items):
+        prefix = f"{field_name}[{index}]"
+        if not (item.product_id or item.product_name):
+            errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
+        if item.quantity <= 0:
+            errors.append(FieldError(f"{prefix}.quantity", "must be greater than zero"))
+        errors.extend(check_amount(item.unit_price.amount, field_name=f"{prefix}.unit_price.amount"))
+        if not Decimal(0) <= item.discount_percent <= HUNDRED:
+            errors.append(FieldError(f"{prefix}.discount_percent", "must be between 0 and 100"))
+    if len(currencies) > 1:
+        errors.append(FieldError(f"{field_name}", f"all line items need one currency, got {sorted(currencies)}"))
+    if errors:
+        raise ValidationFailed(errors)
+    return next(iter(currencies)) if currencies else None
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    subtotal: Decimal
+    discount_total: Decimal
+    total: Decimal
+    max_discount_percent: Decimal
+
+
+def line_totals(items: Sequence[LineItem]) -> Totals:
+    subtotal = sum((quantize_money(item.gross) for item in items), Decimal(0))
+    discount = sum((item.discount for item in items), Decimal(0))
+    max_discount = max((item.discount_percent for item in items), default=Decimal(0))
+    return Totals(subtotal, discount, subtotal - discount, max_discount)
+
+
+# ---------------------------------------------------------------- opportunities
+
+
+class OpportunityStatus(StrEnum):
+    OPEN = "open"
+    WON = "won"
+    LOST = "lost"
+
+
+class ForecastCategory(StrEnum):
+    PIPELINE = "pipeline"
+    BEST_CASE = "best_case"
+    COMMIT = "commit"
+    OMITTED = "omitted"
+
+
+def default_forecast_category(probability: Decimal) -> ForecastCategory:
+    """Without an explicit category a deal is commit from 90 %, best case from 50 %."""
+    if probability >= 90:
+        return ForecastCategory.COMMIT
+    if probability >= 50:
+        return ForecastCategory.BEST_CASE
+    return ForecastCategory.PIPELINE
+
+
+def parse_forecast_category(text: str, *, field_name: str = "forecast_category") -> ForecastCategory | None:
+    if not text:
+        return None
+    try:
+        return ForecastCategory(text)
+    except ValueError:
+        allowed = ", ".join(c.value for c in ForecastCategory)
+        raise ValidationFailed([FieldError(field_name, f"{text!r} is not one of {allowed}")]) from None
+
+
+def require_open(status: str, *, record: str, record_id: str) -> None:
+    if status != OpportunityStatus.OPEN:
+        raise Conflict(
+            f"{record} {record_id} is {status}; only open deals change stage or close", reason="ILLEGAL_STATE"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDeal:
+    """What anti-collision needs to know about an existing open opportunity."""
+
+    id: str
+    owner_id: str
+    name: str
+
+
+MANAGER_ROLES = ("sales_manager", "admin")
+
+
+def check_collision(
+    *,
+    owner_id: str,
+    open_deals: Iterable[OpenDeal],
+    override: bool,
+    caller_roles: Sequence[str],
+) -> OpenDeal | None:
+    """防撞单: another owner's open deal on the same account and product line blocks a new one.
+    A manager may override; the colliding deal is returned so the override can be recorded."""
+    colliding = next((deal for deal in open_deals if deal.owner_id != owner_id), None)
+    if colliding is None:
+        return None
+    if not override:
+        raise Conflict(
+            f"opportunity {colliding.id} ({colliding.name!r}) of owner {colliding.owner_id} is already open "
+            "on this account and product line",
+            existing_id=colliding.id,
+            reason="OPPORTUNITY_COLLISION",
+        )
+    if not any(role in MANAGER_ROLES for role in caller_roles):
+        raise PermissionDenied("only a sales manager or admin may override anti-collision", field="override_collision")
+    return colliding
+
+
+def is_rotting(status: str, stage: Stage, entered_at: datetime | None, now: datetime) -> bool:
+    """An open deal sitting in its stage longer than the stage's rotting days (0: never rots)."""
+    if status != OpportunityStatus.OPEN or stage.rotting_days <= 0 or entered_at is None:
+        return False
+    return now - entered_at > timedelta(days=stage.rotting_days)
+
+
+@dataclass(frozen=True, slots=True)
+class StageVisit:
+    stage: str
+    entered_at: str
+    exited_at: str = ""
+
+
+def enter_stage(history: Sequence[StageVisit], stage: str, at: str) -> list[StageVisit]:
+    """Closes the open visit and opens one for `stage` (times as RFC 3339 strings)."""
+    closed = [replace(visit, exited_at=at) if not visit.exited_at else visit for visit in history]
+    return [*closed, StageVisit(stage=stage, entered_at=at)]
+
+
+# ---------------------------------------------------------------- forecast
+
+
+def month_key(day: date) -> int:
+    """The forecast bucket of a date as YYYYMM (stored, so SQL groups without date functions)."""
+    return day.year * 100 + day.month
+
+
+def period_label(month: int, *, quarter: bool) -> str:
+    year, month_of_year = divmod(month, 100)
+    if quarter:
+        return f"{year}-Q{(month_of_year + 2) // 3}"
+    return f"{year}-{month_of_year:02d}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForecastDeal:
+    """One deal as the forecast sees it (the reference for the SQL aggregation)."""
+
+    status: OpportunityStatus
+    amount: Decimal
+    currency: str
+    probability: Decimal
+    category: ForecastCategory
+    month: int
+    owner_id: str
+    team: str
+
+
+@dataclass(slots=True)
+class ForecastLine:
+    period: str
+    group: str
+    currency: str
+    pipeline: Decimal = Decimal(0)
+    # Exact sum of amount x probability in percent; divided and rounded once in `weighted`.
+    weighted_raw: Decimal = Decimal(0)
+    commit: Decimal = Decimal(0)
+    best_case: Decimal = Decimal(0)
+    closed_won: Decimal = Decimal(0)
+    open_count: int = 0
+    won_count: int = 0
+
+    @property
+    def weighted(self) -> Decimal:
+        return quantize_money(self.weighted_raw / HUNDRED)
+
+
+def forecast(deals: Iterable[ForecastDeal], *, quarter: bool, by_team: bool) -> list[ForecastLine]:
+    """Pipeline, weighted, commit, best case (commit + best case) and closed won per period, group
+    and currency. Lost and omitted deals count nowhere."""
+    lines: dict[tuple[str, str, str], ForecastLine] = {}
+    for deal in deals:
+        if deal.status is OpportunityStatus.LOST:
+            continue
+        if deal.status is OpportunityStatus.OPEN and deal.category is ForecastCategory.OMITTED:
+            continue
+        key = (period_label(deal.month, quarter=quarter), deal.team if by_team else deal.owner_id, deal.currency)
+        line = lines.setdefault(key, ForecastLine(*key))
+        if deal.status is OpportunityStatus.WON:
+            line.closed_won += deal.amount
+            line.won_count += 1
+            continue
+        line.open_count += 1
+        line.pipeline += deal.amount
+        line.weighted_raw += deal.amount * deal.probability
+        if deal.category is ForecastCategory.COMMIT:
+            line.commit += deal.amount
+        if deal.category in (ForecastCategory.COMMIT, ForecastCategory.BEST_CASE):
+            line.best_case += deal.amount
+    return [lines[key] for key in sorted(lines)]
+
+
+def win_rate(won: int, lost: int) -> Decimal:
+    """won / (won + lost) with 4 places; 0 when nothing closed."""
+    if won + lost == 0:
+        return Decimal("0.0000")
+    return (Decimal(won) / Decimal(won + lost)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
+
+
+# ---------------------------------------------------------------- approvals
+
+
+@dataclass(frozen=True, slots=True)
+class QuoteThresholds:
+    """Discount percentages above which a role must approve (SPEC: > 15 % manager, > 30 % finance)."""
+
+    sales_manager: Decimal = Decimal(15)
+    finance: Decimal = Decimal(30)
+
+
+def quote_approval_chain(max_discount_percent: Decimal, thresholds: QuoteThresholds) -> list[str]:
+    chain = []
+    if max_discount_percent > thresholds.sales_manager:
+        chain.append("sales_manager")
+    if max_discount_percent > thresholds.finance:
+        chain.append("finance")
+    return chain
+
+
+@dataclass(frozen=True, slots=True)
+class ContractThresholds:
+    """Amounts from which finance and admin join the chain (SPEC: ≥ 100k finance, ≥ 1M admin)."""
+
+    finance: Decimal = Decimal(100_000)
+    admin: Decimal = Decimal(1_000_000)
+
+
+def contract_approval_chain(amount: Decimal, thresholds: ContractThresholds) -> list[str]:
+    """A sales manager always approves; finance from `finance`, then admin from `admin`, in order."""
+    chain = ["sales_manager"]
+    if amount >= thresholds.finance:
+        chain.append("finance")
+    if amount >= thresholds.admin:
+        chain.append("admin")
+    return chain
+
+
+class Decision(StrEnum):
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalStep:
+    role: str
+    approver_id: str
+    decision: Decision
+    comment: str = ""
+    decided_at: str = ""
+
+
+def pending_roles(chain: Sequence[str], decisions: Sequence[ApprovalStep]) -> list[str]:
+    """Roles of the chain that have not approved yet, in chain order."""
+    approved = [d.role for d in decisions if d.decision is Decision.APPROVED]
+    return [role for role in chain if role not in approved]
+
+
+def approving_role(chain: Sequence[str], decisions: Sequence[ApprovalStep], caller_roles: Sequence[str]) -> str:
+    """The step the caller may decide: the chain is sequential, so only its next role counts.
+    PermissionDenied names the role that is awaited."""
+    pending = pending_roles(chain, decisions)
+    if not pending:
+        raise Conflict("nothing is waiting for approval", reason="ILLEGAL_STATE")
+    if pending[0] not in caller_roles:
+        raise PermissionDenied(f"approval step awaits role {pending[0]!r}; the caller has {sorted(caller_roles)}")
+    return pending[0]
+
+
+# ---------------------------------------------------------------- quotes
+
+
+class QuoteStatus(StrEnum):
+    DRAFT = "draft"
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+def initial_quote_status(chain: Sequence[str]) -> QuoteStatus:
+    """A quote within every threshold needs nobody's approval."""
+    return QuoteStatus.PENDING_APPROVAL if chain else QuoteStatus.APPROVED
+
+
+# ---------------------------------------------------------------- contracts
+
+
+class ContractStatus(StrEnum):
+    DRAFT = "draft"
+    PENDING_APPROVAL = "pending_approval"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    SIGNED = "signed"
+    COMPLETED = "completed"
+    TERMINATED = "terminated"
+
+
+# SPEC §6: draft → pending_approval → approved | rejected → signed → completed | terminated.
+# A rejected contract may be resubmitted; an approved but unsigned one may be terminated.
+CONTRACT_TRANSITIONS: Mapping[ContractStatus, frozenset[ContractStatus]] = {
+    ContractStatus.DRAFT: frozenset({ContractStatus.PENDING_APPROVAL}),
+    ContractStatus.PENDING_APPROVAL: frozenset({ContractStatus.APPROVED, ContractStatus.REJECTED}),
+    ContractStatus.REJECTED: frozenset({ContractStatus.PENDING_APPROVAL}),
+    ContractStatus.APPROVED: frozenset({ContractStatus.SIGNED, ContractStatus.TERMINATED}),
+    ContractStatus.SIGNED: frozenset({ContractStatus.COMPLETED, ContractStatus.TERMINATED}),
+    ContractStatus.COMPLETED: frozenset(),
+    ContractStatus.TERMINATED: frozenset(),
+}
+
+
+def check_contract_transition(current: str, target: ContractStatus, *, contract_id: str) -> None:
+    if target not in CONTRACT_TRANSITIONS[ContractStatus(current)]:
+        raise Conflict(f"contract {contract_id} cannot go from {current} to {target}", reason="ILLEGAL_TRANSITION")
+
+
+def contract_number(year: int, month: int, sequence: int) -> str:
+    """`CT-YYYYMM-NNNNNN`; the sequence restarts every month."""
+    if not 0 < sequence <= 999_999:
+        raise ValueError(f"contract sequence {sequence} out of range for {year}-{month:02d}")
+    return f"CT-{year:04d}{month:02d}-{sequence:06d}"
+
+
+# Payments and invoices belong to contracts that are in force (signed) or done with (completed).
+CONTRACTS_IN_FORCE = frozenset({ContractStatus.SIGNED, ContractStatus.COMPLETED})
+CONTRACTS_ACCEPTING_PLANS = frozenset({ContractStatus.APPROVED, ContractStatus.SIGNED})
+
+
+# ---------------------------------------------------------------- payment plans and payments
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedInstallment:
+    due_date: date
+    amount: Decimal
+
+
+def validate_payment_plan(
+    contract_amount: Money, installments: Sequence[tuple[date, Money]]
+) -> list[PlannedInstallment]:
+    """Installments in the contract currency, each above zero, summing exactly to the contract
+    amount; returned sorted by due date (the allocation order)."""
+    errors: list[FieldError] = []
+    if not installments:
+        errors.append(FieldError("installments", "at least one installment is required"))
+    for index, (_, money) in enumerate(installments):
+        if money.currency != contract_amount.currency:
+            errors.append(
+                FieldError(
+                    f"installments[{index}].amount.currency",
+                    f"must be the contract currency {contract_amount.currency}",
+                )
+            )
+        errors.extend(check_amount(money.amount, field_name=f"installments[{index}].amount.amount", allow_zero=False))
+    total = sum((money.amount for _, money in installments), Decimal(0))
+    if installments and total != contract_amount.amount:
+        errors.append(
+            FieldError(
+                "installments",
+                f"installments sum to {total} but the contract amount is "
+                f"{contract_amount.amount} {contract_amount.currency}",
+            )
+        )
+    if errors:
+        raise ValidationFailed(errors)
+    ordered = sorted(enumerate(installments), key=lambda pair: (pair[1][0], pair[0]))
+    return [PlannedInstallment(due_date=day, amount=money.amount) for _, (day, money) in ordered]
+
+
+class InstallmentStatus(StrEnum):
+    PENDING = "pending"
+    PARTIALLY_PAID = "partially_paid"
+    PAID = "paid"
+    OVERDUE = "overdue"
+
+
+@dataclass(frozen=True, slots=True)
+class InstallmentState:
+    id: str
+    sequence: int
+    due_date: date
+    amount: Decimal
+    paid: Decimal
+    status: InstallmentStatus
+
+    @property
+    def open_amount(self) -> Decimal:
+        return self.amount - self.paid
+
+
+@dataclass(frozen=True, slots=True)
+class AllocationResult:
+    allocations: list[tuple[str, Decimal]]
+    installments: list[InstallmentState] = field(default_factory=list)
+
+
+def installment_status(amount: Decimal, paid: Decimal, due_date: date, today: date) -> InstallmentStatus:
+    if paid >= amount:
+        return InstallmentStatus.PAID
+    if due_date < today:
+        return InstallmentStatus.OVERDUE
+    return InstallmentStatus.PARTIALLY_PAID if paid > 0 else InstallmentStatus.PENDING
+
+
+def check_payment(amount: Money, *, contract_amount: Money, already_paid: Decimal) -> None:
+    """A payment is positive, in the contract currency and never more than what is still owed."""
+    require_valid_amount(amount, field_name="amount", allow_zero=False)
+    if amount.currency != contract_amount.currency:
+        raise ValidationFailed(
+            [FieldError("amount.currency", f"must be the contract currency {contract_amount.currency}")]
+        )
+    outstanding = quantize_money(contract_amount.amount - already_paid)
+    if amount.amount > outstanding:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "amount",
+                    f"over-payment: {amount.amount} {amount.currency} exceeds the outstanding {outstanding} "
+                    f"{contract_amount.currency}",
+                )
+            ]
+        )
+
+
+def allocate_payment(amount: Decimal, installments: Sequence[InstallmentState], today: date) -> AllocationResult:
+    """Fills the open installments oldest due date first (then by sequence). The caller has
+    checked that `amount` does not exceed what is owed."""
+    remaining = amount
+    allocations: list[tuple[str, Decimal]] = []
+    updated: list[InstallmentState] = []
+    for installment in sorted(installments, key=lambda i: (i.due_date, i.sequence)):
+        share = min(remaining, installment.open_amount) if remaining > 0 else Decimal(0)
+        if share > 0:
+            allocations.append((installment.id, share))
+            paid = installment.paid + share
+            installment = replace(
+                installment, paid=paid, status=installment_status(installment.amount, paid, installment.due_date, today)
+            )
+            remaining -= share
+        updated.append(installment)
+    if remaining > 0:
+        raise ValidationFailed([FieldError("amount", f"over-payment: {remaining} left after every installment")])
+    return AllocationResult(allocations=allocations, installments=updated)
+
+
+# ---------------------------------------------------------------- invoices
+
+
+class InvoiceStatus(StrEnum):
+    REQUESTED = "requested"
+    ISSUED = "issued"
+    VOID = "void"
+
+
+INVOICE_TRANSITIONS: Mapping[InvoiceStatus, frozenset[InvoiceStatus]] = {
+    InvoiceStatus.REQUESTED: frozenset({InvoiceStatus.ISSUED, InvoiceStatus.VOID}),
+    InvoiceStatus.ISSUED: frozenset({InvoiceStatus.VOID}),
+    InvoiceStatus.VOID: frozenset(),
+}
+
+
+def check_invoice_transition(current: str, target: InvoiceStatus, *, invoice_id: str) -> None:
+    if target not in INVOICE_TRANSITIONS[InvoiceStatus(current)]:
+        raise Conflict(f"invoice {invoice_id} cannot go from {current} to {target}", reason="ILLEGAL_TRANSITION")
+
+
+def check_invoice_amount(amount: Money, *, contract_amount: Money, already_invoiced: Decimal) -> None:
+    """Requested and issued invoices together never exceed the contract amount (void ones free
+    their amount again)."""
+    require_valid_amount(amount, field_name="amount", allow_zero=False)
+    if amount.currency != contract_amount.currency:
+        raise ValidationFailed(
+            [FieldError("amount.currency", f"must be the contract currency {contract_amount.currency}")]
+        )
+    uninvoiced = quantize_money(contract_amount.amount - already_invoiced)
+    if amount.amount > uninvoiced:
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "amount",
+                    f"{amount.amount} {amount.currency} exceeds the uninvoiced {uninvoiced} {contract_amount.currency}",
+                )
+            ]
+        )

@@ -1,0 +1,2023 @@
+"""Use cases of the sales service: one method per command, each in one unit of work that loads,
+decides with `domain`, writes, and appends its events to the outbox.
+
+The caller (principal and record scope) comes from `crm_platform.principal`; jobs and consumers
+run as the system with full scope. Records outside the caller's scope read as NotFound.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from crm.sales.v1 import events_pb2, sales_pb2
+from crm_platform import custom_fields as cf
+from crm_platform.db import insert_ignore
+from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.ids import new_id
+from crm_platform.money import Money
+from crm_platform.outbox import Transaction, UnitOfWork
+from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
+from crm_platform.principal import Principal, RecordScope, current_principal, current_scope, scope_clause
+from crm_platform.timeutil import as_utc, utcnow
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    and_,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    type_coerce,
+    update,
+)
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from sales import domain as d
+from sales import repository as r
+from sales import views as v
+
+DEFAULT_PIPELINE_ID = "default"
+OPPORTUNITY_ENTITY = "opportunity"
+
+
+@dataclass(frozen=True, slots=True)
+class LineItemIn:
+    product_id: str
+    product_name: str
+    product_line: str
+    quantity: Decimal
+    unit_price: Money
+    discount_percent: Decimal
+
+    def to_domain(self) -> d.LineItem:
+        return d.LineItem(
+            self.product_id, self.product_name, self.product_line, self.quantity, self.unit_price, self.discount_percent
+        )
+
+
+@dataclass(slots=True)
+class OpportunityIn:
+    """What a new opportunity is made of (the API's and the import's common shape)."""
+
+    account_id: str
+    name: str
+    pipeline_id: str = ""
+    stage: str = ""
+    primary_contact_id: str = ""
+    amount: Money | None = None
+    expected_close_date: date | None = None
+    owner_id: str = ""
+    team: str = ""
+    region: str = ""
+    source_lead_id: str = ""
+    campaign_id: str = ""
+    line_items: list[LineItemIn] = field(default_factory=list)
+    next_step: str = ""
+    product_line: str = ""
+    tags: list[str] = field(default_factory=list)
+    custom: dict[str, Any] = field(default_factory=dict)
+    forecast_category: d.ForecastCategory | None = None
+
+
+@dataclass(slots=True)
+class ImportRow:
+    external_id: str
+    opportunity: OpportunityIn
+    close_date: date | None = None
+    lost_reason: str = ""
+    engaged_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    limit: int = 0
+    cursor: str = ""
+    sort: str = ""
+
+
+@dataclass(slots=True)
+class PageOf:
+    items: list[Any]
+    next_cursor: str
+
+
+@dataclass(slots=True)
+class ImportResult:
+    row: int
+    external_id: str
+    outcome: str
+    opportunity_id: str = ""
+    errors: list[FieldError] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ForecastQuery:
+    quarter: bool = False
+    by_team: bool = False
+    from_date: date | None = None
+    to_date: date | None = None
+    owner_id: str = ""
+    team: str = ""
+    pipeline_id: str = ""
+
+
+@dataclass(slots=True)
+class OwnerStats:
+    owner_id: str
+    currency: str
+    won_amount: Decimal
+    won_count: int
+    lost_count: int
+
+    @property
+    def win_rate(self) -> Decimal:
+        return d.win_rate(self.won_count, self.lost_count)
+
+
+@dataclass(slots=True)
+class Receivables:
+    items: list[sales_pb2.Receivable]
+    next_cursor: str
+    total_outstanding: dict[str, Decimal]
+    total_overdue: dict[str, Decimal]
+
+
+def _check_version(row: RowMapping, expected_version: int, resource: str) -> None:
+    if expected_version and row["version"] != expected_version:
+        raise StaleVersion(resource, row["id"], row["version"])
+
+
+def _require(value: str, field_name: str) -> None:
+    if not value.strip():
+        raise ValidationFailed([FieldError(field_name, "is required")])
+
+
+def _stamp(value: datetime) -> str:
+    return as_utc(value).isoformat()
+
+
+def _category_is(*categories: d.ForecastCategory) -> Any:
+    """SQL: the deal's forecast category is one of `categories` — the explicit one, else the one
+    its stage probability gives (the thresholds of `domain.default_forecast_category`). Plain
+    boolean terms, so PostgreSQL evaluates no CASE per aggregate."""
+    o = r.opportunities
+    derived = {
+        d.ForecastCategory.COMMIT: o.c.probability_bp >= 9000,
+        d.ForecastCategory.BEST_CASE: and_(o.c.probability_bp >= 5000, o.c.probability_bp < 9000),
+        d.ForecastCategory.PIPELINE: o.c.probability_bp < 5000,
+    }
+    terms: list[ColumnElement[bool]] = [o.c.forecast_category.in_([c.value for c in categories])]
+    terms += [and_(o.c.forecast_category == "", derived[c]) for c in categories if c in derived]
+    return or_(*terms)
+
+
+class SalesHandlers:
+    def __init__(
+        self,
+        uow: UnitOfWork,
+        *,
+        quote_thresholds: d.QuoteThresholds,
+        contract_thresholds: d.ContractThresholds,
+        default_currency: str = "CNY",
+        import_max_rows: int = 5_000,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.uow = uow
+        self.engine = uow.engine
+        self.quote_thresholds = quote_thresholds
+        self.contract_thresholds = contract_thresholds
+        self.default_currency = default_currency
+        self.import_max_rows = import_max_rows
+        self.clock = clock
+
+    def today(self) -> date:
+        return self.clock().date()
+
+    # ------------------------------------------------------------ pipelines
+
+    async def create_pipeline(
+        self, *, idempotency_key: str, name: str, stages: Sequence[d.Stage], is_default: bool
+    ) -> sales_pb2.Pipeline:
+        _require(name, "name")
+        d.validate_stages(stages)
+        async with self.uow.begin() as tx:
+            pipeline_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="pipeline", key=idempotency_key, resource_id=pipeline_id, now=self.clock()
+                )
+                if existing:
+                    return v.pipeline_proto(await self._pipeline_row(tx.conn, existing))
+            if is_default:
+                await tx.conn.execute(update(r.pipelines).values(is_default=False))
+            values = {
+                "id": pipeline_id,
+                "name": name.strip(),
+                "stages": [v.stage_json(s) for s in stages],
+                "is_default": is_default,
+                "created_at": self.clock(),
+                "version": 1,
+            }
+            await tx.conn.execute(insert(r.pipelines).values(values))
+            return v.pipeline_proto(values)
+
+    async def update_pipeline(
+        self, pipeline_id: str, *, expected_version: int, name: str, stages: Sequence[d.Stage], is_default: bool
+    ) -> sales_pb2.Pipeline:
+        _require(name, "name")
+        d.validate_stages(stages)
+        p, o = r.pipelines, r.opportunities
+        async with self.uow.begin() as tx:
+            row = await r.load(tx.conn, p, pipeline_id, lock=True)
+            if row is None:
+                raise NotFound("pipeline", pipeline_id)
+            _check_version(row, expected_version, "pipeline")
+            if row["is_default"] and not is_default:
+                raise ValidationFailed([FieldError("is_default", "make another pipeline the default instead")])
+            kept = {stage.key for stage in stages}
+            used = await tx.conn.execute(
+                select(o.c.stage, func.count())
+                .where(o.c.pipeline_id == pipeline_id, o.c.status == d.OpportunityStatus.OPEN.value)
+                .group_by(o.c.stage)
+            )
+            for stage_key, count in used:
+                if stage_key not in kept:
+                    raise Conflict(
+                        f"stage {stage_key!r} still holds {count} open deals; move them first", reason="STAGE_IN_USE"
+                    )
+            if is_default:
+                await tx.conn.execute(update(p).where(p.c.id != pipeline_id).values(is_default=False))
+            values = {
+                "name": name.strip(),
+                "stages": [v.stage_json(stage) for stage in stages],
+                "is_default": is_default,
+                "version": row["version"] + 1,
+            }
+            await tx.conn.execute(update(p).where(p.c.id == pipeline_id).values(values))
+            # The weighted forecast uses the stage probability: open deals follow the new one.
+            for stage in stages:
+                await tx.conn.execute(
+                    update(o)
+                    .where(
+                        o.c.pipeline_id == pipeline_id,
+                        o.c.stage == stage.key,
+                        o.c.status == d.OpportunityStatus.OPEN.value,
+                        o.c.probability_bp != int(stage.probability * 100),
+                    )
+                    .values(probability_bp=int(stage.probability * 100))
+                )
+            return v.pipeline_proto({**row, **values})
+
+    async def delete_pipeline(self, pipeline_id: str) -> None:
+        p, o = r.pipelines, r.opportunities
+        async with self.uow.begin() as tx:
+            row = await r.load(tx.conn, p, pipeline_id, lock=True)
+            if row is None:
+                raise NotFound("pipeline", pipeline_id)
+            if row["is_default"]:
+                raise Conflict("the default pipeline cannot be deleted", reason="DEFAULT_PIPELINE")
+            if await tx.conn.scalar(select(o.c.id).where(o.c.pipeline_id == pipeline_id).limit(1)) is not None:
+                raise Conflict(f"pipeline {pipeline_id} has deals", reason="PIPELINE_IN_USE")
+            await tx.conn.execute(delete(p).where(p.c.id == pipeline_id))
+
+    async def get_pipeline(self, pipeline_id: str) -> sales_pb2.Pipeline:
+        async with self.engine.connect() as conn:
+            return v.pipeline_proto(await self._pipeline_row(conn, pipeline_id))
+
+    async def list_pipelines(self, page: Page) -> PageOf:
+        limit = page_limit(page.limit)
+        p = r.pipelines
+        query = keyset_page(
+            select(p), sort_column=p.c.created_at, id_column=p.c.id, descending=False, cursor=page.cursor, limit=limit
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return PageOf(
+            [v.pipeline_proto(row) for row in rows[:limit]], next_cursor(rows, sort_key="created_at", limit=limit)
+        )
+
+    async def _pipeline_row(self, conn: AsyncConnection, pipeline_id: str) -> RowMapping:
+        p = r.pipelines
+        query = select(p).where(p.c.id == pipeline_id) if pipeline_id else select(p).where(p.c.is_default.is_(True))
+        row = (await conn.execute(query.limit(1))).mappings().first()
+        if row is None:
+            raise NotFound("pipeline", pipeline_id or "default")
+        return row
+
+    async def _pipeline(self, conn: AsyncConnection, pipeline_id: str) -> d.Pipeline:
+        return v.pipeline_domain(await self._pipeline_row(conn, pipeline_id))
+
+    # ------------------------------------------------------------ opportunities
+
+    async def create_opportunity(
+        self,
+        data: OpportunityIn,
+        *,
+        idempotency_key: str = "",
+        override_collision: bool = False,
+        override_reason: str = "",
+    ) -> sales_pb2.Opportunity:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            opportunity_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="opportunity", key=idempotency_key, resource_id=opportunity_id, now=self.clock()
+                )
+                if existing:
+                    return v.opportunity_proto(await self._opportunity_row(tx.conn, existing, scope=None))
+            pipeline = await self._pipeline(tx.conn, data.pipeline_id)
+            definitions = await self._definitions(tx.conn)
+            values = self._new_opportunity_values(opportunity_id, data, pipeline, principal, definitions)
+            stage = pipeline.stage(values["stage"])
+            if stage.outcome is not d.Outcome.OPEN:
+                raise ValidationFailed(
+                    [FieldError("stage", "a new opportunity starts in an open stage; use win or lose")]
+                )
+            d.check_stage_gate(pipeline, stage.key, self._gate_fields(values))
+            if values["product_line"]:
+                await self._lock_collision_key(tx.conn, data.account_id, values["product_line"])
+                rows = await r.open_deals_on(tx.conn, account_id=data.account_id, product_line=values["product_line"])
+                colliding = d.check_collision(
+                    owner_id=values["owner_id"],
+                    open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
+                    override=override_collision,
+                    caller_roles=principal.roles,
+                )
+                if colliding is not None:
+                    if not override_reason.strip():
+                        raise ValidationFailed(
+                            [FieldError("override_reason", "is required to override anti-collision")]
+                        )
+                    values.update(
+                        collision_override_by=principal.user_id,
+                        collision_override_reason=override_reason.strip(),
+                        colliding_opportunity_id=colliding.id,
+                    )
+            await tx.conn.execute(insert(r.opportunities).values(values))
+            proto = v.opportunity_proto(values)
+            tx.publish(events_pb2.OpportunityCreated(opportunity=proto, actor=v.actor(principal)), key=opportunity_id)
+            return proto
+
+    def _new_opportunity_values(
+        self,
+        opportunity_id: str,
+        data: OpportunityIn,
+        pipeline: d.Pipeline,
+        principal: Principal,
+        definitions: Sequence[cf.FieldDefinition],
+    ) -> dict[str, Any]:
+        errors = []
+        if not data.account_id.strip():
+            errors.append(FieldError("account_id", "is required"))
+        if not data.name.strip():
+            errors.append(FieldError("name", "is required"))
+        refs = {"account_id": data.account_id, "primary_contact_id": data.primary_contact_id,
+                "source_lead_id": data.source_lead_id, "campaign_id": data.campaign_id}  # fmt: skip
+        texts = {"name": data.name, "owner_id": data.owner_id, "team": data.team, "region": data.region,
+                 "product_line": data.product_line}  # fmt: skip
+        errors += d.check_lengths(refs, d.REF_LENGTH) + d.check_lengths(texts, d.NAME_LENGTH)
+        errors += cf.validate(definitions, data.custom)
+        if errors:
+            raise ValidationFailed(errors)
+        items = [item.to_domain() for item in data.line_items]
+        line_currency = d.validate_line_items(items)
+        totals = d.line_totals(items)
+        if data.amount is not None:
+            d.require_valid_amount(data.amount, field_name="amount")
+            if line_currency and data.amount.currency != line_currency:
+                raise ValidationFailed(
+                    [FieldError("amount.currency", f"must be the line items' currency {line_currency}")]
+                )
+            amount = data.amount
+        else:
+            amount = Money(totals.total, line_currency or self.default_currency)
+        stage = pipeline.stage(data.stage) if data.stage else pipeline.first_open_stage
+        now = self.clock()
+        product_line = data.product_line.strip() or next((i.product_line for i in items if i.product_line), "")
+        return {
+            "id": opportunity_id,
+            "account_id": data.account_id.strip(),
+            "primary_contact_id": data.primary_contact_id,
+            "name": data.name.strip(),
+            "pipeline_id": pipeline.id,
+            "stage": stage.key,
+            "probability_bp": int(stage.probability * 100),
+            "amount": amount.amount,
+            "currency": amount.currency,
+            "expected_close_date": data.expected_close_date,
+            "close_date": None,
+            "forecast_month": d.month_key(data.expected_close_date) if data.expected_close_date else None,
+            "forecast_category": data.forecast_category.value if data.forecast_category else "",
+            "owner_id": data.owner_id or principal.user_id,
+            "team": data.team or principal.team,
+            "region": data.region or principal.region,
+            "source_lead_id": data.source_lead_id,
+            "campaign_id": data.campaign_id,
+            "status": d.OpportunityStatus.OPEN.value,
+            "lost_reason": "",
+            "next_step": data.next_step,
+            "product_line": product_line,
+            "line_items": [v.line_item_json(item) for item in items],
+            "stage_history": [{"stage": stage.key, "entered_at": _stamp(now), "exited_at": ""}],
+            "stage_entered_at": now,
+            "tags": list(dict.fromkeys(data.tags)),
+            "custom": cf.coerce(definitions, data.custom),
+            "collision_override_by": "",
+            "collision_override_reason": "",
+            "colliding_opportunity_id": "",
+            "external_id": None,
+            "created_at": now,
+            "updated_at": now,
+            "closed_at": None,
+            "version": 1,
+        }
+
+    @staticmethod
+    def _gate_fields(values: RowMapping | dict[str, Any]) -> dict[str, object]:
+        return {
+            name: (Money(values["amount"], values["currency"]) if name == "amount" else values.get(name))
+            for name in d.GATEABLE_FIELDS
+        }
+
+    @staticmethod
+    async def _lock_collision_key(conn: AsyncConnection, account_id: str, product_line: str) -> None:
+        """Serialises anti-collision checks of one account and product line across replicas
+        (PostgreSQL; SQLite has a single writer anyway)."""
+        if conn.dialect.name == "postgresql":
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"opp:{account_id}:{product_line}"}
+            )
+
+    async def _opportunity_row(
+        self, conn: AsyncConnection, opportunity_id: str, *, scope: RecordScope | None, lock: bool = False
+    ) -> RowMapping:
+        row = await r.load(conn, r.opportunities, opportunity_id, scope=scope, lock=lock)
+        if row is None:
+            raise NotFound("opportunity", opportunity_id)
+        return row
+
+    async def _pipelines(self, conn: AsyncConnection) -> dict[str, d.Pipeline]:
+        rows = (await conn.execute(select(r.pipelines))).mappings().all()
+        return {row["id"]: v.pipeline_domain(row) for row in rows}
+
+    async def _read_out(
+        self, conn: AsyncConnection, rows: Sequence[RowMapping | dict[str, Any]]
+    ) -> list[sales_pb2.Opportunity]:
+        """Opportunities as the API returns them, with `rotting` computed against their stages."""
+        pipelines = await self._pipelines(conn)
+        now = self.clock()
+        result = []
+        for row in rows:
+            pipeline = pipelines.get(row["pipeline_id"])
+            stage = next((s for s in pipeline.stages if s.key == row["stage"]), None) if pipeline else None
+            entered = row["stage_entered_at"]
+            rotting = stage is not None and d.is_rotting(
+                row["status"], stage, as_utc(entered) if entered else None, now
+            )
+            result.append(v.opportunity_proto(row, rotting=rotting))
+        return result
+
+    async def get_opportunity(self, opportunity_id: str) -> sales_pb2.Opportunity:
+        async with self.engine.connect() as conn:
+            row = await self._opportunity_row(conn, opportunity_id, scope=current_scope())
+            [proto] = await self._read_out(conn, [row])
+            return proto
+
+    async def list_opportunities(
+        self,
+        page: Page,
+        *,
+        account_id: str = "",
+        statuses: Sequence[str] = (),
+        owner_id: str = "",
+        team: str = "",
+        stage: str = "",
+        pipeline_id: str = "",
+        product_line: str = "",
+        q: str = "",
+        rotting_only: bool = False,
+    ) -> PageOf:
+        o = r.opportunities
+        query = select(o).where(scope_clause(o, current_scope()))
+        if rotting_only:
+            async with self.engine.connect() as conn:
+                pipelines = await self._pipelines(conn)
+            query = query.where(self._rotting_clause(pipelines))
+        for status in statuses:
+            if status not in d.OpportunityStatus.__members__.values():
+                raise ValidationFailed([FieldError("status", f"{status!r} is not one of open, won, lost")])
+        if statuses:
+            query = query.where(o.c.status.in_(list(statuses)))
+        for column, value in (
+            (o.c.account_id, account_id),
+            (o.c.owner_id, owner_id),
+            (o.c.team, team),
+            (o.c.stage, stage),
+            (o.c.pipeline_id, pipeline_id),
+            (o.c.product_line, product_line),
+        ):
+            if value:
+                query = query.where(column == value)
+        if q:
+            query = query.where(func.lower(o.c.name).contains(q.lower(), autoescape=True))
+        sortable = {
+            "created_at": o.c.created_at,
+            "updated_at": o.c.updated_at,
+            "expected_close_date": o.c.expected_close_date,
+            "amount": o.c.amount,
+            "name": o.c.name,
+        }
+        column, descending = parse_sort(page.sort, sortable, default="-created_at")
+        limit = page_limit(page.limit)
+        query = keyset_page(
+            query, sort_column=column, id_column=o.c.id, descending=descending, cursor=page.cursor, limit=limit
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            items = await self._read_out(conn, rows[:limit])
+        return PageOf(items, next_cursor(rows, sort_key=column.key, limit=limit))
+
+    def _rotting_clause(self, pipelines: dict[str, d.Pipeline]) -> ColumnElement[bool]:
+        """SQL twin of `domain.is_rotting`: open deals past their stage's rotting days."""
+        o = r.opportunities
+        now = self.clock()
+        terms: list[ColumnElement[bool]] = [
+            and_(
+                o.c.pipeline_id == pipeline.id,
+                o.c.stage == stage.key,
+                o.c.stage_entered_at < now - timedelta(days=stage.rotting_days),
+            )
+            for pipeline in pipelines.values()
+            for stage in pipeline.stages
+            if stage.outcome is d.Outcome.OPEN and stage.rotting_days > 0
+        ]
+        return and_(o.c.status == d.OpportunityStatus.OPEN.value, or_(*terms) if terms else false())
+
+    async def update_opportunity(
+        self,
+        opportunity_id: str,
+        *,
+        expected_version: int,
+        changes: dict[str, Any],
+        override_collision: bool = False,
+    ) -> sales_pb2.Opportunity:
+        """`changes` maps mask paths to new values (amount as Money, line_items as LineItemIn,
+        expected_close_date as date or None, forecast_category as ForecastCategory or None)."""
+        principal = current_principal()
+        allowed = {
+            "name", "primary_contact_id", "amount", "expected_close_date", "owner_id", "team", "region",
+            "line_items", "next_step", "product_line", "tags", "custom", "forecast_category",
+        }  # fmt: skip
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValidationFailed([FieldError("update_mask", f"cannot update {', '.join(unknown)}")])
+        texts = {name: value for name, value in changes.items() if isinstance(value, str) and name != "next_step"}
+        too_long = d.check_lengths({k: v for k, v in texts.items() if k == "primary_contact_id"}, d.REF_LENGTH)
+        too_long += d.check_lengths({k: v for k, v in texts.items() if k != "primary_contact_id"}, d.NAME_LENGTH)
+        if too_long:
+            raise ValidationFailed(too_long)
+        async with self.uow.begin() as tx:
+            row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "opportunity")
+            values: dict[str, Any] = {}
+            for name, value in changes.items():
+                if name == "amount":
+                    d.require_valid_amount(value, field_name="amount")
+                    values.update(amount=value.amount, currency=value.currency)
+                elif name == "line_items":
+                    items = [item.to_domain() for item in value]
+                    currency = d.validate_line_items(items)
+                    values["line_items"] = [v.line_item_json(item) for item in items]
+                    if "amount" not in changes and items:
+                        values.update(amount=d.line_totals(items).total, currency=currency)
+                elif name == "expected_close_date":
+                    values["expected_close_date"] = value
+                    if row["status"] == d.OpportunityStatus.OPEN:
+                        values["forecast_month"] = d.month_key(value) if value else None
+                elif name == "forecast_category":
+                    values["forecast_category"] = value.value if value else ""
+                elif name == "name":
+                    _require(value, "name")
+                    values["name"] = value.strip()
+                elif name == "tags":
+                    values["tags"] = list(dict.fromkeys(value))
+                elif name == "custom":
+                    # Keys given replace their values (null or "" clears one); other keys stay.
+                    definitions = await self._definitions(tx.conn)
+                    errors = cf.validate(definitions, value, partial=True)
+                    if errors:
+                        raise ValidationFailed(errors)
+                    kept = {k: v for k, v in row["custom"].items() if k not in value}
+                    values["custom"] = {**kept, **cf.coerce(definitions, value)}
+                else:
+                    values[name] = value
+            merged = {**row, **values}
+            line_currency = {item["currency"] for item in merged["line_items"]}
+            if line_currency and merged["currency"] not in line_currency:
+                raise ValidationFailed(
+                    [FieldError("amount.currency", f"must be the line items' currency {line_currency.pop()}")]
+                )
+            changed = sorted(name for name in values if values[name] != row[name])
+            if not changed:
+                return v.opportunity_proto(row)
+            if (
+                row["status"] == d.OpportunityStatus.OPEN
+                and {"owner_id", "product_line"} & set(changed)
+                and merged["product_line"]
+            ):
+                await self._lock_collision_key(tx.conn, merged["account_id"], merged["product_line"])
+                rows = await r.open_deals_on(
+                    tx.conn,
+                    account_id=merged["account_id"],
+                    product_line=merged["product_line"],
+                    exclude_id=opportunity_id,
+                )
+                d.check_collision(
+                    owner_id=merged["owner_id"],
+                    open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
+                    override=override_collision,
+                    caller_roles=principal.roles,
+                )
+            values.update(updated_at=self.clock(), version=row["version"] + 1)
+            await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
+            proto = v.opportunity_proto({**row, **values})
+            tx.publish(
+                events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
+                key=opportunity_id,
+            )
+            return proto
+
+    async def delete_opportunity(self, opportunity_id: str, *, expected_version: int) -> None:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "opportunity")
+            contract_id = await tx.conn.scalar(
+                select(r.contracts.c.id).where(r.contracts.c.opportunity_id == opportunity_id).limit(1)
+            )
+            if contract_id is not None:
+                raise Conflict(
+                    f"opportunity {opportunity_id} has contract {contract_id}; close it as won or lost instead",
+                    existing_id=str(contract_id),
+                    reason="HAS_CONTRACT",
+                )
+            await tx.conn.execute(delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id))
+            await tx.conn.execute(delete(r.opportunities).where(r.opportunities.c.id == opportunity_id))
+            tx.publish(
+                events_pb2.OpportunityDeleted(
+                    opportunity_id=opportunity_id, account_id=row["account_id"], actor=v.actor(principal)
+                ),
+                key=opportunity_id,
+            )
+
+    async def move_stage(self, opportunity_id: str, *, stage: str, expected_version: int) -> sales_pb2.Opportunity:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "opportunity")
+            d.require_open(row["status"], record="opportunity", record_id=opportunity_id)
+            pipeline = await self._pipeline(tx.conn, row["pipeline_id"])
+            target = pipeline.stage(stage)
+            if target.outcome is not d.Outcome.OPEN:
+                raise ValidationFailed([FieldError("stage", f"{stage!r} closes the deal: use win or lose")])
+            if target.key == row["stage"]:
+                return v.opportunity_proto(row)
+            d.check_stage_gate(pipeline, target.key, self._gate_fields(row))
+            now = self.clock()
+            values = {
+                "stage": target.key,
+                "probability_bp": int(target.probability * 100),
+                "stage_history": self._enter(row, target.key, now),
+                "stage_entered_at": now,
+                "updated_at": now,
+                "version": row["version"] + 1,
+            }
+            await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
+            proto = v.opportunity_proto({**row, **values})
+            tx.publish(
+                events_pb2.OpportunityStageChanged(
+                    opportunity=proto, from_stage=row["stage"], to_stage=target.key, actor=v.actor(principal)
+                ),
+                key=opportunity_id,
+            )
+            return proto
+
+    @staticmethod
+    def _enter(row: RowMapping | dict[str, Any], stage: str, now: datetime) -> list[dict[str, str]]:
+        history = [d.StageVisit(x["stage"], x["entered_at"], x["exited_at"]) for x in row["stage_history"]]
+        return [
+            {"stage": x.stage, "entered_at": x.entered_at, "exited_at": x.exited_at}
+            for x in d.enter_stage(history, stage, _stamp(now))
+        ]
+
+    async def win(
+        self, opportunity_id: str, *, expected_version: int, close_date: date | None, amount: Money | None
+    ) -> sales_pb2.Opportunity:
+        return await self._close(
+            opportunity_id, d.Outcome.WON, expected_version=expected_version, close_date=close_date, amount=amount
+        )
+
+    async def lose(
+        self, opportunity_id: str, *, expected_version: int, reason: str, close_date: date | None
+    ) -> sales_pb2.Opportunity:
+        _require(reason, "reason")
+        return await self._close(
+            opportunity_id, d.Outcome.LOST, expected_version=expected_version, close_date=close_date, reason=reason
+        )
+
+    async def _close(
+        self,
+        opportunity_id: str,
+        outcome: d.Outcome,
+        *,
+        expected_version: int,
+        close_date: date | None,
+        amount: Money | None = None,
+        reason: str = "",
+    ) -> sales_pb2.Opportunity:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "opportunity")
+            d.require_open(row["status"], record="opportunity", record_id=opportunity_id)
+            pipeline = await self._pipeline(tx.conn, row["pipeline_id"])
+            stage = pipeline.outcome_stage(outcome)
+            values: dict[str, Any] = {}
+            if amount is not None:
+                d.require_valid_amount(amount, field_name="amount")
+                values.update(amount=amount.amount, currency=amount.currency)
+            d.check_stage_gate(pipeline, stage.key, self._gate_fields({**row, **values}))
+            now = self.clock()
+            closed_on = close_date or now.date()
+            values.update(
+                status=outcome.value,
+                stage=stage.key,
+                probability_bp=int(stage.probability * 100),
+                close_date=closed_on,
+                forecast_month=d.month_key(closed_on),
+                lost_reason=reason,
+                stage_history=self._enter(row, stage.key, now),
+                stage_entered_at=now,
+                closed_at=now,
+                updated_at=now,
+                version=row["version"] + 1,
+            )
+            await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
+            proto = v.opportunity_proto({**row, **values})
+            event = (
+                events_pb2.OpportunityWon(opportunity=proto, actor=v.actor(principal))
+                if outcome is d.Outcome.WON
+                else events_pb2.OpportunityLost(opportunity=proto, reason=reason, actor=v.actor(principal))
+            )
+            tx.publish(event, key=opportunity_id)
+            return proto
+
+    async def import_opportunities(self, pipeline_id: str, rows: Sequence[ImportRow]) -> list[ImportResult]:
+        """Loads deals of another system as they are (open at a stage, won or lost). Stage gates
+        and anti-collision are checks on how deals move here, so imported history skips them;
+        each row is validated and a repeated `external_id` returns the first result."""
+        if len(rows) > self.import_max_rows:
+            raise ValidationFailed([FieldError("rows", f"at most {self.import_max_rows} rows per call")])
+        principal = current_principal()
+        results: list[ImportResult] = []
+        async with self.uow.begin() as tx:
+            pipeline = await self._pipeline(tx.conn, pipeline_id)
+            definitions = await self._definitions(tx.conn)
+            external_ids = [row.external_id for row in rows if row.external_id]
+            existing: dict[str, str] = {}
+            o = r.opportunities
+            for start in range(0, len(external_ids), 1000):
+                chunk = external_ids[start : start + 1000]
+                found = await tx.conn.execute(select(o.c.external_id, o.c.id).where(o.c.external_id.in_(chunk)))
+                existing.update({key: value for key, value in found})
+            new_rows: list[dict[str, Any]] = []
+            for index, row in enumerate(rows):
+                if not row.external_id.strip():
+                    results.append(
+                        ImportResult(index, "", "rejected", errors=[FieldError("external_id", "is required")])
+                    )
+                    continue
+                if row.external_id in existing:
+                    results.append(ImportResult(index, row.external_id, "existing", existing[row.external_id]))
+                    continue
+                try:
+                    values = self._import_values(row, pipeline, principal, definitions)
+                except ValidationFailed as error:
+                    results.append(ImportResult(index, row.external_id, "rejected", errors=error.errors))
+                    continue
+                existing[row.external_id] = values["id"]
+                new_rows.append(values)
+                results.append(ImportResult(index, row.external_id, "created", values["id"]))
+            if new_rows:
+                await tx.conn.execute(insert(o), new_rows)
+            actor = v.actor(principal)
+            for values in new_rows:
+                proto = v.opportunity_proto(values)
+                tx.publish(events_pb2.OpportunityCreated(opportunity=proto, actor=actor), key=values["id"])
+                if values["status"] == d.OpportunityStatus.WON:
+                    tx.publish(events_pb2.OpportunityWon(opportunity=proto, actor=actor), key=values["id"])
+                elif values["status"] == d.OpportunityStatus.LOST:
+                    tx.publish(
+                        events_pb2.OpportunityLost(opportunity=proto, reason=values["lost_reason"], actor=actor),
+                        key=values["id"],
+                    )
+        return results
+
+    def _import_values(
+        self, row: ImportRow, pipeline: d.Pipeline, principal: Principal, definitions: Sequence[cf.FieldDefinition]
+    ) -> dict[str, Any]:
+        data = row.opportunity
+        stage = pipeline.stage(data.stage) if data.stage else pipeline.first_open_stage
+        values = self._new_opportunity_values(new_id(), data, pipeline, principal, definitions)
+        values["external_id"] = row.external_id
+        engaged = row.engaged_at or self.clock()
+        values["stage_history"] = [{"stage": stage.key, "entered_at": _stamp(engaged), "exited_at": ""}]
+        values["stage_entered_at"] = engaged
+        values["created_at"] = engaged
+        if stage.outcome is d.Outcome.OPEN:
+            return values
+        if row.close_date is None:
+            raise ValidationFailed([FieldError("close_date", f"is required for a {stage.outcome} deal")])
+        if stage.outcome is d.Outcome.WON and values["amount"] <= 0:
+            raise ValidationFailed([FieldError("amount", "a won deal needs an amount above zero")])
+        closed_at = datetime.combine(row.close_date, datetime.min.time(), tzinfo=engaged.tzinfo)
+        values.update(
+            status=stage.outcome.value,
+            close_date=row.close_date,
+            forecast_month=d.month_key(row.close_date),
+            lost_reason=row.lost_reason,
+            closed_at=closed_at,
+            stage_entered_at=closed_at,
+        )
+        return values
+
+    # ------------------------------------------------------------ forecast and statistics
+
+    async def forecast(self, query: ForecastQuery) -> list[d.ForecastLine]:
+        """Pipeline, weighted, commit, best case and closed won per period, group and currency,
+        aggregated in SQL with exact decimals (see `domain.forecast` for the definitions)."""
+        o = r.opportunities
+        month = o.c.forecast_month
+        period = (month // 100) * 10 + ((month % 100) + 2) // 3 if query.quarter else month
+        period = type_coerce(period, Integer())
+        group = o.c.team if query.by_team else o.c.owner_id
+        is_open = o.c.status == d.OpportunityStatus.OPEN.value
+        is_won = o.c.status == d.OpportunityStatus.WON.value
+        commit = _category_is(d.ForecastCategory.COMMIT)
+        best_case = _category_is(d.ForecastCategory.COMMIT, d.ForecastCategory.BEST_CASE)
+        omitted = o.c.forecast_category == d.ForecastCategory.OMITTED.value
+
+        def amount_where(condition: Any) -> Any:
+            return type_coerce(func.sum(o.c.amount).filter(condition), r.Amount())
+
+        statement = (
+            select(
+                period.label("period"),
+                group.label("grp"),
+                o.c.currency,
+                amount_where(is_open).label("pipeline"),
+                type_coerce(func.sum(o.c.amount * o.c.probability_bp).filter(is_open), r.Amount()).label("weighted_bp"),
+                amount_where(and_(is_open, commit)).label("commit"),
+                amount_where(and_(is_open, best_case)).label("best_case"),
+                amount_where(is_won).label("closed_won"),
+                func.count().filter(is_open).label("open_count"),
+                func.count().filter(is_won).label("won_count"),
+            )
+            .where(scope_clause(o, current_scope()), month.is_not(None), or_(and_(is_open, ~omitted), is_won))
+            .group_by(period, group, o.c.currency)
+        )
+        if query.from_date:
+            statement = statement.where(month >= d.month_key(query.from_date))
+        if query.to_date:
+            statement = statement.where(month <= d.month_key(query.to_date))
+        for column, value in (
+            (o.c.owner_id, query.owner_id),
+            (o.c.team, query.team),
+            (o.c.pipeline_id, query.pipeline_id),
+        ):
+            if value:
+                statement = statement.where(column == value)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).mappings().all()
+        lines = []
+        for row in rows:
+            key = int(row["period"])
+            label = f"{key // 10}-Q{key % 10}" if query.quarter else d.period_label(key, quarter=False)
+            lines.append(
+                d.ForecastLine(
+                    period=label,
+                    group=row["grp"],
+                    currency=row["currency"],
+                    pipeline=r.as_amount(row["pipeline"]),
+                    # amount x basis points / 100 = amount x percent, as ForecastLine expects.
+                    weighted_raw=r.as_amount(row["weighted_bp"]) / 100,
+                    commit=r.as_amount(row["commit"]),
+                    best_case=r.as_amount(row["best_case"]),
+                    closed_won=r.as_amount(row["closed_won"]),
+                    open_count=int(row["open_count"] or 0),
+                    won_count=int(row["won_count"] or 0),
+                )
+            )
+        return sorted(lines, key=lambda line: (line.period, line.group, line.currency))
+
+    async def win_statistics(
+        self, *, from_date: date | None, to_date: date | None, team: str = ""
+    ) -> tuple[list[OwnerStats], list[OwnerStats]]:
+        """Won amount, won and lost counts per owner and currency, and overall per currency."""
+        o = r.opportunities
+        is_won = o.c.status == d.OpportunityStatus.WON.value
+        is_lost = o.c.status == d.OpportunityStatus.LOST.value
+        statement = (
+            select(
+                o.c.owner_id,
+                o.c.currency,
+                r.amount_sum(case((is_won, o.c.amount))).label("won_amount"),
+                func.sum(case((is_won, 1), else_=0)).label("won_count"),
+                func.sum(case((is_lost, 1), else_=0)).label("lost_count"),
+            )
+            .where(scope_clause(o, current_scope()), or_(is_won, is_lost))
+            .group_by(o.c.owner_id, o.c.currency)
+            .order_by(o.c.owner_id, o.c.currency)
+        )
+        if from_date:
+            statement = statement.where(o.c.close_date >= from_date)
+        if to_date:
+            statement = statement.where(o.c.close_date <= to_date)
+        if team:
+            statement = statement.where(o.c.team == team)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).mappings().all()
+        by_owner = [
+            OwnerStats(
+                owner_id=row["owner_id"],
+                currency=row["currency"],
+                won_amount=r.as_amount(row["won_amount"]),
+                won_count=int(row["won_count"] or 0),
+                lost_count=int(row["lost_count"] or 0),
+            )
+            for row in rows
+        ]
+        overall: dict[str, OwnerStats] = {}
+        for stats in by_owner:
+            total = overall.setdefault(stats.currency, OwnerStats("", stats.currency, Decimal(0), 0, 0))
+            total.won_amount += stats.won_amount
+            total.won_count += stats.won_count
+            total.lost_count += stats.lost_count
+        return [overall[c] for c in sorted(overall)], by_owner
+
+    # ------------------------------------------------------------ quotes
+
+    async def create_quote(
+        self, *, idempotency_key: str, opportunity_id: str, line_items: Sequence[LineItemIn]
+    ) -> sales_pb2.Quote:
+        principal = current_principal()
+        _require(opportunity_id, "opportunity_id")
+        if not line_items:
+            raise ValidationFailed([FieldError("line_items", "a quote needs at least one line item")])
+        items = [item.to_domain() for item in line_items]
+        currency = d.validate_line_items(items)
+        totals = d.line_totals(items)
+        async with self.uow.begin() as tx:
+            quote_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="quote", key=idempotency_key, resource_id=quote_id, now=self.clock()
+                )
+                if existing:
+                    return v.quote_proto(await self._quote_row(tx.conn, existing, scope=None))
+            opportunity = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope())
+            chain = d.quote_approval_chain(totals.max_discount_percent, self.quote_thresholds)
+            now = self.clock()
+            values = {
+                "id": quote_id,
+                "opportunity_id": opportunity_id,
+                "account_id": opportunity["account_id"],
+                "line_items": [v.line_item_json(item) for item in items],
+                "subtotal": totals.subtotal,
+                "discount_total": totals.discount_total,
+                "total": totals.total,
+                "currency": currency,
+                "max_discount_percent": totals.max_discount_percent,
+                "status": d.initial_quote_status(chain).value,
+                "approval_chain": chain,
+                "decisions": [],
+                "owner_id": opportunity["owner_id"],
+                "team": opportunity["team"],
+                "region": opportunity["region"],
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            await tx.conn.execute(insert(r.quotes).values(values))
+            proto = v.quote_proto(values)
+            tx.publish(events_pb2.QuoteCreated(quote=proto, actor=v.actor(principal)), key=quote_id)
+            return proto
+
+    async def _quote_row(
+        self, conn: AsyncConnection, quote_id: str, *, scope: RecordScope | None, lock: bool = False
+    ) -> RowMapping:
+        row = await r.load(conn, r.quotes, quote_id, scope=scope, lock=lock)
+        if row is None:
+            raise NotFound("quote", quote_id)
+        return row
+
+    async def get_quote(self, quote_id: str) -> sales_pb2.Quote:
+        async with self.engine.connect() as conn:
+            return v.quote_proto(await self._quote_row(conn, quote_id, scope=current_scope()))
+
+    async def list_quotes(self, page: Page, *, opportunity_id: str = "", status: str = "") -> PageOf:
+        q = r.quotes
+        query = select(q).where(scope_clause(q, current_scope()))
+        if opportunity_id:
+            query = query.where(q.c.opportunity_id == opportunity_id)
+        if status:
+            query = query.where(q.c.status == status)
+        return await self._page(query, q, page, v.quote_proto)
+
+    async def decide_quote(
+        self, quote_id: str, *, expected_version: int, decision: d.Decision, comment: str
+    ) -> sales_pb2.Quote:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._quote_row(tx.conn, quote_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "quote")
+            if row["status"] != d.QuoteStatus.PENDING_APPROVAL:
+                raise Conflict(f"quote {quote_id} is {row['status']}, not pending approval", reason="ILLEGAL_STATE")
+            steps = [d.ApprovalStep(x["role"], x["approver_id"], d.Decision(x["decision"])) for x in row["decisions"]]
+            role = d.approving_role(row["approval_chain"], steps, principal.roles)
+            now = self.clock()
+            record = {
+                "role": role,
+                "approver_id": principal.user_id,
+                "decision": decision.value,
+                "comment": comment,
+                "decided_at": _stamp(now),
+            }
+            decisions = [*row["decisions"], record]
+            steps.append(d.ApprovalStep(role, principal.user_id, decision))
+            if decision is d.Decision.REJECTED:
+                status = d.QuoteStatus.REJECTED
+            elif d.pending_roles(row["approval_chain"], steps):
+                status = d.QuoteStatus.PENDING_APPROVAL
+            else:
+                status = d.QuoteStatus.APPROVED
+            values = {"decisions": decisions, "status": status.value, "updated_at": now, "version": row["version"] + 1}
+            await tx.conn.execute(update(r.quotes).where(r.quotes.c.id == quote_id).values(values))
+            proto = v.quote_proto({**row, **values})
+            if status is d.QuoteStatus.APPROVED:
+                tx.publish(events_pb2.QuoteApproved(quote=proto, actor=v.actor(principal)), key=quote_id)
+            elif status is d.QuoteStatus.REJECTED:
+                tx.publish(
+                    events_pb2.QuoteRejected(quote=proto, comment=comment, actor=v.actor(principal)), key=quote_id
+                )
+            return proto
+
+    # ------------------------------------------------------------ contracts
+
+    async def create_contract(
+        self,
+        *,
+        idempotency_key: str,
+        opportunity_id: str,
+        account_id: str,
+        title: str,
+        amount: Money | None,
+        owner_id: str,
+        team: str,
+        region: str,
+        starts_on: date | None,
+        ends_on: date | None,
+    ) -> sales_pb2.Contract:
+        principal = current_principal()
+        if starts_on and ends_on and ends_on < starts_on:
+            raise ValidationFailed([FieldError("ends_on", "must not be before starts_on")])
+        async with self.uow.begin() as tx:
+            contract_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="contract", key=idempotency_key, resource_id=contract_id, now=self.clock()
+                )
+                if existing:
+                    return await self._contract_proto(tx.conn, await self._contract_row(tx.conn, existing, scope=None))
+            if opportunity_id:
+                opportunity = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope())
+                if opportunity["status"] != d.OpportunityStatus.WON:
+                    raise Conflict(
+                        f"opportunity {opportunity_id} is {opportunity['status']}; contracts come from won deals",
+                        existing_id=opportunity_id,
+                        reason="ILLEGAL_STATE",
+                    )
+                if account_id and account_id != opportunity["account_id"]:
+                    raise ValidationFailed([FieldError("account_id", "differs from the opportunity's account")])
+                account_id = opportunity["account_id"]
+                amount = amount or Money(opportunity["amount"], opportunity["currency"])
+                title = title or opportunity["name"]
+                owner_id = owner_id or opportunity["owner_id"]
+                team = team or opportunity["team"]
+                region = region or opportunity["region"]
+            errors = []
+            if not account_id:
+                errors.append(FieldError("account_id", "is required without an opportunity"))
+            if not title.strip():
+                errors.append(FieldError("title", "is required"))
+            if amount is None:
+                errors.append(FieldError("amount", "is required without an opportunity"))
+            errors += d.check_lengths({"account_id": account_id}, d.REF_LENGTH)
+            errors += d.check_lengths(
+                {"title": title, "owner_id": owner_id, "team": team, "region": region}, d.NAME_LENGTH
+            )
+            if errors:
+                raise ValidationFailed(errors)
+            assert amount is not None
+            d.require_valid_amount(amount, field_name="amount", allow_zero=False)
+            now = self.clock()
+            month = d.month_key(now.date())
+            sequence = await r.next_contract_sequence(tx.conn, month)
+            values = {
+                "id": contract_id,
+                "number": d.contract_number(now.year, now.month, sequence),
+                "opportunity_id": opportunity_id,
+                "account_id": account_id,
+                "title": title.strip(),
+                "amount": amount.amount,
+                "currency": amount.currency,
+                "paid_amount": Decimal(0),
+                "invoiced_amount": Decimal(0),
+                "status": d.ContractStatus.DRAFT.value,
+                "approval_chain": d.contract_approval_chain(amount.amount, self.contract_thresholds),
+                "approval_round": 0,
+                "owner_id": owner_id or principal.user_id,
+                "team": team or principal.team,
+                "region": region or principal.region,
+                "starts_on": starts_on,
+                "ends_on": ends_on,
+                "signed_at": None,
+                "completed_at": None,
+                "terminated_at": None,
+                "terminated_reason": "",
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            await tx.conn.execute(insert(r.contracts).values(values))
+            proto = v.contract_proto(values, [])
+            tx.publish(events_pb2.ContractCreated(contract=proto, actor=v.actor(principal)), key=contract_id)
+            return proto
+
+    async def _contract_row(
+        self, conn: AsyncConnection, contract_id: str, *, scope: RecordScope | None, lock: bool = False
+    ) -> RowMapping:
+        row = await r.load(conn, r.contracts, contract_id, scope=scope, lock=lock)
+        if row is None:
+            raise NotFound("contract", contract_id)
+        return row
+
+    async def _contract_proto(self, conn: AsyncConnection, row: RowMapping | dict[str, Any]) -> sales_pb2.Contract:
+        return v.contract_proto(row, await r.contract_decisions_of(conn, row["id"]))
+
+    async def get_contract(self, contract_id: str) -> sales_pb2.Contract:
+        async with self.engine.connect() as conn:
+            return await self._contract_proto(conn, await self._contract_row(conn, contract_id, scope=current_scope()))
+
+    async def list_contracts(
+        self, page: Page, *, account_id: str = "", status: str = "", opportunity_id: str = "", owner_id: str = ""
+    ) -> PageOf:
+        c = r.contracts
+        query = select(c).where(scope_clause(c, current_scope()))
+        for column, value in (
+            (c.c.account_id, account_id),
+            (c.c.status, status),
+            (c.c.opportunity_id, opportunity_id),
+            (c.c.owner_id, owner_id),
+        ):
+            if value:
+                query = query.where(column == value)
+        limit = page_limit(page.limit)
+        column, descending = parse_sort(
+            page.sort, {"created_at": c.c.created_at, "updated_at": c.c.updated_at}, default="-created_at"
+        )
+        query = keyset_page(
+            query, sort_column=column, id_column=c.c.id, descending=descending, cursor=page.cursor, limit=limit
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            decisions: dict[str, list[RowMapping]] = {}
+            ids = [row["id"] for row in rows[:limit]]
+            if ids:
+                found = await conn.execute(
+                    select(r.contract_decisions)
+                    .where(r.contract_decisions.c.contract_id.in_(ids))
+                    .order_by(r.contract_decisions.c.decided_at, r.contract_decisions.c.id)
+                )
+                for decision in found.mappings():
+                    decisions.setdefault(decision["contract_id"], []).append(decision)
+        items = [v.contract_proto(row, decisions.get(row["id"], [])) for row in rows[:limit]]
+        return PageOf(items, next_cursor(rows, sort_key=column.key, limit=limit))
+
+    async def submit_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "contract")
+            d.check_contract_transition(row["status"], d.ContractStatus.PENDING_APPROVAL, contract_id=contract_id)
+            values = {
+                "status": d.ContractStatus.PENDING_APPROVAL.value,
+                "approval_chain": d.contract_approval_chain(row["amount"], self.contract_thresholds),
+                "approval_round": row["approval_round"] + 1,
+            }
+            proto = await self._save_contract(tx, row, values)
+            tx.publish(events_pb2.ContractSubmitted(contract=proto, actor=v.actor(principal)), key=contract_id)
+            return proto
+
+    async def decide_contract(
+        self, contract_id: str, *, expected_version: int, decision: d.Decision, comment: str
+    ) -> sales_pb2.Contract:
+        """One step of the chain, decided by the role the chain waits for (from the principal)."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "contract")
+            target = d.ContractStatus.APPROVED if decision is d.Decision.APPROVED else d.ContractStatus.REJECTED
+            if row["status"] != d.ContractStatus.PENDING_APPROVAL:
+                d.check_contract_transition(row["status"], target, contract_id=contract_id)
+            history = await r.contract_decisions_of(tx.conn, contract_id)
+            steps = [
+                d.ApprovalStep(x["role"], x["approver_id"], d.Decision(x["decision"]))
+                for x in history
+                if x["round"] == row["approval_round"]
+            ]
+            role = d.approving_role(row["approval_chain"], steps, principal.roles)
+            now = self.clock()
+            record = {
+                "id": new_id(),
+                "contract_id": contract_id,
+                "round": row["approval_round"],
+                "role": role,
+                "approver_id": principal.user_id,
+                "decision": decision.value,
+                "comment": comment,
+                "decided_at": now,
+            }
+            await tx.conn.execute(insert(r.contract_decisions).values(record))
+            steps.append(d.ApprovalStep(role, principal.user_id, decision))
+            values: dict[str, Any] = {}
+            if decision is d.Decision.REJECTED:
+                values["status"] = d.ContractStatus.REJECTED.value
+            elif not d.pending_roles(row["approval_chain"], steps):
+                values["status"] = d.ContractStatus.APPROVED.value
+            proto = await self._save_contract(tx, row, values)
+            actor = v.actor(principal)
+            tx.publish(
+                events_pb2.ContractApprovalRecorded(contract=proto, decision=v.decision_proto(record), actor=actor),
+                key=contract_id,
+            )
+            if values.get("status") == d.ContractStatus.APPROVED:
+                tx.publish(events_pb2.ContractApproved(contract=proto, actor=actor), key=contract_id)
+            elif values.get("status") == d.ContractStatus.REJECTED:
+                tx.publish(events_pb2.ContractRejected(contract=proto, comment=comment, actor=actor), key=contract_id)
+            return proto
+
+    async def sign_contract(
+        self, contract_id: str, *, expected_version: int, signed_at: datetime | None
+    ) -> sales_pb2.Contract:
+        return await self._move_contract(
+            contract_id, d.ContractStatus.SIGNED, expected_version=expected_version,
+            extra={"signed_at": signed_at or self.clock()},
+        )  # fmt: skip
+
+    async def complete_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
+        return await self._move_contract(
+            contract_id, d.ContractStatus.COMPLETED, expected_version=expected_version,
+            extra={"completed_at": self.clock()},
+        )  # fmt: skip
+
+    async def terminate_contract(self, contract_id: str, *, expected_version: int, reason: str) -> sales_pb2.Contract:
+        _require(reason, "reason")
+        return await self._move_contract(
+            contract_id, d.ContractStatus.TERMINATED, expected_version=expected_version,
+            extra={"terminated_at": self.clock(), "terminated_reason": reason.strip()},
+        )  # fmt: skip
+
+    async def _move_contract(
+        self, contract_id: str, target: d.ContractStatus, *, expected_version: int, extra: dict[str, Any]
+    ) -> sales_pb2.Contract:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "contract")
+            d.check_contract_transition(row["status"], target, contract_id=contract_id)
+            proto = await self._save_contract(tx, row, {"status": target.value, **extra})
+            actor = v.actor(principal)
+            event: Any
+            match target:
+                case d.ContractStatus.SIGNED:
+                    event = events_pb2.ContractSigned(contract=proto, actor=actor)
+                case d.ContractStatus.COMPLETED:
+                    event = events_pb2.ContractCompleted(contract=proto, actor=actor)
+                case _:
+                    event = events_pb2.ContractTerminated(
+                        contract=proto, reason=extra.get("terminated_reason", ""), actor=actor
+                    )
+            tx.publish(event, key=contract_id)
+            return proto
+
+    async def _save_contract(self, tx: Transaction, row: RowMapping, values: dict[str, Any]) -> sales_pb2.Contract:
+        values = {**values, "updated_at": self.clock(), "version": row["version"] + 1}
+        await tx.conn.execute(update(r.contracts).where(r.contracts.c.id == row["id"]).values(values))
+        return await self._contract_proto(tx.conn, {**row, **values})
+
+    # ------------------------------------------------------------ payment plans
+
+    async def create_payment_plan(
+        self, *, idempotency_key: str, contract_id: str, installments: Sequence[tuple[date, Money]]
+    ) -> sales_pb2.PaymentPlan:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            plan_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="payment_plan", key=idempotency_key, resource_id=plan_id, now=self.clock()
+                )
+                if existing:
+                    return await self._plan_proto(tx.conn, existing_plan_id=existing)
+            contract = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            if contract["status"] not in d.CONTRACTS_ACCEPTING_PLANS:
+                raise Conflict(
+                    f"contract {contract_id} is {contract['status']}; "
+                    "payment plans need an approved or signed contract",
+                    reason="ILLEGAL_STATE",
+                )
+            present = await r.plan_of(tx.conn, contract_id)
+            if present is not None:
+                raise AlreadyExists(
+                    f"contract {contract_id} already has payment plan {present['id']}", existing_id=present["id"]
+                )
+            contract_amount = Money(contract["amount"], contract["currency"])
+            planned = d.validate_payment_plan(contract_amount, installments)
+            now = self.clock()
+            plan = {
+                "id": plan_id,
+                "contract_id": contract_id,
+                "total": contract_amount.amount,
+                "currency": contract_amount.currency,
+                "created_at": now,
+            }
+            await tx.conn.execute(insert(r.payment_plans).values(plan))
+            today = self.today()
+            rows = [
+                {
+                    "id": new_id(),
+                    "plan_id": plan_id,
+                    "contract_id": contract_id,
+                    "sequence": sequence,
+                    "due_date": item.due_date,
+                    "amount": item.amount,
+                    "paid": Decimal(0),
+                    "currency": contract_amount.currency,
+                    "status": d.InstallmentStatus.PENDING.value,
+                    "overdue_at": None,
+                }
+                for sequence, item in enumerate(planned, start=1)
+            ]
+            await tx.conn.execute(insert(r.installments), rows)
+            # Money already received before the plan existed is allocated to it now.
+            if contract["paid_amount"] > 0:
+                states = [self._installment_state(row) for row in rows]
+                allocated = d.allocate_payment(contract["paid_amount"], states, today)
+                await self._save_installments(tx.conn, allocated.installments)
+                rows = [
+                    dict(row, paid=s.paid, status=s.status.value)
+                    for row, s in zip(rows, allocated.installments, strict=True)
+                ]
+            proto = v.plan_proto(plan, rows)
+            tx.publish(
+                events_pb2.PaymentPlanCreated(
+                    payment_plan=proto, contract_amount=contract_amount.to_proto(), actor=v.actor(principal)
+                ),
+                key=contract_id,
+            )
+            return proto
+
+    async def _plan_proto(
+        self, conn: AsyncConnection, *, contract_id: str = "", existing_plan_id: str = ""
+    ) -> sales_pb2.PaymentPlan:
+        p = r.payment_plans
+        query = (
+            select(p).where(p.c.id == existing_plan_id)
+            if existing_plan_id
+            else select(p).where(p.c.contract_id == contract_id)
+        )
+        plan = (await conn.execute(query)).mappings().first()
+        if plan is None:
+            raise NotFound("payment plan", contract_id or existing_plan_id)
+        return v.plan_proto(plan, await r.installments_of(conn, plan["contract_id"]))
+
+    async def get_payment_plan(self, contract_id: str) -> sales_pb2.PaymentPlan:
+        async with self.engine.connect() as conn:
+            await self._contract_row(conn, contract_id, scope=current_scope())
+            return await self._plan_proto(conn, contract_id=contract_id)
+
+    @staticmethod
+    def _installment_state(row: RowMapping | dict[str, Any]) -> d.InstallmentState:
+        return d.InstallmentState(
+            id=row["id"],
+            sequence=row["sequence"],
+            due_date=row["due_date"],
+            amount=row["amount"],
+            paid=row["paid"],
+            status=d.InstallmentStatus(row["status"]),
+        )
+
+    @staticmethod
+    async def _save_installments(conn: AsyncConnection, states: Sequence[d.InstallmentState]) -> None:
+        i = r.installments
+        for state in states:
+            await conn.execute(update(i).where(i.c.id == state.id).values(paid=state.paid, status=state.status.value))
+
+    # ------------------------------------------------------------ payments
+
+    async def record_payment(
+        self,
+        *,
+        contract_id: str,
+        amount: Money,
+        received_at: datetime | None,
+        method: str,
+        external_reference: str,
+        scope: RecordScope | None = None,
+    ) -> tuple[sales_pb2.Payment, bool]:
+        """Books a payment once per external reference and allocates it to installments oldest
+        first. Returns the payment and whether it was new (False: the first result of the reference)."""
+        async with self.uow.begin() as tx:
+            return await self.record_payment_in(
+                tx,
+                contract_id=contract_id,
+                amount=amount,
+                received_at=received_at,
+                method=method,
+                external_reference=external_reference,
+                scope=current_scope() if scope is None else scope,
+            )
+
+    async def record_payment_in(
+        self,
+        tx: Transaction,
+        *,
+        contract_id: str,
+        amount: Money,
+        received_at: datetime | None,
+        method: str,
+        external_reference: str,
+        scope: RecordScope,
+    ) -> tuple[sales_pb2.Payment, bool]:
+        """`record_payment` inside a given transaction (the ERP consumer's, with its inbox row)."""
+        principal = current_principal()
+        reference = external_reference.strip()
+        errors = []
+        if not reference:
+            errors.append(FieldError("external_reference", "is required (it is the idempotency key)"))
+        if not contract_id:
+            errors.append(FieldError("contract_id", "is required"))
+        if errors:
+            raise ValidationFailed(errors)
+        contract = await self._contract_row(tx.conn, contract_id, scope=scope, lock=True)
+        # Checked under the contract lock, so a concurrent posting of the same reference sees ours.
+        existing = await r.payment_by_reference(tx.conn, reference)
+        if existing is not None:
+            if existing["contract_id"] != contract_id:
+                raise Conflict(
+                    f"external_reference {reference!r} was posted for contract {existing['contract_id']}",
+                    existing_id=existing["id"],
+                    reason="REFERENCE_REUSED",
+                )
+            return v.payment_proto(existing), False
+        if contract["status"] not in d.CONTRACTS_IN_FORCE:
+            raise Conflict(
+                f"contract {contract_id} is {contract['status']}; payments need a signed contract",
+                reason="ILLEGAL_STATE",
+            )
+        contract_amount = Money(contract["amount"], contract["currency"])
+        d.check_payment(amount, contract_amount=contract_amount, already_paid=contract["paid_amount"])
+        now = self.clock()
+        rows = await r.installments_of(tx.conn, contract_id, lock=True)
+        allocations: list[tuple[str, Decimal]] = []
+        if rows:
+            result = d.allocate_payment(amount.amount, [self._installment_state(row) for row in rows], self.today())
+            allocations = result.allocations
+            changed = {installment_id for installment_id, _ in allocations}
+            await self._save_installments(tx.conn, [s for s in result.installments if s.id in changed])
+        payment = {
+            "id": new_id(),
+            "contract_id": contract_id,
+            "account_id": contract["account_id"],
+            "amount": amount.amount,
+            "currency": amount.currency,
+            "received_at": received_at or now,
+            "method": method.strip(),
+            "external_reference": reference,
+            "allocations": [{"installment_id": i, "amount": format(a, "f")} for i, a in allocations],
+            "created_at": now,
+        }
+        # The contract lock serialises postings of one contract; a reference reused concurrently on
+        # another contract is caught here (no savepoint needed: nothing is written on conflict).
+        if not await insert_ignore(tx.conn, r.payments, payment, keys=["external_reference"]):
+            raise Conflict(f"external_reference {reference!r} is already used", reason="REFERENCE_REUSED")
+        paid = contract["paid_amount"] + amount.amount
+        await tx.conn.execute(
+            update(r.contracts)
+            .where(r.contracts.c.id == contract_id)
+            .values(paid_amount=paid, updated_at=now, version=contract["version"] + 1)
+        )
+        proto = v.payment_proto(payment)
+        tx.publish(
+            events_pb2.PaymentReceived(
+                payment=proto,
+                contract_outstanding=v.money(contract_amount.amount - paid, contract_amount.currency),
+                actor=v.actor(principal),
+            ),
+            key=contract_id,
+        )
+        return proto, True
+
+    async def list_payments(self, page: Page, *, contract_id: str = "", account_id: str = "") -> PageOf:
+        p, c = r.payments, r.contracts
+        query = select(p).join(c, c.c.id == p.c.contract_id).where(scope_clause(c, current_scope()))
+        if contract_id:
+            query = query.where(p.c.contract_id == contract_id)
+        if account_id:
+            query = query.where(p.c.account_id == account_id)
+        return await self._page(query, p, page, v.payment_proto)
+
+    async def list_receivables(self, account_id: str, page: Page) -> Receivables:
+        _require(account_id, "account_id")
+        c = r.contracts
+        query = select(c).where(
+            scope_clause(c, current_scope()),
+            c.c.account_id == account_id,
+            c.c.status.in_([s.value for s in d.CONTRACTS_IN_FORCE]),
+        )
+        limit = page_limit(page.limit)
+        query = keyset_page(
+            query, sort_column=c.c.created_at, id_column=c.c.id, descending=True, cursor=page.cursor, limit=limit
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+            ids = [row["id"] for row in rows[:limit]]
+            overdue = await r.overdue_amounts(conn, ids, self.today())
+            due = await r.next_due_dates(conn, ids)
+        items = []
+        outstanding_total: dict[str, Decimal] = {}
+        overdue_total: dict[str, Decimal] = {}
+        for row in rows[:limit]:
+            currency = row["currency"]
+            outstanding = row["amount"] - row["paid_amount"]
+            late = overdue.get(row["id"], Decimal(0))
+            outstanding_total[currency] = outstanding_total.get(currency, Decimal(0)) + outstanding
+            overdue_total[currency] = overdue_total.get(currency, Decimal(0)) + late
+            items.append(
+                sales_pb2.Receivable(
+                    contract_id=row["id"],
+                    contract_number=row["number"],
+                    account_id=row["account_id"],
+                    status=row["status"],
+                    amount=v.money(row["amount"], currency),
+                    paid=v.money(row["paid_amount"], currency),
+                    outstanding=v.money(outstanding, currency),
+                    overdue=v.money(late, currency),
+                    invoiced=v.money(row["invoiced_amount"], currency),
+                    next_due_date=v.iso(due.get(row["id"])),
+                )
+            )
+        return Receivables(
+            items, next_cursor(rows, sort_key="created_at", limit=limit), outstanding_total, overdue_total
+        )
+
+    # ------------------------------------------------------------ overdue installments (timer)
+
+    async def mark_overdue_installments(self, batch_size: int) -> int:
+        """Claims open installments of signed contracts past their due date (SKIP LOCKED: replicas
+        share the work), marks them overdue and publishes one event each, in one transaction."""
+        i, c = r.installments, r.contracts
+        today = self.today()
+        claim = (
+            select(i)
+            .join(c, c.c.id == i.c.contract_id)
+            .where(
+                i.c.status.in_([d.InstallmentStatus.PENDING.value, d.InstallmentStatus.PARTIALLY_PAID.value]),
+                i.c.due_date < today,
+                c.c.status == d.ContractStatus.SIGNED.value,
+            )
+            .order_by(i.c.due_date, i.c.id)
+            .limit(batch_size)
+        )
+        if self.engine.dialect.name == "postgresql":
+            claim = claim.with_for_update(skip_locked=True, of=i)
+        async with self.uow.begin() as tx:
+            rows = (await tx.conn.execute(claim)).mappings().all()
+            if not rows:
+                return 0
+            now = self.clock()
+            await tx.conn.execute(
+                update(i)
+                .where(i.c.id.in_([row["id"] for row in rows]))
+                .values(status=d.InstallmentStatus.OVERDUE.value, overdue_at=now)
+            )
+            found = await tx.conn.execute(
+                select(c.c.id, c.c.account_id).where(c.c.id.in_({row["contract_id"] for row in rows}))
+            )
+            accounts: dict[str, str] = {contract_id: account_id for contract_id, account_id in found}
+            for row in rows:
+                installment = v.installment_proto(
+                    {**row, "status": d.InstallmentStatus.OVERDUE.value, "overdue_at": now}
+                )
+                tx.publish(
+                    events_pb2.InstallmentOverdue(
+                        contract_id=row["contract_id"], installment=installment, account_id=accounts[row["contract_id"]]
+                    ),
+                    key=row["contract_id"],
+                )
+            return len(rows)
+
+    # ------------------------------------------------------------ invoices
+
+    async def request_invoice(self, *, idempotency_key: str, contract_id: str, amount: Money) -> sales_pb2.Invoice:
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            invoice_id = new_id()
+            if idempotency_key:
+                existing = await r.claim_idempotency_key(
+                    tx.conn, operation="invoice", key=idempotency_key, resource_id=invoice_id, now=self.clock()
+                )
+                if existing:
+                    return v.invoice_proto(await self._invoice_row(tx.conn, existing))
+            contract = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            values = await self._new_invoice(tx, contract, amount, invoice_id=invoice_id)
+            proto = v.invoice_proto(values)
+            tx.publish(events_pb2.InvoiceRequested(invoice=proto, actor=v.actor(principal)), key=invoice_id)
+            return proto
+
+    async def _new_invoice(
+        self,
+        tx: Transaction,
+        contract: RowMapping,
+        amount: Money,
+        *,
+        invoice_id: str,
+        number: str = "",
+        issued_at: datetime | None = None,
+        external_reference: str = "",
+    ) -> dict[str, Any]:
+        """Checks the limit under the contract lock and writes the invoice (requested, or issued
+        when a number is given) and the contract's new invoiced amount."""
+        if contract["status"] not in d.CONTRACTS_IN_FORCE:
+            raise Conflict(
+                f"contract {contract['id']} is {contract['status']}; invoices need a signed contract",
+                reason="ILLEGAL_STATE",
+            )
+        d.check_invoice_amount(
+            amount,
+            contract_amount=Money(contract["amount"], contract["currency"]),
+            already_invoiced=contract["invoiced_amount"],
+        )
+        now = self.clock()
+        values = {
+            "id": invoice_id,
+            "contract_id": contract["id"],
+            "account_id": contract["account_id"],
+            "number": number or None,
+            "amount": amount.amount,
+            "currency": amount.currency,
+            "status": (d.InvoiceStatus.ISSUED if number else d.InvoiceStatus.REQUESTED).value,
+            "external_reference": external_reference or None,
+            "requested_at": issued_at or now,
+            "issued_at": (issued_at or now) if number else None,
+            "voided_at": None,
+            "void_reason": "",
+            "version": 1,
+        }
+        try:
+            async with tx.conn.begin_nested():
+                await tx.conn.execute(insert(r.invoices).values(values))
+        except IntegrityError:
+            raise AlreadyExists(f"invoice number {number!r} is already used") from None
+        await tx.conn.execute(
+            update(r.contracts)
+            .where(r.contracts.c.id == contract["id"])
+            .values(
+                invoiced_amount=contract["invoiced_amount"] + amount.amount,
+                updated_at=now,
+                version=contract["version"] + 1,
+            )
+        )
+        return values
+
+    async def _invoice_row(
+        self, conn: AsyncConnection, invoice_id: str, *, scope: RecordScope | None = None, lock: bool = False
+    ) -> RowMapping:
+        query = select(r.invoices).where(r.invoices.c.id == invoice_id)
+        if scope is not None:
+            query = query.join(r.contracts, r.contracts.c.id == r.invoices.c.contract_id).where(
+                scope_clause(r.contracts, scope)
+            )
+        if lock:
+            query = query.with_for_update(of=r.invoices) if conn.dialect.name == "postgresql" else query
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound("invoice", invoice_id)
+        return row
+
+    async def get_invoice(self, invoice_id: str) -> sales_pb2.Invoice:
+        async with self.engine.connect() as conn:
+            return v.invoice_proto(await self._invoice_row(conn, invoice_id, scope=current_scope()))
+
+    async def list_invoices(
+        self, page: Page, *, contract_id: str = "", status: str = "", account_id: str = ""
+    ) -> PageOf:
+        i, c = r.invoices, r.contracts
+        query = select(i).join(c, c.c.id == i.c.contract_id).where(scope_clause(c, current_scope()))
+        for column, value in ((i.c.contract_id, contract_id), (i.c.status, status), (i.c.account_id, account_id)):
+            if value:
+                query = query.where(column == value)
+        limit = page_limit(page.limit)
+        query = keyset_page(
+            query, sort_column=i.c.requested_at, id_column=i.c.id, descending=True, cursor=page.cursor, limit=limit
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return PageOf(
+            [v.invoice_proto(row) for row in rows[:limit]], next_cursor(rows, sort_key="requested_at", limit=limit)
+        )
+
+    async def issue_invoice(self, invoice_id: str, *, number: str, issued_at: datetime | None) -> sales_pb2.Invoice:
+        principal = current_principal()
+        _require(number, "number")
+        async with self.uow.begin() as tx:
+            row = await self._invoice_row(tx.conn, invoice_id, scope=current_scope(), lock=True)
+            d.check_invoice_transition(row["status"], d.InvoiceStatus.ISSUED, invoice_id=invoice_id)
+            values = {
+                "status": d.InvoiceStatus.ISSUED.value,
+                "number": number.strip(),
+                "issued_at": issued_at or self.clock(),
+                "version": row["version"] + 1,
+            }
+            try:
+                async with tx.conn.begin_nested():
+                    await tx.conn.execute(update(r.invoices).where(r.invoices.c.id == invoice_id).values(values))
+            except IntegrityError:
+                raise AlreadyExists(f"invoice number {number!r} is already used") from None
+            proto = v.invoice_proto({**row, **values})
+            tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(principal)), key=invoice_id)
+            return proto
+
+    async def void_invoice(self, invoice_id: str, *, reason: str) -> sales_pb2.Invoice:
+        principal = current_principal()
+        _require(reason, "reason")
+        async with self.uow.begin() as tx:
+            row = await self._invoice_row(tx.conn, invoice_id, scope=current_scope())
+            # Lock order contract → invoice, the same as issuing and requesting.
+            contract = await self._contract_row(tx.conn, row["contract_id"], scope=None, lock=True)
+            row = await self._invoice_row(tx.conn, invoice_id, lock=True)
+            d.check_invoice_transition(row["status"], d.InvoiceStatus.VOID, invoice_id=invoice_id)
+            now = self.clock()
+            values = {
+                "status": d.InvoiceStatus.VOID.value,
+                "voided_at": now,
+                "void_reason": reason.strip(),
+                "version": row["version"] + 1,
+            }
+            await tx.conn.execute(update(r.invoices).where(r.invoices.c.id == invoice_id).values(values))
+            await tx.conn.execute(
+                update(r.contracts)
+                .where(r.contracts.c.id == contract["id"])
+                .values(
+                    invoiced_amount=contract["invoiced_amount"] - row["amount"],
+                    updated_at=now,
+                    version=contract["version"] + 1,
+                )
+            )
+            proto = v.invoice_proto({**row, **values})
+            tx.publish(
+                events_pb2.InvoiceVoided(invoice=proto, reason=reason.strip(), actor=v.actor(principal)), key=invoice_id
+            )
+            return proto
+
+    async def record_erp_invoice(
+        self,
+        tx: Transaction,
+        *,
+        contract_id: str,
+        amount: Money,
+        number: str,
+        issued_at: datetime | None,
+        external_reference: str,
+    ) -> tuple[sales_pb2.Invoice, bool]:
+        """An invoice the ERP issued: the same limit as the API, idempotent by external reference."""
+        errors = []
+        if not external_reference.strip():
+            errors.append(FieldError("external_reference", "is required (it is the idempotency key)"))
+        if not number.strip():
+            errors.append(FieldError("number", "is required"))
+        if not contract_id:
+            errors.append(FieldError("contract_id", "is required"))
+        if errors:
+            raise ValidationFailed(errors)
+        contract = await self._contract_row(tx.conn, contract_id, scope=None, lock=True)
+        existing = await r.invoice_by_reference(tx.conn, external_reference.strip())
+        if existing is not None:
+            if existing["contract_id"] != contract_id:
+                raise Conflict(
+                    f"external_reference {external_reference!r} was posted for contract {existing['contract_id']}",
+                    existing_id=existing["id"],
+                    reason="REFERENCE_REUSED",
+                )
+            return v.invoice_proto(existing), False
+        values = await self._new_invoice(
+            tx,
+            contract,
+            amount,
+            invoice_id=new_id(),
+            number=number.strip(),
+            issued_at=issued_at,
+            external_reference=external_reference.strip(),
+        )
+        proto = v.invoice_proto(values)
+        tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=values["id"])
+        return proto, True
+
+    # ------------------------------------------------------------ account events
+
+    async def repoint_account(self, tx: Transaction, *, duplicate_id: str, survivor_id: str) -> int:
+        """account.merged: every record of the duplicate now belongs to the survivor."""
+        o = r.opportunities
+        moved = (
+            (await tx.conn.execute(select(o).where(o.c.account_id == duplicate_id).with_for_update())).mappings().all()
+        )
+        now = self.clock()
+        if moved:
+            await tx.conn.execute(
+                update(o)
+                .where(o.c.account_id == duplicate_id)
+                .values(account_id=survivor_id, updated_at=now, version=o.c.version + 1)
+            )
+        for table in (r.contracts, r.quotes, r.payments, r.invoices):
+            values: dict[str, Any] = {"account_id": survivor_id}
+            if table is r.contracts:
+                values.update(updated_at=now, version=table.c.version + 1)
+            await tx.conn.execute(update(table).where(table.c.account_id == duplicate_id).values(values))
+        principal = current_principal()
+        for row in moved:
+            proto = v.opportunity_proto(
+                {**row, "account_id": survivor_id, "updated_at": now, "version": row["version"] + 1}
+            )
+            tx.publish(
+                events_pb2.OpportunityUpdated(
+                    opportunity=proto, changed_fields=["account_id"], actor=v.actor(principal)
+                ),
+                key=row["id"],
+            )
+        return len(moved)
+
+    async def follow_account_owner(
+        self, tx: Transaction, *, account_id: str, previous_owner_id: str, new_owner_id: str, team: str, region: str
+    ) -> int:
+        """account.transferred: the previous owner's open deals and running contracts of the
+        account move to the new owner (人走客户不走)."""
+        o, c = r.opportunities, r.contracts
+        now = self.clock()
+        moved = (
+            (
+                await tx.conn.execute(
+                    select(o)
+                    .where(
+                        o.c.account_id == account_id,
+                        o.c.owner_id == previous_owner_id,
+                        o.c.status == d.OpportunityStatus.OPEN.value,
+                    )
+                    .with_for_update()
+                )
+            )
+            .mappings()
+            .all()
+        )
+        values: dict[str, Any] = {"owner_id": new_owner_id, "updated_at": now}
+        if team:
+            values["team"] = team
+        if region:
+            values["region"] = region
+        if moved:
+            await tx.conn.execute(
+                update(o).where(o.c.id.in_([row["id"] for row in moved])).values(**values, version=o.c.version + 1)
+            )
+        await tx.conn.execute(
+            update(c)
+            .where(
+                c.c.account_id == account_id,
+                c.c.owner_id == previous_owner_id,
+                c.c.status.in_(r.ACTIVE_CONTRACT_STATUSES),
+            )
+            .values(**values, version=c.c.version + 1)
+        )
+        principal = current_principal()
+        for row in moved:
+            changed = sorted(
+                name for name in ("owner_id", "team", "region") if name in values and values[name] != row[name]
+            )
+            proto = v.opportunity_proto({**row, **values, "version": row["version"] + 1})
+            tx.publish(
+                events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
+                key=row["id"],
+            )
+        return len(moved)
+
+    # ------------------------------------------------------------ custom fields
+
+    @staticmethod
+    async def _definitions(conn: AsyncConnection) -> list[cf.FieldDefinition]:
+        t = r.custom_fields
+        rows = (await conn.execute(select(t).where(t.c.entity == OPPORTUNITY_ENTITY))).mappings().all()
+        return [
+            cf.FieldDefinition(
+                entity=row["entity"],
+                key=row["key"],
+                label=row["label"],
+                type=cf.FieldType(row["type"]),
+                required=row["required"],
+                options=tuple(row["options"]),
+                pii=row["pii"],
+                version=row["version"],
+            )
+            for row in rows
+        ]
+
+    async def upsert_custom_field(
+        self,
+        *,
+        entity: str,
+        key: str,
+        label: str,
+        type_name: str,
+        required: bool,
+        options: list[str],
+        pii: bool,
+        expected_version: int,
+    ) -> RowMapping:
+        errors = cf.check_definition(entity, key, label, type_name, options)
+        if entity in cf.ENTITIES and entity != OPPORTUNITY_ENTITY:
+            errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
+        if errors:
+            raise ValidationFailed(errors)
+        t = r.custom_fields
+        where = (t.c.entity == entity, t.c.key == key)
+        async with self.uow.begin() as tx:
+            current = (await tx.conn.execute(select(t).where(*where).with_for_update())).mappings().first()
+            values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
+            if current is None:
+                if expected_version:
+                    raise NotFound("custom field", f"{entity}.{key}")
+                await tx.conn.execute(
+                    insert(t).values(entity=entity, key=key, created_at=self.clock(), version=1, **values)
+                )
+            else:
+                if expected_version and current["version"] != expected_version:
+                    raise StaleVersion("custom field", f"{entity}.{key}", current["version"])
+                await tx.conn.execute(update(t).where(*where).values(version=current["version"] + 1, **values))
+            return (await tx.conn.execute(select(t).where(*where))).mappings().one()
+
+    async def list_custom_fields(self, entity: str) -> list[RowMapping]:
+        if entity != OPPORTUNITY_ENTITY:
+            raise ValidationFailed([FieldError("entity", f"must be {OPPORTUNITY_ENTITY}")])
+        t = r.custom_fields
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key))).mappings())
+
+    async def delete_custom_field(self, entity: str, key: str) -> None:
+        t = r.custom_fields
+        async with self.uow.begin() as tx:
+            result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
+            if result.rowcount == 0:
+                raise NotFound("custom field", f"{entity}.{key}")
+
+    # ------------------------------------------------------------ shared paging
+
+    async def _page(self, query: Any, table: Any, page: Page, convert: Callable[[v.Row], Any]) -> PageOf:
+        limit = page_limit(page.limit)
+        query = keyset_page(
+            query,
+            sort_column=table.c.created_at,
+            id_column=table.c.id,
+            descending=True,
+            cursor=page.cursor,
+            limit=limit,
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).mappings().all()
+        return PageOf([convert(row) for row in rows[:limit]], next_cursor(rows, sort_key="created_at", limit=limit))

@@ -1,0 +1,510 @@
+"""Tables of the sales service (SQLAlchemy Core) and the queries the handlers share.
+
+Money columns are `Amount`: NUMERIC(20, 4) on PostgreSQL; on SQLite (no decimal type, its
+NUMERIC is a float) an integer of ten-thousandths, so sums stay exact there too. Every amount has
+a currency column beside it.
+"""
+
+from collections.abc import Sequence
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from crm_platform.db import insert_ignore
+from crm_platform.outbox import add_messaging_tables
+from crm_platform.principal import RecordScope, scope_clause
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    select,
+    type_coerce,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect, RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from sales.domain import REF_LENGTH, ContractStatus, OpportunityStatus
+
+SCALE = Decimal("10000")
+
+
+class Amount(TypeDecorator[Decimal]):
+    """Exact money amounts on every dialect (see the module docstring)."""
+
+    impl = Numeric(20, 4)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(BigInteger())
+        return dialect.type_descriptor(Numeric(20, 4, asdecimal=True))
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> Any:
+        if value is None or dialect.name != "sqlite":
+            return value
+        return int((Decimal(value) * SCALE).to_integral_exact())
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if dialect.name == "sqlite":
+            return Decimal(int(value)) / SCALE
+        return Decimal(value)
+
+    @property
+    def python_type(self) -> type[Decimal]:
+        return Decimal
+
+
+metadata = MetaData()
+add_messaging_tables(metadata)
+
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+_ID = String(36)
+# Ids of other services' records: opaque, up to REF_LENGTH characters.
+_REF = String(REF_LENGTH)
+_TS = DateTime(timezone=True)
+_NAME = String(200)
+_CCY = String(3)
+
+
+def _money(name: str) -> Column[Decimal]:
+    return Column(name, Amount(), nullable=False, server_default="0")
+
+
+pipelines = Table(
+    "pipelines",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("name", _NAME, nullable=False),
+    # Ordered stage definitions; small and always read whole.
+    Column("stages", _JSON, nullable=False),
+    Column("is_default", Boolean, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+)
+
+opportunities = Table(
+    "opportunities",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("account_id", _REF, nullable=False),
+    Column("primary_contact_id", _REF, nullable=False, server_default=""),
+    Column("name", _NAME, nullable=False),
+    Column("pipeline_id", _ID, ForeignKey("pipelines.id"), nullable=False),
+    Column("stage", String(64), nullable=False),
+    # Win probability of the stage in basis points (2500 = 25 %), so weighted sums are exact.
+    Column("probability_bp", Integer, nullable=False),
+    _money("amount"),
+    Column("currency", _CCY, nullable=False),
+    Column("expected_close_date", Date),
+    Column("close_date", Date),
+    # YYYYMM of the close date (closed deals) or the expected close date (open ones): the forecast bucket.
+    Column("forecast_month", Integer),
+    Column("forecast_category", String(16), nullable=False),
+    Column("owner_id", _NAME, nullable=False),
+    Column("team", _NAME, nullable=False, server_default=""),
+    Column("region", _NAME, nullable=False, server_default=""),
+    Column("source_lead_id", _REF, nullable=False, server_default=""),
+    Column("campaign_id", _REF, nullable=False, server_default=""),
+    Column("status", String(8), nullable=False),
+    Column("lost_reason", Text, nullable=False, server_default=""),
+    Column("next_step", Text, nullable=False, server_default=""),
+    Column("product_line", _NAME, nullable=False, server_default=""),
+    # Amounts inside are decimal strings.
+    Column("line_items", _JSON, nullable=False),
+    Column("stage_history", _JSON, nullable=False),
+    Column("tags", _JSON, nullable=False),
+    Column("custom", _JSON, nullable=False),
+    Column("collision_override_by", _NAME, nullable=False, server_default=""),
+    Column("collision_override_reason", Text, nullable=False, server_default=""),
+    Column("colliding_opportunity_id", _ID, nullable=False, server_default=""),
+    Column("external_id", _NAME),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("closed_at", _TS),
+    Column("version", BigInteger, nullable=False),
+    Column("stage_entered_at", _TS),
+    UniqueConstraint("external_id", name="uq_opportunities_external_id"),
+    # Rotting deals: open ones by stage and how long they have been there.
+    Index("ix_opportunities_rotting", "status", "stage", "stage_entered_at"),
+    Index("ix_opportunities_account_status", "account_id", "status"),
+    # Anti-collision looks up open deals by account and product line.
+    Index("ix_opportunities_collision", "account_id", "product_line", "status"),
+    Index("ix_opportunities_owner_status", "owner_id", "status"),
+    Index("ix_opportunities_team_status", "team", "status"),
+    Index("ix_opportunities_region", "region"),
+    # The forecast reads only these columns: an index-only scan instead of the wide rows.
+    Index(
+        "ix_opportunities_forecast_cover",
+        "forecast_month",
+        postgresql_include=[
+            "owner_id",
+            "team",
+            "region",
+            "currency",
+            "status",
+            "probability_bp",
+            "forecast_category",
+            "amount",
+            "pipeline_id",
+            "close_date",
+        ],
+    ),
+    Index("ix_opportunities_stage", "pipeline_id", "stage"),
+    Index("ix_opportunities_created", "created_at", "id"),
+)
+
+quotes = Table(
+    "quotes",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("opportunity_id", _ID, ForeignKey("opportunities.id"), nullable=False),
+    Column("account_id", _REF, nullable=False),
+    Column("line_items", _JSON, nullable=False),
+    _money("subtotal"),
+    _money("discount_total"),
+    _money("total"),
+    Column("currency", _CCY, nullable=False),
+    Column("max_discount_percent", Numeric(7, 4), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("approval_chain", _JSON, nullable=False),
+    Column("decisions", _JSON, nullable=False),
+    Column("owner_id", _NAME, nullable=False),
+    Column("team", _NAME, nullable=False, server_default=""),
+    Column("region", _NAME, nullable=False, server_default=""),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_quotes_opportunity", "opportunity_id", "created_at"),
+    Index("ix_quotes_status", "status"),
+    Index("ix_quotes_owner", "owner_id"),
+    Index("ix_quotes_team", "team"),
+)
+
+contracts = Table(
+    "contracts",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("number", String(32), nullable=False, unique=True),
+    Column("opportunity_id", _ID, nullable=False, server_default=""),
+    Column("account_id", _REF, nullable=False),
+    Column("title", _NAME, nullable=False),
+    _money("amount"),
+    Column("currency", _CCY, nullable=False),
+    # Kept with the contract under its row lock: what was paid and invoiced (non-void) so far.
+    _money("paid_amount"),
+    _money("invoiced_amount"),
+    Column("status", String(20), nullable=False),
+    Column("approval_chain", _JSON, nullable=False),
+    # Resubmitting a rejected contract starts a new round; earlier decisions stay on record.
+    Column("approval_round", Integer, nullable=False, server_default="0"),
+    Column("owner_id", _NAME, nullable=False),
+    Column("team", _NAME, nullable=False, server_default=""),
+    Column("region", _NAME, nullable=False, server_default=""),
+    Column("starts_on", Date),
+    Column("ends_on", Date),
+    Column("signed_at", _TS),
+    Column("completed_at", _TS),
+    Column("terminated_at", _TS),
+    Column("terminated_reason", Text, nullable=False, server_default=""),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_contracts_account_status", "account_id", "status"),
+    Index("ix_contracts_opportunity", "opportunity_id"),
+    Index("ix_contracts_owner", "owner_id"),
+    Index("ix_contracts_team", "team"),
+    Index("ix_contracts_region", "region"),
+    Index("ix_contracts_created", "created_at", "id"),
+)
+
+# Every approval decision, append-only: who, which role, what, when, why.
+contract_decisions = Table(
+    "contract_decisions",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("contract_id", _ID, ForeignKey("contracts.id"), nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("role", String(64), nullable=False),
+    Column("approver_id", _NAME, nullable=False),
+    Column("decision", String(16), nullable=False),
+    Column("comment", Text, nullable=False, server_default=""),
+    Column("decided_at", _TS, nullable=False),
+    Index("ix_contract_decisions_contract", "contract_id", "decided_at"),
+)
+
+# The last contract number handed out per month (row-locked by the UPDATE that increments it).
+contract_sequences = Table(
+    "contract_sequences",
+    metadata,
+    Column("month", Integer, primary_key=True),
+    Column("last_value", Integer, nullable=False),
+)
+
+payment_plans = Table(
+    "payment_plans",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("contract_id", _ID, ForeignKey("contracts.id"), nullable=False, unique=True),
+    _money("total"),
+    Column("currency", _CCY, nullable=False),
+    Column("created_at", _TS, nullable=False),
+)
+
+installments = Table(
+    "installments",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("plan_id", _ID, ForeignKey("payment_plans.id"), nullable=False),
+    Column("contract_id", _ID, nullable=False),
+    Column("sequence", Integer, nullable=False),
+    Column("due_date", Date, nullable=False),
+    _money("amount"),
+    _money("paid"),
+    Column("currency", _CCY, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("overdue_at", _TS),
+    Index("ix_installments_contract", "contract_id", "due_date", "sequence"),
+    # The overdue timer's claim: open installments by due date.
+    Index("ix_installments_due", "status", "due_date"),
+)
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("contract_id", _ID, ForeignKey("contracts.id"), nullable=False),
+    Column("account_id", _REF, nullable=False),
+    _money("amount"),
+    Column("currency", _CCY, nullable=False),
+    Column("received_at", _TS, nullable=False),
+    Column("method", String(64), nullable=False, server_default=""),
+    # The idempotency key of postings (API and ERP topic alike).
+    Column("external_reference", _NAME, nullable=False, unique=True),
+    Column("allocations", _JSON, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    Index("ix_payments_contract", "contract_id", "created_at"),
+    Index("ix_payments_account", "account_id"),
+)
+
+invoices = Table(
+    "invoices",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("contract_id", _ID, ForeignKey("contracts.id"), nullable=False),
+    Column("account_id", _REF, nullable=False),
+    Column("number", String(64), unique=True),
+    _money("amount"),
+    Column("currency", _CCY, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("external_reference", _NAME, unique=True),
+    Column("requested_at", _TS, nullable=False),
+    Column("issued_at", _TS),
+    Column("voided_at", _TS),
+    Column("void_reason", Text, nullable=False, server_default=""),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_invoices_contract", "contract_id", "requested_at"),
+    Index("ix_invoices_account", "account_id"),
+    Index("ix_invoices_status", "status"),
+)
+
+# Definitions of the custom fields of opportunities (validated with crm_platform.custom_fields).
+custom_fields = Table(
+    "custom_fields",
+    metadata,
+    Column("entity", String(32), nullable=False),
+    Column("key", String(64), nullable=False),
+    Column("label", _NAME, nullable=False),
+    Column("type", String(16), nullable=False),
+    Column("required", Boolean, nullable=False),
+    Column("options", _JSON, nullable=False),
+    Column("pii", Boolean, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    PrimaryKeyConstraint("entity", "key"),
+)
+
+# Creating calls remember their idempotency key with what they created.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("operation", String(64), nullable=False),
+    Column("key", _NAME, nullable=False),
+    Column("resource_id", _ID, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    PrimaryKeyConstraint("operation", "key"),
+)
+
+
+# ---------------------------------------------------------------- shared queries
+
+
+async def claim_idempotency_key(
+    conn: AsyncConnection, *, operation: str, key: str, resource_id: str, now: Any
+) -> str | None:
+    """Records `key` for a new resource. Returns the id of the first resource when the key was
+    used before (a concurrent first use waits on the row lock, then sees its result)."""
+    inserted = await insert_ignore(
+        conn,
+        idempotency_keys,
+        {"operation": operation, "key": key, "resource_id": resource_id, "created_at": now},
+        keys=["operation", "key"],
+    )
+    if inserted:
+        return None
+    existing = await conn.scalar(
+        select(idempotency_keys.c.resource_id).where(
+            idempotency_keys.c.operation == operation, idempotency_keys.c.key == key
+        )
+    )
+    return str(existing)
+
+
+async def load(
+    conn: AsyncConnection, table: Table, record_id: str, *, scope: RecordScope | None = None, lock: bool = False
+) -> RowMapping | None:
+    """One row by id, within the caller's scope; locked for update when the caller will change it."""
+    query = select(table).where(table.c.id == record_id)
+    if scope is not None:
+        query = query.where(scope_clause(table, scope))
+    if lock:
+        query = query.with_for_update()
+    return (await conn.execute(query)).mappings().first()
+
+
+async def open_deals_on(
+    conn: AsyncConnection, *, account_id: str, product_line: str, exclude_id: str = ""
+) -> Sequence[RowMapping]:
+    """Open opportunities of the account and product line (anti-collision), every owner."""
+    query = (
+        select(opportunities.c.id, opportunities.c.owner_id, opportunities.c.name)
+        .where(
+            opportunities.c.account_id == account_id,
+            opportunities.c.product_line == product_line,
+            opportunities.c.status == OpportunityStatus.OPEN.value,
+        )
+        .order_by(opportunities.c.created_at)
+    )
+    if exclude_id:
+        query = query.where(opportunities.c.id != exclude_id)
+    return (await conn.execute(query)).mappings().all()
+
+
+async def next_contract_sequence(conn: AsyncConnection, month: int) -> int:
+    """Increments the month's counter under its row lock; the first contract of a month creates it."""
+    await insert_ignore(conn, contract_sequences, {"month": month, "last_value": 0}, keys=["month"])
+    result = await conn.execute(
+        update(contract_sequences)
+        .where(contract_sequences.c.month == month)
+        .values(last_value=contract_sequences.c.last_value + 1)
+        .returning(contract_sequences.c.last_value)
+    )
+    return int(result.scalar_one())
+
+
+async def contract_decisions_of(conn: AsyncConnection, contract_id: str) -> Sequence[RowMapping]:
+    return (
+        (
+            await conn.execute(
+                select(contract_decisions)
+                .where(contract_decisions.c.contract_id == contract_id)
+                .order_by(contract_decisions.c.decided_at, contract_decisions.c.id)
+            )
+        )
+        .mappings()
+        .all()
+    )
+
+
+async def plan_of(conn: AsyncConnection, contract_id: str) -> RowMapping | None:
+    return (
+        (await conn.execute(select(payment_plans).where(payment_plans.c.contract_id == contract_id))).mappings().first()
+    )
+
+
+async def installments_of(conn: AsyncConnection, contract_id: str, *, lock: bool = False) -> Sequence[RowMapping]:
+    query = (
+        select(installments)
+        .where(installments.c.contract_id == contract_id)
+        .order_by(installments.c.due_date, installments.c.sequence)
+    )
+    if lock:
+        query = query.with_for_update()
+    return (await conn.execute(query)).mappings().all()
+
+
+async def payment_by_reference(conn: AsyncConnection, reference: str) -> RowMapping | None:
+    return (await conn.execute(select(payments).where(payments.c.external_reference == reference))).mappings().first()
+
+
+async def invoice_by_reference(conn: AsyncConnection, reference: str) -> RowMapping | None:
+    return (await conn.execute(select(invoices).where(invoices.c.external_reference == reference))).mappings().first()
+
+
+async def overdue_amounts(conn: AsyncConnection, contract_ids: Sequence[str], today: date) -> dict[str, Decimal]:
+    """What is past due and unpaid per contract."""
+    if not contract_ids:
+        return {}
+    rows = await conn.execute(
+        select(installments.c.contract_id, amount_sum(installments.c.amount - installments.c.paid))
+        .where(
+            installments.c.contract_id.in_(contract_ids),
+            installments.c.due_date < today,
+            installments.c.paid < installments.c.amount,
+        )
+        .group_by(installments.c.contract_id)
+    )
+    return {contract_id: as_amount(total) for contract_id, total in rows}
+
+
+async def next_due_dates(conn: AsyncConnection, contract_ids: Sequence[str]) -> dict[str, date]:
+    if not contract_ids:
+        return {}
+    rows = await conn.execute(
+        select(installments.c.contract_id, func.min(installments.c.due_date))
+        .where(installments.c.contract_id.in_(contract_ids), installments.c.paid < installments.c.amount)
+        .group_by(installments.c.contract_id)
+    )
+    return {contract_id: due for contract_id, due in rows}
+
+
+def amount_sum(expression: ColumnElement[Any]) -> ColumnElement[Decimal]:
+    """SUM of an amount expression read back through `Amount` (arithmetic on the columns would
+    otherwise lose the type, and with it SQLite's scaling)."""
+    return type_coerce(func.sum(expression), Amount())
+
+
+def as_amount(value: Any) -> Decimal:
+    """Aggregates of an Amount expression come back through its type; None (no rows) is zero."""
+    return Decimal(0) if value is None else Decimal(value)
+
+
+ACTIVE_CONTRACT_STATUSES = tuple(
+    s.value
+    for s in (
+        ContractStatus.DRAFT,
+        ContractStatus.PENDING_APPROVAL,
+        ContractStatus.APPROVED,
+        ContractStatus.REJECTED,
+        ContractStatus.SIGNED,
+    )
+)

@@ -1,0 +1,25 @@
+"""Sales handlers on a real, migrated PostgreSQL database (one per test)."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sales.handlers import SalesHandlers
+from sales.testing import Clock, make_handlers, migrated_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+@pytest.fixture
+async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = await migrated_engine(postgres_url)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def sales(engine: AsyncEngine, clock: Clock) -> SalesHandlers:
+    return make_handlers(engine, clock)

@@ -1,0 +1,780 @@
+"""Sales use cases on PostgreSQL: gates, anti-collision, forecast SQL, the contract-to-cash flow,
+idempotency, overdue detection with concurrent replicas, scope, account events."""
+
+import asyncio
+import random
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from crm.sales.v1 import events_pb2
+from crm_platform.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, StaleVersion, ValidationFailed
+from crm_platform.money import Money
+from sales import domain as d
+from sales.handlers import ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
+from sales.repository import metadata
+from sales.testing import Clock, as_user, make_handlers, migrated_engine
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+
+def cny(amount: str) -> Money:
+    return Money(Decimal(amount), "CNY")
+
+
+def item(line: str = "GTX", price: str = "1000", quantity: str = "1", discount: str = "0") -> LineItemIn:
+    return LineItemIn("p-" + line, line + " Basic", line, Decimal(quantity), cny(price), Decimal(discount))
+
+
+async def outbox_types(engine: AsyncEngine) -> list[str]:
+    outbox = metadata.tables["outbox"]
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(outbox.c.type).order_by(outbox.c.seq))).scalars())
+
+
+async def outbox_events(engine: AsyncEngine, event_type: str) -> list[bytes]:
+    outbox = metadata.tables["outbox"]
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(outbox.c.payload).where(outbox.c.type == event_type).order_by(outbox.c.seq))
+        return list(rows.scalars())
+
+
+async def won_deal(sales: SalesHandlers, amount: str = "50000", owner: str = "rep1") -> str:
+    with as_user(owner, "sales_rep"):
+        opp = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-1", name="Deal", primary_contact_id="c1", line_items=[item(price=amount)])
+        )
+        won = await sales.win(opp.id, expected_version=0, close_date=None, amount=None)
+    assert won.status == "won"
+    return won.id
+
+
+async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
+    opportunity_id = await won_deal(sales, amount)
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        await sales.submit_contract(contract.id, expected_version=0)
+    for role in d.contract_approval_chain(Decimal(amount), d.ContractThresholds()):
+        with as_user(f"{role}-1", role):
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
+    with as_user("rep1", "sales_rep"):
+        signed = await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
+    assert signed.status == "signed"
+    return contract.id
+
+
+# ---------------------------------------------------------------- pipelines and gates
+
+
+async def test_the_default_pipeline_is_seeded_with_the_spec_stages(sales: SalesHandlers) -> None:
+    pipeline = await sales.get_pipeline("")
+    assert pipeline.is_default
+    assert [(s.key, s.probability) for s in pipeline.stages] == [
+        (s.key, format(s.probability, "f")) for s in d.DEFAULT_STAGES
+    ]
+    assert [tuple(s.required_fields) for s in pipeline.stages] == [s.required_fields for s in d.DEFAULT_STAGES]
+
+
+async def test_a_stage_gate_names_the_missing_fields(sales: SalesHandlers, engine: AsyncEngine) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        assert opp.stage == "initial_contact" and opp.probability == "10"
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.move_stage(opp.id, stage="quote_negotiation", expected_version=opp.version)
+        assert [e.field for e in raised.value.errors] == [
+            "primary_contact_id", "expected_close_date", "amount", "line_items",
+        ]  # fmt: skip
+        await sales.update_opportunity(
+            opp.id,
+            expected_version=opp.version,
+            changes={"primary_contact_id": "c1", "expected_close_date": date(2026, 12, 31), "line_items": [item()]},
+        )
+        moved = await sales.move_stage(opp.id, stage="quote_negotiation", expected_version=0)
+        with pytest.raises(StaleVersion):
+            await sales.move_stage(opp.id, stage="solution_demo", expected_version=opp.version)
+    assert moved.stage == "quote_negotiation" and moved.probability == "75"
+    assert moved.amount.amount == "1000.00"
+    assert [(h.stage, h.HasField("exited_at")) for h in moved.stage_history] == [
+        ("initial_contact", True),
+        ("quote_negotiation", False),
+    ]
+    assert await outbox_types(engine) == [
+        "crm.sales.opportunity.created",
+        "crm.sales.opportunity.updated",
+        "crm.sales.opportunity.stage_changed",
+    ]
+
+
+async def test_closing_goes_through_win_and_lose_only(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        with pytest.raises(ValidationFailed):
+            await sales.move_stage(opp.id, stage="won", expected_version=0)
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.win(opp.id, expected_version=0, close_date=None, amount=None)
+        assert raised.value.errors[0].field == "amount"
+        with pytest.raises(ValidationFailed):
+            await sales.lose(opp.id, expected_version=0, reason=" ", close_date=None)
+        lost = await sales.lose(opp.id, expected_version=0, reason="budget", close_date=date(2026, 11, 20))
+        assert (lost.status, lost.stage, lost.lost_reason, lost.close_date) == ("lost", "lost", "budget", "2026-11-20")
+        with pytest.raises(Conflict):
+            await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("5"))
+
+
+# ---------------------------------------------------------------- anti-collision
+
+
+async def test_anti_collision_names_the_open_deal_and_a_manager_override_is_recorded(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A", line_items=[item("GTX")]))
+        # Another product line, or the same owner, is no collision.
+        await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A2", line_items=[item("MG")]))
+        await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A3", product_line="GTX"))
+    with as_user("bob", "sales_rep"):
+        with pytest.raises(Conflict) as raised:
+            await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="B", product_line="GTX"))
+        assert raised.value.existing_id == first.id
+        with pytest.raises(PermissionDenied):
+            await sales.create_opportunity(
+                OpportunityIn(account_id="acc-9", name="B", product_line="GTX"),
+                override_collision=True,
+                override_reason="bob owns the relationship",
+            )
+    with as_user("manager", "sales_manager"):
+        with pytest.raises(ValidationFailed) as raised_reason:
+            await sales.create_opportunity(
+                OpportunityIn(account_id="acc-9", name="B", product_line="GTX", owner_id="bob"), override_collision=True
+            )
+        assert raised_reason.value.errors[0].field == "override_reason"
+        overridden = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-9", name="B", product_line="GTX", owner_id="bob"),
+            override_collision=True,
+            override_reason="bob owns the relationship",
+        )
+    assert (overridden.owner_id, overridden.collision_override_by, overridden.colliding_opportunity_id) == (
+        "bob", "manager", first.id,
+    )  # fmt: skip
+    [payload] = (await outbox_events(engine, "crm.sales.opportunity.created"))[-1:]
+    assert events_pb2.OpportunityCreated.FromString(payload).opportunity.collision_override_reason == (
+        "bob owns the relationship"
+    )
+
+
+async def test_a_closed_deal_does_not_collide(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A", product_line="GTX"))
+        await sales.lose(first.id, expected_version=0, reason="no budget", close_date=None)
+    with as_user("bob", "sales_rep"):
+        second = await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="B", product_line="GTX"))
+    assert second.owner_id == "bob"
+
+
+async def test_concurrent_creations_by_two_owners_let_exactly_one_through(sales: SalesHandlers) -> None:
+    async def create(owner: str) -> str:
+        with as_user(owner, "sales_rep"):
+            try:
+                opp = await sales.create_opportunity(OpportunityIn(account_id="acc-r", name=owner, product_line="X"))
+            except Conflict:
+                return "conflict"
+            return opp.id
+
+    results = await asyncio.gather(*(create(f"rep{n}") for n in range(6)))
+    assert sum(result != "conflict" for result in results) == 1
+
+
+# ---------------------------------------------------------------- idempotency and scope
+
+
+async def test_a_repeated_idempotency_key_returns_the_first_result(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        data = OpportunityIn(account_id="acc-1", name="Deal", source_lead_id="lead-1")
+        results = await asyncio.gather(
+            *(sales.create_opportunity(data, idempotency_key="convert-lead-1") for _ in range(4))
+        )
+        listed = await sales.list_opportunities(Page(), account_id="acc-1")
+    assert len({r.id for r in results}) == 1
+    assert len(listed.items) == 1
+
+
+async def test_records_outside_the_scope_read_as_not_found(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep", scope="own"):
+        mine = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Mine"))
+    with as_user("bob", "sales_rep", scope="own"):
+        with pytest.raises(NotFound):
+            await sales.get_opportunity(mine.id)
+        assert (await sales.list_opportunities(Page())).items == []
+        with pytest.raises(NotFound):
+            await sales.move_stage(mine.id, stage="needs_confirmed", expected_version=0)
+    with as_user("carol", "sales_manager", team="east", scope="team"):
+        assert [o.id for o in (await sales.list_opportunities(Page())).items] == [mine.id]
+
+
+async def test_list_filters_and_paging(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        for n in range(7):
+            opp = await sales.create_opportunity(OpportunityIn(account_id=f"acc-{n % 2}", name=f"Deal {n}"))
+            if n % 3 == 0:
+                await sales.lose(opp.id, expected_version=0, reason="x", close_date=None)
+        seen: list[str] = []
+        cursor = ""
+        while True:
+            page = await sales.list_opportunities(Page(limit=2, cursor=cursor), account_id="acc-0", statuses=["open"])
+            seen += [o.name for o in page.items]
+            cursor = page.next_cursor
+            if not cursor:
+                break
+        with pytest.raises(ValidationFailed):
+            await sales.list_opportunities(Page(), statuses=["maybe"])
+    assert sorted(seen) == ["Deal 2", "Deal 4"]
+
+
+# ---------------------------------------------------------------- forecast
+
+
+async def test_forecast_sql_matches_the_domain_reference(sales: SalesHandlers) -> None:
+    rng = random.Random(7)
+    reference: list[d.ForecastDeal] = []
+    stages = [s for s in d.DEFAULT_STAGES if s.outcome is d.Outcome.OPEN]
+    rows = []
+    for n in range(300):
+        owner = f"rep{n % 4}"
+        team = "east" if n % 4 < 2 else "west"
+        stage = rng.choice(stages)
+        amount = Decimal(rng.randint(1, 10_000_000)) / 100
+        month_day = date(2026, rng.randint(1, 12), rng.randint(1, 28))
+        status = rng.choice(["open", "open", "won", "lost"])
+        category = rng.choice([None, *d.ForecastCategory])
+        rows.append((owner, team, stage, amount, month_day, status, category))
+    with as_user("admin", "admin"):
+        for n, (owner, team, stage, amount, day, status, category) in enumerate(rows):
+            opp = await sales.create_opportunity(
+                OpportunityIn(
+                    account_id=f"acc-{n}", name=f"D{n}", owner_id=owner, team=team, amount=cny(str(amount)),
+                    expected_close_date=day, forecast_category=category, primary_contact_id="c", next_step="x",
+                    line_items=[item()],
+                )
+            )  # fmt: skip
+            if stage.key != "initial_contact":
+                await sales.move_stage(opp.id, stage=stage.key, expected_version=0)
+            if status == "won":
+                await sales.win(opp.id, expected_version=0, close_date=day, amount=None)
+            elif status == "lost":
+                await sales.lose(opp.id, expected_version=0, reason="x", close_date=day)
+            effective = category or d.default_forecast_category(stage.probability)
+            reference.append(
+                d.ForecastDeal(
+                    d.OpportunityStatus(status),
+                    amount,
+                    "CNY",
+                    stage.probability,
+                    effective,
+                    d.month_key(day),
+                    owner,
+                    team,
+                )
+            )
+        for quarter in (False, True):
+            for by_team in (False, True):
+                got = await sales.forecast(ForecastQuery(quarter=quarter, by_team=by_team))
+                expected = d.forecast(reference, quarter=quarter, by_team=by_team)
+                assert [_line(x) for x in got] == [_line(x) for x in expected]
+        ranged = await sales.forecast(
+            ForecastQuery(from_date=date(2026, 4, 1), to_date=date(2026, 6, 30), owner_id="rep1")
+        )
+    assert {x.period for x in ranged} <= {"2026-04", "2026-05", "2026-06"}
+    assert {x.group for x in ranged} == {"rep1"}
+
+
+def _line(line: d.ForecastLine) -> tuple[Any, ...]:
+    return (line.period, line.group, line.currency, line.pipeline, line.weighted, line.commit, line.best_case,
+            line.closed_won, line.open_count, line.won_count)  # fmt: skip
+
+
+async def test_import_is_idempotent_per_external_id_and_reports_rejected_rows(sales: SalesHandlers) -> None:
+    rows = [
+        ImportRow("X1", OpportunityIn(account_id="a", name="n1", owner_id="o1", stage="won", amount=cny("100")),
+                  close_date=date(2017, 3, 1)),
+        ImportRow(
+            "X2", OpportunityIn(account_id="a", name="n2", owner_id="o1", stage="lost"), close_date=date(2017, 3, 2)
+        ),
+        ImportRow("X3", OpportunityIn(account_id="a", name="n3", owner_id="o2", stage="needs_confirmed")),
+        ImportRow("X4", OpportunityIn(account_id="", name="n4", owner_id="o2", stage="won", amount=cny("1")),
+                  close_date=date(2017, 3, 1)),
+        ImportRow("X5", OpportunityIn(account_id="a", name="n5", owner_id="o2", stage="won", amount=cny("1"))),
+    ]  # fmt: skip
+    with as_user("admin", "admin"):
+        first = await sales.import_opportunities("", rows)
+        again = await sales.import_opportunities("", rows[:2])
+        overall, by_owner = await sales.win_statistics(from_date=None, to_date=None)
+    assert [r.outcome for r in first] == ["created", "created", "created", "rejected", "rejected"]
+    assert first[3].errors[0].field == "account_id" and first[4].errors[0].field == "close_date"
+    assert [(r.outcome, r.opportunity_id) for r in again] == [("existing", first[0].opportunity_id),
+                                                              ("existing", first[1].opportunity_id)]  # fmt: skip
+    assert [(s.won_amount, s.won_count, s.lost_count, s.win_rate) for s in overall] == [
+        (Decimal("100"), 1, 1, Decimal("0.5000"))
+    ]
+    assert [s.owner_id for s in by_owner] == ["o1"]
+
+
+# ---------------------------------------------------------------- quotes
+
+
+async def test_quote_discounts_need_the_right_approvers(sales: SalesHandlers, engine: AsyncEngine) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        cheap = await sales.create_quote(idempotency_key="", opportunity_id=opp.id, line_items=[item(discount="10")])
+        steep = await sales.create_quote(idempotency_key="q2", opportunity_id=opp.id, line_items=[item(discount="35")])
+        with pytest.raises(PermissionDenied):
+            await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert cheap.status == "approved" and list(cheap.required_approvals) == []
+    assert steep.status == "pending_approval" and list(steep.required_approvals) == ["sales_manager", "finance"]
+    assert steep.total.amount == "650.00" and steep.discount_total.amount == "350.00"
+    with as_user("fin", "finance"), pytest.raises(PermissionDenied):
+        await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    with as_user("mgr", "sales_manager"):
+        step = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="fine")
+    assert step.status == "pending_approval" and list(step.required_approvals) == ["finance"]
+    with as_user("fin", "finance"):
+        done = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert done.status == "approved" and [x.role for x in done.decisions] == ["sales_manager", "finance"]
+    assert (await outbox_types(engine)).count("crm.sales.quote.approved") == 1
+
+
+# ---------------------------------------------------------------- contracts
+
+
+@pytest.mark.parametrize(
+    ("amount", "chain"),
+    [("50000", ["sales_manager"]), ("100000", ["sales_manager", "finance"]),
+     ("1000000", ["sales_manager", "finance", "admin"])],
+)  # fmt: skip
+async def test_contract_approval_chain_by_amount(sales: SalesHandlers, amount: str, chain: list[str]) -> None:
+    opportunity_id = await won_deal(sales, amount)
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        assert list(contract.approval_chain) == chain
+        with pytest.raises(Conflict):
+            await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
+        await sales.submit_contract(contract.id, expected_version=0)
+    for index, role in enumerate(chain):
+        wrong = next(r for r in ("finance", "admin", "sales_manager") if r != role)
+        with as_user("wrong", wrong), pytest.raises(PermissionDenied):
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        with as_user(f"{role}-1", role):
+            result = await sales.decide_contract(
+                contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=f"ok {index}"
+            )
+    assert result.status == "approved"
+    assert [(x.role, x.approver_id, x.decision, x.comment) for x in result.decisions] == [
+        (role, f"{role}-1", "approved", f"ok {index}") for index, role in enumerate(chain)
+    ]
+
+
+async def test_rejected_contracts_can_be_resubmitted_and_every_decision_stays(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    opportunity_id = await won_deal(sales, "200000")
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        await sales.submit_contract(contract.id, expected_version=0)
+    with as_user("m", "sales_manager"):
+        await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    with as_user("f", "finance"):
+        rejected = await sales.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms"
+        )
+    assert rejected.status == "rejected"
+    with as_user("rep1", "sales_rep"):
+        again = await sales.submit_contract(contract.id, expected_version=0)
+    assert again.status == "pending_approval"
+    with as_user("f", "finance"), pytest.raises(PermissionDenied):  # a new round starts with the manager again
+        await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    with as_user("m", "sales_manager"):
+        await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    with as_user("f", "finance"):
+        approved = await sales.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+        )
+    assert approved.status == "approved"
+    assert [(x.role, x.decision) for x in approved.decisions] == [
+        ("sales_manager", "approved"), ("finance", "rejected"), ("sales_manager", "approved"), ("finance", "approved"),
+    ]  # fmt: skip
+    types = await outbox_types(engine)
+    assert types.count("crm.sales.contract.approval_recorded") == 4
+    assert types.count("crm.sales.contract.rejected") == 1 and types.count("crm.sales.contract.approved") == 1
+
+
+async def test_contract_numbers_are_unique_per_month(sales: SalesHandlers, clock: Clock) -> None:
+    numbers = []
+    with as_user("rep1", "sales_rep"):
+        results = await asyncio.gather(
+            *(
+                sales.create_contract(
+                    idempotency_key="",
+                    opportunity_id="",
+                    account_id="acc",
+                    title=f"T{n}",
+                    amount=cny("10"),
+                    owner_id="",
+                    team="",
+                    region="",
+                    starts_on=None,
+                    ends_on=None,
+                )
+                for n in range(8)
+            )
+        )
+        numbers += [c.number for c in results]
+        clock.now += timedelta(days=10)
+        december = await sales.create_contract(
+            idempotency_key="", opportunity_id="", account_id="acc", title="D", amount=cny("10"),
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+    assert sorted(numbers) == [f"CT-202611-{n:06d}" for n in range(1, 9)]
+    assert december.number == "CT-202612-000001"
+
+
+async def test_contracts_come_from_won_deals_or_direct_with_required_fields(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Open deal"))
+        with pytest.raises(Conflict):
+            await sales.create_contract(
+                idempotency_key="", opportunity_id=opp.id, account_id="", title="", amount=None,
+                owner_id="", team="", region="", starts_on=None, ends_on=None,
+            )  # fmt: skip
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.create_contract(
+                idempotency_key="", opportunity_id="", account_id="", title="", amount=None,
+                owner_id="", team="", region="", starts_on=None, ends_on=None,
+            )  # fmt: skip
+    assert {e.field for e in raised.value.errors} == {"account_id", "title", "amount"}
+
+
+# ---------------------------------------------------------------- payment plans, payments, invoices
+
+
+async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock: Clock) -> None:
+    contract_id = await signed_contract(sales, "90000")
+    today = clock().date()
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.create_payment_plan(
+                idempotency_key="", contract_id=contract_id,
+                installments=[
+                    (today + timedelta(days=30), cny("30000")),
+                    (today + timedelta(days=60), cny("59999.99")),
+                ],
+            )  # fmt: skip
+        assert raised.value.errors[0].field == "installments"
+        plan = await sales.create_payment_plan(
+            idempotency_key="plan-1",
+            contract_id=contract_id,
+            installments=[(today + timedelta(days=d), cny("30000")) for d in (90, 30, 60)],
+        )
+        with pytest.raises(AlreadyExists):
+            await sales.create_payment_plan(
+                idempotency_key="", contract_id=contract_id, installments=[(today, cny("90000"))]
+            )
+        assert [i.due_date for i in plan.installments] == sorted(i.due_date for i in plan.installments)
+
+        first, created = await sales.record_payment(
+            contract_id=contract_id, amount=cny("45000"), received_at=None, method="wire", external_reference="BANK-1"
+        )
+        again, created_again = await sales.record_payment(
+            contract_id=contract_id, amount=cny("45000"), received_at=None, method="wire", external_reference="BANK-1"
+        )
+        assert created and not created_again and again.id == first.id
+        assert [(a.amount.amount) for a in first.allocations] == ["30000.00", "15000.00"]
+        with pytest.raises(ValidationFailed) as over:
+            await sales.record_payment(
+                contract_id=contract_id, amount=cny("45000.01"), received_at=None, method="", external_reference="B-2"
+            )
+        assert over.value.errors[0].field == "amount"
+        with pytest.raises(Conflict):
+            other = await signed_contract(sales, "10")
+            await sales.record_payment(
+                contract_id=other, amount=cny("1"), received_at=None, method="", external_reference="BANK-1"
+            )
+        plan = await sales.get_payment_plan(contract_id)
+        assert [(i.status, i.paid.amount) for i in plan.installments] == [
+            ("paid", "30000.00"), ("partially_paid", "15000.00"), ("pending", "0.00"),
+        ]  # fmt: skip
+
+        invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("60000"))
+        with pytest.raises(ValidationFailed):
+            await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("30000.01"))
+        issued = await sales.issue_invoice(invoice.id, number="INV-0001", issued_at=None)
+        assert (issued.status, issued.number) == ("issued", "INV-0001")
+        with pytest.raises(Conflict):
+            await sales.issue_invoice(invoice.id, number="INV-0002", issued_at=None)
+        await sales.void_invoice(invoice.id, reason="wrong title")
+        second = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("90000"))
+        with pytest.raises(AlreadyExists):
+            await sales.issue_invoice(second.id, number="INV-0001", issued_at=None)
+        receivables = await sales.list_receivables("acc-1", Page())
+    [receivable] = [x for x in receivables.items if x.contract_id == contract_id]
+    assert (receivable.paid.amount, receivable.outstanding.amount, receivable.invoiced.amount) == (
+        "45000.00", "45000.00", "90000.00",
+    )  # fmt: skip
+    payloads = await outbox_events(engine, "crm.sales.payment.received")
+    received = [events_pb2.PaymentReceived.FromString(p) for p in payloads]
+    assert [(e.payment.external_reference, e.contract_outstanding.amount) for e in received] == [
+        ("BANK-1", "45000.00"),
+    ]
+    types = await outbox_types(engine)
+    for expected in ("crm.sales.payment_plan.created", "crm.sales.invoice.requested", "crm.sales.invoice.issued",
+                     "crm.sales.invoice.voided", "crm.sales.contract.signed"):  # fmt: skip
+        assert expected in types
+
+
+async def test_payments_need_a_signed_contract(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id="", account_id="acc", title="T", amount=cny("10"),
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        with pytest.raises(Conflict):
+            await sales.record_payment(
+                contract_id=contract.id, amount=cny("1"), received_at=None, method="", external_reference="R"
+            )
+
+
+async def test_concurrent_postings_never_overpay(sales: SalesHandlers) -> None:
+    contract_id = await signed_contract(sales, "1000")
+
+    async def pay(n: int) -> str:
+        with as_user("erp", "erp_integration"):
+            try:
+                await sales.record_payment(
+                    contract_id=contract_id, amount=cny("300"), received_at=None, method="", external_reference=f"P{n}"
+                )
+            except ValidationFailed:
+                return "rejected"
+            return "booked"
+
+    results = await asyncio.gather(*(pay(n) for n in range(6)))
+    assert results.count("booked") == 3
+    with as_user("rep1", "sales_rep"):
+        contract = (await sales.list_receivables("acc-1", Page())).items[0]
+    assert contract.paid.amount == "900.00"
+
+
+# ---------------------------------------------------------------- overdue installments
+
+
+async def test_overdue_installments_are_claimed_once_across_replicas(
+    engine: AsyncEngine, sales: SalesHandlers, clock: Clock
+) -> None:
+    contract_ids = [await signed_contract(sales, "300") for _ in range(5)]
+    today = clock().date()
+    with as_user("rep1", "sales_rep"):
+        for contract_id in contract_ids:
+            await sales.create_payment_plan(
+                idempotency_key="", contract_id=contract_id,
+                installments=[(today + timedelta(days=n * 10), cny("100")) for n in (1, 2, 3)],
+            )  # fmt: skip
+        await sales.record_payment(
+            contract_id=contract_ids[0], amount=cny("100"), received_at=None, method="", external_reference="early"
+        )
+    clock.now += timedelta(days=25)  # the first two installments of each contract are past due
+    replicas = [make_handlers(engine, clock) for _ in range(3)]
+    counts = await asyncio.gather(*(replica.mark_overdue_installments(2) for replica in replicas for _ in range(4)))
+    assert sum(counts) == 9  # 5 contracts x 2 due, less the one already paid
+    assert await sales.mark_overdue_installments(100) == 0
+    payloads = await outbox_events(engine, "crm.sales.installment.overdue")
+    events = [events_pb2.InstallmentOverdue.FromString(p) for p in payloads]
+    assert len({e.installment.id for e in events}) == 9
+    assert all(e.account_id == "acc-1" and e.installment.status == "overdue" for e in events)
+    with as_user("rep1", "sales_rep"):
+        receivable = next(
+            x for x in (await sales.list_receivables("acc-1", Page())).items if x.contract_id == contract_ids[1]
+        )
+    assert receivable.overdue.amount == "200.00"
+
+
+# ---------------------------------------------------------------- account events
+
+
+async def test_merged_and_transferred_accounts_repoint_deals_and_contracts(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("alice", "sales_rep"):
+        open_deal = await sales.create_opportunity(OpportunityIn(account_id="dup", name="Open"))
+        other_owner = await sales.create_opportunity(OpportunityIn(account_id="dup", name="Bob's", owner_id="bob"))
+    contract_id = await signed_contract(sales, "100")
+    async with sales.uow.begin() as tx:
+        await sales.repoint_account(tx, duplicate_id="acc-1", survivor_id="dup")
+    async with sales.uow.begin() as tx:
+        await sales.follow_account_owner(
+            tx, account_id="dup", previous_owner_id="alice", new_owner_id="dave", team="west", region=""
+        )
+    async with sales.uow.begin() as tx:
+        await sales.repoint_account(tx, duplicate_id="dup", survivor_id="survivor")
+    with as_user("admin", "admin"):
+        moved = await sales.get_opportunity(open_deal.id)
+        untouched = await sales.get_opportunity(other_owner.id)
+        contract = await sales.get_contract(contract_id)
+    assert (moved.account_id, moved.owner_id, moved.team) == ("survivor", "dave", "west")
+    assert (untouched.account_id, untouched.owner_id) == ("survivor", "bob")
+    assert contract.account_id == "survivor" and contract.owner_id == "rep1"
+    updated = [
+        events_pb2.OpportunityUpdated.FromString(p)
+        for p in await outbox_events(engine, "crm.sales.opportunity.updated")
+    ]
+    assert ["owner_id", "team"] in [list(e.changed_fields) for e in updated]
+
+
+# ---------------------------------------------------------------- SQLite: exact money without a decimal type
+
+
+async def test_amounts_stay_exact_on_sqlite(tmp_path: Any) -> None:
+    engine = await migrated_engine(f"sqlite+aiosqlite:///{tmp_path / 'sales.db'}")
+    try:
+        sales = make_handlers(engine, Clock())
+        with as_user("rep1", "sales_rep"):
+            for _ in range(10):
+                await sales.create_opportunity(
+                    OpportunityIn(account_id="a", name="d", amount=cny("0.10"), expected_close_date=date(2026, 12, 1))
+                )
+            [line] = await sales.forecast(ForecastQuery())
+            assert line.pipeline == Decimal("1.00")  # 10 x 0.10 is 1.0000000000000002 in floats
+            assert line.weighted == Decimal("0.10")
+        async with engine.connect() as conn:
+            count = await conn.scalar(select(func.count()).select_from(metadata.tables["opportunities"]))
+        assert count == 10
+    finally:
+        await engine.dispose()
+
+
+# ---------------------------------------------------------------- custom fields
+
+
+async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) -> None:
+    await sales.upsert_custom_field(
+        entity="opportunity", key="channel", label="Channel", type_name="enum", required=True,
+        options=["direct", "partner"], pii=False, expected_version=0,
+    )  # fmt: skip
+    await sales.upsert_custom_field(
+        entity="opportunity", key="budget", label="Budget", type_name="decimal", required=False,
+        options=[], pii=False, expected_version=0,
+    )  # fmt: skip
+    with pytest.raises(ValidationFailed) as wrong_entity:
+        await sales.upsert_custom_field(
+            entity="account", key="x", label="X", type_name="text", required=False, options=[], pii=False,
+            expected_version=0,
+        )  # fmt: skip
+    assert wrong_entity.value.errors[0].field == "entity"
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(ValidationFailed) as missing:
+            await sales.create_opportunity(OpportunityIn(account_id="a", name="n"))
+        assert [e.field for e in missing.value.errors] == ["custom.channel"]
+        with pytest.raises(ValidationFailed) as invalid:
+            await sales.create_opportunity(
+                OpportunityIn(account_id="a", name="n", custom={"channel": "tv", "colour": "red"})
+            )
+        assert sorted(e.field for e in invalid.value.errors) == ["custom.channel", "custom.colour"]
+        opp = await sales.create_opportunity(
+            OpportunityIn(account_id="a", name="n", custom={"channel": "partner", "budget": "1200.50"})
+        )
+        updated = await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"budget": "99"}})
+        with pytest.raises(ValidationFailed):
+            await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"channel": None}})
+    assert dict(updated.custom) == {"channel": "partner", "budget": "99"}
+    assert [row["key"] for row in await sales.list_custom_fields("opportunity")] == ["budget", "channel"]
+    await sales.delete_custom_field("opportunity", "channel")
+    with pytest.raises(NotFound):
+        await sales.delete_custom_field("opportunity", "channel")
+
+
+async def test_deals_rot_after_their_stage_rotting_days(sales: SalesHandlers, clock: Clock) -> None:
+    with as_user("rep1", "sales_rep"):
+        fresh = await sales.create_opportunity(OpportunityIn(account_id="a", name="fresh"))
+        stale = await sales.create_opportunity(OpportunityIn(account_id="a", name="stale", primary_contact_id="c"))
+        clock.now += timedelta(days=10)
+        await sales.move_stage(stale.id, stage="needs_confirmed", expected_version=0)  # 21 rotting days
+        clock.now += timedelta(days=12)
+        assert (await sales.get_opportunity(fresh.id)).rotting  # 22 days in initial_contact (14)
+        assert not (await sales.get_opportunity(stale.id)).rotting  # 12 days in needs_confirmed (21)
+        rotting = await sales.list_opportunities(Page(), rotting_only=True)
+        assert [o.name for o in rotting.items] == ["fresh"]
+        clock.now += timedelta(days=10)
+        rotting = await sales.list_opportunities(Page(), rotting_only=True)
+        assert sorted(o.name for o in rotting.items) == ["fresh", "stale"]
+        await sales.lose(fresh.id, expected_version=0, reason="gone", close_date=None)
+        rotting = await sales.list_opportunities(Page(), rotting_only=True)
+        assert [o.name for o in rotting.items] == ["stale"]
+
+
+async def test_deleting_a_deal_takes_its_quotes_but_not_one_with_a_contract(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("mgr", "sales_manager"):
+        mistake = await sales.create_opportunity(OpportunityIn(account_id="a", name="typo", product_line="GTX"))
+        await sales.create_quote(idempotency_key="", opportunity_id=mistake.id, line_items=[item()])
+        with pytest.raises(StaleVersion):
+            await sales.delete_opportunity(mistake.id, expected_version=7)
+        await sales.delete_opportunity(mistake.id, expected_version=mistake.version)
+        with pytest.raises(NotFound):
+            await sales.get_opportunity(mistake.id)
+        assert (await sales.list_quotes(Page(), opportunity_id=mistake.id)).items == []
+    opportunity_id = await won_deal(sales, "10")
+    with as_user("rep1", "sales_rep"):
+        await sales.create_contract(
+            idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        with pytest.raises(Conflict):
+            await sales.delete_opportunity(opportunity_id, expected_version=0)
+    deleted = await outbox_events(engine, "crm.sales.opportunity.deleted")
+    assert [events_pb2.OpportunityDeleted.FromString(p).opportunity_id for p in deleted] == [mistake.id]
+
+
+async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mind(sales: SalesHandlers) -> None:
+    stages = [
+        d.Stage("qualify", "Qualify", Decimal(20), rotting_days=7),
+        d.Stage("propose", "Propose", Decimal(60), ("amount",)),
+        d.Stage("won", "Won", Decimal(100), outcome=d.Outcome.WON),
+        d.Stage("lost", "Lost", Decimal(0), outcome=d.Outcome.LOST),
+    ]
+    with as_user("admin", "admin"):
+        pipeline = await sales.create_pipeline(idempotency_key="p-1", name="Partners", stages=stages, is_default=False)
+        again = await sales.create_pipeline(idempotency_key="p-1", name="Partners", stages=stages, is_default=False)
+        assert again.id == pipeline.id
+        deal = await sales.create_opportunity(OpportunityIn(account_id="a", name="n", pipeline_id=pipeline.id))
+        assert (deal.stage, deal.probability) == ("qualify", "20")
+        with pytest.raises(Conflict):
+            await sales.update_pipeline(
+                pipeline.id, expected_version=0, name="Partners", stages=stages[1:], is_default=False
+            )
+        raised = [d.Stage("qualify", "Qualify", Decimal("33.5")), *stages[1:]]
+        updated = await sales.update_pipeline(
+            pipeline.id, expected_version=pipeline.version, name="Partner deals", stages=raised, is_default=True
+        )
+        assert updated.is_default and updated.name == "Partner deals"
+        assert (await sales.get_opportunity(deal.id)).probability == "33.5"
+        assert not (await sales.get_pipeline("default")).is_default
+        with pytest.raises(Conflict):
+            await sales.delete_pipeline(pipeline.id)  # the default now, and it has a deal
+        with pytest.raises(StaleVersion):
+            await sales.update_pipeline("default", expected_version=9, name="x", stages=stages, is_default=True)
+        await sales.update_pipeline(
+            "default", expected_version=0, name="Default", stages=list(d.DEFAULT_STAGES), is_default=True
+        )
+        await sales.delete_opportunity(deal.id, expected_version=0)
+        await sales.delete_pipeline(pipeline.id)
+        with pytest.raises(NotFound):
+            await sales.get_pipeline(pipeline.id)

@@ -1,0 +1,439 @@
+"""Sales rules without I/O: stage gates, anti-collision, forecast arithmetic, approval chains,
+the contract status machine, payment plans, allocation, over-payment and invoice limits."""
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from crm_platform.errors import Conflict, PermissionDenied, ValidationFailed
+from crm_platform.money import Money
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sales import domain as d
+
+pytestmark = pytest.mark.unit
+
+DEFAULT = d.Pipeline(id="p1", name="Default", stages=d.DEFAULT_STAGES, is_default=True)
+TODAY = date(2026, 11, 23)
+
+cents = st.integers(min_value=1, max_value=10**11).map(lambda n: Decimal(n).scaleb(-2))
+
+
+def cny(amount: str | Decimal) -> Money:
+    return Money(Decimal(amount), "CNY")
+
+
+# ---------------------------------------------------------------- stage gates
+
+
+def test_default_pipeline_is_valid_and_matches_the_spec() -> None:
+    d.validate_stages(d.DEFAULT_STAGES)
+    assert [(s.key, int(s.probability)) for s in d.DEFAULT_STAGES] == [
+        ("initial_contact", 10),
+        ("needs_confirmed", 25),
+        ("solution_demo", 50),
+        ("quote_negotiation", 75),
+        ("contract_signing", 90),
+        ("won", 100),
+        ("lost", 0),
+    ]
+
+
+def test_gate_names_every_missing_field_including_skipped_stages() -> None:
+    fields: dict[str, object] = {"primary_contact_id": "", "expected_close_date": "", "amount": cny("0")}
+    missing = d.missing_gate_fields(DEFAULT, "quote_negotiation", fields)
+    assert missing == ["primary_contact_id", "expected_close_date", "amount", "line_items"]
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_stage_gate(DEFAULT, "solution_demo", fields)
+    assert [e.field for e in raised.value.errors] == ["primary_contact_id", "expected_close_date"]
+
+
+def test_gate_passes_when_fields_are_filled() -> None:
+    fields: dict[str, object] = {
+        "primary_contact_id": "c1",
+        "expected_close_date": "2026-12-31",
+        "amount": cny("10"),
+        "line_items": ["x"],
+        "next_step": "sign",
+    }
+    d.check_stage_gate(DEFAULT, "contract_signing", fields)
+
+
+def test_lost_stage_does_not_inherit_open_gates_but_won_needs_an_amount() -> None:
+    assert d.missing_gate_fields(DEFAULT, "lost", {}) == []
+    assert "amount" in d.missing_gate_fields(DEFAULT, "won", {"amount": cny("0")})
+
+
+def test_unknown_stage_names_the_field() -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        DEFAULT.stage("nope")
+    assert raised.value.errors[0].field == "stage"
+
+
+def test_pipeline_validation_names_bad_stages() -> None:
+    stages = (
+        d.Stage("a", "A", Decimal(120)),
+        d.Stage("a", "", Decimal(10), ("colour",)),
+        d.Stage("w", "W", Decimal(100), outcome=d.Outcome.WON),
+    )
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_stages(stages)
+    fields = {e.field for e in raised.value.errors}
+    assert {"stages[0].probability", "stages[1].key", "stages[1].name", "stages[1].required_fields", "stages"} <= fields
+
+
+# ---------------------------------------------------------------- anti-collision
+
+
+def test_collision_with_another_owner_is_a_conflict_naming_the_deal() -> None:
+    deals = [d.OpenDeal(id="o1", owner_id="alice", name="ERP rollout")]
+    with pytest.raises(Conflict) as raised:
+        d.check_collision(owner_id="bob", open_deals=deals, override=False, caller_roles=["sales_rep"])
+    assert raised.value.existing_id == "o1"
+    assert "o1" in raised.value.detail
+
+
+def test_same_owner_does_not_collide() -> None:
+    deals = [d.OpenDeal(id="o1", owner_id="alice", name="x")]
+    assert d.check_collision(owner_id="alice", open_deals=deals, override=False, caller_roles=[]) is None
+
+
+def test_only_managers_may_override_and_the_collision_is_returned() -> None:
+    deals = [d.OpenDeal(id="o1", owner_id="alice", name="x")]
+    with pytest.raises(PermissionDenied):
+        d.check_collision(owner_id="bob", open_deals=deals, override=True, caller_roles=["sales_rep"])
+    hit = d.check_collision(owner_id="bob", open_deals=deals, override=True, caller_roles=["sales_manager"])
+    assert hit is not None and hit.id == "o1"
+
+
+# ---------------------------------------------------------------- line items
+
+
+def test_line_totals_apply_discounts_per_line() -> None:
+    items = [
+        d.LineItem("p1", "GTX Pro", "GTX", Decimal(3), cny("4821"), Decimal("12.5")),
+        d.LineItem("p2", "MG Special", "MG", Decimal(1), cny("55"), Decimal(0)),
+    ]
+    totals = d.line_totals(items)
+    assert totals.subtotal == Decimal("14518")
+    assert totals.discount_total == Decimal("1807.88")  # 14463 x 12.5 % = 1807.875 → half up
+    assert totals.total == Decimal("12710.12")
+    assert totals.max_discount_percent == Decimal("12.5")
+
+
+def test_line_items_need_one_currency_and_sane_values() -> None:
+    items = [
+        d.LineItem("p1", "A", "L", Decimal(0), cny("1"), Decimal(101)),
+        d.LineItem("p2", "B", "L", Decimal(1), Money(Decimal(1), "USD")),
+    ]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items(items)
+    fields = {e.field for e in raised.value.errors}
+    assert fields == {"line_items[0].quantity", "line_items[0].discount_percent", "line_items"}
+
+
+def test_amount_precision_and_sign_are_checked() -> None:
+    assert d.check_amount(Decimal("1.005"), field_name="amount")[0].message == "at most 2 decimal places"
+    assert d.check_amount(Decimal("-1"), field_name="amount")[0].field == "amount"
+    assert d.check_amount(Decimal("0"), field_name="amount", allow_zero=False)
+
+
+# ---------------------------------------------------------------- forecast
+
+
+def deal(
+    status: str, amount: str, probability: int, category: str, month: int, owner: str = "a", team: str = "t"
+) -> d.ForecastDeal:
+    return d.ForecastDeal(
+        status=d.OpportunityStatus(status),
+        amount=Decimal(amount),
+        currency="CNY",
+        probability=Decimal(probability),
+        category=d.ForecastCategory(category),
+        month=month,
+        owner_id=owner,
+        team=team,
+    )
+
+
+def test_forecast_columns() -> None:
+    deals = [
+        deal("open", "1000", 10, "pipeline", 202611),
+        deal("open", "2000", 50, "best_case", 202611),
+        deal("open", "3000", 90, "commit", 202611),
+        deal("open", "4000", 75, "omitted", 202611),
+        deal("won", "5000", 100, "commit", 202611),
+        deal("lost", "6000", 0, "pipeline", 202611),
+    ]
+    [line] = d.forecast(deals, quarter=False, by_team=False)
+    assert (line.period, line.group, line.currency) == ("2026-11", "a", "CNY")
+    assert line.pipeline == Decimal(6000)
+    assert line.weighted == Decimal("3800.00")  # 100 + 1000 + 2700
+    assert line.commit == Decimal(3000)
+    assert line.best_case == Decimal(5000)
+    assert line.closed_won == Decimal(5000)
+    assert (line.open_count, line.won_count) == (3, 1)
+
+
+def test_forecast_groups_by_quarter_and_team() -> None:
+    deals = [
+        deal("open", "1", 10, "pipeline", 202610, owner="a", team="east"),
+        deal("open", "2", 10, "pipeline", 202612, owner="b", team="east"),
+        deal("open", "4", 10, "pipeline", 202701, owner="c", team="east"),
+        deal("open", "8", 10, "pipeline", 202611, owner="d", team="west"),
+    ]
+    lines = d.forecast(deals, quarter=True, by_team=True)
+    assert [(x.period, x.group, x.pipeline) for x in lines] == [
+        ("2026-Q4", "east", Decimal(3)),
+        ("2026-Q4", "west", Decimal(8)),
+        ("2027-Q1", "east", Decimal(4)),
+    ]
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(cents, st.integers(0, 100), st.sampled_from(list(d.ForecastCategory))), max_size=30))
+def test_forecast_invariants(rows: list[tuple[Decimal, int, d.ForecastCategory]]) -> None:
+    deals = [
+        d.ForecastDeal(d.OpportunityStatus.OPEN, amount, "CNY", Decimal(p), category, 202611, "a", "t")
+        for amount, p, category in rows
+    ]
+    lines = d.forecast(deals, quarter=False, by_team=False)
+    counted = [x for x in deals if x.category is not d.ForecastCategory.OMITTED]
+    if not counted:
+        assert lines == []
+        return
+    [line] = lines
+    assert line.pipeline == sum(x.amount for x in counted)
+    assert line.commit <= line.best_case <= line.pipeline
+    assert Decimal(0) <= line.weighted <= line.pipeline
+    # Rounded once: never more than half a cent away from the exact weighted sum.
+    exact = sum((x.amount * x.probability for x in counted), Decimal(0)) / 100
+    assert abs(line.weighted - exact) <= Decimal("0.005")
+
+
+def test_win_rate() -> None:
+    assert d.win_rate(2, 1) == Decimal("0.6667")
+    assert d.win_rate(0, 0) == Decimal("0.0000")
+
+
+def test_period_labels() -> None:
+    assert d.month_key(date(2026, 3, 31)) == 202603
+    assert d.period_label(202603, quarter=True) == "2026-Q1"
+    assert d.period_label(202612, quarter=False) == "2026-12"
+
+
+# ---------------------------------------------------------------- approvals
+
+
+@pytest.mark.parametrize(
+    ("discount", "chain"),
+    [
+        ("0", []),
+        ("15", []),
+        ("15.01", ["sales_manager"]),
+        ("30", ["sales_manager"]),
+        ("30.5", ["sales_manager", "finance"]),
+    ],
+)
+def test_quote_approval_chain(discount: str, chain: list[str]) -> None:
+    assert d.quote_approval_chain(Decimal(discount), d.QuoteThresholds()) == chain
+
+
+@pytest.mark.parametrize(
+    ("amount", "chain"),
+    [
+        ("99999.99", ["sales_manager"]),
+        ("100000", ["sales_manager", "finance"]),
+        ("999999.99", ["sales_manager", "finance"]),
+        ("1000000", ["sales_manager", "finance", "admin"]),
+    ],
+)
+def test_contract_approval_chain(amount: str, chain: list[str]) -> None:
+    assert d.contract_approval_chain(Decimal(amount), d.ContractThresholds()) == chain
+
+
+def test_contract_thresholds_are_configurable() -> None:
+    thresholds = d.ContractThresholds(finance=Decimal(10), admin=Decimal(20))
+    assert d.contract_approval_chain(Decimal(15), thresholds) == ["sales_manager", "finance"]
+
+
+def test_approvals_are_sequential_and_by_role() -> None:
+    chain = ["sales_manager", "finance"]
+    with pytest.raises(PermissionDenied) as raised:
+        d.approving_role(chain, [], ["finance"])
+    assert "sales_manager" in raised.value.detail
+    assert d.approving_role(chain, [], ["sales_rep", "sales_manager"]) == "sales_manager"
+    done = [d.ApprovalStep("sales_manager", "m1", d.Decision.APPROVED)]
+    assert d.pending_roles(chain, done) == ["finance"]
+    assert d.approving_role(chain, done, ["finance"]) == "finance"
+    with pytest.raises(Conflict):
+        d.approving_role(chain, [*done, d.ApprovalStep("finance", "f1", d.Decision.APPROVED)], ["finance"])
+
+
+# ---------------------------------------------------------------- contract status machine
+
+
+def test_contract_transitions() -> None:
+    d.check_contract_transition("draft", d.ContractStatus.PENDING_APPROVAL, contract_id="c")
+    d.check_contract_transition("rejected", d.ContractStatus.PENDING_APPROVAL, contract_id="c")
+    d.check_contract_transition("signed", d.ContractStatus.COMPLETED, contract_id="c")
+    for current, target in [
+        ("draft", d.ContractStatus.SIGNED),
+        ("pending_approval", d.ContractStatus.SIGNED),
+        ("rejected", d.ContractStatus.SIGNED),
+        ("completed", d.ContractStatus.TERMINATED),
+        ("terminated", d.ContractStatus.SIGNED),
+        ("approved", d.ContractStatus.COMPLETED),
+    ]:
+        with pytest.raises(Conflict):
+            d.check_contract_transition(current, target, contract_id="c")
+
+
+def test_contract_numbers() -> None:
+    assert d.contract_number(2026, 11, 123) == "CT-202611-000123"
+    with pytest.raises(ValueError):
+        d.contract_number(2026, 11, 1_000_000)
+
+
+# ---------------------------------------------------------------- payment plans
+
+
+def test_plan_must_sum_exactly_to_the_contract_amount() -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_payment_plan(cny("100"), [(TODAY, cny("50")), (TODAY, cny("49.99"))])
+    assert raised.value.errors[0].field == "installments"
+    plan = d.validate_payment_plan(cny("100"), [(TODAY + timedelta(days=30), cny("60")), (TODAY, cny("40"))])
+    assert [p.amount for p in plan] == [Decimal(40), Decimal(60)]
+
+
+def test_plan_rejects_other_currencies_and_zero_installments() -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_payment_plan(cny("100"), [(TODAY, Money(Decimal(100), "USD")), (TODAY, cny("0"))])
+    fields = {e.field for e in raised.value.errors}
+    assert {"installments[0].amount.currency", "installments[1].amount.amount"} <= fields
+
+
+@given(st.lists(cents, min_size=1, max_size=12))
+def test_any_split_of_the_amount_is_accepted(parts: list[Decimal]) -> None:
+    total = sum(parts, Decimal(0))
+    installments = [(TODAY + timedelta(days=30 * i), cny(p)) for i, p in enumerate(parts)]
+    plan = d.validate_payment_plan(cny(total), installments)
+    assert sum(p.amount for p in plan) == total
+
+
+# ---------------------------------------------------------------- payments
+
+
+def installments(*amounts: str, paid: tuple[str, ...] = ()) -> list[d.InstallmentState]:
+    return [
+        d.InstallmentState(
+            id=f"i{n}",
+            sequence=n,
+            due_date=TODAY + timedelta(days=30 * (n - 1)),
+            amount=Decimal(amount),
+            paid=Decimal(paid[n - 1]) if n <= len(paid) else Decimal(0),
+            status=d.InstallmentStatus.PENDING,
+        )
+        for n, amount in enumerate(amounts, start=1)
+    ]
+
+
+def test_allocation_fills_oldest_due_first() -> None:
+    result = d.allocate_payment(Decimal(150), installments("100", "100", "100"), TODAY)
+    assert result.allocations == [("i1", Decimal(100)), ("i2", Decimal(50))]
+    assert [i.status for i in result.installments] == ["paid", "partially_paid", "pending"]
+
+
+def test_allocation_skips_paid_installments_and_keeps_overdue_status() -> None:
+    plan = installments("100", "100", paid=("100",))
+    result = d.allocate_payment(Decimal(30), plan, TODAY + timedelta(days=31))
+    assert result.allocations == [("i2", Decimal(30))]
+    assert result.installments[1].status == d.InstallmentStatus.OVERDUE
+
+
+def test_over_payment_is_rejected() -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_payment(cny("100.01"), contract_amount=cny("300"), already_paid=Decimal(200))
+    assert raised.value.errors[0].field == "amount"
+    assert "over-payment" in raised.value.errors[0].message
+    with pytest.raises(ValidationFailed):
+        d.allocate_payment(Decimal("300.01"), installments("100", "100", "100"), TODAY)
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_payment(Money(Decimal(1), "USD"), contract_amount=cny("300"), already_paid=Decimal(0))
+    assert raised.value.errors[0].field == "amount.currency"
+
+
+@settings(max_examples=200)
+@given(st.lists(cents, min_size=1, max_size=8), st.lists(cents, min_size=1, max_size=8))
+def test_allocation_conserves_money(plan: list[Decimal], payments: list[Decimal]) -> None:
+    state = installments(*(str(p) for p in plan))
+    contract_total = sum(plan, Decimal(0))
+    paid = Decimal(0)
+    for amount in payments:
+        if amount > contract_total - paid:
+            with pytest.raises(ValidationFailed):
+                d.check_payment(cny(amount), contract_amount=cny(contract_total), already_paid=paid)
+            continue
+        d.check_payment(cny(amount), contract_amount=cny(contract_total), already_paid=paid)
+        result = d.allocate_payment(amount, state, TODAY)
+        assert sum(share for _, share in result.allocations) == amount
+        state = result.installments
+        paid += amount
+        assert all(Decimal(0) <= i.paid <= i.amount for i in state)
+        assert sum(i.paid for i in state) == paid
+        # Oldest first: no installment holds money while an earlier one is still open.
+        opened = [i.open_amount > 0 for i in state]
+        funded = [i.paid > 0 for i in state]
+        for index in range(1, len(state)):
+            if funded[index]:
+                assert not opened[index - 1]
+
+
+# ---------------------------------------------------------------- invoices
+
+
+def test_invoice_never_above_the_uninvoiced_amount() -> None:
+    d.check_invoice_amount(cny("50"), contract_amount=cny("100"), already_invoiced=Decimal(50))
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_invoice_amount(cny("50.01"), contract_amount=cny("100"), already_invoiced=Decimal(50))
+    assert raised.value.errors[0].field == "amount"
+
+
+@given(st.lists(cents, min_size=1, max_size=10), cents)
+def test_invoices_accepted_in_sequence_never_exceed_the_contract(requests: list[Decimal], total: Decimal) -> None:
+    invoiced = Decimal(0)
+    for amount in requests:
+        try:
+            d.check_invoice_amount(cny(amount), contract_amount=cny(total), already_invoiced=invoiced)
+        except ValidationFailed:
+            assert amount > total - invoiced
+            continue
+        invoiced += amount
+        assert invoiced <= total
+
+
+def test_invoice_transitions() -> None:
+    d.check_invoice_transition("requested", d.InvoiceStatus.ISSUED, invoice_id="i")
+    d.check_invoice_transition("issued", d.InvoiceStatus.VOID, invoice_id="i")
+    with pytest.raises(Conflict):
+        d.check_invoice_transition("void", d.InvoiceStatus.ISSUED, invoice_id="i")
+    with pytest.raises(Conflict):
+        d.check_invoice_transition("issued", d.InvoiceStatus.ISSUED, invoice_id="i")
+
+
+def test_stage_history_closes_the_previous_visit() -> None:
+    history = d.enter_stage([], "initial_contact", "t1")
+    history = d.enter_stage(history, "needs_confirmed", "t2")
+    assert history == [
+        d.StageVisit("initial_contact", "t1", "t2"),
+        d.StageVisit("needs_confirmed", "t2", ""),
+    ]
+
+
+def test_rotting_rule() -> None:
+    stage = d.Stage("s", "S", Decimal(10), rotting_days=3)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert not d.is_rotting("open", stage, start, start + timedelta(days=3))
+    assert d.is_rotting("open", stage, start, start + timedelta(days=3, seconds=1))
+    assert not d.is_rotting("won", stage, start, start + timedelta(days=30))
+    assert not d.is_rotting("open", d.Stage("s", "S", Decimal(10)), start, start + timedelta(days=300))

@@ -1,0 +1,299 @@
+"""Sales through the gateway: opportunity → won → contract → approvals by the right roles → signed →
+payment plan → payments (REST and a duplicated ERP posting on the inbound topic) → invoice, with the
+outbound events decoded from Kafka with the published protos; and the Maven sales pipeline import,
+whose totals the test recomputes from the CSV files."""
+
+import asyncio
+import csv
+from collections import defaultdict
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from crm.common.v1 import common_pb2
+from crm.erp.v1 import payments_pb2
+from crm.sales.v1 import events_pb2
+from crm_devstack.stack import RunningStack
+from crm_platform.ids import new_id
+from crm_platform.testing.kafka import EventCollector, produce_event
+
+pytestmark = pytest.mark.e2e
+
+DATASET = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "maven-crm-sales-opportunities"
+TOPIC = "crm.sales.v1"
+
+
+def _client(stack: RunningStack, sub: str, roles: list[str], team: str = "east") -> httpx.AsyncClient:
+    return stack.client(stack.token(sub, roles, team=team, region="cn-east"))
+
+
+def _ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+def _money(amount: str) -> dict[str, str]:
+    return {"amount": amount, "currency": "CNY"}
+
+
+async def _until(check: Any, timeout: float = 30.0) -> Any:
+    """Polls an async check until it returns something truthy."""
+    async with asyncio.timeout(timeout):
+        while True:
+            result = await check()
+            if result:
+                return result
+            await asyncio.sleep(0.2)
+
+
+async def test_opportunity_to_cash_through_the_gateway_with_events(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    account = f"acc-{run}"
+    async with (
+        EventCollector(stack.bootstrap, [TOPIC]) as events,
+        _client(stack, f"rep-{run}", ["sales_rep"]) as rep,
+        _client(stack, f"other-{run}", ["sales_rep"]) as other_rep,
+        _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
+        _client(stack, f"fin-{run}", ["finance"]) as finance,
+        _client(stack, f"erp-{run}", ["erp_integration"]) as erp,
+    ):
+        created = await rep.post(
+            "/api/v1/opportunities",
+            json={"account_id": account, "name": "Plant rollout", "product_line": "GTX", "amount": _money("150000.00")},
+            headers={"Idempotency-Key": f"opp-{run}"},
+        )
+        opportunity = _ok(created, 201)
+        assert created.headers["etag"] == '"1"' and opportunity["stage"] == "initial_contact"
+
+        collision = await other_rep.post(
+            "/api/v1/opportunities", json={"account_id": account, "name": "Mine too", "product_line": "GTX"}
+        )
+        assert collision.status_code == 409 and collision.json()["existing_id"] == opportunity["id"]
+
+        gate = await rep.post(f"/api/v1/opportunities/{opportunity['id']}/stage", json={"stage": "solution_demo"})
+        assert gate.status_code == 422
+        assert [e["field"] for e in gate.json()["errors"]] == ["primary_contact_id", "expected_close_date"]
+        _ok(
+            await rep.patch(
+                f"/api/v1/opportunities/{opportunity['id']}",
+                json={"primary_contact_id": f"contact-{run}", "expected_close_date": "2026-12-31"},
+                headers={"If-Match": '"1"'},
+            )
+        )
+        moved = _ok(await rep.post(f"/api/v1/opportunities/{opportunity['id']}/stage", json={"stage": "solution_demo"}))
+        assert moved["probability"] == "50"
+        won = _ok(await rep.post(f"/api/v1/opportunities/{opportunity['id']}/win", json={}))
+        assert won["status"] == "won"
+
+        contract = _ok(await rep.post("/api/v1/contracts", json={"opportunity_id": opportunity["id"]}), 201)
+        assert contract["number"].startswith("CT-") and contract["amount"] == _money("150000.00")
+        assert "approval_chain" not in contract  # approval limits are hidden from sales reps
+        _ok(await rep.post(f"/api/v1/contracts/{contract['id']}/submit"))
+
+        # A rep may not approve at all (gateway policy); finance may approve, but not before the manager.
+        assert (await rep.post(f"/api/v1/contracts/{contract['id']}/approve", json={})).status_code == 403
+        early = await finance.post(f"/api/v1/contracts/{contract['id']}/approve", json={"comment": "too early"})
+        assert early.status_code == 403 and "sales_manager" in early.json()["detail"]
+        step = _ok(await manager.post(f"/api/v1/contracts/{contract['id']}/approve", json={"comment": "good deal"}))
+        assert step["status"] == "pending_approval" and step["approval_chain"] == ["sales_manager", "finance"]
+        approved = _ok(await finance.post(f"/api/v1/contracts/{contract['id']}/approve", json={"comment": "terms ok"}))
+        assert approved["status"] == "approved"
+        assert [(d["role"], d["approver_id"], d["comment"]) for d in approved["decisions"]] == [
+            ("sales_manager", f"mgr-{run}", "good deal"),
+            ("finance", f"fin-{run}", "terms ok"),
+        ]
+        illegal = await rep.post(f"/api/v1/contracts/{contract['id']}/complete")
+        assert illegal.status_code == 409
+        _ok(await rep.post(f"/api/v1/contracts/{contract['id']}/sign", json={}))
+
+        plan_path = f"/api/v1/contracts/{contract['id']}/payment-plan"
+        short = await finance.post(
+            plan_path, json={"installments": [{"due_date": "2027-01-31", "amount": _money("100000.00")}]}
+        )
+        assert short.status_code == 422 and short.json()["errors"][0]["field"] == "installments"
+        plan = _ok(
+            await finance.post(
+                plan_path,
+                json={
+                    "installments": [
+                        {"due_date": "2027-01-31", "amount": _money("50000.00")},
+                        {"due_date": "2027-02-28", "amount": _money("100000.00")},
+                    ]
+                },
+            ),
+            201,
+        )
+        assert [i["status"] for i in plan["installments"]] == ["pending", "pending"]
+
+        payment = {"contract_id": contract["id"], "amount": _money("30000.00"), "external_reference": f"BANK-{run}"}
+        first = _ok(await erp.post("/api/v1/payments", json=payment), 201)
+        again = _ok(await erp.post("/api/v1/payments", json=payment), 200)
+        assert again["id"] == first["id"]
+        over = await erp.post(
+            "/api/v1/payments",
+            json={**payment, "external_reference": f"BANK-{run}-x", "amount": _money("120000.01")},
+        )
+        assert over.status_code == 422 and "over-payment" in over.json()["errors"][0]["message"]
+
+        # The ERP posts the same payment twice on the inbound topic (a retry with a new event id).
+        posting = payments_pb2.ErpPaymentPosted(
+            contract_id=contract["id"],
+            amount=common_pb2.Money(amount="40000.00", currency="CNY"),
+            method="wire",
+            external_reference=f"SAP-{run}",
+        )
+        await produce_event(stack.bootstrap, posting, key=contract["id"], source="/erp/sap")
+        await produce_event(stack.bootstrap, posting, key=contract["id"], source="/erp/sap")
+
+        async def booked() -> list[dict[str, Any]] | None:
+            items = _ok(await finance.get("/api/v1/payments", params={"contract_id": contract["id"]}))["items"]
+            return items if len(items) >= 2 else None
+
+        payments = await _until(booked)
+        await asyncio.sleep(1.0)  # give a wrongly applied duplicate the time to show up
+        payments = _ok(await finance.get("/api/v1/payments", params={"contract_id": contract["id"]}))["items"]
+        assert sorted(p["external_reference"] for p in payments) == [f"BANK-{run}", f"SAP-{run}"]
+        plan = _ok(await finance.get(plan_path))
+        assert [(i["paid"]["amount"], i["status"]) for i in plan["installments"]] == [
+            ("50000.00", "paid"),
+            ("20000.00", "partially_paid"),
+        ]
+
+        too_much = await finance.post(
+            "/api/v1/invoices", json={"contract_id": contract["id"], "amount": _money("150000.01")}
+        )
+        assert too_much.status_code == 422
+        invoice = _ok(
+            await finance.post("/api/v1/invoices", json={"contract_id": contract["id"], "amount": _money("70000.00")}),
+            201,
+        )
+        issued = _ok(await finance.post(f"/api/v1/invoices/{invoice['id']}/issue", json={"number": f"FP-{run}"}))
+        assert issued["status"] == "issued"
+        receivables = _ok(await finance.get("/api/v1/receivables", params={"account_id": account}))
+        assert receivables["total_outstanding"] == [_money("80000.00")]
+
+        # Outbound events, keyed by the aggregate, decoded with the published protos.
+        wanted = {
+            "crm.sales.contract.created",
+            "crm.sales.contract.submitted",
+            "crm.sales.contract.approved",
+            "crm.sales.contract.signed",
+            "crm.sales.payment_plan.created",
+            "crm.sales.payment.received",
+            "crm.sales.invoice.requested",
+            "crm.sales.invoice.issued",
+        }
+
+        def ours(records: list[Any]) -> list[Any]:
+            return [r for r in records if r.key in (contract["id"], invoice["id"])]
+
+        await events.wait_for(lambda records: wanted <= {r.event_type for r in ours(records)}, timeout=30)
+        received = [r.decode(events_pb2.PaymentReceived) for r in ours(events.records)
+                    if r.event_type == "crm.sales.payment.received"]  # fmt: skip
+        assert sorted((e.payment.external_reference, e.payment.amount.amount) for e in received) == [
+            (f"BANK-{run}", "30000.00"),
+            (f"SAP-{run}", "40000.00"),
+        ]
+        signed = next(r for r in ours(events.records) if r.event_type == "crm.sales.contract.signed")
+        assert signed.headers["ce_subject"] == contract["id"]
+        assert signed.decode(events_pb2.ContractSigned).contract.status == "signed"
+        plan_event = next(r for r in ours(events.records) if r.event_type == "crm.sales.payment_plan.created")
+        decoded_plan = plan_event.decode(events_pb2.PaymentPlanCreated)
+        assert sum(Decimal(i.amount.amount) for i in decoded_plan.payment_plan.installments) == Decimal("150000")
+
+
+def _read(name: str) -> list[dict[str, str]]:
+    with (DATASET / name).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+async def test_maven_pipeline_import_and_statistics(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    teams = {row["sales_agent"]: row for row in _read("sales_teams.csv")}
+    # The pipeline file spells "GTX Pro" as "GTXPro": products are matched without spaces.
+    products = {row["product"].replace(" ", ""): row for row in _read("products.csv")}
+    stages = {"Won": "won", "Lost": "lost", "Engaging": "solution_demo", "Prospecting": "initial_contact"}
+    pipeline = _read("sales_pipeline.csv")
+    assert len(pipeline) == 8800
+
+    rows = []
+    for record in pipeline:
+        product = products[record["product"].replace(" ", "")]
+        agent = teams[record["sales_agent"]]
+        row: dict[str, Any] = {
+            "external_id": f"maven-{run}-{record['opportunity_id']}",
+            "account_id": f"maven:{record['account']}" if record["account"] else "",
+            "name": f"{product['product']} for {record['account'] or 'unknown'}",
+            "owner_id": f"{record['sales_agent']}#{run}",
+            "team": f"{agent['manager']}#{run}",
+            "region": agent["regional_office"],
+            "product_line": product["series"],
+            "line_items": [
+                {
+                    "product_id": product["product"],
+                    "product_name": product["product"],
+                    "product_line": product["series"],
+                    "unit_price": {"amount": product["sales_price"], "currency": "USD"},
+                }
+            ],
+            "stage": stages[record["deal_stage"]],
+        }
+        if record["close_value"]:
+            row["amount"] = {"amount": record["close_value"], "currency": "USD"}
+        if record["close_date"]:
+            row["close_date"] = record["close_date"]
+        if record["engage_date"]:
+            row["engaged_at"] = f"{record['engage_date']}T00:00:00Z"
+        if record["deal_stage"] == "Lost":
+            row["lost_reason"] = "lost (Maven dataset)"
+        rows.append(row)
+
+    created = rejected = 0
+    async with _client(stack, f"admin-{run}", ["admin"]) as admin:
+        for start in range(0, len(rows), 1000):
+            result = _ok(await admin.post("/api/v1/opportunities/import", json={"rows": rows[start : start + 1000]}))
+            created += result["created"]
+            rejected += result["rejected"]
+            for item in result["results"]:
+                if item["outcome"] == "rejected":
+                    # Deals without an account are refused, with the reason; nothing is dropped silently.
+                    assert [e["field"] for e in item["errors"]] == ["account_id"]
+        statistics = [
+            _ok(await admin.get("/api/v1/forecast/win-statistics", params={"team": f"{manager}#{run}"}))
+            for manager in sorted({row["manager"] for row in teams.values()})
+        ]
+        repeat = _ok(await admin.post("/api/v1/opportunities/import", json={"rows": rows[:50]}))
+
+    without_account = sum(1 for record in pipeline if not record["account"])
+    assert (created, rejected) == (8800 - without_account, without_account)
+    assert {item["outcome"] for item in repeat["results"]} <= {"existing", "rejected"}
+
+    # What the CSV says, computed here.
+    won_amount: dict[str, Decimal] = defaultdict(Decimal)
+    won_count = lost_count = 0
+    for record in pipeline:
+        if record["deal_stage"] == "Won":
+            won_amount[f"{record['sales_agent']}#{run}"] += Decimal(record["close_value"])
+            won_count += 1
+        elif record["deal_stage"] == "Lost":
+            lost_count += 1
+
+    by_owner = {s["owner_id"]: s for part in statistics for s in part["by_owner"]}
+    assert {owner: Decimal(s["won_amount"]["amount"]) for owner, s in by_owner.items()} == dict(won_amount)
+    total_won = sum((Decimal(s["won_amount"]["amount"]) for s in by_owner.values()), Decimal(0))
+    assert total_won == sum(won_amount.values(), Decimal(0))
+    assert sum(s["won_count"] for s in by_owner.values()) == won_count
+    assert sum(s["lost_count"] for s in by_owner.values()) == lost_count
+    service_rate = Decimal(sum(s["won_count"] for s in by_owner.values())) / Decimal(
+        sum(s["won_count"] + s["lost_count"] for s in by_owner.values())
+    )
+    assert service_rate == Decimal(won_count) / Decimal(won_count + lost_count)
+    for part in statistics:
+        [overall] = part["overall"]
+        team_won = sum(s["won_count"] for s in part["by_owner"])
+        team_lost = sum(s["lost_count"] for s in part["by_owner"])
+        assert Decimal(overall["win_rate"]) == (Decimal(team_won) / Decimal(team_won + team_lost)).quantize(
+            Decimal("0.0001"), rounding=ROUND_HALF_UP
+        )
