@@ -1,0 +1,53 @@
+"""`crm-service-desk [serve|migrate]`: the gRPC server, outbox relay, accounts consumer and timers."""
+
+from pathlib import Path
+
+from crm.servicedesk.v1 import servicedesk_service_pb2, servicedesk_service_pb2_grpc
+from crm_platform.config import ServiceSettings
+from crm_platform.db import create_engine
+from crm_platform.outbox import UnitOfWork
+from crm_platform.service import ServiceApp, run_cli
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service_desk.config import ServiceDeskSettings
+from service_desk.consumers import build_consumer
+from service_desk.handlers import Context
+from service_desk.jobs import build_jobs
+from service_desk.repository import metadata
+from service_desk.servicer import ServiceDeskServicer
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+SERVICE_NAME = servicedesk_service_pb2.DESCRIPTOR.services_by_name["ServiceDeskService"].full_name
+TOPIC = "crm.service.v1"
+
+
+def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
+    assert isinstance(settings, ServiceDeskSettings)
+    return build_with_context(settings, engine)[0]
+
+
+def build_with_context(settings: ServiceDeskSettings, engine: AsyncEngine) -> tuple[ServiceApp, Context]:
+    """The app and the handlers' context it serves with (tests drive the context's clock)."""
+    uow = UnitOfWork(engine, metadata, source=f"/crm/{settings.service_name}")
+    ctx = Context(uow=uow, return_visit_days=settings.return_visit_days, suggestions=settings.suggestions)
+    servicer = ServiceDeskServicer(ctx)
+    app = ServiceApp(
+        settings=settings,
+        engine=engine,
+        metadata=metadata,
+        uow=uow,
+        service_names=[SERVICE_NAME],
+        register=lambda server: servicedesk_service_pb2_grpc.add_ServiceDeskServiceServicer_to_server(servicer, server),
+        topics=[TOPIC],
+        consumers=[build_consumer(uow, settings.kafka, settings.service_name)],
+        jobs=build_jobs(ctx, settings),
+    )
+    return app, ctx
+
+
+def main() -> None:
+    run_cli(settings=ServiceDeskSettings(), build=build, migrations_dir=MIGRATIONS, create_engine=create_engine)
+
+
+if __name__ == "__main__":
+    main()

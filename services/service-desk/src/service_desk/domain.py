@@ -1,0 +1,339 @@
+"""Service-desk rules without I/O: the ticket status machine, SLA targets and timers, dispatch,
+CSAT and return-visit scheduling, and input validation."""
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from crm_platform.errors import Conflict, FieldError, ValidationFailed
+
+CHANNELS = ("phone", "email", "web", "wechat", "api")
+PRIORITIES = ("urgent", "high", "normal", "low")  # most urgent first
+STATUSES = ("new", "assigned", "in_progress", "waiting_customer", "resolved", "closed", "reopened")
+OPEN_STATUSES = ("new", "assigned", "in_progress", "waiting_customer", "reopened")
+DONE_STATUSES = ("resolved", "closed")
+VIP_TIER = "A"
+
+# Which status a ticket may move to from each status. `assigned` is reached only by assigning.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "new": frozenset({"in_progress", "resolved", "closed"}),
+    "assigned": frozenset({"in_progress", "waiting_customer", "resolved", "closed"}),
+    "in_progress": frozenset({"waiting_customer", "resolved"}),
+    "waiting_customer": frozenset({"in_progress", "resolved"}),
+    "resolved": frozenset({"closed", "reopened"}),
+    "closed": frozenset(),
+    "reopened": frozenset({"in_progress", "waiting_customer", "resolved"}),
+}
+# Statuses that need someone working on the ticket.
+NEEDS_ASSIGNEE = frozenset({"in_progress", "waiting_customer"})
+# Reaching one of these means the customer has been answered.
+RESPONDING_STATUSES = frozenset({"in_progress", "waiting_customer", "resolved"})
+# While the customer owes an answer the resolution clock stops (the time is added to its target).
+PAUSING_STATUSES = frozenset({"waiting_customer"})
+ASSIGNABLE_STATUSES = frozenset({"new", "assigned", "in_progress", "waiting_customer", "reopened"})
+
+WARNING_FRACTION = 0.8
+FIRST_RESPONSE = "first_response"
+RESOLUTION = "resolution"
+
+
+def check_transition(current: str, target: str) -> None:
+    """Raises Conflict (HTTP 409) for a move the status machine does not allow."""
+    if target not in STATUSES:
+        raise ValidationFailed([FieldError("status", f"must be one of {', '.join(STATUSES)}")])
+    if target not in TRANSITIONS[current]:
+        raise Conflict(f"a {current} ticket cannot become {target}", reason="ILLEGAL_TRANSITION")
+
+
+def status_after_assignment(current: str) -> str:
+    if current not in ASSIGNABLE_STATUSES:
+        raise Conflict(f"a {current} ticket cannot be assigned", reason="ILLEGAL_TRANSITION")
+    return "assigned" if current in ("new", "reopened") else current
+
+
+# --- SLA -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SlaTargets:
+    first_response_minutes: int
+    resolution_minutes: int
+
+
+DEFAULT_SLA: dict[str, SlaTargets] = {
+    "urgent": SlaTargets(15, 4 * 60),
+    "high": SlaTargets(60, 8 * 60),
+    "normal": SlaTargets(4 * 60, 24 * 60),
+    "low": SlaTargets(8 * 60, 72 * 60),
+}
+
+
+def effective_priority(priority: str, account_tier: str) -> str:
+    """Tier-A (VIP) accounts are served one priority higher (VIP 优先安排); urgent stays urgent."""
+    if account_tier.upper() != VIP_TIER:
+        return priority
+    return PRIORITIES[max(0, PRIORITIES.index(priority) - 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class SlaDue:
+    first_response_due_at: datetime
+    resolution_due_at: datetime
+
+
+def sla_due(created_at: datetime, targets: SlaTargets, paused: timedelta = timedelta(0)) -> SlaDue:
+    """Due times from creation; time spent waiting for the customer moves the resolution target."""
+    return SlaDue(
+        first_response_due_at=created_at + timedelta(minutes=targets.first_response_minutes),
+        resolution_due_at=created_at + timedelta(minutes=targets.resolution_minutes) + paused,
+    )
+
+
+def warning_at(started_at: datetime, due_at: datetime) -> datetime:
+    """80 % of the way from the start to the due time."""
+    return started_at + (due_at - started_at) * WARNING_FRACTION
+
+
+@dataclass(frozen=True, slots=True)
+class SlaClock:
+    """One SLA target of a ticket and what has been said about it."""
+
+    target: str
+    started_at: datetime
+    due_at: datetime
+    met: bool  # answered / resolved: the target no longer runs
+    warned: bool
+    breached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SlaSignal:
+    target: str
+    kind: str  # "warning" or "breach"
+    due_at: datetime
+
+
+def sla_signals(clocks: Iterable[SlaClock], now: datetime) -> list[SlaSignal]:
+    """What the timer must announce now. A breach without a prior warning announces both, once."""
+    signals: list[SlaSignal] = []
+    for clock in clocks:
+        if clock.met:
+            continue
+        if not clock.warned and now >= warning_at(clock.started_at, clock.due_at):
+            signals.append(SlaSignal(clock.target, "warning", clock.due_at))
+        if not clock.breached and now >= clock.due_at:
+            signals.append(SlaSignal(clock.target, "breach", clock.due_at))
+    return signals
+
+
+def next_sla_check(clocks: Iterable[SlaClock]) -> datetime | None:
+    """When the timer should look at the ticket next (None: nothing left to announce)."""
+    moments: list[datetime] = []
+    for clock in clocks:
+        if clock.met:
+            continue
+        if not clock.warned:
+            moments.append(warning_at(clock.started_at, clock.due_at))
+        elif not clock.breached:
+            moments.append(clock.due_at)
+    return min(moments) if moments else None
+
+
+def validate_sla_targets(first_response_minutes: int, resolution_minutes: int) -> SlaTargets:
+    errors = []
+    if first_response_minutes <= 0:
+        errors.append(FieldError("first_response_minutes", "must be a positive number of minutes"))
+    if resolution_minutes <= 0:
+        errors.append(FieldError("resolution_minutes", "must be a positive number of minutes"))
+    if not errors and resolution_minutes < first_response_minutes:
+        errors.append(FieldError("resolution_minutes", "must not be shorter than first_response_minutes"))
+    if errors:
+        raise ValidationFailed(errors)
+    return SlaTargets(first_response_minutes, resolution_minutes)
+
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLoad:
+    id: str
+    skills: tuple[str, ...]
+    region: str
+    capacity: int
+    available: bool
+    open_tickets: int
+
+
+def choose_agent(agents: Sequence[AgentLoad], *, category: str, region: str) -> AgentLoad | None:
+    """The available agent with the category as a skill, in the ticket's region, with room left
+    and the fewest open tickets (ties: the lowest id, so the choice is deterministic)."""
+    candidates = [
+        agent
+        for agent in agents
+        if agent.available
+        and agent.open_tickets < agent.capacity
+        and (not category or category in agent.skills)
+        and (not region or agent.region == region)
+    ]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda agent: (agent.open_tickets, agent.id))
+
+
+# --- CSAT and return visits ------------------------------------------------------------------------
+
+CSAT_COMMENT_MAX = 2000
+
+
+def validate_csat(status: str, score: int, comment: str) -> None:
+    errors = []
+    if not 1 <= score <= 5:
+        errors.append(FieldError("score", "must be an integer from 1 to 5"))
+    if len(comment) > CSAT_COMMENT_MAX:
+        errors.append(FieldError("comment", f"must be at most {CSAT_COMMENT_MAX} characters"))
+    if errors:
+        raise ValidationFailed(errors)
+    if status not in DONE_STATUSES:
+        raise Conflict(f"a survey needs a resolved ticket; this one is {status}", reason="TICKET_NOT_RESOLVED")
+
+
+def return_visit_due(resolved_at: datetime, account_tier: str, days: float) -> datetime | None:
+    """Tier-A accounts get a follow-up call `days` after resolution (回访); others none."""
+    if account_tier.upper() != VIP_TIER:
+        return None
+    return resolved_at + timedelta(days=days)
+
+
+# --- input validation ------------------------------------------------------------------------------
+
+TEXT_LIMITS = {
+    "subject": 500,
+    "description": 20_000,
+    "category": 100,
+    "region": 100,
+    "team": 100,
+    "account_id": 64,
+    "contact_id": 64,
+}
+
+
+def validate_ticket(values: Mapping[str, Any], *, partial: bool) -> list[FieldError]:
+    """Field errors of ticket input; `partial` (an update) checks only the given fields."""
+    errors: list[FieldError] = []
+
+    def given(name: str) -> bool:
+        return name in values or not partial
+
+    if given("subject") and not str(values.get("subject", "")).strip():
+        errors.append(FieldError("subject", "is required"))
+    if given("channel") and values.get("channel") not in CHANNELS:
+        errors.append(FieldError("channel", f"must be one of {', '.join(CHANNELS)}"))
+    if given("priority") and values.get("priority") not in PRIORITIES:
+        errors.append(FieldError("priority", f"must be one of {', '.join(PRIORITIES)}"))
+    for name, limit in TEXT_LIMITS.items():
+        if name in values and len(str(values[name] or "")) > limit:
+            errors.append(FieldError(name, f"must be at most {limit} characters"))
+    tags = values.get("tags") or []
+    if any(not str(tag).strip() or len(str(tag)) > 100 for tag in tags):
+        errors.append(FieldError("tags", "each tag must be 1 to 100 characters"))
+    return errors
+
+
+def validate_agent(values: Mapping[str, Any], *, partial: bool) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if not partial and not str(values.get("id", "")).strip():
+        errors.append(FieldError("id", "is required (the agent's user id)"))
+    if (not partial or "name" in values) and not str(values.get("name", "")).strip():
+        errors.append(FieldError("name", "is required"))
+    if "capacity" in values and not 0 <= int(values["capacity"]) <= 1000:
+        errors.append(FieldError("capacity", "must be from 0 to 1000"))
+    if any(not str(skill).strip() for skill in values.get("skills") or []):
+        errors.append(FieldError("skills", "must not contain empty names"))
+    return errors
+
+
+def validate_article(values: Mapping[str, Any], *, partial: bool) -> list[FieldError]:
+    errors: list[FieldError] = []
+    if (not partial or "title" in values) and not str(values.get("title", "")).strip():
+        errors.append(FieldError("title", "is required"))
+    if "title" in values and len(str(values["title"])) > 300:
+        errors.append(FieldError("title", "must be at most 300 characters"))
+    if (not partial or "body" in values) and not str(values.get("body", "")).strip():
+        errors.append(FieldError("body", "is required"))
+    return errors
+
+
+def search_terms(text: str, *, limit: int = 12, min_length: int = 3, stop_words: bool = True) -> list[str]:
+    """Distinct lower-case words of letters or digits (safe inside a tsquery), for KB searches;
+    suggestions from a ticket also drop short and stop words."""
+    words: list[str] = []
+    current = []
+    for char in text.lower() + " ":
+        if char.isalnum():
+            current.append(char)
+            continue
+        word = "".join(current)
+        current = []
+        if len(word) >= min_length and word not in words and not (stop_words and word in STOP_WORDS):
+            words.append(word)
+    return words[:limit]
+
+
+STOP_WORDS = frozenset(
+    {
+        "the",
+        "and",
+        "for",
+        "with",
+        "that",
+        "this",
+        "from",
+        "have",
+        "has",
+        "not",
+        "are",
+        "was",
+        "were",
+        "you",
+        "your",
+        "our",
+        "but",
+        "can",
+        "cannot",
+        "when",
+        "what",
+        "how",
+        "why",
+        "who",
+        "please",
+        "thanks",
+        "thank",
+        "any",
+        "all",
+        "get",
+        "got",
+        "its",
+        "into",
+        "out",
+        "about",
+        "after",
+        "before",
+        "there",
+        "their",
+        "they",
+        "them",
+        "then",
+        "than",
+        "too",
+        "very",
+        "just",
+        "also",
+        "does",
+        "did",
+        "doing",
+        "been",
+        "being",
+    }
+)

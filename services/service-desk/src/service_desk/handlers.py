@@ -1,0 +1,945 @@
+"""Use cases of the service desk: one function per command, each in one unit of work that writes
+the change and its events (outbox) together."""
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from crm.servicedesk.v1 import events_pb2
+from crm_platform import custom_fields as cf
+from crm_platform.db import insert_ignore
+from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.ids import new_id
+from crm_platform.jobs import claim_due
+from crm_platform.outbox import Transaction, UnitOfWork
+from crm_platform.pagination import page_limit
+from crm_platform.principal import current_principal, current_scope, scope_clause
+from crm_platform.timeutil import as_utc, utcnow
+from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service_desk import domain
+from service_desk import repository as repo
+from service_desk.domain import FIRST_RESPONSE, RESOLUTION, SlaClock
+from service_desk.messages import actor, csat_to_proto, return_visit_to_proto, ticket_to_proto
+from service_desk.repository import TicketFilter
+
+TICKET_FIELDS = (
+    "account_id",
+    "contact_id",
+    "subject",
+    "description",
+    "channel",
+    "category",
+    "priority",
+    "region",
+    "team",
+    "tags",
+    "custom",
+)
+AGENT_FIELDS = ("name", "skills", "region", "team", "capacity", "available")
+ARTICLE_FIELDS = ("title", "body", "category", "tags", "published")
+
+
+@dataclass(slots=True)
+class Context:
+    uow: UnitOfWork
+    return_visit_days: float = 3.0
+    suggestions: int = 3
+    clock: Callable[[], datetime] = utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    limit: int = 0
+    cursor: str = ""
+    sort: str = ""
+
+
+def _fail(errors: list[FieldError]) -> None:
+    if errors:
+        raise ValidationFailed(errors)
+
+
+def _check_version(resource: str, row: Any, expected: int) -> None:
+    if expected and row.version != expected:
+        raise StaleVersion(resource, row.id, row.version)
+
+
+# --- custom fields ---------------------------------------------------------------------------------
+
+TICKET_ENTITY = "ticket"
+
+
+async def _definitions(conn: AsyncConnection) -> list[cf.FieldDefinition]:
+    t = repo.custom_fields
+    rows = await conn.execute(select(t).where(t.c.entity == TICKET_ENTITY))
+    return [
+        cf.FieldDefinition(
+            entity=r.entity,
+            key=r.key,
+            label=r.label,
+            type=cf.FieldType(r.type),
+            required=r.required,
+            options=tuple(r.options),
+            pii=r.pii,
+            version=r.version,
+        )
+        for r in rows
+    ]
+
+
+async def _custom_values(
+    conn: AsyncConnection, values: Mapping[str, Any], *, existing: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Validated, canonical custom values; an update merges into the stored ones (null removes)."""
+    definitions = await _definitions(conn)
+    _fail(cf.validate(definitions, values, partial=existing is not None))
+    merged = {key: value for key, value in (existing or {}).items() if key not in values}
+    merged.update({key: value for key, value in cf.coerce(definitions, values).items() if value is not None})
+    return merged
+
+
+async def upsert_custom_field(
+    ctx: Context,
+    *,
+    entity: str,
+    key: str,
+    label: str,
+    type_name: str,
+    required: bool,
+    options: list[str],
+    pii: bool,
+    expected_version: int,
+) -> Any:
+    errors = cf.check_definition(entity, key, label, type_name, options)
+    if entity in cf.ENTITIES and entity != TICKET_ENTITY:
+        errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
+    _fail(errors)
+    t = repo.custom_fields
+    where = (t.c.entity == entity, t.c.key == key)
+    values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
+    async with ctx.uow.begin() as tx:
+        current = (await tx.conn.execute(select(t).where(*where).with_for_update())).first()
+        if current is None:
+            if expected_version:
+                raise NotFound("custom field", f"{entity}.{key}")
+            await tx.conn.execute(insert(t).values(entity=entity, key=key, created_at=ctx.clock(), version=1, **values))
+        else:
+            if expected_version and current.version != expected_version:
+                raise StaleVersion("custom field", f"{entity}.{key}", current.version)
+            await tx.conn.execute(update(t).where(*where).values(version=current.version + 1, **values))
+        return (await tx.conn.execute(select(t).where(*where))).one()
+
+
+async def list_custom_fields(ctx: Context, entity: str) -> list[Any]:
+    if entity != TICKET_ENTITY:
+        raise ValidationFailed([FieldError("entity", f"must be {TICKET_ENTITY}")])
+    t = repo.custom_fields
+    async with ctx.uow.engine.connect() as conn:
+        return list(await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key)))
+
+
+async def delete_custom_field(ctx: Context, entity: str, key: str) -> None:
+    t = repo.custom_fields
+    async with ctx.uow.begin() as tx:
+        result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
+        if result.rowcount == 0:
+            raise NotFound("custom field", f"{entity}.{key}")
+
+
+# --- tickets ---------------------------------------------------------------------------------------
+
+
+async def _ticket_for_update(conn: AsyncConnection, ticket_id: str) -> dict[str, Any]:
+    """The ticket locked for a change; outside the caller's record scope it does not exist."""
+    row = (await conn.execute(select(repo.tickets).where(repo.tickets.c.id == ticket_id).with_for_update())).first()
+    if row is None or not current_scope().allows(owner_id=row.owner_id, team=row.team, region=row.region):
+        raise NotFound("ticket", ticket_id)
+    return dict(row._mapping)
+
+
+def _clocks(t: Mapping[str, Any]) -> list[SlaClock]:
+    done = t["status"] in domain.DONE_STATUSES
+    started = as_utc(t["created_at"])
+    return [
+        SlaClock(
+            target=FIRST_RESPONSE,
+            started_at=started,
+            due_at=as_utc(t["first_response_due_at"]),
+            met=done or t["first_responded_at"] is not None,
+            warned=t["first_response_warned_at"] is not None,
+            breached=t["first_response_breached_at"] is not None,
+        ),
+        SlaClock(
+            target=RESOLUTION,
+            started_at=started,
+            due_at=as_utc(t["resolution_due_at"]),
+            met=done or t["sla_paused_at"] is not None,
+            warned=t["resolution_warned_at"] is not None,
+            breached=t["resolution_breached_at"] is not None,
+        ),
+    ]
+
+
+async def _sla_targets(conn: AsyncConnection, priority: str) -> domain.SlaTargets:
+    row = (await conn.execute(select(repo.sla_policies).where(repo.sla_policies.c.priority == priority))).first()
+    if row is None:
+        return domain.DEFAULT_SLA[priority]
+    return domain.SlaTargets(row.first_response_minutes, row.resolution_minutes)
+
+
+async def _account(conn: AsyncConnection, account_id: str) -> Any:
+    if not account_id:
+        return None
+    return (await conn.execute(select(repo.account_tiers).where(repo.account_tiers.c.account_id == account_id))).first()
+
+
+async def _apply_sla(conn: AsyncConnection, t: dict[str, Any]) -> None:
+    """(Re)computes the effective priority, due times and the timer's next look from the ticket."""
+    t["effective_priority"] = domain.effective_priority(t["priority"], t["account_tier"])
+    paused = timedelta(seconds=t["sla_paused_seconds"])
+    due = domain.sla_due(as_utc(t["created_at"]), await _sla_targets(conn, t["effective_priority"]), paused)
+    t["first_response_due_at"] = due.first_response_due_at
+    t["resolution_due_at"] = due.resolution_due_at
+    t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
+
+
+async def _choose_agent(conn: AsyncConnection, category: str, region: str) -> Any:
+    """Locks the candidate agents (so concurrent dispatches cannot overfill one) and picks one."""
+    query = select(repo.agents).where(repo.agents.c.available.is_(True))
+    if region:
+        query = query.where(repo.agents.c.region == region)
+    rows = list(await conn.execute(query.order_by(repo.agents.c.id).with_for_update()))
+    counts = await repo.open_ticket_counts(conn, [row.id for row in rows])
+    loads = [
+        domain.AgentLoad(
+            id=row.id,
+            skills=tuple(row.skills or ()),
+            region=row.region,
+            capacity=row.capacity,
+            available=row.available,
+            open_tickets=counts.get(row.id, 0),
+        )
+        for row in rows
+    ]
+    choice = domain.choose_agent(loads, category=category, region=region)
+    return next((row for row in rows if choice is not None and row.id == choice.id), None)
+
+
+def _assign(tx: Transaction, t: dict[str, Any], agent: Any, now: datetime) -> None:
+    """Gives the ticket to the agent (in memory) and publishes the assignment events."""
+    previous_assignee, previous_status = t["assignee_id"], t["status"]
+    t["assignee_id"] = agent.id
+    t["owner_id"] = agent.id
+    t["team"] = agent.team or t["team"]
+    t["status"] = domain.status_after_assignment(t["status"])
+    t["updated_at"] = now
+    who = actor(current_principal())
+    tx.publish(
+        events_pb2.TicketAssigned(ticket=ticket_to_proto(t), previous_assignee_id=previous_assignee, actor=who),
+        key=t["id"],
+    )
+    if t["status"] != previous_status:
+        tx.publish(
+            events_pb2.TicketStatusChanged(
+                ticket=ticket_to_proto(t), from_status=previous_status, to_status=t["status"], actor=who
+            ),
+            key=t["id"],
+        )
+
+
+def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
+    t["escalated"] = True
+    t["escalation_reason"] = reason
+    tx.publish(events_pb2.TicketEscalated(ticket=ticket_to_proto(t), reason=reason), key=t["id"])
+
+
+async def create_ticket(
+    ctx: Context, values: dict[str, Any], *, idempotency_key: str, skip_dispatch: bool = False
+) -> tuple[Any, list[Any]]:
+    """Creates, computes SLA due times and auto-dispatches; returns the ticket and KB suggestions."""
+    values = {**values, "channel": values.get("channel") or "api", "priority": values.get("priority") or "normal"}
+    _fail(domain.validate_ticket(values, partial=False))
+    principal = current_principal()
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        replayed = await repo.replayed_id(tx.conn, "create_ticket", principal.user_id, idempotency_key)
+        if replayed is not None:
+            row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == replayed))).one()
+            return row, []
+        account = await _account(tx.conn, values.get("account_id", ""))
+        custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
+        t: dict[str, Any] = {
+            "id": new_id(),
+            **{name: values.get(name) or "" for name in TICKET_FIELDS if name not in ("tags", "custom")},
+            "tags": values.get("tags") or [],
+            "custom": custom,
+            "account_tier": account.tier if account is not None else "",
+            "status": "new",
+            "assignee_id": "",
+            "owner_id": principal.user_id,
+            "escalated": False,
+            "escalation_reason": "",
+            "created_by_id": principal.user_id,
+            "first_responded_at": None,
+            "resolved_at": None,
+            "closed_at": None,
+            "first_response_warned_at": None,
+            "first_response_breached_at": None,
+            "resolution_warned_at": None,
+            "resolution_breached_at": None,
+            "sla_paused_at": None,
+            "sla_paused_seconds": 0,
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+        }
+        if not t["region"] and account is not None:
+            t["region"] = account.region
+        await _apply_sla(tx.conn, t)
+        tx.publish(events_pb2.TicketCreated(ticket=ticket_to_proto(t), actor=actor(principal)), key=t["id"])
+        if not skip_dispatch:
+            agent = await _choose_agent(tx.conn, t["category"], t["region"])
+            if agent is not None:
+                _assign(tx, t, agent, now)
+            else:
+                _escalate(tx, t, "no_agent_available")
+        await tx.conn.execute(insert(repo.tickets).values(**t))
+        await repo.remember(tx.conn, "create_ticket", principal.user_id, idempotency_key, t["id"], now)
+        suggestions = await _suggestions(tx.conn, t, ctx.suggestions)
+    return t, suggestions
+
+
+async def get_ticket(ctx: Context, ticket_id: str) -> tuple[Any, list[Any], list[Any], Any]:
+    async with ctx.uow.engine.connect() as conn:
+        row = (await conn.execute(select(repo.tickets).where(repo.tickets.c.id == ticket_id))).first()
+        if row is None or not current_scope().allows(owner_id=row.owner_id, team=row.team, region=row.region):
+            raise NotFound("ticket", ticket_id)
+        comments = list(
+            await conn.execute(
+                select(repo.ticket_comments)
+                .where(repo.ticket_comments.c.ticket_id == ticket_id)
+                .order_by(repo.ticket_comments.c.created_at, repo.ticket_comments.c.id)
+            )
+        )
+        entries = list(
+            await conn.execute(
+                select(repo.work_log)
+                .where(repo.work_log.c.ticket_id == ticket_id)
+                .order_by(repo.work_log.c.logged_at, repo.work_log.c.id)
+            )
+        )
+        csat = (
+            await conn.execute(select(repo.csat_responses).where(repo.csat_responses.c.ticket_id == ticket_id))
+        ).first()
+    return row, comments, entries, csat
+
+
+async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    _fail(domain.validate_ticket(values, partial=True))
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        _check_version("ticket", _Row(t), expected_version)
+        if t["status"] == "closed":
+            raise Conflict("a closed ticket cannot be changed", reason="TICKET_CLOSED")
+        if "custom" in values:
+            values = {**values, "custom": await _custom_values(tx.conn, values["custom"], existing=t["custom"])}
+        changed = {name: value for name, value in values.items() if t[name] != value}
+        if not changed:
+            return t
+        t.update(changed)
+        if "account_id" in changed:
+            account = await _account(tx.conn, t["account_id"])
+            t["account_tier"] = account.tier if account is not None else ""
+        if {"priority", "account_id"} & changed.keys():
+            await _apply_sla(tx.conn, t)
+        t["updated_at"] = now
+        t["version"] += 1
+        await _store(tx.conn, t)
+    return t
+
+
+class _Row:
+    """Attribute access to a ticket dict (for the version check shared with rows)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.id = values["id"]
+        self.version = values["version"]
+
+
+async def _store(conn: AsyncConnection, t: Mapping[str, Any]) -> None:
+    await conn.execute(update(repo.tickets).where(repo.tickets.c.id == t["id"]).values(**t))
+
+
+async def list_tickets(ctx: Context, f: TicketFilter, page: Page) -> tuple[list[Any], str]:
+    errors = [FieldError("statuses", f"unknown status {s!r}") for s in f.statuses if s not in domain.STATUSES]
+    errors += [FieldError("priorities", f"unknown priority {p!r}") for p in f.priorities if p not in domain.PRIORITIES]
+    errors += [FieldError("channels", f"unknown channel {c!r}") for c in f.channels if c not in domain.CHANNELS]
+    _fail(errors)
+    async with ctx.uow.engine.connect() as conn:
+        return await repo.list_tickets(conn, current_scope(), f, limit=page.limit, cursor=page.cursor, sort=page.sort)
+
+
+async def change_status(ctx: Context, ticket_id: str, status: str, *, expected_version: int, note: str) -> Any:
+    principal = current_principal()
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        _check_version("ticket", _Row(t), expected_version)
+        previous = t["status"]
+        domain.check_transition(previous, status)
+        if status in domain.NEEDS_ASSIGNEE and not t["assignee_id"]:
+            raise Conflict(f"a ticket must be assigned before it is {status}", reason="NO_ASSIGNEE")
+        t["status"] = status
+        if status in domain.RESPONDING_STATUSES and t["first_responded_at"] is None:
+            t["first_responded_at"] = now
+        if status == "resolved":
+            t["resolved_at"] = now
+        elif status == "closed":
+            t["closed_at"] = now
+        elif status == "reopened":
+            t["resolved_at"] = None
+        if status in domain.PAUSING_STATUSES:
+            t["sla_paused_at"] = now
+        elif t["sla_paused_at"] is not None:
+            waited = int((now - as_utc(t["sla_paused_at"])).total_seconds())
+            t["sla_paused_seconds"] += waited
+            t["resolution_due_at"] = as_utc(t["resolution_due_at"]) + timedelta(seconds=waited)
+            t["sla_paused_at"] = None
+        t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
+        t["updated_at"] = now
+        t["version"] += 1
+        await _store(tx.conn, t)
+        if note.strip():
+            await tx.conn.execute(
+                insert(repo.ticket_comments).values(
+                    id=new_id(), ticket_id=ticket_id, author_id=principal.user_id, body=note, public=False,
+                    created_at=now,
+                )
+            )  # fmt: skip
+        who = actor(principal)
+        message = ticket_to_proto(t)
+        tx.publish(
+            events_pb2.TicketStatusChanged(ticket=message, from_status=previous, to_status=status, actor=who),
+            key=ticket_id,
+        )
+        if status == "resolved":
+            tx.publish(events_pb2.TicketResolved(ticket=message, actor=who), key=ticket_id)
+            await _schedule_return_visit(ctx, tx, t, now)
+        elif status == "closed":
+            tx.publish(events_pb2.TicketClosed(ticket=message, actor=who), key=ticket_id)
+        elif status == "reopened":
+            tx.publish(events_pb2.TicketReopened(ticket=message, actor=who), key=ticket_id)
+    return t
+
+
+async def _schedule_return_visit(ctx: Context, tx: Transaction, t: Mapping[str, Any], now: datetime) -> None:
+    due = domain.return_visit_due(now, t["account_tier"], ctx.return_visit_days)
+    if due is None or not t["account_id"]:
+        return
+    visit = {
+        "id": new_id(),
+        "ticket_id": t["id"],
+        "account_id": t["account_id"],
+        "assignee_id": t["assignee_id"],
+        "owner_id": t["owner_id"],
+        "team": t["team"],
+        "region": t["region"],
+        "due_at": due,
+        "status": "open",
+        "notes": "",
+        "completed_at": None,
+        "created_at": now,
+    }
+    # A ticket resolved again after a reopen keeps its first return visit.
+    if await insert_ignore(tx.conn, repo.return_visits, visit, keys=["ticket_id"]):
+        tx.publish(events_pb2.ReturnVisitScheduled(return_visit=return_visit_to_proto(visit)), key=t["id"])
+
+
+async def assign_ticket(ctx: Context, ticket_id: str, assignee_id: str, *, expected_version: int) -> Any:
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        _check_version("ticket", _Row(t), expected_version)
+        domain.status_after_assignment(t["status"])
+        if assignee_id:
+            agent = (
+                await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == assignee_id).with_for_update())
+            ).first()
+            if agent is None:
+                raise ValidationFailed([FieldError("assignee_id", f"{assignee_id!r} is not a service agent")])
+        else:
+            agent = await _choose_agent(tx.conn, t["category"], t["region"])
+            if agent is None:
+                raise Conflict("no available agent has the skill and region of this ticket", reason="NO_AGENT")
+        if agent.id == t["assignee_id"]:
+            return t
+        _assign(tx, t, agent, now)
+        t["version"] += 1
+        await _store(tx.conn, t)
+    return t
+
+
+async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, idempotency_key: str) -> Any:
+    if not body.strip():
+        raise ValidationFailed([FieldError("body", "is required")])
+    if len(body) > 20_000:
+        raise ValidationFailed([FieldError("body", "must be at most 20000 characters")])
+    principal = current_principal()
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        replayed = await repo.replayed_id(tx.conn, "add_comment", principal.user_id, idempotency_key)
+        if replayed is not None:
+            return (
+                await tx.conn.execute(select(repo.ticket_comments).where(repo.ticket_comments.c.id == replayed))
+            ).one()
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        if t["status"] == "closed":
+            raise Conflict("a closed ticket takes no comments", reason="TICKET_CLOSED")
+        comment: dict[str, Any] = {
+            "id": new_id(), "ticket_id": ticket_id, "author_id": principal.user_id, "body": body, "public": public,
+            "created_at": now,
+        }  # fmt: skip
+        await tx.conn.execute(insert(repo.ticket_comments).values(**comment))
+        # A public answer by someone other than the reporter is the first response the SLA waits for.
+        if public and t["first_responded_at"] is None and principal.user_id != t["created_by_id"]:
+            t["first_responded_at"] = now
+            t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
+            t["updated_at"] = now
+            t["version"] += 1
+            await _store(tx.conn, t)
+        await repo.remember(tx.conn, "add_comment", principal.user_id, idempotency_key, comment["id"], now)
+    return comment
+
+
+async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, idempotency_key: str) -> Any:
+    if not 0 < minutes <= 24 * 60:
+        raise ValidationFailed([FieldError("minutes", "must be from 1 to 1440")])
+    principal = current_principal()
+    now = ctx.clock()
+    async with ctx.uow.begin() as tx:
+        replayed = await repo.replayed_id(tx.conn, "log_work", principal.user_id, idempotency_key)
+        if replayed is not None:
+            return (await tx.conn.execute(select(repo.work_log).where(repo.work_log.c.id == replayed))).one()
+        await _ticket_for_update(tx.conn, ticket_id)
+        entry: dict[str, Any] = {
+            "id": new_id(), "ticket_id": ticket_id, "agent_id": principal.user_id, "minutes": minutes, "note": note,
+            "logged_at": now,
+        }  # fmt: skip
+        await tx.conn.execute(insert(repo.work_log).values(**entry))
+        await repo.remember(tx.conn, "log_work", principal.user_id, idempotency_key, entry["id"], now)
+    return entry
+
+
+# --- SLA -------------------------------------------------------------------------------------------
+
+
+async def list_sla_policies(ctx: Context) -> list[Any]:
+    async with ctx.uow.engine.connect() as conn:
+        stored = {row.priority: row for row in await conn.execute(select(repo.sla_policies))}
+    return [
+        stored.get(priority)
+        or {
+            "priority": priority,
+            "first_response_minutes": targets.first_response_minutes,
+            "resolution_minutes": targets.resolution_minutes,
+            "updated_at": None,
+            "version": 0,
+        }
+        for priority, targets in domain.DEFAULT_SLA.items()
+    ]
+
+
+async def update_sla_policy(
+    ctx: Context, priority: str, first_response_minutes: int, resolution_minutes: int, *, expected_version: int
+) -> Any:
+    """Applies to tickets created from now on; open tickets keep the due times they were given."""
+    if priority not in domain.PRIORITIES:
+        raise ValidationFailed([FieldError("priority", f"must be one of {', '.join(domain.PRIORITIES)}")])
+    domain.validate_sla_targets(first_response_minutes, resolution_minutes)
+    now = ctx.clock()
+    table = repo.sla_policies
+    async with ctx.uow.begin() as tx:
+        row = (await tx.conn.execute(select(table).where(table.c.priority == priority).with_for_update())).first()
+        version = row.version if row is not None else 0
+        if expected_version and version != expected_version:
+            raise StaleVersion("sla_policy", priority, version)
+        values = {
+            "priority": priority,
+            "first_response_minutes": first_response_minutes,
+            "resolution_minutes": resolution_minutes,
+            "updated_at": now,
+            "version": version + 1,
+        }
+        if row is None:
+            await tx.conn.execute(insert(table).values(**values))
+        else:
+            await tx.conn.execute(update(table).where(table.c.priority == priority).values(**values))
+    return values
+
+
+async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
+    """Announces warnings (80 %) and breaches of due tickets, each once; replicas claim disjoint rows."""
+    now = ctx.clock()
+    t = repo.tickets
+    async with ctx.uow.begin() as tx:
+        query = (
+            select(t)
+            .where(t.c.next_sla_check_at <= now, t.c.status.in_(domain.OPEN_STATUSES))
+            .order_by(t.c.next_sla_check_at)
+            .limit(batch_size)
+        )
+        rows = list(await tx.conn.execute(claim_due(query)))
+        for row in rows:
+            ticket = dict(row._mapping)
+            for signal in domain.sla_signals(_clocks(ticket), now):
+                column = f"{signal.target}_{'warned' if signal.kind == 'warning' else 'breached'}_at"
+                ticket[column] = now
+                due = _timestamp(signal.due_at)
+                if signal.kind == "warning":
+                    event: Any = events_pb2.TicketSlaWarning(ticket=ticket_to_proto(ticket), target=signal.target)
+                else:
+                    ticket["escalated"] = True
+                    ticket["escalation_reason"] = f"sla_breached_{signal.target}"
+                    event = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(ticket), target=signal.target)
+                event.due_at.CopyFrom(due)
+                tx.publish(event, key=ticket["id"])
+                if signal.kind == "breach":
+                    tx.publish(
+                        events_pb2.TicketEscalated(ticket=ticket_to_proto(ticket), reason=ticket["escalation_reason"]),
+                        key=ticket["id"],
+                    )
+            ticket["next_sla_check_at"] = domain.next_sla_check(_clocks(ticket))
+            await tx.conn.execute(
+                update(t)
+                .where(t.c.id == ticket["id"])
+                .values(
+                    {
+                        name: ticket[name]
+                        for name in (
+                            "first_response_warned_at",
+                            "first_response_breached_at",
+                            "resolution_warned_at",
+                            "resolution_breached_at",
+                            "next_sla_check_at",
+                            "escalated",
+                            "escalation_reason",
+                        )
+                    }
+                )
+            )
+    return len(rows)
+
+
+def _timestamp(value: datetime) -> Any:
+    from crm_platform.timeutil import to_timestamp
+
+    return to_timestamp(value)
+
+
+async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
+    """Offers queued tickets (new or reopened, nobody assigned) to agents again, oldest first."""
+    now = ctx.clock()
+    t = repo.tickets
+    assigned = 0
+    async with ctx.uow.begin() as tx:
+        query = (
+            select(t)
+            .where(t.c.status.in_(("new", "reopened")), t.c.assignee_id == "")
+            .order_by(t.c.created_at)
+            .limit(batch_size)
+        )
+        for row in list(await tx.conn.execute(claim_due(query))):
+            ticket = dict(row._mapping)
+            agent = await _choose_agent(tx.conn, ticket["category"], ticket["region"])
+            if agent is None:
+                continue
+            _assign(tx, ticket, agent, now)
+            ticket["version"] += 1
+            await _store(tx.conn, ticket)
+            assigned += 1
+    return assigned
+
+
+# --- agents ----------------------------------------------------------------------------------------
+
+
+async def _agent_out(conn: AsyncConnection, row: Any) -> tuple[Any, int]:
+    counts = await repo.open_ticket_counts(conn, [row.id])
+    return row, counts.get(row.id, 0)
+
+
+async def create_agent(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> tuple[Any, int]:
+    values = {"capacity": 10, "available": True, "skills": [], "region": "", "team": "", **values}
+    _fail(domain.validate_agent(values, partial=False))
+    principal = current_principal()
+    now = ctx.clock()
+    try:
+        async with ctx.uow.begin() as tx:
+            replayed = await repo.replayed_id(tx.conn, "create_agent", principal.user_id, idempotency_key)
+            if replayed is None:
+                await tx.conn.execute(
+                    insert(repo.agents).values(
+                        id=values["id"].strip(), name=values["name"].strip(),
+                        skills=sorted({s.strip() for s in values["skills"]}), region=values["region"],
+                        team=values["team"], capacity=values["capacity"], available=values["available"],
+                        created_at=now, updated_at=now, version=1,
+                    )
+                )  # fmt: skip
+                await repo.remember(tx.conn, "create_agent", principal.user_id, idempotency_key, values["id"], now)
+                replayed = values["id"].strip()
+            row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == replayed))).one()
+            return await _agent_out(tx.conn, row)
+    except IntegrityError:
+        raise AlreadyExists(f"agent {values['id']} already exists", existing_id=values["id"]) from None
+
+
+async def get_agent(ctx: Context, agent_id: str) -> tuple[Any, int]:
+    async with ctx.uow.engine.connect() as conn:
+        row = (await conn.execute(select(repo.agents).where(repo.agents.c.id == agent_id))).first()
+        if row is None:
+            raise NotFound("agent", agent_id)
+        return await _agent_out(conn, row)
+
+
+async def update_agent(
+    ctx: Context, agent_id: str, values: dict[str, Any], *, expected_version: int
+) -> tuple[Any, int]:
+    _fail(domain.validate_agent(values, partial=True))
+    if "skills" in values:
+        values["skills"] = sorted({s.strip() for s in values["skills"]})
+    async with ctx.uow.begin() as tx:
+        row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == agent_id).with_for_update())).first()
+        if row is None:
+            raise NotFound("agent", agent_id)
+        _check_version("agent", row, expected_version)
+        await tx.conn.execute(
+            update(repo.agents)
+            .where(repo.agents.c.id == agent_id)
+            .values(**values, updated_at=ctx.clock(), version=row.version + 1)
+        )
+        row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == agent_id))).one()
+        return await _agent_out(tx.conn, row)
+
+
+async def list_agents(
+    ctx: Context, *, region: str, skill: str, available: bool | None, team: str, page: Page
+) -> tuple[list[tuple[Any, int]], str]:
+    async with ctx.uow.engine.connect() as conn:
+        rows, cursor = await repo.list_agents(
+            conn, region=region, skill=skill, available=available, team=team, limit=page.limit, cursor=page.cursor,
+            sort=page.sort,
+        )  # fmt: skip
+        counts = await repo.open_ticket_counts(conn, [row.id for row in rows])
+    return [(row, counts.get(row.id, 0)) for row in rows], cursor
+
+
+# --- CSAT and return visits ------------------------------------------------------------------------
+
+
+async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *, idempotency_key: str) -> Any:
+    principal = current_principal()
+    now = ctx.clock()
+    table = repo.csat_responses
+    async with ctx.uow.begin() as tx:
+        replayed = await repo.replayed_id(tx.conn, "submit_csat", principal.user_id, idempotency_key)
+        if replayed is not None:
+            return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        domain.validate_csat(t["status"], score, comment)
+        existing = await tx.conn.scalar(select(table.c.id).where(table.c.ticket_id == ticket_id))
+        if existing is not None:
+            raise AlreadyExists(f"ticket {ticket_id} already has a survey answer", existing_id=str(existing))
+        response = {
+            "id": new_id(), "ticket_id": ticket_id, "account_id": t["account_id"], "score": score, "comment": comment,
+            "submitted_by_id": principal.user_id, "owner_id": t["owner_id"], "team": t["team"], "region": t["region"],
+            "submitted_at": now,
+        }  # fmt: skip
+        await tx.conn.execute(insert(table).values(**response))
+        await repo.remember(tx.conn, "submit_csat", principal.user_id, idempotency_key, response["id"], now)
+        tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=ticket_id)
+    return response
+
+
+async def list_csat(ctx: Context, *, ticket_id: str, account_id: str, page: Page) -> tuple[list[Any], str]:
+    table = repo.csat_responses
+    conditions = [scope_clause(table, current_scope())]
+    if ticket_id:
+        conditions.append(table.c.ticket_id == ticket_id)
+    if account_id:
+        conditions.append(table.c.account_id == account_id)
+    sorts = {"submitted_at": table.c.submitted_at}
+    async with ctx.uow.engine.connect() as conn:
+        return await repo._page(
+            conn, select(table).where(and_(*conditions)), sorts, table.c.id, page.limit, page.cursor, page.sort,
+            "-submitted_at",
+        )  # fmt: skip
+
+
+async def list_return_visits(
+    ctx: Context, *, account_id: str, status: str, assignee_id: str, due_before: datetime | None, page: Page
+) -> tuple[list[Any], str]:
+    if status not in ("", "open", "done"):
+        raise ValidationFailed([FieldError("status", "must be open or done")])
+    table = repo.return_visits
+    conditions = [scope_clause(table, current_scope())]
+    for name, value in (("account_id", account_id), ("status", status), ("assignee_id", assignee_id)):
+        if value:
+            conditions.append(table.c[name] == value)
+    if due_before is not None:
+        conditions.append(table.c.due_at < due_before)
+    sorts = {"due_at": table.c.due_at, "created_at": table.c.created_at}
+    async with ctx.uow.engine.connect() as conn:
+        return await repo._page(
+            conn, select(table).where(and_(*conditions)), sorts, table.c.id, page.limit, page.cursor, page.sort,
+            "due_at",
+        )  # fmt: skip
+
+
+async def complete_return_visit(ctx: Context, visit_id: str, notes: str) -> Any:
+    table = repo.return_visits
+    async with ctx.uow.begin() as tx:
+        row = (await tx.conn.execute(select(table).where(table.c.id == visit_id).with_for_update())).first()
+        if row is None or not current_scope().allows(owner_id=row.owner_id, team=row.team, region=row.region):
+            raise NotFound("return_visit", visit_id)
+        if row.status == "done":
+            raise Conflict("the return visit is already done", reason="ALREADY_DONE")
+        await tx.conn.execute(
+            update(table).where(table.c.id == visit_id).values(status="done", notes=notes, completed_at=ctx.clock())
+        )
+        return (await tx.conn.execute(select(table).where(table.c.id == visit_id))).one()
+
+
+# --- knowledge base --------------------------------------------------------------------------------
+
+
+async def create_article(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> Any:
+    values = {"category": "", "tags": [], "published": False, **values}
+    _fail(domain.validate_article(values, partial=False))
+    principal = current_principal()
+    now = ctx.clock()
+    table = repo.kb_articles
+    async with ctx.uow.begin() as tx:
+        replayed = await repo.replayed_id(tx.conn, "create_article", principal.user_id, idempotency_key)
+        if replayed is None:
+            replayed = new_id()
+            await tx.conn.execute(
+                insert(table).values(
+                    id=replayed, **{name: values[name] for name in ARTICLE_FIELDS}, author_id=principal.user_id,
+                    created_at=now, updated_at=now, version=1,
+                )
+            )  # fmt: skip
+            await repo.remember(tx.conn, "create_article", principal.user_id, idempotency_key, replayed, now)
+        return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
+
+
+async def get_article(ctx: Context, article_id: str) -> Any:
+    async with ctx.uow.engine.connect() as conn:
+        row = (await conn.execute(select(repo.kb_articles).where(repo.kb_articles.c.id == article_id))).first()
+    if row is None:
+        raise NotFound("kb_article", article_id)
+    return row
+
+
+async def update_article(ctx: Context, article_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    _fail(domain.validate_article(values, partial=True))
+    table = repo.kb_articles
+    async with ctx.uow.begin() as tx:
+        row = (await tx.conn.execute(select(table).where(table.c.id == article_id).with_for_update())).first()
+        if row is None:
+            raise NotFound("kb_article", article_id)
+        _check_version("kb_article", row, expected_version)
+        await tx.conn.execute(
+            update(table)
+            .where(table.c.id == article_id)
+            .values(**values, updated_at=ctx.clock(), version=row.version + 1)
+        )
+        return (await tx.conn.execute(select(table).where(table.c.id == article_id))).one()
+
+
+async def search_articles(ctx: Context, q: str, *, category: str, limit: int, include_unpublished: bool) -> list[Any]:
+    terms = domain.search_terms(q, min_length=1, stop_words=False)
+    if q.strip() and not terms:
+        raise ValidationFailed([FieldError("q", "has no searchable words")])
+    async with ctx.uow.engine.connect() as conn:
+        return await repo.search_articles(
+            conn, terms, any_term=False, category=category, published_only=not include_unpublished,
+            limit=page_limit(limit),
+        )  # fmt: skip
+
+
+async def _suggestions(conn: AsyncConnection, t: Mapping[str, Any], limit: int) -> list[Any]:
+    terms = domain.search_terms(f"{t['subject']} {t['description']}")
+    if not terms or limit <= 0:
+        return []
+    found = await repo.search_articles(conn, terms, any_term=True, category="", published_only=True, limit=limit * 3)
+    # Articles of the ticket's category first, keeping the relevance order within each group.
+    ordered = sorted(found, key=lambda row: row.category != t["category"])
+    return ordered[:limit]
+
+
+async def suggest_articles(ctx: Context, ticket_id: str, limit: int) -> list[Any]:
+    row, _, _, _ = await get_ticket(ctx, ticket_id)
+    async with ctx.uow.engine.connect() as conn:
+        return await _suggestions(conn, row._mapping, min(limit or ctx.suggestions, 20))
+
+
+# --- the accounts projection -----------------------------------------------------------------------
+
+
+async def apply_account(tx: Transaction, account_id: str, tier: str, region: str) -> int:
+    """Keeps the tier (VIP) and region of an account, from crm.accounts.v1 events. When the tier
+    changes, the account's open tickets get the SLA targets of their new effective priority;
+    returns how many were re-timed."""
+    values = {"account_id": account_id, "tier": tier, "region": region, "updated_at": utcnow()}
+    table = repo.account_tiers
+    if tx.conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    statement = upsert(table).values(values)
+    await tx.conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["account_id"], set_={"tier": tier, "region": region, "updated_at": values["updated_at"]}
+        )
+    )
+    t = repo.tickets
+    rows = await tx.conn.execute(
+        select(t)
+        .where(t.c.account_id == account_id, t.c.status.in_(domain.OPEN_STATUSES), t.c.account_tier != tier)
+        .with_for_update()
+    )
+    retimed = 0
+    for row in rows:
+        ticket = dict(row._mapping)
+        ticket["account_tier"] = tier
+        await _apply_sla(tx.conn, ticket)
+        await tx.conn.execute(
+            update(t)
+            .where(t.c.id == ticket["id"])
+            .values(
+                {
+                    name: ticket[name]
+                    for name in (
+                        "account_tier",
+                        "effective_priority",
+                        "first_response_due_at",
+                        "resolution_due_at",
+                        "next_sla_check_at",
+                    )
+                }
+            )
+        )
+        retimed += 1
+    return retimed
+
+
+async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: str) -> None:
+    """Tickets, surveys and return visits of a merged-away account follow it to the survivor."""
+    for table in (repo.tickets, repo.csat_responses, repo.return_visits):
+        await tx.conn.execute(update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id))
+    await tx.conn.execute(delete(repo.account_tiers).where(repo.account_tiers.c.account_id == duplicate_id))

@@ -1,0 +1,413 @@
+"""Tables of the service desk (SQLAlchemy Core) and the queries the handlers share."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from crm_platform.outbox import add_messaging_tables
+from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
+from crm_platform.principal import RecordScope, scope_clause
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    ColumnElement,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    cast,
+    false,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+metadata = MetaData()
+add_messaging_tables(metadata)
+
+TS = DateTime(timezone=True)
+
+tickets = Table(
+    "tickets",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("account_id", String(64), nullable=False, server_default=""),
+    Column("contact_id", String(64), nullable=False, server_default=""),
+    Column("subject", String(500), nullable=False),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("channel", String(20), nullable=False),
+    Column("category", String(100), nullable=False, server_default=""),
+    Column("priority", String(20), nullable=False),
+    Column("effective_priority", String(20), nullable=False),
+    Column("account_tier", String(8), nullable=False, server_default=""),
+    Column("status", String(20), nullable=False),
+    Column("assignee_id", String(64), nullable=False, server_default=""),
+    # The record-scope owner: the assignee, or the creator while nobody is assigned.
+    Column("owner_id", String(64), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("region", String(100), nullable=False, server_default=""),
+    Column("tags", JSON, nullable=False),
+    Column("custom", JSON, nullable=False, server_default="{}"),
+    Column("escalated", Boolean, nullable=False, server_default=false()),
+    Column("escalation_reason", String(100), nullable=False, server_default=""),
+    Column("created_by_id", String(64), nullable=False, server_default=""),
+    Column("first_response_due_at", TS, nullable=False),
+    Column("resolution_due_at", TS, nullable=False),
+    Column("first_responded_at", TS),
+    Column("resolved_at", TS),
+    Column("closed_at", TS),
+    # What the SLA timer has announced, so each warning and breach goes out once.
+    Column("first_response_warned_at", TS),
+    Column("first_response_breached_at", TS),
+    Column("resolution_warned_at", TS),
+    Column("resolution_breached_at", TS),
+    # Waiting for the customer stops the resolution clock: since when, and the seconds stopped so far.
+    Column("sla_paused_at", TS),
+    Column("sla_paused_seconds", Integer, nullable=False, server_default="0"),
+    # When the SLA timer must look at the ticket next; NULL when nothing is left to announce.
+    Column("next_sla_check_at", TS),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_tickets_account_status", "account_id", "status"),
+    Index("ix_tickets_assignee_status", "assignee_id", "status"),
+    Index("ix_tickets_status_created", "status", "created_at"),
+    Index("ix_tickets_created", "created_at", "id"),
+    Index("ix_tickets_updated", "updated_at", "id"),
+    Index("ix_tickets_priority", "priority"),
+    Index("ix_tickets_channel", "channel"),
+    Index("ix_tickets_category", "category"),
+    Index("ix_tickets_region", "region"),
+    Index("ix_tickets_owner", "owner_id"),
+    Index("ix_tickets_team", "team"),
+    Index("ix_tickets_contact", "contact_id"),
+    Index("ix_tickets_escalated", "escalated"),
+    Index("ix_tickets_next_sla_check", "next_sla_check_at"),
+)
+
+ticket_comments = Table(
+    "ticket_comments",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("ticket_id", String(36), nullable=False),
+    Column("author_id", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("public", Boolean, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Index("ix_ticket_comments_ticket", "ticket_id", "created_at"),
+)
+
+work_log = Table(
+    "work_log",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("ticket_id", String(36), nullable=False),
+    Column("agent_id", String(64), nullable=False),
+    Column("minutes", Integer, nullable=False),
+    Column("note", Text, nullable=False, server_default=""),
+    Column("logged_at", TS, nullable=False),
+    Index("ix_work_log_ticket", "ticket_id", "logged_at"),
+)
+
+sla_policies = Table(
+    "sla_policies",
+    metadata,
+    Column("priority", String(20), primary_key=True),
+    Column("first_response_minutes", Integer, nullable=False),
+    Column("resolution_minutes", Integer, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+)
+
+agents = Table(
+    "agents",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("skills", JSON, nullable=False),
+    Column("region", String(100), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("capacity", Integer, nullable=False),
+    Column("available", Boolean, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_agents_region_available", "region", "available"),
+    Index("ix_agents_team", "team"),
+)
+
+# Projection of the accounts context (from crm.accounts.v1 events): only what the desk needs.
+account_tiers = Table(
+    "account_tiers",
+    metadata,
+    Column("account_id", String(64), primary_key=True),
+    Column("tier", String(8), nullable=False),
+    Column("region", String(100), nullable=False, server_default=""),
+    Column("updated_at", TS, nullable=False),
+)
+
+csat_responses = Table(
+    "csat_responses",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("ticket_id", String(36), nullable=False),
+    Column("account_id", String(64), nullable=False, server_default=""),
+    Column("score", Integer, nullable=False),
+    Column("comment", Text, nullable=False, server_default=""),
+    Column("submitted_by_id", String(64), nullable=False, server_default=""),
+    Column("owner_id", String(64), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("region", String(100), nullable=False, server_default=""),
+    Column("submitted_at", TS, nullable=False),
+    UniqueConstraint("ticket_id", name="uq_csat_ticket"),
+    Index("ix_csat_account", "account_id"),
+    Index("ix_csat_submitted", "submitted_at", "id"),
+)
+
+return_visits = Table(
+    "return_visits",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("ticket_id", String(36), nullable=False),
+    Column("account_id", String(64), nullable=False),
+    Column("assignee_id", String(64), nullable=False, server_default=""),
+    Column("owner_id", String(64), nullable=False, server_default=""),
+    Column("team", String(100), nullable=False, server_default=""),
+    Column("region", String(100), nullable=False, server_default=""),
+    Column("due_at", TS, nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("notes", Text, nullable=False, server_default=""),
+    Column("completed_at", TS),
+    Column("created_at", TS, nullable=False),
+    UniqueConstraint("ticket_id", name="uq_return_visit_ticket"),
+    Index("ix_return_visits_status_due", "status", "due_at", "id"),
+    Index("ix_return_visits_account", "account_id"),
+    Index("ix_return_visits_assignee", "assignee_id"),
+)
+
+kb_articles = Table(
+    "kb_articles",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("title", String(300), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("category", String(100), nullable=False, server_default=""),
+    Column("tags", JSON, nullable=False),
+    Column("published", Boolean, nullable=False),
+    Column("author_id", String(64), nullable=False, server_default=""),
+    Column("created_at", TS, nullable=False),
+    Column("updated_at", TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_kb_articles_category", "category", "published"),
+    # PostgreSQL also has `search`, a stored tsvector of title and body with a GIN index (migration 0003).
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("operation", String(50), nullable=False),
+    Column("principal_id", String(64), nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("result_id", String(64), nullable=False),
+    Column("created_at", TS, nullable=False),
+    PrimaryKeyConstraint("operation", "principal_id", "key"),
+)
+
+custom_fields = Table(
+    "custom_fields",
+    metadata,
+    Column("entity", String(20), nullable=False),
+    Column("key", String(63), nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("type", String(20), nullable=False),
+    Column("required", Boolean, nullable=False),
+    Column("options", JSON, nullable=False),
+    Column("pii", Boolean, nullable=False),
+    Column("created_at", TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    PrimaryKeyConstraint("entity", "key"),
+)
+
+# PostgreSQL only: the stored, GIN-indexed tsvector column (ranking reads it instead of re-parsing bodies).
+KB_DOCUMENT_SQL = "to_tsvector('simple', coalesce(title, '') || ' ' || coalesce(body, ''))"
+KB_SEARCH_COLUMN = "kb_articles.search"
+
+
+# --- idempotency -----------------------------------------------------------------------------------
+
+
+async def replayed_id(conn: AsyncConnection, operation: str, principal_id: str, key: str) -> str | None:
+    if not key:
+        return None
+    result = await conn.scalar(
+        select(idempotency_keys.c.result_id).where(
+            idempotency_keys.c.operation == operation,
+            idempotency_keys.c.principal_id == principal_id,
+            idempotency_keys.c.key == key,
+        )
+    )
+    return str(result) if result is not None else None
+
+
+async def remember(
+    conn: AsyncConnection, operation: str, principal_id: str, key: str, result_id: str, now: datetime
+) -> None:
+    if key:
+        await conn.execute(
+            insert(idempotency_keys).values(
+                operation=operation, principal_id=principal_id, key=key, result_id=result_id, created_at=now
+            )
+        )
+
+
+# --- tickets ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TicketFilter:
+    account_id: str = ""
+    contact_id: str = ""
+    statuses: list[str] = field(default_factory=list)
+    priorities: list[str] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    assignee_id: str = ""
+    region: str = ""
+    escalated: bool | None = None
+    created_after: datetime | None = None
+    q: str = ""
+
+
+TICKET_SORTS = {
+    "created_at": tickets.c.created_at,
+    "updated_at": tickets.c.updated_at,
+    "resolution_due_at": tickets.c.resolution_due_at,
+}
+
+
+async def list_tickets(
+    conn: AsyncConnection, scope: RecordScope, f: TicketFilter, *, limit: int, cursor: str, sort: str
+) -> tuple[list[Any], str]:
+    t = tickets
+    conditions = [scope_clause(t, scope)]
+    equal = {"account_id": f.account_id, "contact_id": f.contact_id, "assignee_id": f.assignee_id, "region": f.region}
+    conditions += [t.c[name] == value for name, value in equal.items() if value]
+    in_lists = {"status": f.statuses, "priority": f.priorities, "channel": f.channels, "category": f.categories}
+    conditions += [t.c[name].in_(values) for name, values in in_lists.items() if values]
+    if f.escalated is not None:
+        conditions.append(t.c.escalated.is_(f.escalated))
+    if f.created_after is not None:
+        conditions.append(t.c.created_at > f.created_after)
+    if f.q:
+        conditions.append(func.lower(t.c.subject).contains(f.q.lower(), autoescape=True))
+    return await _page(conn, select(t).where(and_(*conditions)), TICKET_SORTS, t.c.id, limit, cursor, sort)
+
+
+async def _page(
+    conn: AsyncConnection,
+    query: Any,
+    sorts: dict[str, Column[Any]],
+    id_column: Column[Any],
+    limit: int,
+    cursor: str,
+    sort: str,
+    default: str = "-created_at",
+) -> tuple[list[Any], str]:
+    size = page_limit(limit)
+    column, descending = parse_sort(sort, sorts, default=default)
+    query = keyset_page(
+        query, sort_column=column, id_column=id_column, descending=descending, cursor=cursor, limit=size
+    )
+    rows = list(await conn.execute(query))
+    return rows[:size], next_cursor(rows, sort_key=column.name, limit=size)
+
+
+async def open_ticket_counts(conn: AsyncConnection, agent_ids: list[str]) -> dict[str, int]:
+    from service_desk.domain import OPEN_STATUSES
+
+    if not agent_ids:
+        return {}
+    rows = await conn.execute(
+        select(tickets.c.assignee_id, func.count())
+        .where(tickets.c.assignee_id.in_(agent_ids), tickets.c.status.in_(OPEN_STATUSES))
+        .group_by(tickets.c.assignee_id)
+    )
+    return {assignee: int(count) for assignee, count in rows}
+
+
+# --- agents ----------------------------------------------------------------------------------------
+
+AGENT_SORTS = {"created_at": agents.c.created_at, "name": agents.c.name}
+
+
+async def list_agents(
+    conn: AsyncConnection,
+    *,
+    region: str,
+    skill: str,
+    available: bool | None,
+    team: str,
+    limit: int,
+    cursor: str,
+    sort: str,
+) -> tuple[list[Any], str]:
+    a = agents
+    conditions: list[Any] = []
+    if region:
+        conditions.append(a.c.region == region)
+    if team:
+        conditions.append(a.c.team == team)
+    if available is not None:
+        conditions.append(a.c.available.is_(available))
+    if skill:
+        # Skills are a small JSON list; its text form holds each skill as a quoted string.
+        conditions.append(cast(a.c.skills, String).contains(f'"{skill}"', autoescape=True))
+    return await _page(conn, select(a).where(and_(*conditions)), AGENT_SORTS, a.c.id, limit, cursor, sort, "created_at")
+
+
+# --- knowledge base --------------------------------------------------------------------------------
+
+
+async def search_articles(
+    conn: AsyncConnection, terms: list[str], *, any_term: bool, category: str, published_only: bool, limit: int
+) -> list[Any]:
+    """Full text on PostgreSQL (the GIN-indexed tsvector, ranked), substring match on SQLite."""
+    a = kb_articles
+    conditions: list[Any] = []
+    if published_only:
+        conditions.append(a.c.published.is_(True))
+    if category:
+        conditions.append(a.c.category == category)
+    query = select(a)
+    if conn.dialect.name == "postgresql":
+        document: ColumnElement[Any] = literal_column(KB_SEARCH_COLUMN)
+        if terms:
+            joiner = " | " if any_term else " & "
+            tsquery = func.to_tsquery("simple", joiner.join(f"{term}:*" for term in terms))
+            conditions.append(document.op("@@")(tsquery))
+            query = query.order_by(func.ts_rank(document, tsquery).desc(), a.c.updated_at.desc())
+        else:
+            query = query.order_by(a.c.updated_at.desc())
+    else:
+        matches = [
+            or_(
+                func.lower(a.c.title).contains(term, autoescape=True),
+                func.lower(a.c.body).contains(term, autoescape=True),
+            )
+            for term in terms
+        ]
+        if matches:
+            conditions.append(or_(*matches) if any_term else and_(*matches))
+        query = query.order_by(a.c.updated_at.desc())
+    return list(await conn.execute(query.where(and_(*conditions)).limit(limit)))

@@ -1,0 +1,247 @@
+"""Service-desk rules without I/O: status machine, SLA due times (VIP raise), warning and breach
+thresholds, dispatch choice, CSAT validation and return visits."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from crm_platform.errors import Conflict, ValidationFailed
+from hypothesis import given
+from hypothesis import strategies as st
+from service_desk import domain
+from service_desk.domain import AgentLoad, SlaClock
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+
+
+# --- status machine --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        ("new", "in_progress"),
+        ("assigned", "waiting_customer"),
+        ("in_progress", "resolved"),
+        ("waiting_customer", "in_progress"),
+        ("resolved", "closed"),
+        ("resolved", "reopened"),
+        ("reopened", "resolved"),
+    ],
+)
+def test_legal_transitions_pass(current: str, target: str) -> None:
+    domain.check_transition(current, target)
+
+
+@pytest.mark.parametrize(
+    ("current", "target"),
+    [
+        ("closed", "reopened"),
+        ("closed", "in_progress"),
+        ("new", "reopened"),
+        ("in_progress", "closed"),
+        ("resolved", "in_progress"),
+        ("new", "assigned"),  # only by assigning someone
+        ("in_progress", "new"),
+    ],
+)
+def test_illegal_transitions_are_conflicts(current: str, target: str) -> None:
+    with pytest.raises(Conflict) as caught:
+        domain.check_transition(current, target)
+    assert caught.value.reason == "ILLEGAL_TRANSITION"
+    assert current in caught.value.detail and target in caught.value.detail
+
+
+def test_unknown_status_names_the_field() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.check_transition("new", "done")
+    assert caught.value.errors[0].field == "status"
+
+
+def test_every_status_has_a_row_and_closed_is_terminal() -> None:
+    assert set(domain.TRANSITIONS) == set(domain.STATUSES)
+    assert domain.TRANSITIONS["closed"] == frozenset()
+
+
+def test_assignment_moves_new_and_reopened_to_assigned_only() -> None:
+    assert domain.status_after_assignment("new") == "assigned"
+    assert domain.status_after_assignment("reopened") == "assigned"
+    assert domain.status_after_assignment("in_progress") == "in_progress"
+    with pytest.raises(Conflict):
+        domain.status_after_assignment("resolved")
+
+
+# --- SLA -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("priority", "first", "resolution"),
+    [("urgent", 15, 240), ("high", 60, 480), ("normal", 240, 1440), ("low", 480, 4320)],
+)
+def test_default_sla_due_times(priority: str, first: int, resolution: int) -> None:
+    due = domain.sla_due(T0, domain.DEFAULT_SLA[priority])
+    assert due.first_response_due_at == T0 + timedelta(minutes=first)
+    assert due.resolution_due_at == T0 + timedelta(minutes=resolution)
+
+
+@pytest.mark.parametrize(
+    ("priority", "tier", "expected"),
+    [
+        ("low", "A", "normal"),
+        ("normal", "A", "high"),
+        ("high", "a", "urgent"),
+        ("urgent", "A", "urgent"),
+        ("low", "B", "low"),
+        ("high", "", "high"),
+    ],
+)
+def test_vip_accounts_are_raised_one_priority(priority: str, tier: str, expected: str) -> None:
+    assert domain.effective_priority(priority, tier) == expected
+
+
+def test_vip_normal_ticket_gets_the_high_targets() -> None:
+    due = domain.sla_due(T0, domain.DEFAULT_SLA[domain.effective_priority("normal", "A")])
+    assert due.first_response_due_at == T0 + timedelta(hours=1)
+    assert due.resolution_due_at == T0 + timedelta(hours=8)
+
+
+def test_waiting_for_the_customer_moves_only_the_resolution_target() -> None:
+    due = domain.sla_due(T0, domain.DEFAULT_SLA["high"], timedelta(hours=2))
+    assert due.first_response_due_at == T0 + timedelta(hours=1)
+    assert due.resolution_due_at == T0 + timedelta(hours=10)
+
+
+def _clock(**overrides: object) -> SlaClock:
+    values: dict[str, object] = {
+        "target": "first_response",
+        "started_at": T0,
+        "due_at": T0 + timedelta(minutes=100),
+        "met": False,
+        "warned": False,
+        "breached": False,
+    }
+    values.update(overrides)
+    return SlaClock(**values)  # type: ignore[arg-type]
+
+
+def test_warning_at_eighty_percent_not_before() -> None:
+    clock = _clock()
+    assert domain.sla_signals([clock], T0 + timedelta(minutes=79, seconds=59)) == []
+    signals = domain.sla_signals([clock], T0 + timedelta(minutes=80))
+    assert [(s.target, s.kind) for s in signals] == [("first_response", "warning")]
+
+
+def test_breach_at_due_time_and_each_signal_once() -> None:
+    warned = _clock(warned=True)
+    assert domain.sla_signals([warned], T0 + timedelta(minutes=99)) == []
+    assert [s.kind for s in domain.sla_signals([warned], T0 + timedelta(minutes=100))] == ["breach"]
+    done = _clock(warned=True, breached=True)
+    assert domain.sla_signals([done], T0 + timedelta(days=5)) == []
+
+
+def test_late_timer_announces_warning_and_breach_together() -> None:
+    signals = domain.sla_signals([_clock()], T0 + timedelta(minutes=500))
+    assert [s.kind for s in signals] == ["warning", "breach"]
+
+
+def test_met_targets_are_silent_and_need_no_check() -> None:
+    met = _clock(met=True)
+    assert domain.sla_signals([met], T0 + timedelta(days=1)) == []
+    assert domain.next_sla_check([met]) is None
+
+
+def test_next_check_is_the_earliest_pending_threshold() -> None:
+    first = _clock()
+    resolution = _clock(target="resolution", due_at=T0 + timedelta(minutes=1000))
+    assert domain.next_sla_check([first, resolution]) == T0 + timedelta(minutes=80)
+    assert domain.next_sla_check([_clock(warned=True), resolution]) == T0 + timedelta(minutes=100)
+    assert domain.next_sla_check([_clock(warned=True, breached=True), resolution]) == T0 + timedelta(minutes=800)
+
+
+@given(st.integers(min_value=1, max_value=100_000), st.integers(min_value=0, max_value=200_000))
+def test_warning_always_precedes_breach(minutes: int, elapsed_seconds: int) -> None:
+    clock = _clock(due_at=T0 + timedelta(minutes=minutes))
+    kinds = [s.kind for s in domain.sla_signals([clock], T0 + timedelta(seconds=elapsed_seconds))]
+    assert kinds in ([], ["warning"], ["warning", "breach"])
+    assert domain.warning_at(T0, clock.due_at) <= clock.due_at
+
+
+def test_sla_targets_validation_names_fields() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_sla_targets(0, -1)
+    assert {e.field for e in caught.value.errors} == {"first_response_minutes", "resolution_minutes"}
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_sla_targets(60, 30)
+    assert caught.value.errors[0].field == "resolution_minutes"
+
+
+# --- dispatch --------------------------------------------------------------------------------------
+
+
+def _agent(agent_id: str, *, skills: tuple[str, ...] = ("billing",), region: str = "east", **kw: object) -> AgentLoad:
+    values: dict[str, object] = {"capacity": 5, "available": True, "open_tickets": 0}
+    values.update(kw)
+    return AgentLoad(id=agent_id, skills=skills, region=region, **values)  # type: ignore[arg-type]
+
+
+def test_dispatch_picks_the_least_loaded_matching_agent() -> None:
+    agents = [
+        _agent("a", open_tickets=3),
+        _agent("b", open_tickets=1),
+        _agent("c", open_tickets=0, skills=("network",)),  # wrong skill
+        _agent("d", open_tickets=0, region="west"),  # wrong region
+        _agent("e", open_tickets=0, available=False),  # away
+        _agent("f", open_tickets=5, capacity=5),  # full
+    ]
+    choice = domain.choose_agent(agents, category="billing", region="east")
+    assert choice is not None and choice.id == "b"
+
+
+def test_dispatch_ties_break_on_id_and_none_means_queued() -> None:
+    agents = [_agent("z", open_tickets=1), _agent("m", open_tickets=1)]
+    assert domain.choose_agent(agents, category="billing", region="east").id == "m"  # type: ignore[union-attr]
+    assert domain.choose_agent(agents, category="hardware", region="east") is None
+    assert domain.choose_agent([], category="billing", region="east") is None
+
+
+def test_ticket_without_category_or_region_goes_to_anyone_free() -> None:
+    agents = [_agent("a", open_tickets=2), _agent("b", open_tickets=1, region="west", skills=())]
+    assert domain.choose_agent(agents, category="", region="").id == "b"  # type: ignore[union-attr]
+
+
+# --- CSAT, return visits, validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("score", [0, 6, -1])
+def test_csat_score_out_of_range_names_score(score: int) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_csat("resolved", score, "")
+    assert caught.value.errors[0].field == "score"
+
+
+def test_csat_needs_a_resolved_ticket_and_a_short_comment() -> None:
+    domain.validate_csat("resolved", 5, "great")
+    domain.validate_csat("closed", 1, "")
+    with pytest.raises(Conflict):
+        domain.validate_csat("in_progress", 4, "")
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_csat("resolved", 3, "x" * 2001)
+    assert caught.value.errors[0].field == "comment"
+
+
+def test_return_visit_only_for_tier_a() -> None:
+    assert domain.return_visit_due(T0, "A", 3) == T0 + timedelta(days=3)
+    assert domain.return_visit_due(T0, "B", 3) is None
+    assert domain.return_visit_due(T0, "", 3) is None
+
+
+def test_ticket_validation_names_each_field() -> None:
+    errors = domain.validate_ticket({"subject": " ", "channel": "fax", "priority": "p1", "tags": [""]}, partial=False)
+    assert {e.field for e in errors} == {"subject", "channel", "priority", "tags"}
+    assert domain.validate_ticket({"priority": "low"}, partial=True) == []
+
+
+def test_search_terms_are_tsquery_safe_words() -> None:
+    assert domain.search_terms("Can't log in: password reset!! the VPN") == ["log", "password", "reset", "vpn"]
+    assert domain.search_terms("a:* | b & c", min_length=1, stop_words=False) == ["a", "b", "c"]

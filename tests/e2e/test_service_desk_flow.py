@@ -1,0 +1,212 @@
+"""Service desk through the gateway: a service agent logs a ticket that auto-dispatches to them,
+works and resolves it, and the customer's CSAT lands, with the events on Kafka; permissions per
+role; and a slice of the public customer-support-tickets dataset imported with counts checked."""
+
+import asyncio
+import csv
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from crm.servicedesk.v1 import events_pb2
+from crm_devstack.stack import RunningStack
+from crm_platform.ids import new_id
+from crm_platform.testing.kafka import EventCollector
+
+pytestmark = pytest.mark.e2e
+
+DATASETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets"
+TOPIC = "crm.service.v1"
+
+
+def _client(stack: RunningStack, sub: str, roles: list[str], region: str, team: str = "desk") -> httpx.AsyncClient:
+    return stack.client(stack.token(sub, roles, team=team, region=region))
+
+
+def _ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    return response.json()
+
+
+async def test_ticket_created_dispatched_resolved_and_rated(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    region = f"east-{run}"
+    agent, other = f"agent-{run}", f"other-{run}"
+    async with (
+        EventCollector(stack.bootstrap, [TOPIC]) as events,
+        _client(stack, f"mgr-{run}", ["service_manager"], region) as mgr,
+        _client(stack, agent, ["service_agent"], region) as me,
+        _client(stack, other, ["service_agent"], region) as them,
+    ):
+        # The manager registers the engineers; only one has the billing skill.
+        for agent_id, skills in ((agent, ["billing"]), (other, ["network"])):
+            _ok(
+                await mgr.post(
+                    "/api/v1/agents",
+                    json={"id": agent_id, "name": agent_id, "skills": skills, "region": region, "capacity": 5},
+                ),
+                201,
+            )
+        no_agents = await me.post("/api/v1/agents", json={"id": f"x-{run}", "name": "x"})
+        assert no_agents.status_code == 403
+
+        created = await me.post(
+            "/api/v1/tickets",
+            json={"subject": "Invoice total is wrong", "channel": "phone", "category": "billing", "region": region,
+                  "priority": "high"},
+            headers={"Idempotency-Key": f"ticket-{run}"},
+        )  # fmt: skip
+        ticket = _ok(created, 201)
+        assert created.headers["etag"] == f'"{ticket["version"]}"'
+        assert ticket["status"] == "assigned" and ticket["assignee_id"] == agent
+        assert ticket["first_response_due_at"] and ticket["resolved_at"] is None
+        replay = _ok(
+            await me.post(
+                "/api/v1/tickets",
+                json={"subject": "again", "channel": "web"},
+                headers={"Idempotency-Key": f"ticket-{run}"},
+            ),
+            201,
+        )
+        assert replay["id"] == ticket["id"]
+        tid = ticket["id"]
+
+        # Out of the other agent's scope: 404, never 403.
+        assert (await them.get(f"/api/v1/tickets/{tid}")).status_code == 404
+        assert (await me.post(f"/api/v1/tickets/{tid}/assign", json={"assignee_id": other})).status_code == 403
+
+        illegal = await me.post(f"/api/v1/tickets/{tid}/status", json={"status": "reopened"})
+        assert illegal.status_code == 409, illegal.text
+        assert illegal.headers["content-type"].startswith("application/problem+json")
+
+        _ok(await me.post(f"/api/v1/tickets/{tid}/comments", json={"body": "On it", "public": True}), 201)
+        _ok(await me.post(f"/api/v1/tickets/{tid}/work-log", json={"minutes": 20, "note": "checked"}), 201)
+        _ok(await me.post(f"/api/v1/tickets/{tid}/status", json={"status": "in_progress"}))
+        early = await me.post(f"/api/v1/tickets/{tid}/csat", json={"score": 5})
+        assert early.status_code == 409
+        resolved = _ok(await me.post(f"/api/v1/tickets/{tid}/status", json={"status": "resolved"}))
+        assert resolved["status"] == "resolved" and resolved["resolved_at"]
+
+        bad = await me.post(f"/api/v1/tickets/{tid}/csat", json={"score": 9})
+        assert bad.status_code == 422 and any(e["field"].endswith("score") for e in bad.json()["errors"])
+        csat = _ok(await me.post(f"/api/v1/tickets/{tid}/csat", json={"score": 5, "comment": "fast"}), 201)
+        assert csat["score"] == 5 and csat["ticket_id"] == tid
+        assert (await me.post(f"/api/v1/tickets/{tid}/csat", json={"score": 4})).status_code == 409
+
+        detail = _ok(await me.get(f"/api/v1/tickets/{tid}"))
+        assert detail["csat"]["score"] == 5 and [c["body"] for c in detail["comments"]] == ["On it"]
+        assert detail["first_responded_at"] is not None and detail["work_log"][0]["minutes"] == 20
+        mine = _ok(await me.get("/api/v1/tickets", params={"status": "resolved"}))
+        assert [t["id"] for t in mine["items"]] == [tid]
+        open_ones = _ok(await mgr.get("/api/v1/tickets", params={"open": "true", "region": region}))
+        assert open_ones["items"] == []
+
+        records = await events.wait_for(
+            lambda rs: any(r.key == tid and r.event_type == "crm.service.csat.submitted" for r in rs), timeout=60
+        )
+        types = [r.event_type for r in records if r.key == tid]
+        assert types[:2] == ["crm.service.ticket.created", "crm.service.ticket.assigned"]
+        assert "crm.service.ticket.resolved" in types and types[-1] == "crm.service.csat.submitted"
+        submitted = next(r for r in records if r.key == tid and r.event_type == "crm.service.csat.submitted")
+        assert submitted.decode(events_pb2.CsatSubmitted).response.score == 5
+
+
+PRIORITY = {"Critical": "urgent", "High": "high", "Medium": "normal", "Low": "low"}
+CHANNEL = {"Email": "email", "Phone": "phone", "Social media": "wechat", "Chat": "web"}
+SAMPLE = 300
+
+
+async def test_customer_support_tickets_import_counts(stack: RunningStack) -> None:
+    """The first 300 tickets of the public dataset, imported through the API: counts per priority
+    and channel read back through the filters equal the counts in the file."""
+    path = DATASETS / "customer-support-tickets" / "customer_support_tickets.csv"
+    with path.open(newline="", encoding="utf-8") as handle:
+        rows = [row for _, row in zip(range(SAMPLE), csv.DictReader(handle), strict=False)]
+    assert len(rows) == SAMPLE
+    run = new_id()[-8:]
+    region = f"ds-{run}"
+    async with _client(stack, f"mgr-{run}", ["service_manager"], region) as mgr:
+        semaphore = asyncio.Semaphore(16)
+
+        async def create(row: dict[str, str]) -> None:
+            body = {
+                "subject": row["Ticket Subject"],
+                "description": row["Ticket Description"],
+                "channel": CHANNEL[row["Ticket Channel"]],
+                "priority": PRIORITY[row["Ticket Priority"]],
+                "category": row["Ticket Type"],
+                "region": region,
+            }
+            async with semaphore:
+                response = await mgr.post(
+                    "/api/v1/tickets", json=body, headers={"Idempotency-Key": f"{run}-{row['Ticket ID']}"}
+                )
+            assert response.status_code == 201, response.text
+
+        await asyncio.gather(*(create(row) for row in rows))
+
+        async def count(**params: str) -> int:
+            total, cursor = 0, ""
+            while True:
+                page = _ok(
+                    await mgr.get(
+                        "/api/v1/tickets", params={"region": region, "limit": "100", **params, "cursor": cursor}
+                    )
+                )
+                total += len(page["items"])
+                cursor = page["next_cursor"] or ""
+                if not cursor:
+                    return total
+
+        assert await count() == SAMPLE
+        for source, priority in PRIORITY.items():
+            expected = Counter(row["Ticket Priority"] for row in rows)[source]
+            assert await count(priority=priority) == expected, priority
+        for source, channel in CHANNEL.items():
+            expected = Counter(row["Ticket Channel"] for row in rows)[source]
+            assert await count(channel=channel) == expected, channel
+        # No agent serves this region: every ticket is queued (new) and escalated.
+        assert await count(status="new", escalated="true") == SAMPLE
+
+
+async def test_ticket_custom_fields_through_the_gateway(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    key = f"serial_{run}"
+    async with (
+        _client(stack, f"admin-{run}", ["admin"], "any") as admin,
+        _client(stack, f"mgr-{run}", ["service_manager"], f"cf-{run}") as mgr,
+    ):
+        definition = _ok(
+            await admin.post("/api/v1/custom-fields/ticket", json={"key": key, "label": "Serial", "type": "text"}), 201
+        )
+        assert definition["entity"] == "ticket" and definition["key"] == key
+        listed = _ok(await mgr.get("/api/v1/custom-fields/ticket"))
+        assert key in [d["key"] for d in listed["items"]]
+
+        unknown = await mgr.post(
+            "/api/v1/tickets", json={"subject": "s", "channel": "web", "custom": {f"nope_{run}": "x"}}
+        )
+        assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == f"custom.nope_{run}"
+        ticket = _ok(
+            await mgr.post(
+                "/api/v1/tickets",
+                json={"subject": "Broken drone", "channel": "web", "region": f"cf-{run}", "custom": {key: "SN-1"}},
+            ),
+            201,
+        )
+        assert ticket["custom"] == {key: "SN-1"}
+        patched = _ok(
+            await mgr.patch(
+                f"/api/v1/tickets/{ticket['id']}",
+                json={"custom": {key: "SN-2"}, "priority": "urgent"},
+                headers={"If-Match": f'"{ticket["version"]}"'},
+            )
+        )
+        assert patched["custom"] == {key: "SN-2"} and patched["priority"] == "urgent"
+        stale = await mgr.patch(
+            f"/api/v1/tickets/{ticket['id']}", json={"priority": "low"}, headers={"If-Match": f'"{ticket["version"]}"'}
+        )
+        assert stale.status_code == 412
+        assert (await admin.delete(f"/api/v1/custom-fields/ticket/{key}")).status_code == 204
