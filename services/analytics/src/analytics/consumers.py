@@ -1,0 +1,477 @@
+"""The projection: every event the reports need, from the leads, accounts, sales and service topics,
+applied to the read models in the consumer's transaction (the platform's inbox makes a redelivered
+event a no-op; the versioned upserts make a replay converge).
+
+The consumer group is `<group>-g<generation>` (group `analytics-projection` by default): a rebuild
+empties the read models and moves to the next generation, whose fresh group reads every topic from
+its beginning."""
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import events_pb2 as accounts_events
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import events_pb2 as leads_events
+from crm.leads.v1 import leads_pb2
+from crm.sales.v1 import events_pb2 as sales_events
+from crm.sales.v1 import sales_pb2
+from crm.servicedesk.v1 import events_pb2 as service_events
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm_platform.config import KafkaSettings
+from crm_platform.consumer import EventConsumer, ReceivedEvent
+from crm_platform.db import transaction
+from crm_platform.money import parse_decimal
+from crm_platform.outbox import Transaction, UnitOfWork
+from crm_platform.timeutil import from_timestamp
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from analytics import domain
+from analytics import repository as repo
+
+log = logging.getLogger(__name__)
+
+
+def consumer_name(group: str, generation: int) -> str:
+    return f"{group}-g{generation}"
+
+
+def _amount(money: common_pb2.Money, field: str) -> tuple[Decimal | None, str]:
+    if not money.amount:
+        return None, money.currency
+    return parse_decimal(money.amount, field=field), money.currency
+
+
+def _time(stamp: Timestamp) -> datetime | None:
+    return from_timestamp(stamp)
+
+
+# --------------------------------------------------------------------------------------- leads
+
+
+async def apply_lead(conn: AsyncConnection, lead: leads_pb2.Lead) -> None:
+    values = {name: getattr(lead, name) for name in domain.LEAD_KEY_FIELDS}
+    filled = domain.filled_fields(values, domain.LEAD_KEY_FIELDS)
+    await repo.upsert(
+        conn,
+        repo.leads,
+        {
+            "id": lead.id,
+            "source": lead.source,
+            "campaign_id": lead.campaign_id,
+            "status": lead.status,
+            "owner_id": lead.owner_id,
+            "team": lead.team,
+            "region": lead.region,
+            "created_at": _time(lead.created_at),
+            "first_contacted_at": _time(lead.first_contacted_at),
+            "converted_opportunity_id": lead.converted_opportunity_id,
+            "filled": filled,
+            "completeness": domain.completeness(filled, domain.LEAD_KEY_FIELDS),
+            "version": lead.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+    await repo.upsert_rep(conn, lead.owner_id, lead.team, lead.region)
+
+
+async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadActivity) -> None:
+    if not activity.id:
+        return
+    await repo.upsert(
+        conn,
+        repo.activities,
+        {
+            "id": activity.id,
+            "lead_id": activity.lead_id,
+            "actor_id": activity.actor_id,
+            "kind": activity.kind,
+            "occurred_at": _time(activity.occurred_at),
+        },
+        keys=["id"],
+    )
+
+
+async def apply_campaign(conn: AsyncConnection, campaign: leads_pb2.Campaign) -> None:
+    cost, currency = _amount(campaign.cost, "campaign.cost.amount")
+    await repo.upsert(
+        conn,
+        repo.campaigns,
+        {
+            "id": campaign.id,
+            "name": campaign.name,
+            "channel": campaign.channel,
+            "cost": cost,
+            "currency": currency,
+            "owner_id": campaign.owner_id,
+            "team": campaign.team,
+            "version": campaign.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+
+
+# ------------------------------------------------------------------------------------ accounts
+
+
+async def apply_account(conn: AsyncConnection, account: accounts_pb2.Account) -> None:
+    values: dict[str, object] = {name: getattr(account, name) for name in domain.ACCOUNT_KEY_FIELDS}
+    values["annual_revenue"] = account.annual_revenue.amount
+    filled = domain.filled_fields(values, domain.ACCOUNT_KEY_FIELDS)
+    await repo.upsert(
+        conn,
+        repo.accounts,
+        {
+            "id": account.id,
+            "name": account.name,
+            "owner_id": account.owner_id,
+            "team": account.team,
+            "region": account.region,
+            "created_at": _time(account.created_at),
+            "last_activity_at": _time(account.last_activity_at),
+            "merged_into_id": account.merged_into_id,
+            "filled": filled,
+            "completeness": domain.completeness(filled, domain.ACCOUNT_KEY_FIELDS),
+            "version": account.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+    await repo.upsert_rep(conn, account.owner_id, account.team, account.region)
+
+
+async def apply_account_gone(conn: AsyncConnection, account_id: str, *, merged_into: str = "") -> None:
+    values: dict[str, Any] = {"deleted": True}
+    if merged_into:
+        values = {"merged_into_id": merged_into}
+    await conn.execute(update(repo.accounts).where(repo.accounts.c.id == account_id).values(**values))
+
+
+async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
+    await repo.upsert(
+        conn,
+        repo.activities,
+        {
+            "id": activity.id,
+            "account_id": activity.account_id,
+            "actor_id": activity.actor_id,
+            "kind": activity.kind,
+            "occurred_at": _time(activity.occurred_at),
+        },
+        keys=["id"],
+    )
+
+
+async def apply_task(conn: AsyncConnection, task: accounts_pb2.Task) -> None:
+    await repo.upsert(
+        conn,
+        repo.tasks,
+        {
+            "id": task.id,
+            "status": task.status,
+            "owner_id": task.owner_id,
+            "team": task.team,
+            "region": task.region,
+            "due_at": _time(task.due_at),
+            "created_at": _time(task.created_at),
+            "completed_at": _time(task.completed_at),
+            "version": task.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+    await repo.upsert_rep(conn, task.owner_id, task.team, task.region)
+
+
+# --------------------------------------------------------------------------------------- sales
+
+
+async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) -> None:
+    amount, currency = _amount(deal.amount, "opportunity.amount.amount")
+    history = [
+        {
+            "stage": entry.stage,
+            "entered_at": _iso(entry.entered_at),
+            "exited_at": _iso(entry.exited_at),
+        }
+        for entry in deal.stage_history
+    ]
+    await repo.upsert(
+        conn,
+        repo.opportunities,
+        {
+            "id": deal.id,
+            "account_id": deal.account_id,
+            "pipeline_id": deal.pipeline_id,
+            "stage": deal.stage,
+            "status": deal.status,
+            "amount": amount,
+            "currency": currency,
+            "owner_id": deal.owner_id,
+            "team": deal.team,
+            "region": deal.region,
+            "source_lead_id": deal.source_lead_id,
+            "campaign_id": deal.campaign_id,
+            "created_at": _time(deal.created_at),
+            "closed_at": _time(deal.closed_at),
+            "history": history,
+            "version": deal.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+    await repo.upsert_rep(conn, deal.owner_id, deal.team, deal.region)
+
+
+def _iso(stamp: Timestamp) -> str | None:
+    value = _time(stamp)
+    return value.isoformat() if value is not None else None
+
+
+async def apply_contract(conn: AsyncConnection, contract: sales_pb2.Contract) -> None:
+    await repo.upsert(
+        conn,
+        repo.contracts,
+        {
+            "id": contract.id,
+            "account_id": contract.account_id,
+            "opportunity_id": contract.opportunity_id,
+            "owner_id": contract.owner_id,
+            "team": contract.team,
+            "region": contract.region,
+            "version": contract.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+
+
+async def apply_installment(
+    conn: AsyncConnection, contract_id: str, account_id: str, installment: sales_pb2.Installment
+) -> None:
+    amount, currency = _amount(installment.amount, "installment.amount.amount")
+    paid, _ = _amount(installment.paid, "installment.paid.amount")
+    values = {
+        "id": installment.id,
+        "contract_id": contract_id,
+        "amount": amount or Decimal(0),
+        "paid": paid or Decimal(0),
+        "currency": currency,
+        "due_date": installment.due_date,
+        "status": installment.status,
+    }
+    if account_id:
+        values["account_id"] = account_id
+    await repo.upsert(conn, repo.installments, values, keys=["id"])
+    if installment.status == "overdue":
+        await conn.execute(
+            update(repo.installments).where(repo.installments.c.id == installment.id).values(overdue=True)
+        )
+
+
+async def apply_payment(conn: AsyncConnection, payment: sales_pb2.Payment) -> None:
+    amount, currency = _amount(payment.amount, "payment.amount.amount")
+    await repo.upsert(
+        conn,
+        repo.payments,
+        {
+            "id": payment.id,
+            "contract_id": payment.contract_id,
+            "amount": amount or Decimal(0),
+            "currency": currency,
+            "received_at": _time(payment.received_at),
+        },
+        keys=["id"],
+    )
+    for allocation in payment.allocations:
+        allocated, _ = _amount(allocation.amount, "payment.allocations.amount.amount")
+        await repo.upsert(
+            conn,
+            repo.allocations,
+            {"payment_id": payment.id, "installment_id": allocation.installment_id, "amount": allocated or 0},
+            keys=["payment_id", "installment_id"],
+        )
+
+
+# ------------------------------------------------------------------------------------- service
+
+
+async def apply_ticket(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket) -> None:
+    await repo.upsert(
+        conn,
+        repo.tickets,
+        {
+            "id": ticket.id,
+            "account_id": ticket.account_id,
+            "owner_id": ticket.assignee_id,
+            "team": ticket.team,
+            "region": ticket.region,
+            "priority": ticket.effective_priority or ticket.priority,
+            "status": ticket.status,
+            "created_at": _time(ticket.created_at),
+            "first_response_due_at": _time(ticket.first_response_due_at),
+            "first_responded_at": _time(ticket.first_responded_at),
+            "resolution_due_at": _time(ticket.resolution_due_at),
+            "resolved_at": _time(ticket.resolved_at),
+            "version": ticket.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+    await repo.upsert_rep(conn, ticket.assignee_id, ticket.team, ticket.region)
+
+
+async def apply_sla_breach(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket, target: str) -> None:
+    """A breach is a fact once reported: the flag is only ever set, so replays agree."""
+    await apply_ticket(conn, ticket)
+    flag = "resolution_breached" if "resol" in target else "first_response_breached"
+    await conn.execute(update(repo.tickets).where(repo.tickets.c.id == ticket.id).values({flag: True}))
+
+
+async def apply_csat(conn: AsyncConnection, response: servicedesk_pb2.CsatResponse) -> None:
+    await repo.upsert(
+        conn,
+        repo.csat_responses,
+        {
+            "id": response.id,
+            "ticket_id": response.ticket_id,
+            "account_id": response.account_id,
+            "score": response.score,
+            "submitted_at": _time(response.submitted_at),
+        },
+        keys=["id"],
+    )
+
+
+# -------------------------------------------------------------------------------------- wiring
+
+Apply = Callable[[AsyncConnection, Any], Awaitable[None]]
+
+
+def _on(apply: Apply, part: Callable[[Any], Any]) -> Callable[[Transaction, ReceivedEvent[Any]], Awaitable[None]]:
+    async def handle(tx: Transaction, event: ReceivedEvent[Any]) -> None:
+        await apply(tx.conn, part(event.message))
+
+    return handle
+
+
+async def _lead_contacted(tx: Transaction, event: ReceivedEvent[leads_events.LeadContacted]) -> None:
+    await apply_lead(tx.conn, event.message.lead)
+    await apply_lead_activity(tx.conn, event.message.activity)
+
+
+async def _account_merged(tx: Transaction, event: ReceivedEvent[accounts_events.AccountMerged]) -> None:
+    await apply_account_gone(tx.conn, event.message.duplicate_id, merged_into=event.message.survivor_id)
+
+
+async def _account_deleted(tx: Transaction, event: ReceivedEvent[accounts_events.AccountDeleted]) -> None:
+    await apply_account_gone(tx.conn, event.message.account_id)
+
+
+async def _plan_created(tx: Transaction, event: ReceivedEvent[sales_events.PaymentPlanCreated]) -> None:
+    plan = event.message.payment_plan
+    for installment in plan.installments:
+        await apply_installment(tx.conn, plan.contract_id, "", installment)
+
+
+async def _installment_overdue(tx: Transaction, event: ReceivedEvent[sales_events.InstallmentOverdue]) -> None:
+    message = event.message
+    await apply_installment(tx.conn, message.contract_id, message.account_id, message.installment)
+
+
+async def _sla_breached(tx: Transaction, event: ReceivedEvent[service_events.TicketSlaBreached]) -> None:
+    await apply_sla_breach(tx.conn, event.message.ticket, event.message.target)
+
+
+def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[Any]], Awaitable[None]]]:
+    lead = _on(apply_lead, lambda m: m.lead)
+    campaign = _on(apply_campaign, lambda m: m.campaign)
+    account = _on(apply_account, lambda m: m.account)
+    task = _on(apply_task, lambda m: m.task)
+    deal = _on(apply_opportunity, lambda m: m.opportunity)
+    contract = _on(apply_contract, lambda m: m.contract)
+    ticket = _on(apply_ticket, lambda m: m.ticket)
+    return {
+        leads_events.LeadCreated: lead,
+        leads_events.LeadUpdated: lead,
+        leads_events.LeadAssigned: lead,
+        leads_events.LeadContacted: _lead_contacted,
+        leads_events.LeadFollowUpOverdue: lead,
+        leads_events.LeadRecycled: lead,
+        leads_events.LeadConverted: lead,
+        leads_events.LeadDisqualified: lead,
+        leads_events.CampaignCreated: campaign,
+        leads_events.CampaignUpdated: campaign,
+        accounts_events.AccountCreated: account,
+        accounts_events.AccountUpdated: account,
+        accounts_events.AccountTransferred: account,
+        accounts_events.AccountClaimed: account,
+        accounts_events.AccountReleased: account,
+        accounts_events.AccountMerged: _account_merged,
+        accounts_events.AccountDeleted: _account_deleted,
+        accounts_events.ActivityLogged: _on(apply_activity, lambda m: m.activity),
+        accounts_events.TaskCreated: task,
+        accounts_events.TaskCompleted: task,
+        accounts_events.TaskReassigned: task,
+        sales_events.OpportunityCreated: deal,
+        sales_events.OpportunityUpdated: deal,
+        sales_events.OpportunityStageChanged: deal,
+        sales_events.OpportunityWon: deal,
+        sales_events.OpportunityLost: deal,
+        sales_events.ContractCreated: contract,
+        sales_events.ContractSubmitted: contract,
+        sales_events.ContractApproved: contract,
+        sales_events.ContractRejected: contract,
+        sales_events.ContractSigned: contract,
+        sales_events.ContractCompleted: contract,
+        sales_events.ContractTerminated: contract,
+        sales_events.PaymentPlanCreated: _plan_created,
+        sales_events.PaymentReceived: _on(apply_payment, lambda m: m.payment),
+        sales_events.InstallmentOverdue: _installment_overdue,
+        service_events.TicketCreated: ticket,
+        service_events.TicketAssigned: ticket,
+        service_events.TicketStatusChanged: ticket,
+        service_events.TicketSlaWarning: ticket,
+        service_events.TicketSlaBreached: _sla_breached,
+        service_events.TicketResolved: ticket,
+        service_events.TicketReopened: ticket,
+        service_events.TicketClosed: ticket,
+        service_events.TicketEscalated: ticket,
+        service_events.CsatSubmitted: _on(apply_csat, lambda m: m.response),
+    }
+
+
+class ProjectionConsumer(EventConsumer):
+    """The projection's consumer: its group (and inbox) name carries the generation stored in the
+    database, read when it starts, so a rebuild done while it was stopped starts from the beginning."""
+
+    def __init__(self, *, uow: UnitOfWork, kafka: KafkaSettings, service: str, group: str) -> None:
+        super().__init__(
+            name=consumer_name(group, 1),
+            uow=uow,
+            metadata=repo.metadata,
+            kafka=kafka,
+            handlers=handlers(),
+            service=service,
+        )
+        self.engine = uow.engine
+        self.group = group
+
+    async def run(self) -> None:
+        async with transaction(self.engine) as conn:
+            self.name = consumer_name(self.group, await repo.generation(conn, self.group))
+        log.info("projection consuming as group %s", self.name)
+        await super().run()
+
+
+async def rebuild(conn: AsyncConnection, group: str) -> str:
+    """Empties the read models and returns the consumer group the next start will replay with."""
+    return consumer_name(group, await repo.start_next_generation(conn, group))

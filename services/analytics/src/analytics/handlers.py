@@ -1,0 +1,432 @@
+"""Report use cases: read the read models within the caller's record scope and the filters, then
+let the pure functions of `domain` do the arithmetic."""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.money import parse_currency
+from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
+from crm_platform.principal import current_scope, scope_clause
+from crm_platform.timeutil import as_utc, utcnow
+from sqlalchemy import ColumnElement, Table, and_, func, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from analytics import domain
+from analytics import repository as repo
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFilter:
+    period_from: datetime | None = None
+    period_to: datetime | None = None
+    owner_id: str = ""
+    team: str = ""
+    source: str = ""
+    currency: str = ""
+
+    def validated(self, default_currency: str) -> "ReportFilter":
+        if self.period_from and self.period_to and self.period_from >= self.period_to:
+            raise ValidationFailed([FieldError("filter.period_to", "must be after period_from")])
+        currency = parse_currency(self.currency or default_currency, field="filter.currency")
+        return ReportFilter(self.period_from, self.period_to, self.owner_id, self.team, self.source, currency)
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerValueRow:
+    account_id: str
+    account_name: str
+    owner_id: str
+    team: str
+    won_amount: Decimal
+    paid_amount: Decimal
+    churn_risk: str
+    reasons: list[domain.ChurnReason]
+    last_activity_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerValuePage:
+    rows: list[CustomerValueRow]
+    next_cursor: str
+
+
+def _period(column: Any, f: ReportFilter) -> list[ColumnElement[bool]]:
+    conditions = []
+    if f.period_from is not None:
+        conditions.append(column >= f.period_from)
+    if f.period_to is not None:
+        conditions.append(column < f.period_to)
+    return conditions
+
+
+def _owned(table: Table, f: ReportFilter) -> list[ColumnElement[bool]]:
+    """The caller's record scope plus the owner and team filters."""
+    conditions = [scope_clause(table, current_scope())]
+    if f.owner_id:
+        conditions.append(table.c.owner_id == f.owner_id)
+    if f.team:
+        conditions.append(table.c.team == f.team)
+    return conditions
+
+
+def _history(raw: Sequence[dict[str, Any]] | None) -> tuple[domain.StageVisit, ...]:
+    def parse(text: str | None) -> datetime | None:
+        return as_utc(datetime.fromisoformat(text)) if text else None
+
+    return tuple(
+        domain.StageVisit(entry["stage"], parse(entry.get("entered_at")), parse(entry.get("exited_at")))
+        for entry in raw or ()
+    )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return as_utc(value) if value is not None else None
+
+
+class Reports:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        reporting_currency: str,
+        churn_policy: domain.ChurnPolicy,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.engine = engine
+        self.reporting_currency = reporting_currency
+        self.churn_policy = churn_policy
+        self.clock = clock
+
+    def _filter(self, f: ReportFilter) -> ReportFilter:
+        return f.validated(self.reporting_currency)
+
+    # ------------------------------------------------------------------------------------ funnel
+
+    async def sales_funnel(self, f: ReportFilter, pipeline_id: str = "") -> domain.Funnel:
+        f = self._filter(f)
+        o = repo.opportunities
+        conditions = [*_owned(o, f), *_period(o.c.created_at, f)]
+        if pipeline_id:
+            conditions.append(o.c.pipeline_id == pipeline_id)
+        if f.source:
+            from_source = select(repo.leads.c.id).where(repo.leads.c.source == f.source)
+            converted = select(repo.leads.c.converted_opportunity_id).where(repo.leads.c.source == f.source)
+            conditions.append(or_(o.c.source_lead_id.in_(from_source), o.c.id.in_(converted)))
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(o).where(*conditions))).all()
+        deals = [
+            domain.Deal(
+                id=row.id,
+                stage=row.stage,
+                status=row.status,
+                amount=row.amount,
+                currency=row.currency,
+                created_at=as_utc(row.created_at),
+                closed_at=_utc(row.closed_at),
+                history=_history(row.history),
+            )
+            for row in rows
+            if row.created_at is not None
+        ]
+        return domain.sales_funnel(deals, f.currency)
+
+    # ------------------------------------------------------------------------------ lead sources
+
+    async def lead_sources(self, f: ReportFilter, *, by_campaign: bool) -> list[domain.LeadSourceRow]:
+        f = self._filter(f)
+        lead_table, o = repo.leads, repo.opportunities
+        conditions = [*_owned(lead_table, f), *_period(lead_table.c.created_at, f)]
+        if f.source:
+            conditions.append(lead_table.c.source == f.source)
+        async with self.engine.connect() as conn:
+            lead_rows = (await conn.execute(select(lead_table).where(*conditions))).all()
+            selected = select(lead_table.c.id).where(*conditions)
+            converted = select(lead_table.c.converted_opportunity_id).where(*conditions)
+            won_rows = (
+                await conn.execute(
+                    select(o.c.id, o.c.source_lead_id, o.c.amount, o.c.currency).where(
+                        o.c.status == domain.WON, or_(o.c.source_lead_id.in_(selected), o.c.id.in_(converted))
+                    )
+                )
+            ).all()
+            campaign_ids = {row.campaign_id for row in lead_rows if row.campaign_id}
+            campaign_rows = (
+                (await conn.execute(select(repo.campaigns).where(repo.campaigns.c.id.in_(campaign_ids)))).all()
+                if by_campaign and campaign_ids
+                else []
+            )
+        leads = [
+            domain.LeadFact(
+                id=row.id,
+                source=row.source,
+                campaign_id=row.campaign_id,
+                status=row.status,
+                created_at=as_utc(row.created_at),
+                first_contacted_at=_utc(row.first_contacted_at),
+                converted_opportunity_id=row.converted_opportunity_id,
+            )
+            for row in lead_rows
+            if row.created_at is not None
+        ]
+        won = [domain.WonDeal(row.id, row.source_lead_id, row.amount, row.currency) for row in won_rows]
+        campaigns = {row.id: domain.CampaignCost(row.id, row.name, row.cost, row.currency) for row in campaign_rows}
+        return domain.lead_source_report(leads, won, f.currency, by_campaign=by_campaign, campaigns=campaigns)
+
+    # --------------------------------------------------------------------------- rep performance
+
+    async def rep_performance(self, f: ReportFilter) -> list[domain.RepRow]:
+        f = self._filter(f)
+        async with self.engine.connect() as conn:
+            reps = (await conn.execute(select(repo.reps).where(*_owned(repo.reps, f)))).all()
+            tallies = {row.owner_id: domain.RepTally(owner_id=row.owner_id, team=row.team) for row in reps}
+            if tallies:
+                await self._tally(conn, tallies, f)
+        return domain.rep_rows(tallies.values())
+
+    async def _tally(self, conn: AsyncConnection, tallies: dict[str, domain.RepTally], f: ReportFilter) -> None:
+        owners = list(tallies)
+        a = repo.activities
+        for actor_id, count in await conn.execute(
+            select(a.c.actor_id, func.count())
+            .where(a.c.actor_id.in_(owners), *_period(a.c.occurred_at, f))
+            .group_by(a.c.actor_id)
+        ):
+            tallies[actor_id].activities = int(count)
+        t = repo.tasks
+        for owner_id, status in await conn.execute(
+            select(t.c.owner_id, t.c.status).where(t.c.owner_id.in_(owners), *_period(t.c.due_at, f))
+        ):
+            domain.count_task(tallies[owner_id], status)
+        o = repo.opportunities
+        for owner_id, amount, currency in await conn.execute(
+            select(o.c.owner_id, o.c.amount, o.c.currency).where(
+                o.c.owner_id.in_(owners), o.c.status == domain.WON, *_period(o.c.closed_at, f)
+            )
+        ):
+            tallies[owner_id].won_count += 1
+            tallies[owner_id].won_amount += domain.money_sum([(amount, currency)], f.currency)
+        c, tk = repo.csat_responses, repo.tickets
+        for owner_id, score in await conn.execute(
+            select(tk.c.owner_id, c.c.score)
+            .select_from(c.join(tk, tk.c.id == c.c.ticket_id))
+            .where(tk.c.owner_id.in_(owners), *_period(c.c.submitted_at, f))
+        ):
+            tallies[owner_id].csat_scores.append(int(score))
+        for table in (repo.leads, repo.accounts):
+            for owner_id, share in await conn.execute(
+                select(table.c.owner_id, table.c.completeness).where(
+                    table.c.owner_id.in_(owners), *_period(table.c.created_at, f)
+                )
+            ):
+                tallies[owner_id].completeness.append(Decimal(share))
+
+    # ----------------------------------------------------------------------------------- service
+
+    async def service(self, f: ReportFilter) -> domain.ServiceSummary:
+        f = self._filter(f)
+        tk, c = repo.tickets, repo.csat_responses
+        owned = _owned(tk, f)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(select(tk).where(*owned, *_period(tk.c.created_at, f)))).all()
+            scores = (
+                await conn.execute(
+                    select(c.c.score)
+                    .select_from(c.join(tk, tk.c.id == c.c.ticket_id))
+                    .where(*owned, *_period(c.c.submitted_at, f))
+                )
+            ).scalars()
+            score_list = [int(score) for score in scores]
+        tickets = [
+            domain.TicketFact(
+                id=row.id,
+                priority=row.priority,
+                status=row.status,
+                created_at=as_utc(row.created_at),
+                first_response_due_at=_utc(row.first_response_due_at),
+                first_responded_at=_utc(row.first_responded_at),
+                resolution_due_at=_utc(row.resolution_due_at),
+                resolved_at=_utc(row.resolved_at),
+                first_response_breached=row.first_response_breached,
+                resolution_breached=row.resolution_breached,
+            )
+            for row in rows
+            if row.created_at is not None
+        ]
+        return domain.service_summary(tickets, score_list, self.clock())
+
+    # ---------------------------------------------------------------------------- customer value
+
+    async def customer_value(
+        self, f: ReportFilter, *, at_risk_only: bool, limit: int, cursor: str
+    ) -> CustomerValuePage:
+        f = self._filter(f)
+        size = page_limit(limit)
+        after = self._cursor(cursor)
+        ac = repo.accounts
+        async with self.engine.connect() as conn:
+            accounts = (
+                await conn.execute(select(ac).where(*_owned(ac, f), ac.c.merged_into_id == "", ac.c.deleted.is_(False)))
+            ).all()
+            facts = await self._account_facts(conn, [row.id for row in accounts], f)
+        now = self.clock()
+        rows = []
+        for account in accounts:
+            fact = facts[account.id]
+            last = max(
+                (moment for moment in (_utc(account.last_activity_at), fact["last_activity"]) if moment is not None),
+                default=None,
+            )
+            health = domain.AccountHealth(
+                account_id=account.id,
+                created_at=_utc(account.created_at),
+                last_activity_at=last,
+                overdue_installments=fact["overdue_count"],
+                overdue_amount=fact["overdue_amount"],
+                currency=f.currency,
+                open_urgent_tickets=fact["urgent"],
+                csat_scores=tuple(fact["scores"]),
+            )
+            reasons = domain.churn_reasons(health, self.churn_policy, now)
+            if at_risk_only and not reasons:
+                continue
+            rows.append(
+                CustomerValueRow(
+                    account_id=account.id,
+                    account_name=account.name,
+                    owner_id=account.owner_id,
+                    team=account.team,
+                    won_amount=fact["won"],
+                    paid_amount=fact["paid"],
+                    churn_risk=domain.churn_risk(reasons),
+                    reasons=reasons,
+                    last_activity_at=last,
+                )
+            )
+        rows.sort(key=_value_order)
+        if after is not None:
+            rows = [row for row in rows if _value_order(row) > after]
+        page = rows[:size]
+        if len(rows) <= size:
+            return CustomerValuePage(rows=page, next_cursor="")
+        last = page[-1]
+        return CustomerValuePage(
+            rows=page, next_cursor=encode_cursor([str(last.paid_amount), str(last.won_amount), last.account_id])
+        )
+
+    @staticmethod
+    def _cursor(cursor: str) -> tuple[Decimal, Decimal, str] | None:
+        if not cursor:
+            return None
+        values = decode_cursor(cursor)
+        try:
+            paid, won, account_id = values
+            return -Decimal(paid), -Decimal(won), str(account_id)
+        except (ValueError, ArithmeticError):
+            raise ValidationFailed([FieldError("page.cursor", "is not a cursor this API issued")]) from None
+
+    async def _account_facts(
+        self, conn: AsyncConnection, account_ids: list[str], f: ReportFilter
+    ) -> dict[str, dict[str, Any]]:
+        facts: dict[str, dict[str, Any]] = {
+            account_id: {
+                "won": Decimal(0),
+                "paid": Decimal(0),
+                "last_activity": None,
+                "overdue_count": 0,
+                "overdue_amount": Decimal(0),
+                "urgent": 0,
+                "scores": [],
+            }
+            for account_id in account_ids
+        }
+        if not account_ids:
+            return facts
+        o, p, k = repo.opportunities, repo.payments, repo.contracts
+        for account_id, amount, currency in await conn.execute(
+            select(o.c.account_id, o.c.amount, o.c.currency).where(
+                o.c.account_id.in_(account_ids), o.c.status == domain.WON, *_period(o.c.closed_at, f)
+            )
+        ):
+            facts[account_id]["won"] += domain.money_sum([(amount, currency)], f.currency)
+        for account_id, amount, currency in await conn.execute(
+            select(k.c.account_id, p.c.amount, p.c.currency)
+            .select_from(p.join(k, k.c.id == p.c.contract_id))
+            .where(k.c.account_id.in_(account_ids), *_period(p.c.received_at, f))
+        ):
+            facts[account_id]["paid"] += domain.money_sum([(amount, currency)], f.currency)
+        a = repo.activities
+        for account_id, latest in await conn.execute(
+            select(a.c.account_id, func.max(a.c.occurred_at))
+            .where(a.c.account_id.in_(account_ids))
+            .group_by(a.c.account_id)
+        ):
+            facts[account_id]["last_activity"] = _utc(latest)
+        await self._overdue(conn, facts, account_ids, f.currency)
+        tk = repo.tickets
+        for account_id, count in await conn.execute(
+            select(tk.c.account_id, func.count())
+            .where(
+                tk.c.account_id.in_(account_ids),
+                tk.c.priority == domain.URGENT,
+                tk.c.status.not_in(domain.TICKET_DONE_STATUSES),
+            )
+            .group_by(tk.c.account_id)
+        ):
+            facts[account_id]["urgent"] = int(count)
+        c = repo.csat_responses
+        for account_id, score in await conn.execute(
+            select(func.coalesce(func.nullif(c.c.account_id, ""), tk.c.account_id), c.c.score)
+            .select_from(c.outerjoin(tk, tk.c.id == c.c.ticket_id))
+            .where(or_(c.c.account_id.in_(account_ids), and_(c.c.account_id == "", tk.c.account_id.in_(account_ids))))
+        ):
+            if account_id in facts:
+                facts[account_id]["scores"].append(int(score))
+        return facts
+
+    async def _overdue(
+        self, conn: AsyncConnection, facts: dict[str, dict[str, Any]], account_ids: list[str], currency: str
+    ) -> None:
+        i, k, al = repo.installments, repo.contracts, repo.allocations
+        allocated = (
+            select(al.c.installment_id, func.sum(al.c.amount).label("total")).group_by(al.c.installment_id).subquery()
+        )
+        account = func.coalesce(func.nullif(i.c.account_id, ""), k.c.account_id)
+        rows = await conn.execute(
+            select(account.label("account_id"), i.c.amount, i.c.paid, i.c.currency, allocated.c.total)
+            .select_from(
+                i.outerjoin(k, k.c.id == i.c.contract_id).outerjoin(allocated, allocated.c.installment_id == i.c.id)
+            )
+            .where(i.c.overdue.is_(True), account.in_(account_ids))
+        )
+        for account_id, amount, paid, code, total in rows:
+            owed = domain.outstanding(Decimal(amount), Decimal(paid), Decimal(total or 0))
+            if owed > 0:
+                facts[account_id]["overdue_count"] += 1
+                if code == currency:
+                    facts[account_id]["overdue_amount"] += owed
+
+    # ------------------------------------------------------------------------- data completeness
+
+    async def data_completeness(self, f: ReportFilter) -> list[domain.CompletenessRow]:
+        f = self._filter(f)
+        result = []
+        async with self.engine.connect() as conn:
+            for entity, table, key_fields in (
+                ("lead", repo.leads, domain.LEAD_KEY_FIELDS),
+                ("account", repo.accounts, domain.ACCOUNT_KEY_FIELDS),
+            ):
+                filled = (
+                    await conn.execute(select(table.c.filled).where(*_owned(table, f), *_period(table.c.created_at, f)))
+                ).scalars()
+                result.append(domain.completeness_row(entity, [list(value) for value in filled], key_fields))
+        return result
+
+
+def _value_order(row: CustomerValueRow) -> tuple[Decimal, Decimal, str]:
+    return -row.paid_amount, -row.won_amount, row.account_id

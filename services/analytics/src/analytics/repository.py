@@ -1,0 +1,318 @@
+"""Read models (SQLAlchemy Core): one row per aggregate, keyed by its id, written by upserts that
+only let a snapshot replace one at least as new (its `version`). Replaying the topics, or receiving
+an event twice, therefore converges on the same rows."""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from crm_platform.outbox import add_messaging_tables
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+metadata = MetaData()
+add_messaging_tables(metadata)
+
+ID = String(64)
+MONEY = Numeric(20, 4)
+SHARE = Numeric(6, 4)
+
+
+def _ts(name: str) -> Column[Any]:
+    return Column(name, DateTime(timezone=True), nullable=True)
+
+
+def _text(name: str) -> Column[Any]:
+    return Column(name, Text, nullable=False, server_default="")
+
+
+def _scope_columns() -> list[Column[Any]]:
+    return [_text("owner_id"), _text("team"), _text("region")]
+
+
+leads = Table(
+    "rm_leads",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("source"),
+    _text("campaign_id"),
+    _text("status"),
+    *_scope_columns(),
+    _ts("created_at"),
+    _ts("first_contacted_at"),
+    _text("converted_opportunity_id"),
+    Column("filled", JSON, nullable=False),
+    Column("completeness", SHARE, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_leads_created", "created_at"),
+    Index("ix_rm_leads_owner", "owner_id"),
+    Index("ix_rm_leads_team", "team"),
+    Index("ix_rm_leads_source", "source"),
+)
+
+campaigns = Table(
+    "rm_campaigns",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("name"),
+    _text("channel"),
+    Column("cost", MONEY, nullable=True),
+    _text("currency"),
+    *_scope_columns(),
+    Column("version", BigInteger, nullable=False),
+)
+
+opportunities = Table(
+    "rm_opportunities",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("account_id"),
+    _text("pipeline_id"),
+    _text("stage"),
+    _text("status"),
+    Column("amount", MONEY, nullable=True),
+    _text("currency"),
+    *_scope_columns(),
+    _text("source_lead_id"),
+    _text("campaign_id"),
+    _ts("created_at"),
+    _ts("closed_at"),
+    Column("history", JSON, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_opportunities_created", "created_at"),
+    Index("ix_rm_opportunities_closed", "closed_at"),
+    Index("ix_rm_opportunities_owner", "owner_id"),
+    Index("ix_rm_opportunities_team", "team"),
+    Index("ix_rm_opportunities_account", "account_id"),
+)
+
+accounts = Table(
+    "rm_accounts",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("name"),
+    *_scope_columns(),
+    _ts("created_at"),
+    _ts("last_activity_at"),
+    _text("merged_into_id"),
+    Column("deleted", Boolean, nullable=False, server_default=text("false")),
+    Column("filled", JSON, nullable=False),
+    Column("completeness", SHARE, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_accounts_owner", "owner_id"),
+    Index("ix_rm_accounts_team", "team"),
+)
+
+activities = Table(
+    "rm_activities",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("account_id"),
+    _text("lead_id"),
+    _text("actor_id"),
+    _text("kind"),
+    _ts("occurred_at"),
+    Index("ix_rm_activities_actor", "actor_id", "occurred_at"),
+    Index("ix_rm_activities_account", "account_id", "occurred_at"),
+)
+
+tasks = Table(
+    "rm_tasks",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("status"),
+    *_scope_columns(),
+    _ts("due_at"),
+    _ts("created_at"),
+    _ts("completed_at"),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_tasks_owner", "owner_id"),
+)
+
+contracts = Table(
+    "rm_contracts",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("account_id"),
+    _text("opportunity_id"),
+    *_scope_columns(),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_contracts_account", "account_id"),
+)
+
+payments = Table(
+    "rm_payments",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("contract_id"),
+    Column("amount", MONEY, nullable=False),
+    _text("currency"),
+    _ts("received_at"),
+    Index("ix_rm_payments_contract", "contract_id"),
+)
+
+allocations = Table(
+    "rm_allocations",
+    metadata,
+    Column("payment_id", ID, primary_key=True),
+    Column("installment_id", ID, primary_key=True),
+    Column("amount", MONEY, nullable=False),
+    Index("ix_rm_allocations_installment", "installment_id"),
+)
+
+installments = Table(
+    "rm_installments",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("contract_id"),
+    _text("account_id"),
+    Column("amount", MONEY, nullable=False),
+    Column("paid", MONEY, nullable=False),
+    _text("currency"),
+    _text("due_date"),
+    _text("status"),
+    # Once reported overdue, always counted as overdue until its allocations cover it.
+    Column("overdue", Boolean, nullable=False, server_default=text("false")),
+    Index("ix_rm_installments_account", "account_id"),
+)
+
+tickets = Table(
+    "rm_tickets",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("account_id"),
+    # The assignee: the ticket's owner for record scope and rep performance.
+    *_scope_columns(),
+    _text("priority"),
+    _text("status"),
+    _ts("created_at"),
+    _ts("first_response_due_at"),
+    _ts("first_responded_at"),
+    _ts("resolution_due_at"),
+    _ts("resolved_at"),
+    Column("first_response_breached", Boolean, nullable=False, server_default=text("false")),
+    Column("resolution_breached", Boolean, nullable=False, server_default=text("false")),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_tickets_created", "created_at"),
+    Index("ix_rm_tickets_owner", "owner_id"),
+    Index("ix_rm_tickets_team", "team"),
+    Index("ix_rm_tickets_account", "account_id"),
+)
+
+csat_responses = Table(
+    "rm_csat",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("ticket_id"),
+    _text("account_id"),
+    Column("score", Integer, nullable=False),
+    _ts("submitted_at"),
+    Index("ix_rm_csat_ticket", "ticket_id"),
+    Index("ix_rm_csat_account", "account_id"),
+)
+
+# Every owner seen on a record, with their latest team and region: the rows of rep reports.
+reps = Table(
+    "rm_reps",
+    metadata,
+    Column("owner_id", String(100), primary_key=True),
+    _text("team"),
+    _text("region"),
+    Index("ix_rm_reps_team", "team"),
+)
+
+# Which consumer group generation the projection reads with; a rebuild moves to the next one, whose
+# fresh group starts at the beginning of every topic.
+projection_state = Table(
+    "rm_projection_state",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("generation", Integer, nullable=False),
+)
+
+READ_MODELS: tuple[Table, ...] = (
+    leads,
+    campaigns,
+    opportunities,
+    accounts,
+    activities,
+    tasks,
+    contracts,
+    payments,
+    allocations,
+    installments,
+    tickets,
+    csat_responses,
+    reps,
+)
+
+
+def _insert(conn: AsyncConnection, table: Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+async def upsert(
+    conn: AsyncConnection, table: Table, values: Mapping[str, Any], *, keys: Sequence[str], versioned: bool = False
+) -> None:
+    """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new."""
+    statement = _insert(conn, table).values(dict(values))
+    changes = {name: statement.excluded[name] for name in values if name not in keys}
+    if not changes:
+        await conn.execute(statement.on_conflict_do_nothing(index_elements=list(keys)))
+        return
+    where = table.c.version <= statement.excluded.version if versioned else None
+    await conn.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where))
+
+
+async def upsert_rep(conn: AsyncConnection, owner_id: str, team: str, region: str) -> None:
+    """Latest team and region win; a blank never erases what is known."""
+    if not owner_id:
+        return
+    statement = _insert(conn, reps).values(owner_id=owner_id, team=team, region=region)
+    changes: dict[str, Any] = {}
+    if team:
+        changes["team"] = statement.excluded.team
+    if region:
+        changes["region"] = statement.excluded.region
+    if changes:
+        await conn.execute(statement.on_conflict_do_update(index_elements=["owner_id"], set_=changes))
+    else:
+        await conn.execute(statement.on_conflict_do_nothing(index_elements=["owner_id"]))
+
+
+async def generation(conn: AsyncConnection, name: str) -> int:
+    found = await conn.execute(select(projection_state.c.generation).where(projection_state.c.name == name))
+    value = found.scalar_one_or_none()
+    return int(value) if value is not None else 1
+
+
+async def start_next_generation(conn: AsyncConnection, name: str) -> int:
+    """Empties every read model and the inbox and moves to the next consumer group generation: the
+    projection then replays every topic from its beginning. Returns the new generation."""
+    for table in READ_MODELS:
+        await conn.execute(delete(table))
+    await conn.execute(delete(metadata.tables["processed_events"]))
+    following = await generation(conn, name) + 1
+    await upsert(conn, projection_state, {"name": name, "generation": following}, keys=["name"])
+    return following
+
+
+async def count_rows(conn: AsyncConnection, table: Table) -> int:
+    return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())

@@ -1,0 +1,357 @@
+"""Report arithmetic: rates, ROI, CSAT, SLA outcomes, funnel conversion, churn-risk rules."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from analytics import domain
+from analytics.domain import (
+    AccountHealth,
+    ChurnPolicy,
+    Deal,
+    LeadFact,
+    StageVisit,
+    TicketFact,
+    WonDeal,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.unit
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+def at(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+# ------------------------------------------------------------------------------------------ rates
+
+
+def test_rate_is_four_places_and_undefined_without_denominator() -> None:
+    assert domain.rate(2, 3) == Decimal("0.6667")
+    assert domain.rate(1, 8) == Decimal("0.1250")
+    assert domain.rate(0, 5) == Decimal("0.0000")
+    assert domain.rate(3, 0) is None
+
+
+@given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=1, max_value=10_000))
+def test_rate_of_a_part_is_between_zero_and_one(part: int, extra: int) -> None:
+    value = domain.rate(part, part + extra)
+    assert value is not None
+    assert Decimal(0) <= value <= Decimal(1)
+    # Within half a unit of the last place of the exact quotient.
+    assert abs(value - Decimal(part) / Decimal(part + extra)) <= Decimal("0.00005")
+
+
+def test_roi_is_net_gain_over_cost() -> None:
+    assert domain.roi(Decimal("15000"), Decimal("5000")) == Decimal("2.0000")
+    assert domain.roi(Decimal("0"), Decimal("5000")) == Decimal("-1.0000")
+    assert domain.roi(Decimal("100"), Decimal("0")) is None
+
+
+@given(
+    st.decimals(min_value=0, max_value=10**9, places=2, allow_nan=False),
+    st.decimals(min_value=Decimal("0.01"), max_value=10**9, places=2, allow_nan=False),
+)
+def test_roi_sign_follows_profit(revenue: Decimal, cost: Decimal) -> None:
+    value = domain.roi(revenue, cost)
+    assert value is not None
+    assert value >= Decimal(-1)
+    if revenue > cost * Decimal("1.0001"):
+        assert value > 0
+    if revenue < cost * Decimal("0.9999"):
+        assert value < 0
+
+
+def test_durations_are_exact_decimals() -> None:
+    assert domain.in_units(timedelta(hours=18), domain.HOUR) == Decimal(18)
+    assert domain.in_units(timedelta(minutes=90), domain.HOUR) == Decimal("1.5")
+    assert domain.in_units(timedelta(days=3, hours=12), domain.DAY) == Decimal("3.5")
+
+
+def test_money_sum_keeps_only_the_report_currency() -> None:
+    amounts = [(Decimal("10.10"), "CNY"), (Decimal("5"), "USD"), (None, "CNY"), (Decimal("0.20"), "CNY")]
+    assert domain.money_sum(amounts, "CNY") == Decimal("10.30")
+    assert domain.money_sum(amounts, "EUR") == Decimal(0)
+
+
+# ------------------------------------------------------------------------------------------- CSAT
+
+
+def test_csat_average_and_satisfied_share() -> None:
+    result = domain.csat([5, 4, 3, 1])
+    assert result.average == Decimal("3.25")
+    assert result.satisfied_rate == Decimal("0.5000")
+    assert result.responses == 4
+    empty = domain.csat([])
+    assert empty.average is None and empty.satisfied_rate is None
+
+
+@given(st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=200))
+def test_csat_matches_a_direct_count(scores: list[int]) -> None:
+    result = domain.csat(scores)
+    assert result.satisfied_rate == domain.rate(len([s for s in scores if s >= 4]), len(scores))
+    assert result.average is not None and Decimal(1) <= result.average <= Decimal(5)
+
+
+# -------------------------------------------------------------------------------------------- SLA
+
+
+def test_sla_outcomes() -> None:
+    due = at(1)
+    assert domain.sla_outcome(None, None, breached=False, now=at(5)) is None
+    assert domain.sla_outcome(due, at(0.5), breached=False, now=at(5)) == "met"
+    assert domain.sla_outcome(due, at(1), breached=False, now=at(5)) == "met"
+    assert domain.sla_outcome(due, at(2), breached=False, now=at(5)) == "breached"
+    assert domain.sla_outcome(due, None, breached=False, now=at(0.5)) == "pending"
+    assert domain.sla_outcome(due, None, breached=False, now=at(2)) == "breached"
+    # The service-desk's breach event is final even if our clock would say otherwise.
+    assert domain.sla_outcome(due, at(0.5), breached=True, now=at(0.5)) == "breached"
+
+
+def test_service_summary() -> None:
+    tickets = [
+        # first response in 30 min (met), resolved in 4 h (met)
+        TicketFact("t1", "high", "resolved", T0, at(1), at(0.5), at(8), at(4)),
+        # first response after 2 h (breached), still open, resolution pending
+        TicketFact("t2", "urgent", "in_progress", T0, at(1), at(2), at(24), None),
+        # no response and past due: breached; the service reported the resolution breach too
+        TicketFact("t3", "normal", "new", T0, at(1), None, at(3), None, resolution_breached=True),
+    ]
+    summary = domain.service_summary(tickets, [5, 4, 2], now=at(5))
+    assert (summary.tickets, summary.backlog, summary.open_urgent) == (3, 2, 1)
+    assert (summary.first_response_met, summary.first_response_breached) == (1, 2)
+    assert summary.first_response_compliance == Decimal("0.3333")
+    assert (summary.resolution_met, summary.resolution_breached) == (1, 1)
+    assert summary.resolution_compliance == Decimal("0.5000")
+    assert summary.mean_first_response_minutes == Decimal("75.00")  # (30 + 120) / 2
+    assert summary.mean_resolution_hours == Decimal("4.00")
+    assert summary.csat.average == Decimal("3.67")
+    assert summary.csat.satisfied_rate == Decimal("0.6667")
+
+
+# ----------------------------------------------------------------------------------------- funnel
+
+
+def deal(deal_id: str, path: list[str], status: str = "open", amount: str | None = "1000", days: float = 0) -> Deal:
+    history = tuple(
+        StageVisit(stage, T0 + timedelta(days=index), T0 + timedelta(days=index + 1) if index < len(path) - 1 else None)
+        for index, stage in enumerate(path)
+    )
+    return Deal(
+        id=deal_id,
+        stage=path[-1],
+        status=status,
+        amount=Decimal(amount) if amount is not None else None,
+        currency="CNY",
+        created_at=T0,
+        closed_at=T0 + timedelta(days=days) if status != "open" else None,
+        history=history,
+    )
+
+
+def test_funnel_counts_conversion_win_rate_and_cycle() -> None:
+    deals = [
+        deal("a", ["initial_contact"]),
+        deal("b", ["initial_contact", "needs_confirmed"], amount="2000"),
+        deal("c", ["initial_contact", "needs_confirmed", "won"], "won", "3000", days=10),
+        deal("d", ["initial_contact", "lost"], "lost", "500", days=3),
+        # skipped a stage: counts as moving on from initial_contact
+        deal("e", ["initial_contact", "solution_demo", "won"], "won", "5000", days=20),
+    ]
+    funnel = domain.sales_funnel(deals, "CNY")
+    by_stage = {row.stage: row for row in funnel.stages}
+    assert [row.stage for row in funnel.stages][:5] == list(domain.DEFAULT_OPEN_STAGES)
+    assert by_stage["initial_contact"].count == 1
+    assert by_stage["initial_contact"].amount == Decimal("1000")
+    assert by_stage["initial_contact"].reached == 5
+    # b, c, e moved past initial_contact (d was lost there): 3 of 5
+    assert by_stage["initial_contact"].conversion_to_next == Decimal("0.6000")
+    # b (open) and c (won) reached needs_confirmed; only c moved on
+    assert by_stage["needs_confirmed"].reached == 2
+    assert by_stage["needs_confirmed"].conversion_to_next == Decimal("0.5000")
+    assert by_stage["initial_contact"].mean_days_in_stage == Decimal("1.00")
+    assert by_stage["quote_negotiation"].conversion_to_next is None
+    assert (by_stage["won"].count, by_stage["won"].amount) == (2, Decimal("8000"))
+    assert (by_stage["lost"].count, by_stage["lost"].amount) == (1, Decimal("500"))
+    assert (funnel.opportunities, funnel.open_count, funnel.won_count, funnel.lost_count) == (5, 2, 2, 1)
+    assert funnel.win_rate == Decimal("0.6667")
+    assert funnel.won_amount == Decimal("8000")
+    assert funnel.average_deal_size == Decimal("4000.00")
+    assert funnel.mean_sales_cycle_days == Decimal("15.00")
+
+
+def test_funnel_appends_unknown_stages_and_handles_no_deals() -> None:
+    custom = domain.sales_funnel([deal("x", ["discovery", "pilot"])], "CNY")
+    assert [row.stage for row in custom.stages][-4:] == ["discovery", "pilot", "won", "lost"]
+    empty = domain.sales_funnel([], "CNY")
+    assert empty.win_rate is None and empty.average_deal_size is None and empty.won_amount == 0
+
+
+@given(st.lists(st.sampled_from(["open", "won", "lost"]), max_size=40))
+def test_win_rate_ignores_open_deals(statuses: list[str]) -> None:
+    deals = [deal(str(i), ["initial_contact"], status) for i, status in enumerate(statuses)]
+    funnel = domain.sales_funnel(deals, "CNY")
+    won, lost = statuses.count("won"), statuses.count("lost")
+    assert funnel.win_rate == domain.rate(won, won + lost)
+    for row in funnel.stages:
+        assert row.conversion_to_next is None or Decimal(0) <= row.conversion_to_next <= 1
+
+
+# ----------------------------------------------------------------------------------- lead sources
+
+
+def lead(lead_id: str, source: str, campaign: str, contacted_after_h: float | None, converted_to: str = "") -> LeadFact:
+    return LeadFact(
+        id=lead_id,
+        source=source,
+        campaign_id=campaign,
+        status="converted" if converted_to else ("contacted" if contacted_after_h is not None else "new"),
+        created_at=T0,
+        first_contacted_at=at(contacted_after_h) if contacted_after_h is not None else None,
+        converted_opportunity_id=converted_to,
+    )
+
+
+def test_lead_sources_by_source_and_by_campaign() -> None:
+    leads = [
+        lead("l1", "web_form", "c1", 2, converted_to="o1"),
+        lead("l2", "web_form", "c1", 4),
+        lead("l3", "web_form", "", None),
+        lead("l4", "trade_show", "c2", 18, converted_to="o2"),
+    ]
+    won = [
+        WonDeal("o1", "l1", Decimal("12000"), "CNY"),
+        # found through the deal's source lead only
+        WonDeal("o3", "l2", Decimal("3000"), "CNY"),
+        WonDeal("o9", "elsewhere", Decimal("99999"), "CNY"),
+    ]
+    rows = {row.key: row for row in domain.lead_source_report(leads, won, "CNY", by_campaign=False)}
+    web = rows["web_form"]
+    assert (web.leads, web.contacted, web.converted) == (3, 2, 1)
+    assert web.contacted_rate == Decimal("0.6667")
+    assert web.converted_rate == Decimal("0.3333")
+    assert web.mean_first_contact_hours == Decimal("3.00")
+    assert web.won_revenue == Decimal("15000")
+    assert web.cost is None and web.roi is None
+    assert rows["trade_show"].won_revenue == 0  # o2 was not won
+
+    campaigns = {
+        "c1": domain.CampaignCost("c1", "Spring webinar", Decimal("5000"), "CNY"),
+        "c2": domain.CampaignCost("c2", "Expo", Decimal("20000"), "USD"),
+    }
+    by_campaign = {
+        row.key: row for row in domain.lead_source_report(leads, won, "CNY", by_campaign=True, campaigns=campaigns)
+    }
+    assert by_campaign["c1"].name == "Spring webinar"
+    assert by_campaign["c1"].cost == Decimal("5000")
+    assert by_campaign["c1"].roi == Decimal("2.0000")
+    # a cost in another currency is not compared with CNY revenue
+    assert by_campaign["c2"].cost is None and by_campaign["c2"].roi is None
+    assert by_campaign[""].leads == 1
+
+
+# -------------------------------------------------------------------------------- rep performance
+
+
+def test_rep_rows_and_task_counting() -> None:
+    tally = domain.RepTally(owner_id="rep1", team="east", activities=7)
+    for status in ("done", "done", "open", "cancelled"):
+        domain.count_task(tally, status)
+    tally.won_count, tally.won_amount = 2, Decimal("8000")
+    tally.csat_scores += [5, 3]
+    tally.completeness += [Decimal("0.5"), Decimal("1")]
+    (row,) = domain.rep_rows([tally])
+    assert (row.tasks, row.tasks_completed, row.task_completion_rate) == (3, 2, Decimal("0.6667"))
+    assert row.csat.average == Decimal("4.00")
+    assert row.data_completeness == Decimal("0.7500")
+    assert row.won_amount == Decimal("8000")
+
+
+# ------------------------------------------------------------------------------ data completeness
+
+
+def test_filled_fields_and_completeness() -> None:
+    filled = domain.filled_fields(
+        {"name": "Li Lei", "company": "  ", "phone": "138", "email": None, "source": "web"}, domain.LEAD_KEY_FIELDS
+    )
+    assert filled == ["name", "phone", "source"]
+    assert domain.completeness(filled, domain.LEAD_KEY_FIELDS) == Decimal("0.3750")
+    row = domain.completeness_row("lead", [filled, list(domain.LEAD_KEY_FIELDS)], domain.LEAD_KEY_FIELDS)
+    assert row.records == 2
+    assert row.completeness == Decimal("0.6875")
+    assert ("name", 2, Decimal("1.0000")) in row.fields
+    assert ("company", 1, Decimal("0.5000")) in row.fields
+
+
+@given(st.lists(st.sets(st.sampled_from(domain.ACCOUNT_KEY_FIELDS)), max_size=30))
+def test_completeness_is_a_share(records: list[set[str]]) -> None:
+    row = domain.completeness_row("account", [sorted(r) for r in records], domain.ACCOUNT_KEY_FIELDS)
+    assert row.records == len(records)
+    if records:
+        assert row.completeness is not None and Decimal(0) <= row.completeness <= 1
+    else:
+        assert row.completeness is None
+
+
+# ------------------------------------------------------------------------------------- churn risk
+
+
+def health(**changes: object) -> AccountHealth:
+    values: dict[str, object] = {
+        "account_id": "a1",
+        "created_at": T0 - timedelta(days=400),
+        "last_activity_at": at(-24),
+        "overdue_installments": 0,
+        "overdue_amount": Decimal(0),
+        "currency": "CNY",
+        "open_urgent_tickets": 0,
+        "csat_scores": (),
+    }
+    values.update(changes)
+    return AccountHealth(**values)  # type: ignore[arg-type]
+
+
+def codes(reasons: list[domain.ChurnReason]) -> list[str]:
+    return [reason.code for reason in reasons]
+
+
+def test_healthy_account_has_no_churn_reason() -> None:
+    reasons = domain.churn_reasons(health(csat_scores=(5, 4)), ChurnPolicy(), now=T0)
+    assert reasons == [] and domain.churn_risk(reasons) == "low"
+
+
+def test_each_churn_rule() -> None:
+    policy = ChurnPolicy(no_activity_days=30)
+    assert codes(domain.churn_reasons(health(last_activity_at=T0 - timedelta(days=31)), policy, T0)) == ["NO_ACTIVITY"]
+    assert codes(domain.churn_reasons(health(last_activity_at=T0 - timedelta(days=30)), policy, T0)) == []
+    # never any activity: the account's age counts
+    assert codes(domain.churn_reasons(health(last_activity_at=None), policy, T0)) == ["NO_ACTIVITY"]
+    overdue = domain.churn_reasons(health(overdue_installments=2, overdue_amount=Decimal("300.50")), policy, T0)
+    assert codes(overdue) == ["OVERDUE_INSTALLMENTS"] and "300.50 CNY" in overdue[0].detail
+    assert codes(domain.churn_reasons(health(open_urgent_tickets=1), policy, T0)) == ["OPEN_URGENT_TICKETS"]
+    assert codes(domain.churn_reasons(health(csat_scores=(2, 3)), policy, T0)) == ["LOW_CSAT"]
+    assert codes(domain.churn_reasons(health(csat_scores=(3, 3)), policy, T0)) == []
+    many = domain.churn_reasons(health(last_activity_at=None, open_urgent_tickets=1, csat_scores=(1,)), policy, T0)
+    assert codes(many) == ["NO_ACTIVITY", "OPEN_URGENT_TICKETS", "LOW_CSAT"]
+    assert domain.churn_risk(many) == "high"
+    assert domain.churn_risk(many[:1]) == "medium"
+
+
+def test_low_csat_needs_enough_responses() -> None:
+    policy = ChurnPolicy(min_csat_responses=3)
+    assert domain.churn_reasons(health(csat_scores=(1, 1)), policy, T0) == []
+    assert codes(domain.churn_reasons(health(csat_scores=(1, 1, 1)), policy, T0)) == ["LOW_CSAT"]
+
+
+@given(
+    st.decimals(min_value=0, max_value=10_000, places=2),
+    st.decimals(min_value=0, max_value=10_000, places=2),
+    st.decimals(min_value=0, max_value=10_000, places=2),
+)
+def test_outstanding_never_negative_nor_above_amount(amount: Decimal, paid: Decimal, allocated: Decimal) -> None:
+    owed = domain.outstanding(amount, paid, allocated)
+    assert Decimal(0) <= owed <= amount
+    assert owed == max(Decimal(0), amount - max(paid, allocated))
