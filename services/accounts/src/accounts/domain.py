@@ -9,6 +9,7 @@ from datetime import datetime, time, timedelta
 from decimal import Decimal
 from urllib.parse import urlparse
 
+from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
 
 TIERS = ("A", "B", "C", "D")
@@ -29,7 +30,6 @@ _LEGAL_SUFFIXES = (
     "股份有限公司", "有限责任公司", "有限公司", "集团",
 )  # fmt: skip
 _NON_WORD = re.compile(r"[^\w]+", re.UNICODE)
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 
 
 def normalise_name(name: str) -> str:
@@ -54,27 +54,6 @@ def normalise_region(region: str) -> str:
 def dedupe_key(name: str, region: str) -> str:
     """Two live accounts with the same key are duplicates."""
     return f"{normalise_name(name)}|{normalise_region(region)}"
-
-
-def normalise_email(email: str) -> str:
-    return email.strip().lower()
-
-
-def normalise_phone(phone: str, *, default_country_code: str = "86") -> str:
-    """Digits with a country code, as `+<digits>`; "" when there are no digits.
-
-    `+` or `00` marks an explicit country code; a national number (optionally with the trunk `0`)
-    gets the default country code.
-    """
-    text = phone.strip()
-    digits = re.sub(r"\D", "", text)
-    if not digits:
-        return ""
-    if text.startswith("+"):
-        return "+" + digits
-    if digits.startswith("00"):
-        return "+" + digits[2:]
-    return "+" + default_country_code + digits.lstrip("0")
 
 
 def normalise_tags(tags: Iterable[str]) -> list[str]:
@@ -136,12 +115,18 @@ def check_contact(values: Mapping[str, object]) -> list[FieldError]:
     if "account_id" in values and not values["account_id"]:
         errors.append(FieldError("account_id", "is required"))
     email = values.get("email")
-    if email and not _EMAIL.match(str(email).strip()):
-        errors.append(FieldError("email", "must be an email address"))
+    if email:
+        try:
+            normalise_email(str(email))
+        except ValueError:
+            errors.append(FieldError("email", "must be an email address"))
     for phone_field in ("phone", "mobile"):
         phone = values.get(phone_field)
-        if phone and not 5 <= len(re.sub(r"\D", "", str(phone))) <= 20:
-            errors.append(FieldError(phone_field, "must be a phone number (5 to 20 digits)"))
+        if phone:
+            try:
+                normalise_phone(str(phone))
+            except ValueError:
+                errors.append(FieldError(phone_field, "must be a phone number (8 to 15 digits with the country code)"))
     role = values.get("decision_role")
     if role and role not in DECISION_ROLES:
         errors.append(FieldError("decision_role", f"must be one of {', '.join(DECISION_ROLES)}"))

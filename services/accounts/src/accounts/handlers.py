@@ -8,6 +8,8 @@ from typing import Any
 
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_fields_service import load_definitions
+from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import Transaction, UnitOfWork
@@ -90,28 +92,11 @@ def _check_version(resource: str, row: Any, expected: int) -> None:
 # --- custom fields ---------------------------------------------------------------------------------
 
 
-async def definitions(conn: AsyncConnection, entity: str) -> list[cf.FieldDefinition]:
-    rows = await conn.execute(select(repo.custom_fields).where(repo.custom_fields.c.entity == entity))
-    return [
-        cf.FieldDefinition(
-            entity=r.entity,
-            key=r.key,
-            label=r.label,
-            type=cf.FieldType(r.type),
-            required=r.required,
-            options=tuple(r.options),
-            pii=r.pii,
-            version=r.version,
-        )
-        for r in rows
-    ]
-
-
 async def _custom_values(
     conn: AsyncConnection, entity: str, values: Mapping[str, Any], *, existing: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Validated, canonical custom values; an update merges into the stored ones."""
-    defs = await definitions(conn, entity)
+    defs = await load_definitions(conn, repo.custom_fields, entity)
     _fail(cf.validate(defs, values, partial=existing is not None))
     merged = dict(existing or {})
     for key, _value in values.items():
@@ -126,7 +111,7 @@ async def custom_filters(
     pairs = list(pairs)
     if not pairs:  # the common case costs no definitions lookup
         return []
-    by_key = {d.key: d for d in await definitions(conn, entity)}
+    by_key = {d.key: d for d in await load_definitions(conn, repo.custom_fields, entity)}
     result: list[tuple[str, Any, bool]] = []
     errors: list[FieldError] = []
     for key, text in pairs:
@@ -143,54 +128,6 @@ async def custom_filters(
         result.append((key, value, definition.type == cf.FieldType.MULTI_ENUM))
     _fail(errors)
     return result
-
-
-async def upsert_custom_field(
-    ctx: Context,
-    *,
-    entity: str,
-    key: str,
-    label: str,
-    type_name: str,
-    required: bool,
-    options: list[str],
-    pii: bool,
-    expected_version: int,
-) -> Any:
-    errors = cf.check_definition(entity, key, label, type_name, options)
-    if entity in cf.ENTITIES and entity not in OWNED_ENTITIES:
-        errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
-    _fail(errors)
-    t = repo.custom_fields
-    async with ctx.uow.begin() as tx:
-        current = (await tx.conn.execute(select(t).where(t.c.entity == entity, t.c.key == key))).first()
-        values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
-        if current is None:
-            if expected_version:
-                raise NotFound("custom field", f"{entity}.{key}")
-            await tx.conn.execute(insert(t).values(entity=entity, key=key, created_at=ctx.clock(), version=1, **values))
-        else:
-            if expected_version and current.version != expected_version:
-                raise StaleVersion("custom field", f"{entity}.{key}", current.version)
-            await tx.conn.execute(
-                update(t).where(t.c.entity == entity, t.c.key == key).values(version=current.version + 1, **values)
-            )
-        return (await tx.conn.execute(select(t).where(t.c.entity == entity, t.c.key == key))).one()
-
-
-async def list_custom_fields(ctx: Context, entity: str) -> list[Any]:
-    _fail([] if entity in OWNED_ENTITIES else [FieldError("entity", f"must be one of {', '.join(OWNED_ENTITIES)}")])
-    t = repo.custom_fields
-    async with ctx.uow.engine.connect() as conn:
-        return list(await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key)))
-
-
-async def delete_custom_field(ctx: Context, entity: str, key: str) -> None:
-    t = repo.custom_fields
-    async with ctx.uow.begin() as tx:
-        result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
-        if result.rowcount == 0:
-            raise NotFound("custom field", f"{entity}.{key}")
 
 
 # --- accounts --------------------------------------------------------------------------------------
@@ -776,12 +713,13 @@ async def bulk_transfer(
 
 
 def _contact_norms(values: Mapping[str, Any], country_code: str) -> dict[str, str]:
+    """The matching keys of validated contact values (`domain.check_contact` accepted them)."""
     norms: dict[str, str] = {}
     if "email" in values:
-        norms["email_norm"] = domain.normalise_email(values["email"] or "")
+        norms["email_norm"] = normalise_email(values["email"]) if values["email"] else ""
     for name in ("phone", "mobile"):
         if name in values:
-            norms[f"{name}_norm"] = domain.normalise_phone(values[name] or "", default_country_code=country_code)
+            norms[f"{name}_norm"] = normalise_phone(values[name], country_code) if values[name] else ""
     return norms
 
 
@@ -905,9 +843,16 @@ async def list_contacts(
 
 
 async def find_contacts(ctx: Context, *, email: str, phone: str, limit: int) -> list[Any]:
-    email_norm = domain.normalise_email(email) if email else ""
-    phone_norm = domain.normalise_phone(phone, default_country_code=ctx.default_country_code) if phone else ""
-    _fail([] if email_norm or phone_norm else [FieldError("email", "email or phone is required")])
+    if not email and not phone:
+        _fail([FieldError("email", "email or phone is required")])
+    try:
+        email_norm = normalise_email(email) if email else ""
+    except ValueError:
+        raise ValidationFailed([FieldError("email", "must be an email address")]) from None
+    try:
+        phone_norm = normalise_phone(phone, ctx.default_country_code) if phone else ""
+    except ValueError:
+        raise ValidationFailed([FieldError("phone", "must be a phone number")]) from None
     async with ctx.uow.engine.connect() as conn:
         return await repo.find_contacts(
             conn, email=email_norm, phone=phone_norm, scope=current_scope(), limit=min(max(limit, 1), 100)

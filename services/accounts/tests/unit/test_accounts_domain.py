@@ -40,23 +40,7 @@ def test_normalise_name_is_idempotent(name: str) -> None:
     assert domain.normalise_name(once) == once
 
 
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        ("138 0013 8000", "+8613800138000"),
-        ("+86 138-0013-8000", "+8613800138000"),
-        ("0086 13800138000", "+8613800138000"),
-        ("010-12345678", "+861012345678"),
-        ("+1 (415) 555-0100", "+14155550100"),
-        ("n/a", ""),
-    ],
-)
-def test_normalise_phone(raw: str, expected: str) -> None:
-    assert domain.normalise_phone(raw) == expected
-
-
-def test_normalise_email_and_tags() -> None:
-    assert domain.normalise_email("  Li.Lei@Example.COM ") == "li.lei@example.com"
+def test_normalise_tags() -> None:
     assert domain.normalise_tags([" vip ", "vip", "", "key  account"]) == ["vip", "key account"]
 
 

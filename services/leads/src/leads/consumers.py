@@ -4,6 +4,7 @@ new lead is linked to an existing contact (`matched_contact_id`) without a call 
 from crm.accounts.v1 import accounts_pb2, events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
+from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.timeutil import utcnow
 from sqlalchemy import update
@@ -18,13 +19,13 @@ def contact_keys(contact: accounts_pb2.Contact, default_country: str) -> tuple[s
     email = phone = None
     if contact.email:
         try:
-            email = domain.normalise_email(contact.email)
+            email = normalise_email(contact.email)
         except ValueError:
             email = None
     for raw in (contact.mobile, contact.phone):
         if raw and phone is None:
             try:
-                phone = domain.normalise_phone(raw, default_country)
+                phone = normalise_phone(raw, default_country)
             except ValueError:
                 phone = None
     return email, phone

@@ -2,12 +2,12 @@
 state transitions, follow-up SLA and recycling. No I/O here; handlers load, decide with these, write.
 """
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
 
 SOURCES = ("website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other")
@@ -70,39 +70,6 @@ SOURCE_ALIASES: Mapping[str, str] = {
     "weixin": "wechat",
     "微信": "wechat",
 }
-
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-_PHONE_ALLOWED = re.compile(r"^\+?[\d\s\-().]+$")
-
-
-def normalise_email(raw: str) -> str:
-    """Trimmed, lower-cased; raises ValueError when it is not an address."""
-    value = raw.strip().lower()
-    if len(value) > 254 or not _EMAIL.match(value):
-        raise ValueError(f"{raw!r} is not an email address")
-    return value
-
-
-def normalise_phone(raw: str, default_country: str = "86") -> str:
-    """E.164 digits with country code, without '+': '138 0013 8000' -> '8613800138000'.
-
-    '+' or '00' starts an international number; a national number gets `default_country`
-    (a leading trunk '0' dropped). Raises ValueError on letters or an implausible length.
-    """
-    value = raw.strip()
-    if not value or not _PHONE_ALLOWED.match(value):
-        raise ValueError(f"{raw!r} is not a phone number")
-    digits = re.sub(r"\D", "", value)
-    if value.startswith("+"):
-        national = ""
-    elif digits.startswith("00"):
-        digits, national = digits[2:], ""
-    else:
-        national = digits.lstrip("0") if digits.startswith("0") else digits
-    full = default_country + national if national else digits
-    if not 8 <= len(full) <= 15:
-        raise ValueError(f"{raw!r} has {len(digits)} digits, not a phone number")
-    return full
 
 
 def map_source(raw: str, extra: Mapping[str, str] | None = None, default: str = "import") -> tuple[str, str]:

@@ -30,7 +30,7 @@ async def test_create_dedupe_reject_merge_allow(env: Any) -> None:
         lead, merged = await env.service.create_lead(
             {"name": "Li Lei", "email": " LI.LEI@Example.com", "phone": "138 0013 8000", "tags": ["a"]}
         )
-        assert not merged and lead["email"] == "li.lei@example.com" and lead["phone_norm"] == "8613800138000"
+        assert not merged and lead["email"] == "li.lei@example.com" and lead["phone_norm"] == "+8613800138000"
         assert lead["in_pool"] and lead["status"] == "new"
         with pytest.raises(AlreadyExists) as caught:
             await env.service.create_lead({"name": "Other", "phone": "+86 13800138000"})
