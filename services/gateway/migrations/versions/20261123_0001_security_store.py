@@ -9,14 +9,12 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from crm_platform.migrations import create_outbox_notify_trigger, drop_outbox_notify_trigger
+from crm_platform.migrations import create_messaging_tables, drop_messaging_tables
 
 revision: str = "0001_security_store"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
-
-_SEQ = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def upgrade() -> None:
@@ -64,38 +62,7 @@ def upgrade() -> None:
         sa.Column("revoked_at", sa.DateTime(timezone=True)),
     )
 
-    op.create_table(
-        "outbox",
-        sa.Column("seq", _SEQ, primary_key=True, autoincrement=True),
-        sa.Column("id", sa.String(36), nullable=False, unique=True),
-        sa.Column("topic", sa.String(200), nullable=False),
-        sa.Column("key", sa.String(200), nullable=False),
-        sa.Column("type", sa.String(200), nullable=False),
-        sa.Column("payload", sa.LargeBinary, nullable=False),
-        sa.Column("headers", sa.JSON, nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("published_at", sa.DateTime(timezone=True)),
-        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
-        sa.Column("next_attempt_at", sa.DateTime(timezone=True)),
-        sa.Column("last_error", sa.Text),
-    )
-    op.create_index(
-        "ix_outbox_pending",
-        "outbox",
-        ["seq"],
-        postgresql_where=sa.text("published_at IS NULL"),
-        sqlite_where=sa.text("published_at IS NULL"),
-    )
-    op.create_index("ix_outbox_key_pending", "outbox", ["key", "seq"], postgresql_where=sa.text("published_at IS NULL"))
-    op.create_index("ix_outbox_published_at", "outbox", ["published_at"])
-    op.create_table(
-        "processed_events",
-        sa.Column("consumer", sa.String(200), nullable=False),
-        sa.Column("event_id", sa.String(200), nullable=False),
-        sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("consumer", "event_id"),
-    )
-    create_outbox_notify_trigger(op)
+    create_messaging_tables(op)
 
 
 def _append_only() -> None:
@@ -128,9 +95,7 @@ def _append_only() -> None:
 
 
 def downgrade() -> None:
-    drop_outbox_notify_trigger(op)
-    op.drop_table("processed_events")
-    op.drop_table("outbox")
+    drop_messaging_tables(op)
     op.drop_table("api_keys")
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS audit_events_no_truncate ON audit_events")

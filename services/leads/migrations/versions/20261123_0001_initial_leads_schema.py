@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from crm_platform.migrations import create_outbox_notify_trigger, drop_outbox_notify_trigger
+from crm_platform.migrations import create_messaging_tables, drop_messaging_tables
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0001"
@@ -259,43 +259,7 @@ def upgrade() -> None:
         batch_op.create_index("ix_leads_status_id", ["status", "id"], unique=False)
         batch_op.create_index("ix_leads_team_id", ["team", "id"], unique=False)
 
-    op.create_table(
-        "outbox",
-        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
-        sa.Column("id", sa.String(length=36), nullable=False),
-        sa.Column("topic", sa.String(length=200), nullable=False),
-        sa.Column("key", sa.String(length=200), nullable=False),
-        sa.Column("type", sa.String(length=200), nullable=False),
-        sa.Column("payload", sa.LargeBinary(), nullable=False),
-        sa.Column("headers", sa.JSON(), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
-        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column("last_error", sa.Text(), nullable=True),
-        sa.PrimaryKeyConstraint("seq"),
-        sa.UniqueConstraint("id"),
-    )
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_outbox_key_pending", ["key", "seq"], unique=False, postgresql_where=sa.text("published_at IS NULL")
-        )
-        batch_op.create_index(
-            "ix_outbox_pending",
-            ["seq"],
-            unique=False,
-            postgresql_where=sa.text("published_at IS NULL"),
-            sqlite_where=sa.text("published_at IS NULL"),
-        )
-        batch_op.create_index("ix_outbox_published_at", ["published_at"], unique=False)
-
-    op.create_table(
-        "processed_events",
-        sa.Column("consumer", sa.String(length=200), nullable=False),
-        sa.Column("event_id", sa.String(length=200), nullable=False),
-        sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("consumer", "event_id"),
-    )
+    create_messaging_tables(op)
     op.create_table(
         "scoring_rules",
         sa.Column("id", sa.String(length=36), nullable=False),
@@ -332,25 +296,12 @@ def upgrade() -> None:
         sa.UniqueConstraint("form_key"),
     )
 
-    create_outbox_notify_trigger(op)
-
 
 def downgrade() -> None:
-    drop_outbox_notify_trigger(op)
+    drop_messaging_tables(op)
     op.drop_table("webforms")
     op.drop_table("webform_rate")
     op.drop_table("scoring_rules")
-    op.drop_table("processed_events")
-    with op.batch_alter_table("outbox", schema=None) as batch_op:
-        batch_op.drop_index("ix_outbox_published_at")
-        batch_op.drop_index(
-            "ix_outbox_pending",
-            postgresql_where=sa.text("published_at IS NULL"),
-            sqlite_where=sa.text("published_at IS NULL"),
-        )
-        batch_op.drop_index("ix_outbox_key_pending", postgresql_where=sa.text("published_at IS NULL"))
-
-    op.drop_table("outbox")
     with op.batch_alter_table("leads", schema=None) as batch_op:
         batch_op.drop_index("ix_leads_team_id")
         batch_op.drop_index("ix_leads_status_id")
