@@ -144,6 +144,14 @@ async def test_360_view_differs_by_role_exactly_as_the_policy_says(stack: Runnin
         _ok(
             await r.post(f"/api/v1/accounts/{account['id']}/activities", json={"kind": "call", "subject": "hello"}), 201
         )
+        # Two open tickets on the account: one the agent opened (theirs), one opened by the admin.
+        ticket_region = f"t-{run}"  # no registered engineers there: neither ticket is auto-dispatched
+        agents_ticket = _ok(await agent.post("/api/v1/tickets", json={
+            "subject": "Printer on fire", "account_id": account["id"], "region": ticket_region,
+        }), 201)  # fmt: skip
+        _ok(await admin.post("/api/v1/tickets", json={
+            "subject": "Invoice question", "account_id": account["id"], "region": ticket_region,
+        }), 201)  # fmt: skip
 
         as_rep = _ok(await r.get(f"/api/v1/accounts/{account['id']}/360"))
         as_agent = _ok(await agent.get(f"/api/v1/accounts/{account['id']}/360"))
@@ -155,7 +163,8 @@ async def test_360_view_differs_by_role_exactly_as_the_policy_says(stack: Runnin
     assert [a["subject"] for a in as_rep["recent_activities"]["items"]] == ["hello"]
     assert as_rep["open_opportunities"]["status"] == ("ok" if sales_running else "unavailable")
     assert as_rep["contracts_and_receivables"]["status"] == ("ok" if sales_running else "unavailable")
-    assert as_rep["open_tickets"]["status"] == "unavailable"
+    # sales_rep reads only their own tickets: neither of the two is theirs.
+    assert as_rep["open_tickets"] == {"status": "ok", "items": []}
 
     # service_agent: accounts of the region without amounts, no opportunities or contracts at all,
     # only their own activities.
@@ -165,7 +174,8 @@ async def test_360_view_differs_by_role_exactly_as_the_policy_says(stack: Runnin
     assert as_agent["open_opportunities"] == {"status": "forbidden"}
     assert as_agent["contracts_and_receivables"] == {"status": "forbidden"}
     assert as_agent["recent_activities"] == {"status": "ok", "items": []}
-    assert as_agent["open_tickets"]["status"] == "unavailable"
+    assert [t["id"] for t in as_agent["open_tickets"]["items"]] == [agents_ticket["id"]]
+    assert as_agent["open_tickets"]["items"][0]["status"] == "new"
 
 
 async def test_import_maven_accounts_through_the_api_keeps_hierarchy(stack: RunningStack) -> None:

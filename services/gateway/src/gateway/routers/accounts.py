@@ -16,6 +16,8 @@ from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
 from crm.common.v1 import common_pb2
 from crm.sales.v1 import sales_service_pb2
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
+from crm.servicedesk.v1 import servicedesk_service_pb2
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -25,6 +27,8 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, Field, field_validator
 
 from gateway.errors import http_status_of
+from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
+from gateway.routers.service_desk import to_json as ticket_json
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
@@ -1503,13 +1507,6 @@ def _sales_stub(request: Request) -> SalesServiceStub:
     return _upstreams(request).stub("sales", SalesServiceStub)
 
 
-async def _tickets_part(view: Access | None) -> Part:
-    # The service-desk contract has no ticket listing yet: the part says so instead of guessing.
-    if view is None:
-        return {"status": "forbidden"}
-    return {"status": "unavailable", "detail": "the service-desk service offers no ticket listing yet"}
-
-
 def _sales_dict(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
@@ -1579,11 +1576,26 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
             "lifetime_value": [{"amount": format(v, "f"), "currency": c} for c, v in sorted(lifetime.items())],
         }
 
+    async def tickets(view: Access) -> Part:
+        rows = (
+            await _upstreams(request)
+            .stub("service_desk", ServiceDeskServiceStub)
+            .ListTickets(
+                servicedesk_service_pb2.ListTicketsRequest(
+                    account_id=account_id,
+                    statuses=OPEN_TICKET_STATUSES,
+                    page=common_pb2.PageRequest(limit=VIEW_LIMIT, sort="-created_at"),
+                ),
+                metadata=view.grpc_metadata(),
+            )
+        )
+        return {"items": view.present_many(ticket_json(t) for t in rows.items)}
+
     parts = await asyncio.gather(
         _part(access.view("contacts"), contacts),
         _part(access.view("opportunities"), opportunities),
         _part(access.view("contracts"), contracts),
-        _tickets_part(access.view("tickets")),
+        _part(access.view("tickets"), tickets),
         _part(access.view("activities"), activities),
     )
     names = ("contacts", "open_opportunities", "contracts_and_receivables", "open_tickets", "recent_activities")
