@@ -189,6 +189,34 @@ async def test_ticket_custom_fields_through_the_gateway(stack: RunningStack) -> 
             "/api/v1/tickets", json={"subject": "s", "channel": "web", "custom": {f"nope_{run}": "x"}}
         )
         assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == f"custom.nope_{run}"
+
+        # A second definition, changed under If-Match: the service desk validates values against it.
+        severity = f"severity_{run}"
+        created = _ok(
+            await admin.post(
+                "/api/v1/custom-fields/ticket",
+                json={"key": severity, "label": "Severity", "type": "enum", "options": ["minor"]},
+            ),
+            201,
+        )
+        body = {"key": severity, "label": "Severity", "type": "enum", "options": ["minor", "major"]}
+        changed = _ok(
+            await admin.put(
+                f"/api/v1/custom-fields/ticket/{severity}", json=body, headers={"If-Match": f'"{created["version"]}"'}
+            )
+        )
+        assert changed["version"] == created["version"] + 1 and changed["options"] == ["minor", "major"]
+        lost = await admin.put(
+            f"/api/v1/custom-fields/ticket/{severity}", json=body, headers={"If-Match": f'"{created["version"]}"'}
+        )
+        assert lost.status_code == 412
+        invalid = await mgr.post(
+            "/api/v1/tickets",
+            json={"subject": "s", "channel": "web", "region": f"cf-{run}", "custom": {key: "SN-0", severity: "huge"}},
+        )
+        assert invalid.status_code == 422, invalid.text
+        assert [e["field"] for e in invalid.json()["errors"]] == [f"custom.{severity}"]
+        assert (await admin.delete(f"/api/v1/custom-fields/ticket/{severity}")).status_code == 204
         ticket = _ok(
             await mgr.post(
                 "/api/v1/tickets",

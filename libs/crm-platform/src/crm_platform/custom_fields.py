@@ -25,6 +25,8 @@ ENTITIES = ("lead", "account", "contact", "opportunity", "ticket")
 KEY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_TEXT = 4000
+# The definitions tables hold labels in VARCHAR(200): a longer one is a 422, not a database error.
+MAX_LABEL = 200
 
 JsonValue = str | int | float | bool | list[str] | None
 
@@ -60,10 +62,14 @@ def check_definition(entity: str, key: str, label: str, type_name: str, options:
     errors: list[FieldError] = []
     if entity not in ENTITIES:
         errors.append(FieldError("entity", f"must be one of {', '.join(ENTITIES)}"))
-    if not KEY_PATTERN.match(key):
+    if not KEY_PATTERN.fullmatch(key):  # fullmatch: `$` alone also matches before a final "\n"
         errors.append(FieldError("key", "must be lower-case letters, digits and _ starting with a letter"))
     if not label.strip():
         errors.append(FieldError("label", "is required"))
+    elif len(label.strip()) > MAX_LABEL:
+        errors.append(FieldError("label", f"must be at most {MAX_LABEL} characters"))
+    elif _has_control(label):
+        errors.append(FieldError("label", "must not contain control characters"))
     try:
         kind = FieldType(type_name)
     except ValueError:
@@ -75,6 +81,8 @@ def check_definition(entity: str, key: str, label: str, type_name: str, options:
             errors.append(FieldError("options", f"a {kind.value} field needs at least one option"))
         elif len(set(opts)) != len(opts) or any(not o.strip() for o in opts):
             errors.append(FieldError("options", "options must be non-empty and unique"))
+        elif any(_has_control(o) for o in opts):
+            errors.append(FieldError("options", "options must not contain control characters"))
     elif opts:
         errors.append(FieldError("options", f"a {kind.value} field takes no options"))
     return errors
@@ -150,6 +158,11 @@ def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
 
 def pii_keys(definitions: Iterable[FieldDefinition]) -> frozenset[str]:
     return frozenset(d.key for d in definitions if d.pii)
+
+
+def _has_control(text: str) -> bool:
+    # NUL and the other C0 controls: PostgreSQL refuses NUL in text and jsonb, and none belongs in a label.
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def _is_empty(value: object) -> bool:

@@ -101,6 +101,14 @@ def test_definition_checks() -> None:
     assert check_definition("lead", "src", "Src", "text", ["a"])[0].field == "options"
 
 
+def test_definitions_the_tables_cannot_store_are_refused() -> None:
+    # Each is a 422 naming the field instead of a database error (VARCHAR(200), NUL in PostgreSQL).
+    assert check_definition("lead", "src", "x" * 201, "text", [])[0].field == "label"
+    assert check_definition("lead", "src", "Src\x00", "text", [])[0].field == "label"
+    assert check_definition("lead", "src", "Src", "enum", ["a", "b\x00"])[0].field == "options"
+    assert check_definition("lead", "src\n", "Src", "text", [])[0].field == "key"
+
+
 def test_filters_parse_to_stored_form() -> None:
     by_key = {x.key: x for x in DEFS}
     assert parse_filter(by_key["seats"], "12") == 12

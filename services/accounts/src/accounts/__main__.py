@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import grpc
 from crm.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
+from crm.common.v1 import custom_fields_pb2_grpc
+from crm_platform import custom_fields_service
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
@@ -11,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from accounts.config import AccountsSettings
 from accounts.consumers import build_consumer
-from accounts.handlers import Context
+from accounts.handlers import OWNED_ENTITIES, Context
 from accounts.jobs import build_jobs
-from accounts.repository import metadata
+from accounts.repository import custom_fields, metadata
 from accounts.servicer import AccountsServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -31,13 +34,22 @@ def build_with_context(settings: AccountsSettings, engine: AsyncEngine) -> tuple
     uow = UnitOfWork(engine, metadata, source=f"/crm/{settings.service_name}")
     ctx = Context(uow=uow, policy=settings.pool_policy(), default_country_code=settings.default_country_code)
     servicer = AccountsServicer(ctx)
+    # The clock through ctx: tests replace ctx.clock after building the app.
+    definitions = custom_fields_service.CustomFieldServicer(
+        engine, custom_fields, entities=OWNED_ENTITIES, clock=lambda: ctx.clock()
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
+        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(definitions, server)
+
     app = ServiceApp(
         settings=settings,
         engine=engine,
         metadata=metadata,
         uow=uow,
-        service_names=[SERVICE_NAME],
-        register=lambda server: accounts_service_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
+        register=register,
         topics=[TOPIC],
         consumers=[build_consumer(uow, settings.kafka)],
         jobs=build_jobs(ctx, settings),

@@ -22,6 +22,10 @@ DUE_FILTERS = ("today", "overdue")
 MAX_NAME = 300
 MAX_TAGS = 50
 MAX_TAG_LENGTH = 64
+# Reminder rules: a quiet spell of at most ten years, a task due within a year (the reminder job
+# computes dates from both, which must stay representable).
+MAX_INACTIVE_DAYS = 3650
+MAX_DUE_IN_HOURS = 8760
 
 # Legal-form words that do not tell two companies apart ("Acme Ltd" is "Acme Limited").
 _LEGAL_SUFFIXES = (
@@ -289,10 +293,10 @@ def check_reminder_rule(*, name: str, tiers: Iterable[str], inactive_days: int, 
     bad = [t for t in tiers if t not in TIERS]
     if bad:
         errors.append(FieldError("tiers", f"unknown tiers {', '.join(bad)}; allowed: {', '.join(TIERS)}"))
-    if inactive_days < 1:
-        errors.append(FieldError("inactive_days", "must be at least 1"))
-    if due_in_hours < 0:
-        errors.append(FieldError("due_in_hours", "must not be negative"))
+    if not 1 <= inactive_days <= MAX_INACTIVE_DAYS:
+        errors.append(FieldError("inactive_days", f"must be between 1 and {MAX_INACTIVE_DAYS}"))
+    if not 0 <= due_in_hours <= MAX_DUE_IN_HOURS:
+        errors.append(FieldError("due_in_hours", f"must be between 0 and {MAX_DUE_IN_HOURS}"))
     return errors
 
 

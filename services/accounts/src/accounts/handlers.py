@@ -8,8 +8,8 @@ from typing import Any
 
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
-from crm_platform.custom_fields_service import load_definitions
 from crm_platform.contact_points import normalise_email, normalise_phone
+from crm_platform.custom_fields_service import load_definitions
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import Transaction, UnitOfWork

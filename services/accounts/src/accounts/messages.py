@@ -169,19 +169,3 @@ def segment_to_proto(row: Any) -> accounts_pb2.Segment:
     )
     _set_time(message, "created_at", r["created_at"])
     return message
-
-
-def definition_to_proto(row: Any) -> accounts_pb2.CustomFieldDefinition:
-    r = row._mapping
-    message = accounts_pb2.CustomFieldDefinition(
-        entity=r["entity"],
-        key=r["key"],
-        label=r["label"],
-        type=r["type"],
-        required=bool(r["required"]),
-        options=list(r["options"]),
-        pii=bool(r["pii"]),
-        version=r["version"],
-    )
-    _set_time(message, "created_at", r["created_at"])
-    return message

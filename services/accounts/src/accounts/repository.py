@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from crm_platform.custom_fields_service import definitions_table
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, scope_clause
@@ -212,20 +213,8 @@ segments = Table(
     Index("ix_segments_team", "team"),
 )
 
-custom_fields = Table(
-    "custom_field_definitions",
-    metadata,
-    Column("entity", String(20), nullable=False),
-    Column("key", String(63), nullable=False),
-    Column("label", Text, nullable=False),
-    Column("type", String(20), nullable=False),
-    Column("required", Boolean, nullable=False, server_default=false()),
-    Column("options", JSON, nullable=False),
-    Column("pii", Boolean, nullable=False, server_default=false()),
-    Column("created_at", Stamp, nullable=False),
-    Column("version", BigInteger, nullable=False, server_default="1"),
-    PrimaryKeyConstraint("entity", "key"),
-)
+# Definitions of the custom fields of accounts and contacts (served by crm_platform's CustomFieldServicer).
+custom_fields = definitions_table(metadata, "custom_field_definitions")
 
 pool_claims = Table(
     "pool_claims",

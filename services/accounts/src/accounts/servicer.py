@@ -14,7 +14,6 @@ from accounts.messages import (
     account_to_proto,
     activity_to_proto,
     contact_to_proto,
-    definition_to_proto,
     money_value,
     rule_to_proto,
     segment_to_proto,
@@ -370,32 +369,3 @@ class AccountsServicer(AccountsServiceServicer):
     async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Ctx) -> pb.DeleteSegmentResponse:
         await handlers.delete_segment(self.ctx, request.segment_id)
         return pb.DeleteSegmentResponse()
-
-    # custom fields
-
-    async def UpsertCustomField(
-        self, request: pb.UpsertCustomFieldRequest, context: Ctx
-    ) -> pb.UpsertCustomFieldResponse:
-        d = request.definition
-        row = await handlers.upsert_custom_field(
-            self.ctx,
-            entity=d.entity,
-            key=d.key,
-            label=d.label,
-            type_name=d.type,
-            required=d.required,
-            options=list(d.options),
-            pii=d.pii,
-            expected_version=request.expected_version,
-        )
-        return pb.UpsertCustomFieldResponse(definition=definition_to_proto(row))
-
-    async def ListCustomFields(self, request: pb.ListCustomFieldsRequest, context: Ctx) -> pb.ListCustomFieldsResponse:
-        rows = await handlers.list_custom_fields(self.ctx, request.entity)
-        return pb.ListCustomFieldsResponse(items=[definition_to_proto(r) for r in rows])
-
-    async def DeleteCustomField(
-        self, request: pb.DeleteCustomFieldRequest, context: Ctx
-    ) -> pb.DeleteCustomFieldResponse:
-        await handlers.delete_custom_field(self.ctx, request.entity, request.key)
-        return pb.DeleteCustomFieldResponse()

@@ -19,7 +19,8 @@ from accounts.handlers import Context
 from crm.accounts.v1 import accounts_pb2, events_pb2
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
-from crm.common.v1 import common_pb2
+from crm.common.v1 import common_pb2, custom_fields_pb2
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm.sales.v1 import events_pb2 as sales_events
 from crm.sales.v1 import sales_pb2
 from crm_platform import migrations
@@ -53,6 +54,8 @@ ADMIN = (Principal(user_id="admin", roles=("admin",)), ALL_RECORDS)
 class Running:
     app: ServiceApp
     stub: AccountsServiceStub
+    # The shared crm.common.v1.CustomFieldService, registered on the same server.
+    definitions: CustomFieldServiceStub
     ctx: Context
     events: EventCollector
 
@@ -92,7 +95,13 @@ async def running(postgres_url: str, kafka_settings: KafkaSettings, *, consume: 
     collector = EventCollector(kafka_settings.bootstrap_servers, [TOPIC])
     await collector.start()
     try:
-        yield Running(app=app, stub=AccountsServiceStub(channel), ctx=ctx, events=collector)
+        yield Running(
+            app=app,
+            stub=AccountsServiceStub(channel),
+            definitions=CustomFieldServiceStub(channel),
+            ctx=ctx,
+            events=collector,
+        )
     finally:
         await collector.stop()
         await channel.close()
@@ -261,10 +270,19 @@ async def test_hierarchy_custom_fields_and_filters(accounts_service: Running) ->
     )
     assert cycle.code == grpc.StatusCode.INVALID_ARGUMENT and cycle.field_errors[0].field == "parent_id"
 
-    definition = accounts_pb2.CustomFieldDefinition(
+    definition = custom_fields_pb2.CustomFieldDefinition(
         entity="account", key="channel", label="Channel", type="enum", options=["direct", "partner"]
     )
-    await svc.call("UpsertCustomField", pb.UpsertCustomFieldRequest(definition=definition), ADMIN)
+    await svc.definitions.UpsertCustomField(
+        custom_fields_pb2.UpsertCustomFieldRequest(definition=definition), metadata=outgoing_metadata(*ADMIN)
+    )
+    # Lead definitions live in the leads service: the accounts service names the field it refuses.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await svc.definitions.ListCustomFields(
+            custom_fields_pb2.ListCustomFieldsRequest(entity="lead"), metadata=outgoing_metadata(*ADMIN)
+        )
+    refused = from_rpc_error(caught.value)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT and refused.field_errors[0].field == "entity"
     bad = pb.AccountInput(name="Custom Co", region="cn-east")
     bad.custom.update({"channel": "retail"})
     invalid = await svc.fails("CreateAccount", pb.CreateAccountRequest(account=bad), REP1)

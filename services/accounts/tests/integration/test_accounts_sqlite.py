@@ -9,9 +9,11 @@ import pytest
 from accounts import handlers
 from accounts.__main__ import MIGRATIONS
 from accounts.domain import PoolPolicy
-from accounts.handlers import Context
-from accounts.repository import AccountFilter, ContactFilter, metadata, parse_page
+from accounts.handlers import OWNED_ENTITIES, Context
+from accounts.repository import AccountFilter, ContactFilter, custom_fields, metadata, parse_page
+from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm_platform import migrations
+from crm_platform.custom_fields_service import CustomFieldServicer
 from crm_platform.db import create_engine
 from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
 from crm_platform.outbox import UnitOfWork
@@ -36,29 +38,13 @@ async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
 
 
 async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> None:
-    with acting_as(SYSTEM, ALL_RECORDS):
-        await handlers.upsert_custom_field(
-            ctx,
-            entity="account",
-            key="products",
-            label="Products",
-            type_name="multi_enum",
-            required=False,
-            options=["crm", "erp"],
-            pii=False,
-            expected_version=0,
-        )
-        await handlers.upsert_custom_field(
-            ctx,
-            entity="account",
-            key="vip",
-            label="VIP",
-            type_name="bool",
-            required=False,
-            options=[],
-            pii=False,
-            expected_version=0,
-        )
+    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, entities=OWNED_ENTITIES)
+    products = cf_pb.CustomFieldDefinition(
+        entity="account", key="products", label="Products", type="multi_enum", options=["crm", "erp"]
+    )
+    vip = cf_pb.CustomFieldDefinition(entity="account", key="vip", label="VIP", type="bool")
+    for definition in (products, vip):
+        await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
     with acting_as(REP, REP_SCOPE):
         acme = await handlers.create_account(
             ctx,

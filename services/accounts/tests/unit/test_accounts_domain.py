@@ -148,3 +148,16 @@ def test_reminder_rules() -> None:
     assert not domain.reminder_fires(rule, tier="A", in_pool=True, anchor=NOW - timedelta(days=9), now=NOW)
     errors = domain.check_reminder_rule(name="", tiers=["E"], inactive_days=0, due_in_hours=-1)
     assert {e.field for e in errors} == {"name", "tiers", "inactive_days", "due_in_hours"}
+
+
+def test_reminder_rule_periods_are_bounded() -> None:
+    # Regression (fuzz): periods beyond what a date can add or subtract were accepted, and the
+    # reminder job failed on them (`now - timedelta(days=...)` overflows).
+    errors = domain.check_reminder_rule(name="r", tiers=[], inactive_days=2_000_000_000, due_in_hours=2_000_000_000)
+    assert {e.field for e in errors} == {"inactive_days", "due_in_hours"}
+    most = domain.check_reminder_rule(
+        name="r", tiers=[], inactive_days=domain.MAX_INACTIVE_DAYS, due_in_hours=domain.MAX_DUE_IN_HOURS
+    )
+    assert most == []
+    rule = domain.Reminder(tiers=(), inactive_days=domain.MAX_INACTIVE_DAYS)
+    assert not domain.reminder_fires(rule, tier="A", in_pool=False, anchor=NOW, now=NOW)

@@ -10,7 +10,18 @@ from prometheus_client import make_asgi_app
 from gateway.config import Settings
 from gateway.errors import install_error_handlers
 from gateway.middleware import RequestContextMiddleware
-from gateway.routers import accounts, analytics, api_keys, audit, exports, leads, me, sales, service_desk
+from gateway.routers import (
+    accounts,
+    analytics,
+    api_keys,
+    audit,
+    custom_fields,
+    exports,
+    leads,
+    me,
+    sales,
+    service_desk,
+)
 from gateway.security import install_security
 from gateway.upstreams import Upstreams
 
@@ -44,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     security = install_security(app, settings, kafka=settings.kafka)
     app.add_middleware(RequestContextMiddleware)
-    for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics):
+    for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields):
         app.include_router(module.router, prefix=API_PREFIX)
 
     @app.get("/healthz", include_in_schema=False)

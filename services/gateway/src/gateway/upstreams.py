@@ -5,6 +5,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
+from crm.common.v1 import custom_fields_pb2
 from crm_platform.grpc_client import create_channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -12,6 +13,8 @@ StubT = TypeVar("StubT")
 
 # Only reads are retried by the channel: a retried write could apply twice.
 IDEMPOTENT_PREFIXES = ("Get", "List", "Search", "Find", "Check")
+# Shared contracts an upstream may serve beside its own service (custom fields: every owning service).
+SHARED_SERVICES = (custom_fields_pb2.DESCRIPTOR.services_by_name["CustomFieldService"].full_name,)
 
 
 class UpstreamNotConfigured(Exception):
@@ -74,7 +77,7 @@ def _idempotent_methods(name: str) -> list[tuple[str, str]]:
     pool = descriptor_pool.Default()
     package = {"service_desk": "servicedesk"}.get(name, name)
     methods: list[tuple[str, str]] = []
-    for service_name in _service_names(package):
+    for service_name in [*_service_names(package), *SHARED_SERVICES]:
         try:
             service = pool.FindServiceByName(service_name)
         except KeyError:

@@ -29,16 +29,7 @@ MAX_EXAMPLES = int(os.environ.get("CRM_FUZZ_MAX_EXAMPLES", "8"))
 # Failures found by this test in routes owned by other teams, reported to them and tracked here so
 # that every OTHER operation stays guarded: a new 5xx or schema violation anywhere else fails the
 # test. Each entry is shown as a warning on every run; remove it when fixed.
-KNOWN_FAILURES: dict[str, str] = {
-    "POST /api/v1/reminder-rules": "500 on fuzzed bodies (accounts)",
-    "PUT /api/v1/custom-fields/{entity}/{key}": "503 for entity=ticket: service-desk custom fields not served",
-    "POST /api/v1/pipelines": "500 on fuzzed bodies (sales)",
-    "GET /api/v1/forecast/win-statistics": "500 on fuzzed query (sales)",
-    "POST /api/v1/leads/import": "500 on fuzzed bodies (leads)",
-    "PUT /api/v1/lead-scoring-rules/{rule_id}": "500 on odd rule ids (leads)",
-    "POST /api/v1/lead-assignment-rules": "500 on fuzzed bodies (leads)",
-    "PUT /api/v1/lead-assignment-rules/{rule_id}": "500 on odd rule ids (leads)",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # The columns of crm_platform.custom_fields_service.definitions_table, as in every owning service.
     op.create_table(
         "lead_custom_fields",
+        sa.Column("entity", sa.String(length=20), nullable=False),
         sa.Column("key", sa.String(length=63), nullable=False),
         sa.Column("label", sa.String(length=200), nullable=False),
         sa.Column("type", sa.String(length=20), nullable=False),
@@ -30,7 +32,7 @@ def upgrade() -> None:
         sa.Column("pii", sa.Boolean(), server_default=sa.text("false"), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("version", sa.BigInteger(), server_default="1", nullable=False),
-        sa.PrimaryKeyConstraint("key"),
+        sa.PrimaryKeyConstraint("entity", "key"),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import (
     AlreadyExists,
@@ -99,6 +100,9 @@ async def remember(
 
 # --- cached rules ------------------------------------------------------------------------------
 
+# The one entity whose custom fields the leads service owns (definitions: crm_platform.custom_fields_service).
+LEAD_ENTITY = "lead"
+
 
 @dataclass(slots=True)
 class Rules:
@@ -151,21 +155,8 @@ async def load_rules(conn: AsyncConnection) -> Rules:
         Thresholds(settings_row.grade_a, settings_row.grade_b, settings_row.grade_c) if settings_row else Thresholds()
     )
     assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
-    definitions = [definition_of(r._mapping) for r in await conn.execute(select(repo.custom_fields))]
+    definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
     return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions)
-
-
-def definition_of(row: Mapping[Any, Any]) -> cf.FieldDefinition:
-    return cf.FieldDefinition(
-        entity="lead",
-        key=row["key"],
-        label=row["label"],
-        type=cf.FieldType(row["type"]),
-        required=row["required"],
-        options=tuple(row["options"]),
-        pii=row["pii"],
-        version=row["version"],
-    )
 
 
 def checked_custom(
@@ -1680,50 +1671,6 @@ class LeadsService:
             return await self.create_lead(
                 data, on_duplicate="merge", idempotency_key=key, defaults=defaults, lenient_custom=True
             )
-
-    # --- custom field definitions ------------------------------------------------------------
-
-    async def upsert_custom_field(self, definition: cf.FieldDefinition, expected_version: int) -> RowMapping:
-        errors = cf.check_definition(
-            definition.entity, definition.key, definition.label, str(definition.type), definition.options
-        )
-        if definition.entity != "lead":
-            errors.append(FieldError("entity", "the leads service holds the custom fields of leads only"))
-        if errors:
-            raise ValidationFailed(errors)
-        t = repo.custom_fields
-        async with self.engine.begin() as conn:
-            current = (
-                (await conn.execute(select(t).where(t.c.key == definition.key).with_for_update())).mappings().first()
-            )
-            if expected_version and (current is None or current["version"] != expected_version):
-                raise StaleVersion("custom field", definition.key, current["version"] if current else 0)
-            values = {
-                "label": definition.label.strip(),
-                "type": str(definition.type),
-                "required": definition.required,
-                "options": list(definition.options),
-                "pii": definition.pii,
-            }
-            if current is None:
-                created = insert(t).values(key=definition.key, created_at=self.clock(), version=1, **values)
-                row = (await conn.execute(created.returning(t))).mappings().one()
-            else:
-                changed = update(t).where(t.c.key == definition.key).values(**values, version=t.c.version + 1)
-                row = (await conn.execute(changed.returning(t))).mappings().one()
-        self.rules.invalidate()
-        return row
-
-    async def list_custom_fields(self) -> list[RowMapping]:
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(repo.custom_fields).order_by(repo.custom_fields.c.key))).mappings())
-
-    async def delete_custom_field(self, key: str) -> None:
-        async with self.engine.begin() as conn:
-            result = await conn.execute(delete(repo.custom_fields).where(repo.custom_fields.c.key == key))
-        if not result.rowcount:
-            raise NotFound("custom field", key)
-        self.rules.invalidate()
 
     # --- timers -----------------------------------------------------------------------------
 

@@ -49,6 +49,25 @@ HEADER_ALIASES: Mapping[str, str] = {
 }
 
 
+def unstorable_text(value: Any) -> str | None:
+    """Why a parsed value holds text that cannot be stored (PostgreSQL refuses NUL characters,
+    UTF-8 has no lone surrogates, which a JSON escape can still produce), or None."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return "contains a NUL character"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "is not valid UTF-8 text"
+        return None
+    if isinstance(value, dict):
+        items: list[Any] = [*value.keys(), *value.values()]
+        return next((p for p in map(unstorable_text, items) if p), None)
+    if isinstance(value, list):
+        return next((p for p in map(unstorable_text, value) if p), None)
+    return None
+
+
 def custom_key(header: str) -> str:
     """'Total Time Spent on Website' -> 'total_time_spent_on_website'."""
     key = re.sub(r"[^0-9a-z]+", "_", header.strip().lower()).strip("_")
@@ -223,7 +242,7 @@ class StreamParser:
             raise ValidationFailed([FieldError("file", "a JSON import is an array of objects")])
         for item in items:
             self.rows += 1
-            yield self.rows, item if isinstance(item, dict) else "the row is not a JSON object"
+            yield self.rows, self._checked(item)
 
     def _records(self, records: list[str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
         if self.format == "jsonl":
@@ -236,12 +255,15 @@ class StreamParser:
                 except ValueError as error:
                     yield self.rows, f"not valid JSON: {error}"
                     continue
-                yield self.rows, item if isinstance(item, dict) else "the row is not a JSON object"
+                yield self.rows, self._checked(item)
             return
         for values in csv.reader(records):
             if self._header is None:
                 if not values or not any(v.strip() for v in values):
                     raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
+                problem = unstorable_text(values)
+                if problem:
+                    raise ValidationFailed([FieldError("file", f"the CSV header row {problem}")])
                 self._header = [v.strip() for v in values]
                 continue
             if not values:
@@ -250,4 +272,12 @@ class StreamParser:
             if len(values) != len(self._header):
                 yield self.rows, f"has {len(values)} columns, the header has {len(self._header)}"
                 continue
-            yield self.rows, dict(zip(self._header, values, strict=True))
+            yield self.rows, self._checked(dict(zip(self._header, values, strict=True)))
+
+    @staticmethod
+    def _checked(item: Any) -> dict[str, Any] | str:
+        """The record, or why it is rejected."""
+        if not isinstance(item, dict):
+            return "the row is not a JSON object"
+        problem = unstorable_text(item)
+        return f"the row {problem}" if problem else item

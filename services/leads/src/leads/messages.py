@@ -188,17 +188,3 @@ def webform_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Webform:
         enabled=row["enabled"],
         created_at=to_timestamp(row["created_at"]),
     )
-
-
-def custom_field_to_proto(row: Mapping[Any, Any]) -> leads_pb2.CustomFieldDefinition:
-    return leads_pb2.CustomFieldDefinition(
-        entity="lead",
-        key=row["key"],
-        label=row["label"],
-        type=row["type"],
-        required=row["required"],
-        options=row["options"],
-        pii=row["pii"],
-        created_at=to_timestamp(row["created_at"]),
-        version=row["version"],
-    )

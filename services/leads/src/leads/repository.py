@@ -5,6 +5,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from crm_platform.custom_fields_service import definitions_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, ScopeKind
 from sqlalchemy import (
@@ -33,6 +34,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -289,18 +291,8 @@ import_rejections = Table(
     PrimaryKeyConstraint("import_id", "row"),
 )
 
-custom_fields = Table(
-    "lead_custom_fields",
-    metadata,
-    Column("key", String(63), primary_key=True),
-    Column("label", String(200), nullable=False),
-    Column("type", String(20), nullable=False),
-    Column("required", Boolean, nullable=False, server_default=false()),
-    Column("options", _JSON, nullable=False),
-    Column("pii", Boolean, nullable=False, server_default=false()),
-    Column("created_at", _TS, nullable=False),
-    Column("version", BigInteger, nullable=False, server_default="1"),
-)
+# Definitions of the custom fields of leads (served by crm_platform's CustomFieldServicer).
+custom_fields = definitions_table(metadata, "lead_custom_fields")
 
 # A projection of accounts' contacts (from crm.accounts.v1 events) for linking leads to contacts.
 contact_keys = Table(
@@ -357,7 +349,9 @@ def pool_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
 
 def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:
     if conn.dialect.name == "postgresql":
-        return leads.c.tags.contains([tag])
+        # JSONB containment (`tags @> '["vip"]'`); the column's generic JSON type would compile
+        # `contains` to a LIKE that PostgreSQL cannot apply to jsonb.
+        return type_coerce(leads.c.tags, JSONB()).contains([tag])
     return cast(leads.c.tags, String).like(f'%"{tag}"%')
 
 

@@ -6,7 +6,6 @@ from typing import Any
 import grpc
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
-from crm_platform import custom_fields as cf
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money, money_from_proto
@@ -488,41 +487,3 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.detail)
         return leads_service_pb2.SubmitWebformResponse(lead_id=row["id"], merged=merged)
-
-    # --- custom fields ---
-
-    async def UpsertCustomField(
-        self, request: leads_service_pb2.UpsertCustomFieldRequest, context: grpc.aio.ServicerContext
-    ) -> leads_service_pb2.UpsertCustomFieldResponse:
-        d = request.definition
-        try:
-            kind = cf.FieldType(d.type)
-        except ValueError:
-            raise ValidationFailed(
-                [FieldError("type", f"must be one of {', '.join(t.value for t in cf.FieldType)}")]
-            ) from None
-        definition = cf.FieldDefinition(
-            entity=d.entity or "lead",
-            key=d.key,
-            label=d.label,
-            type=kind,
-            required=d.required,
-            options=tuple(d.options),
-            pii=d.pii,
-        )
-        row = await self.service.upsert_custom_field(definition, request.expected_version)
-        return leads_service_pb2.UpsertCustomFieldResponse(definition=messages.custom_field_to_proto(row))
-
-    async def ListCustomFields(
-        self, request: leads_service_pb2.ListCustomFieldsRequest, context: grpc.aio.ServicerContext
-    ) -> leads_service_pb2.ListCustomFieldsResponse:
-        if request.entity not in ("", "lead"):
-            raise ValidationFailed([FieldError("entity", "the leads service holds the custom fields of leads only")])
-        rows = await self.service.list_custom_fields()
-        return leads_service_pb2.ListCustomFieldsResponse(items=[messages.custom_field_to_proto(r) for r in rows])
-
-    async def DeleteCustomField(
-        self, request: leads_service_pb2.DeleteCustomFieldRequest, context: grpc.aio.ServicerContext
-    ) -> leads_service_pb2.DeleteCustomFieldResponse:
-        await self.service.delete_custom_field(request.key)
-        return leads_service_pb2.DeleteCustomFieldResponse()

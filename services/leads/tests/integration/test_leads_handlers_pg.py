@@ -177,6 +177,17 @@ async def test_list_filters_and_keyset_paging(env: Any) -> None:
     assert seen == ["P5", "P3", "P1"]
 
 
+async def test_tag_filter_on_postgresql(env: Any) -> None:
+    # Regression (fuzz): `tag=` compiled to `tags LIKE '%' || $1::JSONB || '%'`, which PostgreSQL
+    # rejects, so every tag-filtered list answered 500.
+    with env.acting():
+        await env.service.create_lead({"name": "Tagged", "source": "ad", "tags": ["vip", "2026"]})
+        await env.service.create_lead({"name": "Other", "source": "ad", "tags": ["vipx"]})
+        rows, _ = await env.service.list_leads(LeadFilters(tag="vip"), limit=50, cursor="", sort="")
+        odd, _ = await env.service.list_leads(LeadFilters(tag='%"\u0013'), limit=50, cursor="", sort="")
+    assert [r["name"] for r in rows] == ["Tagged"] and odd == []
+
+
 async def test_sla_overdue_and_recycling_timers(env: Any) -> None:
     with env.acting():
         late, _ = await env.service.create_lead({"name": "late", "owner_id": "rep1"})
@@ -277,12 +288,13 @@ async def test_campaign_and_webform_intake_with_rate_limit(env: Any) -> None:
 
 
 async def test_custom_fields_are_validated_against_their_definitions(env: Any) -> None:
-    from crm_platform import custom_fields as cf
+    from crm.common.v1 import custom_fields_pb2 as cf_pb
+    from leads.__main__ import custom_field_servicer
 
+    definitions = custom_field_servicer(env.service)
     with env.acting("admin", roles=("admin",)):
-        await env.service.upsert_custom_field(
-            cf.FieldDefinition(entity="lead", key="budget", label="Budget", type=cf.FieldType.DECIMAL, required=True), 0
-        )
+        budget = cf_pb.CustomFieldDefinition(entity="lead", key="budget", label="Budget", type="decimal", required=True)
+        await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=budget), None)
         with pytest.raises(ValidationFailed) as missing:
             await env.service.create_lead({"name": "No budget"})
         assert missing.value.errors[0].field == "custom.budget"
@@ -295,10 +307,15 @@ async def test_custom_fields_are_validated_against_their_definitions(env: Any) -
         lead, _ = await env.service.create_lead({"name": "Rich", "custom": {"budget": "1200.50"}})
         updated = await env.service.update_lead(lead["id"], {"custom": {"budget": "99"}}, ["custom"], 0)
         assert updated["custom"]["budget"] == "99"
-        assert [d["key"] for d in await env.service.list_custom_fields()] == ["budget"]
-        await env.service.delete_custom_field("budget")
+        listed = await definitions.ListCustomFields(cf_pb.ListCustomFieldsRequest(entity="lead"), None)
+        assert [d.key for d in listed.items] == ["budget"]
+        await definitions.DeleteCustomField(cf_pb.DeleteCustomFieldRequest(entity="lead", key="budget"), None)
         with pytest.raises(NotFound):
-            await env.service.delete_custom_field("budget")
+            await definitions.DeleteCustomField(cf_pb.DeleteCustomFieldRequest(entity="lead", key="budget"), None)
+        # The deleted definition no longer applies: the value is refused as undefined, not as a decimal.
+        with pytest.raises(ValidationFailed) as undefined:
+            await env.service.create_lead({"name": "y", "custom": {"budget": "lots"}})
+        assert undefined.value.errors[0].message == "is not a defined custom field"
 
 
 async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:

@@ -51,6 +51,28 @@ def test_bad_rows_are_reported_not_dropped() -> None:
     assert rows[2][0] == 3 and "columns" in str(rows[2][1])
 
 
+@pytest.mark.parametrize(
+    ("fmt", "data"),
+    [
+        ("csv", b"name,phone\nab\x00c,13800000001\nok,13800000002\n"),
+        ("json", b'[{"name": "a\\u0000b"}, {"name": "ok"}]'),
+        ("jsonl", b'{"name": "ok", "tags": ["x\\u0000"]}\n{"name": "ok"}\n'),
+        ("jsonl", b'{"name": "a\\ud800"}\n{"name": "ok"}\n'),
+    ],
+)
+def test_rows_with_unstorable_text_are_rejected_not_stored(fmt: str, data: bytes) -> None:
+    # Regression (fuzz): a NUL character (or a lone surrogate) reached PostgreSQL -> 500 for the import.
+    rows = parse_in_chunks(data, 5, fmt)
+    assert rows[0][0] == 1 and isinstance(rows[0][1], str) and rows[0][1].startswith("the row ")
+    assert rows[1][0] == 2 and isinstance(rows[1][1], dict)
+
+
+def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(b"na\x00me,phone\nLi,1\n", 100)
+    assert caught.value.errors[0].field == "file" and "NUL" in caught.value.detail
+
+
 def test_json_and_jsonl() -> None:
     items = [{"name": "A"}, {"name": "B"}]
     assert parse_in_chunks(json.dumps(items).encode(), 5, "json") == [(1, items[0]), (2, items[1])]

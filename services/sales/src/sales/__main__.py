@@ -2,9 +2,12 @@
 
 from pathlib import Path
 
+import grpc
 from crm.accounts.v1 import events_pb2 as account_events
+from crm.common.v1 import custom_fields_pb2_grpc
 from crm.erp.v1 import invoices_pb2, payments_pb2
 from crm.sales.v1 import sales_service_pb2, sales_service_pb2_grpc
+from crm_platform import custom_fields_service
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer
 from crm_platform.db import create_engine
@@ -14,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sales.config import SalesSettings
 from sales.consumers import SalesConsumers
-from sales.handlers import SalesHandlers
+from sales.handlers import OPPORTUNITY_ENTITY, SalesHandlers
 from sales.jobs import overdue_installments_job
-from sales.repository import metadata
+from sales.repository import custom_fields, metadata
 from sales.servicer import SalesServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -39,13 +42,21 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
     handlers = build_handlers(settings, engine)
     consumers = SalesConsumers(handlers)
     servicer = SalesServicer(handlers)
+    definitions = custom_fields_service.CustomFieldServicer(
+        engine, custom_fields, entities=(OPPORTUNITY_ENTITY,), clock=handlers.clock
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        sales_service_pb2_grpc.add_SalesServiceServicer_to_server(servicer, server)
+        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(definitions, server)
+
     return ServiceApp(
         settings=settings,
         engine=engine,
         metadata=metadata,
         uow=handlers.uow,
-        service_names=[SERVICE_NAME],
-        register=lambda server: sales_service_pb2_grpc.add_SalesServiceServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
+        register=register,
         topics=["crm.sales.v1"],
         consumers=[
             EventConsumer(

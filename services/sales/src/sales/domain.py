@@ -20,6 +20,10 @@ MAX_AMOUNT = Decimal("999999999999.99")
 # Longest id of another service's record (account, contact, lead, campaign) and longest text field.
 REF_LENGTH = 64
 NAME_LENGTH = 200
+# A stage may let a deal sit for at most ten years before it rots (rotting is computed as a date).
+MAX_ROTTING_DAYS = 3650
+# Units on one line item; with MAX_AMOUNT as the unit price the line's gross stays computable.
+MAX_QUANTITY = Decimal(1_000_000_000)
 
 
 def check_lengths(values: Mapping[str, str], limit: int) -> list[FieldError]:
@@ -36,7 +40,8 @@ def check_amount(value: Decimal, *, field_name: str, allow_zero: bool = True) ->
     errors = []
     if value < 0 or (value == 0 and not allow_zero):
         errors.append(FieldError(field_name, "must be greater than zero" if not allow_zero else "must not be negative"))
-    if value != value.quantize(CENT):
+    # Beyond MAX_AMOUNT quantize could overflow the decimal context; the size error says enough.
+    if abs(value) <= MAX_AMOUNT and value != value.quantize(CENT):
         errors.append(FieldError(field_name, f"at most {MAX_AMOUNT_PLACES} decimal places"))
     if value > MAX_AMOUNT:
         errors.append(FieldError(field_name, f"must not exceed {MAX_AMOUNT}"))
@@ -154,10 +159,10 @@ def validate_stages(stages: Sequence[Stage]) -> None:
             errors.append(FieldError(f"{prefix}.name", "must not be empty"))
         if not Decimal(0) <= stage.probability <= HUNDRED:
             errors.append(FieldError(f"{prefix}.probability", "must be between 0 and 100"))
-        if stage.probability != stage.probability.quantize(CENT):
+        elif stage.probability != stage.probability.quantize(CENT):  # in range: quantize cannot overflow
             errors.append(FieldError(f"{prefix}.probability", "at most 2 decimal places"))
-        if stage.rotting_days < 0:
-            errors.append(FieldError(f"{prefix}.rotting_days", "must not be negative"))
+        if not 0 <= stage.rotting_days <= MAX_ROTTING_DAYS:
+            errors.append(FieldError(f"{prefix}.rotting_days", f"must be between 0 and {MAX_ROTTING_DAYS}"))
         for name in stage.required_fields:
             if name not in GATEABLE_FIELDS:
                 errors.append(
@@ -243,13 +248,21 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
         prefix = f"{field_name}[{index}]"
         if not (item.product_id or item.product_name):
             errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
+        price_errors = check_amount(item.unit_price.amount, field_name=f"{prefix}.unit_price.amount")
         if item.quantity <= 0:
             errors.append(FieldError(f"{prefix}.quantity", "must be greater than zero"))
-        errors.extend(check_amount(item.unit_price.amount, field_name=f"{prefix}.unit_price.amount"))
+        elif item.quantity > MAX_QUANTITY:
+            errors.append(FieldError(f"{prefix}.quantity", f"must not exceed {MAX_QUANTITY}"))
+        elif not price_errors and item.gross > MAX_AMOUNT:
+            errors.append(FieldError(f"{prefix}.quantity", f"quantity x unit price must not exceed {MAX_AMOUNT}"))
+        errors.extend(price_errors)
         if not Decimal(0) <= item.discount_percent <= HUNDRED:
             errors.append(FieldError(f"{prefix}.discount_percent", "must be between 0 and 100"))
     if len(currencies) > 1:
         errors.append(FieldError(f"{field_name}", f"all line items need one currency, got {sorted(currencies)}"))
+    # Every item is in range now, so the subtotal is computable; it is a money amount like any other.
+    if not errors and sum((quantize_money(item.gross) for item in items), Decimal(0)) > MAX_AMOUNT:
+        errors.append(FieldError(f"{field_name}", f"the line items total more than {MAX_AMOUNT}"))
     if errors:
         raise ValidationFailed(errors)
     return next(iter(currencies)) if currencies else None

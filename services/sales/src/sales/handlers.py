@@ -13,6 +13,7 @@ from typing import Any
 
 from crm.sales.v1 import events_pb2, sales_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.ids import new_id
@@ -335,7 +336,7 @@ class SalesHandlers:
                 if existing:
                     return v.opportunity_proto(await self._opportunity_row(tx.conn, existing, scope=None))
             pipeline = await self._pipeline(tx.conn, data.pipeline_id)
-            definitions = await self._definitions(tx.conn)
+            definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
             values = self._new_opportunity_values(opportunity_id, data, pipeline, principal, definitions)
             stage = pipeline.stage(values["stage"])
             if stage.outcome is not d.Outcome.OPEN:
@@ -612,7 +613,7 @@ class SalesHandlers:
                     values["tags"] = list(dict.fromkeys(value))
                 elif name == "custom":
                     # Keys given replace their values (null or "" clears one); other keys stay.
-                    definitions = await self._definitions(tx.conn)
+                    definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
                     errors = cf.validate(definitions, value, partial=True)
                     if errors:
                         raise ValidationFailed(errors)
@@ -791,7 +792,7 @@ class SalesHandlers:
         results: list[ImportResult] = []
         async with self.uow.begin() as tx:
             pipeline = await self._pipeline(tx.conn, pipeline_id)
-            definitions = await self._definitions(tx.conn)
+            definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
             external_ids = [row.external_id for row in rows if row.external_id]
             existing: dict[str, str] = {}
             o = r.opportunities
@@ -1937,74 +1938,6 @@ class SalesHandlers:
                 key=row["id"],
             )
         return len(moved)
-
-    # ------------------------------------------------------------ custom fields
-
-    @staticmethod
-    async def _definitions(conn: AsyncConnection) -> list[cf.FieldDefinition]:
-        t = r.custom_fields
-        rows = (await conn.execute(select(t).where(t.c.entity == OPPORTUNITY_ENTITY))).mappings().all()
-        return [
-            cf.FieldDefinition(
-                entity=row["entity"],
-                key=row["key"],
-                label=row["label"],
-                type=cf.FieldType(row["type"]),
-                required=row["required"],
-                options=tuple(row["options"]),
-                pii=row["pii"],
-                version=row["version"],
-            )
-            for row in rows
-        ]
-
-    async def upsert_custom_field(
-        self,
-        *,
-        entity: str,
-        key: str,
-        label: str,
-        type_name: str,
-        required: bool,
-        options: list[str],
-        pii: bool,
-        expected_version: int,
-    ) -> RowMapping:
-        errors = cf.check_definition(entity, key, label, type_name, options)
-        if entity in cf.ENTITIES and entity != OPPORTUNITY_ENTITY:
-            errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
-        if errors:
-            raise ValidationFailed(errors)
-        t = r.custom_fields
-        where = (t.c.entity == entity, t.c.key == key)
-        async with self.uow.begin() as tx:
-            current = (await tx.conn.execute(select(t).where(*where).with_for_update())).mappings().first()
-            values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
-            if current is None:
-                if expected_version:
-                    raise NotFound("custom field", f"{entity}.{key}")
-                await tx.conn.execute(
-                    insert(t).values(entity=entity, key=key, created_at=self.clock(), version=1, **values)
-                )
-            else:
-                if expected_version and current["version"] != expected_version:
-                    raise StaleVersion("custom field", f"{entity}.{key}", current["version"])
-                await tx.conn.execute(update(t).where(*where).values(version=current["version"] + 1, **values))
-            return (await tx.conn.execute(select(t).where(*where))).mappings().one()
-
-    async def list_custom_fields(self, entity: str) -> list[RowMapping]:
-        if entity != OPPORTUNITY_ENTITY:
-            raise ValidationFailed([FieldError("entity", f"must be {OPPORTUNITY_ENTITY}")])
-        t = r.custom_fields
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key))).mappings())
-
-    async def delete_custom_field(self, entity: str, key: str) -> None:
-        t = r.custom_fields
-        async with self.uow.begin() as tx:
-            result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
-            if result.rowcount == 0:
-                raise NotFound("custom field", f"{entity}.{key}")
 
     # ------------------------------------------------------------ shared paging
 

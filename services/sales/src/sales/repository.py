@@ -10,6 +10,7 @@ from datetime import date
 from decimal import Decimal
 from typing import Any
 
+from crm_platform.custom_fields_service import definitions_table
 from crm_platform.db import insert_ignore
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, scope_clause
@@ -327,21 +328,8 @@ invoices = Table(
     Index("ix_invoices_status", "status"),
 )
 
-# Definitions of the custom fields of opportunities (validated with crm_platform.custom_fields).
-custom_fields = Table(
-    "custom_fields",
-    metadata,
-    Column("entity", String(32), nullable=False),
-    Column("key", String(64), nullable=False),
-    Column("label", _NAME, nullable=False),
-    Column("type", String(16), nullable=False),
-    Column("required", Boolean, nullable=False),
-    Column("options", _JSON, nullable=False),
-    Column("pii", Boolean, nullable=False),
-    Column("created_at", _TS, nullable=False),
-    Column("version", BigInteger, nullable=False),
-    PrimaryKeyConstraint("entity", "key"),
-)
+# Definitions of the custom fields of opportunities (served by crm_platform's CustomFieldServicer).
+custom_fields = definitions_table(metadata, "custom_fields")
 
 # Creating calls remember their idempotency key with what they created.
 idempotency_keys = Table(

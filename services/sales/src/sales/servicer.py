@@ -533,33 +533,3 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
 
     async def VoidInvoice(self, request: pb.VoidInvoiceRequest, context: Context) -> pb.VoidInvoiceResponse:
         return pb.VoidInvoiceResponse(invoice=await self.h.void_invoice(request.id, reason=request.reason))
-
-    # custom fields
-
-    async def UpsertCustomField(
-        self, request: pb.UpsertCustomFieldRequest, context: Context
-    ) -> pb.UpsertCustomFieldResponse:
-        definition = request.definition
-        row = await self.h.upsert_custom_field(
-            entity=definition.entity,
-            key=definition.key,
-            label=definition.label,
-            type_name=definition.type,
-            required=definition.required,
-            options=list(definition.options),
-            pii=definition.pii,
-            expected_version=request.expected_version,
-        )
-        return pb.UpsertCustomFieldResponse(definition=v.custom_field_proto(row))
-
-    async def ListCustomFields(
-        self, request: pb.ListCustomFieldsRequest, context: Context
-    ) -> pb.ListCustomFieldsResponse:
-        rows = await self.h.list_custom_fields(request.entity)
-        return pb.ListCustomFieldsResponse(items=[v.custom_field_proto(row) for row in rows])
-
-    async def DeleteCustomField(
-        self, request: pb.DeleteCustomFieldRequest, context: Context
-    ) -> pb.DeleteCustomFieldResponse:
-        await self.h.delete_custom_field(request.entity, request.key)
-        return pb.DeleteCustomFieldResponse()

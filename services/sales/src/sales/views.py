@@ -305,17 +305,3 @@ def invoice_proto(row: Row) -> sales_pb2.Invoice:
         void_reason=row["void_reason"],
         account_id=row["account_id"],
     )
-
-
-def custom_field_proto(row: Row) -> sales_pb2.CustomFieldDefinition:
-    return sales_pb2.CustomFieldDefinition(
-        entity=row["entity"],
-        key=row["key"],
-        label=row["label"],
-        type=row["type"],
-        required=row["required"],
-        options=list(row["options"]),
-        pii=row["pii"],
-        created_at=to_timestamp(row["created_at"]),
-        version=row["version"],
-    )

@@ -8,12 +8,14 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm.sales.v1 import events_pb2
+from crm_platform.custom_fields_service import CustomFieldServicer
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, StaleVersion, ValidationFailed
 from crm_platform.money import Money
 from sales import domain as d
-from sales.handlers import ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
-from sales.repository import metadata
+from sales.handlers import OPPORTUNITY_ENTITY, ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
+from sales.repository import custom_fields, metadata
 from sales.testing import Clock, as_user, make_handlers, migrated_engine
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -664,19 +666,18 @@ async def test_amounts_stay_exact_on_sqlite(tmp_path: Any) -> None:
 
 
 async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) -> None:
-    await sales.upsert_custom_field(
-        entity="opportunity", key="channel", label="Channel", type_name="enum", required=True,
-        options=["direct", "partner"], pii=False, expected_version=0,
-    )  # fmt: skip
-    await sales.upsert_custom_field(
-        entity="opportunity", key="budget", label="Budget", type_name="decimal", required=False,
-        options=[], pii=False, expected_version=0,
-    )  # fmt: skip
+    definitions = CustomFieldServicer(sales.engine, custom_fields, entities=(OPPORTUNITY_ENTITY,))
+
+    async def upsert(**fields: Any) -> None:
+        definition = cf_pb.CustomFieldDefinition(**fields)
+        await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
+
+    await upsert(
+        entity="opportunity", key="channel", label="Channel", type="enum", required=True, options=["direct", "partner"]
+    )
+    await upsert(entity="opportunity", key="budget", label="Budget", type="decimal")
     with pytest.raises(ValidationFailed) as wrong_entity:
-        await sales.upsert_custom_field(
-            entity="account", key="x", label="X", type_name="text", required=False, options=[], pii=False,
-            expected_version=0,
-        )  # fmt: skip
+        await upsert(entity="account", key="x", label="X", type="text")
     assert wrong_entity.value.errors[0].field == "entity"
     with as_user("rep1", "sales_rep"):
         with pytest.raises(ValidationFailed) as missing:
@@ -694,10 +695,12 @@ async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) 
         with pytest.raises(ValidationFailed):
             await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"channel": None}})
     assert dict(updated.custom) == {"channel": "partner", "budget": "99"}
-    assert [row["key"] for row in await sales.list_custom_fields("opportunity")] == ["budget", "channel"]
-    await sales.delete_custom_field("opportunity", "channel")
+    listed = await definitions.ListCustomFields(cf_pb.ListCustomFieldsRequest(entity="opportunity"), None)
+    assert [d.key for d in listed.items] == ["budget", "channel"]
+    channel = cf_pb.DeleteCustomFieldRequest(entity="opportunity", key="channel")
+    await definitions.DeleteCustomField(channel, None)
     with pytest.raises(NotFound):
-        await sales.delete_custom_field("opportunity", "channel")
+        await definitions.DeleteCustomField(channel, None)
 
 
 async def test_deals_rot_after_their_stage_rotting_days(sales: SalesHandlers, clock: Clock) -> None:

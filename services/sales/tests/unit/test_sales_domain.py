@@ -138,6 +138,44 @@ def test_amount_precision_and_sign_are_checked() -> None:
     assert d.check_amount(Decimal("0"), field_name="amount", allow_zero=False)
 
 
+@pytest.mark.parametrize("amount", ["1e30", "-1e30", "1e999999"])
+def test_huge_amounts_are_validation_errors_not_decimal_overflows(amount: str) -> None:
+    # Regression (fuzz): quantizing such a value overflowed the decimal context -> 500.
+    errors = d.check_amount(Decimal(amount), field_name="amount")
+    assert [e.field for e in errors] == ["amount"]
+
+
+def test_line_item_quantities_and_totals_stay_in_range() -> None:
+    # Regression (fuzz): a quantity of 1e30 made the line total overflow (decimal context, NUMERIC column).
+    items = [
+        d.LineItem("p1", "A", "L", Decimal("1e30"), cny("1")),
+        d.LineItem("p2", "B", "L", Decimal(1_000_000), cny("999999999999.99")),
+    ]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items(items)
+    assert [e.field for e in raised.value.errors] == ["line_items[0].quantity", "line_items[1].quantity"]
+    in_range_but_too_much = [d.LineItem(f"p{i}", "A", "L", Decimal(1), cny("999999999999.99")) for i in range(2)]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items(in_range_but_too_much)
+    assert [e.field for e in raised.value.errors] == ["line_items"]
+
+
+def test_stage_probability_and_rotting_days_are_bounded() -> None:
+    # Regression (fuzz): probability "1e30" overflowed quantize -> 500; rotting days beyond what a
+    # date can subtract broke every `rotting` query once such a pipeline existed.
+    stages = [
+        d.Stage("a", "A", Decimal("1e30"), rotting_days=d.MAX_ROTTING_DAYS + 1),
+        *d.DEFAULT_STAGES[-2:],
+    ]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_stages(stages)
+    assert {e.field: e.message for e in raised.value.errors} == {
+        "stages[0].probability": "must be between 0 and 100",
+        "stages[0].rotting_days": f"must be between 0 and {d.MAX_ROTTING_DAYS}",
+    }
+    d.validate_stages([d.Stage("a", "A", Decimal(10), rotting_days=d.MAX_ROTTING_DAYS), *d.DEFAULT_STAGES[-2:]])
+
+
 # ---------------------------------------------------------------- forecast
 
 

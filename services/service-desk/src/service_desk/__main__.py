@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import grpc
+from crm.common.v1 import custom_fields_pb2_grpc
 from crm.servicedesk.v1 import servicedesk_service_pb2, servicedesk_service_pb2_grpc
+from crm_platform import custom_fields_service
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
@@ -11,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service_desk.config import ServiceDeskSettings
 from service_desk.consumers import build_consumer
-from service_desk.handlers import Context
+from service_desk.handlers import TICKET_ENTITY, Context
 from service_desk.jobs import build_jobs
-from service_desk.repository import metadata
+from service_desk.repository import custom_fields, metadata
 from service_desk.servicer import ServiceDeskServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -31,13 +34,22 @@ def build_with_context(settings: ServiceDeskSettings, engine: AsyncEngine) -> tu
     uow = UnitOfWork(engine, metadata, source=f"/crm/{settings.service_name}")
     ctx = Context(uow=uow, return_visit_days=settings.return_visit_days, suggestions=settings.suggestions)
     servicer = ServiceDeskServicer(ctx)
+    # The clock through ctx: tests replace ctx.clock after building the app.
+    definitions = custom_fields_service.CustomFieldServicer(
+        engine, custom_fields, entities=(TICKET_ENTITY,), clock=lambda: ctx.clock()
+    )
+
+    def register(server: grpc.aio.Server) -> None:
+        servicedesk_service_pb2_grpc.add_ServiceDeskServiceServicer_to_server(servicer, server)
+        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(definitions, server)
+
     app = ServiceApp(
         settings=settings,
         engine=engine,
         metadata=metadata,
         uow=uow,
-        service_names=[SERVICE_NAME],
-        register=lambda server: servicedesk_service_pb2_grpc.add_ServiceDeskServiceServicer_to_server(servicer, server),
+        service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
+        register=register,
         topics=[TOPIC],
         consumers=[build_consumer(uow, settings.kafka, settings.service_name)],
         jobs=build_jobs(ctx, settings),

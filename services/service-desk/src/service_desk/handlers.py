@@ -8,6 +8,7 @@ from typing import Any
 
 from crm.servicedesk.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.ids import new_id
@@ -73,81 +74,15 @@ def _check_version(resource: str, row: Any, expected: int) -> None:
 TICKET_ENTITY = "ticket"
 
 
-async def _definitions(conn: AsyncConnection) -> list[cf.FieldDefinition]:
-    t = repo.custom_fields
-    rows = await conn.execute(select(t).where(t.c.entity == TICKET_ENTITY))
-    return [
-        cf.FieldDefinition(
-            entity=r.entity,
-            key=r.key,
-            label=r.label,
-            type=cf.FieldType(r.type),
-            required=r.required,
-            options=tuple(r.options),
-            pii=r.pii,
-            version=r.version,
-        )
-        for r in rows
-    ]
-
-
 async def _custom_values(
     conn: AsyncConnection, values: Mapping[str, Any], *, existing: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """Validated, canonical custom values; an update merges into the stored ones (null removes)."""
-    definitions = await _definitions(conn)
+    definitions = await load_definitions(conn, repo.custom_fields, TICKET_ENTITY)
     _fail(cf.validate(definitions, values, partial=existing is not None))
     merged = {key: value for key, value in (existing or {}).items() if key not in values}
     merged.update({key: value for key, value in cf.coerce(definitions, values).items() if value is not None})
     return merged
-
-
-async def upsert_custom_field(
-    ctx: Context,
-    *,
-    entity: str,
-    key: str,
-    label: str,
-    type_name: str,
-    required: bool,
-    options: list[str],
-    pii: bool,
-    expected_version: int,
-) -> Any:
-    errors = cf.check_definition(entity, key, label, type_name, options)
-    if entity in cf.ENTITIES and entity != TICKET_ENTITY:
-        errors.append(FieldError("entity", f"{entity} custom fields are owned by another service"))
-    _fail(errors)
-    t = repo.custom_fields
-    where = (t.c.entity == entity, t.c.key == key)
-    values = {"label": label.strip(), "type": type_name, "required": required, "options": options, "pii": pii}
-    async with ctx.uow.begin() as tx:
-        current = (await tx.conn.execute(select(t).where(*where).with_for_update())).first()
-        if current is None:
-            if expected_version:
-                raise NotFound("custom field", f"{entity}.{key}")
-            await tx.conn.execute(insert(t).values(entity=entity, key=key, created_at=ctx.clock(), version=1, **values))
-        else:
-            if expected_version and current.version != expected_version:
-                raise StaleVersion("custom field", f"{entity}.{key}", current.version)
-            await tx.conn.execute(update(t).where(*where).values(version=current.version + 1, **values))
-        return (await tx.conn.execute(select(t).where(*where))).one()
-
-
-async def list_custom_fields(ctx: Context, entity: str) -> list[Any]:
-    if entity != TICKET_ENTITY:
-        raise ValidationFailed([FieldError("entity", f"must be {TICKET_ENTITY}")])
-    t = repo.custom_fields
-    async with ctx.uow.engine.connect() as conn:
-        return list(await conn.execute(select(t).where(t.c.entity == entity).order_by(t.c.key)))
-
-
-async def delete_custom_field(ctx: Context, entity: str, key: str) -> None:
-    t = repo.custom_fields
-    async with ctx.uow.begin() as tx:
-        result = await tx.conn.execute(delete(t).where(t.c.entity == entity, t.c.key == key))
-        if result.rowcount == 0:
-            raise NotFound("custom field", f"{entity}.{key}")
 
 
 # --- tickets ---------------------------------------------------------------------------------------

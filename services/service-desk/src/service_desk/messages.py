@@ -32,22 +32,6 @@ def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
     return message
 
 
-def definition_to_proto(row: Any) -> sd.CustomFieldDefinition:
-    r = _values(row)
-    message = sd.CustomFieldDefinition(
-        entity=r["entity"],
-        key=r["key"],
-        label=r["label"],
-        type=r["type"],
-        required=r["required"],
-        options=list(r["options"] or []),
-        pii=r["pii"],
-        version=r["version"],
-    )
-    _times(message, r, "created_at")
-    return message
-
-
 def ticket_to_proto(row: Any) -> sd.Ticket:
     r = _values(row)
     message = sd.Ticket(

@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from crm_platform.custom_fields_service import definitions_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
 from crm_platform.principal import RecordScope, scope_clause
@@ -224,20 +225,8 @@ idempotency_keys = Table(
     PrimaryKeyConstraint("operation", "principal_id", "key"),
 )
 
-custom_fields = Table(
-    "custom_fields",
-    metadata,
-    Column("entity", String(20), nullable=False),
-    Column("key", String(63), nullable=False),
-    Column("label", String(200), nullable=False),
-    Column("type", String(20), nullable=False),
-    Column("required", Boolean, nullable=False),
-    Column("options", JSON, nullable=False),
-    Column("pii", Boolean, nullable=False),
-    Column("created_at", TS, nullable=False),
-    Column("version", BigInteger, nullable=False),
-    PrimaryKeyConstraint("entity", "key"),
-)
+# Definitions of the custom fields of tickets (served by crm_platform's CustomFieldServicer).
+custom_fields = definitions_table(metadata, "custom_fields")
 
 # PostgreSQL only: the stored, GIN-indexed tsvector column (ranking reads it instead of re-parsing bodies).
 KB_DOCUMENT_SQL = "to_tsvector('simple', coalesce(title, '') || ' ' || coalesce(body, ''))"

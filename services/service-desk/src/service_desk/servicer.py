@@ -16,7 +16,6 @@ from service_desk.messages import (
     article_to_proto,
     comment_to_proto,
     csat_to_proto,
-    definition_to_proto,
     return_visit_to_proto,
     sla_policy_to_proto,
     ticket_to_proto,
@@ -272,32 +271,3 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
     ) -> pb.SuggestKbArticlesResponse:
         rows = await handlers.suggest_articles(self.ctx, request.ticket_id, request.limit)
         return pb.SuggestKbArticlesResponse(items=[article_to_proto(r) for r in rows])
-
-    # custom fields of tickets
-
-    async def UpsertCustomField(
-        self, request: pb.UpsertCustomFieldRequest, context: Ctx
-    ) -> pb.UpsertCustomFieldResponse:
-        d = request.definition
-        row = await handlers.upsert_custom_field(
-            self.ctx,
-            entity=d.entity,
-            key=d.key,
-            label=d.label,
-            type_name=d.type,
-            required=d.required,
-            options=list(d.options),
-            pii=d.pii,
-            expected_version=request.expected_version,
-        )
-        return pb.UpsertCustomFieldResponse(definition=definition_to_proto(row))
-
-    async def ListCustomFields(self, request: pb.ListCustomFieldsRequest, context: Ctx) -> pb.ListCustomFieldsResponse:
-        rows = await handlers.list_custom_fields(self.ctx, request.entity)
-        return pb.ListCustomFieldsResponse(items=[definition_to_proto(r) for r in rows])
-
-    async def DeleteCustomField(
-        self, request: pb.DeleteCustomFieldRequest, context: Ctx
-    ) -> pb.DeleteCustomFieldResponse:
-        await handlers.delete_custom_field(self.ctx, request.entity, request.key)
-        return pb.DeleteCustomFieldResponse()

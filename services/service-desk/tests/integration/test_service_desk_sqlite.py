@@ -5,9 +5,12 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
+from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm_platform import migrations
+from crm_platform.custom_fields_service import CustomFieldServicer
 from crm_platform.db import create_engine
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, ValidationFailed
 from crm_platform.outbox import Transaction, UnitOfWork
@@ -15,8 +18,8 @@ from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, 
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk.__main__ import MIGRATIONS
-from service_desk.handlers import Context, Page
-from service_desk.repository import TicketFilter, metadata
+from service_desk.handlers import TICKET_ENTITY, Context, Page
+from service_desk.repository import TicketFilter, custom_fields, metadata
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
@@ -134,20 +137,17 @@ async def test_tier_projection_update_raises_the_priority(ctx: Context) -> None:
 
 
 async def test_ticket_custom_fields_validated_and_merged(ctx: Context) -> None:
+    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, entities=(TICKET_ENTITY,))
+
+    async def upsert(**fields: Any) -> None:
+        definition = cf_pb.CustomFieldDefinition(**fields)
+        await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
+
     with acting_as(SYSTEM, ALL_RECORDS):
-        await handlers.upsert_custom_field(
-            ctx, entity="ticket", key="serial_no", label="Serial", type_name="text", required=True, options=[],
-            pii=False, expected_version=0,
-        )  # fmt: skip
-        await handlers.upsert_custom_field(
-            ctx, entity="ticket", key="severity", label="Severity", type_name="enum", required=False,
-            options=["minor", "major"], pii=False, expected_version=0,
-        )  # fmt: skip
+        await upsert(entity="ticket", key="serial_no", label="Serial", type="text", required=True)
+        await upsert(entity="ticket", key="severity", label="Severity", type="enum", options=["minor", "major"])
         with pytest.raises(ValidationFailed) as caught:
-            await handlers.upsert_custom_field(
-                ctx, entity="account", key="x", label="X", type_name="text", required=False, options=[], pii=False,
-                expected_version=0,
-            )  # fmt: skip
+            await upsert(entity="account", key="x", label="X", type="text")
         assert caught.value.errors[0].field == "entity"
         with pytest.raises(ValidationFailed) as caught:
             await handlers.create_ticket(ctx, {"subject": "s", "channel": "web"}, idempotency_key="")
@@ -164,10 +164,12 @@ async def test_ticket_custom_fields_validated_and_merged(ctx: Context) -> None:
         )  # fmt: skip
         updated = await handlers.update_ticket(ctx, ticket["id"], {"custom": {"severity": "major"}}, expected_version=1)
         assert updated["custom"] == {"serial_no": "A1", "severity": "major"} and updated["version"] == 2
-        assert [d.key for d in await handlers.list_custom_fields(ctx, "ticket")] == ["serial_no", "severity"]
-        await handlers.delete_custom_field(ctx, "ticket", "severity")
+        listed = await definitions.ListCustomFields(cf_pb.ListCustomFieldsRequest(entity="ticket"), None)
+        assert [d.key for d in listed.items] == ["serial_no", "severity"]
+        severity = cf_pb.DeleteCustomFieldRequest(entity="ticket", key="severity")
+        await definitions.DeleteCustomField(severity, None)
         with pytest.raises(NotFound):
-            await handlers.delete_custom_field(ctx, "ticket", "severity")
+            await definitions.DeleteCustomField(severity, None)
 
 
 async def test_waiting_for_the_customer_pauses_the_resolution_clock(ctx: Context) -> None:

@@ -1,9 +1,8 @@
 """Accounts context over REST: accounts, contacts, the public pool, transfer, merge, activities,
-tasks, reminder rules, segments, custom field definitions (routed to the owning service) and the
-composed 360° view. Permissions come only from `require(...)`/`Access` (gateway.security)."""
+tasks, reminder rules, segments and the composed 360° view (custom field definitions: routers/
+custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.security)."""
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -22,11 +21,12 @@ from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from google.protobuf import descriptor_pool, field_mask_pb2, json_format, message_factory
+from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field, field_validator
 
 from gateway.errors import http_status_of
+from gateway.routers.custom_fields import pii_keys
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.security import Access, require
@@ -39,16 +39,6 @@ router = APIRouter(tags=["accounts"])
 
 # Parts of the 360° view read at most this many records each.
 VIEW_LIMIT = 20
-# Custom field definitions change rarely; the pii flags are cached this long per entity.
-DEFINITIONS_TTL_SECONDS = 10.0
-# Which service owns the custom fields of each entity (SPEC §5).
-CUSTOM_FIELD_OWNERS = {
-    "account": ("accounts", "crm.accounts.v1.AccountsService"),
-    "contact": ("accounts", "crm.accounts.v1.AccountsService"),
-    "lead": ("leads", "crm.leads.v1.LeadsService"),
-    "opportunity": ("sales", "crm.sales.v1.SalesService"),
-    "ticket": ("service_desk", "crm.servicedesk.v1.ServiceDeskService"),
-}
 
 
 # --- request models ----------------------------------------------------------------------------------
@@ -162,9 +152,9 @@ class TaskCreate(TaskIn):
 class ReminderRuleIn(BaseModel):
     name: str = Field(min_length=1)
     tiers: list[str] = Field(default_factory=list)
-    inactive_days: int = Field(ge=1)
+    inactive_days: int = Field(ge=1, le=3650)
     task_title: str = ""
-    due_in_hours: int = Field(default=24, ge=0)
+    due_in_hours: int = Field(default=24, ge=0, le=8760)
     enabled: bool = True
 
 
@@ -173,15 +163,6 @@ class SegmentIn(BaseModel):
     entity: Literal["account"] = "account"
     filters: dict[str, str | list[str]] = Field(default_factory=dict)
     shared_with_team: bool = False
-
-
-class CustomFieldIn(BaseModel):
-    key: str
-    label: str
-    type: str
-    required: bool = False
-    options: list[str] = Field(default_factory=list)
-    pii: bool = False
 
 
 # --- response models (every field but the id is optional: hidden fields are left out) -------------------
@@ -281,18 +262,6 @@ class SegmentOut(BaseModel):
     created_at: str | None = None
 
 
-class CustomFieldOut(BaseModel):
-    entity: str
-    key: str
-    label: str | None = None
-    type: str | None = None
-    required: bool | None = None
-    options: list[str] | None = None
-    pii: bool | None = None
-    created_at: str | None = None
-    version: int | None = None
-
-
 class ReminderRuleOut(BaseModel):
     id: str
     name: str
@@ -326,11 +295,6 @@ class TaskPage(BaseModel):
 
 class SegmentPage(BaseModel):
     items: list[SegmentOut]
-    next_cursor: str | None
-
-
-class CustomFieldPage(BaseModel):
-    items: list[CustomFieldOut]
     next_cursor: str | None
 
 
@@ -498,20 +462,6 @@ def segment_dict(s: accounts_pb2.Segment) -> dict[str, Any]:
     }
 
 
-def definition_dict(d: accounts_pb2.CustomFieldDefinition) -> dict[str, Any]:
-    return {
-        "entity": d.entity,
-        "key": d.key,
-        "label": d.label,
-        "type": d.type,
-        "required": d.required,
-        "options": list(d.options),
-        "pii": d.pii,
-        "created_at": _time(d, "created_at"),
-        "version": d.version,
-    }
-
-
 def _page(limit: int | None, cursor: str | None, sort: str | None, access: Access) -> common_pb2.PageRequest:
     if sort:
         access.check_filter([sort])
@@ -593,21 +543,6 @@ def _task_input(values: dict[str, Any]) -> pb.TaskInput:
     return message
 
 
-_definitions_cache: dict[str, tuple[float, frozenset[str]]] = {}
-
-
-async def _pii_keys(request: Request, access: Access, entity: str) -> frozenset[str]:
-    cached = _definitions_cache.get(entity)
-    if cached and time.monotonic() - cached[0] < DEFINITIONS_TTL_SECONDS:
-        return cached[1]
-    reply = await _stub(request).ListCustomFields(
-        pb.ListCustomFieldsRequest(entity=entity), metadata=access.grpc_metadata()
-    )
-    keys = frozenset(d.key for d in reply.items if d.pii)
-    _definitions_cache[entity] = (time.monotonic(), keys)
-    return keys
-
-
 def _masks_pii(access: Access) -> bool:
     """A caller who sees any declared pii field of the resource masked (or hidden) sees custom
     pii fields masked too: the same rule as phone and email."""
@@ -618,7 +553,7 @@ def _masks_pii(access: Access) -> bool:
 
 
 async def _presenter(request: Request, access: Access, entity: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    pii = await _pii_keys(request, access, entity) if _masks_pii(access) else frozenset()
+    pii = await pii_keys(request, access, entity) if _masks_pii(access) else frozenset()
 
     def present(record: dict[str, Any]) -> dict[str, Any]:
         if pii and isinstance(record.get("custom"), dict):
@@ -641,7 +576,7 @@ async def _custom_filters(request: Request, access: Access, entity: str) -> list
     ]
     access.check_filter(f"custom.{f.key}" for f in filters)
     if filters and _masks_pii(access):
-        pii = await _pii_keys(request, access, entity)
+        pii = await pii_keys(request, access, entity)
         for f in filters:
             if f.key in pii:
                 raise forbidden(
@@ -1358,127 +1293,6 @@ async def delete_segment(
 ) -> Response:
     await _stub(request).DeleteSegment(pb.DeleteSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata())
     await access.audit_write(segment_id, {"id": segment_id}, None)
-    return Response(status_code=204)
-
-
-# --- custom field definitions (routed to the entity's owning service) ---------------------------------------
-
-EntityName = Literal["lead", "account", "contact", "opportunity", "ticket"]
-
-
-async def _call_owner(request: Request, access: Access, entity: str, method: str, message: Message) -> Any:
-    """Calls `method` on the service owning `entity`'s custom fields. Services expose the same
-    three RPCs (UpsertCustomField, ListCustomFields, DeleteCustomField) with the accounts messages."""
-    upstream, service_name = CUSTOM_FIELD_OWNERS[entity]
-    if upstream == "accounts":
-        return await getattr(_stub(request), method)(message, metadata=access.grpc_metadata())
-    pool = descriptor_pool.Default()
-    try:
-        service = pool.FindServiceByName(service_name)
-        rpc = service.methods_by_name[method]
-    except KeyError:
-        return _unavailable(f"the {upstream} service does not serve {entity} custom fields yet")
-    try:
-        channel = _upstreams(request).channel(upstream)
-    except UpstreamNotConfigured as error:
-        return _unavailable(str(error))
-    response_type = message_factory.GetMessageClass(rpc.output_type)
-    call = channel.unary_unary(
-        f"/{service_name}/{method}",
-        request_serializer=lambda m: m.SerializeToString(),
-        response_deserializer=response_type.FromString,
-    )
-    request_type = message_factory.GetMessageClass(rpc.input_type)
-    return await call(request_type.FromString(message.SerializeToString()), metadata=access.grpc_metadata())
-
-
-def _unavailable(detail: str) -> JSONResponse:
-    return JSONResponse(
-        {
-            "type": "https://crm.example/problems/service-unavailable",
-            "title": "Service Unavailable",
-            "status": 503,
-            "detail": detail,
-        },
-        status_code=503,
-        headers={"Retry-After": "5"},
-        media_type="application/problem+json",
-    )
-
-
-@router.get("/custom-fields/{entity}", response_model=CustomFieldPage, response_model_exclude_unset=True)
-async def list_custom_fields(
-    entity: EntityName, request: Request, access: Annotated[Access, Depends(require("custom_fields", "read"))]
-) -> Any:
-    reply = await _call_owner(request, access, entity, "ListCustomFields", pb.ListCustomFieldsRequest(entity=entity))
-    if isinstance(reply, JSONResponse):
-        return reply
-    return _list_body(access.present_many(definition_dict(d) for d in reply.items), "")
-
-
-async def _upsert(entity: str, key: str, body: CustomFieldIn, request: Request, access: Access, version: int) -> Any:
-    definition = accounts_pb2.CustomFieldDefinition(
-        entity=entity,
-        key=key,
-        label=body.label,
-        type=body.type,
-        required=body.required,
-        options=body.options,
-        pii=body.pii,
-    )
-    reply = await _call_owner(
-        request,
-        access,
-        entity,
-        "UpsertCustomField",
-        pb.UpsertCustomFieldRequest(definition=definition, expected_version=version),
-    )
-    if isinstance(reply, JSONResponse):
-        return reply
-    _definitions_cache.pop(entity, None)
-    record = definition_dict(reply.definition)
-    await access.audit_write(f"{entity}.{key}", None, record, action="upsert")
-    return access.present(record)
-
-
-@router.post(
-    "/custom-fields/{entity}", status_code=201, response_model=CustomFieldOut, response_model_exclude_unset=True
-)
-async def create_custom_field(
-    entity: EntityName,
-    body: CustomFieldIn,
-    request: Request,
-    access: Annotated[Access, Depends(require("custom_fields", "create"))],
-) -> Any:
-    return await _upsert(entity, body.key, body, request, access, 0)
-
-
-@router.put("/custom-fields/{entity}/{key}", response_model=CustomFieldOut, response_model_exclude_unset=True)
-async def update_custom_field(
-    entity: EntityName,
-    key: str,
-    body: CustomFieldIn,
-    request: Request,
-    access: Annotated[Access, Depends(require("custom_fields", "update"))],
-    if_match: IfMatch = None,
-) -> Any:
-    return await _upsert(entity, key, body, request, access, _expected_version(if_match))
-
-
-@router.delete("/custom-fields/{entity}/{key}", status_code=204)
-async def delete_custom_field(
-    entity: EntityName,
-    key: str,
-    request: Request,
-    access: Annotated[Access, Depends(require("custom_fields", "delete"))],
-) -> Response:
-    reply = await _call_owner(
-        request, access, entity, "DeleteCustomField", pb.DeleteCustomFieldRequest(entity=entity, key=key)
-    )
-    if isinstance(reply, JSONResponse):
-        return reply
-    _definitions_cache.pop(entity, None)
-    await access.audit_write(f"{entity}.{key}", {"key": key}, None)
     return Response(status_code=204)
 
 

@@ -7,7 +7,6 @@ The public web form intake is authenticated by its form key and rate limited by 
 """
 
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
@@ -23,6 +22,8 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
+from gateway.routers.custom_fields import pii_keys
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
@@ -51,12 +52,12 @@ def _stub(request: Request) -> LeadsServiceStub:
 
 
 def _valid_text(value: Any, path: str) -> None:
-    """Text must be encodable UTF-8 (JSON allows lone surrogates; protobuf strings do not)."""
+    """Text must be storable: valid UTF-8 (JSON allows lone surrogates; protobuf strings do not)
+    without NUL characters (PostgreSQL text cannot hold them)."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{path or 'value'}: is not valid UTF-8 text") from None
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(f"{path or 'value'}: {problem}")
     elif isinstance(value, dict):
         for key, item in value.items():
             _valid_text(key, path)
@@ -161,8 +162,8 @@ class ScoringRuleIn(In):
     operator: str = ""
     value: str = ""
     activity_kind: str = ""
-    min_count: int = 0
-    points: int
+    min_count: int = Field(default=0, ge=0, le=INT32_MAX)
+    points: int = Field(ge=-100, le=100)
     enabled: bool = True
 
 
@@ -174,17 +175,17 @@ class ThresholdsIn(In):
 
 class AssignmentRuleIn(In):
     name: str = Field(min_length=1, max_length=200)
-    position: int = 0
+    position: int = Field(default=0, ge=INT32_MIN, le=INT32_MAX)
     enabled: bool = True
     regions: list[str] = []
     industries: list[str] = []
     sources: list[str] = []
-    min_score: int = 0
-    max_score: int = 0
+    min_score: int = Field(default=0, ge=0, le=100)
+    max_score: int = Field(default=0, ge=0, le=100, description="0: no upper bound")
     team: str = ""
     user_ids: list[str]
     strategy: str = "round_robin"
-    capacity: int = 0
+    capacity: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
 class CampaignIn(In):
@@ -281,11 +282,6 @@ def campaign_json(campaign: leads_pb2.Campaign) -> dict[str, Any]:
     return body
 
 
-# Custom field definitions change rarely: the pii keys are cached this long.
-PII_TTL_SECONDS = 10.0
-_pii_cache: dict[str, tuple[float, frozenset[str]]] = {}
-
-
 def _masks_pii(access: Access) -> bool:
     """Callers who see phone or email masked see custom pii fields masked too."""
     return any(
@@ -294,21 +290,9 @@ def _masks_pii(access: Access) -> bool:
     )
 
 
-async def _pii_custom_keys(request: Request, access: Access) -> frozenset[str]:
-    cached = _pii_cache.get("lead")
-    if cached and time.monotonic() - cached[0] < PII_TTL_SECONDS:
-        return cached[1]
-    reply = await _stub(request).ListCustomFields(
-        pb.ListCustomFieldsRequest(entity="lead"), metadata=access.grpc_metadata()
-    )
-    keys = frozenset(d.key for d in reply.items if d.pii)
-    _pii_cache["lead"] = (time.monotonic(), keys)
-    return keys
-
-
 async def _present_many(request: Request, access: Access, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`access.present`, with custom fields defined as pii masked like phone and email."""
-    pii = await _pii_custom_keys(request, access) if _masks_pii(access) else frozenset()
+    pii = await pii_keys(request, access, "lead") if _masks_pii(access) else frozenset()
     shown = []
     for record in records:
         custom = record.get("custom")
@@ -484,7 +468,9 @@ async def import_leads(
     campaign_id: str = "",
     assign: bool = False,
     report_accepted: bool = False,
-    part: Annotated[int, Query(ge=0, description="1, 2, ... for a file sent in parts; 0: the whole file")] = 0,
+    part: Annotated[
+        int, Query(ge=0, le=INT32_MAX, description="1, 2, ... for a file sent in parts; 0: the whole file")
+    ] = 0,
     final: bool = False,
 ) -> dict[str, Any]:
     """Bulk import of CSV, a JSON array or JSON Lines, streamed to the service.

@@ -80,7 +80,7 @@ class StageBody(BaseModel):
     name: str
     probability: str
     required_fields: list[str] = Field(default_factory=list)
-    rotting_days: int = Field(default=0, ge=0)
+    rotting_days: int = Field(default=0, ge=0, le=3650)
     outcome: Literal["open", "won", "lost"] = "open"
 
 

@@ -1,0 +1,161 @@
+"""Input the services cannot take is a 422 naming the field, never a 500 (SPEC §3).
+
+Regressions found by the fuzz test (test_fuzz.py): integers wider than the protobuf int32 the
+gateway forwards them as, and text holding NUL characters, which PostgreSQL cannot store or
+compare. The real app runs without upstreams: a request that gets past the gateway's validation
+answers 503 (no service configured), one that does not answers 422."""
+
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_text
+from gateway.token_cli import issue_dev_token
+
+pytestmark = pytest.mark.integration
+
+SECRET = "input-validation-secret-" + "v" * 30
+STAGES = [
+    {"key": "a", "name": "A", "probability": "10"},
+    {"key": "w", "name": "W", "probability": "100", "outcome": "won"},
+    {"key": "l", "name": "L", "probability": "0", "outcome": "lost"},
+]
+
+
+@pytest.fixture
+async def client(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[httpx.AsyncClient]:
+    database = tmp_path / "gateway.db"
+    shutil.copyfile(migrated_sqlite, database)
+    settings = Settings(
+        dev_mode=True,
+        dev_jwt_secret=SECRET,
+        database_url=f"sqlite+aiosqlite:///{database}",
+        leads_target="",
+        accounts_target="",
+        sales_target="",
+        service_desk_target="",
+        analytics_target="",
+        rate_limit_per_second=10_000.0,
+        rate_limit_burst=100_000,
+        audit_relay_enabled=False,
+    )
+    app: FastAPI = create_app(settings)
+    await app.state.security.start(migrate=False, relay=False)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=_auth("admin")) as http:
+        yield http
+    await app.state.upstreams.close()
+    await app.state.security.stop()
+
+
+def _auth(role: str) -> dict[str, str]:
+    token = issue_dev_token(secret=SECRET, sub="u-input", roles=[role], team="team-a", region="north")
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _fields(response: httpx.Response) -> list[str]:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    return [error["field"] for error in response.json()["errors"]]
+
+
+# Integers beyond int32 failed to build the upstream request (ValueError -> 500).
+OUT_OF_RANGE = [
+    ("POST", "/api/v1/reminder-rules", {"name": "r", "inactive_days": 2_575_137_457}, "inactive_days"),
+    (
+        "POST",
+        "/api/v1/reminder-rules",
+        {"name": "r", "inactive_days": 3, "due_in_hours": 429_080_382_574},
+        "due_in_hours",
+    ),
+    (
+        "POST",
+        "/api/v1/pipelines",
+        {"name": "p", "stages": [{**STAGES[0], "rotting_days": 100_000_000_000}, *STAGES[1:]]},
+        "stages.0.rotting_days",
+    ),
+    ("POST", "/api/v1/leads/import?part=310583695289489856", None, "part"),
+    ("PUT", "/api/v1/lead-scoring-rules/%C2%87", {"name": "a", "points": 9_226_973_012_463_422}, "points"),
+    ("POST", "/api/v1/lead-scoring-rules", {"name": "a", "points": 1, "min_count": INT32_MAX + 1}, "min_count"),
+    ("POST", "/api/v1/lead-assignment-rules", {"name": "a", "user_ids": ["u"], "position": 7_576_044_293}, "position"),
+    ("PUT", "/api/v1/lead-assignment-rules/0", {"name": "a", "user_ids": ["u"], "min_score": 134_217_728}, "min_score"),
+    ("PUT", "/api/v1/lead-assignment-rules/x", {"name": "a", "user_ids": ["u"], "capacity": -20_213_561}, "capacity"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), OUT_OF_RANGE)
+async def test_out_of_range_integers_are_422_naming_the_field(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, field: str
+) -> None:
+    assert _fields(await client.request(method, path, json=body)) == [field]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/api/v1/lead-assignment-rules", {"name": "a", "user_ids": ["u"], "position": INT32_MIN}),
+        ("POST", "/api/v1/lead-assignment-rules", {"name": "a", "user_ids": ["u"], "capacity": INT32_MAX}),
+        ("POST", "/api/v1/reminder-rules", {"name": "r", "inactive_days": 3650, "due_in_hours": 8760}),
+        ("POST", "/api/v1/pipelines", {"name": "p", "stages": [{**STAGES[0], "rotting_days": 3650}, *STAGES[1:]]}),
+    ],
+)
+async def test_the_widest_accepted_values_reach_the_service(
+    client: httpx.AsyncClient, method: str, path: str, body: Any
+) -> None:
+    assert (await client.request(method, path, json=body)).status_code == 503  # the missing upstream
+
+
+# Text with NUL characters reached PostgreSQL (-> INTERNAL -> 500), in any service.
+UNSTORABLE = [
+    ("GET", "/api/v1/forecast/win-statistics?to=0492-03-03&team=r%00%C3%A9", None, ["team"]),
+    ("GET", "/api/v1/accounts?region=x&region=b%00", None, ["region"]),
+    ("GET", "/api/v1/accounts/a%00b", None, ["account_id"]),
+    ("POST", "/api/v1/reminder-rules", {"name": "n\x00", "inactive_days": 3}, ["name"]),
+    (
+        "POST",
+        "/api/v1/pipelines",
+        {"name": "p", "stages": [STAGES[0], {**STAGES[1], "name": "\x00"}, STAGES[2]]},
+        ["stages.1.name"],
+    ),
+    ("POST", "/api/v1/opportunities/import", {"pipeline_id": "a\x00", "rows": []}, ["pipeline_id"]),
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"k\x00": "v", "note": "\ud800"}}, ["custom", "custom.note"]),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "fields"), UNSTORABLE)
+async def test_unstorable_text_is_422_naming_the_field(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, fields: list[str]
+) -> None:
+    # Encoded here: httpx cannot encode a lone surrogate, JSON escapes it (`"\\ud800"`).
+    content = json.dumps(body) if body is not None else None
+    response = await client.request(method, path, content=content, headers={"Content-Type": "application/json"})
+    assert _fields(response) == fields
+
+
+async def test_security_answers_before_text_validation(client: httpx.AsyncClient) -> None:
+    body = {"name": "n\x00", "inactive_days": 3}
+    unauthenticated = await client.post("/api/v1/reminder-rules", json=body, headers={"Authorization": ""})
+    assert unauthenticated.status_code == 401
+    forbidden = await client.post("/api/v1/reminder-rules", json=body, headers=_auth("sales_rep"))
+    assert forbidden.status_code == 403
+
+
+async def test_the_public_webform_intake_refuses_nul_characters(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/v1/webforms/abcdefgh123/submissions", json={"name": "x\x00"})
+    assert response.status_code == 422 and "NUL" in response.text
+
+
+def test_unstorable_text_walks_keys_values_and_lists() -> None:
+    found = list(unstorable_text({"a": ["ok", "b\x00"], "c\x00": "x", "d": {"e": "\udc00"}, "n": 1}, ("body",)))
+    assert found == [
+        (("body", "a", 1), "must not contain NUL characters"),
+        (("body",), "has a key that must not contain NUL characters"),
+        (("body", "d", "e"), "is not valid UTF-8 text"),
+    ]
