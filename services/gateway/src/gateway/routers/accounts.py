@@ -5,7 +5,7 @@ custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.s
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -23,8 +23,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
+from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.routers.custom_fields import pii_keys
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
@@ -42,24 +43,6 @@ VIEW_LIMIT = 20
 
 
 # --- request models ----------------------------------------------------------------------------------
-
-
-class MoneyIn(BaseModel):
-    amount: str = Field(description='decimal string, e.g. "12500.00"')
-    currency: str = Field(min_length=3, max_length=3)
-
-    @field_validator("amount")
-    @classmethod
-    def _decimal(cls, value: str) -> str:
-        try:
-            if not Decimal(value).is_finite():
-                raise ValueError("must be finite")
-        except InvalidOperation:
-            raise ValueError("must be a decimal string") from None
-        return value
-
-    def proto(self) -> common_pb2.Money:
-        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
 
 
 class AccountIn(BaseModel):
@@ -472,21 +455,6 @@ def _list_body(items: list[dict[str, Any]], next_cursor: str) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor or None}
 
 
-def _expected_version(if_match: str | None) -> int:
-    if not if_match:
-        return 0
-    text = if_match.strip().removeprefix("W/").strip('"')
-    try:
-        return int(text)
-    except ValueError:
-        return -1  # never matches: a malformed If-Match is a stale one (412)
-
-
-def _with_etag(body: dict[str, Any], response: Response) -> dict[str, Any]:
-    response.headers["ETag"] = f'"{body.get("version", 0)}"'
-    return body
-
-
 def _mask_paths(values: dict[str, Any]) -> list[str]:
     paths: list[str] = []
     for key, value in values.items():
@@ -620,7 +588,7 @@ async def create_account(
     record = account_dict(reply.account)
     await access.audit_write(record["id"], None, record)
     present = await _presenter(request, access, "account")
-    return _with_etag(present(record), response)
+    return with_etag(response, present(record))
 
 
 @router.get("/accounts", response_model=AccountPage, response_model_exclude_unset=True)
@@ -707,7 +675,7 @@ async def get_account(account_id: str, request: Request, response: Response, acc
             headers={"Location": f"{request.scope.get('root_path', '')}/api/v1/accounts/{survivor}"},
         )
     present = await _presenter(request, access, "account")
-    return _with_etag(present(account_dict(reply.account)), response)
+    return with_etag(response, present(account_dict(reply.account)))
 
 
 @router.patch("/accounts/{account_id}", response_model=AccountOut, response_model_exclude_unset=True)
@@ -728,14 +696,14 @@ async def update_account(
             account_id=account_id,
             account=_account_input(values),
             update_mask=field_mask_pb2.FieldMask(paths=_mask_paths(values)),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
     await access.audit_write(account_id, account_dict(before.account), record)
     present = await _presenter(request, access, "account")
-    return _with_etag(present(record), response)
+    return with_etag(response, present(record))
 
 
 @router.delete("/accounts/{account_id}", status_code=204)
@@ -743,7 +711,7 @@ async def delete_account(
     account_id: str, request: Request, access: AccountsDelete, if_match: IfMatch = None
 ) -> Response:
     await _stub(request).DeleteAccount(
-        pb.DeleteAccountRequest(account_id=account_id, expected_version=_expected_version(if_match)),
+        pb.DeleteAccountRequest(account_id=account_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     await access.audit_write(account_id, {"id": account_id}, None)
@@ -827,7 +795,7 @@ async def release_account(
 ) -> dict[str, Any]:
     reply = await _stub(request).ReleaseAccount(
         pb.ReleaseAccountRequest(
-            account_id=account_id, reason=body.reason if body else "", expected_version=_expected_version(if_match)
+            account_id=account_id, reason=body.reason if body else "", expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
@@ -847,7 +815,7 @@ async def transfer_account(
             new_owner_id=body.new_owner_id,
             new_team=body.new_team,
             reason=body.reason,
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
@@ -904,7 +872,7 @@ async def _create_contact(
     record = contact_dict(reply.contact)
     await access.audit_write(record["id"], None, record)
     present = await _presenter(request, access, "contact")
-    return _with_etag(present(record), response)
+    return with_etag(response, present(record))
 
 
 @router.post("/contacts", status_code=201, response_model=ContactOut, response_model_exclude_unset=True)
@@ -1022,7 +990,7 @@ async def get_contact(contact_id: str, request: Request, response: Response, acc
         pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata()
     )
     present = await _presenter(request, access, "contact")
-    return _with_etag(present(contact_dict(reply.contact)), response)
+    return with_etag(response, present(contact_dict(reply.contact)))
 
 
 @router.patch("/contacts/{contact_id}", response_model=ContactOut, response_model_exclude_unset=True)
@@ -1043,14 +1011,14 @@ async def update_contact(
             contact_id=contact_id,
             contact=_contact_input(values),
             update_mask=field_mask_pb2.FieldMask(paths=_mask_paths(values)),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     record = contact_dict(reply.contact)
     await access.audit_write(contact_id, contact_dict(before.contact), record)
     present = await _presenter(request, access, "contact")
-    return _with_etag(present(record), response)
+    return with_etag(response, present(record))
 
 
 @router.delete("/contacts/{contact_id}", status_code=204)
@@ -1058,7 +1026,7 @@ async def delete_contact(
     contact_id: str, request: Request, access: ContactsDelete, if_match: IfMatch = None
 ) -> Response:
     await _stub(request).DeleteContact(
-        pb.DeleteContactRequest(contact_id=contact_id, expected_version=_expected_version(if_match)),
+        pb.DeleteContactRequest(contact_id=contact_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     await access.audit_write(contact_id, {"id": contact_id}, None)
@@ -1158,7 +1126,7 @@ async def create_task(
     )
     record = task_dict(reply.task)
     await access.audit_write(record["id"], None, record)
-    return _with_etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.patch("/tasks/{task_id}", response_model=TaskOut, response_model_exclude_unset=True)
@@ -1173,13 +1141,13 @@ async def update_task(
             task_id=task_id,
             task=_task_input(values),
             update_mask=field_mask_pb2.FieldMask(paths=paths),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     record = task_dict(reply.task)
     await access.audit_write(task_id, None, record, action="update")
-    return _with_etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/tasks/{task_id}/complete", response_model=TaskOut, response_model_exclude_unset=True)
@@ -1187,11 +1155,11 @@ async def complete_task(
     task_id: str, request: Request, response: Response, access: TasksUpdate, if_match: IfMatch = None
 ) -> dict[str, Any]:
     reply = await _stub(request).CompleteTask(
-        pb.CompleteTaskRequest(task_id=task_id, expected_version=_expected_version(if_match)),
+        pb.CompleteTaskRequest(task_id=task_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     await access.audit("complete", task_id, fields=["status"])
-    return _with_etag(access.present(task_dict(reply.task)), response)
+    return with_etag(response, access.present(task_dict(reply.task)))
 
 
 @router.get("/reminder-rules", response_model=ReminderRulePage, response_model_exclude_unset=True)

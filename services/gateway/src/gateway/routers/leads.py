@@ -9,7 +9,6 @@ The public web form intake is authenticated by its form key and rate limited by 
 import json
 from collections.abc import AsyncIterator
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -20,8 +19,9 @@ from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
 from gateway.routers.custom_fields import pii_keys
 from gateway.security import Access, require
@@ -79,24 +79,6 @@ class In(BaseModel):
         for name, value in (self.model_extra or {}).items():
             _valid_text(value, name)
         return self
-
-
-class MoneyIn(In):
-    amount: str = Field(description='decimal string, e.g. "12500.00"')
-    currency: str = Field(min_length=3, max_length=3)
-
-    @field_validator("amount")
-    @classmethod
-    def _decimal(cls, value: str) -> str:
-        try:
-            if not Decimal(value).is_finite():
-                raise ValueError("must be finite")
-        except InvalidOperation:
-            raise ValueError("must be a decimal string") from None
-        return value
-
-    def proto(self) -> common_pb2.Money:
-        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
 
 
 class LeadIn(In):
@@ -325,18 +307,6 @@ def _lead_input(body: LeadIn) -> tuple[pb.LeadInput, list[str]]:
     return message, list(given)
 
 
-def _expected_version(if_match: str | None) -> int:
-    if not if_match:
-        return 0
-    text = if_match.strip().removeprefix("W/").strip('"')
-    return int(text) if text.isdigit() else -1  # a malformed If-Match never matches (412)
-
-
-def _with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:
-    response.headers["ETag"] = f'"{body.get("version", 0)}"'
-    return body
-
-
 def _page(limit: int | None, cursor: str, sort: str = "") -> common_pb2.PageRequest:
     return common_pb2.PageRequest(limit=limit or 0, cursor=cursor, sort=sort)
 
@@ -365,7 +335,7 @@ async def create_lead(
     if reply.merged:
         response.status_code = 200
         response.headers["X-Merged-Into"] = result["id"]
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 @router.get("/leads")
@@ -553,7 +523,7 @@ async def get_import(import_id: str, request: Request, access: LeadsRead) -> dic
 @router.get("/leads/{lead_id}")
 async def get_lead(lead_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     reply = await _stub(request).GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
-    return _with_etag(response, await _present(request, access, lead_json(reply.lead)))
+    return with_etag(response, await _present(request, access, lead_json(reply.lead)))
 
 
 @router.patch("/leads/{lead_id}")
@@ -571,13 +541,13 @@ async def update_lead(
             lead_id=lead_id,
             lead=lead,
             update_mask=field_mask_pb2.FieldMask(paths=paths),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 @router.post("/leads/{lead_id}/activities", status_code=201)
@@ -663,13 +633,13 @@ async def assign_lead(
     """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the pool."""
     reply = await _stub(request).AssignLead(
         pb.AssignLeadRequest(
-            lead_id=lead_id, owner_id=body.owner_id, team=body.team, expected_version=_expected_version(if_match)
+            lead_id=lead_id, owner_id=body.owner_id, team=body.team, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]})
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 @router.post("/leads/{lead_id}/disqualify")
@@ -677,12 +647,12 @@ async def disqualify_lead(
     lead_id: str, body: DisqualifyIn, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     reply = await _stub(request).DisqualifyLead(
-        pb.DisqualifyLeadRequest(lead_id=lead_id, reason=body.reason, expected_version=_expected_version(if_match)),
+        pb.DisqualifyLeadRequest(lead_id=lead_id, reason=body.reason, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"status": None}, {"status": result["status"]})
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 @router.post("/leads/{lead_id}/convert")
@@ -749,7 +719,7 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
     reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]}, action="assign")
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 @router.post("/leads/{lead_id}/release")
@@ -761,7 +731,7 @@ async def release_lead(
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": access.principal.user_id}, {"owner_id": ""}, action="assign")
-    return _with_etag(response, await _present(request, access, result))
+    return with_etag(response, await _present(request, access, result))
 
 
 # --- scoring and assignment rules ----------------------------------------------------------------
@@ -802,7 +772,7 @@ async def update_scoring_rule(
     rule_id: str, body: ScoringRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     reply = await _stub(request).UpdateScoringRule(
-        pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=_expected_version(if_match)),
+        pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     return _message_json(reply.rule)
@@ -843,7 +813,7 @@ async def update_assignment_rule(
 ) -> dict[str, Any]:
     reply = await _stub(request).UpdateAssignmentRule(
         pb.UpdateAssignmentRuleRequest(
-            rule=_assignment_rule(body, rule_id), expected_version=_expected_version(if_match)
+            rule=_assignment_rule(body, rule_id), expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
@@ -891,7 +861,7 @@ async def create_campaign(
     )
     result = campaign_json(reply.campaign)
     await access.audit_write(result["id"], None, result)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.get("/campaigns")
@@ -918,7 +888,7 @@ async def get_campaign(campaign_id: str, request: Request, response: Response, a
     reply = await _stub(request).GetCampaign(
         pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata()
     )
-    return _with_etag(response, access.present(campaign_json(reply.campaign)))
+    return with_etag(response, access.present(campaign_json(reply.campaign)))
 
 
 @router.patch("/campaigns/{campaign_id}")
@@ -937,13 +907,13 @@ async def update_campaign(
             campaign_id=campaign_id,
             campaign=campaign,
             update_mask=field_mask_pb2.FieldMask(paths=paths),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = campaign_json(reply.campaign)
     await access.audit_write(campaign_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 # --- web forms -----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ approval chain waits for. Money is `{"amount": "12.50", "currency": "CNY"}`: dec
 """
 
 from datetime import date, datetime
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -19,8 +18,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
+from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.security import Access, require
 from gateway.upstreams import Upstreams
 
@@ -34,33 +34,13 @@ Limit = Annotated[int | None, Query(ge=1, le=500)]
 # --- request models ----------------------------------------------------------------------------------
 
 
-class MoneyBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    amount: str = Field(description='decimal string, e.g. "12500.00"', examples=["12500.00"])
-    currency: str = Field(min_length=3, max_length=3, examples=["CNY"])
-
-    @field_validator("amount")
-    @classmethod
-    def _decimal(cls, value: str) -> str:
-        try:
-            number = Decimal(value)
-        except InvalidOperation:
-            raise ValueError('must be a decimal string such as "12.50"') from None
-        if not number.is_finite():
-            raise ValueError("must be a finite decimal")
-        return value
-
-    def proto(self) -> common_pb2.Money:
-        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
-
-
 class LineItemBody(BaseModel):
     model_config = {"extra": "forbid"}
     product_id: str = ""
     product_name: str = ""
     product_line: str = ""
     quantity: str = "1"
-    unit_price: MoneyBody
+    unit_price: MoneyIn
     discount_percent: str | None = Field(default=None, description='percent as a decimal string, e.g. "12.5"')
 
     def proto(self) -> pb.LineItemInput:
@@ -95,7 +75,7 @@ class OpportunityFields(BaseModel):
     model_config = {"extra": "forbid"}
     name: str | None = Field(default=None, max_length=200)
     primary_contact_id: str | None = None
-    amount: MoneyBody | None = None
+    amount: MoneyIn | None = None
     expected_close_date: date | None = None
     owner_id: str | None = None
     team: str | None = None
@@ -127,7 +107,7 @@ class StageMove(BaseModel):
 class WinBody(BaseModel):
     model_config = {"extra": "forbid"}
     close_date: date | None = None
-    amount: MoneyBody | None = None
+    amount: MoneyIn | None = None
 
 
 class LoseBody(BaseModel):
@@ -147,7 +127,7 @@ class ImportRowBody(BaseModel):
     product_line: str = ""
     line_items: list[LineItemBody] = Field(default_factory=list)
     stage: str = ""
-    amount: MoneyBody | None = None
+    amount: MoneyIn | None = None
     expected_close_date: date | None = None
     close_date: date | None = None
     lost_reason: str = ""
@@ -174,7 +154,7 @@ class ContractCreate(BaseModel):
     opportunity_id: str | None = None
     account_id: str | None = None
     title: str | None = None
-    amount: MoneyBody | None = None
+    amount: MoneyIn | None = None
     owner_id: str | None = None
     team: str | None = None
     region: str | None = None
@@ -193,7 +173,7 @@ class ReasonBody(BaseModel):
 class InstallmentBody(BaseModel):
     model_config = {"extra": "forbid"}
     due_date: date
-    amount: MoneyBody
+    amount: MoneyIn
 
 
 class PaymentPlanCreate(BaseModel):
@@ -204,7 +184,7 @@ class PaymentPlanCreate(BaseModel):
 class PaymentCreate(BaseModel):
     model_config = {"extra": "forbid"}
     contract_id: str = Field(min_length=1)
-    amount: MoneyBody
+    amount: MoneyIn
     external_reference: str = Field(min_length=1, max_length=200, description="unique; the idempotency key")
     received_at: datetime | None = None
     method: str = ""
@@ -213,7 +193,7 @@ class PaymentCreate(BaseModel):
 class InvoiceCreate(BaseModel):
     model_config = {"extra": "forbid"}
     contract_id: str = Field(min_length=1)
-    amount: MoneyBody
+    amount: MoneyIn
 
 
 class IssueBody(BaseModel):
@@ -448,21 +428,6 @@ def _list(items: list[dict[str, Any]], next_cursor: str) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor or None}
 
 
-def _version(if_match: str | None) -> int:
-    """`If-Match: "3"` → 3; absent → 0 (unconditional); malformed → -1, which never matches (412)."""
-    if not if_match:
-        return 0
-    try:
-        return int(if_match.strip().removeprefix("W/").strip('"'))
-    except ValueError:
-        return -1
-
-
-def _etag(body: dict[str, Any], response: Response) -> dict[str, Any]:
-    response.headers["ETag"] = f'"{body.get("version", 0)}"'
-    return body
-
-
 def _timestamp(value: datetime | None) -> Timestamp | None:
     return to_timestamp(as_utc(value)) if value is not None else None
 
@@ -540,7 +505,7 @@ async def replace_pipeline(
     reply = await stub.UpdatePipeline(
         pb.UpdatePipelineRequest(
             id=pipeline_id,
-            expected_version=_version(if_match),
+            expected_version=expected_version(if_match),
             name=body.name,
             is_default=body.is_default,
             stages=[pb.StageInput(**stage.model_dump()) for stage in body.stages],
@@ -549,7 +514,7 @@ async def replace_pipeline(
     )
     record = pipeline_dict(reply.pipeline)
     await access.audit_write(pipeline_id, pipeline_dict(before.pipeline), record)
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.delete("/pipelines/{pipeline_id}", status_code=204)
@@ -613,7 +578,7 @@ async def create_opportunity(
             fields=["colliding_opportunity_id"],
             reason=f"over {record['colliding_opportunity_id']}: {record['collision_override_reason']}",
         )
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/opportunities")
@@ -662,7 +627,7 @@ async def get_opportunity(
     reply = await _stub(request).GetOpportunity(
         pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata()
     )
-    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
 
 
 @router.patch("/opportunities/{opportunity_id}")
@@ -697,7 +662,7 @@ async def update_opportunity(
     reply = await stub.UpdateOpportunity(
         pb.UpdateOpportunityRequest(
             id=opportunity_id,
-            expected_version=_version(if_match),
+            expected_version=expected_version(if_match),
             update_mask=field_mask_pb2.FieldMask(paths=list(values)),
             opportunity=source,
             line_items=[item.proto() for item in body.line_items or []],
@@ -706,7 +671,7 @@ async def update_opportunity(
     )
     record = opportunity_dict(reply.opportunity)
     await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), record)
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.delete("/opportunities/{opportunity_id}", status_code=204)
@@ -717,7 +682,7 @@ async def delete_opportunity(
     stub = _stub(request)
     before = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
     await stub.DeleteOpportunity(
-        pb.DeleteOpportunityRequest(id=opportunity_id, expected_version=_version(if_match)),
+        pb.DeleteOpportunityRequest(id=opportunity_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), None)
@@ -735,12 +700,14 @@ async def move_opportunity_stage(
 ) -> dict[str, Any]:
     """422 names the fields the stage gate requires and the deal lacks."""
     reply = await _stub(request).MoveOpportunityStage(
-        pb.MoveOpportunityStageRequest(id=opportunity_id, stage=body.stage, expected_version=_version(if_match)),
+        pb.MoveOpportunityStageRequest(
+            id=opportunity_id, stage=body.stage, expected_version=expected_version(if_match)
+        ),
         metadata=access.grpc_metadata(),
     )
     record = opportunity_dict(reply.opportunity)
     await access.audit("update", opportunity_id, fields=["stage"], reason=f"stage -> {body.stage}")
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/opportunities/{opportunity_id}/win")
@@ -754,14 +721,14 @@ async def win_opportunity(
 ) -> dict[str, Any]:
     body = body or WinBody()
     message = pb.WinOpportunityRequest(
-        id=opportunity_id, expected_version=_version(if_match), close_date=_iso(body.close_date)
+        id=opportunity_id, expected_version=expected_version(if_match), close_date=_iso(body.close_date)
     )
     if body.amount is not None:
         access.check_write(["amount"])
         message.amount.CopyFrom(body.amount.proto())
     reply = await _stub(request).WinOpportunity(message, metadata=access.grpc_metadata())
     await access.audit("update", opportunity_id, fields=["status", "stage"], reason="won")
-    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
 
 
 @router.post("/opportunities/{opportunity_id}/lose")
@@ -775,12 +742,15 @@ async def lose_opportunity(
 ) -> dict[str, Any]:
     reply = await _stub(request).LoseOpportunity(
         pb.LoseOpportunityRequest(
-            id=opportunity_id, expected_version=_version(if_match), reason=body.reason, close_date=_iso(body.close_date)
+            id=opportunity_id,
+            expected_version=expected_version(if_match),
+            reason=body.reason,
+            close_date=_iso(body.close_date),
         ),
         metadata=access.grpc_metadata(),
     )
     await access.audit("update", opportunity_id, fields=["status", "stage", "lost_reason"], reason="lost")
-    return _etag(access.present(opportunity_dict(reply.opportunity)), response)
+    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
 
 
 @router.post("/opportunities/import")
@@ -933,7 +903,7 @@ async def create_quote(
     )
     record = quote_dict(reply.quote)
     await access.audit_write(record["id"], None, record)
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/quotes")
@@ -958,7 +928,7 @@ async def list_quotes(
 @router.get("/quotes/{quote_id}")
 async def get_quote(quote_id: str, request: Request, response: Response, access: QuotesRead) -> dict[str, Any]:
     reply = await _stub(request).GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
-    return _etag(access.present(quote_dict(reply.quote)), response)
+    return with_etag(response, access.present(quote_dict(reply.quote)))
 
 
 @router.post("/quotes/{quote_id}/approve")
@@ -972,11 +942,11 @@ async def approve_quote(
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
     reply = await _stub(request).ApproveQuote(
-        pb.ApproveQuoteRequest(id=quote_id, expected_version=_version(if_match), comment=comment),
+        pb.ApproveQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
     await access.audit("approve", quote_id, fields=["decisions"], reason=comment)
-    return _etag(access.present(quote_dict(reply.quote)), response)
+    return with_etag(response, access.present(quote_dict(reply.quote)))
 
 
 @router.post("/quotes/{quote_id}/reject")
@@ -990,11 +960,11 @@ async def reject_quote(
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
     reply = await _stub(request).RejectQuote(
-        pb.RejectQuoteRequest(id=quote_id, expected_version=_version(if_match), comment=comment),
+        pb.RejectQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
     await access.audit("reject", quote_id, fields=["decisions"], reason=comment)
-    return _etag(access.present(quote_dict(reply.quote)), response)
+    return with_etag(response, access.present(quote_dict(reply.quote)))
 
 
 # --- contracts ---------------------------------------------------------------------------------------
@@ -1032,7 +1002,7 @@ async def create_contract(
     reply = await _stub(request).CreateContract(message, metadata=access.grpc_metadata())
     record = contract_dict(reply.contract)
     await access.audit_write(record["id"], None, record)
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/contracts")
@@ -1065,7 +1035,7 @@ async def list_contracts(
 @router.get("/contracts/{contract_id}")
 async def get_contract(contract_id: str, request: Request, response: Response, access: ContractsRead) -> dict[str, Any]:
     reply = await _stub(request).GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
-    return _etag(access.present(contract_dict(reply.contract)), response)
+    return with_etag(response, access.present(contract_dict(reply.contract)))
 
 
 async def _contract_step(
@@ -1075,14 +1045,14 @@ async def _contract_step(
     reply = await getattr(_stub(request), call)(message, metadata=access.grpc_metadata())
     record = contract_dict(reply.contract)
     await access.audit(access.action, contract_id, fields=["status"], reason=reason or f"status -> {record['status']}")
-    return _etag(access.present(record), response)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/contracts/{contract_id}/submit")
 async def submit_contract(
     contract_id: str, request: Request, response: Response, access: ContractsUpdate, if_match: IfMatch = None
 ) -> dict[str, Any]:
-    message = pb.SubmitContractRequest(id=contract_id, expected_version=_version(if_match))
+    message = pb.SubmitContractRequest(id=contract_id, expected_version=expected_version(if_match))
     return await _contract_step(request, response, access, contract_id, "SubmitContract", message, "submitted")
 
 
@@ -1097,7 +1067,7 @@ async def approve_contract(
 ) -> dict[str, Any]:
     """The step the approval chain waits for, decided with the caller's role (403 for any other role)."""
     comment = (body or DecisionBody()).comment
-    message = pb.ApproveContractRequest(id=contract_id, expected_version=_version(if_match), comment=comment)
+    message = pb.ApproveContractRequest(id=contract_id, expected_version=expected_version(if_match), comment=comment)
     return await _contract_step(request, response, access, contract_id, "ApproveContract", message, comment)
 
 
@@ -1111,7 +1081,7 @@ async def reject_contract(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
-    message = pb.RejectContractRequest(id=contract_id, expected_version=_version(if_match), comment=comment)
+    message = pb.RejectContractRequest(id=contract_id, expected_version=expected_version(if_match), comment=comment)
     return await _contract_step(request, response, access, contract_id, "RejectContract", message, comment)
 
 
@@ -1124,7 +1094,7 @@ async def sign_contract(
     body: SignBody | None = None,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    message = pb.SignContractRequest(id=contract_id, expected_version=_version(if_match))
+    message = pb.SignContractRequest(id=contract_id, expected_version=expected_version(if_match))
     signed_at = _timestamp((body or SignBody()).signed_at)
     if signed_at is not None:
         message.signed_at.CopyFrom(signed_at)
@@ -1135,7 +1105,7 @@ async def sign_contract(
 async def complete_contract(
     contract_id: str, request: Request, response: Response, access: ContractsUpdate, if_match: IfMatch = None
 ) -> dict[str, Any]:
-    message = pb.CompleteContractRequest(id=contract_id, expected_version=_version(if_match))
+    message = pb.CompleteContractRequest(id=contract_id, expected_version=expected_version(if_match))
     return await _contract_step(request, response, access, contract_id, "CompleteContract", message, "completed")
 
 
@@ -1149,7 +1119,9 @@ async def terminate_contract(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     access.check_write(["terminated_reason"])
-    message = pb.TerminateContractRequest(id=contract_id, expected_version=_version(if_match), reason=body.reason)
+    message = pb.TerminateContractRequest(
+        id=contract_id, expected_version=expected_version(if_match), reason=body.reason
+    )
     return await _contract_step(request, response, access, contract_id, "TerminateContract", message, body.reason)
 
 

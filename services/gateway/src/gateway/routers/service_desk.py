@@ -17,6 +17,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
+from gateway.conventions import expected_version, with_etag
 from gateway.security import Access, require
 
 router = APIRouter(tags=["service desk"])
@@ -173,18 +174,6 @@ def _fill(message: Message, values: dict[str, Any]) -> Message:
     return message
 
 
-def _expected_version(if_match: str | None) -> int:
-    if not if_match:
-        return 0
-    text = if_match.strip().removeprefix("W/").strip('"')
-    return int(text) if text.isdigit() else -1  # a malformed If-Match never matches (412)
-
-
-def _with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:
-    response.headers["ETag"] = f'"{body.get("version", 0)}"'
-    return body
-
-
 def _page(limit: int, cursor: str, sort: str = "") -> common_pb2.PageRequest:
     return common_pb2.PageRequest(limit=limit, cursor=cursor, sort=sort)
 
@@ -224,7 +213,7 @@ async def create_ticket(
     shown = access.present(result)
     kb = access.view("kb_articles")
     shown["suggested_articles"] = kb.present_many(to_json(a) for a in reply.suggested_articles) if kb else []
-    return _with_etag(response, shown)
+    return with_etag(response, shown)
 
 
 @router.get("/tickets")
@@ -295,7 +284,7 @@ async def get_ticket(ticket_id: str, request: Request, response: Response, acces
     body["work_log"] = [to_json(e) for e in reply.work_log]
     csat = access.view("csat")
     body["csat"] = csat.present(to_json(reply.csat)) if csat and reply.HasField("csat") else None
-    return _with_etag(response, body)
+    return with_etag(response, body)
 
 
 @router.patch("/tickets/{ticket_id}")
@@ -311,13 +300,13 @@ async def update_ticket(
             ticket_id=ticket_id,
             ticket=_fill(pb.TicketInput(), given),  # type: ignore[arg-type]
             update_mask=_mask(given),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, to_json(before.ticket), result)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.post("/tickets/{ticket_id}/status")
@@ -327,13 +316,13 @@ async def change_ticket_status(
     """Moves the ticket along its status machine; an illegal move is 409."""
     reply = await _stub(request).ChangeTicketStatus(
         pb.ChangeTicketStatusRequest(
-            ticket_id=ticket_id, status=body.status, note=body.note, expected_version=_expected_version(if_match)
+            ticket_id=ticket_id, status=body.status, note=body.note, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, {}, {"status": body.status})
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.post("/tickets/{ticket_id}/assign")
@@ -343,13 +332,13 @@ async def assign_ticket(
     """Assigns to an agent, or auto-dispatches again when `assignee_id` is empty."""
     reply = await _stub(request).AssignTicket(
         pb.AssignTicketRequest(
-            ticket_id=ticket_id, assignee_id=body.assignee_id, expected_version=_expected_version(if_match)
+            ticket_id=ticket_id, assignee_id=body.assignee_id, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, {}, {"assignee_id": result["assignee_id"]})
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.post("/tickets/{ticket_id}/comments", status_code=201)
@@ -451,13 +440,13 @@ async def update_sla_policy(
             priority=priority,
             first_response_minutes=body.first_response_minutes,
             resolution_minutes=body.resolution_minutes,
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.policy)
     await access.audit_write(priority, {}, result)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 # --- agents --------------------------------------------------------------------------------------
@@ -476,7 +465,7 @@ async def create_agent(
     )
     result = to_json(reply.agent)
     await access.audit_write(result["id"], None, result)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.get("/agents")
@@ -508,7 +497,7 @@ async def list_agents(
 @router.get("/agents/{agent_id}")
 async def get_agent(agent_id: str, request: Request, response: Response, access: AgentsRead) -> dict[str, Any]:
     reply = await _stub(request).GetAgent(pb.GetAgentRequest(agent_id=agent_id), metadata=access.grpc_metadata())
-    return _with_etag(response, access.present(to_json(reply.agent)))
+    return with_etag(response, access.present(to_json(reply.agent)))
 
 
 @router.patch("/agents/{agent_id}")
@@ -523,13 +512,13 @@ async def update_agent(
             agent_id=agent_id,
             agent=_fill(pb.AgentInput(), given),  # type: ignore[arg-type]
             update_mask=_mask(given),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.agent)
     await access.audit_write(agent_id, {}, given)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 # --- return visits -------------------------------------------------------------------------------
@@ -592,7 +581,7 @@ async def create_article(
     )
     result = to_json(reply.article)
     await access.audit_write(result["id"], None, result)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
 
 
 @router.get("/kb-articles")
@@ -621,7 +610,7 @@ async def get_article(article_id: str, request: Request, response: Response, acc
     reply = await _stub(request).GetKbArticle(
         pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata()
     )
-    return _with_etag(response, access.present(to_json(reply.article)))
+    return with_etag(response, access.present(to_json(reply.article)))
 
 
 @router.patch("/kb-articles/{article_id}")
@@ -635,10 +624,10 @@ async def update_article(
             article_id=article_id,
             article=_fill(pb.KbArticleInput(), given),  # type: ignore[arg-type]
             update_mask=_mask(given),
-            expected_version=_expected_version(if_match),
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.article)
     await access.audit_write(article_id, {}, given)
-    return _with_etag(response, access.present(result))
+    return with_etag(response, access.present(result))
