@@ -204,6 +204,65 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         assert sum(Decimal(i.amount.amount) for i in decoded_plan.payment_plan.installments) == Decimal("150000")
 
 
+async def test_opportunity_custom_pii_values_are_masked_for_analysts(stack: RunningStack) -> None:
+    """SPEC §5/§9: a custom field defined as pii is masked like phone and email. The analyst, who
+    sees contact details masked, reads opportunities: their pii custom values masked in every read
+    (get, list, the 360° view) and filtering by them is refused; finance reads them in clear."""
+    run = new_id()[-8:]
+    mobile, size = f"mobile_{run}", f"size_{run}"
+    secret = "+86 138 0013 8000"
+    async with (
+        _client(stack, f"admin-{run}", ["admin"]) as admin,
+        _client(stack, f"rep-{run}", ["sales_rep"]) as rep,
+        _client(stack, f"analyst-{run}", ["analyst"]) as analyst,
+        _client(stack, f"fin-{run}", ["finance"]) as finance,
+    ):
+        _ok(
+            await admin.post(
+                "/api/v1/custom-fields/opportunity",
+                json={"key": mobile, "label": "Buyer's mobile", "type": "phone", "pii": True},
+            ),
+            201,
+        )
+        _ok(
+            await admin.post(
+                "/api/v1/custom-fields/opportunity", json={"key": size, "label": "Fleet size", "type": "number"}
+            ),
+            201,
+        )
+        account = _ok(await admin.post("/api/v1/accounts", json={"name": f"Masked {run}", "region": "cn-east"}), 201)
+        created = _ok(
+            await rep.post(
+                "/api/v1/opportunities",
+                json={"account_id": account["id"], "name": f"Fleet {run}", "custom": {mobile: secret, size: 12}},
+            ),
+            201,
+        )
+        assert created["custom"] == {mobile: secret, size: 12}
+
+        def masked(record: dict[str, Any]) -> bool:
+            return record["custom"][size] == 12 and record["custom"][mobile] not in (secret, None)
+
+        got = _ok(await analyst.get(f"/api/v1/opportunities/{created['id']}"))
+        assert masked(got) and "*" in got["custom"][mobile]
+        listed = _ok(await analyst.get("/api/v1/opportunities", params={"account_id": account["id"]}))
+        assert [o["id"] for o in listed["items"]] == [created["id"]] and masked(listed["items"][0])
+        view = _ok(await analyst.get(f"/api/v1/accounts/{account['id']}/360"))
+        assert [masked(o) for o in view["open_opportunities"]["items"]] == [True]
+        leak = await analyst.get("/api/v1/opportunities", params={f"custom.{mobile}": secret})
+        assert leak.status_code == 403 and leak.json()["errors"][0]["field"] == f"custom.{mobile}"
+
+        clear = _ok(await finance.get(f"/api/v1/opportunities/{created['id']}"))
+        assert clear["custom"] == {mobile: secret, size: 12}
+        listed = _ok(await finance.get("/api/v1/opportunities", params={"account_id": account["id"]}))
+        assert listed["items"][0]["custom"] == {mobile: secret, size: 12}
+        # The sales service cannot filter by custom fields: said so, never silently ignored.
+        unsupported = await finance.get("/api/v1/opportunities", params={f"custom.{size}": "12"})
+        assert unsupported.status_code == 422 and unsupported.json()["errors"][0]["field"] == f"custom.{size}"
+        for key in (mobile, size):
+            assert (await admin.delete(f"/api/v1/custom-fields/opportunity/{key}")).status_code == 204
+
+
 def _read(name: str) -> list[dict[str, str]]:
     with (DATASET / name).open(newline="") as handle:
         return list(csv.DictReader(handle))

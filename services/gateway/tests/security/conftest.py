@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+from crm.common.v1 import custom_fields_pb2
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.ids import new_id
 from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from gateway.errors import install_error_handlers
@@ -25,6 +27,7 @@ from gateway.security.exports import register_export_source
 from gateway.security.problems import not_found
 from gateway.security.store import migrate
 from gateway.token_cli import issue_dev_token
+from gateway.upstreams import UpstreamNotConfigured
 
 SECRET = "test-secret-" + "x" * 40
 FAKE_PREFIX = "/api/v1/fake"
@@ -39,6 +42,12 @@ class FakeStore:
     """Records per resource; the stand-in for the owning services."""
 
     records: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # Custom field definitions per entity (lead, account, contact, opportunity, ticket).
+    custom_fields: dict[str, list[custom_fields_pb2.CustomFieldDefinition]] = field(default_factory=dict)
+
+    def define(self, entity: str, key: str, *, pii: bool = False) -> None:
+        definition = custom_fields_pb2.CustomFieldDefinition(entity=entity, key=key, label=key, type="text", pii=pii)
+        self.custom_fields.setdefault(entity, []).append(definition)
 
     def put(self, resource: str, record: dict[str, Any]) -> dict[str, Any]:
         self.records.setdefault(resource, {})[record["id"]] = record
@@ -46,6 +55,30 @@ class FakeStore:
 
     def get(self, resource: str, record_id: str) -> dict[str, Any] | None:
         return self.records.get(resource, {}).get(record_id)
+
+
+class FakeCustomFieldService:
+    """The CustomFieldService every owning service serves, as the gateway calls it."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+
+    async def ListCustomFields(
+        self, request: custom_fields_pb2.ListCustomFieldsRequest, **_: Any
+    ) -> custom_fields_pb2.ListCustomFieldsResponse:
+        return custom_fields_pb2.ListCustomFieldsResponse(items=self.store.custom_fields.get(request.entity, []))
+
+
+class FakeUpstreams:
+    """`app.state.upstreams` of the test app: only the custom field definitions are served."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+
+    def stub(self, name: str, stub_type: Any) -> Any:
+        if stub_type is not CustomFieldServiceStub:
+            raise UpstreamNotConfigured(name)
+        return FakeCustomFieldService(self.store)
 
 
 def fake_router(policy: Policy, store: FakeStore) -> APIRouter:
@@ -162,6 +195,7 @@ def build_app(settings: SecuritySettings, policy: Policy, store: FakeStore, **kw
     for module in (me_router, audit_router, exports_router, api_keys_router):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(fake_router(policy, store), prefix="/api/v1")
+    app.state.upstreams = FakeUpstreams(store)
     runtime.check_routes(app)
     return app
 

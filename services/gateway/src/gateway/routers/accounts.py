@@ -27,13 +27,10 @@ from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import http_status_of
-from gateway.routers.custom_fields import pii_keys
+from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.security import Access, require
-from gateway.security.masking import mask_value
-from gateway.security.policy import FieldRule
-from gateway.security.problems import forbidden
 from gateway.upstreams import UpstreamNotConfigured, Upstreams
 
 router = APIRouter(tags=["accounts"])
@@ -511,46 +508,8 @@ def _task_input(values: dict[str, Any]) -> pb.TaskInput:
     return message
 
 
-def _masks_pii(access: Access) -> bool:
-    """A caller who sees any declared pii field of the resource masked (or hidden) sees custom
-    pii fields masked too: the same rule as phone and email."""
-    return any(
-        spec is not None and spec.pii and access.decision.read_rule(name) < FieldRule.READ
-        for name, spec in access.spec.fields.items()
-    )
-
-
-async def _presenter(request: Request, access: Access, entity: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    pii = await pii_keys(request, access, entity) if _masks_pii(access) else frozenset()
-
-    def present(record: dict[str, Any]) -> dict[str, Any]:
-        if pii and isinstance(record.get("custom"), dict):
-            record = {
-                **record,
-                "custom": {k: mask_value(v, "text") if k in pii else v for k, v in record["custom"].items()},
-            }
-        return access.present(record)
-
-    return present
-
-
-async def _custom_filters(request: Request, access: Access, entity: str) -> list[pb.CustomFieldFilter]:
-    """`?custom.<key>=value` filters; filtering by a pii custom field the caller sees masked is refused
-    like filtering by a masked email (it would reveal the value)."""
-    filters = [
-        pb.CustomFieldFilter(key=name.removeprefix("custom."), value=value)
-        for name, value in request.query_params.multi_items()
-        if name.startswith("custom.")
-    ]
-    access.check_filter(f"custom.{f.key}" for f in filters)
-    if filters and _masks_pii(access):
-        pii = await pii_keys(request, access, entity)
-        for f in filters:
-            if f.key in pii:
-                raise forbidden(
-                    f"you may not filter by field 'custom.{f.key}' of {access.resource}", field=f"custom.{f.key}"
-                )
-    return filters
+async def _custom_filters(access: Access) -> list[pb.CustomFieldFilter]:
+    return [pb.CustomFieldFilter(key=key, value=value) for key, value in await custom_filters(access)]
 
 
 def _me(value: str | None, access: Access) -> str:
@@ -587,7 +546,7 @@ async def create_account(
     )
     record = account_dict(reply.account)
     await access.audit_write(record["id"], None, record)
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return with_etag(response, present(record))
 
 
@@ -636,7 +595,7 @@ async def list_accounts(
         tags=tag or [],
         parent_id=parent_id or "",
         in_pool="" if in_pool is None else str(in_pool).lower(),
-        custom=await _custom_filters(request, access, "account"),
+        custom=await _custom_filters(access),
         segment_id=segment_id or "",
     )
     if created_after is not None:
@@ -644,7 +603,7 @@ async def list_accounts(
         assert stamp is not None
         request_message.created_after.CopyFrom(stamp)
     reply = await _stub(request).ListAccounts(request_message, metadata=access.grpc_metadata())
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return _list_body([present(account_dict(a)) for a in reply.items], reply.page_info.next_cursor)
 
 
@@ -674,7 +633,7 @@ async def get_account(account_id: str, request: Request, response: Response, acc
             status_code=301,
             headers={"Location": f"{request.scope.get('root_path', '')}/api/v1/accounts/{survivor}"},
         )
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return with_etag(response, present(account_dict(reply.account)))
 
 
@@ -702,7 +661,7 @@ async def update_account(
     )
     record = account_dict(reply.account)
     await access.audit_write(account_id, account_dict(before.account), record)
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return with_etag(response, present(record))
 
 
@@ -729,7 +688,7 @@ async def merge_accounts(
         metadata=access.grpc_metadata(),
     )
     await access.audit("merge", account_id, fields=["merged_into_id"], reason=f"merged {body.duplicate_id}")
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return {
         "survivor": present(account_dict(reply.survivor)),
         "duplicate_id": body.duplicate_id,
@@ -766,7 +725,7 @@ async def list_pool(
         ),
         metadata=access.grpc_metadata(),
     )
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return _list_body([present(account_dict(a)) for a in reply.items], reply.page_info.next_cursor)
 
 
@@ -781,7 +740,7 @@ async def claim_account(
         metadata=access.grpc_metadata(),
     )
     await access.audit("claim", account_id, fields=["owner_id", "in_pool"])
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return present(account_dict(reply.account))
 
 
@@ -800,7 +759,7 @@ async def release_account(
         metadata=access.grpc_metadata(),
     )
     await access.audit("release", account_id, fields=["owner_id", "in_pool"], reason=body.reason if body else "")
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return present(account_dict(reply.account))
 
 
@@ -820,7 +779,7 @@ async def transfer_account(
         metadata=access.grpc_metadata(),
     )
     await access.audit("transfer", account_id, fields=["owner_id"], reason=body.reason)
-    present = await _presenter(request, access, "account")
+    present = await presenter(access)
     return present(account_dict(reply.account))
 
 
@@ -871,7 +830,7 @@ async def _create_contact(
     )
     record = contact_dict(reply.contact)
     await access.audit_write(record["id"], None, record)
-    present = await _presenter(request, access, "contact")
+    present = await presenter(access)
     return with_etag(response, present(record))
 
 
@@ -923,11 +882,11 @@ async def _list_contacts(
             tags=tag or [],
             decision_roles=_split(decision_role),
             owner_id=_me(owner_id, access),
-            custom=await _custom_filters(request, access, "contact"),
+            custom=await _custom_filters(access),
         ),
         metadata=access.grpc_metadata(),
     )
-    present = await _presenter(request, access, "contact")
+    present = await presenter(access)
     return _list_body([present(contact_dict(c)) for c in reply.items], reply.page_info.next_cursor)
 
 
@@ -989,7 +948,7 @@ async def get_contact(contact_id: str, request: Request, response: Response, acc
     reply = await _stub(request).GetContact(
         pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata()
     )
-    present = await _presenter(request, access, "contact")
+    present = await presenter(access)
     return with_etag(response, present(contact_dict(reply.contact)))
 
 
@@ -1017,7 +976,7 @@ async def update_contact(
     )
     record = contact_dict(reply.contact)
     await access.audit_write(contact_id, contact_dict(before.contact), record)
-    present = await _presenter(request, access, "contact")
+    present = await presenter(access)
     return with_etag(response, present(record))
 
 
@@ -1302,7 +1261,7 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
     )
     if reply.account.merged_into_id:
         return await get_account(account_id, request, Response(), access)
-    present_account = await _presenter(request, access, "account")
+    present_account = await presenter(access)
     stub = _stub(request)
 
     async def contacts(view: Access) -> Part:
@@ -1310,7 +1269,7 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
             pb.ListContactsRequest(account_id=account_id, page=common_pb2.PageRequest(limit=VIEW_LIMIT)),
             metadata=view.grpc_metadata(),
         )
-        present = await _presenter(request, view, "contact")
+        present = await presenter(view)
         return {"items": [present(contact_dict(c)) for c in rows.items]}
 
     async def activities(view: Access) -> Part:
@@ -1327,7 +1286,8 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
             ),
             metadata=view.grpc_metadata(),
         )
-        return {"items": view.present_many(_sales_dict(o) for o in rows.items)}
+        present = await presenter(view)
+        return {"items": [present(_sales_dict(o)) for o in rows.items]}
 
     async def contracts(view: Access) -> Part:
         sales = _sales_stub(request)
@@ -1371,7 +1331,8 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
                 metadata=view.grpc_metadata(),
             )
         )
-        return {"items": view.present_many(ticket_json(t) for t in rows.items)}
+        present = await presenter(view)
+        return {"items": [present(ticket_json(t)) for t in rows.items]}
 
     parts = await asyncio.gather(
         _part(access.view("contacts"), contacts),

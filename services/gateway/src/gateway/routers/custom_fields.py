@@ -1,8 +1,12 @@
 """Custom field definitions over REST (SPEC §5): `/custom-fields/{entity}` is served by the service
-that owns the entity through crm.common.v1.CustomFieldService (every owner serves that one contract),
-and the other routers read the entity's personal-data (pii) keys here to mask custom values."""
+that owns the entity through crm.common.v1.CustomFieldService (every owner serves that one contract).
+
+Every read path presents records with `presenter(access)` — the field rules plus the masking of
+custom values defined as personal data (pii) for callers who see personal data masked — and list
+routes check `?custom.<key>=` filters with `custom_filters(access)`."""
 
 import time
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import custom_fields_pb2 as pb
@@ -12,6 +16,8 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import BaseModel, Field
 
 from gateway.security import Access, require
+from gateway.security.masking import mask_value
+from gateway.security.problems import SecurityProblem, forbidden
 from gateway.upstreams import Upstreams
 
 router = APIRouter(tags=["custom fields"])
@@ -25,10 +31,17 @@ OWNERS: dict[str, str] = {
     "opportunity": "sales",
     "ticket": "service_desk",
 }
-# Definitions change rarely: the pii keys are cached this long per entity. A change made through
-# this replica drops its entry at once; other replicas see it within the TTL.
+# The policy resource whose records carry the custom fields of each entity.
+RESOURCE_ENTITIES: dict[str, str] = {
+    "leads": "lead",
+    "accounts": "account",
+    "contacts": "contact",
+    "opportunities": "opportunity",
+    "tickets": "ticket",
+}
+# Definitions change rarely: the pii keys are cached this long per entity (per app). A change made
+# through this replica drops its entry at once; other replicas see it within the TTL.
 PII_TTL_SECONDS = 10.0
-_pii_cache: dict[str, tuple[float, frozenset[str]]] = {}
 
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
@@ -88,17 +101,85 @@ def _expected_version(if_match: str | None) -> int:
     return int(text) if text.isascii() and text.isdigit() and int(text) < 2**63 else -1
 
 
+def _pii_cache(request: Request) -> dict[str, tuple[float, frozenset[str]]]:
+    """The app's cached pii keys per entity: (when read, keys)."""
+    state = request.app.state
+    if not hasattr(state, "custom_field_pii_keys"):
+        state.custom_field_pii_keys = {}
+    cache: dict[str, tuple[float, frozenset[str]]] = state.custom_field_pii_keys
+    return cache
+
+
 async def pii_keys(request: Request, access: Access, entity: str) -> frozenset[str]:
     """Keys of the entity's custom fields declared personal data (masked like phone and email)."""
-    cached = _pii_cache.get(entity)
+    cache = _pii_cache(request)
+    cached = cache.get(entity)
     if cached and time.monotonic() - cached[0] < PII_TTL_SECONDS:
         return cached[1]
     reply = await _stub(request, entity).ListCustomFields(
         pb.ListCustomFieldsRequest(entity=entity), metadata=access.grpc_metadata()
     )
     keys = frozenset(d.key for d in reply.items if d.pii)
-    _pii_cache[entity] = (time.monotonic(), keys)
+    cache[entity] = (time.monotonic(), keys)
     return keys
+
+
+Presenter = Callable[[Mapping[str, Any]], dict[str, Any]]
+
+
+async def _masked_keys(access: Access) -> frozenset[str]:
+    """The custom keys this caller sees masked: the pii ones, for a caller who sees personal data of
+    the resource masked (`Access.masks_personal_data`); none for resources without custom fields."""
+    entity = RESOURCE_ENTITIES.get(access.resource)
+    if entity is None or not access.masks_personal_data():
+        return frozenset()
+    return await pii_keys(access.request, access, entity)
+
+
+async def presenter(access: Access) -> Presenter:
+    """`access.present` for records of the caller's resource, with the custom values defined as pii
+    masked like phone and email for callers who see personal data masked. Every read of a record
+    with custom fields goes through it: gets, lists, write responses, exports, composed views."""
+    masked = await _masked_keys(access)
+    if not masked:
+        return access.present
+
+    def present(record: Mapping[str, Any]) -> dict[str, Any]:
+        custom = record.get("custom")
+        if isinstance(custom, Mapping):
+            record = {**record, "custom": {k: mask_value(v, "text") if k in masked else v for k, v in custom.items()}}
+        return access.present(record)
+
+    return present
+
+
+async def custom_filters(access: Access) -> list[tuple[str, str]]:
+    """The request's `?custom.<key>=value` filters as (key, value). Filtering by a custom field the
+    caller does not read in clear is a 403 naming `custom.<key>`, like filtering by a masked email
+    (it would reveal the value): a field hidden or masked by the field rules, or one defined as pii
+    for a caller who sees personal data masked."""
+    filters = [
+        (name.removeprefix("custom."), value)
+        for name, value in access.request.query_params.multi_items()
+        if name.startswith("custom.")
+    ]
+    access.check_filter(f"custom.{key}" for key, _ in filters)
+    masked = await _masked_keys(access) if filters else frozenset()
+    for key, _ in filters:
+        if key in masked:
+            raise forbidden(f"you may not filter by field 'custom.{key}' of {access.resource}", field=f"custom.{key}")
+    return filters
+
+
+async def refuse_custom_filters(access: Access) -> None:
+    """For lists whose owning service cannot filter by custom fields: the checks of `custom_filters`
+    (403), then a filter the caller may use is a 422 rather than silently ignored."""
+    filters = await custom_filters(access)
+    if filters:
+        field = f"custom.{filters[0][0]}"
+        raise SecurityProblem(
+            422, "Unprocessable Content", f"{access.resource} cannot be filtered by custom fields", field=field
+        )
 
 
 @router.get("/custom-fields/{entity}", response_model=CustomFieldPage, response_model_exclude_unset=True)
@@ -125,7 +206,7 @@ async def _upsert(entity: str, key: str, body: CustomFieldIn, request: Request, 
         pb.UpsertCustomFieldRequest(definition=definition, expected_version=version),
         metadata=access.grpc_metadata(),
     )
-    _pii_cache.pop(entity, None)  # the pii flag may have changed
+    _pii_cache(request).pop(entity, None)  # the pii flag may have changed
     record = definition_dict(reply.definition)
     await access.audit_write(f"{entity}.{key}", None, record, action="upsert")
     return access.present(record)
@@ -165,6 +246,6 @@ async def delete_custom_field(
     await _stub(request, entity).DeleteCustomField(
         pb.DeleteCustomFieldRequest(entity=entity, key=key), metadata=access.grpc_metadata()
     )
-    _pii_cache.pop(entity, None)
+    _pii_cache(request).pop(entity, None)
     await access.audit_write(f"{entity}.{key}", {"key": key}, None)
     return Response(status_code=204)

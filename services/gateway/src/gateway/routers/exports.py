@@ -1,7 +1,8 @@
 """`GET /api/v1/exports/{resource}?format=csv`: a permissioned, rate-limited, audited CSV stream.
 
 Export is its own action in the policy; the rows are the caller's in-scope records with the same
-field rules as any read (hidden columns left out, masked values masked)."""
+field rules as any read (hidden columns left out, masked values masked, custom values defined as pii
+masked for callers who see personal data masked)."""
 
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
@@ -17,6 +18,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
+from gateway.routers.custom_fields import presenter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import Access, runtime_of
 from gateway.security.audit import mask_pii
@@ -80,6 +82,7 @@ async def export_resource(
     )
     max_rows = runtime.settings.export_max_rows
 
+    present = await presenter(access)
     records = aiter(source.fetch(access, filters))
     # The first page is read before the response starts, so a service that is down or refuses
     # the call gives a proper problem response instead of a truncated file.
@@ -97,7 +100,7 @@ async def export_resource(
         header = list(columns)
         try:
             async for record in all_records():
-                shown = access.present(record)
+                shown = present(record)
                 if count == 0:
                     # A resource whose policy declares no fields: its first record names the columns.
                     header = header or list(shown)

@@ -23,10 +23,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
-from gateway.routers.custom_fields import pii_keys
+from gateway.routers.custom_fields import presenter, refuse_custom_filters
 from gateway.security import Access, require
-from gateway.security.masking import mask_value
-from gateway.security.policy import FieldRule
 
 router = APIRouter(tags=["leads"])
 
@@ -264,30 +262,6 @@ def campaign_json(campaign: leads_pb2.Campaign) -> dict[str, Any]:
     return body
 
 
-def _masks_pii(access: Access) -> bool:
-    """Callers who see phone or email masked see custom pii fields masked too."""
-    return any(
-        spec is not None and spec.pii and access.decision.read_rule(name) < FieldRule.READ
-        for name, spec in access.spec.fields.items()
-    )
-
-
-async def _present_many(request: Request, access: Access, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`access.present`, with custom fields defined as pii masked like phone and email."""
-    pii = await pii_keys(request, access, "lead") if _masks_pii(access) else frozenset()
-    shown = []
-    for record in records:
-        custom = record.get("custom")
-        if pii and isinstance(custom, dict):
-            record = {**record, "custom": {k: mask_value(v, "text") if k in pii else v for k, v in custom.items()}}
-        shown.append(access.present(record))
-    return shown
-
-
-async def _present(request: Request, access: Access, record: dict[str, Any]) -> dict[str, Any]:
-    return (await _present_many(request, access, [record]))[0]
-
-
 def _timestamp(value: datetime | None) -> Timestamp | None:
     return to_timestamp(value) if value is not None else None
 
@@ -335,7 +309,8 @@ async def create_lead(
     if reply.merged:
         response.status_code = 200
         response.headers["X-Merged-Into"] = result["id"]
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.get("/leads")
@@ -379,6 +354,7 @@ async def list_leads(
     access.check_filter([name for name, value in filters.items() if value] + [sort])
     if q:
         access.check_filter(["name", "company", "email"])
+    await refuse_custom_filters(access)
     if owner_id == "me":
         owner_id = access.principal.user_id
     reply = await _stub(request).ListLeads(
@@ -402,8 +378,9 @@ async def list_leads(
         ),
         metadata=access.grpc_metadata(),
     )
+    present = await presenter(access)
     return {
-        "items": await _present_many(request, access, [lead_json(item) for item in reply.items]),
+        "items": [present(lead_json(item)) for item in reply.items],
         "next_cursor": reply.page_info.next_cursor or None,
     }
 
@@ -523,7 +500,8 @@ async def get_import(import_id: str, request: Request, access: LeadsRead) -> dic
 @router.get("/leads/{lead_id}")
 async def get_lead(lead_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     reply = await _stub(request).GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
-    return with_etag(response, await _present(request, access, lead_json(reply.lead)))
+    present = await presenter(access)
+    return with_etag(response, present(lead_json(reply.lead)))
 
 
 @router.patch("/leads/{lead_id}")
@@ -547,7 +525,8 @@ async def update_lead(
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/leads/{lead_id}/activities", status_code=201)
@@ -570,7 +549,8 @@ async def log_activity(
     activity = _message_json(reply.activity)
     activity["occurred_at"] = _time(reply.activity.occurred_at)
     activity["next_follow_up_at"] = _time(reply.activity.next_follow_up_at)
-    return {"activity": activity, "lead": await _present(request, access, lead_json(reply.lead))}
+    present = await presenter(access)
+    return {"activity": activity, "lead": present(lead_json(reply.lead))}
 
 
 @router.get("/leads/{lead_id}/activities")
@@ -639,7 +619,8 @@ async def assign_lead(
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]})
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/leads/{lead_id}/disqualify")
@@ -652,7 +633,8 @@ async def disqualify_lead(
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"status": None}, {"status": result["status"]})
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/leads/{lead_id}/convert")
@@ -677,8 +659,9 @@ async def convert_lead(
         message.expected_close_date.FromDatetime(close)
     reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata())
     await access.audit_write(lead_id, {"status": None}, {"status": reply.lead.status})
+    present = await presenter(access)
     return {
-        "lead": await _present(request, access, lead_json(reply.lead)),
+        "lead": present(lead_json(reply.lead)),
         "account_id": reply.account_id,
         "contact_id": reply.contact_id,
         "opportunity_id": reply.opportunity_id or None,
@@ -707,8 +690,9 @@ async def list_pool(
         ),
         metadata=access.grpc_metadata(),
     )
+    present = await presenter(access)
     return {
-        "items": await _present_many(request, access, [lead_json(item) for item in reply.items]),
+        "items": [present(lead_json(item)) for item in reply.items],
         "next_cursor": reply.page_info.next_cursor or None,
     }
 
@@ -719,7 +703,8 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
     reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]}, action="assign")
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/leads/{lead_id}/release")
@@ -731,7 +716,8 @@ async def release_lead(
     )
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, {"owner_id": access.principal.user_id}, {"owner_id": ""}, action="assign")
-    return with_etag(response, await _present(request, access, result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 # --- scoring and assignment rules ----------------------------------------------------------------

@@ -21,6 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.routers.custom_fields import presenter, refuse_custom_filters
 from gateway.security import Access, require
 from gateway.upstreams import Upstreams
 
@@ -578,7 +579,8 @@ async def create_opportunity(
             fields=["colliding_opportunity_id"],
             reason=f"over {record['colliding_opportunity_id']}: {record['collision_override_reason']}",
         )
-    return with_etag(response, access.present(record))
+    present = await presenter(access)
+    return with_etag(response, present(record))
 
 
 @router.get("/opportunities")
@@ -601,6 +603,7 @@ async def list_opportunities(
     filters = {"account_id": account_id, "status": status, "owner_id": owner_id, "team": team, "stage": stage,
                "pipeline_id": pipeline_id, "product_line": product_line, "name": q}  # fmt: skip
     access.check_filter(name for name, value in filters.items() if value is not None)
+    await refuse_custom_filters(access)
     statuses = [part.strip() for value in status or [] for part in value.split(",") if part.strip()]
     reply = await _stub(request).ListOpportunities(
         pb.ListOpportunitiesRequest(
@@ -617,7 +620,8 @@ async def list_opportunities(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _list(access.present_many(opportunity_dict(o) for o in reply.items), reply.page_info.next_cursor)
+    present = await presenter(access)
+    return _list([present(opportunity_dict(o)) for o in reply.items], reply.page_info.next_cursor)
 
 
 @router.get("/opportunities/{opportunity_id}")
@@ -627,7 +631,8 @@ async def get_opportunity(
     reply = await _stub(request).GetOpportunity(
         pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata()
     )
-    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
+    present = await presenter(access)
+    return with_etag(response, present(opportunity_dict(reply.opportunity)))
 
 
 @router.patch("/opportunities/{opportunity_id}")
@@ -671,7 +676,8 @@ async def update_opportunity(
     )
     record = opportunity_dict(reply.opportunity)
     await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), record)
-    return with_etag(response, access.present(record))
+    present = await presenter(access)
+    return with_etag(response, present(record))
 
 
 @router.delete("/opportunities/{opportunity_id}", status_code=204)
@@ -707,7 +713,8 @@ async def move_opportunity_stage(
     )
     record = opportunity_dict(reply.opportunity)
     await access.audit("update", opportunity_id, fields=["stage"], reason=f"stage -> {body.stage}")
-    return with_etag(response, access.present(record))
+    present = await presenter(access)
+    return with_etag(response, present(record))
 
 
 @router.post("/opportunities/{opportunity_id}/win")
@@ -728,7 +735,8 @@ async def win_opportunity(
         message.amount.CopyFrom(body.amount.proto())
     reply = await _stub(request).WinOpportunity(message, metadata=access.grpc_metadata())
     await access.audit("update", opportunity_id, fields=["status", "stage"], reason="won")
-    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
+    present = await presenter(access)
+    return with_etag(response, present(opportunity_dict(reply.opportunity)))
 
 
 @router.post("/opportunities/{opportunity_id}/lose")
@@ -750,7 +758,8 @@ async def lose_opportunity(
         metadata=access.grpc_metadata(),
     )
     await access.audit("update", opportunity_id, fields=["status", "stage", "lost_reason"], reason="lost")
-    return with_etag(response, access.present(opportunity_dict(reply.opportunity)))
+    present = await presenter(access)
+    return with_etag(response, present(opportunity_dict(reply.opportunity)))
 
 
 @router.post("/opportunities/import")

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
 from gateway.conventions import expected_version, with_etag
+from gateway.routers.custom_fields import presenter, refuse_custom_filters
 from gateway.security import Access, require
 
 router = APIRouter(tags=["service desk"])
@@ -178,8 +179,9 @@ def _page(limit: int, cursor: str, sort: str = "") -> common_pb2.PageRequest:
     return common_pb2.PageRequest(limit=limit, cursor=cursor, sort=sort)
 
 
-def _listing(access: Access, items: Any, cursor: str) -> dict[str, Any]:
-    return {"items": access.present_many(to_json(item) for item in items), "next_cursor": cursor or None}
+async def _listing(access: Access, items: Any, cursor: str) -> dict[str, Any]:
+    present = await presenter(access)
+    return {"items": [present(to_json(item)) for item in items], "next_cursor": cursor or None}
 
 
 def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
@@ -210,7 +212,8 @@ async def create_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(result["id"], None, result)
-    shown = access.present(result)
+    present = await presenter(access)
+    shown = present(result)
     kb = access.view("kb_articles")
     shown["suggested_articles"] = kb.present_many(to_json(a) for a in reply.suggested_articles) if kb else []
     return with_etag(response, shown)
@@ -250,6 +253,7 @@ async def list_tickets(
         "subject": q,
     }
     access.check_filter([name for name, value in filters.items() if value] + [sort])
+    await refuse_custom_filters(access)
     if assignee_id == "me":
         assignee_id = access.principal.user_id
     statuses: list[str] = list(status or [])
@@ -272,14 +276,15 @@ async def list_tickets(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _listing(access, reply.items, reply.page_info.next_cursor)
+    return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
 @router.get("/tickets/{ticket_id}")
 async def get_ticket(ticket_id: str, request: Request, response: Response, access: TicketsRead) -> dict[str, Any]:
     """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
     reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
-    body = access.present(to_json(reply.ticket))
+    present = await presenter(access)
+    body = present(to_json(reply.ticket))
     body["comments"] = [to_json(c) for c in reply.comments]
     body["work_log"] = [to_json(e) for e in reply.work_log]
     csat = access.view("csat")
@@ -306,7 +311,8 @@ async def update_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, to_json(before.ticket), result)
-    return with_etag(response, access.present(result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/tickets/{ticket_id}/status")
@@ -322,7 +328,8 @@ async def change_ticket_status(
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, {}, {"status": body.status})
-    return with_etag(response, access.present(result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/tickets/{ticket_id}/assign")
@@ -338,7 +345,8 @@ async def assign_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, {}, {"assignee_id": result["assignee_id"]})
-    return with_etag(response, access.present(result))
+    present = await presenter(access)
+    return with_etag(response, present(result))
 
 
 @router.post("/tickets/{ticket_id}/comments", status_code=201)
@@ -412,7 +420,7 @@ async def list_csat(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _listing(access, reply.items, reply.page_info.next_cursor)
+    return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
 # --- SLA policies --------------------------------------------------------------------------------
@@ -491,7 +499,7 @@ async def list_agents(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _listing(access, reply.items, reply.page_info.next_cursor)
+    return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
 @router.get("/agents/{agent_id}")
@@ -550,7 +558,7 @@ async def list_return_visits(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _listing(access, reply.items, reply.page_info.next_cursor)
+    return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
 @router.post("/return-visits/{visit_id}/complete")

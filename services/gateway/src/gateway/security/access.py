@@ -94,6 +94,7 @@ class Access:
         self.spec: ResourceSpec = runtime.policy.resource(decision.resource)
         self.request_id = request_id_of(request)
         self._sensitive_reads: list[Sensitive] = []
+        self._masks_personal_data: bool | None = None
 
     # --- service calls ---------------------------------------------------------------------
     @property
@@ -133,6 +134,25 @@ class Access:
                 continue
             if self.decision.read_rule(path) < FieldRule.READ:
                 raise forbidden(f"you may not filter or sort by field '{path}' of {self.resource}", field=path)
+
+    def masks_personal_data(self) -> bool:
+        """Does the caller see personal data of this resource masked? Custom fields defined as `pii`
+        are then masked too, like phone and email (SPEC §5, §9). The resource's own `pii` fields
+        decide (a caller who sees one of them masked or hidden); a resource that declares none
+        (opportunities, tickets) follows the caller's rules for the personal data of the resources
+        it may read: an analyst, who sees contacts' phones masked, sees a ticket's pii values masked."""
+        if self._masks_personal_data is None:
+            policy = self.runtime.policy
+            if _pii_fields(self.spec):
+                masks = _masks_pii_fields(self.decision, self.spec)
+            else:
+                masks = any(
+                    _masks_pii_fields(decision, spec)
+                    for name, spec in policy.resources.items()
+                    if _pii_fields(spec) and (decision := policy.decide(self.principal, name, "read")).allowed
+                )
+            self._masks_personal_data = masks
+        return self._masks_personal_data
 
     def ensure(self, action: str) -> None:
         """403 unless the caller may also do `action` on this resource (routes needing two actions)."""
@@ -238,6 +258,15 @@ class Access:
             status_code=0,
             **values,
         )
+
+
+def _pii_fields(spec: ResourceSpec) -> list[str]:
+    return [name for name, field_spec in spec.fields.items() if field_spec is not None and field_spec.pii]
+
+
+def _masks_pii_fields(decision: Decision, spec: ResourceSpec) -> bool:
+    """Does the decision show some `pii` field of the resource masked or hidden?"""
+    return any(decision.read_rule(name) < FieldRule.READ for name in _pii_fields(spec))
 
 
 def _paths(values: Mapping[str, Any], prefix: str = "") -> list[str]:
