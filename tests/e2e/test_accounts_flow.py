@@ -1,5 +1,6 @@
 """Accounts through the gateway: create → tag → segment → release → claim → transfer → merge with the
-events on Kafka; the 360° view per role; the Maven accounts import; custom fields (422, pii masking)."""
+events on Kafka; the 360° view per role; the Maven accounts import; custom fields (422, pii masking,
+segments that would test pii values refused)."""
 
 import csv
 from decimal import Decimal
@@ -249,6 +250,44 @@ async def test_custom_fields_validate_filter_and_mask_pii(stack: RunningStack) -
         assert "items" in _ok(await admin.get("/api/v1/custom-fields/ticket"))
         wrong_owner = await admin.get("/api/v1/custom-fields/invoice")
         assert wrong_owner.status_code == 422
+
+
+async def test_segments_do_not_leak_pii_custom_values(stack: RunningStack) -> None:
+    """A segment's filters pass the checks of the list's own: marketing, who sees pii custom values
+    masked, can neither save a segment testing a guess nor apply a teammate's segment that filters
+    on such a field (nor read its value); the manager who saved it uses it."""
+    run = new_id()[-8:]
+    national_id, team = f"national_id_{run}", f"seg-{run}"
+    secret = "110101199003077777"
+    async with (
+        _client(stack, "admin", ["admin"]) as admin,
+        _client(stack, f"mgr-{run}", ["sales_manager"], team=team) as manager,
+        _client(stack, f"mkt-{run}", ["marketing"], team=team) as marketing,
+    ):
+        _ok(
+            await admin.post(
+                "/api/v1/custom-fields/account", json={"key": national_id, "label": "ID", "type": "text", "pii": True}
+            ),
+            201,
+        )
+        account = _ok(
+            await manager.post("/api/v1/accounts", json={"name": f"Holder {run}", "custom": {national_id: secret}}),
+            201,
+        )
+        pii_filter = {f"custom.{national_id}": secret}
+        guess = await marketing.post("/api/v1/segments", json={"name": "guess", "filters": pii_filter})
+        assert guess.status_code == 403 and guess.json()["errors"][0]["field"] == f"filters.custom.{national_id}"
+        body = {"name": f"ids {run}", "filters": pii_filter, "shared_with_team": True}
+        segment = _ok(await manager.post("/api/v1/segments", json=body), 201)
+        used = _ok(await manager.get("/api/v1/accounts", params={"segment_id": segment["id"]}))
+        assert [a["id"] for a in used["items"]] == [account["id"]]
+
+        applied = await marketing.get("/api/v1/accounts", params={"segment_id": segment["id"]})
+        assert applied.status_code == 403 and applied.json()["errors"][0]["field"] == f"filters.custom.{national_id}"
+        shown = _ok(await marketing.get(f"/api/v1/segments/{segment['id']}"))
+        assert shown["filters"][f"custom.{national_id}"] != secret
+        assert secret not in (await marketing.get("/api/v1/segments")).text
+        assert (await admin.delete(f"/api/v1/custom-fields/account/{national_id}")).status_code == 204
 
 
 async def test_tasks_due_today_and_overdue(stack: RunningStack) -> None:

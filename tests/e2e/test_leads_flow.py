@@ -11,6 +11,7 @@ import httpx
 import pytest
 from crm.leads.v1 import events_pb2
 from crm_devstack.stack import RunningStack
+from crm_platform.ids import new_id
 from crm_platform.testing.kafka import EventCollector
 from leads.domain import map_source
 
@@ -178,3 +179,41 @@ async def test_public_webform_intake_is_rate_limited(stack: RunningStack) -> Non
     async with client(stack, "admin-e2e", ["admin"]) as admin:
         clear = (await admin.get(f"/api/v1/leads/{visitor['id']}")).json()
     assert clear["email"] == "visitor@expo.cn" and clear["custom"] == {"interest": "robots"}
+
+
+async def test_leads_are_filtered_by_custom_fields(stack: RunningStack) -> None:
+    """`?custom.<key>=` on the lead list: passed to the leads service and typed by the definition;
+    refused (403) for a caller who sees the field masked, 422 for a value not of its type."""
+    run = new_id()[-8:]
+    budget, wechat = f"budget_{run}", f"wechat_{run}"
+    async with (
+        client(stack, f"admin-{run}", ["admin"]) as admin,
+        client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
+        client(stack, f"mkt-{run}", ["marketing"]) as marketing,
+    ):
+        for key, kind, pii in ((budget, "number", False), (wechat, "text", True)):
+            defined = await admin.post(
+                "/api/v1/custom-fields/lead", json={"key": key, "label": key, "type": kind, "pii": pii}
+            )
+            assert defined.status_code == 201, defined.text
+        ids = {}
+        for name, custom in (("big", {budget: 5000, wechat: "zhou-wx"}), ("small", {budget: 50}), ("none", {})):
+            created = await manager.post("/api/v1/leads", json={"name": f"{name} {run}", "custom": custom})
+            assert created.status_code == 201, created.text
+            ids[name] = created.json()["id"]
+
+        async def found(caller: httpx.AsyncClient, **params: str) -> list[str]:
+            response = await caller.get("/api/v1/leads", params=params)
+            assert response.status_code == 200, response.text
+            return sorted(lead["id"] for lead in response.json()["items"])
+
+        assert await found(manager, **{f"custom.{budget}": "5000"}) == [ids["big"]]
+        assert await found(manager, **{f"custom.{budget}": "50.0"}) == [ids["small"]]
+        assert await found(manager, **{f"custom.{wechat}": "zhou-wx"}) == [ids["big"]]
+        assert await found(marketing, **{f"custom.{budget}": "5000"}) == [ids["big"]]
+        masked = await marketing.get("/api/v1/leads", params={f"custom.{wechat}": "zhou-wx"})
+        assert masked.status_code == 403 and masked.json()["errors"][0]["field"] == f"custom.{wechat}"
+        ill_typed = await manager.get("/api/v1/leads", params={f"custom.{budget}": "lots"})
+        assert ill_typed.status_code == 422 and ill_typed.json()["errors"][0]["field"] == f"custom.{budget}"
+        for key in (budget, wechat):
+            assert (await admin.delete(f"/api/v1/custom-fields/lead/{key}")).status_code == 204

@@ -207,7 +207,7 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
 async def test_opportunity_custom_pii_values_are_masked_for_analysts(stack: RunningStack) -> None:
     """SPEC §5/§9: a custom field defined as pii is masked like phone and email. The analyst, who
     sees contact details masked, reads opportunities: their pii custom values masked in every read
-    (get, list, the 360° view) and filtering by them is refused; finance reads them in clear."""
+    (get, list, the 360° view) and filtering by them is refused; finance reads and filters by them."""
     run = new_id()[-8:]
     mobile, size = f"mobile_{run}", f"size_{run}"
     secret = "+86 138 0013 8000"
@@ -256,9 +256,21 @@ async def test_opportunity_custom_pii_values_are_masked_for_analysts(stack: Runn
         assert clear["custom"] == {mobile: secret, size: 12}
         listed = _ok(await finance.get("/api/v1/opportunities", params={"account_id": account["id"]}))
         assert listed["items"][0]["custom"] == {mobile: secret, size: 12}
-        # The sales service cannot filter by custom fields: said so, never silently ignored.
-        unsupported = await finance.get("/api/v1/opportunities", params={f"custom.{size}": "12"})
-        assert unsupported.status_code == 422 and unsupported.json()["errors"][0]["field"] == f"custom.{size}"
+        # Filtering by a custom field finance reads in clear: typed by its definition (12.0 is 12).
+        other = _ok(
+            await rep.post(
+                "/api/v1/opportunities",
+                json={"account_id": account["id"], "name": f"Van {run}", "custom": {size: 3}},
+            ),
+            201,
+        )
+        for value, expected in (("12", [created["id"]]), ("12.0", [created["id"]]), ("3", [other["id"]]), ("4", [])):
+            found = _ok(await finance.get("/api/v1/opportunities", params={f"custom.{size}": value}))
+            assert [o["id"] for o in found["items"]] == expected, value
+        secret_filter = _ok(await finance.get("/api/v1/opportunities", params={f"custom.{mobile}": secret}))
+        assert [o["id"] for o in secret_filter["items"]] == [created["id"]]
+        ill_typed = await finance.get("/api/v1/opportunities", params={f"custom.{size}": "twelve"})
+        assert ill_typed.status_code == 422 and ill_typed.json()["errors"][0]["field"] == f"custom.{size}"
         for key in (mobile, size):
             assert (await admin.delete(f"/api/v1/custom-fields/opportunity/{key}")).status_code == 204
 

@@ -243,7 +243,7 @@ async def test_ticket_custom_fields_through_the_gateway(stack: RunningStack) -> 
 async def test_ticket_custom_pii_values_are_masked_for_analysts(stack: RunningStack) -> None:
     """SPEC §5/§9: a custom field defined as pii is masked like phone and email. The analyst, who
     sees contact details masked, reads tickets: their pii custom values masked in every read (get,
-    list, the 360° view) and filtering by them is refused; the service manager reads them in clear."""
+    list, the 360° view) and filtering by them is refused; the service manager reads and filters by them."""
     run = new_id()[-8:]
     region = f"pii-{run}"
     caller, serial = f"caller_{run}", f"serial_{run}"
@@ -284,8 +284,16 @@ async def test_ticket_custom_pii_values_are_masked_for_analysts(stack: RunningSt
         assert _ok(await mgr.get(f"/api/v1/tickets/{ticket['id']}"))["custom"] == custom
         listed = _ok(await mgr.get("/api/v1/tickets", params={"account_id": account["id"]}))
         assert listed["items"][0]["custom"] == custom
-        # The service desk cannot filter by custom fields: said so, never silently ignored.
-        unsupported = await mgr.get("/api/v1/tickets", params={f"custom.{serial}": "SN-7"})
-        assert unsupported.status_code == 422 and unsupported.json()["errors"][0]["field"] == f"custom.{serial}"
+        # Filtering by custom fields the manager reads in clear, the pii one too.
+        _ok(await mgr.post("/api/v1/tickets", json={**body, "subject": "Other drone", "custom": {serial: "SN-8"}}), 201)
+        for params, expected in (
+            ({f"custom.{serial}": "SN-7"}, [ticket["id"]]),
+            ({f"custom.{serial}": "SN-7", f"custom.{caller}": secret.upper()}, [ticket["id"]]),  # emails: any case
+            ({f"custom.{serial}": "SN-9"}, []),
+        ):
+            found = _ok(await mgr.get("/api/v1/tickets", params={"account_id": account["id"], **params}))
+            assert [t["id"] for t in found["items"]] == expected, params
+        unknown = await mgr.get("/api/v1/tickets", params={f"custom.nope_{run}": "x"})
+        assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == f"custom.nope_{run}"
         for key in (caller, serial):
             assert (await admin.delete(f"/api/v1/custom-fields/ticket/{key}")).status_code == 204

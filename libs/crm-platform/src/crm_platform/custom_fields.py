@@ -7,7 +7,8 @@ contact, opportunity, ticket). A service stores its definitions, then on every w
     if errors: raise ValidationFailed(errors)
     stored = coerce(definitions, values)                         # canonical JSON-able values
 
-and for list filters `parse_filter(definition, text)` turns a query-string value into the stored form.
+and for list filters `parse_filter(definition, text)` turns a query-string value into the stored form
+(crm_platform.custom_field_filters builds the typed filters and their SQL from it).
 """
 
 import math
@@ -141,6 +142,8 @@ def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
                 number = float(text)
             except ValueError:
                 raise ValueError(f"{text!r} is not a number") from None
+            if not math.isfinite(number):  # "nan", "inf", "1e999": never stored, and not JSON
+                raise ValueError("must be a finite number")
             return int(number) if number.is_integer() else number
         case FieldType.BOOL:
             if text.lower() not in ("true", "false"):

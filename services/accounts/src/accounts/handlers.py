@@ -9,6 +9,7 @@ from typing import Any
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform.contact_points import normalise_email, normalise_phone
+from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.ids import new_id
@@ -107,27 +108,8 @@ async def _custom_values(
 
 async def custom_filters(
     conn: AsyncConnection, entity: str, pairs: Iterable[tuple[str, str]], *, field_prefix: str = "custom"
-) -> list[tuple[str, Any, bool]]:
-    pairs = list(pairs)
-    if not pairs:  # the common case costs no definitions lookup
-        return []
-    by_key = {d.key: d for d in await load_definitions(conn, repo.custom_fields, entity)}
-    result: list[tuple[str, Any, bool]] = []
-    errors: list[FieldError] = []
-    for key, text in pairs:
-        definition = by_key.get(key)
-        name = f"{field_prefix}.{key}"
-        if definition is None:
-            errors.append(FieldError(name, "is not a defined custom field"))
-            continue
-        try:
-            value = cf.parse_filter(definition, text)
-        except ValueError as error:
-            errors.append(FieldError(name, str(error)))
-            continue
-        result.append((key, value, definition.type == cf.FieldType.MULTI_ENUM))
-    _fail(errors)
-    return result
+) -> list[CustomFilter]:
+    return await load_filters(conn, repo.custom_fields, entity, pairs, prefix=field_prefix)
 
 
 # --- accounts --------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.outbox import add_messaging_tables
@@ -27,7 +28,6 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    bindparam,
     column,
     false,
     func,
@@ -272,24 +272,6 @@ def has_all_tags(conn: AsyncConnection, table: Table, tags: Sequence[str]) -> Co
     return and_(*clauses)
 
 
-def custom_equals(conn: AsyncConnection, table: Table, key: str, value: Any, *, multi: bool) -> ColumnElement[bool]:
-    """custom[key] equals the value (multi_enum: contains it)."""
-    if is_pg(conn):
-        return table.c.custom.op("@>")(bindparam(None, {key: [value] if multi else value}, type_=JSONB()))
-    path = f'$."{key}"'
-    if multi:
-        return (
-            select(literal(1))
-            .select_from(func.json_each(table.c.custom, path).table_valued("value"))
-            .where(column("value") == value)
-            .exists()
-        )
-    if isinstance(value, bool):
-        value = 1 if value else 0  # SQLite's json_extract yields 1/0 for JSON booleans
-    extracted: ColumnElement[Any] = func.json_extract(table.c.custom, path)
-    return extracted.__eq__(value)  # typed as ColumnElement[bool]
-
-
 def name_contains(table: Table, query: str) -> ColumnElement[bool]:
     """Case-insensitive substring match; served by the pg_trgm GIN index on PostgreSQL."""
     escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -382,8 +364,7 @@ class AccountFilter:
     parent_id: str = ""
     in_pool: bool | None = None
     created_after: datetime | None = None
-    # (key, stored value, multi_enum)
-    custom: list[tuple[str, Any, bool]] = field(default_factory=list)
+    custom: list[CustomFilter] = field(default_factory=list)
     include_merged: bool = False
     ids: list[str] = field(default_factory=list)
 
@@ -415,8 +396,7 @@ def account_conditions(conn: AsyncConnection, f: AccountFilter) -> list[ColumnEl
         where.append(t.c.in_pool.is_(f.in_pool))
     if f.created_after is not None:
         where.append(t.c.created_at > f.created_after)
-    for key, value, multi in f.custom:
-        where.append(custom_equals(conn, t, key, value, multi=multi))
+    where.extend(custom_clauses(conn, t.c.custom, f.custom))
     if f.ids:
         where.append(t.c.id.in_(f.ids))
     return where
@@ -468,7 +448,7 @@ class ContactFilter:
     tags: list[str] = field(default_factory=list)
     decision_roles: list[str] = field(default_factory=list)
     owner_id: str = ""
-    custom: list[tuple[str, Any, bool]] = field(default_factory=list)
+    custom: list[CustomFilter] = field(default_factory=list)
 
 
 async def list_contacts(
@@ -486,8 +466,7 @@ async def list_contacts(
         where.append(t.c.decision_role.in_(f.decision_roles))
     if f.owner_id:
         where.append(t.c.owner_id == f.owner_id)
-    for key, value, multi in f.custom:
-        where.append(custom_equals(conn, t, key, value, multi=multi))
+    where.extend(custom_clauses(conn, t.c.custom, f.custom))
     if scope is not None:
         where.append(scope_clause(t, scope))
     rows = list(await conn.execute(apply_page(select(t).where(*where), t, page)))

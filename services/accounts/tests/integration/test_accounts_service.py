@@ -292,9 +292,14 @@ async def test_hierarchy_custom_fields_and_filters(accounts_service: Running) ->
     good.custom.update({"channel": "partner"})
     created = (await svc.call("CreateAccount", pb.CreateAccountRequest(account=good), REP1)).account
     filtered = await svc.call(
-        "ListAccounts", pb.ListAccountsRequest(custom=[pb.CustomFieldFilter(key="channel", value="partner")]), REP1
+        "ListAccounts",
+        pb.ListAccountsRequest(custom=[custom_fields_pb2.CustomFieldFilter(key="channel", value="partner")]),
+        REP1,
     )
     assert [a.id for a in filtered.items] == [created.id]
+    nope = custom_fields_pb2.CustomFieldFilter(key="nope", value="x")
+    unknown = await svc.fails("ListAccounts", pb.ListAccountsRequest(custom=[nope]), REP1)
+    assert unknown.code == grpc.StatusCode.INVALID_ARGUMENT and unknown.field_errors[0].field == "custom.nope"
     children = await svc.call("ListAccounts", pb.ListAccountsRequest(parent_id=parent.id), REP1)
     assert [a.id for a in children.items] == [child.id]
     search = await svc.call("ListAccounts", pb.ListAccountsRequest(q="child"), REP1)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import (
@@ -306,6 +307,8 @@ class LeadFilters:
     source_detail: str = ""
     in_pool: bool | None = None
     min_score: int = 0
+    # `?custom.<key>=value` pairs, typed against the lead definitions (crm_platform.custom_field_filters).
+    custom: Sequence[tuple[str, str]] = ()
 
 
 SORTS = {
@@ -690,7 +693,9 @@ class LeadsService:
                 )
             return row
 
-    def _filtered(self, conn: AsyncConnection, query: Select[Any], f: LeadFilters) -> Select[Any]:
+    def _filtered(
+        self, conn: AsyncConnection, query: Select[Any], f: LeadFilters, custom: Sequence[CustomFilter] = ()
+    ) -> Select[Any]:
         c = repo.leads.c
         bad = [s for s in f.statuses if s not in domain.STATUSES]
         if bad:
@@ -723,13 +728,17 @@ class LeadsService:
             query = query.where(c.in_pool == f.in_pool)
         if f.min_score:
             query = query.where(c.score >= f.min_score)
+        if custom:
+            query = query.where(*custom_clauses(conn, c.custom, custom))
         return query
 
     async def list_leads(self, f: LeadFilters, *, limit: int, cursor: str, sort: str) -> tuple[list[RowMapping], str]:
         size = page_limit(limit)
         column, descending = parse_sort(sort, SORTS, default="-created_at")
+        # Typed against the definitions the lead writes are validated with (this replica's cache).
+        custom = typed_filters((await self.rules.get()).custom_fields, f.custom) if f.custom else []
         async with self.engine.connect() as conn:
-            query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f)
+            query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f, custom)
             query = keyset_page(
                 query, sort_column=column, id_column=repo.leads.c.id, descending=descending, cursor=cursor, limit=size
             )

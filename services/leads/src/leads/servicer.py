@@ -130,6 +130,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             source_detail=request.source_detail,
             in_pool=in_pool,
             min_score=request.min_score,
+            custom=[(c.key, c.value) for c in request.custom],
         )
         rows, cursor = await self.service.list_leads(
             filters, limit=request.page.limit, cursor=request.page.cursor, sort=request.page.sort

@@ -343,3 +343,53 @@ async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
         await other_engine.dispose()
     assert sum(acted) == 12 and sum(acted_again) == 0
     assert (await outbox_types(env)).count("crm.leads.lead.follow_up_overdue") == 12
+
+
+async def test_leads_are_filtered_by_custom_fields(env: Any) -> None:
+    """`ListLeads(custom=[...])`: typed by the definitions (JSONB containment, GIN-indexed);
+    an undefined key or a value not of the field's type is refused naming `custom.<key>`."""
+    from crm.common.v1 import custom_fields_pb2 as cf_pb
+    from crm.leads.v1 import leads_service_pb2
+    from leads.__main__ import custom_field_servicer
+    from leads.servicer import LeadsServicer
+    from sqlalchemy import text
+
+    definitions = custom_field_servicer(env.service)
+    servicer = LeadsServicer(env.service)
+
+    async def listed(*pairs: tuple[str, str], **filters: Any) -> list[str]:
+        custom = [cf_pb.CustomFieldFilter(key=key, value=value) for key, value in pairs]
+        request = leads_service_pb2.ListLeadsRequest(custom=custom, **filters)
+        return sorted(lead.name for lead in (await servicer.ListLeads(request, None)).items)
+
+    with env.acting("admin", roles=("admin",)):
+        for key, kind, options in (
+            ("seats", "number", []),
+            ("vip", "bool", []),
+            ("products", "multi_enum", ["crm", "erp"]),
+        ):
+            definition = cf_pb.CustomFieldDefinition(entity="lead", key=key, label=key, type=kind, options=options)
+            await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
+        await env.service.create_lead(
+            {"name": "big", "custom": {"seats": 120, "vip": True, "products": ["erp", "crm"]}}
+        )
+        await env.service.create_lead({"name": "small", "custom": {"seats": 3, "vip": False, "products": ["crm"]}})
+        await env.service.create_lead({"name": "plain"})
+
+        assert await listed(("seats", "120")) == ["big"]
+        assert await listed(("seats", "120.0"), ("vip", "true")) == ["big"]
+        assert await listed(("vip", "false")) == ["small"]
+        assert await listed(("products", "crm")) == ["big", "small"]
+        assert await listed(("products", "erp"), ("vip", "false")) == []
+        assert await listed(("products", "crm"), q="sma") == ["small"]
+        assert await listed() == ["big", "plain", "small"]
+        with pytest.raises(ValidationFailed) as unknown:
+            await listed(("colour", "red"))
+        assert [e.field for e in unknown.value.errors] == ["custom.colour"]
+        with pytest.raises(ValidationFailed) as wrong:
+            await listed(("seats", "many"), ("products", "hr"))
+        assert [e.field for e in wrong.value.errors] == ["custom.seats", "custom.products"]
+
+    async with env.engine.connect() as conn:
+        index = await conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_leads_custom_gin'"))
+    assert index is not None and "jsonb_path_ops" in index

@@ -13,6 +13,7 @@ from typing import Any
 
 from crm.sales.v1 import events_pb2, sales_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
@@ -506,6 +507,7 @@ class SalesHandlers:
         product_line: str = "",
         q: str = "",
         rotting_only: bool = False,
+        custom: Sequence[tuple[str, str]] = (),
     ) -> PageOf:
         o = r.opportunities
         query = select(o).where(scope_clause(o, current_scope()))
@@ -539,10 +541,12 @@ class SalesHandlers:
         }
         column, descending = parse_sort(page.sort, sortable, default="-created_at")
         limit = page_limit(page.limit)
-        query = keyset_page(
-            query, sort_column=column, id_column=o.c.id, descending=descending, cursor=page.cursor, limit=limit
-        )
         async with self.engine.connect() as conn:
+            filters = await load_filters(conn, r.custom_fields, OPPORTUNITY_ENTITY, custom)
+            query = query.where(*custom_clauses(conn, o.c.custom, filters))
+            query = keyset_page(
+                query, sort_column=column, id_column=o.c.id, descending=descending, cursor=page.cursor, limit=limit
+            )
             rows = (await conn.execute(query)).mappings().all()
             items = await self._read_out(conn, rows[:limit])
         return PageOf(items, next_cursor(rows, sort_key=column.key, limit=limit))

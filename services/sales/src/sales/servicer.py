@@ -240,6 +240,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             product_line=request.product_line,
             q=request.q,
             rotting_only=request.rotting_only,
+            custom=[(c.key, c.value) for c in request.custom],
         )
         return pb.ListOpportunitiesResponse(items=page.items, page_info=page_info(page.next_cursor))
 

@@ -703,6 +703,53 @@ async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) 
         await definitions.DeleteCustomField(channel, None)
 
 
+async def test_opportunities_are_filtered_by_custom_fields(sales: SalesHandlers, engine: AsyncEngine) -> None:
+    """`ListOpportunities(custom=[...])` through the servicer: typed by the definitions (JSONB
+    containment, GIN-indexed); an undefined key or an ill-typed value is refused naming `custom.<key>`."""
+    from crm.sales.v1 import sales_service_pb2 as pb
+    from sales.servicer import SalesServicer
+    from sqlalchemy import text
+
+    definitions = CustomFieldServicer(sales.engine, custom_fields, entities=(OPPORTUNITY_ENTITY,))
+    for key, kind, options in (
+        ("channel", "enum", ["direct", "partner"]),
+        ("fleet", "number", []),
+        ("due", "date", []),
+    ):
+        definition = cf_pb.CustomFieldDefinition(entity="opportunity", key=key, label=key, type=kind, options=options)
+        await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
+    servicer = SalesServicer(sales)
+
+    async def listed(*pairs: tuple[str, str], **filters: Any) -> list[str]:
+        custom = [cf_pb.CustomFieldFilter(key=key, value=value) for key, value in pairs]
+        reply = await servicer.ListOpportunities(pb.ListOpportunitiesRequest(custom=custom, **filters), None)
+        return sorted(o.name for o in reply.items)
+
+    with as_user("rep1", "sales_rep"):
+        await sales.create_opportunity(
+            OpportunityIn(
+                account_id="a1", name="fleet", custom={"channel": "partner", "fleet": 40, "due": "2026-06-30"}
+            )
+        )
+        await sales.create_opportunity(
+            OpportunityIn(account_id="a2", name="single", custom={"channel": "direct", "fleet": 1})
+        )
+        await sales.create_opportunity(OpportunityIn(account_id="a3", name="plain"))
+        assert await listed(("channel", "partner")) == ["fleet"]
+        assert await listed(("fleet", "1.0")) == ["single"]
+        assert await listed(("due", "2026-06-30"), ("fleet", "40")) == ["fleet"]
+        assert await listed(("channel", "direct"), account_id="a1") == []
+        assert await listed() == ["fleet", "plain", "single"]
+        with pytest.raises(ValidationFailed) as refused:
+            await listed(("colour", "red"), ("channel", "tv"), ("due", "tomorrow"))
+        assert [e.field for e in refused.value.errors] == ["custom.colour", "custom.channel", "custom.due"]
+    async with engine.connect() as conn:
+        index = await conn.scalar(
+            text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_opportunities_custom_gin'")
+        )
+    assert index is not None and "jsonb_path_ops" in index
+
+
 async def test_deals_rot_after_their_stage_rotting_days(sales: SalesHandlers, clock: Clock) -> None:
     with as_user("rep1", "sales_rep"):
         fresh = await sales.create_opportunity(OpportunityIn(account_id="a", name="fresh"))

@@ -1,13 +1,14 @@
 """Use cases of the service desk: one function per command, each in one unit of work that writes
 the change and its events (outbox) together."""
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from crm.servicedesk.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
@@ -310,12 +311,15 @@ async def _store(conn: AsyncConnection, t: Mapping[str, Any]) -> None:
     await conn.execute(update(repo.tickets).where(repo.tickets.c.id == t["id"]).values(**t))
 
 
-async def list_tickets(ctx: Context, f: TicketFilter, page: Page) -> tuple[list[Any], str]:
+async def list_tickets(
+    ctx: Context, f: TicketFilter, page: Page, custom_pairs: Sequence[tuple[str, str]] = ()
+) -> tuple[list[Any], str]:
     errors = [FieldError("statuses", f"unknown status {s!r}") for s in f.statuses if s not in domain.STATUSES]
     errors += [FieldError("priorities", f"unknown priority {p!r}") for p in f.priorities if p not in domain.PRIORITIES]
     errors += [FieldError("channels", f"unknown channel {c!r}") for c in f.channels if c not in domain.CHANNELS]
     _fail(errors)
     async with ctx.uow.engine.connect() as conn:
+        f.custom = await load_filters(conn, repo.custom_fields, TICKET_ENTITY, custom_pairs)
         return await repo.list_tickets(conn, current_scope(), f, limit=page.limit, cursor=page.cursor, sort=page.sort)
 
 

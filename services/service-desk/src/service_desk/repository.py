@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
@@ -32,6 +33,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 metadata = MetaData()
@@ -59,7 +61,8 @@ tickets = Table(
     Column("team", String(100), nullable=False, server_default=""),
     Column("region", String(100), nullable=False, server_default=""),
     Column("tags", JSON, nullable=False),
-    Column("custom", JSON, nullable=False, server_default="{}"),
+    # jsonb on PostgreSQL (migration 0005): `?custom.<key>=` filters are containment, GIN-indexed.
+    Column("custom", JSON().with_variant(JSONB(), "postgresql"), nullable=False, server_default="{}"),
     Column("escalated", Boolean, nullable=False, server_default=false()),
     Column("escalation_reason", String(100), nullable=False, server_default=""),
     Column("created_by_id", String(64), nullable=False, server_default=""),
@@ -276,6 +279,7 @@ class TicketFilter:
     escalated: bool | None = None
     created_after: datetime | None = None
     q: str = ""
+    custom: list[CustomFilter] = field(default_factory=list)
 
 
 TICKET_SORTS = {
@@ -300,6 +304,7 @@ async def list_tickets(
         conditions.append(t.c.created_at > f.created_after)
     if f.q:
         conditions.append(func.lower(t.c.subject).contains(f.q.lower(), autoescape=True))
+    conditions += custom_clauses(conn, t.c.custom, f.custom)
     return await _page(conn, select(t).where(and_(*conditions)), TICKET_SORTS, t.c.id, limit, cursor, sort)
 
 

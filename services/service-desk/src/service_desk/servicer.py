@@ -129,7 +129,8 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             created_after=from_timestamp(request.created_after) if request.HasField("created_after") else None,
             q=request.q,
         )
-        rows, cursor = await handlers.list_tickets(self.ctx, f, _page(request.page))
+        custom = [(c.key, c.value) for c in request.custom]
+        rows, cursor = await handlers.list_tickets(self.ctx, f, _page(request.page), custom)
         return pb.ListTicketsResponse(items=[ticket_to_proto(r) for r in rows], page_info=_info(cursor))
 
     async def ChangeTicketStatus(

@@ -342,3 +342,62 @@ async def test_sla_timer_warns_then_breaches_exactly_once_with_racing_replicas(p
     finally:
         for engine in engines:
             await engine.dispose()
+
+
+async def test_tickets_are_filtered_by_custom_fields(postgres_url: str) -> None:
+    """`ListTickets(custom=[...])` through the servicer: typed by the definitions, on the jsonb
+    column (migration 0005) with its GIN index; an undefined key or an ill-typed value is refused
+    naming `custom.<key>`."""
+    from crm.common.v1 import custom_fields_pb2 as cf_pb
+    from crm_platform.custom_fields_service import CustomFieldServicer
+    from crm_platform.errors import ValidationFailed
+    from service_desk.servicer import ServiceDeskServicer
+    from sqlalchemy import text
+
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    engine = create_engine(postgres_url)
+    try:
+        ctx = Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), return_visit_days=2)
+        definitions = CustomFieldServicer(engine, repo.custom_fields, entities=(handlers.TICKET_ENTITY,))
+        for key, kind in (("serial", "text"), ("under_warranty", "bool"), ("units", "number")):
+            definition = cf_pb.CustomFieldDefinition(entity="ticket", key=key, label=key, type=kind)
+            await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)
+        servicer = ServiceDeskServicer(ctx)
+
+        async def listed(*pairs: tuple[str, str], **filters: Any) -> list[str]:
+            custom = [cf_pb.CustomFieldFilter(key=key, value=value) for key, value in pairs]
+            reply = await servicer.ListTickets(pb.ListTicketsRequest(custom=custom, **filters), None)
+            return sorted(t.subject for t in reply.items)
+
+        with acting_as(*ADMIN):
+            for subject, custom in (
+                ("drone", {"serial": "SN-1", "under_warranty": True, "units": 2}),
+                ("router", {"serial": "SN-2", "under_warranty": False, "units": 2}),
+                ("question", {}),
+            ):
+                await handlers.create_ticket(
+                    ctx,
+                    {"subject": subject, "channel": "web", "custom": custom},
+                    idempotency_key="",
+                    skip_dispatch=True,
+                )
+            assert await listed(("serial", "SN-2")) == ["router"]
+            assert await listed(("under_warranty", "true")) == ["drone"]
+            assert await listed(("units", "2")) == ["drone", "router"]
+            assert await listed(("units", "2"), ("under_warranty", "false")) == ["router"]
+            assert await listed(("serial", "SN-1"), q="router") == []
+            assert await listed() == ["drone", "question", "router"]
+            with pytest.raises(ValidationFailed) as refused:
+                await listed(("colour", "red"), ("units", "two"), ("under_warranty", "maybe"))
+            assert [e.field for e in refused.value.errors] == ["custom.colour", "custom.units", "custom.under_warranty"]
+        async with engine.connect() as conn:
+            kind = await conn.scalar(
+                text(
+                    "SELECT data_type FROM information_schema.columns"
+                    " WHERE table_name = 'tickets' AND column_name = 'custom'"
+                )
+            )
+            index = await conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_tickets_custom_gin'"))
+        assert kind == "jsonb" and index is not None and "jsonb_path_ops" in index
+    finally:
+        await engine.dispose()

@@ -164,6 +164,13 @@ async def test_ticket_custom_fields_validated_and_merged(ctx: Context) -> None:
         )  # fmt: skip
         updated = await handlers.update_ticket(ctx, ticket["id"], {"custom": {"severity": "major"}}, expected_version=1)
         assert updated["custom"] == {"serial_no": "A1", "severity": "major"} and updated["version"] == 2
+        # List filters by custom field (JSON1 on SQLite), typed by the definitions.
+        for pairs, expected in (([("severity", "major")], [ticket["id"]]), ([("severity", "minor")], [])):
+            rows, _ = await handlers.list_tickets(ctx, TicketFilter(), Page(), pairs)
+            assert [r.id for r in rows] == expected
+        with pytest.raises(ValidationFailed) as caught:
+            await handlers.list_tickets(ctx, TicketFilter(), Page(), [("severity", "huge")])
+        assert caught.value.errors[0].field == "custom.severity"
         listed = await definitions.ListCustomFields(cf_pb.ListCustomFieldsRequest(entity="ticket"), None)
         assert [d.key for d in listed.items] == ["serial_no", "severity"]
         severity = cf_pb.DeleteCustomFieldRequest(entity="ticket", key="severity")

@@ -3,7 +3,7 @@ tasks, reminder rules, segments and the composed 360° view (custom field defini
 custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.security)."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
@@ -27,10 +27,13 @@ from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import http_status_of
-from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routers.custom_fields import check_custom_filters, custom_filters, presenter, readable_custom_keys
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.security import Access, require
+from gateway.security.masking import mask_value
+from gateway.security.policy import FieldRule
+from gateway.security.problems import SecurityProblem, forbidden
 from gateway.upstreams import UpstreamNotConfigured, Upstreams
 
 router = APIRouter(tags=["accounts"])
@@ -508,8 +511,21 @@ def _task_input(values: dict[str, Any]) -> pb.TaskInput:
     return message
 
 
-async def _custom_filters(access: Access) -> list[pb.CustomFieldFilter]:
-    return [pb.CustomFieldFilter(key=key, value=value) for key, value in await custom_filters(access)]
+# The accounts field each account list filter reads: the query parameters of GET /accounts and the
+# filters a saved segment stores (`custom.<key>`: routers/custom_fields.check_custom_filters).
+ACCOUNT_FILTER_FIELDS = {
+    "q": "name",
+    "tier": "tier",
+    "lifecycle": "lifecycle",
+    "region": "region",
+    "industry": "industry",
+    "owner_id": "owner_id",
+    "team": "team",
+    "tag": "tags",
+    "parent_id": "parent_id",
+    "in_pool": "in_pool",
+    "created_after": "created_at",
+}
 
 
 def _me(value: str | None, access: Access) -> str:
@@ -571,18 +587,22 @@ async def list_accounts(
     sort: Annotated[str | None, Query(description="created_at, name, updated_at; - for descending")] = None,
 ) -> dict[str, Any]:
     filters = {
+        "q": q or None,
         "tier": tier,
         "lifecycle": lifecycle,
         "region": region,
         "industry": industry,
         "owner_id": owner_id,
         "team": team,
-        "tags": tag,
+        "tag": tag,
         "parent_id": parent_id,
         "in_pool": in_pool,
         "created_after": created_after,
     }
-    access.check_filter(name for name, value in filters.items() if value is not None)
+    access.check_filter(ACCOUNT_FILTER_FIELDS[name] for name, value in filters.items() if value is not None)
+    custom = await custom_filters(access)
+    if segment_id:
+        await check_saved_segment(access, segment_id)
     request_message = pb.ListAccountsRequest(
         page=_page(limit, cursor, sort, access),
         q=q or "",
@@ -595,7 +615,7 @@ async def list_accounts(
         tags=tag or [],
         parent_id=parent_id or "",
         in_pool="" if in_pool is None else str(in_pool).lower(),
-        custom=await _custom_filters(access),
+        custom=custom,
         segment_id=segment_id or "",
     )
     if created_after is not None:
@@ -882,7 +902,7 @@ async def _list_contacts(
             tags=tag or [],
             decision_roles=_split(decision_role),
             owner_id=_me(owner_id, access),
-            custom=await _custom_filters(access),
+            custom=await custom_filters(access),
         ),
         metadata=access.grpc_metadata(),
     )
@@ -1171,12 +1191,73 @@ def _rule_dict(r: accounts_pb2.ReminderRule) -> dict[str, Any]:
 # --- segments --------------------------------------------------------------------------------------------
 
 
+def segment_filter_names(s: accounts_pb2.Segment) -> list[str]:
+    return [*s.filters, *(["tag"] if s.tags else [])]
+
+
+async def check_segment_filters(view: Access, names: Iterable[str], segment: str) -> None:
+    """A segment's filters pass the checks of GET /accounts' own (`view`: the caller's access to
+    accounts): 403 naming `filters.<name>` for a field the caller may not filter by — hidden or
+    masked by the field rules, or a custom field defined as pii for a caller who sees personal data
+    masked. Otherwise a saved filter would test guesses of values the caller sees masked."""
+    for name in names:
+        try:
+            if name.startswith("custom."):
+                await check_custom_filters(view, [name.removeprefix("custom.")])
+            else:
+                view.check_filter([ACCOUNT_FILTER_FIELDS.get(name, name)])
+        except SecurityProblem as problem:
+            if problem.status != 403:
+                raise
+            raise forbidden(f"{problem.detail} ({segment})", field=f"filters.{name}") from None
+
+
+async def check_saved_segment(access: Access, segment_id: str) -> None:
+    """Before a list applies a saved segment (`?segment_id=`, `access`: to accounts): its filters
+    pass the same checks as the query's own. It may be a team segment saved by someone who reads
+    more, and would otherwise test guesses of values this caller sees masked."""
+    reply = await _stub(access.request).GetSegment(
+        pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata()
+    )
+    await check_segment_filters(access, segment_filter_names(reply.segment), f"segment {segment_id}")
+
+
+async def _clear_filters(view: Access | None, names: Iterable[str]) -> set[str]:
+    """The filter names among `names` whose field the caller reads in clear (`view`: their access to
+    accounts, None when they may not read accounts: then none)."""
+    names = list(names)
+    if view is None:
+        return set()
+    custom = await readable_custom_keys(view, [n.removeprefix("custom.") for n in names if n.startswith("custom.")])
+    return {
+        name
+        for name in names
+        if (
+            name.removeprefix("custom.") in custom
+            if name.startswith("custom.")
+            else view.decision.read_rule(ACCOUNT_FILTER_FIELDS.get(name, name)) >= FieldRule.READ
+        )
+    }
+
+
+async def _shown_segments(access: Access, segments: Iterable[accounts_pb2.Segment]) -> list[dict[str, Any]]:
+    """The segments as the caller may see them: the value of a saved filter on a field the caller
+    does not read in clear (a teammate's team segment on a pii custom field, say) is masked."""
+    records = [segment_dict(s) for s in segments]
+    clear = await _clear_filters(access.view("accounts"), {name for r in records for name in r["filters"]})
+    for record in records:
+        record["filters"] = {
+            name: value if name in clear else mask_value(value, "text") for name, value in record["filters"].items()
+        }
+    return access.present_many(records)
+
+
 @router.get("/segments", response_model=SegmentPage, response_model_exclude_unset=True)
 async def list_segments(
     request: Request, access: Annotated[Access, Depends(require("segments", "read"))]
 ) -> dict[str, Any]:
     reply = await _stub(request).ListSegments(pb.ListSegmentsRequest(), metadata=access.grpc_metadata())
-    return _list_body(access.present_many(segment_dict(s) for s in reply.items), "")
+    return _list_body(await _shown_segments(access, reply.items), "")
 
 
 @router.post("/segments", status_code=201, response_model=SegmentOut, response_model_exclude_unset=True)
@@ -1186,6 +1267,11 @@ async def create_segment(
     access: Annotated[Access, Depends(require("segments", "create"))],
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
+    view = access.view("accounts")
+    if view is None and body.filters:
+        raise forbidden("you may not filter accounts", field="filters")
+    if view is not None:
+        await check_segment_filters(view, body.filters, "saved in a segment")
     filters = {k: ",".join(v) if isinstance(v, list) else v for k, v in body.filters.items() if k != "tag"}
     raw_tags = body.filters.get("tag", [])
     tags = [raw_tags] if isinstance(raw_tags, str) else raw_tags
@@ -1211,7 +1297,8 @@ async def get_segment(
     reply = await _stub(request).GetSegment(
         pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata()
     )
-    return access.present(segment_dict(reply.segment))
+    [shown] = await _shown_segments(access, [reply.segment])
+    return shown
 
 
 @router.delete("/segments/{segment_id}", status_code=204)

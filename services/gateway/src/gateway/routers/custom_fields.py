@@ -3,10 +3,11 @@ that owns the entity through crm.common.v1.CustomFieldService (every owner serve
 
 Every read path presents records with `presenter(access)` — the field rules plus the masking of
 custom values defined as personal data (pii) for callers who see personal data masked — and list
-routes check `?custom.<key>=` filters with `custom_filters(access)`."""
+routes of every entity pass `?custom.<key>=` filters to the owning service with `custom_filters(access)`
+(403 for a field the caller does not read in clear; `check_custom_filters` for saved filters)."""
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import custom_fields_pb2 as pb
@@ -17,7 +18,8 @@ from pydantic import BaseModel, Field
 
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
-from gateway.security.problems import SecurityProblem, forbidden
+from gateway.security.policy import FieldRule
+from gateway.security.problems import forbidden
 from gateway.upstreams import Upstreams
 
 router = APIRouter(tags=["custom fields"])
@@ -153,33 +155,41 @@ async def presenter(access: Access) -> Presenter:
     return present
 
 
-async def custom_filters(access: Access) -> list[tuple[str, str]]:
-    """The request's `?custom.<key>=value` filters as (key, value). Filtering by a custom field the
-    caller does not read in clear is a 403 naming `custom.<key>`, like filtering by a masked email
-    (it would reveal the value): a field hidden or masked by the field rules, or one defined as pii
-    for a caller who sees personal data masked."""
+async def check_custom_filters(access: Access, keys: Iterable[str]) -> None:
+    """403 naming `custom.<key>` when filtering by a custom field the caller does not read in clear,
+    like filtering by a masked email (it would reveal the value): a field hidden or masked by the
+    field rules, or one defined as pii for a caller who sees personal data masked."""
+    keys = list(keys)
+    if not keys:
+        return
+    access.check_filter(f"custom.{key}" for key in keys)
+    masked = await _masked_keys(access)
+    for key in keys:
+        if key in masked:
+            raise forbidden(f"you may not filter by field 'custom.{key}' of {access.resource}", field=f"custom.{key}")
+
+
+async def readable_custom_keys(access: Access, keys: Iterable[str]) -> frozenset[str]:
+    """The keys among `keys` whose custom field the caller reads in clear (`check_custom_filters`
+    passes for them): the others' filter values are masked where a saved filter is shown."""
+    keys = list(keys)
+    masked = await _masked_keys(access) if keys else frozenset()
+    return frozenset(
+        key for key in keys if key not in masked and access.decision.read_rule(f"custom.{key}") >= FieldRule.READ
+    )
+
+
+async def custom_filters(access: Access) -> list[pb.CustomFieldFilter]:
+    """The request's `?custom.<key>=value` filters for the owning service's list request, checked
+    with `check_custom_filters` (403 naming `custom.<key>`). The service answers 422 naming
+    `custom.<key>` for a key without a definition or a value not of the field's type."""
     filters = [
-        (name.removeprefix("custom."), value)
+        pb.CustomFieldFilter(key=name.removeprefix("custom."), value=value)
         for name, value in access.request.query_params.multi_items()
         if name.startswith("custom.")
     ]
-    access.check_filter(f"custom.{key}" for key, _ in filters)
-    masked = await _masked_keys(access) if filters else frozenset()
-    for key, _ in filters:
-        if key in masked:
-            raise forbidden(f"you may not filter by field 'custom.{key}' of {access.resource}", field=f"custom.{key}")
+    await check_custom_filters(access, (f.key for f in filters))
     return filters
-
-
-async def refuse_custom_filters(access: Access) -> None:
-    """For lists whose owning service cannot filter by custom fields: the checks of `custom_filters`
-    (403), then a filter the caller may use is a 422 rather than silently ignored."""
-    filters = await custom_filters(access)
-    if filters:
-        field = f"custom.{filters[0][0]}"
-        raise SecurityProblem(
-            422, "Unprocessable Content", f"{access.resource} cannot be filtered by custom fields", field=field
-        )
 
 
 @router.get("/custom-fields/{entity}", response_model=CustomFieldPage, response_model_exclude_unset=True)

@@ -18,6 +18,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
+from gateway.routers.accounts import check_saved_segment
 from gateway.routers.custom_fields import presenter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import Access, runtime_of
@@ -64,6 +65,8 @@ async def export_resource(
             # Full-text search matches personal data: only for callers who read it in clear.
             named += [name for name, spec in access.spec.fields.items() if spec is not None and spec.pii]
         access.check_filter(named)
+        if resource == "accounts" and filters.get("segment_id"):
+            await check_saved_segment(access, filters["segment_id"])
     except SecurityProblem as problem:
         if problem.status == 403:
             await runtime.audit_denied(request, principal, resource, "export", problem)

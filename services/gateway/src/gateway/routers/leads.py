@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
-from gateway.routers.custom_fields import presenter, refuse_custom_filters
+from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.security import Access, require
 
 router = APIRouter(tags=["leads"])
@@ -354,7 +354,7 @@ async def list_leads(
     access.check_filter([name for name, value in filters.items() if value] + [sort])
     if q:
         access.check_filter(["name", "company", "email"])
-    await refuse_custom_filters(access)
+    custom = await custom_filters(access)
     if owner_id == "me":
         owner_id = access.principal.user_id
     reply = await _stub(request).ListLeads(
@@ -375,6 +375,7 @@ async def list_leads(
             source_detail=source_detail,
             in_pool="" if in_pool is None else str(in_pool).lower(),
             min_score=min_score,
+            custom=custom,
         ),
         metadata=access.grpc_metadata(),
     )

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.routers.custom_fields import presenter, refuse_custom_filters
+from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.security import Access, require
 from gateway.upstreams import Upstreams
 
@@ -603,7 +603,7 @@ async def list_opportunities(
     filters = {"account_id": account_id, "status": status, "owner_id": owner_id, "team": team, "stage": stage,
                "pipeline_id": pipeline_id, "product_line": product_line, "name": q}  # fmt: skip
     access.check_filter(name for name, value in filters.items() if value is not None)
-    await refuse_custom_filters(access)
+    custom = await custom_filters(access)
     statuses = [part.strip() for value in status or [] for part in value.split(",") if part.strip()]
     reply = await _stub(request).ListOpportunities(
         pb.ListOpportunitiesRequest(
@@ -617,6 +617,7 @@ async def list_opportunities(
             product_line=product_line or "",
             q=q or "",
             rotting_only=rotting,
+            custom=custom,
         ),
         metadata=access.grpc_metadata(),
     )

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
 from gateway.conventions import expected_version, with_etag
-from gateway.routers.custom_fields import presenter, refuse_custom_filters
+from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.security import Access, require
 
 router = APIRouter(tags=["service desk"])
@@ -253,7 +253,7 @@ async def list_tickets(
         "subject": q,
     }
     access.check_filter([name for name, value in filters.items() if value] + [sort])
-    await refuse_custom_filters(access)
+    custom = await custom_filters(access)
     if assignee_id == "me":
         assignee_id = access.principal.user_id
     statuses: list[str] = list(status or [])
@@ -273,6 +273,7 @@ async def list_tickets(
             escalated="" if escalated is None else str(escalated).lower(),
             created_after=to_timestamp(created_after) if created_after else None,
             q=q,
+            custom=custom,
         ),
         metadata=access.grpc_metadata(),
     )

@@ -23,7 +23,8 @@ A route declares its resource and action; everything else follows from the polic
     access.masks_personal_data()      does the caller see personal data (pii fields) masked? Records with
                                       custom fields are presented by gateway.routers.custom_fields.presenter(access),
                                       which masks the custom values defined as pii for such callers, and list
-                                      routes check `?custom.<key>=` filters with custom_filters(access)
+                                      routes check `?custom.<key>=` filters with custom_filters(access);
+                                      saved filters (segments) pass the same checks when saved and when used
     access.page_limit(limit)          the page size capped at CRM_GATEWAY_MAX_PAGE_SIZE
     access.ensure("assign")           403 unless the caller may also do another action on this resource
     access.view("contacts")           Access to another resource for a composed view, or None
