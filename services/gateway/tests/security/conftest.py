@@ -15,6 +15,8 @@ from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.ids import new_id
 from fastapi import APIRouter, Body, Depends, FastAPI, Request
+from gateway.app import create_app
+from gateway.config import Settings
 from gateway.errors import install_error_handlers
 from gateway.middleware import RequestContextMiddleware
 from gateway.routers import api_keys as api_keys_router
@@ -294,3 +296,43 @@ AuthHeaders = Callable[..., dict[str, str]]
 def auth_headers() -> AuthHeaders:
     """`auth_headers("sales_rep", sub=..., team=..., region=...)` -> an Authorization header."""
     return auth
+
+
+REAL_APP_SECRET = "real-app-secret-" + "z" * 30
+
+
+@pytest.fixture
+async def real_app(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[FastAPI]:
+    """The real gateway app with no upstream configured (a call that gets past the gateway's own
+    checks answers 503 at once); tokens from `real_app_auth`."""
+    database = tmp_path / "gateway.db"
+    shutil.copyfile(migrated_sqlite, database)
+    settings = Settings(
+        dev_mode=True,
+        dev_jwt_secret=REAL_APP_SECRET,
+        database_url=f"sqlite+aiosqlite:///{database}",
+        leads_target="",
+        accounts_target="",
+        sales_target="",
+        service_desk_target="",
+        analytics_target="",
+        rate_limit_per_second=10_000.0,
+        rate_limit_burst=100_000,
+        audit_relay_enabled=False,
+    )
+    app = create_app(settings)
+    await app.state.security.start(migrate=False, relay=False)
+    yield app
+    await app.state.upstreams.close()
+    await app.state.security.stop()
+
+
+@pytest.fixture
+def real_app_auth() -> AuthHeaders:
+    """`real_app_auth("sales_rep")` -> an Authorization header the `real_app` accepts."""
+
+    def headers(role: str, sub: str = "u-real") -> dict[str, str]:
+        token = issue_dev_token(secret=REAL_APP_SECRET, sub=sub, roles=[role], team="team-a", region="north")
+        return {"Authorization": f"Bearer {token}"}
+
+    return headers

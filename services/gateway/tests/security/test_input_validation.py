@@ -6,22 +6,16 @@ compare. The real app runs without upstreams: a request that gets past the gatew
 answers 503 (no service configured), one that does not answers 422."""
 
 import json
-import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_text
-from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
 
-SECRET = "input-validation-secret-" + "v" * 30
 STAGES = [
     {"key": "a", "name": "A", "probability": "10"},
     {"key": "w", "name": "W", "probability": "100", "outcome": "won"},
@@ -30,34 +24,12 @@ STAGES = [
 
 
 @pytest.fixture
-async def client(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[httpx.AsyncClient]:
-    database = tmp_path / "gateway.db"
-    shutil.copyfile(migrated_sqlite, database)
-    settings = Settings(
-        dev_mode=True,
-        dev_jwt_secret=SECRET,
-        database_url=f"sqlite+aiosqlite:///{database}",
-        leads_target="",
-        accounts_target="",
-        sales_target="",
-        service_desk_target="",
-        analytics_target="",
-        rate_limit_per_second=10_000.0,
-        rate_limit_burst=100_000,
-        audit_relay_enabled=False,
-    )
-    app: FastAPI = create_app(settings)
-    await app.state.security.start(migrate=False, relay=False)
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway", headers=_auth("admin")) as http:
+async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
+    ) as http:
         yield http
-    await app.state.upstreams.close()
-    await app.state.security.stop()
-
-
-def _auth(role: str) -> dict[str, str]:
-    token = issue_dev_token(secret=SECRET, sub="u-input", roles=[role], team="team-a", region="north")
-    return {"Authorization": f"Bearer {token}"}
 
 
 def _fields(response: httpx.Response) -> list[str]:
@@ -139,11 +111,11 @@ async def test_unstorable_text_is_422_naming_the_field(
     assert _fields(response) == fields
 
 
-async def test_security_answers_before_text_validation(client: httpx.AsyncClient) -> None:
+async def test_security_answers_before_text_validation(client: httpx.AsyncClient, real_app_auth: Any) -> None:
     body = {"name": "n\x00", "inactive_days": 3}
     unauthenticated = await client.post("/api/v1/reminder-rules", json=body, headers={"Authorization": ""})
     assert unauthenticated.status_code == 401
-    forbidden = await client.post("/api/v1/reminder-rules", json=body, headers=_auth("sales_rep"))
+    forbidden = await client.post("/api/v1/reminder-rules", json=body, headers=real_app_auth("sales_rep"))
     assert forbidden.status_code == 403
 
 

@@ -7,9 +7,7 @@ No services run here (no upstream is configured, so calls answer 503 at once): a
 in 4xx/5xx from the missing upstream or the empty body, which is fine — what is checked is the
 security decision."""
 
-import shutil
 import warnings
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from gateway.config import Settings
 from gateway.security.exports import registered_exports
 from gateway.security.policy import PolicyError, load_policy
 from gateway.security.runtime import api_routes, authenticated_routes, declared_routes
-from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
 
@@ -34,30 +31,6 @@ PUBLIC = {
 }
 POLICY = load_policy()
 DUMMY_ID = "00000000-0000-7000-8000-000000000000"
-
-
-@pytest.fixture
-async def real_app(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[FastAPI]:
-    database = tmp_path / "gateway.db"
-    shutil.copyfile(migrated_sqlite, database)
-    settings = Settings(
-        dev_mode=True,
-        dev_jwt_secret=SECRET,
-        database_url=f"sqlite+aiosqlite:///{database}",
-        leads_target="",
-        accounts_target="",
-        sales_target="",
-        service_desk_target="",
-        analytics_target="",
-        rate_limit_per_second=10_000.0,
-        rate_limit_burst=100_000,
-        audit_relay_enabled=False,
-    )
-    app = create_app(settings)
-    await app.state.security.start(migrate=False, relay=False)
-    yield app
-    await app.state.upstreams.close()
-    await app.state.security.stop()
 
 
 def test_every_api_route_authenticates(real_app: FastAPI) -> None:
@@ -89,9 +62,8 @@ def concrete(path: str) -> str:
 
 
 @pytest.mark.parametrize("role", POLICY.roles)
-async def test_real_routes_follow_the_policy(role: str, real_app: FastAPI) -> None:
-    token = issue_dev_token(secret=SECRET, sub="u-real", roles=[role], team="team-a", region="north")
-    headers = {"Authorization": f"Bearer {token}"}
+async def test_real_routes_follow_the_policy(role: str, real_app: FastAPI, real_app_auth: Any) -> None:
+    headers = real_app_auth(role)
     mismatches: list[str] = []
     transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
