@@ -1,6 +1,8 @@
 """Dialect-specific statements (PostgreSQL in production, SQLite as the embedded default)."""
 
 import json
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import JSON, Table, select
@@ -24,10 +26,34 @@ async def bulk_insert(conn: AsyncConnection, table: Table, rows: list[dict[str, 
         await conn.execute(table.insert(), rows)
         return
     columns = list(rows[0])
-    json_columns = {name for name in columns if isinstance(table.c[name].type, JSON)}
-    records = [tuple(json.dumps(row[name]) if name in json_columns else row[name] for name in columns) for row in rows]
+    records = _records(rows, columns, [i for i, name in enumerate(columns) if isinstance(table.c[name].type, JSON)])
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     if not driver.is_in_transaction():
         await conn.execute(select(1))  # SQLAlchemy opens its transaction lazily, on the first statement
     await driver.copy_records_to_table(table.name, records=records, columns=columns)
+
+
+def _records(rows: list[dict[str, Any]], columns: list[str], json_positions: list[int]) -> list[Sequence[Any]]:
+    """The rows as COPY records, JSON columns as text: one itemgetter call per row (C), and the empty
+    lists and objects most rows carry (tags, custom) without a trip through the JSON encoder."""
+    pick: Callable[[dict[str, Any]], Sequence[Any]] = (
+        itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
+    )
+    if not json_positions:
+        return [pick(row) for row in rows]
+    records: list[Sequence[Any]] = []
+    for row in rows:
+        record = list(pick(row))
+        for i in json_positions:
+            record[i] = _json_text(record[i])
+        records.append(record)
+    return records
+
+
+def _json_text(value: Any) -> str:
+    if type(value) is list and not value:
+        return "[]"
+    if type(value) is dict and not value:
+        return "{}"
+    return json.dumps(value)

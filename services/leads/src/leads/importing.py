@@ -8,7 +8,7 @@ import codecs
 import csv
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,11 +61,33 @@ def unstorable_text(value: Any) -> str | None:
             return "is not valid UTF-8 text"
         return None
     if isinstance(value, dict):
+        if _storable_strings(value.keys()) and _storable_strings(value.values()):
+            return None  # every CSV row, most JSON ones: checked in one pass
         items: list[Any] = [*value.keys(), *value.values()]
         return next((p for p in map(unstorable_text, items) if p), None)
     if isinstance(value, list):
+        if _storable_strings(value):
+            return None
         return next((p for p in map(unstorable_text, value) if p), None)
     return None
+
+
+def _storable_strings(items: Iterable[Any]) -> bool:
+    """True when every item is a string and none holds a NUL or a lone surrogate (False decides
+    nothing: the caller then looks at each item). One join instead of a call per value."""
+    try:
+        text = "".join(items)
+    except TypeError:  # not only strings
+        return False
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def custom_key(header: str) -> str:
@@ -122,11 +144,11 @@ class RowMapper:
     def map(self, record: Mapping[str, Any]) -> dict[str, Any]:
         data: dict[str, Any] = {}
         custom: dict[str, Any] = {}
-        route = self._route
+        routes = self._targets  # per row and column: a dict lookup, no call
         for column, value in record.items():
             if value is None or value == "":
                 continue
-            target, key = route(column)
+            target, key = routes.get(column) or self._route(column)
             if not target:
                 custom[key] = value
             elif target == "tags":

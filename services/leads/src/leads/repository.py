@@ -93,6 +93,7 @@ leads = Table(
     Column("version", BigInteger, nullable=False, server_default="1"),
     # Keyset pages order by id (time-ordered), so every filter index ends with it.
     Index("ix_leads_status_id", "status", "id"),
+    Index("ix_leads_status_source_id", "status", "source", "id"),  # the list's most used filter pair
     Index("ix_leads_source_id", "source", "id"),
     Index("ix_leads_source_detail_id", "source_detail", "id"),
     Index("ix_leads_owner_status", "owner_id", "status", "id"),
