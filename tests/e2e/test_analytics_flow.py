@@ -100,3 +100,32 @@ async def test_reports_follow_rest_changes_through_events(stack: RunningStack) -
 
         bad = await analyst.get("/api/v1/reports/service", params={"currency": "yuan"})
         assert bad.status_code == 422, bad.text
+
+        # The same reports through the generic export route (`report=` chooses one), and the
+        # forecast: permissioned, in the caller's scope, audited.
+        generic = await analyst.get("/api/v1/exports/reports", params={"report": "lead-sources", "team": team})
+        assert generic.status_code == 200, generic.text
+        assert [(r["key"], r["leads"], r["contacted_rate"]) for r in csv.DictReader(io.StringIO(generic.text))] == [
+            ("event", "1", "0.0000"),
+            ("webform", "2", "0.5000"),
+        ]
+        stages = await manager.get("/api/v1/exports/reports", params={"report": "sales-funnel", "team": team})
+        assert stages.status_code == 200, stages.text
+        stage_rows = list(csv.DictReader(io.StringIO(stages.text)))
+        assert stage_rows[0]["stage"] and sum(int(row["count"]) for row in stage_rows) == 2
+        assert (await rep.get("/api/v1/exports/reports", params={"report": "service"})).status_code == 403
+        missing = await analyst.get("/api/v1/exports/reports")
+        assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "report"
+        forecast = await manager.get("/api/v1/exports/forecast", params={"team": team, "period": "quarter"})
+        assert forecast.status_code == 200, forecast.text
+        assert forecast.text.splitlines()[0] == "period,group,pipeline,weighted,commit,best_case,closed_won"
+        assert (await rep.get("/api/v1/exports/forecast")).status_code == 403
+
+    async with _client(stack, f"admin-{run}", ["admin"], team) as admin:
+        audited = _ok(await admin.get("/api/v1/audit-events", params={"action": "export", "limit": 500}))
+        exporters = {(e["resource"], e["actor"]["user_id"]) for e in audited["items"]}
+        assert {("reports", f"analyst-{run}"), ("reports", f"mgr-{run}"), ("forecast", f"mgr-{run}")} <= exporters
+        trail = await admin.get("/api/v1/exports/audit_events", params={"action": "export", "actor": f"mgr-{run}"})
+        assert trail.status_code == 200, trail.text
+        trail_rows = list(csv.DictReader(io.StringIO(trail.text)))
+        assert sorted(row["resource"] for row in trail_rows) == ["forecast", "reports"]

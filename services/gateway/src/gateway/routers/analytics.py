@@ -2,9 +2,9 @@
 
 Permissions come only from `require(...)`/`Access`; the analytics service limits rows to the
 caller's record scope. `?format=csv` returns the same report as CSV: it needs the `export` action
-as well, is rate limited with the other exports and audited. (The generic `/exports/{resource}`
-route streams one resource's records with policy-declared columns; a report is chosen per request
-and has its own columns, which that route cannot validate before it starts streaming.)
+as well, is rate limited with the other exports and audited. The same reports are exported through
+the generic route too: `GET /exports/reports?report=<name>&<the report's query parameters>`
+(registered below; the report's own row fields are the columns).
 
 Money is `{"amount": "12.50", "currency": "CNY"}`; rates and durations are decimal strings, null
 when undefined (nothing to divide by).
@@ -22,10 +22,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.security import Access, SecurityProblem, require
 from gateway.security.access import runtime_of
-from gateway.security.exports import csv_line
+from gateway.security.exports import csv_line, invalid_filter, register_export_source
 from gateway.security.problems import rate_limited
 
 router = APIRouter(tags=["analytics"])
@@ -254,10 +255,140 @@ async def data_completeness(
         pb.GetDataCompletenessRequest(filter=filters.proto()), metadata=access.grpc_metadata()
     )
     body = plain(reply)
+    return await _respond(request, access, "data-completeness", body, _completeness_rows(body), filters, format)
+
+
+def _completeness_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One CSV row per entity and field, the entity's overall completeness first."""
     overall = {"field": "(all key fields)", "filled": None}
-    per_field = [
+    return [
         {"entity": row["entity"], "records": row["records"], **fill}
         for row in body["rows"]
         for fill in [{**overall, "rate": row["completeness"]}, *row["fields"]]
     ]
-    return await _respond(request, access, "data-completeness", body, per_field, filters, format)
+
+
+# --- GET /exports/reports?report=<name>: the generic export route ----------------------------------
+
+# The query parameters of each report route besides the shared `Filters`.
+_REPORT_PARAMETERS: dict[str, frozenset[str]] = {
+    "sales-funnel": frozenset({"pipeline_id"}),
+    "lead-sources": frozenset({"group_by"}),
+    "rep-performance": frozenset(),
+    "service": frozenset(),
+    "customer-value": frozenset({"at_risk_only"}),
+    "data-completeness": frozenset(),
+}
+_SHARED_PARAMETERS = frozenset({"period_from", "period_to", "owner_id", "team", "source", "currency"})
+_MAX_LENGTHS = {"owner_id": 100, "team": 100, "source": 100, "currency": 3, "pipeline_id": 64}
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+
+
+class _ReportExport:
+    """`?report=` and the report's parameters, validated like the report route's query (422 naming
+    the parameter)."""
+
+    def __init__(self, filters: Mapping[str, str]) -> None:
+        name = filters.get("report", "")
+        if not name:
+            raise invalid_filter("report", f"filter 'report' is required: one of {', '.join(_REPORT_PARAMETERS)}")
+        self.report = name.replace("_", "-")
+        if self.report not in _REPORT_PARAMETERS:
+            raise invalid_filter("report", f"unknown report '{name}': one of {', '.join(_REPORT_PARAMETERS)}")
+        allowed = _SHARED_PARAMETERS | _REPORT_PARAMETERS[self.report] | {"report", "sort"}
+        for key, value in filters.items():
+            if key not in allowed:
+                raise invalid_filter(key, f"filter '{key}' does not apply to report {self.report}")
+            if len(value) > _MAX_LENGTHS.get(key, 500):
+                raise invalid_filter(key, f"filter '{key}' is too long")
+        self.filters = Filters(
+            period_from=self._datetime(filters, "period_from"),
+            period_to=self._datetime(filters, "period_to"),
+            owner_id=filters.get("owner_id", ""),
+            team=filters.get("team", ""),
+            source=filters.get("source", ""),
+            currency=filters.get("currency", ""),
+        )
+        self.pipeline_id = filters.get("pipeline_id", "")
+        self.group_by = filters.get("group_by", "source")
+        if self.group_by not in ("source", "campaign"):
+            raise invalid_filter("group_by", "filter 'group_by' must be source or campaign")
+        try:
+            self.at_risk_only = _BOOL.validate_python(filters.get("at_risk_only", "false"))
+        except ValidationError:
+            raise invalid_filter("at_risk_only", "filter 'at_risk_only' must be true or false") from None
+
+    @staticmethod
+    def _datetime(filters: Mapping[str, str], name: str) -> datetime | None:
+        if not filters.get(name):
+            return None
+        try:
+            return _DATETIME.validate_python(filters[name])
+        except ValidationError:
+            raise invalid_filter(name, f"filter '{name}' must be an RFC 3339 date-time") from None
+
+
+def _check_report_export(filters: Mapping[str, str]) -> None:
+    _ReportExport(filters)
+
+
+async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> AsyncIterator[Mapping[str, Any]]:
+    """The chosen report's rows in the caller's scope (the analytics service applies it), flattened
+    like the report's own CSV; customer value is paged through by its cursor."""
+    export = _ReportExport(filters)
+    stub = _stub(access.request)
+    metadata = access.grpc_metadata()
+    report_filter = export.filters.proto()
+    rows: list[dict[str, Any]]
+    match export.report:
+        case "customer-value":
+            cursor = ""
+            while True:
+                page = await stub.GetCustomerValue(
+                    pb.GetCustomerValueRequest(
+                        filter=report_filter,
+                        at_risk_only=export.at_risk_only,
+                        page=common_pb2.PageRequest(limit=access.page_limit(500), cursor=cursor),
+                    ),
+                    metadata=metadata,
+                )
+                for row in page.rows:
+                    yield _flat(plain(row))
+                cursor = page.page_info.next_cursor
+                if not cursor:
+                    return
+        case "sales-funnel":
+            funnel = await stub.GetSalesFunnel(
+                pb.GetSalesFunnelRequest(filter=report_filter, pipeline_id=export.pipeline_id), metadata=metadata
+            )
+            rows = plain(funnel)["stages"]
+        case "lead-sources":
+            grouping = pb.LEAD_GROUPING_CAMPAIGN if export.group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
+            sources = await stub.GetLeadSourceReport(
+                pb.GetLeadSourceReportRequest(filter=report_filter, group_by=grouping), metadata=metadata
+            )
+            rows = plain(sources)["rows"]
+        case "rep-performance":
+            reps = await stub.GetRepPerformance(pb.GetRepPerformanceRequest(filter=report_filter), metadata=metadata)
+            rows = plain(reps)["rows"]
+        case "service":
+            service_report = await stub.GetServiceReport(
+                pb.GetServiceReportRequest(filter=report_filter), metadata=metadata
+            )
+            rows = [plain(service_report)]
+        case _:
+            completeness = await stub.GetDataCompleteness(
+                pb.GetDataCompletenessRequest(filter=report_filter), metadata=metadata
+            )
+            rows = _completeness_rows(plain(completeness))
+    for row in rows:
+        yield _flat(row)
+
+
+register_export_source(
+    "reports",
+    _report_export_rows,
+    filters={"report", *_SHARED_PARAMETERS, *(name for names in _REPORT_PARAMETERS.values() for name in names)},
+    check=_check_report_export,
+)

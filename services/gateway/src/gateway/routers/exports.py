@@ -58,6 +58,8 @@ async def export_resource(
         unknown = sorted(set(filters) - source.filters - {"sort"})
         if unknown:
             raise SecurityProblem(422, "Unprocessable Content", f"unknown filter '{unknown[0]}'", field=unknown[0])
+        if source.check is not None:
+            source.check(filters)
         named = [name for name in filters if name not in ("sort", "q")]
         if "sort" in filters:
             named.append(filters["sort"])
@@ -124,7 +126,9 @@ async def export_resource(
     )
 
 
-# What can be exported: the owning services' List RPCs, paged through in the caller's scope.
+# What can be exported: the owning services' List RPCs, paged through in the caller's scope. Reports,
+# the forecast and the audit trail register their sources in their own routers (analytics, sales,
+# audit).
 for _resource, _listing in {
     "leads": GrpcListing("leads", LeadsServiceStub, "ListLeads", leads_pb.ListLeadsRequest),
     "campaigns": GrpcListing("leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest),
@@ -136,5 +140,16 @@ for _resource, _listing in {
     "payments": GrpcListing("sales", SalesServiceStub, "ListPayments", sales_pb.ListPaymentsRequest),
     "invoices": GrpcListing("sales", SalesServiceStub, "ListInvoices", sales_pb.ListInvoicesRequest),
     "tickets": GrpcListing("service_desk", ServiceDeskServiceStub, "ListTickets", servicedesk_pb.ListTicketsRequest),
+    "csat": GrpcListing(
+        "service_desk", ServiceDeskServiceStub, "ListCsatResponses", servicedesk_pb.ListCsatResponsesRequest
+    ),
+    # The accounts service lists activities per account (or a contact's account): one is required.
+    "activities": GrpcListing(
+        "accounts",
+        AccountsServiceStub,
+        "ListActivities",
+        accounts_pb.ListActivitiesRequest,
+        requires_one_of=("account_id", "contact_id"),
+    ),
 }.items():
     register_grpc_export(_resource, _listing)

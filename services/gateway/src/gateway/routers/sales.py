@@ -6,6 +6,7 @@ Permissions come only from `require(...)`/`Access` (gateway.security); approvals
 approval chain waits for. Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
 """
 
+from collections.abc import AsyncIterator, Mapping
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ from pydantic import BaseModel, Field
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.security import Access, require
+from gateway.security.exports import invalid_filter, register_export_source
 from gateway.upstreams import Upstreams
 
 router = APIRouter(tags=["sales"])
@@ -831,33 +833,87 @@ async def forecast(
     """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
     Open deals count by expected close date, won deals by close date."""
     reply = await _stub(request).GetForecast(
-        pb.GetForecastRequest(
-            period=pb.FORECAST_PERIOD_QUARTER if period == "quarter" else pb.FORECAST_PERIOD_MONTH,
-            group_by=pb.FORECAST_GROUP_BY_TEAM if group_by == "team" else pb.FORECAST_GROUP_BY_OWNER,
-            from_date=_iso(from_date),
-            to_date=_iso(to_date),
-            owner_id=_me(owner_id, access),
-            team=team or "",
-            pipeline_id=pipeline_id or "",
+        _forecast_request(period, group_by, _iso(from_date), _iso(to_date), _me(owner_id, access), team, pipeline_id),
+        metadata=access.grpc_metadata(),
+    )
+    rows = [_forecast_row(r) for r in reply.rows]
+    return {"period": period, "group_by": group_by, "rows": access.present_many(rows)}
+
+
+def _forecast_request(
+    period: str, group_by: str, from_date: str, to_date: str, owner_id: str, team: str | None, pipeline_id: str | None
+) -> pb.GetForecastRequest:
+    return pb.GetForecastRequest(
+        period=pb.FORECAST_PERIOD_QUARTER if period == "quarter" else pb.FORECAST_PERIOD_MONTH,
+        group_by=pb.FORECAST_GROUP_BY_TEAM if group_by == "team" else pb.FORECAST_GROUP_BY_OWNER,
+        from_date=from_date,
+        to_date=to_date,
+        owner_id=owner_id,
+        team=team or "",
+        pipeline_id=pipeline_id or "",
+    )
+
+
+def _forecast_row(r: pb.ForecastRow) -> dict[str, Any]:
+    return {
+        "period": r.period,
+        "group": r.group,
+        "currency": r.currency,
+        "pipeline": _money(r.pipeline),
+        "weighted": _money(r.weighted),
+        "commit": _money(r.commit),
+        "best_case": _money(r.best_case),
+        "closed_won": _money(r.closed_won),
+        "open_count": r.open_count,
+        "won_count": r.won_count,
+    }
+
+
+# `GET /exports/forecast`: the forecast rows with the forecast route's query parameters (the generic
+# export route has already put the caller's id for `owner_id=me`). Columns are the policy's forecast
+# fields; amounts are `amount currency`.
+_FORECAST_CHOICES = {"period": ("month", "quarter"), "group_by": ("owner", "team")}
+
+
+def _check_forecast_export(filters: Mapping[str, str]) -> dict[str, str]:
+    """The GetForecast parameters from the export's filters; 422 naming a bad one."""
+    values = {"period": "month", "group_by": "owner", **filters}
+    for name, choices in _FORECAST_CHOICES.items():
+        if values[name] not in choices:
+            raise invalid_filter(name, f"filter '{name}' must be one of {', '.join(choices)}")
+    for name in ("from", "to"):
+        if values.get(name):
+            try:
+                date.fromisoformat(values[name])
+            except ValueError:
+                raise invalid_filter(name, f"filter '{name}' must be an ISO date (YYYY-MM-DD)") from None
+    return values
+
+
+async def _forecast_export_rows(access: Access, filters: Mapping[str, str]) -> AsyncIterator[Mapping[str, Any]]:
+    values = _check_forecast_export(filters)
+    reply = await _stub(access.request).GetForecast(
+        _forecast_request(
+            values["period"],
+            values["group_by"],
+            values.get("from", ""),
+            values.get("to", ""),
+            values.get("owner_id", ""),
+            values.get("team"),
+            values.get("pipeline_id"),
         ),
         metadata=access.grpc_metadata(),
     )
-    rows = [
-        {
-            "period": r.period,
-            "group": r.group,
-            "currency": r.currency,
-            "pipeline": _money(r.pipeline),
-            "weighted": _money(r.weighted),
-            "commit": _money(r.commit),
-            "best_case": _money(r.best_case),
-            "closed_won": _money(r.closed_won),
-            "open_count": r.open_count,
-            "won_count": r.won_count,
-        }
-        for r in reply.rows
-    ]
-    return {"period": period, "group_by": group_by, "rows": access.present_many(rows)}
+    for row in reply.rows:
+        yield _forecast_row(row)
+
+
+register_export_source(
+    "forecast",
+    _forecast_export_rows,
+    filters={"period", "group_by", "from", "to", "owner_id", "team", "pipeline_id"},
+    check=_check_forecast_export,
+)
 
 
 @router.get("/forecast/win-statistics")

@@ -25,8 +25,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.security.access import Access
+from gateway.security.problems import SecurityProblem
 
 ExportSourceFn = Callable[[Access, Mapping[str, str]], AsyncIterator[Mapping[str, Any]]]
+# Validates the filters before anything is audited or streamed (its result is ignored): raises a 422
+# `SecurityProblem` naming the parameter (a required filter missing, a value out of range).
+ExportCheckFn = Callable[[Mapping[str, str]], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +39,21 @@ class ExportSource:
     fetch: ExportSourceFn
     # Query parameters the source understands as filters; others are refused (422).
     filters: frozenset[str]
+    check: ExportCheckFn | None = None
 
 
 _sources: dict[str, ExportSource] = {}
 
 
-def register_export_source(resource: str, fetch: ExportSourceFn, *, filters: Iterable[str] = ()) -> None:
-    _sources[resource] = ExportSource(resource=resource, fetch=fetch, filters=frozenset(filters))
+def register_export_source(
+    resource: str, fetch: ExportSourceFn, *, filters: Iterable[str] = (), check: ExportCheckFn | None = None
+) -> None:
+    _sources[resource] = ExportSource(resource=resource, fetch=fetch, filters=frozenset(filters), check=check)
+
+
+def invalid_filter(name: str, detail: str) -> SecurityProblem:
+    """The 422 of a filter the export source cannot use, naming the query parameter."""
+    return SecurityProblem(422, "Unprocessable Content", detail, field=name)
 
 
 def export_source(resource: str) -> ExportSource | None:
@@ -98,6 +110,13 @@ class GrpcListing:
     method: str
     request: type[Message]
     page_size: int = 500
+    # The RPC needs one of these filters (activities are listed per account or contact).
+    requires_one_of: tuple[str, ...] = ()
+
+    def check(self, filters: Mapping[str, str]) -> None:
+        if self.requires_one_of and not any(filters.get(name) for name in self.requires_one_of):
+            names = " or ".join(f"'{name}'" for name in self.requires_one_of)
+            raise invalid_filter(self.requires_one_of[0], f"filter {names} is required")
 
     def filter_fields(self) -> dict[str, tuple[str, bool]]:
         """query name -> (request field, repeated?)."""
@@ -147,4 +166,4 @@ def _singular(name: str) -> str:
 
 
 def register_grpc_export(resource: str, listing: GrpcListing) -> None:
-    register_export_source(resource, listing.fetch, filters=listing.filter_fields())
+    register_export_source(resource, listing.fetch, filters=listing.filter_fields(), check=listing.check)
