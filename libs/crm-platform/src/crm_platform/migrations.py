@@ -2,12 +2,14 @@
 `env.py` is two lines (`from crm_platform.migrations import run_env; run_env(metadata)`)."""
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
-from sqlalchemy import MetaData, pool
+from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -82,6 +84,18 @@ def drop_messaging_tables(op: Operations) -> None:
     drop_outbox_notify_trigger(op)
     op.drop_table("processed_events")
     op.drop_table("outbox")
+
+
+def replace_table(op: Operations, new: Table, convert: Callable[[RowMapping], dict[str, Any]]) -> None:
+    """Replaces the table named like `new` by `new`, keeping every row through `convert`. For small
+    tables whose shape changes (rows are read into memory), such as the idempotency keys."""
+    bind = op.get_bind()
+    old = Table(new.name, MetaData(), autoload_with=bind)
+    rows = [convert(row) for row in bind.execute(select(old)).mappings()]
+    op.drop_table(new.name)
+    new.create(bind)
+    if rows:
+        bind.execute(insert(new), rows)
 
 
 def create_outbox_notify_trigger(op: Operations) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform import idempotency
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -140,7 +141,18 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
 
 
 async def _replay(conn: AsyncConnection, operation: str, key: str) -> str | None:
-    return await repo.remembered(conn, operation, current_principal().user_id, key)
+    result = await idempotency.recall(
+        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key
+    )
+    return None if result is None else str(result)
+
+
+async def _remember(conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> None:
+    """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
+    await idempotency.remember(
+        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key,
+        result=result_id, now=now,
+    )  # fmt: skip
 
 
 async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_key: str, in_pool: bool) -> Any:
@@ -186,7 +198,7 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
             tx.publish(
                 events_pb2.AccountCreated(account=account_to_proto(created), actor=actor(principal)), key=account_id
             )
-            await repo.remember(tx.conn, "create_account", principal.user_id, idempotency_key, account_id, now)
+            await _remember(tx.conn, "create_account", idempotency_key, account_id, now)
             return created
     except IntegrityError:
         # A concurrent create won the unique dedupe index (or the idempotency key): answer as it would have.
@@ -412,7 +424,7 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             key=duplicate_id,
         )
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
-        await repo.remember(tx.conn, "merge_accounts", principal.user_id, idempotency_key, survivor_id, now)
+        await _remember(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
         return {"survivor": updated, "contacts": moved_contacts, "activities": moved_activities, "tasks": moved_tasks}
 
 
@@ -521,7 +533,7 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
             ),
             key=account_id,
         )
-        await repo.remember(tx.conn, "claim_account", principal.user_id, idempotency_key, account_id, now)
+        await _remember(tx.conn, "claim_account", idempotency_key, account_id, now)
         return claimed
 
 
@@ -687,7 +699,7 @@ async def bulk_transfer(
                 created_at=now,
             )
         )
-        await repo.remember(tx.conn, "bulk_transfer", principal.user_id, idempotency_key, bulk_id, now)
+        await _remember(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
         return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))).one()
 
 
@@ -746,7 +758,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         await tx.conn.execute(insert(repo.contacts).values(**row))
         created = await repo.get_contact(tx.conn, contact_id)
         tx.publish(events_pb2.ContactCreated(contact=contact_to_proto(created), actor=actor(principal)), key=contact_id)
-        await repo.remember(tx.conn, "create_contact", principal.user_id, idempotency_key, contact_id, now)
+        await _remember(tx.conn, "create_contact", idempotency_key, contact_id, now)
         return created
 
 
@@ -899,7 +911,7 @@ async def log_activity(
             )
         row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
         tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
-        await repo.remember(tx.conn, "log_activity", principal.user_id, idempotency_key, activity_id, now)
+        await _remember(tx.conn, "log_activity", idempotency_key, activity_id, now)
         return row
 
 
@@ -969,7 +981,7 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         )
         row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
         tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
-        await repo.remember(tx.conn, "create_task", principal.user_id, idempotency_key, task_id, now)
+        await _remember(tx.conn, "create_task", idempotency_key, task_id, now)
         return row
 
 
@@ -1076,7 +1088,7 @@ async def create_reminder_rule(
                 created_at=now,
             )
         )
-        await repo.remember(tx.conn, "create_reminder_rule", principal.user_id, idempotency_key, rule_id, now)
+        await _remember(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
         return (await tx.conn.execute(select(r).where(r.c.id == rule_id))).one()
 
 
@@ -1138,7 +1150,7 @@ async def create_segment(
                 created_at=now,
             )
         )
-        await repo.remember(tx.conn, "create_segment", principal.user_id, idempotency_key, segment_id, now)
+        await _remember(tx.conn, "create_segment", idempotency_key, segment_id, now)
         return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, scope_clause
 from sqlalchemy import (
@@ -23,7 +24,6 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
-    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -226,16 +226,7 @@ pool_claims = Table(
     Index("ix_pool_claims_claimant", "claimant_id", "claimed_at"),
 )
 
-idempotency_keys = Table(
-    "idempotency_keys",
-    metadata,
-    Column("operation", String(50), nullable=False),
-    Column("caller", String(100), nullable=False),
-    Column("key", String(200), nullable=False),
-    Column("result_id", String(100), nullable=False),
-    Column("created_at", Stamp, nullable=False),
-    PrimaryKeyConstraint("operation", "caller", "key"),
-)
+idempotency_keys = idempotency_table(metadata)
 
 bulk_transfers = Table(
     "bulk_transfers",
@@ -493,27 +484,3 @@ async def find_contacts(conn: AsyncConnection, *, email: str, phone: str, scope:
         .limit(limit)
     )
     return list(await conn.execute(query))
-
-
-# --- idempotency --------------------------------------------------------------------------------
-
-
-async def remembered(conn: AsyncConnection, operation: str, caller: str, key: str) -> str | None:
-    if not key:
-        return None
-    query = select(idempotency_keys.c.result_id).where(
-        idempotency_keys.c.operation == operation,
-        idempotency_keys.c.caller == caller,
-        idempotency_keys.c.key == key,
-    )
-    result: str | None = await conn.scalar(query)
-    return result
-
-
-async def remember(conn: AsyncConnection, operation: str, caller: str, key: str, result_id: str, now: datetime) -> None:
-    if key:
-        await conn.execute(
-            idempotency_keys.insert().values(
-                operation=operation, caller=caller, key=key, result_id=result_id, created_at=now
-            )
-        )

@@ -2,7 +2,6 @@
 events in one unit of work; the servicer only translates gRPC to these calls and back."""
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -13,6 +12,7 @@ from typing import Any, Protocol
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
+from crm_platform import idempotency
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
@@ -72,31 +72,18 @@ def actor(principal: Principal) -> common_pb2.Actor:
 
 
 async def recall(conn: AsyncConnection, operation: str, key: str, principal: Principal) -> dict[str, Any] | None:
-    if not key:
-        return None
-    stored = await conn.scalar(
-        select(repo.idempotency.c.response).where(
-            repo.idempotency.c.operation == operation,
-            repo.idempotency.c.principal_id == principal.user_id,
-            repo.idempotency.c.key == key,
-        )
-    )
-    return None if stored is None else dict(json.loads(stored))
+    """The result remembered for the principal's key (leads always remember a small object)."""
+    result = await idempotency.recall(conn, repo.idempotency, operation=operation, caller=principal.user_id, key=key)
+    return None if result is None else dict(result) if isinstance(result, dict) else {"id": result}
 
 
 async def remember(
     conn: AsyncConnection, operation: str, key: str, principal: Principal, result: Mapping[Any, Any], now: datetime
 ) -> None:
-    if key:
-        await conn.execute(
-            insert(repo.idempotency).values(
-                operation=operation,
-                key=key,
-                principal_id=principal.user_id,
-                response=json.dumps(dict(result)).encode(),
-                created_at=now,
-            )
-        )
+    """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
+    await idempotency.remember(
+        conn, repo.idempotency, operation=operation, caller=principal.user_id, key=key, result=dict(result), now=now
+    )
 
 
 # --- cached rules ------------------------------------------------------------------------------

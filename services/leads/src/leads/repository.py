@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from crm_platform.custom_fields_service import definitions_table
+from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, ScopeKind
 from sqlalchemy import (
@@ -246,16 +247,7 @@ webform_rate = Table(
     PrimaryKeyConstraint("form_key", "window_start"),
 )
 
-idempotency = Table(
-    "idempotency_keys",
-    metadata,
-    Column("operation", String(50), nullable=False),
-    Column("key", String(200), nullable=False),
-    Column("principal_id", String(200), nullable=False, server_default=""),
-    Column("response", LargeBinary, nullable=False),
-    Column("created_at", _TS, nullable=False),
-    PrimaryKeyConstraint("operation", "principal_id", "key"),
-)
+idempotency = idempotency_table(metadata)
 
 imports = Table(
     "lead_imports",

@@ -13,6 +13,7 @@ from typing import Any
 
 from crm.sales.v1 import events_pb2, sales_pb2
 from crm_platform import custom_fields as cf
+from crm_platform import idempotency
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
@@ -162,6 +163,16 @@ def _require(value: str, field_name: str) -> None:
         raise ValidationFailed([FieldError(field_name, "is required")])
 
 
+async def _claim(conn: AsyncConnection, *, operation: str, key: str, resource_id: str, now: datetime) -> str | None:
+    """Claims `key` for the resource about to be created: None when it is ours, else the first
+    resource's id (a concurrent first use waits on the row lock, then sees its result). Sales keys
+    are not per caller."""
+    earlier = await idempotency.claim(
+        conn, r.idempotency_keys, operation=operation, caller="", key=key, result=resource_id, now=now
+    )
+    return None if earlier is None else str(earlier)
+
+
 def _stamp(value: datetime) -> str:
     return as_utc(value).isoformat()
 
@@ -213,7 +224,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             pipeline_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="pipeline", key=idempotency_key, resource_id=pipeline_id, now=self.clock()
                 )
                 if existing:
@@ -331,7 +342,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             opportunity_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="opportunity", key=idempotency_key, resource_id=opportunity_id, now=self.clock()
                 )
                 if existing:
@@ -994,7 +1005,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             quote_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="quote", key=idempotency_key, resource_id=quote_id, now=self.clock()
                 )
                 if existing:
@@ -1108,7 +1119,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             contract_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="contract", key=idempotency_key, resource_id=contract_id, now=self.clock()
                 )
                 if existing:
@@ -1349,7 +1360,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             plan_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="payment_plan", key=idempotency_key, resource_id=plan_id, now=self.clock()
                 )
                 if existing:
@@ -1659,7 +1670,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             invoice_id = new_id()
             if idempotency_key:
-                existing = await r.claim_idempotency_key(
+                existing = await _claim(
                     tx.conn, operation="invoice", key=idempotency_key, resource_id=invoice_id, now=self.clock()
                 )
                 if existing:

@@ -12,6 +12,7 @@ from typing import Any
 
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.db import insert_ignore
+from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, scope_clause
 from sqlalchemy import (
@@ -26,7 +27,6 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
-    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -332,39 +332,10 @@ invoices = Table(
 custom_fields = definitions_table(metadata, "custom_fields")
 
 # Creating calls remember their idempotency key with what they created.
-idempotency_keys = Table(
-    "idempotency_keys",
-    metadata,
-    Column("operation", String(64), nullable=False),
-    Column("key", _NAME, nullable=False),
-    Column("resource_id", _ID, nullable=False),
-    Column("created_at", _TS, nullable=False),
-    PrimaryKeyConstraint("operation", "key"),
-)
+idempotency_keys = idempotency_table(metadata)
 
 
 # ---------------------------------------------------------------- shared queries
-
-
-async def claim_idempotency_key(
-    conn: AsyncConnection, *, operation: str, key: str, resource_id: str, now: Any
-) -> str | None:
-    """Records `key` for a new resource. Returns the id of the first resource when the key was
-    used before (a concurrent first use waits on the row lock, then sees its result)."""
-    inserted = await insert_ignore(
-        conn,
-        idempotency_keys,
-        {"operation": operation, "key": key, "resource_id": resource_id, "created_at": now},
-        keys=["operation", "key"],
-    )
-    if inserted:
-        return None
-    existing = await conn.scalar(
-        select(idempotency_keys.c.resource_id).where(
-            idempotency_keys.c.operation == operation, idempotency_keys.c.key == key
-        )
-    )
-    return str(existing)
 
 
 async def load(

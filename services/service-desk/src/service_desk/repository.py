@@ -6,6 +6,7 @@ from typing import Any
 
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
+from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
 from crm_platform.principal import RecordScope, scope_clause
@@ -19,7 +20,6 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
-    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -28,7 +28,6 @@ from sqlalchemy import (
     cast,
     false,
     func,
-    insert,
     literal_column,
     or_,
     select,
@@ -217,16 +216,7 @@ kb_articles = Table(
     # PostgreSQL also has `search`, a stored tsvector of title and body with a GIN index (migration 0003).
 )
 
-idempotency_keys = Table(
-    "idempotency_keys",
-    metadata,
-    Column("operation", String(50), nullable=False),
-    Column("principal_id", String(64), nullable=False),
-    Column("key", String(200), nullable=False),
-    Column("result_id", String(64), nullable=False),
-    Column("created_at", TS, nullable=False),
-    PrimaryKeyConstraint("operation", "principal_id", "key"),
-)
+idempotency_keys = idempotency_table(metadata)
 
 # Definitions of the custom fields of tickets (served by crm_platform's CustomFieldServicer).
 custom_fields = definitions_table(metadata, "custom_fields")
@@ -234,33 +224,6 @@ custom_fields = definitions_table(metadata, "custom_fields")
 # PostgreSQL only: the stored, GIN-indexed tsvector column (ranking reads it instead of re-parsing bodies).
 KB_DOCUMENT_SQL = "to_tsvector('simple', coalesce(title, '') || ' ' || coalesce(body, ''))"
 KB_SEARCH_COLUMN = "kb_articles.search"
-
-
-# --- idempotency -----------------------------------------------------------------------------------
-
-
-async def replayed_id(conn: AsyncConnection, operation: str, principal_id: str, key: str) -> str | None:
-    if not key:
-        return None
-    result = await conn.scalar(
-        select(idempotency_keys.c.result_id).where(
-            idempotency_keys.c.operation == operation,
-            idempotency_keys.c.principal_id == principal_id,
-            idempotency_keys.c.key == key,
-        )
-    )
-    return str(result) if result is not None else None
-
-
-async def remember(
-    conn: AsyncConnection, operation: str, principal_id: str, key: str, result_id: str, now: datetime
-) -> None:
-    if key:
-        await conn.execute(
-            insert(idempotency_keys).values(
-                operation=operation, principal_id=principal_id, key=key, result_id=result_id, created_at=now
-            )
-        )
 
 
 # --- tickets ---------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Idempotency keys, shared: a creating call remembers its key with what it created, so a repeated
+call answers with the first result instead of creating again.
+
+One table per service database (`idempotency_keys`, see `idempotency_table`), keyed by the operation,
+the caller (the principal's user id; "" where keys are not per caller) and the key. The remembered
+result is JSON: an id (`str`) or a small object (`dict`).
+
+Two ways to record a key, both inside the caller's transaction, so the key and what it created
+commit (or roll back) together:
+
+- `claim`, before creating: INSERT ... ON CONFLICT DO NOTHING. A concurrent first use of the key
+  holds the row lock until it commits; the second waits, then gets the first result back and
+  creates nothing.
+- `remember`, after creating: a plain INSERT. A concurrent duplicate that committed first makes it
+  raise `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the
+  caller may then `recall` the winner's result.
+"""
+
+from datetime import datetime
+from typing import Any, TypeAlias
+
+from sqlalchemy import JSON, Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from crm_platform.db import insert_ignore
+
+TABLE_NAME = "idempotency_keys"
+
+# What a call remembers: the id of what it created, or a small JSON object.
+Result: TypeAlias = str | dict[str, Any]
+
+
+def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
+    """Adds the idempotency key table to a service's metadata (its first migration creates it with
+    `crm_platform.migrations.create_idempotency_table`)."""
+    return Table(
+        name,
+        metadata,
+        Column("operation", String(64), nullable=False),
+        Column("caller", String(200), nullable=False, server_default=""),
+        Column("key", String(200), nullable=False),
+        Column("result", JSON, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("operation", "caller", "key"),
+    )
+
+
+async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str) -> Result | None:
+    """The result remembered for `key`, or None (always None for an empty key: no idempotency asked)."""
+    if not key:
+        return None
+    stored = await conn.scalar(
+        select(table.c.result).where(table.c.operation == operation, table.c.caller == caller, table.c.key == key)
+    )
+    return _result(stored)
+
+
+async def claim(
+    conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str, result: Result, now: datetime
+) -> Result | None:
+    """Records `key` for what this call is about to create. None when the key is now this call's
+    (also for an empty key); otherwise the first use's result, and the caller must not create."""
+    if not key:
+        return None
+    values = {"operation": operation, "caller": caller, "key": key, "result": result, "created_at": now}
+    if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):
+        return None
+    return await recall(conn, table, operation=operation, caller=caller, key=key)
+
+
+async def remember(
+    conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str, result: Result, now: datetime
+) -> None:
+    """Records `key` with what this call created (nothing for an empty key). Raises IntegrityError
+    when a concurrent call with the same key committed first."""
+    if key:
+        await conn.execute(
+            insert(table).values(operation=operation, caller=caller, key=key, result=result, created_at=now)
+        )
+
+
+def _result(stored: Any) -> Result | None:
+    if stored is None:
+        return None
+    if isinstance(stored, dict):
+        return dict(stored)
+    return str(stored)

@@ -1,0 +1,139 @@
+"""The shared idempotency keys on real databases (SQLite and PostgreSQL): a remembered result is
+recalled, keys are independent per operation and caller, and of concurrent identical requests
+exactly one wins."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from crm_platform import idempotency
+from crm_platform.db import create_engine
+from crm_platform.testing import infra
+from crm_platform.timeutil import utcnow
+from sqlalchemy import Column, MetaData, String, Table, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+metadata = MetaData()
+keys = idempotency.idempotency_table(metadata)
+things = Table("things", metadata, Column("id", String(36), primary_key=True))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def engine(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
+) -> AsyncIterator[AsyncEngine]:
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'idempotency.db'}"
+    elif postgres_admin_url is None:
+        if infra.in_ci():
+            pytest.fail("PostgreSQL is required in CI", pytrace=False)
+        pytest.skip("PostgreSQL is not available")
+    else:
+        url = await infra.create_database(postgres_admin_url, prefix="crm_idem")
+    engine = create_engine(url)
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+    if request.param == "postgresql":
+        assert postgres_admin_url is not None
+        await infra.drop_database(postgres_admin_url, url)
+
+
+async def test_a_remembered_result_is_recalled(engine: AsyncEngine) -> None:
+    now = utcnow()
+    async with engine.begin() as conn:
+        await idempotency.remember(conn, keys, operation="create", caller="u1", key="k1", result="id-1", now=now)
+        await idempotency.remember(
+            conn, keys, operation="convert", caller="u1", key="k1", result={"lead_id": "L", "merged": True}, now=now
+        )
+    async with engine.connect() as conn:
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="k1") == "id-1"
+        recalled = await idempotency.recall(conn, keys, operation="convert", caller="u1", key="k1")
+        assert recalled == {"lead_id": "L", "merged": True}
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="other") is None
+
+
+async def test_an_empty_key_asks_for_no_idempotency(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await idempotency.remember(conn, keys, operation="create", caller="u1", key="", result="x", now=utcnow())
+        assert (
+            await idempotency.claim(conn, keys, operation="create", caller="u1", key="", result="y", now=utcnow())
+            is None
+        )
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="") is None
+        assert await conn.scalar(select(func.count()).select_from(keys)) == 0
+
+
+async def test_the_same_key_of_another_caller_or_operation_is_independent(engine: AsyncEngine) -> None:
+    now = utcnow()
+    async with engine.begin() as conn:
+        for operation, caller, result in [("create", "u1", "a"), ("create", "u2", "b"), ("update", "u1", "c")]:
+            earlier = await idempotency.claim(
+                conn, keys, operation=operation, caller=caller, key="same", result=result, now=now
+            )
+            assert earlier is None
+    async with engine.connect() as conn:
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="same") == "a"
+        assert await idempotency.recall(conn, keys, operation="create", caller="u2", key="same") == "b"
+        assert await idempotency.recall(conn, keys, operation="update", caller="u1", key="same") == "c"
+
+
+async def test_a_claimed_key_answers_with_the_first_result(engine: AsyncEngine) -> None:
+    now = utcnow()
+    async with engine.begin() as conn:
+        assert await idempotency.claim(conn, keys, operation="op", caller="", key="k", result="first", now=now) is None
+    async with engine.begin() as conn:
+        assert await idempotency.claim(conn, keys, operation="op", caller="", key="k", result="second", now=now) == (
+            "first"
+        )
+
+
+async def test_remembering_a_used_key_again_fails_and_rolls_back(engine: AsyncEngine) -> None:
+    now = utcnow()
+    async with engine.begin() as conn:
+        await idempotency.remember(conn, keys, operation="op", caller="u", key="k", result="t1", now=now)
+    with pytest.raises(IntegrityError):
+        async with engine.begin() as conn:
+            await conn.execute(insert(things).values(id="t2"))
+            await idempotency.remember(conn, keys, operation="op", caller="u", key="k", result="t2", now=now)
+    async with engine.connect() as conn:
+        assert list((await conn.execute(select(things.c.id))).scalars()) == []
+
+
+async def _create(engine: AsyncEngine, thing_id: str, *, claim_first: bool) -> str:
+    """What a creating handler does: claim (or remember) the key in the creating transaction."""
+    now = utcnow()
+    try:
+        async with engine.begin() as conn:
+            if claim_first:
+                earlier = await idempotency.claim(
+                    conn, keys, operation="create", caller="u", key="dup", result=thing_id, now=now
+                )
+                if earlier is not None:
+                    return str(earlier)
+            await conn.execute(insert(things).values(id=thing_id))
+            await asyncio.sleep(0.05)  # hold the transaction open while the others arrive
+            if not claim_first:
+                await idempotency.remember(
+                    conn, keys, operation="create", caller="u", key="dup", result=thing_id, now=now
+                )
+            return thing_id
+    except IntegrityError:
+        async with engine.connect() as conn:
+            earlier = await idempotency.recall(conn, keys, operation="create", caller="u", key="dup")
+        assert earlier is not None
+        return str(earlier)
+
+
+@pytest.mark.parametrize("claim_first", [True, False], ids=["claim", "remember"])
+async def test_of_concurrent_duplicates_one_wins(engine: AsyncEngine, claim_first: bool) -> None:
+    answers = await asyncio.gather(*(_create(engine, f"t{n}", claim_first=claim_first) for n in range(5)))
+    async with engine.connect() as conn:
+        created = list((await conn.execute(select(things.c.id))).scalars())
+    assert len(created) == 1
+    assert set(answers) == set(created)

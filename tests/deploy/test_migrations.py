@@ -1,0 +1,122 @@
+"""Every component's Alembic history, on SQLite and PostgreSQL: a fresh database migrates to head,
+back down to base and up again (what `helm upgrade` and a rollback rely on), and a revision that
+reshapes a table keeps its rows both ways."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from crm_platform import idempotency
+from crm_platform.db import create_engine
+from crm_platform.migrations import alembic_config
+from crm_platform.testing import infra
+from sqlalchemy import MetaData, Table, insert, inspect, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+COMPONENTS = ["gateway", "leads", "accounts", "sales", "service-desk", "analytics"]
+MESSAGING_TABLES = {"outbox", "processed_events"}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def any_database_url(
+    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
+) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
+        return
+    if postgres_admin_url is None:
+        if infra.in_ci():
+            pytest.fail("PostgreSQL is required in CI", pytrace=False)
+        pytest.skip("PostgreSQL is not available")
+    url = await infra.create_database(postgres_admin_url, prefix="crm_migrations")
+    try:
+        yield url
+    finally:
+        await infra.drop_database(postgres_admin_url, url)
+
+
+async def _migrate(component: str, url: str, direction: str, revision: str) -> None:
+    config = alembic_config(REPO / "services" / component / "migrations", url)
+    step = command.upgrade if direction == "up" else command.downgrade
+    await asyncio.to_thread(step, config, revision)
+
+
+async def _tables(url: str) -> set[str]:
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            names: list[str] = await conn.run_sync(lambda sync: inspect(sync).get_table_names())
+    finally:
+        await engine.dispose()
+    return set(names) - {"alembic_version"}
+
+
+@pytest.mark.parametrize("component", COMPONENTS)
+async def test_a_database_migrates_up_down_and_up_again(component: str, any_database_url: str) -> None:
+    await _migrate(component, any_database_url, "up", "head")
+    at_head = await _tables(any_database_url)
+    assert at_head >= MESSAGING_TABLES
+
+    await _migrate(component, any_database_url, "down", "base")
+    assert await _tables(any_database_url) == set()
+
+    await _migrate(component, any_database_url, "up", "head")
+    assert await _tables(any_database_url) == at_head
+
+
+# Per service: the revision before the shared idempotency table, one key as that revision stored it,
+# and how the shared table answers for it.
+OWN_IDEMPOTENCY_KEYS = {
+    "accounts": (
+        "0002",
+        {"operation": "create_account", "caller": "u1", "key": "k1", "result_id": "acc-1"},
+        ("u1", "acc-1"),
+    ),
+    "leads": (
+        "0004",
+        {"operation": "convert", "principal_id": "u1", "key": "k1", "response": b'{"account_id": "a", "lead_id": "l"}'},
+        ("u1", {"account_id": "a", "lead_id": "l"}),
+    ),
+    "sales": ("0005", {"operation": "contract", "key": "k1", "resource_id": "ct-1"}, ("", "ct-1")),
+    "service-desk": (
+        "0005",
+        {"operation": "create_ticket", "principal_id": "u1", "key": "k1", "result_id": "t-1"},
+        ("u1", "t-1"),
+    ),
+}
+
+
+async def _reflected(conn: AsyncConnection) -> Table:
+    return await conn.run_sync(lambda sync: Table(idempotency.TABLE_NAME, MetaData(), autoload_with=sync))
+
+
+@pytest.mark.parametrize("component", sorted(OWN_IDEMPOTENCY_KEYS))
+async def test_idempotency_keys_survive_the_move_to_the_shared_table(component: str, any_database_url: str) -> None:
+    before, own_row, (caller, result) = OWN_IDEMPOTENCY_KEYS[component]
+    operation = own_row["operation"]
+    await _migrate(component, any_database_url, "up", before)
+    engine = create_engine(any_database_url)
+    try:
+        async with engine.begin() as conn:
+            own = await _reflected(conn)
+            await conn.execute(insert(own).values(**own_row, created_at=datetime(2026, 11, 30, tzinfo=UTC)))
+
+        await _migrate(component, any_database_url, "up", "head")
+        async with engine.connect() as conn:
+            shared = await _reflected(conn)
+            recalled = await idempotency.recall(conn, shared, operation=operation, caller=caller, key="k1")
+        assert recalled == result
+
+        await _migrate(component, any_database_url, "down", before)
+        async with engine.connect() as conn:
+            own = await _reflected(conn)
+            rows = [dict(row) for row in (await conn.execute(select(own))).mappings()]
+        assert [{name: row[name] for name in own_row} for row in rows] == [own_row]
+    finally:
+        await engine.dispose()
