@@ -160,6 +160,23 @@ def parent_cycle(account_id: str, new_parent_id: str, parent_of: Mapping[str, st
     return False
 
 
+def heir_in_line(survivor_id: str, duplicate_id: str, parent_of: Mapping[str, str | None]) -> str | None:
+    """The survivor or its ancestor whose parent is the duplicate, when the duplicate sits above the survivor.
+
+    A merge re-points the duplicate's children at the survivor; this one child must take the duplicate's
+    place instead, or the hierarchy would loop. `parent_of` holds the survivor's ancestors.
+    """
+    seen: set[str] = set()
+    current: str | None = survivor_id
+    while current and current not in seen:
+        seen.add(current)
+        parent = parent_of.get(current)
+        if parent == duplicate_id:
+            return current
+        current = parent
+    return None
+
+
 # --- public pool (公海) ------------------------------------------------------------------------
 
 

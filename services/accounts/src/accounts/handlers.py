@@ -382,6 +382,11 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             survivor_id, str(changes["parent_id"]), await repo.parent_chain(tx.conn, str(changes["parent_id"]))
         ):
             changes.pop("parent_id")
+        heir = domain.heir_in_line(survivor_id, duplicate_id, await repo.parent_chain(tx.conn, survivor_id))
+        if heir == survivor_id:
+            changes["parent_id"] = duplicate.parent_id
+        elif heir is not None:
+            await tx.conn.execute(update(a).where(a.c.id == heir).values(parent_id=duplicate.parent_id, updated_at=now))
         last_activity = max((x for x in (survivor.last_activity_at, duplicate.last_activity_at) if x), default=None)
         if last_activity is not None and last_activity != survivor.last_activity_at:
             changes["last_activity_at"] = last_activity
@@ -404,7 +409,8 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             await tx.conn.execute(update(t).where(t.c.account_id == duplicate_id).values(account_id=survivor_id))
         ).rowcount
         # Children and earlier tombstones point at the survivor, so no pointer chain forms.
-        await tx.conn.execute(update(a).where(a.c.parent_id == duplicate_id).values(parent_id=survivor_id))
+        children = update(a).where(a.c.parent_id == duplicate_id).values(parent_id=survivor_id)
+        await tx.conn.execute(children if heir is None else children.where(a.c.id != heir))
         await tx.conn.execute(update(a).where(a.c.merged_into_id == duplicate_id).values(merged_into_id=survivor_id))
         await tx.conn.execute(
             update(a)

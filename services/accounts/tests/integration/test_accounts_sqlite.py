@@ -93,3 +93,32 @@ async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> 
     with acting_as(OTHER, RecordScope(ScopeKind.OWN, owner_id="rep-2")):
         claimed = await handlers.claim_account(ctx, acme.id, idempotency_key="")
     assert claimed.owner_id == "rep-2"
+
+
+async def test_merging_an_account_into_one_below_it_keeps_the_hierarchy_a_tree(ctx: Context) -> None:
+    """group > holding > division > plant, holding > branch; merge holding into plant, then division into plant."""
+    with acting_as(REP, REP_SCOPE):
+
+        async def create(name: str, parent: str = "") -> str:
+            row = await handlers.create_account(
+                ctx, {"name": name, "parent_id": parent}, idempotency_key="", in_pool=False
+            )
+            return str(row.id)
+
+        group = await create("Northwind Group")
+        holding = await create("Contoso Holding", group)
+        division = await create("Fabrikam Division", holding)
+        plant = await create("Initech Plant", division)
+        branch = await create("Umbrella Branch", holding)
+
+        async def parents() -> dict[str, str | None]:
+            rows, _ = await handlers.list_accounts(ctx, AccountFilter(), [], PAGE, "", "")
+            return {str(r.id): r.parent_id for r in rows if not r.merged_into_id}
+
+        await handlers.merge_accounts(ctx, plant, holding, idempotency_key="")
+        # The division took the holding's place; the holding's other child now hangs under the survivor.
+        assert await parents() == {group: None, division: group, plant: division, branch: plant}
+
+        await handlers.merge_accounts(ctx, plant, division, idempotency_key="")
+        # The survivor was the duplicate's own child: it moves up to the duplicate's parent.
+        assert await parents() == {group: None, plant: group, branch: plant}

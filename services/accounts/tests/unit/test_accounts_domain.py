@@ -161,3 +161,11 @@ def test_reminder_rule_periods_are_bounded() -> None:
     assert most == []
     rule = domain.Reminder(tiers=(), inactive_days=domain.MAX_INACTIVE_DAYS)
     assert not domain.reminder_fires(rule, tier="A", in_pool=False, anchor=NOW, now=NOW)
+
+
+def test_heir_in_line_is_the_child_of_the_duplicate_on_the_survivors_path() -> None:
+    parent_of = {"plant": "division", "division": "holding", "holding": "group", "group": None}
+    assert domain.heir_in_line("plant", "holding", parent_of) == "division"
+    assert domain.heir_in_line("plant", "division", parent_of) == "plant"
+    assert domain.heir_in_line("plant", "elsewhere", parent_of) is None
+    assert domain.heir_in_line("a", "z", {"a": "b", "b": "a"}) is None  # a loop in old data ends the walk
