@@ -437,11 +437,7 @@ async def count_submission(conn: AsyncConnection, form_key: str, window: datetim
 _OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
 _DEDUPE_PROBE = text(
     f"""
-    WITH locks AS MATERIALIZED (
-        SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k
-    )
-    SELECT (SELECT count(*) FROM locks) AS locked,
-           (SELECT id FROM leads
+    SELECT (SELECT id FROM leads
              WHERE (email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text))
                AND status IN ({_OPEN_SQL})
              ORDER BY id LIMIT 1) AS duplicate_id,
@@ -467,17 +463,17 @@ async def dedupe_probe(
     """(id of an open lead with this email/phone, id of a known contact with it).
 
     Locks the keys for the transaction first (PostgreSQL), so two concurrent creates of the same
-    person cannot both pass; one statement instead of three round trips.
+    person cannot both pass. The lock is its own statement: under READ COMMITTED a statement reads
+    the snapshot taken when it began, so a probe in the locking statement could miss the lead the
+    previous lock holder committed while this one waited.
     """
     keys = sorted({k for k in (email_norm, phone_norm) if k})
     if not keys:
         return None, ""
     if conn.dialect.name == "postgresql":
-        row = (
-            await conn.execute(
-                _DEDUPE_PROBE, {"keys": keys if check_duplicates else [], "email": email_norm, "phone": phone_norm}
-            )
-        ).one()
+        if check_duplicates:
+            await lock_dedupe_keys(conn, keys)
+        row = (await conn.execute(_DEDUPE_PROBE, {"email": email_norm, "phone": phone_norm})).one()
         return (row.duplicate_id if check_duplicates else None), str(row.contact_id or "")
     duplicate = None
     if check_duplicates:

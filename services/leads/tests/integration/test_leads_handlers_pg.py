@@ -52,6 +52,22 @@ async def test_create_dedupe_reject_merge_allow(env: Any) -> None:
     assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.updated"]
 
 
+async def test_concurrent_creates_of_one_person_make_one_lead(env: Any) -> None:
+    async def create(n: int) -> str:
+        try:
+            await env.service.create_lead({"name": f"Han Meimei {n}", "email": "han@example.com"})
+        except AlreadyExists:
+            return "duplicate"
+        return "created"
+
+    for _ in range(5):  # several rounds: the race only shows when commits land while others wait
+        with env.acting():
+            results = await asyncio.gather(*(create(n) for n in range(8)))
+        assert results.count("created") == 1
+        async with env.engine.begin() as conn:
+            await conn.execute(repo.leads.update().values(status="disqualified"))
+
+
 async def test_idempotent_create_returns_the_first_result(env: Any) -> None:
     with env.acting():
         first, _ = await env.service.create_lead({"name": "A", "email": "a@x.cn"}, idempotency_key="k1")
