@@ -656,10 +656,12 @@ class AllocationResult:
     installments: list[InstallmentState] = field(default_factory=list)
 
 
-def installment_status(amount: Decimal, paid: Decimal, due_date: date, today: date) -> InstallmentStatus:
-    if paid >= amount:
+def status_after_payment(installment: InstallmentState, paid: Decimal) -> InstallmentStatus:
+    """Paid in full closes an installment. Otherwise only the overdue timer makes it overdue (it alone
+    publishes installment.overdue, which collections act on), so a payment keeps that status as it was."""
+    if paid >= installment.amount:
         return InstallmentStatus.PAID
-    if due_date < today:
+    if installment.status is InstallmentStatus.OVERDUE:
         return InstallmentStatus.OVERDUE
     return InstallmentStatus.PARTIALLY_PAID if paid > 0 else InstallmentStatus.PENDING
 
@@ -684,7 +686,7 @@ def check_payment(amount: Money, *, contract_amount: Money, already_paid: Decima
         )
 
 
-def allocate_payment(amount: Decimal, installments: Sequence[InstallmentState], today: date) -> AllocationResult:
+def allocate_payment(amount: Decimal, installments: Sequence[InstallmentState]) -> AllocationResult:
     """Fills the open installments oldest due date first (then by sequence). The caller has
     checked that `amount` does not exceed what is owed."""
     remaining = amount
@@ -695,9 +697,7 @@ def allocate_payment(amount: Decimal, installments: Sequence[InstallmentState], 
         if share > 0:
             allocations.append((installment.id, share))
             paid = installment.paid + share
-            installment = replace(
-                installment, paid=paid, status=installment_status(installment.amount, paid, installment.due_date, today)
-            )
+            installment = replace(installment, paid=paid, status=status_after_payment(installment, paid))
             remaining -= share
         updated.append(installment)
     if remaining > 0:

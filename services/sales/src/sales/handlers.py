@@ -1388,7 +1388,6 @@ class SalesHandlers:
                 "created_at": now,
             }
             await tx.conn.execute(insert(r.payment_plans).values(plan))
-            today = self.today()
             rows = [
                 {
                     "id": new_id(),
@@ -1408,7 +1407,7 @@ class SalesHandlers:
             # Money already received before the plan existed is allocated to it now.
             if contract["paid_amount"] > 0:
                 states = [self._installment_state(row) for row in rows]
-                allocated = d.allocate_payment(contract["paid_amount"], states, today)
+                allocated = d.allocate_payment(contract["paid_amount"], states)
                 await self._save_installments(tx.conn, allocated.installments)
                 rows = [
                     dict(row, paid=s.paid, status=s.status.value)
@@ -1527,7 +1526,7 @@ class SalesHandlers:
         rows = await r.installments_of(tx.conn, contract_id, lock=True)
         allocations: list[tuple[str, Decimal]] = []
         if rows:
-            result = d.allocate_payment(amount.amount, [self._installment_state(row) for row in rows], self.today())
+            result = d.allocate_payment(amount.amount, [self._installment_state(row) for row in rows])
             allocations = result.allocations
             changed = {installment_id for installment_id, _ in allocations}
             await self._save_installments(tx.conn, [s for s in result.installments if s.id in changed])

@@ -1,6 +1,7 @@
 """Sales rules without I/O: stage gates, anti-collision, forecast arithmetic, approval chains,
 the contract status machine, payment plans, allocation, over-payment and invoice limits."""
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -370,23 +371,33 @@ def installments(*amounts: str, paid: tuple[str, ...] = ()) -> list[d.Installmen
             due_date=TODAY + timedelta(days=30 * (n - 1)),
             amount=Decimal(amount),
             paid=Decimal(paid[n - 1]) if n <= len(paid) else Decimal(0),
-            status=d.InstallmentStatus.PENDING,
+            status=d.InstallmentStatus.PAID if n <= len(paid) else d.InstallmentStatus.PENDING,
         )
         for n, amount in enumerate(amounts, start=1)
     ]
 
 
 def test_allocation_fills_oldest_due_first() -> None:
-    result = d.allocate_payment(Decimal(150), installments("100", "100", "100"), TODAY)
+    result = d.allocate_payment(Decimal(150), installments("100", "100", "100"))
     assert result.allocations == [("i1", Decimal(100)), ("i2", Decimal(50))]
     assert [i.status for i in result.installments] == ["paid", "partially_paid", "pending"]
 
 
 def test_allocation_skips_paid_installments_and_keeps_overdue_status() -> None:
-    plan = installments("100", "100", paid=("100",))
-    result = d.allocate_payment(Decimal(30), plan, TODAY + timedelta(days=31))
-    assert result.allocations == [("i2", Decimal(30))]
+    first, second, third = installments("100", "100", "100", paid=("100",))
+    marked = replace(second, status=d.InstallmentStatus.OVERDUE)
+    result = d.allocate_payment(Decimal(130), [first, marked, third])
+    assert result.allocations == [("i2", Decimal(100)), ("i3", Decimal(30))]
+    assert [i.status for i in result.installments] == ["paid", "paid", "partially_paid"]
+    result = d.allocate_payment(Decimal(30), [first, marked, third])
     assert result.installments[1].status == d.InstallmentStatus.OVERDUE
+
+
+def test_a_payment_never_makes_an_installment_overdue() -> None:
+    """Past due but not yet marked: the overdue timer marks it and publishes installment.overdue."""
+    first, second = installments("100", "100")
+    result = d.allocate_payment(Decimal(30), [first, second])
+    assert result.installments[0].status == d.InstallmentStatus.PARTIALLY_PAID
 
 
 def test_over_payment_is_rejected() -> None:
@@ -395,7 +406,7 @@ def test_over_payment_is_rejected() -> None:
     assert raised.value.errors[0].field == "amount"
     assert "over-payment" in raised.value.errors[0].message
     with pytest.raises(ValidationFailed):
-        d.allocate_payment(Decimal("300.01"), installments("100", "100", "100"), TODAY)
+        d.allocate_payment(Decimal("300.01"), installments("100", "100", "100"))
     with pytest.raises(ValidationFailed) as raised:
         d.check_payment(Money(Decimal(1), "USD"), contract_amount=cny("300"), already_paid=Decimal(0))
     assert raised.value.errors[0].field == "amount.currency"
@@ -413,7 +424,7 @@ def test_allocation_conserves_money(plan: list[Decimal], payments: list[Decimal]
                 d.check_payment(cny(amount), contract_amount=cny(contract_total), already_paid=paid)
             continue
         d.check_payment(cny(amount), contract_amount=cny(contract_total), already_paid=paid)
-        result = d.allocate_payment(amount, state, TODAY)
+        result = d.allocate_payment(amount, state)
         assert sum(share for _, share in result.allocations) == amount
         state = result.installments
         paid += amount
