@@ -149,8 +149,7 @@ spec:
 {{- end -}}
 
 {{/*
-What a migration Job runs: `crm-<component> migrate`. The gateway's console script has no
-`migrate` command yet, so its Job calls the gateway's own migration function.
+What a migration Job runs: `crm-<component> migrate` (the gateway's included).
 */}}
 {{- define "crm.component.migrateCommand" -}}
 {{- toJson (list (printf "crm-%s" .name) "migrate") -}}

@@ -55,6 +55,9 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     # Upper bound for any RPC whose caller sent no deadline.
     default_deadline_seconds: float = 30.0
+    # Clients are told to reconnect (GOAWAY) after this long, so a Kubernetes Service spreads their
+    # HTTP/2 connections over replicas added since; 0 keeps connections for ever.
+    max_connection_age_seconds: float = 300.0
     outbox_poll_seconds: float = 0.05
     outbox_batch_size: int = 500
     # Run Alembic migrations at start (embedded defaults); in Kubernetes a Job runs them instead.

@@ -114,6 +114,18 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metrics.RPC_LATENCY.labels(self.service, name).observe(time.perf_counter() - started)
 
 
+def server_options(max_connection_age_seconds: float, default_deadline_seconds: float) -> list[tuple[str, int]]:
+    """Channel options of every service. An aged connection gets GOAWAY and the calls in flight get
+    up to one default deadline to finish, so rebalancing never cuts a call short."""
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(default_deadline_seconds * 1000)),
+        ]
+    return options
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection; SIGTERM → NOT_SERVING → stop(grace)."""
 
@@ -124,10 +136,11 @@ class GrpcServer:
         service_names: list[str],
         register: Callable[[grpc.aio.Server], None],
         default_deadline_seconds: float = 30.0,
+        max_connection_age_seconds: float = 0.0,
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[CallInterceptor(service, default_deadline_seconds)],
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+            options=server_options(max_connection_age_seconds, default_deadline_seconds),
         )
         register(self.server)
         self.health = health.aio.HealthServicer()

@@ -59,6 +59,7 @@ class ServiceApp:
             service_names=self.service_names,
             register=self.register,
             default_deadline_seconds=self.settings.default_deadline_seconds,
+            max_connection_age_seconds=self.settings.max_connection_age_seconds,
         )
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -11,6 +11,7 @@ from crm_platform.db import create_engine
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_client import create_channel
 from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.grpc_server import GrpcServer
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import (
     Principal,
@@ -122,3 +123,32 @@ async def test_unexpected_errors_do_not_leak_internals(channel: grpc.aio.Channel
         await channel.unary_unary(f"/{SERVICE}/Crash")(b"")
     assert caught.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in (caught.value.details() or "")
+
+
+async def test_aged_connections_are_replaced_so_new_replicas_get_calls() -> None:
+    """Behind a Kubernetes Service one HTTP/2 connection sticks to one pod; ageing it out makes the
+    client reconnect (and be balanced again) with no call failing."""
+
+    async def peer(request: bytes, context: Any) -> bytes:
+        return str(context.peer()).encode()
+
+    server = GrpcServer(
+        service="probe",
+        service_names=[SERVICE],
+        register=lambda s: s.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, {"Peer": grpc.unary_unary_rpc_method_handler(peer)}),)
+        ),
+        default_deadline_seconds=0.5,
+        max_connection_age_seconds=0.5,
+    )
+    port = await server.start("127.0.0.1", 0)
+    client = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    try:
+        call = client.unary_unary(f"/{SERVICE}/Peer")
+        first = await call(b"")
+        assert await call(b"") == first  # one connection while it is young
+        await asyncio.sleep(1.5)  # age (0.5 s, ±10 %) plus grace (0.5 s)
+        assert await call(b"") != first  # a new connection, from a new client port
+    finally:
+        await client.close()
+        await server.stop(0)
