@@ -173,6 +173,8 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         assert issued["status"] == "issued"
         receivables = _ok(await finance.get("/api/v1/receivables", params={"account_id": account}))
         assert receivables["total_outstanding"] == [_money("80000.00")]
+        assert receivables["account_outstanding"] == [_money("80000.00")]
+        assert receivables["lifetime_value"] == [_money("70000.00")]
 
         # Outbound events, keyed by the aggregate, decoded with the published protos.
         wanted = {

@@ -10,8 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
+from crm.common.v1 import common_pb2
+from crm.sales.v1 import sales_pb2, sales_service_pb2
 from crm_platform.principal import Principal
 from gateway.routers.custom_fields import RESOURCE_ENTITIES
+from gateway.routers.sales import receivables_view
 from gateway.security import Access, Policy
 from gateway.security.masking import mask_value
 from gateway.security.policy import DEFAULT_POLICY_PATH, FieldRule, FieldSpec, load_policy, parse_policy
@@ -343,3 +346,32 @@ async def test_me_lists_effective_field_rules(gateway: Any, auth_headers: Any) -
     assert "export" in leads["actions"]
     assert "contracts" not in me["permissions"]
     assert me["permissions"]["opportunities"]["fields"]["line_items.discount_percent"] == "hidden"
+
+
+async def test_receivables_are_shown_as_the_caller_sees_a_contracts_amount(make_gateway: Any) -> None:
+    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    data["roles"]["sales_rep"]["grants"]["contracts"]["fields"]["amount"] = "hidden"
+    data["roles"]["finance"]["grants"]["contracts"]["fields"]["amount"] = "masked"
+    gateway = await make_gateway(policy=parse_policy(yaml.safe_dump(data)))
+    request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "app": gateway.app})
+    cny = common_pb2.Money(amount="300.00", currency="CNY")
+    reply = sales_service_pb2.ListReceivablesResponse(
+        items=[sales_pb2.Receivable(contract_id="k-1", status="signed", amount=cny, paid=cny, outstanding=cny)],
+        account_outstanding=[cny],
+        lifetime_paid=[cny],
+    )
+
+    def view(role: str) -> dict[str, Any]:
+        decision = gateway.runtime.policy.decide(principal(role), "contracts", "read")
+        access = Access(runtime=gateway.runtime, request=request, principal=principal(role), decision=decision)
+        return receivables_view(reply, access)
+
+    money = {"amount": "300.00", "currency": "CNY"}
+    shown = view("sales_manager")
+    assert shown["items"][0]["paid"] == money and shown["lifetime_value"] == [money]
+    hidden = view("sales_rep")
+    assert "paid" not in hidden["items"][0] and "amount" not in hidden["items"][0]
+    assert hidden["items"][0]["contract_id"] == "k-1" and "lifetime_value" not in hidden
+    masked = view("finance")
+    assert masked["items"][0]["outstanding"] == mask_value(money, "money") != money
+    assert masked["account_outstanding"] == [mask_value(money, "money")]

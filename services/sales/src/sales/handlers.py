@@ -151,6 +151,7 @@ class Receivables:
     next_cursor: str
     total_outstanding: dict[str, Decimal]
     total_overdue: dict[str, Decimal]
+    account: r.AccountTotals
 
 
 def _check_version(row: RowMapping, expected_version: int, resource: str) -> None:
@@ -1589,6 +1590,8 @@ class SalesHandlers:
             ids = [row["id"] for row in rows[:limit]]
             overdue = await r.overdue_amounts(conn, ids, self.today())
             due = await r.next_due_dates(conn, ids)
+            in_force = [s.value for s in d.CONTRACTS_IN_FORCE]
+            account = await r.account_totals(conn, account_id, current_scope(), in_force, self.today())
         items = []
         outstanding_total: dict[str, Decimal] = {}
         overdue_total: dict[str, Decimal] = {}
@@ -1613,7 +1616,7 @@ class SalesHandlers:
                 )
             )
         return Receivables(
-            items, next_cursor(rows, sort_key="created_at", limit=limit), outstanding_total, overdue_total
+            items, next_cursor(rows, sort_key="created_at", limit=limit), outstanding_total, overdue_total, account
         )
 
     # ------------------------------------------------------------ overdue installments (timer)

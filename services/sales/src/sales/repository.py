@@ -6,6 +6,7 @@ a currency column beside it.
 """
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
 from typing import Any
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     func,
     select,
     type_coerce,
@@ -433,6 +435,47 @@ async def overdue_amounts(conn: AsyncConnection, contract_ids: Sequence[str], to
         .group_by(installments.c.contract_id)
     )
     return {contract_id: as_amount(total) for contract_id, total in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class AccountTotals:
+    """Per currency, over every contract of one account the caller may see."""
+
+    outstanding: dict[str, Decimal]
+    overdue: dict[str, Decimal]
+    lifetime_paid: dict[str, Decimal]
+
+
+async def account_totals(
+    conn: AsyncConnection, account_id: str, scope: RecordScope, in_force: Sequence[str], today: date
+) -> AccountTotals:
+    """Two grouped aggregates, however many contracts the account has (the page shows only some)."""
+    c, i = contracts, installments
+    of_account = (c.c.account_id == account_id, scope_clause(c, scope))
+    in_force_clause = c.c.status.in_(list(in_force))
+    money = await conn.execute(
+        select(
+            c.c.currency,
+            amount_sum(case((in_force_clause, c.c.amount - c.c.paid_amount), else_=0)),
+            amount_sum(c.c.paid_amount),
+        )
+        .where(*of_account)
+        .group_by(c.c.currency)
+    )
+    outstanding: dict[str, Decimal] = {}
+    lifetime: dict[str, Decimal] = {}
+    for currency, owed, paid in money:
+        outstanding[currency], lifetime[currency] = as_amount(owed), as_amount(paid)
+    late = await conn.execute(
+        select(c.c.currency, amount_sum(i.c.amount - i.c.paid))
+        .join(c, c.c.id == i.c.contract_id)
+        .where(*of_account, in_force_clause, i.c.due_date < today, i.c.paid < i.c.amount)
+        .group_by(c.c.currency)
+    )
+    overdue = {currency: Decimal(0) for currency in outstanding} | {
+        currency: as_amount(total) for currency, total in late
+    }
+    return AccountTotals(outstanding, overdue, lifetime)
 
 
 async def next_due_dates(conn: AsyncConnection, contract_ids: Sequence[str]) -> dict[str, date]:

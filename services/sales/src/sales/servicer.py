@@ -505,6 +505,9 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             page_info=page_info(result.next_cursor),
             total_outstanding=money_list(result.total_outstanding),
             total_overdue=money_list(result.total_overdue),
+            account_outstanding=money_list(result.account.outstanding),
+            account_overdue=money_list(result.account.overdue),
+            lifetime_paid=money_list(result.account.lifetime_paid),
         )
 
     # invoices

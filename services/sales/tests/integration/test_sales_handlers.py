@@ -575,6 +575,37 @@ async def test_concurrent_postings_never_overpay(sales: SalesHandlers) -> None:
     assert contract.paid.amount == "900.00"
 
 
+async def test_account_totals_cover_every_contract_and_lifetime_value_counts_closed_ones(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    running, completed, terminated = [await signed_contract(sales, "1000") for _ in range(3)]
+    with as_user("erp", "erp_integration"):
+        for contract_id, amount in ((running, "300"), (completed, "1000"), (terminated, "200")):
+            await sales.record_payment(
+                contract_id=contract_id, amount=cny(amount), received_at=None, method="", external_reference=contract_id
+            )
+    with as_user("rep1", "sales_rep"):
+        await sales.complete_contract(completed, expected_version=0)
+        await sales.terminate_contract(terminated, expected_version=0, reason="customer went bankrupt")
+        page = await sales.list_receivables("acc-1", Page(limit=1))
+    assert len(page.items) == 1 and page.next_cursor  # one contract listed, totals over all of them
+    assert page.account.outstanding == {"CNY": Decimal("700.00")}  # the terminated contract is no longer owed
+    assert page.account.lifetime_paid == {"CNY": Decimal("1500.00")}
+    assert page.account.overdue == {"CNY": Decimal("0")}
+    with as_user("someone-else", "sales_rep", scope="own"):  # totals respect the record scope like the list
+        assert (await sales.list_receivables("acc-1", Page())).account.lifetime_paid == {}
+
+    finished = [
+        events_pb2.ContractCompleted.FromString(p) for p in await outbox_events(engine, "crm.sales.contract.completed")
+    ]
+    ended = [
+        events_pb2.ContractTerminated.FromString(p)
+        for p in await outbox_events(engine, "crm.sales.contract.terminated")
+    ]
+    assert [e.contract.id for e in finished] == [completed] and finished[0].contract.status == "completed"
+    assert [e.contract.id for e in ended] == [terminated] and ended[0].reason == "customer went bankrupt"
+
+
 # ---------------------------------------------------------------- overdue installments
 
 

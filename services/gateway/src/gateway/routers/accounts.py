@@ -5,7 +5,6 @@ custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.s
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -28,6 +27,7 @@ from pydantic import BaseModel, Field
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.routers.custom_fields import check_custom_filters, custom_filters, presenter, readable_custom_keys
+from gateway.routers.sales import receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.security import Access, require
@@ -1392,18 +1392,14 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
                 metadata=view.grpc_metadata(),
             ),
         )
-        lifetime: dict[str, Decimal] = {}
-        for item in receivables.items:
-            if item.HasField("paid"):
-                lifetime[item.paid.currency] = lifetime.get(item.paid.currency, Decimal(0)) + Decimal(item.paid.amount)
-        return {
-            "items": view.present_many(_sales_dict(c) for c in contract_rows.items),
-            "receivables": view.present_many(_sales_dict(r) for r in receivables.items),
-            "total_outstanding": [_sales_dict(m) for m in receivables.total_outstanding],
-            "total_overdue": [_sales_dict(m) for m in receivables.total_overdue],
-            # Lifetime value: what the account has paid, per currency.
-            "lifetime_value": [{"amount": format(v, "f"), "currency": c} for c, v in sorted(lifetime.items())],
-        }
+        owed = receivables_view(receivables, view)
+        part = {"items": view.present_many(_sales_dict(c) for c in contract_rows.items), "receivables": owed["items"]}
+        if "lifetime_value" in owed:  # the caller sees contract amounts
+            # Totals over all the account's contracts, not just the ones listed here.
+            part["total_outstanding"] = owed["account_outstanding"]
+            part["total_overdue"] = owed["account_overdue"]
+            part["lifetime_value"] = owed["lifetime_value"]
+        return part
 
     async def tickets(view: Access) -> Part:
         rows = (

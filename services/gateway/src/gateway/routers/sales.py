@@ -398,18 +398,38 @@ def invoice_dict(i: sales_pb2.Invoice) -> dict[str, Any]:
     }
 
 
-def receivable_dict(r: sales_pb2.Receivable) -> dict[str, Any]:
-    return {
-        "contract_id": r.contract_id,
-        "contract_number": r.contract_number,
-        "account_id": r.account_id,
-        "status": r.status,
+def receivable_dict(r: sales_pb2.Receivable, access: Access) -> dict[str, Any]:
+    """Receivables are the contract's money: shown as the caller sees a contract's `amount`."""
+    money = {
         "amount": _money(r.amount),
         "paid": _money(r.paid),
         "outstanding": _money(r.outstanding),
         "overdue": _money(r.overdue),
         "invoiced": _money(r.invoiced),
+    }
+    return {
+        "contract_id": r.contract_id,
+        "contract_number": r.contract_number,
+        "account_id": r.account_id,
+        "status": r.status,
+        **access.present_derived(money, like="amount"),
         "next_due_date": r.next_due_date or None,
+    }
+
+
+def receivables_view(reply: pb.ListReceivablesResponse, access: Access) -> dict[str, Any]:
+    """One page of an account's receivables with the page's and the whole account's totals."""
+    totals = {
+        "total_outstanding": [_money(m) for m in reply.total_outstanding],
+        "total_overdue": [_money(m) for m in reply.total_overdue],
+        "account_outstanding": [_money(m) for m in reply.account_outstanding],
+        "account_overdue": [_money(m) for m in reply.account_overdue],
+        "lifetime_value": [_money(m) for m in reply.lifetime_paid],
+    }
+    return {
+        "items": [receivable_dict(r, access) for r in reply.items],
+        "next_cursor": reply.page_info.next_cursor or None,
+        **access.present_derived(totals, like="amount"),
     }
 
 
@@ -1277,17 +1297,13 @@ async def list_payments(
 async def list_receivables(
     request: Request, access: ContractsRead, account_id: str, limit: Limit = None, cursor: str | None = None
 ) -> dict[str, Any]:
-    """What an account owes per signed contract: amount, paid, outstanding, overdue, invoiced."""
+    """What an account owes per contract in force: amount, paid, outstanding, overdue, invoiced;
+    totals for the page and for the whole account, and what it has ever paid (lifetime value)."""
     reply = await _stub(request).ListReceivables(
         pb.ListReceivablesRequest(account_id=account_id, page=_page(limit, cursor, None, access)),
         metadata=access.grpc_metadata(),
     )
-    return {
-        "items": [receivable_dict(r) for r in reply.items],
-        "next_cursor": reply.page_info.next_cursor or None,
-        "total_outstanding": [_money(m) for m in reply.total_outstanding],
-        "total_overdue": [_money(m) for m in reply.total_overdue],
-    }
+    return receivables_view(reply, access)
 
 
 # --- invoices ----------------------------------------------------------------------------------------

@@ -179,6 +179,20 @@ class Access:
     def present_many(self, records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         return [self.present(record) for record in records]
 
+    def present_derived(self, values: Mapping[str, Any], *, like: str) -> dict[str, Any]:
+        """Values computed from the declared field `like` (a contract's receivables from its amount)
+        shown as the caller sees that field: left out when it is hidden, masked when it is masked."""
+        rule = self.decision.read_rule(like)
+        if rule is FieldRule.HIDDEN:
+            return {}
+        if rule is FieldRule.MASKED:
+            kind = self.spec.field(like).type
+            return {
+                key: [mask_value(v, kind) for v in value] if isinstance(value, list) else mask_value(value, kind)
+                for key, value in values.items()
+            }
+        return dict(values)
+
     def readable_fields(self) -> list[str]:
         """Declared top-level fields the caller sees (hidden ones left out): export columns."""
         return [
