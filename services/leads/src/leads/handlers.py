@@ -354,12 +354,20 @@ class LeadsService:
         return score, domain.grade_for(score, rules.thresholds), matched
 
     async def _pick_by_rules(
-        self, conn: AsyncConnection, rules: Rules, lead: Mapping[Any, Any], *, move_pointer: bool = True
+        self,
+        conn: AsyncConnection,
+        rules: Rules,
+        lead: Mapping[Any, Any],
+        *,
+        move_pointer: bool = True,
+        pending_loads: Mapping[str, int] | None = None,
     ) -> tuple[str, str, str] | None:
         """(owner, team, rule id) from the first matching rule, or None for the pool.
 
         The rule row is locked so concurrent assignments rotate the round-robin pointer in turn;
         with `move_pointer=False` the caller moves it (in its own insert statement).
+        `pending_loads` counts open leads per rep that are about to be inserted (an import batch),
+        so capacity caps and least-loaded picks see them too.
         """
         rule = domain.first_matching_rule(rules.assignment, lead)
         if rule is None:
@@ -368,6 +376,8 @@ class LeadsService:
         last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=needs_loads)
         if last is None:  # deleted since the cache was loaded
             return None
+        if needs_loads and pending_loads:
+            loads = {user: loads.get(user, 0) + pending_loads.get(user, 0) for user in {*loads, *pending_loads}}
         user = domain.pick_assignee(rule, loads, last)
         if user is None:
             return None
@@ -1166,7 +1176,14 @@ class LeadsService:
             accepted.append((row_number, clean, data))
         async with self.uow.begin() as tx:
             conn = tx.conn
-            existing = await self._existing_keys(conn, [clean for _, clean, _ in accepted], options.on_duplicate)
+            cleans = [clean for _, clean, _ in accepted]
+            existing = await self._existing_keys(conn, cleans, options.on_duplicate)
+            contacts = await repo.known_contacts(
+                conn,
+                emails={c.email_norm for c in cleans if c.email_norm},
+                phones={c.phone_norm for c in cleans if c.phone_norm},
+            )
+            batch_loads: dict[str, int] = {}  # open leads per rep in this batch, not inserted yet
             seen: dict[str, str] = {}
             new_rows: list[dict[str, Any]] = []
             history: list[dict[str, Any]] = []
@@ -1195,14 +1212,17 @@ class LeadsService:
                     )
                     continue
                 values = self._import_values(clean, principal, now, rules, import_id)
-                if options.assign:
-                    picked = await self._pick_by_rules(conn, rules, values)
+                values["matched_contact_id"] = next((contacts[k] for k in keys if k in contacts), "")
+                if options.assign and not values["owner_id"]:
+                    picked = await self._pick_by_rules(conn, rules, values, pending_loads=batch_loads)
                     if picked is not None:
                         owner, team, _rule = picked
                         values.update(self._assignment_values(owner, team, False, now))
                         tasks.append(self._first_contact_task(values["id"], owner, now))
                     else:
                         values["in_pool"] = True
+                if values["owner_id"] and values["status"] in domain.OPEN_STATUSES:
+                    batch_loads[values["owner_id"]] = batch_loads.get(values["owner_id"], 0) + 1
                 new_rows.append(values)
                 history.append(
                     {

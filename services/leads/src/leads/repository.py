@@ -396,6 +396,28 @@ async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_n
     return str(found or "")
 
 
+async def known_contacts(conn: AsyncConnection, *, emails: set[str], phones: set[str]) -> dict[str, str]:
+    """Contacts holding any of these keys, as {"email:<norm>" | "phone:<norm>": contact id}: one
+    query for an import batch instead of one per row."""
+    c = contact_keys.c
+    conditions = []
+    if emails:
+        conditions.append(c.email_norm.in_(sorted(emails)))
+    if phones:
+        conditions.append(c.phone_norm.in_(sorted(phones)))
+    if not conditions:
+        return {}
+    found: dict[str, str] = {}
+    for contact_id, email, phone in await conn.execute(
+        select(c.contact_id, c.email_norm, c.phone_norm).where(or_(*conditions)).order_by(c.contact_id)
+    ):
+        if email in emails:
+            found.setdefault(f"email:{email}", contact_id)
+        if phone in phones:
+            found.setdefault(f"phone:{phone}", contact_id)
+    return found
+
+
 async def open_loads(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, int]:
     rows = await conn.execute(
         select(leads.c.owner_id, func.count())

@@ -53,9 +53,12 @@ async def send(
     final: bool = False,
     key: str = "x1",
     column_map: dict[str, str] | None = None,
+    assign: bool = False,
 ) -> leads_service_pb2.ImportLeadsResponse:
     columns = COLUMN_MAP if column_map is None else column_map
-    header = leads_service_pb2.ImportHeader(format="csv", import_key=key, column_map=columns, part=part, final=final)
+    header = leads_service_pb2.ImportHeader(
+        format="csv", import_key=key, column_map=columns, part=part, final=final, assign=assign
+    )
 
     async def requests() -> AsyncIterator[leads_service_pb2.ImportLeadsRequest]:
         yield leads_service_pb2.ImportLeadsRequest(header=header)
@@ -149,6 +152,32 @@ async def test_import_reports_bad_rows_and_resumes_after_a_crash(
     wang = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(q="wang"), metadata=METADATA)
     assert wang.items[0].source == "other" and wang.items[0].source_detail == "Something New"
     assert wang.items[0].phone == "+1 415 555 0100"
+
+
+async def test_imported_leads_are_assigned_within_caps_and_linked_to_known_contacts(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    from crm.accounts.v1 import accounts_pb2
+    from leads.consumers import apply_contact
+    from leads.domain import AssignmentRule
+
+    async with env.service.uow.begin() as tx:
+        await apply_contact(tx, accounts_pb2.Contact(id="c-7", email="zhao@corp.cn"), "86")
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="least_loaded", capacity=2), "all", ""
+        )
+    rows = "".join(f"Lead {n},lead{n}@x.cn,Google\n" for n in range(5))
+    text = "Name,Email,Lead Source\nZhao,ZHAO@corp.cn,Google\n" + rows
+    response = await send(stub, text.encode(), key="assign", column_map={}, assign=True)
+    assert response.lead_import.progress.accepted == 6
+    listed = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(), metadata=METADATA)
+    owners = Counter(lead.owner_id for lead in listed.items)
+    # One batch: the caps count the leads assigned earlier in the same batch.
+    assert owners == {"u1": 2, "u2": 2, "": 2}
+    zhao = next(lead for lead in listed.items if lead.name == "Zhao")
+    assert zhao.matched_contact_id == "c-7"
+    assert all(lead.matched_contact_id == "" for lead in listed.items if lead.name != "Zhao")
 
 
 async def test_bad_input_is_rejected_with_the_field(stub: leads_service_pb2_grpc.LeadsServiceStub) -> None:
