@@ -1784,6 +1784,7 @@ class LeadsService:
             raise ValidationFailed([FieldError("opportunity_amount.amount", "must not be negative")])
         principal = current_principal()
         now = self.clock()
+        await self._finish_compensation(req.lead_id)
         async with self.uow.begin() as tx:
             conn = tx.conn
             earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
@@ -1898,36 +1899,45 @@ class LeadsService:
                 .values(**values, updated_at=self.clock())
             )
 
-    async def _compensate(self, lead_id: str, created_account_id: str, contact_id: str, cause: CrmError) -> None:
-        """Undoes this attempt's creations; if that fails too the saga stays `compensating`."""
+    async def _compensate(self, lead_id: str, created_account_id: str, contact_id: str, cause: CrmError | None) -> bool:
+        """Undoes an attempt's creations and records each undo as it succeeds. When one fails the
+        saga stays `compensating`, holding only what still exists; False then."""
         assert self.ports is not None
-        state = "compensated"
+        left = {"contact_id": contact_id, "account_id": created_account_id}
         try:
             if contact_id:
                 await self.ports.delete_contact(contact_id)
+                left["contact_id"] = ""
             if created_account_id:
                 await self.ports.delete_account(created_account_id)
+                left["account_id"] = ""
         except CrmError:
-            state = "compensating"
-        async with self.engine.begin() as conn:
+            pass
+        done = not left["contact_id"] and not left["account_id"]
+        values: dict[str, Any] = {
+            "state": "compensated" if done else "compensating",
+            **left,
+            "account_created": bool(left["account_id"]),
+            "opportunity_id": "",
+        }
+        if cause is not None:
+            values["error"] = f"{type(cause).__name__}: {cause.detail}"[:2000]
+        await self._saga_step(lead_id, **values)
+        return done
+
+    async def _finish_compensation(self, lead_id: str) -> None:
+        """A new attempt never builds on a half-undone one: the undo is finished first."""
+        async with self.engine.connect() as conn:
             saga = (
                 (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id)))
                 .mappings()
-                .one()
+                .first()
             )
-            await conn.execute(
-                update(repo.conversions)
-                .where(repo.conversions.c.lead_id == lead_id)
-                .values(
-                    state=state,
-                    account_id="" if state == "compensated" else saga["account_id"],
-                    contact_id="" if state == "compensated" else saga["contact_id"],
-                    opportunity_id="",
-                    account_created=False if state == "compensated" else saga["account_created"],
-                    error=f"{type(cause).__name__}: {cause.detail}"[:2000],
-                    updated_at=self.clock(),
-                )
-            )
+        if saga is None or saga["state"] != "compensating":
+            return
+        created = str(saga["account_id"]) if saga["account_created"] else ""
+        if not await self._compensate(lead_id, created, str(saga["contact_id"]), None):
+            raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
 
 
 class _Row:

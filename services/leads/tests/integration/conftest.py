@@ -69,6 +69,8 @@ class FakePorts:
 
     async def delete_account(self, account_id: str) -> None:
         self.calls.append("delete_account")
+        if "delete_account" in self.fail:
+            raise self.fail["delete_account"]
         self.accounts.pop(account_id, None)
 
 

@@ -274,6 +274,25 @@ async def test_conversion_compensates_a_partial_failure_and_resumes_after_an_out
     assert result.contact_id in env.ports.contacts and result.lead["converted_contact_id"] == result.contact_id
 
 
+async def test_a_half_undone_conversion_is_finished_before_the_next_attempt(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zhou", "company": "Zhou Co", "owner_id": "rep1"})
+        # The opportunity is refused, the contact is deleted, the account cannot be (service down).
+        env.ports.fail = {"opportunity": ValidationFailed([]), "delete_account": Unavailable("accounts down")}
+        with pytest.raises(ValidationFailed):
+            await env.service.convert(ConvertRequest(lead_id=lead["id"], create_opportunity=True))
+        assert env.ports.contacts == {} and len(env.ports.accounts) == 1
+        env.ports.fail = {"delete_account": Unavailable("accounts down")}
+        with pytest.raises(Unavailable):  # still cannot undo: no new attempt on top of the old one
+            await env.service.convert(ConvertRequest(lead_id=lead["id"], create_opportunity=True))
+        assert env.ports.contacts == {} and env.ports.opportunities == {}
+        env.ports.fail = {}
+        result = await env.service.convert(ConvertRequest(lead_id=lead["id"], create_opportunity=True))
+    assert list(env.ports.accounts) == [result.account_id]  # the first attempt's account is gone
+    assert list(env.ports.contacts) == [result.contact_id] and list(env.ports.opportunities) == [result.opportunity_id]
+    assert env.ports.contacts[result.contact_id] == result.account_id
+
+
 async def test_campaign_and_webform_intake_with_rate_limit(env: Any) -> None:
     from leads.handlers import RateLimited
 
