@@ -8,7 +8,7 @@ same key that is unpublished (locked by another replica or waiting for a retry).
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -181,20 +181,11 @@ def backoff_seconds(attempts: int, *, base: float = 0.5, cap: float = 60.0) -> f
     return random.uniform(0, min(cap, base * 2 ** max(0, attempts - 1)))
 
 
-def publishable(rows: list[Any], first_pending_seq: dict[str, int]) -> list[Any]:
-    """Rows that may go now: a key's rows only when its oldest unpublished row is among them,
-    and only up to the first gap, so no row overtakes an earlier one of the same key."""
-    batch_seqs = {row.seq for row in rows}
-    result = []
-    blocked: set[str] = set()
-    for row in rows:  # ordered by seq
-        if row.key in blocked:
-            continue
-        if first_pending_seq.get(row.key, row.seq) != row.seq and first_pending_seq[row.key] not in batch_seqs:
-            blocked.add(row.key)
-            continue
-        result.append(row)
-    return result
+def publishable(rows: list[Any], first_held_back: Mapping[str, int]) -> list[Any]:
+    """Rows that may go now. `first_held_back` maps a key to its oldest unpublished row that is not
+    in this batch (waiting out a retry backoff, or claimed by another replica): the key's rows go
+    only up to it, so no row overtakes an earlier one of its key."""
+    return [row for row in rows if row.seq < first_held_back.get(row.key, row.seq + 1)]
 
 
 class OutboxRelay:
@@ -295,13 +286,18 @@ class OutboxRelay:
             rows = list(await conn.execute(query))
             if not rows:
                 return 0
-            keys = {row.key for row in rows}
-            firsts = await conn.execute(
+            batch = [row.seq for row in rows]
+            held_back = await conn.execute(
                 select(table.c.key, func.min(table.c.seq))
-                .where(table.c.published_at.is_(None), table.c.key.in_(keys))
+                .where(
+                    table.c.published_at.is_(None),
+                    table.c.key.in_({row.key for row in rows}),
+                    table.c.seq < max(batch),
+                    table.c.seq.not_in(batch),
+                )
                 .group_by(table.c.key)
             )
-            rows = publishable(rows, {key: seq for key, seq in firsts})
+            rows = publishable(rows, {key: seq for key, seq in held_back})
             if not rows:
                 return 0
             sent, failed, error = await self._send(rows)
@@ -330,29 +326,35 @@ class OutboxRelay:
         return len(sent)
 
     async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
+        """(acknowledged rows, failed rows, first error). Every wait is bounded: a broker that hangs
+        fails the batch into the retry backoff instead of holding the relay (or its rows' locks)."""
         try:
             producer = await self._ensure_producer()
-            futures = [
-                await producer.send(
-                    row.topic,
-                    value=row.payload,
-                    key=row.key.encode(),
-                    headers=[(name, value.encode()) for name, value in row.headers],
-                )
-                for row in rows
-            ]
-        except Exception as error:  # noqa: BLE001 - broker down: every row waits for a retry
+            futures = await asyncio.wait_for(self._enqueue(producer, rows), self.kafka.send_timeout_seconds)
+            results = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.kafka.send_timeout_seconds * 2
+            )
+        except Exception as error:  # noqa: BLE001 - broker down or hung: every row waits for a retry
             await self._reset_producer()
             return [], rows, f"{type(error).__name__}: {error}"
-        results = await asyncio.wait_for(
-            asyncio.gather(*futures, return_exceptions=True), self.kafka.send_timeout_seconds * 2
-        )
         sent = [row for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
         failed = [row for row, result in zip(rows, results, strict=True) if isinstance(result, BaseException)]
         first_error = next((f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)), "")
         if failed:
             await self._reset_producer()
         return sent, failed, first_error
+
+    @staticmethod
+    async def _enqueue(producer: Any, rows: list[Any]) -> list[Any]:
+        return [
+            await producer.send(
+                row.topic,
+                value=row.payload,
+                key=row.key.encode(),
+                headers=[(name, value.encode()) for name, value in row.headers],
+            )
+            for row in rows
+        ]
 
     async def _ensure_producer(self) -> Any:
         if self._producer is None:

@@ -74,13 +74,18 @@ Row = namedtuple("Row", "seq key")
 def test_a_key_waits_while_an_earlier_row_of_it_is_held_elsewhere() -> None:
     rows = [Row(5, "a"), Row(6, "b"), Row(7, "a"), Row(9, "c")]
     # "b" has an older pending row (seq 2) that another relay holds or that waits for a retry.
-    first_pending = {"a": 5, "b": 2, "c": 9}
-    assert [row.seq for row in publishable(rows, first_pending)] == [5, 7, 9]
+    assert [row.seq for row in publishable(rows, {"b": 2})] == [5, 7, 9]
+
+
+def test_a_key_stops_at_a_gap_inside_the_batch() -> None:
+    # Row 2 of "a" waits out its backoff while 1 and 3 are due: 3 must not overtake it.
+    rows = [Row(1, "a"), Row(3, "a"), Row(4, "b")]
+    assert [row.seq for row in publishable(rows, {"a": 2})] == [1, 4]
 
 
 def test_every_row_goes_when_nothing_older_is_pending() -> None:
     rows = [Row(1, "a"), Row(2, "a"), Row(3, "b")]
-    assert publishable(rows, {"a": 1, "b": 3}) == rows
+    assert publishable(rows, {}) == rows
 
 
 def test_backoff_grows_and_is_capped() -> None:
