@@ -90,6 +90,9 @@ class EventConsumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._dlt_producer: Any = None
         self._processed: dict[TopicPartition, int] = {}
+        # Held while a fetched batch is applied and committed: a rebalance waits for it, so no
+        # partition is handed over while its records are still being applied here.
+        self._batch_lock = asyncio.Lock()
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -124,10 +127,11 @@ class EventConsumer:
                 self.ready.set()
             # Partitions are independent (order is per key, and a key lives in one partition):
             # apply them concurrently, each in order, then commit what was applied.
-            await asyncio.gather(
-                *(self._apply_partition(consumer, partition, records) for partition, records in batches.items())
-            )
-            await self._commit()
+            async with self._batch_lock:
+                await asyncio.gather(
+                    *(self._apply_partition(consumer, partition, records) for partition, records in batches.items())
+                )
+                await self._commit()
 
     async def _apply_partition(
         self, consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[Any, Any]]
@@ -146,8 +150,12 @@ class EventConsumer:
     async def _commit(self) -> None:
         if self._consumer is None or not self._processed:
             return
-        offsets, self._processed = dict(self._processed), {}
-        await asyncio.wait_for(self._consumer.commit(offsets), self.kafka.send_timeout_seconds)
+        # Only partitions still ours: another owner re-reads the rest, and the inbox skips them.
+        assigned = self._consumer.assignment()
+        offsets = {partition: offset for partition, offset in self._processed.items() if partition in assigned}
+        self._processed = {}
+        if offsets:
+            await asyncio.wait_for(self._consumer.commit(offsets), self.kafka.send_timeout_seconds)
 
     async def _handle(self, record: ConsumerRecord[Any, Any]) -> None:
         try:
@@ -291,10 +299,12 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        try:
-            await self.owner._commit()
-        except Exception:
-            log.warning("consumer %s: commit on revoke failed", self.owner.name, exc_info=True)
+        # Called from aiokafka's coordinator task, possibly mid-batch: let the batch finish first.
+        async with self.owner._batch_lock:
+            try:
+                await self.owner._commit()
+            except Exception:
+                log.warning("consumer %s: commit on revoke failed", self.owner.name, exc_info=True)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.owner.name, sorted(str(tp) for tp in assigned))

@@ -242,6 +242,57 @@ async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_s
         assert await conn.scalar(select(func.count()).select_from(notes).where(notes.c.key == "applied-once")) == 1
 
 
+async def test_a_second_replica_joining_mid_batch_takes_partitions_without_a_restart(
+    engine: AsyncEngine, broker_settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    bootstrap = broker_settings.bootstrap_servers
+
+    def replica(applied: list[str]) -> EventConsumer:
+        async def slowly(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
+            await asyncio.sleep(0.01)  # batches take a while: the rebalance may land in the middle of one
+            await tx.conn.execute(insert(notes).values(id=event.headers.id, key=event.message.record_id,
+                                                       created_at=event.headers.time))  # fmt: skip
+            applied.append(event.message.record_id)
+
+        return EventConsumer(
+            name="rebalancing",
+            uow=UnitOfWork(engine, metadata, source="/crm/test"),
+            metadata=metadata,
+            kafka=broker_settings,
+            handlers={events_pb2.AuditRecorded: slowly},
+            service="test",
+        )
+
+    async def produce(wave: str) -> list[str]:
+        ids = [f"{wave}-{n}" for n in range(150)]
+        for record_id in ids:
+            await produce_event(bootstrap, events_pb2.AuditRecorded(record_id=record_id), key=f"k{record_id[-2:]}")
+        return ids
+
+    first_applied: list[str] = []
+    second_applied: list[str] = []
+    expected = await produce("one")
+    first = replica(first_applied)
+    tasks = [asyncio.create_task(first.run())]
+    async with asyncio.timeout(60):
+        while len(first_applied) < 10:
+            await asyncio.sleep(0.01)
+    second = replica(second_applied)
+    tasks.append(asyncio.create_task(second.run()))
+    await asyncio.wait_for(second.ready.wait(), 60)
+    expected += await produce("two")
+    async with asyncio.timeout(90):
+        while set(first_applied) | set(second_applied) != set(expected):
+            await asyncio.sleep(0.05)
+    for consumer in (first, second):
+        await consumer.stop()
+    await asyncio.gather(*tasks)
+    assert second_applied  # the new replica took partitions of its own
+    assert sorted(first_applied + second_applied) == sorted(expected)  # each event applied once
+    assert not [r for r in caplog.records if "restarting" in r.getMessage()]  # no consumer was torn down
+
+
 async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_keeps_moving(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
