@@ -143,8 +143,9 @@ def _add_routes(router: APIRouter, resource: str, actions: tuple[str, ...], stor
         async def update_record(
             record_id: str, body: Json, access: Annotated[Access, Depends(require(resource, "update"))]
         ) -> dict:
-            before = _in_scope(access, store.get(resource, record_id))
+            # Like real routes: the fields first, then the record in the scope check_write leaves.
             access.check_write(body)
+            before = _in_scope(access, store.get(resource, record_id))
             after = {**copy.deepcopy(before), **body}
             store.put(resource, after)
             await access.audit_write(record_id, before, after)
@@ -181,8 +182,8 @@ def _add_command(router: APIRouter, resource: str, action: str, store: FakeStore
         body: Annotated[dict[str, Any], Body()],
         access: Annotated[Access, Depends(require(resource, action))],
     ) -> dict:
-        before = _in_scope(access, store.get(resource, record_id))
         access.check_write(body)
+        before = _in_scope(access, store.get(resource, record_id))
         after = {**before, **body}
         store.put(resource, after)
         await access.audit_write(record_id, before, after, action=action)

@@ -133,6 +133,41 @@ async def test_marketing_sees_masked_lead_contact_details(gateway: Any, auth_hea
     assert clear.json()["phone"] == "13812345678"
 
 
+async def test_a_second_role_unmasks_phones_only_on_the_records_it_reaches(gateway: Any, auth_headers: Any) -> None:
+    """Marketing lists every lead with phones masked; a sales rep reads the phones of their own
+    leads. Holding both shows the own leads' phones in clear and every other lead's masked."""
+    phone = "13812345678"
+    for lead_id, owner in (("mine", ME), ("theirs", "u-other")):
+        gateway.store.put("leads", {"id": lead_id, "name": lead_id, "phone": phone, "owner_id": owner, "team": "t"})
+    headers = auth_headers(["marketing", "sales_rep"], sub=ME, team=TEAM, region=REGION)
+    masked = mask_value(phone, "phone")
+
+    listing = await gateway.client.get("/api/v1/fake/leads", headers=headers)
+    assert {lead["id"]: lead["phone"] for lead in listing.json()["items"]} == {"mine": phone, "theirs": masked}
+    export = await gateway.client.get("/api/v1/exports/leads", headers=headers)
+    assert {row["id"]: row["phone"] for row in csv.DictReader(io.StringIO(export.text))} == {
+        "mine": phone,
+        "theirs": masked,
+    }
+    # Only the rep may set phones, so only on the rep's own leads; marketing sets names anywhere.
+    refused = await gateway.client.patch("/api/v1/fake/leads/theirs", json={"phone": "1"}, headers=headers)
+    assert refused.status_code in (403, 404)
+    assert gateway.store.get("leads", "theirs")["phone"] == phone
+    assert (await gateway.client.patch("/api/v1/fake/leads/mine", json={"phone": "1"}, headers=headers)).is_success
+    assert (await gateway.client.patch("/api/v1/fake/leads/theirs", json={"name": "n"}, headers=headers)).is_success
+
+
+async def test_an_analyst_who_is_also_a_rep_reads_only_their_own_contacts_phones(
+    gateway: Any, auth_headers: Any
+) -> None:
+    for contact_id, owner in (("mine", ME), ("theirs", "u-other")):
+        gateway.store.put("contacts", {"id": contact_id, "phone": "13812345678", "owner_id": owner, "team": "t"})
+    headers = auth_headers(["analyst", "sales_rep"], sub=ME, team=TEAM, region=REGION)
+    mine = await gateway.client.get("/api/v1/fake/contacts/mine", headers=headers)
+    theirs = await gateway.client.get("/api/v1/fake/contacts/theirs", headers=headers)
+    assert (mine.json()["phone"], theirs.json()["phone"]) == ("13812345678", "138****5678")
+
+
 WRITE_CELLS = [
     (role, resource, name)
     for role in POLICY.roles

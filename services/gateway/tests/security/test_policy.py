@@ -82,18 +82,74 @@ def test_readonly_fields_are_never_writable_even_for_admin() -> None:
     assert decision.write_rule("phone") is FieldRule.WRITE
 
 
-def test_several_roles_take_the_widest_scope_and_most_permissive_rule() -> None:
+def test_several_roles_take_the_widest_scope_of_the_roles_granting_the_action() -> None:
     policy = load_policy()
     both = who("sales_rep", "marketing")
     read = policy.decide(both, "leads", "read")
     assert read.scope is not None and read.scope.kind is ScopeKind.ALL  # marketing: all > rep: own
-    assert read.read_rule("phone") is FieldRule.READ  # rep reads, marketing masked -> read wins
     # Export only via marketing: scope of the roles that grant the action.
     export = policy.decide(both, "leads", "export")
     assert export.allowed and export.scope is not None and export.scope.kind is ScopeKind.ALL
     rep_and_agent = who("sales_rep", "service_agent")
     update = policy.decide(rep_and_agent, "tickets", "update")
     assert update.scope is not None and update.scope.kind is ScopeKind.OWN
+
+
+OWN_RECORD = {"owner_id": "u1", "team": "t1", "region": "r1"}
+OTHER_RECORD = {"owner_id": "u2", "team": "t2", "region": "r2"}
+
+
+@pytest.mark.parametrize(
+    ("roles", "resource"), [(("marketing", "sales_rep"), "leads"), (("analyst", "sales_rep"), "contacts")]
+)
+def test_a_roles_field_rules_apply_only_to_the_records_its_scope_covers(roles: tuple[str, ...], resource: str) -> None:
+    read = load_policy().decide(who(*roles), resource, "read")
+    # The rep reads the phones of their own records; the other role lists every record, phones masked.
+    assert read.read_rule("phone", read.record_grants(OWN_RECORD)) is FieldRule.READ
+    assert read.read_rule("phone", read.record_grants(OTHER_RECORD)) is FieldRule.MASKED
+    # A record without owner fields falls to the widest-scope grants.
+    assert read.read_rule("phone", read.record_grants({})) is FieldRule.MASKED
+    # Rules for no one record (filters, derived values) are those that cover every listed record.
+    assert read.read_rule("phone") is FieldRule.MASKED
+    # What the caller sees on at least some records (GET /me, export columns).
+    assert read.best_read_rule("phone") is FieldRule.READ
+
+
+def test_nested_fields_follow_the_grants_covering_the_top_level_record() -> None:
+    read = load_policy().decide(who("analyst", "sales_manager"), "opportunities", "read")
+    team_deal, other_deal = read.record_grants({"owner_id": "u9", "team": "t1"}), read.record_grants(OTHER_RECORD)
+    assert read.read_rule("line_items.discount_percent", team_deal) is FieldRule.READ
+    assert read.read_rule("line_items.discount_percent", other_deal) is FieldRule.HIDDEN
+
+
+def test_a_write_takes_the_scope_of_the_grants_that_may_set_every_field() -> None:
+    policy = load_policy()
+    phone = policy.decide(who("marketing", "sales_rep"), "leads", "update")
+    assert phone.narrow_to_writers(["phone"]) is None
+    assert phone.scope is not None and phone.scope.kind is ScopeKind.OWN  # only the rep may set phones
+    assert phone.scope.owner_id == "u1"
+    name = policy.decide(who("marketing", "sales_rep"), "leads", "update")
+    assert name.narrow_to_writers(["name"]) is None
+    assert name.scope is not None and name.scope.kind is ScopeKind.ALL  # marketing may set names anywhere
+    # Narrowing never widens again: a second write check within the same request keeps the own scope.
+    assert phone.narrow_to_writers(["name"]) is None
+    assert phone.scope.kind is ScopeKind.OWN
+    # A field no grant may set is refused by name, as with one role.
+    assert policy.decide(who("marketing", "sales_rep"), "leads", "update").narrow_to_writers(["owner_id"]) == "owner_id"
+
+
+def test_fields_settable_only_by_different_grants_are_refused_together() -> None:
+    policy = parse_policy(
+        "version: 1\n"
+        "resources:\n  leads: {actions: [read, update], fields: {name: {}, phone: {}, team: {}}}\n"
+        "roles:\n"
+        "  rep: {grants: {leads: {actions: [read, update], scope: own, fields: {team: read}}}}\n"
+        "  editor: {grants: {leads: {actions: [read, update], scope: all, fields: {phone: read}}}}\n"
+    )
+    update = policy.decide(who("rep", "editor"), "leads", "update")
+    # Each field has a grant that may set it, none may set both: the widest (editor's) refuses phone.
+    assert update.narrow_to_writers(["team", "phone"]) == "phone"
+    assert update.scope is not None and update.scope.kind is ScopeKind.ALL  # a refused write narrows nothing
 
 
 def test_unknown_roles_grant_nothing() -> None:

@@ -14,7 +14,7 @@ from gateway.inputs import reject_unstorable_text
 from gateway.middleware import current_request_id
 from gateway.security.audit import AuditEntry, diff_for_audit
 from gateway.security.masking import mask_value
-from gateway.security.policy import ACTIONS, Decision, FieldRule, ResourceSpec
+from gateway.security.policy import ACTIONS, Decision, FieldRule, GrantSet, ResourceSpec, covers
 from gateway.security.problems import SecurityProblem, forbidden, rate_limited
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ class Access:
 
     def allows_record(self, record: Mapping[str, Any]) -> bool:
         """In scope? For records the gateway already holds (composed views); services filter their own."""
-        owner = record.get("owner_id", record.get("assignee_id"))
-        return self.scope.allows(owner_id=owner, team=record.get("team"), region=record.get("region"))
+        return covers(self.scope, record)
 
     def page_limit(self, limit: int | None, default: int = 50) -> int:
         """The page size to ask for: the caller's `limit`, capped at the configured maximum."""
@@ -120,11 +119,13 @@ class Access:
     # --- writes and filters ----------------------------------------------------------------
     def check_write(self, fields: Iterable[str] | Mapping[str, Any]) -> None:
         """403 naming the first field this caller may not set (nothing has been changed yet).
-        A mapping is checked with its nested paths (`custom.x`, `line_items.discount_percent`)."""
+        A mapping is checked with its nested paths (`custom.x`, `line_items.discount_percent`).
+        Narrows the record scope to that of the grants that may set all the fields: call it before
+        `grpc_metadata()`, so the owning service applies that scope."""
         paths = _paths(fields) if isinstance(fields, Mapping) else list(fields)
-        for path in paths:
-            if self.decision.write_rule(path) is not FieldRule.WRITE:
-                raise forbidden(f"you may not set field '{path}' of {self.resource}", field=path)
+        refused = self.decision.narrow_to_writers(paths)
+        if refused is not None:
+            raise forbidden(f"you may not set field '{refused}' of {self.resource}", field=refused)
 
     def check_filter(self, fields: Iterable[str]) -> None:
         """403 when filtering or sorting by a field the caller cannot read in clear (`-x` = sort by x)."""
@@ -171,7 +172,7 @@ class Access:
         """The record as this caller may see it: hidden fields dropped, masked fields masked.
         Reads of fields flagged `sensitive` are queued for the audit trail."""
         sensitive: list[str] = []
-        shown = self._present(record, "", sensitive)
+        shown = self._present(record, self.decision.record_grants(record), "", sensitive)
         if sensitive:
             self._sensitive_reads.append((str(record.get("id", "")), sensitive))
         return shown
@@ -194,16 +195,21 @@ class Access:
         return dict(values)
 
     def readable_fields(self) -> list[str]:
-        """Declared top-level fields the caller sees (hidden ones left out): export columns."""
+        """Declared top-level fields the caller sees on some record (hidden ones left out): export columns."""
         return [
-            name for name in self.spec.fields if "." not in name and self.decision.read_rule(name) > FieldRule.HIDDEN
+            name
+            for name in self.spec.fields
+            if "." not in name and self.decision.best_read_rule(name) > FieldRule.HIDDEN
         ]
 
-    def _present(self, record: Mapping[str, Any], prefix: str, sensitive: list[str]) -> dict[str, Any]:
+    def _present(
+        self, record: Mapping[str, Any], grants: GrantSet, prefix: str, sensitive: list[str]
+    ) -> dict[str, Any]:
+        """`grants`: the read grants covering the top-level record, whose rules apply to nested paths too."""
         result: dict[str, Any] = {}
         for key, value in record.items():
             path = f"{prefix}{key}"
-            rule = self.decision.read_rule(path)
+            rule = self.decision.read_rule(path, grants)
             if rule is FieldRule.HIDDEN:
                 continue
             field_spec = self.spec.field(path)
@@ -213,10 +219,11 @@ class Access:
             if field_spec.sensitive and value not in (None, "", [], {}):
                 sensitive.append(path)
             if self._has_nested_rules(path) and isinstance(value, Mapping):
-                result[key] = self._present(value, f"{path}.", sensitive)
+                result[key] = self._present(value, grants, f"{path}.", sensitive)
             elif self._has_nested_rules(path) and isinstance(value, list):
                 result[key] = [
-                    self._present(item, f"{path}.", sensitive) if isinstance(item, Mapping) else item for item in value
+                    self._present(item, grants, f"{path}.", sensitive) if isinstance(item, Mapping) else item
+                    for item in value
                 ]
             else:
                 result[key] = value

@@ -23,11 +23,17 @@ File shape (see default_policy.yaml):
 Field rule of a role for a field, first match wins: the grant's rule for the field (or its nearest
 parent path, `line_items` for `line_items.discount_percent`), the grant's `"*"` rule, the
 resource's `default` for the field, then `write` when the grant can create or update, else `read`.
-`readonly` fields are never writable. With several roles the widest scope and the most
-permissive field rule win, counted only over the roles that grant the action in question.
+`readonly` fields are never writable.
+
+With several roles, only the grants that allow the action in question count, and a role's field
+rules apply only where its scope reaches: a record is shown with the most permissive rules among
+the read grants whose scope covers it, a rule not tied to one record (filters, derived values) is
+that of the widest-scope read grants, and a write is checked against the scope of the grants that
+may set every field written. A role that reads the phones of its own leads does not unmask the
+phones of all the leads another role lets the caller list.
 """
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -186,6 +192,10 @@ class PolicyDocument(_Strict):
         return self
 
 
+# Positions in `Decision.readers`: the read grants a field rule is taken over.
+GrantSet = tuple[int, ...]
+
+
 @dataclass(slots=True)
 class Decision:
     """What one principal may do with one resource for one action, and with which fields."""
@@ -194,37 +204,75 @@ class Decision:
     resource: str
     action: str
     scope: RecordScope | None
+    principal: Principal
+    policy: "Policy"
     reason: str = ""
-    policy: "Policy | None" = None
     # The caller's grants that allow reading, and those that allow this action.
     readers: tuple[Grant, ...] = ()
     acting: tuple[Grant, ...] = ()
-    _read_cache: dict[str, FieldRule] = field(default_factory=dict)
+    _reader_scopes: tuple[RecordScope, ...] = field(init=False)
+    _widest_readers: GrantSet = field(init=False)
+    _read_cache: dict[tuple[str, GrantSet], FieldRule] = field(default_factory=dict)
     _write_cache: dict[str, FieldRule] = field(default_factory=dict)
 
-    def read_rule(self, path: str) -> FieldRule:
-        """How the caller sees the field: hidden, masked or read (write reads as read)."""
-        rule = self._read_cache.get(path)
+    def __post_init__(self) -> None:
+        self._reader_scopes = tuple(scope_for(self.principal, grant.scope) for grant in self.readers)
+        widest = max((_SCOPE_ORDER[grant.scope] for grant in self.readers), default=0)
+        self._widest_readers = tuple(i for i, grant in enumerate(self.readers) if _SCOPE_ORDER[grant.scope] == widest)
+
+    def record_grants(self, record: Mapping[str, Any]) -> GrantSet:
+        """The read grants whose scope covers the record; the widest-scope ones when none does
+        (a derived record without owner fields)."""
+        covering = tuple(i for i, scope in enumerate(self._reader_scopes) if covers(scope, record))
+        return covering or self._widest_readers
+
+    def read_rule(self, path: str, grants: GrantSet | None = None) -> FieldRule:
+        """How the caller sees the field (hidden, masked or read; write reads as read) on a record
+        read under `grants` (`record_grants`). Without `grants`: on every record the caller may
+        list, that is under the widest-scope read grants (filters, derived values)."""
+        key = (path, self._widest_readers if grants is None else grants)
+        rule = self._read_cache.get(key)
         if rule is None:
-            if self.policy is None or not self.readers:
-                rule = FieldRule.HIDDEN
-            else:
-                policy = self.policy
-                rule = _cap_read(max(policy.field_rule(g, self.resource, path) for g in self.readers))
-            self._read_cache[path] = rule
+            rules = [self.policy.field_rule(self.readers[i], self.resource, path) for i in key[1]]
+            rule = _cap_read(max(rules, default=FieldRule.HIDDEN))
+            self._read_cache[key] = rule
         return rule
+
+    def best_read_rule(self, path: str) -> FieldRule:
+        """How the caller sees the field on the records where they see it best (`GET /me`, the
+        columns of an export)."""
+        return self.read_rule(path, tuple(range(len(self.readers))))
 
     def write_rule(self, path: str) -> FieldRule:
         """`write` when some grant allowing this action lets the caller set the field."""
         rule = self._write_cache.get(path)
         if rule is None:
-            if self.policy is None or not self.acting:
-                rule = FieldRule.HIDDEN
-            else:
-                policy = self.policy
-                rule = max(policy.field_rule(g, self.resource, path) for g in self.acting)
+            rules = [self.policy.field_rule(grant, self.resource, path) for grant in self.acting]
+            rule = max(rules, default=FieldRule.HIDDEN)
             self._write_cache[path] = rule
         return rule
+
+    def narrow_to_writers(self, paths: Sequence[str]) -> str | None:
+        """Keeps only the acting grants that may set every path, and the widest scope among them:
+        the owning service then checks the record against the grants that allow this very write.
+        Returns the path to refuse instead: the first one no grant may set, or, when no single grant
+        may set them all, the first one the widest grant setting some of them may not set."""
+        for path in paths:
+            if self.write_rule(path) is not FieldRule.WRITE:
+                return path
+
+        def writes(grant: Grant, path: str) -> bool:
+            return self.policy.field_rule(grant, self.resource, path) is FieldRule.WRITE
+
+        writers = tuple(grant for grant in self.acting if all(writes(grant, path) for path in paths))
+        if not writers:
+            partial = [grant for grant in self.acting if any(writes(grant, path) for path in paths)]
+            widest = max(partial, key=lambda grant: _SCOPE_ORDER[grant.scope])
+            return next(path for path in paths if not writes(widest, path))
+        self.acting = writers
+        self.scope = scope_for(self.principal, _widest_scope(writers))
+        self._write_cache.clear()
+        return None
 
 
 class Policy:
@@ -297,16 +345,17 @@ class Policy:
                 resource=resource,
                 action=action,
                 scope=None,
-                reason=f"no role of the caller may {action} {resource}",
+                principal=principal,
                 policy=self,
+                reason=f"no role of the caller may {action} {resource}",
                 readers=tuple(readers),
             )
-        widest = max((g.scope for g in acting), key=_SCOPE_ORDER.__getitem__)
         return Decision(
             allowed=True,
             resource=resource,
             action=action,
-            scope=scope_for(principal, widest),
+            scope=scope_for(principal, _widest_scope(acting)),
+            principal=principal,
             policy=self,
             readers=tuple(readers),
             acting=tuple(acting),
@@ -322,7 +371,7 @@ class Policy:
                 continue
             fields: dict[str, str] = {}
             for name in self.resource(resource).fields:
-                read = max((d.read_rule(name) for d in allowed.values()), default=FieldRule.HIDDEN)
+                read = max((d.best_read_rule(name) for d in allowed.values()), default=FieldRule.HIDDEN)
                 writable = any(d.write_rule(name) is FieldRule.WRITE for a, d in allowed.items() if a in WRITE_ACTIONS)
                 fields[name] = FieldRule.WRITE.label if writable and read >= FieldRule.READ else read.label
             result[resource] = {
@@ -346,6 +395,16 @@ def _cap_read(rule: FieldRule) -> FieldRule:
 
 def scope_for(principal: Principal, kind: ScopeKind) -> RecordScope:
     return RecordScope(kind=kind, owner_id=principal.user_id, team=principal.team, region=principal.region)
+
+
+def covers(scope: RecordScope, record: Mapping[str, Any]) -> bool:
+    """Is a record the gateway holds within the scope? Its owner (or assignee), team and region decide."""
+    owner = record.get("owner_id", record.get("assignee_id"))
+    return scope.allows(owner_id=owner, team=record.get("team"), region=record.get("region"))
+
+
+def _widest_scope(grants: Iterable[Grant]) -> ScopeKind:
+    return max((grant.scope for grant in grants), key=_SCOPE_ORDER.__getitem__)
 
 
 # --- loading -------------------------------------------------------------------------------
