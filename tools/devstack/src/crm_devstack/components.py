@@ -79,8 +79,11 @@ def stack_environment(
         "CRM_GATEWAY_DEV_MODE": "true",
         "CRM_GATEWAY_DEV_JWT_SECRET": dev_secret(data_dir),
     }
+    ports: dict[str, int] = {}
     for service in installed_services():
-        port = service.grpc_port + port_offset
+        # A port set in the environment moves the service and every address that points at it.
+        port = int(os.environ.get(f"{service.env_prefix}GRPC_PORT", service.grpc_port + port_offset))
+        ports[service.name] = port
         env[f"{service.env_prefix}GRPC_PORT"] = str(port)
         env[f"{service.env_prefix}METRICS_PORT"] = str(service.metrics_port + port_offset)
         env[f"{service.env_prefix}MIGRATE_ON_START"] = "true"
@@ -90,8 +93,8 @@ def stack_environment(
     if database_urls and "gateway" in database_urls:
         env["CRM_GATEWAY_DATABASE_URL"] = database_urls["gateway"]
     # Leads calls accounts and sales during conversion.
-    env["CRM_LEADS_ACCOUNTS_TARGET"] = f"127.0.0.1:{50052 + port_offset}"
-    env["CRM_LEADS_SALES_TARGET"] = f"127.0.0.1:{50053 + port_offset}"
+    env["CRM_LEADS_ACCOUNTS_TARGET"] = f"127.0.0.1:{ports.get('accounts', 50052 + port_offset)}"
+    env["CRM_LEADS_SALES_TARGET"] = f"127.0.0.1:{ports.get('sales', 50053 + port_offset)}"
     return {**env, **{key: os.environ[key] for key in env if key in os.environ}}
 
 
