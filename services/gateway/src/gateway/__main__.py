@@ -33,7 +33,7 @@ def main() -> None:
         log_config=None,
         access_log=False,
         proxy_headers=True,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=settings.shutdown_grace_seconds,
     )
 
 

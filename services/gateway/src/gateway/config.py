@@ -14,6 +14,8 @@ class Settings(SecuritySettings):
     host: str = "127.0.0.1"
     port: int = 8080
     log_level: str = "INFO"
+    # SIGTERM: seconds in-flight requests get to finish before connections are closed.
+    shutdown_grace_seconds: int = 10
     # Upstream gRPC services, host:port. An empty target means the service is not deployed:
     # its routes answer 503 and composed views mark its part unavailable.
     leads_target: str = "127.0.0.1:50051"
