@@ -21,6 +21,7 @@ from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, produce_event, produce_raw
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from opentelemetry import trace
+from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -373,7 +374,11 @@ def spans() -> Iterator[InMemorySpanExporter]:
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # As in the services (crm_platform.telemetry): aiokafka instrumented, adding its own headers.
+    instrumentor = AIOKafkaInstrumentor()
+    instrumentor.instrument()
     yield exporter
+    instrumentor.uninstrument()
 
 
 async def test_the_trace_continues_from_the_publisher_to_the_consumer(
@@ -391,6 +396,7 @@ async def test_the_trace_continues_from_the_publisher_to_the_consumer(
     async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
         (record,) = await collector.wait_for(lambda r: len(r) >= 1)
     assert record.headers["traceparent"].split("-")[1] == trace_id
+    assert [name for name, _ in record.raw_headers].count("traceparent") == 1
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied)
     task = asyncio.create_task(consumer.run())

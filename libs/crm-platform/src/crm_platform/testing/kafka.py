@@ -24,6 +24,8 @@ class ObservedRecord:
     key: str
     value: bytes
     headers: dict[str, str]
+    # As sent, in order, repeats included (`headers` keeps the last value of each name).
+    raw_headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def event_type(self) -> str:
@@ -82,6 +84,7 @@ class EventCollector:
                                 key=(record.key or b"").decode(),
                                 value=record.value or b"",
                                 headers={name: value.decode() for name, value in record.headers},
+                                raw_headers=tuple((name, value.decode()) for name, value in record.headers),
                             )
                         )
                 self._arrived.notify_all()
