@@ -14,6 +14,7 @@ from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate, trace
 from sqlalchemy import MetaData
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from crm_platform import metrics
 from crm_platform.cloudevents import (
@@ -28,7 +29,7 @@ from crm_platform.cloudevents import (
 )
 from crm_platform.config import KafkaSettings
 from crm_platform.db import insert_ignore
-from crm_platform.errors import CrmError
+from crm_platform.errors import CrmError, Unavailable
 from crm_platform.kafka import client_options, create_producer, stop_quietly
 from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
 from crm_platform.timeutil import utcnow
@@ -58,6 +59,13 @@ class PoisonMessage(Exception):
 
 def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dlt"
+
+
+def is_infrastructure_failure(error: BaseException) -> bool:
+    """The database, the network or a called service is down: worth waiting for, not a bad event."""
+    if isinstance(error, Unavailable | OperationalError | InterfaceError | OSError | TimeoutError):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
 
 
 class EventConsumer:
@@ -182,12 +190,17 @@ class EventConsumer:
                     self.service, record.topic, "applied" if applied else "duplicate"
                 ).inc()
                 return
-            except CrmError as error:
-                # A business rule said no: retrying cannot change the answer.
-                await self._dead_letter(record, error)
-                return
-            except Exception as error:  # noqa: BLE001 - transient until proven otherwise
-                if attempt >= self.max_attempts:
+            except Exception as error:
+                if is_infrastructure_failure(error):
+                    # The event is fine, a dependency is not: never dead-letter it. The partition
+                    # waits (its order matters); a stop leaves the offset uncommitted for a redelivery.
+                    if self._stopping.is_set():
+                        raise
+                    log.warning("consumer %s: %s waits for a dependency: %s", self.name, event.headers.id, error)
+                    await asyncio.sleep(backoff_seconds(min(attempt, 8), base=self.retry_base_seconds, cap=30.0))
+                    continue
+                if isinstance(error, CrmError) or attempt >= self.max_attempts:
+                    # A business rule said no (retrying cannot change the answer), or a bug.
                     await self._dead_letter(record, error)
                     return
                 log.warning("consumer %s: attempt %d for %s failed: %s", self.name, attempt, event.headers.id, error)

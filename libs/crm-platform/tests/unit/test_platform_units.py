@@ -184,3 +184,16 @@ def test_domain_errors_cross_grpc_with_their_details(error: Exception, code: grp
     remote = from_rpc_error(_FakeRpcError(status))  # type: ignore[arg-type]
     assert remote.code == code
     assert check(remote)  # type: ignore[operator]
+
+
+def test_infrastructure_failures_are_told_apart_from_bad_events() -> None:
+    from crm_platform.consumer import is_infrastructure_failure
+    from crm_platform.errors import Unavailable
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    assert is_infrastructure_failure(OperationalError("SELECT 1", {}, ConnectionRefusedError()))
+    assert is_infrastructure_failure(Unavailable("accounts is down"))
+    assert is_infrastructure_failure(TimeoutError())
+    assert not is_infrastructure_failure(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not is_infrastructure_failure(ValidationFailed([FieldError("x", "bad")]))
+    assert not is_infrastructure_failure(KeyError("bug"))
