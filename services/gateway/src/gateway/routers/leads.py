@@ -6,8 +6,10 @@ Rules are managed with the `assign` action on leads (managers, admins), web form
 The public web form intake is authenticated by its form key and rate limited by the service.
 """
 
+import csv
+import io
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -40,6 +42,24 @@ IfMatch = Annotated[str, Header(alias="If-Match")]
 # Imports can run for minutes; everything else uses the channel's default deadline.
 IMPORT_DEADLINE_SECONDS = 600.0
 IMPORT_CHUNK_BYTES = 256 * 1024
+# How the leads service maps file columns to lead fields (services/leads importing.py): the
+# importable fields, and header names understood as one of them without a column map.
+IMPORT_FIELDS = frozenset(
+    {"name", "company", "title", "phone", "email", "source", "region", "industry", "tags", "external_id",
+     "campaign_id", "owner_id", "team"}
+)  # fmt: skip
+IMPORT_HEADER_ALIASES: Mapping[str, str] = {
+    "lead source": "source",
+    "prospect id": "external_id",
+    "company name": "company",
+    "job title": "title",
+    "mobile": "phone",
+    "phone number": "phone",
+    "e-mail": "email",
+    "email address": "email",
+    "country": "region",
+    "full name": "name",
+}
 
 
 def _stub(request: Request) -> LeadsServiceStub:
@@ -426,6 +446,10 @@ async def import_leads(
     Every row not accepted is listed with its reason. Files larger than one request body are sent
     in parts under one `import_key` (`part=1..n`, `final=true` on the last); a part re-sent after a
     failure is skipped or resumed, never applied twice. Progress: `GET /leads/imports/{import_key}`.
+    The fields the file's columns set must be writable by the caller (403 naming one otherwise); the
+    columns of a part that does not show them all (a CSV part after the first, a JSON line that does
+    not parse alone) count as every importable field, unless `column_map` names the only columns
+    that set fields.
     """
     fmt = format or _format_of(request.headers.get("content-type", ""))
     header = pb.ImportHeader(
@@ -441,24 +465,70 @@ async def import_leads(
         part=part,
         final=final,
     )
-    access.check_write(["owner_id"] if assign else [])
+    # The body limit keeps a part small: read whole, it is checked before the service sees any of it.
+    body = await request.body()
+    access.check_write(_import_targets(header, _import_columns(fmt, body, part)))
 
     async def messages() -> AsyncIterator[pb.ImportLeadsRequest]:
         yield pb.ImportLeadsRequest(header=header)
-        buffer = bytearray()
-        async for chunk in request.stream():
-            buffer += chunk
-            if len(buffer) >= IMPORT_CHUNK_BYTES:
-                yield pb.ImportLeadsRequest(chunk=bytes(buffer))
-                buffer.clear()
-        if buffer:
-            yield pb.ImportLeadsRequest(chunk=bytes(buffer))
+        for start in range(0, len(body), IMPORT_CHUNK_BYTES):
+            yield pb.ImportLeadsRequest(chunk=body[start : start + IMPORT_CHUNK_BYTES])
 
     reply = await _stub(request).ImportLeads(
         messages(), metadata=access.grpc_metadata(), timeout=IMPORT_DEADLINE_SECONDS
     )
     await access.audit("import", reply.lead_import.id, reason=f"{reply.lead_import.progress.accepted} accepted")
     return {"import": _import_json(reply.lead_import), "rows": [_message_json(row) for row in reply.rows]}
+
+
+def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
+    """The column names (CSV header, JSON keys) of this part, None when it does not show them all."""
+    text = body.decode("utf-8-sig", errors="replace")
+    if fmt == "csv":
+        if part > 1:
+            return None  # the rows of a later part come under the first part's header
+        return [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
+    if fmt == "json":
+        try:
+            items = json.loads(text or "[]")
+        except ValueError:
+            return []  # the service refuses the whole file: nothing is imported
+        return [key for item in items if isinstance(item, dict) for key in item] if isinstance(items, list) else []
+    columns: list[str] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            # Maybe part of a record the service reads across lines or parts: its keys are unknown.
+            return None
+        if isinstance(item, dict):
+            columns += item
+    return columns
+
+
+def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> list[str]:
+    """The lead fields an import sets, as the leads service maps columns: an explicit `column_map`
+    decides alone, else header names and their aliases; other columns go to `custom`."""
+    column_map = dict(header.column_map)
+    targets = {"source", "source_detail", *column_map.values()}
+    if columns is None:
+        targets |= {"custom"} if column_map else {"custom", *IMPORT_FIELDS}
+    else:
+        targets |= {_import_target(column, column_map) or "custom" for column in columns}
+    if header.campaign_id:
+        targets.add("campaign_id")
+    if header.assign:
+        targets.add("owner_id")
+    return sorted(targets)
+
+
+def _import_target(column: str, column_map: Mapping[str, str]) -> str:
+    if column_map:
+        return column_map.get(column, "")
+    lowered = column.strip().lower()
+    return lowered if lowered in IMPORT_FIELDS else IMPORT_HEADER_ALIASES.get(lowered, "")
 
 
 def _format_of(content_type: str) -> str:
