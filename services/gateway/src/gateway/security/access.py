@@ -95,6 +95,8 @@ class Access:
         self.request_id = request_id_of(request)
         self._sensitive_reads: list[Sensitive] = []
         self._masks_personal_data: bool | None = None
+        # Accesses of composed-view parts: their sensitive reads are flushed with this one's.
+        self._views: list[Access] = []
 
     # --- service calls ---------------------------------------------------------------------
     @property
@@ -165,7 +167,9 @@ class Access:
         decision = self.runtime.policy.decide(self.principal, resource, action)
         if not decision.allowed:
             return None
-        return Access(runtime=self.runtime, request=self.request, principal=self.principal, decision=decision)
+        view = Access(runtime=self.runtime, request=self.request, principal=self.principal, decision=decision)
+        self._views.append(view)
+        return view
 
     # --- responses -------------------------------------------------------------------------
     def present(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -253,10 +257,16 @@ class Access:
         await self.runtime.audit.record([self._entry(action, record_id, fields=list(fields), reason=reason)])
 
     async def flush(self) -> None:
-        """Writes the queued sensitive-read rows (called by `require` when the route returns)."""
+        """Writes the queued sensitive-read rows of this access and of its views (called by
+        `require` when the route returns)."""
+        await self.runtime.audit.record(self._take_sensitive_reads())
+
+    def _take_sensitive_reads(self) -> list[AuditEntry]:
+        """A row for each of this access and its views that read sensitive fields; the queues emptied."""
+        entries = [entry for view in self._views for entry in view._take_sensitive_reads()]
         reads, self._sensitive_reads = self._sensitive_reads, []
         if not reads:
-            return
+            return entries
         fields = sorted({name for _, names in reads for name in names})
         if len(reads) == 1:
             entry = self._entry("read_sensitive", reads[0][0], fields=fields)
@@ -265,7 +275,7 @@ class Access:
             entry = self._entry(
                 "read_sensitive", "", fields=fields, after={"record_ids": [record_id for record_id, _ in reads]}
             )
-        await self.runtime.audit.record([entry])
+        return [*entries, entry]
 
     def _entry(self, action: str, record_id: str, **values: Any) -> AuditEntry:
         return AuditEntry(
