@@ -212,7 +212,9 @@ class OutboxRelay:
         self.service = service
         self.batch_size = batch_size
         # PostgreSQL wakes the relay by NOTIFY; the poll is then only a safety net for retries.
-        self.poll_seconds = poll_seconds if not is_postgres(engine) else max(poll_seconds, 1.0)
+        self._fast_poll_seconds = poll_seconds
+        self._slow_poll_seconds = max(poll_seconds, 1.0)
+        self.poll_seconds = poll_seconds if not is_postgres(engine) else self._slow_poll_seconds
         self.retention = retention
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -227,6 +229,8 @@ class OutboxRelay:
         await self._listen()
         try:
             while not self._stopping.is_set():
+                # Cleared before the pass, so a commit (or NOTIFY) during the pass is not lost.
+                self._wake.clear()
                 try:
                     published = await self.publish_pending()
                 except Exception:
@@ -235,7 +239,6 @@ class OutboxRelay:
                 await self._housekeeping()
                 if published:
                     continue
-                self._wake.clear()
                 with suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
         finally:
@@ -394,6 +397,8 @@ class OutboxRelay:
         if loop.time() - self._last_housekeeping < 5.0:
             return
         self._last_housekeeping = loop.time()
+        if self._listen_connection is None:
+            await self._listen()
         try:
             async with self.engine.begin() as conn:
                 await conn.execute(delete(self.outbox).where(self.outbox.c.published_at < utcnow() - self.retention))
@@ -402,21 +407,32 @@ class OutboxRelay:
             log.exception("outbox housekeeping failed")
 
     async def _listen(self) -> None:
-        """On PostgreSQL, a trigger NOTIFYs on insert so replicas wake without polling delay."""
+        """On PostgreSQL, a trigger NOTIFYs on insert so replicas wake without polling delay.
+        Until a LISTEN connection stands (and while it is lost) the relay polls quickly."""
         if not is_postgres(self.engine):
             return
         import asyncpg  # only needed on PostgreSQL
 
-        url = self.engine.url
+        # The engine's own URL, query options (sslmode, ...) included, in asyncpg's DSN form.
+        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         try:
-            self._listen_connection = await asyncpg.connect(
-                host=url.host, port=url.port, user=url.username, password=url.password, database=url.database
-            )
-            await self._listen_connection.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            connection = await asyncio.wait_for(asyncpg.connect(dsn), self.kafka.send_timeout_seconds)
+            await connection.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())
+            connection.add_termination_listener(self._lost_listen_connection)
         except Exception:
-            log.warning("outbox relay could not LISTEN; falling back to polling", exc_info=True)
+            log.warning("outbox relay could not LISTEN; polling until it can", exc_info=True)
             self._listen_connection = None
-            self.poll_seconds = 0.05
+            self.poll_seconds = self._fast_poll_seconds
+            return
+        self._listen_connection = connection
+        self.poll_seconds = self._slow_poll_seconds
+
+    def _lost_listen_connection(self, connection: Any) -> None:
+        if connection is not self._listen_connection:
+            return  # closed by _close()
+        log.warning("outbox relay lost its LISTEN connection; polling until it is back")
+        self._listen_connection = None
+        self.poll_seconds = self._fast_poll_seconds
 
     async def _close(self) -> None:
         await self._reset_producer()

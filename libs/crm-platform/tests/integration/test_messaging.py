@@ -165,6 +165,42 @@ async def test_a_row_waiting_for_its_retry_holds_back_the_later_rows_of_its_key(
     assert gap == ids[:3]
 
 
+async def test_notify_wakes_the_relay_and_a_lost_listen_connection_comes_back(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC])
+    relay = relay_for(engine, broker_settings)  # polls every second while LISTEN stands
+    uow = UnitOfWork(engine, metadata, source="/crm/test")  # no in-process wake: only NOTIFY
+
+    async def published_within(seconds: float) -> bool:
+        async with uow.begin() as tx:
+            await add_note(tx, "notified")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            if await relay.backlog() == 0:
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    task = asyncio.create_task(relay.run())
+    try:
+        async with asyncio.timeout(10):
+            while relay._listen_connection is None:
+                await asyncio.sleep(0.02)
+        assert await published_within(0.5)
+        first = relay._listen_connection
+        async with engine.begin() as conn:  # a failover or an idle-connection reaper drops it
+            await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first.get_server_pid()})
+        async with asyncio.timeout(15):
+            while relay._listen_connection is None or relay._listen_connection is first:
+                await asyncio.sleep(0.05)
+        assert await published_within(0.5)
+    finally:
+        await relay.stop()
+        await task
+
+
 async def test_per_key_order_is_kept_across_1000_events_on_6_partitions(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
