@@ -42,7 +42,9 @@ async def test_erp_postings_events_and_account_moves(engine: AsyncEngine, kafka_
     try:
         async with (
             grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
-            EventCollector(kafka_settings.bootstrap_servers, ["crm.sales.v1", "erp.payments.v1.dlt"]) as events,
+            EventCollector(
+                kafka_settings.bootstrap_servers, ["crm.sales.v1", "erp.payments.v1.dlt", "erp.invoices.v1.dlt"]
+            ) as events,
         ):
             stub = SalesServiceStub(channel)
             account = f"acc-{run}"
@@ -139,6 +141,26 @@ async def test_erp_postings_events_and_account_moves(engine: AsyncEngine, kafka_
                 if r.decode(events_pb2.InvoiceIssued).invoice.contract_id == contract.id
             ]
             assert [(i.invoice.number, i.invoice.external_reference) for i in issued] == [(f"FP-{run}", f"INV-{run}")]
+
+            # Invoices follow the API's rules too: nothing above the uninvoiced amount (all of it
+            # is invoiced now), the refusal dead-lettered with its reason; a repeat is not re-booked.
+            await produce_event(
+                bootstrap,
+                invoices_pb2.ErpInvoiceIssued(
+                    contract_id=contract.id, amount=cny("0.01"), number=f"FP-{run}-2", external_reference=f"INV-{run}-2"
+                ),
+                key=contract.id,
+                source="/erp/sap",
+            )
+            refused = await events.wait_for(
+                lambda records: any(r.topic == "erp.invoices.v1.dlt" and r.key == contract.id for r in records),
+                timeout=60,
+            )
+            (dead_invoice,) = [r for r in refused if r.topic == "erp.invoices.v1.dlt" and r.key == contract.id]
+            assert "uninvoiced" in dead_invoice.headers["dlt_error"] or "exceeds" in dead_invoice.headers["dlt_error"]
+            assert dead_invoice.headers["dlt_original_topic"] == "erp.invoices.v1"
+            invoices = (await stub.ListInvoices(pb.ListInvoicesRequest(contract_id=contract.id), metadata=rep)).items
+            assert [i.external_reference for i in invoices] == [f"INV-{run}"]
 
             # Accounts: a merge re-points the deal and the contract.
             await produce_event(
