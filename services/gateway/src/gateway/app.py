@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.upstreams = upstreams
     install_error_handlers(app)
     security = install_security(app, settings, kafka=settings.kafka)
+    security.custom_pii_keys = custom_fields.audit_pii_keys
     app.add_middleware(RequestContextMiddleware)
     for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields):
         app.include_router(module.router, prefix=API_PREFIX)

@@ -23,6 +23,7 @@ from gateway.routers import api_keys as api_keys_router
 from gateway.routers import audit as audit_router
 from gateway.routers import exports as exports_router
 from gateway.routers import me as me_router
+from gateway.routers.custom_fields import audit_pii_keys
 from gateway.security import Access, Policy, SecurityRuntime, SecuritySettings, install_security, load_policy, require
 from gateway.security import exports as exports_registry
 from gateway.security.exports import register_export_source
@@ -194,6 +195,7 @@ def build_app(settings: SecuritySettings, policy: Policy, store: FakeStore, **kw
     app = FastAPI()
     install_error_handlers(app)
     runtime = install_security(app, settings, policy=policy, **kwargs)
+    runtime.custom_pii_keys = audit_pii_keys
     app.add_middleware(RequestContextMiddleware)
     for module in (me_router, audit_router, exports_router, api_keys_router):
         app.include_router(module.router, prefix="/api/v1")

@@ -12,6 +12,7 @@ from crm_platform.kafka import ensure_topics
 from crm_platform.testing.kafka import EventCollector
 from gateway.security.audit import AuditQuery
 from gateway.security.store import audit_events, outbox
+from gateway.upstreams import UpstreamNotConfigured
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
@@ -183,6 +184,42 @@ async def test_a_page_of_sensitive_reads_is_one_audit_row(gateway: Any, auth_hea
     assert len(rows) == 1
     assert rows[0]["fields"] == ["credit_limit"] and rows[0]["record_id"] == ""
     assert sorted(rows[0]["after"]["record_ids"]) == [f"a{n}" for n in range(5)]
+
+
+async def test_custom_values_defined_as_personal_data_are_masked_in_the_audit_trail(
+    gateway: Any, auth_headers: Any
+) -> None:
+    gateway.store.define("lead", "private_mobile", pii=True)
+    headers = auth_headers("sales_manager", sub=ME, team=TEAM, region=REGION)
+    custom = {"private_mobile": "13812345678", "shoe_size": "42"}
+    created = await gateway.client.post("/api/v1/fake/leads", json={"name": "Li", "custom": custom}, headers=headers)
+    lead_id = created.json()["id"]
+    changed = {"private_mobile": "13987654321", "shoe_size": "43"}
+    await gateway.client.patch(f"/api/v1/fake/leads/{lead_id}", json={"custom": changed}, headers=headers)
+
+    create, update = reversed(await all_audit_rows(gateway, record_id=lead_id))
+    assert create["after"]["custom"] == {"private_mobile": "1***", "shoe_size": "42"}
+    assert (update["before"]["custom"], update["after"]["custom"]) == (
+        {"private_mobile": "1***", "shoe_size": "42"},
+        {"private_mobile": "1***", "shoe_size": "43"},
+    )
+
+
+async def test_every_custom_value_is_masked_when_the_definitions_cannot_be_read(
+    gateway: Any, auth_headers: Any
+) -> None:
+    gateway.app.state.upstreams = RefusingUpstreams()  # the owning service is down
+    headers = auth_headers("sales_manager", sub=ME, team=TEAM, region=REGION)
+    body = {"name": "Li", "custom": {"shoe_size": "42"}}
+    lead_id = (await gateway.client.post("/api/v1/fake/leads", json=body, headers=headers)).json()["id"]
+
+    [row] = await all_audit_rows(gateway, record_id=lead_id)
+    assert row["after"]["custom"] == {"shoe_size": "4***"}
+
+
+class RefusingUpstreams:
+    def stub(self, name: str, stub_type: Any) -> Any:
+        raise UpstreamNotConfigured(name)
 
 
 async def test_audit_events_api_is_admin_only_and_filters(gateway: Any, auth_headers: Any) -> None:

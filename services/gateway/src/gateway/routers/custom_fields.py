@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
+import grpc
 from crm.common.v1 import custom_fields_pb2 as pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.timeutil import from_timestamp, isoformat
@@ -20,7 +21,7 @@ from gateway.security import Access, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
 from gateway.security.problems import forbidden
-from gateway.upstreams import Upstreams
+from gateway.upstreams import UpstreamNotConfigured, Upstreams
 
 router = APIRouter(tags=["custom fields"])
 
@@ -153,6 +154,18 @@ async def presenter(access: Access) -> Presenter:
         return access.present(record)
 
     return present
+
+
+async def audit_pii_keys(access: Access) -> frozenset[str] | None:
+    """The keys whose custom values the audit trail masks for the access's resource (custom fields
+    defined as pii); None when the owning service cannot say (every custom value is then masked)."""
+    entity = RESOURCE_ENTITIES.get(access.resource)
+    if entity is None:
+        return frozenset()
+    try:
+        return await pii_keys(access.request, access, entity)
+    except (grpc.aio.AioRpcError, UpstreamNotConfigured):
+        return None
 
 
 async def check_custom_filters(access: Access, keys: Iterable[str]) -> None:

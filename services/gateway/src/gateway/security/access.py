@@ -2,7 +2,7 @@
 decides, audits refusals and hands the route an `Access` that applies the same decision to the
 gRPC call (record scope), to writes, filters and to what the response shows."""
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from crm_platform.ids import new_id
@@ -12,7 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from gateway.inputs import reject_unstorable_text
 from gateway.middleware import current_request_id
-from gateway.security.audit import AuditEntry, diff_for_audit
+from gateway.security.audit import AuditEntry, changed_fields, diff_for_audit
 from gateway.security.masking import mask_value
 from gateway.security.policy import ACTIONS, Decision, FieldRule, GrantSet, ResourceSpec, covers
 from gateway.security.problems import SecurityProblem, forbidden, rate_limited
@@ -245,9 +245,13 @@ class Access:
         *,
         action: str | None = None,
     ) -> None:
-        """One audit row for a write: the changed fields, before and after, PII masked.
-        `before=None` is a create, `after=None` a delete."""
-        fields, old, new = diff_for_audit(before, after, self.spec)
+        """One audit row for a write: the changed fields, before and after, PII masked (custom
+        values too, those of fields defined as pii). `before=None` is a create, `after=None` a delete."""
+        custom_pii: frozenset[str] | None = frozenset()
+        if "custom" in changed_fields(before, after):
+            lookup = self.runtime.custom_pii_keys
+            custom_pii = await lookup(self) if lookup is not None else None
+        fields, old, new = diff_for_audit(before, after, self.spec, custom_pii=custom_pii)
         if action is None:
             action = "create" if before is None else "delete" if after is None else self.action
         await self.runtime.audit.record([self._entry(action, record_id, fields=fields, before=old, after=new)])
@@ -289,6 +293,11 @@ class Access:
             status_code=0,
             **values,
         )
+
+
+# The keys of the custom fields of an access's resource defined as pii (None when the definitions
+# cannot be read: every custom value is then masked in the audit trail).
+CustomPiiKeys = Callable[[Access], Awaitable[frozenset[str] | None]]
 
 
 def _pii_fields(spec: ResourceSpec) -> list[str]:

@@ -2,7 +2,7 @@
 transaction as its `crm.audit.v1.AuditRecorded` outbox row (nothing lost while Kafka is down)."""
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, overload
@@ -54,11 +54,16 @@ def changed_fields(before: Mapping[str, Any] | None, after: Mapping[str, Any] | 
 
 
 @overload
-def mask_pii(values: Mapping[str, Any], spec: ResourceSpec | None) -> dict[str, Any]: ...
+def mask_pii(
+    values: Mapping[str, Any], spec: ResourceSpec | None, custom_pii: Collection[str] | None = None
+) -> dict[str, Any]: ...
 @overload
-def mask_pii(values: None, spec: ResourceSpec | None) -> None: ...
-def mask_pii(values: Mapping[str, Any] | None, spec: ResourceSpec | None) -> dict[str, Any] | None:
-    """Masks fields flagged `pii` (and `custom` values, which may hold PII) for the audit trail."""
+def mask_pii(values: None, spec: ResourceSpec | None, custom_pii: Collection[str] | None = None) -> None: ...
+def mask_pii(
+    values: Mapping[str, Any] | None, spec: ResourceSpec | None, custom_pii: Collection[str] | None = None
+) -> dict[str, Any] | None:
+    """Masks fields flagged `pii`, and the `custom` values of the keys in `custom_pii` (the custom
+    fields defined as pii; None when they are unknown: then every custom value), for the audit trail."""
     if values is None:
         return None
     result: dict[str, Any] = {}
@@ -66,6 +71,11 @@ def mask_pii(values: Mapping[str, Any] | None, spec: ResourceSpec | None) -> dic
         field_spec = spec.fields.get(key) if spec is not None else None
         if field_spec is not None and field_spec.pii:
             result[key] = mask_value(value, field_spec.type)
+        elif key == "custom" and isinstance(value, Mapping):
+            result[key] = {
+                name: mask_value(item, "text") if custom_pii is None or name in custom_pii else item
+                for name, item in value.items()
+            }
         else:
             result[key] = value
     masked: dict[str, Any] = _jsonable(result)
@@ -73,13 +83,17 @@ def mask_pii(values: Mapping[str, Any] | None, spec: ResourceSpec | None) -> dic
 
 
 def diff_for_audit(
-    before: Mapping[str, Any] | None, after: Mapping[str, Any] | None, spec: ResourceSpec | None
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any] | None,
+    spec: ResourceSpec | None,
+    *,
+    custom_pii: Collection[str] | None,
 ) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
-    """Only the changed fields, before and after, with PII masked."""
+    """Only the changed fields, before and after, with PII masked (`custom_pii` as for `mask_pii`)."""
     fields = changed_fields(before, after)
     old = {key: (before or {}).get(key) for key in fields} if before is not None else None
     new = {key: (after or {}).get(key) for key in fields} if after is not None else None
-    return fields, mask_pii(old, spec), mask_pii(new, spec)
+    return fields, mask_pii(old, spec, custom_pii), mask_pii(new, spec, custom_pii)
 
 
 def to_event(entry: AuditEntry) -> events_pb2.AuditRecorded:

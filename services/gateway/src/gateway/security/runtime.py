@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.security.access import request_id_of
+from gateway.security.access import CustomPiiKeys, request_id_of
 from gateway.security.api_keys import ApiKeyStore
 from gateway.security.audit import AuditEntry, AuditLog
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
@@ -75,6 +75,9 @@ class SecurityRuntime:
             rate_per_second=settings.auth_failure_rate_per_second, burst=settings.auth_failure_burst
         )
         self.kafka = kafka
+        # Set by the app: the owning services hold the custom field definitions. Unset, every
+        # custom value is masked in the audit trail.
+        self.custom_pii_keys: CustomPiiKeys | None = None
         self._relay: OutboxRelay | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._nested = {
