@@ -1,5 +1,6 @@
-"""Real routes that write through an owning service, against a minimal fake of that service: the
-lead import checks every field its columns set before the service sees a byte."""
+"""Real routes that write through an owning service, against minimal fakes of the services: the
+lead import checks every field its columns set before the service sees a byte, and every write
+leaves exactly one audit row."""
 
 import json
 import shutil
@@ -10,11 +11,20 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
+    ServiceDeskServiceServicer,
+    add_ServiceDeskServiceServicer_to_server,
+)
+from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.routers.leads import IMPORT_FIELDS, IMPORT_HEADER_ALIASES
+from gateway.security.audit import AuditQuery
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -33,9 +43,51 @@ class FakeLeads(LeadsServiceServicer):
         self.imports.append((messages[0].header, b"".join(message.chunk for message in messages[1:])))
         return leads_pb.ImportLeadsResponse(lead_import=leads_pb.LeadImport(id="import-1", status="completed"))
 
+    async def LogLeadActivity(self, request: leads_pb.LogLeadActivityRequest, context: Any) -> Any:
+        activity = leads_pb2.LeadActivity(id="act-1", lead_id=request.lead_id, kind=request.kind)
+        return leads_pb.LogLeadActivityResponse(activity=activity, lead=leads_pb2.Lead(id=request.lead_id))
+
+    async def CreateScoringRule(self, request: leads_pb.CreateScoringRuleRequest, context: Any) -> Any:
+        rule = leads_pb2.ScoringRule(id="sr-1", name=request.rule.name, points=request.rule.points)
+        return leads_pb.CreateScoringRuleResponse(rule=rule)
+
+    async def UpdateScoringRule(self, request: leads_pb.UpdateScoringRuleRequest, context: Any) -> Any:
+        return leads_pb.UpdateScoringRuleResponse(rule=request.rule)
+
+    async def DeleteScoringRule(self, request: leads_pb.DeleteScoringRuleRequest, context: Any) -> Any:
+        return leads_pb.DeleteScoringRuleResponse()
+
+    async def SetGradeThresholds(self, request: leads_pb.SetGradeThresholdsRequest, context: Any) -> Any:
+        return leads_pb.SetGradeThresholdsResponse(thresholds=request.thresholds)
+
+    async def CreateAssignmentRule(self, request: leads_pb.CreateAssignmentRuleRequest, context: Any) -> Any:
+        rule = leads_pb2.AssignmentRule(id="ar-1", name=request.rule.name, user_ids=request.rule.user_ids)
+        return leads_pb.CreateAssignmentRuleResponse(rule=rule)
+
+    async def UpdateAssignmentRule(self, request: leads_pb.UpdateAssignmentRuleRequest, context: Any) -> Any:
+        return leads_pb.UpdateAssignmentRuleResponse(rule=request.rule)
+
+    async def DeleteAssignmentRule(self, request: leads_pb.DeleteAssignmentRuleRequest, context: Any) -> Any:
+        return leads_pb.DeleteAssignmentRuleResponse()
+
+    async def CreateWebform(self, request: leads_pb.CreateWebformRequest, context: Any) -> Any:
+        webform = leads_pb2.Webform(id="wf-1", name=request.webform.name, form_key="k" * 16)
+        return leads_pb.CreateWebformResponse(webform=webform)
+
+
+class FakeServiceDesk(ServiceDeskServiceServicer):
+    async def AddTicketComment(self, request: desk_pb.AddTicketCommentRequest, context: Any) -> Any:
+        comment = servicedesk_pb2.TicketComment(id="c-1", ticket_id=request.ticket_id, body=request.body)
+        return desk_pb.AddTicketCommentResponse(comment=comment)
+
+    async def LogWork(self, request: desk_pb.LogWorkRequest, context: Any) -> Any:
+        entry = servicedesk_pb2.WorkLogEntry(id="w-1", ticket_id=request.ticket_id, minutes=request.minutes)
+        return desk_pb.LogWorkResponse(entry=entry)
+
 
 class Gateway:
-    def __init__(self, client: httpx.AsyncClient, leads: FakeLeads) -> None:
+    def __init__(self, app: FastAPI, client: httpx.AsyncClient, leads: FakeLeads) -> None:
+        self.app = app
         self.client = client
         self.leads = leads
 
@@ -50,6 +102,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
     leads = FakeLeads()
     server = grpc.aio.server()
     add_LeadsServiceServicer_to_server(leads, server)
+    add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     database = tmp_path / "gateway.db"
@@ -61,7 +114,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
         leads_target=f"127.0.0.1:{port}",
         accounts_target="",
         sales_target="",
-        service_desk_target="",
+        service_desk_target=f"127.0.0.1:{port}",
         analytics_target="",
         audit_relay_enabled=False,
     )
@@ -69,7 +122,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
     await app.state.security.start(migrate=False, relay=False)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
-        yield Gateway(client, leads)
+        yield Gateway(app, client, leads)
     await app.state.upstreams.close()
     await app.state.security.stop()
     await server.stop(None)
@@ -144,3 +197,35 @@ def test_the_import_mapping_is_that_of_the_leads_service() -> None:
     importing = pytest.importorskip("leads.importing")
     assert IMPORT_FIELDS == importing.LEAD_FIELDS
     assert IMPORT_HEADER_ALIASES == importing.HEADER_ALIASES
+
+
+RULE = {"name": "Big companies", "field": "company", "operator": "contains", "value": "Inc", "points": 10}
+ASSIGNMENT = {"name": "North", "regions": ["north"], "user_ids": ["u-2"]}
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body", "action", "record_id"),
+    [
+        ("sales_rep", "POST", "/leads/l-1/activities", {"kind": "call"}, "log_activity", "l-1"),
+        ("sales_manager", "POST", "/lead-scoring-rules", RULE, "create_scoring_rule", "sr-1"),
+        ("sales_manager", "PUT", "/lead-scoring-rules/sr-1", RULE, "update_scoring_rule", "sr-1"),
+        ("sales_manager", "DELETE", "/lead-scoring-rules/sr-1", None, "delete_scoring_rule", "sr-1"),
+        ("sales_manager", "PUT", "/lead-scoring-rules/thresholds", {"a": 80, "b": 60, "c": 40}, "set_grade_thresholds",
+         "grade_thresholds"),
+        ("sales_manager", "POST", "/lead-assignment-rules", ASSIGNMENT, "create_assignment_rule", "ar-1"),
+        ("sales_manager", "PUT", "/lead-assignment-rules/ar-1", ASSIGNMENT, "update_assignment_rule", "ar-1"),
+        ("sales_manager", "DELETE", "/lead-assignment-rules/ar-1", None, "delete_assignment_rule", "ar-1"),
+        ("marketing", "POST", "/webforms", {"name": "Expo"}, "create_webform", "wf-1"),
+        ("service_agent", "POST", "/tickets/t-1/comments", {"body": "Rebooted it"}, "comment", "t-1"),
+        ("service_agent", "POST", "/tickets/t-1/work-log", {"minutes": 15}, "log_work", "t-1"),
+    ],
+)  # fmt: skip
+async def test_a_write_leaves_one_audit_row(
+    gateway: Gateway, role: str, method: str, path: str, body: Any, action: str, record_id: str
+) -> None:
+    response = await gateway.client.request(method, f"/api/v1{path}", json=body, headers=gateway.auth(role))
+
+    assert response.is_success, response.text
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["record_id"], row["actor"]["user_id"]) for row in rows] == [(action, record_id, "u-1")]
+    assert rows[0]["after"] or rows[0]["before"]

@@ -620,6 +620,7 @@ async def log_activity(
     activity = _message_json(reply.activity)
     activity["occurred_at"] = _time(reply.activity.occurred_at)
     activity["next_follow_up_at"] = _time(reply.activity.next_follow_up_at)
+    await access.audit_write(lead_id, None, {"activity": activity}, action="log_activity")
     present = await presenter(access)
     return {"activity": activity, "lead": present(lead_json(reply.lead))}
 
@@ -812,7 +813,9 @@ async def create_scoring_rule(
         pb.CreateScoringRuleRequest(rule=_scoring_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    return _message_json(reply.rule)
+    rule = _message_json(reply.rule)
+    await access.audit_write(rule["id"], None, rule, action="create_scoring_rule")
+    return rule
 
 
 @router.put("/lead-scoring-rules/thresholds")
@@ -821,7 +824,9 @@ async def set_thresholds(body: ThresholdsIn, request: Request, access: LeadsAssi
         pb.SetGradeThresholdsRequest(thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c)),
         metadata=access.grpc_metadata(),
     )
-    return _message_json(reply.thresholds)
+    thresholds = _message_json(reply.thresholds)
+    await access.audit_write("grade_thresholds", None, thresholds, action="set_grade_thresholds")
+    return thresholds
 
 
 @router.put("/lead-scoring-rules/{rule_id}")
@@ -832,7 +837,9 @@ async def update_scoring_rule(
         pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    return _message_json(reply.rule)
+    rule = _message_json(reply.rule)
+    await access.audit_write(rule_id, None, rule, action="update_scoring_rule")  # the rule before is not known
+    return rule
 
 
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
@@ -840,6 +847,7 @@ async def delete_scoring_rule(rule_id: str, request: Request, access: LeadsAssig
     await _stub(request).DeleteScoringRule(
         pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
     )
+    await access.audit_write(rule_id, {"id": rule_id}, None, action="delete_scoring_rule")
     return Response(status_code=204)
 
 
@@ -861,7 +869,9 @@ async def create_assignment_rule(
         pb.CreateAssignmentRuleRequest(rule=_assignment_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    return _message_json(reply.rule)
+    rule = _message_json(reply.rule)
+    await access.audit_write(rule["id"], None, rule, action="create_assignment_rule")
+    return rule
 
 
 @router.put("/lead-assignment-rules/{rule_id}")
@@ -874,7 +884,9 @@ async def update_assignment_rule(
         ),
         metadata=access.grpc_metadata(),
     )
-    return _message_json(reply.rule)
+    rule = _message_json(reply.rule)
+    await access.audit_write(rule_id, None, rule, action="update_assignment_rule")  # the rule before is not known
+    return rule
 
 
 @router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
@@ -882,6 +894,7 @@ async def delete_assignment_rule(rule_id: str, request: Request, access: LeadsAs
     await _stub(request).DeleteAssignmentRule(
         pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
     )
+    await access.audit_write(rule_id, {"id": rule_id}, None, action="delete_assignment_rule")
     return Response(status_code=204)
 
 
@@ -987,6 +1000,7 @@ async def create_webform(
     )
     body_json = _message_json(reply.webform)
     body_json["created_at"] = _time(reply.webform.created_at)
+    await access.audit_write(body_json["id"], None, body_json, action="create_webform")
     return body_json
 
 

@@ -360,7 +360,9 @@ async def add_ticket_comment(
         ),
         metadata=access.grpc_metadata(),
     )
-    return to_json(reply.comment)
+    comment = to_json(reply.comment)
+    await access.audit_write(ticket_id, None, {"comment": comment}, action="comment")
+    return comment
 
 
 @router.post("/tickets/{ticket_id}/work-log", status_code=201)
@@ -371,7 +373,9 @@ async def log_ticket_work(
         pb.LogWorkRequest(ticket_id=ticket_id, minutes=body.minutes, note=body.note, idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    return to_json(reply.entry)
+    entry = to_json(reply.entry)
+    await access.audit_write(ticket_id, None, {"work_log": entry}, action="log_work")
+    return entry
 
 
 @router.get("/tickets/{ticket_id}/suggested-articles")
