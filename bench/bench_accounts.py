@@ -128,8 +128,10 @@ async def load(url: str, count: int) -> tuple[list[str], list[str]]:
         await connection.execute(
             "CREATE INDEX ix_accounts_tags_name_gin ON accounts USING gin (tags, name gin_trgm_ops)"
         )
-        # As after any backfill: vacuum now, so autovacuum does not run into the measurements.
+        # As after any backfill: vacuum now, so autovacuum does not run into the measurements, and
+        # checkpoint, so the load's dirty pages are not written out under them.
         await connection.execute("VACUUM ANALYZE accounts")
+        await connection.execute("CHECKPOINT")
         sample = await connection.fetch("SELECT id, name FROM accounts ORDER BY random() LIMIT 400")
     finally:
         await connection.close()
