@@ -380,6 +380,31 @@ async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
     assert (await outbox_types(env)).count("crm.leads.lead.follow_up_overdue") == 12
 
 
+async def test_two_replicas_recycle_each_idle_lead_once(env: Any) -> None:
+    from crm_platform.db import create_engine
+    from crm_platform.outbox import UnitOfWork
+    from leads.handlers import LeadsService
+
+    with env.acting():
+        for i in range(12):
+            await env.service.create_lead({"name": f"idle{i}", "owner_id": "rep1"})
+    env.clock.advance(days=3, hours=1)
+    other_engine = create_engine(env.url)
+    replica = LeadsService(
+        engine=other_engine,
+        uow=UnitOfWork(other_engine, repo.metadata, source="crm/leads"),
+        settings=env.service.settings,
+        clock=env.clock,
+    )
+    try:
+        acted = await asyncio.gather(env.service.recycle_idle_leads(), replica.recycle_idle_leads())
+        acted_again = await asyncio.gather(env.service.recycle_idle_leads(), replica.recycle_idle_leads())
+    finally:
+        await other_engine.dispose()
+    assert sum(acted) == 12 and sum(acted_again) == 0
+    assert (await outbox_types(env)).count("crm.leads.lead.recycled") == 12
+
+
 async def test_leads_are_filtered_by_custom_fields(env: Any) -> None:
     """`ListLeads(custom=[...])`: typed by the definitions (JSONB containment, GIN-indexed);
     an undefined key or a value not of the field's type is refused naming `custom.<key>`."""
