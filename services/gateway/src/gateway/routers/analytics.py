@@ -113,6 +113,39 @@ def _is_decimal(name: str) -> bool:
     return name in _DECIMAL_NAMES or name.endswith(_DECIMAL_SUFFIXES)
 
 
+# The money of report rows and the declared field it is summed from: the `reports` resource declares
+# no fields, so a row's money is shown as the caller sees that field (left out without a grant to
+# read the resource, masked when masked), never more than the records it comes from.
+_MONEY_SOURCES: Mapping[str, tuple[str, str]] = {
+    "amount": ("opportunities", "amount"),  # of a funnel stage
+    "won_amount": ("opportunities", "amount"),
+    "average_deal_size": ("opportunities", "amount"),
+    "won_revenue": ("opportunities", "amount"),
+    "cost": ("campaigns", "cost"),
+    "paid_amount": ("contracts", "amount"),
+}
+
+
+class _Money:
+    """Presents the money of report rows with the caller's rules for the resources it comes from."""
+
+    def __init__(self, access: Access) -> None:
+        resources = {resource for resource, _ in _MONEY_SOURCES.values()}
+        self._views = {resource: access.view(resource) for resource in resources}
+
+    def present(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        shown: dict[str, Any] = {}
+        for name, value in row.items():
+            source = _MONEY_SOURCES.get(name)
+            if source is None:
+                shown[name] = value
+                continue
+            view = self._views[source[0]]
+            if view is not None:
+                shown.update(view.present_derived({name: value}, like=source[1]))
+        return shown
+
+
 async def _respond(
     request: Request,
     access: Access,
@@ -179,8 +212,16 @@ async def sales_funnel(
     reply = await _stub(request).GetSalesFunnel(
         pb.GetSalesFunnelRequest(filter=filters.proto(), pipeline_id=pipeline_id), metadata=access.grpc_metadata()
     )
-    body = plain(reply)
+    body = _funnel(plain(reply), _Money(access))
     return await _respond(request, access, "sales-funnel", body, body["stages"], filters, format)
+
+
+def _funnel(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
+    return {**money.present(body), "stages": [money.present(stage) for stage in body["stages"]]}
+
+
+def _rows(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
+    return {**body, "rows": [money.present(row) for row in body["rows"]]}
 
 
 @router.get("/reports/lead-sources", responses=_CSV)
@@ -196,7 +237,7 @@ async def lead_sources(
     reply = await _stub(request).GetLeadSourceReport(
         pb.GetLeadSourceReportRequest(filter=filters.proto(), group_by=grouping), metadata=access.grpc_metadata()
     )
-    body = plain(reply)
+    body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "lead-sources", body, body["rows"], filters, format)
 
 
@@ -208,7 +249,7 @@ async def rep_performance(
     reply = await _stub(request).GetRepPerformance(
         pb.GetRepPerformanceRequest(filter=filters.proto()), metadata=access.grpc_metadata()
     )
-    body = plain(reply)
+    body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "rep-performance", body, body["rows"], filters, format)
 
 
@@ -241,7 +282,8 @@ async def customer_value(
         ),
         metadata=access.grpc_metadata(),
     )
-    items = [plain(row) for row in reply.rows]
+    money = _Money(access)
+    items = [money.present(plain(row)) for row in reply.rows]
     body = {"items": items, "next_cursor": reply.page_info.next_cursor or None}
     return await _respond(request, access, "customer-value", body, items, filters, format)
 
@@ -339,6 +381,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
     export = _ReportExport(filters)
     stub = _stub(access.request)
     metadata = access.grpc_metadata()
+    money = _Money(access)
     report_filter = export.filters.proto()
     rows: list[dict[str, Any]]
     match export.report:
@@ -354,7 +397,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
                     metadata=metadata,
                 )
                 for row in page.rows:
-                    yield _flat(plain(row))
+                    yield _flat(money.present(plain(row)))
                 cursor = page.page_info.next_cursor
                 if not cursor:
                     return
@@ -362,16 +405,16 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
             funnel = await stub.GetSalesFunnel(
                 pb.GetSalesFunnelRequest(filter=report_filter, pipeline_id=export.pipeline_id), metadata=metadata
             )
-            rows = plain(funnel)["stages"]
+            rows = _funnel(plain(funnel), money)["stages"]
         case "lead-sources":
             grouping = pb.LEAD_GROUPING_CAMPAIGN if export.group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
             sources = await stub.GetLeadSourceReport(
                 pb.GetLeadSourceReportRequest(filter=report_filter, group_by=grouping), metadata=metadata
             )
-            rows = plain(sources)["rows"]
+            rows = _rows(plain(sources), money)["rows"]
         case "rep-performance":
             reps = await stub.GetRepPerformance(pb.GetRepPerformanceRequest(filter=report_filter), metadata=metadata)
-            rows = plain(reps)["rows"]
+            rows = _rows(plain(reps), money)["rows"]
         case "service":
             service_report = await stub.GetServiceReport(
                 pb.GetServiceReportRequest(filter=report_filter), metadata=metadata

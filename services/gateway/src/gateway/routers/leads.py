@@ -617,12 +617,22 @@ async def log_activity(
         ),
         metadata=access.grpc_metadata(),
     )
-    activity = _message_json(reply.activity)
-    activity["occurred_at"] = _time(reply.activity.occurred_at)
-    activity["next_follow_up_at"] = _time(reply.activity.next_follow_up_at)
+    activity = _activity_json(reply.activity)
     await access.audit_write(lead_id, None, {"activity": activity}, action="log_activity")
     present = await presenter(access)
-    return {"activity": activity, "lead": present(lead_json(reply.lead))}
+    shown = {"lead": present(lead_json(reply.lead))}
+    # The activity is shown with the caller's rules for activities; without them, left out.
+    activities = access.view("activities")
+    if activities is not None:
+        shown["activity"] = activities.present(activity)
+    return shown
+
+
+def _activity_json(activity: leads_pb2.LeadActivity) -> dict[str, Any]:
+    body = _message_json(activity)
+    body["occurred_at"] = _time(activity.occurred_at)
+    body["next_follow_up_at"] = _time(activity.next_follow_up_at)
+    return body
 
 
 @router.get("/leads/{lead_id}/activities")
@@ -633,17 +643,16 @@ async def list_activities(
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str = "",
 ) -> dict[str, Any]:
+    """The lead's follow-ups, shown with the caller's rules for activities (403 without a grant)."""
+    activities = access.require_view("activities")
     reply = await _stub(request).ListLeadActivities(
         pb.ListLeadActivitiesRequest(lead_id=lead_id, page=_page(access.page_limit(limit), cursor)),
         metadata=access.grpc_metadata(),
     )
-    items = []
-    for item in reply.items:
-        body = _message_json(item)
-        body["occurred_at"] = _time(item.occurred_at)
-        body["next_follow_up_at"] = _time(item.next_follow_up_at)
-        items.append(body)
-    return {"items": items, "next_cursor": reply.page_info.next_cursor or None}
+    return {
+        "items": activities.present_many(_activity_json(item) for item in reply.items),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
 
 
 @router.get("/leads/{lead_id}/tasks")
@@ -653,6 +662,8 @@ async def list_tasks(
     access: LeadsRead,
     status: Annotated[Literal["open", "done", "cancelled"] | None, Query()] = None,
 ) -> dict[str, Any]:
+    """The lead's follow-up tasks, shown with the caller's rules for tasks (403 without a grant)."""
+    tasks = access.require_view("tasks")
     reply = await _stub(request).ListLeadTasks(
         pb.ListLeadTasksRequest(lead_id=lead_id, status=status or ""), metadata=access.grpc_metadata()
     )
@@ -662,20 +673,26 @@ async def list_tasks(
         for name in ("due_at", "created_at", "completed_at"):
             body[name] = _time(getattr(item, name))
         items.append(body)
-    return {"items": items}
+    return {"items": tasks.present_many(items)}
 
 
 @router.get("/leads/{lead_id}/score-history")
 async def score_history(lead_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
+    """Each recomputation of the lead's score, shown as the caller sees the lead's score and grade."""
     reply = await _stub(request).GetLeadScoreHistory(
         pb.GetLeadScoreHistoryRequest(lead_id=lead_id), metadata=access.grpc_metadata()
     )
-    items = []
-    for item in reply.items:
-        body = _message_json(item)
-        body["changed_at"] = _time(item.changed_at)
-        items.append(body)
-    return {"items": items}
+    return {
+        "items": [
+            {
+                **access.present_derived({"previous_score": item.previous_score, "score": item.score}, like="score"),
+                **access.present_derived({"previous_grade": item.previous_grade, "grade": item.grade}, like="grade"),
+                "matched_rule_ids": list(item.matched_rule_ids),
+                "changed_at": _time(item.changed_at),
+            }
+            for item in reply.items
+        ]
+    }
 
 
 @router.post("/leads/{lead_id}/assign")

@@ -285,9 +285,14 @@ async def get_ticket(ticket_id: str, request: Request, response: Response, acces
     """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
     reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
     present = await presenter(access)
-    body = present(to_json(reply.ticket))
-    body["comments"] = [to_json(c) for c in reply.comments]
-    body["work_log"] = [to_json(e) for e in reply.work_log]
+    # Comments and work log are parts of the ticket: the ticket's rules for them apply.
+    body = present(
+        {
+            **to_json(reply.ticket),
+            "comments": [to_json(c) for c in reply.comments],
+            "work_log": [to_json(e) for e in reply.work_log],
+        }
+    )
     csat = access.view("csat")
     body["csat"] = csat.present(to_json(reply.csat)) if csat and reply.HasField("csat") else None
     return with_etag(response, body)
@@ -362,7 +367,7 @@ async def add_ticket_comment(
     )
     comment = to_json(reply.comment)
     await access.audit_write(ticket_id, None, {"comment": comment}, action="comment")
-    return comment
+    return _ticket_entry(access, "comments", comment)
 
 
 @router.post("/tickets/{ticket_id}/work-log", status_code=201)
@@ -375,7 +380,13 @@ async def log_ticket_work(
     )
     entry = to_json(reply.entry)
     await access.audit_write(ticket_id, None, {"work_log": entry}, action="log_work")
-    return entry
+    return _ticket_entry(access, "work_log", entry)
+
+
+def _ticket_entry(access: Access, part: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """A comment or work-log entry as the caller sees that part of a ticket (empty when hidden)."""
+    shown: list[dict[str, Any]] = access.present({part: [entry]}).get(part, [{}])
+    return shown[0]
 
 
 @router.get("/tickets/{ticket_id}/suggested-articles")

@@ -171,6 +171,14 @@ class Access:
         self._views.append(view)
         return view
 
+    def require_view(self, resource: str, action: str = "read") -> "Access":
+        """`view` for a route that answers with records of another resource only (a lead's tasks):
+        403 when the caller may not `action` that resource."""
+        view = self.view(resource, action)
+        if view is None:
+            raise forbidden(f"you may not {action} {resource}")
+        return view
+
     # --- responses -------------------------------------------------------------------------
     def present(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The record as this caller may see it: hidden fields dropped, masked fields masked.

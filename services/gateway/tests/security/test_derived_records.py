@@ -1,0 +1,298 @@
+"""Records derived from or attached to another resource's records follow the field rules of the
+resource they belong to: a lead's activities and tasks those of activities and tasks (403 without a
+grant), its score history those of the lead's score and grade, a ticket's comments and work log
+those of the ticket, and the money of reports and win statistics those of the amounts they add up
+(left out for callers who may not read them). Real routes, against fake services."""
+
+import csv
+import io
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+from crm.analytics.v1 import analytics_service_pb2 as analytics_pb
+from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceServicer, add_AnalyticsServiceServicer_to_server
+from crm.common.v1 import common_pb2, custom_fields_pb2
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.leads.v1 import leads_pb2
+from crm.leads.v1 import leads_service_pb2 as leads_pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm.sales.v1 import sales_service_pb2 as sales_pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
+    ServiceDeskServiceServicer,
+    add_ServiceDeskServiceServicer_to_server,
+)
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.security.masking import mask_value
+from gateway.security.policy import DEFAULT_POLICY_PATH
+from gateway.token_cli import issue_dev_token
+
+pytestmark = pytest.mark.integration
+
+SECRET = "derived-records-secret-" + "d" * 30
+CNY = common_pb2.Money(amount="900.00", currency="CNY")
+MONEY = {"amount": "900.00", "currency": "CNY"}
+
+
+class FakeLeads(LeadsServiceServicer):
+    async def ListLeadActivities(self, request: leads_pb.ListLeadActivitiesRequest, context: Any) -> Any:
+        activity = leads_pb2.LeadActivity(id="a-1", lead_id=request.lead_id, kind="call", notes="Wants a demo")
+        return leads_pb.ListLeadActivitiesResponse(items=[activity])
+
+    async def LogLeadActivity(self, request: leads_pb.LogLeadActivityRequest, context: Any) -> Any:
+        activity = leads_pb2.LeadActivity(id="a-2", lead_id=request.lead_id, kind=request.kind, notes=request.notes)
+        lead = leads_pb2.Lead(id=request.lead_id, owner_id="u-1", name="Li")
+        return leads_pb.LogLeadActivityResponse(activity=activity, lead=lead)
+
+    async def ListLeadTasks(self, request: leads_pb.ListLeadTasksRequest, context: Any) -> Any:
+        task = leads_pb2.LeadTask(id="t-1", lead_id=request.lead_id, kind="follow_up", owner_id="u-1", status="open")
+        return leads_pb.ListLeadTasksResponse(items=[task])
+
+    async def GetLeadScoreHistory(self, request: leads_pb.GetLeadScoreHistoryRequest, context: Any) -> Any:
+        change = leads_pb2.ScoreChange(previous_score=10, score=40, previous_grade="C", grade="B")
+        return leads_pb.GetLeadScoreHistoryResponse(items=[change])
+
+
+class NoCustomFields(CustomFieldServiceServicer):
+    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
+        return custom_fields_pb2.ListCustomFieldsResponse()
+
+
+class FakeServiceDesk(ServiceDeskServiceServicer):
+    async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
+        ticket = servicedesk_pb2.Ticket(id=request.ticket_id, subject="Printer", assignee_id="u-1")
+        comment = servicedesk_pb2.TicketComment(id="c-1", ticket_id=request.ticket_id, author_id="u-1", body="Rebooted")
+        work = servicedesk_pb2.WorkLogEntry(id="w-1", ticket_id=request.ticket_id, minutes=15, note="On site")
+        return desk_pb.GetTicketResponse(ticket=ticket, comments=[comment], work_log=[work])
+
+
+class FakeAnalytics(AnalyticsServiceServicer):
+    async def GetCustomerValue(self, request: analytics_pb.GetCustomerValueRequest, context: Any) -> Any:
+        row = analytics_pb.CustomerValueRow(
+            account_id="acc-1", account_name="Initech", won_amount=CNY, paid_amount=CNY, churn_risk="low"
+        )
+        return analytics_pb.GetCustomerValueResponse(rows=[row])
+
+    async def GetSalesFunnel(self, request: analytics_pb.GetSalesFunnelRequest, context: Any) -> Any:
+        stage = analytics_pb.FunnelStage(stage="proposal", count=2, amount=CNY, reached=3)
+        return analytics_pb.GetSalesFunnelResponse(
+            stages=[stage], won_count=1, won_amount=CNY, average_deal_size=CNY, win_rate="0.5000"
+        )
+
+    async def GetLeadSourceReport(self, request: analytics_pb.GetLeadSourceReportRequest, context: Any) -> Any:
+        row = analytics_pb.LeadSourceRow(key="camp-1", leads=5, won_revenue=CNY, cost=CNY, roi="0.0000")
+        return analytics_pb.GetLeadSourceReportResponse(rows=[row])
+
+    async def GetRepPerformance(self, request: analytics_pb.GetRepPerformanceRequest, context: Any) -> Any:
+        row = analytics_pb.RepPerformanceRow(owner_id="u-1", won_count=1, won_amount=CNY)
+        return analytics_pb.GetRepPerformanceResponse(rows=[row])
+
+
+class FakeSales(SalesServiceServicer):
+    async def GetWinStatistics(self, request: sales_pb.GetWinStatisticsRequest, context: Any) -> Any:
+        overall = sales_pb.WinStatistics(currency="CNY", won_amount=CNY, won_count=1, win_rate="1.0000")
+        return sales_pb.GetWinStatisticsResponse(overall=[overall])
+
+
+Client = Callable[..., Awaitable[httpx.AsyncClient]]
+PolicyEdit = Callable[[dict[str, Any]], None]
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[str]:
+    server = grpc.aio.server()
+    add_LeadsServiceServicer_to_server(FakeLeads(), server)
+    add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
+    add_AnalyticsServiceServicer_to_server(FakeAnalytics(), server)
+    add_SalesServiceServicer_to_server(FakeSales(), server)
+    add_CustomFieldServiceServicer_to_server(NoCustomFields(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def client(tmp_path: Path, migrated_sqlite: Path, target: str) -> AsyncIterator[Client]:
+    """`await client("marketing", *edits)`: an HTTP client of the real gateway for one role, under
+    the default policy changed by the edits."""
+    opened: list[tuple[Any, httpx.AsyncClient]] = []
+
+    async def make(role: str, *edits: PolicyEdit) -> httpx.AsyncClient:
+        number = len(opened)
+        policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+        for edit in edits:
+            edit(policy)
+        policy_path = tmp_path / f"policy-{number}.yaml"
+        policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
+        database = tmp_path / f"gateway-{number}.db"
+        shutil.copyfile(migrated_sqlite, database)
+        settings = Settings(
+            dev_mode=True,
+            dev_jwt_secret=SECRET,
+            database_url=f"sqlite+aiosqlite:///{database}",
+            policy_path=str(policy_path),
+            leads_target=target,
+            accounts_target="",
+            sales_target=target,
+            service_desk_target=target,
+            analytics_target=target,
+            audit_relay_enabled=False,
+        )
+        app = create_app(settings)
+        await app.state.security.start(migrate=False, relay=False)
+        token = issue_dev_token(secret=SECRET, sub="u-1", roles=[role], team="east", region="north")
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://gateway",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        opened.append((app, http))
+        return http
+
+    yield make
+    for app, http in opened:
+        await http.aclose()
+        await app.state.upstreams.close()
+        await app.state.security.stop()
+
+
+def grant_fields(role: str, resource: str, **rules: str) -> PolicyEdit:
+    def edit(policy: dict[str, Any]) -> None:
+        policy["roles"][role]["grants"][resource].setdefault("fields", {}).update(rules)
+
+    return edit
+
+
+# --- a lead's activities, tasks and score history ----------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["marketing", "analyst"])
+@pytest.mark.parametrize("part", ["activities", "tasks"])
+async def test_roles_without_a_grant_for_activities_or_tasks_cannot_read_a_leads(
+    client: Client, role: str, part: str
+) -> None:
+    http = await client(role)
+
+    response = await http.get(f"/api/v1/leads/l-1/{part}")
+
+    assert response.status_code == 403, response.text
+
+
+async def test_a_leads_activities_and_tasks_follow_the_rules_for_activities_and_tasks(client: Client) -> None:
+    http = await client(
+        "sales_rep",
+        grant_fields("sales_rep", "activities", notes="hidden"),
+        grant_fields("sales_rep", "tasks", status="masked"),
+    )
+
+    activities = (await http.get("/api/v1/leads/l-1/activities")).json()["items"]
+    tasks = (await http.get("/api/v1/leads/l-1/tasks")).json()["items"]
+
+    assert [(a["id"], a["kind"]) for a in activities] == [("a-1", "call")] and "notes" not in activities[0]
+    assert [t["id"] for t in tasks] == ["t-1"] and tasks[0]["status"] == mask_value("open", "text")
+
+
+async def test_a_logged_activity_is_shown_only_to_who_may_read_activities(client: Client) -> None:
+    marketing = await client("marketing")
+    rep = await client("sales_rep", grant_fields("sales_rep", "activities", notes="hidden"))
+
+    by_marketing = await marketing.post("/api/v1/leads/l-1/activities", json={"kind": "call", "notes": "Hi"})
+    by_rep = await rep.post("/api/v1/leads/l-1/activities", json={"kind": "call", "notes": "Hi"})
+
+    assert by_marketing.status_code == 201, by_marketing.text
+    assert set(by_marketing.json()) == {"lead"}
+    assert by_rep.json()["activity"]["kind"] == "call" and "notes" not in by_rep.json()["activity"]
+
+
+async def test_score_history_is_shown_as_the_caller_sees_the_leads_score_and_grade(client: Client) -> None:
+    analyst = await client("analyst")
+    marketing = await client("marketing", grant_fields("marketing", "leads", score="hidden", grade="masked"))
+
+    [clear] = (await analyst.get("/api/v1/leads/l-1/score-history")).json()["items"]
+    [limited] = (await marketing.get("/api/v1/leads/l-1/score-history")).json()["items"]
+
+    assert (clear["previous_score"], clear["score"], clear["previous_grade"], clear["grade"]) == (10, 40, "C", "B")
+    assert "score" not in limited and "previous_score" not in limited
+    assert limited["grade"] == mask_value("B", "text") and limited["previous_grade"] == mask_value("C", "text")
+
+
+# --- a ticket's comments and work log ----------------------------------------------------------------
+
+
+async def test_a_tickets_comments_and_work_log_follow_the_tickets_rules(client: Client) -> None:
+    masked = await client("service_agent", grant_fields("service_agent", "tickets", comments="masked"))
+    hidden = await client("service_agent", grant_fields("service_agent", "tickets", work_log="hidden"))
+
+    ticket = (await masked.get("/api/v1/tickets/t-1")).json()
+    without_log = (await hidden.get("/api/v1/tickets/t-1")).json()
+
+    [comment] = ticket["comments"]
+    assert comment["body"] == mask_value("Rebooted", "text") and comment["author_id"] == mask_value("u-1", "text")
+    assert ticket["work_log"][0]["note"] == "On site"
+    assert "work_log" not in without_log and without_log["comments"][0]["body"] == "Rebooted"
+
+
+# --- money in reports and win statistics ------------------------------------------------------------
+
+
+async def test_report_money_is_left_out_for_callers_who_may_not_read_the_amounts(client: Client) -> None:
+    finance = await client("finance")
+    analyst = await client("analyst")
+    marketing = await client("marketing")
+
+    by_finance = (await finance.get("/api/v1/reports/customer-value")).json()["items"][0]
+    by_analyst = (await analyst.get("/api/v1/reports/customer-value")).json()["items"][0]
+    by_marketing = (await marketing.get("/api/v1/reports/customer-value")).json()["items"][0]
+
+    assert by_finance["won_amount"] == MONEY and by_finance["paid_amount"] == MONEY
+    assert by_analyst["won_amount"] == MONEY and "paid_amount" not in by_analyst  # analysts read no contracts
+    assert by_marketing["account_name"] == "Initech"
+    assert "won_amount" not in by_marketing and "paid_amount" not in by_marketing
+
+
+async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(client: Client) -> None:
+    marketing = await client("marketing")
+    masked = await client("analyst", grant_fields("analyst", "opportunities", amount="masked"))
+
+    funnel = (await marketing.get("/api/v1/reports/sales-funnel")).json()
+    sources = (await marketing.get("/api/v1/reports/lead-sources", params={"group_by": "campaign"})).json()
+    reps = (await masked.get("/api/v1/reports/rep-performance")).json()
+
+    assert funnel["won_count"] == 1 and funnel["stages"][0]["count"] == 2
+    assert not {"won_amount", "average_deal_size"} & set(funnel) and "amount" not in funnel["stages"][0]
+    assert "won_revenue" not in sources["rows"][0] and sources["rows"][0]["cost"] == MONEY  # marketing runs campaigns
+    assert reps["rows"][0]["won_amount"] == mask_value(MONEY, "money")
+
+
+async def test_report_csv_and_exports_leave_out_the_money_too(client: Client) -> None:
+    marketing = await client("marketing")
+
+    report = await marketing.get("/api/v1/reports/customer-value", params={"format": "csv"})
+    export = await marketing.get("/api/v1/exports/reports", params={"report": "customer-value"})
+
+    for response in (report, export):
+        assert response.status_code == 200, response.text
+        header = next(csv.reader(io.StringIO(response.text)))
+        assert "account_name" in header and not {"won_amount", "paid_amount"} & set(header)
+
+
+async def test_win_statistics_show_the_won_amount_as_the_caller_sees_deal_amounts(client: Client) -> None:
+    analyst = await client("analyst")
+    hidden = await client("analyst", grant_fields("analyst", "opportunities", amount="hidden"))
+
+    [clear] = (await analyst.get("/api/v1/forecast/win-statistics")).json()["overall"]
+    [limited] = (await hidden.get("/api/v1/forecast/win-statistics")).json()["overall"]
+
+    assert clear["won_amount"] == MONEY
+    assert "won_amount" not in limited and limited["won_count"] == 1
