@@ -1,6 +1,7 @@
 """Real routes that write through an owning service, against minimal fakes of the services: the
-lead import checks every field its columns set before the service sees a byte, and every write
-leaves exactly one audit row."""
+lead import checks every field its columns set before the service sees a byte, every write
+leaves exactly one audit row, and that row holds the record as stored before and as the service
+returned it after (the changed fields only, personal data masked)."""
 
 import json
 import shutil
@@ -11,9 +12,15 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm.sales.v1 import sales_pb2
+from crm.sales.v1 import sales_service_pb2 as sales_pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
 from crm.servicedesk.v1 import servicedesk_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
@@ -74,6 +81,26 @@ class FakeLeads(LeadsServiceServicer):
         webform = leads_pb2.Webform(id="wf-1", name=request.webform.name, form_key="k" * 16)
         return leads_pb.CreateWebformResponse(webform=webform)
 
+    # The lead l-1 as stored, and as each write leaves it.
+    LEAD = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="new", owner_id="u-1", team="east")
+
+    async def GetLead(self, request: leads_pb.GetLeadRequest, context: Any) -> Any:
+        return leads_pb.GetLeadResponse(lead=self.LEAD)
+
+    async def UpdateLead(self, request: leads_pb.UpdateLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id="l-1", name="Li", phone="13912345678", status="new", owner_id="u-1", team="east")
+        return leads_pb.UpdateLeadResponse(lead=lead)
+
+    async def AssignLead(self, request: leads_pb.AssignLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="new", owner_id=request.owner_id,
+                              team="east")  # fmt: skip
+        return leads_pb.AssignLeadResponse(lead=lead)
+
+    async def DisqualifyLead(self, request: leads_pb.DisqualifyLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="unqualified", owner_id="u-1",
+                              team="east", disqualified_reason=request.reason)  # fmt: skip
+        return leads_pb.DisqualifyLeadResponse(lead=lead)
+
 
 class FakeServiceDesk(ServiceDeskServiceServicer):
     async def AddTicketComment(self, request: desk_pb.AddTicketCommentRequest, context: Any) -> Any:
@@ -83,6 +110,70 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
     async def LogWork(self, request: desk_pb.LogWorkRequest, context: Any) -> Any:
         entry = servicedesk_pb2.WorkLogEntry(id="w-1", ticket_id=request.ticket_id, minutes=request.minutes)
         return desk_pb.LogWorkResponse(entry=entry)
+
+    async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
+        ticket = servicedesk_pb2.Ticket(id="t-1", subject="Printer", status="assigned", assignee_id="u-1", version=3)
+        return desk_pb.GetTicketResponse(ticket=ticket)
+
+    async def ChangeTicketStatus(self, request: desk_pb.ChangeTicketStatusRequest, context: Any) -> Any:
+        ticket = servicedesk_pb2.Ticket(
+            id="t-1", subject="Printer", status=request.status, assignee_id="u-1", version=4
+        )
+        return desk_pb.ChangeTicketStatusResponse(ticket=ticket)
+
+    async def AssignTicket(self, request: desk_pb.AssignTicketRequest, context: Any) -> Any:
+        ticket = servicedesk_pb2.Ticket(id="t-1", subject="Printer", status="assigned", assignee_id="u-2", version=4)
+        return desk_pb.AssignTicketResponse(ticket=ticket)
+
+    async def GetAgent(self, request: desk_pb.GetAgentRequest, context: Any) -> Any:
+        return desk_pb.GetAgentResponse(
+            agent=servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=5, available=True, version=1)
+        )
+
+    async def UpdateAgent(self, request: desk_pb.UpdateAgentRequest, context: Any) -> Any:
+        # The service also changed what the request did not name (availability).
+        agent = servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=request.agent.capacity, available=False, version=2)
+        return desk_pb.UpdateAgentResponse(agent=agent)
+
+
+class FakeAccounts(AccountsServiceServicer):
+    async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
+        account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
+        return accounts_pb.GetAccountResponse(account=account)
+
+    async def TransferAccount(self, request: accounts_pb.TransferAccountRequest, context: Any) -> Any:
+        account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id=request.new_owner_id, team="west",
+                                       version=3)  # fmt: skip
+        return accounts_pb.TransferAccountResponse(account=account)
+
+    async def ReleaseAccount(self, request: accounts_pb.ReleaseAccountRequest, context: Any) -> Any:
+        account = accounts_pb2.Account(id="acc-1", name="Initech", team="east", in_pool=True, version=3)
+        return accounts_pb.ReleaseAccountResponse(account=account)
+
+
+class FakeSales(SalesServiceServicer):
+    async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
+        deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
+        return sales_pb.GetOpportunityResponse(opportunity=deal)
+
+    async def MoveOpportunityStage(self, request: sales_pb.MoveOpportunityStageRequest, context: Any) -> Any:
+        deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage=request.stage, probability="0.6", version=6)
+        return sales_pb.MoveOpportunityStageResponse(opportunity=deal)
+
+    async def GetContract(self, request: sales_pb.GetContractRequest, context: Any) -> Any:
+        contract = sales_pb2.Contract(id="k-1", title="Robots", status="pending_approval", version=2)
+        return sales_pb.GetContractResponse(contract=contract)
+
+    async def ApproveContract(self, request: sales_pb.ApproveContractRequest, context: Any) -> Any:
+        contract = sales_pb2.Contract(id="k-1", title="Robots", status="approved", version=3)
+        return sales_pb.ApproveContractResponse(contract=contract)
+
+    async def GetInvoice(self, request: sales_pb.GetInvoiceRequest, context: Any) -> Any:
+        return sales_pb.GetInvoiceResponse(invoice=sales_pb2.Invoice(id="i-1", status="requested"))
+
+    async def IssueInvoice(self, request: sales_pb.IssueInvoiceRequest, context: Any) -> Any:
+        invoice = sales_pb2.Invoice(id="i-1", status="issued", number=request.number)
+        return sales_pb.IssueInvoiceResponse(invoice=invoice)
 
 
 class Gateway:
@@ -103,6 +194,8 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
     server = grpc.aio.server()
     add_LeadsServiceServicer_to_server(leads, server)
     add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
+    add_AccountsServiceServicer_to_server(FakeAccounts(), server)
+    add_SalesServiceServicer_to_server(FakeSales(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     database = tmp_path / "gateway.db"
@@ -112,8 +205,8 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
         dev_jwt_secret=SECRET,
         database_url=f"sqlite+aiosqlite:///{database}",
         leads_target=f"127.0.0.1:{port}",
-        accounts_target="",
-        sales_target="",
+        accounts_target=f"127.0.0.1:{port}",
+        sales_target=f"127.0.0.1:{port}",
         service_desk_target=f"127.0.0.1:{port}",
         analytics_target="",
         audit_relay_enabled=False,
@@ -229,3 +322,45 @@ async def test_a_write_leaves_one_audit_row(
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["actor"]["user_id"]) for row in rows] == [(action, record_id, "u-1")]
     assert rows[0]["after"] or rows[0]["before"]
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "path", "body", "before", "after"),
+    [
+        # Leads: personal data masked on both sides.
+        ("sales_rep", "PATCH", "/leads/l-1", {"phone": "13912345678"},
+         {"phone": "138****5678"}, {"phone": "139****5678"}),
+        ("sales_manager", "POST", "/leads/l-1/assign", {"owner_id": "u-2"}, {"owner_id": "u-1"}, {"owner_id": "u-2"}),
+        ("sales_rep", "POST", "/leads/l-1/disqualify", {"reason": "No budget"},
+         {"status": "new", "disqualified_reason": ""}, {"status": "unqualified", "disqualified_reason": "No budget"}),
+        # Accounts.
+        ("sales_manager", "POST", "/accounts/acc-1/transfer", {"new_owner_id": "u-2", "reason": "leave"},
+         {"owner_id": "u-1", "team": "east", "version": 2}, {"owner_id": "u-2", "team": "west", "version": 3}),
+        ("sales_rep", "POST", "/accounts/acc-1/release", {"reason": "no fit"},
+         {"owner_id": "u-1", "in_pool": False, "version": 2}, {"owner_id": "", "in_pool": True, "version": 3}),
+        # Sales: state transitions, with what the service changed besides the state.
+        ("sales_rep", "POST", "/opportunities/o-1/stage", {"stage": "proposal"},
+         {"stage": "qualify", "probability": "0.2", "version": 5},
+         {"stage": "proposal", "probability": "0.6", "version": 6}),
+        ("finance", "POST", "/contracts/k-1/approve", {"comment": "ok"},
+         {"status": "pending_approval", "version": 2}, {"status": "approved", "version": 3}),
+        ("finance", "POST", "/invoices/i-1/issue", {"number": "INV-7"},
+         {"status": "requested", "number": None}, {"status": "issued", "number": "INV-7"}),
+        # Service desk.
+        ("service_agent", "POST", "/tickets/t-1/status", {"status": "in_progress"},
+         {"status": "assigned", "version": 3}, {"status": "in_progress", "version": 4}),
+        ("service_manager", "POST", "/tickets/t-1/assign", {"assignee_id": "u-2"},
+         {"assignee_id": "u-1", "version": 3}, {"assignee_id": "u-2", "version": 4}),
+        ("service_manager", "PATCH", "/agents/u-2", {"capacity": 9},
+         {"capacity": 5, "available": True, "version": 1}, {"capacity": 9, "available": False, "version": 2}),
+    ],
+)  # fmt: skip
+async def test_the_audit_row_of_a_write_holds_the_record_before_and_after(
+    gateway: Gateway, role: str, method: str, path: str, body: Any, before: Any, after: Any
+) -> None:
+    response = await gateway.client.request(method, f"/api/v1{path}", json=body, headers=gateway.auth(role))
+
+    assert response.is_success, response.text
+    [row] = (await gateway.app.state.security.audit.query(AuditQuery()))[0]
+    assert (row["before"], row["after"]) == (before, after)
+    assert row["fields"] == sorted(before)

@@ -669,7 +669,7 @@ async def update_account(
     values = body.model_dump(exclude_unset=True)
     access.check_write(values)
     stub = _stub(request)
-    before = await stub.GetAccount(pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata())
+    before = await _account_before(stub, account_id, access)
     reply = await stub.UpdateAccount(
         pb.UpdateAccountRequest(
             account_id=account_id,
@@ -680,20 +680,28 @@ async def update_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, account_dict(before.account), record)
+    await access.audit_write(account_id, before, record)
     present = await presenter(access)
     return with_etag(response, present(record))
+
+
+async def _account_before(stub: AccountsServiceStub, account_id: str, access: Access) -> dict[str, Any]:
+    """The account as stored before a write, for the audit trail (404 when it is not in scope)."""
+    reply = await stub.GetAccount(pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata())
+    return account_dict(reply.account)
 
 
 @router.delete("/accounts/{account_id}", status_code=204)
 async def delete_account(
     account_id: str, request: Request, access: AccountsDelete, if_match: IfMatch = None
 ) -> Response:
-    await _stub(request).DeleteAccount(
+    stub = _stub(request)
+    before = await _account_before(stub, account_id, access)
+    await stub.DeleteAccount(
         pb.DeleteAccountRequest(account_id=account_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(account_id, {"id": account_id}, None)
+    await access.audit_write(account_id, before, None)
     return Response(status_code=204)
 
 
@@ -701,13 +709,20 @@ async def delete_account(
 async def merge_accounts(
     account_id: str, body: MergeIn, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
-    reply = await _stub(request).MergeAccounts(
+    stub = _stub(request)
+    survivor = await _account_before(stub, account_id, access)
+    duplicate = await _account_before(stub, body.duplicate_id, access)
+    reply = await stub.MergeAccounts(
         pb.MergeAccountsRequest(
             survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key or ""
         ),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("merge", account_id, fields=["merged_into_id"], reason=f"merged {body.duplicate_id}")
+    await access.audit_write(
+        account_id, survivor, account_dict(reply.survivor), action="merge", reason=f"merged {body.duplicate_id}"
+    )
+    # The duplicate lives on only as a pointer to the survivor: audited like a delete.
+    await access.audit_write(body.duplicate_id, duplicate, None, action="merge", reason=f"merged into {account_id}")
     present = await presenter(access)
     return {
         "survivor": present(account_dict(reply.survivor)),
@@ -755,13 +770,16 @@ async def list_pool(
 async def claim_account(
     account_id: str, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
-    reply = await _stub(request).ClaimAccount(
+    stub = _stub(request)
+    before = await _account_before(stub, account_id, access)
+    reply = await stub.ClaimAccount(
         pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key or ""),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("claim", account_id, fields=["owner_id", "in_pool"])
+    record = account_dict(reply.account)
+    await access.audit_write(account_id, before, record, action="claim")
     present = await presenter(access)
-    return present(account_dict(reply.account))
+    return present(record)
 
 
 @router.post("/accounts/{account_id}/release", response_model=AccountOut, response_model_exclude_unset=True)
@@ -772,15 +790,17 @@ async def release_account(
     body: ReleaseIn | None = None,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    reply = await _stub(request).ReleaseAccount(
-        pb.ReleaseAccountRequest(
-            account_id=account_id, reason=body.reason if body else "", expected_version=expected_version(if_match)
-        ),
+    reason = body.reason if body else ""
+    stub = _stub(request)
+    before = await _account_before(stub, account_id, access)
+    reply = await stub.ReleaseAccount(
+        pb.ReleaseAccountRequest(account_id=account_id, reason=reason, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("release", account_id, fields=["owner_id", "in_pool"], reason=body.reason if body else "")
+    record = account_dict(reply.account)
+    await access.audit_write(account_id, before, record, action="release", reason=reason)
     present = await presenter(access)
-    return present(account_dict(reply.account))
+    return present(record)
 
 
 @router.post("/accounts/{account_id}/transfer", response_model=AccountOut, response_model_exclude_unset=True)
@@ -788,7 +808,9 @@ async def transfer_account(
     account_id: str, body: TransferIn, request: Request, access: AccountsAssign, if_match: IfMatch = None
 ) -> dict[str, Any]:
     access.check_write(["owner_id"])
-    reply = await _stub(request).TransferAccount(
+    stub = _stub(request)
+    before = await _account_before(stub, account_id, access)
+    reply = await stub.TransferAccount(
         pb.TransferAccountRequest(
             account_id=account_id,
             new_owner_id=body.new_owner_id,
@@ -798,9 +820,10 @@ async def transfer_account(
         ),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("transfer", account_id, fields=["owner_id"], reason=body.reason)
+    record = account_dict(reply.account)
+    await access.audit_write(account_id, before, record, action="transfer", reason=body.reason)
     present = await presenter(access)
-    return present(account_dict(reply.account))
+    return present(record)
 
 
 @router.post("/accounts:transfer", response_model=BulkTransferOut, response_model_exclude_unset=True)
@@ -1004,11 +1027,13 @@ async def update_contact(
 async def delete_contact(
     contact_id: str, request: Request, access: ContactsDelete, if_match: IfMatch = None
 ) -> Response:
-    await _stub(request).DeleteContact(
+    stub = _stub(request)
+    before = await stub.GetContact(pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata())
+    await stub.DeleteContact(
         pb.DeleteContactRequest(contact_id=contact_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(contact_id, {"id": contact_id}, None)
+    await access.audit_write(contact_id, contact_dict(before.contact), None)
     return Response(status_code=204)
 
 

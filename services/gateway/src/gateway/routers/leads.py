@@ -575,6 +575,12 @@ async def get_lead(lead_id: str, request: Request, response: Response, access: L
     return with_etag(response, present(lead_json(reply.lead)))
 
 
+async def _lead_before(stub: LeadsServiceStub, lead_id: str, access: Access) -> dict[str, Any]:
+    """The lead as stored before a write, for the audit trail (404 when it is not in scope)."""
+    reply = await stub.GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
+    return lead_json(reply.lead)
+
+
 @router.patch("/leads/{lead_id}")
 async def update_lead(
     lead_id: str, body: LeadPatch, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
@@ -585,7 +591,9 @@ async def update_lead(
     lead, paths = _lead_input(body)
     if status is not None:  # status moves are a transition of the lead, checked by the service
         lead.status = status
-    reply = await _stub(request).UpdateLead(
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    reply = await stub.UpdateLead(
         pb.UpdateLeadRequest(
             lead_id=lead_id,
             lead=lead,
@@ -595,7 +603,7 @@ async def update_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
+    await access.audit_write(lead_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -700,14 +708,16 @@ async def assign_lead(
     lead_id: str, body: AssignIn, request: Request, response: Response, access: LeadsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the pool."""
-    reply = await _stub(request).AssignLead(
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    reply = await stub.AssignLead(
         pb.AssignLeadRequest(
             lead_id=lead_id, owner_id=body.owner_id, team=body.team, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]})
+    await access.audit_write(lead_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -716,12 +726,14 @@ async def assign_lead(
 async def disqualify_lead(
     lead_id: str, body: DisqualifyIn, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
-    reply = await _stub(request).DisqualifyLead(
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    reply = await stub.DisqualifyLead(
         pb.DisqualifyLeadRequest(lead_id=lead_id, reason=body.reason, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, {"status": None}, {"status": result["status"]})
+    await access.audit_write(lead_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -746,11 +758,14 @@ async def convert_lead(
     if opportunity.expected_close_date is not None:
         close = datetime.combine(opportunity.expected_close_date, datetime.min.time())
         message.expected_close_date.FromDatetime(close)
-    reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata())
-    await access.audit_write(lead_id, {"status": None}, {"status": reply.lead.status})
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    reply = await stub.ConvertLead(message, metadata=access.grpc_metadata())
+    result = lead_json(reply.lead)
+    await access.audit_write(lead_id, before, result)
     present = await presenter(access)
     return {
-        "lead": present(lead_json(reply.lead)),
+        "lead": present(result),
         "account_id": reply.account_id,
         "contact_id": reply.contact_id,
         "opportunity_id": reply.opportunity_id or None,
@@ -791,7 +806,10 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
     """Takes a pool lead (within the per-rep claim limit: 409 `CLAIM_LIMIT` beyond it)."""
     reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, {"owner_id": None}, {"owner_id": result["owner_id"]}, action="assign")
+    # A pool lead is outside the claimer's scope until claimed, so it cannot be read before; the
+    # service claims only unowned leads of the pool.
+    before = {"owner_id": "", "in_pool": True}
+    await access.audit_write(lead_id, before, {name: result[name] for name in before}, action="assign")
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -800,11 +818,13 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
 async def release_lead(
     lead_id: str, body: ReasonIn, request: Request, response: Response, access: LeadsUpdate
 ) -> dict[str, Any]:
-    reply = await _stub(request).ReleaseLead(
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    reply = await stub.ReleaseLead(
         pb.ReleaseLeadRequest(lead_id=lead_id, reason=body.reason), metadata=access.grpc_metadata()
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, {"owner_id": access.principal.user_id}, {"owner_id": ""}, action="assign")
+    await access.audit_write(lead_id, before, result, action="assign", reason=body.reason)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -989,7 +1009,9 @@ async def update_campaign(
 ) -> dict[str, Any]:
     access.check_write(body.model_dump(exclude_unset=True, mode="json"))
     campaign, paths = _campaign_input(body)
-    reply = await _stub(request).UpdateCampaign(
+    stub = _stub(request)
+    before = await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateCampaign(
         pb.UpdateCampaignRequest(
             campaign_id=campaign_id,
             campaign=campaign,
@@ -999,7 +1021,7 @@ async def update_campaign(
         metadata=access.grpc_metadata(),
     )
     result = campaign_json(reply.campaign)
-    await access.audit_write(campaign_id, {name: None for name in paths}, {name: result.get(name) for name in paths})
+    await access.audit_write(campaign_id, campaign_json(before.campaign), result)
     return with_etag(response, access.present(result))
 
 

@@ -686,7 +686,7 @@ async def update_opportunity(
     if body.custom:
         source.custom.update(body.custom)
     stub = _stub(request)
-    before = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+    before = await _opportunity_before(stub, opportunity_id, access)
     reply = await stub.UpdateOpportunity(
         pb.UpdateOpportunityRequest(
             id=opportunity_id,
@@ -698,7 +698,7 @@ async def update_opportunity(
         metadata=access.grpc_metadata(),
     )
     record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), record)
+    await access.audit_write(opportunity_id, before, record)
     present = await presenter(access)
     return with_etag(response, present(record))
 
@@ -709,13 +709,19 @@ async def delete_opportunity(
 ) -> Response:
     """A deal entered by mistake (409 when a contract refers to it: close it as won or lost instead)."""
     stub = _stub(request)
-    before = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+    before = await _opportunity_before(stub, opportunity_id, access)
     await stub.DeleteOpportunity(
         pb.DeleteOpportunityRequest(id=opportunity_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(opportunity_id, opportunity_dict(before.opportunity), None)
+    await access.audit_write(opportunity_id, before, None)
     return Response(status_code=204)
+
+
+async def _opportunity_before(stub: SalesServiceStub, opportunity_id: str, access: Access) -> dict[str, Any]:
+    """The deal as stored before a write, for the audit trail (404 when it is not in scope)."""
+    reply = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+    return opportunity_dict(reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/stage")
@@ -728,14 +734,16 @@ async def move_opportunity_stage(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     """422 names the fields the stage gate requires and the deal lacks."""
-    reply = await _stub(request).MoveOpportunityStage(
+    stub = _stub(request)
+    before = await _opportunity_before(stub, opportunity_id, access)
+    reply = await stub.MoveOpportunityStage(
         pb.MoveOpportunityStageRequest(
             id=opportunity_id, stage=body.stage, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     record = opportunity_dict(reply.opportunity)
-    await access.audit("update", opportunity_id, fields=["stage"], reason=f"stage -> {body.stage}")
+    await access.audit_write(opportunity_id, before, record)
     present = await presenter(access)
     return with_etag(response, present(record))
 
@@ -756,10 +764,13 @@ async def win_opportunity(
     if body.amount is not None:
         access.check_write(["amount"])
         message.amount.CopyFrom(body.amount.proto())
-    reply = await _stub(request).WinOpportunity(message, metadata=access.grpc_metadata())
-    await access.audit("update", opportunity_id, fields=["status", "stage"], reason="won")
+    stub = _stub(request)
+    before = await _opportunity_before(stub, opportunity_id, access)
+    reply = await stub.WinOpportunity(message, metadata=access.grpc_metadata())
+    record = opportunity_dict(reply.opportunity)
+    await access.audit_write(opportunity_id, before, record)
     present = await presenter(access)
-    return with_etag(response, present(opportunity_dict(reply.opportunity)))
+    return with_etag(response, present(record))
 
 
 @router.post("/opportunities/{opportunity_id}/lose")
@@ -771,7 +782,9 @@ async def lose_opportunity(
     access: OpportunitiesUpdate,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    reply = await _stub(request).LoseOpportunity(
+    stub = _stub(request)
+    before = await _opportunity_before(stub, opportunity_id, access)
+    reply = await stub.LoseOpportunity(
         pb.LoseOpportunityRequest(
             id=opportunity_id,
             expected_version=expected_version(if_match),
@@ -780,9 +793,10 @@ async def lose_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("update", opportunity_id, fields=["status", "stage", "lost_reason"], reason="lost")
+    record = opportunity_dict(reply.opportunity)
+    await access.audit_write(opportunity_id, before, record)
     present = await presenter(access)
-    return with_etag(response, present(opportunity_dict(reply.opportunity)))
+    return with_etag(response, present(record))
 
 
 @router.post("/opportunities/import")
@@ -1030,12 +1044,15 @@ async def approve_quote(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
-    reply = await _stub(request).ApproveQuote(
+    stub = _stub(request)
+    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    reply = await stub.ApproveQuote(
         pb.ApproveQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("approve", quote_id, fields=["decisions"], reason=comment)
-    return with_etag(response, access.present(quote_dict(reply.quote)))
+    record = quote_dict(reply.quote)
+    await access.audit_write(quote_id, quote_dict(before.quote), record, action="approve", reason=comment)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/quotes/{quote_id}/reject")
@@ -1048,12 +1065,15 @@ async def reject_quote(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
-    reply = await _stub(request).RejectQuote(
+    stub = _stub(request)
+    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    reply = await stub.RejectQuote(
         pb.RejectQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
-    await access.audit("reject", quote_id, fields=["decisions"], reason=comment)
-    return with_etag(response, access.present(quote_dict(reply.quote)))
+    record = quote_dict(reply.quote)
+    await access.audit_write(quote_id, quote_dict(before.quote), record, action="reject", reason=comment)
+    return with_etag(response, access.present(record))
 
 
 # --- contracts ---------------------------------------------------------------------------------------
@@ -1131,9 +1151,11 @@ async def _contract_step(
     request: Request, response: Response, access: Access, contract_id: str, call: str, message: Message, reason: str
 ) -> dict[str, Any]:
     """One status-machine step (illegal transitions come back as 409), audited with its action."""
-    reply = await getattr(_stub(request), call)(message, metadata=access.grpc_metadata())
+    stub = _stub(request)
+    before = await stub.GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
+    reply = await getattr(stub, call)(message, metadata=access.grpc_metadata())
     record = contract_dict(reply.contract)
-    await access.audit(access.action, contract_id, fields=["status"], reason=reason or f"status -> {record['status']}")
+    await access.audit_write(contract_id, contract_dict(before.contract), record, reason=reason)
     return with_etag(response, access.present(record))
 
 
@@ -1367,16 +1389,22 @@ async def issue_invoice(invoice_id: str, body: IssueBody, request: Request, acce
     issued_at = _timestamp(body.issued_at)
     if issued_at is not None:
         message.issued_at.CopyFrom(issued_at)
-    reply = await _stub(request).IssueInvoice(message, metadata=access.grpc_metadata())
-    await access.audit("update", invoice_id, fields=["status", "number"], reason=f"issued {body.number}")
-    return access.present(invoice_dict(reply.invoice))
+    stub = _stub(request)
+    before = await stub.GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
+    reply = await stub.IssueInvoice(message, metadata=access.grpc_metadata())
+    record = invoice_dict(reply.invoice)
+    await access.audit_write(invoice_id, invoice_dict(before.invoice), record)
+    return access.present(record)
 
 
 @router.post("/invoices/{invoice_id}/void")
 async def void_invoice(invoice_id: str, body: ReasonBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
     access.check_write(["void_reason"])
-    reply = await _stub(request).VoidInvoice(
+    stub = _stub(request)
+    before = await stub.GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
+    reply = await stub.VoidInvoice(
         pb.VoidInvoiceRequest(id=invoice_id, reason=body.reason), metadata=access.grpc_metadata()
     )
-    await access.audit("update", invoice_id, fields=["status", "void_reason"], reason=body.reason)
-    return access.present(invoice_dict(reply.invoice))
+    record = invoice_dict(reply.invoice)
+    await access.audit_write(invoice_id, invoice_dict(before.invoice), record)
+    return access.present(record)

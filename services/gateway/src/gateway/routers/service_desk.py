@@ -305,7 +305,7 @@ async def update_ticket(
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
     stub = _stub(request)
-    before = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
+    before = await _ticket_before(stub, ticket_id, access)
     reply = await stub.UpdateTicket(
         pb.UpdateTicketRequest(
             ticket_id=ticket_id,
@@ -316,9 +316,15 @@ async def update_ticket(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, to_json(before.ticket), result)
+    await access.audit_write(ticket_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+async def _ticket_before(stub: ServiceDeskServiceStub, ticket_id: str, access: Access) -> dict[str, Any]:
+    """The ticket as stored before a write, for the audit trail (404 when it is not in scope)."""
+    reply = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
+    return to_json(reply.ticket)
 
 
 @router.post("/tickets/{ticket_id}/status")
@@ -326,14 +332,16 @@ async def change_ticket_status(
     ticket_id: str, body: StatusIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Moves the ticket along its status machine; an illegal move is 409."""
-    reply = await _stub(request).ChangeTicketStatus(
+    stub = _stub(request)
+    before = await _ticket_before(stub, ticket_id, access)
+    reply = await stub.ChangeTicketStatus(
         pb.ChangeTicketStatusRequest(
             ticket_id=ticket_id, status=body.status, note=body.note, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, {}, {"status": body.status})
+    await access.audit_write(ticket_id, before, result, reason=body.note)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -343,14 +351,16 @@ async def assign_ticket(
     ticket_id: str, body: AssignIn, request: Request, response: Response, access: TicketsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Assigns to an agent, or auto-dispatches again when `assignee_id` is empty."""
-    reply = await _stub(request).AssignTicket(
+    stub = _stub(request)
+    before = await _ticket_before(stub, ticket_id, access)
+    reply = await stub.AssignTicket(
         pb.AssignTicketRequest(
             ticket_id=ticket_id, assignee_id=body.assignee_id, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, {}, {"assignee_id": result["assignee_id"]})
+    await access.audit_write(ticket_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -459,7 +469,10 @@ async def update_sla_policy(
 ) -> dict[str, Any]:
     """New targets for tickets created from now on."""
     access.check_write(body.model_dump())
-    reply = await _stub(request).UpdateSlaPolicy(
+    stub = _stub(request)
+    policies = await stub.ListSlaPolicies(pb.ListSlaPoliciesRequest(), metadata=access.grpc_metadata())
+    before = next((to_json(p) for p in policies.items if p.priority == priority), None)
+    reply = await stub.UpdateSlaPolicy(
         pb.UpdateSlaPolicyRequest(
             priority=priority,
             first_response_minutes=body.first_response_minutes,
@@ -469,7 +482,7 @@ async def update_sla_policy(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.policy)
-    await access.audit_write(priority, {}, result)
+    await access.audit_write(priority, before, result, action="update")
     return with_etag(response, access.present(result))
 
 
@@ -531,7 +544,9 @@ async def update_agent(
     """Skills, region, capacity and availability drive auto-dispatch."""
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
-    reply = await _stub(request).UpdateAgent(
+    stub = _stub(request)
+    before = await stub.GetAgent(pb.GetAgentRequest(agent_id=agent_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateAgent(
         pb.UpdateAgentRequest(
             agent_id=agent_id,
             agent=_fill(pb.AgentInput(), given),  # type: ignore[arg-type]
@@ -541,7 +556,7 @@ async def update_agent(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.agent)
-    await access.audit_write(agent_id, {}, given)
+    await access.audit_write(agent_id, to_json(before.agent), result)
     return with_etag(response, access.present(result))
 
 
@@ -643,7 +658,9 @@ async def update_article(
 ) -> dict[str, Any]:
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
-    reply = await _stub(request).UpdateKbArticle(
+    stub = _stub(request)
+    before = await stub.GetKbArticle(pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateKbArticle(
         pb.UpdateKbArticleRequest(
             article_id=article_id,
             article=_fill(pb.KbArticleInput(), given),  # type: ignore[arg-type]
@@ -653,5 +670,5 @@ async def update_article(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.article)
-    await access.audit_write(article_id, {}, given)
+    await access.audit_write(article_id, to_json(before.article), result)
     return with_etag(response, access.present(result))

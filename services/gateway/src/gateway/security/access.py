@@ -252,9 +252,11 @@ class Access:
         after: Mapping[str, Any] | None,
         *,
         action: str | None = None,
+        reason: str = "",
     ) -> None:
         """One audit row for a write: the changed fields, before and after, PII masked (custom
-        values too, those of fields defined as pii). `before=None` is a create, `after=None` a delete."""
+        values too, those of fields defined as pii). `before=None` is a create, `after=None` a delete.
+        Pass the stored record as it was before the write and as the service returned it after."""
         custom_pii: frozenset[str] | None = frozenset()
         if "custom" in changed_fields(before, after):
             lookup = self.runtime.custom_pii_keys
@@ -262,7 +264,8 @@ class Access:
         fields, old, new = diff_for_audit(before, after, self.spec, custom_pii=custom_pii)
         if action is None:
             action = "create" if before is None else "delete" if after is None else self.action
-        await self.runtime.audit.record([self._entry(action, record_id, fields=fields, before=old, after=new)])
+        entry = self._entry(action, record_id, fields=fields, before=old, after=new, reason=reason)
+        await self.runtime.audit.record([entry])
 
     async def audit(self, action: str, record_id: str = "", *, fields: Iterable[str] = (), reason: str = "") -> None:
         """An audit row for anything else worth tracing (exports, approvals, ...)."""
