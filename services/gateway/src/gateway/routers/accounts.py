@@ -30,7 +30,7 @@ from gateway.routers.custom_fields import check_custom_filters, custom_filters, 
 from gateway.routers.sales import receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
-from gateway.security import Access, require
+from gateway.security import Access, FilterFields, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
 from gateway.security.problems import SecurityProblem, forbidden
@@ -513,7 +513,9 @@ def _task_input(values: dict[str, Any]) -> pb.TaskInput:
 
 # The accounts field each account list filter reads: the query parameters of GET /accounts and the
 # filters a saved segment stores (`custom.<key>`: routers/custom_fields.check_custom_filters).
-ACCOUNT_FILTER_FIELDS = {
+# The filters of GET /accounts (and of the accounts export, and saved in segments): query parameter
+# -> the field it filters by. `segment_id` applies a segment, whose own filters are checked.
+ACCOUNT_FILTER_FIELDS: dict[str, str] = {
     "q": "name",
     "tier": "tier",
     "lifecycle": "lifecycle",
@@ -525,6 +527,16 @@ ACCOUNT_FILTER_FIELDS = {
     "parent_id": "parent_id",
     "in_pool": "in_pool",
     "created_after": "created_at",
+}
+POOL_FILTER_FIELDS: FilterFields = {
+    name: ACCOUNT_FILTER_FIELDS[name] for name in ("q", "tier", "region", "industry", "tag")
+}
+CONTACT_FILTER_FIELDS: FilterFields = {
+    "account_id": "account_id",
+    "q": "name",
+    "tag": "tags",
+    "decision_role": "decision_role",
+    "owner_id": "owner_id",
 }
 
 
@@ -586,20 +598,7 @@ async def list_accounts(
     cursor: str | None = None,
     sort: Annotated[str | None, Query(description="created_at, name, updated_at; - for descending")] = None,
 ) -> dict[str, Any]:
-    filters = {
-        "q": q or None,
-        "tier": tier,
-        "lifecycle": lifecycle,
-        "region": region,
-        "industry": industry,
-        "owner_id": owner_id,
-        "team": team,
-        "tag": tag,
-        "parent_id": parent_id,
-        "in_pool": in_pool,
-        "created_after": created_after,
-    }
-    access.check_filter(ACCOUNT_FILTER_FIELDS[name] for name, value in filters.items() if value is not None)
+    access.check_filters(ACCOUNT_FILTER_FIELDS)
     custom = await custom_filters(access)
     if segment_id:
         await check_saved_segment(access, segment_id)
@@ -749,6 +748,7 @@ async def list_pool(
     cursor: str | None = None,
     sort: str | None = None,
 ) -> dict[str, Any]:
+    access.check_filters(POOL_FILTER_FIELDS)
     reply = await _stub(request).ListPoolAccounts(
         pb.ListPoolAccountsRequest(
             page=_page(limit, cursor, sort, access),
@@ -916,7 +916,7 @@ async def _list_contacts(
     cursor: str | None,
     sort: str | None,
 ) -> dict[str, Any]:
-    access.check_filter(n for n, v in (("tags", tag), ("decision_role", decision_role), ("owner_id", owner_id)) if v)
+    access.check_filters(CONTACT_FILTER_FIELDS)
     reply = await _stub(request).ListContacts(
         pb.ListContactsRequest(
             page=_page(limit, cursor, sort, access),
@@ -1083,6 +1083,7 @@ async def list_activities(
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str | None = None,
 ) -> dict[str, Any]:
+    access.check_filters({"contact_id": "contact_id"})
     reply = await _stub(request).ListActivities(
         pb.ListActivitiesRequest(
             page=_page(limit, cursor, None, access), account_id=account_id, contact_id=contact_id or ""
@@ -1104,7 +1105,7 @@ async def list_tasks(
     cursor: str | None = None,
     sort: str | None = None,
 ) -> dict[str, Any]:
-    access.check_filter(n for n, v in (("owner_id", owner_id), ("status", status), ("due_at", due)) if v)
+    access.check_filters({"due": "due_at", "account_id": "account_id", "owner_id": "owner_id", "status": "status"})
     reply = await _stub(request).ListTasks(
         pb.ListTasksRequest(
             page=_page(limit, cursor, sort, access),

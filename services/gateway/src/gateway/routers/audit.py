@@ -9,7 +9,7 @@ from crm_platform.timeutil import as_utc
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.security import Access, require
+from gateway.security import Access, FilterFields, require
 from gateway.security.audit import AuditQuery
 from gateway.security.exports import invalid_filter, register_export_source
 
@@ -47,6 +47,17 @@ class AuditEventPage(BaseModel):
     next_cursor: str | None
 
 
+# The filters of GET /audit-events (and of the export): query parameter -> the field it filters by.
+AUDIT_FILTERS: FilterFields = {
+    "actor": "actor",
+    "resource": "resource",
+    "record_id": "record_id",
+    "action": "action",
+    "since": "occurred_at",
+    "until": "occurred_at",
+}
+
+
 @router.get("/audit-events", response_model=AuditEventPage)
 async def list_audit_events(
     access: Annotated[Access, Depends(require("audit_events", "read"))],
@@ -61,6 +72,7 @@ async def list_audit_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> AuditEventPage:
+    access.check_filters(AUDIT_FILTERS)
     query = AuditQuery(
         actor_id=actor,
         resource=resource,
@@ -129,6 +141,7 @@ async def _audit_export_rows(access: Access, filters: Mapping[str, str]) -> Asyn
 register_export_source(
     "audit_events",
     _audit_export_rows,
-    filters={"actor", "resource", "record_id", "action", "since", "until"},
+    filters=set(AUDIT_FILTERS),
     check=_check_audit_export,
+    fields=AUDIT_FILTERS,
 )

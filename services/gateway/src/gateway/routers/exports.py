@@ -18,10 +18,13 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
 
-from gateway.routers.accounts import check_saved_segment
+from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
 from gateway.routers.custom_fields import presenter
+from gateway.routers.leads import LEAD_FILTERS
+from gateway.routers.sales import OPPORTUNITY_FILTERS, PAYMENT_FILTERS
+from gateway.routers.service_desk import TICKET_FILTERS
 from gateway.security import CurrentPrincipal
-from gateway.security.access import Access, runtime_of
+from gateway.security.access import Access, filtered_fields, runtime_of
 from gateway.security.audit import mask_pii
 from gateway.security.exports import GrpcListing, csv_line, export_source, register_grpc_export
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
@@ -60,7 +63,8 @@ async def export_resource(
             raise SecurityProblem(422, "Unprocessable Content", f"unknown filter '{unknown[0]}'", field=unknown[0])
         if source.check is not None:
             source.check(filters)
-        named = [name for name in filters if name not in ("sort", "q")]
+        # Each filter is checked as the field it filters by (`tag`: `tags`), as on the list route.
+        named = [field for name in filters if name != "sort" for field in filtered_fields(source.fields, name)]
         if "sort" in filters:
             named.append(filters["sort"])
         if "q" in filters:
@@ -126,20 +130,36 @@ async def export_resource(
     )
 
 
-# What can be exported: the owning services' List RPCs, paged through in the caller's scope. Reports,
-# the forecast and the audit trail register their sources in their own routers (analytics, sales,
-# audit).
+# What can be exported: the owning services' List RPCs, paged through in the caller's scope, their
+# filters checked as the list routes declare them (a filter named as its field needs no entry).
+# Reports, the forecast and the audit trail register their sources in their own routers (analytics,
+# sales, audit).
 for _resource, _listing in {
-    "leads": GrpcListing("leads", LeadsServiceStub, "ListLeads", leads_pb.ListLeadsRequest),
+    "leads": GrpcListing("leads", LeadsServiceStub, "ListLeads", leads_pb.ListLeadsRequest, fields=LEAD_FILTERS),
     "campaigns": GrpcListing("leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest),
-    "accounts": GrpcListing("accounts", AccountsServiceStub, "ListAccounts", accounts_pb.ListAccountsRequest),
-    "contacts": GrpcListing("accounts", AccountsServiceStub, "ListContacts", accounts_pb.ListContactsRequest),
-    "opportunities": GrpcListing("sales", SalesServiceStub, "ListOpportunities", sales_pb.ListOpportunitiesRequest),
+    "accounts": GrpcListing(
+        "accounts",
+        AccountsServiceStub,
+        "ListAccounts",
+        accounts_pb.ListAccountsRequest,
+        # A saved segment's own filters are checked (check_saved_segment).
+        fields={**ACCOUNT_FILTER_FIELDS, "segment_id": ()},
+    ),
+    "contacts": GrpcListing(
+        "accounts", AccountsServiceStub, "ListContacts", accounts_pb.ListContactsRequest, fields=CONTACT_FILTER_FIELDS
+    ),
+    "opportunities": GrpcListing(
+        "sales", SalesServiceStub, "ListOpportunities", sales_pb.ListOpportunitiesRequest, fields=OPPORTUNITY_FILTERS
+    ),
     "quotes": GrpcListing("sales", SalesServiceStub, "ListQuotes", sales_pb.ListQuotesRequest),
     "contracts": GrpcListing("sales", SalesServiceStub, "ListContracts", sales_pb.ListContractsRequest),
-    "payments": GrpcListing("sales", SalesServiceStub, "ListPayments", sales_pb.ListPaymentsRequest),
+    "payments": GrpcListing(
+        "sales", SalesServiceStub, "ListPayments", sales_pb.ListPaymentsRequest, fields=PAYMENT_FILTERS
+    ),
     "invoices": GrpcListing("sales", SalesServiceStub, "ListInvoices", sales_pb.ListInvoicesRequest),
-    "tickets": GrpcListing("service_desk", ServiceDeskServiceStub, "ListTickets", servicedesk_pb.ListTicketsRequest),
+    "tickets": GrpcListing(
+        "service_desk", ServiceDeskServiceStub, "ListTickets", servicedesk_pb.ListTicketsRequest, fields=TICKET_FILTERS
+    ),
     "csat": GrpcListing(
         "service_desk", ServiceDeskServiceStub, "ListCsatResponses", servicedesk_pb.ListCsatResponsesRequest
     ),

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, model_validator
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
 from gateway.routers.custom_fields import custom_filters, presenter
-from gateway.security import Access, require
+from gateway.security import Access, FilterFields, require
 
 router = APIRouter(tags=["leads"])
 
@@ -333,6 +333,26 @@ async def create_lead(
     return with_etag(response, present(result))
 
 
+# The filters of GET /leads (and of the leads export): query parameter -> the field(s) it filters by.
+LEAD_FILTERS: FilterFields = {
+    "status": "status",
+    "source": "source",
+    "owner_id": "owner_id",
+    "team": "team",
+    "region": "region",
+    "industry": "industry",
+    "grade": "grade",
+    "campaign_id": "campaign_id",
+    "tag": "tags",
+    "q": ("name", "company", "email"),
+    "created_after": "created_at",
+    "created_before": "created_at",
+    "source_detail": "source_detail",
+    "in_pool": "in_pool",
+    "min_score": "score",
+}
+
+
 @router.get("/leads")
 async def list_leads(
     request: Request,
@@ -356,24 +376,8 @@ async def list_leads(
     in_pool: bool | None = None,
     min_score: Annotated[int, Query(ge=0, le=100)] = 0,
 ) -> dict[str, Any]:
-    filters = {
-        "status": status,
-        "source": source,
-        "owner_id": owner_id,
-        "team": team,
-        "region": region,
-        "industry": industry,
-        "grade": grade,
-        "campaign_id": campaign_id,
-        "tags": tag,
-        "source_detail": source_detail,
-        "in_pool": in_pool,
-        "score": min_score,
-        "created_at": created_after or created_before,
-    }
-    access.check_filter([name for name, value in filters.items() if value] + [sort])
-    if q:
-        access.check_filter(["name", "company", "email"])
+    access.check_filters(LEAD_FILTERS)
+    access.check_filter([sort])
     custom = await custom_filters(access)
     if owner_id == "me":
         owner_id = access.principal.user_id
@@ -415,7 +419,8 @@ async def summarize_leads(
     import_id: str = "",
 ) -> dict[str, Any]:
     """Counts of the caller's in-scope leads grouped by one field (e.g. source, source_detail)."""
-    access.check_filter([group_by, *(["status"] if status else [])])
+    access.check_filter([group_by])
+    access.check_filters({"status": "status", "import_id": "import_id"})
     reply = await _stub(request).SummarizeLeads(
         pb.SummarizeLeadsRequest(group_by=group_by, statuses=status or [], import_id=import_id),
         metadata=access.grpc_metadata(),
@@ -672,6 +677,7 @@ async def list_tasks(
 ) -> dict[str, Any]:
     """The lead's follow-up tasks, shown with the caller's rules for tasks (403 without a grant)."""
     tasks = access.require_view("tasks")
+    tasks.check_filters({"status": "status"})
     reply = await _stub(request).ListLeadTasks(
         pb.ListLeadTasksRequest(lead_id=lead_id, status=status or ""), metadata=access.grpc_metadata()
     )
@@ -785,9 +791,7 @@ async def list_pool(
     industry: str = "",
     source: str = "",
 ) -> dict[str, Any]:
-    access.check_filter(
-        [name for name, value in (("region", region), ("industry", industry), ("source", source)) if value]
-    )
+    access.check_filters({"region": "region", "industry": "industry", "source": "source"})
     reply = await _stub(request).ListLeadPool(
         pb.ListLeadPoolRequest(
             page=_page(access.page_limit(limit), cursor), region=region, industry=industry, source=source
@@ -979,7 +983,7 @@ async def list_campaigns(
     cursor: str = "",
     channel: str = "",
 ) -> dict[str, Any]:
-    access.check_filter(["channel"] if channel else [])
+    access.check_filters({"channel": "channel"})
     reply = await _stub(request).ListCampaigns(
         pb.ListCampaignsRequest(page=_page(access.page_limit(limit), cursor), channel=channel),
         metadata=access.grpc_metadata(),

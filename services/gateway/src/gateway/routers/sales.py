@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.routers.custom_fields import custom_filters, presenter
-from gateway.security import Access, require
+from gateway.security import Access, FilterFields, require
 from gateway.security.exports import invalid_filter, register_export_source
 from gateway.upstreams import Upstreams
 
@@ -605,6 +605,20 @@ async def create_opportunity(
     return with_etag(response, present(record))
 
 
+# The filters of GET /opportunities (and of the export): query parameter -> the field(s) it filters by.
+OPPORTUNITY_FILTERS: FilterFields = {
+    "account_id": "account_id",
+    "status": "status",
+    "owner_id": "owner_id",
+    "team": "team",
+    "stage": "stage",
+    "pipeline_id": "pipeline_id",
+    "product_line": "product_line",
+    "q": "name",
+    "rotting": "rotting",
+}
+
+
 @router.get("/opportunities")
 async def list_opportunities(
     request: Request,
@@ -622,9 +636,7 @@ async def list_opportunities(
     cursor: str | None = None,
     sort: Annotated[str | None, Query(description="created_at, updated_at, expected_close_date, amount, name")] = None,
 ) -> dict[str, Any]:
-    filters = {"account_id": account_id, "status": status, "owner_id": owner_id, "team": team, "stage": stage,
-               "pipeline_id": pipeline_id, "product_line": product_line, "name": q}  # fmt: skip
-    access.check_filter(name for name, value in filters.items() if value is not None)
+    access.check_filters(OPPORTUNITY_FILTERS)
     custom = await custom_filters(access)
     statuses = [part.strip() for value in status or [] for part in value.split(",") if part.strip()]
     reply = await _stub(request).ListOpportunities(
@@ -852,6 +864,19 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
 ForecastRead = Annotated[Access, Depends(require("forecast", "read"))]
 
 
+# The filters of GET /forecast (and of its export): an owner or team is a row's `group`; a pipeline
+# is no field of the rows.
+FORECAST_FILTERS: FilterFields = {
+    "period": "period",
+    "from": "period",
+    "to": "period",
+    "group_by": "group",
+    "owner_id": "group",
+    "team": "group",
+    "pipeline_id": (),
+}
+
+
 @router.get("/forecast")
 async def forecast(
     request: Request,
@@ -866,6 +891,7 @@ async def forecast(
 ) -> dict[str, Any]:
     """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
     Open deals count by expected close date, won deals by close date."""
+    access.check_filters(FORECAST_FILTERS)
     reply = await _stub(request).GetForecast(
         _forecast_request(period, group_by, _iso(from_date), _iso(to_date), _me(owner_id, access), team, pipeline_id),
         metadata=access.grpc_metadata(),
@@ -945,8 +971,9 @@ async def _forecast_export_rows(access: Access, filters: Mapping[str, str]) -> A
 register_export_source(
     "forecast",
     _forecast_export_rows,
-    filters={"period", "group_by", "from", "to", "owner_id", "team", "pipeline_id"},
+    filters=set(FORECAST_FILTERS),
     check=_check_forecast_export,
+    fields=FORECAST_FILTERS,
 )
 
 
@@ -960,6 +987,7 @@ async def win_statistics(
 ) -> dict[str, Any]:
     """Closed deals (by close date): won amount, won and lost counts and win rate, overall and per owner.
     The won amount is shown as the caller sees deals' amounts (left out without a grant to read deals)."""
+    access.check_filters({name: FORECAST_FILTERS[name] for name in ("from", "to", "team")})
     reply = await _stub(request).GetWinStatistics(
         pb.GetWinStatisticsRequest(from_date=_iso(from_date), to_date=_iso(to_date), team=team or ""),
         metadata=access.grpc_metadata(),
@@ -1018,7 +1046,7 @@ async def list_quotes(
     limit: Limit = None,
     cursor: str | None = None,
 ) -> dict[str, Any]:
-    access.check_filter(name for name, value in (("opportunity_id", opportunity_id), ("status", status)) if value)
+    access.check_filters({"opportunity_id": "opportunity_id", "status": "status"})
     reply = await _stub(request).ListQuotes(
         pb.ListQuotesRequest(
             page=_page(limit, cursor, None, access), opportunity_id=opportunity_id or "", status=status or ""
@@ -1126,8 +1154,9 @@ async def list_contracts(
     cursor: str | None = None,
     sort: Annotated[str | None, Query(description="created_at, updated_at; - for descending")] = None,
 ) -> dict[str, Any]:
-    filters = {"account_id": account_id, "status": status, "opportunity_id": opportunity_id, "owner_id": owner_id}
-    access.check_filter(name for name, value in filters.items() if value is not None)
+    access.check_filters(
+        {"account_id": "account_id", "status": "status", "opportunity_id": "opportunity_id", "owner_id": "owner_id"}
+    )
     reply = await _stub(request).ListContracts(
         pb.ListContractsRequest(
             page=_page(limit, cursor, sort, access),
@@ -1300,6 +1329,10 @@ async def record_payment(body: PaymentCreate, request: Request, response: Respon
     return access.present(record)
 
 
+# Payments carry no account: they are an account's through their contract.
+PAYMENT_FILTERS: FilterFields = {"contract_id": "contract_id", "account_id": "contract_id"}
+
+
 @router.get("/payments")
 async def list_payments(
     request: Request,
@@ -1309,6 +1342,7 @@ async def list_payments(
     limit: Limit = None,
     cursor: str | None = None,
 ) -> dict[str, Any]:
+    access.check_filters(PAYMENT_FILTERS)
     reply = await _stub(request).ListPayments(
         pb.ListPaymentsRequest(
             page=_page(limit, cursor, None, access), contract_id=contract_id or "", account_id=account_id or ""
@@ -1324,6 +1358,7 @@ async def list_receivables(
 ) -> dict[str, Any]:
     """What an account owes per contract in force: amount, paid, outstanding, overdue, invoiced;
     totals for the page and for the whole account, and what it has ever paid (lifetime value)."""
+    access.check_filters({"account_id": "account_id"})
     reply = await _stub(request).ListReceivables(
         pb.ListReceivablesRequest(account_id=account_id, page=_page(limit, cursor, None, access)),
         metadata=access.grpc_metadata(),
@@ -1365,6 +1400,7 @@ async def list_invoices(
     limit: Limit = None,
     cursor: str | None = None,
 ) -> dict[str, Any]:
+    access.check_filters({"contract_id": "contract_id", "account_id": "account_id", "status": "status"})
     reply = await _stub(request).ListInvoices(
         pb.ListInvoicesRequest(
             page=_page(limit, cursor, None, access),

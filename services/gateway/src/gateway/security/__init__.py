@@ -41,7 +41,7 @@ Routes that only need the caller: `principal: CurrentPrincipal` (gateway.securit
 Exports: register a source with `gateway.security.exports.register_export_source(resource, fn)`.
 """
 
-from gateway.security.access import Access, CurrentPrincipal, authenticate, require
+from gateway.security.access import Access, CurrentPrincipal, FilterFields, authenticate, require
 from gateway.security.policy import ACTIONS, Policy, PolicyError, load_policy
 from gateway.security.problems import SecurityProblem
 from gateway.security.runtime import SecurityRuntime, declared_routes, install_security
@@ -51,6 +51,7 @@ __all__ = [
     "ACTIONS",
     "Access",
     "CurrentPrincipal",
+    "FilterFields",
     "Policy",
     "PolicyError",
     "SecurityProblem",

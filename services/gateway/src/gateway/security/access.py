@@ -26,6 +26,15 @@ bearer_scheme = HTTPBearer(auto_error=False, description="OIDC access token (JWT
 api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key of a machine client")
 
 Sensitive = tuple[str, list[str]]
+# A route's filters: query parameter -> the declared field it filters by, or the fields it searches
+# (`q`); none for a parameter checked another way (a saved segment's own filters).
+FilterFields = Mapping[str, str | tuple[str, ...]]
+
+
+def filtered_fields(filters: FilterFields, name: str) -> tuple[str, ...]:
+    """The declared fields the filter `name` filters by (a filter not in `filters`: the field of its name)."""
+    fields = filters.get(name, name)
+    return (fields,) if isinstance(fields, str) else fields
 
 
 def runtime_of(request: Request) -> "SecurityRuntime":
@@ -137,6 +146,12 @@ class Access:
                 continue
             if self.decision.read_rule(path) < FieldRule.READ:
                 raise forbidden(f"you may not filter or sort by field '{path}' of {self.resource}", field=path)
+
+    def check_filters(self, filters: FilterFields) -> None:
+        """`check_filter` for the route's filters the request uses: `filters` declares the field(s)
+        each filter query parameter filters by."""
+        used = [name for name in filters if name in self.request.query_params]
+        self.check_filter(field for name in used for field in filtered_fields(filters, name))
 
     def masks_personal_data(self) -> bool:
         """Does the caller see personal data of this resource masked? Custom fields defined as `pii`

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from crm.common.v1 import common_pb2
@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from gateway.security.access import Access
+from gateway.security.access import Access, FilterFields
 from gateway.security.problems import SecurityProblem
 
 ExportSourceFn = Callable[[Access, Mapping[str, str]], AsyncIterator[Mapping[str, Any]]]
@@ -40,15 +40,24 @@ class ExportSource:
     # Query parameters the source understands as filters; others are refused (422).
     filters: frozenset[str]
     check: ExportCheckFn | None = None
+    # The declared field(s) of the filters not named like their field (`tag` filters by `tags`).
+    fields: FilterFields = field(default_factory=dict)
 
 
 _sources: dict[str, ExportSource] = {}
 
 
 def register_export_source(
-    resource: str, fetch: ExportSourceFn, *, filters: Iterable[str] = (), check: ExportCheckFn | None = None
+    resource: str,
+    fetch: ExportSourceFn,
+    *,
+    filters: Iterable[str] = (),
+    check: ExportCheckFn | None = None,
+    fields: FilterFields | None = None,
 ) -> None:
-    _sources[resource] = ExportSource(resource=resource, fetch=fetch, filters=frozenset(filters), check=check)
+    _sources[resource] = ExportSource(
+        resource=resource, fetch=fetch, filters=frozenset(filters), check=check, fields=fields or {}
+    )
 
 
 def invalid_filter(name: str, detail: str) -> SecurityProblem:
@@ -112,6 +121,8 @@ class GrpcListing:
     page_size: int = 500
     # The RPC needs one of these filters (activities are listed per account or contact).
     requires_one_of: tuple[str, ...] = ()
+    # As `ExportSource.fields`: the list route's declaration of its filters.
+    fields: FilterFields | None = None
 
     def check(self, filters: Mapping[str, str]) -> None:
         if self.requires_one_of and not any(filters.get(name) for name in self.requires_one_of):
@@ -121,11 +132,11 @@ class GrpcListing:
     def filter_fields(self) -> dict[str, tuple[str, bool]]:
         """query name -> (request field, repeated?)."""
         result: dict[str, tuple[str, bool]] = {}
-        for field in self.request.DESCRIPTOR.fields:
-            if field.type != FieldDescriptor.TYPE_STRING:
+        for descriptor in self.request.DESCRIPTOR.fields:
+            if descriptor.type != FieldDescriptor.TYPE_STRING:
                 continue
-            repeated = field.is_repeated
-            name = field.name
+            repeated = descriptor.is_repeated
+            name = descriptor.name
             if repeated:
                 result[_singular(name)] = (name, True)
             else:
@@ -166,4 +177,6 @@ def _singular(name: str) -> str:
 
 
 def register_grpc_export(resource: str, listing: GrpcListing) -> None:
-    register_export_source(resource, listing.fetch, filters=listing.filter_fields(), check=listing.check)
+    register_export_source(
+        resource, listing.fetch, filters=listing.filter_fields(), check=listing.check, fields=listing.fields
+    )
