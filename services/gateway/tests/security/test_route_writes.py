@@ -27,6 +27,8 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
+from crm_platform.errors import CrmError, NotFound, PermissionDenied
+from crm_platform.grpc_errors import to_status
 from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
@@ -165,8 +167,13 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.GetContractResponse(contract=contract)
 
     async def ApproveContract(self, request: sales_pb.ApproveContractRequest, context: Any) -> Any:
-        contract = sales_pb2.Contract(id="k-1", title="Robots", status="approved", version=3)
+        if request.id == "k-2":  # waits for another role's approval
+            await abort(context, PermissionDenied("the approval chain waits for finance"))
+        contract = sales_pb2.Contract(id=request.id, title="Robots", status="approved", version=3)
         return sales_pb.ApproveContractResponse(contract=contract)
+
+    async def SignContract(self, request: sales_pb.SignContractRequest, context: Any) -> Any:
+        await abort(context, NotFound("contract", request.id))  # out of the caller's scope
 
     async def GetInvoice(self, request: sales_pb.GetInvoiceRequest, context: Any) -> Any:
         return sales_pb.GetInvoiceResponse(invoice=sales_pb2.Invoice(id="i-1", status="requested"))
@@ -174,6 +181,12 @@ class FakeSales(SalesServiceServicer):
     async def IssueInvoice(self, request: sales_pb.IssueInvoiceRequest, context: Any) -> Any:
         invoice = sales_pb2.Invoice(id="i-1", status="issued", number=request.number)
         return sales_pb.IssueInvoiceResponse(invoice=invoice)
+
+
+async def abort(context: Any, error: CrmError) -> None:
+    """Refuses the call as the services do (crm_platform.grpc_server)."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class Gateway:
@@ -364,3 +377,23 @@ async def test_the_audit_row_of_a_write_holds_the_record_before_and_after(
     [row] = (await gateway.app.state.security.audit.query(AuditQuery()))[0]
     assert (row["before"], row["after"]) == (before, after)
     assert row["fields"] == sorted(before)
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "record_id", "reason"),
+    [
+        ("/contracts/k-2/approve", 403, "k-2", "approve: the approval chain waits for finance"),
+        ("/contracts/k-3/sign", 404, "k-3", "update: contract k-3 not found"),
+    ],
+)
+async def test_a_refusal_by_the_owning_service_is_audited_as_denied(
+    gateway: Gateway, path: str, status: int, record_id: str, reason: str
+) -> None:
+    response = await gateway.client.post(f"/api/v1{path}", json={}, headers=gateway.auth("sales_manager"))
+
+    assert response.status_code == status, response.text
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["outcome"], row["resource"], row["record_id"], row["reason"]) for row in rows] == [
+        ("denied", "denied", "contracts", record_id, reason)
+    ]
+    assert rows[0]["status_code"] == status and rows[0]["actor"]["user_id"] == "u-1"

@@ -7,6 +7,7 @@ masked for callers who see personal data masked)."""
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 
+import grpc
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
 from crm.leads.v1 import leads_service_pb2 as leads_pb
@@ -95,7 +96,11 @@ async def export_resource(
     records = aiter(source.fetch(access, filters))
     # The first page is read before the response starts, so a service that is down or refuses
     # the call gives a proper problem response instead of a truncated file.
-    first = await anext(records, None)
+    try:
+        first = await anext(records, None)
+    except grpc.aio.AioRpcError as error:
+        await runtime.audit_upstream_denied(request, principal, resource, "export", error)
+        raise
 
     async def all_records() -> AsyncIterator[Mapping[str, Any]]:
         if first is None:

@@ -5,6 +5,7 @@ gRPC call (record scope), to writes, filters and to what the response shows."""
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
+import grpc
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata
 from fastapi import Depends, Request, Security
@@ -377,6 +378,9 @@ def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
             # A field the caller may not write or filter by: a denied request, audited too.
             if problem.status == 403:
                 await runtime.audit_denied(request, principal, resource, action, problem)
+            raise
+        except grpc.aio.AioRpcError as error:
+            await runtime.audit_upstream_denied(request, principal, resource, action, error)
             raise
         finally:
             await access.flush()

@@ -7,9 +7,11 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import httpx
 from crm_platform.config import KafkaSettings, data_dir
 from crm_platform.db import create_engine
+from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal
 from fastapi import FastAPI, Request
@@ -30,6 +32,9 @@ from gateway.security.settings import SecuritySettings
 from gateway.security.store import metadata, migrate_async
 
 log = logging.getLogger(__name__)
+
+# Service answers that refuse the caller, and their HTTP status (gateway.errors maps them alike).
+_UPSTREAM_REFUSALS = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404}
 
 
 def database_url(settings: SecuritySettings) -> str:
@@ -112,13 +117,21 @@ class SecurityRuntime:
 
     # --- audit of refusals -----------------------------------------------------------------
     async def audit_denied(
-        self, request: Request, principal: Principal | None, resource: str, action: str, problem: SecurityProblem
+        self,
+        request: Request,
+        principal: Principal | None,
+        resource: str,
+        action: str,
+        problem: SecurityProblem,
+        *,
+        record_id: str = "",
     ) -> None:
         actor = principal or Principal(user_id="", kind="anonymous")
         entry = AuditEntry(
             actor=actor,
             action="denied",
             resource=resource,
+            record_id=record_id,
             outcome="denied",
             reason=f"{action}: {problem.detail}",
             fields=[problem.field] if problem.field else [],
@@ -131,6 +144,21 @@ class SecurityRuntime:
             await self.audit.record([entry])
         except Exception:
             log.exception("could not audit a denied request")
+
+    async def audit_upstream_denied(
+        self, request: Request, principal: Principal, resource: str, action: str, error: grpc.aio.AioRpcError
+    ) -> None:
+        """Audits a refusal decided by the owning service: PERMISSION_DENIED (an approval by a role
+        the chain does not wait for) and NOT_FOUND (which is also how a record outside the caller's
+        scope answers). Other errors are not refusals."""
+        status = _UPSTREAM_REFUSALS.get(error.code())
+        if status is None:
+            return
+        remote = from_rpc_error(error)
+        problem = SecurityProblem(status, error.code().name, remote.message, field=remote.metadata.get("field", ""))
+        # The service names the record it did not find; a refused one is the one the path names.
+        record_id = remote.metadata.get("id") or next(reversed(request.path_params.values()), "")
+        await self.audit_denied(request, principal, resource, action, problem, record_id=str(record_id))
 
     # --- start-up checks -------------------------------------------------------------------
     def check_routes(self, app: FastAPI) -> None:
