@@ -1,5 +1,6 @@
 """The FastAPI application: routers per context, problem+json errors, health, readiness, metrics."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -66,14 +67,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
-        """Readiness of the gateway, with each upstream's gRPC health.
+        """Readiness of the gateway: its own database, and each upstream's gRPC health.
 
-        A down upstream makes the gateway "degraded", not unready: its routes answer 503 while the
-        rest of the API keeps working (an unready gateway would take the whole API offline).
+        Without its database the gateway can audit nothing, so it serves nothing: "unready", 503.
+        A down upstream makes the gateway "degraded", still ready (200): its routes answer 503 while
+        the rest of the API keeps working (the readiness probe would take the whole API offline).
         """
-        dependencies = await upstreams.health()
+        database, dependencies = await asyncio.gather(security.database_status(), upstreams.health())
         degraded = any(status != "SERVING" for status in dependencies.values())
-        return JSONResponse({"status": "degraded" if degraded else "ready", "dependencies": dependencies})
+        status = "unready" if database != "ok" else "degraded" if degraded else "ready"
+        return JSONResponse(
+            {"status": status, "database": database, "dependencies": dependencies},
+            status_code=503 if status == "unready" else 200,
+        )
 
     app.mount("/metrics", make_asgi_app())
     security.check_routes(app)

@@ -18,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi import routing as fastapi_routing
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.security.access import CustomPiiKeys, request_id_of
@@ -103,6 +105,17 @@ class SecurityRuntime:
             self._relay = OutboxRelay(self.engine, metadata, self.kafka, service="gateway")
             self.audit.uow.on_commit(self._relay.wake)
             self._relay_task = asyncio.create_task(self._relay.run(), name="gateway-audit-relay")
+
+    async def database_status(self, timeout_seconds: float = 1.0) -> str:
+        """ "ok" when the gateway's own database answers, else what went wrong: without it nothing can
+        be audited, so no request can be served."""
+        try:
+            async with asyncio.timeout(timeout_seconds), self.engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        except (SQLAlchemyError, OSError, TimeoutError) as error:
+            log.warning("gateway database not ready: %s", error)
+            return type(error).__name__
+        return "ok"
 
     async def stop(self, *, drain_seconds: float = 5.0) -> None:
         if self._relay is not None:

@@ -1,0 +1,84 @@
+"""Operating the gateway: readiness reports its own database (unready without it) and each
+upstream (a down one degrades the API, it does not take it offline)."""
+
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from gateway.app import create_app
+from gateway.config import Settings
+
+pytestmark = pytest.mark.integration
+
+SECRET = "operability-secret-" + "o" * 30
+
+
+def _settings(database_url: str, **targets: str) -> Settings:
+    upstreams = {f"{name}_target": "" for name in ("leads", "accounts", "sales", "service_desk", "analytics")}
+    return Settings(
+        dev_mode=True,
+        dev_jwt_secret=SECRET,
+        database_url=database_url,
+        audit_relay_enabled=False,
+        **{**upstreams, **targets},
+    )
+
+
+async def _get(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        return await client.get(path, **kwargs)
+
+
+@pytest.fixture
+async def app_for() -> AsyncIterator[Any]:
+    """`await app_for(settings)`: the real gateway app, started, stopped after the test."""
+    started: list[FastAPI] = []
+
+    async def start(settings: Settings) -> FastAPI:
+        app = create_app(settings)
+        await app.state.security.start(migrate=False, relay=False)
+        started.append(app)
+        return app
+
+    yield start
+    for app in started:
+        await app.state.upstreams.close()
+        await app.state.security.stop()
+
+
+async def test_ready_when_the_database_answers(real_app: FastAPI) -> None:
+    response = await _get(real_app, "/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "database": "ok", "dependencies": {}}
+
+
+async def test_unready_without_its_database(app_for: Any, tmp_path: Path) -> None:
+    app = await app_for(_settings(f"sqlite+aiosqlite:///{tmp_path / 'no-such-folder' / 'gateway.db'}"))
+
+    response = await _get(app, "/readyz")
+
+    assert response.status_code == 503
+    assert response.json()["status"] == "unready" and response.json()["database"] != "ok"
+
+
+async def test_a_down_upstream_degrades_but_keeps_the_gateway_ready(
+    app_for: Any, tmp_path: Path, migrated_sqlite: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{probe.getsockname()[1]}"
+    database = tmp_path / "gateway.db"
+    shutil.copyfile(migrated_sqlite, database)
+    app = await app_for(_settings(f"sqlite+aiosqlite:///{database}", sales_target=closed))
+
+    response = await _get(app, "/readyz")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "degraded" and response.json()["dependencies"]["sales"] != "SERVING"
