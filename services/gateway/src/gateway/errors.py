@@ -137,7 +137,10 @@ async def _not_configured(request: Request, error: Exception) -> JSONResponse:
 
 async def _unhandled(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem(500, "internal error", instance=request.url.path)
+    # Sent past RequestContextMiddleware, which put the request's id on its state for this.
+    request_id = getattr(request.state, "request_id", "")
+    headers = {"X-Request-ID": request_id} if request_id else None
+    return problem(500, "internal error", headers=headers, instance=request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

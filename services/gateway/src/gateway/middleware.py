@@ -35,6 +35,9 @@ class RequestContextMiddleware:
         # Accept a caller's id only when it is short and printable; otherwise mint one.
         request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
         token = _request_id.set(request_id)
+        # Also on the request's state: the 500 of an unhandled error is sent from outside this
+        # middleware (Starlette's outermost one), after the context variable is reset.
+        scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 500
 

@@ -1,5 +1,6 @@
 """Operating the gateway: readiness reports its own database (unready without it) and each
-upstream (a down one degrades the API, it does not take it offline)."""
+upstream (a down one degrades the API, it does not take it offline), and a 500 carries the
+request's id like every other response."""
 
 import shutil
 import socket
@@ -82,3 +83,16 @@ async def test_a_down_upstream_degrades_but_keeps_the_gateway_ready(
 
     assert response.status_code == 200
     assert response.json()["status"] == "degraded" and response.json()["dependencies"]["sales"] != "SERVING"
+
+
+async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: FastAPI) -> None:
+    @real_app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    traced = await _get(real_app, "/boom", headers={"X-Request-ID": "trace-500"})
+    minted = await _get(real_app, "/boom")
+
+    assert traced.status_code == 500 and traced.headers["content-type"].startswith("application/problem+json")
+    assert traced.headers["x-request-id"] == "trace-500"
+    assert minted.status_code == 500 and minted.headers["x-request-id"]
