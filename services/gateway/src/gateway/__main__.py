@@ -5,7 +5,7 @@ import argparse
 
 import uvicorn
 from crm_platform.logging import configure_logging
-from crm_platform.telemetry import configure_telemetry
+from crm_platform.telemetry import configure_telemetry, instrument_engine
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from gateway.app import create_app
@@ -25,6 +25,7 @@ def main() -> None:
         return
     configure_telemetry(settings.service_name)
     app = create_app(settings)
+    instrument_engine(app.state.security.engine)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     uvicorn.run(
         app,

@@ -1,9 +1,10 @@
 """Operating the gateway: readiness reports its own database (unready without it) and each
-upstream (a down one degrades the API, it does not take it offline), and a 500 carries the
-request's id like every other response."""
+upstream (a down one degrades the API, it does not take it offline), a 500 carries the request's
+id like every other response, and a served gateway traces its database calls."""
 
 import shutil
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.config import Settings
 
@@ -96,3 +98,23 @@ async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: Fas
     assert traced.status_code == 500 and traced.headers["content-type"].startswith("application/problem+json")
     assert traced.headers["x-request-id"] == "trace-500"
     assert minted.status_code == 500 and minted.headers["x-request-id"]
+
+
+def test_serving_traces_the_gateways_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    served: list[FastAPI] = []
+    instrumented: list[Any] = []
+    monkeypatch.setattr(sys, "argv", ["crm-gateway", "serve"])
+    monkeypatch.setenv("CRM_GATEWAY_DEV_MODE", "true")
+    monkeypatch.setenv("CRM_GATEWAY_DEV_JWT_SECRET", SECRET)
+    monkeypatch.setenv("CRM_GATEWAY_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    # The process-wide parts (logging, tracer provider, FastAPI tracing) are not the subject here.
+    monkeypatch.setattr(gateway_main, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(gateway_main, "configure_telemetry", lambda *args: None)
+    monkeypatch.setattr(gateway_main.FastAPIInstrumentor, "instrument_app", lambda *args, **kwargs: None)
+    monkeypatch.setattr(gateway_main, "instrument_engine", instrumented.append)
+    monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **kwargs: served.append(app))
+
+    gateway_main.main()
+
+    [app] = served
+    assert instrumented == [app.state.security.engine]
