@@ -60,6 +60,10 @@ class FakeLeads(LeadsServiceServicer):
         rule = leads_pb2.ScoringRule(id="sr-1", name=request.rule.name, points=request.rule.points)
         return leads_pb.CreateScoringRuleResponse(rule=rule)
 
+    async def ListScoringRules(self, request: leads_pb.ListScoringRulesRequest, context: Any) -> Any:
+        rule = leads_pb2.ScoringRule(id="sr-1", name="Big companies", points=5, enabled=True)
+        return leads_pb.ListScoringRulesResponse(items=[rule])
+
     async def UpdateScoringRule(self, request: leads_pb.UpdateScoringRuleRequest, context: Any) -> Any:
         return leads_pb.UpdateScoringRuleResponse(rule=request.rule)
 
@@ -72,6 +76,10 @@ class FakeLeads(LeadsServiceServicer):
     async def CreateAssignmentRule(self, request: leads_pb.CreateAssignmentRuleRequest, context: Any) -> Any:
         rule = leads_pb2.AssignmentRule(id="ar-1", name=request.rule.name, user_ids=request.rule.user_ids)
         return leads_pb.CreateAssignmentRuleResponse(rule=rule)
+
+    async def ListAssignmentRules(self, request: leads_pb.ListAssignmentRulesRequest, context: Any) -> Any:
+        rule = leads_pb2.AssignmentRule(id="ar-1", name="North", regions=["north"], user_ids=["u-2"])
+        return leads_pb.ListAssignmentRulesResponse(items=[rule])
 
     async def UpdateAssignmentRule(self, request: leads_pb.UpdateAssignmentRuleRequest, context: Any) -> Any:
         return leads_pb.UpdateAssignmentRuleResponse(rule=request.rule)
@@ -344,6 +352,13 @@ async def test_a_write_leaves_one_audit_row(
         ("sales_rep", "PATCH", "/leads/l-1", {"phone": "13912345678"},
          {"phone": "138****5678"}, {"phone": "139****5678"}),
         ("sales_manager", "POST", "/leads/l-1/assign", {"owner_id": "u-2"}, {"owner_id": "u-1"}, {"owner_id": "u-2"}),
+        ("sales_manager", "PUT", "/lead-scoring-rules/sr-1", {**RULE, "points": 10},
+         {"points": 5, "field": "", "operator": "", "value": ""},
+         {"points": 10, "field": "company", "operator": "contains", "value": "Inc"}),
+        ("sales_manager", "DELETE", "/lead-assignment-rules/ar-1", None,
+         {"id": "ar-1", "name": "North", "position": 0, "enabled": False, "regions": ["north"], "industries": [],
+          "sources": [], "min_score": 0, "max_score": 0, "team": "", "user_ids": ["u-2"], "strategy": "",
+          "capacity": 0, "version": "0"}, None),
         ("sales_rep", "POST", "/leads/l-1/disqualify", {"reason": "No budget"},
          {"status": "new", "disqualified_reason": ""}, {"status": "unqualified", "disqualified_reason": "No budget"}),
         # Accounts.

@@ -836,6 +836,12 @@ async def release_lead(
 # --- scoring and assignment rules ----------------------------------------------------------------
 
 
+def _rule_before(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
+    """A rule as it was before a write, from the listing (no RPC reads one rule); {} when it is
+    not listed (the write then finds no such rule either)."""
+    return next((_message_json(rule) for rule in rules if rule.id == rule_id), {})
+
+
 def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRule:
     return leads_pb2.ScoringRule(id=rule_id, **body.model_dump())
 
@@ -874,21 +880,23 @@ async def set_thresholds(body: ThresholdsIn, request: Request, access: LeadsAssi
 async def update_scoring_rule(
     rule_id: str, body: ScoringRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
-    reply = await _stub(request).UpdateScoringRule(
+    stub = _stub(request)
+    rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    reply = await stub.UpdateScoringRule(
         pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     rule = _message_json(reply.rule)
-    await access.audit_write(rule_id, None, rule, action="update_scoring_rule")  # the rule before is not known
+    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_scoring_rule")
     return rule
 
 
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
 async def delete_scoring_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
-    await _stub(request).DeleteScoringRule(
-        pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
-    )
-    await access.audit_write(rule_id, {"id": rule_id}, None, action="delete_scoring_rule")
+    stub = _stub(request)
+    rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    await stub.DeleteScoringRule(pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())
+    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_scoring_rule")
     return Response(status_code=204)
 
 
@@ -919,23 +927,25 @@ async def create_assignment_rule(
 async def update_assignment_rule(
     rule_id: str, body: AssignmentRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
-    reply = await _stub(request).UpdateAssignmentRule(
+    stub = _stub(request)
+    rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    reply = await stub.UpdateAssignmentRule(
         pb.UpdateAssignmentRuleRequest(
             rule=_assignment_rule(body, rule_id), expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     rule = _message_json(reply.rule)
-    await access.audit_write(rule_id, None, rule, action="update_assignment_rule")  # the rule before is not known
+    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_assignment_rule")
     return rule
 
 
 @router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
 async def delete_assignment_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
-    await _stub(request).DeleteAssignmentRule(
-        pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata()
-    )
-    await access.audit_write(rule_id, {"id": rule_id}, None, action="delete_assignment_rule")
+    stub = _stub(request)
+    rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    await stub.DeleteAssignmentRule(pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())
+    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_assignment_rule")
     return Response(status_code=204)
 
 
