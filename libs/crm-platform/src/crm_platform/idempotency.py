@@ -16,6 +16,7 @@ commit (or roll back) together:
   caller may then `recall` the winner's result.
 """
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -23,6 +24,7 @@ from sqlalchemy import JSON, Column, DateTime, MetaData, PrimaryKeyConstraint, S
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from crm_platform.db import insert_ignore
+from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
 
@@ -31,8 +33,7 @@ Result: TypeAlias = str | dict[str, Any]
 
 
 def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
-    """Adds the idempotency key table to a service's metadata (its first migration creates it with
-    `crm_platform.migrations.create_idempotency_table`)."""
+    """Adds the idempotency key table to a service's metadata (each service's migrations create it)."""
     return Table(
         name,
         metadata,
@@ -77,6 +78,24 @@ async def remember(
         await conn.execute(
             insert(table).values(operation=operation, caller=caller, key=key, result=result, created_at=now)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CallerKeys:
+    """Keys per calling principal whose result is the id of what was created."""
+
+    table: Table
+
+    async def recall(self, conn: AsyncConnection, operation: str, key: str) -> str | None:
+        result = await recall(conn, self.table, operation=operation, caller=current_principal().user_id, key=key)
+        return None if result is None else str(result)
+
+    async def remember(self, conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> None:
+        """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
+        await remember(
+            conn, self.table, operation=operation, caller=current_principal().user_id, key=key, result=result_id,
+            now=now,
+        )  # fmt: skip
 
 
 def _result(stored: Any) -> Result | None:

@@ -140,26 +140,15 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
         raise ValidationFailed([FieldError("parent_id", "would make the account hierarchy a cycle")])
 
 
-async def _replay(conn: AsyncConnection, operation: str, key: str) -> str | None:
-    result = await idempotency.recall(
-        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key
-    )
-    return None if result is None else str(result)
-
-
-async def _remember(conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> None:
-    """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
-    await idempotency.remember(
-        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key,
-        result=result_id, now=now,
-    )  # fmt: skip
+# A repeated create with the same key (per caller) answers with the first result.
+_idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
 async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_key: str, in_pool: bool) -> Any:
     principal = current_principal()
     try:
         async with ctx.uow.begin() as tx:
-            replayed = await _replay(tx.conn, "create_account", idempotency_key)
+            replayed = await _idempotency_keys.recall(tx.conn, "create_account", idempotency_key)
             if replayed:
                 return await repo.get_account(tx.conn, replayed)
             # A rep's new account lands in their own region and team unless set (managers may set them).
@@ -198,12 +187,12 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
             tx.publish(
                 events_pb2.AccountCreated(account=account_to_proto(created), actor=actor(principal)), key=account_id
             )
-            await _remember(tx.conn, "create_account", idempotency_key, account_id, now)
+            await _idempotency_keys.remember(tx.conn, "create_account", idempotency_key, account_id, now)
             return created
     except IntegrityError:
         # A concurrent create won the unique dedupe index (or the idempotency key): answer as it would have.
         async with ctx.uow.engine.connect() as conn:
-            replayed = await _replay(conn, "create_account", idempotency_key)
+            replayed = await _idempotency_keys.recall(conn, "create_account", idempotency_key)
             if replayed:
                 return await repo.get_account(conn, replayed)
             duplicate = await repo.find_by_dedupe_key(conn, domain.dedupe_key(values["name"], values.get("region", "")))
@@ -357,7 +346,7 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
     principal = current_principal()
     a, c, act, t = repo.accounts, repo.contacts, repo.activities, repo.tasks
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "merge_accounts", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "merge_accounts", idempotency_key)
         if replayed:
             return {"survivor": await repo.get_account(tx.conn, replayed), "contacts": [], "activities": 0, "tasks": 0}
         # Lock in id order so two merges touching the same pair cannot deadlock.
@@ -430,7 +419,7 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             key=duplicate_id,
         )
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
-        await _remember(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
+        await _idempotency_keys.remember(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
         return {"survivor": updated, "contacts": moved_contacts, "activities": moved_activities, "tasks": moved_tasks}
 
 
@@ -476,7 +465,7 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
     principal = current_principal()
     a = repo.accounts
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "claim_account", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "claim_account", idempotency_key)
         if replayed:
             return await repo.get_account(tx.conn, replayed)
         row = await repo.get_account(tx.conn, account_id, for_update=True)
@@ -539,7 +528,7 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
             ),
             key=account_id,
         )
-        await _remember(tx.conn, "claim_account", idempotency_key, account_id, now)
+        await _idempotency_keys.remember(tx.conn, "claim_account", idempotency_key, account_id, now)
         return claimed
 
 
@@ -646,7 +635,7 @@ async def bulk_transfer(
     principal = current_principal()
     a, t = repo.accounts, repo.tasks
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "bulk_transfer", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "bulk_transfer", idempotency_key)
         if replayed:
             return (
                 await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == replayed))
@@ -705,7 +694,7 @@ async def bulk_transfer(
                 created_at=now,
             )
         )
-        await _remember(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
+        await _idempotency_keys.remember(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
         return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))).one()
 
 
@@ -736,7 +725,7 @@ async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
 async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> Any:
     principal = current_principal()
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "create_contact", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_contact", idempotency_key)
         if replayed:
             return await repo.get_contact(tx.conn, replayed)
         values["tags"] = domain.normalise_tags(values.get("tags", []))
@@ -764,7 +753,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         await tx.conn.execute(insert(repo.contacts).values(**row))
         created = await repo.get_contact(tx.conn, contact_id)
         tx.publish(events_pb2.ContactCreated(contact=contact_to_proto(created), actor=actor(principal)), key=contact_id)
-        await _remember(tx.conn, "create_contact", idempotency_key, contact_id, now)
+        await _idempotency_keys.remember(tx.conn, "create_contact", idempotency_key, contact_id, now)
         return created
 
 
@@ -886,7 +875,7 @@ async def log_activity(
         errors.append(FieldError("occurred_at", "must not be in the future"))
     _fail(errors)
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "log_activity", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "log_activity", idempotency_key)
         if replayed:
             return (await tx.conn.execute(select(act).where(act.c.id == replayed))).one()
         account = await _live_account(tx.conn, account_id, for_update=True)
@@ -917,7 +906,7 @@ async def log_activity(
             )
         row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
         tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
-        await _remember(tx.conn, "log_activity", idempotency_key, activity_id, now)
+        await _idempotency_keys.remember(tx.conn, "log_activity", idempotency_key, activity_id, now)
         return row
 
 
@@ -958,7 +947,7 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
     t = repo.tasks
     _fail([] if str(values.get("title", "")).strip() else [FieldError("title", "is required")])
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "create_task", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_task", idempotency_key)
         if replayed:
             return (await tx.conn.execute(select(t).where(t.c.id == replayed))).one()
         team, region = principal.team, principal.region
@@ -987,7 +976,7 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         )
         row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
         tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
-        await _remember(tx.conn, "create_task", idempotency_key, task_id, now)
+        await _idempotency_keys.remember(tx.conn, "create_task", idempotency_key, task_id, now)
         return row
 
 
@@ -1075,7 +1064,7 @@ async def create_reminder_rule(
     principal = current_principal()
     r = repo.reminder_rules
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "create_reminder_rule", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_reminder_rule", idempotency_key)
         if replayed:
             return (await tx.conn.execute(select(r).where(r.c.id == replayed))).one()
         rule_id = new_id()
@@ -1094,7 +1083,7 @@ async def create_reminder_rule(
                 created_at=now,
             )
         )
-        await _remember(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
+        await _idempotency_keys.remember(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
         return (await tx.conn.execute(select(r).where(r.c.id == rule_id))).one()
 
 
@@ -1137,7 +1126,7 @@ async def create_segment(
     _fail(errors)
     s = repo.segments
     async with ctx.uow.begin() as tx:
-        replayed = await _replay(tx.conn, "create_segment", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_segment", idempotency_key)
         if replayed:
             return (await tx.conn.execute(select(s).where(s.c.id == replayed))).one()
         # Validate the filter now, so a saved segment always runs.
@@ -1156,7 +1145,7 @@ async def create_segment(
                 created_at=now,
             )
         )
-        await _remember(tx.conn, "create_segment", idempotency_key, segment_id, now)
+        await _idempotency_keys.remember(tx.conn, "create_segment", idempotency_key, segment_id, now)
         return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
 
 

@@ -194,19 +194,8 @@ def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
     tx.publish(events_pb2.TicketEscalated(ticket=ticket_to_proto(t), reason=reason), key=t["id"])
 
 
-async def _replayed_id(conn: AsyncConnection, operation: str, key: str) -> str | None:
-    result = await idempotency.recall(
-        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key
-    )
-    return None if result is None else str(result)
-
-
-async def _remember(conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> None:
-    """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
-    await idempotency.remember(
-        conn, repo.idempotency_keys, operation=operation, caller=current_principal().user_id, key=key,
-        result=result_id, now=now,
-    )  # fmt: skip
+# A repeated create with the same key (per caller) answers with the first result.
+_idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
 async def create_ticket(
@@ -218,7 +207,7 @@ async def create_ticket(
     principal = current_principal()
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _replayed_id(tx.conn, "create_ticket", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_ticket", idempotency_key)
         if replayed is not None:
             row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == replayed))).one()
             return row, []
@@ -260,7 +249,7 @@ async def create_ticket(
             else:
                 _escalate(tx, t, "no_agent_available")
         await tx.conn.execute(insert(repo.tickets).values(**t))
-        await _remember(tx.conn, "create_ticket", idempotency_key, t["id"], now)
+        await _idempotency_keys.remember(tx.conn, "create_ticket", idempotency_key, t["id"], now)
         suggestions = await _suggestions(tx.conn, t, ctx.suggestions)
     return t, suggestions
 
@@ -447,7 +436,7 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
     principal = current_principal()
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _replayed_id(tx.conn, "add_comment", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "add_comment", idempotency_key)
         if replayed is not None:
             return (
                 await tx.conn.execute(select(repo.ticket_comments).where(repo.ticket_comments.c.id == replayed))
@@ -467,7 +456,7 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
             t["updated_at"] = now
             t["version"] += 1
             await _store(tx.conn, t)
-        await _remember(tx.conn, "add_comment", idempotency_key, comment["id"], now)
+        await _idempotency_keys.remember(tx.conn, "add_comment", idempotency_key, comment["id"], now)
     return comment
 
 
@@ -477,7 +466,7 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
     principal = current_principal()
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _replayed_id(tx.conn, "log_work", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "log_work", idempotency_key)
         if replayed is not None:
             return (await tx.conn.execute(select(repo.work_log).where(repo.work_log.c.id == replayed))).one()
         await _ticket_for_update(tx.conn, ticket_id)
@@ -486,7 +475,7 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
             "logged_at": now,
         }  # fmt: skip
         await tx.conn.execute(insert(repo.work_log).values(**entry))
-        await _remember(tx.conn, "log_work", idempotency_key, entry["id"], now)
+        await _idempotency_keys.remember(tx.conn, "log_work", idempotency_key, entry["id"], now)
     return entry
 
 
@@ -634,7 +623,7 @@ async def create_agent(ctx: Context, values: dict[str, Any], *, idempotency_key:
     now = ctx.clock()
     try:
         async with ctx.uow.begin() as tx:
-            replayed = await _replayed_id(tx.conn, "create_agent", idempotency_key)
+            replayed = await _idempotency_keys.recall(tx.conn, "create_agent", idempotency_key)
             if replayed is None:
                 await tx.conn.execute(
                     insert(repo.agents).values(
@@ -644,7 +633,7 @@ async def create_agent(ctx: Context, values: dict[str, Any], *, idempotency_key:
                         created_at=now, updated_at=now, version=1,
                     )
                 )  # fmt: skip
-                await _remember(tx.conn, "create_agent", idempotency_key, values["id"], now)
+                await _idempotency_keys.remember(tx.conn, "create_agent", idempotency_key, values["id"], now)
                 replayed = values["id"].strip()
             row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == replayed))).one()
             return await _agent_out(tx.conn, row)
@@ -700,7 +689,7 @@ async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *,
     now = ctx.clock()
     table = repo.csat_responses
     async with ctx.uow.begin() as tx:
-        replayed = await _replayed_id(tx.conn, "submit_csat", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "submit_csat", idempotency_key)
         if replayed is not None:
             return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
         t = await _ticket_for_update(tx.conn, ticket_id)
@@ -714,7 +703,7 @@ async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *,
             "submitted_at": now,
         }  # fmt: skip
         await tx.conn.execute(insert(table).values(**response))
-        await _remember(tx.conn, "submit_csat", idempotency_key, response["id"], now)
+        await _idempotency_keys.remember(tx.conn, "submit_csat", idempotency_key, response["id"], now)
         tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=ticket_id)
     return response
 
@@ -778,7 +767,7 @@ async def create_article(ctx: Context, values: dict[str, Any], *, idempotency_ke
     now = ctx.clock()
     table = repo.kb_articles
     async with ctx.uow.begin() as tx:
-        replayed = await _replayed_id(tx.conn, "create_article", idempotency_key)
+        replayed = await _idempotency_keys.recall(tx.conn, "create_article", idempotency_key)
         if replayed is None:
             replayed = new_id()
             await tx.conn.execute(
@@ -787,7 +776,7 @@ async def create_article(ctx: Context, values: dict[str, Any], *, idempotency_ke
                     created_at=now, updated_at=now, version=1,
                 )
             )  # fmt: skip
-            await _remember(tx.conn, "create_article", idempotency_key, replayed, now)
+            await _idempotency_keys.remember(tx.conn, "create_article", idempotency_key, replayed, now)
         return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
 
 
