@@ -32,7 +32,6 @@ from crm_platform.grpc_errors import to_status
 from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.routers.leads import IMPORT_FIELDS, IMPORT_HEADER_ALIASES
 from gateway.security.audit import AuditQuery
 from gateway.token_cli import issue_dev_token
 
@@ -305,12 +304,6 @@ async def test_a_manager_imports_owners_and_teams(gateway: Gateway) -> None:
 
     assert response.status_code == 200, response.text
     assert [content for _, content in gateway.leads.imports] == [body.encode()]
-
-
-def test_the_import_mapping_is_that_of_the_leads_service() -> None:
-    importing = pytest.importorskip("leads.importing")
-    assert IMPORT_FIELDS == importing.LEAD_FIELDS
-    assert IMPORT_HEADER_ALIASES == importing.HEADER_ALIASES
 
 
 RULE = {"name": "Big companies", "field": "company", "operator": "contains", "value": "Inc", "points": 10}

@@ -13,40 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 
 from leads import domain
 
 FORMATS = ("csv", "json", "jsonl")
-LEAD_FIELDS = frozenset(
-    {
-        "name",
-        "company",
-        "title",
-        "phone",
-        "email",
-        "source",
-        "region",
-        "industry",
-        "tags",
-        "external_id",
-        "campaign_id",
-        "owner_id",
-        "team",
-    }
-)
-# Header names understood without a column map (lower-cased), besides the field names themselves.
-HEADER_ALIASES: Mapping[str, str] = {
-    "lead source": "source",
-    "prospect id": "external_id",
-    "company name": "company",
-    "job title": "title",
-    "mobile": "phone",
-    "phone number": "phone",
-    "e-mail": "email",
-    "email address": "email",
-    "country": "region",
-    "full name": "name",
-}
+LEAD_FIELDS = IMPORTABLE_FIELDS
 
 
 def unstorable_text(value: Any) -> str | None:
@@ -132,12 +104,7 @@ class RowMapper:
         """(lead field or '', custom key): decided once per column name."""
         cached = self._targets.get(column)
         if cached is None:
-            lowered = column.strip().lower()
-            if self.column_map:
-                target = self.column_map.get(column, "")  # an explicit map decides alone
-            else:
-                target = lowered if lowered in LEAD_FIELDS else HEADER_ALIASES.get(lowered, "")
-            cached = (target, custom_key(column))
+            cached = (column_target(column, self.column_map), custom_key(column))
             self._targets[column] = cached
         return cached
 

@@ -9,7 +9,7 @@ The public web form intake is authenticated by its form key and rate limited by 
 import csv
 import io
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
 
@@ -17,6 +17,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
+from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
@@ -42,24 +43,6 @@ IfMatch = Annotated[str, Header(alias="If-Match")]
 # Imports can run for minutes; everything else uses the channel's default deadline.
 IMPORT_DEADLINE_SECONDS = 600.0
 IMPORT_CHUNK_BYTES = 256 * 1024
-# How the leads service maps file columns to lead fields (services/leads importing.py): the
-# importable fields, and header names understood as one of them without a column map.
-IMPORT_FIELDS = frozenset(
-    {"name", "company", "title", "phone", "email", "source", "region", "industry", "tags", "external_id",
-     "campaign_id", "owner_id", "team"}
-)  # fmt: skip
-IMPORT_HEADER_ALIASES: Mapping[str, str] = {
-    "lead source": "source",
-    "prospect id": "external_id",
-    "company name": "company",
-    "job title": "title",
-    "mobile": "phone",
-    "phone number": "phone",
-    "e-mail": "email",
-    "email address": "email",
-    "country": "region",
-    "full name": "name",
-}
 
 
 def _stub(request: Request) -> LeadsServiceStub:
@@ -519,21 +502,14 @@ def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> l
     column_map = dict(header.column_map)
     targets = {"source", "source_detail", *column_map.values()}
     if columns is None:
-        targets |= {"custom"} if column_map else {"custom", *IMPORT_FIELDS}
+        targets |= {"custom"} if column_map else {"custom", *IMPORTABLE_FIELDS}
     else:
-        targets |= {_import_target(column, column_map) or "custom" for column in columns}
+        targets |= {column_target(column, column_map) or "custom" for column in columns}
     if header.campaign_id:
         targets.add("campaign_id")
     if header.assign:
         targets.add("owner_id")
     return sorted(targets)
-
-
-def _import_target(column: str, column_map: Mapping[str, str]) -> str:
-    if column_map:
-        return column_map.get(column, "")
-    lowered = column.strip().lower()
-    return lowered if lowered in IMPORT_FIELDS else IMPORT_HEADER_ALIASES.get(lowered, "")
 
 
 def _format_of(content_type: str) -> str:
