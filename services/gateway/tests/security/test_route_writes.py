@@ -161,9 +161,20 @@ class FakeAccounts(AccountsServiceServicer):
 
 
 class FakeSales(SalesServiceServicer):
+    def __init__(self) -> None:
+        self.updates: list[sales_pb.UpdateOpportunityRequest] = []
+
     async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
         return sales_pb.GetOpportunityResponse(opportunity=deal)
+
+    async def UpdateOpportunity(self, request: sales_pb.UpdateOpportunityRequest, context: Any) -> Any:
+        self.updates.append(request)
+        deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", product_line="GTX", version=6)
+        if request.override_collision:
+            deal.collision_override_by, deal.colliding_opportunity_id = "u-1", "o-9"
+            deal.collision_override_reason = request.override_reason
+        return sales_pb.UpdateOpportunityResponse(opportunity=deal)
 
     async def MoveOpportunityStage(self, request: sales_pb.MoveOpportunityStageRequest, context: Any) -> Any:
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage=request.stage, probability="0.6", version=6)
@@ -197,10 +208,11 @@ async def abort(context: Any, error: CrmError) -> None:
 
 
 class Gateway:
-    def __init__(self, app: FastAPI, client: httpx.AsyncClient, leads: FakeLeads) -> None:
+    def __init__(self, app: FastAPI, client: httpx.AsyncClient, leads: FakeLeads, sales: FakeSales) -> None:
         self.app = app
         self.client = client
         self.leads = leads
+        self.sales = sales
 
     @staticmethod
     def auth(*roles: str) -> dict[str, str]:
@@ -210,12 +222,12 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gateway]:
-    leads = FakeLeads()
+    leads, sales = FakeLeads(), FakeSales()
     server = grpc.aio.server()
     add_LeadsServiceServicer_to_server(leads, server)
     add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
     add_AccountsServiceServicer_to_server(FakeAccounts(), server)
-    add_SalesServiceServicer_to_server(FakeSales(), server)
+    add_SalesServiceServicer_to_server(sales, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     database = tmp_path / "gateway.db"
@@ -235,7 +247,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
     await app.state.security.start(migrate=False, relay=False)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
-        yield Gateway(app, client, leads)
+        yield Gateway(app, client, leads, sales)
     await app.state.upstreams.close()
     await app.state.security.stop()
     await server.stop(None)
@@ -405,3 +417,16 @@ async def test_a_refusal_by_the_owning_service_is_audited_as_denied(
         ("denied", "denied", "contracts", record_id, reason)
     ]
     assert rows[0]["status_code"] == status and rows[0]["actor"]["user_id"] == "u-1"
+
+
+async def test_a_managers_collision_override_on_patch_reaches_the_service_and_is_audited(gateway: Gateway) -> None:
+    body = {"product_line": "GTX", "override_collision": True, "override_reason": "runs the roll-out"}
+    response = await gateway.client.patch("/api/v1/opportunities/o-1", json=body, headers=gateway.auth("sales_manager"))
+
+    assert response.status_code == 200, response.text
+    [sent] = gateway.sales.updates
+    assert list(sent.update_mask.paths) == ["product_line"]  # the override is not a field of the deal
+    assert (sent.override_collision, sent.override_reason) == (True, "runs the roll-out")
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    overrides = [row for row in rows if row["action"] == "override_collision"]
+    assert [(row["record_id"], row["reason"]) for row in overrides] == [("o-1", "over o-9: runs the roll-out")]

@@ -358,24 +358,13 @@ class SalesHandlers:
                 )
             d.check_stage_gate(pipeline, stage.key, self._gate_fields(values))
             if values["product_line"]:
-                await self._lock_collision_key(tx.conn, data.account_id, values["product_line"])
-                rows = await r.open_deals_on(tx.conn, account_id=data.account_id, product_line=values["product_line"])
-                colliding = d.check_collision(
-                    owner_id=values["owner_id"],
-                    open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
-                    override=override_collision,
-                    caller_roles=principal.roles,
-                )
-                if colliding is not None:
-                    if not override_reason.strip():
-                        raise ValidationFailed(
-                            [FieldError("override_reason", "is required to override anti-collision")]
-                        )
-                    values.update(
-                        collision_override_by=principal.user_id,
-                        collision_override_reason=override_reason.strip(),
-                        colliding_opportunity_id=colliding.id,
+                values.update(
+                    await self._check_collision(
+                        tx.conn, account_id=data.account_id, product_line=values["product_line"],
+                        owner_id=values["owner_id"], exclude_id="", override=override_collision,
+                        override_reason=override_reason,
                     )
+                )  # fmt: skip
             await tx.conn.execute(insert(r.opportunities).values(values))
             proto = v.opportunity_proto(values)
             tx.publish(events_pb2.OpportunityCreated(opportunity=proto, actor=v.actor(principal)), key=opportunity_id)
@@ -460,6 +449,39 @@ class SalesHandlers:
         return {
             name: (Money(values["amount"], values["currency"]) if name == "amount" else values.get(name))
             for name in d.GATEABLE_FIELDS
+        }
+
+    async def _check_collision(
+        self,
+        conn: AsyncConnection,
+        *,
+        account_id: str,
+        product_line: str,
+        owner_id: str,
+        exclude_id: str,
+        override: bool,
+        override_reason: str,
+    ) -> dict[str, Any]:
+        """防撞单 for a deal about to be open on this account and product line under `owner_id`:
+        409 on another owner's open deal, unless a manager overrides with a reason; then the
+        override's columns (who, why, over which deal) to store with the deal."""
+        await self._lock_collision_key(conn, account_id, product_line)
+        rows = await r.open_deals_on(conn, account_id=account_id, product_line=product_line, exclude_id=exclude_id)
+        principal = current_principal()
+        colliding = d.check_collision(
+            owner_id=owner_id,
+            open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
+            override=override,
+            caller_roles=principal.roles,
+        )
+        if colliding is None:
+            return {}
+        if not override_reason.strip():
+            raise ValidationFailed([FieldError("override_reason", "is required to override anti-collision")])
+        return {
+            "collision_override_by": principal.user_id,
+            "collision_override_reason": override_reason.strip(),
+            "colliding_opportunity_id": colliding.id,
         }
 
     @staticmethod
@@ -586,6 +608,7 @@ class SalesHandlers:
         expected_version: int,
         changes: dict[str, Any],
         override_collision: bool = False,
+        override_reason: str = "",
     ) -> sales_pb2.Opportunity:
         """`changes` maps mask paths to new values (amount as Money, line_items as LineItemIn,
         expected_close_date as date or None, forecast_category as ForecastCategory or None)."""
@@ -651,19 +674,13 @@ class SalesHandlers:
                 and {"owner_id", "product_line"} & set(changed)
                 and merged["product_line"]
             ):
-                await self._lock_collision_key(tx.conn, merged["account_id"], merged["product_line"])
-                rows = await r.open_deals_on(
-                    tx.conn,
-                    account_id=merged["account_id"],
-                    product_line=merged["product_line"],
-                    exclude_id=opportunity_id,
-                )
-                d.check_collision(
-                    owner_id=merged["owner_id"],
-                    open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
-                    override=override_collision,
-                    caller_roles=principal.roles,
-                )
+                values.update(
+                    await self._check_collision(
+                        tx.conn, account_id=merged["account_id"], product_line=merged["product_line"],
+                        owner_id=merged["owner_id"], exclude_id=opportunity_id, override=override_collision,
+                        override_reason=override_reason,
+                    )
+                )  # fmt: skip
             values.update(updated_at=self.clock(), version=row["version"] + 1)
             await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
             proto = v.opportunity_proto({**row, **values})

@@ -248,7 +248,11 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         self, request: pb.UpdateOpportunityRequest, context: Context
     ) -> pb.UpdateOpportunityResponse:
         opportunity = await self.h.update_opportunity(
-            request.id, expected_version=request.expected_version, changes=update_changes(request)
+            request.id,
+            expected_version=request.expected_version,
+            changes=update_changes(request),
+            override_collision=request.override_collision,
+            override_reason=request.override_reason,
         )
         return pb.UpdateOpportunityResponse(opportunity=opportunity)
 

@@ -170,6 +170,33 @@ async def test_anti_collision_names_the_open_deal_and_a_manager_override_is_reco
     )
 
 
+async def test_moving_a_deal_into_a_collision_needs_a_managers_override_with_a_reason(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="A", product_line="GTX"))
+    with as_user("bob", "sales_rep"):
+        moving = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="B", product_line="MG"))
+        with pytest.raises(Conflict) as raised:
+            await sales.update_opportunity(moving.id, expected_version=0, changes={"product_line": "GTX"})
+        assert raised.value.existing_id == first.id
+    with as_user("manager", "sales_manager"):
+        with pytest.raises(ValidationFailed) as raised_reason:
+            await sales.update_opportunity(
+                moving.id, expected_version=0, changes={"product_line": "GTX"}, override_collision=True
+            )
+        assert raised_reason.value.errors[0].field == "override_reason"
+        moved = await sales.update_opportunity(
+            moving.id,
+            expected_version=0,
+            changes={"product_line": "GTX"},
+            override_collision=True,
+            override_reason="bob runs the GTX roll-out",
+        )
+    assert (moved.product_line, moved.collision_override_by, moved.colliding_opportunity_id) == (
+        "GTX", "manager", first.id,
+    )  # fmt: skip
+    assert moved.collision_override_reason == "bob runs the GTX roll-out"
+
+
 async def test_a_closed_deal_does_not_collide(sales: SalesHandlers) -> None:
     with as_user("alice", "sales_rep"):
         first = await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A", product_line="GTX"))

@@ -91,16 +91,26 @@ class OpportunityFields(BaseModel):
     forecast_category: Literal["pipeline", "best_case", "commit", "omitted"] | None = None
 
 
-class OpportunityCreate(OpportunityFields):
+class CollisionOverride(BaseModel):
+    # 防撞单 override: managers only, with a reason (audited).
+    override_collision: bool = False
+    override_reason: str | None = None
+
+
+class OpportunityPatch(OpportunityFields, CollisionOverride):
+    pass
+
+
+class OpportunityCreate(OpportunityFields, CollisionOverride):
     account_id: str = Field(min_length=1)
     name: str = Field(min_length=1, max_length=200)
     pipeline_id: str | None = None
     stage: str | None = None
     source_lead_id: str | None = None
     campaign_id: str | None = None
-    # 防撞单 override: managers only, with a reason (audited).
-    override_collision: bool = False
-    override_reason: str | None = None
+
+
+OVERRIDE_FIELDS = set(CollisionOverride.model_fields)
 
 
 class StageMove(BaseModel):
@@ -565,7 +575,7 @@ async def create_opportunity(
     access: OpportunitiesCreate,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    access.check_write(_written(body, exclude={"override_collision", "override_reason"}))
+    access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
     message = pb.CreateOpportunityRequest(
         idempotency_key=idempotency_key or "",
         account_id=body.account_id,
@@ -594,15 +604,21 @@ async def create_opportunity(
     reply = await _stub(request).CreateOpportunity(message, metadata=access.grpc_metadata())
     record = opportunity_dict(reply.opportunity)
     await access.audit_write(record["id"], None, record)
-    if record["collision_override_by"]:
+    await _audit_collision_override(access, record, None)
+    present = await presenter(access)
+    return with_etag(response, present(record))
+
+
+async def _audit_collision_override(access: Access, record: dict[str, Any], before: dict[str, Any] | None) -> None:
+    """A manager's 防撞单 override is audited on its own, with the deal it overrode and why."""
+    overridden = record["colliding_opportunity_id"]
+    if record["collision_override_by"] and overridden != (before or {}).get("colliding_opportunity_id"):
         await access.audit(
             "override_collision",
             record["id"],
             fields=["colliding_opportunity_id"],
-            reason=f"over {record['colliding_opportunity_id']}: {record['collision_override_reason']}",
+            reason=f"over {overridden}: {record['collision_override_reason']}",
         )
-    present = await presenter(access)
-    return with_etag(response, present(record))
 
 
 # The filters of GET /opportunities (and of the export): query parameter -> the field(s) it filters by.
@@ -673,13 +689,13 @@ async def get_opportunity(
 @router.patch("/opportunities/{opportunity_id}")
 async def update_opportunity(
     opportunity_id: str,
-    body: OpportunityFields,
+    body: OpportunityPatch,
     request: Request,
     response: Response,
     access: OpportunitiesUpdate,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    values = body.model_dump(mode="json", exclude_unset=True)
+    values = body.model_dump(mode="json", exclude_unset=True, exclude=OVERRIDE_FIELDS)
     access.check_write(values)
     source = sales_pb2.Opportunity(
         name=body.name or "",
@@ -706,11 +722,14 @@ async def update_opportunity(
             update_mask=field_mask_pb2.FieldMask(paths=list(values)),
             opportunity=source,
             line_items=[item.proto() for item in body.line_items or []],
+            override_collision=body.override_collision,
+            override_reason=body.override_reason or "",
         ),
         metadata=access.grpc_metadata(),
     )
     record = opportunity_dict(reply.opportunity)
     await access.audit_write(opportunity_id, before, record)
+    await _audit_collision_override(access, record, before)
     present = await presenter(access)
     return with_etag(response, present(record))
 
