@@ -3,7 +3,6 @@ back down to base and up again (what `helm upgrade` and a rollback rely on), and
 reshapes a table keeps its rows both ways."""
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from alembic import command
 from crm_platform import idempotency
 from crm_platform.db import create_engine
 from crm_platform.migrations import alembic_config
-from crm_platform.testing import infra
 from sqlalchemy import MetaData, Table, insert, inspect, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -21,24 +19,6 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ["gateway", "leads", "accounts", "sales", "service-desk", "analytics"]
 MESSAGING_TABLES = {"outbox", "processed_events"}
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def any_database_url(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'migrations.db'}"
-        return
-    if postgres_admin_url is None:
-        if infra.in_ci():
-            pytest.fail("PostgreSQL is required in CI", pytrace=False)
-        pytest.skip("PostgreSQL is not available")
-    url = await infra.create_database(postgres_admin_url, prefix="crm_migrations")
-    try:
-        yield url
-    finally:
-        await infra.drop_database(postgres_admin_url, url)
 
 
 async def _migrate(component: str, url: str, direction: str, revision: str) -> None:
@@ -58,16 +38,16 @@ async def _tables(url: str) -> set[str]:
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-async def test_a_database_migrates_up_down_and_up_again(component: str, any_database_url: str) -> None:
-    await _migrate(component, any_database_url, "up", "head")
-    at_head = await _tables(any_database_url)
+async def test_a_database_migrates_up_down_and_up_again(component: str, each_database_url: str) -> None:
+    await _migrate(component, each_database_url, "up", "head")
+    at_head = await _tables(each_database_url)
     assert at_head >= MESSAGING_TABLES
 
-    await _migrate(component, any_database_url, "down", "base")
-    assert await _tables(any_database_url) == set()
+    await _migrate(component, each_database_url, "down", "base")
+    assert await _tables(each_database_url) == set()
 
-    await _migrate(component, any_database_url, "up", "head")
-    assert await _tables(any_database_url) == at_head
+    await _migrate(component, each_database_url, "up", "head")
+    assert await _tables(each_database_url) == at_head
 
 
 # Per service: the revision before the shared idempotency table, one key as that revision stored it,
@@ -97,23 +77,23 @@ async def _reflected(conn: AsyncConnection) -> Table:
 
 
 @pytest.mark.parametrize("component", sorted(OWN_IDEMPOTENCY_KEYS))
-async def test_idempotency_keys_survive_the_move_to_the_shared_table(component: str, any_database_url: str) -> None:
+async def test_idempotency_keys_survive_the_move_to_the_shared_table(component: str, each_database_url: str) -> None:
     before, own_row, (caller, result) = OWN_IDEMPOTENCY_KEYS[component]
     operation = own_row["operation"]
-    await _migrate(component, any_database_url, "up", before)
-    engine = create_engine(any_database_url)
+    await _migrate(component, each_database_url, "up", before)
+    engine = create_engine(each_database_url)
     try:
         async with engine.begin() as conn:
             own = await _reflected(conn)
             await conn.execute(insert(own).values(**own_row, created_at=datetime(2026, 11, 30, tzinfo=UTC)))
 
-        await _migrate(component, any_database_url, "up", "head")
+        await _migrate(component, each_database_url, "up", "head")
         async with engine.connect() as conn:
             shared = await _reflected(conn)
             recalled = await idempotency.recall(conn, shared, operation=operation, caller=caller, key="k1")
         assert recalled == result
 
-        await _migrate(component, any_database_url, "down", before)
+        await _migrate(component, each_database_url, "down", before)
         async with engine.connect() as conn:
             own = await _reflected(conn)
             rows = [dict(row) for row in (await conn.execute(select(own))).mappings()]

@@ -4,7 +4,6 @@ served by a GIN `jsonb_path_ops` index, as the services' migrations create it.""
 
 import re
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,6 @@ from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
-from crm_platform.testing import infra
 from crm_platform.timeutil import utcnow
 from sqlalchemy import JSON, Column, MetaData, String, Table, bindparam, insert, select, text
 from sqlalchemy.dialects import postgresql
@@ -51,17 +49,9 @@ records = Table(
 definitions = definitions_table(metadata, "custom_field_definitions")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None) -> AsyncIterator[Any]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'filters.db'}"
-    elif postgres_admin_url is None:
-        if infra.in_ci():
-            pytest.fail("PostgreSQL is required in CI", pytrace=False)
-        pytest.skip("PostgreSQL is not available")
-    else:
-        url = await infra.create_database(postgres_admin_url)
-    engine = create_engine(url)
+@pytest.fixture
+async def engine(each_database_url: str) -> AsyncIterator[Any]:
+    engine = create_engine(each_database_url)
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
         if engine.dialect.name == "postgresql":
@@ -77,9 +67,6 @@ async def engine(request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_
             await conn.execute(insert(records).values(id=record_id, custom=cf.coerce(DEFINITIONS, values)))
     yield engine
     await engine.dispose()
-    if request.param == "postgresql":
-        assert postgres_admin_url is not None
-        await infra.drop_database(postgres_admin_url, url)
 
 
 async def matching(engine: AsyncEngine, *pairs: tuple[str, str]) -> list[str]:
@@ -122,7 +109,7 @@ async def test_unknown_keys_and_ill_typed_values_name_the_field(engine: AsyncEng
     assert [e.field for e in caught.value.errors] == ["custom.nope", "custom.seats", "custom.channel"]
 
 
-@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("each_database_url", ["postgresql"], indirect=True)
 async def test_postgresql_serves_the_filter_from_the_gin_index(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         filters = await load_filters(conn, definitions, "lead", [("channel", "partner")])

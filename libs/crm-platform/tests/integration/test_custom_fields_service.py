@@ -4,7 +4,6 @@
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,7 +21,6 @@ from crm_platform.db import create_engine
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.principal import ALL_RECORDS, Principal, outgoing_metadata
-from crm_platform.testing import infra
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -54,29 +52,11 @@ class Served:
         return from_rpc_error(caught.value)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
-) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'definitions.db'}"
-        return
-    if postgres_admin_url is None:
-        if infra.in_ci():
-            pytest.fail("PostgreSQL is required in CI", pytrace=False)
-        pytest.skip("PostgreSQL is not available")
-    url = await infra.create_database(postgres_admin_url)
-    try:
-        yield url
-    finally:
-        await infra.drop_database(postgres_admin_url, url)
-
-
 @pytest.fixture
-async def served(database: str) -> AsyncIterator[Served]:
+async def served(each_database_url: str) -> AsyncIterator[Served]:
     metadata = MetaData()
     table = definitions_table(metadata, "custom_field_definitions")
-    engine = create_engine(database)
+    engine = create_engine(each_database_url)
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     changes: list[str] = []

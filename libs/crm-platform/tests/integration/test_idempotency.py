@@ -4,12 +4,10 @@ exactly one wins."""
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from crm_platform import idempotency
 from crm_platform.db import create_engine
-from crm_platform.testing import infra
 from crm_platform.timeutil import utcnow
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -22,26 +20,13 @@ keys = idempotency.idempotency_table(metadata)
 things = Table("things", metadata, Column("id", String(36), primary_key=True))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def engine(
-    request: pytest.FixtureRequest, tmp_path: Path, postgres_admin_url: str | None
-) -> AsyncIterator[AsyncEngine]:
-    if request.param == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'idempotency.db'}"
-    elif postgres_admin_url is None:
-        if infra.in_ci():
-            pytest.fail("PostgreSQL is required in CI", pytrace=False)
-        pytest.skip("PostgreSQL is not available")
-    else:
-        url = await infra.create_database(postgres_admin_url, prefix="crm_idem")
-    engine = create_engine(url)
+@pytest.fixture
+async def engine(each_database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(each_database_url)
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     yield engine
     await engine.dispose()
-    if request.param == "postgresql":
-        assert postgres_admin_url is not None
-        await infra.drop_database(postgres_admin_url, url)
 
 
 async def test_a_remembered_result_is_recalled(engine: AsyncEngine) -> None:

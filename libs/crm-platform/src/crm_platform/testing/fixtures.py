@@ -51,6 +51,25 @@ async def database_url(postgres_admin_url: str | None, tmp_path_factory: pytest.
         await infra.drop_database(postgres_admin_url, url)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def each_database_url(
+    request: pytest.FixtureRequest, postgres_admin_url: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """Runs the test once on a SQLite file and once on a fresh PostgreSQL database (dropped
+    afterwards): for code that must behave the same on both. PostgreSQL missing fails in CI."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+        return
+    if postgres_admin_url is None:
+        _missing("PostgreSQL")
+        raise AssertionError("unreachable")
+    url = await infra.create_database(postgres_admin_url)
+    try:
+        yield url
+    finally:
+        await infra.drop_database(postgres_admin_url, url)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     """A Kafka-compatible broker shared by the session; every test uses its own topics or groups."""
