@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from crm_platform import idempotency
+from crm_platform import idempotency, migrations
 from crm_platform.db import create_engine
 from crm_platform.migrations import alembic_config
 from sqlalchemy import MetaData, Table, insert, inspect, select
@@ -77,15 +77,20 @@ async def _reflected(conn: AsyncConnection) -> Table:
 
 
 @pytest.mark.parametrize("component", sorted(OWN_IDEMPOTENCY_KEYS))
-async def test_idempotency_keys_survive_the_move_to_the_shared_table(component: str, each_database_url: str) -> None:
+async def test_idempotency_keys_survive_the_move_to_the_shared_table(
+    component: str, each_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before, own_row, (caller, result) = OWN_IDEMPOTENCY_KEYS[component]
     operation = own_row["operation"]
+    monkeypatch.setattr(migrations, "REPLACE_TABLE_BATCH_ROWS", 2)  # several pages for the rows below
     await _migrate(component, each_database_url, "up", before)
     engine = create_engine(each_database_url)
+    extra = [{**own_row, "key": f"k{n}"} for n in range(2, 6)]
     try:
         async with engine.begin() as conn:
             own = await _reflected(conn)
-            await conn.execute(insert(own).values(**own_row, created_at=datetime(2026, 11, 30, tzinfo=UTC)))
+            created_at = datetime(2026, 11, 30, tzinfo=UTC)
+            await conn.execute(insert(own), [{**row, "created_at": created_at} for row in [own_row, *extra]])
 
         await _migrate(component, each_database_url, "up", "head")
         async with engine.connect() as conn:
@@ -96,7 +101,7 @@ async def test_idempotency_keys_survive_the_move_to_the_shared_table(component: 
         await _migrate(component, each_database_url, "down", before)
         async with engine.connect() as conn:
             own = await _reflected(conn)
-            rows = [dict(row) for row in (await conn.execute(select(own))).mappings()]
-        assert [{name: row[name] for name in own_row} for row in rows] == [own_row]
+            rows = [dict(row) for row in (await conn.execute(select(own).order_by(own.c.key))).mappings()]
+        assert [{name: row[name] for name in own_row} for row in rows] == [own_row, *extra]
     finally:
         await engine.dispose()

@@ -9,7 +9,7 @@ from typing import Any
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
-from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select
+from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -86,16 +86,32 @@ def drop_messaging_tables(op: Operations) -> None:
     op.drop_table("outbox")
 
 
+REPLACE_TABLE_BATCH_ROWS = 5000
+
+
 def replace_table(op: Operations, new: Table, convert: Callable[[RowMapping], dict[str, Any]]) -> None:
-    """Replaces the table named like `new` by `new`, keeping every row through `convert`. For small
-    tables whose shape changes (rows are read into memory), such as the idempotency keys."""
+    """Replaces the table named like `new` by `new`, keeping every row through `convert`. Rows are
+    copied into a staging table in pages (keyset on the primary key), so memory stays flat however
+    large the table; then the old table is dropped and the staging table takes its name."""
     bind = op.get_bind()
     old = Table(new.name, MetaData(), autoload_with=bind)
-    rows = [convert(row) for row in bind.execute(select(old)).mappings()]
+    staging = new.to_metadata(MetaData(), name=f"{new.name}_reshaped")
+    staging.create(bind)
+    key = list(old.primary_key.columns)
+    after: tuple[Any, ...] | None = None
+    while True:
+        page = select(old).order_by(*key).limit(REPLACE_TABLE_BATCH_ROWS)
+        if after is not None:
+            page = page.where(tuple_(*key) > tuple_(*after))
+        rows = list(bind.execute(page).mappings())
+        if not rows:
+            break
+        bind.execute(insert(staging), [convert(row) for row in rows])
+        after = tuple(rows[-1][column.name] for column in key)
     op.drop_table(new.name)
-    new.create(bind)
-    if rows:
-        bind.execute(insert(new), rows)
+    op.rename_table(staging.name, new.name)
+    if bind.dialect.name == "postgresql":  # the primary key's index was named after the staging table
+        op.execute(f'ALTER INDEX "{staging.name}_pkey" RENAME TO "{new.name}_pkey"')
 
 
 def create_outbox_notify_trigger(op: Operations) -> None:
