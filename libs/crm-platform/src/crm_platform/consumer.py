@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate, trace
 from sqlalchemy import MetaData
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from crm_platform import metrics
 from crm_platform.cloudevents import (
@@ -63,7 +64,9 @@ def dead_letter_topic(topic: str) -> str:
 
 def is_infrastructure_failure(error: BaseException) -> bool:
     """The database, the network or a called service is down: worth waiting for, not a bad event."""
-    if isinstance(error, Unavailable | OperationalError | InterfaceError | OSError | TimeoutError):
+    # ConnectionError, not OSError: a handler's FileNotFoundError is a bug, not an outage.
+    infrastructure = (Unavailable, OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError)
+    if isinstance(error, infrastructure):
         return True
     return isinstance(error, DBAPIError) and error.connection_invalidated
 

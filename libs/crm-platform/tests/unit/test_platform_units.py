@@ -190,10 +190,14 @@ def test_infrastructure_failures_are_told_apart_from_bad_events() -> None:
     from crm_platform.consumer import is_infrastructure_failure
     from crm_platform.errors import Unavailable
     from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
 
     assert is_infrastructure_failure(OperationalError("SELECT 1", {}, ConnectionRefusedError()))
     assert is_infrastructure_failure(Unavailable("accounts is down"))
     assert is_infrastructure_failure(TimeoutError())
+    assert is_infrastructure_failure(ConnectionResetError())
+    assert is_infrastructure_failure(PoolTimeout("QueuePool limit reached"))
+    assert not is_infrastructure_failure(FileNotFoundError("a bug, not an outage"))
     assert not is_infrastructure_failure(IntegrityError("INSERT", {}, Exception("duplicate key")))
     assert not is_infrastructure_failure(ValidationFailed([FieldError("x", "bad")]))
     assert not is_infrastructure_failure(KeyError("bug"))
