@@ -6,15 +6,12 @@ those of the ticket, and the money of reports and win statistics those of the am
 
 import csv
 import io
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
-import yaml
 from crm.analytics.v1 import analytics_service_pb2 as analytics_pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceServicer, add_AnalyticsServiceServicer_to_server
 from crm.common.v1 import common_pb2, custom_fields_pb2
@@ -30,15 +27,11 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.security.masking import mask_value
-from gateway.security.policy import DEFAULT_POLICY_PATH
-from gateway.token_cli import issue_dev_token
+from gateway.testing import PolicyEdit, RoleClient, grant_fields
 
 pytestmark = pytest.mark.integration
 
-SECRET = "derived-records-secret-" + "d" * 30
 CNY = common_pb2.Money(amount="900.00", currency="CNY")
 MONEY = {"amount": "900.00", "currency": "CNY"}
 
@@ -104,7 +97,6 @@ class FakeSales(SalesServiceServicer):
 
 
 Client = Callable[..., Awaitable[httpx.AsyncClient]]
-PolicyEdit = Callable[[dict[str, Any]], None]
 
 
 @pytest.fixture
@@ -122,56 +114,13 @@ async def target() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def client(tmp_path: Path, migrated_sqlite: Path, target: str) -> AsyncIterator[Client]:
-    """`await client("marketing", *edits)`: an HTTP client of the real gateway for one role, under
-    the default policy changed by the edits."""
-    opened: list[tuple[Any, httpx.AsyncClient]] = []
+def client(role_client: RoleClient, target: str) -> Client:
+    """`await client("marketing", *edits)`: the real gateway for one role, calling the fakes above."""
 
     async def make(role: str, *edits: PolicyEdit) -> httpx.AsyncClient:
-        number = len(opened)
-        policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
-        for edit in edits:
-            edit(policy)
-        policy_path = tmp_path / f"policy-{number}.yaml"
-        policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
-        database = tmp_path / f"gateway-{number}.db"
-        shutil.copyfile(migrated_sqlite, database)
-        settings = Settings(
-            dev_mode=True,
-            dev_jwt_secret=SECRET,
-            database_url=f"sqlite+aiosqlite:///{database}",
-            policy_path=str(policy_path),
-            leads_target=target,
-            accounts_target="",
-            sales_target=target,
-            service_desk_target=target,
-            analytics_target=target,
-            audit_relay_enabled=False,
-        )
-        app = create_app(settings)
-        await app.state.security.start(migrate=False, relay=False)
-        token = issue_dev_token(secret=SECRET, sub="u-1", roles=[role], team="east", region="north")
-        http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        opened.append((app, http))
-        return http
+        return await role_client(role, *edits, upstream=target)
 
-    yield make
-    for app, http in opened:
-        await http.aclose()
-        await app.state.upstreams.close()
-        await app.state.security.stop()
-
-
-def grant_fields(role: str, resource: str, **rules: str) -> PolicyEdit:
-    def edit(policy: dict[str, Any]) -> None:
-        policy["roles"][role]["grants"][resource].setdefault("fields", {}).update(rules)
-
-    return edit
+    return make
 
 
 # --- a lead's activities, tasks and score history ----------------------------------------------------

@@ -2,70 +2,31 @@
 by a field the caller does not read in clear is a 403 naming that field, before any service is
 called (no service runs here: a request past the checks answers 503)."""
 
-import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
-import yaml
-from gateway.app import create_app
-from gateway.config import Settings
 from gateway.security.access import filtered_fields
 from gateway.security.exports import _sources
-from gateway.security.policy import DEFAULT_POLICY_PATH, load_policy
-from gateway.token_cli import issue_dev_token
+from gateway.security.policy import load_policy
+from gateway.testing import RoleClient, grant_fields
 
 pytestmark = pytest.mark.integration
 
-SECRET = "filters-secret-" + "f" * 30
 
 Client = Callable[[str, dict[str, Any]], Awaitable[httpx.AsyncClient]]
 
 
 @pytest.fixture
-async def client(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Client]:
+def client(role_client: RoleClient) -> Client:
     """`await client(role, {resource: {field: rule}})`: the real gateway, without services, for one
     role whose grants give those rules."""
-    opened: list[tuple[Any, httpx.AsyncClient]] = []
 
     async def make(role: str, rules: dict[str, Any]) -> httpx.AsyncClient:
-        policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
-        for resource, fields in rules.items():
-            policy["roles"][role]["grants"][resource].setdefault("fields", {}).update(fields)
-        policy_path = tmp_path / f"policy-{len(opened)}.yaml"
-        policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
-        database = tmp_path / f"gateway-{len(opened)}.db"
-        shutil.copyfile(migrated_sqlite, database)
-        settings = Settings(
-            dev_mode=True,
-            dev_jwt_secret=SECRET,
-            database_url=f"sqlite+aiosqlite:///{database}",
-            policy_path=str(policy_path),
-            leads_target="",
-            accounts_target="",
-            sales_target="",
-            service_desk_target="",
-            analytics_target="",
-            audit_relay_enabled=False,
-        )
-        app = create_app(settings)
-        await app.state.security.start(migrate=False, relay=False)
-        token = issue_dev_token(secret=SECRET, sub="u-1", roles=[role], team="east", region="north")
-        http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        opened.append((app, http))
-        return http
+        return await role_client(role, *(grant_fields(role, resource, **fields) for resource, fields in rules.items()))
 
-    yield make
-    for app, http in opened:
-        await http.aclose()
-        await app.state.upstreams.close()
-        await app.state.security.stop()
+    return make
 
 
 @pytest.mark.parametrize(
