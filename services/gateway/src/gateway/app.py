@@ -84,8 +84,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/metrics", make_asgi_app())
     security.check_routes(app)
     return app
-
-
-def get_upstreams(request: Request) -> Upstreams:
-    upstreams: Upstreams = request.app.state.upstreams
-    return upstreams

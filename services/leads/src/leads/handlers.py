@@ -306,10 +306,6 @@ SORTS = {
 }
 
 
-def _lead_values_for_rules(lead: Mapping[Any, Any]) -> dict[str, Any]:
-    return dict(lead)
-
-
 class LeadsService:
     """The use cases. `clock` is injectable so timers can be tested without waiting."""
 
