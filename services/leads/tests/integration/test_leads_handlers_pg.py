@@ -1,6 +1,8 @@
 """The leads use cases on a real PostgreSQL database (events checked in the outbox)."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
@@ -353,54 +355,47 @@ async def test_custom_fields_are_validated_against_their_definitions(env: Any) -
         assert undefined.value.errors[0].message == "is not a defined custom field"
 
 
-async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
+@asynccontextmanager
+async def second_replica(env: Any) -> AsyncIterator[Any]:
+    """Another instance of the service with its own engine, as a second pod would run it."""
     from crm_platform.db import create_engine
     from crm_platform.outbox import UnitOfWork
     from leads.handlers import LeadsService
 
+    engine = create_engine(env.url)
+    try:
+        yield LeadsService(
+            engine=engine,
+            uow=UnitOfWork(engine, repo.metadata, source="crm/leads"),
+            settings=env.service.settings,
+            clock=env.clock,
+        )
+    finally:
+        await engine.dispose()
+
+
+async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
     with env.acting():
         for i in range(12):
             await env.service.create_lead({"name": f"o{i}", "owner_id": "rep1"})
     env.clock.advance(hours=3)
-    other_engine = create_engine(env.url)
-    replica = LeadsService(
-        engine=other_engine,
-        uow=UnitOfWork(other_engine, repo.metadata, source="crm/leads"),
-        settings=env.service.settings,
-        clock=env.clock,
-    )
-    try:
+    async with second_replica(env) as replica:
         acted = await asyncio.gather(env.service.flag_overdue_first_contacts(), replica.flag_overdue_first_contacts())
         acted_again = await asyncio.gather(
             env.service.flag_overdue_first_contacts(), replica.flag_overdue_first_contacts()
         )
-    finally:
-        await other_engine.dispose()
     assert sum(acted) == 12 and sum(acted_again) == 0
     assert (await outbox_types(env)).count("crm.leads.lead.follow_up_overdue") == 12
 
 
 async def test_two_replicas_recycle_each_idle_lead_once(env: Any) -> None:
-    from crm_platform.db import create_engine
-    from crm_platform.outbox import UnitOfWork
-    from leads.handlers import LeadsService
-
     with env.acting():
         for i in range(12):
             await env.service.create_lead({"name": f"idle{i}", "owner_id": "rep1"})
     env.clock.advance(days=3, hours=1)
-    other_engine = create_engine(env.url)
-    replica = LeadsService(
-        engine=other_engine,
-        uow=UnitOfWork(other_engine, repo.metadata, source="crm/leads"),
-        settings=env.service.settings,
-        clock=env.clock,
-    )
-    try:
+    async with second_replica(env) as replica:
         acted = await asyncio.gather(env.service.recycle_idle_leads(), replica.recycle_idle_leads())
         acted_again = await asyncio.gather(env.service.recycle_idle_leads(), replica.recycle_idle_leads())
-    finally:
-        await other_engine.dispose()
     assert sum(acted) == 12 and sum(acted_again) == 0
     assert (await outbox_types(env)).count("crm.leads.lead.recycled") == 12
 

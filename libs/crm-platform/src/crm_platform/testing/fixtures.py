@@ -1,6 +1,7 @@
 """pytest fixtures (registered by the repository's root conftest.py)."""
 
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -16,6 +17,19 @@ def _missing(what: str) -> None:
     pytest.skip(message)
 
 
+@asynccontextmanager
+async def _fresh_postgres(admin_url: str | None) -> AsyncIterator[str]:
+    """A new PostgreSQL database, dropped afterwards; none here fails in CI and skips elsewhere."""
+    if admin_url is None:
+        _missing("PostgreSQL")
+        raise AssertionError("unreachable")
+    url = await infra.create_database(admin_url)
+    try:
+        yield url
+    finally:
+        await infra.drop_database(admin_url, url)
+
+
 @pytest.fixture(scope="session")
 def postgres_admin_url() -> Iterator[str | None]:
     url = infra.postgres_admin_url()
@@ -26,14 +40,8 @@ def postgres_admin_url() -> Iterator[str | None]:
 @pytest.fixture
 async def postgres_url(postgres_admin_url: str | None) -> AsyncIterator[str]:
     """A fresh PostgreSQL database for one test, dropped afterwards. Fails in CI when there is none."""
-    if postgres_admin_url is None:
-        _missing("PostgreSQL")
-        raise AssertionError("unreachable")
-    url = await infra.create_database(postgres_admin_url)
-    try:
+    async with _fresh_postgres(postgres_admin_url) as url:
         yield url
-    finally:
-        await infra.drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture
@@ -44,11 +52,8 @@ async def database_url(postgres_admin_url: str | None, tmp_path_factory: pytest.
             _missing("PostgreSQL")
         yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
         return
-    url = await infra.create_database(postgres_admin_url)
-    try:
+    async with _fresh_postgres(postgres_admin_url) as url:
         yield url
-    finally:
-        await infra.drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -60,14 +65,8 @@ async def each_database_url(
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
         return
-    if postgres_admin_url is None:
-        _missing("PostgreSQL")
-        raise AssertionError("unreachable")
-    url = await infra.create_database(postgres_admin_url)
-    try:
+    async with _fresh_postgres(postgres_admin_url) as url:
         yield url
-    finally:
-        await infra.drop_database(postgres_admin_url, url)
 
 
 @pytest.fixture(scope="session")
