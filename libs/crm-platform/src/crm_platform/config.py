@@ -60,6 +60,8 @@ class ServiceSettings(BaseSettings):
     max_connection_age_seconds: float = 300.0
     outbox_poll_seconds: float = 0.05
     outbox_batch_size: int = 500
+    # After a commit wakes the relay, it waits this long so concurrent commits share one pass.
+    outbox_linger_seconds: float = 0.01
     # Run Alembic migrations at start (embedded defaults); in Kubernetes a Job runs them instead.
     migrate_on_start: bool = False
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)

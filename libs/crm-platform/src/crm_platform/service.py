@@ -52,6 +52,7 @@ class ServiceApp:
             service=self.settings.service_name,
             batch_size=self.settings.outbox_batch_size,
             poll_seconds=self.settings.outbox_poll_seconds,
+            linger_seconds=self.settings.outbox_linger_seconds,
         )
         self.uow.on_commit(self.relay.wake)
         self.server = GrpcServer(

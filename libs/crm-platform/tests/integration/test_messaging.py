@@ -15,6 +15,7 @@ from crm_platform.config import KafkaSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
 from crm_platform.db import create_engine
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
@@ -238,6 +239,38 @@ async def test_per_key_order_is_kept_across_1000_events_on_6_partitions(
     assert all(len(ps) == 1 for ps in partitions_of_key.values())
     for key in keys:
         assert received[key] == sorted(sent[key]), key
+
+
+async def test_a_pass_larger_than_a_record_batch_goes_in_several_batches_in_key_order(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """One pass packs its rows into record batches (16 KiB each by default); rows of ~6 KiB fill
+    several batches per partition, and each key's rows still arrive in order, on the partition a
+    plain producer picks for that key."""
+    await ensure_topics(broker_settings, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    keys = [f"big-{new_id()}" for _ in range(3)]
+    sent: dict[str, list[str]] = defaultdict(list)
+    async with uow.begin() as tx:
+        for index in range(30):
+            key = keys[index % 3]
+            event = events_pb2.AuditRecorded(id=f"{index:03d}", record_id=key, reason="x" * 6000)
+            tx.publish(event, key=key)
+            sent[key].append(event.id)
+    relay = relay_for(engine, broker_settings)
+    assert await relay.publish_pending() == 30
+    await relay.drain(1)
+    await produce_raw(broker_settings.bootstrap_servers, TOPIC, key=keys[0], value=b"marker")
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        records = await collector.wait_for(lambda r: sum(x.key in keys for x in r) >= 31)
+    ours = sorted((r for r in records if r.key in keys), key=lambda r: (r.partition, r.offset))
+    marker = next(r for r in ours if r.value == b"marker")
+    received: dict[str, list[str]] = defaultdict(list)
+    for record in ours:
+        if record.value != b"marker":
+            received[record.key].append(record.decode(events_pb2.AuditRecorded).id)
+    assert received == sent
+    assert {r.partition for r in ours if r.key == keys[0]} == {marker.partition}
 
 
 def consumer_for(
