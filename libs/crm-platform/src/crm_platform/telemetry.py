@@ -1,7 +1,10 @@
 """OpenTelemetry: traces gateway → gRPC → DB → Kafka → consumer. Exported over OTLP when
-`OTEL_EXPORTER_OTLP_ENDPOINT` is set; otherwise spans are created (for log correlation) but not sent."""
+`OTEL_EXPORTER_OTLP_ENDPOINT` is set, sampled as `OTEL_TRACES_SAMPLER` says (default: every trace).
+Without an exporter nothing is recorded: trace and span ids still flow (logs carry them, Kafka
+headers pass them on), but no span is built only to be thrown away."""
 
 import os
+from collections.abc import Mapping
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
@@ -10,6 +13,7 @@ from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _configured = False
@@ -21,7 +25,10 @@ def configure_telemetry(service: str) -> None:
     if _configured:
         return
     _configured = True
-    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)}),
+        sampler=default_sampler(os.environ),
+    )
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -30,6 +37,14 @@ def configure_telemetry(service: str) -> None:
     GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
     GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
     AIOKafkaInstrumentor().instrument()
+
+
+def default_sampler(environ: Mapping[str, str]) -> Sampler | None:
+    """None (the SDK reads `OTEL_TRACES_SAMPLER`) when traces are exported or a sampler is chosen;
+    else record nothing, unless a caller's trace is sampled."""
+    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_TRACES_SAMPLER"):
+        return None
+    return ParentBased(ALWAYS_OFF)
 
 
 def instrument_engine(engine: AsyncEngine) -> None:

@@ -22,6 +22,10 @@ from crm_platform.principal import (
     outgoing_metadata,
     scope_clause,
 )
+from crm_platform.telemetry import default_sampler
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.dialects import postgresql
 
@@ -201,3 +205,22 @@ def test_infrastructure_failures_are_told_apart_from_bad_events() -> None:
     assert not is_infrastructure_failure(IntegrityError("INSERT", {}, Exception("duplicate key")))
     assert not is_infrastructure_failure(ValidationFailed([FieldError("x", "bad")]))
     assert not is_infrastructure_failure(KeyError("bug"))
+
+
+def test_without_an_exporter_spans_are_not_recorded_but_still_carry_ids() -> None:
+    """Log lines and Kafka headers need trace ids; building spans nobody exports is waste."""
+    provider = TracerProvider(sampler=default_sampler({}))
+    span = provider.get_tracer("test").start_span("request")
+    assert not span.is_recording()
+    assert span.get_span_context().is_valid
+    assert default_sampler({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}) is None
+    assert default_sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None  # the operator's choice
+
+
+def test_without_an_exporter_a_sampled_callers_trace_is_still_recorded() -> None:
+    provider = TracerProvider(sampler=default_sampler({}))
+    caller = SpanContext(trace_id=7, span_id=9, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    parent = trace.set_span_in_context(NonRecordingSpan(caller))
+    span = provider.get_tracer("test").start_span("handle", context=parent)
+    assert span.is_recording()
+    assert span.get_span_context().trace_id == 7
