@@ -51,6 +51,7 @@ from crm.leads.v1 import leads_service_pb2
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform import migrations
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
+from crm_platform.service import run_event_loop
 from crm_platform.testing import infra
 from crm_platform.testing.bench import print_table, summary_ms
 from gateway.token_cli import issue_dev_token
@@ -128,7 +129,7 @@ def baseline_grpc(url: str, port: int) -> None:
         await server.start()
         await server.wait_for_termination()
 
-    asyncio.run(serve())
+    run_event_loop(serve())  # the services' event loop
 
 
 def baseline_http(port: int, target: str) -> None:

@@ -8,11 +8,13 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+import uvloop
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -112,6 +114,13 @@ class ServiceApp:
             log.warning("could not ensure topics %s: %s", topics, error)
 
 
+def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Runs a service's main coroutine on uvloop, the loop uvicorn gives the gateway: the loop's
+    own work under every RPC costs less than on asyncio's default loop."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def run_cli(
     *,
     settings: ServiceSettings,
@@ -139,6 +148,6 @@ def run_cli(
         await build(settings, engine).serve()
 
     try:
-        asyncio.run(serve())
+        run_event_loop(serve())
     finally:
         shutdown_telemetry()

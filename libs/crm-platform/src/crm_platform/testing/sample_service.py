@@ -4,7 +4,6 @@ type `crm.audit.record.recorded` (any event message would do) and a gRPC method 
 Run as a process: `python -m crm_platform.testing.sample_service <database_url> <bootstrap> <port>`.
 """
 
-import asyncio
 import sys
 from typing import Any
 
@@ -18,7 +17,7 @@ from crm_platform.db import create_engine, is_postgres
 from crm_platform.ids import new_id
 from crm_platform.migrations import OUTBOX_NOTIFY_SQL
 from crm_platform.outbox import Transaction, UnitOfWork, add_messaging_tables
-from crm_platform.service import ServiceApp
+from crm_platform.service import ServiceApp, run_event_loop
 from crm_platform.timeutil import utcnow
 
 metadata = MetaData()
@@ -81,4 +80,4 @@ async def _main(database_url: str, bootstrap: str, port: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    run_event_loop(_main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
