@@ -3,7 +3,7 @@ decides, audits refusals and hands the route an `Access` that applies the same d
 gRPC call (record scope), to writes, filters and to what the response shows."""
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import grpc
 from crm_platform.ids import new_id
@@ -30,6 +30,23 @@ Sensitive = tuple[str, list[str]]
 # A route's filters: query parameter -> the declared field it filters by, or the fields it searches
 # (`q`); none for a parameter checked another way (a saved segment's own filters).
 FilterFields = Mapping[str, str | tuple[str, ...]]
+
+
+class FieldView(NamedTuple):
+    """How one field shows on the records read under one grant set: what presenting it needs from
+    the policy, worked out once rather than for every record (`SecurityRuntime.field_views`)."""
+
+    path: str
+    hidden: bool
+    masked: bool
+    type: str
+    sensitive: bool
+    # The policy has rules for fields inside this one (`line_items.discount_percent`).
+    nested: bool
+
+
+# (grant set, path prefix) -> key -> how that field shows.
+FieldViews = dict[tuple[GrantSet, str], dict[str, FieldView]]
 
 
 def filtered_fields(filters: FilterFields, name: str) -> tuple[str, ...]:
@@ -105,6 +122,7 @@ class Access:
         self.request_id = request_id_of(request)
         self._sensitive_reads: list[Sensitive] = []
         self._masks_personal_data: bool | None = None
+        self._field_views = runtime.field_views(decision)
         # Accesses of composed-view parts: their sensitive reads are flushed with this one's.
         self._views: list[Access] = []
 
@@ -234,21 +252,26 @@ class Access:
         self, record: Mapping[str, Any], grants: GrantSet, prefix: str, sensitive: list[str]
     ) -> dict[str, Any]:
         """`grants`: the read grants covering the top-level record, whose rules apply to nested paths too."""
+        views = self._field_views.get((grants, prefix))
+        if views is None:
+            views = self._field_views[(grants, prefix)] = {}
         result: dict[str, Any] = {}
         for key, value in record.items():
-            path = f"{prefix}{key}"
-            rule = self.decision.read_rule(path, grants)
-            if rule is FieldRule.HIDDEN:
+            view = views.get(key)
+            if view is None:
+                view = views[key] = self._field_view(f"{prefix}{key}", grants)
+            # Unpacked once: this loop runs for every field of every record shown.
+            path, hidden, masked, field_type, is_sensitive, nested = view
+            if hidden:
                 continue
-            field_spec = self.spec.field(path)
-            if rule is FieldRule.MASKED:
-                result[key] = mask_value(value, field_spec.type)
+            if masked:
+                result[key] = mask_value(value, field_type)
                 continue
-            if field_spec.sensitive and value not in (None, "", [], {}):
+            if is_sensitive and value not in (None, "", [], {}):
                 sensitive.append(path)
-            if self._has_nested_rules(path) and isinstance(value, Mapping):
+            if nested and isinstance(value, Mapping):
                 result[key] = self._present(value, grants, f"{path}.", sensitive)
-            elif self._has_nested_rules(path) and isinstance(value, list):
+            elif nested and isinstance(value, list):
                 result[key] = [
                     self._present(item, grants, f"{path}.", sensitive) if isinstance(item, Mapping) else item
                     for item in value
@@ -257,8 +280,17 @@ class Access:
                 result[key] = value
         return result
 
-    def _has_nested_rules(self, path: str) -> bool:
-        return self.runtime.nested_prefixes(self.resource, path)
+    def _field_view(self, path: str, grants: GrantSet) -> FieldView:
+        rule = self.decision.read_rule(path, grants)
+        field_spec = self.spec.field(path)
+        return FieldView(
+            path=path,
+            hidden=rule is FieldRule.HIDDEN,
+            masked=rule is FieldRule.MASKED,
+            type=field_spec.type,
+            sensitive=field_spec.sensitive,
+            nested=self.runtime.nested_prefixes(self.resource, path),
+        )
 
     # --- audit -----------------------------------------------------------------------------
     async def audit_write(

@@ -210,6 +210,8 @@ class Decision:
     # The caller's grants that allow reading, and those that allow this action.
     readers: tuple[Grant, ...] = ()
     acting: tuple[Grant, ...] = ()
+    # The roles `readers` come from, in order: decisions with the same ones read fields alike.
+    reader_roles: tuple[str, ...] = ()
     _reader_scopes: tuple[RecordScope, ...] = field(init=False)
     _widest_readers: GrantSet = field(init=False)
     _read_cache: dict[tuple[str, GrantSet], FieldRule] = field(default_factory=dict)
@@ -336,9 +338,13 @@ class Policy:
         if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}")
         self.resource(resource)  # unknown resource: KeyError naming it
-        grants = [g for g in (self.grant(role, resource) for role in principal.roles) if g is not None]
-        acting = [g for g in grants if action in g.actions]
-        readers = [g for g in grants if "read" in g.actions] or acting
+        granted = [(role, g) for role in principal.roles if (g := self.grant(role, resource)) is not None]
+        acting = tuple(g for _, g in granted if action in g.actions)
+        named_readers = [(role, g) for role, g in granted if "read" in g.actions] or [
+            (role, g) for role, g in granted if action in g.actions
+        ]
+        readers = tuple(g for _, g in named_readers)
+        reader_roles = tuple(role for role, _ in named_readers)
         if not acting:
             return Decision(
                 allowed=False,
@@ -348,7 +354,8 @@ class Policy:
                 principal=principal,
                 policy=self,
                 reason=f"no role of the caller may {action} {resource}",
-                readers=tuple(readers),
+                readers=readers,
+                reader_roles=reader_roles,
             )
         return Decision(
             allowed=True,
@@ -357,8 +364,9 @@ class Policy:
             scope=scope_for(principal, _widest_scope(acting)),
             principal=principal,
             policy=self,
-            readers=tuple(readers),
-            acting=tuple(acting),
+            readers=readers,
+            acting=acting,
+            reader_roles=reader_roles,
         )
 
     def effective(self, principal: Principal) -> dict[str, dict[str, Any]]:
