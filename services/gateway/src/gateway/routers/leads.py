@@ -10,7 +10,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterator, Iterable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -18,7 +18,7 @@ from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
-from crm_platform.timeutil import isoformat, to_timestamp
+from crm_platform.timeutil import to_timestamp
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -230,10 +230,16 @@ _LEAD_TEXT = (
 )
 
 
+_EPOCH = datetime(1970, 1, 1)
+
+
 def _time(stamp: Timestamp) -> str | None:
-    if stamp.seconds == 0 and stamp.nanos == 0:
+    """RFC 3339 UTC with a `Z`, as `crm_platform.timeutil.isoformat` prints it; None when unset.
+    Built directly: `ToDatetime` and `isoformat` cost twice as much, for every time of every lead."""
+    seconds, nanos = stamp.seconds, stamp.nanos
+    if seconds == 0 and nanos == 0:
         return None
-    return isoformat(stamp.ToDatetime())
+    return f"{(_EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)).isoformat()}Z"
 
 
 def lead_json(lead: leads_pb2.Lead) -> dict[str, Any]:
@@ -241,7 +247,8 @@ def lead_json(lead: leads_pb2.Lead) -> dict[str, Any]:
     body.update(
         score=lead.score,
         tags=list(lead.tags),
-        custom=json_format.MessageToDict(lead.custom),
+        # Unset when the lead has no custom values (converting an empty Struct costs ~3 us).
+        custom=json_format.MessageToDict(lead.custom) if lead.HasField("custom") else {},
         in_pool=lead.in_pool,
         follow_up_overdue=lead.follow_up_overdue,
         version=lead.version,
