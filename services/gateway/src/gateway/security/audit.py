@@ -1,15 +1,21 @@
 """The audit trail: rows in the append-only `audit_events` table, each written in the same
-transaction as its `crm.audit.v1.AuditRecorded` outbox row (nothing lost while Kafka is down)."""
+transaction as its `crm.audit.v1.AuditRecorded` outbox row (nothing lost while Kafka is down).
 
+Every request writes audit rows, so concurrent writes are grouped: one transaction (one commit, one
+wake-up of the outbox relay) for all the entries that arrived while the previous one was written."""
+
+import asyncio
+import contextvars
 import json
-from collections.abc import Collection, Mapping, Sequence
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, overload
 
 from crm.audit.v1 import events_pb2
 from crm_platform.ids import new_id
-from crm_platform.outbox import UnitOfWork
+from crm_platform.outbox import PendingEvent, outbox_rows
 from crm_platform.principal import Principal
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
 from google.protobuf import struct_pb2
@@ -18,7 +24,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.security.masking import mask_value
 from gateway.security.policy import ResourceSpec
-from gateway.security.store import audit_events, metadata
+from gateway.security.store import audit_events, outbox
+
+log = logging.getLogger(__name__)
 
 AUDIT_SOURCE = "crm-gateway"
 
@@ -160,19 +168,98 @@ class AuditQuery:
     cursor: str | None = None
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One `record` call waiting for its rows to be committed."""
+
+    rows: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    done: asyncio.Future[None]
+
+
 class AuditLog:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self.uow = UnitOfWork(engine, metadata, source=AUDIT_SOURCE)
+        self._listeners: list[Callable[[], None]] = []
+        self._queue: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Called after every commit (the in-process outbox relay wakes up at once)."""
+        self._listeners.append(listener)
 
     async def record(self, entries: Sequence[AuditEntry]) -> None:
-        """Appends the entries and their events in one transaction."""
+        """Appends the entries and their events; they are committed when this returns, and an error
+        writing them is raised here. Calls made while a write is in flight are written together in
+        the next transaction (group commit); with none in flight the write starts at once."""
         if not entries:
             return
-        async with self.uow.begin() as tx:
-            await tx.conn.execute(insert(audit_events), [_row(entry) for entry in entries])
-            for entry in entries:
-                tx.publish(to_event(entry), key=entry.record_id or entry.actor.user_id or entry.id)
+        # Rows and events are built here, in the caller's context: the events carry its trace, and
+        # an entry that cannot be converted fails only its own caller.
+        keys = [entry.record_id or entry.actor.user_id or entry.id for entry in entries]
+        events = [
+            PendingEvent(message=to_event(entry), key=key, subject=key)
+            for entry, key in zip(entries, keys, strict=True)
+        ]
+        pending = _Pending(
+            rows=[_row(entry) for entry in entries],
+            events=outbox_rows(events, source=AUDIT_SOURCE, now=utcnow()),
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._queue.append(pending)
+        if self._writer is None:
+            # In a context of its own: the writer serves every request, not the one that started it.
+            self._writer = asyncio.create_task(
+                self._write_queued(), name="gateway-audit-writer", context=contextvars.Context()
+            )
+        await pending.done
+
+    async def close(self) -> None:
+        """Waits for the write in flight, if any (before the engine is disposed)."""
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
+
+    async def _write_queued(self) -> None:
+        """The one writer: writes everything queued in one transaction, until the queue is empty."""
+        batch: list[_Pending] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    await self._write(batch)
+                except Exception as error:  # noqa: BLE001 - raised to the callers of the batch
+                    if len(batch) == 1:
+                        _settle(batch[0], error)
+                    else:
+                        await self._write_one_by_one(batch, error)
+                else:
+                    for pending in batch:
+                        _settle(pending, None)
+        finally:
+            self._writer = None
+            # Cancelled (the loop is closing): no caller may wait forever. A no-op for those settled.
+            for pending in [*batch, *self._queue]:
+                pending.done.cancel()
+            self._queue = []
+
+    async def _write_one_by_one(self, batch: list[_Pending], error: Exception) -> None:
+        """After a failed group, each caller's entries alone: an entry the database refuses (an id
+        longer than its column) then fails only its own request, while an outage fails them all."""
+        log.warning("audit group of %d writes failed (%s); writing them one by one", len(batch), error)
+        for pending in batch:
+            try:
+                await self._write([pending])
+            except Exception as own_error:  # noqa: BLE001 - raised to that caller
+                _settle(pending, own_error)
+            else:
+                _settle(pending, None)
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(audit_events), [row for pending in batch for row in pending.rows])
+            await conn.execute(insert(outbox), [event for pending in batch for event in pending.events])
+        for listener in self._listeners:
+            listener()
 
     async def query(self, query: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
         statement = self._select(query)
@@ -202,6 +289,16 @@ class AuditLog:
             conditions.append(table.c.id < query.cursor)
         statement = select(table).order_by(table.c.id.desc()).limit(query.limit + 1)
         return statement.where(and_(*conditions)) if conditions else statement
+
+
+def _settle(pending: _Pending, error: Exception | None) -> None:
+    # A caller cancelled while waiting has a done (cancelled) future: its rows are written all the same.
+    if pending.done.done():
+        return
+    if error is None:
+        pending.done.set_result(None)
+    else:
+        pending.done.set_exception(error)
 
 
 def _present(row: Mapping[Any, Any]) -> dict[str, Any]:

@@ -120,7 +120,7 @@ class SecurityRuntime:
             await migrate_async(self.engine.url.render_as_string(hide_password=False))
         if relay and self.kafka is not None:
             self._relay = OutboxRelay(self.engine, metadata, self.kafka, service="gateway")
-            self.audit.uow.on_commit(self._relay.wake)
+            self.audit.on_commit(self._relay.wake)
             self._relay_task = asyncio.create_task(self._relay.run(), name="gateway-audit-relay")
 
     async def database_status(self, timeout_seconds: float = 1.0) -> str:
@@ -135,6 +135,7 @@ class SecurityRuntime:
         return "ok"
 
     async def stop(self, *, drain_seconds: float = 5.0) -> None:
+        await self.audit.close()
         if self._relay is not None:
             await self._relay.stop()
             if self._relay_task is not None:
