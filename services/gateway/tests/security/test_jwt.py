@@ -12,7 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gateway.security.audit import AuditQuery
-from gateway.security.auth import JwksCache
+from gateway.security.auth import JwksCache, JwtVerifier
+from gateway.security.problems import SecurityProblem
+from gateway.security.settings import SecuritySettings
 from gateway.token_cli import issue_dev_token
 from gateway.token_cli import main as token_main
 
@@ -214,6 +216,69 @@ async def test_dev_mode_accepts_dev_tokens_only(gateway: Any, auth_headers: Any)
     for token in forged:
         response = await gateway.client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
         assert response.status_code == 401, token
+
+
+class CountingDecode:
+    """`jwt.decode`, counting the tokens it decodes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        self._decode = jwt.decode
+        monkeypatch.setattr(jwt, "decode", self)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        return self._decode(*args, **kwargs)
+
+
+async def test_a_verified_token_is_taken_again_until_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "d" * 40
+    now = [time.time()]
+    verifier = JwtVerifier(
+        SecuritySettings(dev_mode=True, dev_jwt_secret=secret, jwt_leeway_seconds=30), None, clock=lambda: now[0]
+    )
+    decode = CountingDecode(monkeypatch)
+    exp = int(now[0]) + 600
+    token = jwt.encode({**claims(iss="crm-dev", aud="crm", exp=exp)}, secret)
+    first = await verifier.verify(token)
+    assert (first.user_id, first.roles) == ("u1", ("sales_rep",))
+    assert await verifier.verify(token) == first
+    assert decode.calls == 1
+    # Up to `exp` plus the leeway, as PyJWT accepts it; from then on verified again (and refused).
+    now[0] = exp + 29.9
+    assert await verifier.verify(token) == first
+    assert decode.calls == 1
+    now[0] = exp + 30
+    assert await verifier.verify(token) == first  # the real clock has not reached `exp`: PyJWT takes it
+    assert decode.calls == 2
+    # Refused tokens are never remembered.
+    forged = issue_dev_token(secret="e" * 40, sub="u1", roles=["admin"])
+    for _ in range(2):
+        with pytest.raises(SecurityProblem):
+            await verifier.verify(forged)
+    assert decode.calls == 4
+
+
+async def test_tokens_are_verified_again_when_the_signing_keys_are_refetched(
+    jwks: JwksServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monotonic = [1000.0]
+    client = httpx.AsyncClient(transport=httpx.MockTransport(jwks.handler))
+    cache = JwksCache(JWKS_URL, client=client, cache_seconds=600, clock=lambda: monotonic[0])
+    settings = SecuritySettings(jwks_url=JWKS_URL, jwt_issuer=ISSUER, jwt_audience=AUDIENCE)
+    verifier = JwtVerifier(settings, cache)
+    decode = CountingDecode(monkeypatch)
+    token = rs256(claims())
+    await verifier.verify(token)
+    await verifier.verify(token)
+    assert (jwks.fetches, decode.calls) == (1, 1)
+    # The provider drops the key; once the key set is due for its refetch, the token is refused.
+    jwks.keys = [_jwk(OTHER_KEY, "k2")]
+    monotonic[0] += 601
+    with pytest.raises(SecurityProblem, match="unknown key"):
+        await verifier.verify(token)
+    assert jwks.fetches == 2
+    await client.aclose()
 
 
 def test_crm_token_cli_prints_a_verifiable_dev_token(capsys: pytest.CaptureFixture[str]) -> None:

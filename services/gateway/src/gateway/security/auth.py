@@ -4,6 +4,7 @@ dev-mode shared secret) and API keys for machine principals. Produces a `Princip
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -15,6 +16,8 @@ from gateway.security.settings import SecuritySettings
 
 API_KEY_HEADER = "x-api-key"
 _REQUIRED_CLAIMS = ["exp", "iss", "aud"]
+# Verified tokens remembered at most (a client sends the same token with every request).
+MAX_VERIFIED_TOKENS = 10_000
 
 
 class JwksCache:
@@ -40,6 +43,10 @@ class JwksCache:
         self._fetched_at: float | None = None
         self._lock = asyncio.Lock()
         self.fetch_count = 0
+
+    def stale(self) -> bool:
+        """Is the key set due for its periodic refetch (the next `key` call does it)?"""
+        return self._fetched_at is None or self._clock() - self._fetched_at > self.cache_seconds
 
     async def key(self, kid: str | None, algorithm: str) -> jwt.PyJWK:
         now = self._clock()
@@ -125,12 +132,53 @@ def principal_from_claims(claims: Mapping[str, Any], settings: SecuritySettings)
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    principal: Principal
+    # Wall-clock time from which the token's `exp` (with the leeway) refuses it.
+    expires_at: float
+    # The JWKS fetch whose keys verified it.
+    key_set: int
+
+
 class JwtVerifier:
-    def __init__(self, settings: SecuritySettings, jwks: JwksCache | None) -> None:
+    def __init__(
+        self, settings: SecuritySettings, jwks: JwksCache | None, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self.jwks = jwks
+        self._clock = clock
+        self._verified: dict[str, _Verified] = {}
 
     async def verify(self, token: str) -> Principal:
+        """The token's principal, or 401. A token verified before is taken again without decoding
+        it and checking its signature (~70-100 us a request) until it expires, or until the signing
+        keys are refetched: then it is verified again, against the new keys."""
+        verified = self._verified.get(token)
+        if verified is not None and self._still_valid(verified):
+            return verified.principal
+        principal, expires_at = await self._verify(token)
+        if len(self._verified) >= MAX_VERIFIED_TOKENS:
+            self._forget_expired()
+        self._verified[token] = _Verified(principal, expires_at, self._key_set())
+        return principal
+
+    def _key_set(self) -> int:
+        return self.jwks.fetch_count if self.jwks is not None else 0
+
+    def _still_valid(self, verified: _Verified) -> bool:
+        if self._clock() >= verified.expires_at:
+            return False
+        return self.jwks is None or (verified.key_set == self.jwks.fetch_count and not self.jwks.stale())
+
+    def _forget_expired(self) -> None:
+        now = self._clock()
+        self._verified = {token: v for token, v in self._verified.items() if now < v.expires_at}
+        if len(self._verified) >= MAX_VERIFIED_TOKENS:
+            self._verified.clear()
+
+    async def _verify(self, token: str) -> tuple[Principal, float]:
+        """The principal and when the token stops being accepted (`exp` plus the leeway)."""
         settings = self.settings
         algorithm = settings.algorithm
         try:
@@ -170,7 +218,8 @@ class JwtVerifier:
             raise unauthenticated(f"token lacks the {error.claim!r} claim") from error
         except jwt.PyJWTError as error:
             raise unauthenticated("token signature or format is invalid") from error
-        return principal_from_claims(claims, settings)
+        # `exp` as PyJWT reads it (an integer), so the token stops being taken when PyJWT would refuse it.
+        return principal_from_claims(claims, settings), int(claims["exp"]) + settings.jwt_leeway_seconds
 
 
 ApiKeyLookup = Callable[[str], Awaitable[Principal | None]]
