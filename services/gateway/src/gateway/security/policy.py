@@ -194,6 +194,10 @@ class PolicyDocument(_Strict):
 
 # Positions in `Decision.readers`: the read grants a field rule is taken over.
 GrantSet = tuple[int, ...]
+# Read rules by (path, grant set), shared by the decisions with the same read grants.
+ReadRules = dict[tuple[str, GrantSet], FieldRule]
+# Bounds the read rules kept: more distinct role combinations than this is unusual; they then start over.
+MAX_READER_ROLE_SETS = 1024
 
 
 @dataclass(slots=True)
@@ -214,7 +218,9 @@ class Decision:
     reader_roles: tuple[str, ...] = ()
     _reader_scopes: tuple[RecordScope, ...] = field(init=False)
     _widest_readers: GrantSet = field(init=False)
-    _read_cache: dict[tuple[str, GrantSet], FieldRule] = field(default_factory=dict)
+    # The read rules worked out so far: `Policy.decide` shares them between decisions with the
+    # same `reader_roles` (rules depend on the grants only, never on the principal).
+    read_rules: ReadRules = field(default_factory=dict, repr=False)
     _write_cache: dict[str, FieldRule] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -233,11 +239,11 @@ class Decision:
         read under `grants` (`record_grants`). Without `grants`: on every record the caller may
         list, that is under the widest-scope read grants (filters, derived values)."""
         key = (path, self._widest_readers if grants is None else grants)
-        rule = self._read_cache.get(key)
+        rule = self.read_rules.get(key)
         if rule is None:
             rules = [self.policy.field_rule(self.readers[i], self.resource, path) for i in key[1]]
             rule = _cap_read(max(rules, default=FieldRule.HIDDEN))
-            self._read_cache[key] = rule
+            self.read_rules[key] = rule
         return rule
 
     def best_read_rule(self, path: str) -> FieldRule:
@@ -281,6 +287,9 @@ class Policy:
     def __init__(self, document: PolicyDocument, source: str = "<policy>") -> None:
         self.document = document
         self.source = source
+        # A loaded policy never changes: what follows from it alone is worked out once.
+        self._grants: dict[tuple[str, str], Grant | None] = {}
+        self._read_rules: dict[tuple[str, tuple[str, ...]], ReadRules] = {}
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -298,14 +307,18 @@ class Policy:
             raise KeyError(f"unknown resource {name!r} in policy {self.source}") from None
 
     def grant(self, role: str, resource: str) -> Grant | None:
+        key = (role, resource)
+        if key in self._grants:
+            return self._grants[key]
         role_spec = self.document.roles.get(role)
         if role_spec is None:
-            return None
+            return None  # not remembered: a token may name any role
         grant = role_spec.grants.get(resource) or role_spec.grants.get("*")
-        if grant is None:
-            return None
-        allowed = tuple(action for action in grant.actions if action in self.resource(resource).actions)
-        return grant if allowed == grant.actions else grant.model_copy(update={"actions": allowed})
+        if grant is not None:
+            allowed = tuple(action for action in grant.actions if action in self.resource(resource).actions)
+            grant = grant if allowed == grant.actions else grant.model_copy(update={"actions": allowed})
+        self._grants[key] = grant
+        return grant
 
     # --- field rules -----------------------------------------------------------------------
     def field_rule(self, grant: Grant, resource: str, path: str) -> FieldRule:
@@ -345,6 +358,7 @@ class Policy:
         ]
         readers = tuple(g for _, g in named_readers)
         reader_roles = tuple(role for role, _ in named_readers)
+        read_rules = self._shared_read_rules(resource, reader_roles)
         if not acting:
             return Decision(
                 allowed=False,
@@ -356,6 +370,7 @@ class Policy:
                 reason=f"no role of the caller may {action} {resource}",
                 readers=readers,
                 reader_roles=reader_roles,
+                read_rules=read_rules,
             )
         return Decision(
             allowed=True,
@@ -367,7 +382,17 @@ class Policy:
             readers=readers,
             acting=acting,
             reader_roles=reader_roles,
+            read_rules=read_rules,
         )
+
+    def _shared_read_rules(self, resource: str, reader_roles: tuple[str, ...]) -> ReadRules:
+        key = (resource, reader_roles)
+        rules = self._read_rules.get(key)
+        if rules is None:
+            if len(self._read_rules) >= MAX_READER_ROLE_SETS:
+                self._read_rules.clear()
+            rules = self._read_rules[key] = {}
+        return rules
 
     def effective(self, principal: Principal) -> dict[str, dict[str, Any]]:
         """Per resource: allowed actions, scope per action and field rules (for `GET /me`)."""
