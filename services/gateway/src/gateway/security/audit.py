@@ -104,7 +104,12 @@ def diff_for_audit(
     return fields, mask_pii(old, spec, custom_pii), mask_pii(new, spec, custom_pii)
 
 
-def to_event(entry: AuditEntry) -> events_pb2.AuditRecorded:
+def _plain(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return _jsonable(dict(values)) if values is not None else None
+
+
+def _event(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, Any] | None) -> events_pb2.AuditRecorded:
+    """The entry's event; `before` and `after` are its values as plain JSON (`_plain`)."""
     event = events_pb2.AuditRecorded(
         id=entry.id,
         occurred_at=to_timestamp(entry.occurred_at),
@@ -120,18 +125,19 @@ def to_event(entry: AuditEntry) -> events_pb2.AuditRecorded:
         path=entry.path,
         status_code=entry.status_code,
     )
-    if entry.before is not None:
-        before = struct_pb2.Struct()
-        before.update(_jsonable(dict(entry.before)))
-        event.before.CopyFrom(before)
-    if entry.after is not None:
-        after = struct_pb2.Struct()
-        after.update(_jsonable(dict(entry.after)))
-        event.after.CopyFrom(after)
+    if before is not None:
+        values = struct_pb2.Struct()
+        values.update(before)
+        event.before.CopyFrom(values)
+    if after is not None:
+        values = struct_pb2.Struct()
+        values.update(after)
+        event.after.CopyFrom(values)
     return event
 
 
-def _row(entry: AuditEntry) -> dict[str, Any]:
+def _row(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """The entry's `audit_events` row; `before` and `after` as for `_event`."""
     return {
         "id": entry.id,
         "occurred_at": entry.occurred_at,
@@ -146,8 +152,8 @@ def _row(entry: AuditEntry) -> dict[str, Any]:
         "outcome": entry.outcome,
         "reason": entry.reason,
         "fields": list(entry.fields),
-        "before": _jsonable(dict(entry.before)) if entry.before is not None else None,
-        "after": _jsonable(dict(entry.after)) if entry.after is not None else None,
+        "before": before,
+        "after": after,
         "request_id": entry.request_id,
         "method": entry.method,
         "path": entry.path,
@@ -196,13 +202,15 @@ class AuditLog:
             return
         # Rows and events are built here, in the caller's context: the events carry its trace, and
         # an entry that cannot be converted fails only its own caller.
-        keys = [entry.record_id or entry.actor.user_id or entry.id for entry in entries]
-        events = [
-            PendingEvent(message=to_event(entry), key=key, subject=key)
-            for entry, key in zip(entries, keys, strict=True)
-        ]
+        rows: list[dict[str, Any]] = []
+        events: list[PendingEvent] = []
+        for entry in entries:
+            before, after = _plain(entry.before), _plain(entry.after)
+            rows.append(_row(entry, before, after))
+            key = entry.record_id or entry.actor.user_id or entry.id
+            events.append(PendingEvent(message=_event(entry, before, after), key=key, subject=key))
         pending = _Pending(
-            rows=[_row(entry) for entry in entries],
+            rows=rows,
             events=outbox_rows(events, source=AUDIT_SOURCE, now=utcnow()),
             done=asyncio.get_running_loop().create_future(),
         )
