@@ -285,14 +285,31 @@ def _as_number(value: Any) -> float | None:
         return None
 
 
-def rule_matches(rule: ScoringRule, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> bool:
+@dataclass(frozen=True, slots=True)
+class _Condition:
+    """A scoring rule with its value prepared once (lower-cased, split, parsed), not per lead."""
+
+    rule: ScoringRule
+    expected: str
+    options: frozenset[str]
+    limit: float | None
+
+
+def _condition(rule: ScoringRule) -> _Condition:
+    options = frozenset(v.strip().lower() for v in rule.value.split(",")) if rule.operator == "in" else frozenset()
+    limit = _as_number(rule.value) if rule.operator in ("gte", "lte") else None
+    return _Condition(rule, rule.value.strip().lower(), options, limit)
+
+
+def _condition_matches(condition: _Condition, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> bool:
+    rule = condition.rule
     if rule.activity_kind:
         count = (
             sum(activity_counts.values()) if rule.activity_kind == "any" else activity_counts.get(rule.activity_kind, 0)
         )
         return count >= rule.min_count
     actual = _field_value(lead, rule.field)
-    expected = rule.value.strip().lower()
+    expected = condition.expected
     if isinstance(actual, list):
         texts = [str(v).lower() for v in actual]
     else:
@@ -309,24 +326,34 @@ def rule_matches(rule: ScoringRule, lead: Mapping[str, Any], activity_counts: Ma
         case "contains":
             return any(expected in t for t in texts)
         case "in":
-            options = {v.strip().lower() for v in rule.value.split(",")}
-            return any(t in options for t in texts)
+            return any(t in condition.options for t in texts)
         case "gte" | "lte":
             number = _as_number(actual)
-            if number is None:
+            if number is None or condition.limit is None:
                 return False
-            limit = float(rule.value)
-            return number >= limit if rule.operator == "gte" else number <= limit
+            return number >= condition.limit if rule.operator == "gte" else number <= condition.limit
     return False
+
+
+class Scorer:
+    """The enabled scoring rules prepared once, to score many leads (an import scores every row)."""
+
+    def __init__(self, rules: Sequence[ScoringRule]) -> None:
+        self._conditions = [_condition(r) for r in rules if r.enabled]
+
+    def score(self, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> tuple[int, list[str]]:
+        """Sum of the matching rules' points, capped to 0..100, and the ids of those rules."""
+        matched = [c.rule for c in self._conditions if _condition_matches(c, lead, activity_counts)]
+        total = sum(r.points for r in matched)
+        return max(0, min(100, total)), [r.id for r in matched]
 
 
 def compute_score(
     lead: Mapping[str, Any], activity_counts: Mapping[str, int], rules: Sequence[ScoringRule]
 ) -> tuple[int, list[str]]:
-    """Sum of the matching rules' points, capped to 0..100, and the ids of those rules."""
-    matched = [r for r in rules if r.enabled and rule_matches(r, lead, activity_counts)]
-    total = sum(r.points for r in matched)
-    return max(0, min(100, total)), [r.id for r in matched]
+    """Sum of the matching rules' points, capped to 0..100, and the ids of those rules (one lead;
+    a `Scorer` prepares the rules once for many)."""
+    return Scorer(rules).score(lead, activity_counts)
 
 
 def grade_for(score: int, t: Thresholds) -> str:

@@ -98,6 +98,10 @@ class Rules:
     thresholds: Thresholds = field(default_factory=Thresholds)
     assignment: list[AssignmentRule] = field(default_factory=list)
     custom_fields: list[cf.FieldDefinition] = field(default_factory=list)
+    scorer: domain.Scorer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scorer = domain.Scorer(self.scoring)  # prepared once per load, used for every lead
 
 
 class RulesCache:
@@ -346,7 +350,7 @@ class LeadsService:
             raise ValidationFailed([FieldError(field_name, f"campaign {campaign_id} does not exist")])
 
     def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
-        score, matched = domain.compute_score(lead, counts, rules.scoring)
+        score, matched = rules.scorer.score(lead, counts)
         return score, domain.grade_for(score, rules.thresholds), matched
 
     async def _pick_by_rules(

@@ -91,6 +91,18 @@ def test_score_is_always_within_bounds(points: list[int]) -> None:
     assert 0 <= score <= 100
 
 
+def test_a_scorer_scores_many_leads_with_the_rules_prepared_once() -> None:
+    scorer = domain.Scorer(SCORING)
+    lead = {"industry": "Software ", "source": "Event", "custom": {"visits": "4.5"}}
+    assert scorer.score(lead, {}) == domain.compute_score(lead, {}, SCORING) == (0, ["r4"])
+    assert scorer.score({**lead, "industry": "software", "custom": {"visits": 5}}, {}) == (50, ["r1", "r4", "r5"])
+    assert scorer.score({"tags": ["X", "y"]}, {}) == (0, [])
+    tagged = domain.Scorer([ScoringRule(id="t", field="tags", operator="contains", value=" Vi ", points=10)])
+    assert tagged.score({"tags": ["new", "VIP"]}, {}) == (10, ["t"])
+    any_activity = domain.Scorer([ScoringRule(id="a", activity_kind="any", min_count=2, points=5)])
+    assert any_activity.score({}, {"call": 1, "visit": 1}) == (5, ["a"])
+
+
 def test_scoring_rule_validation() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_scoring_rule(ScoringRule(id="", field="salary", operator="like", points=500), "")
