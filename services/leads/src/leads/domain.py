@@ -449,6 +449,18 @@ def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str
     return None
 
 
+def pick_in_batch(
+    rule: AssignmentRule | None, pointers: Mapping[str, str], loads: Mapping[str, int]
+) -> tuple[str, str, str] | None:
+    """(owner, team, rule id) for a lead of an import batch, from the rules' round-robin pointers
+    and the reps' open leads as the batch has moved them so far; None sends it to the pool (no
+    rule, a rule deleted since the rules were read, every rep at capacity)."""
+    if rule is None or rule.id not in pointers:
+        return None
+    user = pick_assignee(rule, loads, pointers[rule.id])
+    return None if user is None else (user, rule.team, rule.id)
+
+
 # --- follow-up SLA and recycling ----------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ from leads.config import LeadsSettings
 from leads.db_ops import bulk_insert
 from leads.domain import AssignmentRule, FollowUpPolicy, ScoringRule, Thresholds
 from leads.importing import ParserState, RowMapper, StreamParser
-from leads.messages import activity_to_proto, campaign_to_proto, lead_to_proto
+from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead_to_proto
 
 LEAD = "lead"
 
@@ -252,6 +252,33 @@ class ImportRowOutcome:
     field: str = ""
 
 
+@dataclass(slots=True)
+class _CheckedRow:
+    """An import row that passed the checks: the lead as it would be inserted and its LeadCreated
+    event, before dedupe, contact linking and assignment (which need the database) decide."""
+
+    row: int
+    clean: domain.CleanLead
+    values: dict[str, Any]
+    keys: list[str]
+    matched: list[str]  # ids of the scoring rules that matched
+    rule: AssignmentRule | None  # the assignment rule it matches, when the import assigns
+    created: events_pb2.LeadCreated
+
+
+@dataclass(slots=True)
+class _CheckedBatch:
+    rows: list[_CheckedRow]
+    rejected: list[ImportRowOutcome]
+    size: int  # rows of the file in the batch
+    last_row: int
+    now: datetime
+
+
+# Rows parsed or checked between two chances for the batch being written to go on (a few ms).
+_CHECK_SLICE = 100
+
+
 @dataclass(frozen=True, slots=True)
 class ImportPartResult:
     lead_import: RowMapping
@@ -360,14 +387,12 @@ class LeadsService:
         lead: Mapping[Any, Any],
         *,
         move_pointer: bool = True,
-        pending_loads: Mapping[str, int] | None = None,
     ) -> tuple[str, str, str] | None:
         """(owner, team, rule id) from the first matching rule, or None for the pool.
 
         The rule row is locked so concurrent assignments rotate the round-robin pointer in turn;
-        with `move_pointer=False` the caller moves it (in its own insert statement).
-        `pending_loads` counts open leads per rep that are about to be inserted (an import batch),
-        so capacity caps and least-loaded picks see them too.
+        with `move_pointer=False` the caller moves it (in its own insert statement). An import
+        batch picks in memory instead (`domain.pick_in_batch`).
         """
         rule = domain.first_matching_rule(rules.assignment, lead)
         if rule is None:
@@ -376,8 +401,6 @@ class LeadsService:
         last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=needs_loads)
         if last is None:  # deleted since the cache was loaded
             return None
-        if needs_loads and pending_loads:
-            loads = {user: loads.get(user, 0) + pending_loads.get(user, 0) for user in {*loads, *pending_loads}}
         user = domain.pick_assignee(rule, loads, last)
         if user is None:
             return None
@@ -1088,6 +1111,17 @@ class LeadsService:
         outcomes: list[ImportRowOutcome] = []
         batch: list[tuple[int, Mapping[str, Any] | str]] = []
         skipped = 0
+        # One batch is written (a task) while the next is parsed and checked here: the database
+        # works on one core while Python works on the other. Batches are written in file order.
+        writing: asyncio.Task[list[ImportRowOutcome]] | None = None
+
+        async def hand_over() -> None:
+            nonlocal writing
+            checked = await self._check_rows(spec.import_id, batch, spec.options)
+            batch.clear()
+            if writing is not None:
+                outcomes.extend(await writing)
+            writing = asyncio.create_task(self.import_batch(spec.import_id, checked, spec.options))
 
         async def take(rows: Iterable[tuple[int, Mapping[str, Any] | str]]) -> None:
             nonlocal skipped
@@ -1099,16 +1133,24 @@ class LeadsService:
                     continue
                 batch.append((number, item))
                 if len(batch) >= self.settings.import_batch_size:
-                    outcomes.extend(await self.import_batch(spec.import_id, batch, spec.options))
-                    batch.clear()
+                    await hand_over()
+                elif len(batch) % _CHECK_SLICE == 0:
+                    await asyncio.sleep(0)  # lets the batch being written go on
 
         try:
-            async for chunk in chunks:
-                await take(parser.feed(chunk))
-            if final:
-                await take(parser.finish())
-            if batch:
-                outcomes.extend(await self.import_batch(spec.import_id, batch, spec.options))
+            try:
+                async for chunk in chunks:
+                    await take(parser.feed(chunk))
+                if final:
+                    await take(parser.finish())
+                if batch:
+                    await hand_over()
+                if writing is not None:
+                    outcomes.extend(await writing)
+            except BaseException:
+                if writing is not None:  # the batch handed over commits (or fails) before the error is reported
+                    await asyncio.gather(writing, return_exceptions=True)
+                raise
         except ValidationFailed as error:
             await self._save_import_state(
                 spec.import_id, None, record["parts_received"], final=False, error=error.detail
@@ -1150,17 +1192,145 @@ class LeadsService:
         return row
 
     async def import_batch(
-        self, import_id: str, batch: Sequence[tuple[int, Mapping[Any, Any] | str]], options: ImportOptions
+        self, import_id: str, batch: _CheckedBatch, options: ImportOptions
     ) -> list[ImportRowOutcome]:
         """One transaction per batch: inserts the new leads, their events and the import's progress."""
         principal = current_principal()
+        now = batch.now
+        checked = batch.rows
+        outcomes = list(batch.rejected)
+        who = actor(principal)
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            cleans = [item.clean for item in checked]
+            existing = await self._existing_keys(conn, cleans, options.on_duplicate)
+            contacts = await repo.known_contacts(
+                conn,
+                emails={c.email_norm for c in cleans if c.email_norm},
+                phones={c.phone_norm for c in cleans if c.phone_norm},
+            )
+            assigning = options.assign and any(item.rule is not None for item in checked)
+            pointers, loads = await self._assignment_state(conn, checked) if assigning else ({}, {})
+            moved: dict[str, str] = {}  # rule id -> the rep its pointer moves to
+            existing_ids = set(existing.values())
+            seen: dict[str, str] = {}
+            new_rows: list[dict[str, Any]] = []
+            history: list[dict[str, Any]] = []
+            tasks: list[dict[str, Any]] = []
+            events: list[PendingEvent] = []
+            for item in checked:
+                keys = item.keys
+                duplicate_of = next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
+                if duplicate_of is not None and options.on_duplicate != "allow":
+                    if options.on_duplicate == "merge" and duplicate_of in existing_ids:
+                        target = await repo.load_lead(conn, duplicate_of, for_update=True)
+                        if target is not None:
+                            await self._merge(tx, target, item.clean, principal, now)
+                            outcomes.append(ImportRowOutcome(item.row, "merged", lead_id=duplicate_of))
+                            continue
+                    key = next(k for k in keys if existing.get(k) == duplicate_of or seen.get(k) == duplicate_of)
+                    kind = key.split(":", 1)[0]
+                    outcomes.append(
+                        ImportRowOutcome(
+                            item.row,
+                            "rejected",
+                            lead_id=duplicate_of,
+                            field=kind,
+                            reason=f"duplicate of open lead {duplicate_of} ({kind})",
+                        )
+                    )
+                    continue
+                values = item.values
+                lead_id = values["id"]
+                changed = False  # since the event's lead was built from the checked row
+                contact_id = next((contacts[k] for k in keys if k in contacts), "")
+                if contact_id:
+                    values["matched_contact_id"] = contact_id
+                    changed = True
+                if options.assign and not values["owner_id"]:
+                    picked = domain.pick_in_batch(item.rule, pointers, loads)
+                    if picked is not None:
+                        owner, team, rule_id = picked
+                        moved[rule_id] = pointers[rule_id] = owner
+                        values.update(self._assignment_values(owner, team, False, now))
+                        tasks.append(self._first_contact_task(lead_id, owner, now))
+                        changed = True
+                    else:
+                        values["in_pool"] = True
+                if values["owner_id"] and values["status"] in domain.OPEN_STATUSES:
+                    loads[values["owner_id"]] = loads.get(values["owner_id"], 0) + 1
+                new_rows.append(values)
+                history.append(
+                    {
+                        "id": new_id(),
+                        "lead_id": lead_id,
+                        "previous_score": 0,
+                        "score": values["score"],
+                        "previous_grade": "",
+                        "grade": values["grade"],
+                        "matched_rule_ids": item.matched,
+                        "changed_at": now,
+                    }
+                )
+                created = item.created
+                if changed:
+                    created.lead.Clear()
+                    fill_lead(created.lead, values)
+                events.append(PendingEvent(created, lead_id, lead_id))
+                if values["owner_id"]:
+                    assigned = events_pb2.LeadAssigned(actor=who)
+                    assigned.lead.CopyFrom(created.lead)
+                    events.append(PendingEvent(assigned, lead_id, lead_id))
+                for k in keys:
+                    seen[k] = lead_id
+                outcomes.append(ImportRowOutcome(item.row, "accepted", lead_id=lead_id))
+            if moved:
+                await repo.move_rule_pointers(conn, moved)
+            await bulk_insert(conn, repo.leads, new_rows)
+            await bulk_insert(conn, repo.score_history, history)
+            await bulk_insert(conn, repo.tasks, tasks)
+            # The batch's events go to the outbox in this transaction, in one COPY.
+            await bulk_insert(conn, self.outbox, outbox_rows(events, source=self.uow.source, now=now))
+            rejected = [o for o in outcomes if o.status == "rejected"]
+            await bulk_insert(
+                conn,
+                repo.import_rejections,
+                [{"import_id": import_id, "row": o.row, "field": o.field, "reason": o.reason} for o in rejected],
+            )
+            counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("accepted", "merged", "rejected")}
+            t = repo.imports
+            await conn.execute(
+                update(t)
+                .where(t.c.id == import_id)
+                .values(
+                    rows_seen=t.c.rows_seen + batch.size,
+                    accepted=t.c.accepted + counts["accepted"],
+                    merged=t.c.merged + counts["merged"],
+                    rejected=t.c.rejected + counts["rejected"],
+                    committed_rows=func.greatest(t.c.committed_rows, batch.last_row)
+                    if conn.dialect.name == "postgresql"
+                    else func.max(t.c.committed_rows, batch.last_row),
+                )
+            )
+        return sorted(outcomes, key=lambda o: o.row)
+
+    async def _check_rows(
+        self, import_id: str, batch: Sequence[tuple[int, Mapping[Any, Any] | str]], options: ImportOptions
+    ) -> _CheckedBatch:
+        """Maps, validates and scores a batch's rows (the CPU-heavy part, no database): the leads
+        ready to insert with their LeadCreated events, and the rows rejected."""
+        principal = current_principal()
         now = self.clock()
         rules = await self.rules.get()
-        outcomes: list[ImportRowOutcome] = []
-        accepted: list[tuple[int, domain.CleanLead, dict[str, Any]]] = []
-        for row_number, record in batch:
+        base = self._import_base(principal, now, import_id)
+        who = actor(principal)
+        checked: list[_CheckedRow] = []
+        rejected: list[ImportRowOutcome] = []
+        for count, (row_number, record) in enumerate(batch, start=1):
+            if count % _CHECK_SLICE == 0:
+                await asyncio.sleep(0)  # lets the batch being written go on
             if isinstance(record, str):
-                outcomes.append(ImportRowOutcome(row_number, "rejected", reason=record, field="row"))
+                rejected.append(ImportRowOutcome(row_number, "rejected", reason=record, field="row"))
                 continue
             try:
                 data = options.mapper.map(record)
@@ -1171,113 +1341,16 @@ class LeadsService:
                     )
             except ValidationFailed as error:
                 first = error.errors[0]
-                outcomes.append(ImportRowOutcome(row_number, "rejected", reason=error.detail, field=first.field))
+                rejected.append(ImportRowOutcome(row_number, "rejected", reason=error.detail, field=first.field))
                 continue
-            accepted.append((row_number, clean, data))
-        async with self.uow.begin() as tx:
-            conn = tx.conn
-            cleans = [clean for _, clean, _ in accepted]
-            existing = await self._existing_keys(conn, cleans, options.on_duplicate)
-            contacts = await repo.known_contacts(
-                conn,
-                emails={c.email_norm for c in cleans if c.email_norm},
-                phones={c.phone_norm for c in cleans if c.phone_norm},
-            )
-            batch_loads: dict[str, int] = {}  # open leads per rep in this batch, not inserted yet
-            seen: dict[str, str] = {}
-            new_rows: list[dict[str, Any]] = []
-            history: list[dict[str, Any]] = []
-            tasks: list[dict[str, Any]] = []
-            for row_number, clean, _data in accepted:
-                keys = _dedupe_keys(clean)
-                duplicate_of = next(
-                    (existing.get(k) or seen.get(k) for k in keys if existing.get(k) or seen.get(k)), None
-                )
-                if duplicate_of is not None and options.on_duplicate != "allow":
-                    if options.on_duplicate == "merge" and duplicate_of in existing.values():
-                        target = await repo.load_lead(conn, duplicate_of, for_update=True)
-                        if target is not None:
-                            await self._merge(tx, target, clean, principal, now)
-                            outcomes.append(ImportRowOutcome(row_number, "merged", lead_id=duplicate_of))
-                            continue
-                    key = next(k for k in keys if existing.get(k) == duplicate_of or seen.get(k) == duplicate_of)
-                    outcomes.append(
-                        ImportRowOutcome(
-                            row_number,
-                            "rejected",
-                            lead_id=duplicate_of,
-                            field=key.split(":", 1)[0],
-                            reason=f"duplicate of open lead {duplicate_of} ({key.split(':', 1)[0]})",
-                        )
-                    )
-                    continue
-                values = self._import_values(clean, principal, now, rules, import_id)
-                values["matched_contact_id"] = next((contacts[k] for k in keys if k in contacts), "")
-                if options.assign and not values["owner_id"]:
-                    picked = await self._pick_by_rules(conn, rules, values, pending_loads=batch_loads)
-                    if picked is not None:
-                        owner, team, _rule = picked
-                        values.update(self._assignment_values(owner, team, False, now))
-                        tasks.append(self._first_contact_task(values["id"], owner, now))
-                    else:
-                        values["in_pool"] = True
-                if values["owner_id"] and values["status"] in domain.OPEN_STATUSES:
-                    batch_loads[values["owner_id"]] = batch_loads.get(values["owner_id"], 0) + 1
-                new_rows.append(values)
-                history.append(
-                    {
-                        "id": new_id(),
-                        "lead_id": values["id"],
-                        "previous_score": 0,
-                        "score": values["score"],
-                        "previous_grade": "",
-                        "grade": values["grade"],
-                        "matched_rule_ids": values.pop("_matched"),
-                        "changed_at": now,
-                    }
-                )
-                for k in keys:
-                    seen[k] = values["id"]
-                outcomes.append(ImportRowOutcome(row_number, "accepted", lead_id=values["id"]))
-            if new_rows:
-                await bulk_insert(conn, repo.leads, new_rows)
-                await bulk_insert(conn, repo.score_history, history)
-                await bulk_insert(conn, repo.tasks, tasks)
-                who = actor(principal)
-                events: list[PendingEvent] = []
-                for values in new_rows:
-                    message = lead_to_proto(values)
-                    events.append(
-                        PendingEvent(events_pb2.LeadCreated(lead=message, actor=who), values["id"], values["id"])
-                    )
-                    if values["owner_id"]:
-                        assigned = events_pb2.LeadAssigned(lead=message, actor=who)
-                        events.append(PendingEvent(assigned, values["id"], values["id"]))
-                # The batch's events go to the outbox in this transaction, in one COPY.
-                await bulk_insert(conn, self.outbox, outbox_rows(events, source=self.uow.source, now=now))
-            rejected = [o for o in outcomes if o.status == "rejected"]
-            if rejected:
-                await conn.execute(
-                    insert(repo.import_rejections),
-                    [{"import_id": import_id, "row": o.row, "field": o.field, "reason": o.reason} for o in rejected],
-                )
-            counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("accepted", "merged", "rejected")}
-            last_row = max((n for n, _ in batch), default=0)
-            t = repo.imports
-            await conn.execute(
-                update(t)
-                .where(t.c.id == import_id)
-                .values(
-                    rows_seen=t.c.rows_seen + len(batch),
-                    accepted=t.c.accepted + counts["accepted"],
-                    merged=t.c.merged + counts["merged"],
-                    rejected=t.c.rejected + counts["rejected"],
-                    committed_rows=func.greatest(t.c.committed_rows, last_row)
-                    if conn.dialect.name == "postgresql"
-                    else func.max(t.c.committed_rows, last_row),
-                )
-            )
-        return sorted(outcomes, key=lambda o: o.row)
+            values, matched = self._import_values(clean, base, rules, now)
+            created = events_pb2.LeadCreated(actor=who)
+            fill_lead(created.lead, values)
+            assigning = options.assign and not values["owner_id"]
+            rule = domain.first_matching_rule(rules.assignment, values) if assigning else None
+            checked.append(_CheckedRow(row_number, clean, values, _dedupe_keys(clean), matched, rule, created))
+        last_row = max((n for n, _ in batch), default=0)
+        return _CheckedBatch(checked, rejected, len(batch), last_row, now)
 
     async def _existing_keys(
         self, conn: AsyncConnection, cleans: Sequence[domain.CleanLead], on_duplicate: str
@@ -1288,21 +1361,12 @@ class LeadsService:
         emails = sorted({c.email_norm for c in cleans if c.email_norm})
         phones = sorted({c.phone_norm for c in cleans if c.phone_norm})
         externals = sorted({c.values["external_id"] for c in cleans if c.values.get("external_id")})
-        c = repo.leads.c
-        conditions = []
-        if emails:
-            conditions.append(c.email_norm.in_(emails))
-        if phones:
-            conditions.append(c.phone_norm.in_(phones))
-        if externals:
-            conditions.append(c.external_id.in_(externals))
-        if not conditions:
+        if not (emails or phones or externals):
             return {}
         found: dict[str, str] = {}
-        query = select(c.id, c.email_norm, c.phone_norm, c.external_id).where(
-            or_(*conditions), c.status.in_(domain.OPEN_STATUSES)
-        )
-        for lead_id, email, phone, external in await conn.execute(query.order_by(c.id)):
+        for lead_id, email, phone, external in await repo.open_leads_with_keys(
+            conn, emails=emails, phones=phones, externals=externals
+        ):
             for key in (
                 f"email:{email}" if email else "",
                 f"phone:{phone}" if phone else "",
@@ -1312,10 +1376,22 @@ class LeadsService:
                     found.setdefault(key, lead_id)
         return found
 
-    def _import_values(
-        self, clean: domain.CleanLead, principal: Principal, now: datetime, rules: Rules, import_id: str
-    ) -> dict[str, Any]:
-        values: dict[str, Any] = {
+    async def _assignment_state(
+        self, conn: AsyncConnection, checked: Sequence[_CheckedRow]
+    ) -> tuple[dict[str, str], dict[str, int]]:
+        """For the rules the batch's rows match: their pointers (rows locked) and the open leads of
+        the reps whose caps or least-loaded picks need them, read once per batch."""
+        used = {item.rule.id: item.rule for item in checked if item.rule is not None}
+        pointers = await repo.lock_rule_pointers(conn, used)
+        counted = sorted(
+            {u for r in used.values() if r.capacity > 0 or r.strategy == "least_loaded" for u in r.user_ids}
+        )
+        loads = await repo.open_loads(conn, counted) if counted else {}
+        return pointers, loads
+
+    def _import_base(self, principal: Principal, now: datetime, import_id: str) -> dict[str, Any]:
+        """The columns every imported lead of a batch starts with."""
+        return {
             "name": "",
             "company": "",
             "title": "",
@@ -1328,42 +1404,44 @@ class LeadsService:
             "industry": "",
             "owner_id": "",
             "team": principal.team if principal.kind == "user" else "",
-            "tags": [],
-            "custom": {},
             "external_id": "",
+            "status": "new",
+            "created_at": now,
+            "updated_at": now,
+            "version": 1,
+            "follow_up_overdue": False,
+            "import_id": import_id,
+            "matched_contact_id": "",
+            "disqualified_reason": "",
+            "converted_account_id": "",
+            "converted_contact_id": "",
+            "converted_opportunity_id": "",
+            "assigned_at": None,
+            "first_contact_due_at": None,
+            "first_contacted_at": None,
+            "last_activity_at": None,
+            "recycled_at": None,
+            "claimed_at": None,
         }
+
+    def _import_values(
+        self, clean: domain.CleanLead, base: Mapping[str, Any], rules: Rules, now: datetime
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The lead row of a checked import row, and the ids of the scoring rules it matched."""
+        values: dict[str, Any] = {**base, "tags": [], "custom": {}}
         values.update({k: v for k, v in clean.values.items() if v not in (None, "")})
-        status = values.pop("status", None) or "new"
         score, grade, matched = self._score(rules, values, {})
         values.update(
             id=new_id(),
-            status=status,
             email_norm=clean.email_norm,
             phone_norm=clean.phone_norm,
             score=score,
             grade=grade,
-            created_at=now,
-            updated_at=now,
-            version=1,
             in_pool=not values["owner_id"],
-            follow_up_overdue=False,
-            import_id=import_id,
-            matched_contact_id="",
-            disqualified_reason="",
-            converted_account_id="",
-            converted_contact_id="",
-            converted_opportunity_id="",
-            assigned_at=None,
-            first_contact_due_at=None,
-            first_contacted_at=None,
-            last_activity_at=None,
-            recycled_at=None,
-            claimed_at=None,
-            _matched=matched,
         )
         if values["owner_id"]:
             values.update(self._assignment_values(values["owner_id"], "", False, now))
-        return values
+        return values, matched
 
     async def get_import(self, import_id: str) -> RowMapping:
         principal = current_principal()

@@ -522,6 +522,71 @@ async def rule_state(
     return str(last), (await open_loads(conn, user_ids) if loads else {})
 
 
+# --- the import path: one statement per batch, the same text for every batch ---------------------
+
+# One index probe per key, whatever the planner knows of the table: a batch's keys are few next to
+# the leads, but an import into a young table runs before its statistics are gathered, and then a
+# plan that scans the whole table per batch (or per key) looks as cheap. OFFSET 0 keeps each lookup
+# a separate, parameterized index scan; the status is checked in Python, since an index on status
+# is the other (wrong) scan the planner could pick without statistics.
+_KEY_LOOKUP = """
+    SELECT l.* FROM unnest(CAST(:{param} AS text[])) AS k(v),
+           LATERAL (SELECT id, email_norm, phone_norm, external_id, status FROM leads
+                     WHERE {column} = k.v OFFSET 0) AS l
+"""
+_OPEN_WITH_KEYS = text(
+    " UNION ALL ".join(
+        _KEY_LOOKUP.format(param=param, column=column)
+        for param, column in (("emails", "email_norm"), ("phones", "phone_norm"), ("externals", "external_id"))
+    )
+    + " ORDER BY id"
+)
+
+
+async def open_leads_with_keys(
+    conn: AsyncConnection, *, emails: Sequence[str], phones: Sequence[str], externals: Sequence[str]
+) -> list[tuple[str, str | None, str | None, str]]:
+    """(id, email_norm, phone_norm, external_id) of the open leads holding any of these keys,
+    oldest first: one statement for an import batch."""
+    if conn.dialect.name == "postgresql":
+        # The estimate of a batch on a table without statistics is far off, and compiling the
+        # statement (JIT) would then cost more than running it.
+        await conn.execute(text("SET LOCAL jit = off"))
+        params = {"emails": list(emails), "phones": list(phones), "externals": list(externals)}
+        rows = await conn.execute(_OPEN_WITH_KEYS, params)
+    else:
+        c = leads.c
+        conditions = [
+            column.in_(values)
+            for column, values in ((c.email_norm, emails), (c.phone_norm, phones), (c.external_id, externals))
+            if values
+        ]
+        if not conditions:
+            return []
+        rows = await conn.execute(
+            select(c.id, c.email_norm, c.phone_norm, c.external_id, c.status).where(or_(*conditions)).order_by(c.id)
+        )
+    return [
+        (lead_id, email, phone, external) for lead_id, email, phone, external, status in rows if status in OPEN_STATUSES
+    ]
+
+
+async def lock_rule_pointers(conn: AsyncConnection, rule_ids: Iterable[str]) -> dict[str, str]:
+    """The round-robin pointers of these assignment rules, their rows locked for the transaction
+    in id order (two imports lock in the same order); a deleted rule is missing."""
+    c = assignment_rules.c
+    rows = await conn.execute(
+        select(c.id, c.last_user_id).where(c.id.in_(sorted(set(rule_ids)))).order_by(c.id).with_for_update()
+    )
+    return {rule_id: str(last or "") for rule_id, last in rows}
+
+
+async def move_rule_pointers(conn: AsyncConnection, pointers: dict[str, str]) -> None:
+    c = assignment_rules.c
+    for rule_id, user_id in sorted(pointers.items()):
+        await conn.execute(update(assignment_rules).where(c.id == rule_id).values(last_user_id=user_id))
+
+
 def _bundle_statement() -> Any:
     """One static statement (compiled once) inserting a lead with its first score entry, an
     optional first-contact task and an optional round-robin pointer move (data-modifying CTEs)."""

@@ -20,6 +20,7 @@ from crm_platform.testing.kafka import EventCollector
 from leads import domain
 from leads import repository as repo
 from leads.servicer import LeadsServicer
+from sqlalchemy import func, select
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +223,41 @@ async def test_events_reach_the_broker_with_cloudevents_headers(
     assert headers["ce_specversion"] == "1.0" and headers["ce_source"] == "crm/leads" and headers["ce_id"]
     assert headers["ce_subject"] == lead_id and headers["content-type"] == "application/protobuf"
     assert mine[0].decode(events_pb2.LeadCreated).lead.email == "ev@x.cn"
+
+
+async def test_batches_written_while_the_next_is_checked_see_each_other(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    from leads.domain import AssignmentRule
+
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2", "u3"), strategy="round_robin", capacity=2,
+                           team="east-sales"),
+            "all", "",
+        )  # fmt: skip
+    env.service.settings.import_batch_size = 2
+    # Rows 3 and 6 repeat rows of earlier batches: each batch's dedupe sees the batches committed before it.
+    text = "Name,Email\n" + "".join(
+        f"{name},{email}\n"
+        for name, email in [
+            ("A", "a@x.cn"), ("B", "b@x.cn"), ("A again", "A@x.cn"), ("C", "c@x.cn"), ("D", "d@x.cn"),
+            ("B again", "b@x.cn"), ("E", "e@x.cn"), ("F", "f@x.cn"), ("G", "g@x.cn"),
+        ]
+    )  # fmt: skip
+    response = await send(stub, text.encode(), key="pipelined", column_map={}, assign=True)
+    progress = response.lead_import.progress
+    assert (progress.rows_seen, progress.accepted, progress.rejected) == (9, 7, 2)
+    assert {r.row: r.field for r in response.rows if r.status == "rejected"} == {3: "email", 6: "email"}
+    listed = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(), metadata=METADATA)
+    by_name = {lead.name: lead for lead in listed.items}
+    # Round robin goes on from batch to batch; with two leads each, the seventh finds every rep full.
+    owners = [by_name[name].owner_id for name in ("A", "B", "C", "D", "E", "F", "G")]
+    assert owners == ["u1", "u2", "u3", "u1", "u2", "u3", ""]
+    assert all(by_name[name].team == "east-sales" for name in "ABCDEF") and by_name["G"].in_pool
+    async with env.engine.connect() as conn:
+        types = Counter(t for (t,) in await conn.execute(select(repo.metadata.tables["outbox"].c.type)))
+        pointer = await conn.scalar(select(repo.assignment_rules.c.last_user_id))
+        tasks = await conn.scalar(select(func.count()).select_from(repo.tasks))
+    assert types == {"crm.leads.lead.created": 7, "crm.leads.lead.assigned": 6}
+    assert pointer == "u3" and tasks == 6

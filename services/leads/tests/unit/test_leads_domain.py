@@ -144,6 +144,15 @@ def test_least_loaded_picks_the_lightest_rep_within_capacity() -> None:
     assert domain.pick_assignee(_rule(strategy="least_loaded"), {"u1": 99, "u2": 100, "u3": 100}, None) == "u1"
 
 
+def test_an_import_batch_picks_from_its_pointers_and_loads() -> None:
+    rule = _rule(strategy="round_robin", capacity=2, team="east")
+    assert domain.pick_in_batch(None, {"r": ""}, {}) is None
+    assert domain.pick_in_batch(rule, {}, {}) is None  # the rule was deleted since the rules were read
+    assert domain.pick_in_batch(rule, {"r": ""}, {}) == ("u1", "east", "r")
+    assert domain.pick_in_batch(rule, {"r": "u1"}, {"u2": 2}) == ("u3", "east", "r")
+    assert domain.pick_in_batch(rule, {"r": "u1"}, {"u1": 2, "u2": 2, "u3": 2}) is None
+
+
 def test_assignment_rule_validation() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_assignment_rule(_rule(strategy="random", user_ids=(), sources=frozenset({"tv"})), "x")
