@@ -263,7 +263,8 @@ class _CheckedRow:
     keys: list[str]
     matched: list[str]  # ids of the scoring rules that matched
     rule: AssignmentRule | None  # the assignment rule it matches, when the import assigns
-    created: events_pb2.LeadCreated
+    # None when a rule matches: the lead will most likely get an owner, and its event then.
+    created: events_pb2.LeadCreated | None
 
 
 @dataclass(slots=True)
@@ -1242,7 +1243,7 @@ class LeadsService:
                     continue
                 values = item.values
                 lead_id = values["id"]
-                changed = False  # since the event's lead was built from the checked row
+                changed = False  # since the checks built the event's lead
                 contact_id = next((contacts[k] for k in keys if k in contacts), "")
                 if contact_id:
                     values["matched_contact_id"] = contact_id
@@ -1273,8 +1274,8 @@ class LeadsService:
                     }
                 )
                 created = item.created
-                if changed:
-                    created.lead.Clear()
+                if created is None or changed:
+                    created = events_pb2.LeadCreated(actor=who)
                     fill_lead(created.lead, values)
                 events.append(PendingEvent(created, lead_id, lead_id))
                 if values["owner_id"]:
@@ -1344,10 +1345,12 @@ class LeadsService:
                 rejected.append(ImportRowOutcome(row_number, "rejected", reason=error.detail, field=first.field))
                 continue
             values, matched = self._import_values(clean, base, rules, now)
-            created = events_pb2.LeadCreated(actor=who)
-            fill_lead(created.lead, values)
             assigning = options.assign and not values["owner_id"]
             rule = domain.first_matching_rule(rules.assignment, values) if assigning else None
+            created = None
+            if rule is None:
+                created = events_pb2.LeadCreated(actor=who)
+                fill_lead(created.lead, values)
             checked.append(_CheckedRow(row_number, clean, values, _dedupe_keys(clean), matched, rule, created))
         last_row = max((n for n, _ in batch), default=0)
         return _CheckedBatch(checked, rejected, len(batch), last_row, now)
