@@ -534,7 +534,7 @@ _KEY_LOOKUP = """
            LATERAL (SELECT id, email_norm, phone_norm, external_id, status FROM leads
                      WHERE {column} = k.v OFFSET 0) AS l
 """
-_OPEN_WITH_KEYS = text(
+OPEN_WITH_KEYS = text(
     " UNION ALL ".join(
         _KEY_LOOKUP.format(param=param, column=column)
         for param, column in (("emails", "email_norm"), ("phones", "phone_norm"), ("externals", "external_id"))
@@ -549,11 +549,14 @@ async def open_leads_with_keys(
     """(id, email_norm, phone_norm, external_id) of the open leads holding any of these keys,
     oldest first: one statement for an import batch."""
     if conn.dialect.name == "postgresql":
-        # The estimate of a batch on a table without statistics is far off, and compiling the
-        # statement (JIT) would then cost more than running it.
-        await conn.execute(text("SET LOCAL jit = off"))
+        # Each key is one index probe, whatever the statistics say: without statistics (a young
+        # table) or with them on a column most leads leave empty (external_id: the planner then
+        # expects every row to match an unknown key) a sequential scan per key looks as cheap,
+        # and costs a full scan of the table for each of the batch's keys. JIT compiling for such
+        # an estimate would cost more than running the statement. Both only for this transaction.
+        await conn.execute(text("SELECT set_config('enable_seqscan', 'off', true), set_config('jit', 'off', true)"))
         params = {"emails": list(emails), "phones": list(phones), "externals": list(externals)}
-        rows = await conn.execute(_OPEN_WITH_KEYS, params)
+        rows = await conn.execute(OPEN_WITH_KEYS, params)
     else:
         c = leads.c
         conditions = [

@@ -20,7 +20,7 @@ from crm_platform.testing.kafka import EventCollector
 from leads import domain
 from leads import repository as repo
 from leads.servicer import LeadsServicer
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 pytestmark = pytest.mark.integration
 
@@ -261,3 +261,24 @@ async def test_batches_written_while_the_next_is_checked_see_each_other(
         tasks = await conn.scalar(select(func.count()).select_from(repo.tasks))
     assert types == {"crm.leads.lead.created": 7, "crm.leads.lead.assigned": 6}
     assert pointer == "u3" and tasks == 6
+
+
+async def test_the_duplicate_lookup_probes_the_index_even_when_most_leads_have_no_external_id(env: Any) -> None:
+    """Most leads carry no external id, so the statistics say an unknown key matches every lead: a
+    plan scanning the table once per key of the batch would then look as cheap as the index."""
+    async with env.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO leads (id, name, email, email_norm, source, status, owner_id, team, tags, custom,"
+                " created_at, updated_at)"
+                " SELECT 'seed-' || g, 'Seed', '', '', 'website', 'new', '', '', '[]', '{}', now(), now()"
+                " FROM generate_series(1, 20000) AS g"
+            )
+        )
+        await conn.execute(text("ANALYZE leads"))
+    async with env.engine.begin() as conn:
+        keys = {"emails": [], "phones": [], "externals": [f"PID-{n}" for n in range(500)]}
+        assert await repo.open_leads_with_keys(conn, **keys) == []
+        plan = "\n".join(row[0] for row in await conn.execute(text(f"EXPLAIN {repo.OPEN_WITH_KEYS.text}"), keys))
+    assert "Seq Scan on leads" not in plan
+    assert "Index Cond: ((external_id)::text = k_2.v)" in plan
