@@ -6,6 +6,7 @@ Every service's `__main__.py` builds a `ServiceApp` and hands it to `run_cli`, w
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Callable, Coroutine
@@ -114,9 +115,17 @@ class ServiceApp:
             log.warning("could not ensure topics %s: %s", topics, error)
 
 
+def freeze_startup_objects() -> None:
+    """Moves what start-up made (modules, classes, settings) out of the collector's reach: the
+    full collections of a busy service otherwise scan them again and again for nothing."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_event_loop(main: Coroutine[Any, Any, None]) -> None:
     """Runs a service's main coroutine on uvloop, the loop uvicorn gives the gateway: the loop's
     own work under every RPC costs less than on asyncio's default loop."""
+    freeze_startup_objects()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main)
 

@@ -5,6 +5,7 @@ import argparse
 
 import uvicorn
 from crm_platform.logging import configure_logging
+from crm_platform.service import freeze_startup_objects
 from crm_platform.telemetry import configure_telemetry, instrument_engine
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
@@ -27,6 +28,7 @@ def main() -> None:
     app = create_app(settings)
     instrument_engine(app.state.security.engine)
     FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+    freeze_startup_objects()
     uvicorn.run(
         app,
         host=settings.host,

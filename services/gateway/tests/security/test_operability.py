@@ -111,6 +111,7 @@ def test_serving_traces_the_gateways_database(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(gateway_main, "configure_logging", lambda *args: None)
     monkeypatch.setattr(gateway_main, "configure_telemetry", lambda *args: None)
     monkeypatch.setattr(gateway_main.FastAPIInstrumentor, "instrument_app", lambda *args, **kwargs: None)
+    monkeypatch.setattr(gateway_main, "freeze_startup_objects", lambda: None)  # not the test process
     monkeypatch.setattr(gateway_main, "instrument_engine", instrumented.append)
     monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **kwargs: served.append(app))
 
