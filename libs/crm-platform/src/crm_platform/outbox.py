@@ -31,14 +31,19 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
+    bindparam,
     delete,
     func,
     insert,
+    not_,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
@@ -309,9 +314,9 @@ class OutboxRelay:
                 select(table.c.key, func.min(table.c.seq))
                 .where(
                     table.c.published_at.is_(None),
-                    table.c.key.in_({row.key for row in rows}),
+                    self._one_of(table.c.key, sorted({row.key for row in rows})),
                     table.c.seq < max(batch),
-                    table.c.seq.not_in(batch),
+                    not_(self._one_of(table.c.seq, batch)),
                 )
                 .group_by(table.c.key)
             )
@@ -322,7 +327,9 @@ class OutboxRelay:
             acked_at = utcnow()
             if sent:
                 await conn.execute(
-                    update(table).where(table.c.seq.in_([row.seq for row in sent])).values(published_at=acked_at)
+                    update(table)
+                    .where(self._one_of(table.c.seq, [row.seq for row in sent]))
+                    .values(published_at=acked_at)
                 )
                 for row in sent:
                     metrics.OUTBOX_LATENCY.labels(self.service).observe(
@@ -342,6 +349,13 @@ class OutboxRelay:
             if failed:
                 metrics.OUTBOX_FAILURES.labels(self.service).inc(len(failed))
         return len(sent)
+
+    def _one_of(self, column: Any, values: list[Any]) -> ColumnElement[bool]:
+        """`column IN values`. On PostgreSQL as `= ANY(array)`: one parameter, where an IN list of a
+        pass's hundreds of values is rendered into the statement text again on every pass."""
+        if is_postgres(self.engine):
+            return column == any_(bindparam(None, values, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
+        return column.in_(values)  # type: ignore[no-any-return]
 
     async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
         """(acknowledged rows, failed rows, first error). Every wait is bounded: a broker that hangs
