@@ -33,11 +33,11 @@ may set every field written. A role that reads the phones of its own leads does 
 phones of all the leads another role lets the caller list.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from crm_platform.principal import Principal, RecordScope, ScopeKind
@@ -196,8 +196,22 @@ class PolicyDocument(_Strict):
 GrantSet = tuple[int, ...]
 # Read rules by (path, grant set), shared by the decisions with the same read grants.
 ReadRules = dict[tuple[str, GrantSet], FieldRule]
-# Bounds the read rules kept: more distinct role combinations than this is unusual; they then start over.
+# What the memos shared between requests are keyed by: (resource, the decision's reader roles).
+ReaderKey = tuple[str, tuple[str, ...]]
+# Bounds each such memo: more distinct role combinations than this in one process is unusual; the
+# memo then starts over.
 MAX_READER_ROLE_SETS = 1024
+Memo = TypeVar("Memo")
+
+
+def reader_memo(memos: dict[ReaderKey, Memo], key: ReaderKey, new: Callable[[], Memo]) -> Memo:
+    """The memo of one (resource, reader roles), made on first use, in a table of bounded size."""
+    memo = memos.get(key)
+    if memo is None:
+        if len(memos) >= MAX_READER_ROLE_SETS:
+            memos.clear()
+        memo = memos[key] = new()
+    return memo
 
 
 @dataclass(slots=True)
@@ -289,7 +303,7 @@ class Policy:
         self.source = source
         # A loaded policy never changes: what follows from it alone is worked out once.
         self._grants: dict[tuple[str, str], Grant | None] = {}
-        self._read_rules: dict[tuple[str, tuple[str, ...]], ReadRules] = {}
+        self._read_rules: dict[ReaderKey, ReadRules] = {}
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -386,13 +400,7 @@ class Policy:
         )
 
     def _shared_read_rules(self, resource: str, reader_roles: tuple[str, ...]) -> ReadRules:
-        key = (resource, reader_roles)
-        rules = self._read_rules.get(key)
-        if rules is None:
-            if len(self._read_rules) >= MAX_READER_ROLE_SETS:
-                self._read_rules.clear()
-            rules = self._read_rules[key] = {}
-        return rules
+        return reader_memo(self._read_rules, (resource, reader_roles), dict)
 
     def effective(self, principal: Principal) -> dict[str, dict[str, Any]]:
         """Per resource: allowed actions, scope per action and field rules (for `GET /me`)."""

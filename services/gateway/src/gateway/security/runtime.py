@@ -27,17 +27,13 @@ from gateway.security.api_keys import ApiKeyStore
 from gateway.security.audit import AuditEntry, AuditLog
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
 from gateway.security.body_limit import BodySizeLimit
-from gateway.security.policy import Decision, Policy, load_policy
+from gateway.security.policy import Decision, Policy, ReaderKey, load_policy, reader_memo
 from gateway.security.problems import SecurityProblem, handle_security_problem
 from gateway.security.rate_limit import RateLimiter
 from gateway.security.settings import SecuritySettings
 from gateway.security.store import metadata, migrate_async
 
 log = logging.getLogger(__name__)
-
-# Bounds the presentation cache: more distinct role combinations than this in one process is
-# unusual; the cache then starts over.
-MAX_FIELD_VIEW_KEYS = 1024
 
 # Service answers that refuse the caller, and their HTTP status (gateway.errors maps them alike).
 _UPSTREAM_REFUSALS = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404}
@@ -95,7 +91,7 @@ class SecurityRuntime:
             name: {path.rsplit(".", 1)[0] for path in spec.fields if "." in path}
             for name, spec in self.policy.resources.items()
         }
-        self._field_views: dict[tuple[str, tuple[str, ...]], FieldViews] = {}
+        self._field_views: dict[ReaderKey, FieldViews] = {}
 
     def nested_prefixes(self, resource: str, path: str) -> bool:
         """Does the policy have rules for fields inside `path` (e.g. `line_items.discount_percent`)?"""
@@ -105,13 +101,7 @@ class SecurityRuntime:
         """How fields show under a decision's read grants, shared by the requests whose decisions
         have the same read grants (same resource, same reader roles): presenting a record then
         costs about a dict lookup per field, from the first record of a request on."""
-        key = (decision.resource, decision.reader_roles)
-        views = self._field_views.get(key)
-        if views is None:
-            if len(self._field_views) >= MAX_FIELD_VIEW_KEYS:
-                self._field_views.clear()
-            views = self._field_views[key] = {}
-        return views
+        return reader_memo(self._field_views, (decision.resource, decision.reader_roles), dict)
 
     # --- lifecycle -------------------------------------------------------------------------
     async def start(self, *, migrate: bool = True, relay: bool = True) -> None:
