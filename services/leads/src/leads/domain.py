@@ -348,14 +348,6 @@ class Scorer:
         return max(0, min(100, total)), [r.id for r in matched]
 
 
-def compute_score(
-    lead: Mapping[str, Any], activity_counts: Mapping[str, int], rules: Sequence[ScoringRule]
-) -> tuple[int, list[str]]:
-    """Sum of the matching rules' points, capped to 0..100, and the ids of those rules (one lead;
-    a `Scorer` prepares the rules once for many)."""
-    return Scorer(rules).score(lead, activity_counts)
-
-
 def grade_for(score: int, t: Thresholds) -> str:
     if score >= t.a:
         return "A"

@@ -72,13 +72,13 @@ SCORING = [
 
 def test_scoring_sums_matching_rules() -> None:
     lead = {"industry": "software", "email": "a@b.cn", "source": "ad", "name": "x", "custom": {"visits": 7}}
-    score, matched = domain.compute_score(lead, {"visit": 3}, SCORING)
+    score, matched = domain.Scorer(SCORING).score(lead, {"visit": 3})
     assert matched == ["r1", "r2", "r3", "r4", "r5"]
     assert score == 100  # 110 capped
 
 
 def test_scoring_floors_at_zero_and_grades() -> None:
-    score, matched = domain.compute_score({"source": "event"}, {}, SCORING)
+    score, matched = domain.Scorer(SCORING).score({"source": "event"}, {})
     assert (score, matched) == (0, ["r4"])
     t = Thresholds(a=80, b=60, c=40)
     assert [domain.grade_for(s, t) for s in (100, 80, 79, 60, 40, 39, 0)] == ["A", "A", "B", "B", "C", "D", "D"]
@@ -87,14 +87,14 @@ def test_scoring_floors_at_zero_and_grades() -> None:
 @given(st.lists(st.integers(-100, 100), max_size=20))
 def test_score_is_always_within_bounds(points: list[int]) -> None:
     rules = [ScoringRule(id=str(i), field="name", operator="present", points=p) for i, p in enumerate(points)]
-    score, _ = domain.compute_score({"name": "x"}, {}, rules)
+    score, _ = domain.Scorer(rules).score({"name": "x"}, {})
     assert 0 <= score <= 100
 
 
 def test_a_scorer_scores_many_leads_with_the_rules_prepared_once() -> None:
     scorer = domain.Scorer(SCORING)
     lead = {"industry": "Software ", "source": "Event", "custom": {"visits": "4.5"}}
-    assert scorer.score(lead, {}) == domain.compute_score(lead, {}, SCORING) == (0, ["r4"])
+    assert scorer.score(lead, {}) == (0, ["r4"])
     assert scorer.score({**lead, "industry": "software", "custom": {"visits": 5}}, {}) == (50, ["r1", "r4", "r5"])
     assert scorer.score({"tags": ["X", "y"]}, {}) == (0, [])
     tagged = domain.Scorer([ScoringRule(id="t", field="tags", operator="contains", value=" Vi ", points=10)])
