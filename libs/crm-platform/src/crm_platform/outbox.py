@@ -331,10 +331,9 @@ class OutboxRelay:
                     .where(self._one_of(table.c.seq, [row.seq for row in sent]))
                     .values(published_at=acked_at)
                 )
+                latency = metrics.OUTBOX_LATENCY.labels(self.service)
                 for row in sent:
-                    metrics.OUTBOX_LATENCY.labels(self.service).observe(
-                        (acked_at - as_utc(row.created_at)).total_seconds()
-                    )
+                    latency.observe((acked_at - as_utc(row.created_at)).total_seconds())
                 metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
             for row in failed:
                 await conn.execute(
