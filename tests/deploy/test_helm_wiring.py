@@ -40,7 +40,7 @@ MATRIX = sorted((CHART / "ci").glob("*-values.yaml"))
 NAMESPACE = "crm-test"
 RELEASE = "crm"
 # Read by the OpenTelemetry SDK itself (crm_platform.telemetry), not by a settings class.
-OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME"}
+OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
 # Stand-ins for values the chart takes from Secrets, so the settings classes can validate the rest.
 SECRET_STAND_INS = {"DATABASE_URL": "postgresql://crm:secret@postgres:5432/crm", "SASL_USERNAME": "crm"}
 
@@ -473,6 +473,7 @@ def test_image_user_matches_the_pod_security_context() -> None:
         (["shutdownGraceSeconds=20"], "must not exceed terminationGracePeriodSeconds"),
         (["accounts.autoscaling.minReplicas=5", "accounts.autoscaling.maxReplicas=2"], "above maxReplicas"),
         (["gateway.ingress.enabled=true", "gateway.ingress.hostname="], "gateway.ingress.hostname is required"),
+        (["otel.sampler=ratio"], "/otel/sampler"),
     ],
 )
 def test_chart_refuses_bad_values(overrides: list[str], message: str) -> None:
@@ -483,3 +484,20 @@ def test_chart_refuses_bad_values(overrides: list[str], message: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode != 0, f"helm accepted {overrides}"
     assert message in result.stderr, result.stderr
+
+
+def test_the_trace_sampler_reaches_every_pod_that_exports_traces() -> None:
+    command = [helm_binary(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for override in (
+        "otel.endpoint=http://collector:4317",
+        "otel.sampler=parentbased_traceidratio",
+        "otel.samplerArg=0.1",
+    ):
+        command += ["--set", override]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    deployments = [d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "Deployment"]
+    assert len(deployments) == len(COMPONENTS)
+    for deployment in deployments:
+        env = env_of(containers(deployment)[0])
+        assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio", deployment["metadata"]["name"]
+        assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.1"

@@ -185,6 +185,14 @@ true
   value: {{ .root.Values.otel.endpoint | quote }}
 - name: OTEL_SERVICE_NAME
   value: {{ printf "crm-%s" .name | quote }}
+{{- with .root.Values.otel.sampler }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ . | quote }}
+{{- end }}
+{{- with .root.Values.otel.samplerArg }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
