@@ -19,7 +19,7 @@ from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
-from crm_platform.testing.kafka import EventCollector, produce_event, produce_raw
+from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
@@ -202,6 +202,14 @@ async def test_notify_wakes_the_relay_and_a_lost_listen_connection_comes_back(
         await task
 
 
+def ids_by_key(records: list[ObservedRecord]) -> dict[str, list[str]]:
+    """The event ids of each key, in the order the broker holds them (by partition and offset)."""
+    received: dict[str, list[str]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        received[record.key].append(record.decode(events_pb2.AuditRecorded).id)
+    return received
+
+
 async def test_per_key_order_is_kept_across_1000_events_on_6_partitions(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
@@ -230,10 +238,9 @@ async def test_per_key_order_is_kept_across_1000_events_on_6_partitions(
     for relay in relays:
         await relay.stop()
     await asyncio.gather(*tasks)
-    received: dict[str, list[str]] = defaultdict(list)
+    received = ids_by_key(records)
     partitions_of_key: dict[str, set[int]] = defaultdict(set)
-    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
-        received[record.key].append(record.decode(events_pb2.AuditRecorded).id)
+    for record in records:
         partitions_of_key[record.key].add(record.partition)
     assert {p for ps in partitions_of_key.values() for p in ps} == set(range(6))
     assert all(len(ps) == 1 for ps in partitions_of_key.values())
@@ -263,13 +270,9 @@ async def test_a_pass_larger_than_a_record_batch_goes_in_several_batches_in_key_
     await produce_raw(broker_settings.bootstrap_servers, TOPIC, key=keys[0], value=b"marker")
     async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
         records = await collector.wait_for(lambda r: sum(x.key in keys for x in r) >= 31)
-    ours = sorted((r for r in records if r.key in keys), key=lambda r: (r.partition, r.offset))
+    ours = [r for r in records if r.key in keys]
     marker = next(r for r in ours if r.value == b"marker")
-    received: dict[str, list[str]] = defaultdict(list)
-    for record in ours:
-        if record.value != b"marker":
-            received[record.key].append(record.decode(events_pb2.AuditRecorded).id)
-    assert received == sent
+    assert ids_by_key([r for r in ours if r is not marker]) == sent
     assert {r.partition for r in ours if r.key == keys[0]} == {marker.partition}
 
 
