@@ -1,7 +1,8 @@
 """OpenTelemetry: traces gateway → gRPC → DB → Kafka → consumer. Exported over OTLP when
 `OTEL_EXPORTER_OTLP_ENDPOINT` is set, sampled as `OTEL_TRACES_SAMPLER` says (default: every trace).
 Without an exporter nothing is recorded: trace and span ids still flow (logs carry them, Kafka
-headers pass them on), but no span is built only to be thrown away."""
+headers pass them on), but no span is built only to be thrown away, and database statements are
+not hooked at all."""
 
 import os
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ def configure_telemetry(service: str) -> None:
         resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)}),
         sampler=default_sampler(os.environ),
     )
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    if spans_exported(os.environ):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -39,16 +40,24 @@ def configure_telemetry(service: str) -> None:
     AIOKafkaInstrumentor().instrument()
 
 
+def spans_exported(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
 def default_sampler(environ: Mapping[str, str]) -> Sampler | None:
     """None (the SDK reads `OTEL_TRACES_SAMPLER`) when traces are exported or a sampler is chosen;
     else record nothing, unless a caller's trace is sampled."""
-    if environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_TRACES_SAMPLER"):
+    if spans_exported(environ) or environ.get("OTEL_TRACES_SAMPLER"):
         return None
     return ParentBased(ALWAYS_OFF)
 
 
-def instrument_engine(engine: AsyncEngine) -> None:
-    SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
+def instrument_engine(engine: AsyncEngine, environ: Mapping[str, str] = os.environ) -> None:
+    """Database spans only when spans are exported. They are leaves (no other process continues
+    their trace), and the instrumentation costs every statement its hooks even when nothing
+    records: about a tenth of a lead create's CPU in the leads service."""
+    if spans_exported(environ):
+        SQLAlchemyInstrumentor().instrument(engine=engine.sync_engine)
 
 
 def shutdown_telemetry() -> None:

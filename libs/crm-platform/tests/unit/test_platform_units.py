@@ -22,12 +22,14 @@ from crm_platform.principal import (
     outgoing_metadata,
     scope_clause,
 )
-from crm_platform.telemetry import default_sampler
+from crm_platform.telemetry import default_sampler, instrument_engine
 from opentelemetry import trace
+from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import create_async_engine
 
 pytestmark = pytest.mark.unit
 
@@ -215,6 +217,18 @@ def test_without_an_exporter_spans_are_not_recorded_but_still_carry_ids() -> Non
     assert span.get_span_context().is_valid
     assert default_sampler({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}) is None
     assert default_sampler({"OTEL_TRACES_SAMPLER": "always_on"}) is None  # the operator's choice
+
+
+def test_database_statements_are_hooked_only_when_spans_are_exported() -> None:
+    """Database spans are leaves: without an exporter their hooks would be pure cost."""
+    quiet, exported = create_async_engine("sqlite+aiosqlite://"), create_async_engine("sqlite+aiosqlite://")
+    instrument_engine(quiet, {})
+    instrument_engine(exported, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"})
+    try:
+        assert len(quiet.sync_engine.dispatch.before_cursor_execute) == 0
+        assert len(exported.sync_engine.dispatch.before_cursor_execute) == 1
+    finally:
+        SQLAlchemyInstrumentor().uninstrument()  # type: ignore[no-untyped-call]
 
 
 def test_without_an_exporter_a_sampled_callers_trace_is_still_recorded() -> None:
