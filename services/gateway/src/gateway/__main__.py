@@ -7,7 +7,6 @@ import uvicorn
 from crm_platform.logging import configure_logging
 from crm_platform.service import freeze_startup_objects
 from crm_platform.telemetry import configure_telemetry, instrument_engine
-from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from gateway.app import create_app
 from gateway.config import Settings
@@ -27,7 +26,6 @@ def main() -> None:
     configure_telemetry(settings.service_name)
     app = create_app(settings)
     instrument_engine(app.state.security.engine)
-    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
     freeze_startup_objects()
     uvicorn.run(
         app,

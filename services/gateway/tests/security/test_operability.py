@@ -15,6 +15,11 @@ from fastapi import FastAPI
 from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.config import Settings
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 pytestmark = pytest.mark.integration
 
@@ -100,6 +105,36 @@ async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: Fas
     assert minted.status_code == 500 and minted.headers["x-request-id"]
 
 
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+async def test_a_request_continues_the_callers_trace_in_a_span_named_by_its_route(
+    real_app: FastAPI, real_app_auth: Any, spans: InMemorySpanExporter
+) -> None:
+    trace_id, caller_span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {**real_app_auth("sales_rep"), "traceparent": f"00-{trace_id}-{caller_span_id}-01"}
+
+    await _get(real_app, "/api/v1/leads/L-1", headers=headers)
+    await _get(real_app, "/healthz", headers=headers)
+
+    [server] = [  # one: the probe made none
+        span
+        for span in spans.get_finished_spans()
+        if span.kind is SpanKind.SERVER and format(span.context.trace_id, "032x") == trace_id
+    ]
+    assert server.name == "GET /api/v1/leads/{lead_id}"
+    assert server.attributes is not None and server.attributes["http.route"] == "/api/v1/leads/{lead_id}"
+    assert server.parent is not None and format(server.parent.span_id, "016x") == caller_span_id
+
+
 def test_serving_traces_the_gateways_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     served: list[FastAPI] = []
     instrumented: list[Any] = []
@@ -107,10 +142,9 @@ def test_serving_traces_the_gateways_database(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("CRM_GATEWAY_DEV_MODE", "true")
     monkeypatch.setenv("CRM_GATEWAY_DEV_JWT_SECRET", SECRET)
     monkeypatch.setenv("CRM_GATEWAY_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
-    # The process-wide parts (logging, tracer provider, FastAPI tracing) are not the subject here.
+    # The process-wide parts (logging, tracer provider) are not the subject here.
     monkeypatch.setattr(gateway_main, "configure_logging", lambda *args: None)
     monkeypatch.setattr(gateway_main, "configure_telemetry", lambda *args: None)
-    monkeypatch.setattr(gateway_main.FastAPIInstrumentor, "instrument_app", lambda *args, **kwargs: None)
     monkeypatch.setattr(gateway_main, "freeze_startup_objects", lambda: None)  # not the test process
     monkeypatch.setattr(gateway_main, "instrument_engine", instrumented.append)
     monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **kwargs: served.append(app))
