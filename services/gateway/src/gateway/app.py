@@ -27,7 +27,6 @@ from gateway.routers import (
 from gateway.security import install_security
 from gateway.upstreams import Upstreams
 
-API_PREFIX = "/api/v1"
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
@@ -68,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     security.custom_pii_keys = custom_fields.audit_pii_keys
     app.add_middleware(RequestContextMiddleware)
     for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields):
-        app.include_router(module.router, prefix=API_PREFIX)
+        app.include_router(module.router)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

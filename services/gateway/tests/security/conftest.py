@@ -201,7 +201,7 @@ def build_app(settings: SecuritySettings, policy: Policy, store: FakeStore, **kw
     runtime.custom_pii_keys = audit_pii_keys
     app.add_middleware(RequestContextMiddleware)
     for module in (me_router, audit_router, exports_router, api_keys_router):
-        app.include_router(module.router, prefix="/api/v1")
+        app.include_router(module.router)  # each carries the API prefix (gateway.routing)
     app.include_router(fake_router(policy, store), prefix="/api/v1")
     app.state.upstreams = FakeUpstreams(store)
     runtime.check_routes(app)

@@ -18,7 +18,7 @@ from crm.servicedesk.v1 import servicedesk_service_pb2
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
@@ -30,13 +30,14 @@ from gateway.routers.custom_fields import check_custom_filters, custom_filters, 
 from gateway.routers.sales import receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
+from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
 from gateway.security.problems import SecurityProblem, forbidden
 from gateway.upstreams import UpstreamNotConfigured, Upstreams
 
-router = APIRouter(tags=["accounts"])
+router = ResourceRouter(tags=["accounts"])
 
 # Parts of the 360° view read at most this many records each.
 VIEW_LIMIT = 20

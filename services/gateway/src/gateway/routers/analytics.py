@@ -18,18 +18,19 @@ from crm.analytics.v1 import analytics_service_pb2 as pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from crm.common.v1 import common_pb2
 from crm_platform.timeutil import from_timestamp, isoformat, to_timestamp
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import TypeAdapter, ValidationError
 
+from gateway.routing import ResourceRouter
 from gateway.security import Access, SecurityProblem, require
 from gateway.security.access import runtime_of
 from gateway.security.exports import csv_line, invalid_filter, register_export_source
 from gateway.security.problems import rate_limited
 
-router = APIRouter(tags=["analytics"])
+router = ResourceRouter(tags=["analytics"])
 
 ReportsRead = Annotated[Access, Depends(require("reports", "read"))]
 Format = Annotated[Literal["json", "csv"], Query(description="csv needs the export permission")]

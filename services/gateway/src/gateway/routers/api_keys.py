@@ -4,14 +4,15 @@ from datetime import datetime
 from typing import Annotated
 
 from crm_platform.timeutil import as_utc, isoformat, utcnow
-from fastapi import APIRouter, Depends, Path, Response
+from fastapi import Depends, Path, Response
 from pydantic import BaseModel, Field, field_validator
 
+from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.api_keys import ApiKeyRecord
 from gateway.security.problems import SecurityProblem, not_found
 
-router = APIRouter(tags=["api-keys"])
+router = ResourceRouter(tags=["api-keys"])
 
 
 class ApiKeyCreate(BaseModel):

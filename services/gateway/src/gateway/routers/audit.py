@@ -6,14 +6,15 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from crm_platform.timeutil import as_utc
-from fastapi import APIRouter, Depends, Query
+from fastapi import Depends, Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.audit import AuditQuery
 from gateway.security.exports import invalid_filter, register_export_source
 
-router = APIRouter(tags=["audit"])
+router = ResourceRouter(tags=["audit"])
 
 
 class AuditActor(BaseModel):

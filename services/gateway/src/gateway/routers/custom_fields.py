@@ -14,16 +14,17 @@ import grpc
 from crm.common.v1 import custom_fields_pb2 as pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.timeutil import from_timestamp, isoformat
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import Depends, Header, Request, Response
 from pydantic import BaseModel, Field
 
+from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
 from gateway.security.policy import FieldRule
 from gateway.security.problems import forbidden
 from gateway.upstreams import UpstreamNotConfigured, Upstreams
 
-router = APIRouter(tags=["custom fields"])
+router = ResourceRouter(tags=["custom fields"])
 
 EntityName = Literal["lead", "account", "contact", "opportunity", "ticket"]
 # The upstream that owns, stores and validates the custom fields of each entity.

@@ -16,7 +16,7 @@ from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm.servicedesk.v1 import servicedesk_service_pb2 as servicedesk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import Path, Query, Request
 from fastapi.responses import StreamingResponse
 
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
@@ -24,13 +24,14 @@ from gateway.routers.custom_fields import presenter
 from gateway.routers.leads import LEAD_FILTERS
 from gateway.routers.sales import OPPORTUNITY_FILTERS, PAYMENT_FILTERS
 from gateway.routers.service_desk import TICKET_FILTERS
+from gateway.routing import ResourceRouter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import Access, filtered_fields, runtime_of
 from gateway.security.audit import mask_pii
 from gateway.security.exports import GrpcListing, csv_line, export_source, register_grpc_export
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
 
-router = APIRouter(tags=["exports"])
+router = ResourceRouter(tags=["exports"])
 
 _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "CSV rows, header first", "content": {"text/csv": {"schema": {"type": "string"}}}},

@@ -19,7 +19,7 @@ from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 from crm_platform.timeutil import to_timestamp
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi import Depends, Header, Path, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, model_validator
@@ -27,9 +27,10 @@ from pydantic import BaseModel, Field, model_validator
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
 from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 
-router = APIRouter(tags=["leads"])
+router = ResourceRouter(tags=["leads"])
 
 LeadsRead = Annotated[Access, Depends(require("leads", "read"))]
 LeadsCreate = Annotated[Access, Depends(require("leads", "create"))]

@@ -1,12 +1,13 @@
 """`GET /api/v1/me`: who the caller is and what the policy lets them do, per resource."""
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from pydantic import BaseModel
 
+from gateway.routing import ResourceRouter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import runtime_of
 
-router = APIRouter(tags=["me"])
+router = ResourceRouter(tags=["me"])
 
 
 class ResourcePermissions(BaseModel):

@@ -15,7 +15,7 @@ from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,11 +23,12 @@ from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.exports import invalid_filter, register_export_source
 from gateway.upstreams import Upstreams
 
-router = APIRouter(tags=["sales"])
+router = ResourceRouter(tags=["sales"])
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 IfMatch = Annotated[str | None, Header(alias="If-Match")]

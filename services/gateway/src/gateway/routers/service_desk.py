@@ -12,16 +12,17 @@ from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.timeutil import isoformat, to_timestamp
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
 from gateway.conventions import expected_version, with_etag
 from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 
-router = APIRouter(tags=["service desk"])
+router = ResourceRouter(tags=["service desk"])
 
 TicketsRead = Annotated[Access, Depends(require("tickets", "read"))]
 TicketsCreate = Annotated[Access, Depends(require("tickets", "create"))]
