@@ -40,6 +40,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def single_statement_reads(engine: AsyncEngine) -> AsyncEngine:
+    """The engine (same pool) for a read of one statement: no BEGIN and ROLLBACK round trips
+    around it. Under READ COMMITTED a lone SELECT sees exactly what it would see in a transaction;
+    use `engine.connect()` for reads that need one snapshot or a transaction-local setting."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def is_postgres(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "postgresql"
 
