@@ -64,6 +64,9 @@ class ServiceSettings(BaseSettings):
     outbox_linger_seconds: float = 0.01
     # Run Alembic migrations at start (embedded defaults); in Kubernetes a Job runs them instead.
     migrate_on_start: bool = False
+    # A repeated Idempotency-Key answers with the first result for this long; then the key expires.
+    idempotency_retention_hours: float = Field(default=24.0, gt=0)
+    idempotency_expiry_interval_seconds: float = Field(default=600.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     def resolved_database_url(self) -> str:

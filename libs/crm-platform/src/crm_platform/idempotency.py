@@ -14,14 +14,30 @@ commit (or roll back) together:
 - `remember`, after creating: a plain INSERT. A concurrent duplicate that committed first makes it
   raise `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the
   caller may then `recall` the winner's result.
+
+Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
+default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
+holds the keys of the retry window, not every key ever sent.
 """
 
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
-from sqlalchemy import JSON, Column, DateTime, MetaData, PrimaryKeyConstraint, String, Table, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    delete,
+    insert,
+    select,
+    tuple_,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform.db import insert_ignore
 from crm_platform.principal import current_principal
@@ -78,6 +94,16 @@ async def remember(
         await conn.execute(
             insert(table).values(operation=operation, caller=caller, key=key, result=result, created_at=now)
         )
+
+
+async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, limit: int) -> int:
+    """Deletes up to `limit` keys recorded before `before`; returns how many. A repeat of such a
+    key afterwards is a new request. Replicas running this at once delete each key once."""
+    c = table.c
+    expired = select(c.operation, c.caller, c.key).where(c.created_at < before).limit(limit)
+    async with engine.begin() as conn:
+        result = await conn.execute(delete(table).where(tuple_(c.operation, c.caller, c.key).in_(expired)))
+    return int(result.rowcount)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,15 +11,16 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import uvloop
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from crm_platform import migrations
+from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, dead_letter_topic
 from crm_platform.grpc_server import GrpcServer
@@ -29,6 +30,7 @@ from crm_platform.logging import configure_logging
 from crm_platform.metrics import serve_metrics
 from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.telemetry import configure_telemetry, instrument_engine, shutdown_telemetry
+from crm_platform.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,9 @@ class ServiceApp:
             linger_seconds=self.settings.outbox_linger_seconds,
         )
         self.uow.on_commit(self.relay.wake)
+        keys = self.metadata.tables.get(idempotency.TABLE_NAME)
+        if keys is not None:
+            self.jobs.append(self._idempotency_key_expiry(keys))
         self.server = GrpcServer(
             service=self.settings.service_name,
             service_names=self.service_names,
@@ -68,6 +73,16 @@ class ServiceApp:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
+
+    def _idempotency_key_expiry(self, keys: Table) -> PeriodicJob:
+        retention = timedelta(hours=self.settings.idempotency_retention_hours)
+        batch = 1000
+
+        async def expire() -> int:
+            return await idempotency.expire_keys(self.engine, keys, before=utcnow() - retention, limit=batch)
+
+        interval = self.settings.idempotency_expiry_interval_seconds
+        return PeriodicJob("idempotency-key-expiry", interval, expire, batch_size=batch)
 
     async def start(self) -> int:
         """Starts everything and returns the bound gRPC port."""

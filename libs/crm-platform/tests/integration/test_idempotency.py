@@ -4,10 +4,14 @@ exactly one wins."""
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import pytest
 from crm_platform import idempotency
+from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
+from crm_platform.outbox import UnitOfWork, add_messaging_tables
+from crm_platform.service import ServiceApp
 from crm_platform.timeutil import utcnow
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -18,6 +22,7 @@ pytestmark = pytest.mark.integration
 metadata = MetaData()
 keys = idempotency.idempotency_table(metadata)
 things = Table("things", metadata, Column("id", String(36), primary_key=True))
+add_messaging_tables(metadata)  # as in every service
 
 
 @pytest.fixture
@@ -122,3 +127,45 @@ async def test_of_concurrent_duplicates_one_wins(engine: AsyncEngine, claim_firs
         created = list((await conn.execute(select(things.c.id))).scalars())
     assert len(created) == 1
     assert set(answers) == set(created)
+
+
+async def test_keys_past_the_retention_expire_in_batches_and_newer_ones_stay(engine: AsyncEngine) -> None:
+    now = utcnow()
+    async with engine.begin() as conn:
+        for n in range(5):
+            await idempotency.remember(
+                conn, keys, operation="create", caller="u1", key=f"old-{n}", result="x", now=now - timedelta(days=2)
+            )
+        await idempotency.remember(conn, keys, operation="create", caller="u1", key="new", result="y", now=now)
+    cutoff = now - timedelta(days=1)
+
+    first = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
+    second = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
+    third = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
+
+    assert (first, second, third) == (3, 2, 0)
+    async with engine.connect() as conn:
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="new") == "y"
+        assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="old-0") is None
+
+
+async def test_every_service_with_idempotency_keys_runs_their_expiry(engine: AsyncEngine) -> None:
+    app = ServiceApp(
+        settings=ServiceSettings(service_name="probe", idempotency_retention_hours=1),
+        engine=engine,
+        metadata=metadata,
+        uow=UnitOfWork(engine, metadata, source="/crm/probe"),
+        service_names=[],
+        register=lambda server: None,
+    )
+    [expiry] = [job for job in app.jobs if job.name == "idempotency-key-expiry"]
+    now = utcnow()
+    async with engine.begin() as conn:
+        await idempotency.remember(
+            conn, keys, operation="op", caller="", key="hour-old", result="a", now=now - timedelta(minutes=61)
+        )
+        await idempotency.remember(conn, keys, operation="op", caller="", key="fresh", result="b", now=now)
+
+    assert await expiry.run_once() == 1
+    async with engine.connect() as conn:
+        assert await idempotency.recall(conn, keys, operation="op", caller="", key="fresh") == "b"
