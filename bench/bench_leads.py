@@ -282,7 +282,9 @@ class Side:
     """One side of a ratio: its client, and the latencies, seconds and CPU of its measured rounds."""
 
     def __init__(self, name: str, base_url: str, headers: dict[str, str], meter: CpuMeter) -> None:
-        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+        # Idle connections are dropped before uvicorn's 5 s keep-alive timeout closes them, so a round
+        # never reuses a connection the server is closing (a ReadError after a pause of the other side).
+        limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=2.0)
         self.name = name
         self.meter = meter
         self.client = httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits, timeout=60)

@@ -62,7 +62,7 @@ class ServiceApp:
         self.uow.on_commit(self.relay.wake)
         keys = self.metadata.tables.get(idempotency.TABLE_NAME)
         if keys is not None:
-            self.jobs.append(self._idempotency_key_expiry(keys))
+            self.jobs = [*self.jobs, self._idempotency_key_expiry(keys)]
         self.server = GrpcServer(
             service=self.settings.service_name,
             service_names=self.service_names,
