@@ -116,6 +116,7 @@ class Transaction:
     conn: AsyncConnection
     source: str
     _events: list[PendingEvent] = field(default_factory=list)
+    _written: int = 0  # events at the front of _events that the handler wrote itself
 
     def publish(self, message: Message, *, key: str, subject: str = "") -> None:
         """Queues an event; it is written to the outbox in this transaction, published after commit."""
@@ -125,6 +126,17 @@ class Transaction:
     @property
     def events(self) -> list[PendingEvent]:
         return list(self._events)
+
+    def take_outbox_rows(self, now: datetime) -> list[dict[str, Any]]:
+        """The outbox rows of the events published so far and not yet taken, for a handler that
+        writes them in its own statement (a round trip less on a hot path); the unit of work then
+        writes only the events published after this."""
+        rows = outbox_rows(self._events[self._written :], source=self.source, now=now)
+        self._written = len(self._events)
+        return rows
+
+    def untaken_events(self) -> list[PendingEvent]:
+        return self._events[self._written :]
 
 
 def outbox_rows(events: list[PendingEvent], *, source: str, now: datetime) -> list[dict[str, Any]]:
@@ -176,8 +188,8 @@ class UnitOfWork:
         async with self.engine.begin() as conn:
             tx = Transaction(conn=conn, source=self.source)
             yield tx
-            if tx.events:
-                await conn.execute(insert(self.outbox), outbox_rows(tx.events, source=self.source, now=utcnow()))
+            if untaken := tx.untaken_events():
+                await conn.execute(insert(self.outbox), outbox_rows(untaken, source=self.source, now=utcnow()))
         if tx.events:
             for listener in self._listeners:
                 listener()

@@ -21,6 +21,7 @@ from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
+from crm_platform.timeutil import utcnow
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -75,6 +76,24 @@ async def test_a_rolled_back_transaction_leaves_no_outbox_row_and_no_event(
     async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
         await asyncio.sleep(1.0)
         assert collector.records == []
+
+
+async def test_events_a_handler_wrote_itself_are_not_written_again_and_later_ones_follow_them(
+    engine: AsyncEngine,
+) -> None:
+    outbox = metadata.tables["outbox"]
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    async with uow.begin() as tx:
+        await add_note(tx, "k")
+        await add_note(tx, "k")
+        await tx.conn.execute(insert(outbox), tx.take_outbox_rows(utcnow()))  # in the handler's statement
+        assert tx.take_outbox_rows(utcnow()) == []
+        await add_note(tx, "k")
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(outbox.c.payload).order_by(outbox.c.seq))).scalars().all()
+    published = [event.message.id for event in tx.events]
+    assert [events_pb2.AuditRecorded.FromString(payload).id for payload in rows] == published
+    assert len(published) == 3
 
 
 async def test_a_committed_transaction_publishes_exactly_one_event_with_cloudevents_headers(

@@ -631,12 +631,11 @@ class LeadsService:
             "changed_at": now,
         }
         task = self._first_contact_task(lead_id, values["owner_id"], now) if values["owner_id"] else None
-        row = await repo.insert_lead_bundle(conn, values, history, task, pointer)
-        message = lead_to_proto(row)
+        message = lead_to_proto(repo.LEAD_DEFAULTS | values)  # the row as the bundle stores it
         tx.publish(events_pb2.LeadCreated(lead=message, actor=actor(principal)), key=lead_id)
-        if row["owner_id"]:
+        if values["owner_id"]:
             tx.publish(events_pb2.LeadAssigned(lead=message, rule_id=rule_id, actor=actor(principal)), key=lead_id)
-        return row
+        return await repo.insert_lead_bundle(conn, values, history, task, pointer, tx.take_outbox_rows(now))
 
     async def get_lead(self, lead_id: str) -> RowMapping:
         async with self.single_reads.connect() as conn:

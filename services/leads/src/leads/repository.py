@@ -38,14 +38,14 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from leads.domain import OPEN_STATUSES
 
 metadata = MetaData()
-add_messaging_tables(metadata)
+outbox, _ = add_messaging_tables(metadata)
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 _ID = String(36)
@@ -619,7 +619,18 @@ def _bundle_statement() -> Any:
         .values(last_user_id=bindparam("p_user", type_=String))
         .cte("moved_pointer")
     )
-    return select(new_lead).add_cte(new_history, new_task, moved)
+    # The lead's events, in the order given (unnest keeps it, and so do the outbox seqs).
+    event_rows = select(
+        *[func.unnest(bindparam(f"o_{name}", type_=ARRAY(Text))) for name in ("id", "topic", "key", "type")],
+        func.unnest(bindparam("o_payload", type_=ARRAY(LargeBinary))),
+        cast(func.unnest(bindparam("o_headers", type_=ARRAY(Text))), JSON),
+        func.unnest(bindparam("o_created_at", type_=ARRAY(DateTime(timezone=True)))),
+    )
+    new_events = insert(outbox).from_select(_EVENT_COLUMNS, event_rows).cte("new_events")
+    return select(new_lead).add_cte(new_history, new_task, moved, new_events)
+
+
+_EVENT_COLUMNS = ["id", "topic", "key", "type", "payload", "headers", "created_at"]
 
 
 _BUNDLE = _bundle_statement()
@@ -635,10 +646,13 @@ async def insert_lead_bundle(
     history: dict[str, Any],
     task: dict[str, Any] | None,
     pointer: tuple[str, str] | None,
+    events: list[dict[str, Any]],
 ) -> RowMapping:
-    """The new lead, its first score entry, its first-contact task and the round-robin pointer
-    move; on PostgreSQL in one round trip. Returns the inserted lead row."""
+    """The new lead, its first score entry, its first-contact task, the round-robin pointer move
+    and its events' outbox rows; on PostgreSQL in one round trip. Returns the inserted lead row."""
     if conn.dialect.name != "postgresql":
+        if events:
+            await conn.execute(insert(outbox), events)
         row = (await conn.execute(insert(leads).values(lead).returning(leads))).mappings().one()
         await conn.execute(insert(score_history).values(history))
         if task is not None:
@@ -654,4 +668,6 @@ async def insert_lead_bundle(
     params.update(
         t_present=task is not None, p_rule=pointer[0] if pointer else "", p_user=pointer[1] if pointer else ""
     )
+    params.update({f"o_{name}": [event[name] for event in events] for name in _EVENT_COLUMNS})
+    params["o_headers"] = [json.dumps(headers) for headers in params["o_headers"]]
     return (await conn.execute(_BUNDLE, params)).mappings().one()
