@@ -40,10 +40,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def single_statement_reads(engine: AsyncEngine) -> AsyncEngine:
-    """The engine (same pool) for a read of one statement: no BEGIN and ROLLBACK round trips
-    around it. Under READ COMMITTED a lone SELECT sees exactly what it would see in a transaction;
-    use `engine.connect()` for reads that need one snapshot or a transaction-local setting."""
+def single_statements(engine: AsyncEngine) -> AsyncEngine:
+    """The engine (same pool) for work done in one statement: no BEGIN and COMMIT/ROLLBACK round
+    trips around it. A lone statement is atomic by itself, and under READ COMMITTED a lone SELECT
+    sees exactly what it would see in a transaction. Work of several statements, or that needs one
+    snapshot or a transaction-local setting, uses `engine.begin()` / `engine.connect()`."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from crm.audit.v1 import events_pb2
 from crm_platform.db import create_engine
 from crm_platform.principal import Principal
-from gateway.security.audit import AuditEntry, AuditLog
+from gateway.security.audit import AuditEntry, AuditLog, AuditQuery
 from gateway.security.store import audit_events, migrate_async, outbox
 from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -34,14 +35,16 @@ def entry(record_id: str, user_id: str = "u-1") -> AuditEntry:
 
 
 class Commits:
-    """Counts the transactions committed on an engine."""
+    """Counts the audit writes committed on an engine: each inserts its outbox rows in one statement
+    (the last of its transaction on SQLite; on PostgreSQL the one statement of the write)."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.count = 0
-        event.listen(engine.sync_engine, "commit", self._committed)
+        event.listen(engine.sync_engine, "after_cursor_execute", self._executed)
 
-    def _committed(self, _connection: Any) -> None:
-        self.count += 1
+    def _executed(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "INSERT INTO outbox" in statement:
+            self.count += 1
 
 
 @pytest.fixture
@@ -161,3 +164,31 @@ async def test_a_cancelled_caller_leaves_the_others_and_close_waits_for_the_writ
     assert first.cancelled()
     # Its entry was queued: it is written all the same (an audit row too many, never one too few).
     assert await stored(engine) == (["first", "other-0", "other-1", "other-2"],) * 2
+
+
+async def test_an_entry_and_its_event_are_stored_as_given(engine: AsyncEngine) -> None:
+    audit = AuditLog(engine)
+    given = AuditEntry(
+        actor=Principal(user_id="u-9", roles=("admin", "sales_manager"), team="t", region="north"),
+        action="update",
+        resource="leads",
+        record_id="lead-1",
+        fields=["name", "phone"],
+        before={"name": "Old", "tags": ["a"]},
+        after={"name": "新名字", "tags": []},
+    )
+    await audit.record([given])
+
+    [row], _ = await audit.query(AuditQuery(record_id="lead-1"))
+    async with engine.connect() as conn:
+        stored_event = (await conn.execute(select(outbox))).mappings().one()
+    event = events_pb2.AuditRecorded.FromString(stored_event["payload"])
+    assert (row["action"], row["actor"]["roles"], row["fields"]) == (
+        "update",
+        ["admin", "sales_manager"],
+        ["name", "phone"],
+    )
+    assert (row["before"], row["after"]) == ({"name": "Old", "tags": ["a"]}, {"name": "新名字", "tags": []})
+    assert (event.id, event.record_id, event.after["name"]) == (row["id"], "lead-1", "新名字")
+    assert stored_event["key"] == "lead-1" and dict(stored_event["headers"])["ce_type"] == "crm.audit.record.recorded"
+    assert stored_event["published_at"] is None

@@ -15,7 +15,7 @@ from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore, single_statement_reads
+from crm_platform.db import insert_ignore, single_statements
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -351,7 +351,7 @@ class LeadsService:
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.engine = engine
-        self.single_reads = single_statement_reads(engine)
+        self.single_statements = single_statements(engine)
         self.uow = uow
         self.settings = settings
         self.ports = ports
@@ -638,7 +638,7 @@ class LeadsService:
         return await repo.insert_lead_bundle(conn, values, history, task, pointer, tx.take_outbox_rows(now))
 
     async def get_lead(self, lead_id: str) -> RowMapping:
-        async with self.single_reads.connect() as conn:
+        async with self.single_statements.connect() as conn:
             return await self._visible_lead(conn, lead_id)
 
     async def update_lead(
@@ -758,7 +758,7 @@ class LeadsService:
         column, descending = parse_sort(sort, SORTS, default="-created_at")
         # Typed against the definitions the lead writes are validated with (this replica's cache).
         custom = typed_filters((await self.rules.get()).custom_fields, f.custom) if f.custom else []
-        async with self.single_reads.connect() as conn:
+        async with self.single_statements.connect() as conn:
             query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f, custom)
             query = keyset_page(
                 query, sort_column=column, id_column=repo.leads.c.id, descending=descending, cursor=cursor, limit=size

@@ -1,7 +1,7 @@
-"""Reads of one statement skip the BEGIN and ROLLBACK round trips of a transaction, on the same pool."""
+"""Work of one statement skips the BEGIN and COMMIT/ROLLBACK round trips of a transaction, on the same pool."""
 
 import pytest
-from crm_platform.db import create_engine, single_statement_reads
+from crm_platform.db import create_engine, single_statements
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,11 +15,11 @@ async def _read_in_transaction(engine: AsyncEngine) -> bool:
         return bool(raw.driver_connection.is_in_transaction())  # type: ignore[union-attr]
 
 
-async def test_a_single_statement_read_opens_no_transaction(postgres_url: str) -> None:
+async def test_a_single_statement_opens_no_transaction(postgres_url: str) -> None:
     engine = create_engine(postgres_url)
     try:
-        assert await _read_in_transaction(single_statement_reads(engine)) is False
+        assert await _read_in_transaction(single_statements(engine)) is False
         assert await _read_in_transaction(engine) is True  # what a plain connect() costs
-        assert single_statement_reads(engine).pool is engine.pool
+        assert single_statements(engine).pool is engine.pool
     finally:
         await engine.dispose()
