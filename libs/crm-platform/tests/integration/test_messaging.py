@@ -21,11 +21,10 @@ from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
+from crm_platform.testing.tracing import record_spans
 from crm_platform.timeutil import utcnow
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import OperationalError
@@ -498,12 +497,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(postgres_url: str, o
 
 @pytest.fixture(scope="module")
 def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    exporter = record_spans()
     # As in the services (crm_platform.telemetry): aiokafka instrumented, adding its own headers.
     instrumentor = AIOKafkaInstrumentor()
     instrumentor.instrument()

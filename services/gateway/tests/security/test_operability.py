@@ -11,13 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
+from crm_platform.testing.tracing import record_spans
 from fastapi import FastAPI
 from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.config import Settings
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -107,13 +105,7 @@ async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: Fas
 
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    return record_spans()
 
 
 async def test_a_request_continues_the_callers_trace_in_a_span_named_by_its_route(
