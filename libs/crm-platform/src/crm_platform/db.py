@@ -1,10 +1,12 @@
 """Async database engines: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) as the embedded default."""
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import JSON, Insert, Table, Text, bindparam, cast, event, func, insert, literal_column, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -46,6 +48,32 @@ def single_statements(engine: AsyncEngine) -> AsyncEngine:
     sees exactly what it would see in a transaction. Work of several statements, or that needs one
     snapshot or a transaction-local setting, uses `engine.begin()` / `engine.connect()`."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def insert_from_json(table: Table, param: str, columns: Sequence[str] | None = None) -> Insert:
+    """INSERT INTO `table` the rows of one JSON-array parameter (`json_rows`), in the array's order
+    (PostgreSQL): any number of rows in one bound value and one statement text, also usable as a
+    CTE of a larger statement. Keys missing from a row are NULL."""
+    names = list(columns) if columns is not None else list(table.c.keys())
+    rows = (
+        func.json_populate_recordset(literal_column(f"NULL::{table.name}"), cast(bindparam(param, type_=Text), JSON))
+        .table_valued(*names, with_ordinality="ordinality")
+        .alias(f"{param}_rows")
+    )
+    return insert(table).from_select(names, select(*[rows.c[name] for name in names]).order_by(rows.c.ordinality))
+
+
+def json_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """The parameter of `insert_from_json`: times in ISO 8601, bytes in bytea's hex format."""
+    return json.dumps(rows, default=_json_value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def is_postgres(engine: AsyncEngine) -> bool:

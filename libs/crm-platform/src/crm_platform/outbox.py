@@ -24,6 +24,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Insert,
     Integer,
     LargeBinary,
     MetaData,
@@ -48,7 +49,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
-from crm_platform.db import is_postgres
+from crm_platform.db import insert_from_json, is_postgres
 from crm_platform.ids import new_id
 from crm_platform.kafka import create_producer, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
@@ -137,6 +138,16 @@ class Transaction:
 
     def untaken_events(self) -> list[PendingEvent]:
         return self._events[self._written :]
+
+
+# The columns of the rows `outbox_rows` makes.
+OUTBOX_ROW_COLUMNS = ("id", "topic", "key", "type", "payload", "headers", "created_at")
+
+
+def insert_outbox_json(outbox: Table, param: str = "events") -> Insert:
+    """INSERT INTO outbox the `outbox_rows` given as one JSON parameter (`db.json_rows`), keeping
+    their order in the seqs: for a handler that writes its events in its own statement (PostgreSQL)."""
+    return insert_from_json(outbox, param, OUTBOX_ROW_COLUMNS)
 
 
 def outbox_rows(events: list[PendingEvent], *, source: str, now: datetime) -> list[dict[str, Any]]:

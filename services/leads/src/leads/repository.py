@@ -6,8 +6,9 @@ from datetime import datetime
 from typing import Any
 
 from crm_platform.custom_fields_service import definitions_table
+from crm_platform.db import json_rows
 from crm_platform.idempotency import idempotency_table
-from crm_platform.outbox import add_messaging_tables
+from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
 from sqlalchemy import (
     JSON,
@@ -38,7 +39,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -619,18 +620,8 @@ def _bundle_statement() -> Any:
         .values(last_user_id=bindparam("p_user", type_=String))
         .cte("moved_pointer")
     )
-    # The lead's events, in the order given (unnest keeps it, and so do the outbox seqs).
-    event_rows = select(
-        *[func.unnest(bindparam(f"o_{name}", type_=ARRAY(Text))) for name in ("id", "topic", "key", "type")],
-        func.unnest(bindparam("o_payload", type_=ARRAY(LargeBinary))),
-        cast(func.unnest(bindparam("o_headers", type_=ARRAY(Text))), JSON),
-        func.unnest(bindparam("o_created_at", type_=ARRAY(DateTime(timezone=True)))),
-    )
-    new_events = insert(outbox).from_select(_EVENT_COLUMNS, event_rows).cte("new_events")
+    new_events = insert_outbox_json(outbox, "o_events").cte("new_events")
     return select(new_lead).add_cte(new_history, new_task, moved, new_events)
-
-
-_EVENT_COLUMNS = ["id", "topic", "key", "type", "payload", "headers", "created_at"]
 
 
 _BUNDLE = _bundle_statement()
@@ -668,6 +659,5 @@ async def insert_lead_bundle(
     params.update(
         t_present=task is not None, p_rule=pointer[0] if pointer else "", p_user=pointer[1] if pointer else ""
     )
-    params.update({f"o_{name}": [event[name] for event in events] for name in _EVENT_COLUMNS})
-    params["o_headers"] = [json.dumps(headers) for headers in params["o_headers"]]
+    params["o_events"] = json_rows(events)
     return (await conn.execute(_BUNDLE, params)).mappings().one()

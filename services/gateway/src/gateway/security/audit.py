@@ -14,13 +14,13 @@ from datetime import datetime
 from typing import Any, overload
 
 from crm.audit.v1 import events_pb2
-from crm_platform.db import single_statements
+from crm_platform.db import insert_from_json, json_rows, single_statements
 from crm_platform.ids import new_id
-from crm_platform.outbox import PendingEvent, outbox_rows
+from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
 from crm_platform.principal import Principal
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
 from google.protobuf import struct_pb2
-from sqlalchemy import Select, and_, insert, select, text
+from sqlalchemy import Select, and_, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.security.masking import mask_value
@@ -269,7 +269,7 @@ class AuditLog:
         if self.engine.dialect.name == "postgresql":
             # One statement, atomic by itself: no BEGIN and COMMIT round trips.
             async with single_statements(self.engine).connect() as conn:
-                await conn.execute(_ENTRIES_AND_EVENTS, {"entries": _json_rows(rows), "events": _json_rows(events)})
+                await conn.execute(_ENTRIES_AND_EVENTS, {"entries": json_rows(rows), "events": json_rows(events)})
         else:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(audit_events), rows)
@@ -307,31 +307,10 @@ class AuditLog:
         return statement.where(and_(*conditions)) if conditions else statement
 
 
-# The entries and their outbox rows, each as a JSON array the server turns into rows of the table;
-# events keep their order (and so their outbox seqs).
-_ENTRIES_AND_EVENTS = text(
-    """
-    WITH entries AS (
-        INSERT INTO audit_events SELECT * FROM json_populate_recordset(NULL::audit_events, CAST(:entries AS json))
-    )
-    INSERT INTO outbox (id, topic, key, type, payload, headers, created_at)
-    SELECT e.id, e.topic, e.key, e.type, e.payload, e.headers, e.created_at
-      FROM json_populate_recordset(NULL::outbox, CAST(:events AS json)) WITH ORDINALITY AS e
-     ORDER BY e.ordinality
-    """
+# The entries and their outbox rows, each given as one JSON array: one statement.
+_ENTRIES_AND_EVENTS = insert_outbox_json(outbox, "events").add_cte(
+    insert_from_json(audit_events, "entries").cte("entries")
 )
-
-
-def _json_rows(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, default=_json_value, separators=(",", ":"))
-
-
-def _json_value(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return "\\x" + value.hex()  # bytea's hex input format
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _settle(pending: _Pending, error: Exception | None) -> None:
