@@ -360,11 +360,14 @@ async def compare(crm: Side, base: Side, crm_call: Call, base_call: Call) -> flo
     return (crm.requests / crm.seconds) / (base.requests / base.seconds)
 
 
+PHONE_BASE = random.randrange(10**9)  # a run's phones follow on from here: distinct, so never a duplicate
+
+
 def lead_body(n: int) -> dict[str, str]:
     return {
         "name": f"Bench {n}",
         "email": f"bench{n}-{uuid.uuid4().hex[:8]}@example.cn",
-        "phone": f"13{random.randrange(10**9):09d}",
+        "phone": f"13{(PHONE_BASE + n) % 10**9:09d}",
         "source": "website",
     }
 

@@ -47,6 +47,10 @@ class ServiceSettings(BaseSettings):
 
     service_name: str = "crm"
     database_url: str = ""
+    # Connections kept open to PostgreSQL per replica, and how many more a burst may open (closed
+    # again after use). Ignored for SQLite.
+    database_pool_size: int = Field(default=20, ge=1)
+    database_max_overflow: int = Field(default=10, ge=0)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50050
     metrics_port: int = 0

@@ -21,7 +21,7 @@ def normalise_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 20, max_overflow: int = 10) -> AsyncEngine:
     url = normalise_url(url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
@@ -29,7 +29,10 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         return engine
     # No pre-ping: it costs a round trip per checkout on the hot path; connections are recycled
     # instead, and a connection that died mid-pool fails one transaction, which the caller retries.
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+    # The pool keeps `pool_size` connections once opened; an overflow connection is closed when it
+    # comes back, so `pool_size` must cover the usual concurrency or every burst reconnects (a new
+    # backend, and every statement prepared again).
+    return create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, dead_letter_topic
+from crm_platform.db import create_engine
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.jobs import PeriodicJob
 from crm_platform.kafka import ensure_topics
@@ -150,7 +151,6 @@ def run_cli(
     settings: ServiceSettings,
     build: Callable[[ServiceSettings, AsyncEngine], ServiceApp],
     migrations_dir: Path,
-    create_engine: Callable[[str], AsyncEngine],
 ) -> None:
     """`crm-<service> [serve|migrate]`."""
     parser = argparse.ArgumentParser(prog=f"crm-{settings.service_name}")
@@ -167,7 +167,7 @@ def run_cli(
     serve_metrics(settings.metrics_port)
 
     async def serve() -> None:
-        engine = create_engine(url)
+        engine = create_engine(url, pool_size=settings.database_pool_size, max_overflow=settings.database_max_overflow)
         instrument_engine(engine)
         await build(settings, engine).serve()
 

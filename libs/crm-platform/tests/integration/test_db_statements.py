@@ -1,9 +1,12 @@
-"""Statement helpers on PostgreSQL: work of one statement skips the BEGIN and COMMIT/ROLLBACK round
-trips of a transaction, and any number of rows go in as one JSON parameter, in order."""
+"""Engines and statement helpers on PostgreSQL: a pool keeps its connections through bursts; work of
+one statement skips the BEGIN and COMMIT/ROLLBACK round trips of a transaction; any number of rows go
+in as one JSON parameter, in order."""
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine, insert_from_json, json_rows, single_statements
 from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -24,6 +27,41 @@ async def test_a_single_statement_opens_no_transaction(postgres_url: str) -> Non
         assert await _read_in_transaction(single_statements(engine)) is False
         assert await _read_in_transaction(engine) is True  # what a plain connect() costs
         assert single_statements(engine).pool is engine.pool
+    finally:
+        await engine.dispose()
+
+
+async def _backends_of_a_burst(engine: AsyncEngine, concurrency: int) -> set[int]:
+    """The server processes that `concurrency` transactions, all open at once, ran on."""
+    everyone_in = asyncio.Barrier(concurrency)
+
+    async def one() -> int:
+        async with engine.begin() as conn:
+            pid = int(await conn.scalar(text("SELECT pg_backend_pid()")))
+            await everyone_in.wait()
+            return pid
+
+    return set(await asyncio.gather(*(one() for _ in range(concurrency))))
+
+
+async def test_bursts_within_the_pool_size_reuse_their_connections(postgres_url: str) -> None:
+    settings = ServiceSettings(database_url=postgres_url)
+    assert (settings.database_pool_size, settings.database_max_overflow) == (20, 10)
+    engine = create_engine(postgres_url, pool_size=settings.database_pool_size)
+    try:
+        first = await _backends_of_a_burst(engine, 16)
+        assert len(first) == 16
+        assert await _backends_of_a_burst(engine, 16) == first  # no reconnect: no new backend
+    finally:
+        await engine.dispose()
+
+
+async def test_overflow_connections_are_closed_after_a_burst(postgres_url: str) -> None:
+    engine = create_engine(postgres_url, pool_size=2, max_overflow=4)
+    try:
+        first = await _backends_of_a_burst(engine, 6)
+        second = await _backends_of_a_burst(engine, 6)
+        assert len(first & second) == 2  # the pool kept two; the burst opened four new ones again
     finally:
         await engine.dispose()
 

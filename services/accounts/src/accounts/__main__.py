@@ -7,7 +7,6 @@ from crm.accounts.v1 import accounts_service_pb2, accounts_service_pb2_grpc
 from crm.common.v1 import custom_fields_pb2_grpc
 from crm_platform import custom_fields_service
 from crm_platform.config import ServiceSettings
-from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.service import ServiceApp, run_cli
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -58,7 +57,7 @@ def build_with_context(settings: AccountsSettings, engine: AsyncEngine) -> tuple
 
 
 def main() -> None:
-    run_cli(settings=AccountsSettings(), build=build, migrations_dir=MIGRATIONS, create_engine=create_engine)
+    run_cli(settings=AccountsSettings(), build=build, migrations_dir=MIGRATIONS)
 
 
 if __name__ == "__main__":

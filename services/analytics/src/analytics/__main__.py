@@ -78,7 +78,7 @@ def main() -> None:
         group = asyncio.run(rebuild(url, settings.projection_group))
         log.info("read models emptied; the next start replays every topic as consumer group %s", group)
         return
-    run_cli(settings=settings, build=build, migrations_dir=MIGRATIONS, create_engine=create_engine)
+    run_cli(settings=settings, build=build, migrations_dir=MIGRATIONS)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from crm.common.v1 import custom_fields_pb2_grpc
 from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform import custom_fields_service
 from crm_platform.config import ServiceSettings
-from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.service import ServiceApp, run_cli
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -64,7 +63,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
 
 
 def main() -> None:
-    run_cli(settings=LeadsSettings(), build=build, migrations_dir=MIGRATIONS, create_engine=create_engine)
+    run_cli(settings=LeadsSettings(), build=build, migrations_dir=MIGRATIONS)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,15 @@ score_history = Table(
     Index("ix_lead_score_history_lead", "lead_id", "id"),
 )
 
+# Open leads per owner (status in OPEN_STATUSES), kept by triggers on `leads` (migration 0006): what
+# assignment caps and least-loaded picks read, in one index probe per rep however many leads they hold.
+owner_loads = Table(
+    "lead_owner_loads",
+    metadata,
+    Column("owner_id", String(200), primary_key=True),
+    Column("open_leads", Integer, nullable=False),
+)
+
 scoring_rules = Table(
     "scoring_rules",
     metadata,
@@ -426,9 +435,7 @@ async def known_contacts(conn: AsyncConnection, *, emails: set[str], phones: set
 
 async def open_loads(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, int]:
     rows = await conn.execute(
-        select(leads.c.owner_id, func.count())
-        .where(leads.c.owner_id.in_(list(user_ids)), leads.c.status.in_(OPEN_STATUSES))
-        .group_by(leads.c.owner_id)
+        select(owner_loads.c.owner_id, owner_loads.c.open_leads).where(owner_loads.c.owner_id.in_(list(user_ids)))
     )
     return {owner: int(count) for owner, count in rows}
 
@@ -474,12 +481,10 @@ _DEDUPE_PROBE = text(
     """
 )
 _RULE_STATE = text(
-    f"""
+    """
     SELECT r.last_user_id,
-           COALESCE((SELECT json_object_agg(x.owner_id, x.n) FROM (
-                SELECT owner_id, count(*) AS n FROM leads
-                 WHERE owner_id = ANY(CAST(:users AS text[])) AND status IN ({_OPEN_SQL})
-                 GROUP BY owner_id) AS x), '{{}}') AS loads
+           COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM lead_owner_loads AS o
+                      WHERE o.owner_id = ANY(CAST(:users AS text[]))), '{}') AS loads
       FROM assignment_rules AS r WHERE r.id = :rule_id FOR UPDATE OF r
     """
 )

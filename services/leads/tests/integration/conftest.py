@@ -17,7 +17,9 @@ from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from leads import repository as repo
 from leads.config import LeadsSettings
+from leads.domain import OPEN_STATUSES
 from leads.handlers import ConvertRequest, LeadsService
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -101,19 +103,48 @@ class Env:
         with acting_as(principal, record_scope):
             yield
 
+    async def loads_kept(self) -> dict[str, int]:
+        """Open leads per owner as `lead_owner_loads` keeps them."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(repo.owner_loads))
+        return {owner: count for owner, count in rows if count}
+
+    async def loads_counted(self) -> dict[str, int]:
+        """Open leads per owner counted from the leads themselves."""
+        c = repo.leads.c
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(c.owner_id, func.count())
+                .where(c.owner_id != "", c.status.in_(OPEN_STATUSES))
+                .group_by(c.owner_id)
+            )
+        return {owner: int(count) for owner, count in rows}
+
 
 async def migrated(url: str) -> None:
     await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
 
 
-@pytest.fixture
-async def env(postgres_url: str) -> AsyncIterator[Env]:
-    await migrated(postgres_url)
-    engine = create_engine(postgres_url)
+async def _env(url: str) -> AsyncIterator[Env]:
+    await migrated(url)
+    engine = create_engine(url)
     clock = Clock()
     ports = FakePorts()
-    settings = LeadsSettings(database_url=postgres_url, rules_cache_seconds=0, import_batch_size=500)
+    settings = LeadsSettings(database_url=url, rules_cache_seconds=0, import_batch_size=500)
     uow = UnitOfWork(engine, repo.metadata, source="crm/leads")
     service = LeadsService(engine=engine, uow=uow, settings=settings, ports=ports, clock=clock)
-    yield Env(engine, service, ports, clock, postgres_url)
+    yield Env(engine, service, ports, clock, url)
     await engine.dispose()
+
+
+@pytest.fixture
+async def env(postgres_url: str) -> AsyncIterator[Env]:
+    async for made in _env(postgres_url):
+        yield made
+
+
+@pytest.fixture
+async def env_each_database(each_database_url: str) -> AsyncIterator[Env]:
+    """The same, once on a SQLite file (the embedded default) and once on PostgreSQL."""
+    async for made in _env(each_database_url):
+        yield made

@@ -176,6 +176,7 @@ async def test_imported_leads_are_assigned_within_caps_and_linked_to_known_conta
     owners = Counter(lead.owner_id for lead in listed.items)
     # One batch: the caps count the leads assigned earlier in the same batch.
     assert owners == {"u1": 2, "u2": 2, "": 2}
+    assert await env.loads_kept() == await env.loads_counted() == {"u1": 2, "u2": 2}
     zhao = next(lead for lead in listed.items if lead.name == "Zhao")
     assert zhao.matched_contact_id == "c-7"
     assert all(lead.matched_contact_id == "" for lead in listed.items if lead.name != "Zhao")
