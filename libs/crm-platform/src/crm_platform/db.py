@@ -1,14 +1,29 @@
 """Async database engines: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) as the embedded default."""
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Insert, Table, Text, bindparam, cast, event, func, insert, literal_column, select
+from sqlalchemy import (
+    JSON,
+    Insert,
+    Table,
+    Text,
+    bindparam,
+    cast,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+)
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 
 def normalise_url(url: str) -> str:
@@ -77,6 +92,44 @@ def _json_value(value: Any) -> str:
     if isinstance(value, bytes):
         return "\\x" + value.hex()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+async def driver_connection(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under `conn`, in `conn`'s transaction: SQLAlchemy begins a transaction
+    lazily, on its first statement, so if none ran yet a trivial one does (a round trip)."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    if not driver.is_in_transaction():
+        await conn.execute(select(1))
+    return driver
+
+
+class DriverStatement:
+    """A statement compiled once for asyncpg and run on the driver connection itself (PostgreSQL),
+    for the few statements of a hot path. It skips what SQLAlchemy does on every execution (cache
+    key, parameter and result processing): about 80 µs of CPU a statement, measured on 2 cores,
+    where asyncpg's own work is about 50 µs. Parameters get the same type processing as through
+    SQLAlchemy; rows are asyncpg records (JSON values decoded by the codecs SQLAlchemy registers).
+    Inside `engine.begin()` it runs in that transaction (`driver_connection`)."""
+
+    def __init__(self, statement: ClauseElement) -> None:
+        dialect = asyncpg_dialect()  # type: ignore[no-untyped-call]
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        self.sql = compiled.string
+        self._params = [
+            (name, compiled.binds[name].type.bind_processor(dialect)) for name in compiled.positiontup or ()
+        ]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        return [params[name] if process is None else process(params[name]) for name, process in self._params]
+
+    async def fetchrow(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
+        driver = await driver_connection(conn)
+        return await driver.fetchrow(self.sql, *self.args(params))
+
+    async def execute(self, conn: AsyncConnection, params: Mapping[str, Any]) -> None:
+        driver = await driver_connection(conn)
+        await driver.execute(self.sql, *self.args(params))
 
 
 def is_postgres(engine: AsyncEngine) -> bool:

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 from crm_platform.config import ServiceSettings
-from crm_platform.db import create_engine, insert_from_json, json_rows, single_statements
-from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, select, text
+from crm_platform.db import DriverStatement, create_engine, insert_from_json, json_rows, single_statements
+from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, bindparam, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -95,6 +95,40 @@ async def test_rows_given_as_one_json_parameter_are_stored_as_given_in_order(pos
         async with engine.connect() as conn:
             stored = (await conn.execute(select(things).order_by(things.c.seq))).mappings().all()
         assert [{k: row[k] for k in ("name", "payload", "attributes", "at")} for row in stored] == given
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.drop_all)
+        await engine.dispose()
+
+
+async def test_a_driver_statement_runs_in_the_transaction_with_sqlalchemys_parameter_types(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    at = datetime(2026, 12, 5, 3, 4, 5, 123456, tzinfo=UTC)
+    statement = DriverStatement(
+        things.insert()
+        .values(
+            name=bindparam("name"), payload=bindparam("payload"), attributes=bindparam("attributes"), at=bindparam("at")
+        )
+        .returning(things.c.seq, things.c.attributes)
+    )
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        given = {"name": "第一", "payload": b"\x00\xff", "attributes": {"tags": ["a"], "n": 1}, "at": at}
+        with pytest.raises(RuntimeError):
+            async with engine.begin() as conn:  # the first statement: it begins the transaction itself
+                await statement.fetchrow(conn, given)
+                raise RuntimeError("roll back")
+        async with engine.begin() as conn:
+            row = await statement.fetchrow(conn, given)
+            await statement.execute(conn, {**given, "name": "second", "attributes": None, "at": None})
+        assert row["attributes"] == {"tags": ["a"], "n": 1}
+        async with engine.connect() as conn:
+            stored = (await conn.execute(select(things).order_by(things.c.seq))).mappings().all()
+        assert [{k: r[k] for k in ("seq", "name", "payload", "attributes", "at")} for r in stored] == [
+            {"seq": row["seq"], **given},
+            {"seq": row["seq"] + 1, **given, "name": "second", "attributes": None, "at": None},
+        ]  # the rolled-back row is not there
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(metadata.drop_all)

@@ -500,7 +500,7 @@ class LeadsService:
         idempotency_key: str = "",
         defaults: Mapping[Any, Any] | None = None,
         lenient_custom: bool = False,
-    ) -> tuple[RowMapping, bool]:
+    ) -> tuple[Mapping[Any, Any], bool]:
         """Creates a lead (or merges it into its open duplicate); returns (lead, merged)."""
         on_duplicate = on_duplicate or "reject"
         if on_duplicate not in domain.ON_DUPLICATE:
@@ -569,7 +569,7 @@ class LeadsService:
         rules: Rules,
         defaults: Mapping[Any, Any],
         contact_id: str,
-    ) -> RowMapping:
+    ) -> Mapping[Any, Any]:
         conn = tx.conn
         values: dict[str, Any] = {
             "name": "",
@@ -1735,7 +1735,9 @@ class LeadsService:
         async with self.engine.connect() as conn:
             return list((await conn.execute(select(repo.webforms).order_by(repo.webforms.c.id))).mappings())
 
-    async def submit_webform(self, form_key: str, fields: Mapping[str, str], key: str) -> tuple[RowMapping, bool]:
+    async def submit_webform(
+        self, form_key: str, fields: Mapping[str, str], key: str
+    ) -> tuple[Mapping[Any, Any], bool]:
         """Public intake: the form key authenticates; a fixed one-minute window limits the rate."""
         now = self.clock()
         async with self.engine.begin() as conn:

@@ -1,12 +1,11 @@
 """Tables of the leads service (SQLAlchemy Core) and the queries the handlers share."""
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import json_rows
+from crm_platform.db import DriverStatement, json_rows
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
@@ -470,8 +469,9 @@ async def count_submission(conn: AsyncConnection, form_key: str, window: datetim
 # --- the create path on PostgreSQL: fewer round trips ----------------------------------------------
 
 _OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
-_DEDUPE_PROBE = text(
-    f"""
+_DEDUPE_PROBE = DriverStatement(
+    text(
+        f"""
     SELECT (SELECT id FROM leads
              WHERE (email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text))
                AND status IN ({_OPEN_SQL})
@@ -479,14 +479,17 @@ _DEDUPE_PROBE = text(
            (SELECT contact_id FROM contact_keys
              WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id
     """
+    )
 )
-_RULE_STATE = text(
-    """
+_RULE_STATE = DriverStatement(
+    text(
+        """
     SELECT r.last_user_id,
            COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM lead_owner_loads AS o
                       WHERE o.owner_id = ANY(CAST(:users AS text[]))), '{}') AS loads
       FROM assignment_rules AS r WHERE r.id = :rule_id FOR UPDATE OF r
     """
+    )
 )
 
 
@@ -506,8 +509,8 @@ async def dedupe_probe(
     if conn.dialect.name == "postgresql":
         if check_duplicates:
             await lock_dedupe_keys(conn, keys)
-        row = (await conn.execute(_DEDUPE_PROBE, {"email": email_norm, "phone": phone_norm})).one()
-        return (row.duplicate_id if check_duplicates else None), str(row.contact_id or "")
+        row = await _DEDUPE_PROBE.fetchrow(conn, {"email": email_norm, "phone": phone_norm})
+        return (row["duplicate_id"] if check_duplicates else None), str(row["contact_id"] or "")
     duplicate = None
     if check_duplicates:
         found = await find_open_duplicate(conn, email_norm=email_norm, phone_norm=phone_norm)
@@ -520,11 +523,10 @@ async def rule_state(
 ) -> tuple[str | None, dict[str, int]]:
     """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted."""
     if conn.dialect.name == "postgresql":
-        row = (await conn.execute(_RULE_STATE, {"rule_id": rule_id, "users": list(user_ids) if loads else []})).first()
+        row = await _RULE_STATE.fetchrow(conn, {"rule_id": rule_id, "users": list(user_ids) if loads else []})
         if row is None:
             return None, {}
-        counts = row.loads if isinstance(row.loads, dict) else json.loads(row.loads)
-        return str(row.last_user_id), {str(k): int(v) for k, v in counts.items()}
+        return str(row["last_user_id"]), {str(k): int(v) for k, v in row["loads"].items()}
     last = await conn.scalar(
         select(assignment_rules.c.last_user_id).where(assignment_rules.c.id == rule_id).with_for_update()
     )
@@ -607,7 +609,7 @@ def _bundle_statement() -> Any:
     new_lead = (
         insert(leads)
         .values({c.name: bindparam(f"l_{c.name}", type_=c.type) for c in leads.c})
-        .returning(*leads.c)
+        .returning(leads.c.id)
         .cte("new_lead")
     )
     new_history = (
@@ -629,7 +631,7 @@ def _bundle_statement() -> Any:
     return select(new_lead).add_cte(new_history, new_task, moved, new_events)
 
 
-_BUNDLE = _bundle_statement()
+_BUNDLE = DriverStatement(_bundle_statement())
 _TASK_BLANK = {c.name: None for c in tasks.c}
 LEAD_DEFAULTS: dict[str, Any] = {
     c.name: ("" if isinstance(c.type, String) and not c.nullable else None) for c in leads.c
@@ -643,9 +645,9 @@ async def insert_lead_bundle(
     task: dict[str, Any] | None,
     pointer: tuple[str, str] | None,
     events: list[dict[str, Any]],
-) -> RowMapping:
+) -> Mapping[Any, Any]:
     """The new lead, its first score entry, its first-contact task, the round-robin pointer move
-    and its events' outbox rows; on PostgreSQL in one round trip. Returns the inserted lead row."""
+    and its events' outbox rows; on PostgreSQL in one round trip. Returns the lead as stored."""
     if conn.dialect.name != "postgresql":
         if events:
             await conn.execute(insert(outbox), events)
@@ -665,4 +667,5 @@ async def insert_lead_bundle(
         t_present=task is not None, p_rule=pointer[0] if pointer else "", p_user=pointer[1] if pointer else ""
     )
     params["o_events"] = json_rows(events)
-    return (await conn.execute(_BUNDLE, params)).mappings().one()
+    await _BUNDLE.execute(conn, params)
+    return LEAD_DEFAULTS | lead
