@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     JSON,
     Insert,
@@ -21,6 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -96,11 +98,17 @@ def _json_value(value: Any) -> str:
 
 async def driver_connection(conn: AsyncConnection) -> Any:
     """The asyncpg connection under `conn`, in `conn`'s transaction: SQLAlchemy begins a transaction
-    lazily, on its first statement, so if none ran yet a trivial one does (a round trip)."""
+    lazily, on its first statement, so if none ran yet a trivial one does (a round trip). On a
+    `single_statements` connection there is none to begin."""
     driver: Any = (await conn.get_raw_connection()).driver_connection
-    if not driver.is_in_transaction():
+    if not driver.is_in_transaction() and not _autocommit(conn):
         await conn.execute(select(1))
     return driver
+
+
+def _autocommit(conn: AsyncConnection) -> bool:
+    options = conn.sync_connection.get_execution_options() if conn.sync_connection is not None else {}
+    return bool(options.get("isolation_level") == "AUTOCOMMIT")
 
 
 class DriverStatement:
@@ -125,11 +133,33 @@ class DriverStatement:
 
     async def fetchrow(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
         driver = await driver_connection(conn)
-        return await driver.fetchrow(self.sql, *self.args(params))
+        args = self.args(params)
+        try:
+            return await driver.fetchrow(self.sql, *args)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise _as_sqlalchemy_error(self.sql, args, error) from error
 
     async def execute(self, conn: AsyncConnection, params: Mapping[str, Any]) -> None:
         driver = await driver_connection(conn)
-        await driver.execute(self.sql, *self.args(params))
+        args = self.args(params)
+        try:
+            await driver.execute(self.sql, *args)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            raise _as_sqlalchemy_error(self.sql, args, error) from error
+
+
+# The driver's errors as SQLAlchemy raises them, so callers catch one kind (`IntegrityError`, ...).
+_SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[DBAPIError]], ...] = (
+    (asyncpg.IntegrityConstraintViolationError, IntegrityError),
+    (asyncpg.SyntaxOrAccessError, ProgrammingError),
+    (asyncpg.InterfaceError, InterfaceError),
+    (asyncpg.PostgresError, DatabaseError),
+)
+
+
+def _as_sqlalchemy_error(sql: str, args: list[Any], error: Exception) -> DBAPIError:
+    kind = next(sqlalchemy for driver, sqlalchemy in _SQLALCHEMY_ERRORS if isinstance(error, driver))
+    return kind(sql, args, error, hide_parameters=True)
 
 
 def is_postgres(engine: AsyncEngine) -> bool:

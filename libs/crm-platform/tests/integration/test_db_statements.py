@@ -9,6 +9,7 @@ import pytest
 from crm_platform.config import ServiceSettings
 from crm_platform.db import DriverStatement, create_engine, insert_from_json, json_rows, single_statements
 from sqlalchemy import JSON, Column, DateTime, Integer, LargeBinary, MetaData, String, Table, bindparam, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -129,6 +130,23 @@ async def test_a_driver_statement_runs_in_the_transaction_with_sqlalchemys_param
             {"seq": row["seq"], **given},
             {"seq": row["seq"] + 1, **given, "name": "second", "attributes": None, "at": None},
         ]  # the rolled-back row is not there
+    finally:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.drop_all)
+        await engine.dispose()
+
+
+async def test_a_driver_statement_raises_the_errors_sqlalchemy_would(postgres_url: str) -> None:
+    engine = create_engine(postgres_url)
+    statement = DriverStatement(things.insert().values(seq=bindparam("seq"), name=bindparam("name")))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        async with single_statements(engine).connect() as conn:
+            await statement.execute(conn, {"seq": 1, "name": "first"})
+            with pytest.raises(IntegrityError) as caught:
+                await statement.execute(conn, {"seq": 1, "name": "secret value"})
+        assert "secret value" not in str(caught.value)  # parameters stay out of logs
     finally:
         async with engine.begin() as conn:
             await conn.run_sync(metadata.drop_all)

@@ -4,7 +4,6 @@ it concerns, and an entry the database refuses fails only its own caller (SQLite
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from crm.audit.v1 import events_pb2
@@ -14,7 +13,7 @@ from gateway.security.audit import AuditEntry, AuditLog, AuditQuery
 from gateway.security.store import audit_events, migrate_async, outbox
 from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -35,16 +34,14 @@ def entry(record_id: str, user_id: str = "u-1") -> AuditEntry:
 
 
 class Commits:
-    """Counts the audit writes committed on an engine: each inserts its outbox rows in one statement
-    (the last of its transaction on SQLite; on PostgreSQL the one statement of the write)."""
+    """Counts the audit writes committed: the log tells its listeners after each."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, audit: AuditLog) -> None:
         self.count = 0
-        event.listen(engine.sync_engine, "after_cursor_execute", self._executed)
+        audit.on_commit(self._committed)
 
-    def _executed(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if "INSERT INTO outbox" in statement:
-            self.count += 1
+    def _committed(self) -> None:
+        self.count += 1
 
 
 @pytest.fixture
@@ -67,7 +64,7 @@ async def test_concurrent_records_share_transactions_and_are_committed_when_they
     engine: AsyncEngine,
 ) -> None:
     audit = AuditLog(engine)
-    commits = Commits(engine)
+    commits = Commits(audit)
     wakes: list[None] = []
     audit.on_commit(lambda: wakes.append(None))
 
@@ -90,7 +87,7 @@ async def test_concurrent_records_share_transactions_and_are_committed_when_they
 
 async def test_a_caller_alone_is_written_at_once(engine: AsyncEngine) -> None:
     audit = AuditLog(engine)
-    commits = Commits(engine)
+    commits = Commits(audit)
     await audit.record([entry("alone-1"), entry("alone-2")])
     assert commits.count == 1
     assert await stored(engine) == (["alone-1", "alone-2"], ["alone-1", "alone-2"])

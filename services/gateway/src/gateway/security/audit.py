@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, overload
 
 from crm.audit.v1 import events_pb2
-from crm_platform.db import insert_from_json, json_rows, single_statements
+from crm_platform.db import DriverStatement, insert_from_json, json_rows, single_statements
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
 from crm_platform.principal import Principal
@@ -269,7 +269,7 @@ class AuditLog:
         if self.engine.dialect.name == "postgresql":
             # One statement, atomic by itself: no BEGIN and COMMIT round trips.
             async with single_statements(self.engine).connect() as conn:
-                await conn.execute(_ENTRIES_AND_EVENTS, {"entries": json_rows(rows), "events": json_rows(events)})
+                await _ENTRIES_AND_EVENTS.execute(conn, {"entries": json_rows(rows), "events": json_rows(events)})
         else:
             async with self.engine.begin() as conn:
                 await conn.execute(insert(audit_events), rows)
@@ -308,8 +308,8 @@ class AuditLog:
 
 
 # The entries and their outbox rows, each given as one JSON array: one statement.
-_ENTRIES_AND_EVENTS = insert_outbox_json(outbox, "events").add_cte(
-    insert_from_json(audit_events, "entries").cte("entries")
+_ENTRIES_AND_EVENTS = DriverStatement(
+    insert_outbox_json(outbox, "events").add_cte(insert_from_json(audit_events, "entries").cte("entries"))
 )
 
 
