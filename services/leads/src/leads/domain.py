@@ -421,6 +421,11 @@ def first_matching_rule(rules: Sequence[AssignmentRule], lead: Mapping[str, Any]
     return None
 
 
+def needs_loads(rule: AssignmentRule) -> bool:
+    """Whether picking by `rule` needs its reps' open leads: for a cap, or the least loaded rep."""
+    return rule.capacity > 0 or rule.strategy == "least_loaded"
+
+
 def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str | None) -> str | None:
     """The rep who gets the lead, or None when every rep is at capacity.
 

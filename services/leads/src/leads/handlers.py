@@ -399,8 +399,7 @@ class LeadsService:
         rule = domain.first_matching_rule(rules.assignment, lead)
         if rule is None:
             return None
-        needs_loads = rule.capacity > 0 or rule.strategy == "least_loaded"
-        last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=needs_loads)
+        last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=domain.needs_loads(rule))
         if last is None:  # deleted since the cache was loaded
             return None
         user = domain.pick_assignee(rule, loads, last)
@@ -519,9 +518,18 @@ class LeadsService:
             if earlier is not None:
                 return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
             await self._check_campaign(conn, clean.values.get("campaign_id", ""))
-            duplicate_id, contact_id = await repo.dedupe_probe(
-                conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm, check_duplicates=on_duplicate != "allow"
+            values, matched = self._new_lead(clean, principal, now, rules, defaults or {})
+            rule = None if values["owner_id"] else domain.first_matching_rule(rules.assignment, values)
+            probe = await repo.probe_for_create(
+                conn,
+                email_norm=clean.email_norm,
+                phone_norm=clean.phone_norm,
+                check_duplicates=on_duplicate != "allow",
+                rule_id=rule.id if rule is not None else "",
+                user_ids=rule.user_ids if rule is not None else (),
+                loads=rule is not None and domain.needs_loads(rule),
             )
+            duplicate_id = probe.duplicate_id
             if duplicate_id is not None:
                 if on_duplicate == "reject":
                     raise AlreadyExists(
@@ -534,7 +542,7 @@ class LeadsService:
                     conn, "create_lead", idempotency_key, principal, {"lead_id": merged["id"], "merged": True}, now
                 )
                 return merged, True
-            row = await self._insert_lead(tx, clean, principal, now, rules, defaults or {}, contact_id)
+            row = await self._insert_lead(tx, values, matched, rule, probe, principal, now)
             await remember(
                 conn, "create_lead", idempotency_key, principal, {"lead_id": row["id"], "merged": False}, now
             )
@@ -560,17 +568,16 @@ class LeadsService:
         )
         return row
 
-    async def _insert_lead(
+    def _new_lead(
         self,
-        tx: Transaction,
         clean: domain.CleanLead,
         principal: Principal,
         now: datetime,
         rules: Rules,
         defaults: Mapping[Any, Any],
-        contact_id: str,
-    ) -> Mapping[Any, Any]:
-        conn = tx.conn
+    ) -> tuple[dict[str, Any], list[str]]:
+        """The new lead's row as far as it depends on nothing stored (scored, not yet assigned or
+        linked to a contact), and the ids of the scoring rules it matched."""
         values: dict[str, Any] = {
             "name": "",
             "company": "",
@@ -593,13 +600,11 @@ class LeadsService:
         if not values["team"] and principal.kind == "user":
             values["team"] = principal.team
         status = values.pop("status", None) or "new"
-        lead_id = new_id()
         values.update(
-            id=lead_id,
+            id=new_id(),
             status=status,
             email_norm=clean.email_norm,
             phone_norm=clean.phone_norm,
-            matched_contact_id=contact_id,
             created_at=now,
             updated_at=now,
             version=1,
@@ -608,25 +613,43 @@ class LeadsService:
         )
         score, grade, matched = self._score(rules, values, {})
         values.update(score=score, grade=grade)
+        return values, matched
+
+    async def _insert_lead(
+        self,
+        tx: Transaction,
+        values: dict[str, Any],
+        matched: list[str],
+        rule: domain.AssignmentRule | None,
+        probe: repo.CreateProbe,
+        principal: Principal,
+        now: datetime,
+    ) -> Mapping[Any, Any]:
+        """Inserts the lead of `_new_lead`, linked to its contact and assigned: to its owner, or by
+        its matched rule to a rep with room, or else into the pool."""
+        lead_id = values["id"]
+        values["matched_contact_id"] = probe.contact_id
         rule_id = ""
         pointer = None
         if values["owner_id"]:
             values.update(self._assignment_values(values["owner_id"], "", False, now))
         else:
-            picked = await self._pick_by_rules(conn, rules, values, move_pointer=False)
-            if picked is None:
+            picked = None
+            if rule is not None and probe.pointer is not None:  # else no rule matched, or it was deleted
+                picked = domain.pick_assignee(rule, probe.loads, probe.pointer)
+            if rule is None or picked is None:
                 values["in_pool"] = True
             else:
-                owner, team, rule_id = picked
-                pointer = (rule_id, owner)
-                values.update(self._assignment_values(owner, team, False, now))
+                rule_id = rule.id
+                pointer = (rule_id, picked)
+                values.update(self._assignment_values(picked, rule.team, False, now))
         history = {
             "id": new_id(),
             "lead_id": lead_id,
             "previous_score": 0,
-            "score": score,
+            "score": values["score"],
             "previous_grade": "",
-            "grade": grade,
+            "grade": values["grade"],
             "matched_rule_ids": matched,
             "changed_at": now,
         }
@@ -635,7 +658,7 @@ class LeadsService:
         tx.publish(events_pb2.LeadCreated(lead=message, actor=actor(principal)), key=lead_id)
         if values["owner_id"]:
             tx.publish(events_pb2.LeadAssigned(lead=message, rule_id=rule_id, actor=actor(principal)), key=lead_id)
-        return await repo.insert_lead_bundle(conn, values, history, task, pointer, tx.take_outbox_rows(now))
+        return await repo.insert_lead_bundle(tx.conn, values, history, task, pointer, tx.take_outbox_rows(now))
 
     async def get_lead(self, lead_id: str) -> RowMapping:
         async with self.single_statements.connect() as conn:
@@ -1386,9 +1409,7 @@ class LeadsService:
         the reps whose caps or least-loaded picks need them, read once per batch."""
         used = {item.rule.id: item.rule for item in checked if item.rule is not None}
         pointers = await repo.lock_rule_pointers(conn, used)
-        counted = sorted(
-            {u for r in used.values() if r.capacity > 0 or r.strategy == "least_loaded" for u in r.user_ids}
-        )
+        counted = sorted({u for r in used.values() if domain.needs_loads(r) for u in r.user_ids})
         loads = await repo.open_loads(conn, counted) if counted else {}
         return pointers, loads
 

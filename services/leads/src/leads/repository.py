@@ -1,6 +1,7 @@
 """Tables of the leads service (SQLAlchemy Core) and the queries the handlers share."""
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -469,7 +470,21 @@ async def count_submission(conn: AsyncConnection, form_key: str, window: datetim
 # --- the create path on PostgreSQL: fewer round trips ----------------------------------------------
 
 _OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
-_DEDUPE_PROBE = DriverStatement(
+
+# The first statement of a create: the dedupe keys' advisory locks (sorted, so concurrent creates
+# take them in one order), then the matched rule's row lock. Every writer takes keys before rules.
+_LOCK_FOR_CREATE = text(
+    """
+    SELECT r.last_user_id
+      FROM (SELECT count(pg_advisory_xact_lock(hashtext(k))) FROM unnest(CAST(:keys AS text[])) AS k) AS locked
+      LEFT JOIN LATERAL (SELECT last_user_id FROM assignment_rules
+                          WHERE id = CAST(:rule_id AS text) FOR UPDATE) AS r ON true
+    """
+)
+# What the locks guard, read after them: under READ COMMITTED a statement reads the snapshot taken
+# when it began, so reading in the locking statement could miss what the previous holder committed
+# while this one waited (its lead with the same email, its lead assigned to the same rep).
+_PROBE_FOR_CREATE = DriverStatement(
     text(
         f"""
     SELECT (SELECT id FROM leads
@@ -477,56 +492,66 @@ _DEDUPE_PROBE = DriverStatement(
                AND status IN ({_OPEN_SQL})
              ORDER BY id LIMIT 1) AS duplicate_id,
            (SELECT contact_id FROM contact_keys
-             WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id
-    """
-    )
-)
-_RULE_STATE = DriverStatement(
-    text(
-        """
-    SELECT r.last_user_id,
-           COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM lead_owner_loads AS o
-                      WHERE o.owner_id = ANY(CAST(:users AS text[]))), '{}') AS loads
-      FROM assignment_rules AS r WHERE r.id = :rule_id FOR UPDATE OF r
+             WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id,
+           COALESCE((SELECT json_object_agg(owner_id, open_leads) FROM lead_owner_loads
+                      WHERE owner_id = ANY(CAST(:users AS text[]))), '{{}}') AS loads
     """
     )
 )
 
 
-async def dedupe_probe(
-    conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None, check_duplicates: bool
-) -> tuple[str | None, str]:
-    """(id of an open lead with this email/phone, id of a known contact with it).
+@dataclass(frozen=True, slots=True)
+class CreateProbe:
+    """What a create needs to know before it inserts, read under its locks."""
 
-    Locks the keys for the transaction first (PostgreSQL), so two concurrent creates of the same
-    person cannot both pass. The lock is its own statement: under READ COMMITTED a statement reads
-    the snapshot taken when it began, so a probe in the locking statement could miss the lead the
-    previous lock holder committed while this one waited.
-    """
+    duplicate_id: str | None  # an open lead with the same email or phone
+    contact_id: str  # a known contact with it
+    pointer: str | None  # the matched rule's round-robin pointer (row locked); None: no rule, or deleted
+    loads: dict[str, int]  # the rule's reps' open leads, when its strategy or cap needs them
+
+
+async def probe_for_create(
+    conn: AsyncConnection,
+    *,
+    email_norm: str | None,
+    phone_norm: str | None,
+    check_duplicates: bool,
+    rule_id: str,
+    user_ids: Sequence[str],
+    loads: bool,
+) -> CreateProbe:
+    """Locks the new lead's dedupe keys (when duplicates are checked) and its matched rule, then
+    reads its duplicate, its contact and the reps' loads: on PostgreSQL in two round trips."""
     keys = sorted({k for k in (email_norm, phone_norm) if k})
-    if not keys:
-        return None, ""
-    if conn.dialect.name == "postgresql":
-        if check_duplicates:
-            await lock_dedupe_keys(conn, keys)
-        row = await _DEDUPE_PROBE.fetchrow(conn, {"email": email_norm, "phone": phone_norm})
-        return (row["duplicate_id"] if check_duplicates else None), str(row["contact_id"] or "")
-    duplicate = None
-    if check_duplicates:
-        found = await find_open_duplicate(conn, email_norm=email_norm, phone_norm=phone_norm)
-        duplicate = found["id"] if found is not None else None
-    return duplicate, await find_contact(conn, email_norm=email_norm, phone_norm=phone_norm)
+    users = list(user_ids) if rule_id and loads else []
+    if conn.dialect.name != "postgresql":  # one writer at a time: no locks to take
+        duplicate = None
+        if keys and check_duplicates:
+            found = await find_open_duplicate(conn, email_norm=email_norm, phone_norm=phone_norm)
+            duplicate = found["id"] if found is not None else None
+        contact = await find_contact(conn, email_norm=email_norm, phone_norm=phone_norm) if keys else ""
+        pointer, counts = await rule_state(conn, rule_id, users, loads=bool(users)) if rule_id else (None, {})
+        return CreateProbe(duplicate, contact, pointer, counts)
+    pointer = None
+    locked = keys if check_duplicates else []
+    if locked or rule_id:
+        pointer = await conn.scalar(_LOCK_FOR_CREATE, {"keys": locked, "rule_id": rule_id})
+    if not keys and not users:
+        return CreateProbe(None, "", pointer, {})
+    row = await _PROBE_FOR_CREATE.fetchrow(conn, {"email": email_norm, "phone": phone_norm, "users": users})
+    return CreateProbe(
+        row["duplicate_id"] if check_duplicates else None,
+        str(row["contact_id"] or ""),
+        pointer,
+        {str(k): int(v) for k, v in row["loads"].items()},
+    )
 
 
 async def rule_state(
     conn: AsyncConnection, rule_id: str, user_ids: Sequence[str], *, loads: bool
 ) -> tuple[str | None, dict[str, int]]:
-    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted."""
-    if conn.dialect.name == "postgresql":
-        row = await _RULE_STATE.fetchrow(conn, {"rule_id": rule_id, "users": list(user_ids) if loads else []})
-        if row is None:
-            return None, {}
-        return str(row["last_user_id"]), {str(k): int(v) for k, v in row["loads"].items()}
+    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted.
+    The counts are read after the lock, in a snapshot that has the previous holder's assignments."""
     last = await conn.scalar(
         select(assignment_rules.c.last_user_id).where(assignment_rules.c.id == rule_id).with_for_update()
     )

@@ -3,12 +3,13 @@
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
+from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.principal import ScopeKind
 from leads import repository as repo
@@ -123,6 +124,50 @@ async def test_assignment_round_robin_capacity_and_pool(env: Any) -> None:
     async with env.engine.connect() as conn:
         tasks = (await conn.execute(select(repo.tasks).where(repo.tasks.c.owner_id == "u1"))).mappings().all()
     assert len(tasks) == 2 and all(t["kind"] == "first_contact" for t in tasks)
+
+
+async def test_concurrent_creates_never_pass_a_reps_cap(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="round_robin", capacity=3), "all", ""
+        )
+
+    async def create(n: int) -> str:
+        with env.acting("admin", roles=("admin",)):
+            lead, _ = await env.service.create_lead({"name": f"C{n}", "email": f"c{n}@example.com"})
+        return str(lead["owner_id"])
+
+    owners = await asyncio.gather(*(create(n) for n in range(12)))
+    assert sorted(owners) == [""] * 6 + ["u1"] * 3 + ["u2"] * 3
+    assert await env.loads_kept() == await env.loads_counted() == {"u1": 3, "u2": 3}
+
+
+def _lead_row(name: str, *, owner_id: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return repo.LEAD_DEFAULTS | {
+        "id": new_id(), "name": name, "source": "other", "status": "new", "owner_id": owner_id,
+        "created_at": now, "updated_at": now,
+    }  # fmt: skip
+
+
+async def test_a_create_waiting_for_the_rule_reads_the_loads_its_holder_committed(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        rule = await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="least_loaded", capacity=3), "all", ""
+        )
+    probe = {"email_norm": None, "phone_norm": None, "check_duplicates": True, "user_ids": ("u1", "u2"), "loads": True}
+    async with env.engine.begin() as holder:
+        await repo.probe_for_create(holder, rule_id=rule["id"], **probe)
+
+        async def waiter() -> repo.CreateProbe:
+            async with env.engine.begin() as conn:
+                return await repo.probe_for_create(conn, rule_id=rule["id"], **probe)
+
+        waiting = asyncio.create_task(waiter())
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # blocked on the rule's row
+        await holder.execute(repo.leads.insert().values(_lead_row("held", owner_id="u1")))
+    assert (await waiting).loads == {"u1": 1}
 
 
 async def test_least_loaded_assignment(env: Any) -> None:

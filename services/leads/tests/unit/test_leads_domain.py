@@ -144,6 +144,12 @@ def test_least_loaded_picks_the_lightest_rep_within_capacity() -> None:
     assert domain.pick_assignee(_rule(strategy="least_loaded"), {"u1": 99, "u2": 100, "u3": 100}, None) == "u1"
 
 
+def test_loads_are_read_only_for_a_cap_or_a_least_loaded_pick() -> None:
+    assert not domain.needs_loads(_rule(strategy="round_robin"))
+    assert domain.needs_loads(_rule(strategy="round_robin", capacity=2))
+    assert domain.needs_loads(_rule(strategy="least_loaded"))
+
+
 def test_an_import_batch_picks_from_its_pointers_and_loads() -> None:
     rule = _rule(strategy="round_robin", capacity=2, team="east")
     assert domain.pick_in_batch(None, {"r": ""}, {}) is None
