@@ -52,6 +52,22 @@ BEGIN
     RETURN NULL;
 END $$
 """
+# Every rep of an assignment rule has a row (0 to start with): a create reads its rule's reps' rows
+# with row locks, to wait for the transactions assigning to them and see what they committed, and
+# a row that does not exist yet cannot be waited for.
+_PG_RULE_REPS_FUNCTION = """
+CREATE FUNCTION lead_owner_loads_for_rule() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO lead_owner_loads (owner_id, open_leads)
+    SELECT rep, 0 FROM jsonb_array_elements_text(NEW.user_ids) AS rep ORDER BY rep
+    ON CONFLICT (owner_id) DO NOTHING;
+    RETURN NULL;
+END $$
+"""
+_PG_RULE_REPS_TRIGGER = (
+    "CREATE TRIGGER assignment_rules_reps_loads AFTER INSERT OR UPDATE OF user_ids ON assignment_rules"
+    " FOR EACH ROW EXECUTE FUNCTION lead_owner_loads_for_rule()"
+)
 _PG_TRIGGERS = (
     "CREATE TRIGGER leads_open_loads_insert AFTER INSERT ON leads REFERENCING NEW TABLE AS new_leads"
     " FOR EACH STATEMENT EXECUTE FUNCTION leads_count_open_by_owner()",
@@ -93,17 +109,24 @@ def upgrade() -> None:
         sa.Column("owner_id", sa.String(length=200), primary_key=True),
         sa.Column("open_leads", sa.Integer(), nullable=False),
     )
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(_PG_FUNCTION)
-        for statement in _PG_TRIGGERS:
-            op.execute(statement)
-    else:
-        for statement in _sqlite_triggers():
-            op.execute(statement)
     op.execute(
         "INSERT INTO lead_owner_loads (owner_id, open_leads)"
         f" SELECT owner_id, count(*) FROM leads WHERE owner_id <> '' AND status IN ({_OPEN}) GROUP BY owner_id"
     )
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(_PG_FUNCTION)
+        for statement in _PG_TRIGGERS:
+            op.execute(statement)
+        op.execute(_PG_RULE_REPS_FUNCTION)
+        op.execute(_PG_RULE_REPS_TRIGGER)
+        op.execute(
+            "INSERT INTO lead_owner_loads (owner_id, open_leads)"
+            " SELECT DISTINCT rep, 0 FROM assignment_rules, jsonb_array_elements_text(user_ids) AS rep"
+            " ON CONFLICT (owner_id) DO NOTHING"
+        )
+    else:
+        for statement in _sqlite_triggers():
+            op.execute(statement)
 
 
 def downgrade() -> None:
@@ -111,6 +134,8 @@ def downgrade() -> None:
         for event in ("insert", "update", "delete"):
             op.execute(f"DROP TRIGGER leads_open_loads_{event} ON leads")
         op.execute("DROP FUNCTION leads_count_open_by_owner()")
+        op.execute("DROP TRIGGER assignment_rules_reps_loads ON assignment_rules")
+        op.execute("DROP FUNCTION lead_owner_loads_for_rule()")
     else:
         for name in _SQLITE_TRIGGER_NAMES:
             op.execute(f"DROP TRIGGER leads_open_loads_{name}")

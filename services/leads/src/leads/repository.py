@@ -470,20 +470,25 @@ async def count_submission(conn: AsyncConnection, form_key: str, window: datetim
 # --- the create path on PostgreSQL: fewer round trips ----------------------------------------------
 
 _OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
+# A rule's round-robin pointer and its reps' open leads, every row locked: the rule's row first,
+# then (the subquery refers to it, so it runs after) its reps' load rows in order. Assignments that
+# share a rep queue on its row, and take rows in one order, so they cannot deadlock. The locks wait
+# for their holders and then read what those committed: a plain read in this statement would see
+# the loads as of before the wait (READ COMMITTED takes a statement's snapshot when it begins).
+_RULE_STATE_SQL = """
+    SELECT r.last_user_id,
+           COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM (
+                SELECT owner_id, open_leads FROM lead_owner_loads
+                 WHERE owner_id = ANY(CAST(:users AS text[])) AND r.id IS NOT NULL
+                 ORDER BY owner_id FOR UPDATE) AS o), '{}') AS loads
+      FROM (SELECT id, last_user_id FROM assignment_rules WHERE id = CAST(:rule_id AS text) FOR UPDATE) AS r
+"""
+_RULE_STATE = DriverStatement(text(_RULE_STATE_SQL))
 
-# The first statement of a create: the dedupe keys' advisory locks (sorted, so concurrent creates
-# take them in one order), then the matched rule's row lock. Every writer takes keys before rules.
-_LOCK_FOR_CREATE = text(
-    """
-    SELECT r.last_user_id
-      FROM (SELECT count(pg_advisory_xact_lock(hashtext(k))) FROM unnest(CAST(:keys AS text[])) AS k) AS locked
-      LEFT JOIN LATERAL (SELECT last_user_id FROM assignment_rules
-                          WHERE id = CAST(:rule_id AS text) FOR UPDATE) AS r ON true
-    """
-)
-# What the locks guard, read after them: under READ COMMITTED a statement reads the snapshot taken
-# when it began, so reading in the locking statement could miss what the previous holder committed
-# while this one waited (its lead with the same email, its lead assigned to the same rep).
+# A create's reads after its dedupe keys are locked, with its matched rule's state. The probe runs
+# after the key locks, in a statement of its own: a probe in the locking statement could miss the
+# lead the previous key holder committed while this one waited. The rule's lock is taken last, so
+# creates queue on it only for their insert and commit.
 _PROBE_FOR_CREATE = DriverStatement(
     text(
         f"""
@@ -493,8 +498,9 @@ _PROBE_FOR_CREATE = DriverStatement(
              ORDER BY id LIMIT 1) AS duplicate_id,
            (SELECT contact_id FROM contact_keys
              WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id,
-           COALESCE((SELECT json_object_agg(owner_id, open_leads) FROM lead_owner_loads
-                      WHERE owner_id = ANY(CAST(:users AS text[]))), '{{}}') AS loads
+           r.last_user_id, r.loads
+      FROM (SELECT 1) AS one
+      LEFT JOIN LATERAL ({_RULE_STATE_SQL}) AS r ON true
     """
     )
 )
@@ -520,8 +526,8 @@ async def probe_for_create(
     user_ids: Sequence[str],
     loads: bool,
 ) -> CreateProbe:
-    """Locks the new lead's dedupe keys (when duplicates are checked) and its matched rule, then
-    reads its duplicate, its contact and the reps' loads: on PostgreSQL in two round trips."""
+    """Locks the new lead's dedupe keys (when duplicates are checked), then reads its duplicate, its
+    contact, and its matched rule's pointer and reps' loads (locked): on PostgreSQL in two round trips."""
     keys = sorted({k for k in (email_norm, phone_norm) if k})
     users = list(user_ids) if rule_id and loads else []
     if conn.dialect.name != "postgresql":  # one writer at a time: no locks to take
@@ -532,26 +538,31 @@ async def probe_for_create(
         contact = await find_contact(conn, email_norm=email_norm, phone_norm=phone_norm) if keys else ""
         pointer, counts = await rule_state(conn, rule_id, users, loads=bool(users)) if rule_id else (None, {})
         return CreateProbe(duplicate, contact, pointer, counts)
-    pointer = None
-    locked = keys if check_duplicates else []
-    if locked or rule_id:
-        pointer = await conn.scalar(_LOCK_FOR_CREATE, {"keys": locked, "rule_id": rule_id})
-    if not keys and not users:
-        return CreateProbe(None, "", pointer, {})
-    row = await _PROBE_FOR_CREATE.fetchrow(conn, {"email": email_norm, "phone": phone_norm, "users": users})
+    if keys and check_duplicates:
+        await lock_dedupe_keys(conn, keys)
+    if not keys and not rule_id:
+        return CreateProbe(None, "", None, {})
+    row = await _PROBE_FOR_CREATE.fetchrow(
+        conn, {"email": email_norm, "phone": phone_norm, "rule_id": rule_id, "users": users}
+    )
+    pointer = row["last_user_id"]
     return CreateProbe(
         row["duplicate_id"] if check_duplicates else None,
         str(row["contact_id"] or ""),
-        pointer,
-        {str(k): int(v) for k, v in row["loads"].items()},
+        None if pointer is None else str(pointer),
+        {str(k): int(v) for k, v in (row["loads"] or {}).items()},
     )
 
 
 async def rule_state(
     conn: AsyncConnection, rule_id: str, user_ids: Sequence[str], *, loads: bool
 ) -> tuple[str | None, dict[str, int]]:
-    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted.
-    The counts are read after the lock, in a snapshot that has the previous holder's assignments."""
+    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted."""
+    if conn.dialect.name == "postgresql":
+        row = await _RULE_STATE.fetchrow(conn, {"rule_id": rule_id, "users": list(user_ids) if loads else []})
+        if row is None:
+            return None, {}
+        return str(row["last_user_id"]), {str(k): int(v) for k, v in row["loads"].items()}
     last = await conn.scalar(
         select(assignment_rules.c.last_user_id).where(assignment_rules.c.id == rule_id).with_for_update()
     )

@@ -167,7 +167,27 @@ async def test_a_create_waiting_for_the_rule_reads_the_loads_its_holder_committe
         await asyncio.sleep(0.3)
         assert not waiting.done()  # blocked on the rule's row
         await holder.execute(repo.leads.insert().values(_lead_row("held", owner_id="u1")))
-    assert (await waiting).loads == {"u1": 1}
+    assert (await waiting).loads == {"u1": 1, "u2": 0}
+
+
+async def test_concurrent_creates_under_rules_that_share_a_rep_do_not_deadlock(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        for position, region, reps in ((1, "east", ("u1", "u2")), (2, "west", ("u3", "u2"))):
+            await env.service.create_assignment_rule(
+                AssignmentRule(id="", position=position, user_ids=reps, strategy="least_loaded", capacity=100,
+                               regions=frozenset({region})),
+                region, "",
+            )  # fmt: skip
+
+    async def create(n: int) -> str:
+        with env.acting("admin", roles=("admin",)):
+            lead, _ = await env.service.create_lead({"name": f"S{n}", "region": ("east", "west")[n % 2]})
+        return str(lead["owner_id"])
+
+    owners = await asyncio.gather(*(create(n) for n in range(16)))
+    assert "" not in owners
+    assert await env.loads_kept() == await env.loads_counted()
+    assert sum((await env.loads_kept()).values()) == 16
 
 
 async def test_least_loaded_assignment(env: Any) -> None:
