@@ -3,7 +3,9 @@ one statement skips the BEGIN and COMMIT/ROLLBACK round trips of a transaction; 
 in as one JSON parameter, in order."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from crm_platform.config import ServiceSettings
@@ -77,34 +79,41 @@ things = Table(
     Column("attributes", JSON),
     Column("at", DateTime(timezone=True)),
 )
+AT = datetime(2026, 12, 5, 3, 4, 5, 123456, tzinfo=UTC)
 
 
-async def test_rows_given_as_one_json_parameter_are_stored_as_given_in_order(postgres_url: str) -> None:
+@pytest.fixture
+async def things_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a database with the `things` table."""
     engine = create_engine(postgres_url)
-    at = datetime(2026, 12, 5, 3, 4, 5, 123456, tzinfo=UTC)
-    given = [
-        {"name": "第一", "payload": b"\x00\xffbinary", "attributes": {"tags": ["a"], "n": 1}, "at": at},
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield engine
+    await engine.dispose()
+
+
+async def stored_things(engine: AsyncEngine) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        return [dict(row) for row in (await conn.execute(select(things).order_by(things.c.seq))).mappings()]
+
+
+async def test_rows_given_as_one_json_parameter_are_stored_as_given_in_order(things_engine: AsyncEngine) -> None:
+    given: list[dict[str, Any]] = [
+        {"name": "第一", "payload": b"\x00\xffbinary", "attributes": {"tags": ["a"], "n": 1}, "at": AT},
         {"name": "second", "payload": None, "attributes": None, "at": None},
-        {"name": "third", "payload": b"", "attributes": [1, "two"], "at": at},
+        {"name": "third", "payload": b"", "attributes": [1, "two"], "at": AT},
     ]
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        statement = insert_from_json(things, "rows", ["name", "payload", "attributes", "at"])
-        async with single_statements(engine).connect() as conn:
-            await conn.execute(statement, {"rows": json_rows(given)})
-        async with engine.connect() as conn:
-            stored = (await conn.execute(select(things).order_by(things.c.seq))).mappings().all()
-        assert [{k: row[k] for k in ("name", "payload", "attributes", "at")} for row in stored] == given
-    finally:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.drop_all)
-        await engine.dispose()
+    statement = insert_from_json(things, "rows", ["name", "payload", "attributes", "at"])
+    async with single_statements(things_engine).connect() as conn:
+        await conn.execute(statement, {"rows": json_rows(given)})
+    assert [
+        {k: row[k] for k in ("name", "payload", "attributes", "at")} for row in await stored_things(things_engine)
+    ] == given
 
 
-async def test_a_driver_statement_runs_in_the_transaction_with_sqlalchemys_parameter_types(postgres_url: str) -> None:
-    engine = create_engine(postgres_url)
-    at = datetime(2026, 12, 5, 3, 4, 5, 123456, tzinfo=UTC)
+async def test_a_driver_statement_runs_in_the_transaction_with_sqlalchemys_parameter_types(
+    things_engine: AsyncEngine,
+) -> None:
     statement = DriverStatement(
         things.insert()
         .values(
@@ -112,42 +121,25 @@ async def test_a_driver_statement_runs_in_the_transaction_with_sqlalchemys_param
         )
         .returning(things.c.seq, things.c.attributes)
     )
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        given = {"name": "第一", "payload": b"\x00\xff", "attributes": {"tags": ["a"], "n": 1}, "at": at}
-        with pytest.raises(RuntimeError):
-            async with engine.begin() as conn:  # the first statement: it begins the transaction itself
-                await statement.fetchrow(conn, given)
-                raise RuntimeError("roll back")
-        async with engine.begin() as conn:
-            row = await statement.fetchrow(conn, given)
-            await statement.execute(conn, {**given, "name": "second", "attributes": None, "at": None})
-        assert row["attributes"] == {"tags": ["a"], "n": 1}
-        async with engine.connect() as conn:
-            stored = (await conn.execute(select(things).order_by(things.c.seq))).mappings().all()
-        assert [{k: r[k] for k in ("seq", "name", "payload", "attributes", "at")} for r in stored] == [
-            {"seq": row["seq"], **given},
-            {"seq": row["seq"] + 1, **given, "name": "second", "attributes": None, "at": None},
-        ]  # the rolled-back row is not there
-    finally:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.drop_all)
-        await engine.dispose()
+    given = {"name": "第一", "payload": b"\x00\xff", "attributes": {"tags": ["a"], "n": 1}, "at": AT}
+    with pytest.raises(RuntimeError):
+        async with things_engine.begin() as conn:  # the first statement: it begins the transaction itself
+            await statement.fetchrow(conn, given)
+            raise RuntimeError("roll back")
+    async with things_engine.begin() as conn:
+        row = await statement.fetchrow(conn, given)
+        await statement.execute(conn, {**given, "name": "second", "attributes": None, "at": None})
+    assert row["attributes"] == {"tags": ["a"], "n": 1}
+    assert await stored_things(things_engine) == [
+        {"seq": row["seq"], **given},
+        {"seq": row["seq"] + 1, **given, "name": "second", "attributes": None, "at": None},
+    ]  # the rolled-back row is not there
 
 
-async def test_a_driver_statement_raises_the_errors_sqlalchemy_would(postgres_url: str) -> None:
-    engine = create_engine(postgres_url)
+async def test_a_driver_statement_raises_the_errors_sqlalchemy_would(things_engine: AsyncEngine) -> None:
     statement = DriverStatement(things.insert().values(seq=bindparam("seq"), name=bindparam("name")))
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        async with single_statements(engine).connect() as conn:
-            await statement.execute(conn, {"seq": 1, "name": "first"})
-            with pytest.raises(IntegrityError) as caught:
-                await statement.execute(conn, {"seq": 1, "name": "secret value"})
-        assert "secret value" not in str(caught.value)  # parameters stay out of logs
-    finally:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.drop_all)
-        await engine.dispose()
+    async with single_statements(things_engine).connect() as conn:
+        await statement.execute(conn, {"seq": 1, "name": "first"})
+        with pytest.raises(IntegrityError) as caught:
+            await statement.execute(conn, {"seq": 1, "name": "secret value"})
+    assert "secret value" not in str(caught.value)  # parameters stay out of logs

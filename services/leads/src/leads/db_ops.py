@@ -5,7 +5,8 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import JSON, Table, select
+from crm_platform.db import driver_connection
+from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -27,10 +28,7 @@ async def bulk_insert(conn: AsyncConnection, table: Table, rows: list[dict[str, 
         return
     columns = list(rows[0])
     records = _records(rows, columns, [i for i, name in enumerate(columns) if isinstance(table.c[name].type, JSON)])
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    if not driver.is_in_transaction():
-        await conn.execute(select(1))  # SQLAlchemy opens its transaction lazily, on the first statement
+    driver = await driver_connection(conn)
     await driver.copy_records_to_table(table.name, records=records, columns=columns)
 
 

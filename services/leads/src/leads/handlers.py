@@ -383,18 +383,14 @@ class LeadsService:
         return score, domain.grade_for(score, rules.thresholds), matched
 
     async def _pick_by_rules(
-        self,
-        conn: AsyncConnection,
-        rules: Rules,
-        lead: Mapping[Any, Any],
-        *,
-        move_pointer: bool = True,
+        self, conn: AsyncConnection, rules: Rules, lead: Mapping[Any, Any]
     ) -> tuple[str, str, str] | None:
-        """(owner, team, rule id) from the first matching rule, or None for the pool.
+        """(owner, team, rule id) from the first matching rule, or None for the pool; the rule's
+        round-robin pointer moves to the owner.
 
-        The rule row is locked so concurrent assignments rotate the round-robin pointer in turn;
-        with `move_pointer=False` the caller moves it (in its own insert statement). An import
-        batch picks in memory instead (`domain.pick_in_batch`).
+        The rule row is locked so concurrent assignments rotate the pointer in turn. A create reads
+        the rule's state in its probe (`repo.probe_for_create`) and moves the pointer in its insert;
+        an import batch picks in memory (`domain.pick_in_batch`).
         """
         rule = domain.first_matching_rule(rules.assignment, lead)
         if rule is None:
@@ -405,10 +401,9 @@ class LeadsService:
         user = domain.pick_assignee(rule, loads, last)
         if user is None:
             return None
-        if move_pointer:
-            await conn.execute(
-                update(repo.assignment_rules).where(repo.assignment_rules.c.id == rule.id).values(last_user_id=user)
-            )
+        await conn.execute(
+            update(repo.assignment_rules).where(repo.assignment_rules.c.id == rule.id).values(last_user_id=user)
+        )
         return user, rule.team, rule.id
 
     def _assignment_values(self, owner_id: str, team: str, first_contacted: bool, now: datetime) -> dict[str, Any]:

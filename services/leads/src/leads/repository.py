@@ -696,7 +696,8 @@ async def insert_lead_bundle(
                 update(assignment_rules).where(assignment_rules.c.id == pointer[0]).values(last_user_id=pointer[1])
             )
         return row
-    params: dict[str, Any] = {f"l_{k}": v for k, v in (LEAD_DEFAULTS | lead).items()}
+    stored = LEAD_DEFAULTS | lead
+    params: dict[str, Any] = {f"l_{k}": v for k, v in stored.items()}
     params.update({f"h_{k}": v for k, v in history.items()})
     params.update({f"t_{k}": v for k, v in (task or _TASK_BLANK).items()})
     params.update(
@@ -704,4 +705,4 @@ async def insert_lead_bundle(
     )
     params["o_events"] = json_rows(events)
     await _BUNDLE.execute(conn, params)
-    return LEAD_DEFAULTS | lead
+    return stored
