@@ -5,6 +5,7 @@ reshapes a table keeps its rows both ways."""
 import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -72,8 +73,9 @@ OWN_IDEMPOTENCY_KEYS = {
 }
 
 
-async def _reflected(conn: AsyncConnection) -> Table:
-    return await conn.run_sync(lambda sync: Table(idempotency.TABLE_NAME, MetaData(), autoload_with=sync))
+async def _reflected(conn: AsyncConnection, name: str = idempotency.TABLE_NAME) -> Table:
+    table: Table = await conn.run_sync(lambda sync: Table(name, MetaData(), autoload_with=sync))
+    return table
 
 
 @pytest.mark.parametrize("component", sorted(OWN_IDEMPOTENCY_KEYS))
@@ -103,5 +105,42 @@ async def test_idempotency_keys_survive_the_move_to_the_shared_table(
             own = await _reflected(conn)
             rows = [dict(row) for row in (await conn.execute(select(own).order_by(own.c.key))).mappings()]
         assert [{name: row[name] for name in own_row} for row in rows] == [own_row, *extra]
+    finally:
+        await engine.dispose()
+
+
+async def test_open_leads_per_owner_are_counted_from_the_leads_already_there(each_database_url: str) -> None:
+    await _migrate("leads", each_database_url, "up", "0005")
+    engine = create_engine(each_database_url)
+    now = datetime(2026, 12, 5, tzinfo=UTC)
+    try:
+        async with engine.begin() as conn:
+            leads = await _reflected(conn, "leads")
+            rules = await _reflected(conn, "assignment_rules")
+            base: dict[str, Any] = {"source": "other", "tags": [], "custom": {}, "created_at": now, "updated_at": now}
+            await conn.execute(
+                insert(leads),
+                [
+                    {**base, "id": "l1", "owner_id": "u1", "status": "new"},
+                    {**base, "id": "l2", "owner_id": "u1", "status": "converted"},
+                    {**base, "id": "l3", "owner_id": "u2", "status": "contacted"},
+                    {**base, "id": "l4", "owner_id": "", "status": "recycled"},
+                ],
+            )
+            await conn.execute(
+                insert(rules).values(
+                    id="r1", name="r", position=1, regions=[], industries=[], sources=[], user_ids=["u1", "u3"],
+                    strategy="round_robin",
+                )
+            )  # fmt: skip
+
+        await _migrate("leads", each_database_url, "up", "head")
+        async with engine.begin() as conn:
+            await conn.execute(insert(leads).values(**base, id="l5", owner_id="u2", status="new"))
+        async with engine.connect() as conn:
+            loads = await _reflected(conn, "lead_owner_loads")
+            kept = {owner: n for owner, n in await conn.execute(select(loads.c.owner_id, loads.c.open_leads))}
+        # Every rep of a rule has a row on PostgreSQL (a create waits on it); SQLite needs none.
+        assert kept == ({"u1": 1, "u2": 2, "u3": 0} if engine.dialect.name == "postgresql" else {"u1": 1, "u2": 2})
     finally:
         await engine.dispose()

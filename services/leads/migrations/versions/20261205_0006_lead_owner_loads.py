@@ -109,24 +109,27 @@ def upgrade() -> None:
         sa.Column("owner_id", sa.String(length=200), primary_key=True),
         sa.Column("open_leads", sa.Integer(), nullable=False),
     )
-    op.execute(
-        "INSERT INTO lead_owner_loads (owner_id, open_leads)"
-        f" SELECT owner_id, count(*) FROM leads WHERE owner_id <> '' AND status IN ({_OPEN}) GROUP BY owner_id"
-    )
+    # Triggers first: creating them locks `leads` against writes until the migration commits, so no
+    # lead written meanwhile is missed by both the triggers and the counts below.
     if op.get_bind().dialect.name == "postgresql":
         op.execute(_PG_FUNCTION)
         for statement in _PG_TRIGGERS:
             op.execute(statement)
         op.execute(_PG_RULE_REPS_FUNCTION)
         op.execute(_PG_RULE_REPS_TRIGGER)
+    else:
+        for statement in _sqlite_triggers():
+            op.execute(statement)
+    op.execute(
+        "INSERT INTO lead_owner_loads (owner_id, open_leads)"
+        f" SELECT owner_id, count(*) FROM leads WHERE owner_id <> '' AND status IN ({_OPEN}) GROUP BY owner_id"
+    )
+    if op.get_bind().dialect.name == "postgresql":
         op.execute(
             "INSERT INTO lead_owner_loads (owner_id, open_leads)"
             " SELECT DISTINCT rep, 0 FROM assignment_rules, jsonb_array_elements_text(user_ids) AS rep"
             " ON CONFLICT (owner_id) DO NOTHING"
         )
-    else:
-        for statement in _sqlite_triggers():
-            op.execute(statement)
 
 
 def downgrade() -> None:
