@@ -1,6 +1,7 @@
 """Async database engines: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) as the embedded default."""
 
 import json
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -67,7 +68,13 @@ def single_statements(engine: AsyncEngine) -> AsyncEngine:
     trips around it. A lone statement is atomic by itself, and under READ COMMITTED a lone SELECT
     sees exactly what it would see in a transaction. Work of several statements, or that needs one
     snapshot or a transaction-local setting, uses `engine.begin()` / `engine.connect()`."""
-    return engine.execution_options(isolation_level="AUTOCOMMIT")
+    autocommit = _SINGLE_STATEMENTS.get(engine)
+    if autocommit is None:  # made once per engine: building the proxy costs as much as a statement
+        autocommit = _SINGLE_STATEMENTS[engine] = engine.execution_options(isolation_level="AUTOCOMMIT")
+    return autocommit
+
+
+_SINGLE_STATEMENTS: "weakref.WeakKeyDictionary[AsyncEngine, AsyncEngine]" = weakref.WeakKeyDictionary()
 
 
 def insert_from_json(table: Table, param: str, columns: Sequence[str] | None = None) -> Insert:
@@ -97,18 +104,23 @@ def _json_value(value: Any) -> str:
 
 
 async def driver_connection(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under `conn`, in `conn`'s transaction: SQLAlchemy begins a transaction
-    lazily, on its first statement, so if none ran yet a trivial one does (a round trip). On a
-    `single_statements` connection there is none to begin."""
-    driver: Any = (await conn.get_raw_connection()).driver_connection
+    """The asyncpg connection under `conn`, in `conn`'s transaction. SQLAlchemy's asyncpg adapter
+    begins the transaction lazily, on the first statement; if none ran yet, it is begun here (the
+    BEGIN round trip the first statement would have cost). On a `single_statements` connection
+    there is none to begin."""
+    adapter: Any = (await conn.get_raw_connection()).dbapi_connection
+    driver = adapter.driver_connection
     if not driver.is_in_transaction() and not _autocommit(conn):
-        await conn.execute(select(1))
+        await adapter._start_transaction()  # what the adapter runs before its first statement
     return driver
 
 
 def _autocommit(conn: AsyncConnection) -> bool:
     options = conn.sync_connection.get_execution_options() if conn.sync_connection is not None else {}
     return bool(options.get("isolation_level") == "AUTOCOMMIT")
+
+
+_REQUIRED = object()
 
 
 class DriverStatement:
@@ -124,26 +136,33 @@ class DriverStatement:
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         self.sql = compiled.string
+        binds = [compiled.binds[name] for name in compiled.positiontup or ()]
+        # A value written into the statement (a LIMIT, say) is its default; the others are required.
         self._params = [
-            (name, compiled.binds[name].type.bind_processor(dialect)) for name in compiled.positiontup or ()
+            (bind.key, bind.type.bind_processor(dialect), _REQUIRED if bind.required else bind.value) for bind in binds
         ]
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
-        return [params[name] if process is None else process(params[name]) for name, process in self._params]
+        args = []
+        for name, process, default in self._params:
+            value = params[name] if default is _REQUIRED or name in params else default
+            args.append(value if process is None else process(value))
+        return args
+
+    async def fetch(self, conn: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
+        return await self._run(conn, params, "fetch")  # type: ignore[no-any-return]
 
     async def fetchrow(self, conn: AsyncConnection, params: Mapping[str, Any]) -> Any:
-        driver = await driver_connection(conn)
-        args = self.args(params)
-        try:
-            return await driver.fetchrow(self.sql, *args)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            raise _as_sqlalchemy_error(self.sql, args, error) from error
+        return await self._run(conn, params, "fetchrow")
 
     async def execute(self, conn: AsyncConnection, params: Mapping[str, Any]) -> None:
+        await self._run(conn, params, "execute")
+
+    async def _run(self, conn: AsyncConnection, params: Mapping[str, Any], method: str) -> Any:
         driver = await driver_connection(conn)
         args = self.args(params)
         try:
-            await driver.execute(self.sql, *args)
+            return await getattr(driver, method)(self.sql, *args)
         except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             raise _as_sqlalchemy_error(self.sql, args, error) from error
 

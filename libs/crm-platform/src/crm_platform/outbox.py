@@ -8,11 +8,11 @@ same key that is unpublished (locked by another replica or waiting for a retry).
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.message import Message
@@ -29,27 +29,28 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
+    Select,
     String,
     Table,
     Text,
+    Update,
     any_,
     bindparam,
     delete,
+    exists,
     func,
     insert,
-    not_,
     or_,
     select,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ColumnElement
 
 from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
-from crm_platform.db import insert_from_json, is_postgres
+from crm_platform.db import DriverStatement, insert_from_json, is_postgres
 from crm_platform.ids import new_id
 from crm_platform.kafka import create_producer, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
@@ -211,11 +212,63 @@ def backoff_seconds(attempts: int, *, base: float = 0.5, cap: float = 60.0) -> f
     return random.uniform(0, min(cap, base * 2 ** max(0, attempts - 1)))
 
 
-def publishable(rows: list[Any], first_held_back: Mapping[str, int]) -> list[Any]:
-    """Rows that may go now. `first_held_back` maps a key to its oldest unpublished row that is not
-    in this batch (waiting out a retry backoff, or claimed by another replica): the key's rows go
-    only up to it, so no row overtakes an earlier one of its key."""
-    return [row for row in rows if row.seq < first_held_back.get(row.key, row.seq + 1)]
+def claim_statement(outbox: Table, *, limit: int, due_only: bool) -> Select[Any]:
+    """One pass's rows, oldest first, each with `held_back`: an older unpublished row of its key is
+    outside the pass (claimed by another replica, or waiting out a retry backoff), so it must not
+    go now — a key's rows go in order, never overtaking one. On PostgreSQL the rows are locked
+    (skipping those another replica holds) until the pass commits. One statement: the `held_back`
+    subquery sees what the claim saw."""
+    query = select(
+        outbox.c.seq,
+        outbox.c.id,
+        outbox.c.topic,
+        outbox.c.key,
+        outbox.c.payload,
+        outbox.c.headers,
+        outbox.c.created_at,
+        outbox.c.attempts,
+    ).where(outbox.c.published_at.is_(None))
+    if due_only:
+        now = bindparam("now", type_=outbox.c.created_at.type)
+        query = query.where(or_(outbox.c.next_attempt_at.is_(None), outbox.c.next_attempt_at <= now))
+    claimed = query.order_by(outbox.c.seq).limit(limit).with_for_update(skip_locked=True).cte("claimed")
+    older = outbox.alias("older")
+    held_back = exists().where(
+        older.c.published_at.is_(None),
+        older.c.key == claimed.c.key,
+        older.c.seq < claimed.c.seq,
+        older.c.seq.not_in(select(claimed.c.seq)),
+    )
+    return select(claimed, held_back.label("held_back")).order_by(claimed.c.seq)
+
+
+def publishable(rows: list[Any]) -> list[Any]:
+    """The claimed rows that may go now (see `claim_statement`)."""
+    return [row for row in rows if not row.held_back]
+
+
+def mark_published_statement(outbox: Table, postgres: bool) -> Update:
+    """Sets `published_at` (param `at`) on the rows whose seq is in param `seqs`. On PostgreSQL as
+    `= ANY(array)`: one parameter and one statement text, whatever the pass's size."""
+    if postgres:
+        seqs = outbox.c.seq == any_(bindparam("seqs", type_=ARRAY(outbox.c.seq.type)))
+    else:
+        seqs = outbox.c.seq.in_(bindparam("seqs", expanding=True))
+    return update(outbox).where(seqs).values(published_at=bindparam("at"))
+
+
+class _ClaimedRow(NamedTuple):
+    """A claimed row as the relay reads it (on PostgreSQL from the driver's record)."""
+
+    seq: int
+    id: str
+    topic: str
+    key: str
+    payload: bytes
+    headers: list[list[str]]
+    created_at: datetime
+    attempts: int
+    held_back: bool
 
 
 class OutboxRelay:
@@ -251,6 +304,14 @@ class OutboxRelay:
         self._last_housekeeping = 0.0
         # The producer's default: murmur2 of the key over all partitions, as Kafka's Java clients.
         self._partitioner = DefaultPartitioner()
+        self._claim_due = claim_statement(self.outbox, limit=batch_size, due_only=True)
+        self._claim_all = claim_statement(self.outbox, limit=batch_size, due_only=False)
+        self._mark_published = mark_published_statement(self.outbox, is_postgres(engine))
+        if is_postgres(engine):
+            # A pass runs on every burst of commits: its statements skip SQLAlchemy's per-execution work.
+            self._driver_claim_due = DriverStatement(self._claim_due)
+            self._driver_claim_all = DriverStatement(self._claim_all)
+            self._driver_mark_published = DriverStatement(self._mark_published)
 
     def wake(self) -> None:
         self._wake.set()
@@ -312,48 +373,15 @@ class OutboxRelay:
     async def publish_pending(self, *, ignore_backoff: bool = False) -> int:
         """One pass: claims a batch, publishes it, marks what the broker acknowledged."""
         table = self.outbox
-        now = utcnow()
-        query = select(
-            table.c.seq,
-            table.c.id,
-            table.c.topic,
-            table.c.key,
-            table.c.payload,
-            table.c.headers,
-            table.c.created_at,
-            table.c.attempts,
-        ).where(table.c.published_at.is_(None))
-        if not ignore_backoff:
-            query = query.where(or_(table.c.next_attempt_at.is_(None), table.c.next_attempt_at <= now))
-        query = query.order_by(table.c.seq).limit(self.batch_size)
-        if is_postgres(self.engine):
-            query = query.with_for_update(skip_locked=True)
         async with self.engine.begin() as conn:
-            rows = list(await conn.execute(query))
-            if not rows:
-                return 0
-            batch = [row.seq for row in rows]
-            held_back = await conn.execute(
-                select(table.c.key, func.min(table.c.seq))
-                .where(
-                    table.c.published_at.is_(None),
-                    self._one_of(table.c.key, sorted({row.key for row in rows})),
-                    table.c.seq < max(batch),
-                    not_(self._one_of(table.c.seq, batch)),
-                )
-                .group_by(table.c.key)
-            )
-            rows = publishable(rows, {key: seq for key, seq in held_back})
+            rows = await self._claim(conn, ignore_backoff)
+            rows = publishable(rows)
             if not rows:
                 return 0
             sent, failed, error = await self._send(rows)
             acked_at = utcnow()
             if sent:
-                await conn.execute(
-                    update(table)
-                    .where(self._one_of(table.c.seq, [row.seq for row in sent]))
-                    .values(published_at=acked_at)
-                )
+                await self._mark(conn, [row.seq for row in sent], acked_at)
                 latency = metrics.OUTBOX_LATENCY.labels(self.service)
                 for row in sent:
                     latency.observe((acked_at - as_utc(row.created_at)).total_seconds())
@@ -372,12 +400,18 @@ class OutboxRelay:
                 metrics.OUTBOX_FAILURES.labels(self.service).inc(len(failed))
         return len(sent)
 
-    def _one_of(self, column: Any, values: list[Any]) -> ColumnElement[bool]:
-        """`column IN values`. On PostgreSQL as `= ANY(array)`: one parameter, where an IN list of a
-        pass's hundreds of values is rendered into the statement text again on every pass."""
+    async def _claim(self, conn: AsyncConnection, ignore_backoff: bool) -> list[Any]:
+        params = {} if ignore_backoff else {"now": utcnow()}
         if is_postgres(self.engine):
-            return column == any_(bindparam(None, values, type_=ARRAY(column.type)))  # type: ignore[no-any-return]
-        return column.in_(values)  # type: ignore[no-any-return]
+            statement = self._driver_claim_all if ignore_backoff else self._driver_claim_due
+            return [_ClaimedRow(*record) for record in await statement.fetch(conn, params)]
+        return list(await conn.execute(self._claim_all if ignore_backoff else self._claim_due, params))
+
+    async def _mark(self, conn: AsyncConnection, seqs: list[int], at: datetime) -> None:
+        if is_postgres(self.engine):
+            await self._driver_mark_published.execute(conn, {"seqs": seqs, "at": at})
+        else:
+            await conn.execute(self._mark_published, {"seqs": seqs, "at": at})
 
     async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
         """(acknowledged rows, failed rows, first error). Every wait is bounded: a broker that hangs

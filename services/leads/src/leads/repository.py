@@ -391,12 +391,12 @@ async def lock_dedupe_keys(conn: AsyncConnection, keys: Iterable[str]) -> None:
     keys = sorted(set(keys))
     if not keys or conn.dialect.name != "postgresql":
         return
-    await conn.execute(_LOCK_KEYS, {"keys": keys})
+    await _LOCK_KEYS.execute(conn, {"keys": keys})
 
 
 # One statement text for any number of keys. unnest yields the (sorted) keys in order, so
 # concurrent transactions take their locks in the same order and cannot deadlock.
-_LOCK_KEYS = text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k")
+_LOCK_KEYS = DriverStatement(text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k"))
 
 
 async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None) -> str:
