@@ -9,7 +9,7 @@ from typing import Any
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
-from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select, tuple_
+from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select, text, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -84,6 +84,22 @@ def drop_messaging_tables(op: Operations) -> None:
     drop_outbox_notify_trigger(op)
     op.drop_table("processed_events")
     op.drop_table("outbox")
+
+
+def index_published_outbox_rows_only(op: Operations) -> None:
+    """`ix_outbox_published_at` over published rows only (see `add_messaging_tables`)."""
+    _replace_published_at_index(op, partial=True)
+
+
+def index_every_outbox_row(op: Operations) -> None:
+    """`ix_outbox_published_at` as the first revisions made it (the downgrade)."""
+    _replace_published_at_index(op, partial=False)
+
+
+def _replace_published_at_index(op: Operations, *, partial: bool) -> None:
+    where = text("published_at IS NOT NULL") if partial else None
+    op.drop_index("ix_outbox_published_at", table_name="outbox")
+    op.create_index("ix_outbox_published_at", "outbox", ["published_at"], postgresql_where=where, sqlite_where=where)
 
 
 REPLACE_TABLE_BATCH_ROWS = 5000

@@ -87,7 +87,16 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
             sqlite_where=Column("published_at").is_(None),
         ),
         Index("ix_outbox_key_pending", "key", "seq", postgresql_where=Column("published_at").is_(None)),
-        Index("ix_outbox_published_at", "published_at"),
+        # Published rows only (retention deletes by it): a pass's claim of pending rows then has
+        # one index to use, ix_outbox_pending, which yields them in seq order. Were pending rows in
+        # this index too, a planner with stale statistics (a burst of inserts, as an import makes)
+        # fetches every pending row through it and sorts them all, on disk, on every pass.
+        Index(
+            "ix_outbox_published_at",
+            "published_at",
+            postgresql_where=Column("published_at").isnot(None),
+            sqlite_where=Column("published_at").isnot(None),
+        ),
     )
     inbox = Table(
         "processed_events",

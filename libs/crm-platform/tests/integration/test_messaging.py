@@ -15,11 +15,11 @@ import pytest
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
-from crm_platform.db import create_engine
+from crm_platform.db import DriverStatement, create_engine, driver_connection
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
-from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
+from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork, claim_statement
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
@@ -28,7 +28,7 @@ from crm_platform.timeutil import utcnow
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -546,3 +546,33 @@ async def test_the_trace_continues_from_the_publisher_to_the_consumer(
     await task
     consumed = [span for span in spans.get_finished_spans() if span.name == f"consume {TOPIC}"]
     assert consumed and format(consumed[0].context.trace_id, "032x") == trace_id
+
+
+async def test_a_pass_claims_a_burst_of_pending_rows_in_seq_order_without_sorting_them(engine: AsyncEngine) -> None:
+    # Statistics taken while few rows were pending, then a burst of pending rows (an import): the
+    # claim must still walk ix_outbox_pending in seq order, not fetch and sort the whole burst.
+    outbox = metadata.tables["outbox"]
+    published = utcnow()
+
+    def rows(start: int, count: int, published_at: object) -> list[dict[str, object]]:
+        return [
+            {"id": new_id(), "topic": TOPIC, "key": f"k{n % 97}", "type": "t", "payload": b"x", "headers": [],
+             "created_at": published, "published_at": published_at}
+            for n in range(start, start + count)
+        ]  # fmt: skip
+
+    async with engine.begin() as conn:  # statistics taken with a few rows pending
+        await conn.execute(insert(outbox), rows(0, 20000, published) + rows(20000, 10, None))
+    async with engine.connect() as conn:
+        await conn.execute(text("ANALYZE outbox"))
+        await conn.commit()
+    async with engine.begin() as conn:  # then a burst: most rows pending
+        await conn.execute(update(outbox).where(outbox.c.seq > 8000).values(published_at=None))
+    claim = DriverStatement(claim_statement(outbox, limit=500, due_only=True))
+    async with engine.begin() as conn:
+        driver = await driver_connection(conn)
+        plan = "\n".join(row[0] for row in await driver.fetch("EXPLAIN " + claim.sql, *claim.args({"now": utcnow()})))
+        claimed = await claim.fetch(conn, {"now": utcnow()})
+    assert "ix_outbox_pending" in plan and "Sort Key: outbox.seq" not in plan, plan
+    assert [row["seq"] for row in claimed] == sorted(row["seq"] for row in claimed)
+    assert len(claimed) == 500 and not any(row["held_back"] for row in claimed)

@@ -87,8 +87,7 @@ def mask_pii(
             }
         else:
             result[key] = value
-    masked: dict[str, Any] = _jsonable(result)
-    return masked
+    return result
 
 
 def diff_for_audit(

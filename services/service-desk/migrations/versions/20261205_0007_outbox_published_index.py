@@ -1,0 +1,28 @@
+"""the outbox's published_at index over published rows only
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-05 08:00:00
+
+The relay claims pending rows in seq order through ix_outbox_pending. While the published_at index
+also held the pending rows, a planner with stale statistics (after a burst of inserts) claimed
+through it instead, fetching and sorting every pending row on each pass.
+"""
+
+from collections.abc import Sequence
+
+from alembic import op
+from crm_platform.migrations import index_every_outbox_row, index_published_outbox_rows_only
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    index_published_outbox_rows_only(op)
+
+
+def downgrade() -> None:
+    index_every_outbox_row(op)
