@@ -2,7 +2,9 @@
 publishes them to Kafka afterwards — so an event exists exactly when its change committed.
 
 Ordering: the relay publishes a key's rows in insertion order and never overtakes a row of the
-same key that is unpublished (locked by another replica or waiting for a retry).
+same key that is unpublished (locked by another replica or waiting for a retry). A row is deleted
+once the broker has acknowledged it (in the pass's transaction): Kafka keeps the events, and a
+delete costs the database less than marking the row (no new row version or index entries).
 """
 
 import asyncio
@@ -23,6 +25,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Delete,
     Index,
     Insert,
     Integer,
@@ -33,7 +36,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    Update,
     any_,
     bindparam,
     delete,
@@ -87,10 +89,12 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
             sqlite_where=Column("published_at").is_(None),
         ),
         Index("ix_outbox_key_pending", "key", "seq", postgresql_where=Column("published_at").is_(None)),
-        # Published rows only (retention deletes by it): a pass's claim of pending rows then has
-        # one index to use, ix_outbox_pending, which yields them in seq order. Were pending rows in
-        # this index too, a planner with stale statistics (a burst of inserts, as an import makes)
-        # fetches every pending row through it and sorts them all, on disk, on every pass.
+        # A relay deletes the rows the broker acknowledged; relays before 2026-12 marked them
+        # published and kept them a day, and housekeeping deletes those by this index. It holds
+        # published rows only, so a pass's claim of pending rows has one index to use,
+        # ix_outbox_pending, in seq order. Were pending rows in it too, a planner with stale
+        # statistics (after a burst of inserts, as an import makes) fetched every pending row
+        # through it and sorted them all, on disk, on every pass.
         Index(
             "ix_outbox_published_at",
             "published_at",
@@ -256,14 +260,14 @@ def publishable(rows: list[Any]) -> list[Any]:
     return [row for row in rows if not row.held_back]
 
 
-def mark_published_statement(outbox: Table, postgres: bool) -> Update:
-    """Sets `published_at` (param `at`) on the rows whose seq is in param `seqs`. On PostgreSQL as
+def delete_published_statement(outbox: Table, postgres: bool) -> Delete:
+    """Deletes the rows whose seq is in param `seqs` (the broker acknowledged them). On PostgreSQL as
     `= ANY(array)`: one parameter and one statement text, whatever the pass's size."""
     if postgres:
         seqs = outbox.c.seq == any_(bindparam("seqs", type_=ARRAY(outbox.c.seq.type)))
     else:
         seqs = outbox.c.seq.in_(bindparam("seqs", expanding=True))
-    return update(outbox).where(seqs).values(published_at=bindparam("at"))
+    return delete(outbox).where(seqs)
 
 
 class _ClaimedRow(NamedTuple):
@@ -293,7 +297,6 @@ class OutboxRelay:
         batch_size: int = 500,
         poll_seconds: float = 0.05,
         linger_seconds: float = 0.01,
-        retention: timedelta = timedelta(days=1),
     ) -> None:
         self.engine = engine
         self.outbox = outbox_table(metadata)
@@ -305,7 +308,6 @@ class OutboxRelay:
         self._slow_poll_seconds = max(poll_seconds, 1.0)
         self.poll_seconds = poll_seconds if not is_postgres(engine) else self._slow_poll_seconds
         self.linger_seconds = linger_seconds
-        self.retention = retention
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._producer: Any = None
@@ -315,12 +317,12 @@ class OutboxRelay:
         self._partitioner = DefaultPartitioner()
         self._claim_due = claim_statement(self.outbox, limit=batch_size, due_only=True)
         self._claim_all = claim_statement(self.outbox, limit=batch_size, due_only=False)
-        self._mark_published = mark_published_statement(self.outbox, is_postgres(engine))
+        self._delete_published = delete_published_statement(self.outbox, is_postgres(engine))
         if is_postgres(engine):
             # A pass runs on every burst of commits: its statements skip SQLAlchemy's per-execution work.
             self._driver_claim_due = DriverStatement(self._claim_due)
             self._driver_claim_all = DriverStatement(self._claim_all)
-            self._driver_mark_published = DriverStatement(self._mark_published)
+            self._driver_delete_published = DriverStatement(self._delete_published)
 
     def wake(self) -> None:
         self._wake.set()
@@ -390,7 +392,7 @@ class OutboxRelay:
             sent, failed, error = await self._send(rows)
             acked_at = utcnow()
             if sent:
-                await self._mark(conn, [row.seq for row in sent], acked_at)
+                await self._delete(conn, [row.seq for row in sent])
                 latency = metrics.OUTBOX_LATENCY.labels(self.service)
                 for row in sent:
                     latency.observe((acked_at - as_utc(row.created_at)).total_seconds())
@@ -416,11 +418,11 @@ class OutboxRelay:
             return [_ClaimedRow(*record) for record in await statement.fetch(conn, params)]
         return list(await conn.execute(self._claim_all if ignore_backoff else self._claim_due, params))
 
-    async def _mark(self, conn: AsyncConnection, seqs: list[int], at: datetime) -> None:
+    async def _delete(self, conn: AsyncConnection, seqs: list[int]) -> None:
         if is_postgres(self.engine):
-            await self._driver_mark_published.execute(conn, {"seqs": seqs, "at": at})
+            await self._driver_delete_published.execute(conn, {"seqs": seqs})
         else:
-            await conn.execute(self._mark_published, {"seqs": seqs, "at": at})
+            await conn.execute(self._delete_published, {"seqs": seqs})
 
     async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
         """(acknowledged rows, failed rows, first error). Every wait is bounded: a broker that hangs
@@ -505,8 +507,8 @@ class OutboxRelay:
         if self._listen_connection is None:
             await self._listen()
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(delete(self.outbox).where(self.outbox.c.published_at < utcnow() - self.retention))
+            async with self.engine.begin() as conn:  # rows that relays before 2026-12 marked instead
+                await conn.execute(delete(self.outbox).where(self.outbox.c.published_at.isnot(None)))
             metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
         except Exception:
             log.exception("outbox housekeeping failed")

@@ -118,6 +118,7 @@ async def test_a_committed_transaction_publishes_exactly_one_event_with_cloudeve
         note_id = await add_note(tx, "account-42")
     relay = relay_for(engine, broker_settings)
     assert await relay.publish_pending() == 1
+    assert await outbox_count(engine) == 0  # deleted once the broker acknowledged it
     assert await relay.publish_pending() == 0
     await relay.drain(1)
     async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
@@ -576,3 +577,22 @@ async def test_a_pass_claims_a_burst_of_pending_rows_in_seq_order_without_sortin
     assert "ix_outbox_pending" in plan and "Sort Key: outbox.seq" not in plan, plan
     assert [row["seq"] for row in claimed] == sorted(row["seq"] for row in claimed)
     assert len(claimed) == 500 and not any(row["held_back"] for row in claimed)
+
+
+async def test_rows_that_an_earlier_relay_marked_published_are_deleted_by_housekeeping(
+    engine_each_database: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    # Relays before 2026-12 marked acknowledged rows instead of deleting them.
+    engine = engine_each_database
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    for key in ("marked", "pending"):
+        async with uow.begin() as tx:
+            await add_note(tx, key)
+    outbox = metadata.tables["outbox"]
+    async with engine.begin() as conn:
+        await conn.execute(update(outbox).where(outbox.c.key == "marked").values(published_at=utcnow()))
+    relay = relay_for(engine, broker_settings)
+    await relay._housekeeping()
+    async with engine.connect() as conn:
+        assert list(await conn.scalars(select(outbox.c.key))) == ["pending"]
+    assert await relay.drain(0) == 1  # closes the relay; the pending row waits for the next one
