@@ -1,5 +1,6 @@
 """Pure rules of the platform: event naming, ordering, scopes, cursors, error details."""
 
+import gc
 from collections import namedtuple
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,6 +23,7 @@ from crm_platform.principal import (
     outgoing_metadata,
     scope_clause,
 )
+from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_objects
 from crm_platform.telemetry import default_sampler, instrument_engine
 from opentelemetry import trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -228,3 +230,15 @@ def test_without_an_exporter_a_sampled_callers_trace_is_still_recorded() -> None
     span = provider.get_tracer("test").start_span("handle", context=parent)
     assert span.is_recording()
     assert span.get_span_context().trace_id == 7
+
+
+def test_a_started_service_collects_cycles_less_often_and_never_scans_its_startup_objects() -> None:
+    threshold = gc.get_threshold()
+    try:
+        startup_object = {"settings": [1, 2, 3]}
+        freeze_startup_objects()
+        assert gc.get_threshold()[0] == GC_ALLOCATIONS_PER_COLLECTION > threshold[0]
+        assert not any(startup_object is item for item in gc.get_objects())  # frozen, out of the collector's reach
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
