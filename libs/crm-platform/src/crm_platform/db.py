@@ -108,7 +108,12 @@ async def driver_connection(conn: AsyncConnection) -> Any:
     begins the transaction lazily, on the first statement; if none ran yet, it is begun here (the
     BEGIN round trip the first statement would have cost). On a `single_statements` connection
     there is none to begin."""
-    adapter: Any = (await conn.get_raw_connection()).dbapi_connection
+    sync = conn.sync_connection
+    if sync is not None and not sync.invalidated and not sync.closed:
+        pooled = sync.connection  # held by `conn`: no I/O, and no greenlet to switch to
+    else:
+        pooled = await conn.get_raw_connection()  # reconnects
+    adapter: Any = pooled.dbapi_connection
     driver = adapter.driver_connection
     if not driver.is_in_transaction() and not _autocommit(conn):
         await adapter._start_transaction()  # what the adapter runs before its first statement

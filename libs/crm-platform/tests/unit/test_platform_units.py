@@ -24,7 +24,9 @@ from crm_platform.principal import (
     scope_clause,
 )
 from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_objects
+from crm_platform.structs import fill_struct
 from crm_platform.telemetry import default_sampler, instrument_engine
+from google.protobuf import struct_pb2
 from opentelemetry import trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -242,3 +244,12 @@ def test_a_started_service_collects_cycles_less_often_and_never_scans_its_startu
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_a_struct_filled_from_values_equals_the_one_struct_update_makes() -> None:
+    values = {"name": "Zoë", "score": 35, "in_pool": False, "tags": ["a", 1], "custom": {"k": "v"}, "none": None}
+    expected = struct_pb2.Struct()
+    expected.update(values)
+    filled = struct_pb2.Struct()
+    fill_struct(filled, values)
+    assert filled == expected

@@ -7,8 +7,8 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
+from crm_platform.structs import fill_struct
 from crm_platform.timeutil import to_timestamp
-from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 _LEAD_TEXT = (
@@ -44,26 +44,6 @@ _LEAD_TIMES = (
     "first_contact_due_at",
     "recycled_at",
 )
-
-
-def struct_of(values: Mapping[Any, Any]) -> struct_pb2.Struct:
-    message = struct_pb2.Struct()
-    if values:
-        message.update(values)
-    return message
-
-
-def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
-    """Struct.update, with a fast path for text (imports carry dozens of text columns per row)."""
-    fields = message.fields
-    rest = {}
-    for key, value in values.items():
-        if isinstance(value, str):
-            fields[key].string_value = value
-        else:
-            rest[key] = value
-    if rest:
-        message.update(rest)
 
 
 def lead_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Lead:

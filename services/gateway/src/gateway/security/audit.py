@@ -18,8 +18,8 @@ from crm_platform.db import DriverStatement, insert_from_json, json_rows, single
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
 from crm_platform.principal import Principal
+from crm_platform.structs import fill_struct
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
-from google.protobuf import struct_pb2
 from sqlalchemy import Select, and_, insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -126,13 +126,11 @@ def _event(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, An
         status_code=entry.status_code,
     )
     if before is not None:
-        values = struct_pb2.Struct()
-        values.update(before)
-        event.before.CopyFrom(values)
+        fill_struct(event.before, before)
+        event.before.SetInParent()  # present even when empty
     if after is not None:
-        values = struct_pb2.Struct()
-        values.update(after)
-        event.after.CopyFrom(values)
+        fill_struct(event.after, after)
+        event.after.SetInParent()
     return event
 
 
