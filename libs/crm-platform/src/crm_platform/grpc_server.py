@@ -15,6 +15,7 @@ from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
 from crm_platform.principal import acting_as, context_from_metadata
+from crm_platform.telemetry import continued_trace
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = context_from_metadata(context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            call = context_from_metadata(metadata)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                with acting_as(call.principal, call.scope, call.request_id):
+                with acting_as(call.principal, call.scope, call.request_id), continued_trace(metadata):
                     async with asyncio.timeout(self._deadline(context)):
                         return await behaviour(request, context)
             except CrmError as error:
@@ -101,11 +103,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[..., AsyncIterator[Any]], method: str
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = context_from_metadata(context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            call = context_from_metadata(metadata)
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                with acting_as(call.principal, call.scope, call.request_id):
+                with acting_as(call.principal, call.scope, call.request_id), continued_trace(metadata):
                     async for item in behaviour(request, context):
                         yield item
             except CrmError as error:

@@ -13,6 +13,8 @@ from enum import StrEnum
 from crm.common.v1 import common_pb2
 from sqlalchemy import ColumnElement, Table, and_, false, true
 
+from crm_platform.telemetry import trace_metadata
+
 PRINCIPAL_KEY = "x-crm-principal-bin"
 SCOPE_KEY = "x-crm-scope-bin"
 REQUEST_ID_KEY = "x-request-id"
@@ -143,13 +145,15 @@ def acting_as(principal: Principal, scope: RecordScope, request_id: str = "") ->
 def outgoing_metadata(
     principal: Principal, scope: RecordScope, request_id: str = ""
 ) -> tuple[tuple[str, str | bytes], ...]:
-    """Metadata the gateway (or a service calling another) attaches to a gRPC call."""
+    """Metadata the gateway (or a service calling another) attaches to a gRPC call: the caller, its
+    record scope, the request id and the current trace context."""
     metadata: list[tuple[str, str | bytes]] = [
         (PRINCIPAL_KEY, principal.to_proto().SerializeToString()),
         (SCOPE_KEY, scope.to_proto().SerializeToString()),
     ]
     if request_id:
         metadata.append((REQUEST_ID_KEY, request_id))
+    metadata.extend(trace_metadata())
     return tuple(metadata)
 
 

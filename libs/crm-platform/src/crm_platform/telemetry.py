@@ -1,13 +1,16 @@
 """OpenTelemetry: traces gateway → gRPC → DB → Kafka → consumer. Exported over OTLP when
 `OTEL_EXPORTER_OTLP_ENDPOINT` is set, sampled as `OTEL_TRACES_SAMPLER` says (default: every trace).
-Without an exporter nothing is recorded: trace and span ids still flow (logs carry them, Kafka
-headers pass them on), but no span is built only to be thrown away, and database statements are
-not hooked at all."""
+Without an exporter nothing is recorded: trace and span ids still flow (logs carry them, gRPC
+metadata and Kafka headers pass them on), but no span is built only to be thrown away, and neither
+gRPC calls nor database statements are hooked by the instrumentations: the platform's own call
+metadata carries the trace context (`trace_metadata`, `continued_trace`)."""
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-from opentelemetry import trace
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -18,6 +21,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 _configured = False
+_grpc_instrumented = False
 
 
 def configure_telemetry(service: str) -> None:
@@ -35,9 +39,39 @@ def configure_telemetry(service: str) -> None:
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
-    GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+    if spans_exported(os.environ):
+        # Client and server spans of every call. Without an exporter they would be thrown away,
+        # and the two interceptors cost about 80 µs of CPU a call (measured on a unary call).
+        GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
+        GrpcAioInstrumentorClient().instrument()  # type: ignore[no-untyped-call]
+        global _grpc_instrumented
+        _grpc_instrumented = True
     AIOKafkaInstrumentor().instrument()
+
+
+def trace_metadata() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata (`traceparent`, ...), for a call's metadata; none
+    when the gRPC instrumentation is installed, as it adds the context itself."""
+    if _grpc_instrumented:
+        return []
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+@contextmanager
+def continued_trace(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
+    """Runs a served call in its caller's trace context, taken from `trace_metadata` (when the gRPC
+    instrumentation is installed, its server span is the context already)."""
+    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
+    if _grpc_instrumented or "traceparent" not in carrier:
+        yield
+        return
+    token = otel_context.attach(propagate.extract(carrier))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def spans_exported(environ: Mapping[str, str]) -> bool:

@@ -25,6 +25,9 @@ from crm_platform.service import ServiceApp
 from crm_platform.testing.sample_service import create_schema, metadata
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import NonRecordingSpan, SpanContext
 
 pytestmark = pytest.mark.integration
 
@@ -34,6 +37,10 @@ SERVICE = "crm.test.v1.ProbeService"
 async def whoami(request: bytes, context: Any) -> bytes:
     scope = current_scope()
     return f"{current_principal().user_id}|{scope.kind.value}|{scope.team}".encode()
+
+
+async def trace_id(request: bytes, context: Any) -> bytes:
+    return format(trace.get_current_span().get_span_context().trace_id, "032x").encode()
 
 
 async def refuse(request: bytes, context: Any) -> bytes:
@@ -55,7 +62,13 @@ async def channel(database_url: str, kafka_settings: KafkaSettings) -> AsyncIter
     await create_schema(engine)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(fn)
-        for name, fn in {"WhoAmI": whoami, "Refuse": refuse, "Dawdle": dawdle, "Crash": crash}.items()
+        for name, fn in {
+            "WhoAmI": whoami,
+            "TraceId": trace_id,
+            "Refuse": refuse,
+            "Dawdle": dawdle,
+            "Crash": crash,
+        }.items()
     }
     app = ServiceApp(
         settings=ServiceSettings(
@@ -102,6 +115,25 @@ async def test_the_callers_principal_and_scope_reach_the_handler(channel: grpc.a
     )
     reply = await channel.unary_unary(f"/{SERVICE}/WhoAmI")(b"", metadata=metadata)
     assert reply == b"u-7|team|east"
+
+
+async def test_the_handler_continues_the_callers_trace_without_the_grpc_instrumentation(
+    channel: grpc.aio.Channel,
+) -> None:
+    # No exporter (as in these tests): no gRPC spans, the call's metadata carries the trace.
+    caller = SpanContext(trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0xF067AA0BA902B7, is_remote=False)
+    token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(caller)))
+    try:
+        metadata = outgoing_metadata(Principal("u-7", ("sales_rep",)), RecordScope(ScopeKind.OWN, owner_id="u-7"))
+    finally:
+        otel_context.detach(token)
+    assert dict(metadata)["traceparent"] == "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    reply = await channel.unary_unary(f"/{SERVICE}/TraceId")(b"", metadata=metadata)
+    assert reply == b"4bf92f3577b34da6a3ce929d0e0e4736"
+    # A call made outside any trace starts none on the server.
+    untraced = outgoing_metadata(Principal("u-7", ("sales_rep",)), RecordScope(ScopeKind.OWN, owner_id="u-7"))
+    assert "traceparent" not in dict(untraced)
+    assert await channel.unary_unary(f"/{SERVICE}/TraceId")(b"", metadata=untraced) == b"0" * 32
 
 
 async def test_domain_errors_arrive_with_field_details(channel: grpc.aio.Channel) -> None:
