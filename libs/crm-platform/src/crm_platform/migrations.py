@@ -87,7 +87,10 @@ def drop_messaging_tables(op: Operations) -> None:
 
 
 def index_published_outbox_rows_only(op: Operations) -> None:
-    """`ix_outbox_published_at` over published rows only (see `add_messaging_tables`)."""
+    """`ix_outbox_published_at` over published rows only (every component's revision of 2026-12-05).
+    The relay claims pending rows in seq order through ix_outbox_pending; while this index also
+    held them, a planner with stale statistics after a burst of inserts claimed through it instead,
+    fetching and sorting every pending row on each pass (see `add_messaging_tables`)."""
     _replace_published_at_index(op, partial=True)
 
 

@@ -382,7 +382,8 @@ class OutboxRelay:
         return int(count or 0)
 
     async def publish_pending(self, *, ignore_backoff: bool = False) -> int:
-        """One pass: claims a batch, publishes it, marks what the broker acknowledged."""
+        """One pass: claims a batch, publishes it, deletes what the broker acknowledged; the rest wait
+        out a backoff."""
         table = self.outbox
         async with self.engine.begin() as conn:
             rows = await self._claim(conn, ignore_backoff)

@@ -34,12 +34,11 @@ def configure_telemetry(service: str) -> None:
         resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service)}),
         sampler=default_sampler(os.environ),
     )
+    trace.set_tracer_provider(provider)
     if spans_exported(os.environ):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    trace.set_tracer_provider(provider)
-    if spans_exported(os.environ):
         # Client and server spans of every call. Without an exporter they would be thrown away,
         # and the two interceptors cost about 80 µs of CPU a call (measured on a unary call).
         GrpcAioInstrumentorServer().instrument()  # type: ignore[no-untyped-call]
@@ -63,8 +62,8 @@ def trace_metadata() -> list[tuple[str, str]]:
 def continued_trace(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
     """Runs a served call in its caller's trace context, taken from `trace_metadata` (when the gRPC
     instrumentation is installed, its server span is the context already)."""
-    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
-    if _grpc_instrumented or "traceparent" not in carrier:
+    carrier = {} if _grpc_instrumented else {key: value for key, value in metadata or () if isinstance(value, str)}
+    if "traceparent" not in carrier:
         yield
         return
     token = otel_context.attach(propagate.extract(carrier))

@@ -4,9 +4,7 @@ Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-05 08:00:00
 
-The relay claims pending rows in seq order through ix_outbox_pending. While the published_at index
-also held the pending rows, a planner with stale statistics (after a burst of inserts) claimed
-through it instead, fetching and sorting every pending row on each pass.
+Why: crm_platform.migrations.index_published_outbox_rows_only.
 """
 
 from collections.abc import Sequence
