@@ -144,3 +144,31 @@ async def test_open_leads_per_owner_are_counted_from_the_leads_already_there(eac
         assert kept == ({"u1": 1, "u2": 2, "u3": 0} if engine.dialect.name == "postgresql" else {"u1": 1, "u2": 2})
     finally:
         await engine.dispose()
+
+
+async def test_round_robin_goes_on_from_the_old_pointer_in_turns(each_database_url: str) -> None:
+    from leads import repository as repo  # the service's own reading of the turns
+
+    await _migrate("leads", each_database_url, "up", "0007")
+    engine = create_engine(each_database_url)
+    rule: dict[str, Any] = {"name": "r", "position": 1, "regions": [], "industries": [], "sources": [],
+                            "user_ids": ["u1", "u2", "u3"], "strategy": "round_robin"}  # fmt: skip
+    try:
+        async with engine.begin() as conn:
+            rules = await _reflected(conn, "assignment_rules")
+            await conn.execute(
+                insert(rules),
+                [{**rule, "id": "r1", "last_user_id": "u2"}, {**rule, "id": "r2", "last_user_id": ""}],
+            )
+        await _migrate("leads", each_database_url, "up", "head")
+        async with engine.begin() as conn:
+            # r1's previous lead went to u2, so its next turn is u3's (place 2); r2 starts at u1.
+            assert await repo.take_turns(conn, {"r1": 2, "r2": 1}) == {"r1": [2, 3], "r2": [0]}
+            await conn.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == "r1"))
+            assert await repo.take_turns(conn, {"r1": 1, "r2": 1}) == {"r2": [1]}
+        await _migrate("leads", each_database_url, "down", "0007")
+        await _migrate("leads", each_database_url, "up", "head")
+        async with engine.begin() as conn:
+            assert await repo.take_turns(conn, {"r2": 1}) == {"r2": [0]}  # a downgrade starts the rotation again
+    finally:
+        await engine.dispose()

@@ -2,6 +2,7 @@
 state transitions, follow-up SLA and recycling. No I/O here; handlers load, decide with these, write.
 """
 
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -426,11 +427,13 @@ def needs_loads(rule: AssignmentRule) -> bool:
     return rule.capacity > 0 or rule.strategy == "least_loaded"
 
 
-def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str | None) -> str | None:
+def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], turn: int) -> str | None:
     """The rep who gets the lead, or None when every rep is at capacity.
 
-    round_robin: the next rep after `last_user` in list order with room; least_loaded: the rep with
-    the fewest open leads (ties in list order). `loads` counts each rep's open leads.
+    round_robin: the rep whose turn it is, or the next one in list order with room. `turn` numbers
+    the rule's assignments (`repo.take_turns`), so rep `turn % len(user_ids)` starts; a turn taken
+    and not used (a create that failed) only moves the rotation on. least_loaded: the rep with the
+    fewest open leads (ties in list order), whatever the turn. `loads` counts each rep's open leads.
     """
     users = list(rule.user_ids)
     eligible = [u for u in users if not rule.capacity or loads.get(u, 0) < rule.capacity]
@@ -438,7 +441,7 @@ def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str
         return None
     if rule.strategy == "least_loaded":
         return min(eligible, key=lambda u: (loads.get(u, 0), users.index(u)))
-    start = users.index(last_user) + 1 if last_user in users else 0
+    start = turn % len(users)
     for offset in range(len(users)):
         candidate = users[(start + offset) % len(users)]
         if candidate in eligible:
@@ -446,15 +449,32 @@ def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], last_user: str
     return None
 
 
+def takes_turns(rule: AssignmentRule) -> bool:
+    """Whether picking by `rule` uses a turn of its rotation."""
+    return rule.strategy == "round_robin"
+
+
+def turns_wanted(rules: Iterable[AssignmentRule]) -> dict[str, int]:
+    """Per rule, the turns an import batch takes for the leads it assigns by these rules (one rule
+    per lead): a round-robin rule one per lead, a least-loaded rule none (it is still looked up,
+    to see it was not deleted)."""
+    wanted: dict[str, int] = {}
+    for rule in rules:
+        wanted[rule.id] = wanted.get(rule.id, 0) + (1 if takes_turns(rule) else 0)
+    return wanted
+
+
 def pick_in_batch(
-    rule: AssignmentRule | None, pointers: Mapping[str, str], loads: Mapping[str, int]
+    rule: AssignmentRule | None, turns: Mapping[str, deque[int]], loads: Mapping[str, int]
 ) -> tuple[str, str, str] | None:
-    """(owner, team, rule id) for a lead of an import batch, from the rules' round-robin pointers
-    and the reps' open leads as the batch has moved them so far; None sends it to the pool (no
-    rule, a rule deleted since the rules were read, every rep at capacity)."""
-    if rule is None or rule.id not in pointers:
+    """(owner, team, rule id) for a lead of an import batch, from the turns the batch took for its
+    rules (a round-robin pick uses up the rule's next one) and the reps' open leads as the batch
+    has moved them so far; None sends it to the pool (no rule, a rule deleted since the rules were
+    read, every rep at capacity)."""
+    if rule is None or rule.id not in turns:
         return None
-    user = pick_assignee(rule, loads, pointers[rule.id])
+    turn = turns[rule.id].popleft() if takes_turns(rule) else 0
+    user = pick_assignee(rule, loads, turn)
     return None if user is None else (user, rule.team, rule.id)
 
 

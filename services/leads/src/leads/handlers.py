@@ -4,6 +4,7 @@ events in one unit of work; the servicer only translates gRPC to these calls and
 import asyncio
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -62,6 +63,11 @@ class RateLimited(CrmError):
     def __init__(self, detail: str, *, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class _RepFilledMeanwhile(Exception):
+    """A create's rep, picked from loads read without locks, was at capacity by the time its row
+    was locked: the create is made again with the loads locked before the pick."""
 
 
 def actor(principal: Principal) -> common_pb2.Actor:
@@ -385,26 +391,19 @@ class LeadsService:
     async def _pick_by_rules(
         self, conn: AsyncConnection, rules: Rules, lead: Mapping[Any, Any]
     ) -> tuple[str, str, str] | None:
-        """(owner, team, rule id) from the first matching rule, or None for the pool; the rule's
-        round-robin pointer moves to the owner.
-
-        The rule row is locked so concurrent assignments rotate the pointer in turn. A create reads
-        the rule's state in its probe (`repo.probe_for_create`) and moves the pointer in its insert;
-        an import batch picks in memory (`domain.pick_in_batch`).
-        """
+        """(owner, team, rule id) from the first matching rule, or None for the pool: a turn of its
+        rotation, and its reps' loads with their rows locked (for a cap or a least-loaded pick).
+        A create does the same in its probe (`repo.probe_for_create`); an import batch takes its
+        turns and loads once (`domain.pick_in_batch`)."""
         rule = domain.first_matching_rule(rules.assignment, lead)
         if rule is None:
             return None
-        last, loads = await repo.rule_state(conn, rule.id, rule.user_ids, loads=domain.needs_loads(rule))
-        if last is None:  # deleted since the cache was loaded
+        turns = await repo.take_turns(conn, {rule.id: 1 if domain.takes_turns(rule) else 0})
+        if rule.id not in turns:  # deleted since the cache was loaded
             return None
-        user = domain.pick_assignee(rule, loads, last)
-        if user is None:
-            return None
-        await conn.execute(
-            update(repo.assignment_rules).where(repo.assignment_rules.c.id == rule.id).values(last_user_id=user)
-        )
-        return user, rule.team, rule.id
+        loads = await repo.open_loads(conn, rule.user_ids, locked=True) if domain.needs_loads(rule) else {}
+        user = domain.pick_assignee(rule, loads, turns[rule.id][0] if turns[rule.id] else 0)
+        return None if user is None else (user, rule.team, rule.id)
 
     def _assignment_values(self, owner_id: str, team: str, first_contacted: bool, now: datetime) -> dict[str, Any]:
         values: dict[str, Any] = {
@@ -500,20 +499,40 @@ class LeadsService:
         if on_duplicate not in domain.ON_DUPLICATE:
             raise ValidationFailed([FieldError("on_duplicate", f"{on_duplicate!r} is not one of reject, merge, allow")])
         clean = domain.validate_lead(data, default_country=self.settings.default_country_code)
-        principal = current_principal()
-        now = self.clock()
         rules = await self.rules.get()
         if rules.custom_fields or clean.values.get("custom"):
             clean.values["custom"] = checked_custom(
                 rules.custom_fields, clean.values.get("custom") or {}, partial=False, lenient=lenient_custom
             )
+        attempt = (clean, on_duplicate, idempotency_key, defaults or {}, rules)
+        try:
+            return await self._create_once(*attempt, lock_loads=False)
+        except _RepFilledMeanwhile:  # a concurrent create took the picked rep's last place: pick again, exactly
+            return await self._create_once(*attempt, lock_loads=True)
+
+    async def _create_once(
+        self,
+        clean: domain.CleanLead,
+        on_duplicate: str,
+        idempotency_key: str,
+        defaults: Mapping[Any, Any],
+        rules: Rules,
+        *,
+        lock_loads: bool,
+    ) -> tuple[Mapping[Any, Any], bool]:
+        """One attempt at `create_lead`, in one transaction. A capped round-robin pick reads its
+        reps' loads without locks and checks the picked rep under its row lock on insert
+        (`_RepFilledMeanwhile` if full by then); with `lock_loads` (and for least-loaded picks)
+        the reps' rows are locked before the pick."""
+        principal = current_principal()
+        now = self.clock()
         async with self.uow.begin() as tx:
             conn = tx.conn
             earlier = await recall(conn, "create_lead", idempotency_key, principal)
             if earlier is not None:
                 return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
             await self._check_campaign(conn, clean.values.get("campaign_id", ""))
-            values, matched = self._new_lead(clean, principal, now, rules, defaults or {})
+            values, matched = self._new_lead(clean, principal, now, rules, defaults)
             rule = None if values["owner_id"] else domain.first_matching_rule(rules.assignment, values)
             probe = await repo.probe_for_create(
                 conn,
@@ -523,6 +542,8 @@ class LeadsService:
                 rule_id=rule.id if rule is not None else "",
                 user_ids=rule.user_ids if rule is not None else (),
                 loads=rule is not None and domain.needs_loads(rule),
+                take_turn=rule is not None and domain.takes_turns(rule),
+                lock_loads=lock_loads or (rule is not None and not domain.takes_turns(rule)),
             )
             duplicate_id = probe.duplicate_id
             if duplicate_id is not None:
@@ -537,7 +558,7 @@ class LeadsService:
                     conn, "create_lead", idempotency_key, principal, {"lead_id": merged["id"], "merged": True}, now
                 )
                 return merged, True
-            row = await self._insert_lead(tx, values, matched, rule, probe, principal, now)
+            row = await self._insert_lead(tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads)
             await remember(
                 conn, "create_lead", idempotency_key, principal, {"lead_id": row["id"], "merged": False}, now
             )
@@ -619,24 +640,27 @@ class LeadsService:
         probe: repo.CreateProbe,
         principal: Principal,
         now: datetime,
+        *,
+        loads_locked: bool,
     ) -> Mapping[Any, Any]:
         """Inserts the lead of `_new_lead`, linked to its contact and assigned: to its owner, or by
         its matched rule to a rep with room, or else into the pool."""
         lead_id = values["id"]
         values["matched_contact_id"] = probe.contact_id
         rule_id = ""
-        pointer = None
+        capped_owner = ""  # a rep picked by a cap read without locks, checked on insert
         if values["owner_id"]:
             values.update(self._assignment_values(values["owner_id"], "", False, now))
         else:
             picked = None
-            if rule is not None and probe.pointer is not None:  # else no rule matched, or it was deleted
-                picked = domain.pick_assignee(rule, probe.loads, probe.pointer)
+            if rule is not None and probe.rule_found:  # else no rule matched, or it was deleted
+                picked = domain.pick_assignee(rule, probe.loads, probe.turn or 0)
             if rule is None or picked is None:
                 values["in_pool"] = True
             else:
                 rule_id = rule.id
-                pointer = (rule_id, picked)
+                if rule.capacity and domain.takes_turns(rule) and not loads_locked:
+                    capped_owner = picked
                 values.update(self._assignment_values(picked, rule.team, False, now))
         history = {
             "id": new_id(),
@@ -653,7 +677,12 @@ class LeadsService:
         tx.publish(events_pb2.LeadCreated(lead=message, actor=actor(principal)), key=lead_id)
         if values["owner_id"]:
             tx.publish(events_pb2.LeadAssigned(lead=message, rule_id=rule_id, actor=actor(principal)), key=lead_id)
-        return await repo.insert_lead_bundle(tx.conn, values, history, task, pointer, tx.take_outbox_rows(now))
+        row, owner_load = await repo.insert_lead_bundle(
+            tx.conn, values, history, task, capped_owner, tx.take_outbox_rows(now)
+        )
+        if rule is not None and owner_load is not None and owner_load >= rule.capacity:
+            raise _RepFilledMeanwhile  # rolls the transaction back
+        return row
 
     async def get_lead(self, lead_id: str) -> RowMapping:
         async with self.single_statements.connect() as conn:
@@ -1228,16 +1257,10 @@ class LeadsService:
                 emails={c.email_norm for c in cleans if c.email_norm},
                 phones={c.phone_norm for c in cleans if c.phone_norm},
             )
-            assigning = options.assign and any(item.rule is not None for item in checked)
-            pointers, loads = await self._assignment_state(conn, checked) if assigning else ({}, {})
-            moved: dict[str, str] = {}  # rule id -> the rep its pointer moves to
             existing_ids = set(existing.values())
             seen: dict[str, str] = {}
-            new_rows: list[dict[str, Any]] = []
-            history: list[dict[str, Any]] = []
-            tasks: list[dict[str, Any]] = []
-            events: list[PendingEvent] = []
-            for item in checked:
+            new_items: list[_CheckedRow] = []
+            for item in checked:  # duplicates first: the assignments below take turns for the new leads only
                 keys = item.keys
                 duplicate_of = next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
                 if duplicate_of is not None and options.on_duplicate != "allow":
@@ -1259,18 +1282,27 @@ class LeadsService:
                         )
                     )
                     continue
+                for k in keys:
+                    seen[k] = item.values["id"]
+                new_items.append(item)
+            assigned_by = [i.rule for i in new_items if i.rule is not None] if options.assign else []
+            turns, loads = await self._assignment_state(conn, assigned_by)
+            new_rows: list[dict[str, Any]] = []
+            history: list[dict[str, Any]] = []
+            tasks: list[dict[str, Any]] = []
+            events: list[PendingEvent] = []
+            for item in new_items:
                 values = item.values
                 lead_id = values["id"]
                 changed = False  # since the checks built the event's lead
-                contact_id = next((contacts[k] for k in keys if k in contacts), "")
+                contact_id = next((contacts[k] for k in item.keys if k in contacts), "")
                 if contact_id:
                     values["matched_contact_id"] = contact_id
                     changed = True
                 if options.assign and not values["owner_id"]:
-                    picked = domain.pick_in_batch(item.rule, pointers, loads)
+                    picked = domain.pick_in_batch(item.rule, turns, loads)
                     if picked is not None:
-                        owner, team, rule_id = picked
-                        moved[rule_id] = pointers[rule_id] = owner
+                        owner, team, _ = picked
                         values.update(self._assignment_values(owner, team, False, now))
                         tasks.append(self._first_contact_task(lead_id, owner, now))
                         changed = True
@@ -1300,11 +1332,7 @@ class LeadsService:
                     assigned = events_pb2.LeadAssigned(actor=who)
                     assigned.lead.CopyFrom(created.lead)
                     events.append(PendingEvent(assigned, lead_id, lead_id))
-                for k in keys:
-                    seen[k] = lead_id
                 outcomes.append(ImportRowOutcome(item.row, "accepted", lead_id=lead_id))
-            if moved:
-                await repo.move_rule_pointers(conn, moved)
             await bulk_insert(conn, repo.leads, new_rows)
             await bulk_insert(conn, repo.score_history, history)
             await bulk_insert(conn, repo.tasks, tasks)
@@ -1398,15 +1426,17 @@ class LeadsService:
         return found
 
     async def _assignment_state(
-        self, conn: AsyncConnection, checked: Sequence[_CheckedRow]
-    ) -> tuple[dict[str, str], dict[str, int]]:
-        """For the rules the batch's rows match: their pointers (rows locked) and the open leads of
-        the reps whose caps or least-loaded picks need them, read once per batch."""
-        used = {item.rule.id: item.rule for item in checked if item.rule is not None}
-        pointers = await repo.lock_rule_pointers(conn, used)
-        counted = sorted({u for r in used.values() if domain.needs_loads(r) for u in r.user_ids})
-        loads = await repo.open_loads(conn, counted) if counted else {}
-        return pointers, loads
+        self, conn: AsyncConnection, rules: Sequence[domain.AssignmentRule]
+    ) -> tuple[dict[str, deque[int]], dict[str, int]]:
+        """For the rules that assign a batch's new leads (one entry per lead): their turns, taken
+        at once, of the rules that still exist, and the open leads of the reps whose caps or
+        least-loaded picks need them, with their rows locked (caps hold against concurrent creates)."""
+        if not rules:
+            return {}, {}
+        turns = await repo.take_turns(conn, domain.turns_wanted(rules))
+        counted = sorted({u for r in rules if domain.needs_loads(r) for u in r.user_ids})
+        loads = await repo.open_loads(conn, counted, locked=True) if counted else {}
+        return {rule_id: deque(taken) for rule_id, taken in turns.items()}, loads
 
     def _import_base(self, principal: Principal, now: datetime, import_id: str) -> dict[str, Any]:
         """The columns every imported lead of a batch starts with."""
@@ -1590,7 +1620,7 @@ class LeadsService:
         }
 
     async def create_assignment_rule(self, rule: AssignmentRule, name: str, key: str) -> RowMapping:
-        values = {"id": new_id(), **self._assignment_values_of(rule, name), "last_user_id": "", "version": 1}
+        values = {"id": new_id(), **self._assignment_values_of(rule, name), "version": 1}
         return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
 
     async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowMapping:

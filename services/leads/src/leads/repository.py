@@ -209,8 +209,9 @@ assignment_rules = Table(
     Column("user_ids", _JSON, nullable=False),
     Column("strategy", String(20), nullable=False),
     Column("capacity", Integer, nullable=False, server_default="0"),
-    # Round-robin pointer: the rep who got this rule's previous lead.
-    Column("last_user_id", String(200), nullable=False, server_default=""),
+    # The rule's next round-robin turn (domain.pick_assignee). On SQLite turns are taken from this
+    # column; on PostgreSQL from the rule's sequence (`take_turns`), which starts from it.
+    Column("turns", BigInteger, nullable=False, server_default="0"),
     Column("version", BigInteger, nullable=False, server_default="1"),
 )
 
@@ -433,11 +434,15 @@ async def known_contacts(conn: AsyncConnection, *, emails: set[str], phones: set
     return found
 
 
-async def open_loads(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, int]:
-    rows = await conn.execute(
-        select(owner_loads.c.owner_id, owner_loads.c.open_leads).where(owner_loads.c.owner_id.in_(list(user_ids)))
+async def open_loads(conn: AsyncConnection, user_ids: Sequence[str], *, locked: bool = False) -> dict[str, int]:
+    """The reps' open leads; `locked`: their rows locked for the transaction, in order (two writers
+    lock in the same order), so a cap holds against concurrent assignments to them."""
+    query = select(owner_loads.c.owner_id, owner_loads.c.open_leads).where(
+        owner_loads.c.owner_id.in_(sorted(set(user_ids)))
     )
-    return {owner: int(count) for owner, count in rows}
+    if locked:
+        query = query.order_by(owner_loads.c.owner_id).with_for_update()
+    return {owner: int(count) for owner, count in await conn.execute(query)}
 
 
 async def activity_counts(conn: AsyncConnection, lead_id: str) -> dict[str, int]:
@@ -470,40 +475,46 @@ async def count_submission(conn: AsyncConnection, form_key: str, window: datetim
 # --- the create path on PostgreSQL: fewer round trips ----------------------------------------------
 
 _OPEN_SQL = ", ".join(f"'{status}'" for status in OPEN_STATUSES)
-# A rule's round-robin pointer and its reps' open leads, every row locked: the rule's row first,
-# then (the subquery refers to it, so it runs after) its reps' load rows in order. Assignments that
-# share a rep queue on its row, and take rows in one order, so they cannot deadlock. The locks wait
-# for their holders and then read what those committed: a plain read in this statement would see
-# the loads as of before the wait (READ COMMITTED takes a statement's snapshot when it begins).
-_RULE_STATE_SQL = """
-    SELECT r.last_user_id,
-           COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM (
-                SELECT owner_id, open_leads FROM lead_owner_loads
-                 WHERE owner_id = ANY(CAST(:users AS text[])) AND r.id IS NOT NULL
-                 ORDER BY owner_id FOR UPDATE) AS o), '{}') AS loads
-      FROM (SELECT id, last_user_id FROM assignment_rules WHERE id = CAST(:rule_id AS text) FOR UPDATE) AS r
-"""
-_RULE_STATE = DriverStatement(text(_RULE_STATE_SQL))
 
-# A create's reads after its dedupe keys are locked, with its matched rule's state. The probe runs
-# after the key locks, in a statement of its own: a probe in the locking statement could miss the
-# lead the previous key holder committed while this one waited. The rule's lock is taken last, so
-# creates queue on it only for their insert and commit.
-_PROBE_FOR_CREATE = DriverStatement(
-    text(
-        f"""
-    SELECT (SELECT id FROM leads
-             WHERE (email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text))
-               AND status IN ({_OPEN_SQL})
-             ORDER BY id LIMIT 1) AS duplicate_id,
+# A rule's turns come from a sequence of its own on PostgreSQL (made and dropped with the rule by
+# migration 0008's triggers): taking a turn locks nothing, so concurrent creates under one rule
+# do not queue on it from their pick to their commit. A turn taken by a transaction that then
+# fails is not given back; the rotation just moves on.
+_TURNS_SEQUENCE = "to_regclass(quote_ident('assignment_turns_' || {rule_id}))"
+
+# The rule's reps' open leads: `locked`, every row locked in order. Assignments that share a rep
+# queue on its row and take rows in one order, so they cannot deadlock. The locks wait for their
+# holders and then read what those committed (a plain read in this statement would see the loads
+# as of before the wait: READ COMMITTED takes a statement's snapshot when it begins).
+_LOADS_SQL = """
+    COALESCE((SELECT json_object_agg(o.owner_id, o.open_leads) FROM (
+         SELECT owner_id, open_leads FROM lead_owner_loads
+          WHERE owner_id = ANY(CAST(:users AS text[])) ORDER BY owner_id {lock}) AS o), '{{}}')
+"""
+
+# A create's reads after its dedupe keys are locked: its duplicate, its contact, whether its matched
+# rule still exists, a turn of that rule when the create assigns by it (not when it merges into a
+# duplicate), and the rule's reps' loads. The probe runs after the key locks, in a statement of its
+# own: a probe in the locking statement could miss the lead the previous key holder committed while
+# this one waited.
+_PROBE_SQL = f"""
+    SELECT d.duplicate_id,
            (SELECT contact_id FROM contact_keys
              WHERE email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text) LIMIT 1) AS contact_id,
-           r.last_user_id, r.loads
-      FROM (SELECT 1) AS one
-      LEFT JOIN LATERAL ({_RULE_STATE_SQL}) AS r ON true
-    """
-    )
-)
+           r.id IS NOT NULL AS rule_found,
+           CASE WHEN r.id IS NOT NULL AND CAST(:take_turn AS boolean)
+                     AND (d.duplicate_id IS NULL OR NOT CAST(:check_duplicates AS boolean))
+                THEN nextval({_TURNS_SEQUENCE.format(rule_id="r.id")}) END AS turn,
+           CASE WHEN r.id IS NOT NULL THEN {_LOADS_SQL} END AS loads
+      FROM (SELECT (SELECT id FROM leads
+                     WHERE (email_norm = CAST(:email AS text) OR phone_norm = CAST(:phone AS text))
+                       AND status IN ({_OPEN_SQL})
+                     ORDER BY id LIMIT 1) AS duplicate_id) AS d
+      LEFT JOIN assignment_rules AS r ON r.id = CAST(:rule_id AS text)
+"""
+_PROBE_FOR_CREATE = {
+    locked: DriverStatement(text(_PROBE_SQL.format(lock="FOR UPDATE" if locked else ""))) for locked in (False, True)
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,7 +523,8 @@ class CreateProbe:
 
     duplicate_id: str | None  # an open lead with the same email or phone
     contact_id: str  # a known contact with it
-    pointer: str | None  # the matched rule's round-robin pointer (row locked); None: no rule, or deleted
+    rule_found: bool  # the matched rule still exists
+    turn: int | None  # the turn taken of the rule's rotation, if the create assigns by it
     loads: dict[str, int]  # the rule's reps' open leads, when its strategy or cap needs them
 
 
@@ -525,9 +537,12 @@ async def probe_for_create(
     rule_id: str,
     user_ids: Sequence[str],
     loads: bool,
+    take_turn: bool,
+    lock_loads: bool,
 ) -> CreateProbe:
     """Locks the new lead's dedupe keys (when duplicates are checked), then reads its duplicate, its
-    contact, and its matched rule's pointer and reps' loads (locked): on PostgreSQL in two round trips."""
+    contact, and its matched rule's state: a turn (when `take_turn` and the lead is not merged) and
+    its reps' loads (locked when `lock_loads`); on PostgreSQL in two round trips."""
     keys = sorted({k for k in (email_norm, phone_norm) if k})
     users = list(user_ids) if rule_id and loads else []
     if conn.dialect.name != "postgresql":  # one writer at a time: no locks to take
@@ -536,39 +551,68 @@ async def probe_for_create(
             found = await find_open_duplicate(conn, email_norm=email_norm, phone_norm=phone_norm)
             duplicate = found["id"] if found is not None else None
         contact = await find_contact(conn, email_norm=email_norm, phone_norm=phone_norm) if keys else ""
-        pointer, counts = await rule_state(conn, rule_id, users, loads=bool(users)) if rule_id else (None, {})
-        return CreateProbe(duplicate, contact, pointer, counts)
+        if not rule_id:
+            return CreateProbe(duplicate, contact, False, None, {})
+        turns = await take_turns(conn, {rule_id: 1 if take_turn and duplicate is None else 0})
+        if rule_id not in turns:
+            return CreateProbe(duplicate, contact, False, None, {})
+        counts = await open_loads(conn, users) if users else {}
+        return CreateProbe(duplicate, contact, True, turns[rule_id][0] if turns[rule_id] else None, counts)
     if keys and check_duplicates:
         await lock_dedupe_keys(conn, keys)
     if not keys and not rule_id:
-        return CreateProbe(None, "", None, {})
-    row = await _PROBE_FOR_CREATE.fetchrow(
-        conn, {"email": email_norm, "phone": phone_norm, "rule_id": rule_id, "users": users}
+        return CreateProbe(None, "", False, None, {})
+    row = await _PROBE_FOR_CREATE[lock_loads].fetchrow(
+        conn,
+        {
+            "email": email_norm,
+            "phone": phone_norm,
+            "rule_id": rule_id,
+            "users": users,
+            "take_turn": take_turn,
+            "check_duplicates": check_duplicates,
+        },
     )
-    pointer = row["last_user_id"]
     return CreateProbe(
         row["duplicate_id"] if check_duplicates else None,
         str(row["contact_id"] or ""),
-        None if pointer is None else str(pointer),
+        bool(row["rule_found"]),
+        row["turn"],
         {str(k): int(v) for k, v in (row["loads"] or {}).items()},
     )
 
 
-async def rule_state(
-    conn: AsyncConnection, rule_id: str, user_ids: Sequence[str], *, loads: bool
-) -> tuple[str | None, dict[str, int]]:
-    """The rule's round-robin pointer (row locked) and its reps' open lead counts; None if deleted."""
-    if conn.dialect.name == "postgresql":
-        row = await _RULE_STATE.fetchrow(conn, {"rule_id": rule_id, "users": list(user_ids) if loads else []})
-        if row is None:
-            return None, {}
-        return str(row["last_user_id"]), {str(k): int(v) for k, v in row["loads"].items()}
-    last = await conn.scalar(
-        select(assignment_rules.c.last_user_id).where(assignment_rules.c.id == rule_id).with_for_update()
+# Turns of several rules in one statement: the rules that exist, each with its turns in order.
+_TAKE_TURNS = DriverStatement(
+    text(
+        f"""
+    SELECT r.id, ARRAY(SELECT nextval({_TURNS_SEQUENCE.format(rule_id="r.id")})
+                         FROM generate_series(1, w.wanted) ORDER BY 1) AS turns
+      FROM unnest(CAST(:rule_ids AS text[]), CAST(:wanted AS int[])) AS w(rule_id, wanted)
+      JOIN assignment_rules AS r ON r.id = w.rule_id
+    """
     )
-    if last is None:
-        return None, {}
-    return str(last), (await open_loads(conn, user_ids) if loads else {})
+)
+
+
+async def take_turns(conn: AsyncConnection, wanted: Mapping[str, int]) -> dict[str, list[int]]:
+    """Takes `wanted[rule id]` turns of each rule's rotation (none to only see it exists): the
+    turns of the rules that exist, in order. Turns of one rule taken concurrently never repeat."""
+    if not wanted:
+        return {}
+    ids = sorted(wanted)
+    if conn.dialect.name == "postgresql":
+        rows = await _TAKE_TURNS.fetch(conn, {"rule_ids": ids, "wanted": [wanted[i] for i in ids]})
+        return {str(rule_id): list(turns) for rule_id, turns in rows}
+    taken: dict[str, list[int]] = {}
+    c = assignment_rules.c
+    for rule_id in ids:  # SQLite: one writer at a time
+        after = await conn.scalar(
+            update(assignment_rules).where(c.id == rule_id).values(turns=c.turns + wanted[rule_id]).returning(c.turns)
+        )
+        if after is not None:
+            taken[rule_id] = list(range(after - wanted[rule_id], after))
+    return taken
 
 
 # --- the import path: one statement per batch, the same text for every batch ---------------------
@@ -623,25 +667,10 @@ async def open_leads_with_keys(
     ]
 
 
-async def lock_rule_pointers(conn: AsyncConnection, rule_ids: Iterable[str]) -> dict[str, str]:
-    """The round-robin pointers of these assignment rules, their rows locked for the transaction
-    in id order (two imports lock in the same order); a deleted rule is missing."""
-    c = assignment_rules.c
-    rows = await conn.execute(
-        select(c.id, c.last_user_id).where(c.id.in_(sorted(set(rule_ids)))).order_by(c.id).with_for_update()
-    )
-    return {rule_id: str(last or "") for rule_id, last in rows}
-
-
-async def move_rule_pointers(conn: AsyncConnection, pointers: dict[str, str]) -> None:
-    c = assignment_rules.c
-    for rule_id, user_id in sorted(pointers.items()):
-        await conn.execute(update(assignment_rules).where(c.id == rule_id).values(last_user_id=user_id))
-
-
 def _bundle_statement() -> Any:
-    """One static statement (compiled once) inserting a lead with its first score entry, an
-    optional first-contact task and an optional round-robin pointer move (data-modifying CTEs)."""
+    """One static statement (compiled once) inserting a lead with its first score entry and an
+    optional first-contact task (data-modifying CTEs), and reading its capped owner's open leads
+    with the owner's row locked (None without a cap)."""
     new_lead = (
         insert(leads)
         .values({c.name: bindparam(f"l_{c.name}", type_=c.type) for c in leads.c})
@@ -657,14 +686,18 @@ def _bundle_statement() -> Any:
         bindparam("t_present", type_=Boolean)
     )
     new_task = insert(tasks).from_select([c.name for c in tasks.c], task_values).cte("new_task")
-    moved = (
-        update(assignment_rules)
-        .where(assignment_rules.c.id == bindparam("p_rule", type_=String))
-        .values(last_user_id=bindparam("p_user", type_=String))
-        .cte("moved_pointer")
+    # The lock waits for the transactions assigning to this owner and reads what they committed;
+    # the lead's own count is added by the insert's trigger, after this statement.
+    capped_owner = (
+        select(owner_loads.c.open_leads)
+        .where(owner_loads.c.owner_id == bindparam("c_owner", type_=String))
+        .with_for_update()
+        .cte("capped_owner")
     )
     new_events = insert_outbox_json(outbox, "o_events").cte("new_events")
-    return select(new_lead).add_cte(new_history, new_task, moved, new_events)
+    return select(new_lead.c.id, select(capped_owner.c.open_leads).scalar_subquery().label("owner_load")).add_cte(
+        new_history, new_task, new_events
+    )
 
 
 _BUNDLE = DriverStatement(_bundle_statement())
@@ -679,30 +712,25 @@ async def insert_lead_bundle(
     lead: dict[str, Any],
     history: dict[str, Any],
     task: dict[str, Any] | None,
-    pointer: tuple[str, str] | None,
+    capped_owner: str,
     events: list[dict[str, Any]],
-) -> Mapping[Any, Any]:
-    """The new lead, its first score entry, its first-contact task, the round-robin pointer move
-    and its events' outbox rows; on PostgreSQL in one round trip. Returns the lead as stored."""
-    if conn.dialect.name != "postgresql":
+) -> tuple[Mapping[Any, Any], int | None]:
+    """The new lead, its first score entry, its first-contact task and its events' outbox rows; on
+    PostgreSQL in one round trip. Returns the lead as stored and, when `capped_owner` is set, that
+    owner's open leads before this one, their row locked until the transaction ends."""
+    if conn.dialect.name != "postgresql":  # one writer at a time: nothing to lock
         if events:
             await conn.execute(insert(outbox), events)
         row = (await conn.execute(insert(leads).values(lead).returning(leads))).mappings().one()
         await conn.execute(insert(score_history).values(history))
         if task is not None:
             await conn.execute(insert(tasks).values(task))
-        if pointer is not None:
-            await conn.execute(
-                update(assignment_rules).where(assignment_rules.c.id == pointer[0]).values(last_user_id=pointer[1])
-            )
-        return row
+        return row, None
     stored = LEAD_DEFAULTS | lead
     params: dict[str, Any] = {f"l_{k}": v for k, v in stored.items()}
     params.update({f"h_{k}": v for k, v in history.items()})
     params.update({f"t_{k}": v for k, v in (task or _TASK_BLANK).items()})
-    params.update(
-        t_present=task is not None, p_rule=pointer[0] if pointer else "", p_user=pointer[1] if pointer else ""
-    )
+    params.update(t_present=task is not None, c_owner=capped_owner)
     params["o_events"] = json_rows(events)
-    await _BUNDLE.execute(conn, params)
-    return stored
+    row = await _BUNDLE.fetchrow(conn, params)
+    return stored, row["owner_load"]

@@ -155,7 +155,10 @@ async def test_a_create_waiting_for_the_rule_reads_the_loads_its_holder_committe
         rule = await env.service.create_assignment_rule(
             AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="least_loaded", capacity=3), "all", ""
         )
-    probe = {"email_norm": None, "phone_norm": None, "check_duplicates": True, "user_ids": ("u1", "u2"), "loads": True}
+    probe = {
+        "email_norm": None, "phone_norm": None, "check_duplicates": True, "user_ids": ("u1", "u2"), "loads": True,
+        "take_turn": False, "lock_loads": True,
+    }  # fmt: skip
     async with env.engine.begin() as holder:
         await repo.probe_for_create(holder, rule_id=rule["id"], **probe)
 
@@ -165,9 +168,54 @@ async def test_a_create_waiting_for_the_rule_reads_the_loads_its_holder_committe
 
         waiting = asyncio.create_task(waiter())
         await asyncio.sleep(0.3)
-        assert not waiting.done()  # blocked on the rule's row
+        assert not waiting.done()  # blocked on the reps' rows
         await holder.execute(repo.leads.insert().values(_lead_row("held", owner_id="u1")))
     assert (await waiting).loads == {"u1": 1, "u2": 0}
+
+
+async def test_round_robin_creates_under_one_rule_do_not_wait_for_each_other(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        rule = await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2", "u3"), strategy="round_robin"), "all", ""
+        )
+    async with env.engine.begin() as holder:  # a create under the rule, between its turn and its commit
+        taken = await repo.take_turns(holder, {rule["id"]: 1})
+        await holder.execute(repo.leads.insert().values(_lead_row("held", owner_id="u1")))
+        with env.acting("admin", roles=("admin",)):
+            lead, _ = await asyncio.wait_for(env.service.create_lead({"name": "next"}), timeout=5)
+    assert taken == {rule["id"]: [0]} and lead["owner_id"] == "u2"
+
+    async def create(n: int) -> str:
+        with env.acting("admin", roles=("admin",)):
+            created, _ = await env.service.create_lead({"name": f"R{n}"})
+        return str(created["owner_id"])
+
+    owners = await asyncio.gather(*(create(n) for n in range(12)))  # turns 2 to 13: each rep gets 4
+    assert sorted(owners) == ["u1"] * 4 + ["u2"] * 4 + ["u3"] * 4
+
+
+async def test_a_create_whose_rep_fills_meanwhile_picks_again_and_leaves_nothing_behind(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="round_robin", capacity=1), "all", ""
+        )
+    async with env.engine.begin() as holder:  # u1's last place, taken but not yet committed
+        await holder.execute(repo.leads.insert().values(_lead_row("held", owner_id="u1")))
+
+        async def create() -> Any:
+            with env.acting("admin", roles=("admin",)):
+                return (await env.service.create_lead({"name": "late", "email": "late@example.com"}))[0]
+
+        creating = asyncio.create_task(create())  # turn 0 picks u1, who looked free
+        await asyncio.sleep(0.3)
+        assert not creating.done()  # waiting on u1's row
+    lead = await creating
+    assert lead["owner_id"] == "u2"  # u1 was full once the holder committed: picked again with the loads locked
+    async with env.engine.connect() as conn:
+        late = (await conn.execute(select(repo.leads.c.id).where(repo.leads.c.name == "late"))).all()
+    assert [row.id for row in late] == [lead["id"]]
+    assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.assigned"]
+    assert await env.loads_kept() == await env.loads_counted() == {"u1": 1, "u2": 1}
 
 
 async def test_concurrent_creates_under_rules_that_share_a_rep_do_not_deadlock(env: Any) -> None:

@@ -1,3 +1,4 @@
+from collections import deque
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -127,21 +128,21 @@ def test_assignment_rules_match_in_order() -> None:
     assert domain.first_matching_rule(rules, {"industry": "software", "source": "event"}) is None
 
 
-def test_round_robin_rotates_and_skips_full_reps() -> None:
+def test_round_robin_starts_at_the_rep_whose_turn_it_is_and_skips_full_reps() -> None:
     rule = _rule(strategy="round_robin", capacity=2)
-    assert domain.pick_assignee(rule, {}, None) == "u1"
-    assert domain.pick_assignee(rule, {}, "u1") == "u2"
-    assert domain.pick_assignee(rule, {}, "u3") == "u1"
-    assert domain.pick_assignee(rule, {"u2": 2}, "u1") == "u3"
-    assert domain.pick_assignee(rule, {"u1": 2, "u2": 2, "u3": 2}, "u1") is None
+    assert [domain.pick_assignee(rule, {}, turn) for turn in range(5)] == ["u1", "u2", "u3", "u1", "u2"]
+    assert domain.pick_assignee(rule, {"u2": 2}, 1) == "u3"
+    assert domain.pick_assignee(rule, {"u3": 2}, 2) == "u1"  # wraps around
+    assert domain.pick_assignee(rule, {"u1": 2, "u2": 2, "u3": 2}, 1) is None
 
 
-def test_least_loaded_picks_the_lightest_rep_within_capacity() -> None:
+def test_least_loaded_picks_the_lightest_rep_within_capacity_whatever_the_turn() -> None:
     rule = _rule(strategy="least_loaded", capacity=5)
-    assert domain.pick_assignee(rule, {"u1": 3, "u2": 1, "u3": 1}, None) == "u2"
-    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 4}, None) == "u3"
-    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 5}, None) is None
-    assert domain.pick_assignee(_rule(strategy="least_loaded"), {"u1": 99, "u2": 100, "u3": 100}, None) == "u1"
+    assert domain.pick_assignee(rule, {"u1": 3, "u2": 1, "u3": 1}, 0) == "u2"
+    assert domain.pick_assignee(rule, {"u1": 3, "u2": 1, "u3": 1}, 2) == "u2"
+    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 4}, 0) == "u3"
+    assert domain.pick_assignee(rule, {"u1": 5, "u2": 5, "u3": 5}, 0) is None
+    assert domain.pick_assignee(_rule(strategy="least_loaded"), {"u1": 99, "u2": 100, "u3": 100}, 0) == "u1"
 
 
 def test_loads_are_read_only_for_a_cap_or_a_least_loaded_pick() -> None:
@@ -150,13 +151,24 @@ def test_loads_are_read_only_for_a_cap_or_a_least_loaded_pick() -> None:
     assert domain.needs_loads(_rule(strategy="least_loaded"))
 
 
-def test_an_import_batch_picks_from_its_pointers_and_loads() -> None:
+def test_only_round_robin_picks_take_turns() -> None:
+    round_robin, least_loaded = _rule(id="rr", strategy="round_robin"), _rule(id="ll", strategy="least_loaded")
+    assert domain.takes_turns(round_robin) and not domain.takes_turns(least_loaded)
+    assert domain.turns_wanted([round_robin, least_loaded, round_robin, least_loaded]) == {"rr": 2, "ll": 0}
+    assert domain.turns_wanted([]) == {}
+
+
+def test_an_import_batch_uses_its_turns_in_order_and_moves_its_loads() -> None:
     rule = _rule(strategy="round_robin", capacity=2, team="east")
-    assert domain.pick_in_batch(None, {"r": ""}, {}) is None
+    turns = {"r": deque([7, 8, 9])}
+    assert domain.pick_in_batch(None, turns, {}) is None
     assert domain.pick_in_batch(rule, {}, {}) is None  # the rule was deleted since the rules were read
-    assert domain.pick_in_batch(rule, {"r": ""}, {}) == ("u1", "east", "r")
-    assert domain.pick_in_batch(rule, {"r": "u1"}, {"u2": 2}) == ("u3", "east", "r")
-    assert domain.pick_in_batch(rule, {"r": "u1"}, {"u1": 2, "u2": 2, "u3": 2}) is None
+    assert domain.pick_in_batch(rule, turns, {}) == ("u2", "east", "r")  # turn 7
+    assert domain.pick_in_batch(rule, turns, {"u3": 2}) == ("u1", "east", "r")  # turn 8: u3 is full
+    assert domain.pick_in_batch(rule, turns, {"u1": 2, "u2": 2, "u3": 2}) is None  # turn 9: all full
+    assert not turns["r"]
+    least_loaded = _rule(strategy="least_loaded", team="east")
+    assert domain.pick_in_batch(least_loaded, {"r": deque()}, {"u1": 1, "u2": 0, "u3": 1}) == ("u2", "east", "r")
 
 
 def test_assignment_rule_validation() -> None:
