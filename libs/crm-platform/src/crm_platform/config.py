@@ -42,6 +42,11 @@ class KafkaSettings(BaseSettings):
     fetch_max_wait_ms: int = 100
 
 
+# Connections per replica (see ServiceSettings); also create_engine's defaults.
+DATABASE_POOL_SIZE = 20
+DATABASE_MAX_OVERFLOW = 10
+
+
 class ServiceSettings(BaseSettings):
     """Settings every gRPC service has. Subclasses set `env_prefix` and `service_name`."""
 
@@ -49,8 +54,8 @@ class ServiceSettings(BaseSettings):
     database_url: str = ""
     # Connections kept open to PostgreSQL per replica, and how many more a burst may open (closed
     # again after use). Ignored for SQLite.
-    database_pool_size: int = Field(default=20, ge=1)
-    database_max_overflow: int = Field(default=10, ge=0)
+    database_pool_size: int = Field(default=DATABASE_POOL_SIZE, ge=1)
+    database_max_overflow: int = Field(default=DATABASE_MAX_OVERFLOW, ge=0)
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 50050
     metrics_port: int = 0
