@@ -166,9 +166,14 @@ async def test_round_robin_goes_on_from_the_old_pointer_in_turns(each_database_u
             assert await repo.take_turns(conn, {"r1": 2, "r2": 1}) == {"r1": [2, 3], "r2": [0]}
             await conn.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == "r1"))
             assert await repo.take_turns(conn, {"r1": 1, "r2": 1}) == {"r2": [1]}
+            # The previous release, still serving during the rollout, writes rules and pointers as before.
+            await conn.execute(insert(rules).values(**rule, id="r3", last_user_id=""))
+            await conn.execute(rules.update().where(rules.c.id == "r3").values(last_user_id="u1"))
+            assert await repo.take_turns(conn, {"r3": 1}) == {"r3": [0]}
         await _migrate("leads", each_database_url, "down", "0007")
         await _migrate("leads", each_database_url, "up", "head")
         async with engine.begin() as conn:
-            assert await repo.take_turns(conn, {"r2": 1}) == {"r2": [0]}  # a downgrade starts the rotation again
+            # Back on the previous release, which went on from its own pointer (left at "" here).
+            assert await repo.take_turns(conn, {"r2": 1}) == {"r2": [0]}
     finally:
         await engine.dispose()

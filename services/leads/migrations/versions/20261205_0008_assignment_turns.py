@@ -10,6 +10,9 @@ its pick to its commit. A rule now counts its turns, and a create takes one: on 
 sequence of the rule's own, which locks nothing (made and dropped with the rule by triggers); on
 SQLite (one writer at a time) from the rule's `turns` column. The rotation goes on where the
 pointer left it.
+
+Expand only: `last_user_id` stays, unused by this release, for the previous one, which keeps moving
+it while it serves during the rollout (and after a rollback); a later release drops it.
 """
 
 from collections.abc import Sequence
@@ -71,15 +74,10 @@ def upgrade() -> None:
             "UPDATE assignment_rules SET turns = COALESCE((SELECT CAST(u.key AS INTEGER) + 1 FROM"
             " json_each(assignment_rules.user_ids) AS u WHERE u.value = assignment_rules.last_user_id LIMIT 1), 0)"
         )
-    with op.batch_alter_table("assignment_rules") as batch:
-        batch.drop_column("last_user_id")
 
 
 def downgrade() -> None:
-    postgres = op.get_bind().dialect.name == "postgresql"
-    with op.batch_alter_table("assignment_rules") as batch:
-        batch.add_column(sa.Column("last_user_id", sa.String(length=200), server_default="", nullable=False))
-    if postgres:
+    if op.get_bind().dialect.name == "postgresql":
         op.execute(
             "DO $$ DECLARE r record; BEGIN FOR r IN SELECT id FROM assignment_rules LOOP"
             " EXECUTE format('DROP SEQUENCE IF EXISTS %I', 'assignment_turns_' || r.id); END LOOP; END $$"
@@ -88,6 +86,6 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER assignment_rules_turns_drop ON assignment_rules")
         op.execute("DROP FUNCTION assignment_turns_create()")
         op.execute("DROP FUNCTION assignment_turns_drop()")
-    # The rotation starts again from the first rep.
+    # The previous release goes on from its own pointer.
     with op.batch_alter_table("assignment_rules") as batch:
         batch.drop_column("turns")

@@ -212,6 +212,9 @@ assignment_rules = Table(
     # The rule's next round-robin turn (domain.pick_assignee). On SQLite turns are taken from this
     # column; on PostgreSQL from the rule's sequence (`take_turns`), which starts from it.
     Column("turns", BigInteger, nullable=False, server_default="0"),
+    # The round-robin pointer of releases before migration 0008, which still write it during a
+    # rollout; unused here, dropped by a later release (expand, then contract).
+    Column("last_user_id", String(200), nullable=False, server_default=""),
     Column("version", BigInteger, nullable=False, server_default="1"),
 )
 
