@@ -5,10 +5,10 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
@@ -44,6 +44,7 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from leads import domain
@@ -55,6 +56,7 @@ from leads.importing import ParserState, RowMapper, StreamParser
 from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead_to_proto
 
 LEAD = "lead"
+T = TypeVar("T")
 
 
 class RateLimited(CrmError):
@@ -284,6 +286,8 @@ class _CheckedBatch:
 
 # Rows parsed or checked between two chances for the batch being written to go on (a few ms).
 _CHECK_SLICE = 100
+# Attempts at an assignment whose rule is deleted meanwhile, each time (a rare race with an admin).
+_RULE_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,11 +508,27 @@ class LeadsService:
             clean.values["custom"] = checked_custom(
                 rules.custom_fields, clean.values.get("custom") or {}, partial=False, lenient=lenient_custom
             )
-        attempt = (clean, on_duplicate, idempotency_key, defaults or {}, rules)
-        try:
-            return await self._create_once(*attempt, lock_loads=False)
-        except _RepFilledMeanwhile:  # a concurrent create took the picked rep's last place: pick again, exactly
-            return await self._create_once(*attempt, lock_loads=True)
+
+        async def attempt(current: Rules) -> tuple[Mapping[Any, Any], bool]:
+            try:
+                return await self._create_once(clean, on_duplicate, idempotency_key, defaults or {}, current, False)
+            except _RepFilledMeanwhile:  # a concurrent create took the picked rep's last place: pick again, exactly
+                return await self._create_once(clean, on_duplicate, idempotency_key, defaults or {}, current, True)
+
+        return await self._again_if_rule_deleted(attempt, rules)
+
+    async def _again_if_rule_deleted(self, attempt: Callable[[Rules], Awaitable[T]], rules: Rules) -> T:
+        """`attempt(rules)`, made again with the rules as they are now when the rule it assigned by
+        was deleted while it took a turn (`repo.rule_deleted_meanwhile`)."""
+        for _ in range(_RULE_ATTEMPTS):
+            try:
+                return await attempt(rules)
+            except DBAPIError as error:
+                if not repo.rule_deleted_meanwhile(error):
+                    raise
+                self.rules.invalidate()
+                rules = await self.rules.get()
+        raise Unavailable("the assignment rules kept changing while the lead was assigned; try again")
 
     async def _create_once(
         self,
@@ -517,7 +537,6 @@ class LeadsService:
         idempotency_key: str,
         defaults: Mapping[Any, Any],
         rules: Rules,
-        *,
         lock_loads: bool,
     ) -> tuple[Mapping[Any, Any], bool]:
         """One attempt at `create_lead`, in one transaction. A capped round-robin pick reads its
@@ -979,18 +998,20 @@ class LeadsService:
     async def assign(self, lead_id: str, owner_id: str, team: str, expected_version: int) -> RowMapping:
         principal = current_principal()
         now = self.clock()
-        rules = await self.rules.get()
-        async with self.uow.begin() as tx:
-            lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
-            if expected_version and lead["version"] != expected_version:
-                raise StaleVersion(LEAD, lead_id, lead["version"])
-            domain.ensure_open(lead["status"], "assign")
-            rule_id = ""
-            if not owner_id:
+
+        async def attempt(rules: Rules) -> RowMapping:
+            async with self.uow.begin() as tx:
+                lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
+                if expected_version and lead["version"] != expected_version:
+                    raise StaleVersion(LEAD, lead_id, lead["version"])
+                domain.ensure_open(lead["status"], "assign")
+                if owner_id:
+                    return await self._assign_to(tx, lead, owner_id, team, "", principal, now)
                 picked = await self._pick_by_rules(tx.conn, rules, lead)
-                if picked is not None:
-                    owner_id, team, rule_id = picked
-            return await self._assign_to(tx, lead, owner_id, team, rule_id, principal, now)
+                by_rule = picked or ("", team, "")
+                return await self._assign_to(tx, lead, by_rule[0], by_rule[1], by_rule[2], principal, now)
+
+        return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
     async def disqualify(self, lead_id: str, reason: str, expected_version: int) -> RowMapping:
         if not reason.strip():

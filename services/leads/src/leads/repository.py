@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from crm_platform.custom_fields_service import definitions_table
 from crm_platform.db import DriverStatement, json_rows
 from crm_platform.idempotency import idempotency_table
@@ -41,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import RowMapping
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from leads.domain import OPEN_STATUSES
@@ -582,6 +584,15 @@ async def probe_for_create(
         bool(row["rule_found"]),
         row["turn"],
         {str(k): int(v) for k, v in (row["loads"] or {}).items()},
+    )
+
+
+def rule_deleted_meanwhile(error: DBAPIError) -> bool:
+    """Whether a statement failed taking a turn because the rule was deleted while it waited: the
+    delete dropped the rule's sequence, which the statement had looked up and then waited to lock.
+    The rule is gone once that transaction commits, so the work can be done again."""
+    return isinstance(error.orig, asyncpg.InternalServerError) and str(error.orig).startswith(
+        "could not open relation with OID"
     )
 
 

@@ -218,6 +218,45 @@ async def test_a_create_whose_rep_fills_meanwhile_picks_again_and_leaves_nothing
     assert await env.loads_kept() == await env.loads_counted() == {"u1": 1, "u2": 1}
 
 
+async def test_a_create_whose_rule_is_deleted_meanwhile_is_assigned_by_the_rules_left(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        first = await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="round_robin"), "first", ""
+        )
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=2, user_ids=("u3",), strategy="round_robin"), "second", ""
+        )
+        await env.service.rules.get()  # the service still matches the first rule
+    async with env.engine.begin() as holder:  # an admin deleting the first rule (and its turns)
+        await holder.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == first["id"]))
+
+        async def create() -> Any:
+            with env.acting("admin", roles=("admin",)):
+                return (await env.service.create_lead({"name": "racing"}))[0]
+
+        creating = asyncio.create_task(create())
+        await asyncio.sleep(0.3)
+        assert not creating.done()  # taking a turn of the first rule, whose sequence is being dropped
+    lead = await creating
+    assert lead["owner_id"] == "u3"
+    assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.assigned"]
+
+    with env.acting("admin", roles=("admin",)):
+        second = (await env.service.list_assignment_rules())[0]
+        await env.service.rules.get()
+    async with env.engine.begin() as holder:  # the same race for an assignment by the rules
+        await holder.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == second["id"]))
+
+        async def assign() -> Any:
+            with env.acting("admin", roles=("admin",)):
+                return await env.service.assign(lead["id"], "", "", 0)
+
+        assigning = asyncio.create_task(assign())
+        await asyncio.sleep(0.3)
+        assert not assigning.done()
+    assert (await assigning)["in_pool"]  # no rule is left
+
+
 async def test_concurrent_creates_under_rules_that_share_a_rep_do_not_deadlock(env: Any) -> None:
     with env.acting("admin", roles=("admin",)):
         for position, region, reps in ((1, "east", ("u1", "u2")), (2, "west", ("u3", "u2"))):
