@@ -1454,7 +1454,13 @@ class LeadsService:
         least-loaded picks need them, with their rows locked (caps hold against concurrent creates)."""
         if not rules:
             return {}, {}
-        turns = await repo.take_turns(conn, domain.turns_wanted(rules))
+        try:
+            turns = await repo.take_turns(conn, domain.turns_wanted(rules))
+        except DBAPIError as error:
+            if not repo.rule_deleted_meanwhile(error):
+                raise
+            self.rules.invalidate()  # the part, sent again, is checked against the rules left
+            raise Unavailable("an assignment rule was deleted while this part was imported; send it again") from error
         counted = sorted({u for r in rules if domain.needs_loads(r) for u in r.user_ids})
         loads = await repo.open_loads(conn, counted, locked=True) if counted else {}
         return {rule_id: deque(taken) for rule_id, taken in turns.items()}, loads

@@ -285,3 +285,28 @@ async def test_the_duplicate_lookup_probes_the_index_even_when_most_leads_have_n
         plan = "\n".join(row[0] for row in await conn.execute(text(f"EXPLAIN {repo.OPEN_WITH_KEYS.text}"), keys))
     assert "Seq Scan on leads" not in plan
     assert "Index Cond: ((external_id)::text = k_2.v)" in plan
+
+
+async def test_a_part_whose_rule_is_deleted_meanwhile_fails_retryably_and_can_be_sent_again(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    from leads.domain import AssignmentRule
+
+    with env.acting("admin", roles=("admin",)):
+        rule = await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=("u1",), strategy="round_robin"), "all", ""
+        )
+    text = b"Name,Email\nA,a@x.cn\nB,b@x.cn\n"
+    async with env.engine.begin() as holder:  # an admin deleting the rule (and its turns)
+        await holder.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == rule["id"]))
+        sending = asyncio.create_task(send(stub, text, key="racing", column_map={}, assign=True, final=True))
+        await asyncio.sleep(0.5)
+        assert not sending.done()  # taking the batch's turns of the rule being deleted
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sending
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    response = await send(stub, text, key="racing", column_map={}, assign=True, final=True)
+    assert (response.lead_import.progress.accepted, response.lead_import.progress.rejected) == (2, 0)
+    listed = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(), metadata=METADATA)
+    assert sorted(lead.name for lead in listed.items) == ["A", "B"]
+    assert all(lead.in_pool and not lead.owner_id for lead in listed.items)  # no rule is left
