@@ -511,9 +511,13 @@ class LeadsService:
 
         async def attempt(current: Rules) -> tuple[Mapping[Any, Any], bool]:
             try:
-                return await self._create_once(clean, on_duplicate, idempotency_key, defaults or {}, current, False)
+                return await self._create_once(
+                    clean, on_duplicate, idempotency_key, defaults or {}, current, lock_loads=False
+                )
             except _RepFilledMeanwhile:  # a concurrent create took the picked rep's last place: pick again, exactly
-                return await self._create_once(clean, on_duplicate, idempotency_key, defaults or {}, current, True)
+                return await self._create_once(
+                    clean, on_duplicate, idempotency_key, defaults or {}, current, lock_loads=True
+                )
 
         return await self._again_if_rule_deleted(attempt, rules)
 
@@ -537,6 +541,7 @@ class LeadsService:
         idempotency_key: str,
         defaults: Mapping[Any, Any],
         rules: Rules,
+        *,
         lock_loads: bool,
     ) -> tuple[Mapping[Any, Any], bool]:
         """One attempt at `create_lead`, in one transaction. A capped round-robin pick reads its
