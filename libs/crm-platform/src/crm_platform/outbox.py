@@ -44,6 +44,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -270,6 +271,18 @@ def delete_published_statement(outbox: Table, postgres: bool) -> Delete:
     return delete(outbox).where(seqs)
 
 
+# The relay's statements are prepared once per connection, and after five runs PostgreSQL keeps a
+# generic plan made from the statistics of that moment. An outbox is mostly empty when analysed, so
+# that plan scans the whole table: when a burst of rows arrives (an import), every pass then scans
+# and sorts the burst for the claim, for each claimed row's `held_back` check and for the delete,
+# and a pass costs seconds of database CPU instead of milliseconds (measured: 2.7 s against 2 ms
+# for 500 of 60,000 pending rows). Autovacuum analyses too late for a burst. Inside a pass the
+# planner may therefore use index scans only; the outbox's indexes serve every relay statement.
+_INDEX_SCANS_ONLY = text(
+    "SELECT set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
+)
+
+
 class _ClaimedRow(NamedTuple):
     """A claimed row as the relay reads it (on PostgreSQL from the driver's record)."""
 
@@ -323,6 +336,7 @@ class OutboxRelay:
             self._driver_claim_due = DriverStatement(self._claim_due)
             self._driver_claim_all = DriverStatement(self._claim_all)
             self._driver_delete_published = DriverStatement(self._delete_published)
+            self._driver_index_scans_only = DriverStatement(_INDEX_SCANS_ONLY)
 
     def wake(self) -> None:
         self._wake.set()
@@ -415,6 +429,7 @@ class OutboxRelay:
     async def _claim(self, conn: AsyncConnection, ignore_backoff: bool) -> list[Any]:
         params = {} if ignore_backoff else {"now": utcnow()}
         if is_postgres(self.engine):
+            await self._driver_index_scans_only.execute(conn, {})  # for the pass's transaction
             statement = self._driver_claim_all if ignore_backoff else self._driver_claim_due
             return [_ClaimedRow(*record) for record in await statement.fetch(conn, params)]
         return list(await conn.execute(self._claim_all if ignore_backoff else self._claim_due, params))

@@ -579,6 +579,51 @@ async def test_a_pass_claims_a_burst_of_pending_rows_in_seq_order_without_sortin
     assert len(claimed) == 500 and not any(row["held_back"] for row in claimed)
 
 
+def sql_literal(value: object) -> str:
+    """A statement argument as SQL text (EXECUTE takes no bound parameters)."""
+    if isinstance(value, list):
+        return "'{" + ",".join(map(str, value)) + "}'"
+    return str(value) if isinstance(value, int) else f"'{value}'"
+
+
+async def test_a_pass_uses_the_outbox_indexes_even_under_a_plan_made_while_the_outbox_was_empty(
+    engine: AsyncEngine,
+) -> None:
+    # The usual state: statistics taken on an empty outbox, and the relay's prepared statements
+    # planned generically (as PostgreSQL does from their sixth run on). A burst of pending rows (an
+    # import) must still be claimed, checked for held-back keys and deleted through the indexes.
+    outbox = metadata.tables["outbox"]
+    async with engine.connect() as conn:
+        await conn.execute(text("ANALYZE outbox"))
+        await conn.commit()
+    now = utcnow()
+    burst = [
+        {"id": new_id(), "topic": TOPIC, "key": f"k{n // 2}", "type": "t", "payload": b"x", "headers": [],
+         "created_at": now}
+        for n in range(20000)
+    ]  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(insert(outbox), burst)
+    relay = OutboxRelay(engine, metadata, KafkaSettings(), service="test")
+    async with engine.begin() as conn:
+        driver = await driver_connection(conn)
+        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        claimed = await relay._claim(conn, ignore_backoff=False)
+        plans = {}
+        for name, statement, params in (
+            ("claim", relay._driver_claim_due, {"now": now}),
+            ("remove", relay._driver_delete_published, {"seqs": [row.seq for row in claimed]}),
+        ):
+            await driver.execute(f"PREPARE {name} AS {statement.sql}")
+            values = ", ".join(sql_literal(value) for value in statement.args(params))
+            explained = await driver.fetch(f"EXPLAIN EXECUTE {name}({values})")
+            plans[name] = "\n".join(row[0] for row in explained)
+    for name, plan in plans.items():
+        assert "Seq Scan" not in plan and "Bitmap" not in plan and "Sort Key: outbox.seq" not in plan, (name, plan)
+    assert [row.seq for row in claimed] == sorted(row.seq for row in claimed)
+    assert len(claimed) == 500 and [row.held_back for row in claimed] == [False] * 500
+
+
 async def test_rows_that_an_earlier_relay_marked_published_are_deleted_by_housekeeping(
     engine_each_database: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
