@@ -1,9 +1,12 @@
-"""google.protobuf.Struct from plain values, faster than `Struct.update` for text."""
+"""google.protobuf.Struct to and from plain values."""
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
+
+from crm_platform.errors import FieldError, ValidationFailed
 
 
 def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
@@ -18,3 +21,28 @@ def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
             rest[key] = value
     if rest:
         message.update(rest)
+
+
+def struct_values(message: struct_pb2.Struct, *, field: str = "custom") -> dict[str, Any]:
+    """A Struct's values as plain JSON values. A number that is not finite (NaN, Infinity) has no
+    JSON form and cannot be stored: the caller gets INVALID_ARGUMENT naming the field."""
+    try:
+        return json_format.MessageToDict(message)  # type: ignore[no-any-return]
+    except ValueError:  # json_format refuses NaN and Infinity
+        path = _first_not_finite(message, field) or field
+        raise ValidationFailed([FieldError(path, "must be a finite number (JSON has no NaN or Infinity)")]) from None
+
+
+def _first_not_finite(message: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> str | None:
+    """The path of the first number in a Struct or list that is not finite."""
+    items = message.fields.items() if isinstance(message, struct_pb2.Struct) else enumerate(message.values)
+    for key, value in items:
+        kind = value.WhichOneof("kind")
+        inner = f"{path}.{key}"
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            return inner
+        if kind in ("struct_value", "list_value"):
+            found = _first_not_finite(getattr(value, kind), inner)
+            if found:
+                return found
+    return None

@@ -24,7 +24,7 @@ from crm_platform.principal import (
     scope_clause,
 )
 from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_objects
-from crm_platform.structs import fill_struct
+from crm_platform.structs import fill_struct, struct_values
 from crm_platform.telemetry import default_sampler, instrument_engine
 from google.protobuf import struct_pb2
 from opentelemetry import trace
@@ -253,3 +253,22 @@ def test_a_struct_filled_from_values_equals_the_one_struct_update_makes() -> Non
     filled = struct_pb2.Struct()
     fill_struct(filled, values)
     assert filled == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"ok": 1, "x": float("nan")}, "custom.x"),
+        ({"a": {"b": [1.5, float("-inf")]}}, "custom.a.b.1"),
+    ],
+)
+def test_a_struct_with_a_number_json_does_not_have_is_invalid_input_naming_the_field(
+    values: dict[str, object], field: str
+) -> None:
+    # Regression: a gRPC caller's NaN in `custom` was an internal error (json_format refuses it).
+    message = struct_pb2.Struct()
+    message.update(values)
+    with pytest.raises(ValidationFailed) as caught:
+        struct_values(message)
+    assert [error.field for error in caught.value.errors] == [field]
+    assert struct_values(struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=2.5)})) == {"n": 2.5}

@@ -9,15 +9,11 @@ from crm.common.v1 import common_pb2
 from crm_platform.money import parse_currency, parse_decimal
 from crm_platform.principal import Principal
 from crm_platform.timeutil import to_timestamp
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 
 def actor(principal: Principal) -> common_pb2.Actor:
     return common_pb2.Actor(user_id=principal.user_id, kind=principal.kind)
-
-
-def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
 
 
 def dict_to_struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:

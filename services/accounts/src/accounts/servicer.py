@@ -6,6 +6,7 @@ from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer
 from crm.common.v1 import common_pb2
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
 
 from accounts import handlers
@@ -17,7 +18,6 @@ from accounts.messages import (
     money_value,
     rule_to_proto,
     segment_to_proto,
-    struct_to_dict,
     task_to_proto,
 )
 from accounts.repository import AccountFilter, ContactFilter, Page, parse_page
@@ -60,7 +60,7 @@ def account_values(message: pb.AccountInput) -> dict[str, Any]:
                      "team", "parent_id")
     }  # fmt: skip
     values["tags"] = list(message.tags)
-    values["custom"] = struct_to_dict(message.custom)
+    values["custom"] = struct_values(message.custom)
     for name in ("annual_revenue", "credit_limit"):
         amount, currency = money_value(getattr(message, name), field=name)
         values[name] = amount
@@ -82,7 +82,7 @@ def contact_values(message: pb.ContactInput) -> dict[str, Any]:
                      "decision_role", "is_primary")
     }  # fmt: skip
     values["tags"] = list(message.tags)
-    values["custom"] = struct_to_dict(message.custom)
+    values["custom"] = struct_values(message.custom)
     return values
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_text
+from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_values
 
 pytestmark = pytest.mark.integration
 
@@ -111,6 +111,26 @@ async def test_unstorable_text_is_422_naming_the_field(
     assert _fields(response) == fields
 
 
+# NaN, Infinity and 1e999 (Infinity to Python's parser) in `custom` failed the service's JSON
+# conversion (-> INTERNAL -> 500); so did an integer no double can hold.
+NOT_A_JSON_NUMBER = [
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": float("nan")}}, ["custom.x"]),
+    ("POST", "/api/v1/accounts", '{"name": "ok", "custom": {"x": [1, 1e999]}}', ["custom.x.1"]),
+    ("POST", "/api/v1/tickets", {"subject": "s", "custom": {"x": float("-inf")}}, ["custom.x"]),
+    ("POST", "/api/v1/opportunities", {"name": "o", "custom": {"x": 10**400}}, ["custom.x"]),
+    ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": float("inf")}}, ["custom.x"]),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "fields"), NOT_A_JSON_NUMBER)
+async def test_numbers_json_does_not_have_are_422_naming_the_field(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, fields: list[str]
+) -> None:
+    content = body if isinstance(body, str) else json.dumps(body)
+    response = await client.request(method, path, content=content, headers={"Content-Type": "application/json"})
+    assert _fields(response) == fields
+
+
 async def test_security_answers_before_text_validation(client: httpx.AsyncClient, real_app_auth: Any) -> None:
     body = {"name": "n\x00", "inactive_days": 3}
     unauthenticated = await client.post("/api/v1/reminder-rules", json=body, headers={"Authorization": ""})
@@ -124,10 +144,15 @@ async def test_the_public_webform_intake_refuses_nul_characters(client: httpx.As
     assert response.status_code == 422 and "NUL" in response.text
 
 
-def test_unstorable_text_walks_keys_values_and_lists() -> None:
-    found = list(unstorable_text({"a": ["ok", "b\x00"], "c\x00": "x", "d": {"e": "\udc00"}, "n": 1}, ("body",)))
+def test_unstorable_values_walks_keys_values_and_lists() -> None:
+    found = list(unstorable_values({"a": ["ok", "b\x00"], "c\x00": "x", "d": {"e": "\udc00"}, "n": 1}, ("body",)))
     assert found == [
         (("body", "a", 1), "must not contain NUL characters"),
         (("body",), "has a key that must not contain NUL characters"),
         (("body", "d", "e"), "is not valid UTF-8 text"),
+    ]
+    found = list(unstorable_values({"a": [1.5, float("nan")], "b": -(10**400), "c": 10**300, "d": True}, ()))
+    assert found == [
+        (("a", 1), "must be a finite number (JSON has no NaN or Infinity)"),
+        (("b",), "is out of range for a number"),
     ]

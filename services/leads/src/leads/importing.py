@@ -7,7 +7,9 @@ field may span lines and chunks. Rows are numbered from 1 (the CSV header is not
 import codecs
 import csv
 import json
+import math
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +62,30 @@ def _storable_strings(items: Iterable[Any]) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _float_sized_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > sys.float_info.max:  # custom values travel as protobuf doubles
+        raise ValueError(f"the number {text[:40]}... is out of range")
+    return value
+
+
+def _not_a_json_value(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def parse_json(text: str) -> Any:
+    """JSON as the standard defines it: Python's parser also takes NaN and Infinity (and turns
+    1e999 into Infinity), which neither PostgreSQL's JSONB nor the lead's event can carry."""
+    return json.loads(text, parse_float=_finite_float, parse_int=_float_sized_int, parse_constant=_not_a_json_value)
 
 
 def custom_key(header: str) -> str:
@@ -224,7 +250,7 @@ class StreamParser:
             yield from self._records(self._splitter.finish())
             return
         try:
-            items = json.loads(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
+            items = parse_json(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
         except (ValueError, UnicodeDecodeError) as error:
             raise ValidationFailed([FieldError("file", f"not a JSON array: {error}")]) from None
         if not isinstance(items, list):
@@ -240,7 +266,7 @@ class StreamParser:
                     continue
                 self.rows += 1
                 try:
-                    item = json.loads(line)
+                    item = parse_json(line)
                 except ValueError as error:
                     yield self.rows, f"not valid JSON: {error}"
                     continue

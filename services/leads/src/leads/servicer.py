@@ -9,8 +9,8 @@ from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money, money_from_proto
+from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp, to_timestamp
-from google.protobuf import json_format
 from sqlalchemy.engine import RowMapping
 
 from leads import messages
@@ -38,7 +38,7 @@ def lead_input(message: leads_service_pb2.LeadInput, paths: list[str] | None = N
         if name not in LEAD_INPUT_FIELDS:
             data[name] = None  # the handler names it as not writable
         elif name == "custom":
-            data[name] = json_format.MessageToDict(message.custom)
+            data[name] = struct_values(message.custom)
         elif name == "tags":
             data[name] = list(message.tags)
         else:

@@ -67,6 +67,26 @@ def test_rows_with_unstorable_text_are_rejected_not_stored(fmt: str, data: bytes
     assert rows[1][0] == 2 and isinstance(rows[1][1], dict)
 
 
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b'{"name": "a", "score": NaN}', "NaN is not a JSON value"),
+        (b'{"name": "a", "x": [-Infinity]}', "-Infinity is not a JSON value"),
+        (b'{"name": "a", "x": 1e999}', "the number 1e999 is out of range"),
+        (b'{"name": "a", "x": 1' + b"0" * 400 + b"}", "the number 1000"),
+    ],
+)
+def test_json_rows_with_numbers_json_does_not_have_are_rejected_with_the_reason(line: bytes, reason: str) -> None:
+    # Regression: Python's parser took NaN, Infinity and 1e999 (as Infinity); the batch then
+    # failed in PostgreSQL (JSONB has no NaN) or in building the lead's event.
+    rows = parse_in_chunks(line + b'\n{"name": "ok", "x": 1.5e300}\n', 7, "jsonl")
+    assert rows[0][0] == 1 and isinstance(rows[0][1], str) and reason in rows[0][1]
+    assert rows[1] == (2, {"name": "ok", "x": 1.5e300})
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(b"[" + line + b"]", 7, "json")
+    assert caught.value.errors[0].field == "file" and reason in caught.value.detail
+
+
 def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:
     with pytest.raises(ValidationFailed) as caught:
         parse_in_chunks(b"na\x00me,phone\nLi,1\n", 100)

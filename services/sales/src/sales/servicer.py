@@ -11,8 +11,8 @@ from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1 import sales_service_pb2_grpc
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.money import Money, money_from_proto, parse_decimal
+from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
-from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from sales import domain as d
@@ -102,7 +102,7 @@ def opportunity_in(request: pb.CreateOpportunityRequest) -> OpportunityIn:
         next_step=request.next_step,
         product_line=request.product_line,
         tags=list(request.tags),
-        custom=json_format.MessageToDict(request.custom),
+        custom=struct_values(request.custom),
         forecast_category=d.parse_forecast_category(request.forecast_category),
     )
 
@@ -145,7 +145,7 @@ def update_changes(request: pb.UpdateOpportunityRequest) -> dict[str, Any]:
             case "tags":
                 changes[path] = list(source.tags)
             case "custom":
-                changes[path] = json_format.MessageToDict(source.custom)
+                changes[path] = struct_values(source.custom)
             case "name" | "primary_contact_id" | "owner_id" | "team" | "region" | "next_step" | "product_line":
                 changes[path] = getattr(source, path)
             case _:

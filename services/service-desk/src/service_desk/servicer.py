@@ -6,8 +6,8 @@ from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceServicer
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
-from google.protobuf import json_format
 
 from service_desk import handlers
 from service_desk.handlers import AGENT_FIELDS, ARTICLE_FIELDS, TICKET_FIELDS, Context, Page
@@ -57,7 +57,7 @@ def _bool_filter(text: str, field: str) -> bool | None:
 
 def ticket_values(message: pb.TicketInput) -> dict[str, Any]:
     values = {name: _plain(getattr(message, name)) for name in TICKET_FIELDS if name != "custom"}
-    values["custom"] = json_format.MessageToDict(message.custom)
+    values["custom"] = struct_values(message.custom)
     return values
 
 

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.inputs import INT32_MAX, INT32_MIN, text_problem
+from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_values
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -53,33 +53,23 @@ def _stub(request: Request) -> LeadsServiceStub:
 # --- models --------------------------------------------------------------------------------------
 
 
-def _valid_text(value: Any, path: str) -> None:
-    """Text must be storable: valid UTF-8 (JSON allows lone surrogates; protobuf strings do not)
-    without NUL characters (PostgreSQL text cannot hold them)."""
-    if isinstance(value, str):
-        problem = text_problem(value)
-        if problem:
-            raise ValueError(f"{path or 'value'}: {problem}")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _valid_text(key, path)
-            _valid_text(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for item in value:
-            _valid_text(item, path)
+def _storable(value: Any, name: str) -> None:
+    """Text must be storable (valid UTF-8 without NUL characters) and numbers finite (`gateway.inputs`)."""
+    for loc, problem in unstorable_values(value, (name,)):
+        raise ValueError(f"{'.'.join(map(str, loc))}: {problem}")
 
 
 class In(BaseModel):
-    """Request bodies: unknown fields are errors, text is valid UTF-8."""
+    """Request bodies: unknown fields are errors, text is storable, numbers are finite."""
 
     model_config = {"extra": "forbid"}
 
     @model_validator(mode="after")
-    def _text(self) -> "In":
+    def _storable_values(self) -> "In":
         for name in type(self).model_fields:
-            _valid_text(getattr(self, name), name)
+            _storable(getattr(self, name), name)
         for name, value in (self.model_extra or {}).items():
-            _valid_text(value, name)
+            _storable(value, name)
         return self
 
 
