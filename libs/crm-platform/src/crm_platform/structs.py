@@ -8,6 +8,12 @@ from google.protobuf import json_format, struct_pb2
 
 from crm_platform.errors import FieldError, ValidationFailed
 
+# How deep a free-form JSON value (`custom`) may nest. Protobuf parsers refuse a message nested
+# deeper than 100 levels, and each JSON level is two in a Struct (Value, then Struct or
+# ListValue): a deeper value could be stored, but its event could not be read by any consumer.
+MAX_NESTING = 32
+TOO_DEEP = f"nests deeper than {MAX_NESTING} levels"
+
 
 def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
     """`message.update(values)`, with text set directly: `update` converts every value in Python,

@@ -6,6 +6,7 @@
 - Numbers must be finite: Python's JSON parser takes NaN and Infinity (and 1e999 as Infinity),
   which JSON does not have and neither JSONB nor the services' JSON conversion can carry; and an
   integer in a free-form value (`custom`) travels as a protobuf double, so it must fit one.
+- Values nest at most `MAX_NESTING` levels, which a protobuf Struct can carry.
 - Integers travel as protobuf int32: request models bound them (`INT32_MAX`), so an out-of-range
   number is a 422 naming the field, not a failure to build the upstream request.
 """
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from crm_platform.structs import MAX_NESTING, TOO_DEEP
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -41,8 +43,11 @@ OUT_OF_RANGE = "is out of range for a number"
 
 
 def unstorable_values(value: Any, loc: Location) -> Iterator[tuple[Location, str]]:
-    """(location, problem) of every unstorable string (keys included) and every number that is not
-    finite in a JSON value."""
+    """(location, problem) of every unstorable string (keys included), every number that is not
+    finite and every object or array nested too deep in a JSON value."""
+    if isinstance(value, (dict, list)) and len(loc) > MAX_NESTING:
+        yield loc, TOO_DEEP
+        return
     if isinstance(value, str):
         problem = text_problem(value)
         if problem:

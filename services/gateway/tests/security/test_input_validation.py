@@ -122,6 +122,32 @@ NOT_A_JSON_NUMBER = [
 ]
 
 
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# A value nested deeper than a protobuf Struct carries failed building the upstream request (500).
+TOO_DEEP = [
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": nested(50)}}, "custom.x" + ".0" * 30),
+    ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": nested(31)}}, "custom.x" + ".0" * 30),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "field"), TOO_DEEP)
+async def test_values_nested_too_deep_are_422_naming_where(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, field: str
+) -> None:
+    assert _fields(await client.request(method, path, json=body)) == [field]
+
+
+async def test_values_nested_as_deep_as_allowed_reach_the_service(client: httpx.AsyncClient) -> None:
+    body = {"name": "ok", "custom": {"x": nested(30)}}
+    assert (await client.post("/api/v1/accounts", json=body)).status_code == 503  # the missing upstream
+
+
 @pytest.mark.parametrize(("method", "path", "body", "fields"), NOT_A_JSON_NUMBER)
 async def test_numbers_json_does_not_have_are_422_naming_the_field(
     client: httpx.AsyncClient, method: str, path: str, body: Any, fields: list[str]

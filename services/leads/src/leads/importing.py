@@ -16,6 +16,7 @@ from typing import Any
 
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
+from crm_platform.structs import MAX_NESTING, TOO_DEEP
 
 from leads import domain
 
@@ -23,9 +24,10 @@ FORMATS = ("csv", "json", "jsonl")
 LEAD_FIELDS = IMPORTABLE_FIELDS
 
 
-def unstorable_text(value: Any) -> str | None:
+def unstorable_text(value: Any, depth: int = 0) -> str | None:
     """Why a parsed value holds text that cannot be stored (PostgreSQL refuses NUL characters,
-    UTF-8 has no lone surrogates, which a JSON escape can still produce), or None."""
+    UTF-8 has no lone surrogates, which a JSON escape can still produce) or nests deeper than an
+    event can carry (`MAX_NESTING`), or None."""
     if isinstance(value, str):
         if "\x00" in value:
             return "contains a NUL character"
@@ -34,16 +36,19 @@ def unstorable_text(value: Any) -> str | None:
         except UnicodeEncodeError:
             return "is not valid UTF-8 text"
         return None
+    if not isinstance(value, (dict, list)):
+        return None
+    if depth >= MAX_NESTING:  # the row is the first level
+        return TOO_DEEP
     if isinstance(value, dict):
         if _storable_strings(value.keys()) and _storable_strings(value.values()):
             return None  # every CSV row, most JSON ones: checked in one pass
         items: list[Any] = [*value.keys(), *value.values()]
-        return next((p for p in map(unstorable_text, items) if p), None)
-    if isinstance(value, list):
+    else:
         if _storable_strings(value):
             return None
-        return next((p for p in map(unstorable_text, value) if p), None)
-    return None
+        items = value
+    return next((p for p in (unstorable_text(item, depth + 1) for item in items) if p), None)
 
 
 def _storable_strings(items: Iterable[Any]) -> bool:

@@ -2,9 +2,10 @@ import json
 
 import pytest
 from crm_platform.errors import ValidationFailed
+from crm_platform.structs import MAX_NESTING, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
-from leads.importing import RecordSplitter, RowMapper, StreamParser
+from leads.importing import RecordSplitter, RowMapper, StreamParser, unstorable_text
 
 pytestmark = pytest.mark.unit
 
@@ -85,6 +86,15 @@ def test_json_rows_with_numbers_json_does_not_have_are_rejected_with_the_reason(
     with pytest.raises(ValidationFailed) as caught:
         parse_in_chunks(b"[" + line + b"]", 7, "json")
     assert caught.value.errors[0].field == "file" and reason in caught.value.detail
+
+
+def test_a_json_row_nested_deeper_than_an_event_can_carry_is_rejected() -> None:
+    # An event nested deeper than 100 protobuf levels cannot be read by any consumer.
+    deep = '{"name": "a", "x": ' + "[" * MAX_NESTING + '"y"' + "]" * MAX_NESTING + "}"  # the row is a level
+    rows = parse_in_chunks(f'{deep}\n{{"name": "b", "x": "y"}}\n'.encode(), 64, "jsonl")
+    assert rows == [(1, f"the row {TOO_DEEP}"), (2, {"name": "b", "x": "y"})]
+    for leaf in ('"y"', "1"):
+        assert unstorable_text({"x": json.loads("[" * (MAX_NESTING - 1) + leaf + "]" * (MAX_NESTING - 1))}) is None
 
 
 def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:
