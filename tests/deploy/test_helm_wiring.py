@@ -501,3 +501,31 @@ def test_the_trace_sampler_reaches_every_pod_that_exports_traces() -> None:
         env = env_of(containers(deployment)[0])
         assert env["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio", deployment["metadata"]["name"]
         assert env["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.1"
+
+
+def test_a_kafka_client_certificate_is_mounted_where_every_kafka_client_reads_it(renderings: list[Rendering]) -> None:
+    # mTLS (ci/kafka-mtls-values.yaml): the Secret's two keys, the key file readable by the pod's group only.
+    rendering = next(r for r in renderings if r.values_file == "kafka-mtls-values.yaml")
+    tls = rendering.values["kafka"]["tls"]
+    clients = [
+        doc
+        for doc in rendering.documents
+        if doc["kind"] in ("Deployment", "Job") and "CRM_KAFKA_BOOTSTRAP_SERVERS" in env_of(containers(doc)[0])
+    ]
+    assert len(clients) >= len([c for c in COMPONENTS if c.grpc]), [d["metadata"]["name"] for d in clients]
+    for workload in clients:
+        env = env_of(containers(workload)[0])
+        files = {Path(env[name]["value"]) for name in ("CRM_KAFKA_SSL_CERTFILE", "CRM_KAFKA_SSL_KEYFILE")}
+        assert {f.name for f in files} == {tls["clientCertKey"], tls["clientKeyKey"]}
+        mounts = {m["mountPath"]: m["name"] for m in containers(workload)[0]["volumeMounts"]}
+        (directory,) = {f.parent for f in files}
+        volume = next(v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == mounts[str(directory)])
+        assert volume["secret"]["secretName"] == tls["clientCertExistingSecret"]
+        assert {item["path"] for item in volume["secret"]["items"]} == {f.name for f in files}
+        assert volume["secret"]["defaultMode"] == 0o440
+    default = next(r for r in renderings if r.values_file == "default-values.yaml")
+    assert not any(
+        "CRM_KAFKA_SSL_CERTFILE" in env_of(containers(doc)[0])
+        for doc in default.documents
+        if doc["kind"] in ("Deployment", "Job")
+    )

@@ -161,6 +161,12 @@ labels:
 - name: CRM_KAFKA_SSL_CAFILE
   value: "/etc/crm/kafka-ca/{{ $kafka.tls.caKey }}"
 {{- end }}
+{{- if include "crm.kafka.clientCertMounted" . }}
+- name: CRM_KAFKA_SSL_CERTFILE
+  value: "/etc/crm/kafka-client/{{ $kafka.tls.clientCertKey }}"
+- name: CRM_KAFKA_SSL_KEYFILE
+  value: "/etc/crm/kafka-client/{{ $kafka.tls.clientKeyKey }}"
+{{- end }}
 - name: CRM_KAFKA_ENABLE_IDEMPOTENCE
   value: {{ $kafka.enableIdempotence | quote }}
 - name: CRM_KAFKA_CREATE_TOPICS
@@ -174,6 +180,13 @@ labels:
 {{/* Non-empty when the Kafka CA certificate is mounted from a Secret. */}}
 {{- define "crm.kafka.caMounted" -}}
 {{- if and (hasSuffix "SSL" .Values.kafka.securityProtocol) .Values.kafka.tls.caExistingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Non-empty when the CRM's Kafka client certificate (mTLS) is mounted from a Secret. */}}
+{{- define "crm.kafka.clientCertMounted" -}}
+{{- if and (hasSuffix "SSL" .Values.kafka.securityProtocol) .Values.kafka.tls.clientCertExistingSecret -}}
 true
 {{- end -}}
 {{- end -}}
@@ -208,6 +221,17 @@ true
       - key: {{ .root.Values.kafka.tls.caKey }}
         path: {{ .root.Values.kafka.tls.caKey }}
 {{- end }}
+{{- if include "crm.kafka.clientCertMounted" .root }}
+- name: kafka-client
+  secret:
+    secretName: {{ .root.Values.kafka.tls.clientCertExistingSecret }}
+    defaultMode: 0440  # the private key: readable by the pod's fsGroup only
+    items:
+      - key: {{ .root.Values.kafka.tls.clientCertKey }}
+        path: {{ .root.Values.kafka.tls.clientCertKey }}
+      - key: {{ .root.Values.kafka.tls.clientKeyKey }}
+        path: {{ .root.Values.kafka.tls.clientKeyKey }}
+{{- end }}
 {{- end -}}
 
 {{- define "crm.component.volumeMounts" -}}
@@ -216,6 +240,11 @@ true
 {{- if include "crm.kafka.caMounted" .root }}
 - name: kafka-ca
   mountPath: /etc/crm/kafka-ca
+  readOnly: true
+{{- end }}
+{{- if include "crm.kafka.clientCertMounted" .root }}
+- name: kafka-client
+  mountPath: /etc/crm/kafka-client
   readOnly: true
 {{- end }}
 {{- end -}}

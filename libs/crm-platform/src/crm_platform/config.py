@@ -6,7 +6,7 @@ shared by every process under `CRM_KAFKA_`.
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,10 @@ class KafkaSettings(BaseSettings):
     sasl_username: str | None = None
     sasl_password: str | None = None
     ssl_cafile: str | None = None
+    # mTLS, for brokers that authenticate clients by certificate: the CRM's client certificate (PEM,
+    # with its chain) and its unencrypted private key. Both or neither, with SSL or SASL_SSL.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
     # On for real Kafka; tansu (the local broker) does not support InitProducerId.
     enable_idempotence: bool = False
     # Create the service's topics at start-up (local and test brokers); off where a platform team owns topics.
@@ -40,6 +44,16 @@ class KafkaSettings(BaseSettings):
     send_timeout_seconds: float = 10.0
     # How long a consumer waits for more data before returning a fetch: the main driver of event latency.
     fetch_max_wait_ms: int = 100
+
+    @model_validator(mode="after")
+    def _client_certificate(self) -> "KafkaSettings":
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: the client certificate and its private key")
+        if self.ssl_certfile and self.security_protocol not in ("SSL", "SASL_SSL"):
+            raise ValueError(
+                f"a client certificate needs security_protocol SSL or SASL_SSL, not {self.security_protocol}"
+            )
+        return self
 
 
 # Connections per replica (see ServiceSettings); also create_engine's defaults.

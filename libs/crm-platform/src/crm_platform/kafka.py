@@ -4,6 +4,7 @@ around every call that is known to hang while the broker is down."""
 import asyncio
 import contextlib
 import logging
+import ssl
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -23,12 +24,25 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": settings.security_protocol,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        options["ssl_context"] = create_ssl_context(cafile=settings.ssl_cafile)
+        options["ssl_context"] = _ssl_context(settings)
     if settings.security_protocol.startswith("SASL"):
         options["sasl_mechanism"] = settings.sasl_mechanism or "PLAIN"
         options["sasl_plain_username"] = settings.sasl_username
         options["sasl_plain_password"] = settings.sasl_password
     return options
+
+
+def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """The brokers' CA (or the system's) and, for mTLS, the client certificate. A file that cannot
+    be read or a key that does not match its certificate stops the service at start, naming both."""
+    try:
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
+        )
+    except OSError as error:  # ssl.SSLError is one
+        files = ", ".join(f"{name}={getattr(settings, name)}" for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"))
+        raise RuntimeError(f"the Kafka TLS files cannot be used ({files}): {error}") from error
+    return context
 
 
 def create_producer(settings: KafkaSettings, *, client_id: str) -> AIOKafkaProducer:
