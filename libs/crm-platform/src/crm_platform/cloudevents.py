@@ -6,7 +6,7 @@ file declares the topic (`(crm.common.v1.event_topic)`); this module reads them 
 
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cache
+from functools import cache, lru_cache
 
 from crm.common.v1 import options_pb2
 from google.protobuf.descriptor import Descriptor
@@ -50,6 +50,12 @@ def spec_of(message: Message | type[Message]) -> EventSpec:
     return event_spec(message.DESCRIPTOR)
 
 
+@lru_cache(maxsize=16)
+def format_time(time: datetime) -> str:
+    """`ce_time` in RFC 3339, UTC. Cached: the events of one transaction share their time."""
+    return as_utc(time).isoformat().replace("+00:00", "Z")
+
+
 @dataclass(frozen=True, slots=True)
 class CloudEventHeaders:
     id: str
@@ -62,12 +68,17 @@ class CloudEventHeaders:
     tracestate: str = ""
 
     def encode(self) -> list[tuple[str, bytes]]:
+        """The Kafka record headers."""
+        return [(name, value.encode()) for name, value in self.text_pairs()]
+
+    def text_pairs(self) -> list[tuple[str, str]]:
+        """The headers as text (how the outbox stores them until the relay sends them)."""
         headers = [
             ("ce_specversion", SPEC_VERSION),
             ("ce_id", self.id),
             ("ce_type", self.type),
             ("ce_source", self.source),
-            ("ce_time", as_utc(self.time).isoformat().replace("+00:00", "Z")),
+            ("ce_time", format_time(self.time)),
             ("content-type", CONTENT_TYPE),
         ]
         if self.subject:
@@ -78,7 +89,7 @@ class CloudEventHeaders:
             headers.append(("traceparent", self.traceparent))
         if self.tracestate:
             headers.append(("tracestate", self.tracestate))
-        return [(name, value.encode()) for name, value in headers]
+        return headers
 
     @classmethod
     def decode(cls, headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) -> "CloudEventHeaders":

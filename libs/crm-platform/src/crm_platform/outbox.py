@@ -189,7 +189,7 @@ def outbox_rows(events: list[PendingEvent], *, source: str, now: datetime) -> li
                 "key": pending.key,
                 "type": spec.type,
                 "payload": pending.message.SerializeToString(),
-                "headers": [[name, value.decode()] for name, value in headers.encode()],
+                "headers": headers.text_pairs(),
                 "created_at": now,
             }
         )

@@ -1,6 +1,7 @@
 """Pure rules of the platform: event naming, ordering, scopes, cursors, error details."""
 
 import gc
+import json
 from collections import namedtuple
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -10,6 +11,7 @@ import pytest
 from crm.leads.v1 import events_pb2 as lead_events
 from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
+from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
 from crm_platform.money import Money, parse_decimal
@@ -69,6 +71,20 @@ def test_cloudevents_headers_round_trip() -> None:
     assert dict(encoded)["ce_time"] == b"2026-11-23T08:00:00Z"
     assert dict(encoded)["content-type"] == b"application/protobuf"
     assert CloudEventHeaders.decode(encoded) == headers
+    assert [(name, value.encode()) for name, value in headers.text_pairs()] == encoded  # as the outbox stores them
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"name": "Łukasz 王", "tags": ["a", "b"], "n": 1.5, "ok": True, "none": None},
+        {"big": 10**30, "small": -(10**30)},  # beyond orjson's 64 bits: the standard library writes it
+        [],
+        {},
+    ],
+)
+def test_json_column_text_reads_back_as_the_value(value: object) -> None:
+    assert json.loads(json_text(value)) == value
 
 
 def test_headers_without_an_id_are_malformed() -> None:

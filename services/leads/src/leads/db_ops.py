@@ -1,11 +1,10 @@
 """Dialect-specific statements (PostgreSQL in production, SQLite as the embedded default)."""
 
-import json
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from crm_platform.db import driver_connection
+from crm_platform.db import driver_connection, json_text
 from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -33,8 +32,7 @@ async def bulk_insert(conn: AsyncConnection, table: Table, rows: list[dict[str, 
 
 
 def _records(rows: list[dict[str, Any]], columns: list[str], json_positions: list[int]) -> list[Sequence[Any]]:
-    """The rows as COPY records, JSON columns as text: one itemgetter call per row (C), and the empty
-    lists and objects most rows carry (tags, custom) without a trip through the JSON encoder."""
+    """The rows as COPY records, JSON columns as text: one itemgetter call per row (C)."""
     pick: Callable[[dict[str, Any]], Sequence[Any]] = (
         itemgetter(*columns) if len(columns) > 1 else lambda row: (row[columns[0]],)
     )
@@ -44,14 +42,6 @@ def _records(rows: list[dict[str, Any]], columns: list[str], json_positions: lis
     for row in rows:
         record = list(pick(row))
         for i in json_positions:
-            record[i] = _json_text(record[i])
+            record[i] = json_text(record[i])
         records.append(record)
     return records
-
-
-def _json_text(value: Any) -> str:
-    if type(value) is list and not value:
-        return "[]"
-    if type(value) is dict and not value:
-        return "{}"
-    return json.dumps(value)
