@@ -24,7 +24,7 @@ FORMATS = ("csv", "json", "jsonl")
 LEAD_FIELDS = IMPORTABLE_FIELDS
 
 
-def unstorable_text(value: Any, depth: int = 0) -> str | None:
+def unstorable_value(value: Any, depth: int = 0) -> str | None:
     """Why a parsed value holds text that cannot be stored (PostgreSQL refuses NUL characters,
     UTF-8 has no lone surrogates, which a JSON escape can still produce) or nests deeper than an
     event can carry (`MAX_NESTING`), or None."""
@@ -48,7 +48,7 @@ def unstorable_text(value: Any, depth: int = 0) -> str | None:
         if _storable_strings(value):
             return None
         items = value
-    return next((p for p in (unstorable_text(item, depth + 1) for item in items) if p), None)
+    return next((p for p in (unstorable_value(item, depth + 1) for item in items) if p), None)
 
 
 def _storable_strings(items: Iterable[Any]) -> bool:
@@ -281,7 +281,7 @@ class StreamParser:
             if self._header is None:
                 if not values or not any(v.strip() for v in values):
                     raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
-                problem = unstorable_text(values)
+                problem = unstorable_value(values)
                 if problem:
                     raise ValidationFailed([FieldError("file", f"the CSV header row {problem}")])
                 self._header = [v.strip() for v in values]
@@ -299,5 +299,5 @@ class StreamParser:
         """The record, or why it is rejected."""
         if not isinstance(item, dict):
             return "the row is not a JSON object"
-        problem = unstorable_text(item)
+        problem = unstorable_value(item)
         return f"the row {problem}" if problem else item

@@ -5,7 +5,7 @@ from crm_platform.errors import ValidationFailed
 from crm_platform.structs import MAX_NESTING, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
-from leads.importing import RecordSplitter, RowMapper, StreamParser, unstorable_text
+from leads.importing import RecordSplitter, RowMapper, StreamParser, unstorable_value
 
 pytestmark = pytest.mark.unit
 
@@ -94,7 +94,7 @@ def test_a_json_row_nested_deeper_than_an_event_can_carry_is_rejected() -> None:
     rows = parse_in_chunks(f'{deep}\n{{"name": "b", "x": "y"}}\n'.encode(), 64, "jsonl")
     assert rows == [(1, f"the row {TOO_DEEP}"), (2, {"name": "b", "x": "y"})]
     for leaf in ('"y"', "1"):
-        assert unstorable_text({"x": json.loads("[" * (MAX_NESTING - 1) + leaf + "]" * (MAX_NESTING - 1))}) is None
+        assert unstorable_value({"x": json.loads("[" * (MAX_NESTING - 1) + leaf + "]" * (MAX_NESTING - 1))}) is None
 
 
 def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:
