@@ -23,7 +23,6 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
-    DateTime,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -36,7 +35,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform import custom_fields as cf
-from crm_platform.db import insert_ignore
+from crm_platform.db import UtcDateTime, insert_ignore
 from crm_platform.errors import FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.timeutil import to_timestamp, utcnow
 
@@ -57,7 +56,7 @@ def definitions_table(metadata: MetaData, name: str) -> Table:
         # json or jsonb on PostgreSQL, as each service's migration made it: a list is stored alike in both.
         Column("options", JSON().with_variant(JSONB(), "postgresql"), nullable=False),
         Column("pii", Boolean, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_at", UtcDateTime(), nullable=False),
         Column("version", BigInteger, nullable=False),
         PrimaryKeyConstraint("entity", "key"),
     )

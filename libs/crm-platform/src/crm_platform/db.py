@@ -4,13 +4,15 @@ import json
 import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import orjson
 from sqlalchemy import (
     JSON,
+    DateTime,
+    Dialect,
     Insert,
     Table,
     Text,
@@ -28,6 +30,7 @@ from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceE
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.types import TypeDecorator
 
 from crm_platform.config import DATABASE_MAX_OVERFLOW, DATABASE_POOL_SIZE
 
@@ -204,6 +207,24 @@ _SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[DBAPIError]], ...] = (
 def _as_sqlalchemy_error(sql: str, args: list[Any], error: Exception) -> DBAPIError:
     kind = next(sqlalchemy for driver, sqlalchemy in _SQLALCHEMY_ERRORS if isinstance(error, driver))
     return kind(sql, args, error, hide_parameters=True)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """`DateTime(timezone=True)` that reads back aware UTC times from SQLite as well. SQLite keeps no
+    offset, so its times came back naive, and comparing one with an aware time (the clock, a
+    request's time) raised TypeError: a lead's second activity, the SLA and recycling timers failed
+    under `make run`. PostgreSQL returns aware times already; there the type adds no processing."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name == "sqlite":
+            return super().result_processor(dialect, coltype)
+        return self.impl_instance.result_processor(dialect, coltype)  # as a TypeDecorator without one
 
 
 def is_postgres(engine: AsyncEngine) -> bool:

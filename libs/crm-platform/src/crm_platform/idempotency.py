@@ -27,7 +27,6 @@ from typing import Any, TypeAlias
 from sqlalchemy import (
     JSON,
     Column,
-    DateTime,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -39,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from crm_platform.db import insert_ignore
+from crm_platform.db import UtcDateTime, insert_ignore
 from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
@@ -57,7 +56,7 @@ def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
         Column("caller", String(200), nullable=False, server_default=""),
         Column("key", String(200), nullable=False),
         Column("result", JSON, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_at", UtcDateTime(), nullable=False),
         PrimaryKeyConstraint("operation", "caller", "key"),
     )
 

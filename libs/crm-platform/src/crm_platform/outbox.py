@@ -24,7 +24,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
-    DateTime,
     Delete,
     Index,
     Insert,
@@ -53,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
-from crm_platform.db import DriverStatement, insert_from_json, is_postgres
+from crm_platform.db import DriverStatement, UtcDateTime, insert_from_json, is_postgres
 from crm_platform.ids import new_id
 from crm_platform.kafka import create_producer, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
@@ -78,10 +77,10 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("type", String(200), nullable=False),
         Column("payload", LargeBinary, nullable=False),
         Column("headers", JSON, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False),
-        Column("published_at", DateTime(timezone=True)),
+        Column("created_at", UtcDateTime(), nullable=False),
+        Column("published_at", UtcDateTime()),
         Column("attempts", Integer, nullable=False, server_default="0"),
-        Column("next_attempt_at", DateTime(timezone=True)),
+        Column("next_attempt_at", UtcDateTime()),
         Column("last_error", Text),
         Index(
             "ix_outbox_pending",
@@ -108,7 +107,7 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
         metadata,
         Column("consumer", String(200), nullable=False),
         Column("event_id", String(200), nullable=False),
-        Column("processed_at", DateTime(timezone=True), nullable=False),
+        Column("processed_at", UtcDateTime(), nullable=False),
         PrimaryKeyConstraint("consumer", "event_id"),
     )
     return outbox, inbox

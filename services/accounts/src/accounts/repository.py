@@ -9,6 +9,7 @@ from typing import Any
 
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
+from crm_platform.db import UtcDateTime
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
@@ -49,7 +50,7 @@ TagsType = ARRAY(Text).with_variant(JSON(), "sqlite")
 # PostgreSQL: jsonb with a GIN index (custom @> ...); SQLite: JSON text.
 CustomType = JSON().with_variant(JSONB(), "postgresql")
 Money = Numeric(20, 4)
-Stamp = DateTime(timezone=True)
+Stamp = UtcDateTime()
 
 accounts = Table(
     "accounts",

@@ -5,13 +5,13 @@ an event twice, therefore converges on the same rows."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from crm_platform.db import UtcDateTime
 from crm_platform.outbox import add_messaging_tables
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -36,7 +36,7 @@ SHARE = Numeric(6, 4)
 
 
 def _ts(name: str) -> Column[Any]:
-    return Column(name, DateTime(timezone=True), nullable=True)
+    return Column(name, UtcDateTime(), nullable=True)
 
 
 def _text(name: str) -> Column[Any]:

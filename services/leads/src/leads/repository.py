@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import DriverStatement, json_rows
+from crm_platform.db import DriverStatement, UtcDateTime, json_rows
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
@@ -18,7 +18,6 @@ from sqlalchemy import (
     Column,
     ColumnElement,
     Date,
-    DateTime,
     Index,
     Integer,
     LargeBinary,
@@ -52,7 +51,7 @@ outbox, _ = add_messaging_tables(metadata)
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 _ID = String(36)
-_TS = DateTime(timezone=True)
+_TS = UtcDateTime()
 
 leads = Table(
     "leads",

@@ -12,6 +12,7 @@ from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion,
 from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.principal import ScopeKind
+from crm_platform.timeutil import as_utc
 from leads import repository as repo
 from leads.domain import AssignmentRule, ScoringRule, Thresholds
 from leads.handlers import ActivityInput, ConvertRequest, LeadFilters
@@ -306,6 +307,22 @@ async def test_activity_contacts_the_lead_and_creates_a_follow_up(env: Any) -> N
     assert "crm.leads.lead.contacted" in await outbox_types(env, lead["id"])
 
 
+async def test_last_activity_at_is_the_latest_activity_whatever_order_they_are_logged_in(
+    env_each_database: Any,
+) -> None:
+    # Regression: on SQLite (make run) the second activity of a lead failed (naive and aware times compared).
+    env = env_each_database
+    start = env.clock.now
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "A", "owner_id": "rep1"})
+        env.clock.advance(hours=3)
+        for after in (timedelta(hours=2), timedelta(hours=1), timedelta(hours=2, minutes=30)):
+            _activity, lead = await env.service.log_activity(
+                ActivityInput(lead_id=lead["id"], kind="note", notes="n", occurred_at=start + after)
+            )
+    assert as_utc(lead["last_activity_at"]) == start + timedelta(hours=2, minutes=30)
+
+
 async def test_scope_hides_other_reps_leads(env: Any) -> None:
     with env.acting("rep1"):
         lead, _ = await env.service.create_lead({"name": "mine", "owner_id": "rep1"})
@@ -358,7 +375,9 @@ async def test_tag_filter_on_postgresql(env: Any) -> None:
     assert [r["name"] for r in rows] == ["Tagged"] and odd == []
 
 
-async def test_sla_overdue_and_recycling_timers(env: Any) -> None:
+async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:
+    # On SQLite too (make run): its times came back without an offset and the timers' checks failed.
+    env = env_each_database
     with env.acting():
         late, _ = await env.service.create_lead({"name": "late", "owner_id": "rep1"})
         worked, _ = await env.service.create_lead({"name": "worked", "owner_id": "rep1"})

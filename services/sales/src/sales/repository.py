@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import insert_ignore
+from crm_platform.db import UtcDateTime, insert_ignore
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.principal import RecordScope, scope_clause
@@ -22,7 +22,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     Date,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -84,7 +83,7 @@ _JSON = JSON().with_variant(JSONB(), "postgresql")
 _ID = String(36)
 # Ids of other services' records: opaque, up to REF_LENGTH characters.
 _REF = String(REF_LENGTH)
-_TS = DateTime(timezone=True)
+_TS = UtcDateTime()
 _NAME = String(200)
 _CCY = String(3)
 

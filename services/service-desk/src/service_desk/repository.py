@@ -6,6 +6,7 @@ from typing import Any
 
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses
 from crm_platform.custom_fields_service import definitions_table
+from crm_platform.db import UtcDateTime
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
@@ -16,7 +17,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     ColumnElement,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 metadata = MetaData()
 add_messaging_tables(metadata)
 
-TS = DateTime(timezone=True)
+TS = UtcDateTime()
 
 tickets = Table(
     "tickets",

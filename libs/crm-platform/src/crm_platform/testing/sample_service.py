@@ -9,11 +9,11 @@ from typing import Any
 
 import grpc
 from crm.audit.v1 import events_pb2
-from sqlalchemy import Column, DateTime, MetaData, String, Table, insert, text
+from sqlalchemy import Column, MetaData, String, Table, insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crm_platform.config import KafkaSettings, ServiceSettings
-from crm_platform.db import create_engine, is_postgres
+from crm_platform.db import UtcDateTime, create_engine, is_postgres
 from crm_platform.ids import new_id
 from crm_platform.migrations import OUTBOX_NOTIFY_SQL
 from crm_platform.outbox import Transaction, UnitOfWork, add_messaging_tables
@@ -26,7 +26,7 @@ notes = Table(
     metadata,
     Column("id", String(36), primary_key=True),
     Column("key", String(200), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
 )
 add_messaging_tables(metadata)
 

@@ -4,9 +4,10 @@ reach `crm.audit.v1` through it). Migrations: services/gateway/migrations/."""
 import asyncio
 from pathlib import Path
 
+from crm_platform.db import UtcDateTime
 from crm_platform.migrations import upgrade
 from crm_platform.outbox import add_messaging_tables
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -15,7 +16,7 @@ audit_events = Table(
     metadata,
     # Time-ordered UUIDv7: ordering by id is ordering by time, and it is the paging cursor.
     Column("id", String(36), primary_key=True),
-    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("occurred_at", UtcDateTime(), nullable=False),
     Column("actor_id", String(200), nullable=False),
     Column("actor_kind", String(20), nullable=False),
     Column("actor_roles", JSON, nullable=False),
@@ -52,9 +53,9 @@ api_keys = Table(
     Column("team", String(200), nullable=False),
     Column("region", String(200), nullable=False),
     Column("created_by", String(200), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("expires_at", DateTime(timezone=True)),
-    Column("revoked_at", DateTime(timezone=True)),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("expires_at", UtcDateTime()),
+    Column("revoked_at", UtcDateTime()),
 )
 
 outbox, processed_events = add_messaging_tables(metadata)
