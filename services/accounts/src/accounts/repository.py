@@ -20,7 +20,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     ColumnElement,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -316,7 +315,7 @@ def apply_page(query: Select[Any], table: Table, page: Page) -> Select[Any]:
         if page.sort_field == "created_at":
             query = query.where(table.c.id < last_id if page.descending else table.c.id > last_id)
         else:
-            if isinstance(key.type, DateTime):
+            if key.type.python_type is datetime:
                 value = datetime.fromisoformat(value)
             if page.descending:
                 query = query.where(or_(key < value, and_(key == value, table.c.id < last_id)))

@@ -127,7 +127,14 @@ async def test_erp_postings_events_and_account_moves(engine: AsyncEngine, kafka_
             assert any("over-payment" in reason for reason in reasons), reasons
             assert any("missing CloudEvents headers" in reason or "decode" in reason for reason in reasons), reasons
 
-            # Outbound: keyed by the aggregate, CloudEvents headers, protobuf values that decode.
+            # Outbound: keyed by the aggregate, CloudEvents headers, protobuf values that decode. The
+            # payment is applied before its event is relayed: wait for the event (a busy CI missed it).
+            await events.wait_for(
+                lambda records: any(
+                    r.event_type == "crm.sales.payment.received" and r.key == contract.id for r in records
+                ),
+                timeout=60,
+            )
             received = [r for r in events.of_type("crm.sales.payment.received") if r.key == contract.id]
             assert len(received) == 1
             event = received[0].decode(events_pb2.PaymentReceived)
