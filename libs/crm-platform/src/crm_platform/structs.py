@@ -1,7 +1,18 @@
-"""google.protobuf.Struct to and from plain values."""
+"""google.protobuf.Struct to and from plain values, and which JSON values the system can carry.
+
+A value from outside (a request body, an imported row) must be storable and fit a Struct:
+- text without U+0000 (PostgreSQL text and JSONB cannot hold it) and valid UTF-8 (JSON allows lone
+  surrogates, protobuf strings do not);
+- finite numbers: Python's JSON parser takes NaN and Infinity (and reads 1e999 as Infinity), which
+  JSON does not have and neither JSONB nor a Struct's JSON form can carry; an integer travels as a
+  protobuf double, so it must fit one;
+- at most `MAX_NESTING` levels of objects and arrays.
+`unstorable_values` names every place that breaks a rule; the gateway and the lead import ask it.
+"""
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from google.protobuf import json_format, struct_pb2
@@ -13,6 +24,71 @@ from crm_platform.errors import FieldError, ValidationFailed
 # ListValue): a deeper value could be stored, but its event could not be read by any consumer.
 MAX_NESTING = 32
 TOO_DEEP = f"nests deeper than {MAX_NESTING} levels"
+NOT_FINITE = "must be a finite number (JSON has no NaN or Infinity)"
+OUT_OF_RANGE = "is out of range for a number"
+
+Location = tuple[str | int, ...]
+
+
+def text_problem(value: str) -> str | None:
+    """Why a string cannot be stored, or None."""
+    if "\x00" in value:
+        return "must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text"
+    return None
+
+
+def unstorable_values(value: Any, loc: Location = (), *, level: int = 1) -> Iterator[tuple[Location, str]]:
+    """(location, problem) of every string (keys included), number and nesting in a JSON value that
+    breaks the rules above. `level` is the nesting level of `value` itself (a body or a row is 1)."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            yield loc, problem
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            yield loc, NOT_FINITE
+    elif isinstance(value, int):
+        if abs(value) > sys.float_info.max:
+            yield loc, OUT_OF_RANGE
+    elif isinstance(value, dict):
+        if level > MAX_NESTING:
+            yield loc, TOO_DEEP
+        elif not (_storable_strings(value.keys()) and _storable_strings(value.values())):
+            for key, item in value.items():
+                problem = text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    yield loc, f"has a key that {problem}"
+                    continue
+                yield from unstorable_values(item, (*loc, key), level=level + 1)
+    elif isinstance(value, list):
+        if level > MAX_NESTING:
+            yield loc, TOO_DEEP
+        elif not _storable_strings(value):
+            for index, item in enumerate(value):
+                yield from unstorable_values(item, (*loc, index), level=level + 1)
+
+
+def _storable_strings(items: Iterable[Any]) -> bool:
+    """True when every item is a string and none holds a NUL or a lone surrogate (False decides
+    nothing: the caller then looks at each item). One join instead of a call per value: a CSV
+    row, and most JSON ones, are checked in one pass."""
+    try:
+        text = "".join(items)
+    except TypeError:  # not only strings
+        return False
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
@@ -36,7 +112,7 @@ def struct_values(message: struct_pb2.Struct, *, field: str = "custom") -> dict[
         return json_format.MessageToDict(message)  # type: ignore[no-any-return]
     except ValueError:  # json_format refuses NaN and Infinity
         path = _first_not_finite(message, field) or field
-        raise ValidationFailed([FieldError(path, "must be a finite number (JSON has no NaN or Infinity)")]) from None
+        raise ValidationFailed([FieldError(path, NOT_FINITE)]) from None
 
 
 def _first_not_finite(message: struct_pb2.Struct | struct_pb2.ListValue, path: str) -> str | None:

@@ -11,8 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+from crm_platform.structs import unstorable_values
 from fastapi import FastAPI
-from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_values
+from gateway.inputs import INT32_MAX, INT32_MIN
 
 pytestmark = pytest.mark.integration
 

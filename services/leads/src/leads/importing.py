@@ -7,16 +7,14 @@ field may span lines and chunks. Rows are numbered from 1 (the CSV header is not
 import codecs
 import csv
 import json
-import math
 import re
-import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
-from crm_platform.structs import MAX_NESTING, TOO_DEEP
+from crm_platform.structs import unstorable_values
 
 from leads import domain
 
@@ -24,73 +22,12 @@ FORMATS = ("csv", "json", "jsonl")
 LEAD_FIELDS = IMPORTABLE_FIELDS
 
 
-def unstorable_value(value: Any, depth: int = 0) -> str | None:
-    """Why a parsed value holds text that cannot be stored (PostgreSQL refuses NUL characters,
-    UTF-8 has no lone surrogates, which a JSON escape can still produce) or nests deeper than an
-    event can carry (`MAX_NESTING`), or None."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            return "contains a NUL character"
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return "is not valid UTF-8 text"
-        return None
-    if not isinstance(value, (dict, list)):
-        return None
-    if depth >= MAX_NESTING:  # the row is the first level
-        return TOO_DEEP
-    if isinstance(value, dict):
-        if _storable_strings(value.keys()) and _storable_strings(value.values()):
-            return None  # every CSV row, most JSON ones: checked in one pass
-        items: list[Any] = [*value.keys(), *value.values()]
-    else:
-        if _storable_strings(value):
-            return None
-        items = value
-    return next((p for p in (unstorable_value(item, depth + 1) for item in items) if p), None)
-
-
-def _storable_strings(items: Iterable[Any]) -> bool:
-    """True when every item is a string and none holds a NUL or a lone surrogate (False decides
-    nothing: the caller then looks at each item). One join instead of a call per value."""
-    try:
-        text = "".join(items)
-    except TypeError:  # not only strings
-        return False
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-def _float_sized_int(text: str) -> int:
-    value = int(text)
-    if abs(value) > sys.float_info.max:  # custom values travel as protobuf doubles
-        raise ValueError(f"the number {text[:40]}... is out of range")
-    return value
-
-
-def _not_a_json_value(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def parse_json(text: str) -> Any:
-    """JSON as the standard defines it: Python's parser also takes NaN and Infinity (and turns
-    1e999 into Infinity), which neither PostgreSQL's JSONB nor the lead's event can carry."""
-    return json.loads(text, parse_float=_finite_float, parse_int=_float_sized_int, parse_constant=_not_a_json_value)
+def why_unstorable(value: Any, what: str) -> str | None:
+    """Why a parsed row (or header) cannot be stored, naming the first offending place
+    (`crm_platform.structs.unstorable_values`), or None."""
+    for loc, problem in unstorable_values(value):
+        return f"{what} field {'.'.join(map(str, loc))} {problem}" if loc else f"{what} {problem}"
+    return None
 
 
 def custom_key(header: str) -> str:
@@ -255,7 +192,7 @@ class StreamParser:
             yield from self._records(self._splitter.finish())
             return
         try:
-            items = parse_json(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
+            items = json.loads(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
         except (ValueError, UnicodeDecodeError) as error:
             raise ValidationFailed([FieldError("file", f"not a JSON array: {error}")]) from None
         if not isinstance(items, list):
@@ -271,7 +208,7 @@ class StreamParser:
                     continue
                 self.rows += 1
                 try:
-                    item = parse_json(line)
+                    item = json.loads(line)
                 except ValueError as error:
                     yield self.rows, f"not valid JSON: {error}"
                     continue
@@ -281,9 +218,9 @@ class StreamParser:
             if self._header is None:
                 if not values or not any(v.strip() for v in values):
                     raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
-                problem = unstorable_value(values)
+                problem = why_unstorable(values, "the CSV header row")
                 if problem:
-                    raise ValidationFailed([FieldError("file", f"the CSV header row {problem}")])
+                    raise ValidationFailed([FieldError("file", problem)])
                 self._header = [v.strip() for v in values]
                 continue
             if not values:
@@ -299,5 +236,4 @@ class StreamParser:
         """The record, or why it is rejected."""
         if not isinstance(item, dict):
             return "the row is not a JSON object"
-        problem = unstorable_value(item)
-        return f"the row {problem}" if problem else item
+        return why_unstorable(item, "the row") or item

@@ -18,6 +18,7 @@ from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
+from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
 from fastapi import Depends, Header, Path, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
@@ -25,7 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.inputs import INT32_MAX, INT32_MIN, unstorable_values
+from gateway.inputs import INT32_MAX, INT32_MIN
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -53,24 +54,11 @@ def _stub(request: Request) -> LeadsServiceStub:
 # --- models --------------------------------------------------------------------------------------
 
 
-def _storable(value: Any, name: str) -> None:
-    """Text must be storable (valid UTF-8 without NUL characters) and numbers finite (`gateway.inputs`)."""
-    for loc, problem in unstorable_values(value, (name,)):
-        raise ValueError(f"{'.'.join(map(str, loc))}: {problem}")
-
-
 class In(BaseModel):
-    """Request bodies: unknown fields are errors, text is storable, numbers are finite."""
+    """Request bodies: unknown fields are errors. Text, numbers and nesting are checked by the
+    routes' `require` dependency (`gateway.inputs`), before the body reaches a service."""
 
     model_config = {"extra": "forbid"}
-
-    @model_validator(mode="after")
-    def _storable_values(self) -> "In":
-        for name in type(self).model_fields:
-            _storable(getattr(self, name), name)
-        for name, value in (self.model_extra or {}).items():
-            _storable(value, name)
-        return self
 
 
 class LeadIn(In):
@@ -1038,11 +1026,19 @@ async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, An
 
 
 class SubmissionIn(In):
+    """A public form's fields. The intake has no `require` dependency, so its body is checked here."""
+
     model_config = {"extra": "allow"}
     name: str | None = Field(default=None, max_length=200)
     email: str | None = Field(default=None, max_length=254)
     phone: str | None = Field(default=None, max_length=64)
     company: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _storable(self) -> "SubmissionIn":
+        for loc, problem in unstorable_values(self.model_dump(exclude_none=True)):
+            raise ValueError(f"{'.'.join(map(str, loc))}: {problem}")
+        return self
 
 
 @router.post("/webforms/{form_key}/submissions", status_code=202)
