@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform import custom_fields as cf
-from crm_platform.db import UtcDateTime, insert_ignore
+from crm_platform.db import UtcDateTime, insert_ignore, transaction
 from crm_platform.errors import FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.timeutil import to_timestamp, utcnow
 
@@ -143,7 +143,7 @@ class CustomFieldServicer(CustomFieldServiceServicer):
             "options": list(d.options),
             "pii": d.pii,
         }
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             current = (await conn.execute(select(t).where(*where).with_for_update())).mappings().first()
             if current is None:
                 if request.expected_version:
@@ -179,7 +179,7 @@ class CustomFieldServicer(CustomFieldServiceServicer):
         if not cf.KEY_PATTERN.fullmatch(request.key):  # never stored; and PostgreSQL would refuse a NUL in it
             raise NotFound(RESOURCE, name)
         t = self.table
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             result = await conn.execute(delete(t).where(t.c.entity == request.entity, t.c.key == request.key))
         if result.rowcount == 0:
             raise NotFound(RESOURCE, name)

@@ -235,8 +235,18 @@ def is_postgres(engine: AsyncEngine) -> bool:
 
 @asynccontextmanager
 async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """One database transaction: committed when the block ends, rolled back on an exception."""
+    """One database transaction that may write: committed when the block ends, rolled back on an
+    exception.
+
+    On SQLite it takes the database's write lock first (BEGIN IMMEDIATE). SQLite ignores FOR UPDATE,
+    and its driver only begins at the first write, after the reads a use case decides on: two
+    postings could both see the same balance, two creates miss each other's duplicate. With the lock
+    first, writing transactions run one at a time there. Reads on other connections go on (WAL);
+    a writing transaction must not write on a second connection, which would wait on itself.
+    """
     async with engine.begin() as connection:
+        if connection.dialect.name == "sqlite":
+            await connection.exec_driver_sql("BEGIN IMMEDIATE")
         yield connection
 
 

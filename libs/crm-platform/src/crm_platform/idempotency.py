@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from crm_platform.db import UtcDateTime, insert_ignore
+from crm_platform.db import UtcDateTime, insert_ignore, transaction
 from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
@@ -100,7 +100,7 @@ async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, li
     key afterwards is a new request. Replicas running this at once delete each key once."""
     c = table.c
     expired = select(c.operation, c.caller, c.key).where(c.created_at < before).limit(limit)
-    async with engine.begin() as conn:
+    async with transaction(engine) as conn:
         result = await conn.execute(delete(table).where(tuple_(c.operation, c.caller, c.key).in_(expired)))
     return int(result.rowcount)
 

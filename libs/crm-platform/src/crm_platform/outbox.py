@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
-from crm_platform.db import DriverStatement, UtcDateTime, insert_from_json, is_postgres
+from crm_platform.db import DriverStatement, UtcDateTime, insert_from_json, is_postgres, transaction
 from crm_platform.ids import new_id
 from crm_platform.kafka import create_producer, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
@@ -210,7 +210,7 @@ class UnitOfWork:
 
     @asynccontextmanager
     async def begin(self) -> AsyncIterator[Transaction]:
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             tx = Transaction(conn=conn, source=self.source)
             yield tx
             if untaken := tx.untaken_events():

@@ -16,7 +16,7 @@ from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore, single_statements
+from crm_platform.db import insert_ignore, single_statements, transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -1137,7 +1137,7 @@ class LeadsService:
         """Creates the import record, or returns the earlier one with the same key (resume)."""
         principal = current_principal()
         now = self.clock()
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             await insert_ignore(
                 conn,
                 repo.imports,
@@ -1250,7 +1250,7 @@ class LeadsService:
             values.update(status="completed", finished_at=self.clock())
         else:
             values["status"] = "running"
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             row = (
                 (
                     await conn.execute(
@@ -1563,7 +1563,7 @@ class LeadsService:
     async def _versioned_update(
         self, table: Any, resource: str, record_id: str, expected_version: int, values: dict[str, Any]
     ) -> RowMapping:
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
             if current is None:
                 raise NotFound(resource, record_id)
@@ -1585,7 +1585,7 @@ class LeadsService:
         return row
 
     async def _delete(self, table: Any, resource: str, record_id: str) -> None:
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             result = await conn.execute(delete(table).where(table.c.id == record_id))
             if not result.rowcount:
                 raise NotFound(resource, record_id)
@@ -1624,7 +1624,7 @@ class LeadsService:
 
     async def set_thresholds(self, t: Thresholds) -> Thresholds:
         domain.validate_thresholds(t)
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c}
             if (
                 await conn.execute(update(repo.settings_table).where(repo.settings_table.c.id == 1).values(values))
@@ -1818,7 +1818,7 @@ class LeadsService:
     ) -> tuple[Mapping[Any, Any], bool]:
         """Public intake: the form key authenticates; a fixed one-minute window limits the rate."""
         now = self.clock()
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             form = (
                 (await conn.execute(select(repo.webforms).where(repo.webforms.c.form_key == form_key)))
                 .mappings()
@@ -2053,7 +2053,7 @@ class LeadsService:
             return ConvertResult(row, account_id, contact_id, opportunity_id)
 
     async def _saga_step(self, lead_id: str, **values: Any) -> None:
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             await conn.execute(
                 update(repo.conversions)
                 .where(repo.conversions.c.lead_id == lead_id)

@@ -56,7 +56,9 @@ async def test_create_dedupe_reject_merge_allow(env: Any) -> None:
     assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.updated"]
 
 
-async def test_concurrent_creates_of_one_person_make_one_lead(env: Any) -> None:
+async def test_concurrent_creates_of_one_person_make_one_lead(env_each_database: Any) -> None:
+    env = env_each_database
+
     async def create(n: int) -> str:
         try:
             await env.service.create_lead({"name": f"Han Meimei {n}", "email": "han@example.com"})
@@ -545,7 +547,8 @@ async def second_replica(env: Any) -> AsyncIterator[Any]:
         await engine.dispose()
 
 
-async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
+async def test_two_replicas_flag_each_overdue_lead_once(env_each_database: Any) -> None:
+    env = env_each_database
     with env.acting():
         for i in range(12):
             await env.service.create_lead({"name": f"o{i}", "owner_id": "rep1"})
@@ -559,7 +562,8 @@ async def test_two_replicas_flag_each_overdue_lead_once(env: Any) -> None:
     assert (await outbox_types(env)).count("crm.leads.lead.follow_up_overdue") == 12
 
 
-async def test_two_replicas_recycle_each_idle_lead_once(env: Any) -> None:
+async def test_two_replicas_recycle_each_idle_lead_once(env_each_database: Any) -> None:
+    env = env_each_database
     with env.acting():
         for i in range(12):
             await env.service.create_lead({"name": f"idle{i}", "owner_id": "rep1"})

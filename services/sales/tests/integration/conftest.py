@@ -23,3 +23,11 @@ def clock() -> Clock:
 @pytest.fixture
 def sales(engine: AsyncEngine, clock: Clock) -> SalesHandlers:
     return make_handlers(engine, clock)
+
+
+@pytest.fixture
+async def sales_each_database(each_database_url: str, clock: Clock) -> AsyncIterator[SalesHandlers]:
+    """The same handlers, once on a SQLite file (the embedded default) and once on PostgreSQL."""
+    engine = await migrated_engine(each_database_url)
+    yield make_handlers(engine, clock)
+    await engine.dispose()

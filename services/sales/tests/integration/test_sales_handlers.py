@@ -582,7 +582,9 @@ async def test_payments_need_a_signed_contract(sales: SalesHandlers) -> None:
             )
 
 
-async def test_concurrent_postings_never_overpay(sales: SalesHandlers) -> None:
+async def test_concurrent_postings_never_overpay(sales_each_database: SalesHandlers) -> None:
+    """Also on SQLite, which has no row locks: write transactions there begin IMMEDIATE."""
+    sales = sales_each_database
     contract_id = await signed_contract(sales, "1000")
 
     async def pay(n: int) -> str:

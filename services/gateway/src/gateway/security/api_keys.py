@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from crm_platform.db import transaction
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal
 from crm_platform.timeutil import as_utc, utcnow
@@ -115,7 +116,7 @@ class ApiKeyStore:
             "expires_at": expires_at,
             "revoked_at": None,
         }
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             await conn.execute(insert(api_keys), [row])
         return _record(row), key
 
@@ -130,7 +131,7 @@ class ApiKeyStore:
         return _record(row._mapping) if row is not None else None
 
     async def revoke(self, key_id: str) -> ApiKeyRecord | None:
-        async with self.engine.begin() as conn:
+        async with transaction(self.engine) as conn:
             await conn.execute(
                 update(api_keys)
                 .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
