@@ -577,7 +577,18 @@ def import_parts(rows: int) -> list[bytes]:
     return parts
 
 
-async def bulk_import(gateway: httpx.AsyncClient, meter: CpuMeter, summary: dict[str, float]) -> None:
+async def outbox_drained(url: str, started: float) -> float:
+    """Seconds from `started` until the leads service's outbox is empty (every event published)."""
+    connection = await asyncpg.connect(url)
+    try:
+        while await connection.fetchval("SELECT count(*) FROM outbox"):
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+    return time.perf_counter() - started
+
+
+async def bulk_import(gateway: httpx.AsyncClient, meter: CpuMeter, summary: dict[str, float], leads_db: str) -> None:
     parts = import_parts(IMPORT_ROWS)
     columns = json.dumps({"Prospect ID": "external_id", "Lead Source": "source", "Country": "region"})
     before = meter.snapshot()
@@ -592,6 +603,9 @@ async def bulk_import(gateway: httpx.AsyncClient, meter: CpuMeter, summary: dict
         )
         response.raise_for_status()
     elapsed = time.perf_counter() - started
+    # The relay publishes the import's events meanwhile; CPU is counted until it has published them
+    # all, so that work is not left outside the window (less of it falls inside when it lags).
+    published = await outbox_drained(leads_db, started)
     used = meter.since(before)
     progress = response.json()["import"]["progress"]
     rate = IMPORT_ROWS / elapsed
@@ -606,6 +620,7 @@ async def bulk_import(gateway: httpx.AsyncClient, meter: CpuMeter, summary: dict
                 "rejected": int(progress.get("rejected", 0)),
                 "seconds": elapsed,
                 "rows/s": rate,
+                "events out after s": published,
                 "target": ">= 20,000 rows/s",
                 "": "ok" if rate >= 20_000 else "MISSED",
             }
@@ -614,7 +629,8 @@ async def bulk_import(gateway: httpx.AsyncClient, meter: CpuMeter, summary: dict
     per_row = {name: used.get(name, 0.0) * 1e6 / IMPORT_ROWS for name in ("client", "gateway", "leads", "pg_leads")}
     per_row["broker"] = used.get("broker", 0.0) * 1e6 / IMPORT_ROWS
     print_table(
-        "CPU microseconds per imported row, by process (the leads service's outbox relay publishes meanwhile)",
+        "CPU microseconds per imported row, by process, until every event is published (the leads service's"
+        " outbox relay publishes meanwhile)",
         [{**per_row, "total": sum(per_row.values())}],
     )
 
@@ -683,7 +699,7 @@ async def main(admin_url: str) -> int:
         seconds = await bulk_seed(leads_db, LIST_ROWS)
         print(f"\nloaded {LIST_ROWS:,} leads with COPY and built the indexes in {seconds:.1f} s", flush=True)
         await list_leads(f"127.0.0.1:{ports['leads']}", crm.client, summary)
-        await bulk_import(crm.client, meter, summary)
+        await bulk_import(crm.client, meter, summary, leads_db)
         processes.check()
         print_table(
             "Summary",
