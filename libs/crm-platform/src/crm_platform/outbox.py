@@ -273,15 +273,15 @@ def delete_published_statement(outbox: Table, postgres: bool) -> Delete:
 # The relay's statements are prepared once per connection, and after five runs PostgreSQL keeps a
 # generic plan made while the outbox was (nearly) empty. For a burst of rows (an import) that plan
 # may scan and sort the whole burst for the claim and the delete, or check each claimed row's
-# `held_back` by walking every older pending row in seq order instead of probing its key: a pass
-# then costs seconds of database CPU instead of milliseconds (measured: 2.7 s against 2 ms for
-# 500 of 60,000 pending rows; in a 40,000-row import, passes of 8 to 170 ms against 3 ms, and a
-# quarter of the database's CPU). A pass therefore plans its statements for the outbox as it is
-# (about 0.1 ms each), with index scans only; the outbox's indexes serve every relay statement.
-_PASS_PLANNING = text(
-    "SELECT set_config('plan_cache_mode', 'force_custom_plan', true),"
-    " set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
-)
+# `held_back` by walking every older pending row instead of probing its key: a pass then costs
+# seconds of database CPU instead of milliseconds (measured: 2.7 s against 2 ms for 500 of 60,000
+# pending rows; in a 60,000-row import, passes of 8 to 170 ms against 3 ms, and the relay fell
+# seconds behind). So a pass may use index scans only, and while a burst drains (the last pass
+# claimed a full batch) it plans its statements for the outbox as it is. Small passes keep the
+# cached plan: planning each one would add about a fifth to the database CPU of a lead create.
+_INDEX_SCANS_ONLY = "set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true)"
+_PASS_PLANNING = text(f"SELECT {_INDEX_SCANS_ONLY}")
+_BURST_PASS_PLANNING = text(f"SELECT {_INDEX_SCANS_ONLY}, set_config('plan_cache_mode', 'force_custom_plan', true)")
 
 
 class _ClaimedRow(NamedTuple):
@@ -338,6 +338,8 @@ class OutboxRelay:
             self._driver_claim_all = DriverStatement(self._claim_all)
             self._driver_delete_published = DriverStatement(self._delete_published)
             self._driver_pass_planning = DriverStatement(_PASS_PLANNING)
+            self._driver_burst_pass_planning = DriverStatement(_BURST_PASS_PLANNING)
+        self._draining_burst = False  # the last pass claimed a full batch
 
     def wake(self) -> None:
         self._wake.set()
@@ -430,10 +432,14 @@ class OutboxRelay:
     async def _claim(self, conn: AsyncConnection, ignore_backoff: bool) -> list[Any]:
         params = {} if ignore_backoff else {"now": utcnow()}
         if is_postgres(self.engine):
-            await self._driver_pass_planning.execute(conn, {})  # for the pass's transaction
+            planning = self._driver_burst_pass_planning if self._draining_burst else self._driver_pass_planning
+            await planning.execute(conn, {})  # for the pass's transaction
             statement = self._driver_claim_all if ignore_backoff else self._driver_claim_due
-            return [_ClaimedRow(*record) for record in await statement.fetch(conn, params)]
-        return list(await conn.execute(self._claim_all if ignore_backoff else self._claim_due, params))
+            rows: list[Any] = [_ClaimedRow(*record) for record in await statement.fetch(conn, params)]
+        else:
+            rows = list(await conn.execute(self._claim_all if ignore_backoff else self._claim_due, params))
+        self._draining_burst = len(rows) >= self.batch_size
+        return rows
 
     async def _delete(self, conn: AsyncConnection, seqs: list[int]) -> None:
         if is_postgres(self.engine):
