@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import struct
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -89,3 +91,39 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str], *, wait_seco
             log.info("created topics %s", ", ".join(missing))
     finally:
         await stop_quietly(admin)
+
+
+_MURMUR2_M = 0x5BD1E995
+_WORDS_OF_LENGTH: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 hash of a record key (Java client's `Utils.murmur2`, unsigned), as aiokafka's
+    `DefaultPartitioner` computes it, at about twice its speed: the key's 4-byte words are read in
+    one call instead of byte by byte. An import publishes tens of thousands of keys a second."""
+    length = len(data)
+    h = 0x9747B28C ^ length
+    words = _WORDS_OF_LENGTH.get(length)
+    if words is None:
+        words = _WORDS_OF_LENGTH[length] = struct.Struct(f"<{length // 4}I").unpack_from
+    for k in words(data):
+        k = (k * _MURMUR2_M) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * _MURMUR2_M) & 0xFFFFFFFF
+        h = ((h * _MURMUR2_M) & 0xFFFFFFFF) ^ k
+    tail = length & 3
+    if tail:
+        end = length - tail
+        if tail == 3:
+            h ^= data[end + 2] << 16
+        if tail >= 2:
+            h ^= data[end + 1] << 8
+        h = ((h ^ data[end]) * _MURMUR2_M) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * _MURMUR2_M) & 0xFFFFFFFF
+    return h ^ (h >> 15)
+
+
+def partition_for(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition of a keyed record among a topic's partitions (sorted), as every Kafka client's
+    default partitioner picks it: a key's records always land on one partition, in order."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from aiokafka.partitioner import DefaultPartitioner
 from google.protobuf.message import Message
 from opentelemetry import propagate
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -54,7 +53,7 @@ from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
 from crm_platform.db import DriverStatement, UtcDateTime, insert_from_json, is_postgres, transaction
 from crm_platform.ids import new_id
-from crm_platform.kafka import create_producer, stop_quietly
+from crm_platform.kafka import create_producer, partition_for, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -327,8 +326,6 @@ class OutboxRelay:
         self._producer: Any = None
         self._listen_connection: Any = None
         self._last_housekeeping = 0.0
-        # The producer's default: murmur2 of the key over all partitions, as Kafka's Java clients.
-        self._partitioner = DefaultPartitioner()
         self._claim_due = claim_statement(self.outbox, limit=batch_size, due_only=True)
         self._claim_all = claim_statement(self.outbox, limit=batch_size, due_only=False)
         self._delete_published = delete_published_statement(self.outbox, is_postgres(engine))
@@ -491,7 +488,7 @@ class OutboxRelay:
             if row.topic not in partitions_of:
                 partitions_of[row.topic] = sorted(await producer.partitions_for(row.topic))
             partitions = partitions_of[row.topic]
-            topic_partition = (row.topic, self._partitioner(key, partitions, partitions))
+            topic_partition = (row.topic, partition_for(key, partitions))
             headers = [(name, value.encode()) for name, value in row.headers]
             if topic_partition in open_batches:
                 batch, batch_rows = open_batches[topic_partition]

@@ -2,18 +2,22 @@
 
 import gc
 import json
+import random
 from collections import namedtuple
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import grpc
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.partitioner import murmur2 as reference_murmur2
 from crm.leads.v1 import events_pb2 as lead_events
 from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
+from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
 from crm_platform.outbox import backoff_seconds, publishable
 from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
@@ -85,6 +89,17 @@ def test_cloudevents_headers_round_trip() -> None:
 )
 def test_json_column_text_reads_back_as_the_value(value: object) -> None:
     assert json.loads(json_text(value)) == value
+
+
+def test_record_keys_go_to_the_partitions_kafka_clients_pick() -> None:
+    # aiokafka's DefaultPartitioner is the reference (it follows the Java client's Utils.murmur2).
+    randomness = random.Random(4)
+    keys = [b"", b"a", b"ab", b"abc", b"01a2466f-4a0d-7353-a5e4-989b43526c13", "王".encode()]
+    keys += [randomness.randbytes(randomness.randrange(0, 80)) for _ in range(2000)]
+    partitions = list(range(6))
+    for key in keys:
+        assert murmur2(key) == reference_murmur2(key), key
+        assert partition_for(key, partitions) == DefaultPartitioner()(key, partitions, partitions), key
 
 
 def test_headers_without_an_id_are_malformed() -> None:
