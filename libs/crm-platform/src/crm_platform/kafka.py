@@ -100,7 +100,7 @@ _WORDS_OF_LENGTH: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
 def murmur2(data: bytes) -> int:
     """Kafka's murmur2 hash of a record key (Java client's `Utils.murmur2`, unsigned), as aiokafka's
     `DefaultPartitioner` computes it, at about twice its speed: the key's 4-byte words are read in
-    one call instead of byte by byte. An import publishes tens of thousands of keys a second."""
+    one call instead of byte by byte. An import publishes thousands of keys a second."""
     length = len(data)
     h = 0x9747B28C ^ length
     words = _WORDS_OF_LENGTH.get(length)
