@@ -16,6 +16,8 @@ STATUSES = ("new", "contacted", "qualified", "unqualified", "converted", "recycl
 # Statuses a caller may set with an update; the others only come from their commands.
 SETTABLE_STATUSES = ("new", "contacted", "qualified")
 OPEN_STATUSES = ("new", "contacted", "qualified", "recycled")
+# Owned leads in these statuses return to the pool when nobody works them (qualified ones stay).
+RECYCLABLE_STATUSES = ("new", "contacted")
 ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
 # Activities that count as contacting the lead (a note is internal).
 CONTACT_KINDS = frozenset({"call", "email", "meeting", "visit", "wechat"})
@@ -514,7 +516,7 @@ def is_recyclable(
 
     Qualified leads stay with their owner (someone is converting them); closed ones never move.
     """
-    if not owner_id or assigned_at is None or status not in ("new", "contacted"):
+    if not owner_id or assigned_at is None or status not in RECYCLABLE_STATUSES:
         return False
     last_touch = max(assigned_at, last_activity_at) if last_activity_at else assigned_at
     return last_touch <= policy.recycle_cutoff(now)

@@ -1897,26 +1897,9 @@ class LeadsService:
         """Recycling timer: owned leads without activity for N days return to the pool."""
         now = self.clock()
         cutoff = self.policy.recycle_cutoff(now)
-        c = repo.leads.c
         async with self.uow.begin() as tx:
-            idle = (
-                (
-                    await tx.conn.execute(
-                        select(repo.leads)
-                        .where(
-                            c.status.in_(("new", "contacted")),
-                            c.owner_id != "",
-                            c.assigned_at <= cutoff,
-                            or_(c.last_activity_at.is_(None), c.last_activity_at <= cutoff),
-                        )
-                        .order_by(c.assigned_at)
-                        .limit(self.settings.jobs_batch_size)
-                        .with_for_update(skip_locked=True)
-                    )
-                )
-                .mappings()
-                .all()
-            )
+            batch = repo.idle_held_leads(cutoff, self.settings.jobs_batch_size)
+            idle = (await tx.conn.execute(batch)).mappings().all()
             for lead in idle:
                 if domain.is_recyclable(
                     status=lead["status"],

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm_platform.db import DriverStatement, driver_connection
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money
@@ -16,7 +17,7 @@ from crm_platform.timeutil import as_utc
 from leads import repository as repo
 from leads.domain import AssignmentRule, ScoringRule, Thresholds
 from leads.handlers import ActivityInput, ConvertRequest, LeadFilters
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 pytestmark = pytest.mark.integration
 
@@ -545,6 +546,40 @@ async def second_replica(env: Any) -> AsyncIterator[Any]:
         )
     finally:
         await engine.dispose()
+
+
+async def test_the_recycling_timer_walks_only_the_held_leads_by_assignment_time(env: Any) -> None:
+    """At scale most open leads are unassigned or worked lately: a run must not read them all. Under
+    the generic plan PostgreSQL keeps for a prepared statement it probes the partial index."""
+    now = env.clock()
+    async with env.engine.begin() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO leads (id, name, email, source, status, owner_id, team, tags, custom, created_at,"
+                " updated_at, assigned_at, last_activity_at)"
+                " SELECT 'seed-' || g, 'Seed', '', 'website', CASE WHEN g % 2 = 0 THEN 'new' ELSE 'contacted' END,"
+                "  CASE WHEN g % 4 = 0 THEN '' ELSE 'rep' || g % 7 END, '', '[]', '{}', CAST(:long_ago AS timestamptz),"
+                "  CAST(:long_ago AS timestamptz),"
+                "  CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END,"
+                "  CASE WHEN g <= 3 THEN NULL ELSE CAST(:lately AS timestamptz) END"
+                " FROM generate_series(1, 20000) AS g"
+            ),
+            {"long_ago": now - timedelta(days=10), "lately": now - timedelta(days=1)},
+        )
+        await conn.execute(text("ANALYZE leads"))
+    batch = DriverStatement(repo.idle_held_leads(env.service.policy.recycle_cutoff(now), 200))
+    async with env.engine.begin() as conn:
+        driver = await driver_connection(conn)
+        await driver.execute(f"PREPARE idle AS {batch.sql}")
+        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        values = ", ".join(f"'{a.isoformat()}'" if isinstance(a, datetime) else str(a) for a in batch.args({}))
+        explained = await driver.fetch(f"EXPLAIN EXECUTE idle({values})")
+        plan = "\n".join(row[0] for row in explained)
+    assert "Index Scan using ix_leads_recycle_due on leads" in plan, plan
+    assert await env.service.recycle_idle_leads() == 3  # seed-1 and seed-2 and seed-3: never worked
+    async with env.engine.connect() as conn:
+        pooled = await conn.scalars(select(repo.leads.c.id).where(repo.leads.c.status == "recycled"))
+        assert sorted(pooled) == ["seed-1", "seed-2", "seed-3"]
 
 
 async def test_two_replicas_flag_each_overdue_lead_once(env_each_database: Any) -> None:
