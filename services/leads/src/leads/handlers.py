@@ -1854,27 +1854,9 @@ class LeadsService:
     async def flag_overdue_first_contacts(self) -> int:
         """SLA timer: leads past their first-contact due time are flagged and evented, once."""
         now = self.clock()
-        c = repo.leads.c
         async with self.uow.begin() as tx:
-            due = (
-                (
-                    await tx.conn.execute(
-                        select(repo.leads)
-                        .where(
-                            c.first_contact_due_at <= now,
-                            c.first_contacted_at.is_(None),
-                            c.follow_up_overdue.is_(False),
-                            c.owner_id != "",
-                            c.status == "new",
-                        )
-                        .order_by(c.first_contact_due_at)
-                        .limit(self.settings.jobs_batch_size)
-                        .with_for_update(skip_locked=True)
-                    )
-                )
-                .mappings()
-                .all()
-            )
+            batch = repo.overdue_first_contacts(now, self.settings.jobs_batch_size)
+            due = (await tx.conn.execute(batch)).mappings().all()
             for lead in due:
                 if not domain.is_first_contact_overdue(
                     status=lead["status"],

@@ -50,9 +50,11 @@ from leads.domain import OPEN_STATUSES, RECYCLABLE_STATUSES
 metadata = MetaData()
 outbox, _ = add_messaging_tables(metadata)
 
-# The leads the recycling timer looks at: held by a rep, in a recyclable status. Literal SQL, also
-# in the query, so that PostgreSQL proves the query may use the partial index below even under the
-# generic plan of a prepared statement (a bound parameter in these clauses would not prove it).
+# The leads each timer looks at, as the predicates of their partial indexes below. The timers'
+# queries repeat them as this literal SQL: PostgreSQL uses a partial index only where it can prove
+# the query implies its predicate, which it cannot from a bound parameter under the generic plan of
+# a prepared statement, nor from `follow_up_overdue IS false` for `NOT follow_up_overdue`.
+AWAITING_FIRST_CONTACT = text("first_contacted_at IS NULL AND NOT follow_up_overdue")
 RECYCLING_CANDIDATES = text(
     f"status IN ({', '.join(repr(s) for s in RECYCLABLE_STATUSES)}) AND owner_id <> '' AND assigned_at IS NOT NULL"
 )
@@ -119,15 +121,11 @@ leads = Table(
     Index("ix_leads_phone_norm", "phone_norm"),
     Index("ix_leads_external_id", "external_id"),
     Index("ix_leads_pool", "in_pool", "id"),
-    # The recycling timer walks held leads by assignment time and stops at its batch, instead of
-    # reading every open lead (324,000 of 1,000,000 in the bench) each run of each replica. Not on
-    # last_activity_at: an activity would then never be a HOT update.
+    # The timers walk these by due time and stop at their batch, instead of reading the table (the
+    # SLA timer) or every open lead (recycling: 324,000 of 1,000,000 in the bench) each run of each
+    # replica. Not on last_activity_at: an activity would then never be a HOT update.
+    Index("ix_leads_sla_due", "first_contact_due_at", postgresql_where=AWAITING_FIRST_CONTACT),
     Index("ix_leads_recycle_due", "assigned_at", postgresql_where=RECYCLING_CANDIDATES),
-    Index(
-        "ix_leads_sla_due",
-        "first_contact_due_at",
-        postgresql_where=text("first_contacted_at IS NULL AND NOT follow_up_overdue"),
-    ),
 )
 
 activities = Table(
@@ -466,6 +464,19 @@ async def activity_counts(conn: AsyncConnection, lead_id: str) -> dict[str, int]
         select(activities.c.kind, func.count()).where(activities.c.lead_id == lead_id).group_by(activities.c.kind)
     )
     return {kind: int(count) for kind, count in rows}
+
+
+def overdue_first_contacts(now: datetime, limit: int) -> Select[Any]:
+    """New leads whose owner has not contacted them by the due time, not yet flagged, earliest due
+    first, locked (skipping those another replica's timer holds): a batch of the SLA timer."""
+    c = leads.c
+    return (
+        select(leads)
+        .where(AWAITING_FIRST_CONTACT, c.first_contact_due_at <= now, c.owner_id != "", c.status == "new")
+        .order_by(c.first_contact_due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
 
 
 def idle_held_leads(cutoff: datetime, limit: int) -> Select[Any]:

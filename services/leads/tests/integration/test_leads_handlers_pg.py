@@ -548,35 +548,61 @@ async def second_replica(env: Any) -> AsyncIterator[Any]:
         await engine.dispose()
 
 
-async def test_the_recycling_timer_walks_only_the_held_leads_by_assignment_time(env: Any) -> None:
-    """At scale most open leads are unassigned or worked lately: a run must not read them all. Under
-    the generic plan PostgreSQL keeps for a prepared statement it probes the partial index."""
+async def generic_plan(env: Any, statement: Any) -> str:
+    """The plan PostgreSQL keeps for a prepared statement once it goes generic (its sixth run on)."""
+    prepared = DriverStatement(statement)
+    async with env.engine.begin() as conn:
+        driver = await driver_connection(conn)
+        await driver.execute(f"PREPARE timer AS {prepared.sql}")
+        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        values = ", ".join(
+            f"'{arg.isoformat()}'" if isinstance(arg, datetime) else repr(arg) for arg in prepared.args({})
+        )
+        explained = await driver.fetch(f"EXPLAIN EXECUTE timer({values})")
+        await driver.execute("DEALLOCATE timer")
+    return "\n".join(row[0] for row in explained)
+
+
+async def seed_open_leads(env: Any, *, assigned: str, last_activity: str, first_contact_due: str) -> None:
+    """20,000 open leads (seed-1 ... seed-20000), a quarter of them unassigned; the times are SQL
+    expressions of `g` (the lead's number) and the parameters `long_ago` and `lately`."""
     now = env.clock()
     async with env.engine.begin() as conn:
         await conn.execute(
             text(
                 "INSERT INTO leads (id, name, email, source, status, owner_id, team, tags, custom, created_at,"
-                " updated_at, assigned_at, last_activity_at)"
-                " SELECT 'seed-' || g, 'Seed', '', 'website', CASE WHEN g % 2 = 0 THEN 'new' ELSE 'contacted' END,"
-                "  CASE WHEN g % 4 = 0 THEN '' ELSE 'rep' || g % 7 END, '', '[]', '{}', CAST(:long_ago AS timestamptz),"
-                "  CAST(:long_ago AS timestamptz),"
-                "  CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END,"
-                "  CASE WHEN g <= 3 THEN NULL ELSE CAST(:lately AS timestamptz) END"
+                " updated_at, assigned_at, last_activity_at, first_contact_due_at)"
+                " SELECT 'seed-' || g, 'Seed', '', 'website', CASE WHEN g % 2 = 1 THEN 'new' ELSE 'contacted' END,"
+                "  CASE WHEN g % 4 = 0 THEN '' ELSE 'rep' || g % 7 END, '', '[]', '{}', now(), now(),"
+                f"  {assigned}, {last_activity}, {first_contact_due}"
                 " FROM generate_series(1, 20000) AS g"
             ),
             {"long_ago": now - timedelta(days=10), "lately": now - timedelta(days=1)},
         )
         await conn.execute(text("ANALYZE leads"))
-    batch = DriverStatement(repo.idle_held_leads(env.service.policy.recycle_cutoff(now), 200))
-    async with env.engine.begin() as conn:
-        driver = await driver_connection(conn)
-        await driver.execute(f"PREPARE idle AS {batch.sql}")
-        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        values = ", ".join(f"'{a.isoformat()}'" if isinstance(a, datetime) else str(a) for a in batch.args({}))
-        explained = await driver.fetch(f"EXPLAIN EXECUTE idle({values})")
-        plan = "\n".join(row[0] for row in explained)
+
+
+async def test_the_sla_timer_walks_only_the_leads_awaiting_first_contact_by_due_time(env: Any) -> None:
+    """At scale nearly every lead was contacted long ago: a run must not read the table."""
+    due = "CASE WHEN g IN (1, 3, 5) THEN CAST(:long_ago AS timestamptz) END"
+    held = "CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END"
+    await seed_open_leads(env, assigned=held, last_activity="CAST(:lately AS timestamptz)", first_contact_due=due)
+    plan = await generic_plan(env, repo.overdue_first_contacts(env.clock(), 200))
+    assert "Index Scan using ix_leads_sla_due on leads" in plan, plan
+    assert await env.service.flag_overdue_first_contacts() == 3  # seed-1, seed-3 and seed-5: due, new, held
+    async with env.engine.connect() as conn:
+        flagged = await conn.scalars(select(repo.leads.c.id).where(repo.leads.c.follow_up_overdue))
+        assert sorted(flagged) == ["seed-1", "seed-3", "seed-5"]
+
+
+async def test_the_recycling_timer_walks_only_the_held_leads_by_assignment_time(env: Any) -> None:
+    """At scale most open leads are unassigned or worked lately: a run must not read them all."""
+    held = "CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END"
+    worked = "CASE WHEN g <= 3 THEN NULL ELSE CAST(:lately AS timestamptz) END"
+    await seed_open_leads(env, assigned=held, last_activity=worked, first_contact_due="NULL")
+    plan = await generic_plan(env, repo.idle_held_leads(env.service.policy.recycle_cutoff(env.clock()), 200))
     assert "Index Scan using ix_leads_recycle_due on leads" in plan, plan
-    assert await env.service.recycle_idle_leads() == 3  # seed-1 and seed-2 and seed-3: never worked
+    assert await env.service.recycle_idle_leads() == 3  # seed-1, seed-2 and seed-3: never worked
     async with env.engine.connect() as conn:
         pooled = await conn.scalars(select(repo.leads.c.id).where(repo.leads.c.status == "recycled"))
         assert sorted(pooled) == ["seed-1", "seed-2", "seed-3"]
