@@ -51,6 +51,12 @@ CustomType = JSON().with_variant(JSONB(), "postgresql")
 Money = Numeric(20, 4)
 Stamp = UtcDateTime()
 
+# A live account (not merged away, not deleted), as the dedupe index's predicate. The dedupe lookup
+# repeats it as this literal SQL: PostgreSQL uses a partial index only where it can prove the query
+# implies its predicate, which it cannot from bound parameters under a prepared statement's generic
+# plan (the lookup then reads the whole table).
+LIVE = text("merged_into_id = '' AND deleted_at IS NULL")
+
 accounts = Table(
     "accounts",
     metadata,
@@ -94,13 +100,7 @@ accounts = Table(
     Index("ix_accounts_created", "created_at", "id"),
     Index("ix_accounts_name", "name", "id"),
     # One live account per normalised name + region: the dedupe rule, enforced even under races.
-    Index(
-        "ux_accounts_dedupe",
-        "dedupe_key",
-        unique=True,
-        postgresql_where=text("merged_into_id = '' AND deleted_at IS NULL"),
-        sqlite_where=text("merged_into_id = '' AND deleted_at IS NULL"),
-    ),
+    Index("ux_accounts_dedupe", "dedupe_key", unique=True, postgresql_where=LIVE, sqlite_where=LIVE),
 )
 
 contacts = Table(
@@ -411,11 +411,14 @@ async def get_account(conn: AsyncConnection, account_id: str, *, for_update: boo
     return (await conn.execute(query)).first()
 
 
+def live_account_with_dedupe_key(key: str) -> Select[Any]:
+    """The live account holding a dedupe key: one probe of the unique index, also under a generic
+    plan, because the query repeats the index's predicate as literal SQL (`LIVE`)."""
+    return select(accounts.c.id).where(LIVE, accounts.c.dedupe_key == key)
+
+
 async def find_by_dedupe_key(conn: AsyncConnection, key: str) -> Any | None:
-    query = select(accounts.c.id).where(
-        accounts.c.dedupe_key == key, accounts.c.merged_into_id == "", accounts.c.deleted_at.is_(None)
-    )
-    return (await conn.execute(query)).first()
+    return (await conn.execute(live_account_with_dedupe_key(key))).first()
 
 
 async def parent_chain(conn: AsyncConnection, start_id: str, *, limit: int = 100) -> dict[str, str | None]:

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from accounts import handlers
+from accounts import repository as repo
 from accounts.__main__ import MIGRATIONS, build_with_context
 from accounts.config import AccountsSettings
 from accounts.handlers import Context
@@ -31,6 +32,7 @@ from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as, outgoing_metadata
 from crm_platform.service import ServiceApp
 from crm_platform.testing.kafka import EventCollector, produce_event
+from crm_platform.testing.plans import generic_plan
 from crm_platform.timeutil import utcnow
 from google.protobuf import field_mask_pb2
 from sqlalchemy import text
@@ -522,3 +524,27 @@ async def test_deal_activity_from_sales_events_keeps_the_account_active(
     svc.ctx.clock = lambda: utcnow() + timedelta(days=8)
     with acting_as(SYSTEM, ALL_RECORDS):
         assert await handlers.return_inactive_accounts(svc.ctx, batch_size=100) == 1
+
+
+async def test_the_dedupe_lookup_probes_the_unique_index_under_a_generic_plan(postgres_url: str) -> None:
+    """Every create and rename looks its name + region up; a prepared statement's generic plan must
+    still probe the partial unique index, not read the table."""
+    await _migrate(postgres_url)
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO accounts (id, name, dedupe_key, tags, custom, created_at, updated_at)"
+                    " SELECT 'acc-' || g, 'Account ' || g, 'account ' || g, '{}', '{}', now(), now()"
+                    " FROM generate_series(1, 20000) AS g"
+                )
+            )
+            await conn.execute(text("ANALYZE accounts"))
+        async with engine.begin() as conn:
+            plan = await generic_plan(conn, repo.live_account_with_dedupe_key("account 7"))
+            found = await repo.find_by_dedupe_key(conn, "account 7")
+        assert "Index Scan using ux_accounts_dedupe on accounts" in plan, plan
+        assert found is not None and found.id == "acc-7"
+    finally:
+        await engine.dispose()

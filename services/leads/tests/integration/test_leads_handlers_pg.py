@@ -8,11 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from crm_platform.db import DriverStatement, driver_connection
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.principal import ScopeKind
+from crm_platform.testing.plans import generic_plan
 from crm_platform.timeutil import as_utc
 from leads import repository as repo
 from leads.domain import AssignmentRule, ScoringRule, Thresholds
@@ -548,21 +548,6 @@ async def second_replica(env: Any) -> AsyncIterator[Any]:
         await engine.dispose()
 
 
-async def generic_plan(env: Any, statement: Any) -> str:
-    """The plan PostgreSQL keeps for a prepared statement once it goes generic (its sixth run on)."""
-    prepared = DriverStatement(statement)
-    async with env.engine.begin() as conn:
-        driver = await driver_connection(conn)
-        await driver.execute(f"PREPARE timer AS {prepared.sql}")
-        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        values = ", ".join(
-            f"'{arg.isoformat()}'" if isinstance(arg, datetime) else repr(arg) for arg in prepared.args({})
-        )
-        explained = await driver.fetch(f"EXPLAIN EXECUTE timer({values})")
-        await driver.execute("DEALLOCATE timer")
-    return "\n".join(row[0] for row in explained)
-
-
 async def seed_open_leads(env: Any, *, assigned: str, last_activity: str, first_contact_due: str) -> None:
     """20,000 open leads (seed-1 ... seed-20000), a quarter of them unassigned; the times are SQL
     expressions of `g` (the lead's number) and the parameters `long_ago` and `lately`."""
@@ -587,7 +572,8 @@ async def test_the_sla_timer_walks_only_the_leads_awaiting_first_contact_by_due_
     due = "CASE WHEN g IN (1, 3, 5) THEN CAST(:long_ago AS timestamptz) END"
     held = "CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END"
     await seed_open_leads(env, assigned=held, last_activity="CAST(:lately AS timestamptz)", first_contact_due=due)
-    plan = await generic_plan(env, repo.overdue_first_contacts(env.clock(), 200))
+    async with env.engine.begin() as conn:
+        plan = await generic_plan(conn, repo.overdue_first_contacts(env.clock(), 200))
     assert "Index Scan using ix_leads_sla_due on leads" in plan, plan
     assert await env.service.flag_overdue_first_contacts() == 3  # seed-1, seed-3 and seed-5: due, new, held
     async with env.engine.connect() as conn:
@@ -600,7 +586,9 @@ async def test_the_recycling_timer_walks_only_the_held_leads_by_assignment_time(
     held = "CASE WHEN g % 4 = 0 THEN NULL ELSE CAST(:long_ago AS timestamptz) END"
     worked = "CASE WHEN g <= 3 THEN NULL ELSE CAST(:lately AS timestamptz) END"
     await seed_open_leads(env, assigned=held, last_activity=worked, first_contact_due="NULL")
-    plan = await generic_plan(env, repo.idle_held_leads(env.service.policy.recycle_cutoff(env.clock()), 200))
+    cutoff = env.service.policy.recycle_cutoff(env.clock())
+    async with env.engine.begin() as conn:
+        plan = await generic_plan(conn, repo.idle_held_leads(cutoff, 200))
     assert "Index Scan using ix_leads_recycle_due on leads" in plan, plan
     assert await env.service.recycle_idle_leads() == 3  # seed-1, seed-2 and seed-3: never worked
     async with env.engine.connect() as conn:
