@@ -80,15 +80,7 @@ def _storable_strings(items: Iterable[Any]) -> bool:
         text = "".join(items)
     except TypeError:  # not only strings
         return False
-    if "\x00" in text:
-        return False
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return text_problem(text) is None
 
 
 def fill_struct(message: struct_pb2.Struct, values: Mapping[str, Any]) -> None:

@@ -22,6 +22,7 @@ from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork, claim_statement
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
+from crm_platform.testing.plans import sql_literal
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from crm_platform.testing.tracing import record_spans
 from crm_platform.timeutil import utcnow
@@ -577,13 +578,6 @@ async def test_a_pass_claims_a_burst_of_pending_rows_in_seq_order_without_sortin
     assert "ix_outbox_pending" in plan and "Sort Key: outbox.seq" not in plan, plan
     assert [row["seq"] for row in claimed] == sorted(row["seq"] for row in claimed)
     assert len(claimed) == 500 and not any(row["held_back"] for row in claimed)
-
-
-def sql_literal(value: object) -> str:
-    """A statement argument as SQL text (EXECUTE takes no bound parameters)."""
-    if isinstance(value, list):
-        return "'{" + ",".join(map(str, value)) + "}'"
-    return str(value) if isinstance(value, int) else f"'{value}'"
 
 
 async def test_a_pass_plans_for_the_outbox_as_it_is_not_as_it_was_when_its_statements_were_prepared(

@@ -19,14 +19,16 @@ async def generic_plan(conn: AsyncConnection, statement: ClauseElement) -> str:
     await driver.execute(f"PREPARE plan_under_test AS {prepared.sql}")
     try:
         await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        values = ", ".join(_sql_literal(arg) for arg in prepared.args({}))
+        values = ", ".join(sql_literal(arg) for arg in prepared.args({}))
         return "\n".join(row[0] for row in await driver.fetch(f"EXPLAIN EXECUTE plan_under_test({values})"))
     finally:
         await driver.execute("DEALLOCATE plan_under_test")
 
 
-def _sql_literal(value: Any) -> str:
-    """A parameter as SQL text (EXECUTE takes no bound parameters)."""
+def sql_literal(value: Any) -> str:
+    """A statement argument as SQL text, for `EXECUTE` (which takes no bound parameters)."""
+    if isinstance(value, list):
+        return "'{" + ",".join(map(str, value)) + "}'"  # an array of numbers
     if isinstance(value, datetime):
         return f"'{value.isoformat()}'"
     if isinstance(value, str):
