@@ -1,0 +1,101 @@
+"""Auto-dispatch under concurrency: the capacity cap holds on both databases, and a dispatch whose
+agents another dispatch holds waits for them rather than leaving the ticket queued."""
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from crm_platform import migrations
+from crm_platform.db import create_engine
+from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import ALL_RECORDS, Principal, acting_as
+from service_desk import handlers
+from service_desk import repository as repo
+from service_desk.__main__ import MIGRATIONS
+from service_desk.handlers import Context
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+ADMIN = Principal(user_id="admin", roles=("admin",))
+BILLING_EAST = {"subject": "Invoice is wrong", "category": "billing", "region": "east"}
+
+
+async def _desk(url: str) -> tuple[AsyncEngine, Context]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    engine = create_engine(url)
+    return engine, Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
+
+
+@pytest.fixture
+async def desk_each_database(each_database_url: str) -> AsyncIterator[Context]:
+    engine, ctx = await _desk(each_database_url)
+    yield ctx
+    await engine.dispose()
+
+
+@pytest.fixture
+async def desk_on_postgres(postgres_url: str) -> AsyncIterator[Context]:
+    engine, ctx = await _desk(postgres_url)
+    yield ctx
+    await engine.dispose()
+
+
+async def _agents(ctx: Context, *specs: tuple[str, str, int]) -> None:
+    for agent_id, region, capacity in specs:
+        values = {"id": agent_id, "name": agent_id, "skills": ["billing"], "region": region, "capacity": capacity}
+        await handlers.create_agent(ctx, values, idempotency_key="")
+
+
+async def _create(ctx: Context) -> Any:
+    with acting_as(ADMIN, ALL_RECORDS):
+        ticket, _ = await handlers.create_ticket(ctx, dict(BILLING_EAST), idempotency_key="")
+    return ticket
+
+
+async def test_concurrent_dispatches_never_fill_an_agent_past_capacity(desk_each_database: Context) -> None:
+    ctx = desk_each_database
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("east-1", "east", 2), ("east-2", "east", 2), ("east-3", "east", 2), ("west-1", "west", 9))
+
+    tickets = await asyncio.gather(*(_create(ctx) for _ in range(12)))
+
+    per_agent = Counter(t["assignee_id"] for t in tickets if t["assignee_id"])
+    assert per_agent == {"east-1": 2, "east-2": 2, "east-3": 2}
+    queued = [t for t in tickets if not t["assignee_id"]]
+    assert len(queued) == 6
+    assert all(t["status"] == "new" and t["escalation_reason"] == "no_agent_available" for t in queued)
+    async with ctx.uow.engine.connect() as conn:
+        stored = await repo.open_ticket_counts(conn, ["east-1", "east-2", "east-3", "west-1"])
+    assert stored == {"east-1": 2, "east-2": 2, "east-3": 2}
+
+
+async def _hold(engine: AsyncEngine, *agent_ids: str) -> tuple[Any, Any]:
+    """Another dispatch's transaction, holding the agents' rows until it is rolled back."""
+    conn = await engine.connect()
+    held = await conn.begin()
+    a = repo.agents
+    await conn.execute(select(a.c.id).where(a.c.id.in_(agent_ids)).with_for_update())
+    return conn, held
+
+
+async def test_a_dispatch_waits_for_an_agent_when_every_candidate_is_held(
+    desk_on_postgres: Context,
+) -> None:
+    ctx = desk_on_postgres
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("east-1", "east", 5), ("east-2", "east", 5))
+    conn, held = await _hold(ctx.uow.engine, "east-1", "east-2")  # another dispatch is choosing
+    try:
+        waiting = asyncio.create_task(_create(ctx))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # the agents have room: the ticket waits for one, it is not queued
+    finally:
+        await held.rollback()
+        await conn.close()
+    async with asyncio.timeout(5):
+        ticket = await waiting
+    assert ticket["assignee_id"] == "east-1" and ticket["status"] == "assigned"
