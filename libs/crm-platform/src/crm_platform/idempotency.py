@@ -10,7 +10,7 @@ commit (or roll back) together:
 
 - `claim`, before creating: INSERT ... ON CONFLICT DO NOTHING. A concurrent first use of the key
   holds the row lock until it commits; the second waits, then gets the first result back and
-  creates nothing.
+  creates nothing. When the call ends in something else than it claimed for, `settle` records that.
 - `remember`, after creating: a plain INSERT. A concurrent duplicate that committed first makes it
   raise `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the
   caller may then `recall` the winner's result.
@@ -35,6 +35,7 @@ from sqlalchemy import (
     insert,
     select,
     tuple_,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -82,6 +83,16 @@ async def claim(
     if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):
         return None
     return await recall(conn, table, operation=operation, caller=caller, key=key)
+
+
+async def settle(conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str, result: Result) -> None:
+    """Replaces the result `claim` recorded, in the claiming transaction, when the call ended in
+    something else than it claimed for (nothing for an empty key)."""
+    if key:
+        c = table.c
+        await conn.execute(
+            update(table).where(c.operation == operation, c.caller == caller, c.key == key).values(result=result)
+        )
 
 
 async def remember(

@@ -122,14 +122,23 @@ def validate_lead(
     def err(name: str, message: str) -> None:
         errors.append(FieldError(prefix + name, message))
 
+    def text(name: str) -> str | None:
+        """The field's trimmed text ('' when null); None, with the error noted, when it is not text
+        (a JSON import row can carry any value)."""
+        value = data[name]
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            err(name, "must be text")
+            return None
+        return value.strip()
+
     for name in (*TEXT_FIELDS, "title", "external_id", "source_detail"):
-        if name in data:
-            text = str(data[name] or "").strip()
-            if len(text) > MAX_TEXT:
+        if name in data and (given := text(name)) is not None:
+            if len(given) > MAX_TEXT:
                 err(name, f"longer than {MAX_TEXT} characters")
-            values[name] = text
-    if "email" in data:
-        raw = str(data["email"] or "").strip()
+            values[name] = given
+    if "email" in data and (raw := text("email")) is not None:
         values["email"] = raw
         if raw:
             try:
@@ -137,29 +146,32 @@ def validate_lead(
                 values["email"] = email_norm
             except ValueError as exc:
                 err("email", str(exc))
-    if "phone" in data:
-        raw = str(data["phone"] or "").strip()
+    if "phone" in data and (raw := text("phone")) is not None:
         values["phone"] = raw
         if raw:
             try:
                 phone_norm = normalise_phone(raw, default_country)
             except ValueError as exc:
                 err("phone", str(exc))
-    if "source" in data:
-        source = str(data["source"] or "").strip().lower()
+    if "source" in data and (source := text("source")) is not None:
+        source = source.lower()
         if source and source not in SOURCES:
             err("source", f"{data['source']!r} is not one of {', '.join(SOURCES)}")
         values["source"] = source or "other"
-    if data.get("status"):
-        status = str(data["status"]).strip().lower()
+    if data.get("status") and (status := text("status")) is not None:
+        status = status.lower()
         if status not in SETTABLE_STATUSES:
             err("status", f"{data['status']!r} is not one of {', '.join(SETTABLE_STATUSES)}")
         values["status"] = status
     if "tags" in data:
-        tags = clean_tags(data["tags"] or [])
-        if len(tags) > MAX_TAGS:
-            err("tags", f"more than {MAX_TAGS} tags")
-        values["tags"] = tags
+        given_tags = data["tags"] or []
+        if not isinstance(given_tags, list | tuple) or not all(isinstance(tag, str) for tag in given_tags):
+            err("tags", "must be a list of text")
+        else:
+            tags = clean_tags(given_tags)
+            if len(tags) > MAX_TAGS:
+                err("tags", f"more than {MAX_TAGS} tags")
+            values["tags"] = tags
     if "custom" in data:
         custom = data["custom"] or {}
         if not isinstance(custom, Mapping):
@@ -175,8 +187,10 @@ def validate_lead(
     return CleanLead(values, email_norm, phone_norm)
 
 
-def merge_into(existing: Mapping[Any, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
-    """What `on_duplicate=merge` changes: empty fields filled from the input, tags appended."""
+def merge_into(existing: Mapping[Any, Any], clean: CleanLead) -> dict[str, Any]:
+    """What `on_duplicate=merge` changes: empty fields filled from the input (with their dedupe
+    keys), tags appended, custom keys added."""
+    incoming = clean.values
     changes: dict[str, Any] = {}
     for name, value in incoming.items():
         if name in ("tags", "custom", "status", "owner_id", "team"):
@@ -191,10 +205,19 @@ def merge_into(existing: Mapping[Any, Any], incoming: Mapping[str, Any]) -> dict
     added = {k: v for k, v in incoming_custom.items() if k not in existing_custom}
     if added:
         changes["custom"] = {**existing_custom, **added}
+    if "email" in changes:
+        changes["email_norm"] = clean.email_norm
+    if "phone" in changes:
+        changes["phone_norm"] = clean.phone_norm
     return changes
 
 
 # --- state transitions -------------------------------------------------------------------------
+
+
+def says_contacted(status: str) -> bool:
+    """A status that only a lead somebody has contacted can have."""
+    return status in ("contacted", "qualified")
 
 
 def ensure_open(status: str, action: str) -> None:

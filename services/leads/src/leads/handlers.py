@@ -82,6 +82,22 @@ def actor(principal: Principal) -> common_pb2.Actor:
 async def recall(conn: AsyncConnection, operation: str, key: str, principal: Principal) -> dict[str, Any] | None:
     """The result remembered for the principal's key (leads always remember a small object)."""
     result = await idempotency.recall(conn, repo.idempotency, operation=operation, caller=principal.user_id, key=key)
+    return _as_object(result)
+
+
+async def claim(
+    conn: AsyncConnection, operation: str, key: str, principal: Principal, result: Mapping[Any, Any], now: datetime
+) -> dict[str, Any] | None:
+    """Claims the principal's key for what this call is about to do: None when the key is now this
+    call's, else the first call's result. A concurrent first use holds the key until it commits; this
+    call waits for it, then answers with its result instead of failing on what it created."""
+    earlier = await idempotency.claim(
+        conn, repo.idempotency, operation=operation, caller=principal.user_id, key=key, result=dict(result), now=now
+    )
+    return _as_object(earlier)
+
+
+def _as_object(result: idempotency.Result | None) -> dict[str, Any] | None:
     return None if result is None else dict(result) if isinstance(result, dict) else {"id": result}
 
 
@@ -209,6 +225,8 @@ class ConversionPorts(Protocol):
         self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: "ConvertRequest"
     ) -> str: ...
 
+    async def delete_opportunity(self, opportunity_id: str) -> None: ...
+
     async def delete_contact(self, contact_id: str) -> None: ...
 
     async def delete_account(self, account_id: str) -> None: ...
@@ -295,6 +313,21 @@ class ImportPartResult:
     lead_import: RowMapping
     outcomes: list[ImportRowOutcome]
     skipped: int
+
+
+def _same_lead(key: str, first_lead_id: str, lead_id: str) -> None:
+    """A key repeated for another lead is another request, not a retry: refused, never answered
+    with the first lead's result."""
+    if first_lead_id != lead_id:
+        raise Conflict(
+            f"Idempotency-Key {key!r} was used for lead {first_lead_id}; use a new key for lead {lead_id}",
+            reason="IDEMPOTENCY_KEY_REUSED",
+        )
+
+
+def _in_scope(lead: Mapping[Any, Any]) -> bool:
+    """The lead is in the caller's record scope (loaded without the scope's clause)."""
+    return current_scope().allows(owner_id=lead["owner_id"], team=lead["team"], region=lead["region"])
 
 
 def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
@@ -550,13 +583,14 @@ class LeadsService:
         the reps' rows are locked before the pick."""
         principal = current_principal()
         now = self.clock()
+        values, matched = self._new_lead(clean, principal, now, rules, defaults)
         async with self.uow.begin() as tx:
             conn = tx.conn
-            earlier = await recall(conn, "create_lead", idempotency_key, principal)
+            claimed = {"lead_id": values["id"], "merged": False}
+            earlier = await claim(conn, "create_lead", idempotency_key, principal, claimed, now)
             if earlier is not None:
                 return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
             await self._check_campaign(conn, clean.values.get("campaign_id", ""))
-            values, matched = self._new_lead(clean, principal, now, rules, defaults)
             rule = None if values["owner_id"] else domain.first_matching_rule(rules.assignment, values)
             probe = await repo.probe_for_create(
                 conn,
@@ -571,31 +605,27 @@ class LeadsService:
             )
             duplicate_id = probe.duplicate_id
             if duplicate_id is not None:
-                if on_duplicate == "reject":
+                duplicate = (
+                    await repo.load_lead(conn, duplicate_id, for_update=True) if on_duplicate == "merge" else None
+                )
+                if duplicate is None or not _in_scope(duplicate):  # a merge writes only leads the caller may see
                     raise AlreadyExists(
                         f"an open lead with this email or phone exists: {duplicate_id}", existing_id=duplicate_id
                     )
-                duplicate = await repo.load_lead(conn, duplicate_id, for_update=True)
-                assert duplicate is not None  # the key lock keeps it
                 merged = await self._merge(tx, duplicate, clean, principal, now)
-                await remember(
-                    conn, "create_lead", idempotency_key, principal, {"lead_id": merged["id"], "merged": True}, now
-                )
+                await idempotency.settle(
+                    conn, repo.idempotency, operation="create_lead", caller=principal.user_id, key=idempotency_key,
+                    result={"lead_id": merged["id"], "merged": True},
+                )  # fmt: skip
                 return merged, True
-            row = await self._insert_lead(tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads)
-            await remember(
-                conn, "create_lead", idempotency_key, principal, {"lead_id": row["id"], "merged": False}, now
-            )
-            return row, False
+            return await self._insert_lead(
+                tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads
+            ), False
 
     async def _merge(
         self, tx: Transaction, existing: RowMapping, clean: domain.CleanLead, principal: Principal, now: datetime
     ) -> RowMapping:
-        changes = domain.merge_into(existing, clean.values)
-        if clean.phone_norm and not existing["phone_norm"] and "phone" in changes:
-            changes["phone_norm"] = clean.phone_norm
-        if clean.email_norm and not existing["email_norm"] and "email" in changes:
-            changes["email_norm"] = clean.email_norm
+        changes = domain.merge_into(existing, clean)
         if not changes:
             return existing
         row = await self._write(tx.conn, existing["id"], {**changes, "updated_at": now})
@@ -739,8 +769,11 @@ class LeadsService:
         if "custom" in clean.values:
             definitions = (await self.rules.get()).custom_fields
             updates = checked_custom(definitions, clean.values["custom"], partial=True)
+        new_keys = [k for k in (clean.email_norm, clean.phone_norm) if k]
         async with self.uow.begin() as tx:
             conn = tx.conn
+            # Before the lead's row, as a create takes them before it merges into a lead: one order.
+            await repo.lock_dedupe_keys(conn, new_keys)
             lead = await self._visible_lead(conn, lead_id, for_update=True)
             if "custom" in clean.values:  # the keys given are set; an empty value removes its key
                 kept = {k: v for k, v in (lead["custom"] or {}).items() if k not in clean.values["custom"]}
@@ -753,16 +786,19 @@ class LeadsService:
             if "campaign_id" in clean.values:
                 await self._check_campaign(conn, clean.values["campaign_id"])
             changes = {k: v for k, v in clean.values.items() if lead[k] != v and k != "owner_id"}
+            if lead["first_contacted_at"] is None and domain.says_contacted(changes.get("status", "")):
+                # Set by hand, as after a call logged elsewhere: the first contact is now.
+                changes.update(first_contacted_at=now, follow_up_overdue=False)
+                await self._close_tasks(conn, lead_id, "done", now)
             if "email" in clean.values:
                 changes["email_norm"] = clean.email_norm
             if "phone" in clean.values:
                 changes["phone_norm"] = clean.phone_norm
-            new_keys = [k for k in (clean.email_norm, clean.phone_norm) if k]
             if new_keys:
                 duplicate = await repo.find_open_duplicate(
-                    conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm
+                    conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm, excluding=lead_id
                 )
-                if duplicate is not None and duplicate["id"] != lead_id:
+                if duplicate is not None:
                     raise AlreadyExists("another open lead has this email or phone", existing_id=duplicate["id"])
             new_owner = clean.values.get("owner_id")
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
@@ -865,20 +901,22 @@ class LeadsService:
             raise ValidationFailed([FieldError("occurred_at", "must not be in the future")])
         if a.next_follow_up_at is not None and a.next_follow_up_at <= occurred:
             raise ValidationFailed([FieldError("next_follow_up_at", "must be after occurred_at")])
+        activity_id = new_id()
         async with self.uow.begin() as tx:
             conn = tx.conn
-            earlier = await recall(conn, "log_activity", a.idempotency_key, principal)
+            earlier = await claim(conn, "log_activity", a.idempotency_key, principal, {"activity_id": activity_id}, now)
             if earlier is not None:
                 activity = (
                     (await conn.execute(select(repo.activities).where(repo.activities.c.id == earlier["activity_id"])))
                     .mappings()
                     .one()
                 )
+                _same_lead(a.idempotency_key, activity["lead_id"], a.lead_id)
                 return activity, await self._visible_lead(conn, a.lead_id)
             lead = await self._visible_lead(conn, a.lead_id, for_update=True)
             domain.ensure_open(lead["status"], "log an activity on")
             new_activity: dict[str, Any] = {
-                "id": new_id(),
+                "id": activity_id,
                 "lead_id": a.lead_id,
                 "kind": a.kind,
                 "outcome": a.outcome.strip(),
@@ -931,7 +969,6 @@ class LeadsService:
                     ),
                     key=a.lead_id,
                 )
-            await remember(conn, "log_activity", a.idempotency_key, principal, {"activity_id": new_activity["id"]}, now)
             return new_activity, row
 
     async def list_activities(self, lead_id: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
@@ -980,8 +1017,11 @@ class LeadsService:
         rule_id: str,
         principal: Principal,
         now: datetime,
+        *,
+        claimed: bool = False,
     ) -> RowMapping:
-        """Gives the lead to `owner_id` (or the pool when empty) with a fresh first-contact SLA."""
+        """Gives the lead to `owner_id` (or the pool when empty) with a fresh first-contact SLA.
+        Only a claim (`claimed`) counts against the new owner's claim limit."""
         await self._close_tasks(tx.conn, lead["id"], "cancelled", now)
         if owner_id:
             values = self._assignment_values(owner_id, team, lead["first_contacted_at"] is not None, now)
@@ -989,6 +1029,7 @@ class LeadsService:
                 values["status"] = domain.status_after_claim(lead["first_contacted_at"])
         else:
             values = {"owner_id": "", "in_pool": True, "first_contact_due_at": None, "follow_up_overdue": False}
+        values["claimed_at"] = now if claimed else None
         row = await self._write(tx.conn, lead["id"], {**values, "updated_at": now})
         if owner_id and row["first_contacted_at"] is None:
             await tx.conn.execute(insert(repo.tasks).values(self._first_contact_task(lead["id"], owner_id, now)))
@@ -1097,8 +1138,8 @@ class LeadsService:
                     f"(limit {self.policy.pool_claim_limit})",
                     reason="CLAIM_LIMIT",
                 )
-            row = await self._write(conn, lead_id, {"claimed_at": now, "team": lead["team"] or principal.team})
-            return await self._assign_to(tx, row, principal.user_id, "", "", principal, now)
+            team = lead["team"] or principal.team
+            return await self._assign_to(tx, lead, principal.user_id, team, "", principal, now, claimed=True)
 
     async def release(self, lead_id: str, reason: str) -> RowMapping:
         now = self.clock()
@@ -1170,6 +1211,9 @@ class LeadsService:
                 [FieldError("part", f"import {spec.import_id} is sent in parts; send part {expected}")]
             )
         final = not part or spec.final
+        if spec.options.mapper.campaign_id:  # every row of the import links to it
+            async with self.engine.connect() as conn:
+                await self._check_campaign(conn, spec.options.mapper.campaign_id)
         if spec.format == "json" and part and (part > 1 or not final):
             raise ValidationFailed(
                 [FieldError("part", "a JSON array comes in one part; send jsonl to import in parts")]
@@ -1284,18 +1328,32 @@ class LeadsService:
                 phones={c.phone_norm for c in cleans if c.phone_norm},
             )
             existing_ids = set(existing.values())
+            unknown_campaigns = await self._unknown_campaigns(conn, {i.values["campaign_id"] for i in checked})
             seen: dict[str, str] = {}
-            new_items: list[_CheckedRow] = []
+            new_items: dict[str, _CheckedRow] = {}  # by lead id
+            rules: Rules | None = None
             for item in checked:  # duplicates first: the assignments below take turns for the new leads only
                 keys = item.keys
+                campaign_id = item.values["campaign_id"]
+                if campaign_id in unknown_campaigns:
+                    reason = f"campaign {campaign_id} does not exist"
+                    outcomes.append(ImportRowOutcome(item.row, "rejected", field="campaign_id", reason=reason))
+                    continue
                 duplicate_of = next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
                 if duplicate_of is not None and options.on_duplicate != "allow":
                     if options.on_duplicate == "merge" and duplicate_of in existing_ids:
                         target = await repo.load_lead(conn, duplicate_of, for_update=True)
-                        if target is not None:
+                        if target is not None and _in_scope(target):  # no write to a lead the caller cannot see
                             await self._merge(tx, target, item.clean, principal, now)
                             outcomes.append(ImportRowOutcome(item.row, "merged", lead_id=duplicate_of))
                             continue
+                    elif options.on_duplicate == "merge" and duplicate_of in new_items:  # an earlier row of the batch
+                        rules = rules or await self.rules.get()
+                        earlier = new_items[duplicate_of]
+                        self._merge_rows(earlier, item.clean, rules)
+                        seen.update({k: duplicate_of for k in earlier.keys if k not in seen})
+                        outcomes.append(ImportRowOutcome(item.row, "merged", lead_id=duplicate_of))
+                        continue
                     key = next(k for k in keys if existing.get(k) == duplicate_of or seen.get(k) == duplicate_of)
                     kind = key.split(":", 1)[0]
                     outcomes.append(
@@ -1310,14 +1368,14 @@ class LeadsService:
                     continue
                 for k in keys:
                     seen[k] = item.values["id"]
-                new_items.append(item)
-            assigned_by = [i.rule for i in new_items if i.rule is not None] if options.assign else []
+                new_items[item.values["id"]] = item
+            assigned_by = [i.rule for i in new_items.values() if i.rule is not None] if options.assign else []
             turns, loads = await self._assignment_state(conn, assigned_by)
             new_rows: list[dict[str, Any]] = []
             history: list[dict[str, Any]] = []
             tasks: list[dict[str, Any]] = []
             events: list[PendingEvent] = []
-            for item in new_items:
+            for item in new_items.values():
                 values = item.values
                 lead_id = values["id"]
                 changed = False  # since the checks built the event's lead
@@ -1330,10 +1388,11 @@ class LeadsService:
                     if picked is not None:
                         owner, team, _ = picked
                         values.update(self._assignment_values(owner, team, False, now))
-                        tasks.append(self._first_contact_task(lead_id, owner, now))
                         changed = True
                     else:
                         values["in_pool"] = True
+                if values["owner_id"]:  # by a rule, or by the file's owner column
+                    tasks.append(self._first_contact_task(lead_id, values["owner_id"], now))
                 if values["owner_id"] and values["status"] in domain.OPEN_STATUSES:
                     loads[values["owner_id"]] = loads.get(values["owner_id"], 0) + 1
                 new_rows.append(values)
@@ -1386,6 +1445,23 @@ class LeadsService:
                 )
             )
         return sorted(outcomes, key=lambda o: o.row)
+
+    def _merge_rows(self, earlier: _CheckedRow, clean: domain.CleanLead, rules: Rules) -> None:
+        """`on_duplicate=merge` within one batch: a later row fills the empty fields of the earlier
+        row it duplicates (and appends its tags), as it would merge into that lead once stored."""
+        values = earlier.values
+        values.update(domain.merge_into(values, clean))
+        earlier.keys = _dedupe_keys(domain.CleanLead(values, values["email_norm"], values["phone_norm"]))
+        score, grade, earlier.matched = self._score(rules, values, {})
+        values.update(score=score, grade=grade)
+        earlier.created = None  # built again from the merged row
+
+    async def _unknown_campaigns(self, conn: AsyncConnection, campaign_ids: set[str]) -> set[str]:
+        wanted = sorted(c for c in campaign_ids if c)
+        if not wanted:
+            return set()
+        known = await conn.scalars(select(repo.campaigns.c.id).where(repo.campaigns.c.id.in_(wanted)))
+        return set(wanted) - set(known)
 
     async def _check_rows(
         self, import_id: str, batch: Sequence[tuple[int, Mapping[Any, Any] | str]], options: ImportOptions
@@ -1550,13 +1626,12 @@ class LeadsService:
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
-            earlier = await recall(tx.conn, operation, key, principal)
+            earlier = await claim(tx.conn, operation, key, principal, {"id": values["id"]}, now)
             if earlier is not None:
                 return (await tx.conn.execute(select(table).where(table.c.id == earlier["id"]))).mappings().one()
             row = (await tx.conn.execute(insert(table).values(values).returning(table))).mappings().one()
             if publish is not None:
                 publish(tx, row)
-            await remember(tx.conn, operation, key, principal, {"id": row["id"]}, now)
         self.rules.invalidate()
         return row
 
@@ -1914,6 +1989,8 @@ class LeadsService:
         async with self.uow.begin() as tx:
             conn = tx.conn
             earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
+            if earlier is not None:
+                _same_lead(req.idempotency_key, earlier["lead_id"], req.lead_id)
             lead = await self._visible_lead(conn, req.lead_id, for_update=True)
             if earlier is not None or lead["status"] == "converted":
                 return ConvertResult(
@@ -1980,12 +2057,32 @@ class LeadsService:
         except Unavailable:
             raise  # the saga row keeps the progress; a retry resumes with the same keys
         except CrmError as error:
-            await self._compensate(req.lead_id, account_id if account_created else "", contact_id, error)
+            await self._compensate(req.lead_id, account_id if account_created else "", contact_id, "", error)
             raise
+        try:
+            return await self._finish_conversion(req, account_id, contact_id, opportunity_id, principal, now)
+        except Unavailable:
+            raise
+        except CrmError as error:  # e.g. the lead was disqualified meanwhile: this attempt is undone
+            await self._compensate(
+                req.lead_id, account_id if account_created else "", contact_id, opportunity_id, error
+            )
+            raise
+
+    async def _finish_conversion(
+        self,
+        req: ConvertRequest,
+        account_id: str,
+        contact_id: str,
+        opportunity_id: str,
+        principal: Principal,
+        now: datetime,
+    ) -> ConvertResult:
         async with self.uow.begin() as tx:
             lead = await self._visible_lead(tx.conn, req.lead_id, for_update=True)
             if lead["status"] == "converted":  # a concurrent call finished first
                 return ConvertResult(lead, account_id, contact_id, opportunity_id)
+            domain.ensure_open(lead["status"], "convert")
             await self._close_tasks(tx.conn, req.lead_id, "done", now)
             row = await self._write(
                 tx.conn,
@@ -2025,12 +2122,17 @@ class LeadsService:
                 .values(**values, updated_at=self.clock())
             )
 
-    async def _compensate(self, lead_id: str, created_account_id: str, contact_id: str, cause: CrmError | None) -> bool:
-        """Undoes an attempt's creations and records each undo as it succeeds. When one fails the
-        saga stays `compensating`, holding only what still exists; False then."""
+    async def _compensate(
+        self, lead_id: str, created_account_id: str, contact_id: str, opportunity_id: str, cause: CrmError | None
+    ) -> bool:
+        """Undoes an attempt's creations, newest first, and records each undo as it succeeds. When one
+        fails the saga stays `compensating`, holding only what still exists; False then."""
         assert self.ports is not None
-        left = {"contact_id": contact_id, "account_id": created_account_id}
+        left = {"opportunity_id": opportunity_id, "contact_id": contact_id, "account_id": created_account_id}
         try:
+            if opportunity_id:
+                await self.ports.delete_opportunity(opportunity_id)
+                left["opportunity_id"] = ""
             if contact_id:
                 await self.ports.delete_contact(contact_id)
                 left["contact_id"] = ""
@@ -2039,12 +2141,11 @@ class LeadsService:
                 left["account_id"] = ""
         except CrmError:
             pass
-        done = not left["contact_id"] and not left["account_id"]
+        done = not any(left.values())
         values: dict[str, Any] = {
             "state": "compensated" if done else "compensating",
             **left,
             "account_created": bool(left["account_id"]),
-            "opportunity_id": "",
         }
         if cause is not None:
             values["error"] = f"{type(cause).__name__}: {cause.detail}"[:2000]
@@ -2062,7 +2163,7 @@ class LeadsService:
         if saga is None or saga["state"] != "compensating":
             return
         created = str(saga["account_id"]) if saga["account_created"] else ""
-        if not await self._compensate(lead_id, created, str(saga["contact_id"]), None):
+        if not await self._compensate(lead_id, created, str(saga["contact_id"]), str(saga["opportunity_id"]), None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
 
 

@@ -36,6 +36,14 @@ def custom_key(header: str) -> str:
     return key or "column"
 
 
+def _as_text(value: Any) -> Any:
+    """A JSON number as the text it was written as (a phone or an id); other values as they are,
+    so that the checks reject what is not text, naming the field."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
 @dataclass(slots=True)
 class RowMapper:
     """Turns one file record into lead input: mapped columns to fields, the rest into `custom`."""
@@ -87,12 +95,14 @@ class RowMapper:
             if not target:
                 custom[key] = value
             elif target == "tags":
-                data["tags"] = value if isinstance(value, list) else str(value).split(";")
+                data["tags"] = value.split(";") if isinstance(value, str) else value
             else:
-                data[target] = value if isinstance(value, str) else str(value)
-        source, detail = domain.map_source(str(data.get("source", "")), self.source_map, self.default_source)
-        data["source"] = source
-        data["source_detail"] = detail
+                data[target] = _as_text(value)
+        given_source = data.get("source", "")
+        if isinstance(given_source, str):  # anything else is left for the checks to reject, naming the field
+            data["source"], data["source_detail"] = domain.map_source(
+                given_source, self.source_map, self.default_source
+            )
         if self.campaign_id and not data.get("campaign_id"):
             data["campaign_id"] = self.campaign_id
         if custom:

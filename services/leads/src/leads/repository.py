@@ -374,22 +374,22 @@ def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:
 
 
 async def find_open_duplicate(
-    conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None, external_id: str = ""
+    conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None, excluding: str = ""
 ) -> RowMapping | None:
+    """An open lead other than `excluding` with the email or the phone, locked."""
     conditions = []
     if email_norm:
         conditions.append(leads.c.email_norm == email_norm)
     if phone_norm:
         conditions.append(leads.c.phone_norm == phone_norm)
-    if external_id:
-        conditions.append(leads.c.external_id == external_id)
     if not conditions:
         return None
+    others = leads.c.id != excluding if excluding else true()
     row = (
         (
             await conn.execute(
                 select(leads)
-                .where(or_(*conditions), leads.c.status.in_(OPEN_STATUSES))
+                .where(or_(*conditions), leads.c.status.in_(OPEN_STATUSES), others)
                 .order_by(leads.c.id)
                 .limit(1)
                 .with_for_update()

@@ -63,7 +63,9 @@ class GrpcConversionPorts:
             accounts_target, idempotent_methods=accounts_methods, default_deadline_seconds=deadline_seconds
         )
         self._sales_channel = create_channel(
-            sales_target, idempotent_methods=[(SALES, "CreateOpportunity")], default_deadline_seconds=deadline_seconds
+            sales_target,
+            idempotent_methods=[(SALES, "CreateOpportunity"), (SALES, "DeleteOpportunity")],
+            default_deadline_seconds=deadline_seconds,
         )
         self.accounts = accounts_service_pb2_grpc.AccountsServiceStub(self._accounts_channel)
         self.sales = sales_service_pb2_grpc.SalesServiceStub(self._sales_channel)
@@ -147,6 +149,16 @@ class GrpcConversionPorts:
             )
         response = await self._call("opportunity", self.sales.CreateOpportunity, message)
         return str(response.opportunity.id)
+
+    async def delete_opportunity(self, opportunity_id: str) -> None:
+        try:
+            await self._call(
+                "opportunity",
+                self.sales.DeleteOpportunity,
+                sales_service_pb2.DeleteOpportunityRequest(id=opportunity_id),
+            )
+        except NotFound:
+            return  # already gone: compensation is idempotent
 
     async def delete_contact(self, contact_id: str) -> None:
         try:

@@ -63,6 +63,10 @@ class FakePorts:
     ) -> str:
         return self._create("opportunity", key, self.opportunities, account_id)
 
+    async def delete_opportunity(self, opportunity_id: str) -> None:
+        self.calls.append("delete_opportunity")
+        self.opportunities.pop(opportunity_id, None)
+
     async def delete_contact(self, contact_id: str) -> None:
         self.calls.append("delete_contact")
         if "delete" in self.fail:

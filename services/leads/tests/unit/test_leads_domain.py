@@ -43,11 +43,35 @@ def test_source_mapping_keeps_the_original() -> None:
 
 
 def test_merge_fills_empty_fields_and_appends_tags() -> None:
-    existing = {"name": "Li", "company": "", "tags": ["a"], "custom": {"k": 1}}
-    changes = domain.merge_into(
-        existing, {"name": "Other", "company": "ACME", "tags": ["b", "a"], "custom": {"k": 2, "n": 3}}
-    )
-    assert changes == {"company": "ACME", "tags": ["a", "b"], "custom": {"k": 1, "n": 3}}
+    existing = {"name": "Li", "company": "", "email": "li@x.cn", "phone": "", "tags": ["a"], "custom": {"k": 1}}
+    incoming = domain.validate_lead(
+        {"name": "Other", "company": "ACME", "email": "other@x.cn", "phone": "13800138000", "tags": ["b", "a"],
+         "custom": {"k": 2, "n": 3}}
+    )  # fmt: skip
+    changes = domain.merge_into(existing, incoming)
+    assert changes == {
+        "company": "ACME",
+        "phone": "13800138000",
+        "phone_norm": "+8613800138000",  # a filled phone becomes a dedupe key; the email was not filled
+        "tags": ["a", "b"],
+        "custom": {"k": 1, "n": 3},
+    }
+
+
+@pytest.mark.parametrize("value", [1.5, True, ["x"], {"a": 1}])
+@pytest.mark.parametrize("field_name", ["name", "company", "email", "phone", "source", "status", "owner_id"])
+def test_a_value_that_is_not_text_is_rejected_naming_its_field(field_name: str, value: object) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_lead({"external_id": "crm-1", field_name: value})
+    assert [e.field for e in caught.value.errors] == [field_name]
+    assert caught.value.errors[0].message == "must be text"
+
+
+@pytest.mark.parametrize("tags", [[1, 2], [None], [{"a": 1}], "a;b", {"a": 1}])
+def test_tags_must_be_a_list_of_text(tags: object) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_lead({"name": "Li", "tags": tags})
+    assert [(e.field, e.message) for e in caught.value.errors] == [("tags", "must be a list of text")]
 
 
 def test_activity_transitions() -> None:

@@ -1,0 +1,240 @@
+"""Leads at the edges a review found: merges and record scope, import rows of any JSON shape,
+campaign and owner columns in imports, duplicates within one file, dedupe on update, claim limits
+after reassignment, idempotency keys under concurrency and reuse, and a lead closed mid-conversion."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
+from crm_platform.principal import ScopeKind
+from leads import repository as repo
+from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec
+from leads.importing import RowMapper
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+
+async def _import(
+    env: Any, body: bytes, *, fmt: str = "json", on_duplicate: str = "reject", campaign_id: str = ""
+) -> ImportPartResult:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    mapper = RowMapper(column_map={}, source_map={}, campaign_id=campaign_id)
+    options = ImportOptions(mapper=mapper, on_duplicate=on_duplicate)
+    return await env.service.import_part(ImportSpec(import_id=f"imp-{id(body)}", format=fmt, options=options), chunks())
+
+
+def _outcomes(result: ImportPartResult) -> list[tuple[int, str, str]]:
+    return [(o.row, o.status, o.field) for o in result.outcomes]
+
+
+async def _tasks(env: Any, lead_id: str) -> list[tuple[str, str, str]]:
+    t = repo.tasks.c
+    async with env.engine.connect() as conn:
+        rows = await conn.execute(select(t.kind, t.owner_id, t.status).where(t.lead_id == lead_id))
+    return [tuple(row) for row in rows]
+
+
+# --- merges and record scope -----------------------------------------------------------------
+
+
+async def test_a_merge_never_reads_or_writes_a_lead_outside_the_callers_scope(env: Any) -> None:
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        secret, _ = await env.service.create_lead({"name": "Secret", "email": "vip@corp.cn", "owner_id": "rep1"})
+    with env.acting("rep2", team="west", scope=ScopeKind.OWN):
+        with pytest.raises(AlreadyExists) as caught:  # as with reject: the id, nothing of the lead
+            await env.service.create_lead(
+                {"name": "x", "email": "VIP@corp.cn", "company": "NewCo"}, on_duplicate="merge"
+            )
+        assert caught.value.existing_id == secret["id"]
+        imported = await _import(
+            env, b'[{"name": "x", "email": "vip@corp.cn", "company": "NewCo"}]', on_duplicate="merge"
+        )
+        assert [(o.status, o.lead_id) for o in imported.outcomes] == [("rejected", secret["id"])]
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        assert (await env.service.get_lead(secret["id"]))["company"] == ""  # untouched
+        mine, merged = await env.service.create_lead(
+            {"email": "vip@corp.cn", "company": "Own Co"}, on_duplicate="merge"
+        )
+    assert merged and mine["id"] == secret["id"] and mine["company"] == "Own Co"  # in scope: merged
+
+
+# --- import rows of any shape, campaigns, owners, duplicates within a file ----------------------
+
+
+async def test_an_import_row_whose_values_are_not_text_is_rejected_alone_naming_the_field(env: Any) -> None:
+    rows = [
+        {"name": "Tags of numbers", "tags": [1, 2]},
+        {"name": {"first": "Li"}},
+        {"name": "Emails", "email": ["a@x.cn"]},
+        {"name": "A flag", "company": True},
+        {"name": "Tags of nothing", "tags": [None]},
+        {"name": "Fine", "phone": 13800138000, "tags": "a;b"},  # a JSON number is the text it was written as
+    ]
+    with env.acting():
+        result = await _import(env, json.dumps(rows).encode())
+    assert _outcomes(result) == [
+        (1, "rejected", "tags"),
+        (2, "rejected", "name"),
+        (3, "rejected", "email"),
+        (4, "rejected", "company"),
+        (5, "rejected", "tags"),
+        (6, "accepted", ""),
+    ]
+    assert result.lead_import["status"] == "completed" and result.lead_import["accepted"] == 1
+    with env.acting():
+        fine = await env.service.get_lead(result.outcomes[-1].lead_id)
+    assert fine["phone_norm"] == "+8613800138000" and fine["tags"] == ["a", "b"]
+
+
+async def test_an_import_links_only_to_campaigns_that_exist(env: Any) -> None:
+    with env.acting():
+        campaign = await env.service.create_campaign({"name": "Expo", "channel": "event"}, "")
+        with pytest.raises(ValidationFailed) as caught:
+            await _import(env, b'[{"name": "Ann"}]', campaign_id="no-such-campaign")
+        assert [e.field for e in caught.value.errors] == ["campaign_id"]
+        rows = [{"name": "Bo", "campaign_id": "bogus"}, {"name": "Cy", "campaign_id": campaign["id"]}, {"name": "Di"}]
+        result = await _import(env, json.dumps(rows).encode())
+    assert _outcomes(result) == [(1, "rejected", "campaign_id"), (2, "accepted", ""), (3, "accepted", "")]
+    assert result.outcomes[0].reason == "campaign bogus does not exist"
+
+
+async def test_an_imported_lead_with_an_owner_gets_its_first_contact_task(env: Any) -> None:
+    with env.acting():
+        result = await _import(env, b"name,owner_id\nBob,rep7\n", fmt="csv")
+        lead = await env.service.get_lead(result.outcomes[0].lead_id)
+    assert lead["owner_id"] == "rep7" and lead["first_contact_due_at"] is not None and not lead["in_pool"]
+    assert await _tasks(env, lead["id"]) == [("first_contact", "rep7", "open")]
+
+
+async def test_merge_within_one_file_fills_the_earlier_row_as_it_would_a_stored_lead(env: Any) -> None:
+    body = b"name,email,phone,company\nAnn,ann@x.cn,,\nAnn B,ann@x.cn,13800138000,AnnCo\nCarl,,+86 138 0013 8000,\n"
+    with env.acting():
+        result = await _import(env, body, fmt="csv", on_duplicate="merge")
+        first = result.outcomes[0].lead_id
+        assert [(o.status, o.lead_id) for o in result.outcomes] == [
+            ("accepted", first),
+            ("merged", first),
+            ("merged", first),  # by the phone the second row brought
+        ]
+        lead = await env.service.get_lead(first)
+    assert (lead["name"], lead["company"], lead["phone_norm"]) == ("Ann", "AnnCo", "+8613800138000")
+    assert result.lead_import["accepted"] == 1 and result.lead_import["merged"] == 2
+
+
+# --- updates -----------------------------------------------------------------------------------
+
+
+async def test_an_update_cannot_give_a_lead_another_open_leads_email_or_phone(env: Any) -> None:
+    with env.acting():
+        a, _ = await env.service.create_lead({"name": "A", "email": "a@x.cn"})
+        b, _ = await env.service.create_lead({"name": "B", "phone": "13800138000"})
+        with pytest.raises(AlreadyExists) as caught:  # A is the older match of the pair: it must not hide B
+            await env.service.update_lead(
+                a["id"], {"email": "a@x.cn", "phone": "13800138000"}, ["email", "phone"], a["version"]
+            )
+        assert caught.value.existing_id == b["id"]
+        same = await env.service.update_lead(a["id"], {"email": "A@x.cn"}, ["email"], a["version"])
+    assert same["email_norm"] == "a@x.cn"  # its own email is no duplicate
+
+
+async def test_setting_status_contacted_by_hand_counts_as_the_first_contact(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Gao", "owner_id": "rep1"})
+        env.clock.advance(hours=3)
+        assert await env.service.flag_overdue_first_contacts() == 1
+        flagged = await env.service.get_lead(lead["id"])
+        contacted = await env.service.update_lead(lead["id"], {"status": "contacted"}, ["status"], flagged["version"])
+    assert contacted["first_contacted_at"] == env.clock.now and not contacted["follow_up_overdue"]
+    assert await _tasks(env, lead["id"]) == [("first_contact", "rep1", "done")]
+
+
+# --- the pool ----------------------------------------------------------------------------------
+
+
+async def test_a_claimed_lead_given_to_another_rep_counts_against_nobodys_claim_limit(env: Any) -> None:
+    env.service.policy = type(env.service.policy)(pool_claim_limit=1)
+    with env.acting("manager"):
+        a, _ = await env.service.create_lead({"name": "pa"})
+        b, _ = await env.service.create_lead({"name": "pb"})
+    with env.acting("rep3"):
+        claimed = await env.service.claim(a["id"])
+    with env.acting("manager"):
+        await env.service.assign(a["id"], "rep4", "", claimed["version"])
+    with env.acting("rep4"):
+        assert (await env.service.claim(b["id"]))["owner_id"] == "rep4"  # rep4 had claimed nothing
+    async with env.engine.connect() as conn:
+        claimed_at = await conn.scalar(select(repo.leads.c.claimed_at).where(repo.leads.c.id == a["id"]))
+    assert claimed_at is None
+
+
+# --- idempotency keys --------------------------------------------------------------------------
+
+
+async def test_concurrent_requests_with_one_key_answer_with_the_first_result(env: Any) -> None:
+    with env.acting():
+        for round_number in range(3):
+            data = {"name": "N", "email": f"n{round_number}@x.cn"}
+            first, second = await asyncio.gather(
+                *(env.service.create_lead(data, idempotency_key=f"k{round_number}") for _ in range(2))
+            )
+            assert first[0]["id"] == second[0]["id"]
+        # Without an email or phone nothing else serialises the two: the key does.
+        first, second = await asyncio.gather(
+            *(env.service.create_lead({"name": "No keys"}, idempotency_key="bare") for _ in range(2))
+        )
+        assert first[0]["id"] == second[0]["id"]
+        activity = ActivityInput(lead_id=first[0]["id"], kind="call", idempotency_key="call-1")
+        logged = await asyncio.gather(env.service.log_activity(activity), env.service.log_activity(activity))
+        assert logged[0][0]["id"] == logged[1][0]["id"]
+        activities, _ = await env.service.list_activities(first[0]["id"], limit=10, cursor="")
+    assert len(activities) == 1
+
+
+async def test_a_key_used_for_one_lead_is_refused_for_another(env: Any) -> None:
+    with env.acting():
+        one, _ = await env.service.create_lead({"name": "One", "company": "One Co", "owner_id": "rep1"})
+        two, _ = await env.service.create_lead({"name": "Two", "company": "Two Co", "owner_id": "rep1"})
+        await env.service.convert(ConvertRequest(lead_id=one["id"], idempotency_key="same"))
+        with pytest.raises(Conflict) as caught:
+            await env.service.convert(ConvertRequest(lead_id=two["id"], idempotency_key="same"))
+        assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+        assert (await env.service.get_lead(two["id"]))["status"] == "new"
+        await env.service.log_activity(ActivityInput(lead_id=two["id"], kind="note", idempotency_key="note-1"))
+        three, _ = await env.service.create_lead({"name": "Three"})
+        with pytest.raises(Conflict) as caught:
+            await env.service.log_activity(ActivityInput(lead_id=three["id"], kind="note", idempotency_key="note-1"))
+    assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+
+
+# --- conversion --------------------------------------------------------------------------------
+
+
+async def test_a_lead_disqualified_while_it_converts_stays_disqualified_and_the_attempt_is_undone(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wu", "company": "Wu Co", "owner_id": "rep1"})
+    create_opportunity = env.ports.create_opportunity
+
+    async def disqualified_meanwhile(**kw: Any) -> str:
+        created = await create_opportunity(**kw)
+        current = await env.service.get_lead(lead["id"])
+        await env.service.disqualify(lead["id"], "spam", current["version"])
+        return str(created)
+
+    env.ports.create_opportunity = disqualified_meanwhile
+    with env.acting():
+        with pytest.raises(Conflict):
+            await env.service.convert(ConvertRequest(lead_id=lead["id"], create_opportunity=True))
+        after = await env.service.get_lead(lead["id"])
+    assert after["status"] == "unqualified" and after["disqualified_reason"] == "spam"
+    assert after["converted_account_id"] == ""
+    assert env.ports.accounts == {} and env.ports.contacts == {} and env.ports.opportunities == {}
+    assert env.ports.calls[-3:] == ["delete_opportunity", "delete_contact", "delete_account"]
+    async with env.engine.connect() as conn:
+        state = await conn.scalar(select(repo.conversions.c.state).where(repo.conversions.c.lead_id == lead["id"]))
+    assert state == "compensated"
