@@ -21,6 +21,8 @@ from crm_platform.errors import (
 
 DOMAIN = "crm"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# Trailing metadata of a RESOURCE_EXHAUSTED error: whole seconds until a retry may succeed.
+RETRY_AFTER_KEY = "retry-after"
 
 
 def _info(reason: str, **metadata: str) -> any_pb2.Any:
@@ -74,11 +76,14 @@ class RemoteError:
     field_errors: list[FieldError] = field(default_factory=list)
     reason: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    retry_after: int | None = None  # seconds, when the service said how long to wait
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
     remote = RemoteError(code=error.code(), message=error.details() or "")
     for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            remote.retry_after = _seconds(value)
         if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)
@@ -93,3 +98,11 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
                 remote.reason = info.reason
                 remote.metadata.update(info.metadata)
     return remote
+
+
+def _seconds(value: str | bytes) -> int | None:
+    """A non-negative whole number of seconds, as HTTP's Retry-After takes it; None for anything else.
+    At most 9 digits (31 years): int() refuses thousands of them, and no wait is that long."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 9:
+        return int(value)
+    return None

@@ -1,18 +1,32 @@
-"""Keyset paging: the cursor is the sort key of the last row, so pages stay fast and stable."""
+"""Keyset paging: the cursor is the sort key of the last row, so pages stay fast and stable.
+
+A cursor names the sort column it was made for and carries the last row's value and id as JSON
+(times, dates and decimals as strings). `keyset_page` checks it against the list before any SQL
+runs: a cursor of another sort, or one that was edited, is a ValidationFailed on `cursor` (HTTP
+422), never a database error (HTTP 500). Cursors issued before they named their sort, a bare
+[value, id], are still taken when their values fit the sort column."""
 
 import base64
 import json
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Column, ColumnElement, Select, and_, or_
+from sqlalchemy import BigInteger, Column, ColumnElement, Integer, Numeric, Select, SmallInteger, and_, or_
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.structs import text_problem
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+
+NOT_ISSUED = "is not a cursor this API issued"
+NOT_THIS_LIST = "does not fit this list and sort; start again without a cursor"
+
+# The range PostgreSQL gives each integer type; the driver refuses a bigger number with an error.
+_INTEGER_BITS = ((SmallInteger, 16), (BigInteger, 64), (Integer, 32))
 
 
 def page_limit(requested: int) -> int:
@@ -22,16 +36,13 @@ def page_limit(requested: int) -> int:
 
 
 def encode_cursor(values: Sequence[Any]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(values), default=str).encode()).decode()
+    return _encode(list(values))
 
 
 def decode_cursor(cursor: str) -> list[Any]:
-    try:
-        values = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed([FieldError("cursor", "is not a cursor this API issued")]) from None
+    values = _decode(cursor)
     if not isinstance(values, list):
-        raise ValidationFailed([FieldError("cursor", "is not a cursor this API issued")])
+        raise _refused(NOT_ISSUED)
     return values
 
 
@@ -54,41 +65,131 @@ def keyset_page(
     cursor: str,
     limit: int,
 ) -> Select[Any]:
-    """Orders by (sort column, id), starts after the cursor, fetches one extra row to know if more follow."""
+    """Orders by (sort column, id), starts after the cursor, fetches one extra row to know if more follow.
+    NULLs of a nullable sort column come last ascending and first descending, where PostgreSQL's
+    indexes keep them; SQLite, which sorts them the other way, is told so in ORDER BY."""
     if cursor:
-        encoded_value, after_id = decode_cursor(cursor)
-        after_value = _restore(sort_column, encoded_value)
-        condition: ColumnElement[bool]
-        if descending:
-            condition = or_(sort_column < after_value, and_(sort_column == after_value, id_column < after_id))
-        else:
-            condition = or_(sort_column > after_value, and_(sort_column == after_value, id_column > after_id))
-        query = query.where(condition)
-    order = (sort_column.desc(), id_column.desc()) if descending else (sort_column.asc(), id_column.asc())
-    return query.order_by(*order).limit(limit + 1)
+        after_value, after_id = _after(cursor, sort_column, id_column)
+        query = query.where(_rows_after(sort_column, id_column, descending, after_value, after_id))
+    if descending:
+        first = sort_column.desc().nulls_first() if sort_column.nullable else sort_column.desc()
+        return query.order_by(first, id_column.desc()).limit(limit + 1)
+    first = sort_column.asc().nulls_last() if sort_column.nullable else sort_column.asc()
+    return query.order_by(first, id_column.asc()).limit(limit + 1)
 
 
-def _restore(column: Column[Any], value: Any) -> Any:
-    """Cursor values travel as JSON; dates and decimals come back as their column's type."""
+def _rows_after(
+    sort_column: Column[Any], id_column: Column[Any], descending: bool, value: Any, after_id: Any
+) -> ColumnElement[bool]:
+    """The rows past (value, id) in `keyset_page`'s order; `value` is None only for a nullable column."""
+    if descending:
+        if value is None:
+            return or_(sort_column.is_not(None), id_column < after_id)
+        return or_(sort_column < value, and_(sort_column == value, id_column < after_id))
     if value is None:
-        return None
-    try:
-        python_type = column.type.python_type
-    except NotImplementedError:
-        return value
-    try:
-        if python_type is datetime:
-            return datetime.fromisoformat(value)
-        if python_type is Decimal:
-            return Decimal(value)
-    except (TypeError, ValueError, ArithmeticError):
-        raise ValidationFailed([FieldError("cursor", "is not a cursor this API issued")]) from None
-    return value
+        return and_(sort_column.is_(None), id_column > after_id)
+    later = or_(sort_column > value, and_(sort_column == value, id_column > after_id))
+    return or_(later, sort_column.is_(None)) if sort_column.nullable else later
 
 
 def next_cursor(rows: Sequence[Any], *, sort_key: str, limit: int) -> str:
-    """The cursor for the page after `rows` (fetched with limit + 1), or '' when this was the last."""
+    """The cursor for the page after `rows` (fetched with limit + 1), or '' when this was the last.
+    `sort_key` names the sort column, and the cursor keeps it to refuse being used with another sort."""
     if len(rows) <= limit:
         return ""
     last = rows[limit - 1]
-    return encode_cursor([getattr(last, sort_key), last.id])
+    return _encode({"sort": sort_key, "value": getattr(last, sort_key), "id": last.id})
+
+
+def _encode(payload: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload, default=str).encode()).decode()
+
+
+def _decode(cursor: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, RecursionError):  # RecursionError: arrays nested a few thousand deep
+        raise _refused(NOT_ISSUED) from None
+
+
+def _refused(message: str) -> ValidationFailed:
+    return ValidationFailed([FieldError("cursor", message)])
+
+
+def _after(cursor: str, sort_column: Column[Any], id_column: Column[Any]) -> tuple[Any, Any]:
+    """The sort value and id a cursor starts after, typed as their columns, if it fits this list."""
+    payload = _decode(cursor)
+    if isinstance(payload, dict) and set(payload) == {"sort", "value", "id"}:
+        made_for = payload["sort"]
+        if made_for not in (sort_column.name, sort_column.key):
+            if isinstance(made_for, str) and made_for.isidentifier():
+                raise _refused(f"belongs to a list sorted by {made_for}; start again without a cursor")
+            raise _refused(NOT_ISSUED)
+        value, after_id = payload["value"], payload["id"]
+    elif isinstance(payload, list) and len(payload) == 2:
+        value, after_id = payload  # issued before cursors named their sort: only the types can be checked
+    else:
+        raise _refused(NOT_ISSUED)
+    return _restore(sort_column, value), _restore(id_column, after_id)
+
+
+def _restore(column: Column[Any], value: Any) -> Any:
+    """A cursor value as its column's type, as `next_cursor` wrote it; refused when the database
+    could not compare it with the column (an error) or would compare it wrongly (SQLite)."""
+    if value is None and column.nullable:
+        return None
+    try:
+        return _typed(column.type, value)
+    except (TypeError, ValueError, ArithmeticError):
+        raise _refused(NOT_THIS_LIST) from None
+
+
+def _typed(column_type: TypeEngine[Any], value: Any) -> Any:
+    """Raises TypeError, ValueError or ArithmeticError when `value` cannot be one of the column's."""
+    sql_type = column_type
+    while isinstance(sql_type, TypeDecorator):
+        sql_type = sql_type.impl_instance
+    try:
+        python_type = column_type.python_type
+    except NotImplementedError:
+        python_type = object
+    if python_type is datetime:
+        moment = datetime.fromisoformat(_text(value))
+        zoned = bool(getattr(sql_type, "timezone", False))
+        if zoned and moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)  # read from SQLite without an offset; stored as UTC
+        if not zoned and moment.tzinfo is not None:
+            raise ValueError("an aware time for a column without time zones")
+        return moment
+    if python_type is date:
+        return date.fromisoformat(_text(value))
+    if python_type is Decimal:
+        number = Decimal(_text(value))
+        if not number.is_finite():
+            raise ValueError("not a finite number")
+        if isinstance(sql_type, Numeric) and sql_type.precision is not None:
+            scale = sql_type.scale or 0
+            if abs(number.quantize(Decimal(1).scaleb(-scale))) >= Decimal(10) ** (sql_type.precision - scale):
+                raise ValueError("more digits than the column has")
+        return number
+    if python_type is int:
+        if type(value) is not int:  # not a bool or a float either
+            raise TypeError("not an integer")
+        bits = next((bits for kind, bits in _INTEGER_BITS if isinstance(sql_type, kind)), 64)
+        if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            raise ValueError("out of the column's range")
+        return value
+    if python_type is str:
+        if text_problem(_text(value)):
+            raise ValueError("not text PostgreSQL can compare")
+        return value
+    # No list sorts by other types yet: their scalars go to the database as JSON gave them.
+    if isinstance(value, list | dict):
+        raise TypeError("not a scalar")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("not a string")
+    return value

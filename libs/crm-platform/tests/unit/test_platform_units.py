@@ -217,6 +217,19 @@ def test_domain_errors_cross_grpc_with_their_details(error: Exception, code: grp
     assert check(remote)  # type: ignore[operator]
 
 
+@pytest.mark.parametrize(
+    ("trailer", "seconds"),
+    [("42", 42), ("0", 0), (None, None), ("-3", None), ("4.5", None), ("soon", None), ("", None), ("٤٢", None),
+     pytest.param("9" * 5000, None, id="5000 digits")],
+)  # fmt: skip
+def test_a_services_wait_crosses_grpc_in_whole_seconds(trailer: str | None, seconds: int | None) -> None:
+    trailers = grpc.aio.Metadata() if trailer is None else grpc.aio.Metadata(("retry-after", trailer))
+    error = grpc.aio.AioRpcError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), trailers, details="too many submissions"
+    )
+    assert from_rpc_error(error).retry_after == seconds
+
+
 def test_infrastructure_failures_are_told_apart_from_bad_events() -> None:
     from crm_platform.consumer import is_infrastructure_failure
     from crm_platform.errors import Unavailable

@@ -98,7 +98,11 @@ def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
         extra["current_version"] = int(remote.metadata["current_version"])
     if remote.reason and status in (409, 412):
         extra["reason"] = remote.reason
-    headers = {"Retry-After": RETRY_AFTER_SECONDS} if status in (429, 503) else None
+    headers = None
+    if status in (429, 503):
+        # The service's own wait when it said one (the leads web form limit counts down a minute).
+        wait = RETRY_AFTER_SECONDS if remote.retry_after is None else str(remote.retry_after)
+        headers = {"Retry-After": wait}
     detail = remote.message if status < 500 or status in (503, 504) else "internal error"
     return problem(status, detail, errors=errors or None, headers=headers, extra=extra or None, instance=instance)
 
