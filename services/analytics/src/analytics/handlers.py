@@ -323,11 +323,16 @@ class Reports:
     def _cursor(cursor: str) -> tuple[Decimal, Decimal, str] | None:
         if not cursor:
             return None
-        values = decode_cursor(cursor)
         try:
+            values = decode_cursor(cursor)
             paid, won, account_id = values
-            return -Decimal(paid), -Decimal(won), str(account_id)
-        except (ValueError, ArithmeticError):
+            if not all(isinstance(value, str) for value in values):  # as `next_cursor` above writes them
+                raise TypeError("not a cursor of this list")
+            amounts = Decimal(paid), Decimal(won)
+            if not all(amount.is_finite() for amount in amounts):
+                raise ValueError("not a finite amount")
+            return -amounts[0], -amounts[1], account_id
+        except (ValidationFailed, TypeError, ValueError, ArithmeticError):
             raise ValidationFailed([FieldError("page.cursor", "is not a cursor this API issued")]) from None
 
     async def _account_facts(

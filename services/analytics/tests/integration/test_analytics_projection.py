@@ -30,6 +30,7 @@ from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine, transaction
 from crm_platform.ids import new_id
+from crm_platform.pagination import encode_cursor
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.service import ServiceApp
 from crm_platform.testing.kafka import produce_event
@@ -494,8 +495,11 @@ async def test_bad_filters_name_the_field(service: Running) -> None:
             pb.GetSalesFunnelRequest(filter=pb.ReportFilter(currency="yuan")), metadata=metadata
         )
     assert "filter.currency" in (caught.value.details() or "")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await service.stub.GetCustomerValue(
-            pb.GetCustomerValueRequest(page=common_pb2.PageRequest(cursor="nonsense!")), metadata=metadata
-        )
-    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    edited_cursors = [[None, "1", "acc"], ["NaN", "1", "acc"], ["1", "2", {"id": "acc"}], [1, 2, "acc"], ["1", "2"]]
+    for cursor in ["nonsense!", *(encode_cursor(values) for values in edited_cursors)]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service.stub.GetCustomerValue(
+                pb.GetCustomerValueRequest(page=common_pb2.PageRequest(cursor=cursor)), metadata=metadata
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, cursor
+        assert "page.cursor" in (caught.value.details() or "")
