@@ -1,9 +1,10 @@
-"""Idempotency keys, shared: a creating call remembers its key with what it created, so a repeated
+"""Idempotency keys, shared: a creating call records its key with what it created, so a repeated
 call answers with the first result instead of creating again.
 
 One table per service database (`idempotency_keys`, see `idempotency_table`), keyed by the operation,
-the caller (the principal's user id; "" where keys are not per caller) and the key. The remembered
-result is JSON: an id (`str`) or a small object (`dict`).
+the caller (the principal's user id; "" where keys are not per caller) and the key. The recorded
+result is JSON: an id (`str`) or a small object (`dict`). `CallerKeys` serves the services whose keys
+are per caller and whose result is an id.
 
 Two ways to record a key, both inside the caller's transaction, so the key and what it created
 commit (or roll back) together:
@@ -11,9 +12,11 @@ commit (or roll back) together:
 - `claim`, before creating: INSERT ... ON CONFLICT DO NOTHING. A concurrent first use of the key
   holds the row lock until it commits; the second waits, then gets the first result back and
   creates nothing. When the call ends in something else than it claimed for, `settle` records that.
-- `remember`, after creating: a plain INSERT. A concurrent duplicate that committed first makes it
-  raise `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the
-  caller may then `recall` the winner's result.
+  The way for every new call site.
+- `remember`, after creating, following a `recall` at the start (leads' conversion still works so):
+  a plain INSERT. A concurrent duplicate that committed first makes it raise
+  `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the caller
+  may then `recall` the winner's result.
 
 Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
 default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
@@ -118,20 +121,19 @@ async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, li
 
 @dataclass(frozen=True, slots=True)
 class CallerKeys:
-    """Keys per calling principal whose result is the id of what was created."""
+    """Keys per calling principal whose result is the id of what the call created (or acted on)."""
 
     table: Table
 
-    async def recall(self, conn: AsyncConnection, operation: str, key: str) -> str | None:
-        result = await recall(conn, self.table, operation=operation, caller=current_principal().user_id, key=key)
-        return None if result is None else str(result)
-
-    async def remember(self, conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> None:
-        """Inside the creating transaction; a concurrent duplicate that committed first raises IntegrityError."""
-        await remember(
+    async def claim(self, conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> str | None:
+        """`claim` for the caller, at the start of the transaction, with the id the call will answer
+        with: None when the key is now this call's (or empty), else the first call's id, and this
+        call must not do the work."""
+        earlier = await claim(
             conn, self.table, operation=operation, caller=current_principal().user_id, key=key, result=result_id,
             now=now,
         )  # fmt: skip
+        return None if earlier is None else str(earlier)
 
 
 def _result(stored: Any) -> Result | None:

@@ -140,17 +140,20 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
         raise ValidationFailed([FieldError("parent_id", "would make the account hierarchy a cycle")])
 
 
-# A repeated create with the same key (per caller) answers with the first result.
+# A repeated create with the same key (per caller) answers with the first result. Each call claims
+# its key first thing in its transaction: a concurrent repeat waits there, then answers alike.
 _idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
 async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_key: str, in_pool: bool) -> Any:
     principal = current_principal()
+    account_id = new_id()
+    now = ctx.clock()
     try:
         async with ctx.uow.begin() as tx:
-            replayed = await _idempotency_keys.recall(tx.conn, "create_account", idempotency_key)
-            if replayed:
-                return await repo.get_account(tx.conn, replayed)
+            earlier = await _idempotency_keys.claim(tx.conn, "create_account", idempotency_key, account_id, now)
+            if earlier is not None:
+                return await repo.get_account(tx.conn, earlier)
             # A rep's new account lands in their own region and team unless set (managers may set them).
             values = {**values, "name": str(values.get("name", "")).strip()}
             values["region"] = values.get("region") or principal.region
@@ -163,9 +166,7 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
                 raise AlreadyExists(
                     f"account {values['name']!r} already exists in this region", existing_id=duplicate.id
                 )
-            account_id = new_id()
             await _check_parent(tx.conn, account_id, values.get("parent_id") or "")
-            now = ctx.clock()
             row = {
                 **{k: v for k, v in values.items() if k in repo.accounts.c and k not in ("custom", "tags")},
                 "id": account_id,
@@ -187,14 +188,10 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
             tx.publish(
                 events_pb2.AccountCreated(account=account_to_proto(created), actor=actor(principal)), key=account_id
             )
-            await _idempotency_keys.remember(tx.conn, "create_account", idempotency_key, account_id, now)
             return created
     except IntegrityError:
-        # A concurrent create won the unique dedupe index (or the idempotency key): answer as it would have.
+        # A concurrent create (another key) won the unique dedupe index: answer as it would have.
         async with ctx.uow.engine.connect() as conn:
-            replayed = await _idempotency_keys.recall(conn, "create_account", idempotency_key)
-            if replayed:
-                return await repo.get_account(conn, replayed)
             duplicate = await repo.find_by_dedupe_key(conn, domain.dedupe_key(values["name"], values.get("region", "")))
         raise AlreadyExists(
             "account already exists in this region", existing_id=duplicate.id if duplicate else ""
@@ -345,10 +342,11 @@ async def _publish_account_updated(tx: Transaction, account_id: str, changed: li
 async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, idempotency_key: str) -> dict[str, Any]:
     principal = current_principal()
     a, c, act, t = repo.accounts, repo.contacts, repo.activities, repo.tasks
+    now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "merge_accounts", idempotency_key)
-        if replayed:
-            return {"survivor": await repo.get_account(tx.conn, replayed), "contacts": [], "activities": 0, "tasks": 0}
+        earlier = await _idempotency_keys.claim(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
+        if earlier is not None:
+            return {"survivor": await repo.get_account(tx.conn, earlier), "contacts": [], "activities": 0, "tasks": 0}
         # Lock in id order so two merges touching the same pair cannot deadlock.
         rows = {}
         for account_id in sorted({survivor_id, duplicate_id}):
@@ -365,7 +363,6 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
                 duplicate_merged_into=duplicate.merged_into_id,
             )
         )
-        now = ctx.clock()
         changes = domain.merge_changes(survivor._asdict(), duplicate._asdict())
         if changes.get("parent_id") and domain.parent_cycle(
             survivor_id, str(changes["parent_id"]), await repo.parent_chain(tx.conn, str(changes["parent_id"]))
@@ -419,7 +416,6 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             key=duplicate_id,
         )
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
-        await _idempotency_keys.remember(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
         return {"survivor": updated, "contacts": moved_contacts, "activities": moved_activities, "tasks": moved_tasks}
 
 
@@ -464,14 +460,14 @@ async def _release(tx: Transaction, row: Any, *, now: datetime, reason: str, pri
 async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) -> Any:
     principal = current_principal()
     a = repo.accounts
+    now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "claim_account", idempotency_key)
-        if replayed:
-            return await repo.get_account(tx.conn, replayed)
+        earlier = await _idempotency_keys.claim(tx.conn, "claim_account", idempotency_key, account_id, now)
+        if earlier is not None:
+            return await repo.get_account(tx.conn, earlier)
         row = await repo.get_account(tx.conn, account_id, for_update=True)
         if row is None or row.merged_into_id:
             raise NotFound("account", account_id)
-        now = ctx.clock()
         claims = await tx.conn.scalar(
             select(func.count())
             .select_from(repo.pool_claims)
@@ -528,7 +524,6 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
             ),
             key=account_id,
         )
-        await _idempotency_keys.remember(tx.conn, "claim_account", idempotency_key, account_id, now)
         return claimed
 
 
@@ -634,14 +629,12 @@ async def bulk_transfer(
     _fail(errors)
     principal = current_principal()
     a, t = repo.accounts, repo.tasks
+    now = ctx.clock()
+    bulk_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "bulk_transfer", idempotency_key)
-        if replayed:
-            return (
-                await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == replayed))
-            ).one()
-        now = ctx.clock()
-        bulk_id = new_id()
+        earlier = await _idempotency_keys.claim(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == earlier))).one()
         query = (
             select(a)
             .where(
@@ -694,7 +687,6 @@ async def bulk_transfer(
                 created_at=now,
             )
         )
-        await _idempotency_keys.remember(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
         return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))).one()
 
 
@@ -724,16 +716,16 @@ async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
 
 async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_key: str) -> Any:
     principal = current_principal()
+    now = ctx.clock()
+    contact_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_contact", idempotency_key)
-        if replayed:
-            return await repo.get_contact(tx.conn, replayed)
+        earlier = await _idempotency_keys.claim(tx.conn, "create_contact", idempotency_key, contact_id, now)
+        if earlier is not None:
+            return await repo.get_contact(tx.conn, earlier)
         values["tags"] = domain.normalise_tags(values.get("tags", []))
         _fail(domain.check_contact(values))
         account = await _account_for_contact(tx.conn, values["account_id"])
         custom = await _custom_values(tx.conn, "contact", values.get("custom") or {}, existing=None)
-        now = ctx.clock()
-        contact_id = new_id()
         if values.get("is_primary"):
             await _clear_primary(tx.conn, account.id)
         row = {
@@ -753,7 +745,6 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         await tx.conn.execute(insert(repo.contacts).values(**row))
         created = await repo.get_contact(tx.conn, contact_id)
         tx.publish(events_pb2.ContactCreated(contact=contact_to_proto(created), actor=actor(principal)), key=contact_id)
-        await _idempotency_keys.remember(tx.conn, "create_contact", idempotency_key, contact_id, now)
         return created
 
 
@@ -874,10 +865,11 @@ async def log_activity(
     if when > now + timedelta(minutes=5):
         errors.append(FieldError("occurred_at", "must not be in the future"))
     _fail(errors)
+    activity_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "log_activity", idempotency_key)
-        if replayed:
-            return (await tx.conn.execute(select(act).where(act.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "log_activity", idempotency_key, activity_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(act).where(act.c.id == earlier))).one()
         account = await _live_account(tx.conn, account_id, for_update=True)
         if contact_id:
             contact = await repo.get_contact(tx.conn, contact_id)
@@ -885,7 +877,6 @@ async def log_activity(
                 raise ValidationFailed(
                     [FieldError("contact_id", f"contact {contact_id} is not on account {account_id}")]
                 )
-        activity_id = new_id()
         await tx.conn.execute(
             insert(act).values(
                 id=activity_id,
@@ -906,7 +897,6 @@ async def log_activity(
             )
         row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
         tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
-        await _idempotency_keys.remember(tx.conn, "log_activity", idempotency_key, activity_id, now)
         return row
 
 
@@ -946,16 +936,16 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
     principal = current_principal()
     t = repo.tasks
     _fail([] if str(values.get("title", "")).strip() else [FieldError("title", "is required")])
+    now = ctx.clock()
+    task_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_task", idempotency_key)
-        if replayed:
-            return (await tx.conn.execute(select(t).where(t.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "create_task", idempotency_key, task_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(t).where(t.c.id == earlier))).one()
         team, region = principal.team, principal.region
         if values.get("account_id"):
             account = await _live_account(tx.conn, values["account_id"])
             team, region = account.team or team, account.region
-        now = ctx.clock()
-        task_id = new_id()
         await tx.conn.execute(
             insert(t).values(
                 id=task_id,
@@ -976,7 +966,6 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         )
         row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
         tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
-        await _idempotency_keys.remember(tx.conn, "create_task", idempotency_key, task_id, now)
         return row
 
 
@@ -1063,12 +1052,12 @@ async def create_reminder_rule(
     _fail(domain.check_reminder_rule(name=name, tiers=tiers, inactive_days=inactive_days, due_in_hours=due_in_hours))
     principal = current_principal()
     r = repo.reminder_rules
+    rule_id = new_id()
+    now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_reminder_rule", idempotency_key)
-        if replayed:
-            return (await tx.conn.execute(select(r).where(r.c.id == replayed))).one()
-        rule_id = new_id()
-        now = ctx.clock()
+        earlier = await _idempotency_keys.claim(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(r).where(r.c.id == earlier))).one()
         title = task_title.strip() or f"{name.strip()}: follow up"
         await tx.conn.execute(
             insert(r).values(
@@ -1083,7 +1072,6 @@ async def create_reminder_rule(
                 created_at=now,
             )
         )
-        await _idempotency_keys.remember(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
         return (await tx.conn.execute(select(r).where(r.c.id == rule_id))).one()
 
 
@@ -1125,14 +1113,14 @@ async def create_segment(
         errors.append(FieldError("visibility", "a team segment needs a caller with a team"))
     _fail(errors)
     s = repo.segments
+    segment_id = new_id()
+    now = ctx.clock()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_segment", idempotency_key)
-        if replayed:
-            return (await tx.conn.execute(select(s).where(s.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "create_segment", idempotency_key, segment_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(s).where(s.c.id == earlier))).one()
         # Validate the filter now, so a saved segment always runs.
         await filter_from_pairs(tx.conn, [*filters.items(), *(("tag", t) for t in tags)], field_prefix="filters")
-        segment_id = new_id()
-        now = ctx.clock()
         await tx.conn.execute(
             insert(s).values(
                 id=segment_id,
@@ -1145,7 +1133,6 @@ async def create_segment(
                 created_at=now,
             )
         )
-        await _idempotency_keys.remember(tx.conn, "create_segment", idempotency_key, segment_id, now)
         return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
 
 

@@ -194,7 +194,8 @@ def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
     tx.publish(events_pb2.TicketEscalated(ticket=ticket_to_proto(t), reason=reason), key=t["id"])
 
 
-# A repeated create with the same key (per caller) answers with the first result.
+# A repeated create with the same key (per caller) answers with the first result. Each call claims
+# its key first thing in its transaction: a concurrent repeat waits there, then answers alike.
 _idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
@@ -206,15 +207,16 @@ async def create_ticket(
     _fail(domain.validate_ticket(values, partial=False))
     principal = current_principal()
     now = ctx.clock()
+    ticket_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_ticket", idempotency_key)
-        if replayed is not None:
-            row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "create_ticket", idempotency_key, ticket_id, now)
+        if earlier is not None:
+            row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == earlier))).one()
             return row, []
         account = await _account(tx.conn, values.get("account_id", ""))
         custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
         t: dict[str, Any] = {
-            "id": new_id(),
+            "id": ticket_id,
             **{name: values.get(name) or "" for name in TICKET_FIELDS if name not in ("tags", "custom")},
             "tags": values.get("tags") or [],
             "custom": custom,
@@ -249,7 +251,6 @@ async def create_ticket(
             else:
                 _escalate(tx, t, "no_agent_available")
         await tx.conn.execute(insert(repo.tickets).values(**t))
-        await _idempotency_keys.remember(tx.conn, "create_ticket", idempotency_key, t["id"], now)
         suggestions = await _suggestions(tx.conn, t, ctx.suggestions)
     return t, suggestions
 
@@ -435,17 +436,18 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
         raise ValidationFailed([FieldError("body", "must be at most 20000 characters")])
     principal = current_principal()
     now = ctx.clock()
+    comment_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "add_comment", idempotency_key)
-        if replayed is not None:
+        earlier = await _idempotency_keys.claim(tx.conn, "add_comment", idempotency_key, comment_id, now)
+        if earlier is not None:
             return (
-                await tx.conn.execute(select(repo.ticket_comments).where(repo.ticket_comments.c.id == replayed))
+                await tx.conn.execute(select(repo.ticket_comments).where(repo.ticket_comments.c.id == earlier))
             ).one()
         t = await _ticket_for_update(tx.conn, ticket_id)
         if t["status"] == "closed":
             raise Conflict("a closed ticket takes no comments", reason="TICKET_CLOSED")
         comment: dict[str, Any] = {
-            "id": new_id(), "ticket_id": ticket_id, "author_id": principal.user_id, "body": body, "public": public,
+            "id": comment_id, "ticket_id": ticket_id, "author_id": principal.user_id, "body": body, "public": public,
             "created_at": now,
         }  # fmt: skip
         await tx.conn.execute(insert(repo.ticket_comments).values(**comment))
@@ -456,7 +458,6 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
             t["updated_at"] = now
             t["version"] += 1
             await _store(tx.conn, t)
-        await _idempotency_keys.remember(tx.conn, "add_comment", idempotency_key, comment["id"], now)
     return comment
 
 
@@ -465,17 +466,17 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
         raise ValidationFailed([FieldError("minutes", "must be from 1 to 1440")])
     principal = current_principal()
     now = ctx.clock()
+    entry_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "log_work", idempotency_key)
-        if replayed is not None:
-            return (await tx.conn.execute(select(repo.work_log).where(repo.work_log.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "log_work", idempotency_key, entry_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(repo.work_log).where(repo.work_log.c.id == earlier))).one()
         await _ticket_for_update(tx.conn, ticket_id)
         entry: dict[str, Any] = {
-            "id": new_id(), "ticket_id": ticket_id, "agent_id": principal.user_id, "minutes": minutes, "note": note,
+            "id": entry_id, "ticket_id": ticket_id, "agent_id": principal.user_id, "minutes": minutes, "note": note,
             "logged_at": now,
         }  # fmt: skip
         await tx.conn.execute(insert(repo.work_log).values(**entry))
-        await _idempotency_keys.remember(tx.conn, "log_work", idempotency_key, entry["id"], now)
     return entry
 
 
@@ -621,21 +622,21 @@ async def create_agent(ctx: Context, values: dict[str, Any], *, idempotency_key:
     values = {"capacity": 10, "available": True, "skills": [], "region": "", "team": "", **values}
     _fail(domain.validate_agent(values, partial=False))
     now = ctx.clock()
+    agent_id = values["id"].strip()
     try:
         async with ctx.uow.begin() as tx:
-            replayed = await _idempotency_keys.recall(tx.conn, "create_agent", idempotency_key)
-            if replayed is None:
+            earlier = await _idempotency_keys.claim(tx.conn, "create_agent", idempotency_key, agent_id, now)
+            if earlier is None:
                 await tx.conn.execute(
                     insert(repo.agents).values(
-                        id=values["id"].strip(), name=values["name"].strip(),
+                        id=agent_id, name=values["name"].strip(),
                         skills=sorted({s.strip() for s in values["skills"]}), region=values["region"],
                         team=values["team"], capacity=values["capacity"], available=values["available"],
                         created_at=now, updated_at=now, version=1,
                     )
                 )  # fmt: skip
-                await _idempotency_keys.remember(tx.conn, "create_agent", idempotency_key, values["id"], now)
-                replayed = values["id"].strip()
-            row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == replayed))).one()
+            result_id = agent_id if earlier is None else earlier
+            row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == result_id))).one()
             return await _agent_out(tx.conn, row)
     except IntegrityError:
         raise AlreadyExists(f"agent {values['id']} already exists", existing_id=values["id"]) from None
@@ -688,22 +689,22 @@ async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *,
     principal = current_principal()
     now = ctx.clock()
     table = repo.csat_responses
+    response_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "submit_csat", idempotency_key)
-        if replayed is not None:
-            return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
+        earlier = await _idempotency_keys.claim(tx.conn, "submit_csat", idempotency_key, response_id, now)
+        if earlier is not None:
+            return (await tx.conn.execute(select(table).where(table.c.id == earlier))).one()
         t = await _ticket_for_update(tx.conn, ticket_id)
         domain.validate_csat(t["status"], score, comment)
         existing = await tx.conn.scalar(select(table.c.id).where(table.c.ticket_id == ticket_id))
         if existing is not None:
             raise AlreadyExists(f"ticket {ticket_id} already has a survey answer", existing_id=str(existing))
         response = {
-            "id": new_id(), "ticket_id": ticket_id, "account_id": t["account_id"], "score": score, "comment": comment,
-            "submitted_by_id": principal.user_id, "owner_id": t["owner_id"], "team": t["team"], "region": t["region"],
-            "submitted_at": now,
+            "id": response_id, "ticket_id": ticket_id, "account_id": t["account_id"], "score": score,
+            "comment": comment, "submitted_by_id": principal.user_id, "owner_id": t["owner_id"], "team": t["team"],
+            "region": t["region"], "submitted_at": now,
         }  # fmt: skip
         await tx.conn.execute(insert(table).values(**response))
-        await _idempotency_keys.remember(tx.conn, "submit_csat", idempotency_key, response["id"], now)
         tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=ticket_id)
     return response
 
@@ -766,18 +767,18 @@ async def create_article(ctx: Context, values: dict[str, Any], *, idempotency_ke
     principal = current_principal()
     now = ctx.clock()
     table = repo.kb_articles
+    article_id = new_id()
     async with ctx.uow.begin() as tx:
-        replayed = await _idempotency_keys.recall(tx.conn, "create_article", idempotency_key)
-        if replayed is None:
-            replayed = new_id()
+        earlier = await _idempotency_keys.claim(tx.conn, "create_article", idempotency_key, article_id, now)
+        if earlier is None:
             await tx.conn.execute(
                 insert(table).values(
-                    id=replayed, **{name: values[name] for name in ARTICLE_FIELDS}, author_id=principal.user_id,
+                    id=article_id, **{name: values[name] for name in ARTICLE_FIELDS}, author_id=principal.user_id,
                     created_at=now, updated_at=now, version=1,
                 )
             )  # fmt: skip
-            await _idempotency_keys.remember(tx.conn, "create_article", idempotency_key, replayed, now)
-        return (await tx.conn.execute(select(table).where(table.c.id == replayed))).one()
+        result_id = article_id if earlier is None else earlier
+        return (await tx.conn.execute(select(table).where(table.c.id == result_id))).one()
 
 
 async def get_article(ctx: Context, article_id: str) -> Any:
