@@ -29,8 +29,9 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 NEEDS_ASSIGNEE = frozenset({"in_progress", "waiting_customer"})
 # Reaching one of these means the customer has been answered.
 RESPONDING_STATUSES = frozenset({"in_progress", "waiting_customer", "resolved"})
-# While the customer owes an answer the resolution clock stops (the time is added to its target).
-PAUSING_STATUSES = frozenset({"waiting_customer"})
+# While the customer owes an answer, or has a resolution to accept, the resolution clock stops (the
+# time is added to its target): a ticket reopened days after it was resolved in time is not late.
+PAUSING_STATUSES = frozenset({"waiting_customer", "resolved"})
 ASSIGNABLE_STATUSES = frozenset({"new", "assigned", "in_progress", "waiting_customer", "reopened"})
 
 WARNING_FRACTION = 0.8
@@ -182,12 +183,24 @@ def choose_agent(agents: Sequence[AgentLoad], *, category: str, region: str) -> 
     return min(candidates, key=lambda agent: (agent.open_tickets, agent.id))
 
 
+def check_manual_assignment(agent_id: str, available: bool, capacity: int, open_tickets: int) -> None:
+    """A ticket given to a named agent: any skill or region, but never to one away or at capacity."""
+    if not available:
+        raise Conflict(f"agent {agent_id} is not available", reason="AGENT_UNAVAILABLE")
+    if open_tickets >= capacity:
+        raise Conflict(
+            f"agent {agent_id} has {open_tickets} open tickets, the capacity of {capacity}", reason="AGENT_AT_CAPACITY"
+        )
+
+
 # --- CSAT and return visits ------------------------------------------------------------------------
 
 CSAT_COMMENT_MAX = 2000
 
 
-def validate_csat(status: str, score: int, comment: str) -> None:
+def validate_csat(status: str, resolved: bool, score: int, comment: str) -> None:
+    """A survey answers a ticket that was resolved (`resolved`: it has a resolution time), whether
+    or not it is closed since; one closed without a resolution (spam, a duplicate) takes none."""
     errors = []
     if not 1 <= score <= 5:
         errors.append(FieldError("score", "must be an integer from 1 to 5"))
@@ -197,6 +210,8 @@ def validate_csat(status: str, score: int, comment: str) -> None:
         raise ValidationFailed(errors)
     if status not in DONE_STATUSES:
         raise Conflict(f"a survey needs a resolved ticket; this one is {status}", reason="TICKET_NOT_RESOLVED")
+    if not resolved:
+        raise Conflict("a survey needs a resolved ticket; this one was closed unresolved", reason="TICKET_NOT_RESOLVED")
 
 
 def return_visit_due(resolved_at: datetime, account_tier: str, days: float) -> datetime | None:

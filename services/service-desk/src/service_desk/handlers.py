@@ -112,7 +112,8 @@ def _clocks(t: Mapping[str, Any]) -> list[SlaClock]:
         ),
         SlaClock(
             target=RESOLUTION,
-            started_at=started,
+            # Paused time is not the team's: the 80 % warning is of the working time, as the due time is.
+            started_at=started + timedelta(seconds=t["sla_paused_seconds"]),
             due_at=as_utc(t["resolution_due_at"]),
             met=done or t["sla_paused_at"] is not None,
             warned=t["resolution_warned_at"] is not None,
@@ -349,7 +350,8 @@ async def change_status(ctx: Context, ticket_id: str, status: str, *, expected_v
         elif status == "reopened":
             t["resolved_at"] = None
         if status in domain.PAUSING_STATUSES:
-            t["sla_paused_at"] = now
+            if t["sla_paused_at"] is None:  # waiting for the customer, then resolved: one pause
+                t["sla_paused_at"] = now
         elif t["sla_paused_at"] is not None:
             waited = int((now - as_utc(t["sla_paused_at"])).total_seconds())
             t["sla_paused_seconds"] += waited
@@ -417,6 +419,10 @@ async def assign_ticket(ctx: Context, ticket_id: str, assignee_id: str, *, expec
             ).first()
             if agent is None:
                 raise ValidationFailed([FieldError("assignee_id", f"{assignee_id!r} is not a service agent")])
+            if agent.id != t["assignee_id"]:
+                # A person may send a ticket out of its region or skill; not to someone away or full.
+                open_tickets = (await repo.open_ticket_counts(tx.conn, [agent.id])).get(agent.id, 0)
+                domain.check_manual_assignment(agent.id, agent.available, agent.capacity, open_tickets)
         else:
             agent = await _choose_agent(tx.conn, t["category"], t["region"])
             if agent is None:
@@ -695,7 +701,7 @@ async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *,
         if earlier is not None:
             return (await tx.conn.execute(select(table).where(table.c.id == earlier))).one()
         t = await _ticket_for_update(tx.conn, ticket_id)
-        domain.validate_csat(t["status"], score, comment)
+        domain.validate_csat(t["status"], t["resolved_at"] is not None, score, comment)
         existing = await tx.conn.scalar(select(table.c.id).where(table.c.ticket_id == ticket_id))
         if existing is not None:
             raise AlreadyExists(f"ticket {ticket_id} already has a survey answer", existing_id=str(existing))
@@ -851,6 +857,12 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
             index_elements=["account_id"], set_={"tier": tier, "region": region, "updated_at": values["updated_at"]}
         )
     )
+    return await _retime_open_tickets(tx, account_id, tier)
+
+
+async def _retime_open_tickets(tx: Transaction, account_id: str, tier: str) -> int:
+    """The account's open tickets of another tier take `tier` and the SLA targets of their new
+    effective priority; returns how many."""
     t = repo.tickets
     rows = await tx.conn.execute(
         select(t)
@@ -883,7 +895,11 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
 
 
 async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: str) -> None:
-    """Tickets, surveys and return visits of a merged-away account follow it to the survivor."""
+    """Tickets, surveys and return visits of a merged-away account follow it to the survivor; its
+    open tickets are served at the survivor's tier from then on (a VIP survivor raises them)."""
     for table in (repo.tickets, repo.csat_responses, repo.return_visits):
         await tx.conn.execute(update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id))
     await tx.conn.execute(delete(repo.account_tiers).where(repo.account_tiers.c.account_id == duplicate_id))
+    survivor = await _account(tx.conn, survivor_id)
+    if survivor is not None:
+        await _retime_open_tickets(tx, survivor_id, survivor.tier)

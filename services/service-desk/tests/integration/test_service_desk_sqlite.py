@@ -201,8 +201,8 @@ async def test_waiting_for_the_customer_pauses_the_resolution_clock(ctx: Context
         # A later priority change keeps the waited time.
         urgent = await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)
         assert urgent["resolution_due_at"] == start + timedelta(hours=12)  # 4 h target + 8 h waited
-        # 80 % of the (moved) window is 9.6 h after creation: the warning comes then, not before.
-        ctx.clock = lambda: start + timedelta(hours=9, minutes=30)
+        # 80 % of the 4 h of working time is 3.2 h: with 8 h waited, 11.2 h after creation.
+        ctx.clock = lambda: start + timedelta(hours=11, minutes=10)
         assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
-        ctx.clock = lambda: start + timedelta(hours=9, minutes=40)
+        ctx.clock = lambda: start + timedelta(hours=11, minutes=15)
         assert await handlers.run_sla_timer(ctx, batch_size=10) == 1

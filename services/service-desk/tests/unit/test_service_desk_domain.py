@@ -216,18 +216,33 @@ def test_ticket_without_category_or_region_goes_to_anyone_free() -> None:
 @pytest.mark.parametrize("score", [0, 6, -1])
 def test_csat_score_out_of_range_names_score(score: int) -> None:
     with pytest.raises(ValidationFailed) as caught:
-        domain.validate_csat("resolved", score, "")
+        domain.validate_csat("resolved", True, score, "")
     assert caught.value.errors[0].field == "score"
 
 
 def test_csat_needs_a_resolved_ticket_and_a_short_comment() -> None:
-    domain.validate_csat("resolved", 5, "great")
-    domain.validate_csat("closed", 1, "")
+    domain.validate_csat("resolved", True, 5, "great")
+    domain.validate_csat("closed", True, 1, "")
     with pytest.raises(Conflict):
-        domain.validate_csat("in_progress", 4, "")
+        domain.validate_csat("in_progress", False, 4, "")
     with pytest.raises(ValidationFailed) as caught:
-        domain.validate_csat("resolved", 3, "x" * 2001)
+        domain.validate_csat("resolved", True, 3, "x" * 2001)
     assert caught.value.errors[0].field == "comment"
+
+
+def test_csat_needs_a_ticket_that_was_resolved_not_just_closed() -> None:
+    with pytest.raises(Conflict) as caught:
+        domain.validate_csat("closed", False, 5, "")
+    assert caught.value.reason == "TICKET_NOT_RESOLVED"
+
+
+def test_a_person_may_assign_across_skill_and_region_but_not_to_an_agent_away_or_full() -> None:
+    domain.check_manual_assignment("a", True, 3, 2)
+    with pytest.raises(Conflict) as away:
+        domain.check_manual_assignment("a", False, 3, 0)
+    with pytest.raises(Conflict) as full:
+        domain.check_manual_assignment("a", True, 3, 3)
+    assert (away.value.reason, full.value.reason) == ("AGENT_UNAVAILABLE", "AGENT_AT_CAPACITY")
 
 
 def test_return_visit_only_for_tier_a() -> None:
