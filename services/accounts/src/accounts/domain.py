@@ -140,6 +140,12 @@ def check_contact(values: Mapping[str, object]) -> list[FieldError]:
     return errors
 
 
+def contact_owner(*, account_owner_id: str, caller_id: str) -> str:
+    """A contact belongs to its account's owner, wherever it was created or moved from; on an account
+    in the public pool (no owner) to the caller who adds or moves it there."""
+    return account_owner_id or caller_id
+
+
 # --- hierarchy -------------------------------------------------------------------------------
 
 

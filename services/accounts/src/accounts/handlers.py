@@ -134,7 +134,8 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
     if not parent_id:
         return
     parent = await repo.get_account(conn, parent_id)
-    if parent is None or parent.merged_into_id:
+    # A parent the caller may not see answers as a missing one: never reveal that an id exists.
+    if parent is None or parent.merged_into_id or not (parent.in_pool or _visible(current_scope(), parent)):
         raise ValidationFailed([FieldError("parent_id", f"account {parent_id} does not exist")])
     if domain.parent_cycle(account_id, parent_id, await repo.parent_chain(conn, parent_id)):
         raise ValidationFailed([FieldError("parent_id", "would make the account hierarchy a cycle")])
@@ -226,7 +227,9 @@ async def update_account(ctx: Context, account_id: str, values: dict[str, Any], 
                 changes["custom"] = await _custom_values(tx.conn, "account", values["custom"], existing=row.custom)
             if "parent_id" in values:
                 changes["parent_id"] = values["parent_id"] or None
-                await _check_parent(tx.conn, account_id, values["parent_id"] or "")
+                # Only a new parent is checked: saving the account as read keeps a parent out of scope.
+                if changes["parent_id"] != row.parent_id:
+                    await _check_parent(tx.conn, account_id, values["parent_id"] or "")
             name, region = changes.get("name", row.name), changes.get("region", row.region)
             key = domain.dedupe_key(name, region)
             if key != row.dedupe_key:
@@ -255,6 +258,10 @@ async def update_account(ctx: Context, account_id: str, values: dict[str, Any], 
 
 
 async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> None:
+    """Soft-deletes the account with its contacts (each evented as DeleteContact does) and cancels its
+    open tasks. Contact writes share-lock their account, so none lands on it meanwhile."""
+    principal = current_principal()
+    c, t = repo.contacts, repo.tasks
     async with ctx.uow.begin() as tx:
         row = await _live_account(tx.conn, account_id, for_update=True)
         _check_version("account", row, expected_version)
@@ -262,7 +269,24 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
         await tx.conn.execute(
             update(repo.accounts).where(repo.accounts.c.id == account_id).values(deleted_at=now, updated_at=now)
         )
-        tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(current_principal())), key=account_id)
+        contact_ids = await tx.conn.scalars(
+            update(c)
+            .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
+            .values(deleted_at=now, updated_at=now)
+            .returning(c.c.id)
+        )
+        for contact_id in sorted(contact_ids):
+            tx.publish(
+                events_pb2.ContactDeleted(contact_id=contact_id, account_id=account_id, actor=actor(principal)),
+                key=contact_id,
+            )
+        # The task events have none for a cancellation (as for any task edit): nothing to publish.
+        await tx.conn.execute(
+            update(t)
+            .where(t.c.account_id == account_id, t.c.status == "open")
+            .values(status="cancelled", updated_at=now, version=t.c.version + 1)
+        )
+        tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
 
 
 async def segment_filter(conn: AsyncConnection, segment_id: str) -> AccountFilter:
@@ -314,14 +338,9 @@ async def list_accounts(
 ) -> tuple[list[Any], str]:
     async with ctx.uow.engine.connect() as conn:
         f.custom = await custom_filters(conn, "account", custom_pairs)
-        if segment_id:
-            saved = await segment_filter(conn, segment_id)
-            for name in ("tiers", "lifecycles", "regions", "industries", "tags", "custom"):
-                getattr(f, name).extend(getattr(saved, name))
-            for name in ("q", "owner_id", "team", "parent_id", "in_pool", "created_after"):
-                if getattr(f, name) in ("", None):
-                    setattr(f, name, getattr(saved, name))
-        return await repo.list_accounts(conn, f, current_scope(), page, sort)
+        # A segment narrows the list: its filters and the request's must all hold.
+        saved = await segment_filter(conn, segment_id) if segment_id else None
+        return await repo.list_accounts(conn, f, current_scope(), page, sort, segment=saved)
 
 
 async def list_pool(ctx: Context, f: AccountFilter, page: Page, sort: str) -> tuple[list[Any], str]:
@@ -704,13 +723,39 @@ def _contact_norms(values: Mapping[str, Any], country_code: str) -> dict[str, st
     return norms
 
 
-async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
-    """The live account a contact attaches to; a merged-away id resolves to its survivor."""
+async def _survivor_id(conn: AsyncConnection, account_id: str) -> str:
+    """The account a contact attaching to `account_id` lands on: it, or its survivor; "" when deleted or unknown."""
     row = await repo.get_account(conn, account_id)
-    if row is not None and row.merged_into_id:
-        row = await repo.get_account(conn, row.merged_into_id)
-    if row is None or not (row.in_pool or _visible(current_scope(), row)):
+    return "" if row is None else row.merged_into_id or row.id
+
+
+async def _lock_for_contact_write(conn: AsyncConnection, *account_ids: str) -> None:
+    """Share-locks the accounts a contact write touches until it commits: a delete of one, which takes
+    the account's contacts along, waits for the write (and the write then sees the account gone)."""
+    await repo.share_lock_accounts(conn, [await _survivor_id(conn, i) for i in account_ids if i])
+
+
+async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
+    """The live account a contact attaches to (locked as above); a merged-away id resolves to its survivor."""
+    survivor_id = await _survivor_id(conn, account_id)
+    await repo.share_lock_accounts(conn, [survivor_id])
+    row = await repo.get_account(conn, survivor_id) if survivor_id else None
+    if row is None or row.merged_into_id or not (row.in_pool or _visible(current_scope(), row)):
         raise ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")])
+    return row
+
+
+async def _writable_contact(conn: AsyncConnection, contact_id: str, *, new_account_id: str = "") -> Any:
+    """A visible contact of a live account, its account and any new one (`new_account_id`) locked as above.
+
+    A contact of a deleted account answers as deleted: its account took it along (one left live by an
+    older release stays read-only)."""
+    row = await repo.get_contact(conn, contact_id)
+    if row is None or not _visible(current_scope(), row):
+        raise NotFound("contact", contact_id)
+    await _lock_for_contact_write(conn, row.account_id, new_account_id)
+    if await repo.get_account(conn, row.account_id) is None:
+        raise NotFound("contact", contact_id)
     return row
 
 
@@ -735,7 +780,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
             "account_id": account.id,
             "name": values["name"].strip(),
             "custom": custom,
-            "owner_id": account.owner_id or principal.user_id,
+            "owner_id": domain.contact_owner(account_owner_id=account.owner_id, caller_id=principal.user_id),
             "team": account.team,
             "region": account.region,
             "created_at": now,
@@ -765,9 +810,7 @@ async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], 
     principal = current_principal()
     c = repo.contacts
     async with ctx.uow.begin() as tx:
-        row = await repo.get_contact(tx.conn, contact_id)
-        if row is None or not _visible(current_scope(), row):
-            raise NotFound("contact", contact_id)
+        row = await _writable_contact(tx.conn, contact_id, new_account_id=str(values.get("account_id") or ""))
         _check_version("contact", row, expected_version)
         if "tags" in values:
             values["tags"] = domain.normalise_tags(values["tags"])
@@ -777,7 +820,9 @@ async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], 
             changes["custom"] = await _custom_values(tx.conn, "contact", values["custom"], existing=row.custom)
         if "account_id" in values and values["account_id"] != row.account_id:
             account = await _account_for_contact(tx.conn, values["account_id"])
-            changes.update(account_id=account.id, team=account.team, region=account.region)
+            # The contact follows its new account's owner, as a created or merged one does.
+            owner = domain.contact_owner(account_owner_id=account.owner_id, caller_id=principal.user_id)
+            changes.update(account_id=account.id, owner_id=owner, team=account.team, region=account.region)
         if values.get("is_primary"):
             await _clear_primary(tx.conn, changes.get("account_id", row.account_id))
         changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
@@ -800,9 +845,7 @@ async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], 
 async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int) -> None:
     c = repo.contacts
     async with ctx.uow.begin() as tx:
-        row = await repo.get_contact(tx.conn, contact_id)
-        if row is None or not _visible(current_scope(), row):
-            raise NotFound("contact", contact_id)
+        row = await _writable_contact(tx.conn, contact_id)
         _check_version("contact", row, expected_version)
         now = ctx.clock()
         await tx.conn.execute(update(c).where(c.c.id == contact_id).values(deleted_at=now, updated_at=now))
@@ -853,6 +896,9 @@ async def log_activity(
     occurred_at: datetime | None,
     idempotency_key: str,
 ) -> Any:
+    """An activity of the caller on an account. The call's record scope is the caller's scope for
+    reading accounts (the gateway's to send): the account must be readable in it, while the activity
+    is always the caller's own, whatever their activities scope (a service agent's is `own`)."""
     principal = current_principal()
     act = repo.activities
     errors = (

@@ -365,6 +365,14 @@ def account_conditions(conn: AsyncConnection, f: AccountFilter) -> list[ColumnEl
     where: list[ColumnElement[bool]] = [t.c.deleted_at.is_(None)]
     if not f.include_merged:
         where.append(t.c.merged_into_id == "")
+    where.extend(filter_conditions(conn, f))
+    return where
+
+
+def filter_conditions(conn: AsyncConnection, f: AccountFilter) -> list[ColumnElement[bool]]:
+    """What `f` asks of an account beyond being live (or merged, with `include_merged`)."""
+    t = accounts
+    where: list[ColumnElement[bool]] = []
     if f.q:
         where.append(name_contains(t, f.q))
     if f.tiers:
@@ -394,9 +402,18 @@ def account_conditions(conn: AsyncConnection, f: AccountFilter) -> list[ColumnEl
 
 
 async def list_accounts(
-    conn: AsyncConnection, f: AccountFilter, scope: RecordScope | None, page: Page, sort: str
+    conn: AsyncConnection,
+    f: AccountFilter,
+    scope: RecordScope | None,
+    page: Page,
+    sort: str,
+    *,
+    segment: AccountFilter | None = None,
 ) -> tuple[list[Any], str]:
+    """Accounts matching `f` and, when given, a saved segment's filter too (each narrows the list)."""
     where = account_conditions(conn, f)
+    if segment is not None:
+        where.extend(filter_conditions(conn, segment))
     if scope is not None:
         where.append(scope_clause(accounts, scope))
     query = apply_page(select(accounts).where(*where), accounts, page)
@@ -409,6 +426,16 @@ async def get_account(conn: AsyncConnection, account_id: str, *, for_update: boo
     if for_update and is_pg(conn):
         query = query.with_for_update()
     return (await conn.execute(query)).first()
+
+
+async def share_lock_accounts(conn: AsyncConnection, account_ids: Sequence[str]) -> None:
+    """Share-locks accounts until the transaction ends: a delete, merge or transfer of one (FOR UPDATE)
+    waits for it. In id order, as merges lock theirs, so the two never wait on each other in a cycle."""
+    ids = sorted({i for i in account_ids if i})
+    if ids and is_pg(conn):
+        await conn.execute(
+            select(accounts.c.id).where(accounts.c.id.in_(ids)).order_by(accounts.c.id).with_for_update(read=True)
+        )
 
 
 def live_account_with_dedupe_key(key: str) -> Select[Any]:

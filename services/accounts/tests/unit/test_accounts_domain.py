@@ -59,6 +59,11 @@ def test_contact_validation() -> None:
     assert {e.field for e in errors} == {"name", "email", "phone", "decision_role"}
 
 
+def test_a_contact_belongs_to_its_accounts_owner_or_on_a_pool_account_to_the_caller() -> None:
+    assert domain.contact_owner(account_owner_id="rep-2", caller_id="mgr") == "rep-2"
+    assert domain.contact_owner(account_owner_id="", caller_id="rep-1") == "rep-1"
+
+
 def test_hierarchy_cycles() -> None:
     parents: dict[str, str | None] = {"b": "a", "c": "b", "a": None}
     assert domain.parent_cycle("a", "c", parents)  # a -> c -> b -> a

@@ -1,0 +1,295 @@
+"""Rules of the accounts handlers on each database (SQLite and PostgreSQL): saved segments, what an
+account's deletion takes with it, contacts moving between accounts, parents outside the caller's
+scope, and activities logged on accounts the caller may read; a contact write racing a deletion on
+PostgreSQL alone (SQLite has a single writer). Events are read from the outbox."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import pytest
+from accounts import handlers
+from accounts import repository as repo
+from accounts.__main__ import MIGRATIONS
+from accounts.domain import PoolPolicy
+from accounts.handlers import Context
+from accounts.repository import AccountFilter, ContactFilter, parse_page
+from crm.accounts.v1 import events_pb2
+from crm_platform import migrations
+from crm_platform.cloudevents import spec_of
+from crm_platform.db import create_engine
+from crm_platform.errors import NotFound, ValidationFailed
+from crm_platform.outbox import UnitOfWork, outbox_table
+from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.timeutil import utcnow
+from google.protobuf.message import Message
+from sqlalchemy import select, update
+
+pytestmark = pytest.mark.integration
+
+PAGE = parse_page(50, "", "")
+Caller = tuple[Principal, RecordScope]
+M = TypeVar("M", bound=Message)
+
+
+def rep(user_id: str) -> Caller:
+    return Principal(user_id=user_id, roles=("sales_rep",), team="east", region="cn-east"), RecordScope(
+        ScopeKind.OWN, owner_id=user_id
+    )
+
+
+REP1, REP2 = rep("rep-1"), rep("rep-2")
+MANAGER = (
+    Principal(user_id="mgr", roles=("sales_manager",), team="east", region="cn-east"),
+    RecordScope(ScopeKind.TEAM, team="east"),
+)
+AGENT = Principal(user_id="agent-1", roles=("service_agent",), team="support", region="cn-east")
+# The default policy: a service agent reads the accounts of their region, and their own activities.
+AGENT_READING_ACCOUNTS = (AGENT, RecordScope(ScopeKind.REGION, owner_id="agent-1", region="cn-east"))
+AGENT_READING_ACTIVITIES = (AGENT, RecordScope(ScopeKind.OWN, owner_id="agent-1", region="cn-east"))
+
+
+@pytest.fixture
+async def ctx(each_database_url: str) -> AsyncIterator[Context]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
+    engine = create_engine(each_database_url)
+    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
+    await engine.dispose()
+
+
+@pytest.fixture
+async def pg_ctx(postgres_url: str) -> AsyncIterator[Context]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    engine = create_engine(postgres_url)
+    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
+    await engine.dispose()
+
+
+async def new_account(ctx: Context, who: Caller, name: str, **values: Any) -> Any:
+    with acting_as(*who):
+        return await handlers.create_account(ctx, {"name": name, **values}, idempotency_key="", in_pool=False)
+
+
+async def new_contact(ctx: Context, who: Caller, account_id: str, name: str) -> Any:
+    with acting_as(*who):
+        return await handlers.create_contact(ctx, {"account_id": account_id, "name": name}, idempotency_key="")
+
+
+async def new_task(ctx: Context, who: Caller, account_id: str, title: str) -> Any:
+    with acting_as(*who):
+        return await handlers.create_task(ctx, {"account_id": account_id, "title": title}, idempotency_key="")
+
+
+async def events(ctx: Context, message_type: type[M]) -> list[M]:
+    """The events of one type written to the outbox, oldest first."""
+    outbox = outbox_table(repo.metadata)
+    query = select(outbox.c.payload).where(outbox.c.type == spec_of(message_type).type).order_by(outbox.c.seq)
+    async with ctx.uow.engine.connect() as conn:
+        return [message_type.FromString(payload) for payload in await conn.scalars(query)]
+
+
+# --- a saved segment narrows a list ------------------------------------------------------------------
+
+
+async def test_a_segment_and_the_lists_own_filters_must_all_hold(ctx: Context) -> None:
+    await new_account(ctx, MANAGER, "Alpha", tier="A", owner_id="rep-1")
+    await new_account(ctx, MANAGER, "Beta", tier="B", owner_id="rep-2")
+    with acting_as(*MANAGER):
+        tier_a = await handlers.create_segment(
+            ctx, name="A accounts", visibility="user", filters={"tier": "A"}, tags=[], idempotency_key=""
+        )
+        of_rep1 = await handlers.create_segment(
+            ctx,
+            name="rep-1's",
+            visibility="user",
+            filters={"owner_id": "rep-1", "q": "alp"},
+            tags=[],
+            idempotency_key="",
+        )
+
+        async def names(segment_id: str, f: AccountFilter) -> list[str]:
+            rows, _ = await handlers.list_accounts(ctx, f, [], PAGE, "", segment_id)
+            return sorted(r.name for r in rows)
+
+        assert await names(tier_a.id, AccountFilter()) == ["Alpha"]
+        assert await names(tier_a.id, AccountFilter(tiers=["B"])) == []  # was [Alpha, Beta]
+        assert await names(tier_a.id, AccountFilter(tiers=["A", "B"])) == ["Alpha"]
+        assert await names(of_rep1.id, AccountFilter(owner_id="rep-2")) == []  # was [Beta]
+        assert await names(of_rep1.id, AccountFilter(q="bet")) == []  # was [Beta]
+        assert await names(of_rep1.id, AccountFilter(q="alpha")) == ["Alpha"]
+
+
+# --- deleting an account -----------------------------------------------------------------------------
+
+
+async def test_deleting_an_account_deletes_its_contacts_and_cancels_its_open_tasks(ctx: Context) -> None:
+    beta = await new_account(ctx, REP1, "Beta")
+    alpha = await new_account(ctx, REP1, "Alpha")
+    dora = await new_contact(ctx, REP1, beta.id, "Dora")
+    eve = await new_contact(ctx, REP1, alpha.id, "Eve")
+    open_task = await new_task(ctx, REP1, beta.id, "call Dora")
+    done_task = await new_task(ctx, REP1, beta.id, "send brochure")
+    alphas_task = await new_task(ctx, REP1, alpha.id, "call Eve")
+    with acting_as(*REP1):
+        await handlers.complete_task(ctx, done_task.id, expected_version=0)
+        await handlers.delete_account(ctx, beta.id, expected_version=0)
+
+        contacts, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=beta.id), [], PAGE, "")
+        assert contacts == []
+        with pytest.raises(NotFound):
+            await handlers.get_contact(ctx, dora.id)
+        with pytest.raises(NotFound):
+            await handlers.update_contact(ctx, dora.id, {"title": "CTO"}, expected_version=0)
+        with pytest.raises(NotFound):
+            await handlers.delete_contact(ctx, dora.id, expected_version=0)
+        with pytest.raises(ValidationFailed) as refused:
+            await handlers.create_contact(ctx, {"account_id": beta.id, "name": "Fay"}, idempotency_key="")
+        assert refused.value.errors[0].field == "account_id"
+
+        tasks, _ = await handlers.list_tasks(ctx, due="", account_id="", owner_id="", statuses=[], page=PAGE, sort="")
+        status = {t.id: t.status for t in tasks}
+        assert status == {open_task.id: "cancelled", done_task.id: "done", alphas_task.id: "open"}
+        # The other account keeps its contact.
+        assert (await handlers.get_contact(ctx, eve.id)).name == "Eve"
+
+    # The contact's deletion is evented as DeleteContact events it, so projections drop it too.
+    deleted = await events(ctx, events_pb2.ContactDeleted)
+    assert [(e.contact_id, e.account_id, e.actor.user_id) for e in deleted] == [(dora.id, beta.id, "rep-1")]
+    assert [e.account_id for e in await events(ctx, events_pb2.AccountDeleted)] == [beta.id]
+
+
+async def test_a_contact_left_live_on_a_deleted_account_cannot_be_written(ctx: Context) -> None:
+    """Accounts deleted before contacts went with them left their contacts live: writes to those
+    answer as for the deleted account (not found)."""
+    beta = await new_account(ctx, REP1, "Beta")
+    dora = await new_contact(ctx, REP1, beta.id, "Dora")
+    async with ctx.uow.engine.begin() as conn:
+        await conn.execute(update(repo.accounts).where(repo.accounts.c.id == beta.id).values(deleted_at=utcnow()))
+    with acting_as(*REP1):
+        with pytest.raises(NotFound):
+            await handlers.update_contact(ctx, dora.id, {"title": "CTO"}, expected_version=0)
+        with pytest.raises(NotFound):
+            await handlers.delete_contact(ctx, dora.id, expected_version=0)
+
+
+async def test_a_contact_write_racing_the_accounts_deletion_waits_for_it_and_is_refused(pg_ctx: Context) -> None:
+    """PostgreSQL: while a deletion holds the account (as DeleteAccount does, FOR UPDATE), a contact
+    write on it waits, then answers as for the deleted account: no contact outlives it."""
+    ctx = pg_ctx
+    beta = await new_account(ctx, REP1, "Beta")
+    elsewhere = await new_account(ctx, REP1, "Alpha")
+    dora = await new_contact(ctx, REP1, beta.id, "Dora")
+    eve = await new_contact(ctx, REP1, elsewhere.id, "Eve")
+
+    async def on_beta() -> tuple[Any, ...]:
+        with acting_as(*REP1):
+            return await asyncio.gather(
+                handlers.create_contact(ctx, {"account_id": beta.id, "name": "Fay"}, idempotency_key=""),
+                handlers.update_contact(ctx, dora.id, {"title": "CTO"}, expected_version=0),
+                handlers.update_contact(ctx, eve.id, {"account_id": beta.id}, expected_version=0),
+                return_exceptions=True,
+            )
+
+    async with ctx.uow.engine.begin() as deletion:
+        await deletion.execute(select(repo.accounts.c.id).where(repo.accounts.c.id == beta.id).with_for_update())
+        writes = asyncio.create_task(on_beta())
+        await asyncio.sleep(0.5)
+        assert not writes.done(), "a contact write went ahead while the account was being deleted"
+        accounts, contacts = repo.accounts, repo.contacts
+        await deletion.execute(update(accounts).where(accounts.c.id == beta.id).values(deleted_at=utcnow()))
+        await deletion.execute(update(contacts).where(contacts.c.account_id == beta.id).values(deleted_at=utcnow()))
+    created, updated, moved = await writes
+    assert isinstance(created, ValidationFailed) and created.errors[0].field == "account_id"
+    assert isinstance(updated, NotFound)
+    assert isinstance(moved, ValidationFailed) and moved.errors[0].field == "account_id"
+    async with ctx.uow.engine.connect() as conn:
+        live = select(contacts.c.name).where(contacts.c.deleted_at.is_(None)).order_by(contacts.c.name)
+        assert list(await conn.scalars(live)) == ["Eve"]
+
+
+# --- moving a contact -----------------------------------------------------------------------------
+
+
+async def test_a_contact_moved_to_another_account_belongs_to_that_accounts_owner(ctx: Context) -> None:
+    old_home = await new_account(ctx, REP1, "Old Home")
+    new_home = await new_account(ctx, REP2, "New Home")
+    dora = await new_contact(ctx, REP1, old_home.id, "Dora")
+    with acting_as(*MANAGER):
+        moved = await handlers.update_contact(ctx, dora.id, {"account_id": new_home.id}, expected_version=0)
+    assert (moved.account_id, moved.owner_id) == (new_home.id, "rep-2")
+    with acting_as(*REP2):
+        assert (await handlers.get_contact(ctx, dora.id)).account_id == new_home.id
+    with acting_as(*REP1), pytest.raises(NotFound):
+        await handlers.get_contact(ctx, dora.id)
+
+    [event] = await events(ctx, events_pb2.ContactUpdated)
+    assert event.contact.owner_id == "rep-2"
+    assert {"account_id", "owner_id"} <= set(event.changed_fields)
+
+
+# --- parents outside the caller's scope ---------------------------------------------------------------
+
+
+async def test_a_parent_outside_the_callers_scope_answers_like_one_that_does_not_exist(ctx: Context) -> None:
+    others = await new_account(ctx, REP2, "Rep Two Holding")
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    with acting_as(*REP1):
+        for parent_id in (others.id, "no-such-account"):
+            with pytest.raises(ValidationFailed) as on_create:
+                await handlers.create_account(
+                    ctx, {"name": f"Child of {parent_id}", "parent_id": parent_id}, idempotency_key="", in_pool=False
+                )
+            with pytest.raises(ValidationFailed) as on_update:
+                await handlers.update_account(ctx, mine.id, {"parent_id": parent_id}, expected_version=0)
+            expected = [("parent_id", f"account {parent_id} does not exist")]
+            assert [(e.field, e.message) for e in on_create.value.errors] == expected
+            assert [(e.field, e.message) for e in on_update.value.errors] == expected
+
+
+async def test_an_unchanged_parent_outside_the_callers_scope_is_kept(ctx: Context) -> None:
+    """A manager hung the rep's account under another rep's: the rep may still save the account as they read it."""
+    others = await new_account(ctx, REP2, "Rep Two Holding")
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    with acting_as(*MANAGER):
+        await handlers.update_account(ctx, mine.id, {"parent_id": others.id}, expected_version=0)
+    with acting_as(*REP1):
+        saved = await handlers.update_account(
+            ctx, mine.id, {"name": "Rep One Branch East", "parent_id": others.id}, expected_version=0
+        )
+    assert (saved.name, saved.parent_id) == ("Rep One Branch East", others.id)
+
+
+# --- activities -----------------------------------------------------------------------------------------
+
+
+async def test_a_service_agent_logs_a_visit_on_an_account_of_their_region(ctx: Context) -> None:
+    """LogActivity checks the account against the record scope of the call, which is the caller's
+    scope for reading accounts (an agent's is their region); the activity is always the caller's own,
+    and an agent's activities scope (own) lists it."""
+    customer = await new_account(ctx, REP1, "Customer", region="cn-east")
+    elsewhere = await new_account(ctx, REP1, "Far Away", region="cn-west")
+
+    async def log(who: Caller, account_id: str, subject: str) -> Any:
+        with acting_as(*who):
+            return await handlers.log_activity(
+                ctx, account_id=account_id, contact_id="", kind="visit", subject=subject, notes="",
+                occurred_at=None, idempotency_key="",
+            )  # fmt: skip
+
+    visit = await log(AGENT_READING_ACCOUNTS, customer.id, "on-site repair")
+    assert visit.actor_id == "agent-1"
+    with pytest.raises(NotFound):
+        await log(AGENT_READING_ACCOUNTS, elsewhere.id, "not my region")
+    with pytest.raises(NotFound):
+        await log(REP2, customer.id, "not my account")
+
+    async def timeline(who: Caller) -> list[str]:
+        page = parse_page(50, "", "-occurred_at", sorts={"occurred_at"})
+        with acting_as(*who):
+            rows, _ = await handlers.list_activities(
+                ctx, account_id=customer.id, contact_id="", page=page, sort="-occurred_at"
+            )
+        return [r.subject for r in rows]
+
+    assert await timeline(AGENT_READING_ACTIVITIES) == ["on-site repair"]
+    assert await timeline(REP1) == ["on-site repair"]
