@@ -29,6 +29,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 )
 from crm_platform.errors import CrmError, NotFound, PermissionDenied
 from crm_platform.grpc_errors import to_status
+from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
@@ -146,6 +147,14 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
 
 
 class FakeAccounts(AccountsServiceServicer):
+    def __init__(self) -> None:
+        self.activity_scopes: list[RecordScope] = []  # the scope each LogActivity was sent under
+
+    async def LogActivity(self, request: accounts_pb.LogActivityRequest, context: Any) -> Any:
+        self.activity_scopes.append(context_from_metadata(context.invocation_metadata()).scope)
+        activity = accounts_pb2.Activity(id="a-1", account_id=request.account_id, kind=request.kind, actor_id="u-1")
+        return accounts_pb.LogActivityResponse(activity=activity)
+
     async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
         account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
         return accounts_pb.GetAccountResponse(account=account)
@@ -208,11 +217,14 @@ async def abort(context: Any, error: CrmError) -> None:
 
 
 class Gateway:
-    def __init__(self, app: FastAPI, client: httpx.AsyncClient, leads: FakeLeads, sales: FakeSales) -> None:
+    def __init__(
+        self, app: FastAPI, client: httpx.AsyncClient, leads: FakeLeads, sales: FakeSales, accounts: FakeAccounts
+    ) -> None:
         self.app = app
         self.client = client
         self.leads = leads
         self.sales = sales
+        self.accounts = accounts
 
     @staticmethod
     def auth(*roles: str) -> dict[str, str]:
@@ -222,11 +234,11 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gateway]:
-    leads, sales = FakeLeads(), FakeSales()
+    leads, sales, accounts = FakeLeads(), FakeSales(), FakeAccounts()
     server = grpc.aio.server()
     add_LeadsServiceServicer_to_server(leads, server)
     add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
-    add_AccountsServiceServicer_to_server(FakeAccounts(), server)
+    add_AccountsServiceServicer_to_server(accounts, server)
     add_SalesServiceServicer_to_server(sales, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -247,7 +259,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
     await app.state.security.start(migrate=False, relay=False)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway", timeout=30) as client:
-        yield Gateway(app, client, leads, sales)
+        yield Gateway(app, client, leads, sales, accounts)
     await app.state.upstreams.close()
     await app.state.security.stop()
     await server.stop(None)
@@ -430,3 +442,22 @@ async def test_a_managers_collision_override_on_patch_reaches_the_service_and_is
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     overrides = [row for row in rows if row["action"] == "override_collision"]
     assert [(row["record_id"], row["reason"]) for row in overrides] == [("o-1", "over o-9: runs the roll-out")]
+
+
+@pytest.mark.parametrize(
+    ("role", "scope"),
+    [
+        # An agent owns only their own activities, but visits the accounts of their region.
+        ("service_agent", RecordScope(ScopeKind.REGION, owner_id="u-1", team="east", region="north")),
+        ("sales_rep", RecordScope(ScopeKind.OWN, owner_id="u-1", team="east", region="north")),
+    ],
+)
+async def test_an_activity_is_logged_on_an_account_the_caller_may_read(
+    gateway: Gateway, role: str, scope: RecordScope
+) -> None:
+    response = await gateway.client.post(
+        "/api/v1/accounts/acc-1/activities", json={"kind": "visit", "subject": "On site"}, headers=gateway.auth(role)
+    )
+
+    assert response.status_code == 201, response.text
+    assert gateway.accounts.activity_scopes == [scope]  # the service checks the account under it

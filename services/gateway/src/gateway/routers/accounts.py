@@ -1069,7 +1069,10 @@ async def log_activity(
         stamp = to_timestamp(as_utc(body.occurred_at))
         assert stamp is not None
         message.occurred_at.CopyFrom(stamp)
-    reply = await _stub(request).LogActivity(message, metadata=access.grpc_metadata())
+    # The account must be one the caller may read: the service checks it under the scope it is
+    # sent, and a service agent, who owns only their own activities, visits accounts of their region.
+    readable_accounts = access.require_view("accounts")
+    reply = await _stub(request).LogActivity(message, metadata=readable_accounts.grpc_metadata())
     record = activity_dict(reply.activity)
     await access.audit_write(record["id"], None, record)
     return access.present(record)
