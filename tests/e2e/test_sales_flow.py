@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from crm.common.v1 import common_pb2
-from crm.erp.v1 import payments_pb2
+from crm.erp.v1 import invoices_pb2, payments_pb2
 from crm.sales.v1 import events_pb2
 from crm_devstack.stack import RunningStack
 from crm_platform.ids import new_id
@@ -175,6 +175,35 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         assert receivables["total_outstanding"] == [_money("80000.00")]
         assert receivables["account_outstanding"] == [_money("80000.00")]
         assert receivables["lifetime_value"] == [_money("70000.00")]
+
+        # The ERP issues the next requested invoice and posts it back naming it, twice (a retry).
+        requested = _ok(
+            await finance.post("/api/v1/invoices", json={"contract_id": contract["id"], "amount": _money("80000.00")}),
+            201,
+        )
+        erp_invoice = invoices_pb2.ErpInvoiceIssued(
+            contract_id=contract["id"],
+            amount=common_pb2.Money(amount="80000.00", currency="CNY"),
+            number=f"FP-{run}-2",
+            external_reference=f"SAP-INV-{run}",
+            invoice_id=requested["id"],
+        )
+        await produce_event(stack.bootstrap, erp_invoice, key=contract["id"], source="/erp/sap")
+        await produce_event(stack.bootstrap, erp_invoice, key=contract["id"], source="/erp/sap")
+
+        async def issued_by_erp() -> dict[str, Any] | None:
+            record: dict[str, Any] = _ok(await finance.get(f"/api/v1/invoices/{requested['id']}"))
+            return record if record["status"] == "issued" else None
+
+        erp_issued = await _until(issued_by_erp)
+        assert (erp_issued["number"], erp_issued["external_reference"]) == (f"FP-{run}-2", f"SAP-INV-{run}")
+        await asyncio.sleep(1.0)  # give a wrongly applied duplicate the time to show up
+        invoices = _ok(await finance.get("/api/v1/invoices", params={"contract_id": contract["id"]}))["items"]
+        assert sorted(i["amount"]["amount"] for i in invoices) == ["70000.00", "80000.00"]
+
+        # Completing closes the receivable (the ERP closes it too): not while 80000.00 is owed.
+        unpaid = await rep.post(f"/api/v1/contracts/{contract['id']}/complete")
+        assert unpaid.status_code == 409 and unpaid.json()["reason"] == "OUTSTANDING_BALANCE"
 
         # Outbound events, keyed by the aggregate, decoded with the published protos.
         wanted = {

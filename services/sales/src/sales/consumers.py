@@ -3,6 +3,7 @@
 - ERP inbound (`erp.payments.v1`, `erp.invoices.v1`): the same rules as the API. The external
   reference is the idempotency key, so a posting repeated under a new event id changes nothing;
   a message that breaks a rule raises a domain error, which sends it to `<topic>.dlt` with the reason.
+  An invoice posting naming `invoice_id` issues that requested invoice; without, it adds one.
 - Accounts (`crm.accounts.v1`): merged accounts re-point deals and contracts; transferred
   accounts take the previous owner's open deals and running contracts to the new owner.
 
@@ -50,6 +51,7 @@ class SalesConsumers:
                 number=message.number,
                 issued_at=from_timestamp(message.issued_at),
                 external_reference=message.external_reference,
+                invoice_id=message.invoice_id,
             )
 
     async def account_merged(self, tx: Transaction, event: ReceivedEvent[account_events.AccountMerged]) -> None:

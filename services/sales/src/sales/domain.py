@@ -20,6 +20,10 @@ MAX_AMOUNT = Decimal("999999999999.99")
 # Longest id of another service's record (account, contact, lead, campaign) and longest text field.
 REF_LENGTH = 64
 NAME_LENGTH = 200
+# Short codes: a stage key, a payment method, an invoice number (VARCHAR(64) columns).
+CODE_LENGTH = 64
+# External references (the idempotency key of postings) and Idempotency-Key values.
+REFERENCE_LENGTH = 200
 # A stage may let a deal sit for at most ten years before it rots (rotting is computed as a date).
 MAX_ROTTING_DAYS = 3650
 # Units on one line item; with MAX_AMOUNT as the unit price the line's gross stays computable.
@@ -152,6 +156,8 @@ def validate_stages(stages: Sequence[Stage]) -> None:
         prefix = f"stages[{index}]"
         if not stage.key or not stage.key.replace("_", "").isalnum() or stage.key != stage.key.lower():
             errors.append(FieldError(f"{prefix}.key", "lower-case letters, digits and underscores"))
+        elif len(stage.key) > CODE_LENGTH:  # a deal stores its stage key in a VARCHAR(64)
+            errors.append(FieldError(f"{prefix}.key", f"at most {CODE_LENGTH} characters"))
         if stage.key in seen:
             errors.append(FieldError(f"{prefix}.key", f"duplicate stage key {stage.key!r}"))
         seen.add(stage.key)
@@ -248,6 +254,8 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
         prefix = f"{field_name}[{index}]"
         if not (item.product_id or item.product_name):
             errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
+        # A deal without a product line of its own takes its first item's.
+        errors.extend(check_lengths({f"{prefix}.product_line": item.product_line}, NAME_LENGTH))
         price_errors = check_amount(item.unit_price.amount, field_name=f"{prefix}.unit_price.amount")
         if item.quantity <= 0:
             errors.append(FieldError(f"{prefix}.quantity", "must be greater than zero"))
@@ -266,6 +274,12 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
     if errors:
         raise ValidationFailed(errors)
     return next(iter(currencies)) if currencies else None
+
+
+def check_line_currency(currency: str, line_currency: str | None) -> None:
+    """A deal's amount is in the currency of its line items (when it has any)."""
+    if line_currency and currency != line_currency:
+        raise ValidationFailed([FieldError("amount.currency", f"must be the line items' currency {line_currency}")])
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,6 +544,22 @@ def approving_role(chain: Sequence[str], decisions: Sequence[ApprovalStep], call
     return pending[0]
 
 
+def check_separation_of_duties(
+    approver_id: str, *, submitted_by: str, decisions: Sequence[ApprovalStep], record: str
+) -> None:
+    """Four eyes: whoever submitted a record does not decide on it, and each step of one
+    submission is decided by another person (one user holding several roles decides one step).
+    `decisions` are those of the current submission; an unknown submitter ("") is not checked."""
+    if submitted_by and approver_id == submitted_by:
+        raise PermissionDenied(f"{approver_id} submitted this {record}; another person must decide on it")
+    earlier = next((step for step in decisions if step.approver_id == approver_id), None)
+    if earlier is not None:
+        raise PermissionDenied(
+            f"{approver_id} already decided the {earlier.role} step of this {record}; "
+            "another person must decide the next step"
+        )
+
+
 # ---------------------------------------------------------------- quotes
 
 
@@ -584,8 +614,27 @@ def contract_number(year: int, month: int, sequence: int) -> str:
 
 
 # Payments and invoices belong to contracts that are in force (signed) or done with (completed).
+# A completed contract is paid in full, so a payment on it is an over-payment; invoices may still
+# follow (invoicing often lags payment), within the contract amount.
 CONTRACTS_IN_FORCE = frozenset({ContractStatus.SIGNED, ContractStatus.COMPLETED})
 CONTRACTS_ACCEPTING_PLANS = frozenset({ContractStatus.APPROVED, ContractStatus.SIGNED})
+
+
+def check_in_force(status: str, *, contract_id: str, what: str) -> None:
+    """Payments and invoices (`what`) need a signed or completed contract: 409 otherwise."""
+    if status not in CONTRACTS_IN_FORCE:
+        raise Conflict(f"contract {contract_id} is {status}; {what} need a signed contract", reason="ILLEGAL_STATE")
+
+
+def check_settled(amount: Money, paid: Decimal, *, contract_id: str) -> None:
+    """Completing a contract closes its receivable (the ERP closes it too), so nothing may be owed."""
+    outstanding = quantize_money(amount.amount - paid)
+    if outstanding > 0:
+        raise Conflict(
+            f"contract {contract_id} still has {outstanding} {amount.currency} outstanding; "
+            "it completes once paid in full (or terminate it)",
+            reason="OUTSTANDING_BALANCE",
+        )
 
 
 # ---------------------------------------------------------------- payment plans and payments
@@ -724,6 +773,16 @@ INVOICE_TRANSITIONS: Mapping[InvoiceStatus, frozenset[InvoiceStatus]] = {
 def check_invoice_transition(current: str, target: InvoiceStatus, *, invoice_id: str) -> None:
     if target not in INVOICE_TRANSITIONS[InvoiceStatus(current)]:
         raise Conflict(f"invoice {invoice_id} cannot go from {current} to {target}", reason="ILLEGAL_TRANSITION")
+
+
+def check_issued_amount(amount: Money, *, requested: Money) -> None:
+    """An invoice is issued for exactly the amount that was requested."""
+    if amount.currency != requested.currency:
+        raise ValidationFailed([FieldError("amount.currency", f"must be the requested currency {requested.currency}")])
+    if amount.amount != requested.amount:
+        raise ValidationFailed(
+            [FieldError("amount", f"must be the requested {quantize_money(requested.amount)} {requested.currency}")]
+        )
 
 
 def check_invoice_amount(amount: Money, *, contract_amount: Money, already_invoiced: Decimal) -> None:

@@ -49,6 +49,8 @@ from sales import views as v
 
 DEFAULT_PIPELINE_ID = "default"
 OPPORTUNITY_ENTITY = "opportunity"
+# The columns a record scope reads (SPEC §9): who owns a record, in which team and region.
+OWNERSHIP = ("owner_id", "team", "region")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,14 +166,34 @@ def _require(value: str, field_name: str) -> None:
         raise ValidationFailed([FieldError(field_name, "is required")])
 
 
+def _check_lengths(values: dict[str, str], limit: int) -> None:
+    """Text longer than its column is a 422 naming the field (PostgreSQL would refuse it: a 500)."""
+    too_long = d.check_lengths(values, limit)
+    if too_long:
+        raise ValidationFailed(too_long)
+
+
+def _check_pipeline(name: str, stages: Sequence[d.Stage]) -> None:
+    _require(name, "name")
+    _check_lengths({"name": name.strip()}, d.NAME_LENGTH)
+    d.validate_stages(stages)
+
+
+# Idempotency keys are per caller (the principal's user id): another user's key of the same
+# text is another request, and never answers with a record of theirs.
+_idempotency_keys = idempotency.CallerKeys(r.idempotency_keys)
+
+
 async def _claim(conn: AsyncConnection, *, operation: str, key: str, resource_id: str, now: datetime) -> str | None:
-    """Claims `key` for the resource about to be created: None when it is ours, else the first
-    resource's id (a concurrent first use waits on the row lock, then sees its result). Sales keys
-    are not per caller."""
-    earlier = await idempotency.claim(
-        conn, r.idempotency_keys, operation=operation, caller="", key=key, result=resource_id, now=now
-    )
-    return None if earlier is None else str(earlier)
+    """Claims the caller's `key` for the resource about to be created: None when it is ours, else
+    the first resource's id (a concurrent first use waits on the row lock, then sees its result)."""
+    _check_lengths({"idempotency_key": key}, d.REFERENCE_LENGTH)
+    return await _idempotency_keys.claim(conn, operation, key, resource_id, now)
+
+
+def _line_currency(line_items: Sequence[dict[str, str]]) -> str | None:
+    """The currency of stored line items (validated to be one), None without items."""
+    return next((item["currency"] for item in line_items), None)
 
 
 def _stamp(value: datetime) -> str:
@@ -220,8 +242,7 @@ class SalesHandlers:
     async def create_pipeline(
         self, *, idempotency_key: str, name: str, stages: Sequence[d.Stage], is_default: bool
     ) -> sales_pb2.Pipeline:
-        _require(name, "name")
-        d.validate_stages(stages)
+        _check_pipeline(name, stages)
         async with self.uow.begin() as tx:
             pipeline_id = new_id()
             if idempotency_key:
@@ -246,8 +267,7 @@ class SalesHandlers:
     async def update_pipeline(
         self, pipeline_id: str, *, expected_version: int, name: str, stages: Sequence[d.Stage], is_default: bool
     ) -> sales_pb2.Pipeline:
-        _require(name, "name")
-        d.validate_stages(stages)
+        _check_pipeline(name, stages)
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
             row = await r.load(tx.conn, p, pipeline_id, lock=True)
@@ -396,10 +416,7 @@ class SalesHandlers:
         totals = d.line_totals(items)
         if data.amount is not None:
             d.require_valid_amount(data.amount, field_name="amount")
-            if line_currency and data.amount.currency != line_currency:
-                raise ValidationFailed(
-                    [FieldError("amount.currency", f"must be the line items' currency {line_currency}")]
-                )
+            d.check_line_currency(data.amount.currency, line_currency)
             amount = data.amount
         else:
             amount = Money(totals.total, line_currency or self.default_currency)
@@ -661,11 +678,7 @@ class SalesHandlers:
                 else:
                     values[name] = value
             merged = {**row, **values}
-            line_currency = {item["currency"] for item in merged["line_items"]}
-            if line_currency and merged["currency"] not in line_currency:
-                raise ValidationFailed(
-                    [FieldError("amount.currency", f"must be the line items' currency {line_currency.pop()}")]
-                )
+            d.check_line_currency(merged["currency"], _line_currency(merged["line_items"]))
             changed = sorted(name for name in values if values[name] != row[name])
             if not changed:
                 return v.opportunity_proto(row)
@@ -683,12 +696,27 @@ class SalesHandlers:
                 )  # fmt: skip
             values.update(updated_at=self.clock(), version=row["version"] + 1)
             await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
+            if set(OWNERSHIP) & set(changed):
+                await self._quotes_follow(tx.conn, [opportunity_id], {name: merged[name] for name in OWNERSHIP})
             proto = v.opportunity_proto({**row, **values})
             tx.publish(
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=opportunity_id,
             )
             return proto
+
+    async def _quotes_follow(
+        self, conn: AsyncConnection, opportunity_ids: Sequence[str], owner: dict[str, Any]
+    ) -> None:
+        """A deal's quotes carry its owner, team and region (copied when created) and are read in
+        that scope: they move with the deal, in its transaction, so its new owner sees them and the
+        previous one no longer does."""
+        q = r.quotes
+        await conn.execute(
+            update(q)
+            .where(q.c.opportunity_id.in_(list(opportunity_ids)))
+            .values(**owner, updated_at=self.clock(), version=q.c.version + 1)
+        )
 
     async def delete_opportunity(self, opportunity_id: str, *, expected_version: int) -> None:
         principal = current_principal()
@@ -788,6 +816,7 @@ class SalesHandlers:
             values: dict[str, Any] = {}
             if amount is not None:
                 d.require_valid_amount(amount, field_name="amount")
+                d.check_line_currency(amount.currency, _line_currency(row["line_items"]))
                 values.update(amount=amount.amount, currency=amount.currency)
             d.check_stage_gate(pipeline, stage.key, self._gate_fields({**row, **values}))
             now = self.clock()
@@ -839,6 +868,10 @@ class SalesHandlers:
                     results.append(
                         ImportResult(index, "", "rejected", errors=[FieldError("external_id", "is required")])
                     )
+                    continue
+                too_long = d.check_lengths({"external_id": row.external_id}, d.REFERENCE_LENGTH)
+                if too_long:
+                    results.append(ImportResult(index, row.external_id, "rejected", errors=too_long))
                     continue
                 if row.external_id in existing:
                     results.append(ImportResult(index, row.external_id, "existing", existing[row.external_id]))
@@ -1050,6 +1083,7 @@ class SalesHandlers:
                 "created_at": now,
                 "updated_at": now,
                 "version": 1,
+                "created_by": principal.user_id,
             }
             await tx.conn.execute(insert(r.quotes).values(values))
             proto = v.quote_proto(values)
@@ -1088,6 +1122,10 @@ class SalesHandlers:
                 raise Conflict(f"quote {quote_id} is {row['status']}, not pending approval", reason="ILLEGAL_STATE")
             steps = [d.ApprovalStep(x["role"], x["approver_id"], d.Decision(x["decision"])) for x in row["decisions"]]
             role = d.approving_role(row["approval_chain"], steps, principal.roles)
+            # Creating a quote submits its discounts for approval: its creator is its submitter.
+            d.check_separation_of_duties(
+                principal.user_id, submitted_by=row["created_by"], decisions=steps, record="quote"
+            )
             now = self.clock()
             record = {
                 "role": role,
@@ -1267,6 +1305,7 @@ class SalesHandlers:
                 "status": d.ContractStatus.PENDING_APPROVAL.value,
                 "approval_chain": d.contract_approval_chain(row["amount"], self.contract_thresholds),
                 "approval_round": row["approval_round"] + 1,
+                "submitted_by": principal.user_id,
             }
             proto = await self._save_contract(tx, row, values)
             tx.publish(events_pb2.ContractSubmitted(contract=proto, actor=v.actor(principal)), key=contract_id)
@@ -1275,7 +1314,8 @@ class SalesHandlers:
     async def decide_contract(
         self, contract_id: str, *, expected_version: int, decision: d.Decision, comment: str
     ) -> sales_pb2.Contract:
-        """One step of the chain, decided by the role the chain waits for (from the principal)."""
+        """One step of the chain, decided by the role the chain waits for (from the principal), by
+        someone who neither submitted the contract nor decided an earlier step of this round."""
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
@@ -1290,6 +1330,9 @@ class SalesHandlers:
                 if x["round"] == row["approval_round"]
             ]
             role = d.approving_role(row["approval_chain"], steps, principal.roles)
+            d.check_separation_of_duties(
+                principal.user_id, submitted_by=row["submitted_by"], decisions=steps, record="contract"
+            )
             now = self.clock()
             record = {
                 "id": new_id(),
@@ -1349,6 +1392,8 @@ class SalesHandlers:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "contract")
             d.check_contract_transition(row["status"], target, contract_id=contract_id)
+            if target is d.ContractStatus.COMPLETED:
+                d.check_settled(Money(row["amount"], row["currency"]), row["paid_amount"], contract_id=contract_id)
             proto = await self._save_contract(tx, row, {"status": target.value, **extra})
             actor = v.actor(principal)
             event: Any
@@ -1520,6 +1565,8 @@ class SalesHandlers:
             errors.append(FieldError("external_reference", "is required (it is the idempotency key)"))
         if not contract_id:
             errors.append(FieldError("contract_id", "is required"))
+        errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
+        errors += d.check_lengths({"method": method.strip()}, d.CODE_LENGTH)
         if errors:
             raise ValidationFailed(errors)
         contract = await self._contract_row(tx.conn, contract_id, scope=scope, lock=True)
@@ -1533,11 +1580,8 @@ class SalesHandlers:
                     reason="REFERENCE_REUSED",
                 )
             return v.payment_proto(existing), False
-        if contract["status"] not in d.CONTRACTS_IN_FORCE:
-            raise Conflict(
-                f"contract {contract_id} is {contract['status']}; payments need a signed contract",
-                reason="ILLEGAL_STATE",
-            )
+        # A completed contract is in force but paid in full: check_payment refuses an over-payment.
+        d.check_in_force(contract["status"], contract_id=contract_id, what="payments")
         contract_amount = Money(contract["amount"], contract["currency"])
         d.check_payment(amount, contract_amount=contract_amount, already_paid=contract["paid_amount"])
         now = self.clock()
@@ -1713,11 +1757,7 @@ class SalesHandlers:
     ) -> dict[str, Any]:
         """Checks the limit under the contract lock and writes the invoice (requested, or issued
         when a number is given) and the contract's new invoiced amount."""
-        if contract["status"] not in d.CONTRACTS_IN_FORCE:
-            raise Conflict(
-                f"contract {contract['id']} is {contract['status']}; invoices need a signed contract",
-                reason="ILLEGAL_STATE",
-            )
+        d.check_in_force(contract["status"], contract_id=contract["id"], what="invoices")
         d.check_invoice_amount(
             amount,
             contract_amount=Money(contract["amount"], contract["currency"]),
@@ -1793,25 +1833,46 @@ class SalesHandlers:
         )
 
     async def issue_invoice(self, invoice_id: str, *, number: str, issued_at: datetime | None) -> sales_pb2.Invoice:
-        principal = current_principal()
         _require(number, "number")
+        _check_lengths({"number": number.strip()}, d.CODE_LENGTH)
         async with self.uow.begin() as tx:
-            row = await self._invoice_row(tx.conn, invoice_id, scope=current_scope(), lock=True)
-            d.check_invoice_transition(row["status"], d.InvoiceStatus.ISSUED, invoice_id=invoice_id)
-            values = {
-                "status": d.InvoiceStatus.ISSUED.value,
-                "number": number.strip(),
-                "issued_at": issued_at or self.clock(),
-                "version": row["version"] + 1,
-            }
-            try:
-                async with tx.conn.begin_nested():
-                    await tx.conn.execute(update(r.invoices).where(r.invoices.c.id == invoice_id).values(values))
-            except IntegrityError:
-                raise AlreadyExists(f"invoice number {number!r} is already used") from None
-            proto = v.invoice_proto({**row, **values})
-            tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(principal)), key=invoice_id)
-            return proto
+            row = await self._invoice_row(tx.conn, invoice_id, scope=current_scope())
+            # Lock order contract → invoice, the same as requesting and voiding; the contract's status
+            # cannot change (terminated) while its invoice is issued.
+            contract = await self._contract_row(tx.conn, row["contract_id"], scope=None, lock=True)
+            row = await self._invoice_row(tx.conn, invoice_id, lock=True)
+            return await self._issue(tx, contract, row, number=number.strip(), issued_at=issued_at)
+
+    async def _issue(
+        self,
+        tx: Transaction,
+        contract: RowMapping,
+        row: RowMapping,
+        *,
+        number: str,
+        issued_at: datetime | None,
+        external_reference: str = "",
+    ) -> sales_pb2.Invoice:
+        """Gives a requested invoice its number while its contract is in force (a terminated
+        contract's requested invoices can only be voided). Its amount is already counted as invoiced."""
+        d.check_invoice_transition(row["status"], d.InvoiceStatus.ISSUED, invoice_id=row["id"])
+        d.check_in_force(contract["status"], contract_id=contract["id"], what="invoices")
+        values: dict[str, Any] = {
+            "status": d.InvoiceStatus.ISSUED.value,
+            "number": number,
+            "issued_at": issued_at or self.clock(),
+            "version": row["version"] + 1,
+        }
+        if external_reference:
+            values["external_reference"] = external_reference
+        try:
+            async with tx.conn.begin_nested():
+                await tx.conn.execute(update(r.invoices).where(r.invoices.c.id == row["id"]).values(values))
+        except IntegrityError:
+            raise AlreadyExists(f"invoice number {number!r} is already used") from None
+        proto = v.invoice_proto({**row, **values})
+        tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=row["id"])
+        return proto
 
     async def void_invoice(self, invoice_id: str, *, reason: str) -> sales_pb2.Invoice:
         principal = current_principal()
@@ -1854,35 +1915,51 @@ class SalesHandlers:
         number: str,
         issued_at: datetime | None,
         external_reference: str,
+        invoice_id: str = "",
     ) -> tuple[sales_pb2.Invoice, bool]:
-        """An invoice the ERP issued: the same limit as the API, idempotent by external reference."""
+        """An invoice the ERP issued, idempotent by external reference. With `invoice_id`: the
+        invoice the CRM requested (invoice.requested), issued with the ERP's number under the rules of
+        issuing it over the API, for exactly the requested amount; a redelivery after it was issued
+        with that number changes nothing. Without: an invoice the ERP raised on its own, under the
+        limit of requesting one. Returns the invoice and whether this posting changed anything."""
+        reference, number = external_reference.strip(), number.strip()
         errors = []
-        if not external_reference.strip():
+        if not reference:
             errors.append(FieldError("external_reference", "is required (it is the idempotency key)"))
-        if not number.strip():
+        if not number:
             errors.append(FieldError("number", "is required"))
         if not contract_id:
             errors.append(FieldError("contract_id", "is required"))
+        errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
+        errors += d.check_lengths({"number": number}, d.CODE_LENGTH)
         if errors:
             raise ValidationFailed(errors)
         contract = await self._contract_row(tx.conn, contract_id, scope=None, lock=True)
-        existing = await r.invoice_by_reference(tx.conn, external_reference.strip())
+        existing = await r.invoice_by_reference(tx.conn, reference)
         if existing is not None:
-            if existing["contract_id"] != contract_id:
+            if existing["contract_id"] != contract_id or (invoice_id and existing["id"] != invoice_id):
                 raise Conflict(
-                    f"external_reference {external_reference!r} was posted for contract {existing['contract_id']}",
+                    f"external_reference {reference!r} was posted for invoice {existing['id']} "
+                    f"of contract {existing['contract_id']}",
                     existing_id=existing["id"],
                     reason="REFERENCE_REUSED",
                 )
             return v.invoice_proto(existing), False
+        if invoice_id:
+            row = await self._invoice_row(tx.conn, invoice_id, lock=True)
+            if row["contract_id"] != contract_id:
+                raise ValidationFailed(
+                    [FieldError("invoice_id", f"is an invoice of contract {row['contract_id']}, not of {contract_id}")]
+                )
+            d.check_issued_amount(amount, requested=Money(row["amount"], row["currency"]))
+            if row["status"] == d.InvoiceStatus.ISSUED and row["number"] == number:
+                return v.invoice_proto(row), False
+            issued = await self._issue(
+                tx, contract, row, number=number, issued_at=issued_at, external_reference=reference
+            )
+            return issued, True
         values = await self._new_invoice(
-            tx,
-            contract,
-            amount,
-            invoice_id=new_id(),
-            number=number.strip(),
-            issued_at=issued_at,
-            external_reference=external_reference.strip(),
+            tx, contract, amount, invoice_id=new_id(), number=number, issued_at=issued_at, external_reference=reference
         )
         proto = v.invoice_proto(values)
         tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=values["id"])
@@ -1949,9 +2026,9 @@ class SalesHandlers:
         if region:
             values["region"] = region
         if moved:
-            await tx.conn.execute(
-                update(o).where(o.c.id.in_([row["id"] for row in moved])).values(**values, version=o.c.version + 1)
-            )
+            moved_ids = [row["id"] for row in moved]
+            await tx.conn.execute(update(o).where(o.c.id.in_(moved_ids)).values(**values, version=o.c.version + 1))
+            await self._quotes_follow(tx.conn, moved_ids, {name: values[name] for name in OWNERSHIP if name in values})
         await tx.conn.execute(
             update(c)
             .where(

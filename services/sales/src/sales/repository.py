@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from sales.domain import REF_LENGTH, ContractStatus, OpportunityStatus
+from sales.domain import CODE_LENGTH, REF_LENGTH, ContractStatus, OpportunityStatus
 
 SCALE = Decimal("10000")
 
@@ -112,7 +112,7 @@ opportunities = Table(
     Column("primary_contact_id", _REF, nullable=False, server_default=""),
     Column("name", _NAME, nullable=False),
     Column("pipeline_id", _ID, ForeignKey("pipelines.id"), nullable=False),
-    Column("stage", String(64), nullable=False),
+    Column("stage", String(CODE_LENGTH), nullable=False),
     # Win probability of the stage in basis points (2500 = 25 %), so weighted sums are exact.
     Column("probability_bp", Integer, nullable=False),
     _money("amount"),
@@ -196,6 +196,8 @@ quotes = Table(
     Column("created_at", _TS, nullable=False),
     Column("updated_at", _TS, nullable=False),
     Column("version", BigInteger, nullable=False),
+    # Who created (and so submitted) the quote: never its approver. "" for quotes older than 0008.
+    Column("created_by", _NAME, nullable=False, server_default=""),
     Index("ix_quotes_opportunity", "opportunity_id", "created_at"),
     Index("ix_quotes_status", "status"),
     Index("ix_quotes_owner", "owner_id"),
@@ -231,6 +233,8 @@ contracts = Table(
     Column("created_at", _TS, nullable=False),
     Column("updated_at", _TS, nullable=False),
     Column("version", BigInteger, nullable=False),
+    # Who submitted the current approval round: never one of its approvers. "" before 0008.
+    Column("submitted_by", _NAME, nullable=False, server_default=""),
     Index("ix_contracts_account_status", "account_id", "status"),
     Index("ix_contracts_opportunity", "opportunity_id"),
     Index("ix_contracts_owner", "owner_id"),
@@ -299,7 +303,7 @@ payments = Table(
     _money("amount"),
     Column("currency", _CCY, nullable=False),
     Column("received_at", _TS, nullable=False),
-    Column("method", String(64), nullable=False, server_default=""),
+    Column("method", String(CODE_LENGTH), nullable=False, server_default=""),
     # The idempotency key of postings (API and ERP topic alike).
     Column("external_reference", _NAME, nullable=False, unique=True),
     Column("allocations", _JSON, nullable=False),
@@ -314,7 +318,7 @@ invoices = Table(
     Column("id", _ID, primary_key=True),
     Column("contract_id", _ID, ForeignKey("contracts.id"), nullable=False),
     Column("account_id", _REF, nullable=False),
-    Column("number", String(64), unique=True),
+    Column("number", String(CODE_LENGTH), unique=True),
     _money("amount"),
     Column("currency", _CCY, nullable=False),
     Column("status", String(16), nullable=False),

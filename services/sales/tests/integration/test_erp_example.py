@@ -39,6 +39,8 @@ async def test_the_example_posts_payments_and_decodes_events(
     app = build(SalesSettings(grpc_port=0, kafka=kafka_settings, outbox_poll_seconds=0.02), engine)
     port = await app.start()
     metadata = outgoing_metadata(Principal(user_id="mgr", roles=("sales_manager",), team="east"), ALL_RECORDS)
+    # Another manager approves: nobody approves the contract they submitted.
+    approver = outgoing_metadata(Principal(user_id="mgr-2", roles=("sales_manager",), team="east"), ALL_RECORDS)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = SalesServiceStub(channel)
@@ -50,12 +52,9 @@ async def test_the_example_posts_payments_and_decodes_events(
                     metadata=metadata,
                 )
             ).contract
-            for call, message in (
-                (stub.SubmitContract, pb.SubmitContractRequest(id=contract.id)),
-                (stub.ApproveContract, pb.ApproveContractRequest(id=contract.id)),
-                (stub.SignContract, pb.SignContractRequest(id=contract.id)),
-            ):
-                await call(message, metadata=metadata)
+            await stub.SubmitContract(pb.SubmitContractRequest(id=contract.id), metadata=metadata)
+            await stub.ApproveContract(pb.ApproveContractRequest(id=contract.id), metadata=approver)
+            await stub.SignContract(pb.SignContractRequest(id=contract.id), metadata=metadata)
             reference = f"BANK-{new_id()}"
             for _ in range(2):
                 await example.post_payment(

@@ -8,12 +8,27 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.common.v1 import common_pb2
 from crm.common.v1 import custom_fields_pb2 as cf_pb
-from crm.sales.v1 import events_pb2
+from crm.erp.v1 import invoices_pb2
+from crm.sales.v1 import events_pb2, sales_pb2
+from crm_platform.cloudevents import CloudEventHeaders
+from crm_platform.consumer import ReceivedEvent
 from crm_platform.custom_fields_service import CustomFieldServicer
-from crm_platform.errors import AlreadyExists, Conflict, NotFound, PermissionDenied, StaleVersion, ValidationFailed
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    CrmError,
+    NotFound,
+    PermissionDenied,
+    StaleVersion,
+    ValidationFailed,
+)
+from crm_platform.ids import new_id
 from crm_platform.money import Money
+from crm_platform.timeutil import utcnow
 from sales import domain as d
+from sales.consumers import SalesConsumers
 from sales.handlers import OPPORTUNITY_ENTITY, ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
 from sales.repository import custom_fields, metadata
 from sales.testing import Clock, as_user, make_handlers, migrated_engine
@@ -69,6 +84,49 @@ async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
         signed = await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
     assert signed.status == "signed"
     return contract.id
+
+
+async def direct_contract(sales: SalesHandlers, amount: str, *, idempotency_key: str = "", title: str = "T") -> Any:
+    """A contract without a deal, owned by the caller."""
+    return await sales.create_contract(
+        idempotency_key=idempotency_key, opportunity_id="", account_id="acc-1", title=title, amount=cny(amount),
+        owner_id="", team="", region="", starts_on=None, ends_on=None,
+    )  # fmt: skip
+
+
+def erp_invoice(
+    contract_id: str, amount: str, number: str, reference: str, invoice_id: str = ""
+) -> invoices_pb2.ErpInvoiceIssued:
+    return invoices_pb2.ErpInvoiceIssued(
+        contract_id=contract_id,
+        amount=common_pb2.Money(amount=amount, currency="CNY"),
+        number=number,
+        external_reference=reference,
+        invoice_id=invoice_id,
+    )
+
+
+async def erp_posts(sales: SalesHandlers, message: invoices_pb2.ErpInvoiceIssued) -> None:
+    """Applies a posting as the consumer of erp.invoices.v1 does: in a transaction, as a new event."""
+    headers = CloudEventHeaders(id=new_id(), type="erp.invoice.issued", source="/erp/sap", time=utcnow())
+    event = ReceivedEvent(headers, message, message.contract_id, "erp.invoices.v1", 0, 0)
+    async with sales.uow.begin() as tx:
+        await SalesConsumers(sales).erp_invoice_issued(tx, event)
+
+
+async def erp_refuses(sales: SalesHandlers, message: invoices_pb2.ErpInvoiceIssued) -> CrmError:
+    """The domain error that sends a posting to the dead-letter topic."""
+    with pytest.raises(CrmError) as raised:
+        await erp_posts(sales, message)
+    return raised.value
+
+
+def fields_of(error: pytest.ExceptionInfo[ValidationFailed]) -> list[str]:
+    return [e.field for e in error.value.errors]
+
+
+def invoice_row(invoice: sales_pb2.Invoice) -> tuple[str, str, str, str]:
+    return (invoice.status, invoice.number, invoice.amount.amount, invoice.external_reference)
 
 
 # ---------------------------------------------------------------- pipelines and gates
@@ -127,6 +185,16 @@ async def test_closing_goes_through_win_and_lose_only(sales: SalesHandlers) -> N
         assert (lost.status, lost.stage, lost.lost_reason, lost.close_date) == ("lost", "lost", "budget", "2026-11-20")
         with pytest.raises(Conflict):
             await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("5"))
+
+
+async def test_winning_a_deal_keeps_the_currency_of_its_line_items(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal", line_items=[item()]))
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.win(opp.id, expected_version=0, close_date=None, amount=Money(Decimal(900), "USD"))
+        assert fields_of(raised) == ["amount.currency"]
+        won = await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("900"))
+    assert (won.amount.amount, won.amount.currency) == ("900.00", "CNY")
 
 
 # ---------------------------------------------------------------- anti-collision
@@ -231,6 +299,20 @@ async def test_a_repeated_idempotency_key_returns_the_first_result(sales: SalesH
         listed = await sales.list_opportunities(Page(), account_id="acc-1")
     assert len({r.id for r in results}) == 1
     assert len(listed.items) == 1
+
+
+async def test_idempotency_keys_are_per_caller(sales: SalesHandlers) -> None:
+    """Two users sending one key make two requests: each gets their own record, never the other's
+    (out of their scope); a user repeating a key gets their first result."""
+    with as_user("repA", "sales_rep", team="east", scope="own"):
+        first = await direct_contract(sales, "10", idempotency_key="contract-1", title="A's")
+    with as_user("repB", "sales_rep", team="west", scope="own"):
+        other = await direct_contract(sales, "20", idempotency_key="contract-1", title="B's")
+        assert (await sales.get_contract(other.id)).title == "B's"
+    with as_user("repA", "sales_rep", team="east", scope="own"):
+        again = await direct_contract(sales, "10", idempotency_key="contract-1", title="A's again")
+    assert other.id != first.id and (other.owner_id, other.team, other.title) == ("repB", "west", "B's")
+    assert (again.id, again.title) == (first.id, "A's")
 
 
 async def test_records_outside_the_scope_read_as_not_found(sales: SalesHandlers) -> None:
@@ -377,6 +459,42 @@ async def test_quote_discounts_need_the_right_approvers(sales: SalesHandlers, en
     assert (await outbox_types(engine)).count("crm.sales.quote.approved") == 1
 
 
+async def test_nobody_approves_the_discounts_of_a_quote_they_created(sales: SalesHandlers) -> None:
+    """Creating a quote submits it: its creator decides no step, and one person decides one step
+    whatever roles they hold."""
+    with as_user("mgr", "sales_manager"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        steep = await sales.create_quote(idempotency_key="", opportunity_id=opp.id, line_items=[item(discount="35")])
+        with pytest.raises(PermissionDenied) as own:
+            await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        with pytest.raises(PermissionDenied):
+            await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.REJECTED, comment="")
+    assert "mgr submitted this quote" in own.value.detail
+    with as_user("boss", "sales_manager", "finance"):
+        await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        with pytest.raises(PermissionDenied) as twice:
+            await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert "already decided the sales_manager step" in twice.value.detail
+    with as_user("fin", "finance"):
+        done = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert done.status == "approved"
+    assert [(x.role, x.approver_id) for x in done.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
+
+
+async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep", team="east", scope="own"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+    with as_user("mgr", "sales_manager"):
+        await sales.update_opportunity(deal.id, expected_version=0, changes={"owner_id": "bob", "team": "west"})
+    with as_user("bob", "sales_rep", team="west", scope="own"):
+        moved = await sales.get_quote(quote.id)
+        assert [q.id for q in (await sales.list_quotes(Page(), opportunity_id=deal.id)).items] == [quote.id]
+    assert (moved.owner_id, moved.team, moved.version) == ("bob", "west", quote.version + 1)
+    with as_user("alice", "sales_rep", team="east", scope="own"), pytest.raises(NotFound):
+        await sales.get_quote(quote.id)
+
+
 # ---------------------------------------------------------------- contracts
 
 
@@ -445,6 +563,61 @@ async def test_rejected_contracts_can_be_resubmitted_and_every_decision_stays(
     types = await outbox_types(engine)
     assert types.count("crm.sales.contract.approval_recorded") == 4
     assert types.count("crm.sales.contract.rejected") == 1 and types.count("crm.sales.contract.approved") == 1
+
+
+async def test_nobody_approves_a_contract_they_submitted_or_two_steps_of_one_submission(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("mgr", "sales_manager"):
+        contract = await direct_contract(sales, "200000")  # sales manager, then finance
+        await sales.submit_contract(contract.id, expected_version=0)
+        with pytest.raises(PermissionDenied) as own:
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert "mgr submitted this contract" in own.value.detail
+    with as_user("boss", "sales_manager", "finance"):
+        await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        with pytest.raises(PermissionDenied) as twice:
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert "already decided the sales_manager step" in twice.value.detail
+    with as_user("fin", "finance"):
+        approved = await sales.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+        )
+    assert approved.status == "approved"
+    assert [(x.role, x.approver_id) for x in approved.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
+    assert (await outbox_types(engine)).count("crm.sales.contract.approval_recorded") == 2
+
+
+async def test_a_contract_completes_only_when_paid_in_full(sales: SalesHandlers, engine: AsyncEngine) -> None:
+    """Completion closes the receivable (the ERP closes it on contract.completed): nothing may be
+    owed. Afterwards a payment is an over-payment; invoices may still follow, within the amount."""
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("erp", "erp_integration"):
+        await sales.record_payment(
+            contract_id=contract_id, amount=cny("600"), received_at=None, method="wire", external_reference="P-1"
+        )
+    with as_user("rep1", "sales_rep"), pytest.raises(Conflict) as unpaid:
+        await sales.complete_contract(contract_id, expected_version=0)
+    assert unpaid.value.reason == "OUTSTANDING_BALANCE" and "400.00 CNY outstanding" in unpaid.value.detail
+    with as_user("erp", "erp_integration"):
+        await sales.record_payment(
+            contract_id=contract_id, amount=cny("400"), received_at=None, method="wire", external_reference="P-2"
+        )
+    with as_user("rep1", "sales_rep"):
+        completed = await sales.complete_contract(contract_id, expected_version=0)
+    assert completed.status == "completed"
+    with as_user("erp", "erp_integration"), pytest.raises(ValidationFailed) as late:
+        await sales.record_payment(
+            contract_id=contract_id, amount=cny("0.01"), received_at=None, method="", external_reference="P-3"
+        )
+    assert "over-payment" in late.value.errors[0].message
+    with as_user("fin", "finance"):
+        invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("1000"))
+        issued = await sales.issue_invoice(invoice.id, number="FP-1", issued_at=None)
+        with pytest.raises(ValidationFailed):
+            await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("0.01"))
+    assert issued.status == "issued"
+    assert (await outbox_types(engine)).count("crm.sales.contract.completed") == 1
 
 
 async def test_contract_numbers_are_unique_per_month(sales: SalesHandlers, clock: Clock) -> None:
@@ -570,6 +743,82 @@ async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock
         assert expected in types
 
 
+async def test_a_terminated_contracts_requested_invoices_can_only_be_voided(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("500"))
+    with as_user("rep1", "sales_rep"):
+        await sales.terminate_contract(contract_id, expected_version=0, reason="customer withdrew")
+    with as_user("fin", "finance"):
+        with pytest.raises(Conflict) as raised:
+            await sales.issue_invoice(requested.id, number="FP-1", issued_at=None)
+        voided = await sales.void_invoice(requested.id, reason="contract terminated")
+    assert raised.value.reason == "ILLEGAL_STATE" and "terminated" in raised.value.detail
+    assert voided.status == "void"
+    assert "crm.sales.invoice.issued" not in await outbox_types(engine)
+
+
+async def test_the_erp_issues_the_invoice_the_crm_requested_once(sales: SalesHandlers, engine: AsyncEngine) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("1000"))
+    posting = erp_invoice(contract_id, "1000.00", "FP-1", "SAP-INV-1", invoice_id=requested.id)
+    await erp_posts(sales, posting)
+    await erp_posts(sales, posting)  # redelivered under a new event id
+    # The same issue in a re-sent file under another reference changes nothing either.
+    await erp_posts(sales, erp_invoice(contract_id, "1000.00", "FP-1", "SAP-INV-1-resent", invoice_id=requested.id))
+    with as_user("fin", "finance"):
+        invoices = (await sales.list_invoices(Page(), contract_id=contract_id)).items
+        [receivable] = (await sales.list_receivables("acc-1", Page())).items
+    assert [(i.id, *invoice_row(i)) for i in invoices] == [(requested.id, "issued", "FP-1", "1000.00", "SAP-INV-1")]
+    assert receivable.invoiced.amount == "1000.00"
+    issued = [events_pb2.InvoiceIssued.FromString(p) for p in await outbox_events(engine, "crm.sales.invoice.issued")]
+    assert [(e.invoice.id, e.invoice.number, e.actor.user_id) for e in issued] == [(requested.id, "FP-1", "erp")]
+
+
+async def test_an_erp_invoice_without_an_id_is_one_the_erp_raised_on_its_own(sales: SalesHandlers) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+    await erp_posts(sales, erp_invoice(contract_id, "400.00", "FP-1", "SAP-1", invoice_id=requested.id))
+    await erp_posts(sales, erp_invoice(contract_id, "600.00", "FP-2", "SAP-2"))
+    beyond = await erp_refuses(sales, erp_invoice(contract_id, "0.01", "FP-3", "SAP-3"))
+    assert isinstance(beyond, ValidationFailed) and "exceeds the uninvoiced 0.00" in beyond.errors[0].message
+    with as_user("fin", "finance"):
+        invoices = (await sales.list_invoices(Page(), contract_id=contract_id)).items
+        [receivable] = (await sales.list_receivables("acc-1", Page())).items
+    assert sorted(invoice_row(i) for i in invoices) == [
+        ("issued", "FP-1", "400.00", "SAP-1"), ("issued", "FP-2", "600.00", "SAP-2"),
+    ]  # fmt: skip
+    assert [i.id for i in invoices if i.number == "FP-1"] == [requested.id]
+    assert receivable.invoiced.amount == "1000.00"
+
+
+async def test_the_erp_issues_a_requested_invoice_under_the_rules_of_the_api(sales: SalesHandlers) -> None:
+    contract_id, elsewhere_id = await signed_contract(sales, "1000"), await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+        taken = await sales.request_invoice(idempotency_key="", contract_id=elsewhere_id, amount=cny("100"))
+        await sales.issue_invoice(taken.id, number="FP-TAKEN", issued_at=None)
+
+    wrong_amount = await erp_refuses(sales, erp_invoice(contract_id, "400.01", "FP-1", "R-1", requested.id))
+    assert isinstance(wrong_amount, ValidationFailed) and wrong_amount.errors[0].field == "amount"
+    other_contract = await erp_refuses(sales, erp_invoice(elsewhere_id, "400.00", "FP-1", "R-2", requested.id))
+    assert isinstance(other_contract, ValidationFailed) and other_contract.errors[0].field == "invoice_id"
+    unknown = await erp_refuses(sales, erp_invoice(contract_id, "400.00", "FP-1", "R-3", "no-such-invoice"))
+    assert isinstance(unknown, NotFound)
+    number_taken = await erp_refuses(sales, erp_invoice(contract_id, "400.00", "FP-TAKEN", "R-4", requested.id))
+    assert isinstance(number_taken, AlreadyExists)
+    with as_user("rep1", "sales_rep"):
+        await sales.terminate_contract(contract_id, expected_version=0, reason="customer withdrew")
+    terminated = await erp_refuses(sales, erp_invoice(contract_id, "400.00", "FP-1", "R-5", requested.id))
+    assert isinstance(terminated, Conflict) and terminated.reason == "ILLEGAL_STATE"
+    with as_user("fin", "finance"):
+        assert invoice_row(await sales.get_invoice(requested.id)) == ("requested", "", "400.00", "")
+
+
 async def test_payments_need_a_signed_contract(sales: SalesHandlers) -> None:
     with as_user("rep1", "sales_rep"):
         contract = await sales.create_contract(
@@ -633,6 +882,67 @@ async def test_account_totals_cover_every_contract_and_lifetime_value_counts_clo
     ]
     assert [e.contract.id for e in finished] == [completed] and finished[0].contract.status == "completed"
     assert [e.contract.id for e in ended] == [terminated] and ended[0].reason == "customer went bankrupt"
+
+
+# ---------------------------------------------------------------- input sized to its columns
+
+
+async def test_text_longer_than_its_column_is_a_422_naming_the_field(sales: SalesHandlers) -> None:
+    """Also for gRPC and ERP callers, whom the gateway's limits do not cover (PostgreSQL refused the
+    text: a 500, and an ERP posting was retried before it was dead-lettered)."""
+    contract_id = await signed_contract(sales, "1000")
+    won, lost = d.DEFAULT_STAGES[-2:]
+
+    async def refused(call: Any) -> list[str]:
+        with pytest.raises(ValidationFailed) as raised:
+            await call
+        return fields_of(raised)
+
+    def pay(method: str, reference: str) -> Any:
+        return sales.record_payment(
+            contract_id=contract_id, amount=cny("1"), received_at=None, method=method, external_reference=reference
+        )
+
+    def pipeline(name: str, first_stage_key: str) -> Any:
+        stages = [d.Stage(first_stage_key, "First", Decimal(10)), won, lost]
+        return sales.create_pipeline(idempotency_key="", name=name, stages=stages, is_default=False)
+
+    with as_user("fin", "finance"):
+        assert await refused(pay("m" * 65, "P-1")) == ["method"]
+        assert await refused(pay("wire", "P" * 201)) == ["external_reference"]
+        await pay("m" * 64, "P" * 200)
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("100"))
+        assert await refused(sales.issue_invoice(requested.id, number="N" * 65, issued_at=None)) == ["number"]
+        assert await refused(
+            sales.request_invoice(idempotency_key="k" * 201, contract_id=contract_id, amount=cny("1"))
+        ) == ["idempotency_key"]
+    for posting, field in (
+        (erp_invoice(contract_id, "100.00", "N" * 65, "R-1", requested.id), "number"),
+        (erp_invoice(contract_id, "100.00", "N-1", "R" * 201, requested.id), "external_reference"),
+    ):
+        error = await erp_refuses(sales, posting)
+        assert isinstance(error, ValidationFailed) and [e.field for e in error.errors] == [field]
+    with as_user("admin", "admin"):
+        assert await refused(pipeline("P", "k" * 65)) == ["stages[0].key"]
+        assert await refused(pipeline("n" * 201, "first")) == ["name"]
+        await pipeline("n" * 200, "k" * 64)
+    with as_user("rep1", "sales_rep"):
+        long_line = LineItemIn("p", "P", "L" * 201, Decimal(1), cny("1"), Decimal(0))
+        assert await refused(
+            sales.create_opportunity(OpportunityIn(account_id="a", name="n", line_items=[long_line]))
+        ) == ["line_items[0].product_line"]
+
+
+async def test_an_import_row_with_an_over_long_external_id_is_rejected_alone(sales: SalesHandlers) -> None:
+    rows = [
+        ImportRow("X" * 201, OpportunityIn(account_id="a", name="n1", owner_id="o1")),
+        ImportRow("X" * 200, OpportunityIn(account_id="a", name="n2", owner_id="o1")),
+    ]
+    with as_user("admin", "admin"):
+        results = await sales.import_opportunities("", rows)
+    assert [(r.outcome, [e.field for e in r.errors]) for r in results] == [
+        ("rejected", ["external_id"]), ("created", []),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- overdue installments
@@ -702,6 +1012,21 @@ async def test_merged_and_transferred_accounts_repoint_deals_and_contracts(
         for p in await outbox_events(engine, "crm.sales.opportunity.updated")
     ]
     assert ["owner_id", "team"] in [list(e.changed_fields) for e in updated]
+
+
+async def test_quotes_move_with_their_deal_when_the_account_is_transferred(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep", scope="own"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-t", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+    async with sales.uow.begin() as tx:
+        await sales.follow_account_owner(
+            tx, account_id="acc-t", previous_owner_id="alice", new_owner_id="dave", team="west", region=""
+        )
+    with as_user("dave", "sales_rep", team="west", scope="own"):
+        moved = await sales.get_quote(quote.id)
+    assert (moved.owner_id, moved.team, moved.region) == ("dave", "west", "cn-east")
+    with as_user("alice", "sales_rep", scope="own"), pytest.raises(NotFound):
+        await sales.get_quote(quote.id)
 
 
 # ---------------------------------------------------------------- SQLite: exact money without a decimal type

@@ -177,6 +177,29 @@ def test_stage_probability_and_rotting_days_are_bounded() -> None:
     d.validate_stages([d.Stage("a", "A", Decimal(10), rotting_days=d.MAX_ROTTING_DAYS), *d.DEFAULT_STAGES[-2:]])
 
 
+def test_a_stage_key_fits_the_column_deals_store_it_in() -> None:
+    longest = "k" * d.CODE_LENGTH
+    d.validate_stages([d.Stage(longest, "A", Decimal(10)), *d.DEFAULT_STAGES[-2:]])
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_stages([d.Stage(longest + "k", "A", Decimal(10)), *d.DEFAULT_STAGES[-2:]])
+    assert {e.field: e.message for e in raised.value.errors} == {"stages[0].key": "at most 64 characters"}
+
+
+def test_a_line_items_product_line_fits_the_deals_product_line() -> None:
+    d.validate_line_items([d.LineItem("p", "P", "L" * d.NAME_LENGTH, Decimal(1), cny("1"))])
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items([d.LineItem("p", "P", "L" * (d.NAME_LENGTH + 1), Decimal(1), cny("1"))])
+    assert [e.field for e in raised.value.errors] == ["line_items[0].product_line"]
+
+
+def test_a_deals_amount_is_in_its_line_items_currency() -> None:
+    d.check_line_currency("CNY", "CNY")
+    d.check_line_currency("USD", None)  # without line items any currency goes
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_line_currency("USD", "CNY")
+    assert raised.value.errors[0].field == "amount.currency" and "CNY" in raised.value.errors[0].message
+
+
 # ---------------------------------------------------------------- forecast
 
 
@@ -309,6 +332,26 @@ def test_approvals_are_sequential_and_by_role() -> None:
         d.approving_role(chain, [*done, d.ApprovalStep("finance", "f1", d.Decision.APPROVED)], ["finance"])
 
 
+def test_the_submitter_never_decides_on_what_they_submitted() -> None:
+    d.check_separation_of_duties("m1", submitted_by="rep1", decisions=[], record="contract")
+    with pytest.raises(PermissionDenied) as raised:
+        d.check_separation_of_duties("m1", submitted_by="m1", decisions=[], record="contract")
+    assert "m1 submitted this contract" in raised.value.detail
+
+
+def test_one_person_decides_one_step_of_a_submission_whatever_roles_they_hold() -> None:
+    done = [d.ApprovalStep("sales_manager", "boss", d.Decision.APPROVED)]
+    d.check_separation_of_duties("fin", submitted_by="rep1", decisions=done, record="quote")
+    with pytest.raises(PermissionDenied) as raised:
+        d.check_separation_of_duties("boss", submitted_by="rep1", decisions=done, record="quote")
+    assert "already decided the sales_manager step" in raised.value.detail
+
+
+def test_an_unknown_submitter_is_not_held_against_anyone() -> None:
+    # Records older than migration 0008 have no submitter ("").
+    d.check_separation_of_duties("m1", submitted_by="", decisions=[], record="contract")
+
+
 # ---------------------------------------------------------------- contract status machine
 
 
@@ -326,6 +369,22 @@ def test_contract_transitions() -> None:
     ]:
         with pytest.raises(Conflict):
             d.check_contract_transition(current, target, contract_id="c")
+
+
+def test_a_contract_completes_only_when_paid_in_full() -> None:
+    d.check_settled(cny("1000"), Decimal("1000.0000"), contract_id="c")
+    with pytest.raises(Conflict) as raised:
+        d.check_settled(cny("1000"), Decimal("999.99"), contract_id="c")
+    assert raised.value.reason == "OUTSTANDING_BALANCE" and "0.01 CNY outstanding" in raised.value.detail
+
+
+def test_payments_and_invoices_need_a_contract_in_force() -> None:
+    for status in ("signed", "completed"):
+        d.check_in_force(status, contract_id="c", what="invoices")
+    for status in ("draft", "pending_approval", "approved", "rejected", "terminated"):
+        with pytest.raises(Conflict) as raised:
+            d.check_in_force(status, contract_id="c", what="invoices")
+        assert raised.value.reason == "ILLEGAL_STATE"
 
 
 def test_contract_numbers() -> None:
@@ -459,6 +518,16 @@ def test_invoices_accepted_in_sequence_never_exceed_the_contract(requests: list[
             continue
         invoiced += amount
         assert invoiced <= total
+
+
+def test_an_invoice_is_issued_for_exactly_the_requested_amount() -> None:
+    d.check_issued_amount(cny("400.00"), requested=cny("400.0000"))
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_issued_amount(cny("400.01"), requested=cny("400"))
+    assert {e.field: e.message for e in raised.value.errors} == {"amount": "must be the requested 400.00 CNY"}
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_issued_amount(Money(Decimal(400), "USD"), requested=cny("400"))
+    assert raised.value.errors[0].field == "amount.currency"
 
 
 def test_invoice_transitions() -> None:

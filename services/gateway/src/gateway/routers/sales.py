@@ -3,7 +3,8 @@ approvals, payment plans, payments, receivables and invoices, routed to the sale
 
 Permissions come only from `require(...)`/`Access` (gateway.security); approvals need the
 `approve` action here, and the sales service then checks that the caller holds the role the
-approval chain waits for. Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
+approval chain waits for and is neither the submitter nor the approver of an earlier step.
+Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
 """
 
 from collections.abc import AsyncIterator, Mapping
@@ -60,7 +61,7 @@ class LineItemBody(BaseModel):
 
 class StageBody(BaseModel):
     model_config = {"extra": "forbid"}
-    key: str
+    key: str = Field(max_length=64)
     name: str
     probability: str
     required_fields: list[str] = Field(default_factory=list)
@@ -201,7 +202,7 @@ class PaymentCreate(BaseModel):
     amount: MoneyIn
     external_reference: str = Field(min_length=1, max_length=200, description="unique; the idempotency key")
     received_at: datetime | None = None
-    method: str = ""
+    method: str = Field(default="", max_length=64)
 
 
 class InvoiceCreate(BaseModel):
@@ -1091,6 +1092,8 @@ async def approve_quote(
     body: DecisionBody | None = None,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
+    """The discount step the quote waits for, decided with the caller's role: 403 for any other role,
+    for the quote's creator and for one who decided an earlier step."""
     comment = (body or DecisionBody()).comment
     stub = _stub(request)
     before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
@@ -1225,7 +1228,8 @@ async def approve_contract(
     body: DecisionBody | None = None,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    """The step the approval chain waits for, decided with the caller's role (403 for any other role)."""
+    """The step the approval chain waits for, decided with the caller's role: 403 for any other role,
+    for the user who submitted the contract and for one who decided an earlier step of this round."""
     comment = (body or DecisionBody()).comment
     message = pb.ApproveContractRequest(id=contract_id, expected_version=expected_version(if_match), comment=comment)
     return await _contract_step(request, response, access, contract_id, "ApproveContract", message, comment)
@@ -1265,6 +1269,7 @@ async def sign_contract(
 async def complete_contract(
     contract_id: str, request: Request, response: Response, access: ContractsUpdate, if_match: IfMatch = None
 ) -> dict[str, Any]:
+    """A signed contract paid in full (409 with reason OUTSTANDING_BALANCE while anything is owed)."""
     message = pb.CompleteContractRequest(id=contract_id, expected_version=expected_version(if_match))
     return await _contract_step(request, response, access, contract_id, "CompleteContract", message, "completed")
 
@@ -1441,6 +1446,7 @@ async def get_invoice(invoice_id: str, request: Request, access: InvoicesRead) -
 
 @router.post("/invoices/{invoice_id}/issue")
 async def issue_invoice(invoice_id: str, body: IssueBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
+    """A requested invoice gets its number (409 once its contract is terminated: void it instead)."""
     message = pb.IssueInvoiceRequest(id=invoice_id, number=body.number)
     issued_at = _timestamp(body.issued_at)
     if issued_at is not None:
