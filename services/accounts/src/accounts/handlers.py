@@ -280,12 +280,17 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
                 events_pb2.ContactDeleted(contact_id=contact_id, account_id=account_id, actor=actor(principal)),
                 key=contact_id,
             )
-        # The task events have none for a cancellation (as for any task edit): nothing to publish.
-        await tx.conn.execute(
+        cancelled = await tx.conn.execute(
             update(t)
             .where(t.c.account_id == account_id, t.c.status == "open")
             .values(status="cancelled", updated_at=now, version=t.c.version + 1)
+            .returning(t)
         )
+        for task in sorted(cancelled, key=lambda task: task.id):
+            tx.publish(
+                events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
+                key=task.id,
+            )
         tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
 
 
@@ -1035,7 +1040,16 @@ async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, exp
         await tx.conn.execute(
             update(t).where(t.c.id == task_id).values(**values, updated_at=ctx.clock(), version=row.version + 1)
         )
-        return (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+        updated = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+        changed = sorted(name for name, value in values.items() if getattr(row, name) != value)
+        if changed:
+            tx.publish(
+                events_pb2.TaskUpdated(
+                    task=task_to_proto(updated), changed_fields=changed, actor=actor(current_principal())
+                ),
+                key=task_id,
+            )
+        return updated
 
 
 async def complete_task(ctx: Context, task_id: str, *, expected_version: int) -> Any:

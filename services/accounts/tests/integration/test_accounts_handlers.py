@@ -156,6 +156,21 @@ async def test_deleting_an_account_deletes_its_contacts_and_cancels_its_open_tas
     deleted = await events(ctx, events_pb2.ContactDeleted)
     assert [(e.contact_id, e.account_id, e.actor.user_id) for e in deleted] == [(dora.id, beta.id, "rep-1")]
     assert [e.account_id for e in await events(ctx, events_pb2.AccountDeleted)] == [beta.id]
+    # So is each task's cancellation: the read models close them too.
+    cancelled = await events(ctx, events_pb2.TaskUpdated)
+    assert [(e.task.id, e.task.status, list(e.changed_fields)) for e in cancelled] == [
+        (open_task.id, "cancelled", ["status"])
+    ]
+
+
+async def test_a_task_edit_is_evented_with_the_fields_it_changed(ctx: Context) -> None:
+    beta = await new_account(ctx, REP1, "Beta")
+    task = await new_task(ctx, REP1, beta.id, "call Dora")
+    with acting_as(*REP1):
+        await handlers.update_task(ctx, task.id, {"title": "call Dora back", "account_id": beta.id}, expected_version=0)
+        await handlers.update_task(ctx, task.id, {"title": "call Dora back"}, expected_version=0)  # no change
+    edits = await events(ctx, events_pb2.TaskUpdated)
+    assert [(e.task.title, list(e.changed_fields), e.task.version) for e in edits] == [("call Dora back", ["title"], 2)]
 
 
 async def test_a_contact_left_live_on_a_deleted_account_cannot_be_written(ctx: Context) -> None:

@@ -420,6 +420,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         accounts_events.ActivityLogged: _on(apply_activity, lambda m: m.activity),
         accounts_events.TaskCreated: task,
         accounts_events.TaskCompleted: task,
+        accounts_events.TaskUpdated: task,
         accounts_events.TaskReassigned: task,
         sales_events.OpportunityCreated: deal,
         sales_events.OpportunityUpdated: deal,

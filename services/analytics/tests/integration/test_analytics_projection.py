@@ -139,6 +139,13 @@ def scenario() -> Scenario:
     s.add(accounts_events.TaskCompleted(task=done), task.id)
     task2 = accounts_pb2.Task(id=f"{t}-tk2", owner_id="r1", team=t, status="open", due_at=s.at(days=2), version=1)
     s.add(accounts_events.TaskCreated(task=task2), task2.id)
+    # Cancelled with its deleted account: no longer work the rep owes (not among the 2 tasks below).
+    task3 = accounts_pb2.Task(id=f"{t}-tk3", owner_id="r1", team=t, status="open", due_at=s.at(days=2), version=1)
+    s.add(accounts_events.TaskCreated(task=task3), task3.id)
+    cancelled = accounts_pb2.Task(
+        id=f"{t}-tk3", owner_id="r1", team=t, status="cancelled", due_at=s.at(days=2), version=2
+    )
+    s.add(accounts_events.TaskUpdated(task=cancelled, changed_fields=["status"]), task3.id)
 
     # Opportunities.
     def deal(deal_id: str, version: int, history: list[tuple[str, float, float | None]], **fields: Any) -> Any:
