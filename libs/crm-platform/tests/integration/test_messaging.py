@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from crm.audit.v1 import events_pb2
+from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
 from crm_platform.db import DriverStatement, create_engine, driver_connection
@@ -463,6 +464,43 @@ async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_
     assert reasons == ["PoisonMessage", "ValidationFailed"]
     assert all(r.headers["dlt_original_topic"] == TOPIC for r in dead_letters.records)
     assert any("refused by the test" in r.headers["dlt_error"] for r in dead_letters.records)
+
+
+async def test_a_record_the_consumer_cannot_read_is_dead_lettered_and_the_partition_moves_on(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """Outside producers (the ERP topics) may send what Kafka allows and we cannot read: a header
+    without a value, a key that is not text. Such a record must not stop its partition."""
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    bootstrap = broker_settings.bootstrap_servers
+
+    def headers(*extra: tuple[str, bytes | None]) -> list[tuple[str, bytes | None]]:
+        spec = spec_of(events_pb2.AuditRecorded)
+        good = CloudEventHeaders(id=new_id(), type=spec.type, source="/erp", time=utcnow(), subject="k").encode()
+        return [*good, *extra]
+
+    def payload(record_id: str) -> bytes:
+        return events_pb2.AuditRecorded(record_id=record_id).SerializeToString()
+
+    await produce_raw(bootstrap, TOPIC, key=b"\xff\xfe", value=payload("key-not-text"), headers=headers())
+    null_id = [(name, None if name == "ce_id" else value) for name, value in headers()]
+    await produce_raw(bootstrap, TOPIC, key="k", value=payload("id-without-value"), headers=null_id)
+    # A header without a value that the event does not need is read as empty: the event applies.
+    await produce_raw(bootstrap, TOPIC, key="k", value=payload("odd-header"), headers=headers(("x-erp", None)))
+    await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="after"), key="k")
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    task = asyncio.create_task(consumer.run())
+    async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
+        await dead_letters.wait_for(lambda r: len(r) >= 2, timeout=60)
+        async with asyncio.timeout(30):
+            while "after" not in applied:
+                await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    assert applied == ["odd-header", "after"]
+    errors = sorted(r.headers["dlt_error"] for r in dead_letters.records)
+    assert errors == ["missing CloudEvents headers: ce_id", "the key b'\\xff\\xfe' is not UTF-8 text"]
 
 
 async def test_sigterm_under_load_loses_no_accepted_request(postgres_url: str, own_broker: TansuBroker) -> None:

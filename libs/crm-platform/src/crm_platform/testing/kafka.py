@@ -81,10 +81,10 @@ class EventCollector:
                                 topic=record.topic,
                                 partition=record.partition,
                                 offset=record.offset,
-                                key=(record.key or b"").decode(),
+                                key=_text(record.key),
                                 value=record.value or b"",
-                                headers={name: value.decode() for name, value in record.headers},
-                                raw_headers=tuple((name, value.decode()) for name, value in record.headers),
+                                headers={name: _text(value) for name, value in record.headers},
+                                raw_headers=tuple((name, _text(value)) for name, value in record.headers),
                             )
                         )
                 self._arrived.notify_all()
@@ -144,11 +144,20 @@ async def produce_event(
     return event_id
 
 
-async def produce_raw(bootstrap_servers: str, topic: str, *, key: str, value: bytes, headers: Any = ()) -> None:
-    """Publishes bytes as they are: for poison-message tests."""
+async def produce_raw(bootstrap_servers: str, topic: str, *, key: str | bytes, value: bytes, headers: Any = ()) -> None:
+    """Publishes bytes as they are (a key given as bytes too): for poison-message tests."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, value=value, key=key.encode(), headers=list(headers))
+        raw_key = key if isinstance(key, bytes) else key.encode()
+        await producer.send_and_wait(topic, value=value, key=raw_key, headers=list(headers))
     finally:
         await producer.stop()
+
+
+def _text(raw: bytes | None) -> str:
+    """Keys and header values as text; what is not UTF-8 (a poison record's) shows as its repr."""
+    try:
+        return (raw or b"").decode()
+    except UnicodeDecodeError:
+        return repr(raw)
