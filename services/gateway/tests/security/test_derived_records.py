@@ -71,8 +71,12 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
 class FakeAnalytics(AnalyticsServiceServicer):
     async def GetCustomerValue(self, request: analytics_pb.GetCustomerValueRequest, context: Any) -> Any:
         row = analytics_pb.CustomerValueRow(
-            account_id="acc-1", account_name="Initech", won_amount=CNY, paid_amount=CNY, churn_risk="low"
-        )
+            account_id="acc-1", account_name="Initech", won_amount=CNY, paid_amount=CNY, churn_risk="high",
+            reasons=[
+                analytics_pb.ChurnReason(code="OVERDUE_INSTALLMENTS", detail="2 overdue installment(s), 80000.00 CNY"),
+                analytics_pb.ChurnReason(code="NO_ACTIVITY", detail="no activity for 40 days (limit 30)"),
+            ],
+        )  # fmt: skip
         return analytics_pb.GetCustomerValueResponse(rows=[row])
 
     async def GetSalesFunnel(self, request: analytics_pb.GetSalesFunnelRequest, context: Any) -> Any:
@@ -208,6 +212,12 @@ async def test_report_money_is_left_out_for_callers_who_may_not_read_the_amounts
     assert by_analyst["won_amount"] == MONEY and "paid_amount" not in by_analyst  # analysts read no contracts
     assert by_marketing["account_name"] == "Initech"
     assert "won_amount" not in by_marketing and "paid_amount" not in by_marketing
+    # A reason that states a receivable's amount keeps only its code for who may not read amounts.
+    assert by_finance["reasons"][0]["detail"] == "2 overdue installment(s), 80000.00 CNY"
+    assert by_marketing["reasons"] == [
+        {"code": "OVERDUE_INSTALLMENTS"},
+        {"code": "NO_ACTIVITY", "detail": "no activity for 40 days (limit 30)"},
+    ]
 
 
 async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(client: Client) -> None:
@@ -221,6 +231,7 @@ async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(c
     assert funnel["won_count"] == 1 and funnel["stages"][0]["count"] == 2
     assert not {"won_amount", "average_deal_size"} & set(funnel) and "amount" not in funnel["stages"][0]
     assert "won_revenue" not in sources["rows"][0] and sources["rows"][0]["cost"] == MONEY  # marketing runs campaigns
+    assert "roi" not in sources["rows"][0]  # with the cost, it would give the won revenue away
     assert reps["rows"][0]["won_amount"] == mask_value(MONEY, "money")
 
 
@@ -234,6 +245,7 @@ async def test_report_csv_and_exports_leave_out_the_money_too(client: Client) ->
         assert response.status_code == 200, response.text
         header = next(csv.reader(io.StringIO(response.text)))
         assert "account_name" in header and not {"won_amount", "paid_amount"} & set(header)
+        assert "80000.00" not in response.text and "OVERDUE_INSTALLMENTS" in response.text
 
 
 async def test_win_statistics_show_the_won_amount_as_the_caller_sees_deal_amounts(client: Client) -> None:

@@ -106,6 +106,14 @@ class FakeLeads(LeadsServiceServicer):
                               team="east")  # fmt: skip
         return leads_pb.AssignLeadResponse(lead=lead)
 
+    async def ConvertLead(self, request: leads_pb.ConvertLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id="l-1", name="Li", status="converted", owner_id="u-1", team="east")
+        return leads_pb.ConvertLeadResponse(lead=lead, account_id="acc-9", contact_id="c-9")
+
+    async def ReleaseLead(self, request: leads_pb.ReleaseLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id="l-1", name="Li", status="recycled", in_pool=True, team="east")
+        return leads_pb.ReleaseLeadResponse(lead=lead)
+
     async def DisqualifyLead(self, request: leads_pb.DisqualifyLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="unqualified", owner_id="u-1",
                               team="east", disqualified_reason=request.reason)  # fmt: skip
@@ -227,8 +235,8 @@ class Gateway:
         self.accounts = accounts
 
     @staticmethod
-    def auth(*roles: str) -> dict[str, str]:
-        token = issue_dev_token(secret=SECRET, sub="u-1", roles=list(roles), team="east", region="north")
+    def auth(*roles: str, sub: str = "u-1") -> dict[str, str]:
+        token = issue_dev_token(secret=SECRET, sub=sub, roles=list(roles), team="east", region="north")
         return {"Authorization": f"Bearer {token}"}
 
 
@@ -461,3 +469,39 @@ async def test_an_activity_is_logged_on_an_account_the_caller_may_read(
 
     assert response.status_code == 201, response.text
     assert gateway.accounts.activity_scopes == [scope]  # the service checks the account under it
+
+
+@pytest.mark.parametrize(
+    ("role", "body", "status"),
+    [
+        # Marketing may update leads but create no account, contact or deal.
+        ("marketing", {}, 403),
+        ("marketing", {"account_id": "acc-1"}, 403),
+        ("sales_rep", {"create_opportunity": True, "opportunity": {"name": "Robots"}}, 200),
+        ("sales_rep", {"account_id": "acc-1"}, 200),
+    ],
+)
+async def test_converting_a_lead_needs_the_grants_of_what_it_creates(
+    gateway: Gateway, role: str, body: dict[str, Any], status: int
+) -> None:
+    response = await gateway.client.post("/api/v1/leads/l-1/convert", json=body, headers=gateway.auth(role))
+
+    assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize(
+    ("role", "caller", "status"),
+    [
+        ("sales_rep", "u-1", 200),  # the owner gives their own lead back
+        ("marketing", "u-9", 403),  # someone else's lead: an ownership change, which needs assign
+        ("sales_manager", "u-9", 200),
+    ],
+)
+async def test_a_lead_goes_back_to_the_pool_by_its_owner_or_someone_who_may_assign(
+    gateway: Gateway, role: str, caller: str, status: int
+) -> None:
+    response = await gateway.client.post(
+        "/api/v1/leads/l-1/release", json={"reason": "not mine"}, headers=gateway.auth(role, sub=caller)
+    )
+
+    assert response.status_code == status, response.text

@@ -127,24 +127,44 @@ _MONEY_SOURCES: Mapping[str, tuple[str, str]] = {
 }
 
 
+# Figures computed from that money: shown only where all of it is shown in clear (won revenue
+# follows from ROI and cost).
+_DERIVED_FROM_MONEY: Mapping[str, tuple[str, ...]] = {"roi": ("won_revenue", "cost")}
+# Churn reasons whose text states an amount of that money (the overdue receivables).
+_REASONS_WITH_MONEY: Mapping[str, tuple[str, str]] = {"OVERDUE_INSTALLMENTS": ("contracts", "amount")}
+
+
 class _Money:
     """Presents the money of report rows with the caller's rules for the resources it comes from."""
 
     def __init__(self, access: Access) -> None:
-        resources = {resource for resource, _ in _MONEY_SOURCES.values()}
+        resources = {resource for resource, _ in (*_MONEY_SOURCES.values(), *_REASONS_WITH_MONEY.values())}
         self._views = {resource: access.view(resource) for resource in resources}
 
     def present(self, row: Mapping[str, Any]) -> dict[str, Any]:
         shown: dict[str, Any] = {}
         for name, value in row.items():
             source = _MONEY_SOURCES.get(name)
-            if source is None:
+            if name == "reasons" and isinstance(value, list):
+                shown[name] = [self._reason(reason) for reason in value]
+            elif source is None:
                 shown[name] = value
-                continue
-            view = self._views[source[0]]
-            if view is not None:
+            elif (view := self._views[source[0]]) is not None:
                 shown.update(view.present_derived({name: value}, like=source[1]))
+        for name, sources in _DERIVED_FROM_MONEY.items():
+            if name in shown and any(source in row and shown.get(source) != row[source] for source in sources):
+                del shown[name]
         return shown
+
+    def _reason(self, reason: Mapping[str, Any]) -> Mapping[str, Any]:
+        source = _REASONS_WITH_MONEY.get(str(reason.get("code", "")))
+        if source is None or self._in_clear(*source):
+            return reason
+        return {key: value for key, value in reason.items() if key != "detail"}  # the code alone
+
+    def _in_clear(self, resource: str, field: str) -> bool:
+        view = self._views[resource]
+        return view is not None and view.present_derived({field: "1"}, like=field) == {field: "1"}
 
 
 async def _respond(
@@ -188,12 +208,15 @@ def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for name, value in row.items():
         if isinstance(value, list):
-            flat[name] = "; ".join(
-                f"{item['code']}: {item['detail']}" if isinstance(item, Mapping) else str(item) for item in value
-            )
+            flat[name] = "; ".join(_reason_text(item) if isinstance(item, Mapping) else str(item) for item in value)
         else:
             flat[name] = value
     return flat
+
+
+def _reason_text(reason: Mapping[str, Any]) -> str:
+    """`CODE: detail`, or the code alone where the detail is withheld."""
+    return f"{reason['code']}: {reason['detail']}" if "detail" in reason else str(reason["code"])
 
 
 _CSV: dict[int | str, dict[str, Any]] = {

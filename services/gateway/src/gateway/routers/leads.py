@@ -726,6 +726,14 @@ async def convert_lead(
     if opportunity.expected_close_date is not None:
         close = datetime.combine(opportunity.expected_close_date, datetime.min.time())
         message.expected_close_date.FromDatetime(close)
+    # Converting creates (or joins) an account, creates a contact and maybe a deal in their own
+    # services, which trust the gateway: the caller needs those grants as well as leads update.
+    access.require_view("accounts", "read" if body.account_id else "create")
+    access.require_view("contacts", "create")
+    if message.create_opportunity:
+        access.require_view("opportunities", "create").check_write(
+            opportunity.model_dump(exclude_unset=True, exclude_defaults=True)
+        )
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
     reply = await stub.ConvertLead(message, metadata=access.grpc_metadata())
@@ -786,6 +794,8 @@ async def release_lead(
 ) -> dict[str, Any]:
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
+    if before["owner_id"] != access.principal.user_id:  # one's own lead goes back with update
+        access.require_view("leads", "assign")  # anyone else's is an ownership change
     reply = await stub.ReleaseLead(
         pb.ReleaseLeadRequest(lead_id=lead_id, reason=body.reason), metadata=access.grpc_metadata()
     )
