@@ -93,7 +93,8 @@ class CloudEventHeaders:
 
     @classmethod
     def decode(cls, headers: list[tuple[str, bytes]] | tuple[tuple[str, bytes], ...]) -> "CloudEventHeaders":
-        values = {name: value.decode("utf-8", "replace") for name, value in headers}
+        # Kafka allows a header without a value (null): read as empty, so a required one is missing.
+        values = {name: (value or b"").decode("utf-8", "replace") for name, value in headers}
         missing = [name for name in ("ce_id", "ce_type", "ce_source", "ce_time") if not values.get(name)]
         if missing:
             raise MalformedEvent(f"missing CloudEvents headers: {', '.join(missing)}")

@@ -171,8 +171,8 @@ class EventConsumer:
     async def _handle(self, record: ConsumerRecord[Any, Any]) -> None:
         try:
             event = self._decode(record)
-        except PoisonMessage as error:
-            await self._dead_letter(record, error)
+        except Exception as error:  # noqa: BLE001 - reading a record is pure: what fails once fails always
+            await self._dead_letter(record, error if isinstance(error, PoisonMessage) else PoisonMessage(repr(error)))
             return
         if event is None:
             metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, "ignored").inc()
@@ -224,7 +224,10 @@ class EventConsumer:
             raise PoisonMessage(
                 f"cannot decode {headers.type} as {message_type.DESCRIPTOR.full_name}: {error}"
             ) from None
-        key = record.key.decode() if isinstance(record.key, bytes) else str(record.key or "")
+        try:
+            key = record.key.decode() if isinstance(record.key, bytes) else str(record.key or "")
+        except UnicodeDecodeError:
+            raise PoisonMessage(f"the key {record.key!r} is not UTF-8 text") from None
         return ReceivedEvent(
             headers=headers,
             message=message,
