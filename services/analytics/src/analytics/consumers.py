@@ -1,6 +1,7 @@
 """The projection: every event the reports need, from the leads, accounts, sales and service topics,
 applied to the read models in the consumer's transaction (the platform's inbox makes a redelivered
-event a no-op; the versioned upserts make a replay converge).
+event a no-op; the versioned upserts make a replay converge). A record's account id is stored as
+the account it lives on after merges, whichever of the merge and the record's event comes first.
 
 The consumer group is `<group>-g<generation>` (group `analytics-projection` by default): a rebuild
 empties the read models and moves to the next generation, whose fresh group reads every topic from
@@ -79,7 +80,6 @@ async def apply_lead(conn: AsyncConnection, lead: leads_pb2.Lead) -> None:
         keys=["id"],
         versioned=True,
     )
-    await repo.upsert_rep(conn, lead.owner_id, lead.team, lead.region)
 
 
 async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadActivity) -> None:
@@ -145,14 +145,25 @@ async def apply_account(conn: AsyncConnection, account: accounts_pb2.Account) ->
         keys=["id"],
         versioned=True,
     )
-    await repo.upsert_rep(conn, account.owner_id, account.team, account.region)
 
 
-async def apply_account_gone(conn: AsyncConnection, account_id: str, *, merged_into: str = "") -> None:
-    values: dict[str, Any] = {"deleted": True}
-    if merged_into:
-        values = {"merged_into_id": merged_into}
-    await conn.execute(update(repo.accounts).where(repo.accounts.c.id == account_id).values(**values))
+async def apply_account_deleted(conn: AsyncConnection, account_id: str) -> None:
+    await conn.execute(update(repo.accounts).where(repo.accounts.c.id == account_id).values(deleted=True))
+
+
+async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivor_id: str) -> None:
+    """The duplicate's contracts, payments, tickets, CSAT and the rest move to the survivor. Sales
+    and the service desk re-point their own rows without an event for each, so analytics moves its
+    rows itself; records applied later resolve the duplicate's id through `surviving_account`."""
+    await repo.lock_account(conn, duplicate_id, merging=True)
+    await conn.execute(
+        update(repo.accounts).where(repo.accounts.c.id == duplicate_id).values(merged_into_id=survivor_id)
+    )
+    # The survivor may itself have been merged meanwhile (events of different accounts can be
+    # applied in any order): the rows go to the end of the chain.
+    target = await repo.surviving_account(conn, survivor_id)
+    if target != duplicate_id:
+        await repo.move_account_records(conn, duplicate_id, target)
 
 
 async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
@@ -161,7 +172,7 @@ async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity)
         repo.activities,
         {
             "id": activity.id,
-            "account_id": activity.account_id,
+            "account_id": await repo.surviving_account(conn, activity.account_id),
             "actor_id": activity.actor_id,
             "kind": activity.kind,
             "occurred_at": _time(activity.occurred_at),
@@ -188,7 +199,6 @@ async def apply_task(conn: AsyncConnection, task: accounts_pb2.Task) -> None:
         keys=["id"],
         versioned=True,
     )
-    await repo.upsert_rep(conn, task.owner_id, task.team, task.region)
 
 
 # --------------------------------------------------------------------------------------- sales
@@ -209,7 +219,7 @@ async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) 
         repo.opportunities,
         {
             "id": deal.id,
-            "account_id": deal.account_id,
+            "account_id": await repo.surviving_account(conn, deal.account_id),
             "pipeline_id": deal.pipeline_id,
             "stage": deal.stage,
             "status": deal.status,
@@ -228,7 +238,6 @@ async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) 
         keys=["id"],
         versioned=True,
     )
-    await repo.upsert_rep(conn, deal.owner_id, deal.team, deal.region)
 
 
 def _iso(stamp: Timestamp) -> str | None:
@@ -242,7 +251,7 @@ async def apply_contract(conn: AsyncConnection, contract: sales_pb2.Contract) ->
         repo.contracts,
         {
             "id": contract.id,
-            "account_id": contract.account_id,
+            "account_id": await repo.surviving_account(conn, contract.account_id),
             "opportunity_id": contract.opportunity_id,
             "owner_id": contract.owner_id,
             "team": contract.team,
@@ -254,12 +263,10 @@ async def apply_contract(conn: AsyncConnection, contract: sales_pb2.Contract) ->
     )
 
 
-async def apply_installment(
-    conn: AsyncConnection, contract_id: str, account_id: str, installment: sales_pb2.Installment
-) -> None:
+def _installment_values(contract_id: str, installment: sales_pb2.Installment) -> dict[str, Any]:
     amount, currency = _amount(installment.amount, "installment.amount.amount")
     paid, _ = _amount(installment.paid, "installment.paid.amount")
-    values = {
+    return {
         "id": installment.id,
         "contract_id": contract_id,
         "amount": amount or Decimal(0),
@@ -268,13 +275,25 @@ async def apply_installment(
         "due_date": installment.due_date,
         "status": installment.status,
     }
+
+
+async def apply_plan_installment(conn: AsyncConnection, contract_id: str, installment: sales_pb2.Installment) -> None:
+    """An installment as the plan creates it: its paid amount is the money received before the
+    plan existed, which sales applies then, without allocations."""
+    await repo.upsert(conn, repo.installments, _installment_values(contract_id, installment), keys=["id"])
+
+
+async def apply_overdue_installment(
+    conn: AsyncConnection, contract_id: str, account_id: str, installment: sales_pb2.Installment
+) -> None:
+    """Once reported overdue, an installment counts as overdue until its payments cover it. The
+    snapshot's paid amount also holds the allocations of payments already applied, so it does not
+    replace the plan's (counting those allocations twice); it is kept only for an installment whose
+    plan was never seen."""
+    values = _installment_values(contract_id, installment) | {"overdue": True}
     if account_id:
-        values["account_id"] = account_id
-    await repo.upsert(conn, repo.installments, values, keys=["id"])
-    if installment.status == "overdue":
-        await conn.execute(
-            update(repo.installments).where(repo.installments.c.id == installment.id).values(overdue=True)
-        )
+        values["account_id"] = await repo.surviving_account(conn, account_id)
+    await repo.upsert(conn, repo.installments, values, keys=["id"], insert_only=["paid"])
 
 
 async def apply_payment(conn: AsyncConnection, payment: sales_pb2.Payment) -> None:
@@ -310,7 +329,7 @@ async def apply_ticket(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket) ->
         repo.tickets,
         {
             "id": ticket.id,
-            "account_id": ticket.account_id,
+            "account_id": await repo.surviving_account(conn, ticket.account_id),
             "owner_id": ticket.assignee_id,
             "team": ticket.team,
             "region": ticket.region,
@@ -326,7 +345,6 @@ async def apply_ticket(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket) ->
         keys=["id"],
         versioned=True,
     )
-    await repo.upsert_rep(conn, ticket.assignee_id, ticket.team, ticket.region)
 
 
 async def apply_sla_breach(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket, target: str) -> None:
@@ -343,7 +361,7 @@ async def apply_csat(conn: AsyncConnection, response: servicedesk_pb2.CsatRespon
         {
             "id": response.id,
             "ticket_id": response.ticket_id,
-            "account_id": response.account_id,
+            "account_id": await repo.surviving_account(conn, response.account_id),
             "score": response.score,
             "submitted_at": _time(response.submitted_at),
         },
@@ -369,22 +387,24 @@ async def _lead_contacted(tx: Transaction, event: ReceivedEvent[leads_events.Lea
 
 
 async def _account_merged(tx: Transaction, event: ReceivedEvent[accounts_events.AccountMerged]) -> None:
-    await apply_account_gone(tx.conn, event.message.duplicate_id, merged_into=event.message.survivor_id)
+    message = event.message
+    if message.duplicate_id and message.survivor_id:
+        await apply_account_merged(tx.conn, message.duplicate_id, message.survivor_id)
 
 
 async def _account_deleted(tx: Transaction, event: ReceivedEvent[accounts_events.AccountDeleted]) -> None:
-    await apply_account_gone(tx.conn, event.message.account_id)
+    await apply_account_deleted(tx.conn, event.message.account_id)
 
 
 async def _plan_created(tx: Transaction, event: ReceivedEvent[sales_events.PaymentPlanCreated]) -> None:
     plan = event.message.payment_plan
     for installment in plan.installments:
-        await apply_installment(tx.conn, plan.contract_id, "", installment)
+        await apply_plan_installment(tx.conn, plan.contract_id, installment)
 
 
 async def _installment_overdue(tx: Transaction, event: ReceivedEvent[sales_events.InstallmentOverdue]) -> None:
     message = event.message
-    await apply_installment(tx.conn, message.contract_id, message.account_id, message.installment)
+    await apply_overdue_installment(tx.conn, message.contract_id, message.account_id, message.installment)
 
 
 async def _sla_breached(tx: Transaction, event: ReceivedEvent[service_events.TicketSlaBreached]) -> None:

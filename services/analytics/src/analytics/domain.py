@@ -401,9 +401,18 @@ def count_task(tally: RepTally, status: str) -> None:
     tally.tasks_completed += status == TASK_DONE
 
 
+def tally_for(tallies: dict[tuple[str, str], RepTally], owner_id: str, team: str) -> RepTally:
+    """The tally a record counts in: its owner's, within the record's own team. A rep who moved
+    teams therefore has a row per team, each holding only that team's records."""
+    return tallies.setdefault((owner_id, team), RepTally(owner_id=owner_id, team=team))
+
+
 def rep_rows(tallies: Iterable[RepTally]) -> list[RepRow]:
+    """One row per rep and team, by owner then team; records without an owner are no rep's work."""
     rows = []
-    for tally in sorted(tallies, key=lambda t: t.owner_id):
+    for tally in sorted(tallies, key=lambda t: (t.owner_id, t.team)):
+        if not tally.owner_id:
+            continue
         fill = (
             (sum(tally.completeness, ZERO) / len(tally.completeness)).quantize(RATE_PLACES)
             if tally.completeness
@@ -523,7 +532,8 @@ def churn_risk(reasons: Sequence[ChurnReason]) -> str:
     return "medium" if len(reasons) == 1 else "high"
 
 
-def outstanding(amount: Decimal, paid_in_snapshot: Decimal, allocated: Decimal) -> Decimal:
-    """What is still owed on an installment: the snapshot's paid amount predates later payments,
-    whose allocations are counted in full, so the larger of the two is what has been paid."""
-    return max(ZERO, amount - max(paid_in_snapshot, allocated))
+def outstanding(amount: Decimal, paid_before_plan: Decimal, allocated: Decimal) -> Decimal:
+    """What is still owed on an installment. Sales applies money received before the payment plan
+    existed when it creates the plan (the plan's paid amounts, with no allocations), and every later
+    payment through allocations: the two are separate money, so both are paid."""
+    return max(ZERO, amount - paid_before_plan - allocated)

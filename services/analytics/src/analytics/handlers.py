@@ -5,14 +5,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.money import parse_currency
 from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
 from crm_platform.principal import current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import ColumnElement, Table, and_, func, or_, select
+from sqlalchemy import ColumnElement, FromClause, Subquery, Table, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from analytics import domain
@@ -65,14 +65,37 @@ def _period(column: Any, f: ReportFilter) -> list[ColumnElement[bool]]:
     return conditions
 
 
-def _owned(table: Table, f: ReportFilter) -> list[ColumnElement[bool]]:
+def _in_scope(records: FromClause) -> ColumnElement[bool]:
+    """The caller's record scope on `records`' own owner_id, team and region columns."""
+    # scope_clause reads only those columns, which a subquery can carry as well as a table.
+    return scope_clause(cast(Table, records), current_scope())
+
+
+def _owned(records: FromClause, f: ReportFilter) -> list[ColumnElement[bool]]:
     """The caller's record scope plus the owner and team filters."""
-    conditions = [scope_clause(table, current_scope())]
+    conditions = [_in_scope(records)]
     if f.owner_id:
-        conditions.append(table.c.owner_id == f.owner_id)
+        conditions.append(records.c.owner_id == f.owner_id)
     if f.team:
-        conditions.append(table.c.team == f.team)
+        conditions.append(records.c.team == f.team)
     return conditions
+
+
+def _activity_records() -> Subquery:
+    """Activities with a scope, which they do not carry: an activity is its actor's own (as the
+    accounts service has it), in the team and region of the lead or account it was logged on. One
+    whose lead or account is not known yet has neither, so only an unlimited scope counts it."""
+    a, lead, account = repo.activities, repo.leads, repo.accounts
+    return (
+        select(
+            a.c.actor_id.label("owner_id"),
+            func.coalesce(lead.c.team, account.c.team, "").label("team"),
+            func.coalesce(lead.c.region, account.c.region, "").label("region"),
+            a.c.occurred_at,
+        )
+        .select_from(a.outerjoin(lead, lead.c.id == a.c.lead_id).outerjoin(account, account.c.id == a.c.account_id))
+        .subquery("activity_records")
+    )
 
 
 def _history(raw: Sequence[dict[str, Any]] | None) -> tuple[domain.StageVisit, ...]:
@@ -148,10 +171,14 @@ class Reports:
             lead_rows = (await conn.execute(select(lead_table).where(*conditions))).all()
             selected = select(lead_table.c.id).where(*conditions)
             converted = select(lead_table.c.converted_opportunity_id).where(*conditions)
+            # A lead in scope does not bring the deal it became into scope: its revenue counts only
+            # for a caller who may see that deal.
             won_rows = (
                 await conn.execute(
                     select(o.c.id, o.c.source_lead_id, o.c.amount, o.c.currency).where(
-                        o.c.status == domain.WON, or_(o.c.source_lead_id.in_(selected), o.c.id.in_(converted))
+                        _in_scope(o),
+                        o.c.status == domain.WON,
+                        or_(o.c.source_lead_id.in_(selected), o.c.id.in_(converted)),
                     )
                 )
             ).all()
@@ -181,50 +208,48 @@ class Reports:
     # --------------------------------------------------------------------------- rep performance
 
     async def rep_performance(self, f: ReportFilter) -> list[domain.RepRow]:
+        """Every figure counts only the caller's in-scope records (by each record's own owner, team
+        and region), under the record's owner and team: a rep appears wherever they have in-scope
+        records, and a rep who moved teams appears under each team with that team's records only."""
         f = self._filter(f)
+        tallies: dict[tuple[str, str], domain.RepTally] = {}
         async with self.engine.connect() as conn:
-            reps = (await conn.execute(select(repo.reps).where(*_owned(repo.reps, f)))).all()
-            tallies = {row.owner_id: domain.RepTally(owner_id=row.owner_id, team=row.team) for row in reps}
-            if tallies:
-                await self._tally(conn, tallies, f)
-        return domain.rep_rows(tallies.values())
-
-    async def _tally(self, conn: AsyncConnection, tallies: dict[str, domain.RepTally], f: ReportFilter) -> None:
-        owners = list(tallies)
-        a = repo.activities
-        for actor_id, count in await conn.execute(
-            select(a.c.actor_id, func.count())
-            .where(a.c.actor_id.in_(owners), *_period(a.c.occurred_at, f))
-            .group_by(a.c.actor_id)
-        ):
-            tallies[actor_id].activities = int(count)
-        t = repo.tasks
-        for owner_id, status in await conn.execute(
-            select(t.c.owner_id, t.c.status).where(t.c.owner_id.in_(owners), *_period(t.c.due_at, f))
-        ):
-            domain.count_task(tallies[owner_id], status)
-        o = repo.opportunities
-        for owner_id, amount, currency in await conn.execute(
-            select(o.c.owner_id, o.c.amount, o.c.currency).where(
-                o.c.owner_id.in_(owners), o.c.status == domain.WON, *_period(o.c.closed_at, f)
-            )
-        ):
-            tallies[owner_id].won_count += 1
-            tallies[owner_id].won_amount += domain.money_sum([(amount, currency)], f.currency)
-        c, tk = repo.csat_responses, repo.tickets
-        for owner_id, score in await conn.execute(
-            select(tk.c.owner_id, c.c.score)
-            .select_from(c.join(tk, tk.c.id == c.c.ticket_id))
-            .where(tk.c.owner_id.in_(owners), *_period(c.c.submitted_at, f))
-        ):
-            tallies[owner_id].csat_scores.append(int(score))
-        for table in (repo.leads, repo.accounts):
-            for owner_id, share in await conn.execute(
-                select(table.c.owner_id, table.c.completeness).where(
-                    table.c.owner_id.in_(owners), *_period(table.c.created_at, f)
+            a = _activity_records()
+            for owner_id, team, count in await conn.execute(
+                select(a.c.owner_id, a.c.team, func.count())
+                .where(*_owned(a, f), *_period(a.c.occurred_at, f))
+                .group_by(a.c.owner_id, a.c.team)
+            ):
+                domain.tally_for(tallies, owner_id, team).activities += int(count)
+            t = repo.tasks
+            for owner_id, team, status in await conn.execute(
+                select(t.c.owner_id, t.c.team, t.c.status).where(*_owned(t, f), *_period(t.c.due_at, f))
+            ):
+                domain.count_task(domain.tally_for(tallies, owner_id, team), status)
+            o = repo.opportunities
+            for owner_id, team, amount, currency in await conn.execute(
+                select(o.c.owner_id, o.c.team, o.c.amount, o.c.currency).where(
+                    *_owned(o, f), o.c.status == domain.WON, *_period(o.c.closed_at, f)
                 )
             ):
-                tallies[owner_id].completeness.append(Decimal(share))
+                tally = domain.tally_for(tallies, owner_id, team)
+                tally.won_count += 1
+                tally.won_amount += domain.money_sum([(amount, currency)], f.currency)
+            c, tk = repo.csat_responses, repo.tickets
+            for owner_id, team, score in await conn.execute(
+                select(tk.c.owner_id, tk.c.team, c.c.score)
+                .select_from(c.join(tk, tk.c.id == c.c.ticket_id))
+                .where(*_owned(tk, f), *_period(c.c.submitted_at, f))
+            ):
+                domain.tally_for(tallies, owner_id, team).csat_scores.append(int(score))
+            for table in (repo.leads, repo.accounts):
+                for owner_id, team, share in await conn.execute(
+                    select(table.c.owner_id, table.c.team, table.c.completeness).where(
+                        *_owned(table, f), *_period(table.c.created_at, f)
+                    )
+                ):
+                    domain.tally_for(tallies, owner_id, team).completeness.append(Decimal(share))
+        return domain.rep_rows(tallies.values())
 
     # ----------------------------------------------------------------------------------- service
 
@@ -352,17 +377,22 @@ class Reports:
         }
         if not account_ids:
             return facts
+        # The account being in scope is not enough: each figure counts only the caller's in-scope
+        # records of it (a payment and an installment by their contract, a CSAT response by its
+        # ticket), as the 360 view filters each of its parts and analytics obey the same rules
+        # (SPEC §5, §9). The owner and team filters choose accounts, not records. The activity
+        # timeline is not limited: it is readable with the account, like its last_activity_at.
         o, p, k = repo.opportunities, repo.payments, repo.contracts
         for account_id, amount, currency in await conn.execute(
             select(o.c.account_id, o.c.amount, o.c.currency).where(
-                o.c.account_id.in_(account_ids), o.c.status == domain.WON, *_period(o.c.closed_at, f)
+                o.c.account_id.in_(account_ids), _in_scope(o), o.c.status == domain.WON, *_period(o.c.closed_at, f)
             )
         ):
             facts[account_id]["won"] += domain.money_sum([(amount, currency)], f.currency)
         for account_id, amount, currency in await conn.execute(
             select(k.c.account_id, p.c.amount, p.c.currency)
             .select_from(p.join(k, k.c.id == p.c.contract_id))
-            .where(k.c.account_id.in_(account_ids), *_period(p.c.received_at, f))
+            .where(k.c.account_id.in_(account_ids), _in_scope(k), *_period(p.c.received_at, f))
         ):
             facts[account_id]["paid"] += domain.money_sum([(amount, currency)], f.currency)
         a = repo.activities
@@ -378,6 +408,7 @@ class Reports:
             select(tk.c.account_id, func.count())
             .where(
                 tk.c.account_id.in_(account_ids),
+                _in_scope(tk),
                 tk.c.priority == domain.URGENT,
                 tk.c.status.not_in(domain.TICKET_DONE_STATUSES),
             )
@@ -388,7 +419,10 @@ class Reports:
         for account_id, score in await conn.execute(
             select(func.coalesce(func.nullif(c.c.account_id, ""), tk.c.account_id), c.c.score)
             .select_from(c.outerjoin(tk, tk.c.id == c.c.ticket_id))
-            .where(or_(c.c.account_id.in_(account_ids), and_(c.c.account_id == "", tk.c.account_id.in_(account_ids))))
+            .where(
+                or_(c.c.account_id.in_(account_ids), and_(c.c.account_id == "", tk.c.account_id.in_(account_ids))),
+                _in_scope(tk),
+            )
         ):
             if account_id in facts:
                 facts[account_id]["scores"].append(int(score))
@@ -407,10 +441,10 @@ class Reports:
             .select_from(
                 i.outerjoin(k, k.c.id == i.c.contract_id).outerjoin(allocated, allocated.c.installment_id == i.c.id)
             )
-            .where(i.c.overdue.is_(True), account.in_(account_ids))
+            .where(i.c.overdue.is_(True), account.in_(account_ids), _in_scope(k))
         )
-        for account_id, amount, paid, code, total in rows:
-            owed = domain.outstanding(Decimal(amount), Decimal(paid), Decimal(total or 0))
+        for account_id, amount, paid_before_plan, code, total in rows:
+            owed = domain.outstanding(Decimal(amount), Decimal(paid_before_plan), Decimal(total or 0))
             if owed > 0:
                 facts[account_id]["overdue_count"] += 1
                 if code == currency:

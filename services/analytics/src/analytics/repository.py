@@ -23,6 +23,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -184,11 +185,13 @@ installments = Table(
     _text("contract_id"),
     _text("account_id"),
     Column("amount", MONEY, nullable=False),
+    # Paid when the plan was created: money received before the plan existed. Later payments are
+    # the installment's rm_allocations, so the two add up.
     Column("paid", MONEY, nullable=False),
     _text("currency"),
     _text("due_date"),
     _text("status"),
-    # Once reported overdue, always counted as overdue until its allocations cover it.
+    # Once reported overdue, always counted as overdue until its payments cover it.
     Column("overdue", Boolean, nullable=False, server_default=text("false")),
     Index("ix_rm_installments_account", "account_id"),
 )
@@ -228,16 +231,6 @@ csat_responses = Table(
     Index("ix_rm_csat_account", "account_id"),
 )
 
-# Every owner seen on a record, with their latest team and region: the rows of rep reports.
-reps = Table(
-    "rm_reps",
-    metadata,
-    Column("owner_id", String(100), primary_key=True),
-    _text("team"),
-    _text("region"),
-    Index("ix_rm_reps_team", "team"),
-)
-
 # Which consumer group generation the projection reads with; a rebuild moves to the next one, whose
 # fresh group starts at the beginning of every topic.
 projection_state = Table(
@@ -260,8 +253,10 @@ READ_MODELS: tuple[Table, ...] = (
     installments,
     tickets,
     csat_responses,
-    reps,
 )
+
+# The read models holding an account id: an account merge moves their rows to the survivor.
+ACCOUNT_RECORDS: tuple[Table, ...] = (opportunities, contracts, installments, activities, tickets, csat_responses)
 
 
 def _insert(conn: AsyncConnection, table: Table) -> Any:
@@ -269,11 +264,18 @@ def _insert(conn: AsyncConnection, table: Table) -> Any:
 
 
 async def upsert(
-    conn: AsyncConnection, table: Table, values: Mapping[str, Any], *, keys: Sequence[str], versioned: bool = False
+    conn: AsyncConnection,
+    table: Table,
+    values: Mapping[str, Any],
+    *,
+    keys: Sequence[str],
+    versioned: bool = False,
+    insert_only: Sequence[str] = (),
 ) -> None:
-    """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new."""
+    """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new.
+    The `insert_only` columns are written by the INSERT and left alone by the UPDATE."""
     statement = _insert(conn, table).values(dict(values))
-    changes = {name: statement.excluded[name] for name in values if name not in keys}
+    changes = {name: statement.excluded[name] for name in values if name not in keys and name not in insert_only}
     if not changes:
         await conn.execute(statement.on_conflict_do_nothing(index_elements=list(keys)))
         return
@@ -281,20 +283,39 @@ async def upsert(
     await conn.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where))
 
 
-async def upsert_rep(conn: AsyncConnection, owner_id: str, team: str, region: str) -> None:
-    """Latest team and region win; a blank never erases what is known."""
-    if not owner_id:
-        return
-    statement = _insert(conn, reps).values(owner_id=owner_id, team=team, region=region)
-    changes: dict[str, Any] = {}
-    if team:
-        changes["team"] = statement.excluded.team
-    if region:
-        changes["region"] = statement.excluded.region
-    if changes:
-        await conn.execute(statement.on_conflict_do_update(index_elements=["owner_id"], set_=changes))
-    else:
-        await conn.execute(statement.on_conflict_do_nothing(index_elements=["owner_id"]))
+# Partitions are applied concurrently, each in its own transaction: a record resolved just before
+# its account's merge commits, or written just after the merge moved the rows, would stay on the
+# duplicate. Records of an account share its lock and its merge takes it alone, so one waits for the
+# other. (SQLite runs one writing transaction at a time anyway.)
+_SHARE_ACCOUNT = text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))")
+_LOCK_ACCOUNT = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
+
+
+async def lock_account(conn: AsyncConnection, account_id: str, *, merging: bool = False) -> None:
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_LOCK_ACCOUNT if merging else _SHARE_ACCOUNT, {"key": f"account:{account_id}"})
+
+
+async def surviving_account(conn: AsyncConnection, account_id: str) -> str:
+    """The account `account_id` now lives on: the end of its chain of merges (a duplicate merged into
+    an account that was merged in turn). The merge of an account is keyed by it, so it is applied
+    after the account's creation and is found here from then on."""
+    seen = {account_id}
+    while account_id:
+        await lock_account(conn, account_id)
+        found = await conn.execute(select(accounts.c.merged_into_id).where(accounts.c.id == account_id))
+        survivor = found.scalar_one_or_none()
+        if not survivor or survivor in seen:  # the accounts service never forms a cycle; never loop on one
+            break
+        seen.add(survivor)
+        account_id = survivor
+    return account_id
+
+
+async def move_account_records(conn: AsyncConnection, duplicate_id: str, survivor_id: str) -> None:
+    """Every read-model row of the duplicate account now belongs to the survivor."""
+    for table in ACCOUNT_RECORDS:
+        await conn.execute(update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id))
 
 
 async def generation(conn: AsyncConnection, name: str) -> int:

@@ -270,6 +270,19 @@ def test_rep_rows_and_task_counting() -> None:
     assert row.won_amount == Decimal("8000")
 
 
+def test_a_reps_figures_are_kept_per_team_of_the_records_and_unowned_records_are_nobodys() -> None:
+    tallies: dict[tuple[str, str], domain.RepTally] = {}
+    domain.tally_for(tallies, "rep1", "B").won_count += 1
+    domain.tally_for(tallies, "rep1", "A").activities += 2
+    domain.tally_for(tallies, "rep1", "B").won_count += 1
+    domain.tally_for(tallies, "", "A").activities += 5  # e.g. an unassigned ticket's CSAT
+    rows = domain.rep_rows(tallies.values())
+    assert [(row.owner_id, row.team, row.activities, row.won_count) for row in rows] == [
+        ("rep1", "A", 2, 0),
+        ("rep1", "B", 0, 2),
+    ]
+
+
 # ------------------------------------------------------------------------------ data completeness
 
 
@@ -346,6 +359,13 @@ def test_low_csat_needs_enough_responses() -> None:
     assert codes(domain.churn_reasons(health(csat_scores=(1, 1, 1)), policy, T0)) == ["LOW_CSAT"]
 
 
+def test_money_received_before_the_plan_and_later_allocations_both_pay_an_installment() -> None:
+    # 100 due; 50 received before the plan existed (applied when it was created), 30 allocated later.
+    assert domain.outstanding(Decimal(100), Decimal(50), Decimal(30)) == Decimal(20)
+    assert domain.outstanding(Decimal(100), Decimal(0), Decimal(30)) == Decimal(70)
+    assert domain.outstanding(Decimal(100), Decimal(50), Decimal(50)) == Decimal(0)
+
+
 @given(
     st.decimals(min_value=0, max_value=10_000, places=2),
     st.decimals(min_value=0, max_value=10_000, places=2),
@@ -354,4 +374,4 @@ def test_low_csat_needs_enough_responses() -> None:
 def test_outstanding_never_negative_nor_above_amount(amount: Decimal, paid: Decimal, allocated: Decimal) -> None:
     owed = domain.outstanding(amount, paid, allocated)
     assert Decimal(0) <= owed <= amount
-    assert owed == max(Decimal(0), amount - max(paid, allocated))
+    assert owed == max(Decimal(0), amount - paid - allocated)

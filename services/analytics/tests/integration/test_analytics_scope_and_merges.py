@@ -1,0 +1,420 @@
+"""The projection and the reports on PostgreSQL, events applied through the consumer's handlers
+(no broker): reports count only the caller's in-scope records (SPEC §9); an account merge brings the
+duplicate's records to the survivor in any order of the topics, even while partitions are applied
+concurrently (SPEC §10: a replay converges); an overdue installment owes what neither money
+received before its plan nor later payments paid."""
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from analytics import repository as repo
+from analytics.consumers import apply_account_merged, apply_contract, handlers
+from analytics.domain import ChurnPolicy
+from analytics.handlers import CustomerValueRow, ReportFilter, Reports
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import events_pb2 as accounts_events
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import events_pb2 as leads_events
+from crm.leads.v1 import leads_pb2
+from crm.sales.v1 import events_pb2 as sales_events
+from crm.sales.v1 import sales_pb2
+from crm.servicedesk.v1 import events_pb2 as service_events
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm_platform import migrations
+from crm_platform.cloudevents import CloudEventHeaders
+from crm_platform.consumer import ReceivedEvent
+from crm_platform.db import create_engine, transaction
+from crm_platform.ids import new_id
+from crm_platform.outbox import Transaction
+from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.timeutil import to_timestamp, utcnow
+from google.protobuf.message import Message
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+HANDLERS = handlers()
+
+
+def team_scope(team: str) -> RecordScope:
+    return RecordScope(ScopeKind.TEAM, team=team)
+
+
+def money(amount: str) -> common_pb2.Money:
+    return common_pb2.Money(amount=amount, currency="CNY")
+
+
+def days_ago(days: float) -> Any:
+    return to_timestamp(utcnow() - timedelta(days=days))
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, database_url)
+    engine = create_engine(database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def reports(engine: AsyncEngine) -> Reports:
+    return Reports(engine, reporting_currency="CNY", churn_policy=ChurnPolicy())
+
+
+async def deliver(engine: AsyncEngine, messages: Sequence[Message]) -> None:
+    """Each event in its own transaction, through the handler the consumer would call."""
+    for message in messages:
+        headers = CloudEventHeaders(id=new_id(), type="test", source="/test", time=utcnow())
+        event = ReceivedEvent(headers=headers, message=message, key="", topic="", partition=0, offset=0)
+        async with transaction(engine) as conn:
+            await HANDLERS[type(message)](Transaction(conn=conn, source="/test"), event)
+
+
+async def rep_rows(reports: Reports, scope: RecordScope, f: ReportFilter) -> list[tuple[Any, ...]]:
+    with acting_as(Principal(user_id="caller", roles=("sales_manager",)), scope):
+        rows = await reports.rep_performance(f)
+    return [
+        (row.owner_id, row.team, row.activities, row.tasks_completed, row.won_count, row.won_amount, row.csat.responses)
+        for row in rows
+    ]
+
+
+async def value_rows(reports: Reports, scope: RecordScope, f: ReportFilter) -> list[CustomerValueRow]:
+    with acting_as(Principal(user_id="caller", roles=("sales_manager",)), scope):
+        page = await reports.customer_value(f, at_risk_only=False, limit=50, cursor="")
+    return page.rows
+
+
+def value(row: CustomerValueRow) -> tuple[str, Decimal, Decimal, set[str]]:
+    return row.account_id, row.won_amount, row.paid_amount, {reason.code for reason in row.reasons}
+
+
+def account(account_id: str, owner: str, team: str) -> accounts_events.AccountCreated:
+    return accounts_events.AccountCreated(
+        account=accounts_pb2.Account(
+            id=account_id,
+            name=account_id,
+            owner_id=owner,
+            team=team,
+            region="east",
+            version=1,
+            created_at=days_ago(5),
+            last_activity_at=days_ago(1),
+        )
+    )
+
+
+def won(deal_id: str, account_id: str, owner: str, team: str, amount: str, version: int = 2) -> Message:
+    return sales_events.OpportunityWon(
+        opportunity=sales_pb2.Opportunity(
+            id=deal_id,
+            account_id=account_id,
+            owner_id=owner,
+            team=team,
+            region="east",
+            status="won",
+            stage="won",
+            amount=money(amount),
+            created_at=days_ago(4),
+            closed_at=days_ago(2),
+            version=version,
+        )
+    )
+
+
+def contract(contract_id: str, account_id: str, owner: str, team: str) -> Message:
+    return sales_events.ContractCreated(
+        contract=sales_pb2.Contract(
+            id=contract_id, account_id=account_id, owner_id=owner, team=team, region="east", version=1
+        )
+    )
+
+
+def payment(contract_id: str, amount: str, allocations: Sequence[tuple[str, str]] = ()) -> Message:
+    return sales_events.PaymentReceived(
+        payment=sales_pb2.Payment(
+            id=new_id(),
+            contract_id=contract_id,
+            amount=money(amount),
+            received_at=days_ago(1),
+            allocations=[sales_pb2.Allocation(installment_id=i, amount=money(a)) for i, a in allocations],
+        )
+    )
+
+
+def urgent_ticket(ticket_id: str, account_id: str, assignee: str, team: str) -> Message:
+    return service_events.TicketCreated(
+        ticket=servicedesk_pb2.Ticket(
+            id=ticket_id,
+            account_id=account_id,
+            assignee_id=assignee,
+            team=team,
+            region="east",
+            priority="urgent",
+            status="in_progress",
+            created_at=days_ago(1),
+            version=1,
+        )
+    )
+
+
+def csat(ticket_id: str, account_id: str, score: int) -> Message:
+    return service_events.CsatSubmitted(
+        response=servicedesk_pb2.CsatResponse(
+            id=new_id(), ticket_id=ticket_id, account_id=account_id, score=score, submitted_at=days_ago(1)
+        )
+    )
+
+
+def installment(installment_id: str, amount: str, paid: str, status: str) -> sales_pb2.Installment:
+    return sales_pb2.Installment(
+        id=installment_id, sequence=1, due_date="2026-01-01", amount=money(amount), paid=money(paid), status=status
+    )
+
+
+def plan(contract_id: str, *installments: sales_pb2.Installment) -> Message:
+    return sales_events.PaymentPlanCreated(
+        payment_plan=sales_pb2.PaymentPlan(id=new_id(), contract_id=contract_id, installments=installments)
+    )
+
+
+def overdue(contract_id: str, account_id: str, item: sales_pb2.Installment) -> Message:
+    return sales_events.InstallmentOverdue(contract_id=contract_id, account_id=account_id, installment=item)
+
+
+def merged(duplicate_id: str, survivor_id: str) -> Message:
+    return accounts_events.AccountMerged(duplicate_id=duplicate_id, survivor_id=survivor_id)
+
+
+# ---------------------------------------------------------------------------------- record scope
+
+
+async def test_a_rep_who_moved_teams_shows_under_each_team_with_that_teams_records_only(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    # The same events applied in two orders (a rebuild consumes the topics side by side): the rows
+    # never depend on which event came last.
+    for run, order in (("fwd", 1), ("rev", -1)):
+        rep, team_a, team_b = f"r1-{run}", f"A-{run}", f"B-{run}"
+        lead = {"id": f"L1-{run}", "owner_id": rep, "team": team_a, "region": "east", "created_at": days_ago(9)}
+        task = accounts_pb2.Task(id=f"tk-{run}", owner_id=rep, team=team_b, status="done", due_at=days_ago(1))
+        events: list[Message] = [
+            # Team B's won deal of r1 (1000), then an older lead of r1 from when r1 was in team A.
+            won(f"O1-{run}", f"X-{run}", rep, team_b, "1000"),
+            leads_events.LeadCreated(lead=leads_pb2.Lead(**lead, version=1)),
+            leads_events.LeadContacted(
+                lead=leads_pb2.Lead(**lead, version=2),
+                activity=leads_pb2.LeadActivity(
+                    id=f"la-{run}", lead_id=f"L1-{run}", actor_id=rep, occurred_at=days_ago(8)
+                ),
+            ),
+            accounts_events.TaskCompleted(task=task),
+            urgent_ticket(f"T1-{run}", f"X-{run}", rep, team_b),
+            csat(f"T1-{run}", f"X-{run}", 5),
+        ]
+        await deliver(engine, events[::order])
+        mine = ReportFilter(owner_id=rep)
+
+        assert await rep_rows(reports, team_scope(team_a), mine) == [(rep, team_a, 1, 0, 0, Decimal(0), 0)]
+        assert await rep_rows(reports, team_scope(team_b), mine) == [(rep, team_b, 0, 1, 1, Decimal(1000), 1)]
+        assert await rep_rows(reports, team_scope(f"C-{run}"), mine) == []
+        assert await rep_rows(reports, ALL_RECORDS, mine) == [
+            (rep, team_a, 1, 0, 0, Decimal(0), 0),
+            (rep, team_b, 0, 1, 1, Decimal(1000), 1),
+        ]
+
+
+async def test_customer_value_counts_only_the_callers_records_of_an_account_in_scope(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    # An account of team A with business of team B on it: team B's deal, contract, payment, overdue
+    # installment, urgent ticket and poor CSAT are not team A's to see.
+    await deliver(
+        engine,
+        [
+            account("ACC", "a1", "A"),
+            won("OA", "ACC", "a1", "A", "500"),
+            won("OB", "ACC", "b1", "B", "700"),
+            contract("KA", "ACC", "a1", "A"),
+            payment("KA", "100"),
+            contract("KB", "ACC", "b1", "B"),
+            plan("KB", installment("IB", "900", "0", "pending")),
+            payment("KB", "300", [("IB", "300")]),
+            overdue("KB", "ACC", installment("IB", "900", "300", "overdue")),
+            urgent_ticket("TB", "ACC", "b1", "B"),
+            csat("TB", "ACC", 1),
+        ],
+    )
+    assert [value(row) for row in await value_rows(reports, team_scope("A"), ReportFilter())] == [
+        ("ACC", Decimal(500), Decimal(100), set())
+    ]
+    assert [value(row) for row in await value_rows(reports, ALL_RECORDS, ReportFilter())] == [
+        ("ACC", Decimal(1200), Decimal(400), {"OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"})
+    ]
+    # Team B's records alone do not put team A's account in team B's list.
+    assert await value_rows(reports, team_scope("B"), ReportFilter()) == []
+
+
+async def test_a_lead_in_scope_brings_no_revenue_of_a_deal_out_of_scope(engine: AsyncEngine, reports: Reports) -> None:
+    # Team A's lead became team B's won deal (900).
+    lead = leads_pb2.Lead(
+        id="L1", source="web_form", owner_id="a1", team="A", region="east", status="converted",
+        converted_opportunity_id="O1", created_at=days_ago(3), version=3,
+    )  # fmt: skip
+    deal = sales_pb2.Opportunity(
+        id="O1", source_lead_id="L1", owner_id="b1", team="B", region="east", status="won", stage="won",
+        amount=money("900"), created_at=days_ago(2), closed_at=days_ago(1), version=2,
+    )  # fmt: skip
+    await deliver(engine, [leads_events.LeadConverted(lead=lead), sales_events.OpportunityWon(opportunity=deal)])
+
+    async def revenue(scope: RecordScope) -> list[tuple[str, int, Decimal]]:
+        with acting_as(Principal(user_id="caller", roles=("sales_manager",)), scope):
+            rows = await reports.lead_sources(ReportFilter(), by_campaign=False)
+        return [(row.key, row.leads, row.won_revenue) for row in rows]
+
+    assert await revenue(team_scope("A")) == [("web_form", 1, Decimal(0))]
+    assert await revenue(ALL_RECORDS) == [("web_form", 1, Decimal(900))]
+
+
+# -------------------------------------------------------------------------------- account merges
+
+
+def merge_scenario(run: str) -> dict[str, list[Message]]:
+    """The duplicate A2's won deal, contract, payment, overdue installment, urgent ticket and CSAT,
+    then A2 merged into A1; per topic, in the order each topic holds them."""
+    team = f"T-{run}"
+    a1, a2, k2, i2 = f"A1-{run}", f"A2-{run}", f"K2-{run}", f"I2-{run}"
+    return {
+        "accounts": [account(a1, "r9", team), account(a2, "r9", team), merged(a2, a1)],
+        "sales": [
+            contract(k2, a2, "r9", team),
+            plan(k2, installment(i2, "1000", "0", "pending")),
+            payment(k2, "500", [(i2, "500")]),
+            overdue(k2, a2, installment(i2, "1000", "500", "overdue")),
+            won(f"O2-{run}", a2, "r9", team, "500", version=2),
+            # Sales re-points its deal on the merge and says so; its contracts and payments it does not.
+            won(f"O2-{run}", a1, "r9", team, "500", version=3),
+        ],
+        "service": [urgent_ticket(f"T2-{run}", a2, "r9", team), csat(f"T2-{run}", a2, 1)],
+    }
+
+
+async def test_a_merged_accounts_records_count_for_the_survivor_in_any_order_of_the_topics(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    for number, topics in enumerate(itertools.permutations(("accounts", "sales", "service"))):
+        run = f"p{number}"
+        scenario = merge_scenario(run)
+        await deliver(engine, [message for topic in topics for message in scenario[topic]])
+        rows = await value_rows(reports, ALL_RECORDS, ReportFilter(team=f"T-{run}"))
+        assert [value(row) for row in rows] == [
+            (f"A1-{run}", Decimal(500), Decimal(500), {"OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"})
+        ], topics
+        assert "500.0000 CNY" in rows[0].reasons[0].detail, topics
+
+
+async def test_records_arriving_with_a_merged_accounts_id_land_on_the_survivor(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    await deliver(
+        engine,
+        [
+            account("A1", "r9", "T"),
+            account("A2", "r9", "T"),
+            account("A3", "r9", "T"),
+            contract("K3", "A3", "r9", "T"),
+            payment("K3", "50"),
+            # A3 was merged into A2 before A2 into A1, but the two merges are keyed by different
+            # accounts and a replay may apply them the other way round.
+            merged("A2", "A1"),
+            merged("A3", "A2"),
+            # Late events still carrying a duplicate's id.
+            contract("K2", "A2", "r9", "T"),
+            payment("K2", "200"),
+            urgent_ticket("T2", "A2", "r9", "T"),
+            csat("T2", "A3", 1),
+            won("O3", "A3", "r9", "T", "300"),
+        ],
+    )
+    rows = await value_rows(reports, ALL_RECORDS, ReportFilter())
+    assert [value(row) for row in rows] == [("A1", Decimal(300), Decimal(250), {"OPEN_URGENT_TICKETS", "LOW_CSAT"})]
+
+
+async def contract_account(engine: AsyncEngine, contract_id: str) -> str:
+    async with engine.connect() as conn:
+        found = await conn.execute(select(repo.contracts.c.account_id).where(repo.contracts.c.id == contract_id))
+        return str(found.scalar_one())
+
+
+async def test_a_record_of_the_duplicate_applied_while_its_merge_commits_lands_on_the_survivor(
+    engine: AsyncEngine,
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite runs one writing transaction at a time")
+    await deliver(engine, [account("A1", "r9", "T"), account("A2", "r9", "T")])
+    # Partitions are applied concurrently: the merge is applied, not yet committed, when a contract
+    # of the duplicate (another topic) is applied. The contract waits for the merge.
+    async with engine.connect() as conn:
+        merging = await conn.begin()
+        await apply_account_merged(conn, "A2", "A1")
+        late = asyncio.create_task(deliver(engine, [contract("K2", "A2", "r9", "T")]))
+        done, _ = await asyncio.wait({late}, timeout=0.5)
+        assert not done
+        await merging.commit()
+    await late
+    assert await contract_account(engine, "K2") == "A1"
+    # The other way round: the contract is applied, not yet committed, when the merge comes; the merge
+    # waits for it, then moves it.
+    await deliver(engine, [account("A3", "r9", "T")])
+    async with engine.connect() as conn:
+        applying = await conn.begin()
+        await apply_contract(conn, sales_pb2.Contract(id="K3", account_id="A3", team="T", version=1))
+        merge = asyncio.create_task(deliver(engine, [merged("A3", "A1")]))
+        done, _ = await asyncio.wait({merge}, timeout=0.5)
+        assert not done
+        await applying.commit()
+    await merge
+    assert await contract_account(engine, "K3") == "A1"
+
+
+# --------------------------------------------------------------------------- overdue installments
+
+
+async def test_an_overdue_installment_owes_what_neither_earlier_money_nor_later_payments_paid(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    await deliver(
+        engine,
+        [
+            account("ACC1", "r9", "T"),
+            contract("K1", "ACC1", "r9", "T"),
+            # 50 received before the plan existed: sales applies it when it creates the plan.
+            plan("K1", installment("I1", "100", "50", "partially_paid")),
+            overdue("K1", "ACC1", installment("I1", "100", "50", "overdue")),
+            payment("K1", "30", [("I1", "30")]),
+            account("ACC2", "r9", "T"),
+            contract("K2", "ACC2", "r9", "T"),
+            # 30 paid after the plan and before the installment fell due, 20 after: the overdue
+            # snapshot's paid amount already holds the 30, which must not count twice.
+            plan("K2", installment("I2", "100", "0", "pending")),
+            payment("K2", "30", [("I2", "30")]),
+            overdue("K2", "ACC2", installment("I2", "100", "30", "overdue")),
+            payment("K2", "20", [("I2", "20")]),
+        ],
+    )
+    rows = {row.account_id: row for row in await value_rows(reports, ALL_RECORDS, ReportFilter())}
+    details = {account_id: [r.detail for r in row.reasons] for account_id, row in rows.items()}
+    assert details == {
+        "ACC1": ["1 overdue installment(s), 20.0000 CNY"],
+        "ACC2": ["1 overdue installment(s), 50.0000 CNY"],
+    }
