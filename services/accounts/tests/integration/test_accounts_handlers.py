@@ -4,22 +4,17 @@ scope, and activities logged on accounts the caller may read; a contact write ra
 PostgreSQL alone (SQLite has a single writer). Events are read from the outbox."""
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import pytest
 from accounts import handlers
 from accounts import repository as repo
-from accounts.__main__ import MIGRATIONS
-from accounts.domain import PoolPolicy
 from accounts.handlers import Context
 from accounts.repository import AccountFilter, ContactFilter, parse_page
 from crm.accounts.v1 import events_pb2
-from crm_platform import migrations
 from crm_platform.cloudevents import spec_of
-from crm_platform.db import create_engine
 from crm_platform.errors import NotFound, ValidationFailed
-from crm_platform.outbox import UnitOfWork, outbox_table
+from crm_platform.outbox import outbox_table
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.timeutil import utcnow
 from google.protobuf.message import Message
@@ -47,22 +42,6 @@ AGENT = Principal(user_id="agent-1", roles=("service_agent",), team="support", r
 # The default policy: a service agent reads the accounts of their region, and their own activities.
 AGENT_READING_ACCOUNTS = (AGENT, RecordScope(ScopeKind.REGION, owner_id="agent-1", region="cn-east"))
 AGENT_READING_ACTIVITIES = (AGENT, RecordScope(ScopeKind.OWN, owner_id="agent-1", region="cn-east"))
-
-
-@pytest.fixture
-async def ctx(each_database_url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
-    engine = create_engine(each_database_url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
-    await engine.dispose()
-
-
-@pytest.fixture
-async def pg_ctx(postgres_url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
-    engine = create_engine(postgres_url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
-    await engine.dispose()
 
 
 async def new_account(ctx: Context, who: Caller, name: str, **values: Any) -> Any:

@@ -3,7 +3,7 @@ Idempotency-Key, as a client retrying before the first answer, creates once, and
 carry the first result."""
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,11 +11,11 @@ from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
+from crm_platform.testing.races import count_rows, twice
 from service_desk import handlers
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
 from service_desk.handlers import Context
-from sqlalchemy import Table, func, select
 
 pytestmark = pytest.mark.integration
 
@@ -30,33 +30,23 @@ async def ctx(each_database_url: str) -> AsyncIterator[Context]:
     await engine.dispose()
 
 
-async def _twice(request: Callable[[], Awaitable[Any]]) -> list[Any]:
-    """The same request sent twice at once."""
-    return list(await asyncio.gather(request(), request()))
-
-
 def _id(answer: Any) -> str:
     """A handler answers with the dict it stored, or with the stored row when it replays a key."""
     return str(answer["id"] if isinstance(answer, dict) else answer.id)
 
 
-async def _rows(ctx: Context, table: Table) -> int:
-    async with ctx.uow.engine.connect() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(table)) or 0)
-
-
 async def test_concurrent_requests_with_one_key_create_once_and_answer_alike(ctx: Context) -> None:
     with acting_as(ADMIN, ALL_RECORDS):
-        created = await _twice(
+        created = await twice(
             lambda: handlers.create_ticket(ctx, {"subject": "Printer jams", "channel": "web"}, idempotency_key="tkt")
         )
         tickets = [ticket for ticket, _suggestions in created]
         ticket_id = _id(tickets[0])
-        comments = await _twice(
+        comments = await twice(
             lambda: handlers.add_comment(ctx, ticket_id, "Looking into it", public=True, idempotency_key="cmt")
         )
-        work = await _twice(lambda: handlers.log_work(ctx, ticket_id, 15, "cleaned the rollers", idempotency_key="wrk"))
-        agents = await _twice(lambda: handlers.create_agent(ctx, {"id": "ag-1", "name": "Ann"}, idempotency_key="agt"))
+        work = await twice(lambda: handlers.log_work(ctx, ticket_id, 15, "cleaned the rollers", idempotency_key="wrk"))
+        agents = await twice(lambda: handlers.create_agent(ctx, {"id": "ag-1", "name": "Ann"}, idempotency_key="agt"))
 
     for answers, table in [
         (tickets, repo.tickets),
@@ -65,4 +55,4 @@ async def test_concurrent_requests_with_one_key_create_once_and_answer_alike(ctx
         ([agent for agent, _load in agents], repo.agents),
     ]:
         assert _id(answers[0]) == _id(answers[1]), table.name
-        assert await _rows(ctx, table) == 1, table.name
+        assert await count_rows(ctx.uow.engine, table) == 1, table.name
