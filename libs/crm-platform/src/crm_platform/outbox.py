@@ -52,6 +52,7 @@ from crm_platform import metrics
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
 from crm_platform.db import DriverStatement, UtcDateTime, insert_from_json, is_postgres, transaction
+from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.kafka import create_producer, partition_for, stop_quietly
 from crm_platform.timeutil import as_utc, utcnow
@@ -123,6 +124,10 @@ class PendingEvent:
     subject: str
 
 
+# Kafka's default limit on a record (message.max.bytes, 1 MiB) less room for its key and headers.
+MAX_EVENT_BYTES = 1_000_000
+
+
 @dataclass(slots=True)
 class Transaction:
     """What a handler gets inside a unit of work: the connection and a place to publish events."""
@@ -133,8 +138,19 @@ class Transaction:
     _written: int = 0  # events at the front of _events that the handler wrote itself
 
     def publish(self, message: Message, *, key: str, subject: str = "") -> None:
-        """Queues an event; it is written to the outbox in this transaction, published after commit."""
+        """Queues an event; it is written to the outbox in this transaction, published after commit.
+        An event the broker would refuse (`MAX_EVENT_BYTES`) fails the write now, with a 422: in the
+        outbox it could never go out, and every later event of its record would wait behind it."""
         spec_of(message)  # fail now, in the handler, if this is not an event message
+        size = message.ByteSize()
+        if size > MAX_EVENT_BYTES:
+            raise ValidationFailed(
+                [
+                    FieldError(
+                        "record", f"is too large to publish: its event has {size} bytes, at most {MAX_EVENT_BYTES}"
+                    )
+                ]
+            )
         self._events.append(PendingEvent(message=message, key=key, subject=subject or key))
 
     @property

@@ -6,6 +6,7 @@ import random
 from collections import namedtuple
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -316,3 +317,14 @@ def test_a_struct_with_a_number_json_does_not_have_is_invalid_input_naming_the_f
         struct_values(message)
     assert [error.field for error in caught.value.errors] == [field]
     assert struct_values(struct_pb2.Struct(fields={"n": struct_pb2.Value(number_value=2.5)})) == {"n": 2.5}
+
+
+def test_an_event_the_broker_would_refuse_fails_the_write_instead_of_blocking_its_record() -> None:
+    from crm.audit.v1 import events_pb2 as audit_events
+    from crm_platform.outbox import MAX_EVENT_BYTES, Transaction
+
+    tx = Transaction(conn=cast(Any, None), source="/test")
+    tx.publish(audit_events.AuditRecorded(record_id="r" * (MAX_EVENT_BYTES - 100)), key="k")  # fits
+    with pytest.raises(ValidationFailed) as caught:
+        tx.publish(audit_events.AuditRecorded(record_id="r" * MAX_EVENT_BYTES), key="k")
+    assert caught.value.errors[0].field == "record" and len(tx.events) == 1
