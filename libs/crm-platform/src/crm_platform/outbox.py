@@ -46,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform import metrics
@@ -313,6 +314,14 @@ class _ClaimedRow(NamedTuple):
     held_back: bool
 
 
+def listen_dsn(url: URL) -> str:
+    """The engine's URL as a DSN for the relay's own asyncpg LISTEN connection. The engine's
+    `?ssl=require` is a keyword of asyncpg's connect(); in a DSN asyncpg reads it as `sslmode`, and
+    would send an unknown `ssl` to the server as a setting, which refuses the connection."""
+    query = {("sslmode" if name == "ssl" else name): value for name, value in url.query.items()}
+    return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+
+
 class OutboxRelay:
     """Publishes outbox rows to Kafka: per-key order, retries with backoff, survives broker outages."""
 
@@ -556,8 +565,7 @@ class OutboxRelay:
             return
         import asyncpg  # only needed on PostgreSQL
 
-        # The engine's own URL, query options (sslmode, ...) included, in asyncpg's DSN form.
-        dsn = self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        dsn = listen_dsn(self.engine.url)
         try:
             connection = await asyncio.wait_for(asyncpg.connect(dsn), self.kafka.send_timeout_seconds)
             await connection.add_listener(NOTIFY_CHANNEL, lambda *_: self._wake.set())

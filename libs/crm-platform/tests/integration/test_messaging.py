@@ -202,6 +202,20 @@ async def test_a_row_waiting_for_its_retry_holds_back_the_later_rows_of_its_key(
     assert gap == ids[:3]
 
 
+async def test_the_relay_listens_with_the_tls_option_of_the_database_url(
+    postgres_url: str, broker_settings: KafkaSettings
+) -> None:
+    """Production URLs carry `?ssl=...` (docs/deploy.md); the LISTEN connection must stand with it."""
+    engine = create_engine(f"{postgres_url}?ssl=prefer")  # prefer: this server has no TLS
+    relay = relay_for(engine, broker_settings)
+    try:
+        await relay._listen()
+        assert relay._listen_connection is not None
+    finally:
+        await relay._close()
+        await engine.dispose()
+
+
 async def test_notify_wakes_the_relay_and_a_lost_listen_connection_comes_back(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
