@@ -384,6 +384,19 @@ def test_gateway_policy_configmap_is_the_gateways_default_policy(renderings: lis
         assert env["CRM_GATEWAY_POLICY_PATH"]["value"] == "/etc/crm/policy/policy.yaml"
 
 
+def test_the_gateway_trusts_forwarded_client_addresses_only_from_the_configured_proxies(
+    renderings: list[Rendering],
+) -> None:
+    for rendering in renderings:
+        trusted = rendering.component_values(COMPONENTS[0]).get("trustedProxies", "")
+        env = env_of(containers(rendering.get("Deployment", f"{RELEASE}-gateway"))[0])
+        if trusted:
+            assert env["CRM_GATEWAY_FORWARDED_ALLOW_IPS"]["value"] == trusted, rendering.values_file
+        else:  # the gateway's default: none but itself
+            assert "CRM_GATEWAY_FORWARDED_ALLOW_IPS" not in env, rendering.values_file
+    assert any(r.component_values(COMPONENTS[0]).get("trustedProxies") for r in renderings)
+
+
 def test_workload_shape(renderings: list[Rendering]) -> None:
     """Probes, security context, resources, /tmp, and the per-component scaling objects."""
     for rendering in renderings:

@@ -16,6 +16,10 @@ class Settings(SecuritySettings):
     log_level: str = "INFO"
     # SIGTERM: seconds in-flight requests get to finish before connections are closed.
     shutdown_grace_seconds: int = 10
+    # Peers whose X-Forwarded-For names the client (comma-separated IPs or CIDRs, "*" for any):
+    # behind an ingress controller, its pods; else every client is the controller, to the audit
+    # trail and to the per-client limit on failed logins.
+    forwarded_allow_ips: str = "127.0.0.1"
     # Upstream gRPC services, host:port. An empty target means the service is not deployed:
     # its routes answer 503 and composed views mark its part unavailable.
     leads_target: str = "127.0.0.1:50051"
