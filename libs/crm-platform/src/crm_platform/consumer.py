@@ -100,7 +100,8 @@ class EventConsumer:
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._dlt_producer: Any = None
-        self._processed: dict[TopicPartition, int] = {}
+        self._processed: dict[TopicPartition, int] = {}  # applied, not yet committed
+        self._next_offsets: dict[TopicPartition, int] = {}  # per owned partition: the next record to apply
         # Held while a fetched batch is applied and committed: a rebalance waits for it, so no
         # partition is handed over while its records are still being applied here.
         self._batch_lock = asyncio.Lock()
@@ -143,6 +144,7 @@ class EventConsumer:
                     *(self._apply_partition(consumer, partition, records) for partition, records in batches.items())
                 )
                 await self._commit()
+            self._report_lag(consumer)
 
     async def _apply_partition(
         self, consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[Any, Any]]
@@ -152,11 +154,24 @@ class EventConsumer:
                 break
             await self._handle(record)
             self._processed[partition] = record.offset + 1
-        highwater = consumer.highwater(partition)
-        if highwater is not None and records:
-            metrics.CONSUMER_LAG.labels(self.service, partition.topic, str(partition.partition)).set(
-                max(0, highwater - records[-1].offset - 1)
-            )
+            self._next_offsets[partition] = record.offset + 1
+
+    def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Lag of every partition this replica owns, after each fetch: an idle partition reports
+        0 rather than its last busy value."""
+        for partition in consumer.assignment():
+            highwater, next_offset = consumer.highwater(partition), self._next_offsets.get(partition)
+            if highwater is not None and next_offset is not None:
+                metrics.CONSUMER_LAG.labels(self.service, partition.topic, str(partition.partition)).set(
+                    max(0, highwater - next_offset)
+                )
+
+    def _forget_partitions(self, partitions: list[TopicPartition]) -> None:
+        """Partitions moved to another replica: it reports their lag from now on, not this one."""
+        for partition in partitions:
+            self._next_offsets.pop(partition, None)
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(self.service, partition.topic, str(partition.partition))
 
     async def _commit(self) -> None:
         if self._consumer is None or not self._processed:
@@ -300,6 +315,7 @@ class EventConsumer:
                 await self._commit_with(consumer)
             finally:
                 await stop_quietly(consumer)
+        self._forget_partitions(list(self._next_offsets))  # a restart or a stop: none is ours now
         await self._reset_dlt_producer()
 
     async def _commit_with(self, consumer: AIOKafkaConsumer) -> None:
@@ -324,6 +340,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
                 await self.owner._commit()
             except Exception:
                 log.warning("consumer %s: commit on revoke failed", self.owner.name, exc_info=True)
+            self.owner._forget_partitions(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("consumer %s: assigned %s", self.owner.name, sorted(str(tp) for tp in assigned))

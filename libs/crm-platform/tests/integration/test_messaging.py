@@ -517,6 +517,35 @@ async def test_a_record_the_consumer_cannot_read_is_dead_lettered_and_the_partit
     assert errors == ["missing CloudEvents headers: ce_id", "the key b'\\xff\\xfe' is not UTF-8 text"]
 
 
+async def test_consumer_lag_is_reported_by_the_replica_that_owns_the_partition_while_it_owns_it(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def lag_series() -> dict[str, float]:
+        return {
+            sample.labels["partition"]: sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "crm_consumer_lag"
+            for sample in metric.samples
+            if sample.labels["service"] == "test" and sample.labels["topic"] == TOPIC
+        }
+
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    for n in range(3):
+        await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id=f"lag-{n}"), key="k")
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    task = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(30):
+        while len(applied) < 3 or not lag_series():
+            await asyncio.sleep(0.05)
+    assert set(lag_series().values()) == {0.0}  # caught up, and said so while idle
+    await consumer.stop()
+    await task
+    assert lag_series() == {}  # no longer this replica's to report
+
+
 async def test_sigterm_under_load_loses_no_accepted_request(postgres_url: str, own_broker: TansuBroker) -> None:
     engine = create_engine(postgres_url)
     await create_schema(engine)
