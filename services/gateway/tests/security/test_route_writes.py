@@ -505,3 +505,42 @@ async def test_a_lead_goes_back_to_the_pool_by_its_owner_or_someone_who_may_assi
     )
 
     assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize(
+    ("charset", "encoding"),
+    [("gbk", "gbk"), ("GB18030", "gb18030"), ("utf-16", "utf-16")],  # Excel/WPS exports on Chinese Windows
+)
+async def test_an_import_in_a_declared_charset_reaches_the_service_as_utf8(
+    gateway: Gateway, charset: str, encoding: str
+) -> None:
+    text = "Full Name,Phone Number,Company\n张三,13800138000,上海星光\n"
+    response = await gateway.client.post(
+        "/api/v1/leads/import",
+        content=text.encode(encoding),
+        headers={**gateway.auth("sales_rep"), "Content-Type": f"text/csv; charset={charset}"},
+    )
+
+    assert response.status_code == 200, response.text
+    [(_, content)] = gateway.leads.imports
+    assert content.decode("utf-8") == text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "field"),
+    [
+        ("text/csv; charset=klingon", b"name\nLi\n", "content-type"),
+        # A part cut inside a two-byte character: parts must be split at line ends.
+        ("text/csv; charset=gbk", "name\n张三".encode("gbk")[:-1], "file"),
+    ],
+)
+async def test_an_import_whose_charset_does_not_read_is_refused_naming_why(
+    gateway: Gateway, content_type: str, body: bytes, field: str
+) -> None:
+    response = await gateway.client.post(
+        "/api/v1/leads/import", content=body, headers={**gateway.auth("sales_rep"), "Content-Type": content_type}
+    )
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"].endswith(field)
+    assert gateway.leads.imports == []

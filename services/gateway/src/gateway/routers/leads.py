@@ -9,6 +9,7 @@ The public web form intake is authenticated by its form key and rate limited by 
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Iterable
 from datetime import date, datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -423,7 +424,8 @@ async def import_leads(
     The fields the file's columns set must be writable by the caller (403 naming one otherwise); the
     columns of a part that does not show them all (a CSV part after the first, a JSON line that does
     not parse alone) count as every importable field, unless `column_map` names the only columns
-    that set fields.
+    that set fields. A file that is not UTF-8 names its charset in the Content-Type
+    (`text/csv; charset=gbk`, `gb18030`, `utf-16`, ...).
     """
     fmt = format or _format_of(request.headers.get("content-type", ""))
     header = pb.ImportHeader(
@@ -440,7 +442,7 @@ async def import_leads(
         final=final,
     )
     # The body limit keeps a part small: read whole, it is checked before the service sees any of it.
-    body = await request.body()
+    body = _as_utf8(await request.body(), request.headers.get("content-type", ""), part)
     access.check_write(_import_targets(header, _import_columns(fmt, body, part)))
 
     async def messages() -> AsyncIterator[pb.ImportLeadsRequest]:
@@ -496,6 +498,35 @@ def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> l
     if header.assign:
         targets.add("owner_id")
     return sorted(targets)
+
+
+_CHARSET = re.compile(r";\s*charset\s*=\s*\"?([\w.:-]+)", re.IGNORECASE)
+
+
+def _as_utf8(body: bytes, content_type: str, part: int) -> bytes:
+    """The file as UTF-8, which the leads service reads. Spreadsheet exports on Chinese Windows are
+    GBK (`charset=gbk` or `gb18030` in the Content-Type; gb18030 reads both) or UTF-16: they are
+    re-encoded here, part by part, so a part must end on a whole character (at a line end)."""
+    found = _CHARSET.search(content_type)
+    declared = found.group(1).lower() if found else "utf-8"
+    if declared in ("utf-8", "utf8"):
+        return body
+    charset = "gb18030" if declared in ("gbk", "gb2312", "cp936") else declared
+    from fastapi.exceptions import RequestValidationError
+
+    try:
+        text = body.decode(charset)
+    except LookupError:
+        raise RequestValidationError(
+            [{"loc": ("header", "content-type"), "msg": f"unknown charset {declared!r}", "type": "value_error"}]
+        ) from None
+    except UnicodeDecodeError as error:
+        where = f"part {part}" if part else "the file"
+        raise RequestValidationError(
+            [{"loc": ("body", "file"), "msg": f"{where} is not {declared} text at byte {error.start}"
+              " (a part must end on a whole character: split parts at line ends)", "type": "value_error"}]
+        ) from None  # fmt: skip
+    return text.encode("utf-8")
 
 
 def _format_of(content_type: str) -> str:
