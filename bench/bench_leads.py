@@ -661,6 +661,7 @@ async def main(admin_url: str) -> int:
         }
         gateway_env = {
             "CRM_GATEWAY_PORT": str(ports["gateway"]),
+            "CRM_GATEWAY_METRICS_PORT": "0",
             "CRM_GATEWAY_LEADS_TARGET": f"127.0.0.1:{ports['leads']}",
             **{f"CRM_GATEWAY_{name}_TARGET": "" for name in ("ACCOUNTS", "SALES", "SERVICE_DESK", "ANALYTICS")},
             "CRM_GATEWAY_DEV_MODE": "true",

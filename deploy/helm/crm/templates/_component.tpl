@@ -140,7 +140,7 @@ spec:
     {{- end }}
     {{- with $np.metricsFrom }}
     - ports:
-        - port: {{ if eq $.name "gateway" }}http{{ else }}metrics{{ end }}
+        - port: metrics
           protocol: TCP
       from:
         {{- toYaml . | nindent 8 }}

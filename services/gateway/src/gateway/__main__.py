@@ -5,6 +5,7 @@ import argparse
 
 import uvicorn
 from crm_platform.logging import configure_logging
+from crm_platform.metrics import serve_metrics
 from crm_platform.service import freeze_startup_objects
 from crm_platform.telemetry import configure_telemetry, instrument_engine
 
@@ -24,6 +25,7 @@ def main() -> None:
         migrate(database_url(settings))
         return
     configure_telemetry(settings.service_name)
+    serve_metrics(settings.metrics_port)
     app = create_app(settings)
     instrument_engine(app.state.security.engine)
     freeze_startup_objects()

@@ -7,7 +7,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from prometheus_client import make_asgi_app
 
 from gateway.config import Settings
 from gateway.errors import install_error_handlers
@@ -90,6 +89,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             status_code=503 if status == "unready" else 200,
         )
 
-    app.mount("/metrics", make_asgi_app())
     security.check_routes(app)
     return app

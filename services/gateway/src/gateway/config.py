@@ -13,6 +13,8 @@ class Settings(SecuritySettings):
     service_name: str = "gateway"
     host: str = "127.0.0.1"
     port: int = 8080
+    # Prometheus /metrics on a port of its own (0 = off), never on the public API port.
+    metrics_port: int = 9106
     log_level: str = "INFO"
     # SIGTERM: seconds in-flight requests get to finish before connections are closed.
     shutdown_grace_seconds: int = 10

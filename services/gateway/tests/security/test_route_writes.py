@@ -544,3 +544,8 @@ async def test_an_import_whose_charset_does_not_read_is_refused_naming_why(
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["field"].endswith(field)
     assert gateway.leads.imports == []
+
+
+async def test_metrics_are_not_served_on_the_public_api_port(gateway: Gateway) -> None:
+    """They are on `CRM_GATEWAY_METRICS_PORT`, which no Ingress exposes."""
+    assert (await gateway.client.get("/metrics")).status_code == 404

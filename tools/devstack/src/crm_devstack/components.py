@@ -63,6 +63,10 @@ def dev_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+# The gateway's /metrics port (the API port is public; metrics are not).
+GATEWAY_METRICS_PORT = 9106
+
+
 def stack_environment(
     *,
     data_dir: Path,
@@ -76,6 +80,7 @@ def stack_environment(
         "CRM_DATA_DIR": str(data_dir),
         "CRM_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "CRM_GATEWAY_PORT": str(gateway_port),
+        "CRM_GATEWAY_METRICS_PORT": str(GATEWAY_METRICS_PORT + port_offset),
         "CRM_GATEWAY_DEV_MODE": "true",
         "CRM_GATEWAY_DEV_JWT_SECRET": dev_secret(data_dir),
     }

@@ -14,7 +14,7 @@ import httpx
 from crm_platform.testing import infra
 from gateway.token_cli import issue_dev_token
 
-from crm_devstack.components import installed_services, processes, stack_environment
+from crm_devstack.components import GATEWAY_METRICS_PORT, installed_services, processes, stack_environment
 
 
 @dataclass
@@ -60,9 +60,11 @@ def _free_offset() -> int:
     start: int = random.randrange(11000, 14000)
     candidates: list[int] = [*range(start, 14000, 37), *range(11000, start, 37)]
     for offset in candidates:
-        ports = [s.grpc_port + offset for s in installed_services()] + [
-            s.metrics_port + offset for s in installed_services()
-        ]
+        ports = (
+            [s.grpc_port + offset for s in installed_services()]
+            + [s.metrics_port + offset for s in installed_services()]
+            + [GATEWAY_METRICS_PORT + offset]
+        )
         if not any(infra.port_open("127.0.0.1", port) for port in ports):
             return offset
     raise RuntimeError("no free port range for the stack")
