@@ -2,6 +2,7 @@
 imports, and the gateway, which checks before streaming that the caller may write every field
 the file sets."""
 
+import unicodedata
 from collections.abc import Mapping
 
 IMPORTABLE_FIELDS = frozenset(
@@ -20,6 +21,32 @@ HEADER_ALIASES: Mapping[str, str] = {
     "email address": "email",
     "country": "region",
     "full name": "name",
+    # Chinese exports (备注, remarks, stays a custom field).
+    "姓名": "name",
+    "名字": "name",
+    "联系人": "name",
+    "手机": "phone",
+    "手机号": "phone",
+    "手机号码": "phone",
+    "电话": "phone",
+    "联系电话": "phone",
+    "邮箱": "email",
+    "电子邮箱": "email",
+    "电子邮件": "email",
+    "邮件": "email",
+    "公司": "company",
+    "公司名称": "company",
+    "单位": "company",
+    "企业名称": "company",
+    "职位": "title",
+    "职务": "title",
+    "头衔": "title",
+    "来源": "source",
+    "线索来源": "source",
+    "地区": "region",
+    "区域": "region",
+    "行业": "industry",
+    "标签": "tags",
 }
 
 
@@ -28,5 +55,5 @@ def column_target(column: str, column_map: Mapping[str, str]) -> str:
     decides alone; without one, field names and their aliases, case-insensitively."""
     if column_map:
         return column_map.get(column, "")
-    lowered = column.strip().lower()
+    lowered = unicodedata.normalize("NFKC", column).strip().lower()  # full-width forms as their plain ones
     return lowered if lowered in IMPORTABLE_FIELDS else HEADER_ALIASES.get(lowered, "")

@@ -5,7 +5,7 @@ import asyncio
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol, TypeVar
@@ -173,6 +173,23 @@ async def load_rules(conn: AsyncConnection) -> Rules:
     assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
     definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
     return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions)
+
+
+_ParsedRow = tuple[int, Mapping[str, Any] | str]
+
+
+class _ParserFailed(Exception):
+    """An unexpected error of the import parser (its cause), told apart from database errors."""
+
+
+def _parsed(parse: Callable[..., Iterator[_ParsedRow]], *chunk: bytes) -> Iterator[_ParsedRow]:
+    """The parser's rows; an unexpected parser error becomes `_ParserFailed` (a 422 stays a 422)."""
+    try:
+        yield from parse(*chunk)
+    except ValidationFailed:
+        raise
+    except Exception as error:
+        raise _ParserFailed(f"{type(error).__name__}: {error}") from error
 
 
 def checked_custom(
@@ -1258,9 +1275,9 @@ class LeadsService:
         try:
             try:
                 async for chunk in chunks:
-                    await take(parser.feed(chunk))
+                    await take(_parsed(parser.feed, chunk))
                 if final:
-                    await take(parser.finish())
+                    await take(_parsed(parser.finish))
                 if batch:
                     await hand_over()
                 if writing is not None:
@@ -1272,6 +1289,17 @@ class LeadsService:
         except ValidationFailed as error:
             await self._save_import_state(
                 spec.import_id, None, record["parts_received"], final=False, error=error.detail
+            )
+            raise
+        except _ParserFailed as error:
+            # A parser bug must not leave the import `running` forever; the error still reaches the
+            # caller (INTERNAL). Database errors are not caught here: the part can be sent again.
+            await self._save_import_state(
+                spec.import_id,
+                None,
+                record["parts_received"],
+                final=False,
+                error=f"the file could not be read: {error}",
             )
             raise
         done = await self._save_import_state(spec.import_id, parser.state, max(part, 1), final=final, error="")

@@ -1,13 +1,15 @@
 """Bulk import parsing (pure): streamed CSV/JSON Lines/JSON into numbered rows of lead input.
 
-The file arrives in chunks; records are cut only at line ends outside quotes, so a quoted CSV
-field may span lines and chunks. Rows are numbered from 1 (the CSV header is not a row).
+The file arrives in chunks. CSV records are cut only at line ends outside quoted fields (read as
+Python's csv reads them), so a quoted field may span lines and chunks; JSON Lines records are cut at
+every line end. Rows are numbered from 1 (the CSV header is not a row; a blank line is not a row).
 """
 
 import codecs
 import csv
 import json
 import re
+import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +32,30 @@ def why_unstorable(value: Any, what: str) -> str | None:
     return None
 
 
+# Same length bound as a defined key (crm_platform.custom_fields.KEY_PATTERN).
+_MAX_KEY = 63
+
+
 def custom_key(header: str) -> str:
-    """'Total Time Spent on Website' -> 'total_time_spent_on_website'."""
-    key = re.sub(r"[^0-9a-z]+", "_", header.strip().lower()).strip("_")
+    """'Total Time Spent on Website' -> 'total_time_spent_on_website'; '备注' -> '备注'.
+
+    Letters of any script are kept (NFKC-normalised, lower-cased), so two non-ASCII headers do not
+    collide; everything else becomes '_'. Only ASCII keys can be defined custom fields; the others
+    are kept as undefined keys, as imports keep every column (`checked_custom(lenient=True)`).
+    """
+    text = unicodedata.normalize("NFKC", header).strip().lower()
+    key = re.sub(r"[\W_]+", "_", text).strip("_")[:_MAX_KEY].rstrip("_")
     return key or "column"
 
 
 def _as_text(value: Any) -> Any:
     """A JSON number as the text it was written as (a phone or an id); other values as they are,
     so that the checks reject what is not text, naming the field."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 13800138000.0 (a spreadsheet export) is the phone 13800138000
+    if isinstance(value, int | float):
         return str(value)
     return value
 
@@ -110,13 +126,39 @@ class RowMapper:
         return data
 
 
-class RecordSplitter:
-    """Cuts decoded text into complete CSV records (a newline inside quotes does not end one)."""
+def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
+    """Whether a CSV record is still inside a quoted field at the end of `line`, read as Python's
+    csv reader reads it: a quote opens a field only at the field's start; inside an unquoted field
+    it is a literal character; inside a quoted field "" is a quote and a lone quote closes it."""
+    at_start = not in_quotes  # a line continuing a quoted field is inside it
+    closed = False  # just after a closing quote (a second quote there is an escaped one)
+    for char in line:
+        if in_quotes:
+            if char == '"':
+                in_quotes, closed = False, True
+            continue
+        if closed and char == '"':
+            in_quotes, closed = True, False
+            continue
+        closed = False
+        if char == ",":
+            at_start = True
+        elif char == '"' and at_start:
+            in_quotes, at_start = True, False
+        else:
+            at_start = False
+    return in_quotes
 
-    def __init__(self, pending: bytes = b"", *, first: bool = True) -> None:
+
+class RecordSplitter:
+    """Cuts decoded text into complete records: CSV (`quoted`) ends a record at a newline outside
+    a quoted field; JSON Lines at every newline (a newline in a JSON value is written \\n)."""
+
+    def __init__(self, pending: bytes = b"", *, first: bool = True, quoted: bool = True) -> None:
         # Only the file's first bytes may carry a byte-order mark.
         self._decoder = codecs.getincrementaldecoder("utf-8-sig" if first else "utf-8")()
         self._pending = self._decoder.decode(pending)
+        self._quoted = quoted
 
     @property
     def pending(self) -> bytes:
@@ -128,18 +170,18 @@ class RecordSplitter:
         text = self._pending + self._decoder.decode(chunk)
         records: list[str] = []
         start = 0
-        quotes = 0
+        in_quotes = False
         scan = 0
         while True:
             end = text.find("\n", scan)
             if end < 0:
                 break
-            quotes += text.count('"', scan, end)
+            if self._quoted and (in_quotes or text.find('"', scan, end) >= 0):
+                in_quotes = _ends_in_quotes(text[scan:end], in_quotes)  # only lines with quotes are walked
             scan = end + 1
-            if quotes % 2 == 0:
+            if not in_quotes:
                 records.append(text[start:end].rstrip("\r"))
                 start = scan
-                quotes = 0
         self._pending = text[start:]
         return records
 
@@ -174,7 +216,7 @@ class StreamParser:
         self.max_bytes = max_bytes
         self.bytes_seen = state.bytes_seen
         self.rows = state.rows
-        self._splitter = RecordSplitter(state.pending, first=state.bytes_seen == 0)
+        self._splitter = RecordSplitter(state.pending, first=state.bytes_seen == 0, quoted=fmt == "csv")
         self._header: list[str] | None = state.header
         self._json_parts: list[bytes] = []
 
@@ -224,18 +266,23 @@ class StreamParser:
                     continue
                 yield self.rows, self._checked(item)
             return
-        for values in csv.reader(records):
+        for record in records:
+            try:  # a reader per record: an error spoils that record only
+                values = next(csv.reader((record,)), [])
+            except csv.Error as error:
+                if self._header is None:
+                    raise ValidationFailed([FieldError("file", f"the CSV header row {_csv_problem(error)}")]) from None
+                self.rows += 1
+                yield self.rows, _csv_problem(error)
+                continue
             if self._header is None:
-                if not values or not any(v.strip() for v in values):
-                    raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
-                problem = why_unstorable(values, "the CSV header row")
-                if problem:
-                    raise ValidationFailed([FieldError("file", problem)])
-                self._header = [v.strip() for v in values]
+                self._header = _checked_header(values)
                 continue
             if not values:
                 continue  # a blank line is not a row
             self.rows += 1
+            if not any(v.strip() for v in values):
+                continue  # a row of empty cells (a spreadsheet's blank row) is no lead; its number is kept
             if len(values) != len(self._header):
                 yield self.rows, f"has {len(values)} columns, the header has {len(self._header)}"
                 continue
@@ -247,3 +294,30 @@ class StreamParser:
         if not isinstance(item, dict):
             return "the row is not a JSON object"
         return why_unstorable(item, "the row") or item
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """Why csv could not read a record, for the row's rejection."""
+    if "field limit" in str(error):
+        return f"has a field longer than {csv.field_size_limit()} characters"
+    return f"is not valid CSV: {error}"
+
+
+def _checked_header(values: list[str]) -> list[str]:
+    """The CSV header's column names, or 422 on `file`: no header, text PostgreSQL cannot store, or
+    two columns whose values would land in the same place (one would silently overwrite the other)."""
+    if not values or not any(v.strip() for v in values):
+        raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
+    problem = why_unstorable(values, "the CSV header row")
+    if problem:
+        raise ValidationFailed([FieldError("file", problem)])
+    header = [v.strip() for v in values]
+    seen: dict[str, str] = {}
+    for name in header:
+        key = custom_key(name)
+        if key in seen:
+            first = seen[key]
+            which = f"column {name!r} appears twice" if first == name else f"columns {first!r} and {name!r} collide"
+            raise ValidationFailed([FieldError("file", f"the CSV header row: {which}; rename one")])
+        seen[key] = name
+    return header

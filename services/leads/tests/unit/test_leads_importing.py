@@ -1,3 +1,4 @@
+import csv
 import json
 
 import pytest
@@ -5,15 +6,15 @@ from crm_platform.errors import ValidationFailed
 from crm_platform.structs import MAX_NESTING, NOT_FINITE, OUT_OF_RANGE, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
-from leads.importing import RecordSplitter, RowMapper, StreamParser, why_unstorable
+from leads.importing import RecordSplitter, RowMapper, StreamParser, custom_key, why_unstorable
 
 pytestmark = pytest.mark.unit
 
 CSV = b'Name,Email,Notes\nLi,li@x.cn,"two\nlines, and ""quotes"""\nWang,wang@x.cn,plain\n'
 
 
-def parse_in_chunks(data: bytes, size: int, fmt: str = "csv") -> list[tuple[int, object]]:
-    parser = StreamParser(fmt, 10_000)
+def parse_in_chunks(data: bytes, size: int, fmt: str = "csv", max_bytes: int = 10_000) -> list[tuple[int, object]]:
+    parser = StreamParser(fmt, max_bytes)
     rows: list[tuple[int, object]] = []
     for start in range(0, len(data), size):
         rows += list(parser.feed(data[start : start + size]))
@@ -144,3 +145,81 @@ def test_row_mapper_fields_custom_and_sources() -> None:
     with pytest.raises(ValidationFailed) as caught:
         RowMapper(column_map={"X": "salary"}, source_map={"Y": "tv"})
     assert {e.field for e in caught.value.errors} == {"column_map.X", "source_map.Y"}
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_jsonl_escaped_quotes_do_not_glue_lines(size: int) -> None:
+    # Regression: lines were cut by CSV quote counting; an escaped \" made the count odd and every
+    # following line was glued to it and lost.
+    data = b'{"name":"A"}\n{"name":"B","company":"Acme \\"Global\\" Ltd"}\n{"name":"C"}\nnot json "\n{"name":"E"}\n'
+    rows = parse_in_chunks(data, size, "jsonl")
+    assert rows[:3] == [(1, {"name": "A"}), (2, {"name": "B", "company": 'Acme "Global" Ltd'}), (3, {"name": "C"})]
+    assert rows[3][0] == 4 and "not valid JSON" in str(rows[3][1])
+    assert rows[4] == (5, {"name": "E"})
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_a_stray_quote_inside_an_unquoted_csv_field_is_a_literal(size: int) -> None:
+    # Regression: the quote was taken as opening a field; the rest of the file became one record
+    # and csv.Error escaped (HTTP 500, the import stuck `running`).
+    data = b'name,notes,email\nA,27" monitor buyer,a@x.cn\nB,"quoted, ok",b@x.cn\nC,x,c@x.cn\n'
+    assert parse_in_chunks(data, size) == [
+        (1, {"name": "A", "notes": '27" monitor buyer', "email": "a@x.cn"}),
+        (2, {"name": "B", "notes": "quoted, ok", "email": "b@x.cn"}),
+        (3, {"name": "C", "notes": "x", "email": "c@x.cn"}),
+    ]
+
+
+def test_a_record_csv_cannot_read_rejects_that_row_only() -> None:
+    huge = b"y" * (csv.field_size_limit() + 1)
+    data = b"name,notes\nA,x\rz\nB," + huge + b"\nC,ok\n"
+    rows = parse_in_chunks(data, 4096, max_bytes=len(data))
+    assert rows[0][0] == 1 and str(rows[0][1]).startswith("is not valid CSV: new-line character seen in unquoted")
+    assert rows[1] == (2, f"has a field longer than {csv.field_size_limit()} characters")
+    assert rows[2] == (3, {"name": "C", "notes": "ok"})
+
+
+@pytest.mark.parametrize(
+    ("header", "named"),
+    [
+        (b"name,phone,phone", "'phone' appears twice"),
+        (b"name,,", "'' appears twice"),
+        (b"Notes,notes", "'Notes' and 'notes'"),
+    ],
+)
+def test_a_csv_header_whose_columns_collide_fails_the_file(header: bytes, named: str) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(header + b"\nLi,1,2\n", 100)
+    assert caught.value.errors[0].field == "file" and named in caught.value.detail
+
+
+def test_custom_keys_keep_letters_of_any_script() -> None:
+    assert custom_key("备注") == "备注" and custom_key("地址") == "地址"
+    assert custom_key(" 客户　等级 ") == "客户_等级"  # NFKC: the full-width space is a space
+    assert custom_key("Total Time Spent on Website") == "total_time_spent_on_website"
+    assert custom_key("!!!") == "column" and len(custom_key("x" * 100)) == 63
+    mapper = RowMapper(column_map={}, source_map={})
+    assert mapper.map({"姓名": "李雷", "备注": "VIP", "地址": "北京"})["custom"] == {"备注": "VIP", "地址": "北京"}
+
+
+def test_chinese_headers_map_to_lead_fields() -> None:
+    mapper = RowMapper(column_map={}, source_map={})
+    data = mapper.map(
+        {"姓名": "李雷", "手机号码": "13800138000", "电子邮箱": "li@x.cn", "公司名称": "甲公司", "职务": "经理",
+         "地区": "北京", "行业": "教育", "标签": "a;b", "来源": "微信", " 联系电话 ": "010"}
+    )  # fmt: skip
+    assert data["name"] == "李雷" and data["phone"] == "010" and data["email"] == "li@x.cn"
+    assert (data["company"], data["title"], data["region"], data["industry"]) == ("甲公司", "经理", "北京", "教育")
+    assert data["tags"] == ["a", "b"] and data["source"] == "wechat" and "custom" not in data
+
+
+def test_integral_json_floats_are_written_without_the_fraction() -> None:
+    mapper = RowMapper(column_map={}, source_map={})
+    assert mapper.map({"phone": 13800138000.0, "external_id": 12.5})["phone"] == "13800138000"
+    assert mapper.map({"external_id": 12.5})["external_id"] == "12.5"
+    assert mapper.map({"external_id": 7})["external_id"] == "7"
+
+
+def test_rows_of_empty_cells_are_not_rows_and_keep_later_numbers() -> None:
+    rows = parse_in_chunks(b"name,phone,email\nA,1,\n,,\n , ,\nB,2,\n", 3)
+    assert rows == [(1, {"name": "A", "phone": "1", "email": ""}), (4, {"name": "B", "phone": "2", "email": ""})]
