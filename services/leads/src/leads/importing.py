@@ -126,6 +126,21 @@ class RowMapper:
         return data
 
 
+def _csv_rows(records: list[str]) -> Iterator[list[str] | csv.Error]:
+    """Each record's cells, or the error csv reading it raised: all records in one reader while
+    they read, and record by record once one does not, so the error spoils that one only."""
+    try:
+        rows = list(csv.reader(records))
+    except csv.Error:
+        for record in records:
+            try:
+                yield next(csv.reader((record,)), [])
+            except csv.Error as error:
+                yield error
+        return
+    yield from rows
+
+
 def _ends_in_quotes(line: str, in_quotes: bool) -> bool:
     """Whether a CSV record is still inside a quoted field at the end of `line`, read as Python's
     csv reader reads it: a quote opens a field only at the field's start; inside an unquoted field
@@ -266,22 +281,21 @@ class StreamParser:
                     continue
                 yield self.rows, self._checked(item)
             return
-        for record in records:
-            try:  # a reader per record: an error spoils that record only
-                values = next(csv.reader((record,)), [])
-            except csv.Error as error:
+        for read in _csv_rows(records):
+            if isinstance(read, csv.Error):
                 if self._header is None:
-                    raise ValidationFailed([FieldError("file", f"the CSV header row {_csv_problem(error)}")]) from None
+                    raise ValidationFailed([FieldError("file", f"the CSV header row {_csv_problem(read)}")])
                 self.rows += 1
-                yield self.rows, _csv_problem(error)
+                yield self.rows, _csv_problem(read)
                 continue
+            values = read
             if self._header is None:
                 self._header = _checked_header(values)
                 continue
             if not values:
                 continue  # a blank line is not a row
             self.rows += 1
-            if not any(v.strip() for v in values):
+            if not "".join(values).strip():
                 continue  # a row of empty cells (a spreadsheet's blank row) is no lead; its number is kept
             if len(values) != len(self._header):
                 yield self.rows, f"has {len(values)} columns, the header has {len(self._header)}"
