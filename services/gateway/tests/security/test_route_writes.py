@@ -106,6 +106,14 @@ class FakeLeads(LeadsServiceServicer):
                               team="east")  # fmt: skip
         return leads_pb.AssignLeadResponse(lead=lead)
 
+    async def SetWebformEnabled(self, request: leads_pb.SetWebformEnabledRequest, context: Any) -> Any:
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=request.enabled)
+        return leads_pb.SetWebformEnabledResponse(webform=webform)
+
+    async def RotateWebformKey(self, request: leads_pb.RotateWebformKeyRequest, context: Any) -> Any:
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-2", enabled=True)
+        return leads_pb.RotateWebformKeyResponse(webform=webform)
+
     async def ConvertLead(self, request: leads_pb.ConvertLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", status="converted", owner_id="u-1", team="east")
         return leads_pb.ConvertLeadResponse(lead=lead, account_id="acc-9", contact_id="c-9")
@@ -549,3 +557,17 @@ async def test_an_import_whose_charset_does_not_read_is_refused_naming_why(
 async def test_metrics_are_not_served_on_the_public_api_port(gateway: Gateway) -> None:
     """They are on `CRM_GATEWAY_METRICS_PORT`, which no Ingress exposes."""
     assert (await gateway.client.get("/metrics")).status_code == 404
+
+
+async def test_who_runs_campaigns_turns_a_web_form_off_and_replaces_its_key(gateway: Gateway) -> None:
+    marketing, rep = gateway.auth("marketing"), gateway.auth("sales_rep")
+
+    off = await gateway.client.patch("/api/v1/webforms/w-1", json={"enabled": False}, headers=marketing)
+    rotated = await gateway.client.post("/api/v1/webforms/w-1/rotate-key", headers=marketing)
+    refused = await gateway.client.post("/api/v1/webforms/w-1/rotate-key", headers=rep)
+
+    assert off.status_code == 200 and off.json()["enabled"] is False
+    assert rotated.status_code == 200 and rotated.json()["form_key"] == "k-2"
+    assert refused.status_code == 403
+    actions = [e["action"] for e in (await gateway.app.state.security.audit.query(AuditQuery(record_id="w-1")))[0]]
+    assert sorted(actions) == ["disable_webform", "rotate_webform_key"]

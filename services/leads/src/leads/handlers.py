@@ -1912,6 +1912,25 @@ class LeadsService:
         }
         return await self._idempotent_create("create_webform", key, repo.webforms, values)
 
+    async def set_webform_enabled(self, webform_id: str, enabled: bool) -> RowMapping:
+        return await self._update_webform(webform_id, {"enabled": enabled})
+
+    async def rotate_webform_key(self, webform_id: str) -> RowMapping:
+        """A new key for a leaked or abused one: submissions with the old key answer 404 at once."""
+        return await self._update_webform(webform_id, {"form_key": secrets.token_urlsafe(24)})
+
+    async def _update_webform(self, webform_id: str, values: Mapping[str, Any]) -> RowMapping:
+        w = repo.webforms
+        async with transaction(self.engine) as conn:
+            row = (
+                (await conn.execute(update(w).where(w.c.id == webform_id).values(**values).returning(w)))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise NotFound("webform", webform_id)
+        return row
+
     async def list_webforms(self) -> list[RowMapping]:
         async with self.engine.connect() as conn:
             return list((await conn.execute(select(repo.webforms).order_by(repo.webforms.c.id))).mappings())

@@ -476,6 +476,18 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         rows = await self.service.list_webforms()
         return leads_service_pb2.ListWebformsResponse(items=[messages.webform_to_proto(r) for r in rows])
 
+    async def SetWebformEnabled(
+        self, request: leads_service_pb2.SetWebformEnabledRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.SetWebformEnabledResponse:
+        row = await self.service.set_webform_enabled(request.id, request.enabled)
+        return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(row))
+
+    async def RotateWebformKey(
+        self, request: leads_service_pb2.RotateWebformKeyRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.RotateWebformKeyResponse:
+        row = await self.service.rotate_webform_key(request.id)
+        return leads_service_pb2.RotateWebformKeyResponse(webform=messages.webform_to_proto(row))
+
     async def SubmitWebform(
         self, request: leads_service_pb2.SubmitWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SubmitWebformResponse:

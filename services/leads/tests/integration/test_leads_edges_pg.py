@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
+from crm_platform.errors import AlreadyExists, Conflict, NotFound, ValidationFailed
 from crm_platform.principal import ScopeKind
 from leads import repository as repo
 from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec
@@ -238,3 +238,28 @@ async def test_a_lead_disqualified_while_it_converts_stays_disqualified_and_the_
     async with env.engine.connect() as conn:
         state = await conn.scalar(select(repo.conversions.c.state).where(repo.conversions.c.lead_id == lead["id"]))
     assert state == "compensated"
+
+
+# --- web forms -------------------------------------------------------------------------------------
+
+
+async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) -> None:
+    with env.acting():
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+        lead, _ = await env.service.submit_webform(form["form_key"], {"name": "Zhao", "email": "z@x.cn"}, "")
+        assert lead["source"] == "webform"
+
+        off = await env.service.set_webform_enabled(form["id"], False)
+        assert not off["enabled"]
+        with pytest.raises(NotFound):
+            await env.service.submit_webform(form["form_key"], {"name": "Qian"}, "")
+        await env.service.set_webform_enabled(form["id"], True)
+
+        rotated = await env.service.rotate_webform_key(form["id"])
+        assert rotated["form_key"] != form["form_key"]
+        with pytest.raises(NotFound):  # the leaked key is dead at once
+            await env.service.submit_webform(form["form_key"], {"name": "Sun"}, "")
+        second, _ = await env.service.submit_webform(rotated["form_key"], {"name": "Li", "email": "li@x.cn"}, "")
+        assert second["source_detail"] == "Expo signup"
+        with pytest.raises(NotFound):
+            await env.service.rotate_webform_key("no-such-form")

@@ -1054,8 +1054,7 @@ async def create_webform(
         pb.CreateWebformRequest(webform=leads_pb2.Webform(**body.model_dump()), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    body_json = _message_json(reply.webform)
-    body_json["created_at"] = _time(reply.webform.created_at)
+    body_json = _webform_json(reply.webform)
     await access.audit_write(body_json["id"], None, body_json, action="create_webform")
     return body_json
 
@@ -1064,6 +1063,38 @@ async def create_webform(
 async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, Any]:
     reply = await _stub(request).ListWebforms(pb.ListWebformsRequest(), metadata=access.grpc_metadata())
     return {"items": [_message_json(w) for w in reply.items]}
+
+
+class WebformEnabledIn(In):
+    enabled: bool
+
+
+@router.patch("/webforms/{webform_id}")
+async def set_webform_enabled(
+    webform_id: str, body: WebformEnabledIn, request: Request, access: CampaignsUpdate
+) -> dict[str, Any]:
+    """Turns a form off (its submissions then answer 404) or on again."""
+    reply = await _stub(request).SetWebformEnabled(
+        pb.SetWebformEnabledRequest(id=webform_id, enabled=body.enabled), metadata=access.grpc_metadata()
+    )
+    await access.audit("enable_webform" if body.enabled else "disable_webform", webform_id)
+    return _webform_json(reply.webform)
+
+
+@router.post("/webforms/{webform_id}/rotate-key")
+async def rotate_webform_key(webform_id: str, request: Request, access: CampaignsUpdate) -> dict[str, Any]:
+    """A new `form_key` for a leaked or abused one; the old key stops working at once."""
+    reply = await _stub(request).RotateWebformKey(
+        pb.RotateWebformKeyRequest(id=webform_id), metadata=access.grpc_metadata()
+    )
+    await access.audit("rotate_webform_key", webform_id)
+    return _webform_json(reply.webform)
+
+
+def _webform_json(webform: leads_pb2.Webform) -> dict[str, Any]:
+    body = _message_json(webform)
+    body["created_at"] = _time(webform.created_at)
+    return body
 
 
 class SubmissionIn(In):
