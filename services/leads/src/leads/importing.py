@@ -110,7 +110,10 @@ class RowMapper:
             target, key = routes.get(column) or self._route(column)
             if not target:
                 custom[key] = value
-            elif target == "tags":
+                continue
+            if target in data:  # two columns of the row feed one field (`mobile` and `手机`): which one?
+                raise ValidationFailed([FieldError(target, self._both(record, target, column))])
+            if target == "tags":
                 data["tags"] = value.split(";") if isinstance(value, str) else value
             else:
                 data[target] = _as_text(value)
@@ -124,6 +127,10 @@ class RowMapper:
         if custom:
             data["custom"] = custom
         return data
+
+    def _both(self, record: Mapping[str, Any], target: str, column: str) -> str:
+        first = next(c for c, v in record.items() if v not in (None, "") and self.target(c) == target)
+        return f"is given twice, by columns {first!r} and {column!r}; map one of them with column_map"
 
 
 def _csv_rows(records: list[str]) -> Iterator[list[str] | csv.Error]:

@@ -206,9 +206,10 @@ def test_chinese_headers_map_to_lead_fields() -> None:
     mapper = RowMapper(column_map={}, source_map={})
     data = mapper.map(
         {"姓名": "李雷", "手机号码": "13800138000", "电子邮箱": "li@x.cn", "公司名称": "甲公司", "职务": "经理",
-         "地区": "北京", "行业": "教育", "标签": "a;b", "来源": "微信", " 联系电话 ": "010"}
+         "地区": "北京", "行业": "教育", "标签": "a;b", "来源": "微信"}
     )  # fmt: skip
-    assert data["name"] == "李雷" and data["phone"] == "010" and data["email"] == "li@x.cn"
+    assert data["name"] == "李雷" and data["phone"] == "13800138000" and data["email"] == "li@x.cn"
+    assert mapper.map({" 联系电话 ": "010-12345678"})["phone"] == "010-12345678"  # trimmed header
     assert (data["company"], data["title"], data["region"], data["industry"]) == ("甲公司", "经理", "北京", "教育")
     assert data["tags"] == ["a", "b"] and data["source"] == "wechat" and "custom" not in data
 
@@ -223,3 +224,13 @@ def test_integral_json_floats_are_written_without_the_fraction() -> None:
 def test_rows_of_empty_cells_are_not_rows_and_keep_later_numbers() -> None:
     rows = parse_in_chunks(b"name,phone,email\nA,1,\n,,\n , ,\nB,2,\n", 3)
     assert rows == [(1, {"name": "A", "phone": "1", "email": ""}), (4, {"name": "B", "phone": "2", "email": ""})]
+
+
+def test_two_columns_that_feed_one_field_reject_the_row_naming_both() -> None:
+    mapper = RowMapper(column_map={}, source_map={})
+    with pytest.raises(ValidationFailed) as caught:
+        mapper.map({"name": "Zhang", "mobile": "13800138000", "手机": "13900139000"})
+    assert caught.value.errors[0].field == "phone"
+    assert "'mobile' and '手机'" in caught.value.errors[0].message
+    # One of them empty (exports often carry both): no conflict.
+    assert mapper.map({"name": "Li", "mobile": "", "手机": "13900139000"})["phone"] == "13900139000"
