@@ -8,10 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.errors import CrmError, Unavailable
+from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
@@ -19,6 +22,7 @@ from leads import repository as repo
 from leads.config import LeadsSettings
 from leads.domain import OPEN_STATUSES
 from leads.handlers import ConvertRequest, LeadsService
+from leads.servicer import LeadsServicer
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -152,3 +156,17 @@ async def env_each_database(each_database_url: str) -> AsyncIterator[Env]:
     """The same, once on a SQLite file (the embedded default) and once on PostgreSQL."""
     async for made in _env(each_database_url):
         yield made
+
+
+@pytest.fixture
+async def stub(env: Env) -> AsyncIterator[leads_service_pb2_grpc.LeadsServiceStub]:
+    """The leads service over gRPC on a local port, as the gateway calls it."""
+    server = GrpcServer(
+        service="leads",
+        service_names=["crm.leads.v1.LeadsService"],
+        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
+    )
+    port = await server.start("127.0.0.1", 0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield leads_service_pb2_grpc.LeadsServiceStub(channel)
+    await server.stop(1)

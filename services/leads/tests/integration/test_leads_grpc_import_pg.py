@@ -12,14 +12,12 @@ import grpc
 import pytest
 from crm.leads.v1 import events_pb2, leads_service_pb2, leads_service_pb2_grpc
 from crm_platform.config import KafkaSettings
-from crm_platform.grpc_server import GrpcServer
 from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.testing.fixtures import create_topics
 from crm_platform.testing.kafka import EventCollector
 from leads import domain
 from leads import repository as repo
-from leads.servicer import LeadsServicer
 from sqlalchemy import func, select, text
 
 pytestmark = pytest.mark.integration
@@ -27,19 +25,6 @@ pytestmark = pytest.mark.integration
 LEADS_CSV = Path(__file__).resolve().parents[4] / ".." / "shared" / "datasets" / "x-education-leads" / "Leads.csv"
 COLUMN_MAP = {"Prospect ID": "external_id", "Lead Source": "source", "Country": "region"}
 METADATA = outgoing_metadata(Principal(user_id="importer", roles=("admin",), team="ops"), RecordScope(ScopeKind.ALL))
-
-
-@pytest.fixture
-async def stub(env: Any) -> AsyncIterator[leads_service_pb2_grpc.LeadsServiceStub]:
-    server = GrpcServer(
-        service="leads",
-        service_names=["crm.leads.v1.LeadsService"],
-        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
-    )
-    port = await server.start("127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield leads_service_pb2_grpc.LeadsServiceStub(channel)
-    await server.stop(1)
 
 
 def parts_of(data: bytes, size: int) -> list[bytes]:

@@ -9,27 +9,12 @@ from typing import Any
 import grpc
 import pytest
 from crm.leads.v1 import leads_service_pb2, leads_service_pb2_grpc
-from crm_platform.grpc_server import GrpcServer
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from leads import importing
-from leads.servicer import LeadsServicer
 
 pytestmark = pytest.mark.integration
 
 METADATA = outgoing_metadata(Principal(user_id="importer", roles=("admin",), team="ops"), RecordScope(ScopeKind.ALL))
-
-
-@pytest.fixture
-async def stub(env: Any) -> AsyncIterator[leads_service_pb2_grpc.LeadsServiceStub]:
-    server = GrpcServer(
-        service="leads",
-        service_names=["crm.leads.v1.LeadsService"],
-        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
-    )
-    port = await server.start("127.0.0.1", 0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield leads_service_pb2_grpc.LeadsServiceStub(channel)
-    await server.stop(1)
 
 
 async def send(
