@@ -183,3 +183,54 @@ def test_unstorable_values_walks_keys_values_and_lists() -> None:
         (("a", 1), "must be a finite number (JSON has no NaN or Infinity)"),
         (("b",), "is out of range for a number"),
     ]
+
+
+# --- sales text in sized columns -------------------------------------------------------------------
+# Too long, it reached PostgreSQL and failed with a 500. An import row's `external_id` is not limited
+# here on purpose: the sales service rejects that row alone (per-row results), not the whole file.
+# A request past the gateway's checks answers 503 here (the real app runs without upstreams).
+
+
+def stages(key: str) -> list[dict[str, str]]:
+    return [
+        {"key": key, "name": "A", "probability": "10"},
+        {"key": "w", "name": "W", "probability": "100", "outcome": "won"},
+        {"key": "l", "name": "L", "probability": "0", "outcome": "lost"},
+    ]
+
+
+def payment(method: str) -> dict[str, Any]:
+    return {
+        "contract_id": "c-1",
+        "amount": {"amount": "1.00", "currency": "CNY"},
+        "external_reference": "BANK-1",
+        "method": method,
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/payments", payment("m" * 65), "method"),
+        ("/api/v1/pipelines", {"name": "p", "stages": stages("k" * 65)}, "stages.0.key"),
+    ],
+)
+async def test_sales_text_longer_than_its_column_is_422_naming_the_field(
+    client: httpx.AsyncClient, path: str, body: Any, field: str
+) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/payments", payment("m" * 64)),
+        ("/api/v1/pipelines", {"name": "p", "stages": stages("k" * 64)}),
+    ],
+)
+async def test_sales_text_as_long_as_its_column_reaches_the_service(
+    client: httpx.AsyncClient, path: str, body: Any
+) -> None:
+    assert (await client.post(path, json=body)).status_code == 503  # the missing upstream
