@@ -43,12 +43,15 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform.db import UtcDateTime, insert_ignore, transaction
+from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
 
 # What a call remembers: the id of what it created, or a small JSON object.
 Result: TypeAlias = str | dict[str, Any]
+# The longest key the table holds (the gateway's Idempotency-Key header allows as many).
+KEY_LENGTH = 200
 
 
 def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
@@ -58,16 +61,23 @@ def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
         metadata,
         Column("operation", String(64), nullable=False),
         Column("caller", String(200), nullable=False, server_default=""),
-        Column("key", String(200), nullable=False),
+        Column("key", String(KEY_LENGTH), nullable=False),
         Column("result", JSON, nullable=False),
         Column("created_at", UtcDateTime(), nullable=False),
         PrimaryKeyConstraint("operation", "caller", "key"),
     )
 
 
+def _checked(key: str) -> str:
+    """A key the table can hold: a longer one is the caller's error (422), not the database's (500)."""
+    if len(key) > KEY_LENGTH:
+        raise ValidationFailed([FieldError("idempotency_key", f"must be at most {KEY_LENGTH} characters")])
+    return key
+
+
 async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str) -> Result | None:
     """The result remembered for `key`, or None (always None for an empty key: no idempotency asked)."""
-    if not key:
+    if not _checked(key):
         return None
     stored = await conn.scalar(
         select(table.c.result).where(table.c.operation == operation, table.c.caller == caller, table.c.key == key)
@@ -80,7 +90,7 @@ async def claim(
 ) -> Result | None:
     """Records `key` for what this call is about to create. None when the key is now this call's
     (also for an empty key); otherwise the first use's result, and the caller must not create."""
-    if not key:
+    if not _checked(key):
         return None
     values = {"operation": operation, "caller": caller, "key": key, "result": result, "created_at": now}
     if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):

@@ -10,6 +10,7 @@ import pytest
 from crm_platform import idempotency
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
+from crm_platform.errors import ValidationFailed
 from crm_platform.outbox import UnitOfWork, add_messaging_tables
 from crm_platform.service import ServiceApp
 from crm_platform.timeutil import utcnow
@@ -169,3 +170,14 @@ async def test_every_service_with_idempotency_keys_runs_their_expiry(engine: Asy
     assert await expiry.run_once() == 1
     async with engine.connect() as conn:
         assert await idempotency.recall(conn, keys, operation="op", caller="", key="fresh") == "b"
+
+
+async def test_a_key_longer_than_the_table_holds_is_the_callers_error(engine: AsyncEngine) -> None:
+    """A 422 naming the key, whichever service and call: PostgreSQL would refuse it with a 500."""
+    long_key = "k" * (idempotency.KEY_LENGTH + 1)
+    async with engine.begin() as conn:
+        with pytest.raises(ValidationFailed) as claimed:
+            await idempotency.claim(conn, keys, operation="op", caller="u1", key=long_key, result="x", now=utcnow())
+        with pytest.raises(ValidationFailed) as recalled:
+            await idempotency.recall(conn, keys, operation="op", caller="u1", key=long_key)
+    assert claimed.value.errors[0].field == recalled.value.errors[0].field == "idempotency_key"

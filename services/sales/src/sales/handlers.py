@@ -187,7 +187,6 @@ _idempotency_keys = idempotency.CallerKeys(r.idempotency_keys)
 async def _claim(conn: AsyncConnection, *, operation: str, key: str, resource_id: str, now: datetime) -> str | None:
     """Claims the caller's `key` for the resource about to be created: None when it is ours, else
     the first resource's id (a concurrent first use waits on the row lock, then sees its result)."""
-    _check_lengths({"idempotency_key": key}, d.REFERENCE_LENGTH)
     return await _idempotency_keys.claim(conn, operation, key, resource_id, now)
 
 
