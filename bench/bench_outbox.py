@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from datetime import datetime
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from crm.audit.v1 import events_pb2
@@ -27,8 +28,6 @@ from crm_platform.testing import infra
 from crm_platform.testing.bench import print_table, summary_ms
 from crm_platform.testing.sample_service import add_note, create_schema, metadata
 from crm_platform.timeutil import utcnow
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 EVENTS = int(os.environ.get("BENCH_EVENTS", "5000"))
 LATENCY_EVENTS = int(os.environ.get("BENCH_LATENCY_EVENTS", "1000"))
@@ -82,7 +81,7 @@ async def outbox(postgres_url: str, kafka: KafkaSettings, *, in_process_wake: bo
     engine = create_engine(postgres_url, pool_size=WRITERS)
     await create_schema(engine)
     uow = UnitOfWork(engine, metadata, source="/bench")
-    relay = OutboxRelay(engine, metadata, kafka, service="bench")
+    relay = TimedRelay(engine, metadata, kafka, service="bench")
     if in_process_wake:
         uow.on_commit(relay.wake)
     relay_task = asyncio.create_task(relay.run())
@@ -94,7 +93,7 @@ async def outbox(postgres_url: str, kafka: KafkaSettings, *, in_process_wake: bo
         committed[note_id] = utcnow()
         await asyncio.sleep(1 / RATE)
     await _until_published(relay)
-    latencies = await _publish_latencies(engine, committed)
+    latencies = publish_latencies(relay, committed)
 
     async def writer(worker: int) -> None:
         for index in range(worker, EVENTS, WRITERS):
@@ -129,17 +128,25 @@ async def _until_published(relay: OutboxRelay) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _publish_latencies(engine: AsyncEngine, committed: dict[str, datetime]) -> list[float]:
-    """published_at (set when the broker acknowledged) minus the commit time, per event."""
-    outbox = metadata.tables["outbox"]
-    async with engine.connect() as conn:
-        rows = list(await conn.execute(select(outbox.c.payload, outbox.c.published_at)))
-    latencies = []
-    for payload, published_at in rows:
-        note_id = events_pb2.AuditRecorded.FromString(payload).id
-        if note_id in committed:
-            latencies.append(max(0.0, (published_at - committed[note_id]).total_seconds()))
-    return latencies
+class TimedRelay(OutboxRelay):
+    """The relay, noting when the broker acknowledged each note's event (the relay deletes its rows
+    then, so the outbox itself no longer holds the time)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.acknowledged: dict[str, datetime] = {}
+
+    async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
+        sent, failed, error = await super()._send(rows)
+        acknowledged_at = utcnow()
+        for row in sent:
+            self.acknowledged[events_pb2.AuditRecorded.FromString(row.payload).id] = acknowledged_at
+        return sent, failed, error
+
+
+def publish_latencies(relay: TimedRelay, committed: dict[str, datetime]) -> list[float]:
+    """Broker acknowledgement minus commit, per event."""
+    return [max(0.0, (relay.acknowledged[note_id] - at).total_seconds()) for note_id, at in committed.items()]
 
 
 async def main(admin_url: str) -> None:

@@ -471,62 +471,63 @@ class OutboxRelay:
 
     async def _send(self, rows: list[Any]) -> tuple[list[Any], list[Any], str]:
         """(acknowledged rows, failed rows, first error). Every wait is bounded: a broker that hangs
-        fails the batch into the retry backoff instead of holding the relay (or its rows' locks)."""
+        fails the batch into the retry backoff instead of holding the relay (or its rows' locks).
+
+        A partition's batches go one after another, each once the broker acknowledged the one
+        before: after a batch fails, the later batches of its partition are not sent and wait with
+        it, so a key's later event never overtakes an earlier one that has to be retried."""
+        sent: list[Any] = []
+        errors: list[str] = []
         try:
             producer = await self._ensure_producer()
-            batches = await asyncio.wait_for(self._enqueue(producer, rows), self.kafka.send_timeout_seconds)
-            results = await asyncio.wait_for(
-                asyncio.gather(*(future for _, future in batches), return_exceptions=True),
+            batches = await asyncio.wait_for(self._pack(producer, rows), self.kafka.send_timeout_seconds)
+
+            async def deliver(topic_partition: tuple[str, int], partition_batches: list[tuple[Any, list[Any]]]) -> None:
+                for batch, batch_rows in partition_batches:
+                    try:
+                        await (await producer.send_batch(batch, topic_partition[0], partition=topic_partition[1]))
+                    except Exception as error:  # noqa: BLE001 - this partition's rest waits for a retry
+                        errors.append(f"{type(error).__name__}: {error}")
+                        return
+                    sent.extend(batch_rows)
+
+            await asyncio.wait_for(
+                asyncio.gather(*(deliver(tp, partition_batches) for tp, partition_batches in batches.items())),
                 self.kafka.send_timeout_seconds * 2,
             )
-        except Exception as error:  # noqa: BLE001 - broker down or hung: every row waits for a retry
-            await self._reset_producer()
-            return [], rows, f"{type(error).__name__}: {error}"
-        sent: list[Any] = []
-        failed: list[Any] = []
-        for (batch_rows, _), result in zip(batches, results, strict=True):
-            (failed if isinstance(result, BaseException) else sent).extend(batch_rows)
-        first_error = next((f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)), "")
+        except Exception as error:  # noqa: BLE001 - broker down or hung: what is unacknowledged waits
+            errors.append(f"{type(error).__name__}: {error}")
+        acknowledged = {row.seq for row in sent}
+        failed = [row for row in rows if row.seq not in acknowledged]
         if failed:
             await self._reset_producer()
-        return sent, failed, first_error
+        return sent, failed, errors[0] if errors else ""
 
-    async def _enqueue(self, producer: Any, rows: list[Any]) -> list[tuple[list[Any], Any]]:
-        """The rows packed into record batches, one open batch per topic partition, in seq order:
-        (the rows of a batch, the future the broker's acknowledgement resolves).
+    async def _pack(self, producer: Any, rows: list[Any]) -> dict[tuple[str, int], list[tuple[Any, list[Any]]]]:
+        """The rows packed into record batches per topic partition, in seq order: for each partition,
+        its batches with the rows each carries.
 
-        One batch per partition costs far less than a `send()` per row (a future, a metadata
-        check and a producer span each). Rows carry the traceparent of the request that wrote
-        them, so consumers continue that trace. A partition's batches are queued in order and
-        aiokafka sends one batch per partition at a time, so per-key order holds."""
-        open_batches: dict[tuple[str, int], tuple[Any, list[Any]]] = {}
-        queued: list[tuple[list[Any], Any]] = []
-
-        async def submit(topic_partition: tuple[str, int]) -> None:
-            batch, batch_rows = open_batches.pop(topic_partition)
-            future = await producer.send_batch(batch, topic_partition[0], partition=topic_partition[1])
-            queued.append((batch_rows, future))
-
+        A batch per partition costs far less than a `send()` per row (a future, a metadata check and
+        a producer span each). Rows carry the traceparent of the request that wrote them, so
+        consumers continue that trace."""
+        batches: dict[tuple[str, int], list[tuple[Any, list[Any]]]] = {}
         partitions_of: dict[str, list[int]] = {}
         for row in rows:
             key = row.key.encode()
             if row.topic not in partitions_of:
                 partitions_of[row.topic] = sorted(await producer.partitions_for(row.topic))
-            partitions = partitions_of[row.topic]
-            topic_partition = (row.topic, partition_for(key, partitions))
+            topic_partition = (row.topic, partition_for(key, partitions_of[row.topic]))
             headers = [(name, value.encode()) for name, value in row.headers]
-            if topic_partition in open_batches:
-                batch, batch_rows = open_batches[topic_partition]
+            partition_batches = batches.setdefault(topic_partition, [])
+            if partition_batches:
+                batch, batch_rows = partition_batches[-1]
                 if batch.append(key=key, value=row.payload, timestamp=None, headers=headers) is not None:
                     batch_rows.append(row)
                     continue
-                await submit(topic_partition)  # full: it goes, and this row opens the next one
-            batch = producer.create_batch()
+            batch = producer.create_batch()  # the first of its partition, or the last one is full
             batch.append(key=key, value=row.payload, timestamp=None, headers=headers)  # a first row always fits
-            open_batches[topic_partition] = (batch, [row])
-        for topic_partition in list(open_batches):
-            await submit(topic_partition)
-        return queued
+            partition_batches.append((batch, [row]))
+        return batches
 
     async def _ensure_producer(self) -> Any:
         if self._producer is None:

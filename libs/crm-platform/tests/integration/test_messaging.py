@@ -9,9 +9,11 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from aiokafka.errors import KafkaError
 from crm.audit.v1 import events_pb2
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
@@ -324,6 +326,52 @@ async def test_a_pass_larger_than_a_record_batch_goes_in_several_batches_in_key_
     marker = next(r for r in ours if r.value == b"marker")
     assert ids_by_key([r for r in ours if r is not marker]) == sent
     assert {r.partition for r in ours if r.key == keys[0]} == {marker.partition}
+
+
+async def test_after_a_batch_fails_the_later_batches_of_its_partition_wait_instead_of_overtaking_it(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """A key's events fill three record batches of one partition. The broker refuses the first (a
+    non-retriable error): the two after it are not sent, and the retry delivers all three, in order,
+    once each."""
+    await ensure_topics(broker_settings, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    key = f"refused-{new_id()}"
+    async with uow.begin() as tx:
+        for index in range(3):  # 10 KB each: one event per 16 KiB batch
+            tx.publish(events_pb2.AuditRecorded(id=f"{index}", record_id=key, reason="x" * 10_000), key=key)
+    relay = relay_for(engine, broker_settings)
+    sent_batches: list[int] = []
+    connect = relay._ensure_producer
+
+    class RefusesTheFirstBatch:
+        """The relay's producer, except that the broker refuses the first batch it is given."""
+
+        def __init__(self, producer: Any) -> None:
+            self.producer = producer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.producer, name)
+
+        async def send_batch(self, batch: Any, topic: str, *, partition: int) -> asyncio.Future[Any]:
+            sent_batches.append(partition)
+            if len(sent_batches) == 1:
+                refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                refused.set_exception(KafkaError("refused by the test"))
+                return refused
+            return await self.producer.send_batch(batch, topic, partition=partition)
+
+    async def refusing_producer() -> Any:
+        return RefusesTheFirstBatch(await connect())
+
+    relay._ensure_producer = refusing_producer  # type: ignore[method-assign]
+    assert await relay.publish_pending() == 0
+    assert len(sent_batches) == 1  # the second and third batch were held back
+    assert await relay.backlog() == 3
+    assert await relay.drain(5) == 0
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        records = await collector.wait_for(lambda r: sum(x.key == key for x in r) >= 3)
+    assert ids_by_key([r for r in records if r.key == key]) == {key: ["0", "1", "2"]}
 
 
 def consumer_for(
