@@ -2,6 +2,8 @@
 state transitions, follow-up SLA and recycling. No I/O here; handlers load, decide with these, write.
 """
 
+import math
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,6 +214,28 @@ def merge_into(existing: Mapping[Any, Any], clean: CleanLead) -> dict[str, Any]:
     return changes
 
 
+# --- web forms ----------------------------------------------------------------------------------
+
+# The form fields that fill the lead's own fields; any other field is kept as custom data.
+WEBFORM_LEAD_FIELDS = ("name", "company", "title", "phone", "email", "region", "industry")
+_HONEYPOT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def validate_honeypot_field(name: str) -> list[FieldError]:
+    """A honeypot is a field people never see: it cannot be one a real visitor fills in."""
+    if not name:
+        return []
+    if not _HONEYPOT_NAME.fullmatch(name):
+        return [FieldError("honeypot_field", "must be a field name: letters, digits and _, at most 64")]
+    if name in WEBFORM_LEAD_FIELDS:
+        return [FieldError("honeypot_field", f"{name!r} is a field the form captures")]
+    return []
+
+
+def fills_honeypot(fields: Mapping[str, str], honeypot_field: str) -> bool:
+    return bool(honeypot_field) and bool(fields.get(honeypot_field, "").strip())
+
+
 # --- state transitions -------------------------------------------------------------------------
 
 
@@ -267,30 +291,51 @@ class Thresholds:
 
 
 def validate_scoring_rule(rule: ScoringRule, name: str) -> None:
+    """A rule that could never match, or never change a score, is refused: it would sit in the rule
+    list looking like it works."""
     errors: list[FieldError] = []
     if not name.strip():
         errors.append(FieldError("name", "must not be empty"))
-    if not -100 <= rule.points <= 100:
-        errors.append(FieldError("points", "must be between -100 and 100"))
+    if not -100 <= rule.points <= 100 or rule.points == 0:
+        errors.append(FieldError("points", "must be between -100 and 100, and not 0"))
     if rule.activity_kind:
         if rule.activity_kind not in (*ACTIVITY_KINDS, "any"):
             errors.append(FieldError("activity_kind", f"{rule.activity_kind!r} is not an activity kind or 'any'"))
         if rule.min_count < 1:
             errors.append(FieldError("min_count", "must be at least 1 for an activity rule"))
-        if rule.field:
+        if rule.field or rule.operator or rule.value:
             errors.append(FieldError("field", "a rule is either a field condition or an activity count"))
     else:
         if not (rule.field in SCORING_FIELDS or rule.field.startswith("custom.")):
             errors.append(FieldError("field", f"{rule.field!r} is not a scorable field"))
         if rule.operator not in SCORING_OPERATORS:
             errors.append(FieldError("operator", f"{rule.operator!r} is not one of {', '.join(SCORING_OPERATORS)}"))
-        if rule.operator in ("gte", "lte"):
-            try:
-                float(rule.value)
-            except ValueError:
-                errors.append(FieldError("value", "must be a number for gte/lte"))
+        else:
+            errors.extend(_condition_value_errors(rule))
     if errors:
         raise ValidationFailed(errors)
+
+
+def _condition_value_errors(rule: ScoringRule) -> list[FieldError]:
+    """What is wrong with a field condition's value for its operator and field."""
+    value = rule.value.strip()
+    if rule.operator in ("present", "absent"):
+        return [FieldError("value", f"must be empty for {rule.operator}")] if value else []
+    if rule.operator in ("gte", "lte"):
+        limit = _as_number(value)
+        return (
+            [] if limit is not None and math.isfinite(limit) else [FieldError("value", "must be a number for gte/lte")]
+        )
+    options = [option.strip() for option in value.split(",")] if rule.operator == "in" else [value]
+    if not all(options):
+        what = "a comma-separated list without blank items" if rule.operator == "in" else "a non-blank value"
+        return [FieldError("value", f"must be {what} for {rule.operator}")]
+    if rule.field == "source" and rule.operator != "contains":
+        # A lead's source is always one of SOURCES (imports map theirs): any other value never matches.
+        unknown = sorted({option for option in options if option.lower() not in SOURCES})
+        if unknown:
+            return [FieldError("value", f"{', '.join(unknown)} is not a source; sources are {', '.join(SOURCES)}")]
+    return []
 
 
 def validate_thresholds(t: Thresholds) -> None:
@@ -411,6 +456,11 @@ def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
         errors.append(FieldError("strategy", f"{rule.strategy!r} is not one of {', '.join(STRATEGIES)}"))
     if not rule.user_ids:
         errors.append(FieldError("user_ids", "a rule assigns to at least one user"))
+    elif not all(user_id.strip() for user_id in rule.user_ids):
+        errors.append(FieldError("user_ids", "must not contain a blank user id"))
+    for field_name, options in (("regions", rule.regions), ("industries", rule.industries)):
+        if not all(option.strip() for option in options):  # a trailing comma, not "leads without one"
+            errors.append(FieldError(field_name, "must not contain a blank value"))
     bad_sources = sorted(rule.sources - set(SOURCES))
     if bad_sources:
         errors.append(FieldError("sources", f"unknown sources {', '.join(bad_sources)}"))

@@ -134,6 +134,38 @@ def test_scoring_rule_validation() -> None:
     assert {e.field for e in caught.value.errors} == {"name", "field", "operator", "points"}
 
 
+@pytest.mark.parametrize(
+    ("rule", "field"),
+    [
+        (ScoringRule(id="", field="industry", operator="equals", value=" ", points=10), "value"),
+        (ScoringRule(id="", field="industry", operator="contains", value="", points=10), "value"),
+        (ScoringRule(id="", field="region", operator="in", value="east,,west", points=10), "value"),
+        (ScoringRule(id="", field="custom.visits", operator="gte", value="nan", points=10), "value"),
+        (ScoringRule(id="", field="custom.visits", operator="lte", value="inf", points=10), "value"),
+        (ScoringRule(id="", field="email", operator="present", value="x", points=10), "value"),
+        (ScoringRule(id="", field="source", operator="equals", value="web", points=10), "value"),
+        (ScoringRule(id="", field="source", operator="in", value="event, tv", points=10), "value"),
+        (ScoringRule(id="", field="industry", operator="equals", value="software", points=0), "points"),
+        (ScoringRule(id="", activity_kind="call", min_count=1, operator="gte", value="3", points=10), "field"),
+    ],
+)
+def test_a_scoring_rule_that_could_never_match_or_never_count_is_refused(rule: ScoringRule, field: str) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_scoring_rule(rule, "rule")
+    assert [e.field for e in caught.value.errors] == [field]
+
+
+def test_scoring_rules_that_can_match_are_accepted() -> None:
+    for rule in (
+        ScoringRule(id="", field="source", operator="in", value="Event, referral", points=10),
+        ScoringRule(id="", field="source", operator="contains", value="web", points=10),
+        ScoringRule(id="", field="email", operator="absent", points=-10),
+        ScoringRule(id="", field="custom.visits", operator="gte", value=" 3.5 ", points=5),
+        ScoringRule(id="", activity_kind="any", min_count=2, points=5),
+    ):
+        domain.validate_scoring_rule(rule, "rule")
+
+
 def _rule(**kw: object) -> AssignmentRule:
     base: dict[str, object] = {"id": "r", "position": 1, "user_ids": ("u1", "u2", "u3")}
     base.update(kw)
@@ -199,6 +231,10 @@ def test_assignment_rule_validation() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_assignment_rule(_rule(strategy="random", user_ids=(), sources=frozenset({"tv"})), "x")
     assert {e.field for e in caught.value.errors} == {"strategy", "user_ids", "sources"}
+    blanks = _rule(user_ids=("u1", " "), regions=frozenset({"east", ""}), industries=frozenset({" "}))
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_assignment_rule(blanks, "x")
+    assert {e.field for e in caught.value.errors} == {"user_ids", "regions", "industries"}
 
 
 def test_first_contact_sla() -> None:
@@ -223,3 +259,13 @@ def test_recycling_eligibility() -> None:
     assert not domain.is_recyclable(**{**base, "status": "converted"}, policy=policy, now=NOW)
     assert not domain.is_recyclable(**{**base, "owner_id": ""}, policy=policy, now=NOW)
     assert not domain.is_recyclable(**{**base, "assigned_at": NOW - timedelta(days=2)}, policy=policy, now=NOW)
+
+
+def test_a_honeypot_is_a_field_name_people_never_fill() -> None:
+    assert domain.validate_honeypot_field("") == []
+    assert domain.validate_honeypot_field("fax_number") == []
+    assert [e.field for e in domain.validate_honeypot_field("email")] == ["honeypot_field"]
+    assert [e.field for e in domain.validate_honeypot_field("my field")] == ["honeypot_field"]
+    assert domain.fills_honeypot({"fax_number": "x"}, "fax_number")
+    assert not domain.fills_honeypot({"fax_number": "  "}, "fax_number")
+    assert not domain.fills_honeypot({"fax_number": "x"}, "")
