@@ -159,22 +159,26 @@ async def test_public_webform_intake_is_rate_limited(stack: RunningStack) -> Non
         assert campaign.status_code == 201, campaign.text
         form = await marketing.post(
             "/api/v1/webforms",
-            json={"name": "Expo form", "campaign_id": campaign.json()["id"], "rate_limit_per_minute": 2},
-        )
+            json={"name": "Expo form", "campaign_id": campaign.json()["id"], "rate_limit_per_minute": 3,
+                  "honeypot_field": "fax"},
+        )  # fmt: skip
         assert form.status_code == 201, form.text
         form_key = form.json()["form_key"]
     await _within_one_rate_window()
     async with stack.client() as public:
         url = f"/api/v1/webforms/{form_key}/submissions"
         first = await public.post(url, json={"name": "Visitor", "email": "visitor@expo.cn", "interest": "robots"})
+        bot = await public.post(url, json={"name": "Bot", "email": "bot@spam.example", "fax": "http://spam.example"})
         second = await public.post(url, json={"name": "Visitor 2", "email": "visitor2@expo.cn"})
         third = await public.post(url, json={"name": "Visitor 3", "email": "visitor3@expo.cn"})
         wrong = await public.post("/api/v1/webforms/not-a-real-form-key/submissions", json={"name": "x"})
-    assert (first.status_code, second.status_code) == (202, 202)
+    assert (first.status_code, bot.status_code, second.status_code) == (202, 202, 202)
+    assert bot.json() == first.json()  # a bot learns nothing from the answer
     assert third.status_code == 429 and third.headers["retry-after"]
     assert wrong.status_code == 404
     async with client(stack, "mkt-e2e", ["marketing"]) as marketing:
         listed = await marketing.get("/api/v1/leads", params={"campaign_id": campaign.json()["id"]})
+    assert {item["name"] for item in listed.json()["items"]} == {"Visitor", "Visitor 2"}  # the bot's made no lead
     visitor = next(item for item in listed.json()["items"] if item["name"] == "Visitor")
     assert visitor["source"] == "webform" and visitor["campaign_id"] == campaign.json()["id"]
     # Masked for marketing: the email, and the custom field defined as personal data.

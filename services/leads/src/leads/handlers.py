@@ -2,6 +2,7 @@
 events in one unit of work; the servicer only translates gRPC to these calls and back."""
 
 import asyncio
+import logging
 import secrets
 import time
 from collections import deque
@@ -42,6 +43,7 @@ from crm_platform.principal import (
     current_scope,
 )
 from crm_platform.timeutil import utcnow
+from prometheus_client import Counter
 from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
@@ -57,6 +59,10 @@ from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead
 
 LEAD = "lead"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+WEBFORM_SPAM = Counter(
+    "crm_leads_webform_discarded_total", "Web form submissions discarded: they filled the honeypot", ["webform"]
+)
 
 
 class RateLimited(CrmError):
@@ -1895,6 +1901,8 @@ class LeadsService:
         rate = int(data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute)
         if not 1 <= rate <= 10_000:
             errors.append(FieldError("rate_limit_per_minute", "must be between 1 and 10000"))
+        honeypot_field = str(data.get("honeypot_field") or "").strip()
+        errors.extend(domain.validate_honeypot_field(honeypot_field))
         if errors:
             raise ValidationFailed(errors)
         async with self.engine.connect() as conn:
@@ -1909,6 +1917,7 @@ class LeadsService:
             "rate_limit_per_minute": rate,
             "enabled": True,
             "created_at": self.clock(),
+            "honeypot_field": honeypot_field,
         }
         return await self._idempotent_create("create_webform", key, repo.webforms, values)
 
@@ -1937,8 +1946,10 @@ class LeadsService:
 
     async def submit_webform(
         self, form_key: str, fields: Mapping[str, str], key: str
-    ) -> tuple[Mapping[Any, Any], bool]:
-        """Public intake: the form key authenticates; a fixed one-minute window limits the rate."""
+    ) -> tuple[Mapping[Any, Any], bool] | None:
+        """Public intake: the form key authenticates; a fixed one-minute window limits the rate.
+        A submission that fills the form's honeypot field is a bot's: it counts against the rate and
+        creates nothing (None); the caller answers it like any other, so the bot learns nothing."""
         now = self.clock()
         async with transaction(self.engine) as conn:
             form = (
@@ -1955,12 +1966,16 @@ class LeadsService:
                 f"webform {form['name']} accepts {form['rate_limit_per_minute']} submissions per minute",
                 retry_after=60 - now.second,
             )
+        if domain.fills_honeypot(fields, form["honeypot_field"]):
+            WEBFORM_SPAM.labels(form["id"]).inc()
+            log.info("webform %s: a submission filled the honeypot field and was discarded", form["id"])
+            return None
         data: dict[str, Any] = {}
         custom: dict[str, Any] = {}
         for name, value in fields.items():
-            if name in ("name", "company", "title", "phone", "email", "region", "industry"):
+            if name in domain.WEBFORM_LEAD_FIELDS:
                 data[name] = value
-            else:
+            elif name != form["honeypot_field"]:
                 custom[name] = value
         data.update(source="webform", source_detail=form["name"], custom=custom)
         defaults = {"campaign_id": form["campaign_id"], "team": form["team"], "region": form["region"]}

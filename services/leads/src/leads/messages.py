@@ -185,4 +185,5 @@ def webform_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Webform:
         rate_limit_per_minute=row["rate_limit_per_minute"],
         enabled=row["enabled"],
         created_at=to_timestamp(row["created_at"]),
+        honeypot_field=row["honeypot_field"],
     )

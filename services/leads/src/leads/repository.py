@@ -260,6 +260,7 @@ webforms = Table(
     Column("rate_limit_per_minute", Integer, nullable=False),
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("created_at", _TS, nullable=False),
+    Column("honeypot_field", String(64), nullable=False, server_default=""),
 )
 
 # Fixed one-minute windows per form; one UPSERT per submission counts across replicas.

@@ -465,6 +465,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
                 "team": w.team,
                 "region": w.region,
                 "rate_limit_per_minute": w.rate_limit_per_minute,
+                "honeypot_field": w.honeypot_field,
             },
             request.idempotency_key,
         )
@@ -492,11 +493,14 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.SubmitWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SubmitWebformResponse:
         try:
-            row, merged = await self.service.submit_webform(
+            captured = await self.service.submit_webform(
                 request.form_key, dict(request.fields), request.idempotency_key
             )
         except RateLimited as error:
             # crm_platform maps no rate-limit error yet: RESOURCE_EXHAUSTED with the wait in trailers.
             context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.detail)
+        if captured is None:
+            return leads_service_pb2.SubmitWebformResponse(discarded_as_spam=True)
+        row, merged = captured
         return leads_service_pb2.SubmitWebformResponse(lead_id=row["id"], merged=merged)

@@ -11,9 +11,9 @@ import pytest
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, ValidationFailed
 from crm_platform.principal import ScopeKind
 from leads import repository as repo
-from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec
+from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec, RateLimited
 from leads.importing import RowMapper
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 pytestmark = pytest.mark.integration
 
@@ -263,3 +263,31 @@ async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) 
         assert second["source_detail"] == "Expo signup"
         with pytest.raises(NotFound):
             await env.service.rotate_webform_key("no-such-form")
+
+
+async def lead_count(env: Any) -> int:
+    async with env.engine.connect() as conn:
+        return int(await conn.scalar(select(func.count()).select_from(repo.leads)) or 0)
+
+
+async def test_a_submission_that_fills_the_honeypot_creates_nothing_and_counts_against_the_rate(env: Any) -> None:
+    with env.acting():
+        with pytest.raises(ValidationFailed) as caught:
+            await env.service.create_webform({"name": "Bad", "honeypot_field": "email"}, "")
+        assert [e.field for e in caught.value.errors] == ["honeypot_field"]
+        form = await env.service.create_webform(
+            {"name": "Trial", "honeypot_field": "fax_number", "rate_limit_per_minute": 2}, ""
+        )
+        assert form["honeypot_field"] == "fax_number"
+        before = await lead_count(env)
+        bot = {"name": "Buy now", "email": "bot@spam.example", "fax_number": "http://spam.example"}
+        assert await env.service.submit_webform(form["form_key"], bot, "") is None
+        assert await lead_count(env) == before
+
+        person, _ = await env.service.submit_webform(
+            form["form_key"], {"name": "Zhou", "email": "zhou@x.cn", "fax_number": " ", "budget": "50k"}, ""
+        )
+        assert person["custom"] == {"budget": "50k"}  # the empty honeypot is not kept as data
+        assert await lead_count(env) == before + 1
+        with pytest.raises(RateLimited):  # the bot's submission used up the form's minute with the person's
+            await env.service.submit_webform(form["form_key"], {"name": "Wu", "email": "wu@x.cn"}, "")

@@ -171,6 +171,11 @@ class WebformIn(In):
     team: str = ""
     region: str = ""
     rate_limit_per_minute: int = Field(default=0, ge=0, le=10_000)
+    honeypot_field: str = Field(
+        default="",
+        max_length=64,
+        description="A field the form hides from people: submissions that fill it create no lead",
+    )
 
 
 # --- proto <-> JSON ------------------------------------------------------------------------------
