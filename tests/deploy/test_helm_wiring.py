@@ -41,6 +41,8 @@ NAMESPACE = "crm-test"
 RELEASE = "crm"
 # Read by the OpenTelemetry SDK itself (crm_platform.telemetry), not by a settings class.
 OTEL_VARIABLES = {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
+# Read by asyncpg itself, as libpq does: the CA that verifies PostgreSQL servers (`database.tls`).
+LIBPQ_VARIABLES = {"PGSSLROOTCERT", "PGSSLMODE"}
 # Stand-ins for values the chart takes from Secrets, so the settings classes can validate the rest.
 SECRET_STAND_INS = {"DATABASE_URL": "postgresql://crm:secret@postgres:5432/crm", "SASL_USERNAME": "crm"}
 
@@ -223,7 +225,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.Monkey
 @pytest.mark.parametrize("component", COMPONENTS, ids=component_id)
 def test_env_vars_are_settings_the_component_reads(component: Component, renderings: list[Rendering]) -> None:
     settings = require_package(component, renderings)
-    readable = readable_variables(settings) | OTEL_VARIABLES
+    readable = readable_variables(settings) | OTEL_VARIABLES | LIBPQ_VARIABLES
     for rendering in renderings:
         workloads = [rendering.get("Deployment", fullname(component))]
         job = rendering.find("Job", f"{fullname(component)}-migrate")
@@ -487,6 +489,7 @@ def test_image_user_matches_the_pod_security_context() -> None:
         (["accounts.autoscaling.minReplicas=5", "accounts.autoscaling.maxReplicas=2"], "above maxReplicas"),
         (["gateway.ingress.enabled=true", "gateway.ingress.hostname="], "gateway.ingress.hostname is required"),
         (["otel.sampler=ratio"], "/otel/sampler"),
+        (["database.tls.caKey=certs/ca.crt"], "/database/tls/caKey"),
     ],
 )
 def test_chart_refuses_bad_values(overrides: list[str], message: str) -> None:
@@ -542,3 +545,32 @@ def test_a_kafka_client_certificate_is_mounted_where_every_kafka_client_reads_it
         for doc in default.documents
         if doc["kind"] in ("Deployment", "Job")
     )
+
+
+def test_a_database_ca_is_mounted_where_every_database_client_reads_it(renderings: list[Rendering]) -> None:
+    # ci/database-tls-values.yaml: every pod and migration Job verifies the PostgreSQL server
+    # against the operator's CA (PGSSLROOTCERT; PGSSLMODE for URLs without ?ssl=).
+    rendering = next(r for r in renderings if r.values_file == "database-tls-values.yaml")
+    tls = rendering.values["database"]["tls"]
+    workloads = [doc for doc in rendering.documents if doc["kind"] in ("Deployment", "Job")]
+    jobs = [doc for doc in workloads if doc["kind"] == "Job"]
+    assert len(workloads) == len(COMPONENTS) + len(jobs) and len(jobs) == len(COMPONENTS)
+    for workload in workloads:
+        name = workload["metadata"]["name"]
+        (container,) = containers(workload)
+        env = env_of(container)
+        assert any(var.endswith("_DATABASE_URL") for var in env), f"{name} connects to no database"
+        assert env["PGSSLMODE"]["value"] == "verify-full", name
+        ca_file = Path(env["PGSSLROOTCERT"]["value"])
+        assert ca_file.name == tls["caKey"], name
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        mount = mounts[str(ca_file.parent)]
+        assert mount["readOnly"] is True, name
+        volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes[mount["name"]]["secret"]
+        assert secret["secretName"] == tls["caExistingSecret"], name
+        assert secret["items"] == [{"key": tls["caKey"], "path": ca_file.name}], name
+    default = next(r for r in renderings if r.values_file == "default-values.yaml")
+    for doc in default.documents:
+        if doc["kind"] in ("Deployment", "Job"):
+            assert not set(env_of(containers(doc)[0])) & LIBPQ_VARIABLES, doc["metadata"]["name"]

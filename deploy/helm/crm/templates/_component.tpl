@@ -158,7 +158,8 @@ What a migration Job runs: `crm-<component> migrate` (the gateway's included).
 {{/*
 Migration Job, run by Helm before install and before every upgrade: `crm-<component> migrate`
 (Alembic upgrade head). It runs before the release's other resources exist, so it uses the
-namespace's default ServiceAccount without a token, and needs only the database Secret.
+namespace's default ServiceAccount without a token, and needs only the database Secret (and the
+database CA's, when there is one).
 */}}
 {{- define "crm.component.migrationJob" -}}
 {{- $values := index .root.Values .key -}}
@@ -208,10 +209,12 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- with (include "crm.database.caVolumeMount" .root) }}{{- . | trim | nindent 12 }}{{- end }}
       volumes:
         - name: tmp
           emptyDir:
             sizeLimit: {{ .root.Values.tmpDirSizeLimit }}
+        {{- with (include "crm.database.caVolume" .root) }}{{- . | trim | nindent 8 }}{{- end }}
 {{- end }}
 {{- end -}}
 

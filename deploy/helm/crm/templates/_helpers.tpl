@@ -126,7 +126,11 @@ labels:
 {{- printf "%s.%s.svc:%v" (include "crm.component.fullname" .) .root.Release.Namespace $values.grpcPort -}}
 {{- end -}}
 
-{{/* The database URL, from the component's existing Secret. */}}
+{{/*
+The database URL, from the component's existing Secret; with `database.tls.caExistingSecret`, the
+CA that verifies the server. asyncpg reads PGSSLROOTCERT and PGSSLMODE as libpq does, for the
+engine's connections and the outbox relay's LISTEN one alike; a URL's own `?ssl=` wins over PGSSLMODE.
+*/}}
 {{- define "crm.component.databaseEnv" -}}
 {{- $values := index .root.Values .key -}}
 - name: {{ include "crm.component.envPrefix" . }}DATABASE_URL
@@ -134,6 +138,39 @@ labels:
     secretKeyRef:
       name: {{ required (printf "%s.database.existingSecret is required" .key) $values.database.existingSecret }}
       key: {{ $values.database.urlKey }}
+{{- if include "crm.database.caMounted" .root }}
+- name: PGSSLROOTCERT
+  value: "/etc/crm/database-ca/{{ .root.Values.database.tls.caKey }}"
+- name: PGSSLMODE
+  value: verify-full
+{{- end }}
+{{- end -}}
+
+{{/* Non-empty when the CA of the PostgreSQL servers' certificates is mounted from a Secret. */}}
+{{- define "crm.database.caMounted" -}}
+{{- if .Values.database.tls.caExistingSecret -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The PostgreSQL CA's volume, in every pod that connects to a database (Deployments and migration Jobs). */}}
+{{- define "crm.database.caVolume" -}}
+{{- if include "crm.database.caMounted" . }}
+- name: database-ca
+  secret:
+    secretName: {{ .Values.database.tls.caExistingSecret }}
+    items:
+      - key: {{ .Values.database.tls.caKey }}
+        path: {{ .Values.database.tls.caKey }}
+{{- end }}
+{{- end -}}
+
+{{- define "crm.database.caVolumeMount" -}}
+{{- if include "crm.database.caMounted" . }}
+- name: database-ca
+  mountPath: /etc/crm/database-ca
+  readOnly: true
+{{- end }}
 {{- end -}}
 
 {{/* Kafka connection settings (crm_platform.config.KafkaSettings, prefix CRM_KAFKA_). */}}
@@ -213,6 +250,7 @@ true
 - name: tmp
   emptyDir:
     sizeLimit: {{ .root.Values.tmpDirSizeLimit }}
+{{- include "crm.database.caVolume" .root }}
 {{- if include "crm.kafka.caMounted" .root }}
 - name: kafka-ca
   secret:
@@ -237,6 +275,7 @@ true
 {{- define "crm.component.volumeMounts" -}}
 - name: tmp
   mountPath: /tmp
+{{- include "crm.database.caVolumeMount" .root }}
 {{- if include "crm.kafka.caMounted" .root }}
 - name: kafka-ca
   mountPath: /etc/crm/kafka-ca
