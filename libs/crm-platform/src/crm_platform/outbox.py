@@ -314,11 +314,35 @@ class _ClaimedRow(NamedTuple):
     held_back: bool
 
 
+# What a DSN may carry besides host, port, user, password and database: asyncpg reads these from a
+# DSN's query and sends every other name to the server as a setting.
+_DSN_OPTIONS = frozenset(
+    {
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslnegotiation",
+        "sslcrl",
+        "sslpassword",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "passfile",
+        "service",
+        "krbsrvname",
+        "gsslib",
+    }
+)
+
+
 def listen_dsn(url: URL) -> str:
-    """The engine's URL as a DSN for the relay's own asyncpg LISTEN connection. The engine's
-    `?ssl=require` is a keyword of asyncpg's connect(); in a DSN asyncpg reads it as `sslmode`, and
-    would send an unknown `ssl` to the server as a setting, which refuses the connection."""
+    """The engine's URL as a DSN for the relay's own asyncpg LISTEN connection. The engine's query
+    holds keywords of asyncpg's connect() and options of SQLAlchemy's dialect: `?ssl=require` is
+    `sslmode` in a DSN, and any other name that is not a DSN option is left out, since asyncpg would
+    send it to the server as a setting, which refuses the connection."""
     query = {("sslmode" if name == "ssl" else name): value for name, value in url.query.items()}
+    query = {name: value for name, value in query.items() if name in _DSN_OPTIONS}
     return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 

@@ -20,7 +20,7 @@ from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersio
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
 from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
-from crm_platform.outbox import backoff_seconds, publishable
+from crm_platform.outbox import backoff_seconds, listen_dsn, publishable
 from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
 from crm_platform.principal import (
     Principal,
@@ -40,6 +40,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 pytestmark = pytest.mark.unit
@@ -328,3 +329,15 @@ def test_an_event_the_broker_would_refuse_fails_the_write_instead_of_blocking_it
     with pytest.raises(ValidationFailed) as caught:
         tx.publish(audit_events.AuditRecorded(record_id="r" * MAX_EVENT_BYTES), key="k")
     assert caught.value.errors[0].field == "record" and len(tx.events) == 1
+
+
+def test_the_relays_listen_dsn_keeps_the_connection_options_and_leaves_out_what_would_be_a_server_setting() -> None:
+    """A database URL's query holds connect() keywords and SQLAlchemy dialect options; in a DSN
+    asyncpg would send those to the server as settings, and the server refuses unknown ones."""
+    url = make_url(
+        "postgresql+asyncpg://crm:s3cret@db.internal:5432/leads?ssl=verify-full"
+        "&prepared_statement_cache_size=0&command_timeout=5&target_session_attrs=read-write"
+    )
+    assert listen_dsn(url) == (
+        "postgresql://crm:s3cret@db.internal:5432/leads?sslmode=verify-full&target_session_attrs=read-write"
+    )
