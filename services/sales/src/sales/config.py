@@ -1,11 +1,17 @@
 """Settings of the sales service (environment variables `CRM_SALES_*`)."""
 
 from decimal import Decimal
+from typing import Annotated
 
 from crm_platform.config import ServiceSettings
+from pydantic import Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sales.domain import ContractThresholds, QuoteThresholds
+
+# As contracts carry them: the API upper-cases the ISO 4217 codes clients send.
+CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
+ExchangeRate = Annotated[Decimal, Field(gt=0)]
 
 
 class SalesSettings(ServiceSettings):
@@ -22,11 +28,24 @@ class SalesSettings(ServiceSettings):
     # Contract amounts from which finance, then admin, join the approval chain (after the manager).
     contract_finance_amount: Decimal = Decimal(100_000)
     contract_admin_amount: Decimal = Decimal(1_000_000)
+    # The currency of those two amounts, and what one unit of each other contract currency is worth
+    # in it (JSON, e.g. {"USD": "7.10"}). A contract in a currency without a rate cannot be submitted.
+    contract_threshold_currency: CurrencyCode = "CNY"
+    contract_exchange_rates: dict[CurrencyCode, ExchangeRate] = {}
     # How often the overdue-installment timer runs and how many installments it claims per pass.
     overdue_interval_seconds: float = 60.0
     overdue_batch_size: int = 500
     # Rows per ImportOpportunities call.
     import_max_rows: int = 5_000
+
+    @model_validator(mode="after")
+    def _base_currency_has_no_rate(self) -> "SalesSettings":
+        # Catches rates left over from another threshold currency (they would be inverted).
+        if self.contract_threshold_currency in self.contract_exchange_rates:
+            raise ValueError(
+                f"contract_exchange_rates converts to {self.contract_threshold_currency}, so it has no rate of its own"
+            )
+        return self
 
     def quote_thresholds(self) -> QuoteThresholds:
         return QuoteThresholds(
@@ -34,4 +53,9 @@ class SalesSettings(ServiceSettings):
         )
 
     def contract_thresholds(self) -> ContractThresholds:
-        return ContractThresholds(finance=self.contract_finance_amount, admin=self.contract_admin_amount)
+        return ContractThresholds(
+            finance=self.contract_finance_amount,
+            admin=self.contract_admin_amount,
+            currency=self.contract_threshold_currency,
+            exchange_rates=self.contract_exchange_rates,
+        )

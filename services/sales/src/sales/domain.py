@@ -6,7 +6,7 @@ allocation and invoice limits. Money is `Decimal` plus a currency everywhere; ne
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import MAX_PREC, ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from enum import StrEnum
 
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
@@ -497,20 +497,58 @@ def quote_approval_chain(max_discount_percent: Decimal, thresholds: QuoteThresho
 
 @dataclass(frozen=True, slots=True)
 class ContractThresholds:
-    """Amounts from which finance and admin join the chain (SPEC: ≥ 100k finance, ≥ 1M admin)."""
+    """Amounts from which finance and admin join the chain (SPEC: ≥ 100k finance, ≥ 1M admin), in
+    `currency`. `exchange_rates` say what one unit of each other currency is worth in `currency`."""
 
     finance: Decimal = Decimal(100_000)
     admin: Decimal = Decimal(1_000_000)
+    currency: str = "CNY"
+    exchange_rates: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def converts(self, currency: str) -> bool:
+        return currency == self.currency or currency in self.exchange_rates
 
 
-def contract_approval_chain(amount: Decimal, thresholds: ContractThresholds) -> list[str]:
-    """A sales manager always approves; finance from `finance`, then admin from `admin`, in order."""
+def amount_in_threshold_currency(amount: Money, thresholds: ContractThresholds) -> Decimal:
+    """The contract amount in the thresholds' currency, rounded up to the cent so that an amount
+    just above a threshold after conversion stays above it. A currency without a configured rate
+    is refused (422 on `amount.currency`), never compared as if it were the thresholds' currency."""
+    if amount.currency == thresholds.currency:
+        return amount.amount
+    rate = thresholds.exchange_rates.get(amount.currency)
+    if rate is None:
+        configured = ", ".join(sorted([thresholds.currency, *thresholds.exchange_rates]))
+        raise ValidationFailed(
+            [
+                FieldError(
+                    "amount.currency",
+                    f"no exchange rate to {thresholds.currency} is configured for {amount.currency}, so the "
+                    f"approval chain cannot be chosen (configured: {configured})",
+                )
+            ]
+        )
+    # Unbounded precision: the product is exact (it has no more digits than its factors), so the
+    # only rounding is the explicit one, upwards.
+    with localcontext(prec=MAX_PREC):
+        return (amount.amount * rate).quantize(CENT, rounding=ROUND_CEILING)
+
+
+def contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> list[str]:
+    """A sales manager always approves; finance from `finance`, then admin from `admin`, in order,
+    comparing the amount converted to the thresholds' currency."""
+    converted = amount_in_threshold_currency(amount, thresholds)
     chain = ["sales_manager"]
-    if amount >= thresholds.finance:
+    if converted >= thresholds.finance:
         chain.append("finance")
-    if amount >= thresholds.admin:
+    if converted >= thresholds.admin:
         chain.append("admin")
     return chain
+
+
+def draft_contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> list[str]:
+    """What a draft shows: the chain submitting it now would fix, or none while its currency has no
+    exchange rate (submitting then answers 422; a rate may be configured before that)."""
+    return contract_approval_chain(amount, thresholds) if thresholds.converts(amount.currency) else []
 
 
 class Decision(StrEnum):

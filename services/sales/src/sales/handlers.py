@@ -1224,7 +1224,7 @@ class SalesHandlers:
                 "paid_amount": Decimal(0),
                 "invoiced_amount": Decimal(0),
                 "status": d.ContractStatus.DRAFT.value,
-                "approval_chain": d.contract_approval_chain(amount.amount, self.contract_thresholds),
+                "approval_chain": d.draft_contract_approval_chain(amount, self.contract_thresholds),
                 "approval_round": 0,
                 "owner_id": owner_id or principal.user_id,
                 "team": team or principal.team,
@@ -1300,9 +1300,11 @@ class SalesHandlers:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "contract")
             d.check_contract_transition(row["status"], d.ContractStatus.PENDING_APPROVAL, contract_id=contract_id)
+            # The chain is fixed here, with the rates of now: decisions follow it even if rates change.
+            chain = d.contract_approval_chain(Money(row["amount"], row["currency"]), self.contract_thresholds)
             values = {
                 "status": d.ContractStatus.PENDING_APPROVAL.value,
-                "approval_chain": d.contract_approval_chain(row["amount"], self.contract_thresholds),
+                "approval_chain": chain,
                 "approval_round": row["approval_round"] + 1,
                 "submitted_by": principal.user_id,
             }

@@ -28,6 +28,8 @@ from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.timeutil import utcnow
 from sales import domain as d
+from sales.__main__ import build_handlers
+from sales.config import SalesSettings
 from sales.consumers import SalesConsumers
 from sales.handlers import OPPORTUNITY_ENTITY, ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
 from sales.repository import custom_fields, metadata
@@ -77,7 +79,7 @@ async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
             owner_id="", team="", region="", starts_on=None, ends_on=None,
         )  # fmt: skip
         await sales.submit_contract(contract.id, expected_version=0)
-    for role in d.contract_approval_chain(Decimal(amount), d.ContractThresholds()):
+    for role in d.contract_approval_chain(cny(amount), d.ContractThresholds()):
         with as_user(f"{role}-1", role):
             await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
     with as_user("rep1", "sales_rep"):
@@ -86,12 +88,20 @@ async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
     return contract.id
 
 
-async def direct_contract(sales: SalesHandlers, amount: str, *, idempotency_key: str = "", title: str = "T") -> Any:
+async def direct_contract(
+    sales: SalesHandlers, amount: str, *, idempotency_key: str = "", title: str = "T", currency: str = "CNY"
+) -> Any:
     """A contract without a deal, owned by the caller."""
     return await sales.create_contract(
-        idempotency_key=idempotency_key, opportunity_id="", account_id="acc-1", title=title, amount=cny(amount),
-        owner_id="", team="", region="", starts_on=None, ends_on=None,
+        idempotency_key=idempotency_key, opportunity_id="", account_id="acc-1", title=title,
+        amount=Money(Decimal(amount), currency), owner_id="", team="", region="", starts_on=None, ends_on=None,
     )  # fmt: skip
+
+
+def sales_with_rates(engine: AsyncEngine, **rates: str) -> SalesHandlers:
+    """Handlers as `crm-sales serve` builds them, with these exchange rates to CNY."""
+    settings = SalesSettings(contract_exchange_rates={currency: Decimal(rate) for currency, rate in rates.items()})
+    return build_handlers(settings, engine)
 
 
 def erp_invoice(
@@ -664,6 +674,74 @@ async def test_contracts_come_from_won_deals_or_direct_with_required_fields(sale
                 owner_id="", team="", region="", starts_on=None, ends_on=None,
             )  # fmt: skip
     assert {e.field for e in raised.value.errors} == {"account_id", "title", "amount"}
+
+
+async def test_contract_approval_chains_compare_amounts_converted_with_the_configured_rates(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CRM_SALES_CONTRACT_EXCHANGE_RATES", '{"USD": "7.10", "JPY": "0.047"}')
+    sales = build_handlers(SalesSettings(), engine)
+    with as_user("rep1", "sales_rep"):
+        yen = await direct_contract(sales, "1000000", currency="JPY")  # 47 000 CNY
+        dollars = await direct_contract(sales, "900000", currency="USD")  # 6 390 000 CNY
+        just_over = await direct_contract(sales, "14084.51", currency="USD")  # 100 000.021 CNY
+        submitted = [
+            await sales.submit_contract(contract.id, expected_version=0) for contract in (yen, dollars, just_over)
+        ]
+    assert [list(c.approval_chain) for c in (yen, dollars, just_over)] == [
+        ["sales_manager"], ["sales_manager", "finance", "admin"], ["sales_manager", "finance"],
+    ]  # fmt: skip
+    assert [list(c.approval_chain) for c in submitted] == [list(c.approval_chain) for c in (yen, dollars, just_over)]
+    with as_user("m", "sales_manager"):
+        approved = await sales.decide_contract(yen.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert approved.status == "approved"
+
+
+async def test_a_contract_in_a_currency_without_an_exchange_rate_is_refused_at_submission(
+    engine: AsyncEngine,
+) -> None:
+    sales = sales_with_rates(engine, USD="7.10")
+    with as_user("rep1", "sales_rep"):
+        draft = await direct_contract(sales, "900000", currency="EUR")
+        assert (draft.status, list(draft.approval_chain)) == ("draft", [])  # nothing to show until a rate exists
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.submit_contract(draft.id, expected_version=0)
+        assert fields_of(raised) == ["amount.currency"]
+        assert "no exchange rate to CNY is configured for EUR" in raised.value.errors[0].message
+        assert (await sales.get_contract(draft.id)).status == "draft"
+    with as_user("rep1", "sales_rep"):  # once finance configures the rate, the same draft goes
+        submitted = await sales_with_rates(engine, USD="7.10", EUR="7.80").submit_contract(draft.id, expected_version=0)
+    assert (submitted.status, list(submitted.approval_chain)) == (
+        "pending_approval",
+        ["sales_manager", "finance", "admin"],
+    )
+
+
+async def test_a_submitted_contract_keeps_its_chain_when_the_rates_change_until_it_is_resubmitted(
+    engine: AsyncEngine,
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        contract = await direct_contract(sales_with_rates(engine, USD="7.10"), "20000", currency="USD")  # 142 000 CNY
+        await sales_with_rates(engine, USD="7.10").submit_contract(contract.id, expected_version=0)
+    cheaper_dollar = sales_with_rates(engine, USD="4")  # 80 000 CNY: the manager alone, if submitted now
+    with as_user("m", "sales_manager"):
+        step = await cheaper_dollar.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+        )
+    assert (step.status, list(step.approval_chain)) == ("pending_approval", ["sales_manager", "finance"])
+    with as_user("f", "finance"):
+        rejected = await cheaper_dollar.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms"
+        )
+    assert rejected.status == "rejected"
+    with as_user("rep1", "sales_rep"):
+        again = await cheaper_dollar.submit_contract(contract.id, expected_version=0)
+    assert list(again.approval_chain) == ["sales_manager"]  # a new submission, with the rates of now
+    with as_user("m2", "sales_manager"):
+        approved = await cheaper_dollar.decide_contract(
+            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+        )
+    assert approved.status == "approved"
 
 
 # ---------------------------------------------------------------- payment plans, payments, invoices

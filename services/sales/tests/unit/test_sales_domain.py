@@ -4,6 +4,7 @@ the contract status machine, payment plans, allocation, over-payment and invoice
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 
 import pytest
 from crm_platform.errors import Conflict, PermissionDenied, ValidationFailed
@@ -311,12 +312,78 @@ def test_quote_approval_chain(discount: str, chain: list[str]) -> None:
     ],
 )
 def test_contract_approval_chain(amount: str, chain: list[str]) -> None:
-    assert d.contract_approval_chain(Decimal(amount), d.ContractThresholds()) == chain
+    assert d.contract_approval_chain(cny(amount), d.ContractThresholds()) == chain
 
 
 def test_contract_thresholds_are_configurable() -> None:
     thresholds = d.ContractThresholds(finance=Decimal(10), admin=Decimal(20))
-    assert d.contract_approval_chain(Decimal(15), thresholds) == ["sales_manager", "finance"]
+    assert d.contract_approval_chain(cny("15"), thresholds) == ["sales_manager", "finance"]
+
+
+RATES = d.ContractThresholds(exchange_rates={"USD": Decimal("7.10"), "JPY": Decimal("0.047")})
+
+
+@pytest.mark.parametrize(
+    ("amount", "chain"),
+    [
+        (Money(Decimal(1_000_000), "JPY"), ["sales_manager"]),  # 47 000 CNY
+        (Money(Decimal(900_000), "USD"), ["sales_manager", "finance", "admin"]),  # 6 390 000 CNY
+        (Money(Decimal("14084.50"), "USD"), ["sales_manager"]),  # 99 999.95 CNY
+        (Money(Decimal("14084.51"), "USD"), ["sales_manager", "finance"]),  # 100 000.021 CNY
+    ],
+)
+def test_contract_amounts_are_converted_to_the_threshold_currency_before_choosing_the_chain(
+    amount: Money, chain: list[str]
+) -> None:
+    assert d.contract_approval_chain(amount, RATES) == chain
+
+
+def test_thresholds_may_be_in_another_currency_than_cny() -> None:
+    thresholds = d.ContractThresholds(currency="USD", exchange_rates={"CNY": Decimal("0.14")})
+    assert d.contract_approval_chain(Money(Decimal(100_000), "USD"), thresholds) == ["sales_manager", "finance"]
+    assert d.contract_approval_chain(cny("100000"), thresholds) == ["sales_manager"]  # 14 000 USD
+
+
+@pytest.mark.parametrize(
+    ("amount", "rate"),
+    [
+        ("99999.99", "1.00000001"),  # 99 999.990999...: a fraction of a cent under 100 000
+        # More digits than the default decimal context (28) keeps: its rounding would land on 99 999.99.
+        ("1", "99999.99000000000000000000000001"),
+    ],
+)
+def test_conversion_rounds_up_so_an_amount_at_a_threshold_never_slips_under_it(amount: str, rate: str) -> None:
+    thresholds = d.ContractThresholds(exchange_rates={"USD": Decimal(rate)})
+    assert d.amount_in_threshold_currency(Money(Decimal(amount), "USD"), thresholds) == Decimal("100000.00")
+    assert d.contract_approval_chain(Money(Decimal(amount), "USD"), thresholds) == ["sales_manager", "finance"]
+
+
+@given(cents, st.decimals(min_value=Decimal("0.000001"), max_value=Decimal(1000), places=12))
+def test_a_converted_amount_is_the_exact_product_rounded_up_to_the_cent(amount: Decimal, rate: Decimal) -> None:
+    thresholds = d.ContractThresholds(exchange_rates={"USD": rate})
+    converted = d.amount_in_threshold_currency(Money(amount, "USD"), thresholds)
+    exact = Fraction(amount) * Fraction(rate)
+    assert converted == converted.quantize(d.CENT)
+    assert exact <= Fraction(converted) < exact + Fraction(1, 100)
+
+
+def test_a_currency_without_an_exchange_rate_is_refused_not_taken_for_the_threshold_currency() -> None:
+    with pytest.raises(ValidationFailed) as raised:
+        d.contract_approval_chain(Money(Decimal(1), "EUR"), RATES)
+    [error] = raised.value.errors
+    assert error.field == "amount.currency"
+    assert "no exchange rate to CNY is configured for EUR" in error.message
+    assert "configured: CNY, JPY, USD" in error.message
+
+
+def test_a_drafts_chain_is_the_one_submitting_would_fix_or_none_without_a_rate() -> None:
+    assert d.draft_contract_approval_chain(Money(Decimal(900_000), "USD"), RATES) == [
+        "sales_manager",
+        "finance",
+        "admin",
+    ]
+    assert d.draft_contract_approval_chain(cny("100000"), RATES) == ["sales_manager", "finance"]
+    assert d.draft_contract_approval_chain(Money(Decimal(900_000), "EUR"), RATES) == []
 
 
 def test_approvals_are_sequential_and_by_role() -> None:
