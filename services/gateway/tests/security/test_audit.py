@@ -2,15 +2,21 @@
 requests, exports and sensitive reads, an outbox event per row, the admin query API, and a table
 the database itself keeps append-only (SQLite and PostgreSQL)."""
 
+import csv
+import io
+import json
 import random
 from typing import Any
 
 import pytest
+import yaml
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.kafka import ensure_topics
 from crm_platform.testing.kafka import EventCollector
+from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditQuery
+from gateway.security.policy import DEFAULT_POLICY_PATH, Policy, parse_policy
 from gateway.security.store import audit_events, outbox
 from gateway.upstreams import UpstreamNotConfigured
 from sqlalchemy import delete, func, select, text, update
@@ -286,3 +292,62 @@ async def test_export_audit_masks_personal_data_in_filters(gateway: Any, auth_he
     (row,) = [row for row in await all_audit_rows(gateway) if row["action"] == "export"]
     assert "13812345678" not in row["reason"]
     assert "phone=138****5678" in row["reason"] and "status=new" in row["reason"]
+
+
+def audit_readers(**scopes: str) -> Policy:
+    """The default policy, where the roles named may also read and export the audit trail, each in
+    the record scope given."""
+    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    for role, scope in scopes.items():
+        data["roles"][role]["grants"]["audit_events"] = {"actions": ["read", "export"], "scope": scope}
+    return parse_policy(yaml.safe_dump(data))
+
+
+# Who writes (sub, team, region), oldest first.
+WRITERS = [("u-a", "t-a", "north"), ("u-b", "t-b", "north"), ("u-c", "t-b", "south"), ("u-none", "", "")]
+
+
+@pytest.mark.parametrize(
+    ("role", "team", "region", "actors"),
+    [
+        ("sales_rep", "t-b", "north", {"u-b"}),  # own: the caller's own actions
+        ("sales_manager", "t-b", "west", {"u-b", "u-c"}),  # team: the actions of the caller's team
+        ("service_manager", "t-z", "south", {"u-c"}),  # region: the actions of the caller's region
+        ("sales_manager", "", "north", set()),  # no team: nobody's, not those of actors without one
+        ("admin", "t-z", "west", {"u-a", "u-b", "u-c", "u-none"}),
+    ],
+)
+async def test_a_custom_policy_lets_a_role_read_the_audit_events_of_the_actors_its_scope_covers(
+    make_gateway: Any, auth_headers: Any, role: str, team: str, region: str, actors: set[str]
+) -> None:
+    audit_export = exports_registry.export_source("audit_events")  # the audit router's
+    gateway = await make_gateway(policy=audit_readers(sales_rep="own", sales_manager="team", service_manager="region"))
+    # The fake routes export every resource from their store: the trail's own export back (the
+    # fixture puts every source back after the test).
+    assert audit_export is not None
+    exports_registry._sources["audit_events"] = audit_export
+    for sub, writer_team, writer_region in WRITERS:
+        headers = auth_headers("sales_rep", sub=sub, team=writer_team, region=writer_region)
+        for number in range(2):
+            created = await gateway.client.post("/api/v1/fake/leads", json={"name": f"{sub} {number}"}, headers=headers)
+            assert created.status_code == 201, created.text
+    # The caller is u-b for `own`, someone else otherwise.
+    caller = auth_headers(role, sub="u-b" if role == "sales_rep" else "u-reader", team=team, region=region)
+
+    listed = await gateway.client.get("/api/v1/audit-events?action=create", headers=caller)
+    assert listed.status_code == 200, listed.text
+    assert {item["actor"]["user_id"] for item in listed.json()["items"]} == actors
+    assert len(listed.json()["items"]) == 2 * len(actors)
+    # A page holds `limit` events of the scope, however many newer ones are outside it.
+    first_page = await gateway.client.get("/api/v1/audit-events?action=create&limit=1", headers=caller)
+    assert first_page.json()["items"] == listed.json()["items"][:1]
+    assert bool(first_page.json()["next_cursor"]) == bool(actors)
+    # Asking for an actor outside the scope finds nothing either.
+    asked = await gateway.client.get("/api/v1/audit-events?actor=u-a", headers=caller)
+    assert {item["actor"]["user_id"] for item in asked.json()["items"]} <= actors
+
+    exported = await gateway.client.get("/api/v1/exports/audit_events?action=create", headers=caller)
+    assert exported.status_code == 200, exported.text
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert [row["id"] for row in rows] == [item["id"] for item in listed.json()["items"]]
+    assert {json.loads(row["actor"])["user_id"] for row in rows} == actors

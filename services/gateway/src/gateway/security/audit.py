@@ -17,10 +17,10 @@ from crm.audit.v1 import events_pb2
 from crm_platform.db import DriverStatement, insert_from_json, json_rows, single_statements
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
-from crm_platform.principal import Principal
+from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
-from sqlalchemy import Select, and_, insert, select
+from sqlalchemy import ColumnElement, Select, and_, false, insert, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.security.masking import mask_value
@@ -170,6 +170,8 @@ class AuditQuery:
     limit: int = 50
     # The id of the last event of the previous page (newest first).
     cursor: str | None = None
+    # The caller's record scope, applied to the actor (`_actor_in_scope`).
+    scope: RecordScope = ALL_RECORDS
 
 
 @dataclass(slots=True)
@@ -300,8 +302,27 @@ class AuditLog:
             conditions.append(table.c.occurred_at < query.until)
         if query.cursor:
             conditions.append(table.c.id < query.cursor)
-        statement = select(table).order_by(table.c.id.desc()).limit(query.limit + 1)
-        return statement.where(and_(*conditions)) if conditions else statement
+        conditions.append(_actor_in_scope(query.scope))
+        return select(table).where(and_(*conditions)).order_by(table.c.id.desc()).limit(query.limit + 1)
+
+
+def _actor_in_scope(scope: RecordScope) -> ColumnElement[bool]:
+    """The audit events a record scope covers. An event is owned by whoever acted, in the team and
+    region they had then: `own` covers the caller's own actions, `team` those of their team, `region`
+    those of their region. (The audited record's owner is not stored with the event, and a denied
+    request may name no record at all.)"""
+    table = audit_events
+    match scope.kind:
+        case ScopeKind.ALL:
+            return true()
+        case ScopeKind.OWN:
+            column, value = table.c.actor_id, scope.owner_id
+        case ScopeKind.TEAM:
+            column, value = table.c.actor_team, scope.team
+        case ScopeKind.REGION:
+            column, value = table.c.actor_region, scope.region
+    # Like `scope_clause`: a scope naming no one grants nothing.
+    return column == value if value else false()
 
 
 # The entries and their outbox rows, each given as one JSON array: one statement.
