@@ -157,6 +157,23 @@ def outgoing_metadata(
     return tuple(metadata)
 
 
+def resource_scope_key(resource: str) -> str:
+    """The metadata key of the caller's record scope on another `resource` than the call's own: sent
+    with a call to a service that writes that resource through its owner for the caller (a lead
+    conversion's accounts, contacts and deals)."""
+    return f"x-crm-scope-{resource}-bin"
+
+
+def resource_scope_from_metadata(
+    metadata: Sequence[tuple[str, str | bytes]] | None, resource: str
+) -> RecordScope | None:
+    """The caller's scope on `resource` as `resource_scope_key` carries it; None when not sent."""
+    value = dict(metadata or ()).get(resource_scope_key(resource))
+    if not isinstance(value, bytes):
+        return None
+    return RecordScope.from_proto(common_pb2.RecordScope.FromString(value))
+
+
 def context_from_metadata(metadata: Sequence[tuple[str, str | bytes]] | None) -> CallContext:
     """Reads what `outgoing_metadata` wrote; a call without a principal runs as nobody in scope `own`."""
     values = dict(metadata or ())

@@ -7,6 +7,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol, TypeVar
@@ -36,6 +37,7 @@ from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_
 from crm_platform.principal import (
     ALL_RECORDS,
     Principal,
+    RecordScope,
     ScopeKind,
     acting_as,
     current_principal,
@@ -256,6 +258,23 @@ class ConversionPorts(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class ConversionScopes:
+    """The caller's record scope on each resource a conversion writes, as the gateway's policy
+    decided it. Each call to accounts and sales is made in the scope of its own resource, never in
+    the caller's scope on leads: a wider scope on leads gives no wider rights on accounts or deals."""
+
+    accounts: RecordScope
+    contacts: RecordScope
+    opportunities: RecordScope
+
+    @classmethod
+    def own(cls, principal: Principal) -> "ConversionScopes":
+        """The caller's own records on each: what a call that names no scope gets."""
+        scope = RecordScope(ScopeKind.OWN, owner_id=principal.user_id)
+        return cls(accounts=scope, contacts=scope, opportunities=scope)
+
+
+@dataclass(frozen=True, slots=True)
 class ConvertRequest:
     lead_id: str
     account_id: str = ""
@@ -266,6 +285,8 @@ class ConvertRequest:
     pipeline_id: str = ""
     expected_close_date: date | None = None
     idempotency_key: str = ""
+    # None: the caller's own records on each (`ConversionScopes.own`).
+    scopes: ConversionScopes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -2092,29 +2113,33 @@ class LeadsService:
         account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
         opportunity_id = str(saga["opportunity_id"])
         account_created = bool(saga["account_created"])
+        scopes = req.scopes or ConversionScopes.own(principal)
         try:
             if not account_id:
-                if req.account_id:
-                    await self.ports.get_account(req.account_id)
-                    account_id = req.account_id
-                else:
-                    name = req.account_name.strip() or lead["company"] or lead["name"]
-                    account_id = await self.ports.create_account(key=f"{attempt_key}:account", lead=lead, name=name)
-                    account_created = True
+                with _calling_in(scopes.accounts):
+                    if req.account_id:
+                        await self.ports.get_account(req.account_id)
+                        account_id = req.account_id
+                    else:
+                        name = req.account_name.strip() or lead["company"] or lead["name"]
+                        account_id = await self.ports.create_account(key=f"{attempt_key}:account", lead=lead, name=name)
+                        account_created = True
                 await self._saga_step(req.lead_id, account_id=account_id, account_created=account_created)
             if not contact_id:
-                contact_id = await self.ports.create_contact(
-                    key=f"{attempt_key}:contact", account_id=account_id, lead=lead
-                )
+                with _calling_in(scopes.contacts):
+                    contact_id = await self.ports.create_contact(
+                        key=f"{attempt_key}:contact", account_id=account_id, lead=lead
+                    )
                 await self._saga_step(req.lead_id, contact_id=contact_id)
             if req.create_opportunity and not opportunity_id:
-                opportunity_id = await self.ports.create_opportunity(
-                    key=f"{attempt_key}:opportunity",
-                    account_id=account_id,
-                    contact_id=contact_id,
-                    lead=lead,
-                    request=req,
-                )
+                with _calling_in(scopes.opportunities):
+                    opportunity_id = await self.ports.create_opportunity(
+                        key=f"{attempt_key}:opportunity",
+                        account_id=account_id,
+                        contact_id=contact_id,
+                        lead=lead,
+                        request=req,
+                    )
                 await self._saga_step(req.lead_id, opportunity_id=opportunity_id)
         except Unavailable:
             raise  # the saga row keeps the progress; a retry resumes with the same keys
@@ -2192,15 +2217,19 @@ class LeadsService:
         assert self.ports is not None
         left = {"opportunity_id": opportunity_id, "contact_id": contact_id, "account_id": created_account_id}
         try:
-            if opportunity_id:
-                await self.ports.delete_opportunity(opportunity_id)
-                left["opportunity_id"] = ""
-            if contact_id:
-                await self.ports.delete_contact(contact_id)
-                left["contact_id"] = ""
-            if created_account_id:
-                await self.ports.delete_account(created_account_id)
-                left["account_id"] = ""
+            # Only what the saga itself created (the ids on its row), so in every scope: records made
+            # for the lead's owner may lie outside the caller's, and a delete refused as "not found"
+            # would count as done and leave them behind.
+            with _calling_in(ALL_RECORDS):
+                if opportunity_id:
+                    await self.ports.delete_opportunity(opportunity_id)
+                    left["opportunity_id"] = ""
+                if contact_id:
+                    await self.ports.delete_contact(contact_id)
+                    left["contact_id"] = ""
+                if created_account_id:
+                    await self.ports.delete_account(created_account_id)
+                    left["account_id"] = ""
         except CrmError:
             pass
         done = not any(left.values())
@@ -2227,6 +2256,11 @@ class LeadsService:
         created = str(saga["account_id"]) if saga["account_created"] else ""
         if not await self._compensate(lead_id, created, str(saga["contact_id"]), str(saga["opportunity_id"]), None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
+
+
+def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:
+    """The conversion ports' calls within go out in `scope`, for the same caller."""
+    return acting_as(current_principal(), scope, current_request_id())
 
 
 class _Row:

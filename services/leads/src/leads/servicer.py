@@ -9,6 +9,7 @@ from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money, money_from_proto
+from crm_platform.principal import current_principal, resource_scope_from_metadata
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp, to_timestamp
 from sqlalchemy.engine import RowMapping
@@ -17,6 +18,7 @@ from leads import messages
 from leads.domain import AssignmentRule, ScoringRule, Thresholds
 from leads.handlers import (
     ActivityInput,
+    ConversionScopes,
     ConvertRequest,
     ImportOptions,
     ImportRowOutcome,
@@ -28,6 +30,18 @@ from leads.handlers import (
 from leads.importing import FORMATS, RowMapper
 
 LEAD_INPUT_FIELDS = tuple(f.name for f in leads_service_pb2.LeadInput.DESCRIPTOR.fields)
+
+
+def _conversion_scopes(context: grpc.aio.ServicerContext) -> ConversionScopes:
+    """The caller's scope on each resource a conversion writes, as the gateway sends them. One not
+    sent is the caller's own records, as for the call's own scope (crm_platform.principal)."""
+    metadata = context.invocation_metadata()
+    own = ConversionScopes.own(current_principal())
+    return ConversionScopes(
+        accounts=resource_scope_from_metadata(metadata, "accounts") or own.accounts,
+        contacts=resource_scope_from_metadata(metadata, "contacts") or own.contacts,
+        opportunities=resource_scope_from_metadata(metadata, "opportunities") or own.opportunities,
+    )
 
 
 def lead_input(message: leads_service_pb2.LeadInput, paths: list[str] | None = None) -> dict[str, Any]:
@@ -271,6 +285,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
                 pipeline_id=request.pipeline_id,
                 expected_close_date=close.date() if close else None,
                 idempotency_key=request.idempotency_key,
+                scopes=_conversion_scopes(context),
             )
         )
         return leads_service_pb2.ConvertLeadResponse(

@@ -763,16 +763,19 @@ async def convert_lead(
         close = datetime.combine(opportunity.expected_close_date, datetime.min.time())
         message.expected_close_date.FromDatetime(close)
     # Converting creates (or joins) an account, creates a contact and maybe a deal in their own
-    # services, which trust the gateway: the caller needs those grants as well as leads update.
-    access.require_view("accounts", "read" if body.account_id else "create")
-    access.require_view("contacts", "create")
+    # services, which trust the gateway: the caller needs those grants as well as leads update, and
+    # the leads service makes each of those calls in the caller's scope on that resource.
+    targets = [
+        access.require_view("accounts", "read" if body.account_id else "create"),
+        access.require_view("contacts", "create"),
+    ]
     if message.create_opportunity:
-        access.require_view("opportunities", "create").check_write(
-            opportunity.model_dump(exclude_unset=True, exclude_defaults=True)
-        )
+        opportunities = access.require_view("opportunities", "create")
+        opportunities.check_write(opportunity.model_dump(exclude_unset=True, exclude_defaults=True))
+        targets.append(opportunities)
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
-    reply = await stub.ConvertLead(message, metadata=access.grpc_metadata())
+    reply = await stub.ConvertLead(message, metadata=access.grpc_metadata(*targets))
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, before, result)
     present = await presenter(access)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import grpc
 from crm_platform.ids import new_id
-from crm_platform.principal import Principal, RecordScope, outgoing_metadata
+from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -132,9 +132,15 @@ class Access:
         assert self.decision.scope is not None  # an Access exists only for allowed decisions
         return self.decision.scope
 
-    def grpc_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """Principal, record scope and request id for the owning service's call."""
-        return outgoing_metadata(self.principal, self.scope, self.request_id)
+    def grpc_metadata(self, *writes_for_caller: "Access") -> tuple[tuple[str, str | bytes], ...]:
+        """Principal, record scope and request id for the owning service's call. `writes_for_caller`:
+        the caller's access to other resources that service writes on their behalf (a lead
+        conversion's accounts, contacts and deals); the scope of each goes along too, under
+        `resource_scope_key`, for the service's own calls to their owners."""
+        metadata = outgoing_metadata(self.principal, self.scope, self.request_id)
+        return metadata + tuple(
+            (resource_scope_key(view.resource), view.scope.to_proto().SerializeToString()) for view in writes_for_caller
+        )
 
     def allows_record(self, record: Mapping[str, Any]) -> bool:
         """In scope? For records the gateway already holds (composed views); services filter their own."""
