@@ -171,6 +171,19 @@ async def test_the_public_webform_intake_refuses_nul_characters(client: httpx.As
     assert response.status_code == 422 and "NUL" in response.text
 
 
+async def test_the_public_webform_intake_refuses_what_it_would_otherwise_drop_or_mangle(
+    client: httpx.AsyncClient,
+) -> None:
+    """A form field too long to keep, or one that is not a single value, is a 422 naming it; it used
+    to be dropped silently (too long) or kept as a Python repr (an object or a list)."""
+    url = "/api/v1/webforms/abcdefgh123/submissions"
+    too_long = await client.post(url, json={"name": "Li", "notes": "x" * 2001})
+    nested = await client.post(url, json={"name": "Li", "interests": ["robots", "drones"], "utm": {"source": "x"}})
+    assert too_long.status_code == 422 and nested.status_code == 422
+    assert [e["field"] for e in too_long.json()["errors"]] == ["notes"]
+    assert sorted(e["field"] for e in nested.json()["errors"]) == ["interests", "utm"]
+
+
 def test_unstorable_values_walks_keys_values_and_lists() -> None:
     found = list(unstorable_values({"a": ["ok", "b\x00"], "c\x00": "x", "d": {"e": "\udc00"}, "n": 1}, ("body",)))
     assert found == [

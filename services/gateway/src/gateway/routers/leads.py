@@ -22,6 +22,7 @@ from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
 from fastapi import Depends, Header, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, model_validator
@@ -517,8 +518,6 @@ def _as_utf8(body: bytes, content_type: str, part: int) -> bytes:
     if declared in ("utf-8", "utf8"):
         return body
     charset = "gb18030" if declared in ("gbk", "gb2312", "cp936") else declared
-    from fastapi.exceptions import RequestValidationError
-
     try:
         text = body.decode(charset)
     except LookupError:
@@ -542,8 +541,6 @@ def _format_of(content_type: str) -> str:
 def _json_map(text: str, name: str) -> dict[str, str]:
     if not text:
         return {}
-    from fastapi.exceptions import RequestValidationError
-
     try:
         value = json.loads(text)
     except ValueError:
@@ -1121,6 +1118,32 @@ class SubmissionIn(In):
         return self
 
 
+# A form's other fields are kept as the lead's custom data: one text value each, of a size a form
+# field has. Anything else is refused, naming the field, rather than dropped or kept as a repr.
+_SUBMISSION_VALUE_MAX = 2000
+
+
+def _submission_fields(body: SubmissionIn) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    problems: list[dict[str, Any]] = []
+    for key, value in body.model_dump(exclude_none=True).items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            text = str(value)
+        else:
+            problems.append({"loc": ("body", key), "msg": "must be text, a number or a boolean", "type": "value_error"})
+            continue
+        if len(text) > _SUBMISSION_VALUE_MAX:
+            msg = f"must be at most {_SUBMISSION_VALUE_MAX} characters"
+            problems.append({"loc": ("body", key), "msg": msg, "type": "value_error"})
+            continue
+        fields[key] = text
+    if problems:
+        raise RequestValidationError(problems)
+    return fields
+
+
 @router.post("/webforms/{form_key}/submissions", status_code=202)
 async def submit_webform(
     form_key: Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
@@ -1130,7 +1153,7 @@ async def submit_webform(
 ) -> dict[str, Any]:
     """Public intake: no login, the form key authenticates; rate limited per form (429 + Retry-After).
     The answer never echoes the lead: it only acknowledges the submission."""
-    fields = {key: str(value) for key, value in body.model_dump(exclude_none=True).items() if len(str(value)) <= 2000}
+    fields = _submission_fields(body)
     reply = await _stub(request).SubmitWebform(
         pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
         timeout=10,
