@@ -1,6 +1,6 @@
 """Events this service consumes: accounts' tiers and regions, kept as a projection so tier-A (VIP)
 tickets are raised one priority without ever reading the accounts database; merges re-point
-tickets to the surviving account."""
+tickets to the surviving account; a deleted account's tickets are closed and it takes no new ones."""
 
 from crm.accounts.v1 import events_pb2
 from crm_platform.config import KafkaSettings
@@ -23,6 +23,9 @@ def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, service: str) -> Event
     async def on_merged(tx: Transaction, event: ReceivedEvent[events_pb2.AccountMerged]) -> None:
         await handlers.apply_account_merge(tx, event.message.survivor_id, event.message.duplicate_id)
 
+    async def on_deleted(tx: Transaction, event: ReceivedEvent[events_pb2.AccountDeleted]) -> None:
+        await handlers.apply_account_deleted(tx, event.message.account_id)
+
     return EventConsumer(
         name="service-desk-accounts",
         uow=uow,
@@ -32,6 +35,7 @@ def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, service: str) -> Event
             events_pb2.AccountCreated: on_created,
             events_pb2.AccountUpdated: on_updated,
             events_pb2.AccountMerged: on_merged,
+            events_pb2.AccountDeleted: on_deleted,
         },
         service=service,
     )

@@ -2,7 +2,7 @@
 CSAT and return-visit scheduling, and input validation."""
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,6 +33,9 @@ RESPONDING_STATUSES = frozenset({"in_progress", "waiting_customer", "resolved"})
 # time is added to its target): a ticket reopened days after it was resolved in time is not late.
 PAUSING_STATUSES = frozenset({"waiting_customer", "resolved"})
 ASSIGNABLE_STATUSES = frozenset({"new", "assigned", "in_progress", "waiting_customer", "reopened"})
+# When its account is deleted, every ticket not yet closed is closed, from any status: there is no
+# customer left to answer, to resolve for or to accept a resolution. The tickets stay as history.
+CLOSED_WITH_THE_ACCOUNT = frozenset(STATUSES) - {"closed"}
 
 WARNING_FRACTION = 0.8
 FIRST_RESPONSE = "first_response"
@@ -106,6 +109,8 @@ class SlaClock:
     met: bool  # answered / resolved: the target no longer runs
     warned: bool
     breached: bool
+    # Set while a met target may run again (waiting for the customer, resolved): since when.
+    paused_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,40 @@ def next_sla_check(clocks: Iterable[SlaClock]) -> datetime | None:
         elif not clock.breached:
             moments.append(clock.due_at)
     return min(moments) if moments else None
+
+
+def retimed_clock(clock: SlaClock, now: datetime) -> SlaClock:
+    """The clock after its due time moved (another priority or account tier): it keeps only the
+    warning and the breach that still hold, judged where the clock stands (now while it runs, at the
+    pause while paused); a target met for good keeps its verdict. What the new due time makes due is
+    the timer's to announce; what no longer holds is announced again if it comes true later."""
+    if clock.met and clock.paused_at is None:
+        return clock
+    at = clock.paused_at or now
+    return replace(
+        clock,
+        warned=clock.warned and at >= warning_at(clock.started_at, clock.due_at),
+        breached=clock.breached and at >= clock.due_at,
+    )
+
+
+BREACH_ESCALATION_PREFIX = "sla_breached_"
+
+
+def breach_escalation(target: str) -> str:
+    """The escalation reason of a breached target."""
+    return f"{BREACH_ESCALATION_PREFIX}{target}"
+
+
+def escalation_after_retiming(escalated: bool, reason: str, clocks: Sequence[SlaClock]) -> tuple[bool, str]:
+    """An escalation for a breach lifts with the breach, or names the breach still holding; any
+    other escalation (no agent available) stays."""
+    if not reason.startswith(BREACH_ESCALATION_PREFIX):
+        return escalated, reason
+    holding = [breach_escalation(clock.target) for clock in clocks if clock.breached]
+    if reason in holding:
+        return escalated, reason
+    return (True, holding[0]) if holding else (False, "")
 
 
 def validate_sla_targets(first_response_minutes: int, resolution_minutes: int) -> SlaTargets:

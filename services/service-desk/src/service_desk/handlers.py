@@ -118,8 +118,21 @@ def _clocks(t: Mapping[str, Any]) -> list[SlaClock]:
             met=done or t["sla_paused_at"] is not None,
             warned=t["resolution_warned_at"] is not None,
             breached=t["resolution_breached_at"] is not None,
+            paused_at=as_utc(t["sla_paused_at"]) if t["sla_paused_at"] is not None else None,
         ),
     ]
+
+
+# What the SLA timer announces, and a retiming revises, of a ticket.
+_SLA_STATE = (
+    "first_response_warned_at",
+    "first_response_breached_at",
+    "resolution_warned_at",
+    "resolution_breached_at",
+    "next_sla_check_at",
+    "escalated",
+    "escalation_reason",
+)
 
 
 async def _sla_targets(conn: AsyncConnection, priority: str) -> domain.SlaTargets:
@@ -129,20 +142,39 @@ async def _sla_targets(conn: AsyncConnection, priority: str) -> domain.SlaTarget
     return domain.SlaTargets(row.first_response_minutes, row.resolution_minutes)
 
 
-async def _account(conn: AsyncConnection, account_id: str) -> Any:
+async def _ticket_account(conn: AsyncConnection, account_id: str) -> Any:
+    """The account a ticket is for, as the projection knows it (None: not known, or not yet), share-
+    locked so that the deletion of the account waits for the ticket to be written and then closes it.
+    A deleted account takes no tickets."""
     if not account_id:
         return None
-    return (await conn.execute(select(repo.account_tiers).where(repo.account_tiers.c.account_id == account_id))).first()
+    table = repo.account_tiers
+    query = select(table).where(table.c.account_id == account_id).with_for_update(read=True)
+    account = (await conn.execute(query)).first()
+    if account is not None and account.deleted_at is not None:
+        raise ValidationFailed([FieldError("account_id", f"account {account_id} was deleted")])
+    return account
 
 
-async def _apply_sla(conn: AsyncConnection, t: dict[str, Any]) -> None:
-    """(Re)computes the effective priority, due times and the timer's next look from the ticket."""
+async def _apply_sla(conn: AsyncConnection, t: dict[str, Any], now: datetime) -> None:
+    """(Re)computes the effective priority and due times; the warnings and breaches said so far are
+    kept only where they still hold against them (a breach's escalation with it), and the timer's
+    next look follows."""
     t["effective_priority"] = domain.effective_priority(t["priority"], t["account_tier"])
     paused = timedelta(seconds=t["sla_paused_seconds"])
     due = domain.sla_due(as_utc(t["created_at"]), await _sla_targets(conn, t["effective_priority"]), paused)
     t["first_response_due_at"] = due.first_response_due_at
     t["resolution_due_at"] = due.resolution_due_at
-    t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
+    clocks = [domain.retimed_clock(clock, now) for clock in _clocks(t)]
+    for clock in clocks:
+        if not clock.warned:
+            t[f"{clock.target}_warned_at"] = None
+        if not clock.breached:
+            t[f"{clock.target}_breached_at"] = None
+    t["escalated"], t["escalation_reason"] = domain.escalation_after_retiming(
+        t["escalated"], t["escalation_reason"], clocks
+    )
+    t["next_sla_check_at"] = domain.next_sla_check(clocks)
 
 
 async def _choose_agent(conn: AsyncConnection, category: str, region: str) -> Any:
@@ -214,7 +246,7 @@ async def create_ticket(
         if earlier is not None:
             row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == earlier))).one()
             return row, []
-        account = await _account(tx.conn, values.get("account_id", ""))
+        account = await _ticket_account(tx.conn, values.get("account_id", ""))
         custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
         t: dict[str, Any] = {
             "id": ticket_id,
@@ -243,7 +275,7 @@ async def create_ticket(
         }
         if not t["region"] and account is not None:
             t["region"] = account.region
-        await _apply_sla(tx.conn, t)
+        await _apply_sla(tx.conn, t, now)
         tx.publish(events_pb2.TicketCreated(ticket=ticket_to_proto(t), actor=actor(principal)), key=t["id"])
         if not skip_dispatch:
             agent = await _choose_agent(tx.conn, t["category"], t["region"])
@@ -296,10 +328,10 @@ async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *,
             return t
         t.update(changed)
         if "account_id" in changed:
-            account = await _account(tx.conn, t["account_id"])
+            account = await _ticket_account(tx.conn, t["account_id"])
             t["account_tier"] = account.tier if account is not None else ""
         if {"priority", "account_id"} & changed.keys():
-            await _apply_sla(tx.conn, t)
+            await _apply_sla(tx.conn, t, now)
         t["updated_at"] = now
         t["version"] += 1
         await _store(tx.conn, t)
@@ -331,57 +363,62 @@ async def list_tickets(
 
 
 async def change_status(ctx: Context, ticket_id: str, status: str, *, expected_version: int, note: str) -> Any:
-    principal = current_principal()
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
         t = await _ticket_for_update(tx.conn, ticket_id)
         _check_version("ticket", _Row(t), expected_version)
-        previous = t["status"]
-        domain.check_transition(previous, status)
+        domain.check_transition(t["status"], status)
         if status in domain.NEEDS_ASSIGNEE and not t["assignee_id"]:
             raise Conflict(f"a ticket must be assigned before it is {status}", reason="NO_ASSIGNEE")
-        t["status"] = status
-        if status in domain.RESPONDING_STATUSES and t["first_responded_at"] is None:
-            t["first_responded_at"] = now
+        await _move(tx, t, status, now=now, note=note)
         if status == "resolved":
-            t["resolved_at"] = now
-        elif status == "closed":
-            t["closed_at"] = now
-        elif status == "reopened":
-            t["resolved_at"] = None
-        if status in domain.PAUSING_STATUSES:
-            if t["sla_paused_at"] is None:  # waiting for the customer, then resolved: one pause
-                t["sla_paused_at"] = now
-        elif t["sla_paused_at"] is not None:
-            waited = int((now - as_utc(t["sla_paused_at"])).total_seconds())
-            t["sla_paused_seconds"] += waited
-            t["resolution_due_at"] = as_utc(t["resolution_due_at"]) + timedelta(seconds=waited)
-            t["sla_paused_at"] = None
-        t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
-        t["updated_at"] = now
-        t["version"] += 1
-        await _store(tx.conn, t)
-        if note.strip():
-            await tx.conn.execute(
-                insert(repo.ticket_comments).values(
-                    id=new_id(), ticket_id=ticket_id, author_id=principal.user_id, body=note, public=False,
-                    created_at=now,
-                )
-            )  # fmt: skip
-        who = actor(principal)
-        message = ticket_to_proto(t)
-        tx.publish(
-            events_pb2.TicketStatusChanged(ticket=message, from_status=previous, to_status=status, actor=who),
-            key=ticket_id,
-        )
-        if status == "resolved":
-            tx.publish(events_pb2.TicketResolved(ticket=message, actor=who), key=ticket_id)
             await _schedule_return_visit(ctx, tx, t, now)
-        elif status == "closed":
-            tx.publish(events_pb2.TicketClosed(ticket=message, actor=who), key=ticket_id)
-        elif status == "reopened":
-            tx.publish(events_pb2.TicketReopened(ticket=message, actor=who), key=ticket_id)
     return t
+
+
+async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetime, note: str) -> None:
+    """Moves the locked ticket to `status` (the caller checked the move): its SLA clocks, the note as
+    an internal comment, and the events of the move."""
+    principal = current_principal()
+    previous = t["status"]
+    t["status"] = status
+    if status in domain.RESPONDING_STATUSES and t["first_responded_at"] is None:
+        t["first_responded_at"] = now
+    if status == "resolved":
+        t["resolved_at"] = now
+    elif status == "closed":
+        t["closed_at"] = now
+    elif status == "reopened":
+        t["resolved_at"] = None
+    if status in domain.PAUSING_STATUSES:
+        if t["sla_paused_at"] is None:  # waiting for the customer, then resolved: one pause
+            t["sla_paused_at"] = now
+    elif t["sla_paused_at"] is not None:
+        waited = int((now - as_utc(t["sla_paused_at"])).total_seconds())
+        t["sla_paused_seconds"] += waited
+        t["resolution_due_at"] = as_utc(t["resolution_due_at"]) + timedelta(seconds=waited)
+        t["sla_paused_at"] = None
+    t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
+    t["updated_at"] = now
+    t["version"] += 1
+    await _store(tx.conn, t)
+    if note.strip():
+        await tx.conn.execute(
+            insert(repo.ticket_comments).values(
+                id=new_id(), ticket_id=t["id"], author_id=principal.user_id, body=note, public=False, created_at=now
+            )
+        )
+    who = actor(principal)
+    message = ticket_to_proto(t)
+    tx.publish(
+        events_pb2.TicketStatusChanged(ticket=message, from_status=previous, to_status=status, actor=who), key=t["id"]
+    )
+    if status == "resolved":
+        tx.publish(events_pb2.TicketResolved(ticket=message, actor=who), key=t["id"])
+    elif status == "closed":
+        tx.publish(events_pb2.TicketClosed(ticket=message, actor=who), key=t["id"])
+    elif status == "reopened":
+        tx.publish(events_pb2.TicketReopened(ticket=message, actor=who), key=t["id"])
 
 
 async def _schedule_return_visit(ctx: Context, tx: Transaction, t: Mapping[str, Any], now: datetime) -> None:
@@ -555,7 +592,7 @@ async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
                     event: Any = events_pb2.TicketSlaWarning(ticket=ticket_to_proto(ticket), target=signal.target)
                 else:
                     ticket["escalated"] = True
-                    ticket["escalation_reason"] = f"sla_breached_{signal.target}"
+                    ticket["escalation_reason"] = domain.breach_escalation(signal.target)
                     event = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(ticket), target=signal.target)
                 event.due_at.CopyFrom(due)
                 tx.publish(event, key=ticket["id"])
@@ -566,22 +603,7 @@ async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
                     )
             ticket["next_sla_check_at"] = domain.next_sla_check(_clocks(ticket))
             await tx.conn.execute(
-                update(t)
-                .where(t.c.id == ticket["id"])
-                .values(
-                    {
-                        name: ticket[name]
-                        for name in (
-                            "first_response_warned_at",
-                            "first_response_breached_at",
-                            "resolution_warned_at",
-                            "resolution_breached_at",
-                            "next_sla_check_at",
-                            "escalated",
-                            "escalation_reason",
-                        )
-                    }
-                )
+                update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in _SLA_STATE})
             )
     return len(rows)
 
@@ -869,37 +891,67 @@ async def _retime_open_tickets(tx: Transaction, account_id: str, tier: str) -> i
         .where(t.c.account_id == account_id, t.c.status.in_(domain.OPEN_STATUSES), t.c.account_tier != tier)
         .with_for_update()
     )
+    columns = ("account_tier", "effective_priority", "first_response_due_at", "resolution_due_at", *_SLA_STATE)
+    now = utcnow()
     retimed = 0
     for row in rows:
         ticket = dict(row._mapping)
         ticket["account_tier"] = tier
-        await _apply_sla(tx.conn, ticket)
-        await tx.conn.execute(
-            update(t)
-            .where(t.c.id == ticket["id"])
-            .values(
-                {
-                    name: ticket[name]
-                    for name in (
-                        "account_tier",
-                        "effective_priority",
-                        "first_response_due_at",
-                        "resolution_due_at",
-                        "next_sla_check_at",
-                    )
-                }
-            )
-        )
+        await _apply_sla(tx.conn, ticket, now)
+        await tx.conn.execute(update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in columns}))
         retimed += 1
     return retimed
 
 
 async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: str) -> None:
     """Tickets, surveys and return visits of a merged-away account follow it to the survivor; its
-    open tickets are served at the survivor's tier from then on (a VIP survivor raises them)."""
-    for table in (repo.tickets, repo.csat_responses, repo.return_visits):
-        await tx.conn.execute(update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id))
-    await tx.conn.execute(delete(repo.account_tiers).where(repo.account_tiers.c.account_id == duplicate_id))
-    survivor = await _account(tx.conn, survivor_id)
-    if survivor is not None:
+    open tickets are served at the survivor's tier from then on (a VIP survivor raises them), or
+    closed if the survivor's deletion came first (the two events travel under different keys)."""
+    table = repo.account_tiers
+    # Locked first, as its deletion locks it: the two apply one after the other, in either order.
+    query = select(table).where(table.c.account_id == survivor_id).with_for_update()
+    survivor = (await tx.conn.execute(query)).first()
+    for moving in (repo.tickets, repo.csat_responses, repo.return_visits):
+        await tx.conn.execute(update(moving).where(moving.c.account_id == duplicate_id).values(account_id=survivor_id))
+    await tx.conn.execute(delete(table).where(table.c.account_id == duplicate_id))
+    if survivor is None:
+        return
+    if survivor.deleted_at is not None:
+        await _close_tickets_of_deleted_account(tx, survivor_id)
+    else:
         await _retime_open_tickets(tx, survivor_id, survivor.tier)
+
+
+async def apply_account_deleted(tx: Transaction, account_id: str) -> int:
+    """Marks the account deleted in the projection (no more tickets for it) and closes its tickets;
+    returns how many were closed. Repeated, it changes nothing."""
+    table = repo.account_tiers
+    now = utcnow()
+    # Known or not (the projection may have missed its creation), the account is remembered as deleted.
+    await insert_ignore(
+        tx.conn, table, {"account_id": account_id, "tier": "", "region": "", "updated_at": now}, keys=["account_id"]
+    )
+    await tx.conn.execute(
+        update(table)
+        .where(table.c.account_id == account_id, table.c.deleted_at.is_(None))
+        .values(deleted_at=now, updated_at=now)
+    )
+    return await _close_tickets_of_deleted_account(tx, account_id)
+
+
+async def _close_tickets_of_deleted_account(tx: Transaction, account_id: str) -> int:
+    """Closes every ticket of the deleted account not closed yet, as a close by hand would (events,
+    stopped SLA clocks), with a note saying why; the tickets, surveys and work log stay as history."""
+    t = repo.tickets
+    rows = await tx.conn.execute(
+        select(t)
+        .where(t.c.account_id == account_id, t.c.status.in_(domain.CLOSED_WITH_THE_ACCOUNT))
+        .order_by(t.c.id)
+        .with_for_update()
+    )
+    now = utcnow()
+    closed = 0
+    for row in rows:
+        await _move(tx, dict(row._mapping), "closed", now=now, note=f"Closed: account {account_id} was deleted.")
+        closed += 1
+    return closed

@@ -158,6 +158,8 @@ account_tiers = Table(
     Column("tier", String(8), nullable=False),
     Column("region", String(100), nullable=False, server_default=""),
     Column("updated_at", TS, nullable=False),
+    # Set by crm.accounts.v1 AccountDeleted: the account takes no more tickets (migration 0008).
+    Column("deleted_at", TS),
 )
 
 csat_responses = Table(

@@ -167,6 +167,61 @@ def test_warning_always_precedes_breach(minutes: int, elapsed_seconds: int) -> N
     assert domain.warning_at(T0, clock.due_at) <= clock.due_at
 
 
+def test_a_retimed_clock_drops_a_breach_its_later_due_time_no_longer_holds() -> None:
+    # Breached at 15 minutes as urgent; lowered at 30 minutes to low (8 h): within time, not even at 80 %.
+    clock = _clock(due_at=T0 + timedelta(hours=8), warned=True, breached=True)
+    retimed = domain.retimed_clock(clock, T0 + timedelta(minutes=30))
+    assert (retimed.warned, retimed.breached) == (False, False)
+    assert domain.next_sla_check([retimed]) == T0 + timedelta(hours=6, minutes=24)  # warned again at 80 %
+
+
+def test_a_retimed_clock_keeps_what_still_holds() -> None:
+    late = _clock(due_at=T0 + timedelta(minutes=60), warned=True, breached=True)
+    assert domain.retimed_clock(late, T0 + timedelta(minutes=90)) == late
+    nearly = domain.retimed_clock(late, T0 + timedelta(minutes=50))  # past 80 % of 60 minutes, not past 60
+    assert (nearly.warned, nearly.breached) == (True, False)
+    assert domain.next_sla_check([nearly]) == T0 + timedelta(minutes=60)
+
+
+def test_a_retimed_clock_leaves_new_announcements_to_the_timer() -> None:
+    # Raised: now past the new due time, but warnings and breaches go out from the timer, with events.
+    raised = domain.retimed_clock(_clock(due_at=T0 + timedelta(minutes=15)), T0 + timedelta(minutes=30))
+    assert (raised.warned, raised.breached) == (False, False)
+    assert [s.kind for s in domain.sla_signals([raised], T0 + timedelta(minutes=30))] == ["warning", "breach"]
+
+
+def test_a_paused_clock_is_judged_at_its_pause_and_a_met_one_keeps_its_verdict() -> None:
+    paused = _clock(
+        target="resolution", due_at=T0 + timedelta(hours=72), met=True, warned=True, breached=True,
+        paused_at=T0 + timedelta(hours=5),
+    )  # fmt: skip
+    retimed = domain.retimed_clock(paused, T0 + timedelta(days=10))
+    assert (retimed.warned, retimed.breached) == (False, False)
+    answered_late = _clock(due_at=T0 + timedelta(hours=8), met=True, warned=True, breached=True)
+    assert domain.retimed_clock(answered_late, T0 + timedelta(minutes=30)) == answered_late
+
+
+@pytest.mark.parametrize(
+    ("escalated", "reason", "breached", "expected"),
+    [
+        (True, "sla_breached_first_response", set(), (False, "")),
+        (True, "sla_breached_first_response", {"first_response"}, (True, "sla_breached_first_response")),
+        (True, "sla_breached_resolution", {"first_response"}, (True, "sla_breached_first_response")),
+        (True, "no_agent_available", set(), (True, "no_agent_available")),
+        (False, "", set(), (False, "")),
+    ],
+)
+def test_a_breach_escalation_lifts_with_the_breach_and_others_stay(
+    escalated: bool, reason: str, breached: set[str], expected: tuple[bool, str]
+) -> None:
+    clocks = [_clock(target=target, breached=target in breached) for target in ("first_response", "resolution")]
+    assert domain.escalation_after_retiming(escalated, reason, clocks) == expected
+
+
+def test_an_account_deletion_closes_every_ticket_not_closed_yet() -> None:
+    assert {*domain.OPEN_STATUSES, "resolved"} == domain.CLOSED_WITH_THE_ACCOUNT
+
+
 def test_sla_targets_validation_names_fields() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_sla_targets(0, -1)

@@ -1,0 +1,233 @@
+"""AccountDeleted from the accounts context (SPEC §7, §10), through the consumer's handler (no
+broker), on SQLite and PostgreSQL: the account's tickets are closed as a close by hand would be
+(events, stopped SLA clocks) and kept as history; the account takes no new tickets; a redelivery,
+a late update or a merge applied before or after the deletion ends the same."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import events_pb2 as accounts_events
+from crm.servicedesk.v1 import events_pb2 as desk_events
+from crm_platform import migrations
+from crm_platform.cloudevents import CloudEventHeaders, spec_of
+from crm_platform.config import KafkaSettings
+from crm_platform.consumer import ReceivedEvent
+from crm_platform.db import create_engine
+from crm_platform.errors import Conflict, ValidationFailed
+from crm_platform.ids import new_id
+from crm_platform.outbox import UnitOfWork
+from crm_platform.timeutil import utcnow
+from google.protobuf.message import Message
+from service_desk import handlers
+from service_desk import repository as repo
+from service_desk.__main__ import MIGRATIONS
+from service_desk.consumers import build_consumer
+from service_desk.handlers import Context
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+STATUS_CHANGED = "crm.service.ticket.status_changed"
+CLOSED = "crm.service.ticket.closed"
+
+
+async def _desk(url: str) -> AsyncIterator[Context]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    engine = create_engine(url)
+    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
+    await engine.dispose()
+
+
+@pytest.fixture
+async def ctx(each_database_url: str) -> AsyncIterator[Context]:
+    async for desk in _desk(each_database_url):
+        yield desk
+
+
+@pytest.fixture
+async def ctx_on_postgres(postgres_url: str) -> AsyncIterator[Context]:
+    async for desk in _desk(postgres_url):
+        yield desk
+
+
+async def deliver(ctx: Context, *messages: Message) -> None:
+    """Each event in its own transaction, through the handler the accounts consumer calls."""
+    consumer = build_consumer(ctx.uow, KafkaSettings(), "service-desk")
+    for message in messages:
+        event_type = spec_of(message).type
+        _, handle = consumer.handlers[event_type]
+        headers = CloudEventHeaders(id=new_id(), type=event_type, source="/test", time=utcnow())
+        async with ctx.uow.begin() as tx:
+            await handle(tx, ReceivedEvent(headers, message, "", "crm.accounts.v1", 0, 0))
+
+
+def created(account_id: str, tier: str = "B") -> accounts_events.AccountCreated:
+    return accounts_events.AccountCreated(account=accounts_pb2.Account(id=account_id, tier=tier, region="east"))
+
+
+def deleted(account_id: str) -> accounts_events.AccountDeleted:
+    return accounts_events.AccountDeleted(account_id=account_id)
+
+
+def merged(survivor_id: str, duplicate_id: str) -> accounts_events.AccountMerged:
+    return accounts_events.AccountMerged(survivor_id=survivor_id, duplicate_id=duplicate_id)
+
+
+async def _ticket(ctx: Context, account_id: str, *, dispatch: bool = False) -> Any:
+    ticket, _ = await handlers.create_ticket(
+        ctx, {"subject": f"Issue of {account_id}", "account_id": account_id, "priority": "urgent"},
+        idempotency_key="", skip_dispatch=not dispatch,
+    )  # fmt: skip
+    return ticket
+
+
+async def _row(ctx: Context, ticket_id: str) -> Any:
+    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
+    return row
+
+
+async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
+    outbox = repo.metadata.tables["outbox"]
+    async with ctx.uow.engine.connect() as conn:
+        rows = await conn.execute(
+            select(outbox.c.type, outbox.c.payload).where(outbox.c.key == key).order_by(outbox.c.seq)
+        )
+    return [(event_type, payload) for event_type, payload in rows]
+
+
+async def _outbox_size(ctx: Context) -> int:
+    async with ctx.uow.engine.connect() as conn:
+        return len(list(await conn.execute(select(repo.metadata.tables["outbox"].c.seq))))
+
+
+async def test_deleting_an_account_closes_its_tickets_and_keeps_them_as_history(ctx: Context) -> None:
+    start = utcnow()
+    ctx.clock = lambda: start
+    await deliver(ctx, created("acme", tier="A"), created("other"))
+    await handlers.create_agent(ctx, {"id": "ag-1", "name": "Bo", "region": "east"}, idempotency_key="")
+    queued = await _ticket(ctx, "acme")
+    working = await _ticket(ctx, "acme", dispatch=True)
+    await handlers.change_status(ctx, working["id"], "in_progress", expected_version=0, note="")
+    waiting = await _ticket(ctx, "acme", dispatch=True)
+    await handlers.change_status(ctx, waiting["id"], "waiting_customer", expected_version=0, note="")
+    resolved = await _ticket(ctx, "acme", dispatch=True)
+    await handlers.change_status(ctx, resolved["id"], "resolved", expected_version=0, note="")
+    await handlers.submit_csat(ctx, resolved["id"], 4, "Quick", idempotency_key="")
+    spam = await _ticket(ctx, "acme")
+    await handlers.change_status(ctx, spam["id"], "closed", expected_version=0, note="spam")
+    elsewhere = await _ticket(ctx, "other")
+    spam_events = await _events(ctx, spam["id"])
+
+    await deliver(ctx, deleted("acme"))
+
+    was = [(queued, "new"), (working, "in_progress"), (waiting, "waiting_customer"), (resolved, "resolved")]
+    for ticket, previous in was:
+        row = await _row(ctx, ticket["id"])
+        assert (row.account_id, row.status, row.next_sla_check_at) == ("acme", "closed", None)
+        assert row.closed_at is not None
+        events = await _events(ctx, ticket["id"])
+        assert [event_type for event_type, _ in events[-2:]] == [STATUS_CHANGED, CLOSED]
+        change = desk_events.TicketStatusChanged.FromString(events[-2][1])
+        assert (change.from_status, change.to_status, change.ticket.status) == (previous, "closed", "closed")
+        _, comments, _, _ = await handlers.get_ticket(ctx, ticket["id"])
+        assert [c.body for c in comments if not c.public][-1] == "Closed: account acme was deleted."
+    # Resolved before, it keeps its resolution and survey; closed unresolved, it takes no survey.
+    assert (await _row(ctx, resolved["id"])).resolved_at is not None
+    surveys, _ = await handlers.list_csat(ctx, ticket_id="", account_id="acme", page=handlers.Page())
+    assert [s.score for s in surveys] == [4]
+    with pytest.raises(Conflict) as caught:
+        await handlers.submit_csat(ctx, working["id"], 5, "", idempotency_key="")
+    assert caught.value.reason == "TICKET_NOT_RESOLVED"
+    # Closed already: untouched. Another account's ticket: untouched. The agent's capacity is free.
+    assert await _events(ctx, spam["id"]) == spam_events
+    assert (await _row(ctx, elsewhere["id"])).status == "new"
+    async with ctx.uow.engine.connect() as conn:
+        assert await repo.open_ticket_counts(conn, ["ag-1"]) == {}
+    # The SLA clocks stopped: nothing is ever announced about these tickets.
+    ctx.clock = lambda: start + timedelta(days=30)
+    assert await handlers.run_sla_timer(ctx, batch_size=50) == 1  # the other account's ticket only
+    for ticket in (queued, working, waiting, resolved):
+        assert not {t for t, _ in await _events(ctx, ticket["id"])} & {
+            "crm.service.ticket.sla_warning",
+            "crm.service.ticket.sla_breached",
+        }
+
+
+async def test_a_deleted_account_takes_no_new_tickets_even_after_a_late_update(ctx: Context) -> None:
+    # "ghost" was never seen created here: its deletion is remembered all the same.
+    await deliver(ctx, created("acme"), deleted("acme"), created("acme", tier="A"), deleted("ghost"))
+    for account_id in ("acme", "ghost"):
+        with pytest.raises(ValidationFailed) as caught:
+            await _ticket(ctx, account_id)
+        errors = [(e.field, e.message) for e in caught.value.errors]
+        assert errors == [("account_id", f"account {account_id} was deleted")]
+    ticket = await _ticket(ctx, "")
+    with pytest.raises(ValidationFailed) as caught:
+        await handlers.update_ticket(ctx, ticket["id"], {"account_id": "acme"}, expected_version=0)
+    assert caught.value.errors[0].field == "account_id"
+    assert (await _row(ctx, ticket["id"])).account_id == ""
+
+
+async def test_an_account_deletion_applied_twice_changes_nothing_the_second_time(ctx: Context) -> None:
+    await deliver(ctx, created("acme"))
+    ticket = await _ticket(ctx, "acme")
+    await deliver(ctx, deleted("acme"))
+    row, outbox = await _row(ctx, ticket["id"]), await _outbox_size(ctx)
+    table = repo.account_tiers
+    async with ctx.uow.engine.connect() as conn:
+        deleted_at = await conn.scalar(select(table.c.deleted_at).where(table.c.account_id == "acme"))
+    await deliver(ctx, deleted("acme"))  # redelivered under another event id: past the inbox
+    assert await _row(ctx, ticket["id"]) == row
+    assert await _outbox_size(ctx) == outbox
+    async with ctx.uow.engine.connect() as conn:
+        assert await conn.scalar(select(table.c.deleted_at).where(table.c.account_id == "acme")) == deleted_at
+
+
+@pytest.mark.parametrize("deletion_first", [True, False], ids=["deletion-first", "merge-first"])
+async def test_tickets_merged_into_a_deleted_account_are_closed_in_either_order(
+    ctx: Context, deletion_first: bool
+) -> None:
+    # The merge travels under the duplicate's key, the deletion under the survivor's: any order.
+    await deliver(ctx, created("dup"), created("acme", tier="A"))
+    moved, own = await _ticket(ctx, "dup"), await _ticket(ctx, "acme")
+    events = [deleted("acme"), merged("acme", "dup")]
+    await deliver(ctx, *(events if deletion_first else reversed(events)))
+    for ticket in (moved, own):
+        row = await _row(ctx, ticket["id"])
+        assert (row.account_id, row.status, row.next_sla_check_at) == ("acme", "closed", None)
+        assert [t for t, _ in await _events(ctx, ticket["id"])].count(CLOSED) == 1
+    with pytest.raises(ValidationFailed):
+        await _ticket(ctx, "acme")
+
+
+async def test_tickets_wait_for_a_deletion_being_applied_on_postgres(ctx_on_postgres: Context) -> None:
+    """A ticket created, or moved by a merge, while the deletion of its account is being applied
+    waits for it: the ticket is then refused, the moved one closed; none is left open."""
+    ctx = ctx_on_postgres
+    await deliver(ctx, created("dup"), created("acme"))
+    moving = await _ticket(ctx, "dup")
+    applied, release = asyncio.Event(), asyncio.Event()
+
+    async def delete_and_hold() -> None:
+        async with ctx.uow.begin() as tx:
+            await handlers.apply_account_deleted(tx, "acme")
+            applied.set()
+            await release.wait()
+
+    deletion = asyncio.create_task(delete_and_hold())
+    await applied.wait()
+    creating = asyncio.create_task(_ticket(ctx, "acme"))
+    merging = asyncio.create_task(deliver(ctx, merged("acme", "dup")))
+    await asyncio.sleep(0.5)
+    assert not creating.done() and not merging.done()
+    release.set()
+    await deletion
+    with pytest.raises(ValidationFailed):
+        await creating
+    await merging
+    row = await _row(ctx, moving["id"])
+    assert (row.account_id, row.status) == ("acme", "closed")

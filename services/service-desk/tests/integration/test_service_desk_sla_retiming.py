@@ -1,0 +1,170 @@
+"""A ticket's SLA after its targets move (a priority change, an account's tier change), on SQLite and
+PostgreSQL: its warnings, breaches and breach escalation hold against the current targets only; the
+breach events already published stay as history; the timer announces what the new targets make due,
+once, and again what comes true later under them."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from crm.servicedesk.v1 import events_pb2 as desk_events
+from crm_platform import migrations
+from crm_platform.db import create_engine
+from crm_platform.outbox import UnitOfWork
+from crm_platform.timeutil import from_timestamp, utcnow
+from service_desk import handlers
+from service_desk import repository as repo
+from service_desk.__main__ import MIGRATIONS
+from service_desk.handlers import Context, Page
+from service_desk.repository import TicketFilter
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+WARNING = "crm.service.ticket.sla_warning"
+BREACHED = "crm.service.ticket.sla_breached"
+ESCALATED = "crm.service.ticket.escalated"
+
+
+@pytest.fixture
+async def ctx(each_database_url: str) -> AsyncIterator[Context]:
+    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
+    engine = create_engine(each_database_url)
+    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
+    await engine.dispose()
+
+
+def at(ctx: Context, moment: datetime) -> None:
+    ctx.clock = lambda: moment
+
+
+async def _ticket(ctx: Context, priority: str, **values: Any) -> Any:
+    ticket, _ = await handlers.create_ticket(
+        ctx, {"subject": "Line down", "priority": priority, **values}, idempotency_key="", skip_dispatch=True
+    )
+    return ticket
+
+
+async def _row(ctx: Context, ticket_id: str) -> Any:
+    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
+    return row
+
+
+async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
+    outbox = repo.metadata.tables["outbox"]
+    async with ctx.uow.engine.connect() as conn:
+        rows = await conn.execute(
+            select(outbox.c.type, outbox.c.payload).where(outbox.c.key == key).order_by(outbox.c.seq)
+        )
+    return [(event_type, payload) for event_type, payload in rows]
+
+
+async def _types(ctx: Context, key: str) -> list[str]:
+    return [event_type for event_type, _ in await _events(ctx, key)]
+
+
+async def _escalated_ids(ctx: Context) -> list[str]:
+    rows, _ = await handlers.list_tickets(ctx, TicketFilter(escalated=True), Page())
+    return [row.id for row in rows]
+
+
+async def test_lowering_the_priority_lifts_a_breach_that_no_longer_holds(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    ticket = await _ticket(ctx, "urgent")
+    at(ctx, start + timedelta(minutes=20))  # 15 minutes to first response, as urgent: late
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    assert await _escalated_ids(ctx) == [ticket["id"]]
+
+    lowered = await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)
+    # As low, 8 h to first response: not late, not even at 80 %.
+    assert lowered["first_response_due_at"] == start + timedelta(hours=8)
+    row = await _row(ctx, ticket["id"])
+    assert (row.first_response_warned_at, row.first_response_breached_at) == (None, None)
+    assert (row.escalated, row.escalation_reason) == (False, "")
+    assert await _escalated_ids(ctx) == []
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0  # nothing re-fires
+    # The breach published as urgent stays as history; under the low targets the timer speaks again.
+    assert (await _types(ctx, ticket["id"])).count(BREACHED) == 1
+    at(ctx, start + timedelta(hours=6, minutes=25))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    assert (await _types(ctx, ticket["id"]))[-1] == WARNING
+    at(ctx, start + timedelta(hours=8, minutes=1))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    events = await _events(ctx, ticket["id"])
+    assert [event_type for event_type, _ in events].count(BREACHED) == 2
+    assert [event_type for event_type, _ in events[-2:]] == [BREACHED, ESCALATED]
+    breach = desk_events.TicketSlaBreached.FromString(events[-2][1])
+    assert (breach.target, from_timestamp(breach.due_at)) == ("first_response", start + timedelta(hours=8))
+    assert await _escalated_ids(ctx) == [ticket["id"]]
+
+
+async def test_lowering_the_priority_keeps_a_breach_that_still_holds(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    ticket = await _ticket(ctx, "urgent")
+    at(ctx, start + timedelta(hours=2))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    breached = await _row(ctx, ticket["id"])
+    # As high, 1 h to first response: two hours in, still late.
+    await handlers.update_ticket(ctx, ticket["id"], {"priority": "high"}, expected_version=0)
+    row = await _row(ctx, ticket["id"])
+    assert row.first_response_breached_at == breached.first_response_breached_at
+    assert (row.escalated, row.escalation_reason) == (True, "sla_breached_first_response")
+    at(ctx, start + timedelta(hours=3))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
+    assert (await _types(ctx, ticket["id"])).count(BREACHED) == 1
+
+
+async def test_raising_the_priority_breaches_at_the_timers_next_run_once(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    ticket = await _ticket(ctx, "low")
+    at(ctx, start + timedelta(minutes=30))
+    raised = await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)
+    assert raised["next_sla_check_at"] <= start + timedelta(minutes=30)
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    assert (await _types(ctx, ticket["id"]))[-3:] == [WARNING, BREACHED, ESCALATED]
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
+    assert (await _types(ctx, ticket["id"])).count(BREACHED) == 1
+    assert await _escalated_ids(ctx) == [ticket["id"]]
+
+
+async def test_a_resolution_breach_is_judged_where_the_clock_paused(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    await handlers.create_agent(ctx, {"id": "ag-1", "name": "Bo"}, idempotency_key="")
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Outage", "priority": "urgent"}, idempotency_key="")
+    at(ctx, start + timedelta(minutes=5))
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    at(ctx, start + timedelta(hours=4, minutes=1))  # 4 h to resolve, as urgent
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    at(ctx, start + timedelta(hours=4, minutes=30))
+    await handlers.change_status(ctx, ticket["id"], "waiting_customer", expected_version=0, note="")
+    at(ctx, start + timedelta(hours=5))
+    await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)
+    # 4.5 h worked when the clock paused; as low, 72 h to resolve: not late.
+    row = await _row(ctx, ticket["id"])
+    assert (row.resolution_warned_at, row.resolution_breached_at, row.escalated) == (None, None, False)
+    at(ctx, start + timedelta(hours=6))
+    resumed = await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    assert resumed["resolution_due_at"] == start + timedelta(hours=72 + 1.5)
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
+
+
+async def test_an_account_dropping_out_of_vip_lifts_a_breach_too(ctx: Context) -> None:
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account(tx, "acme", "A", "east")
+    start = utcnow()
+    at(ctx, start)
+    ticket = await _ticket(ctx, "normal", account_id="acme")  # served as high: 1 h to first response
+    at(ctx, start + timedelta(minutes=61))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+    assert await _escalated_ids(ctx) == [ticket["id"]]
+    async with ctx.uow.begin() as tx:
+        assert await handlers.apply_account(tx, "acme", "B", "east") == 1
+    row = await _row(ctx, ticket["id"])
+    assert (row.effective_priority, row.first_response_breached_at, row.escalated) == ("normal", None, False)
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
