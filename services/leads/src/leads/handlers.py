@@ -2058,8 +2058,9 @@ class LeadsService:
     async def convert(self, req: ConvertRequest) -> ConvertResult:
         """Lead -> account (new or existing) + contact (+ opportunity), idempotent and compensated.
 
-        The saga row records each step, and every upstream create uses a key derived from the lead
-        and attempt, so a retry after a crash or timeout resumes without creating anything twice.
+        The saga row records each step, and every upstream create uses a key derived from the lead,
+        the attempt and the attempt's random nonce, so a retry after a crash or timeout resumes
+        without creating anything twice, and no caller can plant a record under a key to come.
         A business error from a later step deletes what this attempt created (compensation).
         """
         if self.ports is None:
@@ -2094,6 +2095,7 @@ class LeadsService:
                 values = {
                     "lead_id": req.lead_id,
                     "attempt": attempt,
+                    "attempt_nonce": secrets.token_hex(16),
                     "state": "running",
                     "account_id": "",
                     "account_created": False,
@@ -2110,6 +2112,8 @@ class LeadsService:
                     )
                 saga = values
         attempt_key = f"lead-convert:{req.lead_id}:{saga['attempt']}"
+        if saga["attempt_nonce"]:  # attempts begun before migration 0011 resume with the keys they began with
+            attempt_key += f":{saga['attempt_nonce']}"
         account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
         opportunity_id = str(saga["opportunity_id"])
         account_created = bool(saga["account_created"])

@@ -330,8 +330,10 @@ conversions = Table(
     "lead_conversions",
     metadata,
     Column("lead_id", _ID, primary_key=True),
-    # Upstream idempotency keys include the attempt; a compensated attempt is never reused.
+    # Upstream idempotency keys include the attempt, and a nonce nobody can predict (a caller could
+    # otherwise create a record under the key first); a compensated attempt is never reused.
     Column("attempt", Integer, nullable=False),
+    Column("attempt_nonce", String(32), nullable=False, server_default=""),
     Column("state", String(20), nullable=False),
     Column("account_id", String(36), nullable=False, server_default=""),
     Column("account_created", Boolean, nullable=False, server_default=false()),

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from crm_platform.errors import AlreadyExists, Conflict, NotFound, ValidationFailed
+from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, ValidationFailed
 from crm_platform.principal import ScopeKind
 from leads import repository as repo
 from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec, RateLimited
@@ -238,6 +238,22 @@ async def test_a_lead_disqualified_while_it_converts_stays_disqualified_and_the_
     async with env.engine.connect() as conn:
         state = await conn.scalar(select(repo.conversions.c.state).where(repo.conversions.c.lead_id == lead["id"]))
     assert state == "compensated"
+
+
+async def test_a_record_planted_under_a_conversions_key_is_neither_adopted_nor_deleted_by_its_undo(env: Any) -> None:
+    """Upstream services answer a repeated idempotency key with the first result. A caller who
+    creates an account first under the key a conversion would use must not make the saga take that
+    account for its own, nor delete it when the attempt is undone."""
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zheng", "company": "Zheng Co", "owner_id": "rep1"})
+    env.ports.accounts["planted"] = "Someone else's account"
+    for nonce_free_key in (f"lead-convert:{lead['id']}:1:account", f"lead-convert:{lead['id']}:1"):
+        env.ports.keys[nonce_free_key] = "planted"
+    env.ports.fail["contact"] = ValidationFailed([FieldError("account_id", "does not exist")])
+    with env.acting(), pytest.raises(ValidationFailed):
+        await env.service.convert(ConvertRequest(lead_id=lead["id"]))
+    assert env.ports.accounts == {"planted": "Someone else's account"}  # its own was created, then undone
+    assert env.ports.calls[-1] == "delete_account"
 
 
 # --- web forms -------------------------------------------------------------------------------------
