@@ -314,10 +314,15 @@ class _ClaimedRow(NamedTuple):
     held_back: bool
 
 
-# What a DSN may carry besides host, port, user, password and database: asyncpg reads these from a
-# DSN's query and sends every other name to the server as a setting.
+# What asyncpg reads from a DSN's query (every other name it sends to the server as a setting).
 _DSN_OPTIONS = frozenset(
     {
+        "host",
+        "port",
+        "user",
+        "password",
+        "dbname",
+        "database",
         "sslmode",
         "sslcert",
         "sslkey",
@@ -340,9 +345,13 @@ def listen_dsn(url: URL) -> str:
     """The engine's URL as a DSN for the relay's own asyncpg LISTEN connection. The engine's query
     holds keywords of asyncpg's connect() and options of SQLAlchemy's dialect: `?ssl=require` is
     `sslmode` in a DSN, and any other name that is not a DSN option is left out, since asyncpg would
-    send it to the server as a setting, which refuses the connection."""
-    query = {("sslmode" if name == "ssl" else name): value for name, value in url.query.items()}
-    query = {name: value for name, value in query.items() if name in _DSN_OPTIONS}
+    send it to the server as a setting, which refuses the connection. Hosts given in the query (a
+    Unix socket, several hosts) are kept; repeated ones are joined, as a DSN lists them."""
+    query: dict[str, str] = {}
+    for name, value in url.query.items():
+        name = "sslmode" if name == "ssl" else name
+        if name in _DSN_OPTIONS:
+            query[name] = value if isinstance(value, str) else ",".join(value)
     return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 

@@ -341,3 +341,10 @@ def test_the_relays_listen_dsn_keeps_the_connection_options_and_leaves_out_what_
     assert listen_dsn(url) == (
         "postgresql://crm:s3cret@db.internal:5432/leads?sslmode=verify-full&target_session_attrs=read-write"
     )
+
+
+def test_the_relays_listen_dsn_keeps_hosts_given_in_the_query() -> None:
+    socket = make_url("postgresql+asyncpg://crm:pw@/leads?host=/var/run/postgresql")
+    assert listen_dsn(socket) == "postgresql://crm:pw@/leads?host=%2Fvar%2Frun%2Fpostgresql"
+    several = make_url("postgresql+asyncpg://crm:pw@/leads?host=db1:5432&host=db2:5433&ssl=require")
+    assert listen_dsn(several) == "postgresql://crm:pw@/leads?host=db1%3A5432%2Cdb2%3A5433&sslmode=require"
