@@ -1,7 +1,7 @@
 """Settings of the sales service (environment variables `CRM_SALES_*`)."""
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 from crm_platform.config import ServiceSettings
 from pydantic import Field, StringConstraints, model_validator
@@ -28,9 +28,10 @@ class SalesSettings(ServiceSettings):
     # Contract amounts from which finance, then admin, join the approval chain (after the manager).
     contract_finance_amount: Decimal = Decimal(100_000)
     contract_admin_amount: Decimal = Decimal(1_000_000)
-    # The currency of those two amounts, and what one unit of each other contract currency is worth
-    # in it (JSON, e.g. {"USD": "7.10"}). A contract in a currency without a rate cannot be submitted.
-    contract_threshold_currency: CurrencyCode = "CNY"
+    # The currency of those two amounts (empty: DEFAULT_CURRENCY, so a deployment that runs in one
+    # currency needs no rates), and what one unit of each other contract currency is worth in it
+    # (JSON, e.g. {"USD": "7.10"}). A contract in a currency without a rate cannot be submitted.
+    contract_threshold_currency: CurrencyCode | Literal[""] = ""
     contract_exchange_rates: dict[CurrencyCode, ExchangeRate] = {}
     # How often the overdue-installment timer runs and how many installments it claims per pass.
     overdue_interval_seconds: float = 60.0
@@ -40,6 +41,7 @@ class SalesSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _base_currency_has_no_rate(self) -> "SalesSettings":
+        self.contract_threshold_currency = self.contract_threshold_currency or self.default_currency
         # Catches rates left over from another threshold currency (they would be inverted).
         if self.contract_threshold_currency in self.contract_exchange_rates:
             raise ValueError(

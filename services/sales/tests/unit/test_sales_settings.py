@@ -21,6 +21,14 @@ def test_exchange_rates_are_read_as_json_into_the_contract_thresholds(monkeypatc
     )
 
 
+def test_the_thresholds_are_in_the_default_currency_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deployment that runs in USD needs no exchange rate to submit its USD contracts."""
+    monkeypatch.setenv("CRM_SALES_DEFAULT_CURRENCY", "USD")
+    assert SalesSettings().contract_thresholds().currency == "USD"
+    monkeypatch.setenv("CRM_SALES_CONTRACT_THRESHOLD_CURRENCY", "EUR")
+    assert SalesSettings().contract_thresholds().currency == "EUR"
+
+
 @pytest.mark.parametrize(
     ("rates", "currency"),
     [
