@@ -134,6 +134,7 @@ def test_serving_traces_the_gateways_database(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setenv("CRM_GATEWAY_DEV_MODE", "true")
     monkeypatch.setenv("CRM_GATEWAY_DEV_JWT_SECRET", SECRET)
     monkeypatch.setenv("CRM_GATEWAY_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}")
+    monkeypatch.setenv("CRM_GATEWAY_METRICS_PORT", "0")  # no listener on 9106, where `make run` may serve
     # The process-wide parts (logging, tracer provider) are not the subject here.
     monkeypatch.setattr(gateway_main, "configure_logging", lambda *args: None)
     monkeypatch.setattr(gateway_main, "configure_telemetry", lambda *args: None)
