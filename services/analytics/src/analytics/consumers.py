@@ -153,8 +153,9 @@ async def apply_account_deleted(conn: AsyncConnection, account_id: str) -> None:
 
 async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivor_id: str) -> None:
     """The duplicate's contracts, payments, tickets, CSAT and the rest move to the survivor. Sales
-    and the service desk re-point their own rows without an event for each, so analytics moves its
-    rows itself; records applied later resolve the duplicate's id through `surviving_account`."""
+    and the service desk re-point some of their own rows without an event for each (contracts,
+    payments, surveys), so analytics moves its rows itself; records applied later resolve the
+    duplicate's id through `surviving_account`."""
     await repo.lock_account(conn, duplicate_id, merging=True)
     await conn.execute(
         update(repo.accounts).where(repo.accounts.c.id == duplicate_id).values(merged_into_id=survivor_id)
@@ -460,6 +461,8 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         service_events.TicketCreated: ticket,
         service_events.TicketAssigned: ticket,
         service_events.TicketStatusChanged: ticket,
+        # Priority, due times and the rest as changed; the breach flags stay as reported (apply_sla_breach).
+        service_events.TicketUpdated: ticket,
         service_events.TicketSlaWarning: ticket,
         service_events.TicketSlaBreached: _sla_breached,
         service_events.TicketResolved: ticket,

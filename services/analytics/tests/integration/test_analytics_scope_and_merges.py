@@ -2,7 +2,8 @@
 (no broker): reports count only the caller's in-scope records (SPEC §9); an account merge brings the
 duplicate's records to the survivor in any order of the topics, even while partitions are applied
 concurrently (SPEC §10: a replay converges); an overdue installment owes what neither money
-received before its plan nor later payments paid."""
+received before its plan nor later payments paid; an updated ticket counts at its current priority
+and due times, a breach the service desk reported staying a breach."""
 
 import asyncio
 import itertools
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.integration
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 HANDLERS = handlers()
+ADMIN = (Principal(user_id="admin", roles=("admin",)), ALL_RECORDS)
 
 
 def team_scope(team: str) -> RecordScope:
@@ -418,3 +420,53 @@ async def test_an_overdue_installment_owes_what_neither_earlier_money_nor_later_
         "ACC1": ["1 overdue installment(s), 20.0000 CNY"],
         "ACC2": ["1 overdue installment(s), 50.0000 CNY"],
     }
+
+
+# ----------------------------------------------------------------------------------- service tickets
+
+
+def assigned_ticket(ticket_id: str, priority: str, version: int, first_response_due: Any) -> servicedesk_pb2.Ticket:
+    return servicedesk_pb2.Ticket(
+        id=ticket_id,
+        assignee_id="r9",
+        team="T",
+        region="east",
+        priority=priority,
+        effective_priority=priority,
+        status="assigned",
+        created_at=days_ago(1),
+        first_response_due_at=first_response_due,
+        resolution_due_at=days_ago(-2),
+        version=version,
+    )
+
+
+async def test_an_updated_ticket_counts_at_its_new_priority_and_due_times_and_a_reported_breach_stays(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    past, future = days_ago(0.9), days_ago(-0.1)
+    reported = assigned_ticket("T-REPORTED", "urgent", 1, past)
+    await deliver(
+        engine,
+        [
+            service_events.TicketCreated(ticket=assigned_ticket("T-LATE", "urgent", 1, past)),
+            service_events.TicketCreated(ticket=reported),
+            service_events.TicketSlaBreached(ticket=reported, target="first_response", due_at=past),
+        ],
+    )
+    with acting_as(*ADMIN):
+        before = await reports.service(ReportFilter(team="T"))
+    assert (before.open_urgent, before.first_response_breached) == (2, 2)
+
+    # Both lowered to low, their first response now due tomorrow.
+    await deliver(
+        engine,
+        [
+            service_events.TicketUpdated(ticket=assigned_ticket(ticket_id, "low", 2, future))
+            for ticket_id in ("T-LATE", "T-REPORTED")
+        ],
+    )
+    with acting_as(*ADMIN):
+        after = await reports.service(ReportFilter(team="T"))
+    # Not urgent any more; the late one is pending now, the reported breach is a fact that stays.
+    assert (after.open_urgent, after.first_response_breached, after.first_response_met) == (0, 1, 0)

@@ -1,6 +1,7 @@
 """Events this service consumes: accounts' tiers and regions, kept as a projection so tier-A (VIP)
 tickets are raised one priority without ever reading the accounts database; merges re-point
-tickets to the surviving account; a deleted account's tickets are closed and it takes no new ones."""
+tickets to the surviving account (the last of a chain of merges, whatever order they arrive in); a
+deleted account's tickets are closed and it takes no new ones."""
 
 from crm.accounts.v1 import events_pb2
 from crm_platform.config import KafkaSettings

@@ -1,6 +1,7 @@
 """Use cases of the service desk: one function per command, each in one unit of work that writes
 the change and its events (outbox) together."""
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -19,15 +20,17 @@ from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.pagination import page_limit
 from crm_platform.principal import current_principal, current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service_desk import domain
 from service_desk import repository as repo
 from service_desk.domain import FIRST_RESPONSE, RESOLUTION, SlaClock
-from service_desk.messages import actor, csat_to_proto, return_visit_to_proto, ticket_to_proto
+from service_desk.messages import actor, changed_ticket_fields, csat_to_proto, return_visit_to_proto, ticket_to_proto
 from service_desk.repository import TicketFilter
+
+log = logging.getLogger(__name__)
 
 TICKET_FIELDS = (
     "account_id",
@@ -142,18 +145,34 @@ async def _sla_targets(conn: AsyncConnection, priority: str) -> domain.SlaTarget
     return domain.SlaTargets(row.first_response_minutes, row.resolution_minutes)
 
 
-async def _ticket_account(conn: AsyncConnection, account_id: str) -> Any:
-    """The account a ticket is for, as the projection knows it (None: not known, or not yet), share-
-    locked so that the deletion of the account waits for the ticket to be written and then closes it.
-    A deleted account takes no tickets."""
-    if not account_id:
-        return None
+async def _merge_chain(conn: AsyncConnection, account_id: str, *, exclusive: bool) -> tuple[list[str], Any]:
+    """The account, then each account it was merged into, as the projection knows them, and the
+    projection's row of the last one, where the account lives on (None: not known, or not yet).
+    Each row is locked (shared for a ticket, exclusively for a merge), so a merge or deletion being
+    applied along the chain is waited for and then followed. A cycle (bad data: merges never record
+    one) ends the walk instead of looping."""
     table = repo.account_tiers
-    query = select(table).where(table.c.account_id == account_id).with_for_update(read=True)
-    account = (await conn.execute(query)).first()
+    chain = [account_id]
+    while True:
+        query = select(table).where(table.c.account_id == chain[-1]).with_for_update(read=not exclusive)
+        row = (await conn.execute(query)).first()
+        if row is None or not row.merged_into_id or row.merged_into_id in chain:
+            return chain, row
+        chain.append(row.merged_into_id)
+
+
+async def _ticket_account(conn: AsyncConnection, account_id: str) -> tuple[str, Any]:
+    """The account a ticket for `account_id` goes to: that account or, if it was merged, the one it
+    lives on as; and its row in the projection (None: not known, or not yet), share-locked so that
+    its deletion or merge waits for the ticket to be written and then closes or moves it. A deleted
+    account takes no tickets."""
+    if not account_id:
+        return "", None
+    chain, account = await _merge_chain(conn, account_id, exclusive=False)
     if account is not None and account.deleted_at is not None:
-        raise ValidationFailed([FieldError("account_id", f"account {account_id} was deleted")])
-    return account
+        which = account_id if len(chain) == 1 else f"{account_id} was merged into {chain[-1]}, which"
+        raise ValidationFailed([FieldError("account_id", f"account {which} was deleted")])
+    return chain[-1], account
 
 
 async def _apply_sla(conn: AsyncConnection, t: dict[str, Any], now: datetime) -> None:
@@ -246,11 +265,12 @@ async def create_ticket(
         if earlier is not None:
             row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == earlier))).one()
             return row, []
-        account = await _ticket_account(tx.conn, values.get("account_id", ""))
+        account_id, account = await _ticket_account(tx.conn, values.get("account_id", ""))
         custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
         t: dict[str, Any] = {
             "id": ticket_id,
             **{name: values.get(name) or "" for name in TICKET_FIELDS if name not in ("tags", "custom")},
+            "account_id": account_id,
             "tags": values.get("tags") or [],
             "custom": custom,
             "account_tier": account.tier if account is not None else "",
@@ -323,18 +343,20 @@ async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *,
             raise Conflict("a closed ticket cannot be changed", reason="TICKET_CLOSED")
         if "custom" in values:
             values = {**values, "custom": await _custom_values(tx.conn, values["custom"], existing=t["custom"])}
+        account = None
+        if values.get("account_id", t["account_id"]) != t["account_id"]:
+            account_id, account = await _ticket_account(tx.conn, values["account_id"])
+            values = {**values, "account_id": account_id}
         changed = {name: value for name, value in values.items() if t[name] != value}
         if not changed:
             return t
+        before = dict(t)
         t.update(changed)
         if "account_id" in changed:
-            account = await _ticket_account(tx.conn, t["account_id"])
             t["account_tier"] = account.tier if account is not None else ""
         if {"priority", "account_id"} & changed.keys():
             await _apply_sla(tx.conn, t, now)
-        t["updated_at"] = now
-        t["version"] += 1
-        await _store(tx.conn, t)
+        await _store_update(tx, before, t, now)
     return t
 
 
@@ -348,6 +370,19 @@ class _Row:
 
 async def _store(conn: AsyncConnection, t: Mapping[str, Any]) -> None:
     await conn.execute(update(repo.tickets).where(repo.tickets.c.id == t["id"]).values(**t))
+
+
+async def _store_update(tx: Transaction, before: Mapping[str, Any], t: dict[str, Any], now: datetime) -> None:
+    """Stores the changed ticket as its next version and publishes ticket.updated."""
+    t["updated_at"] = now
+    t["version"] += 1
+    await _store(tx.conn, t)
+    tx.publish(
+        events_pb2.TicketUpdated(
+            ticket=ticket_to_proto(t), changed_fields=changed_ticket_fields(before, t), actor=actor(current_principal())
+        ),
+        key=t["id"],
+    )
 
 
 async def list_tickets(
@@ -867,6 +902,8 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
     """Keeps the tier (VIP) and region of an account, from crm.accounts.v1 events. When the tier
     changes, the account's open tickets get the SLA targets of their new effective priority;
     returns how many were re-timed."""
+    if not account_id:
+        return 0  # bad data: "" is how a ticket without an account is stored
     values = {"account_id": account_id, "tier": tier, "region": region, "updated_at": utcnow()}
     table = repo.account_tiers
     if tx.conn.dialect.name == "postgresql":
@@ -889,42 +926,73 @@ async def _retime_open_tickets(tx: Transaction, account_id: str, tier: str) -> i
     rows = await tx.conn.execute(
         select(t)
         .where(t.c.account_id == account_id, t.c.status.in_(domain.OPEN_STATUSES), t.c.account_tier != tier)
+        .order_by(t.c.id)
         .with_for_update()
     )
-    columns = ("account_tier", "effective_priority", "first_response_due_at", "resolution_due_at", *_SLA_STATE)
     now = utcnow()
     retimed = 0
     for row in rows:
-        ticket = dict(row._mapping)
-        ticket["account_tier"] = tier
-        await _apply_sla(tx.conn, ticket, now)
-        await tx.conn.execute(update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in columns}))
+        await _change_account_facts(tx, dict(row._mapping), {"account_tier": tier}, now)
         retimed += 1
     return retimed
 
 
+async def _change_account_facts(
+    tx: Transaction, before: Mapping[str, Any], changes: Mapping[str, Any], now: datetime
+) -> None:
+    """A change the accounts context makes to a locked ticket (its account, its account's tier): an
+    open ticket of another tier gets the SLA targets of its new effective priority."""
+    t = {**before, **changes}
+    if t["status"] in domain.OPEN_STATUSES and t["account_tier"] != before["account_tier"]:
+        await _apply_sla(tx.conn, t, now)
+    await _store_update(tx, before, t, now)
+
+
 async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: str) -> None:
-    """Tickets, surveys and return visits of a merged-away account follow it to the survivor; its
-    open tickets are served at the survivor's tier from then on (a VIP survivor raises them), or
-    closed if the survivor's deletion came first (the two events travel under different keys)."""
+    """Tickets, surveys and return visits of a merged-away account go to the survivor or, if that
+    was merged in turn, to the end of the chain of merges (merges of different accounts arrive in
+    any order); the projection remembers where the duplicate went, for the tickets that name it
+    later. Moved open tickets are served at the final survivor's tier from then on (a VIP survivor
+    raises them), or closed if its deletion came first (the events travel under different keys)."""
+    if not survivor_id or not duplicate_id:
+        return  # bad data: "" is how a ticket without an account is stored
     table = repo.account_tiers
-    # Locked first, as its deletion locks it: the two apply one after the other, in either order.
-    query = select(table).where(table.c.account_id == survivor_id).with_for_update()
-    survivor = (await tx.conn.execute(query)).first()
-    for moving in (repo.tickets, repo.csat_responses, repo.return_visits):
-        await tx.conn.execute(update(moving).where(moving.c.account_id == duplicate_id).values(account_id=survivor_id))
-    await tx.conn.execute(delete(table).where(table.c.account_id == duplicate_id))
-    if survivor is None:
+    now = utcnow()
+    # Known or not (the projection may have missed its creation), the duplicate is remembered, and
+    # locked first: a ticket naming it waits for the merge, then follows it. Every writer locks a
+    # chain from its start towards the survivor, so none waits for another in the opposite order.
+    await insert_ignore(
+        tx.conn, table, {"account_id": duplicate_id, "tier": "", "region": "", "updated_at": now}, keys=["account_id"]
+    )
+    await tx.conn.execute(select(table.c.account_id).where(table.c.account_id == duplicate_id).with_for_update())
+    # The survivor's row is locked as its deletion locks it: the two apply one after the other.
+    chain, survivor = await _merge_chain(tx.conn, survivor_id, exclusive=True)
+    if duplicate_id in chain:
+        log.warning("ignored the merge of account %s into %s: it would close a cycle", duplicate_id, survivor_id)
         return
-    if survivor.deleted_at is not None:
-        await _close_tickets_of_deleted_account(tx, survivor_id)
-    else:
-        await _retime_open_tickets(tx, survivor_id, survivor.tier)
+    final_id = chain[-1]
+    await tx.conn.execute(
+        update(table).where(table.c.account_id == duplicate_id).values(merged_into_id=survivor_id, updated_at=now)
+    )
+    t = repo.tickets
+    moving = await tx.conn.execute(select(t).where(t.c.account_id == duplicate_id).order_by(t.c.id).with_for_update())
+    takes_tier = survivor is not None and survivor.deleted_at is None
+    for row in moving:
+        changes = {"account_id": final_id}
+        if takes_tier and row.status in domain.OPEN_STATUSES:
+            changes["account_tier"] = survivor.tier
+        await _change_account_facts(tx, dict(row._mapping), changes, now)
+    for records in (repo.csat_responses, repo.return_visits):
+        await tx.conn.execute(update(records).where(records.c.account_id == duplicate_id).values(account_id=final_id))
+    if survivor is not None and survivor.deleted_at is not None:
+        await _close_tickets_of_deleted_account(tx, final_id)
 
 
 async def apply_account_deleted(tx: Transaction, account_id: str) -> int:
     """Marks the account deleted in the projection (no more tickets for it) and closes its tickets;
     returns how many were closed. Repeated, it changes nothing."""
+    if not account_id:
+        return 0  # bad data: "" is how a ticket without an account is stored
     table = repo.account_tiers
     now = utcnow()
     # Known or not (the projection may have missed its creation), the account is remembered as deleted.

@@ -32,6 +32,17 @@ def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
     return message
 
 
+# What a ticket.updated event may list as changed: the Ticket fields but those changing every time.
+TICKET_CHANGE_FIELDS = tuple(
+    field.name for field in sd.Ticket.DESCRIPTOR.fields if field.name not in ("updated_at", "version")
+)
+
+
+def changed_ticket_fields(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """The Ticket fields whose value differs between two versions of a ticket, sorted."""
+    return sorted(name for name in TICKET_CHANGE_FIELDS if before[name] != after[name])
+
+
 def ticket_to_proto(row: Any) -> sd.Ticket:
     r = _values(row)
     message = sd.Ticket(

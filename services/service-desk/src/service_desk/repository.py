@@ -160,6 +160,9 @@ account_tiers = Table(
     Column("updated_at", TS, nullable=False),
     # Set by crm.accounts.v1 AccountDeleted: the account takes no more tickets (migration 0008).
     Column("deleted_at", TS),
+    # Set by AccountMerged: the survivor the account was merged into, which may have been merged in
+    # turn; its tickets, and new ones naming it, go to the end of that chain (migration 0009).
+    Column("merged_into_id", String(64), nullable=False, server_default=""),
 )
 
 csat_responses = Table(

@@ -1,9 +1,12 @@
-"""AccountDeleted from the accounts context (SPEC §7, §10), through the consumer's handler (no
-broker), on SQLite and PostgreSQL: the account's tickets are closed as a close by hand would be
-(events, stopped SLA clocks) and kept as history; the account takes no new tickets; a redelivery,
-a late update or a merge applied before or after the deletion ends the same."""
+"""AccountDeleted and AccountMerged from the accounts context (SPEC §7, §10), through the
+consumer's handler (no broker), on SQLite and PostgreSQL: the account's tickets are closed as a
+close by hand would be (events, stopped SLA clocks) and kept as history; the account takes no new
+tickets; a redelivery, a late update or a merge applied before or after the deletion ends the same.
+Merges of different accounts arrive in any order: a merged account's tickets, and new tickets that
+name it, end on the last survivor of its chain of merges, at its tier, or closed if it was deleted."""
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -27,12 +30,14 @@ from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
 from service_desk.consumers import build_consumer
 from service_desk.handlers import Context
+from service_desk.repository import TicketFilter
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
 
 STATUS_CHANGED = "crm.service.ticket.status_changed"
 CLOSED = "crm.service.ticket.closed"
+UPDATED = "crm.service.ticket.updated"
 
 
 async def _desk(url: str) -> AsyncIterator[Context]:
@@ -65,8 +70,8 @@ async def deliver(ctx: Context, *messages: Message) -> None:
             await handle(tx, ReceivedEvent(headers, message, "", "crm.accounts.v1", 0, 0))
 
 
-def created(account_id: str, tier: str = "B") -> accounts_events.AccountCreated:
-    return accounts_events.AccountCreated(account=accounts_pb2.Account(id=account_id, tier=tier, region="east"))
+def created(account_id: str, tier: str = "B", region: str = "east") -> accounts_events.AccountCreated:
+    return accounts_events.AccountCreated(account=accounts_pb2.Account(id=account_id, tier=tier, region=region))
 
 
 def deleted(account_id: str) -> accounts_events.AccountDeleted:
@@ -77,9 +82,9 @@ def merged(survivor_id: str, duplicate_id: str) -> accounts_events.AccountMerged
     return accounts_events.AccountMerged(survivor_id=survivor_id, duplicate_id=duplicate_id)
 
 
-async def _ticket(ctx: Context, account_id: str, *, dispatch: bool = False) -> Any:
+async def _ticket(ctx: Context, account_id: str, *, dispatch: bool = False, priority: str = "urgent") -> Any:
     ticket, _ = await handlers.create_ticket(
-        ctx, {"subject": f"Issue of {account_id}", "account_id": account_id, "priority": "urgent"},
+        ctx, {"subject": f"Issue of {account_id}", "account_id": account_id, "priority": priority},
         idempotency_key="", skip_dispatch=not dispatch,
     )  # fmt: skip
     return ticket
@@ -231,3 +236,135 @@ async def test_tickets_wait_for_a_deletion_being_applied_on_postgres(ctx_on_post
     await merging
     row = await _row(ctx, moving["id"])
     assert (row.account_id, row.status) == ("acme", "closed")
+
+
+# --- merges ----------------------------------------------------------------------------------------
+
+
+def orders(*events: Message) -> pytest.MarkDecorator:
+    """Every order of the events (each travels under its own account's key), named as "a>b,-c":
+    a merged into b, then c deleted."""
+
+    def name(event: Any) -> str:
+        return f"{event.duplicate_id}>{event.survivor_id}" if hasattr(event, "survivor_id") else f"-{event.account_id}"
+
+    return pytest.mark.parametrize(
+        "events", list(itertools.permutations(events)), ids=lambda order: ",".join(map(name, order))
+    )
+
+
+@orders(merged("b", "a"), merged("c", "b"), merged("d", "c"))
+async def test_tickets_of_a_chain_of_merges_end_on_its_last_survivor_in_any_order(
+    ctx: Context, events: tuple[Message, ...]
+) -> None:
+    await deliver(ctx, created("a"), created("b"), created("c"), created("d", tier="A", region="north"))
+    await handlers.create_agent(ctx, {"id": "ag-1", "name": "Bo", "region": "east"}, idempotency_key="")
+    answered = await _ticket(ctx, "a", dispatch=True, priority="normal")
+    await handlers.change_status(ctx, answered["id"], "resolved", expected_version=0, note="")
+    await handlers.submit_csat(ctx, answered["id"], 5, "", idempotency_key="")
+    open_ones = [await _ticket(ctx, account_id, priority="normal") for account_id in "abc"]
+
+    await deliver(ctx, *events)
+
+    for ticket in open_ones:
+        row = await _row(ctx, ticket["id"])
+        # Served at d's tier: VIP, one priority up.
+        assert (row.account_id, row.account_tier, row.effective_priority) == ("d", "A", "high")
+        # Consumers learn where it went, and at which version, from its last ticket.updated.
+        last_update = [payload for event_type, payload in await _events(ctx, ticket["id"]) if event_type == UPDATED][-1]
+        published = desk_events.TicketUpdated.FromString(last_update).ticket
+        assert (published.account_id, published.effective_priority, published.version) == ("d", "high", row.version)
+    # A resolved ticket and its survey follow as history, at the tier they were served at.
+    row = await _row(ctx, answered["id"])
+    assert (row.account_id, row.account_tier) == ("d", "B")
+    surveys, _ = await handlers.list_csat(ctx, ticket_id="", account_id="d", page=handlers.Page())
+    assert [s.ticket_id for s in surveys] == [answered["id"]]
+    for account_id in "abc":
+        assert (await handlers.list_tickets(ctx, TicketFilter(account_id=account_id), handlers.Page()))[0] == []
+
+
+@orders(merged("b", "a"), merged("c", "b"), deleted("c"))
+async def test_tickets_merged_along_a_chain_into_a_deleted_account_are_closed_in_any_order(
+    ctx: Context, events: tuple[Message, ...]
+) -> None:
+    await deliver(ctx, created("a"), created("b"), created("c"))
+    moved = [await _ticket(ctx, "a"), await _ticket(ctx, "b")]
+    await deliver(ctx, *events)
+    for ticket in moved:
+        row = await _row(ctx, ticket["id"])
+        assert (row.account_id, row.status, row.next_sla_check_at) == ("c", "closed", None)
+        assert [t for t, _ in await _events(ctx, ticket["id"])].count(CLOSED) == 1
+
+
+async def test_a_ticket_naming_a_merged_away_account_goes_to_the_account_it_lives_on_as(ctx: Context) -> None:
+    await deliver(ctx, created("a"), created("b"), created("c", tier="A", region="north"))
+    await deliver(ctx, merged("c", "b"), merged("b", "a"))
+    # Created: on c, at c's tier, in c's region (the ticket names none).
+    ticket = await _ticket(ctx, "a", priority="normal")
+    assert (ticket["account_id"], ticket["account_tier"], ticket["effective_priority"]) == ("c", "A", "high")
+    assert ticket["region"] == "north"
+    # Moved by an update: on c, at c's tier.
+    other = await _ticket(ctx, "", priority="normal")
+    moved = await handlers.update_ticket(ctx, other["id"], {"account_id": "a"}, expected_version=0)
+    assert (moved["account_id"], moved["account_tier"], moved["effective_priority"]) == ("c", "A", "high")
+    # Naming another id of the account it is on already changes nothing.
+    events = await _events(ctx, other["id"])
+    again = await handlers.update_ticket(ctx, other["id"], {"account_id": "b"}, expected_version=0)
+    assert (again["account_id"], again["version"]) == ("c", moved["version"])
+    assert await _events(ctx, other["id"]) == events
+
+
+async def test_a_ticket_naming_an_account_merged_into_a_deleted_one_is_refused(ctx: Context) -> None:
+    await deliver(ctx, created("a"), created("b"), merged("b", "a"), deleted("b"))
+    with pytest.raises(ValidationFailed) as caught:
+        await _ticket(ctx, "a")
+    errors = [(e.field, e.message) for e in caught.value.errors]
+    assert errors == [("account_id", "account a was merged into b, which was deleted")]
+
+
+async def test_a_merge_that_would_close_a_cycle_is_ignored(ctx: Context) -> None:
+    await deliver(ctx, created("a"), created("b"))
+    tickets = [await _ticket(ctx, "a"), await _ticket(ctx, "b")]
+    # Bad data: a into b, then b into a, and a into itself.
+    await deliver(ctx, merged("b", "a"), merged("a", "b"), merged("a", "a"))
+    for ticket in tickets:
+        assert (await _row(ctx, ticket["id"])).account_id == "b"
+    for account_id in "ab":
+        assert (await _ticket(ctx, account_id))["account_id"] == "b"
+
+
+async def test_account_events_without_an_account_id_leave_tickets_without_an_account_alone(ctx: Context) -> None:
+    ticket = await _ticket(ctx, "")
+    outbox = await _outbox_size(ctx)
+    await deliver(ctx, created("", tier="A"), merged("acme", ""), merged("", "acme"), deleted(""))
+    row = await _row(ctx, ticket["id"])
+    assert (row.account_id, row.status, row.account_tier) == ("", "new", "")
+    assert await _outbox_size(ctx) == outbox
+
+
+async def test_merges_wait_for_the_merge_of_their_survivor_being_applied_on_postgres(
+    ctx_on_postgres: Context,
+) -> None:
+    """A merge into b, or a ticket for b, while b's own merge into c is being applied waits for it,
+    then goes on to c."""
+    ctx = ctx_on_postgres
+    await deliver(ctx, created("a"), created("b"), created("c", tier="A"))
+    moving = await _ticket(ctx, "a")
+    applied, release = asyncio.Event(), asyncio.Event()
+
+    async def merge_and_hold() -> None:
+        async with ctx.uow.begin() as tx:
+            await handlers.apply_account_merge(tx, "c", "b")
+            applied.set()
+            await release.wait()
+
+    merge = asyncio.create_task(merge_and_hold())
+    await applied.wait()
+    merging = asyncio.create_task(deliver(ctx, merged("b", "a")))
+    creating = asyncio.create_task(_ticket(ctx, "b"))
+    await asyncio.sleep(0.5)
+    assert not merging.done() and not creating.done()
+    release.set()
+    await merge
+    await merging
+    assert ((await _row(ctx, moving["id"])).account_id, (await creating)["account_id"]) == ("c", "c")

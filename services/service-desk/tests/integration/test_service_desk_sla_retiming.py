@@ -1,7 +1,8 @@
 """A ticket's SLA after its targets move (a priority change, an account's tier change), on SQLite and
 PostgreSQL: its warnings, breaches and breach escalation hold against the current targets only; the
 breach events already published stay as history; the timer announces what the new targets make due,
-once, and again what comes true later under them."""
+once, and again what comes true later under them. Each change is published as ticket.updated, with
+what followed from it (an escalation lifted), so consumers keep the ticket's targets current."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from crm.servicedesk.v1 import events_pb2 as desk_events
 from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
+from crm_platform.principal import ALL_RECORDS, Principal, acting_as
 from crm_platform.timeutil import from_timestamp, utcnow
 from service_desk import handlers
 from service_desk import repository as repo
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.integration
 WARNING = "crm.service.ticket.sla_warning"
 BREACHED = "crm.service.ticket.sla_breached"
 ESCALATED = "crm.service.ticket.escalated"
+UPDATED = "crm.service.ticket.updated"
 
 
 @pytest.fixture
@@ -168,3 +171,54 @@ async def test_an_account_dropping_out_of_vip_lifts_a_breach_too(ctx: Context) -
     row = await _row(ctx, ticket["id"])
     assert (row.effective_priority, row.first_response_breached_at, row.escalated) == ("normal", None, False)
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
+
+
+async def test_an_update_is_published_with_the_ticket_after_it_and_what_it_changed(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    ticket = await _ticket(ctx, "urgent")
+    at(ctx, start + timedelta(minutes=20))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1  # breached and escalated as urgent
+
+    with acting_as(Principal(user_id="lead-1", roles=("admin",)), ALL_RECORDS):
+        lowered = await handlers.update_ticket(
+            ctx, ticket["id"], {"priority": "low", "subject": "Line slow"}, expected_version=0
+        )
+    event_type, payload = (await _events(ctx, ticket["id"]))[-1]
+    assert event_type == UPDATED
+    update = desk_events.TicketUpdated.FromString(payload)
+    assert (update.ticket.priority, update.ticket.subject, update.ticket.version) == ("low", "Line slow", 2)
+    assert from_timestamp(update.ticket.first_response_due_at) == start + timedelta(hours=8)
+    # The breach escalation lifted by the change is announced with it.
+    assert (update.ticket.escalated, update.ticket.escalation_reason) == (False, "")
+    assert list(update.changed_fields) == [
+        "effective_priority", "escalated", "escalation_reason", "first_response_due_at", "priority",
+        "resolution_due_at", "subject",
+    ]  # fmt: skip
+    assert update.actor.user_id == "lead-1"
+    assert lowered["version"] == 2
+
+    # An update that changes nothing publishes nothing.
+    await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)
+    assert (await _types(ctx, ticket["id"])).count(UPDATED) == 1
+
+
+async def test_a_tier_change_publishes_each_retimed_ticket_as_updated_by_the_system(ctx: Context) -> None:
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account(tx, "acme", "A", "east")
+    ticket = await _ticket(ctx, "normal", account_id="acme")
+    async with ctx.uow.begin() as tx:
+        assert await handlers.apply_account(tx, "acme", "B", "east") == 1
+    event_type, payload = (await _events(ctx, ticket["id"]))[-1]
+    assert event_type == UPDATED
+    update = desk_events.TicketUpdated.FromString(payload)
+    row = await _row(ctx, ticket["id"])
+    assert (update.ticket.account_tier, update.ticket.effective_priority) == ("B", "normal")
+    assert update.ticket.version == row.version == 2
+    assert from_timestamp(update.ticket.resolution_due_at) == row.resolution_due_at
+    changed = ["account_tier", "effective_priority", "first_response_due_at", "resolution_due_at"]
+    assert (list(update.changed_fields), update.actor.kind) == (changed, "system")
+    # Applied again, the tier changes nothing: nothing more is published.
+    async with ctx.uow.begin() as tx:
+        assert await handlers.apply_account(tx, "acme", "B", "east") == 0
+    assert (await _types(ctx, ticket["id"])).count(UPDATED) == 1
