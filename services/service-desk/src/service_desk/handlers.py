@@ -337,15 +337,18 @@ async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *,
     _fail(domain.validate_ticket(values, partial=True))
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
+        # The account before the ticket, in the order a merge or deletion applied meanwhile locks
+        # them (accounts, then their tickets): the other order deadlocks with it on PostgreSQL.
+        account_id, account = (
+            await _ticket_account(tx.conn, values["account_id"]) if "account_id" in values else ("", None)
+        )
         t = await _ticket_for_update(tx.conn, ticket_id)
         _check_version("ticket", _Row(t), expected_version)
         if t["status"] == "closed":
             raise Conflict("a closed ticket cannot be changed", reason="TICKET_CLOSED")
         if "custom" in values:
             values = {**values, "custom": await _custom_values(tx.conn, values["custom"], existing=t["custom"])}
-        account = None
-        if values.get("account_id", t["account_id"]) != t["account_id"]:
-            account_id, account = await _ticket_account(tx.conn, values["account_id"])
+        if "account_id" in values:
             values = {**values, "account_id": account_id}
         changed = {name: value for name, value in values.items() if t[name] != value}
         if not changed:

@@ -6,6 +6,7 @@ Merges of different accounts arrive in any order: a merged account's tickets, an
 name it, end on the last survivor of its chain of merges, at its tier, or closed if it was deleted."""
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -368,3 +369,42 @@ async def test_merges_wait_for_the_merge_of_their_survivor_being_applied_on_post
     await merge
     await merging
     assert ((await _row(ctx, moving["id"])).account_id, (await creating)["account_id"]) == ("c", "c")
+
+
+async def test_moving_a_ticket_to_an_account_while_a_merge_into_it_is_applied_does_not_deadlock_on_postgres(
+    ctx_on_postgres: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent moves a ticket of d to s while AccountMerged(s <- d) is applied. Both lock the
+    accounts before the ticket, so one waits for the other; in the opposite order PostgreSQL aborts
+    one of them with a deadlock."""
+    ctx = ctx_on_postgres
+    await deliver(ctx, created("s"), created("d"))
+    ticket = await _ticket(ctx, "d")
+    agent_holds_ticket, merge_holds_accounts = asyncio.Event(), asyncio.Event()
+    lock_ticket, lock_chain = handlers._ticket_for_update, handlers._merge_chain
+
+    async def ticket_then_wait_for_the_merge(conn: Any, ticket_id: str) -> Any:
+        locked = await lock_ticket(conn, ticket_id)
+        agent_holds_ticket.set()
+        with contextlib.suppress(TimeoutError):  # the merge may wait for this update instead
+            await asyncio.wait_for(merge_holds_accounts.wait(), 0.5)
+        return locked
+
+    async def chain_then_tell(conn: Any, account_id: str, *, exclusive: bool) -> Any:
+        chain = await lock_chain(conn, account_id, exclusive=exclusive)
+        if exclusive:
+            merge_holds_accounts.set()
+        return chain
+
+    monkeypatch.setattr(handlers, "_ticket_for_update", ticket_then_wait_for_the_merge)
+    monkeypatch.setattr(handlers, "_merge_chain", chain_then_tell)
+
+    async def merge_once_the_agent_holds_the_ticket() -> None:
+        await agent_holds_ticket.wait()
+        await deliver(ctx, merged("s", "d"))
+
+    moved, _ = await asyncio.gather(
+        handlers.update_ticket(ctx, ticket["id"], {"account_id": "s"}, expected_version=ticket["version"]),
+        merge_once_the_agent_holds_the_ticket(),
+    )
+    assert moved["account_id"] == "s" and (await _row(ctx, ticket["id"])).account_id == "s"
