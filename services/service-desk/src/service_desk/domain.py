@@ -253,6 +253,19 @@ def validate_csat(status: str, resolved: bool, score: int, comment: str) -> None
         raise Conflict("a survey needs a resolved ticket; this one was closed unresolved", reason="TICKET_NOT_RESOLVED")
 
 
+# A return visit is open until done, or cancelled when its account is deleted (nobody to call).
+RETURN_VISIT_STATUSES = ("open", "done", "cancelled")
+VISIT_CANCELLED_WITH_THE_ACCOUNT = "account_deleted"
+
+
+def check_visit_completion(status: str) -> None:
+    """Raises Conflict (HTTP 409) unless the return visit is open: only an open one can be done."""
+    if status == "done":
+        raise Conflict("the return visit is already done", reason="ALREADY_DONE")
+    if status != "open":
+        raise Conflict(f"a {status} return visit cannot be done", reason="ILLEGAL_TRANSITION")
+
+
 def return_visit_due(resolved_at: datetime, account_tier: str, days: float) -> datetime | None:
     """Tier-A accounts get a follow-up call `days` after resolution (回访); others none."""
     if account_tier.upper() != VIP_TIER:

@@ -5,7 +5,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from crm.servicedesk.v1 import events_pb2
 from crm_platform import custom_fields as cf
@@ -17,7 +17,6 @@ from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, S
 from crm_platform.ids import new_id
 from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
-from crm_platform.pagination import page_limit
 from crm_platform.principal import current_principal, current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import and_, insert, select, update
@@ -145,16 +144,20 @@ async def _sla_targets(conn: AsyncConnection, priority: str) -> domain.SlaTarget
     return domain.SlaTargets(row.first_response_minutes, row.resolution_minutes)
 
 
-async def _merge_chain(conn: AsyncConnection, account_id: str, *, exclusive: bool) -> tuple[list[str], Any]:
+async def _merge_chain(
+    conn: AsyncConnection, account_id: str, *, lock: Literal["share", "exclusive"] | None
+) -> tuple[list[str], Any]:
     """The account, then each account it was merged into, as the projection knows them, and the
     projection's row of the last one, where the account lives on (None: not known, or not yet).
     Each row is locked (shared for a ticket, exclusively for a merge), so a merge or deletion being
-    applied along the chain is waited for and then followed. A cycle (bad data: merges never record
-    one) ends the walk instead of looping."""
+    applied along the chain is waited for and then followed; a list reads without locks (None), as
+    committed. A cycle (bad data: merges never record one) ends the walk instead of looping."""
     table = repo.account_tiers
     chain = [account_id]
     while True:
-        query = select(table).where(table.c.account_id == chain[-1]).with_for_update(read=not exclusive)
+        query = select(table).where(table.c.account_id == chain[-1])
+        if lock is not None:
+            query = query.with_for_update(read=lock == "share")
         row = (await conn.execute(query)).first()
         if row is None or not row.merged_into_id or row.merged_into_id in chain:
             return chain, row
@@ -168,11 +171,20 @@ async def _ticket_account(conn: AsyncConnection, account_id: str) -> tuple[str, 
     account takes no tickets."""
     if not account_id:
         return "", None
-    chain, account = await _merge_chain(conn, account_id, exclusive=False)
+    chain, account = await _merge_chain(conn, account_id, lock="share")
     if account is not None and account.deleted_at is not None:
         which = account_id if len(chain) == 1 else f"{account_id} was merged into {chain[-1]}, which"
         raise ValidationFailed([FieldError("account_id", f"account {which} was deleted")])
     return chain[-1], account
+
+
+async def _account_filter(conn: AsyncConnection, account_id: str) -> str:
+    """The account a list filter by `account_id` finds records of: the account or, if it was merged,
+    the one it lives on as, where its tickets, surveys and return visits went."""
+    if not account_id:
+        return ""
+    chain, _ = await _merge_chain(conn, account_id, lock=None)
+    return chain[-1]
 
 
 async def _apply_sla(conn: AsyncConnection, t: dict[str, Any], now: datetime) -> None:
@@ -397,6 +409,7 @@ async def list_tickets(
     _fail(errors)
     async with ctx.uow.engine.connect() as conn:
         f.custom = await load_filters(conn, repo.custom_fields, TICKET_ENTITY, custom_pairs)
+        f.account_id = await _account_filter(conn, f.account_id)
         return await repo.list_tickets(conn, current_scope(), f, limit=page.limit, cursor=page.cursor, sort=page.sort)
 
 
@@ -780,10 +793,10 @@ async def list_csat(ctx: Context, *, ticket_id: str, account_id: str, page: Page
     conditions = [scope_clause(table, current_scope())]
     if ticket_id:
         conditions.append(table.c.ticket_id == ticket_id)
-    if account_id:
-        conditions.append(table.c.account_id == account_id)
     sorts = {"submitted_at": table.c.submitted_at}
     async with ctx.uow.engine.connect() as conn:
+        if account_id:
+            conditions.append(table.c.account_id == await _account_filter(conn, account_id))
         return await repo._page(
             conn, select(table).where(and_(*conditions)), sorts, table.c.id, page.limit, page.cursor, page.sort,
             "-submitted_at",
@@ -793,17 +806,19 @@ async def list_csat(ctx: Context, *, ticket_id: str, account_id: str, page: Page
 async def list_return_visits(
     ctx: Context, *, account_id: str, status: str, assignee_id: str, due_before: datetime | None, page: Page
 ) -> tuple[list[Any], str]:
-    if status not in ("", "open", "done"):
-        raise ValidationFailed([FieldError("status", "must be open or done")])
+    if status and status not in domain.RETURN_VISIT_STATUSES:
+        raise ValidationFailed([FieldError("status", f"must be one of {', '.join(domain.RETURN_VISIT_STATUSES)}")])
     table = repo.return_visits
     conditions = [scope_clause(table, current_scope())]
-    for name, value in (("account_id", account_id), ("status", status), ("assignee_id", assignee_id)):
+    for name, value in (("status", status), ("assignee_id", assignee_id)):
         if value:
             conditions.append(table.c[name] == value)
     if due_before is not None:
         conditions.append(table.c.due_at < due_before)
     sorts = {"due_at": table.c.due_at, "created_at": table.c.created_at}
     async with ctx.uow.engine.connect() as conn:
+        if account_id:
+            conditions.append(table.c.account_id == await _account_filter(conn, account_id))
         return await repo._page(
             conn, select(table).where(and_(*conditions)), sorts, table.c.id, page.limit, page.cursor, page.sort,
             "due_at",
@@ -816,8 +831,7 @@ async def complete_return_visit(ctx: Context, visit_id: str, notes: str) -> Any:
         row = (await tx.conn.execute(select(table).where(table.c.id == visit_id).with_for_update())).first()
         if row is None or not current_scope().allows(owner_id=row.owner_id, team=row.team, region=row.region):
             raise NotFound("return_visit", visit_id)
-        if row.status == "done":
-            raise Conflict("the return visit is already done", reason="ALREADY_DONE")
+        domain.check_visit_completion(row.status)
         await tx.conn.execute(
             update(table).where(table.c.id == visit_id).values(status="done", notes=notes, completed_at=ctx.clock())
         )
@@ -871,14 +885,17 @@ async def update_article(ctx: Context, article_id: str, values: dict[str, Any], 
         return (await tx.conn.execute(select(table).where(table.c.id == article_id))).one()
 
 
-async def search_articles(ctx: Context, q: str, *, category: str, limit: int, include_unpublished: bool) -> list[Any]:
+async def search_articles(
+    ctx: Context, q: str, *, category: str, limit: int, include_unpublished: bool, cursor: str = ""
+) -> tuple[list[Any], str]:
+    """A page of the articles matching every word of `q` (all without one) and the next page's cursor."""
     terms = domain.search_terms(q, min_length=1, stop_words=False)
     if q.strip() and not terms:
         raise ValidationFailed([FieldError("q", "has no searchable words")])
     async with ctx.uow.engine.connect() as conn:
         return await repo.search_articles(
-            conn, terms, any_term=False, category=category, published_only=not include_unpublished,
-            limit=page_limit(limit),
+            conn, terms, any_term=False, category=category, published_only=not include_unpublished, limit=limit,
+            cursor=cursor,
         )  # fmt: skip
 
 
@@ -886,7 +903,7 @@ async def _suggestions(conn: AsyncConnection, t: Mapping[str, Any], limit: int) 
     terms = domain.search_terms(f"{t['subject']} {t['description']}")
     if not terms or limit <= 0:
         return []
-    found = await repo.search_articles(conn, terms, any_term=True, category="", published_only=True, limit=limit * 3)
+    found, _ = await repo.search_articles(conn, terms, any_term=True, category="", published_only=True, limit=limit * 3)
     # Articles of the ticket's category first, keeping the relevance order within each group.
     ordered = sorted(found, key=lambda row: row.category != t["category"])
     return ordered[:limit]
@@ -956,7 +973,8 @@ async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: s
     was merged in turn, to the end of the chain of merges (merges of different accounts arrive in
     any order); the projection remembers where the duplicate went, for the tickets that name it
     later. Moved open tickets are served at the final survivor's tier from then on (a VIP survivor
-    raises them), or closed if its deletion came first (the events travel under different keys)."""
+    raises them), or closed, and open return visits cancelled, if its deletion came first (the
+    events travel under different keys)."""
     if not survivor_id or not duplicate_id:
         return  # bad data: "" is how a ticket without an account is stored
     table = repo.account_tiers
@@ -969,7 +987,7 @@ async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: s
     )
     await tx.conn.execute(select(table.c.account_id).where(table.c.account_id == duplicate_id).with_for_update())
     # The survivor's row is locked as its deletion locks it: the two apply one after the other.
-    chain, survivor = await _merge_chain(tx.conn, survivor_id, exclusive=True)
+    chain, survivor = await _merge_chain(tx.conn, survivor_id, lock="exclusive")
     if duplicate_id in chain:
         log.warning("ignored the merge of account %s into %s: it would close a cycle", duplicate_id, survivor_id)
         return
@@ -988,12 +1006,12 @@ async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: s
     for records in (repo.csat_responses, repo.return_visits):
         await tx.conn.execute(update(records).where(records.c.account_id == duplicate_id).values(account_id=final_id))
     if survivor is not None and survivor.deleted_at is not None:
-        await _close_tickets_of_deleted_account(tx, final_id)
+        await _end_service_of_deleted_account(tx, final_id)
 
 
 async def apply_account_deleted(tx: Transaction, account_id: str) -> int:
-    """Marks the account deleted in the projection (no more tickets for it) and closes its tickets;
-    returns how many were closed. Repeated, it changes nothing."""
+    """Marks the account deleted in the projection (no more tickets for it), closes its tickets and
+    cancels its open return visits; returns how many tickets were closed. Repeated, it changes nothing."""
     if not account_id:
         return 0  # bad data: "" is how a ticket without an account is stored
     table = repo.account_tiers
@@ -1007,7 +1025,36 @@ async def apply_account_deleted(tx: Transaction, account_id: str) -> int:
         .where(table.c.account_id == account_id, table.c.deleted_at.is_(None))
         .values(deleted_at=now, updated_at=now)
     )
-    return await _close_tickets_of_deleted_account(tx, account_id)
+    return await _end_service_of_deleted_account(tx, account_id)
+
+
+async def _end_service_of_deleted_account(tx: Transaction, account_id: str) -> int:
+    """Closes the deleted account's tickets, then cancels its open return visits: in that order, a
+    ticket whose resolution the closing waited for has scheduled its visit by then. Returns how many
+    tickets were closed."""
+    closed = await _close_tickets_of_deleted_account(tx, account_id)
+    await _cancel_return_visits_of_deleted_account(tx, account_id)
+    return closed
+
+
+async def _cancel_return_visits_of_deleted_account(tx: Transaction, account_id: str) -> None:
+    """Cancels every open return visit of the deleted account (nobody is left to call), with a note
+    saying why, and publishes return_visit.cancelled for each; done visits stay as history."""
+    table = repo.return_visits
+    note = f"Cancelled: account {account_id} was deleted."
+    cancelled = await tx.conn.execute(
+        update(table)
+        .where(table.c.account_id == account_id, table.c.status == "open")
+        .values(status="cancelled", notes=note)
+        .returning(*table.c)
+    )
+    for visit in cancelled:
+        tx.publish(
+            events_pb2.ReturnVisitCancelled(
+                return_visit=return_visit_to_proto(visit), reason=domain.VISIT_CANCELLED_WITH_THE_ACCOUNT
+            ),
+            key=visit.ticket_id,
+        )
 
 
 async def _close_tickets_of_deleted_account(tx: Transaction, account_id: str) -> int:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     String,
     Table,
     Text,
@@ -218,6 +219,8 @@ kb_articles = Table(
     Column("updated_at", TS, nullable=False),
     Column("version", BigInteger, nullable=False),
     Index("ix_kb_articles_category", "category", "published"),
+    # The list without a search, newest first, pages along it (migration 0010).
+    Index("ix_kb_articles_updated", "updated_at", "id"),
     # PostgreSQL also has `search`, a stored tsvector of title and body with a GIN index (migration 0003).
 )
 
@@ -341,35 +344,51 @@ async def list_agents(
 # --- knowledge base --------------------------------------------------------------------------------
 
 
+KB_SORTS = {"updated_at": kb_articles.c.updated_at}
+# A PostgreSQL search's results, with their relevance, come from a subquery: keyset_page pages by
+# Columns, and these, unbound, name its columns.
+KB_RANK = Column("rank", Numeric(20, 10), nullable=False)
+KB_RANKED_ID = Column("id", String(36), nullable=False)
+
+
 async def search_articles(
-    conn: AsyncConnection, terms: list[str], *, any_term: bool, category: str, published_only: bool, limit: int
-) -> list[Any]:
-    """Full text on PostgreSQL (the GIN-indexed tsvector, ranked), substring match on SQLite."""
+    conn: AsyncConnection,
+    terms: list[str],
+    *,
+    any_term: bool,
+    category: str,
+    published_only: bool,
+    limit: int,
+    cursor: str = "",
+) -> tuple[list[Any], str]:
+    """A page of the articles matching the terms (all, or any) and the next page's cursor. Full
+    text on PostgreSQL (the GIN-indexed tsvector), most relevant first, then by id; substring
+    match on SQLite, which has no relevance, and every article without terms: most recently
+    updated first, then by id."""
     a = kb_articles
     conditions: list[Any] = []
     if published_only:
         conditions.append(a.c.published.is_(True))
     if category:
         conditions.append(a.c.category == category)
-    query = select(a)
-    if conn.dialect.name == "postgresql":
+    if conn.dialect.name == "postgresql" and terms:
         document: ColumnElement[Any] = literal_column(KB_SEARCH_COLUMN)
-        if terms:
-            joiner = " | " if any_term else " & "
-            tsquery = func.to_tsquery("simple", joiner.join(f"{term}:*" for term in terms))
-            conditions.append(document.op("@@")(tsquery))
-            query = query.order_by(func.ts_rank(document, tsquery).desc(), a.c.updated_at.desc())
-        else:
-            query = query.order_by(a.c.updated_at.desc())
-    else:
-        matches = [
-            or_(
-                func.lower(a.c.title).contains(term, autoescape=True),
-                func.lower(a.c.body).contains(term, autoescape=True),
-            )
-            for term in terms
-        ]
-        if matches:
-            conditions.append(or_(*matches) if any_term else and_(*matches))
-        query = query.order_by(a.c.updated_at.desc())
-    return list(await conn.execute(query.where(and_(*conditions)).limit(limit)))
+        joiner = " | " if any_term else " & "
+        tsquery = func.to_tsquery("simple", joiner.join(f"{term}:*" for term in terms))
+        conditions.append(document.op("@@")(tsquery))
+        # As numeric: a value the cursor carries as text and gives back exactly, so the next page
+        # starts right after the last row (a real would not compare equal to its decimal text).
+        # Ranks equal to 10 decimals tie, and go by id.
+        rank = cast(func.ts_rank(document, tsquery), KB_RANK.type).label(KB_RANK.name)
+        ranked = select(a, rank).where(and_(*conditions)).subquery("ranked")
+        return await _page(conn, select(ranked), {KB_RANK.name: KB_RANK}, KB_RANKED_ID, limit, cursor, "", "-rank")
+    matches = [
+        or_(
+            func.lower(a.c.title).contains(term, autoescape=True),
+            func.lower(a.c.body).contains(term, autoescape=True),
+        )
+        for term in terms
+    ]
+    if matches:
+        conditions.append(or_(*matches) if any_term else and_(*matches))
+    return await _page(conn, select(a).where(and_(*conditions)), KB_SORTS, a.c.id, limit, cursor, "", "-updated_at")

@@ -258,14 +258,15 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
         return pb.UpdateKbArticleResponse(article=article_to_proto(row))
 
     async def SearchKbArticles(self, request: pb.SearchKbArticlesRequest, context: Ctx) -> pb.SearchKbArticlesResponse:
-        rows = await handlers.search_articles(
+        rows, cursor = await handlers.search_articles(
             self.ctx,
             request.q,
             category=request.category,
-            limit=request.limit,
+            limit=request.page.limit or request.limit,
             include_unpublished=request.include_unpublished,
+            cursor=request.page.cursor,
         )
-        return pb.SearchKbArticlesResponse(items=[article_to_proto(r) for r in rows])
+        return pb.SearchKbArticlesResponse(items=[article_to_proto(r) for r in rows], page_info=_info(cursor))
 
     async def SuggestKbArticles(
         self, request: pb.SuggestKbArticlesRequest, context: Ctx

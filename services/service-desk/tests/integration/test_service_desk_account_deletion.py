@@ -105,6 +105,28 @@ async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
     return [(event_type, payload) for event_type, payload in rows]
 
 
+async def _return_visit(ctx: Context, account_id: str) -> Any:
+    """The return visit scheduled by resolving a ticket of the (tier-A) account."""
+    ticket = await _ticket(ctx, account_id)
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+    table = repo.return_visits
+    async with ctx.uow.engine.connect() as conn:
+        return (await conn.execute(select(table).where(table.c.ticket_id == ticket["id"]))).one()
+
+
+async def _visit_row(ctx: Context, visit_id: str) -> Any:
+    table = repo.return_visits
+    async with ctx.uow.engine.connect() as conn:
+        return (await conn.execute(select(table).where(table.c.id == visit_id))).one()
+
+
+async def _visits(ctx: Context, *, account_id: str = "", status: str = "") -> list[str]:
+    rows, _ = await handlers.list_return_visits(
+        ctx, account_id=account_id, status=status, assignee_id="", due_before=None, page=handlers.Page()
+    )
+    return [row.id for row in rows]
+
+
 async def _outbox_size(ctx: Context) -> int:
     async with ctx.uow.engine.connect() as conn:
         return len(list(await conn.execute(select(repo.metadata.tables["outbox"].c.seq))))
@@ -135,7 +157,7 @@ async def test_deleting_an_account_closes_its_tickets_and_keeps_them_as_history(
         row = await _row(ctx, ticket["id"])
         assert (row.account_id, row.status, row.next_sla_check_at) == ("acme", "closed", None)
         assert row.closed_at is not None
-        events = await _events(ctx, ticket["id"])
+        events = [event for event in await _events(ctx, ticket["id"]) if event[0].startswith("crm.service.ticket.")]
         assert [event_type for event_type, _ in events[-2:]] == [STATUS_CHANGED, CLOSED]
         change = desk_events.TicketStatusChanged.FromString(events[-2][1])
         assert (change.from_status, change.to_status, change.ticket.status) == (previous, "closed", "closed")
@@ -179,15 +201,18 @@ async def test_a_deleted_account_takes_no_new_tickets_even_after_a_late_update(c
 
 
 async def test_an_account_deletion_applied_twice_changes_nothing_the_second_time(ctx: Context) -> None:
-    await deliver(ctx, created("acme"))
+    await deliver(ctx, created("acme", tier="A"))
     ticket = await _ticket(ctx, "acme")
+    visit = await _return_visit(ctx, "acme")
     await deliver(ctx, deleted("acme"))
     row, outbox = await _row(ctx, ticket["id"]), await _outbox_size(ctx)
+    cancelled = await _visit_row(ctx, visit.id)
     table = repo.account_tiers
     async with ctx.uow.engine.connect() as conn:
         deleted_at = await conn.scalar(select(table.c.deleted_at).where(table.c.account_id == "acme"))
     await deliver(ctx, deleted("acme"))  # redelivered under another event id: past the inbox
     assert await _row(ctx, ticket["id"]) == row
+    assert await _visit_row(ctx, visit.id) == cancelled
     assert await _outbox_size(ctx) == outbox
     async with ctx.uow.engine.connect() as conn:
         assert await conn.scalar(select(table.c.deleted_at).where(table.c.account_id == "acme")) == deleted_at
@@ -280,8 +305,11 @@ async def test_tickets_of_a_chain_of_merges_end_on_its_last_survivor_in_any_orde
     assert (row.account_id, row.account_tier) == ("d", "B")
     surveys, _ = await handlers.list_csat(ctx, ticket_id="", account_id="d", page=handlers.Page())
     assert [s.ticket_id for s in surveys] == [answered["id"]]
+    # Filtered by any account of the chain, the tickets are found where they went.
+    on_d, _ = await handlers.list_tickets(ctx, TicketFilter(account_id="d"), handlers.Page())
+    assert {row.id for row in on_d} == {answered["id"], *(ticket["id"] for ticket in open_ones)}
     for account_id in "abc":
-        assert (await handlers.list_tickets(ctx, TicketFilter(account_id=account_id), handlers.Page()))[0] == []
+        assert (await handlers.list_tickets(ctx, TicketFilter(account_id=account_id), handlers.Page()))[0] == on_d
 
 
 @orders(merged("b", "a"), merged("c", "b"), deleted("c"))
@@ -390,9 +418,9 @@ async def test_moving_a_ticket_to_an_account_while_a_merge_into_it_is_applied_do
             await asyncio.wait_for(merge_holds_accounts.wait(), 0.5)
         return locked
 
-    async def chain_then_tell(conn: Any, account_id: str, *, exclusive: bool) -> Any:
-        chain = await lock_chain(conn, account_id, exclusive=exclusive)
-        if exclusive:
+    async def chain_then_tell(conn: Any, account_id: str, *, lock: Any) -> Any:
+        chain = await lock_chain(conn, account_id, lock=lock)
+        if lock == "exclusive":
             merge_holds_accounts.set()
         return chain
 
@@ -408,3 +436,115 @@ async def test_moving_a_ticket_to_an_account_while_a_merge_into_it_is_applied_do
         merge_once_the_agent_holds_the_ticket(),
     )
     assert moved["account_id"] == "s" and (await _row(ctx, ticket["id"])).account_id == "s"
+
+
+# --- return visits of a deleted account --------------------------------------------------------------
+
+VISIT_CANCELLED = "crm.service.return_visit.cancelled"
+
+
+async def test_deleting_an_account_cancels_its_open_return_visits_and_keeps_the_done_ones(ctx: Context) -> None:
+    await deliver(ctx, created("acme", tier="A"), created("other", tier="A"))
+    scheduled, called = await _return_visit(ctx, "acme"), await _return_visit(ctx, "acme")
+    await handlers.complete_return_visit(ctx, called.id, "Happy with the fix")
+    elsewhere = await _return_visit(ctx, "other")
+
+    await deliver(ctx, deleted("acme"))
+
+    # Off the agents' open lists, and listed as cancelled, saying why.
+    assert await _visits(ctx, status="open") == [elsewhere.id]
+    assert await _visits(ctx, status="cancelled") == [scheduled.id]
+    visit = await _visit_row(ctx, scheduled.id)
+    assert (visit.status, visit.notes, visit.completed_at) == (
+        "cancelled",
+        "Cancelled: account acme was deleted.",
+        None,
+    )
+    done = await _visit_row(ctx, called.id)
+    assert (done.status, done.notes) == ("done", "Happy with the fix")
+    # Announced once, after the ticket's close, under the ticket's key as its scheduling was.
+    events = await _events(ctx, scheduled.ticket_id)
+    assert [event_type for event_type, _ in events].count(VISIT_CANCELLED) == 1
+    assert events[-1][0] == VISIT_CANCELLED
+    announced = desk_events.ReturnVisitCancelled.FromString(events[-1][1])
+    assert (announced.return_visit.id, announced.return_visit.status, announced.reason) == (
+        scheduled.id, "cancelled", "account_deleted"
+    )  # fmt: skip
+    assert VISIT_CANCELLED not in {event_type for event_type, _ in await _events(ctx, called.ticket_id)}
+    # Nobody is left to call: completing it is refused.
+    with pytest.raises(Conflict) as caught:
+        await handlers.complete_return_visit(ctx, scheduled.id, "Called anyway")
+    assert caught.value.reason == "ILLEGAL_TRANSITION"
+    assert (await _visit_row(ctx, scheduled.id)).status == "cancelled"
+
+
+@pytest.mark.parametrize("deletion_first", [True, False], ids=["deletion-first", "merge-first"])
+async def test_return_visits_merged_into_a_deleted_account_are_cancelled_in_either_order(
+    ctx: Context, deletion_first: bool
+) -> None:
+    await deliver(ctx, created("dup", tier="A"), created("acme", tier="A"))
+    moved, own = await _return_visit(ctx, "dup"), await _return_visit(ctx, "acme")
+    events = [deleted("acme"), merged("acme", "dup")]
+    await deliver(ctx, *(events if deletion_first else reversed(events)))
+    for visit in (moved, own):
+        row = await _visit_row(ctx, visit.id)
+        assert (row.account_id, row.status) == ("acme", "cancelled")
+        assert [t for t, _ in await _events(ctx, visit.ticket_id)].count(VISIT_CANCELLED) == 1
+
+
+async def test_listing_return_visits_by_an_unknown_status_names_the_status(ctx: Context) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        await _visits(ctx, status="skipped")
+    assert [(e.field, e.message) for e in caught.value.errors] == [("status", "must be one of open, done, cancelled")]
+
+
+# --- lists filtered by a merged-away account ---------------------------------------------------------
+
+
+@orders(merged("b", "a"), merged("c", "b"))
+async def test_lists_filtered_by_a_merged_away_account_find_the_records_where_they_went(
+    ctx: Context, events: tuple[Message, ...]
+) -> None:
+    await deliver(ctx, created("a", tier="A"), created("b"), created("c"), created("z", tier="A"))
+    visit = await _return_visit(ctx, "a")
+    await handlers.submit_csat(ctx, visit.ticket_id, 5, "", idempotency_key="")
+    other = await _return_visit(ctx, "z")  # another account's records are not found
+
+    await deliver(ctx, *events)
+
+    for account_id in "abc":
+        tickets, _ = await handlers.list_tickets(ctx, TicketFilter(account_id=account_id), handlers.Page())
+        surveys, _ = await handlers.list_csat(ctx, ticket_id="", account_id=account_id, page=handlers.Page())
+        assert [row.id for row in tickets] == [visit.ticket_id]
+        assert [row.ticket_id for row in surveys] == [visit.ticket_id]
+        assert await _visits(ctx, account_id=account_id) == [visit.id]
+    assert other.id not in await _visits(ctx, account_id="a")
+
+
+async def test_a_list_filtered_by_an_account_does_not_wait_for_a_merge_being_applied_on_postgres(
+    ctx_on_postgres: Context,
+) -> None:
+    """A list takes no lock: while b's merge into c is applied (the chain locked), a list by b
+    answers at once, with what is committed (the ticket still on b), and by c after the merge."""
+    ctx = ctx_on_postgres
+    await deliver(ctx, created("b"), created("c"))
+    ticket = await _ticket(ctx, "b")
+    applied, release = asyncio.Event(), asyncio.Event()
+
+    async def merge_and_hold() -> None:
+        async with ctx.uow.begin() as tx:
+            await handlers.apply_account_merge(tx, "c", "b")
+            applied.set()
+            await release.wait()
+
+    merge = asyncio.create_task(merge_and_hold())
+    await applied.wait()
+    try:
+        async with asyncio.timeout(5):
+            listed, _ = await handlers.list_tickets(ctx, TicketFilter(account_id="b"), handlers.Page())
+    finally:
+        release.set()
+        await merge
+    assert [row.id for row in listed] == [ticket["id"]]
+    moved, _ = await handlers.list_tickets(ctx, TicketFilter(account_id="b"), handlers.Page())
+    assert [(row.id, row.account_id) for row in moved] == [(ticket["id"], "c")]

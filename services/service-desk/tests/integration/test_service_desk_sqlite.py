@@ -63,7 +63,7 @@ async def test_sqlite_ticket_lifecycle_dispatch_and_kb(ctx: Context) -> None:
         assert ticket["assignee_id"] == "ag-1" and ticket["status"] == "assigned"
         assert ticket["effective_priority"] == "normal" and ticket["region"] == "north"
         assert [a.title for a in suggested] == ["Router keeps rebooting"]
-        found = await handlers.search_articles(ctx, "firmware", category="", limit=10, include_unpublished=False)
+        found, _ = await handlers.search_articles(ctx, "firmware", category="", limit=10, include_unpublished=False)
         assert [a.title for a in found] == ["Router keeps rebooting"]
 
         # Capacity 1 is full: the next network ticket is queued and escalated.

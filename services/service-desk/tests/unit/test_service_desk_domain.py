@@ -306,6 +306,15 @@ def test_return_visit_only_for_tier_a() -> None:
     assert domain.return_visit_due(T0, "", 3) is None
 
 
+def test_only_an_open_return_visit_can_be_done() -> None:
+    domain.check_visit_completion("open")
+    with pytest.raises(Conflict) as done:
+        domain.check_visit_completion("done")
+    with pytest.raises(Conflict) as cancelled:
+        domain.check_visit_completion("cancelled")
+    assert (done.value.reason, cancelled.value.reason) == ("ALREADY_DONE", "ILLEGAL_TRANSITION")
+
+
 def test_ticket_validation_names_each_field() -> None:
     errors = domain.validate_ticket({"subject": " ", "channel": "fax", "priority": "p1", "tags": [""]}, partial=False)
     assert {e.field for e in errors} == {"subject", "channel", "priority", "tags"}
