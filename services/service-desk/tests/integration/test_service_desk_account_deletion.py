@@ -8,7 +8,6 @@ name it, end on the last survivor of its chain of merges, at its tier, or closed
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,19 +15,16 @@ import pytest
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import events_pb2 as accounts_events
 from crm.servicedesk.v1 import events_pb2 as desk_events
-from crm_platform import migrations
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings
 from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import create_engine
 from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.ids import new_id
-from crm_platform.outbox import UnitOfWork
+from crm_platform.testing.outbox import outbox_events
 from crm_platform.timeutil import utcnow
 from google.protobuf.message import Message
 from service_desk import handlers
 from service_desk import repository as repo
-from service_desk.__main__ import MIGRATIONS
 from service_desk.consumers import build_consumer
 from service_desk.handlers import Context
 from service_desk.repository import TicketFilter
@@ -41,23 +37,13 @@ CLOSED = "crm.service.ticket.closed"
 UPDATED = "crm.service.ticket.updated"
 
 
-async def _desk(url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
-    await engine.dispose()
+async def _row(ctx: Context, ticket_id: str) -> Any:
+    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
+    return row
 
 
-@pytest.fixture
-async def ctx(each_database_url: str) -> AsyncIterator[Context]:
-    async for desk in _desk(each_database_url):
-        yield desk
-
-
-@pytest.fixture
-async def ctx_on_postgres(postgres_url: str) -> AsyncIterator[Context]:
-    async for desk in _desk(postgres_url):
-        yield desk
+async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
+    return await outbox_events(ctx.uow.engine, repo.metadata, key)
 
 
 async def deliver(ctx: Context, *messages: Message) -> None:
@@ -89,20 +75,6 @@ async def _ticket(ctx: Context, account_id: str, *, dispatch: bool = False, prio
         idempotency_key="", skip_dispatch=not dispatch,
     )  # fmt: skip
     return ticket
-
-
-async def _row(ctx: Context, ticket_id: str) -> Any:
-    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
-    return row
-
-
-async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
-    outbox = repo.metadata.tables["outbox"]
-    async with ctx.uow.engine.connect() as conn:
-        rows = await conn.execute(
-            select(outbox.c.type, outbox.c.payload).where(outbox.c.key == key).order_by(outbox.c.seq)
-        )
-    return [(event_type, payload) for event_type, payload in rows]
 
 
 async def _return_visit(ctx: Context, account_id: str) -> Any:

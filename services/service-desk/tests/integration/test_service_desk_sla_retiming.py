@@ -4,24 +4,18 @@ breach events already published stay as history; the timer announces what the ne
 once, and again what comes true later under them. Each change is published as ticket.updated, with
 what followed from it (an escalation lifted), so consumers keep the ticket's targets current."""
 
-import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 from crm.servicedesk.v1 import events_pb2 as desk_events
-from crm_platform import migrations
-from crm_platform.db import create_engine
-from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
+from crm_platform.testing.outbox import outbox_events
 from crm_platform.timeutil import from_timestamp, utcnow
 from service_desk import handlers
 from service_desk import repository as repo
-from service_desk.__main__ import MIGRATIONS
 from service_desk.handlers import Context, Page
 from service_desk.repository import TicketFilter
-from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
 
@@ -31,12 +25,13 @@ ESCALATED = "crm.service.ticket.escalated"
 UPDATED = "crm.service.ticket.updated"
 
 
-@pytest.fixture
-async def ctx(each_database_url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
-    engine = create_engine(each_database_url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
-    await engine.dispose()
+async def _row(ctx: Context, ticket_id: str) -> Any:
+    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
+    return row
+
+
+async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
+    return await outbox_events(ctx.uow.engine, repo.metadata, key)
 
 
 def at(ctx: Context, moment: datetime) -> None:
@@ -48,20 +43,6 @@ async def _ticket(ctx: Context, priority: str, **values: Any) -> Any:
         ctx, {"subject": "Line down", "priority": priority, **values}, idempotency_key="", skip_dispatch=True
     )
     return ticket
-
-
-async def _row(ctx: Context, ticket_id: str) -> Any:
-    row, _, _, _ = await handlers.get_ticket(ctx, ticket_id)
-    return row
-
-
-async def _events(ctx: Context, key: str) -> list[tuple[str, bytes]]:
-    outbox = repo.metadata.tables["outbox"]
-    async with ctx.uow.engine.connect() as conn:
-        rows = await conn.execute(
-            select(outbox.c.type, outbox.c.payload).where(outbox.c.key == key).order_by(outbox.c.seq)
-        )
-    return [(event_type, payload) for event_type, payload in rows]
 
 
 async def _types(ctx: Context, key: str) -> list[str]:
