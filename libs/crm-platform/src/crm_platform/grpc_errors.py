@@ -24,24 +24,59 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Trailing metadata of a RESOURCE_EXHAUSTED error: whole seconds until a retry may succeed.
 RETRY_AFTER_KEY = "retry-after"
 
+# gRPC refuses trailers over 16 KiB (the hard metadata limit): the caller would get a
+# RESOURCE_EXHAUSTED about metadata instead of the error. An error carries the input it refuses
+# and travels twice (percent-encoded in grpc-message, base64 in the details), so what it says is
+# bounded, in bytes of UTF-8, to stay far below whatever the input was: at most about 8 KiB.
+MAX_TEXT_BYTES = 500  # the message, each field violation's field and description, each metadata value
+MAX_FIELD_VIOLATIONS = 100
+FIELD_VIOLATIONS_BYTES = 4096
+ELLIPSIS = "…"
+
+
+def _bounded(text: str) -> str:
+    """`text`, cut to MAX_TEXT_BYTES of UTF-8 with an ellipsis where it was cut."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_TEXT_BYTES:
+        return text
+    kept = encoded[: MAX_TEXT_BYTES - len(ELLIPSIS.encode())]
+    return kept.decode(errors="ignore") + ELLIPSIS  # "ignore": drops a character cut in two
+
+
+def _field_violations(errors: list[FieldError]) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    """The first errors, as many as MAX_FIELD_VIOLATIONS and FIELD_VIOLATIONS_BYTES allow, then
+    one saying how many more there are (naming no field)."""
+    violations: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for error in errors[:MAX_FIELD_VIOLATIONS]:
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=_bounded(error.field), description=_bounded(error.message)
+        )
+        size += violation.ByteSize()
+        if size > FIELD_VIOLATIONS_BYTES:
+            break
+        violations.append(violation)
+    if len(violations) < len(errors):
+        more = f"{ELLIPSIS} and {len(errors) - len(violations)} more"
+        violations.append(error_details_pb2.BadRequest.FieldViolation(description=more))
+    return violations
+
 
 def _info(reason: str, **metadata: str) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata))
+    bounded = {key: _bounded(value) for key, value in metadata.items()}
+    packed.Pack(error_details_pb2.ErrorInfo(reason=_bounded(reason), domain=DOMAIN, metadata=bounded))
     return packed
 
 
 def to_status(error: CrmError) -> grpc.Status:
+    """The status of a domain error, with its details; small enough for gRPC's trailers whatever
+    the error says (see MAX_TEXT_BYTES)."""
     details: list[any_pb2.Any] = []
     match error:
         case ValidationFailed():
             code = code_pb2.INVALID_ARGUMENT
-            bad_request = error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=e.field, description=e.message)
-                    for e in error.errors
-                ]
-            )
+            bad_request = error_details_pb2.BadRequest(field_violations=_field_violations(error.errors))
             packed = any_pb2.Any()
             packed.Pack(bad_request)
             details.append(packed)
@@ -64,7 +99,7 @@ def to_status(error: CrmError) -> grpc.Status:
             code = code_pb2.UNAVAILABLE
         case _:
             code = code_pb2.INTERNAL
-    return rpc_status.to_status(status_pb2.Status(code=code, message=error.detail, details=details))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=_bounded(error.detail), details=details))
 
 
 @dataclass(slots=True)

@@ -8,6 +8,31 @@ from crm.common.v1 import common_pb2
 from crm_platform.errors import FieldError, ValidationFailed
 
 CENT = Decimal("0.01")
+# What the API accepts: whole cents (stored amounts may carry 4 places, as computed ones do).
+AMOUNT_PLACES = 2
+# Money columns are NUMERIC(20, 4) (accounts, sales, analytics) or NUMERIC(18, 2) (campaign costs):
+# 16 digits before the point. An amount has at most 12, so sums of many of them fit too.
+MAX_AMOUNT = Decimal("999999999999.99")
+
+# ISO 4217 List One (currency and fund codes in use): Debian's iso-codes 4.15 (iso_4217.json), with
+# the amendments since: ZWG for ZWL (2024), XCG for ANG (2025), and HRK (2023, the euro), SLL (2024,
+# the new leone SLE) and BGN (2026, the euro) withdrawn. Without the codes that price nothing: the
+# precious metals (XAG, XAU, XPD, XPT), bond market units (XBA to XBD), testing (XTS), none (XXX).
+# fmt: off
+ISO_4217_CURRENCIES = frozenset({
+    "AED", "AFN", "ALL", "AMD", "AOA", "ARS", "AUD", "AWG", "AZN", "BAM", "BBD", "BDT", "BHD", "BIF", "BMD", "BND",
+    "BOB", "BOV", "BRL", "BSD", "BTN", "BWP", "BYN", "BZD", "CAD", "CDF", "CHE", "CHF", "CHW", "CLF", "CLP", "CNY",
+    "COP", "COU", "CRC", "CUC", "CUP", "CVE", "CZK", "DJF", "DKK", "DOP", "DZD", "EGP", "ERN", "ETB", "EUR", "FJD",
+    "FKP", "GBP", "GEL", "GHS", "GIP", "GMD", "GNF", "GTQ", "GYD", "HKD", "HNL", "HTG", "HUF", "IDR", "ILS", "INR",
+    "IQD", "IRR", "ISK", "JMD", "JOD", "JPY", "KES", "KGS", "KHR", "KMF", "KPW", "KRW", "KWD", "KYD", "KZT", "LAK",
+    "LBP", "LKR", "LRD", "LSL", "LYD", "MAD", "MDL", "MGA", "MKD", "MMK", "MNT", "MOP", "MRU", "MUR", "MVR", "MWK",
+    "MXN", "MXV", "MYR", "MZN", "NAD", "NGN", "NIO", "NOK", "NPR", "NZD", "OMR", "PAB", "PEN", "PGK", "PHP", "PKR",
+    "PLN", "PYG", "QAR", "RON", "RSD", "RUB", "RWF", "SAR", "SBD", "SCR", "SDG", "SEK", "SGD", "SHP", "SLE", "SOS",
+    "SRD", "SSP", "STN", "SVC", "SYP", "SZL", "THB", "TJS", "TMT", "TND", "TOP", "TRY", "TTD", "TWD", "TZS", "UAH",
+    "UGX", "USD", "USN", "UYI", "UYU", "UYW", "UZS", "VED", "VES", "VND", "VUV", "WST", "XAF", "XCD", "XCG", "XDR",
+    "XOF", "XPF", "XSU", "XUA", "YER", "ZAR", "ZMW", "ZWG",
+})
+# fmt: on
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +67,33 @@ def parse_decimal(text: str, *, field: str) -> Decimal:
     return value
 
 
+def check_amount(value: Decimal, *, field: str, allow_zero: bool = True) -> list[FieldError]:
+    """What is wrong with a money amount (a finite decimal), at most one error: its sign, its size
+    (MAX_AMOUNT, what every money column holds) or its precision (whole cents)."""
+    if value <= 0 and not allow_zero:
+        return [FieldError(field, "must be greater than zero")]
+    if value < 0:
+        return [FieldError(field, "must not be negative")]
+    if value > MAX_AMOUNT:
+        return [FieldError(field, f"must not exceed {MAX_AMOUNT}")]
+    if value != value.quantize(CENT):  # in range: quantize cannot overflow the decimal context
+        return [FieldError(field, f"at most {AMOUNT_PLACES} decimal places")]
+    return []
+
+
+def parse_amount(text: str, *, field: str, allow_zero: bool = True) -> Decimal:
+    """A money amount from its string form, or a validation error naming the field."""
+    value = parse_decimal(text, field=field)
+    errors = check_amount(value, field=field, allow_zero=allow_zero)
+    if errors:
+        raise ValidationFailed(errors)
+    return value
+
+
 def parse_currency(text: str, *, field: str) -> str:
+    """An ISO 4217 code (ISO_4217_CURRENCIES), upper-cased: `cny` is CNY."""
     code = text.strip().upper()
-    if len(code) != 3 or not code.isalpha():
+    if code not in ISO_4217_CURRENCIES:
         raise ValidationFailed([FieldError(field, f"{text!r} is not an ISO 4217 currency code")])
     return code
 

@@ -40,17 +40,36 @@ def encode_cursor(values: Sequence[Any]) -> str:
 
 
 def decode_cursor(cursor: str) -> list[Any]:
-    values = _decode(cursor)
+    values = decode_cursor_json(cursor)
     if not isinstance(values, list):
         raise _refused(NOT_ISSUED)
     return values
 
 
+def decode_cursor_json(cursor: str) -> Any:
+    """What a cursor made by base64url-encoding JSON carries; a ValidationFailed on `cursor` unless
+    `cursor` is exactly what encoding that JSON gave. base64 decoding alone is lenient: it skips
+    characters outside its alphabet and anything after the padding, so an edited cursor would
+    still be read, as another one."""
+    try:
+        data = base64.urlsafe_b64decode(cursor.encode())
+        if base64.urlsafe_b64encode(data).decode() != cursor:
+            raise ValueError("not the cursor's own encoding")
+        return json.loads(data)
+    except (ValueError, RecursionError):  # RecursionError: arrays nested a few thousand deep
+        raise _refused(NOT_ISSUED) from None
+
+
+def sort_field(sort: str) -> tuple[str, bool]:
+    """`-name` → ("name", True), `name` → ("name", False). One `-` at most: of `--name` or `-` the
+    field left is `-name` or '', which no list sorts by."""
+    descending = sort.startswith("-")
+    return sort.removeprefix("-"), descending
+
+
 def parse_sort(sort: str, allowed: dict[str, Column[Any]], *, default: str) -> tuple[Column[Any], bool]:
     """`-created_at` → (column, descending). Unknown fields are a validation error."""
-    text = sort or default
-    descending = text.startswith("-")
-    name = text.lstrip("-")
+    name, descending = sort_field(sort or default)
     if name not in allowed:
         raise ValidationFailed([FieldError("sort", f"cannot sort by {name!r}; allowed: {', '.join(sorted(allowed))}")])
     return allowed[name], descending
@@ -105,20 +124,13 @@ def _encode(payload: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(payload, default=str).encode()).decode()
 
 
-def _decode(cursor: str) -> Any:
-    try:
-        return json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (ValueError, RecursionError):  # RecursionError: arrays nested a few thousand deep
-        raise _refused(NOT_ISSUED) from None
-
-
 def _refused(message: str) -> ValidationFailed:
     return ValidationFailed([FieldError("cursor", message)])
 
 
 def _after(cursor: str, sort_column: Column[Any], id_column: Column[Any]) -> tuple[Any, Any]:
     """The sort value and id a cursor starts after, typed as their columns, if it fits this list."""
-    payload = _decode(cursor)
+    payload = decode_cursor_json(cursor)
     if isinstance(payload, dict) and set(payload) == {"sort", "value", "id"}:
         made_for = payload["sort"]
         if made_for not in (sort_column.name, sort_column.key):
@@ -169,8 +181,11 @@ def _typed(column_type: TypeEngine[Any], value: Any) -> Any:
             raise ValueError("not a finite number")
         if isinstance(sql_type, Numeric) and sql_type.precision is not None:
             scale = sql_type.scale or 0
-            if abs(number.quantize(Decimal(1).scaleb(-scale))) >= Decimal(10) ** (sql_type.precision - scale):
+            held = number.quantize(Decimal(1).scaleb(-scale))
+            if held != number or abs(held) >= Decimal(10) ** (sql_type.precision - scale):
                 raise ValueError("more digits than the column has")
+        elif not -1000 < number.as_tuple().exponent < 1000:  # type: ignore[operator]
+            raise ValueError("an exponent no database column holds")
         return number
     if python_type is int:
         if type(value) is not int:  # not a bool or a float either

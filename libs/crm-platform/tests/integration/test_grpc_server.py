@@ -47,6 +47,15 @@ async def refuse(request: bytes, context: Any) -> bytes:
     raise ValidationFailed([FieldError("email", "is not an email address")])
 
 
+async def refuse_at_length(request: bytes, context: Any) -> bytes:
+    """Quotes the input as the services do: in the message and in each of 2,000 field errors."""
+    text = request.decode()
+    raise ValidationFailed(
+        [FieldError("source", f"{text!r} is too long")]
+        + [FieldError(f"items[{index}].name", f"{text[:100]!r} is not a product") for index in range(1999)]
+    )
+
+
 async def dawdle(request: bytes, context: Any) -> bytes:
     await asyncio.sleep(5)
     return b"too late"
@@ -66,6 +75,7 @@ async def channel(database_url: str, kafka_settings: KafkaSettings) -> AsyncIter
             "WhoAmI": whoami,
             "TraceId": trace_id,
             "Refuse": refuse,
+            "RefuseAtLength": refuse_at_length,
             "Dawdle": dawdle,
             "Crash": crash,
         }.items()
@@ -142,6 +152,26 @@ async def test_domain_errors_arrive_with_field_details(channel: grpc.aio.Channel
     remote = from_rpc_error(caught.value)
     assert remote.code == grpc.StatusCode.INVALID_ARGUMENT
     assert remote.field_errors == [FieldError("email", "is not an email address")]
+
+
+@pytest.mark.parametrize("letter", ["a", "好"])
+async def test_an_error_quoting_a_huge_input_arrives_bounded_not_as_a_metadata_overflow(
+    channel: grpc.aio.Channel, letter: str
+) -> None:
+    # Sent whole, the error's trailers outgrew gRPC's 16 KiB limit: the caller got
+    # RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" (HTTP 429) instead.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await channel.unary_unary(f"/{SERVICE}/RefuseAtLength")((letter * 20_000).encode())
+    remote = from_rpc_error(caught.value)
+    assert remote.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert remote.message.startswith(f"source: '{letter * 10}") and remote.message.endswith("…")
+    first, *intact, more = remote.field_errors
+    assert first.field == "source" and first.message.startswith(f"'{letter * 10}") and first.message.endswith("…")
+    assert intact == [
+        FieldError(f"items[{index}].name", f"{letter * 100!r} is not a product") for index in range(len(intact))
+    ]
+    assert intact  # the first errors are all there, as they were raised
+    assert more == FieldError("", f"… and {2000 - 1 - len(intact)} more")
 
 
 async def test_a_call_is_cut_at_the_servers_deadline(channel: grpc.aio.Channel) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from crm_platform.db import UtcDateTime
 from crm_platform.errors import ValidationFailed
-from crm_platform.pagination import keyset_page, next_cursor
+from crm_platform.pagination import decode_cursor, encode_cursor, keyset_page, next_cursor, parse_sort
 from sqlalchemy import Column, Date, Integer, MetaData, Numeric, String, Table, select
 
 pytestmark = pytest.mark.unit
@@ -118,6 +118,45 @@ def test_a_cursor_that_is_not_json_is_refused(cursor: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "edit",
+    [
+        lambda issued: issued + "x",
+        lambda issued: issued + "=x",
+        lambda issued: issued + "AAAA",
+        lambda issued: issued + "\n",
+        lambda issued: issued[:10] + "." + issued[10:],
+        lambda issued: issued.rstrip("="),
+    ],
+    ids=["junk after it", "junk after more padding", "a block after it", "a new line", "a dot inside", "no padding"],
+)
+def test_a_cursor_is_taken_only_exactly_as_issued(edit: Any) -> None:
+    # Lenient base64 skips what is not in its alphabet and what follows the padding: these
+    # decoded to the issued cursor's own JSON and were taken.
+    issued = cursor_after("created_at", CREATED)
+    assert issued.endswith("=")  # the padding the edits go past
+    assert page_after(issued)
+    assert refusal(edit(issued)) == "is not a cursor this API issued"
+    values = encode_cursor(["2026-11-23", "d-10"])
+    assert values.endswith("=")
+    assert decode_cursor(values) == ["2026-11-23", "d-10"]
+    with pytest.raises(ValidationFailed):
+        decode_cursor(edit(values))
+
+
+@pytest.mark.parametrize("sort", ["-", "--", "--name", "+name", "name-", " name"])
+def test_a_sort_names_one_field_with_at_most_one_minus(sort: str) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_sort(sort, {"name": deals.c.name}, default="-name")
+    assert [e.field for e in caught.value.errors] == ["sort"]
+
+
+def test_a_sort_is_ascending_or_with_one_minus_descending() -> None:
+    assert parse_sort("name", {"name": deals.c.name}, default="-name") == (deals.c.name, False)
+    assert parse_sort("-name", {"name": deals.c.name}, default="name") == (deals.c.name, True)
+    assert parse_sort("", {"name": deals.c.name}, default="-name") == (deals.c.name, True)
+
+
+@pytest.mark.parametrize(
     ("sort", "value"),
     [
         ("created_at", 1),
@@ -135,6 +174,8 @@ def test_a_cursor_that_is_not_json_is_refused(cursor: str) -> None:
         ("amount", 1250.5),
         ("amount", "NaN"),
         ("amount", "1e16"),
+        ("amount", "1e-999999"),  # PostgreSQL's driver cannot even send it
+        ("amount", "0.00001"),  # more decimals than the column holds: no row has it
         ("amount", [1]),
     ],
     ids=repr,

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
+from crm_platform.money import check_amount
 
 TIERS = ("A", "B", "C", "D")
 LIFECYCLES = ("prospect", "customer", "churned")
@@ -99,8 +100,8 @@ def check_account(values: Mapping[str, object]) -> list[FieldError]:
         errors.append(FieldError("website", "must be a host name or http(s) URL"))
     for money_field in ("annual_revenue", "credit_limit"):
         amount = values.get(money_field)
-        if isinstance(amount, Decimal) and amount < 0:
-            errors.append(FieldError(f"{money_field}.amount", "must not be negative"))
+        if isinstance(amount, Decimal):
+            errors.extend(check_amount(amount, field=f"{money_field}.amount"))
     tags = values.get("tags")
     if isinstance(tags, list):
         errors.extend(check_tags(tags))

@@ -13,6 +13,7 @@ from crm_platform.db import UtcDateTime
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
+from crm_platform.pagination import decode_cursor_json, sort_field
 from crm_platform.principal import RecordScope, scope_clause
 from sqlalchemy import (
     JSON,
@@ -286,20 +287,19 @@ def parse_page(limit: int, cursor: str, sort: str, *, sorts: set[str] = SORTS) -
     limit = 50 if limit <= 0 else limit
     if limit > 500:
         raise ValidationFailed([FieldError("limit", "must be at most 500")])
-    descending = sort.startswith("-")
-    sort_field = sort.lstrip("-") or "created_at"
-    if sort_field not in sorts:
+    field_name, descending = sort_field(sort) if sort else ("created_at", False)
+    if field_name not in sorts:
         raise ValidationFailed([FieldError("sort", f"must be one of {', '.join(sorted(sorts))} (- for descending)")])
     after = None
     if cursor:
+        data = decode_cursor_json(cursor)
         try:
-            data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
             if data["s"] != sort:
                 raise ValueError("cursor of another sort")
             after = (data["v"], str(data["id"]))
         except (ValueError, KeyError, TypeError):
             raise ValidationFailed([FieldError("cursor", "is not a cursor of this list")]) from None
-    return Page(limit, sort_field, descending, after)
+    return Page(limit, field_name, descending, after)
 
 
 def _sort_value(row: Any, sort_field: str) -> Any:

@@ -4,14 +4,17 @@ scope, and activities logged on accounts the caller may read; a contact write ra
 PostgreSQL alone (SQLite has a single writer). Events are read from the outbox."""
 
 import asyncio
+from decimal import Decimal
 from typing import Any, TypeVar
 
 import pytest
 from accounts import handlers
 from accounts import repository as repo
 from accounts.handlers import Context
+from accounts.messages import account_to_proto
 from accounts.repository import AccountFilter, ContactFilter, parse_page
 from crm.accounts.v1 import events_pb2
+from crm.common.v1 import common_pb2
 from crm_platform.cloudevents import spec_of
 from crm_platform.errors import NotFound, ValidationFailed
 from crm_platform.outbox import outbox_table
@@ -287,3 +290,29 @@ async def test_a_service_agent_logs_a_visit_on_an_account_of_their_region(ctx: C
 
     assert await timeline(AGENT_READING_ACTIVITIES) == ["on-site repair"]
     assert await timeline(REP1) == ["on-site repair"]
+
+
+# --- money ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("amount", ["1e400", "1" * 40, "0.129"])
+async def test_money_the_columns_cannot_hold_as_given_is_refused_naming_the_field(ctx: Context, amount: str) -> None:
+    # 1e400 broke rounding the reply (HTTP 500), 40 digits overflowed the column, 0.129 was rounded
+    # to 0.13 without a word: gRPC callers reach the handlers without the gateway's checks.
+    money = {"annual_revenue": Decimal(amount), "annual_revenue_currency": "CNY"}
+    with acting_as(*MANAGER), pytest.raises(ValidationFailed) as caught:
+        await handlers.create_account(ctx, {"name": "Big rev", **money}, idempotency_key="", in_pool=False)
+    assert [e.field for e in caught.value.errors] == ["annual_revenue.amount"]
+
+    account = await new_account(ctx, MANAGER, "Small rev")
+    limit = {"credit_limit": Decimal(amount), "credit_limit_currency": "CNY"}
+    with acting_as(*MANAGER), pytest.raises(ValidationFailed) as caught:
+        await handlers.update_account(ctx, account.id, limit, expected_version=account.version)
+    assert [e.field for e in caught.value.errors] == ["credit_limit.amount"]
+
+
+async def test_the_largest_amount_is_kept_to_the_cent(ctx: Context) -> None:
+    account = await new_account(
+        ctx, MANAGER, "Rich", annual_revenue=Decimal("999999999999.99"), annual_revenue_currency="CNY"
+    )
+    assert account_to_proto(account).annual_revenue == common_pb2.Money(amount="999999999999.99", currency="CNY")

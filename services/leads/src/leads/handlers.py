@@ -31,7 +31,7 @@ from crm_platform.errors import (
     ValidationFailed,
 )
 from crm_platform.ids import new_id
-from crm_platform.money import Money
+from crm_platform.money import Money, check_amount
 from crm_platform.outbox import PendingEvent, Transaction, UnitOfWork, outbox_rows, outbox_table
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
 from crm_platform.principal import (
@@ -1815,8 +1815,8 @@ class LeadsService:
                 values[name] = text
             elif name == "cost":
                 cost: Money | None = value
-                if cost is not None and cost.amount < 0:
-                    errors.append(FieldError("cost.amount", "must not be negative"))
+                if cost is not None:
+                    errors.extend(check_amount(cost.amount, field="cost.amount"))
                 values["cost_amount"] = cost.amount if cost else None
                 values["cost_currency"] = cost.currency if cost else ""
             elif name in ("starts_on", "ends_on"):

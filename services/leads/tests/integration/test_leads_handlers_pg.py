@@ -469,6 +469,23 @@ async def test_a_half_undone_conversion_is_finished_before_the_next_attempt(env:
     assert env.ports.contacts[result.contact_id] == result.account_id
 
 
+@pytest.mark.parametrize("amount", ["1e400", "1" * 40, "0.129"])
+async def test_a_campaign_cost_the_column_cannot_hold_as_given_is_refused(env: Any, amount: str) -> None:
+    # Stored as Infinity, rounded through a float or to the cent, the cost then failed analytics
+    # (not a finite number) or was silently another: the campaign fell out of the ROI reports.
+    cost = Money(Decimal(amount), "CNY")
+    with env.acting("mkt", roles=("marketing",)):
+        with pytest.raises(ValidationFailed) as bad:
+            await env.service.create_campaign({"name": "Expo", "cost": cost}, "")
+        assert [e.field for e in bad.value.errors] == ["cost.amount"]
+        campaign = await env.service.create_campaign({"name": "Expo", "cost": Money(Decimal("0.10"), "CNY")}, "")
+        with pytest.raises(ValidationFailed) as bad:
+            await env.service.update_campaign(campaign["id"], {"cost": cost}, ["cost"], campaign["version"])
+        assert [e.field for e in bad.value.errors] == ["cost.amount"]
+        kept = await env.service.get_campaign(campaign["id"])
+    assert kept["cost_amount"] == Decimal("0.10")
+
+
 async def test_campaign_and_webform_intake_with_rate_limit(env: Any) -> None:
     from leads.handlers import RateLimited
 

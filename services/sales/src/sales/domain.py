@@ -10,13 +10,9 @@ from decimal import MAX_PREC, ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontex
 from enum import StrEnum
 
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
-from crm_platform.money import Money
+from crm_platform.money import CENT, MAX_AMOUNT, Money, check_amount
 
-CENT = Decimal("0.01")
 HUNDRED = Decimal(100)
-# Amounts are stored with 4 decimal places; what the API accepts has at most 2 (CENT).
-MAX_AMOUNT_PLACES = 2
-MAX_AMOUNT = Decimal("999999999999.99")
 # Longest id of another service's record (account, contact, lead, campaign) and longest text field.
 REF_LENGTH = 64
 NAME_LENGTH = 200
@@ -39,21 +35,8 @@ def quantize_money(value: Decimal) -> Decimal:
     return value.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
-def check_amount(value: Decimal, *, field_name: str, allow_zero: bool = True) -> list[FieldError]:
-    """What is wrong with a money amount: sign, precision, size."""
-    errors = []
-    if value < 0 or (value == 0 and not allow_zero):
-        errors.append(FieldError(field_name, "must be greater than zero" if not allow_zero else "must not be negative"))
-    # Beyond MAX_AMOUNT quantize could overflow the decimal context; the size error says enough.
-    if abs(value) <= MAX_AMOUNT and value != value.quantize(CENT):
-        errors.append(FieldError(field_name, f"at most {MAX_AMOUNT_PLACES} decimal places"))
-    if value > MAX_AMOUNT:
-        errors.append(FieldError(field_name, f"must not exceed {MAX_AMOUNT}"))
-    return errors
-
-
 def require_valid_amount(money: Money, *, field_name: str, allow_zero: bool = True) -> None:
-    errors = check_amount(money.amount, field_name=f"{field_name}.amount", allow_zero=allow_zero)
+    errors = check_amount(money.amount, field=f"{field_name}.amount", allow_zero=allow_zero)
     if errors:
         raise ValidationFailed(errors)
 
@@ -256,7 +239,7 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
             errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
         # A deal without a product line of its own takes its first item's.
         errors.extend(check_lengths({f"{prefix}.product_line": item.product_line}, NAME_LENGTH))
-        price_errors = check_amount(item.unit_price.amount, field_name=f"{prefix}.unit_price.amount")
+        price_errors = check_amount(item.unit_price.amount, field=f"{prefix}.unit_price.amount")
         if item.quantity <= 0:
             errors.append(FieldError(f"{prefix}.quantity", "must be greater than zero"))
         elif item.quantity > MAX_QUANTITY:
@@ -700,7 +683,7 @@ def validate_payment_plan(
                     f"must be the contract currency {contract_amount.currency}",
                 )
             )
-        errors.extend(check_amount(money.amount, field_name=f"installments[{index}].amount.amount", allow_zero=False))
+        errors.extend(check_amount(money.amount, field=f"installments[{index}].amount.amount", allow_zero=False))
     total = sum((money.amount for _, money in installments), Decimal(0))
     if installments and total != contract_amount.amount:
         errors.append(

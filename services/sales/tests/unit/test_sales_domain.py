@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 from crm_platform.errors import Conflict, PermissionDenied, ValidationFailed
-from crm_platform.money import Money
+from crm_platform.money import CENT, Money, check_amount
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sales import domain as d
@@ -135,15 +135,15 @@ def test_line_items_need_one_currency_and_sane_values() -> None:
 
 
 def test_amount_precision_and_sign_are_checked() -> None:
-    assert d.check_amount(Decimal("1.005"), field_name="amount")[0].message == "at most 2 decimal places"
-    assert d.check_amount(Decimal("-1"), field_name="amount")[0].field == "amount"
-    assert d.check_amount(Decimal("0"), field_name="amount", allow_zero=False)
+    assert check_amount(Decimal("1.005"), field="amount")[0].message == "at most 2 decimal places"
+    assert check_amount(Decimal("-1"), field="amount")[0].field == "amount"
+    assert check_amount(Decimal("0"), field="amount", allow_zero=False)
 
 
 @pytest.mark.parametrize("amount", ["1e30", "-1e30", "1e999999"])
 def test_huge_amounts_are_validation_errors_not_decimal_overflows(amount: str) -> None:
     # Regression (fuzz): quantizing such a value overflowed the decimal context -> 500.
-    errors = d.check_amount(Decimal(amount), field_name="amount")
+    errors = check_amount(Decimal(amount), field="amount")
     assert [e.field for e in errors] == ["amount"]
 
 
@@ -363,7 +363,7 @@ def test_a_converted_amount_is_the_exact_product_rounded_up_to_the_cent(amount: 
     thresholds = d.ContractThresholds(exchange_rates={"USD": rate})
     converted = d.amount_in_threshold_currency(Money(amount, "USD"), thresholds)
     exact = Fraction(amount) * Fraction(rate)
-    assert converted == converted.quantize(d.CENT)
+    assert converted == converted.quantize(CENT)
     assert exact <= Fraction(converted) < exact + Fraction(1, 100)
 
 
