@@ -1,45 +1,94 @@
 """REST conventions every router shares (SPEC §3): money as a decimal string with its currency,
 optimistic concurrency through `If-Match` / `ETag` carrying the record's version."""
 
-from decimal import Decimal, InvalidOperation
+import re
 from typing import Any
 
 from crm.common.v1 import common_pb2
+from crm_platform.errors import ValidationFailed
+from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, parse_amount, parse_currency
 from fastapi import Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
 
 # Versions travel as protobuf int64.
 _INT64_MAX = 2**63 - 1
+_INT64_DIGITS = len(str(_INT64_MAX))
+# An entity tag of a version: `"3"` (strong or weak), or a bare 3. [0-9], not \d: \d also
+# matches digits int() refuses, such as "²".
+_ENTITY_TAG = re.compile(r'(?:W/)?"([0-9]+)"|([0-9]+)')
 
 
 class MoneyIn(BaseModel):
+    """Money as every service takes it (`crm_platform.money`), refused here before any call."""
+
     model_config = {"extra": "forbid"}
-    amount: str = Field(description='decimal string, e.g. "12500.00"', examples=["12500.00"])
-    currency: str = Field(min_length=3, max_length=3, examples=["CNY"])
+    amount: str = Field(
+        description=f'decimal string, e.g. "12500.00": not negative, at most {AMOUNT_PLACES} decimal places, '
+        f"at most {MAX_AMOUNT}",
+        examples=["12500.00"],
+    )
+    currency: str = Field(
+        min_length=3,
+        max_length=3,
+        description='ISO 4217 code, e.g. "CNY"; lower case is taken and upper-cased ("cny" is CNY)',
+        examples=["CNY"],
+    )
 
     @field_validator("amount")
     @classmethod
-    def _decimal(cls, value: str) -> str:
+    def _amount(cls, value: str) -> str:
         try:
-            number = Decimal(value)
-        except InvalidOperation:
-            raise ValueError('must be a decimal string such as "12.50"') from None
-        if not number.is_finite():
-            raise ValueError("must be a finite decimal")
+            parse_amount(value, field="amount")
+        except ValidationFailed as error:
+            raise ValueError(error.errors[0].message) from None
         return value
 
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        try:
+            return parse_currency(value, field="currency")
+        except ValidationFailed as error:
+            raise ValueError(error.errors[0].message) from None
+
     def proto(self) -> common_pb2.Money:
-        return common_pb2.Money(amount=self.amount, currency=self.currency.upper())
+        return common_pb2.Money(amount=self.amount, currency=self.currency)
 
 
 def expected_version(if_match: str | None) -> int:
-    """`If-Match: "3"` → 3; absent → 0 (unconditional); malformed → -1, which never matches (412)."""
-    if not if_match:
+    """The `expected_version` a write sends its service for the request's `If-Match` header; the
+    services write only when it is the record's current version, or when it is 0 (unconditional).
+
+    - absent → 0: unconditional;
+    - `*` → 0: "any current version" (RFC 9110 §13.1.1). The records these writes change must exist
+      (404 otherwise), which is all `*` asks; the custom field PUT, an upsert, checks it itself;
+    - `"3"` (also `W/"3"`, or a bare 3: what the `ETag` carried) → 3; a stale one answers 412 with
+      the record's `current_version`;
+    - a list (`"1", "2"`) → 422 naming `If-Match`: a service compares one version, and matching any
+      of several would take a read before the write that could be stale by the time it writes;
+    - anything else (not a version in ASCII digits, beyond int64) → 422 naming `If-Match`, like
+      the other malformed headers (FastAPI's header validation names them the same way).
+    """
+    if not if_match or not if_match.strip():
         return 0
-    text = if_match.strip().removeprefix("W/").strip('"')
-    if not text.isdigit() or int(text) > _INT64_MAX:
-        return -1
-    return int(text)
+    text = if_match.strip()
+    if text == "*":
+        return 0
+    if "," in text:
+        raise _bad_if_match(if_match, "send one version: a list of entity tags is not supported")
+    match = _ENTITY_TAG.fullmatch(text)
+    # The length first: int() refuses to read more than 4300 digits at all.
+    digits = (match.group(1) or match.group(2)) if match else ""
+    if not digits or len(digits) > _INT64_DIGITS or int(digits) > _INT64_MAX:
+        raise _bad_if_match(if_match, 'must be the version an ETag carried, such as "3", or *')
+    return int(digits)
+
+
+def _bad_if_match(if_match: str, message: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("header", "If-Match"), "msg": message, "input": if_match}]
+    )
 
 
 def with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.inputs import NON_BLANK_PATTERN
 from gateway.upstreams import UpstreamNotConfigured
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ _TITLES = {
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
@@ -53,6 +55,11 @@ _GRPC_TO_HTTP = {
 }
 
 RETRY_AFTER_SECONDS = "5"
+
+# gRPC's own refusals of a call's metadata or message as too large for the channel. Their code is
+# RESOURCE_EXHAUSTED, as a service's rate limit's is, but no wait helps and the text describes
+# the transport: a 502, never a 429 passing that text on.
+_TRANSPORT_LIMITS = ("metadata size exceeds", "larger than max")
 
 
 def problem(
@@ -83,6 +90,8 @@ def problem(
 def http_status_of(remote: RemoteError) -> int:
     if remote.code == grpc.StatusCode.ABORTED and remote.reason == "STALE_VERSION":
         return 412
+    if remote.code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(t in remote.message for t in _TRANSPORT_LIMITS):
+        return 502
     return _GRPC_TO_HTTP.get(remote.code, 500)
 
 
@@ -121,9 +130,23 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     malformed = False
     for item in error.errors():
         if item.get("type") == "json_invalid":
+            # FastAPI puts the character offset where a field goes: the field is the body.
+            position = item["loc"][-1]
+            reason = item.get("ctx", {}).get("error", "invalid JSON")
+            errors.append({"field": "body", "message": f"{reason} at character {position}"})
             malformed = True
+            continue
+        if item.get("loc") == ("body",) and isinstance(item.get("input"), bytes):
+            # FastAPI reads a body as JSON only when its Content-Type says JSON; it hands the model
+            # the raw bytes otherwise.
+            return problem(
+                415, "the request body must be JSON (Content-Type: application/json)", instance=request.url.path
+            )
         location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        errors.append({"field": ".".join(location) or "body", "message": str(item.get("msg", "invalid"))})
+        message = str(item.get("msg", "invalid"))
+        if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NON_BLANK_PATTERN:
+            message = "must not be blank"
+        errors.append({"field": ".".join(location) or "body", "message": message})
     if malformed:
         return problem(400, "the request body is not valid JSON", errors=errors, instance=request.url.path)
     return problem(422, "the request has invalid fields", errors=errors, instance=request.url.path)

@@ -5,15 +5,70 @@
   any service sees them.
 - Integers travel as protobuf int32: request models bound them (`INT32_MAX`), so an out-of-range
   number is a 422 naming the field, not a failure to build the upstream request.
+- Every JSON body is a `RequestBody`: unknown fields are refused and values are taken as JSON gives
+  them, never coerced (`true` is no integer, `"5"` no number, `1` no boolean). Dates and date-times
+  are `CalendarDate` and `Instant`; text a request must give is `NonBlank`.
 """
+
+import re
+from datetime import date
+from typing import Annotated
 
 from crm_platform.structs import Location, unstorable_values
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: unknown fields are errors (never dropped), and values are not coerced
+    (pydantic's strict mode). Every route's body model derives from it, except the public web form
+    submission, whose extra fields become the lead's custom data."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Text a request must give (a name, the id of the record to act on): empty or only whitespace is a
+# 422, not a record named "   " or owned by nobody. A pattern (some character that is not
+# whitespace), not a validator function: a field's `max_length` then stays a limit on the text, and
+# the OpenAPI schema shows the rule. The error handler words its error as "must not be blank".
+NON_BLANK_PATTERN = r"\S"
+NonBlank = Annotated[str, StringConstraints(pattern=NON_BLANK_PATTERN)]
+
+# FastAPI validates the parsed JSON as Python values, where strict mode takes only `date` and
+# `datetime` objects: these types take the JSON string (and only a string: pydantic would read a
+# number as seconds since 1970) in its RFC 3339 form.
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}.*")
+
+
+def _date_text(value: object) -> object:
+    if not (isinstance(value, str) and _DATE.fullmatch(value)):
+        raise ValueError("must be a date as YYYY-MM-DD")
+    return value
+
+
+def _date_time_text(value: object) -> object:
+    if not (isinstance(value, str) and _DATE_TIME.fullmatch(value)):
+        raise ValueError("must be an RFC 3339 date-time with a time zone, such as 2025-01-31T09:00:00Z")
+    return value
+
+
+CalendarDate = Annotated[date, Strict(False), BeforeValidator(_date_text)]
+# An instant: a date-time without a time zone names no instant, so it is refused, not taken as UTC.
+Instant = Annotated[AwareDatetime, Strict(False), BeforeValidator(_date_time_text)]
+
+
+def check_same_as_path(field: str, given: str | None, in_path: str) -> None:
+    """422 naming the body's `field` when it names another record than the path does (a contact
+    posted under one account naming another): the request contradicts itself."""
+    if given is not None and given != in_path:
+        message = f"must be {in_path!r}, as in the path, or left out"
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": given}])
 
 
 async def reject_unstorable_input(request: Request) -> None:

@@ -13,6 +13,7 @@ import yaml
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.kafka import ensure_topics
+from crm_platform.pagination import encode_cursor
 from crm_platform.testing.kafka import EventCollector
 from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditQuery
@@ -264,6 +265,32 @@ async def test_audit_events_api_is_admin_only_and_filters(gateway: Any, auth_hea
         cursor = body["next_cursor"]
     assert seen == [item["id"] for item in items if item["id"] in seen]
     assert len(seen) == len(set(seen)) >= 10
+
+
+async def test_audit_events_page_only_from_the_cursors_they_gave(gateway: Any, auth_headers: Any) -> None:
+    await random_writes(gateway, auth_headers("sales_manager", sub="u-a", team="t-a"), 5, seed=5)
+    admin = auth_headers("admin", sub="root")
+    first = (await gateway.client.get("/api/v1/audit-events", params={"limit": 2}, headers=admin)).json()
+    issued = first["next_cursor"]
+    second = await gateway.client.get("/api/v1/audit-events", params={"limit": 2, "cursor": issued}, headers=admin)
+    assert second.status_code == 200, second.text
+    assert second.json()["items"][0]["id"] < first["items"][-1]["id"]
+    # The cursor was the last event's id, compared as it came: garbage started at the first page,
+    # an edited id somewhere else.
+    last_id = first["items"][-1]["id"]
+    for cursor in [
+        "garbage",
+        issued + "x",
+        issued[::-1],
+        issued[:-4],
+        last_id,
+        encode_cursor([last_id[::-1]]),
+        encode_cursor([last_id, last_id]),
+        encode_cursor([7]),
+    ]:
+        refused = await gateway.client.get("/api/v1/audit-events", params={"limit": 2, "cursor": cursor}, headers=admin)
+        assert refused.status_code == 422, (cursor, refused.text)
+        assert [error["field"] for error in refused.json()["errors"]] == ["cursor"]
 
 
 async def test_audit_events_reach_kafka(make_gateway: Any, kafka_settings: KafkaSettings, auth_headers: Any) -> None:

@@ -2,6 +2,7 @@
 
 import pytest
 from fastapi import Response
+from fastapi.exceptions import RequestValidationError
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from pydantic import ValidationError
 
@@ -16,13 +17,37 @@ pytestmark = pytest.mark.unit
         ('"3"', 3),
         ('W/"12"', 12),
         ("7", 7),
-        ('"abc"', -1),
-        ('"-2"', -1),
-        ('"99999999999999999999"', -1),  # wider than int64: never matches rather than overflowing
+        (' "5" ', 5),
+        ('"9223372036854775807"', 2**63 - 1),
+        ("*", 0),  # any current version: the record must exist, which the write checks anyway
     ],
 )
 def test_if_match_becomes_the_expected_version(if_match: str | None, version: int) -> None:
     assert expected_version(if_match) == version
+
+
+@pytest.mark.parametrize(
+    "if_match",
+    [
+        '"abc"',
+        '"-2"',
+        '"3',
+        '"²"',  # a digit to str.isdigit(), not to int(): it was a 500
+        '"' + "9" * 5000 + '"',  # more digits than int() reads: it was a 500
+        '"9223372036854775808"',  # wider than int64
+        "W/",
+    ],
+)
+def test_a_malformed_if_match_is_a_422_naming_the_header(if_match: str) -> None:
+    with pytest.raises(RequestValidationError) as error:
+        expected_version(if_match)
+    assert [e["loc"] for e in error.value.errors()] == [("header", "If-Match")]
+
+
+def test_an_if_match_listing_several_versions_is_refused_rather_than_half_honoured() -> None:
+    with pytest.raises(RequestValidationError) as error:
+        expected_version('"1", "2"')
+    assert "one version" in error.value.errors()[0]["msg"]
 
 
 def test_the_etag_carries_the_version_back() -> None:
@@ -43,3 +68,33 @@ def test_money_refuses_what_is_not_a_finite_decimal(amount: str) -> None:
     with pytest.raises(ValidationError) as error:
         MoneyIn(amount=amount, currency="CNY")
     assert error.value.errors()[0]["loc"] == ("amount",)
+
+
+@pytest.mark.parametrize(
+    ("amount", "message"),
+    [
+        ("1e400", "must not exceed 999999999999.99"),
+        ("1" * 40, "must not exceed 999999999999.99"),
+        ("0.129", "at most 2 decimal places"),
+        ("-5", "must not be negative"),
+    ],
+)
+def test_money_refuses_amounts_no_service_takes(amount: str, message: str) -> None:
+    # The services' own rule (crm_platform.money), applied before any call: 1e400 overflowed the
+    # accounts' rounding (500), campaigns stored it as Infinity, 0.129 was rounded to 0.13.
+    with pytest.raises(ValidationError) as error:
+        MoneyIn(amount=amount, currency="CNY")
+    [problem] = error.value.errors()
+    assert problem["loc"] == ("amount",)
+    assert message in problem["msg"]
+
+
+@pytest.mark.parametrize("currency", ["ZZZ", "XXX", "C1Y"])
+def test_money_refuses_what_is_not_an_iso_4217_currency(currency: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        MoneyIn(amount="1.00", currency=currency)
+    assert [problem["loc"] for problem in error.value.errors()] == [("currency",)]
+
+
+def test_money_upper_cases_the_currency_it_takes() -> None:
+    assert MoneyIn(amount="0.10", currency="usd").currency == "USD"

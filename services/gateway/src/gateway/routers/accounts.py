@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import http_status_of
+from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
 from gateway.routers.custom_fields import check_custom_filters, custom_filters, presenter, readable_custom_keys
 from gateway.routers.sales import receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
@@ -46,106 +47,112 @@ VIEW_LIMIT = 20
 # --- request models ----------------------------------------------------------------------------------
 
 
-class AccountIn(BaseModel):
-    model_config = {"extra": "forbid"}
+# Lengths as the accounts service stores them: ids of accounts, contacts and rules in VARCHAR(36),
+# users and teams in VARCHAR(100), tags of at most 64 characters (accounts.domain.MAX_TAG_LENGTH),
+# names of at most 300 (MAX_NAME); the other text is TEXT, limited here to what such a field holds
+# (a region at most 100: the service desk keeps an account's region in a VARCHAR(100)).
+Tag = Annotated[str, Field(max_length=64)]
+FilterValue = Annotated[str, Field(max_length=200)]
+
+
+class AccountIn(RequestBody):
     name: str | None = Field(default=None, max_length=300)
-    industry: str | None = None
-    size: str | None = None
+    industry: str | None = Field(default=None, max_length=200)
+    size: str | None = Field(default=None, max_length=100)
     annual_revenue: MoneyIn | None = None
-    region: str | None = None
-    address: str | None = None
-    website: str | None = None
-    tier: str | None = None
-    lifecycle: str | None = None
-    owner_id: str | None = None
-    team: str | None = None
-    tags: list[str] | None = None
+    region: str | None = Field(default=None, max_length=100)
+    address: str | None = Field(default=None, max_length=1000)
+    website: str | None = Field(default=None, max_length=2000)
+    tier: str | None = Field(default=None, max_length=1)
+    lifecycle: str | None = Field(default=None, max_length=20)
+    owner_id: str | None = Field(default=None, max_length=100)
+    team: str | None = Field(default=None, max_length=100)
+    tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
-    parent_id: str | None = None
+    parent_id: str | None = Field(default=None, max_length=36)
     credit_limit: MoneyIn | None = None
 
 
 class AccountCreate(AccountIn):
-    name: str = Field(min_length=1, max_length=300)
+    name: NonBlank = Field(max_length=300)
     in_pool: bool = False
 
 
-class ContactIn(BaseModel):
-    model_config = {"extra": "forbid"}
-    account_id: str | None = None
+class ContactIn(RequestBody):
+    account_id: str | None = Field(default=None, max_length=36)
     name: str | None = Field(default=None, max_length=300)
-    title: str | None = None
-    department: str | None = None
-    phone: str | None = None
-    mobile: str | None = None
-    email: str | None = None
-    wechat: str | None = None
-    decision_role: str | None = None
+    title: str | None = Field(default=None, max_length=200)
+    department: str | None = Field(default=None, max_length=200)
+    phone: str | None = Field(default=None, max_length=64)
+    mobile: str | None = Field(default=None, max_length=64)
+    email: str | None = Field(default=None, max_length=254)
+    wechat: str | None = Field(default=None, max_length=100)
+    decision_role: str | None = Field(default=None, max_length=20)
     is_primary: bool | None = None
-    tags: list[str] | None = None
+    tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
 
 
 class ContactCreate(ContactIn):
-    name: str = Field(min_length=1, max_length=300)
+    name: NonBlank = Field(max_length=300)
 
 
-class MergeIn(BaseModel):
-    duplicate_id: str = Field(min_length=1)
+class MergeIn(RequestBody):
+    duplicate_id: NonBlank = Field(max_length=36)
 
 
-class ReleaseIn(BaseModel):
-    reason: str = ""
+class ReleaseIn(RequestBody):
+    reason: str = Field(default="", max_length=2000)
 
 
-class TransferIn(BaseModel):
-    new_owner_id: str = Field(min_length=1)
-    new_team: str = ""
-    reason: str = ""
+class TransferIn(RequestBody):
+    new_owner_id: NonBlank = Field(max_length=100)
+    new_team: str = Field(default="", max_length=100)
+    reason: str = Field(default="", max_length=2000)
 
 
-class BulkTransferIn(BaseModel):
-    from_owner_id: str = Field(min_length=1)
-    to_owner_id: str = Field(min_length=1)
-    to_team: str = ""
-    reason: str = ""
+class BulkTransferIn(RequestBody):
+    from_owner_id: NonBlank = Field(max_length=100)
+    to_owner_id: NonBlank = Field(max_length=100)
+    to_team: str = Field(default="", max_length=100)
+    reason: str = Field(default="", max_length=2000)
 
 
-class ActivityIn(BaseModel):
-    kind: str
-    subject: str = ""
-    notes: str = ""
-    contact_id: str = ""
-    occurred_at: datetime | None = None
+class ActivityIn(RequestBody):
+    kind: NonBlank = Field(max_length=20)
+    subject: str = Field(default="", max_length=500)
+    notes: str = Field(default="", max_length=20_000)
+    contact_id: str = Field(default="", max_length=36)
+    occurred_at: Instant | None = None
 
 
-class TaskIn(BaseModel):
-    model_config = {"extra": "forbid"}
-    title: str | None = None
-    description: str | None = None
-    account_id: str | None = None
-    contact_id: str | None = None
-    due_at: datetime | None = None
-    owner_id: str | None = None
+class TaskIn(RequestBody):
+    title: str | None = Field(default=None, max_length=500)
+    description: str | None = Field(default=None, max_length=20_000)
+    account_id: str | None = Field(default=None, max_length=36)
+    contact_id: str | None = Field(default=None, max_length=36)
+    due_at: Instant | None = None
+    owner_id: str | None = Field(default=None, max_length=100)
 
 
 class TaskCreate(TaskIn):
-    title: str = Field(min_length=1)
+    title: NonBlank = Field(max_length=500)
 
 
-class ReminderRuleIn(BaseModel):
-    name: str = Field(min_length=1)
-    tiers: list[str] = Field(default_factory=list)
+class ReminderRuleIn(RequestBody):
+    name: NonBlank = Field(max_length=200)
+    tiers: list[Annotated[str, Field(max_length=1)]] = Field(default_factory=list)
     inactive_days: int = Field(ge=1, le=3650)
-    task_title: str = ""
+    task_title: str = Field(default="", max_length=500)
     due_in_hours: int = Field(default=24, ge=0, le=8760)
     enabled: bool = True
 
 
-class SegmentIn(BaseModel):
-    name: str = Field(min_length=1)
+class SegmentIn(RequestBody):
+    name: NonBlank = Field(max_length=200)
     entity: Literal["account"] = "account"
-    filters: dict[str, str | list[str]] = Field(default_factory=dict)
+    # Keys are the account list's filters (checked by the route); values as long as `?q=` takes.
+    filters: dict[str, FilterValue | list[FilterValue]] = Field(default_factory=dict)
     shared_with_team: bool = False
 
 
@@ -900,6 +907,7 @@ async def create_account_contact(
     access: ContactsCreate,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
+    check_same_as_path("account_id", body.account_id, account_id)
     values = {**body.model_dump(exclude_none=True), "account_id": account_id}
     return await _create_contact(values, request, response, access, idempotency_key)
 

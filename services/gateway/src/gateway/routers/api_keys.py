@@ -7,6 +7,7 @@ from crm_platform.timeutil import as_utc, isoformat, utcnow
 from fastapi import Depends, Path, Response
 from pydantic import BaseModel, Field, field_validator
 
+from gateway.inputs import Instant, NonBlank, RequestBody
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.api_keys import ApiKeyRecord
@@ -15,13 +16,14 @@ from gateway.security.problems import SecurityProblem, not_found
 router = ResourceRouter(tags=["api-keys"])
 
 
-class ApiKeyCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    principal_id: str = Field(min_length=1, max_length=200, description="the user id the key acts as")
-    roles: list[str] = Field(min_length=1, max_length=20)
+class ApiKeyCreate(RequestBody):
+    name: NonBlank = Field(max_length=200)
+    principal_id: NonBlank = Field(max_length=200, description="the user id the key acts as")
+    # Role names are checked against the policy's roles.
+    roles: list[Annotated[str, Field(max_length=100)]] = Field(min_length=1, max_length=20)
     team: str = Field(default="", max_length=200)
     region: str = Field(default="", max_length=200)
-    expires_at: datetime | None = None
+    expires_at: Instant | None = None
 
     @field_validator("expires_at")
     @classmethod

@@ -14,9 +14,11 @@ import grpc
 from crm.common.v1 import custom_fields_pb2 as pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.timeutil import from_timestamp, isoformat
-from fastapi import Depends, Header, Request, Response
+from fastapi import Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
+from gateway.conventions import expected_version
+from gateway.inputs import NonBlank, RequestBody, check_same_as_path
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
@@ -50,13 +52,23 @@ PII_TTL_SECONDS = 10.0
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
 
-class CustomFieldIn(BaseModel):
-    key: str
-    label: str
-    type: str
+class CustomFieldBody(RequestBody):
+    # As the owning services store a definition (crm_platform.custom_fields_service).
+    label: NonBlank = Field(max_length=200)
+    type: NonBlank = Field(max_length=20)
     required: bool = False
-    options: list[str] = Field(default_factory=list)
+    options: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list)
     pii: bool = False
+
+
+class CustomFieldIn(CustomFieldBody):
+    key: NonBlank = Field(max_length=63)
+
+
+class CustomFieldReplace(CustomFieldBody):
+    """PUT /custom-fields/{entity}/{key}: the path names the key; the body may repeat it."""
+
+    key: NonBlank | None = Field(default=None, max_length=63)
 
 
 class CustomFieldOut(BaseModel):
@@ -93,16 +105,6 @@ def definition_dict(d: pb.CustomFieldDefinition) -> dict[str, Any]:
         "created_at": isoformat(from_timestamp(d.created_at)) if d.HasField("created_at") else None,
         "version": d.version,
     }
-
-
-def _expected_version(if_match: str | None) -> int:
-    """`If-Match: "3"` → 3; absent → 0 (unconditional); malformed or beyond int64 → -1, which never
-    matches (412, or 404 for a definition that does not exist)."""
-    if not if_match:
-        return 0
-    text = if_match.strip().removeprefix("W/").strip('"')
-    # isascii: str.isdigit() is also true for digits int() refuses, such as "²".
-    return int(text) if text.isascii() and text.isdigit() and int(text) < 2**63 else -1
 
 
 def _pii_cache(request: Request) -> dict[str, tuple[float, frozenset[str]]]:
@@ -216,7 +218,7 @@ async def list_custom_fields(
     return {"items": access.present_many(definition_dict(d) for d in reply.items), "next_cursor": None}
 
 
-async def _upsert(entity: str, key: str, body: CustomFieldIn, request: Request, access: Access, version: int) -> Any:
+async def _upsert(entity: str, key: str, body: CustomFieldBody, request: Request, access: Access, version: int) -> Any:
     definition = pb.CustomFieldDefinition(
         entity=entity,
         key=key,
@@ -252,12 +254,29 @@ async def create_custom_field(
 async def update_custom_field(
     entity: EntityName,
     key: str,
-    body: CustomFieldIn,
+    body: CustomFieldReplace,
     request: Request,
     access: Annotated[Access, Depends(require("custom_fields", "update"))],
     if_match: IfMatch = None,
 ) -> Any:
-    return await _upsert(entity, key, body, request, access, _expected_version(if_match))
+    """Creates or replaces the definition; with `If-Match: "<version>"` only that version of an
+    existing one (404 when there is none), with `If-Match: *` any version of an existing one."""
+    check_same_as_path("key", body.key, key)
+    version = expected_version(if_match)
+    if if_match is not None and if_match.strip() == "*":
+        await _require_definition(request, access, entity, key)
+    return await _upsert(entity, key, body, request, access, version)
+
+
+async def _require_definition(request: Request, access: Access, entity: str, key: str) -> None:
+    """412 when the entity has no definition `key`: `If-Match: *` asks for a current one, and the
+    service's upsert would create it. (One deleted between this read and the write is created again,
+    as a PUT without If-Match would.)"""
+    reply = await _stub(request, entity).ListCustomFields(
+        pb.ListCustomFieldsRequest(entity=entity), metadata=access.grpc_metadata()
+    )
+    if all(definition.key != key for definition in reply.items):
+        raise HTTPException(412, f"custom field {entity}.{key} does not exist (If-Match: *)")
 
 
 @router.delete("/custom-fields/{entity}/{key}", status_code=204)

@@ -11,7 +11,7 @@ import io
 import json
 import re
 from collections.abc import AsyncIterator, Iterable
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -25,10 +25,10 @@ from fastapi import Depends, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.inputs import INT32_MAX, INT32_MIN
+from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -56,28 +56,29 @@ def _stub(request: Request) -> LeadsServiceStub:
 # --- models --------------------------------------------------------------------------------------
 
 
-class In(BaseModel):
-    """Request bodies: unknown fields are errors. Text, numbers and nesting are checked by the
-    routes' `require` dependency (`gateway.inputs`), before the body reaches a service."""
+# Lengths as the leads service stores them (leads.repository): ids of its records in VARCHAR(36),
+# users, teams, regions and names in VARCHAR(200), codes (a source, an operator) in VARCHAR(20).
+Tag = Annotated[str, Field(max_length=100)]
+ShortText = Annotated[str, Field(max_length=200)]
 
-    model_config = {"extra": "forbid"}
 
-
-class LeadIn(In):
+class LeadIn(RequestBody):
     name: str | None = Field(default=None, max_length=200)
     company: str | None = Field(default=None, max_length=200)
     title: str | None = Field(default=None, max_length=200)
     phone: str | None = Field(default=None, max_length=64)
     email: str | None = Field(default=None, max_length=254)
-    source: str | None = Field(default=None, description="website, webform, ad, event, referral, wechat, phone, ...")
+    source: str | None = Field(
+        default=None, max_length=20, description="website, webform, ad, event, referral, wechat, phone, ..."
+    )
     source_detail: str | None = Field(default=None, max_length=200)
-    campaign_id: str | None = None
+    campaign_id: str | None = Field(default=None, max_length=36)
     region: str | None = Field(default=None, max_length=200)
     industry: str | None = Field(default=None, max_length=200)
-    tags: list[str] | None = None
+    tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
-    owner_id: str | None = None
-    team: str | None = None
+    owner_id: str | None = Field(default=None, max_length=200)
+    team: str | None = Field(default=None, max_length=200)
     external_id: str | None = Field(default=None, max_length=200)
 
 
@@ -85,92 +86,93 @@ class LeadPatch(LeadIn):
     status: Literal["new", "contacted", "qualified"] | None = None
 
 
-class ActivityIn(In):
+class ActivityIn(RequestBody):
     kind: Literal["call", "email", "meeting", "visit", "note", "wechat"]
     outcome: str = Field(default="", max_length=200)
     notes: str = Field(default="", max_length=10_000)
-    occurred_at: datetime | None = None
-    next_follow_up_at: datetime | None = None
+    occurred_at: Instant | None = None
+    next_follow_up_at: Instant | None = None
 
 
-class AssignIn(In):
-    owner_id: str = Field(default="", description="empty: run the assignment rules")
-    team: str = ""
+class AssignIn(RequestBody):
+    owner_id: str = Field(default="", max_length=200, description="empty: run the assignment rules")
+    team: str = Field(default="", max_length=200)
 
 
-class ReasonIn(In):
+class ReasonIn(RequestBody):
     reason: str = Field(default="", max_length=2000)
 
 
-class DisqualifyIn(In):
-    reason: str = Field(min_length=1, max_length=2000)
+class DisqualifyIn(RequestBody):
+    reason: NonBlank = Field(max_length=2000)
 
 
-class OpportunityIn(In):
-    name: str = Field(default="", max_length=300)
+class OpportunityIn(RequestBody):
+    # The sales service stores the name in a VARCHAR(200).
+    name: str = Field(default="", max_length=200)
     amount: MoneyIn | None = None
-    pipeline_id: str = ""
-    expected_close_date: date | None = None
+    pipeline_id: str = Field(default="", max_length=36)
+    expected_close_date: CalendarDate | None = None
 
 
-class ConvertIn(In):
-    account_id: str = Field(default="", description="attach to this existing account; empty creates one")
+class ConvertIn(RequestBody):
+    account_id: str = Field(default="", max_length=36, description="attach to this existing account; empty creates one")
     account_name: str = Field(default="", max_length=300)
     create_opportunity: bool = False
     opportunity: OpportunityIn | None = None
 
 
-class ScoringRuleIn(In):
-    name: str = Field(min_length=1, max_length=200)
-    field: str = ""
-    operator: str = ""
-    value: str = ""
-    activity_kind: str = ""
+class ScoringRuleIn(RequestBody):
+    name: NonBlank = Field(max_length=200)
+    field: str = Field(default="", max_length=200)
+    operator: str = Field(default="", max_length=20)
+    value: str = Field(default="", max_length=500)
+    activity_kind: str = Field(default="", max_length=20)
     min_count: int = Field(default=0, ge=0, le=INT32_MAX)
     points: int = Field(ge=-100, le=100)
     enabled: bool = True
 
 
-class ThresholdsIn(In):
+class ThresholdsIn(RequestBody):
     a: int = Field(ge=0, le=100)
     b: int = Field(ge=0, le=100)
     c: int = Field(ge=0, le=100)
 
 
-class AssignmentRuleIn(In):
-    name: str = Field(min_length=1, max_length=200)
+class AssignmentRuleIn(RequestBody):
+    name: NonBlank = Field(max_length=200)
     position: int = Field(default=0, ge=INT32_MIN, le=INT32_MAX)
     enabled: bool = True
-    regions: list[str] = []
-    industries: list[str] = []
-    sources: list[str] = []
+    regions: list[ShortText] = []
+    industries: list[ShortText] = []
+    sources: list[Annotated[str, Field(max_length=20)]] = []
     min_score: int = Field(default=0, ge=0, le=100)
     max_score: int = Field(default=0, ge=0, le=100, description="0: no upper bound")
-    team: str = ""
-    user_ids: list[str]
-    strategy: str = "round_robin"
+    team: str = Field(default="", max_length=200)
+    user_ids: list[ShortText]
+    strategy: str = Field(default="round_robin", max_length=20)
     capacity: int = Field(default=0, ge=0, le=INT32_MAX)
 
 
-class CampaignIn(In):
+class CampaignIn(RequestBody):
     name: str | None = Field(default=None, max_length=200)
     channel: str | None = Field(default=None, max_length=100)
     cost: MoneyIn | None = None
-    starts_on: date | None = None
-    ends_on: date | None = None
-    owner_id: str | None = None
-    team: str | None = None
+    starts_on: CalendarDate | None = None
+    ends_on: CalendarDate | None = None
+    owner_id: str | None = Field(default=None, max_length=200)
+    team: str | None = Field(default=None, max_length=200)
 
 
 class CampaignCreate(CampaignIn):
-    name: str = Field(min_length=1, max_length=200)
+    name: NonBlank = Field(max_length=200)
 
 
-class WebformIn(In):
-    name: str = Field(min_length=1, max_length=200)
-    campaign_id: str = ""
-    team: str = ""
-    region: str = ""
+class WebformIn(RequestBody):
+    name: NonBlank = Field(max_length=200)
+    campaign_id: str = Field(default="", max_length=36)
+    team: str = Field(default="", max_length=200)
+    region: str = Field(default="", max_length=200)
     rate_limit_per_minute: int = Field(default=0, ge=0, le=10_000)
     honeypot_field: str = Field(
         default="",
@@ -1070,7 +1072,7 @@ async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, An
     return {"items": [_message_json(w) for w in reply.items]}
 
 
-class WebformEnabledIn(In):
+class WebformEnabledIn(RequestBody):
     enabled: bool
 
 
@@ -1102,7 +1104,7 @@ def _webform_json(webform: leads_pb2.Webform) -> dict[str, Any]:
     return body
 
 
-class SubmissionIn(In):
+class SubmissionIn(RequestBody):
     """A public form's fields. The intake has no `require` dependency, so its body is checked here."""
 
     model_config = {"extra": "allow"}

@@ -23,6 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.inputs import CalendarDate, Instant, NonBlank, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -39,14 +40,22 @@ Limit = Annotated[int | None, Query(ge=1, le=500)]
 # --- request models ----------------------------------------------------------------------------------
 
 
-class LineItemBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    product_id: str = ""
-    product_name: str = ""
-    product_line: str = ""
-    quantity: str = "1"
+# Lengths as the sales service stores them (sales.domain): its own ids in VARCHAR(36), other
+# services' ids up to REF_LENGTH (64), names, users, teams and regions up to NAME_LENGTH (200),
+# codes (a stage key, a payment method, an invoice number) up to CODE_LENGTH (64), external
+# references up to REFERENCE_LENGTH (200); reasons, comments and next steps are TEXT, limited here.
+Tag = Annotated[str, Field(max_length=100)]
+
+
+class LineItemBody(RequestBody):
+    product_id: str = Field(default="", max_length=64)
+    product_name: str = Field(default="", max_length=200)
+    product_line: str = Field(default="", max_length=200)
+    quantity: str = Field(default="1", max_length=32, description='a decimal string, e.g. "2"')
     unit_price: MoneyIn
-    discount_percent: str | None = Field(default=None, description='percent as a decimal string, e.g. "12.5"')
+    discount_percent: str | None = Field(
+        default=None, max_length=32, description='percent as a decimal string, e.g. "12.5"'
+    )
 
     def proto(self) -> pb.LineItemInput:
         return pb.LineItemInput(
@@ -59,44 +68,41 @@ class LineItemBody(BaseModel):
         )
 
 
-class StageBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    key: str = Field(max_length=64)
-    name: str
-    probability: str
-    required_fields: list[str] = Field(default_factory=list)
+class StageBody(RequestBody):
+    key: NonBlank = Field(max_length=64)
+    name: NonBlank = Field(max_length=200)
+    probability: str = Field(max_length=32, description='percent as a decimal string, e.g. "40"')
+    required_fields: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list)
     rotting_days: int = Field(default=0, ge=0, le=3650)
     outcome: Literal["open", "won", "lost"] = "open"
 
 
-class PipelineCreate(BaseModel):
-    model_config = {"extra": "forbid"}
-    name: str = Field(min_length=1, max_length=200)
+class PipelineCreate(RequestBody):
+    name: NonBlank = Field(max_length=200)
     stages: list[StageBody] = Field(min_length=3)
     is_default: bool = False
 
 
-class OpportunityFields(BaseModel):
-    model_config = {"extra": "forbid"}
+class OpportunityFields(RequestBody):
     name: str | None = Field(default=None, max_length=200)
-    primary_contact_id: str | None = None
+    primary_contact_id: str | None = Field(default=None, max_length=64)
     amount: MoneyIn | None = None
-    expected_close_date: date | None = None
-    owner_id: str | None = None
-    team: str | None = None
-    region: str | None = None
+    expected_close_date: CalendarDate | None = None
+    owner_id: str | None = Field(default=None, max_length=200)
+    team: str | None = Field(default=None, max_length=200)
+    region: str | None = Field(default=None, max_length=200)
     line_items: list[LineItemBody] | None = None
-    next_step: str | None = None
-    product_line: str | None = None
-    tags: list[str] | None = None
+    next_step: str | None = Field(default=None, max_length=2000)
+    product_line: str | None = Field(default=None, max_length=200)
+    tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
     forecast_category: Literal["pipeline", "best_case", "commit", "omitted"] | None = None
 
 
-class CollisionOverride(BaseModel):
+class CollisionOverride(RequestBody):
     # 防撞单 override: managers only, with a reason (audited).
     override_collision: bool = False
-    override_reason: str | None = None
+    override_reason: str | None = Field(default=None, max_length=2000)
 
 
 class OpportunityPatch(OpportunityFields, CollisionOverride):
@@ -104,35 +110,35 @@ class OpportunityPatch(OpportunityFields, CollisionOverride):
 
 
 class OpportunityCreate(OpportunityFields, CollisionOverride):
-    account_id: str = Field(min_length=1)
-    name: str = Field(min_length=1, max_length=200)
-    pipeline_id: str | None = None
-    stage: str | None = None
-    source_lead_id: str | None = None
-    campaign_id: str | None = None
+    account_id: NonBlank = Field(max_length=64)
+    name: NonBlank = Field(max_length=200)
+    pipeline_id: str | None = Field(default=None, max_length=36)
+    stage: str | None = Field(default=None, max_length=64)
+    source_lead_id: str | None = Field(default=None, max_length=64)
+    campaign_id: str | None = Field(default=None, max_length=64)
 
 
 OVERRIDE_FIELDS = set(CollisionOverride.model_fields)
 
 
-class StageMove(BaseModel):
-    stage: str = Field(min_length=1)
+class StageMove(RequestBody):
+    stage: NonBlank = Field(max_length=64)
 
 
-class WinBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    close_date: date | None = None
+class WinBody(RequestBody):
+    close_date: CalendarDate | None = None
     amount: MoneyIn | None = None
 
 
-class LoseBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    reason: str = Field(min_length=1)
-    close_date: date | None = None
+class LoseBody(RequestBody):
+    reason: NonBlank = Field(max_length=2000)
+    close_date: CalendarDate | None = None
 
 
-class ImportRowBody(BaseModel):
-    model_config = {"extra": "forbid"}
+class ImportRowBody(RequestBody):
+    """One row of an import. Its text is not limited here: the sales service rejects a row alone
+    (per-row results, with the reason) rather than the whole file."""
+
     external_id: str = Field(min_length=1)
     account_id: str
     name: str
@@ -143,77 +149,71 @@ class ImportRowBody(BaseModel):
     line_items: list[LineItemBody] = Field(default_factory=list)
     stage: str = ""
     amount: MoneyIn | None = None
-    expected_close_date: date | None = None
-    close_date: date | None = None
+    expected_close_date: CalendarDate | None = None
+    close_date: CalendarDate | None = None
     lost_reason: str = ""
-    engaged_at: datetime | None = None
+    engaged_at: Instant | None = None
 
 
-class ImportBody(BaseModel):
-    pipeline_id: str = ""
+class ImportBody(RequestBody):
+    pipeline_id: str = Field(default="", max_length=36)
     rows: list[ImportRowBody] = Field(min_length=1, max_length=5000)
 
 
-class QuoteCreate(BaseModel):
-    model_config = {"extra": "forbid"}
-    opportunity_id: str = Field(min_length=1)
+class QuoteCreate(RequestBody):
+    opportunity_id: NonBlank = Field(max_length=36)
     line_items: list[LineItemBody] = Field(min_length=1)
 
 
-class DecisionBody(BaseModel):
-    comment: str = ""
+class DecisionBody(RequestBody):
+    comment: str = Field(default="", max_length=2000)
 
 
-class ContractCreate(BaseModel):
-    model_config = {"extra": "forbid"}
-    opportunity_id: str | None = None
-    account_id: str | None = None
-    title: str | None = None
+class ContractCreate(RequestBody):
+    opportunity_id: str | None = Field(default=None, max_length=36)
+    account_id: str | None = Field(default=None, max_length=64)
+    title: str | None = Field(default=None, max_length=200)
     amount: MoneyIn | None = None
-    owner_id: str | None = None
-    team: str | None = None
-    region: str | None = None
-    starts_on: date | None = None
-    ends_on: date | None = None
+    owner_id: str | None = Field(default=None, max_length=200)
+    team: str | None = Field(default=None, max_length=200)
+    region: str | None = Field(default=None, max_length=200)
+    starts_on: CalendarDate | None = None
+    ends_on: CalendarDate | None = None
 
 
-class SignBody(BaseModel):
-    signed_at: datetime | None = None
+class SignBody(RequestBody):
+    signed_at: Instant | None = None
 
 
-class ReasonBody(BaseModel):
-    reason: str = Field(min_length=1)
+class ReasonBody(RequestBody):
+    reason: NonBlank = Field(max_length=2000)
 
 
-class InstallmentBody(BaseModel):
-    model_config = {"extra": "forbid"}
-    due_date: date
+class InstallmentBody(RequestBody):
+    due_date: CalendarDate
     amount: MoneyIn
 
 
-class PaymentPlanCreate(BaseModel):
-    model_config = {"extra": "forbid"}
+class PaymentPlanCreate(RequestBody):
     installments: list[InstallmentBody] = Field(min_length=1, max_length=240)
 
 
-class PaymentCreate(BaseModel):
-    model_config = {"extra": "forbid"}
-    contract_id: str = Field(min_length=1)
+class PaymentCreate(RequestBody):
+    contract_id: NonBlank = Field(max_length=36)
     amount: MoneyIn
-    external_reference: str = Field(min_length=1, max_length=200, description="unique; the idempotency key")
-    received_at: datetime | None = None
+    external_reference: NonBlank = Field(max_length=200, description="unique; the idempotency key")
+    received_at: Instant | None = None
     method: str = Field(default="", max_length=64)
 
 
-class InvoiceCreate(BaseModel):
-    model_config = {"extra": "forbid"}
-    contract_id: str = Field(min_length=1)
+class InvoiceCreate(RequestBody):
+    contract_id: NonBlank = Field(max_length=36)
     amount: MoneyIn
 
 
-class IssueBody(BaseModel):
-    number: str = Field(min_length=1, max_length=64)
-    issued_at: datetime | None = None
+class IssueBody(RequestBody):
+    number: NonBlank = Field(max_length=64)
+    issued_at: Instant | None = None
 
 
 # --- proto -> JSON -----------------------------------------------------------------------------------

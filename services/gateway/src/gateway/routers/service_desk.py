@@ -15,9 +15,10 @@ from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import Depends, Header, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
+from gateway.inputs import NonBlank, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -55,9 +56,11 @@ def _stub(request: Request) -> ServiceDeskServiceStub:
 
 # --- models --------------------------------------------------------------------------------------
 
+# Tags of at most 100 characters (service_desk.domain); the other limits are the columns' sizes.
+Tag = Annotated[str, Field(max_length=100)]
 
-class TicketIn(BaseModel):
-    model_config = {"extra": "forbid"}
+
+class TicketIn(RequestBody):
     account_id: str | None = Field(default=None, max_length=64)
     contact_id: str | None = Field(default=None, max_length=64)
     subject: str | None = Field(default=None, max_length=500)
@@ -67,53 +70,49 @@ class TicketIn(BaseModel):
     priority: Priority | None = None
     region: str | None = Field(default=None, max_length=100)
     team: str | None = Field(default=None, max_length=100)
-    tags: list[str] | None = None
+    tags: list[Tag] | None = None
     custom: dict[str, Any] | None = Field(default=None, description="custom field values (null removes one)")
 
 
 class TicketCreate(TicketIn):
-    subject: str = Field(min_length=1, max_length=500)
+    subject: NonBlank = Field(max_length=500)
+    # On a create, an empty id means no more than an absent one: only a real id is taken.
+    account_id: NonBlank | None = Field(default=None, max_length=64)
+    contact_id: NonBlank | None = Field(default=None, max_length=64)
 
 
-class StatusIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class StatusIn(RequestBody):
     status: Literal["in_progress", "waiting_customer", "resolved", "closed", "reopened"]
     note: str = Field(default="", max_length=20_000)
 
 
-class AssignIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class AssignIn(RequestBody):
     assignee_id: str = Field(default="", max_length=64, description="empty: auto-dispatch")
 
 
-class CommentIn(BaseModel):
-    model_config = {"extra": "forbid"}
-    body: str = Field(min_length=1, max_length=20_000)
+class CommentIn(RequestBody):
+    body: NonBlank = Field(max_length=20_000)
     public: bool = False
 
 
-class WorkLogIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class WorkLogIn(RequestBody):
     minutes: int = Field(ge=1, le=1440)
     note: str = Field(default="", max_length=2000)
 
 
-class CsatIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class CsatIn(RequestBody):
     score: int = Field(ge=1, le=5)
     comment: str = Field(default="", max_length=2000)
 
 
-class SlaPolicyIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class SlaPolicyIn(RequestBody):
     first_response_minutes: int = Field(ge=1, le=525_600)
     resolution_minutes: int = Field(ge=1, le=525_600)
 
 
-class AgentIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class AgentIn(RequestBody):
     name: str | None = Field(default=None, max_length=200)
-    skills: list[str] | None = None
+    skills: list[Annotated[str, Field(max_length=100)]] | None = None
     region: str | None = Field(default=None, max_length=100)
     team: str | None = Field(default=None, max_length=100)
     capacity: int | None = Field(default=None, ge=0, le=1000)
@@ -121,27 +120,25 @@ class AgentIn(BaseModel):
 
 
 class AgentCreate(AgentIn):
-    id: str = Field(min_length=1, max_length=64, description="the agent's user id")
-    name: str = Field(min_length=1, max_length=200)
+    id: NonBlank = Field(max_length=64, description="the agent's user id")
+    name: NonBlank = Field(max_length=200)
 
 
-class VisitDoneIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class VisitDoneIn(RequestBody):
     notes: str = Field(default="", max_length=20_000)
 
 
-class ArticleIn(BaseModel):
-    model_config = {"extra": "forbid"}
+class ArticleIn(RequestBody):
     title: str | None = Field(default=None, max_length=300)
     body: str | None = Field(default=None, max_length=200_000)
     category: str | None = Field(default=None, max_length=100)
-    tags: list[str] | None = None
+    tags: list[Tag] | None = None
     published: bool | None = None
 
 
 class ArticleCreate(ArticleIn):
-    title: str = Field(min_length=1, max_length=300)
-    body: str = Field(min_length=1, max_length=200_000)
+    title: NonBlank = Field(max_length=300)
+    body: NonBlank = Field(max_length=200_000)
 
 
 # --- proto <-> JSON ------------------------------------------------------------------------------
@@ -575,11 +572,12 @@ async def list_return_visits(
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str = "",
     account_id: str = "",
-    status: Literal["open", "done"] | None = None,
+    status: Literal["open", "done", "cancelled"] | None = None,
     assignee_id: str = "",
     due_before: datetime | None = None,
 ) -> dict[str, Any]:
-    """Follow-up calls scheduled after tier-A accounts' tickets were resolved (回访)."""
+    """Follow-up calls scheduled after tier-A accounts' tickets were resolved (回访); `cancelled`
+    ones were called off when their account was deleted."""
     access.check_filters(
         {"account_id": "account_id", "status": "status", "assignee_id": "assignee_id", "due_before": "due_at"}
     )
@@ -637,18 +635,26 @@ async def search_articles(
     category: str = "",
     include_unpublished: bool = False,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
 ) -> dict[str, Any]:
-    """Published articles matching every word of `q` (drafts only for who may edit articles)."""
+    """Published articles matching every word of `q` (drafts only for who may edit articles): most
+    relevant first on PostgreSQL, otherwise, and without `q`, most recently updated first."""
     access.check_filters({"q": ("title", "body"), "category": "category", "include_unpublished": "published"})
     if include_unpublished:
         access.ensure("update")
     reply = await _stub(request).SearchKbArticles(
         pb.SearchKbArticlesRequest(
-            q=q, category=category, limit=access.page_limit(limit), include_unpublished=include_unpublished
+            q=q,
+            category=category,
+            include_unpublished=include_unpublished,
+            page=_page(access.page_limit(limit), cursor),
         ),
         metadata=access.grpc_metadata(),
     )
-    return {"items": access.present_many(to_json(a) for a in reply.items), "next_cursor": None}
+    return {
+        "items": access.present_many(to_json(a) for a in reply.items),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
 
 
 @router.get("/kb-articles/{article_id}")

@@ -8,6 +8,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,8 +16,10 @@ from typing import Any, overload
 
 from crm.audit.v1 import events_pb2
 from crm_platform.db import DriverStatement, insert_from_json, json_rows, single_statements
+from crm_platform.errors import ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
+from crm_platform.pagination import NOT_ISSUED, decode_cursor, encode_cursor
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
@@ -25,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from gateway.security.masking import mask_value
 from gateway.security.policy import ResourceSpec
+from gateway.security.problems import SecurityProblem
 from gateway.security.store import audit_events, outbox
 
 log = logging.getLogger(__name__)
@@ -168,7 +172,7 @@ class AuditQuery:
     since: datetime | None = None
     until: datetime | None = None
     limit: int = 50
-    # The id of the last event of the previous page (newest first).
+    # From the previous page (newest first): an opaque cursor naming its last event (`_after_id`).
     cursor: str | None = None
     # The caller's record scope, applied to the actor (`_actor_in_scope`).
     scope: RecordScope = ALL_RECORDS
@@ -281,7 +285,7 @@ class AuditLog:
         async with self.engine.connect() as conn:
             rows = list((await conn.execute(statement)).mappings())
         page = rows[: query.limit]
-        next_cursor = page[-1]["id"] if len(rows) > query.limit else None
+        next_cursor = encode_cursor([page[-1]["id"]]) if len(rows) > query.limit else None
         return [_present(row) for row in page], next_cursor
 
     @staticmethod
@@ -301,9 +305,29 @@ class AuditLog:
         if query.until is not None:
             conditions.append(table.c.occurred_at < query.until)
         if query.cursor:
-            conditions.append(table.c.id < query.cursor)
+            conditions.append(table.c.id < _after_id(query.cursor))
         conditions.append(_actor_in_scope(query.scope))
         return select(table).where(and_(*conditions)).order_by(table.c.id.desc()).limit(query.limit + 1)
+
+
+def _after_id(cursor: str) -> str:
+    """The id of the event a page starts after: the one its cursor names, as `query` encoded it.
+    Anything else is a 422 on `cursor`: an edited cursor must not start a page at another event."""
+    try:
+        values = decode_cursor(cursor)
+    except ValidationFailed:
+        values = []
+    if len(values) == 1 and isinstance(values[0], str) and _is_event_id(values[0]):
+        return values[0]
+    raise SecurityProblem(422, "Unprocessable Content", f"cursor {NOT_ISSUED}", field="cursor")
+
+
+def _is_event_id(text: str) -> bool:
+    """An id as `new_id` makes them: a UUID in its canonical form."""
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def _actor_in_scope(scope: RecordScope) -> ColumnElement[bool]:
