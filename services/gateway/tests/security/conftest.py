@@ -5,13 +5,13 @@ and, like the real services, filters by the record scope it is given."""
 import copy
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import pytest
-import yaml
 from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.ids import new_id
@@ -28,10 +28,9 @@ from gateway.routers.custom_fields import audit_pii_keys
 from gateway.security import Access, Policy, SecurityRuntime, SecuritySettings, install_security, load_policy, require
 from gateway.security import exports as exports_registry
 from gateway.security.exports import register_export_source
-from gateway.security.policy import DEFAULT_POLICY_PATH
 from gateway.security.problems import not_found
 from gateway.security.store import migrate
-from gateway.testing import PolicyEdit, RoleClient
+from gateway.testing import PolicyEdit, RoleClient, started_gateway
 from gateway.token_cli import issue_dev_token
 from gateway.upstreams import UpstreamNotConfigured
 
@@ -352,43 +351,14 @@ async def role_client(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Ro
     """`await role_client(role, *edits, upstream="host:port")`: an HTTP client of the real gateway
     for one role, under the default policy changed by `edits`. The leads, sales, service-desk and
     analytics calls go to `upstream` (none by default: they answer 503); accounts has none."""
-    opened: list[tuple[FastAPI, httpx.AsyncClient]] = []
+    async with AsyncExitStack() as started:
 
-    async def make(role: str, *edits: PolicyEdit, upstream: str = "") -> httpx.AsyncClient:
-        number = len(opened)
-        policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
-        for edit in edits:
-            edit(policy)
-        policy_path = tmp_path / f"policy-{number}.yaml"
-        policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
-        database = tmp_path / f"gateway-{number}.db"
-        shutil.copyfile(migrated_sqlite, database)
-        settings = Settings(
-            dev_mode=True,
-            dev_jwt_secret=ROLE_CLIENT_SECRET,
-            database_url=f"sqlite+aiosqlite:///{database}",
-            policy_path=str(policy_path),
-            leads_target=upstream,
-            accounts_target="",
-            sales_target=upstream,
-            service_desk_target=upstream,
-            analytics_target=upstream,
-            audit_relay_enabled=False,
-        )
-        app = create_app(settings)
-        await app.state.security.start(migrate=False, relay=False)
-        token = issue_dev_token(secret=ROLE_CLIENT_SECRET, sub="u-1", roles=[role], team="east", region="north")
-        http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        opened.append((app, http))
-        return http
+        async def make(role: str, *edits: PolicyEdit, upstream: str = "") -> httpx.AsyncClient:
+            token = issue_dev_token(secret=ROLE_CLIENT_SECRET, sub="u-1", roles=[role], team="east", region="north")
+            targets = {service: upstream for service in ("leads", "sales", "service_desk", "analytics")}
+            gateway = started_gateway(
+                tmp_path, migrated_sqlite, secret=ROLE_CLIENT_SECRET, edits=edits, token=token, **targets
+            )
+            return await started.enter_async_context(gateway)
 
-    yield make
-    for app, http in opened:
-        await http.aclose()
-        await app.state.upstreams.close()
-        await app.state.security.stop()
+        yield make

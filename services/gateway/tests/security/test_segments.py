@@ -6,7 +6,6 @@ who sees a pii custom field masked (marketing) could save `custom.<key>=<guess>`
 
 The real gateway app over a fake accounts service (segments, custom field definitions, accounts)."""
 
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +14,13 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import yaml
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
 from crm.common.v1 import common_pb2
 from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
-from gateway.app import create_app
-from gateway.config import Settings
+from gateway.testing import started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -96,33 +93,22 @@ async def stack(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Stack]:
     add_CustomFieldServiceServicer_to_server(accounts, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+
     # The default policy, but marketing sees accounts' regions masked and may export accounts.
-    policy = yaml.safe_load(DEFAULT_POLICY.read_text())
-    marketing = policy["roles"]["marketing"]["grants"]["accounts"]
-    marketing["fields"]["region"] = "masked"
-    marketing["actions"] = ["read", "export"]
-    policy_path = tmp_path / "policy.yaml"
-    policy_path.write_text(yaml.safe_dump(policy))
-    database = tmp_path / "gateway.db"
-    shutil.copyfile(migrated_sqlite, database)
-    settings = Settings(
-        dev_mode=True,
-        dev_jwt_secret=SECRET,
-        database_url=f"sqlite+aiosqlite:///{database}",
-        policy_path=str(policy_path),
-        accounts_target=f"127.0.0.1:{port}",
-        leads_target="",
-        sales_target="",
-        service_desk_target="",
-        analytics_target="",
-        audit_relay_enabled=False,
+    def marketing_masks_regions_and_exports(policy: dict[str, Any]) -> None:
+        marketing = policy["roles"]["marketing"]["grants"]["accounts"]
+        marketing["fields"]["region"] = "masked"
+        marketing["actions"] = ["read", "export"]
+
+    gateway = started_gateway(
+        tmp_path,
+        migrated_sqlite,
+        secret=SECRET,
+        edits=[marketing_masks_regions_and_exports],
+        accounts=f"127.0.0.1:{port}",
     )
-    app = create_app(settings)
-    await app.state.security.start(migrate=False, relay=False)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30) as http:
+    async with gateway as http:
         yield Stack(accounts, http)
-    await app.state.upstreams.close()
-    await app.state.security.stop()
     await server.stop(None)
 
 

@@ -3,8 +3,8 @@ that refuse out-of-scope records as the real ones do: each call the saga makes c
 record scope on the resource it writes (as the gateway's policy decides it), never their scope on
 leads, and what a refused attempt created is undone whatever the caller's scopes."""
 
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import httpx
 import pytest
-import yaml
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
@@ -25,11 +24,8 @@ from crm_platform.grpc_errors import to_status
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.security.policy import DEFAULT_POLICY_PATH
 from gateway.security.store import migrate
-from gateway.testing import PolicyEdit
+from gateway.testing import PolicyEdit, started_gateway
 from gateway.token_cli import issue_dev_token
 from leads.servicer import LeadsServicer
 from leads.upstream import GrpcConversionPorts
@@ -171,45 +167,16 @@ async def conversion(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncI
         register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
     )
     leads_port = await leads_server.start("127.0.0.1", 0)
-    opened: list[tuple[Any, httpx.AsyncClient]] = []
+    async with AsyncExitStack() as started:
 
-    async def as_rep(*edits: PolicyEdit) -> httpx.AsyncClient:
-        policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
-        for edit in edits:
-            edit(policy)
-        policy_path = tmp_path / "policy.yaml"
-        policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
-        database = tmp_path / "gateway.db"
-        shutil.copyfile(gateway_database, database)
-        settings = Settings(
-            dev_mode=True,
-            dev_jwt_secret=SECRET,
-            database_url=f"sqlite+aiosqlite:///{database}",
-            policy_path=str(policy_path),
-            leads_target=f"127.0.0.1:{leads_port}",
-            accounts_target="",
-            sales_target="",
-            service_desk_target="",
-            analytics_target="",
-            audit_relay_enabled=False,
-        )
-        app = create_app(settings)
-        await app.state.security.start(migrate=False, relay=False)
-        token = issue_dev_token(secret=SECRET, sub=CALLER, roles=["sales_rep"], team=TEAM, region=REGION)
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://gateway",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        opened.append((app, client))
-        return client
+        async def as_rep(*edits: PolicyEdit) -> httpx.AsyncClient:
+            token = issue_dev_token(secret=SECRET, sub=CALLER, roles=["sales_rep"], team=TEAM, region=REGION)
+            gateway = started_gateway(
+                tmp_path, gateway_database, secret=SECRET, edits=edits, token=token, leads=f"127.0.0.1:{leads_port}"
+            )
+            return await started.enter_async_context(gateway)
 
-    yield Conversion(as_rep, upstream)
-    for app, client in opened:
-        await client.aclose()
-        await app.state.upstreams.close()
-        await app.state.security.stop()
+        yield Conversion(as_rep, upstream)
     await leads_server.stop(1)
     await ports.close()
     await upstream_server.stop(None)
