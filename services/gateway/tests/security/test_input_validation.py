@@ -397,6 +397,15 @@ UNKNOWN_FIELDS = [
 ]
 
 
+async def test_an_import_row_without_an_external_id_is_left_to_the_service_to_reject_alone(
+    client: httpx.AsyncClient,
+) -> None:
+    """The sales service answers per row: a blank `external_id` must not refuse the whole file."""
+    rows = [{"external_id": "", "account_id": "a", "name": "n"}, {"external_id": "e", "account_id": "a", "name": "n"}]
+    response = await client.post("/api/v1/opportunities/import", json={"rows": rows})
+    assert response.status_code == 503  # past the gateway's checks: the missing upstream
+
+
 @pytest.mark.parametrize(("method", "path", "body", "field"), UNKNOWN_FIELDS)
 async def test_an_unknown_body_field_is_422_naming_it_not_dropped(
     client: httpx.AsyncClient, method: str, path: str, body: Any, field: str

@@ -139,7 +139,7 @@ class ImportRowBody(RequestBody):
     """One row of an import. Its text is not limited here: the sales service rejects a row alone
     (per-row results, with the reason) rather than the whole file."""
 
-    external_id: str = Field(min_length=1)
+    external_id: str = ""  # blank: that row alone is rejected by the service, with its reason
     account_id: str
     name: str
     owner_id: str = ""
