@@ -142,10 +142,10 @@ def _after(cursor: str, sort_column: Column[Any], id_column: Column[Any]) -> tup
         value, after_id = payload  # issued before cursors named their sort: only the types can be checked
     else:
         raise _refused(NOT_ISSUED)
-    return _restore(sort_column, value), _restore(id_column, after_id)
+    return cursor_value(sort_column, value), cursor_value(id_column, after_id)
 
 
-def _restore(column: Column[Any], value: Any) -> Any:
+def cursor_value(column: Column[Any], value: Any) -> Any:
     """A cursor value as its column's type, as `next_cursor` wrote it; refused when the database
     could not compare it with the column (an error) or would compare it wrongly (SQLite)."""
     if value is None and column.nullable:

@@ -13,7 +13,7 @@ from crm_platform.db import UtcDateTime
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
-from crm_platform.pagination import decode_cursor_json, sort_field
+from crm_platform.pagination import cursor_value, decode_cursor_json, sort_field
 from crm_platform.principal import RecordScope, scope_clause
 from sqlalchemy import (
     JSON,
@@ -311,12 +311,13 @@ def apply_page(query: Select[Any], table: Table, page: Page) -> Select[Any]:
     # Ids are time-ordered, so created_at order is id order: one indexed column.
     key = table.c.id if page.sort_field == "created_at" else table.c[page.sort_field]
     if page.after is not None:
+        # Typed as their columns, or a 422 on cursor: a value of another type reached the database.
         value, last_id = page.after
+        last_id = cursor_value(table.c.id, last_id)
         if page.sort_field == "created_at":
             query = query.where(table.c.id < last_id if page.descending else table.c.id > last_id)
         else:
-            if key.type.python_type is datetime:
-                value = datetime.fromisoformat(value)
+            value = cursor_value(key, value)
             if page.descending:
                 query = query.where(or_(key < value, and_(key == value, table.c.id < last_id)))
             else:

@@ -376,6 +376,18 @@ async def test_keyset_paging_and_idempotency(accounts_service: Running) -> None:
         if not cursor:
             break
     assert seen == [f"Paged {n}" for n in range(4, -1, -1)]
+    for sort, order in (("updated_at", range(5)), ("-updated_at", range(4, -1, -1))):  # a time sort's cursor
+        seen, cursor = [], ""
+        while True:
+            page = await svc.call(
+                "ListAccounts",
+                pb.ListAccountsRequest(q="Paged", page=common_pb2.PageRequest(limit=2, cursor=cursor, sort=sort)),
+            )
+            seen += [a.name for a in page.items]
+            cursor = page.page_info.next_cursor
+            if not cursor:
+                break
+        assert seen == [f"Paged {n}" for n in order], sort
 
 
 async def test_pool_return_job_and_reminders(accounts_service: Running) -> None:

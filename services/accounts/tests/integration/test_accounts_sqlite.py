@@ -122,3 +122,20 @@ async def test_merging_an_account_into_one_below_it_keeps_the_hierarchy_a_tree(c
         await handlers.merge_accounts(ctx, plant, division, idempotency_key="")
         # The survivor was the duplicate's own child: it moves up to the duplicate's parent.
         assert await parents() == {group: None, plant: group, branch: plant}
+
+
+async def test_pages_by_a_time_sort_follow_their_cursor_on_sqlite(ctx: Context) -> None:
+    with acting_as(REP, REP_SCOPE):
+        for n in range(5):
+            await handlers.create_account(ctx, {"name": f"Timed {n}"}, idempotency_key="", in_pool=False)
+        for sort, order in (("updated_at", range(5)), ("-updated_at", range(4, -1, -1))):
+            seen: list[str] = []
+            cursor = ""
+            while True:
+                rows, cursor = await handlers.list_accounts(
+                    ctx, AccountFilter(q="Timed"), [], parse_page(2, cursor, sort), sort, ""
+                )
+                seen += [row.name for row in rows]
+                if not cursor:
+                    break
+            assert seen == [f"Timed {n}" for n in order], sort

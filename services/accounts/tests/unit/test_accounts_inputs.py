@@ -4,11 +4,12 @@ import base64
 import json
 
 import pytest
-from accounts.repository import parse_page
+from accounts.repository import accounts, apply_page, parse_page
 from accounts.servicer import account_values
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.common.v1 import common_pb2
 from crm_platform.errors import ValidationFailed
+from sqlalchemy import select
 
 pytestmark = pytest.mark.unit
 
@@ -55,3 +56,15 @@ def test_a_cursor_is_taken_only_as_it_was_issued() -> None:
         with pytest.raises(ValidationFailed) as caught:
             parse_page(50, edited, "name")
         assert refused_fields(caught) == ["cursor"]
+
+
+@pytest.mark.parametrize(
+    ("sort", "value"), [("updated_at", 1), ("updated_at", "yesterday"), ("name", 7), ("-name", ["a"])]
+)
+def test_a_cursor_value_not_of_its_sort_columns_type_is_refused_on_cursor(sort: str, value: object) -> None:
+    """Forged, but encoded as issued: it must not reach the database (a 500 there)."""
+    forged = base64.urlsafe_b64encode(json.dumps({"s": sort, "v": value, "id": 5}).encode()).decode()
+    page = parse_page(50, forged, sort)
+    with pytest.raises(ValidationFailed) as caught:
+        apply_page(select(accounts), accounts, page)
+    assert refused_fields(caught) == ["cursor"]
