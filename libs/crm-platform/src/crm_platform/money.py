@@ -13,6 +13,9 @@ AMOUNT_PLACES = 2
 # Money columns are NUMERIC(20, 4) (accounts, sales, analytics) or NUMERIC(18, 2) (campaign costs):
 # 16 digits before the point. An amount has at most 12, so sums of many of them fit too.
 MAX_AMOUNT = Decimal("999999999999.99")
+# A company's figures (annual revenue, credit limit) are not summed with others: up to what the
+# columns hold. More than a dozen Chinese groups report revenue above 1,000,000,000,000 CNY.
+MAX_FIGURE = Decimal("999999999999999.99")
 
 # ISO 4217 List One (currency and fund codes in use): Debian's iso-codes 4.15 (iso_4217.json), with
 # the amendments since: ZWG for ZWL (2024), XCG for ANG (2025), and HRK (2023, the euro), SLL (2024,
@@ -67,34 +70,42 @@ def parse_decimal(text: str, *, field: str) -> Decimal:
     return value
 
 
-def check_amount(value: Decimal, *, field: str, allow_zero: bool = True) -> list[FieldError]:
+def check_amount(
+    value: Decimal, *, field: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT
+) -> list[FieldError]:
     """What is wrong with a money amount (a finite decimal), at most one error: its sign, its size
-    (MAX_AMOUNT, what every money column holds) or its precision (whole cents)."""
+    (MAX_AMOUNT, or MAX_FIGURE for a company's figures) or its precision (whole cents)."""
     if value <= 0 and not allow_zero:
         return [FieldError(field, "must be greater than zero")]
     if value < 0:
         return [FieldError(field, "must not be negative")]
-    if value > MAX_AMOUNT:
-        return [FieldError(field, f"must not exceed {MAX_AMOUNT}")]
+    if value > maximum:
+        return [FieldError(field, f"must not exceed {maximum}")]
     if value != value.quantize(CENT):  # in range: quantize cannot overflow the decimal context
         return [FieldError(field, f"at most {AMOUNT_PLACES} decimal places")]
     return []
 
 
-def parse_amount(text: str, *, field: str, allow_zero: bool = True) -> Decimal:
+def parse_amount(text: str, *, field: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT) -> Decimal:
     """A money amount from its string form, or a validation error naming the field."""
     value = parse_decimal(text, field=field)
-    errors = check_amount(value, field=field, allow_zero=allow_zero)
+    errors = check_amount(value, field=field, allow_zero=allow_zero, maximum=maximum)
     if errors:
         raise ValidationFailed(errors)
     return value
 
 
+# Taken besides ISO 4217: CNH, offshore renminbi (Hong Kong banks, trade finance), which trades at
+# its own rate against CNY. RMB is not a code: it is refused with a hint.
+CURRENCIES = ISO_4217_CURRENCIES | {"CNH"}
+
+
 def parse_currency(text: str, *, field: str) -> str:
-    """An ISO 4217 code (ISO_4217_CURRENCIES), upper-cased: `cny` is CNY."""
+    """A currency code of CURRENCIES, upper-cased: `cny` is CNY."""
     code = text.strip().upper()
-    if code not in ISO_4217_CURRENCIES:
-        raise ValidationFailed([FieldError(field, f"{text!r} is not an ISO 4217 currency code")])
+    if code not in CURRENCIES:
+        hint = " (the renminbi is CNY, or CNH offshore)" if code == "RMB" else ""
+        raise ValidationFailed([FieldError(field, f"{text!r} is not an ISO 4217 currency code{hint}")])
     return code
 
 

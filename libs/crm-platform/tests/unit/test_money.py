@@ -9,6 +9,7 @@ from crm_platform.errors import ValidationFailed
 from crm_platform.money import (
     ISO_4217_CURRENCIES,
     MAX_AMOUNT,
+    MAX_FIGURE,
     check_amount,
     money_from_proto,
     parse_amount,
@@ -52,12 +53,14 @@ def test_an_amount_that_must_be_positive_refuses_zero() -> None:
     assert check_amount(Decimal(0), field="amount") == []
 
 
-@pytest.mark.parametrize(("text", "code"), [("CNY", "CNY"), ("cny", "CNY"), (" usd ", "USD"), ("ZWG", "ZWG")])
+@pytest.mark.parametrize(
+    ("text", "code"), [("CNY", "CNY"), ("cny", "CNY"), (" usd ", "USD"), ("ZWG", "ZWG"), ("cnh", "CNH")]
+)
 def test_iso_4217_codes_are_taken_upper_cased(text: str, code: str) -> None:
     assert parse_currency(text, field="cost.currency") == code
 
 
-@pytest.mark.parametrize("text", ["ZZZ", "XXX", "XTS", "XAU", "HRK", "", "CN", "CNYY", "¥"])
+@pytest.mark.parametrize("text", ["ZZZ", "XXX", "XTS", "XAU", "HRK", "", "CN", "CNYY", "¥", "RMB"])
 def test_anything_but_a_currency_in_use_is_refused(text: str) -> None:
     with pytest.raises(ValidationFailed) as caught:
         parse_currency(text, field="cost.currency")
@@ -74,3 +77,10 @@ def test_money_from_a_message_names_the_fields_of_the_money() -> None:
     with pytest.raises(ValidationFailed) as caught:
         money_from_proto(common_pb2.Money(amount="1", currency="ZZZ"), field="cost")
     assert [e.field for e in caught.value.errors] == ["cost.currency"]
+
+
+def test_a_companys_figure_may_exceed_the_cap_on_amounts_up_to_what_its_column_holds() -> None:
+    assert check_amount(Decimal("3546000000000.00"), field="annual_revenue.amount", maximum=MAX_FIGURE) == []
+    assert check_amount(Decimal("3546000000000.00"), field="amount")[0].message == f"must not exceed {MAX_AMOUNT}"
+    too_big = check_amount(MAX_FIGURE + 1, field="annual_revenue.amount", maximum=MAX_FIGURE)
+    assert [e.message for e in too_big] == [f"must not exceed {MAX_FIGURE}"]

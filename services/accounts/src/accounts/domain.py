@@ -11,7 +11,7 @@ from urllib.parse import urlparse
 
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
-from crm_platform.money import check_amount
+from crm_platform.money import MAX_FIGURE, check_amount
 
 TIERS = ("A", "B", "C", "D")
 LIFECYCLES = ("prospect", "customer", "churned")
@@ -101,7 +101,7 @@ def check_account(values: Mapping[str, object]) -> list[FieldError]:
     for money_field in ("annual_revenue", "credit_limit"):
         amount = values.get(money_field)
         if isinstance(amount, Decimal):
-            errors.extend(check_amount(amount, field=f"{money_field}.amount"))
+            errors.extend(check_amount(amount, field=f"{money_field}.amount", maximum=MAX_FIGURE))
     tags = values.get("tags")
     if isinstance(tags, list):
         errors.extend(check_tags(tags))

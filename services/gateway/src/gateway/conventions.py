@@ -6,7 +6,7 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm_platform.errors import ValidationFailed
-from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, parse_amount, parse_currency
+from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, MAX_FIGURE, parse_amount, parse_currency
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
@@ -54,6 +54,25 @@ class MoneyIn(BaseModel):
 
     def proto(self) -> common_pb2.Money:
         return common_pb2.Money(amount=self.amount, currency=self.currency)
+
+
+class FigureIn(MoneyIn):
+    """A company's figure (annual revenue, credit limit): up to MAX_FIGURE, as the accounts service takes it."""
+
+    amount: str = Field(
+        description=f'decimal string, e.g. "3546000000000.00": not negative, at most {AMOUNT_PLACES} decimal places, '
+        f"at most {MAX_FIGURE}",
+        examples=["3546000000000.00"],
+    )
+
+    @field_validator("amount")
+    @classmethod
+    def _amount(cls, value: str) -> str:
+        try:
+            parse_amount(value, field="amount", maximum=MAX_FIGURE)
+        except ValidationFailed as error:
+            raise ValueError(error.errors[0].message) from None
+        return value
 
 
 def expected_version(if_match: str | None) -> int:

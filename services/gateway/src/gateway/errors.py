@@ -5,6 +5,7 @@ attach (field violations, the conflicting record's id) are carried into the prob
 """
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -124,6 +125,18 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
     return remote_problem(remote, request.url.path)
 
 
+def field_error(item: Mapping[str, Any]) -> dict[str, str]:
+    """One pydantic error as a problem's `errors` entry: the field's path (without where in the
+    request it was) and the message, without pydantic's "Value error, " before our own messages."""
+    location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    message = str(item.get("msg", "invalid"))
+    if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
+        message = str(item["ctx"]["error"])
+    if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NON_BLANK_PATTERN:
+        message = "must not be blank"
+    return {"field": ".".join(location) or "body", "message": message}
+
+
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     errors = []
@@ -142,11 +155,7 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
             return problem(
                 415, "the request body must be JSON (Content-Type: application/json)", instance=request.url.path
             )
-        location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
-        message = str(item.get("msg", "invalid"))
-        if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NON_BLANK_PATTERN:
-            message = "must not be blank"
-        errors.append({"field": ".".join(location) or "body", "message": message})
+        errors.append(field_error(item))
     if malformed:
         return problem(400, "the request body is not valid JSON", errors=errors, instance=request.url.path)
     return problem(422, "the request has invalid fields", errors=errors, instance=request.url.path)

@@ -11,14 +11,14 @@
 """
 
 import re
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Annotated
 
 from crm_platform.structs import Location, unstorable_values
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -26,8 +26,8 @@ INT32_MAX = 2**31 - 1
 
 class RequestBody(BaseModel):
     """A JSON request body: unknown fields are errors (never dropped), and values are not coerced
-    (pydantic's strict mode). Every route's body model derives from it, except the public web form
-    submission, whose extra fields become the lead's custom data."""
+    (pydantic's strict mode). Every route's body model derives from it; the public web form
+    submission takes extra fields (they become the lead's custom data)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -38,6 +38,8 @@ class RequestBody(BaseModel):
 # the OpenAPI schema shows the rule. The error handler words its error as "must not be blank".
 NON_BLANK_PATTERN = r"\S"
 NonBlank = Annotated[str, StringConstraints(pattern=NON_BLANK_PATTERN)]
+# An id a request may leave out, where "" means the same as leaving it out: only whitespace is refused.
+OptionalId = Annotated[NonBlank | None, BeforeValidator(lambda value: None if value == "" else value)]
 
 # FastAPI validates the parsed JSON as Python values, where strict mode takes only `date` and
 # `datetime` objects: these types take the JSON string (and only a string: pydantic would read a
@@ -58,9 +60,18 @@ def _date_time_text(value: object) -> object:
     return value
 
 
+def _within_utc(value: datetime) -> datetime:
+    """Year 1 or 9999 with an offset can fall outside the years a datetime holds once in UTC."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be between years 1 and 9999 in UTC") from None
+    return value
+
+
 CalendarDate = Annotated[date, Strict(False), BeforeValidator(_date_text)]
 # An instant: a date-time without a time zone names no instant, so it is refused, not taken as UTC.
-Instant = Annotated[AwareDatetime, Strict(False), BeforeValidator(_date_time_text)]
+Instant = Annotated[AwareDatetime, Strict(False), BeforeValidator(_date_time_text), AfterValidator(_within_utc)]
 
 
 def check_same_as_path(field: str, given: str | None, in_path: str) -> None:

@@ -18,7 +18,7 @@ from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
 from crm_platform.structs import unstorable_values
 from fastapi import FastAPI
-from gateway.conventions import MoneyIn
+from gateway.conventions import FigureIn, MoneyIn
 from gateway.inputs import INT32_MAX, INT32_MIN, RequestBody
 from gateway.routers.sales import ImportRowBody
 from gateway.security.runtime import _api_routes
@@ -280,6 +280,8 @@ def money(amount: str, currency: str = "CNY") -> dict[str, str]:
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("0.129")}, "cost.amount"),
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("100", "ZZZ")}, "cost.currency"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("1e13")}, "amount.amount"),
+        ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("3546000000000.00")}, "amount.amount"),
+        ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("100", "RMB")}, "amount.currency"),
     ],
 )
 async def test_money_no_service_takes_is_422_naming_the_field(
@@ -294,6 +296,10 @@ async def test_money_no_service_takes_is_422_naming_the_field(
     [
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("999999999999.99", "cny")}),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("0.1", "USD")}),
+        ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("100", "CNH")}),  # offshore renminbi
+        # A company's figures are not summed: State Grid's revenue is above the cap on amounts.
+        ("POST", "/api/v1/accounts", {"name": "State Grid", "annual_revenue": money("3546000000000.00")}),
+        ("POST", "/api/v1/tickets", {"subject": "s", "account_id": "", "contact_id": ""}),  # "": none
     ],
 )
 async def test_money_every_service_takes_reaches_the_service(
@@ -311,7 +317,7 @@ ID = "00000000-0000-7000-8000-000000000000"
 EXTRAS_ARE_CUSTOM_DATA = {"POST /api/v1/webforms/{form_key}/submissions"}
 # Not limited here on purpose: an import row's text (the sales service rejects a row alone, with
 # the reason, rather than the whole file) and money, which MoneyIn validates.
-LIMITED_ELSEWHERE = {ImportRowBody, MoneyIn}
+LIMITED_ELSEWHERE = {ImportRowBody, MoneyIn, FigureIn}  # import rows by the service; money by its own rule
 
 
 def body_models(app: FastAPI) -> list[tuple[str, type[BaseModel]]]:
@@ -576,3 +582,22 @@ async def test_if_match_star_updates_an_existing_definition_at_any_version_and_n
         assert [(u.definition.key, u.expected_version) for u in fake.upserts] == [("source_code", 0)]
     finally:
         await server.stop(None)
+
+
+async def test_validation_messages_are_ours_without_pydantics_prefix(client: httpx.AsyncClient) -> None:
+    response = await client.post("/api/v1/campaigns", json={"name": "x", "cost": money("0.129")})
+    assert response.json()["errors"] == [{"field": "cost.amount", "message": "at most 2 decimal places"}]
+
+
+@pytest.mark.parametrize("due_at", ["9999-12-31T23:59:59-01:00", "0001-01-01T00:30:00+01:00"])
+async def test_an_instant_outside_the_years_utc_holds_is_422_not_a_500(client: httpx.AsyncClient, due_at: str) -> None:
+    response = await client.post("/api/v1/tasks", json={"title": "Call back", "due_at": due_at})
+    assert _fields(response) == ["due_at"]
+
+
+async def test_an_api_key_acts_as_a_user_id_as_long_as_the_services_store(
+    client: httpx.AsyncClient, real_app_auth: Any
+) -> None:
+    body = {"name": "ERP", "principal_id": "u" * 65, "roles": ["sales_rep"]}
+    response = await client.post("/api/v1/api-keys", json=body, headers=real_app_auth("admin"))
+    assert _fields(response) == ["principal_id"]

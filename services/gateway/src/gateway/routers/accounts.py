@@ -24,7 +24,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
-from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.conventions import FigureIn, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
 from gateway.routers.custom_fields import check_custom_filters, custom_filters, presenter, readable_custom_keys
@@ -59,7 +59,7 @@ class AccountIn(RequestBody):
     name: str | None = Field(default=None, max_length=300)
     industry: str | None = Field(default=None, max_length=200)
     size: str | None = Field(default=None, max_length=100)
-    annual_revenue: MoneyIn | None = None
+    annual_revenue: FigureIn | None = None
     region: str | None = Field(default=None, max_length=100)
     address: str | None = Field(default=None, max_length=1000)
     website: str | None = Field(default=None, max_length=2000)
@@ -70,7 +70,7 @@ class AccountIn(RequestBody):
     tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
     parent_id: str | None = Field(default=None, max_length=36)
-    credit_limit: MoneyIn | None = None
+    credit_limit: FigureIn | None = None
 
 
 class AccountCreate(AccountIn):
@@ -479,7 +479,7 @@ def _account_input(values: dict[str, Any]) -> pb.AccountInput:
         if value is None:
             continue
         if key in ("annual_revenue", "credit_limit"):
-            getattr(message, key).CopyFrom(MoneyIn(**value).proto())
+            getattr(message, key).CopyFrom(FigureIn(**value).proto())
         elif key == "custom":
             message.custom.update(value)
         elif key == "tags":

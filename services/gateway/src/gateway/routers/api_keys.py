@@ -18,7 +18,7 @@ router = ResourceRouter(tags=["api-keys"])
 
 class ApiKeyCreate(RequestBody):
     name: NonBlank = Field(max_length=200)
-    principal_id: NonBlank = Field(max_length=200, description="the user id the key acts as")
+    principal_id: NonBlank = Field(max_length=64, description="the user id the key acts as (as user ids are stored)")
     # Role names are checked against the policy's roles.
     roles: list[Annotated[str, Field(max_length=100)]] = Field(min_length=1, max_length=20)
     team: str = Field(default="", max_length=200)

@@ -20,9 +20,10 @@ from fastapi import Depends, Header, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
@@ -136,8 +137,9 @@ class LoseBody(RequestBody):
 
 
 class ImportRowBody(RequestBody):
-    """One row of an import. Its text is not limited here: the sales service rejects a row alone
-    (per-row results, with the reason) rather than the whole file."""
+    """One row of an import, checked on its own (`import_opportunities`): a row that does not fit is
+    rejected alone, with its reasons, and the others are imported. Its text is not limited here:
+    the sales service rejects a row alone for that too."""
 
     external_id: str = ""  # blank: that row alone is rejected by the service, with its reason
     account_id: str
@@ -157,7 +159,9 @@ class ImportRowBody(RequestBody):
 
 class ImportBody(RequestBody):
     pipeline_id: str = Field(default="", max_length=36)
-    rows: list[ImportRowBody] = Field(min_length=1, max_length=5000)
+    rows: list[dict[str, Any]] = Field(
+        min_length=1, max_length=5000, description="ImportRowBody objects, each checked on its own"
+    )
 
 
 class QuoteCreate(RequestBody):
@@ -835,11 +839,19 @@ async def lose_opportunity(
 @router.post("/opportunities/import")
 async def import_opportunities(body: ImportBody, request: Request, access: OpportunitiesCreate) -> dict[str, Any]:
     """Deals of another system as they are (open at a stage, won or lost), per-row results;
-    a repeated `external_id` returns the first result."""
-    for row in body.rows:
+    a repeated `external_id` returns the first result. A row that does not fit its schema is
+    rejected alone, here, with the fields at fault; the service rejects the others it refuses."""
+    checked: dict[int, ImportRowBody] = {}
+    refused: dict[int, list[dict[str, str]]] = {}
+    for index, raw in enumerate(body.rows):
+        try:
+            checked[index] = ImportRowBody.model_validate(raw)
+        except ValidationError as error:
+            refused[index] = [field_error(item) for item in error.errors()]
+    for row in checked.values():
         access.check_write(_written(row, exclude={"external_id", "engaged_at", "close_date", "lost_reason", "stage"}))
     rows = []
-    for row in body.rows:
+    for row in checked.values():
         message = pb.ImportOpportunityRow(
             external_id=row.external_id,
             account_id=row.account_id,
@@ -860,24 +872,34 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
         if engaged is not None:
             message.engaged_at.CopyFrom(engaged)
         rows.append(message)
-    reply = await _stub(request).ImportOpportunities(
-        pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id, rows=rows), metadata=access.grpc_metadata()
-    )
-    await access.audit("import", "", reason=f"{reply.created} created, {reply.rejected} rejected")
-    return {
-        "created": reply.created,
-        "rejected": reply.rejected,
-        "results": [
-            {
-                "row": r.row,
+    results: dict[int, dict[str, Any]] = {
+        index: {
+            "row": index,
+            "external_id": str(body.rows[index].get("external_id") or ""),
+            "outcome": "rejected",
+            "opportunity_id": None,
+            "errors": errors,
+        }
+        for index, errors in refused.items()
+    }
+    if rows:
+        reply = await _stub(request).ImportOpportunities(
+            pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id, rows=rows), metadata=access.grpc_metadata()
+        )
+        sent = list(checked)  # the service numbers the rows it was sent
+        for r in reply.results:
+            results[sent[r.row]] = {
+                "row": sent[r.row],
                 "external_id": r.external_id,
                 "outcome": r.outcome,
                 "opportunity_id": r.opportunity_id or None,
                 "errors": [{"field": e.field, "message": e.message} for e in r.errors],
             }
-            for r in reply.results
-        ],
-    }
+    ordered = [results[index] for index in sorted(results)]
+    created = sum(1 for result in ordered if result["outcome"] == "created")
+    rejected = sum(1 for result in ordered if result["outcome"] == "rejected")
+    await access.audit("import", "", reason=f"{created} created, {rejected} rejected")
+    return {"created": created, "rejected": rejected, "results": ordered}
 
 
 # --- forecast ----------------------------------------------------------------------------------------

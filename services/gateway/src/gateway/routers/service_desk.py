@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
-from gateway.inputs import NonBlank, RequestBody
+from gateway.inputs import NonBlank, OptionalId, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -76,9 +76,9 @@ class TicketIn(RequestBody):
 
 class TicketCreate(TicketIn):
     subject: NonBlank = Field(max_length=500)
-    # On a create, an empty id means no more than an absent one: only a real id is taken.
-    account_id: NonBlank | None = Field(default=None, max_length=64)
-    contact_id: NonBlank | None = Field(default=None, max_length=64)
+    # On a create, an empty id means no more than an absent one; only whitespace is refused.
+    account_id: OptionalId = Field(default=None, max_length=64)
+    contact_id: OptionalId = Field(default=None, max_length=64)
 
 
 class StatusIn(RequestBody):

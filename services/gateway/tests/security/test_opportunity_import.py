@@ -1,0 +1,77 @@
+"""POST /opportunities/import answers per row (SPEC: nothing of a file is refused for one row): a
+row that does not fit its schema is rejected alone by the gateway, with the fields at fault; the
+others go to the sales service, whose per-row results come back under the file's row numbers."""
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from crm.sales.v1 import sales_service_pb2 as sales_pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
+from gateway.testing import RoleClient
+
+pytestmark = pytest.mark.integration
+
+
+class CreatesEveryRow(SalesServiceServicer):
+    """Creates each row it is sent and remembers which it was sent."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    async def ImportOpportunities(self, request: sales_pb.ImportOpportunitiesRequest, context: Any) -> Any:
+        self.received = [row.external_id for row in request.rows]
+        results = [
+            sales_pb.ImportRowResult(
+                row=index, external_id=row.external_id, outcome="created", opportunity_id=f"o-{index}"
+            )
+            for index, row in enumerate(request.rows)
+        ]
+        return sales_pb.ImportOpportunitiesResponse(results=results, created=len(results))
+
+
+@pytest.fixture
+async def sales() -> AsyncIterator[tuple[CreatesEveryRow, str]]:
+    servicer = CreatesEveryRow()
+    server = grpc.aio.server()
+    add_SalesServiceServicer_to_server(servicer, server)  # type: ignore[abstract]  # serves one call
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+async def test_a_row_that_does_not_fit_is_rejected_alone_and_the_others_are_imported(
+    role_client: RoleClient, sales: tuple[CreatesEveryRow, str]
+) -> None:
+    servicer, target = sales
+    http = await role_client("admin", upstream=target)
+    deal = {"account_id": "a-1", "name": "Deal"}
+    rows = [
+        {**deal, "external_id": "ok-1"},
+        {**deal, "external_id": "cents", "amount": {"amount": "10.555", "currency": "USD"}},
+        {**deal, "external_id": "date", "engaged_at": "2016-10-20"},
+        {**deal, "external_id": "ok-2"},
+        {**deal, "external_id": "extra", "colour": "red"},
+    ]
+    response = await http.post("/api/v1/opportunities/import", json={"rows": rows})
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert servicer.received == ["ok-1", "ok-2"]
+    assert (body["created"], body["rejected"]) == (2, 3)
+    outcomes = [(r["row"], r["external_id"], r["outcome"], r["opportunity_id"]) for r in body["results"]]
+    assert outcomes == [
+        (0, "ok-1", "created", "o-0"),
+        (1, "cents", "rejected", None),
+        (2, "date", "rejected", None),
+        (3, "ok-2", "created", "o-1"),
+        (4, "extra", "rejected", None),
+    ]
+    assert [[e["field"] for e in r["errors"]] for r in body["results"] if r["outcome"] == "rejected"] == [
+        ["amount.amount"],
+        ["engaged_at"],
+        ["colour"],
+    ]
+    assert "Value error" not in response.text
