@@ -192,6 +192,10 @@ async def test_the_public_webform_intake_refuses_what_it_would_otherwise_drop_or
     assert too_long.status_code == 422 and nested.status_code == 422
     assert [e["field"] for e in too_long.json()["errors"]] == ["notes"]
     assert sorted(e["field"] for e in nested.json()["errors"]) == ["interests", "utm"]
+    crowded = await client.post(url, json={"name": "Li", **{f"f{n}": "x" for n in range(120)}})
+    assert crowded.status_code == 422 and [e["field"] for e in crowded.json()["errors"]] == ["body"]
+    blank_key = await client.post(url, json={"name": "Li", " ": "x"})
+    assert blank_key.status_code == 422 and [e["field"] for e in blank_key.json()["errors"]] == [" "]
 
 
 def test_unstorable_values_walks_keys_values_and_lists() -> None:

@@ -225,7 +225,7 @@ def validate_honeypot_field(name: str) -> list[FieldError]:
     """A honeypot is a field people never see: it cannot be one a real visitor fills in."""
     if not name:
         return []
-    if not _HONEYPOT_NAME.fullmatch(name):
+    if not _HONEYPOT_NAME.fullmatch(name):  # blank included: it would silently be no honeypot
         return [FieldError("honeypot_field", "must be a field name: letters, digits and _, at most 64")]
     if name in WEBFORM_LEAD_FIELDS:
         return [FieldError("honeypot_field", f"{name!r} is a field the form captures")]
@@ -306,7 +306,7 @@ def validate_scoring_rule(rule: ScoringRule, name: str) -> None:
         if rule.field or rule.operator or rule.value:
             errors.append(FieldError("field", "a rule is either a field condition or an activity count"))
     else:
-        if not (rule.field in SCORING_FIELDS or rule.field.startswith("custom.")):
+        if not (rule.field in SCORING_FIELDS or (rule.field.startswith("custom.") and rule.field != "custom.")):
             errors.append(FieldError("field", f"{rule.field!r} is not a scorable field"))
         if rule.operator not in SCORING_OPERATORS:
             errors.append(FieldError("operator", f"{rule.operator!r} is not one of {', '.join(SCORING_OPERATORS)}"))
@@ -458,10 +458,14 @@ def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
         errors.append(FieldError("user_ids", "a rule assigns to at least one user"))
     elif not all(user_id.strip() for user_id in rule.user_ids):
         errors.append(FieldError("user_ids", "must not contain a blank user id"))
+    elif len(set(rule.user_ids)) != len(rule.user_ids):  # a rep twice would take two turns
+        errors.append(FieldError("user_ids", "must not name a user twice"))
+    if rule.team and not rule.team.strip():
+        errors.append(FieldError("team", "must not be blank"))
     for field_name, options in (("regions", rule.regions), ("industries", rule.industries)):
         if not all(option.strip() for option in options):  # a trailing comma, not "leads without one"
             errors.append(FieldError(field_name, "must not contain a blank value"))
-    bad_sources = sorted(rule.sources - set(SOURCES))
+    bad_sources = sorted(source for source in rule.sources if source.lower() not in SOURCES)  # matched case-blind
     if bad_sources:
         errors.append(FieldError("sources", f"unknown sources {', '.join(bad_sources)}"))
     if rule.capacity < 0:

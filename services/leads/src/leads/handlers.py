@@ -1922,7 +1922,7 @@ class LeadsService:
         rate = int(data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute)
         if not 1 <= rate <= 10_000:
             errors.append(FieldError("rate_limit_per_minute", "must be between 1 and 10000"))
-        honeypot_field = str(data.get("honeypot_field") or "").strip()
+        honeypot_field = str(data.get("honeypot_field") or "")
         errors.extend(domain.validate_honeypot_field(honeypot_field))
         if errors:
             raise ValidationFailed(errors)

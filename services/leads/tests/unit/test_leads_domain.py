@@ -147,6 +147,7 @@ def test_scoring_rule_validation() -> None:
         (ScoringRule(id="", field="source", operator="in", value="event, tv", points=10), "value"),
         (ScoringRule(id="", field="industry", operator="equals", value="software", points=0), "points"),
         (ScoringRule(id="", activity_kind="call", min_count=1, operator="gte", value="3", points=10), "field"),
+        (ScoringRule(id="", field="custom.", operator="present", points=10), "field"),
     ],
 )
 def test_a_scoring_rule_that_could_never_match_or_never_count_is_refused(rule: ScoringRule, field: str) -> None:
@@ -235,6 +236,10 @@ def test_assignment_rule_validation() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_assignment_rule(blanks, "x")
     assert {e.field for e in caught.value.errors} == {"user_ids", "regions", "industries"}
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_assignment_rule(_rule(user_ids=("u1", "u2", "u1"), team="   "), "x")
+    assert {e.field for e in caught.value.errors} == {"user_ids", "team"}
+    domain.validate_assignment_rule(_rule(sources=frozenset({"WeChat", "event"})), "x")  # matched case-blind
 
 
 def test_first_contact_sla() -> None:
@@ -266,6 +271,7 @@ def test_a_honeypot_is_a_field_name_people_never_fill() -> None:
     assert domain.validate_honeypot_field("fax_number") == []
     assert [e.field for e in domain.validate_honeypot_field("email")] == ["honeypot_field"]
     assert [e.field for e in domain.validate_honeypot_field("my field")] == ["honeypot_field"]
+    assert [e.field for e in domain.validate_honeypot_field("   ")] == ["honeypot_field"]
     assert domain.fills_honeypot({"fax_number": "x"}, "fax_number")
     assert not domain.fills_honeypot({"fax_number": "  "}, "fax_number")
     assert not domain.fills_honeypot({"fax_number": "x"}, "")

@@ -488,9 +488,6 @@ class ContractThresholds:
     currency: str = "CNY"
     exchange_rates: Mapping[str, Decimal] = field(default_factory=dict)
 
-    def converts(self, currency: str) -> bool:
-        return currency == self.currency or currency in self.exchange_rates
-
 
 def amount_in_threshold_currency(amount: Money, thresholds: ContractThresholds) -> Decimal:
     """The contract amount in the thresholds' currency, rounded up to the cent so that an amount
@@ -526,12 +523,6 @@ def contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> li
     if converted >= thresholds.admin:
         chain.append("admin")
     return chain
-
-
-def draft_contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> list[str]:
-    """What a draft shows: the chain submitting it now would fix, or none while its currency has no
-    exchange rate (submitting then answers 422; a rate may be configured before that)."""
-    return contract_approval_chain(amount, thresholds) if thresholds.converts(amount.currency) else []
 
 
 class Decision(StrEnum):

@@ -1224,7 +1224,7 @@ class SalesHandlers:
                 "paid_amount": Decimal(0),
                 "invoiced_amount": Decimal(0),
                 "status": d.ContractStatus.DRAFT.value,
-                "approval_chain": d.draft_contract_approval_chain(amount, self.contract_thresholds),
+                "approval_chain": d.contract_approval_chain(amount, self.contract_thresholds),
                 "approval_round": 0,
                 "owner_id": owner_id or principal.user_id,
                 "team": team or principal.team,

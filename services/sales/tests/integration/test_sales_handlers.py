@@ -697,19 +697,23 @@ async def test_contract_approval_chains_compare_amounts_converted_with_the_confi
     assert approved.status == "approved"
 
 
-async def test_a_contract_in_a_currency_without_an_exchange_rate_is_refused_at_submission(
+async def test_a_contract_in_a_currency_without_an_exchange_rate_is_refused_at_creation_and_submission(
     engine: AsyncEngine,
 ) -> None:
+    """Without a rate its chain cannot be chosen: no draft that could never be submitted is made,
+    and a draft whose rate was withdrawn since waits for one."""
     sales = sales_with_rates(engine, USD="7.10")
     with as_user("rep1", "sales_rep"):
-        draft = await direct_contract(sales, "900000", currency="EUR")
-        assert (draft.status, list(draft.approval_chain)) == ("draft", [])  # nothing to show until a rate exists
         with pytest.raises(ValidationFailed) as raised:
-            await sales.submit_contract(draft.id, expected_version=0)
+            await direct_contract(sales, "900000", currency="EUR")
         assert fields_of(raised) == ["amount.currency"]
         assert "no exchange rate to CNY is configured for EUR" in raised.value.errors[0].message
+        draft = await direct_contract(sales_with_rates(engine, USD="7.10", EUR="7.80"), "900000", currency="EUR")
+        with pytest.raises(ValidationFailed) as raised:  # the EUR rate was withdrawn meanwhile
+            await sales.submit_contract(draft.id, expected_version=0)
+        assert fields_of(raised) == ["amount.currency"]
         assert (await sales.get_contract(draft.id)).status == "draft"
-    with as_user("rep1", "sales_rep"):  # once finance configures the rate, the same draft goes
+    with as_user("rep1", "sales_rep"):  # once finance configures the rate again, the same draft goes
         submitted = await sales_with_rates(engine, USD="7.10", EUR="7.80").submit_contract(draft.id, expected_version=0)
     assert (submitted.status, list(submitted.approval_chain)) == (
         "pending_approval",

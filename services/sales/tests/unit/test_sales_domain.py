@@ -376,16 +376,6 @@ def test_a_currency_without_an_exchange_rate_is_refused_not_taken_for_the_thresh
     assert "configured: CNY, JPY, USD" in error.message
 
 
-def test_a_drafts_chain_is_the_one_submitting_would_fix_or_none_without_a_rate() -> None:
-    assert d.draft_contract_approval_chain(Money(Decimal(900_000), "USD"), RATES) == [
-        "sales_manager",
-        "finance",
-        "admin",
-    ]
-    assert d.draft_contract_approval_chain(cny("100000"), RATES) == ["sales_manager", "finance"]
-    assert d.draft_contract_approval_chain(Money(Decimal(900_000), "EUR"), RATES) == []
-
-
 def test_approvals_are_sequential_and_by_role() -> None:
     chain = ["sales_manager", "finance"]
     with pytest.raises(PermissionDenied) as raised:

@@ -1123,12 +1123,22 @@ class SubmissionIn(RequestBody):
 # A form's other fields are kept as the lead's custom data: one text value each, of a size a form
 # field has. Anything else is refused, naming the field, rather than dropped or kept as a repr.
 _SUBMISSION_VALUE_MAX = 2000
+_SUBMISSION_FIELDS_MAX = 100
+_SUBMISSION_KEY_MAX = 64
 
 
 def _submission_fields(body: SubmissionIn) -> dict[str, str]:
+    given = body.model_dump(exclude_none=True)
+    if len(given) > _SUBMISSION_FIELDS_MAX:  # a public route: no lead of 20,000 custom keys
+        msg = f"a form submits at most {_SUBMISSION_FIELDS_MAX} fields"
+        raise RequestValidationError([{"loc": ("body",), "msg": msg, "type": "value_error"}])
     fields: dict[str, str] = {}
     problems: list[dict[str, Any]] = []
-    for key, value in body.model_dump(exclude_none=True).items():
+    for key, value in given.items():
+        if not key.strip() or len(key) > _SUBMISSION_KEY_MAX:
+            msg = f"a field name is 1 to {_SUBMISSION_KEY_MAX} characters, not blank"
+            problems.append({"loc": ("body", key), "msg": msg, "type": "value_error"})
+            continue
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, str | int | float):
