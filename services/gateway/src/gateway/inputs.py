@@ -12,13 +12,22 @@
 
 import re
 from datetime import UTC, date, datetime
-from typing import Annotated
+from typing import Annotated, Any, ClassVar
 
 from crm_platform.structs import Location, unstorable_values
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Strict, StringConstraints
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Strict,
+    StringConstraints,
+    model_validator,
+)
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -30,6 +39,17 @@ class RequestBody(BaseModel):
     submission takes extra fields (they become the lead's custom data)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Fields of the record as the API returns it that the server sets (its id, version, times, a
+    # stage's position): a body may send them back, so a client can PUT what it read, and they are
+    # ignored. Any other unknown field is still an error.
+    read_only: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _without_read_only_fields(cls, data: Any) -> Any:
+        if cls.read_only and isinstance(data, dict):
+            return {name: value for name, value in data.items() if name not in cls.read_only}
+        return data
 
 
 # Text a request must give (a name, the id of the record to act on): empty or only whitespace is a

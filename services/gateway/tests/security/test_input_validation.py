@@ -605,3 +605,26 @@ async def test_an_api_key_acts_as_a_user_id_as_long_as_the_services_store(
     body = {"name": "ERP", "principal_id": "u" * 65, "roles": ["sales_rep"]}
     response = await client.post("/api/v1/api-keys", json=body, headers=real_app_auth("admin"))
     assert _fields(response) == ["principal_id"]
+
+
+STAGES_AS_READ = [
+    {"key": key, "name": key.title(), "probability": "10", "position": position, "outcome": outcome}
+    for position, (key, outcome) in enumerate([("lead", "open"), ("won", "won"), ("lost", "lost")])
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (f"/api/v1/pipelines/{ID}", {"name": "Default", "stages": STAGES_AS_READ}),
+        (f"/api/v1/lead-scoring-rules/{ID}", {"id": ID, "version": 3, "name": "r", "points": 5, "field": "email",
+                                             "operator": "present"}),
+        ("/api/v1/sla-policies/high", {"priority": "high", "first_response_minutes": 60, "resolution_minutes": 480,
+                                       "updated_at": "2026-12-05T10:00:00Z", "version": 2}),
+    ],
+)  # fmt: skip
+async def test_a_record_as_read_may_be_put_back_with_the_fields_the_server_sets(
+    client: httpx.AsyncClient, path: str, body: Any
+) -> None:
+    """Its id, version, times or a stage's position are ignored, not a 422: a client PUTs what it read."""
+    assert (await client.put(path, json=body)).status_code == 503  # past the gateway's checks

@@ -53,6 +53,7 @@ IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
 
 class CustomFieldBody(RequestBody):
+    read_only = frozenset({"entity", "created_at", "version"})
     # As the owning services store a definition (crm_platform.custom_fields_service).
     label: NonBlank = Field(max_length=200)
     type: NonBlank = Field(max_length=20)

@@ -123,6 +123,7 @@ class ConvertIn(RequestBody):
 
 
 class ScoringRuleIn(RequestBody):
+    read_only = frozenset({"id", "version"})
     name: NonBlank = Field(max_length=200)
     field: str = Field(default="", max_length=200)
     operator: str = Field(default="", max_length=20)

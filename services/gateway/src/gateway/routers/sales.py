@@ -70,6 +70,7 @@ class LineItemBody(RequestBody):
 
 
 class StageBody(RequestBody):
+    read_only = frozenset({"position"})
     key: NonBlank = Field(max_length=64)
     name: NonBlank = Field(max_length=200)
     probability: str = Field(max_length=32, description='percent as a decimal string, e.g. "40"')

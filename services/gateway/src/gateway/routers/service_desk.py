@@ -106,6 +106,7 @@ class CsatIn(RequestBody):
 
 
 class SlaPolicyIn(RequestBody):
+    read_only = frozenset({"priority", "updated_at", "version"})
     first_response_minutes: int = Field(ge=1, le=525_600)
     resolution_minutes: int = Field(ge=1, le=525_600)
 
