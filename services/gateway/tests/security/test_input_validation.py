@@ -628,3 +628,17 @@ async def test_a_record_as_read_may_be_put_back_with_the_fields_the_server_sets(
 ) -> None:
     """Its id, version, times or a stage's position are ignored, not a 422: a client PUTs what it read."""
     assert (await client.put(path, json=body)).status_code == 503  # past the gateway's checks
+
+
+@pytest.mark.parametrize("value", ["2026-01-01T00:00:00", "2026-01-01", "1700000000"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/leads?created_after=", "/api/v1/tickets?created_after=", "/api/v1/return-visits?due_before="]
+)
+async def test_a_time_in_a_query_names_its_zone_as_in_a_body(client: httpx.AsyncClient, path: str, value: str) -> None:
+    """A time without a zone names no instant; epoch seconds are no RFC 3339 time."""
+    name = path.rsplit("?", 1)[1].rstrip("=")
+    assert _fields(await client.get(path + value)) == [name]
+
+
+async def test_a_time_with_its_zone_is_taken_in_a_query(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/v1/leads?created_after=2026-01-01T08:00:00%2B08:00")).status_code == 503

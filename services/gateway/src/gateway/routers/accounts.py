@@ -4,7 +4,6 @@ custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.s
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -600,7 +599,7 @@ async def list_accounts(
     tag: Annotated[list[str] | None, Query(description="every tag must be present")] = None,
     parent_id: str | None = None,
     in_pool: bool | None = None,
-    created_after: datetime | None = None,
+    created_after: Instant | None = None,
     segment_id: str | None = None,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str | None = None,

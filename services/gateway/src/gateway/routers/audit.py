@@ -11,6 +11,7 @@ from crm_platform.timeutil import as_utc
 from fastapi import Depends, Query
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.inputs import Instant
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.audit import AuditQuery
@@ -70,8 +71,8 @@ async def list_audit_events(
     action: Annotated[
         str | None, Query(max_length=40, description="create, update, delete, export, denied, ...")
     ] = None,
-    since: Annotated[datetime | None, Query(description="occurred at or after (RFC 3339)")] = None,
-    until: Annotated[datetime | None, Query(description="occurred before (RFC 3339)")] = None,
+    since: Annotated[Instant | None, Query(description="occurred at or after (RFC 3339, with a time zone)")] = None,
+    until: Annotated[Instant | None, Query(description="occurred before (RFC 3339, with a time zone)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
 ) -> AuditEventPage:

@@ -5,7 +5,6 @@ Permissions come only from `require(...)`/`Access`; the service-desk service app
 (a ticket's owner is its assignee). Illegal status transitions answer 409.
 """
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -18,7 +17,7 @@ from google.protobuf.message import Message
 from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
-from gateway.inputs import NonBlank, OptionalId, RequestBody
+from gateway.inputs import Instant, NonBlank, OptionalId, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -252,7 +251,7 @@ async def list_tickets(
     assignee_id: str = "",
     region: str = "",
     escalated: bool | None = None,
-    created_after: datetime | None = None,
+    created_after: Instant | None = None,
     q: Annotated[str, Query(max_length=200)] = "",
 ) -> dict[str, Any]:
     access.check_filters(TICKET_FILTERS)
@@ -575,7 +574,7 @@ async def list_return_visits(
     account_id: str = "",
     status: Literal["open", "done", "cancelled"] | None = None,
     assignee_id: str = "",
-    due_before: datetime | None = None,
+    due_before: Instant | None = None,
 ) -> dict[str, Any]:
     """Follow-up calls scheduled after tier-A accounts' tickets were resolved (回访); `cancelled`
     ones were called off when their account was deleted."""
