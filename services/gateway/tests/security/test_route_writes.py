@@ -106,9 +106,11 @@ class FakeLeads(LeadsServiceServicer):
                               team="east")  # fmt: skip
         return leads_pb.AssignLeadResponse(lead=lead)
 
-    async def SetWebformEnabled(self, request: leads_pb.SetWebformEnabledRequest, context: Any) -> Any:
-        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=request.enabled)
-        return leads_pb.SetWebformEnabledResponse(webform=webform)
+    async def UpdateWebform(self, request: leads_pb.UpdateWebformRequest, context: Any) -> Any:
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, rate_limit_per_minute=60)
+        for path in request.update_mask.paths:
+            setattr(webform, path, getattr(request.webform, path))
+        return leads_pb.UpdateWebformResponse(webform=webform)
 
     async def RotateWebformKey(self, request: leads_pb.RotateWebformKeyRequest, context: Any) -> Any:
         webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-2", enabled=True)
@@ -566,8 +568,19 @@ async def test_who_runs_campaigns_turns_a_web_form_off_and_replaces_its_key(gate
     rotated = await gateway.client.post("/api/v1/webforms/w-1/rotate-key", headers=marketing)
     refused = await gateway.client.post("/api/v1/webforms/w-1/rotate-key", headers=rep)
 
+    renamed = await gateway.client.patch(
+        "/api/v1/webforms/w-1", json={"name": "Expo 2027", "honeypot_field": "fax"}, headers=marketing
+    )
+    nothing = await gateway.client.patch("/api/v1/webforms/w-1", json={}, headers=marketing)
+
     assert off.status_code == 200 and off.json()["enabled"] is False
     assert rotated.status_code == 200 and rotated.json()["form_key"] == "k-2"
     assert refused.status_code == 403
+    assert renamed.status_code == 200 and (renamed.json()["name"], renamed.json()["honeypot_field"]) == (
+        "Expo 2027",
+        "fax",
+    )
+    assert renamed.json()["rate_limit_per_minute"] == 60 and renamed.json()["enabled"] is True  # not named: kept
+    assert nothing.status_code == 422
     actions = [e["action"] for e in (await gateway.app.state.security.audit.query(AuditQuery(record_id="w-1")))[0]]
-    assert sorted(actions) == ["disable_webform", "rotate_webform_key"]
+    assert sorted(actions) == ["disable_webform", "rotate_webform_key", "update_webform"]

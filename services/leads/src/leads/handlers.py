@@ -61,6 +61,8 @@ from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead
 
 LEAD = "lead"
 T = TypeVar("T")
+# What a web form's owner sets (besides turning it on and off); its key is drawn by the service.
+WEBFORM_SETTINGS = ("name", "campaign_id", "team", "region", "rate_limit_per_minute", "honeypot_field")
 log = logging.getLogger(__name__)
 WEBFORM_SPAM = Counter(
     "crm_leads_webform_discarded_total", "Web form submissions discarded: they filled the honeypot", ["webform"]
@@ -1915,32 +1917,40 @@ class LeadsService:
     # --- webforms ---------------------------------------------------------------------------
 
     async def create_webform(self, data: Mapping[Any, Any], key: str) -> RowMapping:
+        rate = data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute  # 0: not given
+        given = {**data, "rate_limit_per_minute": rate}
+        values = await self._webform_settings(given, WEBFORM_SETTINGS)
+        values.update(id=new_id(), form_key=secrets.token_urlsafe(24), enabled=True, created_at=self.clock())
+        return await self._idempotent_create("create_webform", key, repo.webforms, values)
+
+    async def update_webform(self, webform_id: str, data: Mapping[Any, Any], paths: Sequence[str]) -> RowMapping:
+        """The settings named by `paths` (a form's key changes only by `rotate_webform_key`)."""
+        unknown = sorted(set(paths) - {*WEBFORM_SETTINGS, "enabled"})
+        if unknown or not paths:
+            raise ValidationFailed([FieldError("update_mask", f"names settings of a form; not {unknown}")])
+        values = await self._webform_settings(data, [path for path in paths if path != "enabled"])
+        if "enabled" in paths:
+            values["enabled"] = bool(data.get("enabled"))
+        return await self._update_webform(webform_id, values)
+
+    async def _webform_settings(self, data: Mapping[Any, Any], names: Sequence[str]) -> dict[str, Any]:
+        """The form settings `names` of `data`, checked (a 422 naming each field at fault)."""
+        values = {name: data.get(name) or ("" if name != "rate_limit_per_minute" else 0) for name in names}
         errors: list[FieldError] = []
-        name = str(data.get("name") or "").strip()
-        if not name:
-            errors.append(FieldError("name", "must not be empty"))
-        rate = int(data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute)
-        if not 1 <= rate <= 10_000:
+        if "name" in values:
+            values["name"] = str(values["name"]).strip()
+            if not values["name"]:
+                errors.append(FieldError("name", "must not be empty"))
+        if "rate_limit_per_minute" in values and not 1 <= int(values["rate_limit_per_minute"]) <= 10_000:
             errors.append(FieldError("rate_limit_per_minute", "must be between 1 and 10000"))
-        honeypot_field = str(data.get("honeypot_field") or "")
-        errors.extend(domain.validate_honeypot_field(honeypot_field))
+        if "honeypot_field" in values:
+            errors.extend(domain.validate_honeypot_field(str(values["honeypot_field"])))
         if errors:
             raise ValidationFailed(errors)
-        async with self.engine.connect() as conn:
-            await self._check_campaign(conn, str(data.get("campaign_id") or ""))
-        values = {
-            "id": new_id(),
-            "name": name,
-            "form_key": secrets.token_urlsafe(24),
-            "campaign_id": str(data.get("campaign_id") or ""),
-            "team": str(data.get("team") or ""),
-            "region": str(data.get("region") or ""),
-            "rate_limit_per_minute": rate,
-            "enabled": True,
-            "created_at": self.clock(),
-            "honeypot_field": honeypot_field,
-        }
-        return await self._idempotent_create("create_webform", key, repo.webforms, values)
+        if values.get("campaign_id"):
+            async with self.engine.connect() as conn:
+                await self._check_campaign(conn, str(values["campaign_id"]))
+        return values
 
     async def set_webform_enabled(self, webform_id: str, enabled: bool) -> RowMapping:
         return await self._update_webform(webform_id, {"enabled": enabled})

@@ -17,6 +17,7 @@ from sqlalchemy.engine import RowMapping
 from leads import messages
 from leads.domain import AssignmentRule, ScoringRule, Thresholds
 from leads.handlers import (
+    WEBFORM_SETTINGS,
     ActivityInput,
     ConversionScopes,
     ConvertRequest,
@@ -497,6 +498,14 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     ) -> leads_service_pb2.SetWebformEnabledResponse:
         row = await self.service.set_webform_enabled(request.id, request.enabled)
         return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(row))
+
+    async def UpdateWebform(
+        self, request: leads_service_pb2.UpdateWebformRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateWebformResponse:
+        w = request.webform
+        data = {name: getattr(w, name) for name in (*WEBFORM_SETTINGS, "enabled")}
+        row = await self.service.update_webform(request.id, data, list(request.update_mask.paths))
+        return leads_service_pb2.UpdateWebformResponse(webform=messages.webform_to_proto(row))
 
     async def RotateWebformKey(
         self, request: leads_service_pb2.RotateWebformKeyRequest, context: grpc.aio.ServicerContext

@@ -281,6 +281,35 @@ async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) 
             await env.service.rotate_webform_key("no-such-form")
 
 
+async def test_a_web_forms_settings_change_by_the_paths_named_and_are_checked_as_on_creation(env: Any) -> None:
+    with env.acting():
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+        changed = await env.service.update_webform(
+            form["id"],
+            {"name": " Expo 2027 ", "rate_limit_per_minute": 5, "honeypot_field": "fax", "region": "east"},
+            ["name", "rate_limit_per_minute", "honeypot_field"],
+        )
+        assert (changed["name"], changed["rate_limit_per_minute"], changed["honeypot_field"]) == ("Expo 2027", 5, "fax")
+        assert changed["region"] == "" and changed["form_key"] == form["form_key"]  # not named: unchanged
+        with pytest.raises(ValidationFailed) as caught:
+            await env.service.update_webform(
+                form["id"], {"name": " ", "rate_limit_per_minute": 0, "honeypot_field": "email"},
+                ["name", "rate_limit_per_minute", "honeypot_field"],
+            )  # fmt: skip
+        assert sorted(e.field for e in caught.value.errors) == ["honeypot_field", "name", "rate_limit_per_minute"]
+        for paths in (["form_key"], []):
+            with pytest.raises(ValidationFailed) as caught:
+                await env.service.update_webform(form["id"], {"form_key": "mine"}, paths)
+            assert [e.field for e in caught.value.errors] == ["update_mask"]
+        with pytest.raises(ValidationFailed) as caught:
+            await env.service.update_webform(form["id"], {"campaign_id": "no-such-campaign"}, ["campaign_id"])
+        assert [e.field for e in caught.value.errors] == ["campaign_id"]
+        with pytest.raises(NotFound):
+            await env.service.update_webform("no-such-form", {"name": "x"}, ["name"])
+        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"])
+        assert not off["enabled"] and off["name"] == "Expo 2027"
+
+
 async def lead_count(env: Any) -> int:
     async with env.engine.connect() as conn:
         return int(await conn.scalar(select(func.count()).select_from(repo.leads)) or 0)

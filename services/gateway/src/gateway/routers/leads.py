@@ -1073,19 +1073,33 @@ async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, An
     return {"items": [_message_json(w) for w in reply.items]}
 
 
-class WebformEnabledIn(RequestBody):
-    enabled: bool
+class WebformPatch(RequestBody):
+    """The settings to change; the others stay. The key changes only by POST .../rotate-key."""
+
+    name: NonBlank | None = Field(default=None, max_length=200)
+    campaign_id: str | None = Field(default=None, max_length=36)
+    team: str | None = Field(default=None, max_length=200)
+    region: str | None = Field(default=None, max_length=200)
+    rate_limit_per_minute: int | None = Field(default=None, ge=1, le=10_000)
+    honeypot_field: str | None = Field(default=None, max_length=64)
+    enabled: bool | None = Field(default=None, description="false: its submissions answer 404 until turned on")
 
 
 @router.patch("/webforms/{webform_id}")
-async def set_webform_enabled(
-    webform_id: str, body: WebformEnabledIn, request: Request, access: CampaignsUpdate
+async def update_webform(
+    webform_id: str, body: WebformPatch, request: Request, access: CampaignsUpdate
 ) -> dict[str, Any]:
-    """Turns a form off (its submissions then answer 404) or on again."""
-    reply = await _stub(request).SetWebformEnabled(
-        pb.SetWebformEnabledRequest(id=webform_id, enabled=body.enabled), metadata=access.grpc_metadata()
-    )
-    await access.audit("enable_webform" if body.enabled else "disable_webform", webform_id)
+    """Changes a form's settings, or turns it off (its submissions then answer 404) or on again."""
+    given = body.model_dump(exclude_unset=True)
+    if not given:
+        raise RequestValidationError([{"loc": ("body",), "msg": "names no setting to change", "type": "value_error"}])
+    update = pb.UpdateWebformRequest(id=webform_id, webform=leads_pb2.Webform(**given))
+    update.update_mask.paths.extend(given)
+    reply = await _stub(request).UpdateWebform(update, metadata=access.grpc_metadata())
+    if set(given) == {"enabled"}:
+        await access.audit("enable_webform" if body.enabled else "disable_webform", webform_id)
+    else:
+        await access.audit("update_webform", webform_id, reason=", ".join(sorted(given)))
     return _webform_json(reply.webform)
 
 
