@@ -39,15 +39,20 @@ class RequestBody(BaseModel):
     submission takes extra fields (they become the lead's custom data)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    # Fields of the record as the API returns it that the server sets (its id, version, times, a
-    # stage's position): a body may send them back, so a client can PUT what it read, and they are
-    # ignored. Any other unknown field is still an error.
+
+
+class ReplacementBody(RequestBody):
+    """The body of a PUT that replaces a record: it may carry back the fields the server sets on the
+    record as the API returned it (`read_only`: its id, version, times, a stage's position), which
+    are ignored, so a client can PUT what it read. Any other unknown field is still an error. Only
+    these models pay for the check: the other bodies are validated without it."""
+
     read_only: ClassVar[frozenset[str]] = frozenset()
 
     @model_validator(mode="before")
     @classmethod
     def _without_read_only_fields(cls, data: Any) -> Any:
-        if cls.read_only and isinstance(data, dict):
+        if isinstance(data, dict):
             return {name: value for name, value in data.items() if name not in cls.read_only}
         return data
 

@@ -18,7 +18,7 @@ from fastapi import Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from gateway.conventions import expected_version
-from gateway.inputs import NonBlank, RequestBody, check_same_as_path
+from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
@@ -52,7 +52,7 @@ PII_TTL_SECONDS = 10.0
 IfMatch = Annotated[str | None, Header(alias="If-Match")]
 
 
-class CustomFieldBody(RequestBody):
+class CustomFieldBody(ReplacementBody):
     read_only = frozenset({"entity", "created_at", "version"})
     # As the owning services store a definition (crm_platform.custom_fields_service).
     label: NonBlank = Field(max_length=200)

@@ -28,7 +28,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, RequestBody
+from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -122,7 +122,7 @@ class ConvertIn(RequestBody):
     opportunity: OpportunityIn | None = None
 
 
-class ScoringRuleIn(RequestBody):
+class ScoringRuleIn(ReplacementBody):
     read_only = frozenset({"id", "version"})
     name: NonBlank = Field(max_length=200)
     field: str = Field(default="", max_length=200)

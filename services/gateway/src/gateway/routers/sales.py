@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
-from gateway.inputs import CalendarDate, Instant, NonBlank, RequestBody
+from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -69,7 +69,7 @@ class LineItemBody(RequestBody):
         )
 
 
-class StageBody(RequestBody):
+class StageBody(ReplacementBody):
     read_only = frozenset({"position"})
     key: NonBlank = Field(max_length=64)
     name: NonBlank = Field(max_length=200)

@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
-from gateway.inputs import Instant, NonBlank, OptionalId, RequestBody
+from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.routers.custom_fields import custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -104,7 +104,7 @@ class CsatIn(RequestBody):
     comment: str = Field(default="", max_length=2000)
 
 
-class SlaPolicyIn(RequestBody):
+class SlaPolicyIn(ReplacementBody):
     read_only = frozenset({"priority", "updated_at", "version"})
     first_response_minutes: int = Field(ge=1, le=525_600)
     resolution_minutes: int = Field(ge=1, le=525_600)
