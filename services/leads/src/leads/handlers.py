@@ -1952,9 +1952,6 @@ class LeadsService:
                 await self._check_campaign(conn, str(values["campaign_id"]))
         return values
 
-    async def set_webform_enabled(self, webform_id: str, enabled: bool) -> RowMapping:
-        return await self._update_webform(webform_id, {"enabled": enabled})
-
     async def rotate_webform_key(self, webform_id: str) -> RowMapping:
         """A new key for a leaked or abused one: submissions with the old key answer 404 at once."""
         return await self._update_webform(webform_id, {"form_key": secrets.token_urlsafe(24)})

@@ -45,6 +45,10 @@ def _conversion_scopes(context: grpc.aio.ServicerContext) -> ConversionScopes:
     )
 
 
+def _webform_settings(webform: leads_pb2.Webform) -> dict[str, Any]:
+    return {name: getattr(webform, name) for name in WEBFORM_SETTINGS}
+
+
 def lead_input(message: leads_service_pb2.LeadInput, paths: list[str] | None = None) -> dict[str, Any]:
     """The fields of a LeadInput that were given: all non-empty ones, or exactly `paths` on update."""
     names = paths if paths is not None else [n for n in LEAD_INPUT_FIELDS if n in _given(message)]
@@ -473,18 +477,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def CreateWebform(
         self, request: leads_service_pb2.CreateWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.CreateWebformResponse:
-        w = request.webform
-        row = await self.service.create_webform(
-            {
-                "name": w.name,
-                "campaign_id": w.campaign_id,
-                "team": w.team,
-                "region": w.region,
-                "rate_limit_per_minute": w.rate_limit_per_minute,
-                "honeypot_field": w.honeypot_field,
-            },
-            request.idempotency_key,
-        )
+        row = await self.service.create_webform(_webform_settings(request.webform), request.idempotency_key)
         return leads_service_pb2.CreateWebformResponse(webform=messages.webform_to_proto(row))
 
     async def ListWebforms(
@@ -496,14 +489,13 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def SetWebformEnabled(
         self, request: leads_service_pb2.SetWebformEnabledRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SetWebformEnabledResponse:
-        row = await self.service.set_webform_enabled(request.id, request.enabled)
+        row = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"])
         return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(row))
 
     async def UpdateWebform(
         self, request: leads_service_pb2.UpdateWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateWebformResponse:
-        w = request.webform
-        data = {name: getattr(w, name) for name in (*WEBFORM_SETTINGS, "enabled")}
+        data = {**_webform_settings(request.webform), "enabled": request.webform.enabled}
         row = await self.service.update_webform(request.id, data, list(request.update_mask.paths))
         return leads_service_pb2.UpdateWebformResponse(webform=messages.webform_to_proto(row))
 

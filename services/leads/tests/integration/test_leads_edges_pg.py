@@ -265,11 +265,11 @@ async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) 
         lead, _ = await env.service.submit_webform(form["form_key"], {"name": "Zhao", "email": "z@x.cn"}, "")
         assert lead["source"] == "webform"
 
-        off = await env.service.set_webform_enabled(form["id"], False)
+        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"])
         assert not off["enabled"]
         with pytest.raises(NotFound):
             await env.service.submit_webform(form["form_key"], {"name": "Qian"}, "")
-        await env.service.set_webform_enabled(form["id"], True)
+        await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"])
 
         rotated = await env.service.rotate_webform_key(form["id"])
         assert rotated["form_key"] != form["form_key"]
