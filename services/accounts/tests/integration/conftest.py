@@ -1,7 +1,6 @@
 """The accounts use cases over a freshly migrated database: `ctx` once on each database (SQLite, the
 embedded default, and PostgreSQL), `pg_ctx` on PostgreSQL only (row locks, concurrency)."""
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -9,16 +8,13 @@ from accounts import repository as repo
 from accounts.__main__ import MIGRATIONS
 from accounts.domain import PoolPolicy
 from accounts.handlers import Context
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
+from crm_platform.testing.database import migrated_engine
 
 
 async def _context(url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), policy=PoolPolicy())
 
 
 @pytest.fixture

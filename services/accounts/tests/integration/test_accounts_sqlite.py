@@ -1,6 +1,5 @@
 """The embedded default: the same handlers on SQLite (no PostgreSQL-only SQL on any path)."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,12 +11,11 @@ from accounts.domain import PoolPolicy
 from accounts.handlers import OWNED_ENTITIES, Context
 from accounts.repository import AccountFilter, ContactFilter, custom_fields, metadata, parse_page
 from crm.common.v1 import custom_fields_pb2 as cf_pb
-from crm_platform import migrations
 from crm_platform.custom_fields_service import CustomFieldServicer
-from crm_platform.db import create_engine
 from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import utcnow
 
 pytestmark = pytest.mark.integration
@@ -31,10 +29,8 @@ PAGE = parse_page(50, "", "")
 @pytest.fixture
 async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'accounts.db'}"
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    yield Context(uow=UnitOfWork(engine, metadata, source="/test"), policy=PoolPolicy(claim_limit_per_day=5))
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        yield Context(uow=UnitOfWork(engine, metadata, source="/test"), policy=PoolPolicy(claim_limit_per_day=5))
 
 
 async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> None:

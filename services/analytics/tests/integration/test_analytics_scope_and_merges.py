@@ -27,13 +27,13 @@ from crm.sales.v1 import events_pb2 as sales_events
 from crm.sales.v1 import sales_pb2
 from crm.servicedesk.v1 import events_pb2 as service_events
 from crm.servicedesk.v1 import servicedesk_pb2
-from crm_platform import migrations
 from crm_platform.cloudevents import CloudEventHeaders
 from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import create_engine, transaction
+from crm_platform.db import transaction
 from crm_platform.ids import new_id
 from crm_platform.outbox import Transaction
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import to_timestamp, utcnow
 from google.protobuf.message import Message
 from sqlalchemy import select
@@ -60,12 +60,8 @@ def days_ago(days: float) -> Any:
 
 @pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, database_url)
-    engine = create_engine(database_url)
-    try:
+    async with migrated_engine(database_url, MIGRATIONS) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

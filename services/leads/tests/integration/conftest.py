@@ -1,6 +1,5 @@
 """A migrated PostgreSQL database per test and the leads use cases over it (fake upstream ports)."""
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,13 +10,12 @@ from typing import Any
 import grpc
 import pytest
 from crm.leads.v1 import leads_service_pb2_grpc
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrated_engine
 from leads import repository as repo
 from leads.config import LeadsSettings
 from leads.domain import OPEN_STATUSES
@@ -129,20 +127,14 @@ class Env:
         return {owner: int(count) for owner, count in rows}
 
 
-async def migrated(url: str) -> None:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-
-
 async def _env(url: str) -> AsyncIterator[Env]:
-    await migrated(url)
-    engine = create_engine(url)
-    clock = Clock()
-    ports = FakePorts()
-    settings = LeadsSettings(database_url=url, rules_cache_seconds=0, import_batch_size=500)
-    uow = UnitOfWork(engine, repo.metadata, source="crm/leads")
-    service = LeadsService(engine=engine, uow=uow, settings=settings, ports=ports, clock=clock)
-    yield Env(engine, service, ports, clock, url)
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        clock = Clock()
+        ports = FakePorts()
+        settings = LeadsSettings(database_url=url, rules_cache_seconds=0, import_batch_size=500)
+        uow = UnitOfWork(engine, repo.metadata, source="crm/leads")
+        service = LeadsService(engine=engine, uow=uow, settings=settings, ports=ports, clock=clock)
+        yield Env(engine, service, ports, clock, url)
 
 
 @pytest.fixture

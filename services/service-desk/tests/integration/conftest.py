@@ -1,22 +1,18 @@
 """The service desk's handlers on a migrated database of each kind, acting as the system."""
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
+from crm_platform.testing.database import migrated_engine
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
 from service_desk.handlers import Context
 
 
 async def _desk(url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
 
 
 @pytest.fixture

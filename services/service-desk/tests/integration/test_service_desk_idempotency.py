@@ -2,15 +2,13 @@
 Idempotency-Key, as a client retrying before the first answer, creates once, and both answers
 carry the first result."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
+from crm_platform.testing.database import migrated_engine
 from crm_platform.testing.races import count_rows, twice
 from service_desk import handlers
 from service_desk import repository as repo
@@ -24,10 +22,8 @@ ADMIN = Principal(user_id="admin", roles=("admin",))
 
 @pytest.fixture
 async def ctx(each_database_url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
-    engine = create_engine(each_database_url)
-    yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
-    await engine.dispose()
+    async with migrated_engine(each_database_url, MIGRATIONS) as engine:
+        yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
 
 
 def _id(answer: Any) -> str:

@@ -4,7 +4,6 @@ relevant first (ranks tied: by id), a SQLite one (no ranking) newest update firs
 gives each article once, in the order of one big page; a cursor that is not one, or was made for
 the other order, is a 422 on `cursor`."""
 
-import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
@@ -13,10 +12,9 @@ from datetime import datetime, timedelta
 import pytest
 from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.outbox import UnitOfWork
+from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk import repository as repo
@@ -62,15 +60,13 @@ async def desk_on_postgres(postgres_url: str) -> AsyncIterator[ServiceDeskServic
 
 
 async def _desk_with_articles(url: str) -> AsyncIterator[ServiceDeskServicer]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    ctx = Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
-    start = utcnow()
-    for minutes, (title, body) in enumerate(ARTICLES):
-        ctx.clock = stopped_at(start + timedelta(minutes=min(minutes, len(ARTICLES) - 2)))
-        await handlers.create_article(ctx, {"title": title, "body": body, "published": True}, idempotency_key="")
-    yield ServiceDeskServicer(ctx)
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        ctx = Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))  # acting as the system
+        start = utcnow()
+        for minutes, (title, body) in enumerate(ARTICLES):
+            ctx.clock = stopped_at(start + timedelta(minutes=min(minutes, len(ARTICLES) - 2)))
+            await handlers.create_article(ctx, {"title": title, "body": body, "published": True}, idempotency_key="")
+        yield ServiceDeskServicer(ctx)
 
 
 async def search(

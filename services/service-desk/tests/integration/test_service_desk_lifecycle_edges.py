@@ -1,17 +1,15 @@
 """Service-desk rules at the edges a review found: a reopened ticket's SLA, merged accounts' tiers,
 manual assignment to an agent away or full, and surveys of tickets closed without a resolution."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from crm_platform import migrations
-from crm_platform.db import create_engine
 from crm_platform.errors import Conflict
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, SYSTEM, acting_as
+from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk import repository as repo
@@ -24,11 +22,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def ctx(each_database_url: str) -> AsyncIterator[Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, each_database_url)
-    engine = create_engine(each_database_url)
-    with acting_as(SYSTEM, ALL_RECORDS):
-        yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
-    await engine.dispose()
+    async with migrated_engine(each_database_url, MIGRATIONS) as engine:
+        with acting_as(SYSTEM, ALL_RECORDS):
+            yield Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
 
 
 async def _outbox_types(ctx: Context, key: str) -> list[str]:

@@ -1,7 +1,6 @@
 """The embedded default: the same handlers on SQLite (no PostgreSQL-only SQL on any path): tickets,
 dispatch, status machine, VIP raise, return visits, CSAT, the SLA timer and the LIKE-based KB search."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -9,12 +8,11 @@ from typing import Any
 
 import pytest
 from crm.common.v1 import custom_fields_pb2 as cf_pb
-from crm_platform import migrations
 from crm_platform.custom_fields_service import CustomFieldServicer
-from crm_platform.db import create_engine
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, ValidationFailed
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk.__main__ import MIGRATIONS
@@ -31,10 +29,8 @@ AGENT_SCOPE = RecordScope(ScopeKind.OWN, owner_id="ag-1")
 @pytest.fixture
 async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'desk.db'}"
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
-    engine = create_engine(url)
-    yield Context(uow=UnitOfWork(engine, metadata, source="/test"), return_visit_days=2)
-    await engine.dispose()
+    async with migrated_engine(url, MIGRATIONS) as engine:
+        yield Context(uow=UnitOfWork(engine, metadata, source="/test"), return_visit_days=2)
 
 
 async def test_sqlite_ticket_lifecycle_dispatch_and_kb(ctx: Context) -> None:
