@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import yaml
 
@@ -84,3 +85,18 @@ def _settings(
         service_desk_target=targets.get("service_desk", ""),
         analytics_target=targets.get("analytics", ""),
     )
+
+
+@asynccontextmanager
+async def serving(*add_servicers: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
+    """Fake services on a local gRPC port, for the gateway to call: their `host:port`.
+    `serving(lambda server: add_LeadsServiceServicer_to_server(fake, server))`."""
+    server = grpc.aio.server()
+    for add in add_servicers:
+        add(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)

@@ -5,11 +5,10 @@ others go to the sales service, whose per-row results come back under the file's
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import pytest
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
-from gateway.testing import RoleClient
+from gateway.testing import RoleClient, serving
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +32,9 @@ class CreatesEveryRow(SalesServiceServicer):
 
 @pytest.fixture
 async def sales() -> AsyncIterator[tuple[CreatesEveryRow, str]]:
-    servicer = CreatesEveryRow()
-    server = grpc.aio.server()
-    add_SalesServiceServicer_to_server(servicer, server)  # type: ignore[abstract]  # serves one call
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    await server.stop(None)
+    servicer = CreatesEveryRow()  # type: ignore[abstract]  # serves one call
+    async with serving(lambda server: add_SalesServiceServicer_to_server(servicer, server)) as target:
+        yield servicer, target
 
 
 async def test_a_row_that_does_not_fit_is_rejected_alone_and_the_others_are_imported(

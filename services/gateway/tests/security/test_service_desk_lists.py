@@ -5,7 +5,6 @@ keyset cursors like every list (`cursor` in, `next_cursor` out, a cursor the des
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import httpx
 import pytest
 from crm.common.v1 import common_pb2, custom_fields_pb2
@@ -18,7 +17,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 )
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_errors import to_status
-from gateway.testing import RoleClient
+from gateway.testing import RoleClient, serving
 
 pytestmark = pytest.mark.integration
 
@@ -59,13 +58,11 @@ def desk() -> FakeServiceDesk:
 @pytest.fixture
 async def agent(role_client: RoleClient, desk: FakeServiceDesk) -> AsyncIterator[httpx.AsyncClient]:
     """A service agent at the real gateway, whose service-desk calls go to the fake."""
-    server = grpc.aio.server()
-    add_ServiceDeskServiceServicer_to_server(desk, server)
-    add_CustomFieldServiceServicer_to_server(NoCustomFields(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield await role_client("service_agent", upstream=f"127.0.0.1:{port}")
-    await server.stop(None)
+    async with serving(
+        lambda server: add_ServiceDeskServiceServicer_to_server(desk, server),
+        lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+    ) as target:
+        yield await role_client("service_agent", upstream=target)
 
 
 async def test_the_knowledge_base_is_paged_by_the_cursor_each_page_returns(

@@ -10,7 +10,7 @@ import pytest
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
 from gateway.errors import RETRY_AFTER_SECONDS
-from gateway.testing import RoleClient
+from gateway.testing import RoleClient, serving
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,9 @@ class FullWebforms(LeadsServiceServicer):
 
 @pytest.fixture
 async def leads_target() -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    add_LeadsServiceServicer_to_server(FullWebforms(), server)  # type: ignore[abstract]  # serves one call
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop(None)
+    # Serves one call.
+    async with serving(lambda server: add_LeadsServiceServicer_to_server(FullWebforms(), server)) as target:  # type: ignore[abstract]
+        yield target
 
 
 async def submit(role_client: RoleClient, leads_target: str, form_key: str) -> Any:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
-from gateway.testing import RoleClient
+from gateway.testing import RoleClient, serving
 
 pytestmark = pytest.mark.integration
 
@@ -24,12 +24,9 @@ class OversizedErrors(LeadsServiceServicer):
 
 @pytest.fixture
 async def leads_target() -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    add_LeadsServiceServicer_to_server(OversizedErrors(), server)  # type: ignore[abstract]  # serves one call
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop(None)
+    # Serves one call.
+    async with serving(lambda server: add_LeadsServiceServicer_to_server(OversizedErrors(), server)) as target:  # type: ignore[abstract]
+        yield target
 
 
 async def test_a_metadata_overflow_is_a_bad_gateway_not_a_rate_limit(
