@@ -8,7 +8,9 @@ from crm.common.v1 import common_pb2
 from crm_platform.errors import FieldError, ValidationFailed
 
 CENT = Decimal("0.01")
-# What the API accepts: whole cents (stored amounts may carry 4 places, as computed ones do).
+UNIT = Decimal(1)
+# What the API accepts: whole cents (stored amounts may carry 4 places, as computed ones do), or
+# whole units in a currency without minor units (WHOLE_UNIT_CURRENCIES).
 AMOUNT_PLACES = 2
 # Money columns are NUMERIC(20, 4) (accounts, sales, analytics) or NUMERIC(18, 2) (campaign costs):
 # 16 digits before the point. An amount has at most 12, so sums of many of them fit too.
@@ -36,6 +38,26 @@ ISO_4217_CURRENCIES = frozenset({
     "XOF", "XPF", "XSU", "XUA", "YER", "ZAR", "ZMW", "ZWG",
 })
 # fmt: on
+
+# ISO 4217 currencies whose minor unit is 0: a yen or a won has no cents, and an ERP refuses an
+# invoice of 849.15 JPY. The three-decimal ones (BHD, IQD, JOD, KWD, LYD, OMR, TND) are taken with
+# 2 places like the rest: campaign cost columns hold 2, and no customer has asked for fils.
+# fmt: off
+WHOLE_UNIT_CURRENCIES = frozenset({
+    "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF",
+    "XPF",
+})
+# fmt: on
+
+
+def minor_unit(currency: str) -> Decimal:
+    """The smallest amount of `currency` the API takes, shows and rounds computed amounts to."""
+    return UNIT if currency in WHOLE_UNIT_CURRENCIES else CENT
+
+
+def amount_text(amount: Decimal, currency: str) -> str:
+    """An amount as the API shows it: stored amounts carry 4 places, shown in the currency's minor unit."""
+    return format(amount.quantize(minor_unit(currency)), "f")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,25 +93,31 @@ def parse_decimal(text: str, *, field: str) -> Decimal:
 
 
 def check_amount(
-    value: Decimal, *, field: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT
+    value: Decimal, *, field: str, currency: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT
 ) -> list[FieldError]:
-    """What is wrong with a money amount (a finite decimal), at most one error: its sign, its size
-    (MAX_AMOUNT, or MAX_FIGURE for a company's figures) or its precision (whole cents)."""
+    """What is wrong with a money amount (a finite decimal) in `currency`, at most one error: its
+    sign, its size (MAX_AMOUNT, or MAX_FIGURE for a company's figures) or its precision (whole cents,
+    or whole units in a currency without minor units)."""
     if value <= 0 and not allow_zero:
         return [FieldError(field, "must be greater than zero")]
     if value < 0:
         return [FieldError(field, "must not be negative")]
     if value > maximum:
         return [FieldError(field, f"must not exceed {maximum}")]
-    if value != value.quantize(CENT):  # in range: quantize cannot overflow the decimal context
+    unit = minor_unit(currency)
+    if value != value.quantize(unit):  # in range: quantize cannot overflow the decimal context
+        if unit == UNIT:
+            return [FieldError(field, f"{currency} has no minor unit: a whole amount, without decimal places")]
         return [FieldError(field, f"at most {AMOUNT_PLACES} decimal places")]
     return []
 
 
-def parse_amount(text: str, *, field: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT) -> Decimal:
-    """A money amount from its string form, or a validation error naming the field."""
+def parse_amount(
+    text: str, *, field: str, currency: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT
+) -> Decimal:
+    """A money amount in `currency` from its string form, or a validation error naming the field."""
     value = parse_decimal(text, field=field)
-    errors = check_amount(value, field=field, allow_zero=allow_zero, maximum=maximum)
+    errors = check_amount(value, field=field, currency=currency, allow_zero=allow_zero, maximum=maximum)
     if errors:
         raise ValidationFailed(errors)
     return value

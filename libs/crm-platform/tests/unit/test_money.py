@@ -1,5 +1,6 @@
 """One rule for money input in every service and in the gateway: a finite decimal, not negative,
-at most MAX_AMOUNT (what every money column holds), in whole cents, with an ISO 4217 currency."""
+at most MAX_AMOUNT (what every money column holds), in whole cents (whole units in a currency
+without minor units), with an ISO 4217 currency."""
 
 from decimal import Decimal
 
@@ -10,7 +11,9 @@ from crm_platform.money import (
     ISO_4217_CURRENCIES,
     MAX_AMOUNT,
     MAX_FIGURE,
+    amount_text,
     check_amount,
+    minor_unit,
     money_from_proto,
     parse_amount,
     parse_currency,
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.unit
 
 @pytest.mark.parametrize("amount", ["0", "0.1", "12500.00", "999999999999.99", "1E+3", "7.50"])
 def test_amounts_in_whole_cents_up_to_the_maximum_are_taken(amount: str) -> None:
-    assert parse_amount(amount, field="cost.amount") == Decimal(amount)
+    assert parse_amount(amount, field="cost.amount", currency="CNY") == Decimal(amount)
 
 
 @pytest.mark.parametrize(
@@ -43,14 +46,20 @@ def test_other_amounts_are_refused_naming_the_field(amount: str, message: str) -
     # 1e400 and 40 digits overflowed the accounts' rounding (HTTP 500) and were stored as
     # Infinity or rounded in campaigns; 0.129 was rounded to 0.13 without a word.
     with pytest.raises(ValidationFailed) as caught:
-        parse_amount(amount, field="annual_revenue.amount")
+        parse_amount(amount, field="annual_revenue.amount", currency="CNY")
     assert [(e.field, e.message) for e in caught.value.errors] == [("annual_revenue.amount", message)]
 
 
 def test_an_amount_that_must_be_positive_refuses_zero() -> None:
-    assert check_amount(Decimal(0), field="amount", allow_zero=False)[0].message == "must be greater than zero"
-    assert check_amount(Decimal(-1), field="amount", allow_zero=False)[0].message == "must be greater than zero"
-    assert check_amount(Decimal(0), field="amount") == []
+    assert (
+        check_amount(Decimal(0), field="amount", currency="CNY", allow_zero=False)[0].message
+        == "must be greater than zero"
+    )
+    assert (
+        check_amount(Decimal(-1), field="amount", currency="CNY", allow_zero=False)[0].message
+        == "must be greater than zero"
+    )
+    assert check_amount(Decimal(0), field="amount", currency="CNY") == []
 
 
 @pytest.mark.parametrize(
@@ -80,7 +89,32 @@ def test_money_from_a_message_names_the_fields_of_the_money() -> None:
 
 
 def test_a_companys_figure_may_exceed_the_cap_on_amounts_up_to_what_its_column_holds() -> None:
-    assert check_amount(Decimal("3546000000000.00"), field="annual_revenue.amount", maximum=MAX_FIGURE) == []
-    assert check_amount(Decimal("3546000000000.00"), field="amount")[0].message == f"must not exceed {MAX_AMOUNT}"
-    too_big = check_amount(MAX_FIGURE + 1, field="annual_revenue.amount", maximum=MAX_FIGURE)
+    assert (
+        check_amount(Decimal("3546000000000.00"), field="annual_revenue.amount", currency="CNY", maximum=MAX_FIGURE)
+        == []
+    )
+    assert (
+        check_amount(Decimal("3546000000000.00"), field="amount", currency="CNY")[0].message
+        == f"must not exceed {MAX_AMOUNT}"
+    )
+    too_big = check_amount(MAX_FIGURE + 1, field="annual_revenue.amount", currency="CNY", maximum=MAX_FIGURE)
     assert [e.message for e in too_big] == [f"must not exceed {MAX_FIGURE}"]
+
+
+@pytest.mark.parametrize("currency", ["JPY", "KRW", "VND", "CLP", "XOF"])
+def test_currencies_without_minor_units_take_whole_amounts_only(currency: str) -> None:
+    assert parse_amount("849", field="amount", currency=currency) == Decimal(849)
+    assert parse_amount("849.00", field="amount", currency=currency) == Decimal(849)  # the same value
+    with pytest.raises(ValidationFailed) as caught:
+        parse_amount("849.15", field="amount", currency=currency)
+    assert [(e.field, e.message) for e in caught.value.errors] == [
+        ("amount", f"{currency} has no minor unit: a whole amount, without decimal places")
+    ]
+
+
+def test_amounts_are_shown_in_the_currencys_minor_unit() -> None:
+    assert minor_unit("CNY") == Decimal("0.01")
+    assert minor_unit("JPY") == Decimal(1)
+    assert amount_text(Decimal("12500.0000"), "CNY") == "12500.00"
+    assert amount_text(Decimal("849.0000"), "JPY") == "849"
+    assert amount_text(Decimal("849.0000"), "KWD") == "849.00"  # three-decimal currencies take cents

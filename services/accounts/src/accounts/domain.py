@@ -101,7 +101,8 @@ def check_account(values: Mapping[str, object]) -> list[FieldError]:
     for money_field in ("annual_revenue", "credit_limit"):
         amount = values.get(money_field)
         if isinstance(amount, Decimal):
-            errors.extend(check_amount(amount, field=f"{money_field}.amount", maximum=MAX_FIGURE))
+            currency = str(values.get(f"{money_field}_currency") or "")
+            errors.extend(check_amount(amount, field=f"{money_field}.amount", currency=currency, maximum=MAX_FIGURE))
     tags = values.get("tags")
     if isinstance(tags, list):
         errors.extend(check_tags(tags))

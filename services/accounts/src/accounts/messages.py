@@ -6,7 +6,7 @@ from typing import Any
 
 from crm.accounts.v1 import accounts_pb2
 from crm.common.v1 import common_pb2
-from crm_platform.money import CENT, parse_currency, parse_decimal
+from crm_platform.money import amount_text, parse_currency, parse_decimal
 from crm_platform.principal import Principal
 from crm_platform.timeutil import to_timestamp
 from google.protobuf import struct_pb2
@@ -35,7 +35,7 @@ def money_value(message: common_pb2.Money, *, field: str) -> tuple[Decimal | Non
 def _money(amount: Decimal | None, currency: str | None) -> common_pb2.Money | None:
     if amount is None:
         return None
-    return common_pb2.Money(amount=format(Decimal(amount).quantize(CENT), "f"), currency=currency or "")
+    return common_pb2.Money(amount=amount_text(Decimal(amount), currency or ""), currency=currency or "")
 
 
 def _set_time(message: Any, name: str, value: Any) -> None:

@@ -2,6 +2,7 @@
 optimistic concurrency through `If-Match` / `ETag` carrying the record's version."""
 
 import re
+from decimal import Decimal
 from typing import Any
 
 from crm.common.v1 import common_pb2
@@ -9,7 +10,7 @@ from crm_platform.errors import ValidationFailed
 from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, MAX_FIGURE, parse_amount, parse_currency
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 # Versions travel as protobuf int64.
 _INT64_MAX = 2**63 - 1
@@ -23,26 +24,18 @@ class MoneyIn(BaseModel):
     """Money as every service takes it (`crm_platform.money`), refused here before any call."""
 
     model_config = {"extra": "forbid"}
-    amount: str = Field(
-        description=f'decimal string, e.g. "12500.00": not negative, at most {AMOUNT_PLACES} decimal places, '
-        f"at most {MAX_AMOUNT}",
-        examples=["12500.00"],
-    )
+    # The currency first: the amount's precision depends on it (a yen has no cents).
     currency: str = Field(
         min_length=3,
         max_length=3,
         description='ISO 4217 code, e.g. "CNY"; lower case is taken and upper-cased ("cny" is CNY)',
         examples=["CNY"],
     )
-
-    @field_validator("amount")
-    @classmethod
-    def _amount(cls, value: str) -> str:
-        try:
-            parse_amount(value, field="amount")
-        except ValidationFailed as error:
-            raise ValueError(error.errors[0].message) from None
-        return value
+    amount: str = Field(
+        description=f'decimal string, e.g. "12500.00": not negative, at most {AMOUNT_PLACES} decimal places '
+        f"(none in a currency without minor units, such as JPY or KRW), at most {MAX_AMOUNT}",
+        examples=["12500.00"],
+    )
 
     @field_validator("currency")
     @classmethod
@@ -52,6 +45,11 @@ class MoneyIn(BaseModel):
         except ValidationFailed as error:
             raise ValueError(error.errors[0].message) from None
 
+    @field_validator("amount")
+    @classmethod
+    def _amount(cls, value: str, info: ValidationInfo) -> str:
+        return _checked_amount(value, info, MAX_AMOUNT)
+
     def proto(self) -> common_pb2.Money:
         return common_pb2.Money(amount=self.amount, currency=self.currency)
 
@@ -60,19 +58,25 @@ class FigureIn(MoneyIn):
     """A company's figure (annual revenue, credit limit): up to MAX_FIGURE, as the accounts service takes it."""
 
     amount: str = Field(
-        description=f'decimal string, e.g. "3546000000000.00": not negative, at most {AMOUNT_PLACES} decimal places, '
-        f"at most {MAX_FIGURE}",
+        description=f'decimal string, e.g. "3546000000000.00": not negative, at most {AMOUNT_PLACES} decimal places '
+        f"(none in a currency without minor units), at most {MAX_FIGURE}",
         examples=["3546000000000.00"],
     )
 
     @field_validator("amount")
     @classmethod
-    def _amount(cls, value: str) -> str:
-        try:
-            parse_amount(value, field="amount", maximum=MAX_FIGURE)
-        except ValidationFailed as error:
-            raise ValueError(error.errors[0].message) from None
-        return value
+    def _amount(cls, value: str, info: ValidationInfo) -> str:
+        return _checked_amount(value, info, MAX_FIGURE)
+
+
+def _checked_amount(value: str, info: ValidationInfo, maximum: Decimal) -> str:
+    # Without a valid currency (refused on its own field) the amount is checked in whole cents.
+    currency = str(info.data.get("currency", ""))
+    try:
+        parse_amount(value, field="amount", currency=currency, maximum=maximum)
+    except ValidationFailed as error:
+        raise ValueError(error.errors[0].message) from None
+    return value
 
 
 def expected_version(if_match: str | None) -> int:
@@ -83,7 +87,9 @@ def expected_version(if_match: str | None) -> int:
     - `*` → 0: "any current version" (RFC 9110 §13.1.1). The records these writes change must exist
       (404 otherwise), which is all `*` asks; the custom field PUT, an upsert, checks it itself;
     - `"3"` (also `W/"3"`, or a bare 3: what the `ETag` carried) → 3; a stale one answers 412 with
-      the record's `current_version`;
+      the record's `current_version`. The weak form is taken although If-Match compares strongly
+      (RFC 9110 §13.1.1): a compressing proxy (nginx with gzip) weakens the strong ETags we send, and
+      a client echoing what it got must not be refused for the proxy's doing;
     - a list (`"1", "2"`) → 422 naming `If-Match`: a service compares one version, and matching any
       of several would take a read before the write that could be stale by the time it writes;
     - anything else (not a version in ASCII digits, beyond int64) → 422 naming `If-Match`, like

@@ -3,7 +3,7 @@
 import pytest
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
-from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.conventions import FigureIn, MoneyIn, expected_version, with_etag
 from pydantic import ValidationError
 
 pytestmark = pytest.mark.unit
@@ -98,3 +98,13 @@ def test_money_refuses_what_is_not_an_iso_4217_currency(currency: str) -> None:
 
 def test_money_upper_cases_the_currency_it_takes() -> None:
     assert MoneyIn(amount="0.10", currency="usd").currency == "USD"
+
+
+@pytest.mark.parametrize("model", [MoneyIn, FigureIn])
+def test_money_in_a_currency_without_minor_units_is_whole(model: type[MoneyIn]) -> None:
+    assert model(amount="849", currency="jpy").amount == "849"
+    with pytest.raises(ValidationError) as error:
+        model(amount="849.15", currency="JPY")
+    [problem] = error.value.errors()
+    assert problem["loc"] == ("amount",)
+    assert "JPY has no minor unit" in problem["msg"]

@@ -1818,7 +1818,7 @@ class LeadsService:
             elif name == "cost":
                 cost: Money | None = value
                 if cost is not None:
-                    errors.extend(check_amount(cost.amount, field="cost.amount"))
+                    errors.extend(check_amount(cost.amount, field="cost.amount", currency=cost.currency))
                 values["cost_amount"] = cost.amount if cost else None
                 values["cost_currency"] = cost.currency if cost else ""
             elif name in ("starts_on", "ends_on"):

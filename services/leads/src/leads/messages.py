@@ -7,6 +7,7 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
+from crm_platform.money import amount_text
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import to_timestamp
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -170,7 +171,11 @@ def campaign_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Campaign:
         version=row["version"],
     )
     if row["cost_amount"] is not None:
-        message.cost.CopyFrom(common_pb2.Money(amount=format(row["cost_amount"], "f"), currency=row["cost_currency"]))
+        message.cost.CopyFrom(
+            common_pb2.Money(
+                amount=amount_text(row["cost_amount"], row["cost_currency"]), currency=row["cost_currency"]
+            )
+        )
     return message
 
 

@@ -10,7 +10,7 @@ from decimal import MAX_PREC, ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontex
 from enum import StrEnum
 
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
-from crm_platform.money import CENT, MAX_AMOUNT, Money, check_amount
+from crm_platform.money import CENT, MAX_AMOUNT, Money, amount_text, check_amount, minor_unit
 
 HUNDRED = Decimal(100)
 # Longest id of another service's record (account, contact, lead, campaign) and longest text field.
@@ -30,13 +30,14 @@ def check_lengths(values: Mapping[str, str], limit: int) -> list[FieldError]:
     return [FieldError(name, f"at most {limit} characters") for name, value in values.items() if len(value) > limit]
 
 
-def quantize_money(value: Decimal) -> Decimal:
-    """Commercial rounding to cents (half up), applied once at the end of a computation."""
-    return value.quantize(CENT, rounding=ROUND_HALF_UP)
+def quantize_money(value: Decimal, currency: str) -> Decimal:
+    """Commercial rounding (half up) to the currency's minor unit, cents or whole yen, applied once
+    at the end of a computation."""
+    return value.quantize(minor_unit(currency), rounding=ROUND_HALF_UP)
 
 
 def require_valid_amount(money: Money, *, field_name: str, allow_zero: bool = True) -> None:
-    errors = check_amount(money.amount, field=f"{field_name}.amount", allow_zero=allow_zero)
+    errors = check_amount(money.amount, field=f"{field_name}.amount", currency=money.currency, allow_zero=allow_zero)
     if errors:
         raise ValidationFailed(errors)
 
@@ -221,12 +222,16 @@ class LineItem:
         return self.quantity * self.unit_price.amount
 
     @property
+    def subtotal(self) -> Decimal:
+        return quantize_money(self.gross, self.unit_price.currency)
+
+    @property
     def discount(self) -> Decimal:
-        return quantize_money(self.gross * self.discount_percent / HUNDRED)
+        return quantize_money(self.gross * self.discount_percent / HUNDRED, self.unit_price.currency)
 
     @property
     def total(self) -> Decimal:
-        return quantize_money(self.gross) - self.discount
+        return self.subtotal - self.discount
 
 
 def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_items") -> str | None:
@@ -239,7 +244,9 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
             errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
         # A deal without a product line of its own takes its first item's.
         errors.extend(check_lengths({f"{prefix}.product_line": item.product_line}, NAME_LENGTH))
-        price_errors = check_amount(item.unit_price.amount, field=f"{prefix}.unit_price.amount")
+        price_errors = check_amount(
+            item.unit_price.amount, field=f"{prefix}.unit_price.amount", currency=item.unit_price.currency
+        )
         if item.quantity <= 0:
             errors.append(FieldError(f"{prefix}.quantity", "must be greater than zero"))
         elif item.quantity > MAX_QUANTITY:
@@ -252,7 +259,7 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
     if len(currencies) > 1:
         errors.append(FieldError(f"{field_name}", f"all line items need one currency, got {sorted(currencies)}"))
     # Every item is in range now, so the subtotal is computable; it is a money amount like any other.
-    if not errors and sum((quantize_money(item.gross) for item in items), Decimal(0)) > MAX_AMOUNT:
+    if not errors and sum((item.subtotal for item in items), Decimal(0)) > MAX_AMOUNT:
         errors.append(FieldError(f"{field_name}", f"the line items total more than {MAX_AMOUNT}"))
     if errors:
         raise ValidationFailed(errors)
@@ -274,7 +281,7 @@ class Totals:
 
 
 def line_totals(items: Sequence[LineItem]) -> Totals:
-    subtotal = sum((quantize_money(item.gross) for item in items), Decimal(0))
+    subtotal = sum((item.subtotal for item in items), Decimal(0))
     discount = sum((item.discount for item in items), Decimal(0))
     max_discount = max((item.discount_percent for item in items), default=Decimal(0))
     return Totals(subtotal, discount, subtotal - discount, max_discount)
@@ -423,7 +430,7 @@ class ForecastLine:
 
     @property
     def weighted(self) -> Decimal:
-        return quantize_money(self.weighted_raw / HUNDRED)
+        return quantize_money(self.weighted_raw / HUNDRED, self.currency)
 
 
 def forecast(deals: Iterable[ForecastDeal], *, quarter: bool, by_team: bool) -> list[ForecastLine]:
@@ -640,7 +647,7 @@ def check_in_force(status: str, *, contract_id: str, what: str) -> None:
 
 def check_settled(amount: Money, paid: Decimal, *, contract_id: str) -> None:
     """Completing a contract closes its receivable (the ERP closes it too), so nothing may be owed."""
-    outstanding = quantize_money(amount.amount - paid)
+    outstanding = quantize_money(amount.amount - paid, amount.currency)
     if outstanding > 0:
         raise Conflict(
             f"contract {contract_id} still has {outstanding} {amount.currency} outstanding; "
@@ -674,7 +681,11 @@ def validate_payment_plan(
                     f"must be the contract currency {contract_amount.currency}",
                 )
             )
-        errors.extend(check_amount(money.amount, field=f"installments[{index}].amount.amount", allow_zero=False))
+        errors.extend(
+            check_amount(
+                money.amount, field=f"installments[{index}].amount.amount", currency=money.currency, allow_zero=False
+            )
+        )
     total = sum((money.amount for _, money in installments), Decimal(0))
     if installments and total != contract_amount.amount:
         errors.append(
@@ -734,7 +745,7 @@ def check_payment(amount: Money, *, contract_amount: Money, already_paid: Decima
         raise ValidationFailed(
             [FieldError("amount.currency", f"must be the contract currency {contract_amount.currency}")]
         )
-    outstanding = quantize_money(contract_amount.amount - already_paid)
+    outstanding = quantize_money(contract_amount.amount - already_paid, contract_amount.currency)
     if amount.amount > outstanding:
         raise ValidationFailed(
             [
@@ -793,7 +804,12 @@ def check_issued_amount(amount: Money, *, requested: Money) -> None:
         raise ValidationFailed([FieldError("amount.currency", f"must be the requested currency {requested.currency}")])
     if amount.amount != requested.amount:
         raise ValidationFailed(
-            [FieldError("amount", f"must be the requested {quantize_money(requested.amount)} {requested.currency}")]
+            [
+                FieldError(
+                    "amount",
+                    f"must be the requested {amount_text(requested.amount, requested.currency)} {requested.currency}",
+                )
+            ]
         )
 
 
@@ -805,7 +821,7 @@ def check_invoice_amount(amount: Money, *, contract_amount: Money, already_invoi
         raise ValidationFailed(
             [FieldError("amount.currency", f"must be the contract currency {contract_amount.currency}")]
         )
-    uninvoiced = quantize_money(contract_amount.amount - already_invoiced)
+    uninvoiced = quantize_money(contract_amount.amount - already_invoiced, contract_amount.currency)
     if amount.amount > uninvoiced:
         raise ValidationFailed(
             [

@@ -10,20 +10,19 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm.sales.v1 import sales_pb2
+from crm_platform.money import amount_text
 from crm_platform.principal import Principal
 from crm_platform.timeutil import to_timestamp
 from google.protobuf import struct_pb2
 
 from sales import domain as d
 
-CENTS = Decimal("0.01")
 # A stored row (SQLAlchemy RowMapping) or the dict of values just written.
 Row = Mapping[Any, Any]
 
 
 def money(amount: Decimal, currency: str) -> common_pb2.Money:
-    """Amounts are stored with 4 places; the API shows cents (every stored amount has at most 2)."""
-    return common_pb2.Money(amount=format(amount.quantize(CENTS), "f"), currency=currency)
+    return common_pb2.Money(amount=amount_text(amount, currency), currency=currency)
 
 
 def decimal_text(value: Decimal) -> str:

@@ -123,6 +123,24 @@ def test_line_totals_apply_discounts_per_line() -> None:
     assert totals.max_discount_percent == Decimal("12.5")
 
 
+def test_line_totals_in_a_currency_without_minor_units_round_to_whole_units() -> None:
+    yen = Money(Decimal("999"), "JPY")
+    items = [
+        d.LineItem("p1", "GTX Pro", "GTX", Decimal("1.5"), yen, Decimal(15)),  # 1498.5 gross
+    ]
+    totals = d.line_totals(items)
+    assert totals.subtotal == Decimal(1499)  # half up
+    assert totals.discount_total == Decimal(225)  # 1498.5 x 15 % = 224.775
+    assert totals.total == Decimal(1274)
+
+
+def test_a_price_in_a_currency_without_minor_units_is_whole() -> None:
+    items = [d.LineItem("p1", "GTX Pro", "GTX", Decimal(1), Money(Decimal("999.50"), "JPY"))]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items(items)
+    assert [e.field for e in raised.value.errors] == ["line_items[0].unit_price.amount"]
+
+
 def test_line_items_need_one_currency_and_sane_values() -> None:
     items = [
         d.LineItem("p1", "A", "L", Decimal(0), cny("1"), Decimal(101)),
@@ -135,15 +153,15 @@ def test_line_items_need_one_currency_and_sane_values() -> None:
 
 
 def test_amount_precision_and_sign_are_checked() -> None:
-    assert check_amount(Decimal("1.005"), field="amount")[0].message == "at most 2 decimal places"
-    assert check_amount(Decimal("-1"), field="amount")[0].field == "amount"
-    assert check_amount(Decimal("0"), field="amount", allow_zero=False)
+    assert check_amount(Decimal("1.005"), field="amount", currency="CNY")[0].message == "at most 2 decimal places"
+    assert check_amount(Decimal("-1"), field="amount", currency="CNY")[0].field == "amount"
+    assert check_amount(Decimal("0"), field="amount", currency="CNY", allow_zero=False)
 
 
 @pytest.mark.parametrize("amount", ["1e30", "-1e30", "1e999999"])
 def test_huge_amounts_are_validation_errors_not_decimal_overflows(amount: str) -> None:
     # Regression (fuzz): quantizing such a value overflowed the decimal context -> 500.
-    errors = check_amount(Decimal(amount), field="amount")
+    errors = check_amount(Decimal(amount), field="amount", currency="CNY")
     assert [e.field for e in errors] == ["amount"]
 
 
