@@ -339,19 +339,19 @@ async def filter_from_pairs(
 
 
 async def list_accounts(
-    ctx: Context, f: AccountFilter, custom_pairs: list[tuple[str, str]], page: Page, sort: str, segment_id: str
+    ctx: Context, f: AccountFilter, custom_pairs: list[tuple[str, str]], page: Page, segment_id: str
 ) -> tuple[list[Any], str]:
     async with ctx.uow.engine.connect() as conn:
         f.custom = await custom_filters(conn, "account", custom_pairs)
         # A segment narrows the list: its filters and the request's must all hold.
         saved = await segment_filter(conn, segment_id) if segment_id else None
-        return await repo.list_accounts(conn, f, current_scope(), page, sort, segment=saved)
+        return await repo.list_accounts(conn, f, current_scope(), page, segment=saved)
 
 
-async def list_pool(ctx: Context, f: AccountFilter, page: Page, sort: str) -> tuple[list[Any], str]:
+async def list_pool(ctx: Context, f: AccountFilter, page: Page) -> tuple[list[Any], str]:
     f.in_pool = True
     async with ctx.uow.engine.connect() as conn:
-        return await repo.list_accounts(conn, f, None, page, sort)
+        return await repo.list_accounts(conn, f, None, page)
 
 
 async def _publish_account_updated(tx: Transaction, account_id: str, changed: list[str], principal: Principal) -> Any:
@@ -863,11 +863,11 @@ async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int
 
 
 async def list_contacts(
-    ctx: Context, f: ContactFilter, custom_pairs: list[tuple[str, str]], page: Page, sort: str
+    ctx: Context, f: ContactFilter, custom_pairs: list[tuple[str, str]], page: Page
 ) -> tuple[list[Any], str]:
     async with ctx.uow.engine.connect() as conn:
         f.custom = await custom_filters(conn, "contact", custom_pairs)
-        return await repo.list_contacts(conn, f, current_scope(), page, sort)
+        return await repo.list_contacts(conn, f, current_scope(), page)
 
 
 async def find_contacts(ctx: Context, *, email: str, phone: str, limit: int) -> list[Any]:
@@ -951,9 +951,7 @@ async def log_activity(
         return row
 
 
-async def list_activities(
-    ctx: Context, *, account_id: str, contact_id: str, page: Page, sort: str
-) -> tuple[list[Any], str]:
+async def list_activities(ctx: Context, *, account_id: str, contact_id: str, page: Page) -> tuple[list[Any], str]:
     """The account's timeline. The activities scope applies: on an account outside it, an `own`
     scope still lists the caller's own entries (e.g. a service agent's visits); other scopes none."""
     act = repo.activities
@@ -977,7 +975,7 @@ async def list_activities(
         if contact_id:
             query = query.where(act.c.contact_id == contact_id)
         rows = list(await conn.execute(repo.apply_page(query, act, page)))
-        return repo.page_result(rows, page, sort)
+        return repo.page_result(rows, page)
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
@@ -1071,7 +1069,7 @@ async def complete_task(ctx: Context, task_id: str, *, expected_version: int) ->
 
 
 async def list_tasks(
-    ctx: Context, *, due: str, account_id: str, owner_id: str, statuses: list[str], page: Page, sort: str
+    ctx: Context, *, due: str, account_id: str, owner_id: str, statuses: list[str], page: Page
 ) -> tuple[list[Any], str]:
     t = repo.tasks
     errors = [FieldError("status", f"unknown status {s}") for s in statuses if s not in domain.TASK_STATUSES]
@@ -1092,7 +1090,7 @@ async def list_tasks(
         query = query.where(t.c.owner_id == owner_id)
     async with ctx.uow.engine.connect() as conn:
         rows = list(await conn.execute(repo.apply_page(query, t, page)))
-    return repo.page_result(rows, page, sort)
+    return repo.page_result(rows, page)
 
 
 # --- reminder rules ------------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """Tables and queries of the accounts service (SQLAlchemy Core; PostgreSQL or SQLite)."""
 
-import base64
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +11,7 @@ from crm_platform.db import UtcDateTime
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables
-from crm_platform.pagination import cursor_value, decode_cursor_json, sort_field
+from crm_platform.pagination import keyset_page, next_cursor, page_limit, sort_field
 from crm_platform.principal import RecordScope, scope_clause
 from sqlalchemy import (
     JSON,
@@ -277,67 +275,39 @@ SORTS = {"created_at", "name", "updated_at"}
 
 @dataclass(frozen=True, slots=True)
 class Page:
+    """A page as asked for, checked: the platform's keyset paging (`crm_platform.pagination`) over
+    `sort_key`, the column the sort names (ids are time-ordered, so created_at order is id order:
+    one indexed column)."""
+
     limit: int
     sort_field: str
+    sort_key: str
     descending: bool
-    after: tuple[Any, str] | None
+    cursor: str
 
 
 def parse_page(limit: int, cursor: str, sort: str, *, sorts: set[str] = SORTS) -> Page:
-    limit = 50 if limit <= 0 else limit
-    if limit > 500:
-        raise ValidationFailed([FieldError("limit", "must be at most 500")])
     field_name, descending = sort_field(sort) if sort else ("created_at", False)
     if field_name not in sorts:
         raise ValidationFailed([FieldError("sort", f"must be one of {', '.join(sorted(sorts))} (- for descending)")])
-    after = None
-    if cursor:
-        data = decode_cursor_json(cursor)
-        try:
-            if data["s"] != sort:
-                raise ValueError("cursor of another sort")
-            after = (data["v"], str(data["id"]))
-        except (ValueError, KeyError, TypeError):
-            raise ValidationFailed([FieldError("cursor", "is not a cursor of this list")]) from None
-    return Page(limit, field_name, descending, after)
-
-
-def _sort_value(row: Any, sort_field: str) -> Any:
-    value = row._mapping[sort_field]
-    return value.isoformat() if isinstance(value, datetime) else value
+    sort_key = "id" if field_name == "created_at" else field_name
+    return Page(page_limit(limit), field_name, sort_key, descending, cursor)
 
 
 def apply_page(query: Select[Any], table: Table, page: Page) -> Select[Any]:
-    # Ids are time-ordered, so created_at order is id order: one indexed column.
-    key = table.c.id if page.sort_field == "created_at" else table.c[page.sort_field]
-    if page.after is not None:
-        # Typed as their columns, or a 422 on cursor: a value of another type reached the database.
-        value, last_id = page.after
-        last_id = cursor_value(table.c.id, last_id)
-        if page.sort_field == "created_at":
-            query = query.where(table.c.id < last_id if page.descending else table.c.id > last_id)
-        else:
-            value = cursor_value(key, value)
-            if page.descending:
-                query = query.where(or_(key < value, and_(key == value, table.c.id < last_id)))
-            else:
-                query = query.where(or_(key > value, and_(key == value, table.c.id > last_id)))
-    if page.sort_field == "created_at":
-        order = [table.c.id.desc() if page.descending else table.c.id]
-    else:
-        order = [key.desc(), table.c.id.desc()] if page.descending else [key, table.c.id]
-    return query.order_by(*order).limit(page.limit + 1)
+    return keyset_page(
+        query,
+        sort_column=table.c[page.sort_key],
+        id_column=table.c.id,
+        descending=page.descending,
+        cursor=page.cursor,
+        limit=page.limit,
+    )
 
 
-def page_result(rows: list[Any], page: Page, sort: str) -> tuple[list[Any], str]:
-    """Drops the look-ahead row; the cursor points after the last row returned."""
-    if len(rows) <= page.limit:
-        return rows, ""
-    rows = rows[: page.limit]
-    last = rows[-1]
-    value = last.id if page.sort_field == "created_at" else _sort_value(last, page.sort_field)
-    payload = {"s": sort, "v": value, "id": last.id}
-    return rows, base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
+def page_result(rows: list[Any], page: Page) -> tuple[list[Any], str]:
+    """Drops the look-ahead row `apply_page` fetched; the cursor points after the last row returned."""
+    return rows[: page.limit], next_cursor(rows, sort_key=page.sort_key, limit=page.limit)
 
 
 # --- account queries ----------------------------------------------------------------------------
@@ -407,7 +377,6 @@ async def list_accounts(
     f: AccountFilter,
     scope: RecordScope | None,
     page: Page,
-    sort: str,
     *,
     segment: AccountFilter | None = None,
 ) -> tuple[list[Any], str]:
@@ -419,7 +388,7 @@ async def list_accounts(
         where.append(scope_clause(accounts, scope))
     query = apply_page(select(accounts).where(*where), accounts, page)
     rows = list(await conn.execute(query))
-    return page_result(rows, page, sort)
+    return page_result(rows, page)
 
 
 async def get_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False) -> Any | None:
@@ -474,7 +443,7 @@ class ContactFilter:
 
 
 async def list_contacts(
-    conn: AsyncConnection, f: ContactFilter, scope: RecordScope | None, page: Page, sort: str
+    conn: AsyncConnection, f: ContactFilter, scope: RecordScope | None, page: Page
 ) -> tuple[list[Any], str]:
     t = contacts
     where: list[ColumnElement[bool]] = [t.c.deleted_at.is_(None)]
@@ -492,7 +461,7 @@ async def list_contacts(
     if scope is not None:
         where.append(scope_clause(t, scope))
     rows = list(await conn.execute(apply_page(select(t).where(*where), t, page)))
-    return page_result(rows, page, sort)
+    return page_result(rows, page)
 
 
 async def get_contact(conn: AsyncConnection, contact_id: str) -> Any | None:

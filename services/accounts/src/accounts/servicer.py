@@ -25,10 +25,8 @@ from accounts.repository import AccountFilter, ContactFilter, Page, parse_page
 Ctx = Any  # grpc.aio.ServicerContext; grpc is untyped here
 
 
-def _page(page: common_pb2.PageRequest, *, sorts: set[str] | None = None) -> tuple[Page, str]:
-    if sorts is None:
-        return parse_page(page.limit, page.cursor, page.sort), page.sort
-    return parse_page(page.limit, page.cursor, page.sort, sorts=sorts), page.sort
+def _page(page: common_pb2.PageRequest) -> Page:
+    return parse_page(page.limit, page.cursor, page.sort)
 
 
 def _mask(mask: Any, allowed: tuple[str, ...]) -> list[str]:
@@ -131,7 +129,7 @@ class AccountsServicer(AccountsServiceServicer):
         return pb.DeleteAccountResponse()
 
     async def ListAccounts(self, request: pb.ListAccountsRequest, context: Ctx) -> pb.ListAccountsResponse:
-        page, sort = _page(request.page)
+        page = _page(request.page)
         f = AccountFilter(
             q=request.q,
             tiers=list(request.tiers),
@@ -148,7 +146,7 @@ class AccountsServicer(AccountsServiceServicer):
             ids=list(request.ids),
         )
         custom = [(c.key, c.value) for c in request.custom]
-        rows, cursor = await handlers.list_accounts(self.ctx, f, custom, page, sort, request.segment_id)
+        rows, cursor = await handlers.list_accounts(self.ctx, f, custom, page, request.segment_id)
         return pb.ListAccountsResponse(
             items=[account_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
@@ -167,7 +165,7 @@ class AccountsServicer(AccountsServiceServicer):
     # pool and ownership
 
     async def ListPoolAccounts(self, request: pb.ListPoolAccountsRequest, context: Ctx) -> pb.ListPoolAccountsResponse:
-        page, sort = _page(request.page)
+        page = _page(request.page)
         f = AccountFilter(
             q=request.q,
             tiers=list(request.tiers),
@@ -175,7 +173,7 @@ class AccountsServicer(AccountsServiceServicer):
             industries=list(request.industries),
             tags=list(request.tags),
         )
-        rows, cursor = await handlers.list_pool(self.ctx, f, page, sort)
+        rows, cursor = await handlers.list_pool(self.ctx, f, page)
         return pb.ListPoolAccountsResponse(
             items=[account_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
@@ -242,7 +240,7 @@ class AccountsServicer(AccountsServiceServicer):
         return pb.DeleteContactResponse()
 
     async def ListContacts(self, request: pb.ListContactsRequest, context: Ctx) -> pb.ListContactsResponse:
-        page, sort = _page(request.page)
+        page = _page(request.page)
         f = ContactFilter(
             account_id=request.account_id,
             q=request.q,
@@ -251,7 +249,7 @@ class AccountsServicer(AccountsServiceServicer):
             owner_id=request.owner_id,
         )
         custom = [(c.key, c.value) for c in request.custom]
-        rows, cursor = await handlers.list_contacts(self.ctx, f, custom, page, sort)
+        rows, cursor = await handlers.list_contacts(self.ctx, f, custom, page)
         return pb.ListContactsResponse(
             items=[contact_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
@@ -281,7 +279,7 @@ class AccountsServicer(AccountsServiceServicer):
         sort = request.page.sort or "-occurred_at"
         page = parse_page(request.page.limit, request.page.cursor, sort, sorts={"occurred_at"})
         rows, cursor = await handlers.list_activities(
-            self.ctx, account_id=request.account_id, contact_id=request.contact_id, page=page, sort=sort
+            self.ctx, account_id=request.account_id, contact_id=request.contact_id, page=page
         )
         return pb.ListActivitiesResponse(
             items=[activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
@@ -310,7 +308,6 @@ class AccountsServicer(AccountsServiceServicer):
             owner_id=request.owner_id,
             statuses=list(request.statuses),
             page=page,
-            sort=sort,
         )
         return pb.ListTasksResponse(
             items=[task_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)

@@ -90,7 +90,7 @@ async def test_a_segment_and_the_lists_own_filters_must_all_hold(ctx: Context) -
         )
 
         async def names(segment_id: str, f: AccountFilter) -> list[str]:
-            rows, _ = await handlers.list_accounts(ctx, f, [], PAGE, "", segment_id)
+            rows, _ = await handlers.list_accounts(ctx, f, [], PAGE, segment_id)
             return sorted(r.name for r in rows)
 
         assert await names(tier_a.id, AccountFilter()) == ["Alpha"]
@@ -116,7 +116,7 @@ async def test_deleting_an_account_deletes_its_contacts_and_cancels_its_open_tas
         await handlers.complete_task(ctx, done_task.id, expected_version=0)
         await handlers.delete_account(ctx, beta.id, expected_version=0)
 
-        contacts, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=beta.id), [], PAGE, "")
+        contacts, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=beta.id), [], PAGE)
         assert contacts == []
         with pytest.raises(NotFound):
             await handlers.get_contact(ctx, dora.id)
@@ -128,7 +128,7 @@ async def test_deleting_an_account_deletes_its_contacts_and_cancels_its_open_tas
             await handlers.create_contact(ctx, {"account_id": beta.id, "name": "Fay"}, idempotency_key="")
         assert refused.value.errors[0].field == "account_id"
 
-        tasks, _ = await handlers.list_tasks(ctx, due="", account_id="", owner_id="", statuses=[], page=PAGE, sort="")
+        tasks, _ = await handlers.list_tasks(ctx, due="", account_id="", owner_id="", statuses=[], page=PAGE)
         status = {t.id: t.status for t in tasks}
         assert status == {open_task.id: "cancelled", done_task.id: "done", alphas_task.id: "open"}
         # The other account keeps its contact.
@@ -283,9 +283,7 @@ async def test_a_service_agent_logs_a_visit_on_an_account_of_their_region(ctx: C
     async def timeline(who: Caller) -> list[str]:
         page = parse_page(50, "", "-occurred_at", sorts={"occurred_at"})
         with acting_as(*who):
-            rows, _ = await handlers.list_activities(
-                ctx, account_id=customer.id, contact_id="", page=page, sort="-occurred_at"
-            )
+            rows, _ = await handlers.list_activities(ctx, account_id=customer.id, contact_id="", page=page)
         return [r.subject for r in rows]
 
     assert await timeline(AGENT_READING_ACTIVITIES) == ["on-site repair"]

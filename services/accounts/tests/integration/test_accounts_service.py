@@ -344,7 +344,7 @@ async def test_tag_and_name_search_through_the_multicolumn_gin_index(accounts_se
             seen: list[str] = []
             cursor = ""
             while True:
-                rows, cursor = await list_accounts(conn, f, None, parse_page(page.limit, cursor, ""), "")
+                rows, cursor = await list_accounts(conn, f, None, parse_page(page.limit, cursor, ""))
                 seen += [row.id for row in rows]
                 if not cursor:
                     break

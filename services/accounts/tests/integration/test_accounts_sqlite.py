@@ -61,7 +61,7 @@ async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> 
         assert invalid.value.errors[0].field == "custom.vip"
 
         async def names(f: AccountFilter, custom: list[tuple[str, str]] | None = None) -> list[str]:
-            rows, _ = await handlers.list_accounts(ctx, f, custom or [], PAGE, "", "")
+            rows, _ = await handlers.list_accounts(ctx, f, custom or [], PAGE, "")
             return sorted(r.name for r in rows)
 
         assert await names(AccountFilter(q="acm")) == ["Acme Ltd"]
@@ -76,7 +76,7 @@ async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> 
         )
         merged = await handlers.merge_accounts(ctx, acme.id, other.id, idempotency_key="")
         assert merged["contacts"] == [contact.id]
-        moved, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=acme.id), [], PAGE, "")
+        moved, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=acme.id), [], PAGE)
         assert [c.id for c in moved] == [contact.id]
 
     later = utcnow() + timedelta(days=8)
@@ -108,7 +108,7 @@ async def test_merging_an_account_into_one_below_it_keeps_the_hierarchy_a_tree(c
         branch = await create("Umbrella Branch", holding)
 
         async def parents() -> dict[str, str | None]:
-            rows, _ = await handlers.list_accounts(ctx, AccountFilter(), [], PAGE, "", "")
+            rows, _ = await handlers.list_accounts(ctx, AccountFilter(), [], PAGE, "")
             return {str(r.id): r.parent_id for r in rows if not r.merged_into_id}
 
         await handlers.merge_accounts(ctx, plant, holding, idempotency_key="")
@@ -129,7 +129,7 @@ async def test_pages_by_a_time_sort_follow_their_cursor_on_sqlite(ctx: Context) 
             cursor = ""
             while True:
                 rows, cursor = await handlers.list_accounts(
-                    ctx, AccountFilter(q="Timed"), [], parse_page(2, cursor, sort), sort, ""
+                    ctx, AccountFilter(q="Timed"), [], parse_page(2, cursor, sort), ""
                 )
                 seen += [row.name for row in rows]
                 if not cursor:

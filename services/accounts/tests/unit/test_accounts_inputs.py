@@ -48,13 +48,13 @@ def test_a_sort_is_a_field_with_an_optional_minus() -> None:
 
 
 def test_a_cursor_is_taken_only_as_it_was_issued() -> None:
-    issued = base64.urlsafe_b64encode(json.dumps({"s": "name", "v": "Acme Ltd", "id": "a-1"}).encode()).decode()
+    issued = base64.urlsafe_b64encode(json.dumps({"sort": "name", "value": "Acme Ltd", "id": "a-1"}).encode()).decode()
     assert issued.endswith("=")
-    assert parse_page(50, issued, "name").after == ("Acme Ltd", "a-1")
+    apply_page(select(accounts), accounts, parse_page(50, issued, "name"))
     # Lenient base64 ignored what followed the padding: the edited cursor paged as the issued one.
     for edited in (issued + "x", issued + "AAAA", issued[:8] + "." + issued[8:]):
         with pytest.raises(ValidationFailed) as caught:
-            parse_page(50, edited, "name")
+            apply_page(select(accounts), accounts, parse_page(50, edited, "name"))
         assert refused_fields(caught) == ["cursor"]
 
 
@@ -63,7 +63,8 @@ def test_a_cursor_is_taken_only_as_it_was_issued() -> None:
 )
 def test_a_cursor_value_not_of_its_sort_columns_type_is_refused_on_cursor(sort: str, value: object) -> None:
     """Forged, but encoded as issued: it must not reach the database (a 500 there)."""
-    forged = base64.urlsafe_b64encode(json.dumps({"s": sort, "v": value, "id": 5}).encode()).decode()
+    payload = {"sort": sort.removeprefix("-"), "value": value, "id": "a-5"}
+    forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
     page = parse_page(50, forged, sort)
     with pytest.raises(ValidationFailed) as caught:
         apply_page(select(accounts), accounts, page)
