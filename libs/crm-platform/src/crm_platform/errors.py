@@ -1,6 +1,7 @@
 """Domain errors raised by handlers; the gRPC layer maps them to status codes with details,
 and the gateway maps those back to problem+json (SPEC §3)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -8,6 +9,15 @@ from dataclasses import dataclass
 class FieldError:
     field: str
     message: str
+
+
+def field_path(location: Sequence[str | int]) -> str:
+    """A field's name in an error: `line_items[0].unit_price`, keys joined by dots and list
+    positions in brackets, the same from every service and the gateway."""
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path
 
 
 class CrmError(Exception):

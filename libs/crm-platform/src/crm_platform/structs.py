@@ -112,7 +112,7 @@ def _first_not_finite(message: struct_pb2.Struct | struct_pb2.ListValue, path: s
     items = message.fields.items() if isinstance(message, struct_pb2.Struct) else enumerate(message.values)
     for key, value in items:
         kind = value.WhichOneof("kind")
-        inner = f"{path}.{key}"
+        inner = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}"
         if kind == "number_value" and not math.isfinite(value.number_value):
             return inner
         if kind in ("struct_value", "list_value"):

@@ -16,7 +16,7 @@ from crm.leads.v1 import events_pb2 as lead_events
 from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.db import json_text
-from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
 from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
@@ -305,7 +305,7 @@ def test_a_struct_filled_from_values_equals_the_one_struct_update_makes() -> Non
     ("values", "field"),
     [
         ({"ok": 1, "x": float("nan")}, "custom.x"),
-        ({"a": {"b": [1.5, float("-inf")]}}, "custom.a.b.1"),
+        ({"a": {"b": [1.5, float("-inf")]}}, "custom.a.b[1]"),
     ],
 )
 def test_a_struct_with_a_number_json_does_not_have_is_invalid_input_naming_the_field(
@@ -348,3 +348,10 @@ def test_the_relays_listen_dsn_keeps_hosts_given_in_the_query() -> None:
     assert listen_dsn(socket) == "postgresql://crm:pw@/leads?host=%2Fvar%2Frun%2Fpostgresql"
     several = make_url("postgresql+asyncpg://crm:pw@/leads?host=db1:5432&host=db2:5433&ssl=require")
     assert listen_dsn(several) == "postgresql://crm:pw@/leads?host=db1%3A5432%2Cdb2%3A5433&sslmode=require"
+
+
+def test_a_fields_path_names_list_positions_in_brackets() -> None:
+    assert field_path(["line_items", 0, "unit_price", "amount"]) == "line_items[0].unit_price.amount"
+    assert field_path(["custom", "x", 1, 0]) == "custom.x[1][0]"
+    assert field_path([0, "name"]) == "[0].name"
+    assert field_path([]) == ""

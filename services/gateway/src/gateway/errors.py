@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from crm_platform.errors import field_path
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -127,14 +128,14 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
 
 def field_error(item: Mapping[str, Any]) -> dict[str, str]:
     """One pydantic error as a problem's `errors` entry: the field's path (without where in the
-    request it was) and the message, without pydantic's "Value error, " before our own messages."""
-    location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    request it was; `items[0].name`) and the message, without pydantic's "Value error, " before our own messages."""
+    field = field_path([part for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")])
     message = str(item.get("msg", "invalid"))
     if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
         message = str(item["ctx"]["error"])
     if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NON_BLANK_PATTERN:
         message = "must not be blank"
-    return {"field": ".".join(location) or "body", "message": message}
+    return {"field": field or "body", "message": message}
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:

@@ -63,7 +63,7 @@ async def test_unknown_role_and_bad_keys_are_refused(gateway: Any, auth_headers:
     bad = await gateway.client.post(
         "/api/v1/api-keys", json={"name": "x", "principal_id": "x", "roles": ["god"]}, headers=admin
     )
-    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "roles.0"
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "roles[0]"
     for key in ("crmk_made_up", "something-else", "crmk_" + "a" * 43):
         assert (await gateway.client.get("/api/v1/me", headers={"X-API-Key": key})).status_code == 401
 

@@ -62,7 +62,7 @@ OUT_OF_RANGE = [
         "POST",
         "/api/v1/pipelines",
         {"name": "p", "stages": [{**STAGES[0], "rotting_days": 100_000_000_000}, *STAGES[1:]]},
-        "stages.0.rotting_days",
+        "stages[0].rotting_days",
     ),
     ("POST", "/api/v1/leads/import?part=310583695289489856", None, "part"),
     ("PUT", "/api/v1/lead-scoring-rules/%C2%87", {"name": "a", "points": 9_226_973_012_463_422}, "points"),
@@ -105,7 +105,7 @@ UNSTORABLE = [
         "POST",
         "/api/v1/pipelines",
         {"name": "p", "stages": [STAGES[0], {**STAGES[1], "name": "\x00"}, STAGES[2]]},
-        ["stages.1.name"],
+        ["stages[1].name"],
     ),
     ("POST", "/api/v1/opportunities/import", {"pipeline_id": "a\x00", "rows": []}, ["pipeline_id"]),
     ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"k\x00": "v", "note": "\ud800"}}, ["custom", "custom.note"]),
@@ -126,7 +126,7 @@ async def test_unstorable_text_is_422_naming_the_field(
 # conversion (-> INTERNAL -> 500); so did an integer no double can hold.
 NOT_A_JSON_NUMBER = [
     ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": float("nan")}}, ["custom.x"]),
-    ("POST", "/api/v1/accounts", '{"name": "ok", "custom": {"x": [1, 1e999]}}', ["custom.x.1"]),
+    ("POST", "/api/v1/accounts", '{"name": "ok", "custom": {"x": [1, 1e999]}}', ["custom.x[1]"]),
     ("POST", "/api/v1/tickets", {"subject": "s", "custom": {"x": float("-inf")}}, ["custom.x"]),
     ("POST", "/api/v1/opportunities", {"name": "o", "custom": {"x": 10**400}}, ["custom.x"]),
     ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": float("inf")}}, ["custom.x"]),
@@ -142,8 +142,8 @@ def nested(depth: int) -> Any:
 
 # A value nested deeper than a protobuf Struct carries failed building the upstream request (500).
 TOO_DEEP = [
-    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": nested(50)}}, "custom.x" + ".0" * 30),
-    ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": nested(31)}}, "custom.x" + ".0" * 30),
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": nested(50)}}, "custom.x" + "[0]" * 30),
+    ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": nested(31)}}, "custom.x" + "[0]" * 30),
 ]
 
 
@@ -239,7 +239,7 @@ def payment(method: str) -> dict[str, Any]:
     ("path", "body", "field"),
     [
         ("/api/v1/payments", payment("m" * 65), "method"),
-        ("/api/v1/pipelines", {"name": "p", "stages": stages("k" * 65)}, "stages.0.key"),
+        ("/api/v1/pipelines", {"name": "p", "stages": stages("k" * 65)}, "stages[0].key"),
     ],
 )
 async def test_sales_text_longer_than_its_column_is_422_naming_the_field(

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.errors import FieldError, ValidationFailed, field_path
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 from crm_platform.structs import unstorable_values
 
@@ -28,7 +28,7 @@ def why_unstorable(value: Any, what: str) -> str | None:
     """Why a parsed row (or header) cannot be stored, naming the first offending place
     (`crm_platform.structs.unstorable_values`), or None."""
     for loc, problem in unstorable_values(value):
-        return f"{what} field {'.'.join(map(str, loc))} {problem}" if loc else f"{what} {problem}"
+        return f"{what} field {field_path(loc)} {problem}" if loc else f"{what} {problem}"
     return None
 
 

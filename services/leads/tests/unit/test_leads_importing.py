@@ -73,7 +73,7 @@ def test_rows_with_unstorable_text_are_rejected_not_stored(fmt: str, data: bytes
     ("line", "reason"),
     [
         (b'{"name": "a", "score": NaN}', f"the row field score {NOT_FINITE}"),
-        (b'{"name": "a", "x": [-Infinity]}', f"the row field x.0 {NOT_FINITE}"),
+        (b'{"name": "a", "x": [-Infinity]}', f"the row field x[0] {NOT_FINITE}"),
         (b'{"name": "a", "x": 1e999}', f"the row field x {NOT_FINITE}"),
         (b'{"name": "a", "x": 1' + b"0" * 400 + b"}", f"the row field x {OUT_OF_RANGE}"),
     ],
@@ -94,7 +94,7 @@ def test_a_json_row_nested_deeper_than_an_event_can_carry_is_rejected() -> None:
     # An event nested deeper than 100 protobuf levels cannot be read by any consumer.
     deep = '{"name": "a", "x": ' + "[" * MAX_NESTING + '"y"' + "]" * MAX_NESTING + "}"  # the row is a level
     rows = parse_in_chunks(f'{deep}\n{{"name": "b", "x": "y"}}\n'.encode(), 64, "jsonl")
-    where = "x" + ".0" * (MAX_NESTING - 1)
+    where = "x" + "[0]" * (MAX_NESTING - 1)
     assert rows == [(1, f"the row field {where} {TOO_DEEP}"), (2, {"name": "b", "x": "y"})]
     for leaf in ('"y"', "1"):
         nested = json.loads("[" * (MAX_NESTING - 1) + leaf + "]" * (MAX_NESTING - 1))

@@ -86,7 +86,7 @@ async def create_api_key(
                 422,
                 "Unprocessable Content",
                 f"unknown role {role!r}; known: {', '.join(known)}",
-                field=f"roles.{position}",
+                field=f"roles[{position}]",
             )
     record, key = await access.runtime.api_keys.create(
         name=body.name,

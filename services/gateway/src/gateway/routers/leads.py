@@ -18,6 +18,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
+from crm_platform.errors import field_path
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
@@ -1131,7 +1132,7 @@ class SubmissionIn(RequestBody):
     @model_validator(mode="after")
     def _storable(self) -> "SubmissionIn":
         for loc, problem in unstorable_values(self.model_dump(exclude_none=True)):
-            raise ValueError(f"{'.'.join(map(str, loc))}: {problem}")
+            raise ValueError(f"{field_path(loc)}: {problem}")
         return self
 
 
