@@ -62,15 +62,17 @@ async def test_ticket_created_dispatched_resolved_and_rated(stack: RunningStack)
         assert created.headers["etag"] == f'"{ticket["version"]}"'
         assert ticket["status"] == "assigned" and ticket["assignee_id"] == agent
         assert ticket["first_response_due_at"] and ticket["resolved_at"] is None
+        ticket_body = {"subject": "Invoice total is wrong", "channel": "phone", "category": "billing",
+                       "region": region, "priority": "high"}  # fmt: skip
         replay = _ok(
-            await me.post(
-                "/api/v1/tickets",
-                json={"subject": "again", "channel": "web"},
-                headers={"Idempotency-Key": f"ticket-{run}"},
-            ),
-            201,
+            await me.post("/api/v1/tickets", json=ticket_body, headers={"Idempotency-Key": f"ticket-{run}"}), 201
         )
         assert replay["id"] == ticket["id"]
+        reused = await me.post(
+            "/api/v1/tickets", json={"subject": "again", "channel": "web"}, headers={"Idempotency-Key": f"ticket-{run}"}
+        )
+        assert reused.status_code == 422, reused.text
+        assert reused.json()["errors"] == [{"field": "Idempotency-Key", "message": "was used with a different request"}]
         tid = ticket["id"]
 
         # Out of the other agent's scope: 404, never 403.

@@ -1,5 +1,6 @@
 """The gRPC server every service runs: health checking and reflection from the libraries, and one
-interceptor that sets the caller's context, bounds the deadline, maps domain errors and counts."""
+interceptor that sets the caller's context (and a keyed request's fingerprint), bounds the deadline,
+maps domain errors and counts."""
 
 import asyncio
 import logging
@@ -14,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
+from crm_platform.idempotency import request_fingerprint, serving_fingerprint
 from crm_platform.principal import acting_as, context_from_metadata
 from crm_platform.telemetry import continued_trace
 
@@ -74,7 +76,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                with acting_as(call.principal, call.scope, call.request_id), continued_trace(metadata):
+                with (
+                    acting_as(call.principal, call.scope, call.request_id),
+                    serving_fingerprint(request_fingerprint(request, method, metadata)),
+                    continued_trace(metadata),
+                ):
                     async with asyncio.timeout(self._deadline(context)):
                         return await behaviour(request, context)
             except CrmError as error:
@@ -108,7 +114,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                with acting_as(call.principal, call.scope, call.request_id), continued_trace(metadata):
+                with (
+                    acting_as(call.principal, call.scope, call.request_id),
+                    serving_fingerprint(request_fingerprint(request, method, metadata)),
+                    continued_trace(metadata),
+                ):
                     async for item in behaviour(request, context):
                         yield item
             except CrmError as error:

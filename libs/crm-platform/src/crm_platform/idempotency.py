@@ -18,15 +18,29 @@ commit (or roll back) together:
   `sqlalchemy.exc.IntegrityError`, rolling back everything this transaction created; the caller
   may then `recall` the winner's result.
 
+A key names one request: reused with a different one (a client bug the first result would hide),
+it is refused (ValidationFailed naming `idempotency_key`, which the gateway answers as a 422 naming
+the `Idempotency-Key` header) and nothing is done, as the IETF Idempotency-Key draft and payment
+APIs answer. The gRPC layer takes each keyed request's fingerprint (`request_fingerprint`,
+`serving_fingerprint`); `claim` and `remember` record it with the key, and `recall` (so `claim`
+finding the key taken) compares it. Keys recorded without one (before revision
+`idempotency_fingerprint`, or by a call from no gRPC request) answer any request with their first
+result, as before; so are calls that resume what their key began (`RESUMING_METADATA`) answered.
+
 Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
 default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
 holds the keys of the retry window, not every key ever sent.
 """
 
+import hashlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
+from google.protobuf.message import Message
 from sqlalchemy import (
     JSON,
     Column,
@@ -52,10 +66,50 @@ TABLE_NAME = "idempotency_keys"
 Result: TypeAlias = str | dict[str, Any]
 # The longest key the table holds (the gateway's Idempotency-Key header allows as many).
 KEY_LENGTH = 200
+# A fingerprint: a SHA-256 digest in hex.
+FINGERPRINT_LENGTH = 64
+# gRPC metadata of a call that resumes work its key began, and wants the first result whatever
+# the request holds now: a lead conversion's step, retried after its answer was lost, sends the
+# lead and the options as they are by then.
+RESUMING_METADATA = ("x-crm-idempotency-resume", "1")
+REUSED_KEY_MESSAGE = "was used with a different request"
+
+_fingerprint: ContextVar[str | None] = ContextVar("crm_request_fingerprint", default=None)
 
 
-def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
-    """Adds the idempotency key table to a service's metadata (each service's migrations create it)."""
+def request_fingerprint(
+    request: Any, method: str, metadata: Sequence[tuple[str, str | bytes]] | None = None
+) -> str | None:
+    """What tells a keyed request from another: the method and the request without its key. None
+    for a request without an `idempotency_key` (so calls without one pay nothing) and for a call
+    that resumes what its key began (`RESUMING_METADATA`)."""
+    if not isinstance(request, Message) or not getattr(request, "idempotency_key", ""):
+        return None
+    if RESUMING_METADATA in (metadata or ()):
+        return None
+    unkeyed = type(request)()
+    unkeyed.CopyFrom(request)
+    unkeyed.ClearField("idempotency_key")
+    digest = hashlib.sha256(method.encode())
+    digest.update(b"\0")
+    digest.update(unkeyed.SerializeToString(deterministic=True))  # deterministic: map entries sorted
+    return digest.hexdigest()
+
+
+@contextmanager
+def serving_fingerprint(fingerprint: str | None) -> Iterator[None]:
+    """The fingerprint of the request being served, for every key it claims or remembers."""
+    token = _fingerprint.set(fingerprint)
+    try:
+        yield
+    finally:
+        _fingerprint.reset(token)
+
+
+def idempotency_table(metadata: MetaData, name: str = TABLE_NAME, *, fingerprinted: bool = True) -> Table:
+    """Adds the idempotency key table to a service's metadata (each service's migrations create it).
+    `fingerprinted=False`: the table as the revisions that moved to it made it, before fingerprints."""
+    fingerprint = [Column("fingerprint", String(FINGERPRINT_LENGTH), nullable=True)] if fingerprinted else []
     return Table(
         name,
         metadata,
@@ -64,6 +118,7 @@ def idempotency_table(metadata: MetaData, name: str = TABLE_NAME) -> Table:
         Column("key", String(KEY_LENGTH), nullable=False),
         Column("result", JSON, nullable=False),
         Column("created_at", UtcDateTime(), nullable=False),
+        *fingerprint,
         PrimaryKeyConstraint("operation", "caller", "key"),
     )
 
@@ -76,23 +131,36 @@ def _checked(key: str) -> str:
 
 
 async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str) -> Result | None:
-    """The result remembered for `key`, or None (always None for an empty key: no idempotency asked)."""
+    """The result remembered for `key`, or None (always None for an empty key: no idempotency asked).
+    Raises ValidationFailed when the key was used with another request than the one being served."""
     if not _checked(key):
         return None
-    stored = await conn.scalar(
-        select(table.c.result).where(table.c.operation == operation, table.c.caller == caller, table.c.key == key)
-    )
-    return _result(stored)
+    c = table.c
+    stored = (
+        await conn.execute(
+            select(c.result, c.fingerprint).where(c.operation == operation, c.caller == caller, c.key == key)
+        )
+    ).first()
+    if stored is None:
+        return None
+    current = _fingerprint.get()
+    if stored.fingerprint is not None and current is not None and stored.fingerprint != current:
+        raise ValidationFailed([FieldError("idempotency_key", REUSED_KEY_MESSAGE)])
+    return _result(stored.result)
 
 
 async def claim(
     conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str, result: Result, now: datetime
 ) -> Result | None:
     """Records `key` for what this call is about to create. None when the key is now this call's
-    (also for an empty key); otherwise the first use's result, and the caller must not create."""
+    (also for an empty key); otherwise the first use's result, and the caller must not create.
+    Raises ValidationFailed when the first use was another request (`recall`)."""
     if not _checked(key):
         return None
-    values = {"operation": operation, "caller": caller, "key": key, "result": result, "created_at": now}
+    values = {
+        "operation": operation, "caller": caller, "key": key, "result": result, "created_at": now,
+        "fingerprint": _fingerprint.get(),
+    }  # fmt: skip
     if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):
         return None
     return await recall(conn, table, operation=operation, caller=caller, key=key)
@@ -115,8 +183,11 @@ async def remember(
     when a concurrent call with the same key committed first."""
     if key:
         await conn.execute(
-            insert(table).values(operation=operation, caller=caller, key=key, result=result, created_at=now)
-        )
+            insert(table).values(
+                operation=operation, caller=caller, key=key, result=result, created_at=now,
+                fingerprint=_fingerprint.get(),
+            )
+        )  # fmt: skip
 
 
 async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, limit: int) -> int:
@@ -146,9 +217,7 @@ class CallerKeys:
         return None if earlier is None else str(earlier)
 
 
-def _result(stored: Any) -> Result | None:
-    if stored is None:
-        return None
+def _result(stored: Any) -> Result:
     if isinstance(stored, dict):
         return dict(stored)
     return str(stored)

@@ -9,11 +9,13 @@ from typing import Any
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
-from sqlalchemy import MetaData, RowMapping, Table, insert, pool, select, text, tuple_
+from sqlalchemy import Column, MetaData, RowMapping, String, Table, insert, pool, select, text, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from crm_platform.db import normalise_url
+from crm_platform.idempotency import FINGERPRINT_LENGTH
+from crm_platform.idempotency import TABLE_NAME as IDEMPOTENCY_TABLE
 from crm_platform.outbox import NOTIFY_CHANNEL, add_messaging_tables
 
 # Date-prefixed revision files sort in the order they were written.
@@ -103,6 +105,19 @@ def _replace_published_at_index(op: Operations, *, partial: bool) -> None:
     where = text("published_at IS NOT NULL") if partial else None
     op.drop_index("ix_outbox_published_at", table_name="outbox")
     op.create_index("ix_outbox_published_at", "outbox", ["published_at"], postgresql_where=where, sqlite_where=where)
+
+
+def add_idempotency_fingerprints(op: Operations) -> None:
+    """The `fingerprint` column of the idempotency key table (each service's revision
+    `idempotency_fingerprint`): which request used a key, so that a different request with the same
+    key is refused. Keys recorded before have none and answer as they did (`crm_platform.idempotency`)."""
+    with op.batch_alter_table(IDEMPOTENCY_TABLE) as batch:
+        batch.add_column(Column("fingerprint", String(FINGERPRINT_LENGTH), nullable=True))
+
+
+def drop_idempotency_fingerprints(op: Operations) -> None:
+    with op.batch_alter_table(IDEMPOTENCY_TABLE) as batch:
+        batch.drop_column("fingerprint")
 
 
 REPLACE_TABLE_BATCH_ROWS = 5000

@@ -1,16 +1,23 @@
 """The shared idempotency keys on real databases (SQLite and PostgreSQL): a remembered result is
-recalled, keys are independent per operation and caller, and of concurrent identical requests
-exactly one wins."""
+recalled, keys are independent per operation and caller, of concurrent identical requests
+exactly one wins, and a key reused with another request is refused."""
 
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
+import grpc
 import pytest
+from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm_platform import idempotency
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
-from crm_platform.errors import ValidationFailed
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.grpc_client import create_channel
+from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.grpc_server import GrpcServer
+from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork, add_messaging_tables
 from crm_platform.service import ServiceApp
 from crm_platform.timeutil import utcnow
@@ -181,3 +188,111 @@ async def test_a_key_longer_than_the_table_holds_is_the_callers_error(engine: As
         with pytest.raises(ValidationFailed) as recalled:
             await idempotency.recall(conn, keys, operation="op", caller="u1", key=long_key)
     assert claimed.value.errors[0].field == recalled.value.errors[0].field == "idempotency_key"
+
+
+# Fingerprints of two requests, as the gRPC layer takes them (`request_fingerprint`).
+ONE_REQUEST, ANOTHER_REQUEST = "1" * 64, "2" * 64
+REUSED = [FieldError("idempotency_key", "was used with a different request")]
+
+
+async def _create_with_key(engine: AsyncEngine, thing_id: str) -> str:
+    """A creating handler, serving a request with key "k"."""
+    async with engine.begin() as conn:
+        earlier = await idempotency.claim(
+            conn, keys, operation="create", caller="u", key="k", result=thing_id, now=utcnow()
+        )
+        if earlier is not None:
+            return str(earlier)
+        await conn.execute(insert(things).values(id=thing_id))
+        return thing_id
+
+
+async def _serve(engine: AsyncEngine, thing_id: str, fingerprint: str | None) -> str:
+    """`_create_with_key` for a request of that fingerprint, as the gRPC layer serves it."""
+    with idempotency.serving_fingerprint(fingerprint):
+        return await _create_with_key(engine, thing_id)
+
+
+async def _things(engine: AsyncEngine) -> list[str]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(things.c.id))).scalars())
+
+
+async def test_the_same_request_again_with_its_key_answers_with_the_first_result(engine: AsyncEngine) -> None:
+    assert await _serve(engine, "t1", ONE_REQUEST) == "t1"
+    assert await _serve(engine, "t2", ONE_REQUEST) == "t1"
+    assert await _things(engine) == ["t1"]
+
+
+async def test_a_key_used_with_another_request_is_refused_and_nothing_is_done(engine: AsyncEngine) -> None:
+    await _serve(engine, "t1", ONE_REQUEST)
+
+    with pytest.raises(ValidationFailed) as refused:
+        await _serve(engine, "t2", ANOTHER_REQUEST)
+
+    assert refused.value.errors == REUSED
+    assert await _things(engine) == ["t1"]
+
+
+async def test_a_remembered_key_recalled_for_another_request_is_refused(engine: AsyncEngine) -> None:
+    with idempotency.serving_fingerprint(ONE_REQUEST):
+        async with engine.begin() as conn:
+            await idempotency.remember(conn, keys, operation="convert", caller="u", key="k", result="L", now=utcnow())
+    async with engine.connect() as conn:
+        with idempotency.serving_fingerprint(ONE_REQUEST):
+            assert await idempotency.recall(conn, keys, operation="convert", caller="u", key="k") == "L"
+        with idempotency.serving_fingerprint(ANOTHER_REQUEST), pytest.raises(ValidationFailed) as refused:
+            await idempotency.recall(conn, keys, operation="convert", caller="u", key="k")
+    assert refused.value.errors == REUSED
+
+
+async def test_a_key_recorded_without_a_fingerprint_answers_any_request(engine: AsyncEngine) -> None:
+    """Keys recorded before fingerprints were (or by a call from no gRPC request) answer as they did."""
+    assert await _serve(engine, "t1", None) == "t1"
+
+    assert await _serve(engine, "t2", ANOTHER_REQUEST) == "t1"
+    assert await _things(engine) == ["t1"]
+
+
+async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngine) -> None:
+    """Over a real connection: a key reused with another request is INVALID_ARGUMENT naming the key;
+    a caller that resumes what its key began gets the first result, whatever it sends now."""
+
+    async def submit(request: SubmitWebformRequest, context: Any) -> bytes:
+        return (await _create_with_key(engine, new_id())).encode()
+
+    server = GrpcServer(
+        service="probe",
+        service_names=["crm.test.v1.Probe"],
+        register=lambda s: s.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "crm.test.v1.Probe",
+                    {
+                        "Submit": grpc.unary_unary_rpc_method_handler(
+                            submit, request_deserializer=SubmitWebformRequest.FromString
+                        )
+                    },
+                ),
+            )
+        ),
+    )
+    port = await server.start("127.0.0.1", 0)
+    channel = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    call = channel.unary_unary("/crm.test.v1.Probe/Submit", request_serializer=SubmitWebformRequest.SerializeToString)
+    try:
+        first = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k"))
+        again = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k"))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(SubmitWebformRequest(form_key="f", fields={"name": "Wang"}, idempotency_key="k"))
+        resumed = await call(
+            SubmitWebformRequest(form_key="f", fields={"name": "Wang"}, idempotency_key="k"),
+            metadata=(idempotency.RESUMING_METADATA,),
+        )
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+    assert again == resumed == first
+    assert from_rpc_error(refused.value).field_errors == REUSED
+    assert await _things(engine) == [first.decode()]

@@ -13,11 +13,13 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as reference_murmur2
 from crm.leads.v1 import events_pb2 as lead_events
+from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
+from crm_platform.idempotency import RESUMING_METADATA, request_fingerprint
 from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
 from crm_platform.outbox import backoff_seconds, listen_dsn, publishable
@@ -348,6 +350,30 @@ def test_the_relays_listen_dsn_keeps_hosts_given_in_the_query() -> None:
     assert listen_dsn(socket) == "postgresql://crm:pw@/leads?host=%2Fvar%2Frun%2Fpostgresql"
     several = make_url("postgresql+asyncpg://crm:pw@/leads?host=db1:5432&host=db2:5433&ssl=require")
     assert listen_dsn(several) == "postgresql://crm:pw@/leads?host=db1%3A5432%2Cdb2%3A5433&sslmode=require"
+
+
+SUBMIT = "/crm.leads.v1.LeadsService/SubmitWebform"
+
+
+def submission(key: str, **fields: str) -> SubmitWebformRequest:
+    return SubmitWebformRequest(form_key="form-1", fields=fields, idempotency_key=key)
+
+
+def test_a_keyed_requests_fingerprint_is_its_method_and_content_whatever_the_key() -> None:
+    first = request_fingerprint(submission("k1", name="Li", email="li@example.com"), SUBMIT)
+    assert first is not None and len(first) == 64
+    assert request_fingerprint(submission("k2", name="Li", email="li@example.com"), SUBMIT) == first
+    # Map entries in another order are the same request.
+    assert request_fingerprint(submission("k1", email="li@example.com", name="Li"), SUBMIT) == first
+    assert request_fingerprint(submission("k1", name="Wang", email="li@example.com"), SUBMIT) != first
+    assert request_fingerprint(submission("k1", name="Li", email="li@example.com"), "/other/Method") != first
+
+
+def test_a_request_without_a_key_or_resuming_its_key_has_no_fingerprint() -> None:
+    assert request_fingerprint(submission("", name="Li"), SUBMIT) is None
+    assert request_fingerprint(b"raw bytes", SUBMIT) is None
+    resuming = (("x-request-id", "r-1"), RESUMING_METADATA)
+    assert request_fingerprint(submission("k1", name="Li"), SUBMIT, resuming) is None
 
 
 def test_a_fields_path_names_list_positions_in_brackets() -> None:

@@ -32,7 +32,7 @@ OWN_SHAPE = sa.Table(
 
 
 def upgrade() -> None:
-    replace_table(op, idempotency_table(sa.MetaData()), _to_shared)
+    replace_table(op, idempotency_table(sa.MetaData(), fingerprinted=False), _to_shared)
 
 
 def downgrade() -> None:

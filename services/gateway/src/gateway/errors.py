@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from crm_platform.errors import field_path
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -58,6 +57,10 @@ _GRPC_TO_HTTP = {
 
 RETRY_AFTER_SECONDS = "5"
 
+# The request fields the gateway fills from a header: a service's error about one names the header,
+# as the gateway's own validation of that header does.
+_HEADER_FIELDS = {"idempotency_key": "Idempotency-Key"}
+
 # gRPC's own refusals of a call's metadata or message as too large for the channel. Their code is
 # RESOURCE_EXHAUSTED, as a service's rate limit's is, but no wait helps and the text describes
 # the transport: a 502, never a 429 passing that text on.
@@ -99,7 +102,7 @@ def http_status_of(remote: RemoteError) -> int:
 
 def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
     status = http_status_of(remote)
-    errors = [{"field": e.field, "message": e.message} for e in remote.field_errors]
+    errors = [{"field": _HEADER_FIELDS.get(e.field, e.field), "message": e.message} for e in remote.field_errors]
     if status == 403 and remote.metadata.get("field"):
         errors.append({"field": remote.metadata["field"], "message": remote.message})
     extra: dict[str, Any] = {}
@@ -129,7 +132,12 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
 def field_error(item: Mapping[str, Any]) -> dict[str, str]:
     """One pydantic error as a problem's `errors` entry: the field's path (without where in the
     request it was; `items[0].name`) and the message, without pydantic's "Value error, " before our own messages."""
-    field = field_path([part for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")])
+    field = ""
+    for part in item.get("loc", ()):
+        if part in ("body", "query", "path", "header"):
+            continue
+        # List positions as the services write them: line_items[0].unit_price, not line_items.0.
+        field += f"[{part}]" if isinstance(part, int) else f".{part}" if field else str(part)
     message = str(item.get("msg", "invalid"))
     if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
         message = str(item["ctx"]["error"])

@@ -1,6 +1,9 @@
 """The conversion ports over gRPC: accounts (account, contact) and sales (opportunity).
 
 Calls carry the caller's principal and scope, so ownership and permissions stay the caller's.
+Every create is a step of a conversion attempt, keyed by the step; a retry resumes the step with
+the lead and the options as they are by then, and wants the record the key first created
+(`RESUMING_METADATA`), not a refusal of the key as used with a different request.
 Remote errors become domain errors: a business rejection triggers compensation, while
 UNAVAILABLE/DEADLINE_EXCEEDED become `Unavailable` (the saga keeps its progress for a retry).
 """
@@ -24,6 +27,7 @@ from crm_platform.errors import (
 )
 from crm_platform.grpc_client import create_channel
 from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.idempotency import RESUMING_METADATA
 from crm_platform.principal import current_principal, current_request_id, current_scope, outgoing_metadata
 
 from leads.handlers import ConvertRequest
@@ -78,9 +82,10 @@ class GrpcConversionPorts:
     def _metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return outgoing_metadata(current_principal(), current_scope(), current_request_id())
 
-    async def _call(self, step: str, method: Any, request: Any) -> Any:
+    async def _call(self, step: str, method: Any, request: Any, *, resuming: bool = False) -> Any:
+        metadata = (*self._metadata(), RESUMING_METADATA) if resuming else self._metadata()
         try:
-            return await method(request, metadata=self._metadata(), timeout=self.deadline)
+            return await method(request, metadata=metadata, timeout=self.deadline)
         except grpc.aio.AioRpcError as error:
             raise domain_error(error, step=step) from error
 
@@ -105,6 +110,7 @@ class GrpcConversionPorts:
             "account",
             self.accounts.CreateAccount,
             accounts_service_pb2.CreateAccountRequest(account=account, idempotency_key=key),
+            resuming=True,
         )
         return str(response.account.id)
 
@@ -122,6 +128,7 @@ class GrpcConversionPorts:
             "contact",
             self.accounts.CreateContact,
             accounts_service_pb2.CreateContactRequest(contact=contact, idempotency_key=key),
+            resuming=True,
         )
         return str(response.contact.id)
 
@@ -147,7 +154,7 @@ class GrpcConversionPorts:
                     amount=format(request.opportunity_amount.amount, "f"), currency=request.opportunity_amount.currency
                 )
             )
-        response = await self._call("opportunity", self.sales.CreateOpportunity, message)
+        response = await self._call("opportunity", self.sales.CreateOpportunity, message, resuming=True)
         return str(response.opportunity.id)
 
     async def delete_opportunity(self, opportunity_id: str) -> None:

@@ -1,4 +1,5 @@
-"""A migrated PostgreSQL database per test and the leads use cases over it (fake upstream ports)."""
+"""A migrated PostgreSQL database per test and the leads use cases over it (fake upstream ports);
+a migrated gateway database for the tests that call the leads service through the gateway."""
 
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.testing.database import migrated_engine
+from gateway.security.store import migrate
 from leads import repository as repo
 from leads.config import LeadsSettings
 from leads.domain import OPEN_STATUSES
@@ -148,6 +150,14 @@ async def env_each_database(each_database_url: str) -> AsyncIterator[Env]:
     """The same, once on a SQLite file (the embedded default) and once on PostgreSQL."""
     async for made in _env(each_database_url):
         yield made
+
+
+@pytest.fixture(scope="module")
+def gateway_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated gateway database, copied for each gateway (migrating takes seconds)."""
+    path = tmp_path_factory.mktemp("gateway") / "gateway.db"
+    migrate(f"sqlite+aiosqlite:///{path}")
+    return path
 
 
 @pytest.fixture

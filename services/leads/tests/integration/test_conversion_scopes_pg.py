@@ -24,7 +24,6 @@ from crm_platform.grpc_errors import to_status
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
-from gateway.security.store import migrate
 from gateway.testing import PolicyEdit, started_gateway
 from gateway.token_cli import issue_dev_token
 from leads.servicer import LeadsServicer
@@ -128,14 +127,6 @@ class FakeSales(SalesServiceServicer):
         self.upstream.note("DeleteOpportunity", context)
         self.upstream.opportunities.pop(request.id, None)
         return sales_pb.DeleteOpportunityResponse()
-
-
-@pytest.fixture(scope="module")
-def gateway_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A migrated gateway database, copied for each gateway (migrating takes seconds)."""
-    path = tmp_path_factory.mktemp("gateway") / "gateway.db"
-    migrate(f"sqlite+aiosqlite:///{path}")
-    return path
 
 
 # `await as_rep(*edits)`: the gateway under the default policy changed by `edits`, with the caller's

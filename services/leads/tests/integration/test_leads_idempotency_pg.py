@@ -1,0 +1,138 @@
+"""An Idempotency-Key names one request. Through the real gateway and leads service: the same
+request again with its key answers with the first result; another request with that key is a 422
+naming the header, and creates nothing. A conversion resuming an attempt whose upstream answer was
+lost still gets the record the attempt's key first created, though what it sends has changed."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from accounts import repository as accounts_repo
+from accounts.__main__ import MIGRATIONS as ACCOUNTS_MIGRATIONS
+from accounts.domain import PoolPolicy
+from accounts.handlers import Context
+from accounts.servicer import AccountsServicer
+from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
+from crm.accounts.v1.accounts_service_pb2_grpc import add_AccountsServiceServicer_to_server
+from crm.leads.v1 import leads_service_pb2_grpc
+from crm_platform.errors import Unavailable
+from crm_platform.grpc_server import GrpcServer
+from crm_platform.outbox import UnitOfWork
+from crm_platform.testing.database import migrated_engine
+from crm_platform.testing.races import count_rows
+from gateway.testing import started_gateway
+from gateway.token_cli import issue_dev_token
+from leads import repository as repo
+from leads.handlers import ConvertRequest
+from leads.servicer import LeadsServicer
+from leads.upstream import GrpcConversionPorts
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+SECRET = "leads-idempotency-secret-" + "s" * 30
+REUSED_KEY = {"field": "Idempotency-Key", "message": "was used with a different request"}
+
+
+@pytest.fixture
+async def admin(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin's client of the gateway (who sees every lead), in front of the leads service of `env`."""
+    server = GrpcServer(
+        service="leads",
+        service_names=["crm.leads.v1.LeadsService"],
+        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
+    )
+    port = await server.start("127.0.0.1", 0)
+    token = issue_dev_token(secret=SECRET, sub="u-1", roles=["admin"], team="east", region="north")
+    async with started_gateway(
+        tmp_path, gateway_database, secret=SECRET, token=token, leads=f"127.0.0.1:{port}"
+    ) as client:
+        yield client
+    await server.stop(1)
+
+
+async def test_a_lead_created_again_with_its_key_is_the_first_and_another_lead_with_that_key_is_refused(
+    env: Any, admin: httpx.AsyncClient
+) -> None:
+    headers = {"Idempotency-Key": "create-li-lei"}
+    body = {"name": "Li Lei", "company": "Acme", "email": "li.lei@example.com"}
+
+    first = await admin.post("/api/v1/leads", json=body, headers=headers)
+    again = await admin.post("/api/v1/leads", json=body, headers=headers)
+    other = await admin.post(
+        "/api/v1/leads", json={**body, "name": "Han Meimei", "email": "han@example.com"}, headers=headers
+    )
+
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert other.status_code == 422, other.text
+    assert other.json()["errors"] == [REUSED_KEY]
+    assert await count_rows(env.engine, repo.leads) == 1
+
+
+async def test_a_web_form_submission_with_a_used_key_and_other_fields_is_refused(
+    env: Any, admin: httpx.AsyncClient
+) -> None:
+    with env.acting("admin", roles=("admin",)):
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+    path = f"/api/v1/webforms/{form['form_key']}/submissions"
+    headers = {"Idempotency-Key": "submission-1"}
+    fields = {"name": "Li Lei", "email": "li.lei@example.com"}
+
+    first = await admin.post(path, json=fields, headers=headers)
+    again = await admin.post(path, json=fields, headers=headers)
+    other = await admin.post(path, json={**fields, "name": "Han Meimei"}, headers=headers)
+
+    assert (first.status_code, again.status_code) == (202, 202), again.text
+    assert other.status_code == 422, other.text
+    assert other.json()["errors"] == [REUSED_KEY]
+    async with env.engine.connect() as conn:
+        assert list((await conn.execute(select(repo.leads.c.name))).scalars()) == ["Li Lei"]
+
+
+class AnswersLost(AccountsServicer):
+    """The real accounts service, whose answers to CreateAccount are lost while `losing` is set: the
+    account is created (or found by its key), but the caller hears UNAVAILABLE."""
+
+    losing = True
+
+    async def CreateAccount(self, request: accounts_pb.CreateAccountRequest, context: Any) -> Any:
+        reply = await super().CreateAccount(request, context)
+        if self.losing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        return reply
+
+
+async def test_a_conversion_resumed_with_other_options_gets_the_account_its_attempt_created(
+    env: Any, tmp_path: Path
+) -> None:
+    async with migrated_engine(f"sqlite+aiosqlite:///{tmp_path}/accounts.db", ACCOUNTS_MIGRATIONS) as accounts_db:
+        accounts = AnswersLost(
+            Context(uow=UnitOfWork(accounts_db, accounts_repo.metadata, source="/test"), policy=PoolPolicy())
+        )
+        server = GrpcServer(
+            service="accounts",
+            service_names=["crm.accounts.v1.AccountsService"],
+            register=lambda s: add_AccountsServiceServicer_to_server(accounts, s),
+        )
+        port = await server.start("127.0.0.1", 0)
+        env.service.ports = GrpcConversionPorts(f"127.0.0.1:{port}", f"127.0.0.1:{port}", deadline_seconds=10)
+        try:
+            with env.acting("rep1"):
+                lead, _ = await env.service.create_lead({"name": "Li Lei", "company": "Acme", "owner_id": "rep1"})
+                with pytest.raises(Unavailable):
+                    await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Holdings"))
+                accounts.losing = False
+                # The retry names the account otherwise: the attempt's account stands, as first created.
+                converted = await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Group"))
+        finally:
+            await env.service.ports.close()
+            await server.stop(0)
+
+        async with accounts_db.connect() as conn:
+            created = (await conn.execute(select(accounts_repo.accounts.c.id, accounts_repo.accounts.c.name))).all()
+    assert created == [(converted.account_id, "Acme Holdings")]
+    assert converted.lead["status"] == "converted"
