@@ -8,14 +8,21 @@
 - Every JSON body is a `RequestBody`: unknown fields are refused and values are taken as JSON gives
   them, never coerced (`true` is no integer, `"5"` no number, `1` no boolean). Dates and date-times
   are `CalendarDate` and `Instant`; text a request must give is `NonBlank`.
+- A query parameter the route does not take is refused too (`reject_unknown_query_parameters`): a
+  misspelt filter must not answer as if there were none. A route takes the query parameters it
+  declares (and its dependencies do) and those its `openapi_extra` documents, such as every
+  `custom.<key>` of the lists that filter by custom fields (`prefixed_query_parameters`).
 """
 
 import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, ClassVar
 
 from crm_platform.structs import Location, unstorable_values
 from fastapi import Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import (
@@ -129,3 +136,87 @@ async def reject_unstorable_input(request: Request) -> None:
         raise RequestValidationError(
             [{"type": "value_error", "loc": loc, "msg": problem, "input": None} for loc, problem in found]
         )
+
+
+# The OpenAPI extension of a parameter that stands for every query parameter named `<prefix><key>`.
+NAME_PREFIX = "x-name-prefix"
+
+
+def prefixed_query_parameters(prefix: str, description: str) -> dict[str, Any]:
+    """The `openapi_extra` of a route that reads the query parameters named `<prefix><key>` itself
+    (custom field filters: `custom.<key>=value`): they are taken, and documented the way OpenAPI 3.1
+    documents free-form query parameters, as one exploded object whose properties are the parameters."""
+    parameter = {
+        "name": prefix.rstrip("."),
+        "in": "query",
+        "description": description,
+        "style": "form",
+        "explode": True,
+        "schema": {
+            "type": "object",
+            "propertyNames": {"pattern": f"^{re.escape(prefix)}"},
+            "additionalProperties": {"type": "string"},
+        },
+        NAME_PREFIX: prefix,
+    }
+    return {"parameters": [parameter]}
+
+
+@dataclass(frozen=True, slots=True)
+class QueryParameters:
+    """The query parameters a route takes: by name, and every one named with one of `prefixes`."""
+
+    names: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    def takes(self, name: str) -> bool:
+        return name in self.names or name.startswith(self.prefixes)
+
+
+def _declared_query_names(dependant: Dependant) -> Iterator[str]:
+    for parameter in dependant.query_params:
+        yield parameter.alias
+    for dependency in dependant.dependencies:
+        yield from _declared_query_names(dependency)
+
+
+# Where a route keeps its `QueryParameters`: routes are not hashable, so no cache can be keyed by them.
+_ROUTE_ATTRIBUTE = "crm_query_parameters"
+
+
+def query_parameters(route: APIRoute) -> QueryParameters:
+    """The query parameters `route` takes: those it and its dependencies declare, and those its
+    `openapi_extra` documents. Worked out on its first request, then kept on the route. (Dependencies
+    given to `include_router` are not looked at: the gateway gives none.)"""
+    taken: QueryParameters | None = getattr(route, _ROUTE_ATTRIBUTE, None)
+    if taken is None:
+        names = set(_declared_query_names(route.dependant))
+        prefixes: list[str] = []
+        for parameter in (route.openapi_extra or {}).get("parameters", []):
+            if parameter.get("in") != "query":
+                continue
+            if NAME_PREFIX in parameter:
+                prefixes.append(parameter[NAME_PREFIX])
+            else:
+                names.add(parameter["name"])
+        taken = QueryParameters(frozenset(names), tuple(prefixes))
+        setattr(route, _ROUTE_ATTRIBUTE, taken)
+    return taken
+
+
+def unknown_query_parameters(names: Iterable[str]) -> RequestValidationError:
+    """The 422 naming query parameters a route does not take."""
+    return RequestValidationError(
+        [{"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown query parameter"} for name in names]
+    )
+
+
+def reject_unknown_query_parameters(request: Request) -> None:
+    """422 naming each query parameter the matched route does not take (`query_parameters`)."""
+    route = request.scope.get("route")
+    if not request.scope["query_string"] or not isinstance(route, APIRoute):
+        return
+    taken = query_parameters(route)
+    unknown = [name for name in request.query_params if not taken.takes(name)]
+    if unknown:
+        raise unknown_query_parameters(unknown)

@@ -90,7 +90,7 @@ def fake_router(policy: Policy, store: FakeStore) -> APIRouter:
     """Routes for every resource and action of the policy, declared the way real routers do."""
     router = APIRouter()
     for resource, spec in policy.resources.items():
-        _add_routes(router, resource, spec.actions, store)
+        _add_routes(router, resource, spec.actions, list(spec.fields), store)
     return router
 
 
@@ -100,13 +100,17 @@ def _in_scope(access: Access, record: Mapping[str, Any] | None) -> dict[str, Any
     return dict(record)
 
 
-def _add_routes(router: APIRouter, resource: str, actions: tuple[str, ...], store: FakeStore) -> None:
+def _add_routes(
+    router: APIRouter, resource: str, actions: tuple[str, ...], fields: list[str], store: FakeStore
+) -> None:
     base = f"/fake/{resource}"
     Json = Annotated[dict[str, Any], Body()]
+    # The list reads its query parameters itself: a filter per field, the page size and the order.
+    list_parameters = [{"name": name, "in": "query"} for name in [*fields, "limit", "sort"]]
 
     if "read" in actions:
 
-        @router.get(base, name=f"list_{resource}")
+        @router.get(base, name=f"list_{resource}", openapi_extra={"parameters": list_parameters})
         async def list_records(request: Request, access: Annotated[Access, Depends(require(resource, "read"))]) -> dict:
             filters = dict(request.query_params)
             limit = access.page_limit(int(filters.pop("limit")) if "limit" in filters else None)

@@ -26,7 +26,13 @@ from pydantic import BaseModel, Field
 from gateway.conventions import FigureIn, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
-from gateway.routers.custom_fields import check_custom_filters, custom_filters, presenter, readable_custom_keys
+from gateway.routers.custom_fields import (
+    CUSTOM_FILTER_PARAMETERS,
+    check_custom_filters,
+    custom_filters,
+    presenter,
+    readable_custom_keys,
+)
 from gateway.routers.sales import receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
@@ -585,7 +591,9 @@ async def create_account(
     return with_etag(response, present(record))
 
 
-@router.get("/accounts", response_model=AccountPage, response_model_exclude_unset=True)
+@router.get(
+    "/accounts", response_model=AccountPage, response_model_exclude_unset=True, openapi_extra=CUSTOM_FILTER_PARAMETERS
+)
 async def list_accounts(
     request: Request,
     access: AccountsRead,
@@ -941,7 +949,9 @@ async def _list_contacts(
     return _list_body([present(contact_dict(c)) for c in reply.items], reply.page_info.next_cursor)
 
 
-@router.get("/contacts", response_model=ContactPage, response_model_exclude_unset=True)
+@router.get(
+    "/contacts", response_model=ContactPage, response_model_exclude_unset=True, openapi_extra=CUSTOM_FILTER_PARAMETERS
+)
 async def list_contacts(
     request: Request,
     access: ContactsRead,
@@ -968,7 +978,12 @@ async def list_contacts(
     )
 
 
-@router.get("/accounts/{account_id}/contacts", response_model=ContactPage, response_model_exclude_unset=True)
+@router.get(
+    "/accounts/{account_id}/contacts",
+    response_model=ContactPage,
+    response_model_exclude_unset=True,
+    openapi_extra=CUSTOM_FILTER_PARAMETERS,
+)
 async def list_account_contacts(
     account_id: str,
     request: Request,

@@ -4,7 +4,8 @@ that owns the entity through crm.common.v1.CustomFieldService (every owner serve
 Every read path presents records with `presenter(access)` — the field rules plus the masking of
 custom values defined as personal data (pii) for callers who see personal data masked — and list
 routes of every entity pass `?custom.<key>=` filters to the owning service with `custom_filters(access)`
-(403 for a field the caller does not read in clear; `check_custom_filters` for saved filters)."""
+(403 for a field the caller does not read in clear; `check_custom_filters` for saved filters); such a
+route takes those query parameters with `openapi_extra=CUSTOM_FILTER_PARAMETERS`."""
 
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,7 +19,7 @@ from fastapi import Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from gateway.conventions import expected_version
-from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path
+from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path, prefixed_query_parameters
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.masking import mask_value
@@ -194,6 +195,14 @@ async def readable_custom_keys(access: Access, keys: Iterable[str]) -> frozenset
     return frozenset(
         key for key in keys if key not in masked and access.decision.read_rule(f"custom.{key}") >= FieldRule.READ
     )
+
+
+# The `openapi_extra` of a list route that reads `custom_filters(access)`: it takes every `custom.<key>`.
+CUSTOM_FILTER_PARAMETERS = prefixed_query_parameters(
+    "custom.",
+    "Filters by custom fields: `custom.<key>=value`, all of which must match. 422 naming `custom.<key>` "
+    "for a key without a definition or a value not of the field's type.",
+)
 
 
 async def custom_filters(access: Access) -> list[pb.CustomFieldFilter]:

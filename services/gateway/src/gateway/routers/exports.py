@@ -19,6 +19,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from fastapi import Path, Query, Request
 from fastapi.responses import StreamingResponse
 
+from gateway.inputs import unknown_query_parameters
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
 from gateway.routers.custom_fields import presenter
 from gateway.routers.leads import LEAD_FILTERS
@@ -38,7 +39,7 @@ _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
     401: {"description": "Not authenticated"},
     403: {"description": "Export not allowed, or a filter on a field the caller cannot read"},
     404: {"description": "Unknown or non-exportable resource"},
-    422: {"description": "Unknown filter"},
+    422: {"description": "A query parameter the resource's export does not take, or a filter it refuses"},
     429: {"description": "Export rate limit (see Retry-After)"},
 }
 
@@ -60,9 +61,10 @@ async def export_resource(
     try:
         if not decision.allowed:
             raise forbidden(f"you may not export {resource}")
-        unknown = sorted(set(filters) - source.filters - {"sort"})
+        # The filters depend on the resource: this route checks its query parameters itself.
+        unknown = [name for name in filters if name not in source.filters and name != "sort"]
         if unknown:
-            raise SecurityProblem(422, "Unprocessable Content", f"unknown filter '{unknown[0]}'", field=unknown[0])
+            raise unknown_query_parameters(unknown)
         if source.check is not None:
             source.check(filters)
         # Each filter is checked as the field it filters by (`tag`: `tags`), as on the list route.

@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
-from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 
@@ -333,7 +333,7 @@ LEAD_FILTERS: FilterFields = {
 }
 
 
-@router.get("/leads")
+@router.get("/leads", openapi_extra=CUSTOM_FILTER_PARAMETERS)
 async def list_leads(
     request: Request,
     access: LeadsRead,

@@ -3,6 +3,7 @@
 from fastapi import Request
 from pydantic import BaseModel
 
+from gateway.inputs import reject_unknown_query_parameters
 from gateway.routing import ResourceRouter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import runtime_of
@@ -30,6 +31,8 @@ class Me(BaseModel):
 
 @router.get("/me", response_model=Me)
 async def get_me(request: Request, principal: CurrentPrincipal) -> Me:
+    # The check `require` makes for the routes of a resource: this one needs only the caller.
+    reject_unknown_query_parameters(request)
     policy = runtime_of(request).policy
     return Me(
         user_id=principal.user_id,

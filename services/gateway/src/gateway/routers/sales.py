@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
-from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.exports import invalid_filter, register_export_source
@@ -642,7 +642,7 @@ OPPORTUNITY_FILTERS: FilterFields = {
 }
 
 
-@router.get("/opportunities")
+@router.get("/opportunities", openapi_extra=CUSTOM_FILTER_PARAMETERS)
 async def list_opportunities(
     request: Request,
     access: OpportunitiesRead,

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
-from gateway.routers.custom_fields import custom_filters, presenter
+from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 
@@ -234,7 +234,7 @@ TICKET_FILTERS: FilterFields = {
 }
 
 
-@router.get("/tickets")
+@router.get("/tickets", openapi_extra=CUSTOM_FILTER_PARAMETERS)
 async def list_tickets(
     request: Request,
     access: TicketsRead,

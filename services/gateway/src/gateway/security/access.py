@@ -11,7 +11,7 @@ from crm_platform.principal import Principal, RecordScope, outgoing_metadata, re
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from gateway.inputs import reject_unstorable_input
+from gateway.inputs import reject_unknown_query_parameters, reject_unstorable_input
 from gateway.middleware import current_request_id
 from gateway.security.audit import AuditEntry, changed_fields, diff_for_audit
 from gateway.security.masking import mask_value
@@ -407,7 +407,9 @@ def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
             problem = forbidden(f"you may not {action} {resource}")
             await runtime.audit_denied(request, principal, resource, action, problem)
             raise problem
-        # Allowed callers learn about unstorable text or numbers (422) before the route calls a service.
+        # Allowed callers learn about unknown query parameters and unstorable text or numbers (422)
+        # before the route calls a service.
+        reject_unknown_query_parameters(request)
         await reject_unstorable_input(request)
         access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
         try:
