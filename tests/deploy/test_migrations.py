@@ -97,8 +97,11 @@ async def test_idempotency_keys_survive_the_move_to_the_shared_table(
         await _migrate(component, each_database_url, "up", "head")
         async with engine.connect() as conn:
             shared = await _reflected(conn)
-            recalled = await idempotency.recall(conn, shared, operation=operation, caller=caller, key="k1")
+            # Kept without a fingerprint: the first result answers whatever request repeats the key.
+            with idempotency.serving_fingerprint("f" * idempotency.FINGERPRINT_LENGTH):
+                recalled = await idempotency.recall(conn, shared, operation=operation, caller=caller, key="k1")
         assert recalled == result
+        assert "fingerprint" in shared.c
 
         await _migrate(component, each_database_url, "down", before)
         async with engine.connect() as conn:
@@ -175,5 +178,28 @@ async def test_round_robin_goes_on_from_the_old_pointer_in_turns(each_database_u
         async with engine.begin() as conn:
             # Back on the previous release, which went on from its own pointer (left at "" here).
             assert await repo.take_turns(conn, {"r2": 1}) == {"r2": [0]}
+    finally:
+        await engine.dispose()
+
+
+async def test_web_forms_made_before_versions_start_at_version_1(each_database_url: str) -> None:
+    await _migrate("leads", each_database_url, "up", "0012")
+    engine = create_engine(each_database_url)
+    form = {"id": "w1", "name": "Expo", "form_key": "k" * 32, "rate_limit_per_minute": 60,
+            "created_at": datetime(2026, 12, 6, tzinfo=UTC)}  # fmt: skip
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(insert(await _reflected(conn, "webforms")).values(form))
+
+        await _migrate("leads", each_database_url, "up", "0013")
+        async with engine.connect() as conn:
+            webforms = await _reflected(conn, "webforms")
+            assert (await conn.execute(select(webforms.c.name, webforms.c.version))).all() == [("Expo", 1)]
+
+        await _migrate("leads", each_database_url, "down", "0012")
+        async with engine.connect() as conn:
+            webforms = await _reflected(conn, "webforms")
+            assert (await conn.execute(select(webforms.c.name))).all() == [("Expo",)]
+            assert "version" not in webforms.c
     finally:
         await engine.dispose()

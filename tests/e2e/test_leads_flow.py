@@ -188,6 +188,30 @@ async def test_public_webform_intake_is_rate_limited(stack: RunningStack) -> Non
     assert clear["email"] == "visitor@expo.cn" and clear["custom"] == {"interest": "robots"}
 
 
+async def test_a_web_form_is_changed_by_its_current_version_and_a_retried_key_rotation_draws_one_key(
+    stack: RunningStack,
+) -> None:
+    async with client(stack, "mkt-e2e", ["marketing"]) as marketing:
+        created = await marketing.post("/api/v1/webforms", json={"name": f"Fair {new_id()[-8:]}"})
+        assert created.status_code == 201, created.text
+        url = f"/api/v1/webforms/{created.json()['id']}"
+        read = await marketing.get(url)
+        renamed = await marketing.patch(url, json={"name": "Fair 2027"}, headers={"If-Match": read.headers["etag"]})
+        stale = await marketing.patch(url, json={"enabled": False}, headers={"If-Match": read.headers["etag"]})
+        retry = {"Idempotency-Key": f"rotate-{new_id()}", "If-Match": renamed.headers["etag"]}
+        rotated = await marketing.post(f"{url}/rotate-key", headers=retry)
+        again = await marketing.post(f"{url}/rotate-key", headers=retry)  # the client timed out and retries
+    assert created.headers["etag"] == read.headers["etag"] == '"1"' and read.json()["version"] == 1
+    assert renamed.status_code == 200 and renamed.headers["etag"] == '"2"'
+    assert stale.status_code == 412 and stale.json()["current_version"] == 2
+    assert rotated.status_code == again.status_code == 200
+    assert rotated.json()["form_key"] == again.json()["form_key"] != created.json()["form_key"]
+    assert rotated.headers["etag"] == again.headers["etag"] == '"3"'
+    async with stack.client() as public:
+        taken = await public.post(f"/api/v1/webforms/{again.json()['form_key']}/submissions", json={"name": "Visitor"})
+    assert taken.status_code == 202  # the key the client holds after its retry works
+
+
 async def test_leads_are_filtered_by_custom_fields(stack: RunningStack) -> None:
     """`?custom.<key>=` on the lead list: passed to the leads service and typed by the definition;
     refused (403) for a caller who sees the field masked, 422 for a value not of its type."""

@@ -46,6 +46,7 @@ class FakeLeads(LeadsServiceServicer):
 
     def __init__(self) -> None:
         self.imports: list[tuple[leads_pb.ImportHeader, bytes]] = []
+        self.webform_writes: list[leads_pb.UpdateWebformRequest | leads_pb.RotateWebformKeyRequest] = []
 
     async def ImportLeads(self, request_iterator: AsyncIterator[leads_pb.ImportLeadsRequest], context: Any) -> Any:
         messages = [message async for message in request_iterator]
@@ -106,14 +107,21 @@ class FakeLeads(LeadsServiceServicer):
                               team="east")  # fmt: skip
         return leads_pb.AssignLeadResponse(lead=lead)
 
+    async def GetWebform(self, request: leads_pb.GetWebformRequest, context: Any) -> Any:
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, version=3)
+        return leads_pb.GetWebformResponse(webform=webform)
+
     async def UpdateWebform(self, request: leads_pb.UpdateWebformRequest, context: Any) -> Any:
-        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, rate_limit_per_minute=60)
+        self.webform_writes.append(request)
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, rate_limit_per_minute=60,
+                                    version=4)  # fmt: skip
         for path in request.update_mask.paths:
             setattr(webform, path, getattr(request.webform, path))
         return leads_pb.UpdateWebformResponse(webform=webform)
 
     async def RotateWebformKey(self, request: leads_pb.RotateWebformKeyRequest, context: Any) -> Any:
-        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-2", enabled=True)
+        self.webform_writes.append(request)
+        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-2", enabled=True, version=5)
         return leads_pb.RotateWebformKeyResponse(webform=webform)
 
     async def ConvertLead(self, request: leads_pb.ConvertLeadRequest, context: Any) -> Any:
@@ -584,3 +592,25 @@ async def test_who_runs_campaigns_turns_a_web_form_off_and_replaces_its_key(gate
     assert nothing.status_code == 422
     actions = [e["action"] for e in (await gateway.app.state.security.audit.query(AuditQuery(record_id="w-1")))[0]]
     assert sorted(actions) == ["disable_webform", "rotate_webform_key", "update_webform"]
+
+
+async def test_a_web_forms_writes_send_if_match_and_idempotency_key_and_answer_with_its_version(
+    gateway: Gateway,
+) -> None:
+    marketing = gateway.auth("marketing")
+
+    read = await gateway.client.get("/api/v1/webforms/w-1", headers=marketing)
+    patched = await gateway.client.patch(
+        "/api/v1/webforms/w-1", json={"name": "Expo 2027"}, headers={**marketing, "If-Match": read.headers["etag"]}
+    )
+    rotated = await gateway.client.post(
+        "/api/v1/webforms/w-1/rotate-key",
+        headers={**marketing, "If-Match": patched.headers["etag"], "Idempotency-Key": "rotate-1"},
+    )
+
+    assert (read.status_code, patched.status_code, rotated.status_code) == (200, 200, 200)
+    assert (read.headers["etag"], patched.headers["etag"], rotated.headers["etag"]) == ('"3"', '"4"', '"5"')
+    assert read.json()["version"] == 3
+    update, rotation = gateway.leads.webform_writes
+    assert update.expected_version == 3
+    assert (rotation.expected_version, rotation.idempotency_key) == (4, "rotate-1")

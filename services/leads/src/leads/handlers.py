@@ -361,14 +361,28 @@ class ImportPartResult:
     skipped: int
 
 
-def _same_lead(key: str, first_lead_id: str, lead_id: str) -> None:
-    """A key repeated for another lead is another request, not a retry: refused, never answered
-    with the first lead's result."""
-    if first_lead_id != lead_id:
+def _same_record(key: str, resource: str, first_id: str, record_id: str) -> None:
+    """A key repeated for another record is another request, not a retry: refused, never answered
+    with the first record's result."""
+    if first_id != record_id:
         raise Conflict(
-            f"Idempotency-Key {key!r} was used for lead {first_lead_id}; use a new key for lead {lead_id}",
+            f"Idempotency-Key {key!r} was used for {resource} {first_id}; use a new key for {resource} {record_id}",
             reason="IDEMPOTENCY_KEY_REUSED",
         )
+
+
+async def _versioned_write(
+    conn: AsyncConnection, table: Any, resource: str, record_id: str, expected_version: int, values: Mapping[str, Any]
+) -> RowMapping:
+    """Writes `values` and adds 1 to the record's version, when `expected_version` is its current
+    version or 0 (unconditional); the row stays locked until the caller's transaction ends."""
+    current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
+    if current is None:
+        raise NotFound(resource, record_id)
+    if expected_version and current != expected_version:
+        raise StaleVersion(resource, record_id, current)
+    statement = update(table).where(table.c.id == record_id).values(**values, version=table.c.version + 1)
+    return (await conn.execute(statement.returning(table))).mappings().one()
 
 
 def _in_scope(lead: Mapping[Any, Any]) -> bool:
@@ -957,7 +971,7 @@ class LeadsService:
                     .mappings()
                     .one()
                 )
-                _same_lead(a.idempotency_key, activity["lead_id"], a.lead_id)
+                _same_record(a.idempotency_key, LEAD, activity["lead_id"], a.lead_id)
                 return activity, await self._visible_lead(conn, a.lead_id)
             lead = await self._visible_lead(conn, a.lead_id, for_update=True)
             domain.ensure_open(lead["status"], "log an activity on")
@@ -1696,23 +1710,7 @@ class LeadsService:
         self, table: Any, resource: str, record_id: str, expected_version: int, values: dict[str, Any]
     ) -> RowMapping:
         async with transaction(self.engine) as conn:
-            current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
-            if current is None:
-                raise NotFound(resource, record_id)
-            if expected_version and current != expected_version:
-                raise StaleVersion(resource, record_id, current)
-            row = (
-                (
-                    await conn.execute(
-                        update(table)
-                        .where(table.c.id == record_id)
-                        .values(**values, version=table.c.version + 1)
-                        .returning(table)
-                    )
-                )
-                .mappings()
-                .one()
-            )
+            row = await _versioned_write(conn, table, resource, record_id, expected_version, values)
         self.rules.invalidate()
         return row
 
@@ -1920,10 +1918,20 @@ class LeadsService:
         rate = data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute  # 0: not given
         given = {**data, "rate_limit_per_minute": rate}
         values = await self._webform_settings(given, WEBFORM_SETTINGS)
-        values.update(id=new_id(), form_key=secrets.token_urlsafe(24), enabled=True, created_at=self.clock())
+        values.update(id=new_id(), form_key=secrets.token_urlsafe(24), enabled=True, created_at=self.clock(), version=1)
         return await self._idempotent_create("create_webform", key, repo.webforms, values)
 
-    async def update_webform(self, webform_id: str, data: Mapping[Any, Any], paths: Sequence[str]) -> RowMapping:
+    async def get_webform(self, webform_id: str) -> RowMapping:
+        w = repo.webforms
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(w).where(w.c.id == webform_id))).mappings().first()
+        if row is None:
+            raise NotFound("webform", webform_id)
+        return row
+
+    async def update_webform(
+        self, webform_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
+    ) -> RowMapping:
         """The settings named by `paths` (a form's key changes only by `rotate_webform_key`)."""
         unknown = sorted(set(paths) - {*WEBFORM_SETTINGS, "enabled"})
         if unknown or not paths:
@@ -1931,7 +1939,8 @@ class LeadsService:
         values = await self._webform_settings(data, [path for path in paths if path != "enabled"])
         if "enabled" in paths:
             values["enabled"] = bool(data.get("enabled"))
-        return await self._update_webform(webform_id, values)
+        async with transaction(self.engine) as conn:
+            return await _versioned_write(conn, repo.webforms, "webform", webform_id, expected_version, values)
 
     async def _webform_settings(self, data: Mapping[Any, Any], names: Sequence[str]) -> dict[str, Any]:
         """The form settings `names` of `data`, checked (a 422 naming each field at fault)."""
@@ -1952,21 +1961,20 @@ class LeadsService:
                 await self._check_campaign(conn, str(values["campaign_id"]))
         return values
 
-    async def rotate_webform_key(self, webform_id: str) -> RowMapping:
-        """A new key for a leaked or abused one: submissions with the old key answer 404 at once."""
-        return await self._update_webform(webform_id, {"form_key": secrets.token_urlsafe(24)})
-
-    async def _update_webform(self, webform_id: str, values: Mapping[str, Any]) -> RowMapping:
+    async def rotate_webform_key(self, webform_id: str, key: str, expected_version: int) -> RowMapping:
+        """A new key for a leaked or abused one: submissions with the old key answer 404 at once.
+        A repeated idempotency key draws none: a client retrying after a timeout gets the form as
+        it is, with the key the first call drew, instead of a second key that kills the first."""
+        principal = current_principal()
         w = repo.webforms
         async with transaction(self.engine) as conn:
-            row = (
-                (await conn.execute(update(w).where(w.c.id == webform_id).values(**values).returning(w)))
-                .mappings()
-                .first()
-            )
-        if row is None:
-            raise NotFound("webform", webform_id)
-        return row
+            # Before the version check: a retry sends the If-Match of the form before its first call.
+            earlier = await claim(conn, "rotate_webform_key", key, principal, {"id": webform_id}, self.clock())
+            if earlier is not None:
+                _same_record(key, "webform", earlier["id"], webform_id)
+                return (await conn.execute(select(w).where(w.c.id == webform_id))).mappings().one()
+            values = {"form_key": secrets.token_urlsafe(24)}
+            return await _versioned_write(conn, w, "webform", webform_id, expected_version, values)
 
     async def list_webforms(self) -> list[RowMapping]:
         async with self.engine.connect() as conn:
@@ -2081,7 +2089,7 @@ class LeadsService:
             conn = tx.conn
             earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
             if earlier is not None:
-                _same_lead(req.idempotency_key, earlier["lead_id"], req.lead_id)
+                _same_record(req.idempotency_key, LEAD, earlier["lead_id"], req.lead_id)
             lead = await self._visible_lead(conn, req.lead_id, for_update=True)
             if earlier is not None or lead["status"] == "converted":
                 return ConvertResult(

@@ -191,4 +191,5 @@ def webform_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Webform:
         enabled=row["enabled"],
         created_at=to_timestamp(row["created_at"]),
         honeypot_field=row["honeypot_field"],
+        version=row["version"],
     )

@@ -261,6 +261,7 @@ webforms = Table(
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("created_at", _TS, nullable=False),
     Column("honeypot_field", String(64), nullable=False, server_default=""),
+    Column("version", BigInteger, nullable=False, server_default="1"),
 )
 
 # Fixed one-minute windows per form; one UPSERT per submission counts across replicas.

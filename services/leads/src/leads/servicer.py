@@ -486,23 +486,32 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         rows = await self.service.list_webforms()
         return leads_service_pb2.ListWebformsResponse(items=[messages.webform_to_proto(r) for r in rows])
 
+    async def GetWebform(
+        self, request: leads_service_pb2.GetWebformRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetWebformResponse:
+        row = await self.service.get_webform(request.id)
+        return leads_service_pb2.GetWebformResponse(webform=messages.webform_to_proto(row))
+
     async def SetWebformEnabled(
         self, request: leads_service_pb2.SetWebformEnabledRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SetWebformEnabledResponse:
-        row = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"])
+        # Unconditional: the request carries no version (UpdateWebform does).
+        row = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"], 0)
         return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(row))
 
     async def UpdateWebform(
         self, request: leads_service_pb2.UpdateWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateWebformResponse:
         data = {**_webform_settings(request.webform), "enabled": request.webform.enabled}
-        row = await self.service.update_webform(request.id, data, list(request.update_mask.paths))
+        row = await self.service.update_webform(
+            request.id, data, list(request.update_mask.paths), request.expected_version
+        )
         return leads_service_pb2.UpdateWebformResponse(webform=messages.webform_to_proto(row))
 
     async def RotateWebformKey(
         self, request: leads_service_pb2.RotateWebformKeyRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.RotateWebformKeyResponse:
-        row = await self.service.rotate_webform_key(request.id)
+        row = await self.service.rotate_webform_key(request.id, request.idempotency_key, request.expected_version)
         return leads_service_pb2.RotateWebformKeyResponse(webform=messages.webform_to_proto(row))
 
     async def SubmitWebform(

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, ValidationFailed
+from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.principal import ScopeKind
 from leads import repository as repo
 from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec, RateLimited
@@ -265,20 +265,20 @@ async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) 
         lead, _ = await env.service.submit_webform(form["form_key"], {"name": "Zhao", "email": "z@x.cn"}, "")
         assert lead["source"] == "webform"
 
-        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"])
+        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)
         assert not off["enabled"]
         with pytest.raises(NotFound):
             await env.service.submit_webform(form["form_key"], {"name": "Qian"}, "")
-        await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"])
+        await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"], 0)
 
-        rotated = await env.service.rotate_webform_key(form["id"])
+        rotated = await env.service.rotate_webform_key(form["id"], "", 0)
         assert rotated["form_key"] != form["form_key"]
         with pytest.raises(NotFound):  # the leaked key is dead at once
             await env.service.submit_webform(form["form_key"], {"name": "Sun"}, "")
         second, _ = await env.service.submit_webform(rotated["form_key"], {"name": "Li", "email": "li@x.cn"}, "")
         assert second["source_detail"] == "Expo signup"
         with pytest.raises(NotFound):
-            await env.service.rotate_webform_key("no-such-form")
+            await env.service.rotate_webform_key("no-such-form", "", 0)
 
 
 async def test_a_web_forms_settings_change_by_the_paths_named_and_are_checked_as_on_creation(env: Any) -> None:
@@ -288,26 +288,68 @@ async def test_a_web_forms_settings_change_by_the_paths_named_and_are_checked_as
             form["id"],
             {"name": " Expo 2027 ", "rate_limit_per_minute": 5, "honeypot_field": "fax", "region": "east"},
             ["name", "rate_limit_per_minute", "honeypot_field"],
+            0,
         )
         assert (changed["name"], changed["rate_limit_per_minute"], changed["honeypot_field"]) == ("Expo 2027", 5, "fax")
         assert changed["region"] == "" and changed["form_key"] == form["form_key"]  # not named: unchanged
         with pytest.raises(ValidationFailed) as caught:
             await env.service.update_webform(
                 form["id"], {"name": " ", "rate_limit_per_minute": 0, "honeypot_field": "email"},
-                ["name", "rate_limit_per_minute", "honeypot_field"],
+                ["name", "rate_limit_per_minute", "honeypot_field"], 0,
             )  # fmt: skip
         assert sorted(e.field for e in caught.value.errors) == ["honeypot_field", "name", "rate_limit_per_minute"]
         for paths in (["form_key"], []):
             with pytest.raises(ValidationFailed) as caught:
-                await env.service.update_webform(form["id"], {"form_key": "mine"}, paths)
+                await env.service.update_webform(form["id"], {"form_key": "mine"}, paths, 0)
             assert [e.field for e in caught.value.errors] == ["update_mask"]
         with pytest.raises(ValidationFailed) as caught:
-            await env.service.update_webform(form["id"], {"campaign_id": "no-such-campaign"}, ["campaign_id"])
+            await env.service.update_webform(form["id"], {"campaign_id": "no-such-campaign"}, ["campaign_id"], 0)
         assert [e.field for e in caught.value.errors] == ["campaign_id"]
         with pytest.raises(NotFound):
-            await env.service.update_webform("no-such-form", {"name": "x"}, ["name"])
-        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"])
+            await env.service.update_webform("no-such-form", {"name": "x"}, ["name"], 0)
+        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)
         assert not off["enabled"] and off["name"] == "Expo 2027"
+
+
+async def test_every_change_of_a_web_form_counts_in_its_version_and_a_stale_version_is_refused(env: Any) -> None:
+    with env.acting():
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+        renamed = await env.service.update_webform(form["id"], {"name": "Expo 2027"}, ["name"], 1)
+        off = await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 2)
+        rotated = await env.service.rotate_webform_key(form["id"], "", 3)
+        assert [form["version"], renamed["version"], off["version"], rotated["version"]] == [1, 2, 3, 4]
+
+        with pytest.raises(StaleVersion) as caught:  # written by someone who last read version 2
+            await env.service.update_webform(form["id"], {"name": "Expo 2026"}, ["name"], 2)
+        assert caught.value.current_version == 4
+        with pytest.raises(StaleVersion):
+            await env.service.rotate_webform_key(form["id"], "", 2)
+        kept = await env.service.get_webform(form["id"])
+        assert (kept["name"], kept["form_key"], kept["version"]) == ("Expo 2027", rotated["form_key"], 4)
+
+        current = await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"], 4)
+        anyway = await env.service.update_webform(form["id"], {"region": "east"}, ["region"], 0)  # unconditional
+        assert (current["version"], anyway["version"]) == (5, 6)
+
+
+async def test_a_key_rotation_repeated_with_its_idempotency_key_answers_with_the_key_it_drew(env: Any) -> None:
+    with env.acting():
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+        rotated = await env.service.rotate_webform_key(form["id"], "rotate-1", 1)
+        # The client timed out and retries as it sent the first call, If-Match of version 1 included.
+        again = await env.service.rotate_webform_key(form["id"], "rotate-1", 1)
+        assert (again["form_key"], again["version"]) == (rotated["form_key"], 2)
+        lead, _ = await env.service.submit_webform(rotated["form_key"], {"name": "Li", "email": "li@x.cn"}, "")
+        assert lead["source_detail"] == "Expo signup"  # the key the client holds works
+
+        other = await env.service.create_webform({"name": "Fair signup"}, "")
+        with pytest.raises(Conflict) as caught:
+            await env.service.rotate_webform_key(other["id"], "rotate-1", 0)
+        assert caught.value.reason == "IDEMPOTENCY_KEY_REUSED"
+        with pytest.raises(StaleVersion):  # refused: the key stays free for the call that has the version
+            await env.service.rotate_webform_key(form["id"], "rotate-2", 1)
+        newer = await env.service.rotate_webform_key(form["id"], "rotate-2", 2)
+        assert newer["form_key"] != rotated["form_key"] and newer["version"] == 3
 
 
 async def lead_count(env: Any) -> int:

@@ -1056,7 +1056,7 @@ async def update_campaign(
 
 @router.post("/webforms", status_code=201)
 async def create_webform(
-    body: WebformIn, request: Request, access: CampaignsCreate, idempotency_key: IdempotencyKey = ""
+    body: WebformIn, request: Request, response: Response, access: CampaignsCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     """A public lead form; its `form_key` authenticates submissions."""
     reply = await _stub(request).CreateWebform(
@@ -1065,13 +1065,19 @@ async def create_webform(
     )
     body_json = _webform_json(reply.webform)
     await access.audit_write(body_json["id"], None, body_json, action="create_webform")
-    return body_json
+    return with_etag(response, body_json)
 
 
 @router.get("/webforms")
 async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, Any]:
     reply = await _stub(request).ListWebforms(pb.ListWebformsRequest(), metadata=access.grpc_metadata())
-    return {"items": [_message_json(w) for w in reply.items]}
+    return {"items": [_webform_json(w) for w in reply.items]}
+
+
+@router.get("/webforms/{webform_id}")
+async def get_webform(webform_id: str, request: Request, response: Response, access: CampaignsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetWebform(pb.GetWebformRequest(id=webform_id), metadata=access.grpc_metadata())
+    return with_etag(response, _webform_json(reply.webform))
 
 
 class WebformPatch(RequestBody):
@@ -1088,35 +1094,54 @@ class WebformPatch(RequestBody):
 
 @router.patch("/webforms/{webform_id}")
 async def update_webform(
-    webform_id: str, body: WebformPatch, request: Request, access: CampaignsUpdate
+    webform_id: str,
+    body: WebformPatch,
+    request: Request,
+    response: Response,
+    access: CampaignsUpdate,
+    if_match: IfMatch = "",
 ) -> dict[str, Any]:
     """Changes a form's settings, or turns it off (its submissions then answer 404) or on again."""
     given = body.model_dump(exclude_unset=True)
     if not given:
         raise RequestValidationError([{"loc": ("body",), "msg": "names no setting to change", "type": "value_error"}])
-    update = pb.UpdateWebformRequest(id=webform_id, webform=leads_pb2.Webform(**given))
+    update = pb.UpdateWebformRequest(
+        id=webform_id, webform=leads_pb2.Webform(**given), expected_version=expected_version(if_match)
+    )
     update.update_mask.paths.extend(given)
     reply = await _stub(request).UpdateWebform(update, metadata=access.grpc_metadata())
     if set(given) == {"enabled"}:
         await access.audit("enable_webform" if body.enabled else "disable_webform", webform_id)
     else:
         await access.audit("update_webform", webform_id, reason=", ".join(sorted(given)))
-    return _webform_json(reply.webform)
+    return with_etag(response, _webform_json(reply.webform))
 
 
 @router.post("/webforms/{webform_id}/rotate-key")
-async def rotate_webform_key(webform_id: str, request: Request, access: CampaignsUpdate) -> dict[str, Any]:
-    """A new `form_key` for a leaked or abused one; the old key stops working at once."""
+async def rotate_webform_key(
+    webform_id: str,
+    request: Request,
+    response: Response,
+    access: CampaignsUpdate,
+    idempotency_key: IdempotencyKey = "",
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    """A new `form_key` for a leaked or abused one; the old key stops working at once. A retry with
+    the same `Idempotency-Key` draws no other key: it answers with the key the first call drew."""
     reply = await _stub(request).RotateWebformKey(
-        pb.RotateWebformKeyRequest(id=webform_id), metadata=access.grpc_metadata()
+        pb.RotateWebformKeyRequest(
+            id=webform_id, idempotency_key=idempotency_key, expected_version=expected_version(if_match)
+        ),
+        metadata=access.grpc_metadata(),
     )
     await access.audit("rotate_webform_key", webform_id)
-    return _webform_json(reply.webform)
+    return with_etag(response, _webform_json(reply.webform))
 
 
 def _webform_json(webform: leads_pb2.Webform) -> dict[str, Any]:
     body = _message_json(webform)
     body["created_at"] = _time(webform.created_at)
+    body["version"] = webform.version  # a number, as a lead's (JSON of an int64 is a string)
     return body
 
 
