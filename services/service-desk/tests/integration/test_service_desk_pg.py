@@ -120,16 +120,14 @@ async def test_ticket_dispatch_vip_raise_lifecycle_and_csat(desk: Running, kafka
     await produce_event(kafka_settings.bootstrap_servers, account_events.AccountCreated(account=vip), key=vip.id)
     await _wait_for_tier(svc.app.engine, "acc-vip", "A")
 
-    created = await svc.call(
-        "CreateTicket",
-        pb.CreateTicketRequest(
-            ticket=pb.TicketInput(
-                account_id="acc-vip", subject="Invoice amount is wrong", channel="phone", category="billing",
-                priority="normal",
-            ),
-            idempotency_key="t-1",
+    create = pb.CreateTicketRequest(
+        ticket=pb.TicketInput(
+            account_id="acc-vip", subject="Invoice amount is wrong", channel="phone", category="billing",
+            priority="normal",
         ),
+        idempotency_key="t-1",
     )  # fmt: skip
+    created = await svc.call("CreateTicket", create)
     ticket = created.ticket
     assert ticket.status == "assigned" and ticket.assignee_id == "agent-1"  # least loaded, lowest id
     assert ticket.priority == "normal" and ticket.effective_priority == "high" and ticket.account_tier == "A"
@@ -138,11 +136,14 @@ async def test_ticket_dispatch_vip_raise_lifecycle_and_csat(desk: Running, kafka
     assert due == timedelta(hours=1)  # the high targets
     assert [a.title for a in created.suggested_articles] == ["Invoice shows the wrong amount"]
 
-    again = await svc.call(
-        "CreateTicket",
-        pb.CreateTicketRequest(ticket=pb.TicketInput(subject="x", channel="web"), idempotency_key="t-1"),
-    )
+    again = await svc.call("CreateTicket", create)
     assert again.ticket.id == ticket.id
+    with pytest.raises(grpc.aio.AioRpcError) as reused:  # the key of another request
+        await svc.call(
+            "CreateTicket",
+            pb.CreateTicketRequest(ticket=pb.TicketInput(subject="x", channel="web"), idempotency_key="t-1"),
+        )
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # The next billing ticket goes to agent-2 (agent-1 now holds one).
     second = (
