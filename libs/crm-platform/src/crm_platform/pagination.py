@@ -1,10 +1,11 @@
 """Keyset paging: the cursor is the sort key of the last row, so pages stay fast and stable.
 
-A cursor names the sort column it was made for and carries the last row's value and id as JSON
-(times, dates and decimals as strings). `keyset_page` checks it against the list before any SQL
-runs: a cursor of another sort, or one that was edited, is a ValidationFailed on `cursor` (HTTP
-422), never a database error (HTTP 500). Cursors issued before they named their sort, a bare
-[value, id], are still taken when their values fit the sort column."""
+A cursor names the sort it was made for (its column, `-` before it when descending) and carries
+the last row's value and id as JSON (times, dates and decimals as strings). `keyset_page` checks it
+against the list before any SQL runs: a cursor of another sort or direction, or one that was
+edited, is a ValidationFailed on `cursor` (HTTP 422), never a database error (HTTP 500) or a page
+from the wrong end. Cursors issued before they named their sort, a bare [value, id], are still
+taken when their values fit the sort column."""
 
 import base64
 import json
@@ -88,7 +89,7 @@ def keyset_page(
     NULLs of a nullable sort column come last ascending and first descending, where PostgreSQL's
     indexes keep them; SQLite, which sorts them the other way, is told so in ORDER BY."""
     if cursor:
-        after_value, after_id = _after(cursor, sort_column, id_column)
+        after_value, after_id = _after(cursor, sort_column, id_column, descending)
         query = query.where(_rows_after(sort_column, id_column, descending, after_value, after_id))
     if descending:
         first = sort_column.desc().nulls_first() if sort_column.nullable else sort_column.desc()
@@ -111,13 +112,18 @@ def _rows_after(
     return or_(later, sort_column.is_(None)) if sort_column.nullable else later
 
 
-def next_cursor(rows: Sequence[Any], *, sort_key: str, limit: int) -> str:
+def next_cursor(rows: Sequence[Any], *, sort_key: str, descending: bool, limit: int) -> str:
     """The cursor for the page after `rows` (fetched with limit + 1), or '' when this was the last.
-    `sort_key` names the sort column, and the cursor keeps it to refuse being used with another sort."""
+    `sort_key` names the sort column; the cursor keeps it and the direction, to refuse being used
+    with another sort (the other direction would page from the wrong end)."""
     if len(rows) <= limit:
         return ""
     last = rows[limit - 1]
-    return _encode({"sort": sort_key, "value": getattr(last, sort_key), "id": last.id})
+    return _encode({"sort": _sort_name(sort_key, descending), "value": getattr(last, sort_key), "id": last.id})
+
+
+def _sort_name(column: str, descending: bool) -> str:
+    return f"-{column}" if descending else column
 
 
 def _encode(payload: Any) -> str:
@@ -128,13 +134,13 @@ def _refused(message: str) -> ValidationFailed:
     return ValidationFailed([FieldError("cursor", message)])
 
 
-def _after(cursor: str, sort_column: Column[Any], id_column: Column[Any]) -> tuple[Any, Any]:
+def _after(cursor: str, sort_column: Column[Any], id_column: Column[Any], descending: bool) -> tuple[Any, Any]:
     """The sort value and id a cursor starts after, typed as their columns, if it fits this list."""
     payload = decode_cursor_json(cursor)
     if isinstance(payload, dict) and set(payload) == {"sort", "value", "id"}:
         made_for = payload["sort"]
-        if made_for not in (sort_column.name, sort_column.key):
-            if isinstance(made_for, str) and made_for.isidentifier():
+        if made_for not in (_sort_name(sort_column.name, descending), _sort_name(sort_column.key, descending)):
+            if isinstance(made_for, str) and made_for.removeprefix("-").isidentifier():
                 raise _refused(f"belongs to a list sorted by {made_for}; start again without a cursor")
             raise _refused(NOT_ISSUED)
         value, after_id = payload["value"], payload["id"]

@@ -71,7 +71,9 @@ async def list_deals(engine: AsyncEngine, *, sort: str, cursor: str = "", limit:
     )
     async with engine.connect() as conn:
         rows = list(await conn.execute(query))
-    return [str(row.id) for row in rows[:limit]], next_cursor(rows, sort_key=column.name, limit=limit)
+    return [str(row.id) for row in rows[:limit]], next_cursor(
+        rows, sort_key=column.name, descending=descending, limit=limit
+    )
 
 
 def expected_order(sort: str) -> list[str]:

@@ -52,10 +52,11 @@ def refusal(cursor: str, sort: str = "created_at") -> str:
     return error.message
 
 
-def cursor_after(sort: str, value: Any) -> str:
-    """The cursor `next_cursor` gives after a full page whose last row has `value` in `sort`."""
+def cursor_after(sort: str, value: Any, *, descending: bool = True) -> str:
+    """The cursor `next_cursor` gives after a full page whose last row has `value` in `sort`
+    (descending, as `page_after` pages, unless said otherwise)."""
     rows = [SimpleNamespace(id="d-1", **{sort: value}), SimpleNamespace(id="d-2", **{sort: value})]
-    return next_cursor(rows, sort_key=sort, limit=1)
+    return next_cursor(rows, sort_key=sort, descending=descending, limit=1)
 
 
 @pytest.mark.parametrize(
@@ -75,9 +76,15 @@ def test_the_next_page_starts_after_the_last_row_in_the_sort_columns_type(sort: 
 
 def test_a_cursor_of_another_sort_names_the_sort_it_belongs_to() -> None:
     # A client keeps its cursor from ?sort=score and switches to ?sort=-created_at.
-    assert refusal(cursor_after("score", 87)) == "belongs to a list sorted by score; start again without a cursor"
+    assert refusal(cursor_after("score", 87)) == "belongs to a list sorted by -score; start again without a cursor"
     # Even when the value would fit: both columns hold times.
     assert refusal(cursor_after("created_at", CREATED), "close_date").startswith("belongs to a list sorted by")
+
+
+def test_a_cursor_of_the_other_direction_is_refused() -> None:
+    # ?sort=score's cursor sent with ?sort=-score would page from the wrong end of the list.
+    ascending = cursor_after("score", 87, descending=False)
+    assert refusal(ascending, "score") == "belongs to a list sorted by score; start again without a cursor"
 
 
 def test_cursors_from_before_they_named_their_sort_still_page_when_they_fit() -> None:
@@ -183,7 +190,7 @@ def test_a_sort_is_ascending_or_with_one_minus_descending() -> None:
 def test_a_value_that_does_not_fit_the_sort_column_is_refused(sort: str, value: Any) -> None:
     expected = "does not fit this list and sort; start again without a cursor"
     assert refusal(raw([value, "d-1"]), sort) == expected
-    assert refusal(raw({"sort": sort, "value": value, "id": "d-1"}), sort) == expected
+    assert refusal(raw({"sort": f"-{sort}", "value": value, "id": "d-1"}), sort) == expected
 
 
 @pytest.mark.parametrize("after_id", [7, None, ["d-1"], "d-\x00"], ids=repr)

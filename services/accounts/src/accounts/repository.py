@@ -307,7 +307,7 @@ def apply_page(query: Select[Any], table: Table, page: Page) -> Select[Any]:
 
 def page_result(rows: list[Any], page: Page) -> tuple[list[Any], str]:
     """Drops the look-ahead row `apply_page` fetched; the cursor points after the last row returned."""
-    return rows[: page.limit], next_cursor(rows, sort_key=page.sort_key, limit=page.limit)
+    return rows[: page.limit], next_cursor(rows, sort_key=page.sort_key, descending=page.descending, limit=page.limit)
 
 
 # --- account queries ----------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_a_cursor_is_taken_only_as_it_was_issued() -> None:
 )
 def test_a_cursor_value_not_of_its_sort_columns_type_is_refused_on_cursor(sort: str, value: object) -> None:
     """Forged, but encoded as issued: it must not reach the database (a 500 there)."""
-    payload = {"sort": sort.removeprefix("-"), "value": value, "id": "a-5"}
+    payload = {"sort": sort, "value": value, "id": "a-5"}
     forged = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode()
     page = parse_page(50, forged, sort)
     with pytest.raises(ValidationFailed) as caught:

@@ -931,7 +931,9 @@ class LeadsService:
                 query, sort_column=column, id_column=repo.leads.c.id, descending=descending, cursor=cursor, limit=size
             )
             rows = list((await conn.execute(query)).mappings())
-        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key=column.name, limit=size)
+        return rows[:size], next_cursor(
+            [_Row(r) for r in rows], sort_key=column.name, descending=descending, limit=size
+        )
 
     async def summarize(
         self, group_by: str, statuses: Sequence[str], import_id: str
@@ -1044,7 +1046,7 @@ class LeadsService:
                 limit=size,
             )
             rows = list((await conn.execute(query)).mappings())
-        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
     async def list_tasks(self, lead_id: str, status: str) -> list[RowMapping]:
         if status and status not in ("open", "done", "cancelled"):
@@ -1158,7 +1160,7 @@ class LeadsService:
                 limit=size,
             )
             rows = list((await conn.execute(query)).mappings())
-        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
     async def claim(self, lead_id: str) -> RowMapping:
         principal = current_principal()
@@ -1910,7 +1912,7 @@ class LeadsService:
         )
         async with self.engine.connect() as conn:
             rows = list((await conn.execute(query)).mappings())
-        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", limit=size)
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
     # --- webforms ---------------------------------------------------------------------------
 

@@ -334,7 +334,8 @@ class SalesHandlers:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return PageOf(
-            [v.pipeline_proto(row) for row in rows[:limit]], next_cursor(rows, sort_key="created_at", limit=limit)
+            [v.pipeline_proto(row) for row in rows[:limit]],
+            next_cursor(rows, sort_key="created_at", descending=False, limit=limit),
         )
 
     async def _pipeline_row(self, conn: AsyncConnection, pipeline_id: str) -> RowMapping:
@@ -599,7 +600,7 @@ class SalesHandlers:
             )
             rows = (await conn.execute(query)).mappings().all()
             items = await self._read_out(conn, rows[:limit])
-        return PageOf(items, next_cursor(rows, sort_key=column.key, limit=limit))
+        return PageOf(items, next_cursor(rows, sort_key=column.key, descending=descending, limit=limit))
 
     def _rotting_clause(self, pipelines: dict[str, d.Pipeline]) -> ColumnElement[bool]:
         """SQL twin of `domain.is_rotting`: open deals past their stage's rotting days."""
@@ -1292,7 +1293,7 @@ class SalesHandlers:
                 for decision in found.mappings():
                     decisions.setdefault(decision["contract_id"], []).append(decision)
         items = [v.contract_proto(row, decisions.get(row["id"], [])) for row in rows[:limit]]
-        return PageOf(items, next_cursor(rows, sort_key=column.key, limit=limit))
+        return PageOf(items, next_cursor(rows, sort_key=column.key, descending=descending, limit=limit))
 
     async def submit_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
         principal = current_principal()
@@ -1480,7 +1481,9 @@ class SalesHandlers:
             proto = v.plan_proto(plan, rows)
             tx.publish(
                 events_pb2.PaymentPlanCreated(
-                    payment_plan=proto, contract_amount=contract_amount.to_proto(), actor=v.actor(principal)
+                    payment_plan=proto,
+                    contract_amount=v.money(contract_amount.amount, contract_amount.currency),
+                    actor=v.actor(principal),
                 ),
                 key=contract_id,
             )
@@ -1678,7 +1681,11 @@ class SalesHandlers:
                 )
             )
         return Receivables(
-            items, next_cursor(rows, sort_key="created_at", limit=limit), outstanding_total, overdue_total, account
+            items,
+            next_cursor(rows, sort_key="created_at", descending=True, limit=limit),
+            outstanding_total,
+            overdue_total,
+            account,
         )
 
     # ------------------------------------------------------------ overdue installments (timer)
@@ -1830,7 +1837,8 @@ class SalesHandlers:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return PageOf(
-            [v.invoice_proto(row) for row in rows[:limit]], next_cursor(rows, sort_key="requested_at", limit=limit)
+            [v.invoice_proto(row) for row in rows[:limit]],
+            next_cursor(rows, sort_key="requested_at", descending=True, limit=limit),
         )
 
     async def issue_invoice(self, invoice_id: str, *, number: str, issued_at: datetime | None) -> sales_pb2.Invoice:
@@ -2065,4 +2073,7 @@ class SalesHandlers:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
-        return PageOf([convert(row) for row in rows[:limit]], next_cursor(rows, sort_key="created_at", limit=limit))
+        return PageOf(
+            [convert(row) for row in rows[:limit]],
+            next_cursor(rows, sort_key="created_at", descending=True, limit=limit),
+        )

@@ -295,7 +295,7 @@ async def _page(
         query, sort_column=column, id_column=id_column, descending=descending, cursor=cursor, limit=size
     )
     rows = list(await conn.execute(query))
-    return rows[:size], next_cursor(rows, sort_key=column.name, limit=size)
+    return rows[:size], next_cursor(rows, sort_key=column.name, descending=descending, limit=size)
 
 
 async def open_ticket_counts(conn: AsyncConnection, agent_ids: list[str]) -> dict[str, int]:

@@ -118,8 +118,8 @@ async def test_the_listing_is_newest_update_first_and_a_search_on_postgres_most_
     [
         "not a cursor",
         cursor_of(["yesterday", "x"]),
-        cursor_of({"sort": "rank", "value": "1e999999", "id": "x"}),
-        cursor_of({"sort": "updated_at", "value": [1], "id": "x"}),
+        cursor_of({"sort": "-rank", "value": "1e999999", "id": "x"}),
+        cursor_of({"sort": "-updated_at", "value": [1], "id": "x"}),
     ],
     ids=["garbage", "bad-value", "huge-rank", "bad-time"],
 )
@@ -143,7 +143,7 @@ async def test_a_cursor_of_the_listing_is_refused_by_a_ranked_search_on_postgres
         await search(desk_on_postgres, "password", limit=2, cursor=cursor)
 
     assert [(e.field, e.message) for e in caught.value.errors] == [
-        ("cursor", "belongs to a list sorted by updated_at; start again without a cursor")
+        ("cursor", "belongs to a list sorted by -updated_at; start again without a cursor")
     ]
 
 
