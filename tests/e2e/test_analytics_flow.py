@@ -74,7 +74,7 @@ async def test_reports_follow_rest_changes_through_events(stack: RunningStack) -
             first = body["stages"][0]
             return body["opportunities"], body["lost_count"], first["count"], first["amount"]
 
-        await _until(funnel, (2, 1, 1, {"amount": "12000.0000", "currency": "CNY"}))
+        await _until(funnel, (2, 1, 1, {"amount": "12000.00", "currency": "CNY"}))
         funnel_body = _ok(await analyst.get("/api/v1/reports/sales-funnel", params={"team": team}))
         assert funnel_body["win_rate"] == "0.0000" and funnel_body["average_deal_size"] is None
 

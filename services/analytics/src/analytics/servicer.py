@@ -6,6 +6,7 @@ from typing import Any
 from crm.analytics.v1 import analytics_service_pb2 as pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceServicer
 from crm.common.v1 import common_pb2
+from crm_platform.money import amount_text
 from crm_platform.timeutil import from_timestamp, to_timestamp
 
 from analytics import domain
@@ -20,9 +21,10 @@ def decimal_text(value: Decimal | None) -> str:
 
 
 def money(amount: Decimal | None, currency: str) -> common_pb2.Money | None:
+    """Money as the rest of the API shows it: in the currency's minor unit ("12000.00", "849")."""
     if amount is None:
         return None
-    return common_pb2.Money(amount=format(amount, "f"), currency=currency)
+    return common_pb2.Money(amount=amount_text(amount, currency), currency=currency)
 
 
 def report_filter(message: pb.ReportFilter) -> ReportFilter:

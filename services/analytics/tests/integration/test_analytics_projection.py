@@ -290,35 +290,35 @@ def expected(s: Scenario) -> dict[str, Any]:
         "funnel": {
             "stages": [
                 # O1 2 days, O2 3 days, O3 3 days in initial_contact; O1 and O3 moved on, O2 was lost.
-                {"stage": "initial_contact", "amount": cny("0"), "reached": "3",
+                {"stage": "initial_contact", "amount": cny("0.00"), "reached": "3",
                  "conversionToNext": "0.6667", "meanDaysInStage": "2.67"},
-                {"stage": "needs_confirmed", "amount": cny("0"), "reached": "1",
+                {"stage": "needs_confirmed", "amount": cny("0.00"), "reached": "1",
                  "conversionToNext": "1.0000", "meanDaysInStage": "8.00"},
-                {"stage": "solution_demo", "count": "1", "amount": cny("3000.0000"), "reached": "1",
+                {"stage": "solution_demo", "count": "1", "amount": cny("3000.00"), "reached": "1",
                  "conversionToNext": "0.0000"},
-                {"stage": "quote_negotiation", "amount": cny("0")},
-                {"stage": "contract_signing", "amount": cny("0")},
-                {"stage": "won", "count": "1", "amount": cny("12000.0000"), "reached": "1"},
-                {"stage": "lost", "count": "1", "amount": cny("8000.0000"), "reached": "1"},
+                {"stage": "quote_negotiation", "amount": cny("0.00")},
+                {"stage": "contract_signing", "amount": cny("0.00")},
+                {"stage": "won", "count": "1", "amount": cny("12000.00"), "reached": "1"},
+                {"stage": "lost", "count": "1", "amount": cny("8000.00"), "reached": "1"},
             ],
             "opportunities": "3", "openCount": "1", "wonCount": "1", "lostCount": "1", "winRate": "0.5000",
-            "wonAmount": cny("12000.0000"), "averageDealSize": cny("12000.00"), "meanSalesCycleDays": "10.00",
+            "wonAmount": cny("12000.00"), "averageDealSize": cny("12000.00"), "meanSalesCycleDays": "10.00",
         },
         "sources": {
             "rows": [
                 {"key": "trade_show", "leads": "1", "contacted": "1", "contactedRate": "1.0000", "converted": "1",
-                 "convertedRate": "1.0000", "meanFirstContactHours": "18.00", "wonRevenue": cny("0")},
+                 "convertedRate": "1.0000", "meanFirstContactHours": "18.00", "wonRevenue": cny("0.00")},
                 {"key": "web_form", "leads": "3", "contacted": "2", "contactedRate": "0.6667", "converted": "1",
-                 "convertedRate": "0.3333", "meanFirstContactHours": "3.00", "wonRevenue": cny("12000.0000")},
+                 "convertedRate": "0.3333", "meanFirstContactHours": "3.00", "wonRevenue": cny("12000.00")},
             ]
         },
         "campaigns": {
             "rows": [
                 {"leads": "2", "contacted": "1", "contactedRate": "0.5000", "converted": "1",
-                 "convertedRate": "0.5000", "meanFirstContactHours": "18.00", "wonRevenue": cny("0")},
+                 "convertedRate": "0.5000", "meanFirstContactHours": "18.00", "wonRevenue": cny("0.00")},
                 {"key": f"{t}-c1", "name": "Spring webinar", "leads": "2", "contacted": "2",
                  "contactedRate": "1.0000", "converted": "1", "convertedRate": "0.5000",
-                 "meanFirstContactHours": "3.00", "wonRevenue": cny("12000.0000"), "cost": cny("5000.0000"),
+                 "meanFirstContactHours": "3.00", "wonRevenue": cny("12000.00"), "cost": cny("5000.00"),
                  "roi": "1.4000"},
             ]
         },
@@ -326,10 +326,10 @@ def expected(s: Scenario) -> dict[str, Any]:
             "rows": [
                 # leads L1 (8/8), L2 (4/8) and account A1 (8/8): 2.5 / 3
                 {"ownerId": "r1", "team": t, "activities": "3", "tasks": "2", "tasksCompleted": "1",
-                 "taskCompletionRate": "0.5000", "wonCount": "1", "wonAmount": cny("12000.0000"),
+                 "taskCompletionRate": "0.5000", "wonCount": "1", "wonAmount": cny("12000.00"),
                  "csatResponses": "1", "csatAverage": "5.00", "dataCompleteness": "0.8333"},
                 # leads L3 (3/8), L4 (8/8) and account A2 (2/8): 1.625 / 3
-                {"ownerId": "r2", "team": t, "activities": "1", "wonAmount": cny("0"),
+                {"ownerId": "r2", "team": t, "activities": "1", "wonAmount": cny("0.00"),
                  "csatResponses": "1", "csatAverage": "2.00", "dataCompleteness": "0.5417"},
             ]
         },
@@ -341,8 +341,8 @@ def expected(s: Scenario) -> dict[str, Any]:
             "csatResponses": "2", "csatAverage": "3.50", "csatSatisfiedRate": "0.5000",
         },
         "value": [
-            (f"{t}-A1", "12000.0000", "6000.0000", "low", []),
-            (f"{t}-A2", "0", "0", "high", ["NO_ACTIVITY", "OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"]),
+            (f"{t}-A1", "12000.00", "6000.00", "low", []),
+            (f"{t}-A2", "0.00", "0.00", "high", ["NO_ACTIVITY", "OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"]),
         ],
         "completeness": [("lead", "4", "0.7188"), ("account", "2", "0.6250")],
     }  # fmt: skip
