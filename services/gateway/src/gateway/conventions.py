@@ -7,7 +7,7 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm_platform.errors import ValidationFailed
-from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, MAX_FIGURE, parse_amount, parse_currency
+from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, MAX_FIGURE, amount_text, parse_amount, parse_currency
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -51,7 +51,9 @@ class MoneyIn(BaseModel):
         return _checked_amount(value, info, MAX_AMOUNT)
 
     def proto(self) -> common_pb2.Money:
-        return common_pb2.Money(amount=self.amount, currency=self.currency)
+        # In the currency's minor unit: "100", "1E+2" and "100.00" CNY are one amount, and so one
+        # request to an Idempotency-Key's fingerprint.
+        return common_pb2.Money(amount=amount_text(Decimal(self.amount), self.currency), currency=self.currency)
 
 
 class FigureIn(MoneyIn):

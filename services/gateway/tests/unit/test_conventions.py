@@ -63,6 +63,13 @@ def test_money_is_a_decimal_string_with_an_upper_cased_currency() -> None:
     assert (money.amount, money.currency) == ("12500.50", "CNY")
 
 
+@pytest.mark.parametrize(("amount", "currency", "sent"), [("100", "CNY", "100.00"), ("1E+2", "CNY", "100.00"),
+                                                         ("100.0", "CNY", "100.00"), ("849.00", "JPY", "849")])  # fmt: skip
+def test_money_goes_to_the_services_in_the_currencys_minor_unit(amount: str, currency: str, sent: str) -> None:
+    # One amount written two ways is one request (an Idempotency-Key's fingerprint compares them).
+    assert MoneyIn(amount=amount, currency=currency).proto().amount == sent
+
+
 @pytest.mark.parametrize("amount", ["abc", "NaN", "Infinity", ""])
 def test_money_refuses_what_is_not_a_finite_decimal(amount: str) -> None:
     with pytest.raises(ValidationError) as error:
