@@ -15,6 +15,7 @@
 """
 
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -22,6 +23,7 @@ from typing import Annotated, Any, ClassVar
 
 from crm_platform.structs import Location, unstorable_values
 from fastapi import Request
+from fastapi._compat import field_annotation_is_sequence
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -164,20 +166,23 @@ def prefixed_query_parameters(prefix: str, description: str) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class QueryParameters:
-    """The query parameters a route takes: by name, and every one named with one of `prefixes`."""
+    """The query parameters a route takes: by name, and every one named with one of `prefixes`;
+    `single` are those of `names` that take one value (the others take a list: `?status=a&status=b`)."""
 
     names: frozenset[str]
     prefixes: tuple[str, ...]
+    single: frozenset[str]
 
     def takes(self, name: str) -> bool:
         return name in self.names or name.startswith(self.prefixes)
 
 
-def _declared_query_names(dependant: Dependant) -> Iterator[str]:
+def _declared_query_parameters(dependant: Dependant) -> Iterator[tuple[str, bool]]:
+    """(name, whether it takes a list) of each query parameter `dependant` and its dependencies declare."""
     for parameter in dependant.query_params:
-        yield parameter.alias
+        yield parameter.alias, field_annotation_is_sequence(parameter.field_info.annotation)
     for dependency in dependant.dependencies:
-        yield from _declared_query_names(dependency)
+        yield from _declared_query_parameters(dependency)
 
 
 # Where a route keeps its `QueryParameters`: routes are not hashable, so no cache can be keyed by them.
@@ -190,7 +195,8 @@ def query_parameters(route: APIRoute) -> QueryParameters:
     given to `include_router` are not looked at: the gateway gives none.)"""
     taken: QueryParameters | None = getattr(route, _ROUTE_ATTRIBUTE, None)
     if taken is None:
-        names = set(_declared_query_names(route.dependant))
+        declared = dict(_declared_query_parameters(route.dependant))
+        names = set(declared)
         prefixes: list[str] = []
         for parameter in (route.openapi_extra or {}).get("parameters", []):
             if parameter.get("in") != "query":
@@ -199,7 +205,8 @@ def query_parameters(route: APIRoute) -> QueryParameters:
                 prefixes.append(parameter[NAME_PREFIX])
             else:
                 names.add(parameter["name"])
-        taken = QueryParameters(frozenset(names), tuple(prefixes))
+        single = frozenset(name for name, takes_list in declared.items() if not takes_list)
+        taken = QueryParameters(frozenset(names), tuple(prefixes), single)
         setattr(route, _ROUTE_ATTRIBUTE, taken)
     return taken
 
@@ -207,16 +214,29 @@ def query_parameters(route: APIRoute) -> QueryParameters:
 def unknown_query_parameters(names: Iterable[str]) -> RequestValidationError:
     """The 422 naming query parameters a route does not take."""
     return RequestValidationError(
-        [{"type": "extra_forbidden", "loc": ("query", name), "msg": "unknown query parameter"} for name in names]
+        [
+            {"type": "extra_forbidden", "loc": ("query", name or "(no name)"), "msg": "unknown query parameter"}
+            for name in names
+        ]
     )
 
 
 def reject_unknown_query_parameters(request: Request) -> None:
-    """422 naming each query parameter the matched route does not take (`query_parameters`)."""
+    """422 naming each query parameter the matched route does not take (`query_parameters`), and
+    each one that takes one value but was given several: `?q=a&q=b` would search for b alone."""
     route = request.scope.get("route")
     if not request.scope["query_string"] or not isinstance(route, APIRoute):
         return
     taken = query_parameters(route)
-    unknown = [name for name in request.query_params if not taken.takes(name)]
+    given = Counter(name for name, _ in request.query_params.multi_items())
+    unknown = [name for name in given if not taken.takes(name)]
     if unknown:
         raise unknown_query_parameters(unknown)
+    repeated = [name for name, count in given.items() if count > 1 and name in taken.single]
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"type": "value_error", "loc": ("query", name), "msg": "given more than once; it takes one value"}
+                for name in repeated
+            ]
+        )

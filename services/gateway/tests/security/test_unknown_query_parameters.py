@@ -66,6 +66,31 @@ async def test_a_query_parameter_the_route_does_not_take_is_422_naming_it(
     assert response.json()["errors"] == [{"field": name, "message": "unknown query parameter"} for name in unknown]
 
 
+@pytest.mark.parametrize(
+    ("path", "repeated"),
+    [
+        ("/api/v1/accounts?q=Dup&q=Alpha", ["q"]),
+        ("/api/v1/leads?sort=name&sort=-name&limit=5&limit=6", ["sort", "limit"]),
+    ],
+)
+async def test_a_parameter_taking_one_value_given_several_is_422_naming_it(
+    client: httpx.AsyncClient, path: str, repeated: list[str]
+) -> None:
+    # ?q=Dup&q=Alpha searched for Alpha alone, as if Dup had not been asked for.
+    response = await client.get(path)
+
+    assert response.status_code == 422, response.text
+    message = "given more than once; it takes one value"
+    assert response.json()["errors"] == [{"field": name, "message": message} for name in repeated]
+
+
+async def test_a_query_parameter_without_a_name_is_refused_as_such(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/v1/leads?=x")
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"] == [{"field": "(no name)", "message": "unknown query parameter"}]
+
+
 async def test_a_write_refuses_a_query_parameter_it_does_not_take(client: httpx.AsyncClient) -> None:
     response = await client.post("/api/v1/leads", params={"on_dupliate": "merge"}, json={"name": "Li"})
 
