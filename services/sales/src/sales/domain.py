@@ -639,6 +639,19 @@ CONTRACTS_IN_FORCE = frozenset({ContractStatus.SIGNED, ContractStatus.COMPLETED}
 CONTRACTS_ACCEPTING_PLANS = frozenset({ContractStatus.APPROVED, ContractStatus.SIGNED})
 
 
+def check_same_posting(posted: Money, again: Money, *, reference: str, existing_id: str) -> None:
+    """An ERP posting (payment, invoice) sent again under its external reference is a redelivery
+    only when it carries the same money: another amount under a used reference is another posting,
+    and answering it with the first would hide the ERP's bug (409)."""
+    if posted.currency != again.currency or posted.amount != again.amount:
+        raise Conflict(
+            f"external_reference {reference!r} was posted for {amount_text(posted.amount, posted.currency)} "
+            f"{posted.currency}; {amount_text(again.amount, again.currency)} {again.currency} needs its own reference",
+            existing_id=existing_id,
+            reason="REFERENCE_REUSED",
+        )
+
+
 def check_in_force(status: str, *, contract_id: str, what: str) -> None:
     """Payments and invoices (`what`) need a signed or completed contract: 409 otherwise."""
     if status not in CONTRACTS_IN_FORCE:

@@ -1583,6 +1583,8 @@ class SalesHandlers:
                     existing_id=existing["id"],
                     reason="REFERENCE_REUSED",
                 )
+            posted = Money(existing["amount"], existing["currency"])
+            d.check_same_posting(posted, amount, reference=reference, existing_id=existing["id"])
             return v.payment_proto(existing), False
         # A completed contract is in force but paid in full: check_payment refuses an over-payment.
         d.check_in_force(contract["status"], contract_id=contract_id, what="payments")
@@ -1953,6 +1955,8 @@ class SalesHandlers:
                     existing_id=existing["id"],
                     reason="REFERENCE_REUSED",
                 )
+            posted = Money(existing["amount"], existing["currency"])
+            d.check_same_posting(posted, amount, reference=reference, existing_id=existing["id"])
             return v.invoice_proto(existing), False
         if invoice_id:
             row = await self._invoice_row(tx.conn, invoice_id, lock=True)

@@ -783,6 +783,11 @@ async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock
         )
         assert created and not created_again and again.id == first.id
         assert [(a.amount.amount) for a in first.allocations] == ["30000.00", "15000.00"]
+        with pytest.raises(Conflict) as reused:  # another amount under a posted reference: another payment
+            await sales.record_payment(
+                contract_id=contract_id, amount=cny("45"), received_at=None, method="wire", external_reference="BANK-1"
+            )
+        assert "was posted for 45000.00 CNY" in reused.value.detail
         with pytest.raises(ValidationFailed) as over:
             await sales.record_payment(
                 contract_id=contract_id, amount=cny("45000.01"), received_at=None, method="", external_reference="B-2"

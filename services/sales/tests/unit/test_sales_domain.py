@@ -630,3 +630,12 @@ def test_rotting_rule() -> None:
     assert d.is_rotting("open", stage, start, start + timedelta(days=3, seconds=1))
     assert not d.is_rotting("won", stage, start, start + timedelta(days=30))
     assert not d.is_rotting("open", d.Stage("s", "S", Decimal(10)), start, start + timedelta(days=300))
+
+
+def test_an_erp_posting_sent_again_under_its_reference_must_carry_the_same_money() -> None:
+    posted = cny("100")
+    d.check_same_posting(posted, Money(Decimal("100.00"), "CNY"), reference="P1", existing_id="pay-1")
+    for other in (cny("200"), Money(Decimal("100"), "USD")):
+        with pytest.raises(Conflict) as refused:
+            d.check_same_posting(posted, other, reference="P1", existing_id="pay-1")
+        assert refused.value.reason == "REFERENCE_REUSED"
