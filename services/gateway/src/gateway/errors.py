@@ -118,6 +118,9 @@ def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
         wait = RETRY_AFTER_SECONDS if remote.retry_after is None else str(remote.retry_after)
         headers = {"Retry-After": wait}
     detail = remote.message if status < 500 or status in (503, 504) else "internal error"
+    if any(e.field in _HEADER_FIELDS for e in remote.field_errors):
+        # The service's message names its fields ("idempotency_key: ..."): say it as `errors` does.
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[: len(remote.field_errors)])
     return problem(status, detail, errors=errors or None, headers=headers, extra=extra or None, instance=instance)
 
 

@@ -1,0 +1,39 @@
+"""A service's refusal as the gateway answers it: the fields the gateway fills from a header are
+named as the header, in `errors` and in `detail` alike."""
+
+import json
+
+import grpc
+import pytest
+from crm_platform.errors import FieldError
+from crm_platform.grpc_errors import RemoteError
+from gateway.errors import remote_problem
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_reused_idempotency_key_is_named_as_the_header_in_errors_and_detail() -> None:
+    remote = RemoteError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message="idempotency_key: was used with a different request",
+        field_errors=[FieldError("idempotency_key", "was used with a different request")],
+    )
+
+    body = json.loads(remote_problem(remote, "/api/v1/tickets").body)
+
+    assert body["status"] == 422
+    assert body["errors"] == [{"field": "Idempotency-Key", "message": "was used with a different request"}]
+    assert body["detail"] == "Idempotency-Key: was used with a different request"
+
+
+def test_other_fields_keep_the_services_detail() -> None:
+    remote = RemoteError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message="custom.x: is not a defined custom field",
+        field_errors=[FieldError("custom.x", "is not a defined custom field")],
+    )
+
+    body = json.loads(remote_problem(remote).body)
+
+    assert body["detail"] == "custom.x: is not a defined custom field"
+    assert body["errors"] == [{"field": "custom.x", "message": "is not a defined custom field"}]
