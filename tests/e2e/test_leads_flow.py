@@ -98,6 +98,30 @@ async def test_capture_assign_contact_convert_with_events(stack: RunningStack) -
         )
 
 
+async def test_a_conversion_into_a_pipeline_that_does_not_exist_is_a_422_naming_it(stack: RunningStack) -> None:
+    """The sales service checks the pipeline: its refusal reaches the caller naming the body's field,
+    and the conversion is undone (a retry with a pipeline that exists converts the lead)."""
+    async with (
+        client(stack, "mgr-pipe", ["sales_manager"]) as manager,
+        client(stack, "rep-pipe", ["sales_rep"]) as rep,
+    ):
+        created = await manager.post("/api/v1/leads", json={"name": "Qian Li", "company": "Qian Valves"})
+        assert created.status_code == 201, created.text
+        lead_id = created.json()["id"]
+        assigned = await manager.post(f"/api/v1/leads/{lead_id}/assign", json={"owner_id": "rep-pipe"})
+        assert assigned.status_code == 200, assigned.text
+
+        body = {"opportunity": {"name": "Valves", "pipeline_id": "no-such-pipeline"}}
+        refused = await rep.post(f"/api/v1/leads/{lead_id}/convert", json=body)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["errors"] == [
+            {"field": "opportunity.pipeline_id", "message": "pipeline no-such-pipeline does not exist"}
+        ]
+        assert (await rep.get(f"/api/v1/leads/{lead_id}")).json()["status"] != "converted"
+        converted = await rep.post(f"/api/v1/leads/{lead_id}/convert", json={"opportunity": {"name": "Valves"}})
+        assert converted.status_code == 200, converted.text
+
+
 async def test_bad_input_names_the_field(stack: RunningStack) -> None:
     async with client(stack, "mgr-bad", ["sales_manager"]) as manager:
         bad_email = await manager.post("/api/v1/leads", json={"name": "x", "email": "not-an-email"})

@@ -60,6 +60,13 @@ class ValidationFailed(CrmError):
         self.errors = errors
 
 
+def missing_reference(field: str, resource: str, record_id: str) -> ValidationFailed:
+    """A request body's reference (`field`) to a record that does not exist: a 422 naming the field,
+    not a 404, which is for the record a path addresses. A record outside the caller's record scope
+    answers the same, so the answer never reveals that it exists."""
+    return ValidationFailed([FieldError(field, f"{resource} {record_id} does not exist")])
+
+
 class PermissionDenied(CrmError):
     def __init__(self, detail: str, *, field: str = "") -> None:
         super().__init__(detail)

@@ -12,7 +12,15 @@ from crm_platform import idempotency
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    FieldError,
+    NotFound,
+    StaleVersion,
+    ValidationFailed,
+    missing_reference,
+)
 from crm_platform.ids import new_id
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.principal import (
@@ -116,10 +124,13 @@ async def custom_filters(
 # --- accounts --------------------------------------------------------------------------------------
 
 
-async def _live_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False) -> Any:
-    """A visible, not merged account (pool accounts are visible to everyone), else NotFound/Conflict."""
+async def _live_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False, field: str = "") -> Any:
+    """A visible, not merged account (pool accounts are visible to everyone), else NotFound/Conflict;
+    an account a request's body names in `field` that is not there is a 422 naming the field instead."""
     row = await repo.get_account(conn, account_id, for_update=for_update)
     if row is None or not (row.in_pool or _visible(current_scope(), row)):
+        if field:
+            raise missing_reference(field, "account", account_id)
         raise NotFound("account", account_id)
     if row.merged_into_id:
         raise Conflict(
@@ -134,9 +145,8 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
     if not parent_id:
         return
     parent = await repo.get_account(conn, parent_id)
-    # A parent the caller may not see answers as a missing one: never reveal that an id exists.
     if parent is None or parent.merged_into_id or not (parent.in_pool or _visible(current_scope(), parent)):
-        raise ValidationFailed([FieldError("parent_id", f"account {parent_id} does not exist")])
+        raise missing_reference("parent_id", "account", parent_id)
     if domain.parent_cycle(account_id, parent_id, await repo.parent_chain(conn, parent_id)):
         raise ValidationFailed([FieldError("parent_id", "would make the account hierarchy a cycle")])
 
@@ -372,13 +382,12 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         if earlier is not None:
             return {"survivor": await repo.get_account(tx.conn, earlier), "contacts": [], "activities": 0, "tasks": 0}
         # Lock in id order so two merges touching the same pair cannot deadlock.
-        rows = {}
-        for account_id in sorted({survivor_id, duplicate_id}):
-            row = await repo.get_account(tx.conn, account_id, for_update=True)
-            if row is None or not _visible(current_scope(), row):
-                raise NotFound("account", account_id)
-            rows[account_id] = row
+        rows = {i: await repo.get_account(tx.conn, i, for_update=True) for i in sorted({survivor_id, duplicate_id})}
         survivor, duplicate = rows[survivor_id], rows[duplicate_id]
+        if survivor is None or not _visible(current_scope(), survivor):
+            raise NotFound("account", survivor_id)
+        if duplicate is None or not _visible(current_scope(), duplicate):
+            raise missing_reference("duplicate_id", "account", duplicate_id)
         _fail(
             domain.check_merge(
                 survivor_id=survivor_id,
@@ -746,7 +755,7 @@ async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
     await repo.share_lock_accounts(conn, [survivor_id])
     row = await repo.get_account(conn, survivor_id) if survivor_id else None
     if row is None or row.merged_into_id or not (row.in_pool or _visible(current_scope(), row)):
-        raise ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")])
+        raise missing_reference("account_id", "account", account_id)
     return row
 
 
@@ -923,11 +932,7 @@ async def log_activity(
             return (await tx.conn.execute(select(act).where(act.c.id == earlier))).one()
         account = await _live_account(tx.conn, account_id, for_update=True)
         if contact_id:
-            contact = await repo.get_contact(tx.conn, contact_id)
-            if contact is None or contact.account_id != account_id:
-                raise ValidationFailed(
-                    [FieldError("contact_id", f"contact {contact_id} is not on account {account_id}")]
-                )
+            await _referenced_contact(tx.conn, contact_id, account_id=account_id)
         await tx.conn.execute(
             insert(act).values(
                 id=activity_id,
@@ -978,6 +983,21 @@ async def list_activities(ctx: Context, *, account_id: str, contact_id: str, pag
         return repo.page_result(rows, page)
 
 
+async def _referenced_contact(conn: AsyncConnection, contact_id: str, *, account_id: str) -> None:
+    """Checks a contact a request's body names (`contact_id`): live and in the caller's scope (else
+    it answers as missing), and on `account_id` when the record it goes on has an account."""
+    contact = await repo.get_contact(conn, contact_id)
+    # A contact left live on a deleted account by an older release is gone with it.
+    if (
+        contact is None
+        or not _visible(current_scope(), contact)
+        or await repo.get_account(conn, contact.account_id) is None
+    ):
+        raise missing_reference("contact_id", "contact", contact_id)
+    if account_id and contact.account_id != account_id:
+        raise ValidationFailed([FieldError("contact_id", f"contact {contact_id} is not on account {account_id}")])
+
+
 # --- tasks ------------------------------------------------------------------------------------------------
 
 
@@ -992,9 +1012,12 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         if earlier is not None:
             return (await tx.conn.execute(select(t).where(t.c.id == earlier))).one()
         team, region = principal.team, principal.region
-        if values.get("account_id"):
-            account = await _live_account(tx.conn, values["account_id"])
+        account_id = values.get("account_id", "")
+        if account_id:
+            account = await _live_account(tx.conn, account_id, field="account_id")
             team, region = account.team or team, account.region
+        if values.get("contact_id"):
+            await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)
         await tx.conn.execute(
             insert(t).values(
                 id=task_id,
@@ -1033,8 +1056,13 @@ async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, exp
     async with ctx.uow.begin() as tx:
         row = await _visible_task(tx.conn, task_id)
         _check_version("task", row, expected_version)
-        if values.get("account_id"):
-            await _live_account(tx.conn, values["account_id"])
+        # Only a new account or contact is checked, as an account's parent is: saving the task as it
+        # was read keeps one that left the caller's scope since.
+        account_id = values.get("account_id", row.account_id)
+        if account_id and account_id != row.account_id:
+            await _live_account(tx.conn, account_id, field="account_id")
+        if values.get("contact_id") and values["contact_id"] != row.contact_id:
+            await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)
         await tx.conn.execute(
             update(t).where(t.c.id == task_id).values(**values, updated_at=ctx.clock(), version=row.version + 1)
         )

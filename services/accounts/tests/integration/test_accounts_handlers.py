@@ -256,6 +256,109 @@ async def test_an_unchanged_parent_outside_the_callers_scope_is_kept(ctx: Contex
     assert (saved.name, saved.parent_id) == ("Rep One Branch East", others.id)
 
 
+# --- other records a request's body names -----------------------------------------------------------------
+
+
+def refusals(caught: pytest.ExceptionInfo[ValidationFailed]) -> list[tuple[str, str]]:
+    return [(e.field, e.message) for e in caught.value.errors]
+
+
+async def test_a_tasks_account_missing_or_outside_the_callers_scope_is_a_422_naming_it(ctx: Context) -> None:
+    others = await new_account(ctx, REP2, "Rep Two Holding")
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    task = await new_task(ctx, REP1, "", "call back")
+    with acting_as(*REP1):
+        for account_id in (others.id, "no-such-account"):
+            with pytest.raises(ValidationFailed) as on_create:
+                await handlers.create_task(ctx, {"title": "visit", "account_id": account_id}, idempotency_key="")
+            with pytest.raises(ValidationFailed) as on_update:
+                await handlers.update_task(ctx, task.id, {"account_id": account_id}, expected_version=0)
+            expected = [("account_id", f"account {account_id} does not exist")]
+            assert refusals(on_create) == refusals(on_update) == expected
+        moved = await handlers.update_task(ctx, task.id, {"account_id": mine.id}, expected_version=0)
+    assert moved.account_id == mine.id
+
+
+async def test_an_unchanged_task_account_outside_the_callers_scope_is_kept(ctx: Context) -> None:
+    """A manager put the rep's task on another rep's account: the rep may still save the task as they read it."""
+    others = await new_account(ctx, REP2, "Rep Two Holding")
+    task = await new_task(ctx, REP1, "", "call back")
+    with acting_as(*MANAGER):
+        await handlers.update_task(ctx, task.id, {"account_id": others.id}, expected_version=0)
+    with acting_as(*REP1):
+        saved = await handlers.update_task(
+            ctx, task.id, {"title": "call back today", "account_id": others.id}, expected_version=0
+        )
+    assert (saved.title, saved.account_id) == ("call back today", others.id)
+
+
+async def test_a_contact_missing_or_outside_the_callers_scope_is_a_422_naming_it(ctx: Context) -> None:
+    """The contact of a task or of an activity."""
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    dora = await new_contact(ctx, REP1, mine.id, "Dora")
+    hidden = await new_contact(ctx, REP2, (await new_account(ctx, REP2, "Rep Two Holding")).id, "Hal")
+    task = await new_task(ctx, REP1, mine.id, "call back")
+
+    async def log(contact_id: str) -> Any:
+        return await handlers.log_activity(
+            ctx, account_id=mine.id, contact_id=contact_id, kind="call", subject="", notes="", occurred_at=None,
+            idempotency_key="",
+        )  # fmt: skip
+
+    with acting_as(*REP1):
+        for contact_id in (hidden.id, "no-such-contact"):
+            with pytest.raises(ValidationFailed) as on_create:
+                await handlers.create_task(ctx, {"title": "visit", "contact_id": contact_id}, idempotency_key="")
+            with pytest.raises(ValidationFailed) as on_update:
+                await handlers.update_task(ctx, task.id, {"contact_id": contact_id}, expected_version=0)
+            with pytest.raises(ValidationFailed) as on_activity:
+                await log(contact_id)
+            expected = [("contact_id", f"contact {contact_id} does not exist")]
+            assert refusals(on_create) == refusals(on_update) == refusals(on_activity) == expected
+        made = await handlers.create_task(
+            ctx, {"title": "visit", "account_id": mine.id, "contact_id": dora.id}, idempotency_key=""
+        )
+        updated = await handlers.update_task(ctx, task.id, {"contact_id": dora.id}, expected_version=0)
+        logged = await log(dora.id)
+    assert made.contact_id == updated.contact_id == logged.contact_id == dora.id
+
+
+async def test_a_contact_of_another_account_than_the_records_is_named_as_such(ctx: Context) -> None:
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    elsewhere = await new_account(ctx, REP1, "Rep One Plant")
+    eve = await new_contact(ctx, REP1, elsewhere.id, "Eve")
+    with acting_as(*REP1), pytest.raises(ValidationFailed) as caught:
+        await handlers.create_task(
+            ctx, {"title": "visit", "account_id": mine.id, "contact_id": eve.id}, idempotency_key=""
+        )
+    assert refusals(caught) == [("contact_id", f"contact {eve.id} is not on account {mine.id}")]
+
+
+async def test_a_contact_left_live_on_a_deleted_account_does_not_exist_for_a_task(ctx: Context) -> None:
+    beta = await new_account(ctx, REP1, "Beta")
+    dora = await new_contact(ctx, REP1, beta.id, "Dora")
+    async with ctx.uow.engine.begin() as conn:
+        await conn.execute(update(repo.accounts).where(repo.accounts.c.id == beta.id).values(deleted_at=utcnow()))
+    with acting_as(*REP1), pytest.raises(ValidationFailed) as caught:
+        await handlers.create_task(ctx, {"title": "visit", "contact_id": dora.id}, idempotency_key="")
+    assert refusals(caught) == [("contact_id", f"contact {dora.id} does not exist")]
+
+
+async def test_a_merges_duplicate_missing_or_outside_the_callers_scope_is_a_422_naming_it(ctx: Context) -> None:
+    mine = await new_account(ctx, REP1, "Acme")
+    twin = await new_account(ctx, REP1, "Acme Trading")
+    others = await new_account(ctx, REP2, "Acme Holding")
+    with acting_as(*REP1):
+        for duplicate_id in (others.id, "no-such-account"):
+            with pytest.raises(ValidationFailed) as caught:
+                await handlers.merge_accounts(ctx, mine.id, duplicate_id, idempotency_key="")
+            assert refusals(caught) == [("duplicate_id", f"account {duplicate_id} does not exist")]
+        with pytest.raises(NotFound):  # the survivor is the account the request addresses (its path)
+            await handlers.merge_accounts(ctx, "no-such-account", twin.id, idempotency_key="")
+        merged = await handlers.merge_accounts(ctx, mine.id, twin.id, idempotency_key="")
+    assert merged["survivor"].id == mine.id
+
+
 # --- activities -----------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
+from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -173,6 +174,13 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     return problem(422, "the request has invalid fields", errors=errors, instance=request.url.path)
 
 
+async def _validation_failed(request: Request, error: Exception) -> JSONResponse:
+    """A domain ValidationFailed the gateway raises itself answers as one from a service does."""
+    assert isinstance(error, ValidationFailed)
+    errors = [{"field": e.field, "message": e.message} for e in error.errors]
+    return problem(422, error.detail, errors=errors, instance=request.url.path)
+
+
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     headers = dict(error.headers or {})
@@ -194,6 +202,7 @@ async def _unhandled(request: Request, error: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ValidationFailed, _validation_failed)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UpstreamNotConfigured, _not_configured)
     app.add_exception_handler(Exception, _unhandled)

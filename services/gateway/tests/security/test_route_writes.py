@@ -175,6 +175,7 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
 class FakeAccounts(AccountsServiceServicer):
     def __init__(self) -> None:
         self.activity_scopes: list[RecordScope] = []  # the scope each LogActivity was sent under
+        self.merges: list[accounts_pb.MergeAccountsRequest] = []
 
     async def LogActivity(self, request: accounts_pb.LogActivityRequest, context: Any) -> Any:
         self.activity_scopes.append(context_from_metadata(context.invocation_metadata()).scope)
@@ -182,8 +183,15 @@ class FakeAccounts(AccountsServiceServicer):
         return accounts_pb.LogActivityResponse(activity=activity)
 
     async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
+        if request.account_id == "acc-gone":  # or out of the caller's scope: the service answers alike
+            await abort(context, NotFound("account", request.account_id))
         account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
         return accounts_pb.GetAccountResponse(account=account)
+
+    async def MergeAccounts(self, request: accounts_pb.MergeAccountsRequest, context: Any) -> Any:
+        self.merges.append(request)
+        survivor = accounts_pb2.Account(id=request.survivor_id, name="Initech", owner_id="u-1", version=3)
+        return accounts_pb.MergeAccountsResponse(survivor=survivor)
 
     async def TransferAccount(self, request: accounts_pb.TransferAccountRequest, context: Any) -> Any:
         account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id=request.new_owner_id, team="west",
@@ -487,6 +495,27 @@ async def test_an_activity_is_logged_on_an_account_the_caller_may_read(
 
     assert response.status_code == 201, response.text
     assert gateway.accounts.activity_scopes == [scope]  # the service checks the account under it
+
+
+async def test_a_merges_duplicate_the_caller_cannot_read_is_a_422_naming_it_and_nothing_is_merged(
+    gateway: Gateway,
+) -> None:
+    """The gateway reads the duplicate before the merge, for the audit trail: a missing one (or one out
+    of scope) is refused as the service refuses it, a 422 naming the body's field, not a 404."""
+    response = await gateway.client.post(
+        "/api/v1/accounts/acc-1/merge", json={"duplicate_id": "acc-gone"}, headers=gateway.auth("sales_manager")
+    )
+
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["detail"] == "duplicate_id: account acc-gone does not exist"
+    assert problem["errors"] == [{"field": "duplicate_id", "message": "account acc-gone does not exist"}]
+    assert gateway.accounts.merges == []
+    # The survivor is the account the path addresses: not found there.
+    gone = await gateway.client.post(
+        "/api/v1/accounts/acc-gone/merge", json={"duplicate_id": "acc-1"}, headers=gateway.auth("sales_manager")
+    )
+    assert gone.status_code == 404, gone.text
 
 
 @pytest.mark.parametrize(

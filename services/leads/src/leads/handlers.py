@@ -29,6 +29,7 @@ from crm_platform.errors import (
     StaleVersion,
     Unavailable,
     ValidationFailed,
+    missing_reference,
 )
 from crm_platform.ids import new_id
 from crm_platform.money import Money, check_amount
@@ -479,7 +480,7 @@ class LeadsService:
             campaign_id
             and await conn.scalar(select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)) is None
         ):
-            raise ValidationFailed([FieldError(field_name, f"campaign {campaign_id} does not exist")])
+            raise missing_reference(field_name, "campaign", campaign_id)
 
     def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
         score, matched = rules.scorer.score(lead, counts)

@@ -24,6 +24,7 @@ from crm_platform.errors import (
     PermissionDenied,
     Unavailable,
     ValidationFailed,
+    missing_reference,
 )
 from crm_platform.grpc_client import create_channel
 from crm_platform.grpc_errors import from_rpc_error
@@ -95,7 +96,7 @@ class GrpcConversionPorts:
                 "account", self.accounts.GetAccount, accounts_service_pb2.GetAccountRequest(account_id=account_id)
             )
         except NotFound:
-            raise ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")]) from None
+            raise missing_reference("account_id", "account", account_id) from None
 
     async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
         account = accounts_service_pb2.AccountInput(

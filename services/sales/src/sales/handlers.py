@@ -17,7 +17,15 @@ from crm_platform import idempotency
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
-from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    FieldError,
+    NotFound,
+    StaleVersion,
+    ValidationFailed,
+    missing_reference,
+)
 from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.outbox import Transaction, UnitOfWork
@@ -27,6 +35,7 @@ from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import (
     ColumnElement,
     Integer,
+    Table,
     and_,
     case,
     delete,
@@ -190,6 +199,24 @@ async def _claim(conn: AsyncConnection, *, operation: str, key: str, resource_id
     return await _idempotency_keys.claim(conn, operation, key, resource_id, now)
 
 
+async def _referenced(
+    conn: AsyncConnection,
+    table: Table,
+    record_id: str,
+    *,
+    field_name: str,
+    resource: str,
+    scope: RecordScope | None = None,
+    lock: bool = False,
+) -> RowMapping:
+    """A record a request's body names in `field_name`, within `scope`: one not there is a 422 naming
+    the field (`missing_reference`), never the 404 of the record a path addresses."""
+    row = await r.load(conn, table, record_id, scope=scope, lock=lock)
+    if row is None:
+        raise missing_reference(field_name, resource, record_id)
+    return row
+
+
 def _line_currency(line_items: Sequence[dict[str, str]]) -> str | None:
     """The currency of stored line items (validated to be one), None without items."""
     return next((item["currency"] for item in line_items), None)
@@ -349,6 +376,13 @@ class SalesHandlers:
     async def _pipeline(self, conn: AsyncConnection, pipeline_id: str) -> d.Pipeline:
         return v.pipeline_domain(await self._pipeline_row(conn, pipeline_id))
 
+    async def _pipeline_of_new_deals(self, conn: AsyncConnection, pipeline_id: str) -> d.Pipeline:
+        """The pipeline a request's body names (`pipeline_id`) for new deals; without one, the default."""
+        if not pipeline_id:
+            return await self._pipeline(conn, "")
+        row = await _referenced(conn, r.pipelines, pipeline_id, field_name="pipeline_id", resource="pipeline")
+        return v.pipeline_domain(row)
+
     # ------------------------------------------------------------ opportunities
 
     async def create_opportunity(
@@ -368,7 +402,7 @@ class SalesHandlers:
                 )
                 if existing:
                     return v.opportunity_proto(await self._opportunity_row(tx.conn, existing, scope=None))
-            pipeline = await self._pipeline(tx.conn, data.pipeline_id)
+            pipeline = await self._pipeline_of_new_deals(tx.conn, data.pipeline_id)
             definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
             values = self._new_opportunity_values(opportunity_id, data, pipeline, principal, definitions)
             stage = pipeline.stage(values["stage"])
@@ -853,7 +887,7 @@ class SalesHandlers:
         principal = current_principal()
         results: list[ImportResult] = []
         async with self.uow.begin() as tx:
-            pipeline = await self._pipeline(tx.conn, pipeline_id)
+            pipeline = await self._pipeline_of_new_deals(tx.conn, pipeline_id)
             definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
             external_ids = [row.external_id for row in rows if row.external_id]
             existing: dict[str, str] = {}
@@ -1061,7 +1095,14 @@ class SalesHandlers:
                 )
                 if existing:
                     return v.quote_proto(await self._quote_row(tx.conn, existing, scope=None))
-            opportunity = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope())
+            opportunity = await _referenced(
+                tx.conn,
+                r.opportunities,
+                opportunity_id,
+                field_name="opportunity_id",
+                resource="opportunity",
+                scope=current_scope(),
+            )
             chain = d.quote_approval_chain(totals.max_discount_percent, self.quote_thresholds)
             now = self.clock()
             values = {
@@ -1181,7 +1222,14 @@ class SalesHandlers:
                 if existing:
                     return await self._contract_proto(tx.conn, await self._contract_row(tx.conn, existing, scope=None))
             if opportunity_id:
-                opportunity = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope())
+                opportunity = await _referenced(
+                    tx.conn,
+                    r.opportunities,
+                    opportunity_id,
+                    field_name="opportunity_id",
+                    resource="opportunity",
+                    scope=current_scope(),
+                )
                 if opportunity["status"] != d.OpportunityStatus.WON:
                     raise Conflict(
                         f"opportunity {opportunity_id} is {opportunity['status']}; contracts come from won deals",
@@ -1573,7 +1621,9 @@ class SalesHandlers:
         errors += d.check_lengths({"method": method.strip()}, d.CODE_LENGTH)
         if errors:
             raise ValidationFailed(errors)
-        contract = await self._contract_row(tx.conn, contract_id, scope=scope, lock=True)
+        contract = await _referenced(
+            tx.conn, r.contracts, contract_id, field_name="contract_id", resource="contract", scope=scope, lock=True
+        )
         # Checked under the contract lock, so a concurrent posting of the same reference sees ours.
         existing = await r.payment_by_reference(tx.conn, reference)
         if existing is not None:
@@ -1748,7 +1798,15 @@ class SalesHandlers:
                 )
                 if existing:
                     return v.invoice_proto(await self._invoice_row(tx.conn, existing))
-            contract = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            contract = await _referenced(
+                tx.conn,
+                r.contracts,
+                contract_id,
+                field_name="contract_id",
+                resource="contract",
+                scope=current_scope(),
+                lock=True,
+            )
             values = await self._new_invoice(tx, contract, amount, invoice_id=invoice_id)
             proto = v.invoice_proto(values)
             tx.publish(events_pb2.InvoiceRequested(invoice=proto, actor=v.actor(principal)), key=invoice_id)

@@ -31,7 +31,16 @@ from sales import domain as d
 from sales.__main__ import build_handlers
 from sales.config import SalesSettings
 from sales.consumers import SalesConsumers
-from sales.handlers import OPPORTUNITY_ENTITY, ForecastQuery, ImportRow, LineItemIn, OpportunityIn, Page, SalesHandlers
+from sales.handlers import (
+    DEFAULT_PIPELINE_ID,
+    OPPORTUNITY_ENTITY,
+    ForecastQuery,
+    ImportRow,
+    LineItemIn,
+    OpportunityIn,
+    Page,
+    SalesHandlers,
+)
 from sales.repository import custom_fields, metadata
 from sales.testing import Clock, as_user, make_handlers, migrated_engine
 from sqlalchemy import func, select
@@ -133,6 +142,10 @@ async def erp_refuses(sales: SalesHandlers, message: invoices_pb2.ErpInvoiceIssu
 
 def fields_of(error: pytest.ExceptionInfo[ValidationFailed]) -> list[str]:
     return [e.field for e in error.value.errors]
+
+
+def refusals(error: pytest.ExceptionInfo[ValidationFailed]) -> list[tuple[str, str]]:
+    return [(e.field, e.message) for e in error.value.errors]
 
 
 def invoice_row(invoice: sales_pb2.Invoice) -> tuple[str, str, str, str]:
@@ -969,6 +982,70 @@ async def test_account_totals_cover_every_contract_and_lifetime_value_counts_clo
     ]
     assert [e.contract.id for e in finished] == [completed] and finished[0].contract.status == "completed"
     assert [e.contract.id for e in ended] == [terminated] and ended[0].reason == "customer went bankrupt"
+
+
+# ---------------------------------------------------------------- other records a request's body names
+
+
+async def test_a_quotes_or_contracts_opportunity_missing_or_outside_the_scope_is_a_422_naming_it(
+    sales: SalesHandlers,
+) -> None:
+    opportunity_id = await won_deal(sales, owner="alice")
+
+    async def contract_from(deal_id: str) -> sales_pb2.Contract:
+        return await sales.create_contract(
+            idempotency_key="", opportunity_id=deal_id, account_id="", title="", amount=None, owner_id="", team="",
+            region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+
+    with as_user("bob", "sales_rep", scope="own"):
+        for deal_id in (opportunity_id, "no-such-deal"):
+            with pytest.raises(ValidationFailed) as quote:
+                await sales.create_quote(idempotency_key="", opportunity_id=deal_id, line_items=[item()])
+            with pytest.raises(ValidationFailed) as contract:
+                await contract_from(deal_id)
+            expected = [("opportunity_id", f"opportunity {deal_id} does not exist")]
+            assert refusals(quote) == refusals(contract) == expected
+    with as_user("alice", "sales_rep", scope="own"):
+        quoted = await sales.create_quote(idempotency_key="", opportunity_id=opportunity_id, line_items=[item()])
+        contracted = await contract_from(opportunity_id)
+    assert quoted.opportunity_id == contracted.opportunity_id == opportunity_id
+
+
+async def test_a_payments_or_invoices_contract_missing_or_outside_the_scope_is_a_422_naming_it(
+    sales: SalesHandlers,
+) -> None:
+    contract_id = await signed_contract(sales)  # rep1's
+    with as_user("fin-2", "finance", scope="own"):  # a scope that leaves rep1's contract out
+        for wanted in (contract_id, "no-such-contract"):
+            with pytest.raises(ValidationFailed) as payment:
+                await sales.record_payment(
+                    contract_id=wanted, amount=cny("10"), received_at=None, method="", external_reference=f"R-{wanted}"
+                )
+            with pytest.raises(ValidationFailed) as invoice:
+                await sales.request_invoice(idempotency_key="", contract_id=wanted, amount=cny("10"))
+            expected = [("contract_id", f"contract {wanted} does not exist")]
+            assert refusals(payment) == refusals(invoice) == expected
+    with as_user("fin-1", "finance"):
+        paid, _ = await sales.record_payment(
+            contract_id=contract_id, amount=cny("10"), received_at=None, method="", external_reference="R-1"
+        )
+        invoiced = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("10"))
+    assert paid.contract_id == invoiced.contract_id == contract_id
+
+
+async def test_a_new_deals_pipeline_that_does_not_exist_is_a_422_naming_it(sales: SalesHandlers) -> None:
+    with as_user("admin", "admin"):
+        with pytest.raises(ValidationFailed) as created:
+            await sales.create_opportunity(OpportunityIn(account_id="a", name="n", pipeline_id="no-such-pipeline"))
+        with pytest.raises(ValidationFailed) as imported:
+            await sales.import_opportunities(
+                "no-such-pipeline", [ImportRow("X1", OpportunityIn(account_id="a", name="n"))]
+            )
+        expected = [("pipeline_id", "pipeline no-such-pipeline does not exist")]
+        assert refusals(created) == refusals(imported) == expected
+        deal = await sales.create_opportunity(OpportunityIn(account_id="a", name="n", pipeline_id=DEFAULT_PIPELINE_ID))
+    assert deal.pipeline_id == DEFAULT_PIPELINE_ID
 
 
 # ---------------------------------------------------------------- input sized to its columns

@@ -13,7 +13,15 @@ from crm_platform import idempotency
 from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
-from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import (
+    AlreadyExists,
+    Conflict,
+    FieldError,
+    NotFound,
+    StaleVersion,
+    ValidationFailed,
+    missing_reference,
+)
 from crm_platform.ids import new_id
 from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
@@ -168,7 +176,9 @@ async def _ticket_account(conn: AsyncConnection, account_id: str) -> tuple[str, 
     """The account a ticket for `account_id` goes to: that account or, if it was merged, the one it
     lives on as; and its row in the projection (None: not known, or not yet), share-locked so that
     its deletion or merge waits for the ticket to be written and then closes or moves it. A deleted
-    account takes no tickets."""
+    account takes no tickets. One the projection does not know is taken on purpose: it may have been
+    created a moment ago, its event not here yet. (A ticket's `contact_id` is not checked: this
+    service keeps no contacts.)"""
     if not account_id:
         return "", None
     chain, account = await _merge_chain(conn, account_id, lock="share")
@@ -506,7 +516,7 @@ async def assign_ticket(ctx: Context, ticket_id: str, assignee_id: str, *, expec
                 await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == assignee_id).with_for_update())
             ).first()
             if agent is None:
-                raise ValidationFailed([FieldError("assignee_id", f"{assignee_id!r} is not a service agent")])
+                raise missing_reference("assignee_id", "agent", assignee_id)
             if agent.id != t["assignee_id"]:
                 # A person may send a ticket out of its region or skill; not to someone away or full.
                 open_tickets = (await repo.open_ticket_counts(tx.conn, [agent.id])).get(agent.id, 0)

@@ -6,7 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from crm_platform.errors import Conflict
+from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, SYSTEM, acting_as
 from crm_platform.testing.database import migrated_engine
@@ -113,6 +113,16 @@ async def test_a_ticket_is_not_given_by_hand_to_an_agent_away_or_full(ctx: Conte
         assert caught.value.reason == reason
     # Another region or skill is a person's call to make.
     assert (await handlers.assign_ticket(ctx, second["id"], "south", expected_version=0))["assignee_id"] == "south"
+
+
+async def test_a_ticket_given_by_hand_to_someone_who_is_not_an_agent_is_a_422_naming_the_assignee(
+    ctx: Context,
+) -> None:
+    """Agents are not in a record scope: the only way not to be one is not to exist."""
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "One"}, idempotency_key="", skip_dispatch=True)
+    with pytest.raises(ValidationFailed) as caught:
+        await handlers.assign_ticket(ctx, ticket["id"], "nobody", expected_version=0)
+    assert [(e.field, e.message) for e in caught.value.errors] == [("assignee_id", "agent nobody does not exist")]
 
 
 async def test_a_ticket_closed_without_a_resolution_takes_no_survey(ctx: Context) -> None:

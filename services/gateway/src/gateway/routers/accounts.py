@@ -15,6 +15,7 @@ from crm.sales.v1 import sales_service_pb2
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm.servicedesk.v1 import servicedesk_service_pb2
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
+from crm_platform.errors import missing_reference
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Header, Query, Request, Response
@@ -725,7 +726,13 @@ async def merge_accounts(
 ) -> dict[str, Any]:
     stub = _stub(request)
     survivor = await _account_before(stub, account_id, access)
-    duplicate = await _account_before(stub, body.duplicate_id, access)
+    try:
+        duplicate = await _account_before(stub, body.duplicate_id, access)
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        # The body names the duplicate: not there (or out of scope), it is the 422 the merge answers.
+        raise missing_reference("duplicate_id", "account", body.duplicate_id) from None
     reply = await stub.MergeAccounts(
         pb.MergeAccountsRequest(
             survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key or ""
