@@ -342,7 +342,8 @@ def expected(s: Scenario) -> dict[str, Any]:
         },
         "value": [
             (f"{t}-A1", "12000.00", "6000.00", "low", []),
-            (f"{t}-A2", "0.00", "0.00", "high", ["NO_ACTIVITY", "OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"]),
+            (f"{t}-A2", "0.00", "0.00", "high",
+             ["NO_ACTIVITY", "OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"]),
         ],
         "completeness": [("lead", "4", "0.7188"), ("account", "2", "0.6250")],
     }  # fmt: skip

@@ -63,8 +63,10 @@ def test_money_is_a_decimal_string_with_an_upper_cased_currency() -> None:
     assert (money.amount, money.currency) == ("12500.50", "CNY")
 
 
-@pytest.mark.parametrize(("amount", "currency", "sent"), [("100", "CNY", "100.00"), ("1E+2", "CNY", "100.00"),
-                                                         ("100.0", "CNY", "100.00"), ("849.00", "JPY", "849")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("amount", "currency", "sent"),
+    [("100", "CNY", "100.00"), ("1E+2", "CNY", "100.00"), ("100.0", "CNY", "100.00"), ("849.00", "JPY", "849")],
+)
 def test_money_goes_to_the_services_in_the_currencys_minor_unit(amount: str, currency: str, sent: str) -> None:
     # One amount written two ways is one request (an Idempotency-Key's fingerprint compares them).
     assert MoneyIn(amount=amount, currency=currency).proto().amount == sent
