@@ -27,7 +27,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import CrmError, NotFound, PermissionDenied
+from crm_platform.errors import CrmError, NotFound, PermissionDenied, missing_reference
 from crm_platform.grpc_errors import to_status
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from fastapi import FastAPI
@@ -187,6 +187,12 @@ class FakeAccounts(AccountsServiceServicer):
             await abort(context, NotFound("account", request.account_id))
         account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
         return accounts_pb.GetAccountResponse(account=account)
+
+    async def CreateContact(self, request: accounts_pb.CreateContactRequest, context: Any) -> Any:
+        if request.contact.account_id == "acc-gone":  # as the service refuses a body's unknown account
+            await abort(context, missing_reference("account_id", "account", request.contact.account_id))
+        contact = accounts_pb2.Contact(id="c-1", account_id=request.contact.account_id, name=request.contact.name)
+        return accounts_pb.CreateContactResponse(contact=contact)
 
     async def MergeAccounts(self, request: accounts_pb.MergeAccountsRequest, context: Any) -> Any:
         self.merges.append(request)
@@ -516,6 +522,26 @@ async def test_a_merges_duplicate_the_caller_cannot_read_is_a_422_naming_it_and_
         "/api/v1/accounts/acc-gone/merge", json={"duplicate_id": "acc-1"}, headers=gateway.auth("sales_manager")
     )
     assert gone.status_code == 404, gone.text
+
+
+async def test_a_contact_created_under_an_account_the_path_names_answers_404_when_it_is_not_there(
+    gateway: Gateway,
+) -> None:
+    """POST /contacts names the account in its body (a 422 naming account_id); under
+    /accounts/{account_id}/contacts the path addresses it, and a path's record not found is a 404."""
+    headers = gateway.auth("sales_rep")
+    in_body = await gateway.client.post(
+        "/api/v1/contacts", json={"account_id": "acc-gone", "name": "Li"}, headers=headers
+    )
+    assert in_body.status_code == 422, in_body.text
+    assert in_body.json()["errors"] == [{"field": "account_id", "message": "account acc-gone does not exist"}]
+
+    in_path = await gateway.client.post("/api/v1/accounts/acc-gone/contacts", json={"name": "Li"}, headers=headers)
+    assert in_path.status_code == 404, in_path.text
+    assert in_path.json()["detail"] == "account acc-gone not found"
+
+    created = await gateway.client.post("/api/v1/accounts/acc-1/contacts", json={"name": "Li"}, headers=headers)
+    assert created.status_code == 201, created.text
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from crm_platform.errors import missing_reference
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
-from fastapi import Depends, Header, Query, Request, Response
+from fastapi import Depends, Header, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
@@ -923,7 +923,15 @@ async def create_account_contact(
 ) -> dict[str, Any]:
     check_same_as_path("account_id", body.account_id, account_id)
     values = {**body.model_dump(exclude_none=True), "account_id": account_id}
-    return await _create_contact(values, request, response, access, idempotency_key)
+    try:
+        return await _create_contact(values, request, response, access, idempotency_key)
+    except grpc.aio.AioRpcError as error:
+        # The service refuses an account_id it cannot find (or the caller cannot see) as the body's
+        # field (422); here the path addresses the account, and a path's record not found is a 404.
+        remote = from_rpc_error(error)
+        if remote.code == grpc.StatusCode.INVALID_ARGUMENT and [e.field for e in remote.field_errors] == ["account_id"]:
+            raise HTTPException(404, f"account {account_id} not found") from None
+        raise
 
 
 async def _list_contacts(
