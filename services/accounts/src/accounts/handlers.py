@@ -1061,8 +1061,15 @@ async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, exp
         account_id = values.get("account_id", row.account_id)
         if account_id and account_id != row.account_id:
             await _live_account(tx.conn, account_id, field="account_id")
+        contact_id = values.get("contact_id", row.contact_id)
         if values.get("contact_id") and values["contact_id"] != row.contact_id:
             await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)
+        elif contact_id and account_id and account_id != row.account_id:
+            # The task keeps its contact: it must be one of the new account's.
+            contact = await repo.get_contact(tx.conn, contact_id)
+            if contact is not None and contact.account_id != account_id:
+                message = f"the task's contact {contact_id} is not on account {account_id}: change or clear contact_id"
+                _fail([FieldError("account_id", message)])
         await tx.conn.execute(
             update(t).where(t.c.id == task_id).values(**values, updated_at=ctx.clock(), version=row.version + 1)
         )

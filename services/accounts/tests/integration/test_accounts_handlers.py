@@ -334,6 +334,29 @@ async def test_a_contact_of_another_account_than_the_records_is_named_as_such(ct
     assert refusals(caught) == [("contact_id", f"contact {eve.id} is not on account {mine.id}")]
 
 
+async def test_a_task_moved_to_another_account_keeps_its_contact_only_if_it_is_on_that_account(ctx: Context) -> None:
+    mine = await new_account(ctx, REP1, "Rep One Branch")
+    elsewhere = await new_account(ctx, REP1, "Rep One Plant")
+    dora = await new_contact(ctx, REP1, mine.id, "Dora")
+    eve = await new_contact(ctx, REP1, elsewhere.id, "Eve")
+    with acting_as(*REP1):
+        task = await handlers.create_task(
+            ctx, {"title": "visit", "account_id": mine.id, "contact_id": dora.id}, idempotency_key=""
+        )
+        with pytest.raises(ValidationFailed) as caught:
+            await handlers.update_task(ctx, task.id, {"account_id": elsewhere.id}, expected_version=0)
+        message = f"the task's contact {dora.id} is not on account {elsewhere.id}: change or clear contact_id"
+        assert refusals(caught) == [("account_id", message)]
+        moved = await handlers.update_task(
+            ctx, task.id, {"account_id": elsewhere.id, "contact_id": eve.id}, expected_version=0
+        )
+        cleared = await handlers.update_task(
+            ctx, task.id, {"account_id": mine.id, "contact_id": ""}, expected_version=0
+        )
+    assert (moved.account_id, moved.contact_id) == (elsewhere.id, eve.id)
+    assert (cleared.account_id, cleared.contact_id) == (mine.id, "")
+
+
 async def test_a_contact_left_live_on_a_deleted_account_does_not_exist_for_a_task(ctx: Context) -> None:
     beta = await new_account(ctx, REP1, "Beta")
     dora = await new_contact(ctx, REP1, beta.id, "Dora")
