@@ -122,6 +122,31 @@ async def test_a_conversion_into_a_pipeline_that_does_not_exist_is_a_422_naming_
         assert converted.status_code == 200, converted.text
 
 
+async def test_a_lead_entered_by_mistake_is_deleted_by_its_etag_and_announced(stack: RunningStack) -> None:
+    async with (
+        EventCollector(stack.bootstrap, ["crm.leads.v1"]) as events,
+        client(stack, "mgr-delete", ["sales_manager"]) as manager,
+    ):
+        created = await manager.post("/api/v1/leads", json={"name": "Sun Li", "email": "sun@mistake.cn"})
+        assert created.status_code == 201, created.text
+        lead_id = created.json()["id"]
+        renamed = await manager.patch(f"/api/v1/leads/{lead_id}", json={"name": "Sun Li (typo)"})
+        assert renamed.status_code == 200, renamed.text
+
+        stale = await manager.delete(f"/api/v1/leads/{lead_id}", headers={"If-Match": created.headers["etag"]})
+        assert stale.status_code == 412, stale.text
+        deleted = await manager.delete(f"/api/v1/leads/{lead_id}", headers={"If-Match": renamed.headers["etag"]})
+        assert deleted.status_code == 204, deleted.text
+        assert (await manager.get(f"/api/v1/leads/{lead_id}")).status_code == 404
+
+        records = await events.wait_for(
+            lambda rs: any(r.key == lead_id and r.event_type == "crm.leads.lead.deleted" for r in rs), 60
+        )
+        event = next(r for r in records if r.key == lead_id and r.event_type == "crm.leads.lead.deleted")
+        message = event.decode(events_pb2.LeadDeleted)
+        assert (message.lead_id, message.actor.user_id) == (lead_id, "mgr-delete")
+
+
 async def test_bad_input_names_the_field(stack: RunningStack) -> None:
     async with client(stack, "mgr-bad", ["sales_manager"]) as manager:
         bad_email = await manager.post("/api/v1/leads", json={"name": "x", "email": "not-an-email"})

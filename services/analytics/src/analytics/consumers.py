@@ -30,7 +30,7 @@ from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.timeutil import from_timestamp
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import update
+from sqlalchemy import delete, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from analytics import domain
@@ -97,6 +97,14 @@ async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadAct
         },
         keys=["id"],
     )
+
+
+async def apply_lead_deleted(conn: AsyncConnection, lead_id: str) -> None:
+    """The lead and its activities leave every report, as they left the leads service. The rows go
+    rather than carry a flag (as accounts do, whose merges still resolve through them): a lead's
+    events share its key, so no event of it can come after its deletion to bring it back."""
+    await conn.execute(delete(repo.activities).where(repo.activities.c.lead_id == lead_id))
+    await conn.execute(delete(repo.leads).where(repo.leads.c.id == lead_id))
 
 
 async def apply_campaign(conn: AsyncConnection, campaign: leads_pb2.Campaign) -> None:
@@ -239,6 +247,12 @@ async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) 
         keys=["id"],
         versioned=True,
     )
+
+
+async def apply_opportunity_deleted(conn: AsyncConnection, opportunity_id: str) -> None:
+    """A deal entered by mistake leaves the funnel and the revenue (sales deletes none with a
+    contract, so no contract row refers to it); gone for good, as a deleted lead."""
+    await conn.execute(delete(repo.opportunities).where(repo.opportunities.c.id == opportunity_id))
 
 
 def _iso(stamp: Timestamp) -> str | None:
@@ -429,6 +443,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         leads_events.LeadRecycled: lead,
         leads_events.LeadConverted: lead,
         leads_events.LeadDisqualified: lead,
+        leads_events.LeadDeleted: _on(apply_lead_deleted, lambda m: m.lead_id),
         leads_events.CampaignCreated: campaign,
         leads_events.CampaignUpdated: campaign,
         accounts_events.AccountCreated: account,
@@ -448,6 +463,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         sales_events.OpportunityStageChanged: deal,
         sales_events.OpportunityWon: deal,
         sales_events.OpportunityLost: deal,
+        sales_events.OpportunityDeleted: _on(apply_opportunity_deleted, lambda m: m.opportunity_id),
         sales_events.ContractCreated: contract,
         sales_events.ContractSubmitted: contract,
         sales_events.ContractApproved: contract,

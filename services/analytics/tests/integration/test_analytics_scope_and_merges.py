@@ -284,6 +284,44 @@ async def test_a_lead_in_scope_brings_no_revenue_of_a_deal_out_of_scope(engine: 
     assert await revenue(ALL_RECORDS) == [("web_form", 1, Decimal(900))]
 
 
+async def test_a_deleted_lead_and_a_deleted_deal_leave_the_reports_even_when_redelivered(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    def lead(lead_id: str, source: str) -> leads_pb2.Lead:
+        return leads_pb2.Lead(
+            id=lead_id, source=source, owner_id="r1", team="A", region="east", status="contacted",
+            first_contacted_at=days_ago(2), created_at=days_ago(3), version=2,
+        )  # fmt: skip
+
+    def call(activity_id: str, lead_id: str) -> leads_pb2.LeadActivity:
+        return leads_pb2.LeadActivity(
+            id=activity_id, lead_id=lead_id, kind="call", actor_id="r1", occurred_at=days_ago(2)
+        )
+
+    kept, deleted = lead("L1", "web_form"), lead("L2", "trade_show")
+    await deliver(
+        engine,
+        [
+            leads_events.LeadContacted(lead=kept, activity=call("LA1", "L1")),
+            leads_events.LeadContacted(lead=deleted, activity=call("LA2", "L2")),
+            won("O1", "A1", "r1", "A", "900"),
+            won("O2", "A1", "r1", "A", "300"),
+        ],
+    )
+    gone = [
+        leads_events.LeadDeleted(lead_id="L2"),
+        sales_events.OpportunityDeleted(opportunity_id="O2", account_id="A1"),
+    ]
+    await deliver(engine, gone + gone)  # a redelivery under another event id deletes nothing more
+
+    with acting_as(*ADMIN):
+        sources = await reports.lead_sources(ReportFilter(), by_campaign=False)
+        funnel = await reports.sales_funnel(ReportFilter())
+    assert [(row.key, row.leads, row.contacted) for row in sources] == [("web_form", 1, 1)]
+    assert (funnel.opportunities, funnel.won_count, funnel.won_amount) == (1, 1, Decimal(900))
+    assert await rep_rows(reports, ALL_RECORDS, ReportFilter()) == [("r1", "A", 1, 0, 1, Decimal(900), 0)]
+
+
 # -------------------------------------------------------------------------------- account merges
 
 

@@ -47,6 +47,7 @@ class FakeLeads(LeadsServiceServicer):
     def __init__(self) -> None:
         self.imports: list[tuple[leads_pb.ImportHeader, bytes]] = []
         self.webform_writes: list[leads_pb.UpdateWebformRequest | leads_pb.RotateWebformKeyRequest] = []
+        self.deletes: list[leads_pb.DeleteLeadRequest] = []
 
     async def ImportLeads(self, request_iterator: AsyncIterator[leads_pb.ImportLeadsRequest], context: Any) -> Any:
         messages = [message async for message in request_iterator]
@@ -96,7 +97,13 @@ class FakeLeads(LeadsServiceServicer):
     LEAD = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="new", owner_id="u-1", team="east")
 
     async def GetLead(self, request: leads_pb.GetLeadRequest, context: Any) -> Any:
+        if request.lead_id != self.LEAD.id:  # as the service answers a lead outside the caller's scope
+            await abort(context, NotFound("lead", request.lead_id))
         return leads_pb.GetLeadResponse(lead=self.LEAD)
+
+    async def DeleteLead(self, request: leads_pb.DeleteLeadRequest, context: Any) -> Any:
+        self.deletes.append(request)
+        return leads_pb.DeleteLeadResponse()
 
     async def UpdateLead(self, request: leads_pb.UpdateLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13912345678", status="new", owner_id="u-1", team="east")
@@ -578,6 +585,29 @@ async def test_a_lead_goes_back_to_the_pool_by_its_owner_or_someone_who_may_assi
     )
 
     assert response.status_code == status, response.text
+
+
+async def test_a_lead_is_deleted_at_its_etags_version_by_who_may_delete_leads_and_audited_as_it_was(
+    gateway: Gateway,
+) -> None:
+    manager = gateway.auth("sales_manager")
+
+    deleted = await gateway.client.delete("/api/v1/leads/l-1", headers={**manager, "If-Match": '"7"'})
+    elsewhere = await gateway.client.delete("/api/v1/leads/l-2", headers=manager)
+    by_a_rep = await gateway.client.delete("/api/v1/leads/l-1", headers=gateway.auth("sales_rep"))
+
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (elsewhere.status_code, by_a_rep.status_code) == (404, 403)
+    assert [(request.lead_id, request.expected_version) for request in gateway.leads.deletes] == [("l-1", 7)]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
+        ("denied", "", "denied"),
+        ("denied", "l-2", "denied"),
+        ("delete", "l-1", "allowed"),
+    ]
+    audited = rows[-1]
+    assert audited["after"] is None
+    assert (audited["before"]["name"], audited["before"]["phone"]) == ("Li", "138****5678")  # masked as on any write
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,19 @@ def ensure_open(status: str, action: str) -> None:
         raise Conflict(f"cannot {action} a lead in status {status}", reason="ILLEGAL_TRANSITION")
 
 
+def ensure_deletable(status: str, conversion_state: str | None) -> None:
+    """A converted lead stays: the account, contact and opportunity it became point back at it.
+    Nor may a lead go while a conversion attempt holds records upstream that only its saga can undo
+    (`conversion_state` is that of its saga row, None without one)."""
+    if status == "converted":
+        raise Conflict("cannot delete a converted lead: disqualify it instead", reason="LEAD_CONVERTED")
+    if conversion_state in ("running", "compensating"):
+        raise Conflict(
+            "cannot delete a lead while its conversion is under way: retry the conversion or wait for it",
+            reason="CONVERSION_IN_PROGRESS",
+        )
+
+
 def status_after_activity(status: str, kind: str) -> str:
     """A contact activity moves a new (or recycled) lead to `contacted`; other statuses stay."""
     if kind in CONTACT_KINDS and status in ("new", "recycled"):

@@ -1144,6 +1144,31 @@ class LeadsService:
             )
             return row
 
+    async def delete_lead(self, lead_id: str, expected_version: int) -> None:
+        """Deletes a lead with what is only its own: activities, tasks, score history and an undone
+        conversion attempt. Everything else follows the row: the owner loads by the triggers on
+        `leads` (migration 0006), while the pool, the timers and the dedupe probe read `leads` itself."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            # The lead's dedupe keys before its row, in the order a create takes them: a create of
+            # the same email or phone waits for this delete and then finds no duplicate, rather than
+            # finding this lead and answering (or merging into) a lead that no longer exists.
+            c = repo.leads.c
+            keys = (await conn.execute(select(c.email_norm, c.phone_norm).where(c.id == lead_id))).first()
+            await repo.lock_dedupe_keys(conn, [k for k in keys or () if k])
+            lead = await self._visible_lead(conn, lead_id, for_update=True)
+            if expected_version and lead["version"] != expected_version:
+                raise StaleVersion(LEAD, lead_id, lead["version"])
+            saga_state = await conn.scalar(
+                select(repo.conversions.c.state).where(repo.conversions.c.lead_id == lead_id).with_for_update()
+            )
+            domain.ensure_deletable(lead["status"], saga_state)
+            for table in (repo.activities, repo.tasks, repo.score_history, repo.conversions):
+                await conn.execute(delete(table).where(table.c.lead_id == lead_id))
+            await conn.execute(delete(repo.leads).where(repo.leads.c.id == lead_id))
+            tx.publish(events_pb2.LeadDeleted(lead_id=lead_id, actor=actor(principal)), key=lead_id)
+
     async def list_pool(
         self, *, region: str, industry: str, source: str, limit: int, cursor: str
     ) -> tuple[list[RowMapping], str]:

@@ -273,6 +273,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         row = await self.service.disqualify(request.lead_id, request.reason, request.expected_version)
         return leads_service_pb2.DisqualifyLeadResponse(lead=messages.lead_to_proto(row))
 
+    async def DeleteLead(
+        self, request: leads_service_pb2.DeleteLeadRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteLeadResponse:
+        await self.service.delete_lead(request.lead_id, request.expected_version)
+        return leads_service_pb2.DeleteLeadResponse()
+
     async def ConvertLead(
         self, request: leads_service_pb2.ConvertLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ConvertLeadResponse:

@@ -39,6 +39,7 @@ router = ResourceRouter(tags=["leads"])
 LeadsRead = Annotated[Access, Depends(require("leads", "read"))]
 LeadsCreate = Annotated[Access, Depends(require("leads", "create"))]
 LeadsUpdate = Annotated[Access, Depends(require("leads", "update"))]
+LeadsDelete = Annotated[Access, Depends(require("leads", "delete"))]
 LeadsAssign = Annotated[Access, Depends(require("leads", "assign"))]
 CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
 CampaignsCreate = Annotated[Access, Depends(require("campaigns", "create"))]
@@ -610,6 +611,20 @@ async def update_lead(
     await access.audit_write(lead_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+@router.delete("/leads/{lead_id}", status_code=204)
+async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_match: IfMatch = "") -> Response:
+    """A lead entered by mistake or to be erased, with its activities and tasks (409 when converted:
+    the records it became point back at it, so disqualify it instead)."""
+    stub = _stub(request)
+    before = await _lead_before(stub, lead_id, access)
+    await stub.DeleteLead(
+        pb.DeleteLeadRequest(lead_id=lead_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(lead_id, before, None)
+    return Response(status_code=204)
 
 
 @router.post("/leads/{lead_id}/activities", status_code=201)
