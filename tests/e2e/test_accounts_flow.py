@@ -67,6 +67,16 @@ async def test_account_flow_through_the_gateway_with_events(stack: RunningStack)
         assert [a["id"] for a in in_segment["items"]] == [acme["id"]]
         by_tag = _ok(await r1.get("/api/v1/accounts", params={"tag": f"key-{run}"}))
         assert [a["id"] for a in by_tag["items"]] == [acme["id"]]
+        # The segment changes at the version its ETag carried; a stale one is refused.
+        etag = (await r1.get(f"/api/v1/segments/{segment['id']}")).headers["ETag"]
+        renamed = await r1.patch(
+            f"/api/v1/segments/{segment['id']}", json={"name": "key accounts"}, headers={"If-Match": etag}
+        )
+        assert _ok(renamed)["name"] == "key accounts" and renamed.headers["ETag"] != etag
+        stale_segment = await r1.patch(
+            f"/api/v1/segments/{segment['id']}", json={"name": "x"}, headers={"If-Match": etag}
+        )
+        assert stale_segment.status_code == 412
 
         released = _ok(await r1.post(f"/api/v1/accounts/{acme['id']}/release", json={"reason": "no budget"}))
         assert released["in_pool"] and released["owner_id"] == ""

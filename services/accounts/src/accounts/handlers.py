@@ -74,6 +74,7 @@ CONTACT_FIELDS = (
     "custom",
 )
 TASK_FIELDS = ("account_id", "contact_id", "title", "notes", "due_at", "owner_id")
+SEGMENT_FIELDS = ("name", "visibility", "filters", "tags")
 OWNED_ENTITIES = ("account", "contact")
 
 
@@ -1242,6 +1243,41 @@ async def list_segments(ctx: Context) -> list[Any]:
         visible = or_(visible, and_(s.c.visibility == "team", s.c.team == principal.team))
     async with ctx.uow.engine.connect() as conn:
         return list(await conn.execute(select(s).where(visible).order_by(s.c.name, s.c.id)))
+
+
+async def update_segment(ctx: Context, segment_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+    """Writes `values` (of SEGMENT_FIELDS) on one of the caller's own segments: a teammate who sees a
+    team segment may use it but not change it (404, as on delete)."""
+    principal = current_principal()
+    values = dict(values)
+    errors = []
+    if "name" in values:
+        values["name"] = str(values["name"]).strip()
+        if not values["name"]:
+            errors.append(FieldError("name", "is required"))
+    if "visibility" in values:
+        if values["visibility"] not in domain.SEGMENT_VISIBILITIES:
+            errors.append(FieldError("visibility", "must be user or team"))
+        elif values["visibility"] == "team" and not principal.team:
+            errors.append(FieldError("visibility", "a team segment needs a caller with a team"))
+    if "tags" in values:
+        values["tags"] = domain.normalise_tags(values["tags"])
+    _fail(errors)
+    s = repo.segments
+    async with ctx.uow.begin() as tx:
+        row = await _visible_segment(tx.conn, segment_id)
+        if row.owner_id != principal.user_id:
+            raise NotFound("segment", segment_id)
+        _check_version("segment", row, expected_version)
+        # The filter as it will be saved is validated, so a saved segment always runs.
+        filters = values.get("filters", dict(row.filters))
+        tags = values.get("tags", list(row.tags))
+        await filter_from_pairs(tx.conn, [*filters.items(), *(("tag", t) for t in tags)], field_prefix="filters")
+        # A segment made a team one is shared with the owner's team of now (one saved by a caller
+        # without a team, or before they changed teams, would otherwise reach no one or the old team).
+        team = {"team": principal.team} if values.get("visibility") == "team" else {}
+        await tx.conn.execute(update(s).where(s.c.id == segment_id).values(**values, **team, version=row.version + 1))
+        return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
 
 
 async def delete_segment(ctx: Context, segment_id: str) -> None:

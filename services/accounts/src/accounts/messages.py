@@ -162,6 +162,7 @@ def segment_to_proto(row: Any) -> accounts_pb2.Segment:
         team=r["team"],
         filters=dict(r["filters"]),
         tags=list(r["tags"]),
+        version=r["version"],
     )
     _set_time(message, "created_at", r["created_at"])
     return message

@@ -208,6 +208,7 @@ segments = Table(
     Column("filters", JSON, nullable=False),
     Column("tags", JSON, nullable=False),
     Column("created_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
     Index("ix_segments_owner", "owner_id"),
     Index("ix_segments_team", "team"),
 )

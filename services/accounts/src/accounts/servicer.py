@@ -10,7 +10,7 @@ from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
 
 from accounts import handlers
-from accounts.handlers import ACCOUNT_FIELDS, CONTACT_FIELDS, TASK_FIELDS, Context
+from accounts.handlers import ACCOUNT_FIELDS, CONTACT_FIELDS, SEGMENT_FIELDS, TASK_FIELDS, Context
 from accounts.messages import (
     account_to_proto,
     activity_to_proto,
@@ -362,6 +362,22 @@ class AccountsServicer(AccountsServiceServicer):
 
     async def ListSegments(self, request: pb.ListSegmentsRequest, context: Ctx) -> pb.ListSegmentsResponse:
         return pb.ListSegmentsResponse(items=[segment_to_proto(r) for r in await handlers.list_segments(self.ctx)])
+
+    async def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: Ctx) -> pb.UpdateSegmentResponse:
+        segment = request.segment
+        values = {
+            "name": segment.name,
+            "visibility": segment.visibility,
+            "filters": dict(segment.filters),
+            "tags": list(segment.tags),
+        }
+        row = await handlers.update_segment(
+            self.ctx,
+            request.segment_id,
+            _select(values, _mask(request.update_mask, SEGMENT_FIELDS)),
+            expected_version=request.expected_version,
+        )
+        return pb.UpdateSegmentResponse(segment=segment_to_proto(row))
 
     async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Ctx) -> pb.DeleteSegmentResponse:
         await handlers.delete_segment(self.ctx, request.segment_id)

@@ -16,7 +16,7 @@ from accounts.repository import AccountFilter, ContactFilter, parse_page
 from crm.accounts.v1 import events_pb2
 from crm.common.v1 import common_pb2
 from crm_platform.cloudevents import spec_of
-from crm_platform.errors import NotFound, ValidationFailed
+from crm_platform.errors import NotFound, StaleVersion, ValidationFailed
 from crm_platform.outbox import outbox_table
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.timeutil import utcnow
@@ -99,6 +99,107 @@ async def test_a_segment_and_the_lists_own_filters_must_all_hold(ctx: Context) -
         assert await names(of_rep1.id, AccountFilter(owner_id="rep-2")) == []  # was [Beta]
         assert await names(of_rep1.id, AccountFilter(q="bet")) == []  # was [Beta]
         assert await names(of_rep1.id, AccountFilter(q="alpha")) == ["Alpha"]
+
+
+# --- changing a saved segment ------------------------------------------------------------------------
+
+
+async def new_segment(ctx: Context, who: Caller, name: str, **values: Any) -> Any:
+    with acting_as(*who):
+        return await handlers.create_segment(
+            ctx,
+            name=name,
+            visibility=values.get("visibility", "user"),
+            filters=values.get("filters", {}),
+            tags=values.get("tags", []),
+            idempotency_key="",
+        )
+
+
+async def test_the_owner_changes_a_segment_and_each_change_adds_one_to_its_version(ctx: Context) -> None:
+    await new_account(ctx, MANAGER, "Alpha", tier="A")
+    await new_account(ctx, MANAGER, "Beta", tier="B", tags=["key"])
+    segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
+    assert segment.version == 1
+    with acting_as(*MANAGER):
+        changed = await handlers.update_segment(
+            ctx,
+            segment.id,
+            {"name": " Key accounts ", "filters": {"tier": "B"}, "tags": ["key", "key"]},
+            expected_version=1,
+        )
+        assert (changed.name, changed.filters, changed.tags, changed.version) == (
+            "Key accounts",
+            {"tier": "B"},
+            ["key"],
+            2,
+        )
+        assert changed.visibility == "user"  # not in the mask: kept
+        rows, _ = await handlers.list_accounts(ctx, AccountFilter(), [], PAGE, segment.id)
+        assert [r.name for r in rows] == ["Beta"]
+        unconditional = await handlers.update_segment(ctx, segment.id, {"name": "Key"}, expected_version=0)
+        assert (unconditional.name, unconditional.version) == ("Key", 3)
+
+
+async def test_a_stale_version_changes_nothing(ctx: Context) -> None:
+    segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
+    with acting_as(*MANAGER):
+        await handlers.update_segment(ctx, segment.id, {"name": "first"}, expected_version=1)
+        with pytest.raises(StaleVersion) as stale:
+            await handlers.update_segment(ctx, segment.id, {"name": "second"}, expected_version=1)
+        assert stale.value.current_version == 2
+        assert (await handlers.get_segment(ctx, segment.id)).name == "first"
+
+
+async def test_only_the_owner_may_change_a_segment_a_teammate_sees(ctx: Context) -> None:
+    shared = await new_segment(ctx, MANAGER, "team A", visibility="team", filters={"tier": "A"})
+    with acting_as(*REP1):
+        assert (await handlers.get_segment(ctx, shared.id)).id == shared.id  # the teammate uses it
+        with pytest.raises(NotFound):
+            await handlers.update_segment(ctx, shared.id, {"name": "mine now"}, expected_version=0)
+    with acting_as(*MANAGER):
+        assert (await handlers.get_segment(ctx, shared.id)).name == "team A"
+
+
+async def test_a_segment_is_saved_only_with_a_filter_that_runs(ctx: Context) -> None:
+    segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
+    with acting_as(*MANAGER):
+        with pytest.raises(ValidationFailed) as refused:
+            await handlers.update_segment(
+                ctx, segment.id, {"filters": {"created_after": "yesterday"}}, expected_version=1
+            )
+        assert [e.field for e in refused.value.errors] == ["filters.created_after"]
+        with pytest.raises(ValidationFailed) as blank:
+            await handlers.update_segment(ctx, segment.id, {"name": " "}, expected_version=1)
+        assert [e.field for e in blank.value.errors] == ["name"]
+        kept = await handlers.get_segment(ctx, segment.id)
+    assert (kept.filters, kept.version) == ({"tier": "A"}, 1)
+
+
+async def test_a_segment_made_a_team_one_is_shared_with_the_owners_team(ctx: Context) -> None:
+    segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
+    with acting_as(*REP1), pytest.raises(NotFound):
+        await handlers.get_segment(ctx, segment.id)
+    with acting_as(*MANAGER):
+        shared = await handlers.update_segment(ctx, segment.id, {"visibility": "team"}, expected_version=1)
+    assert (shared.visibility, shared.team) == ("team", "east")
+    with acting_as(*REP1):
+        assert (await handlers.get_segment(ctx, segment.id)).id == segment.id
+    with acting_as(*MANAGER):
+        await handlers.update_segment(ctx, segment.id, {"visibility": "user"}, expected_version=2)
+    with acting_as(*REP1), pytest.raises(NotFound):
+        await handlers.get_segment(ctx, segment.id)
+
+
+async def test_a_team_segment_needs_an_owner_with_a_team(ctx: Context) -> None:
+    loner = (Principal(user_id="solo", roles=("sales_rep",), team="", region="cn-east"), REP1[1])
+    segment = await new_segment(ctx, loner, "mine")
+    with acting_as(*loner):
+        for visibility in ("team", "everyone"):
+            with pytest.raises(ValidationFailed) as refused:
+                await handlers.update_segment(ctx, segment.id, {"visibility": visibility}, expected_version=0)
+            assert [e.field for e in refused.value.errors] == ["visibility"]
+        assert (await handlers.get_segment(ctx, segment.id)).visibility == "user"
 
 
 # --- deleting an account -----------------------------------------------------------------------------

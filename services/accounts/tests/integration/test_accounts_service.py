@@ -180,6 +180,33 @@ async def test_account_lifecycle_with_events(accounts_service: Running) -> None:
     assert [a.id for a in listed.items] == [acme.id]
     hidden = await svc.fails("GetSegment", pb.GetSegmentRequest(segment_id=segment.id), rep("rep-9", team="west"))
     assert hidden.code == grpc.StatusCode.NOT_FOUND
+    renamed = await svc.call(
+        "UpdateSegment",
+        pb.UpdateSegmentRequest(
+            segment_id=segment.id,
+            segment=accounts_pb2.Segment(name="key", filters={"tier": "A"}),
+            update_mask=mask("name"),
+            expected_version=1,
+        ),
+        REP1,
+    )
+    assert (renamed.segment.name, dict(renamed.segment.filters), renamed.segment.version) == ("key", {"tier": "B"}, 2)
+    stale_segment = await svc.fails(
+        "UpdateSegment",
+        pb.UpdateSegmentRequest(
+            segment_id=segment.id, segment=accounts_pb2.Segment(name="k"), update_mask=mask("name"), expected_version=1
+        ),
+        REP1,
+    )
+    assert stale_segment.code == grpc.StatusCode.ABORTED
+    not_writable = await svc.fails(
+        "UpdateSegment",
+        pb.UpdateSegmentRequest(
+            segment_id=segment.id, segment=accounts_pb2.Segment(owner_id="rep-2"), update_mask=mask("owner_id")
+        ),
+        REP1,
+    )
+    assert not_writable.code == grpc.StatusCode.INVALID_ARGUMENT
 
     # Release; the releaser is cooled down, another rep claims.
     await svc.call("ReleaseAccount", pb.ReleaseAccountRequest(account_id=acme.id), REP1)

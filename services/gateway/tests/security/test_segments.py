@@ -39,14 +39,21 @@ DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "src/gateway/security/def
 
 @dataclass
 class FakeAccounts(AccountsServiceServicer, CustomFieldServiceServicer):
-    """Segments and custom field definitions of accounts; records every list and create it serves."""
+    """Segments and custom field definitions of accounts; records every list, create and update it serves."""
 
     lists: list[pb.ListAccountsRequest] = field(default_factory=list)
     created: list[pb.CreateSegmentRequest] = field(default_factory=list)
+    updated: list[pb.UpdateSegmentRequest] = field(default_factory=list)
 
     def segment(self, segment_id: str) -> accounts_pb2.Segment:
         return accounts_pb2.Segment(
-            id=segment_id, name=segment_id, visibility="team", owner_id="mgr", team=TEAM, filters=SEGMENTS[segment_id]
+            id=segment_id,
+            name=segment_id,
+            visibility="team",
+            owner_id="mgr",
+            team=TEAM,
+            filters=SEGMENTS[segment_id],
+            version=3,
         )
 
     async def ListCustomFields(self, request: cf_pb.ListCustomFieldsRequest, context: Any) -> Any:
@@ -69,6 +76,13 @@ class FakeAccounts(AccountsServiceServicer, CustomFieldServiceServicer):
         self.created.append(request)
         segment = accounts_pb2.Segment(id="seg-new", name=request.name, filters=request.filters, tags=request.tags)
         return pb.CreateSegmentResponse(segment=segment)
+
+    async def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: Any) -> pb.UpdateSegmentResponse:
+        self.updated.append(request)
+        segment = self.segment(request.segment_id)
+        request.update_mask.MergeMessage(request.segment, segment, replace_repeated_field=True)
+        segment.version = 4
+        return pb.UpdateSegmentResponse(segment=segment)
 
     async def ListAccounts(self, request: pb.ListAccountsRequest, context: Any) -> pb.ListAccountsResponse:
         self.lists.append(request)
@@ -168,3 +182,41 @@ async def test_shown_segments_mask_the_values_of_such_filters(stack: Stack) -> N
 
     clear = await stack.http.get("/api/v1/segments/seg-pii", headers=stack.headers("sales_manager"))
     assert clear.json()["filters"] == {"custom.national_id": NATIONAL_ID}
+
+
+async def test_changing_a_segments_filters_passes_the_same_checks(stack: Stack) -> None:
+    marketing = stack.headers("marketing")
+    body = {"filters": {"custom.national_id": NATIONAL_ID}}
+    refused = await stack.http.patch("/api/v1/segments/seg-channel", json=body, headers=marketing)
+    assert refused_field(refused) == "filters.custom.national_id"
+    assert stack.accounts.updated == []
+
+
+async def test_a_segment_patch_writes_the_fields_sent_at_the_if_match_version(stack: Stack) -> None:
+    manager = stack.headers("sales_manager")
+    got = await stack.http.get("/api/v1/segments/seg-channel", headers=manager)
+    assert got.headers["ETag"] == '"3"' and got.json()["version"] == 3
+
+    body = {"shared_with_team": False, "filters": {"tier": "B", "tag": ["vip"]}}
+    patched = await stack.http.patch(
+        "/api/v1/segments/seg-channel", json=body, headers={**manager, "If-Match": got.headers["ETag"]}
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.headers["ETag"] == '"4"'
+    assert patched.json()["filters"] == {"tier": "B", "tag": ["vip"]}
+    [sent] = stack.accounts.updated
+    assert (sent.segment_id, list(sent.update_mask.paths), sent.expected_version) == (
+        "seg-channel",
+        ["visibility", "filters", "tags"],
+        3,
+    )
+    assert (sent.segment.visibility, dict(sent.segment.filters), list(sent.segment.tags)) == (
+        "user",
+        {"tier": "B"},
+        ["vip"],
+    )
+
+    for unknown in ({"owner_id": "me"}, {"version": 4}, {"name": " "}):
+        response = await stack.http.patch("/api/v1/segments/seg-channel", json=unknown, headers=manager)
+        assert response.status_code == 422, unknown
+    assert len(stack.accounts.updated) == 1

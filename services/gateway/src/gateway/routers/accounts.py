@@ -162,6 +162,14 @@ class SegmentIn(RequestBody):
     shared_with_team: bool = False
 
 
+class SegmentPatch(RequestBody):
+    """The fields of a segment a PATCH may change: those sent are written (`filters` replaces them all)."""
+
+    name: NonBlank | None = Field(default=None, max_length=200)
+    filters: dict[str, FilterValue | list[FilterValue]] | None = None
+    shared_with_team: bool | None = None
+
+
 # --- response models (every field but the id is optional: hidden fields are left out) -------------------
 
 
@@ -257,6 +265,7 @@ class SegmentOut(BaseModel):
     owner_id: str | None = None
     team: str | None = None
     created_at: str | None = None
+    version: int | None = None
 
 
 class ReminderRuleOut(BaseModel):
@@ -456,6 +465,7 @@ def segment_dict(s: accounts_pb2.Segment) -> dict[str, Any]:
         "owner_id": s.owner_id,
         "team": s.team,
         "created_at": _time(s, "created_at"),
+        "version": s.version,
     }
 
 
@@ -1327,21 +1337,30 @@ async def list_segments(
     return _list_body(await _shown_segments(access, reply.items), "")
 
 
+async def _segment_filters(
+    access: Access, body_filters: dict[str, str | list[str]]
+) -> tuple[dict[str, str], list[str]]:
+    """A segment's filters as sent (`tag` repeatable) as the service stores them: the filters other
+    than `tag`, comma-joined, and the tags. They pass the checks of the account list's own first."""
+    view = access.view("accounts")
+    if view is None and body_filters:
+        raise forbidden("you may not filter accounts", field="filters")
+    if view is not None:
+        await check_segment_filters(view, body_filters, "saved in a segment")
+    filters = {k: ",".join(v) if isinstance(v, list) else v for k, v in body_filters.items() if k != "tag"}
+    raw_tags = body_filters.get("tag", [])
+    return filters, [raw_tags] if isinstance(raw_tags, str) else raw_tags
+
+
 @router.post("/segments", status_code=201, response_model=SegmentOut, response_model_exclude_unset=True)
 async def create_segment(
     body: SegmentIn,
     request: Request,
+    response: Response,
     access: Annotated[Access, Depends(require("segments", "create"))],
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    view = access.view("accounts")
-    if view is None and body.filters:
-        raise forbidden("you may not filter accounts", field="filters")
-    if view is not None:
-        await check_segment_filters(view, body.filters, "saved in a segment")
-    filters = {k: ",".join(v) if isinstance(v, list) else v for k, v in body.filters.items() if k != "tag"}
-    raw_tags = body.filters.get("tag", [])
-    tags = [raw_tags] if isinstance(raw_tags, str) else raw_tags
+    filters, tags = await _segment_filters(access, dict(body.filters))
     reply = await _stub(request).CreateSegment(
         pb.CreateSegmentRequest(
             name=body.name,
@@ -1354,18 +1373,60 @@ async def create_segment(
     )
     record = segment_dict(reply.segment)
     await access.audit_write(record["id"], None, record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/segments/{segment_id}", response_model=SegmentOut, response_model_exclude_unset=True)
 async def get_segment(
-    segment_id: str, request: Request, access: Annotated[Access, Depends(require("segments", "read"))]
+    segment_id: str,
+    request: Request,
+    response: Response,
+    access: Annotated[Access, Depends(require("segments", "read"))],
 ) -> dict[str, Any]:
     reply = await _stub(request).GetSegment(
         pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata()
     )
     [shown] = await _shown_segments(access, [reply.segment])
-    return shown
+    return with_etag(response, shown)
+
+
+@router.patch("/segments/{segment_id}", response_model=SegmentOut, response_model_exclude_unset=True)
+async def update_segment(
+    segment_id: str,
+    body: SegmentPatch,
+    request: Request,
+    response: Response,
+    access: Annotated[Access, Depends(require("segments", "update"))],
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """Only the segment's owner may change it: a teammate who sees a team segment gets 404."""
+    sent = body.model_dump(exclude_unset=True)
+    access.check_write(sent)
+    segment = accounts_pb2.Segment(name=body.name or "")
+    paths = [name for name in ("name",) if name in sent]
+    if "shared_with_team" in sent:
+        segment.visibility = "team" if body.shared_with_team else "user"
+        paths.append("visibility")
+    if "filters" in sent:
+        # `filters` carries the tags too (as `tag`): sending it replaces both.
+        filters, tags = await _segment_filters(access, dict(body.filters or {}))
+        segment.filters.update(filters)
+        segment.tags.extend(tags)
+        paths.extend(["filters", "tags"])
+    stub = _stub(request)
+    before = await stub.GetSegment(pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateSegment(
+        pb.UpdateSegmentRequest(
+            segment_id=segment_id,
+            segment=segment,
+            update_mask=field_mask_pb2.FieldMask(paths=paths),
+            expected_version=expected_version(if_match),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = segment_dict(reply.segment)
+    await access.audit_write(segment_id, segment_dict(before.segment), record)
+    return with_etag(response, access.present(record))
 
 
 @router.delete("/segments/{segment_id}", status_code=204)
