@@ -1,6 +1,7 @@
 """Leads end to end, through the gateway and Kafka: capture -> assign -> activity -> convert (account,
-contact and opportunity readable through the gateway, events on the topics); the X Education
-Leads.csv import with per-source counts; bad input; the public web form with its rate limit."""
+contact and opportunity readable through the gateway, events on the topics); a campaign deleted
+by its ETag (one a lead links to stays); the X Education Leads.csv import with per-source counts;
+bad input; the public web form with its rate limit."""
 
 import asyncio
 import csv
@@ -145,6 +146,34 @@ async def test_a_lead_entered_by_mistake_is_deleted_by_its_etag_and_announced(st
         event = next(r for r in records if r.key == lead_id and r.event_type == "crm.leads.lead.deleted")
         message = event.decode(events_pb2.LeadDeleted)
         assert (message.lead_id, message.actor.user_id) == (lead_id, "mgr-delete")
+
+
+async def test_a_campaign_no_lead_links_to_is_deleted_by_its_etag_and_one_in_use_stays(stack: RunningStack) -> None:
+    async with (
+        EventCollector(stack.bootstrap, ["crm.leads.v1"]) as events,
+        client(stack, "mkt-delete", ["marketing"]) as marketing,
+    ):
+        mistake = await marketing.post("/api/v1/campaigns", json={"name": "Expo (typo)", "channel": "event"})
+        assert mistake.status_code == 201, mistake.text
+        in_use = await marketing.post("/api/v1/campaigns", json={"name": "Expo", "channel": "event"})
+        lead = await marketing.post("/api/v1/leads", json={"name": "Zhao Lei", "campaign_id": in_use.json()["id"]})
+        assert lead.status_code == 201, lead.text
+        campaign_id = mistake.json()["id"]
+
+        deleted = await marketing.delete(
+            f"/api/v1/campaigns/{campaign_id}", headers={"If-Match": mistake.headers["etag"]}
+        )
+        refused = await marketing.delete(f"/api/v1/campaigns/{in_use.json()['id']}")
+
+        assert deleted.status_code == 204, deleted.text
+        assert (await marketing.get(f"/api/v1/campaigns/{campaign_id}")).status_code == 404
+        assert refused.status_code == 409 and "1 lead" in refused.text, refused.text
+        assert (await marketing.get(f"/api/v1/campaigns/{in_use.json()['id']}")).status_code == 200
+        records = await events.wait_for(
+            lambda rs: any(r.key == campaign_id and r.event_type == "crm.leads.campaign.deleted" for r in rs), 60
+        )
+        event = next(r for r in records if r.key == campaign_id and r.event_type == "crm.leads.campaign.deleted")
+        assert event.decode(events_pb2.CampaignDeleted).actor.user_id == "mkt-delete"
 
 
 async def test_bad_input_names_the_field(stack: RunningStack) -> None:

@@ -127,6 +127,13 @@ async def apply_campaign(conn: AsyncConnection, campaign: leads_pb2.Campaign) ->
     )
 
 
+async def apply_campaign_deleted(conn: AsyncConnection, campaign_id: str) -> None:
+    """The campaign leaves the ROI report. The leads service deletes only a campaign no lead links
+    to, so no lead row here names it; and as a campaign's events share its key, none can come
+    after its deletion to bring it back."""
+    await conn.execute(delete(repo.campaigns).where(repo.campaigns.c.id == campaign_id))
+
+
 # ------------------------------------------------------------------------------------ accounts
 
 
@@ -446,6 +453,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         leads_events.LeadDeleted: _on(apply_lead_deleted, lambda m: m.lead_id),
         leads_events.CampaignCreated: campaign,
         leads_events.CampaignUpdated: campaign,
+        leads_events.CampaignDeleted: _on(apply_campaign_deleted, lambda m: m.campaign_id),
         accounts_events.AccountCreated: account,
         accounts_events.AccountUpdated: account,
         accounts_events.AccountTransferred: account,

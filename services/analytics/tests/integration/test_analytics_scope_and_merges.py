@@ -322,6 +322,20 @@ async def test_a_deleted_lead_and_a_deleted_deal_leave_the_reports_even_when_red
     assert await rep_rows(reports, ALL_RECORDS, ReportFilter()) == [("r1", "A", 1, 0, 1, Decimal(900), 0)]
 
 
+async def test_a_deleted_campaign_leaves_the_read_model_even_when_redelivered(engine: AsyncEngine) -> None:
+    def campaign(campaign_id: str) -> Message:
+        return leads_events.CampaignCreated(
+            campaign=leads_pb2.Campaign(id=campaign_id, name=campaign_id, cost=money("5000"), version=1)
+        )
+
+    await deliver(engine, [campaign("C1"), campaign("C2")])
+    gone = leads_events.CampaignDeleted(campaign_id="C2")
+    await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
+
+    async with engine.connect() as conn:
+        assert list(await conn.scalars(select(repo.campaigns.c.id))) == ["C1"]
+
+
 # -------------------------------------------------------------------------------- account merges
 
 

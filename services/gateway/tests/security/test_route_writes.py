@@ -48,6 +48,7 @@ class FakeLeads(LeadsServiceServicer):
         self.imports: list[tuple[leads_pb.ImportHeader, bytes]] = []
         self.webform_writes: list[leads_pb.UpdateWebformRequest | leads_pb.RotateWebformKeyRequest] = []
         self.deletes: list[leads_pb.DeleteLeadRequest] = []
+        self.campaign_deletes: list[leads_pb.DeleteCampaignRequest] = []
 
     async def ImportLeads(self, request_iterator: AsyncIterator[leads_pb.ImportLeadsRequest], context: Any) -> Any:
         messages = [message async for message in request_iterator]
@@ -104,6 +105,17 @@ class FakeLeads(LeadsServiceServicer):
     async def DeleteLead(self, request: leads_pb.DeleteLeadRequest, context: Any) -> Any:
         self.deletes.append(request)
         return leads_pb.DeleteLeadResponse()
+
+    CAMPAIGN = leads_pb2.Campaign(id="cmp-1", name="Expo", channel="event", version=3)
+
+    async def GetCampaign(self, request: leads_pb.GetCampaignRequest, context: Any) -> Any:
+        if request.campaign_id != self.CAMPAIGN.id:
+            await abort(context, NotFound("campaign", request.campaign_id))
+        return leads_pb.GetCampaignResponse(campaign=self.CAMPAIGN)
+
+    async def DeleteCampaign(self, request: leads_pb.DeleteCampaignRequest, context: Any) -> Any:
+        self.campaign_deletes.append(request)
+        return leads_pb.DeleteCampaignResponse()
 
     async def UpdateLead(self, request: leads_pb.UpdateLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13912345678", status="new", owner_id="u-1", team="east")
@@ -608,6 +620,30 @@ async def test_a_lead_is_deleted_at_its_etags_version_by_who_may_delete_leads_an
     audited = rows[-1]
     assert audited["after"] is None
     assert (audited["before"]["name"], audited["before"]["phone"]) == ("Li", "138****5678")  # masked as on any write
+
+
+async def test_a_campaign_is_deleted_at_its_etags_version_by_who_may_delete_campaigns_and_audited_as_it_was(
+    gateway: Gateway,
+) -> None:
+    marketing = gateway.auth("marketing")
+
+    deleted = await gateway.client.delete("/api/v1/campaigns/cmp-1", headers={**marketing, "If-Match": '"3"'})
+    missing = await gateway.client.delete("/api/v1/campaigns/cmp-2", headers=marketing)
+    by_a_rep = await gateway.client.delete("/api/v1/campaigns/cmp-1", headers=gateway.auth("sales_rep"))
+
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (missing.status_code, by_a_rep.status_code) == (404, 403)
+    assert [(r.campaign_id, r.expected_version) for r in gateway.leads.campaign_deletes] == [("cmp-1", 3)]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
+        ("denied", "", "denied"),
+        ("denied", "cmp-2", "denied"),
+        ("delete", "cmp-1", "allowed"),
+    ]
+    audited = rows[-1]
+    assert audited["after"] is None
+    assert audited["resource"] == "campaigns"
+    assert (audited["before"]["name"], audited["before"]["channel"]) == ("Expo", "event")
 
 
 @pytest.mark.parametrize(

@@ -262,6 +262,21 @@ def ensure_deletable(status: str, conversion_state: str | None) -> None:
         )
 
 
+def ensure_campaign_unused(lead_count: int, webform_ids: Sequence[str]) -> None:
+    """A campaign that leads or web forms link to stays: deleting it would leave their links
+    pointing nowhere and take its leads out of its ROI history. Ending it keeps both."""
+    uses = []
+    if lead_count:
+        uses.append(f"{lead_count} lead{'s' if lead_count != 1 else ''}")
+    if webform_ids:
+        uses.append(f"web form{'s' if len(webform_ids) != 1 else ''} {', '.join(webform_ids)}")
+    if uses:
+        raise Conflict(
+            f"cannot delete a campaign in use by {' and '.join(uses)}: end it (set its end date) instead",
+            reason="CAMPAIGN_IN_USE",
+        )
+
+
 def status_after_activity(status: str, kind: str) -> str:
     """A contact activity moves a new (or recycled) lead to `contacted`; other statuses stay."""
     if kind in CONTACT_KINDS and status in ("new", "recycled"):

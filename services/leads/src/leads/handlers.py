@@ -476,10 +476,13 @@ class LeadsService:
         return row
 
     async def _check_campaign(self, conn: AsyncConnection, campaign_id: str, field_name: str = "campaign_id") -> None:
-        if (
-            campaign_id
-            and await conn.scalar(select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)) is None
-        ):
+        """Raises unless the campaign exists; key-share locks its row to the end of the transaction,
+        so that a `delete_campaign` (which locks it for update) either waits for the write linking to
+        it and then counts that link, or deletes it first and this finds it gone."""
+        if not campaign_id:
+            return
+        query = select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)
+        if await conn.scalar(query.with_for_update(key_share=True, read=True)) is None:
             raise missing_reference(field_name, "campaign", campaign_id)
 
     def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
@@ -1559,7 +1562,9 @@ class LeadsService:
         wanted = sorted(c for c in campaign_ids if c)
         if not wanted:
             return set()
-        known = await conn.scalars(select(repo.campaigns.c.id).where(repo.campaigns.c.id.in_(wanted)))
+        # Locked as `_check_campaign` locks one: a campaign found here is not deleted before the batch commits.
+        query = select(repo.campaigns.c.id).where(repo.campaigns.c.id.in_(wanted))
+        known = await conn.scalars(query.with_for_update(key_share=True, read=True))
         return set(wanted) - set(known)
 
     async def _check_rows(
@@ -1721,13 +1726,18 @@ class LeadsService:
         table: Any,
         values: dict[str, Any],
         publish: Callable[[Transaction, RowMapping], None] | None = None,
+        check: Callable[[AsyncConnection], Awaitable[None]] | None = None,
     ) -> RowMapping:
+        """Inserts `values` once per idempotency key; `check`, if given, runs in the insert's
+        transaction before it (a reference checked there stays valid until the commit)."""
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
             earlier = await claim(tx.conn, operation, key, principal, {"id": values["id"]}, now)
             if earlier is not None:
                 return (await tx.conn.execute(select(table).where(table.c.id == earlier["id"]))).mappings().one()
+            if check is not None:
+                await check(tx.conn)
             row = (await tx.conn.execute(insert(table).values(values).returning(table))).mappings().one()
             if publish is not None:
                 publish(tx, row)
@@ -1902,9 +1912,10 @@ class LeadsService:
         principal = current_principal()
         async with self.uow.begin() as tx:
             t = repo.campaigns
-            current = (
-                (await tx.conn.execute(select(t).where(t.c.id == campaign_id).with_for_update())).mappings().first()
-            )
+            # FOR NO KEY UPDATE: the key-share locks of writes linking to the campaign (`_check_campaign`)
+            # guard it against deletion only, so an update need not wait for them.
+            locked = select(t).where(t.c.id == campaign_id).with_for_update(key_share=True)
+            current = (await tx.conn.execute(locked)).mappings().first()
             if current is None:
                 raise NotFound("campaign", campaign_id)
             if expected_version and current["version"] != expected_version:
@@ -1940,14 +1951,44 @@ class LeadsService:
             rows = list((await conn.execute(query)).mappings())
         return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
+    async def delete_campaign(self, campaign_id: str, expected_version: int) -> None:
+        """Deletes a campaign that no lead or web form links to (`domain.ensure_campaign_unused`).
+        Its row is locked for update before the links are counted: a lead, import or form writing a
+        link holds the row key-share locked (`_check_campaign`) until it commits, so the count,
+        taken after the lock is granted, sees every link written meanwhile."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            t = repo.campaigns
+            current = (await conn.execute(select(t).where(t.c.id == campaign_id).with_for_update())).mappings().first()
+            if current is None:
+                raise NotFound("campaign", campaign_id)
+            if expected_version and current["version"] != expected_version:
+                raise StaleVersion("campaign", campaign_id, current["version"])
+            # Every lead, whatever the caller's record scope: a link out of sight dangles all the same.
+            lead_count = await conn.scalar(
+                select(func.count()).select_from(repo.leads).where(repo.leads.c.campaign_id == campaign_id)
+            )
+            w = repo.webforms
+            webform_ids = list(
+                await conn.scalars(select(w.c.id).where(w.c.campaign_id == campaign_id).order_by(w.c.id))
+            )
+            domain.ensure_campaign_unused(lead_count or 0, webform_ids)
+            await conn.execute(delete(t).where(t.c.id == campaign_id))
+            tx.publish(events_pb2.CampaignDeleted(campaign_id=campaign_id, actor=actor(principal)), key=campaign_id)
+
     # --- webforms ---------------------------------------------------------------------------
 
     async def create_webform(self, data: Mapping[Any, Any], key: str) -> RowMapping:
         rate = data.get("rate_limit_per_minute") or self.settings.webform_default_rate_per_minute  # 0: not given
         given = {**data, "rate_limit_per_minute": rate}
-        values = await self._webform_settings(given, WEBFORM_SETTINGS)
+        values = self._webform_settings(given, WEBFORM_SETTINGS)
         values.update(id=new_id(), form_key=secrets.token_urlsafe(24), enabled=True, created_at=self.clock(), version=1)
-        return await self._idempotent_create("create_webform", key, repo.webforms, values)
+
+        async def check(conn: AsyncConnection) -> None:
+            await self._check_campaign(conn, values["campaign_id"])
+
+        return await self._idempotent_create("create_webform", key, repo.webforms, values, check=check)
 
     async def get_webform(self, webform_id: str) -> RowMapping:
         w = repo.webforms
@@ -1964,14 +2005,18 @@ class LeadsService:
         unknown = sorted(set(paths) - {*WEBFORM_SETTINGS, "enabled"})
         if unknown or not paths:
             raise ValidationFailed([FieldError("update_mask", f"names settings of a form; not {unknown}")])
-        values = await self._webform_settings(data, [path for path in paths if path != "enabled"])
+        values = self._webform_settings(data, [path for path in paths if path != "enabled"])
         if "enabled" in paths:
             values["enabled"] = bool(data.get("enabled"))
         async with transaction(self.engine) as conn:
+            # In the write's transaction, which holds the campaign's row lock: see `delete_campaign`.
+            await self._check_campaign(conn, values.get("campaign_id", ""))
             return await _versioned_write(conn, repo.webforms, "webform", webform_id, expected_version, values)
 
-    async def _webform_settings(self, data: Mapping[Any, Any], names: Sequence[str]) -> dict[str, Any]:
-        """The form settings `names` of `data`, checked (a 422 naming each field at fault)."""
+    @staticmethod
+    def _webform_settings(data: Mapping[Any, Any], names: Sequence[str]) -> dict[str, Any]:
+        """The form settings `names` of `data`, checked (a 422 naming each field at fault); the
+        campaign is checked in the write's transaction (`_check_campaign`)."""
         values = {name: data.get(name) or ("" if name != "rate_limit_per_minute" else 0) for name in names}
         errors: list[FieldError] = []
         if "name" in values:
@@ -1984,9 +2029,6 @@ class LeadsService:
             errors.extend(domain.validate_honeypot_field(str(values["honeypot_field"])))
         if errors:
             raise ValidationFailed(errors)
-        if values.get("campaign_id"):
-            async with self.engine.connect() as conn:
-                await self._check_campaign(conn, str(values["campaign_id"]))
         return values
 
     async def rotate_webform_key(self, webform_id: str, key: str, expected_version: int) -> RowMapping:

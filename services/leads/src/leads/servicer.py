@@ -468,6 +468,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         )
         return leads_service_pb2.UpdateCampaignResponse(campaign=messages.campaign_to_proto(row))
 
+    async def DeleteCampaign(
+        self, request: leads_service_pb2.DeleteCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteCampaignResponse:
+        await self.service.delete_campaign(request.campaign_id, request.expected_version)
+        return leads_service_pb2.DeleteCampaignResponse()
+
     async def ListCampaigns(
         self, request: leads_service_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListCampaignsResponse:

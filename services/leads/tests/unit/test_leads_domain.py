@@ -275,3 +275,26 @@ def test_a_honeypot_is_a_field_name_people_never_fill() -> None:
     assert domain.fills_honeypot({"fax_number": "x"}, "fax_number")
     assert not domain.fills_honeypot({"fax_number": "  "}, "fax_number")
     assert not domain.fills_honeypot({"fax_number": "x"}, "")
+
+
+def test_a_campaign_nothing_links_to_may_go() -> None:
+    domain.ensure_campaign_unused(0, [])
+
+
+@pytest.mark.parametrize(
+    ("lead_count", "webform_ids", "named"),
+    [
+        (1, [], "in use by 1 lead:"),
+        (3, [], "in use by 3 leads:"),
+        (0, ["wf-1"], "in use by web form wf-1:"),
+        (2, ["wf-1", "wf-2"], "in use by 2 leads and web forms wf-1, wf-2:"),
+    ],
+)
+def test_a_campaign_in_use_stays_naming_its_links_and_to_end_it_instead(
+    lead_count: int, webform_ids: list[str], named: str
+) -> None:
+    with pytest.raises(Conflict) as refused:
+        domain.ensure_campaign_unused(lead_count, webform_ids)
+
+    assert refused.value.reason == "CAMPAIGN_IN_USE"
+    assert named in refused.value.detail and "end it (set its end date) instead" in refused.value.detail

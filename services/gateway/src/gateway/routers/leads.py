@@ -44,6 +44,7 @@ LeadsAssign = Annotated[Access, Depends(require("leads", "assign"))]
 CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
 CampaignsCreate = Annotated[Access, Depends(require("campaigns", "create"))]
 CampaignsUpdate = Annotated[Access, Depends(require("campaigns", "update"))]
+CampaignsDelete = Annotated[Access, Depends(require("campaigns", "delete"))]
 IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", max_length=200)]
 IfMatch = Annotated[str, Header(alias="If-Match")]
 # Imports can run for minutes; everything else uses the channel's default deadline.
@@ -1064,6 +1065,22 @@ async def update_campaign(
     result = campaign_json(reply.campaign)
     await access.audit_write(campaign_id, campaign_json(before.campaign), result)
     return with_etag(response, access.present(result))
+
+
+@router.delete("/campaigns/{campaign_id}", status_code=204)
+async def delete_campaign(
+    campaign_id: str, request: Request, access: CampaignsDelete, if_match: IfMatch = ""
+) -> Response:
+    """A campaign created by mistake (409 while a lead or web form links to it: end it instead, by
+    setting its end date, which keeps its leads' links and its ROI history)."""
+    stub = _stub(request)
+    before = await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata())
+    await stub.DeleteCampaign(
+        pb.DeleteCampaignRequest(campaign_id=campaign_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(campaign_id, campaign_json(before.campaign), None)
+    return Response(status_code=204)
 
 
 # --- web forms -----------------------------------------------------------------------------------
