@@ -235,6 +235,20 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         assert sum(Decimal(i.amount.amount) for i in decoded_plan.payment_plan.installments) == Decimal("150000")
 
 
+async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    async with _client(stack, f"admin-{run}", ["admin"]) as admin:
+        body = {"account_id": f"acc-{run}", "title": "Entered twice", "amount": _money("900.00")}
+        created = await admin.post("/api/v1/contracts", json=body)
+        contract = _ok(created, 201)
+        path = f"/api/v1/contracts/{contract['id']}"
+        stale = await admin.delete(path, headers={"If-Match": '"9"'})
+        assert stale.status_code == 412, stale.text
+        deleted = await admin.delete(path, headers={"If-Match": created.headers["etag"]})
+        assert (deleted.status_code, deleted.content) == (204, b"")
+        assert (await admin.get(path)).status_code == 404
+
+
 async def test_opportunity_custom_pii_values_are_masked_for_analysts(stack: RunningStack) -> None:
     """SPEC §5/§9: a custom field defined as pii is masked like phone and email. The analyst, who
     sees contact details masked, reads opportunities: their pii custom values masked in every read

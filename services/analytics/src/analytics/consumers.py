@@ -285,6 +285,13 @@ async def apply_contract(conn: AsyncConnection, contract: sales_pb2.Contract) ->
     )
 
 
+async def apply_contract_deleted(conn: AsyncConnection, contract_id: str) -> None:
+    """A contract that never took effect (sales deletes only drafts and rejected ones, which have
+    no plan, payment or invoice) leaves the read model; its events share its key, so none comes
+    after the deletion to bring it back."""
+    await conn.execute(delete(repo.contracts).where(repo.contracts.c.id == contract_id))
+
+
 def _installment_values(contract_id: str, installment: sales_pb2.Installment) -> dict[str, Any]:
     amount, currency = _amount(installment.amount, "installment.amount.amount")
     paid, _ = _amount(installment.paid, "installment.paid.amount")
@@ -479,6 +486,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         sales_events.ContractSigned: contract,
         sales_events.ContractCompleted: contract,
         sales_events.ContractTerminated: contract,
+        sales_events.ContractDeleted: _on(apply_contract_deleted, lambda m: m.contract_id),
         sales_events.PaymentPlanCreated: _plan_created,
         sales_events.PaymentReceived: _on(apply_payment, lambda m: m.payment),
         sales_events.InstallmentOverdue: _installment_overdue,

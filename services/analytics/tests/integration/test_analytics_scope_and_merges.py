@@ -336,6 +336,20 @@ async def test_a_deleted_campaign_leaves_the_read_model_even_when_redelivered(en
         assert list(await conn.scalars(select(repo.campaigns.c.id))) == ["C1"]
 
 
+async def test_a_deleted_contract_leaves_the_read_model_even_when_redelivered(engine: AsyncEngine) -> None:
+    def draft(contract_id: str) -> Message:
+        return sales_events.ContractCreated(
+            contract=sales_pb2.Contract(id=contract_id, account_id="A1", status="draft", version=1)
+        )
+
+    await deliver(engine, [draft("K1"), draft("K2")])
+    gone = sales_events.ContractDeleted(contract_id="K2", account_id="A1")
+    await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
+
+    async with engine.connect() as conn:
+        assert list(await conn.scalars(select(repo.contracts.c.id))) == ["K1"]
+
+
 # -------------------------------------------------------------------------------- account merges
 
 

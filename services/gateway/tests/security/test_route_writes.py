@@ -231,6 +231,8 @@ class FakeAccounts(AccountsServiceServicer):
 class FakeSales(SalesServiceServicer):
     def __init__(self) -> None:
         self.updates: list[sales_pb.UpdateOpportunityRequest] = []
+        self.contract_deletes: list[sales_pb.DeleteContractRequest] = []
+        self.quote_deletes: list[sales_pb.DeleteQuoteRequest] = []
 
     async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
@@ -249,8 +251,23 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.MoveOpportunityStageResponse(opportunity=deal)
 
     async def GetContract(self, request: sales_pb.GetContractRequest, context: Any) -> Any:
+        if request.id == "k-404":  # as the service answers a contract outside the caller's scope
+            await abort(context, NotFound("contract", request.id))
         contract = sales_pb2.Contract(id="k-1", title="Robots", status="pending_approval", version=2)
         return sales_pb.GetContractResponse(contract=contract)
+
+    async def DeleteContract(self, request: sales_pb.DeleteContractRequest, context: Any) -> Any:
+        self.contract_deletes.append(request)
+        return sales_pb.DeleteContractResponse()
+
+    async def GetQuote(self, request: sales_pb.GetQuoteRequest, context: Any) -> Any:
+        if request.id != "q-1":
+            await abort(context, NotFound("quote", request.id))
+        return sales_pb.GetQuoteResponse(quote=sales_pb2.Quote(id="q-1", status="rejected", version=4))
+
+    async def DeleteQuote(self, request: sales_pb.DeleteQuoteRequest, context: Any) -> Any:
+        self.quote_deletes.append(request)
+        return sales_pb.DeleteQuoteResponse()
 
     async def ApproveContract(self, request: sales_pb.ApproveContractRequest, context: Any) -> Any:
         if request.id == "k-2":  # waits for another role's approval
@@ -644,6 +661,52 @@ async def test_a_campaign_is_deleted_at_its_etags_version_by_who_may_delete_camp
     assert audited["after"] is None
     assert audited["resource"] == "campaigns"
     assert (audited["before"]["name"], audited["before"]["channel"]) == ("Expo", "event")
+
+
+async def test_a_contract_is_deleted_at_its_etags_version_by_who_may_delete_contracts_and_audited_as_it_was(
+    gateway: Gateway,
+) -> None:
+    admin = gateway.auth("admin")
+
+    deleted = await gateway.client.delete("/api/v1/contracts/k-1", headers={**admin, "If-Match": '"2"'})
+    elsewhere = await gateway.client.delete("/api/v1/contracts/k-404", headers=admin)
+    by_a_manager = await gateway.client.delete("/api/v1/contracts/k-1", headers=gateway.auth("sales_manager"))
+
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (elsewhere.status_code, by_a_manager.status_code) == (404, 403)
+    assert [(r.id, r.expected_version) for r in gateway.sales.contract_deletes] == [("k-1", 2)]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
+        ("denied", "", "denied"),
+        ("denied", "k-404", "denied"),
+        ("delete", "k-1", "allowed"),
+    ]
+    audited = rows[-1]
+    assert (audited["resource"], audited["after"]) == ("contracts", None)
+    assert (audited["before"]["title"], audited["before"]["status"]) == ("Robots", "pending_approval")
+
+
+async def test_a_quote_is_deleted_at_its_etags_version_by_who_may_delete_quotes_and_audited_as_it_was(
+    gateway: Gateway,
+) -> None:
+    admin = gateway.auth("admin")
+
+    deleted = await gateway.client.delete("/api/v1/quotes/q-1", headers={**admin, "If-Match": '"4"'})
+    missing = await gateway.client.delete("/api/v1/quotes/q-2", headers=admin)
+    by_a_manager = await gateway.client.delete("/api/v1/quotes/q-1", headers=gateway.auth("sales_manager"))
+
+    assert (deleted.status_code, deleted.content) == (204, b"")
+    assert (missing.status_code, by_a_manager.status_code) == (404, 403)
+    assert [(r.id, r.expected_version) for r in gateway.sales.quote_deletes] == [("q-1", 4)]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
+        ("denied", "", "denied"),
+        ("denied", "q-2", "denied"),
+        ("delete", "q-1", "allowed"),
+    ]
+    audited = rows[-1]
+    assert (audited["resource"], audited["after"]) == ("quotes", None)
+    assert audited["before"]["status"] == "rejected"
 
 
 @pytest.mark.parametrize(

@@ -594,6 +594,18 @@ def initial_quote_status(chain: Sequence[str]) -> QuoteStatus:
     return QuoteStatus.PENDING_APPROVAL if chain else QuoteStatus.APPROVED
 
 
+# An approved quote may have gone to the customer and been accepted: it stays on record.
+DELETABLE_QUOTES = frozenset({QuoteStatus.DRAFT, QuoteStatus.PENDING_APPROVAL, QuoteStatus.REJECTED})
+
+
+def check_quote_deletable(status: str, *, quote_id: str) -> None:
+    """Only a quote before approval may be deleted (409 otherwise)."""
+    if status not in DELETABLE_QUOTES:
+        raise Conflict(
+            f"quote {quote_id} is {status}; only a quote before approval may be deleted", reason="ILLEGAL_STATE"
+        )
+
+
 # ---------------------------------------------------------------- contracts
 
 
@@ -623,6 +635,21 @@ CONTRACT_TRANSITIONS: Mapping[ContractStatus, frozenset[ContractStatus]] = {
 def check_contract_transition(current: str, target: ContractStatus, *, contract_id: str) -> None:
     if target not in CONTRACT_TRANSITIONS[ContractStatus(current)]:
         raise Conflict(f"contract {contract_id} cannot go from {current} to {target}", reason="ILLEGAL_TRANSITION")
+
+
+# A contract that never took effect: nothing was approved, signed or sent to the ERP as binding.
+# A pending one must be rejected first, so its approvers see it leave their queue.
+DELETABLE_CONTRACTS = frozenset({ContractStatus.DRAFT, ContractStatus.REJECTED})
+
+
+def check_contract_deletable(status: str, *, contract_id: str) -> None:
+    """Approved, signed, completed and terminated contracts are records the ERP and finance rely on;
+    a pending one is in its approvers' hands (409 for all of them)."""
+    if status not in DELETABLE_CONTRACTS:
+        raise Conflict(
+            f"contract {contract_id} is {status}; only a draft or rejected contract may be deleted",
+            reason="ILLEGAL_STATE" if status == ContractStatus.PENDING_APPROVAL else "CONTRACT_IN_FORCE",
+        )
 
 
 def contract_number(year: int, month: int, sequence: int) -> str:

@@ -1194,6 +1194,32 @@ class SalesHandlers:
                 )
             return proto
 
+    async def delete_quote(self, quote_id: str, *, expected_version: int) -> None:
+        """A quote before approval, entered by mistake or superseded, whose deal has no contract."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._quote_row(tx.conn, quote_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "quote")
+            # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
+            # every quote of it is part of what the contract was negotiated from.
+            contract_id = await tx.conn.scalar(
+                select(r.contracts.c.id).where(r.contracts.c.opportunity_id == row["opportunity_id"]).limit(1)
+            )
+            if contract_id is not None:
+                raise Conflict(
+                    f"quote {quote_id} belongs to a deal with contract {contract_id}",
+                    existing_id=str(contract_id),
+                    reason="HAS_CONTRACT",
+                )
+            d.check_quote_deletable(row["status"], quote_id=quote_id)
+            await tx.conn.execute(delete(r.quotes).where(r.quotes.c.id == quote_id))
+            tx.publish(
+                events_pb2.QuoteDeleted(
+                    quote_id=quote_id, opportunity_id=row["opportunity_id"], actor=v.actor(principal)
+                ),
+                key=quote_id,
+            )
+
     # ------------------------------------------------------------ contracts
 
     async def create_contract(
@@ -1458,6 +1484,34 @@ class SalesHandlers:
                     )
             tx.publish(event, key=contract_id)
             return proto
+
+    async def delete_contract(self, contract_id: str, *, expected_version: int) -> None:
+        """A contract that never took effect (draft or rejected), with its approval decisions."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "contract")
+            d.check_contract_deletable(row["status"], contract_id=contract_id)
+            # Plans, payments and invoices need an approved or signed contract; one found on a draft
+            # is money the ERP knows about, never deleted along with it.
+            for table, what in (
+                (r.payment_plans, "a payment plan"),
+                (r.payments, "payments"),
+                (r.invoices, "invoices"),
+            ):
+                found = await tx.conn.scalar(select(table.c.id).where(table.c.contract_id == contract_id).limit(1))
+                if found is not None:
+                    raise Conflict(
+                        f"contract {contract_id} has {what}", existing_id=str(found), reason="CONTRACT_IN_FORCE"
+                    )
+            await tx.conn.execute(delete(r.contract_decisions).where(r.contract_decisions.c.contract_id == contract_id))
+            await tx.conn.execute(delete(r.contracts).where(r.contracts.c.id == contract_id))
+            tx.publish(
+                events_pb2.ContractDeleted(
+                    contract_id=contract_id, account_id=row["account_id"], actor=v.actor(principal)
+                ),
+                key=contract_id,
+            )
 
     async def _save_contract(self, tx: Transaction, row: RowMapping, values: dict[str, Any]) -> sales_pb2.Contract:
         values = {**values, "updated_at": self.clock(), "version": row["version"] + 1}

@@ -401,6 +401,10 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         )
         return pb.RejectQuoteResponse(quote=quote)
 
+    async def DeleteQuote(self, request: pb.DeleteQuoteRequest, context: Context) -> pb.DeleteQuoteResponse:
+        await self.h.delete_quote(request.id, expected_version=request.expected_version)
+        return pb.DeleteQuoteResponse()
+
     # contracts
 
     async def CreateContract(self, request: pb.CreateContractRequest, context: Context) -> pb.CreateContractResponse:
@@ -468,6 +472,10 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             request.id, expected_version=request.expected_version, reason=request.reason
         )
         return pb.TerminateContractResponse(contract=contract)
+
+    async def DeleteContract(self, request: pb.DeleteContractRequest, context: Context) -> pb.DeleteContractResponse:
+        await self.h.delete_contract(request.id, expected_version=request.expected_version)
+        return pb.DeleteContractResponse()
 
     # payment plans, payments, receivables
 

@@ -1346,6 +1346,86 @@ async def test_deleting_a_deal_takes_its_quotes_but_not_one_with_a_contract(
     assert [events_pb2.OpportunityDeleted.FromString(p).opportunity_id for p in deleted] == [mistake.id]
 
 
+async def test_only_a_contract_that_never_took_effect_is_deleted_with_its_decisions(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    decisions = metadata.tables["contract_decisions"]
+    with as_user("rep1", "sales_rep"):
+        draft = await direct_contract(sales, "10")
+        rejected = await direct_contract(sales, "200000")
+        await sales.submit_contract(rejected.id, expected_version=0)
+        pending = await direct_contract(sales, "200000")
+        await sales.submit_contract(pending.id, expected_version=0)
+    with as_user("m", "sales_manager"):
+        await sales.decide_contract(rejected.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms")
+    signed_id = await signed_contract(sales)
+    with as_user("bob", "sales_rep", scope="own"), pytest.raises(NotFound):
+        await sales.delete_contract(draft.id, expected_version=0)
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(StaleVersion):
+            await sales.delete_contract(draft.id, expected_version=draft.version + 1)
+        await sales.delete_contract(draft.id, expected_version=draft.version)
+        await sales.delete_contract(rejected.id, expected_version=0)
+        with pytest.raises(Conflict) as in_approval:
+            await sales.delete_contract(pending.id, expected_version=0)
+        with pytest.raises(Conflict) as in_force:
+            await sales.delete_contract(signed_id, expected_version=0)
+        for gone in (draft.id, rejected.id):
+            with pytest.raises(NotFound):
+                await sales.get_contract(gone)
+        assert (await sales.get_contract(signed_id)).status == "signed"
+    assert (in_approval.value.reason, in_force.value.reason) == ("ILLEGAL_STATE", "CONTRACT_IN_FORCE")
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).where(decisions.c.contract_id == rejected.id)) == 0
+    deleted = [
+        events_pb2.ContractDeleted.FromString(p) for p in await outbox_events(engine, "crm.sales.contract.deleted")
+    ]
+    assert [(e.contract_id, e.account_id, e.actor.user_id) for e in deleted] == [
+        (draft.id, "acc-1", "rep1"), (rejected.id, "acc-1", "rep1"),
+    ]  # fmt: skip
+
+
+async def test_only_a_quote_before_approval_whose_deal_has_no_contract_is_deleted(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        pending = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
+        rejected = await sales.create_quote(
+            idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")]
+        )
+        approved = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+    with as_user("mgr", "sales_manager"):
+        await sales.decide_quote(rejected.id, expected_version=0, decision=d.Decision.REJECTED, comment="too steep")
+    contracted_deal = await won_deal(sales, "10")
+    with as_user("rep1", "sales_rep"):
+        contracted = await sales.create_quote(
+            idempotency_key="", opportunity_id=contracted_deal, line_items=[item(discount="35")]
+        )
+        await sales.create_contract(
+            idempotency_key="", opportunity_id=contracted_deal, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+    with as_user("bob", "sales_rep", scope="own"), pytest.raises(NotFound):
+        await sales.delete_quote(pending.id, expected_version=0)
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(StaleVersion):
+            await sales.delete_quote(pending.id, expected_version=pending.version + 1)
+        await sales.delete_quote(pending.id, expected_version=pending.version)
+        await sales.delete_quote(rejected.id, expected_version=0)
+        with pytest.raises(Conflict) as approved_refused:
+            await sales.delete_quote(approved.id, expected_version=0)
+        with pytest.raises(Conflict) as contract_refused:
+            await sales.delete_quote(contracted.id, expected_version=0)
+        remaining = (await sales.list_quotes(Page(), opportunity_id=deal.id)).items
+    assert [q.id for q in remaining] == [approved.id]
+    assert (approved_refused.value.reason, contract_refused.value.reason) == ("ILLEGAL_STATE", "HAS_CONTRACT")
+    deleted = [events_pb2.QuoteDeleted.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.deleted")]
+    assert [(e.quote_id, e.opportunity_id, e.actor.user_id) for e in deleted] == [
+        (pending.id, deal.id, "rep1"), (rejected.id, deal.id, "rep1"),
+    ]  # fmt: skip
+
+
 async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mind(sales: SalesHandlers) -> None:
     stages = [
         d.Stage("qualify", "Qualify", Decimal(20), rotting_days=7),

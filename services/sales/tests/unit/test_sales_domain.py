@@ -446,6 +446,28 @@ def test_contract_transitions() -> None:
             d.check_contract_transition(current, target, contract_id="c")
 
 
+def test_only_a_contract_that_never_took_effect_may_be_deleted() -> None:
+    for status in ("draft", "rejected"):
+        d.check_contract_deletable(status, contract_id="c")
+    refusals = {}
+    for status in ("pending_approval", "approved", "signed", "completed", "terminated"):
+        with pytest.raises(Conflict) as raised:
+            d.check_contract_deletable(status, contract_id="c")
+        refusals[status] = raised.value.reason
+    assert refusals == {
+        "pending_approval": "ILLEGAL_STATE", "approved": "CONTRACT_IN_FORCE", "signed": "CONTRACT_IN_FORCE",
+        "completed": "CONTRACT_IN_FORCE", "terminated": "CONTRACT_IN_FORCE",
+    }  # fmt: skip
+
+
+def test_only_a_quote_before_approval_may_be_deleted() -> None:
+    for status in ("draft", "pending_approval", "rejected"):
+        d.check_quote_deletable(status, quote_id="q")
+    with pytest.raises(Conflict) as raised:
+        d.check_quote_deletable("approved", quote_id="q")
+    assert raised.value.reason == "ILLEGAL_STATE"
+
+
 def test_a_contract_completes_only_when_paid_in_full() -> None:
     d.check_settled(cny("1000"), Decimal("1000.0000"), contract_id="c")
     with pytest.raises(Conflict) as raised:

@@ -1057,6 +1057,7 @@ async def win_statistics(
 QuotesRead = Annotated[Access, Depends(require("quotes", "read"))]
 QuotesCreate = Annotated[Access, Depends(require("quotes", "create"))]
 QuotesApprove = Annotated[Access, Depends(require("quotes", "approve"))]
+QuotesDelete = Annotated[Access, Depends(require("quotes", "delete"))]
 
 
 @router.post("/quotes", status_code=201)
@@ -1150,12 +1151,26 @@ async def reject_quote(
     return with_etag(response, access.present(record))
 
 
+@router.delete("/quotes/{quote_id}", status_code=204)
+async def delete_quote(quote_id: str, request: Request, access: QuotesDelete, if_match: IfMatch = None) -> Response:
+    """A quote before approval (409 once approved, or when its deal has a contract)."""
+    stub = _stub(request)
+    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    await stub.DeleteQuote(
+        pb.DeleteQuoteRequest(id=quote_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(quote_id, quote_dict(before.quote), None)
+    return Response(status_code=204)
+
+
 # --- contracts ---------------------------------------------------------------------------------------
 
 ContractsRead = Annotated[Access, Depends(require("contracts", "read"))]
 ContractsCreate = Annotated[Access, Depends(require("contracts", "create"))]
 ContractsUpdate = Annotated[Access, Depends(require("contracts", "update"))]
 ContractsApprove = Annotated[Access, Depends(require("contracts", "approve"))]
+ContractsDelete = Annotated[Access, Depends(require("contracts", "delete"))]
 
 
 @router.post("/contracts", status_code=201)
@@ -1311,6 +1326,21 @@ async def terminate_contract(
         id=contract_id, expected_version=expected_version(if_match), reason=body.reason
     )
     return await _contract_step(request, response, access, contract_id, "TerminateContract", message, body.reason)
+
+
+@router.delete("/contracts/{contract_id}", status_code=204)
+async def delete_contract(
+    contract_id: str, request: Request, access: ContractsDelete, if_match: IfMatch = None
+) -> Response:
+    """A contract that never took effect, draft or rejected (409 for any other status)."""
+    stub = _stub(request)
+    before = await stub.GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
+    await stub.DeleteContract(
+        pb.DeleteContractRequest(id=contract_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(contract_id, contract_dict(before.contract), None)
+    return Response(status_code=204)
 
 
 # --- payment plans, payments, receivables ----------------------------------------------------------
