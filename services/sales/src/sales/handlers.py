@@ -217,6 +217,18 @@ async def _referenced(
     return row
 
 
+async def _refuse_if_deal_has_contract(
+    conn: AsyncConnection, opportunity_id: str, message: Callable[[str], str]
+) -> None:
+    """409 HAS_CONTRACT, saying `message(contract id)`, when the deal has a contract: what the
+    contract was made from stays."""
+    contract_id = await conn.scalar(
+        select(r.contracts.c.id).where(r.contracts.c.opportunity_id == opportunity_id).limit(1)
+    )
+    if contract_id is not None:
+        raise Conflict(message(str(contract_id)), existing_id=str(contract_id), reason="HAS_CONTRACT")
+
+
 def _line_currency(line_items: Sequence[dict[str, str]]) -> str | None:
     """The currency of stored line items (validated to be one), None without items."""
     return next((item["currency"] for item in line_items), None)
@@ -757,15 +769,13 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
-            contract_id = await tx.conn.scalar(
-                select(r.contracts.c.id).where(r.contracts.c.opportunity_id == opportunity_id).limit(1)
+            await _refuse_if_deal_has_contract(
+                tx.conn,
+                opportunity_id,
+                lambda contract: (
+                    f"opportunity {opportunity_id} has contract {contract}; close it as won or lost instead"
+                ),
             )
-            if contract_id is not None:
-                raise Conflict(
-                    f"opportunity {opportunity_id} has contract {contract_id}; close it as won or lost instead",
-                    existing_id=str(contract_id),
-                    reason="HAS_CONTRACT",
-                )
             await tx.conn.execute(delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id))
             await tx.conn.execute(delete(r.opportunities).where(r.opportunities.c.id == opportunity_id))
             tx.publish(
@@ -1202,15 +1212,11 @@ class SalesHandlers:
             _check_version(row, expected_version, "quote")
             # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
             # every quote of it is part of what the contract was negotiated from.
-            contract_id = await tx.conn.scalar(
-                select(r.contracts.c.id).where(r.contracts.c.opportunity_id == row["opportunity_id"]).limit(1)
+            await _refuse_if_deal_has_contract(
+                tx.conn,
+                row["opportunity_id"],
+                lambda contract: f"quote {quote_id} belongs to a deal with contract {contract}",
             )
-            if contract_id is not None:
-                raise Conflict(
-                    f"quote {quote_id} belongs to a deal with contract {contract_id}",
-                    existing_id=str(contract_id),
-                    reason="HAS_CONTRACT",
-                )
             d.check_quote_deletable(row["status"], quote_id=quote_id)
             await tx.conn.execute(delete(r.quotes).where(r.quotes.c.id == quote_id))
             tx.publish(
