@@ -115,6 +115,58 @@ async def test_ticket_created_dispatched_resolved_and_rated(stack: RunningStack)
         assert submitted.decode(events_pb2.CsatSubmitted).response.score == 5
 
 
+async def test_a_spam_ticket_is_deleted_at_its_etag_and_leaves_the_service_report(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    region = f"spam-{run}"
+    manager_id = f"mgr-{run}"
+    async with (
+        EventCollector(stack.bootstrap, [TOPIC]) as events,
+        _client(stack, manager_id, ["service_manager"], region) as mgr,
+        _client(stack, f"far-{run}", ["service_manager"], f"far-{run}") as far,
+        _client(stack, f"agent-{run}", ["service_agent"], region) as agent,
+    ):
+        created = await mgr.post(
+            "/api/v1/tickets", json={"subject": "WIN A PRIZE", "channel": "email", "region": region}
+        )
+        spam = _ok(created, 201)
+        kept = _ok(
+            await mgr.post("/api/v1/tickets", json={"subject": "Printer", "channel": "phone", "region": region}), 201
+        )
+        path = f"/api/v1/tickets/{spam['id']}"
+        _ok(await mgr.post(f"{path}/comments", json={"body": "Spam: deleting it"}), 201)
+
+        async def counted() -> tuple[int, int]:
+            report = _ok(await mgr.get("/api/v1/reports/service"))  # the manager's region
+            return int(report["tickets"]), int(report["backlog"])
+
+        async def until_counted(want: tuple[int, int]) -> None:
+            async with asyncio.timeout(60):
+                while await counted() != want:
+                    await asyncio.sleep(0.3)
+
+        await until_counted((2, 2))
+        assert (await agent.delete(path)).status_code == 403
+        assert (await far.delete(path)).status_code == 404  # another region's ticket is not there for them
+        stale = await mgr.delete(path, headers={"If-Match": f'"{spam["version"] + 1}"'})
+        assert stale.status_code == 412, stale.text
+        deleted = await mgr.delete(path, headers={"If-Match": created.headers["etag"]})
+        assert (deleted.status_code, deleted.content) == (204, b"")
+        assert (await mgr.get(path)).status_code == 404
+
+        # A resolved ticket is a service record: kept, 409 naming why.
+        _ok(await mgr.post(f"/api/v1/tickets/{kept['id']}/status", json={"status": "resolved"}))
+        refused = await mgr.delete(f"/api/v1/tickets/{kept['id']}")
+        assert refused.status_code == 409 and refused.json()["reason"] == "TICKET_ON_RECORD", refused.text
+
+        records = await events.wait_for(
+            lambda rs: any(r.key == spam["id"] and r.event_type == "crm.service.ticket.deleted" for r in rs), 60
+        )
+        event = next(r for r in records if r.key == spam["id"] and r.event_type == "crm.service.ticket.deleted")
+        message = event.decode(events_pb2.TicketDeleted)
+        assert (message.ticket_id, message.actor.user_id) == (spam["id"], manager_id)
+        await until_counted((1, 0))  # analytics dropped it: only the resolved ticket is left
+
+
 PRIORITY = {"Critical": "urgent", "High": "high", "Medium": "normal", "Low": "low"}
 CHANNEL = {"Email": "email", "Phone": "phone", "Social media": "wechat", "Chat": "web"}
 SAMPLE = 300

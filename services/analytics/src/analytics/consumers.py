@@ -398,6 +398,14 @@ async def apply_csat(conn: AsyncConnection, response: servicedesk_pb2.CsatRespon
     )
 
 
+async def apply_ticket_deleted(conn: AsyncConnection, ticket_id: str) -> None:
+    """A ticket that should never have been one (spam, a test, a duplicate) leaves the ticket counts,
+    the backlog and SLA compliance. The service desk deletes only tickets never resolved, which have
+    no survey answer, so CSAT is as it was; and as a ticket's events share its key, none (an SLA
+    warning or breach) can come after its deletion to bring it back."""
+    await conn.execute(delete(repo.tickets).where(repo.tickets.c.id == ticket_id))
+
+
 # -------------------------------------------------------------------------------------- wiring
 
 Apply = Callable[[AsyncConnection, Any], Awaitable[None]]
@@ -502,6 +510,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         service_events.TicketClosed: ticket,
         service_events.TicketEscalated: ticket,
         service_events.CsatSubmitted: _on(apply_csat, lambda m: m.response),
+        service_events.TicketDeleted: _on(apply_ticket_deleted, lambda m: m.ticket_id),
     }
 
 

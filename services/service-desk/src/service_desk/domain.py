@@ -36,6 +36,11 @@ ASSIGNABLE_STATUSES = frozenset({"new", "assigned", "in_progress", "waiting_cust
 # When its account is deleted, every ticket not yet closed is closed, from any status: there is no
 # customer left to answer, to resolve for or to accept a resolution. The tickets stay as history.
 CLOSED_WITH_THE_ACCOUNT = frozenset(STATUSES) - {"closed"}
+# A ticket that should never have been one (spam, a test, a duplicate) may be deleted while it is open
+# and was never resolved: not reopened, nor worked on again after a reopening. Once resolved or closed
+# it is a service record: SLA compliance, resolution times and CSAT averages count it, and a survey
+# answer or a return visit (both follow a resolution) may hang on it.
+DELETABLE_STATUSES = frozenset(OPEN_STATUSES) - {"reopened"}
 
 WARNING_FRACTION = 0.8
 FIRST_RESPONSE = "first_response"
@@ -48,6 +53,20 @@ def check_transition(current: str, target: str) -> None:
         raise ValidationFailed([FieldError("status", f"must be one of {', '.join(STATUSES)}")])
     if target not in TRANSITIONS[current]:
         raise Conflict(f"a {current} ticket cannot become {target}", reason="ILLEGAL_TRANSITION")
+
+
+def check_ticket_deletable(status: str, *, resolved_once: bool, ticket_id: str) -> None:
+    """Raises Conflict (HTTP 409) for a ticket resolved or closed, now or before a reopening
+    (`resolved_once`): the service it records stays in the reports. A spam ticket closed already
+    stays, closed."""
+    if status in DELETABLE_STATUSES and not resolved_once:
+        return
+    state = f"{status} after it was resolved and reopened" if status in DELETABLE_STATUSES else status
+    raise Conflict(
+        f"ticket {ticket_id} is {state}: a ticket once resolved or closed is a service record; only an "
+        "open ticket never resolved may be deleted",
+        reason="TICKET_ON_RECORD",
+    )
 
 
 def status_after_assignment(current: str) -> str:

@@ -27,7 +27,7 @@ from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.principal import current_principal, current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -273,6 +273,16 @@ def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
 _idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
+async def _earlier_result(conn: AsyncConnection, table: Any, record_id: str, *, ticket_id: str) -> Any:
+    """What the first request with a repeated key created: a ticket, or a comment or work-log entry
+    of one. Gone when the ticket was deleted since (with its comments and work log): the repeat is a
+    404 on the ticket, and brings nothing back."""
+    row = (await conn.execute(select(table).where(table.c.id == record_id))).first()
+    if row is None:
+        raise NotFound("ticket", ticket_id)
+    return row
+
+
 async def create_ticket(
     ctx: Context, values: dict[str, Any], *, idempotency_key: str, skip_dispatch: bool = False
 ) -> tuple[Any, list[Any]]:
@@ -285,8 +295,7 @@ async def create_ticket(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_ticket", idempotency_key, ticket_id, now)
         if earlier is not None:
-            row = (await tx.conn.execute(select(repo.tickets).where(repo.tickets.c.id == earlier))).one()
-            return row, []
+            return await _earlier_result(tx.conn, repo.tickets, earlier, ticket_id=earlier), []
         account_id, account = await _ticket_account(tx.conn, values.get("account_id", ""))
         custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
         t: dict[str, Any] = {
@@ -304,6 +313,7 @@ async def create_ticket(
             "created_by_id": principal.user_id,
             "first_responded_at": None,
             "resolved_at": None,
+            "first_resolved_at": None,
             "closed_at": None,
             "first_response_warned_at": None,
             "first_response_breached_at": None,
@@ -447,6 +457,7 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
         t["first_responded_at"] = now
     if status == "resolved":
         t["resolved_at"] = now
+        t["first_resolved_at"] = t["first_resolved_at"] or now
     elif status == "closed":
         t["closed_at"] = now
     elif status == "reopened":
@@ -544,9 +555,7 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "add_comment", idempotency_key, comment_id, now)
         if earlier is not None:
-            return (
-                await tx.conn.execute(select(repo.ticket_comments).where(repo.ticket_comments.c.id == earlier))
-            ).one()
+            return await _earlier_result(tx.conn, repo.ticket_comments, earlier, ticket_id=ticket_id)
         t = await _ticket_for_update(tx.conn, ticket_id)
         if t["status"] == "closed":
             raise Conflict("a closed ticket takes no comments", reason="TICKET_CLOSED")
@@ -574,7 +583,7 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "log_work", idempotency_key, entry_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(repo.work_log).where(repo.work_log.c.id == earlier))).one()
+            return await _earlier_result(tx.conn, repo.work_log, earlier, ticket_id=ticket_id)
         await _ticket_for_update(tx.conn, ticket_id)
         entry: dict[str, Any] = {
             "id": entry_id, "ticket_id": ticket_id, "agent_id": principal.user_id, "minutes": minutes, "note": note,
@@ -582,6 +591,27 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
         }  # fmt: skip
         await tx.conn.execute(insert(repo.work_log).values(**entry))
     return entry
+
+
+async def delete_ticket(ctx: Context, ticket_id: str, *, expected_version: int) -> None:
+    """Deletes a ticket that should never have been one (spam, a test, a duplicate), open and never
+    resolved, with its comments and work log (it has no survey or return visit: both follow a
+    resolution). The rest follows the row: the SLA timer and the dispatch queue claim tickets from
+    `tickets`, so none fires or dispatches for it afterwards (a pass holding it locked finishes
+    first), and the agent's open-ticket load that dispatch compares is counted from it."""
+    async with ctx.uow.begin() as tx:
+        t = await _ticket_for_update(tx.conn, ticket_id)
+        _check_version("ticket", _Row(t), expected_version)
+        domain.check_ticket_deletable(
+            t["status"], resolved_once=t["first_resolved_at"] is not None, ticket_id=ticket_id
+        )
+        for table in (repo.ticket_comments, repo.work_log):
+            await tx.conn.execute(delete(table).where(table.c.ticket_id == ticket_id))
+        await tx.conn.execute(delete(repo.tickets).where(repo.tickets.c.id == ticket_id))
+        tx.publish(
+            events_pb2.TicketDeleted(ticket_id=ticket_id, account_id=t["account_id"], actor=actor(current_principal())),
+            key=ticket_id,
+        )
 
 
 # --- SLA -------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ tickets = Table(
     Column("resolution_due_at", TS, nullable=False),
     Column("first_responded_at", TS),
     Column("resolved_at", TS),
+    # The first resolution, kept when a reopening clears `resolved_at`: a ticket once resolved is a
+    # service record, never deleted (migration 0012).
+    Column("first_resolved_at", TS),
     Column("closed_at", TS),
     # What the SLA timer has announced, so each warning and breach goes out once.
     Column("first_response_warned_at", TS),

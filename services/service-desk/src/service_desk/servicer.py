@@ -159,6 +159,10 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
         )
         return pb.LogWorkResponse(entry=work_log_to_proto(row))
 
+    async def DeleteTicket(self, request: pb.DeleteTicketRequest, context: Ctx) -> pb.DeleteTicketResponse:
+        await handlers.delete_ticket(self.ctx, request.ticket_id, expected_version=request.expected_version)
+        return pb.DeleteTicketResponse()
+
     # SLA policies
 
     async def ListSlaPolicies(self, request: pb.ListSlaPoliciesRequest, context: Ctx) -> pb.ListSlaPoliciesResponse:

@@ -72,6 +72,34 @@ def test_assignment_moves_new_and_reopened_to_assigned_only() -> None:
         domain.status_after_assignment("resolved")
 
 
+def test_only_an_open_ticket_never_resolved_may_be_deleted() -> None:
+    for status in ("new", "assigned", "in_progress", "waiting_customer"):
+        domain.check_ticket_deletable(status, resolved_once=False, ticket_id="t-1")
+    refusals = {}
+    for status, resolved_once in (("resolved", True), ("reopened", True), ("closed", True), ("closed", False)):
+        with pytest.raises(Conflict) as caught:
+            domain.check_ticket_deletable(status, resolved_once=resolved_once, ticket_id="t-1")
+        assert caught.value.detail.startswith(f"ticket t-1 is {status}:")
+        refusals[status, resolved_once] = caught.value.reason
+    assert set(refusals.values()) == {"TICKET_ON_RECORD"}
+
+
+def test_a_ticket_worked_on_again_after_a_reopening_is_still_one_that_was_resolved() -> None:
+    """Resolved, then reopened, a ticket comes back to statuses a ticket never resolved has: its
+    first resolution, not its status, keeps it (and the survey answer it may have) from deletion."""
+    reached, frontier = set(domain.DONE_STATUSES), list(domain.DONE_STATUSES)
+    while frontier:
+        for target in domain.TRANSITIONS[frontier.pop()] - reached:
+            reached.add(target)
+            frontier.append(target)
+    assert reached & domain.DELETABLE_STATUSES == {"in_progress", "waiting_customer"}
+    for status in ("in_progress", "waiting_customer"):
+        with pytest.raises(Conflict) as caught:
+            domain.check_ticket_deletable(status, resolved_once=True, ticket_id="t-1")
+        assert caught.value.reason == "TICKET_ON_RECORD"
+        assert f"is {status} after it was resolved and reopened" in caught.value.detail
+
+
 # --- SLA -------------------------------------------------------------------------------------------
 
 
