@@ -1,8 +1,9 @@
 """Accounts through the gateway: create → tag → segment → release → claim → transfer → merge with the
-events on Kafka; the 360° view per role; the Maven accounts import; custom fields (422, pii masking,
-segments that would test pii values refused)."""
+events on Kafka; the 360° view per role; activities corrected and deleted; the Maven accounts import;
+custom fields (422, pii masking, segments that would test pii values refused)."""
 
 import csv
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from crm_devstack.components import installed_services
 from crm_devstack.stack import RunningStack
 from crm_platform.ids import new_id
 from crm_platform.testing.kafka import EventCollector
+from crm_platform.timeutil import isoformat, utcnow
 
 pytestmark = pytest.mark.e2e
 
@@ -187,6 +189,47 @@ async def test_360_view_differs_by_role_exactly_as_the_policy_says(stack: Runnin
     assert as_agent["recent_activities"] == {"status": "ok", "items": []}
     assert [t["id"] for t in as_agent["open_tickets"]["items"]] == [agents_ticket["id"]]
     assert as_agent["open_tickets"]["items"][0]["status"] == "new"
+
+
+async def test_activities_are_corrected_and_deleted_and_the_360_view_follows(stack: RunningStack) -> None:
+    """A rep corrects a call under the ETag its log answered with; their manager deletes a visit
+    logged by mistake (a rep may not). The 360° view shows the timeline as corrected, and the
+    account's last activity stays the latest touch: nothing moves it back."""
+    run = new_id()[-8:]
+    async with (
+        EventCollector(stack.bootstrap, [TOPIC]) as events,
+        _client(stack, f"rep-{run}", ["sales_rep"]) as rep,
+        _client(stack, f"mgr-{run}", ["sales_manager"]) as mgr,
+    ):
+        account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Initech {run}"}), 201)
+        activities = f"/api/v1/accounts/{account['id']}/activities"
+        logged = await rep.post(activities, json={"kind": "call", "subject": "intro"})
+        call = _ok(logged, 201)
+        mistake = _ok(await rep.post(activities, json={"kind": "visit", "subject": "wrong account"}), 201)
+
+        earlier = isoformat(utcnow() - timedelta(hours=2))
+        body = {"notes": "budget confirmed", "occurred_at": earlier}
+        corrected = await rep.patch(
+            f"{activities}/{call['id']}", json=body, headers={"If-Match": logged.headers["etag"]}
+        )
+        assert _ok(corrected)["notes"] == "budget confirmed" and corrected.headers["etag"] == '"2"'
+        stale = await rep.patch(f"{activities}/{call['id']}", json={"notes": "x"}, headers={"If-Match": '"1"'})
+        assert stale.status_code == 412
+        assert (await rep.delete(f"{activities}/{mistake['id']}")).status_code == 403
+        deleted = await mgr.delete(f"{activities}/{mistake['id']}", headers={"If-Match": '"1"'})
+        assert deleted.status_code == 204, deleted.text
+
+        view = _ok(await rep.get(f"/api/v1/accounts/{account['id']}/360"))
+        shown = [(a["id"], a["notes"], a["occurred_at"], a["version"]) for a in view["recent_activities"]["items"]]
+        assert shown == [(call["id"], "budget confirmed", corrected.json()["occurred_at"], 2)]
+        assert view["account"]["last_activity_at"] == mistake["occurred_at"]
+
+        wanted = {"crm.accounts.activity.updated", "crm.accounts.activity.deleted"}
+        records = await events.wait_for(
+            lambda rs: wanted <= {r.event_type for r in rs if r.key == account["id"]}, timeout=60
+        )
+        gone = next(r for r in records if r.event_type == "crm.accounts.activity.deleted")
+        assert gone.decode(events_pb2.ActivityDeleted).activity_id == mistake["id"]
 
 
 async def test_import_maven_accounts_through_the_api_keeps_hierarchy(stack: RunningStack) -> None:

@@ -1,5 +1,5 @@
 """Pure rules of the accounts context: normalisation and dedupe, hierarchy, the public pool,
-ownership transfer, merge, reminders and task due windows. No I/O here."""
+ownership transfer, merge, activities, reminders and task due windows. No I/O here."""
 
 import re
 import unicodedata
@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
 from crm_platform.money import MAX_FIGURE, check_amount
+from crm_platform.principal import RecordScope
 
 TIERS = ("A", "B", "C", "D")
 LIFECYCLES = ("prospect", "customer", "churned")
@@ -23,6 +24,8 @@ DUE_FILTERS = ("today", "overdue")
 MAX_NAME = 300
 MAX_TAGS = 50
 MAX_TAG_LENGTH = 64
+# An activity's time may run this far ahead of the server's clock (the caller's clock may be fast).
+ACTIVITY_CLOCK_SKEW = timedelta(minutes=5)
 # Reminder rules: a quiet spell of at most ten years, a task due within a year (the reminder job
 # computes dates from both, which must stay representable).
 MAX_INACTIVE_DAYS = 3650
@@ -287,6 +290,31 @@ def check_merge(
 
 def _strings(value: object) -> list[str]:
     return [str(v) for v in value] if isinstance(value, list) else []
+
+
+# --- activities -------------------------------------------------------------------------------
+
+
+def check_activity(values: Mapping[str, object], *, now: datetime) -> list[FieldError]:
+    """Errors in the activity fields present in `values`: a logged activity passes its kind and time,
+    a correction the fields it changes. What happened has happened: it is not in the future."""
+    errors: list[FieldError] = []
+    if "kind" in values and values["kind"] not in ACTIVITY_KINDS:
+        errors.append(FieldError("kind", f"must be one of {', '.join(ACTIVITY_KINDS)}"))
+    if "occurred_at" in values:
+        occurred_at = values["occurred_at"]
+        if not isinstance(occurred_at, datetime):
+            errors.append(FieldError("occurred_at", "is required"))
+        elif occurred_at > now + ACTIVITY_CLOCK_SKEW:
+            errors.append(FieldError("occurred_at", "must not be in the future"))
+    return errors
+
+
+def activity_in_scope(scope: RecordScope, *, actor_id: str, account_team: str, account_region: str) -> bool:
+    """May a caller with this activities scope change the activity? An activity is owned by who
+    logged it and lies in the team and region of its account (as analytics counts it): with `own` a
+    rep corrects what they logged, with `team` a manager what was logged on their team's accounts."""
+    return scope.allows(owner_id=actor_id, team=account_team, region=account_region)
 
 
 # --- tasks and reminders ----------------------------------------------------------------------

@@ -74,6 +74,8 @@ CONTACT_FIELDS = (
     "custom",
 )
 TASK_FIELDS = ("account_id", "contact_id", "title", "notes", "due_at", "owner_id")
+# What happened: the fields of an activity a correction may change (not its account, contact or actor).
+ACTIVITY_FIELDS = ("kind", "subject", "notes", "occurred_at")
 SEGMENT_FIELDS = ("name", "visibility", "filters", "tags")
 OWNED_ENTITIES = ("account", "contact")
 
@@ -125,11 +127,19 @@ async def custom_filters(
 # --- accounts --------------------------------------------------------------------------------------
 
 
-async def _live_account(conn: AsyncConnection, account_id: str, *, for_update: bool = False, field: str = "") -> Any:
+async def _live_account(
+    conn: AsyncConnection,
+    account_id: str,
+    *,
+    for_update: bool = False,
+    field: str = "",
+    scope: RecordScope | None = None,
+) -> Any:
     """A visible, not merged account (pool accounts are visible to everyone), else NotFound/Conflict;
-    an account a request's body names in `field` that is not there is a 422 naming the field instead."""
+    an account a request's body names in `field` that is not there is a 422 naming the field instead.
+    Visible in `scope`, by default the call's record scope."""
     row = await repo.get_account(conn, account_id, for_update=for_update)
-    if row is None or not (row.in_pool or _visible(current_scope(), row)):
+    if row is None or not (row.in_pool or _visible(scope or current_scope(), row)):
         if field:
             raise missing_reference(field, "account", account_id)
         raise NotFound("account", account_id)
@@ -916,22 +926,15 @@ async def log_activity(
     is always the caller's own, whatever their activities scope (a service agent's is `own`)."""
     principal = current_principal()
     act = repo.activities
-    errors = (
-        []
-        if kind in domain.ACTIVITY_KINDS
-        else [FieldError("kind", f"must be one of {', '.join(domain.ACTIVITY_KINDS)}")]
-    )
     now = ctx.clock()
     when = occurred_at or now
-    if when > now + timedelta(minutes=5):
-        errors.append(FieldError("occurred_at", "must not be in the future"))
-    _fail(errors)
+    _fail(domain.check_activity({"kind": kind, "occurred_at": when}, now=now))
     activity_id = new_id()
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "log_activity", idempotency_key, activity_id, now)
         if earlier is not None:
             return (await tx.conn.execute(select(act).where(act.c.id == earlier))).one()
-        account = await _live_account(tx.conn, account_id, for_update=True)
+        await _live_account(tx.conn, account_id, for_update=True)
         if contact_id:
             await _referenced_contact(tx.conn, contact_id, account_id=account_id)
         await tx.conn.execute(
@@ -945,15 +948,81 @@ async def log_activity(
                 actor_id=principal.user_id,
                 occurred_at=when,
                 created_at=now,
+                version=1,
             )
         )
-        if account.last_activity_at is None or as_utc(account.last_activity_at) < when:
-            # Not a version bump: logging activity must not make an open edit form stale.
-            await tx.conn.execute(
-                update(repo.accounts).where(repo.accounts.c.id == account_id).values(last_activity_at=when)
-            )
+        await repo.touch_account(tx.conn, account_id, when)
         row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
         tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
+        return row
+
+
+async def _writable_activity(
+    conn: AsyncConnection, account_id: str, activity_id: str, *, account_scope: RecordScope
+) -> Any:
+    """An activity logged on `account_id` that the caller may change, its account locked (as
+    LogActivity locks it), else NotFound. The account must be readable in the caller's scope for
+    accounts, as LogActivity checks it; the activity in the call's scope, their scope for activities."""
+    account = await _live_account(conn, account_id, for_update=True, scope=account_scope)
+    act = repo.activities
+    row = (await conn.execute(select(act).where(act.c.id == activity_id, act.c.account_id == account_id))).first()
+    if row is None or not domain.activity_in_scope(
+        current_scope(), actor_id=row.actor_id, account_team=account.team, account_region=account.region
+    ):
+        raise NotFound("activity", activity_id)
+    return row
+
+
+async def update_activity(
+    ctx: Context,
+    account_id: str,
+    activity_id: str,
+    values: dict[str, Any],
+    *,
+    expected_version: int,
+    account_scope: RecordScope,
+) -> tuple[Any, Any]:
+    """Corrects what happened (`values` of ACTIVITY_FIELDS): the activity as it was and as it is now.
+    A later `occurred_at` advances the account's `last_activity_at`; an earlier one leaves it, as
+    the account may have been touched since by other activities or by its deals."""
+    principal = current_principal()
+    act = repo.activities
+    _fail(domain.check_activity(values, now=ctx.clock()))
+    async with ctx.uow.begin() as tx:
+        row = await _writable_activity(tx.conn, account_id, activity_id, account_scope=account_scope)
+        _check_version("activity", row, expected_version)
+        changed = sorted(name for name, value in values.items() if getattr(row, name) != value)
+        if not changed:
+            return row, row
+        await tx.conn.execute(update(act).where(act.c.id == activity_id).values(**values, version=row.version + 1))
+        if "occurred_at" in changed:
+            await repo.touch_account(tx.conn, account_id, values["occurred_at"])
+        updated = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
+        tx.publish(
+            events_pb2.ActivityUpdated(
+                activity=activity_to_proto(updated), changed_fields=changed, actor=actor(principal)
+            ),
+            key=account_id,
+        )
+        return row, updated
+
+
+async def delete_activity(
+    ctx: Context, account_id: str, activity_id: str, *, expected_version: int, account_scope: RecordScope
+) -> Any:
+    """Deletes an activity logged by mistake and returns it as it was. The account's
+    `last_activity_at` stays: it records every touch, including other services' (a deal's work)."""
+    act = repo.activities
+    async with ctx.uow.begin() as tx:
+        row = await _writable_activity(tx.conn, account_id, activity_id, account_scope=account_scope)
+        _check_version("activity", row, expected_version)
+        await tx.conn.execute(delete(act).where(act.c.id == activity_id))
+        tx.publish(
+            events_pb2.ActivityDeleted(
+                activity_id=activity_id, account_id=account_id, actor=actor(current_principal())
+            ),
+            key=account_id,
+        )
         return row
 
 

@@ -111,6 +111,7 @@ def activity_to_proto(row: Any) -> accounts_pb2.Activity:
         subject=r["subject"],
         notes=r["notes"],
         actor_id=r["actor_id"],
+        version=r["version"],
     )
     _set_time(message, "occurred_at", r["occurred_at"])
     return message

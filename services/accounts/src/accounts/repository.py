@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -147,6 +148,7 @@ activities = Table(
     Column("actor_id", String(100), nullable=False, server_default=""),
     Column("occurred_at", Stamp, nullable=False),
     Column("created_at", Stamp, nullable=False),
+    Column("version", BigInteger, nullable=False, server_default="1"),
     Index("ix_activities_account", "account_id", "occurred_at", "id"),
     Index("ix_activities_contact", "contact_id"),
 )
@@ -397,6 +399,22 @@ async def get_account(conn: AsyncConnection, account_id: str, *, for_update: boo
     if for_update and is_pg(conn):
         query = query.with_for_update()
     return (await conn.execute(query)).first()
+
+
+async def touch_account(conn: AsyncConnection, account_id: str, when: datetime) -> None:
+    """Moves the account's `last_activity_at` up to `when`, never back: a high-water mark of every
+    touch (activities logged or corrected, work on its deals in sales). Not a version bump: activity
+    must not make an open edit form stale."""
+    if not account_id:
+        return
+    await conn.execute(
+        update(accounts)
+        .where(
+            accounts.c.id == account_id,
+            or_(accounts.c.last_activity_at.is_(None), accounts.c.last_activity_at < when),
+        )
+        .values(last_activity_at=when)
+    )
 
 
 async def share_lock_accounts(conn: AsyncConnection, account_ids: Sequence[str]) -> None:

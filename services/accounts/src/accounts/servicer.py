@@ -2,15 +2,17 @@
 
 from typing import Any
 
+from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer
 from crm.common.v1 import common_pb2
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.principal import RecordScope, ScopeKind, current_principal, resource_scope_from_metadata
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
 
 from accounts import handlers
-from accounts.handlers import ACCOUNT_FIELDS, CONTACT_FIELDS, SEGMENT_FIELDS, TASK_FIELDS, Context
+from accounts.handlers import ACCOUNT_FIELDS, ACTIVITY_FIELDS, CONTACT_FIELDS, SEGMENT_FIELDS, TASK_FIELDS, Context
 from accounts.messages import (
     account_to_proto,
     activity_to_proto,
@@ -93,6 +95,22 @@ def task_values(message: pb.TaskInput) -> dict[str, Any]:
         "due_at": from_timestamp(message.due_at) if message.HasField("due_at") else None,
         "owner_id": message.owner_id,
     }
+
+
+def activity_values(message: accounts_pb2.Activity) -> dict[str, Any]:
+    return {
+        "kind": message.kind,
+        "subject": message.subject,
+        "notes": message.notes,
+        "occurred_at": from_timestamp(message.occurred_at) if message.HasField("occurred_at") else None,
+    }
+
+
+def _accounts_scope(context: Ctx) -> RecordScope:
+    """The caller's scope for reading accounts, sent along with a call whose own scope is another
+    resource's (an activity's); not sent, the caller's own accounts, as for the call's own scope."""
+    sent = resource_scope_from_metadata(context.invocation_metadata(), "accounts")
+    return sent or RecordScope(ScopeKind.OWN, owner_id=current_principal().user_id)
 
 
 def _in_pool(text: str) -> bool | None:
@@ -284,6 +302,27 @@ class AccountsServicer(AccountsServiceServicer):
         return pb.ListActivitiesResponse(
             items=[activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
+
+    async def UpdateActivity(self, request: pb.UpdateActivityRequest, context: Ctx) -> pb.UpdateActivityResponse:
+        previous, row = await handlers.update_activity(
+            self.ctx,
+            request.account_id,
+            request.activity_id,
+            _select(activity_values(request.activity), _mask(request.update_mask, ACTIVITY_FIELDS)),
+            expected_version=request.expected_version,
+            account_scope=_accounts_scope(context),
+        )
+        return pb.UpdateActivityResponse(activity=activity_to_proto(row), previous=activity_to_proto(previous))
+
+    async def DeleteActivity(self, request: pb.DeleteActivityRequest, context: Ctx) -> pb.DeleteActivityResponse:
+        row = await handlers.delete_activity(
+            self.ctx,
+            request.account_id,
+            request.activity_id,
+            expected_version=request.expected_version,
+            account_scope=_accounts_scope(context),
+        )
+        return pb.DeleteActivityResponse(activity=activity_to_proto(row))
 
     async def CreateTask(self, request: pb.CreateTaskRequest, context: Ctx) -> pb.CreateTaskResponse:
         row = await handlers.create_task(self.ctx, task_values(request.task), idempotency_key=request.idempotency_key)

@@ -1,9 +1,11 @@
 """Rules of the accounts handlers on each database (SQLite and PostgreSQL): saved segments, what an
 account's deletion takes with it, contacts moving between accounts, parents outside the caller's
-scope, and activities logged on accounts the caller may read; a contact write racing a deletion on
-PostgreSQL alone (SQLite has a single writer). Events are read from the outbox."""
+scope, activities logged on accounts the caller may read and their correction and deletion; a
+contact write racing a deletion on PostgreSQL alone (SQLite has a single writer). Events are read
+from the outbox."""
 
 import asyncio
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -515,6 +517,177 @@ async def test_a_service_agent_logs_a_visit_on_an_account_of_their_region(ctx: C
 
     assert await timeline(AGENT_READING_ACTIVITIES) == ["on-site repair"]
     assert await timeline(REP1) == ["on-site repair"]
+
+
+# --- correcting and deleting activities -----------------------------------------------------------------
+
+
+async def log_call(
+    ctx: Context, who: Caller, account_id: str, subject: str, occurred_at: datetime | None = None
+) -> Any:
+    with acting_as(*who):
+        return await handlers.log_activity(
+            ctx, account_id=account_id, contact_id="", kind="call", subject=subject, notes="",
+            occurred_at=occurred_at, idempotency_key="",
+        )  # fmt: skip
+
+
+async def correct(
+    ctx: Context, who: Caller, account_id: str, activity_id: str, values: dict[str, Any], version: int = 0
+) -> Any:
+    """A correction as the gateway sends it: the call's scope is the caller's for activities, their
+    scope for accounts goes along (for these callers both are the same)."""
+    with acting_as(*who):
+        _, corrected = await handlers.update_activity(
+            ctx, account_id, activity_id, values, expected_version=version, account_scope=who[1]
+        )
+    return corrected
+
+
+async def remove(ctx: Context, who: Caller, account_id: str, activity_id: str, version: int = 0) -> Any:
+    with acting_as(*who):
+        return await handlers.delete_activity(
+            ctx, account_id, activity_id, expected_version=version, account_scope=who[1]
+        )
+
+
+async def last_activity_at(ctx: Context, account_id: str) -> Any:
+    with acting_as(*MANAGER):
+        return (await handlers.get_account(ctx, account_id)).last_activity_at
+
+
+async def test_the_logger_corrects_an_activity_and_each_change_adds_one_to_its_version(ctx: Context) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+    call = await log_call(ctx, REP1, acme.id, "intro")
+    assert call.version == 1
+    with acting_as(*REP1):
+        previous, corrected = await handlers.update_activity(
+            ctx, acme.id, call.id, {"kind": "meeting", "notes": "met the CTO"}, expected_version=1,
+            account_scope=REP1[1],
+        )  # fmt: skip
+    assert (previous.kind, previous.notes, previous.version) == ("call", "", 1)
+    assert (corrected.kind, corrected.subject, corrected.notes, corrected.version) == (
+        "meeting",
+        "intro",
+        "met the CTO",
+        2,
+    )
+    again = await correct(ctx, REP1, acme.id, call.id, {"kind": "meeting", "subject": "intro"})
+    assert again.version == 2  # nothing changed: no new version, no event
+    [updated] = await events(ctx, events_pb2.ActivityUpdated)
+    assert (updated.activity.id, updated.activity.version, list(updated.changed_fields)) == (
+        call.id,
+        2,
+        ["kind", "notes"],
+    )
+    assert updated.actor.user_id == "rep-1"
+
+
+async def test_a_stale_or_invalid_correction_changes_nothing(ctx: Context) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+    call = await log_call(ctx, REP1, acme.id, "intro")
+    await correct(ctx, REP1, acme.id, call.id, {"subject": "first"}, version=1)
+    with pytest.raises(StaleVersion) as stale:
+        await correct(ctx, REP1, acme.id, call.id, {"subject": "second"}, version=1)
+    assert stale.value.current_version == 2
+    with pytest.raises(StaleVersion):
+        await remove(ctx, REP1, acme.id, call.id, version=1)
+    with pytest.raises(ValidationFailed) as invalid:
+        await correct(ctx, REP1, acme.id, call.id, {"kind": "lunch", "occurred_at": utcnow() + timedelta(days=1)})
+    assert [field for field, _ in refusals(invalid)] == ["kind", "occurred_at"]
+    with acting_as(*REP1):
+        rows, _ = await handlers.list_activities(ctx, account_id=acme.id, contact_id="", page=PAGE)
+    assert [(r.kind, r.subject, r.version) for r in rows] == [("call", "first", 2)]
+    assert len(await events(ctx, events_pb2.ActivityUpdated)) == 1
+
+
+async def test_a_later_time_moves_the_accounts_last_activity_forward_and_nothing_moves_it_back(ctx: Context) -> None:
+    now = utcnow()
+    acme = await new_account(ctx, REP1, "Acme")
+    call = await log_call(ctx, REP1, acme.id, "intro", occurred_at=now - timedelta(hours=3))
+    assert await last_activity_at(ctx, acme.id) == now - timedelta(hours=3)
+    await correct(ctx, REP1, acme.id, call.id, {"occurred_at": now - timedelta(hours=1)})
+    assert await last_activity_at(ctx, acme.id) == now - timedelta(hours=1)
+    moved_back = await correct(ctx, REP1, acme.id, call.id, {"occurred_at": now - timedelta(hours=5)})
+    assert moved_back.occurred_at == now - timedelta(hours=5)
+    assert await last_activity_at(ctx, acme.id) == now - timedelta(hours=1)  # the touch happened
+    await remove(ctx, REP1, acme.id, call.id)
+    assert await last_activity_at(ctx, acme.id) == now - timedelta(hours=1)
+
+
+async def test_a_deleted_activity_leaves_the_timeline_with_an_event_keyed_by_its_account(ctx: Context) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+    kept = await log_call(ctx, REP1, acme.id, "intro")
+    mistake = await log_call(ctx, REP1, acme.id, "wrong account")
+    removed = await remove(ctx, REP1, acme.id, mistake.id, version=1)
+    assert (removed.id, removed.subject) == (mistake.id, "wrong account")
+    with acting_as(*REP1):
+        rows, _ = await handlers.list_activities(ctx, account_id=acme.id, contact_id="", page=PAGE)
+    assert [r.id for r in rows] == [kept.id]
+    with pytest.raises(NotFound):
+        await remove(ctx, REP1, acme.id, mistake.id)
+    [deleted] = await events(ctx, events_pb2.ActivityDeleted)
+    assert (deleted.activity_id, deleted.account_id, deleted.actor.user_id) == (mistake.id, acme.id, "rep-1")
+    outbox = outbox_table(repo.metadata)
+    async with ctx.uow.engine.connect() as conn:
+        keys = await conn.scalars(select(outbox.c.key).where(outbox.c.type == "crm.accounts.activity.deleted"))
+        assert list(keys) == [acme.id]
+
+
+async def test_an_activity_outside_the_callers_scope_or_under_another_account_is_not_found(ctx: Context) -> None:
+    """A rep changes what they logged, on an account they may read; a manager what was logged on
+    their team's accounts. The path's account must be the activity's."""
+    acme = await new_account(ctx, REP1, "Acme")
+    other = await new_account(ctx, REP1, "Other")
+    mine = await log_call(ctx, REP1, acme.id, "rep's call")
+    managers = await log_call(ctx, MANAGER, acme.id, "manager's call")
+    west = (
+        Principal(user_id="mgr-w", roles=("sales_manager",), team="west", region="cn-east"),
+        RecordScope(ScopeKind.TEAM, team="west"),
+    )
+    refused = [
+        (REP1, acme.id, managers.id),  # the manager's entry on the rep's own account
+        (REP2, acme.id, mine.id),  # another rep's
+        (west, acme.id, mine.id),  # another team's
+        (REP1, other.id, mine.id),  # under another account than its own
+        (REP1, acme.id, "no-such-activity"),
+    ]
+    for who, account_id, activity_id in refused:
+        with pytest.raises(NotFound):
+            await correct(ctx, who, account_id, activity_id, {"subject": "x"})
+        with pytest.raises(NotFound):
+            await remove(ctx, who, account_id, activity_id)
+    assert (await correct(ctx, MANAGER, acme.id, mine.id, {"notes": "checked"})).notes == "checked"
+    await remove(ctx, MANAGER, acme.id, managers.id)
+
+    # Once the account is another rep's, the rep no longer reads it: their own entry there is out of reach.
+    with acting_as(*MANAGER):
+        await handlers.transfer_account(
+            ctx, acme.id, new_owner_id="rep-2", new_team="", reason="territory", expected_version=0
+        )
+    with pytest.raises(NotFound):
+        await correct(ctx, REP1, acme.id, mine.id, {"subject": "x"})
+
+
+async def test_the_account_is_checked_in_the_scope_for_accounts_sent_along_and_the_activity_in_the_calls(
+    ctx: Context,
+) -> None:
+    """A service agent reads the accounts of their region and owns their activities: with their scope
+    for accounts sent along, they could correct their visit (were they granted it); without it, the
+    account is checked against their own accounts, which it is not."""
+    customer = await new_account(ctx, REP1, "Customer", region="cn-east")
+    visit = await log_call(ctx, AGENT_READING_ACCOUNTS, customer.id, "on-site repair")
+    with acting_as(*AGENT_READING_ACTIVITIES):
+        _, corrected = await handlers.update_activity(
+            ctx, customer.id, visit.id, {"notes": "pump replaced"}, expected_version=0,
+            account_scope=AGENT_READING_ACCOUNTS[1],
+        )  # fmt: skip
+        with pytest.raises(NotFound):
+            await handlers.update_activity(
+                ctx, customer.id, visit.id, {"notes": "x"}, expected_version=0,
+                account_scope=RecordScope(ScopeKind.OWN, owner_id="agent-1"),
+            )  # fmt: skip
+    assert corrected.notes == "pump replaced"
 
 
 # --- money ----------------------------------------------------------------------------------------------

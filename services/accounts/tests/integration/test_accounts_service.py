@@ -29,7 +29,16 @@ from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
-from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as, outgoing_metadata
+from crm_platform.principal import (
+    ALL_RECORDS,
+    SYSTEM,
+    Principal,
+    RecordScope,
+    ScopeKind,
+    acting_as,
+    outgoing_metadata,
+    resource_scope_key,
+)
 from crm_platform.service import ServiceApp
 from crm_platform.testing.kafka import EventCollector, produce_event
 from crm_platform.testing.plans import generic_plan
@@ -286,6 +295,50 @@ async def test_claim_limit(accounts_service: Running) -> None:
         await svc.call("ClaimAccount", pb.ClaimAccountRequest(account_id=account_id), REP2)
     limit = await svc.fails("ClaimAccount", pb.ClaimAccountRequest(account_id=ids[3]), REP2)
     assert limit.reason == "CLAIM_LIMIT" and "3" in limit.message
+
+
+async def test_an_activity_is_corrected_and_deleted_with_events_keyed_by_its_account(accounts_service: Running) -> None:
+    svc = accounts_service
+    acme = await create(svc, "Activity Works")
+    logged = await svc.call(
+        "LogActivity", pb.LogActivityRequest(account_id=acme.id, kind="call", subject="intro"), REP1
+    )
+    assert logged.activity.version == 1
+
+    def correction(version: int, *paths: str, **values: Any) -> pb.UpdateActivityRequest:
+        return pb.UpdateActivityRequest(
+            account_id=acme.id,
+            activity_id=logged.activity.id,
+            activity=accounts_pb2.Activity(**values),
+            update_mask=mask(*paths),
+            expected_version=version,
+        )
+
+    corrected = await svc.call("UpdateActivity", correction(1, "kind", "notes", kind="meeting", notes="demo"), REP1)
+    assert (corrected.activity.kind, corrected.activity.subject, corrected.activity.version) == ("meeting", "intro", 2)
+    assert (corrected.previous.kind, corrected.previous.version) == ("call", 1)
+    stale = await svc.fails("UpdateActivity", correction(1, "notes", notes="x"), REP1)
+    assert (stale.code, stale.metadata["current_version"]) == (grpc.StatusCode.ABORTED, "2")
+    not_writable = await svc.fails("UpdateActivity", correction(0, "actor_id", actor_id="rep-2"), REP1)
+    assert not_writable.code == grpc.StatusCode.INVALID_ARGUMENT and not_writable.field_errors[0].field == "actor_id"
+    # A manager who reads the team's accounts sends that scope along: the account is checked in it.
+    team_accounts = RecordScope(ScopeKind.TEAM, team="east").to_proto().SerializeToString()
+    manager_reading_accounts = (*outgoing_metadata(*manager()), (resource_scope_key("accounts"), team_accounts))
+    deleted = await svc.stub.DeleteActivity(
+        pb.DeleteActivityRequest(account_id=acme.id, activity_id=logged.activity.id, expected_version=2),
+        metadata=manager_reading_accounts,
+        timeout=15,
+    )
+    assert (deleted.activity.id, deleted.activity.notes) == (logged.activity.id, "demo")
+    timeline = await svc.call("ListActivities", pb.ListActivitiesRequest(account_id=acme.id), REP1)
+    assert list(timeline.items) == []
+
+    types = {"crm.accounts.activity.logged", "crm.accounts.activity.updated", "crm.accounts.activity.deleted"}
+    records = await svc.wait_events(lambda rs: types <= {r.event_type for r in rs if r.key == acme.id})
+    ours = [r for r in records if r.key == acme.id and r.event_type in types]
+    assert [r.event_type.rsplit(".", 1)[1] for r in ours] == ["logged", "updated", "deleted"]
+    assert list(ours[1].decode(events_pb2.ActivityUpdated).changed_fields) == ["kind", "notes"]
+    assert ours[2].decode(events_pb2.ActivityDeleted).actor.user_id == "mgr"
 
 
 async def test_hierarchy_custom_fields_and_filters(accounts_service: Running) -> None:

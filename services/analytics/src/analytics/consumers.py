@@ -197,6 +197,13 @@ async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity)
     )
 
 
+async def apply_activity_deleted(conn: AsyncConnection, activity_id: str) -> None:
+    """An activity deleted from its lead or account (logged by mistake) leaves the reports. Its
+    events share the key of the record it was logged on, so they arrive in order: none logged or
+    corrected before the deletion comes after it to bring it back."""
+    await conn.execute(delete(repo.activities).where(repo.activities.c.id == activity_id))
+
+
 async def apply_task(conn: AsyncConnection, task: accounts_pb2.Task) -> None:
     await repo.upsert(
         conn,
@@ -477,6 +484,8 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         accounts_events.AccountMerged: _account_merged,
         accounts_events.AccountDeleted: _account_deleted,
         accounts_events.ActivityLogged: _on(apply_activity, lambda m: m.activity),
+        accounts_events.ActivityUpdated: _on(apply_activity, lambda m: m.activity),
+        accounts_events.ActivityDeleted: _on(apply_activity_deleted, lambda m: m.activity_id),
         accounts_events.TaskCreated: task,
         accounts_events.TaskCompleted: task,
         accounts_events.TaskUpdated: task,

@@ -4,6 +4,7 @@ custom_fields.py). Permissions come only from `require(...)`/`Access` (gateway.s
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -124,11 +125,27 @@ class BulkTransferIn(RequestBody):
     reason: str = Field(default="", max_length=2000)
 
 
+# What an activity says happened, as logged and as corrected.
+ActivityKind = Annotated[NonBlank, Field(max_length=20)]
+ActivitySubject = Annotated[str, Field(max_length=500)]
+ActivityNotes = Annotated[str, Field(max_length=20_000)]
+
+
 class ActivityIn(RequestBody):
-    kind: NonBlank = Field(max_length=20)
-    subject: str = Field(default="", max_length=500)
-    notes: str = Field(default="", max_length=20_000)
+    kind: ActivityKind
+    subject: ActivitySubject = ""
+    notes: ActivityNotes = ""
     contact_id: str = Field(default="", max_length=36)
+    occurred_at: Instant | None = None
+
+
+class ActivityPatch(RequestBody):
+    """What an activity says happened, corrected: the fields sent are written, checked as when it
+    was logged. Its account, contact and who logged it stay."""
+
+    kind: ActivityKind | None = None
+    subject: ActivitySubject | None = None
+    notes: ActivityNotes | None = None
     occurred_at: Instant | None = None
 
 
@@ -236,6 +253,7 @@ class ActivityOut(BaseModel):
     notes: str | None = None
     actor_id: str | None = None
     occurred_at: str | None = None
+    version: int | None = None
 
 
 class TaskOut(BaseModel):
@@ -429,6 +447,7 @@ def activity_dict(a: accounts_pb2.Activity) -> dict[str, Any]:
         "notes": a.notes,
         "actor_id": a.actor_id,
         "occurred_at": _time(a, "occurred_at"),
+        "version": a.version,
     }
 
 
@@ -479,6 +498,18 @@ def _list_body(items: list[dict[str, Any]], next_cursor: str) -> dict[str, Any]:
     return {"items": items, "next_cursor": next_cursor or None}
 
 
+def _activity_input(values: dict[str, Any]) -> accounts_pb2.Activity:
+    message = accounts_pb2.Activity()
+    for key, value in values.items():
+        if value is None:
+            continue
+        if key == "occurred_at":
+            _set_instant(message, "occurred_at", value)
+        else:
+            setattr(message, key, value)
+    return message
+
+
 def _mask_paths(values: dict[str, Any]) -> list[str]:
     paths: list[str] = []
     for key, value in values.items():
@@ -519,15 +550,19 @@ def _contact_input(values: dict[str, Any]) -> pb.ContactInput:
     return message
 
 
+def _set_instant(message: Message, name: str, value: datetime) -> None:
+    stamp = to_timestamp(as_utc(value))
+    assert stamp is not None
+    getattr(message, name).CopyFrom(stamp)
+
+
 def _task_input(values: dict[str, Any]) -> pb.TaskInput:
     message = pb.TaskInput()
     for key, value in values.items():
         if value is None:
             continue
         if key == "due_at":
-            stamp = to_timestamp(as_utc(value))
-            assert stamp is not None
-            message.due_at.CopyFrom(stamp)
+            _set_instant(message, "due_at", value)
         elif key == "description":
             message.notes = value
         else:
@@ -1092,6 +1127,8 @@ TasksCreate = Annotated[Access, Depends(require("tasks", "create"))]
 TasksUpdate = Annotated[Access, Depends(require("tasks", "update"))]
 # Reminder rules are team-wide configuration: only roles that may delete tasks (managers) manage them.
 TasksManage = Annotated[Access, Depends(require("tasks", "delete"))]
+ActivitiesUpdate = Annotated[Access, Depends(require("activities", "update"))]
+ActivitiesDelete = Annotated[Access, Depends(require("activities", "delete"))]
 
 
 @router.post(
@@ -1101,6 +1138,7 @@ async def log_activity(
     account_id: str,
     body: ActivityIn,
     request: Request,
+    response: Response,
     access: Annotated[Access, Depends(require("activities", "create"))],
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
@@ -1113,16 +1151,68 @@ async def log_activity(
         idempotency_key=idempotency_key or "",
     )
     if body.occurred_at is not None:
-        stamp = to_timestamp(as_utc(body.occurred_at))
-        assert stamp is not None
-        message.occurred_at.CopyFrom(stamp)
+        _set_instant(message, "occurred_at", body.occurred_at)
     # The account must be one the caller may read: the service checks it under the scope it is
     # sent, and a service agent, who owns only their own activities, visits accounts of their region.
     readable_accounts = access.require_view("accounts")
     reply = await _stub(request).LogActivity(message, metadata=readable_accounts.grpc_metadata())
     record = activity_dict(reply.activity)
     await access.audit_write(record["id"], None, record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
+
+
+def _activity_write_metadata(access: Access) -> tuple[tuple[str, str | bytes], ...]:
+    """A correction or deletion of an activity runs in the caller's scope for activities (who logged
+    it owns it; it is in its account's team and region), on an account they may read as when
+    logging one: their scope for accounts goes along for the service to check it."""
+    return access.grpc_metadata(access.require_view("accounts"))
+
+
+@router.patch(
+    "/accounts/{account_id}/activities/{activity_id}", response_model=ActivityOut, response_model_exclude_unset=True
+)
+async def update_activity(
+    account_id: str,
+    activity_id: str,
+    body: ActivityPatch,
+    request: Request,
+    response: Response,
+    access: ActivitiesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """Corrects what an activity logged on the account says happened (404 when it is on another
+    account or outside the caller's scope for activities: a rep corrects what they logged). A later
+    `occurred_at` moves the account's `last_activity_at` forward; nothing moves it back."""
+    values = body.model_dump(exclude_unset=True)
+    access.check_write(values)
+    reply = await _stub(request).UpdateActivity(
+        pb.UpdateActivityRequest(
+            account_id=account_id,
+            activity_id=activity_id,
+            activity=_activity_input(values),
+            update_mask=field_mask_pb2.FieldMask(paths=list(values)),
+            expected_version=expected_version(if_match),
+        ),
+        metadata=_activity_write_metadata(access),
+    )
+    record = activity_dict(reply.activity)
+    await access.audit_write(activity_id, activity_dict(reply.previous), record)
+    return with_etag(response, access.present(record))
+
+
+@router.delete("/accounts/{account_id}/activities/{activity_id}", status_code=204)
+async def delete_activity(
+    account_id: str, activity_id: str, request: Request, access: ActivitiesDelete, if_match: IfMatch = None
+) -> Response:
+    """An activity logged by mistake (404 as for a correction); the account's `last_activity_at` stays."""
+    reply = await _stub(request).DeleteActivity(
+        pb.DeleteActivityRequest(
+            account_id=account_id, activity_id=activity_id, expected_version=expected_version(if_match)
+        ),
+        metadata=_activity_write_metadata(access),
+    )
+    await access.audit_write(activity_id, activity_dict(reply.activity), None)
+    return Response(status_code=204)
 
 
 @router.get("/accounts/{account_id}/activities", response_model=ActivityPage, response_model_exclude_unset=True)
