@@ -176,6 +176,56 @@ async def test_a_campaign_no_lead_links_to_is_deleted_by_its_etag_and_one_in_use
         assert event.decode(events_pb2.CampaignDeleted).actor.user_id == "mkt-delete"
 
 
+async def test_a_mistyped_activity_is_corrected_by_its_etag_and_one_logged_by_mistake_deleted(
+    stack: RunningStack,
+) -> None:
+    async with (
+        EventCollector(stack.bootstrap, ["crm.leads.v1"]) as events,
+        client(stack, "mgr-activity", ["sales_manager"]) as manager,
+        client(stack, "rep-activity", ["sales_rep"]) as rep,
+    ):
+        created = await manager.post("/api/v1/leads", json={"name": "Wu Fang", "company": "Wu Textiles"})
+        assert created.status_code == 201, created.text
+        lead_id = created.json()["id"]
+        assigned = await manager.post(f"/api/v1/leads/{lead_id}/assign", json={"owner_id": "rep-activity"})
+        assert assigned.status_code == 200, assigned.text
+        logged = await rep.post(
+            f"/api/v1/leads/{lead_id}/activities",
+            json={"kind": "note", "notes": "wants a smaple", "next_follow_up_at": "2099-01-01T09:00:00Z"},
+        )
+        assert logged.status_code == 201, logged.text
+        activity = logged.json()["activity"]
+        assert activity["version"] == 1
+        path = f"/api/v1/leads/{lead_id}/activities/{activity['id']}"
+
+        fix = {"notes": "wants a sample", "next_follow_up_at": "2099-02-01T09:00:00Z"}
+        corrected = await rep.patch(path, json=fix, headers={"If-Match": '"1"'})
+        assert corrected.status_code == 200, corrected.text
+        assert corrected.headers["etag"] == '"2"' and corrected.json()["notes"] == "wants a sample"
+        stale = await rep.patch(path, json={"notes": "x"}, headers={"If-Match": '"1"'})
+        assert stale.status_code == 412, stale.text
+        tasks = (await rep.get(f"/api/v1/leads/{lead_id}/tasks", params={"status": "open"})).json()["items"]
+        assert [(t["kind"], t["due_at"]) for t in tasks if t["kind"] == "follow_up"] == [
+            ("follow_up", "2099-02-01T09:00:00Z")
+        ]
+
+        assert (await rep.delete(path)).status_code == 403  # reps correct their activities, managers delete
+        deleted = await manager.delete(path, headers={"If-Match": corrected.headers["etag"]})
+        assert deleted.status_code == 204, deleted.text
+        assert (await manager.get(f"/api/v1/leads/{lead_id}/activities")).json()["items"] == []
+        tasks = (await rep.get(f"/api/v1/leads/{lead_id}/tasks", params={"status": "open"})).json()["items"]
+        assert [t for t in tasks if t["kind"] == "follow_up"] == []
+
+        wanted = {"crm.leads.lead.activity_updated", "crm.leads.lead.activity_deleted"}
+        records = await events.wait_for(lambda rs: wanted <= {r.event_type for r in rs if r.key == lead_id}, 60)
+        mine = {r.event_type: r for r in records if r.key == lead_id and r.event_type in wanted}
+        updated = mine["crm.leads.lead.activity_updated"].decode(events_pb2.LeadActivityUpdated)
+        assert updated.activity.notes == "wants a sample"
+        assert list(updated.changed_fields) == ["next_follow_up_at", "notes"]
+        gone = mine["crm.leads.lead.activity_deleted"].decode(events_pb2.LeadActivityDeleted)
+        assert (gone.activity_id, gone.actor.user_id) == (activity["id"], "mgr-activity")
+
+
 async def test_bad_input_names_the_field(stack: RunningStack) -> None:
     async with client(stack, "mgr-bad", ["sales_manager"]) as manager:
         bad_email = await manager.post("/api/v1/leads", json={"name": "x", "email": "not-an-email"})

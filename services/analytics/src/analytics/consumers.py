@@ -99,6 +99,15 @@ async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadAct
     )
 
 
+async def apply_lead_activity_updated(conn: AsyncConnection, activity: leads_pb2.LeadActivity) -> None:
+    """A corrected activity of a lead: its kind and time as they are now. Only a row the read model
+    holds changes (the contact activities `lead.contacted` brought): an edit makes no note count."""
+    a = repo.activities
+    await conn.execute(
+        update(a).where(a.c.id == activity.id).values(kind=activity.kind, occurred_at=_time(activity.occurred_at))
+    )
+
+
 async def apply_lead_deleted(conn: AsyncConnection, lead_id: str) -> None:
     """The lead and its activities leave every report, as they left the leads service. The rows go
     rather than carry a flag (as accounts do, whose merges still resolve through them): a lead's
@@ -473,6 +482,8 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         leads_events.LeadConverted: lead,
         leads_events.LeadDisqualified: lead,
         leads_events.LeadDeleted: _on(apply_lead_deleted, lambda m: m.lead_id),
+        leads_events.LeadActivityUpdated: _on(apply_lead_activity_updated, lambda m: m.activity),
+        leads_events.LeadActivityDeleted: _on(apply_activity_deleted, lambda m: m.activity_id),
         leads_events.CampaignCreated: campaign,
         leads_events.CampaignUpdated: campaign,
         leads_events.CampaignDeleted: _on(apply_campaign_deleted, lambda m: m.campaign_id),

@@ -12,6 +12,7 @@ from typing import Any
 
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
+from crm_platform.principal import RecordScope
 
 SOURCES = ("website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other")
 STATUSES = ("new", "contacted", "qualified", "unqualified", "converted", "recycled")
@@ -294,6 +295,51 @@ def check_status_change(current: str, new: str) -> None:
 
 def status_after_claim(first_contacted_at: datetime | None) -> str:
     return "contacted" if first_contacted_at else "new"
+
+
+# --- activities ---------------------------------------------------------------------------------
+
+# What an activity says happened: what is logged, and what an edit may correct.
+ACTIVITY_FIELDS = ("kind", "outcome", "notes", "occurred_at", "next_follow_up_at")
+
+
+def checked_activity(activity: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """An activity's ACTIVITY_FIELDS as logged, or as an edit leaves them, checked (a 422 naming each
+    field at fault) and as stored (the outcome trimmed)."""
+    errors: list[FieldError] = []
+    kind, occurred, follow_up = activity["kind"], activity["occurred_at"], activity["next_follow_up_at"]
+    if kind not in ACTIVITY_KINDS:
+        errors.append(FieldError("kind", f"{kind!r} is not one of {', '.join(ACTIVITY_KINDS)}"))
+    if occurred is None:
+        errors.append(FieldError("occurred_at", "is required"))
+    elif occurred > now:
+        errors.append(FieldError("occurred_at", "must not be in the future"))
+    elif follow_up is not None and follow_up <= occurred:
+        errors.append(FieldError("next_follow_up_at", "must be after occurred_at"))
+    if errors:
+        raise ValidationFailed(errors)
+    return {**activity, "outcome": activity["outcome"].strip()}
+
+
+def activity_in_scope(scope: RecordScope, actor_id: str, lead: Mapping[Any, Any]) -> bool:
+    """An activity is its actor's own, in the team and region of the lead it was logged on (as the
+    accounts service and analytics scope activities)."""
+    return scope.allows(owner_id=actor_id, team=lead["team"], region=lead["region"])
+
+
+def advances_last_activity(last_activity_at: datetime | None, occurred_at: datetime) -> bool:
+    """`last_activity_at` is a high-water mark: an activity (logged, or edited to a later time)
+    moves it forward, and nothing moves it back."""
+    return last_activity_at is None or occurred_at > last_activity_at
+
+
+def follow_up_change(next_follow_up_at: datetime | None, has_open_task: bool) -> str | None:
+    """What becomes of the follow-up task an activity planned when its `next_follow_up_at` changes
+    to this (None: cleared, or the activity deleted): `move` its open task there, `create` one when
+    it has none open (as logging it with that time would have), `cancel` the open one, or nothing."""
+    if next_follow_up_at is None:
+        return "cancel" if has_open_task else None
+    return "move" if has_open_task else "create"
 
 
 # --- scoring ------------------------------------------------------------------------------------

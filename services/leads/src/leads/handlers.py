@@ -61,6 +61,7 @@ from leads.importing import ParserState, RowMapper, StreamParser
 from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead_to_proto
 
 LEAD = "lead"
+ACTIVITY = "activity"
 T = TypeVar("T")
 # What a web form's owner sets (besides turning it on and off); its key is drawn by the service.
 WEBFORM_SETTINGS = ("name", "campaign_id", "team", "region", "rate_limit_per_minute", "honeypot_field")
@@ -466,8 +467,11 @@ class LeadsService:
 
     # --- shared steps -----------------------------------------------------------------------
 
-    async def _visible_lead(self, conn: AsyncConnection, lead_id: str, *, for_update: bool = False) -> RowMapping:
-        query = select(repo.leads).where(repo.leads.c.id == lead_id, repo.lead_scope_clause(current_scope()))
+    async def _visible_lead(
+        self, conn: AsyncConnection, lead_id: str, *, for_update: bool = False, scope: RecordScope | None = None
+    ) -> RowMapping:
+        """The lead in `scope` (the call's record scope when None), else NotFound."""
+        query = select(repo.leads).where(repo.leads.c.id == lead_id, repo.lead_scope_clause(scope or current_scope()))
         if for_update:
             query = query.with_for_update()
         row = (await conn.execute(query)).mappings().first()
@@ -523,8 +527,25 @@ class LeadsService:
             "id": new_id(),
             "lead_id": lead_id,
             "kind": "first_contact",
+            "activity_id": "",  # planned by the assignment, not by an activity
             "owner_id": owner_id,
             "due_at": self.policy.first_contact_due(now),
+            "status": "open",
+            "created_at": now,
+            "completed_at": None,
+        }
+
+    def _follow_up_task(
+        self, lead: Mapping[Any, Any], activity_id: str, due_at: datetime, principal: Principal, now: datetime
+    ) -> dict[str, Any]:
+        """The task an activity's `next_follow_up_at` plans: the lead owner's (the caller's on a pool lead)."""
+        return {
+            "id": new_id(),
+            "lead_id": lead["id"],
+            "activity_id": activity_id,
+            "kind": "follow_up",
+            "owner_id": lead["owner_id"] or principal.user_id,
+            "due_at": due_at,
             "status": "open",
             "created_at": now,
             "completed_at": None,
@@ -958,15 +979,11 @@ class LeadsService:
     # --- activities and tasks ---------------------------------------------------------------
 
     async def log_activity(self, a: ActivityInput) -> tuple[Mapping[Any, Any], RowMapping]:
-        if a.kind not in domain.ACTIVITY_KINDS:
-            raise ValidationFailed([FieldError("kind", f"{a.kind!r} is not one of {', '.join(domain.ACTIVITY_KINDS)}")])
         principal = current_principal()
         now = self.clock()
-        occurred = a.occurred_at or now
-        if occurred > now:
-            raise ValidationFailed([FieldError("occurred_at", "must not be in the future")])
-        if a.next_follow_up_at is not None and a.next_follow_up_at <= occurred:
-            raise ValidationFailed([FieldError("next_follow_up_at", "must be after occurred_at")])
+        given = {"kind": a.kind, "outcome": a.outcome, "notes": a.notes, "next_follow_up_at": a.next_follow_up_at}
+        checked = domain.checked_activity({**given, "occurred_at": a.occurred_at or now}, now)
+        occurred = checked["occurred_at"]
         activity_id = new_id()
         async with self.uow.begin() as tx:
             conn = tx.conn
@@ -984,17 +1001,14 @@ class LeadsService:
             new_activity: dict[str, Any] = {
                 "id": activity_id,
                 "lead_id": a.lead_id,
-                "kind": a.kind,
-                "outcome": a.outcome.strip(),
-                "notes": a.notes,
+                **checked,
                 "actor_id": principal.user_id,
-                "occurred_at": occurred,
-                "next_follow_up_at": a.next_follow_up_at,
+                "version": 1,
             }
             await conn.execute(insert(repo.activities).values(new_activity))
             contact = a.kind in domain.CONTACT_KINDS
             changes: dict[str, Any] = {"updated_at": now}
-            if lead["last_activity_at"] is None or occurred > lead["last_activity_at"]:
+            if domain.advances_last_activity(lead["last_activity_at"], occurred):
                 changes["last_activity_at"] = occurred
             new_status = domain.status_after_activity(lead["status"], a.kind)
             if new_status != lead["status"]:
@@ -1004,18 +1018,8 @@ class LeadsService:
             if contact:
                 await self._close_tasks(conn, a.lead_id, "done", now)
             if a.next_follow_up_at is not None:
-                await conn.execute(
-                    insert(repo.tasks).values(
-                        id=new_id(),
-                        lead_id=a.lead_id,
-                        kind="follow_up",
-                        owner_id=lead["owner_id"] or principal.user_id,
-                        due_at=a.next_follow_up_at,
-                        status="open",
-                        created_at=now,
-                        completed_at=None,
-                    )
-                )
+                follow_up = self._follow_up_task(lead, activity_id, a.next_follow_up_at, principal, now)
+                await conn.execute(insert(repo.tasks).values(follow_up))
             row = await self._write(conn, a.lead_id, changes)
             scored = await self._rescore(tx, row, now)
             if scored:
@@ -1051,6 +1055,126 @@ class LeadsService:
             )
             rows = list((await conn.execute(query)).mappings())
         return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
+
+    async def update_activity(
+        self,
+        lead_id: str,
+        activity_id: str,
+        data: Mapping[str, Any],
+        paths: Sequence[str],
+        expected_version: int,
+        *,
+        leads_scope: RecordScope,
+    ) -> tuple[RowMapping, RowMapping]:
+        """Corrects what an activity says happened: the fields `paths` names (of ACTIVITY_FIELDS),
+        checked together with the others as stored, as a logged activity is. Returns the activity as
+        it was and as it is now. The call's scope is the caller's on activities; the lead must be in
+        `leads_scope`, as for logging one (`_lead_and_activity`)."""
+        unknown = [p for p in paths if p not in domain.ACTIVITY_FIELDS]
+        if unknown:
+            raise ValidationFailed([FieldError(p, "is not a writable activity field") for p in unknown])
+        if not paths:
+            raise ValidationFailed([FieldError("update_mask", "names no field to update")])
+        principal = current_principal()
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            lead, before = await self._lead_and_activity(conn, lead_id, activity_id, expected_version, leads_scope)
+            domain.ensure_open(lead["status"], "edit an activity of")
+            stored = {name: before[name] for name in domain.ACTIVITY_FIELDS}
+            edited = domain.checked_activity({**stored, **{p: data.get(p) for p in paths}}, now)
+            changes = {name: value for name, value in edited.items() if value != stored[name]}
+            if not changes:
+                return before, before
+            a = repo.activities
+            statement = update(a).where(a.c.id == activity_id).values(**changes, version=a.c.version + 1)
+            after = (await conn.execute(statement.returning(a))).mappings().one()
+            if "next_follow_up_at" in changes:
+                await self._follow_activity(conn, lead, activity_id, after["next_follow_up_at"], principal, now)
+            occurred = after["occurred_at"]
+            advanced = domain.advances_last_activity(lead["last_activity_at"], occurred)
+            row = await self._after_activity_change(tx, lead, {"last_activity_at": occurred} if advanced else {}, now)
+            tx.publish(
+                events_pb2.LeadActivityUpdated(
+                    lead=lead_to_proto(row),
+                    activity=activity_to_proto(after),
+                    changed_fields=sorted(changes),
+                    actor=actor(principal),
+                ),
+                key=lead_id,
+            )
+            return before, after
+
+    async def delete_activity(
+        self, lead_id: str, activity_id: str, expected_version: int, *, leads_scope: RecordScope
+    ) -> RowMapping:
+        """Deletes an activity logged by mistake, under the scopes of `update_activity`; returns it as
+        it was. Its open follow-up task is cancelled and the lead's score recomputed; the lead's
+        `last_activity_at`, `first_contacted_at` and status stay (the first-contact SLA's record)."""
+        principal = current_principal()
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            lead, activity = await self._lead_and_activity(conn, lead_id, activity_id, expected_version, leads_scope)
+            domain.ensure_open(lead["status"], "delete an activity of")
+            await conn.execute(delete(repo.activities).where(repo.activities.c.id == activity_id))
+            await self._follow_activity(conn, lead, activity_id, None, principal, now)
+            await self._after_activity_change(tx, lead, {}, now)
+            tx.publish(
+                events_pb2.LeadActivityDeleted(lead_id=lead_id, activity_id=activity_id, actor=actor(principal)),
+                key=lead_id,
+            )
+            return activity
+
+    async def _lead_and_activity(
+        self, conn: AsyncConnection, lead_id: str, activity_id: str, expected_version: int, leads_scope: RecordScope
+    ) -> tuple[RowMapping, RowMapping]:
+        """The lead, locked (every write of its activities locks it first), when it is in
+        `leads_scope`; and its activity `activity_id` when in the call's scope on activities and at
+        `expected_version` (0: any). NotFound for a lead or activity out of scope, or an activity of
+        another lead."""
+        lead = await self._visible_lead(conn, lead_id, for_update=True, scope=leads_scope)
+        a = repo.activities
+        query = select(a).where(a.c.id == activity_id, a.c.lead_id == lead_id)
+        activity = (await conn.execute(query)).mappings().first()
+        if activity is None or not domain.activity_in_scope(current_scope(), activity["actor_id"], lead):
+            raise NotFound(ACTIVITY, activity_id)
+        if expected_version and activity["version"] != expected_version:
+            raise StaleVersion(ACTIVITY, activity_id, activity["version"])
+        return lead, activity
+
+    async def _follow_activity(
+        self,
+        conn: AsyncConnection,
+        lead: Mapping[Any, Any],
+        activity_id: str,
+        next_follow_up_at: datetime | None,
+        principal: Principal,
+        now: datetime,
+    ) -> None:
+        """The follow-up task the activity planned, after its `next_follow_up_at` became this (None:
+        cleared, or the activity deleted): see `domain.follow_up_change`."""
+        t = repo.tasks
+        planned = (t.c.lead_id == lead["id"], t.c.activity_id == activity_id, t.c.status == "open")
+        open_tasks = await conn.scalar(select(func.count()).where(*planned))
+        match domain.follow_up_change(next_follow_up_at, bool(open_tasks)):
+            case "move":
+                await conn.execute(update(t).where(*planned).values(due_at=next_follow_up_at))
+            case "cancel":
+                await conn.execute(update(t).where(*planned).values(status="cancelled", completed_at=now))
+            case "create" if next_follow_up_at is not None:
+                await conn.execute(
+                    insert(t).values(self._follow_up_task(lead, activity_id, next_follow_up_at, principal, now))
+                )
+
+    async def _after_activity_change(
+        self, tx: Transaction, lead: RowMapping, changes: Mapping[str, Any], now: datetime
+    ) -> RowMapping:
+        """The lead after one of its activities was edited or deleted: `changes` and its score
+        recomputed from the activities as they are now (history and `lead.scored` when it moved),
+        written at once."""
+        scored = await self._rescore(tx, lead, now)
+        return await self._write(tx.conn, lead["id"], {**changes, **scored, "updated_at": now})
 
     async def list_tasks(self, lead_id: str, status: str) -> list[RowMapping]:
         if status and status not in ("open", "done", "cancelled"):

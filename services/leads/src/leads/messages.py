@@ -92,6 +92,7 @@ def activity_to_proto(row: Mapping[Any, Any]) -> leads_pb2.LeadActivity:
         actor_id=row["actor_id"],
         occurred_at=to_timestamp(row["occurred_at"]),
         next_follow_up_at=to_timestamp(row["next_follow_up_at"]),
+        version=row["version"],
     )
 
 

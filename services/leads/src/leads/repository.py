@@ -139,6 +139,7 @@ activities = Table(
     Column("actor_id", String(200), nullable=False, server_default=""),
     Column("occurred_at", _TS, nullable=False),
     Column("next_follow_up_at", _TS),
+    Column("version", BigInteger, nullable=False, server_default="1"),
     Index("ix_lead_activities_lead", "lead_id", "id"),
 )
 
@@ -153,6 +154,8 @@ tasks = Table(
     Column("status", String(20), nullable=False),
     Column("created_at", _TS, nullable=False),
     Column("completed_at", _TS),
+    # The activity whose next_follow_up_at planned a follow-up task ("" for a first-contact task).
+    Column("activity_id", _ID, nullable=False, server_default=""),
     Index("ix_lead_tasks_lead", "lead_id", "status"),
     Index("ix_lead_tasks_owner", "owner_id", "status", "due_at"),
 )

@@ -9,7 +9,7 @@ from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money, money_from_proto
-from crm_platform.principal import current_principal, resource_scope_from_metadata
+from crm_platform.principal import RecordScope, ScopeKind, current_principal, resource_scope_from_metadata
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp, to_timestamp
 from sqlalchemy.engine import RowMapping
@@ -43,6 +43,13 @@ def _conversion_scopes(context: grpc.aio.ServicerContext) -> ConversionScopes:
         contacts=resource_scope_from_metadata(metadata, "contacts") or own.contacts,
         opportunities=resource_scope_from_metadata(metadata, "opportunities") or own.opportunities,
     )
+
+
+def _leads_scope(context: grpc.aio.ServicerContext) -> RecordScope:
+    """The caller's scope on leads, sent with a call whose own scope is their scope on activities
+    (an activity's edit); their own leads when not sent, as for the call's own scope."""
+    sent = resource_scope_from_metadata(context.invocation_metadata(), "leads")
+    return sent or RecordScope(ScopeKind.OWN, owner_id=current_principal().user_id)
 
 
 def _webform_settings(webform: leads_pb2.Webform) -> dict[str, Any]:
@@ -246,6 +253,37 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return leads_service_pb2.ListLeadActivitiesResponse(
             items=[messages.activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
+
+    async def UpdateLeadActivity(
+        self, request: leads_service_pb2.UpdateLeadActivityRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.UpdateLeadActivityResponse:
+        activity = request.activity
+        data = {
+            "kind": activity.kind,
+            "outcome": activity.outcome,
+            "notes": activity.notes,
+            "occurred_at": from_timestamp(activity.occurred_at),
+            "next_follow_up_at": from_timestamp(activity.next_follow_up_at),
+        }
+        before, after = await self.service.update_activity(
+            request.lead_id,
+            request.activity_id,
+            data,
+            list(request.update_mask.paths),
+            request.expected_version,
+            leads_scope=_leads_scope(context),
+        )
+        return leads_service_pb2.UpdateLeadActivityResponse(
+            activity=messages.activity_to_proto(after), previous=messages.activity_to_proto(before)
+        )
+
+    async def DeleteLeadActivity(
+        self, request: leads_service_pb2.DeleteLeadActivityRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.DeleteLeadActivityResponse:
+        deleted = await self.service.delete_activity(
+            request.lead_id, request.activity_id, request.expected_version, leads_scope=_leads_scope(context)
+        )
+        return leads_service_pb2.DeleteLeadActivityResponse(activity=messages.activity_to_proto(deleted))
 
     async def ListLeadTasks(
         self, request: leads_service_pb2.ListLeadTasksRequest, context: grpc.aio.ServicerContext

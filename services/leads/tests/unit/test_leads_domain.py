@@ -3,6 +3,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from crm_platform.errors import Conflict, ValidationFailed
+from crm_platform.principal import RecordScope, ScopeKind
 from hypothesis import given
 from hypothesis import strategies as st
 from leads import domain
@@ -298,3 +299,57 @@ def test_a_campaign_in_use_stays_naming_its_links_and_to_end_it_instead(
 
     assert refused.value.reason == "CAMPAIGN_IN_USE"
     assert named in refused.value.detail and "end it (set its end date) instead" in refused.value.detail
+
+
+# --- activities ----------------------------------------------------------------------------------
+
+CALL = {"kind": "call", "outcome": " reached ", "notes": "", "occurred_at": NOW, "next_follow_up_at": None}
+
+
+def test_an_activity_is_stored_with_its_outcome_trimmed() -> None:
+    assert domain.checked_activity(CALL, NOW) == {**CALL, "outcome": "reached"}
+    later = NOW + timedelta(days=1)
+    assert domain.checked_activity({**CALL, "next_follow_up_at": later}, NOW)["next_follow_up_at"] == later
+
+
+@pytest.mark.parametrize(
+    ("changes", "fields"),
+    [
+        ({"kind": "fax"}, ["kind"]),
+        ({"kind": ""}, ["kind"]),
+        ({"occurred_at": None}, ["occurred_at"]),  # an edit may not take away when it happened
+        ({"occurred_at": NOW + timedelta(seconds=1)}, ["occurred_at"]),
+        ({"next_follow_up_at": NOW}, ["next_follow_up_at"]),
+        ({"next_follow_up_at": NOW - timedelta(hours=1)}, ["next_follow_up_at"]),
+        ({"kind": "fax", "occurred_at": NOW + timedelta(days=1)}, ["kind", "occurred_at"]),
+    ],
+)
+def test_an_activity_names_every_field_at_fault(changes: dict[str, object], fields: list[str]) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        domain.checked_activity({**CALL, **changes}, NOW)
+    assert [e.field for e in refused.value.errors] == fields
+
+
+def test_an_activity_is_its_actors_own_in_its_leads_team_and_region() -> None:
+    lead = {"owner_id": "rep1", "team": "east", "region": "cn-east"}
+    assert domain.activity_in_scope(RecordScope(ScopeKind.OWN, owner_id="rep2"), "rep2", lead)
+    assert not domain.activity_in_scope(RecordScope(ScopeKind.OWN, owner_id="rep1"), "rep2", lead)  # not the lead's
+    assert domain.activity_in_scope(RecordScope(ScopeKind.TEAM, team="east"), "mgr-west", lead)
+    assert not domain.activity_in_scope(RecordScope(ScopeKind.TEAM, team="west"), "mgr-west", lead)
+    assert domain.activity_in_scope(RecordScope(ScopeKind.REGION, region="cn-east"), "anyone", lead)
+    assert domain.activity_in_scope(RecordScope(ScopeKind.ALL), "anyone", lead)
+
+
+def test_last_activity_at_only_moves_forward() -> None:
+    assert domain.advances_last_activity(None, NOW)
+    assert domain.advances_last_activity(NOW, NOW + timedelta(minutes=1))
+    assert not domain.advances_last_activity(NOW, NOW)
+    assert not domain.advances_last_activity(NOW, NOW - timedelta(days=1))
+
+
+def test_the_follow_up_task_follows_its_activitys_next_follow_up_at() -> None:
+    later = NOW + timedelta(days=2)
+    assert domain.follow_up_change(later, has_open_task=True) == "move"
+    assert domain.follow_up_change(later, has_open_task=False) == "create"  # as logging it with that time would
+    assert domain.follow_up_change(None, has_open_task=True) == "cancel"
+    assert domain.follow_up_change(None, has_open_task=False) is None

@@ -41,6 +41,8 @@ LeadsCreate = Annotated[Access, Depends(require("leads", "create"))]
 LeadsUpdate = Annotated[Access, Depends(require("leads", "update"))]
 LeadsDelete = Annotated[Access, Depends(require("leads", "delete"))]
 LeadsAssign = Annotated[Access, Depends(require("leads", "assign"))]
+ActivitiesUpdate = Annotated[Access, Depends(require("activities", "update"))]
+ActivitiesDelete = Annotated[Access, Depends(require("activities", "delete"))]
 CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
 CampaignsCreate = Annotated[Access, Depends(require("campaigns", "create"))]
 CampaignsUpdate = Annotated[Access, Depends(require("campaigns", "update"))]
@@ -89,12 +91,22 @@ class LeadPatch(LeadIn):
     status: Literal["new", "contacted", "qualified"] | None = None
 
 
-class ActivityIn(RequestBody):
-    kind: Literal["call", "email", "meeting", "visit", "note", "wechat"]
+ActivityKind = Literal["call", "email", "meeting", "visit", "note", "wechat"]
+
+
+class ActivityPatch(RequestBody):
+    """What an activity says happened, as logging it takes it: the fields sent are corrected
+    (`next_follow_up_at: null` clears the follow-up and cancels its task)."""
+
+    kind: ActivityKind | None = None
     outcome: str = Field(default="", max_length=200)
     notes: str = Field(default="", max_length=10_000)
     occurred_at: Instant | None = None
     next_follow_up_at: Instant | None = None
+
+
+class ActivityIn(ActivityPatch):
+    kind: ActivityKind
 
 
 class AssignIn(RequestBody):
@@ -660,7 +672,72 @@ def _activity_json(activity: leads_pb2.LeadActivity) -> dict[str, Any]:
     body = _message_json(activity)
     body["occurred_at"] = _time(activity.occurred_at)
     body["next_follow_up_at"] = _time(activity.next_follow_up_at)
+    body["version"] = activity.version  # a number, as a lead's (JSON of an int64 is a string)
     return body
+
+
+def _activity_metadata(access: Access) -> tuple[tuple[str, str | bytes], ...]:
+    """An activity's correction is made in the caller's scope on activities (their own, for a rep);
+    beside it goes their scope on leads as logging an activity checks the lead (`leads: update`,
+    403 without it), under which the lead must be."""
+    return access.grpc_metadata(access.require_view("leads", "update"))
+
+
+@router.patch("/leads/{lead_id}/activities/{activity_id}")
+async def update_activity(
+    lead_id: str,
+    activity_id: str,
+    body: ActivityPatch,
+    request: Request,
+    response: Response,
+    access: ActivitiesUpdate,
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    """Corrects what a logged activity says happened (the wrong kind, a mistyped note), checked as
+    when it was logged; the lead's score is recomputed, and the follow-up task follows
+    `next_follow_up_at`. An activity of another lead, or outside the caller's scope on activities,
+    is a 404, as is a lead outside their scope on leads."""
+    given = body.model_dump(exclude_unset=True)
+    if not given:
+        raise RequestValidationError([{"loc": ("body",), "msg": "names no field to change", "type": "value_error"}])
+    access.check_write(given)
+    activity = leads_pb2.LeadActivity(
+        kind=body.kind or "",
+        outcome=body.outcome,
+        notes=body.notes,
+        occurred_at=_timestamp(body.occurred_at),
+        next_follow_up_at=_timestamp(body.next_follow_up_at),
+    )
+    reply = await _stub(request).UpdateLeadActivity(
+        pb.UpdateLeadActivityRequest(
+            lead_id=lead_id,
+            activity_id=activity_id,
+            activity=activity,
+            update_mask=field_mask_pb2.FieldMask(paths=list(given)),
+            expected_version=expected_version(if_match),
+        ),
+        metadata=_activity_metadata(access),
+    )
+    result = _activity_json(reply.activity)
+    await access.audit_write(activity_id, _activity_json(reply.previous), result)
+    return with_etag(response, access.present(result))
+
+
+@router.delete("/leads/{lead_id}/activities/{activity_id}", status_code=204)
+async def delete_activity(
+    lead_id: str, activity_id: str, request: Request, access: ActivitiesDelete, if_match: IfMatch = ""
+) -> Response:
+    """An activity logged by mistake (on the wrong lead, say), under the scopes of the PATCH: the
+    lead's score is recomputed and the activity's open follow-up task cancelled; the lead's last
+    activity time and first contact stay."""
+    reply = await _stub(request).DeleteLeadActivity(
+        pb.DeleteLeadActivityRequest(
+            lead_id=lead_id, activity_id=activity_id, expected_version=expected_version(if_match)
+        ),
+        metadata=_activity_metadata(access),
+    )
+    await access.audit_write(activity_id, _activity_json(reply.activity), None)
+    return Response(status_code=204)
 
 
 @router.get("/leads/{lead_id}/activities")
