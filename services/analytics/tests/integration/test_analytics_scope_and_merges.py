@@ -7,17 +7,17 @@ and due times, a breach the service desk reported staying a breach."""
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 from analytics import repository as repo
-from analytics.consumers import apply_account_merged, apply_contract, handlers
+from analytics.consumers import apply_account_merged, apply_contract
 from analytics.domain import ChurnPolicy
 from analytics.handlers import CustomerValueRow, ReportFilter, Reports
+from analytics.testing import deliver
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import events_pb2 as accounts_events
 from crm.common.v1 import common_pb2
@@ -27,13 +27,8 @@ from crm.sales.v1 import events_pb2 as sales_events
 from crm.sales.v1 import sales_pb2
 from crm.servicedesk.v1 import events_pb2 as service_events
 from crm.servicedesk.v1 import servicedesk_pb2
-from crm_platform.cloudevents import CloudEventHeaders
-from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import transaction
 from crm_platform.ids import new_id
-from crm_platform.outbox import Transaction
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
-from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import to_timestamp, utcnow
 from google.protobuf.message import Message
 from sqlalchemy import select
@@ -41,8 +36,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-HANDLERS = handlers()
 ADMIN = (Principal(user_id="admin", roles=("admin",)), ALL_RECORDS)
 
 
@@ -59,23 +52,8 @@ def days_ago(days: float) -> Any:
 
 
 @pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    async with migrated_engine(database_url, MIGRATIONS) as engine:
-        yield engine
-
-
-@pytest.fixture
 def reports(engine: AsyncEngine) -> Reports:
     return Reports(engine, reporting_currency="CNY", churn_policy=ChurnPolicy())
-
-
-async def deliver(engine: AsyncEngine, messages: Sequence[Message]) -> None:
-    """Each event in its own transaction, through the handler the consumer would call."""
-    for message in messages:
-        headers = CloudEventHeaders(id=new_id(), type="test", source="/test", time=utcnow())
-        event = ReceivedEvent(headers=headers, message=message, key="", topic="", partition=0, offset=0)
-        async with transaction(engine) as conn:
-            await HANDLERS[type(message)](Transaction(conn=conn, source="/test"), event)
 
 
 async def rep_rows(reports: Reports, scope: RecordScope, f: ReportFilter) -> list[tuple[Any, ...]]:

@@ -3,53 +3,27 @@ model: the reports count it at its corrected time, or no longer; an edit of an a
 model never held (a note: only contact activities come with `lead.contacted`) adds none (events
 applied through the consumer's handlers, no broker)."""
 
-from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from analytics import repository as repo
-from analytics.consumers import handlers
 from analytics.domain import ChurnPolicy
 from analytics.handlers import ReportFilter, Reports
+from analytics.testing import deliver
 from crm.leads.v1 import events_pb2 as leads_events
 from crm.leads.v1 import leads_pb2
-from crm_platform.cloudevents import CloudEventHeaders
-from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import transaction
-from crm_platform.ids import new_id
-from crm_platform.outbox import Transaction
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
-from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import from_timestamp, to_timestamp, utcnow
-from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-HANDLERS = handlers()
 EAST_MANAGER = (
     Principal(user_id="mgr", roles=("sales_manager",), team="east"),
     RecordScope(ScopeKind.TEAM, team="east"),
 )
 LEAD = leads_pb2.Lead(id="L1", source="event", owner_id="r1", team="east", region="cn-east", status="contacted")
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    async with migrated_engine(database_url, MIGRATIONS) as engine:
-        yield engine
-
-
-async def deliver(engine: AsyncEngine, messages: Sequence[Message]) -> None:
-    """Each event in its own transaction, through the handler the consumer would call."""
-    for message in messages:
-        headers = CloudEventHeaders(id=new_id(), type="test", source="/test", time=utcnow())
-        event = ReceivedEvent(headers=headers, message=message, key="L1", topic="", partition=0, offset=0)
-        async with transaction(engine) as conn:
-            await HANDLERS[type(message)](Transaction(conn=conn, source="/test"), event)
 
 
 def activity(activity_id: str, kind: str, days_ago: float, version: int = 1) -> leads_pb2.LeadActivity:

@@ -4,51 +4,25 @@ counts as a ticket, in the backlog, among the open urgent ones or against SLA co
 had included; the tickets kept and their CSAT stay as they were, and a redelivered deletion changes
 nothing more."""
 
-from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from analytics import repository as repo
-from analytics.consumers import handlers
 from analytics.domain import ChurnPolicy
 from analytics.handlers import ReportFilter, Reports
+from analytics.testing import deliver
 from crm.servicedesk.v1 import events_pb2 as service_events
 from crm.servicedesk.v1 import servicedesk_pb2
-from crm_platform.cloudevents import CloudEventHeaders
-from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import transaction
-from crm_platform.ids import new_id
-from crm_platform.outbox import Transaction
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
-from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import to_timestamp, utcnow
-from google.protobuf.message import Message
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
-HANDLERS = handlers()
 ADMIN = Principal(user_id="admin", roles=("admin",))
 NOW = utcnow()
-
-
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    async with migrated_engine(postgres_url, MIGRATIONS) as engine:
-        yield engine
-
-
-async def deliver(engine: AsyncEngine, messages: Sequence[Message]) -> None:
-    """Each event in its own transaction under its own event id, through the consumer's handler."""
-    for message in messages:
-        headers = CloudEventHeaders(id=new_id(), type="test", source="/test", time=utcnow())
-        event = ReceivedEvent(headers=headers, message=message, key="", topic="", partition=0, offset=0)
-        async with transaction(engine) as conn:
-            await HANDLERS[type(message)](Transaction(conn=conn, source="/test"), event)
 
 
 def ticket(ticket_id: str, **fields: object) -> servicedesk_pb2.Ticket:
