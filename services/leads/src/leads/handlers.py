@@ -480,14 +480,17 @@ class LeadsService:
         return row
 
     async def _check_campaign(self, conn: AsyncConnection, campaign_id: str, field_name: str = "campaign_id") -> None:
-        """Raises unless the campaign exists; key-share locks its row to the end of the transaction,
-        so that a `delete_campaign` (which locks it for update) either waits for the write linking to
-        it and then counts that link, or deletes it first and this finds it gone."""
-        if not campaign_id:
-            return
-        query = select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)
-        if await conn.scalar(query.with_for_update(key_share=True, read=True)) is None:
+        """Raises unless the campaign exists (`_campaign_linkable`)."""
+        if campaign_id and not await self._campaign_linkable(conn, campaign_id):
             raise missing_reference(field_name, "campaign", campaign_id)
+
+    @staticmethod
+    async def _campaign_linkable(conn: AsyncConnection, campaign_id: str) -> bool:
+        """Does the campaign exist? Key-share locks its row to the end of the transaction, so that a
+        `delete_campaign` (which locks it for update) either waits for the write linking to it and
+        then counts that link, or deletes it first and this finds it gone."""
+        query = select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)
+        return await conn.scalar(query.with_for_update(key_share=True, read=True)) is not None
 
     def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
         score, matched = rules.scorer.score(lead, counts)
@@ -675,7 +678,14 @@ class LeadsService:
             earlier = await claim(conn, "create_lead", idempotency_key, principal, claimed, now)
             if earlier is not None:
                 return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
-            await self._check_campaign(conn, clean.values.get("campaign_id", ""))
+            given_campaign = clean.values.get("campaign_id", "")
+            await self._check_campaign(conn, given_campaign)
+            if values["campaign_id"] != given_campaign and not await self._campaign_linkable(
+                conn, values["campaign_id"]
+            ):
+                # The web form's campaign, unlinked from the form and deleted since the form was read:
+                # the submission is captured all the same, as the form now is, without it.
+                values["campaign_id"] = ""
             rule = None if values["owner_id"] else domain.first_matching_rule(rules.assignment, values)
             probe = await repo.probe_for_create(
                 conn,

@@ -136,3 +136,41 @@ async def test_a_web_form_linked_while_its_campaign_is_deleted_keeps_it(env: Any
             await deleting
     assert f"web form {form['id']}" in refused.value.detail
     assert linked["campaign_id"] == campaign["id"]
+
+
+async def test_a_web_form_submission_whose_campaign_went_meanwhile_is_captured_without_it(
+    env: Any, monkeypatch: Any
+) -> None:
+    """PostgreSQL: the form is read with its campaign; before the lead is written, the form is
+    changed to name none and the campaign deleted. The submission is a lead all the same, linked to
+    no campaign rather than to one that is gone; with the campaign still there, it is linked."""
+    count = repo.count_submission
+    meanwhile: list[Any] = []
+
+    async def count_then_let_others_run(*args: Any, **kwargs: Any) -> Any:
+        used = await count(*args, **kwargs)
+        for step in meanwhile:
+            await step()
+        return used
+
+    with env.acting("mkt", roles=("marketing",)):
+        campaign = await env.service.create_campaign({"name": "Expo"}, "")
+        form = await env.service.create_webform({"name": "Expo form", "campaign_id": campaign["id"]}, "")
+        linked, _ = await env.service.submit_webform(form["form_key"], {"name": "Zhao", "email": "z@x.cn"}, "")
+
+        async def unlink_the_form() -> None:
+            await env.service.update_webform(form["id"], {"campaign_id": ""}, ["campaign_id"], 0)
+
+        async def delete_a_fresh_campaign() -> None:
+            await env.service.delete_campaign(fresh["id"], 0)
+
+        fresh = await env.service.create_campaign({"name": "Roadshow"}, "")
+        await env.service.update_webform(form["id"], {"campaign_id": fresh["id"]}, ["campaign_id"], 0)
+        meanwhile.extend([unlink_the_form, delete_a_fresh_campaign])
+        monkeypatch.setattr(repo, "count_submission", count_then_let_others_run)
+        captured, _ = await env.service.submit_webform(form["form_key"], {"name": "Qian", "email": "q@x.cn"}, "")
+
+    assert linked["campaign_id"] == campaign["id"]
+    assert captured["campaign_id"] == "" and captured["source"] == "webform"
+    with env.acting("mkt", roles=("marketing",)), pytest.raises(NotFound):
+        await env.service.get_campaign(fresh["id"])
