@@ -249,6 +249,125 @@ async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack
         assert (await admin.get(path)).status_code == 404
 
 
+async def test_a_deal_changes_hands_and_its_quote_is_revised_through_the_gateway(stack: RunningStack) -> None:
+    """A manager hands a rep's open deal to another rep (its quote follows; a won deal stays whose it
+    was); a quote awaiting approval gets new line items under If-Match, and the decision made on the
+    previous ones no longer counts."""
+    run = new_id()[-8:]
+    async with (
+        _client(stack, f"rep-{run}", ["sales_rep"]) as rep,
+        _client(stack, f"heir-{run}", ["sales_rep"]) as heir,
+        _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
+        _client(stack, f"mgr2-{run}", ["sales_manager"]) as other_manager,
+    ):
+        deal = _ok(await rep.post("/api/v1/opportunities", json={"account_id": f"acc-{run}", "name": "Fleet"}), 201)
+        line = {"product_name": "GTX Basic", "unit_price": _money("1000.00")}
+        quote = _ok(
+            await manager.post(
+                "/api/v1/quotes",
+                json={"opportunity_id": deal["id"], "line_items": [{**line, "discount_percent": "35"}]},
+            ),
+            201,
+        )
+        halfway = _ok(await other_manager.post(f"/api/v1/quotes/{quote['id']}/approve", json={}))
+        assert halfway["required_approvals"] == ["finance"]
+        revised = await manager.patch(
+            f"/api/v1/quotes/{quote['id']}",
+            json={"line_items": [{**line, "quantity": "2", "discount_percent": "20"}]},
+            headers={"If-Match": f'"{halfway["version"]}"'},
+        )
+        assert (revised.status_code, revised.headers["etag"]) == (200, f'"{halfway["version"] + 1}"'), revised.text
+        assert (revised.json()["status"], revised.json()["required_approvals"]) == (
+            "pending_approval",
+            ["sales_manager"],
+        )
+        assert (revised.json()["total"], revised.json()["decisions"]) == (_money("1600.00"), [])
+        stale = await manager.patch(
+            f"/api/v1/quotes/{quote['id']}", json={"line_items": [line]}, headers={"If-Match": '"1"'}
+        )
+        assert stale.status_code == 412, stale.text
+
+        path = f"/api/v1/opportunities/{deal['id']}"
+        assert (await rep.post(f"{path}/assign", json={"owner_id": f"heir-{run}"})).status_code == 403
+        handed = await manager.post(f"{path}/assign", json={"owner_id": f"heir-{run}"}, headers={"If-Match": '"1"'})
+        assert (handed.status_code, handed.json()["owner_id"], handed.headers["etag"]) == (200, f"heir-{run}", '"2"')
+        assert (await rep.get(path)).status_code == 404
+        assert _ok(await heir.get(f"/api/v1/quotes/{quote['id']}"))["owner_id"] == f"heir-{run}"
+        _ok(await heir.post(f"{path}/win", json={"amount": _money("1600.00")}))
+        back = await manager.post(f"{path}/assign", json={"owner_id": f"rep-{run}"})
+        assert (back.status_code, back.json()["reason"]) == (409, "ILLEGAL_STATE")
+
+
+async def test_a_payment_plan_is_rescheduled_and_what_was_paid_stays_through_the_gateway(stack: RunningStack) -> None:
+    """A signed contract's plan: a payment posted again under its Idempotency-Key books once; the
+    unpaid installments are rescheduled under If-Match (ERP systems get payment_plan.updated); the
+    paid one cannot change."""
+    run = new_id()[-8:]
+    async with (
+        EventCollector(stack.bootstrap, [TOPIC]) as events,
+        _client(stack, f"admin-{run}", ["admin"]) as admin,
+        _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
+        _client(stack, f"fin-{run}", ["finance"]) as finance,
+    ):
+        body = {"account_id": f"acc-{run}", "title": "Service", "amount": _money("9000.00")}
+        contract = _ok(await admin.post("/api/v1/contracts", json=body), 201)
+        _ok(await admin.post(f"/api/v1/contracts/{contract['id']}/submit"))
+        _ok(await manager.post(f"/api/v1/contracts/{contract['id']}/approve", json={}))
+        _ok(await admin.post(f"/api/v1/contracts/{contract['id']}/sign", json={}))
+        plan_path = f"/api/v1/contracts/{contract['id']}/payment-plan"
+        months = ["2027-01-31", "2027-02-28", "2027-03-31"]
+        created = await finance.post(
+            plan_path, json={"installments": [{"due_date": m, "amount": _money("3000.00")} for m in months]}
+        )
+        plan = _ok(created, 201)
+        assert created.headers["etag"] == '"1"'
+
+        payment = {"contract_id": contract["id"], "amount": _money("3000.00"), "external_reference": f"DESK-{run}"}
+        key = {"Idempotency-Key": f"pay-{run}"}
+        first = _ok(await finance.post("/api/v1/payments", json=payment, headers=key), 201)
+        again = _ok(await finance.post("/api/v1/payments", json=payment, headers=key), 201)
+        assert again["id"] == first["id"]
+        reused = await finance.post(
+            "/api/v1/payments", json={**payment, "external_reference": f"DESK-{run}-2"}, headers=key
+        )
+        assert reused.status_code == 422 and reused.json()["errors"][0]["field"] == "Idempotency-Key"
+
+        rescheduled = [("2027-01-31", "3000.00"), ("2027-04-30", "2000.00"), ("2027-05-31", "4000.00")]
+        replaced = await finance.put(
+            plan_path,
+            json={"installments": [{"due_date": d, "amount": _money(a)} for d, a in rescheduled]},
+            headers={"If-Match": created.headers["etag"]},
+        )
+        assert replaced.status_code == 200, replaced.text
+        assert [(i["id"], i["due_date"], i["paid"]["amount"]) for i in replaced.json()["installments"]] == [
+            (plan["installments"][0]["id"], "2027-01-31", "3000.00"),
+            (plan["installments"][1]["id"], "2027-04-30", "0.00"),
+            (plan["installments"][2]["id"], "2027-05-31", "0.00"),
+        ]
+        paid = await finance.put(
+            plan_path,
+            json={"installments": [{"due_date": "2027-02-15", "amount": _money("9000.00")}]},
+            headers={"If-Match": replaced.headers["etag"]},
+        )
+        assert paid.status_code == 409, paid.text
+        assert (paid.json()["reason"], paid.json()["existing_id"]) == (
+            "INSTALLMENT_PAID",
+            plan["installments"][0]["id"],
+        )
+        assert paid.json()["detail"].startswith("installments[0] ")
+
+        def updated(records: list[Any]) -> list[Any]:
+            return [r for r in records if r.key == contract["id"] and r.event_type == "crm.sales.payment_plan.updated"]
+
+        await events.wait_for(lambda records: bool(updated(records)), timeout=30)
+        [event] = [r.decode(events_pb2.PaymentPlanUpdated) for r in updated(events.records)]
+        assert (event.payment_plan.version, event.contract_amount.amount) == (2, "9000.00")
+        paid_events = [
+            r for r in events.records if r.key == contract["id"] and r.event_type == "crm.sales.payment.received"
+        ]
+        assert len(paid_events) == 1
+
+
 async def test_opportunity_custom_pii_values_are_masked_for_analysts(stack: RunningStack) -> None:
     """SPEC §5/§9: a custom field defined as pii is masked like phone and email. The analyst, who
     sees contact details masked, reads opportunities: their pii custom values masked in every read

@@ -8,7 +8,7 @@ empties the read models and moves to the next generation, whose fresh group read
 its beginning."""
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -341,6 +341,18 @@ async def apply_overdue_installment(
     await repo.upsert(conn, repo.installments, values, keys=["id"], insert_only=["paid"])
 
 
+async def apply_plan_updated(conn: AsyncConnection, plan: sales_pb2.PaymentPlan, removed: Sequence[str]) -> None:
+    """A plan's installments replaced: the removed ones (never paid, so no allocation names them)
+    leave; the others take their due date, amount and status, keeping the money the plan's creation
+    recorded as paid; added ones start unpaid. Overdue is what sales says now: an installment moved
+    to a later due date owes nothing late any more (one still overdue stays so)."""
+    if removed:
+        await conn.execute(delete(repo.installments).where(repo.installments.c.id.in_(list(removed))))
+    for installment in plan.installments:
+        values = _installment_values(plan.contract_id, installment) | {"overdue": installment.status == "overdue"}
+        await repo.upsert(conn, repo.installments, values, keys=["id"], insert_only=["paid"])
+
+
 async def apply_payment(conn: AsyncConnection, payment: sales_pb2.Payment) -> None:
     amount, currency = _amount(payment.amount, "payment.amount.amount")
     await repo.upsert(
@@ -455,6 +467,10 @@ async def _plan_created(tx: Transaction, event: ReceivedEvent[sales_events.Payme
         await apply_plan_installment(tx.conn, plan.contract_id, installment)
 
 
+async def _plan_updated(tx: Transaction, event: ReceivedEvent[sales_events.PaymentPlanUpdated]) -> None:
+    await apply_plan_updated(tx.conn, event.message.payment_plan, event.message.removed_installment_ids)
+
+
 async def _installment_overdue(tx: Transaction, event: ReceivedEvent[sales_events.InstallmentOverdue]) -> None:
     message = event.message
     await apply_overdue_installment(tx.conn, message.contract_id, message.account_id, message.installment)
@@ -503,6 +519,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         accounts_events.TaskReassigned: task,
         sales_events.OpportunityCreated: deal,
         sales_events.OpportunityUpdated: deal,
+        sales_events.OpportunityAssigned: deal,
         sales_events.OpportunityStageChanged: deal,
         sales_events.OpportunityWon: deal,
         sales_events.OpportunityLost: deal,
@@ -516,6 +533,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         sales_events.ContractTerminated: contract,
         sales_events.ContractDeleted: _on(apply_contract_deleted, lambda m: m.contract_id),
         sales_events.PaymentPlanCreated: _plan_created,
+        sales_events.PaymentPlanUpdated: _plan_updated,
         sales_events.PaymentReceived: _on(apply_payment, lambda m: m.payment),
         sales_events.InstallmentOverdue: _installment_overdue,
         service_events.TicketCreated: ticket,

@@ -6,6 +6,7 @@ returned it after (the changed fields only, personal data masked)."""
 import json
 import shutil
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,15 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import CrmError, NotFound, PermissionDenied, missing_reference
+from crm_platform.errors import (
+    Conflict,
+    CrmError,
+    FieldError,
+    NotFound,
+    PermissionDenied,
+    ValidationFailed,
+    missing_reference,
+)
 from crm_platform.grpc_errors import to_status
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from fastapi import FastAPI
@@ -233,10 +242,22 @@ class FakeSales(SalesServiceServicer):
         self.updates: list[sales_pb.UpdateOpportunityRequest] = []
         self.contract_deletes: list[sales_pb.DeleteContractRequest] = []
         self.quote_deletes: list[sales_pb.DeleteQuoteRequest] = []
+        self.assignments: list[sales_pb.AssignOpportunityRequest] = []
+        self.quote_updates: list[sales_pb.UpdateQuoteRequest] = []
+        self.plan_updates: list[sales_pb.UpdatePaymentPlanRequest] = []
+        self.payment_keys: dict[str, sales_pb.RecordPaymentRequest] = {}
 
     async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
+        if request.id == "o-404":  # as the service answers a deal outside the caller's scope
+            await abort(context, NotFound("opportunity", request.id))
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
         return sales_pb.GetOpportunityResponse(opportunity=deal)
+
+    async def AssignOpportunity(self, request: sales_pb.AssignOpportunityRequest, context: Any) -> Any:
+        self.assignments.append(request)
+        deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2",
+                                     owner_id=request.owner_id, team=request.team, version=6)  # fmt: skip
+        return sales_pb.AssignOpportunityResponse(opportunity=deal)
 
     async def UpdateOpportunity(self, request: sales_pb.UpdateOpportunityRequest, context: Any) -> Any:
         self.updates.append(request)
@@ -265,9 +286,48 @@ class FakeSales(SalesServiceServicer):
             await abort(context, NotFound("quote", request.id))
         return sales_pb.GetQuoteResponse(quote=sales_pb2.Quote(id="q-1", status="rejected", version=4))
 
+    async def UpdateQuote(self, request: sales_pb.UpdateQuoteRequest, context: Any) -> Any:
+        self.quote_updates.append(request)
+        discount = max((item.discount_percent or "0" for item in request.line_items), key=Decimal)
+        quote = sales_pb2.Quote(id="q-1", status="pending_approval", max_discount_percent=discount, version=5)
+        return sales_pb.UpdateQuoteResponse(quote=quote)
+
     async def DeleteQuote(self, request: sales_pb.DeleteQuoteRequest, context: Any) -> Any:
         self.quote_deletes.append(request)
         return sales_pb.DeleteQuoteResponse()
+
+    PLAN = sales_pb2.PaymentPlan(
+        id="pp-1", contract_id="k-1", version=1,
+        installments=[sales_pb2.Installment(id="i-1", sequence=1, due_date="2027-01-31", status="paid")],
+    )  # fmt: skip
+
+    async def GetPaymentPlan(self, request: sales_pb.GetPaymentPlanRequest, context: Any) -> Any:
+        if request.contract_id == "k-404":
+            await abort(context, NotFound("contract", request.contract_id))
+        return sales_pb.GetPaymentPlanResponse(payment_plan=self.PLAN)
+
+    async def UpdatePaymentPlan(self, request: sales_pb.UpdatePaymentPlanRequest, context: Any) -> Any:
+        self.plan_updates.append(request)
+        if request.installments[0].due_date != self.PLAN.installments[0].due_date:
+            paid = "installments[0] (due 2027-01-31) is paid in part or in full: it cannot be changed"
+            await abort(context, Conflict(paid, existing_id="i-1", reason="INSTALLMENT_PAID"))
+        plan = sales_pb2.PaymentPlan(
+            id="pp-1", contract_id="k-1", version=2,
+            installments=[sales_pb2.Installment(id=f"i-{n}", sequence=n, due_date=item.due_date, amount=item.amount)
+                          for n, item in enumerate(request.installments, start=1)],
+        )  # fmt: skip
+        return sales_pb.UpdatePaymentPlanResponse(payment_plan=plan)
+
+    async def RecordPayment(self, request: sales_pb.RecordPaymentRequest, context: Any) -> Any:
+        """As the service answers a keyed request: the first result again, or a refusal naming the key."""
+        unkeyed = sales_pb.RecordPaymentRequest()
+        unkeyed.CopyFrom(request)
+        unkeyed.ClearField("idempotency_key")
+        if self.payment_keys.setdefault(request.idempotency_key, unkeyed) != unkeyed:
+            await abort(context, ValidationFailed([FieldError("idempotency_key", "was used with a different request")]))
+        payment = sales_pb2.Payment(id="pay-1", contract_id=request.contract_id, amount=request.amount,
+                                    external_reference=request.external_reference)  # fmt: skip
+        return sales_pb.RecordPaymentResponse(payment=payment, created=True)
 
     async def ApproveContract(self, request: sales_pb.ApproveContractRequest, context: Any) -> Any:
         if request.id == "k-2":  # waits for another role's approval
@@ -707,6 +767,160 @@ async def test_a_quote_is_deleted_at_its_etags_version_by_who_may_delete_quotes_
     audited = rows[-1]
     assert (audited["resource"], audited["after"]) == ("quotes", None)
     assert audited["before"]["status"] == "rejected"
+
+
+def installment(due_date: str, amount: str) -> dict[str, Any]:
+    return {"due_date": due_date, "amount": {"amount": amount, "currency": "CNY"}}
+
+
+async def test_a_plans_installments_are_replaced_at_its_etags_version_by_who_may_update_plans(
+    gateway: Gateway,
+) -> None:
+    finance = gateway.auth("finance")
+    body = {"installments": [installment("2027-01-31", "100.00"), installment("2027-03-31", "50.00")]}
+
+    read = await gateway.client.get("/api/v1/contracts/k-1/payment-plan", headers=finance)
+    replaced = await gateway.client.put(
+        "/api/v1/contracts/k-1/payment-plan", json=body, headers={**finance, "If-Match": read.headers["etag"]}
+    )
+    paid = await gateway.client.put(
+        "/api/v1/contracts/k-1/payment-plan", json={"installments": [installment("2027-02-28", "150.00")]},
+        headers=finance,
+    )  # fmt: skip
+    elsewhere = await gateway.client.put("/api/v1/contracts/k-404/payment-plan", json=body, headers=finance)
+    refused = {
+        role: (
+            await gateway.client.put("/api/v1/contracts/k-1/payment-plan", json=body, headers=gateway.auth(role))
+        ).status_code
+        for role in ("sales_manager", "sales_rep", "erp_integration")
+    }
+
+    assert (read.headers["etag"], replaced.status_code, replaced.headers["etag"]) == ('"1"', 200, '"2"'), replaced.text
+    assert [(i["id"], i["due_date"]) for i in replaced.json()["installments"]] == [
+        ("i-1", "2027-01-31"), ("i-2", "2027-03-31"),
+    ]  # fmt: skip
+    assert paid.status_code == 409, paid.text
+    assert (paid.json()["reason"], paid.json()["existing_id"]) == ("INSTALLMENT_PAID", "i-1")
+    assert paid.json()["detail"].startswith("installments[0] ")
+    assert elsewhere.status_code == 404
+    assert refused == {"sales_manager": 403, "sales_rep": 403, "erp_integration": 403}
+    assert [(r.contract_id, r.expected_version, len(r.installments)) for r in gateway.sales.plan_updates] == [
+        ("k-1", 1, 2), ("k-1", 0, 1),
+    ]  # fmt: skip
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery(record_id="pp-1"))
+    [audited] = [row for row in rows if row["outcome"] == "allowed"]
+    assert (audited["action"], audited["resource"], audited["fields"]) == (
+        "update",
+        "payment_plans",
+        ["installments", "version"],
+    )
+
+
+async def test_a_payment_sends_its_idempotency_key_and_a_reused_one_is_a_422_naming_the_header(
+    gateway: Gateway,
+) -> None:
+    finance = gateway.auth("finance")
+    body = {"contract_id": "k-1", "amount": {"amount": "300.00", "currency": "CNY"}, "external_reference": "M-1"}
+
+    first = await gateway.client.post("/api/v1/payments", json=body, headers={**finance, "Idempotency-Key": "p-1"})
+    again = await gateway.client.post("/api/v1/payments", json=body, headers={**finance, "Idempotency-Key": "p-1"})
+    reused = await gateway.client.post(
+        "/api/v1/payments", json={**body, "external_reference": "M-2"}, headers={**finance, "Idempotency-Key": "p-1"}
+    )
+
+    assert (first.status_code, again.status_code, again.json()["id"]) == (201, 201, first.json()["id"]), first.text
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["errors"] == [{"field": "Idempotency-Key", "message": "was used with a different request"}]
+    assert list(gateway.sales.payment_keys) == ["p-1"]
+
+
+LINE = {"product_name": "GTX Basic", "quantity": "2", "unit_price": {"amount": "1000.00", "currency": "CNY"}}
+
+
+async def test_a_quotes_line_items_change_at_its_etags_version_discounts_only_by_who_may_write_them(
+    gateway: Gateway,
+) -> None:
+    rep, manager = gateway.auth("sales_rep"), gateway.auth("sales_manager")
+    discounted = {"line_items": [{**LINE, "discount_percent": "20"}]}
+
+    by_the_rep = await gateway.client.patch(
+        "/api/v1/quotes/q-1", json={"line_items": [LINE]}, headers={**rep, "If-Match": '"4"'}
+    )
+    rep_discount = await gateway.client.patch("/api/v1/quotes/q-1", json=discounted, headers=rep)
+    by_the_manager = await gateway.client.patch("/api/v1/quotes/q-1", json=discounted, headers=manager)
+    by_finance = await gateway.client.patch("/api/v1/quotes/q-1", json=discounted, headers=gateway.auth("finance"))
+    elsewhere = await gateway.client.patch("/api/v1/quotes/q-2", json=discounted, headers=manager)
+    nothing = await gateway.client.patch("/api/v1/quotes/q-1", json={"line_items": []}, headers=manager)
+
+    assert (by_the_rep.status_code, by_the_manager.status_code) == (200, 200), by_the_rep.text
+    assert by_the_rep.headers["etag"] == '"5"' and by_the_rep.json()["status"] == "pending_approval"
+    assert "max_discount_percent" not in by_the_rep.json()  # a rep sees no discounts
+    assert by_the_manager.json()["max_discount_percent"] == "20"
+    assert rep_discount.status_code == 403, rep_discount.text
+    assert rep_discount.json()["errors"][0]["field"] == "line_items.discount_percent"
+    assert (by_finance.status_code, elsewhere.status_code, nothing.status_code) == (403, 404, 422)
+    assert [(r.expected_version, [i.discount_percent for i in r.line_items]) for r in gateway.sales.quote_updates] == [
+        (4, [""]), (0, ["20"]),
+    ]  # fmt: skip
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery(record_id="q-1"))
+    updates = [(row["before"], row["after"]) for row in rows if row["action"] == "update"]
+    assert sorted(after["max_discount_percent"] for _, after in updates) == ["0", "20"]
+    assert {(before["status"], after["status"]) for before, after in updates} == {("rejected", "pending_approval")}
+
+
+async def test_a_deal_is_handed_over_at_its_etags_version_by_who_may_assign_deals_and_audited(
+    gateway: Gateway,
+) -> None:
+    manager = gateway.auth("sales_manager")
+
+    assigned = await gateway.client.post(
+        "/api/v1/opportunities/o-1/assign",
+        json={"owner_id": "u-2", "team": "west"},
+        headers={**manager, "If-Match": '"5"'},
+    )
+    elsewhere = await gateway.client.post(
+        "/api/v1/opportunities/o-404/assign", json={"owner_id": "u-2"}, headers=manager
+    )
+    by_a_rep = await gateway.client.post(
+        "/api/v1/opportunities/o-1/assign", json={"owner_id": "u-2"}, headers=gateway.auth("sales_rep")
+    )
+    by_finance = await gateway.client.post(
+        "/api/v1/opportunities/o-1/assign", json={"owner_id": "u-2"}, headers=gateway.auth("finance")
+    )
+    nobody = await gateway.client.post("/api/v1/opportunities/o-1/assign", json={"owner_id": " "}, headers=manager)
+
+    assert assigned.status_code == 200, assigned.text
+    assert (assigned.headers["etag"], assigned.json()["owner_id"], assigned.json()["team"]) == ('"6"', "u-2", "west")
+    assert (elsewhere.status_code, by_a_rep.status_code, by_finance.status_code) == (404, 403, 403)
+    assert (nobody.status_code, nobody.json()["errors"][0]["field"]) == (422, "owner_id")
+    assert [(r.id, r.expected_version, r.owner_id, r.team, r.region) for r in gateway.sales.assignments] == [
+        ("o-1", 5, "u-2", "west", "")
+    ]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery(record_id="o-1"))
+    [audited] = [row for row in rows if row["outcome"] == "allowed"]
+    assert (audited["action"], audited["resource"], audited["fields"]) == (
+        "assign",
+        "opportunities",
+        ["owner_id", "team", "version"],
+    )
+    assert (audited["before"], audited["after"]) == (
+        {"owner_id": "", "team": "", "version": 5},
+        {"owner_id": "u-2", "team": "west", "version": 6},
+    )
+
+
+async def test_only_who_may_write_a_deals_owner_changes_it_through_patch(gateway: Gateway) -> None:
+    by_a_rep = await gateway.client.patch(
+        "/api/v1/opportunities/o-1", json={"owner_id": "u-2"}, headers=gateway.auth("sales_rep")
+    )
+    by_a_manager = await gateway.client.patch(
+        "/api/v1/opportunities/o-1", json={"owner_id": "u-2"}, headers=gateway.auth("sales_manager")
+    )
+
+    assert by_a_rep.status_code == 403, by_a_rep.text
+    assert by_a_rep.json()["errors"][0]["field"] == "owner_id"
+    assert by_a_manager.status_code == 200, by_a_manager.text
+    assert [list(r.update_mask.paths) for r in gateway.sales.updates] == [["owner_id"]]  # the rep's never left
 
 
 @pytest.mark.parametrize(

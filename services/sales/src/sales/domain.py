@@ -329,6 +329,17 @@ def require_open(status: str, *, record: str, record_id: str) -> None:
         )
 
 
+def check_owner_change(status: str, *, opportunity_id: str) -> None:
+    """A deal changes hands (owner, team, region) only while it is open: a won or lost deal's close
+    credited its owner, and win statistics, forecasts and commissions rely on it (409)."""
+    if status != OpportunityStatus.OPEN:
+        raise Conflict(
+            f"opportunity {opportunity_id} is {status}; its close credited its owner, so only an open deal "
+            "changes hands",
+            reason="ILLEGAL_STATE",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class OpenDeal:
     """What anti-collision needs to know about an existing open opportunity."""
@@ -594,6 +605,42 @@ def initial_quote_status(chain: Sequence[str]) -> QuoteStatus:
     return QuoteStatus.PENDING_APPROVAL if chain else QuoteStatus.APPROVED
 
 
+@dataclass(frozen=True, slots=True)
+class QuoteTerms:
+    """What a quote's line items make of it: its currency, totals, approval chain and status."""
+
+    currency: str
+    totals: Totals
+    approval_chain: list[str]
+    status: QuoteStatus
+
+
+def quote_terms(items: Sequence[LineItem], thresholds: QuoteThresholds) -> QuoteTerms:
+    """The line items of a new or changed quote checked (at least one), totalled, and the discount
+    approvals they need: every change of them is submitted for approval again."""
+    if not items:
+        raise ValidationFailed([FieldError("line_items", "a quote needs at least one line item")])
+    currency = validate_line_items(items)
+    assert currency is not None  # there are items
+    totals = line_totals(items)
+    chain = quote_approval_chain(totals.max_discount_percent, thresholds)
+    return QuoteTerms(currency, totals, chain, initial_quote_status(chain))
+
+
+# A quote changes until it is decided: an approved one may have gone to the customer, a rejected
+# one was turned down as it stands (a new quote is made instead).
+CHANGEABLE_QUOTES = frozenset({QuoteStatus.DRAFT, QuoteStatus.PENDING_APPROVAL})
+
+
+def check_quote_changeable(status: str, *, quote_id: str) -> None:
+    """Only a quote not yet approved or rejected takes new line items (409 otherwise)."""
+    if status not in CHANGEABLE_QUOTES:
+        raise Conflict(
+            f"quote {quote_id} is {status}; only a quote not yet decided may change (make a new one)",
+            reason="ILLEGAL_STATE",
+        )
+
+
 # An approved quote may have gone to the customer and been accepted: it stays on record.
 DELETABLE_QUOTES = frozenset({QuoteStatus.DRAFT, QuoteStatus.PENDING_APPROVAL, QuoteStatus.REJECTED})
 
@@ -664,6 +711,16 @@ def contract_number(year: int, month: int, sequence: int) -> str:
 # follow (invoicing often lags payment), within the contract amount.
 CONTRACTS_IN_FORCE = frozenset({ContractStatus.SIGNED, ContractStatus.COMPLETED})
 CONTRACTS_ACCEPTING_PLANS = frozenset({ContractStatus.APPROVED, ContractStatus.SIGNED})
+
+
+def check_plan_accepted(status: str, *, contract_id: str) -> None:
+    """A payment plan is made and changed while the contract is approved or signed: a completed one
+    is paid, a terminated one is written off (409 otherwise)."""
+    if status not in CONTRACTS_ACCEPTING_PLANS:
+        raise Conflict(
+            f"contract {contract_id} is {status}; payment plans need an approved or signed contract",
+            reason="ILLEGAL_STATE",
+        )
 
 
 def check_same_posting(posted: Money, again: Money, *, reference: str, existing_id: str) -> None:
@@ -766,6 +823,41 @@ class InstallmentState:
 class AllocationResult:
     allocations: list[tuple[str, Decimal]]
     installments: list[InstallmentState] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanChange:
+    """What replacing a plan's installments does to the stored ones: `rescheduled` pairs an unpaid
+    installment with what takes its place, `added` go after the last sequence in use."""
+
+    rescheduled: list[tuple[InstallmentState, PlannedInstallment]]
+    added: list[PlannedInstallment]
+    removed: list[InstallmentState]
+
+    @property
+    def changes_nothing(self) -> bool:
+        return not (self.rescheduled or self.added or self.removed)
+
+
+def change_plan(current: Sequence[InstallmentState], new: Sequence[PlannedInstallment]) -> PlanChange:
+    """`new[i]` takes the place of `current[i]` (the plan's installments as it lists them, by due
+    date). One paid in full or in part is money booked against it, by the CRM and the ERP alike:
+    it must come back as it is, else 409 naming it (`installments[i]`). An unpaid one takes its new
+    due date and amount; those beyond the new list are removed, new ones beyond the plan added."""
+    rescheduled: list[tuple[InstallmentState, PlannedInstallment]] = []
+    for index, installment in enumerate(current):
+        given = new[index] if index < len(new) else None
+        unchanged = given is not None and (given.due_date, given.amount) == (installment.due_date, installment.amount)
+        if installment.paid > 0 and not unchanged:
+            raise Conflict(
+                f"installments[{index}] (due {installment.due_date.isoformat()}) is paid in part or in full: "
+                f"it cannot be {'removed' if given is None else 'changed'}",
+                existing_id=installment.id,
+                reason="INSTALLMENT_PAID",
+            )
+        if given is not None and not unchanged:
+            rescheduled.append((installment, given))
+    return PlanChange(rescheduled, list(new[len(current) :]), list(current[len(new) :]))
 
 
 def status_after_payment(installment: InstallmentState, paid: Decimal) -> InstallmentStatus:

@@ -728,28 +728,81 @@ class SalesHandlers:
             changed = sorted(name for name in values if values[name] != row[name])
             if not changed:
                 return v.opportunity_proto(row)
-            if (
-                row["status"] == d.OpportunityStatus.OPEN
-                and {"owner_id", "product_line"} & set(changed)
-                and merged["product_line"]
-            ):
-                values.update(
-                    await self._check_collision(
-                        tx.conn, account_id=merged["account_id"], product_line=merged["product_line"],
-                        owner_id=merged["owner_id"], exclude_id=opportunity_id, override=override_collision,
-                        override_reason=override_reason,
-                    )
-                )  # fmt: skip
-            values.update(updated_at=self.clock(), version=row["version"] + 1)
-            await tx.conn.execute(update(r.opportunities).where(r.opportunities.c.id == opportunity_id).values(values))
             if set(OWNERSHIP) & set(changed):
-                await self._quotes_follow(tx.conn, [opportunity_id], {name: merged[name] for name in OWNERSHIP})
-            proto = v.opportunity_proto({**row, **values})
+                d.check_owner_change(row["status"], opportunity_id=opportunity_id)
+            proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
             tx.publish(
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=opportunity_id,
             )
             return proto
+
+    async def assign_opportunity(
+        self,
+        opportunity_id: str,
+        *,
+        expected_version: int,
+        owner_id: str,
+        team: str,
+        region: str,
+        override_collision: bool = False,
+        override_reason: str = "",
+    ) -> sales_pb2.Opportunity:
+        """Hands an open deal to `owner_id` (a rep leaves, territories change), and to `team` and
+        `region` when given; its quotes follow it. The new owner is held to anti-collision as an
+        update of the owner is."""
+        principal = current_principal()
+        _require(owner_id, "owner_id")
+        given = {"owner_id": owner_id.strip(), "team": team.strip(), "region": region.strip()}
+        _check_lengths(given, d.NAME_LENGTH)
+        async with self.uow.begin() as tx:
+            row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "opportunity")
+            d.check_owner_change(row["status"], opportunity_id=opportunity_id)
+            values = {name: value for name, value in given.items() if value and value != row[name]}
+            if not values:
+                return v.opportunity_proto(row)
+            changed = sorted(values)
+            proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
+            tx.publish(
+                events_pb2.OpportunityAssigned(
+                    opportunity=proto, previous_owner_id=row["owner_id"], changed_fields=changed,
+                    actor=v.actor(principal),
+                ),
+                key=opportunity_id,
+            )  # fmt: skip
+            return proto
+
+    async def _save_opportunity(
+        self,
+        conn: AsyncConnection,
+        row: RowMapping,
+        values: dict[str, Any],
+        changed: Sequence[str],
+        override_collision: bool,
+        override_reason: str,
+    ) -> sales_pb2.Opportunity:
+        """Writes `values` (the `changed` fields among them) to a locked deal: a new owner or product
+        line of an open deal passes anti-collision first, and a new owner, team or region takes the
+        deal's quotes along."""
+        merged = {**row, **values}
+        if (
+            row["status"] == d.OpportunityStatus.OPEN
+            and {"owner_id", "product_line"} & set(changed)
+            and merged["product_line"]
+        ):
+            values.update(
+                await self._check_collision(
+                    conn, account_id=merged["account_id"], product_line=merged["product_line"],
+                    owner_id=merged["owner_id"], exclude_id=row["id"], override=override_collision,
+                    override_reason=override_reason,
+                )
+            )  # fmt: skip
+        values.update(updated_at=self.clock(), version=row["version"] + 1)
+        await conn.execute(update(r.opportunities).where(r.opportunities.c.id == row["id"]).values(values))
+        if set(OWNERSHIP) & set(changed):
+            await self._quotes_follow(conn, [row["id"]], {name: merged[name] for name in OWNERSHIP})
+        return v.opportunity_proto({**row, **values})
 
     async def _quotes_follow(
         self, conn: AsyncConnection, opportunity_ids: Sequence[str], owner: dict[str, Any]
@@ -1092,11 +1145,7 @@ class SalesHandlers:
     ) -> sales_pb2.Quote:
         principal = current_principal()
         _require(opportunity_id, "opportunity_id")
-        if not line_items:
-            raise ValidationFailed([FieldError("line_items", "a quote needs at least one line item")])
-        items = [item.to_domain() for item in line_items]
-        currency = d.validate_line_items(items)
-        totals = d.line_totals(items)
+        terms = self._quote_terms(line_items)
         async with self.uow.begin() as tx:
             quote_id = new_id()
             if idempotency_key:
@@ -1113,21 +1162,12 @@ class SalesHandlers:
                 resource="opportunity",
                 scope=current_scope(),
             )
-            chain = d.quote_approval_chain(totals.max_discount_percent, self.quote_thresholds)
             now = self.clock()
             values = {
                 "id": quote_id,
                 "opportunity_id": opportunity_id,
                 "account_id": opportunity["account_id"],
-                "line_items": [v.line_item_json(item) for item in items],
-                "subtotal": totals.subtotal,
-                "discount_total": totals.discount_total,
-                "total": totals.total,
-                "currency": currency,
-                "max_discount_percent": totals.max_discount_percent,
-                "status": d.initial_quote_status(chain).value,
-                "approval_chain": chain,
-                "decisions": [],
+                **terms,
                 "owner_id": opportunity["owner_id"],
                 "team": opportunity["team"],
                 "region": opportunity["region"],
@@ -1135,11 +1175,29 @@ class SalesHandlers:
                 "updated_at": now,
                 "version": 1,
                 "created_by": principal.user_id,
+                "submitted_by": principal.user_id,
             }
             await tx.conn.execute(insert(r.quotes).values(values))
             proto = v.quote_proto(values)
             tx.publish(events_pb2.QuoteCreated(quote=proto, actor=v.actor(principal)), key=quote_id)
             return proto
+
+    def _quote_terms(self, line_items: Sequence[LineItemIn]) -> dict[str, Any]:
+        """The columns a quote's line items set (`domain.quote_terms`), submitted for approval
+        afresh: no decision made on other line items counts for them."""
+        items = [item.to_domain() for item in line_items]
+        terms = d.quote_terms(items, self.quote_thresholds)
+        return {
+            "line_items": [v.line_item_json(item) for item in items],
+            "subtotal": terms.totals.subtotal,
+            "discount_total": terms.totals.discount_total,
+            "total": terms.totals.total,
+            "currency": terms.currency,
+            "max_discount_percent": terms.totals.max_discount_percent,
+            "status": terms.status.value,
+            "approval_chain": terms.approval_chain,
+            "decisions": [],
+        }
 
     async def _quote_row(
         self, conn: AsyncConnection, quote_id: str, *, scope: RecordScope | None, lock: bool = False
@@ -1147,6 +1205,22 @@ class SalesHandlers:
         row = await r.load(conn, r.quotes, quote_id, scope=scope, lock=lock)
         if row is None:
             raise NotFound("quote", quote_id)
+        return row
+
+    async def _quote_to_change(self, conn: AsyncConnection, quote_id: str, expected_version: int) -> RowMapping:
+        """The caller's quote, locked for a change or a deletion at `expected_version`, while its
+        deal has no contract. Its deal is locked first, as `create_contract` locks it (and as
+        `update_opportunity` locks it before the quotes that follow it): a contract being made from
+        the deal meanwhile is either committed and found here, or made after this commits."""
+        row = await self._quote_row(conn, quote_id, scope=current_scope())
+        await r.load(conn, r.opportunities, row["opportunity_id"], lock=True)
+        row = await self._quote_row(conn, quote_id, scope=current_scope(), lock=True)
+        _check_version(row, expected_version, "quote")
+        # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
+        # every quote of it is part of what the contract was negotiated from.
+        await _refuse_if_deal_has_contract(
+            conn, row["opportunity_id"], lambda contract: f"quote {quote_id} belongs to a deal with contract {contract}"
+        )
         return row
 
     async def get_quote(self, quote_id: str) -> sales_pb2.Quote:
@@ -1173,9 +1247,9 @@ class SalesHandlers:
                 raise Conflict(f"quote {quote_id} is {row['status']}, not pending approval", reason="ILLEGAL_STATE")
             steps = [d.ApprovalStep(x["role"], x["approver_id"], d.Decision(x["decision"])) for x in row["decisions"]]
             role = d.approving_role(row["approval_chain"], steps, principal.roles)
-            # Creating a quote submits its discounts for approval: its creator is its submitter.
+            # Creating a quote, or changing its line items, submits its discounts for approval.
             d.check_separation_of_duties(
-                principal.user_id, submitted_by=row["created_by"], decisions=steps, record="quote"
+                principal.user_id, submitted_by=row["submitted_by"], decisions=steps, record="quote"
             )
             now = self.clock()
             record = {
@@ -1204,19 +1278,39 @@ class SalesHandlers:
                 )
             return proto
 
+    async def update_quote(
+        self, quote_id: str, *, expected_version: int, line_items: Sequence[LineItemIn]
+    ) -> sales_pb2.Quote:
+        """New line items for a quote not yet decided, whose deal has no contract: totals and the
+        approvals they need are computed again, and decisions made on the previous ones are void
+        (it waits for its whole chain again; the answer's status says so). The caller submitted them."""
+        principal = current_principal()
+        terms = self._quote_terms(line_items)
+        async with self.uow.begin() as tx:
+            row = await self._quote_to_change(tx.conn, quote_id, expected_version)
+            d.check_quote_changeable(row["status"], quote_id=quote_id)
+            if terms["line_items"] == row["line_items"]:
+                return v.quote_proto(row)
+            values = {
+                **terms, "submitted_by": principal.user_id, "updated_at": self.clock(), "version": row["version"] + 1,
+            }  # fmt: skip
+            await tx.conn.execute(update(r.quotes).where(r.quotes.c.id == quote_id).values(values))
+            proto = v.quote_proto({**row, **values})
+            tx.publish(
+                events_pb2.QuoteUpdated(
+                    quote=proto,
+                    voided_decisions=[v.decision_proto(x) for x in row["decisions"]],
+                    actor=v.actor(principal),
+                ),
+                key=quote_id,
+            )
+            return proto
+
     async def delete_quote(self, quote_id: str, *, expected_version: int) -> None:
         """A quote before approval, entered by mistake or superseded, whose deal has no contract."""
         principal = current_principal()
         async with self.uow.begin() as tx:
-            row = await self._quote_row(tx.conn, quote_id, scope=current_scope(), lock=True)
-            _check_version(row, expected_version, "quote")
-            # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
-            # every quote of it is part of what the contract was negotiated from.
-            await _refuse_if_deal_has_contract(
-                tx.conn,
-                row["opportunity_id"],
-                lambda contract: f"quote {quote_id} belongs to a deal with contract {contract}",
-            )
+            row = await self._quote_to_change(tx.conn, quote_id, expected_version)
             d.check_quote_deletable(row["status"], quote_id=quote_id)
             await tx.conn.execute(delete(r.quotes).where(r.quotes.c.id == quote_id))
             tx.publish(
@@ -1254,6 +1348,8 @@ class SalesHandlers:
                 if existing:
                     return await self._contract_proto(tx.conn, await self._contract_row(tx.conn, existing, scope=None))
             if opportunity_id:
+                # Locked as a quote's change or deletion locks it (`_quote_to_change`), and as the
+                # deal's deletion does: none of them misses the contract made from it meanwhile.
                 opportunity = await _referenced(
                     tx.conn,
                     r.opportunities,
@@ -1261,6 +1357,7 @@ class SalesHandlers:
                     field_name="opportunity_id",
                     resource="opportunity",
                     scope=current_scope(),
+                    lock=True,
                 )
                 if opportunity["status"] != d.OpportunityStatus.WON:
                     raise Conflict(
@@ -1539,12 +1636,7 @@ class SalesHandlers:
                 if existing:
                     return await self._plan_proto(tx.conn, existing_plan_id=existing)
             contract = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
-            if contract["status"] not in d.CONTRACTS_ACCEPTING_PLANS:
-                raise Conflict(
-                    f"contract {contract_id} is {contract['status']}; "
-                    "payment plans need an approved or signed contract",
-                    reason="ILLEGAL_STATE",
-                )
+            d.check_plan_accepted(contract["status"], contract_id=contract_id)
             present = await r.plan_of(tx.conn, contract_id)
             if present is not None:
                 raise AlreadyExists(
@@ -1559,23 +1651,10 @@ class SalesHandlers:
                 "total": contract_amount.amount,
                 "currency": contract_amount.currency,
                 "created_at": now,
+                "version": 1,
             }
             await tx.conn.execute(insert(r.payment_plans).values(plan))
-            rows = [
-                {
-                    "id": new_id(),
-                    "plan_id": plan_id,
-                    "contract_id": contract_id,
-                    "sequence": sequence,
-                    "due_date": item.due_date,
-                    "amount": item.amount,
-                    "paid": Decimal(0),
-                    "currency": contract_amount.currency,
-                    "status": d.InstallmentStatus.PENDING.value,
-                    "overdue_at": None,
-                }
-                for sequence, item in enumerate(planned, start=1)
-            ]
+            rows = [self._new_installment(plan, sequence, item) for sequence, item in enumerate(planned, start=1)]
             await tx.conn.execute(insert(r.installments), rows)
             # Money already received before the plan existed is allocated to it now.
             if contract["paid_amount"] > 0:
@@ -1591,6 +1670,68 @@ class SalesHandlers:
                 events_pb2.PaymentPlanCreated(
                     payment_plan=proto,
                     contract_amount=v.money(contract_amount.amount, contract_amount.currency),
+                    actor=v.actor(principal),
+                ),
+                key=contract_id,
+            )
+            return proto
+
+    async def update_payment_plan(
+        self, contract_id: str, *, expected_version: int, installments: Sequence[tuple[date, Money]]
+    ) -> sales_pb2.PaymentPlan:
+        """Replaces the installments of a contract's plan, position by position as it lists them
+        (`domain.change_plan`): those paid in full or in part stay as they are, the others keep
+        their id where they keep their place and are pending again when they change (the overdue
+        timer judges their new due date). Under the contract's lock, as payments are allocated."""
+        principal = current_principal()
+        async with self.uow.begin() as tx:
+            contract = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            plan = await r.plan_of(tx.conn, contract_id)
+            if plan is None:
+                raise NotFound("payment plan", contract_id)
+            _check_version(plan, expected_version, "payment plan")
+            d.check_plan_accepted(contract["status"], contract_id=contract_id)
+            contract_amount = Money(contract["amount"], contract["currency"])
+            d.validate_payment_plan(contract_amount, installments)
+            rows = await r.installments_of(tx.conn, contract_id, lock=True)
+            change = d.change_plan(
+                [self._installment_state(row) for row in rows],
+                [d.PlannedInstallment(due_date=day, amount=money.amount) for day, money in installments],
+            )
+            if change.changes_nothing:
+                return v.plan_proto(plan, rows)
+            i = r.installments
+            for installment, planned in change.rescheduled:
+                await tx.conn.execute(
+                    update(i)
+                    .where(i.c.id == installment.id)
+                    .values(
+                        due_date=planned.due_date,
+                        amount=planned.amount,
+                        status=d.InstallmentStatus.PENDING.value,
+                        overdue_at=None,
+                    )
+                )
+            removed = [installment.id for installment in change.removed]
+            if removed:
+                await tx.conn.execute(delete(i).where(i.c.id.in_(removed)))
+            last = max((row["sequence"] for row in rows), default=0)
+            added = [
+                self._new_installment(plan, sequence, planned)
+                for sequence, planned in enumerate(change.added, start=last + 1)
+            ]
+            if added:
+                await tx.conn.execute(insert(i), added)
+            version = plan["version"] + 1
+            await tx.conn.execute(
+                update(r.payment_plans).where(r.payment_plans.c.id == plan["id"]).values(version=version)
+            )
+            proto = v.plan_proto({**plan, "version": version}, await r.installments_of(tx.conn, contract_id))
+            tx.publish(
+                events_pb2.PaymentPlanUpdated(
+                    payment_plan=proto,
+                    contract_amount=v.money(contract_amount.amount, contract_amount.currency),
+                    removed_installment_ids=removed,
                     actor=v.actor(principal),
                 ),
                 key=contract_id,
@@ -1615,6 +1756,24 @@ class SalesHandlers:
         async with self.engine.connect() as conn:
             await self._contract_row(conn, contract_id, scope=current_scope())
             return await self._plan_proto(conn, contract_id=contract_id)
+
+    @staticmethod
+    def _new_installment(
+        plan: RowMapping | dict[str, Any], sequence: int, planned: d.PlannedInstallment
+    ) -> dict[str, Any]:
+        """A pending installment of `plan`, nothing paid on it yet."""
+        return {
+            "id": new_id(),
+            "plan_id": plan["id"],
+            "contract_id": plan["contract_id"],
+            "sequence": sequence,
+            "due_date": planned.due_date,
+            "amount": planned.amount,
+            "paid": Decimal(0),
+            "currency": plan["currency"],
+            "status": d.InstallmentStatus.PENDING.value,
+            "overdue_at": None,
+        }
 
     @staticmethod
     def _installment_state(row: RowMapping | dict[str, Any]) -> d.InstallmentState:
@@ -1643,12 +1802,25 @@ class SalesHandlers:
         received_at: datetime | None,
         method: str,
         external_reference: str,
+        idempotency_key: str = "",
         scope: RecordScope | None = None,
     ) -> tuple[sales_pb2.Payment, bool]:
         """Books a payment once per external reference and allocates it to installments oldest
-        first. Returns the payment and whether it was new (False: the first result of the reference)."""
+        first. Returns the payment and whether it was new (False: the first result of the reference).
+        A retrying client's `idempotency_key` answers the same request again as its first use was
+        answered, both; another request under it is refused, as for every create."""
+        caller = current_principal().user_id
         async with self.uow.begin() as tx:
-            return await self.record_payment_in(
+            payment_id = new_id()
+            earlier = await idempotency.claim(
+                tx.conn, r.idempotency_keys, operation="payment", caller=caller, key=idempotency_key,
+                result={"id": payment_id, "created": True}, now=self.clock(),
+            )  # fmt: skip
+            if isinstance(earlier, dict):
+                first = await r.load(tx.conn, r.payments, earlier["id"])
+                assert first is not None  # payments are never deleted
+                return v.payment_proto(first), bool(earlier["created"])
+            payment, created = await self.record_payment_in(
                 tx,
                 contract_id=contract_id,
                 amount=amount,
@@ -1656,7 +1828,14 @@ class SalesHandlers:
                 method=method,
                 external_reference=external_reference,
                 scope=current_scope() if scope is None else scope,
+                payment_id=payment_id,
             )
+            if not created:  # the reference's first payment answered: so will a repeat of the key
+                await idempotency.settle(
+                    tx.conn, r.idempotency_keys, operation="payment", caller=caller, key=idempotency_key,
+                    result={"id": payment.id, "created": False},
+                )  # fmt: skip
+            return payment, created
 
     async def record_payment_in(
         self,
@@ -1668,8 +1847,10 @@ class SalesHandlers:
         method: str,
         external_reference: str,
         scope: RecordScope,
+        payment_id: str = "",
     ) -> tuple[sales_pb2.Payment, bool]:
-        """`record_payment` inside a given transaction (the ERP consumer's, with its inbox row)."""
+        """`record_payment` inside a given transaction (the ERP consumer's, with its inbox row); a
+        new payment gets `payment_id` when given."""
         principal = current_principal()
         reference = external_reference.strip()
         errors = []
@@ -1709,7 +1890,7 @@ class SalesHandlers:
             changed = {installment_id for installment_id, _ in allocations}
             await self._save_installments(tx.conn, [s for s in result.installments if s.id in changed])
         payment = {
-            "id": new_id(),
+            "id": payment_id or new_id(),
             "contract_id": contract_id,
             "account_id": contract["account_id"],
             "amount": amount.amount,

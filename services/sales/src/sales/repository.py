@@ -196,8 +196,11 @@ quotes = Table(
     Column("created_at", _TS, nullable=False),
     Column("updated_at", _TS, nullable=False),
     Column("version", BigInteger, nullable=False),
-    # Who created (and so submitted) the quote: never its approver. "" for quotes older than 0008.
+    # Who created the quote. "" for quotes older than 0008.
     Column("created_by", _NAME, nullable=False, server_default=""),
+    # Who submitted its current line items for approval (its creator, or whoever changed them
+    # since): never their approver. "" for quotes older than 0008.
+    Column("submitted_by", _NAME, nullable=False, server_default=""),
     Index("ix_quotes_opportunity", "opportunity_id", "created_at"),
     Index("ix_quotes_status", "status"),
     Index("ix_quotes_owner", "owner_id"),
@@ -274,6 +277,8 @@ payment_plans = Table(
     _money("total"),
     Column("currency", _CCY, nullable=False),
     Column("created_at", _TS, nullable=False),
+    # Counts the replacements of its installments; payments do not change it.
+    Column("version", BigInteger, nullable=False, server_default="1"),
 )
 
 installments = Table(

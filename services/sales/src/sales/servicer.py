@@ -68,6 +68,14 @@ def line_items(messages: Any, field: str = "line_items") -> list[LineItemIn]:
     return items
 
 
+def installment_inputs(messages: Any) -> list[tuple[date, Money]]:
+    installments = []
+    for index, item in enumerate(messages):
+        due = d.parse_iso_date(item.due_date, field_name=f"installments[{index}].due_date")
+        installments.append((due, required_money(item.amount, f"installments[{index}].amount")))
+    return installments
+
+
 def stage_input(message: pb.StageInput, index: int) -> d.Stage:
     outcome_text = message.outcome or d.Outcome.OPEN.value
     try:
@@ -256,6 +264,20 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         )
         return pb.UpdateOpportunityResponse(opportunity=opportunity)
 
+    async def AssignOpportunity(
+        self, request: pb.AssignOpportunityRequest, context: Context
+    ) -> pb.AssignOpportunityResponse:
+        opportunity = await self.h.assign_opportunity(
+            request.id,
+            expected_version=request.expected_version,
+            owner_id=request.owner_id,
+            team=request.team,
+            region=request.region,
+            override_collision=request.override_collision,
+            override_reason=request.override_reason,
+        )
+        return pb.AssignOpportunityResponse(opportunity=opportunity)
+
     async def DeleteOpportunity(
         self, request: pb.DeleteOpportunityRequest, context: Context
     ) -> pb.DeleteOpportunityResponse:
@@ -401,6 +423,12 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         )
         return pb.RejectQuoteResponse(quote=quote)
 
+    async def UpdateQuote(self, request: pb.UpdateQuoteRequest, context: Context) -> pb.UpdateQuoteResponse:
+        quote = await self.h.update_quote(
+            request.id, expected_version=request.expected_version, line_items=line_items(request.line_items)
+        )
+        return pb.UpdateQuoteResponse(quote=quote)
+
     async def DeleteQuote(self, request: pb.DeleteQuoteRequest, context: Context) -> pb.DeleteQuoteResponse:
         await self.h.delete_quote(request.id, expected_version=request.expected_version)
         return pb.DeleteQuoteResponse()
@@ -482,17 +510,25 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     async def CreatePaymentPlan(
         self, request: pb.CreatePaymentPlanRequest, context: Context
     ) -> pb.CreatePaymentPlanResponse:
-        installments = []
-        for index, item in enumerate(request.installments):
-            due = d.parse_iso_date(item.due_date, field_name=f"installments[{index}].due_date")
-            installments.append((due, required_money(item.amount, f"installments[{index}].amount")))
         plan = await self.h.create_payment_plan(
-            idempotency_key=request.idempotency_key, contract_id=request.contract_id, installments=installments
+            idempotency_key=request.idempotency_key,
+            contract_id=request.contract_id,
+            installments=installment_inputs(request.installments),
         )
         return pb.CreatePaymentPlanResponse(payment_plan=plan)
 
     async def GetPaymentPlan(self, request: pb.GetPaymentPlanRequest, context: Context) -> pb.GetPaymentPlanResponse:
         return pb.GetPaymentPlanResponse(payment_plan=await self.h.get_payment_plan(request.contract_id))
+
+    async def UpdatePaymentPlan(
+        self, request: pb.UpdatePaymentPlanRequest, context: Context
+    ) -> pb.UpdatePaymentPlanResponse:
+        plan = await self.h.update_payment_plan(
+            request.contract_id,
+            expected_version=request.expected_version,
+            installments=installment_inputs(request.installments),
+        )
+        return pb.UpdatePaymentPlanResponse(payment_plan=plan)
 
     async def RecordPayment(self, request: pb.RecordPaymentRequest, context: Context) -> pb.RecordPaymentResponse:
         payment, created = await self.h.record_payment(
@@ -501,6 +537,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             received_at=optional_time(request.received_at),
             method=request.method,
             external_reference=request.external_reference,
+            idempotency_key=request.idempotency_key,
         )
         return pb.RecordPaymentResponse(payment=payment, created=created)
 

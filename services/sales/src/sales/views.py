@@ -270,6 +270,7 @@ def plan_proto(plan: Row, rows: Sequence[Row]) -> sales_pb2.PaymentPlan:
         installments=[installment_proto(row) for row in rows],
         created_at=to_timestamp(plan["created_at"]),
         total=money(plan["total"], plan["currency"]),
+        version=plan["version"],
     )
 
 

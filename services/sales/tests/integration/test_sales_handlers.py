@@ -11,7 +11,8 @@ import pytest
 from crm.common.v1 import common_pb2
 from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm.erp.v1 import invoices_pb2
-from crm.sales.v1 import events_pb2, sales_pb2
+from crm.sales.v1 import events_pb2, sales_pb2, sales_service_pb2
+from crm_platform import idempotency
 from crm_platform.cloudevents import CloudEventHeaders
 from crm_platform.consumer import ReceivedEvent
 from crm_platform.custom_fields_service import CustomFieldServicer
@@ -28,6 +29,8 @@ from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.timeutil import utcnow
 from sales import domain as d
+from sales import handlers as handlers_module
+from sales import repository
 from sales.__main__ import build_handlers
 from sales.config import SalesSettings
 from sales.consumers import SalesConsumers
@@ -42,6 +45,7 @@ from sales.handlers import (
     SalesHandlers,
 )
 from sales.repository import custom_fields, metadata
+from sales.servicer import SalesServicer
 from sales.testing import Clock, as_user, make_handlers, migrated_engine
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -518,6 +522,78 @@ async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHa
         await sales.get_quote(quote.id)
 
 
+async def test_a_manager_hands_an_open_deal_to_another_owner_with_its_quotes(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("alice", "sales_rep", team="east", region="cn-east", scope="own"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+    with as_user("bob", "sales_rep", team="west", scope="own"), pytest.raises(NotFound):
+        await sales.assign_opportunity(deal.id, expected_version=0, owner_id="bob", team="", region="")
+    with as_user("mgr", "sales_manager"):
+        with pytest.raises(StaleVersion):
+            await sales.assign_opportunity(
+                deal.id, expected_version=deal.version + 1, owner_id="bob", team="", region=""
+            )
+        with pytest.raises(ValidationFailed) as nobody:
+            await sales.assign_opportunity(deal.id, expected_version=0, owner_id=" ", team="west", region="")
+        assigned = await sales.assign_opportunity(
+            deal.id, expected_version=deal.version, owner_id="bob", team="west", region=""
+        )
+        again = await sales.assign_opportunity(deal.id, expected_version=0, owner_id="bob", team="", region="")
+    assert nobody.value.errors[0].field == "owner_id"
+    # The region was not given: it stays; assigning to the owner it has changes nothing.
+    assert (assigned.owner_id, assigned.team, assigned.region, assigned.version) == ("bob", "west", "cn-east", 2)
+    assert again == assigned
+    with as_user("bob", "sales_rep", team="west", scope="own"):
+        assert (await sales.get_quote(quote.id)).owner_id == "bob"
+    with as_user("alice", "sales_rep", team="east", scope="own"), pytest.raises(NotFound):
+        await sales.get_quote(quote.id)
+    [payload] = await outbox_events(engine, "crm.sales.opportunity.assigned")
+    event = events_pb2.OpportunityAssigned.FromString(payload)
+    assert (event.opportunity.owner_id, event.previous_owner_id, list(event.changed_fields), event.actor.user_id) == (
+        "bob", "alice", ["owner_id", "team"], "mgr",
+    )  # fmt: skip
+
+
+async def test_a_won_or_lost_deal_keeps_the_owner_its_close_credited(sales: SalesHandlers) -> None:
+    won_id = await won_deal(sales, owner="alice")
+    with as_user("alice", "sales_rep"):
+        lost = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Lost"))
+        await sales.lose(lost.id, expected_version=0, reason="no budget", close_date=None)
+    refusals = []
+    with as_user("mgr", "sales_manager"):
+        for deal_id in (won_id, lost.id):
+            with pytest.raises(Conflict) as assigning:
+                await sales.assign_opportunity(deal_id, expected_version=0, owner_id="bob", team="", region="")
+            with pytest.raises(Conflict) as patching:  # the same change through an update
+                await sales.update_opportunity(deal_id, expected_version=0, changes={"team": "west"})
+            refusals += [assigning.value.reason, patching.value.reason]
+        # What does not change hands may still be corrected.
+        renamed = await sales.update_opportunity(won_id, expected_version=0, changes={"name": "Deal (2026)"})
+    assert refusals == ["ILLEGAL_STATE"] * 4
+    assert (renamed.owner_id, renamed.name) == ("alice", "Deal (2026)")
+
+
+async def test_a_deal_handed_into_a_collision_needs_an_override_with_a_reason(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="A", product_line="GTX"))
+    with as_user("mgr", "sales_manager"):
+        second = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-7", name="B", product_line="GTX", owner_id="bob"),
+            override_collision=True,
+            override_reason="joint bid",
+        )
+        with pytest.raises(Conflict) as raised:  # carol would collide with alice's deal
+            await sales.assign_opportunity(second.id, expected_version=0, owner_id="carol", team="", region="")
+        handed = await sales.assign_opportunity(
+            second.id, expected_version=0, owner_id="carol", team="", region="",
+            override_collision=True, override_reason="bob left",
+        )  # fmt: skip
+    assert (raised.value.reason, raised.value.existing_id) == ("OPPORTUNITY_COLLISION", first.id)
+    assert (handed.owner_id, handed.collision_override_reason) == ("carol", "bob left")
+
+
 # ---------------------------------------------------------------- contracts
 
 
@@ -843,6 +919,112 @@ async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock
         assert expected in types
 
 
+async def test_a_plans_unpaid_installments_are_rescheduled_and_its_paid_ones_stay(
+    sales: SalesHandlers, engine: AsyncEngine, clock: Clock
+) -> None:
+    contract_id = await signed_contract(sales, "90000")
+    day = clock().date()
+    with as_user("fin", "finance"):
+        plan = await sales.create_payment_plan(
+            idempotency_key="", contract_id=contract_id,
+            installments=[(day + timedelta(days=n), cny("30000")) for n in (30, 60, 90)],
+        )  # fmt: skip
+        await sales.record_payment(
+            contract_id=contract_id, amount=cny("10000"), received_at=None, method="", external_reference="B-1"
+        )
+        first, second, third = plan.installments
+        same = await sales.update_payment_plan(
+            contract_id,
+            expected_version=1,
+            installments=[(day + timedelta(days=n), cny("30000")) for n in (30, 60, 90)],
+        )
+        # The second installment is split in two (its second half added at the end), the third moved.
+        split = await sales.update_payment_plan(
+            contract_id, expected_version=1,
+            installments=[(day + timedelta(days=30), cny("30000")), (day + timedelta(days=60), cny("15000")),
+                          (day + timedelta(days=120), cny("30000")), (day + timedelta(days=75), cny("15000"))],
+        )  # fmt: skip
+        with pytest.raises(StaleVersion):
+            await sales.update_payment_plan(contract_id, expected_version=1, installments=[(day, cny("90000"))])
+        with pytest.raises(ValidationFailed) as short:
+            await sales.update_payment_plan(
+                contract_id, expected_version=2, installments=[(day + timedelta(days=30), cny("30000"))]
+            )
+        with pytest.raises(Conflict) as paid:
+            await sales.update_payment_plan(
+                contract_id, expected_version=2,
+                installments=[(day + timedelta(days=31), cny("30000")), (day + timedelta(days=60), cny("60000"))],
+            )  # fmt: skip
+        merged = await sales.update_payment_plan(
+            contract_id, expected_version=2,
+            installments=[(day + timedelta(days=30), cny("30000")), (day + timedelta(days=60), cny("60000"))],
+        )  # fmt: skip
+    assert (same.version, [i.id for i in same.installments]) == (1, [first.id, second.id, third.id])  # no change
+    assert [(i.id, i.sequence, i.due_date, i.amount.amount, i.paid.amount) for i in split.installments] == [
+        (first.id, 1, (day + timedelta(days=30)).isoformat(), "30000.00", "10000.00"),
+        (second.id, 2, (day + timedelta(days=60)).isoformat(), "15000.00", "0.00"),
+        (split.installments[2].id, 4, (day + timedelta(days=75)).isoformat(), "15000.00", "0.00"),
+        (third.id, 3, (day + timedelta(days=120)).isoformat(), "30000.00", "0.00"),
+    ]
+    assert split.version == 2 and split.installments[2].id not in (first.id, second.id, third.id)
+    assert short.value.errors[0].field == "installments"
+    assert (paid.value.reason, paid.value.existing_id) == ("INSTALLMENT_PAID", first.id)
+    assert "installments[0]" in paid.value.detail
+    assert [(i.id, i.amount.amount) for i in merged.installments] == [(first.id, "30000.00"), (second.id, "60000.00")]
+    updated = [
+        events_pb2.PaymentPlanUpdated.FromString(p)
+        for p in await outbox_events(engine, "crm.sales.payment_plan.updated")
+    ]
+    assert [(e.payment_plan.version, sorted(e.removed_installment_ids), e.actor.user_id) for e in updated] == [
+        (2, [], "fin"), (3, sorted([third.id, split.installments[2].id]), "fin"),
+    ]  # fmt: skip
+
+
+async def test_a_rescheduled_overdue_installment_is_pending_again(sales: SalesHandlers, clock: Clock) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    day = clock().date()
+    with as_user("fin", "finance"):
+        await sales.create_payment_plan(
+            idempotency_key="", contract_id=contract_id,
+            installments=[(day + timedelta(days=5), cny("400")), (day + timedelta(days=10), cny("600"))],
+        )  # fmt: skip
+    clock.now += timedelta(days=7)
+    assert await sales.mark_overdue_installments(10) == 1
+    with as_user("fin", "finance"):
+        kept = await sales.update_payment_plan(
+            contract_id, expected_version=0,
+            installments=[(day + timedelta(days=5), cny("400")), (day + timedelta(days=30), cny("600"))],
+        )  # fmt: skip
+        moved = await sales.update_payment_plan(
+            contract_id, expected_version=0,
+            installments=[(day + timedelta(days=20), cny("400")), (day + timedelta(days=30), cny("600"))],
+        )  # fmt: skip
+    assert [i.status for i in kept.installments] == ["overdue", "pending"]  # unchanged: still overdue
+    assert [i.status for i in moved.installments] == ["pending", "pending"]
+    assert not moved.installments[0].HasField("overdue_at")
+
+
+async def test_only_the_plan_of_a_contract_in_the_callers_sight_and_not_yet_done_with_changes(
+    sales: SalesHandlers, clock: Clock
+) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    no_plan = await signed_contract(sales, "1000")
+    day = clock().date()
+    with as_user("fin", "finance"):
+        await sales.create_payment_plan(idempotency_key="", contract_id=contract_id, installments=[(day, cny("1000"))])
+    with as_user("bob", "sales_rep", scope="own"), pytest.raises(NotFound):
+        await sales.update_payment_plan(contract_id, expected_version=0, installments=[(day, cny("1000"))])
+    with as_user("fin", "finance"):
+        with pytest.raises(NotFound):
+            await sales.update_payment_plan(no_plan, expected_version=0, installments=[(day, cny("1000"))])
+        await sales.terminate_contract(contract_id, expected_version=0, reason="customer insolvent")
+        with pytest.raises(Conflict) as terminated:
+            await sales.update_payment_plan(
+                contract_id, expected_version=0, installments=[(day + timedelta(days=1), cny("1000"))]
+            )
+    assert terminated.value.reason == "ILLEGAL_STATE"
+
+
 async def test_a_terminated_contracts_requested_invoices_can_only_be_voided(
     sales: SalesHandlers, engine: AsyncEngine
 ) -> None:
@@ -951,6 +1133,50 @@ async def test_concurrent_postings_never_overpay(sales_each_database: SalesHandl
     with as_user("rep1", "sales_rep"):
         contract = (await sales.list_receivables("acc-1", Page())).items[0]
     assert contract.paid.amount == "900.00"
+
+
+RECORD_PAYMENT = "/crm.sales.v1.SalesService/RecordPayment"
+
+
+async def post_payment(sales: SalesHandlers, request: sales_service_pb2.RecordPaymentRequest) -> Any:
+    """RecordPayment as the gRPC layer serves it: with the fingerprint of the keyed request."""
+    with idempotency.serving_fingerprint(idempotency.request_fingerprint(request, RECORD_PAYMENT)):
+        return await SalesServicer(sales).RecordPayment(request, context=None)  # type: ignore[arg-type]
+
+
+async def test_a_payment_posted_again_under_its_idempotency_key_answers_as_the_first_time(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    money = common_pb2.Money(amount="300.00", currency="CNY")
+
+    def posting(key: str, reference: str, amount: common_pb2.Money = money) -> sales_service_pb2.RecordPaymentRequest:
+        return sales_service_pb2.RecordPaymentRequest(
+            contract_id=contract_id, amount=amount, external_reference=reference, idempotency_key=key
+        )
+
+    with as_user("fin", "finance"):
+        first = await post_payment(sales, posting("retry-1", "MANUAL-1"))
+        again = await post_payment(sales, posting("retry-1", "MANUAL-1"))
+        with pytest.raises(ValidationFailed) as reused:  # the same key for another payment
+            await post_payment(sales, posting("retry-1", "MANUAL-2", common_pb2.Money(amount="30.00", currency="CNY")))
+        # A key first used for a reference posted before answers as that posting did: not created.
+        repeat = await post_payment(sales, posting("retry-2", "MANUAL-1"))
+        repeat_again = await post_payment(sales, posting("retry-2", "MANUAL-1"))
+    with as_user("other", "finance"):  # keys are per caller: another user's is another request
+        theirs = await post_payment(sales, posting("retry-1", "MANUAL-1"))
+    assert (first.created, again.created, again.payment) == (True, True, first.payment)
+    assert [(e.field, e.message) for e in reused.value.errors] == [
+        ("idempotency_key", "was used with a different request")
+    ]
+    assert (repeat.created, repeat_again.created, repeat_again.payment.id) == (False, False, first.payment.id)
+    assert (theirs.created, theirs.payment.id) == (False, first.payment.id)
+    assert len(await outbox_events(engine, "crm.sales.payment.received")) == 1
+    with as_user("fin", "finance"):
+        payments = await sales.list_payments(Page(), contract_id=contract_id)
+        receivables = await sales.list_receivables("acc-1", Page())
+    assert [p.external_reference for p in payments.items] == ["MANUAL-1"]
+    assert [r.paid.amount for r in receivables.items if r.contract_id == contract_id] == ["300.00"]
 
 
 async def test_account_totals_cover_every_contract_and_lifetime_value_counts_closed_ones(
@@ -1424,6 +1650,164 @@ async def test_only_a_quote_before_approval_whose_deal_has_no_contract_is_delete
     assert [(e.quote_id, e.opportunity_id, e.actor.user_id) for e in deleted] == [
         (pending.id, deal.id, "rep1"), (rejected.id, deal.id, "rep1"),
     ]  # fmt: skip
+
+
+def pause_at(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> tuple[asyncio.Event, asyncio.Event]:
+    """Makes `module.name` wait, once called, until the second event is set (the first says it was
+    called): a transaction paused there keeps the locks it took so far."""
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    original = getattr(module, name)
+
+    async def paused(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await go_on.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, paused)
+    return reached, go_on
+
+
+async def create_contract_from(sales: SalesHandlers, opportunity_id: str) -> Any:
+    return await sales.create_contract(
+        idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+        owner_id="", team="", region="", starts_on=None, ends_on=None,
+    )  # fmt: skip
+
+
+async def test_a_quote_deleted_while_its_deal_gets_a_contract_waits_for_it_and_stays(
+    sales: SalesHandlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the contract's creation holds its deal's lock, the contract not yet written, when
+    the quote's deletion comes: the deletion waits, then finds the contract and refuses."""
+    deal_id = await won_deal(sales)
+    with as_user("rep1", "sales_rep"):
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal_id, line_items=[item(discount="35")])
+    numbering, go_on = pause_at(monkeypatch, repository, "next_contract_sequence")  # after the deal's lock
+    with as_user("rep1", "sales_rep"):
+        creating = asyncio.create_task(create_contract_from(sales, deal_id))
+        await numbering.wait()
+        deleting = asyncio.create_task(sales.delete_quote(quote.id, expected_version=0))
+        await asyncio.sleep(0.3)
+        assert not deleting.done()  # it waits for the deal's row, which the creation holds
+
+        go_on.set()
+        contract = await creating
+        with pytest.raises(Conflict) as refused:
+            await deleting
+        assert (await sales.get_quote(quote.id)).id == quote.id
+    assert (refused.value.reason, refused.value.existing_id) == ("HAS_CONTRACT", contract.id)
+
+
+async def test_a_contract_made_while_a_quote_of_its_deal_is_deleted_waits_for_the_deletion(
+    sales: SalesHandlers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the other order. The deletion holds the deal's lock while it looks for a contract;
+    the contract is made once the deletion committed, from a deal whose quote is gone."""
+    deal_id = await won_deal(sales)
+    with as_user("rep1", "sales_rep"):
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal_id, line_items=[item(discount="35")])
+    looking, go_on = pause_at(monkeypatch, handlers_module, "_refuse_if_deal_has_contract")
+    with as_user("rep1", "sales_rep"):
+        deleting = asyncio.create_task(sales.delete_quote(quote.id, expected_version=0))
+        await looking.wait()
+        creating = asyncio.create_task(create_contract_from(sales, deal_id))
+        await asyncio.sleep(0.3)
+        assert not creating.done()
+
+        go_on.set()
+        await deleting
+        contract = await creating
+        assert (await sales.list_quotes(Page(), opportunity_id=deal_id)).items == []
+    assert contract.opportunity_id == deal_id
+
+
+async def test_a_changed_quote_is_totalled_and_submitted_again_and_earlier_decisions_are_void(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
+    with as_user("mgr", "sales_manager"):
+        halfway = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
+    assert (halfway.status, list(halfway.required_approvals)) == ("pending_approval", ["finance"])
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(StaleVersion):
+            await sales.update_quote(quote.id, expected_version=quote.version, line_items=[item(discount="20")])
+        changed = await sales.update_quote(
+            quote.id, expected_version=halfway.version, line_items=[item(quantity="2", discount="20")]
+        )
+        unchanged = await sales.update_quote(
+            quote.id, expected_version=0, line_items=[item(quantity="2", discount="20")]
+        )
+    # 20 % needs the sales manager alone, who decides again: the decision on 35 % no longer counts.
+    assert (changed.status, list(changed.required_approvals), list(changed.decisions)) == (
+        "pending_approval", ["sales_manager"], [],
+    )  # fmt: skip
+    assert (changed.subtotal.amount, changed.discount_total.amount, changed.total.amount) == (
+        "2000.00", "400.00", "1600.00",
+    )  # fmt: skip
+    assert (changed.version, unchanged.version) == (halfway.version + 1, halfway.version + 1)
+    [payload] = await outbox_events(engine, "crm.sales.quote.updated")
+    event = events_pb2.QuoteUpdated.FromString(payload)
+    assert (event.quote.status, event.actor.user_id) == ("pending_approval", "rep1")
+    assert [(x.role, x.approver_id) for x in event.voided_decisions] == [("sales_manager", "mgr")]
+    with as_user("mgr", "sales_manager"):
+        approved = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert approved.status == "approved"
+    with as_user("rep1", "sales_rep"), pytest.raises(Conflict) as decided:
+        await sales.update_quote(quote.id, expected_version=0, line_items=[item()])
+    assert decided.value.reason == "ILLEGAL_STATE"
+
+
+async def test_a_quote_changed_within_the_thresholds_needs_no_approval(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
+        changed = await sales.update_quote(quote.id, expected_version=0, line_items=[item(discount="10")])
+        with pytest.raises(ValidationFailed) as empty:
+            await sales.update_quote(changed.id, expected_version=0, line_items=[])
+    assert (changed.status, list(changed.required_approvals), changed.total.amount) == ("approved", [], "900.00")
+    assert empty.value.errors[0].field == "line_items"
+
+
+async def test_who_changed_a_quotes_line_items_does_not_approve_them(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="20")])
+    with as_user("mgr", "sales_manager"):
+        await sales.update_quote(quote.id, expected_version=0, line_items=[item(discount="25")])
+        with pytest.raises(PermissionDenied) as own:
+            await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert "mgr submitted this quote" in own.value.detail
+    with as_user("mgr2", "sales_manager"):
+        approved = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert approved.status == "approved"
+
+
+async def test_a_rejected_quote_or_one_whose_deal_has_a_contract_does_not_change(sales: SalesHandlers) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        rejected = await sales.create_quote(
+            idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")]
+        )
+    with as_user("mgr", "sales_manager"):
+        await sales.decide_quote(rejected.id, expected_version=0, decision=d.Decision.REJECTED, comment="too steep")
+    contracted_deal = await won_deal(sales, "10")
+    with as_user("rep1", "sales_rep"):
+        contracted = await sales.create_quote(
+            idempotency_key="", opportunity_id=contracted_deal, line_items=[item(discount="35")]
+        )
+        await sales.create_contract(
+            idempotency_key="", opportunity_id=contracted_deal, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        with pytest.raises(Conflict) as turned_down:
+            await sales.update_quote(rejected.id, expected_version=0, line_items=[item(discount="10")])
+        with pytest.raises(Conflict) as has_contract:
+            await sales.update_quote(contracted.id, expected_version=0, line_items=[item(discount="10")])
+    with as_user("bob", "sales_rep", scope="own"), pytest.raises(NotFound):
+        await sales.update_quote(contracted.id, expected_version=0, line_items=[item()])
+    assert (turned_down.value.reason, has_contract.value.reason) == ("ILLEGAL_STATE", "HAS_CONTRACT")
 
 
 async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mind(sales: SalesHandlers) -> None:

@@ -108,6 +108,14 @@ def test_only_managers_may_override_and_the_collision_is_returned() -> None:
     assert hit is not None and hit.id == "o1"
 
 
+def test_only_an_open_deal_changes_hands() -> None:
+    d.check_owner_change("open", opportunity_id="o")
+    for status in ("won", "lost"):
+        with pytest.raises(Conflict) as raised:
+            d.check_owner_change(status, opportunity_id="o")
+        assert raised.value.reason == "ILLEGAL_STATE" and "credited its owner" in raised.value.detail
+
+
 # ---------------------------------------------------------------- line items
 
 
@@ -460,6 +468,28 @@ def test_only_a_contract_that_never_took_effect_may_be_deleted() -> None:
     }  # fmt: skip
 
 
+def test_a_quotes_line_items_give_its_totals_and_the_approvals_they_need() -> None:
+    lines = [d.LineItem("p1", "GTX", "GTX", Decimal(2), cny("1000"), Decimal(20))]
+    terms = d.quote_terms(lines, d.QuoteThresholds())
+    assert (terms.currency, terms.totals.total, terms.approval_chain, terms.status) == (
+        "CNY", Decimal("1600.00"), ["sales_manager"], d.QuoteStatus.PENDING_APPROVAL,
+    )  # fmt: skip
+    within = d.quote_terms([replace(lines[0], discount_percent=Decimal(15))], d.QuoteThresholds())
+    assert (within.approval_chain, within.status) == ([], d.QuoteStatus.APPROVED)
+    with pytest.raises(ValidationFailed) as none:
+        d.quote_terms([], d.QuoteThresholds())
+    assert none.value.errors[0].field == "line_items"
+
+
+def test_only_a_quote_not_yet_decided_may_change() -> None:
+    for status in ("draft", "pending_approval"):
+        d.check_quote_changeable(status, quote_id="q")
+    for status in ("approved", "rejected"):
+        with pytest.raises(Conflict) as raised:
+            d.check_quote_changeable(status, quote_id="q")
+        assert raised.value.reason == "ILLEGAL_STATE"
+
+
 def test_only_a_quote_before_approval_may_be_deleted() -> None:
     for status in ("draft", "pending_approval", "rejected"):
         d.check_quote_deletable(status, quote_id="q")
@@ -531,6 +561,56 @@ def installments(*amounts: str, paid: tuple[str, ...] = ()) -> list[d.Installmen
         )
         for n, amount in enumerate(amounts, start=1)
     ]
+
+
+def planned(days: int, amount: str) -> d.PlannedInstallment:
+    return d.PlannedInstallment(due_date=TODAY + timedelta(days=days), amount=Decimal(amount))
+
+
+def test_a_plans_unpaid_installments_take_the_new_ones_place_by_place() -> None:
+    current = installments("30", "30", "40", paid=("10",))
+    change = d.change_plan(current, [planned(0, "30"), planned(45, "30"), planned(60, "20"), planned(90, "20")])
+    assert [(old.id, new) for old, new in change.rescheduled] == [
+        ("i2", planned(45, "30")), ("i3", planned(60, "20")),
+    ]  # fmt: skip
+    assert (change.added, change.removed, change.changes_nothing) == ([planned(90, "20")], [], False)
+    shorter = d.change_plan(current, [planned(0, "30"), planned(30, "70")])
+    assert ([old.id for old, _ in shorter.rescheduled], [old.id for old in shorter.removed]) == (["i2"], ["i3"])
+    assert d.change_plan(current, [planned(0, "30.00"), planned(30, "30"), planned(60, "40")]).changes_nothing
+
+
+@pytest.mark.parametrize(
+    ("new", "what"),
+    [
+        ([planned(1, "30"), planned(30, "70")], "changed"),  # another due date
+        ([planned(0, "25"), planned(30, "75")], "changed"),  # another amount
+        ([planned(30, "100")], "changed"),  # another installment in its place
+    ],
+)
+def test_an_installment_paid_in_part_or_in_full_never_changes(new: list[d.PlannedInstallment], what: str) -> None:
+    current = installments("30", "30", "40", paid=("30", "5"))
+    with pytest.raises(Conflict) as raised:
+        d.change_plan(current, new)
+    assert (raised.value.reason, raised.value.existing_id) == ("INSTALLMENT_PAID", "i1")
+    assert raised.value.detail.startswith("installments[0] ") and raised.value.detail.endswith(f"cannot be {what}")
+
+
+def test_a_partly_paid_installment_is_not_removed() -> None:
+    first, second = installments("30", "70")
+    partly = replace(second, paid=Decimal(1), status=d.InstallmentStatus.PARTIALLY_PAID)
+    with pytest.raises(Conflict) as raised:
+        d.change_plan([first, partly], [planned(0, "30")])
+    assert raised.value.existing_id == "i2" and "installments[1]" in raised.value.detail
+    assert raised.value.detail.endswith("cannot be removed")
+
+
+def test_plans_are_made_and_changed_while_the_contract_is_approved_or_signed() -> None:
+    for status in ("approved", "signed"):
+        d.check_plan_accepted(status, contract_id="c")
+    for status in ("draft", "pending_approval", "rejected", "completed", "terminated"):
+        with pytest.raises(Conflict) as raised:
+            d.check_plan_accepted(status, contract_id="c")
+        assert raised.value.reason == "ILLEGAL_STATE"
 
 
 def test_allocation_fills_oldest_due_first() -> None:

@@ -120,6 +120,12 @@ class OpportunityCreate(OpportunityFields, CollisionOverride):
     campaign_id: str | None = Field(default=None, max_length=64)
 
 
+class OpportunityAssign(CollisionOverride):
+    owner_id: NonBlank = Field(max_length=200)
+    team: str | None = Field(default=None, max_length=200, description="left out: unchanged")
+    region: str | None = Field(default=None, max_length=200, description="left out: unchanged")
+
+
 OVERRIDE_FIELDS = set(CollisionOverride.model_fields)
 
 
@@ -167,6 +173,10 @@ class ImportBody(RequestBody):
 
 class QuoteCreate(RequestBody):
     opportunity_id: NonBlank = Field(max_length=36)
+    line_items: list[LineItemBody] = Field(min_length=1)
+
+
+class QuotePatch(RequestBody):
     line_items: list[LineItemBody] = Field(min_length=1)
 
 
@@ -383,6 +393,7 @@ def plan_dict(p: sales_pb2.PaymentPlan) -> dict[str, Any]:
             for i in p.installments
         ],
         "created_at": _time(p, "created_at"),
+        "version": p.version,
     }
 
 
@@ -572,6 +583,7 @@ OpportunitiesRead = Annotated[Access, Depends(require("opportunities", "read"))]
 OpportunitiesCreate = Annotated[Access, Depends(require("opportunities", "create"))]
 OpportunitiesUpdate = Annotated[Access, Depends(require("opportunities", "update"))]
 OpportunitiesDelete = Annotated[Access, Depends(require("opportunities", "delete"))]
+OpportunitiesAssign = Annotated[Access, Depends(require("opportunities", "assign"))]
 
 
 @router.post("/opportunities", status_code=201)
@@ -729,6 +741,39 @@ async def update_opportunity(
             update_mask=field_mask_pb2.FieldMask(paths=list(values)),
             opportunity=source,
             line_items=[item.proto() for item in body.line_items or []],
+            override_collision=body.override_collision,
+            override_reason=body.override_reason or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = opportunity_dict(reply.opportunity)
+    await access.audit_write(opportunity_id, before, record)
+    await _audit_collision_override(access, record, before)
+    present = await presenter(access)
+    return with_etag(response, present(record))
+
+
+@router.post("/opportunities/{opportunity_id}/assign")
+async def assign_opportunity(
+    opportunity_id: str,
+    body: OpportunityAssign,
+    request: Request,
+    response: Response,
+    access: OpportunitiesAssign,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """Hands an open deal to another owner (a rep leaves, territories change), with its quotes; team
+    and region change only when given. 409 for a won or lost deal: its close credited its owner."""
+    access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
+    stub = _stub(request)
+    before = await _opportunity_before(stub, opportunity_id, access)
+    reply = await stub.AssignOpportunity(
+        pb.AssignOpportunityRequest(
+            id=opportunity_id,
+            expected_version=expected_version(if_match),
+            owner_id=body.owner_id,
+            team=body.team or "",
+            region=body.region or "",
             override_collision=body.override_collision,
             override_reason=body.override_reason or "",
         ),
@@ -1056,6 +1101,7 @@ async def win_statistics(
 
 QuotesRead = Annotated[Access, Depends(require("quotes", "read"))]
 QuotesCreate = Annotated[Access, Depends(require("quotes", "create"))]
+QuotesUpdate = Annotated[Access, Depends(require("quotes", "update"))]
 QuotesApprove = Annotated[Access, Depends(require("quotes", "approve"))]
 QuotesDelete = Annotated[Access, Depends(require("quotes", "delete"))]
 
@@ -1105,6 +1151,34 @@ async def list_quotes(
 async def get_quote(quote_id: str, request: Request, response: Response, access: QuotesRead) -> dict[str, Any]:
     reply = await _stub(request).GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
     return with_etag(response, access.present(quote_dict(reply.quote)))
+
+
+@router.patch("/quotes/{quote_id}")
+async def update_quote(
+    quote_id: str,
+    body: QuotePatch,
+    request: Request,
+    response: Response,
+    access: QuotesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """New line items for a quote not yet decided: totals and the approvals its discounts need are
+    computed again, and decisions already made are void (its `status` says it awaits approval again).
+    409 once approved or rejected, or when its deal has a contract."""
+    access.check_write(_written(body))
+    stub = _stub(request)
+    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateQuote(
+        pb.UpdateQuoteRequest(
+            id=quote_id,
+            expected_version=expected_version(if_match),
+            line_items=[item.proto() for item in body.line_items],
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = quote_dict(reply.quote)
+    await access.audit_write(quote_id, quote_dict(before.quote), record)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/quotes/{quote_id}/approve")
@@ -1347,8 +1421,16 @@ async def delete_contract(
 
 PlansRead = Annotated[Access, Depends(require("payment_plans", "read"))]
 PlansCreate = Annotated[Access, Depends(require("payment_plans", "create"))]
+PlansUpdate = Annotated[Access, Depends(require("payment_plans", "update"))]
 PaymentsRead = Annotated[Access, Depends(require("payments", "read"))]
 PaymentsCreate = Annotated[Access, Depends(require("payments", "create"))]
+
+
+def _installments(body: PaymentPlanCreate) -> list[pb.InstallmentInput]:
+    return [
+        pb.InstallmentInput(due_date=item.due_date.isoformat(), amount=item.amount.proto())
+        for item in body.installments
+    ]
 
 
 @router.post("/contracts/{contract_id}/payment-plan", status_code=201)
@@ -1356,6 +1438,7 @@ async def create_payment_plan(
     contract_id: str,
     body: PaymentPlanCreate,
     request: Request,
+    response: Response,
     access: PlansCreate,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
@@ -1363,37 +1446,70 @@ async def create_payment_plan(
     access.check_write(["installments"])
     reply = await _stub(request).CreatePaymentPlan(
         pb.CreatePaymentPlanRequest(
-            idempotency_key=idempotency_key or "",
-            contract_id=contract_id,
-            installments=[
-                pb.InstallmentInput(due_date=item.due_date.isoformat(), amount=item.amount.proto())
-                for item in body.installments
-            ],
+            idempotency_key=idempotency_key or "", contract_id=contract_id, installments=_installments(body)
         ),
         metadata=access.grpc_metadata(),
     )
     record = plan_dict(reply.payment_plan)
     await access.audit_write(record["id"], None, record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/contracts/{contract_id}/payment-plan")
-async def get_payment_plan(contract_id: str, request: Request, access: PlansRead) -> dict[str, Any]:
+async def get_payment_plan(contract_id: str, request: Request, response: Response, access: PlansRead) -> dict[str, Any]:
     reply = await _stub(request).GetPaymentPlan(
         pb.GetPaymentPlanRequest(contract_id=contract_id), metadata=access.grpc_metadata()
     )
-    return access.present(plan_dict(reply.payment_plan))
+    return with_etag(response, access.present(plan_dict(reply.payment_plan)))
+
+
+@router.put("/contracts/{contract_id}/payment-plan")
+async def replace_payment_plan(
+    contract_id: str,
+    body: PaymentPlanCreate,
+    request: Request,
+    response: Response,
+    access: PlansUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """The plan's installments replaced: `installments[i]` takes the place of the plan's i-th (as it
+    lists them, by due date). One paid in full or in part must come back unchanged in its place (409
+    `INSTALLMENT_PAID` naming it); the others keep their id where they keep their place. They still
+    sum exactly to the contract amount (else 422)."""
+    access.check_write(["installments"])
+    stub = _stub(request)
+    before = await stub.GetPaymentPlan(
+        pb.GetPaymentPlanRequest(contract_id=contract_id), metadata=access.grpc_metadata()
+    )
+    reply = await stub.UpdatePaymentPlan(
+        pb.UpdatePaymentPlanRequest(
+            contract_id=contract_id, expected_version=expected_version(if_match), installments=_installments(body)
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = plan_dict(reply.payment_plan)
+    await access.audit_write(record["id"], plan_dict(before.payment_plan), record)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/payments", status_code=201, responses={200: {"description": "the reference was posted before"}})
-async def record_payment(body: PaymentCreate, request: Request, response: Response, access: PaymentsCreate) -> Any:
-    """`external_reference` is the idempotency key: posting it again returns the first payment (200)."""
+async def record_payment(
+    body: PaymentCreate,
+    request: Request,
+    response: Response,
+    access: PaymentsCreate,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    """`external_reference` is the idempotency key of postings: posting it again returns the first
+    payment (200). `Idempotency-Key`, as on every create, answers the same request again as it was
+    answered the first time; another request under it is a 422 naming the header."""
     access.check_write(_written(body))
     message = pb.RecordPaymentRequest(
         contract_id=body.contract_id,
         amount=body.amount.proto(),
         method=body.method,
         external_reference=body.external_reference,
+        idempotency_key=idempotency_key or "",
     )
     received_at = _timestamp(body.received_at)
     if received_at is not None:
