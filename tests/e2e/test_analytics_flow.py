@@ -58,8 +58,9 @@ async def test_reports_follow_rest_changes_through_events(stack: RunningStack) -
 
         deals = []
         for index, amount in enumerate(("12000.00", "8000.00")):
+            account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Buyer {index} {run} Ltd"}), 201)
             money = {"amount": amount, "currency": "CNY"}
-            body = {"account_id": f"acc-{run}-{index}", "name": f"Deal {index}", "amount": money}
+            body = {"account_id": account["id"], "name": f"Deal {index}", "amount": money}
             deals.append(_ok(await rep.post("/api/v1/opportunities", json=body), 201))
         _ok(await rep.post(f"/api/v1/opportunities/{deals[1]['id']}/lose", json={"reason": "price"}))
 

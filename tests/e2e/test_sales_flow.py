@@ -50,7 +50,6 @@ async def _until(check: Any, timeout: float = 30.0) -> Any:
 
 async def test_opportunity_to_cash_through_the_gateway_with_events(stack: RunningStack) -> None:
     run = new_id()[-8:]
-    account = f"acc-{run}"
     async with (
         EventCollector(stack.bootstrap, [TOPIC]) as events,
         _client(stack, f"rep-{run}", ["sales_rep"]) as rep,
@@ -59,6 +58,8 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         _client(stack, f"fin-{run}", ["finance"]) as finance,
         _client(stack, f"erp-{run}", ["erp_integration"]) as erp,
     ):
+        account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Plant {run} Ltd"}), 201)["id"]
+        buyer = _ok(await rep.post(f"/api/v1/accounts/{account}/contacts", json={"name": "Wang Fang"}), 201)
         created = await rep.post(
             "/api/v1/opportunities",
             json={"account_id": account, "name": "Plant rollout", "product_line": "GTX", "amount": _money("150000.00")},
@@ -78,7 +79,7 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         _ok(
             await rep.patch(
                 f"/api/v1/opportunities/{opportunity['id']}",
-                json={"primary_contact_id": f"contact-{run}", "expected_close_date": "2026-12-31"},
+                json={"primary_contact_id": buyer["id"], "expected_close_date": "2026-12-31"},
                 headers={"If-Match": '"1"'},
             )
         )
@@ -238,7 +239,8 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
 async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack: RunningStack) -> None:
     run = new_id()[-8:]
     async with _client(stack, f"admin-{run}", ["admin"]) as admin:
-        body = {"account_id": f"acc-{run}", "title": "Entered twice", "amount": _money("900.00")}
+        account = _ok(await admin.post("/api/v1/accounts", json={"name": f"Twice {run} Ltd"}), 201)
+        body = {"account_id": account["id"], "title": "Entered twice", "amount": _money("900.00")}
         created = await admin.post("/api/v1/contracts", json=body)
         contract = _ok(created, 201)
         path = f"/api/v1/contracts/{contract['id']}"
@@ -260,7 +262,8 @@ async def test_a_deal_changes_hands_and_its_quote_is_revised_through_the_gateway
         _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
         _client(stack, f"mgr2-{run}", ["sales_manager"]) as other_manager,
     ):
-        deal = _ok(await rep.post("/api/v1/opportunities", json={"account_id": f"acc-{run}", "name": "Fleet"}), 201)
+        account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Fleet {run} Ltd"}), 201)
+        deal = _ok(await rep.post("/api/v1/opportunities", json={"account_id": account["id"], "name": "Fleet"}), 201)
         line = {"product_name": "GTX Basic", "unit_price": _money("1000.00")}
         quote = _ok(
             await manager.post(
@@ -309,7 +312,8 @@ async def test_a_payment_plan_is_rescheduled_and_what_was_paid_stays_through_the
         _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
         _client(stack, f"fin-{run}", ["finance"]) as finance,
     ):
-        body = {"account_id": f"acc-{run}", "title": "Service", "amount": _money("9000.00")}
+        account = _ok(await admin.post("/api/v1/accounts", json={"name": f"Service {run} Ltd"}), 201)
+        body = {"account_id": account["id"], "title": "Service", "amount": _money("9000.00")}
         contract = _ok(await admin.post("/api/v1/contracts", json=body), 201)
         _ok(await admin.post(f"/api/v1/contracts/{contract['id']}/submit"))
         _ok(await manager.post(f"/api/v1/contracts/{contract['id']}/approve", json={}))

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
+from gateway.references import ACCOUNT, CAMPAIGN, CONTACT, LEAD, References
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -595,6 +596,14 @@ async def create_opportunity(
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
+    await (
+        References(access)
+        .add("account_id", ACCOUNT, body.account_id)
+        .add("primary_contact_id", CONTACT, body.primary_contact_id, on_account=body.account_id)
+        .add("source_lead_id", LEAD, body.source_lead_id)
+        .add("campaign_id", CAMPAIGN, body.campaign_id)
+        .check()
+    )
     message = pb.CreateOpportunityRequest(
         idempotency_key=idempotency_key or "",
         account_id=body.account_id,
@@ -734,6 +743,10 @@ async def update_opportunity(
         source.custom.update(body.custom)
     stub = _stub(request)
     before = await _opportunity_before(stub, opportunity_id, access)
+    contact = References(access).add(
+        "primary_contact_id", CONTACT, body.primary_contact_id, on_account=before["account_id"]
+    )
+    await contact.check()
     reply = await stub.UpdateOpportunity(
         pb.UpdateOpportunityRequest(
             id=opportunity_id,
@@ -1258,6 +1271,7 @@ async def create_contract(
     """From a won opportunity (`opportunity_id`: account, amount, owner follow it) or direct
     (`account_id`, `title`, `amount`)."""
     access.check_write(_written(body))
+    await References(access).add("account_id", ACCOUNT, body.account_id).check()
     message = pb.CreateContractRequest(
         idempotency_key=idempotency_key or "",
         opportunity_id=body.opportunity_id or "",

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from gateway.conventions import expected_version, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
+from gateway.references import CONTACT, References
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -205,6 +206,7 @@ async def create_ticket(
     and suggested knowledge-base articles."""
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
+    await _check_contact(access, body.contact_id, body.account_id)
     reply = await _stub(request).CreateTicket(
         pb.CreateTicketRequest(ticket=_fill(pb.TicketInput(), given), idempotency_key=idempotency_key),  # type: ignore[arg-type]
         metadata=access.grpc_metadata(),
@@ -310,6 +312,9 @@ async def update_ticket(
     access.check_write(given)
     stub = _stub(request)
     before = await _ticket_before(stub, ticket_id, access)
+    if "contact_id" in given or "account_id" in given:
+        contact_id, account_id = (given.get(name, before.get(name)) for name in ("contact_id", "account_id"))
+        await _check_contact(access, contact_id, account_id)
     reply = await stub.UpdateTicket(
         pb.UpdateTicketRequest(
             ticket_id=ticket_id,
@@ -323,6 +328,12 @@ async def update_ticket(
     await access.audit_write(ticket_id, before, result)
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+async def _check_contact(access: Access, contact_id: str | None, account_id: str | None) -> None:
+    """A ticket's contact exists, at the ticket's account when it names one (`gateway.references`).
+    The account itself is the service desk's to check (it takes one created a moment ago on purpose)."""
+    await References(access).add("contact_id", CONTACT, contact_id, on_account=account_id).check()
 
 
 async def _ticket_before(stub: ServiceDeskServiceStub, ticket_id: str, access: Access) -> dict[str, Any]:

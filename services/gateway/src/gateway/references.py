@@ -1,0 +1,128 @@
+"""A body's references to records another service owns (a deal's account, primary contact, source
+lead and campaign; a direct contract's account; a ticket's contact), checked before the owning
+service stores them: each must exist, or the request is a 422 naming the field, as for references
+within one service (`crm_platform.errors.missing_reference`); a deal's primary contact and a
+ticket's contact must work at its account.
+
+What is checked is existence, not the caller's sight: a rep may name an account another rep owns,
+so that a second deal on it meets anti-collision (a 409 naming the first) rather than a 422 that
+hides why. Nothing of the record read is shown. The check needs the owner up: when it is down the
+request is a 503 to retry, never a reference stored unchecked. The owner may still delete the record
+a moment later; that is the eventual consistency the event flow settles (deals follow account
+merges, analytics drops what is deleted)."""
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
+from crm.leads.v1 import leads_service_pb2 as leads_pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.principal import ALL_RECORDS, outgoing_metadata
+from google.protobuf.message import Message
+
+from gateway.security import Access
+from gateway.upstreams import Upstreams
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+Fetch = Callable[[Upstreams, str, Metadata], Awaitable[Message]]
+
+
+@dataclass(frozen=True)
+class Referent:
+    """A kind of record a body may name: its name in messages, how to read it."""
+
+    noun: str
+    fetch: Fetch
+
+
+async def _account(upstreams: Upstreams, record_id: str, metadata: Metadata) -> Message:
+    stub = upstreams.stub("accounts", AccountsServiceStub)
+    reply: accounts_pb.GetAccountResponse = await stub.GetAccount(
+        accounts_pb.GetAccountRequest(account_id=record_id), metadata=metadata
+    )
+    return reply.account
+
+
+async def _contact(upstreams: Upstreams, record_id: str, metadata: Metadata) -> Message:
+    stub = upstreams.stub("accounts", AccountsServiceStub)
+    reply: accounts_pb.GetContactResponse = await stub.GetContact(
+        accounts_pb.GetContactRequest(contact_id=record_id), metadata=metadata
+    )
+    return reply.contact
+
+
+async def _lead(upstreams: Upstreams, record_id: str, metadata: Metadata) -> Message:
+    stub = upstreams.stub("leads", LeadsServiceStub)
+    reply: leads_pb.GetLeadResponse = await stub.GetLead(leads_pb.GetLeadRequest(lead_id=record_id), metadata=metadata)
+    return reply.lead
+
+
+async def _campaign(upstreams: Upstreams, record_id: str, metadata: Metadata) -> Message:
+    stub = upstreams.stub("leads", LeadsServiceStub)
+    reply: leads_pb.GetCampaignResponse = await stub.GetCampaign(
+        leads_pb.GetCampaignRequest(campaign_id=record_id), metadata=metadata
+    )
+    return reply.campaign
+
+
+ACCOUNT = Referent("account", _account)
+CONTACT = Referent("contact", _contact)
+LEAD = Referent("lead", _lead)
+CAMPAIGN = Referent("campaign", _campaign)
+
+
+class References:
+    """The references of one request body: `field -> (kind, id)`; empty ids name nothing."""
+
+    def __init__(self, access: Access) -> None:
+        self._access = access
+        self._upstreams: Upstreams = access.request.app.state.upstreams
+        self._wanted: dict[str, tuple[Referent, str, str | None]] = {}
+
+    def add(
+        self, field: str, referent: Referent, record_id: str | None, *, on_account: str | None = None
+    ) -> "References":
+        """`on_account`: the record must belong to that account (a deal's primary contact works at the
+        deal's account; a ticket's contact at the ticket's)."""
+        if record_id:
+            self._wanted[field] = (referent, record_id, on_account)
+        return self
+
+    async def check(self) -> None:
+        """Reads every named record concurrently. One 422 names every field whose record is missing,
+        out of scope or on another account; any other failure of an owner propagates."""
+        fields = list(self._wanted)
+        found = await asyncio.gather(*(self._read(*self._wanted[field][:2]) for field in fields))
+        errors = [
+            error
+            for field, record in zip(fields, found, strict=True)
+            if (error := self._problem(field, record)) is not None
+        ]
+        if errors:
+            raise ValidationFailed(errors)
+
+    def _problem(self, field: str, record: Message | None) -> FieldError | None:
+        referent, record_id, on_account = self._wanted[field]
+        if record is None:
+            return FieldError(field, f"{referent.noun} {record_id} does not exist")
+        if merged_into := getattr(record, "merged_into_id", ""):
+            # A merged-away account lives on only as a pointer: name the survivor.
+            return FieldError(field, f"{referent.noun} {record_id} was merged into {merged_into}")
+        if on_account and getattr(record, "account_id", "") != on_account:
+            return FieldError(field, f"{referent.noun} {record_id} is not on account {on_account}")
+        return None
+
+    async def _read(self, referent: Referent, record_id: str) -> Message | None:
+        # The caller, over every record: the owner is asked whether it exists, not who may see it.
+        metadata = outgoing_metadata(self._access.principal, ALL_RECORDS, self._access.request_id)
+        try:
+            return await referent.fetch(self._upstreams, record_id, metadata)
+        except grpc.aio.AioRpcError as error:
+            # INVALID_ARGUMENT: an id the owner could never have issued (too long, malformed).
+            if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
+                return None
+            raise

@@ -1,0 +1,293 @@
+"""A body's references to records other services own are checked before the owner of the written
+record stores them: a deal's account, primary contact, source lead and campaign, a direct contract's
+account, a ticket's contact. Each must exist (an account not merged away), or the request is a 422
+naming every such field, and nothing is written; a deal's primary contact and a ticket's contact
+must work at its account. Existence is asked of the owner over all records: a rep may name an
+account another rep owns (a second deal on it then meets anti-collision). An owner that is down is
+a 503, never a reference let through unchecked."""
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
+from crm.common.v1 import custom_fields_pb2
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.leads.v1 import leads_pb2
+from crm.leads.v1 import leads_service_pb2 as leads_pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm.sales.v1 import sales_pb2
+from crm.sales.v1 import sales_service_pb2 as sales_pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
+    ServiceDeskServiceServicer,
+    add_ServiceDeskServiceServicer_to_server,
+)
+from crm_platform.errors import CrmError, NotFound
+from crm_platform.grpc_errors import to_status
+from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
+from gateway.testing import serving, started_gateway
+from gateway.token_cli import issue_dev_token
+
+pytestmark = pytest.mark.integration
+
+SECRET = "references-secret-" + "r" * 30
+ME = "u-1"
+
+
+async def abort(context: Any, error: CrmError) -> None:
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+class FakeAccounts(AccountsServiceServicer):
+    """Acme is mine; Globex is a teammate's; Initech was merged into Acme; contact c-acme works at
+    Acme, c-globex at Globex."""
+
+    ACCOUNTS = {
+        "acme": accounts_pb2.Account(id="acme", name="Acme", owner_id=ME, team="east", region="north"),
+        "globex": accounts_pb2.Account(id="globex", name="Globex", owner_id="u-2", team="east", region="north"),
+        "initech": accounts_pb2.Account(id="initech", name="Initech", owner_id=ME, merged_into_id="acme"),
+    }
+    CONTACTS = {
+        "c-acme": accounts_pb2.Contact(
+            id="c-acme", account_id="acme", name="Ann", owner_id=ME, team="east", region="north"
+        ),
+        "c-globex": accounts_pb2.Contact(
+            id="c-globex", account_id="globex", name="Bo", owner_id=ME, team="east", region="north"
+        ),
+    }
+
+    def __init__(self) -> None:
+        self.scopes: list[RecordScope] = []
+
+    async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
+        self.scopes.append(context_from_metadata(context.invocation_metadata()).scope)
+        account = self.ACCOUNTS.get(request.account_id)
+        if account is None:
+            await abort(context, NotFound("account", request.account_id))
+        return accounts_pb.GetAccountResponse(account=account)
+
+    async def GetContact(self, request: accounts_pb.GetContactRequest, context: Any) -> Any:
+        contact = self.CONTACTS.get(request.contact_id)
+        if contact is None:
+            await abort(context, NotFound("contact", request.contact_id))
+        return accounts_pb.GetContactResponse(contact=contact)
+
+
+class FakeLeads(LeadsServiceServicer):
+    async def GetLead(self, request: leads_pb.GetLeadRequest, context: Any) -> Any:
+        if request.lead_id != "l-mine":
+            await abort(context, NotFound("lead", request.lead_id))
+        return leads_pb.GetLeadResponse(lead=leads_pb2.Lead(id="l-mine", owner_id=ME))
+
+    async def GetCampaign(self, request: leads_pb.GetCampaignRequest, context: Any) -> Any:
+        if request.campaign_id != "expo":
+            await abort(context, NotFound("campaign", request.campaign_id))
+        return leads_pb.GetCampaignResponse(campaign=leads_pb2.Campaign(id="expo", name="Expo"))
+
+
+class FakeSales(SalesServiceServicer):
+    DEAL = sales_pb2.Opportunity(id="o-1", account_id="acme", name="Robots", owner_id=ME, team="east", version=1)
+
+    def __init__(self) -> None:
+        self.writes: list[Any] = []
+
+    async def CreateOpportunity(self, request: sales_pb.CreateOpportunityRequest, context: Any) -> Any:
+        self.writes.append(request)
+        deal = sales_pb2.Opportunity(id="o-2", account_id=request.account_id, name=request.name, owner_id=ME)
+        return sales_pb.CreateOpportunityResponse(opportunity=deal)
+
+    async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
+        return sales_pb.GetOpportunityResponse(opportunity=self.DEAL)
+
+    async def UpdateOpportunity(self, request: sales_pb.UpdateOpportunityRequest, context: Any) -> Any:
+        self.writes.append(request)
+        deal = sales_pb2.Opportunity()
+        deal.CopyFrom(self.DEAL)
+        deal.primary_contact_id, deal.version = request.opportunity.primary_contact_id, 2
+        return sales_pb.UpdateOpportunityResponse(opportunity=deal)
+
+    async def CreateContract(self, request: sales_pb.CreateContractRequest, context: Any) -> Any:
+        self.writes.append(request)
+        contract = sales_pb2.Contract(id="k-1", account_id=request.account_id, title=request.title, owner_id=ME)
+        return sales_pb.CreateContractResponse(contract=contract)
+
+
+class FakeServiceDesk(ServiceDeskServiceServicer):
+    def __init__(self) -> None:
+        self.writes: list[Any] = []
+
+    async def CreateTicket(self, request: desk_pb.CreateTicketRequest, context: Any) -> Any:
+        self.writes.append(request)
+        ticket = servicedesk_pb2.Ticket(id="t-1", subject=request.ticket.subject, contact_id=request.ticket.contact_id)
+        return desk_pb.CreateTicketResponse(ticket=ticket)
+
+    TICKET = servicedesk_pb2.Ticket(id="t-1", subject="Printer", account_id="acme", contact_id="c-acme", version=1)
+
+    async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
+        return desk_pb.GetTicketResponse(ticket=self.TICKET)
+
+    async def UpdateTicket(self, request: desk_pb.UpdateTicketRequest, context: Any) -> Any:
+        self.writes.append(request)
+        return desk_pb.UpdateTicketResponse(ticket=self.TICKET)
+
+
+class NoCustomFields(CustomFieldServiceServicer):
+    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
+        return custom_fields_pb2.ListCustomFieldsResponse()
+
+
+class Services:
+    def __init__(self) -> None:
+        self.accounts, self.leads = FakeAccounts(), FakeLeads()  # type: ignore[abstract]
+        self.sales, self.desk = FakeSales(), FakeServiceDesk()  # type: ignore[abstract]
+
+    def adders(self, *, accounts: bool = True) -> list[Callable[[grpc.aio.Server], None]]:
+        adders: list[Callable[[grpc.aio.Server], None]] = [
+            lambda server: add_LeadsServiceServicer_to_server(self.leads, server),
+            lambda server: add_SalesServiceServicer_to_server(self.sales, server),
+            lambda server: add_ServiceDeskServiceServicer_to_server(self.desk, server),
+            lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+        ]
+        if accounts:
+            adders.append(lambda server: add_AccountsServiceServicer_to_server(self.accounts, server))
+        return adders
+
+
+@pytest.fixture
+def services() -> Services:
+    return Services()
+
+
+@pytest.fixture
+async def client(services: Services, tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Any]:
+    """`await client(role)`: the real gateway for that role, every service served by the fakes."""
+    async with AsyncExitStack() as started:
+        target = await started.enter_async_context(serving(*services.adders()))
+
+        async def make(role: str) -> httpx.AsyncClient:
+            token = issue_dev_token(secret=SECRET, sub=ME, roles=[role], team="east", region="north")
+            targets = {name: target for name in ("leads", "accounts", "sales", "service_desk")}
+            gateway = started_gateway(tmp_path, migrated_sqlite, secret=SECRET, token=token, **targets)
+            return await started.enter_async_context(gateway)
+
+        yield make
+
+
+def fields_of(response: httpx.Response) -> list[str]:
+    assert response.status_code == 422, response.text
+    return sorted(error["field"] for error in response.json()["errors"])
+
+
+async def test_a_deal_naming_records_that_are_there_is_created(client: Any, services: Services) -> None:
+    rep = await client("sales_rep")
+    body = {"account_id": "acme", "name": "Robots", "primary_contact_id": "c-acme"}
+    response = await rep.post("/api/v1/opportunities", json=body | {"source_lead_id": "l-mine", "campaign_id": "expo"})
+
+    assert response.status_code == 201, response.text
+    assert [w.account_id for w in services.sales.writes] == ["acme"]
+    # Asked whether it exists, over every record: not whether the rep may see it.
+    assert services.accounts.scopes == [RecordScope(ScopeKind.ALL)]
+
+
+async def test_a_deal_naming_records_that_are_not_there_is_one_422_naming_each_field(
+    client: Any, services: Services
+) -> None:
+    rep = await client("sales_rep")
+    body = {"account_id": "nowhere", "name": "Robots", "source_lead_id": "l-other", "campaign_id": "gone"}
+    response = await rep.post("/api/v1/opportunities", json=body)
+
+    assert fields_of(response) == ["account_id", "campaign_id", "source_lead_id"]
+    assert "account nowhere does not exist" in response.text
+    assert services.sales.writes == []
+
+
+async def test_a_rep_may_name_an_account_another_rep_owns_but_not_one_merged_away(
+    client: Any, services: Services
+) -> None:
+    rep = await client("sales_rep")  # Globex is a teammate's: outside a rep's own scope
+    theirs = await rep.post("/api/v1/opportunities", json={"account_id": "globex", "name": "Robots"})
+    merged = await rep.post("/api/v1/opportunities", json={"account_id": "initech", "name": "Robots"})
+
+    assert theirs.status_code == 201, theirs.text  # the sales service's anti-collision judges it
+    assert fields_of(merged) == ["account_id"] and "initech was merged into acme" in merged.text
+    assert [w.account_id for w in services.sales.writes] == ["globex"]
+
+
+async def test_a_deals_primary_contact_works_at_its_account(client: Any, services: Services) -> None:
+    rep = await client("sales_rep")
+    created = await rep.post(
+        "/api/v1/opportunities", json={"account_id": "acme", "name": "Robots", "primary_contact_id": "c-globex"}
+    )
+    patched = await rep.patch("/api/v1/opportunities/o-1", json={"primary_contact_id": "c-globex"})
+    fixed = await rep.patch("/api/v1/opportunities/o-1", json={"primary_contact_id": "c-acme"})
+
+    assert fields_of(created) == ["primary_contact_id"] and "not on account acme" in created.text
+    assert fields_of(patched) == ["primary_contact_id"]
+    assert fixed.status_code == 200, fixed.text
+    assert [w.opportunity.primary_contact_id for w in services.sales.writes] == ["c-acme"]
+
+
+async def test_a_direct_contract_names_an_account_that_is_there(client: Any, services: Services) -> None:
+    rep = await client("sales_rep")
+    money = {"amount": "1000.00", "currency": "CNY"}
+    refused = await rep.post("/api/v1/contracts", json={"account_id": "nowhere", "title": "Support", "amount": money})
+    created = await rep.post("/api/v1/contracts", json={"account_id": "acme", "title": "Support", "amount": money})
+
+    assert fields_of(refused) == ["account_id"]
+    assert created.status_code == 201, created.text
+    assert [w.account_id for w in services.sales.writes] == ["acme"]
+
+
+async def test_a_tickets_contact_is_one_the_caller_can_read_at_the_tickets_account(
+    client: Any, services: Services
+) -> None:
+    agent = await client("service_agent")
+    ticket = {"subject": "Printer on fire", "channel": "phone", "account_id": "acme"}
+    unknown = await agent.post("/api/v1/tickets", json=ticket | {"contact_id": "c-nobody"})
+    elsewhere = await agent.post("/api/v1/tickets", json=ticket | {"contact_id": "c-globex"})
+    created = await agent.post("/api/v1/tickets", json=ticket | {"contact_id": "c-acme"})
+
+    assert fields_of(unknown) == ["contact_id"]
+    assert fields_of(elsewhere) == ["contact_id"] and "not on account acme" in elsewhere.text
+    assert created.status_code == 201, created.text
+    assert [w.ticket.contact_id for w in services.desk.writes] == ["c-acme"]
+
+
+async def test_a_ticket_moved_to_another_account_takes_a_contact_of_that_account(
+    client: Any, services: Services
+) -> None:
+    agent = await client("service_agent")  # t-1 is Acme's, its contact c-acme
+    moved_alone = await agent.patch("/api/v1/tickets/t-1", json={"account_id": "globex"})
+    moved_with_contact = await agent.patch(
+        "/api/v1/tickets/t-1", json={"account_id": "globex", "contact_id": "c-globex"}
+    )
+
+    assert fields_of(moved_alone) == ["contact_id"] and "c-acme is not on account globex" in moved_alone.text
+    assert moved_with_contact.status_code == 200, moved_with_contact.text
+    assert [w.ticket.contact_id for w in services.desk.writes] == ["c-globex"]
+
+
+async def test_a_reference_is_not_let_through_when_its_owner_is_down(
+    services: Services, tmp_path: Path, migrated_sqlite: Path
+) -> None:
+    token = issue_dev_token(secret=SECRET, sub=ME, roles=["sales_rep"], team="east", region="north")
+    async with serving(*services.adders(accounts=False)) as target:
+        others = {name: target for name in ("leads", "sales", "service_desk")}
+        closed_port = "127.0.0.1:9"  # nothing listens: the accounts service is down
+        async with started_gateway(
+            tmp_path, migrated_sqlite, secret=SECRET, token=token, accounts=closed_port, **others
+        ) as rep:
+            response = await rep.post("/api/v1/opportunities", json={"account_id": "acme", "name": "Robots"})
+
+    assert response.status_code == 503, response.text
+    assert services.sales.writes == []
