@@ -630,9 +630,17 @@ async def create_opportunity(
     if body.custom:
         message.custom.update(body.custom)
     reply = await _stub(request).CreateOpportunity(message, metadata=access.grpc_metadata())
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(record["id"], None, record)
-    await _audit_collision_override(access, record, None)
+    return await _deal_written(access, response, None, reply.opportunity)
+
+
+async def _deal_written(
+    access: Access, response: Response, before: dict[str, Any] | None, deal: sales_pb2.Opportunity
+) -> dict[str, Any]:
+    """The answer to a write of a deal: audited against `before` (None for a create), a manager's
+    collision override audited on its own, shown as the caller may see it, with its ETag."""
+    record = opportunity_dict(deal)
+    await access.audit_write(record["id"], before, record)
+    await _audit_collision_override(access, record, before)
     present = await presenter(access)
     return with_etag(response, present(record))
 
@@ -759,11 +767,7 @@ async def update_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, before, record)
-    await _audit_collision_override(access, record, before)
-    present = await presenter(access)
-    return with_etag(response, present(record))
+    return await _deal_written(access, response, before, reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/assign")
@@ -792,11 +796,7 @@ async def assign_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, before, record)
-    await _audit_collision_override(access, record, before)
-    present = await presenter(access)
-    return with_etag(response, present(record))
+    return await _deal_written(access, response, before, reply.opportunity)
 
 
 @router.delete("/opportunities/{opportunity_id}", status_code=204)
@@ -838,10 +838,7 @@ async def move_opportunity_stage(
         ),
         metadata=access.grpc_metadata(),
     )
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, before, record)
-    present = await presenter(access)
-    return with_etag(response, present(record))
+    return await _deal_written(access, response, before, reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/win")
@@ -863,10 +860,7 @@ async def win_opportunity(
     stub = _stub(request)
     before = await _opportunity_before(stub, opportunity_id, access)
     reply = await stub.WinOpportunity(message, metadata=access.grpc_metadata())
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, before, record)
-    present = await presenter(access)
-    return with_etag(response, present(record))
+    return await _deal_written(access, response, before, reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/lose")
@@ -889,10 +883,7 @@ async def lose_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    record = opportunity_dict(reply.opportunity)
-    await access.audit_write(opportunity_id, before, record)
-    present = await presenter(access)
-    return with_etag(response, present(record))
+    return await _deal_written(access, response, before, reply.opportunity)
 
 
 @router.post("/opportunities/import")

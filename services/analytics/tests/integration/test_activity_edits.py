@@ -1,0 +1,119 @@
+"""An activity corrected or deleted where it was logged (a lead's in the leads service, an account's
+in the accounts service) is corrected or dropped in the read model: the reports count it at its
+corrected time, or no longer; an edit of a lead activity the read model never held (a note: only
+contact activities come with `lead.contacted`) adds none (events applied through the consumer's
+handlers, no broker)."""
+
+from datetime import timedelta
+
+import pytest
+from analytics import repository as repo
+from analytics.domain import ChurnPolicy
+from analytics.handlers import ReportFilter, Reports
+from analytics.testing import deliver
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import events_pb2 as accounts_events
+from crm.leads.v1 import events_pb2 as leads_events
+from crm.leads.v1 import leads_pb2
+from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.timeutil import from_timestamp, to_timestamp, utcnow
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+pytestmark = pytest.mark.integration
+
+EAST_MANAGER = (
+    Principal(user_id="mgr", roles=("sales_manager",), team="east"),
+    RecordScope(ScopeKind.TEAM, team="east"),
+)
+LEAD = leads_pb2.Lead(id="L1", source="event", owner_id="r1", team="east", region="cn-east", status="contacted")
+ACCOUNT = accounts_pb2.Account(id="A1", name="Acme", owner_id="r1", team="east", region="cn-east", version=1)
+
+
+def days_ago(days: float) -> Timestamp:
+    stamp = to_timestamp(utcnow() - timedelta(days=days))
+    assert stamp is not None
+    return stamp
+
+
+def lead_activity(activity_id: str, kind: str, days: float, version: int = 1) -> leads_pb2.LeadActivity:
+    return leads_pb2.LeadActivity(
+        id=activity_id, lead_id="L1", kind=kind, actor_id="r1", occurred_at=days_ago(days), version=version
+    )
+
+
+def account_activity(activity_id: str, kind: str, days: float, version: int = 1) -> accounts_pb2.Activity:
+    return accounts_pb2.Activity(
+        id=activity_id, account_id="A1", kind=kind, actor_id="r1", occurred_at=days_ago(days), version=version
+    )
+
+
+async def activities_counted(engine: AsyncEngine) -> int:
+    """Activities of the last week the east team's manager sees in the rep performance report."""
+    reports = Reports(engine, reporting_currency="CNY", churn_policy=ChurnPolicy())
+    with acting_as(*EAST_MANAGER):
+        rows = await reports.rep_performance(ReportFilter(period_from=utcnow() - timedelta(days=7)))
+    return sum(row.activities for row in rows)
+
+
+async def stored(engine: AsyncEngine) -> dict[str, tuple[str, object]]:
+    """Kind and time of each activity in the read model, by id."""
+    a = repo.activities
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(a.c.id, a.c.kind, a.c.occurred_at))
+    return {row.id: (row.kind, row.occurred_at) for row in rows}
+
+
+async def test_a_corrected_lead_activity_counts_at_its_new_time_and_a_deleted_one_no_more(engine: AsyncEngine) -> None:
+    await deliver(
+        engine,
+        [
+            leads_events.LeadContacted(lead=LEAD, activity=lead_activity("X", "call", 2)),
+            leads_events.LeadContacted(lead=LEAD, activity=lead_activity("Y", "call", 1)),
+        ],
+    )
+    assert await activities_counted(engine) == 2
+
+    # X really happened three weeks ago, at a meeting; a note's typo is fixed (notes never counted).
+    corrected = lead_activity("X", "meeting", 21, version=2)
+    note = lead_activity("N", "note", 1, version=2)
+    await deliver(
+        engine,
+        [
+            leads_events.LeadActivityUpdated(lead=LEAD, activity=corrected, changed_fields=["kind", "occurred_at"]),
+            leads_events.LeadActivityUpdated(lead=LEAD, activity=note, changed_fields=["notes"]),
+        ],
+    )
+    assert await activities_counted(engine) == 1
+    assert (await stored(engine))["X"] == ("meeting", from_timestamp(corrected.occurred_at))
+
+    gone = leads_events.LeadActivityDeleted(lead_id="L1", activity_id="Y")
+    await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
+    assert await activities_counted(engine) == 0
+    assert list(await stored(engine)) == ["X"]
+
+
+async def test_a_corrected_account_activity_counts_at_its_new_time_and_a_deleted_one_no_more(
+    engine: AsyncEngine,
+) -> None:
+    await deliver(
+        engine,
+        [
+            accounts_events.AccountCreated(account=ACCOUNT),
+            accounts_events.ActivityLogged(activity=account_activity("X", "call", 2)),
+            accounts_events.ActivityLogged(activity=account_activity("Y", "call", 1)),
+        ],
+    )
+    assert await activities_counted(engine) == 2
+
+    # X really happened three weeks ago, at a meeting.
+    corrected = account_activity("X", "meeting", 21, version=2)
+    await deliver(engine, [accounts_events.ActivityUpdated(activity=corrected, changed_fields=["kind", "occurred_at"])])
+    assert await activities_counted(engine) == 1
+    assert (await stored(engine))["X"] == ("meeting", from_timestamp(corrected.occurred_at))
+
+    gone = accounts_events.ActivityDeleted(activity_id="Y", account_id="A1")
+    await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
+    assert await activities_counted(engine) == 0
+    assert list(await stored(engine)) == ["X"]
