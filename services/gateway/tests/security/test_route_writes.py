@@ -16,6 +16,7 @@ import pytest
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
+from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
@@ -282,6 +283,10 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.DeleteContractResponse()
 
     async def GetQuote(self, request: sales_pb.GetQuoteRequest, context: Any) -> Any:
+        if request.id == "q-3":  # a manager gave 20 % off on it
+            item = sales_pb2.LineItem(product_name="GTX", quantity="1", discount_percent="20")
+            quote = sales_pb2.Quote(id="q-3", status="pending_approval", line_items=[item], version=2)
+            return sales_pb.GetQuoteResponse(quote=quote)
         if request.id != "q-1":
             await abort(context, NotFound("quote", request.id))
         return sales_pb.GetQuoteResponse(quote=sales_pb2.Quote(id="q-1", status="rejected", version=4))
@@ -298,7 +303,8 @@ class FakeSales(SalesServiceServicer):
 
     PLAN = sales_pb2.PaymentPlan(
         id="pp-1", contract_id="k-1", version=1,
-        installments=[sales_pb2.Installment(id="i-1", sequence=1, due_date="2027-01-31", status="paid")],
+        installments=[sales_pb2.Installment(id="i-1", sequence=1, due_date="2027-01-31", status="paid",
+                                            amount=common_pb2.Money(amount="100.00", currency="CNY"))],
     )  # fmt: skip
 
     async def GetPaymentPlan(self, request: sales_pb.GetPaymentPlanRequest, context: Any) -> Any:
@@ -773,6 +779,27 @@ def installment(due_date: str, amount: str) -> dict[str, Any]:
     return {"due_date": due_date, "amount": {"amount": amount, "currency": "CNY"}}
 
 
+async def test_a_plan_is_replaced_by_sending_back_what_get_returned_with_an_installment_added(
+    gateway: Gateway,
+) -> None:
+    finance = gateway.auth("finance")
+    plan = (await gateway.client.get("/api/v1/contracts/k-1/payment-plan", headers=finance)).json()
+    plan["installments"].append(installment("2027-06-30", "80.00"))
+
+    replaced = await gateway.client.put("/api/v1/contracts/k-1/payment-plan", json=plan, headers=finance)
+    unknown = await gateway.client.put(
+        "/api/v1/contracts/k-1/payment-plan", json={**plan, "discount": "5"}, headers=finance
+    )
+
+    assert replaced.status_code == 200, replaced.text
+    sent = gateway.sales.plan_updates[-1]
+    assert [(i.due_date, i.amount.amount) for i in sent.installments] == [
+        ("2027-01-31", "100.00"),
+        ("2027-06-30", "80.00"),
+    ]
+    assert unknown.status_code == 422 and [e["field"] for e in unknown.json()["errors"]] == ["discount"]
+
+
 async def test_a_plans_installments_are_replaced_at_its_etags_version_by_who_may_update_plans(
     gateway: Gateway,
 ) -> None:
@@ -866,6 +893,21 @@ async def test_a_quotes_line_items_change_at_its_etags_version_discounts_only_by
     updates = [(row["before"], row["after"]) for row in rows if row["action"] == "update"]
     assert sorted(after["max_discount_percent"] for _, after in updates) == ["0", "20"]
     assert {(before["status"], after["status"]) for before, after in updates} == {("rejected", "pending_approval")}
+
+
+async def test_a_quote_with_discounts_gets_new_line_items_only_from_who_may_set_discounts(gateway: Gateway) -> None:
+    """Its discounts are hidden from a rep, whose new line items would drop them unseen."""
+    by_the_rep = await gateway.client.patch(
+        "/api/v1/quotes/q-3", json={"line_items": [LINE]}, headers=gateway.auth("sales_rep")
+    )
+    by_the_manager = await gateway.client.patch(
+        "/api/v1/quotes/q-3", json={"line_items": [LINE]}, headers=gateway.auth("sales_manager")
+    )
+
+    assert by_the_rep.status_code == 403, by_the_rep.text
+    assert by_the_rep.json()["errors"][0]["field"] == "line_items.discount_percent"
+    assert by_the_manager.status_code == 200, by_the_manager.text
+    assert len(gateway.sales.quote_updates) == 1  # the manager's
 
 
 async def test_a_deal_is_handed_over_at_its_etags_version_by_who_may_assign_deals_and_audited(

@@ -9,6 +9,7 @@ Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
 
 from collections.abc import AsyncIterator, Mapping
 from datetime import date, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -212,6 +213,17 @@ class InstallmentBody(RequestBody):
 
 class PaymentPlanCreate(RequestBody):
     installments: list[InstallmentBody] = Field(min_length=1, max_length=240)
+
+
+class InstallmentReplacement(InstallmentBody, ReplacementBody):
+    read_only = frozenset({"id", "sequence", "paid", "status", "overdue_at"})
+
+
+class PaymentPlanReplacement(ReplacementBody):
+    """A PUT of the plan: the installments as they are to be, or the plan as GET returned it."""
+
+    read_only = frozenset({"id", "contract_id", "total", "created_at", "version"})
+    installments: list[InstallmentReplacement] = Field(min_length=1, max_length=240)
 
 
 class PaymentCreate(RequestBody):
@@ -1172,6 +1184,10 @@ async def update_quote(
     access.check_write(_written(body))
     stub = _stub(request)
     before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
+    if any(Decimal(item.discount_percent or "0") for item in before.quote.line_items):
+        # New line items replace the old with their discounts: who may not set discounts (nor see
+        # them) would drop one unseen. Whoever set them revises the quote.
+        access.check_write(["line_items.discount_percent"])
     reply = await stub.UpdateQuote(
         pb.UpdateQuoteRequest(
             id=quote_id,
@@ -1431,7 +1447,7 @@ PaymentsRead = Annotated[Access, Depends(require("payments", "read"))]
 PaymentsCreate = Annotated[Access, Depends(require("payments", "create"))]
 
 
-def _installments(body: PaymentPlanCreate) -> list[pb.InstallmentInput]:
+def _installments(body: PaymentPlanCreate | PaymentPlanReplacement) -> list[pb.InstallmentInput]:
     return [
         pb.InstallmentInput(due_date=item.due_date.isoformat(), amount=item.amount.proto())
         for item in body.installments
@@ -1471,7 +1487,7 @@ async def get_payment_plan(contract_id: str, request: Request, response: Respons
 @router.put("/contracts/{contract_id}/payment-plan")
 async def replace_payment_plan(
     contract_id: str,
-    body: PaymentPlanCreate,
+    body: PaymentPlanReplacement,
     request: Request,
     response: Response,
     access: PlansUpdate,
