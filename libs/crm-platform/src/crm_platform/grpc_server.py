@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
-from crm_platform.idempotency import request_fingerprint, serving_fingerprint
+from crm_platform.idempotency import serving_request
 from crm_platform.principal import acting_as, context_from_metadata
 from crm_platform.telemetry import continued_trace
 
@@ -78,7 +78,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 with (
                     acting_as(call.principal, call.scope, call.request_id),
-                    serving_fingerprint(request_fingerprint(request, method, metadata)),
+                    serving_request(request, method, metadata),
                     continued_trace(metadata),
                 ):
                     async with asyncio.timeout(self._deadline(context)):
@@ -116,7 +116,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 with (
                     acting_as(call.principal, call.scope, call.request_id),
-                    serving_fingerprint(request_fingerprint(request, method, metadata)),
+                    serving_request(request, method, metadata),
                     continued_trace(metadata),
                 ):
                     async for item in behaviour(request, context):

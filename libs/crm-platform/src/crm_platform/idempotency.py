@@ -27,6 +27,12 @@ finding the key taken) compares it. Keys recorded without one (before revision
 `idempotency_fingerprint`, or by a call from no gRPC request) answer any request with their first
 result, as before; so are calls that resume what their key began (`RESUMING_METADATA`) answered.
 
+A call may ask only for the result its key already has (`REPLAY_ONLY_METADATA`): the gateway sends a
+keyed request so when a check of its own fails now (a record another service owns, merged or out of
+reach since) but may have passed for the key's first request. A key used before answers as ever; a
+new one is refused (Conflict `NOTHING_TO_REPLAY`) and nothing is done, so the gateway answers its
+check's failure.
+
 Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
 default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
 holds the keys of the retry window, not every key ever sent.
@@ -57,7 +63,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform.db import UtcDateTime, insert_ignore, transaction
-from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
@@ -73,8 +79,12 @@ FINGERPRINT_LENGTH = 64
 # lead and the options as they are by then.
 RESUMING_METADATA = ("x-crm-idempotency-resume", "1")
 REUSED_KEY_MESSAGE = "was used with a different request"
+# gRPC metadata of a call that wants only the result its key already has (see the module's doc).
+REPLAY_ONLY_METADATA = ("x-crm-idempotency-replay-only", "1")
+NOTHING_TO_REPLAY = "NOTHING_TO_REPLAY"
 
 _fingerprint: ContextVar[str | None] = ContextVar("crm_request_fingerprint", default=None)
+_replay_only: ContextVar[bool] = ContextVar("crm_replay_only", default=False)
 
 
 def request_fingerprint(
@@ -97,13 +107,24 @@ def request_fingerprint(
 
 
 @contextmanager
-def serving_fingerprint(fingerprint: str | None) -> Iterator[None]:
-    """The fingerprint of the request being served, for every key it claims or remembers."""
+def serving_fingerprint(fingerprint: str | None, *, replay_only: bool = False) -> Iterator[None]:
+    """The fingerprint of the request being served, for every key it claims or remembers; and
+    whether it wants only a result its key already has (`REPLAY_ONLY_METADATA`)."""
     token = _fingerprint.set(fingerprint)
+    replay_token = _replay_only.set(replay_only)
     try:
         yield
     finally:
+        _replay_only.reset(replay_token)
         _fingerprint.reset(token)
+
+
+@contextmanager
+def serving_request(request: Any, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
+    """`serving_fingerprint` for a gRPC request as it came, with its metadata."""
+    replay_only = REPLAY_ONLY_METADATA in (metadata or ())
+    with serving_fingerprint(request_fingerprint(request, method, metadata), replay_only=replay_only):
+        yield
 
 
 def idempotency_table(metadata: MetaData, name: str = TABLE_NAME, *, fingerprinted: bool = True) -> Table:
@@ -154,7 +175,10 @@ async def claim(
 ) -> Result | None:
     """Records `key` for what this call is about to create. None when the key is now this call's
     (also for an empty key); otherwise the first use's result, and the caller must not create.
-    Raises ValidationFailed when the first use was another request (`recall`)."""
+    Raises ValidationFailed when the first use was another request (`recall`), and Conflict
+    NOTHING_TO_REPLAY when the call wants only an earlier result and there is none."""
+    if _replay_only.get() and not key:
+        raise _nothing_to_replay()
     if not _checked(key):
         return None
     values = {
@@ -162,8 +186,14 @@ async def claim(
         "fingerprint": _fingerprint.get(),
     }  # fmt: skip
     if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):
+        if _replay_only.get():
+            raise _nothing_to_replay()  # the caller's transaction rolls the key back
         return None
     return await recall(conn, table, operation=operation, caller=caller, key=key)
+
+
+def _nothing_to_replay() -> Conflict:
+    return Conflict("no earlier request under this key to answer again", reason=NOTHING_TO_REPLAY)
 
 
 async def settle(conn: AsyncConnection, table: Table, *, operation: str, caller: str, key: str, result: Result) -> None:

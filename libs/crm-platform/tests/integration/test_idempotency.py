@@ -195,11 +195,11 @@ ONE_REQUEST, ANOTHER_REQUEST = "1" * 64, "2" * 64
 REUSED = [FieldError("idempotency_key", "was used with a different request")]
 
 
-async def _create_with_key(engine: AsyncEngine, thing_id: str) -> str:
-    """A creating handler, serving a request with key "k"."""
+async def _create_with_key(engine: AsyncEngine, thing_id: str, key: str = "k") -> str:
+    """A creating handler, serving a request with that key."""
     async with engine.begin() as conn:
         earlier = await idempotency.claim(
-            conn, keys, operation="create", caller="u", key="k", result=thing_id, now=utcnow()
+            conn, keys, operation="create", caller="u", key=key, result=thing_id, now=utcnow()
         )
         if earlier is not None:
             return str(earlier)
@@ -256,10 +256,11 @@ async def test_a_key_recorded_without_a_fingerprint_answers_any_request(engine: 
 
 async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngine) -> None:
     """Over a real connection: a key reused with another request is INVALID_ARGUMENT naming the key;
-    a caller that resumes what its key began gets the first result, whatever it sends now."""
+    a caller that resumes what its key began gets the first result, whatever it sends now; a caller
+    that wants only the result a key already has gets it, and for a new key a refusal (nothing done)."""
 
     async def submit(request: SubmitWebformRequest, context: Any) -> bytes:
-        return (await _create_with_key(engine, new_id())).encode()
+        return (await _create_with_key(engine, new_id(), request.idempotency_key)).encode()
 
     server = GrpcServer(
         service="probe",
@@ -289,10 +290,24 @@ async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngin
             SubmitWebformRequest(form_key="f", fields={"name": "Wang"}, idempotency_key="k"),
             metadata=(idempotency.RESUMING_METADATA,),
         )
+        replayed = await call(
+            SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k"),
+            metadata=(idempotency.REPLAY_ONLY_METADATA,),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as nothing:
+            await call(
+                SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k2"),
+                metadata=(idempotency.REPLAY_ONLY_METADATA,),
+            )
+        later = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k2"))
     finally:
         await channel.close()
         await server.stop(0)
 
-    assert again == resumed == first
+    assert again == resumed == replayed == first
     assert from_rpc_error(refused.value).field_errors == REUSED
-    assert await _things(engine) == [first.decode()]
+    assert (nothing.value.code(), from_rpc_error(nothing.value).reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, idempotency.NOTHING_TO_REPLAY,
+    )  # fmt: skip
+    # The refused replay left the key unused: its first real request creates.
+    assert sorted(await _things(engine)) == sorted([first.decode(), later.decode()])

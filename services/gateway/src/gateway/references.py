@@ -7,13 +7,15 @@ ticket's contact must work at its account.
 What is checked is existence, not the caller's sight: a rep may name an account another rep owns,
 so that a second deal on it meets anti-collision (a 409 naming the first) rather than a 422 that
 hides why. Nothing of the record read is shown. The check needs the owner up: when it is down the
-request is a 503 to retry, never a reference stored unchecked. The owner may still delete the record
-a moment later; that is the eventual consistency the event flow settles (deals follow account
-merges, analytics drops what is deleted)."""
+request is a 503 to retry, never a reference stored unchecked. A request repeated under its
+Idempotency-Key still answers with its first result when the check fails now (`check_or_replay`).
+The owner may still delete the record a moment later; that is the eventual consistency the event
+flow settles (deals follow account merges, analytics drops what is deleted)."""
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
@@ -21,6 +23,8 @@ from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
 from crm_platform.principal import ALL_RECORDS, outgoing_metadata
 from google.protobuf.message import Message
 
@@ -28,6 +32,7 @@ from gateway.security import Access
 from gateway.upstreams import Upstreams
 
 Metadata = tuple[tuple[str, str | bytes], ...]
+T = TypeVar("T")
 Fetch = Callable[[Upstreams, str, Metadata], Awaitable[Message]]
 
 
@@ -91,6 +96,25 @@ class References:
         if record_id:
             self._wanted[field] = (referent, record_id, on_account)
         return self
+
+    async def check_or_replay(self, idempotency_key: str | None, write: Callable[[Metadata], Awaitable[T]]) -> T:
+        """`check`, then the write (`write(())`). When the check fails for a request with an
+        Idempotency-Key, the key's first request may have passed it (the account merged since, its
+        owner down now): the write goes again wanting only that first result (its metadata
+        `REPLAY_ONLY_METADATA`), which answers as a repeat always does; with no first result, or no
+        key, the check's failure stands."""
+        try:
+            await self.check()
+        except (ValidationFailed, grpc.aio.AioRpcError) as refused:
+            if not idempotency_key:
+                raise
+            try:
+                return await write((REPLAY_ONLY_METADATA,))
+            except grpc.aio.AioRpcError as error:
+                if from_rpc_error(error).reason == NOTHING_TO_REPLAY:
+                    raise refused from None
+                raise
+        return await write(())
 
     async def check(self) -> None:
         """Reads every named record concurrently. One 422 names every field whose record is missing,

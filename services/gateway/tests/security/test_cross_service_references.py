@@ -31,8 +31,9 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import CrmError, NotFound
+from crm_platform.errors import Conflict, CrmError, NotFound
 from crm_platform.grpc_errors import to_status
+from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.testing import serving, started_gateway
 from gateway.token_cli import issue_dev_token
@@ -68,10 +69,11 @@ class FakeAccounts(AccountsServiceServicer):
 
     def __init__(self) -> None:
         self.scopes: list[RecordScope] = []
+        self.accounts = dict(self.ACCOUNTS)
 
     async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
         self.scopes.append(context_from_metadata(context.invocation_metadata()).scope)
-        account = self.ACCOUNTS.get(request.account_id)
+        account = self.accounts.get(request.account_id)
         if account is None:
             await abort(context, NotFound("account", request.account_id))
         return accounts_pb.GetAccountResponse(account=account)
@@ -100,10 +102,22 @@ class FakeSales(SalesServiceServicer):
 
     def __init__(self) -> None:
         self.writes: list[Any] = []
+        self.replays: list[str] = []  # the keys of the calls that wanted only an earlier result
+        self.created: dict[str, sales_pb2.Opportunity] = {}  # by Idempotency-Key, as the service keeps them
 
     async def CreateOpportunity(self, request: sales_pb.CreateOpportunityRequest, context: Any) -> Any:
+        if REPLAY_ONLY_METADATA in context.invocation_metadata():
+            self.replays.append(request.idempotency_key)
+            if request.idempotency_key not in self.created:
+                await abort(context, Conflict("nothing to replay", reason=NOTHING_TO_REPLAY))
+        if request.idempotency_key in self.created:
+            return sales_pb.CreateOpportunityResponse(opportunity=self.created[request.idempotency_key])
         self.writes.append(request)
-        deal = sales_pb2.Opportunity(id="o-2", account_id=request.account_id, name=request.name, owner_id=ME)
+        deal = sales_pb2.Opportunity(
+            id=f"o-{len(self.writes) + 1}", account_id=request.account_id, name=request.name, owner_id=ME
+        )
+        if request.idempotency_key:
+            self.created[request.idempotency_key] = deal
         return sales_pb.CreateOpportunityResponse(opportunity=deal)
 
     async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
@@ -291,3 +305,23 @@ async def test_a_reference_is_not_let_through_when_its_owner_is_down(
 
     assert response.status_code == 503, response.text
     assert services.sales.writes == []
+
+
+async def test_a_deal_sent_again_under_its_key_answers_as_first_though_its_account_was_merged_since(
+    client: Any, services: Services
+) -> None:
+    rep = await client("sales_rep")
+    body = {"account_id": "acme", "name": "Robots"}
+    first = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+    services.accounts.accounts["acme"] = accounts_pb2.Account(id="acme", owner_id=ME, merged_into_id="globex")
+
+    again = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+    new_key = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k2"})
+    no_key = await rep.post("/api/v1/opportunities", json=body)
+
+    assert first.status_code == again.status_code == 201, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert fields_of(new_key) == fields_of(no_key) == ["account_id"]
+    assert "acme was merged into globex" in new_key.text
+    assert services.sales.replays == ["k1", "k2"]  # only a keyed request is sent again
+    assert len(services.sales.writes) == 1

@@ -608,13 +608,12 @@ async def create_opportunity(
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
-    await (
+    references = (
         References(access)
         .add("account_id", ACCOUNT, body.account_id)
         .add("primary_contact_id", CONTACT, body.primary_contact_id, on_account=body.account_id)
         .add("source_lead_id", LEAD, body.source_lead_id)
         .add("campaign_id", CAMPAIGN, body.campaign_id)
-        .check()
     )
     message = pb.CreateOpportunityRequest(
         idempotency_key=idempotency_key or "",
@@ -641,7 +640,10 @@ async def create_opportunity(
         message.amount.CopyFrom(body.amount.proto())
     if body.custom:
         message.custom.update(body.custom)
-    reply = await _stub(request).CreateOpportunity(message, metadata=access.grpc_metadata())
+    stub = _stub(request)
+    reply = await references.check_or_replay(
+        idempotency_key, lambda replay: stub.CreateOpportunity(message, metadata=access.grpc_metadata() + replay)
+    )
     return await _deal_written(access, response, None, reply.opportunity)
 
 
@@ -1278,7 +1280,7 @@ async def create_contract(
     """From a won opportunity (`opportunity_id`: account, amount, owner follow it) or direct
     (`account_id`, `title`, `amount`)."""
     access.check_write(_written(body))
-    await References(access).add("account_id", ACCOUNT, body.account_id).check()
+    references = References(access).add("account_id", ACCOUNT, body.account_id)
     message = pb.CreateContractRequest(
         idempotency_key=idempotency_key or "",
         opportunity_id=body.opportunity_id or "",
@@ -1292,7 +1294,10 @@ async def create_contract(
     )
     if body.amount is not None:
         message.amount.CopyFrom(body.amount.proto())
-    reply = await _stub(request).CreateContract(message, metadata=access.grpc_metadata())
+    stub = _stub(request)
+    reply = await references.check_or_replay(
+        idempotency_key, lambda replay: stub.CreateContract(message, metadata=access.grpc_metadata() + replay)
+    )
     record = contract_dict(reply.contract)
     await access.audit_write(record["id"], None, record)
     return with_etag(response, access.present(record))

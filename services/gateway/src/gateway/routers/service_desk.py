@@ -206,10 +206,10 @@ async def create_ticket(
     and suggested knowledge-base articles."""
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
-    await _check_contact(access, body.contact_id, body.account_id)
-    reply = await _stub(request).CreateTicket(
-        pb.CreateTicketRequest(ticket=_fill(pb.TicketInput(), given), idempotency_key=idempotency_key),  # type: ignore[arg-type]
-        metadata=access.grpc_metadata(),
+    message = pb.CreateTicketRequest(ticket=_fill(pb.TicketInput(), given), idempotency_key=idempotency_key)  # type: ignore[arg-type]
+    stub = _stub(request)
+    reply = await _contact(access, body.contact_id, body.account_id).check_or_replay(
+        idempotency_key, lambda replay: stub.CreateTicket(message, metadata=access.grpc_metadata() + replay)
     )
     result = to_json(reply.ticket)
     await access.audit_write(result["id"], None, result)
@@ -314,7 +314,7 @@ async def update_ticket(
     before = await _ticket_before(stub, ticket_id, access)
     if "contact_id" in given or "account_id" in given:
         contact_id, account_id = (given.get(name, before.get(name)) for name in ("contact_id", "account_id"))
-        await _check_contact(access, contact_id, account_id)
+        await _contact(access, contact_id, account_id).check()
     reply = await stub.UpdateTicket(
         pb.UpdateTicketRequest(
             ticket_id=ticket_id,
@@ -330,10 +330,10 @@ async def update_ticket(
     return with_etag(response, present(result))
 
 
-async def _check_contact(access: Access, contact_id: str | None, account_id: str | None) -> None:
-    """A ticket's contact exists, at the ticket's account when it names one (`gateway.references`).
+def _contact(access: Access, contact_id: str | None, account_id: str | None) -> References:
+    """A ticket's contact must exist, at the ticket's account when it names one (`gateway.references`).
     The account itself is the service desk's to check (it takes one created a moment ago on purpose)."""
-    await References(access).add("contact_id", CONTACT, contact_id, on_account=account_id).check()
+    return References(access).add("contact_id", CONTACT, contact_id, on_account=account_id)
 
 
 async def _ticket_before(stub: ServiceDeskServiceStub, ticket_id: str, access: Access) -> dict[str, Any]:
