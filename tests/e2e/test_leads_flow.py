@@ -176,6 +176,28 @@ async def test_a_campaign_no_lead_links_to_is_deleted_by_its_etag_and_one_in_use
         assert event.decode(events_pb2.CampaignDeleted).actor.user_id == "mkt-delete"
 
 
+async def test_a_campaign_a_deal_names_stays(stack: RunningStack) -> None:
+    """No lead links to it, but a rep's deal names it as its source: it stays, for the deal's ROI."""
+    async with (
+        client(stack, "mkt-deal-campaign", ["marketing"]) as marketing,
+        client(stack, "rep-deal-campaign", ["sales_rep"]) as rep,
+    ):
+        campaign = await marketing.post("/api/v1/campaigns", json={"name": "Roadshow", "channel": "event"})
+        assert campaign.status_code == 201, campaign.text
+        account = await rep.post("/api/v1/accounts", json={"name": f"Roadshow buyer {campaign.json()['id'][-8:]}"})
+        assert account.status_code == 201, account.text
+        body = {"account_id": account.json()["id"], "name": "Roadshow deal", "campaign_id": campaign.json()["id"]}
+        deal = await rep.post("/api/v1/opportunities", json=body)
+        assert deal.status_code == 201, deal.text
+
+        refused = await marketing.delete(f"/api/v1/campaigns/{campaign.json()['id']}")
+        brought = await rep.get("/api/v1/opportunities", params={"campaign_id": campaign.json()["id"]})
+
+        assert refused.status_code == 409, refused.text
+        assert (refused.json()["reason"], refused.json()["existing_id"]) == ("CAMPAIGN_IN_USE", deal.json()["id"])
+        assert [o["id"] for o in brought.json()["items"]] == [deal.json()["id"]]
+
+
 async def test_a_mistyped_activity_is_corrected_by_its_etag_and_one_logged_by_mistake_deleted(
     stack: RunningStack,
 ) -> None:

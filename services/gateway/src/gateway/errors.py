@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
-from crm_platform.errors import ValidationFailed
+from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -181,6 +181,14 @@ async def _validation_failed(request: Request, error: Exception) -> JSONResponse
     return problem(422, error.detail, errors=errors, instance=request.url.path)
 
 
+async def _conflict(request: Request, error: Exception) -> JSONResponse:
+    """A Conflict the gateway raises itself (a rule across services) answers as one from a service does."""
+    assert isinstance(error, Conflict)
+    metadata = {"existing_id": error.existing_id} if error.existing_id else {}
+    remote = RemoteError(grpc.StatusCode.FAILED_PRECONDITION, error.detail, reason=error.reason, metadata=metadata)
+    return remote_problem(remote, request.url.path)
+
+
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     headers = dict(error.headers or {})
@@ -203,6 +211,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(grpc.aio.AioRpcError, _rpc_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ValidationFailed, _validation_failed)
+    app.add_exception_handler(Conflict, _conflict)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UpstreamNotConfigured, _not_configured)
     app.add_exception_handler(Exception, _unhandled)

@@ -20,9 +20,12 @@ from typing import TypeVar
 import grpc
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
+from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
-from crm_platform.errors import FieldError, ValidationFailed
+from crm.sales.v1 import sales_service_pb2 as sales_pb
+from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
+from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
 from crm_platform.principal import ALL_RECORDS, outgoing_metadata
@@ -150,3 +153,21 @@ class References:
             if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return None
             raise
+
+
+async def refuse_if_deals_name_campaign(access: Access, campaign_id: str) -> None:
+    """A campaign that deals name stays (their source, its ROI): a 409 CAMPAIGN_IN_USE naming one, as
+    the leads service answers for its leads and web forms. Sales is asked over all records: a deal out
+    of the caller's sight dangles all the same."""
+    upstreams: Upstreams = access.request.app.state.upstreams
+    stub = upstreams.stub("sales", SalesServiceStub)
+    reply: sales_pb.ListOpportunitiesResponse = await stub.ListOpportunities(
+        sales_pb.ListOpportunitiesRequest(campaign_id=campaign_id, page=common_pb2.PageRequest(limit=1)),
+        metadata=outgoing_metadata(access.principal, ALL_RECORDS, access.request_id),
+    )
+    if reply.items:
+        raise Conflict(
+            f"cannot delete a campaign in use by deals (one is {reply.items[0].id}): end it (set its end date) instead",
+            existing_id=reply.items[0].id,
+            reason="CAMPAIGN_IN_USE",
+        )

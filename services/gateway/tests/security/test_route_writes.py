@@ -119,9 +119,12 @@ class FakeLeads(LeadsServiceServicer):
     CAMPAIGN = leads_pb2.Campaign(id="cmp-1", name="Expo", channel="event", version=3)
 
     async def GetCampaign(self, request: leads_pb.GetCampaignRequest, context: Any) -> Any:
-        if request.campaign_id != self.CAMPAIGN.id:
+        if request.campaign_id not in (self.CAMPAIGN.id, "cmp-3"):  # cmp-3: a deal names it
             await abort(context, NotFound("campaign", request.campaign_id))
-        return leads_pb.GetCampaignResponse(campaign=self.CAMPAIGN)
+        campaign = leads_pb2.Campaign()
+        campaign.CopyFrom(self.CAMPAIGN)
+        campaign.id = request.campaign_id
+        return leads_pb.GetCampaignResponse(campaign=campaign)
 
     async def DeleteCampaign(self, request: leads_pb.DeleteCampaignRequest, context: Any) -> Any:
         self.campaign_deletes.append(request)
@@ -241,12 +244,18 @@ class FakeAccounts(AccountsServiceServicer):
 class FakeSales(SalesServiceServicer):
     def __init__(self) -> None:
         self.updates: list[sales_pb.UpdateOpportunityRequest] = []
+        self.deal_lookups: list[tuple[str, RecordScope]] = []  # (campaign_id, scope) of each ListOpportunities
         self.contract_deletes: list[sales_pb.DeleteContractRequest] = []
         self.quote_deletes: list[sales_pb.DeleteQuoteRequest] = []
         self.assignments: list[sales_pb.AssignOpportunityRequest] = []
         self.quote_updates: list[sales_pb.UpdateQuoteRequest] = []
         self.plan_updates: list[sales_pb.UpdatePaymentPlanRequest] = []
         self.payment_keys: dict[str, sales_pb.RecordPaymentRequest] = {}
+
+    async def ListOpportunities(self, request: sales_pb.ListOpportunitiesRequest, context: Any) -> Any:
+        self.deal_lookups.append((request.campaign_id, context_from_metadata(context.invocation_metadata()).scope))
+        deals = [sales_pb2.Opportunity(id="o-7", campaign_id="cmp-3")] if request.campaign_id == "cmp-3" else []
+        return sales_pb.ListOpportunitiesResponse(items=deals)
 
     async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
         if request.id == "o-404":  # as the service answers a deal outside the caller's scope
@@ -727,6 +736,16 @@ async def test_a_campaign_is_deleted_at_its_etags_version_by_who_may_delete_camp
     assert audited["after"] is None
     assert audited["resource"] == "campaigns"
     assert (audited["before"]["name"], audited["before"]["channel"]) == ("Expo", "event")
+
+
+async def test_a_campaign_a_deal_names_stays_though_the_deal_is_out_of_the_callers_sight(gateway: Gateway) -> None:
+    refused = await gateway.client.delete("/api/v1/campaigns/cmp-3", headers=gateway.auth("marketing"))
+
+    assert refused.status_code == 409, refused.text
+    assert (refused.json()["reason"], refused.json()["existing_id"]) == ("CAMPAIGN_IN_USE", "o-7")
+    assert "end it" in refused.json()["detail"]
+    assert gateway.leads.campaign_deletes == []
+    assert gateway.sales.deal_lookups == [("cmp-3", RecordScope(ScopeKind.ALL))]
 
 
 async def test_a_contract_is_deleted_at_its_etags_version_by_who_may_delete_contracts_and_audited_as_it_was(

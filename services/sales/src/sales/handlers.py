@@ -602,6 +602,7 @@ class SalesHandlers:
         stage: str = "",
         pipeline_id: str = "",
         product_line: str = "",
+        campaign_id: str = "",
         q: str = "",
         rotting_only: bool = False,
         custom: Sequence[tuple[str, str]] = (),
@@ -624,6 +625,7 @@ class SalesHandlers:
             (o.c.stage, stage),
             (o.c.pipeline_id, pipeline_id),
             (o.c.product_line, product_line),
+            (o.c.campaign_id, campaign_id),
         ):
             if value:
                 query = query.where(column == value)

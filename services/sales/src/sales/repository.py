@@ -154,6 +154,7 @@ opportunities = Table(
     Index("ix_opportunities_owner_status", "owner_id", "status"),
     Index("ix_opportunities_team_status", "team", "status"),
     Index("ix_opportunities_region", "region"),
+    Index("ix_opportunities_campaign", "campaign_id"),
     # The forecast reads only these columns: an index-only scan instead of the wide rows.
     Index(
         "ix_opportunities_forecast_cover",

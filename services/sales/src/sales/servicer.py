@@ -246,6 +246,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             stage=request.stage,
             pipeline_id=request.pipeline_id,
             product_line=request.product_line,
+            campaign_id=request.campaign_id,
             q=request.q,
             rotting_only=request.rotting_only,
             custom=[(c.key, c.value) for c in request.custom],

@@ -374,6 +374,22 @@ async def test_list_filters_and_paging(sales: SalesHandlers) -> None:
     assert sorted(seen) == ["Deal 2", "Deal 4"]
 
 
+async def test_the_deals_a_campaign_brought_are_listed_whoever_owns_them_for_who_sees_all(
+    sales: SalesHandlers,
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        mine = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Expo deal", campaign_id="expo"))
+        await sales.create_opportunity(OpportunityIn(account_id="acc-2", name="Walk-in"))
+    with as_user("rep2", "sales_rep", scope="own"):
+        theirs = await sales.create_opportunity(OpportunityIn(account_id="acc-3", name="Expo too", campaign_id="expo"))
+        own_view = await sales.list_opportunities(Page(), campaign_id="expo")
+    with as_user("admin", "admin"):
+        everyone = await sales.list_opportunities(Page(), campaign_id="expo")
+
+    assert [o.id for o in own_view.items] == [theirs.id]
+    assert sorted(o.id for o in everyone.items) == sorted([mine.id, theirs.id])
+
+
 # ---------------------------------------------------------------- forecast
 
 

@@ -30,6 +30,7 @@ from pydantic import Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
+from gateway.references import refuse_if_deals_name_campaign
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -1148,10 +1149,11 @@ async def update_campaign(
 async def delete_campaign(
     campaign_id: str, request: Request, access: CampaignsDelete, if_match: IfMatch = ""
 ) -> Response:
-    """A campaign created by mistake (409 while a lead or web form links to it: end it instead, by
-    setting its end date, which keeps its leads' links and its ROI history)."""
+    """A campaign created by mistake (409 while a lead, web form or deal links to it: end it instead,
+    by setting its end date, which keeps their links and its ROI history)."""
     stub = _stub(request)
     before = await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata())
+    await refuse_if_deals_name_campaign(access, campaign_id)
     await stub.DeleteCampaign(
         pb.DeleteCampaignRequest(campaign_id=campaign_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),

@@ -680,6 +680,7 @@ OPPORTUNITY_FILTERS: FilterFields = {
     "stage": "stage",
     "pipeline_id": "pipeline_id",
     "product_line": "product_line",
+    "campaign_id": "campaign_id",
     "q": "name",
     "rotting": "rotting",
 }
@@ -696,6 +697,7 @@ async def list_opportunities(
     stage: str | None = None,
     pipeline_id: str | None = None,
     product_line: str | None = None,
+    campaign_id: Annotated[str | None, Query(description="the deals a campaign brought")] = None,
     q: Annotated[str | None, Query(max_length=200, description="name contains")] = None,
     rotting: Annotated[bool, Query(description="only open deals past their stage's rotting days")] = False,
     limit: Limit = None,
@@ -715,6 +717,7 @@ async def list_opportunities(
             stage=stage or "",
             pipeline_id=pipeline_id or "",
             product_line=product_line or "",
+            campaign_id=campaign_id or "",
             q=q or "",
             rotting_only=rotting,
             custom=custom,
