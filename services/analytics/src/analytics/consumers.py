@@ -192,6 +192,9 @@ async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivo
 
 
 async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
+    await repo.lock_activity(conn, activity.id)
+    if await repo.activity_deleted(conn, activity.id):
+        return  # logged or corrected before its deletion, applied after it (`deleted_activities`)
     await repo.upsert(
         conn,
         repo.activities,
@@ -207,9 +210,10 @@ async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity)
 
 
 async def apply_activity_deleted(conn: AsyncConnection, activity_id: str) -> None:
-    """An activity deleted from its lead or account (logged by mistake) leaves the reports. Its
-    events share the key of the record it was logged on, so they arrive in order: none logged or
-    corrected before the deletion comes after it to bring it back."""
+    """An activity deleted from its lead or account (logged by mistake) leaves the reports, and a
+    tombstone keeps it out should an earlier event of it come after (an account's, across a merge)."""
+    await repo.lock_activity(conn, activity_id)
+    await repo.upsert(conn, repo.deleted_activities, {"id": activity_id}, keys=["id"])
     await conn.execute(delete(repo.activities).where(repo.activities.c.id == activity_id))
 
 

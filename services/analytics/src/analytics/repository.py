@@ -134,6 +134,15 @@ activities = Table(
     Index("ix_rm_activities_account", "account_id", "occurred_at"),
 )
 
+# Activities deleted where they were logged. An account's activity events are keyed by the account
+# it is on: after a merge, its `activity.logged` (under the duplicate's key) may be applied after its
+# deletion (under the survivor's), on a rebuild as well as late; the tombstone keeps it out.
+deleted_activities = Table(
+    "rm_deleted_activities",
+    metadata,
+    Column("id", ID, primary_key=True),
+)
+
 tasks = Table(
     "rm_tasks",
     metadata,
@@ -246,6 +255,7 @@ READ_MODELS: tuple[Table, ...] = (
     opportunities,
     accounts,
     activities,
+    deleted_activities,
     tasks,
     contracts,
     payments,
@@ -337,3 +347,16 @@ async def start_next_generation(conn: AsyncConnection, name: str) -> int:
 
 async def count_rows(conn: AsyncConnection, table: Table) -> int:
     return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def lock_activity(conn: AsyncConnection, activity_id: str) -> None:
+    """To the end of the transaction: an activity's events applied at once from two partitions (an
+    account's, across a merge) wait for each other, so one sees the other's tombstone or row."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_LOCK_ACCOUNT, {"key": f"activity:{activity_id}"})
+
+
+async def activity_deleted(conn: AsyncConnection, activity_id: str) -> bool:
+    """Was the activity deleted where it was logged (`deleted_activities`)?"""
+    found = await conn.scalar(select(deleted_activities.c.id).where(deleted_activities.c.id == activity_id))
+    return found is not None

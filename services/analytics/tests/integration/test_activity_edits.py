@@ -117,3 +117,21 @@ async def test_a_corrected_account_activity_counts_at_its_new_time_and_a_deleted
     await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
     assert await activities_counted(engine) == 0
     assert list(await stored(engine)) == ["X"]
+
+
+async def test_an_account_activity_deleted_stays_out_when_its_earlier_events_come_after(engine: AsyncEngine) -> None:
+    """After a merge, an activity's `activity.logged` is keyed by the duplicate and its deletion by the
+    survivor: in different partitions, the deletion may be applied first (late, or on a rebuild)."""
+    await deliver(engine, [accounts_events.AccountCreated(account=ACCOUNT)])
+    await deliver(engine, [accounts_events.ActivityDeleted(activity_id="Z", account_id="A1")])
+
+    await deliver(
+        engine,
+        [
+            accounts_events.ActivityLogged(activity=account_activity("Z", "call", 1)),
+            accounts_events.ActivityUpdated(activity=account_activity("Z", "visit", 1, version=2)),
+        ],
+    )
+
+    assert await activities_counted(engine) == 0
+    assert await stored(engine) == {}
