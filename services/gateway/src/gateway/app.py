@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields):
         app.include_router(module.router)
+    exports.describe_export_filters()
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

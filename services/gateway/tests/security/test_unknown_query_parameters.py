@@ -177,3 +177,11 @@ async def test_declared_and_custom_field_filters_reach_the_service(role_client: 
     [listed] = leads.lists
     assert list(listed.statuses) == ["new"]
     assert [(f.key, f.value) for f in listed.custom] == [("channel", "partner")]
+
+
+def test_the_export_route_documents_the_filters_of_each_resource(real_app: FastAPI) -> None:
+    description = real_app.openapi()["paths"]["/api/v1/exports/{resource}"]["get"]["description"]
+
+    assert description.startswith("The caller's in-scope records of one resource as CSV")
+    assert "- `opportunities`: " in description and "`campaign_id`" in description
+    assert "- `leads`: " in description and "- `tickets`: " in description

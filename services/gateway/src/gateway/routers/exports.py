@@ -4,6 +4,7 @@ Export is its own action in the policy; the rows are the caller's in-scope recor
 field rules as any read (hidden columns left out, masked values masked, custom values defined as pii
 masked for callers who see personal data masked)."""
 
+import inspect
 from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from crm.servicedesk.v1 import servicedesk_service_pb2 as servicedesk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from fastapi import Path, Query, Request
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 
 from gateway.inputs import unknown_query_parameters
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
@@ -29,7 +31,7 @@ from gateway.routing import ResourceRouter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import Access, filtered_fields, runtime_of
 from gateway.security.audit import mask_pii
-from gateway.security.exports import GrpcListing, csv_line, export_source, register_grpc_export
+from gateway.security.exports import GrpcListing, csv_line, export_source, register_grpc_export, registered_exports
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["exports"])
@@ -44,6 +46,9 @@ _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+EXPORT_PATH = "/api/v1/exports/{resource}"
+
+
 @router.get("/exports/{resource}", response_class=StreamingResponse, responses=_CSV_RESPONSE)
 async def export_resource(
     request: Request,
@@ -51,6 +56,9 @@ async def export_resource(
     resource: Annotated[str, Path(max_length=60, pattern=r"^[a-z_]+$")],
     format: Annotated[Literal["csv"], Query(description="only csv for now")] = "csv",
 ) -> StreamingResponse:
+    """The caller's in-scope records of one resource as CSV, header first: its own permission
+    (`export`), rate limited and audited, with the field rules of any read (hidden columns left out,
+    masked values masked)."""
     runtime = runtime_of(request)
     source = export_source(resource)
     if resource not in runtime.policy.resources or source is None:
@@ -181,3 +189,22 @@ for _resource, _listing in {
     ),
 }.items():
     register_grpc_export(_resource, _listing)
+
+
+def describe_export_filters() -> None:
+    """Documents, in the export route's OpenAPI description, the filters each resource's export takes.
+    One path template serves every resource, so its parameters cannot say; called once every router
+    has registered its sources (`gateway.app`), again by each app the same."""
+    lines = []
+    for resource in registered_exports():
+        source = export_source(resource)
+        assert source is not None
+        names = ", ".join(f"`{name}`" for name in sorted(source.filters | {"sort"}))
+        lines.append(f"- `{resource}`: {names}")
+    filters = (
+        "The filters each resource takes, as query parameters (any other is a 422 naming it; `sort` as on "
+        "its list route):\n\n" + "\n".join(lines)
+    )
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == EXPORT_PATH:
+            route.description = f"{inspect.cleandoc(export_resource.__doc__ or '')}\n\n{filters}"
