@@ -121,7 +121,7 @@ class References:
 
     async def check(self) -> None:
         """Reads every named record concurrently. One 422 names every field whose record is missing,
-        out of scope or on another account; any other failure of an owner propagates."""
+        merged away or on another account than it must be; any other failure of an owner propagates."""
         fields = list(self._wanted)
         found = await asyncio.gather(*(self._read(*self._wanted[field][:2]) for field in fields))
         errors = [
