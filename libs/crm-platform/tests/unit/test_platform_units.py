@@ -4,7 +4,7 @@ import gc
 import json
 import random
 from collections import namedtuple
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -15,6 +15,7 @@ from aiokafka.partitioner import murmur2 as reference_murmur2
 from crm.leads.v1 import events_pb2 as lead_events
 from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm.sales.v1 import events_pb2 as sales_events
+from crm_platform.activities import CLOCK_SKEW, kind_error, may_change_activity, occurred_at_error
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
@@ -381,3 +382,28 @@ def test_a_fields_path_names_list_positions_in_brackets() -> None:
     assert field_path(["custom", "x", 1, 0]) == "custom.x[1][0]"
     assert field_path([0, "name"]) == "[0].name"
     assert field_path([]) == ""
+
+
+def test_an_activity_is_its_loggers_own_in_the_team_and_region_of_its_record() -> None:
+    def may_change(scope: RecordScope, actor_id: str) -> bool:
+        return may_change_activity(scope, actor_id=actor_id, team="east", region="cn-east")
+
+    rep = RecordScope(ScopeKind.OWN, owner_id="rep-1")
+    assert may_change(rep, "rep-1")
+    assert not may_change(rep, "mgr")  # the manager's note on the rep's own record is the manager's
+    assert may_change(RecordScope(ScopeKind.TEAM, team="east"), "rep-2")
+    assert not may_change(RecordScope(ScopeKind.TEAM, team="west"), "rep-2")
+    assert may_change(RecordScope(ScopeKind.REGION, region="cn-east"), "anyone")
+    assert not may_change(RecordScope(ScopeKind.REGION, region="cn-west"), "anyone")
+    assert may_change(RecordScope(ScopeKind.ALL), "anyone")
+
+
+def test_an_activity_happened_of_a_kind_there_is_and_not_later_than_a_fast_clock_allows() -> None:
+    now = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+
+    assert kind_error("wechat") is None and occurred_at_error(now + CLOCK_SKEW, now) is None
+    assert kind_error("fax") == FieldError("kind", "must be one of call, email, meeting, visit, note, wechat")
+    assert occurred_at_error(now + CLOCK_SKEW + timedelta(seconds=1), now) == FieldError(
+        "occurred_at", "must not be in the future"
+    )
+    assert occurred_at_error(None, now) == FieldError("occurred_at", "is required")

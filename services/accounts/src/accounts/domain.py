@@ -9,23 +9,20 @@ from datetime import datetime, time, timedelta
 from decimal import Decimal
 from urllib.parse import urlparse
 
+from crm_platform.activities import kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
 from crm_platform.money import MAX_FIGURE, check_amount
-from crm_platform.principal import RecordScope
 
 TIERS = ("A", "B", "C", "D")
 LIFECYCLES = ("prospect", "customer", "churned")
 DECISION_ROLES = ("decision_maker", "influencer", "user", "gatekeeper")
-ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
 TASK_STATUSES = ("open", "done", "cancelled")
 SEGMENT_VISIBILITIES = ("user", "team")
 DUE_FILTERS = ("today", "overdue")
 MAX_NAME = 300
 MAX_TAGS = 50
 MAX_TAG_LENGTH = 64
-# An activity's time may run this far ahead of the server's clock (the caller's clock may be fast).
-ACTIVITY_CLOCK_SKEW = timedelta(minutes=5)
 # Reminder rules: a quiet spell of at most ten years, a task due within a year (the reminder job
 # computes dates from both, which must stay representable).
 MAX_INACTIVE_DAYS = 3650
@@ -298,23 +295,11 @@ def _strings(value: object) -> list[str]:
 def check_activity(values: Mapping[str, object], *, now: datetime) -> list[FieldError]:
     """Errors in the activity fields present in `values`: a logged activity passes its kind and time,
     a correction the fields it changes. What happened has happened: it is not in the future."""
-    errors: list[FieldError] = []
-    if "kind" in values and values["kind"] not in ACTIVITY_KINDS:
-        errors.append(FieldError("kind", f"must be one of {', '.join(ACTIVITY_KINDS)}"))
-    if "occurred_at" in values:
-        occurred_at = values["occurred_at"]
-        if not isinstance(occurred_at, datetime):
-            errors.append(FieldError("occurred_at", "is required"))
-        elif occurred_at > now + ACTIVITY_CLOCK_SKEW:
-            errors.append(FieldError("occurred_at", "must not be in the future"))
-    return errors
-
-
-def activity_in_scope(scope: RecordScope, *, actor_id: str, account_team: str, account_region: str) -> bool:
-    """May a caller with this activities scope change the activity? An activity is owned by who
-    logged it and lies in the team and region of its account (as analytics counts it): with `own` a
-    rep corrects what they logged, with `team` a manager what was logged on their team's accounts."""
-    return scope.allows(owner_id=actor_id, team=account_team, region=account_region)
+    errors = [
+        kind_error(values["kind"]) if "kind" in values else None,
+        occurred_at_error(values["occurred_at"], now) if "occurred_at" in values else None,
+    ]
+    return [error for error in errors if error is not None]
 
 
 # --- tasks and reminders ----------------------------------------------------------------------

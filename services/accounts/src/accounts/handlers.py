@@ -9,6 +9,7 @@ from typing import Any
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.activities import may_change_activity
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -966,8 +967,8 @@ async def _writable_activity(
     account = await _live_account(conn, account_id, for_update=True, scope=account_scope)
     act = repo.activities
     row = (await conn.execute(select(act).where(act.c.id == activity_id, act.c.account_id == account_id))).first()
-    if row is None or not domain.activity_in_scope(
-        current_scope(), actor_id=row.actor_id, account_team=account.team, account_region=account.region
+    if row is None or not may_change_activity(
+        current_scope(), actor_id=row.actor_id, team=account.team, region=account.region
     ):
         raise NotFound("activity", activity_id)
     return row

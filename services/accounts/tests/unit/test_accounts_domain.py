@@ -6,7 +6,6 @@ from decimal import Decimal
 import pytest
 from accounts import domain
 from accounts.domain import PoolPolicy
-from crm_platform.principal import RecordScope, ScopeKind
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -153,20 +152,6 @@ def test_an_activity_is_checked_for_the_fields_given_as_logged_and_as_corrected(
         ("kind", "must be one of call, email, meeting, visit, note, wechat"),
         ("occurred_at", "is required"),
     ]
-
-
-def test_an_activity_is_its_loggers_own_in_its_accounts_team_and_region() -> None:
-    def may_change(scope: RecordScope, actor_id: str) -> bool:
-        return domain.activity_in_scope(scope, actor_id=actor_id, account_team="east", account_region="cn-east")
-
-    rep = RecordScope(ScopeKind.OWN, owner_id="rep-1")
-    assert may_change(rep, "rep-1")
-    assert not may_change(rep, "mgr")  # the manager's note on the rep's own account is the manager's
-    assert may_change(RecordScope(ScopeKind.TEAM, team="east"), "rep-2")
-    assert not may_change(RecordScope(ScopeKind.TEAM, team="west"), "rep-2")
-    assert may_change(RecordScope(ScopeKind.REGION, region="cn-east"), "anyone")
-    assert not may_change(RecordScope(ScopeKind.REGION, region="cn-west"), "anyone")
-    assert may_change(RecordScope(ScopeKind.ALL), "anyone")
 
 
 def test_due_windows() -> None:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from crm_platform.activities import ACTIVITY_KINDS, kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
-from crm_platform.principal import RecordScope
 
 SOURCES = ("website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other")
 STATUSES = ("new", "contacted", "qualified", "unqualified", "converted", "recycled")
@@ -21,7 +21,6 @@ SETTABLE_STATUSES = ("new", "contacted", "qualified")
 OPEN_STATUSES = ("new", "contacted", "qualified", "recycled")
 # Owned leads in these statuses return to the pool when nobody works them (qualified ones stay).
 RECYCLABLE_STATUSES = ("new", "contacted")
-ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
 # Activities that count as contacting the lead (a note is internal).
 CONTACT_KINDS = frozenset({"call", "email", "meeting", "visit", "wechat"})
 ON_DUPLICATE = ("reject", "merge", "allow")
@@ -306,25 +305,14 @@ ACTIVITY_FIELDS = ("kind", "outcome", "notes", "occurred_at", "next_follow_up_at
 def checked_activity(activity: Mapping[str, Any], now: datetime) -> dict[str, Any]:
     """An activity's ACTIVITY_FIELDS as logged, or as an edit leaves them, checked (a 422 naming each
     field at fault) and as stored (the outcome trimmed)."""
-    errors: list[FieldError] = []
-    kind, occurred, follow_up = activity["kind"], activity["occurred_at"], activity["next_follow_up_at"]
-    if kind not in ACTIVITY_KINDS:
-        errors.append(FieldError("kind", f"{kind!r} is not one of {', '.join(ACTIVITY_KINDS)}"))
-    if occurred is None:
-        errors.append(FieldError("occurred_at", "is required"))
-    elif occurred > now:
-        errors.append(FieldError("occurred_at", "must not be in the future"))
-    elif follow_up is not None and follow_up <= occurred:
+    occurred, follow_up = activity["occurred_at"], activity["next_follow_up_at"]
+    time_error = occurred_at_error(occurred, now)
+    errors = [error for error in (kind_error(activity["kind"]), time_error) if error is not None]
+    if time_error is None and follow_up is not None and follow_up <= occurred:
         errors.append(FieldError("next_follow_up_at", "must be after occurred_at"))
     if errors:
         raise ValidationFailed(errors)
     return {**activity, "outcome": activity["outcome"].strip()}
-
-
-def activity_in_scope(scope: RecordScope, actor_id: str, lead: Mapping[Any, Any]) -> bool:
-    """An activity is its actor's own, in the team and region of the lead it was logged on (as the
-    accounts service and analytics scope activities)."""
-    return scope.allows(owner_id=actor_id, team=lead["team"], region=lead["region"])
 
 
 def advances_last_activity(last_activity_at: datetime | None, occurred_at: datetime) -> bool:

@@ -16,6 +16,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.activities import may_change_activity
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore, single_statements, transaction
@@ -1147,7 +1148,9 @@ class LeadsService:
         a = repo.activities
         query = select(a).where(a.c.id == activity_id, a.c.lead_id == lead_id)
         activity = (await conn.execute(query)).mappings().first()
-        if activity is None or not domain.activity_in_scope(current_scope(), activity["actor_id"], lead):
+        if activity is None or not may_change_activity(
+            current_scope(), actor_id=activity["actor_id"], team=lead["team"], region=lead["region"]
+        ):
             raise NotFound(ACTIVITY, activity_id)
         if expected_version and activity["version"] != expected_version:
             raise StaleVersion(ACTIVITY, activity_id, activity["version"])

@@ -1,0 +1,34 @@
+"""Activities (calls, e-mails, meetings, visits, notes, WeChat messages) as both services that log
+them check them and decide whose they are: the leads service on a lead, the accounts service on an
+account. Analytics scopes them by the same rule."""
+
+from datetime import datetime, timedelta
+
+from crm_platform.errors import FieldError
+from crm_platform.principal import RecordScope
+
+ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
+# An activity's time may run this far ahead of the server's clock (the caller's clock may be fast).
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+def kind_error(kind: object) -> FieldError | None:
+    if kind in ACTIVITY_KINDS:
+        return None
+    return FieldError("kind", f"must be one of {', '.join(ACTIVITY_KINDS)}")
+
+
+def occurred_at_error(occurred_at: object, now: datetime) -> FieldError | None:
+    """What happened has happened: an activity's time is given, and not in the future."""
+    if not isinstance(occurred_at, datetime):
+        return FieldError("occurred_at", "is required")
+    if occurred_at > now + CLOCK_SKEW:
+        return FieldError("occurred_at", "must not be in the future")
+    return None
+
+
+def may_change_activity(scope: RecordScope, *, actor_id: str, team: str, region: str) -> bool:
+    """May a caller with this scope on activities change one? An activity is the own record of who
+    logged it, in the team and region of the lead or account it was logged on: with `own` a rep
+    corrects what they logged, with `team` a manager what was logged on the team's records."""
+    return scope.allows(owner_id=actor_id, team=team, region=region)
