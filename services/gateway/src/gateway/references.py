@@ -144,10 +144,8 @@ class References:
         return None
 
     async def _read(self, referent: Referent, record_id: str) -> Message | None:
-        # The caller, over every record: the owner is asked whether it exists, not who may see it.
-        metadata = outgoing_metadata(self._access.principal, ALL_RECORDS, self._access.request_id)
         try:
-            return await referent.fetch(self._upstreams, record_id, metadata)
+            return await referent.fetch(self._upstreams, record_id, _over_all_records(self._access))
         except grpc.aio.AioRpcError as error:
             # INVALID_ARGUMENT: an id the owner could never have issued (too long, malformed).
             if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
@@ -163,7 +161,7 @@ async def refuse_if_deals_name_campaign(access: Access, campaign_id: str) -> Non
     stub = upstreams.stub("sales", SalesServiceStub)
     reply: sales_pb.ListOpportunitiesResponse = await stub.ListOpportunities(
         sales_pb.ListOpportunitiesRequest(campaign_id=campaign_id, page=common_pb2.PageRequest(limit=1)),
-        metadata=outgoing_metadata(access.principal, ALL_RECORDS, access.request_id),
+        metadata=_over_all_records(access),
     )
     if reply.items:
         raise Conflict(
@@ -171,3 +169,8 @@ async def refuse_if_deals_name_campaign(access: Access, campaign_id: str) -> Non
             existing_id=reply.items[0].id,
             reason="CAMPAIGN_IN_USE",
         )
+
+
+def _over_all_records(access: Access) -> Metadata:
+    """The caller, over every record: an owner is asked what exists, not what the caller may see."""
+    return outgoing_metadata(access.principal, ALL_RECORDS, access.request_id)
