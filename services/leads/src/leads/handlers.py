@@ -1104,7 +1104,8 @@ class LeadsService:
                 await self._follow_activity(conn, lead, activity_id, after["next_follow_up_at"], principal, now)
             occurred = after["occurred_at"]
             advanced = domain.advances_last_activity(lead["last_activity_at"], occurred)
-            row = await self._after_activity_change(tx, lead, {"last_activity_at": occurred} if advanced else {}, now)
+            moved = {"last_activity_at": occurred} if advanced else {}
+            row = await self._after_activity_change(tx, lead, moved, now, rescore="kind" in changes)
             tx.publish(
                 events_pb2.LeadActivityUpdated(
                     lead=lead_to_proto(row),
@@ -1130,7 +1131,7 @@ class LeadsService:
             domain.ensure_open(lead["status"], "delete an activity of")
             await conn.execute(delete(repo.activities).where(repo.activities.c.id == activity_id))
             await self._follow_activity(conn, lead, activity_id, None, principal, now)
-            await self._after_activity_change(tx, lead, {}, now)
+            await self._after_activity_change(tx, lead, {}, now, rescore=True)
             tx.publish(
                 events_pb2.LeadActivityDeleted(lead_id=lead_id, activity_id=activity_id, actor=actor(principal)),
                 key=lead_id,
@@ -1181,12 +1182,15 @@ class LeadsService:
                 )
 
     async def _after_activity_change(
-        self, tx: Transaction, lead: RowMapping, changes: Mapping[str, Any], now: datetime
+        self, tx: Transaction, lead: RowMapping, changes: Mapping[str, Any], now: datetime, *, rescore: bool
     ) -> RowMapping:
-        """The lead after one of its activities was edited or deleted: `changes` and its score
-        recomputed from the activities as they are now (history and `lead.scored` when it moved),
-        written at once."""
-        scored = await self._rescore(tx, lead, now)
+        """The lead after one of its activities was edited or deleted: `changes` and, when the kinds
+        its activities count changed (`rescore`), its score recomputed (history and `lead.scored` when
+        it moved), written at once. When nothing of the lead moves it is not written: a corrected note
+        must not make an open edit form of the lead stale."""
+        scored = await self._rescore(tx, lead, now) if rescore else {}
+        if not changes and not scored:
+            return lead
         return await self._write(tx.conn, lead["id"], {**changes, **scored, "updated_at": now})
 
     async def list_tasks(self, lead_id: str, status: str) -> list[RowMapping]:

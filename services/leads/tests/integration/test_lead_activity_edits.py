@@ -56,6 +56,23 @@ async def lead_now(env: Any, lead_id: str) -> Any:
         return await env.service.get_lead(lead_id)
 
 
+async def test_a_corrected_note_leaves_the_lead_as_it_was(env_each_database: Any) -> None:
+    """Neither its score nor its last activity moves: the lead keeps its version, so an edit form of
+    it that is open meanwhile is not made stale by a typo fixed in a call's notes."""
+    env = env_each_database
+    lead = await new_lead(env)
+    logged = await log(env, lead["id"], kind="call", notes="tlaked about pricing")
+    before = await lead_now(env, lead["id"])
+
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        _, after = await env.service.update_activity(
+            lead["id"], logged["id"], {"notes": "talked about pricing"}, ["notes"], 1, leads_scope=scope(ScopeKind.OWN)
+        )
+
+    assert after["notes"] == "talked about pricing" and after["version"] == 2
+    assert (await lead_now(env, lead["id"]))["version"] == before["version"]
+
+
 async def follow_ups(env: Any, lead_id: str) -> list[tuple[str, str, datetime]]:
     """(activity id, status, due time) of the lead's follow-up tasks, oldest first."""
     t = repo.tasks
