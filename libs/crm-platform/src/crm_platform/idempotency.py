@@ -60,10 +60,11 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform.db import UtcDateTime, insert_ignore, transaction
-from crm_platform.errors import Conflict, FieldError, ValidationFailed
+from crm_platform.errors import Conflict, CrmError, FieldError, ValidationFailed
 from crm_platform.principal import current_principal
 
 TABLE_NAME = "idempotency_keys"
@@ -190,6 +191,16 @@ async def claim(
             raise _nothing_to_replay()  # the caller's transaction rolls the key back
         return None
     return await recall(conn, table, operation=operation, caller=caller, key=key)
+
+
+async def earlier_record(conn: AsyncConnection, table: Table, record_id: str, *, gone: CrmError) -> Row[Any]:
+    """The record a key's first request created, read back to answer a repeat of it. Deleted since
+    (a ticket, an activity logged by mistake), the repeat answers `gone`, a 404 on what it was for,
+    and brings nothing back."""
+    row = (await conn.execute(select(table).where(table.c.id == record_id))).first()
+    if row is None:
+        raise gone
+    return row
 
 
 def _nothing_to_replay() -> Conflict:

@@ -934,7 +934,7 @@ async def log_activity(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "log_activity", idempotency_key, activity_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(act).where(act.c.id == earlier))).one()
+            return await idempotency.earlier_record(tx.conn, act, earlier, gone=NotFound("activity", earlier))
         await _live_account(tx.conn, account_id, for_update=True)
         if contact_id:
             await _referenced_contact(tx.conn, contact_id, account_id=account_id)

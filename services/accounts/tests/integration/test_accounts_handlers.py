@@ -556,6 +556,30 @@ async def last_activity_at(ctx: Context, account_id: str) -> Any:
         return (await handlers.get_account(ctx, account_id)).last_activity_at
 
 
+async def test_an_activity_logged_again_under_its_key_after_its_deletion_is_a_404_and_not_brought_back(
+    ctx: Context,
+) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+
+    async def log_under_key() -> Any:
+        with acting_as(*REP1):
+            return await handlers.log_activity(
+                ctx, account_id=acme.id, contact_id="", kind="call", subject="intro", notes="",
+                occurred_at=None, idempotency_key="call-1",
+            )  # fmt: skip
+
+    call = await log_under_key()
+    assert (await log_under_key()).id == call.id
+    await remove(ctx, REP1, acme.id, call.id)
+
+    with pytest.raises(NotFound):
+        await log_under_key()
+    page = parse_page(50, "", "-occurred_at", sorts={"occurred_at"})
+    with acting_as(*REP1):
+        rows, _ = await handlers.list_activities(ctx, account_id=acme.id, contact_id="", page=page)
+    assert rows == []
+
+
 async def test_the_logger_corrects_an_activity_and_each_change_adds_one_to_its_version(ctx: Context) -> None:
     acme = await new_account(ctx, REP1, "Acme")
     call = await log_call(ctx, REP1, acme.id, "intro")

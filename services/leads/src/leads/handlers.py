@@ -1000,11 +1000,10 @@ class LeadsService:
             conn = tx.conn
             earlier = await claim(conn, "log_activity", a.idempotency_key, principal, {"activity_id": activity_id}, now)
             if earlier is not None:
+                gone = NotFound(ACTIVITY, earlier["activity_id"])
                 activity = (
-                    (await conn.execute(select(repo.activities).where(repo.activities.c.id == earlier["activity_id"])))
-                    .mappings()
-                    .one()
-                )
+                    await idempotency.earlier_record(conn, repo.activities, earlier["activity_id"], gone=gone)
+                )._mapping
                 _same_record(a.idempotency_key, LEAD, activity["lead_id"], a.lead_id)
                 return activity, await self._visible_lead(conn, a.lead_id)
             lead = await self._visible_lead(conn, a.lead_id, for_update=True)

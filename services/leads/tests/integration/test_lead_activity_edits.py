@@ -56,6 +56,23 @@ async def lead_now(env: Any, lead_id: str) -> Any:
         return await env.service.get_lead(lead_id)
 
 
+async def test_an_activity_logged_again_under_its_key_after_its_deletion_is_a_404_and_not_brought_back(
+    env_each_database: Any,
+) -> None:
+    env = env_each_database
+    lead = await new_lead(env)
+    call = await log(env, lead["id"], kind="call", idempotency_key="call-1")
+    assert (await log(env, lead["id"], kind="call", idempotency_key="call-1"))["id"] == call["id"]
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        await env.service.delete_activity(lead["id"], call["id"], 0, leads_scope=scope(ScopeKind.OWN))
+
+    with pytest.raises(NotFound):
+        await log(env, lead["id"], kind="call", idempotency_key="call-1")
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        remaining, _ = await env.service.list_activities(lead["id"], limit=50, cursor="")
+    assert list(remaining) == []
+
+
 async def test_a_corrected_note_leaves_the_lead_as_it_was(env_each_database: Any) -> None:
     """Neither its score nor its last activity moves: the lead keeps its version, so an edit form of
     it that is open meanwhile is not made stale by a typo fixed in a call's notes."""

@@ -273,16 +273,6 @@ def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
 _idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
-async def _earlier_result(conn: AsyncConnection, table: Any, record_id: str, *, ticket_id: str) -> Any:
-    """What the first request with a repeated key created: a ticket, or a comment or work-log entry
-    of one. Gone when the ticket was deleted since (with its comments and work log): the repeat is a
-    404 on the ticket, and brings nothing back."""
-    row = (await conn.execute(select(table).where(table.c.id == record_id))).first()
-    if row is None:
-        raise NotFound("ticket", ticket_id)
-    return row
-
-
 async def create_ticket(
     ctx: Context, values: dict[str, Any], *, idempotency_key: str, skip_dispatch: bool = False
 ) -> tuple[Any, list[Any]]:
@@ -295,7 +285,9 @@ async def create_ticket(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_ticket", idempotency_key, ticket_id, now)
         if earlier is not None:
-            return await _earlier_result(tx.conn, repo.tickets, earlier, ticket_id=earlier), []
+            return await idempotency.earlier_record(
+                tx.conn, repo.tickets, earlier, gone=NotFound("ticket", earlier)
+            ), []
         account_id, account = await _ticket_account(tx.conn, values.get("account_id", ""))
         custom = await _custom_values(tx.conn, values.get("custom") or {}, existing=None)
         t: dict[str, Any] = {
@@ -555,7 +547,9 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "add_comment", idempotency_key, comment_id, now)
         if earlier is not None:
-            return await _earlier_result(tx.conn, repo.ticket_comments, earlier, ticket_id=ticket_id)
+            return await idempotency.earlier_record(
+                tx.conn, repo.ticket_comments, earlier, gone=NotFound("ticket", ticket_id)
+            )
         t = await _ticket_for_update(tx.conn, ticket_id)
         if t["status"] == "closed":
             raise Conflict("a closed ticket takes no comments", reason="TICKET_CLOSED")
@@ -583,7 +577,7 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "log_work", idempotency_key, entry_id, now)
         if earlier is not None:
-            return await _earlier_result(tx.conn, repo.work_log, earlier, ticket_id=ticket_id)
+            return await idempotency.earlier_record(tx.conn, repo.work_log, earlier, gone=NotFound("ticket", ticket_id))
         await _ticket_for_update(tx.conn, ticket_id)
         entry: dict[str, Any] = {
             "id": entry_id, "ticket_id": ticket_id, "agent_id": principal.user_id, "minutes": minutes, "note": note,
