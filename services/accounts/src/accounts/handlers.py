@@ -1081,7 +1081,7 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_task", idempotency_key, task_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(t).where(t.c.id == earlier))).one()
+            return await idempotency.earlier_record(tx.conn, t, earlier, gone=NotFound("task", earlier))
         team, region = principal.team, principal.region
         account_id = values.get("account_id", "")
         if account_id:
@@ -1221,7 +1221,7 @@ async def create_reminder_rule(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_reminder_rule", idempotency_key, rule_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(r).where(r.c.id == earlier))).one()
+            return await idempotency.earlier_record(tx.conn, r, earlier, gone=NotFound("reminder rule", earlier))
         title = task_title.strip() or f"{name.strip()}: follow up"
         await tx.conn.execute(
             insert(r).values(
@@ -1282,7 +1282,7 @@ async def create_segment(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_segment", idempotency_key, segment_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(s).where(s.c.id == earlier))).one()
+            return await idempotency.earlier_record(tx.conn, s, earlier, gone=NotFound("segment", earlier))
         # Validate the filter now, so a saved segment always runs.
         await filter_from_pairs(tx.conn, [*filters.items(), *(("tag", t) for t in tags)], field_prefix="filters")
         await tx.conn.execute(

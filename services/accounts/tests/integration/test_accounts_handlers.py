@@ -580,6 +580,22 @@ async def test_an_activity_logged_again_under_its_key_after_its_deletion_is_a_40
     assert rows == []
 
 
+async def test_a_segment_saved_again_under_its_key_after_its_deletion_is_a_404(ctx: Context) -> None:
+    async def save() -> Any:
+        with acting_as(*REP1):
+            return await handlers.create_segment(
+                ctx, name="Big ones", visibility="user", filters={"tier": "A"}, tags=[], idempotency_key="seg-1"
+            )
+
+    segment = await save()
+    with acting_as(*REP1):
+        await handlers.delete_segment(ctx, segment.id)
+
+    with pytest.raises(NotFound) as gone:
+        await save()
+    assert (gone.value.resource, gone.value.record_id) == ("segment", segment.id)
+
+
 async def test_the_logger_corrects_an_activity_and_each_change_adds_one_to_its_version(ctx: Context) -> None:
     acme = await new_account(ctx, REP1, "Acme")
     call = await log_call(ctx, REP1, acme.id, "intro")

@@ -1875,7 +1875,8 @@ class LeadsService:
         async with self.uow.begin() as tx:
             earlier = await claim(tx.conn, operation, key, principal, {"id": values["id"]}, now)
             if earlier is not None:
-                return (await tx.conn.execute(select(table).where(table.c.id == earlier["id"]))).mappings().one()
+                gone = NotFound(operation.removeprefix("create_").replace("_", " "), earlier["id"])
+                return (await idempotency.earlier_record(tx.conn, table, earlier["id"], gone=gone))._mapping
             if check is not None:
                 await check(tx.conn)
             row = (await tx.conn.execute(insert(table).values(values).returning(table))).mappings().one()

@@ -174,3 +174,16 @@ async def test_a_web_form_submission_whose_campaign_went_meanwhile_is_captured_w
     assert captured["campaign_id"] == "" and captured["source"] == "webform"
     with env.acting("mkt", roles=("marketing",)), pytest.raises(NotFound):
         await env.service.get_campaign(fresh["id"])
+
+
+async def test_a_campaign_created_again_under_its_key_after_its_deletion_is_a_404(env_each_database: Any) -> None:
+    env = env_each_database
+    with env.acting("mkt", roles=("marketing",)):
+        campaign = await env.service.create_campaign({"name": "Expo"}, "expo-key")
+        assert (await env.service.create_campaign({"name": "Expo"}, "expo-key"))["id"] == campaign["id"]
+        await env.service.delete_campaign(campaign["id"], 0)
+
+        with pytest.raises(NotFound) as gone:
+            await env.service.create_campaign({"name": "Expo"}, "expo-key")
+
+    assert gone.value.resource == "campaign" and gone.value.record_id == campaign["id"]
