@@ -83,29 +83,13 @@ async def apply_lead(conn: AsyncConnection, lead: leads_pb2.Lead) -> None:
 
 
 async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadActivity) -> None:
+    """An activity of a lead as logged or corrected: a contact comes with `lead.contacted`, a note
+    with `lead.updated`, a correction with `lead.activity_updated` (which also brings in a note
+    logged before `lead.updated` carried it)."""
     if not activity.id:
-        return
-    await repo.upsert(
-        conn,
-        repo.activities,
-        {
-            "id": activity.id,
-            "lead_id": activity.lead_id,
-            "actor_id": activity.actor_id,
-            "kind": activity.kind,
-            "occurred_at": _time(activity.occurred_at),
-        },
-        keys=["id"],
-    )
-
-
-async def apply_lead_activity_updated(conn: AsyncConnection, activity: leads_pb2.LeadActivity) -> None:
-    """A corrected activity of a lead: its kind and time as they are now. Only a row the read model
-    holds changes (the contact activities `lead.contacted` brought): an edit makes no note count."""
-    a = repo.activities
-    await conn.execute(
-        update(a).where(a.c.id == activity.id).values(kind=activity.kind, occurred_at=_time(activity.occurred_at))
-    )
+        return  # a lead.updated of no activity
+    row = {"id": activity.id, "lead_id": activity.lead_id}
+    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at)
 
 
 async def apply_lead_deleted(conn: AsyncConnection, lead_id: str) -> None:
@@ -192,21 +176,20 @@ async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivo
 
 
 async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
-    await repo.lock_activity(conn, activity.id)
-    if await repo.activity_deleted(conn, activity.id):
+    account_id = await repo.surviving_account(conn, activity.account_id)
+    row = {"id": activity.id, "account_id": account_id}
+    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at)
+
+
+async def _put_activity(
+    conn: AsyncConnection, row: dict[str, Any], actor_id: str, kind: str, occurred_at: Timestamp
+) -> None:
+    """An activity of a lead or an account as it is now, unless it was deleted since."""
+    await repo.lock_activity(conn, row["id"])
+    if await repo.activity_deleted(conn, row["id"]):
         return  # logged or corrected before its deletion, applied after it (`deleted_activities`)
-    await repo.upsert(
-        conn,
-        repo.activities,
-        {
-            "id": activity.id,
-            "account_id": await repo.surviving_account(conn, activity.account_id),
-            "actor_id": activity.actor_id,
-            "kind": activity.kind,
-            "occurred_at": _time(activity.occurred_at),
-        },
-        keys=["id"],
-    )
+    row.update(actor_id=actor_id, kind=kind, occurred_at=_time(occurred_at))
+    await repo.upsert(conn, repo.activities, row, keys=["id"])
 
 
 async def apply_activity_deleted(conn: AsyncConnection, activity_id: str) -> None:
@@ -450,7 +433,9 @@ def _on(apply: Apply, part: Callable[[Any], Any]) -> Callable[[Transaction, Rece
     return handle
 
 
-async def _lead_contacted(tx: Transaction, event: ReceivedEvent[leads_events.LeadContacted]) -> None:
+async def _lead_and_activity(
+    tx: Transaction, event: ReceivedEvent[leads_events.LeadContacted | leads_events.LeadUpdated]
+) -> None:
     await apply_lead(tx.conn, event.message.lead)
     await apply_lead_activity(tx.conn, event.message.activity)
 
@@ -494,15 +479,15 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
     ticket = _on(apply_ticket, lambda m: m.ticket)
     return {
         leads_events.LeadCreated: lead,
-        leads_events.LeadUpdated: lead,
+        leads_events.LeadUpdated: _lead_and_activity,
         leads_events.LeadAssigned: lead,
-        leads_events.LeadContacted: _lead_contacted,
+        leads_events.LeadContacted: _lead_and_activity,
         leads_events.LeadFollowUpOverdue: lead,
         leads_events.LeadRecycled: lead,
         leads_events.LeadConverted: lead,
         leads_events.LeadDisqualified: lead,
         leads_events.LeadDeleted: _on(apply_lead_deleted, lambda m: m.lead_id),
-        leads_events.LeadActivityUpdated: _on(apply_lead_activity_updated, lambda m: m.activity),
+        leads_events.LeadActivityUpdated: _on(apply_lead_activity, lambda m: m.activity),
         leads_events.LeadActivityDeleted: _on(apply_activity_deleted, lambda m: m.activity_id),
         leads_events.CampaignCreated: campaign,
         leads_events.CampaignUpdated: campaign,

@@ -1,8 +1,7 @@
 """An activity corrected or deleted where it was logged (a lead's in the leads service, an account's
 in the accounts service) is corrected or dropped in the read model: the reports count it at its
-corrected time, or no longer; an edit of a lead activity the read model never held (a note: only
-contact activities come with `lead.contacted`) adds none (events applied through the consumer's
-handlers, no broker)."""
+corrected time, or no longer. A lead's notes count as its calls do (events applied through the
+consumer's handlers, no broker)."""
 
 from datetime import timedelta
 
@@ -71,27 +70,48 @@ async def test_a_corrected_lead_activity_counts_at_its_new_time_and_a_deleted_on
         [
             leads_events.LeadContacted(lead=LEAD, activity=lead_activity("X", "call", 2)),
             leads_events.LeadContacted(lead=LEAD, activity=lead_activity("Y", "call", 1)),
+            # A note is a follow-up too (跟进记录); it comes with the lead's update.
+            leads_events.LeadUpdated(lead=LEAD, activity=lead_activity("N", "note", 1)),
         ],
     )
-    assert await activities_counted(engine) == 2
+    assert await activities_counted(engine) == 3
 
-    # X really happened three weeks ago, at a meeting; a note's typo is fixed (notes never counted).
+    # X really happened three weeks ago, at a meeting.
     corrected = lead_activity("X", "meeting", 21, version=2)
-    note = lead_activity("N", "note", 1, version=2)
     await deliver(
         engine,
-        [
-            leads_events.LeadActivityUpdated(lead=LEAD, activity=corrected, changed_fields=["kind", "occurred_at"]),
-            leads_events.LeadActivityUpdated(lead=LEAD, activity=note, changed_fields=["notes"]),
-        ],
+        [leads_events.LeadActivityUpdated(lead=LEAD, activity=corrected, changed_fields=["kind", "occurred_at"])],
     )
-    assert await activities_counted(engine) == 1
+    assert await activities_counted(engine) == 2
     assert (await stored(engine))["X"] == ("meeting", from_timestamp(corrected.occurred_at))
 
     gone = leads_events.LeadActivityDeleted(lead_id="L1", activity_id="Y")
     await deliver(engine, [gone, gone])  # a redelivery under another event id deletes nothing more
+    assert await activities_counted(engine) == 1
+    assert sorted(await stored(engine)) == ["N", "X"]
+
+
+async def test_a_lead_note_logged_before_notes_were_sent_counts_once_corrected(engine: AsyncEngine) -> None:
+    """Before `lead.updated` carried the note it was logged with, analytics never saw a lead's notes:
+    a correction of one brings it in, as it is now."""
+    corrected = lead_activity("OLD", "call", 1, version=2)
+    await deliver(
+        engine,
+        [
+            leads_events.LeadUpdated(lead=LEAD, changed_fields=["last_activity_at"]),  # the note, as it came then
+            leads_events.LeadActivityUpdated(lead=LEAD, activity=corrected, changed_fields=["kind"]),
+        ],
+    )
+    assert (await stored(engine))["OLD"] == ("call", from_timestamp(corrected.occurred_at))
+    assert await activities_counted(engine) == 1
+
+
+async def test_a_lead_activity_deleted_stays_out_when_a_correction_of_it_comes_after(engine: AsyncEngine) -> None:
+    """A rebuild or a late redelivery must not bring back what was deleted."""
+    await deliver(engine, [leads_events.LeadActivityDeleted(lead_id="L1", activity_id="Z")])
+    await deliver(engine, [leads_events.LeadActivityUpdated(lead=LEAD, activity=lead_activity("Z", "call", 1, 2))])
+    assert "Z" not in await stored(engine)
     assert await activities_counted(engine) == 0
-    assert list(await stored(engine)) == ["X"]
 
 
 async def test_a_corrected_account_activity_counts_at_its_new_time_and_a_deleted_one_no_more(

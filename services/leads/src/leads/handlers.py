@@ -1045,7 +1045,10 @@ class LeadsService:
             else:
                 tx.publish(
                     events_pb2.LeadUpdated(
-                        lead=lead_to_proto(row), changed_fields=["last_activity_at"], actor=actor(principal)
+                        lead=lead_to_proto(row),
+                        changed_fields=sorted(set(changes) - {"updated_at"}),
+                        actor=actor(principal),
+                        activity=activity_message,
                     ),
                     key=a.lead_id,
                 )

@@ -8,10 +8,12 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.leads.v1 import events_pb2
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.principal import ScopeKind
+from crm_platform.testing.outbox import outbox_events
 from crm_platform.testing.plans import generic_plan
 from crm_platform.timeutil import as_utc
 from leads import repository as repo
@@ -308,6 +310,24 @@ async def test_activity_contacts_the_lead_and_creates_a_follow_up(env: Any) -> N
             await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="fax"))
     assert [(t["kind"], t["status"]) for t in tasks] == [("first_contact", "done"), ("follow_up", "open")]
     assert "crm.leads.lead.contacted" in await outbox_types(env, lead["id"])
+
+
+async def test_a_note_comes_with_the_leads_update_and_a_call_with_its_contact(env: Any) -> None:
+    """Every activity reaches the event stream (analytics counts a rep's notes as follow-ups): a
+    contact activity with `lead.contacted`, any other with the `lead.updated` it caused."""
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "N", "owner_id": "rep1"})
+        env.clock.advance(minutes=5)
+        note, _ = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="note", notes="left a message"))
+        env.clock.advance(minutes=5)
+        call, _ = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="call"))
+    events = await outbox_events(env.engine, repo.metadata, key=lead["id"])
+    updated = [events_pb2.LeadUpdated.FromString(p) for t, p in events if t == "crm.leads.lead.updated"]
+    contacted = [events_pb2.LeadContacted.FromString(p) for t, p in events if t == "crm.leads.lead.contacted"]
+    assert [(u.activity.id, u.activity.kind, list(u.changed_fields)) for u in updated] == [
+        (note["id"], "note", ["last_activity_at"])
+    ]
+    assert [(c.activity.id, c.activity.kind) for c in contacted] == [(call["id"], "call")]
 
 
 async def test_last_activity_at_is_the_latest_activity_whatever_order_they_are_logged_in(
