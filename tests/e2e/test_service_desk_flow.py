@@ -37,6 +37,7 @@ async def test_ticket_created_dispatched_resolved_and_rated(stack: RunningStack)
     async with (
         EventCollector(stack.bootstrap, [TOPIC]) as events,
         _client(stack, f"mgr-{run}", ["service_manager"], region) as mgr,
+        _client(stack, f"admin-{run}", ["admin"], region) as admin,
         _client(stack, agent, ["service_agent"], region) as me,
         _client(stack, other, ["service_agent"], region) as them,
     ):
@@ -74,6 +75,9 @@ async def test_ticket_created_dispatched_resolved_and_rated(stack: RunningStack)
         assert reused.status_code == 422, reused.text
         assert reused.json()["errors"] == [{"field": "Idempotency-Key", "message": "was used with a different request"}]
         tid = ticket["id"]
+        # The repeat is audited as what it was: the ticket was created once.
+        trail = _ok(await admin.get("/api/v1/audit-events", params={"resource": "tickets", "record_id": tid}))
+        assert [(row["action"], row["fields"] == []) for row in trail["items"]] == [("replay", True), ("create", False)]
 
         # Out of the other agent's scope: 404, never 403.
         assert (await them.get(f"/api/v1/tickets/{tid}")).status_code == 404

@@ -1,11 +1,19 @@
 """gRPC client channels: one per target per process, a deadline on every call, and retries only
-for methods the caller declares idempotent (through the channel's service config)."""
+for methods the caller declares idempotent (through the channel's service config). Within
+`noting_replays`, the keyed calls a service answered with their key's earlier result are noted."""
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
+
+from crm_platform.idempotency import replayed
+
+# The methods of the calls answered with an earlier result, in the innermost `noting_replays`.
+_replays: ContextVar[list[str] | None] = ContextVar("crm_noted_replays", default=None)
 
 
 def retry_service_config(idempotent_methods: Iterable[tuple[str, str]]) -> str:
@@ -40,6 +48,38 @@ class _DefaultDeadline(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mi
         return await continuation(client_call_details, request)
 
 
+class _NoteReplays(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Notes a keyed call answered with its key's earlier result (`REPLAYED_METADATA`) for
+    `noting_replays`. Calls without an `idempotency_key`, or made while nothing notes, pass by."""
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        call = await continuation(client_call_details, request)
+        # Interceptors run in a task of their own: the list is shared with the caller's context.
+        replays = _replays.get()
+        keyed = bool(getattr(request, "idempotency_key", ""))
+        if replays is not None and keyed and replayed(await call.trailing_metadata()):
+            method = client_call_details.method
+            replays.append(method.decode() if isinstance(method, bytes) else str(method))
+        return call
+
+
+@contextmanager
+def noting_replays() -> Iterator[None]:
+    """Notes the keyed calls made in this context (tasks started in it included) that a service
+    answered with the result their Idempotency-Key already had (`noted_replays`)."""
+    token = _replays.set([])
+    try:
+        yield
+    finally:
+        _replays.reset(token)
+
+
+def noted_replays() -> list[str]:
+    """The methods of the calls the innermost `noting_replays` noted so far, in the order their
+    answers came (none outside one)."""
+    return list(_replays.get() or [])
+
+
 def create_channel(
     target: str,
     *,
@@ -52,4 +92,6 @@ def create_channel(
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=[_DefaultDeadline(default_deadline_seconds)])
+    return grpc.aio.insecure_channel(
+        target, options=options, interceptors=[_DefaultDeadline(default_deadline_seconds), _NoteReplays()]
+    )

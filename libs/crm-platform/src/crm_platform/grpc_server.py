@@ -1,6 +1,6 @@
 """The gRPC server every service runs: health checking and reflection from the libraries, and one
 interceptor that sets the caller's context (and a keyed request's fingerprint), bounds the deadline,
-maps domain errors and counts."""
+maps domain errors, marks an answer given with a key's earlier result (`REPLAYED_METADATA`) and counts."""
 
 import asyncio
 import logging
@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
-from crm_platform.idempotency import serving_request
+from crm_platform.idempotency import REPLAYED_METADATA, answered_from_earlier, serving_request
 from crm_platform.principal import acting_as, context_from_metadata
 from crm_platform.telemetry import continued_trace
 
@@ -82,7 +82,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     continued_trace(metadata),
                 ):
                     async with asyncio.timeout(self._deadline(context)):
-                        return await behaviour(request, context)
+                        reply = await behaviour(request, context)
+                    if answered_from_earlier():
+                        context.set_trailing_metadata((REPLAYED_METADATA,))
+                    return reply
             except CrmError as error:
                 status = to_status(error)
                 code = status.code

@@ -33,13 +33,17 @@ reach since) but may have passed for the key's first request. A key used before 
 new one is refused (Conflict `NOTHING_TO_REPLAY`) and nothing is done, so the gateway answers its
 check's failure.
 
+An answer given with the result a key already had says so: the gRPC layer sends it with the trailing
+metadata `REPLAYED_METADATA` (`recall` marks the call it serves, `answered_from_earlier`), so the
+gateway audits the repeat as such rather than as a second create.
+
 Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
 default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
 holds the keys of the retry window, not every key ever sent.
 """
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -83,9 +87,25 @@ REUSED_KEY_MESSAGE = "was used with a different request"
 # gRPC metadata of a call that wants only the result its key already has (see the module's doc).
 REPLAY_ONLY_METADATA = ("x-crm-idempotency-replay-only", "1")
 NOTHING_TO_REPLAY = "NOTHING_TO_REPLAY"
+# gRPC trailing metadata of an answer given with the result its key's earlier request had: nothing
+# was done again.
+REPLAYED_METADATA = ("x-crm-idempotency-replayed", "1")
 
 _fingerprint: ContextVar[str | None] = ContextVar("crm_request_fingerprint", default=None)
 _replay_only: ContextVar[bool] = ContextVar("crm_replay_only", default=False)
+
+
+class _Answer:
+    """Of the call being served: was it answered with an earlier result? A mutable cell, so that a
+    `recall` in a task of the handler's marks it too."""
+
+    __slots__ = ("from_earlier",)
+
+    def __init__(self) -> None:
+        self.from_earlier = False
+
+
+_answer: ContextVar[_Answer | None] = ContextVar("crm_idempotency_answer", default=None)
 
 
 def request_fingerprint(
@@ -113,11 +133,25 @@ def serving_fingerprint(fingerprint: str | None, *, replay_only: bool = False) -
     whether it wants only a result its key already has (`REPLAY_ONLY_METADATA`)."""
     token = _fingerprint.set(fingerprint)
     replay_token = _replay_only.set(replay_only)
+    answer_token = _answer.set(_Answer())
     try:
         yield
     finally:
+        _answer.reset(answer_token)
         _replay_only.reset(replay_token)
         _fingerprint.reset(token)
+
+
+def answered_from_earlier() -> bool:
+    """Did the request being served get the result its key already had (`recall`, so `claim`
+    finding the key taken)? The gRPC layer then answers with `REPLAYED_METADATA`."""
+    answer = _answer.get()
+    return answer is not None and answer.from_earlier
+
+
+def replayed(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
+    """Does an answer's (trailing) metadata say it was given with an earlier result?"""
+    return REPLAYED_METADATA in tuple(metadata)
 
 
 @contextmanager
@@ -168,6 +202,8 @@ async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller:
     current = _fingerprint.get()
     if stored.fingerprint is not None and current is not None and stored.fingerprint != current:
         raise ValidationFailed([FieldError("idempotency_key", REUSED_KEY_MESSAGE)])
+    if (answer := _answer.get()) is not None:
+        answer.from_earlier = True
     return _result(stored.result)
 
 

@@ -4,6 +4,7 @@ exactly one wins, and a key reused with another request is refused."""
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from crm_platform import idempotency
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine
 from crm_platform.errors import FieldError, ValidationFailed
-from crm_platform.grpc_client import create_channel
+from crm_platform.grpc_client import create_channel, noted_replays, noting_replays
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
@@ -254,10 +255,25 @@ async def test_a_key_recorded_without_a_fingerprint_answers_any_request(engine: 
     assert await _things(engine) == ["t1"]
 
 
-async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngine) -> None:
-    """Over a real connection: a key reused with another request is INVALID_ARGUMENT naming the key;
-    a caller that resumes what its key began gets the first result, whatever it sends now; a caller
-    that wants only the result a key already has gets it, and for a new key a refusal (nothing done)."""
+async def test_a_request_answered_with_its_keys_earlier_result_is_marked_so(engine: AsyncEngine) -> None:
+    with idempotency.serving_fingerprint(ONE_REQUEST):
+        assert await _create_with_key(engine, "t1") == "t1"
+        first_from_earlier = idempotency.answered_from_earlier()
+    with idempotency.serving_fingerprint(ONE_REQUEST):
+        assert await _create_with_key(engine, "t2") == "t1"
+        again_from_earlier = idempotency.answered_from_earlier()
+
+    assert (first_from_earlier, again_from_earlier) == (False, True)
+    assert not idempotency.answered_from_earlier()  # nothing served now
+
+
+PROBE_SUBMIT = "/crm.test.v1.Probe/Submit"
+
+
+@asynccontextmanager
+async def _probe_service(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A keyed creating method (`_create_with_key`) served by the gRPC layer over a real connection:
+    a callable of it, on a channel as every client makes them."""
 
     async def submit(request: SubmitWebformRequest, context: Any) -> bytes:
         return (await _create_with_key(engine, new_id(), request.idempotency_key)).encode()
@@ -280,8 +296,18 @@ async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngin
     )
     port = await server.start("127.0.0.1", 0)
     channel = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
-    call = channel.unary_unary("/crm.test.v1.Probe/Submit", request_serializer=SubmitWebformRequest.SerializeToString)
     try:
+        yield channel.unary_unary(PROBE_SUBMIT, request_serializer=SubmitWebformRequest.SerializeToString)
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngine) -> None:
+    """Over a real connection: a key reused with another request is INVALID_ARGUMENT naming the key;
+    a caller that resumes what its key began gets the first result, whatever it sends now; a caller
+    that wants only the result a key already has gets it, and for a new key a refusal (nothing done)."""
+    async with _probe_service(engine) as call:
         first = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k"))
         again = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k"))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -300,9 +326,6 @@ async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngin
                 metadata=(idempotency.REPLAY_ONLY_METADATA,),
             )
         later = await call(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k2"))
-    finally:
-        await channel.close()
-        await server.stop(0)
 
     assert again == resumed == replayed == first
     assert from_rpc_error(refused.value).field_errors == REUSED
@@ -311,3 +334,22 @@ async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngin
     )  # fmt: skip
     # The refused replay left the key unused: its first real request creates.
     assert sorted(await _things(engine)) == sorted([first.decode(), later.decode()])
+
+
+async def test_an_answer_with_an_earlier_result_says_so_and_the_client_notes_it(engine: AsyncEngine) -> None:
+    """The gRPC layer sends `REPLAYED_METADATA` with such an answer only; a client within
+    `noting_replays` notes the call (the gateway audits it as a replay, not as a second create)."""
+    request = SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k")
+    async with _probe_service(engine) as submit:
+        with noting_replays():
+            first_call = submit(request)
+            await first_call
+            after_first = noted_replays()
+            again_call = submit(request)
+            await again_call
+            after_again = noted_replays()
+
+        assert not idempotency.replayed(await first_call.trailing_metadata())
+        assert idempotency.replayed(await again_call.trailing_metadata())
+    assert (after_first, after_again) == ([], [PROBE_SUBMIT])
+    assert noted_replays() == []  # outside `noting_replays`

@@ -9,6 +9,7 @@ so that a second deal on it meets anti-collision (a 409 naming the first) rather
 hides why. Nothing of the record read is shown. The check needs the owner up: when it is down the
 request is a 503 to retry, never a reference stored unchecked. A request repeated under its
 Idempotency-Key still answers with its first result when the check fails now (`check_or_replay`).
+Because the 422 tells whether an id exists, each one is audited (`SecurityRuntime.audit_refused`).
 The owner may still delete the record a moment later; that is the eventual consistency the event
 flow settles (deals follow account merges, analytics drops what is deleted)."""
 
@@ -107,21 +108,31 @@ class References:
         `REPLAY_ONLY_METADATA`), which answers as a repeat always does; with no first result, or no
         key, the check's failure stands."""
         try:
-            await self.check()
+            await self._check()
         except (ValidationFailed, grpc.aio.AioRpcError) as refused:
-            if not idempotency_key:
-                raise
-            try:
-                return await write((REPLAY_ONLY_METADATA,))
-            except grpc.aio.AioRpcError as error:
-                if from_rpc_error(error).reason == NOTHING_TO_REPLAY:
-                    raise refused from None
-                raise
+            if idempotency_key:
+                try:
+                    return await write((REPLAY_ONLY_METADATA,))
+                except grpc.aio.AioRpcError as error:
+                    if from_rpc_error(error).reason != NOTHING_TO_REPLAY:
+                        raise
+            if isinstance(refused, ValidationFailed):
+                await self._audit(refused)
+            raise refused from None
         return await write(())
 
     async def check(self) -> None:
         """Reads every named record concurrently. One 422 names every field whose record is missing,
-        merged away or on another account than it must be; any other failure of an owner propagates."""
+        merged away or on another account than it must be (audited); any other failure of an owner
+        propagates."""
+        try:
+            await self._check()
+        except ValidationFailed as refused:
+            await self._audit(refused)
+            raise
+
+    async def _check(self) -> None:
+        """`check` unaudited: `check_or_replay` may yet answer its failure with a replay."""
         fields = list(self._wanted)
         found = await asyncio.gather(*(self._read(*self._wanted[field][:2]) for field in fields))
         errors = [
@@ -131,6 +142,10 @@ class References:
         ]
         if errors:
             raise ValidationFailed(errors)
+
+    async def _audit(self, refused: ValidationFailed) -> None:
+        access = self._access
+        await access.runtime.audit_refused(access.request, access.principal, access.resource, access.action, refused)
 
     def _problem(self, field: str, record: Message | None) -> FieldError | None:
         referent, record_id, on_account = self._wanted[field]

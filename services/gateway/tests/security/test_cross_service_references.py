@@ -4,9 +4,10 @@ account, a ticket's contact. Each must exist (an account not merged away), or th
 naming every such field, and nothing is written; a deal's primary contact and a ticket's contact
 must work at its account. Existence is asked of the owner over all records: a rep may name an
 account another rep owns (a second deal on it then meets anti-collision). An owner that is down is
-a 503, never a reference let through unchecked."""
+a 503, never a reference let through unchecked. Each 422 tells whether an id exists, so it is
+audited as a refusal; a create sent again under its Idempotency-Key is audited as a replay."""
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 )
 from crm_platform.errors import Conflict, CrmError, NotFound
 from crm_platform.grpc_errors import to_status
-from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
+from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA, REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
+from gateway.security.audit import AuditEntry, AuditLog
 from gateway.testing import serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
@@ -111,6 +113,7 @@ class FakeSales(SalesServiceServicer):
             if request.idempotency_key not in self.created:
                 await abort(context, Conflict("nothing to replay", reason=NOTHING_TO_REPLAY))
         if request.idempotency_key in self.created:
+            context.set_trailing_metadata((REPLAYED_METADATA,))  # as the gRPC layer of a service marks it
             return sales_pb.CreateOpportunityResponse(opportunity=self.created[request.idempotency_key])
         self.writes.append(request)
         deal = sales_pb2.Opportunity(
@@ -195,6 +198,17 @@ async def client(services: Services, tmp_path: Path, migrated_sqlite: Path) -> A
             return await started.enter_async_context(gateway)
 
         yield make
+
+
+async def audit_events(gateway: httpx.AsyncClient, **filters: str) -> list[dict[str, Any]]:
+    """The gateway's audit trail as an admin lists it, newest first."""
+    admin = issue_dev_token(secret=SECRET, sub="root", roles=["admin"], team="east", region="north")
+    response = await gateway.get(
+        "/api/v1/audit-events", params=filters | {"limit": "500"}, headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
 
 
 def fields_of(response: httpx.Response) -> list[str]:
@@ -325,3 +339,82 @@ async def test_a_deal_sent_again_under_its_key_answers_as_first_though_its_accou
     assert "acme was merged into globex" in new_key.text
     assert services.sales.replays == ["k1", "k2"]  # only a keyed request is sent again
     assert len(services.sales.writes) == 1
+
+
+async def test_a_refusal_of_named_records_is_audited_for_it_tells_whether_they_exist(
+    client: Any, services: Services
+) -> None:
+    rep = await client("sales_rep")
+    created = await rep.post(
+        "/api/v1/opportunities", json={"account_id": "nowhere", "name": "Robots", "campaign_id": "gone"}
+    )
+    patched = await rep.patch("/api/v1/opportunities/o-1", json={"primary_contact_id": "c-globex"})
+    fine = await rep.post("/api/v1/opportunities", json={"account_id": "acme", "name": "Robots"})
+
+    assert fields_of(created) == ["account_id", "campaign_id"] and fields_of(patched) == ["primary_contact_id"]
+    assert fine.status_code == 201, fine.text
+    patch_row, create_row = await audit_events(rep, action="refused")
+    assert {key: create_row[key] for key in ("resource", "record_id", "outcome", "fields", "method", "path")} == {
+        "resource": "opportunities",
+        "record_id": "",
+        "outcome": "refused",
+        "fields": ["account_id", "campaign_id"],
+        "method": "POST",
+        "path": "/api/v1/opportunities",
+    }
+    assert create_row["reason"] == (
+        "create: account_id: account nowhere does not exist; campaign_id: campaign gone does not exist"
+    )
+    assert (create_row["actor"]["user_id"], create_row["status_code"]) == (ME, 422)
+    assert create_row["request_id"] == created.headers["x-request-id"]
+    assert (patch_row["record_id"], patch_row["fields"], patch_row["method"]) == (
+        "o-1",
+        ["primary_contact_id"],
+        "PATCH",
+    )
+    assert patch_row["reason"] == "update: primary_contact_id: contact c-globex is not on account acme"
+
+
+async def test_a_refusal_that_cannot_be_audited_is_still_a_422(
+    client: Any, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = AuditLog.record
+
+    async def audit_store_down_for_refusals(log: AuditLog, entries: Sequence[AuditEntry]) -> None:
+        if any(entry.action == "refused" for entry in entries):
+            raise OSError("the audit store is down")
+        await record(log, entries)
+
+    monkeypatch.setattr(AuditLog, "record", audit_store_down_for_refusals)
+    rep = await client("sales_rep")
+    response = await rep.post("/api/v1/opportunities", json={"account_id": "nowhere", "name": "Robots"})
+
+    assert fields_of(response) == ["account_id"]
+
+
+async def test_a_deal_sent_again_under_its_key_is_audited_as_a_replay_not_as_a_second_create(
+    client: Any, services: Services
+) -> None:
+    rep = await client("sales_rep")
+    body = {"account_id": "acme", "name": "Robots"}
+    first = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+    again = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+    # The account merged since: the check fails now, and the repeat is answered as the first was.
+    services.accounts.accounts["acme"] = accounts_pb2.Account(id="acme", owner_id=ME, merged_into_id="globex")
+    after_merge = await rep.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+
+    assert first.json()["id"] == again.json()["id"] == after_merge.json()["id"]
+    rows = await audit_events(rep, record_id=first.json()["id"])
+    assert [(row["action"], row["outcome"]) for row in rows] == [
+        ("replay", "allowed"),
+        ("replay", "allowed"),
+        ("create", "allowed"),
+    ]
+    assert "name" in rows[-1]["fields"] and rows[-1]["after"]["name"] == "Robots"  # the create's field diff
+    for replay in rows[:2]:
+        assert (replay["fields"], replay["before"], replay["after"]) == ([], None, None)
+        assert replay["reason"] == (
+            "create: answered with the result of the earlier request under the same Idempotency-Key"
+        )
+    assert [row["record_id"] for row in await audit_events(rep, action="create")] == [first.json()["id"]]
+    assert await audit_events(rep, action="refused") == []

@@ -69,7 +69,7 @@ async def list_audit_events(
     resource: Annotated[str | None, Query(max_length=60)] = None,
     record_id: Annotated[str | None, Query(max_length=200)] = None,
     action: Annotated[
-        str | None, Query(max_length=40, description="create, update, delete, export, denied, ...")
+        str | None, Query(max_length=40, description="create, update, delete, export, denied, refused, replay, ...")
     ] = None,
     since: Annotated[Instant | None, Query(description="occurred at or after (RFC 3339, with a time zone)")] = None,
     until: Annotated[Instant | None, Query(description="occurred before (RFC 3339, with a time zone)")] = None,

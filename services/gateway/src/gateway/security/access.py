@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import grpc
+from crm_platform.grpc_client import noted_replays, noting_replays
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
 from fastapi import Depends, Request, Security
@@ -30,6 +31,8 @@ Sensitive = tuple[str, list[str]]
 # A route's filters: query parameter -> the declared field it filters by, or the fields it searches
 # (`q`); none for a parameter checked another way (a saved segment's own filters).
 FilterFields = Mapping[str, str | tuple[str, ...]]
+# Why a `replay` audit row changed nothing.
+REPLAY_REASON = "answered with the result of the earlier request under the same Idempotency-Key"
 
 
 class FieldView(NamedTuple):
@@ -310,20 +313,35 @@ class Access:
     ) -> None:
         """One audit row for a write: the changed fields, before and after, PII masked (custom
         values too, those of fields defined as pii). `before=None` is a create, `after=None` a delete.
-        Pass the stored record as it was before the write and as the service returned it after."""
+        Pass the stored record as it was before the write and as the service returned it after.
+        A write the service answered with its Idempotency-Key's earlier result is a `replay` row."""
+        if action is None:
+            action = "create" if before is None else "delete" if after is None else self.action
+        if noted_replays():
+            await self.runtime.audit.record([self._replay(action, record_id)])
+            return
         custom_pii: frozenset[str] | None = frozenset()
         if "custom" in changed_fields(before, after):
             lookup = self.runtime.custom_pii_keys
             custom_pii = await lookup(self) if lookup is not None else None
         fields, old, new = diff_for_audit(before, after, self.spec, custom_pii=custom_pii)
-        if action is None:
-            action = "create" if before is None else "delete" if after is None else self.action
         entry = self._entry(action, record_id, fields=fields, before=old, after=new, reason=reason)
         await self.runtime.audit.record([entry])
 
     async def audit(self, action: str, record_id: str = "", *, fields: Iterable[str] = (), reason: str = "") -> None:
-        """An audit row for anything else worth tracing (exports, approvals, ...)."""
-        await self.runtime.audit.record([self._entry(action, record_id, fields=list(fields), reason=reason)])
+        """An audit row for anything else worth tracing (exports, approvals, ...); a `replay` row
+        when the service answered the request with its Idempotency-Key's earlier result."""
+        entry = (
+            self._replay(action, record_id)
+            if noted_replays()
+            else self._entry(action, record_id, fields=list(fields), reason=reason)
+        )
+        await self.runtime.audit.record([entry])
+
+    def _replay(self, action: str, record_id: str) -> AuditEntry:
+        """The row of a write done again under its Idempotency-Key: the service answered with the
+        first request's result and changed nothing, so no fields; `action` is named in the reason."""
+        return self._entry("replay", record_id, reason=f"{action}: {REPLAY_REASON}")
 
     async def flush(self) -> None:
         """Writes the queued sensitive-read rows of this access and of its views (called by
@@ -412,18 +430,20 @@ def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
         reject_unknown_query_parameters(request)
         await reject_unstorable_input(request)
         access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
-        try:
-            yield access
-        except SecurityProblem as problem:
-            # A field the caller may not write or filter by: a denied request, audited too.
-            if problem.status == 403:
-                await runtime.audit_denied(request, principal, resource, action, problem)
-            raise
-        except grpc.aio.AioRpcError as error:
-            await runtime.audit_upstream_denied(request, principal, resource, action, error)
-            raise
-        finally:
-            await access.flush()
+        # The service calls of the request answered with an earlier result are audited as replays.
+        with noting_replays():
+            try:
+                yield access
+            except SecurityProblem as problem:
+                # A field the caller may not write or filter by: a denied request, audited too.
+                if problem.status == 403:
+                    await runtime.audit_denied(request, principal, resource, action, problem)
+                raise
+            except grpc.aio.AioRpcError as error:
+                await runtime.audit_upstream_denied(request, principal, resource, action, error)
+                raise
+            finally:
+                await access.flush()
 
     dependency.crm_requirement = (resource, action)  # type: ignore[attr-defined]
     dependency.__name__ = f"require_{resource}_{action}"

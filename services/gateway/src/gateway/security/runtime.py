@@ -11,6 +11,7 @@ import grpc
 import httpx
 from crm_platform.config import KafkaSettings, data_dir
 from crm_platform.db import create_engine
+from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal
@@ -147,24 +148,65 @@ class SecurityRuntime:
         *,
         record_id: str = "",
     ) -> None:
-        actor = principal or Principal(user_id="", kind="anonymous")
-        entry = AuditEntry(
-            actor=actor,
-            action="denied",
-            resource=resource,
-            record_id=record_id,
+        await self._audit_refusal(
+            request,
+            principal,
+            resource,
+            record_id,
             outcome="denied",
             reason=f"{action}: {problem.detail}",
             fields=[problem.field] if problem.field else [],
+            status=problem.status,
+        )
+
+    async def audit_refused(
+        self, request: Request, principal: Principal, resource: str, action: str, refusal: ValidationFailed
+    ) -> None:
+        """Audits a 422 refusing ids a body names of records other services own (`gateway.references`):
+        its answer tells whether an id exists, so it is traced as a probe would be (action and outcome
+        `refused`, the failing fields, the route's action in the reason)."""
+        await self._audit_refusal(
+            request,
+            principal,
+            resource,
+            _addressed_record(request),
+            outcome="refused",
+            reason=f"{action}: {refusal}",
+            fields=[error.field for error in refusal.errors],
+            status=422,
+        )
+
+    async def _audit_refusal(
+        self,
+        request: Request,
+        principal: Principal | None,
+        resource: str,
+        record_id: str,
+        *,
+        outcome: str,
+        reason: str,
+        fields: list[str],
+        status: int,
+    ) -> None:
+        """One row (action and outcome `outcome`) for a request refused. A failure to write it is
+        logged: the caller still gets the refusal, not a 500."""
+        entry = AuditEntry(
+            actor=principal or Principal(user_id="", kind="anonymous"),
+            action=outcome,
+            resource=resource,
+            record_id=record_id,
+            outcome=outcome,
+            reason=reason,
+            fields=fields,
             request_id=request_id_of(request),
             method=request.method,
             path=request.url.path,
-            status_code=problem.status,
+            status_code=status,
         )
         try:
             await self.audit.record([entry])
         except Exception:
-            log.exception("could not audit a denied request")
+            log.exception("could not audit a %s request", outcome)
 
     async def audit_upstream_denied(
         self, request: Request, principal: Principal, resource: str, action: str, error: grpc.aio.AioRpcError
@@ -178,7 +220,7 @@ class SecurityRuntime:
         remote = from_rpc_error(error)
         problem = SecurityProblem(status, error.code().name, remote.message, field=remote.metadata.get("field", ""))
         # The service names the record it did not find; a refused one is the one the path names.
-        record_id = remote.metadata.get("id") or next(reversed(request.path_params.values()), "")
+        record_id = remote.metadata.get("id") or _addressed_record(request)
         await self.audit_denied(request, principal, resource, action, problem, record_id=str(record_id))
 
     # --- start-up checks -------------------------------------------------------------------
@@ -190,6 +232,11 @@ class SecurityRuntime:
                     f"route {declaration['method']} {declaration['path']} requires unknown resource "
                     f"{declaration['resource']!r} (policy {self.policy.source})"
                 )
+
+
+def _addressed_record(request: Request) -> str:
+    """The id of the record the request's path addresses (its last path parameter), else ""."""
+    return str(next(reversed(request.path_params.values()), ""))
 
 
 def _walk(dependant: Any) -> Iterator[Any]:
