@@ -4,6 +4,7 @@ reshapes a table keeps its rows both ways."""
 
 import asyncio
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -201,5 +202,36 @@ async def test_web_forms_made_before_versions_start_at_version_1(each_database_u
             webforms = await _reflected(conn, "webforms")
             assert (await conn.execute(select(webforms.c.name))).all() == [("Expo",)]
             assert "version" not in webforms.c
+    finally:
+        await engine.dispose()
+
+
+async def test_campaign_costs_keep_their_thousandths_after_0015(each_database_url: str) -> None:
+    from leads import repository as repo  # the service's own reading of the costs
+
+    await _migrate("leads", each_database_url, "up", "0014")
+    engine = create_engine(each_database_url)
+    now = datetime(2026, 12, 9, tzinfo=UTC)
+    try:
+        async with engine.begin() as conn:
+            campaigns = await _reflected(conn, "campaigns")
+            await conn.execute(
+                insert(campaigns).values(
+                    id="c1", name="Expo", cost_amount=Decimal("1500.25"), cost_currency="EUR", created_at=now,
+                    updated_at=now,
+                )
+            )  # fmt: skip
+
+        await _migrate("leads", each_database_url, "up", "0015")
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(repo.campaigns).values(
+                    id="c2", name="Gulf", cost_amount=Decimal("12.345"), cost_currency="KWD", created_at=now,
+                    updated_at=now,
+                )
+            )  # fmt: skip
+            costs = dict((await conn.execute(select(repo.campaigns.c.id, repo.campaigns.c.cost_amount))).all())
+        # 12.345 KWD was 12.35 in NUMERIC(18, 2): 5 fils more than the campaign cost.
+        assert costs == {"c1": Decimal("1500.25"), "c2": Decimal("12.345")}
     finally:
         await engine.dispose()

@@ -7,13 +7,14 @@ from crm.common.v1 import common_pb2
 
 from crm_platform.errors import FieldError, ValidationFailed
 
+# The minor units of ISO 4217: what the API accepts is a whole number of them (stored amounts may
+# carry 4 places, as computed ones do), and computed amounts are rounded to them (`minor_unit`).
 CENT = Decimal("0.01")
+THOUSANDTH = Decimal("0.001")
 UNIT = Decimal(1)
-# What the API accepts: whole cents (stored amounts may carry 4 places, as computed ones do), or
-# whole units in a currency without minor units (WHOLE_UNIT_CURRENCIES).
-AMOUNT_PLACES = 2
-# Money columns are NUMERIC(20, 4) (accounts, sales, analytics) or NUMERIC(18, 2) (campaign costs):
-# 16 digits before the point. An amount has at most 12, so sums of many of them fit too.
+# Money columns are NUMERIC(20, 4) (accounts, sales, analytics) or NUMERIC(18, 3) (campaign costs):
+# 15 digits or more before the point. An amount has at most 12, in every currency, so sums of many
+# of them fit too.
 MAX_AMOUNT = Decimal("999999999999.99")
 # A company's figures (annual revenue, credit limit) are not summed with others: up to what the
 # columns hold. More than a dozen Chinese groups report revenue above 1,000,000,000,000 CNY.
@@ -40,19 +41,31 @@ ISO_4217_CURRENCIES = frozenset({
 # fmt: on
 
 # ISO 4217 currencies whose minor unit is 0: a yen or a won has no cents, and an ERP refuses an
-# invoice of 849.15 JPY. The three-decimal ones (BHD, IQD, JOD, KWD, LYD, OMR, TND) are taken with
-# 2 places like the rest: campaign cost columns hold 2, and no customer has asked for fils.
+# invoice of 849.15 JPY.
 # fmt: off
 WHOLE_UNIT_CURRENCIES = frozenset({
     "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF",
     "XPF",
 })
 # fmt: on
+# ISO 4217 currencies whose minor unit is 3 decimals: a Kuwaiti dinar has 1000 fils, an invoice of
+# 12.345 KWD is an ordinary one, and rounding it to 12.35 would bill 5 fils too many. Every other
+# currency has cents.
+THREE_DECIMAL_CURRENCIES = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
 
 
 def minor_unit(currency: str) -> Decimal:
     """The smallest amount of `currency` the API takes, shows and rounds computed amounts to."""
-    return UNIT if currency in WHOLE_UNIT_CURRENCIES else CENT
+    if currency in WHOLE_UNIT_CURRENCIES:
+        return UNIT
+    if currency in THREE_DECIMAL_CURRENCIES:
+        return THOUSANDTH
+    return CENT
+
+
+def places(unit: Decimal) -> int:
+    """The decimal places of a minor unit: 2 for CENT, 3 for THOUSANDTH, 0 for UNIT."""
+    return -unit.adjusted()
 
 
 def amount_text(amount: Decimal, currency: str) -> str:
@@ -96,8 +109,8 @@ def check_amount(
     value: Decimal, *, field: str, currency: str, allow_zero: bool = True, maximum: Decimal = MAX_AMOUNT
 ) -> list[FieldError]:
     """What is wrong with a money amount (a finite decimal) in `currency`, at most one error: its
-    sign, its size (MAX_AMOUNT, or MAX_FIGURE for a company's figures) or its precision (whole cents,
-    or whole units in a currency without minor units)."""
+    sign, its size (MAX_AMOUNT, or MAX_FIGURE for a company's figures) or its precision (a whole
+    number of the currency's minor unit: cents, thousandths, or whole units)."""
     if value <= 0 and not allow_zero:
         return [FieldError(field, "must be greater than zero")]
     if value < 0:
@@ -108,7 +121,7 @@ def check_amount(
     if value != value.quantize(unit):  # in range: quantize cannot overflow the decimal context
         if unit == UNIT:
             return [FieldError(field, f"{currency} has no minor unit: a whole amount, without decimal places")]
-        return [FieldError(field, f"at most {AMOUNT_PLACES} decimal places")]
+        return [FieldError(field, f"at most {places(unit)} decimal places")]
     return []
 
 

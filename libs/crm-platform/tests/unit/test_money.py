@@ -1,6 +1,6 @@
 """One rule for money input in every service and in the gateway: a finite decimal, not negative,
-at most MAX_AMOUNT (what every money column holds), in whole cents (whole units in a currency
-without minor units), with an ISO 4217 currency."""
+at most MAX_AMOUNT (what every money column holds), in whole minor units of its ISO 4217 currency:
+cents, thousandths (BHD, IQD, JOD, KWD, LYD, OMR, TND) or whole units (JPY, KRW...)."""
 
 from decimal import Decimal
 
@@ -112,9 +112,35 @@ def test_currencies_without_minor_units_take_whole_amounts_only(currency: str) -
     ]
 
 
+@pytest.mark.parametrize("currency", ["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"])
+def test_three_decimal_currencies_take_thousandths(currency: str) -> None:
+    assert minor_unit(currency) == Decimal("0.001")
+    assert parse_amount("12.345", field="amount", currency=currency) == Decimal("12.345")
+    assert parse_amount("12.3450", field="amount", currency=currency) == Decimal("12.345")  # the same value
+    with pytest.raises(ValidationFailed) as caught:
+        parse_amount("12.3456", field="amount", currency=currency)
+    assert [(e.field, e.message) for e in caught.value.errors] == [("amount", "at most 3 decimal places")]
+
+
+@pytest.mark.parametrize(
+    ("currency", "amount", "message"),
+    [
+        ("EUR", "12.345", "at most 2 decimal places"),
+        ("KWD", "12.3456", "at most 3 decimal places"),
+        ("JPY", "12.3", "JPY has no minor unit: a whole amount, without decimal places"),
+    ],
+)
+def test_a_too_precise_amount_is_told_how_many_places_its_currency_takes(
+    currency: str, amount: str, message: str
+) -> None:
+    assert [e.message for e in check_amount(Decimal(amount), field="amount", currency=currency)] == [message]
+
+
 def test_amounts_are_shown_in_the_currencys_minor_unit() -> None:
     assert minor_unit("CNY") == Decimal("0.01")
     assert minor_unit("JPY") == Decimal(1)
+    assert minor_unit("KWD") == Decimal("0.001")
     assert amount_text(Decimal("12500.0000"), "CNY") == "12500.00"
     assert amount_text(Decimal("849.0000"), "JPY") == "849"
-    assert amount_text(Decimal("849.0000"), "KWD") == "849.00"  # three-decimal currencies take cents
+    assert amount_text(Decimal("849.0000"), "KWD") == "849.000"  # a dinar has 1000 fils
+    assert amount_text(Decimal("12.3450"), "KWD") == "12.345"

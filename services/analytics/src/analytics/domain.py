@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
+from crm_platform.money import minor_unit
+
 RATE_PLACES = Decimal("0.0001")
 DURATION_PLACES = Decimal("0.01")
 ZERO = Decimal(0)
@@ -173,7 +175,7 @@ def sales_funnel(deals: Sequence[Deal], currency: str, known_stages: Sequence[st
         win_rate=rate(len(won), len(won) + len(lost)),
         won_amount=won_amount,
         average_deal_size=(
-            (won_amount / len(won_in_currency)).quantize(DURATION_PLACES, rounding=ROUND_HALF_EVEN)
+            (won_amount / len(won_in_currency)).quantize(minor_unit(currency), rounding=ROUND_HALF_EVEN)
             if won_in_currency
             else None
         ),

@@ -1,5 +1,6 @@
 """Report arithmetic: rates, ROI, CSAT, SLA outcomes, funnel conversion, churn-risk rules."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -188,6 +189,22 @@ def test_funnel_appends_unknown_stages_and_handles_no_deals() -> None:
     assert [row.stage for row in custom.stages][-4:] == ["discovery", "pilot", "won", "lost"]
     empty = domain.sales_funnel([], "CNY")
     assert empty.win_rate is None and empty.average_deal_size is None and empty.won_amount == 0
+
+
+@pytest.mark.parametrize(
+    ("currency", "amounts", "average"),
+    [
+        ("CNY", ("1234.56", "1234.58"), Decimal("1234.57")),
+        ("KWD", ("1.234", "1.236"), Decimal("1.235")),  # fils, not rounded to 1.24
+        ("JPY", ("1000", "1001"), Decimal(1000)),  # 1000.5 JPY: whole yen, half to even
+    ],
+)
+def test_the_average_deal_size_is_in_the_currencys_minor_unit(
+    currency: str, amounts: tuple[str, str], average: Decimal
+) -> None:
+    won = [replace(deal(str(i), ["won"], "won", amount), currency=currency) for i, amount in enumerate(amounts)]
+    size = domain.sales_funnel(won, currency).average_deal_size
+    assert (size, str(size)) == (average, str(average))
 
 
 @given(st.lists(st.sampled_from(["open", "won", "lost"]), max_size=40))

@@ -7,7 +7,17 @@ from typing import Any
 
 from crm.common.v1 import common_pb2
 from crm_platform.errors import ValidationFailed
-from crm_platform.money import AMOUNT_PLACES, MAX_AMOUNT, MAX_FIGURE, amount_text, parse_amount, parse_currency
+from crm_platform.money import (
+    CENT,
+    MAX_AMOUNT,
+    MAX_FIGURE,
+    THOUSANDTH,
+    THREE_DECIMAL_CURRENCIES,
+    amount_text,
+    parse_amount,
+    parse_currency,
+    places,
+)
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -18,6 +28,11 @@ _INT64_DIGITS = len(str(_INT64_MAX))
 # An entity tag of a version: `"3"` (strong or weak), or a bare 3. [0-9], not \d: \d also
 # matches digits int() refuses, such as "²".
 _ENTITY_TAG = re.compile(r'(?:W/)?"([0-9]+)"|([0-9]+)')
+# An amount's precision depends on its currency (crm_platform.money.minor_unit).
+_AMOUNT_PLACES = (
+    f"at most {places(CENT)} decimal places ({places(THOUSANDTH)} in {', '.join(sorted(THREE_DECIMAL_CURRENCIES))}; "
+    "none in a currency without minor units, such as JPY or KRW)"
+)
 
 
 class MoneyIn(BaseModel):
@@ -32,8 +47,7 @@ class MoneyIn(BaseModel):
         examples=["CNY"],
     )
     amount: str = Field(
-        description=f'decimal string, e.g. "12500.00": not negative, at most {AMOUNT_PLACES} decimal places '
-        f"(none in a currency without minor units, such as JPY or KRW), at most {MAX_AMOUNT}",
+        description=f'decimal string, e.g. "12500.00": not negative, {_AMOUNT_PLACES}, at most {MAX_AMOUNT}',
         examples=["12500.00"],
     )
 
@@ -60,8 +74,7 @@ class FigureIn(MoneyIn):
     """A company's figure (annual revenue, credit limit): up to MAX_FIGURE, as the accounts service takes it."""
 
     amount: str = Field(
-        description=f'decimal string, e.g. "3546000000000.00": not negative, at most {AMOUNT_PLACES} decimal places '
-        f"(none in a currency without minor units), at most {MAX_FIGURE}",
+        description=f'decimal string, e.g. "3546000000000.00": not negative, {_AMOUNT_PLACES}, at most {MAX_FIGURE}',
         examples=["3546000000000.00"],
     )
 

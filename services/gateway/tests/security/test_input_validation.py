@@ -283,6 +283,7 @@ def money(amount: str, currency: str = "CNY") -> dict[str, str]:
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("1e400")}, "cost.amount"),
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("0.129")}, "cost.amount"),
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("100", "ZZZ")}, "cost.currency"),
+        ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("12.3456", "KWD")}, "cost.amount"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("1e13")}, "amount.amount"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("3546000000000.00")}, "amount.amount"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("100", "RMB")}, "amount.currency"),
@@ -301,6 +302,7 @@ async def test_money_no_service_takes_is_422_naming_the_field(
         ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("999999999999.99", "cny")}),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("0.1", "USD")}),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("100", "CNH")}),  # offshore renminbi
+        ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("12.345", "KWD")}),  # 1000 fils to the dinar
         # A company's figures are not summed: State Grid's revenue is above the cap on amounts.
         ("POST", "/api/v1/accounts", {"name": "State Grid", "annual_revenue": money("3546000000000.00")}),
         ("POST", "/api/v1/tickets", {"subject": "s", "account_id": "", "contact_id": ""}),  # "": none

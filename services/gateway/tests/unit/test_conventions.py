@@ -65,7 +65,14 @@ def test_money_is_a_decimal_string_with_an_upper_cased_currency() -> None:
 
 @pytest.mark.parametrize(
     ("amount", "currency", "sent"),
-    [("100", "CNY", "100.00"), ("1E+2", "CNY", "100.00"), ("100.0", "CNY", "100.00"), ("849.00", "JPY", "849")],
+    [
+        ("100", "CNY", "100.00"),
+        ("1E+2", "CNY", "100.00"),
+        ("100.0", "CNY", "100.00"),
+        ("849.00", "JPY", "849"),
+        ("12.345", "KWD", "12.345"),
+        ("12.3", "KWD", "12.300"),
+    ],
 )
 def test_money_goes_to_the_services_in_the_currencys_minor_unit(amount: str, currency: str, sent: str) -> None:
     # One amount written two ways is one request (an Idempotency-Key's fingerprint compares them).
@@ -117,3 +124,19 @@ def test_money_in_a_currency_without_minor_units_is_whole(model: type[MoneyIn]) 
     [problem] = error.value.errors()
     assert problem["loc"] == ("amount",)
     assert "JPY has no minor unit" in problem["msg"]
+
+
+@pytest.mark.parametrize("model", [MoneyIn, FigureIn])
+def test_money_in_a_three_decimal_currency_takes_thousandths(model: type[MoneyIn]) -> None:
+    assert model(amount="12.345", currency="kwd").amount == "12.345"
+    with pytest.raises(ValidationError) as error:
+        model(amount="12.3456", currency="KWD")
+    [problem] = error.value.errors()
+    assert problem["loc"] == ("amount",)
+    assert "at most 3 decimal places" in problem["msg"]
+
+
+@pytest.mark.parametrize("model", [MoneyIn, FigureIn])
+def test_the_openapi_description_of_an_amount_states_each_currencys_places(model: type[MoneyIn]) -> None:
+    description = model.model_json_schema()["properties"]["amount"]["description"]
+    assert "at most 2 decimal places (3 in BHD, IQD, JOD, KWD, LYD, OMR, TND; none in a currency without" in description

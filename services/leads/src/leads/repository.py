@@ -238,7 +238,7 @@ campaigns = Table(
     Column("id", _ID, primary_key=True),
     Column("name", String(200), nullable=False),
     Column("channel", String(100), nullable=False, server_default=""),
-    Column("cost_amount", Numeric(18, 2)),
+    Column("cost_amount", Numeric(18, 3)),
     Column("cost_currency", String(3), nullable=False, server_default=""),
     Column("starts_on", Date),
     Column("ends_on", Date),

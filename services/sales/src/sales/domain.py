@@ -31,8 +31,8 @@ def check_lengths(values: Mapping[str, str], limit: int) -> list[FieldError]:
 
 
 def quantize_money(value: Decimal, currency: str) -> Decimal:
-    """Commercial rounding (half up) to the currency's minor unit, cents or whole yen, applied once
-    at the end of a computation."""
+    """Commercial rounding (half up) to the currency's minor unit (cents, fils, whole yen), applied
+    once at the end of a computation."""
     return value.quantize(minor_unit(currency), rounding=ROUND_HALF_UP)
 
 
@@ -508,9 +508,10 @@ class ContractThresholds:
 
 
 def amount_in_threshold_currency(amount: Money, thresholds: ContractThresholds) -> Decimal:
-    """The contract amount in the thresholds' currency, rounded up to the cent so that an amount
-    just above a threshold after conversion stays above it. A currency without a configured rate
-    is refused (422 on `amount.currency`), never compared as if it were the thresholds' currency."""
+    """The contract amount in the thresholds' currency, rounded up to that currency's minor unit
+    (cents, fils, whole yen) so that an amount just above a threshold after conversion stays above
+    it. A currency without a configured rate is refused (422 on `amount.currency`), never compared
+    as if it were the thresholds' currency."""
     if amount.currency == thresholds.currency:
         return amount.amount
     rate = thresholds.exchange_rates.get(amount.currency)
@@ -528,7 +529,7 @@ def amount_in_threshold_currency(amount: Money, thresholds: ContractThresholds) 
     # Unbounded precision: the product is exact (it has no more digits than its factors), so the
     # only rounding is the explicit one, upwards.
     with localcontext(prec=MAX_PREC):
-        return (amount.amount * rate).quantize(CENT, rounding=ROUND_CEILING)
+        return (amount.amount * rate).quantize(minor_unit(thresholds.currency), rounding=ROUND_CEILING)
 
 
 def contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> list[str]:

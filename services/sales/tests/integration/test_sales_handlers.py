@@ -57,6 +57,10 @@ def cny(amount: str) -> Money:
     return Money(Decimal(amount), "CNY")
 
 
+def kwd(amount: str) -> Money:
+    return Money(Decimal(amount), "KWD")
+
+
 def item(line: str = "GTX", price: str = "1000", quantity: str = "1", discount: str = "0") -> LineItemIn:
     return LineItemIn("p-" + line, line + " Basic", line, Decimal(quantity), cny(price), Decimal(discount))
 
@@ -933,6 +937,46 @@ async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock
     for expected in ("crm.sales.payment_plan.created", "crm.sales.invoice.requested", "crm.sales.invoice.issued",
                      "crm.sales.invoice.voided", "crm.sales.contract.signed"):  # fmt: skip
         assert expected in types
+
+
+async def test_a_quote_and_a_contract_in_kuwaiti_dinars_are_totalled_paid_and_shown_to_the_fils(
+    engine: AsyncEngine, clock: Clock
+) -> None:
+    """A three-decimal currency (1000 fils to the dinar) end to end: what the API shows carries 3 places."""
+    sales = sales_with_rates(engine, KWD="23.5")
+    fils = LineItemIn("p-GTX", "GTX Basic", "GTX", Decimal(3), kwd("12.345"), Decimal("12.5"))
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Gulf deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[fils])
+        contract = await direct_contract(sales, "100.005", currency="KWD")  # 2 350.12 CNY: the manager alone
+        await sales.submit_contract(contract.id, expected_version=0)
+    assert [(x.unit_price.amount, x.total.amount) for x in quote.line_items] == [("12.345", "32.406")]
+    assert (quote.subtotal.amount, quote.discount_total.amount, quote.total.amount) == ("37.035", "4.629", "32.406")
+    with as_user("mgr", "sales_manager"):
+        await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    today = clock().date()
+    with as_user("rep1", "sales_rep"):
+        signed = await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
+        plan = await sales.create_payment_plan(
+            idempotency_key="", contract_id=contract.id,
+            installments=[(today + timedelta(days=30 * n), kwd("33.335")) for n in (1, 2, 3)],
+        )  # fmt: skip
+        payment, _ = await sales.record_payment(
+            contract_id=contract.id, amount=kwd("50.002"), received_at=None, method="wire", external_reference="K-1"
+        )
+        with pytest.raises(ValidationFailed) as over:
+            await sales.request_invoice(idempotency_key="", contract_id=contract.id, amount=kwd("100.006"))
+        invoice = await sales.request_invoice(idempotency_key="", contract_id=contract.id, amount=kwd("100.005"))
+        receivables = await sales.list_receivables("acc-1", Page())
+    assert signed.amount.amount == "100.005"
+    assert [i.amount.amount for i in plan.installments] == ["33.335", "33.335", "33.335"]
+    assert [a.amount.amount for a in payment.allocations] == ["33.335", "16.667"]
+    assert over.value.errors[0].message == "100.006 KWD exceeds the uninvoiced 100.005 KWD"
+    assert invoice.amount.amount == "100.005"
+    [receivable] = [x for x in receivables.items if x.contract_id == contract.id]
+    assert (receivable.paid.amount, receivable.outstanding.amount, receivable.invoiced.amount) == (
+        "50.002", "50.003", "100.005",
+    )  # fmt: skip
 
 
 async def test_a_plans_unpaid_installments_are_rescheduled_and_its_paid_ones_stay(

@@ -25,6 +25,11 @@ def cny(amount: str | Decimal) -> Money:
     return Money(Decimal(amount), "CNY")
 
 
+def kwd(amount: str | Decimal) -> Money:
+    """Kuwaiti dinars: a three-decimal currency (1000 fils), rounded to the fils."""
+    return Money(Decimal(amount), "KWD")
+
+
 # ---------------------------------------------------------------- stage gates
 
 
@@ -140,6 +145,24 @@ def test_line_totals_in_a_currency_without_minor_units_round_to_whole_units() ->
     assert totals.subtotal == Decimal(1499)  # half up
     assert totals.discount_total == Decimal(225)  # 1498.5 x 15 % = 224.775
     assert totals.total == Decimal(1274)
+
+
+def test_line_totals_in_a_three_decimal_currency_round_to_the_thousandth() -> None:
+    items = [d.LineItem("p1", "GTX Pro", "GTX", Decimal(3), kwd("12.345"), Decimal("12.5"))]
+    assert d.validate_line_items(items) == "KWD"
+    totals = d.line_totals(items)
+    assert totals.subtotal == Decimal("37.035")
+    assert totals.discount_total == Decimal("4.629")  # 37.035 x 12.5 % = 4.629375
+    assert totals.total == Decimal("32.406")
+
+
+def test_a_price_in_a_three_decimal_currency_has_at_most_three_places() -> None:
+    items = [d.LineItem("p1", "GTX Pro", "GTX", Decimal(1), kwd("12.3456"))]
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_line_items(items)
+    assert [(e.field, e.message) for e in raised.value.errors] == [
+        ("line_items[0].unit_price.amount", "at most 3 decimal places")
+    ]
 
 
 def test_a_price_in_a_currency_without_minor_units_is_whole() -> None:
@@ -264,6 +287,14 @@ def test_forecast_columns() -> None:
     assert (line.open_count, line.won_count) == (3, 1)
 
 
+def test_the_weighted_forecast_is_rounded_to_the_currencys_minor_unit() -> None:
+    half = d.ForecastDeal(
+        d.OpportunityStatus.OPEN, Decimal("1.235"), "KWD", Decimal(50), d.ForecastCategory.PIPELINE, 202611, "a", "t"
+    )
+    [line] = d.forecast([half], quarter=False, by_team=False)
+    assert line.weighted == Decimal("0.618")  # 0.6175, half up
+
+
 def test_forecast_groups_by_quarter_and_team() -> None:
     deals = [
         deal("open", "1", 10, "pipeline", 202610, owner="a", team="east"),
@@ -382,6 +413,21 @@ def test_conversion_rounds_up_so_an_amount_at_a_threshold_never_slips_under_it(a
     thresholds = d.ContractThresholds(exchange_rates={"USD": Decimal(rate)})
     assert d.amount_in_threshold_currency(Money(Decimal(amount), "USD"), thresholds) == Decimal("100000.00")
     assert d.contract_approval_chain(Money(Decimal(amount), "USD"), thresholds) == ["sales_manager", "finance"]
+
+
+@pytest.mark.parametrize(
+    ("currency", "rate", "converted"),
+    [
+        ("KWD", "0.3071234", Decimal("307.124")),  # 307.1234 KWD, up to the fils
+        ("JPY", "151.234", Decimal(151234)),  # exact in whole yen
+        ("JPY", "151.2345", Decimal(151235)),  # 151 234.5 JPY, up to the yen
+    ],
+)
+def test_conversion_rounds_up_to_the_minor_unit_of_the_threshold_currency(
+    currency: str, rate: str, converted: Decimal
+) -> None:
+    thresholds = d.ContractThresholds(currency=currency, exchange_rates={"USD": Decimal(rate)})
+    assert d.amount_in_threshold_currency(Money(Decimal("1000.00"), "USD"), thresholds) == converted
 
 
 @given(cents, st.decimals(min_value=Decimal("0.000001"), max_value=Decimal(1000), places=12))
@@ -505,6 +551,13 @@ def test_a_contract_completes_only_when_paid_in_full() -> None:
     assert raised.value.reason == "OUTSTANDING_BALANCE" and "0.01 CNY outstanding" in raised.value.detail
 
 
+def test_a_contract_in_a_three_decimal_currency_owing_a_fils_does_not_complete() -> None:
+    d.check_settled(kwd("100.005"), Decimal("100.0050"), contract_id="c")
+    with pytest.raises(Conflict) as raised:
+        d.check_settled(kwd("100.005"), Decimal("100.004"), contract_id="c")
+    assert "0.001 KWD outstanding" in raised.value.detail
+
+
 def test_payments_and_invoices_need_a_contract_in_force() -> None:
     for status in ("signed", "completed"):
         d.check_in_force(status, contract_id="c", what="invoices")
@@ -536,6 +589,14 @@ def test_plan_rejects_other_currencies_and_zero_installments() -> None:
         d.validate_payment_plan(cny("100"), [(TODAY, Money(Decimal(100), "USD")), (TODAY, cny("0"))])
     fields = {e.field for e in raised.value.errors}
     assert {"installments[0].amount.currency", "installments[1].amount.amount"} <= fields
+
+
+def test_a_plan_in_a_three_decimal_currency_splits_to_the_fils() -> None:
+    thirds = [(TODAY + timedelta(days=30 * i), kwd(part)) for i, part in enumerate(["33.335", "33.335", "33.335"])]
+    assert [p.amount for p in d.validate_payment_plan(kwd("100.005"), thirds)] == [Decimal("33.335")] * 3
+    with pytest.raises(ValidationFailed) as raised:
+        d.validate_payment_plan(kwd("100.005"), [(TODAY, kwd("50.0025")), (TODAY, kwd("50.0025"))])
+    assert [e.message for e in raised.value.errors] == ["at most 3 decimal places"] * 2
 
 
 @given(st.lists(cents, min_size=1, max_size=12))
@@ -648,6 +709,17 @@ def test_over_payment_is_rejected() -> None:
     assert raised.value.errors[0].field == "amount.currency"
 
 
+def test_a_payment_in_a_three_decimal_currency_may_settle_the_last_fils() -> None:
+    d.check_payment(kwd("0.005"), contract_amount=kwd("100.005"), already_paid=Decimal(100))
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_payment(kwd("0.006"), contract_amount=kwd("100.005"), already_paid=Decimal(100))
+    assert [(e.field, e.message) for e in raised.value.errors] == [
+        ("amount", "over-payment: 0.006 KWD exceeds the outstanding 0.005 KWD")
+    ]
+    result = d.allocate_payment(Decimal("50.002"), installments("33.335", "33.335", "33.335"))
+    assert result.allocations == [("i1", Decimal("33.335")), ("i2", Decimal("16.667"))]
+
+
 @settings(max_examples=200)
 @given(st.lists(cents, min_size=1, max_size=8), st.lists(cents, min_size=1, max_size=8))
 def test_allocation_conserves_money(plan: list[Decimal], payments: list[Decimal]) -> None:
@@ -682,6 +754,18 @@ def test_invoice_never_above_the_uninvoiced_amount() -> None:
     with pytest.raises(ValidationFailed) as raised:
         d.check_invoice_amount(cny("50.01"), contract_amount=cny("100"), already_invoiced=Decimal(50))
     assert raised.value.errors[0].field == "amount"
+
+
+def test_invoices_in_a_three_decimal_currency_are_limited_to_the_fils() -> None:
+    d.check_invoice_amount(kwd("50.005"), contract_amount=kwd("100.005"), already_invoiced=Decimal(50))
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_invoice_amount(kwd("50.006"), contract_amount=kwd("100.005"), already_invoiced=Decimal(50))
+    assert [(e.field, e.message) for e in raised.value.errors] == [
+        ("amount", "50.006 KWD exceeds the uninvoiced 50.005 KWD")
+    ]
+    with pytest.raises(ValidationFailed) as raised:
+        d.check_issued_amount(kwd("400.12"), requested=kwd("400.1250"))
+    assert {e.field: e.message for e in raised.value.errors} == {"amount": "must be the requested 400.125 KWD"}
 
 
 @given(st.lists(cents, min_size=1, max_size=10), cents)
@@ -741,3 +825,6 @@ def test_an_erp_posting_sent_again_under_its_reference_must_carry_the_same_money
         with pytest.raises(Conflict) as refused:
             d.check_same_posting(posted, other, reference="P1", existing_id="pay-1")
         assert refused.value.reason == "REFERENCE_REUSED"
+    with pytest.raises(Conflict) as refused:
+        d.check_same_posting(kwd("12.345"), kwd("12.346"), reference="P2", existing_id="pay-2")
+    assert "was posted for 12.345 KWD; 12.346 KWD needs its own reference" in refused.value.detail
