@@ -457,13 +457,25 @@ async def test_maven_pipeline_import_and_statistics(stack: RunningStack) -> None
     pipeline = _read("sales_pipeline.csv")
     assert len(pipeline) == 8800
 
+    # The deals' accounts come first, as from any system: a deal must name an account that exists.
+    async with _client(stack, f"admin-{run}", ["admin"]) as admin:
+        account_ids = {
+            record["account"]: _ok(
+                await admin.post(
+                    "/api/v1/accounts", json={"name": f"{record['account']} #{run}", "industry": record["sector"]}
+                ),
+                201,
+            )["id"]
+            for record in _read("accounts.csv")
+        }
+
     rows = []
     for record in pipeline:
         product = products[record["product"].replace(" ", "")]
         agent = teams[record["sales_agent"]]
         row: dict[str, Any] = {
             "external_id": f"maven-{run}-{record['opportunity_id']}",
-            "account_id": f"maven:{record['account']}" if record["account"] else "",
+            "account_id": account_ids.get(record["account"], ""),
             "name": f"{product['product']} for {record['account'] or 'unknown'}",
             "owner_id": f"{record['sales_agent']}#{run}",
             "team": f"{agent['manager']}#{run}",
@@ -504,10 +516,18 @@ async def test_maven_pipeline_import_and_statistics(stack: RunningStack) -> None
             for manager in sorted({row["manager"] for row in teams.values()})
         ]
         repeat = _ok(await admin.post("/api/v1/opportunities/import", json={"rows": rows[:50]}))
+        # An account id no system issued (or mistyped) is refused for its row, naming why.
+        imported = next(row for row in rows if row["account_id"])
+        stray = {**imported, "external_id": f"maven-{run}-stray", "account_id": f"maven:{run}:nowhere"}
+        refused = _ok(await admin.post("/api/v1/opportunities/import", json={"rows": [stray, imported]}))
 
     without_account = sum(1 for record in pipeline if not record["account"])
     assert (created, rejected) == (8800 - without_account, without_account)
     assert {item["outcome"] for item in repeat["results"]} <= {"existing", "rejected"}
+    assert [(r["outcome"], r["errors"]) for r in refused["results"]] == [
+        ("rejected", [{"field": "account_id", "message": f"account maven:{run}:nowhere does not exist"}]),
+        ("existing", []),
+    ]
 
     # What the CSV says, computed here.
     won_amount: dict[str, Decimal] = defaultdict(Decimal)

@@ -2,7 +2,8 @@
 lead and campaign; a direct contract's account; a ticket's contact), checked before the owning
 service stores them: each must exist, or the request is a 422 naming the field, as for references
 within one service (`crm_platform.errors.missing_reference`); a deal's primary contact and a
-ticket's contact must work at its account.
+ticket's contact must work at its account. An import's deals name accounts too: a row naming one
+that may not be named is rejected alone (`rows_naming_no_account`).
 
 What is checked is existence, not the caller's sight: a rep may name an account another rep owns,
 so that a second deal on it meets anti-collision (a 409 naming the first) rather than a 422 that
@@ -14,7 +15,7 @@ The owner may still delete the record a moment later; that is the eventual consi
 flow settles (deals follow account merges, analytics drops what is deleted)."""
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -29,6 +30,7 @@ from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
+from crm_platform.pagination import MAX_LIMIT
 from crm_platform.principal import ALL_RECORDS, outgoing_metadata
 from google.protobuf.message import Message
 
@@ -117,7 +119,7 @@ class References:
                     if from_rpc_error(error).reason != NOTHING_TO_REPLAY:
                         raise
             if isinstance(refused, ValidationFailed):
-                await self._audit(refused)
+                await _audit_refused(self._access, refused)
             raise refused from None
         return await write(())
 
@@ -128,7 +130,7 @@ class References:
         try:
             await self._check()
         except ValidationFailed as refused:
-            await self._audit(refused)
+            await _audit_refused(self._access, refused)
             raise
 
     async def _check(self) -> None:
@@ -143,20 +145,10 @@ class References:
         if errors:
             raise ValidationFailed(errors)
 
-    async def _audit(self, refused: ValidationFailed) -> None:
-        access = self._access
-        await access.runtime.audit_refused(access.request, access.principal, access.resource, access.action, refused)
-
     def _problem(self, field: str, record: Message | None) -> FieldError | None:
         referent, record_id, on_account = self._wanted[field]
-        if record is None:
-            return FieldError(field, f"{referent.noun} {record_id} does not exist")
-        if merged_into := getattr(record, "merged_into_id", ""):
-            # A merged-away account lives on only as a pointer: name the survivor.
-            return FieldError(field, f"{referent.noun} {record_id} was merged into {merged_into}")
-        if on_account and getattr(record, "account_id", "") != on_account:
-            return FieldError(field, f"{referent.noun} {record_id} is not on account {on_account}")
-        return None
+        problem = _record_problem(referent, record_id, record, on_account)
+        return FieldError(field, problem) if problem else None
 
     async def _read(self, referent: Referent, record_id: str) -> Message | None:
         try:
@@ -166,6 +158,58 @@ class References:
             if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
                 return None
             raise
+
+
+async def _audit_refused(access: Access, refused: ValidationFailed) -> None:
+    await access.runtime.audit_refused(access.request, access.principal, access.resource, access.action, refused)
+
+
+def _record_problem(referent: Referent, record_id: str, record: Message | None, on_account: str | None) -> str:
+    """Why a body may not name the record it names ("" when it may)."""
+    if record is None:
+        return f"{referent.noun} {record_id} does not exist"
+    if merged_into := getattr(record, "merged_into_id", ""):
+        # A merged-away account lives on only as a pointer: name the survivor.
+        return f"{referent.noun} {record_id} was merged into {merged_into}"
+    if on_account and getattr(record, "account_id", "") != on_account:
+        return f"{referent.noun} {record_id} is not on account {on_account}"
+    return ""
+
+
+async def rows_naming_no_account(access: Access, account_of_row: Mapping[int, str]) -> dict[int, str]:
+    """Of an import's rows (by number, with the account each names), those whose account may not be
+    named (it does not exist, or was merged away), with why; rows naming none are left to the owning
+    service. Audited as one `refused` row naming each `rows[i].account_id`, as `check` audits."""
+    problems = await _account_problems(access, account_of_row.values())
+    refused = {row: problems[account_id] for row, account_id in account_of_row.items() if account_id in problems}
+    if refused:
+        errors = [FieldError(f"rows[{row}].account_id", problem) for row, problem in sorted(refused.items())]
+        await _audit_refused(access, ValidationFailed(errors))
+    return refused
+
+
+async def _account_problems(access: Access, account_ids: Iterable[str]) -> dict[str, str]:
+    """Why each named account may not be named, by id. For many rows naming few accounts: the
+    accounts service lists the distinct ids, a page of them per call, concurrently, over all records."""
+    wanted = sorted({account_id for account_id in account_ids if account_id})
+    upstreams: Upstreams = access.request.app.state.upstreams
+    stub = upstreams.stub("accounts", AccountsServiceStub)
+    metadata = _over_all_records(access)
+    pages = [wanted[start : start + MAX_LIMIT] for start in range(0, len(wanted), MAX_LIMIT)]
+    replies: list[accounts_pb.ListAccountsResponse] = await asyncio.gather(
+        *(
+            stub.ListAccounts(
+                accounts_pb.ListAccountsRequest(
+                    ids=page, include_merged=True, page=common_pb2.PageRequest(limit=len(page))
+                ),
+                metadata=metadata,
+            )
+            for page in pages
+        )
+    )
+    found = {account.id: account for reply in replies for account in reply.items}
+    problems = {account_id: _record_problem(ACCOUNT, account_id, found.get(account_id), None) for account_id in wanted}
+    return {account_id: problem for account_id, problem in problems.items() if problem}
 
 
 async def refuse_if_deals_name_campaign(access: Access, campaign_id: str) -> None:

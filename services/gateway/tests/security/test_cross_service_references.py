@@ -71,6 +71,7 @@ class FakeAccounts(AccountsServiceServicer):
 
     def __init__(self) -> None:
         self.scopes: list[RecordScope] = []
+        self.listed: list[list[str]] = []  # the ids of each ListAccounts call
         self.accounts = dict(self.ACCOUNTS)
 
     async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
@@ -79,6 +80,13 @@ class FakeAccounts(AccountsServiceServicer):
         if account is None:
             await abort(context, NotFound("account", request.account_id))
         return accounts_pb.GetAccountResponse(account=account)
+
+    async def ListAccounts(self, request: accounts_pb.ListAccountsRequest, context: Any) -> Any:
+        self.scopes.append(context_from_metadata(context.invocation_metadata()).scope)
+        self.listed.append(list(request.ids))
+        found = [self.accounts[i] for i in request.ids if i in self.accounts]
+        items = [a for a in found if request.include_merged or not a.merged_into_id][: request.page.limit or 50]
+        return accounts_pb.ListAccountsResponse(items=items)
 
     async def GetContact(self, request: accounts_pb.GetContactRequest, context: Any) -> Any:
         contact = self.CONTACTS.get(request.contact_id)
@@ -132,6 +140,14 @@ class FakeSales(SalesServiceServicer):
         deal.CopyFrom(self.DEAL)
         deal.primary_contact_id, deal.version = request.opportunity.primary_contact_id, 2
         return sales_pb.UpdateOpportunityResponse(opportunity=deal)
+
+    async def ImportOpportunities(self, request: sales_pb.ImportOpportunitiesRequest, context: Any) -> Any:
+        self.writes.extend(request.rows)
+        results = [
+            sales_pb.ImportRowResult(row=i, external_id=row.external_id, outcome="created", opportunity_id=f"o-{i}")
+            for i, row in enumerate(request.rows)
+        ]
+        return sales_pb.ImportOpportunitiesResponse(results=results, created=len(results))
 
     async def CreateContract(self, request: sales_pb.CreateContractRequest, context: Any) -> Any:
         self.writes.append(request)
@@ -418,3 +434,49 @@ async def test_a_deal_sent_again_under_its_key_is_audited_as_a_replay_not_as_a_s
         )
     assert [row["record_id"] for row in await audit_events(rep, action="create")] == [first.json()["id"]]
     assert await audit_events(rep, action="refused") == []
+
+
+async def test_an_imported_deal_naming_no_account_is_refused_alone_and_audited(client: Any, services: Services) -> None:
+    manager = await client("sales_manager")
+    deal = {"name": "Robots", "stage": "initial_contact"}
+    rows = [
+        {**deal, "external_id": "x-1", "account_id": "acme"},
+        {**deal, "external_id": "x-2", "account_id": "nowhere"},
+        {**deal, "external_id": "x-3", "account_id": "globex"},  # a teammate's: it exists
+        {**deal, "external_id": "x-4", "account_id": "initech"},
+        {**deal, "external_id": "x-5", "account_id": "acme"},
+    ]
+    response = await manager.post("/api/v1/opportunities/import", json={"rows": rows})
+
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [(r["row"], r["external_id"], r["outcome"]) for r in results] == [
+        (0, "x-1", "created"), (1, "x-2", "rejected"), (2, "x-3", "created"), (3, "x-4", "rejected"), (4, "x-5", "created"),
+    ]  # fmt: skip
+    assert [r["errors"] for r in results if r["outcome"] == "rejected"] == [
+        [{"field": "account_id", "message": "account nowhere does not exist"}],
+        [{"field": "account_id", "message": "account initech was merged into acme"}],
+    ]
+    assert [row.external_id for row in services.sales.writes] == ["x-1", "x-3", "x-5"]
+    # One question for the distinct ids, over every record.
+    assert services.accounts.listed == [["acme", "globex", "initech", "nowhere"]]
+    assert services.accounts.scopes == [RecordScope(ScopeKind.ALL)]
+    [refusal] = await audit_events(manager, action="refused")
+    assert (refusal["resource"], refusal["fields"]) == ("opportunities", ["rows[1].account_id", "rows[3].account_id"])
+
+
+async def test_an_import_is_not_let_through_unchecked_when_accounts_is_down(
+    services: Services, tmp_path: Path, migrated_sqlite: Path
+) -> None:
+    token = issue_dev_token(secret=SECRET, sub=ME, roles=["sales_manager"], team="east", region="north")
+    async with serving(*services.adders(accounts=False)) as target:
+        others = {name: target for name in ("leads", "sales", "service_desk")}
+        closed_port = "127.0.0.1:9"  # nothing listens: the accounts service is down
+        async with started_gateway(
+            tmp_path, migrated_sqlite, secret=SECRET, token=token, accounts=closed_port, **others
+        ) as manager:
+            row = {"name": "Robots", "stage": "initial_contact", "external_id": "x-1", "account_id": "acme"}
+            response = await manager.post("/api/v1/opportunities/import", json={"rows": [row]})
+
+    assert response.status_code == 503, response.text
+    assert services.sales.writes == []

@@ -3,14 +3,22 @@ row that does not fit its schema is rejected alone by the gateway, with the fiel
 others go to the sales service, whose per-row results come back under the file's row numbers."""
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from crm.accounts.v1 import accounts_pb2
+from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
+from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
-from gateway.testing import RoleClient, serving
+from gateway.testing import serving, started_gateway
+from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
+
+SECRET = "opportunity-import-secret-" + "s" * 30
 
 
 class CreatesEveryRow(SalesServiceServicer):
@@ -30,18 +38,33 @@ class CreatesEveryRow(SalesServiceServicer):
         return sales_pb.ImportOpportunitiesResponse(results=results, created=len(results))
 
 
+class EveryAccountExists(AccountsServiceServicer):
+    """The rows' accounts exist (checking them is `test_cross_service_references`' subject)."""
+
+    async def ListAccounts(self, request: accounts_pb.ListAccountsRequest, context: Any) -> Any:
+        return accounts_pb.ListAccountsResponse(items=[accounts_pb2.Account(id=i) for i in request.ids])
+
+
 @pytest.fixture
-async def sales() -> AsyncIterator[tuple[CreatesEveryRow, str]]:
-    servicer = CreatesEveryRow()  # type: ignore[abstract]  # serves one call
-    async with serving(lambda server: add_SalesServiceServicer_to_server(servicer, server)) as target:
-        yield servicer, target
+async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[tuple[CreatesEveryRow, httpx.AsyncClient]]:
+    """An admin's client of the real gateway, whose sales and accounts services are the fakes."""
+    sales = CreatesEveryRow()  # type: ignore[abstract]  # serves one call
+    accounts = EveryAccountExists()  # type: ignore[abstract]
+    async with serving(
+        lambda server: add_SalesServiceServicer_to_server(sales, server),
+        lambda server: add_AccountsServiceServicer_to_server(accounts, server),
+    ) as target:
+        token = issue_dev_token(secret=SECRET, sub="u-1", roles=["admin"], team="east", region="north")
+        async with started_gateway(
+            tmp_path, migrated_sqlite, secret=SECRET, token=token, sales=target, accounts=target
+        ) as http:
+            yield sales, http
 
 
 async def test_a_row_that_does_not_fit_is_rejected_alone_and_the_others_are_imported(
-    role_client: RoleClient, sales: tuple[CreatesEveryRow, str]
+    gateway: tuple[CreatesEveryRow, httpx.AsyncClient],
 ) -> None:
-    servicer, target = sales
-    http = await role_client("admin", upstream=target)
+    servicer, http = gateway
     deal = {"account_id": "a-1", "name": "Deal"}
     rows = [
         {**deal, "external_id": "ok-1"},

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field, ValidationError
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
-from gateway.references import ACCOUNT, CAMPAIGN, CONTACT, LEAD, References
+from gateway.references import ACCOUNT, CAMPAIGN, CONTACT, LEAD, References, rows_naming_no_account
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -917,6 +917,11 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
             refused[index] = [field_error(item) for item in error.errors()]
     for row in checked.values():
         access.check_write(_written(row, exclude={"external_id", "engaged_at", "close_date", "lost_reason", "stage"}))
+    # A deal names an account that exists, as in a create (`References`); a row naming none is
+    # refused alone, and the others are imported.
+    for index, problem in (await rows_naming_no_account(access, {i: r.account_id for i, r in checked.items()})).items():
+        del checked[index]
+        refused[index] = [{"field": "account_id", "message": problem}]
     rows = []
     for row in checked.values():
         message = pb.ImportOpportunityRow(
