@@ -451,7 +451,8 @@ async def test_an_imported_deal_naming_no_account_is_refused_alone_and_audited(c
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     assert [(r["row"], r["external_id"], r["outcome"]) for r in results] == [
-        (0, "x-1", "created"), (1, "x-2", "rejected"), (2, "x-3", "created"), (3, "x-4", "rejected"), (4, "x-5", "created"),
+        (0, "x-1", "created"), (1, "x-2", "rejected"), (2, "x-3", "created"),
+        (3, "x-4", "rejected"), (4, "x-5", "created"),
     ]  # fmt: skip
     assert [r["errors"] for r in results if r["outcome"] == "rejected"] == [
         [{"field": "account_id", "message": "account nowhere does not exist"}],
