@@ -12,8 +12,18 @@ import grpc
 
 from crm_platform.idempotency import replayed
 
-# The methods of the calls answered with an earlier result, in the innermost `noting_replays`.
-_replays: ContextVar[list[str] | None] = ContextVar("crm_noted_replays", default=None)
+
+class _Replays:
+    """Of the innermost `noting_replays`: was a keyed call answered with an earlier result? A mutable
+    cell, shared with the tasks the interceptors run in (they get a copy of the caller's context)."""
+
+    __slots__ = ("noted",)
+
+    def __init__(self) -> None:
+        self.noted = False
+
+
+_replays: ContextVar[_Replays | None] = ContextVar("crm_noted_replays", default=None)
 
 
 def retry_service_config(idempotent_methods: Iterable[tuple[str, str]]) -> str:
@@ -58,26 +68,26 @@ class _NoteReplays(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         replays = _replays.get()
         keyed = bool(getattr(request, "idempotency_key", ""))
         if replays is not None and keyed and replayed(await call.trailing_metadata()):
-            method = client_call_details.method
-            replays.append(method.decode() if isinstance(method, bytes) else str(method))
+            replays.noted = True
         return call
 
 
 @contextmanager
 def noting_replays() -> Iterator[None]:
-    """Notes the keyed calls made in this context (tasks started in it included) that a service
-    answered with the result their Idempotency-Key already had (`noted_replays`)."""
-    token = _replays.set([])
+    """Notes whether a keyed call made in this context (tasks started in it included) was answered
+    by its service with the result its Idempotency-Key already had (`replay_noted`)."""
+    token = _replays.set(_Replays())
     try:
         yield
     finally:
         _replays.reset(token)
 
 
-def noted_replays() -> list[str]:
-    """The methods of the calls the innermost `noting_replays` noted so far, in the order their
-    answers came (none outside one)."""
-    return list(_replays.get() or [])
+def replay_noted() -> bool:
+    """Did the innermost `noting_replays` note an answer given with an earlier result? (False
+    outside one.) One keyed write per request: the gateway's routes make no second."""
+    replays = _replays.get()
+    return replays is not None and replays.noted
 
 
 def create_channel(

@@ -179,13 +179,21 @@ def _record_problem(referent: Referent, record_id: str, record: Message | None, 
 async def rows_naming_no_account(access: Access, account_of_row: Mapping[int, str]) -> dict[int, str]:
     """Of an import's rows (by number, with the account each names), those whose account may not be
     named (it does not exist, or was merged away), with why; rows naming none are left to the owning
-    service. Audited as one `refused` row naming each `rows[i].account_id`, as `check` audits."""
+    service. Such a row may still be one imported before (a file sent again after a merge): the
+    owning service judges that, and `audit_refused_rows` records the rows refused in the end."""
     problems = await _account_problems(access, account_of_row.values())
-    refused = {row: problems[account_id] for row, account_id in account_of_row.items() if account_id in problems}
+    return {row: problems[account_id] for row, account_id in account_of_row.items() if account_id in problems}
+
+
+async def audit_refused_rows(access: Access, refused: Mapping[int, str]) -> None:
+    """One `refused` audit row naming each import row refused for its account (`rows[i].account_id`),
+    as `References.check` audits a body's: the answer told whether the ids exist. The import itself
+    answers 200, with a result per row."""
     if refused:
         errors = [FieldError(f"rows[{row}].account_id", problem) for row, problem in sorted(refused.items())]
-        await _audit_refused(access, ValidationFailed(errors))
-    return refused
+        await access.runtime.audit_refused(
+            access.request, access.principal, access.resource, "import", ValidationFailed(errors), status=200
+        )
 
 
 async def _account_problems(access: Access, account_ids: Iterable[str]) -> dict[str, str]:

@@ -114,6 +114,7 @@ class FakeSales(SalesServiceServicer):
         self.writes: list[Any] = []
         self.replays: list[str] = []  # the keys of the calls that wanted only an earlier result
         self.created: dict[str, sales_pb2.Opportunity] = {}  # by Idempotency-Key, as the service keeps them
+        self.imported: dict[str, str] = {}  # deal ids by external id
 
     async def CreateOpportunity(self, request: sales_pb.CreateOpportunityRequest, context: Any) -> Any:
         if REPLAY_ONLY_METADATA in context.invocation_metadata():
@@ -127,6 +128,9 @@ class FakeSales(SalesServiceServicer):
         deal = sales_pb2.Opportunity(
             id=f"o-{len(self.writes) + 1}", account_id=request.account_id, name=request.name, owner_id=ME
         )
+        if request.override_collision:  # over a teammate's deal on the account
+            deal.colliding_opportunity_id, deal.collision_override_by = "o-theirs", ME
+            deal.collision_override_reason = request.override_reason
         if request.idempotency_key:
             self.created[request.idempotency_key] = deal
         return sales_pb.CreateOpportunityResponse(opportunity=deal)
@@ -142,12 +146,22 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.UpdateOpportunityResponse(opportunity=deal)
 
     async def ImportOpportunities(self, request: sales_pb.ImportOpportunitiesRequest, context: Any) -> Any:
-        self.writes.extend(request.rows)
-        results = [
-            sales_pb.ImportRowResult(row=i, external_id=row.external_id, outcome="created", opportunity_id=f"o-{i}")
-            for i, row in enumerate(request.rows)
-        ]
-        return sales_pb.ImportOpportunitiesResponse(results=results, created=len(results))
+        """As the service answers: a row imported before is `existing`; else one the gateway refused
+        is rejected with its reason; else it is created."""
+        results = []
+        for i, row in enumerate(request.rows):
+            result = sales_pb.ImportRowResult(row=i, external_id=row.external_id)
+            if row.external_id in self.imported:
+                result.outcome, result.opportunity_id = "existing", self.imported[row.external_id]
+            elif row.refusal:
+                result.outcome = "rejected"
+                result.errors.add(field="account_id", message=row.refusal)
+            else:
+                self.writes.append(row)
+                self.imported[row.external_id] = result.opportunity_id = f"o-{len(self.imported) + 1}"
+                result.outcome = "created"
+            results.append(result)
+        return sales_pb.ImportOpportunitiesResponse(results=results)
 
     async def CreateContract(self, request: sales_pb.CreateContractRequest, context: Any) -> Any:
         self.writes.append(request)
@@ -435,6 +449,28 @@ async def test_a_deal_sent_again_under_its_key_is_audited_as_a_replay_not_as_a_s
     assert [row["record_id"] for row in await audit_events(rep, action="create")] == [first.json()["id"]]
     assert await audit_events(rep, action="refused") == []
 
+    # The next request of the same client, under another key, creates: audited as a create.
+    other = await rep.post(
+        "/api/v1/opportunities", json=body | {"account_id": "globex"}, headers={"Idempotency-Key": "k2"}
+    )
+    assert other.status_code == 201, other.text
+    assert [row["action"] for row in await audit_events(rep, record_id=other.json()["id"])] == ["create"]
+
+
+async def test_a_managers_override_sent_again_under_its_key_is_audited_once(client: Any, services: Services) -> None:
+    manager = await client("sales_manager")
+    body = {"account_id": "acme", "name": "Robots", "override_collision": True, "override_reason": "key account"}
+    first = await manager.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+    again = await manager.post("/api/v1/opportunities", json=body, headers={"Idempotency-Key": "k1"})
+
+    assert first.status_code == again.status_code == 201, again.text
+    rows = await audit_events(manager, record_id=first.json()["id"])
+    assert [(row["action"], row["reason"].split(":")[0]) for row in rows] == [
+        ("replay", "create"),
+        ("override_collision", "over o-theirs"),
+        ("create", ""),
+    ]
+
 
 async def test_an_imported_deal_naming_no_account_is_refused_alone_and_audited(client: Any, services: Services) -> None:
     manager = await client("sales_manager")
@@ -464,6 +500,37 @@ async def test_an_imported_deal_naming_no_account_is_refused_alone_and_audited(c
     assert services.accounts.scopes == [RecordScope(ScopeKind.ALL)]
     [refusal] = await audit_events(manager, action="refused")
     assert (refusal["resource"], refusal["fields"]) == ("opportunities", ["rows[1].account_id", "rows[3].account_id"])
+    assert refusal["status_code"] == 200 and refusal["reason"].startswith("import: ")
+
+
+async def test_an_imported_deal_sent_again_after_its_account_was_merged_away_is_existing(
+    client: Any, services: Services
+) -> None:
+    manager = await client("sales_manager")
+    rows = [{"name": "Robots", "stage": "initial_contact", "external_id": "x-1", "account_id": "acme"}]
+    first = await manager.post("/api/v1/opportunities/import", json={"rows": rows})
+    services.accounts.accounts["acme"] = accounts_pb2.Account(id="acme", name="Acme", merged_into_id="globex")
+    again = await manager.post("/api/v1/opportunities/import", json={"rows": rows})
+
+    assert [r["outcome"] for r in first.json()["results"]] == ["created"]
+    assert [(r["outcome"], r["opportunity_id"]) for r in again.json()["results"]] == [("existing", "o-1")]
+    assert await audit_events(manager, action="refused") == []  # nothing was refused in the end
+
+
+async def test_an_import_asks_for_its_accounts_a_page_of_distinct_ids_at_a_time(
+    client: Any, services: Services
+) -> None:
+    manager = await client("sales_manager")
+    rows = [
+        {"name": "Robots", "stage": "initial_contact", "external_id": f"x-{i}", "account_id": f"a-{i:03}"}
+        for i in range(501)
+    ]
+    rows.append({**rows[0], "external_id": "x-again"})  # the same account twice: asked for once
+    response = await manager.post("/api/v1/opportunities/import", json={"rows": rows})
+
+    assert response.status_code == 200, response.text
+    assert [len(ids) for ids in sorted(services.accounts.listed, key=len, reverse=True)] == [500, 1]
+    assert response.json()["rejected"] == 502
 
 
 async def test_an_import_is_not_let_through_unchecked_when_accounts_is_down(

@@ -321,11 +321,16 @@ async def test_a_note_comes_with_the_leads_update_and_a_call_with_its_contact(en
         note, _ = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="note", notes="left a message"))
         env.clock.advance(minutes=5)
         call, _ = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="call"))
+        # Written up later: it happened before the call, so the lead's last activity stays.
+        backdated, _ = await env.service.log_activity(
+            ActivityInput(lead_id=lead["id"], kind="note", occurred_at=env.clock.now - timedelta(minutes=2))
+        )
     events = await outbox_events(env.engine, repo.metadata, key=lead["id"])
     updated = [events_pb2.LeadUpdated.FromString(p) for t, p in events if t == "crm.leads.lead.updated"]
     contacted = [events_pb2.LeadContacted.FromString(p) for t, p in events if t == "crm.leads.lead.contacted"]
     assert [(u.activity.id, u.activity.kind, list(u.changed_fields)) for u in updated] == [
-        (note["id"], "note", ["last_activity_at"])
+        (note["id"], "note", ["last_activity_at"]),
+        (backdated["id"], "note", []),
     ]
     assert [(c.activity.id, c.activity.kind) for c in contacted] == [(call["id"], "call")]
 

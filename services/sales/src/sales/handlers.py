@@ -108,6 +108,7 @@ class ImportRow:
     close_date: date | None = None
     lost_reason: str = ""
     engaged_at: datetime | None = None
+    refusal: str = ""  # the caller's reason to refuse the row unless it was imported before
 
 
 @dataclass(frozen=True, slots=True)
@@ -974,6 +975,10 @@ class SalesHandlers:
                     continue
                 if row.external_id in existing:
                     results.append(ImportResult(index, row.external_id, "existing", existing[row.external_id]))
+                    continue
+                if row.refusal:
+                    refused = [FieldError("account_id", row.refusal)]
+                    results.append(ImportResult(index, row.external_id, "rejected", errors=refused))
                     continue
                 try:
                     values = self._import_values(row, pipeline, principal, definitions)

@@ -134,6 +134,7 @@ def import_row(row: pb.ImportOpportunityRow, index: int) -> ImportRow:
         close_date=optional_date(row.close_date, f"{prefix}.close_date"),
         lost_reason=row.lost_reason,
         engaged_at=optional_time(row.engaged_at),
+        refusal=row.refusal,
     )
 
 

@@ -482,6 +482,22 @@ async def test_import_is_idempotent_per_external_id_and_reports_rejected_rows(sa
     assert [s.owner_id for s in by_owner] == ["o1"]
 
 
+async def test_an_import_row_the_caller_refuses_is_only_looked_up(sales: SalesHandlers) -> None:
+    """The gateway refuses rows naming an account that is gone, unless they were imported before (a
+    file sent again after a merge): such a row answers `existing`, or is rejected with the reason."""
+    deal = OpportunityIn(account_id="acc-merged", name="n1", owner_id="o1", stage="needs_confirmed")
+    gone = "account acc-merged was merged into acc-kept"
+    with as_user("admin", "admin"):
+        [first] = await sales.import_opportunities("", [ImportRow("REFUSED-1", deal)])
+        again = await sales.import_opportunities(
+            "", [ImportRow("REFUSED-1", deal, refusal=gone), ImportRow("REFUSED-2", deal, refusal=gone)]
+        )
+        listed = await sales.list_opportunities(Page(), account_id="acc-merged")
+    assert [(r.outcome, r.opportunity_id) for r in again] == [("existing", first.opportunity_id), ("rejected", "")]
+    assert [(e.field, e.message) for e in again[1].errors] == [("account_id", gone)]
+    assert [o.id for o in listed.items] == [first.opportunity_id]
+
+
 # ---------------------------------------------------------------- quotes
 
 

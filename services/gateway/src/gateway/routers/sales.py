@@ -26,7 +26,15 @@ from pydantic import BaseModel, Field, ValidationError
 from gateway.conventions import MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
-from gateway.references import ACCOUNT, CAMPAIGN, CONTACT, LEAD, References, rows_naming_no_account
+from gateway.references import (
+    ACCOUNT,
+    CAMPAIGN,
+    CONTACT,
+    LEAD,
+    References,
+    audit_refused_rows,
+    rows_naming_no_account,
+)
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -654,7 +662,8 @@ async def _deal_written(
     collision override audited on its own, shown as the caller may see it, with its ETag."""
     record = opportunity_dict(deal)
     await access.audit_write(record["id"], before, record)
-    await _audit_collision_override(access, record, before)
+    if not access.replayed:  # the first request audited its override
+        await _audit_collision_override(access, record, before)
     present = await presenter(access)
     return with_etag(response, present(record))
 
@@ -917,13 +926,11 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
             refused[index] = [field_error(item) for item in error.errors()]
     for row in checked.values():
         access.check_write(_written(row, exclude={"external_id", "engaged_at", "close_date", "lost_reason", "stage"}))
-    # A deal names an account that exists, as in a create (`References`); a row naming none is
-    # refused alone, and the others are imported.
-    for index, problem in (await rows_naming_no_account(access, {i: r.account_id for i, r in checked.items()})).items():
-        del checked[index]
-        refused[index] = [{"field": "account_id", "message": problem}]
+    # A deal names an account that exists, as in a create (`References`): a row naming none is
+    # refused alone (unless imported before: the service answers `existing`), the others imported.
+    refusals = await rows_naming_no_account(access, {i: r.account_id for i, r in checked.items()})
     rows = []
-    for row in checked.values():
+    for index, row in checked.items():
         message = pb.ImportOpportunityRow(
             external_id=row.external_id,
             account_id=row.account_id,
@@ -937,6 +944,7 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
             expected_close_date=_iso(row.expected_close_date),
             close_date=_iso(row.close_date),
             lost_reason=row.lost_reason,
+            refusal=refusals.get(index, ""),
         )
         if row.amount is not None:
             message.amount.CopyFrom(row.amount.proto())
@@ -967,6 +975,9 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
                 "opportunity_id": r.opportunity_id or None,
                 "errors": [{"field": e.field, "message": e.message} for e in r.errors],
             }
+    await audit_refused_rows(
+        access, {index: problem for index, problem in refusals.items() if results[index]["outcome"] == "rejected"}
+    )
     ordered = [results[index] for index in sorted(results)]
     created = sum(1 for result in ordered if result["outcome"] == "created")
     rejected = sum(1 for result in ordered if result["outcome"] == "rejected")

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import grpc
-from crm_platform.grpc_client import noted_replays, noting_replays
+from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
 from fastapi import Depends, Request, Security
@@ -134,6 +134,12 @@ class Access:
     def scope(self) -> RecordScope:
         assert self.decision.scope is not None  # an Access exists only for allowed decisions
         return self.decision.scope
+
+    @property
+    def replayed(self) -> bool:
+        """Did the service answer this request's keyed write with its Idempotency-Key's earlier
+        result? Its audit rows are then `replay` rows: nothing was done again."""
+        return replay_noted()
 
     def grpc_metadata(self, *writes_for_caller: "Access") -> tuple[tuple[str, str | bytes], ...]:
         """Principal, record scope and request id for the owning service's call. `writes_for_caller`:
@@ -317,7 +323,7 @@ class Access:
         A write the service answered with its Idempotency-Key's earlier result is a `replay` row."""
         if action is None:
             action = "create" if before is None else "delete" if after is None else self.action
-        if noted_replays():
+        if self.replayed:
             await self.runtime.audit.record([self._replay(action, record_id)])
             return
         custom_pii: frozenset[str] | None = frozenset()
@@ -333,7 +339,7 @@ class Access:
         when the service answered the request with its Idempotency-Key's earlier result."""
         entry = (
             self._replay(action, record_id)
-            if noted_replays()
+            if self.replayed
             else self._entry(action, record_id, fields=list(fields), reason=reason)
         )
         await self.runtime.audit.record([entry])

@@ -160,11 +160,19 @@ class SecurityRuntime:
         )
 
     async def audit_refused(
-        self, request: Request, principal: Principal, resource: str, action: str, refusal: ValidationFailed
+        self,
+        request: Request,
+        principal: Principal,
+        resource: str,
+        action: str,
+        refusal: ValidationFailed,
+        *,
+        status: int = 422,
     ) -> None:
-        """Audits a 422 refusing ids a body names of records other services own (`gateway.references`):
-        its answer tells whether an id exists, so it is traced as a probe would be (action and outcome
-        `refused`, the failing fields, the route's action in the reason)."""
+        """Audits a refusal of ids a body names of records other services own (`gateway.references`;
+        a 422, or rows of an import answered 200): its answer tells whether an id exists, so it is
+        traced as a probe would be (action and outcome `refused`, the failing fields, the action in
+        the reason)."""
         await self._audit_refusal(
             request,
             principal,
@@ -173,7 +181,7 @@ class SecurityRuntime:
             outcome="refused",
             reason=f"{action}: {refusal}",
             fields=[error.field for error in refusal.errors],
-            status=422,
+            status=status,
         )
 
     async def _audit_refusal(
