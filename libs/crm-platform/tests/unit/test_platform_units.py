@@ -36,6 +36,7 @@ from crm_platform.principal import (
 from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_objects
 from crm_platform.structs import fill_struct, struct_values
 from crm_platform.telemetry import default_sampler, instrument_engine
+from crm_platform.update_mask import writable_paths
 from google.protobuf import struct_pb2
 from opentelemetry import trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
@@ -407,3 +408,21 @@ def test_an_activity_happened_of_a_kind_there_is_and_not_later_than_a_fast_clock
         "occurred_at", "must not be in the future"
     )
     assert occurred_at_error(None, now) == FieldError("occurred_at", "is required")
+
+
+def _mask_errors(paths: list[str], writable: set[str], **options: Any) -> list[tuple[str, str]]:
+    with pytest.raises(ValidationFailed) as refused:
+        writable_paths(paths, writable, **options)
+    return [(error.field, error.message) for error in refused.value.errors]
+
+
+def test_an_update_mask_names_writable_fields_and_at_least_one() -> None:
+    assert writable_paths(iter(["name", "tags"]), {"name", "tags"}) == ["name", "tags"]
+    assert _mask_errors([], {"name"}) == [("update_mask", "names no field to update")]
+    assert _mask_errors(["name", "id", "version"], {"name"}, what="lead field") == [
+        ("id", "is not a writable lead field"),
+        ("version", "is not a writable lead field"),
+    ]
+    # `custom.<key>` writes one custom field where the mask is keyed, and is unknown where it is not.
+    assert writable_paths(["custom.size"], {"custom"}, keyed=True) == ["custom.size"]
+    assert _mask_errors(["custom.size"], {"custom"}) == [("custom.size", "is not a writable field")]

@@ -10,6 +10,7 @@ from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind, current_principal, resource_scope_from_metadata
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
+from crm_platform.update_mask import writable_paths
 
 from accounts import handlers
 from accounts.handlers import ACCOUNT_FIELDS, ACTIVITY_FIELDS, CONTACT_FIELDS, SEGMENT_FIELDS, TASK_FIELDS, Context
@@ -33,13 +34,7 @@ def _page(page: common_pb2.PageRequest) -> Page:
 
 def _mask(mask: Any, allowed: tuple[str, ...]) -> list[str]:
     """Update-mask paths; `custom.<key>` selects one custom field."""
-    paths = list(mask.paths)
-    unknown = [p for p in paths if p.split(".", 1)[0] not in allowed]
-    if unknown:
-        raise ValidationFailed([FieldError(p, "is not a writable field") for p in unknown])
-    if not paths:
-        raise ValidationFailed([FieldError("update_mask", "names no field to update")])
-    return paths
+    return writable_paths(mask.paths, allowed, keyed=True)
 
 
 def _select(values: dict[str, Any], paths: list[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ The owner may still delete the record a moment later; that is the eventual consi
 flow settles (deals follow account merges, analytics drops what is deleted)."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -180,26 +180,10 @@ async def rows_naming_no_account(access: Access, account_of_row: Mapping[int, st
     """Of an import's rows (by number, with the account each names), those whose account may not be
     named (it does not exist, or was merged away), with why; rows naming none are left to the owning
     service. Such a row may still be one imported before (a file sent again after a merge): the
-    owning service judges that, and `audit_refused_rows` records the rows refused in the end."""
-    problems = await _account_problems(access, account_of_row.values())
-    return {row: problems[account_id] for row, account_id in account_of_row.items() if account_id in problems}
-
-
-async def audit_refused_rows(access: Access, refused: Mapping[int, str]) -> None:
-    """One `refused` audit row naming each import row refused for its account (`rows[i].account_id`),
-    as `References.check` audits a body's: the answer told whether the ids exist. The import itself
-    answers 200, with a result per row."""
-    if refused:
-        errors = [FieldError(f"rows[{row}].account_id", problem) for row, problem in sorted(refused.items())]
-        await access.runtime.audit_refused(
-            access.request, access.principal, access.resource, "import", ValidationFailed(errors), status=200
-        )
-
-
-async def _account_problems(access: Access, account_ids: Iterable[str]) -> dict[str, str]:
-    """Why each named account may not be named, by id. For many rows naming few accounts: the
-    accounts service lists the distinct ids, a page of them per call, concurrently, over all records."""
-    wanted = sorted({account_id for account_id in account_ids if account_id})
+    owning service judges that, and `audit_refused_rows` records the rows refused in the end.
+    Many rows name few accounts: the accounts service lists the distinct ids, a page of them per
+    call, concurrently, over all records."""
+    wanted = sorted({account_id for account_id in account_of_row.values() if account_id})
     upstreams: Upstreams = access.request.app.state.upstreams
     stub = upstreams.stub("accounts", AccountsServiceStub)
     metadata = _over_all_records(access)
@@ -217,7 +201,18 @@ async def _account_problems(access: Access, account_ids: Iterable[str]) -> dict[
     )
     found = {account.id: account for reply in replies for account in reply.items}
     problems = {account_id: _record_problem(ACCOUNT, account_id, found.get(account_id), None) for account_id in wanted}
-    return {account_id: problem for account_id, problem in problems.items() if problem}
+    return {row: problems[account_id] for row, account_id in account_of_row.items() if problems.get(account_id)}
+
+
+async def audit_refused_rows(access: Access, refused: Mapping[int, str]) -> None:
+    """One `refused` audit row naming each import row refused for its account (`rows[i].account_id`),
+    as `References.check` audits a body's: the answer told whether the ids exist. The import itself
+    answers 200, with a result per row."""
+    if refused:
+        errors = [FieldError(f"rows[{row}].account_id", problem) for row, problem in sorted(refused.items())]
+        await access.runtime.audit_refused(
+            access.request, access.principal, access.resource, "import", ValidationFailed(errors), status=200
+        )
 
 
 async def refuse_if_deals_name_campaign(access: Access, campaign_id: str) -> None:

@@ -47,6 +47,7 @@ from crm_platform.principal import (
     current_scope,
 )
 from crm_platform.timeutil import utcnow
+from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
 from sqlalchemy import Select, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
@@ -853,12 +854,7 @@ class LeadsService:
             "external_id",
             "status",
         }
-        unknown = [p for p in paths if p not in allowed]
-        if unknown:
-            raise ValidationFailed([FieldError(p, "is not a writable lead field") for p in unknown])
-        if not paths:
-            raise ValidationFailed([FieldError("update_mask", "names no field to update")])
-        given = {p: data.get(p) for p in paths}
+        given = {p: data.get(p) for p in writable_paths(paths, allowed, what="lead field")}
         clean = domain.validate_lead(given, partial=True, default_country=self.settings.default_country_code)
         principal = current_principal()
         now = self.clock()
@@ -1083,11 +1079,7 @@ class LeadsService:
         checked together with the others as stored, as a logged activity is. Returns the activity as
         it was and as it is now. The call's scope is the caller's on activities; the lead must be in
         `leads_scope`, as for logging one (`_lead_and_activity`)."""
-        unknown = [p for p in paths if p not in domain.ACTIVITY_FIELDS]
-        if unknown:
-            raise ValidationFailed([FieldError(p, "is not a writable activity field") for p in unknown])
-        if not paths:
-            raise ValidationFailed([FieldError("update_mask", "names no field to update")])
+        writable_paths(paths, domain.ACTIVITY_FIELDS, what="activity field")
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:

@@ -1687,16 +1687,13 @@ async def test_only_a_contract_that_never_took_effect_is_deleted_with_its_decisi
     ]  # fmt: skip
 
 
-async def test_only_a_quote_before_approval_whose_deal_has_no_contract_is_deleted(
-    sales: SalesHandlers, engine: AsyncEngine
-) -> None:
+async def settled_quotes(sales: SalesHandlers, deal_id: str) -> tuple[Any, Any]:
+    """Two of rep1's quotes past changing: one on `deal_id` a manager rejected, one on a won deal
+    that has its contract."""
     with as_user("rep1", "sales_rep"):
-        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
-        pending = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
         rejected = await sales.create_quote(
-            idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")]
+            idempotency_key="", opportunity_id=deal_id, line_items=[item(discount="35")]
         )
-        approved = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
     with as_user("mgr", "sales_manager"):
         await sales.decide_quote(rejected.id, expected_version=0, decision=d.Decision.REJECTED, comment="too steep")
     contracted_deal = await won_deal(sales, "10")
@@ -1708,6 +1705,17 @@ async def test_only_a_quote_before_approval_whose_deal_has_no_contract_is_delete
             idempotency_key="", opportunity_id=contracted_deal, account_id="", title="", amount=None,
             owner_id="", team="", region="", starts_on=None, ends_on=None,
         )  # fmt: skip
+    return rejected, contracted
+
+
+async def test_only_a_quote_before_approval_whose_deal_has_no_contract_is_deleted(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        pending = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
+        approved = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+    rejected, contracted = await settled_quotes(sales, deal.id)
     with as_user("bob", "sales_rep", scope="own"), pytest.raises(NotFound):
         await sales.delete_quote(pending.id, expected_version=0)
     with as_user("rep1", "sales_rep"):
@@ -1863,20 +1871,8 @@ async def test_who_changed_a_quotes_line_items_does_not_approve_them(sales: Sale
 async def test_a_rejected_quote_or_one_whose_deal_has_a_contract_does_not_change(sales: SalesHandlers) -> None:
     with as_user("rep1", "sales_rep"):
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
-        rejected = await sales.create_quote(
-            idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")]
-        )
-    with as_user("mgr", "sales_manager"):
-        await sales.decide_quote(rejected.id, expected_version=0, decision=d.Decision.REJECTED, comment="too steep")
-    contracted_deal = await won_deal(sales, "10")
+    rejected, contracted = await settled_quotes(sales, deal.id)
     with as_user("rep1", "sales_rep"):
-        contracted = await sales.create_quote(
-            idempotency_key="", opportunity_id=contracted_deal, line_items=[item(discount="35")]
-        )
-        await sales.create_contract(
-            idempotency_key="", opportunity_id=contracted_deal, account_id="", title="", amount=None,
-            owner_id="", team="", region="", starts_on=None, ends_on=None,
-        )  # fmt: skip
         with pytest.raises(Conflict) as turned_down:
             await sales.update_quote(rejected.id, expected_version=0, line_items=[item(discount="10")])
         with pytest.raises(Conflict) as has_contract:

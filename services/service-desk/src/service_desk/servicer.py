@@ -8,6 +8,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSe
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
+from crm_platform.update_mask import writable_paths
 
 from service_desk import handlers
 from service_desk.handlers import AGENT_FIELDS, ARTICLE_FIELDS, TICKET_FIELDS, Context, Page
@@ -36,13 +37,7 @@ def _info(cursor: str) -> common_pb2.PageInfo:
 
 def _masked(message: Any, mask: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
     """The fields an update mask names, read from the input message."""
-    paths = list(mask.paths)
-    if not paths:
-        raise ValidationFailed([FieldError("update_mask", "names no field to update")])
-    unknown = [path for path in paths if path not in allowed]
-    if unknown:
-        raise ValidationFailed([FieldError(path, "is not a writable field") for path in unknown])
-    return {path: _plain(getattr(message, path)) for path in paths}
+    return {path: _plain(getattr(message, path)) for path in writable_paths(mask.paths, allowed)}
 
 
 def _plain(value: Any) -> Any:
@@ -63,12 +58,7 @@ def ticket_values(message: pb.TicketInput) -> dict[str, Any]:
 
 def ticket_update(message: pb.TicketInput, mask: Any) -> dict[str, Any]:
     """The fields the mask names; `custom.<key>` writes one custom field (absent in the input: removed)."""
-    paths = list(mask.paths)
-    if not paths:
-        raise ValidationFailed([FieldError("update_mask", "names no field to update")])
-    unknown = [path for path in paths if path.split(".", 1)[0] not in TICKET_FIELDS]
-    if unknown:
-        raise ValidationFailed([FieldError(path, "is not a writable field") for path in unknown])
+    paths = writable_paths(mask.paths, TICKET_FIELDS, keyed=True)
     given = ticket_values(message)
     selected: dict[str, Any] = {}
     for path in paths:

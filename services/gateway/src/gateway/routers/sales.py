@@ -662,8 +662,7 @@ async def _deal_written(
     collision override audited on its own, shown as the caller may see it, with its ETag."""
     record = opportunity_dict(deal)
     await access.audit_write(record["id"], before, record)
-    if not access.replayed:  # the first request audited its override
-        await _audit_collision_override(access, record, before)
+    await _audit_collision_override(access, record, before)
     present = await presenter(access)
     return with_etag(response, present(record))
 

@@ -124,6 +124,7 @@ class Access:
         self.spec: ResourceSpec = runtime.policy.resource(decision.resource)
         self.request_id = request_id_of(request)
         self._sensitive_reads: list[Sensitive] = []
+        self._replay_audited = False
         self._masks_personal_data: bool | None = None
         self._field_views = runtime.field_views(decision)
         # Accesses of composed-view parts: their sensitive reads are flushed with this one's.
@@ -324,7 +325,7 @@ class Access:
         if action is None:
             action = "create" if before is None else "delete" if after is None else self.action
         if self.replayed:
-            await self.runtime.audit.record([self._replay(action, record_id)])
+            await self._audit_replay(action, record_id)
             return
         custom_pii: frozenset[str] | None = frozenset()
         if "custom" in changed_fields(before, after):
@@ -335,19 +336,21 @@ class Access:
         await self.runtime.audit.record([entry])
 
     async def audit(self, action: str, record_id: str = "", *, fields: Iterable[str] = (), reason: str = "") -> None:
-        """An audit row for anything else worth tracing (exports, approvals, ...); a `replay` row
-        when the service answered the request with its Idempotency-Key's earlier result."""
-        entry = (
-            self._replay(action, record_id)
-            if self.replayed
-            else self._entry(action, record_id, fields=list(fields), reason=reason)
-        )
-        await self.runtime.audit.record([entry])
+        """An audit row for anything else worth tracing (exports, approvals, ...); in a request the
+        service answered with its Idempotency-Key's earlier result, the request's `replay` row."""
+        if self.replayed:
+            await self._audit_replay(action, record_id)
+            return
+        await self.runtime.audit.record([self._entry(action, record_id, fields=list(fields), reason=reason)])
 
-    def _replay(self, action: str, record_id: str) -> AuditEntry:
-        """The row of a write done again under its Idempotency-Key: the service answered with the
-        first request's result and changed nothing, so no fields; `action` is named in the reason."""
-        return self._entry("replay", record_id, reason=f"{action}: {REPLAY_REASON}")
+    async def _audit_replay(self, action: str, record_id: str) -> None:
+        """The one row of a request done again under its Idempotency-Key, however many rows its
+        first run wrote (a create and its collision override): the service answered with the first
+        request's result and changed nothing, so no fields; the first `action` is in the reason."""
+        if self._replay_audited:
+            return
+        self._replay_audited = True
+        await self.runtime.audit.record([self._entry("replay", record_id, reason=f"{action}: {REPLAY_REASON}")])
 
     async def flush(self) -> None:
         """Writes the queued sensitive-read rows of this access and of its views (called by
