@@ -8,12 +8,15 @@ contact, opportunity, ticket). A service stores its definitions, then on every w
     stored = coerce(definitions, values)                         # canonical JSON-able values
 
 and for list filters `parse_filter(definition, text)` turns a query-string value into the stored form
-(crm_platform.custom_field_filters builds the typed filters and their SQL from it).
+(crm_platform.custom_field_filters builds the typed filters and their SQL from it). Values that come
+as text (an import's CSV cells, a web form's fields) are read by their field's type first, as a
+filter's text is (`from_text`, `typed_texts`): the cell `12` of a number field is the number 12.
 """
 
 import math
 import re
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
@@ -137,18 +140,8 @@ def coerce(definitions: Iterable[FieldDefinition], values: Mapping[str, object])
 def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
     """A filter value from a query string in the stored form; ValueError with a reason if malformed."""
     match definition.type:
-        case FieldType.NUMBER:
-            try:
-                number = float(text)
-            except ValueError:
-                raise ValueError(f"{text!r} is not a number") from None
-            if not math.isfinite(number):  # "nan", "inf", "1e999": never stored, and not JSON
-                raise ValueError("must be a finite number")
-            return int(number) if number.is_integer() else number
-        case FieldType.BOOL:
-            if text.lower() not in ("true", "false"):
-                raise ValueError("must be true or false")
-            return text.lower() == "true"
+        case FieldType.NUMBER | FieldType.BOOL:
+            return from_text(definition, text)
         case FieldType.MULTI_ENUM | FieldType.ENUM:
             if text not in definition.options:
                 raise ValueError(f"must be one of {', '.join(definition.options)}")
@@ -157,6 +150,50 @@ def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
     if message:
         raise ValueError(message)
     return _canonical(definition, text)
+
+
+def from_text(definition: FieldDefinition, text: str) -> JsonValue:
+    """The value `text` stands for in the field's type, wherever a value comes as text (a filter's
+    query string, a CSV cell, a web form field); ValueError with a reason if it is not one.
+
+    A number (`12`, ` 3.5 `) or a bool (`true`/`false`, any case) is read from its text. Every other
+    type is written as text already, so the text is returned as it is, for `validate` to judge;
+    a multi_enum too: a list has no agreed text form (a filter names one option, not a list).
+    """
+    match definition.type:
+        case FieldType.NUMBER:
+            try:
+                number = float(text)  # surrounding blanks are allowed by float() itself
+            except ValueError:
+                raise ValueError(f"{text!r} is not a number") from None
+            if not math.isfinite(number):  # "nan", "inf", "1e999": never stored, and not JSON
+                raise ValueError("must be a finite number")
+            return int(number) if number.is_integer() else number
+        case FieldType.BOOL:
+            word = text.strip().lower()
+            if word not in ("true", "false"):
+                raise ValueError("must be true or false")
+            return word == "true"
+    return text
+
+
+def typed_texts(definitions: Iterable[FieldDefinition], values: Mapping[str, object]) -> dict[str, object]:
+    """`values` from a source that writes everything as text (an import, a web form), with the text
+    of each defined field read by `from_text`, ready for `validate` and `coerce`.
+
+    Text that does not read as its type, and blank text (an empty cell is no value), is kept as
+    given: `validate` then refuses it, or applies `required`, naming `custom.<key>` as for any
+    value. Values that are not text (a JSON import's numbers) and undefined keys are as given.
+    """
+    by_key = {d.key: d for d in definitions}
+    result: dict[str, object] = {}
+    for key, value in values.items():
+        definition = by_key.get(key)
+        if definition is not None and isinstance(value, str) and value.strip():
+            with suppress(ValueError):  # kept as given: validate names the field
+                value = from_text(definition, value)
+        result[key] = value
+    return result
 
 
 def pii_keys(definitions: Iterable[FieldDefinition]) -> frozenset[str]:

@@ -455,6 +455,8 @@ BLANK = [
     ("POST", "/api/v1/tickets", {"subject": "Printer", "account_id": "   "}, ["account_id"]),
     ("POST", "/api/v1/accounts", {"name": "\u3000"}, ["name"]),  # an ideographic space
     ("POST", "/api/v1/segments", {"name": ""}, ["name"]),
+    # A lead owned by nobody and out of the pool, or in a team nobody sees.
+    ("POST", f"/api/v1/leads/{ID}/assign", {"owner_id": "   ", "team": " "}, ["owner_id", "team"]),
 ]
 
 
@@ -621,6 +623,8 @@ STAGES_AS_READ = [
         (f"/api/v1/pipelines/{ID}", {"name": "Default", "stages": STAGES_AS_READ}),
         (f"/api/v1/lead-scoring-rules/{ID}", {"id": ID, "version": 3, "name": "r", "points": 5, "field": "email",
                                              "operator": "present"}),
+        (f"/api/v1/lead-assignment-rules/{ID}", {"id": ID, "version": 2, "name": "r", "user_ids": ["u-1"],
+                                                 "capacity": 3}),
         ("/api/v1/sla-policies/high", {"priority": "high", "first_response_minutes": 60, "resolution_minutes": 480,
                                        "updated_at": "2026-12-05T10:00:00Z", "version": 2}),
     ],

@@ -463,6 +463,8 @@ async def test_a_rep_may_not_import_fields_they_may_not_set(
         ("Full Name,Phone Number,Shoe size\nLi,138,42\n", {}),
         ('[{"name": "Li", "hobby": "chess"}]', {"format": "json"}),
         ("Wu,2\n", {"import_key": "k", "part": 2, "final": "true", "column_map": {"Name": "name"}}),
+        # A header csv cannot read (classic Mac line ends): the service refuses the file, saying why.
+        ("name,email\rA,a@x.cn\r", {}),
     ],
 )
 async def test_a_rep_imports_the_fields_they_may_set(gateway: Gateway, body: str, params: dict[str, Any]) -> None:
@@ -1073,3 +1075,25 @@ async def test_a_web_forms_writes_send_if_match_and_idempotency_key_and_answer_w
     update, rotation = gateway.leads.webform_writes
     assert update.expected_version == 3
     assert (rotation.expected_version, rotation.idempotency_key) == (4, "rotate-1")
+
+
+async def test_a_campaign_reads_with_its_version_a_number_and_no_dates_as_null(gateway: Gateway) -> None:
+    response = await gateway.client.get("/api/v1/campaigns/cmp-1", headers=gateway.auth("marketing"))
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["version"], response.headers["etag"]) == (3, '"3"')
+    assert (body["starts_on"], body["ends_on"], body["cost"]) == (None, None, None)
+
+
+async def test_a_follow_up_on_a_lead_needs_the_grant_to_create_activities(gateway: Gateway) -> None:
+    """Marketing may update any lead (scope all) but log no activity: a call it logged would mark
+    a rep's lead contacted and close its first-contact task."""
+    response = await gateway.client.post(
+        "/api/v1/leads/l-1/activities", json={"kind": "call"}, headers=gateway.auth("marketing")
+    )
+
+    assert response.status_code == 403, response.text
+    assert "activities" in response.json()["detail"]
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert [(row["action"], row["outcome"]) for row in rows] == [("denied", "denied")]

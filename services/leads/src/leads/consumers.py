@@ -1,5 +1,7 @@
 """Events this service consumes: accounts' contacts, kept as a projection of their dedupe keys so a
-new lead is linked to an existing contact (`matched_contact_id`) without a call per lead."""
+new lead is linked to an existing contact (`matched_contact_id`) without a call per lead. A
+contact's events share its key, and the projection holds its version and a tombstone once it is
+deleted, so a redelivered or late event never brings back keys a newer one replaced or removed."""
 
 from crm.accounts.v1 import accounts_pb2, events_pb2
 from crm_platform.config import KafkaSettings
@@ -11,7 +13,6 @@ from sqlalchemy import update
 
 from leads import domain
 from leads import repository as repo
-from leads.db_ops import upsert
 
 
 def contact_keys(contact: accounts_pb2.Contact, default_country: str) -> tuple[str | None, str | None]:
@@ -33,12 +34,11 @@ def contact_keys(contact: accounts_pb2.Contact, default_country: str) -> tuple[s
 
 async def apply_contact(tx: Transaction, contact: accounts_pb2.Contact, default_country: str) -> None:
     email, phone = contact_keys(contact, default_country)
-    await upsert(
-        tx.conn,
-        repo.contact_keys,
-        {"contact_id": contact.id, "email_norm": email, "phone_norm": phone, "updated_at": utcnow()},
-        keys=["contact_id"],
+    applied = await repo.put_contact_keys(
+        tx.conn, contact.id, email_norm=email, phone_norm=phone, version=contact.version, now=utcnow()
     )
+    if not applied:
+        return  # a newer version of the contact, or its deletion, was applied first
     # Open leads already captured for this person are linked now.
     matches = []
     if email:
@@ -53,6 +53,12 @@ async def apply_contact(tx: Transaction, contact: accounts_pb2.Contact, default_
         )
 
 
+async def apply_contact_deleted(tx: Transaction, contact_id: str) -> None:
+    """A deleted contact links no lead captured from now on. Leads already linked to it keep the
+    link (what they matched when captured); their rows are not rewritten."""
+    await repo.tombstone_contact_keys(tx.conn, contact_id, now=utcnow())
+
+
 def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) -> EventConsumer:
     async def on_created(tx: Transaction, event: ReceivedEvent[events_pb2.ContactCreated]) -> None:
         await apply_contact(tx, event.message.contact, default_country)
@@ -60,11 +66,18 @@ def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) 
     async def on_updated(tx: Transaction, event: ReceivedEvent[events_pb2.ContactUpdated]) -> None:
         await apply_contact(tx, event.message.contact, default_country)
 
+    async def on_deleted(tx: Transaction, event: ReceivedEvent[events_pb2.ContactDeleted]) -> None:
+        await apply_contact_deleted(tx, event.message.contact_id)
+
     return EventConsumer(
         name="leads-contacts",
         uow=uow,
         metadata=repo.metadata,
         kafka=kafka,
-        handlers={events_pb2.ContactCreated: on_created, events_pb2.ContactUpdated: on_updated},
+        handlers={
+            events_pb2.ContactCreated: on_created,
+            events_pb2.ContactUpdated: on_updated,
+            events_pb2.ContactDeleted: on_deleted,
+        },
         service="leads",
     )

@@ -5,7 +5,7 @@ state transitions, follow-up SLA and recycling. No I/O here; handlers load, deci
 import math
 import re
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -189,13 +189,35 @@ def validate_lead(
     return CleanLead(values, email_norm, phone_norm)
 
 
-def merge_into(existing: Mapping[Any, Any], clean: CleanLead) -> dict[str, Any]:
+def dedupe_key_fields(clean: CleanLead) -> dict[str, str]:
+    """The input's dedupe keys by the field that carries each, as the keys are written elsewhere
+    ("email:<norm>", "phone:<norm>", "external_id:<id>")."""
+    keys: dict[str, str] = {}
+    if clean.email_norm:
+        keys["email"] = f"email:{clean.email_norm}"
+    if clean.phone_norm:
+        keys["phone"] = f"phone:{clean.phone_norm}"
+    if clean.values.get("external_id"):
+        keys["external_id"] = f"external_id:{clean.values['external_id']}"
+    return keys
+
+
+def keys_a_merge_fills(existing: Mapping[Any, Any], clean: CleanLead) -> list[str]:
+    """The dedupe keys `merge_into` would give `existing` (those of its empty fields): the ones to
+    look for on other open leads before merging."""
+    return [key for name, key in dedupe_key_fields(clean).items() if not existing.get(name)]
+
+
+def merge_into(existing: Mapping[Any, Any], clean: CleanLead, held: Collection[str] = ()) -> dict[str, Any]:
     """What `on_duplicate=merge` changes: empty fields filled from the input (with their dedupe
-    keys), tags appended, custom keys added."""
+    keys), tags appended, custom keys added. A dedupe key that another open lead holds (`held`) is
+    not filled: two open leads would then share it, which an update refuses (409); the other
+    values still merge."""
     incoming = clean.values
+    withheld = {name for name, key in dedupe_key_fields(clean).items() if key in held}
     changes: dict[str, Any] = {}
     for name, value in incoming.items():
-        if name in ("tags", "custom", "status", "owner_id", "team"):
+        if name in ("tags", "custom", "status", "owner_id", "team") or name in withheld:
             continue
         if value and not existing.get(name):
             changes[name] = value
@@ -284,16 +306,59 @@ def status_after_activity(status: str, kind: str) -> str:
     return status
 
 
-def check_status_change(current: str, new: str) -> None:
-    """Updates may move between new, contacted and qualified of an open lead only."""
+def check_status_change(current: str, new: str, *, contacted: bool) -> None:
+    """Updates may move between new, contacted and qualified of an open lead only; a lead somebody
+    has contacted is no longer `new` (it would be new with a first contact, and its SLA met)."""
     if new == current:
         return
     if current not in OPEN_STATUSES or new not in SETTABLE_STATUSES:
         raise Conflict(f"cannot change status from {current} to {new}", reason="ILLEGAL_TRANSITION")
+    if new == "new" and contacted:
+        raise Conflict(f"cannot change status from {current} to new: it was contacted", reason="ILLEGAL_TRANSITION")
 
 
 def status_after_claim(first_contacted_at: datetime | None) -> str:
     return "contacted" if first_contacted_at else "new"
+
+
+# --- conversion ---------------------------------------------------------------------------------
+
+
+def contact_to_reuse(*, matched_contact_id: str, matched_contact_account_id: str, account_id: str) -> str:
+    """The contact a conversion into `account_id` links instead of creating one: the lead's matched
+    contact when it is a live contact of that very account (`matched_contact_account_id` is its
+    account as read now, "" when it is gone or out of the caller's sight). "" means create one, as
+    for a new account or a contact of another account: it is the person, but not at this company."""
+    if matched_contact_id and account_id and matched_contact_account_id == account_id:
+        return matched_contact_id
+    return ""
+
+
+def ensure_repeats_conversion(
+    *,
+    account_id: str,
+    create_opportunity: bool,
+    converted_account_id: str,
+    converted_contact_id: str,
+    converted_opportunity_id: str,
+) -> None:
+    """A converted lead answers a conversion request again with its links when the request asks for
+    nothing the conversion did not do (no account or the one it went into; no opportunity, or it got
+    one): a client retrying without an Idempotency-Key keeps working. Another account, or an
+    opportunity it did not get, is a 409 naming what it became, never silently ignored."""
+    asked: list[str] = []
+    if account_id and account_id != converted_account_id:
+        asked.append(f"account {account_id}")
+    if create_opportunity and not converted_opportunity_id:
+        asked.append("an opportunity")
+    if not asked:
+        return
+    became = f"account {converted_account_id}, contact {converted_contact_id}"
+    became += f" and opportunity {converted_opportunity_id}" if converted_opportunity_id else ", no opportunity"
+    raise Conflict(
+        f"the lead is already converted (into {became}); it cannot be converted again into {' and '.join(asked)}",
+        reason="ILLEGAL_TRANSITION",
+    )
 
 
 # --- activities ---------------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 events in one unit of work; the servicer only translates gRPC to these calls and back."""
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -196,6 +197,13 @@ class _ParserFailed(Exception):
     """An unexpected error of the import parser (its cause), told apart from database errors."""
 
 
+async def _digested(chunks: AsyncIterator[bytes], digest: "hashlib._Hash") -> AsyncIterator[bytes]:
+    """The chunks, each added to `digest` as it passes."""
+    async for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
 def _parsed(parse: Callable[..., Iterator[_ParsedRow]], *chunk: bytes) -> Iterator[_ParsedRow]:
     """The parser's rows; an unexpected parser error becomes `_ParserFailed` (a 422 stays a 422)."""
     try:
@@ -206,16 +214,30 @@ def _parsed(parse: Callable[..., Iterator[_ParsedRow]], *chunk: bytes) -> Iterat
         raise _ParserFailed(f"{type(error).__name__}: {error}") from error
 
 
+def _period_errors(starts_on: date | None, ends_on: date | None, *, given: Mapping[str, Any]) -> list[FieldError]:
+    """A campaign period ending before it starts, named by the date the request gave (`ends_on`
+    when it gave both)."""
+    if not (starts_on and ends_on and ends_on < starts_on):
+        return []
+    if "ends_on" in given or "starts_on" not in given:
+        return [FieldError("ends_on", f"must not be before starts_on ({starts_on.isoformat()})")]
+    return [FieldError("starts_on", f"must not be after ends_on ({ends_on.isoformat()})")]
+
+
 def checked_custom(
     definitions: Sequence[cf.FieldDefinition], values: Mapping[str, Any], *, partial: bool, lenient: bool = False
 ) -> dict[str, Any]:
     """Custom values validated against the definitions (422 naming `custom.<key>`), in stored form.
 
     `lenient` (imports, web forms) keeps keys without a definition as given, so no column of a
-    file or field of a form is lost; the defined keys are still checked.
+    file or field of a form is lost; the defined keys are still checked. These sources write every
+    value as text (a CSV cell, a form field), so a defined field's text is read by its type first,
+    as a list filter reads it: `12` for a number field, `true` for a bool one.
     """
     by_key = {d.key for d in definitions}
     checked = {k: v for k, v in values.items() if k in by_key} if lenient else dict(values)
+    if lenient:
+        checked = cf.typed_texts(definitions, checked)
     errors = cf.validate(definitions, checked, partial=partial)
     if errors:
         raise ValidationFailed(errors)
@@ -249,6 +271,11 @@ class ConversionPorts(Protocol):
     async def get_account(self, account_id: str) -> None: ...
 
     async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str: ...
+
+    async def contact_account_id(self, contact_id: str) -> str:
+        """The account of the live contact `contact_id` as the call's scope sees it; "" when it is
+        deleted, missing or out of that scope."""
+        ...
 
     async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str: ...
 
@@ -709,7 +736,8 @@ class LeadsService:
                     raise AlreadyExists(
                         f"an open lead with this email or phone exists: {duplicate_id}", existing_id=duplicate_id
                     )
-                merged = await self._merge(tx, duplicate, clean, principal, now)
+                held = await self._keys_held_elsewhere(conn, duplicate, clean)
+                merged = await self._merge(tx, duplicate, clean, principal, now, held=held)
                 await idempotency.settle(
                     conn, repo.idempotency, operation="create_lead", caller=principal.user_id, key=idempotency_key,
                     result={"lead_id": merged["id"], "merged": True},
@@ -719,10 +747,39 @@ class LeadsService:
                 tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads
             ), False
 
+    async def _keys_held_elsewhere(
+        self, conn: AsyncConnection, lead: Mapping[Any, Any], clean: domain.CleanLead
+    ) -> set[str]:
+        """The email or phone a merge of `clean` would give `lead` that another open lead holds. At
+        most one: the lead was found by the other. The create holds both keys' locks, so none is
+        given to a lead meanwhile."""
+        held: set[str] = set()
+        for key in domain.keys_a_merge_fills(lead, clean):
+            kind, _, value = key.partition(":")
+            if kind not in ("email", "phone"):
+                continue
+            other = await repo.find_open_duplicate(
+                conn,
+                email_norm=value if kind == "email" else None,
+                phone_norm=value if kind == "phone" else None,
+                excluding=lead["id"],
+            )
+            if other is not None:
+                held.add(key)
+        return held
+
     async def _merge(
-        self, tx: Transaction, existing: RowMapping, clean: domain.CleanLead, principal: Principal, now: datetime
+        self,
+        tx: Transaction,
+        existing: RowMapping,
+        clean: domain.CleanLead,
+        principal: Principal,
+        now: datetime,
+        *,
+        held: Collection[str] = (),
     ) -> RowMapping:
-        changes = domain.merge_into(existing, clean)
+        """Merges `clean` into `existing`, leaving unfilled the dedupe keys other open leads hold (`held`)."""
+        changes = domain.merge_into(existing, clean, held)
         if not changes:
             return existing
         row = await self._write(tx.conn, existing["id"], {**changes, "updated_at": now})
@@ -766,6 +823,9 @@ class LeadsService:
         values.update({k: v for k, v in clean.values.items() if v not in (None, "") or k not in defaults})
         if not values["team"] and principal.kind == "user":
             values["team"] = principal.team
+        if not values["owner_id"] and principal.kind == "user" and current_scope().kind == ScopeKind.OWN:
+            # A rep works only the leads they own: the one they enter is theirs, not the pool's.
+            values["owner_id"] = principal.user_id
         status = values.pop("status", None) or "new"
         values.update(
             id=new_id(),
@@ -874,7 +934,9 @@ class LeadsService:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
             domain.ensure_open(lead["status"], "update")
             if "status" in clean.values:
-                domain.check_status_change(lead["status"], clean.values["status"])
+                domain.check_status_change(
+                    lead["status"], clean.values["status"], contacted=lead["first_contacted_at"] is not None
+                )
             if "campaign_id" in clean.values:
                 await self._check_campaign(conn, clean.values["campaign_id"])
             changes = {k: v for k, v in clean.values.items() if lead[k] != v and k != "owner_id"}
@@ -892,6 +954,15 @@ class LeadsService:
                 )
                 if duplicate is not None:
                     raise AlreadyExists("another open lead has this email or phone", existing_id=duplicate["id"])
+            if not lead["matched_contact_id"] and ("email" in changes or "phone" in changes):
+                # Linked as a create links it (SPEC §4), by the keys it has now; a link it has stays.
+                email = changes.get("email_norm", lead["email_norm"])
+                phone = changes.get("phone_norm", lead["phone_norm"])
+                contacts = await repo.known_contacts(
+                    conn, emails={email} if email else set(), phones={phone} if phone else set()
+                )
+                if contact_id := contacts.get(f"email:{email}") or contacts.get(f"phone:{phone}"):
+                    changes["matched_contact_id"] = contact_id
             new_owner = clean.values.get("owner_id")
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
             if not changes and not reassign:
@@ -911,6 +982,8 @@ class LeadsService:
                     ),
                     key=lead_id,
                 )
+            if "first_contacted_at" in changes:  # the first contact, as a logged call would publish it
+                tx.publish(events_pb2.LeadContacted(lead=lead_to_proto(row), actor=actor(principal)), key=lead_id)
             return row
 
     def _filtered(
@@ -936,9 +1009,13 @@ class LeadsService:
         if f.tag:
             query = query.where(repo.tag_clause(conn, f.tag))
         if f.q:
-            pattern = f"%{f.q.lower()}%"
+            term = f.q.lower()  # a substring: % and _ in it are the characters, not wildcards
             query = query.where(
-                or_(func.lower(c.name).like(pattern), func.lower(c.company).like(pattern), c.email_norm.like(pattern))
+                or_(
+                    func.lower(c.name).contains(term, autoescape=True),
+                    func.lower(c.company).contains(term, autoescape=True),
+                    c.email_norm.contains(term, autoescape=True),
+                )
             )
         if f.created_after:
             query = query.where(c.created_at >= f.created_after)
@@ -1243,6 +1320,10 @@ class LeadsService:
         return row
 
     async def assign(self, lead_id: str, owner_id: str, team: str, expected_version: int) -> RowMapping:
+        # "" runs the rules (owner) or keeps none (team); only spaces would be an owner nobody is.
+        given = {"owner_id": owner_id, "team": team}
+        if blank := [name for name, value in given.items() if value and not value.strip()]:
+            raise ValidationFailed([FieldError(name, "must not be blank") for name in blank])
         principal = current_principal()
         now = self.clock()
 
@@ -1344,9 +1425,9 @@ class LeadsService:
                 .mappings()
                 .first()
             )
-            if lead is None or not lead["in_pool"]:
-                if lead is None:
-                    raise NotFound(LEAD, lead_id)
+            if lead is None or not (lead["in_pool"] or _in_scope(lead)):
+                raise NotFound(LEAD, lead_id)  # neither in the pool nor the caller's to see: it does not exist
+            if not lead["in_pool"]:
                 raise Conflict(f"lead {lead_id} is not in the pool", reason="NOT_IN_POOL")
             domain.ensure_open(lead["status"], "claim")
             # Serialise one rep's claims so two parallel claims cannot both pass the limit.
@@ -1427,9 +1508,17 @@ class LeadsService:
         """
         record = await self.start_import(spec.import_id, spec.format)
         part = spec.part
-        if record["status"] == "completed" or (part and part <= record["parts_received"]):
-            return ImportPartResult(record, [], 0)  # a repeated request returns the first result
-        expected = record["parts_received"] + 1
+        received = record["parts_received"]
+        if (part and part <= received) or (not part and received == 1 and record["status"] == "completed"):
+            # A repeated request returns the first result, if it sends what the first one sent.
+            await self._check_part_sent_before(record, part or 1, chunks)
+            return ImportPartResult(record, [], 0)
+        if record["status"] == "completed":
+            raise Conflict(
+                f"import {spec.import_id} is complete ({received} parts); import more rows under a new import key",
+                reason="IMPORT_COMPLETED",
+            )
+        expected = received + 1
         if part and part != expected:
             raise Conflict(f"import {spec.import_id} expects part {expected}, not {part}", reason="PART_OUT_OF_ORDER")
         if not part and record["parts_received"]:
@@ -1451,6 +1540,8 @@ class LeadsService:
             pending=bytes(record["pending"] or b""),
         )
         parser = StreamParser(spec.format, self.settings.import_max_bytes, state)
+        digest = hashlib.sha256()
+        chunks = _digested(chunks, digest)
         already = int(record["committed_rows"])
         outcomes: list[ImportRowOutcome] = []
         batch: list[tuple[int, Mapping[str, Any] | str]] = []
@@ -1511,13 +1602,38 @@ class LeadsService:
                 error=f"the file could not be read: {error}",
             )
             raise
-        done = await self._save_import_state(spec.import_id, parser.state, max(part, 1), final=final, error="")
+        digests = [*(record["part_digests"] or []), digest.hexdigest()]
+        done = await self._save_import_state(
+            spec.import_id, parser.state, max(part, 1), final=final, error="", digests=digests
+        )
         return ImportPartResult(done, outcomes, skipped)
 
+    @staticmethod
+    async def _check_part_sent_before(record: RowMapping, part: int, chunks: AsyncIterator[bytes]) -> None:
+        """422 on `import_key` when part `part` of the import was first sent with other bytes: the key
+        names one file, and rows of another file must not be answered as imported when they are not.
+        (Imports begun before the parts' digests were kept are not checked.)"""
+        digests = record["part_digests"] or []
+        digest = hashlib.sha256()
+        async for _chunk in _digested(chunks, digest):
+            pass
+        if part <= len(digests) and digests[part - 1] != digest.hexdigest():
+            message = f"part {part} of import {record['id']} was sent before with other content; use a new import key"
+            raise ValidationFailed([FieldError("import_key", message)])
+
     async def _save_import_state(
-        self, import_id: str, state: ParserState | None, parts: int, *, final: bool, error: str
+        self,
+        import_id: str,
+        state: ParserState | None,
+        parts: int,
+        *,
+        final: bool,
+        error: str,
+        digests: list[str] | None = None,
     ) -> RowMapping:
         values: dict[str, Any] = {"parts_received": parts, "error": error[:2000]}
+        if digests is not None:
+            values["part_digests"] = digests
         if state is not None:
             values.update(
                 parsed_rows=state.rows,
@@ -1578,16 +1694,21 @@ class LeadsService:
                     continue
                 duplicate_of = next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
                 if duplicate_of is not None and options.on_duplicate != "allow":
+                    # A merge leaves unfilled a key another open lead or another new row holds.
+                    held = {k for k in keys if existing.get(k, duplicate_of) != duplicate_of}
+                    held.update(k for k in keys if seen.get(k, duplicate_of) != duplicate_of)
                     if options.on_duplicate == "merge" and duplicate_of in existing_ids:
                         target = await repo.load_lead(conn, duplicate_of, for_update=True)
                         if target is not None and _in_scope(target):  # no write to a lead the caller cannot see
-                            await self._merge(tx, target, item.clean, principal, now)
+                            filled = [k for k in domain.keys_a_merge_fills(target, item.clean) if k not in held]
+                            await self._merge(tx, target, item.clean, principal, now, held=held)
+                            existing.update(dict.fromkeys(filled, duplicate_of))  # later rows find them on it
                             outcomes.append(ImportRowOutcome(item.row, "merged", lead_id=duplicate_of))
                             continue
                     elif options.on_duplicate == "merge" and duplicate_of in new_items:  # an earlier row of the batch
                         rules = rules or await self.rules.get()
                         earlier = new_items[duplicate_of]
-                        self._merge_rows(earlier, item.clean, rules)
+                        self._merge_rows(earlier, item.clean, rules, held)
                         seen.update({k: duplicate_of for k in earlier.keys if k not in seen})
                         outcomes.append(ImportRowOutcome(item.row, "merged", lead_id=duplicate_of))
                         continue
@@ -1683,11 +1804,14 @@ class LeadsService:
             )
         return sorted(outcomes, key=lambda o: o.row)
 
-    def _merge_rows(self, earlier: _CheckedRow, clean: domain.CleanLead, rules: Rules) -> None:
+    def _merge_rows(
+        self, earlier: _CheckedRow, clean: domain.CleanLead, rules: Rules, held: Collection[str] = ()
+    ) -> None:
         """`on_duplicate=merge` within one batch: a later row fills the empty fields of the earlier
-        row it duplicates (and appends its tags), as it would merge into that lead once stored."""
+        row it duplicates (and appends its tags), as it would merge into that lead once stored; not
+        with a dedupe key that another lead or row holds (`held`)."""
         values = earlier.values
-        values.update(domain.merge_into(values, clean))
+        values.update(domain.merge_into(values, clean, held))
         earlier.keys = _dedupe_keys(domain.CleanLead(values, values["email_norm"], values["phone_norm"]))
         score, grade, earlier.matched = self._score(rules, values, {})
         values.update(score=score, grade=grade)
@@ -2000,9 +2124,7 @@ class LeadsService:
                     errors.append(FieldError(name, f"{value!r} is not a date (YYYY-MM-DD)"))
             else:
                 errors.append(FieldError(name, "is not a writable campaign field"))
-        starts, ends = values.get("starts_on"), values.get("ends_on")
-        if starts and ends and ends < starts:
-            errors.append(FieldError("ends_on", "must not be before starts_on"))
+        errors.extend(_period_errors(values.get("starts_on"), values.get("ends_on"), given=values))
         if errors:
             raise ValidationFailed(errors)
         return values
@@ -2056,6 +2178,10 @@ class LeadsService:
                 raise NotFound("campaign", campaign_id)
             if expected_version and current["version"] != expected_version:
                 raise StaleVersion("campaign", campaign_id, current["version"])
+            # One date changed alone must fit the other as stored.
+            period = {**{k: current[k] for k in ("starts_on", "ends_on")}, **values}
+            if errors := _period_errors(period["starts_on"], period["ends_on"], given=values):
+                raise ValidationFailed(errors)
             stmt = (
                 update(t)
                 .where(t.c.id == campaign_id)
@@ -2282,7 +2408,10 @@ class LeadsService:
         The saga row records each step, and every upstream create uses a key derived from the lead,
         the attempt and the attempt's random nonce, so a retry after a crash or timeout resumes
         without creating anything twice, and no caller can plant a record under a key to come.
+        Into an existing account, the contact the lead matched is linked when it is one of that
+        account's, not created again (and never deleted by compensation).
         A business error from a later step deletes what this attempt created (compensation).
+        A converted lead answers a repeated request with its links unless it asks for more (409).
         """
         if self.ports is None:
             raise Unavailable("conversion is not configured (no accounts/sales targets)")
@@ -2298,6 +2427,14 @@ class LeadsService:
                 _same_record(req.idempotency_key, LEAD, earlier["lead_id"], req.lead_id)
             lead = await self._visible_lead(conn, req.lead_id, for_update=True)
             if earlier is not None or lead["status"] == "converted":
+                if earlier is None:  # a replay under its key answers as the first; another request may not differ
+                    domain.ensure_repeats_conversion(
+                        account_id=req.account_id,
+                        create_opportunity=req.create_opportunity,
+                        converted_account_id=lead["converted_account_id"],
+                        converted_contact_id=lead["converted_contact_id"],
+                        converted_opportunity_id=lead["converted_opportunity_id"],
+                    )
                 return ConvertResult(
                     lead, lead["converted_account_id"], lead["converted_contact_id"], lead["converted_opportunity_id"]
                 )
@@ -2321,6 +2458,7 @@ class LeadsService:
                     "account_id": "",
                     "account_created": False,
                     "contact_id": "",
+                    "contact_created": False,
                     "opportunity_id": "",
                     "error": "",
                     "updated_at": now,
@@ -2337,7 +2475,7 @@ class LeadsService:
             attempt_key += f":{saga['attempt_nonce']}"
         account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
         opportunity_id = str(saga["opportunity_id"])
-        account_created = bool(saga["account_created"])
+        account_created, contact_created = bool(saga["account_created"]), bool(saga["contact_created"])
         scopes = req.scopes or ConversionScopes.own(principal)
         try:
             if not account_id:
@@ -2350,6 +2488,14 @@ class LeadsService:
                         account_id = await self.ports.create_account(key=f"{attempt_key}:account", lead=lead, name=name)
                         account_created = True
                 await self._saga_step(req.lead_id, account_id=account_id, account_created=account_created)
+            if not contact_id and not contact_created:
+                # Link or create is chosen once per attempt and recorded before anything is created:
+                # a retry after a create whose answer was lost resumes that create under its key,
+                # never links the matched contact beside it.
+                with _calling_in(scopes.contacts):
+                    contact_id = await self._contact_to_reuse(lead, account_id, account_created)
+                contact_created = not contact_id
+                await self._saga_step(req.lead_id, contact_id=contact_id, contact_created=contact_created)
             if not contact_id:
                 with _calling_in(scopes.contacts):
                     contact_id = await self.ports.create_contact(
@@ -2369,7 +2515,8 @@ class LeadsService:
         except Unavailable:
             raise  # the saga row keeps the progress; a retry resumes with the same keys
         except CrmError as error:
-            await self._compensate(req.lead_id, account_id if account_created else "", contact_id, "", error)
+            created_contact_id = contact_id if contact_created else ""  # a linked contact stays
+            await self._compensate(req.lead_id, account_id if account_created else "", created_contact_id, "", error)
             raise
         try:
             return await self._finish_conversion(req, account_id, contact_id, opportunity_id, principal, now)
@@ -2377,7 +2524,11 @@ class LeadsService:
             raise
         except CrmError as error:  # e.g. the lead was disqualified meanwhile: this attempt is undone
             await self._compensate(
-                req.lead_id, account_id if account_created else "", contact_id, opportunity_id, error
+                req.lead_id,
+                account_id if account_created else "",
+                contact_id if contact_created else "",
+                opportunity_id,
+                error,
             )
             raise
 
@@ -2426,6 +2577,20 @@ class LeadsService:
             await remember(tx.conn, "convert_lead", req.idempotency_key, principal, {"lead_id": req.lead_id}, now)
             return ConvertResult(row, account_id, contact_id, opportunity_id)
 
+    async def _contact_to_reuse(self, lead: Mapping[Any, Any], account_id: str, account_created: bool) -> str:
+        """The contact the lead matched, to link when it is a live contact of the account the lead
+        converts into (read in the caller's scope on contacts); "" to create one. An account this
+        attempt created has no contact of its own yet, so it is not asked."""
+        assert self.ports is not None
+        matched = str(lead["matched_contact_id"] or "")
+        if not matched or account_created:
+            return ""
+        return domain.contact_to_reuse(
+            matched_contact_id=matched,
+            matched_contact_account_id=await self.ports.contact_account_id(matched),
+            account_id=account_id,
+        )
+
     async def _saga_step(self, lead_id: str, **values: Any) -> None:
         async with transaction(self.engine) as conn:
             await conn.execute(
@@ -2435,12 +2600,18 @@ class LeadsService:
             )
 
     async def _compensate(
-        self, lead_id: str, created_account_id: str, contact_id: str, opportunity_id: str, cause: CrmError | None
+        self,
+        lead_id: str,
+        created_account_id: str,
+        created_contact_id: str,
+        opportunity_id: str,
+        cause: CrmError | None,
     ) -> bool:
         """Undoes an attempt's creations, newest first, and records each undo as it succeeds. When one
-        fails the saga stays `compensating`, holding only what still exists; False then."""
+        fails the saga stays `compensating`, holding only what still exists; False then. An account or
+        contact the attempt linked rather than created is no creation of it: the caller passes ""."""
         assert self.ports is not None
-        left = {"opportunity_id": opportunity_id, "contact_id": contact_id, "account_id": created_account_id}
+        left = {"opportunity_id": opportunity_id, "contact_id": created_contact_id, "account_id": created_account_id}
         try:
             # Only what the saga itself created (the ids on its row), so in every scope: records made
             # for the lead's owner may lie outside the caller's, and a delete refused as "not found"
@@ -2449,8 +2620,8 @@ class LeadsService:
                 if opportunity_id:
                     await self.ports.delete_opportunity(opportunity_id)
                     left["opportunity_id"] = ""
-                if contact_id:
-                    await self.ports.delete_contact(contact_id)
+                if created_contact_id:
+                    await self.ports.delete_contact(created_contact_id)
                     left["contact_id"] = ""
                 if created_account_id:
                     await self.ports.delete_account(created_account_id)
@@ -2462,6 +2633,7 @@ class LeadsService:
             "state": "compensated" if done else "compensating",
             **left,
             "account_created": bool(left["account_id"]),
+            "contact_created": bool(left["contact_id"]),
         }
         if cause is not None:
             values["error"] = f"{type(cause).__name__}: {cause.detail}"[:2000]
@@ -2478,8 +2650,9 @@ class LeadsService:
             )
         if saga is None or saga["state"] != "compensating":
             return
-        created = str(saga["account_id"]) if saga["account_created"] else ""
-        if not await self._compensate(lead_id, created, str(saga["contact_id"]), str(saga["opportunity_id"]), None):
+        account = str(saga["account_id"]) if saga["account_created"] else ""
+        contact = str(saga["contact_id"]) if saga["contact_created"] else ""
+        if not await self._compensate(lead_id, account, contact, str(saga["opportunity_id"]), None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
 
 

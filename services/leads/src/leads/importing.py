@@ -321,6 +321,11 @@ def _csv_problem(error: csv.Error) -> str:
     """Why csv could not read a record, for the row's rejection."""
     if "field limit" in str(error):
         return f"has a field longer than {csv.field_size_limit()} characters"
+    if "new-line character" in str(error):
+        return (
+            "has a carriage return outside quotes: quote a value that holds a line break "
+            "(a file with the line ends of classic Mac OS must be saved with LF or CRLF line ends)"
+        )
     return f"is not valid CSV: {error}"
 
 

@@ -302,6 +302,8 @@ imports = Table(
     Column("started_at", _TS, nullable=False),
     Column("finished_at", _TS),
     Column("error", Text, nullable=False, server_default=""),
+    # SHA-256 of each part's bytes, in order: a part sent again must be the same part.
+    Column("part_digests", _JSON),
 )
 
 import_rejections = Table(
@@ -325,6 +327,10 @@ contact_keys = Table(
     Column("email_norm", String(254)),
     Column("phone_norm", String(32)),
     Column("updated_at", _TS, nullable=False),
+    # The contact's version in the event applied (migration 0017): an older snapshot is not applied.
+    Column("version", BigInteger, nullable=False, server_default="0"),
+    # A tombstone: set by contact.deleted, with both keys cleared; no event of the contact applies after.
+    Column("deleted_at", _TS),
     Index("ix_contact_keys_email", "email_norm"),
     Index("ix_contact_keys_phone", "phone_norm"),
 )
@@ -342,6 +348,10 @@ conversions = Table(
     Column("account_id", String(36), nullable=False, server_default=""),
     Column("account_created", Boolean, nullable=False, server_default=false()),
     Column("contact_id", String(36), nullable=False, server_default=""),
+    # True once the attempt chose to create its contact (before the create); False while it has not
+    # chosen or when it links the lead's matched contact. Compensation deletes only a created one.
+    # Attempts begun before migration 0018 all created theirs.
+    Column("contact_created", Boolean, nullable=False, server_default=true()),
     Column("opportunity_id", String(36), nullable=False, server_default=""),
     Column("error", Text, nullable=False, server_default=""),
     Column("updated_at", _TS, nullable=False),
@@ -377,7 +387,7 @@ def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:
         # JSONB containment (`tags @> '["vip"]'`); the column's generic JSON type would compile
         # `contains` to a LIKE that PostgreSQL cannot apply to jsonb.
         return type_coerce(leads.c.tags, JSONB()).contains([tag])
-    return cast(leads.c.tags, String).like(f'%"{tag}"%')
+    return cast(leads.c.tags, String).contains(f'"{tag}"', autoescape=True)
 
 
 async def find_open_duplicate(
@@ -431,6 +441,52 @@ async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_n
         return ""
     found = await conn.scalar(select(contact_keys.c.contact_id).where(or_(*conditions)).limit(1))
     return str(found or "")
+
+
+def _upsert_contact_keys(conn: AsyncConnection, values: Mapping[str, Any]) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    return upsert(contact_keys).values(dict(values))
+
+
+async def put_contact_keys(
+    conn: AsyncConnection,
+    contact_id: str,
+    *,
+    email_norm: str | None,
+    phone_norm: str | None,
+    version: int,
+    now: datetime,
+) -> bool:
+    """The contact's keys as of its `version` (contact.created/updated), unless a newer version or
+    its deletion came first (events delivered again or out of order): whether they were applied.
+    The same version again applies (a redelivery changes nothing)."""
+    c = contact_keys.c
+    values = {"contact_id": contact_id, "email_norm": email_norm, "phone_norm": phone_norm}
+    statement = _upsert_contact_keys(conn, {**values, "version": version, "updated_at": now})
+    applied = statement.on_conflict_do_update(
+        index_elements=["contact_id"],
+        set_={name: statement.excluded[name] for name in ("email_norm", "phone_norm", "version", "updated_at")},
+        where=c.deleted_at.is_(None) & (c.version <= statement.excluded.version),
+    ).returning(c.contact_id)
+    return (await conn.execute(applied)).first() is not None
+
+
+async def tombstone_contact_keys(conn: AsyncConnection, contact_id: str, *, now: datetime) -> None:
+    """contact.deleted: the contact's keys no longer link leads, and the row stays as a tombstone so
+    that a created or updated of the contact applied after it does not bring them back. The leads
+    linked to it keep their link: it records what they matched when they were captured."""
+    cleared = {"email_norm": None, "phone_norm": None, "deleted_at": now, "updated_at": now}
+    statement = _upsert_contact_keys(conn, {"contact_id": contact_id, **cleared})
+    await conn.execute(
+        statement.on_conflict_do_update(
+            index_elements=["contact_id"],
+            set_=cleared,
+            where=contact_keys.c.deleted_at.is_(None),  # deleted again (a redelivery): the first time stays
+        )
+    )
 
 
 async def known_contacts(conn: AsyncConnection, *, emails: set[str], phones: set[str]) -> dict[str, str]:

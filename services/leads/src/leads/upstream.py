@@ -62,7 +62,8 @@ class GrpcConversionPorts:
     def __init__(self, accounts_target: str, sales_target: str, deadline_seconds: float) -> None:
         # Creates are idempotent by key and deletes by id, so UNAVAILABLE may be retried by the channel.
         accounts_methods = [
-            (ACCOUNTS, m) for m in ("GetAccount", "CreateAccount", "CreateContact", "DeleteContact", "DeleteAccount")
+            (ACCOUNTS, m)
+            for m in ("GetAccount", "CreateAccount", "GetContact", "CreateContact", "DeleteContact", "DeleteAccount")
         ]
         self._accounts_channel = create_channel(
             accounts_target, idempotent_methods=accounts_methods, default_deadline_seconds=deadline_seconds
@@ -114,6 +115,15 @@ class GrpcConversionPorts:
             resuming=True,
         )
         return str(response.account.id)
+
+    async def contact_account_id(self, contact_id: str) -> str:
+        try:
+            response = await self._call(
+                "contact", self.accounts.GetContact, accounts_service_pb2.GetContactRequest(contact_id=contact_id)
+            )
+        except NotFound:
+            return ""  # deleted, or out of the caller's scope on contacts: the conversion creates one
+        return str(response.contact.account_id)
 
     async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
         contact = accounts_service_pb2.ContactInput(

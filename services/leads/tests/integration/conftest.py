@@ -1,8 +1,8 @@
 """A migrated PostgreSQL database per test and the leads use cases over it (fake upstream ports);
 a migrated gateway database for the tests that call the leads service through the gateway."""
 
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +10,12 @@ from typing import Any
 
 import grpc
 import pytest
+from accounts import repository as accounts_repo
+from accounts.__main__ import MIGRATIONS as ACCOUNTS_MIGRATIONS
+from accounts.domain import PoolPolicy
+from accounts.handlers import Context
+from accounts.servicer import AccountsServicer
+from crm.accounts.v1.accounts_service_pb2_grpc import add_AccountsServiceServicer_to_server
 from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.grpc_server import GrpcServer
@@ -23,6 +29,7 @@ from leads.config import LeadsSettings
 from leads.domain import OPEN_STATUSES
 from leads.handlers import ConvertRequest, LeadsService
 from leads.servicer import LeadsServicer
+from leads.upstream import GrpcConversionPorts
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -58,6 +65,12 @@ class FakePorts:
 
     async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
         return self._create("account", key, self.accounts, name)
+
+    async def contact_account_id(self, contact_id: str) -> str:
+        self.calls.append("get_contact")
+        if "get_contact" in self.fail:
+            raise self.fail["get_contact"]
+        return self.contacts.get(contact_id, "")
 
     async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
         return self._create("contact", key, self.contacts, account_id)
@@ -150,6 +163,39 @@ async def env_each_database(each_database_url: str) -> AsyncIterator[Env]:
     """The same, once on a SQLite file (the embedded default) and once on PostgreSQL."""
     async for made in _env(each_database_url):
         yield made
+
+
+AccountsOverGrpc = Callable[..., AbstractAsyncContextManager[tuple[AccountsServicer, AsyncEngine]]]
+
+
+@pytest.fixture
+def accounts_over_grpc(env: Env, tmp_path: Path) -> AccountsOverGrpc:
+    """`async with accounts_over_grpc(ServicerClass) as (servicer, accounts_db)`: the real accounts
+    service (or a subclass that misbehaves) over gRPC on a SQLite database, as the conversion's
+    accounts and sales ports of `env` while the block runs."""
+
+    @asynccontextmanager
+    async def serving(
+        servicer_class: type[AccountsServicer] = AccountsServicer,
+    ) -> AsyncIterator[tuple[AccountsServicer, AsyncEngine]]:
+        async with migrated_engine(f"sqlite+aiosqlite:///{tmp_path}/accounts.db", ACCOUNTS_MIGRATIONS) as db:
+            accounts = servicer_class(
+                Context(uow=UnitOfWork(db, accounts_repo.metadata, source="/test"), policy=PoolPolicy())
+            )
+            server = GrpcServer(
+                service="accounts",
+                service_names=["crm.accounts.v1.AccountsService"],
+                register=lambda s: add_AccountsServiceServicer_to_server(accounts, s),
+            )
+            port = await server.start("127.0.0.1", 0)
+            env.service.ports = GrpcConversionPorts(f"127.0.0.1:{port}", f"127.0.0.1:{port}", deadline_seconds=10)
+            try:
+                yield accounts, db
+            finally:
+                await env.service.ports.close()
+                await server.stop(0)
+
+    return serving
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from crm_platform.errors import AlreadyExists, Conflict, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.principal import ScopeKind
+from crm_platform.testing.outbox import outbox_events
 from leads import repository as repo
 from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec, RateLimited
 from leads.importing import RowMapper
@@ -150,11 +151,51 @@ async def test_setting_status_contacted_by_hand_counts_as_the_first_contact(env:
         assert await env.service.flag_overdue_first_contacts() == 1
         flagged = await env.service.get_lead(lead["id"])
         contacted = await env.service.update_lead(lead["id"], {"status": "contacted"}, ["status"], flagged["version"])
+        qualified = await env.service.update_lead(lead["id"], {"status": "qualified"}, ["status"], 0)
+        with pytest.raises(Conflict):  # new, with a first contact and its SLA met
+            await env.service.update_lead(lead["id"], {"status": "new"}, ["status"], 0)
     assert contacted["first_contacted_at"] == env.clock.now and not contacted["follow_up_overdue"]
+    assert qualified["first_contacted_at"] == contacted["first_contacted_at"]
     assert await _tasks(env, lead["id"]) == [("first_contact", "rep1", "done")]
+    published = [event_type for event_type, _ in await outbox_events(env.engine, repo.metadata, lead["id"])]
+    assert published.count("crm.leads.lead.contacted") == 1  # for analytics and ERP, as a logged call
 
 
 # --- the pool ----------------------------------------------------------------------------------
+
+
+async def test_a_lead_a_rep_enters_is_theirs_and_one_a_manager_enters_goes_by_the_rules(env: Any) -> None:
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        mine, _ = await env.service.create_lead({"name": "met at the expo"})
+        seen = await env.service.get_lead(mine["id"])  # not lost to the pool at once
+    with env.acting("manager", scope=ScopeKind.TEAM):
+        unassigned, _ = await env.service.create_lead({"name": "from a list"})
+    assert (seen["owner_id"], seen["in_pool"], seen["status"]) == ("rep1", False, "new")
+    assert seen["first_contact_due_at"] is not None  # the first-contact SLA runs for the rep
+    assert (unassigned["owner_id"], unassigned["in_pool"]) == ("", True)  # no rule matches it
+
+
+async def test_a_claim_of_a_lead_outside_the_pool_tells_only_who_may_see_it_that_it_exists(env: Any) -> None:
+    with env.acting("manager"):
+        theirs, _ = await env.service.create_lead({"name": "held by rep2", "owner_id": "rep2"})
+        mine, _ = await env.service.create_lead({"name": "held by rep1", "owner_id": "rep1"})
+    with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(NotFound):
+        await env.service.claim(theirs["id"])  # as GET answers it: 404, not "not in the pool"
+    with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(Conflict) as held:
+        await env.service.claim(mine["id"])
+    with env.acting("lead-of-east", scope=ScopeKind.TEAM), pytest.raises(Conflict):
+        await env.service.claim(theirs["id"])  # a lead of the team, seen by its manager
+    assert held.value.reason == "NOT_IN_POOL"
+
+
+async def test_an_assignment_to_an_owner_or_team_of_only_spaces_is_refused_naming_it(env: Any) -> None:
+    with env.acting("manager"):
+        lead, _ = await env.service.create_lead({"name": "blank", "owner_id": "rep1"})
+        with pytest.raises(ValidationFailed) as blank:
+            await env.service.assign(lead["id"], "  ", "\t", 0)
+        kept = await env.service.get_lead(lead["id"])
+    assert [e.field for e in blank.value.errors] == ["owner_id", "team"]
+    assert (kept["owner_id"], kept["version"]) == ("rep1", lead["version"])
 
 
 async def test_a_claimed_lead_given_to_another_rep_counts_against_nobodys_claim_limit(env: Any) -> None:

@@ -95,6 +95,36 @@ async def test_import_leads_csv_in_parts_counts_every_row_and_is_idempotent(
     assert total.total == len(rows)
 
 
+async def test_an_import_key_names_one_file_so_other_rows_under_it_are_refused_not_dropped(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    first, second = b"name,email\nK-1,k1@x.cn\n", b"K-2,k2@x.cn\n"
+    await send(stub, first, key="k1", part=1, column_map={})
+    done = await send(stub, second, key="k1", part=2, final=True, column_map={})
+    assert done.lead_import.status == "completed" and done.lead_import.progress.accepted == 2
+
+    retried = await send(stub, second, key="k1", part=2, final=True, column_map={})  # a client retry
+    assert retried.lead_import.progress.accepted == 2
+    with pytest.raises(grpc.aio.AioRpcError) as another_part:
+        await send(stub, b"K-3,k3@x.cn\n", key="k1", part=3, final=True, column_map={})
+    with pytest.raises(grpc.aio.AioRpcError) as changed_part:
+        await send(stub, b"K-4,k4@x.cn\n", key="k1", part=2, final=True, column_map={})
+    assert another_part.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "complete" in (another_part.value.details() or "")
+    assert changed_part.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "import_key" in (changed_part.value.details() or "")
+
+    whole = b"name,email\nW-1,w1@x.cn\n"
+    assert (await send(stub, whole, key="w1", column_map={})).lead_import.progress.accepted == 1
+    assert (await send(stub, whole, key="w1", column_map={})).lead_import.progress.accepted == 1
+    with pytest.raises(grpc.aio.AioRpcError) as other_file:
+        await send(stub, b"name,email\nW-2,w2@x.cn\n", key="w1", column_map={})
+    assert other_file.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    listed = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(q="@x.cn"), metadata=METADATA)
+    assert sorted(lead.name for lead in listed.items) == ["K-1", "K-2", "W-1"]
+
+
 async def test_import_reports_bad_rows_and_resumes_after_a_crash(
     env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
 ) -> None:

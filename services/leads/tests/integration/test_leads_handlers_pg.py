@@ -403,6 +403,23 @@ async def test_tag_filter_on_postgresql(env: Any) -> None:
     assert [r["name"] for r in rows] == ["Tagged"] and odd == []
 
 
+async def test_search_and_tag_filters_take_percent_and_underscore_literally(env_each_database: Any) -> None:
+    env = env_each_database
+    with env.acting():
+        await env.service.create_lead({"name": "Discount 100% club", "tags": ["a_b"]})
+        await env.service.create_lead({"name": "Discount 1000 club", "email": "x_y@corp.cn", "tags": ["axb"]})
+
+        async def names(**filters: Any) -> list[str]:
+            rows, _ = await env.service.list_leads(LeadFilters(**filters), limit=50, cursor="", sort="name")
+            return [r["name"] for r in rows]
+
+        assert await names(q="%") == ["Discount 100% club"]
+        assert await names(q="100%") == ["Discount 100% club"]
+        assert await names(q="x_y") == ["Discount 1000 club"]
+        assert await names(q="_") == ["Discount 1000 club"]  # in its email, not as a wildcard
+        assert await names(tag="a_b") == ["Discount 100% club"]
+
+
 async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:
     # On SQLite too (make run): its times came back without an offset and the timers' checks failed.
     env = env_each_database

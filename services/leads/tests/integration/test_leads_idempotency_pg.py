@@ -11,24 +11,17 @@ import grpc
 import httpx
 import pytest
 from accounts import repository as accounts_repo
-from accounts.__main__ import MIGRATIONS as ACCOUNTS_MIGRATIONS
-from accounts.domain import PoolPolicy
-from accounts.handlers import Context
 from accounts.servicer import AccountsServicer
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
-from crm.accounts.v1.accounts_service_pb2_grpc import add_AccountsServiceServicer_to_server
 from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform.errors import Unavailable
 from crm_platform.grpc_server import GrpcServer
-from crm_platform.outbox import UnitOfWork
-from crm_platform.testing.database import migrated_engine
 from crm_platform.testing.races import count_rows
 from gateway.testing import started_gateway
 from gateway.token_cli import issue_dev_token
 from leads import repository as repo
 from leads.handlers import ConvertRequest
 from leads.servicer import LeadsServicer
-from leads.upstream import GrpcConversionPorts
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
@@ -107,31 +100,16 @@ class AnswersLost(AccountsServicer):
 
 
 async def test_a_conversion_resumed_with_other_options_gets_the_account_its_attempt_created(
-    env: Any, tmp_path: Path
+    env: Any, accounts_over_grpc: Any
 ) -> None:
-    async with migrated_engine(f"sqlite+aiosqlite:///{tmp_path}/accounts.db", ACCOUNTS_MIGRATIONS) as accounts_db:
-        accounts = AnswersLost(
-            Context(uow=UnitOfWork(accounts_db, accounts_repo.metadata, source="/test"), policy=PoolPolicy())
-        )
-        server = GrpcServer(
-            service="accounts",
-            service_names=["crm.accounts.v1.AccountsService"],
-            register=lambda s: add_AccountsServiceServicer_to_server(accounts, s),
-        )
-        port = await server.start("127.0.0.1", 0)
-        env.service.ports = GrpcConversionPorts(f"127.0.0.1:{port}", f"127.0.0.1:{port}", deadline_seconds=10)
-        try:
-            with env.acting("rep1"):
-                lead, _ = await env.service.create_lead({"name": "Li Lei", "company": "Acme", "owner_id": "rep1"})
-                with pytest.raises(Unavailable):
-                    await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Holdings"))
-                accounts.losing = False
-                # The retry names the account otherwise: the attempt's account stands, as first created.
-                converted = await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Group"))
-        finally:
-            await env.service.ports.close()
-            await server.stop(0)
-
+    async with accounts_over_grpc(AnswersLost) as (accounts, accounts_db):
+        with env.acting("rep1"):
+            lead, _ = await env.service.create_lead({"name": "Li Lei", "company": "Acme", "owner_id": "rep1"})
+            with pytest.raises(Unavailable):
+                await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Holdings"))
+            accounts.losing = False
+            # The retry names the account otherwise: the attempt's account stands, as first created.
+            converted = await env.service.convert(ConvertRequest(lead["id"], account_name="Acme Group"))
         async with accounts_db.connect() as conn:
             created = (await conn.execute(select(accounts_repo.accounts.c.id, accounts_repo.accounts.c.name))).all()
     assert created == [(converted.account_id, "Acme Holdings")]

@@ -65,7 +65,7 @@ async def test_csv_with_stray_quotes_chinese_headers_and_blank_rows(
     assert response.lead_import.status == "completed"
     assert (progress.rows_seen, progress.accepted, progress.rejected) == (3, 2, 1)
     rejected = [r for r in response.rows if r.status == "rejected"]
-    assert [(r.row, r.field) for r in rejected] == [(3, "row")] and "not valid CSV" in rejected[0].reason
+    assert [(r.row, r.field) for r in rejected] == [(3, "row")] and "carriage return" in rejected[0].reason
     li = (await stub.ListLeads(leads_service_pb2.ListLeadsRequest(q="li@x.cn"), metadata=METADATA)).items[0]
     assert (li.name, li.phone, li.company) == ("李雷", "13800138001", "甲公司")
     assert dict(li.custom) == {"备注": '27" monitor buyer', "地址": "北京"}

@@ -82,8 +82,14 @@ def test_activity_transitions() -> None:
     with pytest.raises(Conflict):
         domain.ensure_open("converted", "convert")
     with pytest.raises(Conflict):
-        domain.check_status_change("unqualified", "new")
-    domain.check_status_change("contacted", "qualified")
+        domain.check_status_change("unqualified", "new", contacted=False)
+    domain.check_status_change("contacted", "qualified", contacted=True)
+    domain.check_status_change("qualified", "contacted", contacted=True)
+    domain.check_status_change("qualified", "new", contacted=False)  # qualified by hand, never contacted
+    with pytest.raises(Conflict):
+        domain.check_status_change("qualified", "new", contacted=True)
+    with pytest.raises(Conflict):
+        domain.check_status_change("recycled", "new", contacted=True)
 
 
 SCORING = [
@@ -343,3 +349,61 @@ def test_the_follow_up_task_follows_its_activitys_next_follow_up_at() -> None:
     assert domain.follow_up_change(later, has_open_task=False) == "create"  # as logging it with that time would
     assert domain.follow_up_change(None, has_open_task=True) == "cancel"
     assert domain.follow_up_change(None, has_open_task=False) is None
+
+
+def test_a_merge_names_the_dedupe_keys_it_would_fill() -> None:
+    existing = {"name": "A", "email": "q1@x.cn", "phone": "", "external_id": ""}
+    incoming = domain.validate_lead({"name": "Q3", "email": "q1@x.cn", "phone": "13700006169", "external_id": "X-1"})
+    assert domain.keys_a_merge_fills(existing, incoming) == ["phone:+8613700006169", "external_id:X-1"]
+    assert domain.keys_a_merge_fills({**existing, "phone": "1", "external_id": "Y"}, incoming) == []
+
+
+def test_a_merge_leaves_unfilled_a_dedupe_key_another_open_lead_holds() -> None:
+    existing = {"name": "A", "company": "", "email": "q1@x.cn", "phone": "", "tags": [], "custom": {}}
+    incoming = domain.validate_lead({"name": "Q3", "email": "q1@x.cn", "phone": "13700006169", "company": "Co"})
+    changes = domain.merge_into(existing, incoming, {"phone:+8613700006169"})
+    assert changes == {"company": "Co"}  # neither phone nor phone_norm; the other values still merge
+    assert domain.merge_into(existing, incoming, {"phone:+8613700000000"})["phone_norm"] == "+8613700006169"
+
+
+def test_a_merge_leaves_unfilled_a_held_email_and_external_id_too() -> None:
+    existing = {"name": "", "email": "", "phone": "+86 137 0000 6169", "external_id": "", "tags": [], "custom": {}}
+    incoming = domain.validate_lead({"name": "Q", "email": " Q1@x.cn", "phone": "13700006169", "external_id": "X-1"})
+    changes = domain.merge_into(existing, incoming, {"email:q1@x.cn", "external_id:X-1"})
+    assert changes == {"name": "Q"}
+
+
+@pytest.mark.parametrize(
+    ("matched", "its_account", "into", "linked"),
+    [
+        ("c-1", "a-1", "a-1", "c-1"),
+        ("c-1", "a-2", "a-1", ""),  # the person, at another company: a contact of this one is created
+        ("c-1", "", "a-1", ""),  # gone, or out of the caller's sight
+        ("", "", "a-1", ""),  # the lead matched nobody
+        ("c-1", "", "", ""),
+    ],
+)
+def test_a_conversion_links_the_matched_contact_only_when_it_is_a_live_contact_of_that_account(
+    matched: str, its_account: str, into: str, linked: str
+) -> None:
+    assert (
+        domain.contact_to_reuse(matched_contact_id=matched, matched_contact_account_id=its_account, account_id=into)
+        == linked
+    )
+
+
+def test_a_converted_lead_answers_a_request_asking_for_nothing_new_and_refuses_one_asking_for_more() -> None:
+    done = {"converted_account_id": "a-1", "converted_contact_id": "c-1", "converted_opportunity_id": ""}
+    domain.ensure_repeats_conversion(account_id="", create_opportunity=False, **done)
+    domain.ensure_repeats_conversion(account_id="a-1", create_opportunity=False, **done)
+    with_deal = {**done, "converted_opportunity_id": "o-1"}
+    domain.ensure_repeats_conversion(account_id="a-1", create_opportunity=True, **with_deal)
+    with pytest.raises(Conflict) as other_account:
+        domain.ensure_repeats_conversion(account_id="a-2", create_opportunity=False, **with_deal)
+    assert other_account.value.reason == "ILLEGAL_TRANSITION"
+    assert "account a-1, contact c-1 and opportunity o-1" in other_account.value.detail
+    assert "account a-2" in other_account.value.detail
+    with pytest.raises(Conflict) as more:
+        domain.ensure_repeats_conversion(account_id="", create_opportunity=True, **done)
+    assert "account a-1, contact c-1, no opportunity" in more.value.detail
+    assert "an opportunity" in more.value.detail

@@ -107,6 +107,12 @@ def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:
     assert caught.value.errors[0].field == "file" and "NUL" in caught.value.detail
 
 
+def test_a_file_with_classic_mac_line_ends_fails_the_file_saying_why() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(b"name,email\rA,a@x.cn\r", 100)
+    assert caught.value.errors[0].field == "file" and "LF or CRLF line ends" in caught.value.detail
+
+
 def test_json_and_jsonl() -> None:
     items = [{"name": "A"}, {"name": "B"}]
     assert parse_in_chunks(json.dumps(items).encode(), 5, "json") == [(1, items[0]), (2, items[1])]
@@ -174,7 +180,7 @@ def test_a_record_csv_cannot_read_rejects_that_row_only() -> None:
     huge = b"y" * (csv.field_size_limit() + 1)
     data = b"name,notes\nA,x\rz\nB," + huge + b"\nC,ok\n"
     rows = parse_in_chunks(data, 4096, max_bytes=len(data))
-    assert rows[0][0] == 1 and str(rows[0][1]).startswith("is not valid CSV: new-line character seen in unquoted")
+    assert rows[0][0] == 1 and str(rows[0][1]).startswith("has a carriage return outside quotes")
     assert rows[1] == (2, f"has a field longer than {csv.field_size_limit()} characters")
     assert rows[2] == (3, {"name": "C", "notes": "ok"})
 

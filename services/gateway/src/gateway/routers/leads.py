@@ -29,7 +29,16 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, model_validator
 
 from gateway.conventions import MoneyIn, expected_version, with_etag
-from gateway.inputs import INT32_MAX, INT32_MIN, CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
+from gateway.inputs import (
+    INT32_MAX,
+    INT32_MIN,
+    CalendarDate,
+    Instant,
+    NonBlank,
+    OptionalId,
+    ReplacementBody,
+    RequestBody,
+)
 from gateway.references import refuse_if_deals_name_campaign
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
@@ -111,8 +120,8 @@ class ActivityIn(ActivityPatch):
 
 
 class AssignIn(RequestBody):
-    owner_id: str = Field(default="", max_length=200, description="empty: run the assignment rules")
-    team: str = Field(default="", max_length=200)
+    owner_id: OptionalId = Field(default=None, max_length=200, description="empty: run the assignment rules")
+    team: OptionalId = Field(default=None, max_length=200)
 
 
 class ReasonIn(RequestBody):
@@ -156,7 +165,8 @@ class ThresholdsIn(RequestBody):
     c: int = Field(ge=0, le=100)
 
 
-class AssignmentRuleIn(RequestBody):
+class AssignmentRuleIn(ReplacementBody):
+    read_only = frozenset({"id", "version"})
     name: NonBlank = Field(max_length=200)
     position: int = Field(default=0, ge=INT32_MIN, le=INT32_MAX)
     enabled: bool = True
@@ -274,6 +284,9 @@ def campaign_json(campaign: leads_pb2.Campaign) -> dict[str, Any]:
     body["cost"] = _message_json(campaign.cost) if campaign.HasField("cost") else None
     for name in ("created_at", "updated_at"):
         body[name] = _time(getattr(campaign, name))
+    for name in ("starts_on", "ends_on"):
+        body[name] = getattr(campaign, name) or None  # no date, as a time not set is null
+    body["version"] = campaign.version  # a number, as a lead's (JSON of an int64 is a string)
     return body
 
 
@@ -488,7 +501,10 @@ def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
     if fmt == "csv":
         if part > 1:
             return None  # the rows of a later part come under the first part's header
-        return [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
+        try:
+            return [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
+        except csv.Error:
+            return []  # a header csv cannot read: the service refuses the file, saying why
     if fmt == "json":
         try:
             items = json.loads(text or "[]")
@@ -645,7 +661,9 @@ async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_ma
 async def log_activity(
     lead_id: str, body: ActivityIn, request: Request, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
-    """A follow-up record; a contact activity moves a new lead to `contacted`; `next_follow_up_at` makes a task."""
+    """A follow-up record; a contact activity moves a new lead to `contacted`; `next_follow_up_at` makes a task.
+    Needs `activities: create` as on an account, beside `leads: update` in whose scope the lead must be."""
+    access.require_view("activities", "create")
     reply = await _stub(request).LogLeadActivity(
         pb.LogLeadActivityRequest(
             lead_id=lead_id,
@@ -811,7 +829,10 @@ async def assign_lead(
     before = await _lead_before(stub, lead_id, access)
     reply = await stub.AssignLead(
         pb.AssignLeadRequest(
-            lead_id=lead_id, owner_id=body.owner_id, team=body.team, expected_version=expected_version(if_match)
+            lead_id=lead_id,
+            owner_id=body.owner_id or "",
+            team=body.team or "",
+            expected_version=expected_version(if_match),
         ),
         metadata=access.grpc_metadata(),
     )
@@ -1291,6 +1312,10 @@ def _submission_fields(body: SubmissionIn) -> dict[str, str]:
             msg = f"a field name is 1 to {_SUBMISSION_KEY_MAX} characters, not blank"
             problems.append({"loc": ("body", key), "msg": msg, "type": "value_error"})
             continue
+        # The intake carries text (SubmitWebformRequest.fields), as an HTML form does: a JSON bool
+        # or number goes as its text (`true`, `12`, `3.5`; str() of a float round-trips), and
+        # the leads service reads it back by the custom field's type (custom_fields.from_text), so
+        # it is stored as a bool or number there, and as text in a text or undefined field.
         if isinstance(value, bool):
             text = "true" if value else "false"
         elif isinstance(value, str | int | float):

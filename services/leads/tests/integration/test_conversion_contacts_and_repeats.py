@@ -1,0 +1,249 @@
+"""Which contact a conversion links, and what a converted lead answers when asked again.
+
+Into an existing account, the contact the lead matched is linked when it is a live contact of that
+account: none is created, the lead and its event carry it, a deal takes it, and undoing the attempt
+leaves it. Otherwise (a new account, a contact of another account, a contact gone) one is created as
+before. A converted lead asked again for nothing new answers with its links; asked for another
+account or for an opportunity it did not get, it refuses (409 ILLEGAL_TRANSITION)."""
+
+from typing import Any
+
+import pytest
+from accounts import repository as accounts_repo
+from crm.accounts.v1 import accounts_pb2
+from crm.leads.v1 import events_pb2
+from crm_platform.errors import Conflict, Unavailable, ValidationFailed
+from crm_platform.testing.outbox import outbox_events
+from leads import repository as repo
+from leads.consumers import apply_contact
+from leads.handlers import ConvertRequest
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+EMAIL = "mc@match.cn"
+
+
+async def contact_known(env: Any, contact_id: str, email: str = EMAIL) -> None:
+    """Accounts published the contact: leads of its email are linked to it (`matched_contact_id`)."""
+    async with env.service.uow.begin() as tx:
+        await apply_contact(tx, accounts_pb2.Contact(id=contact_id, email=email, version=1), "86")
+
+
+async def matched_lead(env: Any, contact_id: str) -> dict[str, Any]:
+    """A lead of `EMAIL`, matched to the contact `contact_id` (which the fake accounts may or may not hold)."""
+    await contact_known(env, contact_id)
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Match Person", "email": EMAIL, "owner_id": "rep1"})
+    assert lead["matched_contact_id"] == contact_id
+    return dict(lead)
+
+
+async def converted_event(env: Any, lead_id: str) -> events_pb2.LeadConverted:
+    (payload,) = [p for t, p in await outbox_events(env.engine, repo.metadata, lead_id) if t.endswith(".converted")]
+    return events_pb2.LeadConverted.FromString(payload)
+
+
+async def saga_row(env: Any, lead_id: str) -> Any:
+    async with env.engine.connect() as conn:
+        return (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id))).one()
+
+
+async def test_a_conversion_into_the_account_of_the_matched_contact_links_that_contact(env: Any) -> None:
+    env.ports.accounts["acc"] = "MatchAcc"
+    env.ports.contacts["c-1"] = "acc"
+    lead = await matched_lead(env, "c-1")
+    deals: list[str] = []
+    create_opportunity = env.ports.create_opportunity
+
+    async def noting_the_contact(**kw: Any) -> str:
+        deals.append(kw["contact_id"])
+        return str(await create_opportunity(**kw))
+
+    env.ports.create_opportunity = noting_the_contact
+
+    with env.acting():
+        result = await env.service.convert(
+            ConvertRequest(lead["id"], account_id="acc", create_opportunity=True, idempotency_key="conv-match")
+        )
+        again = await env.service.convert(
+            ConvertRequest(lead["id"], account_id="acc", create_opportunity=True, idempotency_key="conv-match")
+        )
+
+    assert result.contact_id == "c-1" and result.lead["converted_contact_id"] == "c-1"
+    assert env.ports.contacts == {"c-1": "acc"}  # none created
+    assert "create_contact" not in env.ports.calls
+    assert deals == ["c-1"]  # the deal's primary contact is the linked one
+    assert (await converted_event(env, lead["id"])).contact_id == "c-1"
+    assert (again.account_id, again.contact_id, again.opportunity_id) == (
+        result.account_id, result.contact_id, result.opportunity_id,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["another account", "deleted"])
+async def test_a_matched_contact_of_another_account_or_gone_is_not_linked_a_contact_is_created(
+    env: Any, where: str
+) -> None:
+    env.ports.accounts.update({"acc": "MatchAcc", "other": "OtherAcc"})
+    if where == "another account":
+        env.ports.contacts["c-1"] = "other"
+    lead = await matched_lead(env, "c-1")
+
+    with env.acting():
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id="acc"))
+
+    assert result.contact_id not in ("", "c-1")
+    assert env.ports.contacts[result.contact_id] == "acc"
+    assert result.lead["converted_contact_id"] == result.contact_id
+
+
+async def test_a_conversion_into_a_new_account_creates_its_contact_without_asking_for_the_matched_one(
+    env: Any,
+) -> None:
+    env.ports.contacts["c-1"] = "acc"
+    lead = await matched_lead(env, "c-1")
+
+    with env.acting():
+        result = await env.service.convert(ConvertRequest(lead["id"]))
+
+    assert env.ports.calls == ["create_account", "create_contact"]
+    assert env.ports.contacts[result.contact_id] == result.account_id != "acc"
+
+
+async def test_an_undone_conversion_leaves_the_contact_it_linked(env: Any) -> None:
+    env.ports.accounts["acc"] = "MatchAcc"
+    env.ports.contacts["c-1"] = "acc"
+    lead = await matched_lead(env, "c-1")
+    env.ports.fail["opportunity"] = ValidationFailed([])
+
+    with env.acting():
+        with pytest.raises(ValidationFailed):
+            await env.service.convert(ConvertRequest(lead["id"], account_id="acc", create_opportunity=True))
+        assert env.ports.contacts == {"c-1": "acc"} and env.ports.accounts == {"acc": "MatchAcc"}
+        assert "delete_contact" not in env.ports.calls and "delete_account" not in env.ports.calls
+        saga = await saga_row(env, lead["id"])
+        assert (saga.state, saga.contact_id, saga.contact_created) == ("compensated", "", False)
+        assert (await env.service.get_lead(lead["id"]))["status"] == "new"
+
+        env.ports.fail = {}
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id="acc", create_opportunity=True))
+    assert result.contact_id == "c-1" and env.ports.contacts == {"c-1": "acc"}
+
+
+async def test_an_undone_conversion_into_a_new_account_still_deletes_the_contact_it_created(env: Any) -> None:
+    env.ports.contacts["c-1"] = "acc"
+    lead = await matched_lead(env, "c-1")
+    env.ports.fail["opportunity"] = ValidationFailed([])
+
+    with env.acting(), pytest.raises(ValidationFailed):
+        await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+
+    assert env.ports.contacts == {"c-1": "acc"} and env.ports.accounts == {}
+    assert env.ports.calls[-2:] == ["delete_contact", "delete_account"]
+
+
+async def test_a_conversion_whose_contact_lookup_is_unavailable_links_the_contact_on_retry(env: Any) -> None:
+    env.ports.accounts["acc"] = "MatchAcc"
+    env.ports.contacts["c-1"] = "acc"
+    lead = await matched_lead(env, "c-1")
+    env.ports.fail["get_contact"] = Unavailable("accounts down")
+
+    with env.acting():
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], account_id="acc"))
+        env.ports.fail = {}
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id="acc"))
+
+    assert result.contact_id == "c-1" and env.ports.contacts == {"c-1": "acc"}
+
+
+async def test_a_retried_attempt_that_chose_to_create_its_contact_resumes_that_create(env: Any) -> None:
+    # The matched contact is at another company when the attempt chooses; its create is cut off.
+    env.ports.accounts.update({"acc": "MatchAcc", "other": "OtherAcc"})
+    env.ports.contacts["c-1"] = "other"
+    lead = await matched_lead(env, "c-1")
+    env.ports.fail["contact"] = Unavailable("accounts down")
+    with env.acting():
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], account_id="acc"))
+        # Meanwhile the contact moves to the account: the attempt keeps its choice (and its key),
+        # so a contact the lost create may have made is never left beside a linked one.
+        env.ports.contacts["c-1"] = "acc"
+        env.ports.fail = {}
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id="acc"))
+
+    assert result.contact_id != "c-1"
+    assert env.ports.calls.count("get_contact") == 1
+    (contact_key,) = [k for k, v in env.ports.keys.items() if v == result.contact_id]
+    assert contact_key.endswith(":contact")
+
+
+async def test_a_converted_lead_asked_for_nothing_new_answers_with_its_links(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zhao", "company": "Zhao Co", "owner_id": "rep1"})
+        first = await env.service.convert(ConvertRequest(lead["id"]))
+        links = (first.account_id, first.contact_id, first.opportunity_id)
+        for repeated in (
+            ConvertRequest(lead["id"]),
+            ConvertRequest(lead["id"], account_id=first.account_id),
+            ConvertRequest(lead["id"], account_name="Another name"),
+        ):
+            again = await env.service.convert(repeated)
+            assert (again.account_id, again.contact_id, again.opportunity_id) == links
+    assert len(env.ports.accounts) == len(env.ports.contacts) == 1
+
+
+async def test_a_converted_lead_asked_for_another_account_or_a_missing_opportunity_refuses(env: Any) -> None:
+    env.ports.accounts["acc-2"] = "Elsewhere"
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Sun", "company": "Sun Co", "owner_id": "rep1"})
+        first = await env.service.convert(ConvertRequest(lead["id"]))
+        with pytest.raises(Conflict) as other_account:
+            await env.service.convert(ConvertRequest(lead["id"], account_id="acc-2", create_opportunity=True))
+        with pytest.raises(Conflict) as with_deal:
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        unchanged = await env.service.get_lead(lead["id"])
+
+    assert other_account.value.reason == with_deal.value.reason == "ILLEGAL_TRANSITION"
+    assert f"account {first.account_id}, contact {first.contact_id}" in other_account.value.detail
+    assert "account acc-2 and an opportunity" in other_account.value.detail
+    assert "no opportunity" in with_deal.value.detail
+    assert env.ports.opportunities == {} and len(env.ports.contacts) == 1
+    assert unchanged["converted_account_id"] == first.account_id and unchanged["converted_opportunity_id"] == ""
+
+
+async def test_a_lead_converted_with_an_opportunity_answers_a_repeat_asking_for_one(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wu", "company": "Wu Co", "owner_id": "rep1"})
+        first = await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        again = await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+    assert again.opportunity_id == first.opportunity_id != ""
+    assert len(env.ports.opportunities) == 1
+
+
+async def test_with_the_real_accounts_service_a_conversion_links_the_matched_contact(
+    env: Any, accounts_over_grpc: Any
+) -> None:
+    async with accounts_over_grpc() as (_, accounts_db):
+        ports = env.service.ports
+        with env.acting("rep1"):
+            lead, _ = await env.service.create_lead({"name": "Match Person", "email": EMAIL, "owner_id": "rep1"})
+            other, _ = await env.service.create_lead({"name": "Other Person", "email": "op@match.cn"})
+            # The account and its contact, made as a user would (their keys are nobody's saga's).
+            account_id = await ports.create_account(key="setup-account", lead=lead, name="MatchAcc")
+            elsewhere = await ports.create_account(key="setup-elsewhere", lead=lead, name="OtherAcc")
+            contact_id = await ports.create_contact(key="setup-contact", account_id=account_id, lead=lead)
+            away_id = await ports.create_contact(key="setup-away", account_id=elsewhere, lead=other)
+            await contact_known(env, contact_id)
+            await contact_known(env, away_id, "op@match.cn")
+            linked = await env.service.convert(ConvertRequest(lead["id"], account_id=account_id))
+            created = await env.service.convert(ConvertRequest(other["id"], account_id=account_id))
+
+        async with accounts_db.connect() as conn:
+            c = accounts_repo.contacts.c
+            contacts = (await conn.execute(select(c.id, c.account_id).order_by(c.created_at, c.id))).all()
+    assert linked.contact_id == contact_id and linked.lead["converted_contact_id"] == contact_id
+    assert created.contact_id not in (contact_id, away_id)
+    assert sorted(contacts) == sorted(
+        [(contact_id, account_id), (away_id, elsewhere), (created.contact_id, account_id)]
+    )

@@ -1,0 +1,125 @@
+"""Typed custom fields filled from text. Through the real gateway and leads service on PostgreSQL,
+as a user does it: a number and a bool field defined by `POST /custom-fields/lead`, then filled by a
+CSV import (every cell is text) and by a web form (the gateway sends every field as text). The
+text is read by the field's type, as a list filter reads `custom.visits=12`: the lead stores 12 and
+true, not "12" and "true"; text that is not of the type is refused naming `custom.<key>`."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from crm.common.v1 import custom_fields_pb2_grpc
+from crm.leads.v1 import leads_service_pb2_grpc
+from crm_platform import custom_fields_service
+from crm_platform.grpc_server import GrpcServer
+from gateway.testing import started_gateway
+from gateway.token_cli import issue_dev_token
+from leads import repository as repo
+from leads.__main__ import SERVICE_NAME, custom_field_servicer
+from leads.servicer import LeadsServicer
+from sqlalchemy import select
+
+pytestmark = pytest.mark.integration
+
+SECRET = "leads-custom-texts-secret-" + "t" * 30
+FIELDS = (
+    {"key": "visits_x", "label": "Visits", "type": "number"},
+    {"key": "vip", "label": "VIP", "type": "bool"},
+    {"key": "renewal", "label": "Renewal", "type": "date"},
+)
+
+
+@pytest.fixture
+async def admin(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin's client of the gateway, in front of the leads service of `env` (leads and their
+    custom field definitions, as `leads.__main__` serves them), with FIELDS defined."""
+
+    def register(server: Any) -> None:
+        leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), server)
+        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(custom_field_servicer(env.service), server)
+
+    server = GrpcServer(
+        service="leads", service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME], register=register
+    )
+    port = await server.start("127.0.0.1", 0)
+    token = issue_dev_token(secret=SECRET, sub="u-1", roles=["admin"], team="east", region="north")
+    async with started_gateway(
+        tmp_path, gateway_database, secret=SECRET, token=token, leads=f"127.0.0.1:{port}"
+    ) as client:
+        for field in FIELDS:
+            defined = await client.post("/api/v1/custom-fields/lead", json=field)
+            assert defined.status_code == 201, defined.text
+        yield client
+    await server.stop(1)
+
+
+async def stored_custom(env: Any) -> dict[str, dict[str, Any]]:
+    """Each lead's custom values as the database holds them, by name."""
+    async with env.engine.connect() as conn:
+        rows = await conn.execute(select(repo.leads.c.name, repo.leads.c.custom))
+    return {name: custom for name, custom in rows}
+
+
+async def test_a_csv_fills_number_and_bool_fields_with_typed_values(env: Any, admin: httpx.AsyncClient) -> None:
+    csv_text = (
+        "name,visits_x,vip,renewal,notes\n"
+        "V1,12,true,2026-12-01,12\n"
+        "V2, 3.5 ,FALSE,,x\n"
+        "V3,12abc,true,,\n"
+        "V4,7,yes,,\n"
+        "V5,,,,\n"
+    )
+    response = await admin.post(
+        "/api/v1/leads/import?import_key=typed-cells", content=csv_text.encode(), headers={"Content-Type": "text/csv"}
+    )
+
+    assert response.status_code == 200, response.text
+    progress = response.json()["import"]["progress"]
+    assert (progress["accepted"], progress["rejected"]) == ("3", "2")  # int64 counts, in JSON as text
+    rejected = [(row["row"], row["field"], row["reason"]) for row in response.json()["rows"]]
+    assert rejected == [
+        ("3", "custom.visits_x", "custom.visits_x: must be a number"),
+        ("4", "custom.vip", "custom.vip: must be true or false"),
+    ]
+    stored = await stored_custom(env)
+    assert stored["V1"] == {"visits_x": 12, "vip": True, "renewal": "2026-12-01", "notes": "12"}
+    assert stored["V2"] == {"visits_x": 3.5, "vip": False, "notes": "x"}  # an empty cell is no value
+    assert stored["V5"] == {}
+    assert isinstance(stored["V1"]["visits_x"], int) and stored["V1"]["vip"] is True
+    # Stored typed, the values are found by the typed list filter.
+    listed = await admin.get("/api/v1/leads", params={"custom.visits_x": "12", "custom.vip": "true"})
+    assert listed.status_code == 200, listed.text
+    assert [lead["name"] for lead in listed.json()["items"]] == ["V1"]
+
+
+async def test_a_json_import_keeps_its_numbers_and_reads_its_texts(env: Any, admin: httpx.AsyncClient) -> None:
+    rows = [{"name": "J1", "visits_x": 12, "vip": True}, {"name": "J2", "visits_x": "4", "vip": "false"}]
+    response = await admin.post("/api/v1/leads/import?import_key=typed-json&format=json", json=rows)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["import"]["progress"]["accepted"] == "2", response.text
+    stored = await stored_custom(env)
+    assert (stored["J1"], stored["J2"]) == ({"visits_x": 12, "vip": True}, {"visits_x": 4, "vip": False})
+
+
+async def test_a_web_form_fills_number_and_bool_fields_from_json_values_and_text(
+    env: Any, admin: httpx.AsyncClient
+) -> None:
+    with env.acting("admin", roles=("admin",)):
+        form = await env.service.create_webform({"name": "Expo signup"}, "")
+    path = f"/api/v1/webforms/{form['form_key']}/submissions"
+
+    numbers = await admin.post(path, json={"name": "WN", "email": "wn@x.cn", "visits_x": 12, "vip": True, "ref": 7})
+    texts = await admin.post(path, json={"name": "WT", "email": "wt@x.cn", "visits_x": "3.5", "vip": "false"})
+    wrong = await admin.post(path, json={"name": "WW", "email": "ww@x.cn", "visits_x": "12abc", "vip": 1})
+
+    assert (numbers.status_code, texts.status_code) == (202, 202), (numbers.text, texts.text)
+    assert wrong.status_code == 422, wrong.text
+    assert sorted(e["field"] for e in wrong.json()["errors"]) == ["custom.vip", "custom.visits_x"]
+    stored = await stored_custom(env)
+    # An undefined field keeps the text the form sent, as before.
+    assert stored["WN"] == {"visits_x": 12, "vip": True, "ref": "7"}
+    assert stored["WT"] == {"visits_x": 3.5, "vip": False}
+    assert "WW" not in stored
