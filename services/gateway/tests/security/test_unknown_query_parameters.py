@@ -179,6 +179,28 @@ async def test_declared_and_custom_field_filters_reach_the_service(role_client: 
     assert [(f.key, f.value) for f in listed.custom] == [("channel", "partner")]
 
 
+@pytest.mark.parametrize(
+    ("role", "searched"),
+    [("sales_manager", ["name", "company", "email"]), ("marketing", ["name", "company"])],
+)
+async def test_a_search_looks_only_in_the_fields_the_caller_reads_in_clear(
+    role_client: RoleClient, role: str, searched: list[str]
+) -> None:
+    """Marketing sees lead emails masked: it finds leads by name and company, and a search by
+    email, which would reveal what the mask hides, finds nothing by it."""
+    leads = FakeLeads()  # type: ignore[abstract]  # the calls this test makes only
+    async with serving(
+        lambda server: add_LeadsServiceServicer_to_server(leads, server),
+        lambda server: add_CustomFieldServiceServicer_to_server(leads, server),
+    ) as target:
+        caller = await role_client(role, upstream=target)
+        response = await caller.get("/api/v1/leads", params={"q": "zhou"})
+
+    assert response.status_code == 200, response.text
+    [listed] = leads.lists
+    assert (listed.q, list(listed.q_fields)) == ("zhou", searched)
+
+
 def test_the_export_route_documents_the_filters_of_each_resource(real_app: FastAPI) -> None:
     description = real_app.openapi()["paths"]["/api/v1/exports/{resource}"]["get"]["description"]
 

@@ -455,6 +455,8 @@ class LeadFilters:
     campaign_id: str = ""
     tag: str = ""
     q: str = ""
+    # The fields `q` searches (SEARCHED_FIELDS; empty: all of them).
+    q_fields: Sequence[str] = ()
     created_after: datetime | None = None
     created_before: datetime | None = None
     source_detail: str = ""
@@ -463,6 +465,13 @@ class LeadFilters:
     # `?custom.<key>=value` pairs, typed against the lead definitions (crm_platform.custom_field_filters).
     custom: Sequence[tuple[str, str]] = ()
 
+
+# What `q` searches: a lead's name, company and email, case-insensitively.
+SEARCHED_FIELDS = {
+    "name": func.lower(repo.leads.c.name),
+    "company": func.lower(repo.leads.c.company),
+    "email": repo.leads.c.email_norm,
+}
 
 SORTS = {
     "created_at": repo.leads.c.id,
@@ -1008,15 +1017,13 @@ class LeadsService:
                 query = query.where(c[name] == value)
         if f.tag:
             query = query.where(repo.tag_clause(conn, f.tag))
+        if unknown := [name for name in f.q_fields if name not in SEARCHED_FIELDS]:
+            message = f"{unknown[0]!r} is not one of {', '.join(SEARCHED_FIELDS)}"
+            raise ValidationFailed([FieldError("q_fields", message)])
         if f.q:
             term = f.q.lower()  # a substring: % and _ in it are the characters, not wildcards
-            query = query.where(
-                or_(
-                    func.lower(c.name).contains(term, autoescape=True),
-                    func.lower(c.company).contains(term, autoescape=True),
-                    c.email_norm.contains(term, autoescape=True),
-                )
-            )
+            searched = [SEARCHED_FIELDS[name] for name in f.q_fields or SEARCHED_FIELDS]
+            query = query.where(or_(*(column.contains(term, autoescape=True) for column in searched)))
         if f.created_after:
             query = query.where(c.created_at >= f.created_after)
         if f.created_before:

@@ -151,6 +151,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             campaign_id=request.campaign_id,
             tag=request.tag,
             q=request.q,
+            q_fields=list(request.q_fields),
             created_after=from_timestamp(request.created_after),
             created_before=from_timestamp(request.created_before),
             source_detail=request.source_detail,

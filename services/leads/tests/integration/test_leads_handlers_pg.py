@@ -418,6 +418,12 @@ async def test_search_and_tag_filters_take_percent_and_underscore_literally(env_
         assert await names(q="x_y") == ["Discount 1000 club"]
         assert await names(q="_") == ["Discount 1000 club"]  # in its email, not as a wildcard
         assert await names(tag="a_b") == ["Discount 100% club"]
+        # A search in the name and company only (the caller sees emails masked) does not match one.
+        assert await names(q="x_y", q_fields=["name", "company"]) == []
+        assert sorted(await names(q="club", q_fields=["name"])) == ["Discount 100% club", "Discount 1000 club"]
+        with pytest.raises(ValidationFailed) as unknown:
+            await names(q="x", q_fields=["phone"])
+    assert [e.field for e in unknown.value.errors] == ["q_fields"]
 
 
 async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:

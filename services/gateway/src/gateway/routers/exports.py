@@ -151,7 +151,14 @@ async def export_resource(
 # Reports, the forecast and the audit trail register their sources in their own routers (analytics,
 # sales, audit).
 for _resource, _listing in {
-    "leads": GrpcListing("leads", LeadsServiceStub, "ListLeads", leads_pb.ListLeadsRequest, fields=LEAD_FILTERS),
+    "leads": GrpcListing(
+        "leads",
+        LeadsServiceStub,
+        "ListLeads",
+        leads_pb.ListLeadsRequest,
+        # `q_field` narrows where `q` looks; `q` itself needs every field it may look in read in clear.
+        fields={**LEAD_FILTERS, "q_field": ()},
+    ),
     "campaigns": GrpcListing("leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest),
     "accounts": GrpcListing(
         "accounts",

@@ -182,6 +182,11 @@ class Access:
             if self.decision.read_rule(path) < FieldRule.READ:
                 raise forbidden(f"you may not filter or sort by field '{path}' of {self.resource}", field=path)
 
+    def in_clear(self, fields: Iterable[str]) -> list[str]:
+        """Those of `fields` the caller reads in clear (neither hidden nor masked): what a search may
+        look in without revealing what a mask hides."""
+        return [name for name in fields if self.decision.read_rule(name) >= FieldRule.READ]
+
     def check_filters(self, filters: FilterFields) -> None:
         """`check_filter` for the route's filters the request uses: `filters` declares the field(s)
         each filter query parameter filters by."""
