@@ -480,6 +480,8 @@ async def test_a_manager_imports_owners_and_teams(gateway: Gateway) -> None:
     response = await post_import(gateway, body, role="sales_manager")
 
     assert response.status_code == 200, response.text
+    # A part's rejections are its `rows`: the summary does not also show an empty list of them.
+    assert "rejected_rows" not in response.json()["import"] and "rows" in response.json()
     assert [content for _, content in gateway.leads.imports] == [body.encode()]
 
 

@@ -499,7 +499,9 @@ async def import_leads(
         messages(), metadata=access.grpc_metadata(), timeout=IMPORT_DEADLINE_SECONDS
     )
     await access.audit("import", reply.lead_import.id, reason=f"{reply.lead_import.progress.accepted} accepted")
-    return {"import": _import_json(reply.lead_import), "rows": [_message_json(row) for row in reply.rows]}
+    summary = _import_json(reply.lead_import)
+    del summary["rejected_rows"]  # this part's rejections are its `rows`; all of them: GET /leads/imports/{id}
+    return {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
 
 
 def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
