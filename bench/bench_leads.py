@@ -450,6 +450,13 @@ def weighted(weights: dict[str, int], rng: random.Random, count: int) -> list[st
     return rng.choices(list(weights), weights=list(weights.values()), k=count)
 
 
+async def current_scoring_generation(connection: asyncpg.Connection) -> int:
+    """The generation of the scoring rules now: leads COPYed in record it, as if scored by the
+    service, so that its rescoring job (which walks leads scored under older rules) leaves them
+    alone instead of working through them while the bench measures."""
+    return int(await connection.fetchval("SELECT generation FROM scoring_generation"))
+
+
 async def bulk_seed(url: str, rows: int) -> float:
     """`rows` leads straight into the table with COPY (the secondary indexes dropped first and built
     after, as for a backfill), spread over 50 reps; returns the seconds it took."""
@@ -459,9 +466,10 @@ async def bulk_seed(url: str, rows: int) -> float:
     rng = random.Random(7)
     columns = [
         "id", "name", "email", "email_norm", "source", "status", "owner_id", "team", "tags", "custom", "created_at",
-        "updated_at",
+        "updated_at", "scoring_generation",
     ]  # fmt: skip
     try:
+        generation = await current_scoring_generation(connection)
         indexes = await connection.fetch(
             "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'leads' AND indexname <> 'leads_pkey'"
         )
@@ -494,6 +502,7 @@ async def bulk_seed(url: str, rows: int) -> float:
                         "{}",
                         created,
                         created,
+                        generation,
                     )
                 )
             await connection.copy_records_to_table("leads", records=records, columns=columns)
@@ -655,9 +664,10 @@ async def baseline_import(url: str, parts: list[bytes], meter: CpuMeter) -> tupl
     transaction per 2,000 rows. Returns rows/s and the CPU used."""
     connection = await asyncpg.connect(url)
     columns = ["id", "external_id", "source", "region", "status", "tags", "custom", "import_id", "created_at"]
-    columns.append("updated_at")
+    columns += ["updated_at", "scoring_generation"]
     rows = 0
     try:
+        generation = await current_scoring_generation(connection)
         before = meter.snapshot()
         started = time.perf_counter()
         for part in parts:
@@ -670,9 +680,9 @@ async def baseline_import(url: str, parts: list[bytes], meter: CpuMeter) -> tupl
                 custom = {key: value for key, value in zip(keys[1:], values[1:], strict=True) if value}
                 source = SOURCE_ALIASES.get(custom.pop("lead_source", "").lower(), "other")
                 region = custom.pop("country", "")
-                records.append(
-                    (new_id(), values[0], source, region, "new", "[]", json.dumps(custom), "baseline", now, now)
-                )
+                custom_json = json.dumps(custom)
+                row = (new_id(), values[0], source, region, "new", "[]", custom_json, "baseline", now, now, generation)
+                records.append(row)
                 if len(records) == 2_000:
                     await _copy_batch(connection, records, columns)
                     rows += len(records)

@@ -24,7 +24,8 @@ class LeadsSettings(ServiceSettings):
     recycle_after_days: float = 3.0
     # Open leads a rep may hold from pool claims at once.
     pool_claim_limit: int = 20
-    # How often the SLA and recycling timers look for due leads, and how many per pass.
+    # How often the SLA, recycling and rescoring timers look for due leads, and how many per pass (a
+    # full pass runs again at once: after a scoring change the open leads are rescored batch by batch).
     jobs_interval_seconds: float = 30.0
     jobs_batch_size: int = 200
     # Scoring and assignment rules are cached this long per replica (changes apply within it).

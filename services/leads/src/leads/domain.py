@@ -545,6 +545,12 @@ class Scorer:
         total = sum(r.points for r in matched)
         return max(0, min(100, total)), [r.id for r in matched]
 
+    @property
+    def counts_activities(self) -> bool:
+        """Whether an enabled rule counts activities: else a lead scores the same whatever its
+        activities, and they need not be counted."""
+        return any(c.rule.activity_kind for c in self._conditions)
+
 
 def grade_for(score: int, t: Thresholds) -> str:
     if score >= t.a:

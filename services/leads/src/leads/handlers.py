@@ -137,6 +137,9 @@ class Rules:
     thresholds: Thresholds = field(default_factory=Thresholds)
     assignment: list[AssignmentRule] = field(default_factory=list)
     custom_fields: list[cf.FieldDefinition] = field(default_factory=list)
+    # The scoring generation these rules are at least as new as (`load_rules`): what a lead scored
+    # with them records, so that the rescoring job finds it if they were already stale.
+    generation: int = 0
     scorer: domain.Scorer = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,18 +159,29 @@ class RulesCache:
     def invalidate(self) -> None:
         self._rules = None
 
-    async def get(self) -> Rules:
-        if self._rules is not None and time.monotonic() - self._loaded_at < self.ttl:
-            return self._rules
+    async def get(self, *, generation: int = 0) -> Rules:
+        """The cached rules, reloaded when older than `ttl` or than the scoring `generation` given
+        (a change committed on another replica, which the rescoring job must not score with)."""
+        rules = self._rules
+        if rules is not None and self._fresh(rules, generation):
+            return rules
         async with self._lock:
-            if self._rules is None or time.monotonic() - self._loaded_at >= self.ttl:
+            rules = self._rules
+            if rules is None or not self._fresh(rules, generation):
                 async with self.engine.connect() as conn:
-                    self._rules = await load_rules(conn)
+                    rules = self._rules = await load_rules(conn)
                 self._loaded_at = time.monotonic()
-            return self._rules
+            return rules
+
+    def _fresh(self, rules: Rules, generation: int) -> bool:
+        return rules.generation >= generation and time.monotonic() - self._loaded_at < self.ttl
 
 
 async def load_rules(conn: AsyncConnection) -> Rules:
+    # The generation first: under READ COMMITTED each statement sees what committed before it, so
+    # the rules read next are at least as new as it (a rule write moves it in its transaction). A
+    # lead scored with them may be rescored once more than needed, never left stale.
+    generation = await repo.current_scoring_generation(conn)
     scoring = [
         ScoringRule(
             id=r.id,
@@ -187,7 +201,7 @@ async def load_rules(conn: AsyncConnection) -> Rules:
     )
     assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
     definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
-    return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions)
+    return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions, generation)
 
 
 _ParsedRow = tuple[int, Mapping[str, Any] | str]
@@ -600,9 +614,21 @@ class LeadsService:
         )
 
     async def _rescore(self, tx: Transaction, lead: Mapping[Any, Any], now: datetime) -> dict[str, Any]:
-        """Recomputes the score; writes history and publishes `lead.scored` when it changed."""
+        """Recomputes the score; writes history and publishes `lead.scored` when it changed, and
+        returns the values the caller writes then. A score that stays only records the generation
+        of the rules it was computed with, when other than the lead's."""
         rules = await self.rules.get()
         counts = await repo.activity_counts(tx.conn, lead["id"])
+        scored = await self._rescored(tx, lead, rules, counts, now)
+        if not scored and lead["scoring_generation"] != rules.generation:
+            await repo.record_scoring_generation(tx.conn, [lead["id"]], rules.generation)
+        return scored
+
+    async def _rescored(
+        self, tx: Transaction, lead: Mapping[Any, Any], rules: Rules, counts: Mapping[str, int], now: datetime
+    ) -> dict[str, Any]:
+        """The lead's score, grade and scoring generation under `rules` when its score or grade
+        moves (history written, `lead.scored` published), else {}."""
         score, grade, matched = self._score(rules, lead, counts)
         if score == lead["score"] and grade == lead["grade"]:
             return {}
@@ -629,7 +655,7 @@ class LeadsService:
             ),
             key=lead["id"],
         )
-        return {"score": score, "grade": grade}
+        return {"score": score, "grade": grade, "scoring_generation": rules.generation}
 
     async def _write(self, conn: AsyncConnection, lead_id: str, values: Mapping[Any, Any]) -> RowMapping:
         row = (
@@ -848,7 +874,7 @@ class LeadsService:
             follow_up_overdue=False,
         )
         score, grade, matched = self._score(rules, values, {})
-        values.update(score=score, grade=grade)
+        values.update(score=score, grade=grade, scoring_generation=rules.generation)
         return values, matched
 
     async def _insert_lead(
@@ -1821,7 +1847,7 @@ class LeadsService:
         values.update(domain.merge_into(values, clean, held))
         earlier.keys = _dedupe_keys(domain.CleanLead(values, values["email_norm"], values["phone_norm"]))
         score, grade, earlier.matched = self._score(rules, values, {})
-        values.update(score=score, grade=grade)
+        values.update(score=score, grade=grade, scoring_generation=rules.generation)
         earlier.created = None  # built again from the merged row
 
     async def _unknown_campaigns(self, conn: AsyncConnection, campaign_ids: set[str]) -> set[str]:
@@ -1964,6 +1990,7 @@ class LeadsService:
             phone_norm=clean.phone_norm,
             score=score,
             grade=grade,
+            scoring_generation=rules.generation,
             in_pool=not values["owner_id"],
         )
         if values["owner_id"]:
@@ -1993,9 +2020,12 @@ class LeadsService:
         values: dict[str, Any],
         publish: Callable[[Transaction, RowMapping], None] | None = None,
         check: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+        *,
+        rescores: bool = False,
     ) -> RowMapping:
         """Inserts `values` once per idempotency key; `check`, if given, runs in the insert's
-        transaction before it (a reference checked there stays valid until the commit)."""
+        transaction before it (a reference checked there stays valid until the commit). `rescores`:
+        the insert changes how leads score (a scoring rule), and moves the scoring generation on."""
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
@@ -2008,22 +2038,35 @@ class LeadsService:
             row = (await tx.conn.execute(insert(table).values(values).returning(table))).mappings().one()
             if publish is not None:
                 publish(tx, row)
+            if rescores:
+                await repo.next_scoring_generation(tx.conn)
         self.rules.invalidate()
         return row
 
     async def _versioned_update(
-        self, table: Any, resource: str, record_id: str, expected_version: int, values: dict[str, Any]
+        self,
+        table: Any,
+        resource: str,
+        record_id: str,
+        expected_version: int,
+        values: dict[str, Any],
+        *,
+        rescores: bool = False,
     ) -> RowMapping:
         async with transaction(self.engine) as conn:
             row = await _versioned_write(conn, table, resource, record_id, expected_version, values)
+            if rescores:
+                await repo.next_scoring_generation(conn)
         self.rules.invalidate()
         return row
 
-    async def _delete(self, table: Any, resource: str, record_id: str) -> None:
+    async def _delete(self, table: Any, resource: str, record_id: str, *, rescores: bool = False) -> None:
         async with transaction(self.engine) as conn:
             result = await conn.execute(delete(table).where(table.c.id == record_id))
             if not result.rowcount:
                 raise NotFound(resource, record_id)
+            if rescores:
+                await repo.next_scoring_generation(conn)
         self.rules.invalidate()
 
     @staticmethod
@@ -2040,16 +2083,21 @@ class LeadsService:
             "enabled": rule.enabled,
         }
 
+    # A write of a scoring rule or of the thresholds moves the scoring generation on in its
+    # transaction and returns without touching a lead: `rescore_stale_leads` rescores the open ones.
+
     async def create_scoring_rule(self, rule: ScoringRule, name: str, key: str) -> RowMapping:
         values = {"id": new_id(), **self._scoring_values(rule, name), "version": 1}
-        return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values)
+        return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values, rescores=True)
 
     async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> RowMapping:
         values = self._scoring_values(rule, name)
-        return await self._versioned_update(repo.scoring_rules, "scoring rule", rule.id, expected_version, values)
+        return await self._versioned_update(
+            repo.scoring_rules, "scoring rule", rule.id, expected_version, values, rescores=True
+        )
 
     async def delete_scoring_rule(self, rule_id: str) -> None:
-        await self._delete(repo.scoring_rules, "scoring rule", rule_id)
+        await self._delete(repo.scoring_rules, "scoring rule", rule_id, rescores=True)
 
     async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds]:
         async with self.engine.connect() as conn:
@@ -2065,6 +2113,7 @@ class LeadsService:
                 await conn.execute(update(repo.settings_table).where(repo.settings_table.c.id == 1).values(values))
             ).rowcount == 0:
                 await conn.execute(insert(repo.settings_table).values(id=1, **values))
+            await repo.next_scoring_generation(conn)
         self.rules.invalidate()
         return t
 
@@ -2406,6 +2455,30 @@ class LeadsService:
                     days = self.policy.recycle_after_days
                     await self._to_pool(tx, lead, f"no activity for {days:g} days", now)
             return len(idle)
+
+    async def rescore_stale_leads(self) -> int:
+        """Rescoring job: open leads scored under an older scoring generation (a scoring rule or the
+        thresholds changed since) are scored with the current rules, as an activity rescores its
+        lead: when the score or grade moves, history, `lead.scored` and a new version; when not,
+        only the generation is recorded. Closed leads keep the score they closed with."""
+        now = self.clock()
+        async with self.uow.begin() as tx:
+            # Rules at least as new as the generation committed now, even if this replica's cache
+            # was loaded before a change made on another one.
+            rules = await self.rules.get(generation=await repo.current_scoring_generation(tx.conn))
+            batch = repo.leads_scored_before(rules.generation, self.settings.jobs_batch_size)
+            stale = (await tx.conn.execute(batch)).mappings().all()
+            ids = [lead["id"] for lead in stale]
+            counts = await repo.activity_counts_of(tx.conn, ids) if rules.scorer.counts_activities else {}
+            unmoved: list[str] = []
+            for lead in stale:
+                scored = await self._rescored(tx, lead, rules, counts.get(lead["id"], {}), now)
+                if scored:
+                    await self._write(tx.conn, lead["id"], {**scored, "updated_at": now})
+                else:
+                    unmoved.append(lead["id"])
+            await repo.record_scoring_generation(tx.conn, unmoved, rules.generation)
+            return len(stale)
 
     # --- conversion saga --------------------------------------------------------------------
 

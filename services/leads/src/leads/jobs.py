@@ -1,6 +1,7 @@
-"""Timers of the leads service: the first-contact SLA and recycling into the pool.
+"""Timers of the leads service: the first-contact SLA, recycling into the pool, and rescoring the
+open leads after a scoring rule or the grade thresholds changed.
 
-Every replica runs both; each pass claims due leads with FOR UPDATE SKIP LOCKED in the
+Every replica runs all three; each pass claims due leads with FOR UPDATE SKIP LOCKED in the
 transaction that changes them (see handlers), so one replica acts on a given lead.
 """
 
@@ -22,6 +23,12 @@ def build_jobs(service: LeadsService) -> list[PeriodicJob]:
             name="recycle-idle-leads",
             interval_seconds=settings.jobs_interval_seconds,
             run_once=service.recycle_idle_leads,
+            batch_size=settings.jobs_batch_size,
+        ),
+        PeriodicJob(
+            name="rescore-stale-leads",
+            interval_seconds=settings.jobs_interval_seconds,
+            run_once=service.rescore_stale_leads,
             batch_size=settings.jobs_batch_size,
         ),
     ]

@@ -58,6 +58,8 @@ AWAITING_FIRST_CONTACT = text("first_contacted_at IS NULL AND NOT follow_up_over
 RECYCLING_CANDIDATES = text(
     f"status IN ({', '.join(repr(s) for s in RECYCLABLE_STATUSES)}) AND owner_id <> '' AND assigned_at IS NOT NULL"
 )
+# The leads the rescoring job looks at (its index's predicate, repeated by its query as above).
+OPEN_LEADS = text(f"status IN ({', '.join(repr(s) for s in OPEN_STATUSES)})")
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 _ID = String(36)
@@ -104,6 +106,9 @@ leads = Table(
     Column("recycled_at", _TS),
     Column("claimed_at", _TS),
     Column("version", BigInteger, nullable=False, server_default="1"),
+    # The scoring generation (`scoring_generation` below) whose rules and thresholds gave the lead its
+    # score (migration 0019): the rescoring job walks the open leads scored under an older one.
+    Column("scoring_generation", BigInteger, nullable=False, server_default="0"),
     # Keyset pages order by id (time-ordered), so every filter index ends with it.
     Index("ix_leads_status_id", "status", "id"),
     Index("ix_leads_status_source_id", "status", "source", "id"),  # the list's most used filter pair
@@ -126,6 +131,11 @@ leads = Table(
     # replica. Not on last_activity_at: an activity would then never be a HOT update.
     Index("ix_leads_sla_due", "first_contact_due_at", postgresql_where=AWAITING_FIRST_CONTACT),
     Index("ix_leads_recycle_due", "assigned_at", postgresql_where=RECYCLING_CANDIDATES),
+    # The rescoring job's: open leads by the generation they were scored under. A pass reads from
+    # the oldest and stops at the first lead scored under the current rules, so a pass with nothing
+    # to do is one index probe, however many leads there are. A write that keeps a lead's generation
+    # (nearly every write) keeps its update HOT.
+    Index("ix_leads_scoring_due", "scoring_generation", postgresql_where=OPEN_LEADS),
 )
 
 activities = Table(
@@ -196,6 +206,17 @@ scoring_rules = Table(
     Column("points", Integer, nullable=False),
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("version", BigInteger, nullable=False, server_default="1"),
+)
+
+# The scoring model's generation (migration 0019), one row: every write of a scoring rule or of the
+# grade thresholds moves it on in its own transaction. Leads record the generation they were scored
+# under (`leads.scoring_generation`), so the leads a change left stale are found through an index
+# without the write touching them: it commits at once, and the rescoring job catches up.
+scoring_generation = Table(
+    "scoring_generation",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("generation", BigInteger, nullable=False),
 )
 
 settings_table = Table(
@@ -529,6 +550,61 @@ async def activity_counts(conn: AsyncConnection, lead_id: str) -> dict[str, int]
     return {kind: int(count) for kind, count in rows}
 
 
+async def activity_counts_of(conn: AsyncConnection, lead_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """`activity_counts` of each lead: one query for a batch of the rescoring job."""
+    counts: dict[str, dict[str, int]] = {lead_id: {} for lead_id in lead_ids}
+    if not counts:
+        return counts
+    a = activities.c
+    rows = await conn.execute(
+        select(a.lead_id, a.kind, func.count()).where(a.lead_id.in_(sorted(counts))).group_by(a.lead_id, a.kind)
+    )
+    for lead_id, kind, count in rows:
+        counts[lead_id][kind] = int(count)
+    return counts
+
+
+async def current_scoring_generation(conn: AsyncConnection) -> int:
+    generation = await conn.scalar(select(scoring_generation.c.generation).where(scoring_generation.c.id == 1))
+    return int(generation or 0)
+
+
+async def next_scoring_generation(conn: AsyncConnection) -> int:
+    """Moves the scoring generation on in the caller's transaction, which writes a scoring rule or
+    the thresholds: rules read after it commits are read with its generation or a later one. The
+    row stays locked to the commit, so concurrent rule writes take one generation each."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as upsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
+    statement = upsert(scoring_generation).values(id=1, generation=1)
+    moved = statement.on_conflict_do_update(
+        index_elements=["id"], set_={"generation": scoring_generation.c.generation + 1}
+    ).returning(scoring_generation.c.generation)
+    return int((await conn.execute(moved)).scalar_one())
+
+
+def leads_scored_before(generation: int, limit: int) -> Select[Any]:
+    """Open leads scored under an older generation than `generation`, oldest first, locked
+    (skipping those another replica's job holds, and those a write holds: that write records the
+    generation it scores under itself): a batch of the rescoring job."""
+    c = leads.c
+    return (
+        select(leads)
+        .where(OPEN_LEADS, c.scoring_generation < generation)
+        .order_by(c.scoring_generation)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+async def record_scoring_generation(conn: AsyncConnection, lead_ids: Sequence[str], generation: int) -> None:
+    """The leads, rescored without their score or grade moving, were scored under `generation`: no
+    new version, since nothing a reader sees changed (an open edit form stays current)."""
+    if lead_ids:
+        await conn.execute(update(leads).where(leads.c.id.in_(lead_ids)).values(scoring_generation=generation))
+
+
 def overdue_first_contacts(now: datetime, limit: int) -> Select[Any]:
     """New leads whose owner has not contacted them by the due time, not yet flagged, earliest due
     first, locked (skipping those another replica's timer holds): a batch of the SLA timer."""
@@ -820,7 +896,16 @@ _BUNDLE = DriverStatement(_bundle_statement())
 _TASK_BLANK = {c.name: None for c in tasks.c}
 LEAD_DEFAULTS: dict[str, Any] = {
     c.name: ("" if isinstance(c.type, String) and not c.nullable else None) for c in leads.c
-} | {"in_pool": False, "follow_up_overdue": False, "score": 0, "grade": "D", "version": 1, "tags": [], "custom": {}}
+} | {
+    "in_pool": False,
+    "follow_up_overdue": False,
+    "score": 0,
+    "grade": "D",
+    "version": 1,
+    "tags": [],
+    "custom": {},
+    "scoring_generation": 0,
+}
 
 
 async def insert_lead_bundle(

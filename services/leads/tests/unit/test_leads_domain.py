@@ -407,3 +407,13 @@ def test_a_converted_lead_answers_a_request_asking_for_nothing_new_and_refuses_o
         domain.ensure_repeats_conversion(account_id="", create_opportunity=True, **done)
     assert "account a-1, contact c-1, no opportunity" in more.value.detail
     assert "an opportunity" in more.value.detail
+
+
+def test_a_scorer_needs_activity_counts_only_for_an_enabled_rule_counting_activities() -> None:
+    """The rescoring job counts a batch's activities only when a rule would read them."""
+    fields = [ScoringRule(id="f", field="industry", operator="equals", value="software", points=10)]
+    visits_off = ScoringRule(id="v", activity_kind="visit", min_count=1, points=20, enabled=False)
+    assert not domain.Scorer(fields).counts_activities
+    assert not domain.Scorer([*fields, visits_off]).counts_activities
+    assert domain.Scorer([*fields, ScoringRule(id="a", activity_kind="any", min_count=1, points=5)]).counts_activities
+    assert not domain.Scorer([]).counts_activities
