@@ -457,6 +457,8 @@ BLANK = [
     ("POST", "/api/v1/segments", {"name": ""}, ["name"]),
     # A lead owned by nobody and out of the pool, or in a team nobody sees.
     ("POST", f"/api/v1/leads/{ID}/assign", {"owner_id": "   ", "team": " "}, ["owner_id", "team"]),
+    ("PATCH", f"/api/v1/leads/{ID}", {"owner_id": "   "}, ["owner_id"]),
+    ("POST", "/api/v1/leads", {"name": "Li", "team": "\t"}, ["team"]),
 ]
 
 

@@ -482,6 +482,9 @@ async def test_a_manager_imports_owners_and_teams(gateway: Gateway) -> None:
     assert response.status_code == 200, response.text
     # A part's rejections are its `rows`: the summary does not also show an empty list of them.
     assert "rejected_rows" not in response.json()["import"] and "rows" in response.json()
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    [audited] = [row for row in rows if row["action"] == "import"]
+    assert audited["reason"].startswith("part 1: ") and " merged, " in audited["reason"]
     assert [content for _, content in gateway.leads.imports] == [body.encode()]
 
 
@@ -530,7 +533,7 @@ async def test_a_write_leaves_one_audit_row(
         ("sales_manager", "DELETE", "/lead-assignment-rules/ar-1", None,
          {"id": "ar-1", "name": "North", "position": 0, "enabled": False, "regions": ["north"], "industries": [],
           "sources": [], "min_score": 0, "max_score": 0, "team": "", "user_ids": ["u-2"], "strategy": "",
-          "capacity": 0, "version": "0"}, None),
+          "capacity": 0, "version": 0}, None),
         ("sales_rep", "POST", "/leads/l-1/disqualify", {"reason": "No budget"},
          {"status": "new", "disqualified_reason": ""}, {"status": "unqualified", "disqualified_reason": "No budget"}),
         # Accounts.
@@ -1099,3 +1102,14 @@ async def test_a_follow_up_on_a_lead_needs_the_grant_to_create_activities(gatewa
     assert "activities" in response.json()["detail"]
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["outcome"]) for row in rows] == [("denied", "denied")]
+
+
+@pytest.mark.parametrize(("role", "status"), [("marketing", 403), ("sales_rep", 200)])
+async def test_a_status_move_needs_the_grant_to_log_a_follow_up(gateway: Gateway, role: str, status: int) -> None:
+    """Setting `contacted` records the first contact and closes the rep's SLA task: marketing, which
+    may update leads but not log activities, may not claim one that way either."""
+    response = await gateway.client.patch("/api/v1/leads/l-1", json={"status": "contacted"}, headers=gateway.auth(role))
+
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.json()["errors"][0]["field"] == "status"

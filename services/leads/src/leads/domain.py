@@ -317,6 +317,13 @@ def check_status_change(current: str, new: str, *, contacted: bool) -> None:
         raise Conflict(f"cannot change status from {current} to new: it was contacted", reason="ILLEGAL_TRANSITION")
 
 
+def first_contact_at(occurred_at: datetime, *, captured_at: datetime) -> datetime:
+    """When a lead was first contacted, for the SLA and analytics' time to first contact: a call
+    made before the lead was captured (a backdated activity, a person met before being entered)
+    counts at the capture, so that time is never negative."""
+    return max(occurred_at, captured_at)
+
+
 def status_after_claim(first_contacted_at: datetime | None) -> str:
     return "contacted" if first_contacted_at else "new"
 

@@ -345,6 +345,26 @@ class ConvertResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Capture:
+    """What a lead capture did, for the caller's audit trail: a merge is audited as the change it
+    made to the existing lead, not as a second create."""
+
+    lead: Mapping[Any, Any]
+    merged: bool = False
+    # The merged lead as it was before the merge. None for a new lead, and for an answer repeating
+    # the idempotency key's earlier result (nothing was changed then).
+    previous: Mapping[Any, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A web form submission's capture, and the form that captured it (the actor, never its key)."""
+
+    webform_id: str
+    capture: Capture
+
+
+@dataclass(frozen=True, slots=True)
 class ImportOptions:
     mapper: RowMapper
     on_duplicate: str = "reject"
@@ -430,9 +450,29 @@ async def _versioned_write(
     return (await conn.execute(statement.returning(table))).mappings().one()
 
 
+async def _contact_linked_by(conn: AsyncConnection, lead: Mapping[Any, Any], changes: Mapping[str, Any]) -> str:
+    """The contact a lead without one is linked to when a change (an update, a merge) gives it an
+    email or phone a contact has, as a create links it (SPEC §4); "" otherwise. A link it has stays."""
+    if lead["matched_contact_id"] or not ("email" in changes or "phone" in changes):
+        return ""
+    email = changes.get("email_norm", lead["email_norm"])
+    phone = changes.get("phone_norm", lead["phone_norm"])
+    contacts = await repo.known_contacts(conn, emails={email} if email else set(), phones={phone} if phone else set())
+    return contacts.get(f"email:{email}") or contacts.get(f"phone:{phone}") or ""
+
+
 def _in_scope(lead: Mapping[Any, Any]) -> bool:
-    """The lead is in the caller's record scope (loaded without the scope's clause)."""
-    return current_scope().allows(owner_id=lead["owner_id"], team=lead["team"], region=lead["region"])
+    """The caller may write to the lead (loaded without the scope's clause), as `_visible_lead`
+    finds one for a write: in their scope on leads, and not a pool lead a rep may only claim."""
+    scope = current_scope()
+    return repo.lead_in_scope(scope, lead) and not repo.claim_first(scope, lead)
+
+
+def _entered_for(principal: Principal) -> str:
+    """The owner of a lead the caller enters or imports without one: a rep (own scope) works only
+    the leads they own, so theirs, not the pool's (where they could open it only by a claim, within
+    its limit); anyone else's goes to the assignment rules or the pool ("")."""
+    return principal.user_id if principal.kind == "user" and current_scope().kind == ScopeKind.OWN else ""
 
 
 def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
@@ -522,13 +562,17 @@ class LeadsService:
     async def _visible_lead(
         self, conn: AsyncConnection, lead_id: str, *, for_update: bool = False, scope: RecordScope | None = None
     ) -> RowMapping:
-        """The lead in `scope` (the call's record scope when None), else NotFound."""
-        query = select(repo.leads).where(repo.leads.c.id == lead_id, repo.lead_scope_clause(scope or current_scope()))
+        """The lead in `scope` (the call's record scope when None), else NotFound. Locked
+        (`for_update`) for a write, which a rep makes to a pool lead only by claiming it."""
+        scope = scope or current_scope()
+        query = select(repo.leads).where(repo.leads.c.id == lead_id, repo.lead_scope_clause(scope))
         if for_update:
             query = query.with_for_update()
         row = (await conn.execute(query)).mappings().first()
         if row is None:
             raise NotFound(LEAD, lead_id)
+        if for_update and repo.claim_first(scope, row):
+            raise Conflict(f"lead {lead_id} is in the pool: claim it first", reason="IN_POOL")
         return row
 
     async def _check_campaign(self, conn: AsyncConnection, campaign_id: str, field_name: str = "campaign_id") -> None:
@@ -684,6 +728,25 @@ class LeadsService:
         lenient_custom: bool = False,
     ) -> tuple[Mapping[Any, Any], bool]:
         """Creates a lead (or merges it into its open duplicate); returns (lead, merged)."""
+        capture = await self.capture_lead(
+            data,
+            on_duplicate=on_duplicate,
+            idempotency_key=idempotency_key,
+            defaults=defaults,
+            lenient_custom=lenient_custom,
+        )
+        return capture.lead, capture.merged
+
+    async def capture_lead(
+        self,
+        data: Mapping[Any, Any],
+        *,
+        on_duplicate: str = "reject",
+        idempotency_key: str = "",
+        defaults: Mapping[Any, Any] | None = None,
+        lenient_custom: bool = False,
+    ) -> Capture:
+        """`create_lead`, telling also what a merge changed (the lead as it was before it)."""
         on_duplicate = on_duplicate or "reject"
         if on_duplicate not in domain.ON_DUPLICATE:
             raise ValidationFailed([FieldError("on_duplicate", f"{on_duplicate!r} is not one of reject, merge, allow")])
@@ -694,7 +757,7 @@ class LeadsService:
                 rules.custom_fields, clean.values.get("custom") or {}, partial=False, lenient=lenient_custom
             )
 
-        async def attempt(current: Rules) -> tuple[Mapping[Any, Any], bool]:
+        async def attempt(current: Rules) -> Capture:
             try:
                 return await self._create_once(
                     clean, on_duplicate, idempotency_key, defaults or {}, current, lock_loads=False
@@ -728,7 +791,7 @@ class LeadsService:
         rules: Rules,
         *,
         lock_loads: bool,
-    ) -> tuple[Mapping[Any, Any], bool]:
+    ) -> Capture:
         """One attempt at `create_lead`, in one transaction. A capped round-robin pick reads its
         reps' loads without locks and checks the picked rep under its row lock on insert
         (`_RepFilledMeanwhile` if full by then); with `lock_loads` (and for least-loaded picks)
@@ -741,7 +804,7 @@ class LeadsService:
             claimed = {"lead_id": values["id"], "merged": False}
             earlier = await claim(conn, "create_lead", idempotency_key, principal, claimed, now)
             if earlier is not None:
-                return await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"])
+                return Capture(await self._visible_lead(conn, earlier["lead_id"]), bool(earlier["merged"]))
             given_campaign = clean.values.get("campaign_id", "")
             await self._check_campaign(conn, given_campaign)
             if values["campaign_id"] != given_campaign and not await self._campaign_linkable(
@@ -777,10 +840,10 @@ class LeadsService:
                     conn, repo.idempotency, operation="create_lead", caller=principal.user_id, key=idempotency_key,
                     result={"lead_id": merged["id"], "merged": True},
                 )  # fmt: skip
-                return merged, True
-            return await self._insert_lead(
-                tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads
-            ), False
+                return Capture(merged, merged=True, previous=duplicate)
+            return Capture(
+                await self._insert_lead(tx, values, matched, rule, probe, principal, now, loads_locked=lock_loads)
+            )
 
     async def _keys_held_elsewhere(
         self, conn: AsyncConnection, lead: Mapping[Any, Any], clean: domain.CleanLead
@@ -817,6 +880,8 @@ class LeadsService:
         changes = domain.merge_into(existing, clean, held)
         if not changes:
             return existing
+        if contact_id := await _contact_linked_by(tx.conn, existing, changes):
+            changes["matched_contact_id"] = contact_id
         row = await self._write(tx.conn, existing["id"], {**changes, "updated_at": now})
         scored = await self._rescore(tx, row, now)
         if scored:
@@ -858,9 +923,8 @@ class LeadsService:
         values.update({k: v for k, v in clean.values.items() if v not in (None, "") or k not in defaults})
         if not values["team"] and principal.kind == "user":
             values["team"] = principal.team
-        if not values["owner_id"] and principal.kind == "user" and current_scope().kind == ScopeKind.OWN:
-            # A rep works only the leads they own: the one they enter is theirs, not the pool's.
-            values["owner_id"] = principal.user_id
+        if not values["owner_id"]:
+            values["owner_id"] = _entered_for(principal)
         status = values.pop("status", None) or "new"
         values.update(
             id=new_id(),
@@ -989,15 +1053,8 @@ class LeadsService:
                 )
                 if duplicate is not None:
                     raise AlreadyExists("another open lead has this email or phone", existing_id=duplicate["id"])
-            if not lead["matched_contact_id"] and ("email" in changes or "phone" in changes):
-                # Linked as a create links it (SPEC §4), by the keys it has now; a link it has stays.
-                email = changes.get("email_norm", lead["email_norm"])
-                phone = changes.get("phone_norm", lead["phone_norm"])
-                contacts = await repo.known_contacts(
-                    conn, emails={email} if email else set(), phones={phone} if phone else set()
-                )
-                if contact_id := contacts.get(f"email:{email}") or contacts.get(f"phone:{phone}"):
-                    changes["matched_contact_id"] = contact_id
+            if contact_id := await _contact_linked_by(conn, lead, changes):
+                changes["matched_contact_id"] = contact_id
             new_owner = clean.values.get("owner_id")
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
             if not changes and not reassign:
@@ -1130,7 +1187,8 @@ class LeadsService:
             if new_status != lead["status"]:
                 changes["status"] = new_status
             if contact and lead["first_contacted_at"] is None:
-                changes.update(first_contacted_at=occurred, follow_up_overdue=False)
+                first = domain.first_contact_at(occurred, captured_at=lead["created_at"])
+                changes.update(first_contacted_at=first, follow_up_overdue=False)
             if contact:
                 await self._close_tasks(conn, a.lead_id, "done", now)
             if a.next_follow_up_at is not None:
@@ -1427,7 +1485,8 @@ class LeadsService:
         size = page_limit(limit)
         f = LeadFilters(region=region, industry=industry, sources=[source] if source else [], in_pool=True)
         async with self.engine.connect() as conn:
-            query = self._filtered(conn, select(repo.leads).where(repo.pool_scope_clause(current_scope())), f)
+            # The caller's leads in the pool: what `list_leads(in_pool=True)` lists, open ones only.
+            query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f)
             query = query.where(repo.leads.c.status.in_(domain.OPEN_STATUSES))
             query = keyset_page(
                 query,
@@ -1451,15 +1510,15 @@ class LeadsService:
                 (
                     await conn.execute(
                         select(repo.leads)
-                        .where(repo.leads.c.id == lead_id, repo.pool_scope_clause(current_scope()))
+                        .where(repo.leads.c.id == lead_id, repo.lead_scope_clause(current_scope()))
                         .with_for_update()
                     )
                 )
                 .mappings()
                 .first()
             )
-            if lead is None or not (lead["in_pool"] or _in_scope(lead)):
-                raise NotFound(LEAD, lead_id)  # neither in the pool nor the caller's to see: it does not exist
+            if lead is None:
+                raise NotFound(LEAD, lead_id)  # neither in the caller's pool nor theirs to see: it does not exist
             if not lead["in_pool"]:
                 raise Conflict(f"lead {lead_id} is not in the pool", reason="NOT_IN_POOL")
             domain.ensure_open(lead["status"], "claim")
@@ -1955,7 +2014,7 @@ class LeadsService:
             "campaign_id": "",
             "region": "",
             "industry": "",
-            "owner_id": "",
+            "owner_id": _entered_for(principal),  # a row's owner column wins (`_import_values`)
             "team": principal.team if principal.kind == "user" else "",
             "external_id": "",
             "status": "new",
@@ -2371,6 +2430,11 @@ class LeadsService:
     async def submit_webform(
         self, form_key: str, fields: Mapping[str, str], key: str
     ) -> tuple[Mapping[Any, Any], bool] | None:
+        """`capture_submission`'s lead and whether it was merged (None for a bot's submission)."""
+        submission = await self.capture_submission(form_key, fields, key)
+        return None if submission is None else (submission.capture.lead, submission.capture.merged)
+
+    async def capture_submission(self, form_key: str, fields: Mapping[str, str], key: str) -> Submission | None:
         """Public intake: the form key authenticates; a fixed one-minute window limits the rate.
         A submission that fills the form's honeypot field is a bot's: it counts against the rate and
         creates nothing (None); the caller answers it like any other, so the bot learns nothing."""
@@ -2406,9 +2470,10 @@ class LeadsService:
         # The form key was the credential: the lead is captured by the form itself, with full scope.
         form_principal = Principal(user_id=f"webform:{form['id']}", kind="webform")
         with acting_as(form_principal, ALL_RECORDS, current_request_id()):
-            return await self.create_lead(
+            capture = await self.capture_lead(
                 data, on_duplicate="merge", idempotency_key=key, defaults=defaults, lenient_custom=True
             )
+        return Submission(webform_id=form["id"], capture=capture)
 
     # --- timers -----------------------------------------------------------------------------
 

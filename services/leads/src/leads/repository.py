@@ -33,6 +33,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal_column,
     or_,
     select,
     text,
@@ -380,27 +381,46 @@ conversions = Table(
 
 
 def lead_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
-    """Records of the caller's scope (crm_platform's `scope_clause`, typed for this table)."""
+    """The leads the caller reads and acts on (`lead_in_scope` for one already loaded): the records
+    of their scope, and the pool as they see it. The one rule for the list, the pool, a lead's read
+    and every action on it, so a lead the pool lists is never a 404 elsewhere (only a rep's writes
+    to it wait for their claim: `claim_first`)."""
     match scope.kind:
         case ScopeKind.ALL:
             return true()
         case ScopeKind.OWN:
-            return leads.c.owner_id == scope.owner_id if scope.owner_id else false()
+            return or_(leads.c.owner_id == scope.owner_id if scope.owner_id else false(), _shared_pool(scope))
         case ScopeKind.TEAM:
-            return leads.c.team == scope.team if scope.team else false()
+            return or_(leads.c.team == scope.team if scope.team else false(), _shared_pool(scope))
         case ScopeKind.REGION:
+            # A region's pool is its region's leads: in scope already.
             return leads.c.region == scope.region if scope.region else false()
 
 
-def pool_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
-    """The pool is shared: own- and team-scoped reps see their team's pool plus team-less leads."""
-    match scope.kind:
-        case ScopeKind.ALL:
-            return true()
-        case ScopeKind.REGION:
-            return leads.c.region == scope.region if scope.region else false()
-        case _:
-            return or_(leads.c.team == "", leads.c.team == scope.team)
+def _shared_pool(scope: RecordScope) -> ColumnElement[bool]:
+    """The pool is shared: an own- or team-scoped caller sees its open leads of their team and the
+    team-less ones (a web form or an import without a team), which nobody's team scope holds.
+    Never more: a closed lead left in the pool is not listed by the pool, so not here either."""
+    # The statuses as literals, as the timers' predicates above: the planner sees them in the
+    # generic plan of a prepared statement too.
+    is_open = leads.c.status.in_([literal_column(repr(status)) for status in OPEN_STATUSES])
+    return leads.c.in_pool & is_open & or_(leads.c.team == "", leads.c.team == scope.team)
+
+
+def lead_in_scope(scope: RecordScope, lead: Mapping[Any, Any]) -> bool:
+    """`lead_scope_clause` for a lead loaded without it."""
+    if scope.allows(owner_id=lead["owner_id"], team=lead["team"], region=lead["region"]):
+        return True
+    shared = lead["in_pool"] and lead["status"] in OPEN_STATUSES and lead["team"] in ("", scope.team)
+    return scope.kind in (ScopeKind.OWN, ScopeKind.TEAM) and bool(shared)
+
+
+def claim_first(scope: RecordScope, lead: Mapping[Any, Any]) -> bool:
+    """A lead of the caller's scope (`lead_scope_clause`) that they may read and claim but not
+    write to yet: a rep (own scope) sees their pool to choose what to claim, yet works only the
+    leads they own, so that the claim limit holds (a pool lead updated, contacted, disqualified or
+    converted by whoever sees it would be worked without being anyone's). Managers act on their pool."""
+    return scope.kind == ScopeKind.OWN and lead["owner_id"] != scope.owner_id
 
 
 def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:

@@ -19,6 +19,7 @@ from leads.domain import AssignmentRule, ScoringRule, Thresholds
 from leads.handlers import (
     WEBFORM_SETTINGS,
     ActivityInput,
+    Capture,
     ConversionScopes,
     ConvertRequest,
     ImportOptions,
@@ -80,6 +81,11 @@ def _money(message: common_pb2.Money, field: str, present: bool) -> Money | None
     return money_from_proto(message, field=field) if present else None
 
 
+def _previous(capture: Capture) -> leads_pb2.Lead | None:
+    """The merged lead as it was before the merge (None when nothing was merged into it)."""
+    return messages.lead_to_proto(capture.previous) if capture.previous is not None else None
+
+
 def _row_result(o: ImportRowOutcome) -> leads_service_pb2.ImportRowResult:
     return leads_service_pb2.ImportRowResult(
         row=o.row, status=o.status, lead_id=o.lead_id, reason=o.reason, field=o.field
@@ -113,10 +119,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def CreateLead(
         self, request: leads_service_pb2.CreateLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.CreateLeadResponse:
-        row, merged = await self.service.create_lead(
+        capture = await self.service.capture_lead(
             lead_input(request.lead), on_duplicate=request.on_duplicate, idempotency_key=request.idempotency_key
         )
-        return leads_service_pb2.CreateLeadResponse(lead=messages.lead_to_proto(row), merged=merged)
+        return leads_service_pb2.CreateLeadResponse(
+            lead=messages.lead_to_proto(capture.lead), merged=capture.merged, previous=_previous(capture)
+        )
 
     async def GetLead(
         self, request: leads_service_pb2.GetLeadRequest, context: grpc.aio.ServicerContext
@@ -569,14 +577,20 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.SubmitWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SubmitWebformResponse:
         try:
-            captured = await self.service.submit_webform(
+            submission = await self.service.capture_submission(
                 request.form_key, dict(request.fields), request.idempotency_key
             )
         except RateLimited as error:
             # crm_platform maps no rate-limit error yet: RESOURCE_EXHAUSTED with the wait in trailers.
             context.set_trailing_metadata((("retry-after", str(error.retry_after)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, error.detail)
-        if captured is None:
+        if submission is None:
             return leads_service_pb2.SubmitWebformResponse(discarded_as_spam=True)
-        row, merged = captured
-        return leads_service_pb2.SubmitWebformResponse(lead_id=row["id"], merged=merged)
+        capture = submission.capture
+        return leads_service_pb2.SubmitWebformResponse(
+            lead_id=capture.lead["id"],
+            merged=capture.merged,
+            webform_id=submission.webform_id,
+            lead=messages.lead_to_proto(capture.lead),
+            previous=_previous(capture),
+        )

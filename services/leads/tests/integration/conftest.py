@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from accounts import repository as accounts_repo
 from accounts.__main__ import MIGRATIONS as ACCOUNTS_MIGRATIONS
@@ -16,7 +17,9 @@ from accounts.domain import PoolPolicy
 from accounts.handlers import Context
 from accounts.servicer import AccountsServicer
 from crm.accounts.v1.accounts_service_pb2_grpc import add_AccountsServiceServicer_to_server
+from crm.common.v1 import custom_fields_pb2_grpc
 from crm.leads.v1 import leads_service_pb2_grpc
+from crm_platform import custom_fields_service
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
@@ -24,7 +27,10 @@ from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.testing.database import migrated_engine
 from gateway.security.store import migrate
+from gateway.testing import started_gateway
+from gateway.token_cli import issue_dev_token
 from leads import repository as repo
+from leads.__main__ import SERVICE_NAME, custom_field_servicer
 from leads.config import LeadsSettings
 from leads.domain import OPEN_STATUSES
 from leads.handlers import ConvertRequest, LeadsService
@@ -196,6 +202,31 @@ def accounts_over_grpc(env: Env, tmp_path: Path) -> AccountsOverGrpc:
                 await server.stop(0)
 
     return serving
+
+
+GATEWAY_SECRET = "leads-tests-gateway-secret-" + "s" * 30
+
+
+@pytest.fixture
+async def admin(env: Env, tmp_path: Path, gateway_database: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin's client of the real gateway (who sees every lead and reads the audit trail), in
+    front of the leads service of `env`: its leads and custom field definitions, as
+    `leads.__main__` serves them."""
+
+    def register(server: Any) -> None:
+        leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), server)
+        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(custom_field_servicer(env.service), server)
+
+    server = GrpcServer(
+        service="leads", service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME], register=register
+    )
+    port = await server.start("127.0.0.1", 0)
+    token = issue_dev_token(secret=GATEWAY_SECRET, sub="u-1", roles=["admin"], team="east", region="north")
+    async with started_gateway(
+        tmp_path, gateway_database, secret=GATEWAY_SECRET, token=token, leads=f"127.0.0.1:{port}"
+    ) as client:
+        yield client
+    await server.stop(1)
 
 
 @pytest.fixture(scope="module")

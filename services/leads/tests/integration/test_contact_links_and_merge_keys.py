@@ -184,3 +184,14 @@ async def test_an_update_keeps_the_contact_a_lead_is_linked_to(env: Any) -> None
         "c-1",
         "c-1",
     )
+
+
+async def test_a_merge_giving_a_lead_a_contacts_email_links_it(env: Any) -> None:
+    await _contact(env, accounts_pb2.Contact(id="c-mg", email="mg@corp.cn", version=1))
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "MG", "phone": PHONE})
+        merged, was_merged = await env.service.create_lead(
+            {"name": "MG", "phone": PHONE, "email": "mg@corp.cn"}, on_duplicate="merge"
+        )
+    assert was_merged and merged["id"] == lead["id"] and merged["email"] == "mg@corp.cn"
+    assert merged["matched_contact_id"] == "c-mg"  # a later conversion into its account links it

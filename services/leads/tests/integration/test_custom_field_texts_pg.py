@@ -4,26 +4,15 @@ CSV import (every cell is text) and by a web form (the gateway sends every field
 text is read by the field's type, as a list filter reads `custom.visits=12`: the lead stores 12 and
 true, not "12" and "true"; text that is not of the type is refused naming `custom.<key>`."""
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from crm.common.v1 import custom_fields_pb2_grpc
-from crm.leads.v1 import leads_service_pb2_grpc
-from crm_platform import custom_fields_service
-from crm_platform.grpc_server import GrpcServer
-from gateway.testing import started_gateway
-from gateway.token_cli import issue_dev_token
 from leads import repository as repo
-from leads.__main__ import SERVICE_NAME, custom_field_servicer
-from leads.servicer import LeadsServicer
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
 
-SECRET = "leads-custom-texts-secret-" + "t" * 30
 FIELDS = (
     {"key": "visits_x", "label": "Visits", "type": "number"},
     {"key": "vip", "label": "VIP", "type": "bool"},
@@ -32,27 +21,12 @@ FIELDS = (
 
 
 @pytest.fixture
-async def admin(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An admin's client of the gateway, in front of the leads service of `env` (leads and their
-    custom field definitions, as `leads.__main__` serves them), with FIELDS defined."""
-
-    def register(server: Any) -> None:
-        leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), server)
-        custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(custom_field_servicer(env.service), server)
-
-    server = GrpcServer(
-        service="leads", service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME], register=register
-    )
-    port = await server.start("127.0.0.1", 0)
-    token = issue_dev_token(secret=SECRET, sub="u-1", roles=["admin"], team="east", region="north")
-    async with started_gateway(
-        tmp_path, gateway_database, secret=SECRET, token=token, leads=f"127.0.0.1:{port}"
-    ) as client:
-        for field in FIELDS:
-            defined = await client.post("/api/v1/custom-fields/lead", json=field)
-            assert defined.status_code == 201, defined.text
-        yield client
-    await server.stop(1)
+async def admin(admin: httpx.AsyncClient) -> httpx.AsyncClient:
+    """The admin's client of the gateway, with FIELDS defined."""
+    for field in FIELDS:
+        defined = await admin.post("/api/v1/custom-fields/lead", json=field)
+        assert defined.status_code == 201, defined.text
+    return admin
 
 
 async def stored_custom(env: Any) -> dict[str, dict[str, Any]]:

@@ -5,6 +5,7 @@ after reassignment, idempotency keys under concurrency and reuse, and a lead clo
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -419,3 +420,16 @@ async def test_a_submission_that_fills_the_honeypot_creates_nothing_and_counts_a
         assert await lead_count(env) == before + 1
         with pytest.raises(RateLimited):  # the bot's submission used up the form's minute with the person's
             await env.service.submit_webform(form["form_key"], {"name": "Wu", "email": "wu@x.cn"}, "")
+
+
+async def test_a_call_logged_as_made_before_the_lead_was_captured_is_its_first_contact_at_capture(
+    env_each_database: Any,
+) -> None:
+    env = env_each_database
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "met at an expo", "owner_id": "rep1"})
+        years_ago = env.clock.now - timedelta(days=5 * 365)
+        call = ActivityInput(lead_id=lead["id"], kind="call", occurred_at=years_ago)
+        _, contacted = await env.service.log_activity(call)
+    # Never a negative time to first contact in analytics.
+    assert contacted["first_contacted_at"] == lead["created_at"] and contacted["status"] == "contacted"

@@ -3,8 +3,6 @@ request again with its key answers with the first result; another request with t
 naming the header, and creates nothing. A conversion resuming an attempt whose upstream answer was
 lost still gets the record the attempt's key first created, though what it sends has changed."""
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,38 +11,15 @@ import pytest
 from accounts import repository as accounts_repo
 from accounts.servicer import AccountsServicer
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
-from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform.errors import Unavailable
-from crm_platform.grpc_server import GrpcServer
 from crm_platform.testing.races import count_rows
-from gateway.testing import started_gateway
-from gateway.token_cli import issue_dev_token
 from leads import repository as repo
 from leads.handlers import ConvertRequest
-from leads.servicer import LeadsServicer
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
 
-SECRET = "leads-idempotency-secret-" + "s" * 30
 REUSED_KEY = {"field": "Idempotency-Key", "message": "was used with a different request"}
-
-
-@pytest.fixture
-async def admin(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """An admin's client of the gateway (who sees every lead), in front of the leads service of `env`."""
-    server = GrpcServer(
-        service="leads",
-        service_names=["crm.leads.v1.LeadsService"],
-        register=lambda s: leads_service_pb2_grpc.add_LeadsServiceServicer_to_server(LeadsServicer(env.service), s),
-    )
-    port = await server.start("127.0.0.1", 0)
-    token = issue_dev_token(secret=SECRET, sub="u-1", roles=["admin"], team="east", region="north")
-    async with started_gateway(
-        tmp_path, gateway_database, secret=SECRET, token=token, leads=f"127.0.0.1:{port}"
-    ) as client:
-        yield client
-    await server.stop(1)
 
 
 async def test_a_lead_created_again_with_its_key_is_the_first_and_another_lead_with_that_key_is_refused(

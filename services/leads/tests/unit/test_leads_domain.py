@@ -417,3 +417,10 @@ def test_a_scorer_needs_activity_counts_only_for_an_enabled_rule_counting_activi
     assert not domain.Scorer([*fields, visits_off]).counts_activities
     assert domain.Scorer([*fields, ScoringRule(id="a", activity_kind="any", min_count=1, points=5)]).counts_activities
     assert not domain.Scorer([]).counts_activities
+
+
+def test_a_contact_made_before_the_lead_was_captured_counts_at_its_capture() -> None:
+    captured = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    assert domain.first_contact_at(datetime(2021, 6, 1, tzinfo=UTC), captured_at=captured) == captured
+    later = captured + timedelta(hours=1)
+    assert domain.first_contact_at(later, captured_at=captured) == later

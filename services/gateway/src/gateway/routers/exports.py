@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 
 from gateway.inputs import unknown_query_parameters
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
-from gateway.routers.custom_fields import presenter
+from gateway.routers.custom_fields import check_custom_filters, presenter
 from gateway.routers.leads import LEAD_FILTERS
 from gateway.routers.sales import OPPORTUNITY_FILTERS, PAYMENT_FILTERS
 from gateway.routers.service_desk import TICKET_FILTERS
@@ -70,19 +70,28 @@ async def export_resource(
         if not decision.allowed:
             raise forbidden(f"you may not export {resource}")
         # The filters depend on the resource: this route checks its query parameters itself.
-        unknown = [name for name in filters if name not in source.filters and name != "sort"]
+        unknown = [name for name in filters if not source.takes(name) and name != "sort"]
         if unknown:
             raise unknown_query_parameters(unknown)
         if source.check is not None:
             source.check(filters)
         # Each filter is checked as the field it filters by (`tag`: `tags`), as on the list route.
-        named = [field for name in filters if name != "sort" for field in filtered_fields(source.fields, name)]
+        named = [
+            field
+            for name in filters
+            if name not in ("sort", "q") and not name.startswith("custom.")
+            for field in filtered_fields(source.fields, name)
+        ]
         if "sort" in filters:
             named.append(filters["sort"])
-        if "q" in filters:
-            # Full-text search matches personal data: only for callers who read it in clear.
-            named += [name for name, spec in access.spec.fields.items() if spec is not None and spec.pii]
         access.check_filter(named)
+        # `q` looks only in the fields the caller reads in clear, as on the list route (the source
+        # fills the request's `q_fields` the same way); `q_field` chooses among them.
+        asked = [filters["q_field"]] if filters.get("q_field") else []
+        if filters.get("q") or asked:
+            access.searched_fields(filtered_fields(source.fields, "q"), asked)
+        custom = [name.removeprefix("custom.") for name in filters if name.startswith("custom.")]
+        await check_custom_filters(access, custom)
         if resource == "accounts" and filters.get("segment_id"):
             await check_saved_segment(access, filters["segment_id"])
     except SecurityProblem as problem:
@@ -156,7 +165,8 @@ for _resource, _listing in {
         LeadsServiceStub,
         "ListLeads",
         leads_pb.ListLeadsRequest,
-        # `q_field` narrows where `q` looks; `q` itself needs every field it may look in read in clear.
+        # `q_field` narrows where `q` looks: its value names the field, checked as `q`'s are
+        # (`Access.searched_fields`), so it declares none.
         fields={**LEAD_FILTERS, "q_field": ()},
     ),
     "campaigns": GrpcListing("leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest),
@@ -167,12 +177,18 @@ for _resource, _listing in {
         accounts_pb.ListAccountsRequest,
         # A saved segment's own filters are checked (check_saved_segment).
         fields={**ACCOUNT_FILTER_FIELDS, "segment_id": ()},
+        internal=("include_merged",),
     ),
     "contacts": GrpcListing(
         "accounts", AccountsServiceStub, "ListContacts", accounts_pb.ListContactsRequest, fields=CONTACT_FILTER_FIELDS
     ),
     "opportunities": GrpcListing(
-        "sales", SalesServiceStub, "ListOpportunities", sales_pb.ListOpportunitiesRequest, fields=OPPORTUNITY_FILTERS
+        "sales",
+        SalesServiceStub,
+        "ListOpportunities",
+        sales_pb.ListOpportunitiesRequest,
+        fields=OPPORTUNITY_FILTERS,
+        renamed={"rotting": "rotting_only"},
     ),
     "quotes": GrpcListing("sales", SalesServiceStub, "ListQuotes", sales_pb.ListQuotesRequest),
     "contracts": GrpcListing("sales", SalesServiceStub, "ListContracts", sales_pb.ListContractsRequest),
@@ -206,7 +222,10 @@ def describe_export_filters() -> None:
     for resource in registered_exports():
         source = export_source(resource)
         assert source is not None
-        names = ", ".join(f"`{name}`" for name in sorted(source.filters | {"sort"}))
+        names = ", ".join(
+            [f"`{name}`" for name in sorted(source.filters | {"sort"})]
+            + [f"`{prefix}<key>`" for prefix in sorted(source.prefixes)]
+        )
         lines.append(f"- `{resource}`: {names}")
     filters = (
         "The filters each resource takes, as query parameters (any other is a 422 naming it; `sort` as on "

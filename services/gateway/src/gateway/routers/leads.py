@@ -19,7 +19,9 @@ from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.errors import field_path
+from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
+from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
 from fastapi import Depends, Header, Path, Query, Request, Response
@@ -43,6 +45,8 @@ from gateway.references import refuse_if_deals_name_campaign
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
+from gateway.security.access import runtime_of
+from gateway.security.problems import forbidden
 
 router = ResourceRouter(tags=["leads"])
 
@@ -92,8 +96,9 @@ class LeadIn(RequestBody):
     industry: str | None = Field(default=None, max_length=200)
     tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
-    owner_id: str | None = Field(default=None, max_length=200)
-    team: str | None = Field(default=None, max_length=200)
+    # "" is none (the rules, the pool); only spaces would be an owner nobody is, a team nobody sees.
+    owner_id: OptionalId = Field(default=None, max_length=200)
+    team: OptionalId = Field(default=None, max_length=200)
     external_id: str | None = Field(default=None, max_length=200)
 
 
@@ -333,12 +338,23 @@ async def create_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(result["id"], None, result)
+    action, before = _capture_audited(reply)
+    await access.audit_write(result["id"], before, result, action=action)
     if reply.merged:
         response.status_code = 200
         response.headers["X-Merged-Into"] = result["id"]
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+def _capture_audited(reply: pb.CreateLeadResponse | pb.SubmitWebformResponse) -> tuple[str, dict[str, Any] | None]:
+    """The audit action of a lead capture, and the lead before it: a new lead is a `create`; a merge
+    is the change it made to the existing lead (`merge`, before as the service had it), not a
+    second create. The service sends no `previous` when it repeats a key's earlier result: the
+    audit row is then a `replay`, which needs none."""
+    if not reply.merged:
+        return "create", None
+    return "merge", lead_json(reply.previous) if reply.HasField("previous") else None
 
 
 LEAD_SEARCHED_FIELDS = ("name", "company", "email")
@@ -389,9 +405,7 @@ async def list_leads(
     access.check_filter([sort])
     # `q` looks only in the fields the caller reads in clear (marketing finds leads by name and
     # company, not by the email it sees masked); in none of them, it is refused naming the first.
-    searched = access.in_clear(LEAD_SEARCHED_FIELDS) if q else []
-    if q and not searched:
-        access.check_filter(LEAD_SEARCHED_FIELDS)
+    searched = access.searched_fields(LEAD_SEARCHED_FIELDS) if q else []
     custom = await custom_filters(access)
     if owner_id == "me":
         owner_id = access.principal.user_id
@@ -498,7 +512,9 @@ async def import_leads(
     reply = await _stub(request).ImportLeads(
         messages(), metadata=access.grpc_metadata(), timeout=IMPORT_DEADLINE_SECONDS
     )
-    await access.audit("import", reply.lead_import.id, reason=f"{reply.lead_import.progress.accepted} accepted")
+    progress = reply.lead_import.progress  # of the whole import so far
+    counts = f"{progress.accepted} accepted, {progress.merged} merged, {progress.rejected} rejected"
+    await access.audit("import", reply.lead_import.id, reason=f"part {part or 1}: {counts} in all")
     summary = _import_json(reply.lead_import)
     del summary["rejected_rows"]  # this part's rejections are its `rows`; all of them: GET /leads/imports/{id}
     return {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
@@ -632,6 +648,10 @@ async def update_lead(
     given = body.model_dump(exclude_unset=True)
     status = given.pop("status", None)
     access.check_write(given)
+    if status is not None and access.view("activities", "create") is None:
+        # A status move is work on the lead (contacted records its first contact, closing the SLA):
+        # whoever may not log a follow-up may not claim one either.
+        raise forbidden("moving a lead's status needs the grant to create activities", field="status")
     lead, paths = _lead_input(body)
     if status is not None:  # status moves are a transition of the lead, checked by the service
         lead.status = status
@@ -944,8 +964,8 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
     """Takes a pool lead (within the per-rep claim limit: 409 `CLAIM_LIMIT` beyond it)."""
     reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
     result = lead_json(reply.lead)
-    # A pool lead is outside the claimer's scope until claimed, so it cannot be read before; the
-    # service claims only unowned leads of the pool.
+    # The service claims only unowned leads of the pool: what the claim changed is known without
+    # reading the lead first (no second call on the path of a rush for the pool).
     before = {"owner_id": "", "in_pool": True}
     await access.audit_write(lead_id, before, {name: result[name] for name in before}, action="assign")
     present = await presenter(access)
@@ -975,7 +995,13 @@ async def release_lead(
 def _rule_before(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
     """A rule as it was before a write, from the listing (no RPC reads one rule); {} when it is
     not listed (the write then finds no such rule either)."""
-    return next((_message_json(rule) for rule in rules if rule.id == rule_id), {})
+    return next((_rule_json(rule) for rule in rules if rule.id == rule_id), {})
+
+
+def _rule_json(rule: leads_pb2.ScoringRule | leads_pb2.AssignmentRule) -> dict[str, Any]:
+    body = _message_json(rule)
+    body["version"] = rule.version  # a number, as a lead's (JSON of an int64 is a string)
+    return body
 
 
 def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRule:
@@ -985,7 +1011,7 @@ def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRu
 @router.get("/lead-scoring-rules")
 async def list_scoring_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
     reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
-    return {"items": [_message_json(r) for r in reply.items], "thresholds": _message_json(reply.thresholds)}
+    return {"items": [_rule_json(r) for r in reply.items], "thresholds": _message_json(reply.thresholds)}
 
 
 @router.post("/lead-scoring-rules", status_code=201)
@@ -996,7 +1022,7 @@ async def create_scoring_rule(
         pb.CreateScoringRuleRequest(rule=_scoring_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    rule = _message_json(reply.rule)
+    rule = _rule_json(reply.rule)
     await access.audit_write(rule["id"], None, rule, action="create_scoring_rule")
     return rule
 
@@ -1022,7 +1048,7 @@ async def update_scoring_rule(
         pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    rule = _message_json(reply.rule)
+    rule = _rule_json(reply.rule)
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_scoring_rule")
     return rule
 
@@ -1043,7 +1069,7 @@ def _assignment_rule(body: AssignmentRuleIn, rule_id: str = "") -> leads_pb2.Ass
 @router.get("/lead-assignment-rules")
 async def list_assignment_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
     reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
-    return {"items": [_message_json(r) for r in reply.items]}
+    return {"items": [_rule_json(r) for r in reply.items]}
 
 
 @router.post("/lead-assignment-rules", status_code=201)
@@ -1054,7 +1080,7 @@ async def create_assignment_rule(
         pb.CreateAssignmentRuleRequest(rule=_assignment_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
-    rule = _message_json(reply.rule)
+    rule = _rule_json(reply.rule)
     await access.audit_write(rule["id"], None, rule, action="create_assignment_rule")
     return rule
 
@@ -1071,7 +1097,7 @@ async def update_assignment_rule(
         ),
         metadata=access.grpc_metadata(),
     )
-    rule = _message_json(reply.rule)
+    rule = _rule_json(reply.rule)
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_assignment_rule")
     return rule
 
@@ -1350,11 +1376,36 @@ async def submit_webform(
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """Public intake: no login, the form key authenticates; rate limited per form (429 + Retry-After).
-    The answer never echoes the lead: it only acknowledges the submission."""
+    The answer never echoes the lead: it only acknowledges the submission. A submission that
+    created or merged a lead is audited with the form as its actor (`webform_actor`); one refused
+    (422, 429) or discarded as a bot's wrote nothing, and leaves no row."""
     fields = _submission_fields(body)
-    reply = await _stub(request).SubmitWebform(
-        pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
-        timeout=10,
-    )
-    del reply  # the public answer never says whether the person was already known
+    with noting_replays():
+        reply = await _stub(request).SubmitWebform(
+            pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
+            timeout=10,
+        )
+        replayed = replay_noted()
+    if not reply.discarded_as_spam:
+        action, before = _capture_audited(reply)
+        await runtime_of(request).audit_public_write(
+            request,
+            webform_actor(reply.webform_id),
+            "leads",
+            reply.lead_id,
+            before,
+            lead_json(reply.lead),
+            action=action,
+            # The audit trail (and its events) never holds the key: whoever reads it could submit.
+            path=request.url.path.removesuffix(f"/{form_key}/submissions") + "/{form_key}/submissions",
+            replayed=replayed,
+        )
+    # The public answer never says whether the person was already known.
     return {"status": "received"}
+
+
+def webform_actor(webform_id: str) -> Principal:
+    """Who captures a web form's leads: the form itself (by its id, never its key), as the leads
+    service acts for it (`LeadsService.capture_submission`), so its events and the audit trail
+    name the same actor."""
+    return Principal(user_id=f"webform:{webform_id}", kind="webform")

@@ -187,6 +187,21 @@ class Access:
         look in without revealing what a mask hides."""
         return [name for name in fields if self.decision.read_rule(name) >= FieldRule.READ]
 
+    def searched_fields(self, fields: Iterable[str], asked: Iterable[str] = ()) -> list[str]:
+        """Where a search (`q`) over `fields` looks for this caller: those it reads in clear
+        (`in_clear`), so marketing, who sees lead emails masked, finds leads by name and company;
+        `asked`, the caller's own choice among them, must each be read in clear. 403 naming the
+        first field when the search would look in none, or in one the caller does not read in clear."""
+        chosen = list(asked)
+        if chosen:
+            self.check_filter(chosen)
+            return chosen
+        fields = list(fields)
+        searched = self.in_clear(fields)
+        if not searched:
+            self.check_filter(fields)
+        return searched
+
     def check_filters(self, filters: FilterFields) -> None:
         """`check_filter` for the route's filters the request uses: `filters` declares the field(s)
         each filter query parameter filters by."""

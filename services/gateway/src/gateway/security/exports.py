@@ -17,19 +17,26 @@ import io
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any, cast
 
-from crm.common.v1 import common_pb2
+from crm.common.v1 import common_pb2, custom_fields_pb2
+from crm_platform.timeutil import as_utc
+from fastapi.exceptions import RequestValidationError
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import Field, TypeAdapter, ValidationError
 
-from gateway.security.access import Access, FilterFields
+from gateway.inputs import INT32_MAX, INT32_MIN, Instant
+from gateway.security.access import Access, FilterFields, filtered_fields
 from gateway.security.problems import SecurityProblem
 
 ExportSourceFn = Callable[[Access, Mapping[str, str]], AsyncIterator[Mapping[str, Any]]]
 # Validates the filters before anything is audited or streamed (its result is ignored): raises a 422
-# `SecurityProblem` naming the parameter (a required filter missing, a value out of range).
+# naming the parameter (a required filter missing, a value out of range): a `SecurityProblem`, or
+# the `RequestValidationError` a list route answers for a value of the wrong type.
 ExportCheckFn = Callable[[Mapping[str, str]], object]
 
 
@@ -42,6 +49,12 @@ class ExportSource:
     check: ExportCheckFn | None = None
     # The declared field(s) of the filters not named like their field (`tag` filters by `tags`).
     fields: FilterFields = field(default_factory=dict)
+    # Prefixes of the query parameters it takes besides `filters`: `custom.` for `custom.<key>=`.
+    prefixes: frozenset[str] = frozenset()
+
+    def takes(self, name: str) -> bool:
+        """Is the query parameter `name` one of its filters?"""
+        return name in self.filters or any(name.startswith(prefix) and name != prefix for prefix in self.prefixes)
 
 
 _sources: dict[str, ExportSource] = {}
@@ -54,9 +67,15 @@ def register_export_source(
     filters: Iterable[str] = (),
     check: ExportCheckFn | None = None,
     fields: FilterFields | None = None,
+    prefixes: Iterable[str] = (),
 ) -> None:
     _sources[resource] = ExportSource(
-        resource=resource, fetch=fetch, filters=frozenset(filters), check=check, fields=fields or {}
+        resource=resource,
+        fetch=fetch,
+        filters=frozenset(filters),
+        check=check,
+        fields=fields or {},
+        prefixes=frozenset(prefixes),
     )
 
 
@@ -111,8 +130,11 @@ def message_dict(message: Message) -> dict[str, Any]:
 @dataclass(frozen=True, slots=True)
 class GrpcListing:
     """A List RPC of an owning service: `<Request>(page=PageRequest, ...)` -> `(items, page_info)`.
-    Filters are the request's string fields (`owner_id=`) and repeated string fields (`status=` fills
-    `statuses`), found from the contract itself."""
+    Its filters are found from the contract itself, so an export takes those of its list route:
+    the request's string fields (`owner_id=`), repeated string fields (`status=` fills `statuses`),
+    integers and booleans (`min_score=`), timestamps (`created_after=`, RFC 3339 with a time zone, as
+    the list's `Instant`) and its custom field filters (`custom.<key>=`). A value a field cannot take
+    is the list route's 422 naming the parameter, before anything is audited or streamed."""
 
     upstream: str
     stub: type[Any]
@@ -123,48 +145,142 @@ class GrpcListing:
     requires_one_of: tuple[str, ...] = ()
     # As `ExportSource.fields`: the list route's declaration of its filters.
     fields: FilterFields | None = None
+    # Query parameters the list route names otherwise than the request field they fill
+    # (`rotting` fills `rotting_only`).
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    # Request fields no list route takes (the gateway's own lookups of merged accounts): not filters.
+    internal: tuple[str, ...] = ()
 
     def check(self, filters: Mapping[str, str]) -> None:
         if self.requires_one_of and not any(filters.get(name) for name in self.requires_one_of):
             names = " or ".join(f"'{name}'" for name in self.requires_one_of)
             raise invalid_filter(self.requires_one_of[0], f"filter {names} is required")
+        searchable = filtered_fields(self.fields or {}, "q")
+        asked = filters.get(_singular(_SEARCHED_IN), "")
+        if _SEARCHED_IN in self._request_fields() and asked and asked not in searchable:
+            raise invalid_filter(_singular(_SEARCHED_IN), f"must be one of {', '.join(searchable)}")
+        self._filled(self.request(), filters)
 
-    def filter_fields(self) -> dict[str, tuple[str, bool]]:
-        """query name -> (request field, repeated?)."""
-        result: dict[str, tuple[str, bool]] = {}
-        for descriptor in self.request.DESCRIPTOR.fields:
-            if descriptor.type != FieldDescriptor.TYPE_STRING:
+    def _request_fields(self) -> Mapping[str, FieldDescriptor]:
+        # The generated classes give the C implementation's descriptors, which type checkers tell
+        # apart from (but which behave as) the pure Python ones.
+        return cast(Mapping[str, FieldDescriptor], self.request.DESCRIPTOR.fields_by_name)
+
+    def filter_fields(self) -> dict[str, FieldDescriptor]:
+        """query name -> the request field it fills (`filter_prefixes` for `custom.<key>`)."""
+        result: dict[str, FieldDescriptor] = {}
+        for descriptor in self._request_fields().values():
+            if descriptor.name in self.internal or _filter_type(descriptor) is None:
                 continue
-            repeated = descriptor.is_repeated
-            name = descriptor.name
-            if repeated:
-                result[_singular(name)] = (name, True)
-            else:
-                result[name] = (name, False)
+            result[_singular(descriptor.name) if descriptor.is_repeated else descriptor.name] = descriptor
+        for query, name in self.renamed.items():
+            descriptor = self._request_fields()[name]
+            result.pop(_singular(name) if descriptor.is_repeated else name, None)
+            result[query] = descriptor
         return result
+
+    def filter_prefixes(self) -> list[str]:
+        """`custom.` when the request takes custom field filters (`custom.<key>=value`)."""
+        return [f"{name}." for name in self._custom_fields()]
+
+    def _custom_fields(self) -> list[str]:
+        return [
+            descriptor.name
+            for descriptor in self._request_fields().values()
+            if descriptor.is_repeated and _message_name(descriptor) == _CUSTOM_FILTER
+        ]
+
+    def _filled(self, request: Message, filters: Mapping[str, str]) -> Message:
+        """`request` with the filters set (422 naming one whose field cannot take its value)."""
+        fields = self.filter_fields()
+        custom = self._custom_fields()
+        for key, value in filters.items():
+            prefix, _, custom_key = key.partition(".")
+            if custom_key and prefix in custom:
+                getattr(request, prefix).add(key=custom_key, value=value)
+                continue
+            descriptor = fields.get(key)
+            if descriptor is None:
+                continue
+            if descriptor.is_repeated:
+                getattr(request, descriptor.name).append(value)
+                continue
+            parsed = _parsed(key, _filter_type(descriptor), value)
+            if isinstance(parsed, datetime):
+                getattr(request, descriptor.name).FromDatetime(as_utc(parsed))
+            else:
+                setattr(request, descriptor.name, parsed)
+        return request
 
     async def fetch(self, access: Access, filters: Mapping[str, str]) -> AsyncIterator[Mapping[str, Any]]:
         upstreams = access.request.app.state.upstreams
         call = getattr(upstreams.stub(self.upstream, self.stub), self.method)
-        fields = self.filter_fields()
         cursor = ""
         while True:
-            request = self.request(
-                page=common_pb2.PageRequest(limit=self.page_size, cursor=cursor, sort=filters.get("sort", ""))
+            request = self._filled(
+                self.request(
+                    page=common_pb2.PageRequest(limit=self.page_size, cursor=cursor, sort=filters.get("sort", ""))
+                ),
+                filters,
             )
-            for key, value in filters.items():
-                if key in fields:
-                    name, repeated = fields[key]
-                    if repeated:
-                        getattr(request, name).append(value)
-                    else:
-                        setattr(request, name, value)
+            if filters.get("q") and _SEARCHED_IN in self._request_fields():
+                # As on the list route: `q` looks only in the fields the caller reads in clear.
+                asked = list(getattr(request, _SEARCHED_IN))
+                searched = access.searched_fields(filtered_fields(self.fields or {}, "q"), asked)
+                request.ClearField(_SEARCHED_IN)
+                getattr(request, _SEARCHED_IN).extend(searched)
             reply = await call(request, metadata=access.grpc_metadata())
             for item in reply.items:
                 yield message_dict(item)
             cursor = reply.page_info.next_cursor
             if not cursor:
                 return
+
+
+# The request field naming the fields `q` looks in (ListLeadsRequest.q_fields), filled as on the
+# list route; its query parameter (`q_field`) chooses among them.
+_SEARCHED_IN = "q_fields"
+# The message of a request's `custom.<key>=` filters.
+_CUSTOM_FILTER = custom_fields_pb2.CustomFieldFilter.DESCRIPTOR.full_name
+
+# The types a filter's value is read as, by its request field's type; a field of another type (the
+# page, a nested message) is no filter. Booleans read as FastAPI reads a list route's (`true`, `1`, ...).
+_TEXT: TypeAdapter[str] = TypeAdapter(str)
+_INT32: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=INT32_MIN, le=INT32_MAX)])
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+_INSTANT: TypeAdapter[datetime] = TypeAdapter(Instant)
+_SCALAR_TYPES: dict[int, TypeAdapter[Any]] = {
+    FieldDescriptor.TYPE_STRING: _TEXT,
+    FieldDescriptor.TYPE_INT32: _INT32,
+    FieldDescriptor.TYPE_SINT32: _INT32,
+    FieldDescriptor.TYPE_SFIXED32: _INT32,
+    FieldDescriptor.TYPE_BOOL: _BOOL,
+}
+
+
+def _filter_type(descriptor: FieldDescriptor) -> TypeAdapter[Any] | None:
+    """How a filter filling `descriptor` reads its value; None for a field that is no filter
+    (repeated fields take text only)."""
+    if descriptor.is_repeated:
+        return _TEXT if descriptor.type == FieldDescriptor.TYPE_STRING else None
+    if _message_name(descriptor) == Timestamp.DESCRIPTOR.full_name:
+        return _INSTANT
+    return _SCALAR_TYPES.get(descriptor.type)
+
+
+def _message_name(descriptor: FieldDescriptor) -> str:
+    return descriptor.message_type.full_name if descriptor.message_type is not None else ""
+
+
+def _parsed(name: str, kind: TypeAdapter[Any] | None, value: str) -> Any:
+    """`value` as the filter's type: the 422 a list route answers, naming the query parameter."""
+    assert kind is not None
+    try:
+        return kind.validate_python(value)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**item, "loc": ("query", name, *item["loc"])} for item in error.errors()]
+        ) from None
 
 
 def _singular(name: str) -> str:
@@ -178,5 +294,10 @@ def _singular(name: str) -> str:
 
 def register_grpc_export(resource: str, listing: GrpcListing) -> None:
     register_export_source(
-        resource, listing.fetch, filters=listing.filter_fields(), check=listing.check, fields=listing.fields
+        resource,
+        listing.fetch,
+        filters=listing.filter_fields(),
+        check=listing.check,
+        fields=listing.fields,
+        prefixes=listing.filter_prefixes(),
     )

@@ -4,7 +4,7 @@ puts it on a FastAPI app (state, middleware, error handlers, OpenAPI responses).
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -23,9 +23,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.security.access import CustomPiiKeys, FieldViews, request_id_of
+from gateway.security.access import REPLAY_REASON, CustomPiiKeys, FieldViews, request_id_of
 from gateway.security.api_keys import ApiKeyStore
-from gateway.security.audit import AuditEntry, AuditLog
+from gateway.security.audit import AuditEntry, AuditLog, diff_for_audit
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
 from gateway.security.body_limit import BodySizeLimit
 from gateway.security.policy import Decision, Policy, ReaderKey, load_policy, reader_memo
@@ -230,6 +230,48 @@ class SecurityRuntime:
         # The service names the record it did not find; a refused one is the one the path names.
         record_id = remote.metadata.get("id") or _addressed_record(request)
         await self.audit_denied(request, principal, resource, action, problem, record_id=str(record_id))
+
+    # --- audit of public writes -----------------------------------------------------------
+    async def audit_public_write(
+        self,
+        request: Request,
+        actor: Principal,
+        resource: str,
+        record_id: str,
+        before: Mapping[str, Any] | None,
+        after: Mapping[str, Any] | None,
+        *,
+        action: str,
+        path: str,
+        replayed: bool = False,
+    ) -> None:
+        """`Access.audit_write` for a route without a logged-in caller, whose write the owning
+        service authenticated (a web form's submission, by its key): `actor` is who wrote as that
+        service says (the form, never its key), `path` the request's path with any secret in it
+        replaced. Every custom value is masked: their definitions are read in a caller's scope, and
+        there is none. `replayed`: answered with the Idempotency-Key's earlier result, so one
+        `replay` row, as for a logged-in caller."""
+        if replayed:
+            fields: list[str] = []
+            old = new = None
+            action, reason = "replay", f"{action}: {REPLAY_REASON}"
+        else:
+            fields, old, new = diff_for_audit(before, after, self.policy.resource(resource), custom_pii=None)
+            reason = ""
+        entry = AuditEntry(
+            actor=actor,
+            action=action,
+            resource=resource,
+            record_id=record_id,
+            reason=reason,
+            fields=fields,
+            before=old,
+            after=new,
+            request_id=request_id_of(request),
+            method=request.method,
+            path=path,
+        )
+        await self.audit.record([entry])
 
     # --- start-up checks -------------------------------------------------------------------
     def check_routes(self, app: FastAPI) -> None:
