@@ -72,6 +72,18 @@ class _NoteReplays(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return call
 
 
+class _NoteStreamReplays(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    """`_NoteReplays` for a client-streaming call (an import part): its key travels in the stream's
+    first message, and a service marks only a call its key answered with the earlier result."""
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        call = await continuation(client_call_details, request_iterator)
+        replays = _replays.get()
+        if replays is not None and replayed(await call.trailing_metadata()):
+            replays.noted = True
+        return call
+
+
 @contextmanager
 def noting_replays() -> Iterator[None]:
     """Notes whether a keyed call made in this context (tasks started in it included) was answered
@@ -103,5 +115,7 @@ def create_channel(
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
     return grpc.aio.insecure_channel(
-        target, options=options, interceptors=[_DefaultDeadline(default_deadline_seconds), _NoteReplays()]
+        target,
+        options=options,
+        interceptors=[_DefaultDeadline(default_deadline_seconds), _NoteReplays(), _NoteStreamReplays()],
     )

@@ -142,6 +142,13 @@ def serving_fingerprint(fingerprint: str | None, *, replay_only: bool = False) -
         _fingerprint.reset(token)
 
 
+def answer_from_earlier() -> None:
+    """Marks the call being served as answered with an earlier result (`REPLAYED_METADATA`), where
+    no `recall` of a key finds it: an import part sent again under its import key."""
+    if (answer := _answer.get()) is not None:
+        answer.from_earlier = True
+
+
 def answered_from_earlier() -> bool:
     """Did the request being served get the result its key already had (`recall`, so `claim`
     finding the key taken)? The gRPC layer then answers with `REPLAYED_METADATA`."""
@@ -202,8 +209,7 @@ async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller:
     current = _fingerprint.get()
     if stored.fingerprint is not None and current is not None and stored.fingerprint != current:
         raise ValidationFailed([FieldError("idempotency_key", REUSED_KEY_MESSAGE)])
-    if (answer := _answer.get()) is not None:
-        answer.from_earlier = True
+    answer_from_earlier()
     return _result(stored.result)
 
 

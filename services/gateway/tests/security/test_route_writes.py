@@ -39,6 +39,7 @@ from crm_platform.errors import (
     missing_reference,
 )
 from crm_platform.grpc_errors import to_status
+from crm_platform.idempotency import REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from fastapi import FastAPI
 from gateway.app import create_app
@@ -63,6 +64,8 @@ class FakeLeads(LeadsServiceServicer):
     async def ImportLeads(self, request_iterator: AsyncIterator[leads_pb.ImportLeadsRequest], context: Any) -> Any:
         messages = [message async for message in request_iterator]
         self.imports.append((messages[0].header, b"".join(message.chunk for message in messages[1:])))
+        if len(self.imports) > 1 and self.imports[-1] == self.imports[-2]:  # as the service answers a part sent again
+            context.set_trailing_metadata((REPLAYED_METADATA,))
         return leads_pb.ImportLeadsResponse(lead_import=leads_pb.LeadImport(id="import-1", status="completed"))
 
     async def LogLeadActivity(self, request: leads_pb.LogLeadActivityRequest, context: Any) -> Any:
@@ -1113,3 +1116,13 @@ async def test_a_status_move_needs_the_grant_to_log_a_follow_up(gateway: Gateway
     assert response.status_code == status, response.text
     if status == 403:
         assert response.json()["errors"][0]["field"] == "status"
+
+
+async def test_an_import_part_sent_again_is_audited_as_a_replay(gateway: Gateway) -> None:
+    body = "name,phone\nLi,138\n"
+    first = await post_import(gateway, body, import_key="k", part=1, final="true")
+    again = await post_import(gateway, body, import_key="k", part=1, final="true")
+
+    assert (first.status_code, again.status_code) == (200, 200)
+    rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
+    assert sorted(row["action"] for row in rows) == ["import", "replay"]

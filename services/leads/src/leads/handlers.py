@@ -1604,6 +1604,7 @@ class LeadsService:
         if (part and part <= received) or (not part and received == 1 and record["status"] == "completed"):
             # A repeated request returns the first result, if it sends what the first one sent.
             await self._check_part_sent_before(record, part or 1, chunks)
+            idempotency.answer_from_earlier()  # audited as a replay, not as a second import
             return ImportPartResult(record, [], 0)
         if record["status"] == "completed":
             raise Conflict(

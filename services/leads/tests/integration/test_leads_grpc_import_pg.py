@@ -12,6 +12,7 @@ import grpc
 import pytest
 from crm.leads.v1 import events_pb2, leads_service_pb2, leads_service_pb2_grpc
 from crm_platform.config import KafkaSettings
+from crm_platform.idempotency import replayed
 from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.testing.fixtures import create_topics
@@ -53,6 +54,21 @@ async def send(
 
     response: leads_service_pb2.ImportLeadsResponse = await stub.ImportLeads(requests(), metadata=METADATA)
     return response
+
+
+async def answered_as_replay(
+    stub: leads_service_pb2_grpc.LeadsServiceStub, data: bytes, *, key: str, part: int = 0
+) -> bool:
+    """Whether the service marks its answer to this import request as the earlier result's."""
+    header = leads_service_pb2.ImportHeader(format="csv", import_key=key, part=part, final=True)
+
+    async def requests() -> AsyncIterator[leads_service_pb2.ImportLeadsRequest]:
+        yield leads_service_pb2.ImportLeadsRequest(header=header)
+        yield leads_service_pb2.ImportLeadsRequest(chunk=data)
+
+    call = stub.ImportLeads(requests(), metadata=METADATA)
+    await call
+    return replayed(await call.trailing_metadata())
 
 
 async def test_import_leads_csv_in_parts_counts_every_row_and_is_idempotent(
@@ -105,6 +121,8 @@ async def test_an_import_key_names_one_file_so_other_rows_under_it_are_refused_n
 
     retried = await send(stub, second, key="k1", part=2, final=True, column_map={})  # a client retry
     assert retried.lead_import.progress.accepted == 2
+    assert await answered_as_replay(stub, second, key="k1", part=2)  # audited as a replay by the gateway
+    assert not await answered_as_replay(stub, b"name,email\nK-9,k9@x.cn\n", key="k9")
     with pytest.raises(grpc.aio.AioRpcError) as another_part:
         await send(stub, b"K-3,k3@x.cn\n", key="k1", part=3, final=True, column_map={})
     with pytest.raises(grpc.aio.AioRpcError) as changed_part:
@@ -122,7 +140,7 @@ async def test_an_import_key_names_one_file_so_other_rows_under_it_are_refused_n
     assert other_file.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     listed = await stub.ListLeads(leads_service_pb2.ListLeadsRequest(q="@x.cn"), metadata=METADATA)
-    assert sorted(lead.name for lead in listed.items) == ["K-1", "K-2", "W-1"]
+    assert sorted(lead.name for lead in listed.items) == ["K-1", "K-2", "K-9", "W-1"]
 
 
 async def test_import_reports_bad_rows_and_resumes_after_a_crash(
