@@ -24,6 +24,7 @@ from sqlalchemy import (
     literal_column,
     select,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, ProgrammingError
@@ -250,16 +251,14 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield connection
 
 
+def conflict_insert(conn: AsyncConnection, table: Any) -> postgresql.Insert:
+    """`INSERT INTO table` of the connection's dialect, which takes `on_conflict_do_update` /
+    `on_conflict_do_nothing` (PostgreSQL and SQLite spell them alike)."""
+    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table)  # type: ignore[no-any-return]
+
+
 async def insert_ignore(conn: AsyncConnection, table: Any, values: dict[str, Any], *, keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was new."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        pg_statement = pg_insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
-        result = await conn.execute(pg_statement)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        sqlite_statement = sqlite_insert(table).values(values).on_conflict_do_nothing(index_elements=keys)
-        result = await conn.execute(sqlite_statement)
-    return bool(result.rowcount)
+    statement = conflict_insert(conn, table).values(values).on_conflict_do_nothing(index_elements=keys)
+    return bool((await conn.execute(statement)).rowcount)

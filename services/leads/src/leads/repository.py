@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import DriverStatement, UtcDateTime, json_rows
+from crm_platform.db import DriverStatement, UtcDateTime, conflict_insert, json_rows
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
@@ -485,11 +485,7 @@ async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_n
 
 
 def _upsert_contact_keys(conn: AsyncConnection, values: Mapping[str, Any]) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-    return upsert(contact_keys).values(dict(values))
+    return conflict_insert(conn, contact_keys).values(dict(values))
 
 
 async def put_contact_keys(
@@ -593,11 +589,7 @@ async def next_scoring_generation(conn: AsyncConnection) -> int:
     """Moves the scoring generation on in the caller's transaction, which writes a scoring rule or
     the thresholds: rules read after it commits are read with its generation or a later one. The
     row stays locked to the commit, so concurrent rule writes take one generation each."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-    statement = upsert(scoring_generation).values(id=1, generation=1)
+    statement = conflict_insert(conn, scoring_generation).values(id=1, generation=1)
     moved = statement.on_conflict_do_update(
         index_elements=["id"], set_={"generation": scoring_generation.c.generation + 1}
     ).returning(scoring_generation.c.generation)
@@ -664,11 +656,7 @@ async def load_lead(conn: AsyncConnection, lead_id: str, *, for_update: bool = F
 
 async def count_submission(conn: AsyncConnection, form_key: str, window: datetime) -> int:
     """Counts one submission in the form's current minute and returns the count (one UPSERT)."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-    statement = upsert(webform_rate).values(form_key=form_key, window_start=window, count=1)
+    statement = conflict_insert(conn, webform_rate).values(form_key=form_key, window_start=window, count=1)
     counted = statement.on_conflict_do_update(
         index_elements=["form_key", "window_start"], set_={"count": webform_rate.c["count"] + 1}
     ).returning(webform_rate.c["count"])

@@ -12,7 +12,7 @@ from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore
+from crm_platform.db import conflict_insert, insert_ignore
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -960,11 +960,7 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
         return 0  # bad data: "" is how a ticket without an account is stored
     values = {"account_id": account_id, "tier": tier, "region": region, "updated_at": utcnow()}
     table = repo.account_tiers
-    if tx.conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as upsert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as upsert  # type: ignore[assignment]
-    statement = upsert(table).values(values)
+    statement = conflict_insert(tx.conn, table).values(values)
     await tx.conn.execute(
         statement.on_conflict_do_update(
             index_elements=["account_id"], set_={"tier": tier, "region": region, "updated_at": values["updated_at"]}
