@@ -10,9 +10,11 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from sqlalchemy import Select
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
 
 
 def claim_due(query: Select[tuple[object, ...]]) -> Select[tuple[object, ...]]:
@@ -39,7 +41,10 @@ class PeriodicJob:
                 pass
             delay = self.interval_seconds
             try:
-                acted = await self.run_once()
+                # A pass is a trace of its own: the events it writes carry its traceparent, so a
+                # consumer's work on a timer's event is traced back to the pass that caused it.
+                with tracer.start_as_current_span(f"job {self.name}"):
+                    acted = await self.run_once()
                 if acted >= self.batch_size:
                     delay = 0
                 elif acted:

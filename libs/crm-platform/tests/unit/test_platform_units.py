@@ -1,5 +1,6 @@
 """Pure rules of the platform: event naming, ordering, scopes, cursors, error details."""
 
+import asyncio
 import gc
 import json
 import random
@@ -21,6 +22,7 @@ from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
 from crm_platform.idempotency import RESUMING_METADATA, request_fingerprint
+from crm_platform.jobs import PeriodicJob
 from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
 from crm_platform.outbox import backoff_seconds, listen_dsn, publishable
@@ -36,9 +38,10 @@ from crm_platform.principal import (
 from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_objects
 from crm_platform.structs import fill_struct, struct_values
 from crm_platform.telemetry import default_sampler, instrument_engine
+from crm_platform.testing.tracing import record_spans
 from crm_platform.update_mask import writable_paths
 from google.protobuf import struct_pb2
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
@@ -282,6 +285,24 @@ def test_without_an_exporter_a_sampled_callers_trace_is_still_recorded() -> None
     span = provider.get_tracer("test").start_span("handle", context=parent)
     assert span.is_recording()
     assert span.get_span_context().trace_id == 7
+
+
+async def test_the_events_a_timer_writes_carry_the_trace_of_its_pass() -> None:
+    """An SLA or recycling event has no request behind it; its pass is the trace consumers continue."""
+    spans = record_spans()
+    stopping = asyncio.Event()
+    carriers: list[dict[str, str]] = []
+
+    async def run_once() -> int:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # what the outbox does for the rows it writes
+        carriers.append(carrier)
+        stopping.set()
+        return 1
+
+    await PeriodicJob("recycle", interval_seconds=0.01, run_once=run_once).run(stopping)
+    [finished] = [span for span in spans.get_finished_spans() if span.name == "job recycle"]
+    assert carriers[0]["traceparent"].split("-")[1] == format(finished.context.trace_id, "032x")
 
 
 def test_a_started_service_collects_cycles_less_often_and_never_scans_its_startup_objects() -> None:

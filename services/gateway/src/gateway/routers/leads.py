@@ -46,7 +46,7 @@ from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filte
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
-from gateway.security.problems import forbidden
+from gateway.security.problems import forbidden, not_found
 
 router = ResourceRouter(tags=["leads"])
 
@@ -998,6 +998,13 @@ def _rule_before(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
     return next((_rule_json(rule) for rule in rules if rule.id == rule_id), {})
 
 
+def _listed_rule(rules: Iterable[Any], rule_id: str, response: Response) -> dict[str, Any]:
+    """One rule from its listing, with its `ETag` for a later `If-Match`; 404 when not listed."""
+    if rule := _rule_before(rules, rule_id):
+        return with_etag(response, rule)
+    raise not_found(f"rule {rule_id} not found")
+
+
 def _rule_json(rule: leads_pb2.ScoringRule | leads_pb2.AssignmentRule) -> dict[str, Any]:
     body = _message_json(rule)
     body["version"] = rule.version  # a number, as a lead's (JSON of an int64 is a string)
@@ -1016,7 +1023,11 @@ async def list_scoring_rules(request: Request, access: LeadsRead) -> dict[str, A
 
 @router.post("/lead-scoring-rules", status_code=201)
 async def create_scoring_rule(
-    body: ScoringRuleIn, request: Request, access: LeadsAssign, idempotency_key: IdempotencyKey = ""
+    body: ScoringRuleIn,
+    request: Request,
+    response: Response,
+    access: LeadsAssign,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     reply = await _stub(request).CreateScoringRule(
         pb.CreateScoringRuleRequest(rule=_scoring_rule(body), idempotency_key=idempotency_key),
@@ -1024,7 +1035,7 @@ async def create_scoring_rule(
     )
     rule = _rule_json(reply.rule)
     await access.audit_write(rule["id"], None, rule, action="create_scoring_rule")
-    return rule
+    return with_etag(response, rule)
 
 
 @router.put("/lead-scoring-rules/thresholds")
@@ -1038,9 +1049,20 @@ async def set_thresholds(body: ThresholdsIn, request: Request, access: LeadsAssi
     return thresholds
 
 
+@router.get("/lead-scoring-rules/{rule_id}")
+async def get_scoring_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    return _listed_rule(reply.items, rule_id, response)
+
+
 @router.put("/lead-scoring-rules/{rule_id}")
 async def update_scoring_rule(
-    rule_id: str, body: ScoringRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
+    rule_id: str,
+    body: ScoringRuleIn,
+    request: Request,
+    response: Response,
+    access: LeadsAssign,
+    if_match: IfMatch = "",
 ) -> dict[str, Any]:
     stub = _stub(request)
     rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
@@ -1050,7 +1072,7 @@ async def update_scoring_rule(
     )
     rule = _rule_json(reply.rule)
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_scoring_rule")
-    return rule
+    return with_etag(response, rule)
 
 
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
@@ -1074,7 +1096,11 @@ async def list_assignment_rules(request: Request, access: LeadsRead) -> dict[str
 
 @router.post("/lead-assignment-rules", status_code=201)
 async def create_assignment_rule(
-    body: AssignmentRuleIn, request: Request, access: LeadsAssign, idempotency_key: IdempotencyKey = ""
+    body: AssignmentRuleIn,
+    request: Request,
+    response: Response,
+    access: LeadsAssign,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     reply = await _stub(request).CreateAssignmentRule(
         pb.CreateAssignmentRuleRequest(rule=_assignment_rule(body), idempotency_key=idempotency_key),
@@ -1082,12 +1108,23 @@ async def create_assignment_rule(
     )
     rule = _rule_json(reply.rule)
     await access.audit_write(rule["id"], None, rule, action="create_assignment_rule")
-    return rule
+    return with_etag(response, rule)
+
+
+@router.get("/lead-assignment-rules/{rule_id}")
+async def get_assignment_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    return _listed_rule(reply.items, rule_id, response)
 
 
 @router.put("/lead-assignment-rules/{rule_id}")
 async def update_assignment_rule(
-    rule_id: str, body: AssignmentRuleIn, request: Request, access: LeadsAssign, if_match: IfMatch = ""
+    rule_id: str,
+    body: AssignmentRuleIn,
+    request: Request,
+    response: Response,
+    access: LeadsAssign,
+    if_match: IfMatch = "",
 ) -> dict[str, Any]:
     stub = _stub(request)
     rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
@@ -1099,7 +1136,7 @@ async def update_assignment_rule(
     )
     rule = _rule_json(reply.rule)
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_assignment_rule")
-    return rule
+    return with_etag(response, rule)
 
 
 @router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
