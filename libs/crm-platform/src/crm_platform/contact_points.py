@@ -77,6 +77,23 @@ _NEIGHBOURS = {"852": 8, "853": 8, "886": 9}
 _E164_DIGITS = range(8, 16)
 
 
+# ITU-T E.164 country codes: 1 (NANP) and 7 have one digit, these two, every other code three.
+# fmt: off
+_TWO_DIGIT_COUNTRY_CODES = frozenset({
+    "20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45", "46", "47", "48", "49",
+    "51", "52", "53", "54", "55", "56", "57", "58", "60", "61", "62", "63", "64", "65", "66", "81", "82", "84",
+    "86", "90", "91", "92", "93", "94", "95", "98",
+})
+# fmt: on
+
+
+def split_country_code(digits: str) -> tuple[str, str]:
+    """The country code and the national number of an international number's digits
+    ('8613800138000' -> ('86', '13800138000')), by the code's first digits."""
+    length = 1 if digits[:1] in ("1", "7") else 2 if digits[:2] in _TWO_DIGIT_COUNTRY_CODES else 3
+    return digits[:length], digits[length:]
+
+
 def normalise_phone(raw: str, default_country: str = "86") -> str:
     """E.164: '+' and the digits with their country code ('138 0013 8000' -> '+8613800138000').
 

@@ -1,7 +1,7 @@
 """Email and phone matching keys, shared by every context (a lead meets a contact on them)."""
 
 import pytest
-from crm_platform.contact_points import normalise_email, normalise_phone
+from crm_platform.contact_points import normalise_email, normalise_phone, split_country_code
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -155,3 +155,21 @@ def test_emails_become_their_key(raw: str, expected: str) -> None:
 def test_malformed_emails_are_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="email address"):
         normalise_email(bad)
+
+
+@pytest.mark.parametrize(
+    ("digits", "country", "national"),
+    [
+        ("8613800138000", "86", "13800138000"),
+        ("14155552671", "1", "4155552671"),
+        ("79161234567", "7", "9161234567"),
+        ("442079460958", "44", "2079460958"),
+        ("85291234567", "852", "91234567"),
+        ("886912345678", "886", "912345678"),
+        ("97145551234", "971", "45551234"),
+    ],
+)
+def test_an_international_number_splits_into_its_country_code_and_national_number(
+    digits: str, country: str, national: str
+) -> None:
+    assert split_country_code(digits) == (country, national)

@@ -16,6 +16,7 @@ from crm_platform.principal import Principal
 from gateway.routers.custom_fields import RESOURCE_ENTITIES
 from gateway.routers.sales import receivables_view
 from gateway.security import Access, Policy
+from gateway.security.exports import csv_cell
 from gateway.security.masking import mask_value
 from gateway.security.policy import DEFAULT_POLICY_PATH, FieldRule, FieldSpec, load_policy, parse_policy
 from starlette.requests import Request
@@ -300,6 +301,24 @@ async def test_export_neutralises_spreadsheet_formulas(gateway: Any, auth_header
     response = await gateway.client.get("/api/v1/exports/leads", headers=auth_headers("admin"))
     rows = list(csv.DictReader(io.StringIO(response.text)))
     assert rows[0]["name"].startswith("'=")
+
+
+@pytest.mark.parametrize(
+    ("value", "cell"),
+    [
+        ('=HYPERLINK("http://x")', '\'=HYPERLINK("http://x")'),
+        ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+        ("-2+3", "'-2+3"),
+        ("@SUM(A1)", "'@SUM(A1)"),
+        ("+86 138-0013-8000", "+86 138-0013-8000"),  # a phone number, not a formula: kept as it is
+        ("+8613800138000", "+8613800138000"),
+        ("-12.50", "-12.50"),
+        ({"amount": "-12.50", "currency": "CNY"}, "-12.50 CNY"),
+        ({"amount": "=1+1", "currency": "CNY"}, "'=1+1 CNY"),
+    ],
+)
+def test_an_export_cell_quotes_what_a_spreadsheet_would_compute_and_keeps_numbers(value: Any, cell: str) -> None:
+    assert csv_cell(value) == cell
 
 
 # The resources whose records carry custom fields, and their custom-field entity.

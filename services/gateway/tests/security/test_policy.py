@@ -233,7 +233,10 @@ def test_action_vocabulary_is_closed() -> None:
 
 def test_masking() -> None:
     assert mask_phone("13812345678") == "138****5678"
-    assert mask_phone("+86 138-1234-5678") == "861****5678"
+    assert mask_phone("+86 138-1234-5678") == "+86 138****5678"  # the country code is no secret
+    assert mask_phone("+1 415 555 2671") == "+1 41****2671"
+    assert mask_phone("+852 9123 4567") == "+852 ****4567"  # four digits hidden however short the number
+    assert mask_phone("+44 20 7946 0958") == "+44 20****0958"
     assert mask_email("john@example.com") == "j***@example.com"
     assert mask_value({"amount": "10.00", "currency": "CNY"}, "money") == {"amount": "***", "currency": "CNY"}
     assert mask_value("Shanghai Road 1", "text") == "S***"

@@ -15,6 +15,7 @@ caller's scope; the exports route applies field rules, audit and the export rate
 import csv
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -93,6 +94,9 @@ def registered_exports() -> list[str]:
 
 
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# A signed number or an international phone number ('-12.50', '+86 138-0013-8000'): digits and
+# separators only, nothing a spreadsheet could call, so kept as it is rather than quoted.
+_PLAIN_NUMBER = re.compile(r"[+-]?[\d(][\d .,()-]*")
 
 
 def csv_cell(value: Any) -> str:
@@ -101,15 +105,17 @@ def csv_cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, Mapping) and set(value) == {"amount", "currency"}:
-        text = f"{value['amount']} {value['currency']}"
-    elif isinstance(value, Mapping | list):
-        text = json.dumps(value, ensure_ascii=False, default=str, sort_keys=True)
-    else:
-        text = str(value)
-    if text.startswith(_FORMULA_PREFIXES):
-        text = "'" + text
+        return "true" if value else "false"
+    if isinstance(value, Mapping) and set(value) == {"amount", "currency"}:
+        return f"{_formula_quoted(str(value['amount']))} {value['currency']}"
+    if isinstance(value, Mapping | list):
+        return _formula_quoted(json.dumps(value, ensure_ascii=False, default=str, sort_keys=True))
+    return _formula_quoted(str(value))
+
+
+def _formula_quoted(text: str) -> str:
+    if text.startswith(_FORMULA_PREFIXES) and not _PLAIN_NUMBER.fullmatch(text):
+        return "'" + text
     return text
 
 

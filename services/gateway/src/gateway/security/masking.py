@@ -2,14 +2,25 @@
 
 from typing import Any
 
+from crm_platform.contact_points import split_country_code
+
 MASK = "***"
 
 
 def mask_phone(value: str) -> str:
-    """`13812345678` -> `138****5678`; short numbers keep only their last two digits."""
+    """`13812345678` -> `138****5678`, `+86 138 1234 5678` -> `+86 138****5678` (the country code
+    shown, the national number masked as a national one); short numbers keep only their last two digits."""
     digits = "".join(ch for ch in value if ch.isdigit())
-    if len(digits) >= 8:
-        return f"{digits[:3]}****{digits[-4:]}"
+    if value.lstrip().startswith("+") and digits:
+        country, national = split_country_code(digits)
+        return f"+{country} {_mask_digits(national)}"
+    return _mask_digits(digits)
+
+
+def _mask_digits(digits: str) -> str:
+    if len(digits) >= 8:  # the last four shown, and at most three in front: four or more always hidden
+        shown = min(3, len(digits) - 8)
+        return f"{digits[:shown]}{'*' * (len(digits) - shown - 4)}{digits[-4:]}"
     if len(digits) >= 3:
         return f"{'*' * (len(digits) - 2)}{digits[-2:]}"
     return "****"
