@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from crm.leads.v1 import leads_pb2
@@ -56,6 +57,8 @@ class CapturingLeads(LeadsServiceServicer):
         return leads_pb.CreateLeadResponse(lead=after, merged=before is not None, previous=before)
 
     async def SubmitWebform(self, request: leads_pb.SubmitWebformRequest, context: Any) -> Any:
+        if request.form_key != FORM_KEY:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "webform not found")
         fields = request.fields
         if fields.get("fax"):  # the form's honeypot
             return leads_pb.SubmitWebformResponse(discarded_as_spam=True)
@@ -100,6 +103,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
             service_desk_target="",
             analytics_target="",
             audit_relay_enabled=False,
+            auth_failure_burst=3,
         )
         app = create_app(settings)
         await app.state.security.start(migrate=False, relay=False)
@@ -199,3 +203,26 @@ async def test_a_web_form_submission_that_wrote_nothing_leaves_no_audit_row(
 
     assert response.status_code in (202, 422), response.text
     assert await gateway.audit_rows() == []
+
+
+async def test_a_submission_to_an_unknown_form_key_is_audited_as_a_denied_authentication(gateway: Gateway) -> None:
+    response = await gateway.client.post("/api/v1/webforms/guessed-key-1/submissions", json={"name": "Wu"})
+
+    assert response.status_code == 404, response.text
+    [row] = await gateway.audit_rows()
+    assert (row["action"], row["outcome"], row["resource"], row["status_code"]) == ("denied", "denied", "webforms", 404)
+    assert row["actor"]["kind"] == "anonymous"
+    assert row["path"] == "/api/v1/webforms/{form_key}/submissions"
+    assert "guessed-key-1" not in str(row)
+
+
+async def test_guessing_form_keys_is_slowed_like_failed_logins(gateway: Gateway) -> None:
+    answers = [
+        (await gateway.client.post(f"/api/v1/webforms/guessed-key-{n}/submissions", json={"name": "Wu"})).status_code
+        for n in range(5)
+    ]
+
+    assert answers == [404, 404, 404, 429, 429]  # a burst of 3, then waiting
+    assert len(await gateway.audit_rows()) == 3  # the refused guesses flood nothing
+    known = await gateway.client.post(f"/api/v1/webforms/{FORM_KEY}/submissions", json={"name": "Wu"})
+    assert known.status_code == 202  # a real form still takes submissions

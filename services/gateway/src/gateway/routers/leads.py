@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
+import grpc
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
@@ -46,7 +47,7 @@ from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filte
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
-from gateway.security.problems import forbidden, not_found
+from gateway.security.problems import forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["leads"])
 
@@ -1417,12 +1418,19 @@ async def submit_webform(
     created or merged a lead is audited with the form as its actor (`webform_actor`); one refused
     (422, 429) or discarded as a bot's wrote nothing, and leaves no row."""
     fields = _submission_fields(body)
-    with noting_replays():
-        reply = await _stub(request).SubmitWebform(
-            pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
-            timeout=10,
-        )
-        replayed = replay_noted()
+    # The audit trail (and its events) never holds the key: whoever reads it could submit.
+    path = request.url.path.removesuffix(f"/{form_key}/submissions") + "/{form_key}/submissions"
+    try:
+        with noting_replays():
+            reply = await _stub(request).SubmitWebform(
+                pb.SubmitWebformRequest(form_key=form_key, fields=fields, idempotency_key=idempotency_key),
+                timeout=10,
+            )
+            replayed = replay_noted()
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            await _deny_unknown_form_key(request, path)
+        raise
     if not reply.discarded_as_spam:
         action, before = _capture_audited(reply)
         await runtime_of(request).audit_public_write(
@@ -1433,12 +1441,21 @@ async def submit_webform(
             before,
             lead_json(reply.lead),
             action=action,
-            # The audit trail (and its events) never holds the key: whoever reads it could submit.
-            path=request.url.path.removesuffix(f"/{form_key}/submissions") + "/{form_key}/submissions",
+            path=path,
             replayed=replayed,
         )
     # The public answer never says whether the person was already known.
     return {"status": "received"}
+
+
+async def _deny_unknown_form_key(request: Request, path: str) -> None:
+    """A key no form has is a failed authentication: audited as one, and limited per client
+    address like failed logins, so keys cannot be guessed quickly nor the audit flooded (429)."""
+    runtime = runtime_of(request)
+    client = request.client.host if request.client else "unknown"
+    if wait := runtime.auth_failure_limiter.acquire(f"ip:{client}"):
+        raise rate_limited(wait, "too many submissions to unknown forms")
+    await runtime.audit_denied(request, None, "webforms", "submit", not_found("no such web form"), path=path)
 
 
 def webform_actor(webform_id: str) -> Principal:

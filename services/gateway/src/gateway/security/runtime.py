@@ -147,7 +147,9 @@ class SecurityRuntime:
         problem: SecurityProblem,
         *,
         record_id: str = "",
+        path: str = "",
     ) -> None:
+        """`path`: the request's path with any secret in it replaced (default: the path as requested)."""
         await self._audit_refusal(
             request,
             principal,
@@ -157,6 +159,7 @@ class SecurityRuntime:
             reason=f"{action}: {problem.detail}",
             fields=[problem.field] if problem.field else [],
             status=problem.status,
+            path=path,
         )
 
     async def audit_refused(
@@ -195,6 +198,7 @@ class SecurityRuntime:
         reason: str,
         fields: list[str],
         status: int,
+        path: str = "",
     ) -> None:
         """One row (action and outcome `outcome`) for a request refused. A failure to write it is
         logged: the caller still gets the refusal, not a 500."""
@@ -208,7 +212,7 @@ class SecurityRuntime:
             fields=fields,
             request_id=request_id_of(request),
             method=request.method,
-            path=request.url.path,
+            path=path or request.url.path,
             status_code=status,
         )
         try:
