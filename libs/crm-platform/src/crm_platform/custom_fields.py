@@ -143,9 +143,10 @@ def parse_filter(definition: FieldDefinition, text: str) -> JsonValue:
         case FieldType.NUMBER | FieldType.BOOL:
             return from_text(definition, text)
         case FieldType.MULTI_ENUM | FieldType.ENUM:
-            if text not in definition.options:
+            option = _option_named(definition, text)
+            if option not in definition.options:
                 raise ValueError(f"must be one of {', '.join(definition.options)}")
-            return text
+            return option
     message = _check_value(definition, text)
     if message:
         raise ValueError(message)
@@ -156,9 +157,11 @@ def from_text(definition: FieldDefinition, text: str) -> JsonValue:
     """The value `text` stands for in the field's type, wherever a value comes as text (a filter's
     query string, a CSV cell, a web form field); ValueError with a reason if it is not one.
 
-    A number (`12`, ` 3.5 `) or a bool (`true`/`false`, any case) is read from its text. Every other
-    type is written as text already, so the text is returned as it is, for `validate` to judge;
-    a multi_enum too: a list has no agreed text form (a filter names one option, not a list).
+    A number (`12`, ` 3.5 `) or a bool (`true`/`false`, any case) is read from its text, and an
+    enum's option from its name in any case (`Partner` -> `partner`), as people type it into a form
+    or a spreadsheet. Every other type is written as text already, so the text is returned as it
+    is, for `validate` to judge; a multi_enum too: a list has no agreed text form (a filter names
+    one option, not a list).
     """
     match definition.type:
         case FieldType.NUMBER:
@@ -174,7 +177,19 @@ def from_text(definition: FieldDefinition, text: str) -> JsonValue:
             if word not in ("true", "false"):
                 raise ValueError("must be true or false")
             return word == "true"
+        case FieldType.ENUM:
+            return _option_named(definition, text)
     return text
+
+
+def _option_named(definition: FieldDefinition, text: str) -> str:
+    """The option `text` names: itself, else the one option equal to it in any case and without
+    surrounding blanks; `text` as given when none or several are (`validate` then refuses it)."""
+    if text in definition.options:
+        return text
+    wanted = text.strip().casefold()
+    named = [option for option in definition.options if option.casefold() == wanted]
+    return named[0] if len(named) == 1 else text
 
 
 def typed_texts(definitions: Iterable[FieldDefinition], values: Mapping[str, object]) -> dict[str, object]:

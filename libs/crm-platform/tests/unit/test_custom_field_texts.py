@@ -31,7 +31,7 @@ DEFS = [
     d("note", FieldType.TEXT),
     d("budget", FieldType.DECIMAL),
     d("renewal", FieldType.DATE),
-    d("channel", FieldType.ENUM, options=("direct", "partner")),
+    CHANNEL := d("channel", FieldType.ENUM, options=("direct", "partner")),
     d("products", FieldType.MULTI_ENUM, options=("crm", "erp")),
 ]
 
@@ -61,7 +61,15 @@ def test_a_bool_is_only_true_or_false_as_filters_take_it(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("definition", "text"),
-    [(VISITS, "12"), (VISITS, " 3.5 "), (VISITS, "1e3"), (VIP, "TRUE"), (VIP, "false"), (VISITS, "x"), (VIP, "1")],
+    [
+        (VISITS, "12"),
+        (VISITS, " 3.5 "),
+        (VISITS, "1e3"),
+        (VIP, "TRUE"),
+        (VIP, "false"),
+        (VISITS, "x"),
+        (VIP, "1"),
+    ],
 )
 def test_a_filter_reads_a_number_or_bool_exactly_as_an_import_or_form_does(
     definition: FieldDefinition, text: str
@@ -135,3 +143,17 @@ def test_a_multi_enum_has_no_text_form_so_a_cell_is_refused_as_before() -> None:
     """Filters name one option, not a list: no separator is defined for a CSV cell (`crm;erp`)."""
     typed = typed_texts(DEFS, {"seats": 1, "products": "crm;erp"})
     assert validate(DEFS, typed) == [FieldError("custom.products", "must be a list of options")]
+
+
+@pytest.mark.parametrize(("text", "option"), [("Partner", "partner"), ("DIRECT", "direct"), (" partner ", "partner")])
+def test_an_enum_option_is_read_from_its_name_in_any_case(text: str, option: str) -> None:
+    assert from_text(CHANNEL, text) == option
+    assert parse_filter(CHANNEL, text) == option
+
+
+def test_options_that_differ_only_in_case_are_not_guessed_between() -> None:
+    sizes = d("size", FieldType.ENUM, options=("S", "s", "M"))
+    assert from_text(sizes, "S") == "S"
+    assert from_text(sizes, " m ") == "M"
+    typed = typed_texts([sizes], {"size": "  s  "})  # which one? neither: refused, naming the field
+    assert validate([sizes], typed) == [FieldError("custom.size", "must be one of S, s, M")]

@@ -17,6 +17,7 @@ FIELDS = (
     {"key": "visits_x", "label": "Visits", "type": "number"},
     {"key": "vip", "label": "VIP", "type": "bool"},
     {"key": "renewal", "label": "Renewal", "type": "date"},
+    {"key": "tier", "label": "Tier", "type": "enum", "options": ["gold", "silver"]},
 )
 
 
@@ -38,12 +39,12 @@ async def stored_custom(env: Any) -> dict[str, dict[str, Any]]:
 
 async def test_a_csv_fills_number_and_bool_fields_with_typed_values(env: Any, admin: httpx.AsyncClient) -> None:
     csv_text = (
-        "name,visits_x,vip,renewal,notes\n"
-        "V1,12,true,2026-12-01,12\n"
-        "V2, 3.5 ,FALSE,,x\n"
-        "V3,12abc,true,,\n"
-        "V4,7,yes,,\n"
-        "V5,,,,\n"
+        "name,visits_x,vip,renewal,notes,tier\n"
+        "V1,12,true,2026-12-01,12,Gold\n"
+        "V2, 3.5 ,FALSE,,x,silver\n"
+        "V3,12abc,true,,,\n"
+        "V4,7,yes,,,\n"
+        "V5,,,,,\n"
     )
     response = await admin.post(
         "/api/v1/leads/import?import_key=typed-cells", content=csv_text.encode(), headers={"Content-Type": "text/csv"}
@@ -58,12 +59,15 @@ async def test_a_csv_fills_number_and_bool_fields_with_typed_values(env: Any, ad
         ("4", "custom.vip", "custom.vip: must be true or false"),
     ]
     stored = await stored_custom(env)
-    assert stored["V1"] == {"visits_x": 12, "vip": True, "renewal": "2026-12-01", "notes": "12"}
-    assert stored["V2"] == {"visits_x": 3.5, "vip": False, "notes": "x"}  # an empty cell is no value
+    # An enum's option is read from its name in any case, as people type it into a spreadsheet.
+    assert stored["V1"] == {"visits_x": 12, "vip": True, "renewal": "2026-12-01", "notes": "12", "tier": "gold"}
+    assert stored["V2"] == {"visits_x": 3.5, "vip": False, "notes": "x", "tier": "silver"}  # an empty cell is no value
     assert stored["V5"] == {}
     assert isinstance(stored["V1"]["visits_x"], int) and stored["V1"]["vip"] is True
     # Stored typed, the values are found by the typed list filter.
-    listed = await admin.get("/api/v1/leads", params={"custom.visits_x": "12", "custom.vip": "true"})
+    listed = await admin.get(
+        "/api/v1/leads", params={"custom.visits_x": "12", "custom.vip": "true", "custom.tier": "GOLD"}
+    )
     assert listed.status_code == 200, listed.text
     assert [lead["name"] for lead in listed.json()["items"]] == ["V1"]
 
@@ -86,7 +90,9 @@ async def test_a_web_form_fills_number_and_bool_fields_from_json_values_and_text
     path = f"/api/v1/webforms/{form['form_key']}/submissions"
 
     numbers = await admin.post(path, json={"name": "WN", "email": "wn@x.cn", "visits_x": 12, "vip": True, "ref": 7})
-    texts = await admin.post(path, json={"name": "WT", "email": "wt@x.cn", "visits_x": "3.5", "vip": "false"})
+    texts = await admin.post(
+        path, json={"name": "WT", "email": "wt@x.cn", "visits_x": "3.5", "vip": "false", "tier": "Silver"}
+    )
     wrong = await admin.post(path, json={"name": "WW", "email": "ww@x.cn", "visits_x": "12abc", "vip": 1})
 
     assert (numbers.status_code, texts.status_code) == (202, 202), (numbers.text, texts.text)
@@ -95,5 +101,5 @@ async def test_a_web_form_fills_number_and_bool_fields_from_json_values_and_text
     stored = await stored_custom(env)
     # An undefined field keeps the text the form sent, as before.
     assert stored["WN"] == {"visits_x": 12, "vip": True, "ref": "7"}
-    assert stored["WT"] == {"visits_x": 3.5, "vip": False}
+    assert stored["WT"] == {"visits_x": 3.5, "vip": False, "tier": "silver"}
     assert "WW" not in stored
