@@ -1,5 +1,6 @@
 """Domain errors <-> gRPC status with machine-readable details (google.rpc BadRequest / ErrorInfo)."""
 
+import logging
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,6 +20,8 @@ from crm_platform.errors import (
     ValidationFailed,
 )
 
+log = logging.getLogger(__name__)
+
 DOMAIN = "crm"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Trailing metadata of a RESOURCE_EXHAUSTED error: whole seconds until a retry may succeed.
@@ -32,6 +35,13 @@ MAX_TEXT_BYTES = 500  # the message, each field violation's field and descriptio
 MAX_FIELD_VIOLATIONS = 100
 FIELD_VIOLATIONS_BYTES = 4096
 ELLIPSIS = "…"
+
+# What a caller hears of a call its service never answered (no connection, the deadline passed on
+# the way): gRPC's own text names hosts, ports and library internals, so it goes to the log only.
+_UNANSWERED = {
+    grpc.StatusCode.UNAVAILABLE: "is unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "did not answer in time",
+}
 
 
 def _bounded(text: str) -> str:
@@ -114,13 +124,17 @@ class RemoteError:
     retry_after: int | None = None  # seconds, when the service said how long to wait
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
+def from_rpc_error(error: grpc.aio.AioRpcError, *, service: str = "an upstream service") -> RemoteError:
+    """What the failed call tells its caller. A service's own error (`to_status`) comes as it sent
+    it; an UNAVAILABLE or DEADLINE_EXCEEDED without one says only that `service` did not answer."""
     remote = RemoteError(code=error.code(), message=error.details() or "")
+    sent_by_service = False
     for key, value in error.trailing_metadata() or ():
         if key == RETRY_AFTER_KEY:
             remote.retry_after = _seconds(value)
         if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
+        sent_by_service = True
         status = status_pb2.Status.FromString(value)
         for detail in status.details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
@@ -132,6 +146,9 @@ def from_rpc_error(error: grpc.aio.AioRpcError) -> RemoteError:
                 detail.Unpack(info)
                 remote.reason = info.reason
                 remote.metadata.update(info.metadata)
+    if not sent_by_service and remote.code in _UNANSWERED:
+        log.warning("%s did not answer: %s %s", service, remote.code.name, remote.message)
+        remote.message = f"{service} {_UNANSWERED[remote.code]}"
     return remote
 
 

@@ -1,7 +1,8 @@
 """Money as Decimal plus an ISO 4217 currency; never a float anywhere in the path."""
 
+import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from crm.common.v1 import common_pb2
 
@@ -54,6 +55,10 @@ WHOLE_UNIT_CURRENCIES = frozenset({
 THREE_DECIMAL_CURRENCIES = frozenset({"BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"})
 
 
+# An optional minus, digits, and decimals after a point: [0-9], not \d (which takes "١٢" too).
+_DECIMAL_TEXT = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
 def minor_unit(currency: str) -> Decimal:
     """The smallest amount of `currency` the API takes, shows and rounds computed amounts to."""
     if currency in WHOLE_UNIT_CURRENCIES:
@@ -95,14 +100,14 @@ class Money:
 
 
 def parse_decimal(text: str, *, field: str) -> Decimal:
-    """A finite decimal from its string form, or a validation error naming the field."""
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise ValidationFailed([FieldError(field, f"{text!r} is not a decimal number")]) from None
-    if not value.is_finite():
-        raise ValidationFailed([FieldError(field, "must be a finite number")])
-    return value
+    """A decimal from its string form as SPEC §3 writes money ("12500.00"), or a validation error
+    naming the field. Decimal() alone also takes exponents ("1e5"), blanks, "_", "+", other scripts'
+    digits, NaN and Infinity."""
+    if not _DECIMAL_TEXT.fullmatch(text):
+        raise ValidationFailed(
+            [FieldError(field, f'{text!r} is not a decimal number written as digits, such as "12500.00"')]
+        )
+    return Decimal(text)
 
 
 def check_amount(

@@ -1,15 +1,18 @@
 """Domain errors become gRPC statuses that fit the trailers whatever input they quote: gRPC refuses
-trailers over 16 KiB, and the caller then got RESOURCE_EXHAUSTED about metadata instead of the error."""
+trailers over 16 KiB, and the caller then got RESOURCE_EXHAUSTED about metadata instead of the error.
+A call no service answered tells its caller which service did not, never gRPC's text of hosts and ports."""
 
 import base64
 
+import grpc
 import pytest
-from crm_platform.errors import FieldError, NotFound, ValidationFailed
+from crm_platform.errors import FieldError, NotFound, Unavailable, ValidationFailed
 from crm_platform.grpc_errors import (
     FIELD_VIOLATIONS_BYTES,
     MAX_FIELD_VIOLATIONS,
     MAX_TEXT_BYTES,
     STATUS_DETAILS_KEY,
+    from_rpc_error,
     to_status,
 )
 from google.rpc import error_details_pb2, status_pb2
@@ -77,3 +80,46 @@ def test_the_id_a_not_found_quotes_is_bounded_too() -> None:
     assert info.reason == "NOT_FOUND"
     assert info.metadata["resource"] == "lead"
     assert info.metadata["id"] == "a" * (MAX_TEXT_BYTES - 3) + "…"
+
+
+# What gRPC itself says of a service nothing listens for (seen through the gateway as a 503 detail).
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:62665: "
+    "Failed to connect to remote host: Connection refused"
+)
+
+
+def unanswered(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+@pytest.mark.parametrize(
+    ("code", "grpcs_text", "said"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, REFUSED, "the sales service is unavailable"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "the sales service did not answer in time"),
+    ],
+)
+def test_a_call_no_service_answered_names_the_service_and_logs_grpcs_text(
+    code: grpc.StatusCode, grpcs_text: str, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    remote = from_rpc_error(unanswered(code, grpcs_text), service="the sales service")
+
+    assert (remote.code, remote.message) == (code, said)
+    assert grpcs_text in caplog.text
+
+
+def test_without_a_service_named_the_message_says_an_upstream_service() -> None:
+    remote = from_rpc_error(unanswered(grpc.StatusCode.UNAVAILABLE, REFUSED))
+    assert remote.message == "an upstream service is unavailable"
+
+
+def test_a_services_own_unavailable_comes_as_the_service_said_it() -> None:
+    status = to_status(Unavailable("the last conversion attempt of lead l1 is not undone yet; retry later"))
+    error = grpc.aio.AioRpcError(
+        status.code, grpc.aio.Metadata(), grpc.aio.Metadata(*status.trailing_metadata), details=status.details
+    )
+
+    remote = from_rpc_error(error, service="the leads service")
+
+    assert remote.message == "the last conversion attempt of lead l1 is not undone yet; retry later"

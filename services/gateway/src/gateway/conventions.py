@@ -65,7 +65,7 @@ class MoneyIn(BaseModel):
         return _checked_amount(value, info, MAX_AMOUNT)
 
     def proto(self) -> common_pb2.Money:
-        # In the currency's minor unit: "100", "1E+2" and "100.00" CNY are one amount, and so one
+        # In the currency's minor unit: "100", "100.0" and "100.00" CNY are one amount, and so one
         # request to an Idempotency-Key's fingerprint.
         return common_pb2.Money(amount=amount_text(Decimal(self.amount), self.currency), currency=self.currency)
 

@@ -287,6 +287,10 @@ def money(amount: str, currency: str = "CNY") -> dict[str, str]:
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("1e13")}, "amount.amount"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("3546000000000.00")}, "amount.amount"),
         ("POST", "/api/v1/payments", {**payment("bank"), "amount": money("100", "RMB")}, "amount.currency"),
+        # SPEC §3: a decimal string like "12500.00"; "1e5" was taken as 100000.00.
+        ("POST", "/api/v1/opportunities", {"account_id": "a-1", "name": "x", "amount": money("1e5")}, "amount.amount"),
+        ("POST", "/api/v1/campaigns", {"name": "x", "cost": money("1E+5")}, "cost.amount"),
+        ("POST", "/api/v1/leads/l-1/convert", {"opportunity": {"amount": money("1e5")}}, "opportunity.amount.amount"),
     ],
 )
 async def test_money_no_service_takes_is_422_naming_the_field(

@@ -70,9 +70,14 @@ def test_spec_field_defaults() -> None:
         opportunities = policy.decide(who(role), "opportunities", "read")
         assert opportunities.read_rule("line_items.discount_percent") is FieldRule.HIDDEN, role
         assert opportunities.read_rule("line_items.unit_price") is FieldRule.READ, role
-    # Only managers may change owner_id.
+    # Only managers may change owner_id (and team): of leads, and of the campaigns marketing runs.
     assert policy.decide(who("sales_rep"), "leads", "update").write_rule("owner_id") is FieldRule.READ
     assert policy.decide(who("sales_manager"), "leads", "update").write_rule("owner_id") is FieldRule.WRITE
+    for action in ("create", "update"):
+        marketing = policy.decide(who("marketing"), "campaigns", action)
+        assert (marketing.write_rule("owner_id"), marketing.write_rule("team")) == (FieldRule.READ, FieldRule.READ)
+        assert marketing.write_rule("name") is FieldRule.WRITE
+    assert policy.decide(who("admin"), "campaigns", "update").write_rule("owner_id") is FieldRule.WRITE
 
 
 def test_readonly_fields_are_never_writable_even_for_admin() -> None:
