@@ -167,6 +167,10 @@ class FakeLeads(LeadsServiceServicer):
         lead = leads_pb2.Lead(id="l-1", name="Li", status="recycled", in_pool=True, team="east")
         return leads_pb.ReleaseLeadResponse(lead=lead)
 
+    async def ClaimLead(self, request: leads_pb.ClaimLeadRequest, context: Any) -> Any:
+        lead = leads_pb2.Lead(id=request.lead_id, name="Li", status="new", owner_id="u-1", team="east")
+        return leads_pb.ClaimLeadResponse(lead=lead)
+
     async def DisqualifyLead(self, request: leads_pb.DisqualifyLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="unqualified", owner_id="u-1",
                               team="east", disqualified_reason=request.reason)  # fmt: skip
@@ -524,6 +528,25 @@ async def test_a_write_leaves_one_audit_row(
 
 
 @pytest.mark.parametrize(
+    ("method", "path", "body", "denied"),
+    [
+        ("POST", "/lead-scoring-rules", RULE, "you may not manage lead scoring rules"),
+        ("PUT", "/lead-scoring-rules/thresholds", {"a": 80, "b": 60, "c": 40}, "you may not manage lead scoring rules"),
+        ("PUT", "/lead-assignment-rules/ar-1", ASSIGNMENT, "you may not manage lead assignment rules"),
+        ("DELETE", "/lead-assignment-rules/ar-1", None, "you may not manage lead assignment rules"),
+        ("POST", "/leads/l-1/assign", {"owner_id": "u-2"}, "you may not assign leads"),
+    ],
+)
+async def test_a_refusal_names_what_the_route_does(
+    gateway: Gateway, method: str, path: str, body: Any, denied: str
+) -> None:
+    response = await gateway.client.request(method, f"/api/v1{path}", json=body, headers=gateway.auth("sales_rep"))
+
+    assert response.status_code == 403, response.text
+    assert response.json()["detail"] == denied
+
+
+@pytest.mark.parametrize(
     ("role", "method", "path", "body", "before", "after"),
     [
         # Leads: personal data masked on both sides.
@@ -701,6 +724,31 @@ async def test_a_lead_goes_back_to_the_pool_by_its_owner_or_someone_who_may_assi
     assert response.status_code == status, response.text
 
 
+async def test_a_lead_goes_back_to_the_pool_without_a_body(gateway: Gateway) -> None:
+    response = await gateway.client.post("/api/v1/leads/l-1/release", headers=gateway.auth("sales_rep"))
+
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("role", "status"),
+    [
+        ("sales_rep", 200),
+        # Marketing updates leads but logs no activity: a lead it claimed would wait unworked for
+        # the recycling timer, kept from the reps who may work it.
+        ("marketing", 403),
+    ],
+)
+async def test_a_pool_lead_is_claimed_only_by_who_may_log_its_first_contact(
+    gateway: Gateway, role: str, status: int
+) -> None:
+    response = await gateway.client.post("/api/v1/leads/l-1/claim", headers=gateway.auth(role))
+
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.json()["detail"] == "claiming a lead from the pool needs the grant to create activities"
+
+
 async def test_a_lead_is_deleted_at_its_etags_version_by_who_may_delete_leads_and_audited_as_it_was(
     gateway: Gateway,
 ) -> None:
@@ -746,6 +794,24 @@ async def test_a_campaign_is_deleted_at_its_etags_version_by_who_may_delete_camp
     assert audited["after"] is None
     assert audited["resource"] == "campaigns"
     assert (audited["before"]["name"], audited["before"]["channel"]) == ("Expo", "event")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field"),
+    [
+        ("PATCH", "/api/v1/campaigns/cmp-1", {"owner_id": "u-x"}, "owner_id"),
+        ("PATCH", "/api/v1/campaigns/cmp-1", {"team": "west"}, "team"),
+        ("POST", "/api/v1/campaigns", {"name": "Expo", "channel": "event", "owner_id": "u-x"}, "owner_id"),
+    ],
+)
+async def test_marketing_may_not_give_a_campaign_another_owner_or_team(
+    gateway: Gateway, method: str, path: str, body: dict[str, str], field: str
+) -> None:
+    refused = await gateway.client.request(method, path, json=body, headers=gateway.auth("marketing"))
+
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["detail"] == f"you may not set field '{field}' of campaigns"
+    assert refused.json()["errors"] == [{"field": field, "message": refused.json()["detail"]}]
 
 
 async def test_a_campaign_a_deal_names_stays_though_the_deal_is_out_of_the_callers_sight(gateway: Gateway) -> None:

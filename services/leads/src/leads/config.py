@@ -24,6 +24,8 @@ class LeadsSettings(ServiceSettings):
     recycle_after_days: float = 3.0
     # Open leads a rep may hold from pool claims at once.
     pool_claim_limit: int = 20
+    # Hours before the owner a lead was recycled from (idle, or released) may claim it back.
+    pool_reclaim_cooldown_hours: float = 24.0
     # How often the SLA, recycling and rescoring timers look for due leads, and how many per pass (a
     # full pass runs again at once: after a scoring change the open leads are rescored batch by batch).
     jobs_interval_seconds: float = 30.0
@@ -40,4 +42,5 @@ class LeadsSettings(ServiceSettings):
             first_contact_hours=self.first_contact_hours,
             recycle_after_days=self.recycle_after_days,
             pool_claim_limit=self.pool_claim_limit,
+            pool_reclaim_cooldown_hours=self.pool_reclaim_cooldown_hours,
         )

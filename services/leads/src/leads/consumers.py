@@ -9,7 +9,7 @@ from crm_platform.consumer import EventConsumer, ReceivedEvent
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.timeutil import utcnow
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from leads import domain
 from leads import repository as repo
@@ -54,9 +54,20 @@ async def apply_contact(tx: Transaction, contact: accounts_pb2.Contact, default_
 
 
 async def apply_contact_deleted(tx: Transaction, contact_id: str) -> None:
-    """A deleted contact links no lead captured from now on. Leads already linked to it keep the
-    link (what they matched when captured); their rows are not rewritten."""
+    """A deleted contact links no lead captured from now on. An open lead linked to it is linked to
+    another live contact of its email or phone, else to none: a link to a contact nobody can open
+    (one a conversion attempt created and its undo deleted) helps no one. A closed lead keeps the
+    link it had when it closed."""
     await repo.tombstone_contact_keys(tx.conn, contact_id, now=utcnow())
+    c = repo.leads.c
+    linked = await tx.conn.execute(
+        select(c.id, c.email_norm, c.phone_norm).where(
+            c.matched_contact_id == contact_id, c.status.in_(domain.OPEN_STATUSES)
+        )
+    )
+    for lead_id, email, phone in linked.all():
+        other = await repo.find_contact(tx.conn, email_norm=email or None, phone_norm=phone or None)
+        await tx.conn.execute(update(repo.leads).where(c.id == lead_id).values(matched_contact_id=other))
 
 
 def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) -> EventConsumer:

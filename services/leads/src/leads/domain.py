@@ -13,6 +13,7 @@ from typing import Any
 from crm_platform.activities import ACTIVITY_KINDS, kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
+from crm_platform.principal import RecordScope, ScopeKind
 
 SOURCES = ("website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other")
 STATUSES = ("new", "contacted", "qualified", "unqualified", "converted", "recycled")
@@ -317,11 +318,18 @@ def check_status_change(current: str, new: str, *, contacted: bool) -> None:
         raise Conflict(f"cannot change status from {current} to new: it was contacted", reason="ILLEGAL_TRANSITION")
 
 
-def first_contact_at(occurred_at: datetime, *, captured_at: datetime) -> datetime:
-    """When a lead was first contacted, for the SLA and analytics' time to first contact: a call
-    made before the lead was captured (a backdated activity, a person met before being entered)
-    counts at the capture, so that time is never negative."""
+def counted_from_capture(occurred_at: datetime, *, captured_at: datetime) -> datetime:
+    """When an activity counts on the lead's own clocks (`first_contacted_at`, `last_activity_at`):
+    one made before the lead was captured (a backdated call, a person met before being entered)
+    counts at the capture, so the time to first contact is never negative and the lead's last
+    activity never precedes the lead. The activity keeps its own `occurred_at`."""
     return max(occurred_at, captured_at)
+
+
+def already_assigned(lead: Mapping[Any, Any], *, owner_id: str, team: str) -> bool:
+    """Is assigning `lead` to `owner_id` (in `team`, "" keeping its own) no change? Then nothing
+    happens: a new assignment would restart the first-contact SLA and clear an overdue flag."""
+    return bool(owner_id) and not lead["in_pool"] and lead["owner_id"] == owner_id and team in ("", lead["team"])
 
 
 def status_after_claim(first_contacted_at: datetime | None) -> str:
@@ -329,6 +337,15 @@ def status_after_claim(first_contacted_at: datetime | None) -> str:
 
 
 # --- conversion ---------------------------------------------------------------------------------
+
+
+def same_account_choice(*, requested_account_id: str, account_id: str, account_created: bool) -> bool:
+    """Does a conversion request ask for the account an interrupted attempt chose? An attempt that
+    has chosen none yet (`account_id` "") suits any request; one that created an account suits a
+    request naming none; one into an existing account suits a request naming that account."""
+    if not account_id:
+        return True
+    return requested_account_id == ("" if account_created else account_id)
 
 
 def contact_to_reuse(*, matched_contact_id: str, matched_contact_account_id: str, account_id: str) -> str:
@@ -634,6 +651,25 @@ def assignment_rule_matches(rule: AssignmentRule, lead: Mapping[str, Any]) -> bo
     )
 
 
+def rule_scope_error(scope: RecordScope, *, team: str, regions: Collection[str]) -> FieldError | None:
+    """Why the caller may not manage an assignment rule routing leads to `team` / from `regions`
+    (None when they may). A rule decides whose leads go where, so it is held to the caller's
+    scope on assigning leads, as `/assign` is: a team manager manages the rules of their team, a
+    region's the rules of their region only; assigning in every scope, any rule."""
+    match scope.kind:
+        case ScopeKind.ALL:
+            return None
+        case ScopeKind.TEAM if scope.team and team == scope.team:
+            return None
+        case ScopeKind.REGION if regions and all(r.casefold() == scope.region.casefold() for r in regions):
+            return None
+        case ScopeKind.REGION:
+            return FieldError("regions", f"you may manage only rules of region {scope.region}")
+    return FieldError(
+        "team", f"you may manage only rules of team {scope.team}" if scope.team else "you may manage no rule"
+    )
+
+
 def first_matching_rule(rules: Sequence[AssignmentRule], lead: Mapping[str, Any]) -> AssignmentRule | None:
     for rule in sorted(rules, key=lambda r: r.position):
         if assignment_rule_matches(rule, lead):
@@ -705,6 +741,8 @@ class FollowUpPolicy:
     first_contact_hours: float = 2.0
     recycle_after_days: float = 3.0
     pool_claim_limit: int = 20
+    # How long the owner a lead was recycled from may not claim it back (`ensure_reclaimable`).
+    pool_reclaim_cooldown_hours: float = 24.0
 
     def first_contact_due(self, assigned_at: datetime) -> datetime:
         return assigned_at + timedelta(hours=self.first_contact_hours)
@@ -737,6 +775,23 @@ def is_recyclable(
         return False
     last_touch = max(assigned_at, last_activity_at) if last_activity_at else assigned_at
     return last_touch <= policy.recycle_cutoff(now)
+
+
+def ensure_reclaimable(
+    *, claimant_id: str, recycled_from_id: str, recycled_at: datetime | None, policy: FollowUpPolicy, now: datetime
+) -> None:
+    """The owner a lead was recycled from (it went idle, or they released it) may not claim it back
+    within the cool-down: the claim would restart its SLA and recycling clocks, so a rep could hold
+    a lead for ever without working it. Others may claim it, and a manager may assign it to anyone."""
+    if claimant_id != recycled_from_id or recycled_at is None:
+        return
+    until = recycled_at + timedelta(hours=policy.pool_reclaim_cooldown_hours)
+    if now < until:
+        raise Conflict(
+            f"this lead was recycled from you at {recycled_at.isoformat()}: "
+            f"you may claim it again from {until.isoformat()}",
+            reason="RECLAIM_COOLDOWN",
+        )
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from crm.common.v1 import common_pb2
@@ -39,6 +39,7 @@ from crm_platform.outbox import PendingEvent, Transaction, UnitOfWork, outbox_ro
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
 from crm_platform.principal import (
     ALL_RECORDS,
+    SYSTEM,
     Principal,
     RecordScope,
     ScopeKind,
@@ -468,6 +469,12 @@ def _in_scope(lead: Mapping[Any, Any]) -> bool:
     return repo.lead_in_scope(scope, lead) and not repo.claim_first(scope, lead)
 
 
+def _check_rule_scope(rule: Mapping[Any, Any]) -> None:
+    """PermissionDenied naming the field when the caller may not manage this assignment rule."""
+    if error := domain.rule_scope_error(current_scope(), team=rule["team"], regions=rule["regions"]):
+        raise PermissionDenied(error.message, field=error.field)
+
+
 def _entered_for(principal: Principal) -> str:
     """The owner of a lead the caller enters or imports without one: a rep (own scope) works only
     the leads they own, so theirs, not the pool's (where they could open it only by a claim, within
@@ -515,9 +522,47 @@ class LeadFilters:
     created_before: datetime | None = None
     source_detail: str = ""
     in_pool: bool | None = None
+    follow_up_overdue: bool | None = None
     min_score: int = 0
     # `?custom.<key>=value` pairs, typed against the lead definitions (crm_platform.custom_field_filters).
     custom: Sequence[tuple[str, str]] = ()
+
+
+TASK_STATUSES = ("open", "done", "cancelled")
+TASK_KINDS = ("first_contact", "follow_up")
+TASK_DUE_FILTERS = ("today", "overdue")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilters:
+    """The filters of the lead tasks across leads (`list_scoped_tasks`)."""
+
+    owner_id: str = ""
+    status: str = "open"
+    kind: str = ""
+    # overdue or today (`task_due_bounds`); empty: any due time
+    due: str = ""
+
+
+def task_due_bounds(due: str, now: datetime) -> tuple[datetime | None, datetime]:
+    """[from, before) of due_at: `overdue` is due before now, `today` within the current UTC day."""
+    if due == "overdue":
+        return None, now
+    start_of_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start_of_day, start_of_day + timedelta(days=1)
+
+
+def task_filter_errors(f: TaskFilters) -> list[FieldError]:
+    errors = []
+    if f.status not in TASK_STATUSES:
+        errors.append(FieldError("status", f"is not one of {', '.join(TASK_STATUSES)}"))
+    if f.kind and f.kind not in TASK_KINDS:
+        errors.append(FieldError("kind", f"is not one of {', '.join(TASK_KINDS)}"))
+    if f.due and f.due not in TASK_DUE_FILTERS:
+        errors.append(FieldError("due", f"is not one of {', '.join(TASK_DUE_FILTERS)}"))
+    elif f.due == "overdue" and f.status != "open":
+        errors.append(FieldError("due", "overdue tasks are open ones: leave status out or make it open"))
+    return errors
 
 
 # What `q` searches: a lead's name, company and email, case-insensitively.
@@ -1113,6 +1158,8 @@ class LeadsService:
             query = query.where(c.created_at < f.created_before)
         if f.in_pool is not None:
             query = query.where(c.in_pool == f.in_pool)
+        if f.follow_up_overdue is not None:
+            query = query.where(c.follow_up_overdue == f.follow_up_overdue)
         if f.min_score:
             query = query.where(c.score >= f.min_score)
         if custom:
@@ -1181,14 +1228,14 @@ class LeadsService:
             await conn.execute(insert(repo.activities).values(new_activity))
             contact = a.kind in domain.CONTACT_KINDS
             changes: dict[str, Any] = {"updated_at": now}
-            if domain.advances_last_activity(lead["last_activity_at"], occurred):
-                changes["last_activity_at"] = occurred
+            counted = domain.counted_from_capture(occurred, captured_at=lead["created_at"])
+            if domain.advances_last_activity(lead["last_activity_at"], counted):
+                changes["last_activity_at"] = counted
             new_status = domain.status_after_activity(lead["status"], a.kind)
             if new_status != lead["status"]:
                 changes["status"] = new_status
             if contact and lead["first_contacted_at"] is None:
-                first = domain.first_contact_at(occurred, captured_at=lead["created_at"])
-                changes.update(first_contacted_at=first, follow_up_overdue=False)
+                changes.update(first_contacted_at=counted, follow_up_overdue=False)
             if contact:
                 await self._close_tasks(conn, a.lead_id, "done", now)
             if a.next_follow_up_at is not None:
@@ -1264,9 +1311,9 @@ class LeadsService:
             after = (await conn.execute(statement.returning(a))).mappings().one()
             if "next_follow_up_at" in changes:
                 await self._follow_activity(conn, lead, activity_id, after["next_follow_up_at"], principal, now)
-            occurred = after["occurred_at"]
-            advanced = domain.advances_last_activity(lead["last_activity_at"], occurred)
-            moved = {"last_activity_at": occurred} if advanced else {}
+            counted = domain.counted_from_capture(after["occurred_at"], captured_at=lead["created_at"])
+            advanced = domain.advances_last_activity(lead["last_activity_at"], counted)
+            moved = {"last_activity_at": counted} if advanced else {}
             row = await self._after_activity_change(tx, lead, moved, now, rescore="kind" in changes)
             tx.publish(
                 events_pb2.LeadActivityUpdated(
@@ -1365,6 +1412,32 @@ class LeadsService:
                 query = query.where(repo.tasks.c.status == status)
             return list((await conn.execute(query)).mappings())
 
+    async def list_scoped_tasks(self, f: TaskFilters, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+        """The tasks of the leads in the call's record scope, each with its lead's name as `lead_name`,
+        by due_at then id (`ix_lead_tasks_owner` serves an owner's)."""
+        if errors := task_filter_errors(f):
+            raise ValidationFailed(errors)
+        size = page_limit(limit)
+        t = repo.tasks.c
+        query = (
+            select(repo.tasks, repo.leads.c.name.label("lead_name"))
+            .join(repo.leads, repo.leads.c.id == t.lead_id)
+            .where(repo.lead_scope_clause(current_scope()), t.status == f.status)
+        )
+        if f.owner_id:
+            query = query.where(t.owner_id == f.owner_id)
+        if f.kind:
+            query = query.where(t.kind == f.kind)
+        if f.due:
+            due_from, due_before = task_due_bounds(f.due, self.clock())
+            query = query.where(t.due_at < due_before)
+            if due_from is not None:
+                query = query.where(t.due_at >= due_from)
+        query = keyset_page(query, sort_column=t.due_at, id_column=t.id, descending=False, cursor=cursor, limit=size)
+        async with self.engine.connect() as conn:
+            rows = list((await conn.execute(query)).mappings())
+        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="due_at", descending=False, limit=size)
+
     async def score_history(self, lead_id: str) -> list[RowMapping]:
         async with self.engine.connect() as conn:
             await self._visible_lead(conn, lead_id)
@@ -1415,6 +1488,10 @@ class LeadsService:
         given = {"owner_id": owner_id, "team": team}
         if blank := [name for name, value in given.items() if value and not value.strip()]:
             raise ValidationFailed([FieldError(name, "must not be blank") for name in blank])
+        if team and not owner_id:  # the rules choose owner and team together: a team alone would be dropped
+            raise ValidationFailed(
+                [FieldError("team", "a team is given with its owner_id; without one the rules choose")]
+            )
         principal = current_principal()
         now = self.clock()
 
@@ -1424,6 +1501,8 @@ class LeadsService:
                 if expected_version and lead["version"] != expected_version:
                     raise StaleVersion(LEAD, lead_id, lead["version"])
                 domain.ensure_open(lead["status"], "assign")
+                if domain.already_assigned(lead, owner_id=owner_id, team=team):
+                    return lead  # no new assignment: its first-contact SLA and recycling clock go on
                 if owner_id:
                     return await self._assign_to(tx, lead, owner_id, team, "", principal, now)
                 picked = await self._pick_by_rules(tx.conn, rules, lead)
@@ -1437,6 +1516,7 @@ class LeadsService:
             raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
         principal = current_principal()
         now = self.clock()
+        await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if expected_version and lead["version"] != expected_version:
@@ -1459,6 +1539,7 @@ class LeadsService:
         conversion attempt. Everything else follows the row: the owner loads by the triggers on
         `leads` (migration 0006), while the pool, the timers and the dedupe probe read `leads` itself."""
         principal = current_principal()
+        await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
             conn = tx.conn
             # The lead's dedupe keys before its row, in the order a create takes them: a create of
@@ -1499,13 +1580,15 @@ class LeadsService:
             rows = list((await conn.execute(query)).mappings())
         return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
-    async def claim(self, lead_id: str) -> RowMapping:
+    async def claim(self, lead_id: str, idempotency_key: str = "") -> RowMapping:
         principal = current_principal()
         if principal.kind != "user" or not principal.user_id:
             raise PermissionDenied("only a user can claim a lead from the pool")
         now = self.clock()
         async with self.uow.begin() as tx:
             conn = tx.conn
+            if await self._repeats_pool_move(conn, "claim_lead", idempotency_key, principal, lead_id, now):
+                return await self._visible_lead(conn, lead_id)
             lead = (
                 (
                     await conn.execute(
@@ -1522,8 +1605,15 @@ class LeadsService:
             if not lead["in_pool"]:
                 raise Conflict(f"lead {lead_id} is not in the pool", reason="NOT_IN_POOL")
             domain.ensure_open(lead["status"], "claim")
+            domain.ensure_reclaimable(
+                claimant_id=principal.user_id,
+                recycled_from_id=lead["recycled_from_id"],
+                recycled_at=lead["recycled_at"],
+                policy=self.policy,
+                now=now,
+            )
             # Serialise one rep's claims so two parallel claims cannot both pass the limit.
-            await repo.lock_dedupe_keys(conn, [f"claim:{principal.user_id}"])
+            await repo.lock_keys(conn, [f"claim:{principal.user_id}"])
             held = await conn.scalar(
                 select(func.count()).where(
                     repo.leads.c.owner_id == principal.user_id,
@@ -1540,16 +1630,36 @@ class LeadsService:
             team = lead["team"] or principal.team
             return await self._assign_to(tx, lead, principal.user_id, team, "", principal, now, claimed=True)
 
-    async def release(self, lead_id: str, reason: str) -> RowMapping:
+    async def release(self, lead_id: str, reason: str, idempotency_key: str = "") -> RowMapping:
+        principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
+            if await self._repeats_pool_move(tx.conn, "release_lead", idempotency_key, principal, lead_id, now):
+                return await self._visible_lead(tx.conn, lead_id)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if lead["in_pool"] or not lead["owner_id"]:
                 raise Conflict(f"lead {lead_id} is already in the pool", reason="IN_POOL")
             domain.ensure_open(lead["status"], "release")
-            return await self._to_pool(tx, lead, f"released: {reason.strip() or 'no reason given'}", now)
+            return await self._to_pool(tx, lead, f"released: {reason.strip() or 'no reason given'}", principal, now)
 
-    async def _to_pool(self, tx: Transaction, lead: RowMapping, reason: str, now: datetime) -> RowMapping:
+    @staticmethod
+    async def _repeats_pool_move(
+        conn: AsyncConnection, operation: str, key: str, principal: Principal, lead_id: str, now: datetime
+    ) -> bool:
+        """Claims the idempotency key of a claim or release of `lead_id`: True when the key's first
+        request moved this lead already (the repeat answers with the lead as it is now; it must not
+        move it again, or fail because it was moved), Conflict when that request was for another."""
+        earlier = await claim(conn, operation, key, principal, {"lead_id": lead_id}, now)
+        if earlier is None:
+            return False
+        _same_record(key, LEAD, earlier["lead_id"], lead_id)
+        return True
+
+    async def _to_pool(
+        self, tx: Transaction, lead: RowMapping, reason: str, principal: Principal, now: datetime
+    ) -> RowMapping:
+        """Back to the pool, recording whom from (`domain.ensure_reclaimable`); `principal` released
+        it, or is the system for the recycling timer."""
         await self._close_tasks(tx.conn, lead["id"], "cancelled", now)
         row = await self._write(
             tx.conn,
@@ -1559,6 +1669,7 @@ class LeadsService:
                 "in_pool": True,
                 "status": "recycled",
                 "recycled_at": now,
+                "recycled_from_id": lead["owner_id"],
                 "claimed_at": None,
                 "first_contact_due_at": None,
                 "follow_up_overdue": False,
@@ -1566,7 +1677,9 @@ class LeadsService:
             },
         )
         tx.publish(
-            events_pb2.LeadRecycled(lead=lead_to_proto(row), previous_owner_id=lead["owner_id"], reason=reason),
+            events_pb2.LeadRecycled(
+                lead=lead_to_proto(row), previous_owner_id=lead["owner_id"], reason=reason, actor=actor(principal)
+            ),
             key=lead["id"],
         )
         return row
@@ -1766,6 +1879,7 @@ class LeadsService:
         who = actor(principal)
         async with self.uow.begin() as tx:
             conn = tx.conn
+            await repo.lock_out_dedupe_writers(conn)
             cleans = [item.clean for item in checked]
             existing = await self._existing_keys(conn, cleans, options.on_duplicate)
             contacts = await repo.known_contacts(
@@ -1834,10 +1948,11 @@ class LeadsService:
                 if contact_id:
                     values["matched_contact_id"] = contact_id
                     changed = True
+                rule_id = ""  # of the rule that assigned the lead, for its event
                 if options.assign and not values["owner_id"]:
                     picked = domain.pick_in_batch(item.rule, turns, loads)
                     if picked is not None:
-                        owner, team, _ = picked
+                        owner, team, rule_id = picked
                         values.update(self._assignment_values(owner, team, False, now))
                         changed = True
                     else:
@@ -1865,7 +1980,7 @@ class LeadsService:
                     fill_lead(created.lead, values)
                 events.append(PendingEvent(created, lead_id, lead_id))
                 if values["owner_id"]:
-                    assigned = events_pb2.LeadAssigned(actor=who)
+                    assigned = events_pb2.LeadAssigned(rule_id=rule_id, actor=who)
                     assigned.lead.CopyFrom(created.lead)
                     events.append(PendingEvent(assigned, lead_id, lead_id))
                 outcomes.append(ImportRowOutcome(item.row, "accepted", lead_id=lead_id))
@@ -2197,14 +2312,26 @@ class LeadsService:
 
     async def create_assignment_rule(self, rule: AssignmentRule, name: str, key: str) -> RowMapping:
         values = {"id": new_id(), **self._assignment_values_of(rule, name), "version": 1}
+        _check_rule_scope(values)
         return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
 
     async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowMapping:
         values = self._assignment_values_of(rule, name)
+        _check_rule_scope(await self._assignment_rule_row(rule.id))  # as it routes now, and as it would
+        _check_rule_scope(values)
         return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)
 
     async def delete_assignment_rule(self, rule_id: str) -> None:
+        _check_rule_scope(await self._assignment_rule_row(rule_id))
         await self._delete(repo.assignment_rules, "assignment rule", rule_id)
+
+    async def _assignment_rule_row(self, rule_id: str) -> RowMapping:
+        async with self.engine.connect() as conn:
+            query = select(repo.assignment_rules).where(repo.assignment_rules.c.id == rule_id)
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound("assignment rule", rule_id)
+        return row
 
     async def list_assignment_rules(self) -> list[RowMapping]:
         async with self.engine.connect() as conn:
@@ -2519,7 +2646,7 @@ class LeadsService:
                     now=now,
                 ):
                     days = self.policy.recycle_after_days
-                    await self._to_pool(tx, lead, f"no activity for {days:g} days", now)
+                    await self._to_pool(tx, lead, f"no activity for {days:g} days", SYSTEM, now)
             return len(idle)
 
     async def rescore_stale_leads(self) -> int:
@@ -2565,64 +2692,24 @@ class LeadsService:
             raise ValidationFailed([FieldError("opportunity_amount.amount", "must not be negative")])
         principal = current_principal()
         now = self.clock()
-        await self._finish_compensation(req.lead_id)
-        async with self.uow.begin() as tx:
-            conn = tx.conn
-            earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
-            if earlier is not None:
-                _same_record(req.idempotency_key, LEAD, earlier["lead_id"], req.lead_id)
-            lead = await self._visible_lead(conn, req.lead_id, for_update=True)
-            if earlier is not None or lead["status"] == "converted":
-                if earlier is None:  # a replay under its key answers as the first; another request may not differ
-                    domain.ensure_repeats_conversion(
-                        account_id=req.account_id,
-                        create_opportunity=req.create_opportunity,
-                        converted_account_id=lead["converted_account_id"],
-                        converted_contact_id=lead["converted_contact_id"],
-                        converted_opportunity_id=lead["converted_opportunity_id"],
-                    )
-                return ConvertResult(
-                    lead, lead["converted_account_id"], lead["converted_contact_id"], lead["converted_opportunity_id"]
-                )
-            domain.ensure_open(lead["status"], "convert")
-            saga: Mapping[Any, Any] | None = (
-                (
-                    await conn.execute(
-                        select(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).with_for_update()
-                    )
-                )
-                .mappings()
-                .first()
-            )
-            if saga is None or saga["state"] == "compensated":
-                attempt = 1 if saga is None else saga["attempt"] + 1
-                values = {
-                    "lead_id": req.lead_id,
-                    "attempt": attempt,
-                    "attempt_nonce": secrets.token_hex(16),
-                    "state": "running",
-                    "account_id": "",
-                    "account_created": False,
-                    "contact_id": "",
-                    "contact_created": False,
-                    "opportunity_id": "",
-                    "error": "",
-                    "updated_at": now,
-                }
-                if saga is None:
-                    await conn.execute(insert(repo.conversions).values(values))
-                else:
-                    await conn.execute(
-                        update(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).values(values)
-                    )
-                saga = values
+        scopes = req.scopes or ConversionScopes.own(principal)
+        await self._undo_attempt(req.lead_id, ("compensating",))  # a new attempt never builds on a half-undone one
+        begun = await self._begin_attempt(req, principal, now)
+        if isinstance(begun, ConvertResult):
+            return begun
+        lead, saga = begun
+        if saga["state"] == "running" and saga["attempt_resumed"] and not await self._resumable(req, saga, scopes):
+            await self._undo_attempt(req.lead_id, ("running",))
+            begun = await self._begin_attempt(req, principal, now)
+            if isinstance(begun, ConvertResult):
+                return begun
+            lead, saga = begun
         attempt_key = f"lead-convert:{req.lead_id}:{saga['attempt']}"
         if saga["attempt_nonce"]:  # attempts begun before migration 0011 resume with the keys they began with
             attempt_key += f":{saga['attempt_nonce']}"
         account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
         opportunity_id = str(saga["opportunity_id"])
         account_created, contact_created = bool(saga["account_created"]), bool(saga["contact_created"])
-        scopes = req.scopes or ConversionScopes.own(principal)
         try:
             if not account_id:
                 with _calling_in(scopes.accounts):
@@ -2677,6 +2764,63 @@ class LeadsService:
                 error,
             )
             raise
+
+    async def _begin_attempt(
+        self, req: ConvertRequest, principal: Principal, now: datetime
+    ) -> ConvertResult | tuple[RowMapping, Mapping[Any, Any]]:
+        """The converted lead's answer to a repeat (a ConvertResult), else the lead and the saga of
+        the attempt to make: the interrupted one to resume (`attempt_resumed`), or a new one."""
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            earlier = await recall(conn, "convert_lead", req.idempotency_key, principal)
+            if earlier is not None:
+                _same_record(req.idempotency_key, LEAD, earlier["lead_id"], req.lead_id)
+            lead = await self._visible_lead(conn, req.lead_id, for_update=True)
+            if earlier is not None or lead["status"] == "converted":
+                if earlier is None:  # a replay under its key answers as the first; another request may not differ
+                    domain.ensure_repeats_conversion(
+                        account_id=req.account_id,
+                        create_opportunity=req.create_opportunity,
+                        converted_account_id=lead["converted_account_id"],
+                        converted_contact_id=lead["converted_contact_id"],
+                        converted_opportunity_id=lead["converted_opportunity_id"],
+                    )
+                return ConvertResult(
+                    lead, lead["converted_account_id"], lead["converted_contact_id"], lead["converted_opportunity_id"]
+                )
+            domain.ensure_open(lead["status"], "convert")
+            saga: Mapping[Any, Any] | None = (
+                (
+                    await conn.execute(
+                        select(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).with_for_update()
+                    )
+                )
+                .mappings()
+                .first()
+            )
+            if saga is None or saga["state"] == "compensated":
+                attempt = 1 if saga is None else saga["attempt"] + 1
+                values = {
+                    "lead_id": req.lead_id,
+                    "attempt": attempt,
+                    "attempt_nonce": secrets.token_hex(16),
+                    "state": "running",
+                    "account_id": "",
+                    "account_created": False,
+                    "contact_id": "",
+                    "contact_created": False,
+                    "opportunity_id": "",
+                    "error": "",
+                    "updated_at": now,
+                }
+                if saga is None:
+                    await conn.execute(insert(repo.conversions).values(values))
+                else:
+                    await conn.execute(
+                        update(repo.conversions).where(repo.conversions.c.lead_id == req.lead_id).values(values)
+                    )
+                return lead, {**values, "attempt_resumed": False}
+        return lead, {**saga, "attempt_resumed": True}
 
     async def _finish_conversion(
         self,
@@ -2786,20 +2930,50 @@ class LeadsService:
         await self._saga_step(lead_id, **values)
         return done
 
-    async def _finish_compensation(self, lead_id: str) -> None:
-        """A new attempt never builds on a half-undone one: the undo is finished first."""
+    async def _undo_attempt(self, lead_id: str, states: Sequence[str]) -> None:
+        """Undoes the lead's last conversion attempt when its saga is in one of `states`: whatever it
+        created upstream is deleted (`_compensate`), or Unavailable while that cannot be done yet."""
         async with self.engine.connect() as conn:
             saga = (
                 (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id)))
                 .mappings()
                 .first()
             )
-        if saga is None or saga["state"] != "compensating":
+        if saga is None or saga["state"] not in states:
             return
         account = str(saga["account_id"]) if saga["account_created"] else ""
         contact = str(saga["contact_id"]) if saga["contact_created"] else ""
         if not await self._compensate(lead_id, account, contact, str(saga["opportunity_id"]), None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
+
+    async def _abandon_conversion(self, lead_id: str, expected_version: int) -> None:
+        """A lead that leaves the convertible state (disqualified, deleted) first undoes a conversion
+        attempt interrupted by an outage, which would otherwise keep an account and contact made
+        for a conversion that will never finish, and the lead undeletable. Only by who may write
+        the lead, at the version they expect."""
+        async with self.engine.connect() as conn:
+            lead = await self._visible_lead(conn, lead_id, for_update=True)
+        if expected_version and lead["version"] != expected_version:
+            raise StaleVersion(LEAD, lead_id, lead["version"])
+        await self._undo_attempt(lead_id, ("running", "compensating"))
+
+    async def _resumable(self, req: ConvertRequest, saga: Mapping[Any, Any], scopes: ConversionScopes) -> bool:
+        """May this request resume the interrupted attempt `saga`? Not when it asks for another account
+        than the attempt chose, nor when the attempt's account is outside the caller's scope (the lead
+        changed hands meanwhile): it would finish with records the caller asked for no part in."""
+        assert self.ports is not None
+        account_id = str(saga["account_id"])
+        if not domain.same_account_choice(
+            requested_account_id=req.account_id, account_id=account_id, account_created=bool(saga["account_created"])
+        ):
+            return False
+        if account_id:
+            try:
+                with _calling_in(scopes.accounts):
+                    await self.ports.get_account(account_id)
+            except (NotFound, ValidationFailed):
+                return False
+        return True
 
 
 def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:

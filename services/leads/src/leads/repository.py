@@ -105,6 +105,9 @@ leads = Table(
     Column("first_contacted_at", _TS),
     Column("last_activity_at", _TS),
     Column("recycled_at", _TS),
+    # The owner the lead was last recycled from, at `recycled_at` (it went idle, or they released
+    # it): barred from claiming it back for a cool-down (migration 0020).
+    Column("recycled_from_id", String(200), nullable=False, server_default=""),
     Column("claimed_at", _TS),
     Column("version", BigInteger, nullable=False, server_default="1"),
     # The scoring generation (`scoring_generation` below) whose rules and thresholds gave the lead its
@@ -460,16 +463,46 @@ async def find_open_duplicate(
 
 
 async def lock_dedupe_keys(conn: AsyncConnection, keys: Iterable[str]) -> None:
-    """Serialises concurrent creates of the same email/phone (PostgreSQL advisory locks)."""
+    """Serialises concurrent writes of the same email/phone (PostgreSQL advisory locks): a create,
+    an update or a delete holds its keys' locks, and shares the import batches' lock
+    (`lock_out_dedupe_writers`) before them, so a batch never checks its rows between another
+    write's check and its commit."""
     keys = sorted(set(keys))
     if not keys or conn.dialect.name != "postgresql":
         return
-    await _LOCK_KEYS.execute(conn, {"keys": keys})
+    await _LOCK_DEDUPE_KEYS.execute(conn, {"keys": keys, "batches": _IMPORT_BATCHES_LOCK})
 
 
+async def lock_keys(conn: AsyncConnection, keys: Iterable[str]) -> None:
+    """Serialises the transactions that name the same key (PostgreSQL advisory locks)."""
+    keys = sorted(set(keys))
+    if keys and conn.dialect.name == "postgresql":
+        await _LOCK_KEYS.execute(conn, {"keys": keys})
+
+
+async def lock_out_dedupe_writers(conn: AsyncConnection) -> None:
+    """An import batch checks thousands of rows' keys at once: rather than a lock per key (more than
+    the server's lock table holds), it takes the lock every dedupe write shares, so it waits for
+    those under way and holds new ones off until it commits."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(
+            text("SELECT pg_advisory_xact_lock(CAST(:batches AS bigint))"), {"batches": _IMPORT_BATCHES_LOCK}
+        )
+
+
+# Outside the int4 range of hashtext(), so no key's lock is ever this one.
+_IMPORT_BATCHES_LOCK = 2**32 + 1
 # One statement text for any number of keys. unnest yields the (sorted) keys in order, so
-# concurrent transactions take their locks in the same order and cannot deadlock.
+# concurrent transactions take their locks in the same order and cannot deadlock; a dedupe write
+# shares the batches' lock before its keys' (the array's leading NULL), as a batch takes it first.
 _LOCK_KEYS = DriverStatement(text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k"))
+_LOCK_DEDUPE_KEYS = DriverStatement(
+    text(
+        "SELECT CASE WHEN k IS NULL THEN pg_advisory_xact_lock_shared(CAST(:batches AS bigint))"
+        " ELSE pg_advisory_xact_lock(hashtext(k)) END"
+        " FROM unnest(array_prepend(NULL::text, CAST(:keys AS text[]))) AS k"
+    )
+)
 
 
 async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None) -> str:
@@ -513,8 +546,7 @@ async def put_contact_keys(
 
 async def tombstone_contact_keys(conn: AsyncConnection, contact_id: str, *, now: datetime) -> None:
     """contact.deleted: the contact's keys no longer link leads, and the row stays as a tombstone so
-    that a created or updated of the contact applied after it does not bring them back. The leads
-    linked to it keep their link: it records what they matched when they were captured."""
+    that a created or updated of the contact applied after it does not bring them back."""
     cleared = {"email_norm": None, "phone_norm": None, "deleted_at": now, "updated_at": now}
     statement = _upsert_contact_keys(conn, {"contact_id": contact_id, **cleared})
     await conn.execute(

@@ -28,6 +28,7 @@ from leads.handlers import (
     LeadFilters,
     LeadsService,
     RateLimited,
+    TaskFilters,
 )
 from leads.importing import FORMATS, RowMapper
 
@@ -51,6 +52,14 @@ def _leads_scope(context: grpc.aio.ServicerContext) -> RecordScope:
     (an activity's edit); their own leads when not sent, as for the call's own scope."""
     sent = resource_scope_from_metadata(context.invocation_metadata(), "leads")
     return sent or RecordScope(ScopeKind.OWN, owner_id=current_principal().user_id)
+
+
+def _optional_bool(text: str, field: str) -> bool | None:
+    """A "true"/"false" filter; empty (None) means either."""
+    value = {"": None, "true": True, "false": False}.get(text.lower())
+    if text and value is None:
+        raise ValidationFailed([FieldError(field, "must be true or false")])
+    return value
 
 
 def _webform_settings(webform: leads_pb2.Webform) -> dict[str, Any]:
@@ -145,9 +154,6 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ListLeads(
         self, request: leads_service_pb2.ListLeadsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListLeadsResponse:
-        in_pool = {"": None, "true": True, "false": False}.get(request.in_pool.lower())
-        if request.in_pool and in_pool is None:
-            raise ValidationFailed([FieldError("in_pool", "must be true or false")])
         filters = LeadFilters(
             statuses=list(request.statuses),
             sources=list(request.sources),
@@ -163,7 +169,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             created_after=from_timestamp(request.created_after),
             created_before=from_timestamp(request.created_before),
             source_detail=request.source_detail,
-            in_pool=in_pool,
+            in_pool=_optional_bool(request.in_pool, "in_pool"),
+            follow_up_overdue=_optional_bool(request.follow_up_overdue, "follow_up_overdue"),
             min_score=request.min_score,
             custom=[(c.key, c.value) for c in request.custom],
         )
@@ -300,6 +307,21 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         rows = await self.service.list_tasks(request.lead_id, request.status)
         return leads_service_pb2.ListLeadTasksResponse(items=[messages.task_to_proto(r) for r in rows])
 
+    async def SearchLeadTasks(
+        self, request: leads_service_pb2.SearchLeadTasksRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.SearchLeadTasksResponse:
+        filters = TaskFilters(
+            owner_id=request.owner_id, status=request.status or "open", kind=request.kind, due=request.due
+        )
+        rows, cursor = await self.service.list_scoped_tasks(
+            filters, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.SearchLeadTasksResponse(
+            items=[messages.task_to_proto(r) for r in rows],
+            page_info=common_pb2.PageInfo(next_cursor=cursor),
+            lead_names={r["lead_id"]: r["lead_name"] for r in rows},
+        )
+
     async def GetLeadScoreHistory(
         self, request: leads_service_pb2.GetLeadScoreHistoryRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.GetLeadScoreHistoryResponse:
@@ -371,13 +393,13 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.ClaimLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ClaimLeadResponse:
         return leads_service_pb2.ClaimLeadResponse(
-            lead=messages.lead_to_proto(await self.service.claim(request.lead_id))
+            lead=messages.lead_to_proto(await self.service.claim(request.lead_id, request.idempotency_key))
         )
 
     async def ReleaseLead(
         self, request: leads_service_pb2.ReleaseLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ReleaseLeadResponse:
-        row = await self.service.release(request.lead_id, request.reason)
+        row = await self.service.release(request.lead_id, request.reason, request.idempotency_key)
         return leads_service_pb2.ReleaseLeadResponse(lead=messages.lead_to_proto(row))
 
     # --- rules ---

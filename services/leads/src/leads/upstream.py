@@ -8,6 +8,7 @@ Remote errors become domain errors: a business rejection triggers compensation, 
 UNAVAILABLE/DEADLINE_EXCEEDED become `Unavailable` (the saga keeps its progress for a retry).
 """
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,12 +34,21 @@ from crm_platform.principal import current_principal, current_request_id, curren
 
 from leads.handlers import ConvertRequest
 
+log = logging.getLogger(__name__)
+
 ACCOUNTS = "crm.accounts.v1.AccountsService"
 SALES = "crm.sales.v1.SalesService"
+# The service a step calls, as a caller hears of it when it does not answer.
+SERVICE_OF_STEP = {
+    "account": "the accounts service",
+    "contact": "the accounts service",
+    "opportunity": "the sales service",
+}
 
 
 def domain_error(error: grpc.aio.AioRpcError, *, step: str) -> CrmError:
-    remote = from_rpc_error(error)
+    service = SERVICE_OF_STEP[step]
+    remote = from_rpc_error(error, service=service)
     detail = f"{step}: {remote.message}"
     match remote.code:
         case grpc.StatusCode.INVALID_ARGUMENT:
@@ -54,8 +64,12 @@ def domain_error(error: grpc.aio.AioRpcError, *, step: str) -> CrmError:
             )
         case grpc.StatusCode.PERMISSION_DENIED:
             return PermissionDenied(detail, field=remote.metadata.get("field", ""))
+        case grpc.StatusCode.UNAVAILABLE | grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unavailable(f"{step} failed: {remote.message}")  # the service's words, or from_rpc_error's
         case _:
-            return Unavailable(f"{step} failed ({remote.code.name}): {remote.message}")
+            # No rejection the caller can act on, and its text may be gRPC's own: it goes to the log.
+            log.error("%s failed: %s %s", step, remote.code.name, remote.message)
+            return Unavailable(f"{step} failed: {service} failed ({remote.code.name})")
 
 
 class GrpcConversionPorts:
@@ -93,11 +107,15 @@ class GrpcConversionPorts:
 
     async def get_account(self, account_id: str) -> None:
         try:
-            await self._call(
+            reply = await self._call(
                 "account", self.accounts.GetAccount, accounts_service_pb2.GetAccountRequest(account_id=account_id)
             )
         except NotFound:
             raise missing_reference("account_id", "account", account_id) from None
+        if survivor := reply.account.merged_into_id:
+            # A merged-away account lives on only as a pointer: its deals would hang off no account.
+            merged = f"account {account_id} was merged into {survivor}"
+            raise ValidationFailed([FieldError("account_id", merged)])
 
     async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
         account = accounts_service_pb2.AccountInput(

@@ -229,6 +229,18 @@ async def admin(env: Env, tmp_path: Path, gateway_database: Path) -> AsyncIterat
     await server.stop(1)
 
 
+@pytest.fixture
+def bearer() -> Callable[[str, str], dict[str, str]]:
+    """`bearer(user, role)`: the Authorization header of another caller of the `admin` gateway, of
+    team east and region north as the admin."""
+
+    def header(user: str, role: str) -> dict[str, str]:
+        token = issue_dev_token(secret=GATEWAY_SECRET, sub=user, roles=[role], team="east", region="north")
+        return {"Authorization": f"Bearer {token}"}
+
+    return header
+
+
 @pytest.fixture(scope="module")
 def gateway_database(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A migrated gateway database, copied for each gateway (migrating takes seconds)."""

@@ -3,6 +3,7 @@ row) never gives a lead an email or phone another open lead holds; a deleted con
 lead (and no late event of it brings its keys back); an update that gives a lead a contact's email
 or phone links it, as a create does."""
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -119,7 +120,7 @@ async def test_a_row_merged_into_an_earlier_row_does_not_bring_it_a_key_an_open_
 # --- B: a deleted contact links no new lead -------------------------------------------------------
 
 
-async def test_a_deleted_contact_links_no_lead_captured_after_and_keeps_earlier_links(env_each_database: Any) -> None:
+async def test_a_deleted_contact_links_no_lead_captured_after_it(env_each_database: Any) -> None:
     env = env_each_database
     contact = accounts_pb2.Contact(id="c-del", email="pm@corp.cn", mobile=PHONE, version=1)
     await _contact(env, contact)
@@ -134,7 +135,33 @@ async def test_a_deleted_contact_links_no_lead_captured_after_and_keeps_earlier_
         await _contact(env, accounts_pb2.Contact(id="c-del", email="pm@corp.cn", mobile=PHONE, version=2))
         later, _ = await env.service.create_lead({"name": "Later", "email": "pm@corp.cn"}, on_duplicate="allow")
         assert later["matched_contact_id"] == ""
-        assert (await env.service.get_lead(before["id"]))["matched_contact_id"] == "c-del"  # its link stays
+
+
+async def test_an_open_lead_linked_to_a_deleted_contact_is_linked_to_another_of_its_keys_or_none(
+    env_each_database: Any,
+) -> None:
+    """A link nobody can open helps no one (a contact a conversion attempt created and its undo
+    deleted): an open lead moves to another live contact of its email or phone, else to none. A
+    closed lead keeps the link it had when it closed."""
+    env = env_each_database
+    await _contact(env, accounts_pb2.Contact(id="c-gone", email="pm@corp.cn", version=1))
+    with env.acting():
+        alone, _ = await env.service.create_lead({"name": "Alone", "email": "pm@corp.cn"})
+        closed, _ = await env.service.create_lead({"name": "Closed", "email": "pm@corp.cn"}, on_duplicate="allow")
+        await env.service.disqualify(closed["id"], "no budget", 0)
+    await _contact(env, accounts_pb2.Contact(id="c-twin", mobile=PHONE, version=1))
+    with env.acting():
+        twin, _ = await env.service.create_lead(
+            {"name": "Twin", "email": "pm@corp.cn", "phone": PHONE}, on_duplicate="allow"
+        )
+        assert (alone["matched_contact_id"], twin["matched_contact_id"]) == ("c-gone", "c-gone")
+
+        await _contact_deleted(env, "c-gone")
+        links = {
+            lead["name"]: (await env.service.get_lead(lead["id"]))["matched_contact_id"]
+            for lead in (alone, twin, closed)
+        }
+    assert links == {"Alone": "", "Twin": "c-twin", "Closed": "c-gone"}
 
 
 async def test_a_deletion_applied_before_the_contacts_creation_keeps_it_out(env_each_database: Any) -> None:
@@ -195,3 +222,38 @@ async def test_a_merge_giving_a_lead_a_contacts_email_links_it(env: Any) -> None
         )
     assert was_merged and merged["id"] == lead["id"] and merged["email"] == "mg@corp.cn"
     assert merged["matched_contact_id"] == "c-mg"  # a later conversion into its account links it
+
+
+# --- C: an import batch and a create of the same email never both make an open lead --------------
+
+
+async def test_an_import_batch_waits_for_a_create_under_way_and_finds_its_lead(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: the create has checked its email and not committed yet; the batch, which checks
+    thousands of keys without a lock each, waits for it and then sees its lead as the duplicate."""
+    checked, commit = asyncio.Event(), asyncio.Event()
+    probe_for_create = repo.probe_for_create
+
+    async def probe_then_pause(conn: Any, **kw: Any) -> Any:
+        probe = await probe_for_create(conn, **kw)
+        checked.set()
+        await commit.wait()
+        return probe
+
+    monkeypatch.setattr(repo, "probe_for_create", probe_then_pause)
+    with env.acting():
+        creating = asyncio.create_task(env.service.create_lead({"name": "Typed in", "email": "race@x.cn"}))
+        await checked.wait()
+        importing = asyncio.create_task(_import(env, [{"name": "From a file", "email": "race@x.cn"}], "imp-race"))
+        await asyncio.sleep(0.5)
+        assert not importing.done()  # held off while the create is under way
+        commit.set()
+        (created, _), imported = await creating, await importing
+
+    [outcome] = imported.outcomes
+    assert (outcome.status, outcome.lead_id) == ("merged", created["id"])
+    c = repo.leads.c
+    async with env.engine.connect() as conn:
+        query = select(func.count()).where(c.email_norm == "race@x.cn", c.status.in_(OPEN_STATUSES))
+        assert await conn.scalar(query) == 1

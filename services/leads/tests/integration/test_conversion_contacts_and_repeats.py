@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from accounts import repository as accounts_repo
+from accounts.handlers import merge_accounts
 from crm.accounts.v1 import accounts_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform.errors import Conflict, Unavailable, ValidationFailed
@@ -247,3 +248,85 @@ async def test_with_the_real_accounts_service_a_conversion_links_the_matched_con
     assert sorted(contacts) == sorted(
         [(contact_id, account_id), (away_id, elsewhere), (created.contact_id, account_id)]
     )
+
+
+async def test_a_conversion_into_a_merged_away_account_is_refused_naming_the_survivor(
+    env: Any, accounts_over_grpc: Any
+) -> None:
+    """A merged-away account is only a pointer: a deal on it would be missing from the survivor's
+    pipeline. Named by a conversion, it is refused as `POST /opportunities` refuses it."""
+    async with accounts_over_grpc() as (accounts, _):
+        ports = env.service.ports
+        with env.acting("rep1"):
+            lead, _ = await env.service.create_lead({"name": "Merge Person", "owner_id": "rep1"})
+            survivor = await ports.create_account(key="setup-survivor", lead=lead, name="Survivor")
+            duplicate = await ports.create_account(key="setup-duplicate", lead=lead, name="Duplicate")
+            await merge_accounts(accounts.ctx, survivor, duplicate, idempotency_key="")
+            with pytest.raises(ValidationFailed) as refused:
+                await env.service.convert(
+                    ConvertRequest(lead["id"], account_id=duplicate, create_opportunity=True, idempotency_key="c-m")
+                )
+            converted = await env.service.convert(ConvertRequest(lead["id"], account_id=survivor))
+
+    assert [(e.field, e.message) for e in refused.value.errors] == [
+        ("account_id", f"account {duplicate} was merged into {survivor}")
+    ]
+    assert converted.account_id == survivor
+
+
+async def test_a_retry_naming_another_account_undoes_the_interrupted_attempt_and_converts_into_that_account(
+    env: Any,
+) -> None:
+    """Sales was down after the attempt created its account: a retry into an account of the caller's
+    choosing gets that account, and the attempt's own account and contact are deleted, not kept
+    beside it (or answered in its place)."""
+    env.ports.accounts["chosen"] = "Chosen"
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wang Wu", "company": "Auto Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        assert sorted(env.ports.accounts.values()) == ["Auto Co", "Chosen"]
+
+        del env.ports.fail["opportunity"]
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id="chosen", create_opportunity=True))
+
+    assert result.account_id == result.lead["converted_account_id"] == "chosen"
+    assert env.ports.accounts == {"chosen": "Chosen"}  # the interrupted attempt's account is gone
+    assert env.ports.contacts == {result.contact_id: "chosen"}
+    assert env.ports.opportunities == {result.opportunity_id: "chosen"}
+
+
+async def test_a_retry_asking_for_the_same_account_resumes_the_interrupted_attempt(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zhao Liu", "company": "Same Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        [first_account] = env.ports.accounts
+        del env.ports.fail["opportunity"]
+        result = await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+
+    assert result.account_id == first_account
+    assert "delete_account" not in env.ports.calls and env.ports.calls.count("create_account") == 1
+
+
+async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_attempt(env: Any) -> None:
+    """A disqualified lead will never convert: what its interrupted attempt created is deleted with
+    the disqualification, and while that cannot be done the lead stays as it is (Unavailable)."""
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Qian Qi", "company": "Gone Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        env.ports.fail["delete_account"] = Unavailable("accounts down")
+        with pytest.raises(Unavailable):
+            await env.service.disqualify(lead["id"], "no budget", 0)
+        assert (await env.service.get_lead(lead["id"]))["status"] == "new"
+
+        del env.ports.fail["delete_account"]
+        disqualified = await env.service.disqualify(lead["id"], "no budget", 0)
+
+    assert disqualified["status"] == "unqualified"
+    assert env.ports.accounts == env.ports.contacts == {}
+    assert (await saga_row(env, lead["id"])).state == "compensated"

@@ -19,13 +19,14 @@ from crm.leads.v1 import leads_service_pb2_grpc
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
-from crm_platform.errors import CrmError, FieldError, NotFound, ValidationFailed
+from crm_platform.errors import CrmError, FieldError, NotFound, Unavailable, ValidationFailed
 from crm_platform.grpc_errors import to_status
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.testing import PolicyEdit, started_gateway
 from gateway.token_cli import issue_dev_token
+from leads.handlers import ConvertRequest
 from leads.servicer import LeadsServicer
 from leads.upstream import GrpcConversionPorts
 
@@ -62,6 +63,7 @@ class Upstream:
     contacts: dict[str, str] = field(default_factory=dict)
     opportunities: dict[str, str] = field(default_factory=dict)
     calls: list[tuple[str, RecordScope]] = field(default_factory=list)
+    sales_down: bool = False
 
     def note(self, method: str, context: Any) -> RecordScope:
         call_scope = context_from_metadata(context.invocation_metadata()).scope
@@ -119,6 +121,8 @@ class FakeSales(SalesServiceServicer):
 
     async def CreateOpportunity(self, request: sales_pb.CreateOpportunityRequest, context: Any) -> Any:
         self.upstream.note("CreateOpportunity", context)
+        if self.upstream.sales_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "sales is down")
         opportunity_id = new_id()
         self.upstream.opportunities[opportunity_id] = request.account_id
         return sales_pb.CreateOpportunityResponse(opportunity=sales_pb2.Opportunity(id=opportunity_id))
@@ -231,3 +235,32 @@ async def test_what_a_refused_conversion_created_for_the_leads_owner_is_undone_w
     assert conversion.upstream.calls[-1][1].kind is ScopeKind.ALL
     assert conversion.upstream.accounts == ACCOUNTS  # nothing left behind
     assert (await rep.get(f"/api/v1/leads/{lead_id}")).json()["status"] == "new"
+
+
+async def test_a_conversion_left_by_the_leads_former_owner_is_undone_not_finished_by_the_new_one(
+    env: Any, conversion: Conversion
+) -> None:
+    """The colleague's attempt stopped at the deal (sales down), holding an account and contact made
+    for the colleague. The lead then passed to the caller, who sees neither: their conversion undoes
+    that attempt and converts afresh, into records of their own, never into ones they cannot open."""
+    lead_id = await lead_of(env, COLLEAGUE)
+    conversion.upstream.sales_down = True
+    with env.acting(COLLEAGUE, team=TEAM, scope=ScopeKind.OWN), pytest.raises(Unavailable):
+        await env.service.convert(ConvertRequest(lead_id, create_opportunity=True))
+    [colleagues] = set(conversion.upstream.accounts) - set(ACCOUNTS)
+    with env.acting("admin", roles=("admin",)):
+        await env.service.assign(lead_id, CALLER, TEAM, 0)
+    conversion.upstream.sales_down = False
+    rep = await conversion.as_rep()
+    conversion.upstream.calls.clear()
+
+    response = await rep.post(f"/api/v1/leads/{lead_id}/convert", json={"opportunity": {"name": "Robots"}})
+
+    assert response.status_code == 200, response.text
+    converted = response.json()
+    assert colleagues not in conversion.upstream.accounts  # the former attempt's account is gone
+    assert conversion.upstream.accounts[converted["account_id"]][:2] == (CALLER, TEAM)  # owned as the lead now is
+    assert conversion.upstream.contacts == {converted["contact_id"]: converted["account_id"]}
+    assert [method for method, _ in conversion.upstream.calls] == [
+        "GetAccount", "DeleteContact", "DeleteAccount", "CreateAccount", "CreateContact", "CreateOpportunity",
+    ]  # fmt: skip

@@ -422,7 +422,7 @@ async def test_a_submission_that_fills_the_honeypot_creates_nothing_and_counts_a
             await env.service.submit_webform(form["form_key"], {"name": "Wu", "email": "wu@x.cn"}, "")
 
 
-async def test_a_call_logged_as_made_before_the_lead_was_captured_is_its_first_contact_at_capture(
+async def test_a_call_logged_as_made_before_the_lead_was_captured_counts_at_capture_on_the_leads_clocks(
     env_each_database: Any,
 ) -> None:
     env = env_each_database
@@ -430,6 +430,8 @@ async def test_a_call_logged_as_made_before_the_lead_was_captured_is_its_first_c
         lead, _ = await env.service.create_lead({"name": "met at an expo", "owner_id": "rep1"})
         years_ago = env.clock.now - timedelta(days=5 * 365)
         call = ActivityInput(lead_id=lead["id"], kind="call", occurred_at=years_ago)
-        _, contacted = await env.service.log_activity(call)
-    # Never a negative time to first contact in analytics.
-    assert contacted["first_contacted_at"] == lead["created_at"] and contacted["status"] == "contacted"
+        activity, contacted = await env.service.log_activity(call)
+    # Never a negative time to first contact in analytics, nor a last activity before the lead.
+    assert contacted["first_contacted_at"] == contacted["last_activity_at"] == lead["created_at"]
+    assert contacted["status"] == "contacted"
+    assert activity["occurred_at"] == years_ago  # the activity keeps its own time

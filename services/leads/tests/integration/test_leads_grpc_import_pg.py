@@ -17,6 +17,7 @@ from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.testing.fixtures import create_topics
 from crm_platform.testing.kafka import EventCollector
+from crm_platform.testing.outbox import outbox_events
 from leads import domain
 from leads import repository as repo
 from sqlalchemy import func, select, text
@@ -198,7 +199,7 @@ async def test_imported_leads_are_assigned_within_caps_and_linked_to_known_conta
     async with env.service.uow.begin() as tx:
         await apply_contact(tx, accounts_pb2.Contact(id="c-7", email="zhao@corp.cn"), "86")
     with env.acting("admin", roles=("admin",)):
-        await env.service.create_assignment_rule(
+        rule = await env.service.create_assignment_rule(
             AssignmentRule(id="", position=1, user_ids=("u1", "u2"), strategy="least_loaded", capacity=2), "all", ""
         )
     rows = "".join(f"Lead {n},lead{n}@x.cn,Google\n" for n in range(5))
@@ -213,6 +214,14 @@ async def test_imported_leads_are_assigned_within_caps_and_linked_to_known_conta
     zhao = next(lead for lead in listed.items if lead.name == "Zhao")
     assert zhao.matched_contact_id == "c-7"
     assert all(lead.matched_contact_id == "" for lead in listed.items if lead.name != "Zhao")
+    # Each assignment's event names the rule that made it, as a create's does.
+    assigned = [
+        events_pb2.LeadAssigned.FromString(payload)
+        for lead in listed.items
+        for event_type, payload in await outbox_events(env.engine, repo.metadata, key=lead.id)
+        if event_type == "crm.leads.lead.assigned"
+    ]
+    assert len(assigned) == 4 and {event.rule_id for event in assigned} == {rule["id"]}
 
 
 async def test_bad_input_is_rejected_with_the_field(stub: leads_service_pb2_grpc.LeadsServiceStub) -> None:

@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, ValidationFailed
+from crm_platform.principal import RecordScope, ScopeKind
 from hypothesis import given
 from hypothesis import strategies as st
 from leads import domain
@@ -273,6 +274,20 @@ def test_recycling_eligibility() -> None:
     assert not domain.is_recyclable(**{**base, "assigned_at": NOW - timedelta(days=2)}, policy=policy, now=NOW)
 
 
+def test_the_owner_a_lead_was_recycled_from_may_claim_it_back_only_after_the_cool_down() -> None:
+    policy = FollowUpPolicy(pool_reclaim_cooldown_hours=24)
+    recycled = {"recycled_from_id": "u1", "recycled_at": NOW, "policy": policy}
+    with pytest.raises(Conflict) as caught:
+        domain.ensure_reclaimable(claimant_id="u1", **recycled, now=NOW + timedelta(hours=23, minutes=59))
+    assert caught.value.reason == "RECLAIM_COOLDOWN"
+    assert "from 2026-01-11T12:00:00+00:00" in str(caught.value)  # until when
+    domain.ensure_reclaimable(claimant_id="u1", **recycled, now=NOW + timedelta(hours=24))
+    domain.ensure_reclaimable(claimant_id="u2", **recycled, now=NOW)  # anyone else at once
+    # A lead never recycled (captured into the pool), or recycled before its owner was recorded.
+    domain.ensure_reclaimable(claimant_id="u1", recycled_from_id="", recycled_at=None, policy=policy, now=NOW)
+    domain.ensure_reclaimable(claimant_id="u1", recycled_from_id="", recycled_at=NOW, policy=policy, now=NOW)
+
+
 def test_a_honeypot_is_a_field_name_people_never_fill() -> None:
     assert domain.validate_honeypot_field("") == []
     assert domain.validate_honeypot_field("fax_number") == []
@@ -421,6 +436,58 @@ def test_a_scorer_needs_activity_counts_only_for_an_enabled_rule_counting_activi
 
 def test_a_contact_made_before_the_lead_was_captured_counts_at_its_capture() -> None:
     captured = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
-    assert domain.first_contact_at(datetime(2021, 6, 1, tzinfo=UTC), captured_at=captured) == captured
+    assert domain.counted_from_capture(datetime(2021, 6, 1, tzinfo=UTC), captured_at=captured) == captured
     later = captured + timedelta(hours=1)
-    assert domain.first_contact_at(later, captured_at=captured) == later
+    assert domain.counted_from_capture(later, captured_at=captured) == later
+
+
+# --- who manages an assignment rule, and what is no new assignment --------------------------------
+
+EAST_MANAGER = RecordScope(ScopeKind.TEAM, owner_id="m1", team="east", region="north")
+
+
+@pytest.mark.parametrize(
+    ("scope", "team", "regions", "refused"),
+    [
+        (RecordScope(ScopeKind.ALL), "west", [], None),
+        (EAST_MANAGER, "east", [], None),
+        (EAST_MANAGER, "west", [], ("team", "you may manage only rules of team east")),
+        (EAST_MANAGER, "", ["north"], ("team", "you may manage only rules of team east")),
+        (RecordScope(ScopeKind.REGION, region="north"), "west", ["North"], None),
+        (
+            RecordScope(ScopeKind.REGION, region="north"),
+            "",
+            ["north", "south"],
+            ("regions", "you may manage only rules of region north"),
+        ),
+        (
+            RecordScope(ScopeKind.REGION, region="north"),
+            "",
+            [],
+            ("regions", "you may manage only rules of region north"),
+        ),
+        (
+            RecordScope(ScopeKind.OWN, owner_id="r1", team="east"),
+            "east",
+            [],
+            ("team", "you may manage only rules of team east"),
+        ),
+    ],
+)
+def test_a_rule_is_managed_within_the_callers_scope_on_assigning_leads(
+    scope: RecordScope, team: str, regions: list[str], refused: tuple[str, str] | None
+) -> None:
+    error = domain.rule_scope_error(scope, team=team, regions=regions)
+    assert (None if error is None else (error.field, error.message)) == refused
+
+
+@pytest.mark.parametrize(
+    ("owner_id", "team", "unchanged"),
+    [("u1", "", True), ("u1", "east", True), ("u1", "west", False), ("u2", "", False), ("", "", False)],
+)
+def test_assigning_a_lead_to_the_owner_and_team_it_has_is_no_new_assignment(
+    owner_id: str, team: str, unchanged: bool
+) -> None:
+    lead = {"owner_id": "u1", "team": "east", "in_pool": False}
+    assert domain.already_assigned(lead, owner_id=owner_id, team=team) is unchanged
+    assert not domain.already_assigned({**lead, "in_pool": True}, owner_id="u1", team="")

@@ -56,6 +56,9 @@ LeadsCreate = Annotated[Access, Depends(require("leads", "create"))]
 LeadsUpdate = Annotated[Access, Depends(require("leads", "update"))]
 LeadsDelete = Annotated[Access, Depends(require("leads", "delete"))]
 LeadsAssign = Annotated[Access, Depends(require("leads", "assign"))]
+# Rules decide whom leads go to and how they score: managing them takes the grant to assign leads.
+ScoringRulesManage = Annotated[Access, Depends(require("leads", "assign", denied="manage lead scoring rules"))]
+AssignmentRulesManage = Annotated[Access, Depends(require("leads", "assign", denied="manage lead assignment rules"))]
 ActivitiesUpdate = Annotated[Access, Depends(require("activities", "update"))]
 ActivitiesDelete = Annotated[Access, Depends(require("activities", "delete"))]
 CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
@@ -375,6 +378,7 @@ LEAD_FILTERS: FilterFields = {
     "created_before": "created_at",
     "source_detail": "source_detail",
     "in_pool": "in_pool",
+    "follow_up_overdue": "follow_up_overdue",
     "min_score": "score",
 }
 
@@ -400,6 +404,7 @@ async def list_leads(
     created_before: Instant | None = None,
     source_detail: str = "",
     in_pool: bool | None = None,
+    follow_up_overdue: bool | None = None,
     min_score: Annotated[int, Query(ge=0, le=100)] = 0,
 ) -> dict[str, Any]:
     access.check_filters({name: fields for name, fields in LEAD_FILTERS.items() if name != "q"})
@@ -428,6 +433,7 @@ async def list_leads(
             created_before=_timestamp(created_before),
             source_detail=source_detail,
             in_pool="" if in_pool is None else str(in_pool).lower(),
+            follow_up_overdue="" if follow_up_overdue is None else str(follow_up_overdue).lower(),
             min_score=min_score,
             custom=custom,
         ),
@@ -822,13 +828,50 @@ async def list_tasks(
     reply = await _stub(request).ListLeadTasks(
         pb.ListLeadTasksRequest(lead_id=lead_id, status=status or ""), metadata=access.grpc_metadata()
     )
-    items = []
-    for item in reply.items:
-        body = _message_json(item)
-        for name in ("due_at", "created_at", "completed_at"):
-            body[name] = _time(getattr(item, name))
-        items.append(body)
-    return {"items": tasks.present_many(items)}
+    return {"items": tasks.present_many(_task_json(item) for item in reply.items)}
+
+
+def _task_json(task: leads_pb2.LeadTask) -> dict[str, Any]:
+    body = _message_json(task)
+    for name in ("due_at", "created_at", "completed_at"):
+        body[name] = _time(getattr(task, name))
+    return body
+
+
+@router.get("/lead-tasks")
+async def list_lead_tasks(
+    request: Request,
+    access: LeadsRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str = "",
+    owner_id: str = "",
+    status: Literal["open", "done", "cancelled"] = "open",
+    kind: Literal["first_contact", "follow_up"] | None = None,
+    due: Literal["today", "overdue"] | None = None,
+) -> dict[str, Any]:
+    """The follow-up tasks of the leads in the caller's scope (a rep's own, a manager's team's), by
+    due time, each with its lead's name; shown with the caller's rules for tasks, the name with
+    their rules for a lead's name (403 without a grant on tasks)."""
+    tasks = access.require_view("tasks")
+    tasks.check_filters({"owner_id": "owner_id", "status": "status", "kind": "kind", "due": "due_at"})
+    if owner_id == "me":
+        owner_id = access.principal.user_id
+    reply = await _stub(request).SearchLeadTasks(
+        pb.SearchLeadTasksRequest(
+            page=_page(access.page_limit(limit), cursor),
+            owner_id=owner_id,
+            status=status,
+            kind=kind or "",
+            due=due or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    items = [
+        tasks.present(_task_json(item))
+        | access.present_derived({"lead_name": reply.lead_names[item.lead_id]}, like="name")
+        for item in reply.items
+    ]
+    return {"items": items, "next_cursor": reply.page_info.next_cursor or None}
 
 
 @router.get("/leads/{lead_id}/score-history")
@@ -961,9 +1004,19 @@ async def list_pool(
 
 
 @router.post("/leads/{lead_id}/claim")
-async def claim_lead(lead_id: str, request: Request, response: Response, access: LeadsUpdate) -> dict[str, Any]:
-    """Takes a pool lead (within the per-rep claim limit: 409 `CLAIM_LIMIT` beyond it)."""
-    reply = await _stub(request).ClaimLead(pb.ClaimLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
+async def claim_lead(
+    lead_id: str, request: Request, response: Response, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """Takes a pool lead (within the per-rep claim limit: 409 `CLAIM_LIMIT` beyond it; 409
+    `RECLAIM_COOLDOWN` for a lead recycled from the caller not long ago). Needs `activities: create`
+    beside `leads: update`."""
+    if access.view("activities", "create") is None:
+        # A claimed lead is worked by logging its first contact: whoever may not log one would only
+        # keep it from the reps who may until it is recycled.
+        raise forbidden("claiming a lead from the pool needs the grant to create activities")
+    reply = await _stub(request).ClaimLead(
+        pb.ClaimLeadRequest(lead_id=lead_id, idempotency_key=idempotency_key), metadata=access.grpc_metadata()
+    )
     result = lead_json(reply.lead)
     # The service claims only unowned leads of the pool: what the claim changed is known without
     # reading the lead first (no second call on the path of a rush for the pool).
@@ -975,17 +1028,28 @@ async def claim_lead(lead_id: str, request: Request, response: Response, access:
 
 @router.post("/leads/{lead_id}/release")
 async def release_lead(
-    lead_id: str, body: ReasonIn, request: Request, response: Response, access: LeadsUpdate
+    lead_id: str,
+    request: Request,
+    response: Response,
+    access: LeadsUpdate,
+    body: ReasonIn | None = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    """Gives a lead back to the pool (the body and its reason are optional); 409 `IN_POOL` when it
+    is there already."""
+    reason = body.reason if body else ""
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
-    if before["owner_id"] != access.principal.user_id:  # one's own lead goes back with update
-        access.require_view("leads", "assign")  # anyone else's is an ownership change
+    # One's own lead goes back with update, anyone else's is an ownership change; a pool lead has
+    # no owner to change (the service answers 409 IN_POOL).
+    if before["owner_id"] not in ("", access.principal.user_id):
+        access.require_view("leads", "assign")
     reply = await stub.ReleaseLead(
-        pb.ReleaseLeadRequest(lead_id=lead_id, reason=body.reason), metadata=access.grpc_metadata()
+        pb.ReleaseLeadRequest(lead_id=lead_id, reason=reason, idempotency_key=idempotency_key),
+        metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result, action="assign", reason=body.reason)
+    await access.audit_write(lead_id, before, result, action="assign", reason=reason)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1027,7 +1091,7 @@ async def create_scoring_rule(
     body: ScoringRuleIn,
     request: Request,
     response: Response,
-    access: LeadsAssign,
+    access: ScoringRulesManage,
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     reply = await _stub(request).CreateScoringRule(
@@ -1040,7 +1104,7 @@ async def create_scoring_rule(
 
 
 @router.put("/lead-scoring-rules/thresholds")
-async def set_thresholds(body: ThresholdsIn, request: Request, access: LeadsAssign) -> dict[str, Any]:
+async def set_thresholds(body: ThresholdsIn, request: Request, access: ScoringRulesManage) -> dict[str, Any]:
     reply = await _stub(request).SetGradeThresholds(
         pb.SetGradeThresholdsRequest(thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c)),
         metadata=access.grpc_metadata(),
@@ -1062,7 +1126,7 @@ async def update_scoring_rule(
     body: ScoringRuleIn,
     request: Request,
     response: Response,
-    access: LeadsAssign,
+    access: ScoringRulesManage,
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     stub = _stub(request)
@@ -1077,7 +1141,7 @@ async def update_scoring_rule(
 
 
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
-async def delete_scoring_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
+async def delete_scoring_rule(rule_id: str, request: Request, access: ScoringRulesManage) -> Response:
     stub = _stub(request)
     rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
     await stub.DeleteScoringRule(pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())
@@ -1100,7 +1164,7 @@ async def create_assignment_rule(
     body: AssignmentRuleIn,
     request: Request,
     response: Response,
-    access: LeadsAssign,
+    access: AssignmentRulesManage,
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     reply = await _stub(request).CreateAssignmentRule(
@@ -1124,7 +1188,7 @@ async def update_assignment_rule(
     body: AssignmentRuleIn,
     request: Request,
     response: Response,
-    access: LeadsAssign,
+    access: AssignmentRulesManage,
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     stub = _stub(request)
@@ -1141,7 +1205,7 @@ async def update_assignment_rule(
 
 
 @router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
-async def delete_assignment_rule(rule_id: str, request: Request, access: LeadsAssign) -> Response:
+async def delete_assignment_rule(rule_id: str, request: Request, access: AssignmentRulesManage) -> Response:
     stub = _stub(request)
     rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
     await stub.DeleteAssignmentRule(pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())

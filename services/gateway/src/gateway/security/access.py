@@ -439,8 +439,10 @@ def _is_money(value: Mapping[str, Any]) -> bool:
     return set(value) <= {"amount", "currency"}
 
 
-def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
-    """A FastAPI dependency: the caller must be allowed `action` on `resource`.
+def require(resource: str, action: str, *, denied: str = "") -> Callable[..., AsyncIterator[Access]]:
+    """A FastAPI dependency: the caller must be allowed `action` on `resource`. `denied` names
+    what the route does when the grant stands for more than its action's name says (managing
+    scoring rules needs `assign` on leads): the 403 says "you may not <denied>".
 
     Unknown actions fail at import time; unknown resources when the gateway starts
     (`SecurityRuntime.check_routes`)."""
@@ -451,7 +453,7 @@ def require(resource: str, action: str) -> Callable[..., AsyncIterator[Access]]:
         runtime = runtime_of(request)
         decision = runtime.policy.decide(principal, resource, action)
         if not decision.allowed:
-            problem = forbidden(f"you may not {action} {resource}")
+            problem = forbidden(f"you may not {denied or f'{action} {resource}'}")
             await runtime.audit_denied(request, principal, resource, action, problem)
             raise problem
         # Allowed callers learn about unknown query parameters and unstorable text or numbers (422)
