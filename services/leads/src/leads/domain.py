@@ -611,8 +611,8 @@ def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
         errors.append(FieldError("name", "must not be empty"))
     if rule.strategy not in STRATEGIES:
         errors.append(FieldError("strategy", f"{rule.strategy!r} is not one of {', '.join(STRATEGIES)}"))
-    if not rule.user_ids:
-        errors.append(FieldError("user_ids", "a rule assigns to at least one user"))
+    if not rule.user_ids and not rule.team.strip():
+        errors.append(FieldError("user_ids", "a rule assigns to at least one user, or to a team's pool"))
     elif not all(user_id.strip() for user_id in rule.user_ids):
         errors.append(FieldError("user_ids", "must not contain a blank user id"))
     elif len(set(rule.user_ids)) != len(rule.user_ids):  # a rep twice would take two turns
@@ -679,7 +679,7 @@ def first_matching_rule(rules: Sequence[AssignmentRule], lead: Mapping[str, Any]
 
 def needs_loads(rule: AssignmentRule) -> bool:
     """Whether picking by `rule` needs its reps' open leads: for a cap, or the least loaded rep."""
-    return rule.capacity > 0 or rule.strategy == "least_loaded"
+    return bool(rule.user_ids) and (rule.capacity > 0 or rule.strategy == "least_loaded")
 
 
 def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], turn: int) -> str | None:
@@ -691,7 +691,7 @@ def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], turn: int) -> 
     fewest open leads (ties in list order), whatever the turn. `loads` counts each rep's open leads.
     """
     users = list(rule.user_ids)
-    eligible = [u for u in users if not rule.capacity or loads.get(u, 0) < rule.capacity]
+    eligible = [u for u in users if not rule.capacity or loads.get(u, 0) < rule.capacity]  # none: a team's rule
     if not eligible:
         return None
     if rule.strategy == "least_loaded":
@@ -705,8 +705,8 @@ def pick_assignee(rule: AssignmentRule, loads: Mapping[str, int], turn: int) -> 
 
 
 def takes_turns(rule: AssignmentRule) -> bool:
-    """Whether picking by `rule` uses a turn of its rotation."""
-    return rule.strategy == "round_robin"
+    """Whether picking by `rule` uses a turn of its rotation (a team's rule without reps has none)."""
+    return rule.strategy == "round_robin" and bool(rule.user_ids)
 
 
 def turns_wanted(rules: Iterable[AssignmentRule]) -> dict[str, int]:
@@ -729,8 +729,16 @@ def pick_in_batch(
     if rule is None or rule.id not in turns:
         return None
     turn = turns[rule.id].popleft() if takes_turns(rule) else 0
-    user = pick_assignee(rule, loads, turn)
-    return None if user is None else (user, rule.team, rule.id)
+    return routed(rule, pick_assignee(rule, loads, turn))
+
+
+def routed(rule: AssignmentRule, user: str | None) -> tuple[str, str, str] | None:
+    """(owner, team, rule id) of a lead `rule` matched, given the rep picked (None: none has room,
+    or the rule names none). Without a rep the lead goes to the pool: to the rule's team's pool
+    when it names a team (owner ""), to the shared pool otherwise (None)."""
+    if user is not None:
+        return user, rule.team, rule.id
+    return ("", rule.team, rule.id) if rule.team else None
 
 
 # --- follow-up SLA and recycling ----------------------------------------------------------------

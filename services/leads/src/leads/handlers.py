@@ -651,8 +651,7 @@ class LeadsService:
         if rule.id not in turns:  # deleted since the cache was loaded
             return None
         loads = await repo.open_loads(conn, rule.user_ids, locked=True) if domain.needs_loads(rule) else {}
-        user = domain.pick_assignee(rule, loads, turns[rule.id][0] if turns[rule.id] else 0)
-        return None if user is None else (user, rule.team, rule.id)
+        return domain.routed(rule, domain.pick_assignee(rule, loads, turns[rule.id][0] if turns[rule.id] else 0))
 
     def _assignment_values(self, owner_id: str, team: str, first_contacted: bool, now: datetime) -> dict[str, Any]:
         values: dict[str, Any] = {
@@ -1012,6 +1011,8 @@ class LeadsService:
                 picked = domain.pick_assignee(rule, probe.loads, probe.turn or 0)
             if rule is None or picked is None:
                 values["in_pool"] = True
+                if rule is not None and probe.rule_found and rule.team:  # the rule's team's pool
+                    values["team"] = rule.team
             else:
                 rule_id = rule.id
                 if rule.capacity and domain.takes_turns(rule) and not loads_locked:
@@ -1471,6 +1472,8 @@ class LeadsService:
                 values["status"] = domain.status_after_claim(lead["first_contacted_at"])
         else:
             values = {"owner_id": "", "in_pool": True, "first_contact_due_at": None, "follow_up_overdue": False}
+            if team:  # a rule's team's pool
+                values["team"] = team
         values["claimed_at"] = now if claimed else None
         row = await self._write(tx.conn, lead["id"], {**values, "updated_at": now})
         if owner_id and row["first_contacted_at"] is None:
@@ -1951,12 +1954,15 @@ class LeadsService:
                 rule_id = ""  # of the rule that assigned the lead, for its event
                 if options.assign and not values["owner_id"]:
                     picked = domain.pick_in_batch(item.rule, turns, loads)
-                    if picked is not None:
+                    if picked is not None and picked[0]:
                         owner, team, rule_id = picked
                         values.update(self._assignment_values(owner, team, False, now))
                         changed = True
                     else:
                         values["in_pool"] = True
+                        if picked is not None:  # the rule's team's pool
+                            values["team"] = picked[1]
+                            changed = True
                 if values["owner_id"]:  # by a rule, or by the file's owner column
                     tasks.append(self._first_contact_task(lead_id, values["owner_id"], now))
                 if values["owner_id"] and values["status"] in domain.OPEN_STATUSES:

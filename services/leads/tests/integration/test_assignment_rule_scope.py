@@ -3,6 +3,8 @@ manager manages the rules of their team and no other, so a rule cannot route ano
 to them. Assigning a lead to the owner it has is no new assignment, and a team is given with its
 owner, never dropped."""
 
+import json
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -12,8 +14,21 @@ from crm_platform.principal import ScopeKind
 from crm_platform.testing.outbox import outbox_events
 from leads import repository as repo
 from leads.domain import AssignmentRule
+from leads.handlers import ImportOptions, ImportSpec
+from leads.importing import RowMapper
 
 pytestmark = pytest.mark.integration
+
+
+async def _import_assigned(env: Any, rows: list[dict[str, str]]) -> str:
+    """Imports `rows` (JSON) with `assign=true`; the first row's lead id."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield json.dumps(rows).encode()
+
+    options = ImportOptions(mapper=RowMapper(column_map={}, source_map={}), assign=True)
+    result = await env.service.import_part(ImportSpec(import_id="imp-team", format="json", options=options), chunks())
+    return str(result.outcomes[0].lead_id)
 
 
 def rule(team: str, *users: str, region: str = "west") -> AssignmentRule:
@@ -58,3 +73,24 @@ async def test_a_team_without_an_owner_is_refused_not_dropped(env: Any) -> None:
         with pytest.raises(ValidationFailed) as refused:
             await env.service.assign(lead["id"], "", "west", 0)
     assert [e.field for e in refused.value.errors] == ["team"]
+
+
+async def test_a_rule_without_reps_routes_its_leads_to_its_teams_pool(env: Any) -> None:
+    """SPEC §4: a rule routes to a team or a user list. A team's rule puts its leads in the team's
+    pool, where the team's reps claim them, whether captured, imported or assigned by the rules."""
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(
+            AssignmentRule(id="", position=1, user_ids=(), team="west", regions=frozenset({"west"})), "west queue", ""
+        )
+        created, _ = await env.service.create_lead({"name": "Created", "region": "west"})
+        later, _ = await env.service.create_lead({"name": "Later", "region": "north", "team": "north"})
+        moved = await env.service.assign(
+            (await env.service.update_lead(later["id"], {"region": "west"}, ["region"], 0))["id"], "", "", 0
+        )
+        imported = await _import_assigned(env, [{"name": "Imported", "region": "west"}])
+        imported_lead = await env.service.get_lead(imported)
+    with env.acting("w-rep", roles=("sales_rep",), team="west", scope=ScopeKind.OWN):
+        pool, _ = await env.service.list_pool(region="", industry="", source="", limit=50, cursor="")
+    for lead in (created, moved, imported_lead):
+        assert (lead["owner_id"], lead["team"], lead["in_pool"]) == ("", "west", True)
+    assert {lead["name"] for lead in pool} == {"Created", "Later", "Imported"}

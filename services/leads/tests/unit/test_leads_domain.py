@@ -230,7 +230,8 @@ def test_an_import_batch_uses_its_turns_in_order_and_moves_its_loads() -> None:
     assert domain.pick_in_batch(rule, {}, {}) is None  # the rule was deleted since the rules were read
     assert domain.pick_in_batch(rule, turns, {}) == ("u2", "east", "r")  # turn 7
     assert domain.pick_in_batch(rule, turns, {"u3": 2}) == ("u1", "east", "r")  # turn 8: u3 is full
-    assert domain.pick_in_batch(rule, turns, {"u1": 2, "u2": 2, "u3": 2}) is None  # turn 9: all full
+    assert domain.pick_in_batch(rule, turns, {"u1": 2, "u2": 2, "u3": 2}) == ("", "east", "r")  # turn 9: all
+    # full, so the team's pool
     assert not turns["r"]
     least_loaded = _rule(strategy="least_loaded", team="east")
     assert domain.pick_in_batch(least_loaded, {"r": deque()}, {"u1": 1, "u2": 0, "u3": 1}) == ("u2", "east", "r")
@@ -491,3 +492,21 @@ def test_assigning_a_lead_to_the_owner_and_team_it_has_is_no_new_assignment(
     lead = {"owner_id": "u1", "team": "east", "in_pool": False}
     assert domain.already_assigned(lead, owner_id=owner_id, team=team) is unchanged
     assert not domain.already_assigned({**lead, "in_pool": True}, owner_id="u1", team="")
+
+
+def test_a_rule_may_route_to_a_teams_pool_without_naming_reps() -> None:
+    team_only = AssignmentRule(id="r-team", position=1, user_ids=(), team="east")
+    domain.validate_assignment_rule(team_only, "east queue")
+    with pytest.raises(ValidationFailed) as refused:
+        domain.validate_assignment_rule(AssignmentRule(id="r", position=1, user_ids=()), "nobody")
+    assert [e.field for e in refused.value.errors] == ["user_ids"]
+    assert not domain.takes_turns(team_only) and not domain.needs_loads(team_only)
+    assert domain.pick_in_batch(team_only, {"r-team": deque()}, {}) == ("", "east", "r-team")
+
+
+def test_a_full_rule_sends_its_lead_to_its_teams_pool_or_the_shared_one() -> None:
+    capped = AssignmentRule(id="r1", position=1, user_ids=("u1",), capacity=1, team="east")
+    assert domain.routed(capped, domain.pick_assignee(capped, {"u1": 1}, 0)) == ("", "east", "r1")
+    teamless = AssignmentRule(id="r2", position=1, user_ids=("u1",), capacity=1)
+    assert domain.routed(teamless, domain.pick_assignee(teamless, {"u1": 1}, 0)) is None
+    assert domain.routed(teamless, "u1") == ("u1", "", "r2")

@@ -185,7 +185,7 @@ class AssignmentRuleIn(ReplacementBody):
     min_score: int = Field(default=0, ge=0, le=100)
     max_score: int = Field(default=0, ge=0, le=100, description="0: no upper bound")
     team: str = Field(default="", max_length=200)
-    user_ids: list[ShortText]
+    user_ids: list[ShortText] = Field(default=[], description="none: the leads go to `team`'s pool")
     strategy: str = Field(default="round_robin", max_length=20)
     capacity: int = Field(default=0, ge=0, le=INT32_MAX)
 
