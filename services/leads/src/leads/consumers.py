@@ -54,16 +54,14 @@ async def apply_contact(tx: Transaction, contact: accounts_pb2.Contact, default_
 
 
 async def apply_contact_deleted(tx: Transaction, contact_id: str) -> None:
-    """A deleted contact links no lead captured from now on. An open lead linked to it is linked to
+    """A deleted contact links no lead captured from now on. A lead linked to it is linked to
     another live contact of its email or phone, else to none: a link to a contact nobody can open
-    (one a conversion attempt created and its undo deleted) helps no one. A closed lead keeps the
-    link it had when it closed."""
+    (one a conversion attempt created and its undo deleted, maybe as the lead was disqualified)
+    helps no one. A converted lead keeps the link it had when it converted."""
     await repo.tombstone_contact_keys(tx.conn, contact_id, now=utcnow())
     c = repo.leads.c
     linked = await tx.conn.execute(
-        select(c.id, c.email_norm, c.phone_norm).where(
-            c.matched_contact_id == contact_id, c.status.in_(domain.OPEN_STATUSES)
-        )
+        select(c.id, c.email_norm, c.phone_norm).where(c.matched_contact_id == contact_id, c.status != "converted")
     )
     for lead_id, email, phone in linked.all():
         other = await repo.find_contact(tx.conn, email_norm=email or None, phone_norm=phone or None)

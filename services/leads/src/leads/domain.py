@@ -327,9 +327,12 @@ def counted_from_capture(occurred_at: datetime, *, captured_at: datetime) -> dat
 
 
 def already_assigned(lead: Mapping[Any, Any], *, owner_id: str, team: str) -> bool:
-    """Is assigning `lead` to `owner_id` (in `team`, "" keeping its own) no change? Then nothing
-    happens: a new assignment would restart the first-contact SLA and clear an overdue flag."""
-    return bool(owner_id) and not lead["in_pool"] and lead["owner_id"] == owner_id and team in ("", lead["team"])
+    """Is assigning `lead` to `owner_id` (in `team`, "" keeping its own; owner "": the pool) no
+    change? Then nothing happens: a new assignment would restart the first-contact SLA and clear
+    an overdue flag, and one to the pool it is in would only publish it again."""
+    if team not in ("", lead["team"]):
+        return False
+    return bool(lead["in_pool"]) if not owner_id else not lead["in_pool"] and lead["owner_id"] == owner_id
 
 
 def status_after_claim(first_contacted_at: datetime | None) -> str:
@@ -341,11 +344,11 @@ def status_after_claim(first_contacted_at: datetime | None) -> str:
 
 def same_account_choice(*, requested_account_id: str, account_id: str, account_created: bool) -> bool:
     """Does a conversion request ask for the account an interrupted attempt chose? An attempt that
-    has chosen none yet (`account_id` "") suits any request; one that created an account suits a
-    request naming none; one into an existing account suits a request naming that account."""
-    if not account_id:
+    has chosen none yet (`account_id` "") suits any request; any suits a request naming its account;
+    one that created an account suits a request naming none too."""
+    if not account_id or requested_account_id == account_id:
         return True
-    return requested_account_id == ("" if account_created else account_id)
+    return account_created and not requested_account_id
 
 
 def contact_to_reuse(*, matched_contact_id: str, matched_contact_account_id: str, account_id: str) -> str:

@@ -304,6 +304,10 @@ class ConversionPorts(Protocol):
 
     async def delete_account(self, account_id: str) -> None: ...
 
+    async def account_used_besides(self, account_id: str, *, contact_id: str, opportunity_id: str) -> bool:
+        """Does the account hold a contact, activity or deal other than these (the attempt's own)?"""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ConversionScopes:
@@ -760,6 +764,13 @@ class LeadsService:
         )
         return row
 
+    async def _write_rescored(
+        self, tx: Transaction, lead: Mapping[Any, Any], changes: Mapping[str, Any], now: datetime
+    ) -> RowMapping:
+        """Writes `changes` with the score they give the lead (`_rescore`), as one new version."""
+        scored = await self._rescore(tx, {**lead, **changes}, now)
+        return await self._write(tx.conn, lead["id"], {**changes, **scored})
+
     # --- capture ----------------------------------------------------------------------------
 
     async def create_lead(
@@ -926,10 +937,7 @@ class LeadsService:
             return existing
         if contact_id := await _contact_linked_by(tx.conn, existing, changes):
             changes["matched_contact_id"] = contact_id
-        row = await self._write(tx.conn, existing["id"], {**changes, "updated_at": now})
-        scored = await self._rescore(tx, row, now)
-        if scored:
-            row = await self._write(tx.conn, row["id"], scored)
+        row = await self._write_rescored(tx, existing, {**changes, "updated_at": now}, now)
         tx.publish(
             events_pb2.LeadUpdated(lead=lead_to_proto(row), changed_fields=sorted(changes), actor=actor(principal)),
             key=row["id"],
@@ -1105,13 +1113,10 @@ class LeadsService:
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
             if not changes and not reassign:
                 return lead
-            row = await self._write(conn, lead_id, {**changes, "updated_at": now})
-            if reassign:
-                row = await self._assign_to(tx, row, new_owner or "", "", "", principal, now)
-            scored = await self._rescore(tx, row, now)
-            if scored:
-                row = await self._write(conn, lead_id, scored)
+            # Each write publishes the version it makes: the changes (rescored with them), then a new owner.
+            row = lead
             if changes:
+                row = await self._write_rescored(tx, lead, {**changes, "updated_at": now}, now)
                 tx.publish(
                     events_pb2.LeadUpdated(
                         lead=lead_to_proto(row),
@@ -1122,6 +1127,8 @@ class LeadsService:
                 )
             if "first_contacted_at" in changes:  # the first contact, as a logged call would publish it
                 tx.publish(events_pb2.LeadContacted(lead=lead_to_proto(row), actor=actor(principal)), key=lead_id)
+            if reassign:
+                row = await self._assign_to(tx, row, new_owner or "", "", "", principal, now)
             return row
 
     def _filtered(
@@ -1242,10 +1249,7 @@ class LeadsService:
             if a.next_follow_up_at is not None:
                 follow_up = self._follow_up_task(lead, activity_id, a.next_follow_up_at, principal, now)
                 await conn.execute(insert(repo.tasks).values(follow_up))
-            row = await self._write(conn, a.lead_id, changes)
-            scored = await self._rescore(tx, row, now)
-            if scored:
-                row = await self._write(conn, a.lead_id, scored)
+            row = await self._write_rescored(tx, lead, changes, now)
             activity_message = activity_to_proto(new_activity)
             if contact:
                 tx.publish(
@@ -1504,13 +1508,11 @@ class LeadsService:
                 if expected_version and lead["version"] != expected_version:
                     raise StaleVersion(LEAD, lead_id, lead["version"])
                 domain.ensure_open(lead["status"], "assign")
-                if domain.already_assigned(lead, owner_id=owner_id, team=team):
+                target = (owner_id, team, "") if owner_id else await self._pick_by_rules(tx.conn, rules, lead)
+                to_owner, to_team, rule_id = target or ("", "", "")
+                if domain.already_assigned(lead, owner_id=to_owner, team=to_team):
                     return lead  # no new assignment: its first-contact SLA and recycling clock go on
-                if owner_id:
-                    return await self._assign_to(tx, lead, owner_id, team, "", principal, now)
-                picked = await self._pick_by_rules(tx.conn, rules, lead)
-                by_rule = picked or ("", team, "")
-                return await self._assign_to(tx, lead, by_rule[0], by_rule[1], by_rule[2], principal, now)
+                return await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now)
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
@@ -2705,6 +2707,9 @@ class LeadsService:
             return begun
         lead, saga = begun
         if saga["state"] == "running" and saga["attempt_resumed"] and not await self._resumable(req, saga, scopes):
+            if req.account_id:  # a request refused for its account leaves the attempt as it was
+                with _calling_in(scopes.accounts):
+                    await self.ports.get_account(req.account_id)
             await self._undo_attempt(req.lead_id, ("running",))
             begun = await self._begin_attempt(req, principal, now)
             if isinstance(begun, ConvertResult):
@@ -2949,8 +2954,25 @@ class LeadsService:
             return
         account = str(saga["account_id"]) if saga["account_created"] else ""
         contact = str(saga["contact_id"]) if saga["contact_created"] else ""
-        if not await self._compensate(lead_id, account, contact, str(saga["opportunity_id"]), None):
+        opportunity = str(saga["opportunity_id"])
+        if account and await self._in_use(account, contact, opportunity):
+            # Since the attempt stopped, someone worked on its account (a contact, a call, a deal):
+            # it is a customer now, and so are the records the attempt made for it. They stay.
+            log.info("lead %s: the interrupted conversion's account %s is in use: kept", lead_id, account)
+            await self._saga_step(lead_id, state="compensated", error="undone: its account, in use since, was kept")
+            return
+        if not await self._compensate(lead_id, account, contact, opportunity, None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
+
+    async def _in_use(self, account_id: str, contact_id: str, opportunity_id: str) -> bool:
+        assert self.ports is not None
+        try:
+            with _calling_in(ALL_RECORDS):  # whoever's they are: the undo would delete them all
+                return await self.ports.account_used_besides(
+                    account_id, contact_id=contact_id, opportunity_id=opportunity_id
+                )
+        except NotFound:
+            return False  # gone already
 
     async def _abandon_conversion(self, lead_id: str, expected_version: int) -> None:
         """A lead that leaves the convertible state (disqualified, deleted) first undoes a conversion

@@ -77,14 +77,17 @@ class GrpcConversionPorts:
         # Creates are idempotent by key and deletes by id, so UNAVAILABLE may be retried by the channel.
         accounts_methods = [
             (ACCOUNTS, m)
-            for m in ("GetAccount", "CreateAccount", "GetContact", "CreateContact", "DeleteContact", "DeleteAccount")
+            for m in (
+                *("GetAccount", "CreateAccount", "GetContact", "CreateContact", "DeleteContact", "DeleteAccount"),
+                *("ListContacts", "ListActivities"),
+            )
         ]
         self._accounts_channel = create_channel(
             accounts_target, idempotent_methods=accounts_methods, default_deadline_seconds=deadline_seconds
         )
         self._sales_channel = create_channel(
             sales_target,
-            idempotent_methods=[(SALES, "CreateOpportunity"), (SALES, "DeleteOpportunity")],
+            idempotent_methods=[(SALES, m) for m in ("CreateOpportunity", "DeleteOpportunity", "ListOpportunities")],
             default_deadline_seconds=deadline_seconds,
         )
         self.accounts = accounts_service_pb2_grpc.AccountsServiceStub(self._accounts_channel)
@@ -211,3 +214,26 @@ class GrpcConversionPorts:
             )
         except NotFound:
             return
+
+    async def account_used_besides(self, account_id: str, *, contact_id: str, opportunity_id: str) -> bool:
+        page = common_pb2.PageRequest(limit=2)  # the attempt's own and one more are enough to tell
+        contacts = await self._call(
+            "account",
+            self.accounts.ListContacts,
+            accounts_service_pb2.ListContactsRequest(page=page, account_id=account_id),
+        )
+        activities = await self._call(
+            "account",
+            self.accounts.ListActivities,
+            accounts_service_pb2.ListActivitiesRequest(page=page, account_id=account_id),
+        )
+        deals = await self._call(
+            "opportunity",
+            self.sales.ListOpportunities,
+            sales_service_pb2.ListOpportunitiesRequest(page=page, account_id=account_id),
+        )
+        return (
+            any(contact.id != contact_id for contact in contacts.items)
+            or bool(activities.items)
+            or any(deal.id != opportunity_id for deal in deals.items)
+        )

@@ -102,6 +102,12 @@ class FakePorts:
             raise self.fail["delete_account"]
         self.accounts.pop(account_id, None)
 
+    async def account_used_besides(self, account_id: str, *, contact_id: str, opportunity_id: str) -> bool:
+        self.calls.append("account_used_besides")
+        contacts = {c for c, account in self.contacts.items() if account == account_id} - {contact_id}
+        deals = {o for o, account in self.opportunities.items() if account == account_id} - {opportunity_id}
+        return bool(contacts or deals)
+
 
 class Clock:
     def __init__(self) -> None:

@@ -94,3 +94,16 @@ async def test_a_rule_without_reps_routes_its_leads_to_its_teams_pool(env: Any) 
     for lead in (created, moved, imported_lead):
         assert (lead["owner_id"], lead["team"], lead["in_pool"]) == ("", "west", True)
     assert {lead["name"] for lead in pool} == {"Created", "Later", "Imported"}
+
+
+async def test_running_the_rules_again_on_a_lead_they_would_give_the_same_place_changes_nothing(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_assignment_rule(rule("east", "e1", region="east"), "east leads", "")
+        routed, _ = await env.service.create_lead({"name": "Routed", "region": "east"})
+        pooled, _ = await env.service.create_lead({"name": "Pooled", "region": "nowhere"})
+        env.clock.advance(hours=3)
+        again = await env.service.assign(routed["id"], "", "", 0)
+        still = await env.service.assign(pooled["id"], "", "", 0)
+    assert (again["owner_id"], again["version"]) == ("e1", routed["version"])
+    assert again["first_contact_due_at"] == routed["first_contact_due_at"]
+    assert (still["in_pool"], still["version"]) == (True, pooled["version"])

@@ -15,7 +15,7 @@ from crm_platform.testing.outbox import outbox_events
 from leads import repository as repo
 from leads.consumers import apply_contact, apply_contact_deleted
 from leads.domain import OPEN_STATUSES
-from leads.handlers import ImportOptions, ImportPartResult, ImportSpec
+from leads.handlers import ConvertRequest, ImportOptions, ImportPartResult, ImportSpec
 from leads.importing import RowMapper
 from sqlalchemy import func, select
 
@@ -137,18 +137,20 @@ async def test_a_deleted_contact_links_no_lead_captured_after_it(env_each_databa
         assert later["matched_contact_id"] == ""
 
 
-async def test_an_open_lead_linked_to_a_deleted_contact_is_linked_to_another_of_its_keys_or_none(
+async def test_a_lead_linked_to_a_deleted_contact_is_linked_to_another_of_its_keys_or_none(
     env_each_database: Any,
 ) -> None:
     """A link nobody can open helps no one (a contact a conversion attempt created and its undo
-    deleted): an open lead moves to another live contact of its email or phone, else to none. A
-    closed lead keeps the link it had when it closed."""
+    deleted, maybe as the lead was disqualified): a lead moves to another live contact of its email
+    or phone, else to none. A converted lead keeps the link it had when it converted."""
     env = env_each_database
     await _contact(env, accounts_pb2.Contact(id="c-gone", email="pm@corp.cn", version=1))
     with env.acting():
         alone, _ = await env.service.create_lead({"name": "Alone", "email": "pm@corp.cn"})
         closed, _ = await env.service.create_lead({"name": "Closed", "email": "pm@corp.cn"}, on_duplicate="allow")
         await env.service.disqualify(closed["id"], "no budget", 0)
+        converted, _ = await env.service.create_lead({"name": "Converted", "email": "pm@corp.cn"}, on_duplicate="allow")
+        await env.service.convert(ConvertRequest(converted["id"]))
     await _contact(env, accounts_pb2.Contact(id="c-twin", mobile=PHONE, version=1))
     with env.acting():
         twin, _ = await env.service.create_lead(
@@ -157,11 +159,9 @@ async def test_an_open_lead_linked_to_a_deleted_contact_is_linked_to_another_of_
         assert (alone["matched_contact_id"], twin["matched_contact_id"]) == ("c-gone", "c-gone")
 
         await _contact_deleted(env, "c-gone")
-        links = {
-            lead["name"]: (await env.service.get_lead(lead["id"]))["matched_contact_id"]
-            for lead in (alone, twin, closed)
-        }
-    assert links == {"Alone": "", "Twin": "c-twin", "Closed": "c-gone"}
+        leads = (alone, twin, closed, converted)
+        links = {lead["name"]: (await env.service.get_lead(lead["id"]))["matched_contact_id"] for lead in leads}
+    assert links == {"Alone": "", "Twin": "c-twin", "Closed": "", "Converted": "c-gone"}
 
 
 async def test_a_deletion_applied_before_the_contacts_creation_keeps_it_out(env_each_database: Any) -> None:

@@ -330,3 +330,46 @@ async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_
     assert disqualified["status"] == "unqualified"
     assert env.ports.accounts == env.ports.contacts == {}
     assert (await saga_row(env, lead["id"])).state == "compensated"
+
+
+async def test_an_interrupted_conversions_account_someone_has_worked_on_since_is_kept(env: Any) -> None:
+    """The attempt's account got a contact of a rep's own while sales was down: it is a customer now.
+    Disqualifying the lead leaves it with everything on it; only an unused account is deleted."""
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Sun Ba", "company": "Kept Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        [account_id] = env.ports.accounts
+        env.ports.contacts["c-added"] = account_id  # a rep's own contact on the new account
+        disqualified = await env.service.disqualify(lead["id"], "no budget", 0)
+
+    assert disqualified["status"] == "unqualified"
+    assert list(env.ports.accounts) == [account_id] and "c-added" in env.ports.contacts
+    assert len(env.ports.contacts) == 2  # the attempt's contact stays with its account
+    assert "delete_account" not in env.ports.calls and "delete_contact" not in env.ports.calls
+    assert (await saga_row(env, lead["id"])).state == "compensated"
+
+
+async def test_a_retry_naming_the_account_the_interrupted_attempt_made_resumes_it(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Zhou Jiu", "company": "Named Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        [made] = env.ports.accounts
+        del env.ports.fail["opportunity"]
+        result = await env.service.convert(ConvertRequest(lead["id"], account_id=made, create_opportunity=True))
+    assert result.account_id == made and "delete_account" not in env.ports.calls
+
+
+async def test_a_retry_refused_for_its_account_leaves_the_interrupted_attempt_as_it_was(env: Any) -> None:
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wu Shi", "company": "Left Co", "owner_id": "rep1"})
+        env.ports.fail["opportunity"] = Unavailable("sales down")
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        with pytest.raises(ValidationFailed):
+            await env.service.convert(ConvertRequest(lead["id"], account_id="no-such-account"))
+    assert list(env.ports.accounts.values()) == ["Left Co"]
+    assert (await saga_row(env, lead["id"])).state == "running"

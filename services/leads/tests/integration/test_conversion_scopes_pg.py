@@ -109,6 +109,15 @@ class FakeAccounts(AccountsServiceServicer):
         self.upstream.contacts[contact_id] = account_id
         return accounts_pb.CreateContactResponse(contact=accounts_pb2.Contact(id=contact_id, account_id=account_id))
 
+    async def ListContacts(self, request: accounts_pb.ListContactsRequest, context: Any) -> Any:
+        self.upstream.note("ListContacts", context)
+        items = [accounts_pb2.Contact(id=c, account_id=a) for c, a in self.upstream.contacts.items()]
+        return accounts_pb.ListContactsResponse(items=[c for c in items if c.account_id == request.account_id])
+
+    async def ListActivities(self, request: accounts_pb.ListActivitiesRequest, context: Any) -> Any:
+        self.upstream.note("ListActivities", context)
+        return accounts_pb.ListActivitiesResponse()
+
     async def DeleteContact(self, request: accounts_pb.DeleteContactRequest, context: Any) -> Any:
         self.upstream.note("DeleteContact", context)
         self.upstream.contacts.pop(request.contact_id, None)
@@ -126,6 +135,11 @@ class FakeSales(SalesServiceServicer):
         opportunity_id = new_id()
         self.upstream.opportunities[opportunity_id] = request.account_id
         return sales_pb.CreateOpportunityResponse(opportunity=sales_pb2.Opportunity(id=opportunity_id))
+
+    async def ListOpportunities(self, request: sales_pb.ListOpportunitiesRequest, context: Any) -> Any:
+        self.upstream.note("ListOpportunities", context)
+        deals = [o for o, account in self.upstream.opportunities.items() if account == request.account_id]
+        return sales_pb.ListOpportunitiesResponse(items=[sales_pb2.Opportunity(id=o) for o in deals])
 
     async def DeleteOpportunity(self, request: sales_pb.DeleteOpportunityRequest, context: Any) -> Any:
         self.upstream.note("DeleteOpportunity", context)
@@ -262,5 +276,6 @@ async def test_a_conversion_left_by_the_leads_former_owner_is_undone_not_finishe
     assert conversion.upstream.accounts[converted["account_id"]][:2] == (CALLER, TEAM)  # owned as the lead now is
     assert conversion.upstream.contacts == {converted["contact_id"]: converted["account_id"]}
     assert [method for method, _ in conversion.upstream.calls] == [
-        "GetAccount", "DeleteContact", "DeleteAccount", "CreateAccount", "CreateContact", "CreateOpportunity",
+        "GetAccount", "ListContacts", "ListActivities", "ListOpportunities", "DeleteContact", "DeleteAccount",
+        "CreateAccount", "CreateContact", "CreateOpportunity",
     ]  # fmt: skip

@@ -494,6 +494,35 @@ def test_assigning_a_lead_to_the_owner_and_team_it_has_is_no_new_assignment(
     assert not domain.already_assigned({**lead, "in_pool": True}, owner_id="u1", team="")
 
 
+@pytest.mark.parametrize(("team", "unchanged"), [("", True), ("east", True), ("west", False)])
+def test_sending_a_pool_lead_to_the_pool_it_is_in_is_no_change(team: str, unchanged: bool) -> None:
+    in_pool = {"owner_id": "", "team": "east", "in_pool": True}
+    assert domain.already_assigned(in_pool, owner_id="", team=team) is unchanged
+    assert not domain.already_assigned({**in_pool, "in_pool": False, "owner_id": "u1"}, owner_id="", team="")
+
+
+@pytest.mark.parametrize(
+    ("requested", "chosen", "created", "resumes"),
+    [
+        ("", "", False, True),  # nothing chosen yet
+        ("acc-9", "", False, True),
+        ("", "acc-new", True, True),  # the attempt made the account a request naming none asks for
+        ("acc-new", "acc-new", True, True),  # named by the id the failed answer may have shown
+        ("acc-1", "acc-new", True, False),
+        ("acc-1", "acc-1", False, True),
+        ("", "acc-1", False, False),
+        ("acc-2", "acc-1", False, False),
+    ],
+)
+def test_an_interrupted_conversion_resumes_for_a_request_asking_for_its_account(
+    requested: str, chosen: str, created: bool, resumes: bool
+) -> None:
+    assert (
+        domain.same_account_choice(requested_account_id=requested, account_id=chosen, account_created=created)
+        is resumes
+    )
+
+
 def test_a_rule_may_route_to_a_teams_pool_without_naming_reps() -> None:
     team_only = AssignmentRule(id="r-team", position=1, user_ids=(), team="east")
     domain.validate_assignment_rule(team_only, "east queue")
