@@ -31,6 +31,8 @@ _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 MAX_TEXT = 4000
 # The definitions tables hold labels in VARCHAR(200): a longer one is a 422, not a database error.
 MAX_LABEL = 200
+# The largest integer every double (a Struct's only number) holds exactly, and so do all below it.
+MAX_EXACT_INTEGER = 2**53
 
 JsonValue = str | int | float | bool | list[str] | None
 
@@ -281,11 +283,19 @@ def _check_value(definition: FieldDefinition, value: object) -> str:
     return ""
 
 
+def canonical_number(value: int | float) -> int | float:
+    """A number value in its stored form: an integral one within ±2**53 as an int, so `1000` reads
+    back as `1000`, not `1000.0`, although every number travels as a double (google.protobuf.Struct),
+    which holds integers of that range exactly; any other as a float, as a double carries it."""
+    number = float(value)
+    return int(number) if number.is_integer() and abs(value) <= MAX_EXACT_INTEGER else number
+
+
 def _canonical(definition: FieldDefinition, value: object) -> JsonValue:
     match definition.type:
         case FieldType.NUMBER:
             assert isinstance(value, int | float)
-            return int(value) if float(value).is_integer() else float(value)
+            return canonical_number(value)
         case FieldType.DECIMAL:
             return format(Decimal(str(value).strip()), "f")
         case FieldType.DATE:

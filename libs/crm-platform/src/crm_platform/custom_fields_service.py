@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform import custom_fields as cf
 from crm_platform.db import UtcDateTime, insert_ignore, transaction
-from crm_platform.errors import FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
 from crm_platform.timeutil import to_timestamp, utcnow
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CustomFieldService"].full_name
@@ -150,9 +150,11 @@ class CustomFieldServicer(CustomFieldServiceServicer):
                     raise NotFound(RESOURCE, name)
                 created = {"entity": d.entity, "key": d.key, "created_at": self.clock(), "version": 1, **values}
                 if not await insert_ignore(conn, t, created, keys=["entity", "key"]):
-                    # A concurrent writer created it since the read: lock theirs and update it below.
+                    # A concurrent writer created it since the read: lock theirs and update (or refuse) it below.
                     current = (await conn.execute(select(t).where(*where).with_for_update())).mappings().one()
             if current is not None:
+                if request.create_only:
+                    raise AlreadyExists(f"{RESOURCE} {name} already exists", existing_id=name)
                 if request.expected_version and current["version"] != request.expected_version:
                     raise StaleVersion(RESOURCE, name, current["version"])
                 await conn.execute(update(t).where(*where).values(version=current["version"] + 1, **values))

@@ -2,6 +2,7 @@
 imports, and the gateway, which checks before streaming that the caller may write every field
 the file sets."""
 
+import re
 import unicodedata
 from collections.abc import Mapping
 
@@ -57,3 +58,20 @@ def column_target(column: str, column_map: Mapping[str, str]) -> str:
         return column_map.get(column, "")
     lowered = unicodedata.normalize("NFKC", column).strip().lower()  # full-width forms as their plain ones
     return lowered if lowered in IMPORTABLE_FIELDS else HEADER_ALIASES.get(lowered, "")
+
+
+# Same length bound as a defined key (crm_platform.custom_fields.KEY_PATTERN).
+_MAX_KEY = 63
+
+
+def custom_key(header: str) -> str:
+    """'Total Time Spent on Website' -> 'total_time_spent_on_website'; '备注' -> '备注'.
+
+    Letters of any script are kept (NFKC-normalised, lower-cased), so two non-ASCII headers do not
+    collide; everything else becomes '_'. Only ASCII keys can be defined custom fields; the others
+    are kept as undefined keys, as imports keep every column (the leads service's `checked_custom(lenient=True)`).
+    """
+    # A column named as the REST field is (`custom.budget`, as exports name it) files under its key.
+    text = unicodedata.normalize("NFKC", header).strip().lower().removeprefix("custom.")
+    key = re.sub(r"[\W_]+", "_", text).strip("_")[:_MAX_KEY].rstrip("_")
+    return key or "column"

@@ -36,9 +36,11 @@ class Served:
     table: Any
     changes: list[str] = field(default_factory=list)
 
-    async def upsert(self, expected_version: int = 0, **fields: Any) -> pb.CustomFieldDefinition:
+    async def upsert(
+        self, expected_version: int = 0, *, create_only: bool = False, **fields: Any
+    ) -> pb.CustomFieldDefinition:
         request = pb.UpsertCustomFieldRequest(
-            definition=pb.CustomFieldDefinition(**fields), expected_version=expected_version
+            definition=pb.CustomFieldDefinition(**fields), expected_version=expected_version, create_only=create_only
         )
         return (await self.stub.UpsertCustomField(request, metadata=ADMIN)).definition
 
@@ -138,3 +140,37 @@ async def test_concurrent_creates_of_one_key_both_apply(served: Served) -> None:
         *(served.upsert(entity="contact", key="hobby", label=f"Hobby {n}", type="text") for n in (1, 2))
     )
     assert sorted(d.version for d in created) == [1, 2]
+
+
+async def test_a_create_only_upsert_of_an_existing_key_is_already_exists_and_changes_nothing(served: Served) -> None:
+    created = await served.upsert(
+        create_only=True, entity="account", key="tier", label="Tier", type="enum", options=["a"]
+    )
+    assert created.version == 1
+
+    duplicate = await served.fails(
+        served.upsert(create_only=True, entity="account", key="tier", label="T", type="bool")
+    )
+
+    assert duplicate.code == grpc.StatusCode.ALREADY_EXISTS and duplicate.reason == "DUPLICATE"
+    assert duplicate.metadata["existing_id"] == "account.tier"
+    async with served.engine.connect() as conn:
+        [tier] = await load_definitions(conn, served.table, "account")
+    assert (tier.type, tier.options, tier.version) == (cf.FieldType.ENUM, ("a",), 1)
+    assert served.changes == ["changed"]
+
+
+async def test_of_concurrent_create_only_upserts_of_one_key_one_creates_and_the_others_are_refused(
+    served: Served,
+) -> None:
+    outcomes = await asyncio.gather(
+        *(
+            served.upsert(create_only=True, entity="contact", key="hobby", label=f"Hobby {n}", type="text")
+            for n in (1, 2)
+        ),
+        return_exceptions=True,
+    )
+    [created] = [o for o in outcomes if isinstance(o, pb.CustomFieldDefinition)]
+    [refused] = [from_rpc_error(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert created.version == 1
+    assert refused.code == grpc.StatusCode.ALREADY_EXISTS

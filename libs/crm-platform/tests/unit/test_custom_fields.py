@@ -81,6 +81,27 @@ def test_invalid_values_name_the_field(key: str, value: object, fragment: str) -
     assert fragment in errors[0].message
 
 
+@pytest.mark.parametrize(
+    ("given", "stored"),
+    [
+        (1000.0, 1000),  # as a JSON 1000 arrives through a Struct
+        (1000, 1000),
+        (-0.0, 0),
+        (2.5, 2.5),
+        (float(2**53), 2**53),
+        (-float(2**53), -(2**53)),
+        # Beyond ±2**53 a double no longer holds every integer: the value is the double it travels as.
+        (2**53 + 1, float(2**53)),
+        (1e20, 1e20),
+        (-1e20, -1e20),
+    ],
+)
+def test_a_number_is_stored_as_an_int_when_integral_and_exact_in_a_double(given: float, stored: float) -> None:
+    [value] = coerce(DEFS, {"seats": given}).values()
+    assert value == stored
+    assert type(value) is type(stored)
+
+
 def test_required_field_missing_on_create_but_not_on_partial_update() -> None:
     assert validate(DEFS, {}) == [FieldError("custom.seats", "is required")]
     assert validate(DEFS, {"note": "x"}, partial=True) == []

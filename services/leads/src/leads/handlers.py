@@ -882,13 +882,13 @@ class LeadsService:
             )
             duplicate_id = probe.duplicate_id
             if duplicate_id is not None:
-                duplicate = (
-                    await repo.load_lead(conn, duplicate_id, for_update=True) if on_duplicate == "merge" else None
-                )
-                if duplicate is None or not _in_scope(duplicate):  # a merge writes only leads the caller may see
-                    raise AlreadyExists(
-                        f"an open lead with this email or phone exists: {duplicate_id}", existing_id=duplicate_id
-                    )
+                duplicate = await repo.load_lead(conn, duplicate_id, for_update=on_duplicate == "merge")
+                if duplicate is None or on_duplicate != "merge" or not _in_scope(duplicate):
+                    # A merge writes only leads the caller may see; the answer names only one they may read.
+                    if duplicate is not None and repo.lead_in_scope(current_scope(), duplicate):
+                        found = f"an open lead with this email or phone exists: {duplicate_id}"
+                        raise AlreadyExists(found, existing_id=duplicate_id)
+                    raise AlreadyExists("an open lead with this email or phone exists, outside your leads")
                 held = await self._keys_held_elsewhere(conn, duplicate, clean)
                 merged = await self._merge(tx, duplicate, clean, principal, now, held=held)
                 await idempotency.settle(

@@ -8,14 +8,12 @@ every line end. Rows are numbered from 1 (the CSV header is not a row; a blank l
 import codecs
 import csv
 import json
-import re
-import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from crm_platform.errors import FieldError, ValidationFailed, field_path
-from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
+from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_key
 from crm_platform.structs import unstorable_values
 
 from leads import domain
@@ -30,22 +28,6 @@ def why_unstorable(value: Any, what: str) -> str | None:
     for loc, problem in unstorable_values(value):
         return f"{what} field {field_path(loc)} {problem}" if loc else f"{what} {problem}"
     return None
-
-
-# Same length bound as a defined key (crm_platform.custom_fields.KEY_PATTERN).
-_MAX_KEY = 63
-
-
-def custom_key(header: str) -> str:
-    """'Total Time Spent on Website' -> 'total_time_spent_on_website'; '备注' -> '备注'.
-
-    Letters of any script are kept (NFKC-normalised, lower-cased), so two non-ASCII headers do not
-    collide; everything else becomes '_'. Only ASCII keys can be defined custom fields; the others
-    are kept as undefined keys, as imports keep every column (`checked_custom(lenient=True)`).
-    """
-    text = unicodedata.normalize("NFKC", header).strip().lower()
-    key = re.sub(r"[\W_]+", "_", text).strip("_")[:_MAX_KEY].rstrip("_")
-    return key or "column"
 
 
 def _as_text(value: Any) -> Any:
@@ -106,6 +88,9 @@ class RowMapper:
         routes = self._targets  # per row and column: a dict lookup, no call
         for column, value in record.items():
             if value is None or value == "":
+                continue
+            if column == "custom" and isinstance(value, Mapping):  # a JSON row in the shape of POST /leads
+                custom.update(value)
                 continue
             target, key = routes.get(column) or self._route(column)
             if not target:

@@ -103,3 +103,51 @@ async def test_a_web_form_fills_number_and_bool_fields_from_json_values_and_text
     assert stored["WN"] == {"visits_x": 12, "vip": True, "ref": "7"}
     assert stored["WT"] == {"visits_x": 3.5, "vip": False, "tier": "silver"}
     assert "WW" not in stored
+
+
+async def test_a_pii_custom_value_shown_masked_is_not_the_callers_to_set(
+    env: Any, admin: httpx.AsyncClient, bearer: Any
+) -> None:
+    """Marketing reads a pii custom value masked, like a phone: sending back the record it read would
+    store the mask over the value. Setting it is refused naming the field, as a phone is (SPEC §9),
+    by create, PATCH and import; other custom values stay theirs to set."""
+    defined = await admin.post(
+        "/api/v1/custom-fields/lead", json={"key": "nid", "label": "ID", "type": "text", "pii": True}
+    )
+    assert defined.status_code == 201, defined.text
+    created = await admin.post("/api/v1/leads", json={"name": "Pii", "custom": {"nid": "110101199001011234"}})
+    lead = created.json()
+    marketing = bearer("mkt1", "marketing")
+
+    read = await admin.get(f"/api/v1/leads/{lead['id']}", headers=marketing)
+    sent_back = await admin.patch(
+        f"/api/v1/leads/{lead['id']}",
+        json={"custom": {**read.json()["custom"], "visits_x": 3}},
+        headers={**marketing, "If-Match": read.headers["ETag"]},
+    )
+    new_one = await admin.post("/api/v1/leads", json={"name": "Mkt", "custom": {"nid": "1"}}, headers=marketing)
+    imported = await admin.post(
+        "/api/v1/leads/import?import_key=mkt-pii",
+        content=b"name,nid\nImp,12345\n",
+        headers={**marketing, "Content-Type": "text/csv"},
+    )
+    others = await admin.patch(f"/api/v1/leads/{lead['id']}", json={"custom": {"visits_x": 3}}, headers=marketing)
+
+    assert read.json()["custom"]["nid"] == "1***"
+    for refused in (sent_back, new_one, imported):
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["errors"][0]["field"] == "custom.nid"
+    assert others.status_code == 200, others.text
+    assert (await admin.get(f"/api/v1/leads/{lead['id']}")).json()["custom"]["nid"] == "110101199001011234"
+
+
+async def test_a_json_rows_custom_object_is_read_and_checked_as_post_leads_reads_it(
+    env: Any, admin: httpx.AsyncClient
+) -> None:
+    rows = [{"name": "JC1", "custom": {"visits_x": 5, "vip": "true"}}, {"name": "JC2", "custom": {"visits_x": "many"}}]
+    response = await admin.post("/api/v1/leads/import?import_key=custom-object&format=json", json=rows)
+
+    assert response.status_code == 200, response.text
+    assert [(row["row"], row["field"]) for row in response.json()["rows"]] == [("2", "custom.visits_x")]
+    stored = await stored_custom(env)
+    assert stored["JC1"] == {"visits_x": 5, "vip": True} and "JC2" not in stored

@@ -49,11 +49,11 @@ async def test_a_merge_never_reads_or_writes_a_lead_outside_the_callers_scope(en
     with env.acting("rep1", scope=ScopeKind.OWN):
         secret, _ = await env.service.create_lead({"name": "Secret", "email": "vip@corp.cn", "owner_id": "rep1"})
     with env.acting("rep2", team="west", scope=ScopeKind.OWN):
-        with pytest.raises(AlreadyExists) as caught:  # as with reject: the id, nothing of the lead
+        with pytest.raises(AlreadyExists) as caught:  # as with reject: nothing of the lead, not even its id
             await env.service.create_lead(
                 {"name": "x", "email": "VIP@corp.cn", "company": "NewCo"}, on_duplicate="merge"
             )
-        assert caught.value.existing_id == secret["id"]
+        assert caught.value.existing_id == ""
         imported = await _import(
             env, b'[{"name": "x", "email": "vip@corp.cn", "company": "NewCo"}]', on_duplicate="merge"
         )
@@ -435,3 +435,16 @@ async def test_a_call_logged_as_made_before_the_lead_was_captured_counts_at_capt
     assert contacted["first_contacted_at"] == contacted["last_activity_at"] == lead["created_at"]
     assert contacted["status"] == "contacted"
     assert activity["occurred_at"] == years_ago  # the activity keeps its own time
+
+
+async def test_a_duplicate_names_the_existing_lead_only_to_who_may_read_it(env: Any) -> None:
+    """SPEC §4: 409 with the existing lead id; §3: never reveal a record outside the caller's scope.
+    The conflict stays (a second open lead of the person would be a duplicate), the id is not given."""
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        mine, _ = await env.service.create_lead({"name": "Mine", "email": "dup@corp.cn"})
+        with pytest.raises(AlreadyExists) as own:
+            await env.service.create_lead({"name": "Again", "email": "dup@corp.cn"})
+    with env.acting("rep2", scope=ScopeKind.OWN), pytest.raises(AlreadyExists) as others:
+        await env.service.create_lead({"name": "Probe", "email": "dup@corp.cn"})
+    assert own.value.existing_id == mine["id"]
+    assert others.value.existing_id == "" and mine["id"] not in others.value.detail

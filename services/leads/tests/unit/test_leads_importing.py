@@ -3,10 +3,11 @@ import json
 
 import pytest
 from crm_platform.errors import ValidationFailed
+from crm_platform.lead_import import custom_key
 from crm_platform.structs import MAX_NESTING, NOT_FINITE, OUT_OF_RANGE, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
-from leads.importing import RecordSplitter, RowMapper, StreamParser, custom_key, why_unstorable
+from leads.importing import RecordSplitter, RowMapper, StreamParser, why_unstorable
 
 pytestmark = pytest.mark.unit
 
@@ -206,6 +207,20 @@ def test_custom_keys_keep_letters_of_any_script() -> None:
     assert custom_key("!!!") == "column" and len(custom_key("x" * 100)) == 63
     mapper = RowMapper(column_map={}, source_map={})
     assert mapper.map({"姓名": "李雷", "备注": "VIP", "地址": "北京"})["custom"] == {"备注": "VIP", "地址": "北京"}
+
+
+def test_a_rows_custom_values_file_as_post_leads_files_them() -> None:
+    """A JSON row in the shape of `POST /leads` (`"custom": {...}`), or a column named as exports
+    name it (`custom.budget`), fills those custom keys, not a key named `custom` or `custom_budget`."""
+    mapper = RowMapper(column_map={}, source_map={})
+    assert mapper.map({"name": "Li", "custom": {"budget": 7, "tier": "gold"}})["custom"] == {
+        "budget": 7,
+        "tier": "gold",
+    }
+    assert mapper.map({"name": "Li", "custom.budget": "7", "Custom.Tier": "gold"})["custom"] == {
+        "budget": "7",
+        "tier": "gold",
+    }
 
 
 def test_chinese_headers_map_to_lead_fields() -> None:

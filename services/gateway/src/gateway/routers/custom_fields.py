@@ -14,11 +14,12 @@ from typing import Annotated, Any, Literal
 import grpc
 from crm.common.v1 import custom_fields_pb2 as pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
+from crm_platform.custom_fields import canonical_number
 from crm_platform.timeutil import from_timestamp, isoformat
 from fastapi import Depends, Header, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from gateway.conventions import expected_version
+from gateway.conventions import expected_version, with_etag
 from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path, prefixed_query_parameters
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
@@ -144,18 +145,24 @@ async def _masked_keys(access: Access) -> frozenset[str]:
     return await pii_keys(access.request, access, entity)
 
 
+def _stored_form(value: Any) -> Any:
+    """A custom value as the owning service stores it: a number came as a Struct's double
+    (`1000.0`), stored as an int when integral (`crm_platform.custom_fields.canonical_number`)."""
+    return canonical_number(value) if isinstance(value, float) else value
+
+
 async def presenter(access: Access) -> Presenter:
-    """`access.present` for records of the caller's resource, with the custom values defined as pii
-    masked like phone and email for callers who see personal data masked. Every read of a record
-    with custom fields goes through it: gets, lists, write responses, exports, composed views."""
+    """`access.present` for records of the caller's resource, with their custom values as stored
+    (integral numbers as ints) and those defined as pii masked like phone and email for callers who
+    see personal data masked. Every read of a record with custom fields goes through it: gets,
+    lists, write responses, exports, composed views."""
     masked = await _masked_keys(access)
-    if not masked:
-        return access.present
 
     def present(record: Mapping[str, Any]) -> dict[str, Any]:
         custom = record.get("custom")
         if isinstance(custom, Mapping):
-            record = {**record, "custom": {k: mask_value(v, "text") if k in masked else v for k, v in custom.items()}}
+            shown = {k: mask_value(v, "text") if k in masked else _stored_form(v) for k, v in custom.items()}
+            record = {**record, "custom": shown}
         return access.present(record)
 
     return present
@@ -228,7 +235,17 @@ async def list_custom_fields(
     return {"items": access.present_many(definition_dict(d) for d in reply.items), "next_cursor": None}
 
 
-async def _upsert(entity: str, key: str, body: CustomFieldBody, request: Request, access: Access, version: int) -> Any:
+async def _upsert(
+    entity: str,
+    key: str,
+    body: CustomFieldBody,
+    request: Request,
+    response: Response,
+    access: Access,
+    *,
+    version: int = 0,
+    create_only: bool = False,
+) -> Any:
     definition = pb.CustomFieldDefinition(
         entity=entity,
         key=key,
@@ -239,13 +256,13 @@ async def _upsert(entity: str, key: str, body: CustomFieldBody, request: Request
         pii=body.pii,
     )
     reply = await _stub(request, entity).UpsertCustomField(
-        pb.UpsertCustomFieldRequest(definition=definition, expected_version=version),
+        pb.UpsertCustomFieldRequest(definition=definition, expected_version=version, create_only=create_only),
         metadata=access.grpc_metadata(),
     )
     _pii_cache(request).pop(entity, None)  # the pii flag may have changed
     record = definition_dict(reply.definition)
     await access.audit_write(f"{entity}.{key}", None, record, action="upsert")
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.post(
@@ -255,9 +272,12 @@ async def create_custom_field(
     entity: EntityName,
     body: CustomFieldIn,
     request: Request,
+    response: Response,
     access: Annotated[Access, Depends(require("custom_fields", "create"))],
 ) -> Any:
-    return await _upsert(entity, body.key, body, request, access, 0)
+    """Creates the definition; 409 (reason DUPLICATE) when the key has one already: PUT replaces a
+    definition, with If-Match, since the values stored under it were checked against it."""
+    return await _upsert(entity, body.key, body, request, response, access, create_only=True)
 
 
 @router.put("/custom-fields/{entity}/{key}", response_model=CustomFieldOut, response_model_exclude_unset=True)
@@ -266,6 +286,7 @@ async def update_custom_field(
     key: str,
     body: CustomFieldReplace,
     request: Request,
+    response: Response,
     access: Annotated[Access, Depends(require("custom_fields", "update"))],
     if_match: IfMatch = None,
 ) -> Any:
@@ -275,7 +296,7 @@ async def update_custom_field(
     version = expected_version(if_match)
     if if_match is not None and if_match.strip() == "*":
         await _require_definition(request, access, entity, key)
-    return await _upsert(entity, key, body, request, access, version)
+    return await _upsert(entity, key, body, request, response, access, version=version)
 
 
 async def _require_definition(request: Request, access: Access, entity: str, key: str) -> None:

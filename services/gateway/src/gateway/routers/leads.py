@@ -21,7 +21,7 @@ from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.errors import field_path
 from crm_platform.grpc_client import noting_replays, replay_noted
-from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target
+from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_key
 from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
@@ -542,7 +542,11 @@ def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
             items = json.loads(text or "[]")
         except ValueError:
             return []  # the service refuses the whole file: nothing is imported
-        return [key for item in items if isinstance(item, dict) for key in item] if isinstance(items, list) else []
+        return (
+            [key for item in items if isinstance(item, dict) for key in _json_keys(item)]
+            if isinstance(items, list)
+            else []
+        )
     columns: list[str] = []
     for line in text.split("\n"):
         if not line.strip():
@@ -553,8 +557,16 @@ def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
             # Maybe part of a record the service reads across lines or parts: its keys are unknown.
             return None
         if isinstance(item, dict):
-            columns += item
+            columns += _json_keys(item)
     return columns
+
+
+def _json_keys(row: dict[str, Any]) -> list[str]:
+    """A JSON row's columns; its `custom` object, read as `POST /leads` reads it, as `custom.<key>`."""
+    custom = row.get("custom")
+    if not isinstance(custom, dict):
+        return list(row)
+    return [key for key in row if key != "custom"] + [f"custom.{key}" for key in custom]
 
 
 def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> list[str]:
@@ -565,12 +577,17 @@ def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> l
     if columns is None:
         targets |= {"custom"} if column_map else {"custom", *IMPORTABLE_FIELDS}
     else:
-        targets |= {column_target(column, column_map) or "custom" for column in columns}
+        targets |= {column_target(column, column_map) or _custom_path(column) for column in columns}
     if header.campaign_id:
         targets.add("campaign_id")
     if header.assign:
         targets.add("owner_id")
     return sorted(targets)
+
+
+def _custom_path(column: str) -> str:
+    """Where a column no field takes goes: `custom.<key>`, by the key the leads service files it under."""
+    return f"custom.{custom_key(column)}"
 
 
 _CHARSET = re.compile(r";\s*charset\s*=\s*\"?([\w.:-]+)", re.IGNORECASE)

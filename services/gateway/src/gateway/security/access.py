@@ -129,6 +129,9 @@ class Access:
         self._field_views = runtime.field_views(decision)
         # Accesses of composed-view parts: their sensitive reads are flushed with this one's.
         self._views: list[Access] = []
+        # The custom keys this caller sees masked (pii ones, when personal data is masked for them):
+        # set by `require` for writes, as a masked field is never theirs to set.
+        self.masked_custom: frozenset[str] = frozenset()
 
     # --- service calls ---------------------------------------------------------------------
     @property
@@ -170,6 +173,8 @@ class Access:
         `grpc_metadata()`, so the owning service applies that scope."""
         paths = _paths(fields) if isinstance(fields, Mapping) else list(fields)
         refused = self.decision.narrow_to_writers(paths)
+        if refused is None:  # a custom value shown masked (a pii one) is not the caller's to set either
+            refused = next((p for p in paths if p.startswith("custom.") and p[7:] in self.masked_custom), None)
         if refused is not None:
             raise forbidden(f"you may not set field '{refused}' of {self.resource}", field=refused)
 
@@ -461,6 +466,9 @@ def require(resource: str, action: str, *, denied: str = "") -> Callable[..., As
         reject_unknown_query_parameters(request)
         await reject_unstorable_input(request)
         access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
+        if request.method not in ("GET", "HEAD") and runtime.custom_pii_keys and access.masks_personal_data():
+            # The caller reads pii custom values masked: sent back unchanged, a mask would replace them.
+            access.masked_custom = await runtime.custom_pii_keys(access) or frozenset()
         # The service calls of the request answered with an earlier result are audited as replays.
         with noting_replays():
             try:
