@@ -256,6 +256,9 @@ def lead_source_report(
         revenue = money_sum(((deal.amount, deal.currency) for deal in deals.values()), currency)
         campaign = (campaigns or {}).get(key) if by_campaign else None
         cost = campaign.cost if campaign is not None and campaign.currency == currency else None
+        # Revenue won in another currency is left out of the sum (there are no exchange rates): an
+        # ROI on the rest would state a loss or a gain that did not happen, so there is none.
+        revenue_complete = all(deal.amount is None or deal.currency == currency for deal in deals.values())
         rows.append(
             LeadSourceRow(
                 key=key,
@@ -274,7 +277,7 @@ def lead_source_report(
                 ),
                 won_revenue=revenue,
                 cost=cost,
-                roi=roi(revenue, cost) if cost is not None else None,
+                roi=roi(revenue, cost) if cost is not None and revenue_complete else None,
             )
         )
     return rows

@@ -392,3 +392,17 @@ def test_outstanding_never_negative_nor_above_amount(amount: Decimal, paid: Deci
     owed = domain.outstanding(amount, paid, allocated)
     assert Decimal(0) <= owed <= amount
     assert owed == max(Decimal(0), amount - paid - allocated)
+
+
+def test_a_campaign_that_won_in_another_currency_has_no_roi_in_this_one() -> None:
+    """A 100 USD campaign that won 5000 CNY: seen in USD its CNY revenue cannot be counted (there
+    are no exchange rates), so its ROI is unknown, never a loss of 100%."""
+    leads = [lead("l1", "email", "c3", 1, converted_to="o1"), lead("l2", "email", "c4", 1, converted_to="o2")]
+    won = [WonDeal("o1", "l1", Decimal("5000"), "CNY"), WonDeal("o2", "l2", Decimal("300"), "USD")]
+    campaigns = {
+        "c3": domain.CampaignCost("c3", "Ads", Decimal("100"), "USD"),
+        "c4": domain.CampaignCost("c4", "Mail", Decimal("100"), "USD"),
+    }
+    rows = {row.key: row for row in domain.lead_source_report(leads, won, "USD", by_campaign=True, campaigns=campaigns)}
+    assert (rows["c3"].cost, rows["c3"].won_revenue, rows["c3"].roi) == (Decimal("100"), Decimal("0"), None)
+    assert rows["c4"].roi == Decimal("2.0000")  # all of its revenue in USD: an ROI

@@ -90,7 +90,8 @@ class FakeAnalytics(AnalyticsServiceServicer):
         return analytics_pb.GetLeadSourceReportResponse(rows=[row])
 
     async def GetRepPerformance(self, request: analytics_pb.GetRepPerformanceRequest, context: Any) -> Any:
-        row = analytics_pb.RepPerformanceRow(owner_id="u-1", won_count=1, won_amount=CNY)
+        # The owner asked for (the rows of one rep), else u-1's.
+        row = analytics_pb.RepPerformanceRow(owner_id=request.filter.owner_id or "u-1", won_count=1, won_amount=CNY)
         return analytics_pb.GetRepPerformanceResponse(rows=[row])
 
 
@@ -240,6 +241,14 @@ async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(c
     assert "won_revenue" not in sources["rows"][0] and sources["rows"][0]["cost"] == MONEY  # marketing runs campaigns
     assert "roi" not in sources["rows"][0]  # with the cost, it would give the won revenue away
     assert reps["rows"][0]["won_amount"] == mask_value(MONEY, "money")
+
+
+async def test_a_reports_owner_id_me_is_the_caller_as_on_every_list(client: Client) -> None:
+    rep = await client("sales_rep")
+
+    mine = (await rep.get("/api/v1/reports/rep-performance", params={"owner_id": "me"})).json()
+
+    assert [row["owner_id"] for row in mine["rows"]] == ["u-1"]  # the caller, not a rep named "me"
 
 
 async def test_report_csv_and_exports_leave_out_the_money_too(client: Client) -> None:

@@ -63,11 +63,12 @@ class Filters:
         self.source = source
         self.currency = currency.upper()
 
-    def proto(self) -> pb.ReportFilter:
+    def proto(self, access: Access) -> pb.ReportFilter:
+        """The filter for the analytics service; `owner_id=me` is the caller, as on every list."""
         return pb.ReportFilter(
             period_from=to_timestamp(self.period_from),
             period_to=to_timestamp(self.period_to),
-            owner_id=self.owner_id,
+            owner_id=access.principal.user_id if self.owner_id == "me" else self.owner_id,
             team=self.team,
             source=self.source,
             currency=self.currency,
@@ -234,7 +235,7 @@ async def sales_funnel(
 ) -> Any:
     """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle."""
     reply = await _stub(request).GetSalesFunnel(
-        pb.GetSalesFunnelRequest(filter=filters.proto(), pipeline_id=pipeline_id), metadata=access.grpc_metadata()
+        pb.GetSalesFunnelRequest(filter=filters.proto(access), pipeline_id=pipeline_id), metadata=access.grpc_metadata()
     )
     body = _funnel(plain(reply), _Money(access))
     return await _respond(request, access, "sales-funnel", body, body["stages"], filters, format)
@@ -259,7 +260,7 @@ async def lead_sources(
     """Leads by source or campaign: volume, contacted %, converted %, first-contact time, revenue, cost, ROI."""
     grouping = pb.LEAD_GROUPING_CAMPAIGN if group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
     reply = await _stub(request).GetLeadSourceReport(
-        pb.GetLeadSourceReportRequest(filter=filters.proto(), group_by=grouping), metadata=access.grpc_metadata()
+        pb.GetLeadSourceReportRequest(filter=filters.proto(access), group_by=grouping), metadata=access.grpc_metadata()
     )
     body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "lead-sources", body, body["rows"], filters, format)
@@ -271,7 +272,7 @@ async def rep_performance(
 ) -> Any:
     """Per rep: activities, task completion, deals won, CSAT of their tickets, data completeness."""
     reply = await _stub(request).GetRepPerformance(
-        pb.GetRepPerformanceRequest(filter=filters.proto()), metadata=access.grpc_metadata()
+        pb.GetRepPerformanceRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
     )
     body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "rep-performance", body, body["rows"], filters, format)
@@ -281,7 +282,7 @@ async def rep_performance(
 async def service(request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json") -> Any:
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
     reply = await _stub(request).GetServiceReport(
-        pb.GetServiceReportRequest(filter=filters.proto()), metadata=access.grpc_metadata()
+        pb.GetServiceReportRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
     )
     body = plain(reply)
     return await _respond(request, access, "service", body, [body], filters, format)
@@ -300,7 +301,7 @@ async def customer_value(
     """Per account: won and paid amounts, churn risk and its reasons; highest paid first."""
     reply = await _stub(request).GetCustomerValue(
         pb.GetCustomerValueRequest(
-            filter=filters.proto(),
+            filter=filters.proto(access),
             at_risk_only=at_risk_only,
             page=common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor),
         ),
@@ -318,7 +319,7 @@ async def data_completeness(
 ) -> Any:
     """Share of filled key fields of leads and accounts, overall and per field."""
     reply = await _stub(request).GetDataCompleteness(
-        pb.GetDataCompletenessRequest(filter=filters.proto()), metadata=access.grpc_metadata()
+        pb.GetDataCompletenessRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
     )
     body = plain(reply)
     return await _respond(request, access, "data-completeness", body, _completeness_rows(body), filters, format)
@@ -406,7 +407,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
     stub = _stub(access.request)
     metadata = access.grpc_metadata()
     money = _Money(access)
-    report_filter = export.filters.proto()
+    report_filter = export.filters.proto(access)
     rows: list[dict[str, Any]]
     match export.report:
         case "customer-value":
