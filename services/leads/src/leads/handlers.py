@@ -473,6 +473,16 @@ def _in_scope(lead: Mapping[Any, Any]) -> bool:
     return repo.lead_in_scope(scope, lead) and not repo.claim_first(scope, lead)
 
 
+async def _out_of_sight(conn: AsyncConnection, lead_ids: Collection[str]) -> set[str]:
+    """Those of `lead_ids` outside the caller's scope: an answer names a lead only to who may read it."""
+    scope = current_scope()
+    if scope.kind == ScopeKind.ALL or not lead_ids:
+        return set()
+    c = repo.leads.c
+    query = select(c.id).where(c.id.in_(sorted(lead_ids)), repo.lead_scope_clause(scope))
+    return set(lead_ids) - set(await conn.scalars(query))
+
+
 def _check_rule_scope(rule: Mapping[Any, Any]) -> None:
     """PermissionDenied naming the field when the caller may not manage this assignment rule."""
     if error := domain.rule_scope_error(current_scope(), team=rule["team"], regions=rule["regions"]):
@@ -1893,6 +1903,7 @@ class LeadsService:
                 phones={c.phone_norm for c in cleans if c.phone_norm},
             )
             existing_ids = set(existing.values())
+            out_of_sight = await _out_of_sight(conn, existing_ids)
             unknown_campaigns = await self._unknown_campaigns(conn, {i.values["campaign_id"] for i in checked})
             seen: dict[str, str] = {}
             new_items: dict[str, _CheckedRow] = {}  # by lead id
@@ -1926,14 +1937,12 @@ class LeadsService:
                         continue
                     key = next(k for k in keys if existing.get(k) == duplicate_of or seen.get(k) == duplicate_of)
                     kind = key.split(":", 1)[0]
+                    if duplicate_of in out_of_sight:  # the row is refused all the same, the lead not named
+                        duplicate_of, reason = "", f"duplicate of an open lead outside your leads ({kind})"
+                    else:
+                        reason = f"duplicate of open lead {duplicate_of} ({kind})"
                     outcomes.append(
-                        ImportRowOutcome(
-                            item.row,
-                            "rejected",
-                            lead_id=duplicate_of,
-                            field=kind,
-                            reason=f"duplicate of open lead {duplicate_of} ({kind})",
-                        )
+                        ImportRowOutcome(item.row, "rejected", lead_id=duplicate_of, field=kind, reason=reason)
                     )
                     continue
                 for k in keys:

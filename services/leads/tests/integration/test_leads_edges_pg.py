@@ -57,7 +57,9 @@ async def test_a_merge_never_reads_or_writes_a_lead_outside_the_callers_scope(en
         imported = await _import(
             env, b'[{"name": "x", "email": "vip@corp.cn", "company": "NewCo"}]', on_duplicate="merge"
         )
-        assert [(o.status, o.lead_id) for o in imported.outcomes] == [("rejected", secret["id"])]
+        assert [(o.status, o.lead_id, o.reason) for o in imported.outcomes] == [
+            ("rejected", "", "duplicate of an open lead outside your leads (email)")
+        ]
     with env.acting("rep1", scope=ScopeKind.OWN):
         assert (await env.service.get_lead(secret["id"]))["company"] == ""  # untouched
         mine, merged = await env.service.create_lead(
