@@ -599,10 +599,6 @@ CONTACT_FILTER_FIELDS: FilterFields = {
 }
 
 
-def _me(value: str | None, access: Access) -> str:
-    return access.principal.user_id if value == "me" else value or ""
-
-
 # --- accounts ----------------------------------------------------------------------------------------
 
 AccountsRead = Annotated[Access, Depends(require("accounts", "read"))]
@@ -670,7 +666,7 @@ async def list_accounts(
         lifecycles=_split(lifecycle),
         regions=_split(region),
         industries=_split(industry),
-        owner_id=_me(owner_id, access),
+        owner_id=access.resolve_me(owner_id),
         team=team or "",
         tags=tag or [],
         parent_id=parent_id or "",
@@ -1000,7 +996,7 @@ async def _list_contacts(
             q=q or "",
             tags=tag or [],
             decision_roles=_split(decision_role),
-            owner_id=_me(owner_id, access),
+            owner_id=access.resolve_me(owner_id),
             custom=await custom_filters(access),
         ),
         metadata=access.grpc_metadata(),
@@ -1252,7 +1248,7 @@ async def list_tasks(
             page=_page(limit, cursor, sort, access),
             due=due or "",
             account_id=account_id or "",
-            owner_id=_me(owner_id, access),
+            owner_id=access.resolve_me(owner_id),
             statuses=_split(status),
         ),
         metadata=access.grpc_metadata(),

@@ -68,7 +68,7 @@ class Filters:
         return pb.ReportFilter(
             period_from=to_timestamp(self.period_from),
             period_to=to_timestamp(self.period_to),
-            owner_id=access.principal.user_id if self.owner_id == "me" else self.owner_id,
+            owner_id=access.resolve_me(self.owner_id),
             team=self.team,
             source=self.source,
             currency=self.currency,

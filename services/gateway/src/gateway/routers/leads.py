@@ -413,8 +413,7 @@ async def list_leads(
     # company, not by the email it sees masked); in none of them, it is refused naming the first.
     searched = access.searched_fields(LEAD_SEARCHED_FIELDS) if q else []
     custom = await custom_filters(access)
-    if owner_id == "me":
-        owner_id = access.principal.user_id
+    owner_id = access.resolve_me(owner_id)
     reply = await _stub(request).ListLeads(
         pb.ListLeadsRequest(
             page=_page(access.page_limit(limit), cursor, sort),
@@ -871,8 +870,7 @@ async def list_lead_tasks(
     their rules for a lead's name (403 without a grant on tasks)."""
     tasks = access.require_view("tasks")
     tasks.check_filters({"owner_id": "owner_id", "status": "status", "kind": "kind", "due": "due_at"})
-    if owner_id == "me":
-        owner_id = access.principal.user_id
+    owner_id = access.resolve_me(owner_id)
     reply = await _stub(request).SearchLeadTasks(
         pb.SearchLeadTasksRequest(
             page=_page(access.page_limit(limit), cursor),

@@ -508,10 +508,6 @@ def _iso(value: date | None) -> str:
     return value.isoformat() if value else ""
 
 
-def _me(value: str | None, access: Access) -> str:
-    return access.principal.user_id if value == "me" else value or ""
-
-
 def _written(body: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
     """The fields a request sets, as JSON: what `check_write` and the audit see."""
     return body.model_dump(mode="json", exclude_none=True, exclude=exclude)
@@ -720,7 +716,7 @@ async def list_opportunities(
             page=_page(limit, cursor, sort, access),
             account_id=account_id or "",
             statuses=statuses,
-            owner_id=_me(owner_id, access),
+            owner_id=access.resolve_me(owner_id),
             team=team or "",
             stage=stage or "",
             pipeline_id=pipeline_id or "",
@@ -1018,7 +1014,9 @@ async def forecast(
     Open deals count by expected close date, won deals by close date."""
     access.check_filters(FORECAST_FILTERS)
     reply = await _stub(request).GetForecast(
-        _forecast_request(period, group_by, _iso(from_date), _iso(to_date), _me(owner_id, access), team, pipeline_id),
+        _forecast_request(
+            period, group_by, _iso(from_date), _iso(to_date), access.resolve_me(owner_id), team, pipeline_id
+        ),
         metadata=access.grpc_metadata(),
     )
     rows = [_forecast_row(r) for r in reply.rows]
@@ -1342,7 +1340,7 @@ async def list_contracts(
             account_id=account_id or "",
             status=status or "",
             opportunity_id=opportunity_id or "",
-            owner_id=_me(owner_id, access),
+            owner_id=access.resolve_me(owner_id),
         ),
         metadata=access.grpc_metadata(),
     )

@@ -260,8 +260,7 @@ async def list_tickets(
     access.check_filters(TICKET_FILTERS)
     access.check_filter([sort])
     custom = await custom_filters(access)
-    if assignee_id == "me":
-        assignee_id = access.principal.user_id
+    assignee_id = access.resolve_me(assignee_id)
     statuses: list[str] = list(status or [])
     if open:
         statuses = [s for s in statuses if s in OPEN_STATUSES] if statuses else OPEN_STATUSES
@@ -608,8 +607,7 @@ async def list_return_visits(
     access.check_filters(
         {"account_id": "account_id", "status": "status", "assignee_id": "assignee_id", "due_before": "due_at"}
     )
-    if assignee_id == "me":
-        assignee_id = access.principal.user_id
+    assignee_id = access.resolve_me(assignee_id)
     reply = await _stub(request).ListReturnVisits(
         pb.ListReturnVisitsRequest(
             page=_page(access.page_limit(limit), cursor),

@@ -178,6 +178,10 @@ class Access:
         if refused is not None:
             raise forbidden(f"you may not set field '{refused}' of {self.resource}", field=refused)
 
+    def resolve_me(self, user_id: str | None) -> str:
+        """A user id a request names, `me` standing for the caller (`owner_id=me`, `assignee_id=me`)."""
+        return self.principal.user_id if user_id == "me" else user_id or ""
+
     def check_filter(self, fields: Iterable[str]) -> None:
         """403 when filtering or sorting by a field the caller cannot read in clear (`-x` = sort by x)."""
         for name in fields:
