@@ -50,6 +50,17 @@ async def saga_row(env: Any, lead_id: str) -> Any:
         return (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id))).one()
 
 
+async def interrupted_conversion(env: Any, name: str, company: str) -> dict[str, Any]:
+    """A lead of rep1 whose conversion with an opportunity stopped at the deal (sales down, 503): the
+    attempt holds the account and contact it made, and is `running`. Sales is back afterwards."""
+    lead, _ = await env.service.create_lead({"name": name, "company": company, "owner_id": "rep1"})
+    env.ports.fail["opportunity"] = Unavailable("sales down")
+    with pytest.raises(Unavailable):
+        await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+    del env.ports.fail["opportunity"]
+    return dict(lead)
+
+
 async def test_a_conversion_into_the_account_of_the_matched_contact_links_that_contact(env: Any) -> None:
     env.ports.accounts["acc"] = "MatchAcc"
     env.ports.contacts["c-1"] = "acc"
@@ -282,13 +293,9 @@ async def test_a_retry_naming_another_account_undoes_the_interrupted_attempt_and
     beside it (or answered in its place)."""
     env.ports.accounts["chosen"] = "Chosen"
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Wang Wu", "company": "Auto Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Wang Wu", "Auto Co")
         assert sorted(env.ports.accounts.values()) == ["Auto Co", "Chosen"]
 
-        del env.ports.fail["opportunity"]
         result = await env.service.convert(ConvertRequest(lead["id"], account_id="chosen", create_opportunity=True))
 
     assert result.account_id == result.lead["converted_account_id"] == "chosen"
@@ -299,12 +306,8 @@ async def test_a_retry_naming_another_account_undoes_the_interrupted_attempt_and
 
 async def test_a_retry_asking_for_the_same_account_resumes_the_interrupted_attempt(env: Any) -> None:
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Zhao Liu", "company": "Same Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Zhao Liu", "Same Co")
         [first_account] = env.ports.accounts
-        del env.ports.fail["opportunity"]
         result = await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
 
     assert result.account_id == first_account
@@ -315,10 +318,7 @@ async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_
     """A disqualified lead will never convert: what its interrupted attempt created is deleted with
     the disqualification, and while that cannot be done the lead stays as it is (Unavailable)."""
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Qian Qi", "company": "Gone Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Qian Qi", "Gone Co")
         env.ports.fail["delete_account"] = Unavailable("accounts down")
         with pytest.raises(Unavailable):
             await env.service.disqualify(lead["id"], "no budget", 0)
@@ -336,10 +336,7 @@ async def test_an_interrupted_conversions_account_someone_has_worked_on_since_is
     """The attempt's account got a contact of a rep's own while sales was down: it is a customer now.
     Disqualifying the lead leaves it with everything on it; only an unused account is deleted."""
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Sun Ba", "company": "Kept Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Sun Ba", "Kept Co")
         [account_id] = env.ports.accounts
         env.ports.contacts["c-added"] = account_id  # a rep's own contact on the new account
         disqualified = await env.service.disqualify(lead["id"], "no budget", 0)
@@ -353,22 +350,15 @@ async def test_an_interrupted_conversions_account_someone_has_worked_on_since_is
 
 async def test_a_retry_naming_the_account_the_interrupted_attempt_made_resumes_it(env: Any) -> None:
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Zhou Jiu", "company": "Named Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Zhou Jiu", "Named Co")
         [made] = env.ports.accounts
-        del env.ports.fail["opportunity"]
         result = await env.service.convert(ConvertRequest(lead["id"], account_id=made, create_opportunity=True))
     assert result.account_id == made and "delete_account" not in env.ports.calls
 
 
 async def test_a_retry_refused_for_its_account_leaves_the_interrupted_attempt_as_it_was(env: Any) -> None:
     with env.acting():
-        lead, _ = await env.service.create_lead({"name": "Wu Shi", "company": "Left Co", "owner_id": "rep1"})
-        env.ports.fail["opportunity"] = Unavailable("sales down")
-        with pytest.raises(Unavailable):
-            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        lead = await interrupted_conversion(env, "Wu Shi", "Left Co")
         with pytest.raises(ValidationFailed):
             await env.service.convert(ConvertRequest(lead["id"], account_id="no-such-account"))
     assert list(env.ports.accounts.values()) == ["Left Co"]
