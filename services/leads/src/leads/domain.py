@@ -7,7 +7,7 @@ import re
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from crm_platform.activities import ACTIVITY_KINDS, kind_error, occurred_at_error
@@ -803,6 +803,43 @@ def ensure_reclaimable(
             f"you may claim it again from {until.isoformat()}",
             reason="RECLAIM_COOLDOWN",
         )
+
+
+TASK_STATUSES = ("open", "done", "cancelled")
+TASK_KINDS = ("first_contact", "follow_up")
+TASK_DUE_FILTERS = ("today", "overdue")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilters:
+    """The filters of the lead tasks across leads (`list_scoped_tasks`)."""
+
+    owner_id: str = ""
+    status: str = "open"
+    kind: str = ""
+    # overdue or today (`task_due_bounds`); empty: any due time
+    due: str = ""
+
+
+def task_due_bounds(due: str, now: datetime) -> tuple[datetime | None, datetime]:
+    """[from, before) of due_at: `overdue` is due before now, `today` within the current UTC day."""
+    if due == "overdue":
+        return None, now
+    start_of_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return start_of_day, start_of_day + timedelta(days=1)
+
+
+def task_filter_errors(f: TaskFilters) -> list[FieldError]:
+    errors = []
+    if f.status not in TASK_STATUSES:
+        errors.append(FieldError("status", f"is not one of {', '.join(TASK_STATUSES)}"))
+    if f.kind and f.kind not in TASK_KINDS:
+        errors.append(FieldError("kind", f"is not one of {', '.join(TASK_KINDS)}"))
+    if f.due and f.due not in TASK_DUE_FILTERS:
+        errors.append(FieldError("due", f"is not one of {', '.join(TASK_DUE_FILTERS)}"))
+    elif f.due == "overdue" and f.status != "open":
+        errors.append(FieldError("due", "overdue tasks are open ones: leave status out or make it open"))
+    return errors
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any, Protocol, TypeVar
 
 from crm.common.v1 import common_pb2
@@ -540,43 +540,6 @@ class LeadFilters:
     min_score: int = 0
     # `?custom.<key>=value` pairs, typed against the lead definitions (crm_platform.custom_field_filters).
     custom: Sequence[tuple[str, str]] = ()
-
-
-TASK_STATUSES = ("open", "done", "cancelled")
-TASK_KINDS = ("first_contact", "follow_up")
-TASK_DUE_FILTERS = ("today", "overdue")
-
-
-@dataclass(frozen=True, slots=True)
-class TaskFilters:
-    """The filters of the lead tasks across leads (`list_scoped_tasks`)."""
-
-    owner_id: str = ""
-    status: str = "open"
-    kind: str = ""
-    # overdue or today (`task_due_bounds`); empty: any due time
-    due: str = ""
-
-
-def task_due_bounds(due: str, now: datetime) -> tuple[datetime | None, datetime]:
-    """[from, before) of due_at: `overdue` is due before now, `today` within the current UTC day."""
-    if due == "overdue":
-        return None, now
-    start_of_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return start_of_day, start_of_day + timedelta(days=1)
-
-
-def task_filter_errors(f: TaskFilters) -> list[FieldError]:
-    errors = []
-    if f.status not in TASK_STATUSES:
-        errors.append(FieldError("status", f"is not one of {', '.join(TASK_STATUSES)}"))
-    if f.kind and f.kind not in TASK_KINDS:
-        errors.append(FieldError("kind", f"is not one of {', '.join(TASK_KINDS)}"))
-    if f.due and f.due not in TASK_DUE_FILTERS:
-        errors.append(FieldError("due", f"is not one of {', '.join(TASK_DUE_FILTERS)}"))
-    elif f.due == "overdue" and f.status != "open":
-        errors.append(FieldError("due", "overdue tasks are open ones: leave status out or make it open"))
-    return errors
 
 
 # What `q` searches: a lead's name, company and email, case-insensitively.
@@ -1427,10 +1390,12 @@ class LeadsService:
                 query = query.where(repo.tasks.c.status == status)
             return list((await conn.execute(query)).mappings())
 
-    async def list_scoped_tasks(self, f: TaskFilters, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+    async def list_scoped_tasks(
+        self, f: domain.TaskFilters, *, limit: int, cursor: str
+    ) -> tuple[list[RowMapping], str]:
         """The tasks of the leads in the call's record scope, each with its lead's name as `lead_name`,
         by due_at then id (`ix_lead_tasks_owner` serves an owner's)."""
-        if errors := task_filter_errors(f):
+        if errors := domain.task_filter_errors(f):
             raise ValidationFailed(errors)
         size = page_limit(limit)
         t = repo.tasks.c
@@ -1444,7 +1409,7 @@ class LeadsService:
         if f.kind:
             query = query.where(t.kind == f.kind)
         if f.due:
-            due_from, due_before = task_due_bounds(f.due, self.clock())
+            due_from, due_before = domain.task_due_bounds(f.due, self.clock())
             query = query.where(t.due_at < due_before)
             if due_from is not None:
                 query = query.where(t.due_at >= due_from)

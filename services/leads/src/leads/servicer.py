@@ -15,7 +15,7 @@ from crm_platform.timeutil import from_timestamp, to_timestamp
 from sqlalchemy.engine import RowMapping
 
 from leads import messages
-from leads.domain import AssignmentRule, ScoringRule, Thresholds
+from leads.domain import AssignmentRule, ScoringRule, TaskFilters, Thresholds
 from leads.handlers import (
     WEBFORM_SETTINGS,
     ActivityInput,
@@ -28,7 +28,6 @@ from leads.handlers import (
     LeadFilters,
     LeadsService,
     RateLimited,
-    TaskFilters,
 )
 from leads.importing import FORMATS, RowMapper
 

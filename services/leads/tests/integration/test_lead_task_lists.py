@@ -10,7 +10,8 @@ import httpx
 import pytest
 from crm_platform.errors import ValidationFailed
 from crm_platform.principal import ScopeKind
-from leads.handlers import ActivityInput, LeadFilters, TaskFilters
+from leads.domain import TaskFilters
+from leads.handlers import ActivityInput, LeadFilters
 
 pytestmark = pytest.mark.integration
 
