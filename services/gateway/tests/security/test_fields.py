@@ -402,6 +402,21 @@ async def test_me_lists_effective_field_rules(gateway: Any, auth_headers: Any) -
     assert me["permissions"]["opportunities"]["fields"]["line_items.discount_percent"] == "hidden"
 
 
+async def test_me_names_the_custom_fields_a_caller_reads_masked(gateway: Any, auth_headers: Any) -> None:
+    gateway.store.define("lead", "private_mobile", pii=True)
+    gateway.store.define("lead", "shoe_size")
+
+    async def lead_fields(role: str) -> dict[str, str]:
+        response = await gateway.client.get("/api/v1/me", headers=auth_headers(role))
+        assert response.status_code == 200, response.text
+        return response.json()["permissions"]["leads"]["fields"]  # type: ignore[no-any-return]
+
+    marketing = await lead_fields("marketing")
+    assert marketing["custom.private_mobile"] == "masked"
+    assert "custom.shoe_size" not in marketing  # read like the rest of `custom`
+    assert "custom.private_mobile" not in await lead_fields("sales_rep")
+
+
 async def test_receivables_are_shown_as_the_caller_sees_a_contracts_amount(make_gateway: Any) -> None:
     data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
     data["roles"]["sales_rep"]["grants"]["contracts"]["fields"]["amount"] = "hidden"

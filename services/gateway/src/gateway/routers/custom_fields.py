@@ -145,6 +145,16 @@ async def _masked_keys(access: Access) -> frozenset[str]:
     return await pii_keys(access.request, access, entity)
 
 
+async def masked_custom_fields(access: Access) -> list[str]:
+    """`custom.<key>` of each custom field the caller reads masked on the access's resource (`GET
+    /me`); none when the owning service cannot say now (the values are masked all the same)."""
+    try:
+        keys = await _masked_keys(access)
+    except (grpc.aio.AioRpcError, UpstreamNotConfigured):
+        return []
+    return [f"custom.{key}" for key in sorted(keys)]
+
+
 def _stored_form(value: Any) -> Any:
     """A custom value as the owning service stores it: a number came as a Struct's double
     (`1000.0`), stored as an int when integral (`crm_platform.custom_fields.canonical_number`)."""
