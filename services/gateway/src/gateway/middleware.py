@@ -17,6 +17,7 @@ HTTP_LATENCY = Histogram(
 )
 
 _request_id: ContextVar[str] = ContextVar("crm_request_id", default="")
+MAX_REQUEST_ID = 100  # audit_events.request_id
 
 
 def current_request_id() -> str:
@@ -32,8 +33,8 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        # Accept a caller's id only when it is short and printable; otherwise mint one.
-        request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        # Accept a caller's id only when it is printable and fits the audit trail; otherwise mint one.
+        request_id = incoming if 0 < len(incoming) <= MAX_REQUEST_ID and incoming.isprintable() else uuid.uuid4().hex
         token = _request_id.set(request_id)
         # Also on the request's state: the 500 of an unhandled error is sent from outside this
         # middleware (Starlette's outermost one), after the context variable is reset.

@@ -14,9 +14,10 @@ from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.kafka import ensure_topics
 from crm_platform.pagination import encode_cursor
+from crm_platform.principal import Principal
 from crm_platform.testing.kafka import EventCollector
 from gateway.security import exports as exports_registry
-from gateway.security.audit import AuditQuery
+from gateway.security.audit import AuditEntry, AuditQuery
 from gateway.security.policy import DEFAULT_POLICY_PATH, Policy, parse_policy
 from gateway.security.store import audit_events, outbox
 from gateway.upstreams import UpstreamNotConfigured
@@ -131,6 +132,21 @@ async def test_n_random_writes_on_postgresql(make_gateway: Any, postgres_url: st
     with pytest.raises(DBAPIError, match="append-only"):
         async with gateway.runtime.engine.begin() as conn:
             await conn.execute(text("TRUNCATE audit_events"))
+
+
+async def test_a_request_naming_an_overlong_id_is_audited_with_the_ids_start(
+    make_gateway: Any, postgres_url: str
+) -> None:
+    # A refused request's path can name any id; no record has one longer than the trail keeps.
+    gateway = await make_gateway(database_url=postgres_url)
+    long_id = "c" * 300
+    refused = AuditEntry(actor=Principal(user_id="rep-7", kind="user"), action="denied", resource="leads",
+                         record_id=long_id, outcome="denied", status_code=404)  # fmt: skip
+    await gateway.runtime.audit.record([refused])
+    rows, _ = await gateway.runtime.audit.query(AuditQuery(action="denied"))
+    assert [row["record_id"] for row in rows] == [long_id[:200]]
+    async with gateway.runtime.engine.connect() as conn:
+        assert await conn.scalar(select(outbox.c.key)) == long_id[:200]
 
 
 async def check_append_only(gateway: Any) -> None:

@@ -151,6 +151,10 @@ NEGATIVE = {
     "garbage": lambda: "not.a.jwt",
     "roles_not_a_list": lambda: rs256(claims(roles={"admin": True})),
     "missing_sub": lambda: rs256(claims(sub=None)),
+    # Longer than the services store an owner, a team or a region in.
+    "sub_too_long": lambda: rs256(claims(sub="u" * 201)),
+    "team_too_long": lambda: rs256(claims(team="t" * 201)),
+    "region_too_long": lambda: rs256(claims(region="r" * 201)),
 }
 
 

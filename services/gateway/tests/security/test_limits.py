@@ -94,10 +94,11 @@ async def test_cors_from_configuration(make_gateway: Any, auth_headers: Any) -> 
         headers={
             "Origin": "https://app.example",
             "Access-Control-Request-Method": "GET",
-            "Access-Control-Request-Headers": "authorization",
+            # A frontend traced with OpenTelemetry sends the W3C trace context on every call.
+            "Access-Control-Request-Headers": "authorization, idempotency-key, traceparent, tracestate",
         },
     )
-    assert preflight.status_code == 200
+    assert preflight.status_code == 200, preflight.text
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     other = await gateway.client.options(
         "/api/v1/me", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"}
@@ -105,6 +106,9 @@ async def test_cors_from_configuration(make_gateway: Any, auth_headers: Any) -> 
     assert "access-control-allow-origin" not in other.headers
     simple = await gateway.client.get("/api/v1/me", headers={"Origin": "https://app.example", **auth_headers("admin")})
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
+    # What a merge answers with, and what conditional writes and retries need, is readable by the page.
+    exposed = {h.strip().lower() for h in simple.headers["access-control-expose-headers"].split(",")}
+    assert {"etag", "retry-after", "x-request-id", "location", "x-merged-into"} <= exposed
 
 
 async def test_no_cors_headers_without_configuration(gateway: Any, auth_headers: Any) -> None:

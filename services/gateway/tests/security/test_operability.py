@@ -103,6 +103,16 @@ async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: Fas
     assert minted.status_code == 500 and minted.headers["x-request-id"]
 
 
+@pytest.mark.parametrize(("sent", "kept"), [("a" * 100, True), ("a" * 101, False), ("tab\there", False)])
+async def test_a_callers_request_id_is_kept_when_the_audit_trail_can_hold_it(
+    real_app: FastAPI, sent: str, kept: bool
+) -> None:
+    response = await _get(real_app, "/readyz", headers={"X-Request-ID": sent})
+
+    assert (response.headers["x-request-id"] == sent) is kept
+    assert 0 < len(response.headers["x-request-id"]) <= 100
+
+
 @pytest.fixture(scope="module")
 def spans() -> InMemorySpanExporter:
     return record_spans()

@@ -10,7 +10,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, overload
 
@@ -138,6 +138,9 @@ def _event(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, An
     return event
 
 
+_RECORD_ID_LENGTH = 200  # audit_events.record_id, and the outbox key of its event
+
+
 def _row(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
     """The entry's `audit_events` row; `before` and `after` as for `_event`."""
     return {
@@ -209,6 +212,9 @@ class AuditLog:
         rows: list[dict[str, Any]] = []
         events: list[PendingEvent] = []
         for entry in entries:
+            if len(entry.record_id) > _RECORD_ID_LENGTH:
+                # No record has such an id (a refused request's path named it): its start is kept.
+                entry = replace(entry, record_id=entry.record_id[:_RECORD_ID_LENGTH])
             before, after = _plain(entry.before), _plain(entry.after)
             rows.append(_row(entry, before, after))
             key = entry.record_id or entry.actor.user_id or entry.id

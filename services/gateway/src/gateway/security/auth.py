@@ -18,6 +18,9 @@ API_KEY_HEADER = "x-api-key"
 _REQUIRED_CLAIMS = ["exp", "iss", "aud"]
 # Verified tokens remembered at most (a client sends the same token with every request).
 MAX_VERIFIED_TOKENS = 10_000
+# The services store an owner, a team and a region in at most this many characters: a longer one
+# could own nothing it creates, nor be written to the audit trail.
+MAX_IDENTITY_CLAIM = 200
 
 
 class JwksCache:
@@ -122,7 +125,7 @@ def principal_from_claims(claims: Mapping[str, Any], settings: SecuritySettings)
         value = _claim(claims, path)
         return value if isinstance(value, str) else ""
 
-    return Principal(
+    principal = Principal(
         user_id=subject,
         roles=tuple(roles),
         team=text(settings.claim_team),
@@ -130,6 +133,11 @@ def principal_from_claims(claims: Mapping[str, Any], settings: SecuritySettings)
         name=text(settings.claim_name),
         kind="user",
     )
+    for path, value in ((settings.claim_sub, subject), (settings.claim_team, principal.team),
+                        (settings.claim_region, principal.region)):  # fmt: skip
+        if len(value) > MAX_IDENTITY_CLAIM:
+            raise unauthenticated(f"token claim {path!r} is longer than {MAX_IDENTITY_CLAIM} characters")
+    return principal
 
 
 @dataclass(frozen=True, slots=True)

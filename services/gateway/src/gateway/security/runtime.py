@@ -434,8 +434,12 @@ def install_security(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "If-Match", "Idempotency-Key", "X-API-Key", "X-Request-ID"],
-            expose_headers=["ETag", "Retry-After", "X-Request-ID", "Location"],
+            # traceparent and tracestate: browser frontends traced with OpenTelemetry send them.
+            allow_headers=[
+                *("Authorization", "Content-Type", "If-Match", "Idempotency-Key", "X-API-Key", "X-Request-ID"),
+                *("traceparent", "tracestate"),
+            ],
+            expose_headers=["ETag", "Retry-After", "X-Request-ID", "Location", "X-Merged-Into"],
         )
     _document_problem_responses(app)
     return runtime
