@@ -203,6 +203,12 @@ def dedupe_key_fields(clean: CleanLead) -> dict[str, str]:
     return keys
 
 
+def changed_lead_fields(changes: Mapping[str, Any]) -> list[str]:
+    """The fields a lead's change names in its event: not the normalised dedupe keys (storage,
+    derived from email and phone) nor `updated_at` (every change moves it)."""
+    return sorted(name for name in changes if not name.endswith("_norm") and name != "updated_at")
+
+
 def keys_a_merge_fills(existing: Mapping[Any, Any], clean: CleanLead) -> list[str]:
     """The dedupe keys `merge_into` would give `existing` (those of its empty fields): the ones to
     look for on other open leads before merging."""

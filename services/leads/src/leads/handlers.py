@@ -912,7 +912,9 @@ class LeadsService:
             changes["matched_contact_id"] = contact_id
         row = await self._write_rescored(tx, existing, {**changes, "updated_at": now}, now)
         tx.publish(
-            events_pb2.LeadUpdated(lead=lead_to_proto(row), changed_fields=sorted(changes), actor=actor(principal)),
+            events_pb2.LeadUpdated(
+                lead=lead_to_proto(row), changed_fields=domain.changed_lead_fields(changes), actor=actor(principal)
+            ),
             key=row["id"],
         )
         return row
@@ -1093,7 +1095,7 @@ class LeadsService:
                 tx.publish(
                     events_pb2.LeadUpdated(
                         lead=lead_to_proto(row),
-                        changed_fields=sorted(k for k in changes if not k.endswith("_norm")),
+                        changed_fields=domain.changed_lead_fields(changes),
                         actor=actor(principal),
                     ),
                     key=lead_id,
@@ -1235,7 +1237,7 @@ class LeadsService:
                 tx.publish(
                     events_pb2.LeadUpdated(
                         lead=lead_to_proto(row),
-                        changed_fields=sorted(set(changes) - {"updated_at"}),
+                        changed_fields=domain.changed_lead_fields(changes),
                         actor=actor(principal),
                         activity=activity_message,
                     ),

@@ -184,6 +184,14 @@ async def test_an_older_snapshot_of_a_contact_does_not_replace_a_newer_one(env_e
     assert (old["matched_contact_id"], new["matched_contact_id"]) == ("", "c-v")
 
 
+async def test_a_merge_filling_a_phone_names_the_phone_not_its_normalised_key(env: Any) -> None:
+    with env.acting():
+        a, _ = await env.service.create_lead({"name": "A", "email": "q2@x.cn"})
+        await env.service.create_lead({"email": "q2@x.cn", "phone": PHONE}, on_duplicate="merge")
+    _, payload = (await outbox_events(env.engine, repo.metadata, key=a["id"]))[-1]
+    assert events_pb2.LeadUpdated.FromString(payload).changed_fields == ["phone"]
+
+
 # --- C: an update links a lead to the contact it now matches ---------------------------------------
 
 

@@ -563,3 +563,8 @@ def test_overdue_tasks_are_those_due_before_now_and_today_is_the_current_utc_day
 )
 def test_task_filters_name_each_field_they_refuse(filters: domain.TaskFilters, fields: list[str]) -> None:
     assert [e.field for e in domain.task_filter_errors(filters)] == fields
+
+
+def test_a_changes_event_names_lead_fields_not_storage_columns() -> None:
+    changes = {"phone": "+86 138 0013 8000", "phone_norm": "8613800138000", "tags": ["vip"], "updated_at": NOW}
+    assert domain.changed_lead_fields(changes) == ["phone", "tags"]
