@@ -260,6 +260,20 @@ def checked_custom(
     return {**extra, **cf.coerce(definitions, checked)}
 
 
+def custom_to_check(
+    given: Mapping[str, Any], stored: Mapping[str, Any], definitions: Sequence[cf.FieldDefinition]
+) -> dict[str, Any]:
+    """The custom values of an update to validate and set. A key no definition has (a web form's or
+    a file's field, kept as captured) passes only as stored, sent back by a client that edits the
+    object it read, or empty, to remove it; its stored value stays as it is."""
+    defined = {d.key for d in definitions}
+    return {
+        key: value
+        for key, value in given.items()
+        if key in defined or key not in stored or (value != stored[key] and value not in (None, ""))
+    }
+
+
 def assignment_rule_of(row: Mapping[Any, Any]) -> AssignmentRule:
     return AssignmentRule(
         id=row["id"],
@@ -1048,7 +1062,6 @@ class LeadsService:
         now = self.clock()
         if "custom" in clean.values:
             definitions = (await self.rules.get()).custom_fields
-            updates = checked_custom(definitions, clean.values["custom"], partial=True)
         new_keys = [k for k in (clean.email_norm, clean.phone_norm) if k]
         async with self.uow.begin() as tx:
             conn = tx.conn
@@ -1056,7 +1069,12 @@ class LeadsService:
             await repo.lock_dedupe_keys(conn, new_keys)
             lead = await self._visible_lead(conn, lead_id, for_update=True)
             if "custom" in clean.values:  # the keys given are set; an empty value removes its key
-                kept = {k: v for k, v in (lead["custom"] or {}).items() if k not in clean.values["custom"]}
+                stored = lead["custom"] or {}
+                given_custom = clean.values["custom"]
+                to_check = custom_to_check(given_custom, stored, definitions)
+                updates = checked_custom(definitions, to_check, partial=True)
+                emptied = {k for k, v in given_custom.items() if k not in to_check and v in (None, "")}
+                kept = {k: v for k, v in stored.items() if k not in to_check and k not in emptied}
                 clean.values["custom"] = {**kept, **updates}
             if expected_version and lead["version"] != expected_version:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
