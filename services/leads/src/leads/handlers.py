@@ -1561,24 +1561,24 @@ class LeadsService:
             tx.publish(events_pb2.LeadDeleted(lead_id=lead_id, actor=actor(principal)), key=lead_id)
 
     async def list_pool(
-        self, *, region: str, industry: str, source: str, limit: int, cursor: str
+        self, *, region: str, industry: str, source: str, limit: int, cursor: str, sort: str = ""
     ) -> tuple[list[RowMapping], str]:
+        """The pool's open leads in the caller's scope, sorted as `list_leads` sorts (a rep picks the
+        best scored first with `-score`)."""
         size = page_limit(limit)
+        column, descending = parse_sort(sort, SORTS, default="-created_at")
         f = LeadFilters(region=region, industry=industry, sources=[source] if source else [], in_pool=True)
         async with self.engine.connect() as conn:
             # The caller's leads in the pool: what `list_leads(in_pool=True)` lists, open ones only.
             query = self._filtered(conn, select(repo.leads).where(repo.lead_scope_clause(current_scope())), f)
             query = query.where(repo.leads.c.status.in_(domain.OPEN_STATUSES))
             query = keyset_page(
-                query,
-                sort_column=repo.leads.c.id,
-                id_column=repo.leads.c.id,
-                descending=True,
-                cursor=cursor,
-                limit=size,
+                query, sort_column=column, id_column=repo.leads.c.id, descending=descending, cursor=cursor, limit=size
             )
             rows = list((await conn.execute(query)).mappings())
-        return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
+        return rows[:size], next_cursor(
+            [_Row(r) for r in rows], sort_key=column.name, descending=descending, limit=size
+        )
 
     async def claim(self, lead_id: str, idempotency_key: str = "") -> RowMapping:
         principal = current_principal()

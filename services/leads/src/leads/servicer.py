@@ -383,6 +383,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             source=request.source,
             limit=request.page.limit,
             cursor=request.page.cursor,
+            sort=request.page.sort,
         )
         return leads_service_pb2.ListLeadPoolResponse(
             items=[messages.lead_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)

@@ -6,10 +6,12 @@ claiming it. A rep's import is theirs, as a lead they enter is."""
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from crm_platform.errors import Conflict, NotFound
 from crm_platform.principal import ScopeKind, current_scope
 from leads import repository as repo
+from leads.domain import ScoringRule
 from leads.handlers import ImportOptions, ImportPartResult, ImportSpec, LeadFilters
 from leads.importing import RowMapper
 from sqlalchemy import select
@@ -122,3 +124,45 @@ async def test_a_reps_import_is_theirs_and_a_managers_goes_to_the_pool(env: Any)
         pooled = await env.service.get_lead(theirs.outcomes[0].lead_id)
     assert (pooled["owner_id"], pooled["team"], pooled["in_pool"]) == ("", "east", True)
     assert await _tasks(env, [pooled["id"]]) == []
+
+
+async def test_a_rep_pages_through_the_pool_best_scored_first(env: Any) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_scoring_rule(
+            ScoringRule(id="", field="company", operator="contains", value="Inc", points=40), "inc", ""
+        )
+        await env.service.create_scoring_rule(
+            ScoringRule(id="", field="title", operator="present", points=20), "title", ""
+        )
+        for name, company, title in (("low", "", ""), ("top", "Big Inc", "CTO"), ("mid", "Mid Inc", ""),
+                                     ("some", "", "CEO")):  # fmt: skip
+            await env.service.create_lead({"name": name, "company": company, "title": title})
+    with env.acting("rep", roles=("sales_rep",)):
+        first, cursor = await env.service.list_pool(
+            region="", industry="", source="", limit=2, cursor="", sort="-score"
+        )
+        rest, end = await env.service.list_pool(
+            region="", industry="", source="", limit=2, cursor=cursor, sort="-score"
+        )
+    assert [(r["name"], r["score"]) for r in first + rest] == [("top", 60), ("mid", 40), ("some", 20), ("low", 0)]
+    assert end == ""
+
+
+async def test_the_pool_is_sorted_through_the_gateway_as_the_lead_list_is(
+    env: Any, admin: httpx.AsyncClient, bearer: Any
+) -> None:
+    with env.acting("admin", roles=("admin",)):
+        await env.service.create_scoring_rule(
+            ScoringRule(id="", field="company", operator="contains", value="Inc", points=40), "inc", ""
+        )
+        for name, company in (("b", "B Inc"), ("a", ""), ("c", "")):
+            await env.service.create_lead({"name": name, "company": company})
+    rep = bearer("rep1", "sales_rep")
+
+    by_name = await admin.get("/api/v1/lead-pool", params={"sort": "name"}, headers=rep)
+    by_score = await admin.get("/api/v1/lead-pool", params={"sort": "-score", "limit": 1}, headers=rep)
+    unknown = await admin.get("/api/v1/lead-pool", params={"sort": "owner_id"}, headers=rep)
+
+    assert [lead["name"] for lead in by_name.json()["items"]] == ["a", "b", "c"], by_name.text
+    assert [lead["name"] for lead in by_score.json()["items"]] == ["b"] and by_score.json()["next_cursor"]
+    assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "sort", unknown.text

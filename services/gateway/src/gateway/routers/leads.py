@@ -383,13 +383,16 @@ LEAD_FILTERS: FilterFields = {
 }
 
 
+LEAD_SORTS = r"^-?(created_at|updated_at|score|name)$"  # the leads service's SORTS
+
+
 @router.get("/leads", openapi_extra=CUSTOM_FILTER_PARAMETERS)
 async def list_leads(
     request: Request,
     access: LeadsRead,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str = "",
-    sort: Annotated[str, Query(pattern=r"^-?(created_at|updated_at|score|name)$")] = "-created_at",
+    sort: Annotated[str, Query(pattern=LEAD_SORTS)] = "-created_at",
     status: Annotated[list[str] | None, Query()] = None,
     source: Annotated[list[str] | None, Query()] = None,
     owner_id: str = "",
@@ -1000,14 +1003,16 @@ async def list_pool(
     access: LeadsRead,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str = "",
+    sort: Annotated[str, Query(pattern=LEAD_SORTS)] = "-created_at",
     region: str = "",
     industry: str = "",
     source: str = "",
 ) -> dict[str, Any]:
     access.check_filters({"region": "region", "industry": "industry", "source": "source"})
+    access.check_filter([sort])
     reply = await _stub(request).ListLeadPool(
         pb.ListLeadPoolRequest(
-            page=_page(access.page_limit(limit), cursor), region=region, industry=industry, source=source
+            page=_page(access.page_limit(limit), cursor, sort), region=region, industry=industry, source=source
         ),
         metadata=access.grpc_metadata(),
     )
