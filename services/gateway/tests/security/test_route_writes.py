@@ -1075,8 +1075,10 @@ async def test_an_import_in_a_declared_charset_reaches_the_service_as_utf8(
     )
 
     assert response.status_code == 200, response.text
-    [(_, content)] = gateway.leads.imports
+    [(header, content)] = gateway.leads.imports
     assert content.decode("utf-8") == text
+    # The size the service checks against its byte limit before importing a row: of what it reads.
+    assert header.part_bytes == len(text.encode()) != len(text.encode(encoding))
 
 
 @pytest.mark.parametrize(

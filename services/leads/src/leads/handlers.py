@@ -61,7 +61,7 @@ from leads import repository as repo
 from leads.config import LeadsSettings
 from leads.db_ops import bulk_insert
 from leads.domain import AssignmentRule, FollowUpPolicy, ScoringRule, Thresholds
-from leads.importing import ParserState, RowMapper, StreamParser
+from leads.importing import ParserState, RowMapper, RowsDigest, StreamParser, check_import_size
 from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead_to_proto
 
 LEAD = "lead"
@@ -196,13 +196,20 @@ async def load_rules(conn: AsyncConnection) -> Rules:
         )
         for r in await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))
     ]
-    settings_row = (await conn.execute(select(repo.settings_table))).first()
-    thresholds = (
-        Thresholds(settings_row.grade_a, settings_row.grade_b, settings_row.grade_c) if settings_row else Thresholds()
-    )
+    thresholds, _ = await grade_thresholds(conn)
     assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
     definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
     return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions, generation)
+
+
+async def grade_thresholds(conn: AsyncConnection, *, for_update: bool = False) -> tuple[Thresholds, int]:
+    """The grade thresholds and their version, read together (an ETag for what was read); the
+    defaults at version 1 while none are set."""
+    query = select(repo.settings_table).where(repo.settings_table.c.id == 1)
+    row = (await conn.execute(query.with_for_update() if for_update else query)).first()
+    if row is None:
+        return Thresholds(), 1
+    return Thresholds(row.grade_a, row.grade_b, row.grade_c), row.version
 
 
 _ParsedRow = tuple[int, Mapping[str, Any] | str]
@@ -397,6 +404,7 @@ class ImportSpec:
     options: ImportOptions
     part: int = 0
     final: bool = False
+    part_bytes: int = 0  # the part's size, when the sender gives it: 0 if not
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +438,7 @@ class _CheckedBatch:
     size: int  # rows of the file in the batch
     last_row: int
     now: datetime
+    digest: str = ""  # of the part's rows up to last_row (`RowsDigest`), kept with the batch's commit
 
 
 # Rows parsed or checked between two chances for the batch being written to go on (a few ms).
@@ -1485,7 +1494,9 @@ class LeadsService:
         )
         return row
 
-    async def assign(self, lead_id: str, owner_id: str, team: str, expected_version: int) -> RowMapping:
+    async def assign(
+        self, lead_id: str, owner_id: str, team: str, expected_version: int, idempotency_key: str = ""
+    ) -> RowMapping:
         # "" runs the rules (owner) or keeps none (team); only spaces would be an owner nobody is.
         given = {"owner_id": owner_id, "team": team}
         if blank := [name for name, value in given.items() if value and not value.strip()]:
@@ -1499,6 +1510,8 @@ class LeadsService:
 
         async def attempt(rules: Rules) -> RowMapping:
             async with self.uow.begin() as tx:
+                if await self._repeats_lead_move(tx.conn, "assign_lead", idempotency_key, principal, lead_id, now):
+                    return await self._visible_lead(tx.conn, lead_id)  # the rules are not run again
                 lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
                 if expected_version and lead["version"] != expected_version:
                     raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1511,13 +1524,22 @@ class LeadsService:
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
-    async def disqualify(self, lead_id: str, reason: str, expected_version: int) -> RowMapping:
+    async def disqualify(
+        self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""
+    ) -> RowMapping:
         if not reason.strip():
             raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
         principal = current_principal()
         now = self.clock()
-        await self._abandon_conversion(lead_id, expected_version)
+        async with self.engine.connect() as conn:
+            # A repeat neither undoes a conversion attempt (its first request did) nor checks the
+            # version its first request moved on.
+            repeat = await recall(conn, "disqualify_lead", idempotency_key, principal)
+        if repeat is None:
+            await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
+            if await self._repeats_lead_move(tx.conn, "disqualify_lead", idempotency_key, principal, lead_id, now):
+                return await self._visible_lead(tx.conn, lead_id)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if expected_version and lead["version"] != expected_version:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1587,7 +1609,7 @@ class LeadsService:
         now = self.clock()
         async with self.uow.begin() as tx:
             conn = tx.conn
-            if await self._repeats_pool_move(conn, "claim_lead", idempotency_key, principal, lead_id, now):
+            if await self._repeats_lead_move(conn, "claim_lead", idempotency_key, principal, lead_id, now):
                 return await self._visible_lead(conn, lead_id)
             lead = (
                 (
@@ -1634,7 +1656,7 @@ class LeadsService:
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
-            if await self._repeats_pool_move(tx.conn, "release_lead", idempotency_key, principal, lead_id, now):
+            if await self._repeats_lead_move(tx.conn, "release_lead", idempotency_key, principal, lead_id, now):
                 return await self._visible_lead(tx.conn, lead_id)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if lead["in_pool"] or not lead["owner_id"]:
@@ -1643,12 +1665,13 @@ class LeadsService:
             return await self._to_pool(tx, lead, f"released: {reason.strip() or 'no reason given'}", principal, now)
 
     @staticmethod
-    async def _repeats_pool_move(
+    async def _repeats_lead_move(
         conn: AsyncConnection, operation: str, key: str, principal: Principal, lead_id: str, now: datetime
     ) -> bool:
-        """Claims the idempotency key of a claim or release of `lead_id`: True when the key's first
-        request moved this lead already (the repeat answers with the lead as it is now; it must not
-        move it again, or fail because it was moved), Conflict when that request was for another."""
+        """Claims the idempotency key of a claim, release, assignment or disqualification of
+        `lead_id`: True when the key's first request moved this lead already (the repeat answers
+        with the lead as it is now; it must not move it again, or fail because it was moved),
+        Conflict when that request was for another."""
         earlier = await claim(conn, operation, key, principal, {"lead_id": lead_id}, now)
         if earlier is None:
             return False
@@ -1694,7 +1717,14 @@ class LeadsService:
             await insert_ignore(
                 conn,
                 repo.imports,
-                {"id": import_id, "status": "running", "format": fmt, "owner_id": principal.user_id, "started_at": now},
+                {
+                    "id": import_id,
+                    "status": "running",
+                    "format": fmt,
+                    "owner_id": principal.user_id,
+                    "started_at": now,
+                    "updated_at": now,
+                },
                 keys=["id"],
             )
             row = (await conn.execute(select(repo.imports).where(repo.imports.c.id == import_id))).mappings().one()
@@ -1709,7 +1739,8 @@ class LeadsService:
 
         Each batch commits its leads with the import's progress; the parser state is saved when
         the part ends. A crash mid-part is resumed by sending the part again: rows already
-        committed are skipped, so nothing is imported twice.
+        committed are skipped, so nothing is imported twice, once their digest shows they are the
+        same rows (other content is refused on `import_key` before anything is written).
         """
         record = await self.start_import(spec.import_id, spec.format)
         part = spec.part
@@ -1749,6 +1780,11 @@ class LeadsService:
         digest = hashlib.sha256()
         chunks = _digested(chunks, digest)
         already = int(record["committed_rows"])
+        max_rows = self.settings.import_max_rows
+        rows_digest = RowsDigest()
+        # The digest of this part's rows an earlier run committed before it was cut short: a re-run
+        # skips them only if it reads the same rows (a part begun before digests were kept: unchecked).
+        to_verify = record["committed_digest"] if already > state.rows else ""
         outcomes: list[ImportRowOutcome] = []
         batch: list[tuple[int, Mapping[str, Any] | str]] = []
         skipped = 0
@@ -1756,9 +1792,22 @@ class LeadsService:
         # works on one core while Python works on the other. Batches are written in file order.
         writing: asyncio.Task[list[ImportRowOutcome]] | None = None
 
+        def verify_skipped_rows() -> None:
+            nonlocal to_verify
+            if to_verify and rows_digest.hexdigest() != to_verify:
+                sent = f"part {part}" if part else "the file"
+                message = (
+                    f"import {spec.import_id} was cut short after row {already}, and {sent} is sent again with "
+                    "other rows up to there; send the same rows again, or use a new import key"
+                )
+                raise ValidationFailed([FieldError("import_key", message)])
+            to_verify = ""
+
         async def hand_over() -> None:
             nonlocal writing
+            digest_so_far = rows_digest.hexdigest()  # the batch's rows are the last ones added
             checked = await self._check_rows(spec.import_id, batch, spec.options)
+            checked.digest = digest_so_far
             batch.clear()
             if writing is not None:
                 outcomes.extend(await writing)
@@ -1767,11 +1816,17 @@ class LeadsService:
         async def take(rows: Iterable[tuple[int, Mapping[str, Any] | str]]) -> None:
             nonlocal skipped
             for number, item in rows:
-                if number > self.settings.import_max_rows:
-                    raise ValidationFailed([FieldError("file", f"more than {self.settings.import_max_rows} rows")])
+                if to_verify and number > already:
+                    verify_skipped_rows()  # before any row of this run is handed over to be written
+                rows_digest.add(number, item)
                 if number <= already:
                     skipped += 1  # committed by an earlier run of this part
                     continue
+                if number > max_rows:
+                    # Rejected one by one in a normal answer, not a 422: a 422 could come only after the
+                    # batches before were committed, unless the whole part (up to import_max_bytes) were
+                    # held before writing any. So each row is accounted for, and the import completes.
+                    item = f"is past the limit of {max_rows} rows an import may have; import it under a new import key"
                 batch.append((number, item))
                 if len(batch) >= self.settings.import_batch_size:
                     await hand_over()
@@ -1779,11 +1834,14 @@ class LeadsService:
                     await asyncio.sleep(0)  # lets the batch being written go on
 
         try:
+            if spec.part_bytes:  # refused before a row is written (the check as chunks arrive comes after batches)
+                check_import_size(parser.bytes_seen + spec.part_bytes, self.settings.import_max_bytes)
             try:
                 async for chunk in chunks:
                     await take(_parsed(parser.feed, chunk))
                 if final:
                     await take(_parsed(parser.finish))
+                verify_skipped_rows()  # when the rows sent end before the ones committed
                 if batch:
                     await hand_over()
                 if writing is not None:
@@ -1793,9 +1851,10 @@ class LeadsService:
                     await asyncio.gather(writing, return_exceptions=True)
                 raise
         except ValidationFailed as error:
-            await self._save_import_state(
-                spec.import_id, None, record["parts_received"], final=False, error=error.detail
-            )
+            if error.errors[0].field != "import_key":  # a re-run with other rows leaves the import as it was
+                await self._save_import_state(
+                    spec.import_id, None, record["parts_received"], final=False, error=error.detail
+                )
             raise
         except _ParserFailed as error:
             # A parser bug must not leave the import `running` forever; the error still reaches the
@@ -1837,11 +1896,12 @@ class LeadsService:
         error: str,
         digests: list[str] | None = None,
     ) -> RowMapping:
-        values: dict[str, Any] = {"parts_received": parts, "error": error[:2000]}
+        values: dict[str, Any] = {"parts_received": parts, "error": error[:2000], "updated_at": self.clock()}
         if digests is not None:
             values["part_digests"] = digests
-        if state is not None:
+        if state is not None:  # the part is done: the next one resumes from its end, not within it
             values.update(
+                committed_digest="",
                 parsed_rows=state.rows,
                 bytes_seen=state.bytes_seen,
                 csv_header=state.header,
@@ -1995,7 +2055,10 @@ class LeadsService:
             await bulk_insert(
                 conn,
                 repo.import_rejections,
-                [{"import_id": import_id, "row": o.row, "field": o.field, "reason": o.reason} for o in rejected],
+                [
+                    {"import_id": import_id, "row": o.row, "field": o.field, "reason": o.reason, "lead_id": o.lead_id}
+                    for o in rejected
+                ],
             )
             counts = {s: sum(1 for o in outcomes if o.status == s) for s in ("accepted", "merged", "rejected")}
             t = repo.imports
@@ -2010,6 +2073,8 @@ class LeadsService:
                     committed_rows=func.greatest(t.c.committed_rows, batch.last_row)
                     if conn.dialect.name == "postgresql"
                     else func.max(t.c.committed_rows, batch.last_row),
+                    committed_digest=batch.digest,
+                    updated_at=self.clock(),
                 )
             )
         return sorted(outcomes, key=lambda o: o.row)
@@ -2237,11 +2302,17 @@ class LeadsService:
         self.rules.invalidate()
         return row
 
-    async def _delete(self, table: Any, resource: str, record_id: str, *, rescores: bool = False) -> None:
+    async def _delete(
+        self, table: Any, resource: str, record_id: str, expected_version: int, *, rescores: bool = False
+    ) -> None:
+        """Deletes the record when `expected_version` is its current version or 0 (unconditional)."""
         async with transaction(self.engine) as conn:
-            result = await conn.execute(delete(table).where(table.c.id == record_id))
-            if not result.rowcount:
+            current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
+            if current is None:
                 raise NotFound(resource, record_id)
+            if expected_version and current != expected_version:
+                raise StaleVersion(resource, record_id, current)
+            await conn.execute(delete(table).where(table.c.id == record_id))
             if rescores:
                 await repo.next_scoring_generation(conn)
         self.rules.invalidate()
@@ -2273,26 +2344,34 @@ class LeadsService:
             repo.scoring_rules, "scoring rule", rule.id, expected_version, values, rescores=True
         )
 
-    async def delete_scoring_rule(self, rule_id: str) -> None:
-        await self._delete(repo.scoring_rules, "scoring rule", rule_id, rescores=True)
+    async def delete_scoring_rule(self, rule_id: str, expected_version: int = 0) -> None:
+        await self._delete(repo.scoring_rules, "scoring rule", rule_id, expected_version, rescores=True)
 
-    async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds]:
+    async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds, int]:
+        """The scoring rules, and the grade thresholds with their version."""
         async with self.engine.connect() as conn:
             rows = list((await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))).mappings())
-            rules = await load_rules(conn)
-        return rows, rules.thresholds
+            thresholds, version = await grade_thresholds(conn)
+        return rows, thresholds, version
 
-    async def set_thresholds(self, t: Thresholds) -> Thresholds:
+    async def set_thresholds(self, t: Thresholds, expected_version: int = 0) -> tuple[Thresholds, int]:
+        """Sets the grade thresholds when `expected_version` is their version or 0 (unconditional);
+        returns them with their new version."""
         domain.validate_thresholds(t)
         async with transaction(self.engine) as conn:
-            values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c}
+            # The generation first: its row stays locked to the commit, so settings of the
+            # thresholds run one at a time, also the first, which finds no row to lock yet.
+            await repo.next_scoring_generation(conn)
+            _, current = await grade_thresholds(conn, for_update=True)
+            if expected_version and current != expected_version:
+                raise StaleVersion("grade", "thresholds", current)
+            values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c, "version": current + 1}
             if (
                 await conn.execute(update(repo.settings_table).where(repo.settings_table.c.id == 1).values(values))
             ).rowcount == 0:
                 await conn.execute(insert(repo.settings_table).values(id=1, **values))
-            await repo.next_scoring_generation(conn)
         self.rules.invalidate()
-        return t
+        return t, current + 1
 
     @staticmethod
     def _assignment_values_of(rule: AssignmentRule, name: str) -> dict[str, Any]:
@@ -2323,9 +2402,9 @@ class LeadsService:
         _check_rule_scope(values)
         return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)
 
-    async def delete_assignment_rule(self, rule_id: str) -> None:
+    async def delete_assignment_rule(self, rule_id: str, expected_version: int = 0) -> None:
         _check_rule_scope(await self._assignment_rule_row(rule_id))
-        await self._delete(repo.assignment_rules, "assignment rule", rule_id)
+        await self._delete(repo.assignment_rules, "assignment rule", rule_id, expected_version)
 
     async def _assignment_rule_row(self, rule_id: str) -> RowMapping:
         async with self.engine.connect() as conn:

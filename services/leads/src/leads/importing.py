@@ -7,6 +7,7 @@ every line end. Rows are numbered from 1 (the CSV header is not a row; a blank l
 
 import codecs
 import csv
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,41 @@ from leads import domain
 
 FORMATS = ("csv", "json", "jsonl")
 LEAD_FIELDS = IMPORTABLE_FIELDS
+UNCLOSED_QUOTE = (
+    "has a quoted field that is not closed before the end of the file; the lines after its opening quote are "
+    "read as part of it: close the quote, or remove it"
+)
+
+
+def check_import_size(bytes_seen: int, max_bytes: int) -> None:
+    """422 on `file` when an import's bytes (so far, or with the part about to come) pass its limit."""
+    if bytes_seen > max_bytes:
+        raise ValidationFailed([FieldError("file", f"the import is larger than {max_bytes} bytes")])
+
+
+class RowsDigest:
+    """A running SHA-256 of rows as the parser yields them (number and content), in file order:
+    two reads of a part that agree on it at a row read the same rows up to that row."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+
+    def add(self, number: int, item: Mapping[str, Any] | str) -> None:
+        self._hash.update(f"{number}\x1e{_row_text(item)}\x1d".encode("utf-8", "surrogatepass"))
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _row_text(item: Mapping[str, Any] | str) -> str:
+    """A row as text for its digest: a rejection's reason; a CSV row's columns and cells joined
+    (a few times cheaper than JSON, and these run for every row); another row as JSON."""
+    if isinstance(item, str):
+        return item
+    try:
+        return "\x1f".join((*item, *item.values()))
+    except TypeError:  # a value that is not text
+        return json.dumps(item, ensure_ascii=False, separators=(",", ":"))
 
 
 def why_unstorable(value: Any, what: str) -> str | None:
@@ -235,8 +271,7 @@ class StreamParser:
 
     def feed(self, chunk: bytes) -> Iterator[tuple[int, dict[str, Any] | str]]:
         self.bytes_seen += len(chunk)
-        if self.bytes_seen > self.max_bytes:
-            raise ValidationFailed([FieldError("file", f"the import is larger than {self.max_bytes} bytes")])
+        check_import_size(self.bytes_seen, self.max_bytes)
         if self.format == "json":
             self._json_parts.append(chunk)  # a JSON array is only complete at its end
             return iter(())
@@ -247,7 +282,10 @@ class StreamParser:
         return self._records(records)
 
     def finish(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
-        if self.format != "json":
+        if self.format == "csv":
+            yield from self._finish_csv()
+            return
+        if self.format == "jsonl":
             yield from self._records(self._splitter.finish())
             return
         try:
@@ -259,6 +297,21 @@ class StreamParser:
         for item in items:
             self.rows += 1
             yield self.rows, self._checked(item)
+
+    def _finish_csv(self) -> Iterator[tuple[int, dict[str, Any] | str]]:
+        """The last record, and 422 for a file without a header row (an empty one too). A last
+        record still inside a quoted field is rejected: read as csv reads it, the quote would take
+        every line after it into one cell, silently (a stray quote opening a later row's last cell)."""
+        tail = self._splitter.finish()
+        if tail and _ends_in_quotes(tail[0], in_quotes=False):
+            if self._header is None:
+                raise ValidationFailed([FieldError("file", f"the CSV header row {UNCLOSED_QUOTE}")])
+            self.rows += 1
+            yield self.rows, UNCLOSED_QUOTE
+            return
+        yield from self._records(tail)
+        if self._header is None:
+            raise ValidationFailed([FieldError("file", "the CSV file has no header row")])
 
     def _records(self, records: list[str]) -> Iterator[tuple[int, dict[str, Any] | str]]:
         if self.format == "jsonl":

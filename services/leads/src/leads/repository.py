@@ -223,6 +223,7 @@ scoring_generation = Table(
     Column("generation", BigInteger, nullable=False),
 )
 
+# The grade thresholds, one row (id 1) once they are set; before that the defaults hold.
 settings_table = Table(
     "lead_settings",
     metadata,
@@ -230,6 +231,9 @@ settings_table = Table(
     Column("grade_a", Integer, nullable=False),
     Column("grade_b", Integer, nullable=False),
     Column("grade_c", Integer, nullable=False),
+    # The thresholds' version for If-Match (migration 0021): the defaults are version 1, and every
+    # setting adds 1.
+    Column("version", BigInteger, nullable=False, server_default="1"),
 )
 
 assignment_rules = Table(
@@ -318,6 +322,9 @@ imports = Table(
     Column("skipped", BigInteger, nullable=False, server_default="0"),
     # Every data row up to this one is committed: a re-run skips them.
     Column("committed_rows", BigInteger, nullable=False, server_default="0"),
+    # SHA-256 of the rows of the unfinished part up to committed_rows (`importing.RowsDigest`): a
+    # re-run resumes only the same rows. Empty when no row of the part is committed.
+    Column("committed_digest", String(64), nullable=False, server_default=""),
     # Parser state between the parts of a multi-part import.
     Column("parts_received", Integer, nullable=False, server_default="0"),
     Column("parsed_rows", BigInteger, nullable=False, server_default="0"),
@@ -326,6 +333,8 @@ imports = Table(
     Column("pending", LargeBinary, nullable=False, server_default=""),
     Column("started_at", _TS, nullable=False),
     Column("finished_at", _TS),
+    # When the import last made progress (a batch committed, a part ended or failed).
+    Column("updated_at", _TS),
     Column("error", Text, nullable=False, server_default=""),
     # SHA-256 of each part's bytes, in order: a part sent again must be the same part.
     Column("part_digests", _JSON),
@@ -338,6 +347,7 @@ import_rejections = Table(
     Column("row", BigInteger, nullable=False),
     Column("field", String(100), nullable=False, server_default=""),
     Column("reason", Text, nullable=False),
+    Column("lead_id", String(200), nullable=False, server_default=""),  # of the open lead it duplicates
     PrimaryKeyConstraint("import_id", "row"),
 )
 

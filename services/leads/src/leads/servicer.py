@@ -111,8 +111,11 @@ def _import_message(row: Mapping[Any, Any], rejections: list[RowMapping]) -> lea
         finished_at=to_timestamp(row["finished_at"]),
         error=row["error"],
         parts_received=row["parts_received"],
+        updated_at=to_timestamp(row["updated_at"]),
         rejected_rows=[
-            leads_service_pb2.ImportRowResult(row=r["row"], status="rejected", reason=r["reason"], field=r["field"])
+            leads_service_pb2.ImportRowResult(
+                row=r["row"], status="rejected", lead_id=r["lead_id"], reason=r["reason"], field=r["field"]
+            )
             for r in rejections
         ],
     )
@@ -204,6 +207,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             raise ValidationFailed([FieldError("on_duplicate", f"{on_duplicate!r} is not one of reject, merge, allow")])
         if header.part < 0:
             raise ValidationFailed([FieldError("part", "must not be negative")])
+        if header.part_bytes < 0:
+            raise ValidationFailed([FieldError("part_bytes", "must not be negative")])
         fmt = header.format or "csv"
         if fmt not in FORMATS:
             raise ValidationFailed([FieldError("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")])
@@ -219,6 +224,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             options=ImportOptions(mapper=mapper, on_duplicate=on_duplicate, assign=header.assign),
             part=header.part,
             final=header.final,
+            part_bytes=header.part_bytes,
         )
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -332,13 +338,17 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def AssignLead(
         self, request: leads_service_pb2.AssignLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.AssignLeadResponse:
-        row = await self.service.assign(request.lead_id, request.owner_id, request.team, request.expected_version)
+        row = await self.service.assign(
+            request.lead_id, request.owner_id, request.team, request.expected_version, request.idempotency_key
+        )
         return leads_service_pb2.AssignLeadResponse(lead=messages.lead_to_proto(row))
 
     async def DisqualifyLead(
         self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DisqualifyLeadResponse:
-        row = await self.service.disqualify(request.lead_id, request.reason, request.expected_version)
+        row = await self.service.disqualify(
+            request.lead_id, request.reason, request.expected_version, request.idempotency_key
+        )
         return leads_service_pb2.DisqualifyLeadResponse(lead=messages.lead_to_proto(row))
 
     async def DeleteLead(
@@ -436,25 +446,26 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def DeleteScoringRule(
         self, request: leads_service_pb2.DeleteScoringRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteScoringRuleResponse:
-        await self.service.delete_scoring_rule(request.rule_id)
+        await self.service.delete_scoring_rule(request.rule_id, request.expected_version)
         return leads_service_pb2.DeleteScoringRuleResponse()
 
     async def ListScoringRules(
         self, request: leads_service_pb2.ListScoringRulesRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListScoringRulesResponse:
-        rows, t = await self.service.list_scoring_rules()
+        rows, t, version = await self.service.list_scoring_rules()
         return leads_service_pb2.ListScoringRulesResponse(
             items=[messages.scoring_rule_to_proto(r) for r in rows],
             thresholds=leads_pb2.GradeThresholds(a=t.a, b=t.b, c=t.c),
+            thresholds_version=version,
         )
 
     async def SetGradeThresholds(
         self, request: leads_service_pb2.SetGradeThresholdsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SetGradeThresholdsResponse:
         t = request.thresholds
-        saved = await self.service.set_thresholds(Thresholds(a=t.a, b=t.b, c=t.c))
+        saved, version = await self.service.set_thresholds(Thresholds(a=t.a, b=t.b, c=t.c), request.expected_version)
         return leads_service_pb2.SetGradeThresholdsResponse(
-            thresholds=leads_pb2.GradeThresholds(a=saved.a, b=saved.b, c=saved.c)
+            thresholds=leads_pb2.GradeThresholds(a=saved.a, b=saved.b, c=saved.c), version=version
         )
 
     @staticmethod
@@ -493,7 +504,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def DeleteAssignmentRule(
         self, request: leads_service_pb2.DeleteAssignmentRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteAssignmentRuleResponse:
-        await self.service.delete_assignment_rule(request.rule_id)
+        await self.service.delete_assignment_rule(request.rule_id, request.expected_version)
         return leads_service_pb2.DeleteAssignmentRuleResponse()
 
     async def ListAssignmentRules(

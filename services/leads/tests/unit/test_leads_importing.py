@@ -1,5 +1,6 @@
 import csv
 import json
+from typing import Any
 
 import pytest
 from crm_platform.errors import ValidationFailed
@@ -7,7 +8,15 @@ from crm_platform.lead_import import custom_key
 from crm_platform.structs import MAX_NESTING, NOT_FINITE, OUT_OF_RANGE, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
-from leads.importing import RecordSplitter, RowMapper, StreamParser, why_unstorable
+from leads.importing import (
+    UNCLOSED_QUOTE,
+    RecordSplitter,
+    RowMapper,
+    RowsDigest,
+    StreamParser,
+    check_import_size,
+    why_unstorable,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -255,3 +264,61 @@ def test_two_columns_that_feed_one_field_reject_the_row_naming_both() -> None:
     assert "'mobile' and '手机'" in caught.value.errors[0].message
     # One of them empty (exports often carry both): no conflict.
     assert mapper.map({"name": "Li", "mobile": "", "手机": "13900139000"})["phone"] == "13900139000"
+
+
+@pytest.mark.parametrize("size", [1, 4, 1000])
+def test_an_unclosed_quote_rejects_its_row_instead_of_taking_the_rows_after_it_into_a_cell(size: int) -> None:
+    data = b'name,email,colour\nA,a@x.cn,"red\nB,b@x.cn,blue\nC,c@x.cn,green\n'
+    assert parse_in_chunks(data, size) == [(1, UNCLOSED_QUOTE)]
+    last = b'name,email,colour\nA,a@x.cn,red\nB,b@x.cn,"unterminated'
+    assert parse_in_chunks(last, size) == [(1, {"name": "A", "email": "a@x.cn", "colour": "red"}), (2, UNCLOSED_QUOTE)]
+    closed = b'name,email,colour\nA,a@x.cn,"red\nand blue"'  # closed at the very end: a cell of two lines
+    assert parse_in_chunks(closed, size) == [(1, {"name": "A", "email": "a@x.cn", "colour": "red\nand blue"})]
+
+
+def test_an_unclosed_quote_in_the_header_fails_the_file() -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(b'name,"email\nA,a@x.cn\n', 5)
+    assert caught.value.errors[0].field == "file" and "header row" in caught.value.detail
+    assert "not closed" in caught.value.detail
+
+
+@pytest.mark.parametrize("data", [b"", b"  ", b"\xef\xbb\xbf"])
+def test_an_empty_csv_file_has_no_header_row(data: bytes) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(data, 1)
+    assert caught.value.detail == "file: the CSV file has no header row"
+    assert parse_in_chunks(b"", 1, "jsonl") == []  # JSON Lines have no header: an empty file is no rows
+
+
+def test_the_size_of_an_import_is_checked_against_its_limit() -> None:
+    check_import_size(100, 100)
+    with pytest.raises(ValidationFailed) as caught:
+        check_import_size(101, 100)
+    assert caught.value.detail == "file: the import is larger than 100 bytes"
+
+
+def digest_of(rows: list[tuple[int, Any]]) -> str:
+    digest = RowsDigest()
+    for number, item in rows:
+        digest.add(number, item)
+    return digest.hexdigest()
+
+
+def test_the_rows_digest_is_the_same_for_the_same_rows_however_the_file_is_cut() -> None:
+    assert digest_of(parse_in_chunks(CSV, 1)) == digest_of(parse_in_chunks(CSV, 1000))
+    jsonl = b'{"name": "A", "phone": 13800138000}\n{"name": "B", "tags": ["x"]}\nnot json\n'
+    assert digest_of(parse_in_chunks(jsonl, 2, "jsonl")) == digest_of(parse_in_chunks(jsonl, 100, "jsonl"))
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        CSV.replace(b"Wang", b"Wong"),  # another cell
+        CSV.replace(b"Name,Email", b"Email,Name"),  # the same cells under other columns
+        CSV.replace(b"Li,li@x.cn", b",,\nLi,li@x.cn"),  # the same rows, numbered otherwise
+    ],
+)
+def test_the_rows_digest_tells_other_rows_apart(other: bytes) -> None:
+    assert digest_of(parse_in_chunks(other, 7)) != digest_of(parse_in_chunks(CSV, 7))
+    assert digest_of([(1, {"phone": 1})]) != digest_of([(1, {"phone": "1"})])

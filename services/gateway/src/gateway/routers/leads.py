@@ -168,7 +168,8 @@ class ScoringRuleIn(ReplacementBody):
     enabled: bool = True
 
 
-class ThresholdsIn(RequestBody):
+class ThresholdsIn(ReplacementBody):
+    read_only = frozenset({"version"})
     a: int = Field(ge=0, le=100)
     b: int = Field(ge=0, le=100)
     c: int = Field(ge=0, le=100)
@@ -488,7 +489,11 @@ async def import_leads(
 
     Every row not accepted is listed with its reason. Files larger than one request body are sent
     in parts under one `import_key` (`part=1..n`, `final=true` on the last); a part re-sent after a
-    failure is skipped or resumed, never applied twice. Progress: `GET /leads/imports/{import_key}`.
+    failure is skipped or resumed, never applied twice (resumed only if its rows up to where it was
+    cut short are the same: 422 on `import_key` otherwise). Progress, and when it last moved
+    (`updated_at`): `GET /leads/imports/{import_key}`. A part that takes the import past its byte
+    limit is a 422 before any of its rows is imported; rows past its row limit are each rejected,
+    with that reason.
     The fields the file's columns set must be writable by the caller (403 naming one otherwise); the
     columns of a part that does not show them all (a CSV part after the first, a JSON line that does
     not parse alone) count as every importable field, unless `column_map` names the only columns
@@ -511,6 +516,9 @@ async def import_leads(
     )
     # The body limit keeps a part small: read whole, it is checked before the service sees any of it.
     body = _as_utf8(await request.body(), request.headers.get("content-type", ""), part)
+    # Told up front, the service refuses a part that takes the import past its byte limit (422)
+    # before writing any row of it.
+    header.part_bytes = len(body)
     access.check_write(_import_targets(header, _import_columns(fmt, body, part)))
 
     async def messages() -> AsyncIterator[pb.ImportLeadsRequest]:
@@ -642,6 +650,7 @@ def _import_json(lead_import: pb.LeadImport) -> dict[str, Any]:
     body = _message_json(lead_import)
     body["started_at"] = _time(lead_import.started_at)
     body["finished_at"] = _time(lead_import.finished_at)
+    body["updated_at"] = _time(lead_import.updated_at)  # a `running` import that stays put is stalled
     return body
 
 
@@ -913,9 +922,17 @@ async def score_history(lead_id: str, request: Request, access: LeadsRead) -> di
 
 @router.post("/leads/{lead_id}/assign")
 async def assign_lead(
-    lead_id: str, body: AssignIn, request: Request, response: Response, access: LeadsAssign, if_match: IfMatch = ""
+    lead_id: str,
+    body: AssignIn,
+    request: Request,
+    response: Response,
+    access: LeadsAssign,
+    if_match: IfMatch = "",
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
-    """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the pool."""
+    """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the
+    pool. Repeated with its `Idempotency-Key`, it answers with the lead as it is now: the first
+    request's assignment stands, the rules do not run again."""
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
     reply = await stub.AssignLead(
@@ -924,6 +941,7 @@ async def assign_lead(
             owner_id=body.owner_id or "",
             team=body.team or "",
             expected_version=expected_version(if_match),
+            idempotency_key=idempotency_key,
         ),
         metadata=access.grpc_metadata(),
     )
@@ -935,12 +953,23 @@ async def assign_lead(
 
 @router.post("/leads/{lead_id}/disqualify")
 async def disqualify_lead(
-    lead_id: str, body: DisqualifyIn, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
+    lead_id: str,
+    body: DisqualifyIn,
+    request: Request,
+    response: Response,
+    access: LeadsUpdate,
+    if_match: IfMatch = "",
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
     reply = await stub.DisqualifyLead(
-        pb.DisqualifyLeadRequest(lead_id=lead_id, reason=body.reason, expected_version=expected_version(if_match)),
+        pb.DisqualifyLeadRequest(
+            lead_id=lead_id,
+            reason=body.reason,
+            expected_version=expected_version(if_match),
+            idempotency_key=idempotency_key,
+        ),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
@@ -1100,10 +1129,17 @@ def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRu
     return leads_pb2.ScoringRule(id=rule_id, **body.model_dump())
 
 
+def _thresholds_json(thresholds: leads_pb2.GradeThresholds, version: int) -> dict[str, Any]:
+    return {**_message_json(thresholds), "version": version}
+
+
 @router.get("/lead-scoring-rules")
-async def list_scoring_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
+async def list_scoring_rules(request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    """The rules (each with its version) and the grade thresholds; the `ETag` is the thresholds'
+    version, for the `If-Match` of `PUT /lead-scoring-rules/thresholds`."""
     reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
-    return {"items": [_rule_json(r) for r in reply.items], "thresholds": _message_json(reply.thresholds)}
+    thresholds = with_etag(response, _thresholds_json(reply.thresholds, reply.thresholds_version))
+    return {"items": [_rule_json(r) for r in reply.items], "thresholds": thresholds}
 
 
 @router.post("/lead-scoring-rules", status_code=201)
@@ -1124,14 +1160,19 @@ async def create_scoring_rule(
 
 
 @router.put("/lead-scoring-rules/thresholds")
-async def set_thresholds(body: ThresholdsIn, request: Request, access: ScoringRulesManage) -> dict[str, Any]:
+async def set_thresholds(
+    body: ThresholdsIn, request: Request, response: Response, access: ScoringRulesManage, if_match: IfMatch = ""
+) -> dict[str, Any]:
     reply = await _stub(request).SetGradeThresholds(
-        pb.SetGradeThresholdsRequest(thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c)),
+        pb.SetGradeThresholdsRequest(
+            thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c),
+            expected_version=expected_version(if_match),
+        ),
         metadata=access.grpc_metadata(),
     )
-    thresholds = _message_json(reply.thresholds)
+    thresholds = _thresholds_json(reply.thresholds, reply.version)
     await access.audit_write("grade_thresholds", None, thresholds, action="set_grade_thresholds")
-    return thresholds
+    return with_etag(response, thresholds)
 
 
 @router.get("/lead-scoring-rules/{rule_id}")
@@ -1161,10 +1202,15 @@ async def update_scoring_rule(
 
 
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
-async def delete_scoring_rule(rule_id: str, request: Request, access: ScoringRulesManage) -> Response:
+async def delete_scoring_rule(
+    rule_id: str, request: Request, access: ScoringRulesManage, if_match: IfMatch = ""
+) -> Response:
     stub = _stub(request)
     rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
-    await stub.DeleteScoringRule(pb.DeleteScoringRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())
+    await stub.DeleteScoringRule(
+        pb.DeleteScoringRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_scoring_rule")
     return Response(status_code=204)
 
@@ -1225,10 +1271,15 @@ async def update_assignment_rule(
 
 
 @router.delete("/lead-assignment-rules/{rule_id}", status_code=204)
-async def delete_assignment_rule(rule_id: str, request: Request, access: AssignmentRulesManage) -> Response:
+async def delete_assignment_rule(
+    rule_id: str, request: Request, access: AssignmentRulesManage, if_match: IfMatch = ""
+) -> Response:
     stub = _stub(request)
     rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
-    await stub.DeleteAssignmentRule(pb.DeleteAssignmentRuleRequest(rule_id=rule_id), metadata=access.grpc_metadata())
+    await stub.DeleteAssignmentRule(
+        pb.DeleteAssignmentRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
     await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_assignment_rule")
     return Response(status_code=204)
 
