@@ -70,6 +70,7 @@ spec:
             - name: {{ printf "%s%s_TARGET" $prefix (. | upper | replace "-" "_") }}
               value: {{ include "crm.service.target" (dict "root" $root "name" . "key" $upstreamKey) | quote }}
             {{- end }}
+            {{- with (include "crm.component.settingsEnv" .) }}{{- . | trim | nindent 12 }}{{- end }}
             {{- include "crm.kafka.env" $root | nindent 12 }}
             {{- with (include "crm.otel.env" .) }}{{- . | trim | nindent 12 }}{{- end }}
             {{- with $values.extraEnvVars }}

@@ -58,6 +58,31 @@ analytics: analytics
 {{- printf "CRM_%s_" (.name | upper | replace "-" "_") -}}
 {{- end -}}
 
+{{/*
+`<component>.settings`: the component's own settings by their camelCase names, each rendered as
+CRM_<COMPONENT>_<NAME> (`firstContactHours` -> CRM_LEADS_FIRST_CONTACT_HOURS) only when set, so an
+unset one keeps the code's default. Helm reads YAML numbers as floats: whole ones are written
+without an exponent (209715200, never 2.097152e+08), which an integer setting could not parse.
+*/}}
+{{- define "crm.component.settingsEnv" -}}
+{{- $prefix := include "crm.component.envPrefix" . -}}
+{{- range $name, $value := (index .root.Values .key).settings }}
+{{- if not (kindIs "invalid" $value) }}
+- name: {{ printf "%s%s" $prefix ($name | snakecase | upper) }}
+  value: {{ include "crm.envNumber" $value | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* A value as an environment variable's text: a whole float without its fraction or exponent. */}}
+{{- define "crm.envNumber" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{- int64 . -}}
+{{- else -}}
+{{- toString . -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "crm.labels" -}}
 app.kubernetes.io/name: {{ include "crm.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
