@@ -66,8 +66,37 @@ LEADS = [
 ]
 
 
+# Scoring and routing set up before the leads come in, so the demo leads arrive scored, graded and
+# assigned as a configured CRM's would: east-China leads go round robin to two reps of team east
+# (`make token ARGS="--sub u1 --roles sales_rep --team east --region cn-east"` to be one of them).
+SCORING_RULES: list[dict[str, object]] = [
+    {"name": "Referred", "field": "source", "operator": "equals", "value": "referral", "points": 30},
+    {"name": "Met at an event", "field": "source", "operator": "equals", "value": "event", "points": 20},
+    {
+        "name": "Target industry",
+        "field": "industry",
+        "operator": "in",
+        "value": "software,healthcare,telecom",
+        "points": 25,
+    },
+    {"name": "Reachable by phone", "field": "phone", "operator": "present", "points": 10},
+    {"name": "Called twice", "activity_kind": "call", "min_count": 2, "points": 15},
+]
+ASSIGNMENT_RULES: list[dict[str, object]] = [
+    {"name": "East China", "regions": ["cn-east"], "team": "east", "user_ids": ["u1", "u2"], "capacity": 50},
+]
+CAMPAIGN: dict[str, object] = {
+    "name": "Spring expo 2027",
+    "channel": "event",
+    "cost": {"amount": "30000.00", "currency": "CNY"},
+    "starts_on": "2027-03-01",
+    "ends_on": "2027-03-03",
+}
+
+
 async def seed_if_empty(client: httpx.AsyncClient) -> str:
-    """Seeds accounts with contacts and an opportunity each, and open leads; says what it did."""
+    """Seeds accounts with contacts and an opportunity each, lead scoring and assignment rules, a
+    campaign, and open leads; says what it did."""
     existing = await client.get("/api/v1/accounts", params={"limit": 1})
     existing.raise_for_status()
     if existing.json()["items"]:
@@ -104,6 +133,16 @@ async def seed_if_empty(client: httpx.AsyncClient) -> str:
             },
             key=f"demo-opportunity-{index}",
         )
+    return f"{len(ACCOUNTS)} accounts with contacts and opportunities, {await seed_leads(client)}"
+
+
+async def seed_leads(client: httpx.AsyncClient) -> str:
+    """The lead rules, a campaign and the leads, which arrive scored and routed by the rules."""
+    for index, rule in enumerate(SCORING_RULES):
+        await _create(client, "/api/v1/lead-scoring-rules", rule, key=f"demo-scoring-rule-{index}")
+    for index, rule in enumerate(ASSIGNMENT_RULES):
+        await _create(client, "/api/v1/lead-assignment-rules", rule, key=f"demo-assignment-rule-{index}")
+    campaign = await _create(client, "/api/v1/campaigns", CAMPAIGN, key="demo-campaign")
     for index, (name, company, email, phone, source, region, industry) in enumerate(LEADS):
         await _create(
             client,
@@ -117,10 +156,11 @@ async def seed_if_empty(client: httpx.AsyncClient) -> str:
                 "region": region,
                 "industry": industry,
                 "tags": ["demo"],
+                **({"campaign_id": campaign["id"]} if source == "event" else {}),
             },
             key=f"demo-lead-{index}",
         )
-    return f"{len(ACCOUNTS)} accounts with contacts and opportunities, {len(LEADS)} leads"
+    return f"{len(LEADS)} leads (scored by {len(SCORING_RULES)} rules, east China's assigned to u1 and u2), a campaign"
 
 
 async def _create(client: httpx.AsyncClient, path: str, body: dict[str, object], *, key: str) -> dict[str, object]:
