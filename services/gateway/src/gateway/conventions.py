@@ -3,7 +3,7 @@ optimistic concurrency through `If-Match` / `ETag` carrying the record's version
 
 import re
 from decimal import Decimal
-from typing import Any
+from typing import Annotated, Any
 
 from crm.common.v1 import common_pb2
 from crm_platform.errors import ValidationFailed
@@ -18,7 +18,7 @@ from crm_platform.money import (
     parse_currency,
     places,
 )
-from fastapi import Response
+from fastapi import Header, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
@@ -92,6 +92,27 @@ def _checked_amount(value: str, info: ValidationInfo, maximum: Decimal) -> str:
     except ValidationFailed as error:
         raise ValueError(error.errors[0].message) from None
     return value
+
+
+# The two request headers of the writes, declared once (routers annotate them as `str` with ""
+# as the default, or `str | None` with None; FastAPI copies a shared declaration per parameter).
+IF_MATCH_HEADER = Header(
+    alias="If-Match",
+    description='The version the record\'s `ETag` carried (`"3"`; `W/"3"` and a bare `3` are taken too): '
+    "the write is made only while it is still the record's version, else 412 with `current_version`. "
+    "`*`: whatever version the existing record has; no header: unconditional. A list of versions or "
+    "anything else is 422 naming `If-Match`.",
+)
+IDEMPOTENCY_KEY_HEADER = Header(
+    alias="Idempotency-Key",
+    max_length=200,
+    description="Names this request (up to 200 characters), so it may be retried safely: a retry under "
+    "the same key answers with the first request's result and does nothing again; the key sent with "
+    "another request is 422 naming `Idempotency-Key`. Keys are kept a day "
+    "(`CRM_<SERVICE>_IDEMPOTENCY_RETENTION_HOURS`).",
+)
+IfMatch = Annotated[str, IF_MATCH_HEADER]
+IdempotencyKey = Annotated[str, IDEMPOTENCY_KEY_HEADER]
 
 
 def expected_version(if_match: str | None) -> int:

@@ -190,11 +190,13 @@ async def test_who_may_correct_or_delete_an_activity_is_the_policys_choice(stack
             method, PATH, json={"subject": "x"} if method == "PATCH" else None, headers=stack.headers(role)
         )
         assert response.status_code == status, (role, method, response.text)
-    # Only the allowed writes reached the service (and its audit trail).
+    # Only the allowed writes reached the service; the activity's trail has them and the refusals.
     assert [type(r.request).__name__ for r in stack.accounts.received] == [
         "UpdateActivityRequest", "DeleteActivityRequest", "UpdateActivityRequest",
     ]  # fmt: skip
-    assert [row["action"] for row in await stack.audited()] == ["update", "delete", "update"]
+    trail = await stack.audited()
+    assert [row["action"] for row in trail if row["outcome"] == "allowed"] == ["update", "delete", "update"]
+    assert [row["status_code"] for row in trail if row["outcome"] == "denied"] == [403] * 4
 
 
 async def test_an_activity_out_of_scope_or_under_another_account_is_a_404(stack: Stack) -> None:

@@ -188,6 +188,7 @@ async def test_denied_requests_exports_and_sensitive_reads_are_audited(gateway: 
         ("m1", "leads", 403),
     }
     assert len(denied) == 3  # delete and export by the rep, the filter by marketing
+    assert sorted(row["record_id"] for row in denied) == ["", "", "l1"]  # a refusal names its record
     assert any(row["fields"] == ["email"] for row in denied)
     exports = [row for row in rows if row["action"] == "export"]
     assert len(exports) == 1 and exports[0]["actor"]["user_id"] == "boss" and "name" in exports[0]["fields"]

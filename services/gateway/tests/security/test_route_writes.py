@@ -559,7 +559,7 @@ async def test_a_refusal_names_what_the_route_does(
         ("sales_manager", "DELETE", "/lead-assignment-rules/ar-1", None,
          {"id": "ar-1", "name": "North", "position": 0, "enabled": False, "regions": ["north"], "industries": [],
           "sources": [], "min_score": 0, "max_score": 0, "team": "", "user_ids": ["u-2"], "strategy": "",
-          "capacity": 0, "version": 0}, None),
+          "capacity": 0, "version": 0, "lead_team": ""}, None),
         ("sales_rep", "POST", "/leads/l-1/disqualify", {"reason": "No budget"},
          {"status": "new", "disqualified_reason": ""}, {"status": "unqualified", "disqualified_reason": "No budget"}),
         # Accounts.
@@ -763,7 +763,7 @@ async def test_a_lead_is_deleted_at_its_etags_version_by_who_may_delete_leads_an
     assert [(request.lead_id, request.expected_version) for request in gateway.leads.deletes] == [("l-1", 7)]
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
-        ("denied", "", "denied"),
+        ("denied", "l-1", "denied"),
         ("denied", "l-2", "denied"),
         ("delete", "l-1", "allowed"),
     ]
@@ -786,7 +786,7 @@ async def test_a_campaign_is_deleted_at_its_etags_version_by_who_may_delete_camp
     assert [(r.campaign_id, r.expected_version) for r in gateway.leads.campaign_deletes] == [("cmp-1", 3)]
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
-        ("denied", "", "denied"),
+        ("denied", "cmp-1", "denied"),
         ("denied", "cmp-2", "denied"),
         ("delete", "cmp-1", "allowed"),
     ]
@@ -838,7 +838,7 @@ async def test_a_contract_is_deleted_at_its_etags_version_by_who_may_delete_cont
     assert [(r.id, r.expected_version) for r in gateway.sales.contract_deletes] == [("k-1", 2)]
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
-        ("denied", "", "denied"),
+        ("denied", "k-1", "denied"),
         ("denied", "k-404", "denied"),
         ("delete", "k-1", "allowed"),
     ]
@@ -861,7 +861,7 @@ async def test_a_quote_is_deleted_at_its_etags_version_by_who_may_delete_quotes_
     assert [(r.id, r.expected_version) for r in gateway.sales.quote_deletes] == [("q-1", 4)]
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["outcome"]) for row in rows] == [
-        ("denied", "", "denied"),
+        ("denied", "q-1", "denied"),
         ("denied", "q-2", "denied"),
         ("delete", "q-1", "allowed"),
     ]
@@ -1128,7 +1128,8 @@ async def test_who_runs_campaigns_turns_a_web_form_off_and_replaces_its_key(gate
     assert renamed.json()["rate_limit_per_minute"] == 60 and renamed.json()["enabled"] is True  # not named: kept
     assert nothing.status_code == 422
     actions = [e["action"] for e in (await gateway.app.state.security.audit.query(AuditQuery(record_id="w-1")))[0]]
-    assert sorted(actions) == ["disable_webform", "rotate_webform_key", "update_webform"]
+    # The form's trail: the writes, and the refused attempt on it.
+    assert sorted(actions) == ["denied", "disable_webform", "rotate_webform_key", "update_webform"]
 
 
 async def test_a_web_forms_writes_send_if_match_and_idempotency_key_and_answer_with_its_version(

@@ -6,7 +6,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -595,6 +595,15 @@ def grade_for(score: int, t: Thresholds) -> str:
     return "D"
 
 
+def scoring_change_error(scope: RecordScope, what: str) -> str | None:
+    """Why the caller may not change the scoring's `what` ("scoring rules", "grade thresholds"), or
+    None when they may. Every lead of the company is scored and graded by them, and routed by its
+    score, so a caller who assigns leads within one team or region may not: only in every scope."""
+    if scope.kind == ScopeKind.ALL:
+        return None
+    return f"{what} apply to every lead: you may manage them only with the assign permission on all leads"
+
+
 # --- assignment ---------------------------------------------------------------------------------
 
 
@@ -612,6 +621,8 @@ class AssignmentRule:
     max_score: int = 0
     capacity: int = 0
     enabled: bool = True
+    # The team whose leads the rule matches ("": any lead): a team's queue, as a team manager's rules are.
+    lead_team: str = ""
 
 
 def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
@@ -622,12 +633,14 @@ def validate_assignment_rule(rule: AssignmentRule, name: str) -> None:
         errors.append(FieldError("strategy", f"{rule.strategy!r} is not one of {', '.join(STRATEGIES)}"))
     if not rule.user_ids and not rule.team.strip():
         errors.append(FieldError("user_ids", "a rule assigns to at least one user, or to a team's pool"))
-    elif not all(user_id.strip() for user_id in rule.user_ids):
-        errors.append(FieldError("user_ids", "must not contain a blank user id"))
+    elif blanks := [index for index, user_id in enumerate(rule.user_ids) if not user_id.strip()]:
+        # an empty row of a user picker, refused: dropped, it could turn a rule for reps into a team pool's
+        errors.extend(FieldError(f"user_ids[{index}]", "must not be a blank user id") for index in blanks)
     elif len(set(rule.user_ids)) != len(rule.user_ids):  # a rep twice would take two turns
         errors.append(FieldError("user_ids", "must not name a user twice"))
-    if rule.team and not rule.team.strip():
-        errors.append(FieldError("team", "must not be blank"))
+    for field_name, team in (("team", rule.team), ("lead_team", rule.lead_team)):
+        if team and not team.strip():
+            errors.append(FieldError(field_name, "must not be blank"))
     for field_name, options in (("regions", rule.regions), ("industries", rule.industries)):
         if not all(option.strip() for option in options):  # a trailing comma, not "leads without one"
             errors.append(FieldError(field_name, "must not contain a blank value"))
@@ -652,6 +665,7 @@ def assignment_rule_matches(rule: AssignmentRule, lead: Mapping[str, Any]) -> bo
     score = int(lead.get("score") or 0)
     return (
         rule.enabled
+        and (not rule.lead_team or str(lead.get("team") or "").lower() == rule.lead_team.lower())
         and _casefold_in(str(lead.get("region") or ""), rule.regions)
         and _casefold_in(str(lead.get("industry") or ""), rule.industries)
         and _casefold_in(str(lead.get("source") or ""), rule.sources)
@@ -660,16 +674,28 @@ def assignment_rule_matches(rule: AssignmentRule, lead: Mapping[str, Any]) -> bo
     )
 
 
-def rule_scope_error(scope: RecordScope, *, team: str, regions: Collection[str]) -> FieldError | None:
-    """Why the caller may not manage an assignment rule routing leads to `team` / from `regions`
-    (None when they may). A rule decides whose leads go where, so it is held to the caller's
-    scope on assigning leads, as `/assign` is: a team manager manages the rules of their team, a
-    region's the rules of their region only; assigning in every scope, any rule."""
+def rule_in_callers_scope(rule: AssignmentRule, scope: RecordScope) -> AssignmentRule:
+    """`rule` as a caller in `scope` saves it: a team manager's rule that names no `lead_team` is
+    their team's queue (`rule_scope_error`)."""
+    if scope.kind == ScopeKind.TEAM and not rule.lead_team:
+        return replace(rule, lead_team=scope.team)
+    return rule
+
+
+def rule_scope_error(scope: RecordScope, *, team: str, lead_team: str, regions: Collection[str]) -> FieldError | None:
+    """Why the caller may not manage an assignment rule taking the leads of `lead_team` / from
+    `regions` to `team` (None when they may). A rule decides whose leads go where, so it is held
+    to the caller's scope on assigning leads, as `/assign` is: a team manager manages the rules
+    that route their team's leads (`lead_team`) within their team (`team`), so their rules cannot
+    take another team's leads, however early or broad; a region's manager the rules of their
+    region only; assigning in every scope, any rule."""
     match scope.kind:
         case ScopeKind.ALL:
             return None
-        case ScopeKind.TEAM if scope.team and team == scope.team:
+        case ScopeKind.TEAM if scope.team and team == scope.team and lead_team.lower() == scope.team.lower():
             return None
+        case ScopeKind.TEAM if scope.team and team == scope.team:
+            return FieldError("lead_team", f"you may manage only rules for the leads of team {scope.team}")
         case ScopeKind.REGION if regions and all(r.casefold() == scope.region.casefold() for r in regions):
             return None
         case ScopeKind.REGION:

@@ -295,6 +295,7 @@ def assignment_rule_of(row: Mapping[Any, Any]) -> AssignmentRule:
         max_score=row["max_score"],
         capacity=row["capacity"],
         enabled=row["enabled"],
+        lead_team=row["lead_team"],
     )
 
 
@@ -508,8 +509,17 @@ async def _out_of_sight(conn: AsyncConnection, lead_ids: Collection[str]) -> set
 
 def _check_rule_scope(rule: Mapping[Any, Any]) -> None:
     """PermissionDenied naming the field when the caller may not manage this assignment rule."""
-    if error := domain.rule_scope_error(current_scope(), team=rule["team"], regions=rule["regions"]):
+    error = domain.rule_scope_error(
+        current_scope(), team=rule["team"], lead_team=rule["lead_team"], regions=rule["regions"]
+    )
+    if error:
         raise PermissionDenied(error.message, field=error.field)
+
+
+def _check_scoring_change(what: str) -> None:
+    """PermissionDenied when the caller may not change the company's scoring (`what` of it)."""
+    if error := domain.scoring_change_error(current_scope(), what):
+        raise PermissionDenied(error)
 
 
 def _entered_for(principal: Principal) -> str:
@@ -519,7 +529,17 @@ def _entered_for(principal: Principal) -> str:
     return principal.user_id if principal.kind == "user" and current_scope().kind == ScopeKind.OWN else ""
 
 
+def _team_entered_for(principal: Principal) -> str:
+    """The team of a lead the caller enters or imports without one: a sales user's, who works their
+    own or their team's leads; none for a caller who sees leads across teams (marketing, an admin),
+    so that it goes to the rules or the shared pool, which every team's reps see, and not to the
+    pool of a team no rep is in."""
+    works_a_team = current_scope().kind in (ScopeKind.OWN, ScopeKind.TEAM)
+    return principal.team if principal.kind == "user" and works_a_team else ""
+
+
 def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
+
     keys = []
     if clean.email_norm:
         keys.append(f"email:{clean.email_norm}")
@@ -971,8 +991,8 @@ class LeadsService:
         }
         values.update({k: v for k, v in defaults.items() if v})
         values.update({k: v for k, v in clean.values.items() if v not in (None, "") or k not in defaults})
-        if not values["team"] and principal.kind == "user":
-            values["team"] = principal.team
+        if not values["team"]:
+            values["team"] = _team_entered_for(principal)
         if not values["owner_id"]:
             values["owner_id"] = _entered_for(principal)
         status = values.pop("status", None) or "new"
@@ -2198,7 +2218,7 @@ class LeadsService:
             "region": "",
             "industry": "",
             "owner_id": _entered_for(principal),  # a row's owner column wins (`_import_values`)
-            "team": principal.team if principal.kind == "user" else "",
+            "team": _team_entered_for(principal),
             "external_id": "",
             "status": "new",
             "created_at": now,
@@ -2335,16 +2355,19 @@ class LeadsService:
     # transaction and returns without touching a lead: `rescore_stale_leads` rescores the open ones.
 
     async def create_scoring_rule(self, rule: ScoringRule, name: str, key: str) -> RowMapping:
+        _check_scoring_change("scoring rules")
         values = {"id": new_id(), **self._scoring_values(rule, name), "version": 1}
         return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values, rescores=True)
 
     async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> RowMapping:
+        _check_scoring_change("scoring rules")
         values = self._scoring_values(rule, name)
         return await self._versioned_update(
             repo.scoring_rules, "scoring rule", rule.id, expected_version, values, rescores=True
         )
 
     async def delete_scoring_rule(self, rule_id: str, expected_version: int = 0) -> None:
+        _check_scoring_change("scoring rules")
         await self._delete(repo.scoring_rules, "scoring rule", rule_id, expected_version, rescores=True)
 
     async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds, int]:
@@ -2357,6 +2380,7 @@ class LeadsService:
     async def set_thresholds(self, t: Thresholds, expected_version: int = 0) -> tuple[Thresholds, int]:
         """Sets the grade thresholds when `expected_version` is their version or 0 (unconditional);
         returns them with their new version."""
+        _check_scoring_change("grade thresholds")
         domain.validate_thresholds(t)
         async with transaction(self.engine) as conn:
             # The generation first: its row stays locked to the commit, so settings of the
@@ -2389,15 +2413,17 @@ class LeadsService:
             "user_ids": list(rule.user_ids),
             "strategy": rule.strategy,
             "capacity": rule.capacity,
+            "lead_team": rule.lead_team,
         }
 
     async def create_assignment_rule(self, rule: AssignmentRule, name: str, key: str) -> RowMapping:
+        rule = domain.rule_in_callers_scope(rule, current_scope())
         values = {"id": new_id(), **self._assignment_values_of(rule, name), "version": 1}
         _check_rule_scope(values)
         return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
 
     async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowMapping:
-        values = self._assignment_values_of(rule, name)
+        values = self._assignment_values_of(domain.rule_in_callers_scope(rule, current_scope()), name)
         _check_rule_scope(await self._assignment_rule_row(rule.id))  # as it routes now, and as it would
         _check_rule_scope(values)
         return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)

@@ -151,6 +151,7 @@ def assignment_rule_to_proto(row: Mapping[Any, Any]) -> leads_pb2.AssignmentRule
         strategy=row["strategy"],
         capacity=row["capacity"],
         version=row["version"],
+        lead_team=row["lead_team"],
     )
 
 

@@ -252,6 +252,8 @@ assignment_rules = Table(
     Column("user_ids", _JSON, nullable=False),
     Column("strategy", String(20), nullable=False),
     Column("capacity", Integer, nullable=False, server_default="0"),
+    # The team whose leads the rule matches, "" for any (migration 0023).
+    Column("lead_team", String(200), nullable=False, server_default=""),
     # The rule's next round-robin turn (domain.pick_assignee). On SQLite turns are taken from this
     # column; on PostgreSQL from the rule's sequence (`take_turns`), which starts from it.
     Column("turns", BigInteger, nullable=False, server_default="0"),

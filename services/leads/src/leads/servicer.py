@@ -473,7 +473,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return AssignmentRule(
             id=message.id,
             position=message.position,
-            user_ids=tuple(u.strip() for u in message.user_ids if u.strip()),
+            user_ids=tuple(u.strip() for u in message.user_ids),  # a blank one is refused, not dropped
             strategy=message.strategy or "round_robin",
             team=message.team,
             regions=frozenset(message.regions),
@@ -483,6 +483,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             max_score=message.max_score,
             capacity=message.capacity,
             enabled=message.enabled,
+            lead_team=message.lead_team,
         )
 
     async def CreateAssignmentRule(

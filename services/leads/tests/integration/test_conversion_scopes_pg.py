@@ -193,7 +193,9 @@ async def conversion(env: Any, tmp_path: Path, gateway_database: Path) -> AsyncI
 
 async def lead_of(env: Any, owner: str) -> str:
     with env.acting(owner, team=TEAM):
-        lead, _ = await env.service.create_lead({"name": "Zhang", "company": "Zhang Co", "owner_id": owner})
+        lead, _ = await env.service.create_lead(
+            {"name": "Zhang", "company": "Zhang Co", "owner_id": owner, "team": TEAM}
+        )
     return str(lead["id"])
 
 

@@ -39,7 +39,9 @@ def scope(kind: ScopeKind, user: str = "rep1", team: str = "east") -> RecordScop
 
 async def new_lead(env: Any, owner_id: str = "rep1") -> Any:
     with env.acting("admin", roles=("admin",)):
-        lead, _ = await env.service.create_lead({"name": "Li Lei", "owner_id": owner_id, "region": "cn-east"})
+        lead, _ = await env.service.create_lead(
+            {"name": "Li Lei", "owner_id": owner_id, "team": "east", "region": "cn-east"}
+        )
     return lead
 
 

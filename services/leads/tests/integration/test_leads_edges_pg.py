@@ -180,8 +180,8 @@ async def test_a_lead_a_rep_enters_is_theirs_and_one_a_manager_enters_goes_by_th
 
 async def test_a_claim_of_a_lead_outside_the_pool_tells_only_who_may_see_it_that_it_exists(env: Any) -> None:
     with env.acting("manager"):
-        theirs, _ = await env.service.create_lead({"name": "held by rep2", "owner_id": "rep2"})
-        mine, _ = await env.service.create_lead({"name": "held by rep1", "owner_id": "rep1"})
+        theirs, _ = await env.service.create_lead({"name": "held by rep2", "owner_id": "rep2", "team": "east"})
+        mine, _ = await env.service.create_lead({"name": "held by rep1", "owner_id": "rep1", "team": "east"})
     with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(NotFound):
         await env.service.claim(theirs["id"])  # as GET answers it: 404, not "not in the pool"
     with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(Conflict) as held:

@@ -24,7 +24,7 @@ async def _pool_leads(env: Any) -> dict[str, dict[str, Any]]:
     made: dict[str, dict[str, Any]] = {}
     for name, team in (("spam1", ""), ("spam2", ""), ("spam3", ""), ("east lead", "east"), ("west lead", "west")):
         with env.acting("admin", roles=("admin",), team=team):
-            lead, _ = await env.service.create_lead({"name": name})
+            lead, _ = await env.service.create_lead({"name": name, "team": team})
         assert (lead["team"], lead["owner_id"], lead["in_pool"]) == (team, "", True)
         made[name] = dict(lead)
     return made
@@ -166,3 +166,18 @@ async def test_the_pool_is_sorted_through_the_gateway_as_the_lead_list_is(
     assert [lead["name"] for lead in by_name.json()["items"]] == ["a", "b", "c"], by_name.text
     assert [lead["name"] for lead in by_score.json()["items"]] == ["b"] and by_score.json()["next_cursor"]
     assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "sort", unknown.text
+
+
+async def test_a_lead_entered_by_someone_who_works_no_team_goes_to_the_pool_every_team_sees(env: Any) -> None:
+    with env.acting("mkt1", roles=("marketing",), team="mkt"):  # marketing sees leads across teams
+        captured, _ = await env.service.create_lead({"name": "Expo visitor"})
+    with env.acting("rep9", team="east", scope=ScopeKind.OWN):  # a rep's own lead is their team's
+        own, _ = await env.service.create_lead({"name": "Walk-in"})
+    with env.acting("lead-of-east", roles=("sales_manager",), team="east", scope=ScopeKind.TEAM):
+        entered, _ = await env.service.create_lead({"name": "Referral"})
+    assert (captured["team"], captured["in_pool"]) == ("", True)
+    assert (own["team"], own["owner_id"]) == ("east", "rep9")
+    assert entered["team"] == "east"
+    with env.acting("rep1", team="west", scope=ScopeKind.OWN):
+        pool, _ = await env.service.list_pool(region="", industry="", source="", limit=10, cursor="")
+    assert [lead["name"] for lead in pool] == ["Expo visitor"]

@@ -244,10 +244,10 @@ def test_assignment_rule_validation() -> None:
     blanks = _rule(user_ids=("u1", " "), regions=frozenset({"east", ""}), industries=frozenset({" "}))
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_assignment_rule(blanks, "x")
-    assert {e.field for e in caught.value.errors} == {"user_ids", "regions", "industries"}
+    assert {e.field for e in caught.value.errors} == {"user_ids[1]", "regions", "industries"}
     with pytest.raises(ValidationFailed) as caught:
-        domain.validate_assignment_rule(_rule(user_ids=("u1", "u2", "u1"), team="   "), "x")
-    assert {e.field for e in caught.value.errors} == {"user_ids", "team"}
+        domain.validate_assignment_rule(_rule(user_ids=("u1", "u2", "u1"), team="   ", lead_team=" "), "x")
+    assert {e.field for e in caught.value.errors} == {"user_ids", "team", "lead_team"}
     domain.validate_assignment_rule(_rule(sources=frozenset({"WeChat", "event"})), "x")  # matched case-blind
 
 
@@ -447,16 +447,24 @@ def test_a_contact_made_before_the_lead_was_captured_counts_at_its_capture() -> 
 EAST_MANAGER = RecordScope(ScopeKind.TEAM, owner_id="m1", team="east", region="north")
 
 
+EAST_LEADS_ONLY = ("lead_team", "you may manage only rules for the leads of team east")
+
+
 @pytest.mark.parametrize(
-    ("scope", "team", "regions", "refused"),
+    ("scope", "team", "lead_team", "regions", "refused"),
     [
-        (RecordScope(ScopeKind.ALL), "west", [], None),
-        (EAST_MANAGER, "east", [], None),
-        (EAST_MANAGER, "west", [], ("team", "you may manage only rules of team east")),
-        (EAST_MANAGER, "", ["north"], ("team", "you may manage only rules of team east")),
-        (RecordScope(ScopeKind.REGION, region="north"), "west", ["North"], None),
+        (RecordScope(ScopeKind.ALL), "west", "", [], None),
+        (RecordScope(ScopeKind.ALL), "west", "east", [], None),
+        (EAST_MANAGER, "east", "east", [], None),
+        (EAST_MANAGER, "east", "EAST", ["south"], None),  # matched case-blind, as a region is
+        (EAST_MANAGER, "east", "", [], EAST_LEADS_ONLY),  # a catch-all: every team's new leads
+        (EAST_MANAGER, "east", "west", ["north"], EAST_LEADS_ONLY),
+        (EAST_MANAGER, "west", "east", [], ("team", "you may manage only rules of team east")),
+        (EAST_MANAGER, "", "east", ["north"], ("team", "you may manage only rules of team east")),
+        (RecordScope(ScopeKind.REGION, region="north"), "west", "", ["North"], None),
         (
             RecordScope(ScopeKind.REGION, region="north"),
+            "",
             "",
             ["north", "south"],
             ("regions", "you may manage only rules of region north"),
@@ -464,11 +472,13 @@ EAST_MANAGER = RecordScope(ScopeKind.TEAM, owner_id="m1", team="east", region="n
         (
             RecordScope(ScopeKind.REGION, region="north"),
             "",
+            "",
             [],
             ("regions", "you may manage only rules of region north"),
         ),
         (
             RecordScope(ScopeKind.OWN, owner_id="r1", team="east"),
+            "east",
             "east",
             [],
             ("team", "you may manage only rules of team east"),
@@ -476,10 +486,36 @@ EAST_MANAGER = RecordScope(ScopeKind.TEAM, owner_id="m1", team="east", region="n
     ],
 )
 def test_a_rule_is_managed_within_the_callers_scope_on_assigning_leads(
-    scope: RecordScope, team: str, regions: list[str], refused: tuple[str, str] | None
+    scope: RecordScope, team: str, lead_team: str, regions: list[str], refused: tuple[str, str] | None
 ) -> None:
-    error = domain.rule_scope_error(scope, team=team, regions=regions)
+    error = domain.rule_scope_error(scope, team=team, lead_team=lead_team, regions=regions)
     assert (None if error is None else (error.field, error.message)) == refused
+
+
+def test_a_team_managers_rule_is_their_teams_queue_unless_it_names_one() -> None:
+    catch_all = _rule(team="east")
+    assert domain.rule_in_callers_scope(catch_all, EAST_MANAGER).lead_team == "east"
+    assert domain.rule_in_callers_scope(_rule(team="east", lead_team="west"), EAST_MANAGER).lead_team == "west"
+    for others in (RecordScope(ScopeKind.ALL), RecordScope(ScopeKind.REGION, region="north")):
+        assert domain.rule_in_callers_scope(catch_all, others) == catch_all  # any lead, as before
+
+
+def test_a_rule_for_a_teams_leads_matches_only_leads_of_that_team() -> None:
+    east_queue = _rule(id="east-queue", position=-1000, lead_team="east")
+    anyone = _rule(id="anyone", position=1)
+    rules = [east_queue, anyone]
+    assert domain.first_matching_rule(rules, {"team": "East", "region": "cn-west"}).id == "east-queue"  # type: ignore[union-attr]
+    assert domain.first_matching_rule(rules, {"team": "west", "region": "cn-west"}).id == "anyone"  # type: ignore[union-attr]
+    assert domain.first_matching_rule(rules, {"region": "cn-west"}).id == "anyone"  # type: ignore[union-attr]
+    assert domain.assignment_rule_matches(anyone, {"team": "west"})
+
+
+@pytest.mark.parametrize("scope", [EAST_MANAGER, RecordScope(ScopeKind.REGION, region="north")])
+def test_only_a_caller_assigning_in_every_scope_changes_the_companys_scoring(scope: RecordScope) -> None:
+    assert domain.scoring_change_error(RecordScope(ScopeKind.ALL), "scoring rules") is None
+    assert domain.scoring_change_error(scope, "scoring rules") == (
+        "scoring rules apply to every lead: you may manage them only with the assign permission on all leads"
+    )
 
 
 @pytest.mark.parametrize(

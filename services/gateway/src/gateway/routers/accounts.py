@@ -19,13 +19,13 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from crm_platform.errors import missing_reference
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
-from fastapi import Depends, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
-from gateway.conventions import FigureIn, expected_version, with_etag
+from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, FigureIn, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
 from gateway.routers.custom_fields import (
@@ -606,8 +606,8 @@ AccountsCreate = Annotated[Access, Depends(require("accounts", "create"))]
 AccountsUpdate = Annotated[Access, Depends(require("accounts", "update"))]
 AccountsDelete = Annotated[Access, Depends(require("accounts", "delete"))]
 AccountsAssign = Annotated[Access, Depends(require("accounts", "assign"))]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
-IfMatch = Annotated[str | None, Header(alias="If-Match")]
+IdempotencyKey = Annotated[str | None, IDEMPOTENCY_KEY_HEADER]
+IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 CSV = Annotated[list[str] | None, Query()]
 
 

@@ -16,10 +16,10 @@ from crm.common.v1 import custom_fields_pb2 as pb
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.custom_fields import canonical_number
 from crm_platform.timeutil import from_timestamp, isoformat
-from fastapi import Depends, Header, HTTPException, Request, Response
+from fastapi import Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from gateway.conventions import expected_version, with_etag
+from gateway.conventions import IF_MATCH_HEADER, expected_version, with_etag
 from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path, prefixed_query_parameters
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
@@ -51,7 +51,7 @@ RESOURCE_ENTITIES: dict[str, str] = {
 # through this replica drops its entry at once; other replicas see it within the TTL.
 PII_TTL_SECONDS = 10.0
 
-IfMatch = Annotated[str | None, Header(alias="If-Match")]
+IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 
 
 class CustomFieldBody(ReplacementBody):

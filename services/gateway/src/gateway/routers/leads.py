@@ -25,13 +25,13 @@ from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_ke
 from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
-from fastapi import Depends, Header, Path, Query, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, model_validator
 
-from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.conventions import IdempotencyKey, IfMatch, MoneyIn, expected_version, with_etag
 from gateway.inputs import (
     INT32_MAX,
     INT32_MIN,
@@ -43,10 +43,12 @@ from gateway.inputs import (
     RequestBody,
 )
 from gateway.references import refuse_if_deals_name_campaign
+from gateway.routers import lead_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
+from gateway.security.masking import MASK, mask_value
 from gateway.security.problems import forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["leads"])
@@ -65,8 +67,9 @@ CampaignsRead = Annotated[Access, Depends(require("campaigns", "read"))]
 CampaignsCreate = Annotated[Access, Depends(require("campaigns", "create"))]
 CampaignsUpdate = Annotated[Access, Depends(require("campaigns", "update"))]
 CampaignsDelete = Annotated[Access, Depends(require("campaigns", "delete"))]
-IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", max_length=200)]
-IfMatch = Annotated[str, Header(alias="If-Match")]
+# The paging parameters of the lists.
+PageLimit = Annotated[int | None, Query(ge=1, le=500, description="items per page, 1 to 500; 50 when left out")]
+PageCursor = Annotated[str, Query(description="the `next_cursor` of the page before; left out for the first page")]
 # Imports can run for minutes; everything else uses the channel's default deadline.
 IMPORT_DEADLINE_SECONDS = 600.0
 IMPORT_CHUNK_BYTES = 256 * 1024
@@ -189,6 +192,9 @@ class AssignmentRuleIn(ReplacementBody):
     user_ids: list[ShortText] = Field(default=[], description="none: the leads go to `team`'s pool")
     strategy: str = Field(default="round_robin", max_length=20)
     capacity: int = Field(default=0, ge=0, le=INT32_MAX)
+    lead_team: str = Field(
+        default="", max_length=200, description="only leads of this team; empty: any (a team manager's: their team)"
+    )
 
 
 class CampaignIn(RequestBody):
@@ -326,13 +332,34 @@ def _page(limit: int | None, cursor: str, sort: str = "") -> common_pb2.PageRequ
 # --- leads ---------------------------------------------------------------------------------------
 
 
-@router.post("/leads", status_code=201)
+_MERGED_INTO = {"X-Merged-Into": {"description": "the id of the lead merged into", "schema": {"type": "string"}}}
+OnDuplicate = Annotated[
+    Literal["reject", "merge", "allow"],
+    Query(
+        description="when the email or phone is an open lead's: `reject` (409 DUPLICATE naming `existing_id`), "
+        "`merge` (fills that lead's empty fields and appends tags) or `allow` (a second lead)"
+    ),
+]
+
+
+@router.post(
+    "/leads",
+    status_code=201,
+    responses={
+        201: {"model": schemas.Lead, "description": "Created"},
+        200: {"model": schemas.Lead, "description": "Merged (`on_duplicate=merge`)", "headers": _MERGED_INTO},
+        409: {
+            "description": "DUPLICATE: an open lead has the email or phone (`existing_id` names it to a caller "
+            "who may read it); so is a merge into a lead outside the caller's record scope"
+        },
+    },
+)
 async def create_lead(
     body: LeadIn,
     request: Request,
     response: Response,
     access: LeadsCreate,
-    on_duplicate: Annotated[Literal["reject", "merge", "allow"], Query()] = "reject",
+    on_duplicate: OnDuplicate = "reject",
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """Captures a lead: deduplicated by email/phone (409 with `existing_id`), scored, assigned."""
@@ -387,30 +414,64 @@ LEAD_FILTERS: FilterFields = {
 LEAD_SORTS = r"^-?(created_at|updated_at|score|name)$"  # the leads service's SORTS
 
 
-@router.get("/leads", openapi_extra=CUSTOM_FILTER_PARAMETERS)
+LeadSort = Annotated[
+    str,
+    Query(
+        pattern=LEAD_SORTS,
+        description="created_at, updated_at, score or name; a leading `-` sorts descending (newest first by default)",
+    ),
+]
+_EXACTLY = "only the leads whose {} is this (exactly)"
+
+
+@router.get("/leads", openapi_extra=CUSTOM_FILTER_PARAMETERS, responses={200: {"model": schemas.LeadPage}})
 async def list_leads(
     request: Request,
     access: LeadsRead,
-    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: str = "",
-    sort: Annotated[str, Query(pattern=LEAD_SORTS)] = "-created_at",
-    status: Annotated[list[str] | None, Query()] = None,
-    source: Annotated[list[str] | None, Query()] = None,
-    owner_id: str = "",
-    team: str = "",
-    region: str = "",
-    industry: str = "",
-    grade: str = "",
-    campaign_id: str = "",
-    tag: str = "",
-    q: Annotated[str, Query(max_length=200)] = "",
-    created_after: Instant | None = None,
-    created_before: Instant | None = None,
-    source_detail: str = "",
-    in_pool: bool | None = None,
-    follow_up_overdue: bool | None = None,
-    min_score: Annotated[int, Query(ge=0, le=100)] = 0,
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    sort: LeadSort = "-created_at",
+    status: Annotated[
+        list[str] | None,
+        Query(
+            description="new, contacted, qualified, unqualified, converted or recycled; "
+            "repeat it for several (`status=new&status=contacted`: either)"
+        ),
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        Query(
+            description="website, webform, ad, event, referral, wechat, phone, email, import or other; "
+            "repeat it for several (either)"
+        ),
+    ] = None,
+    owner_id: Annotated[str, Query(description="the owner's user id; `me` for the caller")] = "",
+    team: Annotated[str, Query(description=_EXACTLY.format("team"))] = "",
+    region: Annotated[str, Query(description=_EXACTLY.format("region"))] = "",
+    industry: Annotated[str, Query(description=_EXACTLY.format("industry"))] = "",
+    grade: Annotated[str, Query(description="A, B, C or D")] = "",
+    campaign_id: Annotated[str, Query(description=_EXACTLY.format("campaign id"))] = "",
+    tag: Annotated[str, Query(description="only the leads with this tag")] = "",
+    q: Annotated[
+        str,
+        Query(
+            max_length=200,
+            description="a substring, any case, of the name, company or email; only of those the caller "
+            "reads in clear (a caller who sees emails masked searches names and companies)",
+        ),
+    ] = "",
+    created_after: Annotated[Instant | None, Query(description="created at or after this time (RFC 3339)")] = None,
+    created_before: Annotated[Instant | None, Query(description="created before this time (RFC 3339)")] = None,
+    source_detail: Annotated[str, Query(description=_EXACTLY.format("original source value"))] = "",
+    in_pool: Annotated[bool | None, Query(description="true: only the pool's; false: only owned leads")] = None,
+    follow_up_overdue: Annotated[
+        bool | None, Query(description="true: only the leads whose first-contact SLA passed without contact")
+    ] = None,
+    min_score: Annotated[int, Query(ge=0, le=100, description="only the leads scoring at least this")] = 0,
 ) -> dict[str, Any]:
+    """The leads in the caller's record scope, one page at a time, shown with the caller's field
+    rules; filters combine (all must hold). Filtering or sorting by a field the caller does not read
+    in clear is 403, an unknown parameter 422."""
     access.check_filters({name: fields for name, fields in LEAD_FILTERS.items() if name != "q"})
     access.check_filter([sort])
     # `q` looks only in the fields the caller reads in clear (marketing finds leads by name and
@@ -449,13 +510,21 @@ async def list_leads(
     }
 
 
-@router.get("/leads/summary")
+# The fields the leads service counts by (`LeadsService.summarize`).
+SUMMARY_GROUPS = ("source", "source_detail", "status", "grade", "region", "owner_id", "industry", "team", "campaign_id")
+
+
+@router.get("/leads/summary", responses={200: {"model": schemas.LeadSummary}})
 async def summarize_leads(
     request: Request,
     access: LeadsRead,
-    group_by: Annotated[str, Query(pattern=r"^[a-z_]+$")],
-    status: Annotated[list[str] | None, Query()] = None,
-    import_id: str = "",
+    group_by: Annotated[
+        str, Query(pattern=r"^[a-z_]+$", description=f"the field to count by: {', '.join(SUMMARY_GROUPS)}")
+    ],
+    status: Annotated[
+        list[str] | None, Query(description="count only the leads of this status; repeat it for several (either)")
+    ] = None,
+    import_id: Annotated[str, Query(description="count only the leads this import (its key) created")] = "",
 ) -> dict[str, Any]:
     """Counts of the caller's in-scope leads grouped by one field (e.g. source, source_detail)."""
     access.check_filter([group_by])
@@ -467,23 +536,75 @@ async def summarize_leads(
     return {"group_by": group_by, "counts": {c.key: c.count for c in reply.counts}, "total": reply.total}
 
 
-@router.post("/leads/import")
+_IMPORT_FILE = (
+    "The file itself, at most `CRM_GATEWAY_MAX_BODY_BYTES` (1 MiB by default; 413 above it) per request: "
+    "a larger file goes in parts (`part`, `final`) cut at line ends. UTF-8, or the charset the "
+    "Content-Type names (`text/csv; charset=gbk`, `gb18030`, `utf-16`, ...)."
+)
+_IMPORT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": _IMPORT_FILE,
+        "content": {
+            "text/csv": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+            "application/x-ndjson": {
+                "schema": {"type": "string", "format": "binary", "description": "JSON Lines: one object a line"}
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/leads/import",
+    openapi_extra=_IMPORT_BODY,
+    responses={
+        200: {"model": schemas.ImportAnswer},
+        409: {"description": "IMPORT_COMPLETED: the import under this key completed; use a new key"},
+    },
+)
 async def import_leads(
     request: Request,
     access: LeadsCreate,
-    format: Annotated[Literal["csv", "json", "jsonl"] | None, Query()] = None,
-    import_key: Annotated[str, Query(max_length=200)] = "",
-    on_duplicate: Annotated[Literal["reject", "merge", "allow"], Query()] = "reject",
-    column_map: Annotated[str, Query(description="JSON object: file column -> lead field")] = "",
-    source_map: Annotated[str, Query(description="JSON object: file value -> source")] = "",
-    default_source: str = "",
-    campaign_id: str = "",
-    assign: bool = False,
-    report_accepted: bool = False,
+    format: Annotated[
+        Literal["csv", "json", "jsonl"] | None,
+        Query(
+            description="the file's format; left out, the Content-Type says: `application/json` a JSON array "
+            "of objects, `application/x-ndjson` or `application/jsonl` JSON Lines, anything else CSV"
+        ),
+    ] = None,
+    import_key: Annotated[
+        str,
+        Query(
+            max_length=200,
+            description="names the file: its parts and re-sends use it (a re-sent part is never applied "
+            "twice); progress at `GET /leads/imports/{import_key}`",
+        ),
+    ] = "",
+    on_duplicate: OnDuplicate = "reject",
+    column_map: Annotated[
+        str,
+        Query(
+            description='JSON object, file column -> lead field (`{"Mobile No": "phone"}`): only these columns '
+            "set fields, the others go to `custom`; left out, headers match field names and their aliases"
+        ),
+    ] = "",
+    source_map: Annotated[
+        str,
+        Query(description='JSON object, a source value of the file -> a lead source (`{"Olark Chat": "website"}`)'),
+    ] = "",
+    default_source: Annotated[str, Query(description="the source of rows without one; `import` by default")] = "",
+    campaign_id: Annotated[str, Query(description="the campaign every imported lead is attributed to")] = "",
+    assign: Annotated[bool, Query(description="true: rows without an owner go through the assignment rules")] = False,
+    report_accepted: Annotated[
+        bool,
+        Query(description="true: `rows` lists the accepted rows too, with the `lead_id` each became"),
+    ] = False,
     part: Annotated[
         int, Query(ge=0, le=INT32_MAX, description="1, 2, ... for a file sent in parts; 0: the whole file")
     ] = 0,
-    final: bool = False,
+    final: Annotated[bool, Query(description="true on a file's last part: the import then completes")] = False,
 ) -> dict[str, Any]:
     """Bulk import of CSV, a JSON array or JSON Lines, streamed to the service.
 
@@ -532,6 +653,12 @@ async def import_leads(
     progress = reply.lead_import.progress  # of the whole import so far
     counts = f"{progress.accepted} accepted, {progress.merged} merged, {progress.rejected} rejected"
     await access.audit("import", reply.lead_import.id, reason=f"part {part or 1}: {counts} in all")
+    # A merge changed a lead that was there before: it is on that lead's own trail. (The leads an
+    # import created carry its id, `import_id`, which its row above names.)
+    merged = [
+        (row.lead_id, f"import {reply.lead_import.id}, row {row.row}") for row in reply.rows if row.status == "merged"
+    ]
+    await access.audit_each("merge", merged)
     summary = _import_json(reply.lead_import)
     del summary["rejected_rows"]  # this part's rejections are its `rows`; all of them: GET /leads/imports/{id}
     return {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
@@ -654,17 +781,47 @@ def _import_json(lead_import: pb.LeadImport) -> dict[str, Any]:
     return body
 
 
-@router.get("/leads/imports/{import_id}")
+@router.get("/leads/imports/{import_id}", responses={200: {"model": schemas.LeadImportStatus}})
 async def get_import(import_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
     """An import's status, progress and rejected rows (with reasons)."""
     reply = await _stub(request).GetLeadImport(
         pb.GetLeadImportRequest(import_id=import_id), metadata=access.grpc_metadata()
     )
-    return _import_json(reply.lead_import)
+    summary = _import_json(reply.lead_import)
+    summary["rejected_rows"] = _rejections_as_seen(access, summary.get("rejected_rows", []))
+    return summary
 
 
-@router.get("/leads/{lead_id}")
+_QUOTED = re.compile(r"'[^']*'")
+
+
+def _rejections_as_seen(access: Access, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An import's rejected rows as the caller may see them: a reason quoting the value of a field
+    the caller does not read in clear (a marketer reading a rep's import: its emails and phones, or
+    custom values, which may be personal data) quotes it masked, as the lead's field would show."""
+    core = {row["field"] for row in rows if row.get("field") in IMPORTABLE_FIELDS}
+    clear = set(access.in_clear(core))
+    masks_custom = access.masks_personal_data()
+    seen = []
+    for row in rows:
+        field = row.get("field", "")
+        hidden = (field in core and field not in clear) or (field.startswith("custom.") and masks_custom)
+        if hidden:
+            row = {**row, "reason": _masked_quotes(row["reason"], field)}
+        seen.append(row)
+    return seen
+
+
+def _masked_quotes(reason: str, field: str) -> str:
+    """The values `reason` quotes masked as the field shows them (`'j***@example.com'`,
+    `'138****5678'`), else as `'***'`."""
+    kind = field if field in ("email", "phone") else "id"
+    return _QUOTED.sub(lambda quoted: f"'{mask_value(quoted.group(0)[1:-1], kind) or MASK}'", reason)
+
+
+@router.get("/leads/{lead_id}", responses={200: {"model": schemas.Lead}})
 async def get_lead(lead_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    """A lead in the caller's record scope (404 otherwise), with its version as the `ETag`."""
     reply = await _stub(request).GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
     present = await presenter(access)
     return with_etag(response, present(lead_json(reply.lead)))
@@ -676,10 +833,21 @@ async def _lead_before(stub: LeadsServiceStub, lead_id: str, access: Access) -> 
     return lead_json(reply.lead)
 
 
-@router.patch("/leads/{lead_id}")
+@router.patch(
+    "/leads/{lead_id}",
+    responses={
+        200: {"model": schemas.Lead},
+        409: {
+            "description": "ILLEGAL_TRANSITION: the status cannot move so; DUPLICATE: another open lead has "
+            "the email or phone"
+        },
+    },
+)
 async def update_lead(
     lead_id: str, body: LeadPatch, request: Request, response: Response, access: LeadsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
+    """Changes the fields sent; `status` moves it new -> contacted -> qualified (moving the status
+    needs the grant to create activities as well)."""
     given = body.model_dump(exclude_unset=True)
     status = given.pop("status", None)
     access.check_write(given)
@@ -707,7 +875,9 @@ async def update_lead(
     return with_etag(response, present(result))
 
 
-@router.delete("/leads/{lead_id}", status_code=204)
+@router.delete(
+    "/leads/{lead_id}", status_code=204, responses={409: {"description": "LEAD_CONVERTED: disqualify it instead"}}
+)
 async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_match: IfMatch = "") -> Response:
     """A lead entered by mistake or to be erased, with its activities and tasks (409 when converted:
     the records it became point back at it, so disqualify it instead)."""
@@ -721,7 +891,7 @@ async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_ma
     return Response(status_code=204)
 
 
-@router.post("/leads/{lead_id}/activities", status_code=201)
+@router.post("/leads/{lead_id}/activities", status_code=201, responses={201: {"model": schemas.LoggedActivity}})
 async def log_activity(
     lead_id: str, body: ActivityIn, request: Request, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -766,7 +936,7 @@ def _activity_metadata(access: Access) -> tuple[tuple[str, str | bytes], ...]:
     return access.grpc_metadata(access.require_view("leads", "update"))
 
 
-@router.patch("/leads/{lead_id}/activities/{activity_id}")
+@router.patch("/leads/{lead_id}/activities/{activity_id}", responses={200: {"model": schemas.LeadActivity}})
 async def update_activity(
     lead_id: str,
     activity_id: str,
@@ -823,13 +993,9 @@ async def delete_activity(
     return Response(status_code=204)
 
 
-@router.get("/leads/{lead_id}/activities")
+@router.get("/leads/{lead_id}/activities", responses={200: {"model": schemas.LeadActivityPage}})
 async def list_activities(
-    lead_id: str,
-    request: Request,
-    access: LeadsRead,
-    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: str = "",
+    lead_id: str, request: Request, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
 ) -> dict[str, Any]:
     """The lead's follow-ups, shown with the caller's rules for activities (403 without a grant)."""
     activities = access.require_view("activities")
@@ -843,12 +1009,15 @@ async def list_activities(
     }
 
 
-@router.get("/leads/{lead_id}/tasks")
+TaskStatus = Literal["open", "done", "cancelled"]
+
+
+@router.get("/leads/{lead_id}/tasks", responses={200: {"model": schemas.LeadTaskList}})
 async def list_tasks(
     lead_id: str,
     request: Request,
     access: LeadsRead,
-    status: Annotated[Literal["open", "done", "cancelled"] | None, Query()] = None,
+    status: Annotated[TaskStatus | None, Query(description="only the tasks of this status; all when left out")] = None,
 ) -> dict[str, Any]:
     """The lead's follow-up tasks, shown with the caller's rules for tasks (403 without a grant)."""
     tasks = access.require_view("tasks")
@@ -866,16 +1035,22 @@ def _task_json(task: leads_pb2.LeadTask) -> dict[str, Any]:
     return body
 
 
-@router.get("/lead-tasks")
+@router.get("/lead-tasks", responses={200: {"model": schemas.ScopedLeadTaskPage}})
 async def list_lead_tasks(
     request: Request,
     access: LeadsRead,
-    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: str = "",
-    owner_id: str = "",
-    status: Literal["open", "done", "cancelled"] = "open",
-    kind: Literal["first_contact", "follow_up"] | None = None,
-    due: Literal["today", "overdue"] | None = None,
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    owner_id: Annotated[str, Query(description="the tasks of this user; `me` for the caller")] = "",
+    status: Annotated[TaskStatus, Query(description="open by default")] = "open",
+    kind: Annotated[
+        Literal["first_contact", "follow_up"] | None,
+        Query(description="first_contact (the SLA's task) or follow_up (an activity's `next_follow_up_at`)"),
+    ] = None,
+    due: Annotated[
+        Literal["today", "overdue"] | None,
+        Query(description="today: due within the current UTC day; overdue: open and due before now"),
+    ] = None,
 ) -> dict[str, Any]:
     """The follow-up tasks of the leads in the caller's scope (a rep's own, a manager's team's), by
     due time, each with its lead's name; shown with the caller's rules for tasks, the name with
@@ -901,7 +1076,7 @@ async def list_lead_tasks(
     return {"items": items, "next_cursor": reply.page_info.next_cursor or None}
 
 
-@router.get("/leads/{lead_id}/score-history")
+@router.get("/leads/{lead_id}/score-history", responses={200: {"model": schemas.ScoreHistory}})
 async def score_history(lead_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
     """Each recomputation of the lead's score, shown as the caller sees the lead's score and grade."""
     reply = await _stub(request).GetLeadScoreHistory(
@@ -920,7 +1095,7 @@ async def score_history(lead_id: str, request: Request, access: LeadsRead) -> di
     }
 
 
-@router.post("/leads/{lead_id}/assign")
+@router.post("/leads/{lead_id}/assign", responses={200: {"model": schemas.Lead}})
 async def assign_lead(
     lead_id: str,
     body: AssignIn,
@@ -951,7 +1126,7 @@ async def assign_lead(
     return with_etag(response, present(result))
 
 
-@router.post("/leads/{lead_id}/disqualify")
+@router.post("/leads/{lead_id}/disqualify", responses={200: {"model": schemas.Lead}})
 async def disqualify_lead(
     lead_id: str,
     body: DisqualifyIn,
@@ -961,6 +1136,7 @@ async def disqualify_lead(
     if_match: IfMatch = "",
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    """Closes an open lead as `unqualified`, with the reason (required) in `disqualified_reason`."""
     stub = _stub(request)
     before = await _lead_before(stub, lead_id, access)
     reply = await stub.DisqualifyLead(
@@ -978,7 +1154,7 @@ async def disqualify_lead(
     return with_etag(response, present(result))
 
 
-@router.post("/leads/{lead_id}/convert")
+@router.post("/leads/{lead_id}/convert", responses={200: {"model": schemas.Conversion}})
 async def convert_lead(
     lead_id: str, body: ConvertIn, request: Request, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -1026,17 +1202,19 @@ async def convert_lead(
 # --- lead pool -----------------------------------------------------------------------------------
 
 
-@router.get("/lead-pool")
+@router.get("/lead-pool", responses={200: {"model": schemas.LeadPage}})
 async def list_pool(
     request: Request,
     access: LeadsRead,
-    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: str = "",
-    sort: Annotated[str, Query(pattern=LEAD_SORTS)] = "-created_at",
-    region: str = "",
-    industry: str = "",
-    source: str = "",
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    sort: LeadSort = "-created_at",
+    region: Annotated[str, Query(description=_EXACTLY.format("region"))] = "",
+    industry: Annotated[str, Query(description=_EXACTLY.format("industry"))] = "",
+    source: Annotated[str, Query(description=_EXACTLY.format("source"))] = "",
 ) -> dict[str, Any]:
+    """The pool's open leads in the caller's record scope, sorted as `GET /leads` sorts (`-score`:
+    the best scored first), to claim with `POST /leads/{id}/claim`."""
     access.check_filters({"region": "region", "industry": "industry", "source": "source"})
     access.check_filter([sort])
     reply = await _stub(request).ListLeadPool(
@@ -1052,7 +1230,13 @@ async def list_pool(
     }
 
 
-@router.post("/leads/{lead_id}/claim")
+@router.post(
+    "/leads/{lead_id}/claim",
+    responses={
+        200: {"model": schemas.Lead},
+        409: {"description": "CLAIM_LIMIT, or RECLAIM_COOLDOWN (a lead recycled from the caller lately)"},
+    },
+)
 async def claim_lead(
     lead_id: str, request: Request, response: Response, access: LeadsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -1075,7 +1259,10 @@ async def claim_lead(
     return with_etag(response, present(result))
 
 
-@router.post("/leads/{lead_id}/release")
+@router.post(
+    "/leads/{lead_id}/release",
+    responses={200: {"model": schemas.Lead}, 409: {"description": "IN_POOL: the lead is in the pool already"}},
+)
 async def release_lead(
     lead_id: str,
     request: Request,
@@ -1133,7 +1320,7 @@ def _thresholds_json(thresholds: leads_pb2.GradeThresholds, version: int) -> dic
     return {**_message_json(thresholds), "version": version}
 
 
-@router.get("/lead-scoring-rules")
+@router.get("/lead-scoring-rules", responses={200: {"model": schemas.ScoringRules}})
 async def list_scoring_rules(request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     """The rules (each with its version) and the grade thresholds; the `ETag` is the thresholds'
     version, for the `If-Match` of `PUT /lead-scoring-rules/thresholds`."""
@@ -1142,7 +1329,7 @@ async def list_scoring_rules(request: Request, response: Response, access: Leads
     return {"items": [_rule_json(r) for r in reply.items], "thresholds": thresholds}
 
 
-@router.post("/lead-scoring-rules", status_code=201)
+@router.post("/lead-scoring-rules", status_code=201, responses={201: {"model": schemas.ScoringRule}})
 async def create_scoring_rule(
     body: ScoringRuleIn,
     request: Request,
@@ -1150,6 +1337,7 @@ async def create_scoring_rule(
     access: ScoringRulesManage,
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    """A scoring rule: a field condition or an activity count that adds (or takes) `points`."""
     reply = await _stub(request).CreateScoringRule(
         pb.CreateScoringRuleRequest(rule=_scoring_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
@@ -1159,10 +1347,11 @@ async def create_scoring_rule(
     return with_etag(response, rule)
 
 
-@router.put("/lead-scoring-rules/thresholds")
+@router.put("/lead-scoring-rules/thresholds", responses={200: {"model": schemas.GradeThresholds}})
 async def set_thresholds(
     body: ThresholdsIn, request: Request, response: Response, access: ScoringRulesManage, if_match: IfMatch = ""
 ) -> dict[str, Any]:
+    """Sets the minimum scores of grades A, B and C (below C is D)."""
     reply = await _stub(request).SetGradeThresholds(
         pb.SetGradeThresholdsRequest(
             thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c),
@@ -1175,13 +1364,14 @@ async def set_thresholds(
     return with_etag(response, thresholds)
 
 
-@router.get("/lead-scoring-rules/{rule_id}")
+@router.get("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
 async def get_scoring_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    """One scoring rule, with its version as the `ETag`."""
     reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
     return _listed_rule(reply.items, rule_id, response)
 
 
-@router.put("/lead-scoring-rules/{rule_id}")
+@router.put("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
 async def update_scoring_rule(
     rule_id: str,
     body: ScoringRuleIn,
@@ -1190,6 +1380,7 @@ async def update_scoring_rule(
     access: ScoringRulesManage,
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
+    """Replaces a scoring rule (its `id` and `version` may be sent back as read; they are ignored)."""
     stub = _stub(request)
     rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
     reply = await stub.UpdateScoringRule(
@@ -1205,6 +1396,7 @@ async def update_scoring_rule(
 async def delete_scoring_rule(
     rule_id: str, request: Request, access: ScoringRulesManage, if_match: IfMatch = ""
 ) -> Response:
+    """Deletes a scoring rule: leads are scored without it from then on."""
     stub = _stub(request)
     rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
     await stub.DeleteScoringRule(
@@ -1219,13 +1411,14 @@ def _assignment_rule(body: AssignmentRuleIn, rule_id: str = "") -> leads_pb2.Ass
     return leads_pb2.AssignmentRule(id=rule_id, **body.model_dump())
 
 
-@router.get("/lead-assignment-rules")
+@router.get("/lead-assignment-rules", responses={200: {"model": schemas.AssignmentRuleList}})
 async def list_assignment_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
+    """The assignment rules, each with its version, in the order they are tried."""
     reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
     return {"items": [_rule_json(r) for r in reply.items]}
 
 
-@router.post("/lead-assignment-rules", status_code=201)
+@router.post("/lead-assignment-rules", status_code=201, responses={201: {"model": schemas.AssignmentRule}})
 async def create_assignment_rule(
     body: AssignmentRuleIn,
     request: Request,
@@ -1233,6 +1426,7 @@ async def create_assignment_rule(
     access: AssignmentRulesManage,
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    """An assignment rule: the first enabled rule (by `position`) whose conditions all hold assigns a lead."""
     reply = await _stub(request).CreateAssignmentRule(
         pb.CreateAssignmentRuleRequest(rule=_assignment_rule(body), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
@@ -1242,13 +1436,14 @@ async def create_assignment_rule(
     return with_etag(response, rule)
 
 
-@router.get("/lead-assignment-rules/{rule_id}")
+@router.get("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
 async def get_assignment_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
+    """One assignment rule, with its version as the `ETag`."""
     reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
     return _listed_rule(reply.items, rule_id, response)
 
 
-@router.put("/lead-assignment-rules/{rule_id}")
+@router.put("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
 async def update_assignment_rule(
     rule_id: str,
     body: AssignmentRuleIn,
@@ -1257,6 +1452,7 @@ async def update_assignment_rule(
     access: AssignmentRulesManage,
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
+    """Replaces an assignment rule (its `id` and `version` may be sent back as read; they are ignored)."""
     stub = _stub(request)
     rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
     reply = await stub.UpdateAssignmentRule(
@@ -1274,6 +1470,7 @@ async def update_assignment_rule(
 async def delete_assignment_rule(
     rule_id: str, request: Request, access: AssignmentRulesManage, if_match: IfMatch = ""
 ) -> Response:
+    """Deletes an assignment rule; leads it assigned keep their owners."""
     stub = _stub(request)
     rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
     await stub.DeleteAssignmentRule(
@@ -1302,7 +1499,7 @@ def _campaign_input(body: CampaignIn) -> tuple[pb.CampaignInput, list[str]]:
     return message, list(given)
 
 
-@router.post("/campaigns", status_code=201)
+@router.post("/campaigns", status_code=201, responses={201: {"model": schemas.Campaign}})
 async def create_campaign(
     body: CampaignCreate,
     request: Request,
@@ -1310,6 +1507,7 @@ async def create_campaign(
     access: CampaignsCreate,
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    """A marketing campaign that leads, web forms and deals are attributed to (`ends_on` not before `starts_on`)."""
     access.check_write(body.model_dump(exclude_unset=True, exclude_none=True, mode="json"))
     campaign, _ = _campaign_input(body)
     reply = await _stub(request).CreateCampaign(
@@ -1320,14 +1518,15 @@ async def create_campaign(
     return with_etag(response, access.present(result))
 
 
-@router.get("/campaigns")
+@router.get("/campaigns", responses={200: {"model": schemas.CampaignPage}})
 async def list_campaigns(
     request: Request,
     access: CampaignsRead,
-    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
-    cursor: str = "",
-    channel: str = "",
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    channel: Annotated[str, Query(description="only the campaigns of this channel (exactly)")] = "",
 ) -> dict[str, Any]:
+    """The campaigns, one page at a time, shown with the caller's field rules."""
     access.check_filters({"channel": "channel"})
     reply = await _stub(request).ListCampaigns(
         pb.ListCampaignsRequest(page=_page(access.page_limit(limit), cursor), channel=channel),
@@ -1339,15 +1538,16 @@ async def list_campaigns(
     }
 
 
-@router.get("/campaigns/{campaign_id}")
+@router.get("/campaigns/{campaign_id}", responses={200: {"model": schemas.Campaign}})
 async def get_campaign(campaign_id: str, request: Request, response: Response, access: CampaignsRead) -> dict[str, Any]:
+    """A campaign, with its version as the `ETag`."""
     reply = await _stub(request).GetCampaign(
         pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata()
     )
     return with_etag(response, access.present(campaign_json(reply.campaign)))
 
 
-@router.patch("/campaigns/{campaign_id}")
+@router.patch("/campaigns/{campaign_id}", responses={200: {"model": schemas.Campaign}})
 async def update_campaign(
     campaign_id: str,
     body: CampaignIn,
@@ -1356,6 +1556,7 @@ async def update_campaign(
     access: CampaignsUpdate,
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
+    """Changes the fields sent; ending a campaign is setting its `ends_on`."""
     access.check_write(body.model_dump(exclude_unset=True, mode="json"))
     campaign, paths = _campaign_input(body)
     stub = _stub(request)
@@ -1374,7 +1575,11 @@ async def update_campaign(
     return with_etag(response, access.present(result))
 
 
-@router.delete("/campaigns/{campaign_id}", status_code=204)
+@router.delete(
+    "/campaigns/{campaign_id}",
+    status_code=204,
+    responses={409: {"description": "CAMPAIGN_IN_USE: a lead, web form or deal links to it; end it instead"}},
+)
 async def delete_campaign(
     campaign_id: str, request: Request, access: CampaignsDelete, if_match: IfMatch = ""
 ) -> Response:
@@ -1394,7 +1599,7 @@ async def delete_campaign(
 # --- web forms -----------------------------------------------------------------------------------
 
 
-@router.post("/webforms", status_code=201)
+@router.post("/webforms", status_code=201, responses={201: {"model": schemas.Webform}})
 async def create_webform(
     body: WebformIn, request: Request, response: Response, access: CampaignsCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -1408,14 +1613,16 @@ async def create_webform(
     return with_etag(response, body_json)
 
 
-@router.get("/webforms")
+@router.get("/webforms", responses={200: {"model": schemas.WebformList}})
 async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, Any]:
+    """Every web form, with its `form_key`."""
     reply = await _stub(request).ListWebforms(pb.ListWebformsRequest(), metadata=access.grpc_metadata())
     return {"items": [_webform_json(w) for w in reply.items]}
 
 
-@router.get("/webforms/{webform_id}")
+@router.get("/webforms/{webform_id}", responses={200: {"model": schemas.Webform}})
 async def get_webform(webform_id: str, request: Request, response: Response, access: CampaignsRead) -> dict[str, Any]:
+    """A web form, with its version as the `ETag`."""
     reply = await _stub(request).GetWebform(pb.GetWebformRequest(id=webform_id), metadata=access.grpc_metadata())
     return with_etag(response, _webform_json(reply.webform))
 
@@ -1432,7 +1639,7 @@ class WebformPatch(RequestBody):
     enabled: bool | None = Field(default=None, description="false: its submissions answer 404 until turned on")
 
 
-@router.patch("/webforms/{webform_id}")
+@router.patch("/webforms/{webform_id}", responses={200: {"model": schemas.Webform}})
 async def update_webform(
     webform_id: str,
     body: WebformPatch,
@@ -1457,7 +1664,7 @@ async def update_webform(
     return with_etag(response, _webform_json(reply.webform))
 
 
-@router.post("/webforms/{webform_id}/rotate-key")
+@router.post("/webforms/{webform_id}/rotate-key", responses={200: {"model": schemas.Webform}})
 async def rotate_webform_key(
     webform_id: str,
     request: Request,
@@ -1541,7 +1748,17 @@ def _submission_fields(body: SubmissionIn) -> dict[str, str]:
     return fields
 
 
-@router.post("/webforms/{form_key}/submissions", status_code=202)
+@router.post(
+    "/webforms/{form_key}/submissions",
+    status_code=202,
+    responses={
+        202: {"model": schemas.SubmissionReceived},
+        429: {
+            "description": "The form's `rate_limit_per_minute` is used up, or this address sent too many "
+            "submissions to unknown keys (see Retry-After)"
+        },
+    },
+)
 async def submit_webform(
     form_key: Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
     body: SubmissionIn,

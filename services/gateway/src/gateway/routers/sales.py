@@ -17,13 +17,13 @@ from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
-from fastapi import Depends, Header, Query, Request, Response
+from fastapi import Depends, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, ValidationError
 
-from gateway.conventions import MoneyIn, expected_version, with_etag
+from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
 from gateway.references import (
@@ -43,8 +43,8 @@ from gateway.upstreams import Upstreams
 
 router = ResourceRouter(tags=["sales"])
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
-IfMatch = Annotated[str | None, Header(alias="If-Match")]
+IdempotencyKey = Annotated[str | None, IDEMPOTENCY_KEY_HEADER]
+IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 Limit = Annotated[int | None, Query(ge=1, le=500)]
 
 

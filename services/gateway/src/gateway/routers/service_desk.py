@@ -11,12 +11,12 @@ from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.timeutil import isoformat, to_timestamp
-from fastapi import Depends, Header, Query, Request, Response
+from fastapi import Depends, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import Field
 
-from gateway.conventions import expected_version, with_etag
+from gateway.conventions import IdempotencyKey, IfMatch, expected_version, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.references import CONTACT, References
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
@@ -42,8 +42,6 @@ VisitsUpdate = Annotated[Access, Depends(require("return_visits", "update"))]
 KbRead = Annotated[Access, Depends(require("kb_articles", "read"))]
 KbCreate = Annotated[Access, Depends(require("kb_articles", "create"))]
 KbUpdate = Annotated[Access, Depends(require("kb_articles", "update"))]
-IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", max_length=200)]
-IfMatch = Annotated[str, Header(alias="If-Match")]
 
 Channel = Literal["phone", "email", "web", "wechat", "api"]
 Priority = Literal["urgent", "high", "normal", "low"]

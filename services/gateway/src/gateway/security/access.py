@@ -372,6 +372,13 @@ class Access:
             return
         await self.runtime.audit.record([self._entry(action, record_id, fields=list(fields), reason=reason)])
 
+    async def audit_each(self, action: str, records: Iterable[tuple[str, str]]) -> None:
+        """One audit row per (record id, reason), written together: the leads an import part merged
+        into, each on its own trail. None in a replayed request (its `replay` row stands for it)."""
+        entries = [self._entry(action, record_id, reason=reason) for record_id, reason in records]
+        if entries and not self.replayed:
+            await self.runtime.audit.record(entries)
+
     async def _audit_replay(self, action: str, record_id: str) -> None:
         """The one row of a request done again under its Idempotency-Key, however many rows its
         first run wrote (a create and its collision override): the service answered with the first
@@ -448,6 +455,12 @@ def _is_money(value: Mapping[str, Any]) -> bool:
     return set(value) <= {"amount", "currency"}
 
 
+def addressed_record(request: Request) -> str:
+    """The id of the record the request's path addresses (its last path parameter), else "": a
+    refusal is traced on the record it was about."""
+    return str(next(reversed(request.path_params.values()), ""))
+
+
 def require(resource: str, action: str, *, denied: str = "") -> Callable[..., AsyncIterator[Access]]:
     """A FastAPI dependency: the caller must be allowed `action` on `resource`. `denied` names
     what the route does when the grant stands for more than its action's name says (managing
@@ -463,7 +476,9 @@ def require(resource: str, action: str, *, denied: str = "") -> Callable[..., As
         decision = runtime.policy.decide(principal, resource, action)
         if not decision.allowed:
             problem = forbidden(f"you may not {denied or f'{action} {resource}'}")
-            await runtime.audit_denied(request, principal, resource, action, problem)
+            await runtime.audit_denied(
+                request, principal, resource, action, problem, record_id=addressed_record(request)
+            )
             raise problem
         # Allowed callers learn about unknown query parameters and unstorable text or numbers (422)
         # before the route calls a service.
@@ -480,7 +495,9 @@ def require(resource: str, action: str, *, denied: str = "") -> Callable[..., As
             except SecurityProblem as problem:
                 # A field the caller may not write or filter by: a denied request, audited too.
                 if problem.status == 403:
-                    await runtime.audit_denied(request, principal, resource, action, problem)
+                    await runtime.audit_denied(
+                        request, principal, resource, action, problem, record_id=addressed_record(request)
+                    )
                 raise
             except grpc.aio.AioRpcError as error:
                 await runtime.audit_upstream_denied(request, principal, resource, action, error)

@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.security.access import REPLAY_REASON, CustomPiiKeys, FieldViews, request_id_of
+from gateway.security.access import REPLAY_REASON, CustomPiiKeys, FieldViews, addressed_record, request_id_of
 from gateway.security.api_keys import ApiKeyStore
 from gateway.security.audit import AuditEntry, AuditLog, diff_for_audit
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
@@ -180,7 +180,7 @@ class SecurityRuntime:
             request,
             principal,
             resource,
-            _addressed_record(request),
+            addressed_record(request),
             outcome="refused",
             reason=f"{action}: {refusal}",
             fields=[error.field for error in refusal.errors],
@@ -232,7 +232,7 @@ class SecurityRuntime:
         remote = from_rpc_error(error)
         problem = SecurityProblem(status, error.code().name, remote.message, field=remote.metadata.get("field", ""))
         # The service names the record it did not find; a refused one is the one the path names.
-        record_id = remote.metadata.get("id") or _addressed_record(request)
+        record_id = remote.metadata.get("id") or addressed_record(request)
         await self.audit_denied(request, principal, resource, action, problem, record_id=str(record_id))
 
     # --- audit of public writes -----------------------------------------------------------
@@ -286,11 +286,6 @@ class SecurityRuntime:
                     f"route {declaration['method']} {declaration['path']} requires unknown resource "
                     f"{declaration['resource']!r} (policy {self.policy.source})"
                 )
-
-
-def _addressed_record(request: Request) -> str:
-    """The id of the record the request's path addresses (its last path parameter), else ""."""
-    return str(next(reversed(request.path_params.values()), ""))
 
 
 def _walk(dependant: Any) -> Iterator[Any]:
@@ -358,32 +353,57 @@ _PROBLEM_SCHEMA = {
                 "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
             },
         },
+        "reason": {"type": "string", "description": "409 and 412: why, as a code (DUPLICATE, STALE_VERSION, ...)"},
+        "existing_id": {"type": "string", "description": "409: the record the request conflicts with"},
+        "current_version": {"type": "integer", "description": "412: the record's version now"},
     },
     "required": ["title", "status"],
-}
-_SECURITY_RESPONSES = {
-    "401": "Not authenticated",
-    "403": "Forbidden: the action or a field is not allowed",
-    "413": "Request body too large",
-    "429": "Rate limited (see Retry-After)",
 }
 # Every route can answer these through the gateway's problem+json error handlers.
 _ERROR_RESPONSES = {
     "400": "Malformed request",
     "404": "Not found, or outside the caller's record scope",
-    "409": "Conflict (duplicate or illegal state transition)",
-    "412": "Stale If-Match",
     "422": "Validation failed: `errors` names each field",
     "503": "A dependency is down (see Retry-After)",
     "504": "A dependency did not answer in time",
 }
+# A route that authenticates its caller (`authenticate`, or `require` which calls it).
+_AUTHENTICATED_RESPONSES = {"401": "Not authenticated", "429": "Rate limited (see Retry-After)"}
+_FORBIDDEN = "Forbidden: the action or a field is not allowed"  # a route guarded by `require`
+_BODY_TOO_LARGE = "Request body larger than `CRM_GATEWAY_MAX_BODY_BYTES` (1 MiB by default)"
+_CONFLICT = "Conflict with the records' state (a duplicate, an illegal transition): `reason` says which"
+_STALE = "If-Match names a version the record no longer has: `current_version` is its version now"
 _PROBLEM_CONTENT = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
 
+def _problem_responses(
+    method: str, operation: Mapping[str, Any], *, authenticated: bool, guarded: bool
+) -> dict[str, str]:
+    """The problem responses an operation can answer, by what it takes: 401 and 429 when it
+    authenticates, 403 when `require` guards it, 413 with a request body, 412 with an If-Match
+    header, 409 on an authenticated write (a read changes nothing to conflict with; the public web
+    form intake merges duplicates and has no version)."""
+    wanted = dict(_ERROR_RESPONSES)
+    if authenticated:
+        wanted.update(_AUTHENTICATED_RESPONSES)
+        if method != "get":
+            wanted["409"] = _CONFLICT
+    if guarded:
+        wanted["403"] = _FORBIDDEN
+    if "requestBody" in operation:
+        wanted["413"] = _BODY_TOO_LARGE
+    headers = {p["name"].lower() for p in operation.get("parameters", []) if p.get("in") == "header"}
+    if "if-match" in headers:
+        wanted["412"] = _STALE
+    return wanted
+
+
 def _document_problem_responses(app: FastAPI) -> None:
-    """Documents the problem+json responses in the OpenAPI document: the security ones on every
-    guarded route, the error ones on every API route (replacing FastAPI's default 422 shape, which
-    the gateway never sends)."""
+    """Documents the problem+json responses in the OpenAPI document, each where it can happen
+    (`_problem_responses`), replacing FastAPI's default 422 shape, which the gateway never sends.
+    An error response a route documents itself keeps its description and answers a problem too.
+    A success response documented by a model (`responses={200: {"model": ...}}`) shows the model
+    alone, not merged with the untyped object of a route's `dict` return annotation."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -393,16 +413,29 @@ def _document_problem_responses(app: FastAPI) -> None:
         schemas = schema.setdefault("components", {}).setdefault("schemas", {})
         schemas.setdefault("Problem", _PROBLEM_SCHEMA)
         guarded = {(d["method"].lower(), d["path"]) for d in declared_routes(app)}
+        authenticated = guarded | {(method.lower(), path) for method, path in authenticated_routes(app)}
         for path, operations in schema.get("paths", {}).items():
             for method, operation in operations.items():
                 responses = operation.setdefault("responses", {})
                 if "HTTPValidationError" in str(responses.get("422", "")):
                     del responses["422"]
-                wanted = dict(_ERROR_RESPONSES)
-                if (method, path) in guarded:
-                    wanted.update(_SECURITY_RESPONSES)
+                wanted = _problem_responses(
+                    method,
+                    operation,
+                    authenticated=(method, path) in authenticated,
+                    guarded=(method, path) in guarded,
+                )
                 for code, description in wanted.items():
-                    responses.setdefault(code, {"description": description, "content": _PROBLEM_CONTENT})
+                    responses.setdefault(code, {"description": description})
+                for code, response in responses.items():
+                    if code[:1] in ("4", "5"):
+                        response.setdefault("content", _PROBLEM_CONTENT)
+                        continue
+                    for content in response.get("content", {}).values():
+                        documented = content.get("schema", {})
+                        if "$ref" in documented and documented.get("additionalProperties") is True:
+                            content["schema"] = {"$ref": documented["$ref"]}
+                operation["responses"] = dict(sorted(responses.items()))
         # FastAPI's validation error schemas are unused once every 422 is a problem.
         if "HTTPValidationError" not in str(schema.get("paths", {})):
             schemas.pop("HTTPValidationError", None)
