@@ -144,8 +144,8 @@ async def test_a_spam_ticket_is_deleted_at_its_etag_and_leaves_the_service_repor
             return int(report["tickets"]), int(report["backlog"])
 
         async def until_counted(want: tuple[int, int]) -> None:
-            # Analytics projects the topic in order: the tickets imported by the test before come
-            # first, which on a loaded 2-core machine has taken over a minute.
+            # One analytics consumer projects every topic: the thousands of leads and deals the
+            # e2e tests before imported may come first, which on a slow 2-core run took over a minute.
             async with asyncio.timeout(180):
                 while await counted() != want:
                     await asyncio.sleep(0.3)
