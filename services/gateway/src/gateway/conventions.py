@@ -70,6 +70,13 @@ class MoneyIn(BaseModel):
         return common_pb2.Money(amount=amount_text(Decimal(self.amount), self.currency), currency=self.currency)
 
 
+class MoneyOut(BaseModel):
+    """Money as every answer shows it (`amount` a decimal string)."""
+
+    amount: str
+    currency: str
+
+
 class FigureIn(MoneyIn):
     """A company's figure (annual revenue, credit limit): up to MAX_FIGURE, as the accounts service takes it."""
 

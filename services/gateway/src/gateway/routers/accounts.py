@@ -25,7 +25,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
-from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, FigureIn, expected_version, with_etag
+from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, FigureIn, MoneyOut, expected_version, with_etag
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
 from gateway.routers.custom_fields import (
@@ -188,11 +188,6 @@ class SegmentPatch(RequestBody):
 
 
 # --- response models (every field but the id is optional: hidden fields are left out) -------------------
-
-
-class MoneyOut(BaseModel):
-    amount: str
-    currency: str
 
 
 class AccountOut(BaseModel):
