@@ -1,6 +1,7 @@
 """The gRPC server every service runs: health checking and reflection from the libraries, and one
 interceptor that sets the caller's context (and a keyed request's fingerprint), bounds the deadline,
-maps domain errors, marks an answer given with a key's earlier result (`REPLAYED_METADATA`) and counts."""
+maps domain errors, binds a list's cursors to the list and its filters, marks an answer given with a
+key's earlier result (`REPLAYED_METADATA`) and counts."""
 
 import asyncio
 import logging
@@ -16,10 +17,27 @@ from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
 from crm_platform.idempotency import REPLAYED_METADATA, answered_from_earlier, serving_request
+from crm_platform.pagination import bind_cursor, page_fingerprint, unbind_cursor
 from crm_platform.principal import acting_as, context_from_metadata
 from crm_platform.telemetry import continued_trace
 
 log = logging.getLogger(__name__)
+
+
+_PAGE_REQUEST = "crm.common.v1.PageRequest"
+_LISTS: dict[Any, bool] = {}  # by message descriptor: whether it asks for a page of a list
+
+
+def _is_list(request: Any) -> bool:
+    """Whether `request` asks for a page of a list (has a `page`; its answer has `page_info`)."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return False
+    known = _LISTS.get(descriptor)
+    if known is None:
+        page = descriptor.fields_by_name.get("page")
+        known = _LISTS[descriptor] = page is not None and getattr(page.message_type, "full_name", "") == _PAGE_REQUEST
+    return known
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -81,8 +99,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     serving_request(request, method, metadata),
                     continued_trace(metadata),
                 ):
+                    fingerprint = page_fingerprint(method, request) if _is_list(request) else ""
+                    if fingerprint:
+                        request.page.cursor = unbind_cursor(request.page.cursor, fingerprint)
                     async with asyncio.timeout(self._deadline(context)):
                         reply = await behaviour(request, context)
+                    if fingerprint and reply.page_info.next_cursor:
+                        reply.page_info.next_cursor = bind_cursor(reply.page_info.next_cursor, fingerprint)
                     if answered_from_earlier():
                         context.set_trailing_metadata((REPLAYED_METADATA,))
                     return reply

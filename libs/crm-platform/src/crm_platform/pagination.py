@@ -5,15 +5,22 @@ the last row's value and id as JSON (times, dates and decimals as strings). `key
 against the list before any SQL runs: a cursor of another sort or direction, or one that was
 edited, is a ValidationFailed on `cursor` (HTTP 422), never a database error (HTTP 500) or a page
 from the wrong end. Cursors issued before they named their sort, a bare [value, id], are still
-taken when their values fit the sort column."""
+taken when their values fit the sort column.
+
+The gRPC server binds every list's cursors to the list: the RPC and its request's filters
+(`page_fingerprint`, `bind_cursor`). A cursor of another list, or of the same list with other
+filters, is refused on `cursor` as well, where it would otherwise start a page at a row of the
+list it came from."""
 
 import base64
+import hashlib
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
+from google.protobuf.message import Message
 from sqlalchemy import BigInteger, Column, ColumnElement, Integer, Numeric, Select, SmallInteger, and_, or_
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -25,6 +32,7 @@ MAX_LIMIT = 500
 
 NOT_ISSUED = "is not a cursor this API issued"
 NOT_THIS_LIST = "does not fit this list and sort; start again without a cursor"
+OTHER_LIST = "belongs to another list or other filters; start again without a cursor"
 
 # The range PostgreSQL gives each integer type; the driver refuses a bigger number with an error.
 _INTEGER_BITS = ((SmallInteger, 16), (BigInteger, 64), (Integer, 32))
@@ -74,6 +82,36 @@ def parse_sort(sort: str, allowed: dict[str, Column[Any]], *, default: str) -> t
     if name not in allowed:
         raise ValidationFailed([FieldError("sort", f"cannot sort by {name!r}; allowed: {', '.join(sorted(allowed))}")])
     return allowed[name], descending
+
+
+def page_fingerprint(method: str, request: Message) -> str:
+    """What a list's cursors are bound to: the RPC and its request without the page (the filters,
+    the parent record, the scope asked for). Stable across processes and replicas."""
+    filters = type(request)()
+    filters.CopyFrom(request)
+    filters.ClearField("page")
+    digest = hashlib.blake2b(method.encode(), digest_size=8)
+    digest.update(filters.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
+def bind_cursor(cursor: str, fingerprint: str) -> str:
+    """A list's next cursor as handed out: prefixed with its list's fingerprint. base64url text has
+    no `.`, so the prefix is read back unambiguously."""
+    return f"{fingerprint}.{cursor}" if cursor else ""
+
+
+def unbind_cursor(cursor: str, fingerprint: str) -> str:
+    """The cursor `bind_cursor` bound to `fingerprint`. Another list's cursor, or one made for other
+    filters, would page from a row of that list: a ValidationFailed on `cursor`, not a wrong page."""
+    if not cursor:
+        return ""
+    bound_to, dot, inner = cursor.partition(".")
+    if not (bound_to and dot and inner):
+        raise _refused(NOT_ISSUED)
+    if bound_to != fingerprint:
+        raise _refused(OTHER_LIST)
+    return inner
 
 
 def keyset_page(

@@ -1,5 +1,5 @@
-"""Keyset cursors: a cursor is taken only by the list and sort it was made for, and only when its
-values fit the sort column; anything else is a ValidationFailed on `cursor` (HTTP 422), never an
+"""Keyset cursors: a cursor is taken only by the list, filters and sort it was made for, and only
+when its values fit the sort column; anything else is a ValidationFailed on `cursor` (HTTP 422), never an
 error of the database (HTTP 500)."""
 
 import base64
@@ -10,9 +10,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import leads_service_pb2
 from crm_platform.db import UtcDateTime
 from crm_platform.errors import ValidationFailed
-from crm_platform.pagination import decode_cursor, encode_cursor, keyset_page, next_cursor, parse_sort
+from crm_platform.pagination import (
+    bind_cursor,
+    decode_cursor,
+    encode_cursor,
+    keyset_page,
+    next_cursor,
+    page_fingerprint,
+    parse_sort,
+    unbind_cursor,
+)
 from sqlalchemy import Column, Date, Integer, MetaData, Numeric, String, Table, select
 
 pytestmark = pytest.mark.unit
@@ -196,3 +207,53 @@ def test_a_value_that_does_not_fit_the_sort_column_is_refused(sort: str, value: 
 @pytest.mark.parametrize("after_id", [7, None, ["d-1"], "d-\x00"], ids=repr)
 def test_an_id_that_is_not_one_of_the_lists_ids_is_refused(after_id: Any) -> None:
     assert refusal(raw(["2026-11-23 08:00:00+00:00", after_id])).startswith("does not fit this list")
+
+
+# --- cursors bound to their list and filters (the gRPC server binds every list's cursors) --------
+
+LIST_LEADS = "/crm.leads.v1.LeadsService/ListLeads"
+
+
+def list_leads(**filters: Any) -> leads_service_pb2.ListLeadsRequest:
+    return leads_service_pb2.ListLeadsRequest(page=common_pb2.PageRequest(limit=50), **filters)
+
+
+def test_a_bound_cursor_is_taken_back_by_the_same_list_and_filters() -> None:
+    fingerprint = page_fingerprint(LIST_LEADS, list_leads(statuses=["new"], source_detail="expo"))
+    bound = bind_cursor("eyJpZCI6IDF9", fingerprint)
+    again = list_leads(statuses=["new"], source_detail="expo")
+    again.page.cursor, again.page.limit, again.page.sort = bound, 500, "-created_at"  # the page is not a filter
+    assert unbind_cursor(again.page.cursor, page_fingerprint(LIST_LEADS, again)) == "eyJpZCI6IDF9"
+
+
+@pytest.mark.parametrize(
+    ("method", "filters"),
+    [
+        (LIST_LEADS, {"statuses": ["contacted"], "source_detail": "expo"}),  # another value
+        (LIST_LEADS, {"statuses": ["new"]}),  # a filter left out
+        (LIST_LEADS, {"statuses": ["new"], "source_detail": "expo", "owner_id": "u1"}),  # one added
+        ("/crm.leads.v1.LeadsService/ListPool", {"statuses": ["new"], "source_detail": "expo"}),  # another list
+    ],
+)
+def test_a_cursor_of_another_list_or_other_filters_is_refused(method: str, filters: dict[str, Any]) -> None:
+    bound = bind_cursor(
+        "eyJpZCI6IDF9", page_fingerprint(LIST_LEADS, list_leads(statuses=["new"], source_detail="expo"))
+    )
+    with pytest.raises(ValidationFailed) as refused:
+        unbind_cursor(bound, page_fingerprint(method, list_leads(**filters)))
+    assert refused.value.errors[0].field == "cursor"
+    assert "another list or other filters" in refused.value.errors[0].message
+
+
+@pytest.mark.parametrize("cursor", ["eyJpZCI6IDF9", "0123456789abcdef.", ".eyJpZCI6IDF9"])
+def test_an_unbound_cursor_is_not_one_this_api_issued(cursor: str) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        unbind_cursor(cursor, page_fingerprint(LIST_LEADS, list_leads()))
+    assert refused.value.errors[0].field == "cursor"
+    assert "not a cursor this API issued" in refused.value.errors[0].message
+
+
+def test_the_first_and_the_last_page_have_no_cursor_to_bind() -> None:
+    fingerprint = page_fingerprint(LIST_LEADS, list_leads())
+    assert bind_cursor("", fingerprint) == ""
+    assert unbind_cursor("", fingerprint) == ""

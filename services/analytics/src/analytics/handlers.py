@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.money import parse_currency
-from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
+from crm_platform.pagination import NOT_ISSUED, decode_cursor, encode_cursor, page_limit
 from crm_platform.principal import current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import ColumnElement, FromClause, Subquery, Table, and_, func, or_, select
@@ -358,7 +358,7 @@ class Reports:
                 raise ValueError("not a finite amount")
             return -amounts[0], -amounts[1], account_id
         except (ValidationFailed, TypeError, ValueError, ArithmeticError):
-            raise ValidationFailed([FieldError("page.cursor", "is not a cursor this API issued")]) from None
+            raise ValidationFailed([FieldError("cursor", NOT_ISSUED)]) from None
 
     async def _account_facts(
         self, conn: AsyncConnection, account_ids: list[str], f: ReportFilter

@@ -30,7 +30,7 @@ from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine, transaction
 from crm_platform.ids import new_id
-from crm_platform.pagination import encode_cursor
+from crm_platform.pagination import bind_cursor, encode_cursor, page_fingerprint
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.service import ServiceApp
 from crm_platform.testing.kafka import produce_event
@@ -42,6 +42,7 @@ from prometheus_client import REGISTRY
 pytestmark = pytest.mark.integration
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+CUSTOMER_VALUE = "/crm.analytics.v1.AnalyticsService/GetCustomerValue"
 TOPICS = ("crm.leads.v1", "crm.accounts.v1", "crm.sales.v1", "crm.service.v1")
 ADMIN = (Principal(user_id="admin", roles=("admin",)), ALL_RECORDS)
 
@@ -504,10 +505,12 @@ async def test_bad_filters_name_the_field(service: Running) -> None:
         )
     assert "filter.currency" in (caught.value.details() or "")
     edited_cursors = [[None, "1", "acc"], ["NaN", "1", "acc"], ["1", "2", {"id": "acc"}], [1, 2, "acc"], ["1", "2"]]
-    for cursor in ["nonsense!", *(encode_cursor(values) for values in edited_cursors)]:
+    # Bound to the list as the server binds the cursors it hands out, so the list's own check sees them.
+    fingerprint = page_fingerprint(CUSTOMER_VALUE, pb.GetCustomerValueRequest())
+    for cursor in ["nonsense!", *(bind_cursor(encode_cursor(values), fingerprint) for values in edited_cursors)]:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await service.stub.GetCustomerValue(
                 pb.GetCustomerValueRequest(page=common_pb2.PageRequest(cursor=cursor)), metadata=metadata
             )
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, cursor
-        assert "page.cursor" in (caught.value.details() or "")
+        assert "cursor: is not a cursor this API issued" in (caught.value.details() or "")
