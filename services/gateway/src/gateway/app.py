@@ -65,8 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     security = install_security(app, settings, kafka=settings.kafka)
     security.custom_pii_keys = custom_fields.audit_pii_keys
     app.add_middleware(RequestContextMiddleware)
-    for module in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields):
-        app.include_router(module.router)
+    routers = [
+        m.router for m in (me, audit, exports, api_keys, accounts, sales, leads, service_desk, analytics, custom_fields)
+    ]
+    for router in routers:
+        app.include_router(router)
     exports.describe_export_filters()
 
     @app.get("/healthz", include_in_schema=False)
@@ -91,4 +94,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     security.check_routes(app)
+    # Every route, for the Allow header of a 405 (`errors.allowed_methods`).
+    app.state.api_routes = [*app.routes, *(route for router in routers for route in router.routes)]
     return app

@@ -14,9 +14,11 @@ from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.inputs import NON_BLANK_PATTERN
+from gateway.routing import allowed_methods
 from gateway.upstreams import UpstreamNotConfigured
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,10 @@ async def _conflict(request: Request, error: Exception) -> JSONResponse:
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     headers = dict(error.headers or {})
+    if error.status_code == 405:
+        routes = getattr(request.app.state, "api_routes", ())
+        if methods := allowed_methods(routes, get_route_path(request.scope)):
+            headers["Allow"] = ", ".join(methods)
     return problem(error.status_code, str(error.detail), headers=headers or None, instance=request.url.path)
 
 

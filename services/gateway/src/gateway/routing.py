@@ -4,11 +4,12 @@ request against every route of every router included before the one that serves 
 its routes can match, so a request is matched only against the routes of the router that serves
 it: finding the router of a lead create took 475 us, now 48 us."""
 
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter
 from starlette._utils import get_route_path
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
 API_PREFIX = "/api/v1"
@@ -36,3 +37,16 @@ class ResourceRouter(APIRouter):
         if not get_route_path(scope).startswith(self.literal_prefixes()):
             return Match.NONE, {}
         return super().matches(scope)
+
+
+def allowed_methods(routes: Iterable[BaseRoute], path: str) -> list[str]:
+    """Every method a route serves at `path`, for the `Allow` header of a 405: Starlette names only
+    the methods of the first route whose path matched (GET of `GET /leads` for a `DELETE /leads`,
+    though `POST /leads` is served too)."""
+    methods = {
+        method
+        for route in routes
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path)
+        for method in route.methods
+    }
+    return sorted(methods)
