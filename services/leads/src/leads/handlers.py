@@ -51,7 +51,7 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
-from sqlalchemy import Select, delete, func, insert, or_, select, update
+from sqlalchemy import Column, Select, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -1429,15 +1429,15 @@ class LeadsService:
             return lead
         return await self._write(tx.conn, lead["id"], {**changes, **scored, "updated_at": now})
 
-    async def list_tasks(self, lead_id: str, status: str) -> list[RowMapping]:
+    async def list_tasks(self, lead_id: str, status: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         if status and status not in ("open", "done", "cancelled"):
             raise ValidationFailed([FieldError("status", "is not one of open, done, cancelled")])
         async with self.engine.connect() as conn:
             await self._visible_lead(conn, lead_id)
-            query = select(repo.tasks).where(repo.tasks.c.lead_id == lead_id).order_by(repo.tasks.c.id)
+            query = select(repo.tasks).where(repo.tasks.c.lead_id == lead_id)
             if status:
                 query = query.where(repo.tasks.c.status == status)
-            return list((await conn.execute(query)).mappings())
+            return await _ascending_page(conn, query, repo.tasks.c.id, cursor=cursor, limit=limit)
 
     async def list_scoped_tasks(
         self, f: domain.TaskFilters, *, limit: int, cursor: str
@@ -1467,15 +1467,11 @@ class LeadsService:
             rows = list((await conn.execute(query)).mappings())
         return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="due_at", descending=False, limit=size)
 
-    async def score_history(self, lead_id: str) -> list[RowMapping]:
+    async def score_history(self, lead_id: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         async with self.engine.connect() as conn:
             await self._visible_lead(conn, lead_id)
-            query = (
-                select(repo.score_history)
-                .where(repo.score_history.c.lead_id == lead_id)
-                .order_by(repo.score_history.c.id)
-            )
-            return list((await conn.execute(query)).mappings())
+            query = select(repo.score_history).where(repo.score_history.c.lead_id == lead_id)
+            return await _ascending_page(conn, query, repo.score_history.c.id, cursor=cursor, limit=limit)
 
     # --- assignment, pool, disqualify -------------------------------------------------------
 
@@ -2370,12 +2366,15 @@ class LeadsService:
         _check_scoring_change("scoring rules")
         await self._delete(repo.scoring_rules, "scoring rule", rule_id, expected_version, rescores=True)
 
-    async def list_scoring_rules(self) -> tuple[list[RowMapping], Thresholds, int]:
-        """The scoring rules, and the grade thresholds with their version."""
+    async def list_scoring_rules(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str, Thresholds, int]:
+        """A page of the scoring rules with the next page's cursor, and the grade thresholds with
+        their version."""
         async with self.engine.connect() as conn:
-            rows = list((await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))).mappings())
+            rows, next_page = await _ascending_page(
+                conn, select(repo.scoring_rules), repo.scoring_rules.c.id, cursor=cursor, limit=limit
+            )
             thresholds, version = await grade_thresholds(conn)
-        return rows, thresholds, version
+        return rows, next_page, thresholds, version
 
     async def set_thresholds(self, t: Thresholds, expected_version: int = 0) -> tuple[Thresholds, int]:
         """Sets the grade thresholds when `expected_version` is their version or 0 (unconditional);
@@ -2440,10 +2439,13 @@ class LeadsService:
             raise NotFound("assignment rule", rule_id)
         return row
 
-    async def list_assignment_rules(self) -> list[RowMapping]:
+    async def list_assignment_rules(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+        """A page of the assignment rules by position, then id."""
+        r = repo.assignment_rules.c
         async with self.engine.connect() as conn:
-            query = select(repo.assignment_rules).order_by(repo.assignment_rules.c.position, repo.assignment_rules.c.id)
-            return list((await conn.execute(query)).mappings())
+            return await _ascending_page(
+                conn, select(repo.assignment_rules), r.position, id_column=r.id, cursor=cursor, limit=limit
+            )
 
     # --- campaigns --------------------------------------------------------------------------
 
@@ -2658,9 +2660,9 @@ class LeadsService:
             values = {"form_key": secrets.token_urlsafe(24)}
             return await _versioned_write(conn, w, "webform", webform_id, expected_version, values)
 
-    async def list_webforms(self) -> list[RowMapping]:
+    async def list_webforms(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         async with self.engine.connect() as conn:
-            return list((await conn.execute(select(repo.webforms).order_by(repo.webforms.c.id))).mappings())
+            return await _ascending_page(conn, select(repo.webforms), repo.webforms.c.id, cursor=cursor, limit=limit)
 
     async def submit_webform(
         self, form_key: str, fields: Mapping[str, str], key: str
@@ -3106,6 +3108,25 @@ class LeadsService:
 def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:
     """The conversion ports' calls within go out in `scope`, for the same caller."""
     return acting_as(current_principal(), scope, current_request_id())
+
+
+async def _ascending_page(
+    conn: AsyncConnection,
+    query: Select[Any],
+    sort_column: Column[Any],
+    *,
+    id_column: Column[Any] | None = None,
+    cursor: str,
+    limit: int,
+) -> tuple[list[RowMapping], str]:
+    """A page of `query` by `sort_column` (then `id_column`, by default the sort column itself),
+    ascending, after `cursor`; and the next page's cursor ('' on the last page)."""
+    size = page_limit(limit)
+    if id_column is None:
+        id_column = sort_column
+    page = keyset_page(query, sort_column=sort_column, id_column=id_column, descending=False, cursor=cursor, limit=size)
+    rows = list((await conn.execute(page)).mappings())
+    return rows[:size], next_cursor([_Row(r) for r in rows], sort_key=sort_column.name, descending=False, limit=size)
 
 
 class _Row:

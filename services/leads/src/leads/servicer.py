@@ -309,8 +309,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ListLeadTasks(
         self, request: leads_service_pb2.ListLeadTasksRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListLeadTasksResponse:
-        rows = await self.service.list_tasks(request.lead_id, request.status)
-        return leads_service_pb2.ListLeadTasksResponse(items=[messages.task_to_proto(r) for r in rows])
+        rows, cursor = await self.service.list_tasks(
+            request.lead_id, request.status, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.ListLeadTasksResponse(
+            items=[messages.task_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
 
     async def SearchLeadTasks(
         self, request: leads_service_pb2.SearchLeadTasksRequest, context: grpc.aio.ServicerContext
@@ -330,8 +334,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def GetLeadScoreHistory(
         self, request: leads_service_pb2.GetLeadScoreHistoryRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.GetLeadScoreHistoryResponse:
-        rows = await self.service.score_history(request.lead_id)
-        return leads_service_pb2.GetLeadScoreHistoryResponse(items=[messages.score_change_to_proto(r) for r in rows])
+        rows, cursor = await self.service.score_history(
+            request.lead_id, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.GetLeadScoreHistoryResponse(
+            items=[messages.score_change_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
 
     # --- assignment, disqualification, conversion, pool ---
 
@@ -452,11 +460,14 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ListScoringRules(
         self, request: leads_service_pb2.ListScoringRulesRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListScoringRulesResponse:
-        rows, t, version = await self.service.list_scoring_rules()
+        rows, cursor, t, version = await self.service.list_scoring_rules(
+            limit=request.page.limit, cursor=request.page.cursor
+        )
         return leads_service_pb2.ListScoringRulesResponse(
             items=[messages.scoring_rule_to_proto(r) for r in rows],
             thresholds=leads_pb2.GradeThresholds(a=t.a, b=t.b, c=t.c),
             thresholds_version=version,
+            page_info=common_pb2.PageInfo(next_cursor=cursor),
         )
 
     async def SetGradeThresholds(
@@ -511,8 +522,11 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ListAssignmentRules(
         self, request: leads_service_pb2.ListAssignmentRulesRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListAssignmentRulesResponse:
-        rows = await self.service.list_assignment_rules()
-        return leads_service_pb2.ListAssignmentRulesResponse(items=[messages.assignment_rule_to_proto(r) for r in rows])
+        rows, cursor = await self.service.list_assignment_rules(limit=request.page.limit, cursor=request.page.cursor)
+        return leads_service_pb2.ListAssignmentRulesResponse(
+            items=[messages.assignment_rule_to_proto(r) for r in rows],
+            page_info=common_pb2.PageInfo(next_cursor=cursor),
+        )
 
     # --- campaigns ---
 
@@ -576,8 +590,10 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ListWebforms(
         self, request: leads_service_pb2.ListWebformsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ListWebformsResponse:
-        rows = await self.service.list_webforms()
-        return leads_service_pb2.ListWebformsResponse(items=[messages.webform_to_proto(r) for r in rows])
+        rows, cursor = await self.service.list_webforms(limit=request.page.limit, cursor=request.page.cursor)
+        return leads_service_pb2.ListWebformsResponse(
+            items=[messages.webform_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
 
     async def GetWebform(
         self, request: leads_service_pb2.GetWebformRequest, context: grpc.aio.ServicerContext

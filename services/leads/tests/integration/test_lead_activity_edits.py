@@ -132,7 +132,7 @@ async def test_an_edit_writes_the_fields_it_names_rescores_the_lead_and_is_annou
     scored = await lead_now(env, lead["id"])
     assert scored["score"] == 30 and as_utc(scored["updated_at"]) == env.clock.now
     with env.acting("admin", roles=("admin",)):
-        history = await env.service.score_history(lead["id"])
+        history, _ = await env.service.score_history(lead["id"], limit=50, cursor="")
     assert [(h["previous_score"], h["score"]) for h in history][-1] == (0, 30)
     events = await outbox_events(env.engine, repo.metadata, key=lead["id"])
     assert [t for t, _ in events[-2:]] == ["crm.leads.lead.scored", "crm.leads.lead.activity_updated"]
@@ -198,7 +198,7 @@ async def test_the_follow_up_task_an_activity_planned_follows_it(env_each_databa
         (note["id"], "open", now + 4 * day),
     ]
     with env.acting("admin", roles=("admin",)):
-        tasks = await env.service.list_tasks(lead["id"], "open")
+        tasks, _ = await env.service.list_tasks(lead["id"], "open", limit=50, cursor="")
     assert [(t["kind"], t["owner_id"]) for t in tasks] == [("follow_up", "rep1")]
 
 
@@ -302,7 +302,7 @@ async def test_a_deleted_activity_leaves_the_score_and_is_announced(env_each_dat
     assert (deleted["id"], deleted["kind"]) == (first["id"], "call")
     assert (await lead_now(env, lead["id"]))["score"] == 0
     with env.acting("admin", roles=("admin",)):
-        history = await env.service.score_history(lead["id"])
+        history, _ = await env.service.score_history(lead["id"], limit=50, cursor="")
         left, _ = await env.service.list_activities(lead["id"], limit=9, cursor="")
     assert [(h["previous_score"], h["score"]) for h in history][-1] == (25, 0)
     assert len(left) == 1 and left[0]["id"] != first["id"]

@@ -108,7 +108,7 @@ async def test_scoring_rules_grades_and_history(env: Any) -> None:
         assert (lead["score"], lead["grade"]) == (50, "B")
         _, lead = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="visit"))
         assert (lead["score"], lead["grade"]) == (90, "A")
-        history = await env.service.score_history(lead["id"])
+        history, _ = await env.service.score_history(lead["id"], limit=50, cursor="")
     assert [(h["score"], h["grade"]) for h in history] == [(50, "B"), (90, "A")]
     assert "crm.leads.lead.scored" in await outbox_types(env, lead["id"])
 
@@ -248,7 +248,7 @@ async def test_a_create_whose_rule_is_deleted_meanwhile_is_assigned_by_the_rules
     assert await outbox_types(env, lead["id"]) == ["crm.leads.lead.created", "crm.leads.lead.assigned"]
 
     with env.acting("admin", roles=("admin",)):
-        second = (await env.service.list_assignment_rules())[0]
+        second = (await env.service.list_assignment_rules(limit=50, cursor=""))[0][0]
         await env.service.rules.get()
     async with env.engine.begin() as holder:  # the same race for an assignment by the rules
         await holder.execute(repo.assignment_rules.delete().where(repo.assignment_rules.c.id == second["id"]))
@@ -305,7 +305,7 @@ async def test_activity_contacts_the_lead_and_creates_a_follow_up(env: Any) -> N
             )
         )
         assert lead["status"] == "contacted" and lead["first_contacted_at"] == env.clock.now
-        tasks = await env.service.list_tasks(lead["id"], "")
+        tasks, _ = await env.service.list_tasks(lead["id"], "", limit=50, cursor="")
         with pytest.raises(ValidationFailed):
             await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="fax"))
     assert [(t["kind"], t["status"]) for t in tasks] == [("first_contact", "done"), ("follow_up", "open")]

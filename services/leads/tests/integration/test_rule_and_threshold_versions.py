@@ -29,6 +29,13 @@ def _admin(env: Any) -> Any:
     return env.acting("admin", roles=("admin",))
 
 
+async def _rule_counts(env: Any) -> tuple[int, int]:
+    """(scoring rules, assignment rules) on their first pages."""
+    scoring, *_ = await env.service.list_scoring_rules(limit=50, cursor="")
+    assignment, _ = await env.service.list_assignment_rules(limit=50, cursor="")
+    return len(scoring), len(assignment)
+
+
 async def test_a_rule_is_deleted_only_at_its_current_version(env: Any) -> None:
     scoring = ScoringRule(id="", points=5, field="company", operator="contains", value="Inc")
     assignment = AssignmentRule(id="", position=1, user_ids=("u1",), regions=frozenset({"north"}))
@@ -39,10 +46,10 @@ async def test_a_rule_is_deleted_only_at_its_current_version(env: Any) -> None:
             await env.service.delete_scoring_rule(scoring_rule["id"], scoring_rule["version"] + 1)
         with pytest.raises(StaleVersion) as assignment_stale:
             await env.service.delete_assignment_rule(assignment_rule["id"], assignment_rule["version"] + 1)
-        rules_kept = (len((await env.service.list_scoring_rules())[0]), len(await env.service.list_assignment_rules()))
+        rules_kept = await _rule_counts(env)
         await env.service.delete_scoring_rule(scoring_rule["id"], scoring_rule["version"])
         await env.service.delete_assignment_rule(assignment_rule["id"], assignment_rule["version"])
-        rules_left = (len((await env.service.list_scoring_rules())[0]), len(await env.service.list_assignment_rules()))
+        rules_left = await _rule_counts(env)
 
     assert (scoring_stale.value.current_version, assignment_stale.value.current_version) == (1, 1)
     assert rules_kept == (1, 1)
@@ -52,11 +59,11 @@ async def test_a_rule_is_deleted_only_at_its_current_version(env: Any) -> None:
 async def test_the_grade_thresholds_are_set_only_at_their_current_version(env_each_database: Any) -> None:
     env = env_each_database  # the version column is migration 0021's, on SQLite as on PostgreSQL
     with _admin(env):
-        _, defaults, first_version = await env.service.list_scoring_rules()
+        _, _, defaults, first_version = await env.service.list_scoring_rules(limit=50, cursor="")
         first = await env.service.set_thresholds(Thresholds(a=85, b=50, c=30), first_version)
         with pytest.raises(StaleVersion) as stale:
             await env.service.set_thresholds(Thresholds(a=70, b=40, c=20), first_version)
-        _, kept, kept_version = await env.service.list_scoring_rules()
+        _, _, kept, kept_version = await env.service.list_scoring_rules(limit=50, cursor="")
         unconditional = await env.service.set_thresholds(Thresholds(a=70, b=40, c=20))
 
     assert (defaults, first_version) == (Thresholds(), 1)

@@ -78,7 +78,8 @@ async def test_a_team_manager_manages_only_their_teams_queues(env: Any) -> None:
     for refusal in (for_west, widened, deleted):
         assert (refusal.value.field, refusal.value.detail) == EAST_LEADS_ONLY
     assert (updated["lead_team"], updated["capacity"]) == ("east", 3)  # kept their team's without naming it
-    assert [r["id"] for r in await env.service.list_assignment_rules()] == [admins_catch_all["id"]]
+    rules, _ = await env.service.list_assignment_rules(limit=50, cursor="")
+    assert [r["id"] for r in rules] == [admins_catch_all["id"]]
 
 
 async def test_a_caller_assigning_in_every_scope_routes_any_teams_leads(env: Any) -> None:
@@ -109,7 +110,7 @@ async def test_only_a_caller_assigning_in_every_scope_changes_the_scoring(env: A
             with pytest.raises(PermissionDenied) as refused:
                 await change
             refusals.append(refused.value.detail)
-    rules, thresholds, version = await env.service.list_scoring_rules()
+    rules, _, thresholds, version = await env.service.list_scoring_rules(limit=50, cursor="")
     assert refusals == [SCORING_REFUSED] * 3 + [
         "grade thresholds apply to every lead: you may manage them only with the assign permission on all leads"
     ]

@@ -114,6 +114,7 @@ class LeadTask(BaseModel):
 
 class LeadTaskList(BaseModel):
     items: list[LeadTask]
+    next_cursor: str | None
 
 
 class ScopedLeadTask(LeadTask):
@@ -136,6 +137,7 @@ class ScoreChange(BaseModel):
 
 class ScoreHistory(BaseModel):
     items: list[ScoreChange]
+    next_cursor: str | None
 
 
 class Conversion(BaseModel):
@@ -220,6 +222,7 @@ class Webform(BaseModel):
 
 class WebformList(BaseModel):
     items: list[Webform]
+    next_cursor: str | None
 
 
 class SubmissionReceived(BaseModel):
@@ -251,6 +254,7 @@ class GradeThresholds(BaseModel):
 class ScoringRules(BaseModel):
     items: list[ScoringRule]
     thresholds: GradeThresholds
+    next_cursor: str | None
 
 
 class AssignmentRule(BaseModel):
@@ -273,3 +277,4 @@ class AssignmentRule(BaseModel):
 
 class AssignmentRuleList(BaseModel):
     items: list[AssignmentRule]
+    next_cursor: str | None

@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -22,12 +22,14 @@ from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.errors import field_path
 from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_key
+from crm_platform.pagination import MAX_LIMIT
 from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
 from fastapi import Depends, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, model_validator
 
@@ -1017,15 +1019,22 @@ async def list_tasks(
     lead_id: str,
     request: Request,
     access: LeadsRead,
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
     status: Annotated[TaskStatus | None, Query(description="only the tasks of this status; all when left out")] = None,
 ) -> dict[str, Any]:
-    """The lead's follow-up tasks, shown with the caller's rules for tasks (403 without a grant)."""
+    """The lead's follow-up tasks in the order they were created, one page at a time, shown with the
+    caller's rules for tasks (403 without a grant)."""
     tasks = access.require_view("tasks")
     tasks.check_filters({"status": "status"})
     reply = await _stub(request).ListLeadTasks(
-        pb.ListLeadTasksRequest(lead_id=lead_id, status=status or ""), metadata=access.grpc_metadata()
+        pb.ListLeadTasksRequest(lead_id=lead_id, status=status or "", page=_page(access.page_limit(limit), cursor)),
+        metadata=access.grpc_metadata(),
     )
-    return {"items": tasks.present_many(_task_json(item) for item in reply.items)}
+    return {
+        "items": tasks.present_many(_task_json(item) for item in reply.items),
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
 
 
 def _task_json(task: leads_pb2.LeadTask) -> dict[str, Any]:
@@ -1077,10 +1086,14 @@ async def list_lead_tasks(
 
 
 @router.get("/leads/{lead_id}/score-history", responses={200: {"model": schemas.ScoreHistory}})
-async def score_history(lead_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
-    """Each recomputation of the lead's score, shown as the caller sees the lead's score and grade."""
+async def score_history(
+    lead_id: str, request: Request, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
+) -> dict[str, Any]:
+    """Each recomputation of the lead's score, oldest first, one page at a time, shown as the caller
+    sees the lead's score and grade."""
     reply = await _stub(request).GetLeadScoreHistory(
-        pb.GetLeadScoreHistoryRequest(lead_id=lead_id), metadata=access.grpc_metadata()
+        pb.GetLeadScoreHistoryRequest(lead_id=lead_id, page=_page(access.page_limit(limit), cursor)),
+        metadata=access.grpc_metadata(),
     )
     return {
         "items": [
@@ -1091,7 +1104,8 @@ async def score_history(lead_id: str, request: Request, access: LeadsRead) -> di
                 "changed_at": _time(item.changed_at),
             }
             for item in reply.items
-        ]
+        ],
+        "next_cursor": reply.page_info.next_cursor or None,
     }
 
 
@@ -1293,6 +1307,20 @@ async def release_lead(
 # --- scoring and assignment rules ----------------------------------------------------------------
 
 
+async def _every_rule(list_rules: Callable[..., Awaitable[Any]], request: type[Message], access: Access) -> list[Any]:
+    """Every rule of a paged rule listing (`ListScoringRules`, `ListAssignmentRules`), page after
+    page: a rule's own routes find it there (no RPC reads one rule), wherever it is listed."""
+    metadata = access.grpc_metadata()
+    rules: list[Any] = []
+    cursor = ""
+    while True:
+        reply = await list_rules(request(page=_page(MAX_LIMIT, cursor)), metadata=metadata)
+        rules.extend(reply.items)
+        cursor = reply.page_info.next_cursor
+        if not cursor:
+            return rules
+
+
 def _rule_before(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
     """A rule as it was before a write, from the listing (no RPC reads one rule); {} when it is
     not listed (the write then finds no such rule either)."""
@@ -1321,12 +1349,21 @@ def _thresholds_json(thresholds: leads_pb2.GradeThresholds, version: int) -> dic
 
 
 @router.get("/lead-scoring-rules", responses={200: {"model": schemas.ScoringRules}})
-async def list_scoring_rules(request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
-    """The rules (each with its version) and the grade thresholds; the `ETag` is the thresholds'
-    version, for the `If-Match` of `PUT /lead-scoring-rules/thresholds`."""
-    reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+async def list_scoring_rules(
+    request: Request, response: Response, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
+) -> dict[str, Any]:
+    """The rules (each with its version) in the order they were created, one page at a time, and on
+    every page the grade thresholds; the `ETag` is the thresholds' version, for the `If-Match` of
+    `PUT /lead-scoring-rules/thresholds`."""
+    reply = await _stub(request).ListScoringRules(
+        pb.ListScoringRulesRequest(page=_page(access.page_limit(limit), cursor)), metadata=access.grpc_metadata()
+    )
     thresholds = with_etag(response, _thresholds_json(reply.thresholds, reply.thresholds_version))
-    return {"items": [_rule_json(r) for r in reply.items], "thresholds": thresholds}
+    return {
+        "items": [_rule_json(r) for r in reply.items],
+        "thresholds": thresholds,
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
 
 
 @router.post("/lead-scoring-rules", status_code=201, responses={201: {"model": schemas.ScoringRule}})
@@ -1367,8 +1404,8 @@ async def set_thresholds(
 @router.get("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
 async def get_scoring_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     """One scoring rule, with its version as the `ETag`."""
-    reply = await _stub(request).ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
-    return _listed_rule(reply.items, rule_id, response)
+    rules = await _every_rule(_stub(request).ListScoringRules, pb.ListScoringRulesRequest, access)
+    return _listed_rule(rules, rule_id, response)
 
 
 @router.put("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
@@ -1382,13 +1419,13 @@ async def update_scoring_rule(
 ) -> dict[str, Any]:
     """Replaces a scoring rule (its `id` and `version` may be sent back as read; they are ignored)."""
     stub = _stub(request)
-    rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    rules = await _every_rule(stub.ListScoringRules, pb.ListScoringRulesRequest, access)
     reply = await stub.UpdateScoringRule(
         pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     rule = _rule_json(reply.rule)
-    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_scoring_rule")
+    await access.audit_write(rule_id, _rule_before(rules, rule_id), rule, action="update_scoring_rule")
     return with_etag(response, rule)
 
 
@@ -1398,12 +1435,12 @@ async def delete_scoring_rule(
 ) -> Response:
     """Deletes a scoring rule: leads are scored without it from then on."""
     stub = _stub(request)
-    rules = await stub.ListScoringRules(pb.ListScoringRulesRequest(), metadata=access.grpc_metadata())
+    rules = await _every_rule(stub.ListScoringRules, pb.ListScoringRulesRequest, access)
     await stub.DeleteScoringRule(
         pb.DeleteScoringRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_scoring_rule")
+    await access.audit_write(rule_id, _rule_before(rules, rule_id), None, action="delete_scoring_rule")
     return Response(status_code=204)
 
 
@@ -1412,10 +1449,15 @@ def _assignment_rule(body: AssignmentRuleIn, rule_id: str = "") -> leads_pb2.Ass
 
 
 @router.get("/lead-assignment-rules", responses={200: {"model": schemas.AssignmentRuleList}})
-async def list_assignment_rules(request: Request, access: LeadsRead) -> dict[str, Any]:
-    """The assignment rules, each with its version, in the order they are tried."""
-    reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
-    return {"items": [_rule_json(r) for r in reply.items]}
+async def list_assignment_rules(
+    request: Request, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
+) -> dict[str, Any]:
+    """The assignment rules, each with its version, in the order they are tried (by `position`, then
+    in the order they were created), one page at a time."""
+    reply = await _stub(request).ListAssignmentRules(
+        pb.ListAssignmentRulesRequest(page=_page(access.page_limit(limit), cursor)), metadata=access.grpc_metadata()
+    )
+    return {"items": [_rule_json(r) for r in reply.items], "next_cursor": reply.page_info.next_cursor or None}
 
 
 @router.post("/lead-assignment-rules", status_code=201, responses={201: {"model": schemas.AssignmentRule}})
@@ -1439,8 +1481,8 @@ async def create_assignment_rule(
 @router.get("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
 async def get_assignment_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     """One assignment rule, with its version as the `ETag`."""
-    reply = await _stub(request).ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
-    return _listed_rule(reply.items, rule_id, response)
+    rules = await _every_rule(_stub(request).ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
+    return _listed_rule(rules, rule_id, response)
 
 
 @router.put("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
@@ -1454,7 +1496,7 @@ async def update_assignment_rule(
 ) -> dict[str, Any]:
     """Replaces an assignment rule (its `id` and `version` may be sent back as read; they are ignored)."""
     stub = _stub(request)
-    rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    rules = await _every_rule(stub.ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
     reply = await stub.UpdateAssignmentRule(
         pb.UpdateAssignmentRuleRequest(
             rule=_assignment_rule(body, rule_id), expected_version=expected_version(if_match)
@@ -1462,7 +1504,7 @@ async def update_assignment_rule(
         metadata=access.grpc_metadata(),
     )
     rule = _rule_json(reply.rule)
-    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), rule, action="update_assignment_rule")
+    await access.audit_write(rule_id, _rule_before(rules, rule_id), rule, action="update_assignment_rule")
     return with_etag(response, rule)
 
 
@@ -1472,12 +1514,12 @@ async def delete_assignment_rule(
 ) -> Response:
     """Deletes an assignment rule; leads it assigned keep their owners."""
     stub = _stub(request)
-    rules = await stub.ListAssignmentRules(pb.ListAssignmentRulesRequest(), metadata=access.grpc_metadata())
+    rules = await _every_rule(stub.ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
     await stub.DeleteAssignmentRule(
         pb.DeleteAssignmentRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(rule_id, _rule_before(rules.items, rule_id), None, action="delete_assignment_rule")
+    await access.audit_write(rule_id, _rule_before(rules, rule_id), None, action="delete_assignment_rule")
     return Response(status_code=204)
 
 
@@ -1614,10 +1656,14 @@ async def create_webform(
 
 
 @router.get("/webforms", responses={200: {"model": schemas.WebformList}})
-async def list_webforms(request: Request, access: CampaignsRead) -> dict[str, Any]:
-    """Every web form, with its `form_key`."""
-    reply = await _stub(request).ListWebforms(pb.ListWebformsRequest(), metadata=access.grpc_metadata())
-    return {"items": [_webform_json(w) for w in reply.items]}
+async def list_webforms(
+    request: Request, access: CampaignsRead, limit: PageLimit = None, cursor: PageCursor = ""
+) -> dict[str, Any]:
+    """The web forms, each with its `form_key`, in the order they were created, one page at a time."""
+    reply = await _stub(request).ListWebforms(
+        pb.ListWebformsRequest(page=_page(access.page_limit(limit), cursor)), metadata=access.grpc_metadata()
+    )
+    return {"items": [_webform_json(w) for w in reply.items], "next_cursor": reply.page_info.next_cursor or None}
 
 
 @router.get("/webforms/{webform_id}", responses={200: {"model": schemas.Webform}})
