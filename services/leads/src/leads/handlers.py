@@ -197,9 +197,14 @@ async def load_rules(conn: AsyncConnection) -> Rules:
         for r in await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))
     ]
     thresholds, _ = await grade_thresholds(conn)
-    assignment = [assignment_rule_of(r._mapping) for r in await conn.execute(select(repo.assignment_rules))]
+    # Tried by position, and at one position in the order they were created (ids are time-ordered).
+    a = repo.assignment_rules.c
+    assignment = [
+        assignment_rule_of(r._mapping)
+        for r in await conn.execute(select(repo.assignment_rules).order_by(a.position, a.id))
+    ]
     definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
-    return Rules(scoring, thresholds, sorted(assignment, key=lambda r: r.position), definitions, generation)
+    return Rules(scoring, thresholds, assignment, definitions, generation)
 
 
 async def grade_thresholds(conn: AsyncConnection, *, for_update: bool = False) -> tuple[Thresholds, int]:
