@@ -65,13 +65,21 @@ _RECORDS = [
     (_rule_json(_filled(leads_pb2.ScoringRule())), schemas.ScoringRule),
     (_rule_json(_filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
     (_thresholds_json(_filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
-    (_import_json(_filled(pb.LeadImport())), schemas.LeadImportStatus),
 ]
 
 
 @pytest.mark.parametrize(("printed", "model"), [pytest.param(*record, id=record[1].__name__) for record in _RECORDS])
 def test_a_record_has_the_documented_fields_and_types(printed: dict[str, Any], model: type[BaseModel]) -> None:
     _assert_documented(printed, model)
+
+
+@pytest.mark.parametrize("next_cursor", ["x", None])
+def test_an_import_status_answers_a_page_of_its_rejected_rows_and_the_next_cursor(next_cursor: str | None) -> None:
+    reply = _filled(pb.GetLeadImportResponse())
+    answer = {**_import_json(reply.lead_import), "next_cursor": next_cursor}  # as the route answers
+
+    _assert_documented(answer, schemas.LeadImportStatus)
+    assert answer["rejected_rows"][0]["row"] == "4"
 
 
 def test_an_import_part_answers_its_import_without_the_rejected_rows_and_its_rows() -> None:

@@ -2268,10 +2268,18 @@ class LeadsService:
                 raise NotFound("import", import_id)
             return row
 
-    async def import_rejections(self, import_id: str) -> list[RowMapping]:
+    async def import_rejections(
+        self, import_id: str, *, limit: int, cursor: str
+    ) -> tuple[RowMapping, list[RowMapping], str]:
+        """The import as `get_import` finds it, a page of its rejected rows by row number (the
+        table's key within an import) and the next page's cursor. `get_import` checks access first:
+        no rejection of an import outside the caller's is read."""
+        lead_import = await self.get_import(import_id)
+        r = repo.import_rejections.c
         async with self.engine.connect() as conn:
-            query = select(repo.import_rejections).where(repo.import_rejections.c.import_id == import_id)
-            return list((await conn.execute(query.order_by(repo.import_rejections.c.row))).mappings())
+            query = select(repo.import_rejections).where(r.import_id == import_id)
+            rows, next_page = await _ascending_page(conn, query, r.row, cursor=cursor, limit=limit)
+        return lead_import, rows, next_page
 
     # --- scoring and assignment rules -------------------------------------------------------
 
@@ -3131,14 +3139,18 @@ async def _ascending_page(
         id_column = sort_column
     page = keyset_page(query, sort_column=sort_column, id_column=id_column, descending=False, cursor=cursor, limit=size)
     rows = list((await conn.execute(page)).mappings())
-    return rows[:size], next_cursor([_Row(r) for r in rows], sort_key=sort_column.name, descending=False, limit=size)
+    return rows[:size], next_cursor(
+        [_Row(r, id_key=id_column.name) for r in rows], sort_key=sort_column.name, descending=False, limit=size
+    )
 
 
 class _Row:
-    """Attribute access over a row mapping, for `next_cursor`."""
+    """Attribute access over a row mapping, for `next_cursor`, whose `id` is the column `id_key`
+    (the keyset's tie-breaker: a table without an `id` column pages by another)."""
 
-    def __init__(self, mapping: Mapping[Any, Any]) -> None:
+    def __init__(self, mapping: Mapping[Any, Any], *, id_key: str = "id") -> None:
         self._mapping = mapping
+        self._id_key = id_key
 
     def __getattr__(self, name: str) -> Any:
-        return self._mapping[name]
+        return self._mapping[self._id_key if name == "id" else name]

@@ -240,9 +240,11 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def GetLeadImport(
         self, request: leads_service_pb2.GetLeadImportRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.GetLeadImportResponse:
-        row = await self.service.get_import(request.import_id)
+        row, rejections, cursor = await self.service.import_rejections(
+            request.import_id, limit=request.page.limit, cursor=request.page.cursor
+        )
         return leads_service_pb2.GetLeadImportResponse(
-            lead_import=_import_message(row, await self.service.import_rejections(request.import_id))
+            lead_import=_import_message(row, rejections), page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
 
     # --- activities, tasks, scores ---

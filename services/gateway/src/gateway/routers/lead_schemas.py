@@ -177,7 +177,8 @@ class LeadImport(BaseModel):
 
 
 class LeadImportStatus(LeadImport):
-    rejected_rows: list[ImportRow] = Field(description="every rejected row of the import, with its reason")
+    rejected_rows: list[ImportRow] = Field(description="a page of the rejected rows by row number, with reasons")
+    next_cursor: str | None = Field(description="the `cursor` of the next page of rejected rows; null on the last")
 
 
 class ImportAnswer(BaseModel):

@@ -662,7 +662,8 @@ async def import_leads(
     ]
     await access.audit_each("merge", merged)
     summary = _import_json(reply.lead_import)
-    del summary["rejected_rows"]  # this part's rejections are its `rows`; all of them: GET /leads/imports/{id}
+    # This part's rejections are its `rows`; all of them, page by page: GET /leads/imports/{id}.
+    del summary["rejected_rows"]
     return {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
 
 
@@ -784,13 +785,18 @@ def _import_json(lead_import: pb.LeadImport) -> dict[str, Any]:
 
 
 @router.get("/leads/imports/{import_id}", responses={200: {"model": schemas.LeadImportStatus}})
-async def get_import(import_id: str, request: Request, access: LeadsRead) -> dict[str, Any]:
-    """An import's status, progress and rejected rows (with reasons)."""
+async def get_import(
+    import_id: str, request: Request, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
+) -> dict[str, Any]:
+    """An import's status and progress with a page of its rejected rows (with reasons) by row number;
+    `next_cursor` pages on through them."""
     reply = await _stub(request).GetLeadImport(
-        pb.GetLeadImportRequest(import_id=import_id), metadata=access.grpc_metadata()
+        pb.GetLeadImportRequest(import_id=import_id, page=_page(access.page_limit(limit), cursor)),
+        metadata=access.grpc_metadata(),
     )
     summary = _import_json(reply.lead_import)
     summary["rejected_rows"] = _rejections_as_seen(access, summary.get("rejected_rows", []))
+    summary["next_cursor"] = reply.page_info.next_cursor or None
     return summary
 
 
