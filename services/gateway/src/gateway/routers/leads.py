@@ -1395,7 +1395,10 @@ async def set_thresholds(
     body: ThresholdsIn, request: Request, response: Response, access: ScoringRulesManage, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Sets the minimum scores of grades A, B and C (below C is D)."""
-    reply = await _stub(request).SetGradeThresholds(
+    stub = _stub(request)
+    # The thresholds as they were, for the audit row's before: they come with every page of the rules.
+    listed = await stub.ListScoringRules(pb.ListScoringRulesRequest(page=_page(1, "")), metadata=access.grpc_metadata())
+    reply = await stub.SetGradeThresholds(
         pb.SetGradeThresholdsRequest(
             thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c),
             expected_version=expected_version(if_match),
@@ -1403,7 +1406,8 @@ async def set_thresholds(
         metadata=access.grpc_metadata(),
     )
     thresholds = _thresholds_json(reply.thresholds, reply.version)
-    await access.audit_write("grade_thresholds", None, thresholds, action="set_grade_thresholds")
+    before = _thresholds_json(listed.thresholds, listed.thresholds_version)
+    await access.audit_write("grade_thresholds", before, thresholds, action="set_grade_thresholds")
     return with_etag(response, thresholds)
 
 
@@ -1708,12 +1712,16 @@ async def update_webform(
         id=webform_id, webform=leads_pb2.Webform(**given), expected_version=expected_version(if_match)
     )
     update.update_mask.paths.extend(given)
-    reply = await _stub(request).UpdateWebform(update, metadata=access.grpc_metadata())
-    if set(given) == {"enabled"}:
-        await access.audit("enable_webform" if body.enabled else "disable_webform", webform_id)
-    else:
-        await access.audit("update_webform", webform_id, reason=", ".join(sorted(given)))
-    return with_etag(response, _webform_json(reply.webform))
+    stub = _stub(request)
+    # As it was, for the audit row's before (the key is not among what an update changes).
+    before = await stub.GetWebform(pb.GetWebformRequest(id=webform_id), metadata=access.grpc_metadata())
+    reply = await stub.UpdateWebform(update, metadata=access.grpc_metadata())
+    result = _webform_json(reply.webform)
+    action = (
+        ("enable_webform" if body.enabled else "disable_webform") if set(given) == {"enabled"} else "update_webform"
+    )
+    await access.audit_write(webform_id, _webform_json(before.webform), result, action=action)
+    return with_etag(response, result)
 
 
 @router.post("/webforms/{webform_id}/rotate-key", responses={200: {"model": schemas.Webform}})
