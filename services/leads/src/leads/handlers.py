@@ -377,6 +377,16 @@ class ConvertResult:
 
 
 @dataclass(frozen=True, slots=True)
+class ActivityLogged:
+    """A logged activity and its lead after it, and, for the caller's audit trail, the lead before
+    it: None for an answer repeating the idempotency key's earlier result (nothing changed then)."""
+
+    activity: Mapping[Any, Any]
+    lead: Mapping[Any, Any]
+    previous: Mapping[Any, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Capture:
     """What a lead capture did, for the caller's audit trail: a merge is audited as the change it
     made to the existing lead, not as a second create."""
@@ -1234,7 +1244,13 @@ class LeadsService:
 
     # --- activities and tasks ---------------------------------------------------------------
 
-    async def log_activity(self, a: ActivityInput) -> tuple[Mapping[Any, Any], RowMapping]:
+    async def log_activity(self, a: ActivityInput) -> tuple[Mapping[Any, Any], Mapping[Any, Any]]:
+        """Logs an activity; returns it and its lead after it."""
+        logged = await self.record_activity(a)
+        return logged.activity, logged.lead
+
+    async def record_activity(self, a: ActivityInput) -> ActivityLogged:
+        """`log_activity`, telling also the lead as it was before the activity."""
         principal = current_principal()
         now = self.clock()
         given = {"kind": a.kind, "outcome": a.outcome, "notes": a.notes, "next_follow_up_at": a.next_follow_up_at}
@@ -1250,7 +1266,7 @@ class LeadsService:
                     await idempotency.earlier_record(conn, repo.activities, earlier["activity_id"], gone=gone)
                 )._mapping
                 _same_record(a.idempotency_key, LEAD, activity["lead_id"], a.lead_id)
-                return activity, await self._visible_lead(conn, a.lead_id)
+                return ActivityLogged(activity, await self._visible_lead(conn, a.lead_id))
             lead = await self._visible_lead(conn, a.lead_id, for_update=True)
             domain.ensure_open(lead["status"], "log an activity on")
             new_activity: dict[str, Any] = {
@@ -1295,7 +1311,7 @@ class LeadsService:
                     ),
                     key=a.lead_id,
                 )
-            return new_activity, row
+            return ActivityLogged(new_activity, row, previous=lead)
 
     async def list_activities(self, lead_id: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         size = page_limit(limit)

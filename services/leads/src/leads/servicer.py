@@ -252,7 +252,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def LogLeadActivity(
         self, request: leads_service_pb2.LogLeadActivityRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.LogLeadActivityResponse:
-        activity, lead = await self.service.log_activity(
+        logged = await self.service.record_activity(
             ActivityInput(
                 lead_id=request.lead_id,
                 kind=request.kind,
@@ -264,7 +264,9 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             )
         )
         return leads_service_pb2.LogLeadActivityResponse(
-            activity=messages.activity_to_proto(activity), lead=messages.lead_to_proto(lead)
+            activity=messages.activity_to_proto(logged.activity),
+            lead=messages.lead_to_proto(logged.lead),
+            previous=messages.lead_to_proto(logged.previous) if logged.previous is not None else None,
         )
 
     async def ListLeadActivities(

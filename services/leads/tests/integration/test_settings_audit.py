@@ -36,3 +36,16 @@ async def test_setting_the_grade_thresholds_is_audited_with_the_ones_before(env:
     rows = (await admin.get("/api/v1/audit-events", params={"action": "set_grade_thresholds"})).json()["items"]
     latest = rows[0]  # newest first
     assert (latest["before"], latest["after"]) == ({"a": 85, "version": 2}, {"a": 90, "version": 3})
+
+
+async def test_a_logged_activity_is_audited_with_the_leads_changes(env: Any, admin: httpx.AsyncClient) -> None:
+    lead = (await admin.post("/api/v1/leads", json={"name": "Wang", "email": "wang@x.cn"})).json()
+
+    logged = await admin.post(f"/api/v1/leads/{lead['id']}/activities", json={"kind": "call", "outcome": "reached"})
+
+    assert logged.status_code == 201, logged.text
+    row = await audited(admin, "log_activity")
+    assert row["before"]["status"] == "new" and row["after"]["status"] == "contacted"
+    assert row["before"]["first_contacted_at"] is None and row["after"]["first_contacted_at"]
+    assert row["before"]["activity"] is None and row["after"]["activity"]["kind"] == "call"
+    assert {"status", "first_contacted_at", "activity", "version"} <= set(row["fields"])

@@ -919,7 +919,10 @@ async def log_activity(
         metadata=access.grpc_metadata(),
     )
     activity = _activity_json(reply.activity)
-    await access.audit_write(lead_id, None, {"activity": activity}, action="log_activity")
+    # The lead's changes with it (status, contact times, score); a repeat's answer sends no `previous`.
+    before = lead_json(reply.previous) if reply.HasField("previous") else None
+    after = {**lead_json(reply.lead), "activity": activity} if before is not None else {"activity": activity}
+    await access.audit_write(lead_id, before, after, action="log_activity")
     present = await presenter(access)
     shown = {"lead": present(lead_json(reply.lead))}
     # The activity is shown with the caller's rules for activities; without them, left out.
