@@ -4,13 +4,14 @@ A cursor names the sort it was made for (its column, `-` before it when descendi
 the last row's value and id as JSON (times, dates and decimals as strings). `keyset_page` checks it
 against the list before any SQL runs: a cursor of another sort or direction, or one that was
 edited, is a ValidationFailed on `cursor` (HTTP 422), never a database error (HTTP 500) or a page
-from the wrong end. Cursors issued before they named their sort, a bare [value, id], are still
-taken when their values fit the sort column.
+from the wrong end. Cursors issued before they named their sort, a bare [value, id], are taken
+when their values fit the sort column (by callers of the handlers; over gRPC see below).
 
 The gRPC server binds every list's cursors to the list: the RPC and its request's filters
 (`page_fingerprint`, `bind_cursor`). A cursor of another list, or of the same list with other
 filters, is refused on `cursor` as well, where it would otherwise start a page at a row of the
-list it came from."""
+list it came from. So is a cursor issued before cursors were bound (a client paging across that
+upgrade starts its list again)."""
 
 import base64
 import hashlib
@@ -86,10 +87,16 @@ def parse_sort(sort: str, allowed: dict[str, Column[Any]], *, default: str) -> t
 
 def page_fingerprint(method: str, request: Message) -> str:
     """What a list's cursors are bound to: the RPC and its request without the page (the filters,
-    the parent record, the scope asked for). Stable across processes and replicas."""
+    the parent record, the scope asked for). Stable across processes and replicas. A repeated
+    filter is a set of values: given in another order, it is the same list."""
     filters = type(request)()
     filters.CopyFrom(request)
     filters.ClearField("page")
+    for field, values in filters.ListFields():
+        if field.is_repeated and field.message_type is None:
+            ordered = sorted(values)
+            del values[:]
+            values.extend(ordered)
     digest = hashlib.blake2b(method.encode(), digest_size=8)
     digest.update(filters.SerializeToString(deterministic=True))
     return digest.hexdigest()

@@ -226,6 +226,12 @@ def test_a_bound_cursor_is_taken_back_by_the_same_list_and_filters() -> None:
     assert unbind_cursor(again.page.cursor, page_fingerprint(LIST_LEADS, again)) == "eyJpZCI6IDF9"
 
 
+def test_repeated_filter_values_in_another_order_are_the_same_list() -> None:
+    bound = bind_cursor("eyJpZCI6IDF9", page_fingerprint(LIST_LEADS, list_leads(statuses=["new", "contacted"])))
+    again = page_fingerprint(LIST_LEADS, list_leads(statuses=["contacted", "new"]))
+    assert unbind_cursor(bound, again) == "eyJpZCI6IDF9"
+
+
 @pytest.mark.parametrize(
     ("method", "filters"),
     [
