@@ -293,21 +293,40 @@ async def test_audit_events_page_only_from_the_cursors_they_gave(gateway: Any, a
     assert second.status_code == 200, second.text
     assert second.json()["items"][0]["id"] < first["items"][-1]["id"]
     # The cursor was the last event's id, compared as it came: garbage started at the first page,
-    # an edited id somewhere else.
+    # an edited id somewhere else. Edited ids are also tried bound to the listing's filters, as
+    # the cursors it issues are.
     last_id = first["items"][-1]["id"]
+    bound_to = issued.partition(".")[0]
+    edited = [encode_cursor([last_id[::-1]]), encode_cursor([last_id, last_id]), encode_cursor([7])]
     for cursor in [
         "garbage",
         issued + "x",
         issued[::-1],
         issued[:-4],
         last_id,
-        encode_cursor([last_id[::-1]]),
-        encode_cursor([last_id, last_id]),
-        encode_cursor([7]),
+        *edited,
+        *(f"{bound_to}.{inner}" for inner in edited),
     ]:
         refused = await gateway.client.get("/api/v1/audit-events", params={"limit": 2, "cursor": cursor}, headers=admin)
         assert refused.status_code == 422, (cursor, refused.text)
         assert [error["field"] for error in refused.json()["errors"]] == ["cursor"]
+
+
+async def test_an_audit_cursor_pages_only_the_filters_it_came_from(gateway: Any, auth_headers: Any) -> None:
+    await random_writes(gateway, auth_headers("sales_manager", sub="u-a", team="t-a"), 5, seed=5)
+    admin = auth_headers("admin", sub="root")
+    first = (await gateway.client.get("/api/v1/audit-events", params={"limit": 1}, headers=admin)).json()
+    action = first["items"][0]["action"]
+
+    same = await gateway.client.get(
+        "/api/v1/audit-events", params={"limit": 1, "cursor": first["next_cursor"]}, headers=admin
+    )
+    other = await gateway.client.get(
+        "/api/v1/audit-events", params={"limit": 1, "cursor": first["next_cursor"], "action": action}, headers=admin
+    )
+
+    assert same.status_code == 200, same.text
+    assert other.status_code == 422 and [e["field"] for e in other.json()["errors"]] == ["cursor"], other.text
 
 
 async def test_audit_events_reach_kafka(make_gateway: Any, kafka_settings: KafkaSettings, auth_headers: Any) -> None:

@@ -74,7 +74,7 @@ async def list_audit_events(
     since: Annotated[Instant | None, Query(description="occurred at or after (RFC 3339, with a time zone)")] = None,
     until: Annotated[Instant | None, Query(description="occurred before (RFC 3339, with a time zone)")] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: Annotated[str | None, Query(max_length=64)] = None,
+    cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> AuditEventPage:
     access.check_filters(AUDIT_FILTERS)
     query = AuditQuery(

@@ -6,6 +6,7 @@ wake-up of the outbox relay) for all the entries that arrived while the previous
 
 import asyncio
 import contextvars
+import hashlib
 import json
 import logging
 import uuid
@@ -19,7 +20,7 @@ from crm_platform.db import DriverStatement, insert_from_json, json_rows, single
 from crm_platform.errors import ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
-from crm_platform.pagination import NOT_ISSUED, decode_cursor, encode_cursor
+from crm_platform.pagination import NOT_ISSUED, bind_cursor, decode_cursor, encode_cursor, unbind_cursor
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
@@ -287,11 +288,14 @@ class AuditLog:
             listener()
 
     async def query(self, query: AuditQuery) -> tuple[list[dict[str, Any]], str | None]:
-        statement = self._select(query)
+        """A page of the trail, newest first. Its cursor is bound to the query's filters, as the
+        services bind theirs: given with other filters it is a 422 on `cursor`, not a page of them."""
+        filters = _filters_fingerprint(query)
+        statement = self._select(replace(query, cursor=unbind_cursor(query.cursor or "", filters) or None))
         async with self.engine.connect() as conn:
             rows = list((await conn.execute(statement)).mappings())
         page = rows[: query.limit]
-        next_cursor = encode_cursor([page[-1]["id"]]) if len(rows) > query.limit else None
+        next_cursor = bind_cursor(encode_cursor([page[-1]["id"]]), filters) if len(rows) > query.limit else None
         return [_present(row) for row in page], next_cursor
 
     @staticmethod
@@ -314,6 +318,12 @@ class AuditLog:
             conditions.append(table.c.id < _after_id(query.cursor))
         conditions.append(_actor_in_scope(query.scope))
         return select(table).where(and_(*conditions)).order_by(table.c.id.desc()).limit(query.limit + 1)
+
+
+def _filters_fingerprint(query: AuditQuery) -> str:
+    times = [isoformat(moment) if moment else None for moment in (query.since, query.until)]
+    filters = [query.actor_id, query.resource, query.record_id, query.action, *times]
+    return hashlib.blake2b(json.dumps(filters).encode(), digest_size=8).hexdigest()
 
 
 def _after_id(cursor: str) -> str:
