@@ -282,6 +282,21 @@ async def test_customer_value_is_paged_through(app: FastAPI, client: httpx.Async
     assert all(request.at_risk_only for request, _ in pages)
 
 
+async def test_the_customer_value_reports_csv_links_its_next_page(
+    client: httpx.AsyncClient, real_app_auth: Any
+) -> None:
+    """The report's own CSV is one page, as its JSON is: `Link` rel="next" names the next one, so
+    no row is left out without a word."""
+    first = await client.get("/api/v1/reports/customer-value?format=csv&limit=1", headers=real_app_auth("finance"))
+    assert first.status_code == 200, first.text
+    assert [row[0] for row in table(first)[1:]] == ["a-1"]
+    link = first.headers["Link"]
+    assert link.endswith('>; rel="next"') and "cursor=page-2" in link and "limit=1" in link
+
+    last = await client.get(link[1 : link.index(">")], headers=real_app_auth("finance"))
+    assert [row[0] for row in table(last)[1:]] == ["a-2"] and "Link" not in last.headers
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [
@@ -292,6 +307,9 @@ async def test_customer_value_is_paged_through(app: FastAPI, client: httpx.Async
         ("report=lead-sources&group_by=owner", "group_by"),
         ("report=customer-value&at_risk_only=perhaps", "at_risk_only"),
         ("report=service&colour=red", "colour"),
+        # One value per filter: the last one alone would be exported, without a word.
+        ("report=lead-sources&group_by=source&group_by=campaign", "group_by"),
+        ("report=sales-funnel&report=service", "report"),
     ],
 )
 async def test_a_bad_report_filter_is_422_naming_it(

@@ -176,7 +176,10 @@ async def _respond(
     rows: Iterable[Mapping[str, Any]],
     filters: Filters,
     format: str,
+    next_cursor: str = "",
 ) -> Any:
+    """The report as JSON, or as CSV (an export: its own permission, rate limit and audit row). A
+    paged report's CSV is one page; its `Link: <...>; rel="next"` names the next (RFC 8288)."""
     if format == "json":
         return body
     runtime = runtime_of(request)
@@ -197,11 +200,10 @@ async def _respond(
         for row in table:
             yield csv_line(row.get(column) for column in columns)
 
-    return StreamingResponse(
-        lines(),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{report}.csv"'},
-    )
+    headers = {"Content-Disposition": f'attachment; filename="{report}.csv"'}
+    if next_cursor:
+        headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
 
 
 def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -298,7 +300,8 @@ async def customer_value(
     cursor: Annotated[str, Query(max_length=500)] = "",
     format: Format = "json",
 ) -> Any:
-    """Per account: won and paid amounts, churn risk and its reasons; highest paid first."""
+    """Per account: won and paid amounts, churn risk and its reasons; highest paid first, a page at a
+    time (as CSV too: `Link` rel="next"; `/exports/reports?report=customer-value` gives every row)."""
     reply = await _stub(request).GetCustomerValue(
         pb.GetCustomerValueRequest(
             filter=filters.proto(access),
@@ -310,7 +313,8 @@ async def customer_value(
     money = _Money(access)
     items = [money.present(plain(row)) for row in reply.rows]
     body = {"items": items, "next_cursor": reply.page_info.next_cursor or None}
-    return await _respond(request, access, "customer-value", body, items, filters, format)
+    next_cursor = reply.page_info.next_cursor
+    return await _respond(request, access, "customer-value", body, items, filters, format, next_cursor)
 
 
 @router.get("/reports/data-completeness", responses=_CSV)

@@ -31,7 +31,14 @@ from gateway.routing import ResourceRouter
 from gateway.security import CurrentPrincipal
 from gateway.security.access import Access, filtered_fields, runtime_of
 from gateway.security.audit import mask_pii
-from gateway.security.exports import GrpcListing, csv_line, export_source, register_grpc_export, registered_exports
+from gateway.security.exports import (
+    GrpcListing,
+    csv_line,
+    export_source,
+    invalid_filter,
+    register_grpc_export,
+    registered_exports,
+)
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["exports"])
@@ -73,6 +80,11 @@ async def export_resource(
         unknown = [name for name in filters if not source.takes(name) and name != "sort"]
         if unknown:
             raise unknown_query_parameters(unknown)
+        # An export filters by one value of a parameter; a repeated one would quietly export the
+        # records of its last value only.
+        names = [name for name, _ in request.query_params.multi_items()]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise invalid_filter(repeated[0], f"an export takes one value of '{repeated[0]}'; export once per value")
         if source.check is not None:
             source.check(filters)
         # Each filter is checked as the field it filters by (`tag`: `tags`), as on the list route.
