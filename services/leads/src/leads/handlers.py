@@ -1759,6 +1759,8 @@ class LeadsService:
                     "status": "running",
                     "format": fmt,
                     "owner_id": principal.user_id,
+                    "team": principal.team,
+                    "region": principal.region,
                     "started_at": now,
                     "updated_at": now,
                 },
@@ -2280,7 +2282,13 @@ class LeadsService:
         principal = current_principal()
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(repo.imports).where(repo.imports.c.id == import_id))).mappings().first()
-            if row is None or (row["owner_id"] != principal.user_id and current_scope().kind != ScopeKind.ALL):
+            # Seen by who started it and in the record scope of its leads' owner: a team manager
+            # sees their reps' imports (an import's leads are its owner's until assigned).
+            scope = current_scope()
+            if row is None or not (
+                row["owner_id"] == principal.user_id
+                or scope.allows(owner_id=row["owner_id"], team=row["team"], region=row["region"])
+            ):
                 raise NotFound("import", import_id)
             return row
 

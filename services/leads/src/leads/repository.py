@@ -317,6 +317,9 @@ imports = Table(
     Column("status", String(20), nullable=False),
     Column("format", String(10), nullable=False),
     Column("owner_id", String(200), nullable=False, server_default=""),
+    # Of who started it: the import is seen in the record scope its owner's leads are.
+    Column("team", String(200), nullable=False, server_default=""),
+    Column("region", String(200), nullable=False, server_default=""),
     Column("rows_seen", BigInteger, nullable=False, server_default="0"),
     Column("accepted", BigInteger, nullable=False, server_default="0"),
     Column("merged", BigInteger, nullable=False, server_default="0"),
