@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import grpc
 from crm.common.v1 import common_pb2
@@ -31,7 +31,8 @@ from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from gateway.conventions import IdempotencyKey, IfMatch, MoneyIn, expected_version, with_etag
 from gateway.inputs import (
@@ -1343,6 +1344,50 @@ def _listed_rule(rules: Iterable[Any], rule_id: str, response: Response) -> dict
     raise not_found(f"rule {rule_id} not found")
 
 
+def _partial(model: type[ReplacementBody]) -> type[ReplacementBody]:
+    """`model` for a PATCH: every field may be left out (it then stays as it is), with its limits."""
+    fields: dict[str, Any] = {
+        name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))  # noqa: UP045
+        for name, info in model.model_fields.items()
+    }
+    partial: type[ReplacementBody] = create_model(  # type: ignore[call-overload]
+        f"{model.__name__.removesuffix('In')}Patch",
+        __base__=ReplacementBody,
+        __doc__="The fields to change; the others stay. Without `If-Match`, the rule as read is the "
+        "base: a change made meanwhile is a 412, to read and send again.",
+        **fields,
+    )
+    partial.read_only = model.read_only
+    return partial
+
+
+ScoringRulePatch = _partial(ScoringRuleIn)
+AssignmentRulePatch = _partial(AssignmentRuleIn)
+
+
+async def _patch_rule(
+    access: Access,
+    rule_id: str,
+    body: ReplacementBody,
+    if_match: str,
+    model: type[ScoringRuleIn] | type[AssignmentRuleIn],
+    listing: tuple[Callable[..., Awaitable[Any]], type[Message]],
+    update: Callable[[Any, int], Awaitable[Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A rule's PATCH: the given fields over the rule as it is, checked as its PUT checks a whole
+    rule (a 422 naming a bad or unknown field), written at the version it was read at (or the
+    `If-Match` one). Returns the rule before and after."""
+    before = _rule_before(await _every_rule(*listing, access), rule_id)
+    if not before:
+        raise not_found(f"rule {rule_id} not found")
+    try:  # a field given as null is refused here, as its PUT refuses it
+        merged = model.model_validate({**before, **body.model_dump(exclude_unset=True)})
+    except ValidationError as error:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+    reply = await update(merged, expected_version(if_match) or before["version"])
+    return before, _rule_json(reply.rule)
+
+
 def _rule_json(rule: leads_pb2.ScoringRule | leads_pb2.AssignmentRule) -> dict[str, Any]:
     body = _message_json(rule)
     body["version"] = rule.version  # a number, as a lead's (JSON of an int64 is a string)
@@ -1442,6 +1487,30 @@ async def update_scoring_rule(
     return with_etag(response, rule)
 
 
+@router.patch("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
+async def patch_scoring_rule(
+    rule_id: str,
+    body: ScoringRulePatch,  # type: ignore[valid-type]
+    request: Request,
+    response: Response,
+    access: ScoringRulesManage,
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    """Changes the given fields of a scoring rule (SPEC §3: updates are PATCH); the others stay."""
+    stub = _stub(request)
+
+    async def update(rule: ScoringRuleIn, version: int) -> Any:
+        return await stub.UpdateScoringRule(
+            pb.UpdateScoringRuleRequest(rule=_scoring_rule(rule, rule_id), expected_version=version),
+            metadata=access.grpc_metadata(),
+        )
+
+    listing = (stub.ListScoringRules, pb.ListScoringRulesRequest)
+    before, rule = await _patch_rule(access, rule_id, body, if_match, ScoringRuleIn, listing, update)
+    await access.audit_write(rule_id, before, rule, action="update_scoring_rule")
+    return with_etag(response, rule)
+
+
 @router.delete("/lead-scoring-rules/{rule_id}", status_code=204)
 async def delete_scoring_rule(
     rule_id: str, request: Request, access: ScoringRulesManage, if_match: IfMatch = ""
@@ -1518,6 +1587,30 @@ async def update_assignment_rule(
     )
     rule = _rule_json(reply.rule)
     await access.audit_write(rule_id, _rule_before(rules, rule_id), rule, action="update_assignment_rule")
+    return with_etag(response, rule)
+
+
+@router.patch("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
+async def patch_assignment_rule(
+    rule_id: str,
+    body: AssignmentRulePatch,  # type: ignore[valid-type]
+    request: Request,
+    response: Response,
+    access: AssignmentRulesManage,
+    if_match: IfMatch = "",
+) -> dict[str, Any]:
+    """Changes the given fields of an assignment rule (SPEC §3: updates are PATCH); the others stay."""
+    stub = _stub(request)
+
+    async def update(rule: AssignmentRuleIn, version: int) -> Any:
+        return await stub.UpdateAssignmentRule(
+            pb.UpdateAssignmentRuleRequest(rule=_assignment_rule(rule, rule_id), expected_version=version),
+            metadata=access.grpc_metadata(),
+        )
+
+    listing = (stub.ListAssignmentRules, pb.ListAssignmentRulesRequest)
+    before, rule = await _patch_rule(access, rule_id, body, if_match, AssignmentRuleIn, listing, update)
+    await access.audit_write(rule_id, before, rule, action="update_assignment_rule")
     return with_etag(response, rule)
 
 
