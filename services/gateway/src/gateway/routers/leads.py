@@ -11,6 +11,7 @@ import io
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Optional
 
@@ -1365,27 +1366,50 @@ ScoringRulePatch = _partial(ScoringRuleIn)
 AssignmentRulePatch = _partial(AssignmentRuleIn)
 
 
-async def _patch_rule(
+@dataclass(frozen=True, slots=True)
+class _RuleKind:
+    """What a rule's PUT and PATCH need of its kind (scoring or assignment)."""
+
+    model: type[ScoringRuleIn] | type[AssignmentRuleIn]
+    message: type[leads_pb2.ScoringRule] | type[leads_pb2.AssignmentRule]
+    listing: str  # the RPC listing the rules (no RPC reads one rule)
+    list_request: type[Message]
+    update: str  # the RPC replacing a rule
+    update_request: type[Message]
+    action: str  # of the audit row
+
+
+async def _replace_rule(
+    kind: _RuleKind,
+    request: Request,
     access: Access,
     rule_id: str,
-    body: ReplacementBody,
+    rule: ReplacementBody,
     if_match: str,
-    model: type[ScoringRuleIn] | type[AssignmentRuleIn],
-    listing: tuple[Callable[..., Awaitable[Any]], type[Message]],
-    update: Callable[[Any, int], Awaitable[Any]],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A rule's PATCH: the given fields over the rule as it is, checked as its PUT checks a whole
-    rule (a 422 naming a bad or unknown field), written at the version it was read at (or the
-    `If-Match` one). Returns the rule before and after."""
-    before = _rule_before(await _every_rule(*listing, access), rule_id)
-    if not before:
-        raise not_found(f"rule {rule_id} not found")
-    try:  # a field given as null is refused here, as its PUT refuses it
-        merged = model.model_validate({**before, **body.model_dump(exclude_unset=True)})
-    except ValidationError as error:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
-    reply = await update(merged, expected_version(if_match) or before["version"])
-    return before, _rule_json(reply.rule)
+    *,
+    patch: bool,
+) -> dict[str, Any]:
+    """Writes `rule` over the stored one and audits the change. A PATCH (`patch`) gives only the
+    fields to change: they go over the rule as it is, checked as a PUT checks a whole rule (a 422
+    naming a bad or unknown field), and the write is at the version read unless `If-Match` names one."""
+    stub = _stub(request)
+    before = _rule_before(await _every_rule(getattr(stub, kind.listing), kind.list_request, access), rule_id)
+    version = expected_version(if_match)
+    if patch:
+        if not before:
+            raise not_found(f"rule {rule_id} not found")
+        try:  # a field given as null is refused here, as its PUT refuses it
+            rule = kind.model.model_validate({**before, **rule.model_dump(exclude_unset=True)})
+        except ValidationError as error:
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
+        version = version or before["version"]
+    reply = await getattr(stub, kind.update)(
+        kind.update_request(rule=kind.message(id=rule_id, **rule.model_dump()), expected_version=version),
+        metadata=access.grpc_metadata(),
+    )
+    after = _rule_json(reply.rule)
+    await access.audit_write(rule_id, before, after, action=kind.action)
+    return after
 
 
 def _rule_json(rule: leads_pb2.ScoringRule | leads_pb2.AssignmentRule) -> dict[str, Any]:
@@ -1466,6 +1490,17 @@ async def get_scoring_rule(rule_id: str, request: Request, response: Response, a
     return _listed_rule(rules, rule_id, response)
 
 
+SCORING_RULES = _RuleKind(
+    ScoringRuleIn,
+    leads_pb2.ScoringRule,
+    "ListScoringRules",
+    pb.ListScoringRulesRequest,
+    "UpdateScoringRule",
+    pb.UpdateScoringRuleRequest,
+    "update_scoring_rule",
+)
+
+
 @router.put("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
 async def update_scoring_rule(
     rule_id: str,
@@ -1476,14 +1511,7 @@ async def update_scoring_rule(
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     """Replaces a scoring rule (its `id` and `version` may be sent back as read; they are ignored)."""
-    stub = _stub(request)
-    rules = await _every_rule(stub.ListScoringRules, pb.ListScoringRulesRequest, access)
-    reply = await stub.UpdateScoringRule(
-        pb.UpdateScoringRuleRequest(rule=_scoring_rule(body, rule_id), expected_version=expected_version(if_match)),
-        metadata=access.grpc_metadata(),
-    )
-    rule = _rule_json(reply.rule)
-    await access.audit_write(rule_id, _rule_before(rules, rule_id), rule, action="update_scoring_rule")
+    rule = await _replace_rule(SCORING_RULES, request, access, rule_id, body, if_match, patch=False)
     return with_etag(response, rule)
 
 
@@ -1497,17 +1525,7 @@ async def patch_scoring_rule(
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     """Changes the given fields of a scoring rule (SPEC §3: updates are PATCH); the others stay."""
-    stub = _stub(request)
-
-    async def update(rule: ScoringRuleIn, version: int) -> Any:
-        return await stub.UpdateScoringRule(
-            pb.UpdateScoringRuleRequest(rule=_scoring_rule(rule, rule_id), expected_version=version),
-            metadata=access.grpc_metadata(),
-        )
-
-    listing = (stub.ListScoringRules, pb.ListScoringRulesRequest)
-    before, rule = await _patch_rule(access, rule_id, body, if_match, ScoringRuleIn, listing, update)
-    await access.audit_write(rule_id, before, rule, action="update_scoring_rule")
+    rule = await _replace_rule(SCORING_RULES, request, access, rule_id, body, if_match, patch=True)
     return with_etag(response, rule)
 
 
@@ -1567,6 +1585,17 @@ async def get_assignment_rule(rule_id: str, request: Request, response: Response
     return _listed_rule(rules, rule_id, response)
 
 
+ASSIGNMENT_RULES = _RuleKind(
+    AssignmentRuleIn,
+    leads_pb2.AssignmentRule,
+    "ListAssignmentRules",
+    pb.ListAssignmentRulesRequest,
+    "UpdateAssignmentRule",
+    pb.UpdateAssignmentRuleRequest,
+    "update_assignment_rule",
+)
+
+
 @router.put("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
 async def update_assignment_rule(
     rule_id: str,
@@ -1577,16 +1606,7 @@ async def update_assignment_rule(
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     """Replaces an assignment rule (its `id` and `version` may be sent back as read; they are ignored)."""
-    stub = _stub(request)
-    rules = await _every_rule(stub.ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
-    reply = await stub.UpdateAssignmentRule(
-        pb.UpdateAssignmentRuleRequest(
-            rule=_assignment_rule(body, rule_id), expected_version=expected_version(if_match)
-        ),
-        metadata=access.grpc_metadata(),
-    )
-    rule = _rule_json(reply.rule)
-    await access.audit_write(rule_id, _rule_before(rules, rule_id), rule, action="update_assignment_rule")
+    rule = await _replace_rule(ASSIGNMENT_RULES, request, access, rule_id, body, if_match, patch=False)
     return with_etag(response, rule)
 
 
@@ -1600,17 +1620,7 @@ async def patch_assignment_rule(
     if_match: IfMatch = "",
 ) -> dict[str, Any]:
     """Changes the given fields of an assignment rule (SPEC §3: updates are PATCH); the others stay."""
-    stub = _stub(request)
-
-    async def update(rule: AssignmentRuleIn, version: int) -> Any:
-        return await stub.UpdateAssignmentRule(
-            pb.UpdateAssignmentRuleRequest(rule=_assignment_rule(rule, rule_id), expected_version=version),
-            metadata=access.grpc_metadata(),
-        )
-
-    listing = (stub.ListAssignmentRules, pb.ListAssignmentRulesRequest)
-    before, rule = await _patch_rule(access, rule_id, body, if_match, AssignmentRuleIn, listing, update)
-    await access.audit_write(rule_id, before, rule, action="update_assignment_rule")
+    rule = await _replace_rule(ASSIGNMENT_RULES, request, access, rule_id, body, if_match, patch=True)
     return with_etag(response, rule)
 
 
