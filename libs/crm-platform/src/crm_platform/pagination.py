@@ -97,8 +97,13 @@ def page_fingerprint(method: str, request: Message) -> str:
             ordered = sorted(values)
             del values[:]
             values.extend(ordered)
-    digest = hashlib.blake2b(method.encode(), digest_size=8)
-    digest.update(filters.SerializeToString(deterministic=True))
+    return list_fingerprint(method, filters.SerializeToString(deterministic=True))
+
+
+def list_fingerprint(list_name: str, filters: bytes) -> str:
+    """The fingerprint `bind_cursor` binds a cursor to: a list and its filters, however encoded."""
+    digest = hashlib.blake2b(list_name.encode(), digest_size=8)
+    digest.update(filters)
     return digest.hexdigest()
 
 
@@ -157,14 +162,16 @@ def _rows_after(
     return or_(later, sort_column.is_(None)) if sort_column.nullable else later
 
 
-def next_cursor(rows: Sequence[Any], *, sort_key: str, descending: bool, limit: int) -> str:
+def next_cursor(rows: Sequence[Any], *, sort_key: str, descending: bool, limit: int, id_key: str = "id") -> str:
     """The cursor for the page after `rows` (fetched with limit + 1), or '' when this was the last.
     `sort_key` names the sort column; the cursor keeps it and the direction, to refuse being used
-    with another sort (the other direction would page from the wrong end)."""
+    with another sort (the other direction would page from the wrong end). `id_key` names the
+    column that breaks ties (`keyset_page`'s id column)."""
     if len(rows) <= limit:
         return ""
     last = rows[limit - 1]
-    return _encode({"sort": _sort_name(sort_key, descending), "value": getattr(last, sort_key), "id": last.id})
+    value, tie = getattr(last, sort_key), getattr(last, id_key)
+    return _encode({"sort": _sort_name(sort_key, descending), "value": value, "id": tie})
 
 
 def _sort_name(column: str, descending: bool) -> str:

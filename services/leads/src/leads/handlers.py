@@ -3163,18 +3163,17 @@ async def _ascending_page(
         id_column = sort_column
     page = keyset_page(query, sort_column=sort_column, id_column=id_column, descending=False, cursor=cursor, limit=size)
     rows = list((await conn.execute(page)).mappings())
-    return rows[:size], next_cursor(
-        [_Row(r, id_key=id_column.name) for r in rows], sort_key=sort_column.name, descending=False, limit=size
+    cursor = next_cursor(
+        [_Row(r) for r in rows], sort_key=sort_column.name, descending=False, limit=size, id_key=id_column.name
     )
+    return rows[:size], cursor
 
 
 class _Row:
-    """Attribute access over a row mapping, for `next_cursor`, whose `id` is the column `id_key`
-    (the keyset's tie-breaker: a table without an `id` column pages by another)."""
+    """Attribute access over a row mapping, for `next_cursor`."""
 
-    def __init__(self, mapping: Mapping[Any, Any], *, id_key: str = "id") -> None:
+    def __init__(self, mapping: Mapping[Any, Any]) -> None:
         self._mapping = mapping
-        self._id_key = id_key
 
     def __getattr__(self, name: str) -> Any:
-        return self._mapping[self._id_key if name == "id" else name]
+        return self._mapping[name]

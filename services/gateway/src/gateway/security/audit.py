@@ -6,7 +6,6 @@ wake-up of the outbox relay) for all the entries that arrived while the previous
 
 import asyncio
 import contextvars
-import hashlib
 import json
 import logging
 import uuid
@@ -20,7 +19,14 @@ from crm_platform.db import DriverStatement, insert_from_json, json_rows, single
 from crm_platform.errors import ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
-from crm_platform.pagination import NOT_ISSUED, bind_cursor, decode_cursor, encode_cursor, unbind_cursor
+from crm_platform.pagination import (
+    NOT_ISSUED,
+    bind_cursor,
+    decode_cursor,
+    encode_cursor,
+    list_fingerprint,
+    unbind_cursor,
+)
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
@@ -323,7 +329,7 @@ class AuditLog:
 def _filters_fingerprint(query: AuditQuery) -> str:
     times = [isoformat(moment) if moment else None for moment in (query.since, query.until)]
     filters = [query.actor_id, query.resource, query.record_id, query.action, *times]
-    return hashlib.blake2b(json.dumps(filters).encode(), digest_size=8).hexdigest()
+    return list_fingerprint("audit-events", json.dumps(filters).encode())
 
 
 def _after_id(cursor: str) -> str:
