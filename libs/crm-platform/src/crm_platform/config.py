@@ -58,6 +58,9 @@ class KafkaSettings(BaseSettings):
 
 # Connections per replica (see ServiceSettings); also create_engine's defaults.
 DATABASE_POOL_SIZE = 20
+# The least time between two outbox relay passes (`OutboxRelay._linger`): an event waits at most this
+# long for the pass that publishes it, well inside the second within which consumers must see it.
+OUTBOX_LINGER_SECONDS = 0.05
 DATABASE_MAX_OVERFLOW = 10
 
 
@@ -83,8 +86,8 @@ class ServiceSettings(BaseSettings):
     max_connection_age_seconds: float = 300.0
     outbox_poll_seconds: float = 0.05
     outbox_batch_size: int = 500
-    # After a commit wakes the relay, it waits this long so concurrent commits share one pass.
-    outbox_linger_seconds: float = 0.01
+    # Relay passes start at least this long apart, so concurrent commits share one pass.
+    outbox_linger_seconds: float = Field(default=OUTBOX_LINGER_SECONDS, ge=0)
     # Run Alembic migrations at start (embedded defaults); in Kubernetes a Job runs them instead.
     migrate_on_start: bool = False
     # A repeated Idempotency-Key answers with the first result for this long; then the key expires.

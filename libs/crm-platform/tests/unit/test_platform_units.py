@@ -18,6 +18,7 @@ from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform.activities import CLOCK_SKEW, kind_error, may_change_activity, occurred_at_error
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
+from crm_platform.config import KafkaSettings
 from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
@@ -25,7 +26,7 @@ from crm_platform.idempotency import RESUMING_METADATA, request_fingerprint
 from crm_platform.jobs import PeriodicJob
 from crm_platform.kafka import murmur2, partition_for
 from crm_platform.money import Money, parse_decimal
-from crm_platform.outbox import backoff_seconds, listen_dsn, publishable
+from crm_platform.outbox import OutboxRelay, add_messaging_tables, backoff_seconds, listen_dsn, publishable
 from crm_platform.pagination import decode_cursor, encode_cursor, page_limit
 from crm_platform.principal import (
     Principal,
@@ -126,6 +127,20 @@ def test_a_claimed_row_held_back_by_an_older_row_of_its_key_waits() -> None:
     # out a retry backoff); the other keys' rows go.
     rows = [Row(5, "a", False), Row(6, "b", True), Row(7, "a", False), Row(9, "c", False)]
     assert [row.seq for row in publishable(rows)] == [5, 7, 9]
+
+
+async def test_relay_passes_start_a_linger_apart_and_a_commit_after_a_quiet_spell_goes_at_once() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://")
+    metadata = MetaData()
+    add_messaging_tables(metadata)
+    relay = OutboxRelay(engine, metadata, KafkaSettings(), service="test", linger_seconds=0.05)
+    assert relay._linger() == 0.0  # no pass yet
+    now = asyncio.get_running_loop().time()
+    relay._last_pass_started = now - 0.01  # a commit 10 ms into a pass's interval waits out the rest
+    assert 0.035 <= relay._linger() <= 0.04
+    relay._last_pass_started = now - 1.0
+    assert relay._linger() == 0.0
+    await engine.dispose()
 
 
 def test_backoff_grows_and_is_capped() -> None:
