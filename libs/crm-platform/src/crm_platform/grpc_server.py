@@ -1,7 +1,7 @@
 """The gRPC server every service runs: health checking and reflection from the libraries, and one
 interceptor that sets the caller's context (and a keyed request's fingerprint), bounds the deadline,
-maps domain errors, binds a list's cursors to the list and its filters, marks an answer given with a
-key's earlier result (`REPLAYED_METADATA`) and counts."""
+maps domain errors, binds a list's cursors to the list and its filters, answers a repeated key with
+the first answer it got (marked `REPLAYED_METADATA`) and counts."""
 
 import asyncio
 import logging
@@ -16,7 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from crm_platform import metrics
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
-from crm_platform.idempotency import REPLAYED_METADATA, answered_from_earlier, serving_request
+from crm_platform.idempotency import (
+    REPLAYED_METADATA,
+    answered_from_earlier,
+    first_answer,
+    keep_answer,
+    serving_request,
+)
 from crm_platform.pagination import bind_cursor, page_fingerprint, unbind_cursor
 from crm_platform.principal import acting_as, context_from_metadata
 from crm_platform.telemetry import continued_trace
@@ -107,7 +113,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     if fingerprint and reply.page_info.next_cursor:
                         reply.page_info.next_cursor = bind_cursor(reply.page_info.next_cursor, fingerprint)
                     if answered_from_earlier():
+                        reply = first_answer(reply)
                         context.set_trailing_metadata((REPLAYED_METADATA,))
+                    else:
+                        await keep_answer(reply)
                     return reply
             except CrmError as error:
                 status = to_status(error)

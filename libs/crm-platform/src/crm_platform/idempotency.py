@@ -33,6 +33,13 @@ reach since) but may have passed for the key's first request. A key used before 
 new one is refused (Conflict `NOTHING_TO_REPLAY`) and nothing is done, so the gateway answers its
 check's failure.
 
+A repeat gets the answer the key's first request got, byte for byte: the record as it was then,
+though it may have changed since (SPEC §3: a repeated key returns the first result). The gRPC layer
+keeps each keyed call's answer with the keys it claimed once its transaction committed
+(`keep_answer`), and answers a repeat with it (`first_answer`); the handler still finds the key
+taken and does nothing again. A key whose first answer was not kept (recorded before revision
+`idempotency_answers`, or the statement keeping it failed) answers with the record as it is now.
+
 An answer given with the result a key already had says so: the gRPC layer sends it with the trailing
 metadata `REPLAYED_METADATA` (`recall` marks the call it serves, `answered_from_earlier`), so the
 gateway audits the repeat as such rather than as a second create.
@@ -43,17 +50,19 @@ holds the keys of the retry window, not every key ever sent.
 """
 
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from google.protobuf.message import Message
 from sqlalchemy import (
     JSON,
     Column,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -65,14 +74,18 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Row
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from crm_platform.db import UtcDateTime, insert_ignore, transaction
+from crm_platform.db import UtcDateTime, insert_ignore, single_statements, transaction
 from crm_platform.errors import Conflict, CrmError, FieldError, ValidationFailed
 from crm_platform.principal import current_principal
 
+log = logging.getLogger(__name__)
+
 TABLE_NAME = "idempotency_keys"
 
+T = TypeVar("T")
 # What a call remembers: the id of what it created, or a small JSON object.
 Result: TypeAlias = str | dict[str, Any]
 # The longest key the table holds (the gateway's Idempotency-Key header allows as many).
@@ -96,13 +109,16 @@ _replay_only: ContextVar[bool] = ContextVar("crm_replay_only", default=False)
 
 
 class _Answer:
-    """Of the call being served: was it answered with an earlier result? A mutable cell, so that a
-    `recall` in a task of the handler's marks it too."""
+    """Of the call being served: was it answered with an earlier result, and the first request's
+    answer if it was kept; which keys it claimed (their rows keep its answer). A mutable cell, so
+    that a `recall` or `claim` in a task of the handler's marks it too."""
 
-    __slots__ = ("from_earlier",)
+    __slots__ = ("claimed", "first_reply", "from_earlier")
 
     def __init__(self) -> None:
         self.from_earlier = False
+        self.first_reply: bytes | None = None
+        self.claimed: dict[tuple[str, str, str], tuple[AsyncEngine, Table]] = {}
 
 
 _answer: ContextVar[_Answer | None] = ContextVar("crm_idempotency_answer", default=None)
@@ -142,11 +158,54 @@ def serving_fingerprint(fingerprint: str | None, *, replay_only: bool = False) -
         _fingerprint.reset(token)
 
 
-def answer_from_earlier() -> None:
+def answer_from_earlier(first_reply: bytes | None = None) -> None:
     """Marks the call being served as answered with an earlier result (`REPLAYED_METADATA`), where
     no `recall` of a key finds it: an import part sent again under its import key."""
     if (answer := _answer.get()) is not None:
         answer.from_earlier = True
+        answer.first_reply = first_reply
+
+
+def first_answer(reply: T) -> T:
+    """The answer of the call being served: the one its key's first request got, where it was kept
+    (`keep_answer`), in place of `reply`, which the handler built from the record as it is now
+    (SPEC §3: a repeated key returns the first result). Else `reply`: for a key recorded before
+    answers were kept, or whose first answer was lost (`keep_answer`)."""
+    answer = _answer.get()
+    if answer is None or answer.first_reply is None or not isinstance(reply, Message):
+        return reply
+    kind, _, data = answer.first_reply.partition(b"\0")
+    if kind != _kind(reply):  # kept by another method under the same operation: not this answer
+        return reply
+    return type(reply).FromString(data)
+
+
+def _kind(reply: Message) -> bytes:
+    return reply.DESCRIPTOR.full_name.encode()
+
+
+async def keep_answer(reply: Any) -> None:
+    """Keeps the answer of the call being served with each key it claimed, for `first_answer`. Runs
+    once the call's transaction committed, in a statement of its own: should it fail, the work
+    stands and only the answer is not kept, and a repeat answers with the record as it is then."""
+    answer = _answer.get()
+    if answer is None or not answer.claimed or not isinstance(reply, Message):
+        return
+    data = _kind(reply) + b"\0" + reply.SerializeToString()  # its type first: `first_answer` checks it
+    for (operation, caller, key), (engine, table) in answer.claimed.items():
+        c = table.c
+        kept = update(table).where(c.operation == operation, c.caller == caller, c.key == key).values(answer=data)
+        try:
+            async with single_statements(engine).connect() as conn:
+                await conn.execute(kept)
+        except (SQLAlchemyError, OSError) as error:
+            log.warning("the answer of %s under key %r was not kept: %s", operation, key, error)
+
+
+def _note_claimed(conn: AsyncConnection, table: Table, operation: str, caller: str, key: str) -> None:
+    """The call being served now holds `key`: `keep_answer` keeps its answer with it."""
+    if (answer := _answer.get()) is not None:
+        answer.claimed[(operation, caller, key)] = (conn.engine, table)
 
 
 def answered_from_earlier() -> bool:
@@ -171,8 +230,13 @@ def serving_request(request: Any, method: str, metadata: Sequence[tuple[str, str
 
 def idempotency_table(metadata: MetaData, name: str = TABLE_NAME, *, fingerprinted: bool = True) -> Table:
     """Adds the idempotency key table to a service's metadata (each service's migrations create it).
-    `fingerprinted=False`: the table as the revisions that moved to it made it, before fingerprints."""
-    fingerprint = [Column("fingerprint", String(FINGERPRINT_LENGTH), nullable=True)] if fingerprinted else []
+    `fingerprinted=False`: the table as the revisions that moved to it made it, before fingerprints
+    and kept answers."""
+    # The request that used a key, and the answer it got (`keep_answer`): added by later revisions.
+    later: list[Column[Any]] = [
+        Column("fingerprint", String(FINGERPRINT_LENGTH), nullable=True),
+        Column("answer", LargeBinary, nullable=True),
+    ]
     return Table(
         name,
         metadata,
@@ -181,7 +245,7 @@ def idempotency_table(metadata: MetaData, name: str = TABLE_NAME, *, fingerprint
         Column("key", String(KEY_LENGTH), nullable=False),
         Column("result", JSON, nullable=False),
         Column("created_at", UtcDateTime(), nullable=False),
-        *fingerprint,
+        *(later if fingerprinted else []),
         PrimaryKeyConstraint("operation", "caller", "key"),
     )
 
@@ -201,7 +265,7 @@ async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller:
     c = table.c
     stored = (
         await conn.execute(
-            select(c.result, c.fingerprint).where(c.operation == operation, c.caller == caller, c.key == key)
+            select(c.result, c.fingerprint, c.answer).where(c.operation == operation, c.caller == caller, c.key == key)
         )
     ).first()
     if stored is None:
@@ -209,7 +273,7 @@ async def recall(conn: AsyncConnection, table: Table, *, operation: str, caller:
     current = _fingerprint.get()
     if stored.fingerprint is not None and current is not None and stored.fingerprint != current:
         raise ValidationFailed([FieldError("idempotency_key", REUSED_KEY_MESSAGE)])
-    answer_from_earlier()
+    answer_from_earlier(stored.answer)
     return _result(stored.result)
 
 
@@ -231,6 +295,7 @@ async def claim(
     if await insert_ignore(conn, table, values, keys=["operation", "caller", "key"]):
         if _replay_only.get():
             raise _nothing_to_replay()  # the caller's transaction rolls the key back
+        _note_claimed(conn, table, operation, caller, key)
         return None
     return await recall(conn, table, operation=operation, caller=caller, key=key)
 
@@ -271,6 +336,7 @@ async def remember(
                 fingerprint=_fingerprint.get(),
             )
         )  # fmt: skip
+        _note_claimed(conn, table, operation, caller, key)
 
 
 async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, limit: int) -> int:

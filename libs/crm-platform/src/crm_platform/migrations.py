@@ -9,7 +9,7 @@ from typing import Any
 from alembic import command, context
 from alembic.config import Config
 from alembic.operations import Operations
-from sqlalchemy import Column, MetaData, RowMapping, String, Table, insert, pool, select, text, tuple_
+from sqlalchemy import Column, LargeBinary, MetaData, RowMapping, String, Table, insert, pool, select, text, tuple_
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -118,6 +118,20 @@ def add_idempotency_fingerprints(op: Operations) -> None:
 def drop_idempotency_fingerprints(op: Operations) -> None:
     with op.batch_alter_table(IDEMPOTENCY_TABLE) as batch:
         batch.drop_column("fingerprint")
+
+
+def add_idempotency_answers(op: Operations) -> None:
+    """The `answer` column of the idempotency key table (each service's revision
+    `idempotency_answers`): the answer a key's first request got, which a repeat gets again. Keys
+    recorded before have none: a repeat answers with the record as it is then
+    (`crm_platform.idempotency.first_answer`)."""
+    with op.batch_alter_table(IDEMPOTENCY_TABLE) as batch:
+        batch.add_column(Column("answer", LargeBinary, nullable=True))
+
+
+def drop_idempotency_answers(op: Operations) -> None:
+    with op.batch_alter_table(IDEMPOTENCY_TABLE) as batch:
+        batch.drop_column("answer")
 
 
 REPLACE_TABLE_BATCH_ROWS = 5000

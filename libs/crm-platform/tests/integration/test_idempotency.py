@@ -22,7 +22,8 @@ from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork, add_messaging_tables
 from crm_platform.service import ServiceApp
 from crm_platform.timeutil import utcnow
-from sqlalchemy import Column, MetaData, String, Table, func, insert, select
+from google.protobuf.wrappers_pb2 import StringValue
+from sqlalchemy import Column, MetaData, String, Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -273,10 +274,14 @@ PROBE_SUBMIT = "/crm.test.v1.Probe/Submit"
 @asynccontextmanager
 async def _probe_service(engine: AsyncEngine) -> AsyncIterator[Any]:
     """A keyed creating method (`_create_with_key`) served by the gRPC layer over a real connection:
-    a callable of it, on a channel as every client makes them."""
+    a callable of it, on a channel as every client makes them. It answers with the thing's id and
+    how many calls it has served, so an answer tells which call built it."""
+    calls = 0
 
-    async def submit(request: SubmitWebformRequest, context: Any) -> bytes:
-        return (await _create_with_key(engine, new_id(), request.idempotency_key)).encode()
+    async def submit(request: SubmitWebformRequest, context: Any) -> StringValue:
+        nonlocal calls
+        calls += 1
+        return StringValue(value=f"{await _create_with_key(engine, new_id(), request.idempotency_key)} {calls}")
 
     server = GrpcServer(
         service="probe",
@@ -287,7 +292,9 @@ async def _probe_service(engine: AsyncEngine) -> AsyncIterator[Any]:
                     "crm.test.v1.Probe",
                     {
                         "Submit": grpc.unary_unary_rpc_method_handler(
-                            submit, request_deserializer=SubmitWebformRequest.FromString
+                            submit,
+                            request_deserializer=SubmitWebformRequest.FromString,
+                            response_serializer=StringValue.SerializeToString,
                         )
                     },
                 ),
@@ -297,7 +304,11 @@ async def _probe_service(engine: AsyncEngine) -> AsyncIterator[Any]:
     port = await server.start("127.0.0.1", 0)
     channel = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
     try:
-        yield channel.unary_unary(PROBE_SUBMIT, request_serializer=SubmitWebformRequest.SerializeToString)
+        yield channel.unary_unary(
+            PROBE_SUBMIT,
+            request_serializer=SubmitWebformRequest.SerializeToString,
+            response_deserializer=StringValue.FromString,
+        )
     finally:
         await channel.close()
         await server.stop(0)
@@ -333,7 +344,7 @@ async def test_the_grpc_layer_fingerprints_each_keyed_request(engine: AsyncEngin
         grpc.StatusCode.FAILED_PRECONDITION, idempotency.NOTHING_TO_REPLAY,
     )  # fmt: skip
     # The refused replay left the key unused: its first real request creates.
-    assert sorted(await _things(engine)) == sorted([first.decode(), later.decode()])
+    assert sorted(await _things(engine)) == sorted([first.value.split()[0], later.value.split()[0]])
 
 
 async def test_an_answer_with_an_earlier_result_says_so_and_the_client_notes_it(engine: AsyncEngine) -> None:
@@ -353,3 +364,31 @@ async def test_an_answer_with_an_earlier_result_says_so_and_the_client_notes_it(
         assert idempotency.replayed(await again_call.trailing_metadata())
     assert (after_first, after_again) == (False, True)
     assert not replay_noted()  # outside `noting_replays`
+
+
+async def test_a_repeat_gets_the_first_answer_itself_not_one_built_again(engine: AsyncEngine) -> None:
+    """SPEC §3: the gRPC layer keeps a keyed call's answer and answers its repeats with it, though
+    the handler, finding the key taken, built another (the record as it is by then)."""
+    request = SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k")
+    async with _probe_service(engine) as submit:
+        first = await submit(request)
+        again = await submit(request)
+        other = await submit(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k2"))
+        async with engine.begin() as conn:  # a key recorded before answers were kept has none
+            await conn.execute(update(keys).where(keys.c.key == "k2").values(answer=None))
+        other_again = await submit(SubmitWebformRequest(form_key="f", fields={"name": "Li"}, idempotency_key="k2"))
+
+    thing = first.value.split()[0]
+    assert (first.value, again.value) == (f"{thing} 1", f"{thing} 1")  # not "thing 2": call 2's own answer
+    assert other_again.value == f"{other.value.split()[0]} 4"  # built again, of the same thing
+
+
+async def test_an_answer_is_kept_only_with_the_type_it_was_given_as() -> None:
+    """A key's answer is read back only as the message type it was kept as: another method sharing
+    the operation name gets the answer its handler built."""
+    built, kept = StringValue(value="built now"), StringValue(value="kept").SerializeToString()
+    with idempotency.serving_fingerprint(None):
+        idempotency.answer_from_earlier(b"google.protobuf.BytesValue\0" + kept)
+        assert idempotency.first_answer(built) is built
+        idempotency.answer_from_earlier(b"google.protobuf.StringValue\0" + kept)
+        assert idempotency.first_answer(built) == StringValue(value="kept")

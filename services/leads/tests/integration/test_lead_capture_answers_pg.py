@@ -1,8 +1,8 @@
 """What a lead capture answers over gRPC, for the gateway's audit trail (SPEC §9): a merge sends the
 lead as it was before (`previous`), so the merge is audited as the change it made, not as a second
-create; a new lead sends none, nor does an answer repeating a key's earlier result (nothing changed
-then). A web form's submission also names the form (its id, never its key) and the lead. Through
-the real gateway, each is audited as what it did."""
+create; a new lead sends none. A key's repeat gets the first answer again, and the gateway audits
+it as a replay (nothing changed then). A web form's submission also names the form (its id, never
+its key) and the lead. Through the real gateway, each is audited as what it did."""
 
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
+from google.protobuf.field_mask_pb2 import FieldMask
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,26 @@ async def test_a_merge_answers_with_the_lead_as_it_was_and_a_create_without(
     assert merged.previous == first.lead  # as it was, before the merge gave it a company
     assert (merged.previous.company, merged.lead.company) == ("", "Acme")
     assert merged.lead.version == merged.previous.version + 1
-    assert again.merged and again.lead.id == first.lead.id and not again.HasField("previous")
+    assert again == merged  # the first answer itself (SPEC §3), `previous` and all
+
+
+async def test_a_create_repeated_with_its_key_answers_as_the_first_time_though_the_lead_changed_since(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    """SPEC §3: a repeated key returns the first result, not the lead as it is by then."""
+    create = pb.CreateLeadRequest(lead=pb.LeadInput(name="Zhao", email="zhao@example.com"), idempotency_key="k2")
+    first = await stub.CreateLead(create, metadata=METADATA)
+    renamed = await stub.UpdateLead(
+        pb.UpdateLeadRequest(
+            lead_id=first.lead.id, lead=pb.LeadInput(name="Zhao Wei"), update_mask=FieldMask(paths=["name"])
+        ),
+        metadata=METADATA,
+    )
+    again = await stub.CreateLead(create, metadata=METADATA)
+    current = await stub.GetLead(pb.GetLeadRequest(lead_id=first.lead.id), metadata=METADATA)
+
+    assert again == first and (again.lead.name, again.lead.version) == ("Zhao", 1)
+    assert current.lead == renamed.lead and current.lead.version == 2  # nothing was created or changed again
 
 
 async def test_a_web_form_submission_answers_with_its_form_and_the_lead_before_and_after(

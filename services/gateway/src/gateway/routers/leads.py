@@ -386,8 +386,8 @@ async def create_lead(
 def _capture_audited(reply: pb.CreateLeadResponse | pb.SubmitWebformResponse) -> tuple[str, dict[str, Any] | None]:
     """The audit action of a lead capture, and the lead before it: a new lead is a `create`; a merge
     is the change it made to the existing lead (`merge`, before as the service had it), not a
-    second create. The service sends no `previous` when it repeats a key's earlier result: the
-    audit row is then a `replay`, which needs none."""
+    second create. A key's repeat gets the first answer again, `previous` included: its audit row
+    is a `replay` all the same (`Access.audit_write`)."""
     if not reply.merged:
         return "create", None
     return "merge", lead_json(reply.previous) if reply.HasField("previous") else None
@@ -921,7 +921,7 @@ async def log_activity(
         metadata=access.grpc_metadata(),
     )
     activity = _activity_json(reply.activity)
-    # The lead's changes with it (status, contact times, score); a repeat's answer sends no `previous`.
+    # The lead's changes with it (status, contact times, score); a key's repeat is audited as a replay.
     before = lead_json(reply.previous) if reply.HasField("previous") else None
     after = {**lead_json(reply.lead), "activity": activity} if before is not None else {"activity": activity}
     await access.audit_write(lead_id, before, after, action="log_activity")
