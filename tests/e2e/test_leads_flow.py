@@ -291,6 +291,11 @@ async def test_import_leads_csv_per_source_counts(stack: RunningStack) -> None:
         assert all(r["reason"] for r in rejected_rows)  # each rejection carries its reason
         details = await manager.get("/api/v1/leads/summary", params={"group_by": "source_detail", "import_id": key})
         sources = await manager.get("/api/v1/leads/summary", params={"group_by": "source", "import_id": key})
+        listed = await manager.get("/api/v1/leads/imports", params={"status": "completed"})
+    # The manager's list of imports holds it, with what the import's own page says.
+    assert listed.status_code == 200, listed.text
+    mine = [item for item in listed.json()["items"] if item["id"] == key]
+    assert [(m["owner_id"], m["format"], m["progress"]) for m in mine] == [("mgr-import", "csv", progress)]
     assert details.json()["counts"] == dict(by_detail)
     assert sources.json()["counts"] == dict(by_source)
 

@@ -47,6 +47,7 @@ from crm_platform.principal import (
     current_principal,
     current_request_id,
     current_scope,
+    scope_clause,
 )
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
@@ -61,7 +62,7 @@ from leads import repository as repo
 from leads.config import LeadsSettings
 from leads.db_ops import bulk_insert
 from leads.domain import AssignmentRule, FollowUpPolicy, ScoringRule, Thresholds
-from leads.importing import ParserState, RowMapper, RowsDigest, StreamParser, check_import_size
+from leads.importing import IMPORT_STATUSES, ParserState, RowMapper, RowsDigest, StreamParser, check_import_size
 from leads.messages import activity_to_proto, campaign_to_proto, fill_lead, lead_to_proto
 
 LEAD = "lead"
@@ -1458,7 +1459,7 @@ class LeadsService:
             query = select(repo.tasks).where(repo.tasks.c.lead_id == lead_id)
             if status:
                 query = query.where(repo.tasks.c.status == status)
-            return await _ascending_page(conn, query, repo.tasks.c.id, cursor=cursor, limit=limit)
+            return await _keyset_rows(conn, query, repo.tasks.c.id, cursor=cursor, limit=limit)
 
     async def list_scoped_tasks(
         self, f: domain.TaskFilters, *, limit: int, cursor: str
@@ -1492,7 +1493,7 @@ class LeadsService:
         async with self.engine.connect() as conn:
             await self._visible_lead(conn, lead_id)
             query = select(repo.score_history).where(repo.score_history.c.lead_id == lead_id)
-            return await _ascending_page(conn, query, repo.score_history.c.id, cursor=cursor, limit=limit)
+            return await _keyset_rows(conn, query, repo.score_history.c.id, cursor=cursor, limit=limit)
 
     # --- assignment, pool, disqualify -------------------------------------------------------
 
@@ -2292,6 +2293,20 @@ class LeadsService:
                 raise NotFound("import", import_id)
             return row
 
+    async def list_imports(self, *, status: str, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
+        """The imports the caller sees as `get_import` does (those they started, and those of their
+        record scope), newest first, a page at a time; only those of `status` when given."""
+        if status and status not in IMPORT_STATUSES:
+            raise ValidationFailed([FieldError("status", f"{status!r} is not one of {', '.join(IMPORT_STATUSES)}")])
+        t = repo.imports
+        query = select(t).where(or_(t.c.owner_id == current_principal().user_id, scope_clause(t, current_scope())))
+        if status:
+            query = query.where(t.c.status == status)
+        async with self.engine.connect() as conn:
+            return await _keyset_rows(
+                conn, query, t.c.started_at, id_column=t.c.id, descending=True, cursor=cursor, limit=limit
+            )
+
     async def import_rejections(
         self, import_id: str, *, limit: int, cursor: str
     ) -> tuple[RowMapping, list[RowMapping], str]:
@@ -2302,7 +2317,7 @@ class LeadsService:
         r = repo.import_rejections.c
         async with self.engine.connect() as conn:
             query = select(repo.import_rejections).where(r.import_id == import_id)
-            rows, next_page = await _ascending_page(conn, query, r.row, cursor=cursor, limit=limit)
+            rows, next_page = await _keyset_rows(conn, query, r.row, cursor=cursor, limit=limit)
         return lead_import, rows, next_page
 
     # --- scoring and assignment rules -------------------------------------------------------
@@ -2407,7 +2422,7 @@ class LeadsService:
         """A page of the scoring rules with the next page's cursor, and the grade thresholds with
         their version."""
         async with self.engine.connect() as conn:
-            rows, next_page = await _ascending_page(
+            rows, next_page = await _keyset_rows(
                 conn, select(repo.scoring_rules), repo.scoring_rules.c.id, cursor=cursor, limit=limit
             )
             thresholds, version = await grade_thresholds(conn)
@@ -2480,7 +2495,7 @@ class LeadsService:
         """A page of the assignment rules by position, then id."""
         r = repo.assignment_rules.c
         async with self.engine.connect() as conn:
-            return await _ascending_page(
+            return await _keyset_rows(
                 conn, select(repo.assignment_rules), r.position, id_column=r.id, cursor=cursor, limit=limit
             )
 
@@ -2699,7 +2714,7 @@ class LeadsService:
 
     async def list_webforms(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         async with self.engine.connect() as conn:
-            return await _ascending_page(conn, select(repo.webforms), repo.webforms.c.id, cursor=cursor, limit=limit)
+            return await _keyset_rows(conn, select(repo.webforms), repo.webforms.c.id, cursor=cursor, limit=limit)
 
     async def submit_webform(
         self, form_key: str, fields: Mapping[str, str], key: str
@@ -3147,24 +3162,27 @@ def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:
     return acting_as(current_principal(), scope, current_request_id())
 
 
-async def _ascending_page(
+async def _keyset_rows(
     conn: AsyncConnection,
     query: Select[Any],
     sort_column: Column[Any],
     *,
     id_column: Column[Any] | None = None,
+    descending: bool = False,
     cursor: str,
     limit: int,
 ) -> tuple[list[RowMapping], str]:
     """A page of `query` by `sort_column` (then `id_column`, by default the sort column itself),
-    ascending, after `cursor`; and the next page's cursor ('' on the last page)."""
+    ascending unless `descending`, after `cursor`; and the next page's cursor ('' on the last page)."""
     size = page_limit(limit)
     if id_column is None:
         id_column = sort_column
-    page = keyset_page(query, sort_column=sort_column, id_column=id_column, descending=False, cursor=cursor, limit=size)
+    page = keyset_page(
+        query, sort_column=sort_column, id_column=id_column, descending=descending, cursor=cursor, limit=size
+    )
     rows = list((await conn.execute(page)).mappings())
     cursor = next_cursor(
-        [_Row(r) for r in rows], sort_key=sort_column.name, descending=False, limit=size, id_key=id_column.name
+        [_Row(r) for r in rows], sort_key=sort_column.name, descending=descending, limit=size, id_key=id_column.name
     )
     return rows[:size], cursor
 

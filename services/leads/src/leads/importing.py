@@ -20,6 +20,7 @@ from crm_platform.structs import unstorable_values
 from leads import domain
 
 FORMATS = ("csv", "json", "jsonl")
+IMPORT_STATUSES = ("running", "completed", "failed")
 LEAD_FIELDS = IMPORTABLE_FIELDS
 UNCLOSED_QUOTE = (
     "has a quoted field that is not closed before the end of the file; the lines after its opening quote are "

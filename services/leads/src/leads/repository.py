@@ -343,6 +343,7 @@ imports = Table(
     Column("error", Text, nullable=False, server_default=""),
     # SHA-256 of each part's bytes, in order: a part sent again must be the same part.
     Column("part_digests", _JSON),
+    Index("ix_lead_imports_started_at_id", "started_at", "id"),  # the list, newest first
 )
 
 import_rejections = Table(

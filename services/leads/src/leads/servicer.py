@@ -112,6 +112,8 @@ def _import_message(row: Mapping[Any, Any], rejections: list[RowMapping]) -> lea
         error=row["error"],
         parts_received=row["parts_received"],
         updated_at=to_timestamp(row["updated_at"]),
+        owner_id=row["owner_id"],
+        format=row["format"],
         rejected_rows=[
             leads_service_pb2.ImportRowResult(
                 row=r["row"], status="rejected", lead_id=r["lead_id"], reason=r["reason"], field=r["field"]
@@ -245,6 +247,16 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         )
         return leads_service_pb2.GetLeadImportResponse(
             lead_import=_import_message(row, rejections), page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
+    async def ListLeadImports(
+        self, request: leads_service_pb2.ListLeadImportsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadImportsResponse:
+        rows, cursor = await self.service.list_imports(
+            status=request.status, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.ListLeadImportsResponse(
+            items=[_import_message(row, []) for row in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
 
     # --- activities, tasks, scores ---

@@ -174,6 +174,13 @@ class LeadImport(BaseModel):
     started_at: Time = None
     finished_at: Time = None
     updated_at: Time = Field(default=None, description="when it last moved: a `running` import that stays put stalled")
+    owner_id: str = Field(description="who started it")
+    format: str = Field(description="csv, json or jsonl")
+
+
+class LeadImportPage(BaseModel):
+    items: list[LeadImport]
+    next_cursor: str | None
 
 
 class LeadImportStatus(LeadImport):

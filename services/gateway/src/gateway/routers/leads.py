@@ -786,6 +786,29 @@ def _import_json(lead_import: pb.LeadImport) -> dict[str, Any]:
     return body
 
 
+@router.get("/leads/imports", responses={200: {"model": schemas.LeadImportPage}})
+async def list_imports(
+    request: Request,
+    access: LeadsRead,
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    status: Annotated[Literal["running", "completed", "failed"] | None, Query(description="only those")] = None,
+) -> dict[str, Any]:
+    """The imports the caller sees, newest first: those they started and those of their record scope
+    (a team manager sees their reps'), each with its status and progress; an import's rejected rows
+    are at `GET /leads/imports/{import_key}`."""
+    reply = await _stub(request).ListLeadImports(
+        pb.ListLeadImportsRequest(page=_page(access.page_limit(limit), cursor), status=status or ""),
+        metadata=access.grpc_metadata(),
+    )
+    items = []
+    for item in reply.items:
+        summary = _import_json(item)
+        del summary["rejected_rows"]  # none in a list: the import's own page has them
+        items.append(summary)
+    return {"items": items, "next_cursor": reply.page_info.next_cursor or None}
+
+
 @router.get("/leads/imports/{import_id}", responses={200: {"model": schemas.LeadImportStatus}})
 async def get_import(
     import_id: str, request: Request, access: LeadsRead, limit: PageLimit = None, cursor: PageCursor = ""
