@@ -468,7 +468,6 @@ _RULE_ATTEMPTS = 3
 class ImportPartResult:
     lead_import: RowMapping
     outcomes: list[ImportRowOutcome]
-    skipped: int
 
 
 def _same_record(key: str, resource: str, first_id: str, record_id: str) -> None:
@@ -1789,7 +1788,7 @@ class LeadsService:
             # A repeated request returns the first result, if it sends what the first one sent.
             await self._check_part_sent_before(record, part or 1, chunks)
             idempotency.answer_from_earlier()  # audited as a replay, not as a second import
-            return ImportPartResult(record, [], 0)
+            return ImportPartResult(record, [])
         if record["status"] == "completed":
             raise Conflict(
                 f"import {spec.import_id} is complete ({received} parts); import more rows under a new import key",
@@ -1909,9 +1908,9 @@ class LeadsService:
             raise
         digests = [*(record["part_digests"] or []), digest.hexdigest()]
         done = await self._save_import_state(
-            spec.import_id, parser.state, max(part, 1), final=final, error="", digests=digests
+            spec.import_id, parser.state, max(part, 1), final=final, error="", digests=digests, skipped=skipped
         )
-        return ImportPartResult(done, outcomes, skipped)
+        return ImportPartResult(done, outcomes)
 
     @staticmethod
     async def _check_part_sent_before(record: RowMapping, part: int, chunks: AsyncIterator[bytes]) -> None:
@@ -1935,8 +1934,13 @@ class LeadsService:
         final: bool,
         error: str,
         digests: list[str] | None = None,
+        skipped: int = 0,
     ) -> RowMapping:
+        """`skipped`: the rows of the part that an earlier run of it committed (counted then), added
+        to the import's count of rows read again."""
         values: dict[str, Any] = {"parts_received": parts, "error": error[:2000], "updated_at": self.clock()}
+        if skipped:
+            values["skipped"] = repo.imports.c.skipped + skipped
         if digests is not None:
             values["part_digests"] = digests
         if state is not None:  # the part is done: the next one resumes from its end, not within it

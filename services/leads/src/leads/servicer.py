@@ -105,7 +105,11 @@ def _import_message(row: Mapping[Any, Any], rejections: list[RowMapping]) -> lea
         id=row["id"],
         status=row["status"],
         progress=leads_service_pb2.ImportProgress(
-            rows_seen=row["rows_seen"], accepted=row["accepted"], merged=row["merged"], rejected=row["rejected"]
+            rows_seen=row["rows_seen"],
+            accepted=row["accepted"],
+            merged=row["merged"],
+            rejected=row["rejected"],
+            skipped=row["skipped"],
         ),
         started_at=to_timestamp(row["started_at"]),
         finished_at=to_timestamp(row["finished_at"]),
@@ -235,7 +239,6 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
 
         result = await self.service.import_part(spec, chunks())
         summary = _import_message(result.lead_import, [])
-        summary.progress.skipped = result.skipped
         rows = [_row_result(o) for o in result.outcomes if header.report_accepted or o.status != "accepted"]
         return leads_service_pb2.ImportLeadsResponse(lead_import=summary, rows=rows)
 

@@ -154,6 +154,7 @@ async def test_a_part_cut_short_and_sent_again_with_other_rows_is_refused_before
     assert resumed.lead_import.status == "completed"
     assert (resumed.lead_import.progress.accepted, resumed.lead_import.progress.skipped) == (6, 2)
     assert await leads_of(env, "cut") == ["A", "B", "C", "D", "E", "F"]
+    assert (await status_of(stub, "cut")).progress.skipped == 2  # kept with the import, not only answered
 
 
 async def test_a_later_part_cut_short_is_resumed_only_with_its_own_rows(
