@@ -58,10 +58,10 @@ class KafkaSettings(BaseSettings):
 
 # Connections per replica (see ServiceSettings); also create_engine's defaults.
 DATABASE_POOL_SIZE = 20
+DATABASE_MAX_OVERFLOW = 10
 # The least time between two outbox relay passes (`OutboxRelay._linger`): an event waits at most this
 # long for the pass that publishes it, well inside the second within which consumers must see it.
 OUTBOX_LINGER_SECONDS = 0.05
-DATABASE_MAX_OVERFLOW = 10
 
 
 class ServiceSettings(BaseSettings):

@@ -52,7 +52,7 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
-from sqlalchemy import Column, Select, delete, func, insert, or_, select, update
+from sqlalchemy import Column, ColumnElement, Select, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -2284,26 +2284,20 @@ class LeadsService:
         return values, matched
 
     async def get_import(self, import_id: str) -> RowMapping:
-        principal = current_principal()
         async with self.engine.connect() as conn:
-            row = (await conn.execute(select(repo.imports).where(repo.imports.c.id == import_id))).mappings().first()
-            # Seen by who started it and in the record scope of its leads' owner: a team manager
-            # sees their reps' imports (an import's leads are its owner's until assigned).
-            scope = current_scope()
-            if row is None or not (
-                row["owner_id"] == principal.user_id
-                or scope.allows(owner_id=row["owner_id"], team=row["team"], region=row["region"])
-            ):
-                raise NotFound("import", import_id)
-            return row
+            query = select(repo.imports).where(repo.imports.c.id == import_id, _imports_seen())
+            row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            raise NotFound("import", import_id)
+        return row
 
     async def list_imports(self, *, status: str, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
-        """The imports the caller sees as `get_import` does (those they started, and those of their
-        record scope), newest first, a page at a time; only those of `status` when given."""
+        """The imports the caller sees as `get_import` does, newest first, a page at a time; only
+        those of `status` when given."""
         if status and status not in IMPORT_STATUSES:
             raise ValidationFailed([FieldError("status", f"{status!r} is not one of {', '.join(IMPORT_STATUSES)}")])
         t = repo.imports
-        query = select(t).where(or_(t.c.owner_id == current_principal().user_id, scope_clause(t, current_scope())))
+        query = select(t).where(_imports_seen())
         if status:
             query = query.where(t.c.status == status)
         async with self.engine.connect() as conn:
@@ -3166,6 +3160,14 @@ def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:
     return acting_as(current_principal(), scope, current_request_id())
 
 
+def _imports_seen() -> ColumnElement[bool]:
+    """The imports the caller sees: those they started, and those in the record scope of their
+    owner's leads (a team manager sees their reps' imports: an import's leads are its owner's until
+    assigned)."""
+    t = repo.imports
+    return or_(t.c.owner_id == current_principal().user_id, scope_clause(t, current_scope()))
+
+
 async def _keyset_rows(
     conn: AsyncConnection,
     query: Select[Any],
@@ -3185,10 +3187,10 @@ async def _keyset_rows(
         query, sort_column=sort_column, id_column=id_column, descending=descending, cursor=cursor, limit=size
     )
     rows = list((await conn.execute(page)).mappings())
-    cursor = next_cursor(
+    next_page = next_cursor(
         [_Row(r) for r in rows], sort_key=sort_column.name, descending=descending, limit=size, id_key=id_column.name
     )
-    return rows[:size], cursor
+    return rows[:size], next_page
 
 
 class _Row:

@@ -1441,8 +1441,8 @@ def _rule_json(rule: leads_pb2.ScoringRule | leads_pb2.AssignmentRule) -> dict[s
     return body
 
 
-def _scoring_rule(body: ScoringRuleIn, rule_id: str = "") -> leads_pb2.ScoringRule:
-    return leads_pb2.ScoringRule(id=rule_id, **body.model_dump())
+def _scoring_rule(body: ScoringRuleIn) -> leads_pb2.ScoringRule:
+    return leads_pb2.ScoringRule(**body.model_dump())
 
 
 def _thresholds_json(thresholds: leads_pb2.GradeThresholds, version: int) -> dict[str, Any]:
@@ -1567,8 +1567,8 @@ async def delete_scoring_rule(
     return Response(status_code=204)
 
 
-def _assignment_rule(body: AssignmentRuleIn, rule_id: str = "") -> leads_pb2.AssignmentRule:
-    return leads_pb2.AssignmentRule(id=rule_id, **body.model_dump())
+def _assignment_rule(body: AssignmentRuleIn) -> leads_pb2.AssignmentRule:
+    return leads_pb2.AssignmentRule(**body.model_dump())
 
 
 @router.get("/lead-assignment-rules", responses={200: {"model": schemas.AssignmentRuleList}})
