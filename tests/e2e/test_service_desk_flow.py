@@ -145,7 +145,7 @@ async def test_a_spam_ticket_is_deleted_at_its_etag_and_leaves_the_service_repor
 
         async def until_counted(want: tuple[int, int]) -> None:
             # One analytics consumer projects every topic: the thousands of leads and deals the
-            # e2e tests before imported may come first, which on a slow 2-core run took over a minute.
+            # e2e tests before imported may come first (seconds, with a backlog applied by the batch).
             async with asyncio.timeout(180):
                 while await counted() != want:
                     await asyncio.sleep(0.3)

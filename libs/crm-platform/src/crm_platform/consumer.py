@@ -1,11 +1,15 @@
 """Idempotent Kafka consumers: an event is applied in a DB transaction that also records its id in
 the inbox, and the offset is committed only after that transaction. Redeliveries are no-ops;
-poison messages go to `<topic>.dlt` with the error, and the partition keeps moving."""
+poison messages go to `<topic>.dlt` with the error, and the partition keeps moving.
+
+The records of a partition that one fetch returns are applied together, in one transaction (a
+backlog costs a commit per fetch, not per event). When one of them fails, the ones before it are
+applied together again and it is applied alone, with its retries and its dead letter."""
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -13,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate, trace
-from sqlalchemy import MetaData
+from sqlalchemy import MetaData, String, Table, bindparam, func, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -29,7 +34,7 @@ from crm_platform.cloudevents import (
     spec_of,
 )
 from crm_platform.config import KafkaSettings
-from crm_platform.db import insert_ignore
+from crm_platform.db import DriverStatement, conflict_insert
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.kafka import client_options, create_producer, stop_quietly
 from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
@@ -56,6 +61,25 @@ Handler = Callable[[Transaction, ReceivedEvent[Any]], Awaitable[None]]
 
 class PoisonMessage(Exception):
     """A message that can never be applied; it goes straight to the dead-letter topic."""
+
+
+class _BatchFailed(Exception):
+    """Event `index` of a batch failed, and the batch's transaction rolled back."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(str(error))
+        self.index = index
+
+
+def _inbox_insert(inbox: Table) -> DriverStatement:
+    """Records any number of events as processed, returning the ids that were not yet: one statement
+    compiled once (SQLAlchemy compiles an INSERT ... ON CONFLICT again on every execution)."""
+    event_ids = func.unnest(bindparam("event_ids", type_=postgresql.ARRAY(String)))
+    rows = select(bindparam("consumer", type_=String), event_ids, bindparam("now", type_=inbox.c.processed_at.type))
+    statement = postgresql.insert(inbox).from_select(["consumer", "event_id", "processed_at"], rows)
+    return DriverStatement(
+        statement.on_conflict_do_nothing(index_elements=["consumer", "event_id"]).returning(inbox.c.event_id)
+    )
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -89,6 +113,7 @@ class EventConsumer:
         self.name = name
         self.uow = uow
         self.inbox = metadata.tables["processed_events"]
+        self._inbox_insert = _inbox_insert(self.inbox)
         self.kafka = kafka
         self.service = service
         self.max_attempts = max_attempts
@@ -149,12 +174,55 @@ class EventConsumer:
     async def _apply_partition(
         self, consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[Any, Any]]
     ) -> None:
+        start = 0
+        while start < len(records) and not self._stopping.is_set():
+            start += await self._apply_together(records[start:])
+            if start < len(records):  # it failed in a batch, or cannot be read: alone, with its retries
+                await self._handle(records[start])
+                start += 1
+            self._processed[partition] = records[start - 1].offset + 1
+            self._next_offsets[partition] = records[start - 1].offset + 1
+
+    async def _apply_together(self, records: list[ConsumerRecord[Any, Any]]) -> int:
+        """Applies the records from the first on, up to the first that cannot be read, in one
+        transaction; returns how many it committed (0: the first is left to `_handle`). When one
+        fails, the transaction rolls back and the records before it are applied together again."""
+        events: list[ReceivedEvent[Any] | None] = []  # None: a type this consumer does not need
         for record in records:
-            if self._stopping.is_set():
+            try:
+                events.append(self._decode(record))
+            except Exception:  # noqa: BLE001 - `_handle` dead-letters it
                 break
-            await self._handle(record)
-            self._processed[partition] = record.offset + 1
-            self._next_offsets[partition] = record.offset + 1
+        if len(events) < 2:  # a lone record gains nothing from a batch
+            return 0
+        try:
+            applied = await self._apply_batch(events)
+        except _BatchFailed as failed:
+            log.info("consumer %s: event %d of a batch of %d failed: %s", self.name, failed.index, len(events), failed)
+            return await self._apply_together(records[: failed.index]) if failed.index > 1 else 0
+        for record, event, fresh in zip(records, events, applied, strict=False):
+            outcome = "ignored" if event is None else "applied" if fresh else "duplicate"
+            metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, outcome).inc()
+        return len(events)
+
+    async def _apply_batch(self, events: list[ReceivedEvent[Any] | None]) -> list[bool]:
+        """The events, in order, in one transaction: whether each was applied (not a duplicate)."""
+        applied = [False] * len(events)
+        index = 0
+        try:
+            async with self.uow.begin() as tx:
+                fresh = await self._record_in_inbox(tx, [e.headers.id for e in events if e is not None])
+                for index, event in enumerate(events):
+                    if event is None or event.headers.id not in fresh:
+                        continue
+                    fresh.discard(event.headers.id)  # the same event twice in one batch: applied once
+                    _, handler = self.handlers[event.headers.type]
+                    with self._span(event):
+                        await handler(tx, event)
+                    applied[index] = True
+        except Exception as error:
+            raise _BatchFailed(index, error) from error
+        return applied
 
     def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
         """Lag of every partition this replica owns, after each fetch: an idle partition reports
@@ -193,16 +261,11 @@ class EventConsumer:
             metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, "ignored").inc()
             return
         _, handler = self.handlers[event.headers.type]
-        context = propagate.extract({"traceparent": event.headers.traceparent, "tracestate": event.headers.tracestate})
         attempt = 0
         while True:
             attempt += 1
             try:
-                with tracer.start_as_current_span(
-                    f"consume {record.topic}", context=context, kind=trace.SpanKind.CONSUMER
-                ) as span:
-                    span.set_attribute("messaging.message.id", event.headers.id)
-                    span.set_attribute("cloudevents.event_type", event.headers.type)
+                with self._span(event):
                     applied = await self._apply(handler, event)
                 metrics.CONSUMER_PROCESSED.labels(
                     self.service, record.topic, "applied" if applied else "duplicate"
@@ -252,18 +315,39 @@ class EventConsumer:
             offset=record.offset,
         )
 
+    @contextlib.contextmanager
+    def _span(self, event: ReceivedEvent[Any]) -> Iterator[None]:
+        """The event's consumer span, in the trace of the request that published it."""
+        context = propagate.extract({"traceparent": event.headers.traceparent, "tracestate": event.headers.tracestate})
+        with tracer.start_as_current_span(
+            f"consume {event.topic}", context=context, kind=trace.SpanKind.CONSUMER
+        ) as span:
+            span.set_attribute("messaging.message.id", event.headers.id)
+            span.set_attribute("cloudevents.event_type", event.headers.type)
+            yield
+
     async def _apply(self, handler: Handler, event: ReceivedEvent[Any]) -> bool:
         async with self.uow.begin() as tx:
-            first_time = await insert_ignore(
-                tx.conn,
-                self.inbox,
-                {"consumer": self.name, "event_id": event.headers.id, "processed_at": utcnow()},
-                keys=["consumer", "event_id"],
-            )
-            if not first_time:
+            if not await self._record_in_inbox(tx, [event.headers.id]):
                 return False
             await handler(tx, event)
         return True
+
+    async def _record_in_inbox(self, tx: Transaction, event_ids: list[str]) -> set[str]:
+        """Records the events as processed by this consumer; returns those it had not processed yet."""
+        if not event_ids:
+            return set()
+        now = utcnow()
+        if tx.conn.dialect.name == "postgresql":
+            params = {"consumer": self.name, "event_ids": event_ids, "now": now}
+            return {row[0] for row in await self._inbox_insert.fetch(tx.conn, params)}
+        rows = [{"consumer": self.name, "event_id": event_id, "processed_at": now} for event_id in event_ids]
+        statement = (
+            conflict_insert(tx.conn, self.inbox)
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(self.inbox.c.event_id)
+        )
+        return set((await tx.conn.execute(statement, rows)).scalars().all())
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], error: BaseException) -> None:
         headers = [

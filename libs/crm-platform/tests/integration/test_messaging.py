@@ -24,7 +24,7 @@ from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork, claim_statement
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
-from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_raw
+from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_events, produce_raw
 from crm_platform.testing.plans import sql_literal
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from crm_platform.testing.tracing import record_spans
@@ -32,7 +32,7 @@ from crm_platform.timeutil import utcnow
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import delete, event, func, insert, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -412,6 +412,63 @@ async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_s
     assert applied == ["applied-once", "last"]
     async with engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(notes).where(notes.c.key == "applied-once")) == 1
+
+
+async def applied_keys(engine: AsyncEngine) -> list[str]:
+    """The record ids the test handler stored, in the order of their events."""
+    async with engine.connect() as conn:
+        return list(await conn.scalars(select(notes.c.key).order_by(notes.c.created_at, notes.c.key)))
+
+
+async def test_a_backlog_is_applied_in_a_transaction_per_fetch_not_per_event(
+    engine_each_database: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    engine = engine_each_database
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    backlog = [events_pb2.AuditRecorded(record_id=f"r{n:03d}") for n in range(60)]
+    await produce_events(broker_settings.bootstrap_servers, backlog, key="one-key")
+    commits = 0
+
+    def count_commit(_connection: Any) -> None:
+        nonlocal commits
+        commits += 1
+
+    event.listen(engine.sync_engine, "commit", count_commit)
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    task = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(60):
+        while len(applied) < len(backlog):
+            await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    assert applied == [m.record_id for m in backlog]  # in order, each once
+    assert commits <= 10, commits  # a fetch returns up to 500 records: a handful of transactions
+
+
+async def test_an_event_failing_in_a_batch_is_dead_lettered_alone_and_the_others_are_applied(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    bootstrap = broker_settings.bootstrap_servers
+    ids = ["a", "b", "c", "refused", "d", "e"]
+    await produce_events(bootstrap, [events_pb2.AuditRecorded(record_id=i) for i in ids], key="k")
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied, fail_on={"refused"})
+    task = asyncio.create_task(consumer.run())
+    async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
+        await dead_letters.wait_for(lambda r: len(r) >= 1, timeout=60)
+        async with asyncio.timeout(30):
+            while "e" not in applied:
+                await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    # The batch rolled back at "refused": the events before it were applied again, once in the end.
+    assert await applied_keys(engine) == ["a", "b", "c", "d", "e"]
+    assert [r.headers["dlt_error_type"] for r in dead_letters.records] == ["ValidationFailed"]
+    async with engine.connect() as conn:
+        inbox = metadata.tables["processed_events"]
+        assert await conn.scalar(select(func.count()).select_from(inbox)) == 5  # the dead letter is not applied
 
 
 async def test_a_second_replica_joining_mid_batch_takes_partitions_without_a_restart(

@@ -5,7 +5,7 @@ an event twice, therefore converges on the same rows."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from crm_platform.db import UtcDateTime
+from crm_platform.db import DriverStatement, UtcDateTime
 from crm_platform.outbox import add_messaging_tables
 from sqlalchemy import (
     JSON,
@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     func,
     select,
@@ -284,13 +285,36 @@ async def upsert(
 ) -> None:
     """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new.
     The `insert_only` columns are written by the INSERT and left alone by the UPDATE."""
-    statement = _insert(conn, table).values(dict(values))
-    changes = {name: statement.excluded[name] for name in values if name not in keys and name not in insert_only}
-    if not changes:
-        await conn.execute(statement.on_conflict_do_nothing(index_elements=list(keys)))
+    if conn.dialect.name == "postgresql":  # every event writes one: compiled once per shape
+        shape = (table.name, tuple(values), tuple(keys), versioned, tuple(insert_only))
+        statement = _UPSERTS.get(shape)
+        if statement is None:
+            placeholders = {name: bindparam(name, type_=table.c[name].type) for name in values}
+            statement = _UPSERTS[shape] = DriverStatement(
+                _upsert(
+                    postgresql.insert(table).values(placeholders), table, list(values), keys, versioned, insert_only
+                )
+            )
+        await statement.execute(conn, values)
         return
+    statement = _insert(conn, table).values(dict(values))
+    await conn.execute(_upsert(statement, table, list(values), keys, versioned, insert_only))
+
+
+# SQLAlchemy compiles an INSERT ... ON CONFLICT on every execution (it has no cache key): the
+# read models' upserts are compiled once for asyncpg instead, by table and columns.
+_UPSERTS: dict[tuple[Any, ...], DriverStatement] = {}
+
+
+def _upsert(
+    statement: Any, table: Table, names: list[str], keys: Sequence[str], versioned: bool, insert_only: Sequence[str]
+) -> Any:
+    """`statement` (an INSERT of the columns `names`) updating the row of the same `keys` instead."""
+    changes = {name: statement.excluded[name] for name in names if name not in keys and name not in insert_only}
+    if not changes:
+        return statement.on_conflict_do_nothing(index_elements=list(keys))
     where = table.c.version <= statement.excluded.version if versioned else None
-    await conn.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where))
+    return statement.on_conflict_do_update(index_elements=list(keys), set_=changes, where=where)
 
 
 # Partitions are applied concurrently, each in its own transaction: a record resolved just before

@@ -128,20 +128,43 @@ async def produce_event(
     extra_headers: list[tuple[str, bytes]] | None = None,
 ) -> str:
     """Publishes one event exactly as a CRM service would (CloudEvents headers); returns its id."""
-    spec = spec_of(message)
-    event_id = event_id or new_id()
-    headers = CloudEventHeaders(
-        id=event_id, type=spec.type, source=source, time=utcnow(), subject=key, dataschema=spec.schema
-    ).encode()
+    [sent] = await produce_events(
+        bootstrap_servers,
+        [message],
+        key=key,
+        source=source,
+        event_ids=[event_id or new_id()],
+        extra_headers=extra_headers,
+    )
+    return sent
+
+
+async def produce_events(
+    bootstrap_servers: str,
+    messages: list[Message],
+    *,
+    key: str,
+    source: str = "/tests",
+    event_ids: list[str] | None = None,
+    extra_headers: list[tuple[str, bytes]] | None = None,
+) -> list[str]:
+    """Publishes events of one key, in order, with one producer (a backlog); returns their ids."""
+    event_ids = event_ids or [new_id() for _ in messages]
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, enable_idempotence=False)
     await producer.start()
     try:
-        await producer.send_and_wait(
-            spec.topic, value=message.SerializeToString(), key=key.encode(), headers=headers + (extra_headers or [])
-        )
+        for message, event_id in zip(messages, event_ids, strict=True):
+            spec = spec_of(message)
+            headers = CloudEventHeaders(
+                id=event_id, type=spec.type, source=source, time=utcnow(), subject=key, dataschema=spec.schema
+            ).encode()
+            await producer.send(
+                spec.topic, value=message.SerializeToString(), key=key.encode(), headers=headers + (extra_headers or [])
+            )
+        await producer.flush()
     finally:
         await producer.stop()
-    return event_id
+    return event_ids
 
 
 async def produce_raw(bootstrap_servers: str, topic: str, *, key: str | bytes, value: bytes, headers: Any = ()) -> None:
