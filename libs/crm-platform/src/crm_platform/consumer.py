@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate, trace
-from sqlalchemy import MetaData, String, Table, bindparam, func, select
+from sqlalchemy import Insert, MetaData, String, Table, bindparam, func, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -34,7 +34,7 @@ from crm_platform.cloudevents import (
     spec_of,
 )
 from crm_platform.config import KafkaSettings
-from crm_platform.db import DriverStatement, conflict_insert
+from crm_platform.db import conflict_insert, driver_statement
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.kafka import client_options, create_producer, stop_quietly
 from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
@@ -71,15 +71,12 @@ class _BatchFailed(Exception):
         self.index = index
 
 
-def _inbox_insert(inbox: Table) -> DriverStatement:
-    """Records any number of events as processed, returning the ids that were not yet: one statement
-    compiled once (SQLAlchemy compiles an INSERT ... ON CONFLICT again on every execution)."""
+def _record_processed(inbox: Table) -> Insert:
+    """Records any number of events as processed (an array of ids), returning the ids not seen yet."""
     event_ids = func.unnest(bindparam("event_ids", type_=postgresql.ARRAY(String)))
     rows = select(bindparam("consumer", type_=String), event_ids, bindparam("now", type_=inbox.c.processed_at.type))
     statement = postgresql.insert(inbox).from_select(["consumer", "event_id", "processed_at"], rows)
-    return DriverStatement(
-        statement.on_conflict_do_nothing(index_elements=["consumer", "event_id"]).returning(inbox.c.event_id)
-    )
+    return statement.on_conflict_do_nothing(index_elements=["consumer", "event_id"]).returning(inbox.c.event_id)
 
 
 def dead_letter_topic(topic: str) -> str:
@@ -113,7 +110,6 @@ class EventConsumer:
         self.name = name
         self.uow = uow
         self.inbox = metadata.tables["processed_events"]
-        self._inbox_insert = _inbox_insert(self.inbox)
         self.kafka = kafka
         self.service = service
         self.max_attempts = max_attempts
@@ -340,7 +336,8 @@ class EventConsumer:
         now = utcnow()
         if tx.conn.dialect.name == "postgresql":
             params = {"consumer": self.name, "event_ids": event_ids, "now": now}
-            return {row[0] for row in await self._inbox_insert.fetch(tx.conn, params)}
+            recorded = driver_statement((self.inbox, "record processed"), lambda: _record_processed(self.inbox))
+            return {row[0] for row in await recorded.fetch(tx.conn, params)}
         rows = [{"consumer": self.name, "event_id": event_id, "processed_at": now} for event_id in event_ids]
         statement = (
             conflict_insert(tx.conn, self.inbox)

@@ -2,7 +2,7 @@
 
 import json
 import weakref
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -258,7 +258,33 @@ def conflict_insert(conn: AsyncConnection, table: Any) -> postgresql.Insert:
     return dialect.insert(table)  # type: ignore[no-any-return]
 
 
-async def insert_ignore(conn: AsyncConnection, table: Any, values: dict[str, Any], *, keys: list[str]) -> bool:
+async def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any], *, keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was new."""
+    if conn.dialect.name == "postgresql":
+        return (
+            await driver_statement(
+                (table, tuple(values), tuple(keys)),
+                lambda: (
+                    postgresql.insert(table)
+                    .values({name: bindparam(name, type_=table.c[name].type) for name in values})
+                    .on_conflict_do_nothing(index_elements=keys)
+                    .returning(literal_column("1"))
+                ),
+            ).fetchrow(conn, values)
+            is not None
+        )
     statement = conflict_insert(conn, table).values(values).on_conflict_do_nothing(index_elements=keys)
     return bool((await conn.execute(statement)).rowcount)
+
+
+def driver_statement(shape: Hashable, build: Callable[[], ClauseElement]) -> "DriverStatement":
+    """The `DriverStatement` of `build()`, built once per `shape` (what the statement depends on:
+    its table object, column names, options). For the statements SQLAlchemy compiles again on
+    every execution: a dialect's INSERT ... ON CONFLICT has no cache key."""
+    statement = _DRIVER_STATEMENTS.get(shape)
+    if statement is None:
+        statement = _DRIVER_STATEMENTS[shape] = DriverStatement(build())
+    return statement
+
+
+_DRIVER_STATEMENTS: dict[Hashable, "DriverStatement"] = {}

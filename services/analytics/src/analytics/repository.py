@@ -5,7 +5,7 @@ an event twice, therefore converges on the same rows."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from crm_platform.db import DriverStatement, UtcDateTime
+from crm_platform.db import UtcDateTime, driver_statement
 from crm_platform.outbox import add_messaging_tables
 from sqlalchemy import (
     JSON,
@@ -285,25 +285,23 @@ async def upsert(
 ) -> None:
     """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new.
     The `insert_only` columns are written by the INSERT and left alone by the UPDATE."""
-    if conn.dialect.name == "postgresql":  # every event writes one: compiled once per shape
-        shape = (table.name, tuple(values), tuple(keys), versioned, tuple(insert_only))
-        statement = _UPSERTS.get(shape)
-        if statement is None:
-            placeholders = {name: bindparam(name, type_=table.c[name].type) for name in values}
-            statement = _UPSERTS[shape] = DriverStatement(
-                _upsert(
-                    postgresql.insert(table).values(placeholders), table, list(values), keys, versioned, insert_only
-                )
-            )
+    names = list(values)
+    if conn.dialect.name == "postgresql":  # every event writes one
+        statement = driver_statement(
+            (table, tuple(names), tuple(keys), versioned, tuple(insert_only)),
+            lambda: _upsert(
+                postgresql.insert(table).values({name: bindparam(name, type_=table.c[name].type) for name in names}),
+                table,
+                names,
+                keys,
+                versioned,
+                insert_only,
+            ),
+        )
         await statement.execute(conn, values)
         return
     statement = _insert(conn, table).values(dict(values))
-    await conn.execute(_upsert(statement, table, list(values), keys, versioned, insert_only))
-
-
-# SQLAlchemy compiles an INSERT ... ON CONFLICT on every execution (it has no cache key): the
-# read models' upserts are compiled once for asyncpg instead, by table and columns.
-_UPSERTS: dict[tuple[Any, ...], DriverStatement] = {}
+    await conn.execute(_upsert(statement, table, names, keys, versioned, insert_only))
 
 
 def _upsert(
