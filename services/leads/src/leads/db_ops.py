@@ -4,16 +4,9 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from crm_platform.db import conflict_insert, driver_connection, json_text
+from crm_platform.db import driver_connection, json_text
 from sqlalchemy import JSON, Table
 from sqlalchemy.ext.asyncio import AsyncConnection
-
-
-async def upsert(conn: AsyncConnection, table: Table, values: dict[str, Any], *, keys: list[str]) -> None:
-    """INSERT ... ON CONFLICT (keys) DO UPDATE with the given values."""
-    statement = conflict_insert(conn, table).values(values)
-    changes = {name: statement.excluded[name] for name in values if name not in keys}
-    await conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=changes))
 
 
 async def bulk_insert(conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]) -> None:
