@@ -18,11 +18,13 @@ from sqlalchemy import (
     Text,
     bindparam,
     cast,
+    delete,
     event,
     func,
     insert,
     literal_column,
     select,
+    tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
@@ -249,6 +251,16 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         if connection.dialect.name == "sqlite":
             await connection.exec_driver_sql("BEGIN IMMEDIATE")
         yield connection
+
+
+async def delete_expired(engine: AsyncEngine, table: Table, stamp: str, *, before: datetime, limit: int) -> int:
+    """Deletes up to `limit` rows whose `stamp` column is before `before`; returns how many.
+    Replicas running this at once delete each row once."""
+    keys = list(table.primary_key.columns)
+    expired = select(*keys).where(table.c[stamp] < before).limit(limit)
+    async with transaction(engine) as conn:
+        result = await conn.execute(delete(table).where(tuple_(*keys).in_(expired)))
+    return int(result.rowcount)
 
 
 def conflict_insert(conn: AsyncConnection, table: Any) -> postgresql.Insert:

@@ -45,8 +45,8 @@ metadata `REPLAYED_METADATA` (`recall` marks the call it serves, `answered_from_
 gateway audits the repeat as such rather than as a second create.
 
 Keys are kept for a retention period (`ServiceSettings.idempotency_retention_hours`, a day by
-default, as payment APIs do): every service runs `expire_keys` as a periodic job, so the table
-holds the keys of the retry window, not every key ever sent.
+default, as payment APIs do): every service runs a job deleting older ones (`ServiceApp`), so the
+table holds the keys of the retry window, not every key ever sent.
 """
 
 import hashlib
@@ -67,17 +67,15 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
-    delete,
     insert,
     select,
-    tuple_,
     update,
 )
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from crm_platform.db import UtcDateTime, insert_ignore, single_statements, transaction
+from crm_platform.db import UtcDateTime, insert_ignore, single_statements
 from crm_platform.errors import Conflict, CrmError, FieldError, ValidationFailed
 from crm_platform.principal import current_principal
 
@@ -337,16 +335,6 @@ async def remember(
             )
         )  # fmt: skip
         _note_claimed(conn, table, operation, caller, key)
-
-
-async def expire_keys(engine: AsyncEngine, table: Table, *, before: datetime, limit: int) -> int:
-    """Deletes up to `limit` keys recorded before `before`; returns how many. A repeat of such a
-    key afterwards is a new request. Replicas running this at once delete each key once."""
-    c = table.c
-    expired = select(c.operation, c.caller, c.key).where(c.created_at < before).limit(limit)
-    async with transaction(engine) as conn:
-        result = await conn.execute(delete(table).where(tuple_(c.operation, c.caller, c.key).in_(expired)))
-    return int(result.rowcount)
 
 
 @dataclass(frozen=True, slots=True)

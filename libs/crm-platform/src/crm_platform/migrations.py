@@ -134,6 +134,18 @@ def drop_idempotency_answers(op: Operations) -> None:
         batch.drop_column("answer")
 
 
+def add_processed_events_expiry(op: Operations) -> None:
+    """The index the inbox expiry job deletes by (each service's revision `processed_events_expiry`):
+    the processed-events table otherwise grows by every event a service ever consumed. A database
+    made after this revision was written has it already (`create_messaging_tables` creates the
+    tables as `add_messaging_tables` defines them now)."""
+    op.create_index("ix_processed_events_processed_at", "processed_events", ["processed_at"], if_not_exists=True)
+
+
+def drop_processed_events_expiry(op: Operations) -> None:
+    op.drop_index("ix_processed_events_processed_at", table_name="processed_events", if_exists=True)
+
+
 REPLACE_TABLE_BATCH_ROWS = 5000
 
 

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, dead_letter_topic
-from crm_platform.db import create_engine
+from crm_platform.db import create_engine, delete_expired
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.jobs import PeriodicJob
 from crm_platform.kafka import ensure_topics
@@ -63,7 +63,17 @@ class ServiceApp:
         self.uow.on_commit(self.relay.wake)
         keys = self.metadata.tables.get(idempotency.TABLE_NAME)
         if keys is not None:
-            self.jobs = [*self.jobs, self._idempotency_key_expiry(keys)]
+            retention = timedelta(hours=self.settings.idempotency_retention_hours)
+            interval = self.settings.idempotency_expiry_interval_seconds
+            self.jobs = [*self.jobs, self._expiry("idempotency-key-expiry", keys, "created_at", retention, interval)]
+        if self.consumers:
+            inbox = self.consumers[0].inbox
+            retention = timedelta(hours=self.settings.inbox_retention_hours)
+            interval = self.settings.inbox_expiry_interval_seconds
+            self.jobs = [
+                *self.jobs,
+                self._expiry("processed-events-expiry", inbox, "processed_at", retention, interval),
+            ]
         self.server = GrpcServer(
             service=self.settings.service_name,
             service_names=self.service_names,
@@ -75,15 +85,15 @@ class ServiceApp:
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
 
-    def _idempotency_key_expiry(self, keys: Table) -> PeriodicJob:
-        retention = timedelta(hours=self.settings.idempotency_retention_hours)
+    def _expiry(self, name: str, table: Table, stamp: str, retention: timedelta, interval: float) -> PeriodicJob:
+        """A job deleting the rows of `table` older than `retention` by their `stamp` column, a batch
+        at a time (replicas may run it at once)."""
         batch = 1000
 
         async def expire() -> int:
-            return await idempotency.expire_keys(self.engine, keys, before=utcnow() - retention, limit=batch)
+            return await delete_expired(self.engine, table, stamp, before=utcnow() - retention, limit=batch)
 
-        interval = self.settings.idempotency_expiry_interval_seconds
-        return PeriodicJob("idempotency-key-expiry", interval, expire, batch_size=batch)
+        return PeriodicJob(name, interval, expire, batch_size=batch)
 
     async def start(self) -> int:
         """Starts everything and returns the bound gRPC port."""

@@ -13,7 +13,7 @@ import pytest
 from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm_platform import idempotency
 from crm_platform.config import ServiceSettings
-from crm_platform.db import create_engine
+from crm_platform.db import create_engine, delete_expired
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_client import create_channel, noting_replays, replay_noted
 from crm_platform.grpc_errors import from_rpc_error
@@ -149,9 +149,9 @@ async def test_keys_past_the_retention_expire_in_batches_and_newer_ones_stay(eng
         await idempotency.remember(conn, keys, operation="create", caller="u1", key="new", result="y", now=now)
     cutoff = now - timedelta(days=1)
 
-    first = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
-    second = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
-    third = await idempotency.expire_keys(engine, keys, before=cutoff, limit=3)
+    first = await delete_expired(engine, keys, "created_at", before=cutoff, limit=3)
+    second = await delete_expired(engine, keys, "created_at", before=cutoff, limit=3)
+    third = await delete_expired(engine, keys, "created_at", before=cutoff, limit=3)
 
     assert (first, second, third) == (3, 2, 0)
     async with engine.connect() as conn:

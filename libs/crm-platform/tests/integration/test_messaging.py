@@ -16,13 +16,14 @@ import pytest
 from aiokafka.errors import KafkaError
 from crm.audit.v1 import events_pb2
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
-from crm_platform.config import KafkaSettings
+from crm_platform.config import KafkaSettings, ServiceSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
 from crm_platform.db import DriverStatement, create_engine, driver_connection
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork, claim_statement
+from crm_platform.service import ServiceApp
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
 from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_events, produce_raw
 from crm_platform.testing.plans import sql_literal
@@ -469,6 +470,49 @@ async def test_an_event_failing_in_a_batch_is_dead_lettered_alone_and_the_others
     async with engine.connect() as conn:
         inbox = metadata.tables["processed_events"]
         assert await conn.scalar(select(func.count()).select_from(inbox)) == 5  # the dead letter is not applied
+
+
+async def test_processed_events_past_the_retention_are_deleted_and_a_recent_redelivery_is_still_skipped(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied)
+    app = ServiceApp(
+        settings=ServiceSettings(service_name="probe", inbox_retention_hours=1, kafka=broker_settings),
+        engine=engine,
+        metadata=metadata,
+        uow=consumer.uow,
+        service_names=[],
+        register=lambda server: None,
+        consumers=[consumer],
+    )
+    [expiry] = [job for job in app.jobs if job.name == "processed-events-expiry"]
+    inbox = metadata.tables["processed_events"]
+    now = utcnow()
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(inbox),
+            [
+                {"consumer": consumer.name, "event_id": "two-hours-old", "processed_at": now - timedelta(hours=2)},
+                {"consumer": consumer.name, "event_id": "recent", "processed_at": now - timedelta(minutes=10)},
+            ],
+        )
+
+    assert await expiry.run_once() == 1
+    redelivered = events_pb2.AuditRecorded(record_id="redelivered")
+    await produce_event(broker_settings.bootstrap_servers, redelivered, key="k", event_id="recent")
+    await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id="next"), key="k")
+    task = asyncio.create_task(consumer.run())
+    async with asyncio.timeout(60):
+        while "next" not in applied:
+            await asyncio.sleep(0.05)
+    await consumer.stop()
+    await task
+    assert applied == ["next"]  # the event processed ten minutes ago is still known
+    async with engine.connect() as conn:
+        kept = set(await conn.scalars(select(inbox.c.event_id)))
+    assert "two-hours-old" not in kept and "recent" in kept
 
 
 async def test_a_second_replica_joining_mid_batch_takes_partitions_without_a_restart(

@@ -2,7 +2,7 @@
 (no group join delay) and wait until what a test expects has arrived."""
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -141,7 +141,7 @@ async def produce_event(
 
 async def produce_events(
     bootstrap_servers: str,
-    messages: list[Message],
+    messages: Sequence[Message],
     *,
     key: str,
     source: str = "/tests",
