@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from crm.common.v1 import common_pb2
@@ -20,7 +20,7 @@ from crm_platform import idempotency
 from crm_platform.activities import may_change_activity
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore, single_statements, transaction
+from crm_platform.db import delete_expired, insert_ignore, single_statements, transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -2763,6 +2763,13 @@ class LeadsService:
         return Submission(webform_id=form["id"], capture=capture)
 
     # --- timers -----------------------------------------------------------------------------
+
+    async def forget_past_webform_windows(self) -> int:
+        """Deletes web forms' rate windows that closed over an hour ago (a batch): the table holds a
+        row per form per minute with a submission, and only the current minute's is ever read."""
+        before = self.clock() - timedelta(hours=1)
+        limit = self.settings.jobs_batch_size
+        return await delete_expired(self.engine, repo.webform_rate, "window_start", before=before, limit=limit)
 
     async def flag_overdue_first_contacts(self) -> int:
         """SLA timer: leads past their first-contact due time are flagged and evented, once."""

@@ -1,7 +1,7 @@
-"""Timers of the leads service: the first-contact SLA, recycling into the pool, and rescoring the
-open leads after a scoring rule or the grade thresholds changed.
+"""Timers of the leads service: the first-contact SLA, recycling into the pool, rescoring the open
+leads after a scoring rule or the grade thresholds changed, and forgetting past web form windows.
 
-Every replica runs all three; each pass claims due leads with FOR UPDATE SKIP LOCKED in the
+Every replica runs them all; each pass claims due leads with FOR UPDATE SKIP LOCKED in the
 transaction that changes them (see handlers), so one replica acts on a given lead.
 """
 
@@ -29,6 +29,12 @@ def build_jobs(service: LeadsService) -> list[PeriodicJob]:
             name="rescore-stale-leads",
             interval_seconds=settings.jobs_interval_seconds,
             run_once=service.rescore_stale_leads,
+            batch_size=settings.jobs_batch_size,
+        ),
+        PeriodicJob(
+            name="forget-past-webform-windows",
+            interval_seconds=settings.jobs_interval_seconds,
+            run_once=service.forget_past_webform_windows,
             batch_size=settings.jobs_batch_size,
         ),
     ]

@@ -561,6 +561,14 @@ async def test_campaign_and_webform_intake_with_rate_limit(env: Any) -> None:
     with pytest.raises(NotFound):
         await env.service.submit_webform("wrong-key", {"name": "x"}, "")
     assert "crm.leads.campaign.created" in await outbox_types(env, campaign["id"])
+    # Windows that closed over an hour ago are forgotten; the current one keeps counting.
+    env.clock.advance(minutes=61)
+    await env.service.submit_webform(form["form_key"], {"name": "Later", "email": "later@x.cn"}, "")
+    assert await env.service.forget_past_webform_windows() == 1
+    assert await env.service.forget_past_webform_windows() == 0
+    await env.service.submit_webform(form["form_key"], {"name": "Later 2", "email": "later2@x.cn"}, "")
+    with pytest.raises(RateLimited):
+        await env.service.submit_webform(form["form_key"], {"name": "Later 3", "email": "later3@x.cn"}, "")
 
 
 async def test_custom_fields_are_validated_against_their_definitions(env: Any) -> None:
