@@ -6,7 +6,7 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,18 @@ def consumer_for(
     )
 
 
+async def consume_until(consumer: EventConsumer, done: Callable[[], bool], timeout: float = 60) -> None:
+    """Runs the consumer until `done()` holds, then stops it."""
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+        await task
+
+
 async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_settings: KafkaSettings) -> None:
     await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
     event = events_pb2.AuditRecorded(id="a1", record_id="applied-once")
@@ -404,12 +416,7 @@ async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_s
     await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id="last"), key="k1")
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied)
-    task = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(60):
-        while "last" not in applied:
-            await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+    await consume_until(consumer, lambda: "last" in applied)
     assert applied == ["applied-once", "last"]
     async with engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(notes).where(notes.c.key == "applied-once")) == 1
@@ -437,12 +444,7 @@ async def test_a_backlog_is_applied_in_a_transaction_per_fetch_not_per_event(
     event.listen(engine.sync_engine, "commit", count_commit)
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied)
-    task = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(60):
-        while len(applied) < len(backlog):
-            await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+    await consume_until(consumer, lambda: len(applied) >= len(backlog))
     assert applied == [m.record_id for m in backlog]  # in order, each once
     assert commits <= 10, commits  # a fetch returns up to 500 records: a handful of transactions
 
@@ -456,14 +458,8 @@ async def test_an_event_failing_in_a_batch_is_dead_lettered_alone_and_the_others
     await produce_events(bootstrap, [events_pb2.AuditRecorded(record_id=i) for i in ids], key="k")
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied, fail_on={"refused"})
-    task = asyncio.create_task(consumer.run())
     async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
-        await dead_letters.wait_for(lambda r: len(r) >= 1, timeout=60)
-        async with asyncio.timeout(30):
-            while "e" not in applied:
-                await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+        await consume_until(consumer, lambda: "e" in applied and len(dead_letters.records) >= 1)
     # The batch rolled back at "refused": the events before it were applied again, once in the end.
     assert await applied_keys(engine) == ["a", "b", "c", "d", "e"]
     assert [r.headers["dlt_error_type"] for r in dead_letters.records] == ["ValidationFailed"]
@@ -503,12 +499,7 @@ async def test_processed_events_past_the_retention_are_deleted_and_a_recent_rede
     redelivered = events_pb2.AuditRecorded(record_id="redelivered")
     await produce_event(broker_settings.bootstrap_servers, redelivered, key="k", event_id="recent")
     await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id="next"), key="k")
-    task = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(60):
-        while "next" not in applied:
-            await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+    await consume_until(consumer, lambda: "next" in applied)
     assert applied == ["next"]  # the event processed ten minutes ago is still known
     async with engine.connect() as conn:
         kept = set(await conn.scalars(select(inbox.c.event_id)))
@@ -592,12 +583,7 @@ async def test_an_event_waits_out_a_database_outage_instead_of_going_to_the_dead
         service="test",
         retry_base_seconds=0.05,
     )
-    task = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(60):
-        while "after-outage" not in applied:
-            await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+    await consume_until(consumer, lambda: "after-outage" in applied)
     assert applied == ["during-outage", "after-outage"]  # in order, nothing skipped
     async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
         await asyncio.sleep(1.0)
@@ -614,14 +600,8 @@ async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_
     await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="after-poison"), key="k")
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied, fail_on={"refused"})
-    task = asyncio.create_task(consumer.run())
     async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
-        await dead_letters.wait_for(lambda r: len(r) >= 2, timeout=60)
-        async with asyncio.timeout(30):
-            while "after-poison" not in applied:
-                await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+        await consume_until(consumer, lambda: "after-poison" in applied and len(dead_letters.records) >= 2)
     assert applied == ["after-poison"]
     reasons = sorted(r.headers["dlt_error_type"] for r in dead_letters.records)
     assert reasons == ["PoisonMessage", "ValidationFailed"]
@@ -653,14 +633,8 @@ async def test_a_record_the_consumer_cannot_read_is_dead_lettered_and_the_partit
     await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="after"), key="k")
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied)
-    task = asyncio.create_task(consumer.run())
     async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
-        await dead_letters.wait_for(lambda r: len(r) >= 2, timeout=60)
-        async with asyncio.timeout(30):
-            while "after" not in applied:
-                await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+        await consume_until(consumer, lambda: "after" in applied and len(dead_letters.records) >= 2)
     assert applied == ["odd-header", "after"]
     errors = sorted(r.headers["dlt_error"] for r in dead_letters.records)
     assert errors == ["missing CloudEvents headers: ce_id", "the key b'\\xff\\xfe' is not UTF-8 text"]
@@ -770,12 +744,7 @@ async def test_the_trace_continues_from_the_publisher_to_the_consumer(
     assert [name for name, _ in record.raw_headers].count("traceparent") == 1
     applied: list[str] = []
     consumer = consumer_for(engine, broker_settings, applied)
-    task = asyncio.create_task(consumer.run())
-    async with asyncio.timeout(60):
-        while "traced" not in applied:
-            await asyncio.sleep(0.05)
-    await consumer.stop()
-    await task
+    await consume_until(consumer, lambda: "traced" in applied)
     consumed = [span for span in spans.get_finished_spans() if span.name == f"consume {TOPIC}"]
     assert consumed and format(consumed[0].context.trace_id, "032x") == trace_id
 
