@@ -272,27 +272,44 @@ def conflict_insert(conn: AsyncConnection, table: Any) -> postgresql.Insert:
 
 async def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any], *, keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was new."""
+    row = await insert_on_conflict(
+        conn,
+        table,
+        values,
+        lambda insert: insert.on_conflict_do_nothing(index_elements=keys).returning(literal_column("1")),
+        shape=("do nothing", tuple(keys)),
+    )
+    return row is not None
+
+
+async def insert_on_conflict(
+    conn: AsyncConnection,
+    table: Table,
+    values: Mapping[str, Any],
+    on_conflict: Callable[[Any], Any],
+    *,
+    shape: Hashable,
+) -> Any:
+    """`on_conflict(INSERT INTO table of the values' columns)` (it adds ON CONFLICT, maybe
+    RETURNING) executed with `values`; the row it returned, or None. SQLAlchemy compiles a dialect's
+    INSERT ... ON CONFLICT again on every execution (it has no cache key): on PostgreSQL this one
+    is compiled once per table, columns and `shape`, which names what `on_conflict` adds."""
+    names = tuple(values)
     if conn.dialect.name == "postgresql":
-        return (
-            await driver_statement(
-                (table, tuple(values), tuple(keys)),
-                lambda: (
-                    postgresql.insert(table)
-                    .values({name: bindparam(name, type_=table.c[name].type) for name in values})
-                    .on_conflict_do_nothing(index_elements=keys)
-                    .returning(literal_column("1"))
-                ),
-            ).fetchrow(conn, values)
-            is not None
+        statement = driver_statement(
+            (table, names, shape),
+            lambda: on_conflict(
+                postgresql.insert(table).values({name: bindparam(name, type_=table.c[name].type) for name in names})
+            ),
         )
-    statement = conflict_insert(conn, table).values(values).on_conflict_do_nothing(index_elements=keys)
-    return bool((await conn.execute(statement)).rowcount)
+        return await statement.fetchrow(conn, values)
+    result = await conn.execute(on_conflict(sqlite.insert(table).values(dict(values))))
+    return result.first() if result.returns_rows else None
 
 
 def driver_statement(shape: Hashable, build: Callable[[], ClauseElement]) -> "DriverStatement":
     """The `DriverStatement` of `build()`, built once per `shape` (what the statement depends on:
-    its table object, column names, options). For the statements SQLAlchemy compiles again on
-    every execution: a dialect's INSERT ... ON CONFLICT has no cache key."""
+    its table object, column names, options)."""
     statement = _DRIVER_STATEMENTS.get(shape)
     if statement is None:
         statement = _DRIVER_STATEMENTS[shape] = DriverStatement(build())

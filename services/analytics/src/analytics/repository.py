@@ -5,7 +5,7 @@ an event twice, therefore converges on the same rows."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from crm_platform.db import UtcDateTime, driver_statement
+from crm_platform.db import UtcDateTime, insert_on_conflict
 from crm_platform.outbox import add_messaging_tables
 from sqlalchemy import (
     JSON,
@@ -19,14 +19,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    bindparam,
     delete,
     func,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 metadata = MetaData()
@@ -270,10 +268,6 @@ READ_MODELS: tuple[Table, ...] = (
 ACCOUNT_RECORDS: tuple[Table, ...] = (opportunities, contracts, installments, activities, tickets, csat_responses)
 
 
-def _insert(conn: AsyncConnection, table: Table) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
 async def upsert(
     conn: AsyncConnection,
     table: Table,
@@ -286,22 +280,13 @@ async def upsert(
     """INSERT or UPDATE by primary key; a versioned row is replaced only by a snapshot at least as new.
     The `insert_only` columns are written by the INSERT and left alone by the UPDATE."""
     names = list(values)
-    if conn.dialect.name == "postgresql":  # every event writes one
-        statement = driver_statement(
-            (table, tuple(names), tuple(keys), versioned, tuple(insert_only)),
-            lambda: _upsert(
-                postgresql.insert(table).values({name: bindparam(name, type_=table.c[name].type) for name in names}),
-                table,
-                names,
-                keys,
-                versioned,
-                insert_only,
-            ),
-        )
-        await statement.execute(conn, values)
-        return
-    statement = _insert(conn, table).values(dict(values))
-    await conn.execute(_upsert(statement, table, names, keys, versioned, insert_only))
+    await insert_on_conflict(
+        conn,
+        table,
+        values,
+        lambda insert: _upsert(insert, table, names, keys, versioned, insert_only),
+        shape=("upsert", tuple(keys), versioned, tuple(insert_only)),
+    )
 
 
 def _upsert(

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import DriverStatement, UtcDateTime, conflict_insert, json_rows
+from crm_platform.db import DriverStatement, UtcDateTime, insert_on_conflict, json_rows
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
@@ -533,10 +533,6 @@ async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_n
     return str(found or "")
 
 
-def _upsert_contact_keys(conn: AsyncConnection, values: Mapping[str, Any]) -> Any:
-    return conflict_insert(conn, contact_keys).values(dict(values))
-
-
 async def put_contact_keys(
     conn: AsyncConnection,
     contact_id: str,
@@ -550,27 +546,38 @@ async def put_contact_keys(
     its deletion came first (events delivered again or out of order): whether they were applied.
     The same version again applies (a redelivery changes nothing)."""
     c = contact_keys.c
-    values = {"contact_id": contact_id, "email_norm": email_norm, "phone_norm": phone_norm}
-    statement = _upsert_contact_keys(conn, {**values, "version": version, "updated_at": now})
-    applied = statement.on_conflict_do_update(
-        index_elements=["contact_id"],
-        set_={name: statement.excluded[name] for name in ("email_norm", "phone_norm", "version", "updated_at")},
-        where=c.deleted_at.is_(None) & (c.version <= statement.excluded.version),
-    ).returning(c.contact_id)
-    return (await conn.execute(applied)).first() is not None
+    values = {
+        "contact_id": contact_id, "email_norm": email_norm, "phone_norm": phone_norm, "version": version,
+        "updated_at": now,
+    }  # fmt: skip
+    applied = await insert_on_conflict(
+        conn,
+        contact_keys,
+        values,
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=["contact_id"],
+            set_={name: insert.excluded[name] for name in ("email_norm", "phone_norm", "version", "updated_at")},
+            where=c.deleted_at.is_(None) & (c.version <= insert.excluded.version),
+        ).returning(c.contact_id),
+        shape="keys of a version",
+    )
+    return applied is not None
 
 
 async def tombstone_contact_keys(conn: AsyncConnection, contact_id: str, *, now: datetime) -> None:
     """contact.deleted: the contact's keys no longer link leads, and the row stays as a tombstone so
     that a created or updated of the contact applied after it does not bring them back."""
     cleared = {"email_norm": None, "phone_norm": None, "deleted_at": now, "updated_at": now}
-    statement = _upsert_contact_keys(conn, {"contact_id": contact_id, **cleared})
-    await conn.execute(
-        statement.on_conflict_do_update(
+    await insert_on_conflict(
+        conn,
+        contact_keys,
+        {"contact_id": contact_id, **cleared},
+        lambda insert: insert.on_conflict_do_update(
             index_elements=["contact_id"],
-            set_=cleared,
+            set_={name: insert.excluded[name] for name in cleared},
             where=contact_keys.c.deleted_at.is_(None),  # deleted again (a redelivery): the first time stays
-        )
+        ),
+        shape="tombstone",
     )
 
 
@@ -637,11 +644,16 @@ async def next_scoring_generation(conn: AsyncConnection) -> int:
     """Moves the scoring generation on in the caller's transaction, which writes a scoring rule or
     the thresholds: rules read after it commits are read with its generation or a later one. The
     row stays locked to the commit, so concurrent rule writes take one generation each."""
-    statement = conflict_insert(conn, scoring_generation).values(id=1, generation=1)
-    moved = statement.on_conflict_do_update(
-        index_elements=["id"], set_={"generation": scoring_generation.c.generation + 1}
-    ).returning(scoring_generation.c.generation)
-    return int((await conn.execute(moved)).scalar_one())
+    moved = await insert_on_conflict(
+        conn,
+        scoring_generation,
+        {"id": 1, "generation": 1},
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=["id"], set_={"generation": scoring_generation.c.generation + 1}
+        ).returning(scoring_generation.c.generation),
+        shape="next generation",
+    )
+    return int(moved[0])
 
 
 def leads_scored_before(generation: int, limit: int) -> Select[Any]:
@@ -704,11 +716,16 @@ async def load_lead(conn: AsyncConnection, lead_id: str, *, for_update: bool = F
 
 async def count_submission(conn: AsyncConnection, form_key: str, window: datetime) -> int:
     """Counts one submission in the form's current minute and returns the count (one UPSERT)."""
-    statement = conflict_insert(conn, webform_rate).values(form_key=form_key, window_start=window, count=1)
-    counted = statement.on_conflict_do_update(
-        index_elements=["form_key", "window_start"], set_={"count": webform_rate.c["count"] + 1}
-    ).returning(webform_rate.c["count"])
-    return int((await conn.execute(counted)).scalar_one())
+    counted = await insert_on_conflict(
+        conn,
+        webform_rate,
+        {"form_key": form_key, "window_start": window, "count": 1},
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=["form_key", "window_start"], set_={"count": webform_rate.c["count"] + 1}
+        ).returning(webform_rate.c["count"]),
+        shape="count a submission",
+    )
+    return int(counted[0])
 
 
 # --- the create path on PostgreSQL: fewer round trips ----------------------------------------------

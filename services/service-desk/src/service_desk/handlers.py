@@ -12,7 +12,7 @@ from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import conflict_insert, insert_ignore
+from crm_platform.db import insert_ignore, insert_on_conflict
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -959,12 +959,15 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
     if not account_id:
         return 0  # bad data: "" is how a ticket without an account is stored
     values = {"account_id": account_id, "tier": tier, "region": region, "updated_at": utcnow()}
-    table = repo.account_tiers
-    statement = conflict_insert(tx.conn, table).values(values)
-    await tx.conn.execute(
-        statement.on_conflict_do_update(
-            index_elements=["account_id"], set_={"tier": tier, "region": region, "updated_at": values["updated_at"]}
-        )
+    await insert_on_conflict(
+        tx.conn,
+        repo.account_tiers,
+        values,
+        lambda insert: insert.on_conflict_do_update(
+            index_elements=["account_id"],
+            set_={name: insert.excluded[name] for name in ("tier", "region", "updated_at")},
+        ),
+        shape="tier and region",
     )
     return await _retime_open_tickets(tx, account_id, tier)
 
