@@ -18,7 +18,7 @@ from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import propagate, trace
 from sqlalchemy import Insert, MetaData, String, Table, bindparam, func, select
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -34,7 +34,7 @@ from crm_platform.cloudevents import (
     spec_of,
 )
 from crm_platform.config import KafkaSettings
-from crm_platform.db import conflict_insert, driver_statement
+from crm_platform.db import driver_statement
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.kafka import client_options, create_producer, stop_quietly
 from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
@@ -183,13 +183,15 @@ class EventConsumer:
         """Applies the records from the first on, up to the first that cannot be read, in one
         transaction; returns how many it committed (0: the first is left to `_handle`). When one
         fails, the transaction rolls back and the records before it are applied together again."""
+        if len(records) < 2:  # a lone record gains nothing from a batch (the usual fetch when idle)
+            return 0
         events: list[ReceivedEvent[Any] | None] = []  # None: a type this consumer does not need
         for record in records:
             try:
                 events.append(self._decode(record))
             except Exception:  # noqa: BLE001 - `_handle` dead-letters it
                 break
-        if len(events) < 2:  # a lone record gains nothing from a batch
+        if len(events) < 2:
             return 0
         try:
             applied = await self._apply_batch(events)
@@ -340,7 +342,7 @@ class EventConsumer:
             return {row[0] for row in await recorded.fetch(tx.conn, params)}
         rows = [{"consumer": self.name, "event_id": event_id, "processed_at": now} for event_id in event_ids]
         statement = (
-            conflict_insert(tx.conn, self.inbox)
+            sqlite.insert(self.inbox)
             .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
             .returning(self.inbox.c.event_id)
         )

@@ -263,13 +263,6 @@ async def delete_expired(engine: AsyncEngine, table: Table, stamp: str, *, befor
     return int(result.rowcount)
 
 
-def conflict_insert(conn: AsyncConnection, table: Any) -> postgresql.Insert:
-    """`INSERT INTO table` of the connection's dialect, which takes `on_conflict_do_update` /
-    `on_conflict_do_nothing` (PostgreSQL and SQLite spell them alike)."""
-    dialect: Any = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)  # type: ignore[no-any-return]
-
-
 async def insert_ignore(conn: AsyncConnection, table: Table, values: dict[str, Any], *, keys: list[str]) -> bool:
     """INSERT ... ON CONFLICT (keys) DO NOTHING; True when the row was new."""
     row = await insert_on_conflict(

@@ -110,7 +110,7 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table]:
         Column("event_id", String(200), nullable=False),
         Column("processed_at", UtcDateTime(), nullable=False),
         PrimaryKeyConstraint("consumer", "event_id"),
-        # The expiry job deletes the oldest rows (`crm_platform.consumer.expire_processed_events`).
+        # The processed-events-expiry job deletes the oldest rows by it (`ServiceApp`).
         Index("ix_processed_events_processed_at", "processed_at"),
     )
     return outbox, inbox
