@@ -10,6 +10,9 @@ from typing import Any
 import grpc
 import httpx
 import yaml
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from pydantic import BaseModel
 
 from gateway.app import create_app
 from gateway.config import Settings
@@ -100,3 +103,54 @@ async def serving(*add_servicers: Callable[[grpc.aio.Server], None]) -> AsyncIte
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+# A value for each scalar type that is not its default, so that a field set to it is printed.
+_SCALARS: dict[int, Any] = {
+    FieldDescriptor.TYPE_STRING: "x",
+    FieldDescriptor.TYPE_BOOL: True,
+    FieldDescriptor.TYPE_INT32: 3,
+    FieldDescriptor.TYPE_INT64: 4,
+    FieldDescriptor.TYPE_UINT32: 5,
+    FieldDescriptor.TYPE_UINT64: 6,
+    FieldDescriptor.TYPE_DOUBLE: 1.5,
+    FieldDescriptor.TYPE_FLOAT: 2.5,
+    FieldDescriptor.TYPE_BYTES: b"x",
+}
+
+
+def filled(message: Message) -> Message:
+    """`message` with every field set to a value that is not its default (an enum to its last
+    value), so that a printer of it prints every field: the input of the answer-schema tests."""
+    for field in message.DESCRIPTOR.fields:
+        kind = field.message_type.full_name if field.message_type is not None else ""
+        if kind == "google.protobuf.Struct":
+            getattr(message, field.name).update({"budget": "100k"})
+        elif kind == "google.protobuf.Timestamp":
+            getattr(message, field.name).seconds = 1_780_000_000
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            key_field = field.message_type.fields_by_name["key"]
+            value_field = field.message_type.fields_by_name["value"]
+            target = getattr(message, field.name)
+            if value_field.message_type is not None:
+                filled(target[_SCALARS[key_field.type]])
+            else:
+                target[_SCALARS[key_field.type]] = _SCALARS[value_field.type]
+        elif field.message_type is not None:
+            target = getattr(message, field.name)
+            filled(target.add() if field.is_repeated else target)
+        else:
+            scalar = field.enum_type.values[-1].number if field.enum_type is not None else _SCALARS[field.type]
+            if field.is_repeated:
+                getattr(message, field.name).append(scalar)
+            else:
+                setattr(message, field.name, scalar)
+    return message
+
+
+def assert_documented(body: dict[str, Any], model: type[BaseModel]) -> None:
+    """An answer as a route prints it has exactly the fields its OpenAPI schema documents, each of
+    the documented JSON type."""
+    documented = {info.alias or name for name, info in model.model_fields.items()}
+    assert set(body) == documented
+    model.model_validate(body, strict=True)

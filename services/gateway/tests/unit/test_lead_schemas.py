@@ -19,87 +19,55 @@ from gateway.routers.leads import (
     campaign_json,
     lead_json,
 )
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
+from gateway.testing import assert_documented, filled
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.unit
 
-_SCALARS: dict[int, Any] = {
-    FieldDescriptor.TYPE_STRING: "x",
-    FieldDescriptor.TYPE_BOOL: True,
-    FieldDescriptor.TYPE_INT32: 3,
-    FieldDescriptor.TYPE_INT64: 4,
-}
-
-
-def _filled(message: Message) -> Message:
-    """`message` with every field set to a value that is not its default, so every field is printed."""
-    for field in message.DESCRIPTOR.fields:
-        if field.message_type is not None and field.message_type.full_name == "google.protobuf.Struct":
-            getattr(message, field.name).update({"budget": "100k"})
-        elif field.message_type is not None and field.message_type.full_name == "google.protobuf.Timestamp":
-            getattr(message, field.name).seconds = 1_780_000_000
-        elif field.message_type is not None:
-            target = getattr(message, field.name)
-            _filled(target.add() if field.is_repeated else target)
-        elif field.is_repeated:
-            getattr(message, field.name).append(_SCALARS[field.type])
-        else:
-            setattr(message, field.name, _SCALARS[field.type])
-    return message
-
-
-def _assert_documented(body: dict[str, Any], model: type[BaseModel]) -> None:
-    documented = {info.alias or name for name, info in model.model_fields.items()}
-    assert set(body) == documented
-    model.model_validate(body, strict=True)
-
-
 _RECORDS = [
-    (lead_json(_filled(leads_pb2.Lead())), schemas.Lead),
-    (campaign_json(_filled(leads_pb2.Campaign())), schemas.Campaign),
-    (_activity_json(_filled(leads_pb2.LeadActivity())), schemas.LeadActivity),
-    (_task_json(_filled(leads_pb2.LeadTask())), schemas.LeadTask),
-    (_webform_json(_filled(leads_pb2.Webform())), schemas.Webform),
-    (_rule_json(_filled(leads_pb2.ScoringRule())), schemas.ScoringRule),
-    (_rule_json(_filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
-    (_thresholds_json(_filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
+    (lead_json(filled(leads_pb2.Lead())), schemas.Lead),
+    (campaign_json(filled(leads_pb2.Campaign())), schemas.Campaign),
+    (_activity_json(filled(leads_pb2.LeadActivity())), schemas.LeadActivity),
+    (_task_json(filled(leads_pb2.LeadTask())), schemas.LeadTask),
+    (_webform_json(filled(leads_pb2.Webform())), schemas.Webform),
+    (_rule_json(filled(leads_pb2.ScoringRule())), schemas.ScoringRule),
+    (_rule_json(filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
+    (_thresholds_json(filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
 ]
 
 
 @pytest.mark.parametrize(("printed", "model"), [pytest.param(*record, id=record[1].__name__) for record in _RECORDS])
 def test_a_record_has_the_documented_fields_and_types(printed: dict[str, Any], model: type[BaseModel]) -> None:
-    _assert_documented(printed, model)
+    assert_documented(printed, model)
 
 
 @pytest.mark.parametrize("next_cursor", ["x", None])
 def test_an_import_status_answers_a_page_of_its_rejected_rows_and_the_next_cursor(next_cursor: str | None) -> None:
-    reply = _filled(pb.GetLeadImportResponse())
+    reply = filled(pb.GetLeadImportResponse())
     answer = {**_import_json(reply.lead_import), "next_cursor": next_cursor}  # as the route answers
 
-    _assert_documented(answer, schemas.LeadImportStatus)
+    assert_documented(answer, schemas.LeadImportStatus)
     assert answer["rejected_rows"][0]["row"] == "4"
 
 
 def test_an_import_part_answers_its_import_without_the_rejected_rows_and_its_rows() -> None:
-    reply = _filled(pb.ImportLeadsResponse())
+    reply = filled(pb.ImportLeadsResponse())
     summary = _import_json(reply.lead_import)
     del summary["rejected_rows"]  # as the route answers
     answer = {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
 
-    _assert_documented(answer, schemas.ImportAnswer)
-    _assert_documented(summary, schemas.LeadImport)
+    assert_documented(answer, schemas.ImportAnswer)
+    assert_documented(summary, schemas.LeadImport)
     assert answer["import"]["progress"]["rows_seen"] == "4"  # an int64 inside a message is a string
 
 
 def test_unset_times_and_a_campaign_without_cost_are_null_as_documented() -> None:
-    _assert_documented(lead_json(leads_pb2.Lead(id="l1")), schemas.Lead)
-    _assert_documented(campaign_json(leads_pb2.Campaign(id="c1")), schemas.Campaign)
+    assert_documented(lead_json(leads_pb2.Lead(id="l1")), schemas.Lead)
+    assert_documented(campaign_json(leads_pb2.Campaign(id="c1")), schemas.Campaign)
 
 
 def test_a_documented_answer_with_a_wrong_type_is_refused() -> None:
     """The check above can fail: a number where the schema says text is not taken."""
-    printed = _webform_json(_filled(leads_pb2.Webform()))
+    printed = _webform_json(filled(leads_pb2.Webform()))
     with pytest.raises(ValueError, match="rate_limit_per_minute"):
         schemas.Webform.model_validate({**printed, "rate_limit_per_minute": "3"}, strict=True)
