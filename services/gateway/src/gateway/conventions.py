@@ -71,10 +71,14 @@ class MoneyIn(BaseModel):
 
 
 class MoneyOut(BaseModel):
-    """Money as every answer shows it (`amount` a decimal string)."""
+    """Money as every answer shows it (`amount` a decimal string; `***` where the caller's field
+    rules mask it, the currency still shown)."""
 
     amount: str
     currency: str
+
+
+Time = str | None  # in an answer: RFC 3339 in UTC with a `Z`; null when not set, or masked
 
 
 class FigureIn(MoneyIn):

@@ -5,7 +5,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import grpc
 import httpx
@@ -150,7 +150,21 @@ def filled(message: Message) -> Message:
 
 def assert_documented(body: dict[str, Any], model: type[BaseModel]) -> None:
     """An answer as a route prints it has exactly the fields its OpenAPI schema documents, each of
-    the documented JSON type."""
+    the documented JSON type, and so has every record inside it (validation alone would ignore a
+    field a nested model does not document)."""
     documented = {info.alias or name for name, info in model.model_fields.items()}
-    assert set(body) == documented
+    assert set(body) == documented, model.__name__
     model.model_validate(body, strict=True)
+    for name, info in model.model_fields.items():
+        inner = _record_model(info.annotation)
+        value = body[info.alias or name]
+        for item in value if isinstance(value, list) else [value]:
+            if inner is not None and isinstance(item, dict):
+                assert_documented(item, inner)
+
+
+def _record_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of the records a field holds (`list[LineItem] | None`: LineItem), None for plain values."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _record_model(arg)) is not None), None)

@@ -1,6 +1,6 @@
 """The gateway's OpenAPI document (`/openapi.json`, shown at `/docs`) says what each route can
-answer: an error response only where it can happen (`security.runtime._problem_responses`), the
-leads routes' answers with their schemas, and what every parameter of the lead routes means."""
+answer: an error response only where it can happen (`security.runtime._problem_responses`), every
+route's answers with their schemas, and what every parameter of the lead routes means."""
 
 from collections.abc import Iterator
 from typing import Any
@@ -66,16 +66,24 @@ def test_a_lead_write_documents_its_conflicts(real_app: FastAPI) -> None:
     assert {"reason", "existing_id", "current_version"} <= set(problem)
 
 
-def test_every_answer_of_the_lead_routes_has_a_schema(real_app: FastAPI) -> None:
+def test_every_json_answer_of_every_route_has_a_schema(real_app: FastAPI) -> None:
     untyped = []
+    answers = 0
     for method, path, operation in _operations(real_app.openapi()):
-        if not path.startswith(LEAD_ROUTES):
-            continue
         for code, response in operation["responses"].items():
-            for content in response.get("content", {}).values() if code.startswith("2") else ():
-                if set(content["schema"]) != {"$ref"}:
+            for kind, content in response.get("content", {}).items() if code.startswith("2") else ():
+                answers += kind == "application/json"
+                if kind == "application/json" and set(content["schema"]) != {"$ref"}:
                     untyped.append((method, path, code))
+    assert answers > 140
     assert untyped == []
+
+
+def test_a_report_documents_its_json_and_its_csv_answer(real_app: FastAPI) -> None:
+    content = real_app.openapi()["paths"]["/api/v1/reports/sales-funnel"]["get"]["responses"]["200"]["content"]
+
+    assert set(content) == {"application/json", "text/csv"}
+    assert content["application/json"]["schema"] == {"$ref": "#/components/schemas/SalesFunnel"}
 
 
 def test_a_lead_create_documents_the_created_and_the_merged_answer(real_app: FastAPI) -> None:

@@ -22,8 +22,9 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.routers import analytics_schemas as schemas
 from gateway.routing import ResourceRouter
 from gateway.security import Access, SecurityProblem, require
 from gateway.security.access import runtime_of
@@ -222,12 +223,19 @@ def _reason_text(reason: Mapping[str, Any]) -> str:
     return f"{reason['code']}: {reason['detail']}" if "detail" in reason else str(reason["code"])
 
 
-_CSV: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/csv": {"schema": {"type": "string"}}}, "description": "JSON, or CSV with format=csv"}
-}
+def _json_or_csv(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The 200 answer of a report route: `model` as JSON (documentation only, nothing validated), or CSV.
+    The routes set `response_model=None`: their `Any` return annotation would add a title beside the `$ref`."""
+    return {
+        200: {
+            "model": model,
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+            "description": "JSON, or CSV with format=csv",
+        }
+    }
 
 
-@router.get("/reports/sales-funnel", responses=_CSV)
+@router.get("/reports/sales-funnel", response_model=None, responses=_json_or_csv(schemas.SalesFunnel))
 async def sales_funnel(
     request: Request,
     access: ReportsRead,
@@ -251,7 +259,7 @@ def _rows(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
     return {**body, "rows": [money.present(row) for row in body["rows"]]}
 
 
-@router.get("/reports/lead-sources", responses=_CSV)
+@router.get("/reports/lead-sources", response_model=None, responses=_json_or_csv(schemas.LeadSourceReport))
 async def lead_sources(
     request: Request,
     access: ReportsRead,
@@ -268,7 +276,7 @@ async def lead_sources(
     return await _respond(request, access, "lead-sources", body, body["rows"], filters, format)
 
 
-@router.get("/reports/rep-performance", responses=_CSV)
+@router.get("/reports/rep-performance", response_model=None, responses=_json_or_csv(schemas.RepPerformanceReport))
 async def rep_performance(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
@@ -280,7 +288,7 @@ async def rep_performance(
     return await _respond(request, access, "rep-performance", body, body["rows"], filters, format)
 
 
-@router.get("/reports/service", responses=_CSV)
+@router.get("/reports/service", response_model=None, responses=_json_or_csv(schemas.ServiceReport))
 async def service(request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json") -> Any:
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
     reply = await _stub(request).GetServiceReport(
@@ -290,7 +298,7 @@ async def service(request: Request, access: ReportsRead, filters: ReportFilters,
     return await _respond(request, access, "service", body, [body], filters, format)
 
 
-@router.get("/reports/customer-value", responses=_CSV)
+@router.get("/reports/customer-value", response_model=None, responses=_json_or_csv(schemas.CustomerValuePage))
 async def customer_value(
     request: Request,
     access: ReportsRead,
@@ -310,14 +318,20 @@ async def customer_value(
         ),
         metadata=access.grpc_metadata(),
     )
-    money = _Money(access)
-    items = [money.present(plain(row)) for row in reply.rows]
-    body = {"items": items, "next_cursor": reply.page_info.next_cursor or None}
+    body = _customer_value(reply, _Money(access))
     next_cursor = reply.page_info.next_cursor
-    return await _respond(request, access, "customer-value", body, items, filters, format, next_cursor)
+    return await _respond(request, access, "customer-value", body, body["items"], filters, format, next_cursor)
 
 
-@router.get("/reports/data-completeness", responses=_CSV)
+def _customer_value(reply: pb.GetCustomerValueResponse, money: _Money) -> dict[str, Any]:
+    """A page of accounts, their money as the caller sees it; `next_cursor` null on the last page."""
+    return {
+        "items": [money.present(plain(row)) for row in reply.rows],
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
+
+
+@router.get("/reports/data-completeness", response_model=None, responses=_json_or_csv(schemas.DataCompleteness))
 async def data_completeness(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:

@@ -15,9 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from gateway.conventions import MoneyOut
-
-Time = str | None  # RFC 3339 in UTC with a `Z`; null when not set
+from gateway.conventions import MoneyOut, Time
 
 
 class Lead(BaseModel):

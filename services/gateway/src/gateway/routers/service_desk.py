@@ -5,6 +5,7 @@ Permissions come only from `require(...)`/`Access`; the service-desk service app
 (a ticket's owner is its assignee). Illegal status transitions answer 409.
 """
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
@@ -19,7 +20,8 @@ from pydantic import Field
 from gateway.conventions import IdempotencyKey, IfMatch, expected_version, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.references import CONTACT, References
-from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
+from gateway.routers import service_desk_schemas as schemas
+from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, Presenter, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 
@@ -192,7 +194,7 @@ def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
 # --- tickets -------------------------------------------------------------------------------------
 
 
-@router.post("/tickets", status_code=201)
+@router.post("/tickets", status_code=201, responses={201: {"model": schemas.CreatedTicket}})
 async def create_ticket(
     body: TicketCreate,
     request: Request,
@@ -212,10 +214,20 @@ async def create_ticket(
     result = to_json(reply.ticket)
     await access.audit_write(result["id"], None, result)
     present = await presenter(access)
-    shown = present(result)
     kb = access.view("kb_articles")
-    shown["suggested_articles"] = kb.present_many(to_json(a) for a in reply.suggested_articles) if kb else []
-    return with_etag(response, shown)
+    return with_etag(
+        response, _created_ticket_json(result, reply.suggested_articles, present, kb.present if kb else None)
+    )
+
+
+def _created_ticket_json(
+    ticket: dict[str, Any], suggested_articles: Iterable[Message], present: Presenter, present_article: Presenter | None
+) -> dict[str, Any]:
+    """The new ticket under the ticket rules, its suggested articles under the knowledge base's
+    (none when `present_article` is None: the caller may not read the knowledge base)."""
+    shown = present(ticket)
+    shown["suggested_articles"] = [present_article(to_json(a)) for a in suggested_articles] if present_article else []
+    return shown
 
 
 # The filters of GET /tickets (and of the export): query parameter -> the field it filters by.
@@ -235,7 +247,7 @@ TICKET_FILTERS: FilterFields = {
 }
 
 
-@router.get("/tickets", openapi_extra=CUSTOM_FILTER_PARAMETERS)
+@router.get("/tickets", openapi_extra=CUSTOM_FILTER_PARAMETERS, responses={200: {"model": schemas.TicketPage}})
 async def list_tickets(
     request: Request,
     access: TicketsRead,
@@ -283,12 +295,21 @@ async def list_tickets(
     return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
-@router.get("/tickets/{ticket_id}")
+@router.get("/tickets/{ticket_id}", responses={200: {"model": schemas.TicketDetail}})
 async def get_ticket(ticket_id: str, request: Request, response: Response, access: TicketsRead) -> dict[str, Any]:
     """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
     reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
     present = await presenter(access)
-    # Comments and work log are parts of the ticket: the ticket's rules for them apply.
+    csat = access.view("csat")
+    return with_etag(response, _ticket_detail_json(reply, present, csat.present if csat else None))
+
+
+def _ticket_detail_json(
+    reply: pb.GetTicketResponse, present: Presenter, present_csat: Presenter | None
+) -> dict[str, Any]:
+    """The ticket with its comments and work log, which are parts of the ticket (its rules for them
+    apply), and its CSAT answer under the CSAT rules (null when `present_csat` is None: the caller
+    may not read CSAT)."""
     body = present(
         {
             **to_json(reply.ticket),
@@ -296,12 +317,11 @@ async def get_ticket(ticket_id: str, request: Request, response: Response, acces
             "work_log": [to_json(e) for e in reply.work_log],
         }
     )
-    csat = access.view("csat")
-    body["csat"] = csat.present(to_json(reply.csat)) if csat and reply.HasField("csat") else None
-    return with_etag(response, body)
+    body["csat"] = present_csat(to_json(reply.csat)) if present_csat and reply.HasField("csat") else None
+    return body
 
 
-@router.patch("/tickets/{ticket_id}")
+@router.patch("/tickets/{ticket_id}", responses={200: {"model": schemas.Ticket}})
 async def update_ticket(
     ticket_id: str, body: TicketIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
@@ -354,7 +374,7 @@ async def delete_ticket(ticket_id: str, request: Request, access: TicketsDelete,
     return Response(status_code=204)
 
 
-@router.post("/tickets/{ticket_id}/status")
+@router.post("/tickets/{ticket_id}/status", responses={200: {"model": schemas.Ticket}})
 async def change_ticket_status(
     ticket_id: str, body: StatusIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
@@ -373,7 +393,7 @@ async def change_ticket_status(
     return with_etag(response, present(result))
 
 
-@router.post("/tickets/{ticket_id}/assign")
+@router.post("/tickets/{ticket_id}/assign", responses={200: {"model": schemas.Ticket}})
 async def assign_ticket(
     ticket_id: str, body: AssignIn, request: Request, response: Response, access: TicketsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
@@ -392,7 +412,7 @@ async def assign_ticket(
     return with_etag(response, present(result))
 
 
-@router.post("/tickets/{ticket_id}/comments", status_code=201)
+@router.post("/tickets/{ticket_id}/comments", status_code=201, responses={201: {"model": schemas.TicketComment}})
 async def add_ticket_comment(
     ticket_id: str, body: CommentIn, request: Request, access: TicketsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -407,7 +427,7 @@ async def add_ticket_comment(
     return _ticket_entry(access, "comments", comment)
 
 
-@router.post("/tickets/{ticket_id}/work-log", status_code=201)
+@router.post("/tickets/{ticket_id}/work-log", status_code=201, responses={201: {"model": schemas.WorkLogEntry}})
 async def log_ticket_work(
     ticket_id: str, body: WorkLogIn, request: Request, access: TicketsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -426,7 +446,7 @@ def _ticket_entry(access: Access, part: str, entry: dict[str, Any]) -> dict[str,
     return shown[0]
 
 
-@router.get("/tickets/{ticket_id}/suggested-articles")
+@router.get("/tickets/{ticket_id}/suggested-articles", responses={200: {"model": schemas.SuggestedArticles}})
 async def suggest_articles(
     ticket_id: str, request: Request, access: TicketsRead, limit: Annotated[int, Query(ge=1, le=20)] = 3
 ) -> dict[str, Any]:
@@ -437,10 +457,15 @@ async def suggest_articles(
     reply = await _stub(request).SuggestKbArticles(
         pb.SuggestKbArticlesRequest(ticket_id=ticket_id, limit=limit), metadata=access.grpc_metadata()
     )
-    return {"items": kb.present_many(to_json(a) for a in reply.items)}
+    return _items_json(reply.items, kb.present)
 
 
-@router.post("/tickets/{ticket_id}/csat", status_code=201)
+def _items_json(records: Iterable[Message], present: Presenter) -> dict[str, Any]:
+    """The answer of an unpaged list (suggested articles, SLA policies): every record as the caller sees it."""
+    return {"items": [present(to_json(record)) for record in records]}
+
+
+@router.post("/tickets/{ticket_id}/csat", status_code=201, responses={201: {"model": schemas.CsatResponse}})
 async def submit_csat(
     ticket_id: str, body: CsatIn, request: Request, access: CsatCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -457,7 +482,7 @@ async def submit_csat(
     return access.present(result)
 
 
-@router.get("/csat")
+@router.get("/csat", responses={200: {"model": schemas.CsatPage}})
 async def list_csat(
     request: Request,
     access: CsatRead,
@@ -479,13 +504,13 @@ async def list_csat(
 # --- SLA policies --------------------------------------------------------------------------------
 
 
-@router.get("/sla-policies")
+@router.get("/sla-policies", responses={200: {"model": schemas.SlaPolicyList}})
 async def list_sla_policies(request: Request, access: SlaRead) -> dict[str, Any]:
     reply = await _stub(request).ListSlaPolicies(pb.ListSlaPoliciesRequest(), metadata=access.grpc_metadata())
-    return {"items": access.present_many(to_json(p) for p in reply.items)}
+    return _items_json(reply.items, access.present)
 
 
-@router.put("/sla-policies/{priority}")
+@router.put("/sla-policies/{priority}", responses={200: {"model": schemas.SlaPolicy}})
 async def update_sla_policy(
     priority: Priority,
     body: SlaPolicyIn,
@@ -516,7 +541,7 @@ async def update_sla_policy(
 # --- agents --------------------------------------------------------------------------------------
 
 
-@router.post("/agents", status_code=201)
+@router.post("/agents", status_code=201, responses={201: {"model": schemas.Agent}})
 async def create_agent(
     body: AgentCreate, request: Request, response: Response, access: AgentsCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -532,7 +557,7 @@ async def create_agent(
     return with_etag(response, access.present(result))
 
 
-@router.get("/agents")
+@router.get("/agents", responses={200: {"model": schemas.AgentPage}})
 async def list_agents(
     request: Request,
     access: AgentsRead,
@@ -557,13 +582,13 @@ async def list_agents(
     return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
-@router.get("/agents/{agent_id}")
+@router.get("/agents/{agent_id}", responses={200: {"model": schemas.Agent}})
 async def get_agent(agent_id: str, request: Request, response: Response, access: AgentsRead) -> dict[str, Any]:
     reply = await _stub(request).GetAgent(pb.GetAgentRequest(agent_id=agent_id), metadata=access.grpc_metadata())
     return with_etag(response, access.present(to_json(reply.agent)))
 
 
-@router.patch("/agents/{agent_id}")
+@router.patch("/agents/{agent_id}", responses={200: {"model": schemas.Agent}})
 async def update_agent(
     agent_id: str, body: AgentIn, request: Request, response: Response, access: AgentsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
@@ -589,7 +614,7 @@ async def update_agent(
 # --- return visits -------------------------------------------------------------------------------
 
 
-@router.get("/return-visits")
+@router.get("/return-visits", responses={200: {"model": schemas.ReturnVisitPage}})
 async def list_return_visits(
     request: Request,
     access: VisitsRead,
@@ -619,7 +644,7 @@ async def list_return_visits(
     return await _listing(access, reply.items, reply.page_info.next_cursor)
 
 
-@router.post("/return-visits/{visit_id}/complete")
+@router.post("/return-visits/{visit_id}/complete", responses={200: {"model": schemas.ReturnVisit}})
 async def complete_return_visit(
     visit_id: str, body: VisitDoneIn, request: Request, access: VisitsUpdate
 ) -> dict[str, Any]:
@@ -635,7 +660,7 @@ async def complete_return_visit(
 # --- knowledge base ------------------------------------------------------------------------------
 
 
-@router.post("/kb-articles", status_code=201)
+@router.post("/kb-articles", status_code=201, responses={201: {"model": schemas.KbArticle}})
 async def create_article(
     body: ArticleCreate, request: Request, response: Response, access: KbCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
@@ -650,7 +675,7 @@ async def create_article(
     return with_etag(response, access.present(result))
 
 
-@router.get("/kb-articles")
+@router.get("/kb-articles", responses={200: {"model": schemas.KbArticlePage}})
 async def search_articles(
     request: Request,
     access: KbRead,
@@ -680,7 +705,7 @@ async def search_articles(
     }
 
 
-@router.get("/kb-articles/{article_id}")
+@router.get("/kb-articles/{article_id}", responses={200: {"model": schemas.KbArticle}})
 async def get_article(article_id: str, request: Request, response: Response, access: KbRead) -> dict[str, Any]:
     reply = await _stub(request).GetKbArticle(
         pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata()
@@ -688,7 +713,7 @@ async def get_article(article_id: str, request: Request, response: Response, acc
     return with_etag(response, access.present(to_json(reply.article)))
 
 
-@router.patch("/kb-articles/{article_id}")
+@router.patch("/kb-articles/{article_id}", responses={200: {"model": schemas.KbArticle}})
 async def update_article(
     article_id: str, body: ArticleIn, request: Request, response: Response, access: KbUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
