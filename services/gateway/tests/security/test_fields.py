@@ -111,6 +111,13 @@ def test_spec_masks() -> None:
     assert mask_value("john@example.com", "email") == "j***@example.com"
 
 
+def test_masked_numbers_times_and_flags_are_null_so_a_typed_client_still_reads_the_record() -> None:
+    assert mask_value("2026-03-02T09:00:00Z", "datetime") is None
+    assert mask_value("2026-03-02", "date") is None
+    assert (mask_value(12, "number"), mask_value(True, "bool")) == (None, None)
+    assert mask_value("", "datetime") == ""  # nothing to hide
+
+
 async def test_marketing_sees_masked_lead_contact_details(gateway: Any, auth_headers: Any) -> None:
     gateway.store.put(
         "leads",
