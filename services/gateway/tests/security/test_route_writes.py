@@ -111,13 +111,17 @@ class FakeLeads(LeadsServiceServicer):
     LEAD = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="new", owner_id="u-1", team="east")
 
     async def GetLead(self, request: leads_pb.GetLeadRequest, context: Any) -> Any:
-        if request.lead_id != self.LEAD.id:  # as the service answers a lead outside the caller's scope
-            await abort(context, NotFound("lead", request.lead_id))
+        await self._in_scope(request.lead_id, context)
         return leads_pb.GetLeadResponse(lead=self.LEAD)
 
+    async def _in_scope(self, lead_id: str, context: Any) -> None:
+        if lead_id != self.LEAD.id:  # as the service answers a lead outside the caller's scope
+            await abort(context, NotFound("lead", lead_id))
+
     async def DeleteLead(self, request: leads_pb.DeleteLeadRequest, context: Any) -> Any:
+        await self._in_scope(request.lead_id, context)
         self.deletes.append(request)
-        return leads_pb.DeleteLeadResponse()
+        return leads_pb.DeleteLeadResponse(previous=self.LEAD)
 
     CAMPAIGN = leads_pb2.Campaign(id="cmp-1", name="Expo", channel="event", version=3)
 
@@ -135,12 +139,12 @@ class FakeLeads(LeadsServiceServicer):
 
     async def UpdateLead(self, request: leads_pb.UpdateLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13912345678", status="new", owner_id="u-1", team="east")
-        return leads_pb.UpdateLeadResponse(lead=lead)
+        return leads_pb.UpdateLeadResponse(lead=lead, previous=self.LEAD)
 
     async def AssignLead(self, request: leads_pb.AssignLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="new", owner_id=request.owner_id,
                               team="east")  # fmt: skip
-        return leads_pb.AssignLeadResponse(lead=lead)
+        return leads_pb.AssignLeadResponse(lead=lead, previous=self.LEAD)
 
     async def GetWebform(self, request: leads_pb.GetWebformRequest, context: Any) -> Any:
         webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, version=3)
@@ -161,11 +165,14 @@ class FakeLeads(LeadsServiceServicer):
 
     async def ConvertLead(self, request: leads_pb.ConvertLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", status="converted", owner_id="u-1", team="east")
-        return leads_pb.ConvertLeadResponse(lead=lead, account_id="acc-9", contact_id="c-9")
+        return leads_pb.ConvertLeadResponse(lead=lead, account_id="acc-9", contact_id="c-9", previous=self.LEAD)
 
     async def ReleaseLead(self, request: leads_pb.ReleaseLeadRequest, context: Any) -> Any:
+        caller = context_from_metadata(context.invocation_metadata()).principal.user_id
+        if request.own_only and self.LEAD.owner_id != caller:  # as the service refuses another rep's lead
+            await abort(context, PermissionDenied("releasing another rep's lead needs the grant to assign leads"))
         lead = leads_pb2.Lead(id="l-1", name="Li", status="recycled", in_pool=True, team="east")
-        return leads_pb.ReleaseLeadResponse(lead=lead)
+        return leads_pb.ReleaseLeadResponse(lead=lead, previous=self.LEAD)
 
     async def ClaimLead(self, request: leads_pb.ClaimLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id=request.lead_id, name="Li", status="new", owner_id="u-1", team="east")
@@ -174,7 +181,7 @@ class FakeLeads(LeadsServiceServicer):
     async def DisqualifyLead(self, request: leads_pb.DisqualifyLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13812345678", status="unqualified", owner_id="u-1",
                               team="east", disqualified_reason=request.reason)  # fmt: skip
-        return leads_pb.DisqualifyLeadResponse(lead=lead)
+        return leads_pb.DisqualifyLeadResponse(lead=lead, previous=self.LEAD)
 
 
 class FakeServiceDesk(ServiceDeskServiceServicer):

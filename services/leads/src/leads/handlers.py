@@ -375,6 +375,18 @@ class ConvertResult:
     account_id: str
     contact_id: str
     opportunity_id: str
+    # The lead before this request converted it (None when it was converted already), for the audit trail.
+    previous: RowMapping | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeadChange:
+    """A lead after a write and, for the caller's audit trail, as it was before it: read under its
+    row lock in the write's transaction, so no other write comes between the two. None for an
+    answer repeating the idempotency key's earlier result (nothing changed then)."""
+
+    lead: Mapping[Any, Any]
+    previous: Mapping[Any, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1087,7 +1099,7 @@ class LeadsService:
 
     async def update_lead(
         self, lead_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> RowMapping:
+    ) -> LeadChange:
         allowed = {
             *domain.TEXT_FIELDS,
             "title",
@@ -1149,7 +1161,7 @@ class LeadsService:
             new_owner = clean.values.get("owner_id")
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
             if not changes and not reassign:
-                return lead
+                return LeadChange(lead, lead)
             # Each write publishes the version it makes: the changes (rescored with them), then a new owner.
             row = lead
             if changes:
@@ -1166,7 +1178,7 @@ class LeadsService:
                 tx.publish(events_pb2.LeadContacted(lead=lead_to_proto(row), actor=actor(principal)), key=lead_id)
             if reassign:
                 row = await self._assign_to(tx, row, new_owner or "", "", "", principal, now)
-            return row
+            return LeadChange(row, lead)
 
     def _filtered(
         self, conn: AsyncConnection, query: Select[Any], f: LeadFilters, custom: Sequence[CustomFilter] = ()
@@ -1533,7 +1545,7 @@ class LeadsService:
 
     async def assign(
         self, lead_id: str, owner_id: str, team: str, expected_version: int, idempotency_key: str = ""
-    ) -> RowMapping:
+    ) -> LeadChange:
         # "" runs the rules (owner) or keeps none (team); only spaces would be an owner nobody is.
         given = {"owner_id": owner_id, "team": team}
         if blank := [name for name, value in given.items() if value and not value.strip()]:
@@ -1545,10 +1557,10 @@ class LeadsService:
         principal = current_principal()
         now = self.clock()
 
-        async def attempt(rules: Rules) -> RowMapping:
+        async def attempt(rules: Rules) -> LeadChange:
             async with self.uow.begin() as tx:
                 if await self._repeats_lead_move(tx.conn, "assign_lead", idempotency_key, principal, lead_id, now):
-                    return await self._visible_lead(tx.conn, lead_id)  # the rules are not run again
+                    return LeadChange(await self._visible_lead(tx.conn, lead_id), None)  # the rules are not run again
                 lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
                 if expected_version and lead["version"] != expected_version:
                     raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1556,14 +1568,14 @@ class LeadsService:
                 target = (owner_id, team, "") if owner_id else await self._pick_by_rules(tx.conn, rules, lead)
                 to_owner, to_team, rule_id = target or ("", "", "")
                 if domain.already_assigned(lead, owner_id=to_owner, team=to_team):
-                    return lead  # no new assignment: its first-contact SLA and recycling clock go on
-                return await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now)
+                    return LeadChange(lead, lead)  # no new assignment: its first-contact SLA and recycling clock go on
+                return LeadChange(await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now), lead)
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
     async def disqualify(
         self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""
-    ) -> RowMapping:
+    ) -> LeadChange:
         if not reason.strip():
             raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
         principal = current_principal()
@@ -1576,7 +1588,7 @@ class LeadsService:
             await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
             if await self._repeats_lead_move(tx.conn, "disqualify_lead", idempotency_key, principal, lead_id, now):
-                return await self._visible_lead(tx.conn, lead_id)
+                return LeadChange(await self._visible_lead(tx.conn, lead_id), None)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if expected_version and lead["version"] != expected_version:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1591,12 +1603,13 @@ class LeadsService:
                 events_pb2.LeadDisqualified(lead=lead_to_proto(row), reason=reason.strip(), actor=actor(principal)),
                 key=lead_id,
             )
-            return row
+            return LeadChange(row, lead)
 
-    async def delete_lead(self, lead_id: str, expected_version: int) -> None:
+    async def delete_lead(self, lead_id: str, expected_version: int) -> RowMapping:
         """Deletes a lead with what is only its own: activities, tasks, score history and an undone
-        conversion attempt. Everything else follows the row: the owner loads by the triggers on
-        `leads` (migration 0006), while the pool, the timers and the dedupe probe read `leads` itself."""
+        conversion attempt; returns it as it was (for the caller's audit trail). Everything else
+        follows the row: the owner loads by the triggers on `leads` (migration 0006), while the
+        pool, the timers and the dedupe probe read `leads` itself."""
         principal = current_principal()
         await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
@@ -1618,6 +1631,7 @@ class LeadsService:
                 await conn.execute(delete(table).where(table.c.lead_id == lead_id))
             await conn.execute(delete(repo.leads).where(repo.leads.c.id == lead_id))
             tx.publish(events_pb2.LeadDeleted(lead_id=lead_id, actor=actor(principal)), key=lead_id)
+            return lead
 
     async def list_pool(
         self, *, region: str, industry: str, source: str, limit: int, cursor: str, sort: str = ""
@@ -1689,17 +1703,24 @@ class LeadsService:
             team = lead["team"] or principal.team
             return await self._assign_to(tx, lead, principal.user_id, team, "", principal, now, claimed=True)
 
-    async def release(self, lead_id: str, reason: str, idempotency_key: str = "") -> RowMapping:
+    async def release(
+        self, lead_id: str, reason: str, idempotency_key: str = "", *, own_only: bool = False
+    ) -> LeadChange:
+        """Puts a lead back in the pool; with `own_only` (a caller who may not assign leads) only a
+        lead the caller owns, as found under its row lock."""
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
             if await self._repeats_lead_move(tx.conn, "release_lead", idempotency_key, principal, lead_id, now):
-                return await self._visible_lead(tx.conn, lead_id)
+                return LeadChange(await self._visible_lead(tx.conn, lead_id), None)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if lead["in_pool"] or not lead["owner_id"]:
                 raise Conflict(f"lead {lead_id} is already in the pool", reason="IN_POOL")
+            if own_only and lead["owner_id"] != principal.user_id:
+                raise PermissionDenied("releasing another rep's lead needs the grant to assign leads")
             domain.ensure_open(lead["status"], "release")
-            return await self._to_pool(tx, lead, f"released: {reason.strip() or 'no reason given'}", principal, now)
+            why = f"released: {reason.strip() or 'no reason given'}"
+            return LeadChange(await self._to_pool(tx, lead, why, principal, now), lead)
 
     @staticmethod
     async def _repeats_lead_move(
@@ -3034,7 +3055,7 @@ class LeadsService:
                 key=req.lead_id,
             )
             await remember(tx.conn, "convert_lead", req.idempotency_key, principal, {"lead_id": req.lead_id}, now)
-            return ConvertResult(row, account_id, contact_id, opportunity_id)
+            return ConvertResult(row, account_id, contact_id, opportunity_id, previous=lead)
 
     async def _contact_to_reuse(self, lead: Mapping[Any, Any], account_id: str, account_created: bool) -> str:
         """The contact the lead matched, to link when it is a live contact of the account the lead

@@ -19,7 +19,6 @@ from leads.domain import AssignmentRule, ScoringRule, TaskFilters, Thresholds
 from leads.handlers import (
     WEBFORM_SETTINGS,
     ActivityInput,
-    Capture,
     ConversionScopes,
     ConvertRequest,
     ImportOptions,
@@ -89,9 +88,9 @@ def _money(message: common_pb2.Money, field: str, present: bool) -> Money | None
     return money_from_proto(message, field=field) if present else None
 
 
-def _previous(capture: Capture) -> leads_pb2.Lead | None:
-    """The merged lead as it was before the merge (None when nothing was merged into it)."""
-    return messages.lead_to_proto(capture.previous) if capture.previous is not None else None
+def _optional_lead(row: Mapping[Any, Any] | None) -> leads_pb2.Lead | None:
+    """A lead as it was before a write, for a response's `previous` (unset when None: nothing changed)."""
+    return messages.lead_to_proto(row) if row is not None else None
 
 
 def _row_result(o: ImportRowOutcome) -> leads_service_pb2.ImportRowResult:
@@ -140,7 +139,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             lead_input(request.lead), on_duplicate=request.on_duplicate, idempotency_key=request.idempotency_key
         )
         return leads_service_pb2.CreateLeadResponse(
-            lead=messages.lead_to_proto(capture.lead), merged=capture.merged, previous=_previous(capture)
+            lead=messages.lead_to_proto(capture.lead), merged=capture.merged, previous=_optional_lead(capture.previous)
         )
 
     async def GetLead(
@@ -154,10 +153,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.UpdateLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateLeadResponse:
         paths = list(request.update_mask.paths)
-        row = await self.service.update_lead(
+        change = await self.service.update_lead(
             request.lead_id, lead_input(request.lead, paths), paths, request.expected_version
         )
-        return leads_service_pb2.UpdateLeadResponse(lead=messages.lead_to_proto(row))
+        return leads_service_pb2.UpdateLeadResponse(
+            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+        )
 
     async def ListLeads(
         self, request: leads_service_pb2.ListLeadsRequest, context: grpc.aio.ServicerContext
@@ -281,7 +282,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return leads_service_pb2.LogLeadActivityResponse(
             activity=messages.activity_to_proto(logged.activity),
             lead=messages.lead_to_proto(logged.lead),
-            previous=messages.lead_to_proto(logged.previous) if logged.previous is not None else None,
+            previous=_optional_lead(logged.previous),
         )
 
     async def ListLeadActivities(
@@ -365,24 +366,28 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def AssignLead(
         self, request: leads_service_pb2.AssignLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.AssignLeadResponse:
-        row = await self.service.assign(
+        change = await self.service.assign(
             request.lead_id, request.owner_id, request.team, request.expected_version, request.idempotency_key
         )
-        return leads_service_pb2.AssignLeadResponse(lead=messages.lead_to_proto(row))
+        return leads_service_pb2.AssignLeadResponse(
+            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+        )
 
     async def DisqualifyLead(
         self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DisqualifyLeadResponse:
-        row = await self.service.disqualify(
+        change = await self.service.disqualify(
             request.lead_id, request.reason, request.expected_version, request.idempotency_key
         )
-        return leads_service_pb2.DisqualifyLeadResponse(lead=messages.lead_to_proto(row))
+        return leads_service_pb2.DisqualifyLeadResponse(
+            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+        )
 
     async def DeleteLead(
         self, request: leads_service_pb2.DeleteLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteLeadResponse:
-        await self.service.delete_lead(request.lead_id, request.expected_version)
-        return leads_service_pb2.DeleteLeadResponse()
+        deleted = await self.service.delete_lead(request.lead_id, request.expected_version)
+        return leads_service_pb2.DeleteLeadResponse(previous=messages.lead_to_proto(deleted))
 
     async def ConvertLead(
         self, request: leads_service_pb2.ConvertLeadRequest, context: grpc.aio.ServicerContext
@@ -409,6 +414,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             account_id=result.account_id,
             contact_id=result.contact_id,
             opportunity_id=result.opportunity_id,
+            previous=_optional_lead(result.previous),
         )
 
     async def ListLeadPool(
@@ -436,8 +442,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def ReleaseLead(
         self, request: leads_service_pb2.ReleaseLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.ReleaseLeadResponse:
-        row = await self.service.release(request.lead_id, request.reason, request.idempotency_key)
-        return leads_service_pb2.ReleaseLeadResponse(lead=messages.lead_to_proto(row))
+        change = await self.service.release(
+            request.lead_id, request.reason, request.idempotency_key, own_only=request.own_only
+        )
+        return leads_service_pb2.ReleaseLeadResponse(
+            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+        )
 
     # --- rules ---
 
@@ -661,5 +671,5 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             merged=capture.merged,
             webform_id=submission.webform_id,
             lead=messages.lead_to_proto(capture.lead),
-            previous=_previous(capture),
+            previous=_optional_lead(capture.previous),
         )

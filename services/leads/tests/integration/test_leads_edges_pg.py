@@ -143,7 +143,7 @@ async def test_an_update_cannot_give_a_lead_another_open_leads_email_or_phone(en
                 a["id"], {"email": "a@x.cn", "phone": "13800138000"}, ["email", "phone"], a["version"]
             )
         assert caught.value.existing_id == b["id"]
-        same = await env.service.update_lead(a["id"], {"email": "A@x.cn"}, ["email"], a["version"])
+        same = (await env.service.update_lead(a["id"], {"email": "A@x.cn"}, ["email"], a["version"])).lead
     assert same["email_norm"] == "a@x.cn"  # its own email is no duplicate
 
 
@@ -153,8 +153,10 @@ async def test_setting_status_contacted_by_hand_counts_as_the_first_contact(env:
         env.clock.advance(hours=3)
         assert await env.service.flag_overdue_first_contacts() == 1
         flagged = await env.service.get_lead(lead["id"])
-        contacted = await env.service.update_lead(lead["id"], {"status": "contacted"}, ["status"], flagged["version"])
-        qualified = await env.service.update_lead(lead["id"], {"status": "qualified"}, ["status"], 0)
+        contacted = (
+            await env.service.update_lead(lead["id"], {"status": "contacted"}, ["status"], flagged["version"])
+        ).lead
+        qualified = (await env.service.update_lead(lead["id"], {"status": "qualified"}, ["status"], 0)).lead
         with pytest.raises(Conflict):  # new, with a first contact and its SLA met
             await env.service.update_lead(lead["id"], {"status": "new"}, ["status"], 0)
     assert contacted["first_contacted_at"] == env.clock.now and not contacted["follow_up_overdue"]

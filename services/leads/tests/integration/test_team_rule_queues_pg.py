@@ -52,7 +52,7 @@ async def test_a_team_managers_catch_all_rule_takes_only_their_teams_leads(env: 
     with _manager(env, "west"):
         entered, _ = await env.service.create_lead({"name": "West lead", "region": "cn-west"})
         imported = await _import_assigned(env, "West import")
-        assigned_again = await env.service.assign(entered["id"], "", "", 0)
+        assigned_again = (await env.service.assign(entered["id"], "", "", 0)).lead
         seen = await env.service.get_lead(entered["id"])
     with _manager(env, "east"):
         easts, _ = await env.service.create_lead({"name": "East lead", "region": "cn-west"})

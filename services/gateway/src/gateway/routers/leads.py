@@ -860,10 +860,20 @@ async def get_lead(lead_id: str, request: Request, response: Response, access: L
     return with_etag(response, present(lead_json(reply.lead)))
 
 
-async def _lead_before(stub: LeadsServiceStub, lead_id: str, access: Access) -> dict[str, Any]:
-    """The lead as stored before a write, for the audit trail (404 when it is not in scope)."""
-    reply = await stub.GetLead(pb.GetLeadRequest(lead_id=lead_id), metadata=access.grpc_metadata())
-    return lead_json(reply.lead)
+_LeadWrite = (
+    pb.UpdateLeadResponse
+    | pb.AssignLeadResponse
+    | pb.DisqualifyLeadResponse
+    | pb.ReleaseLeadResponse
+    | pb.ConvertLeadResponse
+)
+
+
+def _lead_before(reply: _LeadWrite, after: dict[str, Any]) -> dict[str, Any]:
+    """The lead as it was before a write, for the audit trail: the service read it under the lead's
+    row lock in the write's transaction (no other write came between). A repeat of an idempotency
+    key changed nothing, and is audited as a replay: the lead as it is now."""
+    return lead_json(reply.previous) if reply.HasField("previous") else after
 
 
 @router.patch(
@@ -891,9 +901,7 @@ async def update_lead(
     lead, paths = _lead_input(body)
     if status is not None:  # status moves are a transition of the lead, checked by the service
         lead.status = status
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    reply = await stub.UpdateLead(
+    reply = await _stub(request).UpdateLead(
         pb.UpdateLeadRequest(
             lead_id=lead_id,
             lead=lead,
@@ -903,7 +911,7 @@ async def update_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result)
+    await access.audit_write(lead_id, _lead_before(reply, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -914,13 +922,11 @@ async def update_lead(
 async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_match: IfMatch = "") -> Response:
     """A lead entered by mistake or to be erased, with its activities and tasks (409 when converted:
     the records it became point back at it, so disqualify it instead)."""
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    await stub.DeleteLead(
+    reply = await _stub(request).DeleteLead(
         pb.DeleteLeadRequest(lead_id=lead_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(lead_id, before, None)
+    await access.audit_write(lead_id, lead_json(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -1156,9 +1162,7 @@ async def assign_lead(
     """Assigns to a user, or (no owner_id) runs the assignment rules; no match puts the lead in the
     pool. Repeated with its `Idempotency-Key`, it answers with the lead as it is now: the first
     request's assignment stands, the rules do not run again."""
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    reply = await stub.AssignLead(
+    reply = await _stub(request).AssignLead(
         pb.AssignLeadRequest(
             lead_id=lead_id,
             owner_id=body.owner_id or "",
@@ -1169,7 +1173,7 @@ async def assign_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result)
+    await access.audit_write(lead_id, _lead_before(reply, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1185,9 +1189,7 @@ async def disqualify_lead(
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """Closes an open lead as `unqualified`, with the reason (required) in `disqualified_reason`."""
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    reply = await stub.DisqualifyLead(
+    reply = await _stub(request).DisqualifyLead(
         pb.DisqualifyLeadRequest(
             lead_id=lead_id,
             reason=body.reason,
@@ -1197,7 +1199,7 @@ async def disqualify_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result)
+    await access.audit_write(lead_id, _lead_before(reply, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1233,11 +1235,9 @@ async def convert_lead(
         opportunities = access.require_view("opportunities", "create")
         opportunities.check_write(opportunity.model_dump(exclude_unset=True, exclude_defaults=True))
         targets.append(opportunities)
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    reply = await stub.ConvertLead(message, metadata=access.grpc_metadata(*targets))
+    reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata(*targets))
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result)
+    await access.audit_write(lead_id, _lead_before(reply, result), result)
     present = await presenter(access)
     return {
         "lead": present(result),
@@ -1322,18 +1322,19 @@ async def release_lead(
     """Gives a lead back to the pool (the body and its reason are optional); 409 `IN_POOL` when it
     is there already."""
     reason = body.reason if body else ""
-    stub = _stub(request)
-    before = await _lead_before(stub, lead_id, access)
-    # One's own lead goes back with update, anyone else's is an ownership change; a pool lead has
-    # no owner to change (the service answers 409 IN_POOL).
-    if before["owner_id"] not in ("", access.principal.user_id):
-        access.require_view("leads", "assign")
-    reply = await stub.ReleaseLead(
-        pb.ReleaseLeadRequest(lead_id=lead_id, reason=reason, idempotency_key=idempotency_key),
+    # One's own lead goes back with update, anyone else's is an ownership change: without the grant
+    # to assign leads, the service releases only the caller's own (checked under the lead's lock).
+    reply = await _stub(request).ReleaseLead(
+        pb.ReleaseLeadRequest(
+            lead_id=lead_id,
+            reason=reason,
+            idempotency_key=idempotency_key,
+            own_only=access.view("leads", "assign") is None,
+        ),
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, before, result, action="assign", reason=reason)
+    await access.audit_write(lead_id, _lead_before(reply, result), result, action="assign", reason=reason)
     present = await presenter(access)
     return with_etag(response, present(result))
 
