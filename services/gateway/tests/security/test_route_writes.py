@@ -76,15 +76,16 @@ class FakeLeads(LeadsServiceServicer):
         rule = leads_pb2.ScoringRule(id="sr-1", name=request.rule.name, points=request.rule.points)
         return leads_pb.CreateScoringRuleResponse(rule=rule)
 
+    SCORING_RULE = leads_pb2.ScoringRule(id="sr-1", name="Big companies", points=5, enabled=True)
+
     async def ListScoringRules(self, request: leads_pb.ListScoringRulesRequest, context: Any) -> Any:
-        rule = leads_pb2.ScoringRule(id="sr-1", name="Big companies", points=5, enabled=True)
-        return leads_pb.ListScoringRulesResponse(items=[rule])
+        return leads_pb.ListScoringRulesResponse(items=[self.SCORING_RULE])
 
     async def UpdateScoringRule(self, request: leads_pb.UpdateScoringRuleRequest, context: Any) -> Any:
-        return leads_pb.UpdateScoringRuleResponse(rule=request.rule)
+        return leads_pb.UpdateScoringRuleResponse(rule=request.rule, previous=self.SCORING_RULE)
 
     async def DeleteScoringRule(self, request: leads_pb.DeleteScoringRuleRequest, context: Any) -> Any:
-        return leads_pb.DeleteScoringRuleResponse()
+        return leads_pb.DeleteScoringRuleResponse(previous=self.SCORING_RULE)
 
     async def SetGradeThresholds(self, request: leads_pb.SetGradeThresholdsRequest, context: Any) -> Any:
         return leads_pb.SetGradeThresholdsResponse(thresholds=request.thresholds)
@@ -93,15 +94,16 @@ class FakeLeads(LeadsServiceServicer):
         rule = leads_pb2.AssignmentRule(id="ar-1", name=request.rule.name, user_ids=request.rule.user_ids)
         return leads_pb.CreateAssignmentRuleResponse(rule=rule)
 
+    ASSIGNMENT_RULE = leads_pb2.AssignmentRule(id="ar-1", name="North", regions=["north"], user_ids=["u-2"])
+
     async def ListAssignmentRules(self, request: leads_pb.ListAssignmentRulesRequest, context: Any) -> Any:
-        rule = leads_pb2.AssignmentRule(id="ar-1", name="North", regions=["north"], user_ids=["u-2"])
-        return leads_pb.ListAssignmentRulesResponse(items=[rule])
+        return leads_pb.ListAssignmentRulesResponse(items=[self.ASSIGNMENT_RULE])
 
     async def UpdateAssignmentRule(self, request: leads_pb.UpdateAssignmentRuleRequest, context: Any) -> Any:
-        return leads_pb.UpdateAssignmentRuleResponse(rule=request.rule)
+        return leads_pb.UpdateAssignmentRuleResponse(rule=request.rule, previous=self.ASSIGNMENT_RULE)
 
     async def DeleteAssignmentRule(self, request: leads_pb.DeleteAssignmentRuleRequest, context: Any) -> Any:
-        return leads_pb.DeleteAssignmentRuleResponse()
+        return leads_pb.DeleteAssignmentRuleResponse(previous=self.ASSIGNMENT_RULE)
 
     async def CreateWebform(self, request: leads_pb.CreateWebformRequest, context: Any) -> Any:
         webform = leads_pb2.Webform(id="wf-1", name=request.webform.name, form_key="k" * 16)
@@ -126,16 +128,20 @@ class FakeLeads(LeadsServiceServicer):
     CAMPAIGN = leads_pb2.Campaign(id="cmp-1", name="Expo", channel="event", version=3)
 
     async def GetCampaign(self, request: leads_pb.GetCampaignRequest, context: Any) -> Any:
-        if request.campaign_id not in (self.CAMPAIGN.id, "cmp-3"):  # cmp-3: a deal names it
-            await abort(context, NotFound("campaign", request.campaign_id))
+        return leads_pb.GetCampaignResponse(campaign=await self._campaign(request.campaign_id, context))
+
+    async def _campaign(self, campaign_id: str, context: Any) -> leads_pb2.Campaign:
+        if campaign_id not in (self.CAMPAIGN.id, "cmp-3"):  # cmp-3: a deal names it
+            await abort(context, NotFound("campaign", campaign_id))
         campaign = leads_pb2.Campaign()
         campaign.CopyFrom(self.CAMPAIGN)
-        campaign.id = request.campaign_id
-        return leads_pb.GetCampaignResponse(campaign=campaign)
+        campaign.id = campaign_id
+        return campaign
 
     async def DeleteCampaign(self, request: leads_pb.DeleteCampaignRequest, context: Any) -> Any:
+        campaign = await self._campaign(request.campaign_id, context)
         self.campaign_deletes.append(request)
-        return leads_pb.DeleteCampaignResponse()
+        return leads_pb.DeleteCampaignResponse(previous=campaign)
 
     async def UpdateLead(self, request: leads_pb.UpdateLeadRequest, context: Any) -> Any:
         lead = leads_pb2.Lead(id="l-1", name="Li", phone="13912345678", status="new", owner_id="u-1", team="east")
@@ -147,8 +153,11 @@ class FakeLeads(LeadsServiceServicer):
         return leads_pb.AssignLeadResponse(lead=lead, previous=self.LEAD)
 
     async def GetWebform(self, request: leads_pb.GetWebformRequest, context: Any) -> Any:
-        webform = leads_pb2.Webform(id=request.id, name="Expo", form_key="k-1", enabled=True, version=3)
-        return leads_pb.GetWebformResponse(webform=webform)
+        return leads_pb.GetWebformResponse(webform=self._webform(request.id))
+
+    @staticmethod
+    def _webform(webform_id: str) -> leads_pb2.Webform:
+        return leads_pb2.Webform(id=webform_id, name="Expo", form_key="k-1", enabled=True, version=3)
 
     async def UpdateWebform(self, request: leads_pb.UpdateWebformRequest, context: Any) -> Any:
         self.webform_writes.append(request)
@@ -156,7 +165,7 @@ class FakeLeads(LeadsServiceServicer):
                                     version=4)  # fmt: skip
         for path in request.update_mask.paths:
             setattr(webform, path, getattr(request.webform, path))
-        return leads_pb.UpdateWebformResponse(webform=webform)
+        return leads_pb.UpdateWebformResponse(webform=webform, previous=self._webform(request.id))
 
     async def RotateWebformKey(self, request: leads_pb.RotateWebformKeyRequest, context: Any) -> Any:
         self.webform_writes.append(request)

@@ -380,12 +380,12 @@ class ConvertResult:
 
 
 @dataclass(frozen=True, slots=True)
-class LeadChange:
-    """A lead after a write and, for the caller's audit trail, as it was before it: read under its
+class Change:
+    """A record after a write and, for the caller's audit trail, as it was before it: read under its
     row lock in the write's transaction, so no other write comes between the two. None for an
     answer repeating the idempotency key's earlier result (nothing changed then)."""
 
-    lead: Mapping[Any, Any]
+    row: Mapping[Any, Any]
     previous: Mapping[Any, Any] | None
 
 
@@ -494,16 +494,16 @@ def _same_record(key: str, resource: str, first_id: str, record_id: str) -> None
 
 async def _versioned_write(
     conn: AsyncConnection, table: Any, resource: str, record_id: str, expected_version: int, values: Mapping[str, Any]
-) -> RowMapping:
+) -> Change:
     """Writes `values` and adds 1 to the record's version, when `expected_version` is its current
     version or 0 (unconditional); the row stays locked until the caller's transaction ends."""
-    current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
+    current = (await conn.execute(select(table).where(table.c.id == record_id).with_for_update())).mappings().first()
     if current is None:
         raise NotFound(resource, record_id)
-    if expected_version and current != expected_version:
-        raise StaleVersion(resource, record_id, current)
+    if expected_version and current["version"] != expected_version:
+        raise StaleVersion(resource, record_id, current["version"])
     statement = update(table).where(table.c.id == record_id).values(**values, version=table.c.version + 1)
-    return (await conn.execute(statement.returning(table))).mappings().one()
+    return Change((await conn.execute(statement.returning(table))).mappings().one(), current)
 
 
 async def _contact_linked_by(conn: AsyncConnection, lead: Mapping[Any, Any], changes: Mapping[str, Any]) -> str:
@@ -1099,7 +1099,7 @@ class LeadsService:
 
     async def update_lead(
         self, lead_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> LeadChange:
+    ) -> Change:
         allowed = {
             *domain.TEXT_FIELDS,
             "title",
@@ -1161,7 +1161,7 @@ class LeadsService:
             new_owner = clean.values.get("owner_id")
             reassign = "owner_id" in clean.values and new_owner != lead["owner_id"]
             if not changes and not reassign:
-                return LeadChange(lead, lead)
+                return Change(lead, lead)
             # Each write publishes the version it makes: the changes (rescored with them), then a new owner.
             row = lead
             if changes:
@@ -1178,7 +1178,7 @@ class LeadsService:
                 tx.publish(events_pb2.LeadContacted(lead=lead_to_proto(row), actor=actor(principal)), key=lead_id)
             if reassign:
                 row = await self._assign_to(tx, row, new_owner or "", "", "", principal, now)
-            return LeadChange(row, lead)
+            return Change(row, lead)
 
     def _filtered(
         self, conn: AsyncConnection, query: Select[Any], f: LeadFilters, custom: Sequence[CustomFilter] = ()
@@ -1545,7 +1545,7 @@ class LeadsService:
 
     async def assign(
         self, lead_id: str, owner_id: str, team: str, expected_version: int, idempotency_key: str = ""
-    ) -> LeadChange:
+    ) -> Change:
         # "" runs the rules (owner) or keeps none (team); only spaces would be an owner nobody is.
         given = {"owner_id": owner_id, "team": team}
         if blank := [name for name, value in given.items() if value and not value.strip()]:
@@ -1557,10 +1557,10 @@ class LeadsService:
         principal = current_principal()
         now = self.clock()
 
-        async def attempt(rules: Rules) -> LeadChange:
+        async def attempt(rules: Rules) -> Change:
             async with self.uow.begin() as tx:
                 if await self._repeats_lead_move(tx.conn, "assign_lead", idempotency_key, principal, lead_id, now):
-                    return LeadChange(await self._visible_lead(tx.conn, lead_id), None)  # the rules are not run again
+                    return Change(await self._visible_lead(tx.conn, lead_id), None)  # the rules are not run again
                 lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
                 if expected_version and lead["version"] != expected_version:
                     raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1568,14 +1568,12 @@ class LeadsService:
                 target = (owner_id, team, "") if owner_id else await self._pick_by_rules(tx.conn, rules, lead)
                 to_owner, to_team, rule_id = target or ("", "", "")
                 if domain.already_assigned(lead, owner_id=to_owner, team=to_team):
-                    return LeadChange(lead, lead)  # no new assignment: its first-contact SLA and recycling clock go on
-                return LeadChange(await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now), lead)
+                    return Change(lead, lead)  # no new assignment: its first-contact SLA and recycling clock go on
+                return Change(await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now), lead)
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
-    async def disqualify(
-        self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""
-    ) -> LeadChange:
+    async def disqualify(self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = "") -> Change:
         if not reason.strip():
             raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
         principal = current_principal()
@@ -1588,7 +1586,7 @@ class LeadsService:
             await self._abandon_conversion(lead_id, expected_version)
         async with self.uow.begin() as tx:
             if await self._repeats_lead_move(tx.conn, "disqualify_lead", idempotency_key, principal, lead_id, now):
-                return LeadChange(await self._visible_lead(tx.conn, lead_id), None)
+                return Change(await self._visible_lead(tx.conn, lead_id), None)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if expected_version and lead["version"] != expected_version:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
@@ -1603,7 +1601,7 @@ class LeadsService:
                 events_pb2.LeadDisqualified(lead=lead_to_proto(row), reason=reason.strip(), actor=actor(principal)),
                 key=lead_id,
             )
-            return LeadChange(row, lead)
+            return Change(row, lead)
 
     async def delete_lead(self, lead_id: str, expected_version: int) -> RowMapping:
         """Deletes a lead with what is only its own: activities, tasks, score history and an undone
@@ -1703,16 +1701,14 @@ class LeadsService:
             team = lead["team"] or principal.team
             return await self._assign_to(tx, lead, principal.user_id, team, "", principal, now, claimed=True)
 
-    async def release(
-        self, lead_id: str, reason: str, idempotency_key: str = "", *, own_only: bool = False
-    ) -> LeadChange:
+    async def release(self, lead_id: str, reason: str, idempotency_key: str = "", *, own_only: bool = False) -> Change:
         """Puts a lead back in the pool; with `own_only` (a caller who may not assign leads) only a
         lead the caller owns, as found under its row lock."""
         principal = current_principal()
         now = self.clock()
         async with self.uow.begin() as tx:
             if await self._repeats_lead_move(tx.conn, "release_lead", idempotency_key, principal, lead_id, now):
-                return LeadChange(await self._visible_lead(tx.conn, lead_id), None)
+                return Change(await self._visible_lead(tx.conn, lead_id), None)
             lead = await self._visible_lead(tx.conn, lead_id, for_update=True)
             if lead["in_pool"] or not lead["owner_id"]:
                 raise Conflict(f"lead {lead_id} is already in the pool", reason="IN_POOL")
@@ -1720,7 +1716,7 @@ class LeadsService:
                 raise PermissionDenied("releasing another rep's lead needs the grant to assign leads")
             domain.ensure_open(lead["status"], "release")
             why = f"released: {reason.strip() or 'no reason given'}"
-            return LeadChange(await self._to_pool(tx, lead, why, principal, now), lead)
+            return Change(await self._to_pool(tx, lead, why, principal, now), lead)
 
     @staticmethod
     async def _repeats_lead_move(
@@ -2381,28 +2377,31 @@ class LeadsService:
         values: dict[str, Any],
         *,
         rescores: bool = False,
-    ) -> RowMapping:
+    ) -> Change:
         async with transaction(self.engine) as conn:
-            row = await _versioned_write(conn, table, resource, record_id, expected_version, values)
+            change = await _versioned_write(conn, table, resource, record_id, expected_version, values)
             if rescores:
                 await repo.next_scoring_generation(conn)
         self.rules.invalidate()
-        return row
+        return change
 
     async def _delete(
         self, table: Any, resource: str, record_id: str, expected_version: int, *, rescores: bool = False
-    ) -> None:
-        """Deletes the record when `expected_version` is its current version or 0 (unconditional)."""
+    ) -> RowMapping:
+        """Deletes the record when `expected_version` is its current version or 0 (unconditional);
+        returns it as it was (for the caller's audit trail)."""
         async with transaction(self.engine) as conn:
-            current = await conn.scalar(select(table.c.version).where(table.c.id == record_id).with_for_update())
+            locked = select(table).where(table.c.id == record_id).with_for_update()
+            current = (await conn.execute(locked)).mappings().first()
             if current is None:
                 raise NotFound(resource, record_id)
-            if expected_version and current != expected_version:
-                raise StaleVersion(resource, record_id, current)
+            if expected_version and current["version"] != expected_version:
+                raise StaleVersion(resource, record_id, current["version"])
             await conn.execute(delete(table).where(table.c.id == record_id))
             if rescores:
                 await repo.next_scoring_generation(conn)
         self.rules.invalidate()
+        return current
 
     @staticmethod
     def _scoring_values(rule: ScoringRule, name: str) -> dict[str, Any]:
@@ -2426,16 +2425,16 @@ class LeadsService:
         values = {"id": new_id(), **self._scoring_values(rule, name), "version": 1}
         return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values, rescores=True)
 
-    async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> RowMapping:
+    async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> Change:
         _check_scoring_change("scoring rules")
         values = self._scoring_values(rule, name)
         return await self._versioned_update(
             repo.scoring_rules, "scoring rule", rule.id, expected_version, values, rescores=True
         )
 
-    async def delete_scoring_rule(self, rule_id: str, expected_version: int = 0) -> None:
+    async def delete_scoring_rule(self, rule_id: str, expected_version: int = 0) -> RowMapping:
         _check_scoring_change("scoring rules")
-        await self._delete(repo.scoring_rules, "scoring rule", rule_id, expected_version, rescores=True)
+        return await self._delete(repo.scoring_rules, "scoring rule", rule_id, expected_version, rescores=True)
 
     async def list_scoring_rules(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str, Thresholds, int]:
         """A page of the scoring rules with the next page's cursor, and the grade thresholds with
@@ -2492,15 +2491,15 @@ class LeadsService:
         _check_rule_scope(values)
         return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
 
-    async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowMapping:
+    async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> Change:
         values = self._assignment_values_of(domain.rule_in_callers_scope(rule, current_scope()), name)
         _check_rule_scope(await self._assignment_rule_row(rule.id))  # as it routes now, and as it would
         _check_rule_scope(values)
         return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)
 
-    async def delete_assignment_rule(self, rule_id: str, expected_version: int = 0) -> None:
+    async def delete_assignment_rule(self, rule_id: str, expected_version: int = 0) -> RowMapping:
         _check_rule_scope(await self._assignment_rule_row(rule_id))
-        await self._delete(repo.assignment_rules, "assignment rule", rule_id, expected_version)
+        return await self._delete(repo.assignment_rules, "assignment rule", rule_id, expected_version)
 
     async def _assignment_rule_row(self, rule_id: str) -> RowMapping:
         async with self.engine.connect() as conn:
@@ -2586,7 +2585,7 @@ class LeadsService:
 
     async def update_campaign(
         self, campaign_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> RowMapping:
+    ) -> Change:
         if not paths:
             raise ValidationFailed([FieldError("update_mask", "names no field to update")])
         values = self._campaign_values(data, paths)
@@ -2617,7 +2616,7 @@ class LeadsService:
                 ),
                 key=campaign_id,
             )
-            return row
+            return Change(row, current)
 
     async def list_campaigns(self, channel: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         size = page_limit(limit)
@@ -2636,8 +2635,9 @@ class LeadsService:
             rows = list((await conn.execute(query)).mappings())
         return rows[:size], next_cursor([_Row(r) for r in rows], sort_key="id", descending=True, limit=size)
 
-    async def delete_campaign(self, campaign_id: str, expected_version: int) -> None:
-        """Deletes a campaign that no lead or web form links to (`domain.ensure_campaign_unused`).
+    async def delete_campaign(self, campaign_id: str, expected_version: int) -> RowMapping:
+        """Deletes a campaign that no lead or web form links to (`domain.ensure_campaign_unused`);
+        returns it as it was (for the caller's audit trail).
         Its row is locked for update before the links are counted: a lead, import or form writing a
         link holds the row key-share locked (`_check_campaign`) until it commits, so the count,
         taken after the lock is granted, sees every link written meanwhile."""
@@ -2661,6 +2661,7 @@ class LeadsService:
             domain.ensure_campaign_unused(lead_count or 0, webform_ids)
             await conn.execute(delete(t).where(t.c.id == campaign_id))
             tx.publish(events_pb2.CampaignDeleted(campaign_id=campaign_id, actor=actor(principal)), key=campaign_id)
+            return current
 
     # --- webforms ---------------------------------------------------------------------------
 
@@ -2685,7 +2686,7 @@ class LeadsService:
 
     async def update_webform(
         self, webform_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> RowMapping:
+    ) -> Change:
         """The settings named by `paths` (a form's key changes only by `rotate_webform_key`)."""
         unknown = sorted(set(paths) - {*WEBFORM_SETTINGS, "enabled"})
         if unknown or not paths:
@@ -2716,7 +2717,7 @@ class LeadsService:
             raise ValidationFailed(errors)
         return values
 
-    async def rotate_webform_key(self, webform_id: str, key: str, expected_version: int) -> RowMapping:
+    async def rotate_webform_key(self, webform_id: str, key: str, expected_version: int) -> Mapping[Any, Any]:
         """A new key for a leaked or abused one: submissions with the old key answer 404 at once.
         A repeated idempotency key draws none: a client retrying after a timeout gets the form as
         it is, with the key the first call drew, instead of a second key that kills the first."""
@@ -2729,7 +2730,7 @@ class LeadsService:
                 _same_record(key, "webform", earlier["id"], webform_id)
                 return (await conn.execute(select(w).where(w.c.id == webform_id))).mappings().one()
             values = {"form_key": secrets.token_urlsafe(24)}
-            return await _versioned_write(conn, w, "webform", webform_id, expected_version, values)
+            return (await _versioned_write(conn, w, "webform", webform_id, expected_version, values)).row
 
     async def list_webforms(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         async with self.engine.connect() as conn:

@@ -1,7 +1,7 @@
 """gRPC <-> use cases: request messages to handler arguments, results to response messages."""
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
 
 import grpc
 from crm.common.v1 import common_pb2
@@ -30,6 +30,7 @@ from leads.handlers import (
 )
 from leads.importing import FORMATS, RowMapper
 
+M = TypeVar("M")  # a record message
 LEAD_INPUT_FIELDS = tuple(f.name for f in leads_service_pb2.LeadInput.DESCRIPTOR.fields)
 
 
@@ -88,9 +89,9 @@ def _money(message: common_pb2.Money, field: str, present: bool) -> Money | None
     return money_from_proto(message, field=field) if present else None
 
 
-def _optional_lead(row: Mapping[Any, Any] | None) -> leads_pb2.Lead | None:
-    """A lead as it was before a write, for a response's `previous` (unset when None: nothing changed)."""
-    return messages.lead_to_proto(row) if row is not None else None
+def _previous(to_proto: Callable[[Mapping[Any, Any]], M], row: Mapping[Any, Any] | None) -> M | None:
+    """A record as it was before a write, for a response's `previous` (unset when None: nothing changed)."""
+    return to_proto(row) if row is not None else None
 
 
 def _row_result(o: ImportRowOutcome) -> leads_service_pb2.ImportRowResult:
@@ -139,7 +140,9 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             lead_input(request.lead), on_duplicate=request.on_duplicate, idempotency_key=request.idempotency_key
         )
         return leads_service_pb2.CreateLeadResponse(
-            lead=messages.lead_to_proto(capture.lead), merged=capture.merged, previous=_optional_lead(capture.previous)
+            lead=messages.lead_to_proto(capture.lead),
+            merged=capture.merged,
+            previous=_previous(messages.lead_to_proto, capture.previous),
         )
 
     async def GetLead(
@@ -157,7 +160,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, lead_input(request.lead, paths), paths, request.expected_version
         )
         return leads_service_pb2.UpdateLeadResponse(
-            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
         )
 
     async def ListLeads(
@@ -282,7 +285,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return leads_service_pb2.LogLeadActivityResponse(
             activity=messages.activity_to_proto(logged.activity),
             lead=messages.lead_to_proto(logged.lead),
-            previous=_optional_lead(logged.previous),
+            previous=_previous(messages.lead_to_proto, logged.previous),
         )
 
     async def ListLeadActivities(
@@ -370,7 +373,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.owner_id, request.team, request.expected_version, request.idempotency_key
         )
         return leads_service_pb2.AssignLeadResponse(
-            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
         )
 
     async def DisqualifyLead(
@@ -380,7 +383,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.reason, request.expected_version, request.idempotency_key
         )
         return leads_service_pb2.DisqualifyLeadResponse(
-            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
         )
 
     async def DeleteLead(
@@ -414,7 +417,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             account_id=result.account_id,
             contact_id=result.contact_id,
             opportunity_id=result.opportunity_id,
-            previous=_optional_lead(result.previous),
+            previous=_previous(messages.lead_to_proto, result.previous),
         )
 
     async def ListLeadPool(
@@ -446,7 +449,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.reason, request.idempotency_key, own_only=request.own_only
         )
         return leads_service_pb2.ReleaseLeadResponse(
-            lead=messages.lead_to_proto(change.lead), previous=_optional_lead(change.previous)
+            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
         )
 
     # --- rules ---
@@ -475,16 +478,19 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def UpdateScoringRule(
         self, request: leads_service_pb2.UpdateScoringRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateScoringRuleResponse:
-        row = await self.service.update_scoring_rule(
+        change = await self.service.update_scoring_rule(
             self._scoring_rule(request.rule), request.rule.name, request.expected_version
         )
-        return leads_service_pb2.UpdateScoringRuleResponse(rule=messages.scoring_rule_to_proto(row))
+        return leads_service_pb2.UpdateScoringRuleResponse(
+            rule=messages.scoring_rule_to_proto(change.row),
+            previous=_previous(messages.scoring_rule_to_proto, change.previous),
+        )
 
     async def DeleteScoringRule(
         self, request: leads_service_pb2.DeleteScoringRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteScoringRuleResponse:
-        await self.service.delete_scoring_rule(request.rule_id, request.expected_version)
-        return leads_service_pb2.DeleteScoringRuleResponse()
+        deleted = await self.service.delete_scoring_rule(request.rule_id, request.expected_version)
+        return leads_service_pb2.DeleteScoringRuleResponse(previous=messages.scoring_rule_to_proto(deleted))
 
     async def ListScoringRules(
         self, request: leads_service_pb2.ListScoringRulesRequest, context: grpc.aio.ServicerContext
@@ -537,16 +543,19 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def UpdateAssignmentRule(
         self, request: leads_service_pb2.UpdateAssignmentRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateAssignmentRuleResponse:
-        row = await self.service.update_assignment_rule(
+        change = await self.service.update_assignment_rule(
             self._assignment_rule(request.rule), request.rule.name, request.expected_version
         )
-        return leads_service_pb2.UpdateAssignmentRuleResponse(rule=messages.assignment_rule_to_proto(row))
+        return leads_service_pb2.UpdateAssignmentRuleResponse(
+            rule=messages.assignment_rule_to_proto(change.row),
+            previous=_previous(messages.assignment_rule_to_proto, change.previous),
+        )
 
     async def DeleteAssignmentRule(
         self, request: leads_service_pb2.DeleteAssignmentRuleRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteAssignmentRuleResponse:
-        await self.service.delete_assignment_rule(request.rule_id, request.expected_version)
-        return leads_service_pb2.DeleteAssignmentRuleResponse()
+        deleted = await self.service.delete_assignment_rule(request.rule_id, request.expected_version)
+        return leads_service_pb2.DeleteAssignmentRuleResponse(previous=messages.assignment_rule_to_proto(deleted))
 
     async def ListAssignmentRules(
         self, request: leads_service_pb2.ListAssignmentRulesRequest, context: grpc.aio.ServicerContext
@@ -587,16 +596,19 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.UpdateCampaignRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateCampaignResponse:
         paths = list(request.update_mask.paths)
-        row = await self.service.update_campaign(
+        change = await self.service.update_campaign(
             request.campaign_id, self._campaign(request.campaign), paths, request.expected_version
         )
-        return leads_service_pb2.UpdateCampaignResponse(campaign=messages.campaign_to_proto(row))
+        return leads_service_pb2.UpdateCampaignResponse(
+            campaign=messages.campaign_to_proto(change.row),
+            previous=_previous(messages.campaign_to_proto, change.previous),
+        )
 
     async def DeleteCampaign(
         self, request: leads_service_pb2.DeleteCampaignRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteCampaignResponse:
-        await self.service.delete_campaign(request.campaign_id, request.expected_version)
-        return leads_service_pb2.DeleteCampaignResponse()
+        deleted = await self.service.delete_campaign(request.campaign_id, request.expected_version)
+        return leads_service_pb2.DeleteCampaignResponse(previous=messages.campaign_to_proto(deleted))
 
     async def ListCampaigns(
         self, request: leads_service_pb2.ListCampaignsRequest, context: grpc.aio.ServicerContext
@@ -634,17 +646,20 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.SetWebformEnabledRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SetWebformEnabledResponse:
         # Unconditional: the request carries no version (UpdateWebform does).
-        row = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"], 0)
-        return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(row))
+        change = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"], 0)
+        return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(change.row))
 
     async def UpdateWebform(
         self, request: leads_service_pb2.UpdateWebformRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.UpdateWebformResponse:
         data = {**_webform_settings(request.webform), "enabled": request.webform.enabled}
-        row = await self.service.update_webform(
+        change = await self.service.update_webform(
             request.id, data, list(request.update_mask.paths), request.expected_version
         )
-        return leads_service_pb2.UpdateWebformResponse(webform=messages.webform_to_proto(row))
+        return leads_service_pb2.UpdateWebformResponse(
+            webform=messages.webform_to_proto(change.row),
+            previous=_previous(messages.webform_to_proto, change.previous),
+        )
 
     async def RotateWebformKey(
         self, request: leads_service_pb2.RotateWebformKeyRequest, context: grpc.aio.ServicerContext
@@ -671,5 +686,5 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             merged=capture.merged,
             webform_id=submission.webform_id,
             lead=messages.lead_to_proto(capture.lead),
-            previous=_optional_lead(capture.previous),
+            previous=_previous(messages.lead_to_proto, capture.previous),
         )

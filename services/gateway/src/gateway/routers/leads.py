@@ -1356,15 +1356,14 @@ async def _every_rule(list_rules: Callable[..., Awaitable[Any]], request: type[M
             return rules
 
 
-def _rule_before(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
-    """A rule as it was before a write, from the listing (no RPC reads one rule); {} when it is
-    not listed (the write then finds no such rule either)."""
+def _rule_from_listing(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
+    """A rule from its listing (no RPC reads one rule); {} when it is not listed."""
     return next((_rule_json(rule) for rule in rules if rule.id == rule_id), {})
 
 
 def _listed_rule(rules: Iterable[Any], rule_id: str, response: Response) -> dict[str, Any]:
     """One rule from its listing, with its `ETag` for a later `If-Match`; 404 when not listed."""
-    if rule := _rule_before(rules, rule_id):
+    if rule := _rule_from_listing(rules, rule_id):
         return with_etag(response, rule)
     raise not_found(f"rule {rule_id} not found")
 
@@ -1417,22 +1416,22 @@ async def _replace_rule(
     fields to change: they go over the rule as it is, checked as a PUT checks a whole rule (a 422
     naming a bad or unknown field), and the write is at the version read unless `If-Match` names one."""
     stub = _stub(request)
-    before = _rule_before(await _every_rule(getattr(stub, kind.listing), kind.list_request, access), rule_id)
     version = expected_version(if_match)
-    if patch:
-        if not before:
+    if patch:  # the fields given go over the rule as it is, written at the version read
+        stored = _rule_from_listing(await _every_rule(getattr(stub, kind.listing), kind.list_request, access), rule_id)
+        if not stored:
             raise not_found(f"rule {rule_id} not found")
         try:  # a field given as null is refused here, as its PUT refuses it
-            rule = kind.model.model_validate({**before, **rule.model_dump(exclude_unset=True)})
+            rule = kind.model.model_validate({**stored, **rule.model_dump(exclude_unset=True)})
         except ValidationError as error:
             raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in error.errors()]) from None
-        version = version or before["version"]
+        version = version or stored["version"]
     reply = await getattr(stub, kind.update)(
         kind.update_request(rule=kind.message(id=rule_id, **rule.model_dump()), expected_version=version),
         metadata=access.grpc_metadata(),
     )
     after = _rule_json(reply.rule)
-    await access.audit_write(rule_id, before, after, action=kind.action)
+    await access.audit_write(rule_id, _rule_json(reply.previous), after, action=kind.action)
     return after
 
 
@@ -1558,13 +1557,11 @@ async def delete_scoring_rule(
     rule_id: str, request: Request, access: ScoringRulesManage, if_match: IfMatch = ""
 ) -> Response:
     """Deletes a scoring rule: leads are scored without it from then on."""
-    stub = _stub(request)
-    rules = await _every_rule(stub.ListScoringRules, pb.ListScoringRulesRequest, access)
-    await stub.DeleteScoringRule(
+    reply = await _stub(request).DeleteScoringRule(
         pb.DeleteScoringRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(rule_id, _rule_before(rules, rule_id), None, action="delete_scoring_rule")
+    await access.audit_write(rule_id, _rule_json(reply.previous), None, action="delete_scoring_rule")
     return Response(status_code=204)
 
 
@@ -1653,13 +1650,11 @@ async def delete_assignment_rule(
     rule_id: str, request: Request, access: AssignmentRulesManage, if_match: IfMatch = ""
 ) -> Response:
     """Deletes an assignment rule; leads it assigned keep their owners."""
-    stub = _stub(request)
-    rules = await _every_rule(stub.ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
-    await stub.DeleteAssignmentRule(
+    reply = await _stub(request).DeleteAssignmentRule(
         pb.DeleteAssignmentRuleRequest(rule_id=rule_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(rule_id, _rule_before(rules, rule_id), None, action="delete_assignment_rule")
+    await access.audit_write(rule_id, _rule_json(reply.previous), None, action="delete_assignment_rule")
     return Response(status_code=204)
 
 
@@ -1741,9 +1736,7 @@ async def update_campaign(
     """Changes the fields sent; ending a campaign is setting its `ends_on`."""
     access.check_write(body.model_dump(exclude_unset=True, mode="json"))
     campaign, paths = _campaign_input(body)
-    stub = _stub(request)
-    before = await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateCampaign(
+    reply = await _stub(request).UpdateCampaign(
         pb.UpdateCampaignRequest(
             campaign_id=campaign_id,
             campaign=campaign,
@@ -1753,7 +1746,7 @@ async def update_campaign(
         metadata=access.grpc_metadata(),
     )
     result = campaign_json(reply.campaign)
-    await access.audit_write(campaign_id, campaign_json(before.campaign), result)
+    await access.audit_write(campaign_id, campaign_json(reply.previous), result)
     return with_etag(response, access.present(result))
 
 
@@ -1767,14 +1760,12 @@ async def delete_campaign(
 ) -> Response:
     """A campaign created by mistake (409 while a lead, web form or deal links to it: end it instead,
     by setting its end date, which keeps their links and its ROI history)."""
-    stub = _stub(request)
-    before = await stub.GetCampaign(pb.GetCampaignRequest(campaign_id=campaign_id), metadata=access.grpc_metadata())
     await refuse_if_deals_name_campaign(access, campaign_id)
-    await stub.DeleteCampaign(
+    reply = await _stub(request).DeleteCampaign(
         pb.DeleteCampaignRequest(campaign_id=campaign_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(campaign_id, campaign_json(before.campaign), None)
+    await access.audit_write(campaign_id, campaign_json(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -1842,15 +1833,12 @@ async def update_webform(
         id=webform_id, webform=leads_pb2.Webform(**given), expected_version=expected_version(if_match)
     )
     update.update_mask.paths.extend(given)
-    stub = _stub(request)
-    # As it was, for the audit row's before (the key is not among what an update changes).
-    before = await stub.GetWebform(pb.GetWebformRequest(id=webform_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateWebform(update, metadata=access.grpc_metadata())
+    reply = await _stub(request).UpdateWebform(update, metadata=access.grpc_metadata())
     result = _webform_json(reply.webform)
     action = (
         ("enable_webform" if body.enabled else "disable_webform") if set(given) == {"enabled"} else "update_webform"
     )
-    await access.audit_write(webform_id, _webform_json(before.webform), result, action=action)
+    await access.audit_write(webform_id, _webform_json(reply.previous), result, action=action)
     return with_etag(response, result)
 
 
