@@ -18,6 +18,7 @@ from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.activities import may_change_activity
+from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import delete_expired, insert_ignore, single_statements, transaction
@@ -131,6 +132,9 @@ async def remember(
 
 # The one entity whose custom fields the leads service owns (definitions: crm_platform.custom_fields_service).
 LEAD_ENTITY = "lead"
+
+
+RowChange = Change[Mapping[Any, Any]]  # a write of one row, and the row before it
 
 
 @dataclass(slots=True)
@@ -380,16 +384,6 @@ class ConvertResult:
 
 
 @dataclass(frozen=True, slots=True)
-class Change:
-    """A record after a write and, for the caller's audit trail, as it was before it: read under its
-    row lock in the write's transaction, so no other write comes between the two. None for an
-    answer repeating the idempotency key's earlier result (nothing changed then)."""
-
-    row: Mapping[Any, Any]
-    previous: Mapping[Any, Any] | None
-
-
-@dataclass(frozen=True, slots=True)
 class ActivityLogged:
     """A logged activity and its lead after it, and, for the caller's audit trail, the lead before
     it: None for an answer repeating the idempotency key's earlier result (nothing changed then)."""
@@ -494,7 +488,7 @@ def _same_record(key: str, resource: str, first_id: str, record_id: str) -> None
 
 async def _versioned_write(
     conn: AsyncConnection, table: Any, resource: str, record_id: str, expected_version: int, values: Mapping[str, Any]
-) -> Change:
+) -> RowChange:
     """Writes `values` and adds 1 to the record's version, when `expected_version` is its current
     version or 0 (unconditional); the row stays locked until the caller's transaction ends."""
     current = (await conn.execute(select(table).where(table.c.id == record_id).with_for_update())).mappings().first()
@@ -1099,7 +1093,7 @@ class LeadsService:
 
     async def update_lead(
         self, lead_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> Change:
+    ) -> RowChange:
         allowed = {
             *domain.TEXT_FIELDS,
             "title",
@@ -1545,7 +1539,7 @@ class LeadsService:
 
     async def assign(
         self, lead_id: str, owner_id: str, team: str, expected_version: int, idempotency_key: str = ""
-    ) -> Change:
+    ) -> RowChange:
         # "" runs the rules (owner) or keeps none (team); only spaces would be an owner nobody is.
         given = {"owner_id": owner_id, "team": team}
         if blank := [name for name, value in given.items() if value and not value.strip()]:
@@ -1557,7 +1551,7 @@ class LeadsService:
         principal = current_principal()
         now = self.clock()
 
-        async def attempt(rules: Rules) -> Change:
+        async def attempt(rules: Rules) -> RowChange:
             async with self.uow.begin() as tx:
                 if await self._repeats_lead_move(tx.conn, "assign_lead", idempotency_key, principal, lead_id, now):
                     return Change(await self._visible_lead(tx.conn, lead_id), None)  # the rules are not run again
@@ -1573,7 +1567,9 @@ class LeadsService:
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
 
-    async def disqualify(self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = "") -> Change:
+    async def disqualify(
+        self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""
+    ) -> RowChange:
         if not reason.strip():
             raise ValidationFailed([FieldError("reason", "a disqualified lead needs a reason")])
         principal = current_principal()
@@ -1701,7 +1697,9 @@ class LeadsService:
             team = lead["team"] or principal.team
             return await self._assign_to(tx, lead, principal.user_id, team, "", principal, now, claimed=True)
 
-    async def release(self, lead_id: str, reason: str, idempotency_key: str = "", *, own_only: bool = False) -> Change:
+    async def release(
+        self, lead_id: str, reason: str, idempotency_key: str = "", *, own_only: bool = False
+    ) -> RowChange:
         """Puts a lead back in the pool; with `own_only` (a caller who may not assign leads) only a
         lead the caller owns, as found under its row lock."""
         principal = current_principal()
@@ -2377,7 +2375,7 @@ class LeadsService:
         values: dict[str, Any],
         *,
         rescores: bool = False,
-    ) -> Change:
+    ) -> RowChange:
         async with transaction(self.engine) as conn:
             change = await _versioned_write(conn, table, resource, record_id, expected_version, values)
             if rescores:
@@ -2425,7 +2423,7 @@ class LeadsService:
         values = {"id": new_id(), **self._scoring_values(rule, name), "version": 1}
         return await self._idempotent_create("create_scoring_rule", key, repo.scoring_rules, values, rescores=True)
 
-    async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> Change:
+    async def update_scoring_rule(self, rule: ScoringRule, name: str, expected_version: int) -> RowChange:
         _check_scoring_change("scoring rules")
         values = self._scoring_values(rule, name)
         return await self._versioned_update(
@@ -2491,7 +2489,7 @@ class LeadsService:
         _check_rule_scope(values)
         return await self._idempotent_create("create_assignment_rule", key, repo.assignment_rules, values)
 
-    async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> Change:
+    async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowChange:
         values = self._assignment_values_of(domain.rule_in_callers_scope(rule, current_scope()), name)
         _check_rule_scope(await self._assignment_rule_row(rule.id))  # as it routes now, and as it would
         _check_rule_scope(values)
@@ -2585,7 +2583,7 @@ class LeadsService:
 
     async def update_campaign(
         self, campaign_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> Change:
+    ) -> RowChange:
         if not paths:
             raise ValidationFailed([FieldError("update_mask", "names no field to update")])
         values = self._campaign_values(data, paths)
@@ -2686,7 +2684,7 @@ class LeadsService:
 
     async def update_webform(
         self, webform_id: str, data: Mapping[Any, Any], paths: Sequence[str], expected_version: int
-    ) -> Change:
+    ) -> RowChange:
         """The settings named by `paths` (a form's key changes only by `rotate_webform_key`)."""
         unknown = sorted(set(paths) - {*WEBFORM_SETTINGS, "enabled"})
         if unknown or not paths:
@@ -2730,7 +2728,7 @@ class LeadsService:
                 _same_record(key, "webform", earlier["id"], webform_id)
                 return (await conn.execute(select(w).where(w.c.id == webform_id))).mappings().one()
             values = {"form_key": secrets.token_urlsafe(24)}
-            return (await _versioned_write(conn, w, "webform", webform_id, expected_version, values)).row
+            return (await _versioned_write(conn, w, "webform", webform_id, expected_version, values)).record
 
     async def list_webforms(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         async with self.engine.connect() as conn:

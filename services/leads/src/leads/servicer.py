@@ -1,11 +1,12 @@
 """gRPC <-> use cases: request messages to handler arguments, results to response messages."""
 
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 import grpc
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2, leads_service_pb2, leads_service_pb2_grpc
+from crm_platform.changes import previous_message
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.money import Money, money_from_proto
@@ -30,7 +31,6 @@ from leads.handlers import (
 )
 from leads.importing import FORMATS, RowMapper
 
-M = TypeVar("M")  # a record message
 LEAD_INPUT_FIELDS = tuple(f.name for f in leads_service_pb2.LeadInput.DESCRIPTOR.fields)
 
 
@@ -89,11 +89,6 @@ def _money(message: common_pb2.Money, field: str, present: bool) -> Money | None
     return money_from_proto(message, field=field) if present else None
 
 
-def _previous(to_proto: Callable[[Mapping[Any, Any]], M], row: Mapping[Any, Any] | None) -> M | None:
-    """A record as it was before a write, for a response's `previous` (unset when None: nothing changed)."""
-    return to_proto(row) if row is not None else None
-
-
 def _row_result(o: ImportRowOutcome) -> leads_service_pb2.ImportRowResult:
     return leads_service_pb2.ImportRowResult(
         row=o.row, status=o.status, lead_id=o.lead_id, reason=o.reason, field=o.field
@@ -142,7 +137,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return leads_service_pb2.CreateLeadResponse(
             lead=messages.lead_to_proto(capture.lead),
             merged=capture.merged,
-            previous=_previous(messages.lead_to_proto, capture.previous),
+            previous=previous_message(messages.lead_to_proto, capture.previous),
         )
 
     async def GetLead(
@@ -160,7 +155,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, lead_input(request.lead, paths), paths, request.expected_version
         )
         return leads_service_pb2.UpdateLeadResponse(
-            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
+            lead=messages.lead_to_proto(change.record),
+            previous=previous_message(messages.lead_to_proto, change.previous),
         )
 
     async def ListLeads(
@@ -285,7 +281,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         return leads_service_pb2.LogLeadActivityResponse(
             activity=messages.activity_to_proto(logged.activity),
             lead=messages.lead_to_proto(logged.lead),
-            previous=_previous(messages.lead_to_proto, logged.previous),
+            previous=previous_message(messages.lead_to_proto, logged.previous),
         )
 
     async def ListLeadActivities(
@@ -373,7 +369,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.owner_id, request.team, request.expected_version, request.idempotency_key
         )
         return leads_service_pb2.AssignLeadResponse(
-            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
+            lead=messages.lead_to_proto(change.record),
+            previous=previous_message(messages.lead_to_proto, change.previous),
         )
 
     async def DisqualifyLead(
@@ -383,7 +380,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.reason, request.expected_version, request.idempotency_key
         )
         return leads_service_pb2.DisqualifyLeadResponse(
-            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
+            lead=messages.lead_to_proto(change.record),
+            previous=previous_message(messages.lead_to_proto, change.previous),
         )
 
     async def DeleteLead(
@@ -417,7 +415,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             account_id=result.account_id,
             contact_id=result.contact_id,
             opportunity_id=result.opportunity_id,
-            previous=_previous(messages.lead_to_proto, result.previous),
+            previous=previous_message(messages.lead_to_proto, result.previous),
         )
 
     async def ListLeadPool(
@@ -449,7 +447,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.lead_id, request.reason, request.idempotency_key, own_only=request.own_only
         )
         return leads_service_pb2.ReleaseLeadResponse(
-            lead=messages.lead_to_proto(change.row), previous=_previous(messages.lead_to_proto, change.previous)
+            lead=messages.lead_to_proto(change.record),
+            previous=previous_message(messages.lead_to_proto, change.previous),
         )
 
     # --- rules ---
@@ -482,8 +481,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             self._scoring_rule(request.rule), request.rule.name, request.expected_version
         )
         return leads_service_pb2.UpdateScoringRuleResponse(
-            rule=messages.scoring_rule_to_proto(change.row),
-            previous=_previous(messages.scoring_rule_to_proto, change.previous),
+            rule=messages.scoring_rule_to_proto(change.record),
+            previous=previous_message(messages.scoring_rule_to_proto, change.previous),
         )
 
     async def DeleteScoringRule(
@@ -547,8 +546,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             self._assignment_rule(request.rule), request.rule.name, request.expected_version
         )
         return leads_service_pb2.UpdateAssignmentRuleResponse(
-            rule=messages.assignment_rule_to_proto(change.row),
-            previous=_previous(messages.assignment_rule_to_proto, change.previous),
+            rule=messages.assignment_rule_to_proto(change.record),
+            previous=previous_message(messages.assignment_rule_to_proto, change.previous),
         )
 
     async def DeleteAssignmentRule(
@@ -600,8 +599,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.campaign_id, self._campaign(request.campaign), paths, request.expected_version
         )
         return leads_service_pb2.UpdateCampaignResponse(
-            campaign=messages.campaign_to_proto(change.row),
-            previous=_previous(messages.campaign_to_proto, change.previous),
+            campaign=messages.campaign_to_proto(change.record),
+            previous=previous_message(messages.campaign_to_proto, change.previous),
         )
 
     async def DeleteCampaign(
@@ -647,7 +646,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     ) -> leads_service_pb2.SetWebformEnabledResponse:
         # Unconditional: the request carries no version (UpdateWebform does).
         change = await self.service.update_webform(request.id, {"enabled": request.enabled}, ["enabled"], 0)
-        return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(change.row))
+        return leads_service_pb2.SetWebformEnabledResponse(webform=messages.webform_to_proto(change.record))
 
     async def UpdateWebform(
         self, request: leads_service_pb2.UpdateWebformRequest, context: grpc.aio.ServicerContext
@@ -657,8 +656,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             request.id, data, list(request.update_mask.paths), request.expected_version
         )
         return leads_service_pb2.UpdateWebformResponse(
-            webform=messages.webform_to_proto(change.row),
-            previous=_previous(messages.webform_to_proto, change.previous),
+            webform=messages.webform_to_proto(change.record),
+            previous=previous_message(messages.webform_to_proto, change.previous),
         )
 
     async def RotateWebformKey(
@@ -686,5 +685,5 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             merged=capture.merged,
             webform_id=submission.webform_id,
             lead=messages.lead_to_proto(capture.lead),
-            previous=_previous(messages.lead_to_proto, capture.previous),
+            previous=previous_message(messages.lead_to_proto, capture.previous),
         )

@@ -41,9 +41,9 @@ async def _event_types(env: Any, lead_id: str) -> list[str]:
 async def test_an_assignment_by_the_rules_repeated_with_its_key_keeps_the_first_rep(env: Any) -> None:
     lead = await _round_robin_lead(env)
     with _manager(env):
-        assigned = (await env.service.assign(lead["id"], "", "", lead["version"], "assign-1")).row
+        assigned = (await env.service.assign(lead["id"], "", "", lead["version"], "assign-1")).record
         env.clock.advance(minutes=5)
-        repeated = (await env.service.assign(lead["id"], "", "", lead["version"], "assign-1")).row  # not 412 either
+        repeated = (await env.service.assign(lead["id"], "", "", lead["version"], "assign-1")).record  # not 412 either
 
     assert (assigned["owner_id"], repeated["owner_id"]) == ("u2", "u2")
     assert repeated["version"] == assigned["version"]
@@ -53,9 +53,9 @@ async def test_an_assignment_by_the_rules_repeated_with_its_key_keeps_the_first_
 async def test_an_assignment_key_is_the_callers_own(env: Any) -> None:
     lead = await _round_robin_lead(env)
     with _manager(env):
-        first = (await env.service.assign(lead["id"], "", "", 0, "assign-1")).row
+        first = (await env.service.assign(lead["id"], "", "", 0, "assign-1")).record
     with _manager(env, "another-manager"):
-        theirs = (await env.service.assign(lead["id"], "", "", 0, "assign-1")).row
+        theirs = (await env.service.assign(lead["id"], "", "", 0, "assign-1")).record
 
     assert (first["owner_id"], theirs["owner_id"]) == ("u2", "u1")  # a request of its own: the rules ran
 
@@ -63,9 +63,9 @@ async def test_an_assignment_key_is_the_callers_own(env: Any) -> None:
 async def test_a_disqualification_repeated_with_its_key_answers_with_the_disqualified_lead(env: Any) -> None:
     with _manager(env):
         lead, _ = await env.service.create_lead({"name": "Spam", "owner_id": "rep1", "team": "east"})
-        disqualified = (await env.service.disqualify(lead["id"], "spam", lead["version"], "dq-1")).row
+        disqualified = (await env.service.disqualify(lead["id"], "spam", lead["version"], "dq-1")).record
         # Neither ILLEGAL_TRANSITION (the lead is closed now) nor 412 (its version moved on).
-        repeated = (await env.service.disqualify(lead["id"], "spam", lead["version"], "dq-1")).row
+        repeated = (await env.service.disqualify(lead["id"], "spam", lead["version"], "dq-1")).record
 
     assert (repeated["status"], repeated["version"]) == ("unqualified", disqualified["version"])
     assert (await _event_types(env, lead["id"])).count(DISQUALIFIED) == 1

@@ -59,8 +59,8 @@ async def test_assigning_a_lead_to_its_owner_again_changes_nothing(env: Any) -> 
     with env.acting("admin", roles=("admin",)):
         lead, _ = await env.service.create_lead({"name": "Li", "owner_id": "u1", "team": "east"})
         env.clock.advance(hours=3)
-        again = (await env.service.assign(lead["id"], "u1", "", 0)).row
-        same_team = (await env.service.assign(lead["id"], "u1", "east", 0)).row
+        again = (await env.service.assign(lead["id"], "u1", "", 0)).record
+        same_team = (await env.service.assign(lead["id"], "u1", "east", 0)).record
     assert again["version"] == same_team["version"] == lead["version"]
     assert again["first_contact_due_at"] == lead["first_contact_due_at"]  # the SLA is not restarted
     types = [event_type for event_type, _ in await outbox_events(env.engine, repo.metadata, key=lead["id"])]
@@ -86,9 +86,9 @@ async def test_a_rule_without_reps_routes_its_leads_to_its_teams_pool(env: Any) 
         later, _ = await env.service.create_lead({"name": "Later", "region": "north", "team": "north"})
         moved = (
             await env.service.assign(
-                (await env.service.update_lead(later["id"], {"region": "west"}, ["region"], 0)).row["id"], "", "", 0
+                (await env.service.update_lead(later["id"], {"region": "west"}, ["region"], 0)).record["id"], "", "", 0
             )
-        ).row
+        ).record
         imported = await _import_assigned(env, [{"name": "Imported", "region": "west"}])
         imported_lead = await env.service.get_lead(imported)
     with env.acting("w-rep", roles=("sales_rep",), team="west", scope=ScopeKind.OWN):
@@ -104,8 +104,8 @@ async def test_running_the_rules_again_on_a_lead_they_would_give_the_same_place_
         routed, _ = await env.service.create_lead({"name": "Routed", "region": "east"})
         pooled, _ = await env.service.create_lead({"name": "Pooled", "region": "nowhere"})
         env.clock.advance(hours=3)
-        again = (await env.service.assign(routed["id"], "", "", 0)).row
-        still = (await env.service.assign(pooled["id"], "", "", 0)).row
+        again = (await env.service.assign(routed["id"], "", "", 0)).record
+        still = (await env.service.assign(pooled["id"], "", "", 0)).record
     assert (again["owner_id"], again["version"]) == ("e1", routed["version"])
     assert again["first_contact_due_at"] == routed["first_contact_due_at"]
     assert (still["in_pool"], still["version"]) == (True, pooled["version"])

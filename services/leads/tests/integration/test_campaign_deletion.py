@@ -38,7 +38,7 @@ async def test_a_campaign_is_deleted_only_at_the_version_given(env_each_database
     env = env_each_database
     with env.acting("mkt", roles=("marketing",)):
         campaign = await env.service.create_campaign({"name": "Expo"}, "")
-        updated = (await env.service.update_campaign(campaign["id"], {"channel": "event"}, ["channel"], 0)).row
+        updated = (await env.service.update_campaign(campaign["id"], {"channel": "event"}, ["channel"], 0)).record
 
         with pytest.raises(StaleVersion):
             await env.service.delete_campaign(campaign["id"], campaign["version"])
@@ -131,7 +131,7 @@ async def test_a_web_form_linked_while_its_campaign_is_deleted_keeps_it(env: Any
         assert not deleting.done()
 
         go_on.set()
-        linked = (await linking).row
+        linked = (await linking).record
         with pytest.raises(Conflict) as refused:
             await deleting
     assert f"web form {form['id']}" in refused.value.detail

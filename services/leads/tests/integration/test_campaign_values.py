@@ -37,8 +37,8 @@ async def test_a_period_changed_one_date_at_a_time_must_still_end_after_it_start
             await env.service.update_campaign(
                 june["id"], {"starts_on": "2026-07-01", "ends_on": "2026-07-31"}, ["starts_on", "ends_on"], 0
             )
-        ).row
-        open_ended = (await env.service.update_campaign(moved["id"], {"ends_on": ""}, ["ends_on"], 0)).row
+        ).record
+        open_ended = (await env.service.update_campaign(moved["id"], {"ends_on": ""}, ["ends_on"], 0)).record
     assert [e.field for e in early_end.value.errors] == ["ends_on"]
     assert [e.field for e in late_start.value.errors] == ["starts_on"]
     assert (str(moved["starts_on"]), str(moved["ends_on"])) == ("2026-07-01", "2026-07-31")

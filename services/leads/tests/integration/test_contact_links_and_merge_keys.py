@@ -200,7 +200,9 @@ async def test_an_update_giving_a_lead_a_contacts_email_links_it_in_its_event(en
     with env.acting():
         lead, _ = await env.service.create_lead({"name": "PM", "phone": PHONE})
         assert lead["matched_contact_id"] == ""
-        updated = (await env.service.update_lead(lead["id"], {"email": "pm@corp.cn"}, ["email"], lead["version"])).row
+        updated = (
+            await env.service.update_lead(lead["id"], {"email": "pm@corp.cn"}, ["email"], lead["version"])
+        ).record
     assert updated["matched_contact_id"] == "c-pm"
     _, payload = (await outbox_events(env.engine, repo.metadata, key=lead["id"]))[-1]
     event = events_pb2.LeadUpdated.FromString(payload)
@@ -212,8 +214,8 @@ async def test_an_update_keeps_the_contact_a_lead_is_linked_to(env: Any) -> None
     await _contact(env, accounts_pb2.Contact(id="c-2", mobile=PHONE, version=1))
     with env.acting():
         lead, _ = await env.service.create_lead({"name": "One", "email": "one@corp.cn"})
-        updated = (await env.service.update_lead(lead["id"], {"phone": PHONE}, ["phone"], lead["version"])).row
-        renamed = (await env.service.update_lead(updated["id"], {"name": "Uno"}, ["name"], updated["version"])).row
+        updated = (await env.service.update_lead(lead["id"], {"phone": PHONE}, ["phone"], lead["version"])).record
+        renamed = (await env.service.update_lead(updated["id"], {"name": "Uno"}, ["name"], updated["version"])).record
     assert (lead["matched_contact_id"], updated["matched_contact_id"], renamed["matched_contact_id"]) == (
         "c-1",
         "c-1",

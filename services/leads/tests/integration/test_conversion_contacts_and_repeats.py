@@ -325,7 +325,7 @@ async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_
         assert (await env.service.get_lead(lead["id"]))["status"] == "new"
 
         del env.ports.fail["delete_account"]
-        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).row
+        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).record
 
     assert disqualified["status"] == "unqualified"
     assert env.ports.accounts == env.ports.contacts == {}
@@ -339,7 +339,7 @@ async def test_an_interrupted_conversions_account_someone_has_worked_on_since_is
         lead = await interrupted_conversion(env, "Sun Ba", "Kept Co")
         [account_id] = env.ports.accounts
         env.ports.contacts["c-added"] = account_id  # a rep's own contact on the new account
-        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).row
+        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).record
 
     assert disqualified["status"] == "unqualified"
     assert list(env.ports.accounts) == [account_id] and "c-added" in env.ports.contacts

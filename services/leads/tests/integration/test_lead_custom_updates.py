@@ -19,13 +19,13 @@ async def test_a_client_sends_back_the_undefined_custom_values_a_form_captured(e
             await env.service.update_lead(
                 lead["id"], {"custom": {"utm_source": "baidu", "budget_band": "high"}}, ["custom"], 0
             )
-        ).row
+        ).record
         assert echoed["custom"] == {"utm_source": "baidu", "budget_band": "high"}
         emptied = (
             await env.service.update_lead(
                 lead["id"], {"custom": {"utm_source": "baidu", "budget_band": ""}}, ["custom"], 0
             )
-        ).row
+        ).record
         assert emptied["custom"] == {"utm_source": "baidu"}
         for custom in ({"utm_source": "google"}, {"colour": "red"}, {"budget_band": "low"}):
             with pytest.raises(ValidationFailed) as refused:

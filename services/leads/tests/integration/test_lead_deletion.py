@@ -61,7 +61,7 @@ async def test_a_lead_is_deleted_only_at_the_version_given_and_only_in_the_calle
     env = env_each_database
     with env.acting("admin", roles=("admin",)):
         lead, _ = await env.service.create_lead({"name": "Li Lei", "owner_id": "rep1"})
-        updated = (await env.service.update_lead(lead["id"], {"title": "CTO"}, ["title"], 0)).row
+        updated = (await env.service.update_lead(lead["id"], {"title": "CTO"}, ["title"], 0)).record
         with pytest.raises(StaleVersion):
             await env.service.delete_lead(lead["id"], lead["version"])
     with env.acting("rep2", scope=ScopeKind.OWN), pytest.raises(NotFound):

@@ -34,7 +34,7 @@ async def test_a_change_and_the_score_it_brings_are_one_version(env: Any) -> Non
         )
         lead, _ = await env.service.create_lead({"name": "Li", "owner_id": "u1"})
         _, called = await env.service.log_activity(ActivityInput(lead_id=lead["id"], kind="call"))
-        updated = (await env.service.update_lead(lead["id"], {"industry": "software"}, ["industry"], 0)).row
+        updated = (await env.service.update_lead(lead["id"], {"industry": "software"}, ["industry"], 0)).record
         other, _ = await env.service.create_lead({"name": "Wu", "email": "wu@x.cn", "owner_id": "u1"})
         merged, _ = await env.service.create_lead(
             {"name": "Wu", "email": "wu@x.cn", "industry": "software"}, on_duplicate="merge"
@@ -51,6 +51,6 @@ async def test_a_change_with_a_new_owner_publishes_both_versions(env: Any) -> No
         lead, _ = await env.service.create_lead({"name": "Li", "owner_id": "u1"})
         moved = (
             await env.service.update_lead(lead["id"], {"company": "Acme", "owner_id": "u2"}, ["company", "owner_id"], 0)
-        ).row
+        ).record
     assert (moved["company"], moved["owner_id"], moved["version"]) == ("Acme", "u2", lead["version"] + 2)
     assert await published_versions(env, lead["id"]) == list(range(1, moved["version"] + 1))

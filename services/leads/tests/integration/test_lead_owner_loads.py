@@ -28,7 +28,7 @@ async def test_open_leads_per_owner_follow_every_write(env_each_database: Any) -
         await step("assigned by the rule")
         own, _ = await env.service.create_lead({"name": "Own", "owner_id": "u3"})
         await step("created with an owner")
-        moved = (await env.service.assign(created[0]["id"], "u2", "", created[0]["version"])).row
+        moved = (await env.service.assign(created[0]["id"], "u2", "", created[0]["version"])).record
         await step("reassigned")
         await env.service.disqualify(created[1]["id"], "no budget", created[1]["version"])
         await step("disqualified")

@@ -78,7 +78,7 @@ async def test_a_rule_change_rescores_the_open_leads_and_leaves_the_closed_ones(
         software, _ = await env.service.create_lead({"name": "sw", "industry": "software"})
         retail, _ = await env.service.create_lead({"name": "retail", "industry": "retail"})
         lost, _ = await env.service.create_lead({"name": "lost", "industry": "software"})
-        lost = (await env.service.disqualify(lost["id"], "no budget", 0)).row
+        lost = (await env.service.disqualify(lost["id"], "no budget", 0)).record
         won, _ = await env.service.create_lead({"name": "won", "industry": "software"})
     async with env.engine.begin() as conn:  # as a conversion leaves it (the saga is tested elsewhere)
         await conn.execute(update(repo.leads).where(repo.leads.c.id == won["id"]).values(status="converted"))

@@ -33,11 +33,11 @@ async def test_concurrent_updates_each_answer_the_version_they_changed(env: Any)
             *(env.service.update_lead(lead["id"], {"title": f"T{n}"}, ["title"], 0) for n in range(8))
         )
 
-    chain = sorted(changes, key=lambda change: change.row["version"])
+    chain = sorted(changes, key=lambda change: change.record["version"])
     assert [change.previous["version"] for change in chain] == list(range(1, 9))
-    assert [change.row["version"] for change in chain] == list(range(2, 10))
+    assert [change.record["version"] for change in chain] == list(range(2, 10))
     # Each write's "before" is the write just before it: no change is audited twice or lost.
-    assert [change.previous["title"] for change in chain[1:]] == [change.row["title"] for change in chain[:-1]]
+    assert [change.previous["title"] for change in chain[1:]] == [change.record["title"] for change in chain[:-1]]
     assert chain[0].previous["title"] == ""
 
 
@@ -47,8 +47,8 @@ async def test_an_update_that_changes_nothing_answers_the_lead_as_before_and_aft
     with env.acting("manager", roles=("sales_manager",)):
         change = await env.service.update_lead(lead["id"], {"title": "CEO"}, ["title"], 0)
 
-    assert change.previous == change.row
-    assert change.row["version"] == lead["version"]
+    assert change.previous == change.record
+    assert change.record["version"] == lead["version"]
 
 
 async def test_assign_disqualify_and_delete_answer_the_lead_as_it_was(env: Any) -> None:
@@ -59,9 +59,9 @@ async def test_assign_disqualify_and_delete_answer_the_lead_as_it_was(env: Any) 
         disqualified = await env.service.disqualify(lead["id"], "no budget", 0)
         deleted = await env.service.delete_lead(lead["id"], 0)
 
-    assert (assigned.previous["owner_id"], assigned.row["owner_id"]) == ("rep1", "rep2")
-    assert (disqualified.previous["status"], disqualified.row["status"]) == ("new", "unqualified")
-    assert (deleted["status"], deleted["version"]) == ("unqualified", disqualified.row["version"])
+    assert (assigned.previous["owner_id"], assigned.record["owner_id"]) == ("rep1", "rep2")
+    assert (disqualified.previous["status"], disqualified.record["status"]) == ("new", "unqualified")
+    assert (deleted["status"], deleted["version"]) == ("unqualified", disqualified.record["version"])
 
 
 async def test_a_repeat_of_an_idempotency_key_changed_nothing_and_has_no_previous(env: Any) -> None:
@@ -72,7 +72,7 @@ async def test_a_repeat_of_an_idempotency_key_changed_nothing_and_has_no_previou
         repeated = await env.service.disqualify(lead["id"], "spam", 0, "dq-1")
 
     assert first.previous is not None and first.previous["status"] == "new"
-    assert (repeated.previous, repeated.row["version"]) == (None, first.row["version"])
+    assert (repeated.previous, repeated.record["version"]) == (None, first.record["version"])
 
 
 async def test_a_conversion_answers_the_lead_before_it_and_its_repeat_none(env: Any) -> None:
@@ -99,8 +99,8 @@ async def test_a_caller_who_may_not_assign_releases_only_their_own_lead(env: Any
         given_back = await env.service.release(theirs["id"], "rep1 is away")
 
     assert "grant to assign leads" in refused.value.detail
-    assert (released.previous["owner_id"], released.row["in_pool"]) == ("rep2", True)
-    assert (given_back.previous["owner_id"], given_back.row["owner_id"]) == ("rep1", "")
+    assert (released.previous["owner_id"], released.record["in_pool"]) == ("rep2", True)
+    assert (given_back.previous["owner_id"], given_back.record["owner_id"]) == ("rep1", "")
 
 
 async def test_campaign_web_form_and_rule_writes_answer_the_record_as_it_was(env: Any) -> None:
@@ -115,8 +115,8 @@ async def test_campaign_web_form_and_rule_writes_answer_the_record_as_it_was(env
         deleted_rule = await env.service.delete_scoring_rule(rule["id"], 0)
         deleted_campaign = await env.service.delete_campaign(campaign["id"], 0)
 
-    assert (renamed.previous["name"], renamed.row["name"]) == ("Expo", "Expo 2026")
-    assert (turned_off.previous["enabled"], turned_off.row["enabled"]) == (True, False)
-    assert (repointed.previous["points"], repointed.row["points"]) == (5, 9)
-    assert (deleted_rule["points"], deleted_rule["version"]) == (9, repointed.row["version"])
-    assert (deleted_campaign["name"], deleted_campaign["version"]) == ("Expo 2026", renamed.row["version"])
+    assert (renamed.previous["name"], renamed.record["name"]) == ("Expo", "Expo 2026")
+    assert (turned_off.previous["enabled"], turned_off.record["enabled"]) == (True, False)
+    assert (repointed.previous["points"], repointed.record["points"]) == (5, 9)
+    assert (deleted_rule["points"], deleted_rule["version"]) == (9, repointed.record["version"])
+    assert (deleted_campaign["name"], deleted_campaign["version"]) == ("Expo 2026", renamed.record["version"])

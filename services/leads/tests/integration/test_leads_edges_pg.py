@@ -143,7 +143,7 @@ async def test_an_update_cannot_give_a_lead_another_open_leads_email_or_phone(en
                 a["id"], {"email": "a@x.cn", "phone": "13800138000"}, ["email", "phone"], a["version"]
             )
         assert caught.value.existing_id == b["id"]
-        same = (await env.service.update_lead(a["id"], {"email": "A@x.cn"}, ["email"], a["version"])).row
+        same = (await env.service.update_lead(a["id"], {"email": "A@x.cn"}, ["email"], a["version"])).record
     assert same["email_norm"] == "a@x.cn"  # its own email is no duplicate
 
 
@@ -155,8 +155,8 @@ async def test_setting_status_contacted_by_hand_counts_as_the_first_contact(env:
         flagged = await env.service.get_lead(lead["id"])
         contacted = (
             await env.service.update_lead(lead["id"], {"status": "contacted"}, ["status"], flagged["version"])
-        ).row
-        qualified = (await env.service.update_lead(lead["id"], {"status": "qualified"}, ["status"], 0)).row
+        ).record
+        qualified = (await env.service.update_lead(lead["id"], {"status": "qualified"}, ["status"], 0)).record
         with pytest.raises(Conflict):  # new, with a first contact and its SLA met
             await env.service.update_lead(lead["id"], {"status": "new"}, ["status"], 0)
     assert contacted["first_contacted_at"] == env.clock.now and not contacted["follow_up_overdue"]
@@ -311,7 +311,7 @@ async def test_a_web_form_can_be_turned_off_and_a_leaked_key_replaced(env: Any) 
         lead, _ = await env.service.submit_webform(form["form_key"], {"name": "Zhao", "email": "z@x.cn"}, "")
         assert lead["source"] == "webform"
 
-        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)).row
+        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)).record
         assert not off["enabled"]
         with pytest.raises(NotFound):
             await env.service.submit_webform(form["form_key"], {"name": "Qian"}, "")
@@ -337,7 +337,7 @@ async def test_a_web_forms_settings_change_by_the_paths_named_and_are_checked_as
                 ["name", "rate_limit_per_minute", "honeypot_field"],
                 0,
             )
-        ).row
+        ).record
         assert (changed["name"], changed["rate_limit_per_minute"], changed["honeypot_field"]) == ("Expo 2027", 5, "fax")
         assert changed["region"] == "" and changed["form_key"] == form["form_key"]  # not named: unchanged
         with pytest.raises(ValidationFailed) as caught:
@@ -355,15 +355,15 @@ async def test_a_web_forms_settings_change_by_the_paths_named_and_are_checked_as
         assert [e.field for e in caught.value.errors] == ["campaign_id"]
         with pytest.raises(NotFound):
             await env.service.update_webform("no-such-form", {"name": "x"}, ["name"], 0)
-        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)).row
+        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 0)).record
         assert not off["enabled"] and off["name"] == "Expo 2027"
 
 
 async def test_every_change_of_a_web_form_counts_in_its_version_and_a_stale_version_is_refused(env: Any) -> None:
     with env.acting():
         form = await env.service.create_webform({"name": "Expo signup"}, "")
-        renamed = (await env.service.update_webform(form["id"], {"name": "Expo 2027"}, ["name"], 1)).row
-        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 2)).row
+        renamed = (await env.service.update_webform(form["id"], {"name": "Expo 2027"}, ["name"], 1)).record
+        off = (await env.service.update_webform(form["id"], {"enabled": False}, ["enabled"], 2)).record
         rotated = await env.service.rotate_webform_key(form["id"], "", 3)
         assert [form["version"], renamed["version"], off["version"], rotated["version"]] == [1, 2, 3, 4]
 
@@ -375,8 +375,10 @@ async def test_every_change_of_a_web_form_counts_in_its_version_and_a_stale_vers
         kept = await env.service.get_webform(form["id"])
         assert (kept["name"], kept["form_key"], kept["version"]) == ("Expo 2027", rotated["form_key"], 4)
 
-        current = (await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"], 4)).row
-        anyway = (await env.service.update_webform(form["id"], {"region": "east"}, ["region"], 0)).row  # unconditional
+        current = (await env.service.update_webform(form["id"], {"enabled": True}, ["enabled"], 4)).record
+        anyway = (
+            await env.service.update_webform(form["id"], {"region": "east"}, ["region"], 0)
+        ).record  # unconditional
         assert (current["version"], anyway["version"]) == (5, 6)
 
 

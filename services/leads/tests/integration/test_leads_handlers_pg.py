@@ -255,7 +255,7 @@ async def test_a_create_whose_rule_is_deleted_meanwhile_is_assigned_by_the_rules
 
         async def assign() -> Any:
             with env.acting("admin", roles=("admin",)):
-                return (await env.service.assign(lead["id"], "", "", 0)).row
+                return (await env.service.assign(lead["id"], "", "", 0)).record
 
         assigning = asyncio.create_task(assign())
         await asyncio.sleep(0.3)
@@ -368,11 +368,11 @@ async def test_update_with_version_and_status_rules(env: Any) -> None:
             await env.service.update_lead(lead["id"], {"title": "CEO"}, ["title"], 99)
         row = (
             await env.service.update_lead(lead["id"], {"title": "CEO", "status": "qualified"}, ["title", "status"], 1)
-        ).row
+        ).record
         assert (row["title"], row["status"], row["version"]) == ("CEO", "qualified", 2)
         with pytest.raises(ValidationFailed):
             await env.service.update_lead(lead["id"], {"score": 5}, ["score"], 0)
-        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).row
+        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).record
         assert disqualified["status"] == "unqualified"
         with pytest.raises(Conflict):
             await env.service.update_lead(lead["id"], {"status": "new"}, ["status"], 0)
@@ -459,7 +459,7 @@ async def test_pool_claim_limit_and_release(env: Any) -> None:
         with pytest.raises(Conflict) as caught:
             await env.service.claim(b["id"])
         assert "limit" in caught.value.detail
-        released = (await env.service.release(a["id"], "not my region")).row
+        released = (await env.service.release(a["id"], "not my region")).record
         assert released["in_pool"] and released["status"] == "recycled"
         again = await env.service.claim(b["id"])
     assert again["owner_id"] == "rep1"
@@ -591,7 +591,7 @@ async def test_custom_fields_are_validated_against_their_definitions(env: Any) -
             await env.service.create_lead({"name": "x", "custom": {"budget": "lots"}})
         assert wrong.value.errors[0].field == "custom.budget"
         lead, _ = await env.service.create_lead({"name": "Rich", "custom": {"budget": "1200.50"}})
-        updated = (await env.service.update_lead(lead["id"], {"custom": {"budget": "99"}}, ["custom"], 0)).row
+        updated = (await env.service.update_lead(lead["id"], {"custom": {"budget": "99"}}, ["custom"], 0)).record
         assert updated["custom"]["budget"] == "99"
         listed = await definitions.ListCustomFields(cf_pb.ListCustomFieldsRequest(entity="lead"), None)
         assert [d.key for d in listed.items] == ["budget"]

@@ -85,7 +85,7 @@ async def test_a_rep_who_released_a_lead_may_not_claim_it_back_but_a_manager_may
         with pytest.raises(Conflict) as refused:
             await env.service.claim(lead["id"])
     with env.acting("manager", roles=("sales_manager",), team="east", scope=ScopeKind.TEAM):
-        assigned = (await env.service.assign(lead["id"], "rep1", "", 0)).row
+        assigned = (await env.service.assign(lead["id"], "rep1", "", 0)).record
 
     assert refused.value.reason == "RECLAIM_COOLDOWN"
     assert (assigned["owner_id"], assigned["in_pool"]) == ("rep1", False)
@@ -96,8 +96,8 @@ async def test_a_claim_and_a_release_repeated_with_their_keys_answer_with_the_fi
     with _rep(env):
         claimed = await env.service.claim(lead["id"], "claim-1")
         claimed_again = await env.service.claim(lead["id"], "claim-1")  # not NOT_IN_POOL
-        released = (await env.service.release(lead["id"], "wrong region", "release-1")).row
-        released_again = (await env.service.release(lead["id"], "wrong region", "release-1")).row  # not IN_POOL
+        released = (await env.service.release(lead["id"], "wrong region", "release-1")).record
+        released_again = (await env.service.release(lead["id"], "wrong region", "release-1")).record  # not IN_POOL
         claimed_late = await env.service.claim(lead["id"], "claim-1")  # not RECLAIM_COOLDOWN
         with pytest.raises(Conflict) as other_lead:
             await env.service.claim((await _pool_lead(env, "Wei"))["id"], "claim-1")

@@ -42,8 +42,8 @@ async def test_a_team_manager_reads_and_acts_on_the_team_less_leads_the_pool_sho
         pool, listed = await _pool_and_list(env)
         assert pool == listed == {"spam1", "spam2", "spam3", "east lead"}
         assert (await env.service.get_lead(made["spam1"]["id"]))["name"] == "spam1"
-        assigned = (await env.service.assign(made["spam1"]["id"], "rep1", "east", 0)).row
-        disqualified = (await env.service.disqualify(made["spam2"]["id"], "spam", 0)).row
+        assigned = (await env.service.assign(made["spam1"]["id"], "rep1", "east", 0)).record
+        disqualified = (await env.service.disqualify(made["spam2"]["id"], "spam", 0)).record
         await env.service.delete_lead(made["spam3"]["id"], 0)
         west = made["west lead"]["id"]
         for action in (
@@ -72,7 +72,7 @@ async def test_a_rep_reads_the_pool_they_may_claim_and_works_a_pool_lead_once_cl
         with pytest.raises(NotFound):
             await env.service.get_lead(made["west lead"]["id"])
         claimed = await env.service.claim(spam)
-        worked = (await env.service.disqualify(spam, "spam", 0)).row
+        worked = (await env.service.disqualify(spam, "spam", 0)).record
     assert unclaimed.value.reason == "IN_POOL"
     assert (claimed["owner_id"], claimed["team"]) == ("rep1", "east")  # a team-less lead takes the claimer's team
     assert worked["status"] == "unqualified"

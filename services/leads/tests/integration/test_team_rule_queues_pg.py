@@ -52,7 +52,7 @@ async def test_a_team_managers_catch_all_rule_takes_only_their_teams_leads(env: 
     with _manager(env, "west"):
         entered, _ = await env.service.create_lead({"name": "West lead", "region": "cn-west"})
         imported = await _import_assigned(env, "West import")
-        assigned_again = (await env.service.assign(entered["id"], "", "", 0)).row
+        assigned_again = (await env.service.assign(entered["id"], "", "", 0)).record
         seen = await env.service.get_lead(entered["id"])
     with _manager(env, "east"):
         easts, _ = await env.service.create_lead({"name": "East lead", "region": "cn-west"})
@@ -75,7 +75,7 @@ async def test_a_team_manager_manages_only_their_teams_queues(env: Any) -> None:
         own = await env.service.create_assignment_rule(CATCH_ALL, "east queue", "")
         updated = (
             await env.service.update_assignment_rule(replace(CATCH_ALL, id=own["id"], capacity=3), "east", 0)
-        ).row
+        ).record
         await env.service.delete_assignment_rule(own["id"])
     for refusal in (for_west, widened, deleted):
         assert (refusal.value.field, refusal.value.detail) == EAST_LEADS_ONLY
