@@ -10,6 +10,7 @@ from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.activities import may_change_activity
+from crm_platform.changes import Change
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -89,6 +90,20 @@ class Context:
     clock: Callable[[], datetime] = utcnow
 
 
+@dataclass(frozen=True, slots=True)
+class Merge:
+    """A merge: the survivor after it, what moved to it from the duplicate, and for the caller's audit
+    trail both accounts as they were before it (read under their row locks in the merge's
+    transaction; None for an answer repeating the idempotency key's earlier merge)."""
+
+    survivor: Any
+    previous_survivor: Any | None
+    previous_duplicate: Any | None
+    moved_contact_ids: list[str]
+    moved_activities: int
+    moved_tasks: int
+
+
 def _fail(errors: list[FieldError]) -> None:
     if errors:
         raise ValidationFailed(errors)
@@ -128,6 +143,25 @@ async def custom_filters(
 # --- accounts --------------------------------------------------------------------------------------
 
 
+async def _readable_account(
+    conn: AsyncConnection,
+    account_id: str,
+    *,
+    for_update: bool = False,
+    field: str = "",
+    scope: RecordScope | None = None,
+) -> Any:
+    """A visible account (pool accounts are visible to everyone), a merged-away one as its tombstone,
+    else NotFound; an account a request's body names in `field` that is not there is a 422 naming the
+    field instead. Visible in `scope`, by default the call's record scope."""
+    row = await repo.get_account(conn, account_id, for_update=for_update)
+    if row is None or not (row.in_pool or _visible(scope or current_scope(), row)):
+        if field:
+            raise missing_reference(field, "account", account_id)
+        raise NotFound("account", account_id)
+    return row
+
+
 async def _live_account(
     conn: AsyncConnection,
     account_id: str,
@@ -136,14 +170,8 @@ async def _live_account(
     field: str = "",
     scope: RecordScope | None = None,
 ) -> Any:
-    """A visible, not merged account (pool accounts are visible to everyone), else NotFound/Conflict;
-    an account a request's body names in `field` that is not there is a 422 naming the field instead.
-    Visible in `scope`, by default the call's record scope."""
-    row = await repo.get_account(conn, account_id, for_update=for_update)
-    if row is None or not (row.in_pool or _visible(scope or current_scope(), row)):
-        if field:
-            raise missing_reference(field, "account", account_id)
-        raise NotFound("account", account_id)
+    """A readable account (`_readable_account`) that is not merged away, else Conflict MERGED."""
+    row = await _readable_account(conn, account_id, for_update=for_update, field=field, scope=scope)
     if row.merged_into_id:
         raise Conflict(
             f"account {account_id} was merged into {row.merged_into_id}",
@@ -224,13 +252,12 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
 async def get_account(ctx: Context, account_id: str) -> Any:
     """The account; a merged-away id answers with its tombstone (merged_into_id names the survivor)."""
     async with ctx.uow.engine.connect() as conn:
-        row = await repo.get_account(conn, account_id)
-    if row is None or not (row.in_pool or _visible(current_scope(), row)):
-        raise NotFound("account", account_id)
-    return row
+        return await _readable_account(conn, account_id)
 
 
-async def update_account(ctx: Context, account_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_account(
+    ctx: Context, account_id: str, values: dict[str, Any], *, expected_version: int
+) -> Change[Any]:
     principal = current_principal()
     for forbidden in ("owner_id", "in_pool"):
         if forbidden in values:
@@ -261,7 +288,7 @@ async def update_account(ctx: Context, account_id: str, values: dict[str, Any], 
                 changes["dedupe_key"] = key
             changed = sorted(k for k, v in changes.items() if k != "dedupe_key" and getattr(row, k) != v)
             if not changed:
-                return row
+                return Change(row, row)
             await tx.conn.execute(
                 update(repo.accounts)
                 .where(repo.accounts.c.id == account_id)
@@ -274,14 +301,15 @@ async def update_account(ctx: Context, account_id: str, values: dict[str, Any], 
                 ),
                 key=account_id,
             )
-            return updated
+            return Change(updated, row)
     except IntegrityError:
         raise AlreadyExists("account already exists in this region") from None
 
 
-async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> None:
+async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> Any:
     """Soft-deletes the account with its contacts (each evented as DeleteContact does) and cancels its
-    open tasks. Contact writes share-lock their account, so none lands on it meanwhile."""
+    open tasks; returns it as it was (for the caller's audit trail). Contact writes share-lock their
+    account, so none lands on it meanwhile."""
     principal = current_principal()
     c, t = repo.contacts, repo.tasks
     async with ctx.uow.begin() as tx:
@@ -314,6 +342,7 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
                 key=task.id,
             )
         tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
+        return row
 
 
 async def segment_filter(conn: AsyncConnection, segment_id: str) -> AccountFilter:
@@ -385,14 +414,18 @@ async def _publish_account_updated(tx: Transaction, account_id: str, changed: li
     return row
 
 
-async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, idempotency_key: str) -> dict[str, Any]:
+async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, idempotency_key: str) -> Merge:
     principal = current_principal()
     a, c, act, t = repo.accounts, repo.contacts, repo.activities, repo.tasks
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "merge_accounts", idempotency_key, survivor_id, now)
         if earlier is not None:
-            return {"survivor": await repo.get_account(tx.conn, earlier), "contacts": [], "activities": 0, "tasks": 0}
+            # Nothing is merged again: the answer reads both accounts as GetAccount would (out of the
+            # caller's scope by now, the survivor is a 404 and the duplicate a 422 naming it).
+            survivor = await _readable_account(tx.conn, earlier)
+            await _readable_account(tx.conn, duplicate_id, field="duplicate_id")
+            return Merge(survivor, None, None, [], 0, 0)
         # Lock in id order so two merges touching the same pair cannot deadlock.
         rows = {i: await repo.get_account(tx.conn, i, for_update=True) for i in sorted({survivor_id, duplicate_id})}
         survivor, duplicate = rows[survivor_id], rows[duplicate_id]
@@ -461,13 +494,13 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             key=duplicate_id,
         )
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
-        return {"survivor": updated, "contacts": moved_contacts, "activities": moved_activities, "tasks": moved_tasks}
+        return Merge(updated, survivor, duplicate, moved_contacts, moved_activities, moved_tasks)
 
 
 # --- pool, claim, transfer ---------------------------------------------------------------------------
 
 
-async def release_account(ctx: Context, account_id: str, *, reason: str, expected_version: int) -> Any:
+async def release_account(ctx: Context, account_id: str, *, reason: str, expected_version: int) -> Change[Any]:
     principal = current_principal()
     async with ctx.uow.begin() as tx:
         row = await _live_account(tx.conn, account_id, for_update=True)
@@ -475,7 +508,7 @@ async def release_account(ctx: Context, account_id: str, *, reason: str, expecte
         if row.in_pool:
             raise Conflict(f"account {account_id} is already in the public pool", reason="ALREADY_IN_POOL")
         released = await _release(tx, row, now=ctx.clock(), reason=reason or "manual", principal=principal)
-        return released
+        return Change(released, row)
 
 
 async def _release(tx: Transaction, row: Any, *, now: datetime, reason: str, principal: Principal) -> Any:
@@ -502,14 +535,18 @@ async def _release(tx: Transaction, row: Any, *, now: datetime, reason: str, pri
     return released
 
 
-async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) -> Any:
+async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) -> Change[Any]:
     principal = current_principal()
     a = repo.accounts
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
+        # An account the caller may not read (not in the pool, nor in their scope) is a 404, as
+        # GetAccount answers, also to a repeat. Checked as the request finds it, before waiting for
+        # the account's lock: a claim losing the race for a pool account answers that it is taken (409).
+        await _readable_account(tx.conn, account_id)
         earlier = await _idempotency_keys.claim(tx.conn, "claim_account", idempotency_key, account_id, now)
         if earlier is not None:
-            return await repo.get_account(tx.conn, earlier)
+            return Change(await repo.get_account(tx.conn, earlier), None)
         row = await repo.get_account(tx.conn, account_id, for_update=True)
         if row is None or row.merged_into_id:
             raise NotFound("account", account_id)
@@ -569,7 +606,7 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
             ),
             key=account_id,
         )
-        return claimed
+        return Change(claimed, row)
 
 
 async def _follow_owner(
@@ -614,7 +651,7 @@ async def _follow_owner(
 
 async def transfer_account(
     ctx: Context, account_id: str, *, new_owner_id: str, new_team: str, reason: str, expected_version: int
-) -> Any:
+) -> Change[Any]:
     _fail([] if new_owner_id else [FieldError("new_owner_id", "is required")])
     principal = current_principal()
     async with ctx.uow.begin() as tx:
@@ -625,7 +662,7 @@ async def transfer_account(
         transferred, _, _ = await _transfer(
             tx, row, new_owner_id, new_team or row.team, reason, "", ctx.clock(), principal
         )
-        return transferred
+        return Change(transferred, row)
 
 
 async def _transfer(
@@ -772,15 +809,19 @@ async def _account_for_contact(conn: AsyncConnection, account_id: str) -> Any:
 
 
 async def _writable_contact(conn: AsyncConnection, contact_id: str, *, new_account_id: str = "") -> Any:
-    """A visible contact of a live account, its account and any new one (`new_account_id`) locked as above.
+    """A visible contact of a live account, its account and any new one (`new_account_id`) locked as above,
+    then the contact's own row (FOR UPDATE): read under that lock, it is the contact as it is before
+    this write. The accounts first, as an account's delete, merge or transfer locks its account before
+    the contacts it takes along, so the two never wait on each other in a cycle.
 
     A contact of a deleted account answers as deleted: its account took it along (one left live by an
     older release stays read-only)."""
-    row = await repo.get_contact(conn, contact_id)
-    if row is None or not _visible(current_scope(), row):
+    found = await repo.get_contact(conn, contact_id)
+    if found is None or not _visible(current_scope(), found):
         raise NotFound("contact", contact_id)
-    await _lock_for_contact_write(conn, row.account_id, new_account_id)
-    if await repo.get_account(conn, row.account_id) is None:
+    await _lock_for_contact_write(conn, found.account_id, new_account_id)
+    row = await repo.get_contact(conn, contact_id, for_update=True)
+    if row is None or not _visible(current_scope(), row) or await repo.get_account(conn, row.account_id) is None:
         raise NotFound("contact", contact_id)
     return row
 
@@ -832,7 +873,9 @@ async def get_contact(ctx: Context, contact_id: str) -> Any:
     return row
 
 
-async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_contact(
+    ctx: Context, contact_id: str, values: dict[str, Any], *, expected_version: int
+) -> Change[Any]:
     principal = current_principal()
     c = repo.contacts
     async with ctx.uow.begin() as tx:
@@ -853,7 +896,7 @@ async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], 
             await _clear_primary(tx.conn, changes.get("account_id", row.account_id))
         changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
         if not changed:
-            return row
+            return Change(row, row)
         changes.update(_contact_norms(values, ctx.default_country_code))
         await tx.conn.execute(
             update(c).where(c.c.id == contact_id).values(**changes, updated_at=ctx.clock(), version=row.version + 1)
@@ -865,10 +908,11 @@ async def update_contact(ctx: Context, contact_id: str, values: dict[str, Any], 
             ),
             key=contact_id,
         )
-        return updated
+        return Change(updated, row)
 
 
-async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int) -> None:
+async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int) -> Any:
+    """Soft-deletes the contact; returns it as it was (for the caller's audit trail)."""
     c = repo.contacts
     async with ctx.uow.begin() as tx:
         row = await _writable_contact(tx.conn, contact_id)
@@ -881,6 +925,7 @@ async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int
             ),
             key=contact_id,
         )
+        return row
 
 
 async def list_contacts(
@@ -1254,10 +1299,13 @@ async def delete_reminder_rule(ctx: Context, rule_id: str) -> None:
 # --- segments --------------------------------------------------------------------------------------------------
 
 
-async def _visible_segment(conn: AsyncConnection, segment_id: str) -> Any:
+async def _visible_segment(conn: AsyncConnection, segment_id: str, *, for_update: bool = False) -> Any:
     s = repo.segments
     principal = current_principal()
-    row = (await conn.execute(select(s).where(s.c.id == segment_id))).first()
+    query = select(s).where(s.c.id == segment_id)
+    if for_update and repo.is_pg(conn):
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
     if row is None or not (
         row.owner_id == principal.user_id or (row.visibility == "team" and row.team and row.team == principal.team)
     ):
@@ -1315,7 +1363,9 @@ async def list_segments(ctx: Context) -> list[Any]:
         return list(await conn.execute(select(s).where(visible).order_by(s.c.name, s.c.id)))
 
 
-async def update_segment(ctx: Context, segment_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_segment(
+    ctx: Context, segment_id: str, values: dict[str, Any], *, expected_version: int
+) -> Change[Any]:
     """Writes `values` (of SEGMENT_FIELDS) on one of the caller's own segments: a teammate who sees a
     team segment may use it but not change it (404, as on delete)."""
     principal = current_principal()
@@ -1335,7 +1385,7 @@ async def update_segment(ctx: Context, segment_id: str, values: dict[str, Any], 
     _fail(errors)
     s = repo.segments
     async with ctx.uow.begin() as tx:
-        row = await _visible_segment(tx.conn, segment_id)
+        row = await _visible_segment(tx.conn, segment_id, for_update=True)
         if row.owner_id != principal.user_id:
             raise NotFound("segment", segment_id)
         _check_version("segment", row, expected_version)
@@ -1347,7 +1397,7 @@ async def update_segment(ctx: Context, segment_id: str, values: dict[str, Any], 
         # without a team, or before they changed teams, would otherwise reach no one or the old team).
         team = {"team": principal.team} if values.get("visibility") == "team" else {}
         await tx.conn.execute(update(s).where(s.c.id == segment_id).values(**values, **team, version=row.version + 1))
-        return (await tx.conn.execute(select(s).where(s.c.id == segment_id))).one()
+        return Change((await tx.conn.execute(select(s).where(s.c.id == segment_id))).one(), row)
 
 
 async def delete_segment(ctx: Context, segment_id: str) -> None:

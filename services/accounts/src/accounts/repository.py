@@ -483,8 +483,10 @@ async def list_contacts(
     return page_result(rows, page)
 
 
-async def get_contact(conn: AsyncConnection, contact_id: str) -> Any | None:
+async def get_contact(conn: AsyncConnection, contact_id: str, *, for_update: bool = False) -> Any | None:
     query = select(contacts).where(contacts.c.id == contact_id, contacts.c.deleted_at.is_(None))
+    if for_update and is_pg(conn):
+        query = query.with_for_update()
     return (await conn.execute(query)).first()
 
 

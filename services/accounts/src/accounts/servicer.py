@@ -6,6 +6,7 @@ from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer
 from crm.common.v1 import common_pb2
+from crm_platform.changes import previous_message
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind, current_principal, resource_scope_from_metadata
 from crm_platform.structs import struct_values
@@ -132,14 +133,16 @@ class AccountsServicer(AccountsServiceServicer):
     async def UpdateAccount(self, request: pb.UpdateAccountRequest, context: Ctx) -> pb.UpdateAccountResponse:
         values = account_values(request.account)
         selected = _with_currency(_select(values, _mask(request.update_mask, ACCOUNT_FIELDS)), values)
-        row = await handlers.update_account(
+        change = await handlers.update_account(
             self.ctx, request.account_id, selected, expected_version=request.expected_version
         )
-        return pb.UpdateAccountResponse(account=account_to_proto(row))
+        return pb.UpdateAccountResponse(
+            account=account_to_proto(change.record), previous=previous_message(account_to_proto, change.previous)
+        )
 
     async def DeleteAccount(self, request: pb.DeleteAccountRequest, context: Ctx) -> pb.DeleteAccountResponse:
-        await handlers.delete_account(self.ctx, request.account_id, expected_version=request.expected_version)
-        return pb.DeleteAccountResponse()
+        deleted = await handlers.delete_account(self.ctx, request.account_id, expected_version=request.expected_version)
+        return pb.DeleteAccountResponse(previous=account_to_proto(deleted))
 
     async def ListAccounts(self, request: pb.ListAccountsRequest, context: Ctx) -> pb.ListAccountsResponse:
         page = _page(request.page)
@@ -165,14 +168,16 @@ class AccountsServicer(AccountsServiceServicer):
         )
 
     async def MergeAccounts(self, request: pb.MergeAccountsRequest, context: Ctx) -> pb.MergeAccountsResponse:
-        result = await handlers.merge_accounts(
+        merge = await handlers.merge_accounts(
             self.ctx, request.survivor_id, request.duplicate_id, idempotency_key=request.idempotency_key
         )
         return pb.MergeAccountsResponse(
-            survivor=account_to_proto(result["survivor"]),
-            moved_contact_ids=result["contacts"],
-            moved_activities=result["activities"],
-            moved_tasks=result["tasks"],
+            survivor=account_to_proto(merge.survivor),
+            moved_contact_ids=merge.moved_contact_ids,
+            moved_activities=merge.moved_activities,
+            moved_tasks=merge.moved_tasks,
+            previous_survivor=previous_message(account_to_proto, merge.previous_survivor),
+            previous_duplicate=previous_message(account_to_proto, merge.previous_duplicate),
         )
 
     # pool and ownership
@@ -192,17 +197,21 @@ class AccountsServicer(AccountsServiceServicer):
         )
 
     async def ReleaseAccount(self, request: pb.ReleaseAccountRequest, context: Ctx) -> pb.ReleaseAccountResponse:
-        row = await handlers.release_account(
+        change = await handlers.release_account(
             self.ctx, request.account_id, reason=request.reason, expected_version=request.expected_version
         )
-        return pb.ReleaseAccountResponse(account=account_to_proto(row))
+        return pb.ReleaseAccountResponse(
+            account=account_to_proto(change.record), previous=previous_message(account_to_proto, change.previous)
+        )
 
     async def ClaimAccount(self, request: pb.ClaimAccountRequest, context: Ctx) -> pb.ClaimAccountResponse:
-        row = await handlers.claim_account(self.ctx, request.account_id, idempotency_key=request.idempotency_key)
-        return pb.ClaimAccountResponse(account=account_to_proto(row))
+        change = await handlers.claim_account(self.ctx, request.account_id, idempotency_key=request.idempotency_key)
+        return pb.ClaimAccountResponse(
+            account=account_to_proto(change.record), previous=previous_message(account_to_proto, change.previous)
+        )
 
     async def TransferAccount(self, request: pb.TransferAccountRequest, context: Ctx) -> pb.TransferAccountResponse:
-        row = await handlers.transfer_account(
+        change = await handlers.transfer_account(
             self.ctx,
             request.account_id,
             new_owner_id=request.new_owner_id,
@@ -210,7 +219,9 @@ class AccountsServicer(AccountsServiceServicer):
             reason=request.reason,
             expected_version=request.expected_version,
         )
-        return pb.TransferAccountResponse(account=account_to_proto(row))
+        return pb.TransferAccountResponse(
+            account=account_to_proto(change.record), previous=previous_message(account_to_proto, change.previous)
+        )
 
     async def BulkTransferAccounts(
         self, request: pb.BulkTransferAccountsRequest, context: Ctx
@@ -243,14 +254,16 @@ class AccountsServicer(AccountsServiceServicer):
 
     async def UpdateContact(self, request: pb.UpdateContactRequest, context: Ctx) -> pb.UpdateContactResponse:
         values = _select(contact_values(request.contact), _mask(request.update_mask, CONTACT_FIELDS))
-        row = await handlers.update_contact(
+        change = await handlers.update_contact(
             self.ctx, request.contact_id, values, expected_version=request.expected_version
         )
-        return pb.UpdateContactResponse(contact=contact_to_proto(row))
+        return pb.UpdateContactResponse(
+            contact=contact_to_proto(change.record), previous=previous_message(contact_to_proto, change.previous)
+        )
 
     async def DeleteContact(self, request: pb.DeleteContactRequest, context: Ctx) -> pb.DeleteContactResponse:
-        await handlers.delete_contact(self.ctx, request.contact_id, expected_version=request.expected_version)
-        return pb.DeleteContactResponse()
+        deleted = await handlers.delete_contact(self.ctx, request.contact_id, expected_version=request.expected_version)
+        return pb.DeleteContactResponse(previous=contact_to_proto(deleted))
 
     async def ListContacts(self, request: pb.ListContactsRequest, context: Ctx) -> pb.ListContactsResponse:
         page = _page(request.page)
@@ -405,13 +418,15 @@ class AccountsServicer(AccountsServiceServicer):
             "filters": dict(segment.filters),
             "tags": list(segment.tags),
         }
-        row = await handlers.update_segment(
+        change = await handlers.update_segment(
             self.ctx,
             request.segment_id,
             _select(values, _mask(request.update_mask, SEGMENT_FIELDS)),
             expected_version=request.expected_version,
         )
-        return pb.UpdateSegmentResponse(segment=segment_to_proto(row))
+        return pb.UpdateSegmentResponse(
+            segment=segment_to_proto(change.record), previous=previous_message(segment_to_proto, change.previous)
+        )
 
     async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Ctx) -> pb.DeleteSegmentResponse:
         await handlers.delete_segment(self.ctx, request.segment_id)

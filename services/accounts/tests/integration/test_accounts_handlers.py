@@ -124,12 +124,14 @@ async def test_the_owner_changes_a_segment_and_each_change_adds_one_to_its_versi
     segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
     assert segment.version == 1
     with acting_as(*MANAGER):
-        changed = await handlers.update_segment(
-            ctx,
-            segment.id,
-            {"name": " Key accounts ", "filters": {"tier": "B"}, "tags": ["key", "key"]},
-            expected_version=1,
-        )
+        changed = (
+            await handlers.update_segment(
+                ctx,
+                segment.id,
+                {"name": " Key accounts ", "filters": {"tier": "B"}, "tags": ["key", "key"]},
+                expected_version=1,
+            )
+        ).record
         assert (changed.name, changed.filters, changed.tags, changed.version) == (
             "Key accounts",
             {"tier": "B"},
@@ -139,7 +141,7 @@ async def test_the_owner_changes_a_segment_and_each_change_adds_one_to_its_versi
         assert changed.visibility == "user"  # not in the mask: kept
         rows, _ = await handlers.list_accounts(ctx, AccountFilter(), [], PAGE, segment.id)
         assert [r.name for r in rows] == ["Beta"]
-        unconditional = await handlers.update_segment(ctx, segment.id, {"name": "Key"}, expected_version=0)
+        unconditional = (await handlers.update_segment(ctx, segment.id, {"name": "Key"}, expected_version=0)).record
         assert (unconditional.name, unconditional.version) == ("Key", 3)
 
 
@@ -183,7 +185,7 @@ async def test_a_segment_made_a_team_one_is_shared_with_the_owners_team(ctx: Con
     with acting_as(*REP1), pytest.raises(NotFound):
         await handlers.get_segment(ctx, segment.id)
     with acting_as(*MANAGER):
-        shared = await handlers.update_segment(ctx, segment.id, {"visibility": "team"}, expected_version=1)
+        shared = (await handlers.update_segment(ctx, segment.id, {"visibility": "team"}, expected_version=1)).record
     assert (shared.visibility, shared.team) == ("team", "east")
     with acting_as(*REP1):
         assert (await handlers.get_segment(ctx, segment.id)).id == segment.id
@@ -315,7 +317,7 @@ async def test_a_contact_moved_to_another_account_belongs_to_that_accounts_owner
     new_home = await new_account(ctx, REP2, "New Home")
     dora = await new_contact(ctx, REP1, old_home.id, "Dora")
     with acting_as(*MANAGER):
-        moved = await handlers.update_contact(ctx, dora.id, {"account_id": new_home.id}, expected_version=0)
+        moved = (await handlers.update_contact(ctx, dora.id, {"account_id": new_home.id}, expected_version=0)).record
     assert (moved.account_id, moved.owner_id) == (new_home.id, "rep-2")
     with acting_as(*REP2):
         assert (await handlers.get_contact(ctx, dora.id)).account_id == new_home.id
@@ -353,9 +355,11 @@ async def test_an_unchanged_parent_outside_the_callers_scope_is_kept(ctx: Contex
     with acting_as(*MANAGER):
         await handlers.update_account(ctx, mine.id, {"parent_id": others.id}, expected_version=0)
     with acting_as(*REP1):
-        saved = await handlers.update_account(
-            ctx, mine.id, {"name": "Rep One Branch East", "parent_id": others.id}, expected_version=0
-        )
+        saved = (
+            await handlers.update_account(
+                ctx, mine.id, {"name": "Rep One Branch East", "parent_id": others.id}, expected_version=0
+            )
+        ).record
     assert (saved.name, saved.parent_id) == ("Rep One Branch East", others.id)
 
 
@@ -482,7 +486,7 @@ async def test_a_merges_duplicate_missing_or_outside_the_callers_scope_is_a_422_
         with pytest.raises(NotFound):  # the survivor is the account the request addresses (its path)
             await handlers.merge_accounts(ctx, "no-such-account", twin.id, idempotency_key="")
         merged = await handlers.merge_accounts(ctx, mine.id, twin.id, idempotency_key="")
-    assert merged["survivor"].id == mine.id
+    assert merged.survivor.id == mine.id
 
 
 # --- activities -----------------------------------------------------------------------------------------

@@ -225,8 +225,11 @@ async def test_account_lifecycle_with_events(accounts_service: Running) -> None:
     assert cooldown.code == grpc.StatusCode.FAILED_PRECONDITION and cooldown.reason == "COOLDOWN"
     claimed = (await svc.call("ClaimAccount", pb.ClaimAccountRequest(account_id=acme.id), REP2)).account
     assert claimed.owner_id == "rep-2" and not claimed.in_pool
-    again = await svc.fails("ClaimAccount", pb.ClaimAccountRequest(account_id=acme.id), REP3)
+    again = await svc.fails("ClaimAccount", pb.ClaimAccountRequest(account_id=acme.id), manager())
     assert again.reason == "NOT_IN_POOL"
+    # Another rep's account is not there for a rep who reads only their own, as GetAccount answers.
+    unseen = await svc.fails("ClaimAccount", pb.ClaimAccountRequest(account_id=acme.id), REP3)
+    assert unseen.code == grpc.StatusCode.NOT_FOUND
     # rep-1 no longer sees it (scope own).
     assert (
         await svc.fails("GetAccount", pb.GetAccountRequest(account_id=acme.id), REP1)

@@ -75,7 +75,7 @@ async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> 
             ctx, {"account_id": other.id, "name": "Li", "mobile": "138 0013 8000"}, idempotency_key=""
         )
         merged = await handlers.merge_accounts(ctx, acme.id, other.id, idempotency_key="")
-        assert merged["contacts"] == [contact.id]
+        assert merged.moved_contact_ids == [contact.id]
         moved, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=acme.id), [], PAGE)
         assert [c.id for c in moved] == [contact.id]
 
@@ -87,7 +87,7 @@ async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> 
         await handlers.claim_account(ctx, acme.id, idempotency_key="")
     assert cooldown.value.reason == "COOLDOWN"
     with acting_as(OTHER, RecordScope(ScopeKind.OWN, owner_id="rep-2")):
-        claimed = await handlers.claim_account(ctx, acme.id, idempotency_key="")
+        claimed = (await handlers.claim_account(ctx, acme.id, idempotency_key="")).record
     assert claimed.owner_id == "rep-2"
 
 

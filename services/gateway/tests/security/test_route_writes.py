@@ -237,11 +237,17 @@ class FakeAccounts(AccountsServiceServicer):
         activity = accounts_pb2.Activity(id="a-1", account_id=request.account_id, kind=request.kind, actor_id="u-1")
         return accounts_pb.LogActivityResponse(activity=activity)
 
+    ACCOUNT = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
+
     async def GetAccount(self, request: accounts_pb.GetAccountRequest, context: Any) -> Any:
-        if request.account_id == "acc-gone":  # or out of the caller's scope: the service answers alike
-            await abort(context, NotFound("account", request.account_id))
-        account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id="u-1", team="east", version=2)
-        return accounts_pb.GetAccountResponse(account=account)
+        await self._in_scope(request.account_id, context)
+        return accounts_pb.GetAccountResponse(account=self.ACCOUNT)
+
+    async def _in_scope(self, account_id: str, context: Any, field: str = "") -> None:
+        if account_id == "acc-gone":  # or out of the caller's scope: the service answers alike
+            # One a request's body names (in `field`) is a 422 naming the field, one its path names a 404.
+            error = missing_reference(field, "account", account_id) if field else NotFound("account", account_id)
+            await abort(context, error)
 
     async def CreateContact(self, request: accounts_pb.CreateContactRequest, context: Any) -> Any:
         if request.contact.account_id == "acc-gone":  # as the service refuses a body's unknown account
@@ -250,18 +256,25 @@ class FakeAccounts(AccountsServiceServicer):
         return accounts_pb.CreateContactResponse(contact=contact)
 
     async def MergeAccounts(self, request: accounts_pb.MergeAccountsRequest, context: Any) -> Any:
+        await self._in_scope(request.survivor_id, context)
+        await self._in_scope(request.duplicate_id, context, field="duplicate_id")
         self.merges.append(request)
         survivor = accounts_pb2.Account(id=request.survivor_id, name="Initech", owner_id="u-1", version=3)
-        return accounts_pb.MergeAccountsResponse(survivor=survivor)
+        duplicate = accounts_pb2.Account(id=request.duplicate_id, name="Initech Ltd", owner_id="u-1", version=1)
+        return accounts_pb.MergeAccountsResponse(
+            survivor=survivor, previous_survivor=self.ACCOUNT, previous_duplicate=duplicate
+        )
 
     async def TransferAccount(self, request: accounts_pb.TransferAccountRequest, context: Any) -> Any:
+        await self._in_scope(request.account_id, context)
         account = accounts_pb2.Account(id="acc-1", name="Initech", owner_id=request.new_owner_id, team="west",
                                        version=3)  # fmt: skip
-        return accounts_pb.TransferAccountResponse(account=account)
+        return accounts_pb.TransferAccountResponse(account=account, previous=self.ACCOUNT)
 
     async def ReleaseAccount(self, request: accounts_pb.ReleaseAccountRequest, context: Any) -> Any:
+        await self._in_scope(request.account_id, context)
         account = accounts_pb2.Account(id="acc-1", name="Initech", team="east", in_pool=True, version=3)
-        return accounts_pb.ReleaseAccountResponse(account=account)
+        return accounts_pb.ReleaseAccountResponse(account=account, previous=self.ACCOUNT)
 
 
 class FakeSales(SalesServiceServicer):
@@ -666,8 +679,8 @@ async def test_an_activity_is_logged_on_an_account_the_caller_may_read(
 async def test_a_merges_duplicate_the_caller_cannot_read_is_a_422_naming_it_and_nothing_is_merged(
     gateway: Gateway,
 ) -> None:
-    """The gateway reads the duplicate before the merge, for the audit trail: a missing one (or one out
-    of scope) is refused as the service refuses it, a 422 naming the body's field, not a 404."""
+    """A missing duplicate (or one out of scope) is refused as the service refuses it: a 422 naming
+    the body's field, not a 404."""
     response = await gateway.client.post(
         "/api/v1/accounts/acc-1/merge", json={"duplicate_id": "acc-gone"}, headers=gateway.auth("sales_manager")
     )

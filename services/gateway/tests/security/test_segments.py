@@ -79,10 +79,11 @@ class FakeAccounts(AccountsServiceServicer, CustomFieldServiceServicer):
 
     async def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: Any) -> pb.UpdateSegmentResponse:
         self.updated.append(request)
+        previous = self.segment(request.segment_id)
         segment = self.segment(request.segment_id)
         request.update_mask.MergeMessage(request.segment, segment, replace_repeated_field=True)
         segment.version = 4
-        return pb.UpdateSegmentResponse(segment=segment)
+        return pb.UpdateSegmentResponse(segment=segment, previous=previous)
 
     async def ListAccounts(self, request: pb.ListAccountsRequest, context: Any) -> pb.ListAccountsResponse:
         self.lists.append(request)

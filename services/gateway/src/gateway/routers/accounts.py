@@ -16,7 +16,6 @@ from crm.sales.v1 import sales_service_pb2
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm.servicedesk.v1 import servicedesk_service_pb2
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
-from crm_platform.errors import missing_reference
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, HTTPException, Query, Request, Response
@@ -719,9 +718,7 @@ async def update_account(
 ) -> dict[str, Any]:
     values = body.model_dump(exclude_unset=True)
     access.check_write(values)
-    stub = _stub(request)
-    before = await _account_before(stub, account_id, access)
-    reply = await stub.UpdateAccount(
+    reply = await _stub(request).UpdateAccount(
         pb.UpdateAccountRequest(
             account_id=account_id,
             account=_account_input(values),
@@ -731,28 +728,32 @@ async def update_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, before, record)
+    await access.audit_write(account_id, _account_before(reply, record), record)
     present = await presenter(access)
     return with_etag(response, present(record))
 
 
-async def _account_before(stub: AccountsServiceStub, account_id: str, access: Access) -> dict[str, Any]:
-    """The account as stored before a write, for the audit trail (404 when it is not in scope)."""
-    reply = await stub.GetAccount(pb.GetAccountRequest(account_id=account_id), metadata=access.grpc_metadata())
-    return account_dict(reply.account)
+_AccountWrite = (
+    pb.UpdateAccountResponse | pb.ClaimAccountResponse | pb.ReleaseAccountResponse | pb.TransferAccountResponse
+)
+
+
+def _account_before(reply: _AccountWrite, after: dict[str, Any]) -> dict[str, Any]:
+    """The account as it was before a write, for the audit trail: the service read it under the
+    account's row lock in the write's transaction (no other write came between). A repeat of an
+    idempotency key changed nothing, and is audited as a replay: the account as it is now."""
+    return account_dict(reply.previous) if reply.HasField("previous") else after
 
 
 @router.delete("/accounts/{account_id}", status_code=204)
 async def delete_account(
     account_id: str, request: Request, access: AccountsDelete, if_match: IfMatch = None
 ) -> Response:
-    stub = _stub(request)
-    before = await _account_before(stub, account_id, access)
-    await stub.DeleteAccount(
+    reply = await _stub(request).DeleteAccount(
         pb.DeleteAccountRequest(account_id=account_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(account_id, before, None)
+    await access.audit_write(account_id, account_dict(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -760,29 +761,28 @@ async def delete_account(
 async def merge_accounts(
     account_id: str, body: MergeIn, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
-    stub = _stub(request)
-    survivor = await _account_before(stub, account_id, access)
-    try:
-        duplicate = await _account_before(stub, body.duplicate_id, access)
-    except grpc.aio.AioRpcError as error:
-        if error.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        # The body names the duplicate: not there (or out of scope), it is the 422 the merge answers.
-        raise missing_reference("duplicate_id", "account", body.duplicate_id) from None
-    reply = await stub.MergeAccounts(
+    # A survivor the caller may not read is a 404, a duplicate a 422 naming `duplicate_id` (the service's).
+    reply = await _stub(request).MergeAccounts(
         pb.MergeAccountsRequest(
             survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key or ""
         ),
         metadata=access.grpc_metadata(),
     )
+    survivor = account_dict(reply.survivor)
+    # Both as the service read them under their row locks in the merge's transaction; unset in a repeat
+    # of the idempotency key, which merged nothing and is audited as a replay (whatever `before` says).
+    survivor_before = account_dict(reply.previous_survivor) if reply.HasField("previous_survivor") else survivor
+    duplicate_before = account_dict(reply.previous_duplicate)
     await access.audit_write(
-        account_id, survivor, account_dict(reply.survivor), action="merge", reason=f"merged {body.duplicate_id}"
+        account_id, survivor_before, survivor, action="merge", reason=f"merged {body.duplicate_id}"
     )
     # The duplicate lives on only as a pointer to the survivor: audited like a delete.
-    await access.audit_write(body.duplicate_id, duplicate, None, action="merge", reason=f"merged into {account_id}")
+    await access.audit_write(
+        body.duplicate_id, duplicate_before, None, action="merge", reason=f"merged into {account_id}"
+    )
     present = await presenter(access)
     return {
-        "survivor": present(account_dict(reply.survivor)),
+        "survivor": present(survivor),
         "duplicate_id": body.duplicate_id,
         "moved_contact_ids": list(reply.moved_contact_ids),
         "moved_activities": reply.moved_activities,
@@ -828,14 +828,12 @@ async def list_pool(
 async def claim_account(
     account_id: str, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
-    stub = _stub(request)
-    before = await _account_before(stub, account_id, access)
-    reply = await stub.ClaimAccount(
+    reply = await _stub(request).ClaimAccount(
         pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key or ""),
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, before, record, action="claim")
+    await access.audit_write(account_id, _account_before(reply, record), record, action="claim")
     present = await presenter(access)
     return present(record)
 
@@ -849,14 +847,12 @@ async def release_account(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     reason = body.reason if body else ""
-    stub = _stub(request)
-    before = await _account_before(stub, account_id, access)
-    reply = await stub.ReleaseAccount(
+    reply = await _stub(request).ReleaseAccount(
         pb.ReleaseAccountRequest(account_id=account_id, reason=reason, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, before, record, action="release", reason=reason)
+    await access.audit_write(account_id, _account_before(reply, record), record, action="release", reason=reason)
     present = await presenter(access)
     return present(record)
 
@@ -866,9 +862,7 @@ async def transfer_account(
     account_id: str, body: TransferIn, request: Request, access: AccountsAssign, if_match: IfMatch = None
 ) -> dict[str, Any]:
     access.check_write(["owner_id"])
-    stub = _stub(request)
-    before = await _account_before(stub, account_id, access)
-    reply = await stub.TransferAccount(
+    reply = await _stub(request).TransferAccount(
         pb.TransferAccountRequest(
             account_id=account_id,
             new_owner_id=body.new_owner_id,
@@ -879,7 +873,7 @@ async def transfer_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, before, record, action="transfer", reason=body.reason)
+    await access.audit_write(account_id, _account_before(reply, record), record, action="transfer", reason=body.reason)
     present = await presenter(access)
     return present(record)
 
@@ -1080,9 +1074,7 @@ async def update_contact(
 ) -> dict[str, Any]:
     values = body.model_dump(exclude_unset=True)
     access.check_write(values)
-    stub = _stub(request)
-    before = await stub.GetContact(pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateContact(
+    reply = await _stub(request).UpdateContact(
         pb.UpdateContactRequest(
             contact_id=contact_id,
             contact=_contact_input(values),
@@ -1092,7 +1084,8 @@ async def update_contact(
         metadata=access.grpc_metadata(),
     )
     record = contact_dict(reply.contact)
-    await access.audit_write(contact_id, contact_dict(before.contact), record)
+    # As the service read it under its row lock in the write's transaction.
+    await access.audit_write(contact_id, contact_dict(reply.previous), record)
     present = await presenter(access)
     return with_etag(response, present(record))
 
@@ -1101,13 +1094,11 @@ async def update_contact(
 async def delete_contact(
     contact_id: str, request: Request, access: ContactsDelete, if_match: IfMatch = None
 ) -> Response:
-    stub = _stub(request)
-    before = await stub.GetContact(pb.GetContactRequest(contact_id=contact_id), metadata=access.grpc_metadata())
-    await stub.DeleteContact(
+    reply = await _stub(request).DeleteContact(
         pb.DeleteContactRequest(contact_id=contact_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(contact_id, contact_dict(before.contact), None)
+    await access.audit_write(contact_id, contact_dict(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -1494,9 +1485,7 @@ async def update_segment(
         segment.filters.update(filters)
         segment.tags.extend(tags)
         paths.extend(["filters", "tags"])
-    stub = _stub(request)
-    before = await stub.GetSegment(pb.GetSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateSegment(
+    reply = await _stub(request).UpdateSegment(
         pb.UpdateSegmentRequest(
             segment_id=segment_id,
             segment=segment,
@@ -1506,7 +1495,8 @@ async def update_segment(
         metadata=access.grpc_metadata(),
     )
     record = segment_dict(reply.segment)
-    await access.audit_write(segment_id, segment_dict(before.segment), record)
+    # As the service read it under its row lock in the write's transaction.
+    await access.audit_write(segment_id, segment_dict(reply.previous), record)
     return with_etag(response, access.present(record))
 
 
