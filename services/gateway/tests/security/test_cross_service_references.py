@@ -143,7 +143,7 @@ class FakeSales(SalesServiceServicer):
         deal = sales_pb2.Opportunity()
         deal.CopyFrom(self.DEAL)
         deal.primary_contact_id, deal.version = request.opportunity.primary_contact_id, 2
-        return sales_pb.UpdateOpportunityResponse(opportunity=deal)
+        return sales_pb.UpdateOpportunityResponse(opportunity=deal, previous=self.DEAL)
 
     async def ImportOpportunities(self, request: sales_pb.ImportOpportunitiesRequest, context: Any) -> Any:
         """As the service answers: a row imported before is `existing`; else one the gateway refused

@@ -293,17 +293,15 @@ class FakeSales(SalesServiceServicer):
         deals = [sales_pb2.Opportunity(id="o-7", campaign_id="cmp-3")] if request.campaign_id == "cmp-3" else []
         return sales_pb.ListOpportunitiesResponse(items=deals)
 
-    async def GetOpportunity(self, request: sales_pb.GetOpportunityRequest, context: Any) -> Any:
-        if request.id == "o-404":  # as the service answers a deal outside the caller's scope
-            await abort(context, NotFound("opportunity", request.id))
-        deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
-        return sales_pb.GetOpportunityResponse(opportunity=deal)
+    DEAL = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2", version=5)
 
     async def AssignOpportunity(self, request: sales_pb.AssignOpportunityRequest, context: Any) -> Any:
+        if request.id == "o-404":  # as the service answers a deal outside the caller's scope
+            await abort(context, NotFound("opportunity", request.id))
         self.assignments.append(request)
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2",
                                      owner_id=request.owner_id, team=request.team, version=6)  # fmt: skip
-        return sales_pb.AssignOpportunityResponse(opportunity=deal)
+        return sales_pb.AssignOpportunityResponse(opportunity=deal, previous=self.DEAL)
 
     async def UpdateOpportunity(self, request: sales_pb.UpdateOpportunityRequest, context: Any) -> Any:
         self.updates.append(request)
@@ -311,40 +309,46 @@ class FakeSales(SalesServiceServicer):
         if request.override_collision:
             deal.collision_override_by, deal.colliding_opportunity_id = "u-1", "o-9"
             deal.collision_override_reason = request.override_reason
-        return sales_pb.UpdateOpportunityResponse(opportunity=deal)
+        return sales_pb.UpdateOpportunityResponse(opportunity=deal, previous=self.DEAL)
 
     async def MoveOpportunityStage(self, request: sales_pb.MoveOpportunityStageRequest, context: Any) -> Any:
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage=request.stage, probability="0.6", version=6)
-        return sales_pb.MoveOpportunityStageResponse(opportunity=deal)
+        return sales_pb.MoveOpportunityStageResponse(opportunity=deal, previous=self.DEAL)
 
-    async def GetContract(self, request: sales_pb.GetContractRequest, context: Any) -> Any:
-        if request.id == "k-404":  # as the service answers a contract outside the caller's scope
-            await abort(context, NotFound("contract", request.id))
-        contract = sales_pb2.Contract(id="k-1", title="Robots", status="pending_approval", version=2)
-        return sales_pb.GetContractResponse(contract=contract)
+    CONTRACT = sales_pb2.Contract(id="k-1", title="Robots", status="pending_approval", version=2)
 
     async def DeleteContract(self, request: sales_pb.DeleteContractRequest, context: Any) -> Any:
+        if request.id == "k-404":  # as the service answers a contract outside the caller's scope
+            await abort(context, NotFound("contract", request.id))
         self.contract_deletes.append(request)
-        return sales_pb.DeleteContractResponse()
+        return sales_pb.DeleteContractResponse(previous=self.CONTRACT)
 
-    async def GetQuote(self, request: sales_pb.GetQuoteRequest, context: Any) -> Any:
-        if request.id == "q-3":  # a manager gave 20 % off on it
-            item = sales_pb2.LineItem(product_name="GTX", quantity="1", discount_percent="20")
-            quote = sales_pb2.Quote(id="q-3", status="pending_approval", line_items=[item], version=2)
-            return sales_pb.GetQuoteResponse(quote=quote)
-        if request.id != "q-1":
-            await abort(context, NotFound("quote", request.id))
-        return sales_pb.GetQuoteResponse(quote=sales_pb2.Quote(id="q-1", status="rejected", version=4))
+    DISCOUNTED = sales_pb2.LineItem(product_name="GTX", quantity="1", discount_percent="20")  # a manager gave 20 % off
+    QUOTES = {
+        "q-1": sales_pb2.Quote(id="q-1", status="rejected", version=4),
+        "q-3": sales_pb2.Quote(id="q-3", status="pending_approval", line_items=[DISCOUNTED], version=2),
+    }
+
+    async def _quote(self, quote_id: str, context: Any) -> sales_pb2.Quote:
+        if quote_id not in self.QUOTES:  # as the service answers a quote outside the caller's scope
+            await abort(context, NotFound("quote", quote_id))
+        return self.QUOTES[quote_id]
 
     async def UpdateQuote(self, request: sales_pb.UpdateQuoteRequest, context: Any) -> Any:
+        previous = await self._quote(request.id, context)
+        if any(item.discount_percent for item in previous.line_items) and not request.HasField("discounts_scope"):
+            # As the service refuses new line items on a quote with discounts to one who may not set them.
+            refused = "you may not set field 'line_items.discount_percent' of quotes"
+            await abort(context, PermissionDenied(refused, field="line_items.discount_percent"))
         self.quote_updates.append(request)
         discount = max((item.discount_percent or "0" for item in request.line_items), key=Decimal)
         quote = sales_pb2.Quote(id="q-1", status="pending_approval", max_discount_percent=discount, version=5)
-        return sales_pb.UpdateQuoteResponse(quote=quote)
+        return sales_pb.UpdateQuoteResponse(quote=quote, previous=previous)
 
     async def DeleteQuote(self, request: sales_pb.DeleteQuoteRequest, context: Any) -> Any:
+        previous = await self._quote(request.id, context)
         self.quote_deletes.append(request)
-        return sales_pb.DeleteQuoteResponse()
+        return sales_pb.DeleteQuoteResponse(previous=previous)
 
     PLAN = sales_pb2.PaymentPlan(
         id="pp-1", contract_id="k-1", version=1,
@@ -358,6 +362,8 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.GetPaymentPlanResponse(payment_plan=self.PLAN)
 
     async def UpdatePaymentPlan(self, request: sales_pb.UpdatePaymentPlanRequest, context: Any) -> Any:
+        if request.contract_id == "k-404":
+            await abort(context, NotFound("contract", request.contract_id))
         self.plan_updates.append(request)
         if request.installments[0].due_date != self.PLAN.installments[0].due_date:
             paid = "installments[0] (due 2027-01-31) is paid in part or in full: it cannot be changed"
@@ -367,7 +373,7 @@ class FakeSales(SalesServiceServicer):
             installments=[sales_pb2.Installment(id=f"i-{n}", sequence=n, due_date=item.due_date, amount=item.amount)
                           for n, item in enumerate(request.installments, start=1)],
         )  # fmt: skip
-        return sales_pb.UpdatePaymentPlanResponse(payment_plan=plan)
+        return sales_pb.UpdatePaymentPlanResponse(payment_plan=plan, previous=self.PLAN)
 
     async def RecordPayment(self, request: sales_pb.RecordPaymentRequest, context: Any) -> Any:
         """As the service answers a keyed request: the first result again, or a refusal naming the key."""
@@ -384,17 +390,14 @@ class FakeSales(SalesServiceServicer):
         if request.id == "k-2":  # waits for another role's approval
             await abort(context, PermissionDenied("the approval chain waits for finance"))
         contract = sales_pb2.Contract(id=request.id, title="Robots", status="approved", version=3)
-        return sales_pb.ApproveContractResponse(contract=contract)
+        return sales_pb.ApproveContractResponse(contract=contract, previous=self.CONTRACT)
 
     async def SignContract(self, request: sales_pb.SignContractRequest, context: Any) -> Any:
         await abort(context, NotFound("contract", request.id))  # out of the caller's scope
 
-    async def GetInvoice(self, request: sales_pb.GetInvoiceRequest, context: Any) -> Any:
-        return sales_pb.GetInvoiceResponse(invoice=sales_pb2.Invoice(id="i-1", status="requested"))
-
     async def IssueInvoice(self, request: sales_pb.IssueInvoiceRequest, context: Any) -> Any:
         invoice = sales_pb2.Invoice(id="i-1", status="issued", number=request.number)
-        return sales_pb.IssueInvoiceResponse(invoice=invoice)
+        return sales_pb.IssueInvoiceResponse(invoice=invoice, previous=sales_pb2.Invoice(id="i-1", status="requested"))
 
 
 async def abort(context: Any, error: CrmError) -> None:

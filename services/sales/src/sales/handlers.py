@@ -14,6 +14,7 @@ from typing import Any
 from crm.sales.v1 import events_pb2, sales_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.changes import Change
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
@@ -22,6 +23,7 @@ from crm_platform.errors import (
     Conflict,
     FieldError,
     NotFound,
+    PermissionDenied,
     StaleVersion,
     ValidationFailed,
     missing_reference,
@@ -30,7 +32,14 @@ from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.pagination import keyset_page, next_cursor, page_limit, parse_sort
-from crm_platform.principal import Principal, RecordScope, current_principal, current_scope, scope_clause
+from crm_platform.principal import (
+    ALL_RECORDS,
+    Principal,
+    RecordScope,
+    current_principal,
+    current_scope,
+    scope_clause,
+)
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import (
     ColumnElement,
@@ -60,6 +69,7 @@ DEFAULT_PIPELINE_ID = "default"
 OPPORTUNITY_ENTITY = "opportunity"
 # The columns a record scope reads (SPEC §9): who owns a record, in which team and region.
 OWNERSHIP = ("owner_id", "team", "region")
+DISCOUNT_FIELD = "line_items.discount_percent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +315,7 @@ class SalesHandlers:
 
     async def update_pipeline(
         self, pipeline_id: str, *, expected_version: int, name: str, stages: Sequence[d.Stage], is_default: bool
-    ) -> sales_pb2.Pipeline:
+    ) -> Change[sales_pb2.Pipeline]:
         _check_pipeline(name, stages)
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
@@ -347,9 +357,10 @@ class SalesHandlers:
                     )
                     .values(probability_bp=int(stage.probability * 100))
                 )
-            return v.pipeline_proto({**row, **values})
+            return Change(v.pipeline_proto({**row, **values}), v.pipeline_proto(row))
 
-    async def delete_pipeline(self, pipeline_id: str) -> None:
+    async def delete_pipeline(self, pipeline_id: str) -> sales_pb2.Pipeline:
+        """Deletes a pipeline no deal uses; returns it as it was (for the caller's audit trail)."""
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
             row = await r.load(tx.conn, p, pipeline_id, lock=True)
@@ -360,6 +371,7 @@ class SalesHandlers:
             if await tx.conn.scalar(select(o.c.id).where(o.c.pipeline_id == pipeline_id).limit(1)) is not None:
                 raise Conflict(f"pipeline {pipeline_id} has deals", reason="PIPELINE_IN_USE")
             await tx.conn.execute(delete(p).where(p.c.id == pipeline_id))
+            return v.pipeline_proto(row)
 
     async def get_pipeline(self, pipeline_id: str) -> sales_pb2.Pipeline:
         async with self.engine.connect() as conn:
@@ -586,11 +598,15 @@ class SalesHandlers:
             result.append(v.opportunity_proto(row, rotting=rotting))
         return result
 
+    async def _as_read(self, conn: AsyncConnection, row: RowMapping) -> sales_pb2.Opportunity:
+        """A deal as `get_opportunity` answers it, `rotting` computed (a write's own answer leaves it
+        false): what a write answers as the deal before it, as a read before the write would have."""
+        [proto] = await self._read_out(conn, [row])
+        return proto
+
     async def get_opportunity(self, opportunity_id: str) -> sales_pb2.Opportunity:
         async with self.engine.connect() as conn:
-            row = await self._opportunity_row(conn, opportunity_id, scope=current_scope())
-            [proto] = await self._read_out(conn, [row])
-            return proto
+            return await self._as_read(conn, await self._opportunity_row(conn, opportunity_id, scope=current_scope()))
 
     async def list_opportunities(
         self,
@@ -675,7 +691,7 @@ class SalesHandlers:
         changes: dict[str, Any],
         override_collision: bool = False,
         override_reason: str = "",
-    ) -> sales_pb2.Opportunity:
+    ) -> Change[sales_pb2.Opportunity]:
         """`changes` maps mask paths to new values (amount as Money, line_items as LineItemIn,
         expected_close_date as date or None, forecast_category as ForecastCategory or None)."""
         principal = current_principal()
@@ -694,6 +710,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
+            previous = await self._as_read(tx.conn, row)
             values: dict[str, Any] = {}
             for name, value in changes.items():
                 if name == "amount":
@@ -730,7 +747,7 @@ class SalesHandlers:
             d.check_line_currency(merged["currency"], _line_currency(merged["line_items"]))
             changed = sorted(name for name in values if values[name] != row[name])
             if not changed:
-                return v.opportunity_proto(row)
+                return Change(v.opportunity_proto(row), previous)
             if set(OWNERSHIP) & set(changed):
                 d.check_owner_change(row["status"], opportunity_id=opportunity_id)
             proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
@@ -738,7 +755,7 @@ class SalesHandlers:
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=opportunity_id,
             )
-            return proto
+            return Change(proto, previous)
 
     async def assign_opportunity(
         self,
@@ -750,7 +767,7 @@ class SalesHandlers:
         region: str,
         override_collision: bool = False,
         override_reason: str = "",
-    ) -> sales_pb2.Opportunity:
+    ) -> Change[sales_pb2.Opportunity]:
         """Hands an open deal to `owner_id` (a rep leaves, territories change), and to `team` and
         `region` when given; its quotes follow it. The new owner is held to anti-collision as an
         update of the owner is."""
@@ -762,9 +779,10 @@ class SalesHandlers:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
             d.check_owner_change(row["status"], opportunity_id=opportunity_id)
+            previous = await self._as_read(tx.conn, row)
             values = {name: value for name, value in given.items() if value and value != row[name]}
             if not values:
-                return v.opportunity_proto(row)
+                return Change(v.opportunity_proto(row), previous)
             changed = sorted(values)
             proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
             tx.publish(
@@ -774,7 +792,7 @@ class SalesHandlers:
                 ),
                 key=opportunity_id,
             )  # fmt: skip
-            return proto
+            return Change(proto, previous)
 
     async def _save_opportunity(
         self,
@@ -820,7 +838,8 @@ class SalesHandlers:
             .values(**owner, updated_at=self.clock(), version=q.c.version + 1)
         )
 
-    async def delete_opportunity(self, opportunity_id: str, *, expected_version: int) -> None:
+    async def delete_opportunity(self, opportunity_id: str, *, expected_version: int) -> sales_pb2.Opportunity:
+        """A deal entered by mistake, with its quotes; returns it as it was (for the caller's audit trail)."""
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
@@ -832,6 +851,7 @@ class SalesHandlers:
                     f"opportunity {opportunity_id} has contract {contract}; close it as won or lost instead"
                 ),
             )
+            deleted = await self._as_read(tx.conn, row)
             await tx.conn.execute(delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id))
             await tx.conn.execute(delete(r.opportunities).where(r.opportunities.c.id == opportunity_id))
             tx.publish(
@@ -840,8 +860,11 @@ class SalesHandlers:
                 ),
                 key=opportunity_id,
             )
+            return deleted
 
-    async def move_stage(self, opportunity_id: str, *, stage: str, expected_version: int) -> sales_pb2.Opportunity:
+    async def move_stage(
+        self, opportunity_id: str, *, stage: str, expected_version: int
+    ) -> Change[sales_pb2.Opportunity]:
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
@@ -851,8 +874,9 @@ class SalesHandlers:
             target = pipeline.stage(stage)
             if target.outcome is not d.Outcome.OPEN:
                 raise ValidationFailed([FieldError("stage", f"{stage!r} closes the deal: use win or lose")])
+            previous = await self._as_read(tx.conn, row)
             if target.key == row["stage"]:
-                return v.opportunity_proto(row)
+                return Change(v.opportunity_proto(row), previous)
             d.check_stage_gate(pipeline, target.key, self._gate_fields(row))
             now = self.clock()
             values = {
@@ -871,7 +895,7 @@ class SalesHandlers:
                 ),
                 key=opportunity_id,
             )
-            return proto
+            return Change(proto, previous)
 
     @staticmethod
     def _enter(row: RowMapping | dict[str, Any], stage: str, now: datetime) -> list[dict[str, str]]:
@@ -883,14 +907,14 @@ class SalesHandlers:
 
     async def win(
         self, opportunity_id: str, *, expected_version: int, close_date: date | None, amount: Money | None
-    ) -> sales_pb2.Opportunity:
+    ) -> Change[sales_pb2.Opportunity]:
         return await self._close(
             opportunity_id, d.Outcome.WON, expected_version=expected_version, close_date=close_date, amount=amount
         )
 
     async def lose(
         self, opportunity_id: str, *, expected_version: int, reason: str, close_date: date | None
-    ) -> sales_pb2.Opportunity:
+    ) -> Change[sales_pb2.Opportunity]:
         _require(reason, "reason")
         return await self._close(
             opportunity_id, d.Outcome.LOST, expected_version=expected_version, close_date=close_date, reason=reason
@@ -905,7 +929,7 @@ class SalesHandlers:
         close_date: date | None,
         amount: Money | None = None,
         reason: str = "",
-    ) -> sales_pb2.Opportunity:
+    ) -> Change[sales_pb2.Opportunity]:
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
@@ -942,7 +966,7 @@ class SalesHandlers:
                 else events_pb2.OpportunityLost(opportunity=proto, reason=reason, actor=v.actor(principal))
             )
             tx.publish(event, key=opportunity_id)
-            return proto
+            return Change(proto, await self._as_read(tx.conn, row))
 
     async def import_opportunities(self, pipeline_id: str, rows: Sequence[ImportRow]) -> list[ImportResult]:
         """Loads deals of another system as they are (open at a stage, won or lost). Stage gates
@@ -1214,14 +1238,28 @@ class SalesHandlers:
             raise NotFound("quote", quote_id)
         return row
 
-    async def _quote_to_change(self, conn: AsyncConnection, quote_id: str, expected_version: int) -> RowMapping:
+    async def _quote_to_change(
+        self,
+        conn: AsyncConnection,
+        quote_id: str,
+        expected_version: int,
+        *,
+        discounts_scope: RecordScope | None = ALL_RECORDS,
+    ) -> RowMapping:
         """The caller's quote, locked for a change or a deletion at `expected_version`, while its
         deal has no contract. Its deal is locked first, as `create_contract` locks it (and as
         `update_opportunity` locks it before the quotes that follow it): a contract being made from
-        the deal meanwhile is either committed and found here, or made after this commits."""
+        the deal meanwhile is either committed and found here, or made after this commits.
+        A quote that has discounts must also be within `discounts_scope` (None: nowhere, a
+        PERMISSION_DENIED naming the field; elsewhere NOT_FOUND, as out of the caller's scope)."""
         row = await self._quote_row(conn, quote_id, scope=current_scope())
         await r.load(conn, r.opportunities, row["opportunity_id"], lock=True)
         row = await self._quote_row(conn, quote_id, scope=current_scope(), lock=True)
+        if row["max_discount_percent"] > 0:
+            if discounts_scope is None:
+                raise PermissionDenied(f"you may not set field '{DISCOUNT_FIELD}' of quotes", field=DISCOUNT_FIELD)
+            if not discounts_scope.allows(owner_id=row["owner_id"], team=row["team"], region=row["region"]):
+                raise NotFound("quote", quote_id)
         _check_version(row, expected_version, "quote")
         # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
         # every quote of it is part of what the contract was negotiated from.
@@ -1245,7 +1283,7 @@ class SalesHandlers:
 
     async def decide_quote(
         self, quote_id: str, *, expected_version: int, decision: d.Decision, comment: str
-    ) -> sales_pb2.Quote:
+    ) -> Change[sales_pb2.Quote]:
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._quote_row(tx.conn, quote_id, scope=current_scope(), lock=True)
@@ -1283,21 +1321,30 @@ class SalesHandlers:
                 tx.publish(
                     events_pb2.QuoteRejected(quote=proto, comment=comment, actor=v.actor(principal)), key=quote_id
                 )
-            return proto
+            return Change(proto, v.quote_proto(row))
 
     async def update_quote(
-        self, quote_id: str, *, expected_version: int, line_items: Sequence[LineItemIn]
-    ) -> sales_pb2.Quote:
+        self,
+        quote_id: str,
+        *,
+        expected_version: int,
+        line_items: Sequence[LineItemIn],
+        discounts_scope: RecordScope | None = ALL_RECORDS,
+    ) -> Change[sales_pb2.Quote]:
         """New line items for a quote not yet decided, whose deal has no contract: totals and the
         approvals they need are computed again, and decisions made on the previous ones are void
-        (it waits for its whole chain again; the answer's status says so). The caller submitted them."""
+        (it waits for its whole chain again; the answer's status says so). The caller submitted them.
+        New line items replace a quote's discounts: one that has any changes only within
+        `discounts_scope`, the caller's scope as one who may set discounts (None: they may not,
+        PERMISSION_DENIED naming the field)."""
         principal = current_principal()
         terms = self._quote_terms(line_items)
         async with self.uow.begin() as tx:
-            row = await self._quote_to_change(tx.conn, quote_id, expected_version)
+            row = await self._quote_to_change(tx.conn, quote_id, expected_version, discounts_scope=discounts_scope)
             d.check_quote_changeable(row["status"], quote_id=quote_id)
+            previous = v.quote_proto(row)
             if terms["line_items"] == row["line_items"]:
-                return v.quote_proto(row)
+                return Change(previous, previous)
             values = {
                 **terms, "submitted_by": principal.user_id, "updated_at": self.clock(), "version": row["version"] + 1,
             }  # fmt: skip
@@ -1311,10 +1358,11 @@ class SalesHandlers:
                 ),
                 key=quote_id,
             )
-            return proto
+            return Change(proto, previous)
 
-    async def delete_quote(self, quote_id: str, *, expected_version: int) -> None:
-        """A quote before approval, entered by mistake or superseded, whose deal has no contract."""
+    async def delete_quote(self, quote_id: str, *, expected_version: int) -> sales_pb2.Quote:
+        """A quote before approval, entered by mistake or superseded, whose deal has no contract;
+        returns it as it was (for the caller's audit trail)."""
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._quote_to_change(tx.conn, quote_id, expected_version)
@@ -1326,6 +1374,7 @@ class SalesHandlers:
                 ),
                 key=quote_id,
             )
+            return v.quote_proto(row)
 
     # ------------------------------------------------------------ contracts
 
@@ -1479,12 +1528,13 @@ class SalesHandlers:
         items = [v.contract_proto(row, decisions.get(row["id"], [])) for row in rows[:limit]]
         return PageOf(items, next_cursor(rows, sort_key=column.key, descending=descending, limit=limit))
 
-    async def submit_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
+    async def submit_contract(self, contract_id: str, *, expected_version: int) -> Change[sales_pb2.Contract]:
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "contract")
             d.check_contract_transition(row["status"], d.ContractStatus.PENDING_APPROVAL, contract_id=contract_id)
+            previous = await self._contract_proto(tx.conn, row)
             # The chain is fixed here, with the rates of now: decisions follow it even if rates change.
             chain = d.contract_approval_chain(Money(row["amount"], row["currency"]), self.contract_thresholds)
             values = {
@@ -1495,11 +1545,11 @@ class SalesHandlers:
             }
             proto = await self._save_contract(tx, row, values)
             tx.publish(events_pb2.ContractSubmitted(contract=proto, actor=v.actor(principal)), key=contract_id)
-            return proto
+            return Change(proto, previous)
 
     async def decide_contract(
         self, contract_id: str, *, expected_version: int, decision: d.Decision, comment: str
-    ) -> sales_pb2.Contract:
+    ) -> Change[sales_pb2.Contract]:
         """One step of the chain, decided by the role the chain waits for (from the principal), by
         someone who neither submitted the contract nor decided an earlier step of this round."""
         principal = current_principal()
@@ -1547,23 +1597,25 @@ class SalesHandlers:
                 tx.publish(events_pb2.ContractApproved(contract=proto, actor=actor), key=contract_id)
             elif values.get("status") == d.ContractStatus.REJECTED:
                 tx.publish(events_pb2.ContractRejected(contract=proto, comment=comment, actor=actor), key=contract_id)
-            return proto
+            return Change(proto, v.contract_proto(row, history))
 
     async def sign_contract(
         self, contract_id: str, *, expected_version: int, signed_at: datetime | None
-    ) -> sales_pb2.Contract:
+    ) -> Change[sales_pb2.Contract]:
         return await self._move_contract(
             contract_id, d.ContractStatus.SIGNED, expected_version=expected_version,
             extra={"signed_at": signed_at or self.clock()},
         )  # fmt: skip
 
-    async def complete_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
+    async def complete_contract(self, contract_id: str, *, expected_version: int) -> Change[sales_pb2.Contract]:
         return await self._move_contract(
             contract_id, d.ContractStatus.COMPLETED, expected_version=expected_version,
             extra={"completed_at": self.clock()},
         )  # fmt: skip
 
-    async def terminate_contract(self, contract_id: str, *, expected_version: int, reason: str) -> sales_pb2.Contract:
+    async def terminate_contract(
+        self, contract_id: str, *, expected_version: int, reason: str
+    ) -> Change[sales_pb2.Contract]:
         _require(reason, "reason")
         return await self._move_contract(
             contract_id, d.ContractStatus.TERMINATED, expected_version=expected_version,
@@ -1572,7 +1624,7 @@ class SalesHandlers:
 
     async def _move_contract(
         self, contract_id: str, target: d.ContractStatus, *, expected_version: int, extra: dict[str, Any]
-    ) -> sales_pb2.Contract:
+    ) -> Change[sales_pb2.Contract]:
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
@@ -1580,6 +1632,7 @@ class SalesHandlers:
             d.check_contract_transition(row["status"], target, contract_id=contract_id)
             if target is d.ContractStatus.COMPLETED:
                 d.check_settled(Money(row["amount"], row["currency"]), row["paid_amount"], contract_id=contract_id)
+            previous = await self._contract_proto(tx.conn, row)
             proto = await self._save_contract(tx, row, {"status": target.value, **extra})
             actor = v.actor(principal)
             event: Any
@@ -1593,10 +1646,11 @@ class SalesHandlers:
                         contract=proto, reason=extra.get("terminated_reason", ""), actor=actor
                     )
             tx.publish(event, key=contract_id)
-            return proto
+            return Change(proto, previous)
 
-    async def delete_contract(self, contract_id: str, *, expected_version: int) -> None:
-        """A contract that never took effect (draft or rejected), with its approval decisions."""
+    async def delete_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:
+        """A contract that never took effect (draft or rejected), with its approval decisions;
+        returns it as it was (for the caller's audit trail)."""
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
@@ -1614,6 +1668,7 @@ class SalesHandlers:
                     raise Conflict(
                         f"contract {contract_id} has {what}", existing_id=str(found), reason="CONTRACT_IN_FORCE"
                     )
+            deleted = await self._contract_proto(tx.conn, row)
             await tx.conn.execute(delete(r.contract_decisions).where(r.contract_decisions.c.contract_id == contract_id))
             await tx.conn.execute(delete(r.contracts).where(r.contracts.c.id == contract_id))
             tx.publish(
@@ -1622,6 +1677,7 @@ class SalesHandlers:
                 ),
                 key=contract_id,
             )
+            return deleted
 
     async def _save_contract(self, tx: Transaction, row: RowMapping, values: dict[str, Any]) -> sales_pb2.Contract:
         values = {**values, "updated_at": self.clock(), "version": row["version"] + 1}
@@ -1685,7 +1741,7 @@ class SalesHandlers:
 
     async def update_payment_plan(
         self, contract_id: str, *, expected_version: int, installments: Sequence[tuple[date, Money]]
-    ) -> sales_pb2.PaymentPlan:
+    ) -> Change[sales_pb2.PaymentPlan]:
         """Replaces the installments of a contract's plan, position by position as it lists them
         (`domain.change_plan`): those paid in full or in part stay as they are, the others keep
         their id where they keep their place and are pending again when they change (the overdue
@@ -1701,12 +1757,13 @@ class SalesHandlers:
             contract_amount = Money(contract["amount"], contract["currency"])
             d.validate_payment_plan(contract_amount, installments)
             rows = await r.installments_of(tx.conn, contract_id, lock=True)
+            previous = v.plan_proto(plan, rows)
             change = d.change_plan(
                 [self._installment_state(row) for row in rows],
                 [d.PlannedInstallment(due_date=day, amount=money.amount) for day, money in installments],
             )
             if change.changes_nothing:
-                return v.plan_proto(plan, rows)
+                return Change(previous, previous)
             i = r.installments
             for installment, planned in change.rescheduled:
                 await tx.conn.execute(
@@ -1743,7 +1800,7 @@ class SalesHandlers:
                 ),
                 key=contract_id,
             )
-            return proto
+            return Change(proto, previous)
 
     async def _plan_proto(
         self, conn: AsyncConnection, *, contract_id: str = "", existing_plan_id: str = ""
@@ -2149,7 +2206,9 @@ class SalesHandlers:
             next_cursor(rows, sort_key="requested_at", descending=True, limit=limit),
         )
 
-    async def issue_invoice(self, invoice_id: str, *, number: str, issued_at: datetime | None) -> sales_pb2.Invoice:
+    async def issue_invoice(
+        self, invoice_id: str, *, number: str, issued_at: datetime | None
+    ) -> Change[sales_pb2.Invoice]:
         _require(number, "number")
         _check_lengths({"number": number.strip()}, d.CODE_LENGTH)
         async with self.uow.begin() as tx:
@@ -2158,7 +2217,8 @@ class SalesHandlers:
             # cannot change (terminated) while its invoice is issued.
             contract = await self._contract_row(tx.conn, row["contract_id"], scope=None, lock=True)
             row = await self._invoice_row(tx.conn, invoice_id, lock=True)
-            return await self._issue(tx, contract, row, number=number.strip(), issued_at=issued_at)
+            issued = await self._issue(tx, contract, row, number=number.strip(), issued_at=issued_at)
+            return Change(issued, v.invoice_proto(row))
 
     async def _issue(
         self,
@@ -2191,7 +2251,7 @@ class SalesHandlers:
         tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=row["id"])
         return proto
 
-    async def void_invoice(self, invoice_id: str, *, reason: str) -> sales_pb2.Invoice:
+    async def void_invoice(self, invoice_id: str, *, reason: str) -> Change[sales_pb2.Invoice]:
         principal = current_principal()
         _require(reason, "reason")
         async with self.uow.begin() as tx:
@@ -2221,7 +2281,7 @@ class SalesHandlers:
             tx.publish(
                 events_pb2.InvoiceVoided(invoice=proto, reason=reason.strip(), actor=v.actor(principal)), key=invoice_id
             )
-            return proto
+            return Change(proto, v.invoice_proto(row))
 
     async def record_erp_invoice(
         self,

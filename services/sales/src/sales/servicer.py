@@ -11,6 +11,7 @@ from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1 import sales_service_pb2_grpc
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.money import Money, money_from_proto, parse_decimal
+from crm_platform.principal import RecordScope
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -205,18 +206,17 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
 
     async def UpdatePipeline(self, request: pb.UpdatePipelineRequest, context: Context) -> pb.UpdatePipelineResponse:
         stages = [stage_input(stage, index) for index, stage in enumerate(request.stages)]
-        pipeline = await self.h.update_pipeline(
+        change = await self.h.update_pipeline(
             request.id,
             expected_version=request.expected_version,
             name=request.name,
             stages=stages,
             is_default=request.is_default,
         )
-        return pb.UpdatePipelineResponse(pipeline=pipeline)
+        return pb.UpdatePipelineResponse(pipeline=change.record, previous=change.previous)
 
     async def DeletePipeline(self, request: pb.DeletePipelineRequest, context: Context) -> pb.DeletePipelineResponse:
-        await self.h.delete_pipeline(request.id)
-        return pb.DeletePipelineResponse()
+        return pb.DeletePipelineResponse(previous=await self.h.delete_pipeline(request.id))
 
     # opportunities
 
@@ -257,19 +257,19 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     async def UpdateOpportunity(
         self, request: pb.UpdateOpportunityRequest, context: Context
     ) -> pb.UpdateOpportunityResponse:
-        opportunity = await self.h.update_opportunity(
+        change = await self.h.update_opportunity(
             request.id,
             expected_version=request.expected_version,
             changes=update_changes(request),
             override_collision=request.override_collision,
             override_reason=request.override_reason,
         )
-        return pb.UpdateOpportunityResponse(opportunity=opportunity)
+        return pb.UpdateOpportunityResponse(opportunity=change.record, previous=change.previous)
 
     async def AssignOpportunity(
         self, request: pb.AssignOpportunityRequest, context: Context
     ) -> pb.AssignOpportunityResponse:
-        opportunity = await self.h.assign_opportunity(
+        change = await self.h.assign_opportunity(
             request.id,
             expected_version=request.expected_version,
             owner_id=request.owner_id,
@@ -278,41 +278,39 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             override_collision=request.override_collision,
             override_reason=request.override_reason,
         )
-        return pb.AssignOpportunityResponse(opportunity=opportunity)
+        return pb.AssignOpportunityResponse(opportunity=change.record, previous=change.previous)
 
     async def DeleteOpportunity(
         self, request: pb.DeleteOpportunityRequest, context: Context
     ) -> pb.DeleteOpportunityResponse:
-        await self.h.delete_opportunity(request.id, expected_version=request.expected_version)
-        return pb.DeleteOpportunityResponse()
+        deleted = await self.h.delete_opportunity(request.id, expected_version=request.expected_version)
+        return pb.DeleteOpportunityResponse(previous=deleted)
 
     async def MoveOpportunityStage(
         self, request: pb.MoveOpportunityStageRequest, context: Context
     ) -> pb.MoveOpportunityStageResponse:
         if not request.stage:
             raise ValidationFailed([FieldError("stage", "is required")])
-        opportunity = await self.h.move_stage(
-            request.id, stage=request.stage, expected_version=request.expected_version
-        )
-        return pb.MoveOpportunityStageResponse(opportunity=opportunity)
+        change = await self.h.move_stage(request.id, stage=request.stage, expected_version=request.expected_version)
+        return pb.MoveOpportunityStageResponse(opportunity=change.record, previous=change.previous)
 
     async def WinOpportunity(self, request: pb.WinOpportunityRequest, context: Context) -> pb.WinOpportunityResponse:
-        opportunity = await self.h.win(
+        change = await self.h.win(
             request.id,
             expected_version=request.expected_version,
             close_date=optional_date(request.close_date, "close_date"),
             amount=optional_money(request.amount, "amount"),
         )
-        return pb.WinOpportunityResponse(opportunity=opportunity)
+        return pb.WinOpportunityResponse(opportunity=change.record, previous=change.previous)
 
     async def LoseOpportunity(self, request: pb.LoseOpportunityRequest, context: Context) -> pb.LoseOpportunityResponse:
-        opportunity = await self.h.lose(
+        change = await self.h.lose(
             request.id,
             expected_version=request.expected_version,
             reason=request.reason,
             close_date=optional_date(request.close_date, "close_date"),
         )
-        return pb.LoseOpportunityResponse(opportunity=opportunity)
+        return pb.LoseOpportunityResponse(opportunity=change.record, previous=change.previous)
 
     async def ImportOpportunities(
         self, request: pb.ImportOpportunitiesRequest, context: Context
@@ -414,26 +412,31 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         return pb.ListQuotesResponse(items=page.items, page_info=page_info(page.next_cursor))
 
     async def ApproveQuote(self, request: pb.ApproveQuoteRequest, context: Context) -> pb.ApproveQuoteResponse:
-        quote = await self.h.decide_quote(
+        change = await self.h.decide_quote(
             request.id, expected_version=request.expected_version, decision=d.Decision.APPROVED, comment=request.comment
         )
-        return pb.ApproveQuoteResponse(quote=quote)
+        return pb.ApproveQuoteResponse(quote=change.record, previous=change.previous)
 
     async def RejectQuote(self, request: pb.RejectQuoteRequest, context: Context) -> pb.RejectQuoteResponse:
-        quote = await self.h.decide_quote(
+        change = await self.h.decide_quote(
             request.id, expected_version=request.expected_version, decision=d.Decision.REJECTED, comment=request.comment
         )
-        return pb.RejectQuoteResponse(quote=quote)
+        return pb.RejectQuoteResponse(quote=change.record, previous=change.previous)
 
     async def UpdateQuote(self, request: pb.UpdateQuoteRequest, context: Context) -> pb.UpdateQuoteResponse:
-        quote = await self.h.update_quote(
-            request.id, expected_version=request.expected_version, line_items=line_items(request.line_items)
+        change = await self.h.update_quote(
+            request.id,
+            expected_version=request.expected_version,
+            line_items=line_items(request.line_items),
+            discounts_scope=(
+                RecordScope.from_proto(request.discounts_scope) if request.HasField("discounts_scope") else None
+            ),
         )
-        return pb.UpdateQuoteResponse(quote=quote)
+        return pb.UpdateQuoteResponse(quote=change.record, previous=change.previous)
 
     async def DeleteQuote(self, request: pb.DeleteQuoteRequest, context: Context) -> pb.DeleteQuoteResponse:
-        await self.h.delete_quote(request.id, expected_version=request.expected_version)
-        return pb.DeleteQuoteResponse()
+        deleted = await self.h.delete_quote(request.id, expected_version=request.expected_version)
+        return pb.DeleteQuoteResponse(previous=deleted)
 
     # contracts
 
@@ -466,46 +469,44 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         return pb.ListContractsResponse(items=page.items, page_info=page_info(page.next_cursor))
 
     async def SubmitContract(self, request: pb.SubmitContractRequest, context: Context) -> pb.SubmitContractResponse:
-        return pb.SubmitContractResponse(
-            contract=await self.h.submit_contract(request.id, expected_version=request.expected_version)
-        )
+        change = await self.h.submit_contract(request.id, expected_version=request.expected_version)
+        return pb.SubmitContractResponse(contract=change.record, previous=change.previous)
 
     async def ApproveContract(self, request: pb.ApproveContractRequest, context: Context) -> pb.ApproveContractResponse:
-        contract = await self.h.decide_contract(
+        change = await self.h.decide_contract(
             request.id, expected_version=request.expected_version, decision=d.Decision.APPROVED, comment=request.comment
         )
-        return pb.ApproveContractResponse(contract=contract)
+        return pb.ApproveContractResponse(contract=change.record, previous=change.previous)
 
     async def RejectContract(self, request: pb.RejectContractRequest, context: Context) -> pb.RejectContractResponse:
-        contract = await self.h.decide_contract(
+        change = await self.h.decide_contract(
             request.id, expected_version=request.expected_version, decision=d.Decision.REJECTED, comment=request.comment
         )
-        return pb.RejectContractResponse(contract=contract)
+        return pb.RejectContractResponse(contract=change.record, previous=change.previous)
 
     async def SignContract(self, request: pb.SignContractRequest, context: Context) -> pb.SignContractResponse:
-        contract = await self.h.sign_contract(
+        change = await self.h.sign_contract(
             request.id, expected_version=request.expected_version, signed_at=optional_time(request.signed_at)
         )
-        return pb.SignContractResponse(contract=contract)
+        return pb.SignContractResponse(contract=change.record, previous=change.previous)
 
     async def CompleteContract(
         self, request: pb.CompleteContractRequest, context: Context
     ) -> pb.CompleteContractResponse:
-        return pb.CompleteContractResponse(
-            contract=await self.h.complete_contract(request.id, expected_version=request.expected_version)
-        )
+        change = await self.h.complete_contract(request.id, expected_version=request.expected_version)
+        return pb.CompleteContractResponse(contract=change.record, previous=change.previous)
 
     async def TerminateContract(
         self, request: pb.TerminateContractRequest, context: Context
     ) -> pb.TerminateContractResponse:
-        contract = await self.h.terminate_contract(
+        change = await self.h.terminate_contract(
             request.id, expected_version=request.expected_version, reason=request.reason
         )
-        return pb.TerminateContractResponse(contract=contract)
+        return pb.TerminateContractResponse(contract=change.record, previous=change.previous)
 
     async def DeleteContract(self, request: pb.DeleteContractRequest, context: Context) -> pb.DeleteContractResponse:
-        await self.h.delete_contract(request.id, expected_version=request.expected_version)
-        return pb.DeleteContractResponse()
+        deleted = await self.h.delete_contract(request.id, expected_version=request.expected_version)
+        return pb.DeleteContractResponse(previous=deleted)
 
     # payment plans, payments, receivables
 
@@ -525,12 +526,12 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     async def UpdatePaymentPlan(
         self, request: pb.UpdatePaymentPlanRequest, context: Context
     ) -> pb.UpdatePaymentPlanResponse:
-        plan = await self.h.update_payment_plan(
+        change = await self.h.update_payment_plan(
             request.contract_id,
             expected_version=request.expected_version,
             installments=installment_inputs(request.installments),
         )
-        return pb.UpdatePaymentPlanResponse(payment_plan=plan)
+        return pb.UpdatePaymentPlanResponse(payment_plan=change.record, previous=change.previous)
 
     async def RecordPayment(self, request: pb.RecordPaymentRequest, context: Context) -> pb.RecordPaymentResponse:
         payment, created = await self.h.record_payment(
@@ -581,10 +582,11 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         return pb.ListInvoicesResponse(items=page.items, page_info=page_info(page.next_cursor))
 
     async def IssueInvoice(self, request: pb.IssueInvoiceRequest, context: Context) -> pb.IssueInvoiceResponse:
-        invoice = await self.h.issue_invoice(
+        change = await self.h.issue_invoice(
             request.id, number=request.number, issued_at=optional_time(request.issued_at)
         )
-        return pb.IssueInvoiceResponse(invoice=invoice)
+        return pb.IssueInvoiceResponse(invoice=change.record, previous=change.previous)
 
     async def VoidInvoice(self, request: pb.VoidInvoiceRequest, context: Context) -> pb.VoidInvoiceResponse:
-        return pb.VoidInvoiceResponse(invoice=await self.h.void_invoice(request.id, reason=request.reason))
+        change = await self.h.void_invoice(request.id, reason=request.reason)
+        return pb.VoidInvoiceResponse(invoice=change.record, previous=change.previous)

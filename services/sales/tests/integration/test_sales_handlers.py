@@ -83,7 +83,7 @@ async def won_deal(sales: SalesHandlers, amount: str = "50000", owner: str = "re
         opp = await sales.create_opportunity(
             OpportunityIn(account_id="acc-1", name="Deal", primary_contact_id="c1", line_items=[item(price=amount)])
         )
-        won = await sales.win(opp.id, expected_version=0, close_date=None, amount=None)
+        won = (await sales.win(opp.id, expected_version=0, close_date=None, amount=None)).record
     assert won.status == "won"
     return won.id
 
@@ -100,7 +100,7 @@ async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
         with as_user(f"{role}-1", role):
             await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
     with as_user("rep1", "sales_rep"):
-        signed = await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
+        signed = (await sales.sign_contract(contract.id, expected_version=0, signed_at=None)).record
     assert signed.status == "signed"
     return contract.id
 
@@ -186,7 +186,7 @@ async def test_a_stage_gate_names_the_missing_fields(sales: SalesHandlers, engin
             expected_version=opp.version,
             changes={"primary_contact_id": "c1", "expected_close_date": date(2026, 12, 31), "line_items": [item()]},
         )
-        moved = await sales.move_stage(opp.id, stage="quote_negotiation", expected_version=0)
+        moved = (await sales.move_stage(opp.id, stage="quote_negotiation", expected_version=0)).record
         with pytest.raises(StaleVersion):
             await sales.move_stage(opp.id, stage="solution_demo", expected_version=opp.version)
     assert moved.stage == "quote_negotiation" and moved.probability == "75"
@@ -212,7 +212,7 @@ async def test_closing_goes_through_win_and_lose_only(sales: SalesHandlers) -> N
         assert raised.value.errors[0].field == "amount"
         with pytest.raises(ValidationFailed):
             await sales.lose(opp.id, expected_version=0, reason=" ", close_date=None)
-        lost = await sales.lose(opp.id, expected_version=0, reason="budget", close_date=date(2026, 11, 20))
+        lost = (await sales.lose(opp.id, expected_version=0, reason="budget", close_date=date(2026, 11, 20))).record
         assert (lost.status, lost.stage, lost.lost_reason, lost.close_date) == ("lost", "lost", "budget", "2026-11-20")
         with pytest.raises(Conflict):
             await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("5"))
@@ -224,7 +224,7 @@ async def test_winning_a_deal_keeps_the_currency_of_its_line_items(sales: SalesH
         with pytest.raises(ValidationFailed) as raised:
             await sales.win(opp.id, expected_version=0, close_date=None, amount=Money(Decimal(900), "USD"))
         assert fields_of(raised) == ["amount.currency"]
-        won = await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("900"))
+        won = (await sales.win(opp.id, expected_version=0, close_date=None, amount=cny("900"))).record
     assert (won.amount.amount, won.amount.currency) == ("900.00", "CNY")
 
 
@@ -283,13 +283,15 @@ async def test_moving_a_deal_into_a_collision_needs_a_managers_override_with_a_r
                 moving.id, expected_version=0, changes={"product_line": "GTX"}, override_collision=True
             )
         assert raised_reason.value.errors[0].field == "override_reason"
-        moved = await sales.update_opportunity(
-            moving.id,
-            expected_version=0,
-            changes={"product_line": "GTX"},
-            override_collision=True,
-            override_reason="bob runs the GTX roll-out",
-        )
+        moved = (
+            await sales.update_opportunity(
+                moving.id,
+                expected_version=0,
+                changes={"product_line": "GTX"},
+                override_collision=True,
+                override_reason="bob runs the GTX roll-out",
+            )
+        ).record
     assert (moved.product_line, moved.collision_override_by, moved.colliding_opportunity_id) == (
         "GTX", "manager", first.id,
     )  # fmt: skip
@@ -514,10 +516,12 @@ async def test_quote_discounts_need_the_right_approvers(sales: SalesHandlers, en
     with as_user("fin", "finance"), pytest.raises(PermissionDenied):
         await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     with as_user("mgr", "sales_manager"):
-        step = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="fine")
+        step = (
+            await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="fine")
+        ).record
     assert step.status == "pending_approval" and list(step.required_approvals) == ["finance"]
     with as_user("fin", "finance"):
-        done = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        done = (await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")).record
     assert done.status == "approved" and [x.role for x in done.decisions] == ["sales_manager", "finance"]
     assert (await outbox_types(engine)).count("crm.sales.quote.approved") == 1
 
@@ -539,7 +543,7 @@ async def test_nobody_approves_the_discounts_of_a_quote_they_created(sales: Sale
             await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     assert "already decided the sales_manager step" in twice.value.detail
     with as_user("fin", "finance"):
-        done = await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        done = (await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")).record
     assert done.status == "approved"
     assert [(x.role, x.approver_id) for x in done.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
 
@@ -573,10 +577,12 @@ async def test_a_manager_hands_an_open_deal_to_another_owner_with_its_quotes(
             )
         with pytest.raises(ValidationFailed) as nobody:
             await sales.assign_opportunity(deal.id, expected_version=0, owner_id=" ", team="west", region="")
-        assigned = await sales.assign_opportunity(
-            deal.id, expected_version=deal.version, owner_id="bob", team="west", region=""
-        )
-        again = await sales.assign_opportunity(deal.id, expected_version=0, owner_id="bob", team="", region="")
+        assigned = (
+            await sales.assign_opportunity(
+                deal.id, expected_version=deal.version, owner_id="bob", team="west", region=""
+            )
+        ).record
+        again = (await sales.assign_opportunity(deal.id, expected_version=0, owner_id="bob", team="", region="")).record
     assert nobody.value.errors[0].field == "owner_id"
     # The region was not given: it stays; assigning to the owner it has changes nothing.
     assert (assigned.owner_id, assigned.team, assigned.region, assigned.version) == ("bob", "west", "cn-east", 2)
@@ -606,7 +612,7 @@ async def test_a_won_or_lost_deal_keeps_the_owner_its_close_credited(sales: Sale
                 await sales.update_opportunity(deal_id, expected_version=0, changes={"team": "west"})
             refusals += [assigning.value.reason, patching.value.reason]
         # What does not change hands may still be corrected.
-        renamed = await sales.update_opportunity(won_id, expected_version=0, changes={"name": "Deal (2026)"})
+        renamed = (await sales.update_opportunity(won_id, expected_version=0, changes={"name": "Deal (2026)"})).record
     assert refusals == ["ILLEGAL_STATE"] * 4
     assert (renamed.owner_id, renamed.name) == ("alice", "Deal (2026)")
 
@@ -622,10 +628,10 @@ async def test_a_deal_handed_into_a_collision_needs_an_override_with_a_reason(sa
         )
         with pytest.raises(Conflict) as raised:  # carol would collide with alice's deal
             await sales.assign_opportunity(second.id, expected_version=0, owner_id="carol", team="", region="")
-        handed = await sales.assign_opportunity(
+        handed = (await sales.assign_opportunity(
             second.id, expected_version=0, owner_id="carol", team="", region="",
             override_collision=True, override_reason="bob left",
-        )  # fmt: skip
+        )).record  # fmt: skip
     assert (raised.value.reason, raised.value.existing_id) == ("OPPORTUNITY_COLLISION", first.id)
     assert (handed.owner_id, handed.collision_override_reason) == ("carol", "bob left")
 
@@ -654,9 +660,11 @@ async def test_contract_approval_chain_by_amount(sales: SalesHandlers, amount: s
         with as_user("wrong", wrong), pytest.raises(PermissionDenied):
             await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
         with as_user(f"{role}-1", role):
-            result = await sales.decide_contract(
-                contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=f"ok {index}"
-            )
+            result = (
+                await sales.decide_contract(
+                    contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=f"ok {index}"
+                )
+            ).record
     assert result.status == "approved"
     assert [(x.role, x.approver_id, x.decision, x.comment) for x in result.decisions] == [
         (role, f"{role}-1", "approved", f"ok {index}") for index, role in enumerate(chain)
@@ -676,21 +684,21 @@ async def test_rejected_contracts_can_be_resubmitted_and_every_decision_stays(
     with as_user("m", "sales_manager"):
         await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     with as_user("f", "finance"):
-        rejected = await sales.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms"
-        )
+        rejected = (
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms")
+        ).record
     assert rejected.status == "rejected"
     with as_user("rep1", "sales_rep"):
-        again = await sales.submit_contract(contract.id, expected_version=0)
+        again = (await sales.submit_contract(contract.id, expected_version=0)).record
     assert again.status == "pending_approval"
     with as_user("f", "finance"), pytest.raises(PermissionDenied):  # a new round starts with the manager again
         await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     with as_user("m", "sales_manager"):
         await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     with as_user("f", "finance"):
-        approved = await sales.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
-        )
+        approved = (
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
     assert approved.status == "approved"
     assert [(x.role, x.decision) for x in approved.decisions] == [
         ("sales_manager", "approved"), ("finance", "rejected"), ("sales_manager", "approved"), ("finance", "approved"),
@@ -715,9 +723,9 @@ async def test_nobody_approves_a_contract_they_submitted_or_two_steps_of_one_sub
             await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     assert "already decided the sales_manager step" in twice.value.detail
     with as_user("fin", "finance"):
-        approved = await sales.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
-        )
+        approved = (
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
     assert approved.status == "approved"
     assert [(x.role, x.approver_id) for x in approved.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
     assert (await outbox_types(engine)).count("crm.sales.contract.approval_recorded") == 2
@@ -739,7 +747,7 @@ async def test_a_contract_completes_only_when_paid_in_full(sales: SalesHandlers,
             contract_id=contract_id, amount=cny("400"), received_at=None, method="wire", external_reference="P-2"
         )
     with as_user("rep1", "sales_rep"):
-        completed = await sales.complete_contract(contract_id, expected_version=0)
+        completed = (await sales.complete_contract(contract_id, expected_version=0)).record
     assert completed.status == "completed"
     with as_user("erp", "erp_integration"), pytest.raises(ValidationFailed) as late:
         await sales.record_payment(
@@ -748,7 +756,7 @@ async def test_a_contract_completes_only_when_paid_in_full(sales: SalesHandlers,
     assert "over-payment" in late.value.errors[0].message
     with as_user("fin", "finance"):
         invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("1000"))
-        issued = await sales.issue_invoice(invoice.id, number="FP-1", issued_at=None)
+        issued = (await sales.issue_invoice(invoice.id, number="FP-1", issued_at=None)).record
         with pytest.raises(ValidationFailed):
             await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("0.01"))
     assert issued.status == "issued"
@@ -811,14 +819,17 @@ async def test_contract_approval_chains_compare_amounts_converted_with_the_confi
         dollars = await direct_contract(sales, "900000", currency="USD")  # 6 390 000 CNY
         just_over = await direct_contract(sales, "14084.51", currency="USD")  # 100 000.021 CNY
         submitted = [
-            await sales.submit_contract(contract.id, expected_version=0) for contract in (yen, dollars, just_over)
+            (await sales.submit_contract(contract.id, expected_version=0)).record
+            for contract in (yen, dollars, just_over)
         ]
     assert [list(c.approval_chain) for c in (yen, dollars, just_over)] == [
         ["sales_manager"], ["sales_manager", "finance", "admin"], ["sales_manager", "finance"],
     ]  # fmt: skip
     assert [list(c.approval_chain) for c in submitted] == [list(c.approval_chain) for c in (yen, dollars, just_over)]
     with as_user("m", "sales_manager"):
-        approved = await sales.decide_contract(yen.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        approved = (
+            await sales.decide_contract(yen.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
     assert approved.status == "approved"
 
 
@@ -839,7 +850,9 @@ async def test_a_contract_in_a_currency_without_an_exchange_rate_is_refused_at_c
         assert fields_of(raised) == ["amount.currency"]
         assert (await sales.get_contract(draft.id)).status == "draft"
     with as_user("rep1", "sales_rep"):  # once finance configures the rate again, the same draft goes
-        submitted = await sales_with_rates(engine, USD="7.10", EUR="7.80").submit_contract(draft.id, expected_version=0)
+        submitted = (
+            await sales_with_rates(engine, USD="7.10", EUR="7.80").submit_contract(draft.id, expected_version=0)
+        ).record
     assert (submitted.status, list(submitted.approval_chain)) == (
         "pending_approval",
         ["sales_manager", "finance", "admin"],
@@ -854,22 +867,28 @@ async def test_a_submitted_contract_keeps_its_chain_when_the_rates_change_until_
         await sales_with_rates(engine, USD="7.10").submit_contract(contract.id, expected_version=0)
     cheaper_dollar = sales_with_rates(engine, USD="4")  # 80 000 CNY: the manager alone, if submitted now
     with as_user("m", "sales_manager"):
-        step = await cheaper_dollar.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
-        )
+        step = (
+            await cheaper_dollar.decide_contract(
+                contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+            )
+        ).record
     assert (step.status, list(step.approval_chain)) == ("pending_approval", ["sales_manager", "finance"])
     with as_user("f", "finance"):
-        rejected = await cheaper_dollar.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms"
-        )
+        rejected = (
+            await cheaper_dollar.decide_contract(
+                contract.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms"
+            )
+        ).record
     assert rejected.status == "rejected"
     with as_user("rep1", "sales_rep"):
-        again = await cheaper_dollar.submit_contract(contract.id, expected_version=0)
+        again = (await cheaper_dollar.submit_contract(contract.id, expected_version=0)).record
     assert list(again.approval_chain) == ["sales_manager"]  # a new submission, with the rates of now
     with as_user("m2", "sales_manager"):
-        approved = await cheaper_dollar.decide_contract(
-            contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
-        )
+        approved = (
+            await cheaper_dollar.decide_contract(
+                contract.id, expected_version=0, decision=d.Decision.APPROVED, comment=""
+            )
+        ).record
     assert approved.status == "approved"
 
 
@@ -931,7 +950,7 @@ async def test_contract_to_cash(sales: SalesHandlers, engine: AsyncEngine, clock
         invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("60000"))
         with pytest.raises(ValidationFailed):
             await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("30000.01"))
-        issued = await sales.issue_invoice(invoice.id, number="INV-0001", issued_at=None)
+        issued = (await sales.issue_invoice(invoice.id, number="INV-0001", issued_at=None)).record
         assert (issued.status, issued.number) == ("issued", "INV-0001")
         with pytest.raises(Conflict):
             await sales.issue_invoice(invoice.id, number="INV-0002", issued_at=None)
@@ -972,7 +991,7 @@ async def test_a_quote_and_a_contract_in_kuwaiti_dinars_are_totalled_paid_and_sh
         await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     today = clock().date()
     with as_user("rep1", "sales_rep"):
-        signed = await sales.sign_contract(contract.id, expected_version=0, signed_at=None)
+        signed = (await sales.sign_contract(contract.id, expected_version=0, signed_at=None)).record
         plan = await sales.create_payment_plan(
             idempotency_key="", contract_id=contract.id,
             installments=[(today + timedelta(days=30 * n), kwd("33.335")) for n in (1, 2, 3)],
@@ -1009,17 +1028,19 @@ async def test_a_plans_unpaid_installments_are_rescheduled_and_its_paid_ones_sta
             contract_id=contract_id, amount=cny("10000"), received_at=None, method="", external_reference="B-1"
         )
         first, second, third = plan.installments
-        same = await sales.update_payment_plan(
-            contract_id,
-            expected_version=1,
-            installments=[(day + timedelta(days=n), cny("30000")) for n in (30, 60, 90)],
-        )
+        same = (
+            await sales.update_payment_plan(
+                contract_id,
+                expected_version=1,
+                installments=[(day + timedelta(days=n), cny("30000")) for n in (30, 60, 90)],
+            )
+        ).record
         # The second installment is split in two (its second half added at the end), the third moved.
-        split = await sales.update_payment_plan(
+        split = (await sales.update_payment_plan(
             contract_id, expected_version=1,
             installments=[(day + timedelta(days=30), cny("30000")), (day + timedelta(days=60), cny("15000")),
                           (day + timedelta(days=120), cny("30000")), (day + timedelta(days=75), cny("15000"))],
-        )  # fmt: skip
+        )).record  # fmt: skip
         with pytest.raises(StaleVersion):
             await sales.update_payment_plan(contract_id, expected_version=1, installments=[(day, cny("90000"))])
         with pytest.raises(ValidationFailed) as short:
@@ -1031,10 +1052,10 @@ async def test_a_plans_unpaid_installments_are_rescheduled_and_its_paid_ones_sta
                 contract_id, expected_version=2,
                 installments=[(day + timedelta(days=31), cny("30000")), (day + timedelta(days=60), cny("60000"))],
             )  # fmt: skip
-        merged = await sales.update_payment_plan(
+        merged = (await sales.update_payment_plan(
             contract_id, expected_version=2,
             installments=[(day + timedelta(days=30), cny("30000")), (day + timedelta(days=60), cny("60000"))],
-        )  # fmt: skip
+        )).record  # fmt: skip
     assert (same.version, [i.id for i in same.installments]) == (1, [first.id, second.id, third.id])  # no change
     assert [(i.id, i.sequence, i.due_date, i.amount.amount, i.paid.amount) for i in split.installments] == [
         (first.id, 1, (day + timedelta(days=30)).isoformat(), "30000.00", "10000.00"),
@@ -1067,14 +1088,14 @@ async def test_a_rescheduled_overdue_installment_is_pending_again(sales: SalesHa
     clock.now += timedelta(days=7)
     assert await sales.mark_overdue_installments(10) == 1
     with as_user("fin", "finance"):
-        kept = await sales.update_payment_plan(
+        kept = (await sales.update_payment_plan(
             contract_id, expected_version=0,
             installments=[(day + timedelta(days=5), cny("400")), (day + timedelta(days=30), cny("600"))],
-        )  # fmt: skip
-        moved = await sales.update_payment_plan(
+        )).record  # fmt: skip
+        moved = (await sales.update_payment_plan(
             contract_id, expected_version=0,
             installments=[(day + timedelta(days=20), cny("400")), (day + timedelta(days=30), cny("600"))],
-        )  # fmt: skip
+        )).record  # fmt: skip
     assert [i.status for i in kept.installments] == ["overdue", "pending"]  # unchanged: still overdue
     assert [i.status for i in moved.installments] == ["pending", "pending"]
     assert not moved.installments[0].HasField("overdue_at")
@@ -1112,7 +1133,7 @@ async def test_a_terminated_contracts_requested_invoices_can_only_be_voided(
     with as_user("fin", "finance"):
         with pytest.raises(Conflict) as raised:
             await sales.issue_invoice(requested.id, number="FP-1", issued_at=None)
-        voided = await sales.void_invoice(requested.id, reason="contract terminated")
+        voided = (await sales.void_invoice(requested.id, reason="contract terminated")).record
     assert raised.value.reason == "ILLEGAL_STATE" and "terminated" in raised.value.detail
     assert voided.status == "void"
     assert "crm.sales.invoice.issued" not in await outbox_types(engine)
@@ -1546,7 +1567,9 @@ async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) 
         opp = await sales.create_opportunity(
             OpportunityIn(account_id="a", name="n", custom={"channel": "partner", "budget": "1200.50"})
         )
-        updated = await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"budget": "99"}})
+        updated = (
+            await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"budget": "99"}})
+        ).record
         with pytest.raises(ValidationFailed):
             await sales.update_opportunity(opp.id, expected_version=0, changes={"custom": {"channel": None}})
     assert dict(updated.custom) == {"channel": "partner", "budget": "99"}
@@ -1812,17 +1835,21 @@ async def test_a_changed_quote_is_totalled_and_submitted_again_and_earlier_decis
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
         quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
     with as_user("mgr", "sales_manager"):
-        halfway = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
+        halfway = (
+            await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="ok")
+        ).record
     assert (halfway.status, list(halfway.required_approvals)) == ("pending_approval", ["finance"])
     with as_user("rep1", "sales_rep"):
         with pytest.raises(StaleVersion):
             await sales.update_quote(quote.id, expected_version=quote.version, line_items=[item(discount="20")])
-        changed = await sales.update_quote(
-            quote.id, expected_version=halfway.version, line_items=[item(quantity="2", discount="20")]
-        )
-        unchanged = await sales.update_quote(
-            quote.id, expected_version=0, line_items=[item(quantity="2", discount="20")]
-        )
+        changed = (
+            await sales.update_quote(
+                quote.id, expected_version=halfway.version, line_items=[item(quantity="2", discount="20")]
+            )
+        ).record
+        unchanged = (
+            await sales.update_quote(quote.id, expected_version=0, line_items=[item(quantity="2", discount="20")])
+        ).record
     # 20 % needs the sales manager alone, who decides again: the decision on 35 % no longer counts.
     assert (changed.status, list(changed.required_approvals), list(changed.decisions)) == (
         "pending_approval", ["sales_manager"], [],
@@ -1836,7 +1863,9 @@ async def test_a_changed_quote_is_totalled_and_submitted_again_and_earlier_decis
     assert (event.quote.status, event.actor.user_id) == ("pending_approval", "rep1")
     assert [(x.role, x.approver_id) for x in event.voided_decisions] == [("sales_manager", "mgr")]
     with as_user("mgr", "sales_manager"):
-        approved = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        approved = (
+            await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
     assert approved.status == "approved"
     with as_user("rep1", "sales_rep"), pytest.raises(Conflict) as decided:
         await sales.update_quote(quote.id, expected_version=0, line_items=[item()])
@@ -1847,7 +1876,7 @@ async def test_a_quote_changed_within_the_thresholds_needs_no_approval(sales: Sa
     with as_user("rep1", "sales_rep"):
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
         quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
-        changed = await sales.update_quote(quote.id, expected_version=0, line_items=[item(discount="10")])
+        changed = (await sales.update_quote(quote.id, expected_version=0, line_items=[item(discount="10")])).record
         with pytest.raises(ValidationFailed) as empty:
             await sales.update_quote(changed.id, expected_version=0, line_items=[])
     assert (changed.status, list(changed.required_approvals), changed.total.amount) == ("approved", [], "900.00")
@@ -1864,7 +1893,9 @@ async def test_who_changed_a_quotes_line_items_does_not_approve_them(sales: Sale
             await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
     assert "mgr submitted this quote" in own.value.detail
     with as_user("mgr2", "sales_manager"):
-        approved = await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        approved = (
+            await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
     assert approved.status == "approved"
 
 
@@ -1900,9 +1931,11 @@ async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mi
                 pipeline.id, expected_version=0, name="Partners", stages=stages[1:], is_default=False
             )
         raised = [d.Stage("qualify", "Qualify", Decimal("33.5")), *stages[1:]]
-        updated = await sales.update_pipeline(
-            pipeline.id, expected_version=pipeline.version, name="Partner deals", stages=raised, is_default=True
-        )
+        updated = (
+            await sales.update_pipeline(
+                pipeline.id, expected_version=pipeline.version, name="Partner deals", stages=raised, is_default=True
+            )
+        ).record
         assert updated.is_default and updated.name == "Partner deals"
         assert (await sales.get_opportunity(deal.id)).probability == "33.5"
         assert not (await sales.get_pipeline("default")).is_default

@@ -9,13 +9,13 @@ Money is `{"amount": "12.50", "currency": "CNY"}`: decimal strings only.
 
 from collections.abc import AsyncIterator, Mapping
 from datetime import date, datetime
-from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from crm.common.v1 import common_pb2
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
+from crm_platform.principal import RecordScope
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
 from google.protobuf import field_mask_pb2, json_format
@@ -38,7 +38,7 @@ from gateway.references import (
 from gateway.routers import sales_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
-from gateway.security import Access, FilterFields, require
+from gateway.security import Access, FilterFields, SecurityProblem, require
 from gateway.security.exports import invalid_filter, register_export_source
 from gateway.upstreams import Upstreams
 
@@ -573,9 +573,7 @@ async def replace_pipeline(
     """Name, stages and default flag at once. 409 when a removed stage still holds open deals;
     open deals take their stage's new probability."""
     access.check_write(_written(body))
-    stub = _stub(request)
-    before = await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdatePipeline(
+    reply = await _stub(request).UpdatePipeline(
         pb.UpdatePipelineRequest(
             id=pipeline_id,
             expected_version=expected_version(if_match),
@@ -586,16 +584,16 @@ async def replace_pipeline(
         metadata=access.grpc_metadata(),
     )
     record = pipeline_dict(reply.pipeline)
-    await access.audit_write(pipeline_id, pipeline_dict(before.pipeline), record)
+    await access.audit_write(pipeline_id, pipeline_dict(reply.previous), record)
     return with_etag(response, access.present(record))
 
 
 @router.delete("/pipelines/{pipeline_id}", status_code=204)
 async def delete_pipeline(pipeline_id: str, request: Request, access: PipelinesDelete) -> Response:
-    stub = _stub(request)
-    before = await stub.GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
-    await stub.DeletePipeline(pb.DeletePipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
-    await access.audit_write(pipeline_id, pipeline_dict(before.pipeline), None)
+    reply = await _stub(request).DeletePipeline(
+        pb.DeletePipelineRequest(id=pipeline_id), metadata=access.grpc_metadata()
+    )
+    await access.audit_write(pipeline_id, pipeline_dict(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -780,11 +778,14 @@ async def update_opportunity(
     if body.custom:
         source.custom.update(body.custom)
     stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    contact = References(access).add(
-        "primary_contact_id", CONTACT, body.primary_contact_id, on_account=before["account_id"]
-    )
-    await contact.check()
+    if body.primary_contact_id:
+        # A deal's primary contact works at its account, which only the deal tells (read for this check
+        # alone: the audit's `before` comes with the write).
+        deal = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
+        contact = References(access).add(
+            "primary_contact_id", CONTACT, body.primary_contact_id, on_account=deal.opportunity.account_id
+        )
+        await contact.check()
     reply = await stub.UpdateOpportunity(
         pb.UpdateOpportunityRequest(
             id=opportunity_id,
@@ -797,7 +798,7 @@ async def update_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _deal_written(access, response, before, reply.opportunity)
+    return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/assign", responses={200: {"model": schemas.Opportunity}})
@@ -812,9 +813,7 @@ async def assign_opportunity(
     """Hands an open deal to another owner (a rep leaves, territories change), with its quotes; team
     and region change only when given. 409 for a won or lost deal: its close credited its owner."""
     access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
-    stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    reply = await stub.AssignOpportunity(
+    reply = await _stub(request).AssignOpportunity(
         pb.AssignOpportunityRequest(
             id=opportunity_id,
             expected_version=expected_version(if_match),
@@ -826,7 +825,7 @@ async def assign_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _deal_written(access, response, before, reply.opportunity)
+    return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
 @router.delete("/opportunities/{opportunity_id}", status_code=204)
@@ -834,20 +833,12 @@ async def delete_opportunity(
     opportunity_id: str, request: Request, access: OpportunitiesDelete, if_match: IfMatch = None
 ) -> Response:
     """A deal entered by mistake (409 when a contract refers to it: close it as won or lost instead)."""
-    stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    await stub.DeleteOpportunity(
+    reply = await _stub(request).DeleteOpportunity(
         pb.DeleteOpportunityRequest(id=opportunity_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(opportunity_id, before, None)
+    await access.audit_write(opportunity_id, opportunity_dict(reply.previous), None)
     return Response(status_code=204)
-
-
-async def _opportunity_before(stub: SalesServiceStub, opportunity_id: str, access: Access) -> dict[str, Any]:
-    """The deal as stored before a write, for the audit trail (404 when it is not in scope)."""
-    reply = await stub.GetOpportunity(pb.GetOpportunityRequest(id=opportunity_id), metadata=access.grpc_metadata())
-    return opportunity_dict(reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/stage", responses={200: {"model": schemas.Opportunity}})
@@ -860,15 +851,13 @@ async def move_opportunity_stage(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     """422 names the fields the stage gate requires and the deal lacks."""
-    stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    reply = await stub.MoveOpportunityStage(
+    reply = await _stub(request).MoveOpportunityStage(
         pb.MoveOpportunityStageRequest(
             id=opportunity_id, stage=body.stage, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _deal_written(access, response, before, reply.opportunity)
+    return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/win", responses={200: {"model": schemas.Opportunity}})
@@ -887,10 +876,8 @@ async def win_opportunity(
     if body.amount is not None:
         access.check_write(["amount"])
         message.amount.CopyFrom(body.amount.proto())
-    stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    reply = await stub.WinOpportunity(message, metadata=access.grpc_metadata())
-    return await _deal_written(access, response, before, reply.opportunity)
+    reply = await _stub(request).WinOpportunity(message, metadata=access.grpc_metadata())
+    return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
 @router.post("/opportunities/{opportunity_id}/lose", responses={200: {"model": schemas.Opportunity}})
@@ -902,9 +889,7 @@ async def lose_opportunity(
     access: OpportunitiesUpdate,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    stub = _stub(request)
-    before = await _opportunity_before(stub, opportunity_id, access)
-    reply = await stub.LoseOpportunity(
+    reply = await _stub(request).LoseOpportunity(
         pb.LoseOpportunityRequest(
             id=opportunity_id,
             expected_version=expected_version(if_match),
@@ -913,7 +898,7 @@ async def lose_opportunity(
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _deal_written(access, response, before, reply.opportunity)
+    return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
 @router.post("/opportunities/import", responses={200: {"model": schemas.OpportunityImportAnswer}})
@@ -1165,6 +1150,7 @@ QuotesCreate = Annotated[Access, Depends(require("quotes", "create"))]
 QuotesUpdate = Annotated[Access, Depends(require("quotes", "update"))]
 QuotesApprove = Annotated[Access, Depends(require("quotes", "approve"))]
 QuotesDelete = Annotated[Access, Depends(require("quotes", "delete"))]
+DISCOUNT_FIELD = "line_items.discount_percent"
 
 
 @router.post("/quotes", status_code=201, responses={201: {"model": schemas.Quote}})
@@ -1226,24 +1212,34 @@ async def update_quote(
     """New line items for a quote not yet decided: totals and the approvals its discounts need are
     computed again, and decisions already made are void (its `status` says it awaits approval again).
     409 once approved or rejected, or when its deal has a contract."""
-    access.check_write(_written(body))
-    stub = _stub(request)
-    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
-    if any(Decimal(item.discount_percent or "0") for item in before.quote.line_items):
-        # New line items replace the old with their discounts: who may not set discounts (nor see
-        # them) would drop one unseen. Whoever set them revises the quote.
-        access.check_write(["line_items.discount_percent"])
-    reply = await stub.UpdateQuote(
-        pb.UpdateQuoteRequest(
-            id=quote_id,
-            expected_version=expected_version(if_match),
-            line_items=[item.proto() for item in body.line_items],
-        ),
-        metadata=access.grpc_metadata(),
+    written = _written(body)
+    access.check_write(written)
+    message = pb.UpdateQuoteRequest(
+        id=quote_id,
+        expected_version=expected_version(if_match),
+        line_items=[item.proto() for item in body.line_items],
     )
+    discounts_scope = _discounts_scope(access, written)
+    if discounts_scope is not None:
+        message.discounts_scope.CopyFrom(discounts_scope.to_proto())
+    reply = await _stub(request).UpdateQuote(message, metadata=access.grpc_metadata())
     record = quote_dict(reply.quote)
-    await access.audit_write(quote_id, quote_dict(before.quote), record)
+    await access.audit_write(quote_id, quote_dict(reply.previous), record)
     return with_etag(response, access.present(record))
+
+
+def _discounts_scope(access: Access, written: dict[str, Any]) -> RecordScope | None:
+    """Where the caller may give new line items to a quote that has discounts: they replace the old
+    with their discounts, which who may not set discounts (nor see them) would drop unseen. The scope
+    of the caller's grants that may set the body's fields and discounts too; None when none may. The
+    service applies it to such a quote, as it finds it under its row lock."""
+    writers = access.require_view(access.resource, access.action)  # a decision of its own to narrow
+    try:
+        writers.check_write(written)
+        writers.check_write([DISCOUNT_FIELD])
+    except SecurityProblem:
+        return None
+    return writers.scope
 
 
 @router.post("/quotes/{quote_id}/approve", responses={200: {"model": schemas.Quote}})
@@ -1258,14 +1254,12 @@ async def approve_quote(
     """The discount step the quote waits for, decided with the caller's role: 403 for any other role,
     for the quote's creator and for one who decided an earlier step."""
     comment = (body or DecisionBody()).comment
-    stub = _stub(request)
-    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
-    reply = await stub.ApproveQuote(
+    reply = await _stub(request).ApproveQuote(
         pb.ApproveQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
     record = quote_dict(reply.quote)
-    await access.audit_write(quote_id, quote_dict(before.quote), record, action="approve", reason=comment)
+    await access.audit_write(quote_id, quote_dict(reply.previous), record, action="approve", reason=comment)
     return with_etag(response, access.present(record))
 
 
@@ -1279,27 +1273,23 @@ async def reject_quote(
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
     comment = (body or DecisionBody()).comment
-    stub = _stub(request)
-    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
-    reply = await stub.RejectQuote(
+    reply = await _stub(request).RejectQuote(
         pb.RejectQuoteRequest(id=quote_id, expected_version=expected_version(if_match), comment=comment),
         metadata=access.grpc_metadata(),
     )
     record = quote_dict(reply.quote)
-    await access.audit_write(quote_id, quote_dict(before.quote), record, action="reject", reason=comment)
+    await access.audit_write(quote_id, quote_dict(reply.previous), record, action="reject", reason=comment)
     return with_etag(response, access.present(record))
 
 
 @router.delete("/quotes/{quote_id}", status_code=204)
 async def delete_quote(quote_id: str, request: Request, access: QuotesDelete, if_match: IfMatch = None) -> Response:
     """A quote before approval (409 once approved, or when its deal has a contract)."""
-    stub = _stub(request)
-    before = await stub.GetQuote(pb.GetQuoteRequest(id=quote_id), metadata=access.grpc_metadata())
-    await stub.DeleteQuote(
+    reply = await _stub(request).DeleteQuote(
         pb.DeleteQuoteRequest(id=quote_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(quote_id, quote_dict(before.quote), None)
+    await access.audit_write(quote_id, quote_dict(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -1384,11 +1374,9 @@ async def _contract_step(
     request: Request, response: Response, access: Access, contract_id: str, call: str, message: Message, reason: str
 ) -> dict[str, Any]:
     """One status-machine step (illegal transitions come back as 409), audited with its action."""
-    stub = _stub(request)
-    before = await stub.GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
-    reply = await getattr(stub, call)(message, metadata=access.grpc_metadata())
+    reply = await getattr(_stub(request), call)(message, metadata=access.grpc_metadata())
     record = contract_dict(reply.contract)
-    await access.audit_write(contract_id, contract_dict(before.contract), record, reason=reason)
+    await access.audit_write(contract_id, contract_dict(reply.previous), record, reason=reason)
     return with_etag(response, access.present(record))
 
 
@@ -1476,13 +1464,11 @@ async def delete_contract(
     contract_id: str, request: Request, access: ContractsDelete, if_match: IfMatch = None
 ) -> Response:
     """A contract that never took effect, draft or rejected (409 for any other status)."""
-    stub = _stub(request)
-    before = await stub.GetContract(pb.GetContractRequest(id=contract_id), metadata=access.grpc_metadata())
-    await stub.DeleteContract(
+    reply = await _stub(request).DeleteContract(
         pb.DeleteContractRequest(id=contract_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(contract_id, contract_dict(before.contract), None)
+    await access.audit_write(contract_id, contract_dict(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -1546,18 +1532,14 @@ async def replace_payment_plan(
     `INSTALLMENT_PAID` naming it); the others keep their id where they keep their place. They still
     sum exactly to the contract amount (else 422)."""
     access.check_write(["installments"])
-    stub = _stub(request)
-    before = await stub.GetPaymentPlan(
-        pb.GetPaymentPlanRequest(contract_id=contract_id), metadata=access.grpc_metadata()
-    )
-    reply = await stub.UpdatePaymentPlan(
+    reply = await _stub(request).UpdatePaymentPlan(
         pb.UpdatePaymentPlanRequest(
             contract_id=contract_id, expected_version=expected_version(if_match), installments=_installments(body)
         ),
         metadata=access.grpc_metadata(),
     )
     record = plan_dict(reply.payment_plan)
-    await access.audit_write(record["id"], plan_dict(before.payment_plan), record)
+    await access.audit_write(record["id"], plan_dict(reply.previous), record)
     return with_etag(response, access.present(record))
 
 
@@ -1698,22 +1680,18 @@ async def issue_invoice(invoice_id: str, body: IssueBody, request: Request, acce
     issued_at = _timestamp(body.issued_at)
     if issued_at is not None:
         message.issued_at.CopyFrom(issued_at)
-    stub = _stub(request)
-    before = await stub.GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
-    reply = await stub.IssueInvoice(message, metadata=access.grpc_metadata())
+    reply = await _stub(request).IssueInvoice(message, metadata=access.grpc_metadata())
     record = invoice_dict(reply.invoice)
-    await access.audit_write(invoice_id, invoice_dict(before.invoice), record)
+    await access.audit_write(invoice_id, invoice_dict(reply.previous), record)
     return access.present(record)
 
 
 @router.post("/invoices/{invoice_id}/void", responses={200: {"model": schemas.Invoice}})
 async def void_invoice(invoice_id: str, body: ReasonBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
     access.check_write(["void_reason"])
-    stub = _stub(request)
-    before = await stub.GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
-    reply = await stub.VoidInvoice(
+    reply = await _stub(request).VoidInvoice(
         pb.VoidInvoiceRequest(id=invoice_id, reason=body.reason), metadata=access.grpc_metadata()
     )
     record = invoice_dict(reply.invoice)
-    await access.audit_write(invoice_id, invoice_dict(before.invoice), record)
+    await access.audit_write(invoice_id, invoice_dict(reply.previous), record)
     return access.present(record)
