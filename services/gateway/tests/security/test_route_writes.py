@@ -202,29 +202,24 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         entry = servicedesk_pb2.WorkLogEntry(id="w-1", ticket_id=request.ticket_id, minutes=request.minutes)
         return desk_pb.LogWorkResponse(entry=entry)
 
-    async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
-        ticket = servicedesk_pb2.Ticket(id="t-1", subject="Printer", status="assigned", assignee_id="u-1", version=3)
-        return desk_pb.GetTicketResponse(ticket=ticket)
+    TICKET = servicedesk_pb2.Ticket(id="t-1", subject="Printer", status="assigned", assignee_id="u-1", version=3)
 
     async def ChangeTicketStatus(self, request: desk_pb.ChangeTicketStatusRequest, context: Any) -> Any:
         ticket = servicedesk_pb2.Ticket(
             id="t-1", subject="Printer", status=request.status, assignee_id="u-1", version=4
         )
-        return desk_pb.ChangeTicketStatusResponse(ticket=ticket)
+        return desk_pb.ChangeTicketStatusResponse(ticket=ticket, previous=self.TICKET)
 
     async def AssignTicket(self, request: desk_pb.AssignTicketRequest, context: Any) -> Any:
         ticket = servicedesk_pb2.Ticket(id="t-1", subject="Printer", status="assigned", assignee_id="u-2", version=4)
-        return desk_pb.AssignTicketResponse(ticket=ticket)
+        return desk_pb.AssignTicketResponse(ticket=ticket, previous=self.TICKET)
 
-    async def GetAgent(self, request: desk_pb.GetAgentRequest, context: Any) -> Any:
-        return desk_pb.GetAgentResponse(
-            agent=servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=5, available=True, version=1)
-        )
+    AGENT = servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=5, available=True, version=1)
 
     async def UpdateAgent(self, request: desk_pb.UpdateAgentRequest, context: Any) -> Any:
         # The service also changed what the request did not name (availability).
         agent = servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=request.agent.capacity, available=False, version=2)
-        return desk_pb.UpdateAgentResponse(agent=agent)
+        return desk_pb.UpdateAgentResponse(agent=agent, previous=self.AGENT)
 
 
 class FakeAccounts(AccountsServiceServicer):

@@ -48,9 +48,6 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         assert ticket is not None
         return ticket
 
-    async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
-        return desk_pb.GetTicketResponse(ticket=await self._visible(request.ticket_id, context))
-
     async def DeleteTicket(self, request: desk_pb.DeleteTicketRequest, context: Any) -> Any:
         ticket = await self._visible(request.ticket_id, context)
         if request.expected_version and request.expected_version != ticket.version:
@@ -58,7 +55,7 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         if ticket.status == "resolved":
             await abort(context, Conflict(f"ticket {ticket.id} is resolved", reason="TICKET_ON_RECORD"))
         self.deletes.append(request)
-        return desk_pb.DeleteTicketResponse()
+        return desk_pb.DeleteTicketResponse(previous=ticket)
 
 
 async def abort(context: Any, error: CrmError) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from crm.servicedesk.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.changes import Change
 from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore, insert_on_conflict
@@ -357,7 +358,9 @@ async def get_ticket(ctx: Context, ticket_id: str) -> tuple[Any, list[Any], list
     return row, comments, entries, csat
 
 
-async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_ticket(
+    ctx: Context, ticket_id: str, values: dict[str, Any], *, expected_version: int
+) -> Change[dict[str, Any]]:
     _fail(domain.validate_ticket(values, partial=True))
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
@@ -376,7 +379,7 @@ async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *,
             values = {**values, "account_id": account_id}
         changed = {name: value for name, value in values.items() if t[name] != value}
         if not changed:
-            return t
+            return Change(t, t)
         before = dict(t)
         t.update(changed)
         if "account_id" in changed:
@@ -384,7 +387,7 @@ async def update_ticket(ctx: Context, ticket_id: str, values: dict[str, Any], *,
         if {"priority", "account_id"} & changed.keys():
             await _apply_sla(tx.conn, t, now)
         await _store_update(tx, before, t, now)
-    return t
+    return Change(t, before)
 
 
 class _Row:
@@ -425,7 +428,9 @@ async def list_tickets(
         return await repo.list_tickets(conn, current_scope(), f, limit=page.limit, cursor=page.cursor, sort=page.sort)
 
 
-async def change_status(ctx: Context, ticket_id: str, status: str, *, expected_version: int, note: str) -> Any:
+async def change_status(
+    ctx: Context, ticket_id: str, status: str, *, expected_version: int, note: str
+) -> Change[dict[str, Any]]:
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
         t = await _ticket_for_update(tx.conn, ticket_id)
@@ -433,10 +438,11 @@ async def change_status(ctx: Context, ticket_id: str, status: str, *, expected_v
         domain.check_transition(t["status"], status)
         if status in domain.NEEDS_ASSIGNEE and not t["assignee_id"]:
             raise Conflict(f"a ticket must be assigned before it is {status}", reason="NO_ASSIGNEE")
+        before = dict(t)
         await _move(tx, t, status, now=now, note=note)
         if status == "resolved":
             await _schedule_return_visit(ctx, tx, t, now)
-    return t
+    return Change(t, before)
 
 
 async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetime, note: str) -> None:
@@ -508,7 +514,9 @@ async def _schedule_return_visit(ctx: Context, tx: Transaction, t: Mapping[str, 
         tx.publish(events_pb2.ReturnVisitScheduled(return_visit=return_visit_to_proto(visit)), key=t["id"])
 
 
-async def assign_ticket(ctx: Context, ticket_id: str, assignee_id: str, *, expected_version: int) -> Any:
+async def assign_ticket(
+    ctx: Context, ticket_id: str, assignee_id: str, *, expected_version: int
+) -> Change[dict[str, Any]]:
     now = ctx.clock()
     async with ctx.uow.begin() as tx:
         t = await _ticket_for_update(tx.conn, ticket_id)
@@ -529,11 +537,12 @@ async def assign_ticket(ctx: Context, ticket_id: str, assignee_id: str, *, expec
             if agent is None:
                 raise Conflict("no available agent has the skill and region of this ticket", reason="NO_AGENT")
         if agent.id == t["assignee_id"]:
-            return t
+            return Change(t, t)
+        before = dict(t)
         _assign(tx, t, agent, now)
         t["version"] += 1
         await _store(tx.conn, t)
-    return t
+    return Change(t, before)
 
 
 async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, idempotency_key: str) -> Any:
@@ -587,12 +596,13 @@ async def log_work(ctx: Context, ticket_id: str, minutes: int, note: str, *, ide
     return entry
 
 
-async def delete_ticket(ctx: Context, ticket_id: str, *, expected_version: int) -> None:
+async def delete_ticket(ctx: Context, ticket_id: str, *, expected_version: int) -> dict[str, Any]:
     """Deletes a ticket that should never have been one (spam, a test, a duplicate), open and never
     resolved, with its comments and work log (it has no survey or return visit: both follow a
-    resolution). The rest follows the row: the SLA timer and the dispatch queue claim tickets from
-    `tickets`, so none fires or dispatches for it afterwards (a pass holding it locked finishes
-    first), and the agent's open-ticket load that dispatch compares is counted from it."""
+    resolution); returns it as it was, for the caller's audit trail. The rest follows the row: the
+    SLA timer and the dispatch queue claim tickets from `tickets`, so none fires or dispatches for it
+    afterwards (a pass holding it locked finishes first), and the agent's open-ticket load that
+    dispatch compares is counted from it."""
     async with ctx.uow.begin() as tx:
         t = await _ticket_for_update(tx.conn, ticket_id)
         _check_version("ticket", _Row(t), expected_version)
@@ -606,30 +616,35 @@ async def delete_ticket(ctx: Context, ticket_id: str, *, expected_version: int) 
             events_pb2.TicketDeleted(ticket_id=ticket_id, account_id=t["account_id"], actor=actor(current_principal())),
             key=ticket_id,
         )
+    return t
 
 
 # --- SLA -------------------------------------------------------------------------------------------
 
 
+def _sla_policy(priority: str, stored: Any) -> Any:
+    """The policy of a priority: as stored, or its default targets (version 0) while none is."""
+    if stored is not None:
+        return stored
+    targets = domain.DEFAULT_SLA[priority]
+    return {
+        "priority": priority,
+        "first_response_minutes": targets.first_response_minutes,
+        "resolution_minutes": targets.resolution_minutes,
+        "updated_at": None,
+        "version": 0,
+    }
+
+
 async def list_sla_policies(ctx: Context) -> list[Any]:
     async with ctx.uow.engine.connect() as conn:
         stored = {row.priority: row for row in await conn.execute(select(repo.sla_policies))}
-    return [
-        stored.get(priority)
-        or {
-            "priority": priority,
-            "first_response_minutes": targets.first_response_minutes,
-            "resolution_minutes": targets.resolution_minutes,
-            "updated_at": None,
-            "version": 0,
-        }
-        for priority, targets in domain.DEFAULT_SLA.items()
-    ]
+    return [_sla_policy(priority, stored.get(priority)) for priority in domain.DEFAULT_SLA]
 
 
 async def update_sla_policy(
     ctx: Context, priority: str, first_response_minutes: int, resolution_minutes: int, *, expected_version: int
-) -> Any:
+) -> Change[Any]:
     """Applies to tickets created from now on; open tickets keep the due times they were given."""
     if priority not in domain.PRIORITIES:
         raise ValidationFailed([FieldError("priority", f"must be one of {', '.join(domain.PRIORITIES)}")])
@@ -652,7 +667,7 @@ async def update_sla_policy(
             await tx.conn.execute(insert(table).values(**values))
         else:
             await tx.conn.execute(update(table).where(table.c.priority == priority).values(**values))
-    return values
+    return Change(values, _sla_policy(priority, row))
 
 
 async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
@@ -765,7 +780,8 @@ async def get_agent(ctx: Context, agent_id: str) -> tuple[Any, int]:
 
 async def update_agent(
     ctx: Context, agent_id: str, values: dict[str, Any], *, expected_version: int
-) -> tuple[Any, int]:
+) -> Change[tuple[Any, int]]:
+    """The agent after the update and before it, each with its open tickets (which it does not change)."""
     _fail(domain.validate_agent(values, partial=True))
     if "skills" in values:
         values["skills"] = sorted({s.strip() for s in values["skills"]})
@@ -779,8 +795,9 @@ async def update_agent(
             .where(repo.agents.c.id == agent_id)
             .values(**values, updated_at=ctx.clock(), version=row.version + 1)
         )
-        row = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == agent_id))).one()
-        return await _agent_out(tx.conn, row)
+        updated = (await tx.conn.execute(select(repo.agents).where(repo.agents.c.id == agent_id))).one()
+        _, open_tickets = await _agent_out(tx.conn, updated)
+        return Change((updated, open_tickets), (row, open_tickets))
 
 
 async def list_agents(
@@ -903,7 +920,9 @@ async def get_article(ctx: Context, article_id: str) -> Any:
     return row
 
 
-async def update_article(ctx: Context, article_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_article(
+    ctx: Context, article_id: str, values: dict[str, Any], *, expected_version: int
+) -> Change[Any]:
     _fail(domain.validate_article(values, partial=True))
     table = repo.kb_articles
     async with ctx.uow.begin() as tx:
@@ -916,7 +935,7 @@ async def update_article(ctx: Context, article_id: str, values: dict[str, Any], 
             .where(table.c.id == article_id)
             .values(**values, updated_at=ctx.clock(), version=row.version + 1)
         )
-        return (await tx.conn.execute(select(table).where(table.c.id == article_id))).one()
+        return Change((await tx.conn.execute(select(table).where(table.c.id == article_id))).one(), row)
 
 
 async def search_articles(

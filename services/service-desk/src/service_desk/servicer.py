@@ -5,6 +5,7 @@ from typing import Any
 from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceServicer
+from crm_platform.changes import previous_message
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.structs import struct_values
 from crm_platform.timeutil import from_timestamp
@@ -100,10 +101,12 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
 
     async def UpdateTicket(self, request: pb.UpdateTicketRequest, context: Ctx) -> pb.UpdateTicketResponse:
         values = ticket_update(request.ticket, request.update_mask)
-        row = await handlers.update_ticket(
+        change = await handlers.update_ticket(
             self.ctx, request.ticket_id, values, expected_version=request.expected_version
         )
-        return pb.UpdateTicketResponse(ticket=ticket_to_proto(row))
+        return pb.UpdateTicketResponse(
+            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+        )
 
     async def ListTickets(self, request: pb.ListTicketsRequest, context: Ctx) -> pb.ListTicketsResponse:
         f = TicketFilter(
@@ -126,16 +129,20 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
     async def ChangeTicketStatus(
         self, request: pb.ChangeTicketStatusRequest, context: Ctx
     ) -> pb.ChangeTicketStatusResponse:
-        row = await handlers.change_status(
+        change = await handlers.change_status(
             self.ctx, request.ticket_id, request.status, expected_version=request.expected_version, note=request.note
         )
-        return pb.ChangeTicketStatusResponse(ticket=ticket_to_proto(row))
+        return pb.ChangeTicketStatusResponse(
+            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+        )
 
     async def AssignTicket(self, request: pb.AssignTicketRequest, context: Ctx) -> pb.AssignTicketResponse:
-        row = await handlers.assign_ticket(
+        change = await handlers.assign_ticket(
             self.ctx, request.ticket_id, request.assignee_id, expected_version=request.expected_version
         )
-        return pb.AssignTicketResponse(ticket=ticket_to_proto(row))
+        return pb.AssignTicketResponse(
+            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+        )
 
     async def AddTicketComment(self, request: pb.AddTicketCommentRequest, context: Ctx) -> pb.AddTicketCommentResponse:
         row = await handlers.add_comment(
@@ -150,8 +157,8 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
         return pb.LogWorkResponse(entry=work_log_to_proto(row))
 
     async def DeleteTicket(self, request: pb.DeleteTicketRequest, context: Ctx) -> pb.DeleteTicketResponse:
-        await handlers.delete_ticket(self.ctx, request.ticket_id, expected_version=request.expected_version)
-        return pb.DeleteTicketResponse()
+        deleted = await handlers.delete_ticket(self.ctx, request.ticket_id, expected_version=request.expected_version)
+        return pb.DeleteTicketResponse(previous=ticket_to_proto(deleted))
 
     # SLA policies
 
@@ -161,14 +168,16 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
         )
 
     async def UpdateSlaPolicy(self, request: pb.UpdateSlaPolicyRequest, context: Ctx) -> pb.UpdateSlaPolicyResponse:
-        row = await handlers.update_sla_policy(
+        change = await handlers.update_sla_policy(
             self.ctx,
             request.priority,
             request.first_response_minutes,
             request.resolution_minutes,
             expected_version=request.expected_version,
         )
-        return pb.UpdateSlaPolicyResponse(policy=sla_policy_to_proto(row))
+        return pb.UpdateSlaPolicyResponse(
+            policy=sla_policy_to_proto(change.record), previous=previous_message(sla_policy_to_proto, change.previous)
+        )
 
     # agents
 
@@ -183,10 +192,13 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
 
     async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: Ctx) -> pb.UpdateAgentResponse:
         values = _masked(request.agent, request.update_mask, AGENT_FIELDS)
-        row, open_tickets = await handlers.update_agent(
+        change = await handlers.update_agent(
             self.ctx, request.agent_id, values, expected_version=request.expected_version
         )
-        return pb.UpdateAgentResponse(agent=agent_to_proto(row, open_tickets))
+        return pb.UpdateAgentResponse(
+            agent=agent_to_proto(*change.record),
+            previous=previous_message(lambda agent: agent_to_proto(*agent), change.previous),
+        )
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Ctx) -> pb.ListAgentsResponse:
         rows, cursor = await handlers.list_agents(
@@ -246,10 +258,12 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
 
     async def UpdateKbArticle(self, request: pb.UpdateKbArticleRequest, context: Ctx) -> pb.UpdateKbArticleResponse:
         values = _masked(request.article, request.update_mask, ARTICLE_FIELDS)
-        row = await handlers.update_article(
+        change = await handlers.update_article(
             self.ctx, request.article_id, values, expected_version=request.expected_version
         )
-        return pb.UpdateKbArticleResponse(article=article_to_proto(row))
+        return pb.UpdateKbArticleResponse(
+            article=article_to_proto(change.record), previous=previous_message(article_to_proto, change.previous)
+        )
 
     async def SearchKbArticles(self, request: pb.SearchKbArticlesRequest, context: Ctx) -> pb.SearchKbArticlesResponse:
         rows, cursor = await handlers.search_articles(

@@ -306,11 +306,11 @@ async def test_a_ticket_naming_a_merged_away_account_goes_to_the_account_it_live
     assert ticket["region"] == "north"
     # Moved by an update: on c, at c's tier.
     other = await _ticket(ctx, "", priority="normal")
-    moved = await handlers.update_ticket(ctx, other["id"], {"account_id": "a"}, expected_version=0)
+    moved = (await handlers.update_ticket(ctx, other["id"], {"account_id": "a"}, expected_version=0)).record
     assert (moved["account_id"], moved["account_tier"], moved["effective_priority"]) == ("c", "A", "high")
     # Naming another id of the account it is on already changes nothing.
     events = await _events(ctx, other["id"])
-    again = await handlers.update_ticket(ctx, other["id"], {"account_id": "b"}, expected_version=0)
+    again = (await handlers.update_ticket(ctx, other["id"], {"account_id": "b"}, expected_version=0)).record
     assert (again["account_id"], again["version"]) == ("c", moved["version"])
     assert await _events(ctx, other["id"]) == events
 
@@ -407,7 +407,7 @@ async def test_moving_a_ticket_to_an_account_while_a_merge_into_it_is_applied_do
         handlers.update_ticket(ctx, ticket["id"], {"account_id": "s"}, expected_version=ticket["version"]),
         merge_once_the_agent_holds_the_ticket(),
     )
-    assert moved["account_id"] == "s" and (await _row(ctx, ticket["id"])).account_id == "s"
+    assert moved.record["account_id"] == "s" and (await _row(ctx, ticket["id"])).account_id == "s"
 
 
 # --- return visits of a deleted account --------------------------------------------------------------

@@ -62,7 +62,7 @@ async def test_lowering_the_priority_lifts_a_breach_that_no_longer_holds(ctx: Co
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
     assert await _escalated_ids(ctx) == [ticket["id"]]
 
-    lowered = await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)
+    lowered = (await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)).record
     # As low, 8 h to first response: not late, not even at 80 %.
     assert lowered["first_response_due_at"] == start + timedelta(hours=8)
     row = await _row(ctx, ticket["id"])
@@ -107,7 +107,7 @@ async def test_raising_the_priority_breaches_at_the_timers_next_run_once(ctx: Co
     at(ctx, start)
     ticket = await _ticket(ctx, "low")
     at(ctx, start + timedelta(minutes=30))
-    raised = await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)
+    raised = (await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)).record
     assert raised["next_sla_check_at"] <= start + timedelta(minutes=30)
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
     assert (await _types(ctx, ticket["id"]))[-3:] == [WARNING, BREACHED, ESCALATED]
@@ -133,7 +133,7 @@ async def test_a_resolution_breach_is_judged_where_the_clock_paused(ctx: Context
     row = await _row(ctx, ticket["id"])
     assert (row.resolution_warned_at, row.resolution_breached_at, row.escalated) == (None, None, False)
     at(ctx, start + timedelta(hours=6))
-    resumed = await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    resumed = (await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")).record
     assert resumed["resolution_due_at"] == start + timedelta(hours=72 + 1.5)
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
 
@@ -162,9 +162,11 @@ async def test_an_update_is_published_with_the_ticket_after_it_and_what_it_chang
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1  # breached and escalated as urgent
 
     with acting_as(Principal(user_id="lead-1", roles=("admin",)), ALL_RECORDS):
-        lowered = await handlers.update_ticket(
-            ctx, ticket["id"], {"priority": "low", "subject": "Line slow"}, expected_version=0
-        )
+        lowered = (
+            await handlers.update_ticket(
+                ctx, ticket["id"], {"priority": "low", "subject": "Line slow"}, expected_version=0
+            )
+        ).record
     event_type, payload = (await _events(ctx, ticket["id"]))[-1]
     assert event_type == UPDATED
     update = desk_events.TicketUpdated.FromString(payload)

@@ -74,7 +74,7 @@ async def test_sqlite_ticket_lifecycle_dispatch_and_kb(ctx: Context) -> None:
         with pytest.raises(StaleVersion):
             await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=99, note="")
         await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=1, note="started")
-        resolved = await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+        resolved = (await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")).record
         with pytest.raises(Conflict):
             await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
         csat = await handlers.submit_csat(ctx, ticket["id"], 3, "ok", idempotency_key="c1")
@@ -158,7 +158,9 @@ async def test_ticket_custom_fields_validated_and_merged(ctx: Context) -> None:
             ctx, {"subject": "s", "channel": "web", "custom": {"serial_no": "A1", "severity": "minor"}},
             idempotency_key="", skip_dispatch=True,
         )  # fmt: skip
-        updated = await handlers.update_ticket(ctx, ticket["id"], {"custom": {"severity": "major"}}, expected_version=1)
+        updated = (
+            await handlers.update_ticket(ctx, ticket["id"], {"custom": {"severity": "major"}}, expected_version=1)
+        ).record
         assert updated["custom"] == {"serial_no": "A1", "severity": "major"} and updated["version"] == 2
         # List filters by custom field (JSON1 on SQLite), typed by the definitions.
         for pairs, expected in (([("severity", "major")], [ticket["id"]]), ([("severity", "minor")], [])):
@@ -191,11 +193,11 @@ async def test_waiting_for_the_customer_pauses_the_resolution_clock(ctx: Context
         # Paused: even long past the original target, the timer has nothing to say.
         ctx.clock = lambda: start + timedelta(hours=9)
         assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
-        resumed = await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+        resumed = (await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")).record
         assert resumed["resolution_due_at"] == start + timedelta(hours=16)  # 8 h target + 8 h waited
         assert resumed["sla_paused_at"] is None and resumed["sla_paused_seconds"] == 8 * 3600
         # A later priority change keeps the waited time.
-        urgent = await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)
+        urgent = (await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)).record
         assert urgent["resolution_due_at"] == start + timedelta(hours=12)  # 4 h target + 8 h waited
         # 80 % of the 4 h of working time is 3.2 h: with 8 h waited, 11.2 h after creation.
         ctx.clock = lambda: start + timedelta(hours=11, minutes=10)

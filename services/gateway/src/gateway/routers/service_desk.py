@@ -328,9 +328,13 @@ async def update_ticket(
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
     stub = _stub(request)
-    before = await _ticket_before(stub, ticket_id, access)
     if "contact_id" in given or "account_id" in given:
-        contact_id, account_id = (given.get(name, before.get(name)) for name in ("contact_id", "account_id"))
+        # A ticket's contact must work at its account: the one of the two the body does not set is
+        # read from the ticket (404 when it is not in the caller's scope) for this check only.
+        stored = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
+        contact_id, account_id = (
+            given.get(name, getattr(stored.ticket, name)) for name in ("contact_id", "account_id")
+        )
         await _contact(access, contact_id, account_id).check()
     reply = await stub.UpdateTicket(
         pb.UpdateTicketRequest(
@@ -342,7 +346,7 @@ async def update_ticket(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, before, result)
+    await access.audit_write(ticket_id, to_json(reply.previous), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -353,24 +357,16 @@ def _contact(access: Access, contact_id: str | None, account_id: str | None) -> 
     return References(access).add("contact_id", CONTACT, contact_id, on_account=account_id)
 
 
-async def _ticket_before(stub: ServiceDeskServiceStub, ticket_id: str, access: Access) -> dict[str, Any]:
-    """The ticket as stored before a write, for the audit trail (404 when it is not in scope)."""
-    reply = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
-    return to_json(reply.ticket)
-
-
 @router.delete("/tickets/{ticket_id}", status_code=204)
 async def delete_ticket(ticket_id: str, request: Request, access: TicketsDelete, if_match: IfMatch = "") -> Response:
     """A ticket that should never have been one (spam, a test, a duplicate), with its comments and
     work log: only while open and never resolved (409 `TICKET_ON_RECORD` once resolved or closed,
     also before a reopening: SLA and CSAT reports count it)."""
-    stub = _stub(request)
-    before = await _ticket_before(stub, ticket_id, access)
-    await stub.DeleteTicket(
+    reply = await _stub(request).DeleteTicket(
         pb.DeleteTicketRequest(ticket_id=ticket_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(ticket_id, before, None)
+    await access.audit_write(ticket_id, to_json(reply.previous), None)
     return Response(status_code=204)
 
 
@@ -379,16 +375,14 @@ async def change_ticket_status(
     ticket_id: str, body: StatusIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Moves the ticket along its status machine; an illegal move is 409."""
-    stub = _stub(request)
-    before = await _ticket_before(stub, ticket_id, access)
-    reply = await stub.ChangeTicketStatus(
+    reply = await _stub(request).ChangeTicketStatus(
         pb.ChangeTicketStatusRequest(
             ticket_id=ticket_id, status=body.status, note=body.note, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, before, result, reason=body.note)
+    await access.audit_write(ticket_id, to_json(reply.previous), result, reason=body.note)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -398,16 +392,14 @@ async def assign_ticket(
     ticket_id: str, body: AssignIn, request: Request, response: Response, access: TicketsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Assigns to an agent, or auto-dispatches again when `assignee_id` is empty."""
-    stub = _stub(request)
-    before = await _ticket_before(stub, ticket_id, access)
-    reply = await stub.AssignTicket(
+    reply = await _stub(request).AssignTicket(
         pb.AssignTicketRequest(
             ticket_id=ticket_id, assignee_id=body.assignee_id, expected_version=expected_version(if_match)
         ),
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, before, result)
+    await access.audit_write(ticket_id, to_json(reply.previous), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -521,10 +513,7 @@ async def update_sla_policy(
 ) -> dict[str, Any]:
     """New targets for tickets created from now on."""
     access.check_write(body.model_dump())
-    stub = _stub(request)
-    policies = await stub.ListSlaPolicies(pb.ListSlaPoliciesRequest(), metadata=access.grpc_metadata())
-    before = next((to_json(p) for p in policies.items if p.priority == priority), None)
-    reply = await stub.UpdateSlaPolicy(
+    reply = await _stub(request).UpdateSlaPolicy(
         pb.UpdateSlaPolicyRequest(
             priority=priority,
             first_response_minutes=body.first_response_minutes,
@@ -534,7 +523,7 @@ async def update_sla_policy(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.policy)
-    await access.audit_write(priority, before, result, action="update")
+    await access.audit_write(priority, to_json(reply.previous), result, action="update")
     return with_etag(response, access.present(result))
 
 
@@ -595,9 +584,7 @@ async def update_agent(
     """Skills, region, capacity and availability drive auto-dispatch."""
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
-    stub = _stub(request)
-    before = await stub.GetAgent(pb.GetAgentRequest(agent_id=agent_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateAgent(
+    reply = await _stub(request).UpdateAgent(
         pb.UpdateAgentRequest(
             agent_id=agent_id,
             agent=_fill(pb.AgentInput(), given),  # type: ignore[arg-type]
@@ -607,7 +594,7 @@ async def update_agent(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.agent)
-    await access.audit_write(agent_id, to_json(before.agent), result)
+    await access.audit_write(agent_id, to_json(reply.previous), result)
     return with_etag(response, access.present(result))
 
 
@@ -719,9 +706,7 @@ async def update_article(
 ) -> dict[str, Any]:
     given = body.model_dump(exclude_unset=True, exclude_none=True)
     access.check_write(given)
-    stub = _stub(request)
-    before = await stub.GetKbArticle(pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata())
-    reply = await stub.UpdateKbArticle(
+    reply = await _stub(request).UpdateKbArticle(
         pb.UpdateKbArticleRequest(
             article_id=article_id,
             article=_fill(pb.KbArticleInput(), given),  # type: ignore[arg-type]
@@ -731,5 +716,5 @@ async def update_article(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.article)
-    await access.audit_write(article_id, to_json(before.article), result)
+    await access.audit_write(article_id, to_json(reply.previous), result)
     return with_etag(response, access.present(result))
