@@ -598,15 +598,11 @@ class SalesHandlers:
             result.append(v.opportunity_proto(row, rotting=rotting))
         return result
 
-    async def _as_read(self, conn: AsyncConnection, row: RowMapping) -> sales_pb2.Opportunity:
-        """A deal as `get_opportunity` answers it, `rotting` computed (a write's own answer leaves it
-        false): what a write answers as the deal before it, as a read before the write would have."""
-        [proto] = await self._read_out(conn, [row])
-        return proto
-
     async def get_opportunity(self, opportunity_id: str) -> sales_pb2.Opportunity:
         async with self.engine.connect() as conn:
-            return await self._as_read(conn, await self._opportunity_row(conn, opportunity_id, scope=current_scope()))
+            row = await self._opportunity_row(conn, opportunity_id, scope=current_scope())
+            [proto] = await self._read_out(conn, [row])
+            return proto
 
     async def list_opportunities(
         self,
@@ -710,7 +706,7 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
-            previous = await self._as_read(tx.conn, row)
+            previous = v.opportunity_proto(row)
             values: dict[str, Any] = {}
             for name, value in changes.items():
                 if name == "amount":
@@ -779,7 +775,7 @@ class SalesHandlers:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
             d.check_owner_change(row["status"], opportunity_id=opportunity_id)
-            previous = await self._as_read(tx.conn, row)
+            previous = v.opportunity_proto(row)
             values = {name: value for name, value in given.items() if value and value != row[name]}
             if not values:
                 return Change(v.opportunity_proto(row), previous)
@@ -851,7 +847,7 @@ class SalesHandlers:
                     f"opportunity {opportunity_id} has contract {contract}; close it as won or lost instead"
                 ),
             )
-            deleted = await self._as_read(tx.conn, row)
+            deleted = v.opportunity_proto(row)
             await tx.conn.execute(delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id))
             await tx.conn.execute(delete(r.opportunities).where(r.opportunities.c.id == opportunity_id))
             tx.publish(
@@ -874,7 +870,7 @@ class SalesHandlers:
             target = pipeline.stage(stage)
             if target.outcome is not d.Outcome.OPEN:
                 raise ValidationFailed([FieldError("stage", f"{stage!r} closes the deal: use win or lose")])
-            previous = await self._as_read(tx.conn, row)
+            previous = v.opportunity_proto(row)
             if target.key == row["stage"]:
                 return Change(v.opportunity_proto(row), previous)
             d.check_stage_gate(pipeline, target.key, self._gate_fields(row))
@@ -966,7 +962,7 @@ class SalesHandlers:
                 else events_pb2.OpportunityLost(opportunity=proto, reason=reason, actor=v.actor(principal))
             )
             tx.publish(event, key=opportunity_id)
-            return Change(proto, await self._as_read(tx.conn, row))
+            return Change(proto, v.opportunity_proto(row))
 
     async def import_opportunities(self, pipeline_id: str, rows: Sequence[ImportRow]) -> list[ImportResult]:
         """Loads deals of another system as they are (open at a stage, won or lost). Stage gates
