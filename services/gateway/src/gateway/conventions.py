@@ -2,6 +2,7 @@
 optimistic concurrency through `If-Match` / `ETag` carrying the record's version."""
 
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from crm_platform.money import (
 )
 from fastapi import Header, Response
 from fastapi.exceptions import RequestValidationError
+from google.protobuf.message import Message
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 # Versions travel as protobuf int64.
@@ -161,6 +163,14 @@ def _bad_if_match(if_match: str, message: str) -> RequestValidationError:
     return RequestValidationError(
         [{"type": "value_error", "loc": ("header", "If-Match"), "msg": message, "input": if_match}]
     )
+
+
+def before_write(reply: Message, to_json: Callable[[Any], dict[str, Any]], after: dict[str, Any]) -> dict[str, Any]:
+    """A record as it was before a write, for the audit row: the `previous` the service answers, read
+    under the record's row lock in the write's transaction (no other write came between). Without
+    one, the write repeated an Idempotency-Key's earlier result, which changed nothing and is audited
+    as a replay: the record as it is now."""
+    return to_json(getattr(reply, "previous")) if reply.HasField("previous") else after  # noqa: B009 (any write response)
 
 
 def with_etag(response: Response, body: dict[str, Any]) -> dict[str, Any]:

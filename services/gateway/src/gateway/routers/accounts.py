@@ -24,7 +24,15 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
-from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, FigureIn, MoneyOut, expected_version, with_etag
+from gateway.conventions import (
+    IDEMPOTENCY_KEY_HEADER,
+    IF_MATCH_HEADER,
+    FigureIn,
+    MoneyOut,
+    before_write,
+    expected_version,
+    with_etag,
+)
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
 from gateway.routers.custom_fields import (
@@ -728,21 +736,9 @@ async def update_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, _account_before(reply, record), record)
+    await access.audit_write(account_id, before_write(reply, account_dict, record), record)
     present = await presenter(access)
     return with_etag(response, present(record))
-
-
-_AccountWrite = (
-    pb.UpdateAccountResponse | pb.ClaimAccountResponse | pb.ReleaseAccountResponse | pb.TransferAccountResponse
-)
-
-
-def _account_before(reply: _AccountWrite, after: dict[str, Any]) -> dict[str, Any]:
-    """The account as it was before a write, for the audit trail: the service read it under the
-    account's row lock in the write's transaction (no other write came between). A repeat of an
-    idempotency key changed nothing, and is audited as a replay: the account as it is now."""
-    return account_dict(reply.previous) if reply.HasField("previous") else after
 
 
 @router.delete("/accounts/{account_id}", status_code=204)
@@ -833,7 +829,7 @@ async def claim_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, _account_before(reply, record), record, action="claim")
+    await access.audit_write(account_id, before_write(reply, account_dict, record), record, action="claim")
     present = await presenter(access)
     return present(record)
 
@@ -852,7 +848,9 @@ async def release_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, _account_before(reply, record), record, action="release", reason=reason)
+    await access.audit_write(
+        account_id, before_write(reply, account_dict, record), record, action="release", reason=reason
+    )
     present = await presenter(access)
     return present(record)
 
@@ -873,7 +871,9 @@ async def transfer_account(
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
-    await access.audit_write(account_id, _account_before(reply, record), record, action="transfer", reason=body.reason)
+    await access.audit_write(
+        account_id, before_write(reply, account_dict, record), record, action="transfer", reason=body.reason
+    )
     present = await presenter(access)
     return present(record)
 

@@ -35,7 +35,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from gateway.conventions import IdempotencyKey, IfMatch, MoneyIn, expected_version, with_etag
+from gateway.conventions import IdempotencyKey, IfMatch, MoneyIn, before_write, expected_version, with_etag
 from gateway.inputs import (
     INT32_MAX,
     INT32_MIN,
@@ -860,22 +860,6 @@ async def get_lead(lead_id: str, request: Request, response: Response, access: L
     return with_etag(response, present(lead_json(reply.lead)))
 
 
-_LeadWrite = (
-    pb.UpdateLeadResponse
-    | pb.AssignLeadResponse
-    | pb.DisqualifyLeadResponse
-    | pb.ReleaseLeadResponse
-    | pb.ConvertLeadResponse
-)
-
-
-def _lead_before(reply: _LeadWrite, after: dict[str, Any]) -> dict[str, Any]:
-    """The lead as it was before a write, for the audit trail: the service read it under the lead's
-    row lock in the write's transaction (no other write came between). A repeat of an idempotency
-    key changed nothing, and is audited as a replay: the lead as it is now."""
-    return lead_json(reply.previous) if reply.HasField("previous") else after
-
-
 @router.patch(
     "/leads/{lead_id}",
     responses={
@@ -911,7 +895,7 @@ async def update_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, _lead_before(reply, result), result)
+    await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1173,7 +1157,7 @@ async def assign_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, _lead_before(reply, result), result)
+    await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1199,7 +1183,7 @@ async def disqualify_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, _lead_before(reply, result), result)
+    await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
 
@@ -1237,7 +1221,7 @@ async def convert_lead(
         targets.append(opportunities)
     reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata(*targets))
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, _lead_before(reply, result), result)
+    await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
     present = await presenter(access)
     return {
         "lead": present(result),
@@ -1334,7 +1318,7 @@ async def release_lead(
         metadata=access.grpc_metadata(),
     )
     result = lead_json(reply.lead)
-    await access.audit_write(lead_id, _lead_before(reply, result), result, action="assign", reason=reason)
+    await access.audit_write(lead_id, before_write(reply, lead_json, result), result, action="assign", reason=reason)
     present = await presenter(access)
     return with_etag(response, present(result))
 
