@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from crm_platform.errors import PermissionDenied
 from crm_platform.principal import ScopeKind
+from crm_platform.testing.changes import assert_one_after_another
 from leads.domain import ScoringRule
 from leads.handlers import ConvertRequest
 
@@ -33,12 +34,7 @@ async def test_concurrent_updates_each_answer_the_version_they_changed(env: Any)
             *(env.service.update_lead(lead["id"], {"title": f"T{n}"}, ["title"], 0) for n in range(8))
         )
 
-    chain = sorted(changes, key=lambda change: change.record["version"])
-    assert [change.previous["version"] for change in chain] == list(range(1, 9))
-    assert [change.record["version"] for change in chain] == list(range(2, 10))
-    # Each write's "before" is the write just before it: no change is audited twice or lost.
-    assert [change.previous["title"] for change in chain[1:]] == [change.record["title"] for change in chain[:-1]]
-    assert chain[0].previous["title"] == ""
+    assert_one_after_another(changes, "title", first="")
 
 
 async def test_an_update_that_changes_nothing_answers_the_lead_as_before_and_after(env: Any) -> None:

@@ -11,6 +11,7 @@ import pytest
 from crm_platform.errors import NotFound, PermissionDenied
 from crm_platform.money import Money
 from crm_platform.principal import RecordScope, ScopeKind
+from crm_platform.testing.changes import assert_one_after_another
 from sales import domain as d
 from sales.handlers import LineItemIn, OpportunityIn, SalesHandlers
 from sales.testing import as_user
@@ -29,12 +30,7 @@ async def test_concurrent_updates_each_answer_the_version_they_changed(sales: Sa
             *(sales.update_opportunity(deal.id, expected_version=0, changes={"name": f"Deal {n}"}) for n in range(8))
         )
 
-    chain = sorted(changes, key=lambda change: change.record.version)
-    assert [change.previous.version for change in chain] == list(range(1, 9))
-    assert [change.record.version for change in chain] == list(range(2, 10))
-    # Each write's "before" is the write just before it: no change is audited twice or lost.
-    assert [change.previous.name for change in chain[1:]] == [change.record.name for change in chain[:-1]]
-    assert chain[0].previous.name == "Deal"
+    assert_one_after_another(changes, "name", first="Deal")
 
 
 async def test_a_write_that_changes_nothing_answers_the_record_as_before_and_after(sales: SalesHandlers) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
+from crm_platform.testing.changes import assert_one_after_another
 from service_desk import handlers
 from service_desk.handlers import Context
 from service_desk.servicer import ServiceDeskServicer
@@ -37,12 +38,7 @@ async def test_concurrent_updates_each_answer_the_version_they_changed(ctx_on_po
         )
     )
 
-    chain = sorted(changes, key=lambda change: change.record["version"])
-    assert [change.previous["version"] for change in chain] == list(range(1, 9))
-    assert [change.record["version"] for change in chain] == list(range(2, 10))
-    # Each write's "before" is the write just before it: no change is audited twice or lost.
-    assert [change.previous["subject"] for change in chain[1:]] == [change.record["subject"] for change in chain[:-1]]
-    assert chain[0].previous["subject"] == "Printer jams"
+    assert_one_after_another(changes, "subject", first="Printer jams")
 
 
 async def test_a_write_that_changes_nothing_answers_the_ticket_as_before_and_after(ctx: Context) -> None:
