@@ -251,6 +251,26 @@ async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack
         assert (await admin.get(path)).status_code == 404
 
 
+async def test_a_pipeline_is_replaced_at_the_etag_its_read_answered(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    stages = [
+        {"key": "qualify", "name": "Qualify", "probability": "20"},
+        {"key": "won", "name": "Won", "probability": "100", "outcome": "won"},
+        {"key": "lost", "name": "Lost", "probability": "0", "outcome": "lost"},
+    ]
+    async with _client(stack, f"admin-{run}", ["admin"]) as admin:
+        created = await admin.post("/api/v1/pipelines", json={"name": f"Renewals {run}", "stages": stages})
+        pipeline = _ok(created, 201)
+        path = f"/api/v1/pipelines/{pipeline['id']}"
+        read = await admin.get(path)
+        assert created.headers["etag"] == read.headers["etag"] == '"1"'
+        body = {"name": f"Renewals {run} (2027)", "stages": stages}
+        replaced = await admin.put(path, json=body, headers={"If-Match": read.headers["etag"]})
+        assert _ok(replaced)["name"] == body["name"] and replaced.headers["etag"] == '"2"'
+        stale = await admin.put(path, json=body, headers={"If-Match": read.headers["etag"]})
+        assert stale.status_code == 412, stale.text
+
+
 async def test_a_deal_changes_hands_and_its_quote_is_revised_through_the_gateway(stack: RunningStack) -> None:
     """A manager hands a rep's open deal to another rep (its quote follows; a won deal stays whose it
     was); a quote awaiting approval gets new line items under If-Match, and the decision made on the

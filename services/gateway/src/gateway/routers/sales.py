@@ -537,14 +537,18 @@ async def list_pipelines(
     description='"default" is the default pipeline',
     responses={200: {"model": schemas.Pipeline}},
 )
-async def get_pipeline(pipeline_id: str, request: Request, access: PipelinesRead) -> dict[str, Any]:
+async def get_pipeline(pipeline_id: str, request: Request, response: Response, access: PipelinesRead) -> dict[str, Any]:
     reply = await _stub(request).GetPipeline(pb.GetPipelineRequest(id=pipeline_id), metadata=access.grpc_metadata())
-    return access.present(pipeline_dict(reply.pipeline))
+    return with_etag(response, access.present(pipeline_dict(reply.pipeline)))
 
 
 @router.post("/pipelines", status_code=201, responses={201: {"model": schemas.Pipeline}})
 async def create_pipeline(
-    body: PipelineCreate, request: Request, access: PipelinesCreate, idempotency_key: IdempotencyKey = None
+    body: PipelineCreate,
+    request: Request,
+    response: Response,
+    access: PipelinesCreate,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     access.check_write(_written(body))
     reply = await _stub(request).CreatePipeline(
@@ -558,7 +562,7 @@ async def create_pipeline(
     )
     record = pipeline_dict(reply.pipeline)
     await access.audit_write(record["id"], None, record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.put("/pipelines/{pipeline_id}", responses={200: {"model": schemas.Pipeline}})
