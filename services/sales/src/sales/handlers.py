@@ -586,17 +586,27 @@ class SalesHandlers:
     ) -> list[sales_pb2.Opportunity]:
         """Opportunities as the API returns them, with `rotting` computed against their stages."""
         pipelines = await self._pipelines(conn)
-        now = self.clock()
-        result = []
-        for row in rows:
-            pipeline = pipelines.get(row["pipeline_id"])
-            stage = next((s for s in pipeline.stages if s.key == row["stage"]), None) if pipeline else None
-            entered = row["stage_entered_at"]
-            rotting = stage is not None and d.is_rotting(
-                row["status"], stage, as_utc(entered) if entered else None, now
-            )
-            result.append(v.opportunity_proto(row, rotting=rotting))
-        return result
+        return [v.opportunity_proto(row, rotting=self._rotting(pipelines.get(row["pipeline_id"]), row)) for row in rows]
+
+    def _rotting(self, pipeline: d.Pipeline | None, row: RowMapping | dict[str, Any]) -> bool:
+        """Whether a deal is rotting now, by its pipeline's stage (a deal of no known stage is not)."""
+        stage = next((s for s in pipeline.stages if s.key == row["stage"]), None) if pipeline else None
+        entered = row["stage_entered_at"]
+        return stage is not None and d.is_rotting(
+            row["status"], stage, as_utc(entered) if entered else None, self.clock()
+        )
+
+    async def _answered(
+        self, conn: AsyncConnection, row: RowMapping, after: sales_pb2.Opportunity
+    ) -> Change[sales_pb2.Opportunity]:
+        """A write that leaves the deal in its stage (update, assign) answers it as a read would, with
+        `rotting` before and after (the same: the stage and its entry are unchanged); the event's
+        copy is left without it, a fact of the write rather than of the clock."""
+        rotting = self._rotting(await self._pipeline(conn, row["pipeline_id"]), row)
+        answer = sales_pb2.Opportunity()
+        answer.CopyFrom(after)
+        answer.rotting = rotting
+        return Change(answer, v.opportunity_proto(row, rotting=rotting))
 
     async def get_opportunity(self, opportunity_id: str) -> sales_pb2.Opportunity:
         async with self.engine.connect() as conn:
@@ -706,7 +716,6 @@ class SalesHandlers:
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
-            previous = v.opportunity_proto(row)
             values: dict[str, Any] = {}
             for name, value in changes.items():
                 if name == "amount":
@@ -743,7 +752,7 @@ class SalesHandlers:
             d.check_line_currency(merged["currency"], _line_currency(merged["line_items"]))
             changed = sorted(name for name in values if values[name] != row[name])
             if not changed:
-                return Change(v.opportunity_proto(row), previous)
+                return await self._answered(tx.conn, row, v.opportunity_proto(row))
             if set(OWNERSHIP) & set(changed):
                 d.check_owner_change(row["status"], opportunity_id=opportunity_id)
             proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
@@ -751,7 +760,7 @@ class SalesHandlers:
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=opportunity_id,
             )
-            return Change(proto, previous)
+            return await self._answered(tx.conn, row, proto)
 
     async def assign_opportunity(
         self,
@@ -775,10 +784,9 @@ class SalesHandlers:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
             d.check_owner_change(row["status"], opportunity_id=opportunity_id)
-            previous = v.opportunity_proto(row)
             values = {name: value for name, value in given.items() if value and value != row[name]}
             if not values:
-                return Change(v.opportunity_proto(row), previous)
+                return await self._answered(tx.conn, row, v.opportunity_proto(row))
             changed = sorted(values)
             proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
             tx.publish(
@@ -788,7 +796,7 @@ class SalesHandlers:
                 ),
                 key=opportunity_id,
             )  # fmt: skip
-            return Change(proto, previous)
+            return await self._answered(tx.conn, row, proto)
 
     async def _save_opportunity(
         self,

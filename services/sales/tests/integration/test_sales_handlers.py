@@ -1647,6 +1647,28 @@ async def test_deals_rot_after_their_stage_rotting_days(sales: SalesHandlers, cl
         assert [o.name for o in rotting.items] == ["stale"]
 
 
+async def test_a_write_that_leaves_a_rotting_deal_in_its_stage_answers_it_rotting(
+    sales: SalesHandlers, clock: Clock, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="a", name="slow", primary_contact_id="c"))
+        clock.now += timedelta(days=15)  # initial_contact rots after 14 days
+        renamed = await sales.update_opportunity(deal.id, expected_version=0, changes={"name": "slower"})
+        assert (renamed.record.rotting, renamed.previous.rotting) == (True, True)
+        assert renamed.record.rotting == (await sales.get_opportunity(deal.id)).rotting
+        unchanged = await sales.update_opportunity(deal.id, expected_version=0, changes={"name": "slower"})
+        assert unchanged.record.rotting and unchanged.record.version == renamed.record.version
+    with as_user("boss", "sales_manager"):
+        handed = await sales.assign_opportunity(deal.id, expected_version=0, owner_id="rep2", team="", region="")
+        assert handed.record.rotting and handed.record.owner_id == "rep2"
+    # The events carry the write, not the clock's view of the deal at the time.
+    [updated] = await outbox_events(engine, "crm.sales.opportunity.updated")
+    assert not events_pb2.OpportunityUpdated.FromString(updated).opportunity.rotting
+    with as_user("rep2", "sales_rep"):
+        moved = await sales.move_stage(deal.id, stage="needs_confirmed", expected_version=0)
+        assert not moved.record.rotting
+
+
 async def test_deleting_a_deal_takes_its_quotes_but_not_one_with_a_contract(
     sales: SalesHandlers, engine: AsyncEngine
 ) -> None:
