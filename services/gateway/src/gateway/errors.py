@@ -55,8 +55,12 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.OUT_OF_RANGE: 422,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
+    # A call the service does not know: an older pod, during a rolling upgrade that added it. A retry
+    # reaches a new pod once the rollout is done.
+    grpc.StatusCode.UNIMPLEMENTED: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+NOT_SERVED_YET = "the service does not serve this call in the version that answered (an upgrade in progress?); retry"
 
 RETRY_AFTER_SECONDS = "5"
 
@@ -121,6 +125,8 @@ def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
         wait = RETRY_AFTER_SECONDS if remote.retry_after is None else str(remote.retry_after)
         headers = {"Retry-After": wait}
     detail = remote.message if status < 500 or status in (503, 504) else "internal error"
+    if remote.code == grpc.StatusCode.UNIMPLEMENTED:  # gRPC's own text ("Method not found!") says nothing to a client
+        detail = NOT_SERVED_YET
     if any(e.field in _HEADER_FIELDS for e in remote.field_errors):
         # The service's message names its fields ("idempotency_key: ..."): say it as `errors` does.
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[: len(remote.field_errors)])
@@ -130,7 +136,7 @@ def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
 async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, grpc.aio.AioRpcError)
     remote = from_rpc_error(error)
-    if http_status_of(remote) >= 500 and remote.code not in (grpc.StatusCode.UNAVAILABLE,):
+    if http_status_of(remote) >= 500 and remote.code != grpc.StatusCode.UNAVAILABLE:
         log.error("upstream error on %s %s: %s %s", request.method, request.url.path, remote.code, remote.message)
     return remote_problem(remote, request.url.path)
 

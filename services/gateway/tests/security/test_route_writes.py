@@ -87,8 +87,16 @@ class FakeLeads(LeadsServiceServicer):
     async def DeleteScoringRule(self, request: leads_pb.DeleteScoringRuleRequest, context: Any) -> Any:
         return leads_pb.DeleteScoringRuleResponse(previous=self.SCORING_RULE)
 
+    async def GetScoringRule(self, request: leads_pb.GetScoringRuleRequest, context: Any) -> Any:
+        if request.rule_id != self.SCORING_RULE.id:
+            await abort(context, NotFound("scoring rule", request.rule_id))
+        return leads_pb.GetScoringRuleResponse(rule=self.SCORING_RULE)
+
     async def SetGradeThresholds(self, request: leads_pb.SetGradeThresholdsRequest, context: Any) -> Any:
-        return leads_pb.SetGradeThresholdsResponse(thresholds=request.thresholds)
+        previous = leads_pb2.GradeThresholds(a=85, b=50, c=30)
+        return leads_pb.SetGradeThresholdsResponse(
+            thresholds=request.thresholds, version=3, previous=previous, previous_version=2
+        )
 
     async def CreateAssignmentRule(self, request: leads_pb.CreateAssignmentRuleRequest, context: Any) -> Any:
         rule = leads_pb2.AssignmentRule(id="ar-1", name=request.rule.name, user_ids=request.rule.user_ids)
@@ -98,6 +106,11 @@ class FakeLeads(LeadsServiceServicer):
 
     async def ListAssignmentRules(self, request: leads_pb.ListAssignmentRulesRequest, context: Any) -> Any:
         return leads_pb.ListAssignmentRulesResponse(items=[self.ASSIGNMENT_RULE])
+
+    async def GetAssignmentRule(self, request: leads_pb.GetAssignmentRuleRequest, context: Any) -> Any:
+        if request.rule_id != self.ASSIGNMENT_RULE.id:
+            await abort(context, NotFound("assignment rule", request.rule_id))
+        return leads_pb.GetAssignmentRuleResponse(rule=self.ASSIGNMENT_RULE)
 
     async def UpdateAssignmentRule(self, request: leads_pb.UpdateAssignmentRuleRequest, context: Any) -> Any:
         return leads_pb.UpdateAssignmentRuleResponse(rule=request.rule, previous=self.ASSIGNMENT_RULE)
@@ -583,6 +596,8 @@ async def test_a_refusal_names_what_the_route_does(
         ("sales_manager", "PUT", "/lead-scoring-rules/sr-1", {**RULE, "points": 10},
          {"points": 5, "field": "", "operator": "", "value": ""},
          {"points": 10, "field": "company", "operator": "contains", "value": "Inc"}),
+        ("sales_manager", "PUT", "/lead-scoring-rules/thresholds", {"a": 90, "b": 60, "c": 30},
+         {"a": 85, "b": 50, "version": 2}, {"a": 90, "b": 60, "version": 3}),
         ("sales_manager", "DELETE", "/lead-assignment-rules/ar-1", None,
          {"id": "ar-1", "name": "North", "position": 0, "enabled": False, "regions": ["north"], "industries": [],
           "sources": [], "min_score": 0, "max_score": 0, "team": "", "user_ids": ["u-2"], "strategy": "",

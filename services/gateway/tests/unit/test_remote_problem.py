@@ -37,3 +37,13 @@ def test_other_fields_keep_the_services_detail() -> None:
 
     assert body["detail"] == "custom.x: is not a defined custom field"
     assert body["errors"] == [{"field": "custom.x", "message": "is not a defined custom field"}]
+
+
+def test_a_call_an_older_service_pod_does_not_know_is_a_503_to_retry() -> None:
+    remote = RemoteError(code=grpc.StatusCode.UNIMPLEMENTED, message="Method not found!")
+
+    response = remote_problem(remote, "/api/v1/lead-scoring-rules/r-1")
+    body = json.loads(response.body)
+
+    assert (body["status"], response.headers["Retry-After"]) == (503, "5")
+    assert "Method not found" not in body["detail"] and "retry" in body["detail"]

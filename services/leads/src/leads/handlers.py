@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iter
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
@@ -53,7 +53,7 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
-from sqlalchemy import Column, ColumnElement, Select, delete, func, insert, or_, select, update
+from sqlalchemy import Column, ColumnElement, Select, Table, delete, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -210,6 +210,11 @@ async def load_rules(conn: AsyncConnection) -> Rules:
     ]
     definitions = await load_definitions(conn, repo.custom_fields, LEAD_ENTITY)
     return Rules(scoring, thresholds, assignment, definitions, generation)
+
+
+class VersionedThresholds(NamedTuple):
+    thresholds: Thresholds
+    version: int
 
 
 async def grade_thresholds(conn: AsyncConnection, *, for_update: bool = False) -> tuple[Thresholds, int]:
@@ -2444,16 +2449,19 @@ class LeadsService:
             thresholds, version = await grade_thresholds(conn)
         return rows, next_page, thresholds, version
 
-    async def set_thresholds(self, t: Thresholds, expected_version: int = 0) -> tuple[Thresholds, int]:
+    async def get_scoring_rule(self, rule_id: str) -> RowMapping:
+        return await self._rule_row(repo.scoring_rules, "scoring rule", rule_id)
+
+    async def set_thresholds(self, t: Thresholds, expected_version: int = 0) -> Change[VersionedThresholds]:
         """Sets the grade thresholds when `expected_version` is their version or 0 (unconditional);
-        returns them with their new version."""
+        returns them with their new version, and as they were with theirs."""
         _check_scoring_change("grade thresholds")
         domain.validate_thresholds(t)
         async with transaction(self.engine) as conn:
             # The generation first: its row stays locked to the commit, so settings of the
             # thresholds run one at a time, also the first, which finds no row to lock yet.
             await repo.next_scoring_generation(conn)
-            _, current = await grade_thresholds(conn, for_update=True)
+            previous, current = await grade_thresholds(conn, for_update=True)
             if expected_version and current != expected_version:
                 raise StaleVersion("grade", "thresholds", current)
             values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c, "version": current + 1}
@@ -2462,7 +2470,7 @@ class LeadsService:
             ).rowcount == 0:
                 await conn.execute(insert(repo.settings_table).values(id=1, **values))
         self.rules.invalidate()
-        return t, current + 1
+        return Change(VersionedThresholds(t, current + 1), VersionedThresholds(previous, current))
 
     @staticmethod
     def _assignment_values_of(rule: AssignmentRule, name: str) -> dict[str, Any]:
@@ -2491,20 +2499,22 @@ class LeadsService:
 
     async def update_assignment_rule(self, rule: AssignmentRule, name: str, expected_version: int) -> RowChange:
         values = self._assignment_values_of(domain.rule_in_callers_scope(rule, current_scope()), name)
-        _check_rule_scope(await self._assignment_rule_row(rule.id))  # as it routes now, and as it would
+        _check_rule_scope(await self.get_assignment_rule(rule.id))  # as it routes now, and as it would
         _check_rule_scope(values)
         return await self._versioned_update(repo.assignment_rules, "assignment rule", rule.id, expected_version, values)
 
     async def delete_assignment_rule(self, rule_id: str, expected_version: int = 0) -> RowMapping:
-        _check_rule_scope(await self._assignment_rule_row(rule_id))
+        _check_rule_scope(await self.get_assignment_rule(rule_id))
         return await self._delete(repo.assignment_rules, "assignment rule", rule_id, expected_version)
 
-    async def _assignment_rule_row(self, rule_id: str) -> RowMapping:
+    async def get_assignment_rule(self, rule_id: str) -> RowMapping:
+        return await self._rule_row(repo.assignment_rules, "assignment rule", rule_id)
+
+    async def _rule_row(self, table: Table, resource: str, rule_id: str) -> RowMapping:
         async with self.engine.connect() as conn:
-            query = select(repo.assignment_rules).where(repo.assignment_rules.c.id == rule_id)
-            row = (await conn.execute(query)).mappings().first()
+            row = (await conn.execute(select(table).where(table.c.id == rule_id))).mappings().first()
         if row is None:
-            raise NotFound("assignment rule", rule_id)
+            raise NotFound(resource, rule_id)
         return row
 
     async def list_assignment_rules(self, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:

@@ -499,18 +499,28 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         )
         return leads_service_pb2.ListScoringRulesResponse(
             items=[messages.scoring_rule_to_proto(r) for r in rows],
-            thresholds=leads_pb2.GradeThresholds(a=t.a, b=t.b, c=t.c),
+            thresholds=_thresholds_message(t),
             thresholds_version=version,
             page_info=common_pb2.PageInfo(next_cursor=cursor),
         )
+
+    async def GetScoringRule(
+        self, request: leads_service_pb2.GetScoringRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetScoringRuleResponse:
+        row = await self.service.get_scoring_rule(request.rule_id)
+        return leads_service_pb2.GetScoringRuleResponse(rule=messages.scoring_rule_to_proto(row))
 
     async def SetGradeThresholds(
         self, request: leads_service_pb2.SetGradeThresholdsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.SetGradeThresholdsResponse:
         t = request.thresholds
-        saved, version = await self.service.set_thresholds(Thresholds(a=t.a, b=t.b, c=t.c), request.expected_version)
+        change = await self.service.set_thresholds(Thresholds(a=t.a, b=t.b, c=t.c), request.expected_version)
+        saved, previous = change.record, change.previous
         return leads_service_pb2.SetGradeThresholdsResponse(
-            thresholds=leads_pb2.GradeThresholds(a=saved.a, b=saved.b, c=saved.c), version=version
+            thresholds=_thresholds_message(saved.thresholds),
+            version=saved.version,
+            previous=previous_message(lambda p: _thresholds_message(p.thresholds), previous),
+            previous_version=previous.version if previous else 0,
         )
 
     @staticmethod
@@ -555,6 +565,12 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     ) -> leads_service_pb2.DeleteAssignmentRuleResponse:
         deleted = await self.service.delete_assignment_rule(request.rule_id, request.expected_version)
         return leads_service_pb2.DeleteAssignmentRuleResponse(previous=messages.assignment_rule_to_proto(deleted))
+
+    async def GetAssignmentRule(
+        self, request: leads_service_pb2.GetAssignmentRuleRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.GetAssignmentRuleResponse:
+        row = await self.service.get_assignment_rule(request.rule_id)
+        return leads_service_pb2.GetAssignmentRuleResponse(rule=messages.assignment_rule_to_proto(row))
 
     async def ListAssignmentRules(
         self, request: leads_service_pb2.ListAssignmentRulesRequest, context: grpc.aio.ServicerContext
@@ -687,3 +703,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             lead=messages.lead_to_proto(capture.lead),
             previous=previous_message(messages.lead_to_proto, capture.previous),
         )
+
+
+def _thresholds_message(t: Thresholds) -> leads_pb2.GradeThresholds:
+    return leads_pb2.GradeThresholds(a=t.a, b=t.b, c=t.c)

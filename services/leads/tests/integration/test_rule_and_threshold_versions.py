@@ -67,10 +67,11 @@ async def test_the_grade_thresholds_are_set_only_at_their_current_version(env_ea
         unconditional = await env.service.set_thresholds(Thresholds(a=70, b=40, c=20))
 
     assert (defaults, first_version) == (Thresholds(), 1)
-    assert first == (Thresholds(a=85, b=50, c=30), 2)
+    assert (first.previous, first.record) == ((Thresholds(), 1), (Thresholds(a=85, b=50, c=30), 2))
     assert stale.value.current_version == 2
     assert (kept, kept_version) == (Thresholds(a=85, b=50, c=30), 2)
-    assert unconditional == (Thresholds(a=70, b=40, c=20), 3)
+    assert unconditional.previous == (Thresholds(a=85, b=50, c=30), 2)
+    assert unconditional.record == (Thresholds(a=70, b=40, c=20), 3)
 
 
 # --- through the gateway ---------------------------------------------------------------------

@@ -44,4 +44,7 @@ async def test_an_unknown_rule_is_not_found(admin: httpx.AsyncClient, route: str
     missing = await admin.get(f"{route}/no-such-rule")
     assert missing.status_code == 404
     assert missing.headers["content-type"].startswith("application/problem+json")
-    assert missing.json()["detail"] == "rule no-such-rule not found"
+    kind = "scoring" if "scoring" in route else "assignment"
+    assert missing.json()["detail"] == f"{kind} rule no-such-rule not found"
+    patched = await admin.patch(f"{route}/no-such-rule", json={"name": "Renamed"})
+    assert (patched.status_code, patched.json()["detail"]) == (404, f"{kind} rule no-such-rule not found")

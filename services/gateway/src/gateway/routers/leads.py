@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Optional
@@ -23,7 +23,6 @@ from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform.errors import field_path
 from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_key
-from crm_platform.pagination import MAX_LIMIT
 from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
@@ -1326,30 +1325,9 @@ async def release_lead(
 # --- scoring and assignment rules ----------------------------------------------------------------
 
 
-async def _every_rule(list_rules: Callable[..., Awaitable[Any]], request: type[Message], access: Access) -> list[Any]:
-    """Every rule of a paged rule listing (`ListScoringRules`, `ListAssignmentRules`), page after
-    page: a rule's own routes find it there (no RPC reads one rule), wherever it is listed."""
-    metadata = access.grpc_metadata()
-    rules: list[Any] = []
-    cursor = ""
-    while True:
-        reply = await list_rules(request(page=_page(MAX_LIMIT, cursor)), metadata=metadata)
-        rules.extend(reply.items)
-        cursor = reply.page_info.next_cursor
-        if not cursor:
-            return rules
-
-
-def _rule_from_listing(rules: Iterable[Any], rule_id: str) -> dict[str, Any]:
-    """A rule from its listing (no RPC reads one rule); {} when it is not listed."""
-    return next((_rule_json(rule) for rule in rules if rule.id == rule_id), {})
-
-
-def _listed_rule(rules: Iterable[Any], rule_id: str, response: Response) -> dict[str, Any]:
-    """One rule from its listing, with its `ETag` for a later `If-Match`; 404 when not listed."""
-    if rule := _rule_from_listing(rules, rule_id):
-        return with_etag(response, rule)
-    raise not_found(f"rule {rule_id} not found")
+async def _rule(kind: "_RuleKind", request: Request, access: Access, rule_id: str) -> dict[str, Any]:
+    reply = await getattr(_stub(request), kind.get)(kind.get_request(rule_id=rule_id), metadata=access.grpc_metadata())
+    return _rule_json(reply.rule)
 
 
 def _partial(model: type[ReplacementBody]) -> type[ReplacementBody]:
@@ -1379,8 +1357,8 @@ class _RuleKind:
 
     model: type[ScoringRuleIn] | type[AssignmentRuleIn]
     message: type[leads_pb2.ScoringRule] | type[leads_pb2.AssignmentRule]
-    listing: str  # the RPC listing the rules (no RPC reads one rule)
-    list_request: type[Message]
+    get: str  # the RPC reading one rule
+    get_request: type[Message]
     update: str  # the RPC replacing a rule
     update_request: type[Message]
     action: str  # of the audit row
@@ -1402,9 +1380,7 @@ async def _replace_rule(
     stub = _stub(request)
     version = expected_version(if_match)
     if patch:  # the fields given go over the rule as it is, written at the version read
-        stored = _rule_from_listing(await _every_rule(getattr(stub, kind.listing), kind.list_request, access), rule_id)
-        if not stored:
-            raise not_found(f"rule {rule_id} not found")
+        stored = await _rule(kind, request, access, rule_id)
         try:  # a field given as null is refused here, as its PUT refuses it
             rule = kind.model.model_validate({**stored, **rule.model_dump(exclude_unset=True)})
         except ValidationError as error:
@@ -1474,10 +1450,7 @@ async def set_thresholds(
     body: ThresholdsIn, request: Request, response: Response, access: ScoringRulesManage, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Sets the minimum scores of grades A, B and C (below C is D)."""
-    stub = _stub(request)
-    # The thresholds as they were, for the audit row's before: they come with every page of the rules.
-    listed = await stub.ListScoringRules(pb.ListScoringRulesRequest(page=_page(1, "")), metadata=access.grpc_metadata())
-    reply = await stub.SetGradeThresholds(
+    reply = await _stub(request).SetGradeThresholds(
         pb.SetGradeThresholdsRequest(
             thresholds=leads_pb2.GradeThresholds(a=body.a, b=body.b, c=body.c),
             expected_version=expected_version(if_match),
@@ -1485,7 +1458,7 @@ async def set_thresholds(
         metadata=access.grpc_metadata(),
     )
     thresholds = _thresholds_json(reply.thresholds, reply.version)
-    before = _thresholds_json(listed.thresholds, listed.thresholds_version)
+    before = _thresholds_json(reply.previous, reply.previous_version) if reply.HasField("previous") else None
     await access.audit_write("grade_thresholds", before, thresholds, action="set_grade_thresholds")
     return with_etag(response, thresholds)
 
@@ -1493,15 +1466,14 @@ async def set_thresholds(
 @router.get("/lead-scoring-rules/{rule_id}", responses={200: {"model": schemas.ScoringRule}})
 async def get_scoring_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     """One scoring rule, with its version as the `ETag`."""
-    rules = await _every_rule(_stub(request).ListScoringRules, pb.ListScoringRulesRequest, access)
-    return _listed_rule(rules, rule_id, response)
+    return with_etag(response, await _rule(SCORING_RULES, request, access, rule_id))
 
 
 SCORING_RULES = _RuleKind(
     ScoringRuleIn,
     leads_pb2.ScoringRule,
-    "ListScoringRules",
-    pb.ListScoringRulesRequest,
+    "GetScoringRule",
+    pb.GetScoringRuleRequest,
     "UpdateScoringRule",
     pb.UpdateScoringRuleRequest,
     "update_scoring_rule",
@@ -1586,15 +1558,14 @@ async def create_assignment_rule(
 @router.get("/lead-assignment-rules/{rule_id}", responses={200: {"model": schemas.AssignmentRule}})
 async def get_assignment_rule(rule_id: str, request: Request, response: Response, access: LeadsRead) -> dict[str, Any]:
     """One assignment rule, with its version as the `ETag`."""
-    rules = await _every_rule(_stub(request).ListAssignmentRules, pb.ListAssignmentRulesRequest, access)
-    return _listed_rule(rules, rule_id, response)
+    return with_etag(response, await _rule(ASSIGNMENT_RULES, request, access, rule_id))
 
 
 ASSIGNMENT_RULES = _RuleKind(
     AssignmentRuleIn,
     leads_pb2.AssignmentRule,
-    "ListAssignmentRules",
-    pb.ListAssignmentRulesRequest,
+    "GetAssignmentRule",
+    pb.GetAssignmentRuleRequest,
     "UpdateAssignmentRule",
     pb.UpdateAssignmentRuleRequest,
     "update_assignment_rule",
