@@ -93,3 +93,35 @@ async def test_a_row_that_does_not_fit_is_rejected_alone_and_the_others_are_impo
         ["colour"],
     ]
     assert "Value error" not in response.text
+
+
+async def test_each_deal_an_import_creates_is_on_its_own_audit_trail(
+    gateway: tuple[CreatesEveryRow, httpx.AsyncClient],
+) -> None:
+    _, http = gateway
+    rows = [{"account_id": "a-1", "name": "Deal", "external_id": f"crm-{n}"} for n in (1, 2)]
+    assert (await http.post("/api/v1/opportunities/import", json={"rows": rows})).status_code == 200
+
+    trails = [(await http.get("/api/v1/audit-events", params={"record_id": f"o-{n}"})).json() for n in (0, 1)]
+    assert [[(e["action"], e["reason"]) for e in trail["items"]] for trail in trails] == [
+        [("create", "import row 0, external_id crm-1")],
+        [("create", "import row 1, external_id crm-2")],
+    ]
+
+
+async def test_a_rep_imports_deals_without_naming_fields_they_may_not_set(
+    gateway: tuple[CreatesEveryRow, httpx.AsyncClient],
+) -> None:
+    servicer, http = gateway
+    rep = {"Authorization": "Bearer " + issue_dev_token(secret=SECRET, sub="u-2", roles=["sales_rep"], team="east")}
+    row = {"account_id": "a-1", "name": "Deal", "external_id": "mine"}
+
+    imported = await http.post("/api/v1/opportunities/import", json={"rows": [row]}, headers=rep)
+    refused = await http.post(
+        "/api/v1/opportunities/import", json={"rows": [{**row, "owner_id": "u-3"}]}, headers=rep
+    )
+
+    assert imported.status_code == 200, imported.text
+    assert servicer.received == ["mine"]
+    assert refused.status_code == 403
+    assert [e["field"] for e in refused.json()["errors"]] == ["owner_id"]

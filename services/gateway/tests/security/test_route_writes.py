@@ -1047,6 +1047,24 @@ async def test_a_quote_with_discounts_gets_new_line_items_only_from_who_may_set_
     assert len(gateway.sales.quote_updates) == 1  # the manager's
 
 
+async def test_new_line_items_of_a_deal_carry_where_the_caller_may_replace_discounts(gateway: Gateway) -> None:
+    """The service refuses new line items on a deal with discounts unless the caller may set
+    discounts there: a rep (who sees none) sends no such scope, a manager their team's."""
+    for role, body in [
+        ("sales_rep", {"line_items": [LINE]}),
+        ("sales_manager", {"line_items": [LINE]}),
+        ("sales_manager", {"name": "Robots II"}),
+    ]:
+        response = await gateway.client.patch("/api/v1/opportunities/o-1", json=body, headers=gateway.auth(role))
+        assert response.status_code == 200, response.text
+
+    sent = [
+        RecordScope.from_proto(r.discounts_scope) if r.HasField("discounts_scope") else None
+        for r in gateway.sales.updates
+    ]
+    assert sent == [None, RecordScope(ScopeKind.TEAM, owner_id="u-1", team="east", region="north"), None]
+
+
 async def test_a_deal_is_handed_over_at_its_etags_version_by_who_may_assign_deals_and_audited(
     gateway: Gateway,
 ) -> None:

@@ -176,6 +176,18 @@ class Receivables:
     account: r.AccountTotals
 
 
+def _check_discounts_replaceable(
+    row: RowMapping, discounts_scope: RecordScope | None, resource: str, resources: str
+) -> None:
+    """New line items for a record that has discounts drop them: only who may set discounts, within
+    the scope where they may (None: nowhere, PERMISSION_DENIED naming the field; a record out of
+    that scope is NOT_FOUND, as one out of the caller's scope is)."""
+    if discounts_scope is None:
+        raise PermissionDenied(f"you may not set field '{DISCOUNT_FIELD}' of {resources}", field=DISCOUNT_FIELD)
+    if not discounts_scope.allows(owner_id=row["owner_id"], team=row["team"], region=row["region"]):
+        raise NotFound(resource, row["id"])
+
+
 def _check_version(row: RowMapping, expected_version: int, resource: str) -> None:
     if expected_version and row["version"] != expected_version:
         raise StaleVersion(resource, row["id"], row["version"])
@@ -697,9 +709,13 @@ class SalesHandlers:
         changes: dict[str, Any],
         override_collision: bool = False,
         override_reason: str = "",
+        discounts_scope: RecordScope | None = ALL_RECORDS,
     ) -> Change[sales_pb2.Opportunity]:
         """`changes` maps mask paths to new values (amount as Money, line_items as LineItemIn,
-        expected_close_date as date or None, forecast_category as ForecastCategory or None)."""
+        expected_close_date as date or None, forecast_category as ForecastCategory or None).
+        New line items replace a deal's discounts: a deal that has any gets them only within
+        `discounts_scope`, the caller's scope as one who may set discounts (None: they may not,
+        PERMISSION_DENIED naming the field)."""
         principal = current_principal()
         allowed = {
             "name", "primary_contact_id", "amount", "expected_close_date", "owner_id", "team", "region",
@@ -722,6 +738,8 @@ class SalesHandlers:
                     d.require_valid_amount(value, field_name="amount")
                     values.update(amount=value.amount, currency=value.currency)
                 elif name == "line_items":
+                    if any(Decimal(item.get("discount_percent") or 0) > 0 for item in row["line_items"]):
+                        _check_discounts_replaceable(row, discounts_scope, "opportunity", "opportunities")
                     items = [item.to_domain() for item in value]
                     currency = d.validate_line_items(items)
                     values["line_items"] = [v.line_item_json(item) for item in items]
@@ -1260,10 +1278,7 @@ class SalesHandlers:
         await r.load(conn, r.opportunities, row["opportunity_id"], lock=True)
         row = await self._quote_row(conn, quote_id, scope=current_scope(), lock=True)
         if row["max_discount_percent"] > 0:
-            if discounts_scope is None:
-                raise PermissionDenied(f"you may not set field '{DISCOUNT_FIELD}' of quotes", field=DISCOUNT_FIELD)
-            if not discounts_scope.allows(owner_id=row["owner_id"], team=row["team"], region=row["region"]):
-                raise NotFound("quote", quote_id)
+            _check_discounts_replaceable(row, discounts_scope, "quote", "quotes")
         _check_version(row, expected_version, "quote")
         # Contracts refer to the deal, not to one of its quotes: once the deal has a contract,
         # every quote of it is part of what the contract was negotiated from.

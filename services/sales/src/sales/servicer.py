@@ -263,6 +263,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             changes=update_changes(request),
             override_collision=request.override_collision,
             override_reason=request.override_reason,
+            discounts_scope=_discounts_scope(request),
         )
         return pb.UpdateOpportunityResponse(opportunity=change.record, previous=change.previous)
 
@@ -428,9 +429,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
             request.id,
             expected_version=request.expected_version,
             line_items=line_items(request.line_items),
-            discounts_scope=(
-                RecordScope.from_proto(request.discounts_scope) if request.HasField("discounts_scope") else None
-            ),
+            discounts_scope=_discounts_scope(request),
         )
         return pb.UpdateQuoteResponse(quote=change.record, previous=change.previous)
 
@@ -590,3 +589,8 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     async def VoidInvoice(self, request: pb.VoidInvoiceRequest, context: Context) -> pb.VoidInvoiceResponse:
         change = await self.h.void_invoice(request.id, reason=request.reason)
         return pb.VoidInvoiceResponse(invoice=change.record, previous=change.previous)
+
+
+def _discounts_scope(request: pb.UpdateOpportunityRequest | pb.UpdateQuoteRequest) -> RecordScope | None:
+    """Where the caller may replace discounted line items; None (nowhere) when the gateway sent none."""
+    return RecordScope.from_proto(request.discounts_scope) if request.HasField("discounts_scope") else None

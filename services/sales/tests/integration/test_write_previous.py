@@ -100,3 +100,44 @@ async def test_new_line_items_replace_a_quotes_discounts_only_within_the_discoun
     )  # fmt: skip
     assert replaced.previous == quote
     assert (replaced.previous.max_discount_percent, replaced.record.max_discount_percent) == ("35", "20")
+
+
+async def test_new_line_items_replace_a_deals_discounts_only_within_the_discounts_scope(sales: SalesHandlers) -> None:
+    with as_user("mgr", "sales_manager"):
+        deal = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-1", name="Deal", owner_id="rep1", line_items=[item("25")])
+        )
+    with as_user("rep1", "sales_rep"):
+        with pytest.raises(PermissionDenied) as refused:  # the caller may set no discount
+            await sales.update_opportunity(
+                deal.id, expected_version=0, changes={"line_items": [item()]}, discounts_scope=None
+            )
+        renamed = await sales.update_opportunity(
+            deal.id, expected_version=0, changes={"name": "Deal II"}, discounts_scope=None
+        )
+    with as_user("mgr", "sales_manager"):
+        with pytest.raises(NotFound):  # the deal is not where the caller may set discounts
+            await sales.update_opportunity(
+                deal.id,
+                expected_version=0,
+                changes={"line_items": [item()]},
+                discounts_scope=RecordScope(ScopeKind.OWN, "mgr"),
+            )
+        replaced = await sales.update_opportunity(
+            deal.id,
+            expected_version=0,
+            changes={"line_items": [item()]},
+            discounts_scope=RecordScope(ScopeKind.TEAM, team="east"),
+        )
+    with as_user("rep1", "sales_rep"):  # no discount left to lose
+        again = await sales.update_opportunity(
+            deal.id, expected_version=0, changes={"line_items": [item(), item()]}, discounts_scope=None
+        )
+
+    assert (refused.value.field, refused.value.detail) == (
+        "line_items.discount_percent", "you may not set field 'line_items.discount_percent' of opportunities",
+    )  # fmt: skip
+    assert renamed.record.name == "Deal II"
+    assert [i.discount_percent for i in replaced.previous.line_items] == ["25"]
+    assert (replaced.previous.amount.amount, replaced.record.amount.amount) == ("750.00", "1000.00")
+    assert again.record.amount.amount == "2000.00"

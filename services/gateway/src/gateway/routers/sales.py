@@ -510,8 +510,9 @@ def _iso(value: date | None) -> str:
 
 
 def _written(body: BaseModel, *, exclude: set[str] | None = None) -> dict[str, Any]:
-    """The fields a request sets, as JSON: what `check_write` and the audit see."""
-    return body.model_dump(mode="json", exclude_none=True, exclude=exclude)
+    """The fields a request sets, as JSON: what `check_write` and the audit see (a field left out
+    is not set, whatever its default)."""
+    return body.model_dump(mode="json", exclude_unset=True, exclude_none=True, exclude=exclude)
 
 
 # --- pipelines ---------------------------------------------------------------------------------------
@@ -790,18 +791,19 @@ async def update_opportunity(
             "primary_contact_id", CONTACT, body.primary_contact_id, on_account=deal.opportunity.account_id
         )
         await contact.check()
-    reply = await stub.UpdateOpportunity(
-        pb.UpdateOpportunityRequest(
-            id=opportunity_id,
-            expected_version=expected_version(if_match),
-            update_mask=field_mask_pb2.FieldMask(paths=list(values)),
-            opportunity=source,
-            line_items=[item.proto() for item in body.line_items or []],
-            override_collision=body.override_collision,
-            override_reason=body.override_reason or "",
-        ),
-        metadata=access.grpc_metadata(),
+    message = pb.UpdateOpportunityRequest(
+        id=opportunity_id,
+        expected_version=expected_version(if_match),
+        update_mask=field_mask_pb2.FieldMask(paths=list(values)),
+        opportunity=source,
+        line_items=[item.proto() for item in body.line_items or []],
+        override_collision=body.override_collision,
+        override_reason=body.override_reason or "",
     )
+    discounts_scope = _discounts_scope(access, values) if "line_items" in values else None
+    if discounts_scope is not None:
+        message.discounts_scope.CopyFrom(discounts_scope.to_proto())
+    reply = await stub.UpdateOpportunity(message, metadata=access.grpc_metadata())
     return await _deal_written(access, response, opportunity_dict(reply.previous), reply.opportunity)
 
 
@@ -958,6 +960,13 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
     )
     answer = _import_answer(results)
     await access.audit("import", "", reason=f"{answer['created']} created, {answer['rejected']} rejected")
+    # Each deal the import created is on its own trail, as one created alone is.
+    created = [
+        (r["opportunity_id"], f"import row {r['row']}, external_id {r['external_id']}")
+        for r in answer["results"]
+        if r["outcome"] == "created"
+    ]
+    await access.audit_each("create", created)
     return answer
 
 
@@ -1233,10 +1242,10 @@ async def update_quote(
 
 
 def _discounts_scope(access: Access, written: dict[str, Any]) -> RecordScope | None:
-    """Where the caller may give new line items to a quote that has discounts: they replace the old
-    with their discounts, which who may not set discounts (nor see them) would drop unseen. The scope
-    of the caller's grants that may set the body's fields and discounts too; None when none may. The
-    service applies it to such a quote, as it finds it under its row lock."""
+    """Where the caller may give new line items to a quote or deal that has discounts: they replace
+    the old with their discounts, which who may not set discounts (nor see them) would drop unseen.
+    The scope of the caller's grants that may set the body's fields and discounts too; None when
+    none may. The service applies it to such a record, as it finds it under its row lock."""
     writers = access.require_view(access.resource, access.action)  # a decision of its own to narrow
     try:
         writers.check_write(written)
