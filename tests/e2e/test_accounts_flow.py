@@ -48,10 +48,14 @@ async def test_account_flow_through_the_gateway_with_events(stack: RunningStack)
         acme = _ok(created, 201)
         assert created.headers["etag"] == '"1"' and acme["owner_id"] == rep1
 
-        duplicate = await r2.post("/api/v1/accounts", json={"name": f"ACME {run}"})
+        duplicate = await r1.post("/api/v1/accounts", json={"name": f"ACME {run}"})
         assert duplicate.status_code == 409
         assert duplicate.headers["content-type"].startswith("application/problem+json")
         assert duplicate.json()["existing_id"] == acme["id"]
+        # Another rep is refused the name too, without learning which account holds it.
+        hidden = await r2.post("/api/v1/accounts", json={"name": f"ACME {run}"})
+        assert hidden.status_code == 409 and "existing_id" not in hidden.json()
+        assert acme["id"] not in hidden.text
 
         owner_write = await r1.patch(f"/api/v1/accounts/{acme['id']}", json={"owner_id": rep2})
         assert owner_write.status_code == 403 and owner_write.json()["errors"][0]["field"] == "owner_id"

@@ -113,6 +113,14 @@ def _visible(scope: RecordScope, row: Any) -> bool:
     return scope.allows(owner_id=row.owner_id, team=row.team, region=row.region)
 
 
+def _name_taken(name: str, duplicate: Any | None) -> AlreadyExists:
+    """409 for an account name already taken in its region: the account is named (`existing_id`)
+    only to a caller who may read it, as a read would (never reveal a record out of scope)."""
+    if duplicate is not None and (duplicate.in_pool or _visible(current_scope(), duplicate)):
+        return AlreadyExists(f"account {name!r} already exists in this region", existing_id=duplicate.id)
+    return AlreadyExists(f"account {name!r} already exists in this region, outside your accounts")
+
+
 def _check_version(resource: str, row: Any, expected: int) -> None:
     if expected and row.version != expected:
         raise StaleVersion(resource, row.id, row.version)
@@ -214,9 +222,7 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
             key = domain.dedupe_key(values["name"], values.get("region", ""))
             duplicate = await repo.find_by_dedupe_key(tx.conn, key)
             if duplicate is not None:
-                raise AlreadyExists(
-                    f"account {values['name']!r} already exists in this region", existing_id=duplicate.id
-                )
+                raise _name_taken(values["name"], duplicate)
             await _check_parent(tx.conn, account_id, values.get("parent_id") or "")
             row = {
                 **{k: v for k, v in values.items() if k in repo.accounts.c and k not in ("custom", "tags")},
@@ -244,9 +250,7 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
         # A concurrent create (another key) won the unique dedupe index: answer as it would have.
         async with ctx.uow.engine.connect() as conn:
             duplicate = await repo.find_by_dedupe_key(conn, domain.dedupe_key(values["name"], values.get("region", "")))
-        raise AlreadyExists(
-            "account already exists in this region", existing_id=duplicate.id if duplicate else ""
-        ) from None
+        raise _name_taken(values["name"], duplicate) from None
 
 
 async def get_account(ctx: Context, account_id: str) -> Any:
@@ -284,7 +288,7 @@ async def update_account(
             if key != row.dedupe_key:
                 duplicate = await repo.find_by_dedupe_key(tx.conn, key)
                 if duplicate is not None and duplicate.id != account_id:
-                    raise AlreadyExists(f"account {name!r} already exists in this region", existing_id=duplicate.id)
+                    raise _name_taken(name, duplicate)
                 changes["dedupe_key"] = key
             changed = sorted(k for k, v in changes.items() if k != "dedupe_key" and getattr(row, k) != v)
             if not changed:
@@ -1090,9 +1094,11 @@ async def list_activities(ctx: Context, *, account_id: str, contact_id: str, pag
             raise NotFound("account", account_id)
         query = select(act).where(act.c.account_id == account_id)
         if not (row.in_pool or _visible(scope, row)):
-            if scope.kind != ScopeKind.OWN:
-                return [], ""
+            # Answered as a missing account unless the caller has entries on it (which they know of):
+            # an empty page would tell that an account out of their scope exists.
             query = query.where(act.c.actor_id == scope.owner_id)
+            if scope.kind != ScopeKind.OWN or not await conn.scalar(select(query.limit(1).exists())):
+                raise NotFound("account", account_id)
         if contact_id:
             query = query.where(act.c.contact_id == contact_id)
         rows = list(await conn.execute(repo.apply_page(query, act, page)))

@@ -430,7 +430,8 @@ async def share_lock_accounts(conn: AsyncConnection, account_ids: Sequence[str])
 def live_account_with_dedupe_key(key: str) -> Select[Any]:
     """The live account holding a dedupe key: one probe of the unique index, also under a generic
     plan, because the query repeats the index's predicate as literal SQL (`LIVE`)."""
-    return select(accounts.c.id).where(LIVE, accounts.c.dedupe_key == key)
+    scope = (accounts.c.owner_id, accounts.c.team, accounts.c.region, accounts.c.in_pool)  # whom to name it to
+    return select(accounts.c.id, *scope).where(LIVE, accounts.c.dedupe_key == key)
 
 
 async def find_by_dedupe_key(conn: AsyncConnection, key: str) -> Any | None:

@@ -521,6 +521,8 @@ async def test_a_service_agent_logs_a_visit_on_an_account_of_their_region(ctx: C
 
     assert await timeline(AGENT_READING_ACTIVITIES) == ["on-site repair"]
     assert await timeline(REP1) == ["on-site repair"]
+    with pytest.raises(NotFound):  # out of their scope, with no entry of theirs: as if it were not there
+        await timeline(REP2)
 
 
 # --- correcting and deleting activities -----------------------------------------------------------------

@@ -156,9 +156,12 @@ async def test_account_lifecycle_with_events(accounts_service: Running) -> None:
     acme = await create(svc, "Acme Corporation", tier="B", tags=["vip"])
     assert acme.owner_id == "rep-1" and acme.team == "east" and acme.version == 1
 
-    # Dedupe on normalised name + region: 409 naming the existing account.
-    dup = await svc.fails("CreateAccount", pb.CreateAccountRequest(account=account("ACME corp.")), REP2)
+    # Dedupe on normalised name + region: 409 naming the existing account to who may read it.
+    dup = await svc.fails("CreateAccount", pb.CreateAccountRequest(account=account("ACME corp.")), REP1)
     assert dup.code == grpc.StatusCode.ALREADY_EXISTS and dup.metadata["existing_id"] == acme.id
+    hidden = await svc.fails("CreateAccount", pb.CreateAccountRequest(account=account("ACME corp.")), REP2)
+    assert hidden.code == grpc.StatusCode.ALREADY_EXISTS and not hidden.metadata.get("existing_id")
+    assert acme.id not in hidden.message and "outside your accounts" in hidden.message
     other_region = await create(svc, "Acme Corporation", region="cn-west")
     assert other_region.id != acme.id
 
