@@ -283,7 +283,10 @@ def ensure_deletable(status: str, conversion_state: str | None) -> None:
     Nor may a lead go while a conversion attempt holds records upstream that only its saga can undo
     (`conversion_state` is that of its saga row, None without one)."""
     if status == "converted":
-        raise Conflict("cannot delete a converted lead: disqualify it instead", reason="LEAD_CONVERTED")
+        raise Conflict(
+            "cannot delete a converted lead: the account, contact and opportunity it became point back at it",
+            reason="LEAD_CONVERTED",
+        )
     if conversion_state in ("running", "compensating"):
         raise Conflict(
             "cannot delete a lead while its conversion is under way: retry the conversion or wait for it",

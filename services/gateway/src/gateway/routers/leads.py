@@ -875,8 +875,8 @@ async def update_lead(
     """Changes the fields sent; `status` moves it new -> contacted -> qualified (moving the status
     needs the grant to create activities as well)."""
     given = body.model_dump(exclude_unset=True)
-    status = given.pop("status", None)
     access.check_write(given)
+    status = given.get("status")
     if status is not None and access.view("activities", "create") is None:
         # A status move is work on the lead (contacted records its first contact, closing the SLA):
         # whoever may not log a follow-up may not claim one either.
@@ -900,11 +900,13 @@ async def update_lead(
 
 
 @router.delete(
-    "/leads/{lead_id}", status_code=204, responses={409: {"description": "LEAD_CONVERTED: disqualify it instead"}}
+    "/leads/{lead_id}",
+    status_code=204,
+    responses={409: {"description": "LEAD_CONVERTED: the records it became point back at it"}},
 )
 async def delete_lead(lead_id: str, request: Request, access: LeadsDelete, if_match: IfMatch = "") -> Response:
     """A lead entered by mistake or to be erased, with its activities and tasks (409 when converted:
-    the records it became point back at it, so disqualify it instead)."""
+    the records it became point back at it; it stays as their history)."""
     reply = await _stub(request).DeleteLead(
         pb.DeleteLeadRequest(lead_id=lead_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
