@@ -9,7 +9,7 @@ its beginning."""
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -111,6 +111,8 @@ async def apply_campaign(conn: AsyncConnection, campaign: leads_pb2.Campaign) ->
             "channel": campaign.channel,
             "cost": cost,
             "currency": currency,
+            "starts_on": date.fromisoformat(campaign.starts_on) if campaign.starts_on else None,
+            "ends_on": date.fromisoformat(campaign.ends_on) if campaign.ends_on else None,
             "owner_id": campaign.owner_id,
             "team": campaign.team,
             "version": campaign.version,

@@ -4,7 +4,7 @@ into report rows. Money stays Decimal; a rate is a Decimal in [0, 1] or None whe
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from crm_platform.money import minor_unit
@@ -228,6 +228,18 @@ class LeadSourceRow:
     roi: Decimal | None
 
 
+def ran_within(
+    starts_on: date | None, ends_on: date | None, period_from: datetime | None, period_to: datetime | None
+) -> bool:
+    """Whether a campaign's run (whole UTC days; an end left unset is open) overlaps the period
+    [period_from, period_to) (either end open when unset)."""
+    if period_to is not None and starts_on is not None and datetime.combine(starts_on, time.min, UTC) >= period_to:
+        return False
+    if period_from is not None and ends_on is not None:
+        return datetime.combine(ends_on + timedelta(days=1), time.min, UTC) > period_from
+    return True
+
+
 def lead_source_report(
     leads: Sequence[LeadFact],
     won_deals: Sequence[WonDeal],
@@ -235,12 +247,16 @@ def lead_source_report(
     *,
     by_campaign: bool,
     campaigns: Mapping[str, CampaignCost] | None = None,
+    listed_campaigns: Iterable[str] = (),
 ) -> list[LeadSourceRow]:
     """Rows per source (or campaign), sorted by key. A won deal counts for the lead it came from,
-    found from either side (the deal's source lead or the lead's converted opportunity)."""
+    found from either side (the deal's source lead or the lead's converted opportunity). By campaign,
+    the `listed_campaigns` have a row even without a lead (what they cost, and an ROI of -1)."""
     won_by_id = {deal.id: deal for deal in won_deals}
     won_by_lead = {deal.source_lead_id: deal for deal in won_deals if deal.source_lead_id}
     groups: dict[str, list[LeadFact]] = defaultdict(list)
+    for campaign_id in listed_campaigns if by_campaign else ():
+        groups[campaign_id] = []
     for lead in leads:
         groups[lead.campaign_id if by_campaign else lead.source].append(lead)
     rows = []

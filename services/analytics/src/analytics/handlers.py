@@ -188,6 +188,17 @@ class Reports:
                 if by_campaign and campaign_ids
                 else []
             )
+            # Unless the report is narrowed to some leads (an owner, a team, a source), every campaign
+            # in scope that ran in the period has its row, one that brought no lead too.
+            running = (
+                [
+                    row
+                    for row in await conn.execute(select(repo.campaigns).where(_in_scope(repo.campaigns)))
+                    if domain.ran_within(row.starts_on, row.ends_on, f.period_from, f.period_to)
+                ]
+                if by_campaign and not (f.owner_id or f.team or f.source)
+                else []
+            )
         leads = [
             domain.LeadFact(
                 id=row.id,
@@ -202,8 +213,17 @@ class Reports:
             if row.created_at is not None
         ]
         won = [domain.WonDeal(row.id, row.source_lead_id, row.amount, row.currency) for row in won_rows]
-        campaigns = {row.id: domain.CampaignCost(row.id, row.name, row.cost, row.currency) for row in campaign_rows}
-        return domain.lead_source_report(leads, won, f.currency, by_campaign=by_campaign, campaigns=campaigns)
+        campaigns = {
+            row.id: domain.CampaignCost(row.id, row.name, row.cost, row.currency) for row in [*campaign_rows, *running]
+        }
+        return domain.lead_source_report(
+            leads,
+            won,
+            f.currency,
+            by_campaign=by_campaign,
+            campaigns=campaigns,
+            listed_campaigns=[row.id for row in running],
+        )
 
     # --------------------------------------------------------------------------- rep performance
 

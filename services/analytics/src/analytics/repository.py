@@ -12,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Date,
     Index,
     Integer,
     MetaData,
@@ -75,6 +76,8 @@ campaigns = Table(
     _text("channel"),
     Column("cost", MONEY, nullable=True),
     _text("currency"),
+    Column("starts_on", Date, nullable=True),
+    Column("ends_on", Date, nullable=True),
     *_scope_columns(),
     Column("version", BigInteger, nullable=False),
 )

@@ -8,7 +8,7 @@ and due times, a breach the service desk reported staying a breach."""
 import asyncio
 import itertools
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -312,6 +312,47 @@ async def test_a_deleted_campaign_leaves_the_read_model_even_when_redelivered(en
 
     async with engine.connect() as conn:
         assert list(await conn.scalars(select(repo.campaigns.c.id))) == ["C1"]
+
+
+async def test_a_campaign_in_scope_that_ran_in_the_period_is_reported_without_a_lead(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    def campaign(campaign_id: str, team: str, starts_on: str, ends_on: str) -> Message:
+        return leads_events.CampaignCreated(
+            campaign=leads_pb2.Campaign(
+                id=campaign_id, name=campaign_id, cost=money("500"), team=team, owner_id=f"m-{team}",
+                starts_on=starts_on, ends_on=ends_on, version=1,
+            )
+        )  # fmt: skip
+
+    lead = leads_pb2.Lead(
+        id="L1", source="ad", campaign_id="C-LEADS", owner_id="r1", team="A", region="east", status="new",
+        created_at=to_timestamp(datetime(2026, 11, 10, tzinfo=UTC)), version=1,
+    )  # fmt: skip
+    await deliver(
+        engine,
+        [
+            campaign("C-LEADS", "A", "2026-11-01", "2026-11-30"),
+            campaign("C-IDLE", "A", "2026-11-01", "2026-11-30"),
+            campaign("C-OCTOBER", "A", "2026-10-01", "2026-10-31"),
+            campaign("C-TEAM-B", "B", "2026-11-01", "2026-11-30"),
+            leads_events.LeadCreated(lead=lead),
+        ],
+    )
+    november = ReportFilter(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+
+    async def rows(scope: RecordScope, f: ReportFilter) -> list[tuple[str, int, Decimal | None]]:
+        with acting_as(Principal(user_id="caller", roles=("sales_manager",)), scope):
+            report = await reports.lead_sources(f, by_campaign=True)
+        return [(row.key, row.leads, row.roi) for row in report]
+
+    assert await rows(team_scope("A"), november) == [("C-IDLE", 0, Decimal(-1)), ("C-LEADS", 1, Decimal(-1))]
+    assert [key for key, _, _ in await rows(ALL_RECORDS, november)] == ["C-IDLE", "C-LEADS", "C-TEAM-B"]
+    assert [key for key, _, _ in await rows(ALL_RECORDS, ReportFilter())] == [
+        "C-IDLE", "C-LEADS", "C-OCTOBER", "C-TEAM-B",
+    ]  # fmt: skip
+    narrowed = ReportFilter(november.period_from, november.period_to, source="ad")  # about some leads only
+    assert await rows(ALL_RECORDS, narrowed) == [("C-LEADS", 1, Decimal(-1))]
 
 
 async def test_a_deleted_contract_leaves_the_read_model_even_when_redelivered(engine: AsyncEngine) -> None:

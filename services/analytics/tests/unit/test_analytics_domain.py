@@ -1,8 +1,9 @@
 """Report arithmetic: rates, ROI, CSAT, SLA outcomes, funnel conversion, churn-risk rules."""
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from analytics import domain
@@ -268,6 +269,38 @@ def test_lead_sources_by_source_and_by_campaign() -> None:
     # a cost in another currency is not compared with CNY revenue
     assert by_campaign["c2"].cost is None and by_campaign["c2"].roi is None
     assert by_campaign[""].leads == 1
+
+    # A campaign that ran and brought no lead is listed with what it cost.
+    idle = {**campaigns, "c9": domain.CampaignCost("c9", "Billboard", Decimal("800"), "CNY")}
+    with_idle = {
+        row.key: row
+        for row in domain.lead_source_report(
+            leads, won, "CNY", by_campaign=True, campaigns=idle, listed_campaigns=["c9", "c1"]
+        )
+    }
+    assert (with_idle["c9"].leads, with_idle["c9"].cost, with_idle["c9"].roi) == (0, Decimal("800"), Decimal("-1"))
+    assert with_idle["c9"].contacted_rate is None and with_idle["c9"].won_revenue == 0
+    assert with_idle["c1"] == by_campaign["c1"]
+    assert "c9" not in {
+        row.key for row in domain.lead_source_report(leads, won, "CNY", by_campaign=False, listed_campaigns=["c9"])
+    }
+
+
+@pytest.mark.parametrize(
+    ("starts_on", "ends_on", "ran"),
+    [
+        (date(2026, 11, 1), date(2026, 11, 30), True),
+        (date(2026, 10, 1), date(2026, 10, 31), False),  # ended the day before the period
+        (date(2026, 10, 1), date(2026, 11, 1), True),  # its last day is the period's first
+        (date(2026, 12, 1), None, False),  # starts when the period ends
+        (None, None, True),  # no run given: always running
+        (None, date(2026, 10, 31), False),
+    ],
+)
+def test_a_campaign_ran_in_a_period_when_their_days_overlap(starts_on: Any, ends_on: Any, ran: bool) -> None:
+    november = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
+    assert domain.ran_within(starts_on, ends_on, *november) is ran
+    assert domain.ran_within(starts_on, ends_on, None, None)
 
 
 # -------------------------------------------------------------------------------- rep performance
