@@ -316,15 +316,42 @@ class TicketFact:
     resolution_breached: bool = False
 
 
-def sla_outcome(due: datetime | None, done: datetime | None, *, breached: bool, now: datetime) -> str | None:
+# Where the service desk's clock of an SLA target stands (its handlers' `_clocks`): running; paused
+# while the customer is waited on (the resolution clock; the desk adds the wait to the due time when
+# it runs again); or ended, the ticket resolved or closed. The desk also pauses the resolution clock
+# of a resolved ticket, should it be reopened; a resolved ticket counts as done here until it is.
+CLOCK_RUNNING = "running"
+CLOCK_PAUSED = "paused"
+CLOCK_ENDED = "ended"
+RESOLUTION_PAUSING_STATUSES = frozenset({"waiting_customer"})
+
+
+def sla_clock(status: str, *, pauses_for_the_customer: bool) -> str:
+    """The state of a target's clock on a ticket in `status`."""
+    if status in TICKET_DONE_STATUSES:
+        return CLOCK_ENDED
+    if pauses_for_the_customer and status in RESOLUTION_PAUSING_STATUSES:
+        return CLOCK_PAUSED
+    return CLOCK_RUNNING
+
+
+def sla_outcome(
+    due: datetime | None, done: datetime | None, *, breached: bool, now: datetime, clock: str = CLOCK_RUNNING
+) -> str | None:
     """ "met", "breached" or "pending" for one SLA target; None when the ticket has no such target.
-    The service's own breach event wins: its clock decided, ours only fills in until it speaks."""
+    The service's own breach event wins: its clock decided, ours only fills in until it speaks. The
+    desk's timer reports a breach only of a clock still running past its due time, so a clock that
+    ended short of its target without one is met, and a paused one is pending."""
     if due is None:
         return None
     if breached:
         return "breached"
     if done is not None:
         return "met" if done <= due else "breached"
+    if clock == CLOCK_ENDED:
+        return "met"
+    if clock == CLOCK_PAUSED:
+        return "pending"
     return "breached" if now > due else "pending"
 
 
@@ -359,11 +386,27 @@ class ServiceSummary:
 
 def service_summary(tickets: Sequence[TicketFact], scores: Sequence[int], now: datetime) -> ServiceSummary:
     first = [
-        sla_outcome(t.first_response_due_at, t.first_responded_at, breached=t.first_response_breached, now=now)
+        sla_outcome(
+            t.first_response_due_at,
+            t.first_responded_at,
+            breached=t.first_response_breached,
+            now=now,
+            clock=sla_clock(t.status, pauses_for_the_customer=False),
+        )
         for t in tickets
     ]
+    # The time a ticket was resolved is not its resolution clock's reading: the clock stood still
+    # while the customer was waited on, for a time the ticket's events do not date. Whether it ran
+    # out before the resolution is the desk's breach report alone.
     resolution = [
-        sla_outcome(t.resolution_due_at, t.resolved_at, breached=t.resolution_breached, now=now) for t in tickets
+        sla_outcome(
+            t.resolution_due_at,
+            None,
+            breached=t.resolution_breached,
+            now=now,
+            clock=sla_clock(t.status, pauses_for_the_customer=True),
+        )
+        for t in tickets
     ]
     open_tickets = [t for t in tickets if t.status not in TICKET_DONE_STATUSES]
     return ServiceSummary(

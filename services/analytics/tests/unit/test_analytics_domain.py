@@ -111,6 +111,12 @@ def test_sla_outcomes() -> None:
     assert domain.sla_outcome(due, None, breached=False, now=at(2)) == "breached"
     # The service-desk's breach event is final even if our clock would say otherwise.
     assert domain.sla_outcome(due, at(0.5), breached=True, now=at(0.5)) == "breached"
+    # A clock the service desk ended short of its target (the ticket resolved or closed) runs late
+    # no more; one paused while the customer is waited on is pending; a reported breach stays.
+    assert domain.sla_outcome(due, None, breached=False, now=at(5), clock=domain.CLOCK_ENDED) == "met"
+    assert domain.sla_outcome(due, None, breached=False, now=at(5), clock=domain.CLOCK_PAUSED) == "pending"
+    assert domain.sla_outcome(due, None, breached=True, now=at(5), clock=domain.CLOCK_ENDED) == "breached"
+    assert domain.sla_outcome(due, None, breached=True, now=at(5), clock=domain.CLOCK_PAUSED) == "breached"
 
 
 def test_service_summary() -> None:
@@ -132,6 +138,55 @@ def test_service_summary() -> None:
     assert summary.mean_resolution_hours == Decimal("4.00")
     assert summary.csat.average == Decimal("3.67")
     assert summary.csat.satisfied_rate == Decimal("0.6667")
+
+
+def sla_counts(ticket: TicketFact, now: datetime) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(met, breached) of the first response and of the resolution of one ticket."""
+    summary = domain.service_summary([ticket], [], now=now)
+    return (
+        (summary.first_response_met, summary.first_response_breached),
+        (summary.resolution_met, summary.resolution_breached),
+    )
+
+
+def test_a_ticket_closed_before_its_due_times_met_them_however_late_it_is_looked_at() -> None:
+    # Closed (spam, or with its account) within 30 minutes, never answered nor resolved: the service
+    # desk stopped both clocks then, and its timer never looks at a closed ticket again.
+    closed = TicketFact("t", "high", "closed", T0, at(1), None, at(8), None)
+    assert sla_counts(closed, now=at(0.75)) == ((1, 0), (1, 0))
+    assert sla_counts(closed, now=at(48)) == ((1, 0), (1, 0))
+
+
+def test_a_ticket_closed_after_its_due_time_unanswered_is_breached_as_the_service_desk_reported() -> None:
+    # Open and unanswered past its due time, the ticket's first-response breach is reported (and
+    # escalated) by the desk's timer on its next pass, before anyone closes it: breached.
+    reported = TicketFact("t", "high", "closed", T0, at(1), None, at(8), None, first_response_breached=True)
+    assert sla_counts(reported, now=at(48)) == ((0, 1), (1, 0))
+    # Closed in the moments before that pass, the clock stopped unreported: the desk never sends the
+    # breach nor escalates the ticket, and counts the target as met, as we do.
+    unreported = TicketFact("t", "high", "closed", T0, at(1), None, at(8), None)
+    assert sla_counts(unreported, now=at(48)) == ((1, 0), (1, 0))
+
+
+def test_a_ticket_waiting_for_the_customer_past_its_resolution_due_time_is_not_breached_while_it_waits() -> None:
+    # Answered in 30 minutes, waiting for the customer from the 2nd hour, its resolution due at 8 h:
+    # the desk's resolution clock stands still, so the original due time passing breaches nothing.
+    waiting = TicketFact("t", "high", "waiting_customer", T0, at(1), at(0.5), at(8), None)
+    assert sla_counts(waiting, now=at(30)) == ((1, 0), (0, 0))
+    # Running again at the 30th hour, its due time moved by the 28 hours waited (36 h): in time...
+    resumed = replace(waiting, status="in_progress", resolution_due_at=at(36))
+    assert sla_counts(resumed, now=at(31)) == ((1, 0), (0, 0))
+    # ...until that passes while it runs.
+    assert sla_counts(resumed, now=at(37)) == ((1, 0), (0, 1))
+    # A breach the desk reported before the wait stays one.
+    assert sla_counts(replace(waiting, resolution_breached=True), now=at(30)) == ((1, 0), (0, 1))
+
+
+def test_a_ticket_resolved_after_waiting_for_the_customer_past_its_due_time_met_its_resolution() -> None:
+    # Waiting from the 2nd hour, resolved at the 30th: the clock stood still from the 2nd hour on,
+    # so the resolution came within its 8 working hours (the desk reported no breach).
+    resolved = TicketFact("t", "high", "resolved", T0, at(1), at(0.5), at(8), at(30))
+    assert sla_counts(resolved, now=at(31)) == ((1, 0), (1, 0))
 
 
 # ----------------------------------------------------------------------------------------- funnel
