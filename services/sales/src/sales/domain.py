@@ -3,12 +3,14 @@ quote and contract approval chains, the contract status machine, payment plans, 
 allocation and invoice limits. Money is `Decimal` plus a currency everywhere; never a float.
 """
 
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from decimal import MAX_PREC, ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from enum import StrEnum
 
+from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
 from crm_platform.money import CENT, MAX_AMOUNT, Money, amount_text, check_amount, minor_unit
 
@@ -350,6 +352,15 @@ class OpenDeal:
 
 
 MANAGER_ROLES = ("sales_manager", "admin")
+
+
+def product_line_key(product_line: str) -> str:
+    """A product line as anti-collision compares it: "Cloud ERP", "cloud  erp" and its full-width
+    form (a Chinese IME's) are one line. NFKC, case-folded, inner whitespace collapsed, trimmed (NFKC
+    again after folding, which may decompose a character: the key stays in normal form). Deals show
+    the product line as written."""
+    folded = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", product_line).casefold())
+    return " ".join(folded.split())
 
 
 def check_collision(
@@ -869,6 +880,14 @@ def status_after_payment(installment: InstallmentState, paid: Decimal) -> Instal
     if installment.status is InstallmentStatus.OVERDUE:
         return InstallmentStatus.OVERDUE
     return InstallmentStatus.PARTIALLY_PAID if paid > 0 else InstallmentStatus.PENDING
+
+
+def received_at_errors(received_at: datetime | None, now: datetime) -> list[FieldError]:
+    """A payment counts as paid from when it was received, so it is not received in the future: not
+    after now plus the clock skew allowed for a caller's or an ERP's fast clock (None: received now)."""
+    if received_at is not None and received_at > now + CLOCK_SKEW:
+        return [FieldError("received_at", "must not be in the future")]
+    return []
 
 
 def check_payment(amount: Money, *, contract_amount: Money, already_paid: Decimal) -> None:

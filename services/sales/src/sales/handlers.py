@@ -448,10 +448,10 @@ class SalesHandlers:
                     [FieldError("stage", "a new opportunity starts in an open stage; use win or lose")]
                 )
             d.check_stage_gate(pipeline, stage.key, self._gate_fields(values))
-            if values["product_line"]:
+            if values["product_line_key"]:
                 values.update(
                     await self._check_collision(
-                        tx.conn, account_id=data.account_id, product_line=values["product_line"],
+                        tx.conn, account_id=data.account_id, product_line_key=values["product_line_key"],
                         owner_id=values["owner_id"], exclude_id="", override=override_collision,
                         override_reason=override_reason,
                     )
@@ -493,7 +493,7 @@ class SalesHandlers:
             amount = Money(totals.total, line_currency or self.default_currency)
         stage = pipeline.stage(data.stage) if data.stage else pipeline.first_open_stage
         now = self.clock()
-        product_line = data.product_line.strip() or next((i.product_line for i in items if i.product_line), "")
+        product_line = data.product_line.strip() or next((line for i in items if (line := i.product_line.strip())), "")
         return {
             "id": opportunity_id,
             "account_id": data.account_id.strip(),
@@ -517,6 +517,7 @@ class SalesHandlers:
             "lost_reason": "",
             "next_step": data.next_step,
             "product_line": product_line,
+            "product_line_key": d.product_line_key(product_line),
             "line_items": [v.line_item_json(item) for item in items],
             "stage_history": [{"stage": stage.key, "entered_at": _stamp(now), "exited_at": ""}],
             "stage_entered_at": now,
@@ -544,17 +545,20 @@ class SalesHandlers:
         conn: AsyncConnection,
         *,
         account_id: str,
-        product_line: str,
+        product_line_key: str,
         owner_id: str,
         exclude_id: str,
         override: bool,
         override_reason: str,
     ) -> dict[str, Any]:
-        """防撞单 for a deal about to be open on this account and product line under `owner_id`:
-        409 on another owner's open deal, unless a manager overrides with a reason; then the
-        override's columns (who, why, over which deal) to store with the deal."""
-        await self._lock_collision_key(conn, account_id, product_line)
-        rows = await r.open_deals_on(conn, account_id=account_id, product_line=product_line, exclude_id=exclude_id)
+        """防撞单 for a deal about to be open on this account and product line (its normalised
+        `domain.product_line_key`) under `owner_id`: 409 on another owner's open deal, unless a
+        manager overrides with a reason; then the override's columns (who, why, over which deal) to
+        store with the deal."""
+        await self._lock_collision_key(conn, account_id, product_line_key)
+        rows = await r.open_deals_on(
+            conn, account_id=account_id, product_line_key=product_line_key, exclude_id=exclude_id
+        )
         principal = current_principal()
         colliding = d.check_collision(
             owner_id=owner_id,
@@ -573,12 +577,12 @@ class SalesHandlers:
         }
 
     @staticmethod
-    async def _lock_collision_key(conn: AsyncConnection, account_id: str, product_line: str) -> None:
-        """Serialises anti-collision checks of one account and product line across replicas
-        (PostgreSQL; SQLite has a single writer anyway)."""
+    async def _lock_collision_key(conn: AsyncConnection, account_id: str, product_line_key: str) -> None:
+        """Serialises anti-collision checks of one account and product line across replicas, however
+        each spells the line (PostgreSQL; SQLite has a single writer anyway)."""
         if conn.dialect.name == "postgresql":
             await conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"opp:{account_id}:{product_line}"}
+                text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"opp:{account_id}:{product_line_key}"}
             )
 
     async def _opportunity_row(
@@ -754,6 +758,8 @@ class SalesHandlers:
                 elif name == "name":
                     _require(value, "name")
                     values["name"] = value.strip()
+                elif name == "product_line":
+                    values["product_line"] = value.strip()
                 elif name == "tags":
                     values["tags"] = list(dict.fromkeys(value))
                 elif name == "custom":
@@ -826,17 +832,16 @@ class SalesHandlers:
         override_reason: str,
     ) -> sales_pb2.Opportunity:
         """Writes `values` (the `changed` fields among them) to a locked deal: a new owner or product
-        line of an open deal passes anti-collision first, and a new owner, team or region takes the
-        deal's quotes along."""
+        line of an open deal passes anti-collision first (the same line spelt otherwise is not a new
+        one), and a new owner, team or region takes the deal's quotes along."""
+        if "product_line" in values:
+            values["product_line_key"] = d.product_line_key(values["product_line"])
         merged = {**row, **values}
-        if (
-            row["status"] == d.OpportunityStatus.OPEN
-            and {"owner_id", "product_line"} & set(changed)
-            and merged["product_line"]
-        ):
+        moved = merged["owner_id"] != row["owner_id"] or merged["product_line_key"] != row["product_line_key"]
+        if row["status"] == d.OpportunityStatus.OPEN and moved and merged["product_line_key"]:
             values.update(
                 await self._check_collision(
-                    conn, account_id=merged["account_id"], product_line=merged["product_line"],
+                    conn, account_id=merged["account_id"], product_line_key=merged["product_line_key"],
                     owner_id=merged["owner_id"], exclude_id=row["id"], override=override_collision,
                     override_reason=override_reason,
                 )
@@ -1943,6 +1948,7 @@ class SalesHandlers:
             errors.append(FieldError("contract_id", "is required"))
         errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
         errors += d.check_lengths({"method": method.strip()}, d.CODE_LENGTH)
+        errors += d.received_at_errors(received_at, self.clock())
         if errors:
             raise ValidationFailed(errors)
         contract = await _referenced(

@@ -145,12 +145,15 @@ opportunities = Table(
     Column("closed_at", _TS),
     Column("version", BigInteger, nullable=False),
     Column("stage_entered_at", _TS),
+    # The product line as anti-collision compares it (`domain.product_line_key`, migration 0015).
+    # Text: normalising may lengthen what fit in 200 characters ("ß" folds to "ss").
+    Column("product_line_key", Text, nullable=False, server_default=""),
     UniqueConstraint("external_id", name="uq_opportunities_external_id"),
     # Rotting deals: open ones by stage and how long they have been there.
     Index("ix_opportunities_rotting", "status", "stage", "stage_entered_at"),
     Index("ix_opportunities_account_status", "account_id", "status"),
-    # Anti-collision looks up open deals by account and product line.
-    Index("ix_opportunities_collision", "account_id", "product_line", "status"),
+    # Anti-collision looks up open deals by account and normalised product line.
+    Index("ix_opportunities_collision", "account_id", "product_line_key", "status"),
     Index("ix_opportunities_owner_status", "owner_id", "status"),
     Index("ix_opportunities_team_status", "team", "status"),
     Index("ix_opportunities_region", "region"),
@@ -362,14 +365,14 @@ async def load(
 
 
 async def open_deals_on(
-    conn: AsyncConnection, *, account_id: str, product_line: str, exclude_id: str = ""
+    conn: AsyncConnection, *, account_id: str, product_line_key: str, exclude_id: str = ""
 ) -> Sequence[RowMapping]:
-    """Open opportunities of the account and product line (anti-collision), every owner."""
+    """Open opportunities of the account and normalised product line (anti-collision), every owner."""
     query = (
         select(opportunities.c.id, opportunities.c.owner_id, opportunities.c.name)
         .where(
             opportunities.c.account_id == account_id,
-            opportunities.c.product_line == product_line,
+            opportunities.c.product_line_key == product_line_key,
             opportunities.c.status == OpportunityStatus.OPEN.value,
         )
         .order_by(opportunities.c.created_at)

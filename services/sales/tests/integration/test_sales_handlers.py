@@ -3,14 +3,14 @@ idempotency, overdue detection with concurrent replicas, scope, account events."
 
 import asyncio
 import random
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
 from crm.common.v1 import common_pb2
 from crm.common.v1 import custom_fields_pb2 as cf_pb
-from crm.erp.v1 import invoices_pb2
+from crm.erp.v1 import invoices_pb2, payments_pb2
 from crm.sales.v1 import events_pb2, sales_pb2, sales_service_pb2
 from crm_platform import idempotency
 from crm_platform.cloudevents import CloudEventHeaders
@@ -318,6 +318,59 @@ async def test_concurrent_creations_by_two_owners_let_exactly_one_through(sales:
 
     results = await asyncio.gather(*(create(f"rep{n}") for n in range(6)))
     assert sum(result != "conflict" for result in results) == 1
+
+
+async def test_product_lines_collide_whatever_their_case_width_or_spacing(sales_each_database: SalesHandlers) -> None:
+    sales = sales_each_database
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="A", product_line=" Cloud ERP "))
+    with as_user("bob", "sales_rep"):
+        existing = []
+        full_width = "\uff23\uff4c\uff4f\uff55\uff44\u3000\uff25\uff32\uff30"  # as a Chinese IME types it
+        for written in ("cloud erp", "CLOUD ERP", "Cloud  ERP", full_width):
+            with pytest.raises(Conflict) as raised:
+                await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="B", product_line=written))
+            existing.append((raised.value.reason, raised.value.existing_id))
+        # A deal without a product line of its own takes its first line item's, compared the same way.
+        with pytest.raises(Conflict) as by_item:
+            await sales.create_opportunity(OpportunityIn(account_id="acc-9", name="B", line_items=[item(" cloud erp")]))
+        elsewhere = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-8", name="B", line_items=[item(" cloud  ERP ")])
+        )
+    assert existing == [("OPPORTUNITY_COLLISION", first.id)] * 4
+    assert by_item.value.existing_id == first.id
+    # Each deal shows its product line as it was written, trimmed.
+    assert (first.product_line, elsewhere.product_line) == ("Cloud ERP", "cloud  ERP")
+
+
+async def test_a_deal_moved_or_handed_into_a_product_line_written_otherwise_collides(
+    sales_each_database: SalesHandlers,
+) -> None:
+    sales = sales_each_database
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="A", product_line="Cloud ERP"))
+    with as_user("bob", "sales_rep"):
+        moving = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="B", product_line="MG"))
+        with pytest.raises(Conflict) as moved:
+            await sales.update_opportunity(moving.id, expected_version=0, changes={"product_line": " CLOUD  erp "})
+    with as_user("mgr", "sales_manager"):
+        joint = await sales.create_opportunity(
+            OpportunityIn(account_id="acc-7", name="C", product_line="cloud erp", owner_id="bob"),
+            override_collision=True,
+            override_reason="joint bid",
+        )
+        with pytest.raises(Conflict) as handed:  # carol would collide with alice's deal
+            await sales.assign_opportunity(joint.id, expected_version=0, owner_id="carol", team="", region="")
+        renamed = (
+            await sales.update_opportunity(moving.id, expected_version=0, changes={"product_line": " Cloud ERP 2 "})
+        ).record
+    with as_user("bob", "sales_rep"):  # spelling the line otherwise does not move the deal into it again
+        respelt = (
+            await sales.update_opportunity(joint.id, expected_version=0, changes={"product_line": "Cloud ERP"})
+        ).record
+    assert [moved.value.existing_id, handed.value.existing_id] == [first.id, first.id]
+    assert (joint.colliding_opportunity_id, renamed.product_line) == (first.id, "Cloud ERP 2")
+    assert (respelt.product_line, respelt.collision_override_reason) == ("Cloud ERP", "joint bid")
 
 
 # ---------------------------------------------------------------- idempotency and scope
@@ -1230,6 +1283,43 @@ async def test_concurrent_postings_never_overpay(sales_each_database: SalesHandl
     with as_user("rep1", "sales_rep"):
         contract = (await sales.list_receivables("acc-1", Page())).items[0]
     assert contract.paid.amount == "900.00"
+
+
+async def test_a_payment_is_not_received_in_the_future_from_the_api_or_the_erp(
+    sales: SalesHandlers, clock: Clock
+) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    far_future = datetime(2199, 6, 1, tzinfo=UTC)
+    with as_user("fin", "finance"):
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.record_payment(
+                contract_id=contract_id, amount=cny("300"), received_at=far_future, method="wire",
+                external_reference="BANK-FUTURE",
+            )  # fmt: skip
+        # A caller's clock a minute fast is allowed for.
+        await sales.record_payment(
+            contract_id=contract_id, amount=cny("100"), received_at=clock.now + timedelta(minutes=1), method="wire",
+            external_reference="BANK-NOW",
+        )  # fmt: skip
+    posting = payments_pb2.ErpPaymentPosted(
+        contract_id=contract_id, amount=common_pb2.Money(amount="300.00", currency="CNY"), external_reference="ERP-1"
+    )
+    posting.received_at.FromDatetime(far_future)
+    headers = CloudEventHeaders(id=new_id(), type="erp.payment.posted", source="/erp/sap", time=utcnow())
+    with pytest.raises(ValidationFailed) as refused_erp:  # the reason goes with it to the dead-letter topic
+        async with sales.uow.begin() as tx:
+            await SalesConsumers(sales).erp_payment_posted(
+                tx, ReceivedEvent(headers, posting, contract_id, "erp.payments.v1", 0, 0)
+            )
+    assert fields_of(raised) == fields_of(refused_erp) == ["received_at"]
+    assert "received_at: must not be in the future" in str(refused_erp.value)
+    with as_user("fin", "finance"):
+        [receivable] = [
+            r for r in (await sales.list_receivables("acc-1", Page())).items if r.contract_id == contract_id
+        ]
+        payments = await sales.list_payments(Page(), contract_id=contract_id)
+    assert receivable.paid.amount == "100.00"
+    assert [p.external_reference for p in payments.items] == ["BANK-NOW"]
 
 
 RECORD_PAYMENT = "/crm.sales.v1.SalesService/RecordPayment"

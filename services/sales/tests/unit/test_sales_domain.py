@@ -7,6 +7,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
+from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, PermissionDenied, ValidationFailed
 from crm_platform.money import CENT, Money, check_amount
 from hypothesis import given, settings
@@ -111,6 +112,16 @@ def test_only_managers_may_override_and_the_collision_is_returned() -> None:
         d.check_collision(owner_id="bob", open_deals=deals, override=True, caller_roles=["sales_rep"])
     hit = d.check_collision(owner_id="bob", open_deals=deals, override=True, caller_roles=["sales_manager"])
     assert hit is not None and hit.id == "o1"
+
+
+def test_product_lines_are_compared_whatever_their_case_width_or_spacing() -> None:
+    full_width = "\uff23\uff4c\uff4f\uff55\uff44\u3000\uff25\uff32\uff30"  # as a Chinese IME types it
+    written = ["Cloud ERP", "cloud erp", "CLOUD ERP", "Cloud  ERP", " Cloud ERP ", "Cloud\tERP", full_width]
+    assert {d.product_line_key(line) for line in written} == {"cloud erp"}
+    assert d.product_line_key("STRASSE") == d.product_line_key("Straße")  # case-folded, not only lower-cased
+    # Words stay apart and other lines stay other lines.
+    assert len({d.product_line_key(line) for line in ("Cloud ERP", "CloudERP", "Cloud CRM")}) == 3
+    assert d.product_line_key("  ") == ""
 
 
 def test_only_an_open_deal_changes_hands() -> None:
@@ -718,6 +729,15 @@ def test_a_payment_in_a_three_decimal_currency_may_settle_the_last_fils() -> Non
     ]
     result = d.allocate_payment(Decimal("50.002"), installments("33.335", "33.335", "33.335"))
     assert result.allocations == [("i1", Decimal("33.335")), ("i2", Decimal("16.667"))]
+
+
+def test_a_payment_is_not_received_in_the_future() -> None:
+    now = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+    # Not given: received now. A clock a little fast is allowed for.
+    for received_at in (None, now - timedelta(days=400), now, now + CLOCK_SKEW):
+        assert d.received_at_errors(received_at, now) == []
+    for received_at in (now + CLOCK_SKEW + timedelta(seconds=1), datetime(2199, 6, 1, tzinfo=UTC)):
+        assert [e.field for e in d.received_at_errors(received_at, now)] == ["received_at"]
 
 
 @settings(max_examples=200)
