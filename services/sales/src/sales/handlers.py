@@ -70,6 +70,10 @@ OPPORTUNITY_ENTITY = "opportunity"
 # The columns a record scope reads (SPEC §9): who owns a record, in which team and region.
 OWNERSHIP = ("owner_id", "team", "region")
 DISCOUNT_FIELD = "line_items.discount_percent"
+# The columns each list sorts by (`sort=`, `-` for descending), the first by default, newest first.
+QUOTE_SORTS = ("created_at", "updated_at")
+PAYMENT_SORTS = ("created_at", "received_at")
+INVOICE_SORTS = ("requested_at",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1303,7 +1307,7 @@ class SalesHandlers:
             query = query.where(q.c.opportunity_id == opportunity_id)
         if status:
             query = query.where(q.c.status == status)
-        return await self._page(query, q, page, v.quote_proto)
+        return await self._page(query, q, page, v.quote_proto, sortable=QUOTE_SORTS)
 
     async def decide_quote(
         self, quote_id: str, *, expected_version: int, decision: d.Decision, comment: str
@@ -2018,7 +2022,7 @@ class SalesHandlers:
             query = query.where(p.c.contract_id == contract_id)
         if account_id:
             query = query.where(p.c.account_id == account_id)
-        return await self._page(query, p, page, v.payment_proto)
+        return await self._page(query, p, page, v.payment_proto, sortable=PAYMENT_SORTS)
 
     async def list_receivables(self, account_id: str, page: Page) -> Receivables:
         _require(account_id, "account_id")
@@ -2220,16 +2224,7 @@ class SalesHandlers:
         for column, value in ((i.c.contract_id, contract_id), (i.c.status, status), (i.c.account_id, account_id)):
             if value:
                 query = query.where(column == value)
-        limit = page_limit(page.limit)
-        query = keyset_page(
-            query, sort_column=i.c.requested_at, id_column=i.c.id, descending=True, cursor=page.cursor, limit=limit
-        )
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).mappings().all()
-        return PageOf(
-            [v.invoice_proto(row) for row in rows[:limit]],
-            next_cursor(rows, sort_key="requested_at", descending=True, limit=limit),
-        )
+        return await self._page(query, i, page, v.invoice_proto, sortable=INVOICE_SORTS)
 
     async def issue_invoice(
         self, invoice_id: str, *, number: str, issued_at: datetime | None
@@ -2456,19 +2451,27 @@ class SalesHandlers:
 
     # ------------------------------------------------------------ shared paging
 
-    async def _page(self, query: Any, table: Any, page: Page, convert: Callable[[v.Row], Any]) -> PageOf:
+    async def _page(
+        self,
+        query: Any,
+        table: Any,
+        page: Page,
+        convert: Callable[[v.Row], Any],
+        *,
+        sortable: Sequence[str] = ("created_at",),
+    ) -> PageOf:
+        """A keyset page of `query`, sorted by `page.sort` among the `sortable` columns of `table`
+        (newest first by the first of them when none is asked for)."""
+        column, descending = parse_sort(
+            page.sort, {name: table.c[name] for name in sortable}, default=f"-{sortable[0]}"
+        )
         limit = page_limit(page.limit)
         query = keyset_page(
-            query,
-            sort_column=table.c.created_at,
-            id_column=table.c.id,
-            descending=True,
-            cursor=page.cursor,
-            limit=limit,
+            query, sort_column=column, id_column=table.c.id, descending=descending, cursor=page.cursor, limit=limit
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).mappings().all()
         return PageOf(
             [convert(row) for row in rows[:limit]],
-            next_cursor(rows, sort_key="created_at", descending=True, limit=limit),
+            next_cursor(rows, sort_key=column.key, descending=descending, limit=limit),
         )

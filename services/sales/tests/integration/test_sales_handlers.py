@@ -2062,3 +2062,47 @@ async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mi
         await sales.delete_pipeline(pipeline.id)
         with pytest.raises(NotFound):
             await sales.get_pipeline(pipeline.id)
+
+
+async def test_quotes_payments_and_invoices_list_in_the_order_asked_for(sales: SalesHandlers, clock: Clock) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        for reference, days_ago in (("BANK-A", 3), ("BANK-B", 9)):  # entered in this order, received in the other
+            clock.now += timedelta(minutes=1)
+            await sales.record_payment(
+                contract_id=contract_id, amount=cny("100"), received_at=clock.now - timedelta(days=days_ago),
+                method="wire", external_reference=reference,
+            )  # fmt: skip
+        for amount in ("100", "200"):
+            clock.now += timedelta(minutes=1)
+            await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny(amount))
+
+        async def payments(sort: str) -> list[str]:
+            page = await sales.list_payments(Page(sort=sort), contract_id=contract_id)
+            return [p.external_reference for p in page.items]
+
+        async def invoices(sort: str) -> list[str]:
+            page = await sales.list_invoices(Page(sort=sort), contract_id=contract_id)
+            return [i.amount.amount for i in page.items]
+
+        assert await payments("") == ["BANK-B", "BANK-A"]  # newest entry first
+        assert await payments("received_at") == ["BANK-B", "BANK-A"]
+        assert await payments("-received_at") == ["BANK-A", "BANK-B"]
+        assert await payments("created_at") == ["BANK-A", "BANK-B"]
+        assert await invoices("") == ["200.00", "100.00"]
+        assert await invoices("requested_at") == ["100.00", "200.00"]
+        with pytest.raises(ValidationFailed) as refused:
+            await sales.list_invoices(Page(sort="amount"), contract_id=contract_id)
+    assert fields_of(refused) == ["sort"]
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Quoted"))
+        # Discounted, so awaiting approval: a quote not yet decided may change.
+        first = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item(discount="35")])
+        clock.now += timedelta(minutes=1)
+        second = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
+        clock.now += timedelta(minutes=1)
+        await sales.update_quote(first.id, expected_version=0, line_items=[item(price="900", discount="35")])
+        oldest_first = await sales.list_quotes(Page(sort="created_at"), opportunity_id=deal.id)
+        last_changed_first = await sales.list_quotes(Page(sort="-updated_at"), opportunity_id=deal.id)
+    assert [q.id for q in oldest_first.items] == [first.id, second.id]
+    assert [q.id for q in last_changed_first.items] == [first.id, second.id]

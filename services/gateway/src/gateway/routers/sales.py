@@ -1196,11 +1196,14 @@ async def list_quotes(
     status: str | None = None,
     limit: Limit = None,
     cursor: str | None = None,
+    sort: Annotated[
+        str | None, Query(description="created_at (default: newest first), updated_at; - descending")
+    ] = None,
 ) -> dict[str, Any]:
     access.check_filters({"opportunity_id": "opportunity_id", "status": "status"})
     reply = await _stub(request).ListQuotes(
         pb.ListQuotesRequest(
-            page=_page(limit, cursor, None, access), opportunity_id=opportunity_id or "", status=status or ""
+            page=_page(limit, cursor, sort, access), opportunity_id=opportunity_id or "", status=status or ""
         ),
         metadata=access.grpc_metadata(),
     )
@@ -1608,11 +1611,14 @@ async def list_payments(
     account_id: str | None = None,
     limit: Limit = None,
     cursor: str | None = None,
+    sort: Annotated[
+        str | None, Query(description="created_at (default: newest first), received_at; - descending")
+    ] = None,
 ) -> dict[str, Any]:
     access.check_filters(PAYMENT_FILTERS)
     reply = await _stub(request).ListPayments(
         pb.ListPaymentsRequest(
-            page=_page(limit, cursor, None, access), contract_id=contract_id or "", account_id=account_id or ""
+            page=_page(limit, cursor, sort, access), contract_id=contract_id or "", account_id=account_id or ""
         ),
         metadata=access.grpc_metadata(),
     )
@@ -1666,11 +1672,12 @@ async def list_invoices(
     status: str | None = None,
     limit: Limit = None,
     cursor: str | None = None,
+    sort: Annotated[str | None, Query(description="requested_at (default: newest first); - descending")] = None,
 ) -> dict[str, Any]:
     access.check_filters({"contract_id": "contract_id", "account_id": "account_id", "status": "status"})
     reply = await _stub(request).ListInvoices(
         pb.ListInvoicesRequest(
-            page=_page(limit, cursor, None, access),
+            page=_page(limit, cursor, sort, access),
             contract_id=contract_id or "",
             account_id=account_id or "",
             status=status or "",
