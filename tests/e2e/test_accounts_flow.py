@@ -90,30 +90,34 @@ async def test_account_flow_through_the_gateway_with_events(stack: RunningStack)
         assert [a["id"] for a in pool["items"]] == [acme["id"]]
         cooldown = await r1.post(f"/api/v1/accounts/{acme['id']}/claim")
         assert cooldown.status_code == 409 and cooldown.json()["reason"] == "COOLDOWN"
-        claimed = _ok(await r2.post(f"/api/v1/accounts/{acme['id']}/claim"))
-        assert claimed["owner_id"] == rep2
+        claim = await r2.post(f"/api/v1/accounts/{acme['id']}/claim")
+        claimed = _ok(claim)
+        assert claimed["owner_id"] == rep2 and claim.headers["etag"] == f'"{claimed["version"]}"'
         assert (await r1.get(f"/api/v1/accounts/{acme['id']}")).status_code == 404  # out of rep-1's scope now
 
         assert (
             await r2.post(f"/api/v1/accounts/{acme['id']}/transfer", json={"new_owner_id": rep3})
         ).status_code == 403
-        moved = _ok(
-            await mgr.post(
-                f"/api/v1/accounts/{acme['id']}/transfer", json={"new_owner_id": rep3, "reason": "territory"}
-            )
+        transfer = await mgr.post(
+            f"/api/v1/accounts/{acme['id']}/transfer", json={"new_owner_id": rep3, "reason": "territory"}
         )
-        assert moved["owner_id"] == rep3
+        moved = _ok(transfer)
+        assert moved["owner_id"] == rep3 and transfer.headers["etag"] == f'"{moved["version"]}"'
 
         twin = _ok(
             await r3.post("/api/v1/accounts", json={"name": f"Acme {run} Trading", "industry": "retail"}),
             201,
         )
-        contact = _ok(
-            await r3.post(
-                f"/api/v1/accounts/{twin['id']}/contacts", json={"name": "Li Lei", "email": f"li.{run}@example.com"}
-            ),
+        # Each account has its primary contact: the survivor keeps its own.
+        primary = _ok(
+            await r3.post(f"/api/v1/accounts/{acme['id']}/contacts", json={"name": "Han Meimei", "is_primary": True}),
             201,
         )
+        contact_created = await r3.post(
+            f"/api/v1/accounts/{twin['id']}/contacts",
+            json={"name": "Li Lei", "email": f"li.{run}@example.com", "is_primary": True},
+        )
+        contact = _ok(contact_created, 201)
         _ok(await r3.post(f"/api/v1/accounts/{twin['id']}/activities", json={"kind": "visit", "subject": "demo"}), 201)
         merged = _ok(await r3.post(f"/api/v1/accounts/{acme['id']}/merge", json={"duplicate_id": twin["id"]}))
         assert merged["moved_contact_ids"] == [contact["id"]] and merged["survivor"]["industry"] == "retail"
@@ -121,7 +125,14 @@ async def test_account_flow_through_the_gateway_with_events(stack: RunningStack)
         assert pointer.status_code == 301 and pointer.json()["merged_into_id"] == acme["id"]
         assert pointer.headers["location"].endswith(f"/api/v1/accounts/{acme['id']}")
         contacts = _ok(await r3.get(f"/api/v1/accounts/{acme['id']}/contacts"))
-        assert [c["id"] for c in contacts["items"]] == [contact["id"]]
+        assert {c["id"]: c["is_primary"] for c in contacts["items"]} == {primary["id"]: True, contact["id"]: False}
+        # The moved contact changed: a write at the version read before the merge is stale.
+        stale_contact = await r3.patch(
+            f"/api/v1/contacts/{contact['id']}",
+            json={"title": "CTO"},
+            headers={"If-Match": contact_created.headers["etag"]},
+        )
+        assert stale_contact.status_code == 412
         timeline = _ok(await r3.get(f"/api/v1/accounts/{acme['id']}/activities"))
         assert [a["subject"] for a in timeline["items"]] == ["demo"]
 

@@ -459,6 +459,11 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         if last_activity is not None and last_activity != survivor.last_activity_at:
             changes["last_activity_at"] = last_activity
         moved_contacts = [r.id for r in await tx.conn.execute(select(c.c.id).where(c.c.account_id == duplicate_id))]
+        # An account has one primary contact: the survivor keeps its own, a moved one stays primary
+        # only on a survivor without one.
+        survivor_has_primary = await tx.conn.scalar(
+            select(exists().where(c.c.account_id == survivor_id, c.c.is_primary.is_(True), c.c.deleted_at.is_(None)))
+        )
         await tx.conn.execute(
             update(c)
             .where(c.c.account_id == duplicate_id)
@@ -467,14 +472,25 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
                 owner_id=survivor.owner_id,
                 team=survivor.team,
                 region=survivor.region,
+                **({"is_primary": False} if survivor_has_primary else {}),
                 updated_at=now,
+                version=c.c.version + 1,
             )
         )
+        # Moved records change, so each takes a new version (an If-Match on the old one is stale).
         moved_activities = (
-            await tx.conn.execute(update(act).where(act.c.account_id == duplicate_id).values(account_id=survivor_id))
+            await tx.conn.execute(
+                update(act)
+                .where(act.c.account_id == duplicate_id)
+                .values(account_id=survivor_id, version=act.c.version + 1)
+            )
         ).rowcount
         moved_tasks = (
-            await tx.conn.execute(update(t).where(t.c.account_id == duplicate_id).values(account_id=survivor_id))
+            await tx.conn.execute(
+                update(t)
+                .where(t.c.account_id == duplicate_id)
+                .values(account_id=survivor_id, updated_at=now, version=t.c.version + 1)
+            )
         ).rowcount
         # Children and earlier tombstones point at the survivor, so no pointer chain forms.
         children = update(a).where(a.c.parent_id == duplicate_id).values(parent_id=survivor_id)
@@ -629,7 +645,7 @@ async def _follow_owner(
         await tx.conn.execute(
             update(c)
             .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
-            .values(owner_id=new_owner, team=new_team, updated_at=now)
+            .values(owner_id=new_owner, team=new_team, updated_at=now, version=c.c.version + 1)
         )
     ).rowcount
     open_tasks = list(
@@ -843,7 +859,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         account = await _account_for_contact(tx.conn, values["account_id"])
         custom = await _custom_values(tx.conn, "contact", values.get("custom") or {}, existing=None)
         if values.get("is_primary"):
-            await _clear_primary(tx.conn, account.id)
+            await _clear_primary(tx.conn, account.id, now=now)
         row = {
             **{k: v for k, v in values.items() if k in repo.contacts.c and k != "custom"},
             **_contact_norms(values, ctx.default_country_code),
@@ -864,9 +880,15 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         return created
 
 
-async def _clear_primary(conn: AsyncConnection, account_id: str) -> None:
+async def _clear_primary(conn: AsyncConnection, account_id: str, *, now: datetime, keep: str = "") -> None:
+    """Demotes the account's primary contact, to a new version, for a new one; `keep` (the contact
+    being made primary) is left to its own write."""
     c = repo.contacts
-    await conn.execute(update(c).where(c.c.account_id == account_id, c.c.is_primary.is_(True)).values(is_primary=False))
+    await conn.execute(
+        update(c)
+        .where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.id != keep)
+        .values(is_primary=False, updated_at=now, version=c.c.version + 1)
+    )
 
 
 async def get_contact(ctx: Context, contact_id: str) -> Any:
@@ -897,7 +919,7 @@ async def update_contact(
             owner = domain.contact_owner(account_owner_id=account.owner_id, caller_id=principal.user_id)
             changes.update(account_id=account.id, owner_id=owner, team=account.team, region=account.region)
         if values.get("is_primary"):
-            await _clear_primary(tx.conn, changes.get("account_id", row.account_id))
+            await _clear_primary(tx.conn, changes.get("account_id", row.account_id), now=ctx.clock(), keep=contact_id)
         changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
         if not changed:
             return Change(row, row)
@@ -1076,9 +1098,13 @@ async def delete_activity(
         return row
 
 
-async def list_activities(ctx: Context, *, account_id: str, contact_id: str, page: Page) -> tuple[list[Any], str]:
-    """The account's timeline. The activities scope applies: on an account outside it, an `own`
-    scope still lists the caller's own entries (e.g. a service agent's visits); other scopes none."""
+async def list_activities(
+    ctx: Context, *, account_id: str, contact_id: str, page: Page, account_scope: RecordScope | None = None
+) -> tuple[list[Any], str]:
+    """The account's timeline, of an account the caller may read in `account_scope`, their scope for
+    accounts (NOT_FOUND otherwise: a timeline tells that its account exists; None: not checked).
+    The activities scope applies to the entries: on an account outside it, an `own` scope still
+    lists the caller's own entries (e.g. a service agent's visits); other scopes none."""
     act = repo.activities
     scope = current_scope()
     async with ctx.uow.engine.connect() as conn:
@@ -1090,15 +1116,13 @@ async def list_activities(ctx: Context, *, account_id: str, contact_id: str, pag
         if not account_id:
             raise ValidationFailed([FieldError("account_id", "is required")])
         row = await repo.get_account(conn, account_id)
-        if row is None:
+        if row is None or (account_scope is not None and not (row.in_pool or _visible(account_scope, row))):
             raise NotFound("account", account_id)
         query = select(act).where(act.c.account_id == account_id)
         if not (row.in_pool or _visible(scope, row)):
-            # Answered as a missing account unless the caller has entries on it (which they know of):
-            # an empty page would tell that an account out of their scope exists.
+            if scope.kind != ScopeKind.OWN:
+                return [], ""
             query = query.where(act.c.actor_id == scope.owner_id)
-            if scope.kind != ScopeKind.OWN or not await conn.scalar(select(query.limit(1).exists())):
-                raise NotFound("account", account_id)
         if contact_id:
             query = query.where(act.c.contact_id == contact_id)
         rows = list(await conn.execute(repo.apply_page(query, act, page)))

@@ -305,7 +305,11 @@ class AccountsServicer(AccountsServiceServicer):
         sort = request.page.sort or "-occurred_at"
         page = parse_page(request.page.limit, request.page.cursor, sort, sorts={"occurred_at"})
         rows, cursor = await handlers.list_activities(
-            self.ctx, account_id=request.account_id, contact_id=request.contact_id, page=page
+            self.ctx,
+            account_id=request.account_id,
+            contact_id=request.contact_id,
+            page=page,
+            account_scope=resource_scope_from_metadata(context.invocation_metadata(), "accounts"),
         )
         return pb.ListActivitiesResponse(
             items=[activity_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)

@@ -38,7 +38,7 @@ def stored() -> accounts_pb2.Activity:
 
 @dataclass
 class Received:
-    request: pb.UpdateActivityRequest | pb.DeleteActivityRequest
+    request: pb.UpdateActivityRequest | pb.DeleteActivityRequest | pb.ListActivitiesRequest
     # The call's record scope (the caller's for activities) and the scope for accounts sent along.
     scope: RecordScope
     accounts_scope: RecordScope | None
@@ -72,6 +72,10 @@ class FakeAccounts(AccountsServiceServicer):
         request.update_mask.MergeMessage(request.activity, activity)
         activity.version = 4
         return pb.UpdateActivityResponse(activity=activity, previous=stored())
+
+    async def ListActivities(self, request: pb.ListActivitiesRequest, context: Any) -> pb.ListActivitiesResponse:
+        self._receive(request, context)
+        return pb.ListActivitiesResponse(items=[stored()])
 
     async def DeleteActivity(self, request: pb.DeleteActivityRequest, context: Any) -> pb.DeleteActivityResponse:
         self._receive(request, context)
@@ -254,3 +258,14 @@ async def test_a_logged_activity_carries_its_version_as_etag(stack: Stack) -> No
     )
     assert logged.status_code == 201, logged.text
     assert (logged.headers["ETag"], logged.json()["version"]) == ('"1"', 1)
+
+
+async def test_a_timeline_is_listed_on_an_account_the_caller_may_read(stack: Stack) -> None:
+    """A timeline tells that its account exists: the caller's scope for accounts goes along for the
+    service to check the account, their scope for activities picks the entries."""
+    listed = await stack.http.get("/api/v1/accounts/acc-1/activities", headers=stack.headers("service_agent"))
+
+    assert listed.status_code == 200, listed.text
+    [received] = stack.accounts.received
+    assert received.scope == RecordScope(ScopeKind.OWN, owner_id="rep-1", team="east", region="north")
+    assert received.accounts_scope == RecordScope(ScopeKind.REGION, owner_id="rep-1", team="east", region="north")

@@ -35,6 +35,7 @@ from gateway.conventions import (
 )
 from gateway.errors import http_status_of
 from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
+from gateway.routers import sales_schemas
 from gateway.routers.custom_fields import (
     CUSTOM_FILTER_PARAMETERS,
     check_custom_filters,
@@ -42,7 +43,7 @@ from gateway.routers.custom_fields import (
     presenter,
     readable_custom_keys,
 )
-from gateway.routers.sales import receivables_view
+from gateway.routers.sales import contract_dict, opportunity_dict, receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.routing import ResourceRouter
@@ -344,20 +345,44 @@ class BulkTransferOut(BaseModel):
     tasks_transferred: int
 
 
-class ViewPart(BaseModel):
+class PartStatus(BaseModel):
     """One part of the 360° view: `ok` with its records, or `forbidden` / `unavailable` / `error`."""
 
     model_config = {"extra": "allow"}
     status: Literal["ok", "forbidden", "unavailable", "error"]
     detail: str | None = None
+
+
+class ViewPart(PartStatus):
     items: list[dict[str, Any]] | None = None
+
+
+class OpenOpportunities(PartStatus):
+    items: list[sales_schemas.Opportunity] | None = Field(default=None, description="as GET /opportunities shows them")
+
+
+# Totals over all the account's contracts, as GET /receivables answers them (`account_*`, `lifetime_value`).
+ContractTotals = Annotated[
+    list[MoneyOut] | None,
+    Field(default=None, description="per currency; left out when the caller may not see contracts' amount"),
+]
+
+
+class ContractsAndReceivables(PartStatus):
+    items: list[sales_schemas.Contract] | None = Field(default=None, description="as GET /contracts shows them")
+    receivables: list[sales_schemas.Receivable] | None = Field(
+        default=None, description="as GET /receivables shows them"
+    )
+    total_outstanding: ContractTotals
+    total_overdue: ContractTotals
+    lifetime_value: ContractTotals
 
 
 class Account360(BaseModel):
     account: AccountOut
     contacts: ViewPart
-    open_opportunities: ViewPart
-    contracts_and_receivables: ViewPart
+    open_opportunities: OpenOpportunities
+    contracts_and_receivables: ContractsAndReceivables
     open_tickets: ViewPart
     recent_activities: ViewPart
 
@@ -822,7 +847,11 @@ async def list_pool(
 # owners is `assign` (managers).
 @router.post("/accounts/{account_id}/claim", response_model=AccountOut, response_model_exclude_unset=True)
 async def claim_account(
-    account_id: str, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
+    account_id: str,
+    request: Request,
+    response: Response,
+    access: AccountsUpdate,
+    idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
     reply = await _stub(request).ClaimAccount(
         pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key or ""),
@@ -831,13 +860,14 @@ async def claim_account(
     record = account_dict(reply.account)
     await access.audit_write(account_id, before_write(reply, account_dict, record), record, action="claim")
     present = await presenter(access)
-    return present(record)
+    return with_etag(response, present(record))
 
 
 @router.post("/accounts/{account_id}/release", response_model=AccountOut, response_model_exclude_unset=True)
 async def release_account(
     account_id: str,
     request: Request,
+    response: Response,
     access: AccountsUpdate,
     body: ReleaseIn | None = None,
     if_match: IfMatch = None,
@@ -852,12 +882,17 @@ async def release_account(
         account_id, before_write(reply, account_dict, record), record, action="release", reason=reason
     )
     present = await presenter(access)
-    return present(record)
+    return with_etag(response, present(record))
 
 
 @router.post("/accounts/{account_id}/transfer", response_model=AccountOut, response_model_exclude_unset=True)
 async def transfer_account(
-    account_id: str, body: TransferIn, request: Request, access: AccountsAssign, if_match: IfMatch = None
+    account_id: str,
+    body: TransferIn,
+    request: Request,
+    response: Response,
+    access: AccountsAssign,
+    if_match: IfMatch = None,
 ) -> dict[str, Any]:
     access.check_write(["owner_id"])
     reply = await _stub(request).TransferAccount(
@@ -875,7 +910,7 @@ async def transfer_account(
         account_id, before_write(reply, account_dict, record), record, action="transfer", reason=body.reason
     )
     present = await presenter(access)
-    return present(record)
+    return with_etag(response, present(record))
 
 
 @router.post("/accounts:transfer", response_model=BulkTransferOut, response_model_exclude_unset=True)
@@ -1207,11 +1242,13 @@ async def list_activities(
     cursor: str | None = None,
 ) -> dict[str, Any]:
     access.check_filters({"contact_id": "contact_id"})
+    # The account must be one the caller may read (a timeline tells that it exists): their scope for
+    # accounts goes along, and their scope for activities picks the entries.
     reply = await _stub(request).ListActivities(
         pb.ListActivitiesRequest(
             page=_page(limit, cursor, None, access), account_id=account_id, contact_id=contact_id or ""
         ),
-        metadata=access.grpc_metadata(),
+        metadata=access.grpc_metadata(access.require_view("accounts")),
     )
     return _list_body(access.present_many(activity_dict(a) for a in reply.items), reply.page_info.next_cursor)
 
@@ -1534,10 +1571,6 @@ def _sales_stub(request: Request) -> SalesServiceStub:
     return _upstreams(request).stub("sales", SalesServiceStub)
 
 
-def _sales_dict(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
 @router.get("/accounts/{account_id}/360", response_model=Account360, response_model_exclude_unset=True)
 async def account_360(account_id: str, request: Request, access: AccountsRead) -> Any:
     """Account, contacts, open opportunities, contracts and receivables, open tickets, recent
@@ -1573,7 +1606,7 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
             metadata=view.grpc_metadata(),
         )
         present = await presenter(view)
-        return {"items": [present(_sales_dict(o)) for o in rows.items]}
+        return {"items": [present(opportunity_dict(o)) for o in rows.items]}
 
     async def contracts(view: Access) -> Part:
         sales = _sales_stub(request)
@@ -1592,7 +1625,7 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
             ),
         )
         owed = receivables_view(receivables, view)
-        part = {"items": view.present_many(_sales_dict(c) for c in contract_rows.items), "receivables": owed["items"]}
+        part = {"items": view.present_many(contract_dict(c) for c in contract_rows.items), "receivables": owed["items"]}
         if "lifetime_value" in owed:  # the caller sees contract amounts
             # Totals over all the account's contracts, not just the ones listed here.
             part["total_outstanding"] = owed["account_outstanding"]
