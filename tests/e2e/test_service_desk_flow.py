@@ -173,6 +173,46 @@ async def test_a_spam_ticket_is_deleted_at_its_etag_and_leaves_the_service_repor
         await until_counted((1, 0))  # analytics dropped it: only the resolved ticket is left
 
 
+async def test_drafts_are_their_editors_and_patches_say_what_they_refuse(stack: RunningStack) -> None:
+    """A knowledge-base draft reads as missing to an agent, who may not edit articles; a PATCH null
+    empties a field (the service names one that must keep a value) and a body that changes nothing
+    is a 422 saying so; the audit rows of the writes carry the status they answered."""
+    run = new_id()[-8:]
+    region = f"edit-{run}"
+    async with (
+        _client(stack, f"mgr-{run}", ["service_manager"], region) as mgr,
+        _client(stack, f"agent-{run}", ["service_agent"], region) as agent,
+        _client(stack, f"admin-{run}", ["admin"], region) as admin,
+    ):
+        draft = _ok(await mgr.post("/api/v1/kb-articles", json={"title": f"VPN {run}", "body": "Not ready"}), 201)
+        assert draft["published"] is False
+        assert (await agent.get(f"/api/v1/kb-articles/{draft['id']}")).status_code == 404
+        assert _ok(await mgr.get(f"/api/v1/kb-articles/{draft['id']}"))["body"] == "Not ready"
+
+        body = {"subject": "Printer", "description": "Jams", "channel": "web", "region": region}
+        path = f"/api/v1/tickets/{_ok(await mgr.post('/api/v1/tickets', json=body), 201)['id']}"
+        subjectless = await mgr.patch(path, json={"subject": None})
+        assert subjectless.status_code == 422, subjectless.text
+        assert [error["field"] for error in subjectless.json()["errors"]] == ["subject"]
+        nothing = await mgr.patch(path, json={})
+        assert nothing.status_code == 422, nothing.text
+        assert nothing.json()["errors"] == [{"field": "body", "message": "names no field to change"}]
+        assert _ok(await mgr.patch(path, json={"description": None}))["description"] == ""
+
+        _ok(await mgr.post(f"{path}/comments", json={"body": "On it"}), 201)
+        _ok(await mgr.post(f"{path}/status", json={"status": "resolved"}))
+        _ok(await mgr.post(f"{path}/csat", json={"score": 4}), 201)
+        trail = _ok(await admin.get("/api/v1/audit-events", params={"actor": f"mgr-{run}"}))
+        audited = {(row["resource"], row["action"], row["status_code"]) for row in trail["items"]}
+        assert audited == {
+            ("kb_articles", "create", 201),
+            ("tickets", "create", 201),
+            ("tickets", "update", 200),
+            ("tickets", "comment", 201),
+            ("csat", "create", 201),
+        }
+
+
 PRIORITY = {"Critical": "urgent", "High": "high", "Medium": "normal", "Low": "low"}
 CHANNEL = {"Email": "email", "Phone": "phone", "Social media": "wechat", "Chat": "web"}
 SAMPLE = 300

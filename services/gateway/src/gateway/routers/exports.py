@@ -5,7 +5,7 @@ field rules as any read (hidden columns left out, masked values masked, custom v
 masked for callers who see personal data masked)."""
 
 import inspect
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
 from gateway.inputs import unknown_query_parameters
+from gateway.routers import accounts, leads, sales, service_desk
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
 from gateway.routers.custom_fields import check_custom_filters, presenter
 from gateway.routers.leads import LEAD_FILTERS
@@ -77,7 +78,7 @@ async def export_resource(
         if not decision.allowed:
             raise forbidden(f"you may not export {resource}")
         # The filters depend on the resource: this route checks its query parameters itself.
-        unknown = [name for name in filters if not source.takes(name) and name != "sort"]
+        unknown = [name for name in filters if not source.takes(name)]
         if unknown:
             raise unknown_query_parameters(unknown)
         # An export filters by one value of a parameter; a repeated one would quietly export the
@@ -167,6 +168,12 @@ async def export_resource(
     )
 
 
+def _list_route(endpoint: Callable[..., Any]) -> APIRoute:
+    """The route serving the list `endpoint`: its query parameters check those of the records' export."""
+    routes = (route for module in (leads, accounts, sales, service_desk) for route in module.router.routes)
+    return next(route for route in routes if isinstance(route, APIRoute) and route.endpoint is endpoint)
+
+
 # What can be exported: the owning services' List RPCs, paged through in the caller's scope, their
 # filters checked as the list routes declare them (a filter named as its field needs no entry).
 # Reports, the forecast and the audit trail register their sources in their own routers (analytics,
@@ -177,42 +184,72 @@ for _resource, _listing in {
         LeadsServiceStub,
         "ListLeads",
         leads_pb.ListLeadsRequest,
+        _list_route(leads.list_leads),
         # `q_field` narrows where `q` looks: its value names the field, checked as `q`'s are
         # (`Access.searched_fields`), so it declares none.
         fields={**LEAD_FILTERS, "q_field": ()},
     ),
-    "campaigns": GrpcListing("leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest),
+    "campaigns": GrpcListing(
+        "leads", LeadsServiceStub, "ListCampaigns", leads_pb.ListCampaignsRequest, _list_route(leads.list_campaigns)
+    ),
     "accounts": GrpcListing(
         "accounts",
         AccountsServiceStub,
         "ListAccounts",
         accounts_pb.ListAccountsRequest,
+        _list_route(accounts.list_accounts),
         # A saved segment's own filters are checked (check_saved_segment).
         fields={**ACCOUNT_FILTER_FIELDS, "segment_id": ()},
         internal=("include_merged",),
     ),
     "contacts": GrpcListing(
-        "accounts", AccountsServiceStub, "ListContacts", accounts_pb.ListContactsRequest, fields=CONTACT_FILTER_FIELDS
+        "accounts",
+        AccountsServiceStub,
+        "ListContacts",
+        accounts_pb.ListContactsRequest,
+        _list_route(accounts.list_contacts),
+        fields=CONTACT_FILTER_FIELDS,
     ),
     "opportunities": GrpcListing(
         "sales",
         SalesServiceStub,
         "ListOpportunities",
         sales_pb.ListOpportunitiesRequest,
+        _list_route(sales.list_opportunities),
         fields=OPPORTUNITY_FILTERS,
         renamed={"rotting": "rotting_only"},
     ),
-    "quotes": GrpcListing("sales", SalesServiceStub, "ListQuotes", sales_pb.ListQuotesRequest),
-    "contracts": GrpcListing("sales", SalesServiceStub, "ListContracts", sales_pb.ListContractsRequest),
-    "payments": GrpcListing(
-        "sales", SalesServiceStub, "ListPayments", sales_pb.ListPaymentsRequest, fields=PAYMENT_FILTERS
+    "quotes": GrpcListing(
+        "sales", SalesServiceStub, "ListQuotes", sales_pb.ListQuotesRequest, _list_route(sales.list_quotes)
     ),
-    "invoices": GrpcListing("sales", SalesServiceStub, "ListInvoices", sales_pb.ListInvoicesRequest),
+    "contracts": GrpcListing(
+        "sales", SalesServiceStub, "ListContracts", sales_pb.ListContractsRequest, _list_route(sales.list_contracts)
+    ),
+    "payments": GrpcListing(
+        "sales",
+        SalesServiceStub,
+        "ListPayments",
+        sales_pb.ListPaymentsRequest,
+        _list_route(sales.list_payments),
+        fields=PAYMENT_FILTERS,
+    ),
+    "invoices": GrpcListing(
+        "sales", SalesServiceStub, "ListInvoices", sales_pb.ListInvoicesRequest, _list_route(sales.list_invoices)
+    ),
     "tickets": GrpcListing(
-        "service_desk", ServiceDeskServiceStub, "ListTickets", servicedesk_pb.ListTicketsRequest, fields=TICKET_FILTERS
+        "service_desk",
+        ServiceDeskServiceStub,
+        "ListTickets",
+        servicedesk_pb.ListTicketsRequest,
+        _list_route(service_desk.list_tickets),
+        fields=TICKET_FILTERS,
     ),
     "csat": GrpcListing(
-        "service_desk", ServiceDeskServiceStub, "ListCsatResponses", servicedesk_pb.ListCsatResponsesRequest
+        "service_desk",
+        ServiceDeskServiceStub,
+        "ListCsatResponses",
+        servicedesk_pb.ListCsatResponsesRequest,
+        _list_route(service_desk.list_csat),
     ),
     # The accounts service lists activities per account (or a contact's account): one is required.
     "activities": GrpcListing(
@@ -220,6 +257,7 @@ for _resource, _listing in {
         AccountsServiceStub,
         "ListActivities",
         accounts_pb.ListActivitiesRequest,
+        _list_route(accounts.list_activities),
         requires_one_of=("account_id", "contact_id"),
     ),
 }.items():
@@ -235,13 +273,13 @@ def describe_export_filters() -> None:
         source = export_source(resource)
         assert source is not None
         names = ", ".join(
-            [f"`{name}`" for name in sorted(source.filters | {"sort"})]
+            [f"`{name}`" for name in sorted(source.filters)]
             + [f"`{prefix}<key>`" for prefix in sorted(source.prefixes)]
         )
         lines.append(f"- `{resource}`: {names}")
     filters = (
-        "The filters each resource takes, as query parameters (any other is a 422 naming it; `sort` as on "
-        "its list route):\n\n" + "\n".join(lines)
+        "The filters each resource takes, as query parameters, each value checked as on its list route "
+        "(any other parameter is a 422 naming it):\n\n" + "\n".join(lines)
     )
     for route in router.routes:
         if isinstance(route, APIRoute) and route.path == EXPORT_PATH:

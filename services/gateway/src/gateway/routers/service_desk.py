@@ -13,6 +13,7 @@ from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import Field
@@ -24,6 +25,7 @@ from gateway.routers import service_desk_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, Presenter, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
+from gateway.security.problems import not_found
 
 router = ResourceRouter(tags=["service desk"])
 
@@ -191,6 +193,23 @@ def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
     return field_mask_pb2.FieldMask(paths=paths)
 
 
+def _changes(body: RequestBody, *, not_null: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields a PATCH body sends. A null empties its field, as on the other PATCH routes (the
+    service refuses, naming the field, to empty one that must keep a value: a ticket's subject).
+    `not_null`: the fields whose empty value would be a value (a capacity of 0, `available: false`)
+    or whose values are removed one by one (`custom.<key>: null`); a null for one is a 422 naming
+    it. A body that changes nothing (`{}`, `{"custom": {}}`) is a 422 saying so."""
+    given = body.model_dump(exclude_unset=True)
+    nulls = [name for name in not_null if name in given and given[name] is None]
+    if nulls:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("body", name), "msg": "must not be null"} for name in nulls]
+        )
+    if not _mask(given).paths:
+        raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": "names no field to change"}])
+    return given
+
+
 # --- tickets -------------------------------------------------------------------------------------
 
 
@@ -325,7 +344,7 @@ def _ticket_detail_json(
 async def update_ticket(
     ticket_id: str, body: TicketIn, request: Request, response: Response, access: TicketsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
-    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    given = _changes(body, not_null=("custom",))
     access.check_write(given)
     stub = _stub(request)
     if "contact_id" in given or "account_id" in given:
@@ -582,7 +601,7 @@ async def update_agent(
     agent_id: str, body: AgentIn, request: Request, response: Response, access: AgentsUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Skills, region, capacity and availability drive auto-dispatch."""
-    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    given = _changes(body, not_null=("capacity", "available"))
     access.check_write(given)
     reply = await _stub(request).UpdateAgent(
         pb.UpdateAgentRequest(
@@ -694,9 +713,18 @@ async def search_articles(
 
 @router.get("/kb-articles/{article_id}", responses={200: {"model": schemas.KbArticle}})
 async def get_article(article_id: str, request: Request, response: Response, access: KbRead) -> dict[str, Any]:
+    """A published article; a draft only for who may edit articles, as the listing's
+    `include_unpublished` (to anyone else it is a 404, as an article that does not exist)."""
     reply = await _stub(request).GetKbArticle(
         pb.GetKbArticleRequest(article_id=article_id), metadata=access.grpc_metadata()
     )
+    if not reply.article.published and access.view("kb_articles", "update") is None:
+        # Answered and audited as the service answers an unknown article (SPEC §3: never reveal).
+        hidden = not_found(f"kb_article {article_id} not found")
+        await access.runtime.audit_denied(
+            request, access.principal, access.resource, access.action, hidden, record_id=article_id
+        )
+        raise hidden
     return with_etag(response, access.present(to_json(reply.article)))
 
 
@@ -704,7 +732,7 @@ async def get_article(article_id: str, request: Request, response: Response, acc
 async def update_article(
     article_id: str, body: ArticleIn, request: Request, response: Response, access: KbUpdate, if_match: IfMatch = ""
 ) -> dict[str, Any]:
-    given = body.model_dump(exclude_unset=True, exclude_none=True)
+    given = _changes(body, not_null=("published",))
     access.check_write(given)
     reply = await _stub(request).UpdateKbArticle(
         pb.UpdateKbArticleRequest(

@@ -23,12 +23,15 @@ from typing import Annotated, Any, cast
 
 from crm.common.v1 import common_pb2, custom_fields_pb2
 from crm_platform.timeutil import as_utc
+from fastapi.dependencies.utils import request_params_to_args
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, TypeAdapter, ValidationError
+from starlette.datastructures import QueryParams
 
 from gateway.inputs import INT32_MAX, INT32_MIN, Instant
 from gateway.security.access import Access, FilterFields, filtered_fields
@@ -139,13 +142,16 @@ class GrpcListing:
     Its filters are found from the contract itself, so an export takes those of its list route:
     the request's string fields (`owner_id=`), repeated string fields (`status=` fills `statuses`),
     integers and booleans (`min_score=`), timestamps (`created_after=`, RFC 3339 with a time zone, as
-    the list's `Instant`) and its custom field filters (`custom.<key>=`). A value a field cannot take
-    is the list route's 422 naming the parameter, before anything is audited or streamed."""
+    the list's `Instant`) and its custom field filters (`custom.<key>=`), and `sort` when the list
+    route takes it. A value the list route refuses (the ticket list declares `status` as the
+    statuses there are) is its own 422 naming the parameter, before anything is audited or streamed."""
 
     upstream: str
     stub: type[Any]
     method: str
     request: type[Message]
+    # The list route of the same records: the query parameters it declares check the export's.
+    list_route: APIRoute
     page_size: int = 500
     # The RPC needs one of these filters (activities are listed per account or contact).
     requires_one_of: tuple[str, ...] = ()
@@ -165,7 +171,16 @@ class GrpcListing:
         asked = filters.get(_singular(_SEARCHED_IN), "")
         if _SEARCHED_IN in self._request_fields() and asked and asked not in searchable:
             raise invalid_filter(_singular(_SEARCHED_IN), f"must be one of {', '.join(searchable)}")
+        # Checked as the list route checks them, for its 422 (`status[0]`, not the request's `statuses`).
+        listed = [parameter for parameter in self.list_route.dependant.query_params if parameter.alias in filters]
+        _, errors = request_params_to_args(listed, QueryParams(filters))
+        if errors:
+            raise RequestValidationError(errors)
         self._filled(self.request(), filters)
+
+    def sorts(self) -> bool:
+        """Does its list route take `sort`? Then so does the export, with the values it takes."""
+        return any(parameter.alias == "sort" for parameter in self.list_route.dependant.query_params)
 
     def _request_fields(self) -> Mapping[str, FieldDescriptor]:
         # The generated classes give the C implementation's descriptors, which type checkers tell
@@ -299,11 +314,13 @@ def _singular(name: str) -> str:
 
 
 def register_grpc_export(resource: str, listing: GrpcListing) -> None:
+    # `sort` is checked as the field its value names (the exports route), not as a field of its own.
+    sort: FilterFields = {"sort": ()} if listing.sorts() else {}
     register_export_source(
         resource,
         listing.fetch,
-        filters=listing.filter_fields(),
+        filters=[*listing.filter_fields(), *sort],
         check=listing.check,
-        fields=listing.fields,
+        fields={**(listing.fields or {}), **sort},
         prefixes=listing.filter_prefixes(),
     )
