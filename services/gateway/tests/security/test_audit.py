@@ -99,6 +99,8 @@ async def check_random_writes(gateway: Any, auth_headers: Any, count: int) -> No
         assert row["actor"]["user_id"] == ME and row["actor"]["roles"] == ["sales_manager"]
         assert row["outcome"] == "allowed"
         assert row["request_id"] and row["method"] in ("POST", "PATCH", "DELETE")
+        # The status the write answered: the row is written before the answer, as the route declares it.
+        assert row["status_code"] == {"create": 201, "update": 200, "delete": 204}[want["action"]]
         if want["action"] == "create":
             assert row["before"] is None
             assert {k: row["after"][k] for k in want["after"]} == masked(want["after"])
@@ -194,6 +196,7 @@ async def test_denied_requests_exports_and_sensitive_reads_are_audited(gateway: 
     assert len(exports) == 1 and exports[0]["actor"]["user_id"] == "boss" and "name" in exports[0]["fields"]
     sensitive = [row for row in rows if row["action"] == "read_sensitive"]
     assert [(row["record_id"], row["fields"]) for row in sensitive] == [("q1", ["discount_total"])]
+    assert exports[0]["status_code"] == sensitive[0]["status_code"] == 200
 
 
 async def test_a_page_of_sensitive_reads_is_one_audit_row(gateway: Any, auth_headers: Any) -> None:

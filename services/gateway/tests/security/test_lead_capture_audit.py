@@ -131,7 +131,7 @@ async def test_a_merge_is_audited_as_a_merge_of_the_existing_lead_with_only_what
     assert response.status_code == 200, response.text
     assert response.headers["x-merged-into"] == "l-1"
     [row] = await gateway.audit_rows()
-    assert (row["action"], row["outcome"], row["record_id"]) == ("merge", "allowed", "l-1")
+    assert (row["action"], row["outcome"], row["record_id"], row["status_code"]) == ("merge", "allowed", "l-1", 200)
     assert row["actor"]["user_id"] == "u-1"
     assert row["fields"] == MERGE_FIELDS
     assert (row["before"], row["after"]) == (MERGE_BEFORE, MERGE_AFTER)
@@ -145,7 +145,7 @@ async def test_a_new_lead_is_still_audited_as_a_create_with_all_its_fields(gatew
 
     assert response.status_code == 201, response.text
     [row] = await gateway.audit_rows()
-    assert (row["action"], row["record_id"], row["before"]) == ("create", "l-2", None)
+    assert (row["action"], row["record_id"], row["before"], row["status_code"]) == ("create", "l-2", None, 201)
     assert row["after"]["email"] == "w***@example.com" and row["after"]["phone"] == "139****5678"
     assert {"name", "email", "phone", "status"} <= set(row["fields"])
 
@@ -159,7 +159,7 @@ async def test_a_web_form_submission_creating_a_lead_is_audited_as_a_create_by_t
     [row] = await gateway.audit_rows()
     assert row["actor"] == {"user_id": "webform:wf-7", "kind": "webform", "roles": [], "team": "", "region": ""}
     assert (row["action"], row["resource"], row["record_id"], row["before"]) == ("create", "leads", "l-2", None)
-    assert row["after"]["email"] == "w***@example.com"
+    assert row["status_code"] == 202 and row["after"]["email"] == "w***@example.com"
     # The key is the form's credential: the audit trail never holds it, not even in the path.
     assert row["path"] == "/api/v1/webforms/{form_key}/submissions"
     assert FORM_KEY not in str(row)

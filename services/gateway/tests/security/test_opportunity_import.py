@@ -117,9 +117,7 @@ async def test_a_rep_imports_deals_without_naming_fields_they_may_not_set(
     row = {"account_id": "a-1", "name": "Deal", "external_id": "mine"}
 
     imported = await http.post("/api/v1/opportunities/import", json={"rows": [row]}, headers=rep)
-    refused = await http.post(
-        "/api/v1/opportunities/import", json={"rows": [{**row, "owner_id": "u-3"}]}, headers=rep
-    )
+    refused = await http.post("/api/v1/opportunities/import", json={"rows": [{**row, "owner_id": "u-3"}]}, headers=rep)
 
     assert imported.status_code == 200, imported.text
     assert servicer.received == ["mine"]

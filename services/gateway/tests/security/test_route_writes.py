@@ -565,6 +565,7 @@ async def test_a_write_leaves_one_audit_row(
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert [(row["action"], row["record_id"], row["actor"]["user_id"]) for row in rows] == [(action, record_id, "u-1")]
     assert rows[0]["after"] or rows[0]["before"]
+    assert rows[0]["status_code"] == response.status_code
 
 
 @pytest.mark.parametrize(

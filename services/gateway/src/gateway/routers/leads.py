@@ -374,10 +374,10 @@ async def create_lead(
     )
     result = lead_json(reply.lead)
     action, before = _capture_audited(reply)
-    await access.audit_write(result["id"], before, result, action=action)
     if reply.merged:
         response.status_code = 200
         response.headers["X-Merged-Into"] = result["id"]
+    await access.audit_write(result["id"], before, result, action=action, status_code=response.status_code)
     present = await presenter(access)
     return with_etag(response, present(result))
 

@@ -10,6 +10,7 @@ from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
 from fastapi import Depends, Request, Security
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.inputs import reject_unknown_query_parameters, reject_unstorable_input
@@ -346,11 +347,13 @@ class Access:
         *,
         action: str | None = None,
         reason: str = "",
+        status_code: int | None = None,
     ) -> None:
         """One audit row for a write: the changed fields, before and after, PII masked (custom
         values too, those of fields defined as pii). `before=None` is a create, `after=None` a delete.
         Pass the stored record as it was before the write and as the service returned it after.
-        A write the service answered with its Idempotency-Key's earlier result is a `replay` row."""
+        A write the service answered with its Idempotency-Key's earlier result is a `replay` row.
+        `status_code`: what the route answers when not the status it declares (a create that merged: 200)."""
         if action is None:
             action = "create" if before is None else "delete" if after is None else self.action
         if self.replayed:
@@ -361,7 +364,9 @@ class Access:
             lookup = self.runtime.custom_pii_keys
             custom_pii = await lookup(self) if lookup is not None else None
         fields, old, new = diff_for_audit(before, after, self.spec, custom_pii=custom_pii)
-        entry = self._entry(action, record_id, fields=fields, before=old, after=new, reason=reason)
+        entry = self._entry(
+            action, record_id, fields=fields, before=old, after=new, reason=reason, status_code=status_code
+        )
         await self.runtime.audit.record([entry])
 
     async def audit(self, action: str, record_id: str = "", *, fields: Iterable[str] = (), reason: str = "") -> None:
@@ -409,7 +414,7 @@ class Access:
             )
         return [*entries, entry]
 
-    def _entry(self, action: str, record_id: str, **values: Any) -> AuditEntry:
+    def _entry(self, action: str, record_id: str, *, status_code: int | None = None, **values: Any) -> AuditEntry:
         return AuditEntry(
             actor=self.principal,
             action=action,
@@ -418,7 +423,7 @@ class Access:
             request_id=self.request_id,
             method=self.request.method,
             path=self.request.url.path,
-            status_code=0,
+            status_code=status_code or declared_status(self.request),
             **values,
         )
 
@@ -453,6 +458,14 @@ def _paths(values: Mapping[str, Any], prefix: str = "") -> list[str]:
 
 def _is_money(value: Mapping[str, Any]) -> bool:
     return set(value) <= {"amount", "currency"}
+
+
+def declared_status(request: Request) -> int:
+    """The status the request's route answers on success: the one it declares (201 for a create,
+    204 for a delete), else 200. An allowed request's audit rows are written before its answer
+    exists, so this is the status they record."""
+    route = request.scope.get("route")
+    return (route.status_code if isinstance(route, APIRoute) else None) or 200
 
 
 def addressed_record(request: Request) -> str:

@@ -23,7 +23,14 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.security.access import REPLAY_REASON, CustomPiiKeys, FieldViews, addressed_record, request_id_of
+from gateway.security.access import (
+    REPLAY_REASON,
+    CustomPiiKeys,
+    FieldViews,
+    addressed_record,
+    declared_status,
+    request_id_of,
+)
 from gateway.security.api_keys import ApiKeyStore
 from gateway.security.audit import AuditEntry, AuditLog, diff_for_audit
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
@@ -274,6 +281,7 @@ class SecurityRuntime:
             request_id=request_id_of(request),
             method=request.method,
             path=path,
+            status_code=declared_status(request),
         )
         await self.audit.record([entry])
 
