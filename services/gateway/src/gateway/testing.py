@@ -10,6 +10,8 @@ from typing import Any, get_args
 import grpc
 import httpx
 import yaml
+from crm.common.v1 import custom_fields_pb2
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import BaseModel
@@ -103,6 +105,19 @@ async def serving(*add_servicers: Callable[[grpc.aio.Server], None]) -> AsyncIte
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+class NoCustomFields(CustomFieldServiceServicer):
+    """A service's custom-field definitions when it has none (routes read them to mask, filter and
+    audit custom values)."""
+
+    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
+        return custom_fields_pb2.ListCustomFieldsResponse()
+
+
+def add_no_custom_fields(server: grpc.aio.Server) -> None:
+    """`serving(..., add_no_custom_fields)`: a fake service that defines no custom fields."""
+    add_CustomFieldServiceServicer_to_server(NoCustomFields(), server)  # type: ignore[abstract]  # the one call
 
 
 # A value for each scalar type that is not its default, so that a field set to it is printed.

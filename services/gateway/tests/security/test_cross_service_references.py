@@ -18,8 +18,6 @@ import pytest
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
-from crm.common.v1 import custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
@@ -37,7 +35,7 @@ from crm_platform.grpc_errors import to_status
 from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA, REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.security.audit import AuditEntry, AuditLog
-from gateway.testing import serving, started_gateway
+from gateway.testing import add_no_custom_fields, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -188,11 +186,6 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         return desk_pb.UpdateTicketResponse(ticket=self.TICKET)
 
 
-class NoCustomFields(CustomFieldServiceServicer):
-    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
-        return custom_fields_pb2.ListCustomFieldsResponse()
-
-
 class Services:
     def __init__(self) -> None:
         self.accounts, self.leads = FakeAccounts(), FakeLeads()  # type: ignore[abstract]
@@ -203,7 +196,7 @@ class Services:
             lambda server: add_LeadsServiceServicer_to_server(self.leads, server),
             lambda server: add_SalesServiceServicer_to_server(self.sales, server),
             lambda server: add_ServiceDeskServiceServicer_to_server(self.desk, server),
-            lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+            add_no_custom_fields,
         ]
         if accounts:
             adders.append(lambda server: add_AccountsServiceServicer_to_server(self.accounts, server))

@@ -14,8 +14,7 @@ import httpx
 import pytest
 from crm.analytics.v1 import analytics_service_pb2 as analytics_pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceServicer, add_AnalyticsServiceServicer_to_server
-from crm.common.v1 import common_pb2, custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
@@ -28,7 +27,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     add_ServiceDeskServiceServicer_to_server,
 )
 from gateway.security.masking import mask_value
-from gateway.testing import PolicyEdit, RoleClient, grant_fields
+from gateway.testing import PolicyEdit, RoleClient, add_no_custom_fields, grant_fields
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +52,6 @@ class FakeLeads(LeadsServiceServicer):
     async def GetLeadScoreHistory(self, request: leads_pb.GetLeadScoreHistoryRequest, context: Any) -> Any:
         change = leads_pb2.ScoreChange(previous_score=10, score=40, previous_grade="C", grade="B")
         return leads_pb.GetLeadScoreHistoryResponse(items=[change])
-
-
-class NoCustomFields(CustomFieldServiceServicer):
-    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
-        return custom_fields_pb2.ListCustomFieldsResponse()
 
 
 class FakeServiceDesk(ServiceDeskServiceServicer):
@@ -111,7 +105,7 @@ async def target() -> AsyncIterator[str]:
     add_ServiceDeskServiceServicer_to_server(FakeServiceDesk(), server)
     add_AnalyticsServiceServicer_to_server(FakeAnalytics(), server)
     add_SalesServiceServicer_to_server(FakeSales(), server)
-    add_CustomFieldServiceServicer_to_server(NoCustomFields(), server)
+    add_no_custom_fields(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     yield f"127.0.0.1:{port}"

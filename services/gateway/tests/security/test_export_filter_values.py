@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from crm.common.v1 import common_pb2, custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
@@ -20,7 +19,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_errors import to_status
 from fastapi import FastAPI
-from gateway.testing import serving, started_gateway
+from gateway.testing import add_no_custom_fields, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -81,11 +80,6 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         return desk_pb.ListTicketsResponse(page_info=common_pb2.PageInfo())
 
 
-class NoCustomFields(CustomFieldServiceServicer):
-    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
-        return custom_fields_pb2.ListCustomFieldsResponse()
-
-
 @pytest.fixture
 def desk() -> FakeServiceDesk:
     return FakeServiceDesk()  # type: ignore[abstract]  # the calls these tests make only
@@ -97,7 +91,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path, desk: FakeServiceDesk) 
     async with (
         serving(
             lambda server: add_ServiceDeskServiceServicer_to_server(desk, server),
-            lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+            add_no_custom_fields,
         ) as target,
         started_gateway(tmp_path, migrated_sqlite, secret=SECRET, service_desk=target) as client,
     ):

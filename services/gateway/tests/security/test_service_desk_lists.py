@@ -7,8 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from crm.common.v1 import common_pb2, custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
@@ -17,7 +16,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 )
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_errors import to_status
-from gateway.testing import RoleClient, serving
+from gateway.testing import RoleClient, add_no_custom_fields, serving
 
 pytestmark = pytest.mark.integration
 
@@ -45,11 +44,6 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         return desk_pb.ListReturnVisitsResponse(items=[visit])
 
 
-class NoCustomFields(CustomFieldServiceServicer):
-    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
-        return custom_fields_pb2.ListCustomFieldsResponse()
-
-
 @pytest.fixture
 def desk() -> FakeServiceDesk:
     return FakeServiceDesk()  # type: ignore[abstract]  # the calls these tests make only
@@ -60,7 +54,7 @@ async def agent(role_client: RoleClient, desk: FakeServiceDesk) -> AsyncIterator
     """A service agent at the real gateway, whose service-desk calls go to the fake."""
     async with serving(
         lambda server: add_ServiceDeskServiceServicer_to_server(desk, server),
-        lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+        add_no_custom_fields,
     ) as target:
         yield await role_client("service_agent", upstream=target)
 

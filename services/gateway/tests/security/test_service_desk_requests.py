@@ -10,8 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-from crm.common.v1 import custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
 from crm.servicedesk.v1 import servicedesk_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
@@ -21,7 +19,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 from crm_platform.errors import CrmError, FieldError, NotFound, ValidationFailed
 from crm_platform.grpc_errors import to_status
 from crm_platform.update_mask import writable_paths
-from gateway.testing import serving, started_gateway
+from gateway.testing import add_no_custom_fields, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -84,11 +82,6 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
         return updated
 
 
-class NoCustomFields(CustomFieldServiceServicer):
-    async def ListCustomFields(self, request: custom_fields_pb2.ListCustomFieldsRequest, context: Any) -> Any:
-        return custom_fields_pb2.ListCustomFieldsResponse()
-
-
 @pytest.fixture
 def desk() -> FakeServiceDesk:
     return FakeServiceDesk()  # type: ignore[abstract]  # the calls these tests make only
@@ -100,7 +93,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path, desk: FakeServiceDesk) 
     async with (
         serving(
             lambda server: add_ServiceDeskServiceServicer_to_server(desk, server),
-            lambda server: add_CustomFieldServiceServicer_to_server(NoCustomFields(), server),  # type: ignore[abstract]
+            add_no_custom_fields,
         ) as target,
         started_gateway(tmp_path, migrated_sqlite, secret=SECRET, service_desk=target) as client,
     ):
