@@ -381,7 +381,7 @@ class _ReportExport:
         self.report = name.replace("_", "-")
         if self.report not in _REPORT_PARAMETERS:
             raise invalid_filter("report", f"unknown report '{name}': one of {', '.join(_REPORT_PARAMETERS)}")
-        allowed = _SHARED_PARAMETERS | _REPORT_PARAMETERS[self.report] | {"report", "sort"}
+        allowed = _SHARED_PARAMETERS | _REPORT_PARAMETERS[self.report] | {"report"}
         for key, value in filters.items():
             if key not in allowed:
                 raise invalid_filter(key, f"filter '{key}' does not apply to report {self.report}")
