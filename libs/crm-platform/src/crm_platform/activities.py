@@ -2,14 +2,13 @@
 them check them and decide whose they are: the leads service on a lead, the accounts service on an
 account. Analytics scopes them by the same rule."""
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from crm_platform.errors import FieldError
 from crm_platform.principal import RecordScope
+from crm_platform.timeutil import in_the_future
 
 ACTIVITY_KINDS = ("call", "email", "meeting", "visit", "note", "wechat")
-# An activity's time may run this far ahead of the server's clock (the caller's clock may be fast).
-CLOCK_SKEW = timedelta(minutes=5)
 
 
 def kind_error(kind: object) -> FieldError | None:
@@ -22,7 +21,7 @@ def occurred_at_error(occurred_at: object, now: datetime) -> FieldError | None:
     """What happened has happened: an activity's time is given, and not in the future."""
     if not isinstance(occurred_at, datetime):
         return FieldError("occurred_at", "is required")
-    if occurred_at > now + CLOCK_SKEW:
+    if in_the_future(occurred_at, now):
         return FieldError("occurred_at", "must not be in the future")
     return None
 

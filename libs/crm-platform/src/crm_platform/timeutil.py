@@ -1,12 +1,21 @@
 """UTC time and conversions to and from protobuf Timestamps."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+# A time a caller gives (when a call happened, when money was received) may run this far ahead of
+# the server's clock: the caller's clock may be fast.
+CLOCK_SKEW = timedelta(minutes=5)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def in_the_future(value: datetime, now: datetime) -> bool:
+    """Whether a time a caller gives lies after `now`, beyond the clock skew allowed."""
+    return value > now + CLOCK_SKEW
 
 
 def as_utc(value: datetime) -> datetime:

@@ -16,7 +16,7 @@ from aiokafka.partitioner import murmur2 as reference_murmur2
 from crm.leads.v1 import events_pb2 as lead_events
 from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm.sales.v1 import events_pb2 as sales_events
-from crm_platform.activities import CLOCK_SKEW, kind_error, may_change_activity, occurred_at_error
+from crm_platform.activities import kind_error, may_change_activity, occurred_at_error
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.config import KafkaSettings
 from crm_platform.db import json_text
@@ -40,6 +40,7 @@ from crm_platform.service import GC_ALLOCATIONS_PER_COLLECTION, freeze_startup_o
 from crm_platform.structs import fill_struct, struct_values
 from crm_platform.telemetry import default_sampler, instrument_engine
 from crm_platform.testing.tracing import record_spans
+from crm_platform.timeutil import CLOCK_SKEW
 from crm_platform.update_mask import writable_paths
 from google.protobuf import struct_pb2
 from opentelemetry import propagate, trace

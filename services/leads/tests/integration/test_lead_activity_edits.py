@@ -16,12 +16,11 @@ import pytest
 from crm.leads.v1 import events_pb2, leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm_platform import migrations
-from crm_platform.activities import CLOCK_SKEW
 from crm_platform.db import create_engine
 from crm_platform.errors import Conflict, NotFound, StaleVersion, ValidationFailed
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata, resource_scope_key
 from crm_platform.testing.outbox import outbox_events
-from crm_platform.timeutil import as_utc
+from crm_platform.timeutil import CLOCK_SKEW, as_utc
 from google.protobuf.field_mask_pb2 import FieldMask
 from leads import repository as repo
 from leads.domain import ScoringRule

@@ -2,9 +2,9 @@ from collections import deque
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind
+from crm_platform.timeutil import CLOCK_SKEW
 from hypothesis import given
 from hypothesis import strategies as st
 from leads import domain

@@ -10,9 +10,9 @@ from datetime import date, datetime, timedelta
 from decimal import MAX_PREC, ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from enum import StrEnum
 
-from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
 from crm_platform.money import CENT, MAX_AMOUNT, Money, amount_text, check_amount, minor_unit
+from crm_platform.timeutil import in_the_future
 
 HUNDRED = Decimal(100)
 # Longest id of another service's record (account, contact, lead, campaign) and longest text field.
@@ -885,7 +885,7 @@ def status_after_payment(installment: InstallmentState, paid: Decimal) -> Instal
 def received_at_errors(received_at: datetime | None, now: datetime) -> list[FieldError]:
     """A payment counts as paid from when it was received, so it is not received in the future: not
     after now plus the clock skew allowed for a caller's or an ERP's fast clock (None: received now)."""
-    if received_at is not None and received_at > now + CLOCK_SKEW:
+    if received_at is not None and in_the_future(received_at, now):
         return [FieldError("received_at", "must not be in the future")]
     return []
 

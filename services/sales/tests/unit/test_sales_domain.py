@@ -7,9 +7,9 @@ from decimal import Decimal
 from fractions import Fraction
 
 import pytest
-from crm_platform.activities import CLOCK_SKEW
 from crm_platform.errors import Conflict, PermissionDenied, ValidationFailed
 from crm_platform.money import CENT, Money, check_amount
+from crm_platform.timeutil import CLOCK_SKEW
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sales import domain as d
