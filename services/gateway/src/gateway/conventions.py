@@ -165,6 +165,11 @@ def _bad_if_match(if_match: str, message: str) -> RequestValidationError:
     )
 
 
+def nothing_to_change() -> RequestValidationError:
+    """The 422 of a PATCH whose body names no field to change (`{}`)."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": "names no field to change"}])
+
+
 def before_write(reply: Message, to_json: Callable[[Any], dict[str, Any]], after: dict[str, Any]) -> dict[str, Any]:
     """A record as it was before a write, for the audit row: the `previous` the service answers, read
     under the record's row lock in the write's transaction (no other write came between). Without

@@ -34,7 +34,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import Field, ValidationError, create_model, model_validator
 from pydantic.fields import FieldInfo
 
-from gateway.conventions import IdempotencyKey, IfMatch, MoneyIn, before_write, expected_version, with_etag
+from gateway.conventions import (
+    IdempotencyKey,
+    IfMatch,
+    MoneyIn,
+    before_write,
+    expected_version,
+    nothing_to_change,
+    with_etag,
+)
 from gateway.inputs import (
     INT32_MAX,
     INT32_MIN,
@@ -979,7 +987,7 @@ async def update_activity(
     is a 404, as is a lead outside their scope on leads."""
     given = body.model_dump(exclude_unset=True)
     if not given:
-        raise RequestValidationError([{"loc": ("body",), "msg": "names no field to change", "type": "value_error"}])
+        raise nothing_to_change()
     access.check_write(given)
     activity = leads_pb2.LeadActivity(
         kind=body.kind or "",

@@ -18,7 +18,7 @@ from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from pydantic import Field
 
-from gateway.conventions import IdempotencyKey, IfMatch, expected_version, with_etag
+from gateway.conventions import IdempotencyKey, IfMatch, expected_version, nothing_to_change, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.references import CONTACT, References
 from gateway.routers import service_desk_schemas as schemas
@@ -206,7 +206,7 @@ def _changes(body: RequestBody, *, not_null: tuple[str, ...] = ()) -> dict[str, 
             [{"type": "value_error", "loc": ("body", name), "msg": "must not be null"} for name in nulls]
         )
     if not _mask(given).paths:
-        raise RequestValidationError([{"type": "value_error", "loc": ("body",), "msg": "names no field to change"}])
+        raise nothing_to_change()
     return given
 
 
