@@ -217,14 +217,14 @@ class VersionedThresholds(NamedTuple):
     version: int
 
 
-async def grade_thresholds(conn: AsyncConnection, *, for_update: bool = False) -> tuple[Thresholds, int]:
+async def grade_thresholds(conn: AsyncConnection, *, for_update: bool = False) -> VersionedThresholds:
     """The grade thresholds and their version, read together (an ETag for what was read); the
     defaults at version 1 while none are set."""
     query = select(repo.settings_table).where(repo.settings_table.c.id == 1)
     row = (await conn.execute(query.with_for_update() if for_update else query)).first()
     if row is None:
-        return Thresholds(), 1
-    return Thresholds(row.grade_a, row.grade_b, row.grade_c), row.version
+        return VersionedThresholds(Thresholds(), 1)
+    return VersionedThresholds(Thresholds(row.grade_a, row.grade_b, row.grade_c), row.version)
 
 
 _ParsedRow = tuple[int, Mapping[str, Any] | str]
@@ -2461,7 +2461,8 @@ class LeadsService:
             # The generation first: its row stays locked to the commit, so settings of the
             # thresholds run one at a time, also the first, which finds no row to lock yet.
             await repo.next_scoring_generation(conn)
-            previous, current = await grade_thresholds(conn, for_update=True)
+            previous = await grade_thresholds(conn, for_update=True)
+            current = previous.version
             if expected_version and current != expected_version:
                 raise StaleVersion("grade", "thresholds", current)
             values = {"grade_a": t.a, "grade_b": t.b, "grade_c": t.c, "version": current + 1}
@@ -2470,7 +2471,7 @@ class LeadsService:
             ).rowcount == 0:
                 await conn.execute(insert(repo.settings_table).values(id=1, **values))
         self.rules.invalidate()
-        return Change(VersionedThresholds(t, current + 1), VersionedThresholds(previous, current))
+        return Change(VersionedThresholds(t, current + 1), previous)
 
     @staticmethod
     def _assignment_values_of(rule: AssignmentRule, name: str) -> dict[str, Any]:
