@@ -22,7 +22,7 @@ from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm.servicedesk.v1 import servicedesk_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as servicedesk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
-from crm_platform.principal import ScopeKind, context_from_metadata
+from crm_platform.principal import ScopeKind, context_from_metadata, resource_scope_from_metadata
 from fastapi import FastAPI
 from gateway.routers import audit as audit_router
 from gateway.security.exports import registered_exports
@@ -36,13 +36,16 @@ def _money(amount: str) -> common_pb2.Money:
 
 
 class Calls:
-    """Every call the fakes answered: (method, request, record scope)."""
+    """Every call the fakes answered: (method, request, record scope), and the caller's scope for
+    accounts where it went along."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any, Any]] = []
+        self.accounts_scopes: list[Any] = []
 
     def note(self, method: str, request: Any, metadata: Any) -> None:
         self.calls.append((method, request, context_from_metadata(metadata).scope))
+        self.accounts_scopes.append(resource_scope_from_metadata(metadata, "accounts"))
 
     def of(self, method: str) -> list[tuple[Any, Any]]:
         return [(request, scope) for name, request, scope in self.calls if name == method]
@@ -369,6 +372,8 @@ async def test_activities_of_an_account_as_csv(app: FastAPI, client: httpx.Async
     pages = calls(app).of("ListActivities")
     assert [request.page.cursor for request, _ in pages] == ["", "act-1"]
     assert pages[0][1].kind is ScopeKind.TEAM
+    # As on the list route, the account is checked in the caller's scope for accounts.
+    assert [scope.kind for scope in calls(app).accounts_scopes] == [ScopeKind.TEAM, ScopeKind.TEAM]
 
 
 async def test_activities_need_an_account_or_contact(

@@ -259,6 +259,7 @@ for _resource, _listing in {
         accounts_pb.ListActivitiesRequest,
         _list_route(accounts.list_activities),
         requires_one_of=("account_id", "contact_id"),
+        scopes_along=("accounts",),
     ),
 }.items():
     register_grpc_export(_resource, _listing)

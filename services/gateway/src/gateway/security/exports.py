@@ -162,6 +162,9 @@ class GrpcListing:
     renamed: Mapping[str, str] = field(default_factory=dict)
     # Request fields no list route takes (the gateway's own lookups of merged accounts): not filters.
     internal: tuple[str, ...] = ()
+    # Resources whose scope of the caller goes along, as the list route sends it (an activity's
+    # account is checked in the caller's scope for accounts).
+    scopes_along: tuple[str, ...] = ()
 
     def check(self, filters: Mapping[str, str]) -> None:
         if self.requires_one_of and not any(filters.get(name) for name in self.requires_one_of):
@@ -250,7 +253,8 @@ class GrpcListing:
                 searched = access.searched_fields(filtered_fields(self.fields or {}, "q"), asked)
                 request.ClearField(_SEARCHED_IN)
                 getattr(request, _SEARCHED_IN).extend(searched)
-            reply = await call(request, metadata=access.grpc_metadata())
+            along = [access.require_view(resource) for resource in self.scopes_along]
+            reply = await call(request, metadata=access.grpc_metadata(*along))
             for item in reply.items:
                 yield message_dict(item)
             cursor = reply.page_info.next_cursor
