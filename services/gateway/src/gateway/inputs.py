@@ -75,6 +75,21 @@ NonBlank = Annotated[str, StringConstraints(pattern=NON_BLANK_PATTERN)]
 # An id a request may leave out, where "" means the same as leaving it out: only whitespace is refused.
 OptionalId = Annotated[NonBlank | None, BeforeValidator(lambda value: None if value == "" else value)]
 
+
+def comma_separated_choices(*choices: str) -> AfterValidator:
+    """The values of a list filter that may come comma-separated (`?tier=A,B` as `?tier=A&tier=B`)
+    must each be one of `choices`: any other is a 422 naming the query parameter, not a list filtered
+    by nothing (or the owning service's error naming its own request field)."""
+
+    def one_of(value: str) -> str:
+        unknown = [part.strip() for part in value.split(",") if part.strip() and part.strip() not in choices]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not one of {', '.join(choices)}")
+        return value
+
+    return AfterValidator(one_of)
+
+
 # FastAPI validates the parsed JSON as Python values, where strict mode takes only `date` and
 # `datetime` objects: these types take the JSON string (and only a string: pydantic would read a
 # number as seconds since 1970) in its RFC 3339 form.

@@ -39,6 +39,11 @@ STATUSES = ("new", "assigned", "in_progress", "waiting_customer", "resolved", "c
         ("leads", "/leads", {"sort": "no_such_field"}),
         ("leads", "/leads", {"min_score": "500"}),
         ("leads", "/leads", {"in_pool": "maybe"}),
+        ("leads", "/leads", {"status": "bogus"}),
+        ("leads", "/leads", {"source": "fax"}),
+        ("leads", "/leads", {"grade": "Z"}),
+        ("accounts", "/accounts", {"tier": "A,Z"}),
+        ("accounts", "/accounts", {"lifecycle": "dead"}),
         # A list that takes no `sort`: it is a query parameter its export does not take either.
         ("csat", "/csat", {"sort": "-submitted_at"}),
     ],
@@ -123,3 +128,15 @@ async def test_a_refused_export_is_not_audited_nor_counted_against_the_export_li
     assert [list(request.statuses) for request in desk.lists] == [["new"]]
     audited = [(event["action"], event["reason"]) for event in trail.json()["items"]]
     assert audited == [("export", "filters: status=new")]
+
+
+async def test_a_yes_no_filter_reaches_the_service_as_the_list_route_reads_it(
+    gateway: httpx.AsyncClient, desk: FakeServiceDesk
+) -> None:
+    manager = auth("service_manager", sub="u-manager")
+
+    exported = await gateway.get("/api/v1/exports/tickets", params={"escalated": "1"}, headers=manager)
+    listed = await gateway.get("/api/v1/tickets", params={"escalated": "1"}, headers=manager)
+
+    assert (exported.status_code, listed.status_code) == (200, 200), exported.text
+    assert [request.escalated for request in desk.lists] == ["true", "true"]

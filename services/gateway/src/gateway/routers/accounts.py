@@ -34,7 +34,7 @@ from gateway.conventions import (
     with_etag,
 )
 from gateway.errors import http_status_of
-from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path
+from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path, comma_separated_choices
 from gateway.routers import sales_schemas
 from gateway.routers.custom_fields import (
     CUSTOM_FILTER_PARAMETERS,
@@ -636,6 +636,15 @@ AccountsAssign = Annotated[Access, Depends(require("accounts", "assign"))]
 IdempotencyKey = Annotated[str | None, IDEMPOTENCY_KEY_HEADER]
 IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 CSV = Annotated[list[str] | None, Query()]
+# The accounts service's values (`accounts.domain.TIERS`, `LIFECYCLES`).
+TierFilter = Annotated[
+    list[Annotated[str, comma_separated_choices("A", "B", "C", "D")]] | None,
+    Query(description="A, B, C or D; several comma-separated or repeated (either)"),
+]
+LifecycleFilter = Annotated[
+    list[Annotated[str, comma_separated_choices("prospect", "customer", "churned")]] | None,
+    Query(description="prospect, customer or churned; several comma-separated or repeated (either)"),
+]
 
 
 @router.post("/accounts", status_code=201, response_model=AccountOut, response_model_exclude_unset=True)
@@ -667,8 +676,8 @@ async def list_accounts(
     request: Request,
     access: AccountsRead,
     q: Annotated[str | None, Query(max_length=200, description="name contains")] = None,
-    tier: CSV = None,
-    lifecycle: CSV = None,
+    tier: TierFilter = None,
+    lifecycle: LifecycleFilter = None,
     region: CSV = None,
     industry: CSV = None,
     owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
@@ -819,7 +828,7 @@ async def list_pool(
     request: Request,
     access: AccountsRead,
     q: Annotated[str | None, Query(max_length=200)] = None,
-    tier: CSV = None,
+    tier: TierFilter = None,
     region: CSV = None,
     industry: CSV = None,
     tag: Annotated[list[str] | None, Query()] = None,

@@ -11,11 +11,16 @@ service sends inside a nested message (an import's counts, a row number) is a de
 protobuf's JSON mapping writes it; a version is a number.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyOut, Time
+
+# The values the leads service knows (`leads.domain`): a list filter refuses any other by name.
+LeadStatus = Literal["new", "contacted", "qualified", "unqualified", "converted", "recycled"]
+LeadSource = Literal["website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other"]
+LeadGrade = Literal["A", "B", "C", "D"]
 
 
 class Lead(BaseModel):

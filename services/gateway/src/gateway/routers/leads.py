@@ -443,14 +443,14 @@ async def list_leads(
     cursor: PageCursor = "",
     sort: LeadSort = "-created_at",
     status: Annotated[
-        list[str] | None,
+        list[schemas.LeadStatus] | None,
         Query(
             description="new, contacted, qualified, unqualified, converted or recycled; "
             "repeat it for several (`status=new&status=contacted`: either)"
         ),
     ] = None,
     source: Annotated[
-        list[str] | None,
+        list[schemas.LeadSource] | None,
         Query(
             description="website, webform, ad, event, referral, wechat, phone, email, import or other; "
             "repeat it for several (either)"
@@ -460,7 +460,7 @@ async def list_leads(
     team: Annotated[str, Query(description=_EXACTLY.format("team"))] = "",
     region: Annotated[str, Query(description=_EXACTLY.format("region"))] = "",
     industry: Annotated[str, Query(description=_EXACTLY.format("industry"))] = "",
-    grade: Annotated[str, Query(description="A, B, C or D")] = "",
+    grade: Annotated[schemas.LeadGrade | None, Query(description="A, B, C or D")] = None,
     campaign_id: Annotated[str, Query(description=_EXACTLY.format("campaign id"))] = "",
     tag: Annotated[str, Query(description="only the leads with this tag")] = "",
     q: Annotated[
@@ -499,7 +499,7 @@ async def list_leads(
             team=team,
             region=region,
             industry=industry,
-            grade=grade,
+            grade=grade or "",
             campaign_id=campaign_id,
             tag=tag,
             q=q,
@@ -533,7 +533,8 @@ async def summarize_leads(
         str, Query(pattern=r"^[a-z_]+$", description=f"the field to count by: {', '.join(SUMMARY_GROUPS)}")
     ],
     status: Annotated[
-        list[str] | None, Query(description="count only the leads of this status; repeat it for several (either)")
+        list[schemas.LeadStatus] | None,
+        Query(description="count only the leads of this status; repeat it for several (either)"),
     ] = None,
     import_id: Annotated[str, Query(description="count only the leads this import (its key) created")] = "",
 ) -> dict[str, Any]:

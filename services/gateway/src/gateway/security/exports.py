@@ -174,12 +174,17 @@ class GrpcListing:
         asked = filters.get(_singular(_SEARCHED_IN), "")
         if _SEARCHED_IN in self._request_fields() and asked and asked not in searchable:
             raise invalid_filter(_singular(_SEARCHED_IN), f"must be one of {', '.join(searchable)}")
-        # Checked as the list route checks them, for its 422 (`status[0]`, not the request's `statuses`).
+        self._filled(self.request(), self._as_listed(filters))
+
+    def _as_listed(self, filters: Mapping[str, str]) -> Mapping[str, str]:
+        """`filters` checked as the list route checks them, for its 422 (`status[0]`, not the request's
+        `statuses`), and a yes/no filter read as it reads it: `escalated=1` is `true` there, as here."""
         listed = [parameter for parameter in self.list_route.dependant.query_params if parameter.alias in filters]
-        _, errors = request_params_to_args(listed, QueryParams(filters))
+        values, errors = request_params_to_args(listed, QueryParams(filters))
         if errors:
             raise RequestValidationError(errors)
-        self._filled(self.request(), filters)
+        read = {parameter.alias: values.get(parameter.name) for parameter in listed}
+        return {**filters, **{name: str(value).lower() for name, value in read.items() if isinstance(value, bool)}}
 
     def sorts(self) -> bool:
         """Does its list route take `sort`? Then so does the export, with the values it takes."""
@@ -240,6 +245,7 @@ class GrpcListing:
         upstreams = access.request.app.state.upstreams
         call = getattr(upstreams.stub(self.upstream, self.stub), self.method)
         cursor = ""
+        filters = self._as_listed(filters)
         while True:
             request = self._filled(
                 self.request(
