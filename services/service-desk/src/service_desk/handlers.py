@@ -320,6 +320,10 @@ async def create_ticket(
         }
         if not t["region"] and account is not None:
             t["region"] = account.region
+        elif not t["region"] and not account_id:
+            # A ticket for no account is of its creator's region: a regional manager can read back
+            # (and dispatch within the region) what they filed, as for a ticket of an account there.
+            t["region"] = principal.region
         await _apply_sla(tx.conn, t, now)
         tx.publish(events_pb2.TicketCreated(ticket=ticket_to_proto(t), actor=actor(principal)), key=t["id"])
         if not skip_dispatch:

@@ -10,7 +10,7 @@ import pytest
 from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
-from crm_platform.principal import ALL_RECORDS, Principal, acting_as
+from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
 from service_desk import handlers
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
@@ -99,3 +99,22 @@ async def test_a_dispatch_waits_for_an_agent_when_every_candidate_is_held(
     async with asyncio.timeout(5):
         ticket = await waiting
     assert ticket["assignee_id"] == "east-1" and ticket["status"] == "assigned"
+
+
+async def test_a_ticket_for_no_account_is_of_its_creators_region_and_read_back_by_them(
+    desk_each_database: Context,
+) -> None:
+    ctx = desk_each_database
+    manager = Principal(user_id="m-north", roles=("service_manager",), region="north")
+    in_their_region = RecordScope(ScopeKind.REGION, region="north")
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("north-1", "north", 5), ("south-1", "south", 5))
+
+    with acting_as(manager, in_their_region):
+        filed, _ = await handlers.create_ticket(ctx, {"subject": "Printer", "category": "billing"}, idempotency_key="")
+        named, _ = await handlers.create_ticket(ctx, dict(BILLING_EAST), idempotency_key="")
+        read_back = await handlers.get_ticket(ctx, filed["id"])
+
+    assert (filed["region"], filed["assignee_id"]) == ("north", "north-1")
+    assert read_back[0].id == filed["id"]
+    assert named["region"] == "east"  # a region the ticket names stays its own
