@@ -139,6 +139,17 @@ class SlaSignal:
     due_at: datetime
 
 
+def breaches_at_stop(before: Sequence[SlaClock], after: Sequence[SlaClock], now: datetime) -> list[SlaSignal]:
+    """The breaches a change owes for the clocks it stops (an answer, a resolution, a wait for the
+    customer) at or past their due time: late is late, though the timer, which looks only every few
+    seconds, had not said so yet. Each is announced once: not when the timer already did."""
+    return [
+        SlaSignal(stopped.target, "breach", running.due_at)
+        for running, stopped in zip(before, after, strict=True)
+        if not running.met and stopped.met and not running.breached and now >= running.due_at
+    ]
+
+
 def sla_signals(clocks: Iterable[SlaClock], now: datetime) -> list[SlaSignal]:
     """What the timer must announce now. A breach without a prior warning announces both, once."""
     signals: list[SlaSignal] = []

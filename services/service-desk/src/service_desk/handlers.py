@@ -454,6 +454,7 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
     an internal comment, and the events of the move."""
     principal = current_principal()
     previous = t["status"]
+    running = _clocks(t)
     t["status"] = status
     if status in domain.RESPONDING_STATUSES and t["first_responded_at"] is None:
         t["first_responded_at"] = now
@@ -472,6 +473,7 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
         t["sla_paused_seconds"] += waited
         t["resolution_due_at"] = as_utc(t["resolution_due_at"]) + timedelta(seconds=waited)
         t["sla_paused_at"] = None
+    late = _late_breaches(t, running, now)
     t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
     t["updated_at"] = now
     t["version"] += 1
@@ -493,6 +495,24 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
         tx.publish(events_pb2.TicketClosed(ticket=message, actor=who), key=t["id"])
     elif status == "reopened":
         tx.publish(events_pb2.TicketReopened(ticket=message, actor=who), key=t["id"])
+    _publish_breaches(tx, t, late)
+
+
+def _late_breaches(t: dict[str, Any], running: Sequence[SlaClock], now: datetime) -> list[domain.SlaSignal]:
+    """Records on the ticket the breaches of the clocks this change stopped late
+    (`domain.breaches_at_stop`); the caller publishes them once the ticket is stored."""
+    late = domain.breaches_at_stop(running, _clocks(t), now)
+    for signal in late:
+        t[f"{signal.target}_breached_at"] = now
+    return late
+
+
+def _publish_breaches(tx: Transaction, t: Mapping[str, Any], signals: Sequence[domain.SlaSignal]) -> None:
+    """`ticket.sla_breached` of targets met late: no escalation, the answer or resolution being given."""
+    for signal in signals:
+        event = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(t), target=signal.target)
+        event.due_at.CopyFrom(_timestamp(signal.due_at))
+        tx.publish(event, key=t["id"])
 
 
 async def _schedule_return_visit(ctx: Context, tx: Transaction, t: Mapping[str, Any], now: datetime) -> None:
@@ -573,11 +593,14 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
         await tx.conn.execute(insert(repo.ticket_comments).values(**comment))
         # A public answer by someone other than the reporter is the first response the SLA waits for.
         if public and t["first_responded_at"] is None and principal.user_id != t["created_by_id"]:
+            running = _clocks(t)
             t["first_responded_at"] = now
+            late = _late_breaches(t, running, now)
             t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
             t["updated_at"] = now
             t["version"] += 1
             await _store(tx.conn, t)
+            _publish_breaches(tx, t, late)
     return comment
 
 

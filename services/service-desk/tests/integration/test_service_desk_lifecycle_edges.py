@@ -44,6 +44,8 @@ async def test_a_ticket_reopened_days_after_a_timely_resolution_is_not_late(ctx:
     await _agent(ctx, "ag-1")
     ticket, _ = await handlers.create_ticket(ctx, {"subject": "Router down", "priority": "urgent"}, idempotency_key="")
     assert ticket["resolution_due_at"] == start + timedelta(hours=4)
+    ctx.clock = lambda: start + timedelta(minutes=5)
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")  # answered in time
     ctx.clock = lambda: start + timedelta(hours=1)
     await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
     ctx.clock = lambda: start + timedelta(days=2)

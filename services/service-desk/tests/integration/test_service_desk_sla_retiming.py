@@ -205,3 +205,41 @@ async def test_a_tier_change_publishes_each_retimed_ticket_as_updated_by_the_sys
     async with ctx.uow.begin() as tx:
         assert await handlers.apply_account(tx, "acme", "B", "east") == 0
     assert (await _types(ctx, ticket["id"])).count(UPDATED) == 1
+
+
+async def test_an_answer_or_resolution_past_due_is_a_breach_though_the_timer_had_not_run(ctx: Context) -> None:
+    start = utcnow()
+    at(ctx, start)
+    await handlers.create_agent(ctx, {"id": "ag-1", "name": "Bo"}, idempotency_key="")
+    answered, _ = await handlers.create_ticket(ctx, {"subject": "Outage", "priority": "urgent"}, idempotency_key="")
+    resolved, _ = await handlers.create_ticket(ctx, {"subject": "Slow", "priority": "urgent"}, idempotency_key="")
+    at(ctx, start + timedelta(minutes=5))
+    await handlers.change_status(ctx, resolved["id"], "in_progress", expected_version=0, note="")  # in time
+
+    at(ctx, start + timedelta(minutes=15, seconds=10))  # 15 minutes to answer, as urgent; no timer run since
+    agent = Principal(user_id="ag-1", roles=("service_agent",))
+    with acting_as(agent, ALL_RECORDS):
+        await handlers.add_comment(ctx, answered["id"], "Looking into it", public=True, idempotency_key="")
+    at(ctx, start + timedelta(minutes=16))
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0  # announced once, by the answer
+    at(ctx, start + timedelta(hours=4, seconds=5))  # 4 h to resolve
+    await handlers.change_status(ctx, resolved["id"], "resolved", expected_version=0, note="")
+
+    late_answer = await _row(ctx, answered["id"])
+    assert late_answer.first_response_breached_at == start + timedelta(minutes=15, seconds=10)
+    assert (late_answer.escalated, late_answer.escalation_reason) == (False, "")  # answered: nobody to chase
+    late_resolution = await _row(ctx, resolved["id"])
+    assert (late_resolution.first_response_breached_at, late_resolution.resolution_breached_at) == (
+        None,
+        start + timedelta(hours=4, seconds=5),
+    )
+    breaches = [
+        (key, desk_events.TicketSlaBreached.FromString(value))
+        for key in (answered["id"], resolved["id"])
+        for event_type, value in await _events(ctx, key)
+        if event_type == BREACHED
+    ]
+    assert [(key, event.target, from_timestamp(event.due_at)) for key, event in breaches] == [
+        (answered["id"], "first_response", start + timedelta(minutes=15)),
+        (resolved["id"], "resolution", start + timedelta(hours=4)),
+    ]

@@ -1,6 +1,7 @@
 """Service-desk rules without I/O: status machine, SLA due times (VIP raise), warning and breach
 thresholds, dispatch choice, CSAT validation and return visits."""
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -171,6 +172,20 @@ def test_breach_at_due_time_and_each_signal_once() -> None:
 def test_late_timer_announces_warning_and_breach_together() -> None:
     signals = domain.sla_signals([_clock()], T0 + timedelta(minutes=500))
     assert [s.kind for s in signals] == ["warning", "breach"]
+
+
+def test_a_target_met_at_or_past_its_due_time_is_breached_at_once_though_the_timer_was_silent() -> None:
+    running, answered = _clock(), _clock(met=True)
+    due = T0 + timedelta(minutes=100)
+
+    late = domain.breaches_at_stop([running], [answered], due)
+
+    assert [(s.target, s.kind, s.due_at) for s in late] == [("first_response", "breach", due)]
+    assert domain.breaches_at_stop([running], [answered], due - timedelta(seconds=1)) == []  # in time
+    announced = _clock(warned=True, breached=True)
+    assert domain.breaches_at_stop([announced], [replace(announced, met=True)], due + timedelta(hours=1)) == []
+    assert domain.breaches_at_stop([answered], [answered], due + timedelta(hours=1)) == []  # stopped before
+    assert domain.breaches_at_stop([running], [running], due + timedelta(hours=1)) == []  # still running: the timer's
 
 
 def test_met_targets_are_silent_and_need_no_check() -> None:
