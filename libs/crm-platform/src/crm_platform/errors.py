@@ -73,6 +73,13 @@ class PermissionDenied(CrmError):
         self.field = field
 
 
+# The `expected_version` of an `If-Match: "0"`. A write's `expected_version` 0 means "unconditional",
+# and no stored record has version 0 (versions start at 1), so the gateway sends this instead, which
+# no version equals: a 412 naming the current one, never an unconditional write. A record shown at
+# version 0 before it is first stored (an SLA policy at its default targets) takes it as its own.
+EXPECTED_VERSION_ZERO = -1
+
+
 class StaleVersion(CrmError):
     """The caller's expected version is not the stored one (HTTP 412)."""
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from crm.common.v1 import common_pb2
-from crm_platform.errors import ValidationFailed
+from crm_platform.errors import EXPECTED_VERSION_ZERO, ValidationFailed
 from crm_platform.money import (
     CENT,
     MAX_AMOUNT,
@@ -136,7 +136,8 @@ def expected_version(if_match: str | None) -> int:
     - `*` → 0: "any current version" (RFC 9110 §13.1.1). The records these writes change must exist
       (404 otherwise), which is all `*` asks; the custom field PUT, an upsert, checks it itself;
     - `"3"` (also `W/"3"`, or a bare 3: what the `ETag` carried) → 3; a stale one answers 412 with
-      the record's `current_version`. The weak form is taken although If-Match compares strongly
+      the record's `current_version`. `"0"` → `EXPECTED_VERSION_ZERO`, as 0 would be unconditional.
+      The weak form is taken although If-Match compares strongly
       (RFC 9110 §13.1.1): a compressing proxy (nginx with gzip) weakens the strong ETags we send, and
       a client echoing what it got must not be refused for the proxy's doing;
     - a list (`"1", "2"`) → 422 naming `If-Match`: a service compares one version, and matching any
@@ -156,7 +157,7 @@ def expected_version(if_match: str | None) -> int:
     digits = (match.group(1) or match.group(2)) if match else ""
     if not digits or len(digits) > _INT64_DIGITS or int(digits) > _INT64_MAX:
         raise _bad_if_match(if_match, 'must be the version an ETag carried, such as "3", or *')
-    return int(digits)
+    return int(digits) or EXPECTED_VERSION_ZERO
 
 
 def _bad_if_match(if_match: str, message: str) -> RequestValidationError:

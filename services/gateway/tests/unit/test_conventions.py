@@ -1,6 +1,7 @@
 """The REST conventions every router shares: If-Match versions and money input."""
 
 import pytest
+from crm_platform.errors import EXPECTED_VERSION_ZERO
 from fastapi import Response
 from fastapi.exceptions import RequestValidationError
 from gateway.conventions import FigureIn, MoneyIn, expected_version, with_etag
@@ -20,6 +21,8 @@ pytestmark = pytest.mark.unit
         (' "5" ', 5),
         ('"9223372036854775807"', 2**63 - 1),
         ("*", 0),  # any current version: the record must exist, which the write checks anyway
+        ('"0"', EXPECTED_VERSION_ZERO),  # a version no stored record has: never unconditional
+        ('W/"0"', EXPECTED_VERSION_ZERO),
     ],
 )
 def test_if_match_becomes_the_expected_version(if_match: str | None, version: int) -> None:

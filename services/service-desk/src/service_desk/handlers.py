@@ -15,6 +15,7 @@ from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore, insert_on_conflict
 from crm_platform.errors import (
+    EXPECTED_VERSION_ZERO,
     AlreadyExists,
     Conflict,
     FieldError,
@@ -681,6 +682,8 @@ async def update_sla_policy(
     async with ctx.uow.begin() as tx:
         row = (await tx.conn.execute(select(table).where(table.c.priority == priority).with_for_update())).first()
         version = row.version if row is not None else 0
+        if expected_version == EXPECTED_VERSION_ZERO and version == 0:
+            expected_version = 0  # `If-Match: "0"` of the default targets, never stored: their version
         if expected_version and version != expected_version:
             raise StaleVersion("sla_policy", priority, version)
         values = {

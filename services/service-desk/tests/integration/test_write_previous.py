@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
+from crm_platform.errors import EXPECTED_VERSION_ZERO, StaleVersion
 from crm_platform.testing.changes import assert_one_after_another
 from service_desk import handlers
 from service_desk.handlers import Context
@@ -125,3 +126,24 @@ async def test_the_responses_carry_previous(ctx: Context) -> None:
     assert (policy.previous.version, policy.previous.HasField("updated_at"), policy.policy.version) == (0, False, 1)
     assert (updated.previous.subject, updated.previous.version, updated.ticket.subject) == ("Printer jams", 1, "Fax")
     assert (deleted.previous.subject, deleted.previous.version) == ("Fax", 2)
+
+
+async def test_if_match_0_is_a_version_an_sla_policy_has_only_at_its_default_targets(ctx: Context) -> None:
+    first = await handlers.update_sla_policy(ctx, "urgent", 20, 120, expected_version=EXPECTED_VERSION_ZERO)
+
+    with pytest.raises(StaleVersion) as stale:
+        await handlers.update_sla_policy(ctx, "urgent", 25, 180, expected_version=EXPECTED_VERSION_ZERO)
+
+    assert first.record["version"] == 1
+    assert stale.value.current_version == 1
+
+
+async def test_if_match_0_is_stale_for_a_stored_ticket_not_unconditional(ctx: Context) -> None:
+    ticket = await _ticket(ctx)
+
+    with pytest.raises(StaleVersion) as stale:
+        await handlers.update_ticket(
+            ctx, ticket["id"], {"subject": "Overwritten"}, expected_version=EXPECTED_VERSION_ZERO
+        )
+
+    assert stale.value.current_version == ticket["version"]
