@@ -4,6 +4,7 @@ the rows of the RPC (paged through by its cursor), the caller's export scope in 
 metadata, 403 (audited) without the `export` action, 422 naming a bad filter before anything is
 audited, and an `export` row in the audit trail for each export."""
 
+import asyncio
 import csv
 import io
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceSt
 from crm_platform.principal import ScopeKind, context_from_metadata, resource_scope_from_metadata
 from fastapi import FastAPI
 from gateway.routers import audit as audit_router
+from gateway.routers.exports import ExportTooLarge
 from gateway.security.exports import registered_exports
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -444,3 +446,46 @@ async def test_audit_trail_export_pages_and_every_export_is_audited(
     }
     bad = await client.get("/api/v1/exports/audit_events?since=never", headers=admin)
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "since"
+
+
+async def test_an_export_of_exactly_its_row_limit_is_whole(
+    app: FastAPI, client: httpx.AsyncClient, real_app_auth: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.state.security.settings, "export_max_rows", 2)
+
+    response = await client.get("/api/v1/exports/csat", headers=real_app_auth("service_manager"))
+
+    assert [row[0] for row in table(response)] == ["id", "c-1", "c-2"]
+    assert response.headers["X-Export-Row-Limit"] == "2"
+
+
+async def test_an_export_beyond_its_row_limit_is_broken_off_never_handed_out_as_a_shorter_whole_file(
+    app: FastAPI, real_app_auth: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app.state.security.settings, "export_max_rows", 1)
+    sent: list[dict[str, Any]] = []
+
+    requested = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if requested.is_set():
+            await asyncio.Event().wait()  # the client stays connected
+        requested.set()
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    headers = [(name.lower().encode(), value.encode()) for name, value in real_app_auth("service_manager").items()]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/api/v1/exports/csat", "raw_path": b"/api/v1/exports/csat", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"gateway"), *headers], "client": ("127.0.0.1", 5000), "server": ("gateway", 80),
+    }  # fmt: skip
+    with pytest.raises(ExportTooLarge, match="more than 1 rows"):
+        await app(scope, receive, send)
+
+    start, *bodies = sent
+    assert start["status"] == 200 and (b"x-export-row-limit", b"1") in start["headers"]
+    assert b"".join(body["body"] for body in bodies).decode().splitlines()[1].startswith("c-1")
+    assert all(body.get("more_body") for body in bodies)  # no last chunk: the file is not ended as whole

@@ -5,6 +5,7 @@ field rules as any read (hidden columns left out, masked values masked, custom v
 masked for callers who see personal data masked)."""
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Annotated, Any, Literal
 
@@ -43,9 +44,17 @@ from gateway.security.exports import (
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["exports"])
+logger = logging.getLogger(__name__)
 
 _CSV_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "CSV rows, header first", "content": {"text/csv": {"schema": {"type": "string"}}}},
+    200: {
+        "description": "CSV rows, header first. At most `X-Export-Row-Limit` rows: an export with more is broken off"
+        " (the transfer ends incomplete, never as a shorter whole file); narrow it with filters",
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+        "headers": {
+            "X-Export-Row-Limit": {"description": "the most rows one export holds", "schema": {"type": "integer"}}
+        },
+    },
     401: {"description": "Not authenticated"},
     403: {"description": "Export not allowed, or a filter on a field the caller cannot read"},
     404: {"description": "Unknown or non-exportable resource"},
@@ -147,6 +156,12 @@ async def export_resource(
         header = list(columns)
         try:
             async for record in all_records():
+                if count == max_rows:
+                    # More records than one export may hold. The 200 and the first rows are sent:
+                    # breaking the transfer off (no last chunk) is the one way left to say that the
+                    # file is not whole; ending it would hand out a shorter file as if it were.
+                    logger.warning("export of %s broken off after its limit of %d rows", resource, max_rows)
+                    raise ExportTooLarge(f"the export of {resource} has more than {max_rows} rows")
                 shown = present(record)
                 if count == 0:
                     # A resource whose policy declares no fields: its first record names the columns.
@@ -154,8 +169,6 @@ async def export_resource(
                     yield csv_line(header)
                 yield csv_line(shown.get(column) for column in header)
                 count += 1
-                if count >= max_rows:
-                    break
             if count == 0:
                 yield csv_line(header)
         finally:
@@ -164,8 +177,13 @@ async def export_resource(
     return StreamingResponse(
         rows(),
         media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{resource}.csv"'},
+        headers={"Content-Disposition": f'attachment; filename="{resource}.csv"', "X-Export-Row-Limit": str(max_rows)},
     )
+
+
+class ExportTooLarge(Exception):
+    """An export has more rows than `CRM_GATEWAY_EXPORT_MAX_ROWS`: raised mid-stream, it breaks the
+    transfer off."""
 
 
 def _list_route(endpoint: Callable[..., Any]) -> APIRoute:
