@@ -1,5 +1,6 @@
 """Async database engines: PostgreSQL (asyncpg) in production, SQLite (aiosqlite) as the embedded default."""
 
+import asyncio
 import json
 import weakref
 from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
@@ -24,6 +25,7 @@ from sqlalchemy import (
     insert,
     literal_column,
     select,
+    text,
     tuple_,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -251,6 +253,45 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         if connection.dialect.name == "sqlite":
             await connection.exec_driver_sql("BEGIN IMMEDIATE")
         yield connection
+
+
+# The key space of `held_exclusively`: PostgreSQL's two-key advisory locks, apart from the one-key
+# locks transactions take (dedupe keys), so a name's hash never meets those.
+_HELD_LOCK_SPACE = 0x43524D  # "CRM"
+_HELD = text("SELECT pg_advisory_lock(CAST(:space AS int), hashtext(:name))")
+_RELEASED = text("SELECT pg_advisory_unlock(CAST(:space AS int), hashtext(:name))")
+_held_here: "weakref.WeakValueDictionary[tuple[int, str], asyncio.Lock]" = weakref.WeakValueDictionary()
+
+
+@asynccontextmanager
+async def held_exclusively(engine: AsyncEngine, name: str) -> AsyncIterator[None]:
+    """Runs the block while no other holds `name`, on any replica: for work of several transactions
+    that two requests must not interleave (two runs of one import part, two conversions of a lead).
+    A later caller waits until the block ends. Within a process, waiters queue on a lock of the
+    process (one database connection per name, not per waiter); across replicas, on a PostgreSQL
+    session advisory lock held on a connection of its own, which the server releases should the
+    process die. SQLite deployments are one process: its lock is enough there."""
+    key = (id(engine), name)
+    local = _held_here.get(key)
+    if local is None:
+        local = _held_here[key] = asyncio.Lock()
+    async with local:
+        if engine.dialect.name != "postgresql":
+            yield
+            return
+        params = {"space": _HELD_LOCK_SPACE, "name": name}
+        async with engine.connect() as conn:
+            try:
+                await conn.execute(_HELD, params)
+                await conn.commit()  # the lock is the session's: no transaction stays open meanwhile
+                yield
+                await conn.execute(_RELEASED, params)
+                await conn.commit()
+            except BaseException:
+                # Released or not (an error, a cancellation mid-call), the session goes: the server
+                # drops its locks with it, and no pooled connection keeps one.
+                await conn.invalidate()
+                raise
 
 
 async def delete_expired(engine: AsyncEngine, table: Table, stamp: str, *, before: datetime, limit: int) -> int:

@@ -21,7 +21,7 @@ from crm_platform.activities import may_change_activity
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import delete_expired, insert_ignore, single_statements, transaction
+from crm_platform.db import delete_expired, held_exclusively, insert_ignore, single_statements, transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -1799,8 +1799,14 @@ class LeadsService:
         Each batch commits its leads with the import's progress; the parser state is saved when
         the part ends. A crash mid-part is resumed by sending the part again: rows already
         committed are skipped, so nothing is imported twice, once their digest shows they are the
-        same rows (other content is refused on `import_key` before anything is written).
+        same rows (other content is refused on `import_key` before anything is written). Requests
+        of one import run one at a time, on any replica: a part sent again while it is being
+        applied waits for it, then answers its result.
         """
+        async with held_exclusively(self.engine, f"lead-import:{spec.import_id}"):
+            return await self._apply_part(spec, chunks)
+
+    async def _apply_part(self, spec: ImportSpec, chunks: AsyncIterator[bytes]) -> ImportPartResult:
         record = await self.start_import(spec.import_id, spec.format)
         part = spec.part
         received = record["parts_received"]
@@ -2613,15 +2619,19 @@ class LeadsService:
             period = {**{k: current[k] for k in ("starts_on", "ends_on")}, **values}
             if errors := _period_errors(period["starts_on"], period["ends_on"], given=values):
                 raise ValidationFailed(errors)
+            changes = {name: value for name, value in values.items() if current[name] != value}
+            if not changes:  # as a lead's: a write that changes nothing makes no version and no event
+                return Change(current, current)
             stmt = (
                 update(t)
                 .where(t.c.id == campaign_id)
-                .values(**values, updated_at=self.clock(), version=t.c.version + 1)
+                .values(**changes, updated_at=self.clock(), version=t.c.version + 1)
             )
             row = (await tx.conn.execute(stmt.returning(t))).mappings().one()
+            changed_fields = sorted({"cost" if name.startswith("cost_") else name for name in changes})
             tx.publish(
                 events_pb2.CampaignUpdated(
-                    campaign=campaign_to_proto(row), changed_fields=sorted(paths), actor=actor(principal)
+                    campaign=campaign_to_proto(row), changed_fields=changed_fields, actor=actor(principal)
                 ),
                 key=campaign_id,
             )
@@ -2882,7 +2892,14 @@ class LeadsService:
         account's, not created again (and never deleted by compensation).
         A business error from a later step deletes what this attempt created (compensation).
         A converted lead answers a repeated request with its links unless it asks for more (409).
+        Conversions of one lead run one at a time, on any replica: one that comes while another is
+        under way waits for it, then finds the lead converted (or the attempt undone), and never
+        resumes an attempt still in flight as if it had been cut short.
         """
+        async with held_exclusively(self.engine, f"lead-convert:{req.lead_id}"):
+            return await self._convert_alone(req)
+
+    async def _convert_alone(self, req: ConvertRequest) -> ConvertResult:
         if self.ports is None:
             raise Unavailable("conversion is not configured (no accounts/sales targets)")
         if req.create_opportunity and req.opportunity_amount is not None and req.opportunity_amount.amount < 0:

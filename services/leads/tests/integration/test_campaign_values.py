@@ -5,8 +5,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.leads.v1 import events_pb2
 from crm_platform.errors import ValidationFailed
 from crm_platform.money import Money
+from crm_platform.testing.outbox import outbox_events
+from leads import repository as repo
 from leads.messages import campaign_to_proto
 
 pytestmark = pytest.mark.integration
@@ -43,3 +46,28 @@ async def test_a_period_changed_one_date_at_a_time_must_still_end_after_it_start
     assert [e.field for e in late_start.value.errors] == ["starts_on"]
     assert (str(moved["starts_on"]), str(moved["ends_on"])) == ("2026-07-01", "2026-07-31")
     assert open_ended["ends_on"] is None and moved["version"] == 2 and open_ended["version"] == 3
+
+
+async def test_an_update_that_changes_nothing_makes_no_version_and_no_event_and_names_only_what_changed(
+    env_each_database: Any,
+) -> None:
+    env = env_each_database
+    with env.acting("mkt", roles=("marketing",)):
+        fair = await env.service.create_campaign(
+            {"name": "Fair", "channel": "email", "cost": Money(Decimal("100"), "CNY")}, ""
+        )
+        same = await env.service.update_campaign(
+            fair["id"], {"channel": "email", "cost": Money(Decimal("100.00"), "CNY")}, ["channel", "cost"], 0
+        )
+        moved = await env.service.update_campaign(
+            fair["id"], {"channel": "email", "cost": Money(Decimal("120"), "CNY")}, ["channel", "cost"], 0
+        )
+
+    assert same.record["version"] == 1
+    assert moved.record["version"] == 2
+    updates = [
+        events_pb2.CampaignUpdated.FromString(payload)
+        for event_type, payload in await outbox_events(env.engine, repo.metadata, fair["id"])
+        if event_type.endswith("campaign.updated")
+    ]
+    assert [list(event.changed_fields) for event in updates] == [["cost"]]

@@ -6,6 +6,7 @@ leaves it. Otherwise (a new account, a contact of another account, a contact gon
 before. A converted lead asked again for nothing new answers with its links; asked for another
 account or for an opportunity it did not get, it refuses (409 ILLEGAL_TRANSITION)."""
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from crm_platform.errors import Conflict, Unavailable, ValidationFailed
 from crm_platform.testing.outbox import outbox_events
 from leads import repository as repo
 from leads.consumers import apply_contact
-from leads.handlers import ConvertRequest
+from leads.handlers import ConvertRequest, ConvertResult
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
@@ -363,3 +364,44 @@ async def test_a_retry_refused_for_its_account_leaves_the_interrupted_attempt_as
             await env.service.convert(ConvertRequest(lead["id"], account_id="no-such-account"))
     assert list(env.ports.accounts.values()) == ["Left Co"]
     assert (await saga_row(env, lead["id"])).state == "running"
+
+
+async def test_concurrent_conversions_of_a_lead_into_different_accounts_convert_it_once_and_refuse_the_rest(
+    env_each_database: Any,
+) -> None:
+    env = env_each_database
+    accounts = ["acc-0", "acc-1", "acc-2"]
+    env.ports.accounts.update({account: account for account in accounts})
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Race", "company": "Race Co", "owner_id": "rep1"})
+        answers = await asyncio.gather(
+            *(env.service.convert(ConvertRequest(lead["id"], account_id=account)) for account in accounts),
+            return_exceptions=True,
+        )
+
+    (converted,) = [answer for answer in answers if isinstance(answer, ConvertResult)]
+    refused = [answer for answer in answers if isinstance(answer, Conflict)]
+    assert len(refused) == 2, answers
+    assert set(env.ports.contacts.values()) == {converted.account_id}  # no contact left at another account
+    stored = await env.service.get_lead(lead["id"])
+    assert (stored["converted_account_id"], stored["converted_contact_id"]) == (
+        converted.account_id,
+        converted.contact_id,
+    )
+
+
+async def test_concurrent_conversions_asking_for_an_opportunity_never_answer_one_without_it(
+    env_each_database: Any,
+) -> None:
+    env = env_each_database
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Deal", "company": "Deal Co", "owner_id": "rep1"})
+        answers = await asyncio.gather(
+            env.service.convert(ConvertRequest(lead["id"], account_name="Deal Co")),
+            env.service.convert(ConvertRequest(lead["id"], account_name="Deal Co", create_opportunity=True)),
+            return_exceptions=True,
+        )
+
+    asked = answers[1]
+    assert isinstance(asked, Conflict) or (isinstance(asked, ConvertResult) and asked.opportunity_id), answers
+    assert len(env.ports.accounts) == 1

@@ -3,6 +3,7 @@ written; rows past the row limit are rejected one by one; a part cut short is re
 rows it committed; an import shows when it last moved, and its stored rejections name the lead a
 duplicate row duplicates. Through the gRPC API, and through the real gateway for the HTTP answers."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -244,3 +245,18 @@ async def test_through_the_gateway_a_422_or_413_for_a_too_large_import_leaves_no
     assert [(r["row"], r["field"]) for r in past_rows.json()["rows"]] == [("9", "row")]
     status = (await admin.get("/api/v1/leads/imports/g-rows")).json()
     assert status["updated_at"] and [r["row"] for r in status["rejected_rows"]] == ["9"]
+
+
+async def test_a_part_sent_twice_at_once_is_applied_once_and_both_answers_are_its_result(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    env.service.settings.import_batch_size = 2
+    part = csv_of("Ann", "Bo", "Cy", "Di", "Ed")
+
+    answers = await asyncio.gather(*(send(stub, part, key="twice", part=1, final=True) for _ in range(4)))
+
+    assert await leads_of(env, "twice") == ["Ann", "Bo", "Cy", "Di", "Ed"]
+    progress = {(a.lead_import.progress.rows_seen, a.lead_import.progress.accepted, a.lead_import.progress.rejected)
+                for a in answers}  # fmt: skip
+    assert progress == {(5, 5, 0)}
+    assert await events_of(env) == 5
