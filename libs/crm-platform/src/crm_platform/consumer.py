@@ -106,8 +106,13 @@ class EventConsumer:
         service: str,
         max_attempts: int = 5,
         retry_base_seconds: float = 0.2,
+        only_these_types: bool = False,
     ) -> None:
+        """`only_these_types`: its topics carry no other event type (the inbound topics an outside
+        system writes by our contract), so any other is a poison message, not another consumer's
+        event to pass over (a CRM topic's new type during a rolling upgrade)."""
         self.name = name
+        self.only_these_types = only_these_types
         self.uow = uow
         self.inbox = metadata.tables["processed_events"]
         self.kafka = kafka
@@ -292,8 +297,15 @@ class EventConsumer:
             raise PoisonMessage(str(error)) from None
         entry = self.handlers.get(headers.type)
         if entry is None:
+            if self.only_these_types:
+                topic_types = [name for name, (kind, _) in self.handlers.items() if spec_of(kind).topic == record.topic]
+                known = ", ".join(sorted(topic_types))
+                raise PoisonMessage(f"{headers.type!r} is not an event type of {record.topic} ({known})")
             return None  # another event type on the same topic that this consumer does not need
         message_type, _ = entry
+        topic = spec_of(message_type).topic
+        if record.topic != topic:  # each type has its topic: one elsewhere was sent to the wrong one
+            raise PoisonMessage(f"{headers.type} events belong on {topic}, not on {record.topic}")
         try:
             message = message_type.FromString(record.value or b"")
         except DecodeError as error:

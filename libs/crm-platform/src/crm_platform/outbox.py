@@ -17,7 +17,9 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
 from opentelemetry import propagate
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy import (
     JSON,
@@ -125,6 +127,10 @@ class PendingEvent:
     message: Message
     key: str
     subject: str
+    # The trace the event was published in, which its consumers continue: taken when it is queued,
+    # not when the transaction commits, by which time a batch of consumed events has left each
+    # event's own span (an ERP's traceparent goes on through the posting it sent).
+    trace: Context = field(default_factory=otel_context.get_current)
 
 
 # Kafka's default limit on a record (message.max.bytes, 1 MiB) less room for its key and headers.
@@ -183,10 +189,13 @@ def insert_outbox_json(outbox: Table, param: str = "events") -> Insert:
 
 
 def outbox_rows(events: list[PendingEvent], *, source: str, now: datetime) -> list[dict[str, Any]]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)  # the current trace continues in the consumers
+    carriers: dict[int, dict[str, str]] = {}  # one per trace: a request's events share theirs
     rows = []
     for pending in events:
+        carrier = carriers.get(id(pending.trace))
+        if carrier is None:
+            carrier = carriers[id(pending.trace)] = {}
+            propagate.inject(carrier, context=pending.trace)  # the trace continues in the consumers
         spec = spec_of(pending.message)
         event_id = new_id()
         headers = CloudEventHeaders(

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from aiokafka.errors import KafkaError
 from crm.audit.v1 import events_pb2
+from crm.leads.v1 import events_pb2 as lead_events
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings, ServiceSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
@@ -30,6 +31,7 @@ from crm_platform.testing.plans import sql_literal
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from crm_platform.testing.tracing import record_spans
 from crm_platform.timeutil import utcnow
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.instrumentation.aiokafka import AIOKafkaInstrumentor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -376,8 +378,20 @@ async def test_after_a_batch_fails_the_later_batches_of_its_partition_wait_inste
 
 
 def consumer_for(
-    engine: AsyncEngine, kafka: KafkaSettings, applied: list[str], *, fail_on: set[str] | None = None
+    engine: AsyncEngine,
+    kafka: KafkaSettings,
+    applied: list[str],
+    *,
+    fail_on: set[str] | None = None,
+    also_on: tuple[type[Message], ...] = (),
+    only_these_types: bool = False,
 ) -> EventConsumer:
+    """Applies AuditRecorded events (noting their record ids in `applied`); `also_on`: other event
+    types it takes (and passes over)."""
+
+    async def passed_over(tx: Transaction, event: ReceivedEvent[Any]) -> None:
+        return None
+
     async def on_recorded(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
         if event.message.record_id in (fail_on or set()):
             raise ValidationFailed([FieldError("record_id", "refused by the test")])
@@ -391,8 +405,9 @@ def consumer_for(
         uow=UnitOfWork(engine, metadata, source="/crm/test"),
         metadata=metadata,
         kafka=kafka,
-        handlers={events_pb2.AuditRecorded: on_recorded},
+        handlers={events_pb2.AuditRecorded: on_recorded, **dict.fromkeys(also_on, passed_over)},
         service="test",
+        only_these_types=only_these_types,
     )
 
 
@@ -854,3 +869,37 @@ async def test_rows_that_an_earlier_relay_marked_published_are_deleted_by_housek
     async with engine.connect() as conn:
         assert list(await conn.scalars(select(outbox.c.key))) == ["pending"]
     assert await relay.drain(0) == 1  # closes the relay; the pending row waits for the next one
+
+
+async def test_an_event_on_a_topic_not_its_own_or_of_a_type_an_inbound_topic_does_not_carry_is_dead_lettered(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """An outside producer's mistakes (the ERP topics): a mistyped `ce_type`, an event sent to
+    another topic. Passed over, the posting would be lost without a trace."""
+    leads_topic = spec_of(lead_events.LeadCreated).topic
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt", leads_topic, f"{leads_topic}.dlt"])
+    bootstrap = broker_settings.bootstrap_servers
+
+    def sent_as(event_type: str, record_id: str) -> dict[str, Any]:
+        headers = CloudEventHeaders(id=new_id(), type=event_type, source="/erp", time=utcnow(), subject="k").encode()
+        return {
+            "key": "k",
+            "value": events_pb2.AuditRecorded(record_id=record_id).SerializeToString(),
+            "headers": headers,
+        }
+
+    audit_type = spec_of(events_pb2.AuditRecorded).type
+    await produce_raw(bootstrap, TOPIC, **sent_as(audit_type + "d", "mistyped"))
+    await produce_raw(bootstrap, leads_topic, **sent_as(audit_type, "wrong-topic"))
+    await produce_raw(bootstrap, TOPIC, **sent_as(audit_type, "after"))
+    applied: list[str] = []
+    consumer = consumer_for(engine, broker_settings, applied, also_on=(lead_events.LeadCreated,), only_these_types=True)
+    async with EventCollector(bootstrap, [f"{TOPIC}.dlt", f"{leads_topic}.dlt"]) as dead_letters:
+        await consume_until(consumer, lambda: "after" in applied and len(dead_letters.records) >= 2)
+
+    assert applied == ["after"]
+    errors = sorted(record.headers["dlt_error"] for record in dead_letters.records)
+    assert errors == [
+        f"'{audit_type}d' is not an event type of {TOPIC} ({audit_type})",
+        f"{audit_type} events belong on {TOPIC}, not on {leads_topic}",
+    ]

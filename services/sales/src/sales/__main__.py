@@ -64,6 +64,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
                     payments_pb2.ErpPaymentPosted: consumers.erp_payment_posted,
                     invoices_pb2.ErpInvoiceIssued: consumers.erp_invoice_issued,
                 },
+                only_these_types=True,  # an ERP's mistyped posting is dead-lettered, not passed over
                 uow=handlers.uow,
                 metadata=metadata,
                 kafka=settings.kafka,
