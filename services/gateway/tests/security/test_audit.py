@@ -8,6 +8,7 @@ import json
 import random
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from crm.audit.v1 import events_pb2
@@ -417,3 +418,19 @@ async def test_a_custom_policy_lets_a_role_read_the_audit_events_of_the_actors_i
     rows = list(csv.DictReader(io.StringIO(exported.text)))
     assert [row["id"] for row in rows] == [item["id"] for item in listed.json()["items"]]
     assert {json.loads(row["actor"])["user_id"] for row in rows} == actors
+
+
+async def test_every_audit_row_says_where_its_request_came_from(gateway: Any, auth_headers: Any) -> None:
+    """Behind a trusted proxy the server takes the client from X-Forwarded-For (uvicorn's proxy
+    headers); here the connection's peer is the client."""
+    gateway.store.put("leads", {"id": "l1", "owner_id": "x", "name": "n"})
+    transport = httpx.ASGITransport(app=gateway.app, client=("203.0.113.7", 5000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        unknown = await client.get("/api/v1/me", headers={"Authorization": "Bearer not.a.token"})
+        refused = await client.delete("/api/v1/fake/leads/l1", headers=auth_headers("sales_rep", sub=ME))
+        exported = await client.get("/api/v1/exports/leads", headers=auth_headers("admin", sub="boss"))
+
+    assert (unknown.status_code, refused.status_code, exported.status_code) == (401, 403, 200)
+    rows = await all_audit_rows(gateway)
+    assert sorted(row["action"] for row in rows) == ["denied", "denied", "export"]
+    assert {row["client_address"] for row in rows} == {"203.0.113.7"}

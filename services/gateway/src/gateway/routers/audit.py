@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from crm_platform.timeutil import as_utc
 from fastapi import Depends, Query
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from gateway.inputs import Instant
 from gateway.routing import ResourceRouter
@@ -44,6 +44,7 @@ class AuditEvent(BaseModel):
     method: str
     path: str
     status_code: int
+    client_address: str = Field(description="where it came from: a trusted proxy's X-Forwarded-For, else the peer")
 
 
 class AuditEventPage(BaseModel):

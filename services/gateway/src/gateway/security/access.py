@@ -66,6 +66,12 @@ def runtime_of(request: Request) -> "SecurityRuntime":
     return runtime  # type: ignore[no-any-return]
 
 
+def client_address_of(request: Request) -> str:
+    """Where a request came from, for its audit row: the client a trusted proxy names in
+    X-Forwarded-For (uvicorn's proxy headers, `CRM_GATEWAY_FORWARDED_ALLOW_IPS`), else the peer."""
+    return request.client.host if request.client is not None else ""
+
+
 def request_id_of(request: Request) -> str:
     current = current_request_id() or getattr(request.state, "request_id", None) or request.headers.get("x-request-id")
     if not current:
@@ -421,6 +427,7 @@ class Access:
             resource=self.resource,
             record_id=record_id,
             request_id=self.request_id,
+            client_address=client_address_of(self.request),
             method=self.request.method,
             path=self.request.url.path,
             status_code=status_code or declared_status(self.request),

@@ -58,6 +58,7 @@ class AuditEntry:
     method: str = ""
     path: str = ""
     status_code: int = 0
+    client_address: str = ""
     id: str = field(default_factory=new_id)
     occurred_at: datetime = field(default_factory=utcnow)
 
@@ -135,6 +136,7 @@ def _event(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, An
         method=entry.method,
         path=entry.path,
         status_code=entry.status_code,
+        client_address=entry.client_address,
     )
     if before is not None:
         fill_struct(event.before, before)
@@ -170,6 +172,7 @@ def _row(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, Any]
         "method": entry.method,
         "path": entry.path,
         "status_code": entry.status_code,
+        "client_address": entry.client_address,
     }
 
 
@@ -410,6 +413,7 @@ def _present(row: Mapping[Any, Any]) -> dict[str, Any]:
         "method": row["method"],
         "path": row["path"],
         "status_code": row["status_code"],
+        "client_address": row["client_address"],
     }
 
 

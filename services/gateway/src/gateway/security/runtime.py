@@ -28,6 +28,7 @@ from gateway.security.access import (
     CustomPiiKeys,
     FieldViews,
     addressed_record,
+    client_address_of,
     declared_status,
     request_id_of,
 )
@@ -218,6 +219,7 @@ class SecurityRuntime:
             reason=reason,
             fields=fields,
             request_id=request_id_of(request),
+            client_address=client_address_of(request),
             method=request.method,
             path=path or request.url.path,
             status_code=status,
@@ -279,6 +281,7 @@ class SecurityRuntime:
             before=old,
             after=new,
             request_id=request_id_of(request),
+            client_address=client_address_of(request),
             method=request.method,
             path=path,
             status_code=declared_status(request),

@@ -34,6 +34,7 @@ audit_events = Table(
     Column("method", String(10), nullable=False),
     Column("path", Text, nullable=False),
     Column("status_code", Integer, nullable=False),
+    Column("client_address", String(64), nullable=False, server_default=""),
     Index("ix_audit_events_occurred_at", "occurred_at"),
     Index("ix_audit_events_actor", "actor_id", "id"),
     Index("ix_audit_events_record", "resource", "record_id", "id"),
