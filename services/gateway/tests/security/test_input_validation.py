@@ -463,6 +463,9 @@ BLANK = [
     ("POST", f"/api/v1/leads/{ID}/assign", {"owner_id": "   ", "team": " "}, ["owner_id", "team"]),
     ("PATCH", f"/api/v1/leads/{ID}", {"owner_id": "   "}, ["owner_id"]),
     ("POST", "/api/v1/leads", {"name": "Li", "team": "\t"}, ["team"]),
+    # A web form may name no team ("") but not a blank one, whose leads nobody would see.
+    ("POST", "/api/v1/webforms", {"name": "Expo", "team": " ", "region": "\t"}, ["team", "region"]),
+    ("PATCH", f"/api/v1/webforms/{ID}", {"campaign_id": "  "}, ["campaign_id"]),
 ]
 
 

@@ -1256,3 +1256,16 @@ async def test_an_import_part_sent_again_is_audited_as_a_replay(gateway: Gateway
     assert (first.status_code, again.status_code) == (200, 200)
     rows, _ = await gateway.app.state.security.audit.query(AuditQuery())
     assert sorted(row["action"] for row in rows) == ["import", "replay"]
+
+
+async def test_a_web_forms_key_is_answered_to_its_creator_but_kept_out_of_the_audit_trail(gateway: Gateway) -> None:
+    marketing = gateway.auth("marketing")
+
+    created = await gateway.client.post("/api/v1/webforms", json={"name": "Expo"}, headers=marketing)
+    renamed = await gateway.client.patch("/api/v1/webforms/w-1", json={"name": "Expo 2027"}, headers=marketing)
+
+    assert created.json()["form_key"] == "k" * 16 and renamed.status_code == 200
+    rows = (await gateway.app.state.security.audit.query(AuditQuery()))[0]
+    assert [row["action"] for row in rows if row["action"] != "read_sensitive"] == ["update_webform", "create_webform"]
+    assert all("form_key" not in (row["before"] or {}) | (row["after"] or {}) for row in rows)
+    assert "k" * 16 not in str(rows)

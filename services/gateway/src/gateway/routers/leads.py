@@ -47,6 +47,7 @@ from gateway.inputs import (
     INT32_MAX,
     INT32_MIN,
     CalendarDate,
+    EmptyOrNonBlank,
     Instant,
     NonBlank,
     OptionalId,
@@ -224,9 +225,9 @@ class CampaignCreate(CampaignIn):
 
 class WebformIn(RequestBody):
     name: NonBlank = Field(max_length=200)
-    campaign_id: str = Field(default="", max_length=36)
-    team: str = Field(default="", max_length=200)
-    region: str = Field(default="", max_length=200)
+    campaign_id: EmptyOrNonBlank = Field(default="", max_length=36)
+    team: EmptyOrNonBlank = Field(default="", max_length=200)
+    region: EmptyOrNonBlank = Field(default="", max_length=200)
     rate_limit_per_minute: int = Field(default=0, ge=0, le=10_000)
     honeypot_field: str = Field(
         default="",
@@ -1748,8 +1749,14 @@ async def create_webform(
         metadata=access.grpc_metadata(),
     )
     body_json = _webform_json(reply.webform)
-    await access.audit_write(body_json["id"], None, body_json, action="create_webform")
+    await access.audit_write(body_json["id"], None, _without_key(body_json), action="create_webform")
     return with_etag(response, body_json)
+
+
+def _without_key(webform: dict[str, Any]) -> dict[str, Any]:
+    """A web form as the audit trail keeps it: its `form_key` is a credential, kept out as API keys'
+    secrets are (a rotation is audited without it too)."""
+    return {name: value for name, value in webform.items() if name != "form_key"}
 
 
 @router.get("/webforms", responses={200: {"model": schemas.WebformList}})
@@ -1774,9 +1781,9 @@ class WebformPatch(RequestBody):
     """The settings to change; the others stay. The key changes only by POST .../rotate-key."""
 
     name: NonBlank | None = Field(default=None, max_length=200)
-    campaign_id: str | None = Field(default=None, max_length=36)
-    team: str | None = Field(default=None, max_length=200)
-    region: str | None = Field(default=None, max_length=200)
+    campaign_id: EmptyOrNonBlank | None = Field(default=None, max_length=36)
+    team: EmptyOrNonBlank | None = Field(default=None, max_length=200)
+    region: EmptyOrNonBlank | None = Field(default=None, max_length=200)
     rate_limit_per_minute: int | None = Field(default=None, ge=1, le=10_000)
     honeypot_field: str | None = Field(default=None, max_length=64)
     enabled: bool | None = Field(default=None, description="false: its submissions answer 404 until turned on")
@@ -1804,7 +1811,9 @@ async def update_webform(
     action = (
         ("enable_webform" if body.enabled else "disable_webform") if set(given) == {"enabled"} else "update_webform"
     )
-    await access.audit_write(webform_id, _webform_json(reply.previous), result, action=action)
+    await access.audit_write(
+        webform_id, _without_key(_webform_json(reply.previous)), _without_key(result), action=action
+    )
     return with_etag(response, result)
 
 
