@@ -95,6 +95,14 @@ def noting_replays() -> Iterator[None]:
         _replays.reset(token)
 
 
+def note_replay() -> None:
+    """Notes, for the innermost `noting_replays`, a keyed write answered with its earlier result by
+    the caller itself (the gateway's own records: API keys)."""
+    replays = _replays.get()
+    if replays is not None:
+        replays.noted = True
+
+
 def replay_noted() -> bool:
     """Did the innermost `noting_replays` note an answer given with an earlier result? (False
     outside one.) One keyed write per request: the gateway's routes make no second."""

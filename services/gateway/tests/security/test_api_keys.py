@@ -77,3 +77,26 @@ async def test_expired_keys_are_refused(gateway: Any, auth_headers: Any) -> None
         headers=auth_headers("admin"),
     )
     assert past.status_code == 422
+
+
+async def test_a_create_repeated_under_its_idempotency_key_answers_with_the_key_it_created_not_a_second(
+    gateway: Any, auth_headers: Any
+) -> None:
+    admin = {**auth_headers("admin", sub="root"), "Idempotency-Key": "erp-key-1"}
+    payload = {"name": "SAP ERP", "principal_id": "erp-sap", "roles": ["erp_integration"]}
+
+    first = await gateway.client.post("/api/v1/api-keys", json=payload, headers=admin)
+    again = await gateway.client.post("/api/v1/api-keys", json=payload, headers=admin)
+    other = await gateway.client.post("/api/v1/api-keys", json={**payload, "name": "Other"}, headers=admin)
+    another_admin = {**auth_headers("admin", sub="root-2"), "Idempotency-Key": "erp-key-1"}
+    by_another_admin = await gateway.client.post("/api/v1/api-keys", json=payload, headers=another_admin)
+
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json()["api_key"] == first.json()["api_key"]
+    assert first.json()["key"].startswith("crmk_") and again.json()["key"] is None  # the secret is shown once
+    assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
+    assert by_another_admin.status_code == 201  # a key is its creator's own
+    listed = await gateway.client.get("/api/v1/api-keys", headers=admin)
+    assert len(listed.json()["items"]) == 2
+    trail = await gateway.client.get("/api/v1/audit-events?resource=api_keys", headers=admin)
+    assert sorted(row["action"] for row in trail.json()["items"]) == ["create", "create", "replay"]

@@ -1,16 +1,20 @@
 """Admin management of API keys for machine clients (ERP integrations, webforms)."""
 
+import hashlib
 from datetime import datetime
 from typing import Annotated
 
+from crm_platform.grpc_client import note_replay
 from crm_platform.timeutil import as_utc, isoformat, utcnow
 from fastapi import Depends, Path, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
 
+from gateway.conventions import IdempotencyKey
 from gateway.inputs import Instant, NonBlank, RequestBody
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
-from gateway.security.api_keys import ApiKeyRecord
+from gateway.security.api_keys import ApiKeyRecord, IdempotencyKeyReused
 from gateway.security.problems import SecurityProblem, not_found
 
 router = ResourceRouter(tags=["api-keys"])
@@ -48,8 +52,10 @@ class ApiKeyOut(BaseModel):
 
 
 class ApiKeyCreated(BaseModel):
-    # Shown once: only its hash is stored.
-    key: str
+    key: str | None = Field(
+        description="the key, shown this once (only its hash is stored); null in the answer to a request "
+        "repeated under its Idempotency-Key, which answers with the key it created, not a second one"
+    )
     api_key: ApiKeyOut
 
 
@@ -76,7 +82,9 @@ def _out(record: ApiKeyRecord) -> ApiKeyOut:
 
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated)
 async def create_api_key(
-    body: ApiKeyCreate, access: Annotated[Access, Depends(require("api_keys", "create"))]
+    body: ApiKeyCreate,
+    access: Annotated[Access, Depends(require("api_keys", "create"))],
+    idempotency_key: IdempotencyKey = "",
 ) -> ApiKeyCreated:
     access.check_write(body.model_dump(exclude_unset=True))
     known = access.runtime.policy.roles
@@ -88,15 +96,26 @@ async def create_api_key(
                 f"unknown role {role!r}; known: {', '.join(known)}",
                 field=f"roles[{position}]",
             )
-    record, key = await access.runtime.api_keys.create(
-        name=body.name,
-        principal_id=body.principal_id,
-        roles=body.roles,
-        team=body.team,
-        region=body.region,
-        created_by=access.principal.user_id,
-        expires_at=body.expires_at,
-    )
+    digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    try:
+        record, key = await access.runtime.api_keys.create(
+            name=body.name,
+            principal_id=body.principal_id,
+            roles=body.roles,
+            team=body.team,
+            region=body.region,
+            created_by=access.principal.user_id,
+            expires_at=body.expires_at,
+            idempotency_key=idempotency_key,
+            request_digest=digest,
+        )
+    except IdempotencyKeyReused:
+        message = "was used for another request; send a new key"
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": message, "input": idempotency_key}]
+        ) from None
+    if key is None:
+        note_replay()  # audited as a replay: no key was created again
     out = _out(record)
     await access.audit_write(record.id, None, out.model_dump())
     return ApiKeyCreated(key=key, api_key=out)

@@ -14,11 +14,16 @@ from crm_platform.ids import new_id
 from crm_platform.principal import Principal
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import insert, select, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from gateway.security.store import api_keys
 
 KEY_PREFIX = "crmk_"
+
+
+class IdempotencyKeyReused(Exception):
+    """An Idempotency-Key that named another request (another body) of the same creator."""
 
 
 def hash_key(key: str) -> str:
@@ -99,8 +104,12 @@ class ApiKeyStore:
         region: str = "",
         created_by: str,
         expires_at: datetime | None = None,
-    ) -> tuple[ApiKeyRecord, str]:
-        """Returns the record and the plain key (never stored)."""
+        idempotency_key: str = "",
+        request_digest: str = "",
+    ) -> tuple[ApiKeyRecord, str | None]:
+        """Returns the record and the plain key (never stored). A request repeated under its
+        `idempotency_key` (the creator's own) answers with the key it created and no plain key: that
+        was shown once; the digest of another request's body under the key is `IdempotencyKeyReused`."""
         key = generate_key()
         row = {
             "id": new_id(),
@@ -115,10 +124,38 @@ class ApiKeyStore:
             "created_at": utcnow(),
             "expires_at": expires_at,
             "revoked_at": None,
+            "idempotency_key": idempotency_key or None,
+            "request_digest": request_digest or None,
         }
-        async with transaction(self.engine) as conn:
-            await conn.execute(insert(api_keys), [row])
+        try:
+            async with transaction(self.engine) as conn:
+                if earlier := await self._created_under(conn, created_by, idempotency_key, request_digest):
+                    return earlier, None
+                await conn.execute(insert(api_keys), [row])
+        except IntegrityError:
+            if not idempotency_key:
+                raise
+            async with self.engine.connect() as conn:  # a request under the same key created it meanwhile
+                if earlier := await self._created_under(conn, created_by, idempotency_key, request_digest):
+                    return earlier, None
+            raise
         return _record(row), key
+
+    @staticmethod
+    async def _created_under(
+        conn: AsyncConnection, created_by: str, idempotency_key: str, request_digest: str
+    ) -> ApiKeyRecord | None:
+        if not idempotency_key:
+            return None
+        query = select(api_keys).where(
+            api_keys.c.created_by == created_by, api_keys.c.idempotency_key == idempotency_key
+        )
+        row = (await conn.execute(query)).mappings().first()
+        if row is None:
+            return None
+        if row["request_digest"] != request_digest:
+            raise IdempotencyKeyReused(idempotency_key)
+        return _record(row)
 
     async def list(self) -> list[ApiKeyRecord]:
         async with self.engine.connect() as conn:

@@ -57,6 +57,11 @@ api_keys = Table(
     Column("created_at", UtcDateTime(), nullable=False),
     Column("expires_at", UtcDateTime()),
     Column("revoked_at", UtcDateTime()),
+    # The creating request's Idempotency-Key (unique per creator) and the digest of its body: a
+    # repeat answers with this key instead of minting a second credential.
+    Column("idempotency_key", String(200)),
+    Column("request_digest", String(64)),
+    Index("api_keys_idempotency_key", "created_by", "idempotency_key", unique=True),
 )
 
 outbox, processed_events = add_messaging_tables(metadata)
