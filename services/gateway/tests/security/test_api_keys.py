@@ -100,3 +100,23 @@ async def test_a_create_repeated_under_its_idempotency_key_answers_with_the_key_
     assert len(listed.json()["items"]) == 2
     trail = await gateway.client.get("/api/v1/audit-events?resource=api_keys", headers=admin)
     assert sorted(row["action"] for row in trail.json()["items"]) == ["create", "create", "replay"]
+
+
+async def test_the_keys_are_listed_a_page_at_a_time_and_a_foreign_cursor_is_a_422(
+    gateway: Any, auth_headers: Any
+) -> None:
+    admin = auth_headers("admin", sub="root")
+    made = [(await create_key(gateway, admin, name=f"Key {n}"))["api_key"]["id"] for n in range(5)]
+
+    pages: list[list[str]] = []
+    cursor = ""
+    while True:
+        params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
+        page = (await gateway.client.get("/api/v1/api-keys", params=params, headers=admin)).json()
+        pages.append([item["id"] for item in page["items"]])
+        if not (cursor := page["next_cursor"]):
+            break
+    foreign = await gateway.client.get("/api/v1/api-keys", params={"cursor": "abc.def"}, headers=admin)
+
+    assert pages == [made[:2], made[2:4], made[4:]]
+    assert foreign.status_code == 422 and foreign.json()["errors"][0]["field"] == "cursor"

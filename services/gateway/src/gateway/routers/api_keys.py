@@ -6,7 +6,7 @@ from typing import Annotated
 
 from crm_platform.grpc_client import note_replay
 from crm_platform.timeutil import as_utc, isoformat, utcnow
-from fastapi import Depends, Path, Response
+from fastapi import Depends, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
 
@@ -122,9 +122,17 @@ async def create_api_key(
 
 
 @router.get("/api-keys", response_model=ApiKeyPage)
-async def list_api_keys(access: Annotated[Access, Depends(require("api_keys", "read"))]) -> ApiKeyPage:
-    records = await access.runtime.api_keys.list()
-    return ApiKeyPage(items=[ApiKeyOut.model_validate(access.present(_out(r).model_dump())) for r in records])
+async def list_api_keys(
+    access: Annotated[Access, Depends(require("api_keys", "read"))],
+    limit: Annotated[int | None, Query(ge=1, le=500, description="items per page, 1 to 500; 50 when left out")] = None,
+    cursor: Annotated[str, Query(max_length=200, description="the `next_cursor` of the page before")] = "",
+) -> ApiKeyPage:
+    """The keys, revoked ones too, in the order they were created, one page at a time."""
+    records, following = await access.runtime.api_keys.list(limit=access.page_limit(limit), cursor=cursor)
+    return ApiKeyPage(
+        items=[ApiKeyOut.model_validate(access.present(_out(r).model_dump())) for r in records],
+        next_cursor=following or None,
+    )
 
 
 @router.delete("/api-keys/{key_id}", status_code=204, response_class=Response)

@@ -11,6 +11,7 @@ from typing import Any
 
 from crm_platform.db import transaction
 from crm_platform.ids import new_id
+from crm_platform.pagination import bind_cursor, keyset_page, list_fingerprint, next_cursor, unbind_cursor
 from crm_platform.principal import Principal
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import insert, select, update
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from gateway.security.store import api_keys
 
 KEY_PREFIX = "crmk_"
+_LISTING = list_fingerprint("api_keys", b"")  # what a cursor of the key listing is bound to
 
 
 class IdempotencyKeyReused(Exception):
@@ -157,10 +159,17 @@ class ApiKeyStore:
             raise IdempotencyKeyReused(idempotency_key)
         return _record(row)
 
-    async def list(self) -> list[ApiKeyRecord]:
+    async def list(self, *, limit: int, cursor: str = "") -> tuple[list[ApiKeyRecord], str]:
+        """The keys in the order they were created (ids are time-ordered), one page at a time: the
+        page and the cursor of the next one ('' after the last)."""
+        query = keyset_page(
+            select(api_keys), sort_column=api_keys.c.id, id_column=api_keys.c.id, descending=False,
+            cursor=unbind_cursor(cursor, _LISTING), limit=limit,
+        )  # fmt: skip
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(api_keys).order_by(api_keys.c.id))
-            return [_record(row._mapping) for row in rows]
+            rows = list(await conn.execute(query))
+        following = next_cursor(rows, sort_key="id", descending=False, limit=limit)
+        return [_record(row._mapping) for row in rows[:limit]], bind_cursor(following, _LISTING)
 
     async def get(self, key_id: str) -> ApiKeyRecord | None:
         async with self.engine.connect() as conn:
