@@ -204,6 +204,16 @@ async def _check_parent(conn: AsyncConnection, account_id: str, parent_id: str) 
 _idempotency_keys = idempotency.CallerKeys(repo.idempotency_keys)
 
 
+def _earlier_live(row: Any | None, gone: NotFound) -> Any:
+    """The account or contact a key's first request created, as `repo.get_account` / `get_contact`
+    read it back for a repeat (None: soft-deleted since). Deleted, the repeat answers `gone`, a 404,
+    as `idempotency.earlier_record` answers for records deleted outright (it would still find a
+    soft-deleted row)."""
+    if row is None:
+        raise gone
+    return row
+
+
 async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_key: str, in_pool: bool) -> Any:
     principal = current_principal()
     account_id = new_id()
@@ -212,7 +222,7 @@ async def create_account(ctx: Context, values: dict[str, Any], *, idempotency_ke
         async with ctx.uow.begin() as tx:
             earlier = await _idempotency_keys.claim(tx.conn, "create_account", idempotency_key, account_id, now)
             if earlier is not None:
-                return await repo.get_account(tx.conn, earlier)
+                return _earlier_live(await repo.get_account(tx.conn, earlier), NotFound("account", earlier))
             # A rep's new account lands in their own region and team unless set (managers may set them).
             values = {**values, "name": str(values.get("name", "")).strip()}
             values["region"] = values.get("region") or principal.region
@@ -853,7 +863,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "create_contact", idempotency_key, contact_id, now)
         if earlier is not None:
-            return await repo.get_contact(tx.conn, earlier)
+            return _earlier_live(await repo.get_contact(tx.conn, earlier), NotFound("contact", earlier))
         values["tags"] = domain.normalise_tags(values.get("tags", []))
         _fail(domain.check_contact(values))
         account = await _account_for_contact(tx.conn, values["account_id"])
@@ -955,9 +965,20 @@ async def delete_contact(ctx: Context, contact_id: str, *, expected_version: int
 
 
 async def list_contacts(
-    ctx: Context, f: ContactFilter, custom_pairs: list[tuple[str, str]], page: Page
+    ctx: Context,
+    f: ContactFilter,
+    custom_pairs: list[tuple[str, str]],
+    page: Page,
+    *,
+    account_scope: RecordScope | None = None,
 ) -> tuple[list[Any], str]:
+    """Contacts matching `f` in the call's scope. With `account_scope`, the caller's scope for
+    accounts, the list is the contacts of the account `f.account_id` names, which must be one they
+    may read (NOT_FOUND otherwise, as the account's timeline answers); None: `account_id` is a filter
+    like the others."""
     async with ctx.uow.engine.connect() as conn:
+        if account_scope is not None:
+            await _readable_account(conn, f.account_id, scope=account_scope)
         f.custom = await custom_filters(conn, "contact", custom_pairs)
         return await repo.list_contacts(conn, f, current_scope(), page)
 

@@ -275,7 +275,9 @@ class AccountsServicer(AccountsServiceServicer):
             owner_id=request.owner_id,
         )
         custom = [(c.key, c.value) for c in request.custom]
-        rows, cursor = await handlers.list_contacts(self.ctx, f, custom, page)
+        # Sent along (GET /accounts/{id}/contacts), the list is of an account the caller may read.
+        account_scope = resource_scope_from_metadata(context.invocation_metadata(), "accounts")
+        rows, cursor = await handlers.list_contacts(self.ctx, f, custom, page, account_scope=account_scope)
         return pb.ListContactsResponse(
             items=[contact_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )

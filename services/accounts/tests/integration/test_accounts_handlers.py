@@ -309,6 +309,42 @@ async def test_a_contact_write_racing_the_accounts_deletion_waits_for_it_and_is_
         assert list(await conn.scalars(live)) == ["Eve"]
 
 
+# --- an account's contacts -----------------------------------------------------------------------------
+
+
+async def test_an_accounts_contacts_are_listed_only_for_an_account_the_caller_may_read(ctx: Context) -> None:
+    """With the caller's scope for accounts sent along, the list is of that account's contacts: an
+    account missing, deleted or outside that scope is NOT_FOUND, as its timeline is; one without
+    contacts, or a pool account, lists what it has."""
+    acme = await new_account(ctx, REP1, "Acme")
+    dora = await new_contact(ctx, REP1, acme.id, "Dora")
+    empty = await new_account(ctx, REP1, "Empty")
+    others = await new_account(ctx, REP2, "Others")
+    gone = await new_account(ctx, REP1, "Gone")
+    with acting_as(*REP1):
+        pooled = await handlers.create_account(ctx, {"name": "Pooled"}, idempotency_key="", in_pool=True)
+        await handlers.delete_account(ctx, gone.id, expected_version=0)
+
+    async def contacts_of(account_id: str) -> list[str]:
+        with acting_as(*REP1):
+            rows, _ = await handlers.list_contacts(
+                ctx, ContactFilter(account_id=account_id), [], PAGE, account_scope=REP1[1]
+            )
+        return [row.id for row in rows]
+
+    assert await contacts_of(acme.id) == [dora.id]
+    assert await contacts_of(empty.id) == []
+    assert await contacts_of(pooled.id) == []
+    for account_id in (others.id, gone.id, "no-such-account"):
+        with pytest.raises(NotFound) as refused:
+            await contacts_of(account_id)
+        assert (refused.value.resource, refused.value.record_id) == ("account", account_id)
+    # Without it (GET /contacts?account_id=), account_id is a filter like any other: nothing matches.
+    with acting_as(*REP1):
+        rows, _ = await handlers.list_contacts(ctx, ContactFilter(account_id=others.id), [], PAGE)
+    assert rows == []
+
+
 # --- moving a contact -----------------------------------------------------------------------------
 
 
@@ -710,6 +746,50 @@ async def test_a_segment_saved_again_under_its_key_after_its_deletion_is_a_404(c
     with pytest.raises(NotFound) as gone:
         await save()
     assert (gone.value.resource, gone.value.record_id) == ("segment", segment.id)
+
+
+async def test_an_account_created_again_under_its_key_after_its_deletion_is_a_404_and_not_brought_back(
+    ctx: Context,
+) -> None:
+    async def create_under_key() -> Any:
+        with acting_as(*REP1):
+            return await handlers.create_account(ctx, {"name": "Acme"}, idempotency_key="acc-1", in_pool=False)
+
+    acme = await create_under_key()
+    assert (await create_under_key()).id == acme.id
+    with acting_as(*REP1):
+        await handlers.delete_account(ctx, acme.id, expected_version=0)
+
+    with pytest.raises(NotFound) as gone:
+        await create_under_key()
+    assert (gone.value.resource, gone.value.record_id) == ("account", acme.id)
+    with acting_as(*REP1), pytest.raises(NotFound):
+        await handlers.get_account(ctx, acme.id)
+
+
+async def test_a_contact_created_again_under_its_key_after_its_deletion_or_its_accounts_is_a_404(
+    ctx: Context,
+) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+
+    async def create_under_key(key: str) -> Any:
+        with acting_as(*REP1):
+            return await handlers.create_contact(ctx, {"account_id": acme.id, "name": "Li"}, idempotency_key=key)
+
+    li = await create_under_key("con-1")
+    with acting_as(*REP1):
+        await handlers.delete_contact(ctx, li.id, expected_version=0)
+    with pytest.raises(NotFound) as gone:
+        await create_under_key("con-1")
+    assert (gone.value.resource, gone.value.record_id) == ("contact", li.id)
+
+    # The account's deletion takes its contacts along: a repeat of one's create is a 404 too.
+    fay = await create_under_key("con-2")
+    with acting_as(*REP1):
+        await handlers.delete_account(ctx, acme.id, expected_version=0)
+    with pytest.raises(NotFound) as gone:
+        await create_under_key("con-2")
+    assert (gone.value.resource, gone.value.record_id) == ("contact", fay.id)
 
 
 async def test_the_logger_corrects_an_activity_and_each_change_adds_one_to_its_version(ctx: Context) -> None:

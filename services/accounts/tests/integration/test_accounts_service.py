@@ -347,6 +347,51 @@ async def test_an_activity_is_corrected_and_deleted_with_events_keyed_by_its_acc
     assert ours[2].decode(events_pb2.ActivityDeleted).actor.user_id == "mgr"
 
 
+async def test_a_create_repeated_under_its_key_after_the_records_deletion_is_not_found(
+    accounts_service: Running,
+) -> None:
+    svc = accounts_service
+    created = await svc.call(
+        "CreateAccount", pb.CreateAccountRequest(account=account("Gone Soon"), idempotency_key="acc-k"), REP1
+    )
+    contact_request = pb.CreateContactRequest(
+        contact=pb.ContactInput(account_id=created.account.id, name="Li"), idempotency_key="con-k"
+    )
+    await svc.call("CreateContact", contact_request, REP1)
+    await svc.call("DeleteAccount", pb.DeleteAccountRequest(account_id=created.account.id), REP1)
+
+    again = await svc.fails(
+        "CreateAccount", pb.CreateAccountRequest(account=account("Gone Soon"), idempotency_key="acc-k"), REP1
+    )
+    assert again.code == grpc.StatusCode.NOT_FOUND
+    assert (await svc.fails("CreateContact", contact_request, REP1)).code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_accounts_contacts_are_listed_in_the_scope_for_accounts_sent_along(accounts_service: Running) -> None:
+    svc = accounts_service
+    mine = await create(svc, "Contacts Mine", who=REP1)
+    others = await create(svc, "Contacts Others", who=REP2)
+    li = (
+        await svc.call("CreateContact", pb.CreateContactRequest(contact=pb.ContactInput(account_id=mine.id, name="Li")))
+    ).contact
+    own_accounts = RecordScope(ScopeKind.OWN, owner_id="rep-1").to_proto().SerializeToString()
+    reading_own_accounts = (*outgoing_metadata(*REP1), (resource_scope_key("accounts"), own_accounts))
+
+    async def contacts_of(account_id: str) -> pb.ListContactsResponse:
+        return await svc.stub.ListContacts(
+            pb.ListContactsRequest(account_id=account_id), metadata=reading_own_accounts, timeout=15
+        )
+
+    assert [c.id for c in (await contacts_of(mine.id)).items] == [li.id]
+    for account_id in (others.id, "no-such-account"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await contacts_of(account_id)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND, account_id
+    # Not sent (GET /contacts?account_id=), account_id filters the list like any other filter.
+    filtered = await svc.call("ListContacts", pb.ListContactsRequest(account_id=others.id), REP1)
+    assert list(filtered.items) == []
+
+
 async def test_hierarchy_custom_fields_and_filters(accounts_service: Running) -> None:
     svc = accounts_service
     parent = await create(svc, "Parent Group")

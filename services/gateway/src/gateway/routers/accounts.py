@@ -34,7 +34,7 @@ from gateway.conventions import (
     with_etag,
 )
 from gateway.errors import http_status_of
-from gateway.inputs import Instant, NonBlank, RequestBody, check_same_as_path, comma_separated_choices
+from gateway.inputs import Instant, NonBlank, OptionalId, RequestBody, check_same_as_path, comma_separated_choices
 from gateway.routers import sales_schemas
 from gateway.routers.custom_fields import (
     CUSTOM_FILTER_PARAMETERS,
@@ -65,7 +65,9 @@ VIEW_LIMIT = 20
 # Lengths as the accounts service stores them: ids of accounts, contacts and rules in VARCHAR(36),
 # users and teams in VARCHAR(100), tags of at most 64 characters (accounts.domain.MAX_TAG_LENGTH),
 # names of at most 300 (MAX_NAME); the other text is TEXT, limited here to what such a field holds
-# (a region at most 100: the service desk keeps an account's region in a VARCHAR(100)).
+# (a region at most 100: the service desk keeps an account's region in a VARCHAR(100)). Ids, owners,
+# teams and regions are `OptionalId`: "" is none (the caller's own, the account's, no parent); only
+# spaces would be a record owned by nobody, in a team or region nobody sees.
 Tag = Annotated[str, Field(max_length=64)]
 FilterValue = Annotated[str, Field(max_length=200)]
 
@@ -75,16 +77,16 @@ class AccountIn(RequestBody):
     industry: str | None = Field(default=None, max_length=200)
     size: str | None = Field(default=None, max_length=100)
     annual_revenue: FigureIn | None = None
-    region: str | None = Field(default=None, max_length=100)
+    region: OptionalId = Field(default=None, max_length=100)
     address: str | None = Field(default=None, max_length=1000)
     website: str | None = Field(default=None, max_length=2000)
     tier: str | None = Field(default=None, max_length=1)
     lifecycle: str | None = Field(default=None, max_length=20)
-    owner_id: str | None = Field(default=None, max_length=100)
-    team: str | None = Field(default=None, max_length=100)
+    owner_id: OptionalId = Field(default=None, max_length=100)
+    team: OptionalId = Field(default=None, max_length=100)
     tags: list[Tag] | None = None
     custom: dict[str, Any] | None = None
-    parent_id: str | None = Field(default=None, max_length=36)
+    parent_id: OptionalId = Field(default=None, max_length=36)
     credit_limit: FigureIn | None = None
 
 
@@ -94,7 +96,7 @@ class AccountCreate(AccountIn):
 
 
 class ContactIn(RequestBody):
-    account_id: str | None = Field(default=None, max_length=36)
+    account_id: OptionalId = Field(default=None, max_length=36)
     name: str | None = Field(default=None, max_length=300)
     title: str | None = Field(default=None, max_length=200)
     department: str | None = Field(default=None, max_length=200)
@@ -122,14 +124,14 @@ class ReleaseIn(RequestBody):
 
 class TransferIn(RequestBody):
     new_owner_id: NonBlank = Field(max_length=100)
-    new_team: str = Field(default="", max_length=100)
+    new_team: OptionalId = Field(default=None, max_length=100)
     reason: str = Field(default="", max_length=2000)
 
 
 class BulkTransferIn(RequestBody):
     from_owner_id: NonBlank = Field(max_length=100)
     to_owner_id: NonBlank = Field(max_length=100)
-    to_team: str = Field(default="", max_length=100)
+    to_team: OptionalId = Field(default=None, max_length=100)
     reason: str = Field(default="", max_length=2000)
 
 
@@ -143,7 +145,7 @@ class ActivityIn(RequestBody):
     kind: ActivityKind
     subject: ActivitySubject = ""
     notes: ActivityNotes = ""
-    contact_id: str = Field(default="", max_length=36)
+    contact_id: OptionalId = Field(default=None, max_length=36)
     occurred_at: Instant | None = None
 
 
@@ -160,10 +162,10 @@ class ActivityPatch(RequestBody):
 class TaskIn(RequestBody):
     title: str | None = Field(default=None, max_length=500)
     description: str | None = Field(default=None, max_length=20_000)
-    account_id: str | None = Field(default=None, max_length=36)
-    contact_id: str | None = Field(default=None, max_length=36)
+    account_id: OptionalId = Field(default=None, max_length=36)
+    contact_id: OptionalId = Field(default=None, max_length=36)
     due_at: Instant | None = None
-    owner_id: str | None = Field(default=None, max_length=100)
+    owner_id: OptionalId = Field(default=None, max_length=100)
 
 
 class TaskCreate(TaskIn):
@@ -908,7 +910,7 @@ async def transfer_account(
         pb.TransferAccountRequest(
             account_id=account_id,
             new_owner_id=body.new_owner_id,
-            new_team=body.new_team,
+            new_team=body.new_team or "",
             reason=body.reason,
             expected_version=expected_version(if_match),
         ),
@@ -931,7 +933,7 @@ async def bulk_transfer(
         pb.BulkTransferAccountsRequest(
             from_owner_id=body.from_owner_id,
             to_owner_id=body.to_owner_id,
-            to_team=body.to_team,
+            to_team=body.to_team or "",
             reason=body.reason,
             idempotency_key=idempotency_key or "",
         ),
@@ -1020,7 +1022,10 @@ async def _list_contacts(
     limit: int | None,
     cursor: str | None,
     sort: str | None,
+    scopes_along: tuple[Access, ...] = (),
 ) -> dict[str, Any]:
+    """`scopes_along`: the caller's access to other resources whose scope goes along to the service
+    (`Access.grpc_metadata`)."""
     access.check_filters(CONTACT_FILTER_FIELDS)
     reply = await _stub(request).ListContacts(
         pb.ListContactsRequest(
@@ -1032,7 +1037,7 @@ async def _list_contacts(
             owner_id=access.resolve_me(owner_id),
             custom=await custom_filters(access),
         ),
-        metadata=access.grpc_metadata(),
+        metadata=access.grpc_metadata(*scopes_along),
     )
     present = await presenter(access)
     return _list_body([present(contact_dict(c)) for c in reply.items], reply.page_info.next_cursor)
@@ -1084,6 +1089,8 @@ async def list_account_contacts(
     cursor: str | None = None,
     sort: str | None = None,
 ) -> dict[str, Any]:
+    """The contacts of an account the caller may read (404 otherwise, as its timeline answers): their
+    scope for accounts goes along, and the accounts service checks the account in it in the same call."""
     return await _list_contacts(
         request,
         access,
@@ -1095,6 +1102,7 @@ async def list_account_contacts(
         limit=limit,
         cursor=cursor,
         sort=sort,
+        scopes_along=(access.require_view("accounts"),),
     )
 
 
@@ -1170,7 +1178,7 @@ async def log_activity(
 ) -> dict[str, Any]:
     message = pb.LogActivityRequest(
         account_id=account_id,
-        contact_id=body.contact_id,
+        contact_id=body.contact_id or "",
         kind=body.kind,
         subject=body.subject,
         notes=body.notes,
