@@ -163,9 +163,9 @@ async def apply_account_deleted(conn: AsyncConnection, account_id: str) -> None:
 
 async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivor_id: str) -> None:
     """The duplicate's contracts, payments, tickets, CSAT and the rest move to the survivor. Sales
-    and the service desk re-point some of their own rows without an event for each (contracts,
-    payments, surveys), so analytics moves its rows itself; records applied later resolve the
-    duplicate's id through `surviving_account`."""
+    and the service desk re-point some of their own rows without an event for each (payments,
+    surveys), and a record's event may come before or after the merge, so analytics moves its rows
+    itself; records applied later resolve the duplicate's id through `surviving_account`."""
     await repo.lock_account(conn, duplicate_id, merging=True)
     await conn.execute(
         update(repo.accounts).where(repo.accounts.c.id == duplicate_id).values(merged_into_id=survivor_id)
@@ -522,6 +522,8 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         sales_events.ContractSigned: contract,
         sales_events.ContractCompleted: contract,
         sales_events.ContractTerminated: contract,
+        # Moved to a merge's survivor or handed to the account's new owner (a transfer).
+        sales_events.ContractUpdated: contract,
         sales_events.ContractDeleted: _on(apply_contract_deleted, lambda m: m.contract_id),
         sales_events.PaymentPlanCreated: _plan_created,
         sales_events.PaymentPlanUpdated: _plan_updated,

@@ -73,3 +73,24 @@ async def test_a_replaced_plan_owes_its_new_installments_and_keeps_what_was_paid
         ("I2", "2027-04-30", Decimal(0), False),
         ("I4", "2027-05-31", Decimal(0), False),
     ]
+
+
+async def test_a_contract_handed_to_the_accounts_new_owner_counts_for_them(engine: AsyncEngine) -> None:
+    def contract(owner_id: str, team: str, version: int) -> sales_pb2.Contract:
+        return sales_pb2.Contract(
+            id="K1", account_id="A1", status="signed", owner_id=owner_id, team=team, region="north", version=version
+        )
+
+    transferred = sales_events.ContractUpdated(
+        contract=contract("dave", "west", 6),
+        changed_fields=["owner_id", "team"],
+        reason="crm.accounts.account.transferred",
+    )
+    await deliver(engine, [sales_events.ContractSigned(contract=contract("alice", "east", 5)), transferred])
+    # A redelivered signature (an older snapshot) does not give the contract back.
+    await deliver(engine, [sales_events.ContractSigned(contract=contract("alice", "east", 5))])
+
+    k = repo.contracts
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(k.c.owner_id, k.c.team, k.c.region, k.c.version))).all()
+    assert [tuple(row) for row in rows] == [("dave", "west", "north", 6)]

@@ -74,6 +74,9 @@ DISCOUNT_FIELD = "line_items.discount_percent"
 QUOTE_SORTS = ("created_at", "updated_at")
 PAYMENT_SORTS = ("created_at", "received_at")
 INVOICE_SORTS = ("requested_at",)
+# The `reason` of the contract and invoice events an account's change causes: the accounts event's type.
+ACCOUNT_MERGED = "crm.accounts.account.merged"
+ACCOUNT_TRANSFERRED = "crm.accounts.account.transferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -2367,10 +2370,17 @@ class SalesHandlers:
     # ------------------------------------------------------------ account events
 
     async def repoint_account(self, tx: Transaction, *, duplicate_id: str, survivor_id: str) -> int:
-        """account.merged: every record of the duplicate now belongs to the survivor."""
-        o = r.opportunities
+        """account.merged: every record of the duplicate now belongs to the survivor. Each moved deal,
+        contract and invoice is published as it is now; a payment names its contract, not the account."""
+        o, c, i = r.opportunities, r.contracts, r.invoices
         moved = (
             (await tx.conn.execute(select(o).where(o.c.account_id == duplicate_id).with_for_update())).mappings().all()
+        )
+        contracts = (
+            (await tx.conn.execute(select(c).where(c.c.account_id == duplicate_id).with_for_update())).mappings().all()
+        )
+        invoices = (
+            (await tx.conn.execute(select(i).where(i.c.account_id == duplicate_id).with_for_update())).mappings().all()
         )
         now = self.clock()
         if moved:
@@ -2379,19 +2389,27 @@ class SalesHandlers:
                 .where(o.c.account_id == duplicate_id)
                 .values(account_id=survivor_id, updated_at=now, version=o.c.version + 1)
             )
-        for table in (r.contracts, r.quotes, r.payments, r.invoices):
-            values: dict[str, Any] = {"account_id": survivor_id}
-            if table is r.contracts:
-                values.update(updated_at=now, version=table.c.version + 1)
-            await tx.conn.execute(update(table).where(table.c.account_id == duplicate_id).values(values))
-        principal = current_principal()
+        await self._contracts_follow_account(tx, contracts, {"account_id": survivor_id}, now=now, reason=ACCOUNT_MERGED)
+        for table in (r.quotes, r.payments, r.invoices):
+            await tx.conn.execute(
+                update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id)
+            )
+        actor = v.actor(current_principal())
         for row in moved:
             proto = v.opportunity_proto(
                 {**row, "account_id": survivor_id, "updated_at": now, "version": row["version"] + 1}
             )
             tx.publish(
-                events_pb2.OpportunityUpdated(
-                    opportunity=proto, changed_fields=["account_id"], actor=v.actor(principal)
+                events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=["account_id"], actor=actor),
+                key=row["id"],
+            )
+        for row in invoices:
+            tx.publish(
+                events_pb2.InvoiceUpdated(
+                    invoice=v.invoice_proto({**row, "account_id": survivor_id}),
+                    changed_fields=["account_id"],
+                    reason=ACCOUNT_MERGED,
+                    actor=actor,
                 ),
                 key=row["id"],
             )
@@ -2401,7 +2419,7 @@ class SalesHandlers:
         self, tx: Transaction, *, account_id: str, previous_owner_id: str, new_owner_id: str, team: str, region: str
     ) -> int:
         """account.transferred: the previous owner's open deals and running contracts of the
-        account move to the new owner (人走客户不走)."""
+        account move to the new owner (人走客户不走), each published as it is now."""
         o, c = r.opportunities, r.contracts
         now = self.clock()
         moved = (
@@ -2419,35 +2437,65 @@ class SalesHandlers:
             .mappings()
             .all()
         )
+        contracts = (
+            (
+                await tx.conn.execute(
+                    select(c)
+                    .where(
+                        c.c.account_id == account_id,
+                        c.c.owner_id == previous_owner_id,
+                        c.c.status.in_(r.ACTIVE_CONTRACT_STATUSES),
+                    )
+                    .with_for_update()
+                )
+            )
+            .mappings()
+            .all()
+        )
         values: dict[str, Any] = {"owner_id": new_owner_id, "updated_at": now}
         if team:
             values["team"] = team
         if region:
             values["region"] = region
+        ownership = {name: values[name] for name in OWNERSHIP if name in values}
         if moved:
             moved_ids = [row["id"] for row in moved]
             await tx.conn.execute(update(o).where(o.c.id.in_(moved_ids)).values(**values, version=o.c.version + 1))
-            await self._quotes_follow(tx.conn, moved_ids, {name: values[name] for name in OWNERSHIP if name in values})
-        await tx.conn.execute(
-            update(c)
-            .where(
-                c.c.account_id == account_id,
-                c.c.owner_id == previous_owner_id,
-                c.c.status.in_(r.ACTIVE_CONTRACT_STATUSES),
-            )
-            .values(**values, version=c.c.version + 1)
-        )
+            await self._quotes_follow(tx.conn, moved_ids, ownership)
+        await self._contracts_follow_account(tx, contracts, ownership, now=now, reason=ACCOUNT_TRANSFERRED)
         principal = current_principal()
         for row in moved:
-            changed = sorted(
-                name for name in ("owner_id", "team", "region") if name in values and values[name] != row[name]
-            )
+            changed = sorted(name for name in ownership if ownership[name] != row[name])
             proto = v.opportunity_proto({**row, **values, "version": row["version"] + 1})
             tx.publish(
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=row["id"],
             )
         return len(moved)
+
+    async def _contracts_follow_account(
+        self, tx: Transaction, rows: Sequence[RowMapping], changes: dict[str, Any], *, now: datetime, reason: str
+    ) -> None:
+        """Saves `changes` to the contracts `rows` (locked), each in its next version, and publishes
+        each as it is now: an ERP's latest event of a contract names its account and owner."""
+        if not rows:
+            return
+        c = r.contracts
+        await tx.conn.execute(
+            update(c)
+            .where(c.c.id.in_([row["id"] for row in rows]))
+            .values(**changes, updated_at=now, version=c.c.version + 1)
+        )
+        actor = v.actor(current_principal())
+        for row in rows:
+            contract = await self._contract_proto(
+                tx.conn, {**row, **changes, "updated_at": now, "version": row["version"] + 1}
+            )
+            changed = sorted(name for name in changes if changes[name] != row[name])
+            tx.publish(
+                events_pb2.ContractUpdated(contract=contract, changed_fields=changed, reason=reason, actor=actor),
+                key=row["id"],
+            )
 
     # ------------------------------------------------------------ shared paging
 

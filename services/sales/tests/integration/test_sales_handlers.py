@@ -78,6 +78,14 @@ async def outbox_events(engine: AsyncEngine, event_type: str) -> list[bytes]:
         return list(rows.scalars())
 
 
+async def outbox_keyed(engine: AsyncEngine, event_type: str) -> list[tuple[str, bytes]]:
+    """The (key, payload) of each event of `event_type` in the outbox, oldest first."""
+    outbox = metadata.tables["outbox"]
+    async with engine.connect() as conn:
+        query = select(outbox.c.key, outbox.c.payload).where(outbox.c.type == event_type).order_by(outbox.c.seq)
+        return [(key, payload) for key, payload in await conn.execute(query)]
+
+
 async def won_deal(sales: SalesHandlers, amount: str = "50000", owner: str = "rep1") -> str:
     with as_user(owner, "sales_rep"):
         opp = await sales.create_opportunity(
@@ -1604,6 +1612,52 @@ async def test_quotes_move_with_their_deal_when_the_account_is_transferred(sales
     assert (moved.owner_id, moved.team, moved.region) == ("dave", "west", "cn-east")
     with as_user("alice", "sales_rep", scope="own"), pytest.raises(NotFound):
         await sales.get_quote(quote.id)
+
+
+async def test_a_merge_publishes_each_contract_and_invoice_it_moves_to_the_survivor(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    contract_id = await signed_contract(sales, "1000")  # of account acc-1
+    with as_user("fin", "finance"):
+        invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+    async with sales.uow.begin() as tx:
+        await sales.repoint_account(tx, duplicate_id="acc-1", survivor_id="survivor")
+    with as_user("admin", "admin"):
+        contract = await sales.get_contract(contract_id)
+        moved_invoice = await sales.get_invoice(invoice.id)
+    [(contract_key, contract_payload)] = await outbox_keyed(engine, "crm.sales.contract.updated")
+    updated = events_pb2.ContractUpdated.FromString(contract_payload)
+    assert contract_key == contract_id
+    assert updated.contract == contract  # the whole contract as it is now, its version included
+    assert contract.account_id == "survivor"
+    assert (list(updated.changed_fields), updated.reason) == (["account_id"], "crm.accounts.account.merged")
+    [(invoice_key, invoice_payload)] = await outbox_keyed(engine, "crm.sales.invoice.updated")
+    repointed = events_pb2.InvoiceUpdated.FromString(invoice_payload)
+    assert invoice_key == invoice.id
+    assert repointed.invoice == moved_invoice and moved_invoice.account_id == "survivor"
+    assert (list(repointed.changed_fields), repointed.reason) == (["account_id"], "crm.accounts.account.merged")
+
+
+async def test_a_transfer_publishes_each_running_contract_handed_to_the_new_owner(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    running = await signed_contract(sales, "1000")  # rep1's, team east, of account acc-1
+    with as_user("bob", "sales_rep"):
+        bobs = await direct_contract(sales, "500")
+    async with sales.uow.begin() as tx:
+        await sales.follow_account_owner(
+            tx, account_id="acc-1", previous_owner_id="rep1", new_owner_id="dave", team="west", region=""
+        )
+    with as_user("admin", "admin"):
+        contract = await sales.get_contract(running)
+        untouched = await sales.get_contract(bobs.id)
+    [(key, payload)] = await outbox_keyed(engine, "crm.sales.contract.updated")
+    updated = events_pb2.ContractUpdated.FromString(payload)
+    assert key == running
+    assert updated.contract == contract  # the whole contract as it is now, its version included
+    assert (contract.owner_id, contract.team, contract.region) == ("dave", "west", "cn-east")
+    assert (list(updated.changed_fields), updated.reason) == (["owner_id", "team"], "crm.accounts.account.transferred")
+    assert (untouched.owner_id, untouched.version) == ("bob", bobs.version)
 
 
 # ---------------------------------------------------------------- SQLite: exact money without a decimal type
