@@ -1335,9 +1335,11 @@ async def create_reminder_rule(
         return (await tx.conn.execute(select(r).where(r.c.id == rule_id))).one()
 
 
-async def list_reminder_rules(ctx: Context) -> list[Any]:
+async def list_reminder_rules(ctx: Context, page: Page) -> tuple[list[Any], str]:
+    r = repo.reminder_rules
     async with ctx.uow.engine.connect() as conn:
-        return list(await conn.execute(select(repo.reminder_rules).order_by(repo.reminder_rules.c.id)))
+        rows = list(await conn.execute(repo.apply_page(select(r), r, page)))
+    return repo.page_result(rows, page)
 
 
 async def delete_reminder_rule(ctx: Context, rule_id: str) -> None:
@@ -1404,14 +1406,15 @@ async def get_segment(ctx: Context, segment_id: str) -> Any:
         return await _visible_segment(conn, segment_id)
 
 
-async def list_segments(ctx: Context) -> list[Any]:
+async def list_segments(ctx: Context, page: Page) -> tuple[list[Any], str]:
     s = repo.segments
     principal = current_principal()
     visible = s.c.owner_id == principal.user_id
     if principal.team:
         visible = or_(visible, and_(s.c.visibility == "team", s.c.team == principal.team))
     async with ctx.uow.engine.connect() as conn:
-        return list(await conn.execute(select(s).where(visible).order_by(s.c.name, s.c.id)))
+        rows = list(await conn.execute(repo.apply_page(select(s).where(visible), s, page)))
+    return repo.page_result(rows, page)
 
 
 async def update_segment(

@@ -387,8 +387,10 @@ class AccountsServicer(AccountsServiceServicer):
     async def ListReminderRules(
         self, request: pb.ListReminderRulesRequest, context: Ctx
     ) -> pb.ListReminderRulesResponse:
+        page = parse_page(request.page.limit, request.page.cursor, request.page.sort, sorts={"created_at"})
+        rows, cursor = await handlers.list_reminder_rules(self.ctx, page)
         return pb.ListReminderRulesResponse(
-            items=[rule_to_proto(r) for r in await handlers.list_reminder_rules(self.ctx)]
+            items=[rule_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
         )
 
     async def DeleteReminderRule(
@@ -414,7 +416,12 @@ class AccountsServicer(AccountsServiceServicer):
         return pb.GetSegmentResponse(segment=segment_to_proto(await handlers.get_segment(self.ctx, request.segment_id)))
 
     async def ListSegments(self, request: pb.ListSegmentsRequest, context: Ctx) -> pb.ListSegmentsResponse:
-        return pb.ListSegmentsResponse(items=[segment_to_proto(r) for r in await handlers.list_segments(self.ctx)])
+        sort = request.page.sort or "name"
+        page = parse_page(request.page.limit, request.page.cursor, sort, sorts={"name", "created_at"})
+        rows, cursor = await handlers.list_segments(self.ctx, page)
+        return pb.ListSegmentsResponse(
+            items=[segment_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
 
     async def UpdateSegment(self, request: pb.UpdateSegmentRequest, context: Ctx) -> pb.UpdateSegmentResponse:
         segment = request.segment

@@ -950,3 +950,33 @@ async def test_the_largest_amount_is_kept_to_the_cent(ctx: Context) -> None:
         ctx, MANAGER, "Rich", annual_revenue=Decimal("999999999999.99"), annual_revenue_currency="CNY"
     )
     assert account_to_proto(account).annual_revenue == common_pb2.Money(amount="999999999999.99", currency="CNY")
+
+
+# --- configuration lists page like every list ----------------------------------------------------------
+
+
+async def _all_pages(list_page: Any, sort: str = "") -> list[list[str]]:
+    pages: list[list[str]] = []
+    cursor = ""
+    while True:
+        rows, cursor = await list_page(parse_page(2, cursor, sort, sorts={"created_at", "name"}))
+        pages.append([row.name for row in rows])
+        if not cursor:
+            return pages
+
+
+async def test_segments_and_reminder_rules_are_listed_a_page_at_a_time(ctx: Context) -> None:
+    for name in ("Gamma", "Alpha", "Beta"):
+        await new_segment(ctx, MANAGER, name)
+    with acting_as(*MANAGER):
+        for name in ("Quiet A", "Quiet B", "Quiet C"):
+            await handlers.create_reminder_rule(
+                ctx, name=name, tiers=["A"], inactive_days=30, task_title="Call", due_in_hours=24, enabled=True,
+                idempotency_key="",
+            )  # fmt: skip
+
+        segments = await _all_pages(lambda page: handlers.list_segments(ctx, page), sort="name")
+        rules = await _all_pages(lambda page: handlers.list_reminder_rules(ctx, page))
+
+    assert segments == [["Alpha", "Beta"], ["Gamma"]]
+    assert rules == [["Quiet A", "Quiet B"], ["Quiet C"]]

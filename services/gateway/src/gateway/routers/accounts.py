@@ -1345,9 +1345,17 @@ async def complete_task(
 
 
 @router.get("/reminder-rules", response_model=ReminderRulePage, response_model_exclude_unset=True)
-async def list_reminder_rules(request: Request, access: TasksRead) -> dict[str, Any]:
-    reply = await _stub(request).ListReminderRules(pb.ListReminderRulesRequest(), metadata=access.grpc_metadata())
-    return _list_body([_rule_dict(r) for r in reply.items], "")
+async def list_reminder_rules(
+    request: Request,
+    access: TasksRead,
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """The reminder rules in the order they were created, one page at a time."""
+    reply = await _stub(request).ListReminderRules(
+        pb.ListReminderRulesRequest(page=_page(limit, cursor, None, access)), metadata=access.grpc_metadata()
+    )
+    return _list_body([_rule_dict(r) for r in reply.items], reply.page_info.next_cursor)
 
 
 @router.post("/reminder-rules", status_code=201, response_model=ReminderRuleOut, response_model_exclude_unset=True)
@@ -1455,12 +1463,22 @@ async def _shown_segments(access: Access, segments: Iterable[accounts_pb2.Segmen
     return access.present_many(records)
 
 
+SegmentSort = Annotated[str | None, Query(pattern=r"^-?(name|created_at)$", description="name (default), created_at")]
+
+
 @router.get("/segments", response_model=SegmentPage, response_model_exclude_unset=True)
 async def list_segments(
-    request: Request, access: Annotated[Access, Depends(require("segments", "read"))]
+    request: Request,
+    access: Annotated[Access, Depends(require("segments", "read"))],
+    limit: Annotated[int | None, Query(ge=1, le=500)] = None,
+    cursor: str | None = None,
+    sort: SegmentSort = None,
 ) -> dict[str, Any]:
-    reply = await _stub(request).ListSegments(pb.ListSegmentsRequest(), metadata=access.grpc_metadata())
-    return _list_body(await _shown_segments(access, reply.items), "")
+    """The caller's segments and their team's shared ones, one page at a time."""
+    reply = await _stub(request).ListSegments(
+        pb.ListSegmentsRequest(page=_page(limit, cursor, sort, access)), metadata=access.grpc_metadata()
+    )
+    return _list_body(await _shown_segments(access, reply.items), reply.page_info.next_cursor)
 
 
 async def _segment_filters(
