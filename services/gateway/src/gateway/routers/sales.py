@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
-from gateway.inputs import CalendarDate, Instant, NonBlank, ReplacementBody, RequestBody
+from gateway.inputs import CalendarDate, Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.references import (
     ACCOUNT,
     CAMPAIGN,
@@ -56,11 +56,13 @@ Limit = Annotated[int | None, Query(ge=1, le=500)]
 # services' ids up to REF_LENGTH (64), names, users, teams and regions up to NAME_LENGTH (200),
 # codes (a stage key, a payment method, an invoice number) up to CODE_LENGTH (64), external
 # references up to REFERENCE_LENGTH (200); reasons, comments and next steps are TEXT, limited here.
+# An id, owner, team or region a body may leave out is an `OptionalId`: "" means it is left out, and
+# only whitespace is refused (it would be stored: a deal owned by nobody, in a team nobody sees).
 Tag = Annotated[str, Field(max_length=100)]
 
 
 class LineItemBody(RequestBody):
-    product_id: str = Field(default="", max_length=64)
+    product_id: OptionalId = Field(default=None, max_length=64)
     product_name: str = Field(default="", max_length=200)
     product_line: str = Field(default="", max_length=200)
     quantity: str = Field(default="1", max_length=32, description='a decimal string, e.g. "2"')
@@ -71,7 +73,7 @@ class LineItemBody(RequestBody):
 
     def proto(self) -> pb.LineItemInput:
         return pb.LineItemInput(
-            product_id=self.product_id,
+            product_id=self.product_id or "",
             product_name=self.product_name,
             product_line=self.product_line,
             quantity=self.quantity,
@@ -96,14 +98,20 @@ class PipelineCreate(RequestBody):
     is_default: bool = False
 
 
+class PipelineReplacement(PipelineCreate, ReplacementBody):
+    """A PUT of the pipeline: its name, stages and default flag, or the pipeline as GET returned it."""
+
+    read_only = frozenset({"id", "created_at", "version"})
+
+
 class OpportunityFields(RequestBody):
     name: str | None = Field(default=None, max_length=200)
-    primary_contact_id: str | None = Field(default=None, max_length=64)
+    primary_contact_id: OptionalId = Field(default=None, max_length=64)
     amount: MoneyIn | None = None
     expected_close_date: CalendarDate | None = None
-    owner_id: str | None = Field(default=None, max_length=200)
-    team: str | None = Field(default=None, max_length=200)
-    region: str | None = Field(default=None, max_length=200)
+    owner_id: OptionalId = Field(default=None, max_length=200)
+    team: OptionalId = Field(default=None, max_length=200)
+    region: OptionalId = Field(default=None, max_length=200)
     line_items: list[LineItemBody] | None = None
     next_step: str | None = Field(default=None, max_length=2000)
     product_line: str | None = Field(default=None, max_length=200)
@@ -125,16 +133,16 @@ class OpportunityPatch(OpportunityFields, CollisionOverride):
 class OpportunityCreate(OpportunityFields, CollisionOverride):
     account_id: NonBlank = Field(max_length=64)
     name: NonBlank = Field(max_length=200)
-    pipeline_id: str | None = Field(default=None, max_length=36)
+    pipeline_id: OptionalId = Field(default=None, max_length=36)
     stage: str | None = Field(default=None, max_length=64)
-    source_lead_id: str | None = Field(default=None, max_length=64)
-    campaign_id: str | None = Field(default=None, max_length=64)
+    source_lead_id: OptionalId = Field(default=None, max_length=64)
+    campaign_id: OptionalId = Field(default=None, max_length=64)
 
 
 class OpportunityAssign(CollisionOverride):
     owner_id: NonBlank = Field(max_length=200)
-    team: str | None = Field(default=None, max_length=200, description="left out: unchanged")
-    region: str | None = Field(default=None, max_length=200, description="left out: unchanged")
+    team: OptionalId = Field(default=None, max_length=200, description="left out or empty: unchanged")
+    region: OptionalId = Field(default=None, max_length=200, description="left out or empty: unchanged")
 
 
 OVERRIDE_FIELDS = set(CollisionOverride.model_fields)
@@ -160,11 +168,11 @@ class ImportRowBody(RequestBody):
     the sales service rejects a row alone for that too."""
 
     external_id: str = ""  # blank: that row alone is rejected by the service, with its reason
-    account_id: str
+    account_id: NonBlank
     name: str
-    owner_id: str = ""
-    team: str = ""
-    region: str = ""
+    owner_id: OptionalId = None
+    team: OptionalId = None
+    region: OptionalId = None
     product_line: str = ""
     line_items: list[LineItemBody] = Field(default_factory=list)
     stage: str = ""
@@ -176,7 +184,7 @@ class ImportRowBody(RequestBody):
 
 
 class ImportBody(RequestBody):
-    pipeline_id: str = Field(default="", max_length=36)
+    pipeline_id: OptionalId = Field(default=None, max_length=36)
     rows: list[dict[str, Any]] = Field(
         min_length=1, max_length=5000, description="ImportRowBody objects, each checked on its own"
     )
@@ -196,13 +204,13 @@ class DecisionBody(RequestBody):
 
 
 class ContractCreate(RequestBody):
-    opportunity_id: str | None = Field(default=None, max_length=36)
-    account_id: str | None = Field(default=None, max_length=64)
+    opportunity_id: OptionalId = Field(default=None, max_length=36)
+    account_id: OptionalId = Field(default=None, max_length=64)
     title: str | None = Field(default=None, max_length=200)
     amount: MoneyIn | None = None
-    owner_id: str | None = Field(default=None, max_length=200)
-    team: str | None = Field(default=None, max_length=200)
-    region: str | None = Field(default=None, max_length=200)
+    owner_id: OptionalId = Field(default=None, max_length=200)
+    team: OptionalId = Field(default=None, max_length=200)
+    region: OptionalId = Field(default=None, max_length=200)
     starts_on: CalendarDate | None = None
     ends_on: CalendarDate | None = None
 
@@ -569,13 +577,14 @@ async def create_pipeline(
 @router.put("/pipelines/{pipeline_id}", responses={200: {"model": schemas.Pipeline}})
 async def replace_pipeline(
     pipeline_id: str,
-    body: PipelineCreate,
+    body: PipelineReplacement,
     request: Request,
     response: Response,
     access: PipelinesUpdate,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    """Name, stages and default flag at once. 409 when a removed stage still holds open deals;
+    """Name, stages and default flag at once (the pipeline as GET returned it may be sent back: its id,
+    times, version and stages' positions are ignored). 409 when a removed stage still holds open deals;
     open deals take their stage's new probability."""
     access.check_write(_written(body))
     reply = await _stub(request).UpdatePipeline(
@@ -930,9 +939,9 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
             external_id=row.external_id,
             account_id=row.account_id,
             name=row.name,
-            owner_id=row.owner_id,
-            team=row.team,
-            region=row.region,
+            owner_id=row.owner_id or "",
+            team=row.team or "",
+            region=row.region or "",
             product_line=row.product_line,
             line_items=[item.proto() for item in row.line_items],
             stage=row.stage,
@@ -950,7 +959,8 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
     results = {index: _rejected_import_row(index, body.rows[index], errors) for index, errors in refused.items()}
     if rows:
         reply = await _stub(request).ImportOpportunities(
-            pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id, rows=rows), metadata=access.grpc_metadata()
+            pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id or "", rows=rows),
+            metadata=access.grpc_metadata(),
         )
         sent = list(checked)  # the service numbers the rows it was sent
         for r in reply.results:
