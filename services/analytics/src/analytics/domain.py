@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 
-from crm_platform.money import minor_unit
+from crm_platform.money import amount_text, minor_unit
 
 RATE_PLACES = Decimal("0.0001")
 DURATION_PLACES = Decimal("0.01")
@@ -578,7 +578,9 @@ def churn_reasons(health: AccountHealth, policy: ChurnPolicy, now: datetime) -> 
         reasons.append(
             ChurnReason(
                 "OVERDUE_INSTALLMENTS",
-                f"{health.overdue_installments} overdue installment(s), {health.overdue_amount} {health.currency}",
+                # Stored amounts carry 4 places: shown in the currency's minor unit, as money is everywhere.
+                f"{health.overdue_installments} overdue installment(s), "
+                f"{amount_text(health.overdue_amount, health.currency)} {health.currency}",
             )
         )
     if health.open_urgent_tickets:

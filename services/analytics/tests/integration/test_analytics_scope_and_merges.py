@@ -403,7 +403,7 @@ async def test_a_merged_accounts_records_count_for_the_survivor_in_any_order_of_
         assert [value(row) for row in rows] == [
             (f"A1-{run}", Decimal(500), Decimal(500), {"OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"})
         ], topics
-        assert "500.0000 CNY" in rows[0].reasons[0].detail, topics
+        assert "500.00 CNY" in rows[0].reasons[0].detail, topics
 
 
 async def test_records_arriving_with_a_merged_accounts_id_land_on_the_survivor(
@@ -498,8 +498,8 @@ async def test_an_overdue_installment_owes_what_neither_earlier_money_nor_later_
     rows = {row.account_id: row for row in await value_rows(reports, ALL_RECORDS, ReportFilter())}
     details = {account_id: [r.detail for r in row.reasons] for account_id, row in rows.items()}
     assert details == {
-        "ACC1": ["1 overdue installment(s), 20.0000 CNY"],
-        "ACC2": ["1 overdue installment(s), 50.0000 CNY"],
+        "ACC1": ["1 overdue installment(s), 20.00 CNY"],
+        "ACC2": ["1 overdue installment(s), 50.00 CNY"],
     }
 
 

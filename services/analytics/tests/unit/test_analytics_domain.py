@@ -458,6 +458,22 @@ def test_each_churn_rule() -> None:
     assert domain.churn_risk(many[:1]) == "medium"
 
 
+@pytest.mark.parametrize(
+    ("currency", "stored", "shown"),
+    [
+        ("CNY", "13954.5000", "13954.50 CNY"),  # stored amounts carry 4 places; shown in cents
+        ("JPY", "849.0000", "849 JPY"),  # whole yen
+        ("BHD", "12.3450", "12.345 BHD"),  # fils
+    ],
+)
+def test_the_overdue_amount_of_a_churn_reason_is_shown_in_the_currencys_minor_unit(
+    currency: str, stored: str, shown: str
+) -> None:
+    overdue = health(overdue_installments=1, overdue_amount=Decimal(stored), currency=currency)
+    [reason] = domain.churn_reasons(overdue, ChurnPolicy(), T0)
+    assert reason.detail == f"1 overdue installment(s), {shown}"
+
+
 def test_low_csat_needs_enough_responses() -> None:
     policy = ChurnPolicy(min_csat_responses=3)
     assert domain.churn_reasons(health(csat_scores=(1, 1)), policy, T0) == []

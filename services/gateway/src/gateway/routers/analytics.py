@@ -10,13 +10,16 @@ Money is `{"amount": "12.50", "currency": "CNY"}`; rates and durations are decim
 when undefined (nothing to divide by).
 """
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
+import grpc
 from crm.analytics.v1 import analytics_service_pb2 as pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceStub
 from crm.common.v1 import common_pb2
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -43,6 +46,23 @@ _DECIMAL_NAMES = frozenset({"roi", "conversion_to_next", "completeness", "rate",
 
 def _stub(request: Request) -> AnalyticsServiceStub:
     return request.app.state.upstreams.stub("analytics", AnalyticsServiceStub)  # type: ignore[no-any-return]
+
+
+ReplyT = TypeVar("ReplyT")
+# The service names a refused filter by its place in the request (`filter.period_to`); the client
+# sent it as the query parameter of the same name (`period_to`, on the report and export routes).
+_FILTER_FIELD = "filter."
+
+
+async def _report(call: Awaitable[ReplyT]) -> ReplyT:
+    """The analytics service's answer to `call`; a 422 about the filter names the query parameters."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        refused = from_rpc_error(error).field_errors
+        if not any(e.field.startswith(_FILTER_FIELD) for e in refused):
+            raise
+        raise ValidationFailed([FieldError(e.field.removeprefix(_FILTER_FIELD), e.message) for e in refused]) from None
 
 
 class Filters:
@@ -244,8 +264,11 @@ async def sales_funnel(
     format: Format = "json",
 ) -> Any:
     """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle."""
-    reply = await _stub(request).GetSalesFunnel(
-        pb.GetSalesFunnelRequest(filter=filters.proto(access), pipeline_id=pipeline_id), metadata=access.grpc_metadata()
+    reply = await _report(
+        _stub(request).GetSalesFunnel(
+            pb.GetSalesFunnelRequest(filter=filters.proto(access), pipeline_id=pipeline_id),
+            metadata=access.grpc_metadata(),
+        )
     )
     body = _funnel(plain(reply), _Money(access))
     return await _respond(request, access, "sales-funnel", body, body["stages"], filters, format)
@@ -269,8 +292,11 @@ async def lead_sources(
 ) -> Any:
     """Leads by source or campaign: volume, contacted %, converted %, first-contact time, revenue, cost, ROI."""
     grouping = pb.LEAD_GROUPING_CAMPAIGN if group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
-    reply = await _stub(request).GetLeadSourceReport(
-        pb.GetLeadSourceReportRequest(filter=filters.proto(access), group_by=grouping), metadata=access.grpc_metadata()
+    reply = await _report(
+        _stub(request).GetLeadSourceReport(
+            pb.GetLeadSourceReportRequest(filter=filters.proto(access), group_by=grouping),
+            metadata=access.grpc_metadata(),
+        )
     )
     body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "lead-sources", body, body["rows"], filters, format)
@@ -281,8 +307,10 @@ async def rep_performance(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
     """Per rep: activities, task completion, deals won, CSAT of their tickets, data completeness."""
-    reply = await _stub(request).GetRepPerformance(
-        pb.GetRepPerformanceRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+    reply = await _report(
+        _stub(request).GetRepPerformance(
+            pb.GetRepPerformanceRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+        )
     )
     body = _rows(plain(reply), _Money(access))
     return await _respond(request, access, "rep-performance", body, body["rows"], filters, format)
@@ -291,8 +319,10 @@ async def rep_performance(
 @router.get("/reports/service", response_model=None, responses=_json_or_csv(schemas.ServiceReport))
 async def service(request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json") -> Any:
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
-    reply = await _stub(request).GetServiceReport(
-        pb.GetServiceReportRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+    reply = await _report(
+        _stub(request).GetServiceReport(
+            pb.GetServiceReportRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+        )
     )
     body = plain(reply)
     return await _respond(request, access, "service", body, [body], filters, format)
@@ -310,13 +340,15 @@ async def customer_value(
 ) -> Any:
     """Per account: won and paid amounts, churn risk and its reasons; highest paid first, a page at a
     time (as CSV too: `Link` rel="next"; `/exports/reports?report=customer-value` gives every row)."""
-    reply = await _stub(request).GetCustomerValue(
-        pb.GetCustomerValueRequest(
-            filter=filters.proto(access),
-            at_risk_only=at_risk_only,
-            page=common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor),
-        ),
-        metadata=access.grpc_metadata(),
+    reply = await _report(
+        _stub(request).GetCustomerValue(
+            pb.GetCustomerValueRequest(
+                filter=filters.proto(access),
+                at_risk_only=at_risk_only,
+                page=common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor),
+            ),
+            metadata=access.grpc_metadata(),
+        )
     )
     body = _customer_value(reply, _Money(access))
     next_cursor = reply.page_info.next_cursor
@@ -336,8 +368,10 @@ async def data_completeness(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
     """Share of filled key fields of leads and accounts, overall and per field."""
-    reply = await _stub(request).GetDataCompleteness(
-        pb.GetDataCompletenessRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+    reply = await _report(
+        _stub(request).GetDataCompleteness(
+            pb.GetDataCompletenessRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+        )
     )
     body = plain(reply)
     return await _respond(request, access, "data-completeness", body, _completeness_rows(body), filters, format)
@@ -431,13 +465,15 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
         case "customer-value":
             cursor = ""
             while True:
-                page = await stub.GetCustomerValue(
-                    pb.GetCustomerValueRequest(
-                        filter=report_filter,
-                        at_risk_only=export.at_risk_only,
-                        page=common_pb2.PageRequest(limit=access.page_limit(500), cursor=cursor),
-                    ),
-                    metadata=metadata,
+                page = await _report(
+                    stub.GetCustomerValue(
+                        pb.GetCustomerValueRequest(
+                            filter=report_filter,
+                            at_risk_only=export.at_risk_only,
+                            page=common_pb2.PageRequest(limit=access.page_limit(500), cursor=cursor),
+                        ),
+                        metadata=metadata,
+                    )
                 )
                 for row in page.rows:
                     yield _flat(money.present(plain(row)))
@@ -445,27 +481,33 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
                 if not cursor:
                     return
         case "sales-funnel":
-            funnel = await stub.GetSalesFunnel(
-                pb.GetSalesFunnelRequest(filter=report_filter, pipeline_id=export.pipeline_id), metadata=metadata
+            funnel = await _report(
+                stub.GetSalesFunnel(
+                    pb.GetSalesFunnelRequest(filter=report_filter, pipeline_id=export.pipeline_id), metadata=metadata
+                )
             )
             rows = _funnel(plain(funnel), money)["stages"]
         case "lead-sources":
             grouping = pb.LEAD_GROUPING_CAMPAIGN if export.group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
-            sources = await stub.GetLeadSourceReport(
-                pb.GetLeadSourceReportRequest(filter=report_filter, group_by=grouping), metadata=metadata
+            sources = await _report(
+                stub.GetLeadSourceReport(
+                    pb.GetLeadSourceReportRequest(filter=report_filter, group_by=grouping), metadata=metadata
+                )
             )
             rows = _rows(plain(sources), money)["rows"]
         case "rep-performance":
-            reps = await stub.GetRepPerformance(pb.GetRepPerformanceRequest(filter=report_filter), metadata=metadata)
+            reps = await _report(
+                stub.GetRepPerformance(pb.GetRepPerformanceRequest(filter=report_filter), metadata=metadata)
+            )
             rows = _rows(plain(reps), money)["rows"]
         case "service":
-            service_report = await stub.GetServiceReport(
-                pb.GetServiceReportRequest(filter=report_filter), metadata=metadata
+            service_report = await _report(
+                stub.GetServiceReport(pb.GetServiceReportRequest(filter=report_filter), metadata=metadata)
             )
             rows = [plain(service_report)]
         case _:
-            completeness = await stub.GetDataCompleteness(
-                pb.GetDataCompletenessRequest(filter=report_filter), metadata=metadata
+            completeness = await _report(
+                stub.GetDataCompleteness(pb.GetDataCompletenessRequest(filter=report_filter), metadata=metadata)
             )
             rows = _completeness_rows(plain(completeness))
     for row in rows:
