@@ -337,6 +337,16 @@ async def real_app(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[FastA
 
 
 @pytest.fixture
+async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An admin's client of `real_app` (a test module may define its own `client`)."""
+    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
+    ) as http:
+        yield http
+
+
+@pytest.fixture
 def real_app_auth() -> AuthHeaders:
     """`real_app_auth("sales_rep")` -> an Authorization header the `real_app` accepts."""
 

@@ -5,25 +5,14 @@ nobody sees; "" means the field was not given, as on the leads routes (`gateway.
 The real app runs without upstreams: a body that gets past the gateway's validation answers 503
 (no service configured), one that does not answers 422."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 pytestmark = pytest.mark.integration
 
 ID = "00000000-0000-0000-0000-000000000001"
-
-
-@pytest.fixture
-async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
-    ) as http:
-        yield http
 
 
 BLANK = [

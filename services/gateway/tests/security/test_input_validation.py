@@ -6,7 +6,7 @@ compare. The real app runs without upstreams: a request that gets past the gatew
 answers 503 (no service configured), one that does not answers 422."""
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from types import UnionType
 from typing import Annotated, Any, Union, get_args, get_origin
 
@@ -32,15 +32,6 @@ STAGES = [
     {"key": "w", "name": "W", "probability": "100", "outcome": "won"},
     {"key": "l", "name": "L", "probability": "0", "outcome": "lost"},
 ]
-
-
-@pytest.fixture
-async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
-    ) as http:
-        yield http
 
 
 def _fields(response: httpx.Response) -> list[str]:

@@ -14,7 +14,6 @@ import pytest
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
-from fastapi import FastAPI
 from gateway.errors import field_error
 from gateway.routers.sales import ImportRowBody
 from gateway.testing import RoleClient, serving
@@ -26,15 +25,6 @@ pytestmark = pytest.mark.integration
 ID = "00000000-0000-7000-8000-000000000000"
 PRICE = {"amount": "10.00", "currency": "CNY"}
 DEAL = {"account_id": ID, "name": "Robots"}
-
-
-@pytest.fixture
-async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
-    ) as http:
-        yield http
 
 
 def _blank_fields(response: httpx.Response) -> list[str]:

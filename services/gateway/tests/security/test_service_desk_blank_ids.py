@@ -4,25 +4,14 @@ is in, or an agent of a region no ticket is dispatched from, is a 422 naming the
 one still means "not given" (auto-dispatch, no account) where a route says so. The real app runs
 without upstreams: a request past the gateway's validation answers 503."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 pytestmark = pytest.mark.integration
 
 ID = "00000000-0000-7000-8000-000000000000"
-
-
-@pytest.fixture
-async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
-    ) as http:
-        yield http
 
 
 @pytest.mark.parametrize(

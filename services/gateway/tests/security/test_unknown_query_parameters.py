@@ -6,7 +6,6 @@ and those its OpenAPI operation documents: the list routes that filter by custom
 
 The real app runs without upstreams: a request that gets past the gateway's checks answers 503."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -30,15 +29,6 @@ CUSTOM_FILTER_ROUTES = [
     "/api/v1/opportunities",
     "/api/v1/tickets",
 ]
-
-
-@pytest.fixture
-async def client(real_app: FastAPI, real_app_auth: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=real_app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://gateway", headers=real_app_auth("admin")
-    ) as http:
-        yield http
 
 
 @pytest.mark.parametrize(
