@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway.inputs import EMPTY_OR_NON_BLANK_PATTERN, NON_BLANK_PATTERN
+from gateway.inputs import NON_BLANK_PATTERN
 from gateway.routing import allowed_methods
 from gateway.upstreams import UpstreamNotConfigured
 
@@ -153,8 +153,7 @@ def field_error(item: Mapping[str, Any]) -> dict[str, str]:
     message = str(item.get("msg", "invalid"))
     if item.get("type") == "value_error" and "error" in item.get("ctx", {}):
         message = str(item["ctx"]["error"])
-    blank = (NON_BLANK_PATTERN, EMPTY_OR_NON_BLANK_PATTERN)
-    if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") in blank:
+    if item.get("type") == "string_pattern_mismatch" and item.get("ctx", {}).get("pattern") == NON_BLANK_PATTERN:
         message = "must not be blank"
     return {"field": field or "body", "message": message}
 

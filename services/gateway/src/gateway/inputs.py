@@ -72,9 +72,6 @@ class ReplacementBody(RequestBody):
 # the OpenAPI schema shows the rule. The error handler words its error as "must not be blank".
 NON_BLANK_PATTERN = r"\S"
 NonBlank = Annotated[str, StringConstraints(pattern=NON_BLANK_PATTERN)]
-# Text a request may leave empty, meaning none (a web form's team), but not blank: "   " is a 422.
-EMPTY_OR_NON_BLANK_PATTERN = r"^$|\S"
-EmptyOrNonBlank = Annotated[str, StringConstraints(pattern=EMPTY_OR_NON_BLANK_PATTERN)]
 # An id a request may leave out, where "" means the same as leaving it out: only whitespace is refused.
 OptionalId = Annotated[NonBlank | None, BeforeValidator(lambda value: None if value == "" else value)]
 

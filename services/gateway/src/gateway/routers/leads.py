@@ -47,7 +47,6 @@ from gateway.inputs import (
     INT32_MAX,
     INT32_MIN,
     CalendarDate,
-    EmptyOrNonBlank,
     Instant,
     NonBlank,
     OptionalId,
@@ -225,9 +224,9 @@ class CampaignCreate(CampaignIn):
 
 class WebformIn(RequestBody):
     name: NonBlank = Field(max_length=200)
-    campaign_id: EmptyOrNonBlank = Field(default="", max_length=36)
-    team: EmptyOrNonBlank = Field(default="", max_length=200)
-    region: EmptyOrNonBlank = Field(default="", max_length=200)
+    campaign_id: OptionalId = Field(default=None, max_length=36)
+    team: OptionalId = Field(default=None, max_length=200)
+    region: OptionalId = Field(default=None, max_length=200)
     rate_limit_per_minute: int = Field(default=0, ge=0, le=10_000)
     honeypot_field: str = Field(
         default="",
@@ -1781,9 +1780,9 @@ class WebformPatch(RequestBody):
     """The settings to change; the others stay. The key changes only by POST .../rotate-key."""
 
     name: NonBlank | None = Field(default=None, max_length=200)
-    campaign_id: EmptyOrNonBlank | None = Field(default=None, max_length=36)
-    team: EmptyOrNonBlank | None = Field(default=None, max_length=200)
-    region: EmptyOrNonBlank | None = Field(default=None, max_length=200)
+    campaign_id: OptionalId = Field(default=None, max_length=36)
+    team: OptionalId = Field(default=None, max_length=200)
+    region: OptionalId = Field(default=None, max_length=200)
     rate_limit_per_minute: int | None = Field(default=None, ge=1, le=10_000)
     honeypot_field: str | None = Field(default=None, max_length=64)
     enabled: bool | None = Field(default=None, description="false: its submissions answer 404 until turned on")
