@@ -25,7 +25,6 @@ from crm.common.v1 import common_pb2, custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm.sales.v1 import events_pb2 as sales_events
 from crm.sales.v1 import sales_pb2
-from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
@@ -40,6 +39,7 @@ from crm_platform.principal import (
     resource_scope_key,
 )
 from crm_platform.service import ServiceApp
+from crm_platform.testing.database import migrate_to_head
 from crm_platform.testing.kafka import EventCollector, produce_event
 from crm_platform.testing.plans import generic_plan
 from crm_platform.timeutil import utcnow
@@ -85,7 +85,7 @@ class Running:
 
 
 async def _migrate(url: str) -> None:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    await migrate_to_head(url, MIGRATIONS)
 
 
 @asynccontextmanager

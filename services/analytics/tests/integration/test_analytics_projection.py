@@ -26,13 +26,13 @@ from crm.sales.v1 import events_pb2 as sales_events
 from crm.sales.v1 import sales_pb2
 from crm.servicedesk.v1 import events_pb2 as service_events
 from crm.servicedesk.v1 import servicedesk_pb2
-from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine, transaction
 from crm_platform.ids import new_id
 from crm_platform.pagination import bind_cursor, encode_cursor, page_fingerprint
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.service import ServiceApp
+from crm_platform.testing.database import migrate_to_head
 from crm_platform.testing.kafka import produce_event
 from crm_platform.timeutil import to_timestamp, utcnow
 from google.protobuf import json_format
@@ -373,7 +373,7 @@ async def start(url: str, settings: AnalyticsSettings) -> Running:
 
 @pytest.fixture
 async def settings(postgres_url: str, kafka_settings: KafkaSettings) -> AnalyticsSettings:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    await migrate_to_head(postgres_url, MIGRATIONS)
     return AnalyticsSettings(
         database_url=postgres_url,
         grpc_port=0,

@@ -1,16 +1,15 @@
 """Helpers for tests and benchmarks of the sales service: a migrated database, handlers wired
 to it, a settable clock, and acting as a caller the gateway authenticated."""
 
-import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrate_to_head
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sales import domain as d
@@ -31,7 +30,7 @@ class Clock:
 
 
 async def migrated_engine(url: str) -> AsyncEngine:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    await migrate_to_head(url, MIGRATIONS)
     return create_engine(url)
 
 

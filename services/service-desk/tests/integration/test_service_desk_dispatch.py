@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.testing.database import migrate_to_head
 from service_desk import handlers
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
@@ -25,7 +25,7 @@ BILLING_EAST = {"subject": "Invoice is wrong", "category": "billing", "region": 
 
 
 async def _desk(url: str) -> tuple[AsyncEngine, Context]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, url)
+    await migrate_to_head(url, MIGRATIONS)
     engine = create_engine(url)
     return engine, Context(uow=UnitOfWork(engine, repo.metadata, source="/test"))
 

@@ -14,13 +14,13 @@ from crm.accounts.v1 import events_pb2 as account_events
 from crm.servicedesk.v1 import events_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
-from crm_platform import migrations
 from crm_platform.config import KafkaSettings
 from crm_platform.db import create_engine
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from crm_platform.outbox import UnitOfWork
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as, outgoing_metadata
 from crm_platform.service import ServiceApp
+from crm_platform.testing.database import migrate_to_head
 from crm_platform.testing.kafka import EventCollector, produce_event
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
@@ -59,7 +59,7 @@ class Running:
 
 @pytest.fixture
 async def desk(postgres_url: str, kafka_settings: KafkaSettings) -> AsyncIterator[Running]:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    await migrate_to_head(postgres_url, MIGRATIONS)
     settings = ServiceDeskSettings(
         database_url=postgres_url,
         grpc_port=0,
@@ -286,7 +286,7 @@ async def test_kb_full_text_search_on_postgres(desk: Running) -> None:
 
 
 async def test_sla_timer_warns_then_breaches_exactly_once_with_racing_replicas(postgres_url: str) -> None:
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    await migrate_to_head(postgres_url, MIGRATIONS)
     engines = [create_engine(postgres_url), create_engine(postgres_url)]
     replicas = [Context(uow=UnitOfWork(engine, repo.metadata, source="/crm/service-desk")) for engine in engines]
     start = utcnow()
@@ -355,7 +355,7 @@ async def test_tickets_are_filtered_by_custom_fields(postgres_url: str) -> None:
     from service_desk.servicer import ServiceDeskServicer
     from sqlalchemy import text
 
-    await asyncio.to_thread(migrations.upgrade, MIGRATIONS, postgres_url)
+    await migrate_to_head(postgres_url, MIGRATIONS)
     engine = create_engine(postgres_url)
     try:
         ctx = Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), return_visit_days=2)

@@ -1,5 +1,6 @@
 """pytest fixtures (registered by the repository's root conftest.py)."""
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -7,7 +8,7 @@ import pytest
 
 from crm_platform.config import KafkaSettings
 from crm_platform.kafka import ensure_topics
-from crm_platform.testing import infra
+from crm_platform.testing import database, infra
 
 
 def _missing(what: str) -> None:
@@ -24,6 +25,7 @@ async def _fresh_postgres(admin_url: str | None) -> AsyncIterator[str]:
         _missing("PostgreSQL")
         raise AssertionError("unreachable")
     url = await infra.create_database(admin_url)
+    database.note_test_postgres(admin_url, url)
     try:
         yield url
     finally:
@@ -34,6 +36,8 @@ async def _fresh_postgres(admin_url: str | None) -> AsyncIterator[str]:
 def postgres_admin_url() -> Iterator[str | None]:
     url = infra.postgres_admin_url()
     yield url
+    if url is not None:
+        asyncio.run(database.drop_templates())
     infra.stop_containers()
 
 
