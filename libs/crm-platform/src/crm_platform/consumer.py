@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,10 +158,16 @@ class EventConsumer:
             **client_options(self.kafka),
         )
         self._consumer = consumer
-        await asyncio.wait_for(consumer.start(), self.kafka.send_timeout_seconds)
+        started = await self._unless_stopped(asyncio.wait_for(consumer.start(), self.kafka.send_timeout_seconds))
+        if started is None:
+            return
+        started.result()
         consumer.subscribe(self.topics, listener=_CommitOnRevoke(self))
         while not self._stopping.is_set():
-            batches = await consumer.getmany(timeout_ms=500, max_records=500)
+            fetch = await self._unless_stopped(consumer.getmany(timeout_ms=500, max_records=500))
+            if fetch is None:
+                return
+            batches = fetch.result()
             if consumer.assignment():
                 self.ready.set()
             # Partitions are independent (order is per key, and a key lives in one partition):
@@ -171,6 +178,27 @@ class EventConsumer:
                 )
                 await self._commit()
             self._report_lag(consumer)
+
+    async def _unless_stopped(self, work: Awaitable[R]) -> "asyncio.Future[R] | None":
+        """`work`, finished, or None when a stop came first and cancelled it: a stop (SIGTERM)
+        must not wait out a group join (seconds, and during a rebalance as long as the slowest
+        member takes) or a broker that does not answer. Records a cancelled fetch had taken are
+        not committed, so the next owner of their partitions gets them."""
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if task.done():
+            return task
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return None
 
     async def _apply_partition(
         self, consumer: AIOKafkaConsumer, partition: TopicPartition, records: list[ConsumerRecord[Any, Any]]

@@ -572,6 +572,27 @@ async def test_a_second_replica_joining_mid_batch_takes_partitions_without_a_res
     assert not [r for r in caplog.records if "restarting" in r.getMessage()]  # no consumer was torn down
 
 
+async def test_a_consumer_stopped_while_the_broker_does_not_answer_stops_at_once(engine: AsyncEngine) -> None:
+    """A stop (SIGTERM) must not wait out the client's start, which waits for the broker up to the
+    send timeout."""
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # holds the connection open and says nothing
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{port}", send_timeout_seconds=60.0)
+    consumer = consumer_for(engine, kafka, [])
+    task = asyncio.create_task(consumer.run())
+    await asyncio.sleep(0.5)
+
+    stopped_at = asyncio.get_running_loop().time()
+    await consumer.stop()
+    await asyncio.wait_for(task, 90)
+    assert asyncio.get_running_loop().time() - stopped_at < 1.0
+    silent.close()
+
+
 async def test_an_event_waits_out_a_database_outage_instead_of_going_to_the_dead_letter_topic(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
