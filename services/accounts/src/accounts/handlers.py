@@ -1218,8 +1218,14 @@ async def _visible_task(conn: AsyncConnection, task_id: str) -> Any:
 
 async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
     t = repo.tasks
-    if "title" in values and not str(values["title"]).strip():
-        _fail([FieldError("title", "is required")])
+    # A task always has a title and an owner (an unowned one is on nobody's list).
+    blank = [
+        FieldError(name, "is required")
+        for name in ("title", "owner_id")
+        if name in values and not str(values[name] or "").strip()
+    ]
+    if blank:
+        _fail(blank)
     async with ctx.uow.begin() as tx:
         row = await _visible_task(tx.conn, task_id)
         _check_version("task", row, expected_version)

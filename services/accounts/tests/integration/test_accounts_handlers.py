@@ -260,6 +260,21 @@ async def test_a_task_edit_is_evented_with_the_fields_it_changed(ctx: Context) -
     assert [(e.task.title, list(e.changed_fields), e.task.version) for e in edits] == [("call Dora back", ["title"], 2)]
 
 
+async def test_a_task_keeps_a_title_and_an_owner(ctx: Context) -> None:
+    beta = await new_account(ctx, REP1, "Beta")
+    task = await new_task(ctx, REP1, beta.id, "call Dora")
+    with acting_as(*REP1), pytest.raises(ValidationFailed) as raised:
+        await handlers.update_task(ctx, task.id, {"title": " ", "owner_id": ""}, expected_version=0)
+    assert [(e.field, e.message) for e in raised.value.errors] == [
+        ("title", "is required"),
+        ("owner_id", "is required"),
+    ]
+    async with ctx.uow.engine.connect() as conn:
+        kept = (await conn.execute(select(repo.tasks).where(repo.tasks.c.id == task.id))).one()
+    assert (kept.title, kept.owner_id) == ("call Dora", task.owner_id)
+    assert task.owner_id
+
+
 async def test_a_contact_left_live_on_a_deleted_account_cannot_be_written(ctx: Context) -> None:
     """Accounts deleted before contacts went with them left their contacts live: writes to those
     answer as for the deleted account (not found)."""

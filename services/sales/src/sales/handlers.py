@@ -762,9 +762,9 @@ class SalesHandlers:
                         values["forecast_month"] = d.month_key(value) if value else None
                 elif name == "forecast_category":
                     values["forecast_category"] = value.value if value else ""
-                elif name == "name":
-                    _require(value, "name")
-                    values["name"] = value.strip()
+                elif name in ("name", "owner_id"):  # a deal always has a name and an owner
+                    _require(value, name)
+                    values[name] = value.strip()
                 elif name == "product_line":
                     values["product_line"] = value.strip()
                 elif name == "tags":

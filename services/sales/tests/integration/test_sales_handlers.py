@@ -277,6 +277,15 @@ async def test_anti_collision_names_the_open_deal_and_a_manager_override_is_reco
     )
 
 
+async def test_a_deal_keeps_an_owner(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="A"))
+        with pytest.raises(ValidationFailed) as raised:
+            await sales.update_opportunity(deal.id, expected_version=0, changes={"owner_id": "  "})
+        assert [e.field for e in raised.value.errors] == ["owner_id"]
+        assert (await sales.get_opportunity(deal.id)).owner_id == "alice"
+
+
 async def test_moving_a_deal_into_a_collision_needs_a_managers_override_with_a_reason(sales: SalesHandlers) -> None:
     with as_user("alice", "sales_rep"):
         first = await sales.create_opportunity(OpportunityIn(account_id="acc-7", name="A", product_line="GTX"))
