@@ -103,7 +103,7 @@ class References:
             self._wanted[field] = (referent, record_id, on_account)
         return self
 
-    async def check_or_replay(self, idempotency_key: str | None, write: Callable[[Metadata], Awaitable[T]]) -> T:
+    async def check_or_replay(self, idempotency_key: str, write: Callable[[Metadata], Awaitable[T]]) -> T:
         """`check`, then the write (`write(())`). When the check fails for a request with an
         Idempotency-Key, the key's first request may have passed it (the account merged since, its
         owner down now): the write goes again wanting only that first result (its metadata

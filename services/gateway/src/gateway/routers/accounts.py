@@ -25,9 +25,9 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
 from gateway.conventions import (
-    IDEMPOTENCY_KEY_HEADER,
     IF_MATCH_HEADER,
     FigureIn,
+    IdempotencyKey,
     MoneyOut,
     before_write,
     expected_version,
@@ -635,7 +635,6 @@ AccountsCreate = Annotated[Access, Depends(require("accounts", "create"))]
 AccountsUpdate = Annotated[Access, Depends(require("accounts", "update"))]
 AccountsDelete = Annotated[Access, Depends(require("accounts", "delete"))]
 AccountsAssign = Annotated[Access, Depends(require("accounts", "assign"))]
-IdempotencyKey = Annotated[str | None, IDEMPOTENCY_KEY_HEADER]
 IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 CSV = Annotated[list[str] | None, Query()]
 # The accounts service's values (`accounts.domain.TIERS`, `LIFECYCLES`).
@@ -655,14 +654,12 @@ async def create_account(
     request: Request,
     response: Response,
     access: AccountsCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     values = body.model_dump(exclude_none=True, exclude={"in_pool"})
     access.check_write(values)
     reply = await _stub(request).CreateAccount(
-        pb.CreateAccountRequest(
-            account=_account_input(values), idempotency_key=idempotency_key or "", in_pool=body.in_pool
-        ),
+        pb.CreateAccountRequest(account=_account_input(values), idempotency_key=idempotency_key, in_pool=body.in_pool),
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
@@ -791,12 +788,12 @@ async def delete_account(
 
 @router.post("/accounts/{account_id}/merge", response_model=MergeOut, response_model_exclude_unset=True)
 async def merge_accounts(
-    account_id: str, body: MergeIn, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = None
+    account_id: str, body: MergeIn, request: Request, access: AccountsUpdate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     # A survivor the caller may not read is a 404, a duplicate a 422 naming `duplicate_id` (the service's).
     reply = await _stub(request).MergeAccounts(
         pb.MergeAccountsRequest(
-            survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key or ""
+            survivor_id=account_id, duplicate_id=body.duplicate_id, idempotency_key=idempotency_key
         ),
         metadata=access.grpc_metadata(),
     )
@@ -862,10 +859,10 @@ async def claim_account(
     request: Request,
     response: Response,
     access: AccountsUpdate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     reply = await _stub(request).ClaimAccount(
-        pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key or ""),
+        pb.ClaimAccountRequest(account_id=account_id, idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
     record = account_dict(reply.account)
@@ -926,7 +923,7 @@ async def transfer_account(
 
 @router.post("/accounts:transfer", response_model=BulkTransferOut, response_model_exclude_unset=True)
 async def bulk_transfer(
-    body: BulkTransferIn, request: Request, access: AccountsAssign, idempotency_key: IdempotencyKey = None
+    body: BulkTransferIn, request: Request, access: AccountsAssign, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     access.check_write(["owner_id"])
     reply = await _stub(request).BulkTransferAccounts(
@@ -935,7 +932,7 @@ async def bulk_transfer(
             to_owner_id=body.to_owner_id,
             to_team=body.to_team or "",
             reason=body.reason,
-            idempotency_key=idempotency_key or "",
+            idempotency_key=idempotency_key,
         ),
         metadata=access.grpc_metadata(),
     )
@@ -962,11 +959,11 @@ ContactsDelete = Annotated[Access, Depends(require("contacts", "delete"))]
 
 
 async def _create_contact(
-    values: dict[str, Any], request: Request, response: Response, access: Access, idempotency_key: str | None
+    values: dict[str, Any], request: Request, response: Response, access: Access, idempotency_key: str
 ) -> dict[str, Any]:
     access.check_write(values)
     reply = await _stub(request).CreateContact(
-        pb.CreateContactRequest(contact=_contact_input(values), idempotency_key=idempotency_key or ""),
+        pb.CreateContactRequest(contact=_contact_input(values), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
     record = contact_dict(reply.contact)
@@ -981,7 +978,7 @@ async def create_contact(
     request: Request,
     response: Response,
     access: ContactsCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     return await _create_contact(body.model_dump(exclude_none=True), request, response, access, idempotency_key)
 
@@ -995,7 +992,7 @@ async def create_account_contact(
     request: Request,
     response: Response,
     access: ContactsCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     check_same_as_path("account_id", body.account_id, account_id)
     values = {**body.model_dump(exclude_none=True), "account_id": account_id}
@@ -1174,7 +1171,7 @@ async def log_activity(
     request: Request,
     response: Response,
     access: Annotated[Access, Depends(require("activities", "create"))],
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     message = pb.LogActivityRequest(
         account_id=account_id,
@@ -1182,7 +1179,7 @@ async def log_activity(
         kind=body.kind,
         subject=body.subject,
         notes=body.notes,
-        idempotency_key=idempotency_key or "",
+        idempotency_key=idempotency_key,
     )
     if body.occurred_at is not None:
         _set_instant(message, "occurred_at", body.occurred_at)
@@ -1298,12 +1295,12 @@ async def list_tasks(
 
 @router.post("/tasks", status_code=201, response_model=TaskOut, response_model_exclude_unset=True)
 async def create_task(
-    body: TaskCreate, request: Request, response: Response, access: TasksCreate, idempotency_key: IdempotencyKey = None
+    body: TaskCreate, request: Request, response: Response, access: TasksCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     values = body.model_dump(exclude_none=True)
     access.check_write(values)
     reply = await _stub(request).CreateTask(
-        pb.CreateTaskRequest(task=_task_input(values), idempotency_key=idempotency_key or ""),
+        pb.CreateTaskRequest(task=_task_input(values), idempotency_key=idempotency_key),
         metadata=access.grpc_metadata(),
     )
     record = task_dict(reply.task)
@@ -1360,7 +1357,7 @@ async def list_reminder_rules(
 
 @router.post("/reminder-rules", status_code=201, response_model=ReminderRuleOut, response_model_exclude_unset=True)
 async def create_reminder_rule(
-    body: ReminderRuleIn, request: Request, access: TasksManage, idempotency_key: IdempotencyKey = None
+    body: ReminderRuleIn, request: Request, access: TasksManage, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     rule = accounts_pb2.ReminderRule(
         name=body.name,
@@ -1371,7 +1368,7 @@ async def create_reminder_rule(
         enabled=body.enabled,
     )
     reply = await _stub(request).CreateReminderRule(
-        pb.CreateReminderRuleRequest(rule=rule, idempotency_key=idempotency_key or ""), metadata=access.grpc_metadata()
+        pb.CreateReminderRuleRequest(rule=rule, idempotency_key=idempotency_key), metadata=access.grpc_metadata()
     )
     await access.audit("create_reminder_rule", reply.rule.id, fields=list(body.model_fields_set))
     return _rule_dict(reply.rule)
@@ -1502,7 +1499,7 @@ async def create_segment(
     request: Request,
     response: Response,
     access: Annotated[Access, Depends(require("segments", "create"))],
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     filters, tags = await _segment_filters(access, dict(body.filters))
     reply = await _stub(request).CreateSegment(
@@ -1511,7 +1508,7 @@ async def create_segment(
             visibility="team" if body.shared_with_team else "user",
             filters=filters,
             tags=tags,
-            idempotency_key=idempotency_key or "",
+            idempotency_key=idempotency_key,
         ),
         metadata=access.grpc_metadata(),
     )

@@ -23,7 +23,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field, ValidationError
 
-from gateway.conventions import IDEMPOTENCY_KEY_HEADER, IF_MATCH_HEADER, MoneyIn, expected_version, with_etag
+from gateway.conventions import IF_MATCH_HEADER, IdempotencyKey, MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
 from gateway.inputs import CalendarDate, Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.references import (
@@ -44,7 +44,6 @@ from gateway.upstreams import Upstreams
 
 router = ResourceRouter(tags=["sales"])
 
-IdempotencyKey = Annotated[str | None, IDEMPOTENCY_KEY_HEADER]
 IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 Limit = Annotated[int | None, Query(ge=1, le=500)]
 
@@ -557,12 +556,12 @@ async def create_pipeline(
     request: Request,
     response: Response,
     access: PipelinesCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     access.check_write(_written(body))
     reply = await _stub(request).CreatePipeline(
         pb.CreatePipelineRequest(
-            idempotency_key=idempotency_key or "",
+            idempotency_key=idempotency_key,
             name=body.name,
             is_default=body.is_default,
             stages=[pb.StageInput(**stage.model_dump()) for stage in body.stages],
@@ -626,7 +625,7 @@ async def create_opportunity(
     request: Request,
     response: Response,
     access: OpportunitiesCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     access.check_write(_written(body, exclude=OVERRIDE_FIELDS))
     references = (
@@ -637,7 +636,7 @@ async def create_opportunity(
         .add("campaign_id", CAMPAIGN, body.campaign_id)
     )
     message = pb.CreateOpportunityRequest(
-        idempotency_key=idempotency_key or "",
+        idempotency_key=idempotency_key,
         account_id=body.account_id,
         primary_contact_id=body.primary_contact_id or "",
         name=body.name,
@@ -1182,12 +1181,12 @@ async def create_quote(
     request: Request,
     response: Response,
     access: QuotesCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     access.check_write(_written(body))
     reply = await _stub(request).CreateQuote(
         pb.CreateQuoteRequest(
-            idempotency_key=idempotency_key or "",
+            idempotency_key=idempotency_key,
             opportunity_id=body.opportunity_id,
             line_items=[item.proto() for item in body.line_items],
         ),
@@ -1334,14 +1333,14 @@ async def create_contract(
     request: Request,
     response: Response,
     access: ContractsCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """From a won opportunity (`opportunity_id`: account, amount, owner follow it) or direct
     (`account_id`, `title`, `amount`)."""
     access.check_write(_written(body))
     references = References(access).add("account_id", ACCOUNT, body.account_id)
     message = pb.CreateContractRequest(
-        idempotency_key=idempotency_key or "",
+        idempotency_key=idempotency_key,
         opportunity_id=body.opportunity_id or "",
         account_id=body.account_id or "",
         title=body.title or "",
@@ -1521,13 +1520,13 @@ async def create_payment_plan(
     request: Request,
     response: Response,
     access: PlansCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """Installments must sum exactly to the contract amount (else 422)."""
     access.check_write(["installments"])
     reply = await _stub(request).CreatePaymentPlan(
         pb.CreatePaymentPlanRequest(
-            idempotency_key=idempotency_key or "", contract_id=contract_id, installments=_installments(body)
+            idempotency_key=idempotency_key, contract_id=contract_id, installments=_installments(body)
         ),
         metadata=access.grpc_metadata(),
     )
@@ -1584,7 +1583,7 @@ async def record_payment(
     request: Request,
     response: Response,
     access: PaymentsCreate,
-    idempotency_key: IdempotencyKey = None,
+    idempotency_key: IdempotencyKey = "",
 ) -> Any:
     """`external_reference` is the idempotency key of postings: posting it again returns the first
     payment (200). `Idempotency-Key`, as on every create, answers the same request again as it was
@@ -1595,7 +1594,7 @@ async def record_payment(
         amount=body.amount.proto(),
         method=body.method,
         external_reference=body.external_reference,
-        idempotency_key=idempotency_key or "",
+        idempotency_key=idempotency_key,
     )
     received_at = _timestamp(body.received_at)
     if received_at is not None:
@@ -1658,13 +1657,13 @@ InvoicesUpdate = Annotated[Access, Depends(require("invoices", "update"))]
 
 @router.post("/invoices", status_code=201, responses={201: {"model": schemas.Invoice}})
 async def request_invoice(
-    body: InvoiceCreate, request: Request, access: InvoicesCreate, idempotency_key: IdempotencyKey = None
+    body: InvoiceCreate, request: Request, access: InvoicesCreate, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
     """Never more than the contract's uninvoiced amount (else 422)."""
     access.check_write(_written(body))
     reply = await _stub(request).RequestInvoice(
         pb.RequestInvoiceRequest(
-            idempotency_key=idempotency_key or "", contract_id=body.contract_id, amount=body.amount.proto()
+            idempotency_key=idempotency_key, contract_id=body.contract_id, amount=body.amount.proto()
         ),
         metadata=access.grpc_metadata(),
     )
