@@ -5,7 +5,7 @@ Each service keeps its own database, so each declares the table in its metadata 
 migration creates it with these columns) and registers the servicer on its gRPC server:
 
     custom_fields = definitions_table(metadata, "custom_field_definitions")
-    servicer = CustomFieldServicer(engine, custom_fields, entities=("account", "contact"))
+    servicer = CustomFieldServicer(engine, custom_fields, keys=idempotency_keys, entities=("account", "contact"))
     custom_fields_pb2_grpc.add_CustomFieldServiceServicer_to_server(servicer, server)
 
 and validates its records against `await load_definitions(conn, custom_fields, "account")` with
@@ -35,8 +35,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from crm_platform import custom_fields as cf
+from crm_platform import idempotency
 from crm_platform.db import UtcDateTime, insert_ignore, transaction
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed
+from crm_platform.principal import current_principal
 from crm_platform.timeutil import to_timestamp, utcnow
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CustomFieldService"].full_name
@@ -105,12 +107,14 @@ class CustomFieldServicer(CustomFieldServiceServicer):
         engine: AsyncEngine,
         table: Table,
         *,
+        keys: Table,
         entities: tuple[str, ...],
         clock: Callable[[], datetime] = utcnow,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.table = table
+        self.keys = keys  # the service's idempotency keys (`idempotency.idempotency_table`)
         self.entities = entities
         self.clock = clock
         # Called after a committed change, e.g. to drop a per-replica cache of the definitions.
@@ -144,6 +148,15 @@ class CustomFieldServicer(CustomFieldServiceServicer):
             "pii": d.pii,
         }
         async with transaction(self.engine) as conn:
+            earlier = await idempotency.claim(
+                conn, self.keys, operation="upsert_custom_field", caller=current_principal().user_id,
+                key=request.idempotency_key, result=name, now=self.clock(),
+            )  # fmt: skip
+            if earlier is not None:
+                first = (await conn.execute(select(t).where(*where))).mappings().first()
+                if first is None:  # deleted since
+                    raise NotFound(RESOURCE, name)
+                return pb.UpsertCustomFieldResponse(definition=definition_to_proto(first))
             current = (await conn.execute(select(t).where(*where).with_for_update())).mappings().first()
             if current is None:
                 if request.expected_version:

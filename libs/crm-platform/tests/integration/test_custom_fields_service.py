@@ -20,6 +20,7 @@ from crm_platform.custom_fields_service import (
 from crm_platform.db import create_engine
 from crm_platform.grpc_errors import RemoteError, from_rpc_error
 from crm_platform.grpc_server import GrpcServer
+from crm_platform.idempotency import idempotency_table
 from crm_platform.principal import ALL_RECORDS, Principal, outgoing_metadata
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -37,10 +38,13 @@ class Served:
     changes: list[str] = field(default_factory=list)
 
     async def upsert(
-        self, expected_version: int = 0, *, create_only: bool = False, **fields: Any
+        self, expected_version: int = 0, *, create_only: bool = False, idempotency_key: str = "", **fields: Any
     ) -> pb.CustomFieldDefinition:
         request = pb.UpsertCustomFieldRequest(
-            definition=pb.CustomFieldDefinition(**fields), expected_version=expected_version, create_only=create_only
+            definition=pb.CustomFieldDefinition(**fields),
+            expected_version=expected_version,
+            create_only=create_only,
+            idempotency_key=idempotency_key,
         )
         return (await self.stub.UpsertCustomField(request, metadata=ADMIN)).definition
 
@@ -58,13 +62,18 @@ class Served:
 async def served(each_database_url: str) -> AsyncIterator[Served]:
     metadata = MetaData()
     table = definitions_table(metadata, "custom_field_definitions")
+    keys = idempotency_table(metadata)
     engine = create_engine(each_database_url)
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
     changes: list[str] = []
     # As the accounts service registers it: the entities it owns.
     servicer = CustomFieldServicer(
-        engine, table, entities=("account", "contact"), on_change=lambda: changes.append("changed")
+        engine,
+        table,
+        keys=keys,
+        entities=("account", "contact"),
+        on_change=lambda: changes.append("changed"),
     )
     server = GrpcServer(
         service="definitions-test",
@@ -174,3 +183,20 @@ async def test_of_concurrent_create_only_upserts_of_one_key_one_creates_and_the_
     [refused] = [from_rpc_error(o) for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
     assert created.version == 1
     assert refused.code == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_create_repeated_under_its_idempotency_key_answers_the_first_definition(served: Served) -> None:
+    tier = {"entity": "account", "key": "tier", "label": "Tier", "type": "enum", "options": ["a"]}
+    first = await served.upsert(create_only=True, idempotency_key="k-1", **tier)
+    await served.upsert(1, entity="account", key="tier", label="Tier level", type="enum", options=["a", "b"])
+
+    repeated = await served.upsert(create_only=True, idempotency_key="k-1", **tier)
+
+    assert repeated == first  # as the first create answered, though the definition changed since
+    without_key = await served.fails(served.upsert(create_only=True, **tier))
+    assert without_key.code == grpc.StatusCode.ALREADY_EXISTS
+    other_request = await served.fails(served.upsert(create_only=True, idempotency_key="k-1", **{**tier, "label": "T"}))
+    assert other_request.code == grpc.StatusCode.INVALID_ARGUMENT and "idempotency_key" in other_request.message
+    async with served.engine.connect() as conn:
+        [stored] = await load_definitions(conn, served.table, "account")
+    assert (stored.label, stored.version) == ("Tier level", 2)

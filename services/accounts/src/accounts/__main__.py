@@ -15,7 +15,7 @@ from accounts.config import AccountsSettings
 from accounts.consumers import build_consumer
 from accounts.handlers import OWNED_ENTITIES, Context
 from accounts.jobs import build_jobs
-from accounts.repository import custom_fields, metadata
+from accounts.repository import custom_fields, idempotency_keys, metadata
 from accounts.servicer import AccountsServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -35,7 +35,7 @@ def build_with_context(settings: AccountsSettings, engine: AsyncEngine) -> tuple
     servicer = AccountsServicer(ctx)
     # The clock through ctx: tests replace ctx.clock after building the app.
     definitions = custom_fields_service.CustomFieldServicer(
-        engine, custom_fields, entities=OWNED_ENTITIES, clock=lambda: ctx.clock()
+        engine, custom_fields, keys=idempotency_keys, entities=OWNED_ENTITIES, clock=lambda: ctx.clock()
     )
 
     def register(server: grpc.aio.Server) -> None:

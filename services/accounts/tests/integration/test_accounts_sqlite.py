@@ -9,7 +9,7 @@ from accounts import handlers
 from accounts.__main__ import MIGRATIONS
 from accounts.domain import PoolPolicy
 from accounts.handlers import OWNED_ENTITIES, Context
-from accounts.repository import AccountFilter, ContactFilter, custom_fields, metadata, parse_page
+from accounts.repository import AccountFilter, ContactFilter, custom_fields, idempotency_keys, metadata, parse_page
 from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm_platform.custom_fields_service import CustomFieldServicer
 from crm_platform.errors import AlreadyExists, Conflict, ValidationFailed
@@ -34,7 +34,7 @@ async def ctx(tmp_path: Path) -> AsyncIterator[Context]:
 
 
 async def test_sqlite_search_tags_custom_fields_pool_and_merge(ctx: Context) -> None:
-    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, entities=OWNED_ENTITIES)
+    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, keys=idempotency_keys, entities=OWNED_ENTITIES)
     products = cf_pb.CustomFieldDefinition(
         entity="account", key="products", label="Products", type="multi_enum", options=["crm", "erp"]
     )

@@ -13,6 +13,7 @@ from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsS
 from crm_platform.custom_fields_service import SERVICE_NAME, CustomFieldServicer, definitions_table
 from crm_platform.db import create_engine
 from crm_platform.grpc_server import GrpcServer
+from crm_platform.idempotency import idempotency_table
 from gateway.testing import RoleClient, serving
 from sqlalchemy import MetaData
 
@@ -26,10 +27,11 @@ async def lead_definitions(tmp_path: Path) -> AsyncIterator[str]:
     """The `host:port` of lead custom field definitions served as the leads service serves them."""
     metadata = MetaData()
     table = definitions_table(metadata, "custom_field_definitions")
+    keys = idempotency_table(metadata)
     engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'definitions.db'}")
     async with engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
-    servicer = CustomFieldServicer(engine, table, entities=("lead",))
+    servicer = CustomFieldServicer(engine, table, keys=keys, entities=("lead",))
     server = GrpcServer(
         service="definitions-test",
         service_names=[SERVICE_NAME],
@@ -60,6 +62,23 @@ async def test_creating_a_key_that_has_a_definition_is_409_and_leaves_it_as_it_w
     assert "lead.budget" in problem["detail"]
     [stored] = (await admin.get("/api/v1/custom-fields/lead")).json()["items"]
     assert (stored["type"], stored["version"]) == ("number", 1)
+
+
+async def test_a_create_repeated_under_its_idempotency_key_answers_201_with_the_first_definition(
+    role_client: RoleClient, lead_definitions: str
+) -> None:
+    admin = await role_client("admin", upstream=lead_definitions)
+    key = {"Idempotency-Key": "budget-once"}
+    created = await admin.post("/api/v1/custom-fields/lead", json=BUDGET, headers=key)
+    assert created.status_code == 201, created.text
+
+    repeated = await admin.post("/api/v1/custom-fields/lead", json=BUDGET, headers=key)
+
+    assert repeated.status_code == 201, repeated.text
+    assert repeated.json() == created.json()
+    reused = await admin.post("/api/v1/custom-fields/lead", json={**BUDGET, "label": "Other"}, headers=key)
+    assert reused.status_code == 422, reused.text
+    assert reused.json()["errors"][0]["field"] == "Idempotency-Key"
 
 
 async def test_a_definition_written_carries_its_version_as_etag_for_a_later_if_match(

@@ -29,6 +29,7 @@ def custom_field_servicer(service: LeadsService) -> custom_fields_service.Custom
     return custom_fields_service.CustomFieldServicer(
         service.engine,
         repo.custom_fields,
+        keys=repo.idempotency,
         entities=(LEAD_ENTITY,),
         clock=service.clock,
         on_change=service.rules.invalidate,

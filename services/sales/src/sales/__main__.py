@@ -18,7 +18,7 @@ from sales.config import SalesSettings
 from sales.consumers import SalesConsumers
 from sales.handlers import OPPORTUNITY_ENTITY, SalesHandlers
 from sales.jobs import overdue_installments_job
-from sales.repository import custom_fields, metadata
+from sales.repository import custom_fields, idempotency_keys, metadata
 from sales.servicer import SalesServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -42,7 +42,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
     consumers = SalesConsumers(handlers)
     servicer = SalesServicer(handlers)
     definitions = custom_fields_service.CustomFieldServicer(
-        engine, custom_fields, entities=(OPPORTUNITY_ENTITY,), clock=handlers.clock
+        engine, custom_fields, keys=idempotency_keys, entities=(OPPORTUNITY_ENTITY,), clock=handlers.clock
     )
 
     def register(server: grpc.aio.Server) -> None:

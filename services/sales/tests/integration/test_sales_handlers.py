@@ -44,7 +44,7 @@ from sales.handlers import (
     Page,
     SalesHandlers,
 )
-from sales.repository import custom_fields, metadata
+from sales.repository import custom_fields, idempotency_keys, metadata
 from sales.servicer import SalesServicer
 from sales.testing import Clock, as_user, make_handlers, migrated_engine
 from sqlalchemy import func, select
@@ -1695,7 +1695,9 @@ async def test_amounts_stay_exact_on_sqlite(tmp_path: Any) -> None:
 
 
 async def test_custom_fields_are_validated_on_every_write(sales: SalesHandlers) -> None:
-    definitions = CustomFieldServicer(sales.engine, custom_fields, entities=(OPPORTUNITY_ENTITY,))
+    definitions = CustomFieldServicer(
+        sales.engine, custom_fields, keys=idempotency_keys, entities=(OPPORTUNITY_ENTITY,)
+    )
 
     async def upsert(**fields: Any) -> None:
         definition = cf_pb.CustomFieldDefinition(**fields)
@@ -1741,7 +1743,9 @@ async def test_opportunities_are_filtered_by_custom_fields(sales: SalesHandlers,
     from sales.servicer import SalesServicer
     from sqlalchemy import text
 
-    definitions = CustomFieldServicer(sales.engine, custom_fields, entities=(OPPORTUNITY_ENTITY,))
+    definitions = CustomFieldServicer(
+        sales.engine, custom_fields, keys=idempotency_keys, entities=(OPPORTUNITY_ENTITY,)
+    )
     for key, kind, options in (
         ("channel", "enum", ["direct", "partner"]),
         ("fleet", "number", []),

@@ -15,7 +15,7 @@ from service_desk.config import ServiceDeskSettings
 from service_desk.consumers import build_consumer
 from service_desk.handlers import TICKET_ENTITY, Context
 from service_desk.jobs import build_jobs
-from service_desk.repository import custom_fields, metadata
+from service_desk.repository import custom_fields, idempotency_keys, metadata
 from service_desk.servicer import ServiceDeskServicer
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
@@ -35,7 +35,7 @@ def build_with_context(settings: ServiceDeskSettings, engine: AsyncEngine) -> tu
     servicer = ServiceDeskServicer(ctx)
     # The clock through ctx: tests replace ctx.clock after building the app.
     definitions = custom_fields_service.CustomFieldServicer(
-        engine, custom_fields, entities=(TICKET_ENTITY,), clock=lambda: ctx.clock()
+        engine, custom_fields, keys=idempotency_keys, entities=(TICKET_ENTITY,), clock=lambda: ctx.clock()
     )
 
     def register(server: grpc.aio.Server) -> None:

@@ -359,7 +359,9 @@ async def test_tickets_are_filtered_by_custom_fields(postgres_url: str) -> None:
     engine = create_engine(postgres_url)
     try:
         ctx = Context(uow=UnitOfWork(engine, repo.metadata, source="/test"), return_visit_days=2)
-        definitions = CustomFieldServicer(engine, repo.custom_fields, entities=(handlers.TICKET_ENTITY,))
+        definitions = CustomFieldServicer(
+            engine, repo.custom_fields, keys=repo.idempotency_keys, entities=(handlers.TICKET_ENTITY,)
+        )
         for key, kind in (("serial", "text"), ("under_warranty", "bool"), ("units", "number")):
             definition = cf_pb.CustomFieldDefinition(entity="ticket", key=key, label=key, type=kind)
             await definitions.UpsertCustomField(cf_pb.UpsertCustomFieldRequest(definition=definition), None)

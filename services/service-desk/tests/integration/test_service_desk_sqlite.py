@@ -17,7 +17,7 @@ from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk.__main__ import MIGRATIONS
 from service_desk.handlers import TICKET_ENTITY, Context, Page
-from service_desk.repository import TicketFilter, custom_fields, metadata
+from service_desk.repository import TicketFilter, custom_fields, idempotency_keys, metadata
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
@@ -133,7 +133,7 @@ async def test_tier_projection_update_raises_the_priority(ctx: Context) -> None:
 
 
 async def test_ticket_custom_fields_validated_and_merged(ctx: Context) -> None:
-    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, entities=(TICKET_ENTITY,))
+    definitions = CustomFieldServicer(ctx.uow.engine, custom_fields, keys=idempotency_keys, entities=(TICKET_ENTITY,))
 
     async def upsert(**fields: Any) -> None:
         definition = cf_pb.CustomFieldDefinition(**fields)

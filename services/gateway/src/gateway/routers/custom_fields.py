@@ -19,7 +19,7 @@ from crm_platform.timeutil import from_timestamp, isoformat
 from fastapi import Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from gateway.conventions import IF_MATCH_HEADER, expected_version, with_etag
+from gateway.conventions import IF_MATCH_HEADER, IdempotencyKey, expected_version, with_etag
 from gateway.inputs import NonBlank, ReplacementBody, check_same_as_path, prefixed_query_parameters
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
@@ -255,6 +255,7 @@ async def _upsert(
     *,
     version: int = 0,
     create_only: bool = False,
+    idempotency_key: str = "",
 ) -> Any:
     definition = pb.CustomFieldDefinition(
         entity=entity,
@@ -266,7 +267,12 @@ async def _upsert(
         pii=body.pii,
     )
     reply = await _stub(request, entity).UpsertCustomField(
-        pb.UpsertCustomFieldRequest(definition=definition, expected_version=version, create_only=create_only),
+        pb.UpsertCustomFieldRequest(
+            definition=definition,
+            expected_version=version,
+            create_only=create_only,
+            idempotency_key=idempotency_key,
+        ),
         metadata=access.grpc_metadata(),
     )
     _pii_cache(request).pop(entity, None)  # the pii flag may have changed
@@ -284,10 +290,14 @@ async def create_custom_field(
     request: Request,
     response: Response,
     access: Annotated[Access, Depends(require("custom_fields", "create"))],
+    idempotency_key: IdempotencyKey = "",
 ) -> Any:
     """Creates the definition; 409 (reason DUPLICATE) when the key has one already: PUT replaces a
-    definition, with If-Match, since the values stored under it were checked against it."""
-    return await _upsert(entity, body.key, body, request, response, access, create_only=True)
+    definition, with If-Match, since the values stored under it were checked against it. A repeat
+    under the first request's Idempotency-Key answers 201 with the definition it made."""
+    return await _upsert(
+        entity, body.key, body, request, response, access, create_only=True, idempotency_key=idempotency_key or ""
+    )
 
 
 @router.put("/custom-fields/{entity}/{key}", response_model=CustomFieldOut, response_model_exclude_unset=True)
