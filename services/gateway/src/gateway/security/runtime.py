@@ -4,7 +4,7 @@ puts it on a FastAPI app (state, middleware, error handlers, OpenAPI responses).
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -16,7 +16,6 @@ from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.outbox import OutboxRelay
 from crm_platform.principal import Principal
 from fastapi import FastAPI, Request
-from fastapi import routing as fastapi_routing
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from sqlalchemy import text
@@ -306,18 +305,23 @@ def _walk(dependant: Any) -> Iterator[Any]:
 
 
 def _api_routes(app: FastAPI) -> Iterator[tuple[str, set[str], APIRoute]]:
-    """(full path, methods, route) of every API route, including those of included routers
-    (FastAPI >= 0.16x keeps included routers nested instead of copying their routes)."""
-    contexts = getattr(fastapi_routing, "iter_route_contexts", None)
-    if contexts is None:
-        for route in app.routes:
-            if isinstance(route, APIRoute):
-                yield route.path, set(route.methods or ()), route
-        return
-    for context in contexts(app.routes):
-        original = context.original_route
-        if isinstance(original, APIRoute):
-            yield str(context.path), set(context.methods or original.methods or ()), original
+    """(full path, methods, route) of every API route, including those of included routers, as
+    declared. FastAPI >= 0.16x keeps included routers nested; their effective routes (what requests
+    are routed to) are built on first use, which analyses every route's dependencies again: most of
+    a second per app, that a check at start need not spend (the readiness probe builds them before
+    the first request comes)."""
+    return _declared_routes(app.routes, None)
+
+
+def _declared_routes(routes: Iterable[Any], inclusion: Any) -> Iterator[tuple[str, set[str], APIRoute]]:
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            context = route.include_context if inclusion is None else inclusion.combine(route.include_context)
+            yield from _declared_routes(included.routes, context)
+        elif isinstance(route, APIRoute):
+            path = route.path if inclusion is None else inclusion.path_for(route)
+            yield str(path), set(route.methods or ()), route
 
 
 def declared_routes(app: FastAPI) -> list[dict[str, str]]:
