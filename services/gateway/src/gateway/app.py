@@ -24,6 +24,7 @@ from gateway.routers import (
     service_desk,
 )
 from gateway.security import install_security
+from gateway.security.runtime import build_routes
 from gateway.upstreams import Upstreams
 
 UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await security.start(migrate=settings.migrate_on_start, relay=settings.audit_relay_enabled)
+        build_routes(app)
         try:
             yield
         finally:
