@@ -1,6 +1,8 @@
 """Helpers for tests of the gateway (and of code that uses it): edits of the default policy, and
 the real gateway started in process under such a policy."""
 
+import copy
+import functools
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +26,27 @@ from gateway.security.policy import DEFAULT_POLICY_PATH
 PolicyEdit = Callable[[dict[str, Any]], None]
 # `await role_client(role, *edits, upstream="host:port")` (the fixture of the gateway's security tests).
 RoleClient = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+# libyaml where present: the pure-Python YAML takes most of a second for the default policy.
+_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+@functools.cache
+def _default_policy() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    return document
+
+
+def default_policy_document() -> dict[str, Any]:
+    """The default policy document, to edit (a copy of one read once per process)."""
+    return copy.deepcopy(_default_policy())
+
+
+def policy_text(document: dict[str, Any]) -> str:
+    """A policy document as the YAML a gateway loads."""
+    return yaml.dump(document, Dumper=_YAML_DUMPER)
 
 
 def grant_fields(role: str, resource: str, **rules: str) -> PolicyEdit:
@@ -71,11 +94,11 @@ def _settings(
     if unknown:
         raise TypeError(f"no such service to call: {sorted(unknown)}")
     number = len(list(folder.glob("gateway-*.db")))
-    policy = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    policy = default_policy_document()
     for edit in edits:
         edit(policy)
     policy_path = folder / f"policy-{number}.yaml"
-    policy_path.write_text(yaml.safe_dump(policy), encoding="utf-8")
+    policy_path.write_text(policy_text(policy), encoding="utf-8")
     database = folder / f"gateway-{number}.db"
     shutil.copyfile(migrated_database, database)
     return Settings(

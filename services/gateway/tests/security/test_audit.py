@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
 from crm_platform.kafka import ensure_topics
@@ -19,8 +18,9 @@ from crm_platform.principal import Principal
 from crm_platform.testing.kafka import EventCollector
 from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditEntry, AuditQuery
-from gateway.security.policy import DEFAULT_POLICY_PATH, Policy, parse_policy
+from gateway.security.policy import Policy, parse_policy
 from gateway.security.store import audit_events, outbox
+from gateway.testing import default_policy_document, policy_text
 from gateway.upstreams import UpstreamNotConfigured
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
@@ -364,10 +364,10 @@ async def test_export_audit_masks_personal_data_in_filters(gateway: Any, auth_he
 def audit_readers(**scopes: str) -> Policy:
     """The default policy, where the roles named may also read and export the audit trail, each in
     the record scope given."""
-    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    data = default_policy_document()
     for role, scope in scopes.items():
         data["roles"][role]["grants"]["audit_events"] = {"actions": ["read", "export"], "scope": scope}
-    return parse_policy(yaml.safe_dump(data))
+    return parse_policy(policy_text(data))
 
 
 # Who writes (sub, team, region), oldest first.

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from typing import Any
 
 import pytest
-import yaml
 from crm.common.v1 import common_pb2
 from crm.sales.v1 import sales_pb2, sales_service_pb2
 from crm_platform.principal import Principal
@@ -18,7 +17,8 @@ from gateway.routers.sales import receivables_view
 from gateway.security import Access, Policy
 from gateway.security.exports import csv_cell
 from gateway.security.masking import mask_value
-from gateway.security.policy import DEFAULT_POLICY_PATH, FieldRule, FieldSpec, load_policy, parse_policy
+from gateway.security.policy import FieldRule, FieldSpec, load_policy, parse_policy
+from gateway.testing import default_policy_document, policy_text
 from starlette.requests import Request
 
 pytestmark = pytest.mark.integration
@@ -361,11 +361,11 @@ async def test_who_sees_personal_data_and_so_custom_pii_values_masked(role: str,
 
 
 def _policy_granting(role: str, action: str, resources: Iterable[str]) -> Policy:
-    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    data = default_policy_document()
     for resource in resources:
         grant = data["roles"][role]["grants"][resource]
         grant["actions"] = [*grant["actions"], action]
-    return parse_policy(yaml.safe_dump(data))
+    return parse_policy(policy_text(data))
 
 
 @pytest.mark.parametrize("resource", sorted(CUSTOM_ENTITIES))
@@ -425,10 +425,10 @@ async def test_me_names_the_custom_fields_a_caller_reads_masked(gateway: Any, au
 
 
 async def test_receivables_are_shown_as_the_caller_sees_a_contracts_amount(make_gateway: Any) -> None:
-    data = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    data = default_policy_document()
     data["roles"]["sales_rep"]["grants"]["contracts"]["fields"]["amount"] = "hidden"
     data["roles"]["finance"]["grants"]["contracts"]["fields"]["amount"] = "masked"
-    gateway = await make_gateway(policy=parse_policy(yaml.safe_dump(data)))
+    gateway = await make_gateway(policy=parse_policy(policy_text(data)))
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "app": gateway.app})
     cny = common_pb2.Money(amount="300.00", currency="CNY")
     reply = sales_service_pb2.ListReceivablesResponse(

@@ -6,15 +6,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import yaml
 from crm.analytics.v1 import analytics_service_pb2 as pb
 from crm_platform.principal import Principal
 from gateway.routers import analytics_schemas as schemas
 from gateway.routers.analytics import _customer_value, _funnel, _Money, _rows, plain
 from gateway.security import Access, SecurityRuntime, SecuritySettings
 from gateway.security.masking import MASK
-from gateway.security.policy import DEFAULT_POLICY_PATH, parse_policy
-from gateway.testing import PolicyEdit, assert_documented, filled, grant_fields
+from gateway.security.policy import parse_policy
+from gateway.testing import PolicyEdit, assert_documented, default_policy_document, filled, grant_fields, policy_text
 from pydantic import BaseModel
 from starlette.requests import Request
 
@@ -23,11 +22,11 @@ pytestmark = pytest.mark.unit
 
 def _money(role: str, *edits: PolicyEdit) -> _Money:
     """Report money as a caller of `role` sees it under the default policy changed by `edits`."""
-    document = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    document = default_policy_document()
     for edit in edits:
         edit(document)
     settings = SecuritySettings(dev_mode=True, dev_jwt_secret="s" * 40, database_url="sqlite+aiosqlite://")
-    runtime = SecurityRuntime(settings, policy=parse_policy(yaml.safe_dump(document)))
+    runtime = SecurityRuntime(settings, policy=parse_policy(policy_text(document)))
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""})
     principal = Principal(user_id="u-1", roles=(role,))
     decision = runtime.policy.decide(principal, "reports", "read")

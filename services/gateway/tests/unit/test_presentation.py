@@ -6,11 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-import yaml
 from crm_platform.principal import Principal
 from gateway.security import Access, Policy, SecurityRuntime, SecuritySettings
 from gateway.security.masking import mask_value
-from gateway.security.policy import DEFAULT_POLICY_PATH, Decision, FieldRule, GrantSet, parse_policy
+from gateway.security.policy import Decision, FieldRule, GrantSet, parse_policy
+from gateway.testing import default_policy_document, policy_text
 from starlette.requests import Request
 
 pytestmark = pytest.mark.unit
@@ -21,9 +21,9 @@ ME, TEAM, REGION = "u-me", "team-a", "north"
 def _policy() -> Policy:
     """The default policy plus a role that reads every quote with the default field rules (discounts
     hidden): with sales_manager (team scope, every field) the discounts show on some quotes only."""
-    document = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    document = default_policy_document()
     document["roles"]["quote_reader"] = {"grants": {"quotes": {"actions": ["read"], "scope": "all"}}}
-    return parse_policy(yaml.safe_dump(document))
+    return parse_policy(policy_text(document))
 
 
 POLICY = _policy()

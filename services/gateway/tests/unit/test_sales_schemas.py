@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import yaml
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as pb
 from crm_platform.principal import Principal
@@ -31,8 +30,8 @@ from gateway.routers.sales import (
     win_statistics_view,
 )
 from gateway.security import Access, SecurityRuntime, SecuritySettings
-from gateway.security.policy import DEFAULT_POLICY_PATH, parse_policy
-from gateway.testing import assert_documented, filled
+from gateway.security.policy import parse_policy
+from gateway.testing import assert_documented, default_policy_document, filled, policy_text
 from google.protobuf.message import Message
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -58,11 +57,11 @@ _MASKED_READER = "masked_reader"
 
 @pytest.fixture(scope="module")
 def runtime() -> Iterator[SecurityRuntime]:
-    document = yaml.safe_load(DEFAULT_POLICY_PATH.read_text(encoding="utf-8"))
+    document = default_policy_document()
     grant = {"actions": ["read"], "scope": "all", "fields": {"*": "masked"}}
     document["roles"][_MASKED_READER] = {"grants": {resource: grant for _, _, resource, _ in _RECORDS}}
     settings = SecuritySettings(dev_mode=True, dev_jwt_secret="s" * 40, database_url="sqlite+aiosqlite://")
-    yield SecurityRuntime(settings, policy=parse_policy(yaml.safe_dump(document)))
+    yield SecurityRuntime(settings, policy=parse_policy(policy_text(document)))
 
 
 def _access(runtime: SecurityRuntime, role: str, resource: str) -> Access:
