@@ -4,16 +4,20 @@ the real gateway started in process under such a policy."""
 import copy
 import functools
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, NoReturn, get_args
 
 import grpc
 import httpx
 import yaml
 from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm_platform.errors import CrmError, NotFound
+from crm_platform.grpc_errors import to_status
+from crm_platform.principal import context_from_metadata
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import BaseModel
@@ -128,6 +132,25 @@ async def serving(*add_servicers: Callable[[grpc.aio.Server], None]) -> AsyncIte
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def refuse(context: grpc.aio.ServicerContext[Any, Any], error: CrmError) -> NoReturn:
+    """Refuses a call to a fake service as the services do (`crm_platform.grpc_server`)."""
+    status = to_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("abort raises")
+
+
+async def ticket_in_scope(
+    context: grpc.aio.ServicerContext[Any, Any], tickets: Mapping[str, servicedesk_pb2.Ticket], ticket_id: str
+) -> servicedesk_pb2.Ticket:
+    """The ticket of a fake service desk as the service finds it: only in the record scope sent with
+    the call (its owner is its assignee); else NOT_FOUND, as for a ticket that does not exist."""
+    scope = context_from_metadata(context.invocation_metadata()).scope
+    ticket = tickets.get(ticket_id)
+    if ticket is None or not scope.allows(owner_id=ticket.assignee_id, team=ticket.team, region=ticket.region):
+        await refuse(context, NotFound("ticket", ticket_id))
+    return ticket
 
 
 class NoCustomFields(CustomFieldServiceServicer):

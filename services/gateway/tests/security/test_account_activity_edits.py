@@ -18,10 +18,9 @@ import pytest
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceServicer, add_AccountsServiceServicer_to_server
-from crm_platform.errors import CrmError, NotFound, StaleVersion
-from crm_platform.grpc_errors import to_status
+from crm_platform.errors import NotFound, StaleVersion
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata, resource_scope_from_metadata
-from gateway.testing import started_gateway
+from gateway.testing import refuse, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -57,9 +56,9 @@ class FakeAccounts(AccountsServiceServicer):
 
     async def _check(self, request: Any, context: Any) -> None:
         if (request.account_id, request.activity_id) != ("acc-1", "act-1"):
-            await abort(context, NotFound("activity", request.activity_id))
+            await refuse(context, NotFound("activity", request.activity_id))
         if request.expected_version not in (0, 3):
-            await abort(context, StaleVersion("activity", "act-1", 3))
+            await refuse(context, StaleVersion("activity", "act-1", 3))
 
     async def LogActivity(self, request: pb.LogActivityRequest, context: Any) -> pb.LogActivityResponse:
         activity = accounts_pb2.Activity(id="act-new", account_id=request.account_id, kind=request.kind, version=1)
@@ -81,12 +80,6 @@ class FakeAccounts(AccountsServiceServicer):
         self._receive(request, context)
         await self._check(request, context)
         return pb.DeleteActivityResponse(activity=stored())
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    """Refuses the call as the services do (crm_platform.grpc_server)."""
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 @dataclass

@@ -30,23 +30,17 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import Conflict, CrmError, NotFound
-from crm_platform.grpc_errors import to_status
+from crm_platform.errors import Conflict, NotFound
 from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA, REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.security.audit import AuditEntry, AuditLog
-from gateway.testing import add_no_custom_fields, serving, started_gateway
+from gateway.testing import add_no_custom_fields, refuse, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
 
 SECRET = "references-secret-" + "r" * 30
 ME = "u-1"
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class FakeAccounts(AccountsServiceServicer):
@@ -76,7 +70,7 @@ class FakeAccounts(AccountsServiceServicer):
         self.scopes.append(context_from_metadata(context.invocation_metadata()).scope)
         account = self.accounts.get(request.account_id)
         if account is None:
-            await abort(context, NotFound("account", request.account_id))
+            await refuse(context, NotFound("account", request.account_id))
         return accounts_pb.GetAccountResponse(account=account)
 
     async def ListAccounts(self, request: accounts_pb.ListAccountsRequest, context: Any) -> Any:
@@ -89,19 +83,19 @@ class FakeAccounts(AccountsServiceServicer):
     async def GetContact(self, request: accounts_pb.GetContactRequest, context: Any) -> Any:
         contact = self.CONTACTS.get(request.contact_id)
         if contact is None:
-            await abort(context, NotFound("contact", request.contact_id))
+            await refuse(context, NotFound("contact", request.contact_id))
         return accounts_pb.GetContactResponse(contact=contact)
 
 
 class FakeLeads(LeadsServiceServicer):
     async def GetLead(self, request: leads_pb.GetLeadRequest, context: Any) -> Any:
         if request.lead_id != "l-mine":
-            await abort(context, NotFound("lead", request.lead_id))
+            await refuse(context, NotFound("lead", request.lead_id))
         return leads_pb.GetLeadResponse(lead=leads_pb2.Lead(id="l-mine", owner_id=ME))
 
     async def GetCampaign(self, request: leads_pb.GetCampaignRequest, context: Any) -> Any:
         if request.campaign_id != "expo":
-            await abort(context, NotFound("campaign", request.campaign_id))
+            await refuse(context, NotFound("campaign", request.campaign_id))
         return leads_pb.GetCampaignResponse(campaign=leads_pb2.Campaign(id="expo", name="Expo"))
 
 
@@ -118,7 +112,7 @@ class FakeSales(SalesServiceServicer):
         if REPLAY_ONLY_METADATA in context.invocation_metadata():
             self.replays.append(request.idempotency_key)
             if request.idempotency_key not in self.created:
-                await abort(context, Conflict("nothing to replay", reason=NOTHING_TO_REPLAY))
+                await refuse(context, Conflict("nothing to replay", reason=NOTHING_TO_REPLAY))
         if request.idempotency_key in self.created:
             context.set_trailing_metadata((REPLAYED_METADATA,))  # as the gRPC layer of a service marks it
             return sales_pb.CreateOpportunityResponse(opportunity=self.created[request.idempotency_key])

@@ -17,11 +17,10 @@ import pytest
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
-from crm_platform.errors import CrmError, NotFound, StaleVersion
-from crm_platform.grpc_errors import to_status
+from crm_platform.errors import NotFound, StaleVersion
 from crm_platform.principal import RecordScope, context_from_metadata, resource_scope_from_metadata
 from crm_platform.timeutil import to_timestamp
-from gateway.testing import serving, started_gateway
+from gateway.testing import refuse, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -42,11 +41,6 @@ def stored_activities() -> dict[str, leads_pb2.LeadActivity]:
             id="a-note", lead_id="l-1", kind="note", actor_id="mgr-1", occurred_at=OCCURRED, version=1
         ),
     }
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def sees(activity: leads_pb2.LeadActivity, activities_scope: RecordScope, leads_scope: RecordScope | None) -> bool:
@@ -72,10 +66,10 @@ class FakeLeads(LeadsServiceServicer):
         self.writes.append((request, activities_scope, leads_scope))
         activity = self.activities.get(request.activity_id)
         if activity is None or activity.lead_id != request.lead_id or not sees(activity, activities_scope, leads_scope):
-            await abort(context, NotFound("activity", request.activity_id))
+            await refuse(context, NotFound("activity", request.activity_id))
             raise AssertionError("aborted")
         if request.expected_version and request.expected_version != activity.version:
-            await abort(context, StaleVersion("activity", activity.id, activity.version))
+            await refuse(context, StaleVersion("activity", activity.id, activity.version))
         return activity
 
     async def UpdateLeadActivity(self, request: pb.UpdateLeadActivityRequest, context: Any) -> Any:

@@ -11,20 +11,14 @@ import httpx
 import pytest
 from crm.analytics.v1 import analytics_service_pb2 as analytics_pb
 from crm.analytics.v1.analytics_service_pb2_grpc import AnalyticsServiceServicer, add_AnalyticsServiceServicer_to_server
-from crm_platform.errors import CrmError, FieldError, ValidationFailed
-from crm_platform.grpc_errors import to_status
+from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.money import parse_currency
-from gateway.testing import add_no_custom_fields, serving, started_gateway
+from gateway.testing import add_no_custom_fields, refuse, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
 
 SECRET = "report-query-errors-" + "s" * 30
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class FakeAnalytics(AnalyticsServiceServicer):
@@ -41,7 +35,7 @@ class FakeAnalytics(AnalyticsServiceServicer):
             if isinstance(request, analytics_pb.GetCustomerValueRequest) and request.page.cursor:
                 raise ValidationFailed([FieldError("cursor", "was not issued by this service")])
         except ValidationFailed as error:
-            await abort(context, error)
+            await refuse(context, error)
 
     async def GetSalesFunnel(self, request: analytics_pb.GetSalesFunnelRequest, context: Any) -> Any:
         await self._check(context, request)

@@ -31,20 +31,19 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
 )
 from crm_platform.errors import (
     Conflict,
-    CrmError,
     FieldError,
     NotFound,
     PermissionDenied,
     ValidationFailed,
     missing_reference,
 )
-from crm_platform.grpc_errors import to_status
 from crm_platform.idempotency import REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.security.audit import AuditQuery
+from gateway.testing import refuse
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -89,7 +88,7 @@ class FakeLeads(LeadsServiceServicer):
 
     async def GetScoringRule(self, request: leads_pb.GetScoringRuleRequest, context: Any) -> Any:
         if request.rule_id != self.SCORING_RULE.id:
-            await abort(context, NotFound("scoring rule", request.rule_id))
+            await refuse(context, NotFound("scoring rule", request.rule_id))
         return leads_pb.GetScoringRuleResponse(rule=self.SCORING_RULE)
 
     async def SetGradeThresholds(self, request: leads_pb.SetGradeThresholdsRequest, context: Any) -> Any:
@@ -109,7 +108,7 @@ class FakeLeads(LeadsServiceServicer):
 
     async def GetAssignmentRule(self, request: leads_pb.GetAssignmentRuleRequest, context: Any) -> Any:
         if request.rule_id != self.ASSIGNMENT_RULE.id:
-            await abort(context, NotFound("assignment rule", request.rule_id))
+            await refuse(context, NotFound("assignment rule", request.rule_id))
         return leads_pb.GetAssignmentRuleResponse(rule=self.ASSIGNMENT_RULE)
 
     async def UpdateAssignmentRule(self, request: leads_pb.UpdateAssignmentRuleRequest, context: Any) -> Any:
@@ -131,7 +130,7 @@ class FakeLeads(LeadsServiceServicer):
 
     async def _in_scope(self, lead_id: str, context: Any) -> None:
         if lead_id != self.LEAD.id:  # as the service answers a lead outside the caller's scope
-            await abort(context, NotFound("lead", lead_id))
+            await refuse(context, NotFound("lead", lead_id))
 
     async def DeleteLead(self, request: leads_pb.DeleteLeadRequest, context: Any) -> Any:
         await self._in_scope(request.lead_id, context)
@@ -145,7 +144,7 @@ class FakeLeads(LeadsServiceServicer):
 
     async def _campaign(self, campaign_id: str, context: Any) -> leads_pb2.Campaign:
         if campaign_id not in (self.CAMPAIGN.id, "cmp-3"):  # cmp-3: a deal names it
-            await abort(context, NotFound("campaign", campaign_id))
+            await refuse(context, NotFound("campaign", campaign_id))
         campaign = leads_pb2.Campaign()
         campaign.CopyFrom(self.CAMPAIGN)
         campaign.id = campaign_id
@@ -192,7 +191,7 @@ class FakeLeads(LeadsServiceServicer):
     async def ReleaseLead(self, request: leads_pb.ReleaseLeadRequest, context: Any) -> Any:
         caller = context_from_metadata(context.invocation_metadata()).principal.user_id
         if request.own_only and self.LEAD.owner_id != caller:  # as the service refuses another rep's lead
-            await abort(context, PermissionDenied("releasing another rep's lead needs the grant to assign leads"))
+            await refuse(context, PermissionDenied("releasing another rep's lead needs the grant to assign leads"))
         lead = leads_pb2.Lead(id="l-1", name="Li", status="recycled", in_pool=True, team="east")
         return leads_pb.ReleaseLeadResponse(lead=lead, previous=self.LEAD)
 
@@ -255,11 +254,11 @@ class FakeAccounts(AccountsServiceServicer):
         if account_id == "acc-gone":  # or out of the caller's scope: the service answers alike
             # One a request's body names (in `field`) is a 422 naming the field, one its path names a 404.
             error = missing_reference(field, "account", account_id) if field else NotFound("account", account_id)
-            await abort(context, error)
+            await refuse(context, error)
 
     async def CreateContact(self, request: accounts_pb.CreateContactRequest, context: Any) -> Any:
         if request.contact.account_id == "acc-gone":  # as the service refuses a body's unknown account
-            await abort(context, missing_reference("account_id", "account", request.contact.account_id))
+            await refuse(context, missing_reference("account_id", "account", request.contact.account_id))
         contact = accounts_pb2.Contact(id="c-1", account_id=request.contact.account_id, name=request.contact.name)
         return accounts_pb.CreateContactResponse(contact=contact)
 
@@ -305,7 +304,7 @@ class FakeSales(SalesServiceServicer):
 
     async def AssignOpportunity(self, request: sales_pb.AssignOpportunityRequest, context: Any) -> Any:
         if request.id == "o-404":  # as the service answers a deal outside the caller's scope
-            await abort(context, NotFound("opportunity", request.id))
+            await refuse(context, NotFound("opportunity", request.id))
         self.assignments.append(request)
         deal = sales_pb2.Opportunity(id="o-1", name="Robots", stage="qualify", probability="0.2",
                                      owner_id=request.owner_id, team=request.team, version=6)  # fmt: skip
@@ -327,7 +326,7 @@ class FakeSales(SalesServiceServicer):
 
     async def DeleteContract(self, request: sales_pb.DeleteContractRequest, context: Any) -> Any:
         if request.id == "k-404":  # as the service answers a contract outside the caller's scope
-            await abort(context, NotFound("contract", request.id))
+            await refuse(context, NotFound("contract", request.id))
         self.contract_deletes.append(request)
         return sales_pb.DeleteContractResponse(previous=self.CONTRACT)
 
@@ -339,7 +338,7 @@ class FakeSales(SalesServiceServicer):
 
     async def _quote(self, quote_id: str, context: Any) -> sales_pb2.Quote:
         if quote_id not in self.QUOTES:  # as the service answers a quote outside the caller's scope
-            await abort(context, NotFound("quote", quote_id))
+            await refuse(context, NotFound("quote", quote_id))
         return self.QUOTES[quote_id]
 
     async def UpdateQuote(self, request: sales_pb.UpdateQuoteRequest, context: Any) -> Any:
@@ -347,7 +346,7 @@ class FakeSales(SalesServiceServicer):
         if any(item.discount_percent for item in previous.line_items) and not request.HasField("discounts_scope"):
             # As the service refuses new line items on a quote with discounts to one who may not set them.
             refused = "you may not set field 'line_items.discount_percent' of quotes"
-            await abort(context, PermissionDenied(refused, field="line_items.discount_percent"))
+            await refuse(context, PermissionDenied(refused, field="line_items.discount_percent"))
         self.quote_updates.append(request)
         discount = max((item.discount_percent or "0" for item in request.line_items), key=Decimal)
         quote = sales_pb2.Quote(id="q-1", status="pending_approval", max_discount_percent=discount, version=5)
@@ -366,16 +365,16 @@ class FakeSales(SalesServiceServicer):
 
     async def GetPaymentPlan(self, request: sales_pb.GetPaymentPlanRequest, context: Any) -> Any:
         if request.contract_id == "k-404":
-            await abort(context, NotFound("contract", request.contract_id))
+            await refuse(context, NotFound("contract", request.contract_id))
         return sales_pb.GetPaymentPlanResponse(payment_plan=self.PLAN)
 
     async def UpdatePaymentPlan(self, request: sales_pb.UpdatePaymentPlanRequest, context: Any) -> Any:
         if request.contract_id == "k-404":
-            await abort(context, NotFound("contract", request.contract_id))
+            await refuse(context, NotFound("contract", request.contract_id))
         self.plan_updates.append(request)
         if request.installments[0].due_date != self.PLAN.installments[0].due_date:
             paid = "installments[0] (due 2027-01-31) is paid in part or in full: it cannot be changed"
-            await abort(context, Conflict(paid, existing_id="i-1", reason="INSTALLMENT_PAID"))
+            await refuse(context, Conflict(paid, existing_id="i-1", reason="INSTALLMENT_PAID"))
         plan = sales_pb2.PaymentPlan(
             id="pp-1", contract_id="k-1", version=2,
             installments=[sales_pb2.Installment(id=f"i-{n}", sequence=n, due_date=item.due_date, amount=item.amount)
@@ -389,29 +388,25 @@ class FakeSales(SalesServiceServicer):
         unkeyed.CopyFrom(request)
         unkeyed.ClearField("idempotency_key")
         if self.payment_keys.setdefault(request.idempotency_key, unkeyed) != unkeyed:
-            await abort(context, ValidationFailed([FieldError("idempotency_key", "was used with a different request")]))
+            await refuse(
+                context, ValidationFailed([FieldError("idempotency_key", "was used with a different request")])
+            )
         payment = sales_pb2.Payment(id="pay-1", contract_id=request.contract_id, amount=request.amount,
                                     external_reference=request.external_reference)  # fmt: skip
         return sales_pb.RecordPaymentResponse(payment=payment, created=True)
 
     async def ApproveContract(self, request: sales_pb.ApproveContractRequest, context: Any) -> Any:
         if request.id == "k-2":  # waits for another role's approval
-            await abort(context, PermissionDenied("the approval chain waits for finance"))
+            await refuse(context, PermissionDenied("the approval chain waits for finance"))
         contract = sales_pb2.Contract(id=request.id, title="Robots", status="approved", version=3)
         return sales_pb.ApproveContractResponse(contract=contract, previous=self.CONTRACT)
 
     async def SignContract(self, request: sales_pb.SignContractRequest, context: Any) -> Any:
-        await abort(context, NotFound("contract", request.id))  # out of the caller's scope
+        await refuse(context, NotFound("contract", request.id))  # out of the caller's scope
 
     async def IssueInvoice(self, request: sales_pb.IssueInvoiceRequest, context: Any) -> Any:
         invoice = sales_pb2.Invoice(id="i-1", status="issued", number=request.number)
         return sales_pb.IssueInvoiceResponse(invoice=invoice, previous=sales_pb2.Invoice(id="i-1", status="requested"))
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    """Refuses the call as the services do (crm_platform.grpc_server)."""
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class Gateway:

@@ -16,10 +16,9 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import CrmError, FieldError, NotFound, ValidationFailed
-from crm_platform.grpc_errors import to_status
+from crm_platform.errors import FieldError, NotFound, ValidationFailed
 from crm_platform.update_mask import writable_paths
-from gateway.testing import add_no_custom_fields, serving, started_gateway
+from gateway.testing import add_no_custom_fields, refuse, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -37,11 +36,6 @@ TICKET = servicedesk_pb2.Ticket(id="t-1", subject="Printer", description="Jams",
 AGENT = servicedesk_pb2.Agent(id="u-2", name="Wu", capacity=5, available=True)
 
 
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 class FakeServiceDesk(ServiceDeskServiceServicer):
     """The articles, ticket and agent above; an update is checked as the service checks it (its
     mask must name a writable field, and a required one may not be emptied)."""
@@ -51,7 +45,7 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
 
     async def GetKbArticle(self, request: desk_pb.GetKbArticleRequest, context: Any) -> Any:
         if request.article_id not in ARTICLES:
-            await abort(context, NotFound("kb_article", request.article_id))
+            await refuse(context, NotFound("kb_article", request.article_id))
         return desk_pb.GetKbArticleResponse(article=ARTICLES[request.article_id])
 
     async def UpdateTicket(self, request: desk_pb.UpdateTicketRequest, context: Any) -> Any:
@@ -75,7 +69,7 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
             if required in paths and not getattr(given, required).strip():
                 raise ValidationFailed([FieldError(required, "is required")])
         except ValidationFailed as error:
-            await abort(context, error)
+            await refuse(context, error)
         updated = type(stored)()
         updated.CopyFrom(stored)
         request.update_mask.MergeMessage(given, updated)

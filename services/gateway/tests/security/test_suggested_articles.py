@@ -15,10 +15,7 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import CrmError, NotFound
-from crm_platform.grpc_errors import to_status
-from crm_platform.principal import context_from_metadata
-from gateway.testing import add_no_custom_fields, serving, started_gateway
+from gateway.testing import add_no_custom_fields, serving, started_gateway, ticket_in_scope
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -35,27 +32,14 @@ TICKETS = {
 ARTICLE = servicedesk_pb2.KbArticle(id="kb-1", title="Clear a paper jam", body="Open the tray", published=True)
 
 
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
 class FakeServiceDesk(ServiceDeskServiceServicer):
     """The tickets above, each found only in a scope that covers it (its owner is its assignee)."""
 
-    async def _ticket(self, context: Any, ticket_id: str) -> servicedesk_pb2.Ticket:
-        scope = context_from_metadata(context.invocation_metadata()).scope
-        ticket = TICKETS.get(ticket_id)
-        if ticket is None or not scope.allows(owner_id=ticket.assignee_id, team=ticket.team, region=ticket.region):
-            await abort(context, NotFound("ticket", ticket_id))
-        assert ticket is not None
-        return ticket
-
     async def GetTicket(self, request: desk_pb.GetTicketRequest, context: Any) -> Any:
-        return desk_pb.GetTicketResponse(ticket=await self._ticket(context, request.ticket_id))
+        return desk_pb.GetTicketResponse(ticket=await ticket_in_scope(context, TICKETS, request.ticket_id))
 
     async def SuggestKbArticles(self, request: desk_pb.SuggestKbArticlesRequest, context: Any) -> Any:
-        await self._ticket(context, request.ticket_id)
+        await ticket_in_scope(context, TICKETS, request.ticket_id)
         return desk_pb.SuggestKbArticlesResponse(items=[ARTICLE])
 
 

@@ -16,10 +16,8 @@ from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
     ServiceDeskServiceServicer,
     add_ServiceDeskServiceServicer_to_server,
 )
-from crm_platform.errors import Conflict, CrmError, NotFound, StaleVersion
-from crm_platform.grpc_errors import to_status
-from crm_platform.principal import context_from_metadata
-from gateway.testing import RoleClient, serving
+from crm_platform.errors import Conflict, StaleVersion
+from gateway.testing import RoleClient, refuse, serving, ticket_in_scope
 
 pytestmark = pytest.mark.integration
 
@@ -40,27 +38,14 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
     def __init__(self) -> None:
         self.deletes: list[desk_pb.DeleteTicketRequest] = []
 
-    async def _visible(self, ticket_id: str, context: Any) -> servicedesk_pb2.Ticket:
-        scope = context_from_metadata(context.invocation_metadata()).scope
-        ticket = TICKETS.get(ticket_id)
-        if ticket is None or not scope.allows(owner_id=ticket.assignee_id, team=ticket.team, region=ticket.region):
-            await abort(context, NotFound("ticket", ticket_id))
-        assert ticket is not None
-        return ticket
-
     async def DeleteTicket(self, request: desk_pb.DeleteTicketRequest, context: Any) -> Any:
-        ticket = await self._visible(request.ticket_id, context)
+        ticket = await ticket_in_scope(context, TICKETS, request.ticket_id)
         if request.expected_version and request.expected_version != ticket.version:
-            await abort(context, StaleVersion("ticket", ticket.id, ticket.version))
+            await refuse(context, StaleVersion("ticket", ticket.id, ticket.version))
         if ticket.status == "resolved":
-            await abort(context, Conflict(f"ticket {ticket.id} is resolved", reason="TICKET_ON_RECORD"))
+            await refuse(context, Conflict(f"ticket {ticket.id} is resolved", reason="TICKET_ON_RECORD"))
         self.deletes.append(request)
         return desk_pb.DeleteTicketResponse(previous=ticket)
-
-
-async def abort(context: Any, error: CrmError) -> None:
-    status = to_status(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 @pytest.fixture
