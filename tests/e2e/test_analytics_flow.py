@@ -2,15 +2,16 @@
 reach the analytics read models through Kafka only, and the reports (JSON and CSV) show them within
 the caller's record scope; CSV needs the export permission."""
 
-import asyncio
 import csv
 import io
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from crm_devstack.stack import RunningStack
 from crm_platform.ids import new_id
+from crm_platform.testing.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -24,17 +25,12 @@ def _ok(response: httpx.Response, status: int = 200) -> Any:
     return response.json()
 
 
-async def _until(read: Any, want: Any, timeout: float = 60.0) -> Any:
-    """Polls until `read()` returns `want`; returns the last value read."""
-    got = None
-    try:
-        async with asyncio.timeout(timeout):
-            while (got := await read()) != want:
-                await asyncio.sleep(0.3)
-    except TimeoutError:
-        pass
-    assert got == want
-    return got
+T = TypeVar("T")
+
+
+async def _until(read: Callable[[], Awaitable[T]], want: T) -> None:
+    """Waits for a report to read `want` (projections follow events: seconds behind)."""
+    assert await eventually(read, lambda got: got == want, timeout=60.0, interval=0.3) == want
 
 
 async def test_reports_follow_rest_changes_through_events(stack: RunningStack) -> None:

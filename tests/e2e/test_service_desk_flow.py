@@ -14,6 +14,7 @@ from crm.servicedesk.v1 import events_pb2
 from crm_devstack.stack import RunningStack
 from crm_platform.ids import new_id
 from crm_platform.testing.kafka import EventCollector
+from crm_platform.testing.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -146,9 +147,7 @@ async def test_a_spam_ticket_is_deleted_at_its_etag_and_leaves_the_service_repor
         async def until_counted(want: tuple[int, int]) -> None:
             # One analytics consumer projects every topic: the thousands of leads and deals the
             # e2e tests before imported may come first (seconds, with a backlog applied by the batch).
-            async with asyncio.timeout(180):
-                while await counted() != want:
-                    await asyncio.sleep(0.3)
+            assert await eventually(counted, lambda got: got == want, timeout=180, interval=0.3) == want
 
         await until_counted((2, 2))
         assert (await agent.delete(path)).status_code == 403

@@ -32,6 +32,7 @@ from crm_platform.ids import new_id
 from crm_platform.pagination import bind_cursor, encode_cursor, page_fingerprint
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.service import ServiceApp
+from crm_platform.testing import polling
 from crm_platform.testing.database import migrate_to_head
 from crm_platform.testing.kafka import produce_event
 from crm_platform.timeutil import to_timestamp, utcnow
@@ -425,11 +426,7 @@ async def snapshot(stub: AnalyticsServiceStub, team: str, who: tuple[Principal, 
 async def eventually(
     read: Callable[[], Awaitable[dict[str, Any]]], want: dict[str, Any], timeout: float = 45.0
 ) -> None:
-    deadline = time.monotonic() + timeout
-    got = await read()
-    while got != want and time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        got = await read()
+    got = await polling.eventually(read, lambda got: got == want, timeout=timeout, interval=0.25)
     # Report by report, so a failure names the report that differs.
     for name in want:
         assert got.get(name) == want[name], name

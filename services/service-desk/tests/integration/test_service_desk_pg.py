@@ -22,6 +22,7 @@ from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKin
 from crm_platform.service import ServiceApp
 from crm_platform.testing.database import migrate_to_head
 from crm_platform.testing.kafka import EventCollector, produce_event
+from crm_platform.testing.polling import eventually
 from crm_platform.timeutil import utcnow
 from service_desk import handlers
 from service_desk import repository as repo
@@ -80,16 +81,12 @@ async def desk(postgres_url: str, kafka_settings: KafkaSettings) -> AsyncIterato
         await app.stop()
 
 
-async def _wait_for_tier(engine: Any, account_id: str, tier: str, timeout: float = 40.0) -> None:
-    async with asyncio.timeout(timeout):
-        while True:
-            async with engine.connect() as conn:
-                found = await conn.scalar(
-                    select(repo.account_tiers.c.tier).where(repo.account_tiers.c.account_id == account_id)
-                )
-            if found == tier:
-                return
-            await asyncio.sleep(0.2)
+async def _tier(engine: Any, account_id: str) -> str | None:
+    async with engine.connect() as conn:
+        tier: str | None = await conn.scalar(
+            select(repo.account_tiers.c.tier).where(repo.account_tiers.c.account_id == account_id)
+        )
+    return tier
 
 
 async def test_ticket_dispatch_vip_raise_lifecycle_and_csat(desk: Running, kafka_settings: KafkaSettings) -> None:
@@ -118,7 +115,8 @@ async def test_ticket_dispatch_vip_raise_lifecycle_and_csat(desk: Running, kafka
     # The accounts context announces a tier-A account; the desk learns it from the event only.
     vip = accounts_pb2.Account(id="acc-vip", name="Big Customer", tier="A", region="east")
     await produce_event(kafka_settings.bootstrap_servers, account_events.AccountCreated(account=vip), key=vip.id)
-    await _wait_for_tier(svc.app.engine, "acc-vip", "A")
+    tier = await eventually(lambda: _tier(svc.app.engine, "acc-vip"), lambda found: found == "A", timeout=40)
+    assert tier == "A"
 
     create = pb.CreateTicketRequest(
         ticket=pb.TicketInput(
