@@ -6,6 +6,7 @@ whose totals the test recomputes from the CSV files."""
 import asyncio
 import csv
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from crm.sales.v1 import events_pb2
 from crm_devstack.stack import RunningStack
 from crm_platform.ids import new_id
 from crm_platform.testing.kafka import EventCollector, produce_event
+from crm_platform.testing.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -38,16 +40,6 @@ def _money(amount: str) -> dict[str, str]:
     return {"amount": amount, "currency": "CNY"}
 
 
-async def _until(check: Any, timeout: float = 30.0) -> Any:
-    """Polls an async check until it returns something truthy."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.2)
-
-
 async def test_opportunity_to_cash_through_the_gateway_with_events(stack: RunningStack) -> None:
     run = new_id()[-8:]
     async with (
@@ -57,6 +49,7 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         _client(stack, f"mgr-{run}", ["sales_manager"]) as manager,
         _client(stack, f"fin-{run}", ["finance"]) as finance,
         _client(stack, f"erp-{run}", ["erp_integration"]) as erp,
+        _client(stack, f"admin-{run}", ["admin"]) as admin,
     ):
         account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Plant {run} Ltd"}), 201)["id"]
         buyer = _ok(await rep.post(f"/api/v1/accounts/{account}/contacts", json={"name": "Wang Fang"}), 201)
@@ -148,11 +141,11 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         await produce_event(stack.bootstrap, posting, key=contract["id"], source="/erp/sap")
         await produce_event(stack.bootstrap, posting, key=contract["id"], source="/erp/sap")
 
-        async def booked() -> list[dict[str, Any]] | None:
-            items = _ok(await finance.get("/api/v1/payments", params={"contract_id": contract["id"]}))["items"]
-            return items if len(items) >= 2 else None
+        async def booked() -> list[dict[str, Any]]:
+            page = _ok(await finance.get("/api/v1/payments", params={"contract_id": contract["id"]}))
+            return list(page["items"])
 
-        payments = await _until(booked)
+        await eventually(booked, lambda items: len(items) >= 2)
         await asyncio.sleep(1.0)  # give a wrongly applied duplicate the time to show up
         payments = _ok(await finance.get("/api/v1/payments", params={"contract_id": contract["id"]}))["items"]
         assert sorted(p["external_reference"] for p in payments) == [f"BANK-{run}", f"SAP-{run}"]
@@ -192,15 +185,39 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         await produce_event(stack.bootstrap, erp_invoice, key=contract["id"], source="/erp/sap")
         await produce_event(stack.bootstrap, erp_invoice, key=contract["id"], source="/erp/sap")
 
-        async def issued_by_erp() -> dict[str, Any] | None:
+        async def requested_invoice() -> dict[str, Any]:
             record: dict[str, Any] = _ok(await finance.get(f"/api/v1/invoices/{requested['id']}"))
-            return record if record["status"] == "issued" else None
+            return record
 
-        erp_issued = await _until(issued_by_erp)
-        assert (erp_issued["number"], erp_issued["external_reference"]) == (f"FP-{run}-2", f"SAP-INV-{run}")
+        erp_issued = await eventually(requested_invoice, lambda record: record["status"] == "issued")
+        assert (erp_issued["status"], erp_issued["number"], erp_issued["external_reference"]) == (
+            "issued",
+            f"FP-{run}-2",
+            f"SAP-INV-{run}",
+        )
         await asyncio.sleep(1.0)  # give a wrongly applied duplicate the time to show up
         invoices = _ok(await finance.get("/api/v1/invoices", params={"contract_id": contract["id"]}))["items"]
         assert sorted(i["amount"]["amount"] for i in invoices) == ["70000.00", "80000.00"]
+
+        # The postings came past the gateway, on Kafka: the sales service audited them, the gateway's
+        # trail has them with the ERP as the actor (the repeats as replays).
+        [sap_payment] = [p for p in payments if p["external_reference"] == f"SAP-{run}"]
+
+        def audited(resource: str, record_id: str) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
+            async def trail() -> list[tuple[str, str]]:
+                params = {"resource": resource, "record_id": record_id}
+                rows = _ok(await admin.get("/api/v1/audit-events", params=params))["items"]
+                return [(e["actor"]["user_id"], e["action"]) for e in reversed(rows)]  # oldest first
+
+            return trail
+
+        payment_trail = await eventually(audited("payments", sap_payment["id"]), lambda found: len(found) >= 2)
+        assert payment_trail == [("erp", "create"), ("erp", "replay")]
+        assert await eventually(audited("invoices", requested["id"]), lambda found: len(found) >= 3) == [
+            (f"fin-{run}", "create"),
+            ("erp", "update"),
+            ("erp", "replay"),
+        ]
 
         # Completing closes the receivable (the ERP closes it too): not while 80000.00 is owed.
         unpaid = await rep.post(f"/api/v1/contracts/{contract['id']}/complete")

@@ -9,7 +9,7 @@ applied together again and it is applied alone, with its retries and its dead le
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -84,6 +84,11 @@ def dead_letter_topic(topic: str) -> str:
     return f"{topic}.dlt"
 
 
+def consumed_topics(consumers: "Iterable[EventConsumer]") -> list[str]:
+    """The topics the consumers read, and their dead-letter topics (to create at start-up)."""
+    return [topic for c in consumers for read in c.topics for topic in (read, dead_letter_topic(read))]
+
+
 def is_infrastructure_failure(error: BaseException) -> bool:
     """The database, the network or a called service is down: worth waiting for, not a bad event."""
     # ConnectionError, not OSError: a handler's FileNotFoundError is a bug, not an outage.
@@ -108,12 +113,16 @@ class EventConsumer:
         max_attempts: int = 5,
         retry_base_seconds: float = 0.2,
         only_these_types: bool = False,
+        ignored_sources: Collection[str] = (),
     ) -> None:
         """`only_these_types`: its topics carry no other event type (the inbound topics an outside
         system writes by our contract), so any other is a poison message, not another consumer's
-        event to pass over (a CRM topic's new type during a rolling upgrade)."""
+        event to pass over (a CRM topic's new type during a rolling upgrade).
+        `ignored_sources`: events from these sources (`ce_source`) are passed over, as those of a
+        type it does not need are (its own process's events on a topic it also reads)."""
         self.name = name
         self.only_these_types = only_these_types
+        self.ignored_sources = frozenset(ignored_sources)
         self.uow = uow
         self.inbox = metadata.tables["processed_events"]
         self.kafka = kafka
@@ -323,6 +332,8 @@ class EventConsumer:
             headers = CloudEventHeaders.decode(record.headers)
         except MalformedEvent as error:
             raise PoisonMessage(str(error)) from None
+        if headers.source in self.ignored_sources:
+            return None
         entry = self.handlers.get(headers.type)
         if entry is None:
             if self.only_these_types:

@@ -93,6 +93,15 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str], *, wait_seco
         await stop_quietly(admin)
 
 
+async def ensure_topics_or_wait(settings: KafkaSettings, topics: list[str]) -> None:
+    """`ensure_topics` at a process's start: a broker that is not there yet is logged, not raised;
+    the outbox relay and the consumers wait for it."""
+    try:
+        await ensure_topics(settings, topics)
+    except Exception as error:  # noqa: BLE001 - the broker may come later
+        log.warning("could not ensure topics %s: %s", topics, error)
+
+
 _MURMUR2_M = 0x5BD1E995
 _WORDS_OF_LENGTH: dict[int, Callable[[bytes], tuple[int, ...]]] = {}
 

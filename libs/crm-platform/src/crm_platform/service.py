@@ -22,11 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
-from crm_platform.consumer import EventConsumer, dead_letter_topic
+from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine, delete_expired
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.jobs import PeriodicJob
-from crm_platform.kafka import ensure_topics
+from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.logging import configure_logging
 from crm_platform.metrics import serve_metrics
 from crm_platform.outbox import OutboxRelay, UnitOfWork
@@ -132,13 +132,7 @@ class ServiceApp:
         await self.stop()
 
     async def _create_topics(self) -> None:
-        topics = list(self.topics)
-        for consumer in self.consumers:
-            topics += consumer.topics + [dead_letter_topic(topic) for topic in consumer.topics]
-        try:
-            await ensure_topics(self.settings.kafka, topics)
-        except Exception as error:  # noqa: BLE001 - the broker may come later; the outbox waits for it
-            log.warning("could not ensure topics %s: %s", topics, error)
+        await ensure_topics_or_wait(self.settings.kafka, [*self.topics, *consumed_topics(self.consumers)])
 
 
 # The cyclic collector runs after this many container allocations net of frees (CPython's default is

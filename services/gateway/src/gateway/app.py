@@ -41,7 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await security.start(migrate=settings.migrate_on_start, relay=settings.audit_relay_enabled)
+        await security.start(
+            migrate=settings.migrate_on_start,
+            relay=settings.audit_relay_enabled,
+            ingest=settings.audit_ingest_enabled,
+        )
         build_routes(app)
         try:
             yield

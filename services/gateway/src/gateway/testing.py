@@ -111,6 +111,7 @@ def _settings(
         database_url=f"sqlite+aiosqlite:///{database}",
         policy_path=str(policy_path),
         audit_relay_enabled=False,
+        audit_ingest_enabled=False,
         leads_target=targets.get("leads", ""),
         accounts_target=targets.get("accounts", ""),
         sales_target=targets.get("sales", ""),

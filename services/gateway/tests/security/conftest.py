@@ -328,6 +328,7 @@ async def real_app(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[FastA
         rate_limit_per_second=10_000.0,
         rate_limit_burst=100_000,
         audit_relay_enabled=False,
+        audit_ingest_enabled=False,
     )
     app = create_app(settings)
     await app.state.security.start(migrate=False, relay=False)

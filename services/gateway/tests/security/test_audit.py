@@ -11,17 +11,22 @@ from typing import Any
 import httpx
 import pytest
 from crm.audit.v1 import events_pb2
+from crm_platform.audit import audit_recorded
 from crm_platform.config import KafkaSettings
+from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
 from crm_platform.pagination import encode_cursor
 from crm_platform.principal import Principal
-from crm_platform.testing.kafka import EventCollector
+from crm_platform.testing.kafka import EventCollector, produce_event
+from crm_platform.testing.polling import eventually
+from crm_platform.timeutil import utcnow
 from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditEntry, AuditQuery
 from gateway.security.policy import Policy, parse_policy
 from gateway.security.store import audit_events, outbox
 from gateway.testing import default_policy_document, policy_text
 from gateway.upstreams import UpstreamNotConfigured
+from prometheus_client import REGISTRY
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
@@ -349,6 +354,83 @@ async def test_audit_events_reach_kafka(make_gateway: Any, kafka_settings: Kafka
     assert record.event_type == "crm.audit.record.recorded"
     event = record.decode(events_pb2.AuditRecorded)
     assert (event.action, event.resource, event.actor.user_id) == ("create", "leads", "u-kafka")
+
+
+def consumed(outcome: str) -> float:
+    """How many crm.audit.v1 events the gateway's consumers have had with this outcome."""
+    labels = {"service": "gateway", "topic": "crm.audit.v1", "outcome": outcome}
+    return REGISTRY.get_sample_value("crm_consumer_processed_total", labels) or 0.0
+
+
+def dead_letters() -> float:
+    labels = {"service": "gateway", "topic": "crm.audit.v1"}
+    return REGISTRY.get_sample_value("crm_dead_letters_total", labels) or 0.0
+
+
+async def test_the_audit_records_services_publish_join_the_trail_once_and_the_gateways_own_are_not_stored_again(
+    make_gateway: Any, kafka_settings: KafkaSettings, auth_headers: Any
+) -> None:
+    """A write that reaches a service without a request (an ERP's posting on Kafka) is audited by
+    the service on crm.audit.v1; the gateway stores those records in its trail, each once, and passes
+    over its own records there (they are in the trail already)."""
+    await ensure_topics(kafka_settings, ["crm.audit.v1", "crm.audit.v1.dlt"])
+    gateway = await make_gateway()
+    runtime = gateway.runtime
+    runtime.kafka = kafka_settings
+    before = {"ignored": consumed("ignored"), "duplicate": consumed("duplicate"), "dead": dead_letters()}
+    await runtime.start(migrate=False, relay=True, ingest=True)
+    response = await gateway.client.post(
+        "/api/v1/fake/leads", json={"name": "own"}, headers=auth_headers("sales_rep", sub="u-own")
+    )
+    record_id = response.json()["id"]
+    async with EventCollector(kafka_settings.bootstrap_servers, ["crm.audit.v1"]) as collector:
+        await collector.wait_for(lambda got: any(r.key == record_id for r in got), timeout=30)
+    erp = Principal(user_id="erp", roles=("erp_integration",), kind="api_key")
+    payment_id, last_id = f"pay-{new_id()}", f"pay-{new_id()}"
+
+    def service_record(paid: str) -> events_pb2.AuditRecorded:
+        return audit_recorded(
+            id=new_id(),
+            occurred_at=utcnow(),
+            actor=erp,
+            action="create",
+            resource="payments",
+            record_id=paid,
+            fields=["amount"],
+            after={"amount": {"amount": "250.00", "currency": "CNY"}},
+            request_id="evt-1",
+            method="KAFKA",
+            path="erp.payments.v1/3/41",
+            client_address="/erp/sap",
+        )
+
+    posted = service_record(payment_id)
+    # Keyed as the gateway's own record, so that they land behind it in its partition, in this
+    # order: the first one twice (a redelivery), then another. Once the last is stored, the
+    # consumer has had all of them.
+    bootstrap = kafka_settings.bootstrap_servers
+    for message, event_id in ((posted, f"e-{payment_id}"), (posted, f"e-{payment_id}"), (service_record(last_id), "")):
+        await produce_event(bootstrap, message, key=record_id, source="/crm/sales", event_id=event_id or None)
+    assert await eventually(lambda: all_audit_rows(gateway, record_id=last_id)), "the service's record was not stored"
+
+    [row] = await all_audit_rows(gateway, record_id=payment_id)
+    assert {k: row[k] for k in ("id", "action", "resource", "fields", "before", "after", "method", "path")} == {
+        "id": posted.id,
+        "action": "create",
+        "resource": "payments",
+        "fields": ["amount"],
+        "before": None,
+        "after": {"amount": {"amount": "250.00", "currency": "CNY"}},
+        "method": "KAFKA",
+        "path": "erp.payments.v1/3/41",
+    }
+    assert (row["request_id"], row["client_address"]) == ("evt-1", "/erp/sap")
+    assert row["actor"] == {"user_id": "erp", "kind": "api_key", "roles": ["erp_integration"], "team": "", "region": ""}
+    assert [r["action"] for r in await all_audit_rows(gateway, record_id=record_id)] == ["create"]
+    # Its own record passed over (not stored again and refused as a duplicate row, then dead-lettered),
+    # the redelivery known by its event id.
+    assert consumed("ignored") > before["ignored"] and consumed("duplicate") == before["duplicate"] + 1
+    assert dead_letters() == before["dead"]
 
 
 async def test_export_audit_masks_personal_data_in_filters(gateway: Any, auth_headers: Any) -> None:

@@ -118,6 +118,7 @@ async def _gateway(database: Path, accounts: str, sales: str) -> AsyncIterator[t
         service_desk_target=down,
         analytics_target=down,
         audit_relay_enabled=False,
+        audit_ingest_enabled=False,
     )
     app = create_app(settings)
     await app.state.security.start(migrate=False, relay=False)

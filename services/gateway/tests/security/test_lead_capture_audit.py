@@ -103,6 +103,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
             service_desk_target="",
             analytics_target="",
             audit_relay_enabled=False,
+            audit_ingest_enabled=False,
             auth_failure_burst=3,
         )
         app = create_app(settings)

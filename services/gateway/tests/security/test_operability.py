@@ -31,6 +31,7 @@ def _settings(database_url: str, **targets: str) -> Settings:
         dev_jwt_secret=SECRET,
         database_url=database_url,
         audit_relay_enabled=False,
+        audit_ingest_enabled=False,
         **{**upstreams, **targets},
     )
 

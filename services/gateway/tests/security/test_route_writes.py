@@ -447,6 +447,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
         service_desk_target=f"127.0.0.1:{port}",
         analytics_target="",
         audit_relay_enabled=False,
+        audit_ingest_enabled=False,
     )
     app = create_app(settings)
     await app.state.security.start(migrate=False, relay=False)

@@ -56,7 +56,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
         uow=handlers.uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=["crm.sales.v1"],
+        topics=["crm.sales.v1", "crm.audit.v1"],  # audit records of the ERP's postings
         consumers=[
             EventConsumer(
                 name="sales-erp",

@@ -4,15 +4,21 @@
   reference is the idempotency key, so a posting repeated under a new event id changes nothing;
   a message that breaks a rule raises a domain error, which sends it to `<topic>.dlt` with the reason.
   An invoice posting naming `invoice_id` issues that requested invoice; without, it adds one.
+  Each posting is audited (`crm.audit.v1`, actor `erp`): it reaches no gateway that would audit it.
 - Accounts (`crm.accounts.v1`): merged accounts re-point deals and contracts; transferred
   accounts take the previous owner's open deals and running contracts to the new owner.
 
 Every handler runs in the consumer's transaction, together with the inbox row of the event.
 """
 
+from typing import Any
+
 from crm.accounts.v1 import events_pb2 as account_events
 from crm.erp.v1 import invoices_pb2, payments_pb2
+from crm.sales.v1 import sales_pb2
+from crm_platform.audit import audit_recorded, changed_fields, message_values
 from crm_platform.consumer import ReceivedEvent
+from crm_platform.ids import new_id
 from crm_platform.money import money_from_proto
 from crm_platform.outbox import Transaction
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
@@ -31,7 +37,7 @@ class SalesConsumers:
     async def erp_payment_posted(self, tx: Transaction, event: ReceivedEvent[payments_pb2.ErpPaymentPosted]) -> None:
         message = event.message
         with acting_as(ERP, ALL_RECORDS, event.headers.id):
-            await self.handlers.record_payment_in(
+            payment, created = await self.handlers.record_payment_in(
                 tx,
                 contract_id=message.contract_id or event.key,
                 amount=money_from_proto(message.amount, field="amount"),
@@ -40,11 +46,12 @@ class SalesConsumers:
                 external_reference=message.external_reference,
                 scope=ALL_RECORDS,
             )
+        self._audit(tx, event, "payments", payment, None, changed=created)
 
     async def erp_invoice_issued(self, tx: Transaction, event: ReceivedEvent[invoices_pb2.ErpInvoiceIssued]) -> None:
         message = event.message
         with acting_as(ERP, ALL_RECORDS, event.headers.id):
-            await self.handlers.record_erp_invoice(
+            posting = await self.handlers.record_erp_invoice(
                 tx,
                 contract_id=message.contract_id or event.key,
                 amount=money_from_proto(message.amount, field="amount"),
@@ -53,6 +60,49 @@ class SalesConsumers:
                 external_reference=message.external_reference,
                 invoice_id=message.invoice_id,
             )
+        self._audit(tx, event, "invoices", posting.invoice, posting.previous, changed=posting.changed)
+
+    def _audit(
+        self,
+        tx: Transaction,
+        event: ReceivedEvent[Any],
+        resource: str,
+        record: sales_pb2.Payment | sales_pb2.Invoice,
+        previous: sales_pb2.Payment | sales_pb2.Invoice | None,
+        *,
+        changed: bool,
+    ) -> None:
+        """An ERP posting reaches the CRM without a request for the gateway to audit: its audit
+        record goes out with the write (`crm_platform.audit`), as the gateway writes one: the changed
+        fields, before (None: the posting made the record) and after. A posting that changed nothing
+        (its external reference was posted before) is a `replay`."""
+        before: dict[str, Any] | None = None
+        after: dict[str, Any] | None = None
+        fields: list[str] = []
+        if changed:
+            old = message_values(previous) if previous is not None else None
+            new = message_values(record)
+            fields = changed_fields(old, new)
+            before = {key: old.get(key) for key in fields} if old is not None else None
+            after = {key: new.get(key) for key in fields}
+        action = "replay" if not changed else "create" if previous is None else "update"
+        audit = audit_recorded(
+            id=new_id(),
+            occurred_at=self.handlers.clock(),
+            actor=ERP,
+            action=action,
+            resource=resource,
+            record_id=record.id,
+            reason="" if changed else "posted before under its external_reference; nothing changed",
+            fields=fields,
+            before=before,
+            after=after,
+            request_id=event.headers.id,
+            method="KAFKA",
+            path=f"{event.topic}/{event.partition}/{event.offset}",
+            client_address=event.headers.source[:64],  # who posted it, as the event says
+        )
+        tx.publish(audit, key=audit.record_id)
 
     async def account_merged(self, tx: Transaction, event: ReceivedEvent[account_events.AccountMerged]) -> None:
         message = event.message

@@ -118,6 +118,16 @@ class OpportunityIn:
     forecast_category: d.ForecastCategory | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class InvoicePosting:
+    """What an ERP's invoice posting did: the invoice after it, as it was before (None: the posting
+    raised it), and whether it changed anything (a redelivery, or its reference posted again, does not)."""
+
+    invoice: sales_pb2.Invoice
+    previous: sales_pb2.Invoice | None
+    changed: bool
+
+
 @dataclass(slots=True)
 class ImportRow:
     external_id: str
@@ -2316,12 +2326,12 @@ class SalesHandlers:
         issued_at: datetime | None,
         external_reference: str,
         invoice_id: str = "",
-    ) -> tuple[sales_pb2.Invoice, bool]:
+    ) -> InvoicePosting:
         """An invoice the ERP issued, idempotent by external reference. With `invoice_id`: the
         invoice the CRM requested (invoice.requested), issued with the ERP's number under the rules of
         issuing it over the API, for exactly the requested amount; a redelivery after it was issued
         with that number changes nothing. Without: an invoice the ERP raised on its own, under the
-        limit of requesting one. Returns the invoice and whether this posting changed anything."""
+        limit of requesting one."""
         reference, number = external_reference.strip(), number.strip()
         errors = []
         if not reference:
@@ -2346,7 +2356,7 @@ class SalesHandlers:
                 )
             posted = Money(existing["amount"], existing["currency"])
             d.check_same_posting(posted, amount, reference=reference, existing_id=existing["id"])
-            return v.invoice_proto(existing), False
+            return InvoicePosting(v.invoice_proto(existing), v.invoice_proto(existing), changed=False)
         if invoice_id:
             row = await self._invoice_row(tx.conn, invoice_id, lock=True)
             if row["contract_id"] != contract_id:
@@ -2354,18 +2364,19 @@ class SalesHandlers:
                     [FieldError("invoice_id", f"is an invoice of contract {row['contract_id']}, not of {contract_id}")]
                 )
             d.check_issued_amount(amount, requested=Money(row["amount"], row["currency"]))
+            before = v.invoice_proto(row)
             if row["status"] == d.InvoiceStatus.ISSUED and row["number"] == number:
-                return v.invoice_proto(row), False
+                return InvoicePosting(before, before, changed=False)
             issued = await self._issue(
                 tx, contract, row, number=number, issued_at=issued_at, external_reference=reference
             )
-            return issued, True
+            return InvoicePosting(issued, before, changed=True)
         values = await self._new_invoice(
             tx, contract, amount, invoice_id=new_id(), number=number, issued_at=issued_at, external_reference=reference
         )
         proto = v.invoice_proto(values)
         tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=values["id"])
-        return proto, True
+        return InvoicePosting(proto, None, changed=True)
 
     # ------------------------------------------------------------ account events
 

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.audit.v1.events_pb2 import AuditRecorded
 from crm.common.v1 import common_pb2
 from crm.common.v1 import custom_fields_pb2 as cf_pb
 from crm.erp.v1 import invoices_pb2, payments_pb2
@@ -28,6 +29,7 @@ from crm_platform.errors import (
 from crm_platform.ids import new_id
 from crm_platform.money import Money
 from crm_platform.timeutil import utcnow
+from google.protobuf import json_format
 from sales import domain as d
 from sales import handlers as handlers_module
 from sales import repository
@@ -1243,6 +1245,60 @@ async def test_an_erp_invoice_without_an_id_is_one_the_erp_raised_on_its_own(sal
     ]  # fmt: skip
     assert [i.id for i in invoices if i.number == "FP-1"] == [requested.id]
     assert receivable.invoiced.amount == "1000.00"
+
+
+async def test_every_erp_posting_is_audited_with_what_it_changed_as_the_gateway_audits_a_request(
+    sales: SalesHandlers, engine: AsyncEngine, clock: Clock
+) -> None:
+    """Postings reach the CRM on Kafka, past the gateway that audits every request: the sales service
+    publishes their audit records itself, in the posting's transaction (the gateway stores them)."""
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        requested = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+    issue = erp_invoice(contract_id, "400.00", "FP-1", "SAP-1", invoice_id=requested.id)
+    await erp_posts(sales, issue)
+    await erp_posts(sales, issue)  # redelivered under a new event id: changes nothing
+    await erp_posts(sales, erp_invoice(contract_id, "600.00", "FP-2", "SAP-2"))  # raised by the ERP
+    payment = payments_pb2.ErpPaymentPosted(
+        contract_id=contract_id, amount=common_pb2.Money(amount="250.00", currency="CNY"), external_reference="BANK-1"
+    )
+    headers = CloudEventHeaders(id="evt-pay-1", type="erp.payment.posted", source="/erp/sap", time=utcnow())
+    async with sales.uow.begin() as tx:
+        await SalesConsumers(sales).erp_payment_posted(
+            tx, ReceivedEvent(headers, payment, contract_id, "erp.payments.v1", 3, 41)
+        )
+    await erp_refuses(sales, erp_invoice(contract_id, "0.01", "FP-3", "SAP-3"))  # rolled back: no record
+
+    audits = [AuditRecorded.FromString(p) for p in await outbox_events(engine, "crm.audit.record.recorded")]
+    with as_user("fin", "finance"):
+        [raised] = [i for i in (await sales.list_invoices(Page(), contract_id=contract_id)).items if i.number == "FP-2"]
+        [paid] = (await sales.list_payments(Page(), contract_id=contract_id)).items
+    assert [(a.action, a.resource, a.record_id, list(a.fields)) for a in audits] == [
+        ("update", "invoices", requested.id, ["external_reference", "issued_at", "number", "status"]),
+        ("replay", "invoices", requested.id, []),
+        ("create", "invoices", raised.id, sorted(json_format.MessageToDict(raised, preserving_proto_field_name=True))),
+        ("create", "payments", paid.id, sorted(json_format.MessageToDict(paid, preserving_proto_field_name=True))),
+    ]
+    update, replay, _, paid_audit = audits
+    assert (dict(update.before), dict(update.after)) == (
+        {"status": "requested", "number": None, "external_reference": None, "issued_at": None},
+        {"status": "issued", "number": "FP-1", "external_reference": "SAP-1", "issued_at": update.after["issued_at"]},
+    )
+    assert not replay.HasField("before") and not replay.HasField("after") and "external_reference" in replay.reason
+    assert not paid_audit.HasField("before") and paid_audit.after["amount"]["amount"] == "250.00"
+    assert (paid_audit.actor.user_id, list(paid_audit.actor.roles), paid_audit.outcome) == (
+        "erp",
+        ["erp_integration"],
+        "allowed",
+    )
+    assert (paid_audit.request_id, paid_audit.method, paid_audit.path, paid_audit.client_address) == (
+        "evt-pay-1",
+        "KAFKA",
+        "erp.payments.v1/3/41",
+        "/erp/sap",
+    )
+    assert paid_audit.occurred_at.ToDatetime(tzinfo=UTC) == clock.now
+    assert [key for key, _ in await outbox_keyed(engine, "crm.audit.record.recorded")] == [a.record_id for a in audits]
 
 
 async def test_the_erp_issues_a_requested_invoice_under_the_rules_of_the_api(sales: SalesHandlers) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import grpc
+from crm_platform.audit import changed_fields
 from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
@@ -15,7 +16,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from gateway.inputs import reject_unknown_query_parameters, reject_unstorable_input
 from gateway.middleware import current_request_id
-from gateway.security.audit import AuditEntry, changed_fields, diff_for_audit
+from gateway.security.audit import AuditEntry, diff_for_audit
 from gateway.security.masking import mask_value
 from gateway.security.policy import ACTIONS, Decision, FieldRule, GrantSet, ResourceSpec, covers
 from gateway.security.problems import SecurityProblem, forbidden, rate_limited

@@ -15,10 +15,12 @@ from datetime import datetime
 from typing import Any, overload
 
 from crm.audit.v1 import events_pb2
+from crm_platform.audit import audit_recorded, changed_fields
+from crm_platform.consumer import ReceivedEvent
 from crm_platform.db import DriverStatement, insert_from_json, json_rows, single_statements
 from crm_platform.errors import ValidationFailed
 from crm_platform.ids import new_id
-from crm_platform.outbox import PendingEvent, insert_outbox_json, outbox_rows
+from crm_platform.outbox import PendingEvent, Transaction, insert_outbox_json, outbox_rows
 from crm_platform.pagination import (
     NOT_ISSUED,
     bind_cursor,
@@ -28,8 +30,8 @@ from crm_platform.pagination import (
     unbind_cursor,
 )
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind
-from crm_platform.structs import fill_struct
-from crm_platform.timeutil import as_utc, isoformat, to_timestamp, utcnow
+from crm_platform.timeutil import as_utc, from_timestamp, isoformat, utcnow
+from google.protobuf import json_format
 from sqlalchemy import ColumnElement, Select, and_, false, insert, select, true
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -66,12 +68,6 @@ class AuditEntry:
 def _jsonable(value: Any) -> Any:
     """Plain JSON (Decimals and datetimes as strings), as stored and as put in the event's Struct."""
     return json.loads(json.dumps(value, default=str))
-
-
-def changed_fields(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[str]:
-    before = before or {}
-    after = after or {}
-    return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
 
 
 @overload
@@ -122,29 +118,47 @@ def _plain(values: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def _event(entry: AuditEntry, before: dict[str, Any] | None, after: dict[str, Any] | None) -> events_pb2.AuditRecorded:
     """The entry's event; `before` and `after` are its values as plain JSON (`_plain`)."""
-    event = events_pb2.AuditRecorded(
+    return audit_recorded(
         id=entry.id,
-        occurred_at=to_timestamp(entry.occurred_at),
-        actor=entry.actor.to_proto(),
+        occurred_at=entry.occurred_at,
+        actor=entry.actor,
         action=entry.action,
         resource=entry.resource,
         record_id=entry.record_id,
         outcome=entry.outcome,
         reason=entry.reason,
-        fields=list(entry.fields),
+        fields=entry.fields,
+        before=before,
+        after=after,
         request_id=entry.request_id,
         method=entry.method,
         path=entry.path,
         status_code=entry.status_code,
         client_address=entry.client_address,
     )
-    if before is not None:
-        fill_struct(event.before, before)
-        event.before.SetInParent()  # present even when empty
-    if after is not None:
-        fill_struct(event.after, after)
-        event.after.SetInParent()
-    return event
+
+
+def row_of_event(event: events_pb2.AuditRecorded) -> dict[str, Any]:
+    """The `audit_events` row of a record another process audited (`crm_platform.audit`)."""
+    entry = AuditEntry(
+        actor=Principal.from_proto(event.actor),
+        action=event.action,
+        resource=event.resource,
+        record_id=event.record_id[:_RECORD_ID_LENGTH],
+        outcome=event.outcome,
+        reason=event.reason,
+        fields=list(event.fields),
+        request_id=event.request_id,
+        method=event.method,
+        path=event.path,
+        status_code=event.status_code,
+        client_address=event.client_address,
+        id=event.id,
+        occurred_at=from_timestamp(event.occurred_at) or utcnow(),
+    )
+    before = json_format.MessageToDict(event.before) if event.HasField("before") else None
+    after = json_format.MessageToDict(event.after) if event.HasField("after") else None
+    return _row(entry, before, after)
 
 
 _RECORD_ID_LENGTH = 200  # audit_events.record_id, and the outbox key of its event
@@ -241,6 +255,13 @@ class AuditLog:
                 self._write_queued(), name="gateway-audit-writer", context=contextvars.Context()
             )
         await pending.done
+
+    @staticmethod
+    async def store_recorded(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
+        """Stores a record another process published on `crm.audit.v1` (a service auditing a write
+        that reached it without a request), in the consumer's transaction with its inbox row. It is
+        on the topic already: no event is published again."""
+        await tx.conn.execute(insert(audit_events).values(row_of_event(event.message)))
 
     async def close(self) -> None:
         """Waits for the write in flight, if any (before the engine is disposed)."""

@@ -9,11 +9,14 @@ from typing import Any
 
 import grpc
 import httpx
+from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings, data_dir
+from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
-from crm_platform.outbox import OutboxRelay
+from crm_platform.kafka import ensure_topics_or_wait
+from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.principal import Principal
 from fastapi import FastAPI, Request
 from fastapi import routing as fastapi_routing
@@ -33,7 +36,7 @@ from gateway.security.access import (
     request_id_of,
 )
 from gateway.security.api_keys import ApiKeyStore
-from gateway.security.audit import AuditEntry, AuditLog, diff_for_audit
+from gateway.security.audit import AUDIT_SOURCE, AuditEntry, AuditLog, diff_for_audit
 from gateway.security.auth import Authenticator, JwksCache, JwtVerifier
 from gateway.security.body_limit import BodySizeLimit
 from gateway.security.policy import Decision, Policy, ReaderKey, load_policy, reader_memo
@@ -96,6 +99,8 @@ class SecurityRuntime:
         self.custom_pii_keys: CustomPiiKeys | None = None
         self._relay: OutboxRelay | None = None
         self._relay_task: asyncio.Task[None] | None = None
+        self._ingest: EventConsumer | None = None
+        self._ingest_task: asyncio.Task[None] | None = None
         self._nested = {
             name: {path.rsplit(".", 1)[0] for path in spec.fields if "." in path}
             for name, spec in self.policy.resources.items()
@@ -113,14 +118,30 @@ class SecurityRuntime:
         return reader_memo(self._field_views, (decision.resource, decision.reader_roles), dict)
 
     # --- lifecycle -------------------------------------------------------------------------
-    async def start(self, *, migrate: bool = True, relay: bool = True) -> None:
-        """Migrates the gateway database (embedded default) and starts the audit outbox relay."""
+    async def start(self, *, migrate: bool = True, relay: bool = True, ingest: bool = False) -> None:
+        """Migrates the gateway database (embedded default), starts the audit outbox relay and, with
+        `ingest`, the consumer that stores the services' audit records (`AuditLog.store_recorded`)."""
         if migrate:
             await migrate_async(self.engine.url.render_as_string(hide_password=False))
         if relay and self.kafka is not None:
             self._relay = OutboxRelay(self.engine, metadata, self.kafka, service="gateway")
             self.audit.on_commit(self._relay.wake)
             self._relay_task = asyncio.create_task(self._relay.run(), name="gateway-audit-relay")
+        if ingest and self.kafka is not None:
+            self._ingest = EventConsumer(
+                name="gateway-audit",
+                uow=UnitOfWork(self.engine, metadata, source=AUDIT_SOURCE),
+                metadata=metadata,
+                kafka=self.kafka,
+                handlers={events_pb2.AuditRecorded: self.audit.store_recorded},
+                service="gateway",
+                ignored_sources=[AUDIT_SOURCE],  # the gateway's own records are in the trail already
+            )
+            self._ingest_task = asyncio.create_task(self._run_ingest(self._ingest), name="gateway-audit-ingest")
+
+    async def _run_ingest(self, consumer: EventConsumer) -> None:
+        await ensure_topics_or_wait(consumer.kafka, consumed_topics([consumer]))
+        await consumer.run()
 
     async def database_status(self, timeout_seconds: float = 1.0) -> str:
         """ "ok" when the gateway's own database answers, else what went wrong: without it nothing can
@@ -134,6 +155,11 @@ class SecurityRuntime:
         return "ok"
 
     async def stop(self, *, drain_seconds: float = 5.0) -> None:
+        if self._ingest is not None:
+            await self._ingest.stop()
+            if self._ingest_task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(self._ingest_task, drain_seconds)
         await self.audit.close()
         if self._relay is not None:
             await self._relay.stop()

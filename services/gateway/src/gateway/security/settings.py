@@ -41,6 +41,9 @@ class SecuritySettings(BaseSettings):
     migrate_on_start: bool = True
     # Publish audit events to Kafka (crm.audit.v1) from the outbox; rows wait in the table when off.
     audit_relay_enabled: bool = True
+    # Store the audit records services publish on crm.audit.v1 (an ERP's postings, which reach the
+    # sales service without a request) in the audit trail; one consumer group for all replicas.
+    audit_ingest_enabled: bool = True
 
     # Requests per principal: a token bucket refilled at `rate_limit_per_second` up to `rate_limit_burst`.
     rate_limit_per_second: float = 20.0

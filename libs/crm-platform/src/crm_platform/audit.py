@@ -1,0 +1,74 @@
+"""Audit records as events (`crm.audit.v1.AuditRecorded`). The gateway audits every request it
+serves; a service audits the writes that reach it without one (an ERP's postings on Kafka) by
+publishing the record from its outbox, in the write's transaction. The gateway stores every record
+of `crm.audit.v1` in its audit trail, so `/api/v1/audit-events` shows both."""
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from crm.audit.v1 import events_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from crm_platform.principal import Principal
+from crm_platform.structs import fill_struct
+from crm_platform.timeutil import to_timestamp
+
+
+def changed_fields(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[str]:
+    before = before or {}
+    after = after or {}
+    return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
+
+
+def message_values(message: Message) -> dict[str, Any]:
+    """A record message as the values an audit record holds: field names as in the API, unset
+    fields left out, money and times as the API writes them."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def audit_recorded(
+    *,
+    id: str,
+    occurred_at: datetime,
+    actor: Principal,
+    action: str,
+    resource: str,
+    record_id: str = "",
+    outcome: str = "allowed",
+    reason: str = "",
+    fields: Sequence[str] = (),
+    before: Mapping[str, Any] | None = None,
+    after: Mapping[str, Any] | None = None,
+    request_id: str = "",
+    method: str = "",
+    path: str = "",
+    status_code: int = 0,
+    client_address: str = "",
+) -> events_pb2.AuditRecorded:
+    """The event of one audited action; `before` and `after` are plain JSON values, PII masked
+    (None: not given, as for a create's `before`)."""
+    event = events_pb2.AuditRecorded(
+        id=id,
+        occurred_at=to_timestamp(occurred_at),
+        actor=actor.to_proto(),
+        action=action,
+        resource=resource,
+        record_id=record_id,
+        outcome=outcome,
+        reason=reason,
+        fields=list(fields),
+        request_id=request_id,
+        method=method,
+        path=path,
+        status_code=status_code,
+        client_address=client_address,
+    )
+    if before is not None:
+        fill_struct(event.before, before)
+        event.before.SetInParent()  # present even when empty
+    if after is not None:
+        fill_struct(event.after, after)
+        event.after.SetInParent()
+    return event
