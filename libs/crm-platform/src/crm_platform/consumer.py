@@ -89,6 +89,11 @@ def consumed_topics(consumers: "Iterable[EventConsumer]") -> list[str]:
     return [topic for c in consumers for read in c.topics for topic in (read, dead_letter_topic(read))]
 
 
+def _source_of(record: ConsumerRecord[Any, Any]) -> bytes | None:
+    """The record's `ce_source` header, undecoded."""
+    return next((value for name, value in record.headers or () if name == "ce_source"), None)
+
+
 def is_infrastructure_failure(error: BaseException) -> bool:
     """The database, the network or a called service is down: worth waiting for, not a bad event."""
     # ConnectionError, not OSError: a handler's FileNotFoundError is a bug, not an outage.
@@ -122,7 +127,9 @@ class EventConsumer:
         type it does not need are (its own process's events on a topic it also reads)."""
         self.name = name
         self.only_these_types = only_these_types
-        self.ignored_sources = frozenset(ignored_sources)
+        # As the header's bytes: a record is passed over before its headers are decoded (a gateway
+        # passes over its own audit record of every request).
+        self._ignored_sources = frozenset(source.encode() for source in ignored_sources)
         self.uow = uow
         self.inbox = metadata.tables["processed_events"]
         self.kafka = kafka
@@ -235,11 +242,16 @@ class EventConsumer:
                 break
         if len(events) < 2:
             return 0
-        try:
-            applied = await self._apply_batch(events)
-        except _BatchFailed as failed:
-            log.info("consumer %s: event %d of a batch of %d failed: %s", self.name, failed.index, len(events), failed)
-            return await self._apply_together(records[: failed.index]) if failed.index > 1 else 0
+        if all(event is None for event in events):  # nothing this consumer needs: no transaction
+            applied = [False] * len(events)
+        else:
+            try:
+                applied = await self._apply_batch(events)
+            except _BatchFailed as failed:
+                log.info(
+                    "consumer %s: event %d of a batch of %d failed: %s", self.name, failed.index, len(events), failed
+                )
+                return await self._apply_together(records[: failed.index]) if failed.index > 1 else 0
         for record, event, fresh in zip(records, events, applied, strict=False):
             outcome = "ignored" if event is None else "applied" if fresh else "duplicate"
             metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, outcome).inc()
@@ -328,12 +340,12 @@ class EventConsumer:
                 await asyncio.sleep(backoff_seconds(attempt, base=self.retry_base_seconds, cap=5.0))
 
     def _decode(self, record: ConsumerRecord[Any, Any]) -> ReceivedEvent[Any] | None:
+        if self._ignored_sources and _source_of(record) in self._ignored_sources:
+            return None
         try:
             headers = CloudEventHeaders.decode(record.headers)
         except MalformedEvent as error:
             raise PoisonMessage(str(error)) from None
-        if headers.source in self.ignored_sources:
-            return None
         entry = self.handlers.get(headers.type)
         if entry is None:
             if self.only_these_types:
