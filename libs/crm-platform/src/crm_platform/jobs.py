@@ -9,9 +9,14 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 from opentelemetry import trace
-from sqlalchemy import Select
+from sqlalchemy import Select, Table
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from crm_platform.db import delete_expired
+from crm_platform.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -51,3 +56,16 @@ class PeriodicJob:
                     log.info("job %s acted on %d records", self.name, acted)
             except Exception:
                 log.exception("job %s failed", self.name)
+
+
+def expiry_job(
+    engine: AsyncEngine, name: str, table: Table, stamp: str, retention: timedelta, interval: float
+) -> PeriodicJob:
+    """A job deleting the rows of `table` older than `retention` by their `stamp` column, a batch
+    at a time (replicas may run it at once)."""
+    batch = 1000
+
+    async def expire() -> int:
+        return await delete_expired(engine, table, stamp, before=utcnow() - retention, limit=batch)
+
+    return PeriodicJob(name, interval, expire, batch_size=batch)

@@ -17,21 +17,20 @@ from typing import Any
 
 import grpc
 import uvloop
-from sqlalchemy import MetaData, Table
+from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, consumed_topics
-from crm_platform.db import create_engine, delete_expired
+from crm_platform.db import create_engine
 from crm_platform.grpc_server import GrpcServer
-from crm_platform.jobs import PeriodicJob
+from crm_platform.jobs import PeriodicJob, expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.logging import configure_logging
 from crm_platform.metrics import serve_metrics
 from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.telemetry import configure_telemetry, instrument_engine, shutdown_telemetry
-from crm_platform.timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +64,17 @@ class ServiceApp:
         if keys is not None:
             retention = timedelta(hours=self.settings.idempotency_retention_hours)
             interval = self.settings.idempotency_expiry_interval_seconds
-            self.jobs = [*self.jobs, self._expiry("idempotency-key-expiry", keys, "created_at", retention, interval)]
+            self.jobs = [
+                *self.jobs,
+                expiry_job(self.engine, "idempotency-key-expiry", keys, "created_at", retention, interval),
+            ]
         if self.consumers:
             inbox = self.consumers[0].inbox
             retention = timedelta(hours=self.settings.inbox_retention_hours)
             interval = self.settings.inbox_expiry_interval_seconds
             self.jobs = [
                 *self.jobs,
-                self._expiry("processed-events-expiry", inbox, "processed_at", retention, interval),
+                expiry_job(self.engine, "processed-events-expiry", inbox, "processed_at", retention, interval),
             ]
         self.server = GrpcServer(
             service=self.settings.service_name,
@@ -84,16 +86,6 @@ class ServiceApp:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.port = 0
-
-    def _expiry(self, name: str, table: Table, stamp: str, retention: timedelta, interval: float) -> PeriodicJob:
-        """A job deleting the rows of `table` older than `retention` by their `stamp` column, a batch
-        at a time (replicas may run it at once)."""
-        batch = 1000
-
-        async def expire() -> int:
-            return await delete_expired(self.engine, table, stamp, before=utcnow() - retention, limit=batch)
-
-        return PeriodicJob(name, interval, expire, batch_size=batch)
 
     async def start(self) -> int:
         """Starts everything and returns the bound gRPC port."""

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import random
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditEntry, AuditQuery
 from gateway.security.policy import Policy, parse_policy
 from gateway.security.store import audit_events, outbox
+from gateway.security.store import metadata as store_metadata
 from gateway.testing import default_policy_document, policy_text
 from gateway.upstreams import UpstreamNotConfigured
 from prometheus_client import REGISTRY
@@ -406,11 +408,13 @@ async def test_the_audit_records_services_publish_join_the_trail_once_and_the_ga
 
     posted = service_record(payment_id)
     # Keyed as the gateway's own record, so that they land behind it in its partition, in this
-    # order: the first one twice (a redelivery), then another. Once the last is stored, the
-    # consumer has had all of them.
-    bootstrap = kafka_settings.bootstrap_servers
-    for message, event_id in ((posted, f"e-{payment_id}"), (posted, f"e-{payment_id}"), (service_record(last_id), "")):
-        await produce_event(bootstrap, message, key=record_id, source="/crm/sales", event_id=event_id or None)
+    # order: the first one twice (a redelivery), again under another event id (read again after
+    # the inbox forgot it), then another. Once the last is stored, the consumer has had them all.
+    deliveries = [(posted, f"e-{payment_id}"), (posted, f"e-{payment_id}"), (posted, f"e2-{payment_id}")]
+    for message, event_id in [*deliveries, (service_record(last_id), new_id())]:
+        await produce_event(
+            kafka_settings.bootstrap_servers, message, key=record_id, source="/crm/sales", event_id=event_id
+        )
     assert await eventually(lambda: all_audit_rows(gateway, record_id=last_id)), "the service's record was not stored"
 
     [row] = await all_audit_rows(gateway, record_id=payment_id)
@@ -427,10 +431,37 @@ async def test_the_audit_records_services_publish_join_the_trail_once_and_the_ga
     assert (row["request_id"], row["client_address"]) == ("evt-1", "/erp/sap")
     assert row["actor"] == {"user_id": "erp", "kind": "api_key", "roles": ["erp_integration"], "team": "", "region": ""}
     assert [r["action"] for r in await all_audit_rows(gateway, record_id=record_id)] == ["create"]
-    # Its own record passed over (not stored again and refused as a duplicate row, then dead-lettered),
-    # the redelivery known by its event id.
+    # Its own record passed over (not stored again), the redelivery known by its event id, and the
+    # record under another event id kept once, not refused as a duplicate row and dead-lettered.
     assert consumed("ignored") > before["ignored"] and consumed("duplicate") == before["duplicate"] + 1
     assert dead_letters() == before["dead"]
+
+
+async def test_the_audit_consumer_forgets_the_records_it_stored_after_the_inbox_retention(
+    make_gateway: Any, kafka_settings: KafkaSettings
+) -> None:
+    """As the services' consumers do: its inbox keeps a record's event id for the retention (a
+    redelivery within it is skipped), then the expiry job deletes it."""
+    gateway = await make_gateway(inbox_retention_hours=1.0, inbox_expiry_interval_seconds=0.2)
+    runtime = gateway.runtime
+    runtime.kafka = kafka_settings
+    inbox = store_metadata.tables["processed_events"]
+    now = utcnow()
+    async with runtime.engine.begin() as conn:
+        await conn.execute(
+            inbox.insert(),
+            [
+                {"consumer": "gateway-audit", "event_id": "old", "processed_at": now - timedelta(hours=2)},
+                {"consumer": "gateway-audit", "event_id": "recent", "processed_at": now - timedelta(minutes=50)},
+            ],
+        )
+
+    async def remembered() -> list[str]:
+        async with runtime.engine.connect() as conn:
+            return list((await conn.execute(select(inbox.c.event_id).order_by(inbox.c.event_id))).scalars())
+
+    await runtime.start(migrate=False, relay=False, ingest=True)
+    assert await eventually(remembered, lambda ids: ids == ["recent"], timeout=10) == ["recent"]
 
 
 async def test_export_audit_masks_personal_data_in_filters(gateway: Any, auth_headers: Any) -> None:

@@ -17,7 +17,7 @@ from typing import Any, overload
 from crm.audit.v1 import events_pb2
 from crm_platform.audit import audit_recorded, changed_fields
 from crm_platform.consumer import ReceivedEvent
-from crm_platform.db import DriverStatement, insert_from_json, json_rows, single_statements
+from crm_platform.db import DriverStatement, insert_from_json, insert_ignore, json_rows, single_statements
 from crm_platform.errors import ValidationFailed
 from crm_platform.ids import new_id
 from crm_platform.outbox import PendingEvent, Transaction, insert_outbox_json, outbox_rows
@@ -260,8 +260,9 @@ class AuditLog:
     async def store_recorded(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
         """Stores a record another process published on `crm.audit.v1` (a service auditing a write
         that reached it without a request), in the consumer's transaction with its inbox row. It is
-        on the topic already: no event is published again."""
-        await tx.conn.execute(insert(audit_events).values(row_of_event(event.message)))
+        on the topic already: no event is published again. A record read again after the inbox
+        forgot it (offsets reset further back) is kept once, by its id."""
+        await insert_ignore(tx.conn, audit_events, row_of_event(event.message), keys=["id"])
 
     async def close(self) -> None:
         """Waits for the write in flight, if any (before the engine is disposed)."""

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -15,6 +16,7 @@ from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
+from crm_platform.jobs import expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.principal import Principal
@@ -101,6 +103,8 @@ class SecurityRuntime:
         self._relay_task: asyncio.Task[None] | None = None
         self._ingest: EventConsumer | None = None
         self._ingest_task: asyncio.Task[None] | None = None
+        self._jobs: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
         self._nested = {
             name: {path.rsplit(".", 1)[0] for path in spec.fields if "." in path}
             for name, spec in self.policy.resources.items()
@@ -138,6 +142,15 @@ class SecurityRuntime:
                 ignored_sources=[AUDIT_SOURCE],  # the gateway's own records are in the trail already
             )
             self._ingest_task = asyncio.create_task(self._run_ingest(self._ingest), name="gateway-audit-ingest")
+            inbox_expiry = expiry_job(
+                self.engine,
+                "processed-events-expiry",
+                self._ingest.inbox,
+                "processed_at",
+                timedelta(hours=self.settings.inbox_retention_hours),
+                self.settings.inbox_expiry_interval_seconds,
+            )
+            self._jobs.append(asyncio.create_task(inbox_expiry.run(self._stopping), name="gateway-inbox-expiry"))
 
     async def _run_ingest(self, consumer: EventConsumer) -> None:
         await ensure_topics_or_wait(consumer.kafka, consumed_topics([consumer]))
@@ -155,6 +168,8 @@ class SecurityRuntime:
         return "ok"
 
     async def stop(self, *, drain_seconds: float = 5.0) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._jobs, return_exceptions=True)
         if self._ingest is not None:
             await self._ingest.stop()
             if self._ingest_task is not None:

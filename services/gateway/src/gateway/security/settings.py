@@ -44,6 +44,10 @@ class SecuritySettings(BaseSettings):
     # Store the audit records services publish on crm.audit.v1 (an ERP's postings, which reach the
     # sales service without a request) in the audit trail; one consumer group for all replicas.
     audit_ingest_enabled: bool = True
+    # How long that consumer remembers the records it stored (a redelivery within it is skipped),
+    # and how often the older ones are deleted, as the services' consumers do.
+    inbox_retention_hours: float = Field(default=168.0, gt=0)
+    inbox_expiry_interval_seconds: float = Field(default=600.0, gt=0)
 
     # Requests per principal: a token bucket refilled at `rate_limit_per_second` up to `rate_limit_burst`.
     rate_limit_per_second: float = 20.0
