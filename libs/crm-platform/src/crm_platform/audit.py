@@ -1,5 +1,5 @@
 """Audit records as events (`crm.audit.v1.AuditRecorded`). The gateway audits every request it
-serves; a service audits the writes that reach it without one (an ERP's postings on Kafka) by
+serves; a service audits the writes no request made (an ERP's postings on Kafka, a timer's) by
 publishing the record from its outbox, in the write's transaction. The gateway stores every record
 of `crm.audit.v1` in its audit trail, so `/api/v1/audit-events` shows both."""
 
@@ -11,6 +11,7 @@ from crm.audit.v1 import events_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from crm_platform.ids import new_id
 from crm_platform.principal import Principal
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import to_timestamp
@@ -72,3 +73,42 @@ def audit_recorded(
         fill_struct(event.after, after)
         event.after.SetInParent()
     return event
+
+
+def audit_of_change(
+    *,
+    actor: Principal,
+    action: str,
+    resource: str,
+    record_id: str,
+    record: Message,
+    previous: Message | None,
+    occurred_at: datetime,
+    reason: str = "",
+    request_id: str = "",
+    method: str = "",
+    path: str = "",
+    client_address: str = "",
+) -> events_pb2.AuditRecorded:
+    """The record of a write a service made without a request, as the gateway audits one: the
+    fields it changed, as they were (`previous`; None: the write made the record) and as they are.
+    Fields it did not change are left out, so no personal data goes in that the write did not touch."""
+    old = message_values(previous) if previous is not None else None
+    new = message_values(record)
+    fields = changed_fields(old, new)
+    return audit_recorded(
+        id=new_id(),
+        occurred_at=occurred_at,
+        actor=actor,
+        action=action,
+        resource=resource,
+        record_id=record_id,
+        reason=reason,
+        fields=fields,
+        before={key: old.get(key) for key in fields} if old is not None else None,
+        after={key: new.get(key) for key in fields},
+        request_id=request_id,
+        method=method,
+        path=path,
+        client_address=client_address,
+    )

@@ -18,6 +18,7 @@ from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.activities import may_change_activity
+from crm_platform.audit import audit_of_change
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -2852,8 +2853,22 @@ class LeadsService:
                     policy=self.policy,
                     now=now,
                 ):
-                    days = self.policy.recycle_after_days
-                    await self._to_pool(tx, lead, f"no activity for {days:g} days", SYSTEM, now)
+                    reason = f"no activity for {self.policy.recycle_after_days:g} days"
+                    row = await self._to_pool(tx, lead, reason, SYSTEM, now)
+                    # No request made this change for the gateway to audit: the record goes with it.
+                    audit = audit_of_change(
+                        actor=SYSTEM,
+                        action="recycle",
+                        resource="leads",
+                        record_id=lead["id"],
+                        record=lead_to_proto(row),
+                        previous=lead_to_proto(lead),
+                        occurred_at=now,
+                        reason=reason,
+                        method="JOB",
+                        path="recycle-idle-leads",
+                    )
+                    tx.publish(audit, key=lead["id"])
             return len(idle)
 
     async def rescore_stale_leads(self) -> int:

@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from crm.audit.v1.events_pb2 import AuditRecorded
 from crm.leads.v1 import events_pb2
 from crm_platform.errors import AlreadyExists, Conflict, NotFound, StaleVersion, Unavailable, ValidationFailed
 from crm_platform.ids import new_id
@@ -444,7 +445,24 @@ async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:
         recycled = await env.service.get_lead(late["id"])
     assert recycled["in_pool"] and recycled["status"] == "recycled" and recycled["owner_id"] == ""
     types = await outbox_types(env, late["id"])
-    assert "crm.leads.lead.follow_up_overdue" in types and types[-1] == "crm.leads.lead.recycled"
+    assert "crm.leads.lead.follow_up_overdue" in types
+    assert types[-2:] == ["crm.leads.lead.recycled", "crm.audit.record.recorded"]
+    # No request made this change: the service audits it (the gateway stores the record in its trail).
+    [audit] = [
+        AuditRecorded.FromString(payload)
+        for kind, payload in await outbox_events(env.engine, repo.metadata, late["id"])
+        if kind == "crm.audit.record.recorded"
+    ]
+    assert (audit.actor.user_id, audit.action, audit.resource, audit.record_id) == (
+        "system",
+        "recycle",
+        "leads",
+        late["id"],
+    )
+    assert audit.reason == "no activity for 3 days" and (audit.method, audit.path) == ("JOB", "recycle-idle-leads")
+    assert {"owner_id", "in_pool", "status"} <= set(audit.fields)
+    assert (audit.before["owner_id"], audit.after["status"], audit.after["in_pool"]) == ("rep1", "recycled", True)
+    assert audit.after["owner_id"] is None and "name" not in audit.fields  # only what changed ("" is unset)
 
 
 async def test_pool_claim_limit_and_release(env: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from crm.accounts.v1 import events_pb2 as account_events
 from crm.erp.v1 import invoices_pb2, payments_pb2
 from crm.sales.v1 import sales_pb2
-from crm_platform.audit import audit_recorded, changed_fields, message_values
+from crm_platform.audit import audit_of_change, audit_recorded
 from crm_platform.consumer import ReceivedEvent
 from crm_platform.ids import new_id
 from crm_platform.money import money_from_proto
@@ -73,36 +73,25 @@ class SalesConsumers:
         changed: bool,
     ) -> None:
         """An ERP posting reaches the CRM without a request for the gateway to audit: its audit
-        record goes out with the write (`crm_platform.audit`), as the gateway writes one: the changed
-        fields, before (None: the posting made the record) and after. A posting that changed nothing
-        (its external reference was posted before) is a `replay`."""
-        before: dict[str, Any] | None = None
-        after: dict[str, Any] | None = None
-        fields: list[str] = []
+        record goes out with the write (`crm_platform.audit`): `create` (`previous` None) or `update`
+        with what it changed, or `replay` for a posting that changed nothing."""
+        origin: dict[str, Any] = {
+            "actor": ERP,
+            "resource": resource,
+            "record_id": record.id,
+            "occurred_at": self.handlers.clock(),
+            "request_id": event.headers.id,
+            "method": "KAFKA",
+            "path": f"{event.topic}/{event.partition}/{event.offset}",
+            "client_address": event.headers.source[:64],  # who posted it, as the event says
+        }
         if changed:
-            old = message_values(previous) if previous is not None else None
-            new = message_values(record)
-            fields = changed_fields(old, new)
-            before = {key: old.get(key) for key in fields} if old is not None else None
-            after = {key: new.get(key) for key in fields}
-        action = "replay" if not changed else "create" if previous is None else "update"
-        audit = audit_recorded(
-            id=new_id(),
-            occurred_at=self.handlers.clock(),
-            actor=ERP,
-            action=action,
-            resource=resource,
-            record_id=record.id,
-            reason="" if changed else "posted before under its external_reference; nothing changed",
-            fields=fields,
-            before=before,
-            after=after,
-            request_id=event.headers.id,
-            method="KAFKA",
-            path=f"{event.topic}/{event.partition}/{event.offset}",
-            client_address=event.headers.source[:64],  # who posted it, as the event says
-        )
-        tx.publish(audit, key=audit.record_id)
+            action = "create" if previous is None else "update"
+            audit = audit_of_change(action=action, record=record, previous=previous, **origin)
+        else:
+            reason = "posted before under its external_reference; nothing changed"
+            audit = audit_recorded(id=new_id(), action="replay", reason=reason, **origin)
+        tx.publish(audit, key=record.id)
 
     async def account_merged(self, tx: Transaction, event: ReceivedEvent[account_events.AccountMerged]) -> None:
         message = event.message
