@@ -211,8 +211,30 @@ async def _not_configured(request: Request, error: Exception) -> JSONResponse:
     return problem(503, str(error), headers={"Retry-After": RETRY_AFTER_SECONDS}, instance=request.url.path)
 
 
+class ResponseBrokenOff(Exception):
+    """Raised while a response streams, to break it off on purpose: without its last chunk, the
+    client knows the body is not whole. Whoever raises it logs why; it is no error of the gateway,
+    so neither the gateway nor uvicorn logs it as one, with a traceback."""
+
+
+class _QuietBrokenOff(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _broken_off(record.exc_info[1]))
+
+
+def _broken_off(error: BaseException | None) -> bool:
+    if isinstance(error, BaseExceptionGroup):  # as a task group raises it
+        return all(_broken_off(inner) for inner in error.exceptions)
+    return isinstance(error, ResponseBrokenOff)
+
+
+# One instance: adding it to a logger again changes nothing.
+_QUIET_BROKEN_OFF = _QuietBrokenOff()
+
+
 async def _unhandled(request: Request, error: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    if not isinstance(error, ResponseBrokenOff):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
     # Sent past RequestContextMiddleware, which put the request's id on its state for this.
     request_id = getattr(request.state, "request_id", "")
     headers = {"X-Request-ID": request_id} if request_id else None
@@ -227,3 +249,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(UpstreamNotConfigured, _not_configured)
     app.add_exception_handler(Exception, _unhandled)
+    logging.getLogger("uvicorn.error").addFilter(_QUIET_BROKEN_OFF)  # it logs what ends a response

@@ -7,11 +7,13 @@ audited, and an `export` row in the audit trail for each export."""
 import asyncio
 import csv
 import io
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
@@ -24,6 +26,8 @@ from crm.servicedesk.v1 import servicedesk_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as servicedesk_pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.principal import ScopeKind, context_from_metadata, resource_scope_from_metadata
+from crm_platform.testing import infra
+from crm_platform.testing.polling import eventually
 from fastapi import FastAPI
 from gateway.routers import audit as audit_router
 from gateway.routers.exports import ExportTooLarge
@@ -457,6 +461,29 @@ async def test_an_export_of_exactly_its_row_limit_is_whole(
 
     assert [row[0] for row in table(response)] == ["id", "c-1", "c-2"]
     assert response.headers["X-Export-Row-Limit"] == "2"
+
+
+async def test_an_export_broken_off_at_its_limit_is_a_warning_in_the_log_not_an_error_with_a_traceback(
+    app: FastAPI, real_app_auth: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served by uvicorn, as in production: it logs the exception that ends a response as an error."""
+    monkeypatch.setattr(app.state.security.settings, "export_max_rows", 1)
+    port = infra.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
+    serving = asyncio.create_task(server.serve())
+    try:
+        assert await eventually(lambda: asyncio.to_thread(infra.port_open, "127.0.0.1", port), timeout=10)
+        with caplog.at_level(logging.INFO):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                with pytest.raises(httpx.RemoteProtocolError):  # no last chunk: the file is not whole
+                    await client.get("/api/v1/exports/csat", headers=real_app_auth("service_manager"))
+                answered = await client.get("/api/v1/exports/csat?limit=x", headers=real_app_auth("service_manager"))
+    finally:
+        server.should_exit = True
+        await serving
+    assert answered.status_code == 422  # the server goes on serving
+    logged = [(r.name, r.levelname) for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged == [("gateway.routers.exports", "WARNING")], logged
 
 
 async def test_an_export_beyond_its_row_limit_is_broken_off_never_handed_out_as_a_shorter_whole_file(

@@ -22,6 +22,7 @@ from fastapi import Path, Query, Request
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
+from gateway.errors import ResponseBrokenOff
 from gateway.inputs import unknown_query_parameters
 from gateway.routers import accounts, leads, sales, service_desk
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
@@ -181,7 +182,7 @@ async def export_resource(
     )
 
 
-class ExportTooLarge(Exception):
+class ExportTooLarge(ResponseBrokenOff):
     """An export has more rows than `CRM_GATEWAY_EXPORT_MAX_ROWS`: raised mid-stream, it breaks the
     transfer off."""
 
