@@ -11,10 +11,14 @@ from crm.audit.v1 import events_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from crm_platform.cloudevents import spec_of
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal
 from crm_platform.structs import fill_struct
 from crm_platform.timeutil import to_timestamp
+
+# Where audit records go: a service that publishes some creates it at start-up with its own topic.
+AUDIT_TOPIC = spec_of(events_pb2.AuditRecorded).topic
 
 
 def changed_fields(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> list[str]:

@@ -64,7 +64,17 @@ DATABASE_MAX_OVERFLOW = 10
 OUTBOX_LINGER_SECONDS = 0.05
 
 
-class ServiceSettings(BaseSettings):
+class InboxSettings(BaseSettings):
+    """Settings of a process whose consumers keep an inbox (the services, the gateway)."""
+
+    # Consumers remember the events they applied (the inbox) for this long: a redelivery comes
+    # within seconds of the offset commit it missed, and the read models and business keys make a
+    # replay of older events converge anyway. Then the expiry job (`jobs.inbox_expiry_job`) deletes them.
+    inbox_retention_hours: float = Field(default=168.0, gt=0)
+    inbox_expiry_interval_seconds: float = Field(default=600.0, gt=0)
+
+
+class ServiceSettings(InboxSettings):
     """Settings every gRPC service has. Subclasses set `env_prefix` and `service_name`."""
 
     service_name: str = "crm"
@@ -93,11 +103,6 @@ class ServiceSettings(BaseSettings):
     # A repeated Idempotency-Key answers with the first result for this long; then the key expires.
     idempotency_retention_hours: float = Field(default=24.0, gt=0)
     idempotency_expiry_interval_seconds: float = Field(default=600.0, gt=0)
-    # Consumers remember the events they applied (the inbox) for this long: a redelivery comes
-    # within seconds of the offset commit it missed, and the read models and business keys make a
-    # replay of older events converge anyway. Then the expiry job deletes them.
-    inbox_retention_hours: float = Field(default=168.0, gt=0)
-    inbox_expiry_interval_seconds: float = Field(default=600.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     def resolved_database_url(self) -> str:

@@ -15,6 +15,7 @@ from opentelemetry import trace
 from sqlalchemy import Select, Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from crm_platform.config import InboxSettings
 from crm_platform.db import delete_expired
 from crm_platform.timeutil import utcnow
 
@@ -69,3 +70,11 @@ def expiry_job(
         return await delete_expired(engine, table, stamp, before=utcnow() - retention, limit=batch)
 
     return PeriodicJob(name, interval, expire, batch_size=batch)
+
+
+def inbox_expiry_job(engine: AsyncEngine, inbox: Table, settings: InboxSettings) -> PeriodicJob:
+    """Forgets the events the consumers applied, once past the inbox retention."""
+    retention = timedelta(hours=settings.inbox_retention_hours)
+    return expiry_job(
+        engine, "processed-events-expiry", inbox, "processed_at", retention, settings.inbox_expiry_interval_seconds
+    )

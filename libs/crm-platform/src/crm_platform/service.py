@@ -25,7 +25,7 @@ from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine
 from crm_platform.grpc_server import GrpcServer
-from crm_platform.jobs import PeriodicJob, expiry_job
+from crm_platform.jobs import PeriodicJob, expiry_job, inbox_expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.logging import configure_logging
 from crm_platform.metrics import serve_metrics
@@ -68,14 +68,8 @@ class ServiceApp:
                 *self.jobs,
                 expiry_job(self.engine, "idempotency-key-expiry", keys, "created_at", retention, interval),
             ]
-        if self.consumers:
-            inbox = self.consumers[0].inbox
-            retention = timedelta(hours=self.settings.inbox_retention_hours)
-            interval = self.settings.inbox_expiry_interval_seconds
-            self.jobs = [
-                *self.jobs,
-                expiry_job(self.engine, "processed-events-expiry", inbox, "processed_at", retention, interval),
-            ]
+        if self.consumers:  # they share one inbox table
+            self.jobs = [*self.jobs, inbox_expiry_job(self.engine, self.consumers[0].inbox, self.settings)]
         self.server = GrpcServer(
             service=self.settings.service_name,
             service_names=self.service_names,

@@ -7,6 +7,7 @@ import grpc
 from crm.common.v1 import custom_fields_pb2_grpc
 from crm.leads.v1 import leads_service_pb2_grpc
 from crm_platform import custom_fields_service
+from crm_platform.audit import AUDIT_TOPIC
 from crm_platform.config import ServiceSettings
 from crm_platform.outbox import UnitOfWork
 from crm_platform.service import ServiceApp, run_cli
@@ -57,7 +58,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
         uow=uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=["crm.leads.v1", "crm.audit.v1"],  # audit records of the recycling timer
+        topics=["crm.leads.v1", AUDIT_TOPIC],  # audit records of the recycling timer
         consumers=[build_consumer(uow, settings.kafka, leads_settings.default_country_code)],
         jobs=build_jobs(service),
     )

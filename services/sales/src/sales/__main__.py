@@ -8,6 +8,7 @@ from crm.common.v1 import custom_fields_pb2_grpc
 from crm.erp.v1 import invoices_pb2, payments_pb2
 from crm.sales.v1 import sales_service_pb2, sales_service_pb2_grpc
 from crm_platform import custom_fields_service
+from crm_platform.audit import AUDIT_TOPIC
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer
 from crm_platform.outbox import UnitOfWork
@@ -56,7 +57,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
         uow=handlers.uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=["crm.sales.v1", "crm.audit.v1"],  # audit records of the ERP's postings
+        topics=["crm.sales.v1", AUDIT_TOPIC],  # audit records of the ERP's postings
         consumers=[
             EventConsumer(
                 name="sales-erp",

@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -16,7 +15,7 @@ from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
-from crm_platform.jobs import expiry_job
+from crm_platform.jobs import inbox_expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.principal import Principal
@@ -142,14 +141,7 @@ class SecurityRuntime:
                 ignored_sources=[AUDIT_SOURCE],  # the gateway's own records are in the trail already
             )
             self._ingest_task = asyncio.create_task(self._run_ingest(self._ingest), name="gateway-audit-ingest")
-            inbox_expiry = expiry_job(
-                self.engine,
-                "processed-events-expiry",
-                self._ingest.inbox,
-                "processed_at",
-                timedelta(hours=self.settings.inbox_retention_hours),
-                self.settings.inbox_expiry_interval_seconds,
-            )
+            inbox_expiry = inbox_expiry_job(self.engine, self._ingest.inbox, self.settings)
             self._jobs.append(asyncio.create_task(inbox_expiry.run(self._stopping), name="gateway-inbox-expiry"))
 
     async def _run_ingest(self, consumer: EventConsumer) -> None:

@@ -1,14 +1,15 @@
 """Security settings, read from `CRM_GATEWAY_*` environment variables (the gateway's `Settings`
 inherits them)."""
 
+from crm_platform.config import InboxSettings
 from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 DEV_ISSUER = "crm-dev"
 DEV_AUDIENCE = "crm"
 
 
-class SecuritySettings(BaseSettings):
+class SecuritySettings(InboxSettings):  # the inbox of its audit consumer, as the services'
     model_config = SettingsConfigDict(env_prefix="CRM_GATEWAY_", extra="ignore")
 
     # Dev mode accepts HS256 tokens signed with the shared secret (issuer crm-dev, audience crm).
@@ -44,10 +45,6 @@ class SecuritySettings(BaseSettings):
     # Store the audit records services publish on crm.audit.v1 (an ERP's postings, which reach the
     # sales service without a request) in the audit trail; one consumer group for all replicas.
     audit_ingest_enabled: bool = True
-    # How long that consumer remembers the records it stored (a redelivery within it is skipped),
-    # and how often the older ones are deleted, as the services' consumers do.
-    inbox_retention_hours: float = Field(default=168.0, gt=0)
-    inbox_expiry_interval_seconds: float = Field(default=600.0, gt=0)
 
     # Requests per principal: a token bucket refilled at `rate_limit_per_second` up to `rate_limit_burst`.
     rate_limit_per_second: float = 20.0
