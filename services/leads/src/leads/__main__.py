@@ -58,7 +58,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
         uow=uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=["crm.leads.v1", AUDIT_TOPIC],  # audit records of the recycling timer
+        topics=["crm.leads.v1", AUDIT_TOPIC],  # audit records of the SLA and recycling timers
         consumers=[build_consumer(uow, settings.kafka, leads_settings.default_country_code)],
         jobs=build_jobs(service),
     )

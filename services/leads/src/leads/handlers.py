@@ -18,7 +18,7 @@ from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.activities import may_change_activity
-from crm_platform.audit import audit_of_change
+from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -73,6 +73,9 @@ T = TypeVar("T")
 # What a web form's owner sets (besides turning it on and off); its key is drawn by the service.
 WEBFORM_SETTINGS = ("name", "campaign_id", "team", "region", "rate_limit_per_minute", "honeypot_field")
 log = logging.getLogger(__name__)
+# Timers whose changes are audited, by the names the audit records give them (see jobs).
+FIRST_CONTACT_JOB = "first-contact-sla"
+RECYCLE_JOB = "recycle-idle-leads"
 WEBFORM_SPAM = Counter(
     "crm_leads_webform_discarded_total", "Web form submissions discarded: they filled the honeypot", ["webform"]
 )
@@ -2829,12 +2832,21 @@ class LeadsService:
                 ):
                     continue
                 row = await self._write(tx.conn, lead["id"], {"follow_up_overdue": True, "updated_at": now})
-                tx.publish(
-                    events_pb2.LeadFollowUpOverdue(
-                        lead=lead_to_proto(row), due_at=lead_to_proto(row).first_contact_due_at
-                    ),
-                    key=lead["id"],
+                record = lead_to_proto(row)
+                overdue = events_pb2.LeadFollowUpOverdue(lead=record, due_at=record.first_contact_due_at)
+                tx.publish(overdue, key=lead["id"])
+                # No request made this change for the gateway to audit: the record goes with it.
+                audit = audit_of_job(
+                    FIRST_CONTACT_JOB,
+                    action="flag_overdue",
+                    resource="leads",
+                    record_id=lead["id"],
+                    record=record,
+                    previous=lead_to_proto(lead),
+                    occurred_at=now,
+                    reason=f"not contacted by {record.first_contact_due_at.ToJsonString()}",
                 )
+                tx.publish(audit, key=lead["id"])
             return len(due)
 
     async def recycle_idle_leads(self) -> int:
@@ -2855,9 +2867,8 @@ class LeadsService:
                 ):
                     reason = f"no activity for {self.policy.recycle_after_days:g} days"
                     row = await self._to_pool(tx, lead, reason, SYSTEM, now)
-                    # No request made this change for the gateway to audit: the record goes with it.
-                    audit = audit_of_change(
-                        actor=SYSTEM,
+                    audit = audit_of_job(
+                        RECYCLE_JOB,
                         action="recycle",
                         resource="leads",
                         record_id=lead["id"],
@@ -2865,8 +2876,6 @@ class LeadsService:
                         previous=lead_to_proto(lead),
                         occurred_at=now,
                         reason=reason,
-                        method="JOB",
-                        path="recycle-idle-leads",
                     )
                     tx.publish(audit, key=lead["id"])
             return len(idle)

@@ -7,20 +7,20 @@ transaction that changes them (see handlers), so one replica acts on a given lea
 
 from crm_platform.jobs import PeriodicJob
 
-from leads.handlers import LeadsService
+from leads.handlers import FIRST_CONTACT_JOB, RECYCLE_JOB, LeadsService
 
 
 def build_jobs(service: LeadsService) -> list[PeriodicJob]:
     settings = service.settings
     return [
         PeriodicJob(
-            name="first-contact-sla",
+            name=FIRST_CONTACT_JOB,
             interval_seconds=settings.jobs_interval_seconds,
             run_once=service.flag_overdue_first_contacts,
             batch_size=settings.jobs_batch_size,
         ),
         PeriodicJob(
-            name="recycle-idle-leads",
+            name=RECYCLE_JOB,
             interval_seconds=settings.jobs_interval_seconds,
             run_once=service.recycle_idle_leads,
             batch_size=settings.jobs_batch_size,

@@ -445,14 +445,23 @@ async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:
         recycled = await env.service.get_lead(late["id"])
     assert recycled["in_pool"] and recycled["status"] == "recycled" and recycled["owner_id"] == ""
     types = await outbox_types(env, late["id"])
-    assert "crm.leads.lead.follow_up_overdue" in types
-    assert types[-2:] == ["crm.leads.lead.recycled", "crm.audit.record.recorded"]
-    # No request made this change: the service audits it (the gateway stores the record in its trail).
-    [audit] = [
+    assert types[-4:] == [
+        "crm.leads.lead.follow_up_overdue",
+        "crm.audit.record.recorded",
+        "crm.leads.lead.recycled",
+        "crm.audit.record.recorded",
+    ]
+    # No request made these changes: the service audits them (the gateway stores the records in its trail).
+    flagged, audit = [
         AuditRecorded.FromString(payload)
         for kind, payload in await outbox_events(env.engine, repo.metadata, late["id"])
         if kind == "crm.audit.record.recorded"
     ]
+    assert (flagged.actor.user_id, flagged.action, flagged.record_id) == ("system", "flag_overdue", late["id"])
+    assert (flagged.method, flagged.path) == ("JOB", "first-contact-sla")
+    assert flagged.reason.startswith("not contacted by ") and flagged.reason.endswith("Z")
+    assert "follow_up_overdue" in flagged.fields and flagged.after["follow_up_overdue"] is True
+    assert "owner_id" not in flagged.fields
     assert (audit.actor.user_id, audit.action, audit.resource, audit.record_id) == (
         "system",
         "recycle",

@@ -57,7 +57,7 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
         uow=handlers.uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=["crm.sales.v1", AUDIT_TOPIC],  # audit records of the ERP's postings
+        topics=["crm.sales.v1", AUDIT_TOPIC],  # audit records of the ERP's postings and the overdue timer
         consumers=[
             EventConsumer(
                 name="sales-erp",

@@ -14,6 +14,7 @@ from typing import Any
 from crm.sales.v1 import events_pb2, sales_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -66,6 +67,8 @@ from sales import repository as r
 from sales import views as v
 
 DEFAULT_PIPELINE_ID = "default"
+# The overdue timer, by the name its audit records give it (see jobs).
+OVERDUE_JOB = "overdue-installments"
 OPPORTUNITY_ENTITY = "opportunity"
 # The columns a record scope reads (SPEC §9): who owns a record, in which team and region.
 OWNERSHIP = ("owner_id", "team", "region")
@@ -2131,6 +2134,19 @@ class SalesHandlers:
                     ),
                     key=row["contract_id"],
                 )
+                # No request made this change for the gateway to audit: the record goes with it.
+                audit = audit_of_job(
+                    OVERDUE_JOB,
+                    action="mark_overdue",
+                    resource="payment_plans",
+                    record_id=row["plan_id"],
+                    record=installment,
+                    previous=v.installment_proto(row),
+                    occurred_at=now,
+                    reason=f"installment {row['sequence']} of contract {row['contract_id']} "
+                    f"was due on {row['due_date'].isoformat()}",
+                )
+                tx.publish(audit, key=row["contract_id"])
             return len(rows)
 
     # ------------------------------------------------------------ invoices

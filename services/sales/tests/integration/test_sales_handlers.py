@@ -1153,12 +1153,25 @@ async def test_a_rescheduled_overdue_installment_is_pending_again(sales: SalesHa
     contract_id = await signed_contract(sales, "1000")
     day = clock().date()
     with as_user("fin", "finance"):
-        await sales.create_payment_plan(
+        plan = await sales.create_payment_plan(
             idempotency_key="", contract_id=contract_id,
             installments=[(day + timedelta(days=5), cny("400")), (day + timedelta(days=10), cny("600"))],
         )  # fmt: skip
     clock.now += timedelta(days=7)
     assert await sales.mark_overdue_installments(10) == 1
+    # No request made this change for the gateway to audit: the service's record goes with it.
+    [audit] = [AuditRecorded.FromString(p) for p in await outbox_events(sales.engine, "crm.audit.record.recorded")]
+    assert (audit.actor.user_id, audit.action, audit.resource, audit.record_id) == (
+        "system",
+        "mark_overdue",
+        "payment_plans",
+        plan.id,
+    )
+    assert (audit.method, audit.path) == ("JOB", "overdue-installments")
+    due = (day + timedelta(days=5)).isoformat()
+    assert audit.reason == f"installment 1 of contract {contract_id} was due on {due}"
+    assert audit.fields == ["overdue_at", "status"]
+    assert (audit.before["status"], audit.after["status"]) == ("pending", "overdue")
     with as_user("fin", "finance"):
         kept = (await sales.update_payment_plan(
             contract_id, expected_version=0,

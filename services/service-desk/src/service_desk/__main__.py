@@ -6,6 +6,7 @@ import grpc
 from crm.common.v1 import custom_fields_pb2_grpc
 from crm.servicedesk.v1 import servicedesk_service_pb2, servicedesk_service_pb2_grpc
 from crm_platform import custom_fields_service
+from crm_platform.audit import AUDIT_TOPIC
 from crm_platform.config import ServiceSettings
 from crm_platform.outbox import UnitOfWork
 from crm_platform.service import ServiceApp, run_cli
@@ -49,7 +50,7 @@ def build_with_context(settings: ServiceDeskSettings, engine: AsyncEngine) -> tu
         uow=uow,
         service_names=[SERVICE_NAME, custom_fields_service.SERVICE_NAME],
         register=register,
-        topics=[TOPIC],
+        topics=[TOPIC, AUDIT_TOPIC],  # audit records of the SLA and dispatch timers
         consumers=[build_consumer(uow, settings.kafka, settings.service_name)],
         jobs=build_jobs(ctx, settings),
     )

@@ -199,6 +199,11 @@ def breach_escalation(target: str) -> str:
     return f"{BREACH_ESCALATION_PREFIX}{target}"
 
 
+def describe_breach(breach: SlaSignal) -> str:
+    """A breach as the audit trail gives it the reason of its escalation."""
+    return f"{breach.target} SLA breached (due {breach.due_at.isoformat()})"
+
+
 def escalation_after_retiming(escalated: bool, reason: str, clocks: Sequence[SlaClock]) -> tuple[bool, str]:
     """An escalation for a breach lifts with the breach, or names the breach still holding; any
     other escalation (no agent available) stays."""

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from crm.servicedesk.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
+from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import load_filters
 from crm_platform.custom_fields_service import load_definitions
@@ -136,6 +137,10 @@ def _clocks(t: Mapping[str, Any]) -> list[SlaClock]:
 
 
 # What the SLA timer announces, and a retiming revises, of a ticket.
+# Timers whose changes are audited, by the names the audit records give them (see jobs).
+SLA_JOB = "sla-timer"
+DISPATCH_JOB = "dispatch-queue"
+
 _SLA_STATE = (
     "first_response_warned_at",
     "first_response_breached_at",
@@ -714,27 +719,42 @@ async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
         rows = list(await tx.conn.execute(claim_due(query)))
         for row in rows:
             ticket = dict(row._mapping)
+            previous = ticket_to_proto(ticket)
+            breaches: list[domain.SlaSignal] = []
             for signal in domain.sla_signals(_clocks(ticket), now):
                 column = f"{signal.target}_{'warned' if signal.kind == 'warning' else 'breached'}_at"
                 ticket[column] = now
-                due = _timestamp(signal.due_at)
                 if signal.kind == "warning":
-                    event: Any = events_pb2.TicketSlaWarning(ticket=ticket_to_proto(ticket), target=signal.target)
-                else:
-                    ticket["escalated"] = True
-                    ticket["escalation_reason"] = domain.breach_escalation(signal.target)
-                    event = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(ticket), target=signal.target)
-                event.due_at.CopyFrom(due)
-                tx.publish(event, key=ticket["id"])
-                if signal.kind == "breach":
-                    tx.publish(
-                        events_pb2.TicketEscalated(ticket=ticket_to_proto(ticket), reason=ticket["escalation_reason"]),
-                        key=ticket["id"],
-                    )
+                    warning = events_pb2.TicketSlaWarning(ticket=ticket_to_proto(ticket), target=signal.target)
+                    warning.due_at.CopyFrom(_timestamp(signal.due_at))
+                    tx.publish(warning, key=ticket["id"])
+                    continue
+                breaches.append(signal)
+                ticket["escalated"] = True
+                ticket["escalation_reason"] = domain.breach_escalation(signal.target)
+                breached = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(ticket), target=signal.target)
+                breached.due_at.CopyFrom(_timestamp(signal.due_at))
+                tx.publish(breached, key=ticket["id"])
+                tx.publish(
+                    events_pb2.TicketEscalated(ticket=ticket_to_proto(ticket), reason=ticket["escalation_reason"]),
+                    key=ticket["id"],
+                )
             ticket["next_sla_check_at"] = domain.next_sla_check(_clocks(ticket))
             await tx.conn.execute(
                 update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in _SLA_STATE})
             )
+            if breaches:  # a warning changes nothing a reader sees; an escalation does, and is audited
+                audit = audit_of_job(
+                    SLA_JOB,
+                    action="escalate",
+                    resource="tickets",
+                    record_id=ticket["id"],
+                    record=ticket_to_proto(ticket),
+                    previous=previous,
+                    occurred_at=now,
+                    reason="; ".join(domain.describe_breach(signal) for signal in breaches),
+                )
+                tx.publish(audit, key=ticket["id"])
     return len(rows)
 
 
@@ -761,9 +781,21 @@ async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
             agent = await _choose_agent(tx.conn, ticket["category"], ticket["region"])
             if agent is None:
                 continue
+            previous = ticket_to_proto(ticket)
             _assign(tx, ticket, agent, now)
             ticket["version"] += 1
             await _store(tx.conn, ticket)
+            audit = audit_of_job(
+                DISPATCH_JOB,
+                action="assign",
+                resource="tickets",
+                record_id=ticket["id"],
+                record=ticket_to_proto(ticket),
+                previous=previous,
+                occurred_at=now,
+                reason=f"queued since {as_utc(ticket['created_at']).isoformat()}; agent {agent.id} had capacity",
+            )
+            tx.publish(audit, key=ticket["id"])
             assigned += 1
     return assigned
 

@@ -9,7 +9,7 @@ from crm_platform.principal import ALL_RECORDS, SYSTEM, acting_as
 
 from service_desk import handlers
 from service_desk.config import ServiceDeskSettings
-from service_desk.handlers import Context
+from service_desk.handlers import DISPATCH_JOB, SLA_JOB, Context
 
 
 def build_jobs(ctx: Context, settings: ServiceDeskSettings) -> list[PeriodicJob]:
@@ -24,6 +24,6 @@ def build_jobs(ctx: Context, settings: ServiceDeskSettings) -> list[PeriodicJob]
             return await handlers.dispatch_queued(ctx, batch_size=batch)
 
     return [
-        PeriodicJob("sla-timer", settings.sla_job_interval_seconds, sla, batch_size=batch),
-        PeriodicJob("dispatch-queue", settings.dispatch_job_interval_seconds, dispatch, batch_size=batch),
+        PeriodicJob(SLA_JOB, settings.sla_job_interval_seconds, sla, batch_size=batch),
+        PeriodicJob(DISPATCH_JOB, settings.dispatch_job_interval_seconds, dispatch, batch_size=batch),
     ]

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from crm.audit.v1.events_pb2 import AuditRecorded
 from crm_platform.db import create_engine
 from crm_platform.outbox import UnitOfWork
-from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
+from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.testing.database import migrate_to_head
+from crm_platform.testing.outbox import outbox_events
 from service_desk import handlers
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
@@ -71,6 +73,34 @@ async def test_concurrent_dispatches_never_fill_an_agent_past_capacity(desk_each
     async with ctx.uow.engine.connect() as conn:
         stored = await repo.open_ticket_counts(conn, ["east-1", "east-2", "east-3", "west-1"])
     assert stored == {"east-1": 2, "east-2": 2, "east-3": 2}
+
+
+async def test_the_dispatch_timer_assigns_queued_tickets_and_audits_each(desk_each_database: Context) -> None:
+    ctx = desk_each_database
+    queued = await _create(ctx)  # no agent yet: queued
+    assert queued["assignee_id"] == ""
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("east-1", "east", 1))
+    with acting_as(SYSTEM, ALL_RECORDS):
+        assert await handlers.dispatch_queued(ctx, batch_size=10) == 1
+        assert await handlers.dispatch_queued(ctx, batch_size=10) == 0
+
+    # No request made the assignment for the gateway to audit: the service's record goes with it.
+    [audit] = [
+        AuditRecorded.FromString(payload)
+        for event_type, payload in await outbox_events(ctx.uow.engine, repo.metadata, queued["id"])
+        if event_type == "crm.audit.record.recorded"
+    ]
+    assert (audit.actor.user_id, audit.action, audit.resource, audit.record_id) == (
+        "system",
+        "assign",
+        "tickets",
+        queued["id"],
+    )
+    assert (audit.method, audit.path) == ("JOB", "dispatch-queue")
+    assert audit.reason.startswith("queued since ") and audit.reason.endswith("agent east-1 had capacity")
+    assert {"assignee_id", "status", "version"} <= set(audit.fields) and "subject" not in audit.fields
+    assert (audit.before["status"], audit.after["status"], audit.after["assignee_id"]) == ("new", "assigned", "east-1")
 
 
 async def _hold(engine: AsyncEngine, *agent_ids: str) -> tuple[Any, Any]:

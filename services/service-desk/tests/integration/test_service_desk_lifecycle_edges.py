@@ -61,10 +61,11 @@ async def test_a_ticket_reopened_days_after_a_timely_resolution_is_not_late(ctx:
     assert "crm.service.ticket.sla_breached" not in await _outbox_types(ctx, ticket["id"])
     ctx.clock = lambda: start + timedelta(days=2, hours=3, minutes=1)  # late now, against the moved target
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
-    assert (await _outbox_types(ctx, ticket["id"]))[-3:] == [
+    assert (await _outbox_types(ctx, ticket["id"]))[-4:] == [
         "crm.service.ticket.sla_warning",
         "crm.service.ticket.sla_breached",
         "crm.service.ticket.escalated",
+        "crm.audit.record.recorded",  # the timer's escalation is audited
     ]
 
 

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from crm.audit.v1.events_pb2 import AuditRecorded
 from crm.servicedesk.v1 import events_pb2 as desk_events
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
 from crm_platform.testing.outbox import outbox_events
@@ -23,6 +24,7 @@ WARNING = "crm.service.ticket.sla_warning"
 BREACHED = "crm.service.ticket.sla_breached"
 ESCALATED = "crm.service.ticket.escalated"
 UPDATED = "crm.service.ticket.updated"
+AUDITED = "crm.audit.record.recorded"
 
 
 async def _row(ctx: Context, ticket_id: str) -> Any:
@@ -79,10 +81,26 @@ async def test_lowering_the_priority_lifts_a_breach_that_no_longer_holds(ctx: Co
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
     events = await _events(ctx, ticket["id"])
     assert [event_type for event_type, _ in events].count(BREACHED) == 2
-    assert [event_type for event_type, _ in events[-2:]] == [BREACHED, ESCALATED]
-    breach = desk_events.TicketSlaBreached.FromString(events[-2][1])
+    assert [event_type for event_type, _ in events[-3:]] == [BREACHED, ESCALATED, AUDITED]
+    breach = desk_events.TicketSlaBreached.FromString(events[-3][1])
     assert (breach.target, from_timestamp(breach.due_at)) == ("first_response", start + timedelta(hours=8))
     assert await _escalated_ids(ctx) == [ticket["id"]]
+    # Each escalation by the timer is in the audit trail (a warning, which changes nothing a reader
+    # sees, is not): no request made it for the gateway to audit.
+    audits = [AuditRecorded.FromString(payload) for event_type, payload in events if event_type == AUDITED]
+    assert len(audits) == 2
+    audit = audits[-1]
+    assert (audit.actor.user_id, audit.action, audit.resource, audit.record_id) == (
+        "system",
+        "escalate",
+        "tickets",
+        ticket["id"],
+    )
+    assert (audit.method, audit.path) == ("JOB", "sla-timer")
+    assert audit.reason == f"first_response SLA breached (due {(start + timedelta(hours=8)).isoformat()})"
+    assert audit.fields == ["escalated", "escalation_reason"]
+    assert (audit.before["escalated"], audit.after["escalated"]) == (None, True)
+    assert audit.after["escalation_reason"] == "sla_breached_first_response"
 
 
 async def test_lowering_the_priority_keeps_a_breach_that_still_holds(ctx: Context) -> None:
@@ -110,7 +128,7 @@ async def test_raising_the_priority_breaches_at_the_timers_next_run_once(ctx: Co
     raised = (await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)).record
     assert raised["next_sla_check_at"] <= start + timedelta(minutes=30)
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
-    assert (await _types(ctx, ticket["id"]))[-3:] == [WARNING, BREACHED, ESCALATED]
+    assert (await _types(ctx, ticket["id"]))[-4:] == [WARNING, BREACHED, ESCALATED, AUDITED]
     assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
     assert (await _types(ctx, ticket["id"])).count(BREACHED) == 1
     assert await _escalated_ids(ctx) == [ticket["id"]]
