@@ -16,6 +16,7 @@ from crm_platform import custom_fields as cf
 from crm_platform import idempotency
 from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
+from crm_platform.cloudevents import spec_of
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
 from crm_platform.db import insert_ignore
@@ -77,7 +78,10 @@ DISCOUNT_FIELD = "line_items.discount_percent"
 QUOTE_SORTS = ("created_at", "updated_at")
 PAYMENT_SORTS = ("created_at", "received_at")
 INVOICE_SORTS = ("requested_at",)
-# The `reason` of the contract and invoice events an account's change causes: the accounts event's type.
+# The `reason` of the events a change of another record causes (a quote following its deal; a deal,
+# contract or invoice its account): that change's event type.
+OPPORTUNITY_UPDATED = spec_of(events_pb2.OpportunityUpdated).type
+OPPORTUNITY_ASSIGNED = spec_of(events_pb2.OpportunityAssigned).type
 ACCOUNT_MERGED = "crm.accounts.account.merged"
 ACCOUNT_TRANSFERRED = "crm.accounts.account.transferred"
 
@@ -799,7 +803,9 @@ class SalesHandlers:
                 return await self._answered(tx.conn, row, v.opportunity_proto(row))
             if set(OWNERSHIP) & set(changed):
                 d.check_owner_change(row["status"], opportunity_id=opportunity_id)
-            proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
+            proto = await self._save_opportunity(
+                tx, row, values, changed, override_collision, override_reason, reason=OPPORTUNITY_UPDATED
+            )
             tx.publish(
                 events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
                 key=opportunity_id,
@@ -832,7 +838,9 @@ class SalesHandlers:
             if not values:
                 return await self._answered(tx.conn, row, v.opportunity_proto(row))
             changed = sorted(values)
-            proto = await self._save_opportunity(tx.conn, row, values, changed, override_collision, override_reason)
+            proto = await self._save_opportunity(
+                tx, row, values, changed, override_collision, override_reason, reason=OPPORTUNITY_ASSIGNED
+            )
             tx.publish(
                 events_pb2.OpportunityAssigned(
                     opportunity=proto, previous_owner_id=row["owner_id"], changed_fields=changed,
@@ -844,16 +852,20 @@ class SalesHandlers:
 
     async def _save_opportunity(
         self,
-        conn: AsyncConnection,
+        tx: Transaction,
         row: RowMapping,
         values: dict[str, Any],
         changed: Sequence[str],
         override_collision: bool,
         override_reason: str,
+        *,
+        reason: str,
     ) -> sales_pb2.Opportunity:
         """Writes `values` (the `changed` fields among them) to a locked deal: a new owner or product
         line of an open deal passes anti-collision first (the same line spelt otherwise is not a new
-        one), and a new owner, team or region takes the deal's quotes along."""
+        one), and a new owner, team or region takes the deal's quotes along (`reason`: the event
+        type of the deal's change, the quotes' events give it)."""
+        conn = tx.conn
         if "product_line" in values:
             values["product_line_key"] = d.product_line_key(values["product_line"])
         merged = {**row, **values}
@@ -869,21 +881,36 @@ class SalesHandlers:
         values.update(updated_at=self.clock(), version=row["version"] + 1)
         await conn.execute(update(r.opportunities).where(r.opportunities.c.id == row["id"]).values(values))
         if set(OWNERSHIP) & set(changed):
-            await self._quotes_follow(conn, [row["id"]], {name: merged[name] for name in OWNERSHIP})
+            ownership = {name: merged[name] for name in OWNERSHIP}
+            await self._quotes_follow(tx, r.quotes.c.opportunity_id == row["id"], ownership, reason=reason)
         return v.opportunity_proto({**row, **values})
 
     async def _quotes_follow(
-        self, conn: AsyncConnection, opportunity_ids: Sequence[str], owner: dict[str, Any]
+        self, tx: Transaction, which: ColumnElement[bool], changes: dict[str, Any], *, reason: str
     ) -> None:
-        """A deal's quotes carry its owner, team and region (copied when created) and are read in
-        that scope: they move with the deal, in its transaction, so its new owner sees them and the
-        previous one no longer does."""
+        """Quotes carry their deal's owner, team and region (copied when created; they are read in
+        that scope) and its account: the quotes `which` selects take `changes` of those along, in the
+        transaction of the change they follow, so a deal's new owner sees them and the previous one
+        no longer does. Each one changed is saved in its next version and published as it is now,
+        with the event type of the cause as `reason`."""
         q = r.quotes
-        await conn.execute(
+        rows = (await tx.conn.execute(select(q).where(which).with_for_update())).mappings().all()
+        moved = [row for row in rows if any(row[name] != value for name, value in changes.items())]
+        if not moved:
+            return
+        now = self.clock()
+        await tx.conn.execute(
             update(q)
-            .where(q.c.opportunity_id.in_(list(opportunity_ids)))
-            .values(**owner, updated_at=self.clock(), version=q.c.version + 1)
+            .where(q.c.id.in_([row["id"] for row in moved]))
+            .values(**changes, updated_at=now, version=q.c.version + 1)
         )
+        actor = v.actor(current_principal())
+        for row in moved:
+            quote = v.quote_proto({**row, **changes, "updated_at": now, "version": row["version"] + 1})
+            changed = sorted(name for name, value in changes.items() if row[name] != value)
+            tx.publish(
+                events_pb2.QuoteUpdated(quote=quote, changed_fields=changed, reason=reason, actor=actor), key=row["id"]
+            )
 
     async def delete_opportunity(self, opportunity_id: str, *, expected_version: int) -> sales_pb2.Opportunity:
         """A deal entered by mistake, with its quotes; returns it as it was (for the caller's audit trail)."""
@@ -2398,7 +2425,7 @@ class SalesHandlers:
 
     async def repoint_account(self, tx: Transaction, *, duplicate_id: str, survivor_id: str) -> int:
         """account.merged: every record of the duplicate now belongs to the survivor. Each moved deal,
-        contract and invoice is published as it is now; a payment names its contract, not the account."""
+        contract, quote and invoice is published as it is now; a payment names its contract, not the account."""
         o, c, i = r.opportunities, r.contracts, r.invoices
         moved = (
             (await tx.conn.execute(select(o).where(o.c.account_id == duplicate_id).with_for_update())).mappings().all()
@@ -2417,7 +2444,9 @@ class SalesHandlers:
                 .values(account_id=survivor_id, updated_at=now, version=o.c.version + 1)
             )
         await self._contracts_follow_account(tx, contracts, {"account_id": survivor_id}, now=now, reason=ACCOUNT_MERGED)
-        for table in (r.quotes, r.payments, r.invoices):
+        moved_quotes = r.quotes.c.account_id == duplicate_id
+        await self._quotes_follow(tx, moved_quotes, {"account_id": survivor_id}, reason=ACCOUNT_MERGED)
+        for table in (r.payments, r.invoices):
             await tx.conn.execute(
                 update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id)
             )
@@ -2488,7 +2517,9 @@ class SalesHandlers:
         if moved:
             moved_ids = [row["id"] for row in moved]
             await tx.conn.execute(update(o).where(o.c.id.in_(moved_ids)).values(**values, version=o.c.version + 1))
-            await self._quotes_follow(tx.conn, moved_ids, ownership)
+            await self._quotes_follow(
+                tx, r.quotes.c.opportunity_id.in_(moved_ids), ownership, reason=ACCOUNT_TRANSFERRED
+            )
         await self._contracts_follow_account(tx, contracts, ownership, now=now, reason=ACCOUNT_TRANSFERRED)
         principal = current_principal()
         for row in moved:

@@ -98,6 +98,12 @@ async def won_deal(sales: SalesHandlers, amount: str = "50000", owner: str = "re
     return won.id
 
 
+async def quote_updates(engine: AsyncEngine) -> list[tuple[str, events_pb2.QuoteUpdated]]:
+    return [
+        (key, events_pb2.QuoteUpdated.FromString(p)) for key, p in await outbox_keyed(engine, "crm.sales.quote.updated")
+    ]
+
+
 async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
     opportunity_id = await won_deal(sales, amount)
     with as_user("rep1", "sales_rep"):
@@ -620,7 +626,7 @@ async def test_nobody_approves_the_discounts_of_a_quote_they_created(sales: Sale
     assert [(x.role, x.approver_id) for x in done.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
 
 
-async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHandlers) -> None:
+async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHandlers, engine: AsyncEngine) -> None:
     with as_user("alice", "sales_rep", team="east", scope="own"):
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
         quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
@@ -630,6 +636,11 @@ async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHa
         moved = await sales.get_quote(quote.id)
         assert [q.id for q in (await sales.list_quotes(Page(), opportunity_id=deal.id)).items] == [quote.id]
     assert (moved.owner_id, moved.team, moved.version) == ("bob", "west", quote.version + 1)
+    # Published as it is now, so a consumer's copy follows the deal too.
+    [(key, event)] = await quote_updates(engine)
+    assert (key, event.quote, event.actor.user_id) == (quote.id, moved, "mgr")
+    assert (list(event.changed_fields), event.reason) == (["owner_id", "team"], "crm.sales.opportunity.updated")
+    assert list(event.voided_decisions) == []
     with as_user("alice", "sales_rep", team="east", scope="own"), pytest.raises(NotFound):
         await sales.get_quote(quote.id)
 
@@ -668,6 +679,9 @@ async def test_a_manager_hands_an_open_deal_to_another_owner_with_its_quotes(
     assert (event.opportunity.owner_id, event.previous_owner_id, list(event.changed_fields), event.actor.user_id) == (
         "bob", "alice", ["owner_id", "team"], "mgr",
     )  # fmt: skip
+    [(key, moved)] = await quote_updates(engine)
+    assert (key, moved.quote.owner_id, moved.quote.version) == (quote.id, "bob", quote.version + 1)
+    assert (list(moved.changed_fields), moved.reason) == (["owner_id", "team"], "crm.sales.opportunity.assigned")
 
 
 async def test_a_won_or_lost_deal_keeps_the_owner_its_close_credited(sales: SalesHandlers) -> None:
@@ -1677,7 +1691,9 @@ async def test_merged_and_transferred_accounts_repoint_deals_and_contracts(
     assert ["owner_id", "team"] in [list(e.changed_fields) for e in updated]
 
 
-async def test_quotes_move_with_their_deal_when_the_account_is_transferred(sales: SalesHandlers) -> None:
+async def test_quotes_move_with_their_deal_when_the_account_is_transferred(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
     with as_user("alice", "sales_rep", scope="own"):
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-t", name="Deal"))
         quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
@@ -1690,19 +1706,30 @@ async def test_quotes_move_with_their_deal_when_the_account_is_transferred(sales
     assert (moved.owner_id, moved.team, moved.region) == ("dave", "west", "cn-east")
     with as_user("alice", "sales_rep", scope="own"), pytest.raises(NotFound):
         await sales.get_quote(quote.id)
+    [(key, event)] = await quote_updates(engine)
+    assert (key, event.quote) == (quote.id, moved)
+    assert (list(event.changed_fields), event.reason) == (["owner_id", "team"], "crm.accounts.account.transferred")
 
 
-async def test_a_merge_publishes_each_contract_and_invoice_it_moves_to_the_survivor(
+async def test_a_merge_publishes_each_contract_quote_and_invoice_it_moves_to_the_survivor(
     sales: SalesHandlers, engine: AsyncEngine
 ) -> None:
     contract_id = await signed_contract(sales, "1000")  # of account acc-1
     with as_user("fin", "finance"):
         invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+    with as_user("alice", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Next deal"))
+        quote = await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()])
     async with sales.uow.begin() as tx:
         await sales.repoint_account(tx, duplicate_id="acc-1", survivor_id="survivor")
     with as_user("admin", "admin"):
         contract = await sales.get_contract(contract_id)
         moved_invoice = await sales.get_invoice(invoice.id)
+        moved_quote = await sales.get_quote(quote.id)
+    [(quote_key, requoted)] = await quote_updates(engine)
+    assert (quote_key, requoted.quote) == (quote.id, moved_quote)
+    assert (moved_quote.account_id, moved_quote.version) == ("survivor", quote.version + 1)
+    assert (list(requoted.changed_fields), requoted.reason) == (["account_id"], "crm.accounts.account.merged")
     [(contract_key, contract_payload)] = await outbox_keyed(engine, "crm.sales.contract.updated")
     updated = events_pb2.ContractUpdated.FromString(contract_payload)
     assert contract_key == contract_id
