@@ -103,6 +103,10 @@ def is_infrastructure_failure(error: BaseException) -> bool:
     return isinstance(error, DBAPIError) and error.connection_invalidated
 
 
+# What a patient consumer's fetch waits to fill: aiokafka's default maximum per partition.
+_PATIENT_FETCH_BYTES = 1024 * 1024
+
+
 class EventConsumer:
     """Consumes the topics of the given event messages in one consumer group."""
 
@@ -119,13 +123,18 @@ class EventConsumer:
         retry_base_seconds: float = 0.2,
         only_these_types: bool = False,
         ignored_sources: Collection[str] = (),
+        patient_fetch_ms: int = 0,
     ) -> None:
         """`only_these_types`: its topics carry no other event type (the inbound topics an outside
         system writes by our contract), so any other is a poison message, not another consumer's
         event to pass over (a CRM topic's new type during a rolling upgrade).
         `ignored_sources`: events from these sources (`ce_source`) are passed over, as those of a
-        type it does not need are (its own process's events on a topic it also reads)."""
+        type it does not need are (its own process's events on a topic it also reads).
+        `patient_fetch_ms`: a consumer that need not be prompt asks the broker to hold each fetch
+        this long (or until a full one is ready), so a busy topic is read in a few large fetches
+        instead of many small ones (0: `KafkaSettings.fetch_max_wait_ms`, answered with any data)."""
         self.name = name
+        self.patient_fetch_ms = patient_fetch_ms
         self.only_these_types = only_these_types
         # As the header's bytes: a record is passed over before its headers are decoded (a gateway
         # passes over its own audit record of every request).
@@ -170,7 +179,8 @@ class EventConsumer:
             client_id=f"{self.service}-{self.name}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
+            fetch_max_wait_ms=self.patient_fetch_ms or self.kafka.fetch_max_wait_ms,
+            fetch_min_bytes=_PATIENT_FETCH_BYTES if self.patient_fetch_ms else 1,
             **client_options(self.kafka),
         )
         self._consumer = consumer

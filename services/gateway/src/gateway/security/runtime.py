@@ -139,6 +139,8 @@ class SecurityRuntime:
                 handlers={events_pb2.AuditRecorded: self.audit.store_recorded},
                 service="gateway",
                 ignored_sources=[AUDIT_SOURCE],  # the gateway's own records are in the trail already
+                # Most records on the topic are its own, one per request: fetched a second at a time.
+                patient_fetch_ms=1000,
             )
             self._ingest_task = asyncio.create_task(self._run_ingest(self._ingest), name="gateway-audit-ingest")
             inbox_expiry = inbox_expiry_job(self.engine, self._ingest.inbox, self.settings)
