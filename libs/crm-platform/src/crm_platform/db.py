@@ -255,6 +255,17 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
         yield connection
 
 
+_LOCKED_FOR_TRANSACTION = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
+
+
+async def lock_for_transaction(conn: AsyncConnection, name: str) -> None:
+    """Holds `name` until the connection's transaction ends: checks of one thing that rows alone
+    cannot lock (a count, a set with no row yet) run one at a time, on any replica. PostgreSQL's
+    transaction advisory lock; SQLite's writing transactions run one at a time anyway (`transaction`)."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_LOCKED_FOR_TRANSACTION, {"name": name})
+
+
 # The key space of `held_exclusively`: PostgreSQL's two-key advisory locks, apart from the one-key
 # locks transactions take (dedupe keys), so a name's hash never meets those.
 _HELD_LOCK_SPACE = 0x43524D  # "CRM"

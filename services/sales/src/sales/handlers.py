@@ -19,7 +19,7 @@ from crm_platform.changes import Change
 from crm_platform.cloudevents import spec_of
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore
+from crm_platform.db import insert_ignore, lock_for_transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -55,7 +55,6 @@ from sqlalchemy import (
     insert,
     or_,
     select,
-    text,
     type_coerce,
     update,
 )
@@ -604,10 +603,7 @@ class SalesHandlers:
     async def _lock_collision_key(conn: AsyncConnection, account_id: str, product_line_key: str) -> None:
         """Serialises anti-collision checks of one account and product line across replicas, however
         each spells the line (PostgreSQL; SQLite has a single writer anyway)."""
-        if conn.dialect.name == "postgresql":
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"opp:{account_id}:{product_line_key}"}
-            )
+        await lock_for_transaction(conn, f"opp:{account_id}:{product_line_key}")
 
     async def _opportunity_row(
         self, conn: AsyncConnection, opportunity_id: str, *, scope: RecordScope | None, lock: bool = False
