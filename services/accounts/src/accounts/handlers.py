@@ -14,6 +14,7 @@ from crm_platform.changes import Change
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
 from crm_platform.custom_fields_service import load_definitions
+from crm_platform.db import lock_for_transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -158,12 +159,15 @@ async def _readable_account(
     for_update: bool = False,
     field: str = "",
     scope: RecordScope | None = None,
+    pool_open: bool = True,
 ) -> Any:
     """A visible account (pool accounts are visible to everyone), a merged-away one as its tombstone,
     else NotFound; an account a request's body names in `field` that is not there is a 422 naming the
-    field instead. Visible in `scope`, by default the call's record scope."""
+    field instead. Visible in `scope`, by default the call's record scope. Without `pool_open`, a
+    pool account must be in that scope too: anyone may read, claim and work a pool account, only those
+    whose scope holds it may change, transfer or delete it."""
     row = await repo.get_account(conn, account_id, for_update=for_update)
-    if row is None or not (row.in_pool or _visible(scope or current_scope(), row)):
+    if row is None or not ((pool_open and row.in_pool) or _visible(scope or current_scope(), row)):
         if field:
             raise missing_reference(field, "account", account_id)
         raise NotFound("account", account_id)
@@ -177,9 +181,12 @@ async def _live_account(
     for_update: bool = False,
     field: str = "",
     scope: RecordScope | None = None,
+    pool_open: bool = True,
 ) -> Any:
     """A readable account (`_readable_account`) that is not merged away, else Conflict MERGED."""
-    row = await _readable_account(conn, account_id, for_update=for_update, field=field, scope=scope)
+    row = await _readable_account(
+        conn, account_id, for_update=for_update, field=field, scope=scope, pool_open=pool_open
+    )
     if row.merged_into_id:
         raise Conflict(
             f"account {account_id} was merged into {row.merged_into_id}",
@@ -278,7 +285,7 @@ async def update_account(
             _fail([FieldError(forbidden, "change ownership with the transfer, release or claim actions")])
     try:
         async with ctx.uow.begin() as tx:
-            row = await _live_account(tx.conn, account_id, for_update=True)
+            row = await _live_account(tx.conn, account_id, for_update=True, pool_open=False)
             _check_version("account", row, expected_version)
             if "tags" in values:
                 values["tags"] = domain.normalise_tags(values["tags"])
@@ -303,11 +310,15 @@ async def update_account(
             changed = sorted(k for k, v in changes.items() if k != "dedupe_key" and getattr(row, k) != v)
             if not changed:
                 return Change(row, row)
+            now = ctx.clock()
             await tx.conn.execute(
                 update(repo.accounts)
                 .where(repo.accounts.c.id == account_id)
-                .values(**changes, updated_at=ctx.clock(), version=row.version + 1)
+                .values(**changes, updated_at=now, version=row.version + 1)
             )
+            territory: dict[str, str] = {name: changes[name] for name in ("team", "region") if name in changed}
+            if territory:
+                await _follow_territory(tx, account_id, territory, now=now, principal=principal)
             updated = await repo.get_account(tx.conn, account_id)
             tx.publish(
                 events_pb2.AccountUpdated(
@@ -320,6 +331,31 @@ async def update_account(
         raise AlreadyExists("account already exists in this region") from None
 
 
+async def _follow_territory(
+    tx: Transaction, account_id: str, territory: dict[str, str], *, now: datetime, principal: Principal
+) -> None:
+    """An account's contacts and open tasks carry its team and region (copied when made, read in
+    that scope): a new team or region takes them along, so the account's new team sees them and
+    the old one no longer does. Each moved task is published, as a reassigned one is."""
+    c, t = repo.contacts, repo.tasks
+    await tx.conn.execute(
+        update(c)
+        .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
+        .values(**territory, updated_at=now, version=c.c.version + 1)
+    )
+    moved = await tx.conn.execute(
+        update(t)
+        .where(t.c.account_id == account_id, t.c.status == "open")
+        .values(**territory, updated_at=now, version=t.c.version + 1)
+        .returning(t)
+    )
+    for task in sorted(moved, key=lambda task: task.id):
+        tx.publish(
+            events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=sorted(territory), actor=actor(principal)),
+            key=task.id,
+        )
+
+
 async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> Any:
     """Soft-deletes the account with its contacts (each evented as DeleteContact does) and cancels its
     open tasks; returns it as it was (for the caller's audit trail). Contact writes share-lock their
@@ -327,7 +363,7 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
     principal = current_principal()
     c, t = repo.contacts, repo.tasks
     async with ctx.uow.begin() as tx:
-        row = await _live_account(tx.conn, account_id, for_update=True)
+        row = await _live_account(tx.conn, account_id, for_update=True, pool_open=False)
         _check_version("account", row, expected_version)
         now = ctx.clock()
         await tx.conn.execute(
@@ -471,9 +507,8 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         moved_contacts = [r.id for r in await tx.conn.execute(select(c.c.id).where(c.c.account_id == duplicate_id))]
         # An account has one primary contact: the survivor keeps its own, a moved one stays primary
         # only on a survivor without one.
-        survivor_has_primary = await tx.conn.scalar(
-            select(exists().where(c.c.account_id == survivor_id, c.c.is_primary.is_(True), c.c.deleted_at.is_(None)))
-        )
+        await lock_for_transaction(tx.conn, f"primary-contact:{survivor_id}")
+        survivor_has_primary = await _has_primary(tx.conn, survivor_id)
         await tx.conn.execute(
             update(c)
             .where(c.c.account_id == duplicate_id)
@@ -495,6 +530,22 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
                 .values(account_id=survivor_id, version=act.c.version + 1)
             )
         ).rowcount
+        # One open reminder per rule and account: the duplicate's for a rule the survivor has one
+        # open for is done with (cancelled, and published so), the survivor's stays.
+        survivor_reminders = select(t.c.reminder_rule_id).where(
+            t.c.account_id == survivor_id, t.c.status == "open", t.c.reminder_rule_id != ""
+        )
+        cancelled = await tx.conn.execute(
+            update(t)
+            .where(t.c.account_id == duplicate_id, t.c.status == "open", t.c.reminder_rule_id.in_(survivor_reminders))
+            .values(status="cancelled", updated_at=now, version=t.c.version + 1)
+            .returning(t)
+        )
+        for task in sorted(cancelled, key=lambda task: task.id):
+            tx.publish(
+                events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
+                key=task.id,
+            )
         moved_tasks = (
             await tx.conn.execute(
                 update(t)
@@ -533,7 +584,7 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
 async def release_account(ctx: Context, account_id: str, *, reason: str, expected_version: int) -> Change[Any]:
     principal = current_principal()
     async with ctx.uow.begin() as tx:
-        row = await _live_account(tx.conn, account_id, for_update=True)
+        row = await _live_account(tx.conn, account_id, for_update=True, pool_open=False)
         _check_version("account", row, expected_version)
         if row.in_pool:
             raise Conflict(f"account {account_id} is already in the public pool", reason="ALREADY_IN_POOL")
@@ -577,6 +628,9 @@ async def claim_account(ctx: Context, account_id: str, *, idempotency_key: str) 
         earlier = await _idempotency_keys.claim(tx.conn, "claim_account", idempotency_key, account_id, now)
         if earlier is not None:
             return Change(await repo.get_account(tx.conn, earlier), None)
+        # The claimant's claims are counted one claim at a time, so concurrent ones cannot all pass
+        # the daily limit on the same count.
+        await lock_for_transaction(tx.conn, f"pool-claims:{principal.user_id}")
         row = await repo.get_account(tx.conn, account_id, for_update=True)
         if row is None or row.merged_into_id:
             raise NotFound("account", account_id)
@@ -685,7 +739,7 @@ async def transfer_account(
     _fail([] if new_owner_id else [FieldError("new_owner_id", "is required")])
     principal = current_principal()
     async with ctx.uow.begin() as tx:
-        row = await _live_account(tx.conn, account_id, for_update=True)
+        row = await _live_account(tx.conn, account_id, for_update=True, pool_open=False)
         _check_version("account", row, expected_version)
         if row.owner_id == new_owner_id and not row.in_pool:
             raise Conflict(f"account {account_id} is already owned by {new_owner_id}", reason="SAME_OWNER")
@@ -705,10 +759,14 @@ async def _transfer(
     now: datetime,
     principal: Principal,
 ) -> tuple[Any, int, int]:
+    # Its new owner gets the account's full inactivity period (`claimed_at` anchors it, as a
+    # claim's does): one taken out of the pool is not returned to it by the next pass.
     await tx.conn.execute(
         update(repo.accounts)
         .where(repo.accounts.c.id == row.id)
-        .values(owner_id=new_owner, team=new_team, in_pool=False, updated_at=now, version=row.version + 1)
+        .values(
+            owner_id=new_owner, team=new_team, in_pool=False, claimed_at=now, updated_at=now, version=row.version + 1
+        )
     )
     contacts, tasks = await _follow_owner(
         tx, row.id, previous_owner=row.owner_id, new_owner=new_owner, new_team=new_team, now=now, principal=principal
@@ -890,10 +948,18 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         return created
 
 
+async def _has_primary(conn: AsyncConnection, account_id: str) -> bool:
+    c = repo.contacts
+    primary = exists().where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.deleted_at.is_(None))
+    return bool(await conn.scalar(select(primary)))
+
+
 async def _clear_primary(conn: AsyncConnection, account_id: str, *, now: datetime, keep: str = "") -> None:
     """Demotes the account's primary contact, to a new version, for a new one; `keep` (the contact
-    being made primary) is left to its own write."""
+    being made primary) is left to its own write. Writes making a primary of one account take turns
+    here: each demotes what the one before it committed, so one primary remains."""
     c = repo.contacts
+    await lock_for_transaction(conn, f"primary-contact:{account_id}")
     await conn.execute(
         update(c)
         .where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.id != keep)
@@ -928,6 +994,10 @@ async def update_contact(
             # The contact follows its new account's owner, as a created or merged one does.
             owner = domain.contact_owner(account_owner_id=account.owner_id, caller_id=principal.user_id)
             changes.update(account_id=account.id, owner_id=owner, team=account.team, region=account.region)
+            if row.is_primary and not values.get("is_primary"):
+                # A primary contact moved stays primary only on an account without one, as in a merge.
+                await lock_for_transaction(tx.conn, f"primary-contact:{account.id}")
+                changes["is_primary"] = not await _has_primary(tx.conn, account.id)
         if values.get("is_primary"):
             await _clear_primary(tx.conn, changes.get("account_id", row.account_id), now=ctx.clock(), keep=contact_id)
         changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
@@ -1181,7 +1251,7 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         team, region = principal.team, principal.region
         account_id = values.get("account_id", "")
         if account_id:
-            account = await _live_account(tx.conn, account_id, field="account_id")
+            account = await _task_account(tx.conn, account_id)
             team, region = account.team or team, account.region
         if values.get("contact_id"):
             await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)
@@ -1208,9 +1278,18 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         return row
 
 
+async def _task_account(conn: AsyncConnection, account_id: str) -> Any:
+    """The live account a task names, share-locked until the write commits: a merge or delete of
+    it, which moves or cancels its open tasks, waits for the write (or goes first, and the write
+    then finds it merged or gone), so no open task lands on an account that is no more."""
+    await repo.share_lock_accounts(conn, [account_id])
+    return await _live_account(conn, account_id, field="account_id")
+
+
 async def _visible_task(conn: AsyncConnection, task_id: str) -> Any:
+    """The task, locked for the write that reads it (so its `expected_version` holds), if in scope."""
     t = repo.tasks
-    row = (await conn.execute(select(t).where(t.c.id == task_id))).first()
+    row = (await conn.execute(select(t).where(t.c.id == task_id).with_for_update())).first()
     if row is None or not _visible(current_scope(), row):
         raise NotFound("task", task_id)
     return row
@@ -1233,7 +1312,9 @@ async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, exp
         # was read keeps one that left the caller's scope since.
         account_id = values.get("account_id", row.account_id)
         if account_id and account_id != row.account_id:
-            await _live_account(tx.conn, account_id, field="account_id")
+            account = await _task_account(tx.conn, account_id)
+            # It is now read in its new account's territory, as a task created there is.
+            values = {**values, "team": account.team or row.team, "region": account.region}
         contact_id = values.get("contact_id", row.contact_id)
         if values.get("contact_id") and values["contact_id"] != row.contact_id:
             await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)

@@ -12,13 +12,15 @@ from typing import Any, TypeVar
 import pytest
 from accounts import handlers
 from accounts import repository as repo
+from accounts.domain import PoolPolicy
 from accounts.handlers import Context
 from accounts.messages import account_to_proto
 from accounts.repository import AccountFilter, ContactFilter, parse_page
 from crm.accounts.v1 import events_pb2
 from crm.common.v1 import common_pb2
 from crm_platform.cloudevents import spec_of
-from crm_platform.errors import NotFound, StaleVersion, ValidationFailed
+from crm_platform.errors import Conflict, NotFound, StaleVersion, ValidationFailed
+from crm_platform.ids import new_id
 from crm_platform.outbox import outbox_table
 from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.timeutil import utcnow
@@ -995,3 +997,211 @@ async def test_segments_and_reminder_rules_are_listed_a_page_at_a_time(ctx: Cont
 
     assert segments == [["Alpha", "Beta"], ["Gamma"]]
     assert rules == [["Quiet A", "Quiet B"], ["Quiet C"]]
+
+
+# --- pool accounts, territories, reminders and concurrent writes --------------------------------------
+
+WEST_REP = (
+    Principal(user_id="rep-w", roles=("sales_rep",), team="west", region="cn-west"),
+    RecordScope(ScopeKind.OWN, owner_id="rep-w"),
+)
+WEST_MANAGER = (
+    Principal(user_id="mgr-w", roles=("sales_manager",), team="west", region="cn-west"),
+    RecordScope(ScopeKind.TEAM, team="west"),
+)
+ADMIN = (Principal(user_id="admin", roles=("admin",)), RecordScope(ScopeKind.ALL))
+
+
+async def pool_account(ctx: Context, name: str) -> Any:
+    """A pool account of the east team (cn-east), put there by its manager."""
+    with acting_as(*MANAGER):
+        values = {"name": name, "team": "east", "region": "cn-east", "tier": "B"}
+        return await handlers.create_account(ctx, values, idempotency_key="", in_pool=True)
+
+
+async def test_anyone_reads_and_claims_a_pool_account_but_only_its_scope_changes_transfers_or_deletes_it(
+    ctx: Context,
+) -> None:
+    pooled = await pool_account(ctx, "Pooled")
+    for caller in (WEST_REP, WEST_MANAGER):
+        with acting_as(*caller):
+            assert (await handlers.get_account(ctx, pooled.id)).id == pooled.id
+            with pytest.raises(NotFound):
+                await handlers.update_account(ctx, pooled.id, {"tier": "D"}, expected_version=0)
+            with pytest.raises(NotFound):
+                await handlers.transfer_account(
+                    ctx, pooled.id, new_owner_id="rep-w", new_team="west", reason="mine now", expected_version=0
+                )
+            with pytest.raises(NotFound):
+                await handlers.delete_account(ctx, pooled.id, expected_version=0)
+    with acting_as(*MANAGER):  # the east team's manager looks after the east team's pool accounts
+        renamed = (await handlers.update_account(ctx, pooled.id, {"name": "Pooled Ltd"}, expected_version=0)).record
+    assert (renamed.name, renamed.tier, renamed.in_pool) == ("Pooled Ltd", "B", True)
+    with acting_as(*WEST_REP):
+        claimed = (await handlers.claim_account(ctx, pooled.id, idempotency_key="")).record
+    assert (claimed.owner_id, claimed.in_pool) == ("rep-w", False)
+
+
+async def test_an_accounts_new_team_or_region_takes_its_contacts_and_open_tasks_along(ctx: Context) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+    dora = await new_contact(ctx, REP1, acme.id, "Dora")
+    open_task = await new_task(ctx, REP1, acme.id, "call Dora")
+    done_task = await new_task(ctx, REP1, acme.id, "send brochure")
+    with acting_as(*REP1):
+        await handlers.complete_task(ctx, done_task.id, expected_version=0)
+    with acting_as(*ADMIN):
+        await handlers.update_account(ctx, acme.id, {"team": "west", "region": "cn-west"}, expected_version=0)
+
+    [contact] = await stored_contacts(ctx, dora.id)
+    assert (contact.team, contact.region, contact.version) == ("west", "cn-west", 2)
+    with acting_as(*WEST_MANAGER):
+        assert (await handlers.get_contact(ctx, dora.id)).id == dora.id
+    east_region = (Principal(user_id="mgr", roles=("sales_manager",)), RecordScope(ScopeKind.REGION, region="cn-east"))
+    with acting_as(*east_region), pytest.raises(NotFound):
+        await handlers.get_contact(ctx, dora.id)
+    async with ctx.uow.engine.connect() as conn:
+        t = repo.tasks
+        rows = {row.id: row for row in await conn.execute(select(t).where(t.c.account_id == acme.id))}
+    assert (rows[open_task.id].team, rows[open_task.id].region, rows[open_task.id].version) == ("west", "cn-west", 2)
+    assert (rows[done_task.id].team, rows[done_task.id].region) == ("east", "cn-east")  # done: history stays
+    [moved] = [e for e in await events(ctx, events_pb2.TaskUpdated) if e.task.id == open_task.id]
+    assert (list(moved.changed_fields), moved.task.region) == (["region", "team"], "cn-west")
+
+
+async def test_a_task_moved_to_another_account_is_read_in_that_accounts_territory(ctx: Context) -> None:
+    east = await new_account(ctx, REP1, "East Co")
+    west = await new_account(ctx, ADMIN, "West Co", team="west", region="cn-west")
+    task = await new_task(ctx, REP1, east.id, "call")
+    with acting_as(*ADMIN):
+        moved = await handlers.update_task(ctx, task.id, {"account_id": west.id}, expected_version=0)
+    assert (moved.account_id, moved.team, moved.region) == (west.id, "west", "cn-west")
+
+
+async def _open_reminder(ctx: Context, account_id: str, rule_id: str) -> str:
+    """An open reminder task as the reminder job raises one."""
+    task_id, now = new_id(), utcnow()
+    async with ctx.uow.engine.begin() as conn:
+        await conn.execute(
+            repo.tasks.insert().values(
+                id=task_id, account_id=account_id, title="quiet", status="open", owner_id="rep-1", team="east",
+                region="cn-east", source="reminder", reminder_rule_id=rule_id, created_at=now, updated_at=now,
+            )
+        )  # fmt: skip
+    return task_id
+
+
+async def test_a_merge_keeps_one_open_reminder_of_a_rule_the_survivors(ctx: Context) -> None:
+    acme = await new_account(ctx, REP1, "Acme")
+    twin = await new_account(ctx, REP1, "Acme Trading")
+    kept = await _open_reminder(ctx, acme.id, "quiet-3-days")
+    twins = await _open_reminder(ctx, twin.id, "quiet-3-days")
+    other_rule = await _open_reminder(ctx, twin.id, "quiet-7-days")
+    with acting_as(*REP1):
+        merge = await handlers.merge_accounts(ctx, acme.id, twin.id, idempotency_key="")
+
+    async with ctx.uow.engine.connect() as conn:
+        t = repo.tasks
+        rows = {row.id: (row.account_id, row.status) for row in await conn.execute(select(t))}
+    assert rows == {kept: (acme.id, "open"), twins: (acme.id, "cancelled"), other_rule: (acme.id, "open")}
+    assert merge.moved_tasks == 2
+    [cancelled] = await events(ctx, events_pb2.TaskUpdated)
+    assert (cancelled.task.id, cancelled.task.status, list(cancelled.changed_fields)) == (
+        twins,
+        "cancelled",
+        ["status"],
+    )
+
+
+async def test_a_primary_contact_moved_to_an_account_with_one_is_no_longer_primary(ctx: Context) -> None:
+    acme, globex, initech = [await new_account(ctx, REP1, name) for name in ("Acme", "Globex", "Initech")]
+    ann = await new_primary_contact(ctx, REP1, acme.id, "Ann")
+    bob = await new_primary_contact(ctx, REP1, globex.id, "Bob")
+    cid = await new_primary_contact(ctx, REP1, acme.id, "Cid")  # Ann is demoted
+    with acting_as(*REP1):
+        to_globex = (await handlers.update_contact(ctx, cid.id, {"account_id": globex.id}, expected_version=0)).record
+        to_initech = (await handlers.update_contact(ctx, bob.id, {"account_id": initech.id}, expected_version=0)).record
+    assert (to_globex.account_id, to_globex.is_primary) == (globex.id, False)  # Globex had Bob
+    assert (to_initech.account_id, to_initech.is_primary) == (initech.id, True)  # Initech had none
+    [ann_now] = await stored_contacts(ctx, ann.id)
+    assert not ann_now.is_primary
+
+
+async def test_a_transfer_out_of_the_pool_gives_the_new_owner_the_whole_inactivity_period(ctx: Context) -> None:
+    pooled = await pool_account(ctx, "Long Idle")
+    long_ago = utcnow() - timedelta(days=60)
+    async with ctx.uow.engine.begin() as conn:  # idle in the pool for two months
+        accounts = repo.accounts
+        await conn.execute(update(accounts).where(accounts.c.id == pooled.id).values(created_at=long_ago))
+    with acting_as(*MANAGER):
+        transferred = (
+            await handlers.transfer_account(
+                ctx, pooled.id, new_owner_id="rep-2", new_team="east", reason="territory", expected_version=0
+            )
+        ).record
+    assert transferred.claimed_at is not None
+    assert await handlers.return_inactive_accounts(ctx, batch_size=10) == 0
+    with acting_as(*REP2):
+        assert (await handlers.get_account(ctx, pooled.id)).owner_id == "rep-2"
+
+
+async def test_concurrent_task_writes_at_one_version_let_one_through(pg_ctx: Context) -> None:
+    """PostgreSQL: two edits (or completions) of a task sent with the same version: one is applied,
+    the other is stale, never both applied over each other."""
+    ctx = pg_ctx
+    acme = await new_account(ctx, REP1, "Acme")
+    for attempt in range(3):
+        task = await new_task(ctx, REP1, acme.id, f"call {attempt}")
+        with acting_as(*REP1):
+            edits = await asyncio.gather(
+                handlers.update_task(ctx, task.id, {"title": "first"}, expected_version=1),
+                handlers.update_task(ctx, task.id, {"title": "second"}, expected_version=1),
+                return_exceptions=True,
+            )
+            completions = await asyncio.gather(
+                handlers.complete_task(ctx, task.id, expected_version=2),
+                handlers.complete_task(ctx, task.id, expected_version=2),
+                return_exceptions=True,
+            )
+        assert sorted(type(e).__name__ for e in edits) == ["Row", "StaleVersion"]
+        assert sorted(type(e).__name__ for e in completions) == ["Row", "StaleVersion"]
+    done = [e for e in await events(ctx, events_pb2.TaskCompleted)]
+    assert len(done) == 3  # one per task
+
+
+async def test_concurrent_claims_of_one_rep_stop_at_the_daily_limit(pg_ctx: Context) -> None:
+    ctx = pg_ctx
+    ctx.policy = PoolPolicy(claim_limit_per_day=2)
+    pooled = [await pool_account(ctx, f"Pooled {n}") for n in range(5)]
+    with acting_as(*REP1):
+        claims = await asyncio.gather(
+            *(handlers.claim_account(ctx, account.id, idempotency_key="") for account in pooled),
+            return_exceptions=True,
+        )
+    refused = [c for c in claims if isinstance(c, Conflict)]
+    assert len(refused) == 3 and all(c.reason == "CLAIM_LIMIT" for c in refused), claims
+
+
+async def test_concurrent_new_primary_contacts_leave_one_primary(pg_ctx: Context) -> None:
+    ctx = pg_ctx
+    acme = await new_account(ctx, REP1, "Acme")
+    made = await asyncio.gather(*(new_primary_contact(ctx, REP1, acme.id, f"Contact {n}") for n in range(4)))
+    stored = await stored_contacts(ctx, *(contact.id for contact in made))
+    assert sum(contact.is_primary for contact in stored) == 1
+
+
+async def test_a_task_created_while_its_account_is_merged_away_waits_and_is_refused(pg_ctx: Context) -> None:
+    """PostgreSQL: while a merge holds the duplicate (FOR UPDATE, as MergeAccounts does), a task
+    for it waits, then finds it merged: no open task lands on an account that is no more."""
+    ctx = pg_ctx
+    acme = await new_account(ctx, REP1, "Acme")
+    twin = await new_account(ctx, REP1, "Acme Trading")
+    async with ctx.uow.engine.begin() as merge:
+        accounts = repo.accounts
+        await merge.execute(select(accounts.c.id).where(accounts.c.id == twin.id).with_for_update())
+        creating = asyncio.create_task(new_task(ctx, REP1, twin.id, "call"))
+        await asyncio.sleep(0.5)
+        assert not creating.done(), "a task was created on an account being merged"
+        await merge.execute(update(accounts).where(accounts.c.id == twin.id).values(merged_into_id=acme.id))
+    with pytest.raises(Conflict) as merged:
+        await creating
+    assert merged.value.reason == "MERGED"
