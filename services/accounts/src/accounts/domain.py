@@ -80,8 +80,9 @@ def check_tags(tags: list[str], *, field_name: str = "tags") -> list[FieldError]
     return errors
 
 
-def check_account(values: Mapping[str, object]) -> list[FieldError]:
-    """Errors in the account fields present in `values` (a create passes every field)."""
+def check_account(values: Mapping[str, object], *, update: bool = False) -> list[FieldError]:
+    """Errors in the account fields present in `values` (a create passes every field; an empty
+    lifecycle there means the default, while an update cannot clear it)."""
     errors: list[FieldError] = []
     if "name" in values:
         name = str(values["name"] or "").strip()
@@ -93,7 +94,7 @@ def check_account(values: Mapping[str, object]) -> list[FieldError]:
     if tier and tier not in TIERS:
         errors.append(FieldError("tier", f"must be one of {', '.join(TIERS)}"))
     lifecycle = values.get("lifecycle")
-    if lifecycle and lifecycle not in LIFECYCLES:
+    if (lifecycle or (update and "lifecycle" in values)) and lifecycle not in LIFECYCLES:
         errors.append(FieldError("lifecycle", f"must be one of {', '.join(LIFECYCLES)}"))
     website = values.get("website")
     if website and not _looks_like_website(str(website)):

@@ -291,7 +291,7 @@ async def update_account(
                 values["tags"] = domain.normalise_tags(values["tags"])
             if "name" in values:
                 values["name"] = str(values["name"]).strip()
-            _fail(domain.check_account(values))
+            _fail(domain.check_account(values, update=True))
             changes = {k: v for k, v in values.items() if k != "custom"}
             if "custom" in values:
                 changes["custom"] = await _custom_values(tx.conn, "account", values["custom"], existing=row.custom)

@@ -54,6 +54,15 @@ def test_account_validation_names_fields() -> None:
     assert domain.check_account({"name": "Acme", "industry": "technolgy"}) == []
 
 
+def test_a_create_may_leave_the_lifecycle_empty_for_its_default_but_an_update_cannot_clear_it() -> None:
+    assert domain.check_account({"name": "Acme", "lifecycle": ""}) == []
+    for cleared in ("", None):
+        [error] = domain.check_account({"lifecycle": cleared}, update=True)
+        assert error.field == "lifecycle" and error.message.startswith("must be one of")
+    assert domain.check_account({"lifecycle": "customer"}, update=True) == []
+    assert domain.check_account({"tier": "A"}, update=True) == []
+
+
 def test_contact_validation() -> None:
     errors = domain.check_contact({"name": "", "email": "x", "phone": "12", "decision_role": "boss"})
     assert {e.field for e in errors} == {"name", "email", "phone", "decision_role"}
