@@ -47,12 +47,19 @@ FIRST_RESPONSE = "first_response"
 RESOLUTION = "resolution"
 
 
-def check_transition(current: str, target: str) -> None:
-    """Raises Conflict (HTTP 409) for a move the status machine does not allow."""
+def check_transition(current: str, target: str, *, resolved_once: bool = False) -> None:
+    """Raises Conflict (HTTP 409) for a move the status machine does not allow. Closing a ticket
+    that was never worked (spam, a duplicate) skips the resolution; one reopened after a resolution
+    (`resolved_once`), assigned again since or not, is closed after it is resolved again."""
     if target not in STATUSES:
         raise ValidationFailed([FieldError("status", f"must be one of {', '.join(STATUSES)}")])
     if target not in TRANSITIONS[current]:
         raise Conflict(f"a {current} ticket cannot become {target}", reason="ILLEGAL_TRANSITION")
+    if target == "closed" and current != "resolved" and resolved_once:
+        raise Conflict(
+            f"a {current} ticket reopened after its resolution is resolved again before it is closed",
+            reason="ILLEGAL_TRANSITION",
+        )
 
 
 def check_ticket_deletable(status: str, *, resolved_once: bool, ticket_id: str) -> None:
@@ -67,6 +74,10 @@ def check_ticket_deletable(status: str, *, resolved_once: bool, ticket_id: str) 
         "open ticket never resolved may be deleted",
         reason="TICKET_ON_RECORD",
     )
+
+
+# Why a ticket no agent could take was escalated: lifted when it is assigned.
+NO_AGENT_AVAILABLE = "no_agent_available"
 
 
 def status_after_assignment(current: str) -> str:
@@ -176,12 +187,18 @@ def next_sla_check(clocks: Iterable[SlaClock]) -> datetime | None:
     return min(moments) if moments else None
 
 
+def met_for_good(clock: SlaClock) -> bool:
+    """A target met and not to run again (answered; a resolution is paused, as it may be reopened):
+    its due time and verdict stay as they were judged, whatever targets later apply."""
+    return clock.met and clock.paused_at is None
+
+
 def retimed_clock(clock: SlaClock, now: datetime) -> SlaClock:
     """The clock after its due time moved (another priority or account tier): it keeps only the
     warning and the breach that still hold, judged where the clock stands (now while it runs, at the
     pause while paused); a target met for good keeps its verdict. What the new due time makes due is
     the timer's to announce; what no longer holds is announced again if it comes true later."""
-    if clock.met and clock.paused_at is None:
+    if met_for_good(clock):
         return clock
     at = clock.paused_at or now
     return replace(

@@ -211,8 +211,12 @@ async def _apply_sla(conn: AsyncConnection, t: dict[str, Any], now: datetime) ->
     t["effective_priority"] = domain.effective_priority(t["priority"], t["account_tier"])
     paused = timedelta(seconds=t["sla_paused_seconds"])
     due = domain.sla_due(as_utc(t["created_at"]), await _sla_targets(conn, t["effective_priority"]), paused)
-    t["first_response_due_at"] = due.first_response_due_at
-    t["resolution_due_at"] = due.resolution_due_at
+    # A target met for good keeps the due time it was met against (a new ticket has none yet).
+    kept = {clock.target for clock in _clocks(t) if domain.met_for_good(clock)} if "resolution_due_at" in t else set()
+    if FIRST_RESPONSE not in kept:
+        t["first_response_due_at"] = due.first_response_due_at
+    if RESOLUTION not in kept:
+        t["resolution_due_at"] = due.resolution_due_at
     clocks = [domain.retimed_clock(clock, now) for clock in _clocks(t)]
     for clock in clocks:
         if not clock.warned:
@@ -248,13 +252,17 @@ async def _choose_agent(conn: AsyncConnection, category: str, region: str) -> An
 
 
 def _assign(tx: Transaction, t: dict[str, Any], agent: Any, now: datetime) -> None:
-    """Gives the ticket to the agent (in memory) and publishes the assignment events."""
+    """Gives the ticket to the agent (in memory, in its next version) and publishes the assignment
+    events with it. An escalation for want of an agent ends with it."""
     previous_assignee, previous_status = t["assignee_id"], t["status"]
     t["assignee_id"] = agent.id
     t["owner_id"] = agent.id
     t["team"] = agent.team or t["team"]
     t["status"] = domain.status_after_assignment(t["status"])
+    if t["escalation_reason"] == domain.NO_AGENT_AVAILABLE:
+        t["escalated"], t["escalation_reason"] = False, ""
     t["updated_at"] = now
+    t["version"] += 1
     who = actor(current_principal())
     tx.publish(
         events_pb2.TicketAssigned(ticket=ticket_to_proto(t), previous_assignee_id=previous_assignee, actor=who),
@@ -326,9 +334,10 @@ async def create_ticket(
         }
         if not t["region"] and account is not None:
             t["region"] = account.region
-        elif not t["region"] and not account_id:
-            # A ticket for no account is of its creator's region: a regional manager can read back
-            # (and dispatch within the region) what they filed, as for a ticket of an account there.
+        elif not t["region"]:
+            # A ticket for no account, or for one whose event has not reached the desk yet, is of
+            # its creator's region: a regional manager can read back (and dispatch within the
+            # region) what they filed, as for a ticket of an account there.
             t["region"] = principal.region
         await _apply_sla(tx.conn, t, now)
         tx.publish(events_pb2.TicketCreated(ticket=ticket_to_proto(t), actor=actor(principal)), key=t["id"])
@@ -337,7 +346,7 @@ async def create_ticket(
             if agent is not None:
                 _assign(tx, t, agent, now)
             else:
-                _escalate(tx, t, "no_agent_available")
+                _escalate(tx, t, domain.NO_AGENT_AVAILABLE)
         await tx.conn.execute(insert(repo.tickets).values(**t))
         suggestions = await _suggestions(tx.conn, t, ctx.suggestions)
     return t, suggestions
@@ -445,7 +454,7 @@ async def change_status(
     async with ctx.uow.begin() as tx:
         t = await _ticket_for_update(tx.conn, ticket_id)
         _check_version("ticket", _Row(t), expected_version)
-        domain.check_transition(t["status"], status)
+        domain.check_transition(t["status"], status, resolved_once=t["first_resolved_at"] is not None)
         if status in domain.NEEDS_ASSIGNEE and not t["assignee_id"]:
             raise Conflict(f"a ticket must be assigned before it is {status}", reason="NO_ASSIGNEE")
         before = dict(t)
@@ -570,7 +579,6 @@ async def assign_ticket(
             return Change(t, t)
         before = dict(t)
         _assign(tx, t, agent, now)
-        t["version"] += 1
         await _store(tx.conn, t)
     return Change(t, before)
 
@@ -606,6 +614,13 @@ async def add_comment(ctx: Context, ticket_id: str, body: str, *, public: bool, 
             t["updated_at"] = now
             t["version"] += 1
             await _store(tx.conn, t)
+            # Consumers (the SLA reports) learn of the answer, on time or late.
+            tx.publish(
+                events_pb2.TicketUpdated(
+                    ticket=ticket_to_proto(t), changed_fields=["first_responded_at"], actor=actor(principal)
+                ),
+                key=ticket_id,
+            )
             _publish_breaches(tx, t, late)
     return comment
 
@@ -783,7 +798,6 @@ async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
                 continue
             previous = ticket_to_proto(ticket)
             _assign(tx, ticket, agent, now)
-            ticket["version"] += 1
             await _store(tx.conn, ticket)
             audit = audit_of_job(
                 DISPATCH_JOB,

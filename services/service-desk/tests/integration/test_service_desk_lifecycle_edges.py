@@ -1,16 +1,21 @@
-"""Service-desk rules at the edges a review found: a reopened ticket's SLA, merged accounts' tiers,
-manual assignment to an agent away or full, and surveys of tickets closed without a resolution."""
+"""Service-desk rules at the edges reviews found: a reopened ticket's SLA, merged accounts' tiers,
+manual assignment to an agent away or full, surveys of tickets closed without a resolution, a first
+response by comment, due times of targets met, the region of a ticket whose account is not known
+yet, assignment ending an escalation for want of an agent, and closing a reopened ticket."""
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, timedelta
+from typing import Any, TypeVar
 
 import pytest
+from crm.servicedesk.v1 import events_pb2
+from crm_platform.cloudevents import spec_of
 from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.outbox import UnitOfWork
-from crm_platform.principal import ALL_RECORDS, SYSTEM, acting_as
+from crm_platform.principal import ALL_RECORDS, SYSTEM, Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.testing.database import migrated_engine
 from crm_platform.timeutil import utcnow
+from google.protobuf.message import Message
 from service_desk import handlers
 from service_desk import repository as repo
 from service_desk.__main__ import MIGRATIONS
@@ -18,6 +23,9 @@ from service_desk.handlers import Context
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
+
+M = TypeVar("M", bound=Message)
+AGENT_1 = Principal(user_id="ag-1", roles=("service_agent",))
 
 
 @pytest.fixture
@@ -135,3 +143,85 @@ async def test_a_ticket_closed_without_a_resolution_takes_no_survey(ctx: Context
     with pytest.raises(Conflict) as caught:
         await handlers.submit_csat(ctx, spam["id"], 5, "", idempotency_key="")
     assert caught.value.reason == "TICKET_NOT_RESOLVED"
+
+
+async def _events(ctx: Context, key: str, message_type: type[M]) -> list[M]:
+    outbox = repo.metadata.tables["outbox"]
+    kind = spec_of(message_type).type
+    query = select(outbox.c.payload).where(outbox.c.key == key, outbox.c.type == kind).order_by(outbox.c.seq)
+    async with ctx.uow.engine.connect() as conn:
+        return [message_type.FromString(payload) for payload in await conn.scalars(query)]
+
+
+async def test_a_first_response_by_comment_is_published_on_time_or_late(ctx: Context) -> None:
+    """The SLA reports learn of an answer given as a public comment: on time, nothing else would say it."""
+    start = utcnow()
+    ctx.clock = lambda: start
+    await _agent(ctx, "ag-1")
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Line down", "priority": "urgent"}, idempotency_key="")
+    ctx.clock = lambda: start + timedelta(minutes=5)
+    with acting_as(AGENT_1, ALL_RECORDS):
+        await handlers.add_comment(ctx, ticket["id"], "On it", public=True, idempotency_key="")
+        await handlers.add_comment(ctx, ticket["id"], "Still on it", public=True, idempotency_key="")  # no news
+    [answered] = await _events(ctx, ticket["id"], events_pb2.TicketUpdated)
+    assert list(answered.changed_fields) == ["first_responded_at"]
+    assert answered.ticket.first_responded_at.ToDatetime(UTC) == start + timedelta(minutes=5)
+    row, _, _, _ = await handlers.get_ticket(ctx, ticket["id"])
+    assert (answered.ticket.version, row.version) == (3, 3)  # created, assigned, answered
+    assert await _events(ctx, ticket["id"], events_pb2.TicketSlaBreached) == []
+
+
+async def test_a_target_met_keeps_its_due_time_when_the_priority_is_raised_afterwards(ctx: Context) -> None:
+    start = utcnow()
+    ctx.clock = lambda: start
+    ticket, _ = await handlers.create_ticket(
+        ctx, {"subject": "Slow portal", "priority": "normal"}, idempotency_key="", skip_dispatch=True
+    )
+    answered_by = ticket["first_response_due_at"]
+    ctx.clock = lambda: start + timedelta(hours=2)
+    with acting_as(AGENT_1, ALL_RECORDS):
+        await handlers.add_comment(ctx, ticket["id"], "Looking", public=True, idempotency_key="")
+    raised = (await handlers.update_ticket(ctx, ticket["id"], {"priority": "urgent"}, expected_version=0)).record
+    # Answered in time against the target it had; the urgent target applies to what still runs.
+    assert raised["first_response_due_at"] == answered_by
+    assert raised["resolution_due_at"] == start + timedelta(hours=4)
+    assert raised["first_response_breached_at"] is None
+
+
+async def test_a_ticket_whose_account_the_desk_does_not_know_yet_is_of_its_creators_region(ctx: Context) -> None:
+    manager = Principal(user_id="m-north", roles=("service_manager",), region="north")
+    with acting_as(manager, RecordScope(ScopeKind.REGION, region="north")):
+        ticket, _ = await handlers.create_ticket(
+            ctx, {"subject": "New customer", "account_id": "acc-not-projected-yet"}, idempotency_key="",
+            skip_dispatch=True,
+        )  # fmt: skip
+        read_back, _, _, _ = await handlers.get_ticket(ctx, ticket["id"])
+    assert (ticket["region"], read_back.id) == ("north", ticket["id"])
+
+
+async def test_an_assignment_lifts_the_escalation_for_want_of_an_agent_and_is_published_in_its_version(
+    ctx: Context,
+) -> None:
+    queued, _ = await handlers.create_ticket(ctx, {"subject": "VPN down", "category": "network"}, idempotency_key="")
+    assert (queued["escalated"], queued["escalation_reason"]) == (True, "no_agent_available")
+    await _agent(ctx, "ag-net", skills=["network"])
+    assigned = (await handlers.assign_ticket(ctx, queued["id"], "ag-net", expected_version=0)).record
+    assert (assigned["escalated"], assigned["escalation_reason"], assigned["version"]) == (False, "", 2)
+    [event] = await _events(ctx, queued["id"], events_pb2.TicketAssigned)
+    assert (event.ticket.version, event.ticket.escalated) == (2, False)  # as stored, not as before
+
+
+async def test_a_reopened_ticket_is_resolved_again_before_it_is_closed_even_once_reassigned(ctx: Context) -> None:
+    await _agent(ctx, "ag-1")
+    await _agent(ctx, "ag-2")
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Printer"}, idempotency_key="")
+    for status in ("in_progress", "resolved", "reopened"):
+        await handlers.change_status(ctx, ticket["id"], status, expected_version=0, note="")
+    other = "ag-2" if ticket["assignee_id"] == "ag-1" else "ag-1"
+    reassigned = (await handlers.assign_ticket(ctx, ticket["id"], other, expected_version=0)).record
+    assert reassigned["status"] == "assigned"
+    with pytest.raises(Conflict) as refused:
+        await handlers.change_status(ctx, ticket["id"], "closed", expected_version=0, note="")
+    assert refused.value.reason == "ILLEGAL_TRANSITION" and "resolved again" in refused.value.detail
+    for status in ("in_progress", "resolved", "closed"):
+        await handlers.change_status(ctx, ticket["id"], status, expected_version=0, note="")

@@ -237,6 +237,7 @@ async def test_ticket_dispatch_vip_raise_lifecycle_and_csat(desk: Running, kafka
         "crm.service.ticket.created",
         "crm.service.ticket.assigned",
         "crm.service.ticket.status_changed",
+        "crm.service.ticket.updated",  # the agent's public comment: the first response
         "crm.service.ticket.status_changed",
         "crm.service.ticket.status_changed",
         "crm.service.ticket.resolved",

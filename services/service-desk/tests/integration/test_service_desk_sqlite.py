@@ -73,7 +73,8 @@ async def test_sqlite_ticket_lifecycle_dispatch_and_kb(ctx: Context) -> None:
             await handlers.get_ticket(ctx, queued["id"])  # not theirs
         with pytest.raises(StaleVersion):
             await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=99, note="")
-        await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=1, note="started")
+        # Created (version 1) and given to the agent (2) in one request.
+        await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=2, note="started")
         resolved = (await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")).record
         with pytest.raises(Conflict):
             await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")

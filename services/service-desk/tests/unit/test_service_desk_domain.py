@@ -9,7 +9,7 @@ from crm_platform.errors import Conflict, ValidationFailed
 from hypothesis import given
 from hypothesis import strategies as st
 from service_desk import domain
-from service_desk.domain import AgentLoad, SlaClock
+from service_desk.domain import FIRST_RESPONSE, AgentLoad, SlaClock
 
 pytestmark = pytest.mark.unit
 
@@ -367,3 +367,20 @@ def test_ticket_validation_names_each_field() -> None:
 def test_search_terms_are_tsquery_safe_words() -> None:
     assert domain.search_terms("Can't log in: password reset!! the VPN") == ["log", "password", "reset", "vpn"]
     assert domain.search_terms("a:* | b & c", min_length=1, stop_words=False) == ["a", "b", "c"]
+
+
+def test_a_ticket_never_worked_is_closed_directly_and_one_reopened_after_a_resolution_is_not() -> None:
+    domain.check_transition("new", "closed")
+    domain.check_transition("assigned", "closed")
+    with pytest.raises(Conflict) as refused:
+        domain.check_transition("assigned", "closed", resolved_once=True)
+    assert refused.value.reason == "ILLEGAL_TRANSITION"
+    domain.check_transition("resolved", "closed", resolved_once=True)
+
+
+def test_a_target_met_for_good_is_neither_running_nor_paused() -> None:
+    now = datetime(2026, 1, 5, 9, tzinfo=UTC)
+    answered = SlaClock(FIRST_RESPONSE, now, now + timedelta(hours=1), met=True, warned=False, breached=False)
+    assert domain.met_for_good(answered)
+    assert not domain.met_for_good(replace(answered, met=False))
+    assert not domain.met_for_good(replace(answered, paused_at=now))  # resolved: may be reopened
