@@ -253,7 +253,11 @@ def lead_source_report(
     found from either side (the deal's source lead or the lead's converted opportunity). By campaign,
     the `listed_campaigns` have a row even without a lead (what they cost, and an ROI of -1)."""
     won_by_id = {deal.id: deal for deal in won_deals}
-    won_by_lead = {deal.source_lead_id: deal for deal in won_deals if deal.source_lead_id}
+    # Several deals may name one source lead (a conversion's, then more with the same customer).
+    won_by_lead: dict[str, list[WonDeal]] = defaultdict(list)
+    for won in won_deals:
+        if won.source_lead_id:
+            won_by_lead[won.source_lead_id].append(won)
     groups: dict[str, list[LeadFact]] = defaultdict(list)
     for campaign_id in listed_campaigns if by_campaign else ():
         groups[campaign_id] = []
@@ -266,7 +270,7 @@ def lead_source_report(
         converted = [lead for lead in members if lead.status == "converted" or lead.converted_opportunity_id]
         deals: dict[str, WonDeal] = {}
         for lead in members:
-            for deal in (won_by_lead.get(lead.id), won_by_id.get(lead.converted_opportunity_id)):
+            for deal in (*won_by_lead.get(lead.id, ()), won_by_id.get(lead.converted_opportunity_id)):
                 if deal is not None:
                     deals[deal.id] = deal
         revenue = money_sum(((deal.amount, deal.currency) for deal in deals.values()), currency)

@@ -341,6 +341,17 @@ def test_lead_sources_by_source_and_by_campaign() -> None:
     }
 
 
+def test_every_won_deal_naming_a_lead_counts_for_its_source() -> None:
+    leads = [lead("l1", "web_form", "c1", 1, converted_to="o1")]
+    won = [
+        WonDeal("o1", "l1", Decimal("100"), "CNY"),  # the conversion's deal
+        WonDeal("o2", "l1", Decimal("900"), "CNY"),  # later deals with the same customer
+        WonDeal("o3", "l1", Decimal("50"), "CNY"),
+    ]
+    [row] = domain.lead_source_report(leads, won, "CNY", by_campaign=False)
+    assert row.won_revenue == Decimal("1050")
+
+
 @pytest.mark.parametrize(
     ("starts_on", "ends_on", "ran"),
     [
