@@ -30,7 +30,7 @@ from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.principal import current_principal, current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -780,7 +780,9 @@ def _timestamp(value: datetime) -> Any:
 
 
 async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
-    """Offers queued tickets (new or reopened, nobody assigned) to agents again, oldest first."""
+    """Offers queued tickets (new or reopened, nobody assigned) to agents again: those offered
+    longest ago first, in the order they came (never offered: as long ago as they came). A ticket
+    no agent takes goes to the back, so tickets nobody can take never hold up those behind."""
     now = ctx.clock()
     t = repo.tickets
     assigned = 0
@@ -788,13 +790,15 @@ async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
         query = (
             select(t)
             .where(t.c.status.in_(("new", "reopened")), t.c.assignee_id == "")
-            .order_by(t.c.created_at)
+            .order_by(func.coalesce(t.c.dispatch_offered_at, t.c.created_at), t.c.created_at, t.c.id)
             .limit(batch_size)
         )
+        untaken: list[str] = []
         for row in list(await tx.conn.execute(claim_due(query))):
             ticket = dict(row._mapping)
             agent = await _choose_agent(tx.conn, ticket["category"], ticket["region"])
             if agent is None:
+                untaken.append(ticket["id"])
                 continue
             previous = ticket_to_proto(ticket)
             _assign(tx, ticket, agent, now)
@@ -811,6 +815,8 @@ async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
             )
             tx.publish(audit, key=ticket["id"])
             assigned += 1
+        if untaken:
+            await tx.conn.execute(update(t).where(t.c.id.in_(untaken)).values(dispatch_offered_at=now))
     return assigned
 
 

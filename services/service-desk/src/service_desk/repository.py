@@ -84,6 +84,10 @@ tickets = Table(
     Column("sla_paused_seconds", Integer, nullable=False, server_default="0"),
     # When the SLA timer must look at the ticket next; NULL when nothing is left to announce.
     Column("next_sla_check_at", TS),
+    # When the dispatch timer last offered the queued ticket and no agent could take it: the queue
+    # is taken from the tickets offered longest ago (or never), so those nobody can take do not
+    # hold the head of it.
+    Column("dispatch_offered_at", TS),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
     Column("version", BigInteger, nullable=False),

@@ -103,6 +103,28 @@ async def test_the_dispatch_timer_assigns_queued_tickets_and_audits_each(desk_ea
     assert (audit.before["status"], audit.after["status"], audit.after["assignee_id"]) == ("new", "assigned", "east-1")
 
 
+async def test_queued_tickets_no_agent_can_take_do_not_hold_up_those_behind(desk_each_database: Context) -> None:
+    ctx = desk_each_database
+    with acting_as(ADMIN, ALL_RECORDS):
+        printers = [
+            (await handlers.create_ticket(ctx, {"subject": f"Printer {n}", "category": "printer"}, idempotency_key=""))[
+                0
+            ]
+            for n in range(3)
+        ]
+        network, _ = await handlers.create_ticket(ctx, {"subject": "VPN", "category": "network"}, idempotency_key="")
+        await handlers.create_agent(ctx, {"id": "net-1", "name": "Net", "skills": ["network"]}, idempotency_key="")
+    with acting_as(SYSTEM, ALL_RECORDS):
+        # Two at a time: the two oldest printer tickets, which nobody can take, go to the back.
+        assert await handlers.dispatch_queued(ctx, batch_size=2) == 0
+        assert await handlers.dispatch_queued(ctx, batch_size=2) == 1
+    async with ctx.uow.engine.connect() as conn:
+        t = repo.tickets
+        rows = {row.id: row for row in await conn.execute(select(t))}
+    assert rows[network["id"]].assignee_id == "net-1"
+    assert all(rows[p["id"]].assignee_id == "" and rows[p["id"]].dispatch_offered_at for p in printers)
+
+
 async def _hold(engine: AsyncEngine, *agent_ids: str) -> tuple[Any, Any]:
     """Another dispatch's transaction, holding the agents' rows until it is rolled back."""
     conn = await engine.connect()
