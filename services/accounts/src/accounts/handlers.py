@@ -500,7 +500,11 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         if heir == survivor_id:
             changes["parent_id"] = duplicate.parent_id
         elif heir is not None:
-            await tx.conn.execute(update(a).where(a.c.id == heir).values(parent_id=duplicate.parent_id, updated_at=now))
+            await tx.conn.execute(
+                update(a)
+                .where(a.c.id == heir)
+                .values(parent_id=duplicate.parent_id, updated_at=now, version=a.c.version + 1)
+            )
         last_activity = max((x for x in (survivor.last_activity_at, duplicate.last_activity_at) if x), default=None)
         if last_activity is not None and last_activity != survivor.last_activity_at:
             changes["last_activity_at"] = last_activity
@@ -553,9 +557,19 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
                 .values(account_id=survivor_id, updated_at=now, version=t.c.version + 1)
             )
         ).rowcount
-        # Children and earlier tombstones point at the survivor, so no pointer chain forms.
-        children = update(a).where(a.c.parent_id == duplicate_id).values(parent_id=survivor_id)
-        await tx.conn.execute(children if heir is None else children.where(a.c.id != heir))
+        # Children and earlier tombstones point at the survivor, so no pointer chain forms. A live
+        # child re-parented (and the heir) is a new version of it, published after the merge.
+        children = (
+            update(a)
+            .where(a.c.parent_id == duplicate_id)
+            .values(parent_id=survivor_id, updated_at=now, version=a.c.version + 1)
+            .returning(a.c.id, a.c.merged_into_id, a.c.deleted_at)
+        )
+        reparented = [
+            child.id
+            for child in await tx.conn.execute(children if heir is None else children.where(a.c.id != heir))
+            if not child.merged_into_id and child.deleted_at is None
+        ]
         await tx.conn.execute(update(a).where(a.c.merged_into_id == duplicate_id).values(merged_into_id=survivor_id))
         await tx.conn.execute(
             update(a)
@@ -574,6 +588,8 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             ),
             key=duplicate_id,
         )
+        for child_id in sorted(reparented + ([heir] if heir not in (None, survivor_id) else [])):
+            await _publish_account_updated(tx, child_id, ["parent_id"], principal)
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
         return Merge(updated, survivor, duplicate, moved_contacts, moved_activities, moved_tasks)
 

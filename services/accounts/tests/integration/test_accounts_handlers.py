@@ -1205,3 +1205,17 @@ async def test_a_task_created_while_its_account_is_merged_away_waits_and_is_refu
     with pytest.raises(Conflict) as merged:
         await creating
     assert merged.value.reason == "MERGED"
+
+
+async def test_a_merge_publishes_each_account_it_re_parents_in_a_new_version(ctx: Context) -> None:
+    group = await new_account(ctx, REP1, "Group")
+    twin = await new_account(ctx, REP1, "Group Holding")
+    branch = await new_account(ctx, REP1, "Branch", parent_id=twin.id)
+    with acting_as(*REP1):
+        await handlers.merge_accounts(ctx, group.id, twin.id, idempotency_key="")
+        with pytest.raises(StaleVersion):  # re-parented: a write at the version read before is stale
+            await handlers.update_account(ctx, branch.id, {"tier": "A"}, expected_version=branch.version)
+    updates = {e.account.id: e for e in await events(ctx, events_pb2.AccountUpdated)}
+    moved = updates[branch.id]
+    assert (moved.account.parent_id, list(moved.changed_fields)) == (group.id, ["parent_id"])
+    assert moved.account.version == branch.version + 1
