@@ -833,7 +833,9 @@ async def get_import(
     return summary
 
 
-_QUOTED = re.compile(r"'[^']*'")
+# A value a reason quotes as Python's repr does: in single quotes, or in double quotes when the value
+# holds a single quote (`"o'neil@example.com"`), backslash escapes within.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"')
 
 
 def _rejections_as_seen(access: Access, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
