@@ -44,6 +44,7 @@ SCORING_FIELDS = (
 TEXT_FIELDS = ("name", "company", "title", "region", "industry", "team", "owner_id", "campaign_id")
 MAX_TEXT = 200
 MAX_TAGS = 50
+MAX_PHONE = 64  # as given, spaces and dashes included (the column's width)
 
 # The import's built-in source table: values seen in real lead exports (Leads.csv of X Education
 # among them), lower-cased, onto the SPEC's source enum. The original value is kept in
@@ -151,7 +152,9 @@ def validate_lead(
                 err("email", str(exc))
     if "phone" in data and (raw := text("phone")) is not None:
         values["phone"] = raw
-        if raw:
+        if len(raw) > MAX_PHONE:
+            err("phone", f"longer than {MAX_PHONE} characters")
+        elif raw:
             try:
                 phone_norm = normalise_phone(raw, default_country)
             except ValueError as exc:

@@ -20,6 +20,14 @@ def test_validation_names_every_bad_field() -> None:
     assert {e.field for e in caught.value.errors} == {"email", "phone", "source"}
 
 
+def test_a_phone_longer_than_it_can_be_kept_is_refused_though_its_digits_make_a_number() -> None:
+    padded = "139" + " " * 70 + "00139000"  # spaces are allowed in a phone, and this one normalises
+    with pytest.raises(ValidationFailed) as caught:
+        domain.validate_lead({"name": "Li", "phone": padded})
+    assert [(e.field, e.message) for e in caught.value.errors] == [("phone", "longer than 64 characters")]
+    assert domain.validate_lead({"name": "Li", "phone": "139 0013 9000"}).phone_norm == "+8613900139000"
+
+
 def test_create_needs_an_identifying_field() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.validate_lead({"title": "CEO"})
