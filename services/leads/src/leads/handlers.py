@@ -3208,12 +3208,14 @@ class LeadsService:
         """A lead that leaves the convertible state (disqualified, deleted) first undoes a conversion
         attempt interrupted by an outage, which would otherwise keep an account and contact made
         for a conversion that will never finish, and the lead undeletable. Only by who may write
-        the lead, at the version they expect."""
-        async with self.engine.connect() as conn:
-            lead = await self._visible_lead(conn, lead_id, for_update=True)
-        if expected_version and lead["version"] != expected_version:
-            raise StaleVersion(LEAD, lead_id, lead["version"])
-        await self._undo_attempt(lead_id, ("running", "compensating"))
+        the lead, at the version they expect. A conversion still under way (on any replica) is
+        waited for, as another conversion would wait: only an attempt nobody is running is undone."""
+        async with held_exclusively(self.engine, f"lead-convert:{lead_id}"):
+            async with self.engine.connect() as conn:
+                lead = await self._visible_lead(conn, lead_id, for_update=True)
+            if expected_version and lead["version"] != expected_version:
+                raise StaleVersion(LEAD, lead_id, lead["version"])
+            await self._undo_attempt(lead_id, ("running", "compensating"))
 
     async def _resumable(self, req: ConvertRequest, saga: Mapping[Any, Any], scopes: ConversionScopes) -> bool:
         """May this request resume the interrupted attempt `saga`? Not when it asks for another account

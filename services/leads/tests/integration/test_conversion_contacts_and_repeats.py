@@ -333,6 +333,37 @@ async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_
     assert (await saga_row(env, lead["id"])).state == "compensated"
 
 
+async def test_a_disqualification_waits_for_a_conversion_under_way_and_undoes_nothing_of_it(env: Any) -> None:
+    """Only an attempt nobody is running is undone: a conversion still making its records (here,
+    waiting on sales for the deal) is waited for, then the lead is converted and stays so."""
+    creating_deal, sales_answers = asyncio.Event(), asyncio.Event()
+    create_opportunity = env.ports.create_opportunity
+
+    async def slow_sales(**kwargs: Any) -> str:
+        creating_deal.set()
+        await sales_answers.wait()
+        return await create_opportunity(**kwargs)
+
+    env.ports.create_opportunity = slow_sales
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Wu Shi", "company": "Busy Co", "owner_id": "rep1"})
+        converting = asyncio.create_task(env.service.convert(ConvertRequest(lead["id"], create_opportunity=True)))
+        await creating_deal.wait()
+        disqualifying = asyncio.create_task(env.service.disqualify(lead["id"], "no budget", 0))
+        await asyncio.sleep(0.3)
+        assert not disqualifying.done(), "the disqualification went ahead of the conversion under way"
+        assert len(env.ports.accounts) == len(env.ports.contacts) == 1  # nothing undone meanwhile
+        sales_answers.set()
+        converted = await converting
+        with pytest.raises(Conflict):
+            await disqualifying
+
+    assert converted.lead["status"] == "converted"
+    assert list(env.ports.accounts) == [converted.account_id] and list(env.ports.contacts) == [converted.contact_id]
+    assert "delete_account" not in env.ports.calls and "delete_contact" not in env.ports.calls
+    assert (await env.service.get_lead(lead["id"]))["status"] == "converted"
+
+
 async def test_an_interrupted_conversions_account_someone_has_worked_on_since_is_kept(env: Any) -> None:
     """The attempt's account got a contact of a rep's own while sales was down: it is a customer now.
     Disqualifying the lead leaves it with everything on it; only an unused account is deleted."""
