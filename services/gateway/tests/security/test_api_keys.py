@@ -5,7 +5,9 @@ from typing import Any
 
 import pytest
 from gateway.security.api_keys import hash_key
+from gateway.security.policy import parse_policy
 from gateway.security.store import api_keys
+from gateway.testing import default_policy_document, policy_text
 from sqlalchemy import select
 
 pytestmark = pytest.mark.integration
@@ -120,3 +122,24 @@ async def test_the_keys_are_listed_a_page_at_a_time_and_a_foreign_cursor_is_a_42
 
     assert pages == [made[:2], made[2:4], made[4:]]
     assert foreign.status_code == 422 and foreign.json()["errors"][0]["field"] == "cursor"
+
+
+async def test_a_manager_a_policy_lets_make_keys_makes_them_only_for_themselves_with_their_roles(
+    make_gateway: Any, auth_headers: Any
+) -> None:
+    document = default_policy_document()
+    document["roles"]["sales_manager"]["grants"]["api_keys"] = {"actions": ["read", "create"], "scope": "own"}
+    gateway = await make_gateway(policy=parse_policy(policy_text(document)))
+    manager = auth_headers("sales_manager", sub="mgr-1")
+
+    async def create(**body: Any) -> Any:
+        payload = {"name": "report bot", "principal_id": "mgr-1", "roles": ["sales_manager"], **body}
+        return await gateway.client.post("/api/v1/api-keys", json=payload, headers=manager)
+
+    escalated = await create(roles=["sales_manager", "admin"])
+    assert escalated.status_code == 403 and escalated.json()["errors"][0]["field"] == "roles[1]"
+    as_another = await create(principal_id="ceo")
+    assert as_another.status_code == 403 and as_another.json()["errors"][0]["field"] == "principal_id"
+    own = await create()
+    assert own.status_code == 201, own.text
+    assert own.json()["api_key"]["roles"] == ["sales_manager"]

@@ -23,6 +23,7 @@ from crm_platform.testing.polling import eventually
 from crm_platform.timeutil import utcnow
 from gateway.security import exports as exports_registry
 from gateway.security.audit import AuditEntry, AuditQuery
+from gateway.security.masking import mask_value
 from gateway.security.policy import Policy, parse_policy
 from gateway.security.store import audit_events, outbox
 from gateway.security.store import metadata as store_metadata
@@ -547,3 +548,50 @@ async def test_every_audit_row_says_where_its_request_came_from(gateway: Any, au
     rows = await all_audit_rows(gateway)
     assert sorted(row["action"] for row in rows) == ["denied", "denied", "export"]
     assert {row["client_address"] for row in rows} == {"203.0.113.7"}
+
+
+async def test_a_reader_of_the_trail_sees_the_audited_values_as_they_see_the_records(
+    make_gateway: Any, auth_headers: Any
+) -> None:
+    """A policy may let a manager read the trail; its values are then shown as the manager sees the
+    audited records' fields (a hidden credit limit is left out, a masked industry masked), and nothing of a
+    resource they may not read. An admin sees them all."""
+    document = default_policy_document()
+    grants = document["roles"]["sales_manager"]["grants"]
+    grants["audit_events"] = {"actions": ["read", "export"], "scope": "all"}
+    hidden_and_masked = {"*": "write", "credit_limit": "hidden", "industry": "masked"}
+    grants["accounts"] = {**grants["accounts"], "fields": hidden_and_masked}
+    grants.pop("tickets", None)
+    audit_export = exports_registry.export_source("audit_events")
+    gateway = await make_gateway(policy=parse_policy(policy_text(document)))
+    assert audit_export is not None
+    exports_registry._sources["audit_events"] = audit_export  # the trail's own export, not the fake routes'
+    admin = Principal(user_id="root", roles=("admin",))
+    changed = {"credit_limit": {"amount": "900000.00", "currency": "CNY"}, "industry": "Semiconductors", "tier": "A"}
+    await gateway.runtime.audit.record(
+        [
+            AuditEntry(actor=admin, action="update", resource="accounts", record_id="acc-1", fields=sorted(changed),
+                       before={"tier": "B", "industry": "Retail"}, after=changed),
+            AuditEntry(actor=admin, action="update", resource="tickets", record_id="t-1", fields=["subject"],
+                       before={"subject": "Printer"}, after={"subject": "Printer on fire"}),
+        ]
+    )  # fmt: skip
+
+    async def trail(role: str) -> dict[str, dict[str, Any]]:
+        headers = auth_headers(role, sub=f"{role}-1")
+        response = await gateway.client.get("/api/v1/audit-events", params={"action": "update"}, headers=headers)
+        assert response.status_code == 200, response.text
+        return {row["record_id"]: row for row in response.json()["items"]}
+
+    managers = await trail("sales_manager")
+    assert managers["acc-1"]["after"] == {"industry": mask_value("Semiconductors", "text"), "tier": "A"}
+    assert managers["acc-1"]["before"] == {"tier": "B", "industry": mask_value("Retail", "text")}
+    assert "Semiconductors" not in str(managers)
+    assert managers["t-1"]["before"] == managers["t-1"]["after"] == {}  # tickets: not theirs to read
+    admins = await trail("admin")
+    assert admins["acc-1"]["after"] == changed and admins["t-1"]["after"] == {"subject": "Printer on fire"}
+    exported = await gateway.client.get(
+        "/api/v1/exports/audit_events", params={"action": "update"}, headers=auth_headers("sales_manager")
+    )
+    assert exported.status_code == 200, exported.text
+    assert "900000" not in exported.text and "Semiconductors" not in exported.text

@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Annotated
 
 from crm_platform.grpc_client import note_replay
+from crm_platform.principal import ScopeKind
 from crm_platform.timeutil import as_utc, isoformat, utcnow
 from fastapi import Depends, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
@@ -80,6 +81,27 @@ def _out(record: ApiKeyRecord) -> ApiKeyOut:
     )
 
 
+def _refuse_more_than_the_creator_holds(access: Access, body: "ApiKeyCreate") -> None:
+    """A key acts with the roles it carries, as the principal it names. Whoever creates keys in
+    scope `all` (an admin) makes them for anyone; one whom a policy lets create keys in a narrower
+    scope makes them for themselves, with roles they hold: no key holds more than its creator."""
+    creator = access.principal
+    if access.scope.kind is ScopeKind.ALL:
+        return
+    for position, role in enumerate(body.roles):
+        if role not in creator.roles:
+            raise SecurityProblem(
+                403,
+                "Forbidden",
+                f"a key may carry only roles its creator holds, not {role!r}",
+                field=f"roles[{position}]",
+            )
+    if body.principal_id != creator.user_id:
+        raise SecurityProblem(
+            403, "Forbidden", "a key acts as its creator unless an admin makes it", field="principal_id"
+        )
+
+
 @router.post("/api-keys", status_code=201, response_model=ApiKeyCreated)
 async def create_api_key(
     body: ApiKeyCreate,
@@ -96,6 +118,7 @@ async def create_api_key(
                 f"unknown role {role!r}; known: {', '.join(known)}",
                 field=f"roles[{position}]",
             )
+    _refuse_more_than_the_creator_holds(access, body)
     digest = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     try:
         record, key = await access.runtime.api_keys.create(

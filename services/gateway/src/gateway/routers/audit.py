@@ -16,6 +16,8 @@ from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.audit import AuditQuery
 from gateway.security.exports import invalid_filter, register_export_source
+from gateway.security.masking import mask_value
+from gateway.security.policy import Decision, FieldRule, ResourceSpec
 
 router = ResourceRouter(tags=["audit"])
 
@@ -38,8 +40,9 @@ class AuditEvent(BaseModel):
     outcome: str
     reason: str
     fields: list[str]
-    before: dict[str, Any] | None
-    after: dict[str, Any] | None
+    # Absent where a policy hides them from the reader, as any hidden field is.
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
     request_id: str
     method: str
     path: str
@@ -90,9 +93,61 @@ async def list_audit_events(
         scope=access.scope,
     )
     items, next_cursor = await access.runtime.audit.query(query)
+    seen = AuditedValues(access)
     return AuditEventPage(
-        items=[AuditEvent.model_validate(access.present(item)) for item in items], next_cursor=next_cursor
+        items=[AuditEvent.model_validate(access.present(seen.of(item))) for item in items], next_cursor=next_cursor
     )
+
+
+class AuditedValues:
+    """Audit rows with their `before` and `after` values as the reader sees the audited records'
+    fields: hidden ones left out, masked ones masked, none of a resource they may not read. The
+    trail shows no value its reader could not read on the record itself (a policy may let a manager
+    read the trail of their region's records without their credit limits or discounts)."""
+
+    def __init__(self, access: Access) -> None:
+        self.access = access
+        self._decisions: dict[str, tuple[Decision, ResourceSpec] | None] = {}
+
+    def of(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        resource = str(row.get("resource", ""))
+        if resource not in self._decisions:
+            self._decisions[resource] = self._reading(resource)
+        reading = self._decisions[resource]
+        shown = dict(row)
+        for name in ("before", "after"):
+            values = row.get(name)
+            if isinstance(values, Mapping):
+                shown[name] = _values_seen(values, *reading) if reading is not None else {}
+        return shown
+
+    def _reading(self, resource: str) -> tuple[Decision, ResourceSpec] | None:
+        policy = self.access.runtime.policy
+        try:
+            decision = policy.decide(self.access.principal, resource, "read")
+        except KeyError:  # a resource the policy does not declare: nothing of it is shown
+            return None
+        return (decision, policy.resource(resource)) if decision.allowed else None
+
+
+def _values_seen(values: Mapping[str, Any], decision: Decision, spec: ResourceSpec, prefix: str = "") -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        rule = decision.best_read_rule(path)
+        if rule is FieldRule.HIDDEN:
+            continue
+        if rule is FieldRule.MASKED:
+            seen[key] = mask_value(value, spec.field(path).type)
+        elif isinstance(value, Mapping):
+            seen[key] = _values_seen(value, decision, spec, f"{path}.")
+        elif isinstance(value, list):
+            seen[key] = [
+                _values_seen(item, decision, spec, f"{path}.") if isinstance(item, Mapping) else item for item in value
+            ]
+        else:
+            seen[key] = value
+    return seen
 
 
 # --- GET /exports/audit_events: the trail as CSV, with the listing's filters ---------------------
@@ -131,10 +186,11 @@ def _check_audit_export(filters: Mapping[str, str]) -> None:
 async def _audit_export_rows(access: Access, filters: Mapping[str, str]) -> AsyncIterator[Mapping[str, Any]]:
     """Newest first, page by page on the event id (keyset), in the caller's scope as listed."""
     query = replace(_export_query(filters), scope=access.scope)
+    seen = AuditedValues(access)
     while True:
         items, cursor = await access.runtime.audit.query(query)
         for item in items:
-            yield item
+            yield seen.of(item)
         if not cursor:
             return
         query = replace(query, cursor=cursor)
