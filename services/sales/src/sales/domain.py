@@ -331,6 +331,13 @@ def require_open(status: str, *, record: str, record_id: str) -> None:
         )
 
 
+def check_quotable(status: str, *, opportunity_id: str) -> None:
+    """A deal is quoted while it is negotiated and once won, until its contract is made from the
+    quotes; a lost deal is not (409)."""
+    if status == OpportunityStatus.LOST:
+        raise Conflict(f"opportunity {opportunity_id} is lost; a lost deal is not quoted", reason="ILLEGAL_STATE")
+
+
 def check_owner_change(status: str, *, opportunity_id: str) -> None:
     """A deal changes hands (owner, team, region) only while it is open: a won or lost deal's close
     credited its owner, and win statistics, forecasts and commissions rely on it (409)."""
@@ -338,6 +345,21 @@ def check_owner_change(status: str, *, opportunity_id: str) -> None:
         raise Conflict(
             f"opportunity {opportunity_id} is {status}; its close credited its owner, so only an open deal "
             "changes hands",
+            reason="ILLEGAL_STATE",
+        )
+
+
+# What a deal's close counted: its value. Fixed once it is won or lost.
+CLOSED_TERMS = frozenset({"amount", "currency", "line_items", "product_line"})
+
+
+def check_closed_terms(status: str, changed: Iterable[str], *, opportunity_id: str) -> None:
+    """A won or lost deal keeps the value it closed with: closed-won revenue, win statistics and the
+    contract made from it rely on it (409)."""
+    frozen = sorted(CLOSED_TERMS.intersection(changed))
+    if status != OpportunityStatus.OPEN and frozen:
+        raise Conflict(
+            f"opportunity {opportunity_id} is {status}; {', '.join(frozen)} stay as it closed with them",
             reason="ILLEGAL_STATE",
         )
 

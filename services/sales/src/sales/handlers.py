@@ -799,6 +799,7 @@ class SalesHandlers:
                 return await self._answered(tx.conn, row, v.opportunity_proto(row))
             if set(OWNERSHIP) & set(changed):
                 d.check_owner_change(row["status"], opportunity_id=opportunity_id)
+            d.check_closed_terms(row["status"], changed, opportunity_id=opportunity_id)
             proto = await self._save_opportunity(
                 tx, row, values, changed, override_collision, override_reason, reason=OPPORTUNITY_UPDATED
             )
@@ -922,7 +923,14 @@ class SalesHandlers:
                 ),
             )
             deleted = v.opportunity_proto(row)
-            await tx.conn.execute(delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id))
+            quotes = await tx.conn.scalars(
+                delete(r.quotes).where(r.quotes.c.opportunity_id == opportunity_id).returning(r.quotes.c.id)
+            )
+            for quote_id in sorted(quotes):  # gone with their deal: published as a deleted quote is
+                tx.publish(
+                    events_pb2.QuoteDeleted(quote_id=quote_id, opportunity_id=opportunity_id, actor=v.actor(principal)),
+                    key=quote_id,
+                )
             await tx.conn.execute(delete(r.opportunities).where(r.opportunities.c.id == opportunity_id))
             tx.publish(
                 events_pb2.OpportunityDeleted(
@@ -1255,6 +1263,7 @@ class SalesHandlers:
                 )
                 if existing:
                     return v.quote_proto(await self._quote_row(tx.conn, existing, scope=None))
+            # Locked as a contract's create locks it: a quote and a contract of one deal never race.
             opportunity = await _referenced(
                 tx.conn,
                 r.opportunities,
@@ -1262,6 +1271,13 @@ class SalesHandlers:
                 field_name="opportunity_id",
                 resource="opportunity",
                 scope=current_scope(),
+                lock=True,
+            )
+            d.check_quotable(opportunity["status"], opportunity_id=opportunity_id)
+            await _refuse_if_deal_has_contract(
+                tx.conn,
+                opportunity_id,
+                lambda contract: f"opportunity {opportunity_id} has contract {contract}, made from its quotes",
             )
             now = self.clock()
             values = {
@@ -1281,6 +1297,8 @@ class SalesHandlers:
             await tx.conn.execute(insert(r.quotes).values(values))
             proto = v.quote_proto(values)
             tx.publish(events_pb2.QuoteCreated(quote=proto, actor=v.actor(principal)), key=quote_id)
+            if proto.status == d.QuoteStatus.APPROVED:  # within every threshold: approved as it is made
+                tx.publish(events_pb2.QuoteApproved(quote=proto, actor=v.actor(principal)), key=quote_id)
             return proto
 
     def _quote_terms(self, line_items: Sequence[LineItemIn]) -> dict[str, Any]:
@@ -1425,6 +1443,8 @@ class SalesHandlers:
                 ),
                 key=quote_id,
             )
+            if proto.status == d.QuoteStatus.APPROVED:  # new line items within every threshold
+                tx.publish(events_pb2.QuoteApproved(quote=proto, actor=v.actor(principal)), key=quote_id)
             return Change(proto, previous)
 
     async def delete_quote(self, quote_id: str, *, expected_version: int) -> sales_pb2.Quote:

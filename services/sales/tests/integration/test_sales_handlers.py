@@ -104,6 +104,10 @@ async def quote_updates(engine: AsyncEngine) -> list[tuple[str, events_pb2.Quote
     ]
 
 
+async def quote_approvals(engine: AsyncEngine) -> list[events_pb2.QuoteApproved]:
+    return [events_pb2.QuoteApproved.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.approved")]
+
+
 async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
     opportunity_id = await won_deal(sales, amount)
     with as_user("rep1", "sales_rep"):
@@ -601,7 +605,63 @@ async def test_quote_discounts_need_the_right_approvers(sales: SalesHandlers, en
     with as_user("fin", "finance"):
         done = (await sales.decide_quote(steep.id, expected_version=0, decision=d.Decision.APPROVED, comment="")).record
     assert done.status == "approved" and [x.role for x in done.decisions] == ["sales_manager", "finance"]
-    assert (await outbox_types(engine)).count("crm.sales.quote.approved") == 1
+    # Each approval is published: the cheap quote's as it was made, the steep one's at its last decision.
+    approvals = [
+        events_pb2.QuoteApproved.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.approved")
+    ]
+    assert [(e.quote.id, e.actor.user_id) for e in approvals] == [(cheap.id, "rep1"), (steep.id, "fin")]
+
+
+async def test_new_line_items_within_every_threshold_approve_a_pending_quote_and_say_so(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        opp = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
+        steep = await sales.create_quote(idempotency_key="", opportunity_id=opp.id, line_items=[item(discount="35")])
+    with as_user("mgr", "sales_manager"):
+        lowered = (await sales.update_quote(steep.id, expected_version=0, line_items=[item(discount="5")])).record
+    assert lowered.status == "approved"
+    [approved] = [
+        events_pb2.QuoteApproved.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.approved")
+    ]
+    assert (approved.quote.id, approved.quote.version, approved.actor.user_id) == (steep.id, lowered.version, "mgr")
+
+
+async def test_a_won_or_lost_deal_keeps_the_value_it_closed_with(sales: SalesHandlers) -> None:
+    won_id = await won_deal(sales, "1000")
+    with as_user("rep1", "sales_rep"):
+        for changes in ({"amount": cny("999999")}, {"line_items": [item(price="999999")]}, {"product_line": "Other"}):
+            with pytest.raises(Conflict) as refused:
+                await sales.update_opportunity(won_id, expected_version=0, changes=changes)
+            assert refused.value.reason == "ILLEGAL_STATE"
+        renamed = (await sales.update_opportunity(won_id, expected_version=0, changes={"name": "Deal 2026"})).record
+    assert (renamed.name, renamed.amount.amount) == ("Deal 2026", "1000.00")
+
+
+async def test_a_lost_deal_or_one_with_a_contract_takes_no_new_quote(sales: SalesHandlers) -> None:
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("admin", "admin"):
+        contracted_deal = (await sales.get_contract(contract_id)).opportunity_id
+    with as_user("rep1", "sales_rep"):
+        lost = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Gone"))
+        await sales.lose(lost.id, expected_version=0, reason="no budget", close_date=None)
+        for deal_id, reason in ((lost.id, "ILLEGAL_STATE"), (contracted_deal, "HAS_CONTRACT")):
+            with pytest.raises(Conflict) as refused:
+                await sales.create_quote(idempotency_key="", opportunity_id=deal_id, line_items=[item()])
+            assert refused.value.reason == reason
+
+
+async def test_a_deal_deleted_with_its_quotes_publishes_each_quote_deleted(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Mistake"))
+        quotes = [
+            await sales.create_quote(idempotency_key="", opportunity_id=deal.id, line_items=[item()]) for _ in "ab"
+        ]
+        await sales.delete_opportunity(deal.id, expected_version=0)
+    deleted = [events_pb2.QuoteDeleted.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.deleted")]
+    assert sorted((e.quote_id, e.opportunity_id) for e in deleted) == sorted((q.id, deal.id) for q in quotes)
 
 
 async def test_nobody_approves_the_discounts_of_a_quote_they_created(sales: SalesHandlers) -> None:
