@@ -7,6 +7,7 @@ The public web form intake is authenticated by its form key and rate limited by 
 """
 
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -677,27 +678,33 @@ async def import_leads(
     return {"import": summary, "rows": [_message_json(row) for row in reply.rows]}
 
 
-def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
-    """The column names (CSV header, JSON keys) of this part, None when it does not show them all."""
+@dataclass(slots=True)
+class ImportColumns:
+    """What one part of an import names: its columns (CSV header, JSON keys), mapped to fields as
+    the leads service maps them, and the keys of JSON rows' `custom` objects, which it files as given."""
+
+    columns: list[str]
+    custom_keys: list[str] = dataclasses.field(default_factory=list)
+
+
+def _import_columns(fmt: str, body: bytes, part: int) -> ImportColumns | None:
+    """The columns of this part, None when it does not show them all."""
     text = body.decode("utf-8-sig", errors="replace")
     if fmt == "csv":
         if part > 1:
             return None  # the rows of a later part come under the first part's header
         try:
-            return [name.strip() for name in next(csv.reader(io.StringIO(text)), [])]
+            return ImportColumns([name.strip() for name in next(csv.reader(io.StringIO(text)), [])])
         except csv.Error:
-            return []  # a header csv cannot read: the service refuses the file, saying why
+            return ImportColumns([])  # a header csv cannot read: the service refuses the file, saying why
     if fmt == "json":
         try:
             items = json.loads(text or "[]")
         except ValueError:
-            return []  # the service refuses the whole file: nothing is imported
-        return (
-            [key for item in items if isinstance(item, dict) for key in _json_keys(item)]
-            if isinstance(items, list)
-            else []
-        )
-    columns: list[str] = []
+            return ImportColumns([])  # the service refuses the whole file: nothing is imported
+        rows = [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
+        return _json_columns(rows)
+    lines: list[dict[str, Any]] = []
     for line in text.split("\n"):
         if not line.strip():
             continue
@@ -707,27 +714,34 @@ def _import_columns(fmt: str, body: bytes, part: int) -> list[str] | None:
             # Maybe part of a record the service reads across lines or parts: its keys are unknown.
             return None
         if isinstance(item, dict):
-            columns += _json_keys(item)
-    return columns
+            lines.append(item)
+    return _json_columns(lines)
 
 
-def _json_keys(row: dict[str, Any]) -> list[str]:
-    """A JSON row's columns; its `custom` object, read as `POST /leads` reads it, as `custom.<key>`."""
-    custom = row.get("custom")
-    if not isinstance(custom, dict):
-        return list(row)
-    return [key for key in row if key != "custom"] + [f"custom.{key}" for key in custom]
+def _json_columns(rows: Iterable[dict[str, Any]]) -> ImportColumns:
+    """JSON rows' columns; a row's `custom` object is read as `POST /leads` reads it, its keys as given."""
+    found = ImportColumns([])
+    for row in rows:
+        custom = row.get("custom")
+        if isinstance(custom, dict):
+            found.columns.extend(key for key in row if key != "custom")
+            found.custom_keys.extend(custom)
+        else:
+            found.columns.extend(row)
+    return found
 
 
-def _import_targets(header: pb.ImportHeader, columns: Iterable[str] | None) -> list[str]:
+def _import_targets(header: pb.ImportHeader, named: ImportColumns | None) -> list[str]:
     """The lead fields an import sets, as the leads service maps columns: an explicit `column_map`
-    decides alone, else header names and their aliases; other columns go to `custom`."""
+    decides alone, else header names and their aliases; other columns go to `custom`, under their
+    normalised key; a JSON row's `custom` keys as they are."""
     column_map = dict(header.column_map)
     targets = {"source", "source_detail", *column_map.values()}
-    if columns is None:
+    if named is None:
         targets |= {"custom"} if column_map else {"custom", *IMPORTABLE_FIELDS}
     else:
-        targets |= {column_target(column, column_map) or _custom_path(column) for column in columns}
+        targets |= {column_target(column, column_map) or _custom_path(column) for column in named.columns}
+        targets |= {f"custom.{key}" for key in named.custom_keys}
     if header.campaign_id:
         targets.add("campaign_id")
     if header.assign:
