@@ -609,13 +609,16 @@ def approving_role(chain: Sequence[str], decisions: Sequence[ApprovalStep], call
 
 
 def check_separation_of_duties(
-    approver_id: str, *, submitted_by: str, decisions: Sequence[ApprovalStep], record: str
+    approver_id: str, *, created_by: str, submitted_by: str, decisions: Sequence[ApprovalStep], record: str
 ) -> None:
-    """Four eyes: whoever submitted a record does not decide on it, and each step of one
-    submission is decided by another person (one user holding several roles decides one step).
-    `decisions` are those of the current submission; an unknown submitter ("") is not checked."""
+    """Four eyes: whoever created a record, and whoever submitted it, does not decide on it (the
+    creator set its terms even when another person submits them), and each step of one submission
+    is decided by another person (one user holding several roles decides one step). `decisions`
+    are those of the current submission; an unknown creator or submitter ("") is not checked."""
     if submitted_by and approver_id == submitted_by:
         raise PermissionDenied(f"{approver_id} submitted this {record}; another person must decide on it")
+    if created_by and approver_id == created_by:
+        raise PermissionDenied(f"{approver_id} created this {record}; another person must decide on it")
     earlier = next((step for step in decisions if step.approver_id == approver_id), None)
     if earlier is not None:
         raise PermissionDenied(

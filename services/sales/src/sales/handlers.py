@@ -1377,9 +1377,14 @@ class SalesHandlers:
                 raise Conflict(f"quote {quote_id} is {row['status']}, not pending approval", reason="ILLEGAL_STATE")
             steps = [d.ApprovalStep(x["role"], x["approver_id"], d.Decision(x["decision"])) for x in row["decisions"]]
             role = d.approving_role(row["approval_chain"], steps, principal.roles)
-            # Creating a quote, or changing its line items, submits its discounts for approval.
+            # Creating a quote, or changing its line items, submits its discounts for approval; its
+            # creator, who chose them first, decides on none of its versions either.
             d.check_separation_of_duties(
-                principal.user_id, submitted_by=row["submitted_by"], decisions=steps, record="quote"
+                principal.user_id,
+                created_by=row["created_by"],
+                submitted_by=row["submitted_by"],
+                decisions=steps,
+                record="quote",
             )
             now = self.clock()
             record = {
@@ -1559,6 +1564,8 @@ class SalesHandlers:
                 "created_at": now,
                 "updated_at": now,
                 "version": 1,
+                # Whoever sets the terms never approves them, even when another person submits them.
+                "created_by": principal.user_id,
             }
             await tx.conn.execute(insert(r.contracts).values(values))
             proto = v.contract_proto(values, [])
@@ -1638,7 +1645,8 @@ class SalesHandlers:
         self, contract_id: str, *, expected_version: int, decision: d.Decision, comment: str
     ) -> Change[sales_pb2.Contract]:
         """One step of the chain, decided by the role the chain waits for (from the principal), by
-        someone who neither submitted the contract nor decided an earlier step of this round."""
+        someone who neither created nor submitted the contract, nor decided an earlier step of this
+        round."""
         principal = current_principal()
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
@@ -1654,7 +1662,11 @@ class SalesHandlers:
             ]
             role = d.approving_role(row["approval_chain"], steps, principal.roles)
             d.check_separation_of_duties(
-                principal.user_id, submitted_by=row["submitted_by"], decisions=steps, record="contract"
+                principal.user_id,
+                created_by=row["created_by"],
+                submitted_by=row["submitted_by"],
+                decisions=steps,
+                record="contract",
             )
             now = self.clock()
             record = {

@@ -200,7 +200,7 @@ quotes = Table(
     Column("created_at", _TS, nullable=False),
     Column("updated_at", _TS, nullable=False),
     Column("version", BigInteger, nullable=False),
-    # Who created the quote. "" for quotes older than 0008.
+    # Who created the quote: never one of its approvers. "" for quotes older than 0008.
     Column("created_by", _NAME, nullable=False, server_default=""),
     # Who submitted its current line items for approval (its creator, or whoever changed them
     # since): never their approver. "" for quotes older than 0008.
@@ -242,6 +242,8 @@ contracts = Table(
     Column("version", BigInteger, nullable=False),
     # Who submitted the current approval round: never one of its approvers. "" before 0008.
     Column("submitted_by", _NAME, nullable=False, server_default=""),
+    # Who created the contract, setting its terms: never one of its approvers. "" before 0016.
+    Column("created_by", _NAME, nullable=False, server_default=""),
     Index("ix_contracts_account_status", "account_id", "status"),
     Index("ix_contracts_opportunity", "opportunity_id"),
     Index("ix_contracts_owner", "owner_id"),

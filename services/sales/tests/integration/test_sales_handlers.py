@@ -126,12 +126,18 @@ async def signed_contract(sales: SalesHandlers, amount: str = "50000") -> str:
 
 
 async def direct_contract(
-    sales: SalesHandlers, amount: str, *, idempotency_key: str = "", title: str = "T", currency: str = "CNY"
+    sales: SalesHandlers,
+    amount: str,
+    *,
+    idempotency_key: str = "",
+    title: str = "T",
+    currency: str = "CNY",
+    owner_id: str = "",
 ) -> Any:
-    """A contract without a deal, owned by the caller."""
+    """A contract without a deal, owned by the caller (or by `owner_id`, as a manager may set)."""
     return await sales.create_contract(
         idempotency_key=idempotency_key, opportunity_id="", account_id="acc-1", title=title,
-        amount=Money(Decimal(amount), currency), owner_id="", team="", region="", starts_on=None, ends_on=None,
+        amount=Money(Decimal(amount), currency), owner_id=owner_id, team="", region="", starts_on=None, ends_on=None,
     )  # fmt: skip
 
 
@@ -686,6 +692,31 @@ async def test_nobody_approves_the_discounts_of_a_quote_they_created(sales: Sale
     assert [(x.role, x.approver_id) for x in done.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
 
 
+async def test_nobody_approves_the_discounts_of_a_quote_they_created_after_another_person_changed_them(
+    sales: SalesHandlers,
+) -> None:
+    """The manager who made a quote chose its discount: once the owner changes its line items (and
+    so submits them), the manager still decides no step of it, and another manager does."""
+    opportunity_id = await won_deal(sales, "1000", owner="rep1")
+    with as_user("mgr1", "sales_manager"):
+        quote = await sales.create_quote(
+            idempotency_key="", opportunity_id=opportunity_id, line_items=[item(discount="20")]
+        )
+    assert list(quote.required_approvals) == ["sales_manager"]
+    with as_user("rep1", "sales_rep", scope="own"):
+        changed = (
+            await sales.update_quote(quote.id, expected_version=0, line_items=[item(quantity="2", discount="20")])
+        ).record
+    assert changed.status == "pending_approval"
+    with as_user("mgr1", "sales_manager"), pytest.raises(PermissionDenied) as own:
+        await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    assert own.value.detail == "mgr1 created this quote; another person must decide on it"
+    with as_user("mgr2", "sales_manager"):
+        done = (await sales.decide_quote(quote.id, expected_version=0, decision=d.Decision.APPROVED, comment="")).record
+    assert done.status == "approved"
+    assert [(x.role, x.approver_id) for x in done.decisions] == [("sales_manager", "mgr2")]
+
+
 async def test_quotes_move_with_their_deal_when_its_owner_changes(sales: SalesHandlers, engine: AsyncEngine) -> None:
     with as_user("alice", "sales_rep", team="east", scope="own"):
         deal = await sales.create_opportunity(OpportunityIn(account_id="acc-1", name="Deal"))
@@ -875,6 +906,43 @@ async def test_nobody_approves_a_contract_they_submitted_or_two_steps_of_one_sub
     assert approved.status == "approved"
     assert [(x.role, x.approver_id) for x in approved.decisions] == [("sales_manager", "boss"), ("finance", "fin")]
     assert (await outbox_types(engine)).count("crm.sales.contract.approval_recorded") == 2
+
+
+@pytest.mark.parametrize("from_deal", [False, True], ids=["direct", "from-won-deal"])
+async def test_nobody_approves_a_contract_they_created_when_another_person_submitted_it(
+    sales: SalesHandlers, engine: AsyncEngine, from_deal: bool
+) -> None:
+    """A manager sets a contract's terms and its owner; the owner submits it. Below 100 000 the
+    manager's step is the whole chain, so the manager approving it would approve their own terms
+    alone: another manager decides."""
+    opportunity_id = await won_deal(sales, "90000", owner="rep1") if from_deal else ""
+    with as_user("mgr1", "sales_manager"):
+        if from_deal:
+            contract = await sales.create_contract(
+                idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+                owner_id="", team="", region="", starts_on=None, ends_on=None,
+            )  # fmt: skip
+        else:
+            contract = await direct_contract(sales, "90000", owner_id="rep1")
+    assert (contract.owner_id, list(contract.approval_chain)) == ("rep1", ["sales_manager"])
+    with as_user("rep1", "sales_rep", scope="own"):
+        await sales.submit_contract(contract.id, expected_version=0)
+    with as_user("mgr1", "sales_manager"):
+        for decision in (d.Decision.APPROVED, d.Decision.REJECTED):
+            with pytest.raises(PermissionDenied) as own:
+                await sales.decide_contract(contract.id, expected_version=0, decision=decision, comment="")
+            assert own.value.detail == "mgr1 created this contract; another person must decide on it"
+    async with engine.connect() as conn:
+        stored = (await conn.execute(select(repository.contracts.c.created_by, repository.contracts.c.submitted_by)
+                                     .where(repository.contracts.c.id == contract.id))).one()  # fmt: skip
+    assert tuple(stored) == ("mgr1", "rep1")
+    with as_user("mgr2", "sales_manager"):
+        approved = (
+            await sales.decide_contract(contract.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+        ).record
+    assert approved.status == "approved"
+    assert [(x.role, x.approver_id) for x in approved.decisions] == [("sales_manager", "mgr2")]
+    assert (await outbox_types(engine)).count("crm.sales.contract.approval_recorded") == 1
 
 
 async def test_a_contract_completes_only_when_paid_in_full(sales: SalesHandlers, engine: AsyncEngine) -> None:

@@ -473,23 +473,43 @@ def test_approvals_are_sequential_and_by_role() -> None:
 
 
 def test_the_submitter_never_decides_on_what_they_submitted() -> None:
-    d.check_separation_of_duties("m1", submitted_by="rep1", decisions=[], record="contract")
+    d.check_separation_of_duties("m1", created_by="rep1", submitted_by="rep1", decisions=[], record="contract")
     with pytest.raises(PermissionDenied) as raised:
-        d.check_separation_of_duties("m1", submitted_by="m1", decisions=[], record="contract")
+        d.check_separation_of_duties("m1", created_by="m1", submitted_by="m1", decisions=[], record="contract")
     assert "m1 submitted this contract" in raised.value.detail
+
+
+@pytest.mark.parametrize("record", ["contract", "quote"])
+def test_the_creator_never_decides_on_what_they_created_whoever_submitted_it(record: str) -> None:
+    """A manager who set a contract's terms (and another owner) approves nothing of it when the
+    owner submits it; nor does a quote's creator once another person changed its line items."""
+    with pytest.raises(PermissionDenied) as raised:
+        d.check_separation_of_duties("mgr1", created_by="mgr1", submitted_by="rep1", decisions=[], record=record)
+    assert raised.value.detail == f"mgr1 created this {record}; another person must decide on it"
+    d.check_separation_of_duties("mgr2", created_by="mgr1", submitted_by="rep1", decisions=[], record=record)
+
+
+def test_the_creator_is_refused_at_every_step_not_only_the_first() -> None:
+    done = [d.ApprovalStep("sales_manager", "mgr2", d.Decision.APPROVED)]
+    with pytest.raises(PermissionDenied) as raised:
+        d.check_separation_of_duties("fin1", created_by="fin1", submitted_by="rep1", decisions=done, record="contract")
+    assert "fin1 created this contract" in raised.value.detail
 
 
 def test_one_person_decides_one_step_of_a_submission_whatever_roles_they_hold() -> None:
     done = [d.ApprovalStep("sales_manager", "boss", d.Decision.APPROVED)]
-    d.check_separation_of_duties("fin", submitted_by="rep1", decisions=done, record="quote")
+    d.check_separation_of_duties("fin", created_by="rep1", submitted_by="rep1", decisions=done, record="quote")
     with pytest.raises(PermissionDenied) as raised:
-        d.check_separation_of_duties("boss", submitted_by="rep1", decisions=done, record="quote")
+        d.check_separation_of_duties("boss", created_by="rep1", submitted_by="rep1", decisions=done, record="quote")
     assert "already decided the sales_manager step" in raised.value.detail
 
 
-def test_an_unknown_submitter_is_not_held_against_anyone() -> None:
-    # Records older than migration 0008 have no submitter ("").
-    d.check_separation_of_duties("m1", submitted_by="", decisions=[], record="contract")
+def test_an_unknown_submitter_or_creator_is_not_held_against_anyone() -> None:
+    # Records older than migration 0008 have no submitter (""), contracts older than 0016 no creator.
+    d.check_separation_of_duties("m1", created_by="", submitted_by="", decisions=[], record="contract")
+    d.check_separation_of_duties("m1", created_by="", submitted_by="rep1", decisions=[], record="contract")
+    with pytest.raises(PermissionDenied):  # an unknown creator does not excuse the submitter
+        d.check_separation_of_duties("rep1", created_by="", submitted_by="rep1", decisions=[], record="contract")
 
 
 # ---------------------------------------------------------------- contract status machine
