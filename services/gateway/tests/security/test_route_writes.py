@@ -6,6 +6,7 @@ returned it after (the changed fields only, personal data masked)."""
 import json
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from fastapi import FastAPI
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.security.audit import AuditQuery
-from gateway.testing import refuse
+from gateway.testing import default_policy_document, grant_fields, policy_text, refuse
 from gateway.token_cli import issue_dev_token
 
 pytestmark = pytest.mark.integration
@@ -427,6 +428,13 @@ class Gateway:
 
 @pytest.fixture
 async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gateway]:
+    async with started_gateway(tmp_path, migrated_sqlite) as started:
+        yield started
+
+
+@asynccontextmanager
+async def started_gateway(tmp_path: Path, migrated_sqlite: Path, *, policy_path: str = "") -> AsyncIterator[Gateway]:
+    """The real routes before fake services, under the default policy or the one at `policy_path`."""
     leads, sales, accounts = FakeLeads(), FakeSales(), FakeAccounts()
     server = grpc.aio.server()
     add_LeadsServiceServicer_to_server(leads, server)
@@ -448,6 +456,7 @@ async def gateway(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Gatewa
         analytics_target="",
         audit_relay_enabled=False,
         audit_ingest_enabled=False,
+        policy_path=policy_path,
     )
     app = create_app(settings)
     await app.state.security.start(migrate=False, relay=False)
@@ -1265,3 +1274,24 @@ async def test_a_web_forms_key_is_answered_to_its_creator_but_kept_out_of_the_au
     assert [row["action"] for row in rows if row["action"] != "read_sensitive"] == ["update_webform", "create_webform"]
     assert all("form_key" not in (row["before"] or {}) | (row["after"] or {}) for row in rows)
     assert "k" * 16 not in str(rows)
+
+
+@pytest.mark.parametrize(
+    ("role", "resource", "field", "path", "body"),
+    [
+        ("sales_rep", "activities", "notes", "/accounts/a-1/activities", {"kind": "call", "notes": "Met the CFO"}),
+        ("service_manager", "tickets", "assignee_id", "/tickets/t-1/assign", {"assignee_id": "agent-2"}),
+        ("sales_manager", "accounts", "team", "/accounts/a-1/transfer", {"new_owner_id": "u-2", "new_team": "west"}),
+    ],
+)
+async def test_a_field_a_custom_policy_makes_read_only_is_refused_on_every_route_that_writes_it(
+    tmp_path: Path, migrated_sqlite: Path, role: str, resource: str, field: str, path: str, body: dict[str, Any]
+) -> None:
+    document = default_policy_document()
+    grant_fields(role, resource, **{field: "read"})(document)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(policy_text(document))
+    async with started_gateway(tmp_path, migrated_sqlite, policy_path=str(policy)) as gateway:
+        response = await gateway.client.post(f"/api/v1{path}", json=body, headers=gateway.auth(role))
+    assert response.status_code == 403, response.text
+    assert response.json()["errors"][0]["field"] == field

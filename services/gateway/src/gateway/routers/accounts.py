@@ -902,7 +902,7 @@ async def transfer_account(
     access: AccountsAssign,
     if_match: IfMatch = None,
 ) -> dict[str, Any]:
-    access.check_write(["owner_id"])
+    access.check_write(["owner_id", "team"] if body.new_team else ["owner_id"])
     reply = await _stub(request).TransferAccount(
         pb.TransferAccountRequest(
             account_id=account_id,
@@ -1173,6 +1173,7 @@ async def log_activity(
     access: Annotated[Access, Depends(require("activities", "create"))],
     idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
+    access.check_write(body.model_dump(exclude_unset=True))
     message = pb.LogActivityRequest(
         account_id=account_id,
         contact_id=body.contact_id or "",

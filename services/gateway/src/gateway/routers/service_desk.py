@@ -411,6 +411,7 @@ async def assign_ticket(
     ticket_id: str, body: AssignIn, request: Request, response: Response, access: TicketsAssign, if_match: IfMatch = ""
 ) -> dict[str, Any]:
     """Assigns to an agent, or auto-dispatches again when `assignee_id` is empty."""
+    access.check_write(["assignee_id"])
     reply = await _stub(request).AssignTicket(
         pb.AssignTicketRequest(
             ticket_id=ticket_id, assignee_id=body.assignee_id or "", expected_version=expected_version(if_match)
