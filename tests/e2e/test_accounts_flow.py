@@ -369,6 +369,12 @@ async def test_tasks_due_today_and_overdue(stack: RunningStack) -> None:
         assert [t["title"] for t in overdue["items"]] == ["late"]
         today = _ok(await rep.get("/api/v1/tasks", params={"due": "today"}))
         assert [t["title"] for t in today["items"]] == ["late"]
+        _ok(await rep.patch(f"/api/v1/tasks/{late['id']}", json={"title": "late: call back"}))
+        async with _client(stack, f"admin-{run}", ["admin"]) as admin:
+            trail = _ok(await admin.get("/api/v1/audit-events", params={"record_id": late["id"], "action": "update"}))
+        # The edit's row says what the task was, as the service read it under its lock.
+        [edit] = trail["items"]
+        assert (edit["before"]["title"], edit["after"]["title"]) == ("late", "late: call back")
         done = _ok(await rep.post(f"/api/v1/tasks/{late['id']}/complete"))
         assert done["status"] == "done"
         assert _ok(await rep.get("/api/v1/tasks", params={"due": "overdue"}))["items"] == []

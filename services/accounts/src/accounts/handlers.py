@@ -1311,7 +1311,8 @@ async def _visible_task(conn: AsyncConnection, task_id: str) -> Any:
     return row
 
 
-async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, expected_version: int) -> Any:
+async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, expected_version: int) -> Change[Any]:
+    """The task changed, and as it was (read under its lock), for the caller's audit trail."""
     t = repo.tasks
     # A task always has a title and an owner (an unowned one is on nobody's list).
     blank = [
@@ -1352,10 +1353,10 @@ async def update_task(ctx: Context, task_id: str, values: dict[str, Any], *, exp
                 ),
                 key=task_id,
             )
-        return updated
+        return Change(updated, row)
 
 
-async def complete_task(ctx: Context, task_id: str, *, expected_version: int) -> Any:
+async def complete_task(ctx: Context, task_id: str, *, expected_version: int) -> Change[Any]:
     t = repo.tasks
     async with ctx.uow.begin() as tx:
         row = await _visible_task(tx.conn, task_id)
@@ -1370,7 +1371,7 @@ async def complete_task(ctx: Context, task_id: str, *, expected_version: int) ->
         )
         done = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
         tx.publish(events_pb2.TaskCompleted(task=task_to_proto(done), actor=actor(current_principal())), key=task_id)
-        return done
+        return Change(done, row)
 
 
 async def list_tasks(

@@ -344,12 +344,14 @@ class AccountsServicer(AccountsServiceServicer):
 
     async def UpdateTask(self, request: pb.UpdateTaskRequest, context: Ctx) -> pb.UpdateTaskResponse:
         values = _select(task_values(request.task), _mask(request.update_mask, TASK_FIELDS))
-        row = await handlers.update_task(self.ctx, request.task_id, values, expected_version=request.expected_version)
-        return pb.UpdateTaskResponse(task=task_to_proto(row))
+        change = await handlers.update_task(
+            self.ctx, request.task_id, values, expected_version=request.expected_version
+        )
+        return pb.UpdateTaskResponse(task=task_to_proto(change.record), previous=task_to_proto(change.previous))
 
     async def CompleteTask(self, request: pb.CompleteTaskRequest, context: Ctx) -> pb.CompleteTaskResponse:
-        row = await handlers.complete_task(self.ctx, request.task_id, expected_version=request.expected_version)
-        return pb.CompleteTaskResponse(task=task_to_proto(row))
+        change = await handlers.complete_task(self.ctx, request.task_id, expected_version=request.expected_version)
+        return pb.CompleteTaskResponse(task=task_to_proto(change.record), previous=task_to_proto(change.previous))
 
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
         sort = request.page.sort or ("due_at" if request.due else "")

@@ -536,7 +536,7 @@ async def test_a_tasks_account_missing_or_outside_the_callers_scope_is_a_422_nam
                 await handlers.update_task(ctx, task.id, {"account_id": account_id}, expected_version=0)
             expected = [("account_id", f"account {account_id} does not exist")]
             assert refusals(on_create) == refusals(on_update) == expected
-        moved = await handlers.update_task(ctx, task.id, {"account_id": mine.id}, expected_version=0)
+        moved = (await handlers.update_task(ctx, task.id, {"account_id": mine.id}, expected_version=0)).record
     assert moved.account_id == mine.id
 
 
@@ -547,9 +547,11 @@ async def test_an_unchanged_task_account_outside_the_callers_scope_is_kept(ctx: 
     with acting_as(*MANAGER):
         await handlers.update_task(ctx, task.id, {"account_id": others.id}, expected_version=0)
     with acting_as(*REP1):
-        saved = await handlers.update_task(
-            ctx, task.id, {"title": "call back today", "account_id": others.id}, expected_version=0
-        )
+        saved = (
+            await handlers.update_task(
+                ctx, task.id, {"title": "call back today", "account_id": others.id}, expected_version=0
+            )
+        ).record
     assert (saved.title, saved.account_id) == ("call back today", others.id)
 
 
@@ -579,7 +581,7 @@ async def test_a_contact_missing_or_outside_the_callers_scope_is_a_422_naming_it
         made = await handlers.create_task(
             ctx, {"title": "visit", "account_id": mine.id, "contact_id": dora.id}, idempotency_key=""
         )
-        updated = await handlers.update_task(ctx, task.id, {"contact_id": dora.id}, expected_version=0)
+        updated = (await handlers.update_task(ctx, task.id, {"contact_id": dora.id}, expected_version=0)).record
         logged = await log(dora.id)
     assert made.contact_id == updated.contact_id == logged.contact_id == dora.id
 
@@ -608,12 +610,14 @@ async def test_a_task_moved_to_another_account_keeps_its_contact_only_if_it_is_o
             await handlers.update_task(ctx, task.id, {"account_id": elsewhere.id}, expected_version=0)
         message = f"the task's contact {dora.id} is not on account {elsewhere.id}: change or clear contact_id"
         assert refusals(caught) == [("account_id", message)]
-        moved = await handlers.update_task(
-            ctx, task.id, {"account_id": elsewhere.id, "contact_id": eve.id}, expected_version=0
-        )
-        cleared = await handlers.update_task(
-            ctx, task.id, {"account_id": mine.id, "contact_id": ""}, expected_version=0
-        )
+        moved = (
+            await handlers.update_task(
+                ctx, task.id, {"account_id": elsewhere.id, "contact_id": eve.id}, expected_version=0
+            )
+        ).record
+        cleared = (
+            await handlers.update_task(ctx, task.id, {"account_id": mine.id, "contact_id": ""}, expected_version=0)
+        ).record
     assert (moved.account_id, moved.contact_id) == (elsewhere.id, eve.id)
     assert (cleared.account_id, cleared.contact_id) == (mine.id, "")
 
@@ -1073,7 +1077,7 @@ async def test_a_task_moved_to_another_account_is_read_in_that_accounts_territor
     west = await new_account(ctx, ADMIN, "West Co", team="west", region="cn-west")
     task = await new_task(ctx, REP1, east.id, "call")
     with acting_as(*ADMIN):
-        moved = await handlers.update_task(ctx, task.id, {"account_id": west.id}, expected_version=0)
+        moved = (await handlers.update_task(ctx, task.id, {"account_id": west.id}, expected_version=0)).record
     assert (moved.account_id, moved.team, moved.region) == (west.id, "west", "cn-west")
 
 
@@ -1162,8 +1166,8 @@ async def test_concurrent_task_writes_at_one_version_let_one_through(pg_ctx: Con
                 handlers.complete_task(ctx, task.id, expected_version=2),
                 return_exceptions=True,
             )
-        assert sorted(type(e).__name__ for e in edits) == ["Row", "StaleVersion"]
-        assert sorted(type(e).__name__ for e in completions) == ["Row", "StaleVersion"]
+        assert sorted(type(e).__name__ for e in edits) == ["Change", "StaleVersion"]
+        assert sorted(type(e).__name__ for e in completions) == ["Change", "StaleVersion"]
     done = [e for e in await events(ctx, events_pb2.TaskCompleted)]
     assert len(done) == 3  # one per task
 

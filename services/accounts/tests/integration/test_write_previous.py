@@ -77,6 +77,21 @@ async def test_concurrent_contact_and_segment_updates_each_answer_the_version_th
     assert_one_after_another(segments, "name", first="Mine", version=segment.version)
 
 
+async def test_concurrent_task_updates_each_answer_the_version_they_changed(pg_ctx: Context) -> None:
+    account = await new_account(pg_ctx, "Acme")
+    with acting_as(*REP1):
+        task = await handlers.create_task(pg_ctx, {"account_id": account.id, "title": "call"}, idempotency_key="")
+
+    tasks = await concurrently(
+        8, lambda n: handlers.update_task(pg_ctx, task.id, {"title": f"call {n}"}, expected_version=0)
+    )
+
+    assert_one_after_another(tasks, "title", first="call", version=task.version)
+    with acting_as(*REP1):
+        done = await handlers.complete_task(pg_ctx, task.id, expected_version=0)
+    assert (done.previous.status, done.record.status) == ("open", "done")
+
+
 async def test_an_update_that_changes_nothing_answers_the_record_as_before_and_after(ctx: Context) -> None:
     account = await new_account(ctx, "Acme", industry="retail")
     contact = await new_contact(ctx, account.id, "Li Lei")

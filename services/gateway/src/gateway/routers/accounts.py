@@ -1326,7 +1326,9 @@ async def update_task(
         metadata=access.grpc_metadata(),
     )
     record = task_dict(reply.task)
-    await access.audit_write(task_id, None, record, action="update")
+    # As the service read it under its row lock (a service of an older release sends none).
+    previous = task_dict(reply.previous) if reply.HasField("previous") else None
+    await access.audit_write(task_id, previous, record, action="update")
     return with_etag(response, access.present(record))
 
 
