@@ -15,7 +15,7 @@ from crm_platform.testing.outbox import outbox_events
 from leads import repository as repo
 from leads.handlers import ActivityInput, ConvertRequest, ImportOptions, ImportPartResult, ImportSpec, RateLimited
 from leads.importing import RowMapper
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 pytestmark = pytest.mark.integration
 
@@ -262,14 +262,22 @@ async def test_a_key_used_for_one_lead_is_refused_for_another(env: Any) -> None:
 
 
 async def test_a_lead_disqualified_while_it_converts_stays_disqualified_and_the_attempt_is_undone(env: Any) -> None:
+    """A disqualification waits for a conversion under way; one that checked for a conversion just
+    before this one began writes the lead unqualified while it runs (here, as the hook does, while
+    the deal is made): the conversion then finds the lead closed and undoes what it made."""
     with env.acting():
         lead, _ = await env.service.create_lead({"name": "Wu", "company": "Wu Co", "owner_id": "rep1"})
     create_opportunity = env.ports.create_opportunity
 
     async def disqualified_meanwhile(**kw: Any) -> str:
         created = await create_opportunity(**kw)
-        current = await env.service.get_lead(lead["id"])
-        await env.service.disqualify(lead["id"], "spam", current["version"])
+        leads = repo.leads
+        async with env.engine.begin() as conn:  # the disqualification's own transaction
+            await conn.execute(
+                update(leads)
+                .where(leads.c.id == lead["id"])
+                .values(status="unqualified", disqualified_reason="spam", version=leads.c.version + 1)
+            )
         return str(created)
 
     env.ports.create_opportunity = disqualified_meanwhile
