@@ -477,6 +477,18 @@ class _CheckedBatch:
 _CHECK_SLICE = 100
 # Attempts at an assignment whose rule is deleted meanwhile, each time (a rare race with an admin).
 _RULE_ATTEMPTS = 3
+# Probes for the open lead a capture merges into, when the one found was closed, or lost the email or
+# phone it was found by, while the capture waited for its row (`_still_duplicate`).
+_MERGE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _ImportMergeTarget:
+    """What an import row merges into (`LeadsService._import_merge_target`)."""
+
+    duplicate_of: str | None  # the lead or the earlier row of the batch; None: the row is a new lead
+    target: RowMapping | None  # the stored lead, locked, when `duplicate_of` is one
+    ids: set[str]  # the open leads found when the row's keys were looked up again
 
 
 @dataclass(frozen=True, slots=True)
@@ -566,6 +578,59 @@ def _team_entered_for(principal: Principal) -> str:
     pool of a team no rep is in."""
     works_a_team = current_scope().kind in (ScopeKind.OWN, ScopeKind.TEAM)
     return principal.team if principal.kind == "user" and works_a_team else ""
+
+
+def _still_duplicate(lead: Mapping[Any, Any] | None, clean: domain.CleanLead) -> bool:
+    """Whether `lead`, read under its row lock, is still what a create's probe looks for: an open
+    lead with the new lead's email or phone."""
+    if lead is None or lead["status"] not in domain.OPEN_STATUSES:
+        return False
+    return bool(
+        (clean.email_norm and lead["email_norm"] == clean.email_norm)
+        or (clean.phone_norm and lead["phone_norm"] == clean.phone_norm)
+    )
+
+
+async def _merge_target(
+    conn: AsyncConnection,
+    clean: domain.CleanLead,
+    probe: repo.CreateProbe,
+    probe_again: Callable[[], Awaitable[repo.CreateProbe]],
+) -> tuple[repo.CreateProbe, RowMapping | None]:
+    """The open duplicate a create merges `clean` into, its row locked, with the probe that found it;
+    None when there is none (the probe's turn and loads then assign the new lead). The probe reads
+    the duplicate without locking it, and a disqualify or a conversion takes no dedupe key locks: the
+    lead may be closed while the create waits for its row (or its email or phone changed, by a writer
+    that read them before the create locked them). Then the create probes again, after that write
+    committed, rather than merge into a lead that is no longer the open one with its email or phone:
+    a submission merged into a closed lead would be lost, one merged into a lead with another email
+    given to another person."""
+    for attempt in range(1, _MERGE_ATTEMPTS + 1):
+        if probe.duplicate_id is None:
+            return probe, None
+        duplicate = await repo.load_lead(conn, probe.duplicate_id, for_update=True)
+        if _still_duplicate(duplicate, clean):
+            return probe, duplicate
+        if attempt < _MERGE_ATTEMPTS:
+            probe = await probe_again()
+    raise Unavailable("the open lead this one duplicates kept changing while it was merged into; try again")
+
+
+def _held_keys(lead: Mapping[Any, Any]) -> set[str]:
+    """The dedupe keys a stored lead holds, as `_dedupe_keys` writes them."""
+    held = {
+        f"email:{lead['email_norm']}" if lead["email_norm"] else "",
+        f"phone:{lead['phone_norm']}" if lead["phone_norm"] else "",
+    }
+    if lead["external_id"]:
+        held.add(f"external_id:{lead['external_id']}")
+    return held - {""}
+
+
+def _duplicate_in(keys: Iterable[str], existing: Mapping[str, str], seen: Mapping[str, str]) -> str | None:
+    """What an import row with `keys` duplicates: an open lead (`existing`) or an earlier row of its
+    batch (`seen`), by its first key either holds; None if neither holds any."""
+    return next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
 
 
 def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
@@ -915,20 +980,28 @@ class LeadsService:
                 # the submission is captured all the same, as the form now is, without it.
                 values["campaign_id"] = ""
             rule = None if values["owner_id"] else domain.first_matching_rule(rules.assignment, values)
-            probe = await repo.probe_for_create(
-                conn,
-                email_norm=clean.email_norm,
-                phone_norm=clean.phone_norm,
-                check_duplicates=on_duplicate != "allow",
-                rule_id=rule.id if rule is not None else "",
-                user_ids=rule.user_ids if rule is not None else (),
-                loads=rule is not None and domain.needs_loads(rule),
-                take_turn=rule is not None and domain.takes_turns(rule),
-                lock_loads=lock_loads or (rule is not None and not domain.takes_turns(rule)),
-            )
+
+            async def probed() -> repo.CreateProbe:
+                return await repo.probe_for_create(
+                    conn,
+                    email_norm=clean.email_norm,
+                    phone_norm=clean.phone_norm,
+                    check_duplicates=on_duplicate != "allow",
+                    rule_id=rule.id if rule is not None else "",
+                    user_ids=rule.user_ids if rule is not None else (),
+                    loads=rule is not None and domain.needs_loads(rule),
+                    take_turn=rule is not None and domain.takes_turns(rule),
+                    lock_loads=lock_loads or (rule is not None and not domain.takes_turns(rule)),
+                )
+
+            probe = await probed()
+            duplicate = None
+            if on_duplicate == "merge":
+                probe, duplicate = await _merge_target(conn, clean, probe, probed)
+            elif probe.duplicate_id is not None:
+                duplicate = await repo.load_lead(conn, probe.duplicate_id)
             duplicate_id = probe.duplicate_id
             if duplicate_id is not None:
-                duplicate = await repo.load_lead(conn, duplicate_id, for_update=on_duplicate == "merge")
                 if duplicate is None or on_duplicate != "merge" or not _in_scope(duplicate):
                     # A merge writes only leads the caller may see; the answer names only one they may read.
                     if duplicate is not None and repo.lead_in_scope(current_scope(), duplicate):
@@ -1124,8 +1197,19 @@ class LeadsService:
         new_keys = [k for k in (clean.email_norm, clean.phone_norm) if k]
         async with self.uow.begin() as tx:
             conn = tx.conn
-            # Before the lead's row, as a create takes them before it merges into a lead: one order.
-            await repo.lock_dedupe_keys(conn, new_keys)
+            # The keys the update gives the lead and, of the email or phone it changes, the ones it
+            # takes away (as delete_lead locks them): a create of the old email or phone waits for
+            # this update and then finds the lead without it, rather than finding it and merging
+            # into it once it holds another. Before the lead's row, as a create takes them before
+            # it merges into a lead: one order.
+            old_keys: list[str] = []
+            if "email" in clean.values or "phone" in clean.values:
+                c = repo.leads.c
+                taken_away = [c.email_norm] if "email" in clean.values else []
+                taken_away += [c.phone_norm] if "phone" in clean.values else []
+                before = (await conn.execute(select(*taken_away).where(c.id == lead_id))).first()
+                old_keys = [k for k in before or () if k]
+            await repo.lock_dedupe_keys(conn, [*new_keys, *old_keys])
             lead = await self._visible_lead(conn, lead_id, for_update=True)
             if "custom" in clean.values:  # the keys given are set; an empty value removes its key
                 stored = lead["custom"] or {}
@@ -2034,13 +2118,19 @@ class LeadsService:
                     reason = f"campaign {campaign_id} does not exist"
                     outcomes.append(ImportRowOutcome(item.row, "rejected", field="campaign_id", reason=reason))
                     continue
-                duplicate_of = next((existing.get(k) or seen.get(k) for k in keys if k in existing or k in seen), None)
+                duplicate_of = _duplicate_in(keys, existing, seen)
+                target = None
+                if options.on_duplicate == "merge" and duplicate_of in existing_ids:
+                    found = await self._import_merge_target(conn, keys, duplicate_of, existing, seen)
+                    duplicate_of, target = found.duplicate_of, found.target
+                    if found.ids:  # open leads found again, which `existing` now names
+                        out_of_sight |= await _out_of_sight(conn, found.ids - existing_ids)
+                        existing_ids |= found.ids
                 if duplicate_of is not None and options.on_duplicate != "allow":
                     # A merge leaves unfilled a key another open lead or another new row holds.
                     held = {k for k in keys if existing.get(k, duplicate_of) != duplicate_of}
                     held.update(k for k in keys if seen.get(k, duplicate_of) != duplicate_of)
                     if options.on_duplicate == "merge" and duplicate_of in existing_ids:
-                        target = await repo.load_lead(conn, duplicate_of, for_update=True)
                         if target is not None and _in_scope(target):  # no write to a lead the caller cannot see
                             filled = [k for k in domain.keys_a_merge_fills(target, item.clean) if k not in held]
                             await self._merge(tx, target, item.clean, principal, now, held=held)
@@ -2215,15 +2305,59 @@ class LeadsService:
         last_row = max((n for n, _ in batch), default=0)
         return _CheckedBatch(checked, rejected, len(batch), last_row, now)
 
+    async def _import_merge_target(
+        self,
+        conn: AsyncConnection,
+        keys: Sequence[str],
+        duplicate_of: str,
+        existing: dict[str, str],
+        seen: Mapping[str, str],
+    ) -> _ImportMergeTarget:
+        """The stored open lead an import row with `keys` merges into, its row locked (`_merge_target`
+        for a batch), or the earlier row of the batch it merges into now, or None for a new lead.
+        The batch found `duplicate_of` by the keys `existing` maps to it, read without locks: the
+        batch locks out the writers of dedupe keys, not a disqualify or a conversion, which may
+        have closed the lead while the batch waited for its row. Then `existing` forgets what the
+        lead no longer holds and has the row's keys looked up again."""
+        ids: set[str] = set()
+        for attempt in range(1, _MERGE_ATTEMPTS + 1):
+            target = await repo.load_lead(conn, duplicate_of, for_update=True)
+            found_by = {k for k in keys if existing.get(k) == duplicate_of}
+            held_now = _held_keys(target) if target is not None and target["status"] in domain.OPEN_STATUSES else set()
+            if found_by & held_now:
+                return _ImportMergeTarget(duplicate_of, target, ids)
+            if attempt == _MERGE_ATTEMPTS:
+                break
+            for key in [k for k, lead_id in existing.items() if lead_id == duplicate_of and k not in held_now]:
+                del existing[key]
+            looked_up = [k for k in keys if k not in existing]
+            for key, lead_id in (await self._open_holders(conn, looked_up)).items():
+                existing.setdefault(key, lead_id)
+                ids.add(lead_id)
+            again = _duplicate_in(keys, existing, seen)
+            if again is None or again not in existing.values():  # a new lead, or one of an earlier row
+                return _ImportMergeTarget(again, None, ids)
+            duplicate_of = again
+        raise Unavailable("an open lead the import's rows duplicate kept changing while they were merged; try again")
+
     async def _existing_keys(
         self, conn: AsyncConnection, cleans: Sequence[domain.CleanLead], on_duplicate: str
     ) -> dict[str, str]:
         """Dedupe keys of the batch already held by open leads: one query per batch."""
         if on_duplicate == "allow" or not cleans:
             return {}
-        emails = sorted({c.email_norm for c in cleans if c.email_norm})
-        phones = sorted({c.phone_norm for c in cleans if c.phone_norm})
-        externals = sorted({c.values["external_id"] for c in cleans if c.values.get("external_id")})
+        keys = [key for clean in cleans for key in domain.dedupe_key_fields(clean).values()]
+        return await self._open_holders(conn, keys)
+
+    @staticmethod
+    async def _open_holders(conn: AsyncConnection, keys: Iterable[str]) -> dict[str, str]:
+        """The open lead (the oldest) holding each of these dedupe keys ("email:…", "phone:…",
+        "external_id:…") that one holds."""
+        values: dict[str, set[str]] = {"email": set(), "phone": set(), "external_id": set()}
+        for key in keys:
+            kind, _, value = key.partition(":")
+            values[kind].add(value)
+        emails, phones, externals = (sorted(values[kind]) for kind in ("email", "phone", "external_id"))
         if not (emails or phones or externals):
             return {}
         found: dict[str, str] = {}
