@@ -82,6 +82,13 @@ async def test_capture_assign_contact_convert_with_events(stack: RunningStack) -
         opportunity = await rep.get(f"/api/v1/opportunities/{result['opportunity_id']}")
         assert opportunity.status_code == 200, opportunity.text
         assert opportunity.json()["amount"] == {"amount": "250000.00", "currency": "CNY"}
+        # What the conversion made in the other services is on their trails, once (not again for the repeat).
+        async with client(stack, "admin-e2e", ["admin"]) as admin:
+            for resource, record_id in (("accounts", result["account_id"]), ("contacts", result["contact_id"]),
+                                        ("opportunities", result["opportunity_id"])):  # fmt: skip
+                params = {"resource": resource, "record_id": record_id, "action": "create"}
+                [made] = (await admin.get("/api/v1/audit-events", params=params)).json()["items"]
+                assert (made["actor"]["user_id"], made["reason"]) == ("rep-e2e", f"converted from lead {lead_id}")
 
         wanted = {"crm.leads.lead.created", "crm.leads.lead.assigned", "crm.leads.lead.contacted",
                   "crm.leads.lead.converted"}  # fmt: skip

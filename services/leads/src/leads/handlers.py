@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -390,6 +390,9 @@ class ConvertResult:
     opportunity_id: str
     # The lead before this request converted it (None when it was converted already), for the audit trail.
     previous: RowMapping | None = None
+    # Whether this conversion made the account and the contact (not joined or linked existing ones).
+    account_created: bool = False
+    contact_created: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -3127,7 +3130,8 @@ class LeadsService:
             await self._compensate(req.lead_id, account_id if account_created else "", created_contact_id, "", error)
             raise
         try:
-            return await self._finish_conversion(req, account_id, contact_id, opportunity_id, principal, now)
+            finished = await self._finish_conversion(req, account_id, contact_id, opportunity_id, principal, now)
+            return replace(finished, account_created=account_created, contact_created=contact_created)
         except Unavailable:
             raise
         except CrmError as error:  # e.g. the lead was disqualified meanwhile: this attempt is undone

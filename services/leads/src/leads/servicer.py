@@ -416,6 +416,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             contact_id=result.contact_id,
             opportunity_id=result.opportunity_id,
             previous=previous_message(messages.lead_to_proto, result.previous),
+            account_created=result.account_created,
+            contact_created=result.contact_created,
         )
 
     async def ListLeadPool(

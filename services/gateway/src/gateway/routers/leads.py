@@ -1248,6 +1248,16 @@ async def convert_lead(
     reply = await _stub(request).ConvertLead(message, metadata=access.grpc_metadata(*targets))
     result = lead_json(reply.lead)
     await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
+    if reply.HasField("previous"):  # converted now: what it made in the other services is on their trails
+        made = [
+            (targets[0], reply.account_created, reply.account_id),
+            (targets[1], reply.contact_created, reply.contact_id),
+        ]
+        if message.create_opportunity:
+            made.append((targets[2], True, reply.opportunity_id))
+        for view, created, record_id in made:
+            if created and record_id:
+                await view.audit("create", record_id, reason=f"converted from lead {lead_id}")
     present = await presenter(access)
     return {
         "lead": present(result),
