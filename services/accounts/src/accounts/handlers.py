@@ -35,7 +35,7 @@ from crm_platform.principal import (
     scope_clause,
 )
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, delete, exists, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -356,6 +356,25 @@ async def _follow_territory(
         )
 
 
+async def _cancel_open_tasks(
+    tx: Transaction, *selecting: ColumnElement[bool], now: datetime, principal: Principal
+) -> None:
+    """Cancels the open tasks `selecting` picks, each in its next version, published as task.updated
+    (so the read models close them too)."""
+    t = repo.tasks
+    cancelled = await tx.conn.execute(
+        update(t)
+        .where(t.c.status == "open", *selecting)
+        .values(status="cancelled", updated_at=now, version=t.c.version + 1)
+        .returning(t)
+    )
+    for task in sorted(cancelled, key=lambda task: task.id):
+        tx.publish(
+            events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
+            key=task.id,
+        )
+
+
 async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> Any:
     """Soft-deletes the account with its contacts (each evented as DeleteContact does) and cancels its
     open tasks; returns it as it was (for the caller's audit trail). Contact writes share-lock their
@@ -380,17 +399,7 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
                 events_pb2.ContactDeleted(contact_id=contact_id, account_id=account_id, actor=actor(principal)),
                 key=contact_id,
             )
-        cancelled = await tx.conn.execute(
-            update(t)
-            .where(t.c.account_id == account_id, t.c.status == "open")
-            .values(status="cancelled", updated_at=now, version=t.c.version + 1)
-            .returning(t)
-        )
-        for task in sorted(cancelled, key=lambda task: task.id):
-            tx.publish(
-                events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
-                key=task.id,
-            )
+        await _cancel_open_tasks(tx, t.c.account_id == account_id, now=now, principal=principal)
         tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
         return row
 
@@ -539,17 +548,13 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         survivor_reminders = select(t.c.reminder_rule_id).where(
             t.c.account_id == survivor_id, t.c.status == "open", t.c.reminder_rule_id != ""
         )
-        cancelled = await tx.conn.execute(
-            update(t)
-            .where(t.c.account_id == duplicate_id, t.c.status == "open", t.c.reminder_rule_id.in_(survivor_reminders))
-            .values(status="cancelled", updated_at=now, version=t.c.version + 1)
-            .returning(t)
+        await _cancel_open_tasks(
+            tx,
+            t.c.account_id == duplicate_id,
+            t.c.reminder_rule_id.in_(survivor_reminders),
+            now=now,
+            principal=principal,
         )
-        for task in sorted(cancelled, key=lambda task: task.id):
-            tx.publish(
-                events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
-                key=task.id,
-            )
         moved_tasks = (
             await tx.conn.execute(
                 update(t)
