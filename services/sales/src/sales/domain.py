@@ -907,11 +907,13 @@ def status_after_payment(installment: InstallmentState, paid: Decimal) -> Instal
     return InstallmentStatus.PARTIALLY_PAID if paid > 0 else InstallmentStatus.PENDING
 
 
-def received_at_errors(received_at: datetime | None, now: datetime) -> list[FieldError]:
-    """A payment counts as paid from when it was received, so it is not received in the future: not
-    after now plus the clock skew allowed for a caller's or an ERP's fast clock (None: received now)."""
-    if received_at is not None and in_the_future(received_at, now):
-        return [FieldError("received_at", "must not be in the future")]
+def past_errors(field_name: str, moment: datetime | None, now: datetime) -> list[FieldError]:
+    """When something happened (a payment received, a contract signed, an invoice issued) is not in
+    the future: not after now plus the clock skew allowed for a caller's or an ERP's fast clock
+    (None: it happens now). A payment counts as paid from when it was received; an ERP's latest
+    event of a contract or invoice carries the time."""
+    if moment is not None and in_the_future(moment, now):
+        return [FieldError(field_name, "must not be in the future")]
     return []
 
 

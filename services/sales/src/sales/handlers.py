@@ -1701,6 +1701,8 @@ class SalesHandlers:
     async def sign_contract(
         self, contract_id: str, *, expected_version: int, signed_at: datetime | None
     ) -> Change[sales_pb2.Contract]:
+        if errors := d.past_errors("signed_at", signed_at, self.clock()):
+            raise ValidationFailed(errors)
         return await self._move_contract(
             contract_id, d.ContractStatus.SIGNED, expected_version=expected_version,
             extra={"signed_at": signed_at or self.clock()},
@@ -2023,7 +2025,7 @@ class SalesHandlers:
             errors.append(FieldError("contract_id", "is required"))
         errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
         errors += d.check_lengths({"method": method.strip()}, d.CODE_LENGTH)
-        errors += d.received_at_errors(received_at, self.clock())
+        errors += d.past_errors("received_at", received_at, self.clock())
         if errors:
             raise ValidationFailed(errors)
         contract = await _referenced(
@@ -2315,6 +2317,8 @@ class SalesHandlers:
     ) -> Change[sales_pb2.Invoice]:
         _require(number, "number")
         _check_lengths({"number": number.strip()}, d.CODE_LENGTH)
+        if errors := d.past_errors("issued_at", issued_at, self.clock()):
+            raise ValidationFailed(errors)
         async with self.uow.begin() as tx:
             row = await self._invoice_row(tx.conn, invoice_id, scope=current_scope())
             # Lock order contract → invoice, the same as requesting and voiding; the contract's status
@@ -2413,6 +2417,7 @@ class SalesHandlers:
             errors.append(FieldError("contract_id", "is required"))
         errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
         errors += d.check_lengths({"number": number}, d.CODE_LENGTH)
+        errors += d.past_errors("issued_at", issued_at, self.clock())
         if errors:
             raise ValidationFailed(errors)
         contract = await self._contract_row(tx.conn, contract_id, scope=None, lock=True)

@@ -1550,6 +1550,31 @@ async def test_a_payment_is_not_received_in_the_future_from_the_api_or_the_erp(
     assert [p.external_reference for p in payments.items] == ["BANK-NOW"]
 
 
+async def test_a_contract_is_not_signed_nor_an_invoice_issued_in_the_future(sales: SalesHandlers, clock: Clock) -> None:
+    far_future = datetime(2199, 6, 1, tzinfo=UTC)
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        invoice = await sales.request_invoice(idempotency_key="", contract_id=contract_id, amount=cny("400"))
+        with pytest.raises(ValidationFailed) as issued_later:
+            await sales.issue_invoice(invoice.id, number="INV-1", issued_at=far_future)
+    with pytest.raises(ValidationFailed) as erp_later:  # an ERP's posting: dead-lettered with the reason
+        async with sales.uow.begin() as tx:
+            await sales.record_erp_invoice(
+                tx, contract_id=contract_id, amount=cny("100"), number="INV-2", issued_at=far_future,
+                external_reference="ERP-INV-FUTURE",
+            )  # fmt: skip
+    assert fields_of(issued_later) == fields_of(erp_later) == ["issued_at"]
+    opportunity_id = await won_deal(sales, "500")
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id=opportunity_id, account_id="", title="", amount=None,
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        with pytest.raises(ValidationFailed) as signed_later:
+            await sales.sign_contract(contract.id, expected_version=0, signed_at=far_future)
+    assert fields_of(signed_later) == ["signed_at"]
+
+
 RECORD_PAYMENT = "/crm.sales.v1.SalesService/RecordPayment"
 
 
