@@ -256,14 +256,16 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 
 
 _LOCKED_FOR_TRANSACTION = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
+_SHARED_FOR_TRANSACTION = text("SELECT pg_advisory_xact_lock_shared(hashtext(:name))")
 
 
-async def lock_for_transaction(conn: AsyncConnection, name: str) -> None:
+async def lock_for_transaction(conn: AsyncConnection, name: str, *, shared: bool = False) -> None:
     """Holds `name` until the connection's transaction ends: checks of one thing that rows alone
-    cannot lock (a count, a set with no row yet) run one at a time, on any replica. PostgreSQL's
-    transaction advisory lock; SQLite's writing transactions run one at a time anyway (`transaction`)."""
+    cannot lock (a count, a set with no row yet) run one at a time, on any replica; `shared` holders
+    run together, and wait for (or hold off) an exclusive one. PostgreSQL's transaction advisory
+    lock; SQLite's writing transactions run one at a time anyway (`transaction`)."""
     if conn.dialect.name == "postgresql":
-        await conn.execute(_LOCKED_FOR_TRANSACTION, {"name": name})
+        await conn.execute(_SHARED_FOR_TRANSACTION if shared else _LOCKED_FOR_TRANSACTION, {"name": name})
 
 
 # The key space of `held_exclusively`: PostgreSQL's two-key advisory locks, apart from the one-key

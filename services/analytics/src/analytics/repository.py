@@ -5,7 +5,7 @@ an event twice, therefore converges on the same rows."""
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from crm_platform.db import UtcDateTime, insert_on_conflict
+from crm_platform.db import UtcDateTime, insert_on_conflict, lock_for_transaction
 from crm_platform.outbox import add_messaging_tables
 from sqlalchemy import (
     JSON,
@@ -307,13 +307,8 @@ def _upsert(
 # its account's merge commits, or written just after the merge moved the rows, would stay on the
 # duplicate. Records of an account share its lock and its merge takes it alone, so one waits for the
 # other. (SQLite runs one writing transaction at a time anyway.)
-_SHARE_ACCOUNT = text("SELECT pg_advisory_xact_lock_shared(hashtext(:key))")
-_LOCK_ACCOUNT = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
-
-
 async def lock_account(conn: AsyncConnection, account_id: str, *, merging: bool = False) -> None:
-    if conn.dialect.name == "postgresql":
-        await conn.execute(_LOCK_ACCOUNT if merging else _SHARE_ACCOUNT, {"key": f"account:{account_id}"})
+    await lock_for_transaction(conn, f"account:{account_id}", shared=not merging)
 
 
 async def surviving_account(conn: AsyncConnection, account_id: str) -> str:
@@ -362,8 +357,7 @@ async def count_rows(conn: AsyncConnection, table: Table) -> int:
 async def lock_activity(conn: AsyncConnection, activity_id: str) -> None:
     """To the end of the transaction: an activity's events applied at once from two partitions (an
     account's, across a merge) wait for each other, so one sees the other's tombstone or row."""
-    if conn.dialect.name == "postgresql":
-        await conn.execute(_LOCK_ACCOUNT, {"key": f"activity:{activity_id}"})
+    await lock_for_transaction(conn, f"activity:{activity_id}")
 
 
 async def activity_deleted(conn: AsyncConnection, activity_id: str) -> bool:
