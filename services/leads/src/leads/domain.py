@@ -193,17 +193,22 @@ def validate_lead(
     return CleanLead(values, email_norm, phone_norm)
 
 
-def dedupe_key_fields(clean: CleanLead) -> dict[str, str]:
-    """The input's dedupe keys by the field that carries each, as the keys are written elsewhere
-    ("email:<norm>", "phone:<norm>", "external_id:<id>")."""
+def dedupe_keys(email_norm: str | None, phone_norm: str | None, external_id: str | None) -> dict[str, str]:
+    """A lead's dedupe keys by the field that carries each, as they are written and locked
+    ("email:<norm>", "phone:<norm>", "external_id:<id>"); empty values carry none."""
     keys: dict[str, str] = {}
-    if clean.email_norm:
-        keys["email"] = f"email:{clean.email_norm}"
-    if clean.phone_norm:
-        keys["phone"] = f"phone:{clean.phone_norm}"
-    if clean.values.get("external_id"):
-        keys["external_id"] = f"external_id:{clean.values['external_id']}"
+    if email_norm:
+        keys["email"] = f"email:{email_norm}"
+    if phone_norm:
+        keys["phone"] = f"phone:{phone_norm}"
+    if external_id:
+        keys["external_id"] = f"external_id:{external_id}"
     return keys
+
+
+def dedupe_key_fields(clean: CleanLead) -> dict[str, str]:
+    """The input's dedupe keys by the field that carries each (`dedupe_keys`)."""
+    return dedupe_keys(clean.email_norm, clean.phone_norm, clean.values.get("external_id"))
 
 
 def changed_lead_fields(changes: Mapping[str, Any]) -> list[str]:

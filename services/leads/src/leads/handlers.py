@@ -620,14 +620,8 @@ async def _merge_target(
 
 
 def _held_keys(lead: Mapping[Any, Any]) -> set[str]:
-    """The dedupe keys a stored lead holds, as `_dedupe_keys` writes them."""
-    held = {
-        f"email:{lead['email_norm']}" if lead["email_norm"] else "",
-        f"phone:{lead['phone_norm']}" if lead["phone_norm"] else "",
-    }
-    if lead["external_id"]:
-        held.add(f"external_id:{lead['external_id']}")
-    return held - {""}
+    """The dedupe keys a stored lead holds."""
+    return set(domain.dedupe_keys(lead["email_norm"], lead["phone_norm"], lead["external_id"]).values())
 
 
 def _duplicate_in(keys: Iterable[str], existing: Mapping[str, str], seen: Mapping[str, str]) -> str | None:
@@ -637,15 +631,7 @@ def _duplicate_in(keys: Iterable[str], existing: Mapping[str, str], seen: Mappin
 
 
 def _dedupe_keys(clean: domain.CleanLead) -> list[str]:
-
-    keys = []
-    if clean.email_norm:
-        keys.append(f"email:{clean.email_norm}")
-    if clean.phone_norm:
-        keys.append(f"phone:{clean.phone_norm}")
-    if clean.values.get("external_id"):
-        keys.append(f"external_id:{clean.values['external_id']}")
-    return keys
+    return list(domain.dedupe_key_fields(clean).values())
 
 
 @dataclass(frozen=True, slots=True)

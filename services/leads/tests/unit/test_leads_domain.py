@@ -612,3 +612,10 @@ def test_task_filters_name_each_field_they_refuse(filters: domain.TaskFilters, f
 def test_a_changes_event_names_lead_fields_not_storage_columns() -> None:
     changes = {"phone": "+86 138 0013 8000", "phone_norm": "8613800138000", "tags": ["vip"], "updated_at": NOW}
     assert domain.changed_lead_fields(changes) == ["phone", "tags"]
+
+
+def test_a_leads_dedupe_keys_are_its_filled_email_phone_and_external_id() -> None:
+    assert domain.dedupe_keys("li@x.cn", None, "p-1") == {"email": "email:li@x.cn", "external_id": "external_id:p-1"}
+    assert domain.dedupe_keys("", "", "") == {}
+    clean = domain.validate_lead({"name": "Li", "phone": "13800138000"})
+    assert domain.dedupe_key_fields(clean) == {"phone": "phone:+8613800138000"}
