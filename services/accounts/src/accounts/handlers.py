@@ -331,6 +331,9 @@ async def update_account(
         raise AlreadyExists("account already exists in this region") from None
 
 
+CANCELLED = {"status": "cancelled"}
+
+
 async def _follow_territory(
     tx: Transaction, account_id: str, territory: dict[str, str], *, now: datetime, principal: Principal
 ) -> None:
@@ -343,34 +346,24 @@ async def _follow_territory(
         .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
         .values(**territory, updated_at=now, version=c.c.version + 1)
     )
-    moved = await tx.conn.execute(
-        update(t)
-        .where(t.c.account_id == account_id, t.c.status == "open")
-        .values(**territory, updated_at=now, version=t.c.version + 1)
-        .returning(t)
-    )
-    for task in sorted(moved, key=lambda task: task.id):
-        tx.publish(
-            events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=sorted(territory), actor=actor(principal)),
-            key=task.id,
-        )
+    await _change_open_tasks(tx, t.c.account_id == account_id, values=territory, now=now, principal=principal)
 
 
-async def _cancel_open_tasks(
-    tx: Transaction, *selecting: ColumnElement[bool], now: datetime, principal: Principal
+async def _change_open_tasks(
+    tx: Transaction, *selecting: ColumnElement[bool], values: Mapping[str, str], now: datetime, principal: Principal
 ) -> None:
-    """Cancels the open tasks `selecting` picks, each in its next version, published as task.updated
-    (so the read models close them too)."""
+    """Sets `values` on the open tasks `selecting` picks, each in its next version, published as
+    task.updated with those fields (so the read models follow: a cancelled task closes there too)."""
     t = repo.tasks
-    cancelled = await tx.conn.execute(
+    changed = await tx.conn.execute(
         update(t)
         .where(t.c.status == "open", *selecting)
-        .values(status="cancelled", updated_at=now, version=t.c.version + 1)
+        .values(**values, updated_at=now, version=t.c.version + 1)
         .returning(t)
     )
-    for task in sorted(cancelled, key=lambda task: task.id):
+    for task in sorted(changed, key=lambda task: task.id):
         tx.publish(
-            events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=["status"], actor=actor(principal)),
+            events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=sorted(values), actor=actor(principal)),
             key=task.id,
         )
 
@@ -399,7 +392,7 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
                 events_pb2.ContactDeleted(contact_id=contact_id, account_id=account_id, actor=actor(principal)),
                 key=contact_id,
             )
-        await _cancel_open_tasks(tx, t.c.account_id == account_id, now=now, principal=principal)
+        await _change_open_tasks(tx, t.c.account_id == account_id, values=CANCELLED, now=now, principal=principal)
         tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
         return row
 
@@ -520,7 +513,6 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         moved_contacts = [r.id for r in await tx.conn.execute(select(c.c.id).where(c.c.account_id == duplicate_id))]
         # An account has one primary contact: the survivor keeps its own, a moved one stays primary
         # only on a survivor without one.
-        await lock_for_transaction(tx.conn, f"primary-contact:{survivor_id}")
         survivor_has_primary = await _has_primary(tx.conn, survivor_id)
         await tx.conn.execute(
             update(c)
@@ -548,10 +540,11 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         survivor_reminders = select(t.c.reminder_rule_id).where(
             t.c.account_id == survivor_id, t.c.status == "open", t.c.reminder_rule_id != ""
         )
-        await _cancel_open_tasks(
+        await _change_open_tasks(
             tx,
             t.c.account_id == duplicate_id,
             t.c.reminder_rule_id.in_(survivor_reminders),
+            values=CANCELLED,
             now=now,
             principal=principal,
         )
@@ -969,7 +962,14 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         return created
 
 
+async def _lock_primary(conn: AsyncConnection, account_id: str) -> None:
+    await lock_for_transaction(conn, f"primary-contact:{account_id}")
+
+
 async def _has_primary(conn: AsyncConnection, account_id: str) -> bool:
+    """Whether the account has a primary contact, read in turn with the writes making one
+    (`_clear_primary`): the answer holds until this transaction ends."""
+    await _lock_primary(conn, account_id)
     c = repo.contacts
     primary = exists().where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.deleted_at.is_(None))
     return bool(await conn.scalar(select(primary)))
@@ -980,7 +980,7 @@ async def _clear_primary(conn: AsyncConnection, account_id: str, *, now: datetim
     being made primary) is left to its own write. Writes making a primary of one account take turns
     here: each demotes what the one before it committed, so one primary remains."""
     c = repo.contacts
-    await lock_for_transaction(conn, f"primary-contact:{account_id}")
+    await _lock_primary(conn, account_id)
     await conn.execute(
         update(c)
         .where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.id != keep)
@@ -1017,7 +1017,6 @@ async def update_contact(
             changes.update(account_id=account.id, owner_id=owner, team=account.team, region=account.region)
             if row.is_primary and not values.get("is_primary"):
                 # A primary contact moved stays primary only on an account without one, as in a merge.
-                await lock_for_transaction(tx.conn, f"primary-contact:{account.id}")
                 changes["is_primary"] = not await _has_primary(tx.conn, account.id)
         if values.get("is_primary"):
             await _clear_primary(tx.conn, changes.get("account_id", row.account_id), now=ctx.clock(), keep=contact_id)
