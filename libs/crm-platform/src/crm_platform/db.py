@@ -3,7 +3,7 @@
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -266,6 +266,18 @@ async def lock_for_transaction(conn: AsyncConnection, name: str, *, shared: bool
     lock; SQLite's writing transactions run one at a time anyway (`transaction`)."""
     if conn.dialect.name == "postgresql":
         await conn.execute(_SHARED_FOR_TRANSACTION if shared else _LOCKED_FOR_TRANSACTION, {"name": name})
+
+
+_ALL_LOCKED_FOR_TRANSACTION = text(
+    "SELECT count(pg_advisory_xact_lock(hashtext(name))) FROM unnest(CAST(:names AS text[])) AS name"
+)
+
+
+async def lock_all_for_transaction(conn: AsyncConnection, names: Iterable[str]) -> None:
+    """`lock_for_transaction` for many names in one statement (a batch's keys). Taken in sorted
+    order, so two batches sharing names wait on each other instead of deadlocking."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(_ALL_LOCKED_FOR_TRANSACTION, {"names": sorted(set(names))})
 
 
 # The key space of `held_exclusively`: PostgreSQL's two-key advisory locks, apart from the one-key

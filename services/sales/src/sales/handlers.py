@@ -19,7 +19,7 @@ from crm_platform.changes import Change
 from crm_platform.cloudevents import spec_of
 from crm_platform.custom_field_filters import custom_clauses, load_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import insert_ignore, lock_for_transaction
+from crm_platform.db import insert_ignore, lock_all_for_transaction, lock_for_transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -1058,6 +1058,9 @@ class SalesHandlers:
             pipeline = await self._pipeline_of_new_deals(tx.conn, pipeline_id)
             definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
             external_ids = [row.external_id for row in rows if row.external_id]
+            # Another import of the same deals waits here, then finds them existing (the unique
+            # index alone would fail its whole batch).
+            await lock_all_for_transaction(tx.conn, (f"opportunity-external-id:{key}" for key in external_ids))
             existing: dict[str, str] = {}
             o = r.opportunities
             for start in range(0, len(external_ids), 1000):

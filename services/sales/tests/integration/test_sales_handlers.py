@@ -40,6 +40,7 @@ from sales.handlers import (
     DEFAULT_PIPELINE_ID,
     OPPORTUNITY_ENTITY,
     ForecastQuery,
+    ImportResult,
     ImportRow,
     LineItemIn,
     OpportunityIn,
@@ -570,6 +571,24 @@ async def test_import_is_idempotent_per_external_id_and_reports_rejected_rows(sa
         (Decimal("100"), 1, 1, Decimal("0.5000"))
     ]
     assert [s.owner_id for s in by_owner] == ["o1"]
+
+
+async def test_concurrent_imports_of_one_deal_create_it_once_and_answer_existing(sales: SalesHandlers) -> None:
+    """Two imports of the same file at once (a retried upload): one creates each deal, the other
+    finds it, instead of failing its whole batch on the unique external id."""
+    rows = [
+        ImportRow(f"RACE-{n}", OpportunityIn(account_id="a", name=f"n{n}", owner_id="o1", stage="needs_confirmed"))
+        for n in range(3)
+    ]
+
+    async def run() -> list[ImportResult]:
+        with as_user("admin", "admin"):
+            return await sales.import_opportunities("", rows)
+
+    results = await asyncio.gather(*(run() for _ in range(4)))
+    outcomes = sorted(r.outcome for batch in results for r in batch)
+    assert outcomes == ["created"] * 3 + ["existing"] * 9
+    assert len({r.opportunity_id for batch in results for r in batch}) == 3
 
 
 async def test_an_import_row_the_caller_refuses_is_only_looked_up(sales: SalesHandlers) -> None:
