@@ -87,6 +87,21 @@ def test_readonly_fields_are_never_writable_even_for_admin() -> None:
     assert decision.write_rule("phone") is FieldRule.WRITE
 
 
+def test_a_create_rule_lets_the_field_be_set_when_creating_and_only_read_afterwards() -> None:
+    """An agent files a ticket in a customer's region, but may not move their ticket out of the
+    region their manager works later."""
+    policy = load_policy()
+    agent = who("service_agent")
+    assert policy.decide(agent, "tickets", "create").write_rule("region") is FieldRule.WRITE
+    update = policy.decide(agent, "tickets", "update")
+    assert update.write_rule("region") is FieldRule.READ
+    assert update.narrow_to_writers(["subject", "region"]) == "region"
+    assert update.read_rule("region") is FieldRule.READ
+    assert policy.effective(agent)["tickets"]["fields"]["region"] == "create"
+    # A manager of the region still moves tickets.
+    assert policy.decide(who("service_manager"), "tickets", "update").write_rule("region") is FieldRule.WRITE
+
+
 def test_several_roles_take_the_widest_scope_of_the_roles_granting_the_action() -> None:
     policy = load_policy()
     both = who("sales_rep", "marketing")

@@ -201,3 +201,18 @@ async def test_a_null_clears_a_field_that_may_be_empty(gateway: httpx.AsyncClien
     assert response.json()["description"] == ""
     [update] = desk.updates
     assert (list(update.update_mask.paths), update.ticket.description) == (["description"], "")
+
+
+async def test_an_agent_may_not_move_their_ticket_to_another_region(
+    gateway: httpx.AsyncClient, desk: FakeServiceDesk
+) -> None:
+    """An agent files a ticket in a customer's region (the policy's `create` rule) but may not move
+    it out of the region whose manager dispatches and reads it; the manager may."""
+    refused = await gateway.patch("/api/v1/tickets/t-1", json={"region": "south"}, headers=auth("service_agent"))
+    edited = await gateway.patch("/api/v1/tickets/t-1", json={"subject": "Paper"}, headers=auth("service_agent"))
+    moved = await gateway.patch("/api/v1/tickets/t-1", json={"region": "south"}, headers=auth("service_manager"))
+
+    assert refused.status_code == 403, refused.text
+    assert refused.json()["errors"] == [{"field": "region", "message": "you may not set field 'region' of tickets"}]
+    assert edited.status_code == moved.status_code == 200, (edited.text, moved.text)
+    assert [list(update.update_mask.paths) for update in desk.updates] == [["subject"], ["region"]]

@@ -20,6 +20,8 @@ File shape (see default_policy.yaml):
           leads: {actions: [read, create, update], scope: own, fields: {owner_id: read}}
           "*": {...}   # every resource the role does not name (admin)
 
+Field rules: `hidden`, `masked`, `read`, `write`, and `create`: set when the record is created,
+read afterwards (a ticket's region an agent files it in, but may not move it out of later).
 Field rule of a role for a field, first match wins: the grant's rule for the field (or its nearest
 parent path, `line_items` for `line_items.discount_percent`), the grant's `"*"` rule, the
 resource's `default` for the field, then `write` when the grant can create or update, else `read`.
@@ -88,7 +90,7 @@ FieldType = Literal[
     "object",
     "id",
 ]
-RuleName = Literal["hidden", "masked", "read", "write"]
+RuleName = Literal["hidden", "masked", "read", "write", "create"]
 
 
 class FieldRule(IntEnum):
@@ -269,7 +271,7 @@ class Decision:
         """`write` when some grant allowing this action lets the caller set the field."""
         rule = self._write_cache.get(path)
         if rule is None:
-            rules = [self.policy.field_rule(grant, self.resource, path) for grant in self.acting]
+            rules = [self.policy.field_rule(grant, self.resource, path, self.action) for grant in self.acting]
             rule = max(rules, default=FieldRule.HIDDEN)
             self._write_cache[path] = rule
         return rule
@@ -284,7 +286,7 @@ class Decision:
                 return path
 
         def writes(grant: Grant, path: str) -> bool:
-            return self.policy.field_rule(grant, self.resource, path) is FieldRule.WRITE
+            return self.policy.field_rule(grant, self.resource, path, self.action) is FieldRule.WRITE
 
         writers = tuple(grant for grant in self.acting if all(writes(grant, path) for path in paths))
         if not writers:
@@ -335,9 +337,11 @@ class Policy:
         return grant
 
     # --- field rules -----------------------------------------------------------------------
-    def field_rule(self, grant: Grant, resource: str, path: str) -> FieldRule:
+    def field_rule(self, grant: Grant, resource: str, path: str, action: str = "read") -> FieldRule:
+        """The grant's rule for the field when doing `action` (`create` reads as `write` only when
+        creating)."""
         spec = self.resource(resource)
-        rule = self._explicit_rule(grant, spec, path)
+        rule = self._explicit_rule(grant, spec, path, action)
         if rule is None:
             rule = FieldRule.WRITE if WRITE_ACTIONS & set(grant.actions) else FieldRule.READ
         readonly = any(spec.field(candidate).readonly for candidate in _path_and_parents(path))
@@ -346,18 +350,20 @@ class Policy:
         return rule
 
     @staticmethod
-    def _explicit_rule(grant: Grant, spec: ResourceSpec, path: str) -> FieldRule | None:
+    def _explicit_rule(grant: Grant, spec: ResourceSpec, path: str, action: str) -> FieldRule | None:
         candidates = _path_and_parents(path)
+        named: RuleName | None = None
         for candidate in candidates:
             if candidate in grant.fields:
-                return FieldRule.parse(grant.fields[candidate])
-        if "*" in grant.fields:
-            return FieldRule.parse(grant.fields["*"])
-        for candidate in candidates:
-            default = spec.field(candidate).default
-            if default is not None:
-                return FieldRule.parse(default)
-        return None
+                named = grant.fields[candidate]
+                break
+        else:
+            named = grant.fields.get("*") or next(
+                (default for candidate in candidates if (default := spec.field(candidate).default) is not None), None
+            )
+        if named == "create":
+            return FieldRule.WRITE if action == "create" else FieldRule.READ
+        return None if named is None else FieldRule.parse(named)
 
     # --- the decision ----------------------------------------------------------------------
     def decide(self, principal: Principal, resource: str, action: str) -> Decision:
@@ -413,8 +419,15 @@ class Policy:
             fields: dict[str, str] = {}
             for name in self.resource(resource).fields:
                 read = max((d.best_read_rule(name) for d in allowed.values()), default=FieldRule.HIDDEN)
-                writable = any(d.write_rule(name) is FieldRule.WRITE for a, d in allowed.items() if a in WRITE_ACTIONS)
-                fields[name] = FieldRule.WRITE.label if writable and read >= FieldRule.READ else read.label
+                writable_on = {
+                    a for a, d in allowed.items() if a in WRITE_ACTIONS and d.write_rule(name) is FieldRule.WRITE
+                }
+                if not writable_on or read < FieldRule.READ:
+                    fields[name] = read.label
+                elif "update" in allowed and writable_on == {"create"}:
+                    fields[name] = "create"  # set when creating, read afterwards
+                else:
+                    fields[name] = FieldRule.WRITE.label
             result[resource] = {
                 "actions": sorted(allowed, key=ACTIONS.index),
                 "scopes": {action: d.scope.kind.value for action, d in allowed.items() if d.scope is not None},
