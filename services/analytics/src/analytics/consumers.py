@@ -89,7 +89,7 @@ async def apply_lead_activity(conn: AsyncConnection, activity: leads_pb2.LeadAct
     if not activity.id:
         return  # a lead.updated of no activity
     row = {"id": activity.id, "lead_id": activity.lead_id}
-    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at)
+    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at, activity.version)
 
 
 async def apply_lead_deleted(conn: AsyncConnection, lead_id: str) -> None:
@@ -180,18 +180,20 @@ async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivo
 async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
     account_id = await repo.surviving_account(conn, activity.account_id)
     row = {"id": activity.id, "account_id": account_id}
-    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at)
+    await _put_activity(conn, row, activity.actor_id, activity.kind, activity.occurred_at, activity.version)
 
 
 async def _put_activity(
-    conn: AsyncConnection, row: dict[str, Any], actor_id: str, kind: str, occurred_at: Timestamp
+    conn: AsyncConnection, row: dict[str, Any], actor_id: str, kind: str, occurred_at: Timestamp, version: int
 ) -> None:
-    """An activity of a lead or an account as it is now, unless it was deleted since."""
+    """An activity of a lead or an account as it is now, unless it was deleted since. Versioned: an
+    account's activity events are keyed by the account it is on, so after a merge its
+    `activity.logged` (the duplicate's key) may be applied after a correction (the survivor's)."""
     await repo.lock_activity(conn, row["id"])
     if await repo.activity_deleted(conn, row["id"]):
         return  # logged or corrected before its deletion, applied after it (`deleted_activities`)
-    row.update(actor_id=actor_id, kind=kind, occurred_at=_time(occurred_at))
-    await repo.upsert(conn, repo.activities, row, keys=["id"])
+    row.update(actor_id=actor_id, kind=kind, occurred_at=_time(occurred_at), version=version)
+    await repo.upsert(conn, repo.activities, row, keys=["id"], versioned=True)
 
 
 async def apply_activity_deleted(conn: AsyncConnection, activity_id: str) -> None:
@@ -283,6 +285,7 @@ async def apply_contract(conn: AsyncConnection, contract: sales_pb2.Contract) ->
             "owner_id": contract.owner_id,
             "team": contract.team,
             "region": contract.region,
+            "status": contract.status,
             "version": contract.version,
         },
         keys=["id"],

@@ -25,6 +25,8 @@ URGENT = "urgent"
 TASK_DONE = "done"
 TASK_CANCELLED = "cancelled"
 TICKET_DONE_STATUSES = frozenset({"resolved", "closed"})
+# Written off: sales no longer counts what it owes as a receivable.
+CONTRACT_TERMINATED = "terminated"
 
 # Key fields whose share of filled values is an entity's data completeness (信息完整率).
 LEAD_KEY_FIELDS = ("name", "company", "title", "phone", "email", "source", "industry", "region")

@@ -461,7 +461,14 @@ class Reports:
             .select_from(
                 i.outerjoin(k, k.c.id == i.c.contract_id).outerjoin(allocated, allocated.c.installment_id == i.c.id)
             )
-            .where(i.c.overdue.is_(True), account.in_(account_ids), _in_scope(k))
+            .where(
+                i.c.overdue.is_(True),
+                account.in_(account_ids),
+                _in_scope(k),
+                # A terminated contract's installments are written off, however late they were (one of
+                # a contract not projected yet still counts).
+                k.c.status.is_distinct_from(domain.CONTRACT_TERMINATED),
+            )
         )
         for account_id, amount, paid_before_plan, code, total in rows:
             owed = domain.outstanding(Decimal(amount), Decimal(paid_before_plan), Decimal(total or 0))

@@ -132,6 +132,8 @@ activities = Table(
     _text("actor_id"),
     _text("kind"),
     _ts("occurred_at"),
+    # 0 for a row projected before versions were kept: any event of the activity replaces it.
+    Column("version", BigInteger, nullable=False, server_default=text("0")),
     Index("ix_rm_activities_actor", "actor_id", "occurred_at"),
     Index("ix_rm_activities_account", "account_id", "occurred_at"),
 )
@@ -165,6 +167,7 @@ contracts = Table(
     _text("account_id"),
     _text("opportunity_id"),
     *_scope_columns(),
+    _text("status"),
     Column("version", BigInteger, nullable=False),
     Index("ix_rm_contracts_account", "account_id"),
 )

@@ -42,9 +42,11 @@ def lead_activity(activity_id: str, kind: str, days: float, version: int = 1) ->
     )
 
 
-def account_activity(activity_id: str, kind: str, days: float, version: int = 1) -> accounts_pb2.Activity:
+def account_activity(
+    activity_id: str, kind: str, days: float, version: int = 1, account_id: str = "A1"
+) -> accounts_pb2.Activity:
     return accounts_pb2.Activity(
-        id=activity_id, account_id="A1", kind=kind, actor_id="r1", occurred_at=days_ago(days), version=version
+        id=activity_id, account_id=account_id, kind=kind, actor_id="r1", occurred_at=days_ago(days), version=version
     )
 
 
@@ -155,3 +157,32 @@ async def test_an_account_activity_deleted_stays_out_when_its_earlier_events_com
 
     assert await activities_counted(engine) == 0
     assert await stored(engine) == {}
+
+
+async def test_an_account_activity_corrected_after_a_merge_keeps_its_correction_when_it_was_logged_later(
+    engine: AsyncEngine,
+) -> None:
+    """After a merge, an activity's `activity.logged` is keyed by the duplicate and its correction by
+    the survivor: in different partitions, the correction may be applied first (the survivor's
+    partition ahead, or on a rebuild). The older snapshot does not undo it."""
+    duplicate = accounts_pb2.Account(
+        id="A2", name="Acme (dup)", owner_id="r1", team="east", region="cn-east", version=1
+    )
+    await deliver(
+        engine, [accounts_events.AccountCreated(account=ACCOUNT), accounts_events.AccountCreated(account=duplicate)]
+    )
+    # Logged yesterday on the duplicate, moved to the survivor by the merge (version 2), then
+    # corrected there: it was a meeting three weeks ago (version 3).
+    corrected = account_activity("X", "meeting", 21, version=3)
+    await deliver(engine, [accounts_events.ActivityUpdated(activity=corrected, changed_fields=["kind", "occurred_at"])])
+
+    await deliver(
+        engine,
+        [
+            accounts_events.ActivityLogged(activity=account_activity("X", "call", 1, account_id="A2")),
+            accounts_events.AccountMerged(duplicate_id="A2", survivor_id="A1"),
+        ],
+    )
+
+    assert (await stored(engine))["X"] == ("meeting", from_timestamp(corrected.occurred_at))
+    assert await activities_counted(engine) == 0

@@ -2,8 +2,9 @@
 (no broker): reports count only the caller's in-scope records (SPEC §9); an account merge brings the
 duplicate's records to the survivor in any order of the topics, even while partitions are applied
 concurrently (SPEC §10: a replay converges); an overdue installment owes what neither money
-received before its plan nor later payments paid; an updated ticket counts at its current priority
-and due times, a breach the service desk reported staying a breach."""
+received before its plan nor later payments paid, and nothing once its contract is terminated; an
+updated ticket counts at its current priority and due times, a breach the service desk reported
+staying a breach."""
 
 import asyncio
 import itertools
@@ -500,6 +501,51 @@ async def test_an_overdue_installment_owes_what_neither_earlier_money_nor_later_
     assert details == {
         "ACC1": ["1 overdue installment(s), 20.00 CNY"],
         "ACC2": ["1 overdue installment(s), 50.00 CNY"],
+    }
+
+
+async def test_a_terminated_contracts_overdue_installments_are_no_churn_reason(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    """A terminated contract is written off: sales no longer counts what it owes as a receivable. Its
+    installments that fell overdue before the termination no longer count, just as those falling due
+    after it never do (sales reports no installment of a terminated contract overdue)."""
+
+    def sales_contract(contract_id: str, account_id: str, status: str, version: int) -> sales_pb2.Contract:
+        return sales_pb2.Contract(
+            id=contract_id,
+            account_id=account_id,
+            owner_id="r9",
+            team="T",
+            region="east",
+            status=status,
+            version=version,
+        )
+
+    signed = sales_events.ContractSigned(contract=sales_contract("K1", "ACC1", "signed", 4))
+    await deliver(
+        engine,
+        [
+            account("ACC1", "r9", "T"),
+            signed,
+            plan("K1", installment("I1", "100", "0", "pending")),
+            overdue("K1", "ACC1", installment("I1", "100", "0", "overdue")),
+            account("ACC2", "r9", "T"),
+            sales_events.ContractSigned(contract=sales_contract("K2", "ACC2", "signed", 4)),
+            plan("K2", installment("I2", "100", "0", "pending")),
+            overdue("K2", "ACC2", installment("I2", "100", "0", "overdue")),
+        ],
+    )
+    terminated = sales_events.ContractTerminated(
+        contract=sales_contract("K1", "ACC1", "terminated", 5), reason="the customer went bankrupt"
+    )
+    # A redelivered signature (an older snapshot) does not bring the debt back.
+    await deliver(engine, [terminated, signed])
+
+    rows = await value_rows(reports, ALL_RECORDS, ReportFilter())
+    assert {row.account_id: {reason.code for reason in row.reasons} for row in rows} == {
+        "ACC1": set(),
+        "ACC2": {"OVERDUE_INSTALLMENTS"},
     }
 
 
