@@ -26,6 +26,9 @@ APIs answer. The gRPC layer takes each keyed request's fingerprint (`request_fin
 finding the key taken) compares it. Keys recorded without one (before revision
 `idempotency_fingerprint`, or by a call from no gRPC request) answer any request with their first
 result, as before; so are calls that resume what their key began (`RESUMING_METADATA`) answered.
+Such a call's keys are not the caller's (`RESUMED_CALLER`): a lead conversion begun by one person
+is resumed, or undone, by whoever comes next, and finds what its key made. Its keys carry a nonce
+of the saga, so no caller can plant a record under one.
 
 A call may ask only for the result its key already has (`REPLAY_ONLY_METADATA`): the gateway sends a
 keyed request so when a check of its own fails now (a record another service owns, merged or out of
@@ -98,12 +101,16 @@ REUSED_KEY_MESSAGE = "was used with a different request"
 # gRPC metadata of a call that wants only the result its key already has (see the module's doc).
 REPLAY_ONLY_METADATA = ("x-crm-idempotency-replay-only", "1")
 NOTHING_TO_REPLAY = "NOTHING_TO_REPLAY"
+# The `caller` column of the keys of resuming calls: shared by every caller (no user id has an @
+# in front).
+RESUMED_CALLER = "@resumed"
 # gRPC trailing metadata of an answer given with the result its key's earlier request had: nothing
 # was done again.
 REPLAYED_METADATA = ("x-crm-idempotency-replayed", "1")
 
 _fingerprint: ContextVar[str | None] = ContextVar("crm_request_fingerprint", default=None)
 _replay_only: ContextVar[bool] = ContextVar("crm_replay_only", default=False)
+_resuming: ContextVar[bool] = ContextVar("crm_resuming", default=False)
 
 
 class _Answer:
@@ -142,16 +149,21 @@ def request_fingerprint(
 
 
 @contextmanager
-def serving_fingerprint(fingerprint: str | None, *, replay_only: bool = False) -> Iterator[None]:
-    """The fingerprint of the request being served, for every key it claims or remembers; and
-    whether it wants only a result its key already has (`REPLAY_ONLY_METADATA`)."""
+def serving_fingerprint(
+    fingerprint: str | None, *, replay_only: bool = False, resuming: bool = False
+) -> Iterator[None]:
+    """The fingerprint of the request being served, for every key it claims or remembers; whether
+    it wants only a result its key already has (`REPLAY_ONLY_METADATA`), and whether it resumes
+    what its key began (`RESUMING_METADATA`)."""
     token = _fingerprint.set(fingerprint)
     replay_token = _replay_only.set(replay_only)
+    resuming_token = _resuming.set(resuming)
     answer_token = _answer.set(_Answer())
     try:
         yield
     finally:
         _answer.reset(answer_token)
+        _resuming.reset(resuming_token)
         _replay_only.reset(replay_token)
         _fingerprint.reset(token)
 
@@ -221,8 +233,12 @@ def replayed(metadata: Iterable[tuple[str, str | bytes]]) -> bool:
 @contextmanager
 def serving_request(request: Any, method: str, metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterator[None]:
     """`serving_fingerprint` for a gRPC request as it came, with its metadata."""
-    replay_only = REPLAY_ONLY_METADATA in (metadata or ())
-    with serving_fingerprint(request_fingerprint(request, method, metadata), replay_only=replay_only):
+    given = tuple(metadata or ())
+    with serving_fingerprint(
+        request_fingerprint(request, method, metadata),
+        replay_only=REPLAY_ONLY_METADATA in given,
+        resuming=RESUMING_METADATA in given,
+    ):
         yield
 
 
@@ -346,11 +362,16 @@ class CallerKeys:
     async def claim(self, conn: AsyncConnection, operation: str, key: str, result_id: str, now: datetime) -> str | None:
         """`claim` for the caller, at the start of the transaction, with the id the call will answer
         with: None when the key is now this call's (or empty), else the first call's id, and this
-        call must not do the work."""
-        earlier = await claim(
-            conn, self.table, operation=operation, caller=current_principal().user_id, key=key, result=result_id,
-            now=now,
-        )  # fmt: skip
+        call must not do the work. A resuming call's key is everyone's (`RESUMED_CALLER`); one its
+        first request recorded as its caller's, before keys of resuming calls were shared, still
+        answers."""
+        caller = current_principal().user_id
+        if _resuming.get():
+            earlier = await recall(conn, self.table, operation=operation, caller=caller, key=key)
+            if earlier is not None:
+                return str(earlier)
+            caller = RESUMED_CALLER
+        earlier = await claim(conn, self.table, operation=operation, caller=caller, key=key, result=result_id, now=now)
         return None if earlier is None else str(earlier)
 
 

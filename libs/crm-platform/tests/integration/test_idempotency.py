@@ -14,12 +14,13 @@ from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm_platform import idempotency
 from crm_platform.config import ServiceSettings
 from crm_platform.db import create_engine, delete_expired
-from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.grpc_client import create_channel, noting_replays, replay_noted
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.ids import new_id
 from crm_platform.outbox import UnitOfWork, add_messaging_tables
+from crm_platform.principal import Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.service import ServiceApp
 from crm_platform.timeutil import utcnow
 from google.protobuf.wrappers_pb2 import StringValue
@@ -81,6 +82,39 @@ async def test_the_same_key_of_another_caller_or_operation_is_independent(engine
         assert await idempotency.recall(conn, keys, operation="create", caller="u1", key="same") == "a"
         assert await idempotency.recall(conn, keys, operation="create", caller="u2", key="same") == "b"
         assert await idempotency.recall(conn, keys, operation="update", caller="u1", key="same") == "c"
+
+
+async def _claim_as(engine: AsyncEngine, user: str, result: str, *, resuming: bool, replay_only: bool = False) -> Any:
+    """`CallerKeys.claim` of key "k" by `user`, served as the gRPC layer serves such a call."""
+    caller_keys = idempotency.CallerKeys(keys)
+    with (
+        acting_as(Principal(user_id=user), RecordScope(ScopeKind.ALL, owner_id=user)),
+        idempotency.serving_fingerprint(None, resuming=resuming, replay_only=replay_only),
+    ):
+        async with engine.begin() as conn:
+            return await caller_keys.claim(conn, "create", "k", result, utcnow())
+
+
+async def test_a_resuming_calls_key_is_everyones_and_one_kept_as_a_callers_still_answers(
+    engine: AsyncEngine,
+) -> None:
+    """A conversion begun by one person and resumed (or undone) by another finds what its key made."""
+    assert await _claim_as(engine, "rep", "first", resuming=True) is None
+    assert await _claim_as(engine, "manager", "second", resuming=True) == "first"
+    assert await _claim_as(engine, "manager", "x", resuming=True, replay_only=True) == "first"
+    # Not resuming, the key is the caller's own as ever.
+    assert await _claim_as(engine, "manager", "own", resuming=False) is None
+    # A key a resuming call recorded as its caller's (before they were shared) still answers it.
+    async with engine.begin() as conn:
+        await conn.execute(update(keys).where(keys.c.caller == idempotency.RESUMED_CALLER).values(caller="rep"))
+    assert await _claim_as(engine, "rep", "third", resuming=True) == "first"
+
+
+async def test_a_resuming_call_wanting_only_a_result_its_key_never_had_is_refused(engine: AsyncEngine) -> None:
+    with pytest.raises(Conflict) as refused:
+        await _claim_as(engine, "rep", "first", resuming=True, replay_only=True)
+
+    assert refused.value.reason == idempotency.NOTHING_TO_REPLAY
 
 
 async def test_a_claimed_key_answers_with_the_first_result(engine: AsyncEngine) -> None:

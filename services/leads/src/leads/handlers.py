@@ -322,21 +322,34 @@ def assignment_rule_of(row: Mapping[Any, Any]) -> AssignmentRule:
 
 
 class ConversionPorts(Protocol):
-    """What conversion needs from the accounts and sales services (gRPC in production)."""
+    """What conversion needs from the accounts and sales services (gRPC in production). A create
+    resumes what its key began; with `replay_only` it creates nothing and answers the id its key
+    made, "" when none (or deleted since)."""
 
     async def get_account(self, account_id: str) -> None: ...
 
-    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str: ...
+    async def create_account(
+        self, *, key: str, lead: Mapping[Any, Any], name: str, replay_only: bool = False
+    ) -> str: ...
 
     async def contact_account_id(self, contact_id: str) -> str:
         """The account of the live contact `contact_id` as the call's scope sees it; "" when it is
         deleted, missing or out of that scope."""
         ...
 
-    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str: ...
+    async def create_contact(
+        self, *, key: str, account_id: str, lead: Mapping[Any, Any], replay_only: bool = False
+    ) -> str: ...
 
     async def create_opportunity(
-        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: "ConvertRequest"
+        self,
+        *,
+        key: str,
+        account_id: str,
+        contact_id: str,
+        lead: Mapping[Any, Any],
+        request: "ConvertRequest",
+        replay_only: bool = False,
     ) -> str: ...
 
     async def delete_opportunity(self, opportunity_id: str) -> None: ...
@@ -3068,9 +3081,7 @@ class LeadsService:
             if isinstance(begun, ConvertResult):
                 return begun
             lead, saga = begun
-        attempt_key = f"lead-convert:{req.lead_id}:{saga['attempt']}"
-        if saga["attempt_nonce"]:  # attempts begun before migration 0011 resume with the keys they began with
-            attempt_key += f":{saga['attempt_nonce']}"
+        attempt_key = _attempt_key(req.lead_id, saga)
         account_id, contact_id = str(saga["account_id"]), str(saga["contact_id"])
         opportunity_id = str(saga["opportunity_id"])
         account_created, contact_created = bool(saga["account_created"]), bool(saga["contact_created"])
@@ -3299,13 +3310,15 @@ class LeadsService:
         """Undoes the lead's last conversion attempt when its saga is in one of `states`: whatever it
         created upstream is deleted (`_compensate`), or Unavailable while that cannot be done yet."""
         async with self.engine.connect() as conn:
-            saga = (
+            saga: Mapping[Any, Any] | None = (
                 (await conn.execute(select(repo.conversions).where(repo.conversions.c.lead_id == lead_id)))
                 .mappings()
                 .first()
             )
         if saga is None or saga["state"] not in states:
             return
+        if saga["state"] == "running":
+            saga = await self._with_lost_creates(lead_id, saga)
         account = str(saga["account_id"]) if saga["account_created"] else ""
         contact = str(saga["contact_id"]) if saga["contact_created"] else ""
         opportunity = str(saga["opportunity_id"])
@@ -3317,6 +3330,42 @@ class LeadsService:
             return
         if not await self._compensate(lead_id, account, contact, opportunity, None):
             raise Unavailable(f"the last conversion attempt of lead {lead_id} is not undone yet; retry later")
+
+    async def _with_lost_creates(self, lead_id: str, saga: Mapping[Any, Any]) -> Mapping[Any, Any]:
+        """The interrupted attempt `saga` with the records of its creates whose answer was lost (a
+        timeout after the upstream made one), asked of the upstream under the step's key without
+        creating anything, and recorded: undone, they would be left behind otherwise."""
+        assert self.ports is not None
+        key = _attempt_key(lead_id, saga)
+        found: dict[str, Any] = {}
+        async with self.engine.connect() as conn:
+            lead = await self._visible_lead(conn, lead_id)
+        with _calling_in(ALL_RECORDS):  # whoever's scope they were made in, as `_compensate` deletes them
+            account_id = str(saga["account_id"])
+            if not account_id and (made := await self.ports.create_account(
+                key=f"{key}:account", lead=lead, name=lead["company"] or lead["name"], replay_only=True
+            )):  # fmt: skip
+                account_id = found["account_id"] = made
+                found["account_created"] = True
+            contact_id = str(saga["contact_id"])
+            if account_id and not contact_id and saga["contact_created"]:
+                contact_id = await self.ports.create_contact(
+                    key=f"{key}:contact", account_id=account_id, lead=lead, replay_only=True
+                )
+                found["contact_id"] = contact_id
+            if contact_id and not saga["opportunity_id"]:
+                found["opportunity_id"] = await self.ports.create_opportunity(
+                    key=f"{key}:opportunity",
+                    account_id=account_id,
+                    contact_id=contact_id,
+                    lead=lead,
+                    request=ConvertRequest(lead_id=lead_id, create_opportunity=True),
+                    replay_only=True,
+                )
+        if not any(found.values()):
+            return saga
+        await self._saga_step(lead_id, **found)
+        return {**saga, **found}
 
     async def _in_use(self, account_id: str, contact_id: str, opportunity_id: str) -> bool:
         assert self.ports is not None
@@ -3358,6 +3407,14 @@ class LeadsService:
             except (NotFound, ValidationFailed):
                 return False
         return True
+
+
+def _attempt_key(lead_id: str, saga: Mapping[Any, Any]) -> str:
+    """The prefix of the idempotency keys of a conversion attempt's creates (the step follows)."""
+    key = f"lead-convert:{lead_id}:{saga['attempt']}"
+    if saga["attempt_nonce"]:  # attempts begun before migration 0011 resume with the keys they began with
+        key += f":{saga['attempt_nonce']}"
+    return key
 
 
 def _calling_in(scope: RecordScope) -> AbstractContextManager[None]:

@@ -3,7 +3,9 @@
 Calls carry the caller's principal and scope, so ownership and permissions stay the caller's.
 Every create is a step of a conversion attempt, keyed by the step; a retry resumes the step with
 the lead and the options as they are by then, and wants the record the key first created
-(`RESUMING_METADATA`), not a refusal of the key as used with a different request.
+(`RESUMING_METADATA`), not a refusal of the key as used with a different request. Asked with
+`replay_only`, a create only tells what its key made ("" for nothing, or deleted since): the undo
+of an attempt whose answer was lost finds the record so.
 Remote errors become domain errors: a business rejection triggers compensation, while
 UNAVAILABLE/DEADLINE_EXCEEDED become `Unavailable` (the saga keeps its progress for a retry).
 """
@@ -30,7 +32,7 @@ from crm_platform.errors import (
 )
 from crm_platform.grpc_client import create_channel
 from crm_platform.grpc_errors import from_rpc_error
-from crm_platform.idempotency import RESUMING_METADATA
+from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA, RESUMING_METADATA
 from crm_platform.principal import current_principal, current_request_id, current_scope, outgoing_metadata
 
 from leads.handlers import ConvertRequest
@@ -102,12 +104,26 @@ class GrpcConversionPorts:
     def _metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return outgoing_metadata(current_principal(), current_scope(), current_request_id())
 
-    async def _call(self, step: str, method: Any, request: Any, *, resuming: bool = False) -> Any:
-        metadata = (*self._metadata(), RESUMING_METADATA) if resuming else self._metadata()
+    async def _call(self, step: str, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata(), timeout=self.deadline)
+        except grpc.aio.AioRpcError as error:
+            raise domain_error(error, step=step) from error
+
+    async def _create(self, step: str, method: Any, request: Any, *, replay_only: bool) -> Any | None:
+        """A conversion step's create, resuming what its key began; None when it only asks what the
+        key made (`replay_only`) and that is nothing, or deleted since."""
+        metadata = (*self._metadata(), RESUMING_METADATA)
+        if replay_only:
+            metadata = (*metadata, REPLAY_ONLY_METADATA)
         try:
             return await method(request, metadata=metadata, timeout=self.deadline)
         except grpc.aio.AioRpcError as error:
-            raise domain_error(error, step=step) from error
+            refused = domain_error(error, step=step)
+            nothing = isinstance(refused, NotFound) or getattr(refused, "reason", "") == NOTHING_TO_REPLAY
+            if replay_only and nothing:
+                return None
+            raise refused from error
 
     async def get_account(self, account_id: str) -> None:
         try:
@@ -121,7 +137,7 @@ class GrpcConversionPorts:
             merged = f"account {account_id} was merged into {survivor}"
             raise ValidationFailed([FieldError("account_id", merged)])
 
-    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
+    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str, replay_only: bool = False) -> str:
         account = accounts_service_pb2.AccountInput(
             name=name,
             industry=lead["industry"],
@@ -130,13 +146,13 @@ class GrpcConversionPorts:
             team=lead["team"],
             tags=list(lead["tags"] or []),
         )
-        response = await self._call(
+        response = await self._create(
             "account",
             self.accounts.CreateAccount,
             accounts_service_pb2.CreateAccountRequest(account=account, idempotency_key=key),
-            resuming=True,
+            replay_only=replay_only,
         )
-        return str(response.account.id)
+        return "" if response is None else str(response.account.id)
 
     async def contact_account_id(self, contact_id: str) -> str:
         try:
@@ -147,7 +163,9 @@ class GrpcConversionPorts:
             return ""  # deleted, or out of the caller's scope on contacts: the conversion creates one
         return str(response.contact.account_id)
 
-    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
+    async def create_contact(
+        self, *, key: str, account_id: str, lead: Mapping[Any, Any], replay_only: bool = False
+    ) -> str:
         contact = accounts_service_pb2.ContactInput(
             account_id=account_id,
             name=lead["name"] or lead["company"],
@@ -157,16 +175,23 @@ class GrpcConversionPorts:
             is_primary=True,
             tags=list(lead["tags"] or []),
         )
-        response = await self._call(
+        response = await self._create(
             "contact",
             self.accounts.CreateContact,
             accounts_service_pb2.CreateContactRequest(contact=contact, idempotency_key=key),
-            resuming=True,
+            replay_only=replay_only,
         )
-        return str(response.contact.id)
+        return "" if response is None else str(response.contact.id)
 
     async def create_opportunity(
-        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: ConvertRequest
+        self,
+        *,
+        key: str,
+        account_id: str,
+        contact_id: str,
+        lead: Mapping[Any, Any],
+        request: ConvertRequest,
+        replay_only: bool = False,
     ) -> str:
         message = sales_service_pb2.CreateOpportunityRequest(
             idempotency_key=key,
@@ -187,8 +212,8 @@ class GrpcConversionPorts:
                     amount=format(request.opportunity_amount.amount, "f"), currency=request.opportunity_amount.currency
                 )
             )
-        response = await self._call("opportunity", self.sales.CreateOpportunity, message, resuming=True)
-        return str(response.opportunity.id)
+        response = await self._create("opportunity", self.sales.CreateOpportunity, message, replay_only=replay_only)
+        return "" if response is None else str(response.opportunity.id)
 
     async def delete_opportunity(self, opportunity_id: str) -> None:
         try:

@@ -51,9 +51,14 @@ class FakePorts:
     opportunities: dict[str, str] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     fail: dict[str, CrmError] = field(default_factory=dict)
+    # Steps whose create is made upstream, but whose answer is lost on the way back (a timeout).
+    answer_lost: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
 
-    def _create(self, step: str, key: str, store: dict[str, str], value: str) -> str:
+    def _create(self, step: str, key: str, store: dict[str, str], value: str, replay_only: bool) -> str:
+        if replay_only:  # only what the key made, if it still exists
+            self.calls.append(f"replay_{step}")
+            return self.keys[key] if self.keys.get(key) in store else ""
         self.calls.append(f"create_{step}")
         if step in self.fail:
             raise self.fail[step]
@@ -61,6 +66,8 @@ class FakePorts:
             created = new_id()
             self.keys[key] = created
             store[created] = value
+        if step in self.answer_lost:
+            raise Unavailable(f"{step}: deadline exceeded")
         return self.keys[key]
 
     async def get_account(self, account_id: str) -> None:
@@ -69,8 +76,8 @@ class FakePorts:
 
             raise ValidationFailed([FieldError("account_id", "does not exist")])
 
-    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str) -> str:
-        return self._create("account", key, self.accounts, name)
+    async def create_account(self, *, key: str, lead: Mapping[Any, Any], name: str, replay_only: bool = False) -> str:
+        return self._create("account", key, self.accounts, name, replay_only)
 
     async def contact_account_id(self, contact_id: str) -> str:
         self.calls.append("get_contact")
@@ -78,13 +85,22 @@ class FakePorts:
             raise self.fail["get_contact"]
         return self.contacts.get(contact_id, "")
 
-    async def create_contact(self, *, key: str, account_id: str, lead: Mapping[Any, Any]) -> str:
-        return self._create("contact", key, self.contacts, account_id)
+    async def create_contact(
+        self, *, key: str, account_id: str, lead: Mapping[Any, Any], replay_only: bool = False
+    ) -> str:
+        return self._create("contact", key, self.contacts, account_id, replay_only)
 
     async def create_opportunity(
-        self, *, key: str, account_id: str, contact_id: str, lead: Mapping[Any, Any], request: ConvertRequest
+        self,
+        *,
+        key: str,
+        account_id: str,
+        contact_id: str,
+        lead: Mapping[Any, Any],
+        request: ConvertRequest,
+        replay_only: bool = False,
     ) -> str:
-        return self._create("opportunity", key, self.opportunities, account_id)
+        return self._create("opportunity", key, self.opportunities, account_id, replay_only)
 
     async def delete_opportunity(self, opportunity_id: str) -> None:
         self.calls.append("delete_opportunity")

@@ -9,9 +9,11 @@ account or for an opportunity it did not get, it refuses (409 ILLEGAL_TRANSITION
 import asyncio
 from typing import Any
 
+import grpc
 import pytest
 from accounts import repository as accounts_repo
 from accounts.handlers import merge_accounts
+from accounts.servicer import AccountsServicer
 from crm.accounts.v1 import accounts_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform.errors import Conflict, Unavailable, ValidationFailed
@@ -330,6 +332,67 @@ async def test_disqualifying_a_lead_whose_conversion_was_interrupted_undoes_the_
 
     assert disqualified["status"] == "unqualified"
     assert env.ports.accounts == env.ports.contacts == {}
+    assert (await saga_row(env, lead["id"])).state == "compensated"
+
+
+@pytest.mark.parametrize("step", ["account", "contact", "opportunity"])
+async def test_an_undone_attempt_whose_create_answer_was_lost_leaves_nothing_behind(env: Any, step: str) -> None:
+    """Accounts (or sales) made the step's record, but its answer never came back: the attempt does
+    not know the record's id. Disqualifying the lead, by someone else, asks the upstream what the
+    step's key made, and deletes it with the rest."""
+    with env.acting():
+        lead, _ = await env.service.create_lead({"name": "Sun Ba", "company": "Lost Answer Co", "owner_id": "rep1"})
+        env.ports.answer_lost.add(step)
+        with pytest.raises(Unavailable):
+            await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+        env.ports.answer_lost.clear()
+    made = {"account": env.ports.accounts, "contact": env.ports.contacts, "opportunity": env.ports.opportunities}
+    assert made[step], "the upstream made the record"
+
+    with env.acting("manager1", roles=("sales_manager",)):
+        disqualified = (await env.service.disqualify(lead["id"], "no budget", 0)).record
+
+    assert disqualified["status"] == "unqualified"
+    assert env.ports.accounts == env.ports.contacts == env.ports.opportunities == {}
+    assert f"replay_{step}" in env.ports.calls
+    assert (await saga_row(env, lead["id"])).state == "compensated"
+
+
+class AccountsLosingTheFirstAnswer(AccountsServicer):
+    """Creates the first account, then answers as if the call had timed out."""
+
+    lost = False
+
+    async def CreateAccount(self, request: Any, context: Any) -> Any:
+        reply = await super().CreateAccount(request, context)
+        if not AccountsLosingTheFirstAnswer.lost:
+            AccountsLosingTheFirstAnswer.lost = True
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        return reply
+
+
+async def test_with_the_real_accounts_service_an_account_whose_answer_was_lost_is_found_and_undone(
+    env: Any, accounts_over_grpc: Any
+) -> None:
+    """The rep's conversion made its account, but the answer was lost; the manager disqualifies the
+    lead. The account is found under the step's key (whoever asks) and deleted."""
+    async with accounts_over_grpc(AccountsLosingTheFirstAnswer) as (_, accounts_db):
+        with env.acting("rep1"):
+            lead, _ = await env.service.create_lead({"name": "Zhou Jiu", "company": "Timeout Co", "owner_id": "rep1"})
+            with pytest.raises(Unavailable):
+                await env.service.convert(ConvertRequest(lead["id"]))
+
+        async def unused(account_id: str, **_: str) -> bool:
+            return False  # sales is not served here: the account holds no deal
+
+        env.service.ports.account_used_besides = unused
+        with env.acting("manager1", roles=("sales_manager",)):
+            await env.service.disqualify(lead["id"], "no budget", 0)
+        async with accounts_db.connect() as conn:
+            a = accounts_repo.accounts.c
+            accounts = (await conn.execute(select(a.name, a.deleted_at.is_not(None)))).all()
+
+    assert accounts == [("Timeout Co", True)]
     assert (await saga_row(env, lead["id"])).state == "compensated"
 
 

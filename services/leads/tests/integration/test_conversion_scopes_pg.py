@@ -19,9 +19,10 @@ from crm.leads.v1 import leads_service_pb2_grpc
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
-from crm_platform.errors import CrmError, FieldError, NotFound, Unavailable, ValidationFailed
+from crm_platform.errors import Conflict, CrmError, FieldError, NotFound, Unavailable, ValidationFailed
 from crm_platform.grpc_errors import to_status
 from crm_platform.grpc_server import GrpcServer
+from crm_platform.idempotency import NOTHING_TO_REPLAY, REPLAY_ONLY_METADATA
 from crm_platform.ids import new_id
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.testing import PolicyEdit, started_gateway
@@ -80,6 +81,13 @@ async def abort(context: Any, error: CrmError) -> None:
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+async def refuse_a_replay(context: Any) -> None:
+    """These fakes keep no keys: a create asking only for what its key made finds nothing, as the
+    services answer a key never used."""
+    if REPLAY_ONLY_METADATA in tuple(context.invocation_metadata()):
+        await abort(context, Conflict("no earlier request under this key", reason=NOTHING_TO_REPLAY))
+
+
 class FakeAccounts(AccountsServiceServicer):
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -91,6 +99,7 @@ class FakeAccounts(AccountsServiceServicer):
 
     async def CreateAccount(self, request: accounts_pb.CreateAccountRequest, context: Any) -> Any:
         self.upstream.note("CreateAccount", context)
+        await refuse_a_replay(context)
         account_id = new_id()
         self.upstream.accounts[account_id] = (request.account.owner_id, request.account.team, request.account.region)
         return accounts_pb.CreateAccountResponse(account=accounts_pb2.Account(id=account_id))
@@ -103,7 +112,9 @@ class FakeAccounts(AccountsServiceServicer):
 
     async def CreateContact(self, request: accounts_pb.CreateContactRequest, context: Any) -> Any:
         account_id = request.contact.account_id
-        if not self.upstream.sees(self.upstream.note("CreateContact", context), account_id):
+        call_scope = self.upstream.note("CreateContact", context)
+        await refuse_a_replay(context)
+        if not self.upstream.sees(call_scope, account_id):
             await abort(context, ValidationFailed([FieldError("account_id", f"account {account_id} does not exist")]))
         contact_id = new_id()
         self.upstream.contacts[contact_id] = account_id
@@ -130,6 +141,7 @@ class FakeSales(SalesServiceServicer):
 
     async def CreateOpportunity(self, request: sales_pb.CreateOpportunityRequest, context: Any) -> Any:
         self.upstream.note("CreateOpportunity", context)
+        await refuse_a_replay(context)
         if self.upstream.sales_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "sales is down")
         opportunity_id = new_id()
@@ -279,5 +291,6 @@ async def test_a_conversion_left_by_the_leads_former_owner_is_undone_not_finishe
     assert conversion.upstream.contacts == {converted["contact_id"]: converted["account_id"]}
     methods = [method for method, _ in conversion.upstream.calls]
     assert methods[0] == "GetAccount"
-    assert sorted(methods[1:4]) == ["ListActivities", "ListContacts", "ListOpportunities"]  # asked side by side
-    assert methods[4:] == ["DeleteContact", "DeleteAccount", "CreateAccount", "CreateContact", "CreateOpportunity"]
+    assert methods[1] == "CreateOpportunity"  # what the deal's key made, if sales made it before going down: nothing
+    assert sorted(methods[2:5]) == ["ListActivities", "ListContacts", "ListOpportunities"]  # asked side by side
+    assert methods[5:] == ["DeleteContact", "DeleteAccount", "CreateAccount", "CreateContact", "CreateOpportunity"]
