@@ -5,7 +5,8 @@ A value from outside (a request body, an imported row) must be storable and fit 
   surrogates, protobuf strings do not);
 - finite numbers: Python's JSON parser takes NaN and Infinity (and reads 1e999 as Infinity), which
   JSON does not have and neither JSONB nor a Struct's JSON form can carry; an integer travels as a
-  protobuf double, so it must fit one;
+  protobuf double, so it must be one a double holds exactly (2^53 at most: a larger one, an ERP
+  id say, would come back as another number);
 - at most `MAX_NESTING` levels of objects and arrays.
 `unstorable_values` names every place that breaks a rule; the gateway and the lead import ask it.
 """
@@ -26,6 +27,11 @@ MAX_NESTING = 32
 TOO_DEEP = f"nests deeper than {MAX_NESTING} levels"
 NOT_FINITE = "must be a finite number (JSON has no NaN or Infinity)"
 OUT_OF_RANGE = "is out of range for a number"
+# The largest integer a double holds exactly, with every integer below it.
+MAX_EXACT_INTEGER = 2**53
+INEXACT_INTEGER = (
+    f"is an integer larger than {MAX_EXACT_INTEGER} (2^53), which would not be kept exactly: send it as text"
+)
 
 Location = tuple[str | int, ...]
 
@@ -54,6 +60,8 @@ def unstorable_values(value: Any, loc: Location = (), *, level: int = 1) -> Iter
     elif isinstance(value, int):
         if abs(value) > sys.float_info.max:
             yield loc, OUT_OF_RANGE
+        elif abs(value) > MAX_EXACT_INTEGER:
+            yield loc, INEXACT_INTEGER
     elif isinstance(value, dict):
         if level > MAX_NESTING:
             yield loc, TOO_DEEP

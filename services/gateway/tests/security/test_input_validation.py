@@ -16,7 +16,7 @@ import pytest
 from annotated_types import MaxLen
 from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
-from crm_platform.structs import unstorable_values
+from crm_platform.structs import INEXACT_INTEGER, unstorable_values
 from fastapi import FastAPI
 from gateway.conventions import FigureIn, MoneyIn
 from gateway.inputs import INT32_MAX, INT32_MIN, RequestBody
@@ -120,6 +120,9 @@ NOT_A_JSON_NUMBER = [
     ("POST", "/api/v1/accounts", '{"name": "ok", "custom": {"x": [1, 1e999]}}', ["custom.x[1]"]),
     ("POST", "/api/v1/tickets", {"subject": "s", "custom": {"x": float("-inf")}}, ["custom.x"]),
     ("POST", "/api/v1/opportunities", {"name": "o", "custom": {"x": 10**400}}, ["custom.x"]),
+    # Held as a double, 2^53 + 1 would come back as 2^53: stored, it would be another number.
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"erp_id": 2**53 + 1}}, ["custom.erp_id"]),
+    ("POST", "/api/v1/accounts", {"name": "ok", "custom": {"x": [-(10**19)]}}, ["custom.x[0]"]),
     ("POST", "/api/v1/leads", {"name": "ok", "custom": {"x": float("inf")}}, ["custom.x"]),
 ]
 
@@ -196,10 +199,12 @@ def test_unstorable_values_walks_keys_values_and_lists() -> None:
         (("body",), "has a key that must not contain NUL characters"),
         (("body", "d", "e"), "is not valid UTF-8 text"),
     ]
-    found = list(unstorable_values({"a": [1.5, float("nan")], "b": -(10**400), "c": 10**300, "d": True}, ()))
+    exact = {"e": 2**53, "f": -(2**53), "d": True, "g": 1e300}
+    found = list(unstorable_values({"a": [1.5, float("nan")], "b": -(10**400), "c": 10**300, **exact}, ()))
     assert found == [
         (("a", 1), "must be a finite number (JSON has no NaN or Infinity)"),
         (("b",), "is out of range for a number"),
+        (("c",), INEXACT_INTEGER),  # a double near it, not it
     ]
 
 

@@ -527,6 +527,42 @@ async def test_a_rep_imports_the_fields_they_may_set(gateway: Gateway, body: str
     assert content == body.encode() and header.part == params.get("part", 0)
 
 
+DEEP = "[" * 5000 + "]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("body", "params"),
+    [
+        (DEEP, {"format": "json"}),
+        (f"{DEEP}\n", {"format": "jsonl"}),
+        (f'[{{"name": "Li", "custom": {DEEP}}}]', {"format": "json"}),
+    ],
+)
+async def test_an_import_nested_deeper_than_json_can_be_read_goes_to_the_service_to_refuse(
+    gateway: Gateway, body: str, params: dict[str, Any]
+) -> None:
+    """The gateway cannot tell its columns (which a manager may all set); the service refuses the file
+    or the row, saying why."""
+    response = await post_import(gateway, body, role="sales_manager", **params)
+
+    assert response.status_code == 200, response.text
+    [(_, content)] = gateway.leads.imports
+    assert content == body.encode()
+
+
+async def test_a_column_map_nested_deeper_than_json_can_be_read_is_a_422_naming_it(gateway: Gateway) -> None:
+    response = await gateway.client.post(
+        "/api/v1/leads/import",
+        params={"column_map": DEEP},
+        content=b"name\nLi\n",
+        headers={**gateway.auth("sales_rep"), "Content-Type": "text/csv"},
+    )
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["field"] == "column_map"
+    assert gateway.leads.imports == []
+
+
 async def test_a_manager_imports_owners_and_teams(gateway: Gateway) -> None:
     body = "name,owner_id,team\nLi,u-2,west\n"
     response = await post_import(gateway, body, role="sales_manager")

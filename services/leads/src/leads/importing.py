@@ -26,6 +26,8 @@ UNCLOSED_QUOTE = (
     "has a quoted field that is not closed before the end of the file; the lines after its opening quote are "
     "read as part of it: close the quote, or remove it"
 )
+# What a JSON value nested deeper than the parser can go (RecursionError) is refused as.
+NESTED_TOO_DEEP = "its arrays or objects nest too deep to read"
 
 
 def check_import_size(bytes_seen: int, max_bytes: int) -> None:
@@ -293,6 +295,8 @@ class StreamParser:
             items = json.loads(b"".join(self._json_parts).decode("utf-8-sig") or "[]")
         except (ValueError, UnicodeDecodeError) as error:
             raise ValidationFailed([FieldError("file", f"not a JSON array: {error}")]) from None
+        except RecursionError:
+            raise ValidationFailed([FieldError("file", f"not a JSON array: {NESTED_TOO_DEEP}")]) from None
         if not isinstance(items, list):
             raise ValidationFailed([FieldError("file", "a JSON import is an array of objects")])
         for item in items:
@@ -324,6 +328,9 @@ class StreamParser:
                     item = json.loads(line)
                 except ValueError as error:
                     yield self.rows, f"not valid JSON: {error}"
+                    continue
+                except RecursionError:
+                    yield self.rows, f"not valid JSON: {NESTED_TOO_DEEP}"
                     continue
                 yield self.rows, self._checked(item)
             return

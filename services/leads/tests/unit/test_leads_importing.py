@@ -5,10 +5,11 @@ from typing import Any
 import pytest
 from crm_platform.errors import ValidationFailed
 from crm_platform.lead_import import custom_key
-from crm_platform.structs import MAX_NESTING, NOT_FINITE, OUT_OF_RANGE, TOO_DEEP
+from crm_platform.structs import INEXACT_INTEGER, MAX_NESTING, NOT_FINITE, OUT_OF_RANGE, TOO_DEEP
 from hypothesis import given
 from hypothesis import strategies as st
 from leads.importing import (
+    NESTED_TOO_DEEP,
     UNCLOSED_QUOTE,
     RecordSplitter,
     RowMapper,
@@ -86,6 +87,7 @@ def test_rows_with_unstorable_text_are_rejected_not_stored(fmt: str, data: bytes
         (b'{"name": "a", "x": [-Infinity]}', f"the row field x[0] {NOT_FINITE}"),
         (b'{"name": "a", "x": 1e999}', f"the row field x {NOT_FINITE}"),
         (b'{"name": "a", "x": 1' + b"0" * 400 + b"}", f"the row field x {OUT_OF_RANGE}"),
+        (b'{"name": "a", "x": 9007199254740993}', f"the row field x {INEXACT_INTEGER}"),
     ],
 )
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
@@ -109,6 +111,17 @@ def test_a_json_row_nested_deeper_than_an_event_can_carry_is_rejected() -> None:
     for leaf in ('"y"', "1"):
         nested = json.loads("[" * (MAX_NESTING - 1) + leaf + "]" * (MAX_NESTING - 1))
         assert why_unstorable({"x": nested}, "the row") is None
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_refused_not_a_crash() -> None:
+    """Nesting a parser cannot follow (a RecursionError) rejects the row, or fails a JSON array file,
+    saying why: never a 500."""
+    deep = "[" * 5000 + "]" * 5000
+    rows = parse_in_chunks(f'{deep}\n{{"name": "b"}}\n'.encode(), 4096, "jsonl", max_bytes=100_000)
+    assert rows == [(1, f"not valid JSON: {NESTED_TOO_DEEP}"), (2, {"name": "b"})]
+    with pytest.raises(ValidationFailed) as caught:
+        parse_in_chunks(f'[{{"name": "a", "x": {deep}}}]'.encode(), 4096, "json", max_bytes=100_000)
+    assert caught.value.errors[0].field == "file" and NESTED_TOO_DEEP in caught.value.detail
 
 
 def test_a_csv_header_with_a_nul_character_fails_the_file() -> None:

@@ -700,7 +700,7 @@ def _import_columns(fmt: str, body: bytes, part: int) -> ImportColumns | None:
     if fmt == "json":
         try:
             items = json.loads(text or "[]")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
             return ImportColumns([])  # the service refuses the whole file: nothing is imported
         rows = [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
         return _json_columns(rows)
@@ -710,7 +710,7 @@ def _import_columns(fmt: str, body: bytes, part: int) -> ImportColumns | None:
             continue
         try:
             item = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             # Maybe part of a record the service reads across lines or parts: its keys are unknown.
             return None
         if isinstance(item, dict):
@@ -791,7 +791,7 @@ def _json_map(text: str, name: str) -> dict[str, str]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to decode
         value = None
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise RequestValidationError(
