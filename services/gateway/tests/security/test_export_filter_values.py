@@ -44,6 +44,10 @@ STATUSES = ("new", "assigned", "in_progress", "waiting_customer", "resolved", "c
         ("leads", "/leads", {"grade": "Z"}),
         ("accounts", "/accounts", {"tier": "A,Z"}),
         ("accounts", "/accounts", {"lifecycle": "dead"}),
+        ("contacts", "/contacts", {"decision_role": "boss"}),
+        ("quotes", "/quotes", {"status": "aproved"}),
+        ("contracts", "/contracts", {"status": "bogus"}),
+        ("invoices", "/invoices", {"status": "paid"}),
         # A list that takes no `sort`: it is a query parameter its export does not take either.
         ("csat", "/csat", {"sort": "-submitted_at"}),
     ],

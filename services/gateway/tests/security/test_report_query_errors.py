@@ -114,3 +114,30 @@ async def test_an_error_naming_a_query_parameter_already_keeps_its_name(gateway:
     response = await gateway.get("/api/v1/reports/customer-value", params={"cursor": "forged"})
 
     assert _errors(response) == [{"field": "cursor", "message": "was not issued by this service"}]
+
+
+@pytest.mark.parametrize("report", REPORTS)
+@pytest.mark.parametrize("value", ["2026-12-07T00:00:00", "2026-12-07", "1796601600"])
+async def test_a_report_period_without_a_time_zone_is_refused_not_read_as_utc(
+    gateway: httpx.AsyncClient, report: str, value: str
+) -> None:
+    """An analyst's local midnight read as UTC would move the period by hours, silently."""
+    response = await gateway.get(f"/api/v1/reports/{report}", params={"period_from": value})
+    exported = await gateway.get("/api/v1/exports/reports", params={"report": report, "period_from": value})
+
+    assert [error["field"] for error in _errors(response)] == ["period_from"]
+    assert [error["field"] for error in _errors(exported)] == ["period_from"]
+
+
+@pytest.mark.parametrize("report", REPORTS)
+async def test_a_lead_source_filter_applies_to_the_reports_of_leads_and_deals_only(
+    gateway: httpx.AsyncClient, report: str
+) -> None:
+    response = await gateway.get(f"/api/v1/reports/{report}", params={"source": "web"})
+    exported = await gateway.get("/api/v1/exports/reports", params={"report": report, "source": "web"})
+
+    if report in ("sales-funnel", "lead-sources"):
+        assert response.status_code == exported.status_code == 200, (response.text, exported.text)
+        return
+    assert _errors(response) == [{"field": "source", "message": f"filter 'source' does not apply to report {report}"}]
+    assert [error["field"] for error in _errors(exported)] == ["source"]

@@ -637,6 +637,9 @@ AccountsDelete = Annotated[Access, Depends(require("accounts", "delete"))]
 AccountsAssign = Annotated[Access, Depends(require("accounts", "assign"))]
 IfMatch = Annotated[str | None, IF_MATCH_HEADER]
 CSV = Annotated[list[str] | None, Query()]
+DecisionRoles = Annotated[
+    list[Annotated[str, comma_separated_choices("decision_maker", "influencer", "user", "gatekeeper")]] | None, Query()
+]
 # The accounts service's values (`accounts.domain.TIERS`, `LIFECYCLES`).
 TierFilter = Annotated[
     list[Annotated[str, comma_separated_choices("A", "B", "C", "D")]] | None,
@@ -1049,7 +1052,7 @@ async def list_contacts(
     account_id: str | None = None,
     q: Annotated[str | None, Query(max_length=200)] = None,
     tag: Annotated[list[str] | None, Query()] = None,
-    decision_role: CSV = None,
+    decision_role: DecisionRoles = None,
     owner_id: str | None = None,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str | None = None,
@@ -1081,7 +1084,7 @@ async def list_account_contacts(
     access: ContactsRead,
     q: Annotated[str | None, Query(max_length=200)] = None,
     tag: Annotated[list[str] | None, Query()] = None,
-    decision_role: CSV = None,
+    decision_role: DecisionRoles = None,
     limit: Annotated[int | None, Query(ge=1, le=500)] = None,
     cursor: str | None = None,
     sort: str | None = None,

@@ -27,6 +27,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from gateway.inputs import Instant
 from gateway.routers import analytics_schemas as schemas
 from gateway.routing import ResourceRouter
 from gateway.security import Access, SecurityProblem, require
@@ -70,11 +71,13 @@ class Filters:
 
     def __init__(
         self,
-        period_from: Annotated[datetime | None, Query(description="inclusive, RFC 3339")] = None,
-        period_to: Annotated[datetime | None, Query(description="exclusive, RFC 3339")] = None,
+        period_from: Annotated[Instant | None, Query(description="inclusive, RFC 3339")] = None,
+        period_to: Annotated[Instant | None, Query(description="exclusive, RFC 3339")] = None,
         owner_id: Annotated[str, Query(max_length=100)] = "",
         team: Annotated[str, Query(max_length=100)] = "",
-        source: Annotated[str, Query(max_length=100)] = "",
+        source: Annotated[
+            str, Query(max_length=100, description="lead source: the sales-funnel and lead-sources reports only")
+        ] = "",
         currency: Annotated[str, Query(max_length=3, description="ISO 4217; default: the reporting currency")] = "",
     ) -> None:
         self.period_from = period_from
@@ -84,8 +87,11 @@ class Filters:
         self.source = source
         self.currency = currency.upper()
 
-    def proto(self, access: Access) -> pb.ReportFilter:
-        """The filter for the analytics service; `owner_id=me` is the caller, as on every list."""
+    def proto(self, access: Access, report: str) -> pb.ReportFilter:
+        """The filter for the analytics service; `owner_id=me` is the caller, as on every list. A
+        filter the report cannot apply is a 422 naming it, not a report answered as if it held."""
+        if self.source and report not in _REPORTS_BY_SOURCE:
+            raise invalid_filter("source", f"filter 'source' does not apply to report {report}")
         return pb.ReportFilter(
             period_from=to_timestamp(self.period_from),
             period_to=to_timestamp(self.period_to),
@@ -108,6 +114,8 @@ class Filters:
 
 
 ReportFilters = Annotated[Filters, Depends()]
+# The reports that can be filtered by lead source (the others count records without one).
+_REPORTS_BY_SOURCE = frozenset({"sales-funnel", "lead-sources"})
 
 
 def plain(message: Message) -> dict[str, Any]:
@@ -266,7 +274,7 @@ async def sales_funnel(
     """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle."""
     reply = await _report(
         _stub(request).GetSalesFunnel(
-            pb.GetSalesFunnelRequest(filter=filters.proto(access), pipeline_id=pipeline_id),
+            pb.GetSalesFunnelRequest(filter=filters.proto(access, "sales-funnel"), pipeline_id=pipeline_id),
             metadata=access.grpc_metadata(),
         )
     )
@@ -294,7 +302,7 @@ async def lead_sources(
     grouping = pb.LEAD_GROUPING_CAMPAIGN if group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
     reply = await _report(
         _stub(request).GetLeadSourceReport(
-            pb.GetLeadSourceReportRequest(filter=filters.proto(access), group_by=grouping),
+            pb.GetLeadSourceReportRequest(filter=filters.proto(access, "lead-sources"), group_by=grouping),
             metadata=access.grpc_metadata(),
         )
     )
@@ -309,7 +317,8 @@ async def rep_performance(
     """Per rep: activities, task completion, deals won, CSAT of their tickets, data completeness."""
     reply = await _report(
         _stub(request).GetRepPerformance(
-            pb.GetRepPerformanceRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+            pb.GetRepPerformanceRequest(filter=filters.proto(access, "rep-performance")),
+            metadata=access.grpc_metadata(),
         )
     )
     body = _rows(plain(reply), _Money(access))
@@ -321,7 +330,7 @@ async def service(request: Request, access: ReportsRead, filters: ReportFilters,
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
     reply = await _report(
         _stub(request).GetServiceReport(
-            pb.GetServiceReportRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+            pb.GetServiceReportRequest(filter=filters.proto(access, "service")), metadata=access.grpc_metadata()
         )
     )
     body = plain(reply)
@@ -343,7 +352,7 @@ async def customer_value(
     reply = await _report(
         _stub(request).GetCustomerValue(
             pb.GetCustomerValueRequest(
-                filter=filters.proto(access),
+                filter=filters.proto(access, "customer-value"),
                 at_risk_only=at_risk_only,
                 page=common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor),
             ),
@@ -370,7 +379,8 @@ async def data_completeness(
     """Share of filled key fields of leads and accounts, overall and per field."""
     reply = await _report(
         _stub(request).GetDataCompleteness(
-            pb.GetDataCompletenessRequest(filter=filters.proto(access)), metadata=access.grpc_metadata()
+            pb.GetDataCompletenessRequest(filter=filters.proto(access, "data-completeness")),
+            metadata=access.grpc_metadata(),
         )
     )
     body = plain(reply)
@@ -400,7 +410,7 @@ _REPORT_PARAMETERS: dict[str, frozenset[str]] = {
 }
 _SHARED_PARAMETERS = frozenset({"period_from", "period_to", "owner_id", "team", "source", "currency"})
 _MAX_LENGTHS = {"owner_id": 100, "team": 100, "source": 100, "currency": 3, "pipeline_id": 64}
-_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(Instant)
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 
 
@@ -416,6 +426,8 @@ class _ReportExport:
         if self.report not in _REPORT_PARAMETERS:
             raise invalid_filter("report", f"unknown report '{name}': one of {', '.join(_REPORT_PARAMETERS)}")
         allowed = _SHARED_PARAMETERS | _REPORT_PARAMETERS[self.report] | {"report"}
+        if self.report not in _REPORTS_BY_SOURCE:
+            allowed -= {"source"}
         for key, value in filters.items():
             if key not in allowed:
                 raise invalid_filter(key, f"filter '{key}' does not apply to report {self.report}")
@@ -459,7 +471,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
     stub = _stub(access.request)
     metadata = access.grpc_metadata()
     money = _Money(access)
-    report_filter = export.filters.proto(access)
+    report_filter = export.filters.proto(access, export.report)
     rows: list[dict[str, Any]]
     match export.report:
         case "customer-value":

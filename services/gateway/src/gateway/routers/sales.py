@@ -42,6 +42,11 @@ from gateway.security import Access, FilterFields, SecurityProblem, require
 from gateway.security.exports import invalid_filter, register_export_source
 from gateway.upstreams import Upstreams
 
+# The statuses a list may be filtered by: any other is a 422 naming `status`, not an empty page.
+QuoteStatus = Literal["draft", "pending_approval", "approved", "rejected"]
+ContractStatus = Literal["draft", "pending_approval", "approved", "rejected", "signed", "completed", "terminated"]
+InvoiceStatus = Literal["requested", "issued", "void"]
+
 router = ResourceRouter(tags=["sales"])
 
 IfMatch = Annotated[str | None, IF_MATCH_HEADER]
@@ -1202,7 +1207,7 @@ async def list_quotes(
     request: Request,
     access: QuotesRead,
     opportunity_id: str | None = None,
-    status: str | None = None,
+    status: QuoteStatus | None = None,
     limit: Limit = None,
     cursor: str | None = None,
     sort: Annotated[
@@ -1366,7 +1371,7 @@ async def list_contracts(
     request: Request,
     access: ContractsRead,
     account_id: str | None = None,
-    status: str | None = None,
+    status: ContractStatus | None = None,
     opportunity_id: str | None = None,
     owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
     limit: Limit = None,
@@ -1678,7 +1683,7 @@ async def list_invoices(
     access: InvoicesRead,
     contract_id: str | None = None,
     account_id: str | None = None,
-    status: str | None = None,
+    status: InvoiceStatus | None = None,
     limit: Limit = None,
     cursor: str | None = None,
     sort: Annotated[str | None, Query(description="requested_at (default: newest first); - descending")] = None,
