@@ -353,6 +353,17 @@ def check_owner_change(status: str, *, opportunity_id: str) -> None:
 CLOSED_TERMS = frozenset({"amount", "currency", "line_items", "product_line"})
 
 
+# Columns of a deal that its events name by another field, and columns derived from others that
+# are no field of the deal: `changed_fields` name the fields of the `Opportunity` message.
+_FIELD_OF_COLUMN = {"currency": "amount", "probability_bp": "probability"}
+_DERIVED_COLUMNS = frozenset({"forecast_month", "product_line_key"})
+
+
+def changed_opportunity_fields(columns: Iterable[str]) -> list[str]:
+    """The deal's fields an update of these columns changed, as its event names them."""
+    return sorted({_FIELD_OF_COLUMN.get(column, column) for column in columns if column not in _DERIVED_COLUMNS})
+
+
 def check_closed_terms(status: str, changed: Iterable[str], *, opportunity_id: str) -> None:
     """A won or lost deal keeps the value it closed with: closed-won revenue, win statistics and the
     contract made from it rely on it (409)."""

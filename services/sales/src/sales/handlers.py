@@ -804,7 +804,9 @@ class SalesHandlers:
                 tx, row, values, changed, override_collision, override_reason, reason=OPPORTUNITY_UPDATED
             )
             tx.publish(
-                events_pb2.OpportunityUpdated(opportunity=proto, changed_fields=changed, actor=v.actor(principal)),
+                events_pb2.OpportunityUpdated(
+                    opportunity=proto, changed_fields=d.changed_opportunity_fields(changed), actor=v.actor(principal)
+                ),
                 key=opportunity_id,
             )
             return await self._answered(tx.conn, row, proto)

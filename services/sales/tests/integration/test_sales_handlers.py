@@ -1863,6 +1863,24 @@ async def test_merged_and_transferred_accounts_repoint_deals_and_contracts(
     assert ["owner_id", "team"] in [list(e.changed_fields) for e in updated]
 
 
+async def test_a_deal_update_event_names_the_fields_of_the_deal_that_changed(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        deal = await sales.create_opportunity(OpportunityIn(account_id="acc-f", name="Deal", amount=cny("500")))
+        moved = await sales.update_opportunity(
+            deal.id, expected_version=0, changes={"expected_close_date": date(2027, 3, 31)}
+        )
+        await sales.update_opportunity(
+            deal.id, expected_version=moved.record.version, changes={"amount": Money(Decimal("500"), "USD")}
+        )
+    updated = [
+        list(events_pb2.OpportunityUpdated.FromString(p).changed_fields)
+        for p in await outbox_events(engine, "crm.sales.opportunity.updated")
+    ]
+    assert updated == [["expected_close_date"], ["amount"]]
+
+
 async def test_quotes_move_with_their_deal_when_the_account_is_transferred(
     sales: SalesHandlers, engine: AsyncEngine
 ) -> None:

@@ -868,3 +868,16 @@ def test_an_erp_posting_sent_again_under_its_reference_must_carry_the_same_money
     with pytest.raises(Conflict) as refused:
         d.check_same_posting(kwd("12.345"), kwd("12.346"), reference="P2", existing_id="pay-2")
     assert "was posted for 12.345 KWD; 12.346 KWD needs its own reference" in refused.value.detail
+
+
+def test_a_deals_event_names_the_fields_of_the_deal_not_its_columns() -> None:
+    """The currency is part of `amount`; the forecast month and product line key follow from other
+    fields and are no field of the deal."""
+    assert d.changed_opportunity_fields(["expected_close_date", "forecast_month"]) == ["expected_close_date"]
+    assert d.changed_opportunity_fields(["amount", "currency"]) == ["amount"]
+    assert d.changed_opportunity_fields(["currency"]) == ["amount"]
+    assert d.changed_opportunity_fields(["product_line", "product_line_key", "stage", "probability_bp"]) == [
+        "probability",
+        "product_line",
+        "stage",
+    ]
