@@ -339,33 +339,65 @@ async def _follow_territory(
 ) -> None:
     """An account's contacts and open tasks carry its team and region (copied when made, read in
     that scope): a new team or region takes them along, so the account's new team sees them and
-    the old one no longer does. Each moved task is published, as a reassigned one is."""
+    the old one no longer does. Each moved contact and task is published."""
     c, t = repo.contacts, repo.tasks
-    await tx.conn.execute(
-        update(c)
-        .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
-        .values(**territory, updated_at=now, version=c.c.version + 1)
+    await _change_contacts(
+        tx, c.c.account_id == account_id, c.c.deleted_at.is_(None), values=territory, now=now, principal=principal
     )
-    await _change_open_tasks(tx, t.c.account_id == account_id, values=territory, now=now, principal=principal)
+    await _change_tasks(
+        tx, t.c.account_id == account_id, t.c.status == "open", values=territory, now=now, principal=principal
+    )
 
 
-async def _change_open_tasks(
+async def _change_contacts(
+    tx: Transaction, *selecting: ColumnElement[bool], values: Mapping[str, Any], now: datetime, principal: Principal
+) -> list[Any]:
+    """Sets `values` on the contacts `selecting` picks that differ in any of them, each in its next
+    version, published as contact.updated with the fields that changed for it, as an edit is: a mirror
+    (ERP, analytics) follows a demoted primary, a new owner or territory, a merge. A deleted contact
+    changed along (a merge moves it too) is not published: its mirrors dropped it on contact.deleted.
+    Returns the changed contacts as they are now, in id order."""
+    c = repo.contacts
+    differs = or_(*(c.c[name] != value for name, value in values.items()))
+    # Read as they were, locked, for each one's changed fields: RETURNING gives only the new row.
+    before = {
+        row.id: row
+        for row in await tx.conn.execute(select(c).where(*selecting, differs).order_by(c.c.id).with_for_update())
+    }
+    if not before:
+        return []
+    changed = await tx.conn.execute(
+        update(c).where(c.c.id.in_(before)).values(**values, updated_at=now, version=c.c.version + 1).returning(c)
+    )
+    contacts = sorted(changed, key=lambda contact: contact.id)
+    for contact in contacts:
+        if contact.deleted_at is not None:
+            continue
+        fields = sorted(name for name in values if getattr(before[contact.id], name) != getattr(contact, name))
+        tx.publish(
+            events_pb2.ContactUpdated(contact=contact_to_proto(contact), changed_fields=fields, actor=actor(principal)),
+            key=contact.id,
+        )
+    return contacts
+
+
+async def _change_tasks(
     tx: Transaction, *selecting: ColumnElement[bool], values: Mapping[str, str], now: datetime, principal: Principal
-) -> None:
-    """Sets `values` on the open tasks `selecting` picks, each in its next version, published as
-    task.updated with those fields (so the read models follow: a cancelled task closes there too)."""
+) -> list[Any]:
+    """Sets `values` on the tasks `selecting` picks, each in its next version, published as
+    task.updated with those fields (so the read models follow: a cancelled task closes there too).
+    Returns the changed tasks as they are now, in id order."""
     t = repo.tasks
     changed = await tx.conn.execute(
-        update(t)
-        .where(t.c.status == "open", *selecting)
-        .values(**values, updated_at=now, version=t.c.version + 1)
-        .returning(t)
+        update(t).where(*selecting).values(**values, updated_at=now, version=t.c.version + 1).returning(t)
     )
-    for task in sorted(changed, key=lambda task: task.id):
+    tasks = sorted(changed, key=lambda task: task.id)
+    for task in tasks:
         tx.publish(
             events_pb2.TaskUpdated(task=task_to_proto(task), changed_fields=sorted(values), actor=actor(principal)),
             key=task.id,
         )
+    return tasks
 
 
 async def delete_account(ctx: Context, account_id: str, *, expected_version: int) -> Any:
@@ -392,7 +424,9 @@ async def delete_account(ctx: Context, account_id: str, *, expected_version: int
                 events_pb2.ContactDeleted(contact_id=contact_id, account_id=account_id, actor=actor(principal)),
                 key=contact_id,
             )
-        await _change_open_tasks(tx, t.c.account_id == account_id, values=CANCELLED, now=now, principal=principal)
+        await _change_tasks(
+            tx, t.c.account_id == account_id, t.c.status == "open", values=CANCELLED, now=now, principal=principal
+        )
         tx.publish(events_pb2.AccountDeleted(account_id=account_id, actor=actor(principal)), key=account_id)
         return row
 
@@ -510,51 +544,55 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         last_activity = max((x for x in (survivor.last_activity_at, duplicate.last_activity_at) if x), default=None)
         if last_activity is not None and last_activity != survivor.last_activity_at:
             changes["last_activity_at"] = last_activity
-        moved_contacts = [r.id for r in await tx.conn.execute(select(c.c.id).where(c.c.account_id == duplicate_id))]
-        # An account has one primary contact: the survivor keeps its own, a moved one stays primary
-        # only on a survivor without one.
+        # Moved records change, so each takes a new version (an If-Match on the old one is stale),
+        # published as an edit of it is. An account has one primary contact: the survivor keeps its
+        # own, a moved one stays primary only on a survivor without one.
         survivor_has_primary = await _has_primary(tx.conn, survivor_id)
-        await tx.conn.execute(
-            update(c)
-            .where(c.c.account_id == duplicate_id)
-            .values(
-                account_id=survivor_id,
-                owner_id=survivor.owner_id,
-                team=survivor.team,
-                region=survivor.region,
-                **({"is_primary": False} if survivor_has_primary else {}),
-                updated_at=now,
-                version=c.c.version + 1,
+        moved_to_survivor = {
+            "account_id": survivor_id,
+            "owner_id": survivor.owner_id,
+            "team": survivor.team,
+            "region": survivor.region,
+            **({"is_primary": False} if survivor_has_primary else {}),
+        }
+        moved_contacts = [
+            contact.id
+            for contact in await _change_contacts(
+                tx, c.c.account_id == duplicate_id, values=moved_to_survivor, now=now, principal=principal
             )
+        ]
+        activities = await tx.conn.execute(
+            update(act)
+            .where(act.c.account_id == duplicate_id)
+            .values(account_id=survivor_id, version=act.c.version + 1)
+            .returning(act)
         )
-        # Moved records change, so each takes a new version (an If-Match on the old one is stale).
-        moved_activities = (
-            await tx.conn.execute(
-                update(act)
-                .where(act.c.account_id == duplicate_id)
-                .values(account_id=survivor_id, version=act.c.version + 1)
+        moved_activities = sorted(activities, key=lambda activity: activity.id)
+        for activity in moved_activities:
+            # Keyed by its account, now the survivor, as its later corrections will be.
+            tx.publish(
+                events_pb2.ActivityUpdated(
+                    activity=activity_to_proto(activity), changed_fields=["account_id"], actor=actor(principal)
+                ),
+                key=survivor_id,
             )
-        ).rowcount
         # One open reminder per rule and account: the duplicate's for a rule the survivor has one
         # open for is done with (cancelled, and published so), the survivor's stays.
         survivor_reminders = select(t.c.reminder_rule_id).where(
             t.c.account_id == survivor_id, t.c.status == "open", t.c.reminder_rule_id != ""
         )
-        await _change_open_tasks(
+        await _change_tasks(
             tx,
             t.c.account_id == duplicate_id,
+            t.c.status == "open",
             t.c.reminder_rule_id.in_(survivor_reminders),
             values=CANCELLED,
             now=now,
             principal=principal,
         )
-        moved_tasks = (
-            await tx.conn.execute(
-                update(t)
-                .where(t.c.account_id == duplicate_id)
-                .values(account_id=survivor_id, updated_at=now, version=t.c.version + 1)
-            )
-        ).rowcount
+        moved_tasks = await _change_tasks(
+            tx, t.c.account_id == duplicate_id, values={"account_id": survivor_id}, now=now, principal=principal
+        )
         # Children and earlier tombstones point at the survivor, so no pointer chain forms. A live
         # child re-parented (and the heir) is a new version of it, published after the merge.
         children = (
@@ -589,7 +627,7 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
         for child_id in sorted(reparented + ([heir] if heir not in (None, survivor_id) else [])):
             await _publish_account_updated(tx, child_id, ["parent_id"], principal)
         updated = await _publish_account_updated(tx, survivor_id, sorted(changes), principal)
-        return Merge(updated, survivor, duplicate, moved_contacts, moved_activities, moved_tasks)
+        return Merge(updated, survivor, duplicate, moved_contacts, len(moved_activities), len(moved_tasks))
 
 
 # --- pool, claim, transfer ---------------------------------------------------------------------------
@@ -719,13 +757,14 @@ async def _follow_owner(
 ) -> tuple[int, int]:
     """The account's contacts and open tasks follow a change of owner (counts moved)."""
     c, t = repo.contacts, repo.tasks
-    moved_contacts = (
-        await tx.conn.execute(
-            update(c)
-            .where(c.c.account_id == account_id, c.c.deleted_at.is_(None))
-            .values(owner_id=new_owner, team=new_team, updated_at=now, version=c.c.version + 1)
-        )
-    ).rowcount
+    moved_contacts = await _change_contacts(
+        tx,
+        c.c.account_id == account_id,
+        c.c.deleted_at.is_(None),
+        values={"owner_id": new_owner, "team": new_team},
+        now=now,
+        principal=principal,
+    )
     open_tasks = list(
         await tx.conn.execute(
             select(t).where(t.c.account_id == account_id, t.c.status == "open", t.c.owner_id == previous_owner)
@@ -744,7 +783,7 @@ async def _follow_owner(
             ),
             key=task.id,
         )
-    return moved_contacts, len(open_tasks)
+    return len(moved_contacts), len(open_tasks)
 
 
 async def transfer_account(
@@ -941,7 +980,7 @@ async def create_contact(ctx: Context, values: dict[str, Any], *, idempotency_ke
         account = await _account_for_contact(tx.conn, values["account_id"])
         custom = await _custom_values(tx.conn, "contact", values.get("custom") or {}, existing=None)
         if values.get("is_primary"):
-            await _clear_primary(tx.conn, account.id, now=now)
+            await _clear_primary(tx, account.id, now=now, principal=principal)
         row = {
             **{k: v for k, v in values.items() if k in repo.contacts.c and k != "custom"},
             **_contact_norms(values, ctx.default_country_code),
@@ -975,16 +1014,22 @@ async def _has_primary(conn: AsyncConnection, account_id: str) -> bool:
     return bool(await conn.scalar(select(primary)))
 
 
-async def _clear_primary(conn: AsyncConnection, account_id: str, *, now: datetime, keep: str = "") -> None:
-    """Demotes the account's primary contact, to a new version, for a new one; `keep` (the contact
-    being made primary) is left to its own write. Writes making a primary of one account take turns
-    here: each demotes what the one before it committed, so one primary remains."""
+async def _clear_primary(
+    tx: Transaction, account_id: str, *, now: datetime, principal: Principal, keep: str = ""
+) -> None:
+    """Demotes the account's primary contact, to a new version (published), for a new one; `keep`
+    (the contact being made primary) is left to its own write. Writes making a primary of one
+    account take turns here: each demotes what the one before it committed, so one primary remains."""
     c = repo.contacts
-    await _lock_primary(conn, account_id)
-    await conn.execute(
-        update(c)
-        .where(c.c.account_id == account_id, c.c.is_primary.is_(True), c.c.id != keep)
-        .values(is_primary=False, updated_at=now, version=c.c.version + 1)
+    await _lock_primary(tx.conn, account_id)
+    await _change_contacts(
+        tx,
+        c.c.account_id == account_id,
+        c.c.is_primary.is_(True),
+        c.c.id != keep,
+        values={"is_primary": False},
+        now=now,
+        principal=principal,
     )
 
 
@@ -1019,7 +1064,8 @@ async def update_contact(
                 # A primary contact moved stays primary only on an account without one, as in a merge.
                 changes["is_primary"] = not await _has_primary(tx.conn, account.id)
         if values.get("is_primary"):
-            await _clear_primary(tx.conn, changes.get("account_id", row.account_id), now=ctx.clock(), keep=contact_id)
+            account_id = changes.get("account_id", row.account_id)
+            await _clear_primary(tx, account_id, now=ctx.clock(), principal=principal, keep=contact_id)
         changed = sorted(k for k, v in changes.items() if getattr(row, k) != v)
         if not changed:
             return Change(row, row)

@@ -66,12 +66,19 @@ async def new_task(ctx: Context, who: Caller, account_id: str, title: str) -> An
         return await handlers.create_task(ctx, {"account_id": account_id, "title": title}, idempotency_key="")
 
 
+async def keyed_events(ctx: Context, message_type: type[M]) -> list[tuple[str, M]]:
+    """The events of one type written to the outbox with their keys, oldest first."""
+    outbox = outbox_table(repo.metadata)
+    query = (
+        select(outbox.c.key, outbox.c.payload).where(outbox.c.type == spec_of(message_type).type).order_by(outbox.c.seq)
+    )
+    async with ctx.uow.engine.connect() as conn:
+        return [(key, message_type.FromString(payload)) for key, payload in await conn.execute(query)]
+
+
 async def events(ctx: Context, message_type: type[M]) -> list[M]:
     """The events of one type written to the outbox, oldest first."""
-    outbox = outbox_table(repo.metadata)
-    query = select(outbox.c.payload).where(outbox.c.type == spec_of(message_type).type).order_by(outbox.c.seq)
-    async with ctx.uow.engine.connect() as conn:
-        return [message_type.FromString(payload) for payload in await conn.scalars(query)]
+    return [event for _, event in await keyed_events(ctx, message_type)]
 
 
 # --- a saved segment narrows a list ------------------------------------------------------------------
@@ -409,6 +416,27 @@ async def test_a_new_primary_contact_demotes_the_former_one_to_a_new_version(ctx
         await handlers.update_contact(ctx, ann.id, {"title": "CFO"}, expected_version=ann.version)
 
 
+async def test_a_primary_contact_demoted_for_a_new_one_is_published_at_its_new_version(ctx: Context) -> None:
+    """A mirror of the contacts (ERP, analytics) follows a demotion as it follows an edit, so it too
+    keeps one primary contact per account."""
+    acme = await new_account(ctx, REP1, "Acme")
+    ann = await new_primary_contact(ctx, REP1, acme.id, "Ann")
+    bob = await new_primary_contact(ctx, REP1, acme.id, "Bob")  # Ann is demoted
+    cid = await new_contact(ctx, REP1, acme.id, "Cid")
+    with acting_as(*REP1):
+        await handlers.update_contact(ctx, cid.id, {"is_primary": True}, expected_version=0)  # Bob is demoted
+
+    updates = [
+        (key, e.contact.id, e.contact.is_primary, e.contact.version, list(e.changed_fields))
+        for key, e in await keyed_events(ctx, events_pb2.ContactUpdated)
+    ]
+    assert updates == [
+        (ann.id, ann.id, False, 2, ["is_primary"]),
+        (bob.id, bob.id, False, 2, ["is_primary"]),
+        (cid.id, cid.id, True, 2, ["is_primary"]),
+    ]
+
+
 async def test_the_primary_contact_made_primary_again_stays_primary_and_unchanged(ctx: Context) -> None:
     acme = await new_account(ctx, REP1, "Acme")
     ann = await new_primary_contact(ctx, REP1, acme.id, "Ann")
@@ -455,6 +483,42 @@ async def test_a_merge_into_an_account_without_a_primary_contact_keeps_the_dupli
 
     stored = await stored_contacts(ctx, ann.id, bob.id)
     assert [(c.name, c.is_primary, c.version) for c in stored] == [("Ann", False, 1), ("Bob", True, 2)]
+
+
+async def test_a_merge_publishes_each_contact_task_and_activity_it_moves(ctx: Context) -> None:
+    """Mirrors follow the moved records as they follow an edit of each: the live contacts with the
+    survivor's account, owner and territory, and no second primary; tasks and activities on the
+    survivor (an activity keyed by its account, now the survivor)."""
+    acme = await new_account(ctx, REP1, "Acme")
+    twin = await new_account(ctx, MANAGER, "Acme Trading", owner_id="rep-2", region="cn-north")
+    await new_primary_contact(ctx, REP1, acme.id, "Ann")
+    bob = await new_primary_contact(ctx, MANAGER, twin.id, "Bob")
+    cid = await new_contact(ctx, MANAGER, twin.id, "Cid")
+    task = await new_task(ctx, MANAGER, twin.id, "call Bob")
+    call = await log_call(ctx, MANAGER, twin.id, "intro")
+    with acting_as(*MANAGER):
+        await handlers.delete_contact(ctx, cid.id, expected_version=0)  # gone from the mirrors already
+        await handlers.merge_accounts(ctx, acme.id, twin.id, idempotency_key="")
+
+    [(key, moved)] = await keyed_events(ctx, events_pb2.ContactUpdated)
+    assert (key, moved.contact.id, moved.contact.account_id, moved.contact.version) == (bob.id, bob.id, acme.id, 2)
+    assert (moved.contact.owner_id, moved.contact.team, moved.contact.region, moved.contact.is_primary) == (
+        "rep-1",
+        "east",
+        "cn-east",
+        False,
+    )
+    assert list(moved.changed_fields) == ["account_id", "is_primary", "owner_id", "region"]  # same team
+    tasks = [
+        (key, e.task.account_id, e.task.version, list(e.changed_fields))
+        for key, e in await keyed_events(ctx, events_pb2.TaskUpdated)
+    ]
+    assert tasks == [(task.id, acme.id, 2, ["account_id"])]
+    activities = [
+        (key, e.activity.id, e.activity.account_id, e.activity.version, list(e.changed_fields))
+        for key, e in await keyed_events(ctx, events_pb2.ActivityUpdated)
+    ]
+    assert activities == [(acme.id, call.id, acme.id, 2, ["account_id"])]
 
 
 async def test_contacts_following_their_accounts_owner_move_to_a_new_version_each_time(ctx: Context) -> None:
@@ -1072,6 +1136,53 @@ async def test_an_accounts_new_team_or_region_takes_its_contacts_and_open_tasks_
     assert (list(moved.changed_fields), moved.task.region) == (["region", "team"], "cn-west")
 
 
+async def test_contacts_following_their_accounts_territory_or_owner_are_published_with_what_changed(
+    ctx: Context,
+) -> None:
+    """A new team or region of the account, a claim, a transfer and a bulk transfer each publish the
+    contacts they move, with the fields that changed for each; a contact that has the new owner and
+    team already (one the claimant added to the pool account) is left as it is."""
+    pooled = await pool_account(ctx, "Pooled")
+    dora = await new_contact(ctx, REP1, pooled.id, "Dora")  # rep-1's: added while in the pool
+    eli = await new_contact(ctx, REP2, pooled.id, "Eli")
+    with acting_as(*ADMIN):
+        await handlers.update_account(ctx, pooled.id, {"region": "cn-north"}, expected_version=0)
+    with acting_as(*REP2):
+        await handlers.claim_account(ctx, pooled.id, idempotency_key="")
+    with acting_as(*ADMIN):
+        await handlers.transfer_account(
+            ctx, pooled.id, new_owner_id="rep-1", new_team="west", reason="cover", expected_version=0
+        )
+        await handlers.bulk_transfer(
+            ctx, from_owner_id="rep-1", to_owner_id="rep-2", to_team="", reason="leave", idempotency_key=""
+        )
+
+    updates = await keyed_events(ctx, events_pb2.ContactUpdated)
+    assert all(key == e.contact.id for key, e in updates)  # keyed by the contact, as its edits are
+
+    def published(contact_id: str) -> list[tuple[str, str, str, int, list[str]]]:
+        return [
+            (e.contact.owner_id, e.contact.team, e.contact.region, e.contact.version, list(e.changed_fields))
+            for _, e in updates
+            if e.contact.id == contact_id
+        ]
+
+    assert published(dora.id) == [
+        ("rep-1", "east", "cn-north", 2, ["region"]),  # the account's new region
+        ("rep-2", "east", "cn-north", 3, ["owner_id"]),  # the claim
+        ("rep-1", "west", "cn-north", 4, ["owner_id", "team"]),  # the transfer
+        ("rep-2", "west", "cn-north", 5, ["owner_id"]),  # the bulk transfer
+    ]
+    assert published(eli.id) == [
+        ("rep-2", "east", "cn-north", 2, ["region"]),
+        # The claim left Eli as it was: rep-2's already.
+        ("rep-1", "west", "cn-north", 3, ["owner_id", "team"]),
+        ("rep-2", "west", "cn-north", 4, ["owner_id"]),
+    ]
+    [eli_now] = await stored_contacts(ctx, eli.id)
+    assert eli_now.version == 4
+
+
 async def test_a_task_moved_to_another_account_is_read_in_that_accounts_territory(ctx: Context) -> None:
     east = await new_account(ctx, REP1, "East Co")
     west = await new_account(ctx, ADMIN, "West Co", team="west", region="cn-west")
@@ -1108,7 +1219,7 @@ async def test_a_merge_keeps_one_open_reminder_of_a_rule_the_survivors(ctx: Cont
         rows = {row.id: (row.account_id, row.status) for row in await conn.execute(select(t))}
     assert rows == {kept: (acme.id, "open"), twins: (acme.id, "cancelled"), other_rule: (acme.id, "open")}
     assert merge.moved_tasks == 2
-    [cancelled] = await events(ctx, events_pb2.TaskUpdated)
+    [cancelled] = [e for e in await events(ctx, events_pb2.TaskUpdated) if "status" in e.changed_fields]
     assert (cancelled.task.id, cancelled.task.status, list(cancelled.changed_fields)) == (
         twins,
         "cancelled",
