@@ -277,9 +277,19 @@ def _assign(tx: Transaction, t: dict[str, Any], agent: Any, now: datetime) -> No
         )
 
 
-def _escalate(tx: Transaction, t: dict[str, Any], reason: str) -> None:
+def _escalate(
+    tx: Transaction, t: dict[str, Any], reason: str, now: datetime, *, cause: events_pb2.TicketSlaBreached | None = None
+) -> None:
+    """Escalates the ticket (in memory, in its next version: a reader sees the change) and publishes
+    the escalation, after the event that `cause` builds of the ticket (a breach), with the ticket as
+    it stores it."""
     t["escalated"] = True
     t["escalation_reason"] = reason
+    t["updated_at"] = now
+    t["version"] += 1
+    if cause is not None:
+        cause.ticket.CopyFrom(ticket_to_proto(t))
+        tx.publish(cause, key=t["id"])
     tx.publish(events_pb2.TicketEscalated(ticket=ticket_to_proto(t), reason=reason), key=t["id"])
 
 
@@ -346,7 +356,7 @@ async def create_ticket(
             if agent is not None:
                 _assign(tx, t, agent, now)
             else:
-                _escalate(tx, t, domain.NO_AGENT_AVAILABLE)
+                _escalate(tx, t, domain.NO_AGENT_AVAILABLE, now)
         await tx.conn.execute(insert(repo.tickets).values(**t))
         suggestions = await _suggestions(tx.conn, t, ctx.suggestions)
     return t, suggestions
@@ -745,18 +755,13 @@ async def run_sla_timer(ctx: Context, *, batch_size: int) -> int:
                     tx.publish(warning, key=ticket["id"])
                     continue
                 breaches.append(signal)
-                ticket["escalated"] = True
-                ticket["escalation_reason"] = domain.breach_escalation(signal.target)
-                breached = events_pb2.TicketSlaBreached(ticket=ticket_to_proto(ticket), target=signal.target)
+                breached = events_pb2.TicketSlaBreached(target=signal.target)
                 breached.due_at.CopyFrom(_timestamp(signal.due_at))
-                tx.publish(breached, key=ticket["id"])
-                tx.publish(
-                    events_pb2.TicketEscalated(ticket=ticket_to_proto(ticket), reason=ticket["escalation_reason"]),
-                    key=ticket["id"],
-                )
+                _escalate(tx, ticket, domain.breach_escalation(signal.target), now, cause=breached)
             ticket["next_sla_check_at"] = domain.next_sla_check(_clocks(ticket))
+            stored = (*_SLA_STATE, "updated_at", "version") if breaches else _SLA_STATE
             await tx.conn.execute(
-                update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in _SLA_STATE})
+                update(t).where(t.c.id == ticket["id"]).values({name: ticket[name] for name in stored})
             )
             if breaches:  # a warning changes nothing a reader sees; an escalation does, and is audited
                 audit = audit_of_job(

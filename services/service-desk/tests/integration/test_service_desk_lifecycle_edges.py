@@ -206,9 +206,10 @@ async def test_an_assignment_lifts_the_escalation_for_want_of_an_agent_and_is_pu
     assert (queued["escalated"], queued["escalation_reason"]) == (True, "no_agent_available")
     await _agent(ctx, "ag-net", skills=["network"])
     assigned = (await handlers.assign_ticket(ctx, queued["id"], "ag-net", expected_version=0)).record
-    assert (assigned["escalated"], assigned["escalation_reason"], assigned["version"]) == (False, "", 2)
+    # Version 2 was its escalation as it was filed.
+    assert (assigned["escalated"], assigned["escalation_reason"], assigned["version"]) == (False, "", 3)
     [event] = await _events(ctx, queued["id"], events_pb2.TicketAssigned)
-    assert (event.ticket.version, event.ticket.escalated) == (2, False)  # as stored, not as before
+    assert (event.ticket.version, event.ticket.escalated) == (3, False)  # as stored, not as before
 
 
 async def test_a_reopened_ticket_is_resolved_again_before_it_is_closed_even_once_reassigned(ctx: Context) -> None:

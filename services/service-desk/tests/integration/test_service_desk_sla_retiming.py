@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from crm.audit.v1.events_pb2 import AuditRecorded
 from crm.servicedesk.v1 import events_pb2 as desk_events
+from crm_platform.errors import StaleVersion
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
 from crm_platform.testing.outbox import outbox_events
 from crm_platform.timeutil import from_timestamp, utcnow
@@ -98,7 +99,7 @@ async def test_lowering_the_priority_lifts_a_breach_that_no_longer_holds(ctx: Co
     )
     assert (audit.method, audit.path) == ("JOB", "sla-timer")
     assert audit.reason == f"first_response SLA breached (due {(start + timedelta(hours=8)).isoformat()})"
-    assert audit.fields == ["escalated", "escalation_reason"]
+    assert audit.fields == ["escalated", "escalation_reason", "updated_at", "version"]  # a new version of it
     assert (audit.before["escalated"], audit.after["escalated"]) == (None, True)
     assert audit.after["escalation_reason"] == "sla_breached_first_response"
 
@@ -188,7 +189,8 @@ async def test_an_update_is_published_with_the_ticket_after_it_and_what_it_chang
     event_type, payload = (await _events(ctx, ticket["id"]))[-1]
     assert event_type == UPDATED
     update = desk_events.TicketUpdated.FromString(payload)
-    assert (update.ticket.priority, update.ticket.subject, update.ticket.version) == ("low", "Line slow", 2)
+    # Version 2 was the breach's escalation.
+    assert (update.ticket.priority, update.ticket.subject, update.ticket.version) == ("low", "Line slow", 3)
     assert from_timestamp(update.ticket.first_response_due_at) == start + timedelta(hours=8)
     # The breach escalation lifted by the change is announced with it.
     assert (update.ticket.escalated, update.ticket.escalation_reason) == (False, "")
@@ -197,7 +199,7 @@ async def test_an_update_is_published_with_the_ticket_after_it_and_what_it_chang
         "resolution_due_at", "subject",
     ]  # fmt: skip
     assert update.actor.user_id == "lead-1"
-    assert lowered["version"] == 2
+    assert lowered["version"] == 3
 
     # An update that changes nothing publishes nothing.
     await handlers.update_ticket(ctx, ticket["id"], {"priority": "low"}, expected_version=0)
@@ -261,3 +263,33 @@ async def test_an_answer_or_resolution_past_due_is_a_breach_though_the_timer_had
         (answered["id"], "first_response", start + timedelta(minutes=15)),
         (resolved["id"], "resolution", start + timedelta(hours=4)),
     ]
+
+
+async def test_each_escalation_is_a_new_version_of_the_ticket_published_as_stored(ctx: Any) -> None:
+    """Filed with no agent free, then late for its first response and its resolution: each
+    escalation changes what a reader sees, so each is a version of its own, and the breach and
+    escalation events carry the ticket in it (an If-Match from before is stale)."""
+    start = utcnow()
+    at(ctx, start)
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Line down", "priority": "urgent"}, idempotency_key="")
+    at(ctx, start + timedelta(days=3))  # past both targets at once
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 1
+
+    versions = []
+    for event_type, payload in await _events(ctx, ticket["id"]):
+        if event_type == ESCALATED:
+            event = desk_events.TicketEscalated.FromString(payload)
+            versions.append((event.reason, event.ticket.version, event.ticket.escalated))
+        elif event_type == BREACHED:
+            breach = desk_events.TicketSlaBreached.FromString(payload)
+            versions.append((breach.target, breach.ticket.version, breach.ticket.escalated))
+    assert versions == [
+        ("no_agent_available", 2, True),
+        ("first_response", 3, True),
+        ("sla_breached_first_response", 3, True),
+        ("resolution", 4, True),
+        ("sla_breached_resolution", 4, True),
+    ]
+    assert (await _row(ctx, ticket["id"])).version == 4
+    with pytest.raises(StaleVersion):
+        await handlers.update_ticket(ctx, ticket["id"], {"subject": "Still down"}, expected_version=3)
