@@ -451,9 +451,15 @@ async def filter_from_pairs(
     errors: list[FieldError] = []
     lists = {"tier": f.tiers, "lifecycle": f.lifecycles, "region": f.regions, "industry": f.industries, "tag": f.tags}
     prefix = f"{field_prefix}." if field_prefix else ""
+    # A stored filter of a value no account has would list nothing, silently: refused as the
+    # account list refuses it.
+    choices = {"tier": domain.TIERS, "lifecycle": domain.LIFECYCLES}
     for key, raw in pairs:
         values = [v.strip() for v in raw.split(",") if v.strip()] if key != "q" else [raw]
         if key in lists:
+            unknown = [value for value in values if key in choices and value not in choices[key]]
+            if unknown:
+                errors.append(FieldError(f"{prefix}{key}", f"{unknown[0]!r} is not one of {', '.join(choices[key])}"))
             lists[key].extend(values)
         elif key in ("q", "owner_id", "team", "parent_id"):
             setattr(f, key, raw)
@@ -463,9 +469,13 @@ async def filter_from_pairs(
             f.in_pool = raw == "true"
         elif key == "created_after":
             try:
-                f.created_after = as_utc(datetime.fromisoformat(raw.replace("Z", "+00:00")))
+                created_after = datetime.fromisoformat(raw.replace("Z", "+00:00"))
             except ValueError:
-                errors.append(FieldError(f"{prefix}created_after", "must be an RFC 3339 time"))
+                created_after = None
+            if created_after is None or created_after.tzinfo is None:  # a date, or a time of no zone
+                errors.append(FieldError(f"{prefix}created_after", "must be an RFC 3339 time with its time zone"))
+            else:
+                f.created_after = as_utc(created_after)
         elif key.startswith("custom."):
             custom_pairs.append((key.removeprefix("custom."), raw))
         else:

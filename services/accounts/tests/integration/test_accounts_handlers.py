@@ -189,6 +189,24 @@ async def test_a_segment_is_saved_only_with_a_filter_that_runs(ctx: Context) -> 
     assert (kept.filters, kept.version) == ({"tier": "A"}, 1)
 
 
+@pytest.mark.parametrize(
+    ("filters", "field"),
+    [
+        ({"tier": "A,Z"}, "filters.tier"),
+        ({"lifecycle": "bogus"}, "filters.lifecycle"),
+        ({"created_after": "2026-01-01"}, "filters.created_after"),
+        ({"created_after": "2026-01-01T00:00:00"}, "filters.created_after"),  # whose midnight?
+    ],
+)
+async def test_a_segment_is_not_saved_with_a_value_the_account_list_refuses(
+    ctx: Context, filters: dict[str, str], field: str
+) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        await new_segment(ctx, MANAGER, "Odd", filters=filters)
+
+    assert [e.field for e in refused.value.errors] == [field]
+
+
 async def test_a_segment_made_a_team_one_is_shared_with_the_owners_team(ctx: Context) -> None:
     segment = await new_segment(ctx, MANAGER, "A accounts", filters={"tier": "A"})
     with acting_as(*REP1), pytest.raises(NotFound):
