@@ -83,6 +83,10 @@ async def test_account_flow_through_the_gateway_with_events(stack: RunningStack)
             f"/api/v1/segments/{segment['id']}", json={"name": "x"}, headers={"If-Match": etag}
         )
         assert stale_segment.status_code == 412
+        kept = await r1.delete(f"/api/v1/segments/{segment['id']}", headers={"If-Match": etag})
+        assert kept.status_code == 412  # a delete at a version it no longer has leaves it
+        deleted = await r1.delete(f"/api/v1/segments/{segment['id']}", headers={"If-Match": renamed.headers["ETag"]})
+        assert deleted.status_code == 204
 
         released = _ok(await r1.post(f"/api/v1/accounts/{acme['id']}/release", json={"reason": "no budget"}))
         assert released["in_pool"] and released["owner_id"] == ""

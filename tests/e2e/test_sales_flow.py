@@ -163,8 +163,17 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
             await finance.post("/api/v1/invoices", json={"contract_id": contract["id"], "amount": _money("70000.00")}),
             201,
         )
-        issued = _ok(await finance.post(f"/api/v1/invoices/{invoice['id']}/issue", json={"number": f"FP-{run}"}))
-        assert issued["status"] == "issued"
+        read = await finance.get(f"/api/v1/invoices/{invoice['id']}")
+        assert read.headers["etag"] == f'"{invoice["version"]}"' == '"1"'
+        stale = await finance.post(
+            f"/api/v1/invoices/{invoice['id']}/issue", json={"number": f"FP-{run}"}, headers={"If-Match": '"7"'}
+        )
+        assert stale.status_code == 412, stale.text
+        issue = await finance.post(
+            f"/api/v1/invoices/{invoice['id']}/issue", json={"number": f"FP-{run}"}, headers={"If-Match": '"1"'}
+        )
+        issued = _ok(issue)
+        assert issued["status"] == "issued" and issue.headers["etag"] == '"2"' == f'"{issued["version"]}"'
         receivables = _ok(await finance.get("/api/v1/receivables", params={"account_id": account}))
         assert receivables["total_outstanding"] == [_money("80000.00")]
         assert receivables["account_outstanding"] == [_money("80000.00")]
@@ -286,6 +295,10 @@ async def test_a_pipeline_is_replaced_at_the_etag_its_read_answered(stack: Runni
         assert _ok(replaced)["name"] == body["name"] and replaced.headers["etag"] == '"2"'
         stale = await admin.put(path, json=body, headers={"If-Match": read.headers["etag"]})
         assert stale.status_code == 412, stale.text
+        # A delete honours If-Match too: at a version it no longer has, the pipeline stays.
+        stale_delete = await admin.delete(path, headers={"If-Match": read.headers["etag"]})
+        assert stale_delete.status_code == 412, stale_delete.text
+        assert (await admin.delete(path, headers={"If-Match": replaced.headers["etag"]})).status_code == 204
 
 
 async def test_a_deal_changes_hands_and_its_quote_is_revised_through_the_gateway(stack: RunningStack) -> None:

@@ -194,12 +194,16 @@ class CustomFieldServicer(CustomFieldServiceServicer):
         if not cf.KEY_PATTERN.fullmatch(request.key):  # never stored; and PostgreSQL would refuse a NUL in it
             raise NotFound(RESOURCE, name)
         t = self.table
+        where = (t.c.entity == request.entity, t.c.key == request.key)
         async with transaction(self.engine) as conn:
-            result = await conn.execute(delete(t).where(t.c.entity == request.entity, t.c.key == request.key))
-        if result.rowcount == 0:
-            raise NotFound(RESOURCE, name)
+            current = (await conn.execute(select(t).where(*where).with_for_update())).mappings().first()
+            if current is None:
+                raise NotFound(RESOURCE, name)
+            if request.expected_version and current["version"] != request.expected_version:
+                raise StaleVersion(RESOURCE, name, current["version"])
+            await conn.execute(delete(t).where(*where))
         self._changed()
-        return pb.DeleteCustomFieldResponse()
+        return pb.DeleteCustomFieldResponse(previous=definition_to_proto(current))
 
     def _changed(self) -> None:
         if self.on_change is not None:

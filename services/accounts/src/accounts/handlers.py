@@ -1618,12 +1618,15 @@ async def update_segment(
         return Change((await tx.conn.execute(select(s).where(s.c.id == segment_id))).one(), row)
 
 
-async def delete_segment(ctx: Context, segment_id: str) -> None:
+async def delete_segment(ctx: Context, segment_id: str, *, expected_version: int = 0) -> Any:
+    """Deletes the caller's own segment; returns it as it was (for the caller's audit trail)."""
     async with ctx.uow.begin() as tx:
-        row = await _visible_segment(tx.conn, segment_id)
+        row = await _visible_segment(tx.conn, segment_id, for_update=True)
         if row.owner_id != current_principal().user_id:
             raise NotFound("segment", segment_id)
+        _check_version("segment", row, expected_version)
         await tx.conn.execute(delete(repo.segments).where(repo.segments.c.id == segment_id))
+        return row
 
 
 # --- timers (run by jobs.py; safe with several replicas) ------------------------------------------------------------

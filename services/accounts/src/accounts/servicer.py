@@ -444,5 +444,5 @@ class AccountsServicer(AccountsServiceServicer):
         )
 
     async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Ctx) -> pb.DeleteSegmentResponse:
-        await handlers.delete_segment(self.ctx, request.segment_id)
-        return pb.DeleteSegmentResponse()
+        deleted = await handlers.delete_segment(self.ctx, request.segment_id, expected_version=request.expected_version)
+        return pb.DeleteSegmentResponse(previous=segment_to_proto(deleted))

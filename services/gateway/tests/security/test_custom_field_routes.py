@@ -97,6 +97,10 @@ async def test_a_definition_written_carries_its_version_as_etag_for_a_later_if_m
     assert replaced.json()["version"] == 2
     stale = await admin.put("/api/v1/custom-fields/lead/budget", json=BUDGET, headers={"If-Match": '"1"'})
     assert stale.status_code == 412, stale.text
+    stale_delete = await admin.delete("/api/v1/custom-fields/lead/budget", headers={"If-Match": '"1"'})
+    assert stale_delete.status_code == 412, stale_delete.text
+    deleted = await admin.delete("/api/v1/custom-fields/lead/budget", headers={"If-Match": '"2"'})
+    assert deleted.status_code == 204, deleted.text
 
 
 class OneLead(LeadsServiceServicer):

@@ -394,13 +394,14 @@ class SalesHandlers:
                 )
             return Change(v.pipeline_proto({**row, **values}), v.pipeline_proto(row))
 
-    async def delete_pipeline(self, pipeline_id: str) -> sales_pb2.Pipeline:
+    async def delete_pipeline(self, pipeline_id: str, *, expected_version: int = 0) -> sales_pb2.Pipeline:
         """Deletes a pipeline no deal uses; returns it as it was (for the caller's audit trail)."""
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
             row = await r.load(tx.conn, p, pipeline_id, lock=True)
             if row is None:
                 raise NotFound("pipeline", pipeline_id)
+            _check_version(row, expected_version, "pipeline")
             if row["is_default"]:
                 raise Conflict("the default pipeline cannot be deleted", reason="DEFAULT_PIPELINE")
             if await tx.conn.scalar(select(o.c.id).where(o.c.pipeline_id == pipeline_id).limit(1)) is not None:
@@ -2318,7 +2319,7 @@ class SalesHandlers:
         return await self._page(query, i, page, v.invoice_proto, sortable=INVOICE_SORTS)
 
     async def issue_invoice(
-        self, invoice_id: str, *, number: str, issued_at: datetime | None
+        self, invoice_id: str, *, number: str, issued_at: datetime | None, expected_version: int = 0
     ) -> Change[sales_pb2.Invoice]:
         _require(number, "number")
         _check_lengths({"number": number.strip()}, d.CODE_LENGTH)
@@ -2330,6 +2331,7 @@ class SalesHandlers:
             # cannot change (terminated) while its invoice is issued.
             contract = await self._contract_row(tx.conn, row["contract_id"], scope=None, lock=True)
             row = await self._invoice_row(tx.conn, invoice_id, lock=True)
+            _check_version(row, expected_version, "invoice")
             issued = await self._issue(tx, contract, row, number=number.strip(), issued_at=issued_at)
             return Change(issued, v.invoice_proto(row))
 
@@ -2364,7 +2366,9 @@ class SalesHandlers:
         tx.publish(events_pb2.InvoiceIssued(invoice=proto, actor=v.actor(current_principal())), key=row["id"])
         return proto
 
-    async def void_invoice(self, invoice_id: str, *, reason: str) -> Change[sales_pb2.Invoice]:
+    async def void_invoice(
+        self, invoice_id: str, *, reason: str, expected_version: int = 0
+    ) -> Change[sales_pb2.Invoice]:
         principal = current_principal()
         _require(reason, "reason")
         async with self.uow.begin() as tx:
@@ -2372,6 +2376,7 @@ class SalesHandlers:
             # Lock order contract → invoice, the same as issuing and requesting.
             contract = await self._contract_row(tx.conn, row["contract_id"], scope=None, lock=True)
             row = await self._invoice_row(tx.conn, invoice_id, lock=True)
+            _check_version(row, expected_version, "invoice")
             d.check_invoice_transition(row["status"], d.InvoiceStatus.VOID, invoice_id=invoice_id)
             now = self.clock()
             values = {

@@ -216,7 +216,8 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         return pb.UpdatePipelineResponse(pipeline=change.record, previous=change.previous)
 
     async def DeletePipeline(self, request: pb.DeletePipelineRequest, context: Context) -> pb.DeletePipelineResponse:
-        return pb.DeletePipelineResponse(previous=await self.h.delete_pipeline(request.id))
+        deleted = await self.h.delete_pipeline(request.id, expected_version=request.expected_version)
+        return pb.DeletePipelineResponse(previous=deleted)
 
     # opportunities
 
@@ -582,12 +583,15 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
 
     async def IssueInvoice(self, request: pb.IssueInvoiceRequest, context: Context) -> pb.IssueInvoiceResponse:
         change = await self.h.issue_invoice(
-            request.id, number=request.number, issued_at=optional_time(request.issued_at)
+            request.id,
+            number=request.number,
+            issued_at=optional_time(request.issued_at),
+            expected_version=request.expected_version,
         )
         return pb.IssueInvoiceResponse(invoice=change.record, previous=change.previous)
 
     async def VoidInvoice(self, request: pb.VoidInvoiceRequest, context: Context) -> pb.VoidInvoiceResponse:
-        change = await self.h.void_invoice(request.id, reason=request.reason)
+        change = await self.h.void_invoice(request.id, reason=request.reason, expected_version=request.expected_version)
         return pb.VoidInvoiceResponse(invoice=change.record, previous=change.previous)
 
 

@@ -304,4 +304,5 @@ def invoice_proto(row: Row) -> sales_pb2.Invoice:
         voided_at=to_timestamp(row["voided_at"]),
         void_reason=row["void_reason"],
         account_id=row["account_id"],
+        version=row["version"],
     )

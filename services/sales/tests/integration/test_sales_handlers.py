@@ -1448,15 +1448,21 @@ async def test_every_erp_posting_is_audited_with_what_it_changed_as_the_gateway_
         [raised] = [i for i in (await sales.list_invoices(Page(), contract_id=contract_id)).items if i.number == "FP-2"]
         [paid] = (await sales.list_payments(Page(), contract_id=contract_id)).items
     assert [(a.action, a.resource, a.record_id, list(a.fields)) for a in audits] == [
-        ("update", "invoices", requested.id, ["external_reference", "issued_at", "number", "status"]),
+        ("update", "invoices", requested.id, ["external_reference", "issued_at", "number", "status", "version"]),
         ("replay", "invoices", requested.id, []),
         ("create", "invoices", raised.id, sorted(json_format.MessageToDict(raised, preserving_proto_field_name=True))),
         ("create", "payments", paid.id, sorted(json_format.MessageToDict(paid, preserving_proto_field_name=True))),
     ]
     update, replay, _, paid_audit = audits
     assert (dict(update.before), dict(update.after)) == (
-        {"status": "requested", "number": None, "external_reference": None, "issued_at": None},
-        {"status": "issued", "number": "FP-1", "external_reference": "SAP-1", "issued_at": update.after["issued_at"]},
+        {"status": "requested", "number": None, "external_reference": None, "issued_at": None, "version": "1"},
+        {
+            "status": "issued",
+            "number": "FP-1",
+            "external_reference": "SAP-1",
+            "issued_at": update.after["issued_at"],
+            "version": "2",  # int64 in protobuf's JSON form
+        },
     )
     assert not replay.HasField("before") and not replay.HasField("after") and "external_reference" in replay.reason
     assert not paid_audit.HasField("before") and paid_audit.after["amount"]["amount"] == "250.00"

@@ -1577,10 +1577,16 @@ async def update_segment(
 
 @router.delete("/segments/{segment_id}", status_code=204)
 async def delete_segment(
-    segment_id: str, request: Request, access: Annotated[Access, Depends(require("segments", "delete"))]
+    segment_id: str,
+    request: Request,
+    access: Annotated[Access, Depends(require("segments", "delete"))],
+    if_match: IfMatch = None,
 ) -> Response:
-    await _stub(request).DeleteSegment(pb.DeleteSegmentRequest(segment_id=segment_id), metadata=access.grpc_metadata())
-    await access.audit_write(segment_id, {"id": segment_id}, None)
+    reply = await _stub(request).DeleteSegment(
+        pb.DeleteSegmentRequest(segment_id=segment_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(segment_id, segment_dict(reply.previous), None)
     return Response(status_code=204)
 
 

@@ -336,10 +336,12 @@ async def delete_custom_field(
     key: str,
     request: Request,
     access: Annotated[Access, Depends(require("custom_fields", "delete"))],
+    if_match: IfMatch = None,
 ) -> Response:
-    await _stub(request, entity).DeleteCustomField(
-        pb.DeleteCustomFieldRequest(entity=entity, key=key), metadata=access.grpc_metadata()
+    reply = await _stub(request, entity).DeleteCustomField(
+        pb.DeleteCustomFieldRequest(entity=entity, key=key, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
     )
     _pii_cache(request).pop(entity, None)
-    await access.audit_write(f"{entity}.{key}", {"key": key}, None)
+    await access.audit_write(f"{entity}.{key}", definition_dict(reply.previous), None)
     return Response(status_code=204)

@@ -457,6 +457,7 @@ def invoice_dict(i: sales_pb2.Invoice) -> dict[str, Any]:
         "issued_at": _time(i, "issued_at"),
         "voided_at": _time(i, "voided_at"),
         "void_reason": i.void_reason or None,
+        "version": i.version,
     }
 
 
@@ -607,9 +608,12 @@ async def replace_pipeline(
 
 
 @router.delete("/pipelines/{pipeline_id}", status_code=204)
-async def delete_pipeline(pipeline_id: str, request: Request, access: PipelinesDelete) -> Response:
+async def delete_pipeline(
+    pipeline_id: str, request: Request, access: PipelinesDelete, if_match: IfMatch = None
+) -> Response:
     reply = await _stub(request).DeletePipeline(
-        pb.DeletePipelineRequest(id=pipeline_id), metadata=access.grpc_metadata()
+        pb.DeletePipelineRequest(id=pipeline_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
     )
     await access.audit_write(pipeline_id, pipeline_dict(reply.previous), None)
     return Response(status_code=204)
@@ -1662,7 +1666,11 @@ InvoicesUpdate = Annotated[Access, Depends(require("invoices", "update"))]
 
 @router.post("/invoices", status_code=201, responses={201: {"model": schemas.Invoice}})
 async def request_invoice(
-    body: InvoiceCreate, request: Request, access: InvoicesCreate, idempotency_key: IdempotencyKey = ""
+    body: InvoiceCreate,
+    request: Request,
+    response: Response,
+    access: InvoicesCreate,
+    idempotency_key: IdempotencyKey = "",
 ) -> dict[str, Any]:
     """Never more than the contract's uninvoiced amount (else 422)."""
     access.check_write(_written(body))
@@ -1674,7 +1682,7 @@ async def request_invoice(
     )
     record = invoice_dict(reply.invoice)
     await access.audit_write(record["id"], None, record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.get("/invoices", responses={200: {"model": schemas.Page[schemas.Invoice]}})
@@ -1702,30 +1710,45 @@ async def list_invoices(
 
 
 @router.get("/invoices/{invoice_id}", responses={200: {"model": schemas.Invoice}})
-async def get_invoice(invoice_id: str, request: Request, access: InvoicesRead) -> dict[str, Any]:
+async def get_invoice(invoice_id: str, request: Request, response: Response, access: InvoicesRead) -> dict[str, Any]:
     reply = await _stub(request).GetInvoice(pb.GetInvoiceRequest(id=invoice_id), metadata=access.grpc_metadata())
-    return access.present(invoice_dict(reply.invoice))
+    return with_etag(response, access.present(invoice_dict(reply.invoice)))
 
 
 @router.post("/invoices/{invoice_id}/issue", responses={200: {"model": schemas.Invoice}})
-async def issue_invoice(invoice_id: str, body: IssueBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
+async def issue_invoice(
+    invoice_id: str,
+    body: IssueBody,
+    request: Request,
+    response: Response,
+    access: InvoicesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
     """A requested invoice gets its number (409 once its contract is terminated: void it instead)."""
-    message = pb.IssueInvoiceRequest(id=invoice_id, number=body.number)
+    message = pb.IssueInvoiceRequest(id=invoice_id, number=body.number, expected_version=expected_version(if_match))
     issued_at = _timestamp(body.issued_at)
     if issued_at is not None:
         message.issued_at.CopyFrom(issued_at)
     reply = await _stub(request).IssueInvoice(message, metadata=access.grpc_metadata())
     record = invoice_dict(reply.invoice)
     await access.audit_write(invoice_id, invoice_dict(reply.previous), record)
-    return access.present(record)
+    return with_etag(response, access.present(record))
 
 
 @router.post("/invoices/{invoice_id}/void", responses={200: {"model": schemas.Invoice}})
-async def void_invoice(invoice_id: str, body: ReasonBody, request: Request, access: InvoicesUpdate) -> dict[str, Any]:
+async def void_invoice(
+    invoice_id: str,
+    body: ReasonBody,
+    request: Request,
+    response: Response,
+    access: InvoicesUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
     access.check_write(["void_reason"])
     reply = await _stub(request).VoidInvoice(
-        pb.VoidInvoiceRequest(id=invoice_id, reason=body.reason), metadata=access.grpc_metadata()
+        pb.VoidInvoiceRequest(id=invoice_id, reason=body.reason, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
     )
     record = invoice_dict(reply.invoice)
     await access.audit_write(invoice_id, invoice_dict(reply.previous), record)
-    return access.present(record)
+    return with_etag(response, access.present(record))

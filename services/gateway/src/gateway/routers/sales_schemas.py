@@ -217,6 +217,8 @@ class Payment(BaseModel):
 
 
 class Invoice(BaseModel):
+    """An invoice (`ETag` carries its `version`)."""
+
     id: str
     contract_id: str | None = None
     account_id: str | None = None
@@ -228,6 +230,7 @@ class Invoice(BaseModel):
     issued_at: Time = None
     voided_at: Time = None
     void_reason: str | None = None
+    version: int | None = None
 
 
 # Money computed from a contract's amount, shown as the caller sees that amount.
