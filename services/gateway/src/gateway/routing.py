@@ -12,14 +12,17 @@ from starlette._utils import get_route_path
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Scope
 
+from gateway.replays import ReplayableRoute
+
 API_PREFIX = "/api/v1"
 
 
 class ResourceRouter(APIRouter):
-    """An APIRouter under `API_PREFIX` that turns a request away by its path's literal prefix."""
+    """An APIRouter under `API_PREFIX` that turns a request away by its path's literal prefix; its
+    writes sent with `Idempotency-Key` are answered once (`gateway.replays`)."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(prefix=API_PREFIX, **kwargs)
+        super().__init__(prefix=API_PREFIX, route_class=ReplayableRoute, **kwargs)
         self._gate: tuple[int, tuple[str, ...]] = (-1, ())
 
     def literal_prefixes(self) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ from crm_platform.grpc_client import note_replay
 from crm_platform.principal import ScopeKind
 from crm_platform.timeutil import as_utc, isoformat, utcnow
 from fastapi import Depends, Path, Query, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, field_validator
 
 from gateway.conventions import IdempotencyKey
@@ -17,6 +16,7 @@ from gateway.routing import ResourceRouter
 from gateway.security import Access, require
 from gateway.security.api_keys import ApiKeyRecord, IdempotencyKeyReused
 from gateway.security.problems import SecurityProblem, not_found
+from gateway.security.replays import REUSED, key_refused
 
 router = ResourceRouter(tags=["api-keys"])
 
@@ -133,10 +133,7 @@ async def create_api_key(
             request_digest=digest,
         )
     except IdempotencyKeyReused:
-        message = "was used for another request; send a new key"
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("header", "Idempotency-Key"), "msg": message, "input": idempotency_key}]
-        ) from None
+        raise key_refused(idempotency_key, REUSED) from None
     if key is None:
         note_replay()  # audited as a replay: no key was created again
     out = _out(record)

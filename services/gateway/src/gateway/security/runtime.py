@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
-from crm_platform.jobs import inbox_expiry_job
+from crm_platform.jobs import expiry_job, inbox_expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
 from crm_platform.outbox import OutboxRelay, UnitOfWork
 from crm_platform.principal import Principal
@@ -43,8 +44,9 @@ from gateway.security.body_limit import BodySizeLimit
 from gateway.security.policy import Decision, Policy, ReaderKey, load_policy, reader_memo
 from gateway.security.problems import SecurityProblem, handle_security_problem
 from gateway.security.rate_limit import RateLimiter
+from gateway.security.replays import WriteReplays
 from gateway.security.settings import SecuritySettings
-from gateway.security.store import metadata, migrate_async
+from gateway.security.store import metadata, migrate_async, write_replays
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,7 @@ class SecurityRuntime:
         self.engine = engine or create_engine(database_url(settings))
         self.audit = AuditLog(self.engine)
         self.api_keys = ApiKeyStore(self.engine)
+        self.replays = WriteReplays(self.engine)
         jwks = (
             JwksCache(
                 settings.jwks_url,
@@ -126,6 +129,9 @@ class SecurityRuntime:
         `ingest`, the consumer that stores the services' audit records (`AuditLog.store_recorded`)."""
         if migrate:
             await migrate_async(self.engine.url.render_as_string(hide_password=False))
+        retention = timedelta(hours=self.settings.idempotency_retention_hours)
+        replays_expiry = expiry_job(self.engine, "write-replays-expiry", write_replays, "created_at", retention, 600)
+        self._jobs.append(asyncio.create_task(replays_expiry.run(self._stopping), name="gateway-write-replays-expiry"))
         if relay and self.kafka is not None:
             self._relay = OutboxRelay(self.engine, metadata, self.kafka, service="gateway")
             self.audit.on_commit(self._relay.wake)

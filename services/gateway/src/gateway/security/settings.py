@@ -58,6 +58,8 @@ class SecuritySettings(InboxSettings):  # the inbox of its audit consumer, as th
     export_max_rows: int = 100_000
     max_body_bytes: int = 1_048_576
     max_page_size: int = 500
+    # How long the answer of a write sent with Idempotency-Key is kept for a retry (gateway.replays).
+    idempotency_retention_hours: int = Field(default=24, ge=1)
     cors_origins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")

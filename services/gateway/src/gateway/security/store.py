@@ -1,5 +1,5 @@
-"""The gateway's own database: the append-only audit store, API keys and the outbox (audit events
-reach `crm.audit.v1` through it). Migrations: services/gateway/migrations/."""
+"""The gateway's own database: the append-only audit store, API keys, the kept answers of keyed
+writes and the outbox (audit events reach `crm.audit.v1` through it). Migrations: services/gateway/migrations/."""
 
 import asyncio
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 from crm_platform.db import UtcDateTime
 from crm_platform.migrations import upgrade
 from crm_platform.outbox import add_messaging_tables
-from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, Index, Integer, LargeBinary, MetaData, String, Table, Text
 
 metadata = MetaData()
 
@@ -62,6 +62,22 @@ api_keys = Table(
     Column("idempotency_key", String(200)),
     Column("request_digest", String(64)),
     Index("api_keys_idempotency_key", "created_by", "idempotency_key", unique=True),
+)
+
+# The kept answers of writes sent with Idempotency-Key whose service takes no key (gateway.replays):
+# per caller, route and key; `status_code` is null while the first request runs.
+write_replays = Table(
+    "write_replays",
+    metadata,
+    Column("caller", String(220), primary_key=True),
+    Column("route", String(300), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("status_code", Integer),
+    Column("headers", JSON, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Index("ix_write_replays_created_at", "created_at"),
 )
 
 outbox, processed_events = add_messaging_tables(metadata)
