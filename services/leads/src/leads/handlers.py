@@ -1244,7 +1244,11 @@ class LeadsService:
                     conn, email_norm=clean.email_norm, phone_norm=clean.phone_norm, excluding=lead_id
                 )
                 if duplicate is not None:
-                    raise AlreadyExists("another open lead has this email or phone", existing_id=duplicate["id"])
+                    # Named only when the caller may read it, as a create's duplicate is.
+                    if repo.lead_in_scope(current_scope(), duplicate):
+                        found = f"another open lead has this email or phone: {duplicate['id']}"
+                        raise AlreadyExists(found, existing_id=duplicate["id"])
+                    raise AlreadyExists("another open lead has this email or phone, outside your leads")
             if contact_id := await _contact_linked_by(conn, lead, changes):
                 changes["matched_contact_id"] = contact_id
             new_owner = clean.values.get("owner_id")

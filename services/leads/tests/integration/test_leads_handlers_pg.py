@@ -774,3 +774,17 @@ async def test_leads_are_filtered_by_custom_fields(env: Any) -> None:
     async with env.engine.connect() as conn:
         index = await conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_leads_custom_gin'"))
     assert index is not None and "jsonb_path_ops" in index
+
+
+async def test_an_email_change_onto_another_open_lead_names_it_only_to_who_may_read_it(env: Any) -> None:
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        mine, _ = await env.service.create_lead({"name": "Mine", "owner_id": "rep1"})
+    with env.acting("rep2", scope=ScopeKind.OWN):
+        theirs, _ = await env.service.create_lead({"name": "Theirs", "email": "bob@beta.cn", "owner_id": "rep2"})
+    with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(AlreadyExists) as hidden:
+        await env.service.update_lead(mine["id"], {"email": "bob@beta.cn"}, ["email"], 0)
+    with env.acting("manager1", roles=("sales_manager",)), pytest.raises(AlreadyExists) as named:
+        await env.service.update_lead(mine["id"], {"email": "bob@beta.cn"}, ["email"], 0)
+
+    assert hidden.value.existing_id == "" and theirs["id"] not in hidden.value.detail
+    assert named.value.existing_id == theirs["id"]
