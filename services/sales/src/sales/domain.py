@@ -382,6 +382,8 @@ class OpenDeal:
     id: str
     owner_id: str
     name: str
+    # Whether the caller may read it: only then does a refusal say whose it is and what it is called.
+    visible: bool = False
 
 
 MANAGER_ROLES = ("sales_manager", "admin")
@@ -409,9 +411,9 @@ def check_collision(
     if colliding is None:
         return None
     if not override:
+        which = f"({colliding.name!r}) of owner {colliding.owner_id} " if colliding.visible else "of another owner "
         raise Conflict(
-            f"opportunity {colliding.id} ({colliding.name!r}) of owner {colliding.owner_id} is already open "
-            "on this account and product line",
+            f"opportunity {colliding.id} {which}is already open on this account and product line",
             existing_id=colliding.id,
             reason="OPPORTUNITY_COLLISION",
         )

@@ -584,9 +584,18 @@ class SalesHandlers:
             conn, account_id=account_id, product_line_key=product_line_key, exclude_id=exclude_id
         )
         principal = current_principal()
+        scope = current_scope()
         colliding = d.check_collision(
             owner_id=owner_id,
-            open_deals=[d.OpenDeal(x["id"], x["owner_id"], x["name"]) for x in rows],
+            open_deals=[
+                d.OpenDeal(
+                    x["id"],
+                    x["owner_id"],
+                    x["name"],
+                    scope.allows(owner_id=x["owner_id"], team=x["team"], region=x["region"]),
+                )
+                for x in rows
+            ],
             override=override,
             caller_roles=principal.roles,
         )

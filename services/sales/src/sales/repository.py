@@ -371,7 +371,13 @@ async def open_deals_on(
 ) -> Sequence[RowMapping]:
     """Open opportunities of the account and normalised product line (anti-collision), every owner."""
     query = (
-        select(opportunities.c.id, opportunities.c.owner_id, opportunities.c.name)
+        select(
+            opportunities.c.id,
+            opportunities.c.owner_id,
+            opportunities.c.name,
+            opportunities.c.team,
+            opportunities.c.region,
+        )
         .where(
             opportunities.c.account_id == account_id,
             opportunities.c.product_line_key == product_line_key,

@@ -343,6 +343,19 @@ async def test_a_closed_deal_does_not_collide(sales: SalesHandlers) -> None:
     assert second.owner_id == "bob"
 
 
+async def test_a_collision_names_the_deal_it_meets_but_says_whose_only_to_who_may_read_it(sales: SalesHandlers) -> None:
+    with as_user("alice", "sales_rep", scope="own"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-c", name="Secret bid", product_line="X"))
+    with as_user("bob", "sales_rep", scope="own"), pytest.raises(Conflict) as hidden:
+        await sales.create_opportunity(OpportunityIn(account_id="acc-c", name="Mine", product_line="X"))
+    with as_user("mgr", "sales_manager", scope="team"), pytest.raises(Conflict) as named:
+        await sales.create_opportunity(OpportunityIn(account_id="acc-c", name="Team's", product_line="X"))
+
+    assert hidden.value.existing_id == named.value.existing_id == first.id
+    assert "Secret bid" not in hidden.value.detail and "alice" not in hidden.value.detail
+    assert "'Secret bid'" in named.value.detail and "alice" in named.value.detail
+
+
 async def test_concurrent_creations_by_two_owners_let_exactly_one_through(sales: SalesHandlers) -> None:
     async def create(owner: str) -> str:
         with as_user(owner, "sales_rep"):

@@ -99,6 +99,12 @@ def test_collision_with_another_owner_is_a_conflict_naming_the_deal() -> None:
         d.check_collision(owner_id="bob", open_deals=deals, override=False, caller_roles=["sales_rep"])
     assert raised.value.existing_id == "o1"
     assert "o1" in raised.value.detail
+    # Its name and owner only to a caller who may read the deal.
+    assert "alice" not in raised.value.detail and "ERP rollout" not in raised.value.detail
+    visible = [d.OpenDeal(id="o1", owner_id="alice", name="ERP rollout", visible=True)]
+    with pytest.raises(Conflict) as named:
+        d.check_collision(owner_id="bob", open_deals=visible, override=False, caller_roles=["sales_manager"])
+    assert "'ERP rollout' of owner alice" in named.value.detail.replace("(", "").replace(")", "")
 
 
 def test_same_owner_does_not_collide() -> None:
