@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await upstreams.close()
-            await security.stop()
+            # After uvicorn gave in-flight requests the grace: at most as long again to flush the audit outbox.
+            await security.stop(drain_seconds=settings.shutdown_grace_seconds)
 
     app = FastAPI(
         title="CRM API",

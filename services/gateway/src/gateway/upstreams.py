@@ -50,12 +50,13 @@ class Upstreams:
         return stub
 
     async def health(self, timeout_seconds: float = 1.0) -> dict[str, str]:
-        """Each upstream's gRPC health status (SERVING, NOT_SERVING, or the error)."""
+        """Each upstream's gRPC health status (SERVING, NOT_SERVING, or the error): of its own service,
+        which is NOT_SERVING while its database does not answer (the server's, "", stays SERVING)."""
 
         async def check(name: str) -> tuple[str, str]:
             try:
                 reply = await health_pb2_grpc.HealthStub(self.channel(name)).Check(
-                    health_pb2.HealthCheckRequest(service=""), timeout=timeout_seconds
+                    health_pb2.HealthCheckRequest(service=_own_service(name)), timeout=timeout_seconds
                 )
                 return name, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             except grpc.aio.AioRpcError as error:
@@ -75,7 +76,7 @@ def _idempotent_methods(name: str) -> list[tuple[str, str]]:
     from google.protobuf import descriptor_pool
 
     pool = descriptor_pool.Default()
-    package = {"service_desk": "servicedesk"}.get(name, name)
+    package = _package(name)
     methods: list[tuple[str, str]] = []
     for service_name in [*_service_names(package), *SHARED_SERVICES]:
         try:
@@ -84,6 +85,16 @@ def _idempotent_methods(name: str) -> list[tuple[str, str]]:
             continue
         methods += [(service.full_name, m.name) for m in service.methods if m.name.startswith(IDEMPOTENT_PREFIXES)]
     return methods
+
+
+def _own_service(name: str) -> str:
+    """The upstream's own gRPC service (`crm.leads.v1.LeadsService`), "" (the server) if unknown."""
+    return next(iter(_service_names(_package(name))), "")
+
+
+def _package(name: str) -> str:
+    """The upstream's proto package: `crm.<package>.v1`."""
+    return {"service_desk": "servicedesk"}.get(name, name)
 
 
 def _service_names(package: str) -> list[str]:

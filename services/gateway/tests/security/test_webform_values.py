@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
 from crm_platform.custom_fields import FieldDefinition, FieldType, from_text
@@ -63,3 +64,33 @@ async def test_json_numbers_and_bools_reach_the_service_as_the_text_it_reads_bac
     for key in ("visits_x", "ratio", "tiny"):
         assert from_text(number, sent[key]) == body[key]
     assert (from_text(flag, sent["vip"]), from_text(flag, sent["opt_out"])) == (True, False)
+
+
+class OneWebform(LeadsServiceServicer):
+    """A web form, listed and read."""
+
+    FORM = leads_pb2.Webform(id="wf-1", name="Expo", form_key="secret-form-key", version=1)
+
+    async def ListWebforms(self, request: leads_pb.ListWebformsRequest, context: Any) -> Any:
+        return leads_pb.ListWebformsResponse(items=[self.FORM])
+
+    async def GetWebform(self, request: leads_pb.GetWebformRequest, context: Any) -> Any:
+        return leads_pb.GetWebformResponse(webform=self.FORM)
+
+
+@pytest.mark.parametrize(
+    ("role", "shown"), [("marketing", True), ("admin", True), ("analyst", False), ("sales_rep", False)]
+)
+async def test_a_forms_key_is_shown_only_to_who_may_change_web_forms(
+    role_client: RoleClient, role: str, shown: bool
+) -> None:
+    """The key lets whoever holds it create and merge leads: who only reads web forms reads them without it."""
+    async with serving(lambda server: add_LeadsServiceServicer_to_server(OneWebform(), server)) as target:  # type: ignore[abstract]
+        http = await role_client(role, upstream=target)
+        listed = await http.get("/api/v1/webforms")
+        read = await http.get("/api/v1/webforms/wf-1")
+
+    assert listed.status_code == read.status_code == 200, listed.text
+    assert [form.get("form_key") for form in listed.json()["items"]] == ["secret-form-key" if shown else None]
+    assert read.json().get("form_key") == ("secret-form-key" if shown else None)
+    assert ("secret-form-key" in listed.text) is shown

@@ -220,7 +220,11 @@ class CampaignPage(BaseModel):
 class Webform(BaseModel):
     id: str
     name: str
-    form_key: str = Field(description="the key in `POST /webforms/{form_key}/submissions`")
+    form_key: str | None = Field(
+        default=None,
+        description="the key in `POST /webforms/{form_key}/submissions`: a credential, shown only to who may "
+        "change web forms (left out for who only reads them)",
+    )
     campaign_id: str
     team: str
     region: str

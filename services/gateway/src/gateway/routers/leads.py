@@ -1788,18 +1788,26 @@ def _without_key(webform: dict[str, Any]) -> dict[str, Any]:
 async def list_webforms(
     request: Request, access: CampaignsRead, limit: PageLimit = None, cursor: PageCursor = ""
 ) -> dict[str, Any]:
-    """The web forms, each with its `form_key`, in the order they were created, one page at a time."""
+    """The web forms in the order they were created, one page at a time; each with its `form_key` for
+    who may change web forms."""
     reply = await _stub(request).ListWebforms(
         pb.ListWebformsRequest(page=_page(access.page_limit(limit), cursor)), metadata=access.grpc_metadata()
     )
-    return {"items": [_webform_json(w) for w in reply.items], "next_cursor": reply.page_info.next_cursor or None}
+    shown = [_as_read_by(access, _webform_json(w)) for w in reply.items]
+    return {"items": shown, "next_cursor": reply.page_info.next_cursor or None}
 
 
 @router.get("/webforms/{webform_id}", responses={200: {"model": schemas.Webform}})
 async def get_webform(webform_id: str, request: Request, response: Response, access: CampaignsRead) -> dict[str, Any]:
-    """A web form, with its version as the `ETag`."""
+    """A web form, with its version as the `ETag` (and its `form_key` for who may change web forms)."""
     reply = await _stub(request).GetWebform(pb.GetWebformRequest(id=webform_id), metadata=access.grpc_metadata())
-    return with_etag(response, _webform_json(reply.webform))
+    return with_etag(response, _as_read_by(access, _webform_json(reply.webform)))
+
+
+def _as_read_by(access: Access, webform: dict[str, Any]) -> dict[str, Any]:
+    """A form's key lets anyone who holds it create and merge leads: a caller who only reads web forms
+    (an analyst, a rep) does not get it, as no one gets an API key's secret back."""
+    return webform if access.may("update") or access.may("create") else _without_key(webform)
 
 
 class WebformPatch(RequestBody):

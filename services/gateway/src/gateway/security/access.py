@@ -244,9 +244,13 @@ class Access:
             self._masks_personal_data = masks
         return self._masks_personal_data
 
+    def may(self, action: str) -> bool:
+        """May the caller also do `action` on this resource?"""
+        return self.runtime.policy.decide(self.principal, self.resource, action).allowed
+
     def ensure(self, action: str) -> None:
         """403 unless the caller may also do `action` on this resource (routes needing two actions)."""
-        if not self.runtime.policy.decide(self.principal, self.resource, action).allowed:
+        if not self.may(action):
             raise forbidden(f"you may not {action} {self.resource}")
 
     def view(self, resource: str, action: str = "read") -> "Access | None":
