@@ -609,3 +609,16 @@ def outstanding(amount: Decimal, paid_before_plan: Decimal, allocated: Decimal) 
     existed when it creates the plan (the plan's paid amounts, with no allocations), and every later
     payment through allocations: the two are separate money, so both are paid."""
     return max(ZERO, amount - paid_before_plan - allocated)
+
+
+def resume_at(after: tuple[int, str], account_ids: Sequence[str]) -> int:
+    """Where the next page of a ranked list starts, from the page before's end (`after`: its end
+    position and its last account). Just after that account, wherever the ranking now puts it (the
+    amounts moved since); at the position when the account left the list (merged, deleted)."""
+    position, account_id = after
+    if position <= len(account_ids) and account_ids[position - 1] == account_id:
+        return position
+    try:
+        return account_ids.index(account_id) + 1
+    except ValueError:
+        return min(position, len(account_ids))

@@ -354,30 +354,24 @@ class Reports:
                 )
             )
         rows.sort(key=_value_order)
-        if after is not None:
-            rows = [row for row in rows if _value_order(row) > after]
-        page = rows[:size]
-        if len(rows) <= size:
+        start = 0 if after is None else domain.resume_at(after, [row.account_id for row in rows])
+        page = rows[start : start + size]
+        if len(rows) <= start + size:
             return CustomerValuePage(rows=page, next_cursor="")
-        last = page[-1]
-        return CustomerValuePage(
-            rows=page, next_cursor=encode_cursor([str(last.paid_amount), str(last.won_amount), last.account_id])
-        )
+        # The page's end by position and account, not by the amounts it is sorted on: a cursor is
+        # readable by whoever holds it, and the caller may not be shown what the accounts paid.
+        return CustomerValuePage(rows=page, next_cursor=encode_cursor([start + size, page[-1].account_id]))
 
     @staticmethod
-    def _cursor(cursor: str) -> tuple[Decimal, Decimal, str] | None:
+    def _cursor(cursor: str) -> tuple[int, str] | None:
         if not cursor:
             return None
         try:
-            values = decode_cursor(cursor)
-            paid, won, account_id = values
-            if not all(isinstance(value, str) for value in values):  # as `next_cursor` above writes them
-                raise TypeError("not a cursor of this list")
-            amounts = Decimal(paid), Decimal(won)
-            if not all(amount.is_finite() for amount in amounts):
-                raise ValueError("not a finite amount")
-            return -amounts[0], -amounts[1], account_id
-        except (ValidationFailed, TypeError, ValueError, ArithmeticError):
+            position, account_id = decode_cursor(cursor)
+            if not (type(position) is int and position > 0 and isinstance(account_id, str)):
+                raise TypeError("not a cursor of this list")  # as `next_cursor` above writes them
+            return position, account_id
+        except (ValidationFailed, TypeError, ValueError):
             raise ValidationFailed([FieldError("cursor", NOT_ISSUED)]) from None
 
     async def _account_facts(

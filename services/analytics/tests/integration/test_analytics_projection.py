@@ -501,7 +501,7 @@ async def test_bad_filters_name_the_field(service: Running) -> None:
             pb.GetSalesFunnelRequest(filter=pb.ReportFilter(currency="yuan")), metadata=metadata
         )
     assert "filter.currency" in (caught.value.details() or "")
-    edited_cursors = [[None, "1", "acc"], ["NaN", "1", "acc"], ["1", "2", {"id": "acc"}], [1, 2, "acc"], ["1", "2"]]
+    edited_cursors = [[None, "acc"], [0, "acc"], [True, "acc"], ["1", "acc"], [1, {"id": "acc"}], [1], [1, "a", "b"]]
     # Bound to the list as the server binds the cursors it hands out, so the list's own check sees them.
     fingerprint = page_fingerprint(CUSTOMER_VALUE, pb.GetCustomerValueRequest())
     for cursor in ["nonsense!", *(bind_cursor(encode_cursor(values), fingerprint) for values in edited_cursors)]:

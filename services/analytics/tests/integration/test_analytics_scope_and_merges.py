@@ -29,6 +29,7 @@ from crm.sales.v1 import sales_pb2
 from crm.servicedesk.v1 import events_pb2 as service_events
 from crm.servicedesk.v1 import servicedesk_pb2
 from crm_platform.ids import new_id
+from crm_platform.pagination import decode_cursor
 from crm_platform.principal import ALL_RECORDS, Principal, RecordScope, ScopeKind, acting_as
 from crm_platform.timeutil import to_timestamp, utcnow
 from google.protobuf.message import Message
@@ -597,3 +598,28 @@ async def test_an_updated_ticket_counts_at_its_new_priority_and_due_times_and_a_
         after = await reports.service(ReportFilter(team="T"))
     # Not urgent any more; the late one is pending now, the reported breach is a fact that stays.
     assert (after.open_urgent, after.first_response_breached, after.first_response_met) == (0, 1, 0)
+
+
+async def test_customer_value_pages_through_every_account_once_with_cursors_that_hold_no_amounts(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    """Highest value first, a page at a time; a cursor is readable by whoever holds it, and who may
+    not see what accounts are worth reads pages of this report too."""
+    await deliver(
+        engine,
+        [
+            *(account(f"ACC{n}", "a1", "A") for n in range(5)),
+            *(won(f"O{n}", f"ACC{n}", "a1", "A", f"{(n + 1) * 1111}") for n in range(5)),
+        ],
+    )
+    seen: list[str] = []
+    cursor = ""
+    with acting_as(Principal(user_id="caller", roles=("sales_manager",)), ALL_RECORDS):
+        while True:
+            page = await reports.customer_value(ReportFilter(), at_risk_only=False, limit=2, cursor=cursor)
+            seen += [row.account_id for row in page.rows]
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+            assert not any(f"{(n + 1) * 1111}" in str(decode_cursor(cursor)) for n in range(5))
+    assert seen == ["ACC4", "ACC3", "ACC2", "ACC1", "ACC0"]

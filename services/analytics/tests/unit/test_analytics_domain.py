@@ -521,3 +521,11 @@ def test_a_campaign_that_won_in_another_currency_has_no_roi_in_this_one() -> Non
     rows = {row.key: row for row in domain.lead_source_report(leads, won, "USD", by_campaign=True, campaigns=campaigns)}
     assert (rows["c3"].cost, rows["c3"].won_revenue, rows["c3"].roi) == (Decimal("100"), Decimal("0"), None)
     assert rows["c4"].roi == Decimal("2.0000")  # all of its revenue in USD: an ROI
+
+
+def test_a_ranked_page_resumes_just_after_the_account_the_page_before_ended_on() -> None:
+    ranked = ["a", "b", "c", "d"]
+    assert domain.resume_at((2, "b"), ranked) == 2  # where it was
+    assert domain.resume_at((2, "b"), ["b", "a", "c", "d"]) == 1  # moved up since: after it, wherever it is
+    assert domain.resume_at((2, "b"), ["a", "c", "d"]) == 2  # gone (merged): at the position
+    assert domain.resume_at((9, "z"), ranked) == 4  # past the end: an empty page
