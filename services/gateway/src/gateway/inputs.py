@@ -123,6 +123,23 @@ CalendarDate = Annotated[date, Strict(False), BeforeValidator(_date_text)]
 Instant = Annotated[AwareDatetime, Strict(False), BeforeValidator(_date_time_text), AfterValidator(_within_utc)]
 
 
+def period_problem(start_name: str, start: date | None, end: date | None, *, end_inclusive: bool) -> str | None:
+    """Why a filter's period can hold nothing (it ends before it starts), said of its end; else None.
+    Such a filter is the caller's mistake, not an empty answer."""
+    if start is None or end is None or end > start or (end_inclusive and end == start):
+        return None
+    return f"must be {'on or ' if end_inclusive else ''}after {start_name}"
+
+
+def check_period(start_name: str, start: date | None, end_name: str, end: date | None, *, end_inclusive: bool) -> None:
+    """422 naming the query parameter `end_name` when the period can hold nothing (`period_problem`)."""
+    problem = period_problem(start_name, start, end, end_inclusive=end_inclusive)
+    if problem is not None:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", end_name), "msg": problem, "input": end}]
+        )
+
+
 def check_same_as_path(field: str, given: str | None, in_path: str) -> None:
     """422 naming the body's `field` when it names another record than the path does (a contact
     posted under one account naming another): the request contradicts itself."""

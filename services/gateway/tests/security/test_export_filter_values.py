@@ -66,6 +66,29 @@ async def test_a_value_the_list_refuses_is_the_same_422_on_the_export(
     assert [error["field"].split("[")[0] for error in exported.json()["errors"]] == list(params)
 
 
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        ("/audit-events", {"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"}, "until"),
+        ("/audit-events", {"since": "2026-03-02T00:00:00Z", "until": "2026-03-02T00:00:00Z"}, "until"),
+        ("/exports/audit_events", {"since": "2026-03-02T00:00:00Z", "until": "2026-03-01T00:00:00Z"}, "until"),
+        ("/exports/audit_events", {"since": "2026-03-02T00:00:00"}, "since"),  # no time zone: whose midnight?
+        ("/forecast", {"from": "2026-03-02", "to": "2026-03-01"}, "to"),
+        ("/exports/forecast", {"from": "2026-03-02", "to": "2026-03-01"}, "to"),
+    ],
+)
+async def test_a_period_that_can_hold_nothing_is_a_422_naming_its_end(
+    real_app: FastAPI, real_app_auth: Any, path: str, params: dict[str, str], field: str
+) -> None:
+    """A filter's end before its start is the caller's mistake, not an empty list or file."""
+    transport = httpx.ASGITransport(app=real_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.get(f"/api/v1{path}", params=params, headers=real_app_auth("admin"))
+
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+
+
 def test_only_the_exports_whose_list_sorts_document_sort(real_app: FastAPI) -> None:
     description = real_app.openapi()["paths"]["/api/v1/exports/{resource}"]["get"]["description"]
     lines = {line.split("`")[1]: line for line in description.splitlines() if line.startswith("- `")}

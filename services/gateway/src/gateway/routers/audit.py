@@ -11,7 +11,7 @@ from crm_platform.timeutil import as_utc
 from fastapi import Depends, Query
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from gateway.inputs import Instant
+from gateway.inputs import Instant, check_period, period_problem
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.audit import AuditQuery
@@ -80,6 +80,7 @@ async def list_audit_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(max_length=100)] = None,
 ) -> AuditEventPage:
+    check_period("since", since, "until", until, end_inclusive=False)
     access.check_filters(AUDIT_FILTERS)
     query = AuditQuery(
         actor_id=actor,
@@ -152,7 +153,7 @@ def _values_seen(values: Mapping[str, Any], decision: Decision, spec: ResourceSp
 
 # --- GET /exports/audit_events: the trail as CSV, with the listing's filters ---------------------
 
-_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(Instant)
 _EXPORT_PAGE = 500
 
 
@@ -164,7 +165,9 @@ def _export_query(filters: Mapping[str, str]) -> AuditQuery:
         try:
             times[name] = as_utc(_DATETIME.validate_python(value)) if value else None
         except ValidationError:
-            raise invalid_filter(name, f"filter '{name}' must be an RFC 3339 date-time") from None
+            raise invalid_filter(name, f"filter '{name}' must be an RFC 3339 date-time with a time zone") from None
+    if problem := period_problem("since", times["since"], times["until"], end_inclusive=False):
+        raise invalid_filter("until", f"filter 'until' {problem}")
     for name, longest in (("actor", 200), ("resource", 60), ("record_id", 200), ("action", 40)):
         if len(filters.get(name, "")) > longest:
             raise invalid_filter(name, f"filter '{name}' is too long")

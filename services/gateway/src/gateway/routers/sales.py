@@ -25,7 +25,16 @@ from pydantic import BaseModel, Field, ValidationError
 
 from gateway.conventions import IF_MATCH_HEADER, IdempotencyKey, MoneyIn, expected_version, with_etag
 from gateway.errors import field_error
-from gateway.inputs import CalendarDate, Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
+from gateway.inputs import (
+    CalendarDate,
+    Instant,
+    NonBlank,
+    OptionalId,
+    ReplacementBody,
+    RequestBody,
+    check_period,
+    period_problem,
+)
 from gateway.references import (
     ACCOUNT,
     CAMPAIGN,
@@ -1050,6 +1059,7 @@ async def forecast(
 ) -> dict[str, Any]:
     """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
     Open deals count by expected close date, won deals by close date."""
+    check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(FORECAST_FILTERS)
     reply = await _stub(request).GetForecast(
         _forecast_request(
@@ -1102,12 +1112,14 @@ def _check_forecast_export(filters: Mapping[str, str]) -> dict[str, str]:
     for name, choices in _FORECAST_CHOICES.items():
         if values[name] not in choices:
             raise invalid_filter(name, f"filter '{name}' must be one of {', '.join(choices)}")
+    bounds: dict[str, date | None] = {}
     for name in ("from", "to"):
-        if values.get(name):
-            try:
-                date.fromisoformat(values[name])
-            except ValueError:
-                raise invalid_filter(name, f"filter '{name}' must be an ISO date (YYYY-MM-DD)") from None
+        try:
+            bounds[name] = date.fromisoformat(values[name]) if values.get(name) else None
+        except ValueError:
+            raise invalid_filter(name, f"filter '{name}' must be an ISO date (YYYY-MM-DD)") from None
+    if problem := period_problem("from", bounds["from"], bounds["to"], end_inclusive=True):
+        raise invalid_filter("to", f"filter 'to' {problem}")
     return values
 
 
