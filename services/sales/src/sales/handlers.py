@@ -1426,6 +1426,9 @@ class SalesHandlers:
                 tx.publish(
                     events_pb2.QuoteRejected(quote=proto, comment=comment, actor=v.actor(principal)), key=quote_id
                 )
+            else:  # a step of its chain decided, the next awaited: a new version all the same
+                step = events_pb2.QuoteUpdated(quote=proto, changed_fields=["decisions"], actor=v.actor(principal))
+                tx.publish(step, key=quote_id)
             return Change(proto, v.quote_proto(row))
 
     async def update_quote(

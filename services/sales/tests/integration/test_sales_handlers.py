@@ -648,6 +648,11 @@ async def test_quote_discounts_need_the_right_approvers(sales: SalesHandlers, en
         events_pb2.QuoteApproved.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.approved")
     ]
     assert [(e.quote.id, e.actor.user_id) for e in approvals] == [(cheap.id, "rep1"), (steep.id, "fin")]
+    # The manager's step, a version of its own with the finance step still awaited, is an update of it.
+    steps = [events_pb2.QuoteUpdated.FromString(p) for p in await outbox_events(engine, "crm.sales.quote.updated")]
+    assert [(e.quote.id, e.quote.version, list(e.changed_fields), e.actor.user_id) for e in steps] == [
+        (steep.id, step.version, ["decisions"], "mgr")
+    ]
 
 
 async def test_new_line_items_within_every_threshold_approve_a_pending_quote_and_say_so(
