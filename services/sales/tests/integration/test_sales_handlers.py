@@ -2347,7 +2347,8 @@ async def test_a_changed_quote_is_totalled_and_submitted_again_and_earlier_decis
         "2000.00", "400.00", "1600.00",
     )  # fmt: skip
     assert (changed.version, unchanged.version) == (halfway.version + 1, halfway.version + 1)
-    [payload] = await outbox_events(engine, "crm.sales.quote.updated")
+    step, payload = await outbox_events(engine, "crm.sales.quote.updated")  # the manager's step, then the change
+    assert list(events_pb2.QuoteUpdated.FromString(step).changed_fields) == ["decisions"]
     event = events_pb2.QuoteUpdated.FromString(payload)
     assert (event.quote.status, event.actor.user_id) == ("pending_approval", "rep1")
     assert [(x.role, x.approver_id) for x in event.voided_decisions] == [("sales_manager", "mgr")]
