@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from typing import Any
 
 import grpc
@@ -183,8 +184,18 @@ def server_options(max_connection_age_seconds: float, default_deadline_seconds: 
     return options
 
 
+# Readiness: how often the named services' check runs, and how long one may take (the readiness
+# probe gives up after 3 s).
+READINESS_INTERVAL_SECONDS = 5.0
+READINESS_TIMEOUT_SECONDS = 2.0
+
+
 class GrpcServer:
-    """A grpc.aio server with health and reflection; SIGTERM → NOT_SERVING → stop(grace)."""
+    """A grpc.aio server with health and reflection; SIGTERM → NOT_SERVING → stop(grace).
+
+    Health: the server ("") is SERVING from start to stop, for liveness. The named services follow
+    `readiness` too (a check that raises when the service cannot serve, e.g. its database does not
+    answer): NOT_SERVING while it fails takes the pods out of rotation without restarting them."""
 
     def __init__(
         self,
@@ -194,6 +205,7 @@ class GrpcServer:
         register: Callable[[grpc.aio.Server], None],
         default_deadline_seconds: float = 30.0,
         max_connection_age_seconds: float = 0.0,
+        readiness: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.server = grpc.aio.server(
             interceptors=[CallInterceptor(service, default_deadline_seconds)],
@@ -202,7 +214,13 @@ class GrpcServer:
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service = service
         self.service_names = service_names
+        self.readiness = readiness
+        self.readiness_interval_seconds = READINESS_INTERVAL_SECONDS
+        self.readiness_timeout_seconds = READINESS_TIMEOUT_SECONDS
+        self._ready: bool | None = None  # unknown until the first check
+        self._watch: asyncio.Task[None] | None = None
         reflection.enable_server_reflection(
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self.server,
@@ -211,11 +229,44 @@ class GrpcServer:
     async def start(self, host: str, port: int) -> int:
         bound = int(self.server.add_insecure_port(f"{host}:{port}"))
         await self.server.start()
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.readiness is None:
+            await self._set_ready(True)
+        else:
+            await self._set_ready(await self._passes(self.readiness))
+            self._watch = asyncio.create_task(self._watch_readiness(self.readiness), name=f"{self.service}-readiness")
         return bound
 
     async def stop(self, grace: float) -> None:
+        if self._watch is not None:  # first, so it cannot report SERVING again while calls drain
+            self._watch.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._watch
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(grace)
+
+    async def _watch_readiness(self, readiness: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            await asyncio.sleep(self.readiness_interval_seconds)
+            await self._set_ready(await self._passes(readiness))
+
+    async def _passes(self, readiness: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            async with asyncio.timeout(self.readiness_timeout_seconds):
+                await readiness()
+        except Exception as error:  # noqa: BLE001 - whatever fails, the service cannot serve
+            if self._ready is not False:  # logged once per outage, not on every check
+                log.warning("%s not ready, its services go NOT_SERVING: %r", self.service, error)
+            return False
+        return True
+
+    async def _set_ready(self, ready: bool) -> None:
+        if ready == self._ready:
+            return
+        if ready and self._ready is False:
+            log.info("%s ready again, its services SERVING", self.service)
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in self.service_names:
+            await self.health.set(name, status)

@@ -366,6 +366,12 @@ def listen_dsn(url: URL) -> str:
     return url.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
 
 
+# A pass that fails (the database does not answer) is retried after a wait doubling from the first
+# to the last of these; while passes keep failing, a warning at most this often, not one per pass.
+FAILED_PASS_RETRY_SECONDS = (0.1, 5.0)
+FAILED_PASS_LOG_SECONDS = 60.0
+
+
 class OutboxRelay:
     """Publishes outbox rows to Kafka: per-key order, retries with backoff, survives broker outages."""
 
@@ -407,6 +413,8 @@ class OutboxRelay:
             self._driver_pass_planning = DriverStatement(_PASS_PLANNING)
             self._driver_burst_pass_planning = DriverStatement(_BURST_PASS_PLANNING)
         self._draining_burst = False  # the last pass claimed a full batch
+        self._failed_passes = 0  # in a row
+        self._failure_logged_at = 0.0
 
     def wake(self) -> None:
         self._wake.set()
@@ -422,9 +430,12 @@ class OutboxRelay:
                     self._last_pass_started = asyncio.get_running_loop().time()
                     try:
                         published = await self.publish_pending()
-                    except Exception:
-                        log.exception("outbox relay pass failed")
-                        published = 0
+                    except Exception as error:  # noqa: BLE001 - logged by _pass_failed; the next pass retries
+                        self._pass_failed(error)
+                        with suppress(TimeoutError):  # waits out the backoff, unless stopped
+                            await asyncio.wait_for(self._stopping.wait(), self._retry_seconds())
+                        continue
+                    self._pass_succeeded()
                     await self._housekeeping()
                     if published >= self.batch_size:
                         continue  # a full batch: more may be waiting
@@ -433,6 +444,30 @@ class OutboxRelay:
                         await asyncio.sleep(self._linger())
             finally:
                 await self._close()
+
+    def _pass_failed(self, error: Exception) -> None:
+        """Logs the first failure in a row with its traceback, then a short warning at most every
+        `FAILED_PASS_LOG_SECONDS`: an outage must not bury the rest of the log."""
+        self._failed_passes += 1
+        now = asyncio.get_running_loop().time()
+        if self._failed_passes == 1:
+            log.error("outbox relay pass failed; retrying with backoff", exc_info=error)
+        elif now - self._failure_logged_at >= FAILED_PASS_LOG_SECONDS:
+            log.warning("outbox relay passes still failing (%d in a row): %r", self._failed_passes, error)
+        else:
+            return
+        self._failure_logged_at = now
+
+    def _pass_succeeded(self) -> None:
+        if self._failed_passes:
+            log.info("outbox relay passes succeed again after %d failed", self._failed_passes)
+            self._failed_passes = 0
+
+    def _retry_seconds(self) -> float:
+        """The wait before retrying a failed pass: doubles with each failure in a row, up to the cap."""
+        first, cap = FAILED_PASS_RETRY_SECONDS
+        doublings = min(self._failed_passes - 1, 20)  # bounded: a long outage must not overflow the float
+        return min(cap, first * 2.0**doublings)
 
     def _linger(self) -> float:
         """How long a commit that woke the relay waits for its pass: passes start at least
@@ -445,24 +480,33 @@ class OutboxRelay:
         self._stopping.set()
         self._wake.set()
 
-    async def drain(self, wait_seconds: float) -> int:
-        """Publishes what is pending (graceful shutdown); returns the rows left behind."""
+    async def drain(self, wait_seconds: float) -> int | None:
+        """Publishes what is pending (graceful shutdown) in passes started within `wait_seconds`;
+        returns the rows left behind, None when the database could not tell (logged)."""
         with suppress_instrumentation():
-            return await self._drain(wait_seconds)
+            try:
+                return await self._drain(wait_seconds)
+            finally:
+                await self._close()
 
-    async def _drain(self, wait_seconds: float) -> int:
+    async def _drain(self, wait_seconds: float) -> int | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_seconds
         while loop.time() < deadline:
             try:
-                if await self.publish_pending(ignore_backoff=True) == 0:
-                    break
-            except Exception:
-                log.exception("outbox drain pass failed")
-                await asyncio.sleep(0.2)
-        left = await self.backlog()
-        await self._close()
-        return left
+                published = await self.publish_pending(ignore_backoff=True)
+            except Exception as error:  # noqa: BLE001 - logged by _pass_failed; retried until the deadline
+                self._pass_failed(error)
+                await asyncio.sleep(min(self._retry_seconds(), max(0.0, deadline - loop.time())))
+                continue
+            self._pass_succeeded()
+            if published == 0:
+                break
+        try:
+            return await self.backlog()
+        except Exception as error:  # noqa: BLE001 - shutdown goes on: the next start publishes what is left
+            log.warning("outbox: could not count the rows left for the next start: %r", error)
+            return None
 
     async def backlog(self) -> int:
         async with self.engine.connect() as conn:

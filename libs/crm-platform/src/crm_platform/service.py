@@ -17,7 +17,8 @@ from typing import Any
 
 import grpc
 import uvloop
-from sqlalchemy import MetaData
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from sqlalchemy import MetaData, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from crm_platform import idempotency, migrations
@@ -76,6 +77,7 @@ class ServiceApp:
             register=self.register,
             default_deadline_seconds=self.settings.default_deadline_seconds,
             max_connection_age_seconds=self.settings.max_connection_age_seconds,
+            readiness=self._database_answers,
         )
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -92,6 +94,14 @@ class ServiceApp:
         self.port = await self.server.start(self.settings.grpc_host, self.settings.grpc_port)
         log.info("%s serving gRPC on %s:%d", self.settings.service_name, self.settings.grpc_host, self.port)
         return self.port
+
+    async def _database_answers(self) -> None:
+        """Readiness: every call needs the database, so a service whose database does not answer
+        (down, unreachable, out of connections) takes no calls until it does. Plumbing, not a request:
+        no trace every few seconds."""
+        with suppress_instrumentation():
+            async with self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
 
     async def stop(self) -> None:
         """SIGTERM path: NOT_SERVING, drain in-flight RPCs, stop consumers and jobs, flush the outbox."""

@@ -1,6 +1,8 @@
 """The gRPC chassis over a real connection: health, reflection, caller context, errors, deadlines."""
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -28,6 +30,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +218,123 @@ async def test_aged_connections_are_replaced_so_new_replicas_get_calls() -> None
     finally:
         await client.close()
         await server.stop(0)
+
+
+class DatabaseProxy:
+    """A TCP proxy to the test's PostgreSQL: `cut()` drops every connection and refuses new ones (the
+    database is down), `open()` lets them through again on the same port."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    @property
+    def proxied_url(self) -> str:
+        return self.url.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+        for writer in self._connections:
+            writer.transport.abort()
+        self._connections.clear()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(self.url.host, self.url.port or 5432)
+        self._connections |= {client_writer, server_writer}
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            writer.transport.abort()
+
+        await asyncio.gather(pipe(client_reader, server_writer), pipe(server_reader, client_writer))
+
+
+def probe_app(engine: AsyncEngine, kafka: KafkaSettings) -> ServiceApp:
+    app = ServiceApp(
+        settings=ServiceSettings(service_name="probe", grpc_port=0, kafka=kafka, shutdown_grace_seconds=1),
+        engine=engine,
+        metadata=metadata,
+        uow=UnitOfWork(engine, metadata, source="/crm/probe"),
+        service_names=[SERVICE],
+        register=lambda server: None,
+    )
+    app.server.readiness_interval_seconds = 0.1
+    return app
+
+
+async def health_of(stub: health_pb2_grpc.HealthStub) -> dict[str, str]:
+    """The status of the server ("") and of the named service."""
+    return {
+        name: health_pb2.HealthCheckResponse.ServingStatus.Name(
+            (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+        )
+        for name in ("", SERVICE)
+    }
+
+
+async def health_becomes(stub: health_pb2_grpc.HealthStub, expected: dict[str, str], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while await health_of(stub) != expected:
+            await asyncio.sleep(0.05)
+
+
+async def test_the_named_services_are_not_serving_while_the_database_does_not_answer(
+    postgres_url: str, kafka_settings: KafkaSettings
+) -> None:
+    """Readiness probes ask the named service (the pod leaves the endpoints while its database is
+    down) and liveness the server, which stays SERVING: a database outage restarts no pod."""
+    await create_schema(setup := create_engine(postgres_url))
+    await setup.dispose()
+    proxy = DatabaseProxy(postgres_url)
+    await proxy.open()
+    engine = create_engine(proxy.proxied_url)
+    app = probe_app(engine, kafka_settings)
+    port = await app.start()
+    client = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    stub = health_pb2_grpc.HealthStub(client)
+    try:
+        assert await health_of(stub) == {"": "SERVING", SERVICE: "SERVING"}
+
+        await proxy.cut()
+        await health_becomes(stub, {"": "SERVING", SERVICE: "NOT_SERVING"})
+
+        await proxy.open()
+        await health_becomes(stub, {"": "SERVING", SERVICE: "SERVING"})
+    finally:
+        await client.close()
+        await app.stop()
+    await proxy.cut()
+
+
+async def test_a_service_started_and_stopped_without_its_database_is_not_ready_and_stops_cleanly(
+    kafka_settings: KafkaSettings,
+) -> None:
+    """SIGTERM while the database is down: the outbox cannot be flushed, which is logged, and the
+    service still stops (its engine disposed) instead of dying with a traceback."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        engine = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{closed.getsockname()[1]}/crm")
+    pool = engine.sync_engine.pool
+    app = probe_app(engine, kafka_settings)
+    port = await app.start()
+    client = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    try:
+        assert await health_of(health_pb2_grpc.HealthStub(client)) == {"": "SERVING", SERVICE: "NOT_SERVING"}
+    finally:
+        await client.close()
+
+    async with asyncio.timeout(10):
+        await app.stop()
+
+    assert engine.sync_engine.pool is not pool  # disposed: dispose() replaces the pool

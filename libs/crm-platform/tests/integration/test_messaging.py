@@ -1,6 +1,8 @@
 """The outbox and the consumer against real PostgreSQL and a real broker."""
 
 import asyncio
+import itertools
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import pytest
 from aiokafka.errors import KafkaError
 from crm.audit.v1 import events_pb2
 from crm.leads.v1 import events_pb2 as lead_events
+from crm_platform import outbox as outbox_module
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
 from crm_platform.config import KafkaSettings, ServiceSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
@@ -871,6 +874,80 @@ async def test_a_pass_plans_for_the_outbox_as_it_is_not_as_it_was_when_its_state
     assert "ix_outbox_key_pending on outbox older" in plans["claim"], plans["claim"]
     assert [row.seq for row in claimed] == sorted(row.seq for row in claimed)
     assert len(claimed) == 500 and [row.held_back for row in claimed] == [False] * 500
+
+
+async def test_a_relay_without_its_database_backs_off_logs_one_traceback_and_its_drain_still_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without LISTEN the relay polls every 20 ms here: a pass failing at that pace made a traceback
+    each. Failed passes are retried after 0.1, 0.2, 0.4, 0.8 s ... (at most 5 s), and a shutdown
+    that cannot count what is left logs it instead of raising."""
+    caplog.set_level(logging.INFO, logger="crm_platform.outbox")
+    engine = create_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/crm")
+    relay = relay_for(engine, KafkaSettings())
+    passes = 0
+    publish = relay.publish_pending
+
+    async def counted(*, ignore_backoff: bool = False) -> int:
+        nonlocal passes
+        passes += 1
+        return await publish(ignore_backoff=ignore_backoff)
+
+    relay.publish_pending = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    await asyncio.sleep(2.0)
+    await relay.stop()
+    await asyncio.wait_for(task, 5)
+
+    assert 3 <= passes <= 6, passes  # at 0, 0.1, 0.3, 0.7 and 1.5 s
+    assert await relay.drain(0.5) is None  # the rows left are unknown; the next start publishes them
+    failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.getMessage(), bool(r.exc_info)) for r in failures] == [
+        ("outbox relay pass failed; retrying with backoff", True)
+    ]
+    await engine.dispose()
+
+
+async def test_a_relay_logs_an_outage_once_then_rarely_and_its_end_and_backs_off_anew_for_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="crm_platform.outbox")
+    monkeypatch.setattr(outbox_module, "FAILED_PASS_LOG_SECONDS", 0.25)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/outbox.db")
+    await create_schema(engine)
+    relay = relay_for(engine, KafkaSettings())
+    loop = asyncio.get_running_loop()
+    outcomes = iter([False, False, False, False, True, False])  # two outages; then the passes succeed
+    passes: list[float] = []
+
+    async def flaky(*, ignore_backoff: bool = False) -> int:
+        passes.append(loop.time())
+        if next(outcomes, True):
+            return 0
+        raise OperationalError("SELECT ...", {}, ConnectionRefusedError("database is restarting"))
+
+    relay.publish_pending = flaky  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    async with asyncio.timeout(10):
+        while len(passes) < 7:
+            await asyncio.sleep(0.01)
+    await relay.stop()
+    await asyncio.wait_for(task, 5)
+    await engine.dispose()
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(passes)]
+    assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.4 and gaps[3] >= 0.8, gaps  # doubling
+    assert gaps[5] < 0.5, gaps  # the second outage starts over at 0.1 s, not at 1.6 s
+    logged = [(r.levelname, r.getMessage().split(":")[0], bool(r.exc_info)) for r in caplog.records]
+    assert logged == [
+        ("ERROR", "outbox relay pass failed; retrying with backoff", True),
+        # the second failure is within FAILED_PASS_LOG_SECONDS of the first: not logged
+        ("WARNING", "outbox relay passes still failing (3 in a row)", False),
+        ("WARNING", "outbox relay passes still failing (4 in a row)", False),
+        ("INFO", "outbox relay passes succeed again after 4 failed", False),
+        ("ERROR", "outbox relay pass failed; retrying with backoff", True),
+        ("INFO", "outbox relay passes succeed again after 1 failed", False),
+    ]
 
 
 async def test_rows_that_an_earlier_relay_marked_published_are_deleted_by_housekeeping(

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from crm.sales.v1 import sales_service_pb2
+from crm_platform.grpc_server import GrpcServer
 from crm_platform.testing.tracing import record_spans
 from fastapi import FastAPI
 from gateway import __main__ as gateway_main
@@ -22,6 +24,7 @@ from opentelemetry.trace import SpanKind
 pytestmark = pytest.mark.integration
 
 SECRET = "operability-secret-" + "o" * 30
+SALES_SERVICE = sales_service_pb2.DESCRIPTOR.services_by_name["SalesService"].full_name
 
 
 def _settings(database_url: str, **targets: str) -> Settings:
@@ -89,6 +92,60 @@ async def test_a_down_upstream_degrades_but_keeps_the_gateway_ready(
 
     assert response.status_code == 200
     assert response.json()["status"] == "degraded" and response.json()["dependencies"]["sales"] != "SERVING"
+
+
+@pytest.mark.parametrize(("database_answers", "status"), [(True, "SERVING"), (False, "NOT_SERVING")])
+async def test_a_service_whose_database_does_not_answer_degrades_the_gateway(
+    app_for: Any, tmp_path: Path, migrated_sqlite: Path, database_answers: bool, status: str
+) -> None:
+    """The service's server ("") stays SERVING (liveness) while its own gRPC service is NOT_SERVING:
+    readiness asks the latter."""
+
+    async def sales_database() -> None:
+        if not database_answers:
+            raise ConnectionRefusedError("the sales database is down")
+
+    sales = GrpcServer(
+        service="sales", service_names=[SALES_SERVICE], register=lambda server: None, readiness=sales_database
+    )
+    port = await sales.start("127.0.0.1", 0)
+    database = tmp_path / "gateway.db"
+    shutil.copyfile(migrated_sqlite, database)
+    try:
+        app = await app_for(_settings(f"sqlite+aiosqlite:///{database}", sales_target=f"127.0.0.1:{port}"))
+        response = await _get(app, "/readyz")
+    finally:
+        await sales.stop(0)
+
+    assert response.status_code == 200
+    assert response.json()["dependencies"] == {"sales": status}
+    assert response.json()["status"] == ("ready" if database_answers else "degraded")
+
+
+async def test_the_gateway_flushes_its_audit_outbox_for_its_configured_shutdown_grace(
+    tmp_path: Path, migrated_sqlite: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """values.yaml: the gateway flushes its outbox for at most `shutdownGraceSeconds` (the chart sets
+    CRM_GATEWAY_SHUTDOWN_GRACE_SECONDS), not for a fixed 5 s."""
+    database = tmp_path / "gateway.db"
+    shutil.copyfile(migrated_sqlite, database)
+    settings = _settings(f"sqlite+aiosqlite:///{database}").model_copy(
+        update={"shutdown_grace_seconds": 17, "migrate_on_start": False}
+    )
+    app = create_app(settings)
+    security = app.state.security
+    stop = security.stop
+    budgets: list[Any] = []
+
+    async def recorded_stop(**kwargs: Any) -> None:
+        budgets.append(kwargs.get("drain_seconds"))
+        await stop(**kwargs)
+
+    monkeypatch.setattr(security, "stop", recorded_stop)
+    async with app.router.lifespan_context(app):
+        pass
+
+    assert budgets == [17]
 
 
 async def test_an_unhandled_error_is_a_problem_with_the_request_id(real_app: FastAPI) -> None:
