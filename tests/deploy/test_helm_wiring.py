@@ -325,6 +325,59 @@ def test_every_service_has_its_migration_hook(renderings: list[Rendering]) -> No
             assert rendering.find("Job", f"{fullname(service)}-migrate"), f"{service.name}: no migration hook"
 
 
+def test_migration_jobs_run_on_the_components_nodes_as_a_service_account_that_exists(
+    renderings: list[Rendering],
+) -> None:
+    """A migration Job lands where its component's pods may (node selector, tolerations, node
+    affinity; not the replicas' pod anti-affinity or spread), with their pod annotations, and runs as
+    a ServiceAccount that exists when the pre-install hook runs: the operator's own
+    (`serviceAccount.create: false`) or a hook ServiceAccount made before the Job with the
+    component's ServiceAccount annotations, never the component's ordinary one (made after the hooks)."""
+    for rendering in renderings:
+        for component in COMPONENTS:
+            job = rendering.find("Job", f"{fullname(component)}-migrate")
+            if job is None:
+                continue
+            where = f"{rendering.values_file}: Job {job['metadata']['name']}"
+            values = rendering.component_values(component)
+            pod = job["spec"]["template"]["spec"]
+            assert pod.get("nodeSelector", {}) == values["nodeSelector"], where
+            assert pod.get("tolerations", []) == values["tolerations"], where
+            node_affinity = values["affinity"].get("nodeAffinity")
+            assert pod.get("affinity", {}) == ({"nodeAffinity": node_affinity} if node_affinity else {}), where
+            assert "topologySpreadConstraints" not in pod, where
+            assert job["spec"]["template"]["metadata"].get("annotations", {}) == values["podAnnotations"], where
+            account_name = pod["serviceAccountName"]
+            pods_account = rendering.get("Deployment", fullname(component))["spec"]["template"]["spec"][
+                "serviceAccountName"
+            ]
+            account = rendering.find("ServiceAccount", account_name)
+            if not values["serviceAccount"]["create"]:
+                assert account is None, f"{where}: {account_name} is the operator's, the chart must not make it"
+                assert account_name == (values["serviceAccount"]["name"] or "default") == pods_account, where
+                continue
+            assert account is not None, f"{where}: runs as {account_name}, which the chart does not make"
+            assert account_name != pods_account, (
+                f"{where}: the component's own ServiceAccount does not exist yet when a pre-install hook runs"
+            )
+            hook, job_hook = account["metadata"]["annotations"], job["metadata"]["annotations"]
+            assert hook["helm.sh/hook"] == job_hook["helm.sh/hook"], where
+            assert int(hook["helm.sh/hook-weight"]) < int(job_hook["helm.sh/hook-weight"]), f"{where}: made after"
+            assert "before-hook-creation" in hook["helm.sh/hook-delete-policy"].split(","), where
+            assert values["serviceAccount"]["annotations"].items() <= hook.items(), f"{where}: identity lost"
+            assert account["automountServiceAccountToken"] is False, where
+    # The matrix exercises each case (ci/node-pool-values.yaml, ci/external-secrets-values.yaml).
+    node_pool = next(r for r in renderings if r.values_file == "node-pool-values.yaml")
+    leads = node_pool.get("Job", f"{RELEASE}-leads-migrate")["spec"]["template"]
+    assert leads["spec"]["nodeSelector"] == {"kubernetes.io/arch": "arm64"} and leads["spec"]["tolerations"]
+    assert set(leads["spec"]["affinity"]) == {"nodeAffinity"}
+    assert leads["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+    identity = node_pool.get("ServiceAccount", leads["spec"]["serviceAccountName"])["metadata"]["annotations"]
+    assert "iam.gke.io/gcp-service-account" in identity
+    sales = node_pool.get("Job", f"{RELEASE}-sales-migrate")["spec"]["template"]["spec"]
+    assert sales["serviceAccountName"] == "crm-sales-workload"
+
+
 def executable(component: Component, name: str) -> str:
     """A Job's executable resolved in this environment; console scripts must be declared by the
     component's pyproject (the image installs them from there)."""
@@ -447,6 +500,74 @@ def test_workload_shape(renderings: list[Rendering]) -> None:
                 assert policy["spec"]["ingress"][0].get("from", []) == gateway_from
 
 
+def grpc_service_name(component: Component) -> str:
+    """The gRPC service the component's server reports the readiness of (`ServiceApp.service_names`)."""
+    src = REPO / "services" / component.name / "src"
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    name: str = importlib.import_module(f"{component.package}.__main__").SERVICE_NAME
+    return name
+
+
+def test_readiness_asks_the_services_own_grpc_service_and_liveness_the_server(renderings: list[Rendering]) -> None:
+    """A service's own gRPC service is NOT_SERVING while its database does not answer: readiness asks
+    it, so the pod leaves the endpoints; liveness and startup ask the server (""), which stays
+    SERVING, so a database outage restarts no pod."""
+    for rendering in renderings:
+        for component in SERVICES:
+            (container,) = rendering.get("Deployment", fullname(component))["spec"]["template"]["spec"]["containers"]
+            assert container["readinessProbe"]["grpc"]["service"] == grpc_service_name(component), component.name
+            for probe in ("livenessProbe", "startupProbe"):
+                assert container[probe]["grpc"].get("service", "") == "", f"{component.name}: {probe}"
+
+
+def render_with(*overrides: str) -> list[dict[str, Any]]:
+    command = [helm_binary(), "template", RELEASE, str(CHART), "--namespace", NAMESPACE]
+    for override in overrides:
+        command += ["--set", override]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=120)
+    assert result.returncode == 0, f"helm template {overrides} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def scrape_annotated(documents: list[dict[str, Any]]) -> dict[str, bool]:
+    return {
+        doc["metadata"]["name"]: doc["spec"]["template"]["metadata"].get("annotations", {}).get("prometheus.io/scrape")
+        == "true"
+        for doc in documents
+        if doc["kind"] == "Deployment"
+    }
+
+
+def test_pods_are_annotated_for_scraping_only_where_scrapers_are_let_in(renderings: list[Rendering]) -> None:
+    """`prometheus.io/*` annotations only when the NetworkPolicies let a scraper reach the metrics
+    port (`networkPolicy.metricsFrom`, or no policies): with the defaults every scrape would time out."""
+    annotated_files: set[str] = set()
+    for rendering in renderings:
+        network_policy = deep_merge(chart_defaults()["networkPolicy"], rendering.values.get("networkPolicy", {}))
+        metrics = deep_merge(chart_defaults()["metrics"], rendering.values.get("metrics", {}))
+        reachable = not network_policy["enabled"] or bool(network_policy["metricsFrom"])
+        for component in COMPONENTS:
+            deployment = rendering.get("Deployment", fullname(component))
+            annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+            annotated = annotations.get("prometheus.io/scrape") == "true"
+            assert annotated == (metrics["podAnnotations"] and reachable), f"{rendering.values_file}: {component.name}"
+            if not annotated:
+                assert not any(key.startswith("prometheus.io/") for key in annotations)
+                continue
+            annotated_files.add(rendering.values_file)
+            port = next(p for p in containers(deployment)[0]["ports"] if p["name"] == "metrics")
+            assert annotations["prometheus.io/port"] == str(port["containerPort"]) == str(metrics["port"])
+            policy = rendering.find("NetworkPolicy", fullname(component))
+            if policy is not None:
+                rules = [r for r in policy["spec"]["ingress"] if {"port": "metrics", "protocol": "TCP"} in r["ports"]]
+                assert [r["from"] for r in rules] == [network_policy["metricsFrom"]], rendering.values_file
+    assert "default-values.yaml" not in annotated_files and "ingress-tls-values.yaml" in annotated_files
+    # No policies, annotations asked for (the default): every pod annotated.
+    assert all(scrape_annotated(render_with("networkPolicy.enabled=false")).values())
+    assert not any(scrape_annotated(render_with()).values())
+
+
 def test_pods_run_the_entry_points_make_run_uses(renderings: list[Rendering]) -> None:
     """The chart starts each component the way `make run` does (crm_devstack), by console script."""
     from crm_devstack.components import processes
@@ -490,6 +611,8 @@ def test_image_user_matches_the_pod_security_context() -> None:
         (["gateway.ingress.enabled=true", "gateway.ingress.hostname="], "gateway.ingress.hostname is required"),
         (["otel.sampler=ratio"], "/otel/sampler"),
         (["database.tls.caKey=certs/ca.crt"], "/database/tls/caKey"),
+        # Kubernetes 1.30 to 1.32 (the chart supports them) refuse `preStop.sleep.seconds: 0`.
+        (["preStopSleepSeconds=0"], "/preStopSleepSeconds"),
     ],
 )
 def test_chart_refuses_bad_values(overrides: list[str], message: str) -> None:

@@ -156,16 +156,55 @@ What a migration Job runs: `crm-<component> migrate` (the gateway's included).
 {{- end -}}
 
 {{/*
+ServiceAccount of a component's migration Job. The Job is a pre-install hook: it runs before the
+release's own resources exist, the component's ServiceAccount included. So:
+- `serviceAccount.create: false`: the Job runs as the ServiceAccount the operator made
+  (`serviceAccount.name`, or the namespace's `default`), which exists before the install;
+- `serviceAccount.create: true`: the chart makes `<fullname>-<component>-migrate`, a hook of its
+  own (weight -10, before the Jobs' -5) with the component's ServiceAccount annotations (workload
+  identity), deleted once every hook of the install or upgrade has succeeded. The component's own
+  ServiceAccount stays an ordinary release resource: making it a hook would take it out of the
+  release (left behind by `helm uninstall`, deleted and made again at every upgrade while its pods
+  run, and in the way of a rollback to a revision that owns it).
+*/}}
+{{- define "crm.component.migrationServiceAccountName" -}}
+{{- $values := index .root.Values .key -}}
+{{- if $values.serviceAccount.create -}}
+{{- include "crm.component.fullname" (dict "root" .root "name" (printf "%s-migrate" .name) "key" .key) -}}
+{{- else -}}
+{{- include "crm.component.serviceAccountName" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
 Migration Job, run by Helm before install and before every upgrade: `crm-<component> migrate`
-(Alembic upgrade head). It runs before the release's other resources exist, so it uses the
-namespace's default ServiceAccount without a token, and needs only the database Secret (and the
-database CA's, when there is one).
+(Alembic upgrade head). It needs only the database Secret (and the database CA's, when there is
+one), no Kubernetes API token. It runs as the ServiceAccount above, on the nodes the component may
+run on (its node selector, tolerations and node affinity), with the component's pod annotations.
 */}}
 {{- define "crm.component.migrationJob" -}}
 {{- $values := index .root.Values .key -}}
 {{- $migrations := .root.Values.migrations -}}
 {{- $job := dict "root" .root "name" (printf "%s-migrate" .name) "key" .key -}}
 {{- if $values.migrations.enabled }}
+{{- if $values.serviceAccount.create }}
+apiVersion: v1
+kind: ServiceAccount
+metadata:
+  name: {{ include "crm.component.migrationServiceAccountName" . }}
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "crm.component.labels" $job | nindent 4 }}
+  annotations:
+    helm.sh/hook: pre-install,pre-upgrade
+    helm.sh/hook-weight: "-10"
+    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
+    {{- with (merge (dict) $values.serviceAccount.annotations .root.Values.commonAnnotations) }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+automountServiceAccountToken: false
+---
+{{- end }}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -187,12 +226,15 @@ spec:
     metadata:
       labels:
         {{- include "crm.component.labels" $job | nindent 8 }}
+      {{- with (include "crm.component.podAnnotations" .) }}{{- . | trim | nindent 6 }}{{- end }}
     spec:
       restartPolicy: Never
+      serviceAccountName: {{ include "crm.component.migrationServiceAccountName" . }}
       automountServiceAccountToken: false
       {{- with (include "crm.imagePullSecrets" .root) }}{{- . | trim | nindent 6 }}{{- end }}
       securityContext:
         {{- toYaml .root.Values.podSecurityContext | nindent 8 }}
+      {{- with (include "crm.component.scheduling" (merge (dict "job" true) .)) }}{{- . | trim | nindent 6 }}{{- end }}
       containers:
         - name: migrate
           image: {{ include "crm.component.image" . }}
@@ -218,11 +260,17 @@ spec:
 {{- end }}
 {{- end -}}
 
-{{/* Pod annotations: Prometheus scrape hints, a checksum that restarts pods when the policy changes, and the component's own. */}}
+{{/*
+Pod annotations: Prometheus scrape hints, a checksum that restarts pods when the policy changes, and
+the component's own `podAnnotations`. The scrape hints only with a `metricsPort` in the context (a
+migration Job has none) and only where a scraper can reach that port: NetworkPolicies off, or
+`networkPolicy.metricsFrom` naming the scrapers. Otherwise every scrape of an annotated pod would
+time out against the policy.
+*/}}
 {{- define "crm.component.podAnnotations" -}}
 {{- $values := index .root.Values .key -}}
 {{- $annotations := dict -}}
-{{- if .root.Values.metrics.podAnnotations -}}
+{{- if and .metricsPort (include "crm.metrics.scrapeAnnotations" .root) -}}
 {{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
 {{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
 {{- $_ := set $annotations "prometheus.io/port" (toString .metricsPort) -}}
@@ -235,4 +283,12 @@ spec:
 annotations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* Non-empty when the pods get the prometheus.io/* annotations: asked for, and scrapers let in. */}}
+{{- define "crm.metrics.scrapeAnnotations" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- if and .Values.metrics.podAnnotations (or (not $np.enabled) $np.metricsFrom) -}}
+true
+{{- end -}}
 {{- end -}}

@@ -85,9 +85,19 @@ spec:
             grpc:
               port: {{ $values.grpcPort }}
             {{- toYaml $root.Values.probes.liveness | nindent 12 }}
+          # Readiness asks the component's own gRPC service, NOT_SERVING while its database does not
+          # answer (the pod leaves the endpoints); liveness asks the server (""), which stays SERVING.
+          {{- $grpcService := get (dict
+                "leads" "crm.leads.v1.LeadsService"
+                "accounts" "crm.accounts.v1.AccountsService"
+                "sales" "crm.sales.v1.SalesService"
+                "service-desk" "crm.servicedesk.v1.ServiceDeskService"
+                "analytics" "crm.analytics.v1.AnalyticsService"
+              ) .name }}
           readinessProbe:
             grpc:
               port: {{ $values.grpcPort }}
+              service: {{ required (printf "no gRPC service name for %q" .name) $grpcService | quote }}
             {{- toYaml $root.Values.probes.readiness | nindent 12 }}
           lifecycle:
             preStop:

@@ -313,7 +313,14 @@ true
 {{- end }}
 {{- end -}}
 
-{{/* Scheduling: the component's own settings, or a preferred spread of its replicas across nodes. */}}
+{{/*
+Scheduling: the component's own settings, or a preferred spread of its replicas across nodes.
+With "job" true in the context (a migration Job's pod): the node selector, the tolerations and the
+affinity's `nodeAffinity` only, so the Job lands on the nodes its component may run on (a tainted or
+arm64 pool). Pod (anti-)affinity and topology spread describe how the replicas spread among
+themselves: a required anti-affinity against the component's own pods would leave the Job Pending
+on an upgrade, with a replica on every node.
+*/}}
 {{- define "crm.component.scheduling" -}}
 {{- $values := index .root.Values .key -}}
 {{- with $values.nodeSelector }}
@@ -324,6 +331,13 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- if .job }}
+{{- with ($values.affinity | default dict).nodeAffinity }}
+affinity:
+  nodeAffinity:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
+{{- else }}
 affinity:
 {{- if $values.affinity }}
   {{- toYaml $values.affinity | nindent 2 }}
@@ -340,6 +354,7 @@ affinity:
 {{- with $values.topologySpreadConstraints }}
 topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
