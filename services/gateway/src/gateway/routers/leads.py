@@ -744,8 +744,8 @@ def _import_targets(header: pb.ImportHeader, named: ImportColumns | None) -> lis
         targets |= {f"custom.{key}" for key in named.custom_keys}
     if header.campaign_id:
         targets.add("campaign_id")
-    if header.assign:
-        targets.add("owner_id")
+    # `assign` lets the assignment rules choose owners, as a lead made without one by `POST /leads`
+    # (marketing's trade-show lists are routed so): the caller sets no owner by it.
     return sorted(targets)
 
 
