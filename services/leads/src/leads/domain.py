@@ -893,3 +893,16 @@ class ImportCounters:
     rejected: int = 0
     skipped: int = 0
     rejected_rows: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+# Fewer digits than this in a search find too many phones to be meant as one.
+MIN_PHONE_SEARCH_DIGITS = 4
+
+
+def search_term(field: str, q: str) -> str:
+    """What `q` looks for in a searched field: its text in lower case, or in a phone its digits
+    (as phones are kept normalised: `138 0013` -> `1380013`); "" when it cannot be one there."""
+    if field != "phone":
+        return q.lower()
+    digits = "".join(ch for ch in q if ch in "0123456789")
+    return digits if len(digits) >= MIN_PHONE_SEARCH_DIGITS and len(digits) * 2 >= len(q.strip()) else ""

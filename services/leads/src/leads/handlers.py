@@ -54,7 +54,7 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
-from sqlalchemy import Column, ColumnElement, Select, Table, delete, func, insert, or_, select, update
+from sqlalchemy import Column, ColumnElement, Select, Table, delete, false, func, insert, or_, select, update
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -682,11 +682,13 @@ class LeadFilters:
     custom: Sequence[tuple[str, str]] = ()
 
 
-# What `q` searches: a lead's name, company and email, case-insensitively.
+# What `q` searches: a lead's name, company and email, case-insensitively, and its phone by the
+# query's digits (`138 0013` finds +8613800138000).
 SEARCHED_FIELDS = {
     "name": func.lower(repo.leads.c.name),
     "company": func.lower(repo.leads.c.company),
     "email": repo.leads.c.email_norm,
+    "phone": repo.leads.c.phone_norm,
 }
 
 SORTS = {
@@ -1299,9 +1301,13 @@ class LeadsService:
             message = f"{unknown[0]!r} is not one of {', '.join(SEARCHED_FIELDS)}"
             raise ValidationFailed([FieldError("q_fields", message)])
         if f.q:
-            term = f.q.lower()  # a substring: % and _ in it are the characters, not wildcards
-            searched = [SEARCHED_FIELDS[name] for name in f.q_fields or SEARCHED_FIELDS]
-            query = query.where(or_(*(column.contains(term, autoescape=True) for column in searched)))
+            searched = {name: SEARCHED_FIELDS[name] for name in f.q_fields or SEARCHED_FIELDS}
+            terms = {name: domain.search_term(name, f.q) for name in searched}
+            matches = [
+                column.contains(terms[name], autoescape=True) for name, column in searched.items() if terms[name]
+            ]
+            # A substring: % and _ in it are the characters, not wildcards. No field to look in: no lead.
+            query = query.where(or_(*matches) if matches else false())
         if f.created_after:
             query = query.where(c.created_at >= f.created_after)
         if f.created_before:

@@ -425,8 +425,26 @@ async def test_search_and_tag_filters_take_percent_and_underscore_literally(env_
         assert await names(q="x_y", q_fields=["name", "company"]) == []
         assert sorted(await names(q="club", q_fields=["name"])) == ["Discount 100% club", "Discount 1000 club"]
         with pytest.raises(ValidationFailed) as unknown:
-            await names(q="x", q_fields=["phone"])
+            await names(q="x", q_fields=["mobile"])
     assert [e.field for e in unknown.value.errors] == ["q_fields"]
+
+
+async def test_a_search_finds_a_lead_by_its_phone_as_written_any_way(env_each_database: Any) -> None:
+    env = env_each_database
+    with env.acting():
+        await env.service.create_lead({"name": "Phoned", "phone": "+86 138 0013 8000"})
+        await env.service.create_lead({"name": "Other", "phone": "139 1234 5678"})
+
+        async def names(**filters: Any) -> list[str]:
+            rows, _ = await env.service.list_leads(LeadFilters(**filters), limit=50, cursor="", sort="name")
+            return [r["name"] for r in rows]
+
+        assert await names(q="138 0013") == ["Phoned"]
+        assert await names(q="13800138000") == ["Phoned"]
+        assert await names(q="0013-8000") == ["Phoned"]
+        # Too few digits to mean a phone, or a phone the caller may not search (q_fields): not by it.
+        assert await names(q="138") == []
+        assert await names(q="138 0013", q_fields=["name", "company", "email"]) == []
 
 
 async def test_sla_overdue_and_recycling_timers(env_each_database: Any) -> None:

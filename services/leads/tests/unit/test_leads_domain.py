@@ -619,3 +619,10 @@ def test_a_leads_dedupe_keys_are_its_filled_email_phone_and_external_id() -> Non
     assert domain.dedupe_keys("", "", "") == {}
     clean = domain.validate_lead({"name": "Li", "phone": "13800138000"})
     assert domain.dedupe_key_fields(clean) == {"phone": "phone:+8613800138000"}
+
+
+def test_a_search_looks_for_its_digits_in_a_phone_and_its_text_elsewhere() -> None:
+    assert domain.search_term("phone", "138 0013-8000") == "13800138000"
+    assert domain.search_term("phone", "138") == ""  # too few digits to mean one phone
+    assert domain.search_term("phone", "Room 1234, Acme Ltd") == ""  # mostly not digits: not a phone
+    assert domain.search_term("name", "ACME Ltd") == "acme ltd"

@@ -401,7 +401,7 @@ def _capture_audited(reply: pb.CreateLeadResponse | pb.SubmitWebformResponse) ->
     return "merge", lead_json(reply.previous) if reply.HasField("previous") else None
 
 
-LEAD_SEARCHED_FIELDS = ("name", "company", "email")
+LEAD_SEARCHED_FIELDS = ("name", "company", "email", "phone")
 # The filters of GET /leads (and of the leads export): query parameter -> the field(s) it filters by.
 LEAD_FILTERS: FilterFields = {
     "status": "status",
