@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("key", sa.String(200), nullable=False),
         sa.Column("fingerprint", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("claim_token", sa.String(32), nullable=False),
         sa.Column("status_code", sa.Integer()),
         sa.Column("headers", sa.JSON(), nullable=False),
         sa.Column("body", sa.LargeBinary(), nullable=False),

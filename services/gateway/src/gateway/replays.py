@@ -10,7 +10,8 @@ nothing is done again. Keys are the caller's own and each route's, as on creates
 - another request (another record, body, query, or the caller's roles, team or region since: the
   kept answer was shown under them) under a used key is a 422 naming `Idempotency-Key`;
 - a key whose first request is still running is a 409 (`REQUEST_IN_PROGRESS`, retry shortly); one
-  left running longer than `STALLED_AFTER` (its gateway stopped) is taken over by the retry;
+  left running longer than `STALLED_AFTER` (its gateway stopped) is taken over by the retry, and
+  the stalled request, should it end after all, neither keeps its answer nor frees the key;
 - a first request that failed (4xx, 5xx) keeps nothing: a retry runs again.
 
 Kept answers expire after `CRM_GATEWAY_IDEMPOTENCY_RETENTION_HOURS` (a day), as the services' keys.
@@ -38,9 +39,13 @@ KEPT_HEADERS = ("content-type", "etag", "location", "link")
 MAX_KEY_LENGTH = 200
 
 
-def _fingerprint(request: Request, body: bytes, grants: str) -> str:
+def write_fingerprint(request: Request, body: bytes, grants: str) -> str:
+    """What tells one request from another: the route and record, the query (in any order), how the
+    body is to be read (its content type: an import's format and charset) and the body itself."""
+    query = "&".join(f"{name}={value}" for name, value in sorted(request.query_params.multi_items()))
+    content_type = request.headers.get("content-type", "")
     digest = hashlib.sha256()
-    for part in (request.method, request.url.path, str(request.query_params), grants):
+    for part in (request.method, request.url.path, query, content_type, grants):
         digest.update(part.encode())
         digest.update(b"\0")
     digest.update(body)
@@ -102,18 +107,18 @@ async def _answer_once(request: Request, handler: Handler, route: str, key: str)
     caller = f"{principal.kind}:{principal.user_id}"
     grants = f"{sorted(principal.roles)}|{principal.team}|{principal.region}"
     replays: WriteReplays = request.app.state.security.replays
-    kept = await replays.claim(caller, route, key, _fingerprint(request, await request.body(), grants))
-    if kept is not None:
-        return Response(kept.body, kept.status_code, headers={**kept.headers, REPLAYED_HEADER: "true"})
+    claimed = await replays.claim(caller, route, key, write_fingerprint(request, await request.body(), grants))
+    if isinstance(claimed, KeptAnswer):
+        return Response(claimed.body, claimed.status_code, headers={**claimed.headers, REPLAYED_HEADER: "true"})
     try:
         response = await handler(request)
     except BaseException:
-        await replays.release(caller, route, key)
+        await replays.release(caller, route, key, claimed)
         raise
     body: Any = getattr(response, "body", None)
     if 200 <= response.status_code < 300 and isinstance(body, bytes):
         headers = {name: value for name, value in response.headers.items() if name in KEPT_HEADERS}
-        await replays.keep(caller, route, key, KeptAnswer(response.status_code, headers, body))
+        await replays.keep(caller, route, key, claimed, KeptAnswer(response.status_code, headers, body))
     else:
-        await replays.release(caller, route, key)
+        await replays.release(caller, route, key, claimed)
     return response

@@ -19,12 +19,13 @@ from crm_platform.db import create_engine
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.timeutil import utcnow
 from fastapi.exceptions import RequestValidationError
-from gateway.replays import REPLAYED_HEADER
-from gateway.security.replays import IN_PROGRESS, STALLED_AFTER, KeptAnswer, WriteReplays
+from gateway.replays import REPLAYED_HEADER, write_fingerprint
+from gateway.security.replays import IN_PROGRESS, STALLED_AFTER, Claim, KeptAnswer, WriteReplays
 from gateway.security.store import migrate_async, write_replays
 from gateway.testing import add_no_custom_fields, refuse, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 from sqlalchemy import update
+from starlette.requests import Request
 
 pytestmark = pytest.mark.integration
 
@@ -141,10 +142,11 @@ ANSWER = KeptAnswer(200, {"etag": '"2"'}, b'{"id": "t-1"}')
 
 
 async def test_a_key_still_running_is_a_409_until_its_answer_is_kept(replays: WriteReplays) -> None:
-    assert await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f1") is None
+    claim = await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f1")
+    assert isinstance(claim, Claim)
     with pytest.raises(Conflict) as running:
         await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f1")
-    await replays.keep("user:u-1", "PATCH /tickets/{id}", "k", ANSWER)
+    await replays.keep("user:u-1", "PATCH /tickets/{id}", "k", claim, ANSWER)
 
     assert running.value.reason == IN_PROGRESS
     assert await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f1") == ANSWER
@@ -152,13 +154,49 @@ async def test_a_key_still_running_is_a_409_until_its_answer_is_kept(replays: Wr
         await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f2")
 
 
-async def test_a_key_whose_first_request_stalled_is_taken_over_and_a_released_one_runs_again(
+async def test_a_stalled_key_is_taken_over_and_the_stalled_request_can_then_neither_keep_nor_free_it(
     replays: WriteReplays,
 ) -> None:
-    assert await replays.claim("user:u-1", "DELETE /segments/{id}", "stalled", "f") is None
+    route = "DELETE /segments/{id}"
+    stalled = await replays.claim("user:u-1", route, "k", "f")
     async with replays.engine.begin() as conn:
         await conn.execute(update(write_replays).values(created_at=utcnow() - STALLED_AFTER - timedelta(seconds=1)))
-    assert await replays.claim("user:u-1", "DELETE /segments/{id}", "stalled", "f") is None  # its gateway stopped
+    retry = await replays.claim("user:u-1", route, "k", "f")  # its gateway stopped, presumably
+    assert isinstance(stalled, Claim) and isinstance(retry, Claim) and retry != stalled
 
-    await replays.release("user:u-1", "DELETE /segments/{id}", "stalled")
-    assert await replays.claim("user:u-1", "DELETE /segments/{id}", "stalled", "f") is None
+    await replays.release("user:u-1", route, "k", stalled)  # it ended after all, and failed: the retry holds on
+    with pytest.raises(Conflict):
+        await replays.claim("user:u-1", route, "k", "f")
+    await replays.keep("user:u-1", route, "k", stalled, KeptAnswer(500, {}, b"late"))  # nor is its answer kept
+    await replays.keep("user:u-1", route, "k", retry, ANSWER)
+    assert await replays.claim("user:u-1", route, "k", "f") == ANSWER
+
+
+async def test_a_released_key_runs_again(replays: WriteReplays) -> None:
+    first = await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f")
+    assert isinstance(first, Claim)
+    await replays.release("user:u-1", "PATCH /tickets/{id}", "k", first)
+
+    assert isinstance(await replays.claim("user:u-1", "PATCH /tickets/{id}", "k", "f"), Claim)
+
+
+def _request(query: str, content_type: str = "application/json") -> Request:
+    headers = [(b"content-type", content_type.encode())]
+    return Request(
+        {
+            "type": "http",
+            "method": "POST",
+            "path": "/api/v1/leads/import",
+            "query_string": query.encode(),
+            "headers": headers,
+        }
+    )
+
+
+def test_a_request_is_told_apart_by_its_query_in_any_order_and_by_how_its_body_is_read() -> None:
+    same = write_fingerprint(_request("a=1&b=2"), b"x", "g")
+    assert write_fingerprint(_request("b=2&a=1"), b"x", "g") == same
+    assert write_fingerprint(_request("a=1&b=3"), b"x", "g") != same
+    assert write_fingerprint(_request("a=1&b=2", "text/csv; charset=gbk"), b"x", "g") != same  # another file
+    assert write_fingerprint(_request("a=1&b=2"), b"y", "g") != same
+    assert write_fingerprint(_request("a=1&b=2"), b"x", "other grants") != same

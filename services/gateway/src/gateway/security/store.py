@@ -74,6 +74,8 @@ write_replays = Table(
     Column("key", String(200), primary_key=True),
     Column("fingerprint", String(64), nullable=False),
     Column("created_at", UtcDateTime(), nullable=False),
+    # Who holds the key: the request that claimed it (or took it over from a stalled one).
+    Column("claim_token", String(32), nullable=False),
     Column("status_code", Integer),
     Column("headers", JSON, nullable=False),
     Column("body", LargeBinary, nullable=False),
