@@ -385,19 +385,44 @@ def validate_article(values: Mapping[str, Any], *, partial: bool) -> list[FieldE
 
 
 def search_terms(text: str, *, limit: int = 12, min_length: int = 3, stop_words: bool = True) -> list[str]:
-    """Distinct lower-case words of letters or digits (safe inside a tsquery), for KB searches;
-    suggestions from a ticket also drop short and stop words."""
-    words: list[str] = []
-    current = []
-    for char in text.lower() + " ":
-        if char.isalnum():
-            current.append(char)
+    """Distinct lower-case terms of letters or digits (safe inside a tsquery), for KB searches:
+    words, and for a run of CJK characters, which has no spaces between its words, the overlapping
+    pairs of characters (a lone character as itself), so a part of a phrase finds the phrase.
+    Suggestions from a ticket also drop short and stop words (CJK pairs are kept: two characters
+    mostly make a word)."""
+    terms: list[str] = []
+    for run in _term_runs(text.lower()):
+        if is_cjk(run[0]):
+            candidates = [run] if len(run) == 1 else [run[i : i + 2] for i in range(len(run) - 1)]
+        elif len(run) >= min_length and not (stop_words and run in STOP_WORDS):
+            candidates = [run]
+        else:
             continue
-        word = "".join(current)
-        current = []
-        if len(word) >= min_length and word not in words and not (stop_words and word in STOP_WORDS):
-            words.append(word)
-    return words[:limit]
+        terms += [term for term in candidates if term not in terms]
+    return terms[:limit]
+
+
+# Han ideographs (with extension A and the compatibility block) and kana: scripts written without
+# spaces between words. Hangul is written with spaces, so it is split into words like Latin.
+CJK_RANGES = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x323AF))
+
+
+def is_cjk(char: str) -> bool:
+    return any(low <= ord(char) <= high for low, high in CJK_RANGES)
+
+
+def _term_runs(text: str) -> list[str]:
+    """The runs of letters or digits, cut also where CJK meets other characters (`vpn连不上`)."""
+    runs: list[str] = []
+    current = ""
+    for char in text + " ":
+        if char.isalnum() and (not current or is_cjk(char) == is_cjk(current[-1])):
+            current += char
+            continue
+        if current:
+            runs.append(current)
+        current = char if char.isalnum() else ""
+    return runs
 
 
 STOP_WORDS = frozenset(

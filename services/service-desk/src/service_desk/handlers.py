@@ -30,7 +30,7 @@ from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.principal import current_principal, current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -785,17 +785,24 @@ def _timestamp(value: datetime) -> Any:
 
 
 async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
-    """Offers queued tickets (new or reopened, nobody assigned) to agents again: those offered
-    longest ago first, in the order they came (never offered: as long ago as they came). A ticket
-    no agent takes goes to the back, so tickets nobody can take never hold up those behind."""
+    """Offers queued tickets (new or reopened, nobody assigned) to agents again: the most urgent
+    effective priority first (a tier-A account's raised one), then those offered longest ago, in
+    the order they came (never offered: as long ago as they came). A ticket no agent takes goes to
+    the back of its priority, so tickets nobody can take never hold up those behind them in it."""
     now = ctx.clock()
     t = repo.tickets
     assigned = 0
+    urgency = case(
+        {priority: rank for rank, priority in enumerate(domain.PRIORITIES)},
+        value=t.c.effective_priority,
+        else_=len(domain.PRIORITIES),
+    )
     async with ctx.uow.begin() as tx:
+        # No index serves this order: the queue is the few tickets no agent could take, found by status.
         query = (
             select(t)
             .where(t.c.status.in_(("new", "reopened")), t.c.assignee_id == "")
-            .order_by(func.coalesce(t.c.dispatch_offered_at, t.c.created_at), t.c.created_at, t.c.id)
+            .order_by(urgency, func.coalesce(t.c.dispatch_offered_at, t.c.created_at), t.c.created_at, t.c.id)
             .limit(batch_size)
         )
         untaken: list[str] = []

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    case,
     cast,
     false,
     func,
@@ -35,6 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from service_desk.domain import is_cjk
 
 metadata = MetaData()
 add_messaging_tables(metadata)
@@ -352,7 +355,7 @@ async def list_agents(
 
 
 KB_SORTS = {"updated_at": kb_articles.c.updated_at}
-# A PostgreSQL search's results, with their relevance, come from a subquery: keyset_page pages by
+# A ranked search's results, with their relevance, come from a subquery: keyset_page pages by
 # Columns, and these, unbound, name its columns.
 KB_RANK = Column("rank", Numeric(20, 10), nullable=False)
 KB_RANKED_ID = Column("id", String(36), nullable=False)
@@ -368,34 +371,46 @@ async def search_articles(
     limit: int,
     cursor: str = "",
 ) -> tuple[list[Any], str]:
-    """A page of the articles matching the terms (all, or any) and the next page's cursor. Full
-    text on PostgreSQL (the GIN-indexed tsvector), most relevant first, then by id; substring
-    match on SQLite, which has no relevance, and every article without terms: most recently
-    updated first, then by id."""
+    """A page of the articles matching the terms (all, or any) and the next page's cursor. Words:
+    full text on PostgreSQL (the GIN-indexed tsvector), ranked by ts_rank; substring match on
+    SQLite, which does not rank them. CJK terms (character pairs, see `domain.search_terms`):
+    substring match on both databases, as the text-search parser cannot cut CJK text into words,
+    ranked on both by the terms an article contains, those of its title counting more. Ranked
+    searches come most relevant first, then by id; the others, and every article without terms,
+    most recently updated first, then by id."""
     a = kb_articles
     conditions: list[Any] = []
     if published_only:
         conditions.append(a.c.published.is_(True))
     if category:
         conditions.append(a.c.category == category)
-    if conn.dialect.name == "postgresql" and terms:
+    words = [term for term in terms if not is_cjk(term[0])]  # a term is all CJK or has none
+    matches: list[ColumnElement[bool]] = []
+    ranks: list[ColumnElement[Any]] = []
+    if conn.dialect.name == "postgresql" and words:
         document: ColumnElement[Any] = literal_column(KB_SEARCH_COLUMN)
         joiner = " | " if any_term else " & "
-        tsquery = func.to_tsquery("simple", joiner.join(f"{term}:*" for term in terms))
-        conditions.append(document.op("@@")(tsquery))
-        # As numeric: a value the cursor carries as text and gives back exactly, so the next page
-        # starts right after the last row (a real would not compare equal to its decimal text).
-        # Ranks equal to 10 decimals tie, and go by id.
-        rank = cast(func.ts_rank(document, tsquery), KB_RANK.type).label(KB_RANK.name)
-        ranked = select(a, rank).where(and_(*conditions)).subquery("ranked")
-        return await _page(conn, select(ranked), {KB_RANK.name: KB_RANK}, KB_RANKED_ID, limit, cursor, "", "-rank")
-    matches = [
-        or_(
-            func.lower(a.c.title).contains(term, autoescape=True),
-            func.lower(a.c.body).contains(term, autoescape=True),
-        )
-        for term in terms
-    ]
+        tsquery = func.to_tsquery("simple", joiner.join(f"{word}:*" for word in words))
+        matches.append(document.op("@@")(tsquery))
+        ranks.append(func.ts_rank(document, tsquery))
+    else:
+        matches += [or_(_contains(a.c.title, word), _contains(a.c.body, word)) for word in words]
+    for term in terms:
+        if is_cjk(term[0]):
+            in_title, in_body = _contains(a.c.title, term), _contains(a.c.body, term)
+            matches.append(or_(in_title, in_body))
+            ranks.append(case((in_title, 2), else_=0) + case((in_body, 1), else_=0))
     if matches:
         conditions.append(or_(*matches) if any_term else and_(*matches))
-    return await _page(conn, select(a).where(and_(*conditions)), KB_SORTS, a.c.id, limit, cursor, "", "-updated_at")
+    if not ranks:
+        return await _page(conn, select(a).where(and_(*conditions)), KB_SORTS, a.c.id, limit, cursor, "", "-updated_at")
+    # As numeric: a value the cursor carries as text and gives back exactly, so the next page starts
+    # right after the last row (a real would not compare equal to its decimal text). Ranks equal to
+    # 10 decimals tie, and go by id.
+    rank = cast(sum(ranks[1:], ranks[0]), KB_RANK.type).label(KB_RANK.name)
+    ranked = select(a, rank).where(and_(*conditions)).subquery("ranked")
+    return await _page(conn, select(ranked), {KB_RANK.name: KB_RANK}, KB_RANKED_ID, limit, cursor, "", "-rank")
+
+
+def _contains(column: Column[Any], term: str) -> ColumnElement[bool]:
+    return func.lower(column).contains(term, autoescape=True)

@@ -125,6 +125,34 @@ async def test_queued_tickets_no_agent_can_take_do_not_hold_up_those_behind(desk
     assert all(rows[p["id"]].assignee_id == "" and rows[p["id"]].dispatch_offered_at for p in printers)
 
 
+@pytest.mark.parametrize(
+    "pressing",
+    [{"priority": "urgent"}, {"priority": "normal", "account_id": "acc-vip"}],
+    ids=["urgent", "raised-for-vip"],
+)
+async def test_a_freed_agent_takes_the_most_urgent_queued_ticket_not_the_oldest(
+    desk_each_database: Context, pressing: dict[str, str]
+) -> None:
+    ctx = desk_each_database
+    with acting_as(SYSTEM, ALL_RECORDS):
+        async with ctx.uow.begin() as tx:
+            await handlers.apply_account(tx, "acc-vip", "A", "east")  # VIP 优先安排: normal is served as high
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("east-1", "east", 1))
+        busy = await _create(ctx)
+        older, _ = await handlers.create_ticket(ctx, {**BILLING_EAST, "priority": "normal"}, idempotency_key="")
+        newer, _ = await handlers.create_ticket(ctx, {**BILLING_EAST, **pressing}, idempotency_key="")
+        assert (busy["assignee_id"], older["assignee_id"], newer["assignee_id"]) == ("east-1", "", "")
+        await handlers.change_status(ctx, busy["id"], "resolved", expected_version=0, note="")  # east-1 frees up
+
+    with acting_as(SYSTEM, ALL_RECORDS):
+        assert await handlers.dispatch_queued(ctx, batch_size=10) == 1
+    async with ctx.uow.engine.connect() as conn:
+        t = repo.tickets
+        rows = {row.id: row for row in await conn.execute(select(t))}
+    assert (rows[newer["id"]].assignee_id, rows[older["id"]].assignee_id) == ("east-1", "")
+
+
 async def _hold(engine: AsyncEngine, *agent_ids: str) -> tuple[Any, Any]:
     """Another dispatch's transaction, holding the agents' rows until it is rolled back."""
     conn = await engine.connect()

@@ -369,6 +369,16 @@ def test_search_terms_are_tsquery_safe_words() -> None:
     assert domain.search_terms("a:* | b & c", min_length=1, stop_words=False) == ["a", "b", "c"]
 
 
+def test_search_terms_cut_chinese_into_overlapping_character_pairs_and_keep_latin_words() -> None:
+    pairs = ["打印", "印机", "机无", "无法", "法启", "启动", "请重", "重启"]
+    assert domain.search_terms("打印机无法启动。请重启") == pairs
+    # A lone character is a term of its own; Latin words next to CJK stay words, short ones only in searches.
+    assert domain.search_terms("VPN连不上 卡 win10 3号楼", min_length=1, stop_words=False) == [
+        "vpn", "连不", "不上", "卡", "win10", "3", "号楼",
+    ]  # fmt: skip
+    assert domain.search_terms("Outlook 打不开 in 3号楼") == ["outlook", "打不", "不开", "号楼"]
+
+
 def test_a_ticket_never_worked_is_closed_directly_and_one_reopened_after_a_resolution_is_not() -> None:
     domain.check_transition("new", "closed")
     domain.check_transition("assigned", "closed")
