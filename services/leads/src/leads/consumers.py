@@ -1,18 +1,27 @@
 """Events this service consumes: accounts' contacts, kept as a projection of their dedupe keys so a
 new lead is linked to an existing contact (`matched_contact_id`) without a call per lead. A
 contact's events share its key, and the projection holds its version and a tombstone once it is
-deleted, so a redelivered or late event never brings back keys a newer one replaced or removed."""
+deleted, so a redelivered or late event never brings back keys a newer one replaced or removed.
+Account merges re-point the leads converted into the duplicate to the survivor (the last of a chain
+of merges, whatever order they arrive in)."""
+
+import logging
 
 from crm.accounts.v1 import accounts_pb2, events_pb2
+from crm.common.v1 import common_pb2
+from crm.leads.v1 import events_pb2 as leads_events
 from crm_platform.config import KafkaSettings
 from crm_platform.consumer import EventConsumer, ReceivedEvent
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.outbox import Transaction, UnitOfWork
 from crm_platform.timeutil import utcnow
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
 from leads import domain
 from leads import repository as repo
+from leads.messages import lead_to_proto
+
+log = logging.getLogger(__name__)
 
 
 def contact_keys(contact: accounts_pb2.Contact, default_country: str) -> tuple[str | None, str | None]:
@@ -68,6 +77,44 @@ async def apply_contact_deleted(tx: Transaction, contact_id: str) -> None:
         await tx.conn.execute(update(repo.leads).where(c.id == lead_id).values(matched_contact_id=other))
 
 
+async def apply_account_merged(
+    tx: Transaction, duplicate_id: str, survivor_id: str, merged_by: common_pb2.Actor
+) -> None:
+    """account.merged: the leads converted into the duplicate name the survivor, or the account the
+    survivor was merged into since (`account_merges` remembers, as merges of one chain come under
+    different keys in any order). Each moved lead is a new version, published as `lead.updated`
+    with the merge's actor. Redelivered, it finds no lead left to move."""
+    if not duplicate_id or not survivor_id or duplicate_id == survivor_id:
+        return  # bad data: nothing to re-point
+    conn, now = tx.conn, utcnow()
+    await repo.lock_account_merges(conn, shared=False)
+    final_id = await repo.surviving_account(conn, survivor_id)
+    if final_id == duplicate_id:
+        log.warning("ignored the merge of account %s into %s: it would close a cycle", duplicate_id, survivor_id)
+        return
+    await repo.record_account_merge(conn, duplicate_id, final_id, now=now)
+    c = repo.leads.c
+    moved = await conn.execute(
+        update(repo.leads)
+        .where(repo.CONVERTED_INTO_ACCOUNT, c.converted_account_id == duplicate_id)
+        .values(converted_account_id=final_id, updated_at=now, version=c.version + 1)
+        .returning(repo.leads)
+    )
+    for row in sorted(moved.mappings(), key=lambda lead: str(lead["id"])):
+        tx.publish(
+            leads_events.LeadUpdated(lead=lead_to_proto(row), changed_fields=["converted_account_id"], actor=merged_by),
+            key=row["id"],
+        )
+    # The conversion log follows, except an unfinished attempt's own account: undoing the attempt
+    # deletes what it made (gone with the merge), never the survivor.
+    s = repo.conversions.c
+    await conn.execute(
+        update(repo.conversions)
+        .where(s.account_id == duplicate_id, or_(s.state == "completed", s.account_created.is_(False)))
+        .values(account_id=final_id)
+    )
+
+
 def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) -> EventConsumer:
     async def on_created(tx: Transaction, event: ReceivedEvent[events_pb2.ContactCreated]) -> None:
         await apply_contact(tx, event.message.contact, default_country)
@@ -78,6 +125,10 @@ def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) 
     async def on_deleted(tx: Transaction, event: ReceivedEvent[events_pb2.ContactDeleted]) -> None:
         await apply_contact_deleted(tx, event.message.contact_id)
 
+    async def on_account_merged(tx: Transaction, event: ReceivedEvent[events_pb2.AccountMerged]) -> None:
+        merge = event.message
+        await apply_account_merged(tx, merge.duplicate_id, merge.survivor_id, merge.actor)
+
     return EventConsumer(
         name="leads-contacts",
         uow=uow,
@@ -87,6 +138,7 @@ def build_consumer(uow: UnitOfWork, kafka: KafkaSettings, default_country: str) 
             events_pb2.ContactCreated: on_created,
             events_pb2.ContactUpdated: on_updated,
             events_pb2.ContactDeleted: on_deleted,
+            events_pb2.AccountMerged: on_account_merged,
         },
         service="leads",
     )

@@ -430,6 +430,13 @@ def advances_last_activity(last_activity_at: datetime | None, occurred_at: datet
     return last_activity_at is None or occurred_at > last_activity_at
 
 
+def done_by_contact(task_kind: str, due_at: datetime, occurred_at: datetime) -> bool:
+    """Whether a contact activity that happened at `occurred_at` does an open task: the first
+    contact always (its SLA is met), a follow-up only when due by then. A follow-up planned for a
+    later date stays open: contact in between (a WeChat the day after a call) does not replace it."""
+    return task_kind == "first_contact" or due_at <= occurred_at
+
+
 def follow_up_change(next_follow_up_at: datetime | None, has_open_task: bool) -> str | None:
     """What becomes of the follow-up task an activity planned when its `next_follow_up_at` changes
     to this (None: cleared, or the activity deleted): `move` its open task there, `create` one when

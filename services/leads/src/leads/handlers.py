@@ -820,6 +820,18 @@ class LeadsService:
             .values(status=status, completed_at=now)
         )
 
+    async def _close_tasks_done_by_contact(
+        self, conn: AsyncConnection, lead_id: str, occurred_at: datetime, now: datetime
+    ) -> None:
+        """Closes as done the open tasks of the lead a contact at `occurred_at` does (`domain.done_by_contact`)."""
+        t = repo.tasks
+        open_tasks = await conn.execute(
+            select(t.c.id, t.c.kind, t.c.due_at).where(t.c.lead_id == lead_id, t.c.status == "open")
+        )
+        done = [task.id for task in open_tasks if domain.done_by_contact(task.kind, task.due_at, occurred_at)]
+        if done:
+            await conn.execute(update(t).where(t.c.id.in_(done)).values(status="done", completed_at=now))
+
     async def _rescore(self, tx: Transaction, lead: Mapping[Any, Any], now: datetime) -> dict[str, Any]:
         """Recomputes the score; writes history and publishes `lead.scored` when it changed, and
         returns the values the caller writes then. A score that stays only records the generation
@@ -1399,7 +1411,7 @@ class LeadsService:
             if contact and lead["first_contacted_at"] is None:
                 changes.update(first_contacted_at=counted, follow_up_overdue=False)
             if contact:
-                await self._close_tasks(conn, a.lead_id, "done", now)
+                await self._close_tasks_done_by_contact(conn, a.lead_id, occurred, now)
             if a.next_follow_up_at is not None:
                 follow_up = self._follow_up_task(lead, activity_id, a.next_follow_up_at, principal, now)
                 await conn.execute(insert(repo.tasks).values(follow_up))
@@ -3218,10 +3230,14 @@ class LeadsService:
         now: datetime,
     ) -> ConvertResult:
         async with self.uow.begin() as tx:
+            await repo.lock_account_merges(tx.conn, shared=True)
             lead = await self._visible_lead(tx.conn, req.lead_id, for_update=True)
             if lead["status"] == "converted":  # a concurrent call finished first
                 return ConvertResult(lead, account_id, contact_id, opportunity_id)
             domain.ensure_open(lead["status"], "convert")
+            # The account may have been merged away since the attempt chose it: the lead names the
+            # survivor, as the merge re-pointed the leads converted before it.
+            account_id = await repo.surviving_account(tx.conn, account_id)
             await self._close_tasks(tx.conn, req.lead_id, "done", now)
             row = await self._write(
                 tx.conn,

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 from crm_platform.custom_fields_service import definitions_table
-from crm_platform.db import DriverStatement, UtcDateTime, insert_on_conflict, json_rows
+from crm_platform.db import DriverStatement, UtcDateTime, insert_ignore, insert_on_conflict, json_rows
 from crm_platform.idempotency import idempotency_table
 from crm_platform.outbox import add_messaging_tables, insert_outbox_json
 from crm_platform.principal import RecordScope, ScopeKind
@@ -61,6 +61,8 @@ RECYCLING_CANDIDATES = text(
 )
 # The leads the rescoring job looks at (its index's predicate, repeated by its query as above).
 OPEN_LEADS = text(f"status IN ({', '.join(repr(s) for s in OPEN_STATUSES)})")
+# The leads converted into an account, which an account merge re-points (its index's predicate, as above).
+CONVERTED_INTO_ACCOUNT = text("converted_account_id <> ''")
 
 _JSON = JSON().with_variant(JSONB(), "postgresql")
 _ID = String(36)
@@ -140,6 +142,8 @@ leads = Table(
     # to do is one index probe, however many leads there are. A write that keeps a lead's generation
     # (nearly every write) keeps its update HOT.
     Index("ix_leads_scoring_due", "scoring_generation", postgresql_where=OPEN_LEADS),
+    # An account merge's: the leads converted into the duplicate (migration 0028).
+    Index("ix_leads_converted_account", "converted_account_id", postgresql_where=CONVERTED_INTO_ACCOUNT),
 )
 
 activities = Table(
@@ -376,6 +380,18 @@ contact_keys = Table(
     Index("ix_contact_keys_phone", "phone_norm"),
 )
 
+# Accounts merged away (from crm.accounts.v1 account.merged): each duplicate names the account its
+# merges end at (migration 0028), so a merge of a survivor arriving first, or a conversion finishing
+# into a duplicate, still ends at the last survivor. Kept flat: no survivor here is a duplicate.
+account_merges = Table(
+    "account_merges",
+    metadata,
+    Column("duplicate_id", String(36), primary_key=True),
+    Column("survivor_id", String(36), nullable=False),
+    Column("merged_at", _TS, nullable=False),
+    Index("ix_account_merges_survivor", "survivor_id"),
+)
+
 # The conversion saga's log: one row per lead, so a retried conversion resumes where it stopped.
 conversions = Table(
     "lead_conversions",
@@ -508,6 +524,8 @@ async def lock_out_dedupe_writers(conn: AsyncConnection) -> None:
 
 # Outside the int4 range of hashtext(), so no key's lock is ever this one.
 _IMPORT_BATCHES_LOCK = 2**32 + 1
+# As that one: the lock of applying account merges against conversions finishing.
+_ACCOUNT_MERGES_LOCK = 2**32 + 2
 # One statement text for any number of keys. unnest yields the (sorted) keys in order, so
 # concurrent transactions take their locks in the same order and cannot deadlock; a dedupe write
 # shares the batches' lock before its keys' (the array's leading NULL), as a batch takes it first.
@@ -519,6 +537,33 @@ _LOCK_DEDUPE_KEYS = DriverStatement(
         " FROM unnest(array_prepend(NULL::text, CAST(:keys AS text[]))) AS k"
     )
 )
+
+
+async def lock_account_merges(conn: AsyncConnection, *, shared: bool) -> None:
+    """Applying a merge (exclusive) waits for the conversions finishing (shared) and holds new ones
+    off, so a lead never converts into an account whose merge was applied meanwhile; merges apply
+    one at a time, each seeing the chain the ones before it left."""
+    if conn.dialect.name == "postgresql":
+        lock = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        await conn.execute(text(f"SELECT {lock}(CAST(:key AS bigint))"), {"key": _ACCOUNT_MERGES_LOCK})
+
+
+async def surviving_account(conn: AsyncConnection, account_id: str) -> str:
+    """The account `account_id` was last merged into, or itself (one step: `account_merges` is flat)."""
+    survivor = await conn.scalar(
+        select(account_merges.c.survivor_id).where(account_merges.c.duplicate_id == account_id)
+    )
+    return str(survivor or account_id)
+
+
+async def record_account_merge(conn: AsyncConnection, duplicate_id: str, survivor_id: str, *, now: datetime) -> None:
+    """The duplicate, and the accounts merged into it before, now end at `survivor_id` (the end of
+    its chain); a merge recorded already stays as it was (a redelivery)."""
+    values = {"duplicate_id": duplicate_id, "survivor_id": survivor_id, "merged_at": now}
+    await insert_ignore(conn, account_merges, values, keys=["duplicate_id"])
+    await conn.execute(
+        update(account_merges).where(account_merges.c.survivor_id == duplicate_id).values(survivor_id=survivor_id)
+    )
 
 
 async def find_contact(conn: AsyncConnection, *, email_norm: str | None, phone_norm: str | None) -> str:

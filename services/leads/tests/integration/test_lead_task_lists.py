@@ -136,3 +136,25 @@ async def test_the_gateway_lists_the_callers_lead_tasks_and_filters_leads_by_the
     assert exported.status_code == 200, exported.text
     assert "Wang Fang" in exported.text
     assert (await admin.get("/api/v1/lead-tasks", params={"due": "yesterday"})).status_code == 422
+
+
+async def test_a_contact_does_the_follow_ups_due_by_then_not_one_planned_for_later(env: Any) -> None:
+    """Monday's call plans Friday's follow-up; Tuesday's WeChat leaves it open; Saturday's call does it."""
+    lead = await new_lead(env, "Planned", "rep1")
+    friday = env.clock() + timedelta(days=4)
+
+    def contact(kind: str, **planned: Any) -> Any:
+        with env.acting("rep1", scope=ScopeKind.OWN):
+            return env.service.log_activity(ActivityInput(lead_id=lead["id"], kind=kind, **planned))
+
+    await contact("call", next_follow_up_at=friday)
+    env.clock.advance(days=1)
+    await contact("wechat")
+    assert (await listed(env))[0] == [("Planned", "follow_up", "rep1")]  # the first contact is done
+
+    env.clock.advance(days=4)
+    await contact("call")
+    assert (await listed(env))[0] == []
+    assert sorted((await listed(env, status="done"))[0]) == [
+        ("Planned", "first_contact", "rep1"), ("Planned", "follow_up", "rep1"),
+    ]  # fmt: skip

@@ -375,6 +375,13 @@ def test_the_follow_up_task_follows_its_activitys_next_follow_up_at() -> None:
     assert domain.follow_up_change(None, has_open_task=False) is None
 
 
+def test_a_contact_does_the_first_contact_task_and_the_follow_ups_due_by_then_not_later_ones() -> None:
+    assert domain.done_by_contact("first_contact", NOW + timedelta(hours=2), NOW)  # the SLA is met, due or not
+    assert domain.done_by_contact("follow_up", NOW - timedelta(days=1), NOW)  # overdue
+    assert domain.done_by_contact("follow_up", NOW, NOW)  # due as it happened
+    assert not domain.done_by_contact("follow_up", NOW + timedelta(days=3), NOW)  # planned for later: still to do
+
+
 def test_a_merge_names_the_dedupe_keys_it_would_fill() -> None:
     existing = {"name": "A", "email": "q1@x.cn", "phone": "", "external_id": ""}
     incoming = domain.validate_lead({"name": "Q3", "email": "q1@x.cn", "phone": "13700006169", "external_id": "X-1"})
