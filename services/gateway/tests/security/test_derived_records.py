@@ -237,6 +237,25 @@ async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(c
     assert reps["rows"][0]["won_amount"] == mask_value(MONEY, "money")
 
 
+def reports_of_everyone(policy: dict[str, Any]) -> None:
+    """A rep who reads every rep's reports (as with a second role, an analyst's of marketing), but
+    only their own deals."""
+    policy["roles"]["sales_rep"]["grants"]["reports"]["scope"] = "all"
+
+
+async def test_report_money_shows_only_where_the_caller_reads_the_amounts_of_every_record_it_sums(
+    client: Client,
+) -> None:
+    rep = await client("sales_rep")
+    wide = await client("sales_rep", reports_of_everyone)
+
+    own = (await rep.get("/api/v1/reports/rep-performance")).json()["rows"][0]
+    everyones = (await wide.get("/api/v1/reports/rep-performance")).json()["rows"][0]
+
+    assert own["won_amount"] == MONEY  # their own report: their own deals' amounts
+    assert "won_amount" not in everyones and everyones["won_count"] == 1
+
+
 async def test_a_reports_owner_id_me_is_the_caller_as_on_every_list(client: Client) -> None:
     rep = await client("sales_rep")
 

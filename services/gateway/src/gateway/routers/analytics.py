@@ -33,6 +33,7 @@ from gateway.routing import ResourceRouter
 from gateway.security import Access, SecurityProblem, require
 from gateway.security.access import runtime_of
 from gateway.security.exports import csv_line, invalid_filter, register_export_source
+from gateway.security.policy import reaches
 from gateway.security.problems import rate_limited
 
 router = ResourceRouter(tags=["analytics"])
@@ -165,11 +166,20 @@ _REASONS_WITH_MONEY: Mapping[str, tuple[str, str]] = {"OVERDUE_INSTALLMENTS": ("
 
 
 class _Money:
-    """Presents the money of report rows with the caller's rules for the resources it comes from."""
+    """Presents the money of report rows with the caller's rules for the resources it comes from,
+    where the caller reads that resource over as many records as the report sums: a rep who is also
+    an analyst of campaigns sees a report of every rep, but only their own deals' amounts."""
 
     def __init__(self, access: Access) -> None:
         resources = {resource for resource, _ in (*_MONEY_SOURCES.values(), *_REASONS_WITH_MONEY.values())}
-        self._views = {resource: access.view(resource) for resource in resources}
+        self._views = {resource: self._reading_all(access, resource) for resource in resources}
+
+    @staticmethod
+    def _reading_all(access: Access, resource: str) -> Access | None:
+        view = access.view(resource)
+        if view is None or not reaches(view.scope.kind, access.scope.kind):
+            return None
+        return view
 
     def present(self, row: Mapping[str, Any]) -> dict[str, Any]:
         shown: dict[str, Any] = {}

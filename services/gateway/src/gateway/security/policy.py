@@ -457,6 +457,11 @@ def covers(scope: RecordScope, record: Mapping[str, Any]) -> bool:
     return scope.allows(owner_id=owner, team=record.get("team"), region=record.get("region"))
 
 
+def reaches(wide: ScopeKind, narrow: ScopeKind) -> bool:
+    """Does a scope of kind `wide` hold every record one of kind `narrow` holds (for one caller)?"""
+    return _SCOPE_ORDER[wide] >= _SCOPE_ORDER[narrow]
+
+
 def _widest_scope(grants: Iterable[Grant]) -> ScopeKind:
     return max((grant.scope for grant in grants), key=_SCOPE_ORDER.__getitem__)
 
