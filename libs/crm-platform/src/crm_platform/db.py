@@ -33,6 +33,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
@@ -66,6 +67,13 @@ def create_engine(
     return create_async_engine(
         url, pool_size=pool_size, max_overflow=max_overflow, pool_recycle=1800, json_serializer=json_text
     )
+
+
+def probe_engine(engine: AsyncEngine) -> AsyncEngine:
+    """An engine to `engine`'s database that opens a connection for each use and keeps none: for a
+    health check, which must not wait behind the requests for a pooled connection (a pod whose pool
+    is busy is busy, not broken: taken out of rotation, it would pass its load on to the others)."""
+    return create_async_engine(engine.url, poolclass=NullPool)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -268,14 +276,16 @@ async def lock_for_transaction(conn: AsyncConnection, name: str, *, shared: bool
         await conn.execute(_SHARED_FOR_TRANSACTION if shared else _LOCKED_FOR_TRANSACTION, {"name": name})
 
 
+# In the order of the locks themselves (two names may share a hash): two batches sharing names
+# take them in one order, and wait on each other instead of deadlocking.
 _ALL_LOCKED_FOR_TRANSACTION = text(
-    "SELECT count(pg_advisory_xact_lock(hashtext(name))) FROM unnest(CAST(:names AS text[])) AS name"
+    "SELECT count(pg_advisory_xact_lock(lock)) FROM"
+    " (SELECT DISTINCT hashtext(name) AS lock FROM unnest(CAST(:names AS text[])) AS name ORDER BY 1) AS locks"
 )
 
 
 async def lock_all_for_transaction(conn: AsyncConnection, names: Iterable[str]) -> None:
-    """`lock_for_transaction` for many names in one statement (a batch's keys). Taken in sorted
-    order, so two batches sharing names wait on each other instead of deadlocking."""
+    """`lock_for_transaction` for many names in one statement (a batch's keys)."""
     if conn.dialect.name == "postgresql":
         await conn.execute(_ALL_LOCKED_FOR_TRANSACTION, {"names": sorted(set(names))})
 

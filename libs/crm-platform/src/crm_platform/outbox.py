@@ -432,8 +432,9 @@ class OutboxRelay:
                         published = await self.publish_pending()
                     except Exception as error:  # noqa: BLE001 - logged by _pass_failed; the next pass retries
                         self._pass_failed(error)
-                        with suppress(TimeoutError):  # waits out the backoff, unless stopped
-                            await asyncio.wait_for(self._stopping.wait(), self._retry_seconds())
+                        # Waits out the backoff, unless stopped, or woken by a commit: the database
+                        # answers again, and what was just written need not wait the rest of it.
+                        await _first_of(self._stopping, self._wake, timeout=self._retry_seconds())
                         continue
                     self._pass_succeeded()
                     await self._housekeeping()
@@ -689,3 +690,13 @@ class OutboxRelay:
                 await asyncio.wait_for(connection.close(), 5)
             except Exception:
                 log.warning("could not close the LISTEN connection", exc_info=True)
+
+
+async def _first_of(*events: asyncio.Event, timeout: float) -> None:
+    """Returns when one of `events` is set, or after `timeout` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from crm_platform import idempotency, migrations
 from crm_platform.config import ServiceSettings
 from crm_platform.consumer import EventConsumer, consumed_topics
-from crm_platform.db import create_engine
+from crm_platform.db import create_engine, probe_engine
 from crm_platform.grpc_server import GrpcServer
 from crm_platform.jobs import PeriodicJob, expiry_job, inbox_expiry_job
 from crm_platform.kafka import ensure_topics_or_wait
@@ -51,6 +51,7 @@ class ServiceApp:
     jobs: list[PeriodicJob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self._probe = probe_engine(self.engine)
         self.relay = OutboxRelay(
             self.engine,
             self.metadata,
@@ -97,10 +98,11 @@ class ServiceApp:
 
     async def _database_answers(self) -> None:
         """Readiness: every call needs the database, so a service whose database does not answer
-        (down, unreachable, out of connections) takes no calls until it does. Plumbing, not a request:
-        no trace every few seconds."""
+        (down, unreachable, refusing connections) takes no calls until it does. On a connection of
+        its own, not one of the requests' pool (`probe_engine`). Plumbing, not a request: no trace
+        every few seconds."""
         with suppress_instrumentation():
-            async with self.engine.connect() as conn:
+            async with self._probe.connect() as conn:
                 await conn.execute(text("SELECT 1"))
 
     async def stop(self) -> None:
@@ -114,6 +116,7 @@ class ServiceApp:
         left = await self.relay.drain(self.settings.shutdown_grace_seconds)
         if left:
             log.warning("%d outbox rows left for the next start to publish", left)
+        await self._probe.dispose()
         await self.engine.dispose()
 
     async def serve(self) -> None:

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext
-from sqlalchemy import make_url
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -338,3 +338,23 @@ async def test_a_service_started_and_stopped_without_its_database_is_not_ready_a
         await app.stop()
 
     assert engine.sync_engine.pool is not pool  # disposed: dispose() replaces the pool
+
+
+async def test_a_service_whose_every_pooled_connection_is_busy_stays_ready(
+    postgres_url: str, kafka_settings: KafkaSettings
+) -> None:
+    """A burst that takes the whole request pool is load, not an outage: the readiness check opens a
+    connection of its own, so the pod is not taken out to pass its load on to the others."""
+    engine = create_engine(postgres_url, pool_size=1, max_overflow=0)
+    app = probe_app(engine, kafka_settings)
+    port = await app.start()
+    client = create_channel(f"127.0.0.1:{port}", default_deadline_seconds=5)
+    stub = health_pb2_grpc.HealthStub(client)
+    try:
+        async with engine.connect() as held:  # the pool's only connection, busy
+            await held.execute(text("SELECT 1"))
+            await asyncio.sleep(app.server.readiness_timeout_seconds + 0.5)
+            assert await health_of(stub) == {"": "SERVING", SERVICE: "SERVING"}
+    finally:
+        await client.close()
+        await app.stop()

@@ -950,6 +950,40 @@ async def test_a_relay_logs_an_outage_once_then_rarely_and_its_end_and_backs_off
     ]
 
 
+async def test_a_commit_during_a_relays_backoff_is_published_without_waiting_the_rest_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit says the database answers again: the relay tries at once, not after its backoff."""
+    monkeypatch.setattr(outbox_module, "FAILED_PASS_RETRY_SECONDS", (5.0, 5.0))
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/outbox.db")
+    await create_schema(engine)
+    relay = relay_for(engine, KafkaSettings())
+    loop = asyncio.get_running_loop()
+    outcomes = iter([False, True])
+    passes: list[float] = []
+
+    async def down_once(*, ignore_backoff: bool = False) -> int:
+        passes.append(loop.time())
+        if next(outcomes, True):
+            return 0
+        raise OperationalError("SELECT ...", {}, ConnectionRefusedError("database is restarting"))
+
+    relay.publish_pending = down_once  # type: ignore[method-assign]
+    task = asyncio.create_task(relay.run())
+    async with asyncio.timeout(10):
+        while len(passes) < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        relay.wake()  # a row committed
+        while len(passes) < 2:
+            await asyncio.sleep(0.01)
+    await relay.stop()
+    await asyncio.wait_for(task, 5)
+    await engine.dispose()
+
+    assert passes[1] - passes[0] < 1.0, passes  # not the 5 s backoff
+
+
 async def test_rows_that_an_earlier_relay_marked_published_are_deleted_by_housekeeping(
     engine_each_database: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
