@@ -31,3 +31,23 @@ def may_change_activity(scope: RecordScope, *, actor_id: str, team: str, region:
     logged it, in the team and region of the lead or account it was logged on: with `own` a rep
     corrects what they logged, with `team` a manager what was logged on the team's records."""
     return scope.allows(owner_id=actor_id, team=team, region=region)
+
+
+def follow_up_error(occurred_at: object, next_follow_up_at: object) -> FieldError | None:
+    """A follow-up is planned after what happened, not before it."""
+    if (
+        isinstance(next_follow_up_at, datetime)
+        and isinstance(occurred_at, datetime)
+        and next_follow_up_at <= occurred_at
+    ):
+        return FieldError("next_follow_up_at", "must be after occurred_at")
+    return None
+
+
+def follow_up_change(next_follow_up_at: datetime | None, has_open_task: bool) -> str | None:
+    """What becomes of the follow-up task an activity planned when its `next_follow_up_at` changes
+    to this (None: cleared, or the activity deleted): `move` its open task there, `create` one when
+    it has none open (as logging it with that time would have), `cancel` the open one, or nothing."""
+    if next_follow_up_at is None:
+        return "cancel" if has_open_task else None
+    return "move" if has_open_task else "create"

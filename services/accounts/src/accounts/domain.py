@@ -9,7 +9,7 @@ from datetime import datetime, time, timedelta
 from decimal import Decimal
 from urllib.parse import urlparse
 
-from crm_platform.activities import kind_error, occurred_at_error
+from crm_platform.activities import follow_up_error, kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import FieldError
 from crm_platform.money import MAX_FIGURE, check_amount
@@ -295,10 +295,13 @@ def _strings(value: object) -> list[str]:
 
 def check_activity(values: Mapping[str, object], *, now: datetime) -> list[FieldError]:
     """Errors in the activity fields present in `values`: a logged activity passes its kind and time,
-    a correction the fields it changes. What happened has happened: it is not in the future."""
+    a correction the fields it changes. What happened has happened: it is not in the future; its
+    follow-up comes after it."""
+    occurred_error = occurred_at_error(values["occurred_at"], now) if "occurred_at" in values else None
     errors = [
         kind_error(values["kind"]) if "kind" in values else None,
-        occurred_at_error(values["occurred_at"], now) if "occurred_at" in values else None,
+        occurred_error,
+        follow_up_error(values.get("occurred_at"), values.get("next_follow_up_at")) if not occurred_error else None,
     ]
     return [error for error in errors if error is not None]
 

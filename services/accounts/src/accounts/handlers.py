@@ -9,7 +9,7 @@ from typing import Any
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
-from crm_platform.activities import may_change_activity
+from crm_platform.activities import follow_up_change, may_change_activity
 from crm_platform.changes import Change
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
@@ -78,7 +78,7 @@ CONTACT_FIELDS = (
 )
 TASK_FIELDS = ("account_id", "contact_id", "title", "notes", "due_at", "owner_id")
 # What happened: the fields of an activity a correction may change (not its account, contact or actor).
-ACTIVITY_FIELDS = ("kind", "subject", "notes", "occurred_at")
+ACTIVITY_FIELDS = ("kind", "subject", "notes", "occurred_at", "outcome", "next_follow_up_at")
 SEGMENT_FIELDS = ("name", "visibility", "filters", "tags")
 OWNED_ENTITIES = ("account", "contact")
 
@@ -382,7 +382,7 @@ async def _change_contacts(
 
 
 async def _change_tasks(
-    tx: Transaction, *selecting: ColumnElement[bool], values: Mapping[str, str], now: datetime, principal: Principal
+    tx: Transaction, *selecting: ColumnElement[bool], values: Mapping[str, Any], now: datetime, principal: Principal
 ) -> list[Any]:
     """Sets `values` on the tasks `selecting` picks, each in its next version, published as
     task.updated with those fields (so the read models follow: a cancelled task closes there too).
@@ -1159,15 +1159,18 @@ async def log_activity(
     notes: str,
     occurred_at: datetime | None,
     idempotency_key: str,
+    outcome: str = "",
+    next_follow_up_at: datetime | None = None,
 ) -> Any:
     """An activity of the caller on an account. The call's record scope is the caller's scope for
     reading accounts (the gateway's to send): the account must be readable in it, while the activity
-    is always the caller's own, whatever their activities scope (a service agent's is `own`)."""
+    is always the caller's own, whatever their activities scope (a service agent's is `own`). A
+    `next_follow_up_at` plans the caller's follow-up task on the account then."""
     principal = current_principal()
     act = repo.activities
     now = ctx.clock()
     when = occurred_at or now
-    _fail(domain.check_activity({"kind": kind, "occurred_at": when}, now=now))
+    _fail(domain.check_activity({"kind": kind, "occurred_at": when, "next_follow_up_at": next_follow_up_at}, now=now))
     activity_id = new_id()
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "log_activity", idempotency_key, activity_id, now)
@@ -1188,12 +1191,52 @@ async def log_activity(
                 occurred_at=when,
                 created_at=now,
                 version=1,
+                outcome=outcome.strip(),
+                next_follow_up_at=next_follow_up_at,
             )
         )
         await repo.touch_account(tx.conn, account_id, when)
         row = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
         tx.publish(events_pb2.ActivityLogged(activity=activity_to_proto(row), actor=actor(principal)), key=account_id)
+        if next_follow_up_at is not None:
+            await _plan_follow_up(tx, row, principal, now)
         return row
+
+
+async def _plan_follow_up(tx: Transaction, activity: Any, principal: Principal, now: datetime) -> None:
+    """The follow-up task an activity plans: the activity's author's, on its account and contact,
+    due at its `next_follow_up_at`."""
+    await _insert_task(
+        tx,
+        {
+            "account_id": activity.account_id,
+            "contact_id": activity.contact_id,
+            "title": f"Follow up: {activity.subject or activity.kind}",
+            "due_at": activity.next_follow_up_at,
+            "owner_id": activity.actor_id,
+            "source": "follow_up",
+            "activity_id": activity.id,
+        },
+        principal,
+        now,
+    )
+
+
+async def _follow_up_moves(
+    tx: Transaction, activity: Any, follow_up_at: datetime | None, principal: Principal, now: datetime
+) -> None:
+    """The activity's follow-up task once its `next_follow_up_at` is `follow_up_at` (None: cleared,
+    or the activity deleted): moved there, planned, or cancelled."""
+    t = repo.tasks
+    of_activity = (t.c.activity_id == activity.id, t.c.status == "open")
+    has_open = await tx.conn.scalar(select(t.c.id).where(*of_activity).limit(1)) is not None
+    match follow_up_change(follow_up_at, has_open):
+        case "move":
+            await _change_tasks(tx, *of_activity, values={"due_at": follow_up_at}, now=now, principal=principal)
+        case "create":
+            await _plan_follow_up(tx, activity, principal, now)
+        case "cancel":
+            await _change_tasks(tx, *of_activity, values=CANCELLED, now=now, principal=principal)
 
 
 async def _writable_activity(
@@ -1226,10 +1269,15 @@ async def update_activity(
     the account may have been touched since by other activities or by its deals."""
     principal = current_principal()
     act = repo.activities
-    _fail(domain.check_activity(values, now=ctx.clock()))
+    now = ctx.clock()
+    if "outcome" in values:
+        values = {**values, "outcome": values["outcome"].strip()}
     async with ctx.uow.begin() as tx:
         row = await _writable_activity(tx.conn, account_id, activity_id, account_scope=account_scope)
         _check_version("activity", row, expected_version)
+        # Checked as the activity will be: a follow-up after what happened, whichever of them changes.
+        after = {name: values.get(name, getattr(row, name)) for name in ("occurred_at", "next_follow_up_at")}
+        _fail(domain.check_activity({**values, **after} if "next_follow_up_at" in values else values, now=now))
         changed = sorted(name for name, value in values.items() if getattr(row, name) != value)
         if not changed:
             return row, row
@@ -1237,6 +1285,8 @@ async def update_activity(
         if "occurred_at" in changed:
             await repo.touch_account(tx.conn, account_id, values["occurred_at"])
         updated = (await tx.conn.execute(select(act).where(act.c.id == activity_id))).one()
+        if "next_follow_up_at" in changed:
+            await _follow_up_moves(tx, updated, updated.next_follow_up_at, principal, now)
         tx.publish(
             events_pb2.ActivityUpdated(
                 activity=activity_to_proto(updated), changed_fields=changed, actor=actor(principal)
@@ -1256,6 +1306,8 @@ async def delete_activity(
         row = await _writable_activity(tx.conn, account_id, activity_id, account_scope=account_scope)
         _check_version("activity", row, expected_version)
         await tx.conn.execute(delete(act).where(act.c.id == activity_id))
+        if row.next_follow_up_at is not None:  # the follow-up it planned goes with it
+            await _follow_up_moves(tx, row, None, current_principal(), ctx.clock())
         tx.publish(
             events_pb2.ActivityDeleted(
                 activity_id=activity_id, account_id=account_id, actor=actor(current_principal())
@@ -1324,34 +1376,43 @@ async def create_task(ctx: Context, values: dict[str, Any], *, idempotency_key: 
         earlier = await _idempotency_keys.claim(tx.conn, "create_task", idempotency_key, task_id, now)
         if earlier is not None:
             return await idempotency.earlier_record(tx.conn, t, earlier, gone=NotFound("task", earlier))
-        team, region = principal.team, principal.region
-        account_id = values.get("account_id", "")
-        if account_id:
-            account = await _task_account(tx.conn, account_id)
-            team, region = account.team or team, account.region
         if values.get("contact_id"):
-            await _referenced_contact(tx.conn, values["contact_id"], account_id=account_id)
-        await tx.conn.execute(
-            insert(t).values(
-                id=task_id,
-                account_id=values.get("account_id", ""),
-                contact_id=values.get("contact_id", ""),
-                title=values["title"].strip(),
-                notes=values.get("notes", ""),
-                due_at=values.get("due_at"),
-                status="open",
-                owner_id=values.get("owner_id") or principal.user_id,
-                team=team,
-                region=region,
-                source="manual",
-                created_at=now,
-                updated_at=now,
-                version=1,
-            )
+            await _referenced_contact(tx.conn, values["contact_id"], account_id=values.get("account_id", ""))
+        return await _insert_task(tx, {**values, "id": task_id}, principal, now)
+
+
+async def _insert_task(tx: Transaction, values: Mapping[str, Any], principal: Principal, now: datetime) -> Any:
+    """An open task (made by a person, or planned by an activity), in its account's team and region
+    (the caller's without one), published as task.created."""
+    t = repo.tasks
+    task_id = values.get("id") or new_id()
+    team, region = principal.team, principal.region
+    account_id = values.get("account_id", "")
+    if account_id:
+        account = await _task_account(tx.conn, account_id)
+        team, region = account.team or team, account.region
+    await tx.conn.execute(
+        insert(t).values(
+            id=task_id,
+            account_id=account_id,
+            contact_id=values.get("contact_id", ""),
+            title=values["title"].strip(),
+            notes=values.get("notes", ""),
+            due_at=values.get("due_at"),
+            status="open",
+            owner_id=values.get("owner_id") or principal.user_id,
+            team=team,
+            region=region,
+            source=values.get("source", "manual"),
+            activity_id=values.get("activity_id", ""),
+            created_at=now,
+            updated_at=now,
+            version=1,
         )
-        row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
-        tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
-        return row
+    )
+    row = (await tx.conn.execute(select(t).where(t.c.id == task_id))).one()
+    tx.publish(events_pb2.TaskCreated(task=task_to_proto(row), actor=actor(principal)), key=task_id)
+    return row
 
 
 async def _task_account(conn: AsyncConnection, account_id: str) -> Any:

@@ -112,8 +112,10 @@ def activity_to_proto(row: Any) -> accounts_pb2.Activity:
         notes=r["notes"],
         actor_id=r["actor_id"],
         version=r["version"],
+        outcome=r["outcome"],
     )
     _set_time(message, "occurred_at", r["occurred_at"])
+    _set_time(message, "next_follow_up_at", r["next_follow_up_at"])
     return message
 
 
@@ -132,6 +134,7 @@ def task_to_proto(row: Any) -> accounts_pb2.Task:
         source=r["source"],
         reminder_rule_id=r["reminder_rule_id"],
         version=r["version"],
+        activity_id=r["activity_id"],
     )
     for name in ("due_at", "created_at", "completed_at"):
         _set_time(message, name, r[name])

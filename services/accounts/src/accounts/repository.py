@@ -149,6 +149,8 @@ activities = Table(
     Column("occurred_at", Stamp, nullable=False),
     Column("created_at", Stamp, nullable=False),
     Column("version", BigInteger, nullable=False, server_default="1"),
+    Column("outcome", Text, nullable=False, server_default=""),
+    Column("next_follow_up_at", Stamp),
     Index("ix_activities_account", "account_id", "occurred_at", "id"),
     Index("ix_activities_contact", "contact_id"),
 )
@@ -172,7 +174,10 @@ tasks = Table(
     Column("completed_at", Stamp),
     Column("updated_at", Stamp, nullable=False),
     Column("version", BigInteger, nullable=False, server_default="1"),
+    # The activity that planned it (source `follow_up`): it moves, or is cancelled, with the activity.
+    Column("activity_id", String(36), nullable=False, server_default=""),
     Index("ix_tasks_owner_due", "owner_id", "status", "due_at", "id"),
+    Index("ix_tasks_activity", "activity_id"),
     Index("ix_tasks_account", "account_id", "status"),
     # At most one open reminder task per rule and account, even with several job replicas.
     Index(

@@ -99,6 +99,10 @@ def activity_values(message: accounts_pb2.Activity) -> dict[str, Any]:
         "subject": message.subject,
         "notes": message.notes,
         "occurred_at": from_timestamp(message.occurred_at) if message.HasField("occurred_at") else None,
+        "outcome": message.outcome,
+        "next_follow_up_at": (
+            from_timestamp(message.next_follow_up_at) if message.HasField("next_follow_up_at") else None
+        ),
     }
 
 
@@ -300,6 +304,10 @@ class AccountsServicer(AccountsServiceServicer):
             notes=request.notes,
             occurred_at=from_timestamp(request.occurred_at) if request.HasField("occurred_at") else None,
             idempotency_key=request.idempotency_key,
+            outcome=request.outcome,
+            next_follow_up_at=(
+                from_timestamp(request.next_follow_up_at) if request.HasField("next_follow_up_at") else None
+            ),
         )
         return pb.LogActivityResponse(activity=activity_to_proto(row))
 

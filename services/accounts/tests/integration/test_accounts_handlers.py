@@ -922,6 +922,48 @@ async def test_the_logger_corrects_an_activity_and_each_change_adds_one_to_its_v
     assert updated.actor.user_id == "rep-1"
 
 
+async def test_an_activity_says_what_came_of_it_and_plans_its_follow_up_which_moves_and_goes_with_it(
+    ctx: Context,
+) -> None:
+    """As on a lead: `next_follow_up_at` plans the author's task on the account then; changed, the
+    task moves; cleared, or the activity deleted, it is cancelled; an open task of the activity is
+    never planned twice."""
+    acme = await new_account(ctx, REP1, "Acme")
+    monday = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    friday, next_week = monday + timedelta(days=4), monday + timedelta(days=8)
+    with acting_as(*REP1):
+        with pytest.raises(ValidationFailed) as backwards:
+            await handlers.log_activity(
+                ctx, account_id=acme.id, contact_id="", kind="call", subject="pricing", notes="",
+                occurred_at=monday, idempotency_key="", next_follow_up_at=monday - timedelta(days=1),
+            )  # fmt: skip
+        call = await handlers.log_activity(
+            ctx, account_id=acme.id, contact_id="", kind="call", subject="pricing", notes="",
+            occurred_at=monday, idempotency_key="", outcome=" wants a quote ", next_follow_up_at=friday,
+        )  # fmt: skip
+    assert refusals(backwards) == [("next_follow_up_at", "must be after occurred_at")]
+    assert (call.outcome, call.next_follow_up_at) == ("wants a quote", friday)
+
+    async def follow_ups() -> list[tuple[str, Any, str]]:
+        t = repo.tasks
+        async with ctx.uow.engine.connect() as conn:
+            rows = await conn.execute(select(t.c.status, t.c.due_at, t.c.owner_id).where(t.c.activity_id == call.id))
+        return [(status, due_at, owner) for status, due_at, owner in rows]
+
+    assert await follow_ups() == [("open", friday, "rep-1")]
+    await correct(ctx, REP1, acme.id, call.id, {"next_follow_up_at": next_week})
+    assert await follow_ups() == [("open", next_week, "rep-1")]
+    await correct(ctx, REP1, acme.id, call.id, {"next_follow_up_at": None})
+    assert await follow_ups() == [("cancelled", next_week, "rep-1")]
+    await correct(ctx, REP1, acme.id, call.id, {"next_follow_up_at": friday, "outcome": "quote sent"})
+    await remove(ctx, REP1, acme.id, call.id)
+    assert sorted(await follow_ups()) == [("cancelled", friday, "rep-1"), ("cancelled", next_week, "rep-1")]
+    created = [e.task for e in await events(ctx, events_pb2.TaskCreated)]
+    assert [(task.source, task.activity_id, task.title) for task in created] == [
+        ("follow_up", call.id, "Follow up: pricing")
+    ] * 2
+
+
 async def test_a_stale_or_invalid_correction_changes_nothing(ctx: Context) -> None:
     acme = await new_account(ctx, REP1, "Acme")
     call = await log_call(ctx, REP1, acme.id, "intro")

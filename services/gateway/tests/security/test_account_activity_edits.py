@@ -61,7 +61,10 @@ class FakeAccounts(AccountsServiceServicer):
             await refuse(context, StaleVersion("activity", "act-1", 3))
 
     async def LogActivity(self, request: pb.LogActivityRequest, context: Any) -> pb.LogActivityResponse:
-        activity = accounts_pb2.Activity(id="act-new", account_id=request.account_id, kind=request.kind, version=1)
+        activity = accounts_pb2.Activity(
+            id="act-new", account_id=request.account_id, kind=request.kind, outcome=request.outcome, version=1
+        )
+        activity.next_follow_up_at.CopyFrom(request.next_follow_up_at)
         return pb.LogActivityResponse(activity=activity)
 
     async def UpdateActivity(self, request: pb.UpdateActivityRequest, context: Any) -> pb.UpdateActivityResponse:
@@ -139,7 +142,8 @@ async def test_a_rep_corrects_an_activity_at_its_etags_version_audited_before_an
     assert patched.headers["ETag"] == '"4"'
     assert patched.json() == {
         "id": "act-1", "account_id": "acc-1", "contact_id": None, "kind": "call", "subject": "intro",
-        "notes": "met the CTO", "actor_id": "rep-1", "occurred_at": "2026-03-02T01:30:00Z", "version": 4,
+        "notes": "met the CTO", "actor_id": "rep-1", "occurred_at": "2026-03-02T01:30:00Z", "outcome": "",
+        "next_follow_up_at": None, "version": 4,
     }  # fmt: skip
     [sent] = stack.accounts.received
     assert isinstance(sent.request, pb.UpdateActivityRequest)
@@ -251,6 +255,14 @@ async def test_a_logged_activity_carries_its_version_as_etag(stack: Stack) -> No
     )
     assert logged.status_code == 201, logged.text
     assert (logged.headers["ETag"], logged.json()["version"]) == ('"1"', 1)
+
+
+async def test_an_activity_says_what_came_of_it_and_when_to_follow_up(stack: Stack) -> None:
+    body = {"kind": "call", "outcome": "wants a quote", "next_follow_up_at": "2026-03-06T09:00:00+08:00"}
+    logged = await stack.http.post("/api/v1/accounts/acc-1/activities", json=body, headers=stack.headers("sales_rep"))
+
+    assert logged.status_code == 201, logged.text
+    assert (logged.json()["outcome"], logged.json()["next_follow_up_at"]) == ("wants a quote", "2026-03-06T01:00:00Z")
 
 
 async def test_a_timeline_is_listed_on_an_account_the_caller_may_read(stack: Stack) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from crm_platform.activities import ACTIVITY_KINDS, kind_error, occurred_at_error
+from crm_platform.activities import ACTIVITY_KINDS, follow_up_error, kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind
@@ -417,8 +417,8 @@ def checked_activity(activity: Mapping[str, Any], now: datetime) -> dict[str, An
     occurred, follow_up = activity["occurred_at"], activity["next_follow_up_at"]
     time_error = occurred_at_error(occurred, now)
     errors = [error for error in (kind_error(activity["kind"]), time_error) if error is not None]
-    if time_error is None and follow_up is not None and follow_up <= occurred:
-        errors.append(FieldError("next_follow_up_at", "must be after occurred_at"))
+    if time_error is None and (follow_up_problem := follow_up_error(occurred, follow_up)) is not None:
+        errors.append(follow_up_problem)
     if errors:
         raise ValidationFailed(errors)
     return {**activity, "outcome": activity["outcome"].strip()}
@@ -435,15 +435,6 @@ def done_by_contact(task_kind: str, due_at: datetime, occurred_at: datetime) -> 
     contact always (its SLA is met), a follow-up only when due by then. A follow-up planned for a
     later date stays open: contact in between (a WeChat the day after a call) does not replace it."""
     return task_kind == "first_contact" or due_at <= occurred_at
-
-
-def follow_up_change(next_follow_up_at: datetime | None, has_open_task: bool) -> str | None:
-    """What becomes of the follow-up task an activity planned when its `next_follow_up_at` changes
-    to this (None: cleared, or the activity deleted): `move` its open task there, `create` one when
-    it has none open (as logging it with that time would have), `cancel` the open one, or nothing."""
-    if next_follow_up_at is None:
-        return "cancel" if has_open_task else None
-    return "move" if has_open_task else "create"
 
 
 # --- scoring ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
-from crm_platform.activities import may_change_activity
+from crm_platform.activities import follow_up_change, may_change_activity
 from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
@@ -1547,11 +1547,11 @@ class LeadsService:
         now: datetime,
     ) -> None:
         """The follow-up task the activity planned, after its `next_follow_up_at` became this (None:
-        cleared, or the activity deleted): see `domain.follow_up_change`."""
+        cleared, or the activity deleted): see `crm_platform.activities.follow_up_change`."""
         t = repo.tasks
         planned = (t.c.lead_id == lead["id"], t.c.activity_id == activity_id, t.c.status == "open")
         open_tasks = await conn.scalar(select(func.count()).where(*planned))
-        match domain.follow_up_change(next_follow_up_at, bool(open_tasks)):
+        match follow_up_change(next_follow_up_at, bool(open_tasks)):
             case "move":
                 await conn.execute(update(t).where(*planned).values(due_at=next_follow_up_at))
             case "cancel":

@@ -2,6 +2,7 @@ from collections import deque
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from crm_platform.activities import follow_up_change
 from crm_platform.errors import Conflict, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind
 from crm_platform.timeutil import CLOCK_SKEW
@@ -369,10 +370,10 @@ def test_last_activity_at_only_moves_forward() -> None:
 
 def test_the_follow_up_task_follows_its_activitys_next_follow_up_at() -> None:
     later = NOW + timedelta(days=2)
-    assert domain.follow_up_change(later, has_open_task=True) == "move"
-    assert domain.follow_up_change(later, has_open_task=False) == "create"  # as logging it with that time would
-    assert domain.follow_up_change(None, has_open_task=True) == "cancel"
-    assert domain.follow_up_change(None, has_open_task=False) is None
+    assert follow_up_change(later, has_open_task=True) == "move"
+    assert follow_up_change(later, has_open_task=False) == "create"  # as logging it with that time would
+    assert follow_up_change(None, has_open_task=True) == "cancel"
+    assert follow_up_change(None, has_open_task=False) is None
 
 
 def test_a_contact_does_the_first_contact_task_and_the_follow_ups_due_by_then_not_later_ones() -> None:

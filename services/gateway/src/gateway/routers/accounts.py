@@ -139,6 +139,8 @@ class BulkTransferIn(RequestBody):
 ActivityKind = Annotated[NonBlank, Field(max_length=20)]
 ActivitySubject = Annotated[str, Field(max_length=500)]
 ActivityNotes = Annotated[str, Field(max_length=20_000)]
+ActivityOutcome = Annotated[str, Field(max_length=200, description="what came of it")]
+FollowUpAt = Annotated[Instant, Field(description="plans the author's follow-up task on the account then")]
 
 
 class ActivityIn(RequestBody):
@@ -147,6 +149,8 @@ class ActivityIn(RequestBody):
     notes: ActivityNotes = ""
     contact_id: OptionalId = Field(default=None, max_length=36)
     occurred_at: Instant | None = None
+    outcome: ActivityOutcome = ""
+    next_follow_up_at: FollowUpAt | None = None
 
 
 class ActivityPatch(RequestBody):
@@ -157,6 +161,10 @@ class ActivityPatch(RequestBody):
     subject: ActivitySubject | None = None
     notes: ActivityNotes | None = None
     occurred_at: Instant | None = None
+    outcome: ActivityOutcome | None = None
+    next_follow_up_at: FollowUpAt | None = Field(
+        default=None, description="its follow-up task moves there; null cancels it"
+    )
 
 
 class TaskIn(RequestBody):
@@ -258,6 +266,8 @@ class ActivityOut(BaseModel):
     notes: str | None = None
     actor_id: str | None = None
     occurred_at: str | None = None
+    outcome: str | None = None
+    next_follow_up_at: str | None = None
     version: int | None = None
 
 
@@ -476,6 +486,8 @@ def activity_dict(a: accounts_pb2.Activity) -> dict[str, Any]:
         "notes": a.notes,
         "actor_id": a.actor_id,
         "occurred_at": _time(a, "occurred_at"),
+        "outcome": a.outcome,
+        "next_follow_up_at": _time(a, "next_follow_up_at"),
         "version": a.version,
     }
 
@@ -532,8 +544,8 @@ def _activity_input(values: dict[str, Any]) -> accounts_pb2.Activity:
     for key, value in values.items():
         if value is None:
             continue
-        if key == "occurred_at":
-            _set_instant(message, "occurred_at", value)
+        if key in ("occurred_at", "next_follow_up_at"):
+            _set_instant(message, key, value)
         else:
             setattr(message, key, value)
     return message
@@ -1184,9 +1196,12 @@ async def log_activity(
         subject=body.subject,
         notes=body.notes,
         idempotency_key=idempotency_key,
+        outcome=body.outcome,
     )
     if body.occurred_at is not None:
         _set_instant(message, "occurred_at", body.occurred_at)
+    if body.next_follow_up_at is not None:
+        _set_instant(message, "next_follow_up_at", body.next_follow_up_at)
     # The account must be one the caller may read: the service checks it under the scope it is
     # sent, and a service agent, who owns only their own activities, visits accounts of their region.
     readable_accounts = access.require_view("accounts")
