@@ -171,7 +171,7 @@ async def test_declared_and_custom_field_filters_reach_the_service(role_client: 
 
 @pytest.mark.parametrize(
     ("role", "searched"),
-    [("sales_manager", ["name", "company", "email"]), ("marketing", ["name", "company"])],
+    [("sales_manager", ["name", "company", "email", "phone"]), ("marketing", ["name", "company"])],
 )
 async def test_a_search_looks_only_in_the_fields_the_caller_reads_in_clear(
     role_client: RoleClient, role: str, searched: list[str]
