@@ -1,12 +1,14 @@
 """Sales through the gateway: opportunity → won → contract → approvals by the right roles → signed →
 payment plan → payments (REST and a duplicated ERP posting on the inbound topic) → invoice, with the
-outbound events decoded from Kafka with the published protos; and the Maven sales pipeline import,
-whose totals the test recomputes from the CSV files."""
+outbound events decoded from Kafka with the published protos; a manager's target for a rep and its
+attainment once the rep wins; and the Maven sales pipeline import, whose totals the test recomputes
+from the CSV files."""
 
 import asyncio
 import csv
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -260,6 +262,74 @@ async def test_opportunity_to_cash_through_the_gateway_with_events(stack: Runnin
         plan_event = next(r for r in ours(events.records) if r.event_type == "crm.sales.payment_plan.created")
         decoded_plan = plan_event.decode(events_pb2.PaymentPlanCreated)
         assert sum(Decimal(i.amount.amount) for i in decoded_plan.payment_plan.installments) == Decimal("150000")
+
+
+async def test_a_managers_target_for_a_rep_shows_the_reps_attainment_once_they_win(stack: RunningStack) -> None:
+    run = new_id()[-8:]
+    team = f"east-{run}"
+    today = datetime.now(UTC).date()
+    month = f"{today:%Y-%m}"
+    async with (
+        _client(stack, f"rep-{run}", ["sales_rep"], team=team) as rep,
+        _client(stack, f"mgr-{run}", ["sales_manager"], team=team) as manager,
+        _client(stack, f"admin-{run}", ["admin"]) as admin,
+    ):
+        body = {"owner_id": f"rep-{run}", "period": month, "amount": _money("100000.00")}
+        created = await manager.post("/api/v1/targets", json=body)
+        target = _ok(created, 201)
+        assert (target["team"], target["set_by"], created.headers["etag"]) == (team, f"mgr-{run}", '"1"')
+        assert (await manager.post("/api/v1/targets", json=body)).json()["existing_id"] == target["id"]
+        assert (await rep.post("/api/v1/targets", json={**body, "period": "2030-Q1"})).status_code == 403
+        bad = await manager.post("/api/v1/targets", json={**body, "period": "2026-13"})
+        assert bad.status_code == 422 and [e["field"] for e in bad.json()["errors"]] == ["period"]
+
+        path = f"/api/v1/targets/{target['id']}"
+        stale = await manager.patch(path, json={"amount": _money("1.00")}, headers={"If-Match": '"9"'})
+        assert stale.status_code == 412, stale.text
+        changed = await manager.patch(path, json={"amount": _money("80000.00")}, headers={"If-Match": '"1"'})
+        assert _ok(changed)["amount"] == _money("80000.00") and changed.headers["etag"] == '"2"'
+        assert [t["id"] for t in _ok(await rep.get("/api/v1/targets", params={"owner_id": "me"}))["items"]] == [
+            target["id"]
+        ]
+
+        account = _ok(await rep.post("/api/v1/accounts", json={"name": f"Target {run} Ltd"}), 201)["id"]
+        deal = {"account_id": account, "name": "Pilot", "amount": _money("60000.00")}
+        opportunity = _ok(await rep.post("/api/v1/opportunities", json=deal), 201)
+        _ok(await rep.post(f"/api/v1/opportunities/{opportunity['id']}/win", json={}))
+
+        attainment = _ok(await rep.get("/api/v1/forecast/attainment", params={"owner_id": "me", "from": f"{month}-01"}))
+        assert attainment["rows"] == [
+            {
+                "period": month,
+                "group": f"rep-{run}",
+                "currency": "CNY",
+                "closed_won": _money("60000.00"),
+                "commit": _money("0.00"),
+                "weighted": _money("0.00"),
+                "target": _money("80000.00"),
+                "attainment": "0.7500",
+            }
+        ]
+        # By team: the team has no target of its own, so its won deals stand without one.
+        [by_team] = _ok(await manager.get("/api/v1/forecast/attainment", params={"group_by": "team", "team": team}))[
+            "rows"
+        ]
+        assert (by_team["group"], by_team["closed_won"], by_team["target"]) == (team, _money("60000.00"), None)
+
+        deleted = await manager.delete(path, headers={"If-Match": '"2"'})
+        assert deleted.status_code == 204, deleted.text
+
+        async def trail() -> list[tuple[str, str]]:
+            params = {"resource": "targets", "record_id": target["id"]}
+            rows = _ok(await admin.get("/api/v1/audit-events", params=params))["items"]
+            writes = [e for e in reversed(rows) if e["action"] in ("create", "update", "delete")]
+            return [(e["actor"]["user_id"], e["action"]) for e in writes]
+
+        assert await eventually(trail, lambda found: len(found) >= 3) == [
+            (f"mgr-{run}", "create"),
+            (f"mgr-{run}", "update"),
+            (f"mgr-{run}", "delete"),
+        ]
 
 
 async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack: RunningStack) -> None:

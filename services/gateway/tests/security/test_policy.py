@@ -35,6 +35,7 @@ SPEC_RESOURCES = {
     "payments",
     "invoices",
     "forecast",
+    "targets",
     "tickets",
     "audit_events",
     "api_keys",
@@ -276,6 +277,7 @@ RESOURCE_MESSAGES = {
     "invoices": ("crm.sales.v1.sales_pb2", "Invoice"),
     "payment_plans": ("crm.sales.v1.sales_pb2", "PaymentPlan"),
     "pipelines": ("crm.sales.v1.sales_pb2", "Pipeline"),
+    "targets": ("crm.sales.v1.sales_pb2", "Target"),
     "tickets": ("crm.servicedesk.v1.servicedesk_pb2", "Ticket"),
     "sla_policies": ("crm.servicedesk.v1.servicedesk_pb2", "SlaPolicy"),
     "agents": ("crm.servicedesk.v1.servicedesk_pb2", "Agent"),
@@ -303,6 +305,30 @@ def test_policy_declares_the_contract_fields_and_flags_personal_data() -> None:
             if any(word in field.name for word in PERSONAL):
                 assert declared is not None and declared.pii, f"{resource}.{field.name} must be declared pii"
     assert undeclared == [], "fields not in the default policy"
+
+
+@pytest.mark.parametrize(
+    ("role", "actions", "scope"),
+    [
+        ("sales_manager", {"read", "create", "update", "delete"}, ScopeKind.TEAM),
+        ("sales_rep", {"read"}, ScopeKind.OWN),
+        ("finance", {"read"}, ScopeKind.ALL),
+        ("analyst", {"read"}, ScopeKind.ALL),
+        ("admin", {"read", "create", "update", "delete"}, ScopeKind.ALL),
+    ],
+)
+def test_targets_are_set_by_managers_for_their_team_and_read_by_reps_finance_and_analysts(
+    role: str, actions: set[str], scope: ScopeKind
+) -> None:
+    policy = load_policy()
+    for action in ("read", "create", "update", "delete"):
+        decision = policy.decide(who(role), "targets", action)
+        assert decision.allowed == (action in actions), (role, action)
+        if decision.allowed:
+            assert decision.scope is not None and decision.scope.kind is scope
+    for role_without in ("marketing", "service_agent", "service_manager", "erp_integration"):
+        assert not policy.decide(who(role_without), "targets", "read").allowed
+    assert policy.resource("targets").field("amount").type == "money"
 
 
 def test_claim_names_are_configurable() -> None:

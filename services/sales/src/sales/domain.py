@@ -3,6 +3,7 @@ quote and contract approval chains, the contract status machine, payment plans, 
 allocation and invoice limits. Money is `Decimal` plus a currency everywhere; never a float.
 """
 
+import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -520,6 +521,90 @@ def win_rate(won: int, lost: int) -> Decimal:
     if won + lost == 0:
         return Decimal("0.0000")
     return (Decimal(won) / Decimal(won + lost)).quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
+
+
+# ---------------------------------------------------------------- targets and attainment
+
+# A month (`2026-12`) or a quarter (`2026-Q4`): the labels of the forecast's periods.
+_PERIOD = re.compile(r"([1-9][0-9]{3})-(?:(0[1-9]|1[0-2])|Q([1-4]))")
+ATTAINMENT_PLACES = Decimal("0.0001")
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """The months a target covers, as YYYYMM (the forecast's `month_key`), first and last inclusive."""
+
+    first_month: int
+    last_month: int
+
+    @property
+    def quarter(self) -> bool:
+        return self.last_month != self.first_month
+
+    @property
+    def label(self) -> str:
+        return period_label(self.first_month, quarter=self.quarter)
+
+
+def parse_period(text: str, *, field_name: str = "period") -> Period:
+    match = _PERIOD.fullmatch(text)
+    if match is None:
+        raise ValidationFailed(
+            [FieldError(field_name, f"{text!r} is not a month (such as 2026-12) or a quarter (such as 2026-Q4)")]
+        )
+    year, month, quarter = match.groups()
+    if month:
+        first = int(year) * 100 + int(month)
+        return Period(first, first)
+    first = int(year) * 100 + (int(quarter) - 1) * 3 + 1
+    return Period(first, first + 2)
+
+
+def require_valid_target(amount: Money) -> None:
+    """A target is a positive amount in whole minor units of its currency (422 naming the field)."""
+    require_valid_amount(amount, field_name="amount", allow_zero=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetAmount:
+    """One target as attainment compares it: the forecast's period label and group."""
+
+    period: str
+    group: str
+    currency: str
+    amount: Decimal
+
+
+@dataclass(slots=True)
+class AttainmentLine:
+    period: str
+    group: str
+    currency: str
+    target: Decimal | None = None
+    closed_won: Decimal = Decimal(0)
+    commit: Decimal = Decimal(0)
+    weighted: Decimal = Decimal(0)
+
+    @property
+    def attainment(self) -> Decimal | None:
+        """closed won / target with 4 places (1.0250 = 102.5 %); None without a target."""
+        if self.target is None:
+            return None
+        return (self.closed_won / self.target).quantize(ATTAINMENT_PLACES, rounding=ROUND_HALF_UP)
+
+
+def attainment(lines: Iterable[ForecastLine], targets: Iterable[TargetAmount]) -> list[AttainmentLine]:
+    """Targets beside the forecast's closed won, commit and weighted, per period, group and
+    currency: a target without deals has zero won, deals without a target have no target (None).
+    Currencies are never converted: a target compares with the deals of its own currency."""
+    rows: dict[tuple[str, str, str], AttainmentLine] = {}
+    for line in lines:
+        key = (line.period, line.group, line.currency)
+        rows[key] = AttainmentLine(*key, closed_won=line.closed_won, commit=line.commit, weighted=line.weighted)
+    for target in targets:
+        key = (target.period, target.group, target.currency)
+        rows.setdefault(key, AttainmentLine(*key)).target = target.amount
+    return [rows[key] for key in sorted(rows)]
 
 
 # ---------------------------------------------------------------- approvals

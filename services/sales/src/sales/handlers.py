@@ -77,6 +77,7 @@ DISCOUNT_FIELD = "line_items.discount_percent"
 QUOTE_SORTS = ("created_at", "updated_at")
 PAYMENT_SORTS = ("created_at", "received_at")
 INVOICE_SORTS = ("requested_at",)
+TARGET_SORTS = ("created_at", "updated_at")
 # The `reason` of the events a change of another record causes (a quote following its deal; a deal,
 # contract or invoice its account): that change's event type.
 OPPORTUNITY_UPDATED = spec_of(events_pb2.OpportunityUpdated).type
@@ -297,6 +298,24 @@ def _category_is(*categories: d.ForecastCategory) -> Any:
     terms: list[ColumnElement[bool]] = [o.c.forecast_category.in_([c.value for c in categories])]
     terms += [and_(o.c.forecast_category == "", derived[c]) for c in categories if c in derived]
     return or_(*terms)
+
+
+def _target_filters(
+    *, from_date: date | None, to_date: date | None, owner_id: str, team: str
+) -> list[ColumnElement[bool]]:
+    """SQL: targets in the caller's scope whose period overlaps `from_date`..`to_date` (inclusive),
+    of `owner_id` and `team` when given."""
+    t = r.targets
+    clauses = [scope_clause(t, current_scope())]
+    if from_date:
+        clauses.append(t.c.last_month >= d.month_key(from_date))
+    if to_date:
+        clauses.append(t.c.first_month <= d.month_key(to_date))
+    if owner_id:
+        clauses.append(t.c.owner_id == owner_id)
+    if team:
+        clauses.append(t.c.team == team)
+    return clauses
 
 
 class SalesHandlers:
@@ -1261,6 +1280,137 @@ class SalesHandlers:
             total.won_count += stats.won_count
             total.lost_count += stats.lost_count
         return [overall[c] for c in sorted(overall)], by_owner
+
+    # ------------------------------------------------------------ targets and attainment
+
+    async def create_target(
+        self, *, idempotency_key: str, owner_id: str, team: str, period: str, amount: Money
+    ) -> sales_pb2.Target:
+        """An owner's target (`owner_id`, stored with `team` for record scope) or, without an owner,
+        a team's; `team` defaults to the caller's. ALREADY_EXISTS when the owner or team has one for
+        the period (named when the caller may read it)."""
+        principal = current_principal()
+        months = d.parse_period(period)
+        d.require_valid_target(amount)
+        team = team or principal.team
+        _check_lengths({"owner_id": owner_id, "team": team}, d.NAME_LENGTH)
+        if not owner_id:
+            _require(team, "team")
+        if not current_scope().allows(owner_id=owner_id, team=team, region=""):
+            raise PermissionDenied("you may not create targets outside your record scope")
+        async with self.uow.begin() as tx:
+            target_id = new_id()
+            if idempotency_key:
+                existing = await _claim(
+                    tx.conn, operation="target", key=idempotency_key, resource_id=target_id, now=self.clock()
+                )
+                if existing:
+                    return v.target_proto(await self._target_row(tx.conn, existing, scope=None))
+            now = self.clock()
+            values = {
+                "id": target_id,
+                "owner_id": owner_id,
+                "team": team,
+                "region": "",
+                "period": months.label,
+                "first_month": months.first_month,
+                "last_month": months.last_month,
+                "amount": amount.amount,
+                "currency": amount.currency,
+                "set_by": principal.user_id,
+                "created_at": now,
+                "updated_at": now,
+                "version": 1,
+            }
+            try:
+                async with tx.conn.begin_nested():
+                    await tx.conn.execute(insert(r.targets).values(values))
+            except IntegrityError:
+                raise await self._target_taken(tx.conn, owner_id=owner_id, team=team, period=months.label) from None
+            return v.target_proto(values)
+
+    async def _target_taken(self, conn: AsyncConnection, *, owner_id: str, team: str, period: str) -> AlreadyExists:
+        """The 409 of a second target for an owner or team and period: the existing one is named only
+        to a caller who may read it, as a read would (never reveal a record out of scope)."""
+        t = r.targets
+        holder = t.c.owner_id == owner_id if owner_id else and_(t.c.owner_id == "", t.c.team == team)
+        existing = (await conn.execute(select(t).where(holder, t.c.period == period))).mappings().first()
+        whose = f"owner {owner_id}" if owner_id else f"team {team}"
+        detail = f"{whose} already has a target for {period}"
+        if existing is not None and current_scope().allows(
+            owner_id=existing["owner_id"], team=existing["team"], region=""
+        ):
+            return AlreadyExists(detail, existing_id=existing["id"])
+        return AlreadyExists(detail)
+
+    async def get_target(self, target_id: str) -> sales_pb2.Target:
+        async with self.engine.connect() as conn:
+            return v.target_proto(await self._target_row(conn, target_id, scope=current_scope()))
+
+    async def list_targets(
+        self, page: Page, *, from_date: date | None, to_date: date | None, owner_id: str = "", team: str = ""
+    ) -> PageOf:
+        t = r.targets
+        query = select(t).where(*_target_filters(from_date=from_date, to_date=to_date, owner_id=owner_id, team=team))
+        return await self._page(query, t, page, v.target_proto, sortable=TARGET_SORTS)
+
+    async def update_target(self, target_id: str, *, expected_version: int, amount: Money) -> Change[sales_pb2.Target]:
+        """A new amount for a target in the caller's scope (its owner, team and period name it)."""
+        d.require_valid_target(amount)
+        async with self.uow.begin() as tx:
+            row = await self._target_row(tx.conn, target_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "target")
+            values = {
+                "amount": amount.amount,
+                "currency": amount.currency,
+                "set_by": current_principal().user_id,
+                "updated_at": self.clock(),
+                "version": row["version"] + 1,
+            }
+            await tx.conn.execute(update(r.targets).where(r.targets.c.id == target_id).values(values))
+            return Change(v.target_proto({**row, **values}), v.target_proto(row))
+
+    async def delete_target(self, target_id: str, *, expected_version: int) -> sales_pb2.Target:
+        """Deletes a target in the caller's scope; returns it as it was (for the caller's audit trail)."""
+        async with self.uow.begin() as tx:
+            row = await self._target_row(tx.conn, target_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "target")
+            await tx.conn.execute(delete(r.targets).where(r.targets.c.id == target_id))
+            return v.target_proto(row)
+
+    async def _target_row(
+        self, conn: AsyncConnection, target_id: str, *, scope: RecordScope | None, lock: bool = False
+    ) -> RowMapping:
+        row = await r.load(conn, r.targets, target_id, scope=scope, lock=lock)
+        if row is None:
+            raise NotFound("target", target_id)
+        return row
+
+    async def attainment(self, query: ForecastQuery) -> list[d.AttainmentLine]:
+        """Targets beside the forecast of their periods and groups (`domain.attainment`): monthly
+        targets by month and quarterly ones by quarter, owners' targets by owner and teams' by team.
+        Closed won, commit and weighted are the forecast's own (`forecast`), in the same scope."""
+        t = r.targets
+        lines = await self.forecast(query)
+        statement = select(t.c.period, t.c.owner_id, t.c.team, t.c.currency, t.c.amount).where(
+            *_target_filters(
+                from_date=query.from_date, to_date=query.to_date, owner_id=query.owner_id, team=query.team
+            ),
+            t.c.last_month > t.c.first_month if query.quarter else t.c.last_month == t.c.first_month,
+            t.c.owner_id == "" if query.by_team else t.c.owner_id != "",
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).mappings().all()
+        targets = [
+            d.TargetAmount(
+                period=row["period"],
+                group=row["team"] if query.by_team else row["owner_id"],
+                currency=row["currency"],
+                amount=row["amount"],
+            )
+            for row in rows
+        ]
+        return d.attainment(lines, targets)
 
     # ------------------------------------------------------------ quotes
 

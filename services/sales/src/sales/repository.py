@@ -34,6 +34,7 @@ from sqlalchemy import (
     case,
     func,
     select,
+    text,
     type_coerce,
     update,
 )
@@ -342,6 +343,46 @@ invoices = Table(
     Index("ix_invoices_contract", "contract_id", "requested_at"),
     Index("ix_invoices_account", "account_id"),
     Index("ix_invoices_status", "status"),
+)
+
+# Sales targets (业绩目标): an owner's (owner_id and their team) or a team's (owner_id ""), per
+# month or quarter. Region is always "": `scope_clause` reads targets as it reads other records.
+targets = Table(
+    "targets",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("owner_id", _NAME, nullable=False, server_default=""),
+    Column("team", _NAME, nullable=False, server_default=""),
+    Column("region", _NAME, nullable=False, server_default=""),
+    # "2026-12" or "2026-Q4"; its months as YYYYMM, so range filters compare integers.
+    Column("period", String(7), nullable=False),
+    Column("first_month", Integer, nullable=False),
+    Column("last_month", Integer, nullable=False),
+    _money("amount"),
+    Column("currency", _CCY, nullable=False),
+    Column("set_by", _NAME, nullable=False),
+    Column("created_at", _TS, nullable=False),
+    Column("updated_at", _TS, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    # One target per owner and period, one per team and period (a team's target has no owner).
+    Index(
+        "uq_targets_owner_period",
+        "owner_id",
+        "period",
+        unique=True,
+        postgresql_where=text("owner_id <> ''"),
+        sqlite_where=text("owner_id <> ''"),
+    ),
+    Index(
+        "uq_targets_team_period",
+        "team",
+        "period",
+        unique=True,
+        postgresql_where=text("owner_id = ''"),
+        sqlite_where=text("owner_id = ''"),
+    ),
+    Index("ix_targets_team_months", "team", "first_month"),
+    Index("ix_targets_created", "created_at", "id"),
 )
 
 # Definitions of the custom fields of opportunities (served by crm_platform's CustomFieldServicer).

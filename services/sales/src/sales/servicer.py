@@ -165,6 +165,19 @@ def update_changes(request: pb.UpdateOpportunityRequest) -> dict[str, Any]:
     return changes
 
 
+def forecast_query(request: pb.GetForecastRequest | pb.GetAttainmentRequest, *, pipeline_id: str = "") -> ForecastQuery:
+    """The forecast's periods, groups and filters, as the forecast and attainment requests both name them."""
+    return ForecastQuery(
+        quarter=request.period == pb.FORECAST_PERIOD_QUARTER,
+        by_team=request.group_by == pb.FORECAST_GROUP_BY_TEAM,
+        from_date=optional_date(request.from_date, "from_date"),
+        to_date=optional_date(request.to_date, "to_date"),
+        owner_id=request.owner_id,
+        team=request.team,
+        pipeline_id=pipeline_id,
+    )
+
+
 def forecast_row(line: d.ForecastLine) -> pb.ForecastRow:
     return pb.ForecastRow(
         period=line.period,
@@ -178,6 +191,22 @@ def forecast_row(line: d.ForecastLine) -> pb.ForecastRow:
         open_count=line.open_count,
         won_count=line.won_count,
     )
+
+
+def attainment_row(line: d.AttainmentLine) -> pb.AttainmentRow:
+    row = pb.AttainmentRow(
+        period=line.period,
+        group=line.group,
+        currency=line.currency,
+        closed_won=v.money(line.closed_won, line.currency),
+        commit=v.money(line.commit, line.currency),
+        weighted=v.money(line.weighted, line.currency),
+    )
+    if line.target is not None:
+        row.target.CopyFrom(v.money(line.target, line.currency))
+    if line.attainment is not None:
+        row.attainment = format(line.attainment, "f")
+    return row
 
 
 def money_list(totals: dict[str, Decimal]) -> list[common_pb2.Money]:
@@ -358,17 +387,7 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     # forecast
 
     async def GetForecast(self, request: pb.GetForecastRequest, context: Context) -> pb.GetForecastResponse:
-        lines = await self.h.forecast(
-            ForecastQuery(
-                quarter=request.period == pb.FORECAST_PERIOD_QUARTER,
-                by_team=request.group_by == pb.FORECAST_GROUP_BY_TEAM,
-                from_date=optional_date(request.from_date, "from_date"),
-                to_date=optional_date(request.to_date, "to_date"),
-                owner_id=request.owner_id,
-                team=request.team,
-                pipeline_id=request.pipeline_id,
-            )
-        )
+        lines = await self.h.forecast(forecast_query(request, pipeline_id=request.pipeline_id))
         return pb.GetForecastResponse(rows=[forecast_row(line) for line in lines])
 
     async def GetWinStatistics(
@@ -393,6 +412,45 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
         return pb.GetWinStatisticsResponse(
             overall=[convert(s) for s in overall], by_owner=[convert(s) for s in by_owner]
         )
+
+    # targets and attainment
+
+    async def CreateTarget(self, request: pb.CreateTargetRequest, context: Context) -> pb.CreateTargetResponse:
+        target = await self.h.create_target(
+            idempotency_key=request.idempotency_key,
+            owner_id=request.owner_id,
+            team=request.team,
+            period=request.period,
+            amount=required_money(request.amount, "amount"),
+        )
+        return pb.CreateTargetResponse(target=target)
+
+    async def GetTarget(self, request: pb.GetTargetRequest, context: Context) -> pb.GetTargetResponse:
+        return pb.GetTargetResponse(target=await self.h.get_target(request.id))
+
+    async def ListTargets(self, request: pb.ListTargetsRequest, context: Context) -> pb.ListTargetsResponse:
+        page = await self.h.list_targets(
+            page_of(request.page),
+            from_date=optional_date(request.from_date, "from_date"),
+            to_date=optional_date(request.to_date, "to_date"),
+            owner_id=request.owner_id,
+            team=request.team,
+        )
+        return pb.ListTargetsResponse(items=page.items, page_info=page_info(page.next_cursor))
+
+    async def UpdateTarget(self, request: pb.UpdateTargetRequest, context: Context) -> pb.UpdateTargetResponse:
+        change = await self.h.update_target(
+            request.id, expected_version=request.expected_version, amount=required_money(request.amount, "amount")
+        )
+        return pb.UpdateTargetResponse(target=change.record, previous=change.previous)
+
+    async def DeleteTarget(self, request: pb.DeleteTargetRequest, context: Context) -> pb.DeleteTargetResponse:
+        deleted = await self.h.delete_target(request.id, expected_version=request.expected_version)
+        return pb.DeleteTargetResponse(previous=deleted)
+
+    async def GetAttainment(self, request: pb.GetAttainmentRequest, context: Context) -> pb.GetAttainmentResponse:
+        lines = await self.h.attainment(forecast_query(request))
+        return pb.GetAttainmentResponse(rows=[attainment_row(line) for line in lines])
 
     # quotes
 

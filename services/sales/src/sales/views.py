@@ -306,3 +306,17 @@ def invoice_proto(row: Row) -> sales_pb2.Invoice:
         account_id=row["account_id"],
         version=row["version"],
     )
+
+
+def target_proto(row: Row) -> sales_pb2.Target:
+    return sales_pb2.Target(
+        id=row["id"],
+        owner_id=row["owner_id"],
+        team=row["team"],
+        period=row["period"],
+        amount=money(row["amount"], row["currency"]),
+        set_by=row["set_by"],
+        created_at=to_timestamp(row["created_at"]),
+        updated_at=to_timestamp(row["updated_at"]),
+        version=row["version"],
+    )

@@ -1,4 +1,5 @@
-"""Sales rules without I/O: stage gates, anti-collision, forecast arithmetic, approval chains,
+"""Sales rules without I/O: stage gates, anti-collision, forecast arithmetic, target periods and
+attainment, approval chains,
 the contract status machine, payment plans, allocation, over-payment and invoice limits."""
 
 from dataclasses import replace
@@ -357,6 +358,99 @@ def test_period_labels() -> None:
     assert d.month_key(date(2026, 3, 31)) == 202603
     assert d.period_label(202603, quarter=True) == "2026-Q1"
     assert d.period_label(202612, quarter=False) == "2026-12"
+
+
+# ---------------------------------------------------------------- targets and attainment
+
+
+@pytest.mark.parametrize(
+    ("text", "first", "last", "quarter"),
+    [
+        ("2026-12", 202612, 202612, False),
+        ("2026-01", 202601, 202601, False),
+        ("2026-Q1", 202601, 202603, True),
+        ("2026-Q4", 202610, 202612, True),
+    ],
+)
+def test_a_target_period_is_a_month_or_a_quarter_labelled_as_the_forecast_labels_it(
+    text: str, first: int, last: int, quarter: bool
+) -> None:
+    period = d.parse_period(text)
+    assert (period.first_month, period.last_month, period.quarter, period.label) == (first, last, quarter, text)
+    assert d.period_label(d.month_key(date(first // 100, first % 100, 1)), quarter=quarter) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "2026",
+        "2026-13",
+        "2026-00",
+        "2026-1",
+        "2026-Q0",
+        "2026-Q5",
+        "2026-q4",
+        "0999-01",
+        " 2026-12",
+        "2026-12 ",
+        "\uff12\uff10\uff12\uff16-12",  # full-width digits: [0-9], not \d
+    ],
+)
+def test_an_ill_formed_period_is_refused_naming_the_field(text: str) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        d.parse_period(text)
+    assert [e.field for e in refused.value.errors] == ["period"]
+
+
+@pytest.mark.parametrize(
+    ("money", "message"),
+    [
+        (cny("0"), "must be greater than zero"),
+        (cny("-5"), "must be greater than zero"),
+        (cny("10.001"), "at most 2 decimal places"),
+        (Money(Decimal("10.5"), "JPY"), "JPY has no minor unit: a whole amount, without decimal places"),
+    ],
+)
+def test_a_target_is_a_positive_amount_in_whole_minor_units(money: Money, message: str) -> None:
+    with pytest.raises(ValidationFailed) as refused:
+        d.require_valid_target(money)
+    assert [(e.field, e.message) for e in refused.value.errors] == [("amount.amount", message)]
+    d.require_valid_target(kwd("10.125"))
+
+
+def test_attainment_sets_targets_beside_the_forecast_per_period_group_and_currency() -> None:
+    lines = d.forecast(
+        [
+            deal("won", "60000", 100, "commit", 202612, owner="a"),
+            deal("open", "30000", 90, "commit", 202612, owner="a"),
+            deal("won", "5000", 100, "commit", 202612, owner="b"),
+        ],
+        quarter=False,
+        by_team=False,
+    )
+    targets = [
+        d.TargetAmount("2026-12", "a", "CNY", Decimal("80000")),
+        d.TargetAmount("2026-12", "a", "USD", Decimal("1000")),  # another currency: never converted
+        d.TargetAmount("2026-12", "c", "CNY", Decimal("3")),  # no deals: nothing won
+    ]
+    rows = d.attainment(lines, targets)
+    assert [(r.group, r.currency, r.target, r.closed_won, r.attainment, r.commit, r.weighted) for r in rows] == [
+        ("a", "CNY", Decimal(80000), Decimal(60000), Decimal("0.7500"), Decimal(30000), Decimal("27000.00")),
+        ("a", "USD", Decimal(1000), Decimal(0), Decimal("0.0000"), Decimal(0), Decimal(0)),
+        ("b", "CNY", None, Decimal(5000), None, Decimal(0), Decimal("0.00")),  # won without a target
+        ("c", "CNY", Decimal(3), Decimal(0), Decimal("0.0000"), Decimal(0), Decimal(0)),
+    ]
+
+
+def test_attainment_is_rounded_half_up_to_four_places_and_may_exceed_one() -> None:
+    row = d.AttainmentLine("2026-Q4", "east", "CNY", target=Decimal(3), closed_won=Decimal(2))
+    assert row.attainment == Decimal("0.6667")
+    row.closed_won = Decimal("3.0001")  # 1.000033...
+    assert row.attainment == Decimal("1.0000")
+    row.closed_won = Decimal("999999999999.99") * 1000  # far above a tiny target: still exact
+    row.target = Decimal("0.01")
+    assert row.attainment == Decimal("99999999999999000.0000")
 
 
 # ---------------------------------------------------------------- approvals

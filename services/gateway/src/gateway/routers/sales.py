@@ -1,5 +1,6 @@
-"""Sales context over REST (SPEC §6): pipelines, opportunities, forecast, quotes, contracts with
-approvals, payment plans, payments, receivables and invoices, routed to the sales service.
+"""Sales context over REST (SPEC §6, §8): pipelines, opportunities, forecast, targets and their
+attainment, quotes, contracts with approvals, payment plans, payments, receivables and invoices,
+routed to the sales service.
 
 Permissions come only from `require(...)`/`Access` (gateway.security); approvals need the
 `approve` action here, and the sales service then checks that the caller holds the role the
@@ -201,6 +202,19 @@ class ImportBody(RequestBody):
     rows: list[dict[str, Any]] = Field(
         min_length=1, max_length=5000, description="ImportRowBody objects, each checked on its own"
     )
+
+
+class TargetCreate(RequestBody):
+    owner_id: OptionalId = Field(default=None, max_length=200, description="left out: a team's target")
+    team: OptionalId = Field(
+        default=None, max_length=200, description="the team, or the owner's team; left out: the caller's team"
+    )
+    period: NonBlank = Field(max_length=7, description='"2026-12" (a month) or "2026-Q4" (a quarter)')
+    amount: MoneyIn
+
+
+class TargetPatch(RequestBody):
+    amount: MoneyIn
 
 
 class QuoteCreate(RequestBody):
@@ -468,6 +482,35 @@ def invoice_dict(i: sales_pb2.Invoice) -> dict[str, Any]:
         "void_reason": i.void_reason or None,
         "version": i.version,
     }
+
+
+def target_dict(t: sales_pb2.Target) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "owner_id": t.owner_id or None,
+        "team": t.team or None,
+        "period": t.period,
+        "amount": _money(t.amount),
+        "set_by": t.set_by,
+        "created_at": _time(t, "created_at"),
+        "updated_at": _time(t, "updated_at"),
+        "version": t.version,
+    }
+
+
+def attainment_row(r: pb.AttainmentRow, access: Access) -> dict[str, Any]:
+    """A row as the caller sees the forecast: the target and the ratio as its closed won, which
+    the two together would reveal."""
+    forecast = {
+        "period": r.period,
+        "group": r.group,
+        "currency": r.currency,
+        "closed_won": _money(r.closed_won),
+        "commit": _money(r.commit),
+        "weighted": _money(r.weighted),
+    }
+    against_target = {"target": _money(r.target), "attainment": r.attainment or None}
+    return {**access.present(forecast), **access.present_derived(against_target, like="closed_won")}
 
 
 def receivable_dict(r: sales_pb2.Receivable, access: Access) -> dict[str, Any]:
@@ -1184,6 +1227,142 @@ def win_statistics_view(reply: pb.GetWinStatisticsResponse, opportunities: Acces
         }
 
     return {"overall": [stats(s) for s in reply.overall], "by_owner": [stats(s) for s in reply.by_owner]}
+
+
+# --- targets and attainment (业绩达成率) ----------------------------------------------------------------
+
+TargetsRead = Annotated[Access, Depends(require("targets", "read"))]
+TargetsCreate = Annotated[Access, Depends(require("targets", "create"))]
+TargetsUpdate = Annotated[Access, Depends(require("targets", "update"))]
+TargetsDelete = Annotated[Access, Depends(require("targets", "delete"))]
+
+# The filters of GET /targets: `from` and `to` select targets by the months of their period.
+TARGET_FILTERS: FilterFields = {"from": "period", "to": "period", "owner_id": "owner_id", "team": "team"}
+# The filters of GET /forecast/attainment: the forecast's, but for the pipeline (targets have none).
+ATTAINMENT_FILTERS: FilterFields = {name: fields for name, fields in FORECAST_FILTERS.items() if name != "pipeline_id"}
+
+
+@router.post("/targets", status_code=201, responses={201: {"model": schemas.Target}})
+async def create_target(
+    body: TargetCreate,
+    request: Request,
+    response: Response,
+    access: TargetsCreate,
+    idempotency_key: IdempotencyKey = "",
+) -> dict[str, Any]:
+    """An owner's target (`owner_id`, with the owner's `team`, which decides who sees it) or, without
+    `owner_id`, a team's. 409 when the owner or team has a target for the period already
+    (`existing_id` names it when the caller may read it): PATCH that one's amount instead."""
+    access.check_write(_written(body))
+    reply = await _stub(request).CreateTarget(
+        pb.CreateTargetRequest(
+            idempotency_key=idempotency_key,
+            owner_id=body.owner_id or "",
+            team=body.team or "",
+            period=body.period,
+            amount=body.amount.proto(),
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    record = target_dict(reply.target)
+    await access.audit_write(record["id"], None, record)
+    return with_etag(response, access.present(record))
+
+
+@router.get("/targets", responses={200: {"model": schemas.Page[schemas.Target]}})
+async def list_targets(
+    request: Request,
+    access: TargetsRead,
+    from_date: Annotated[date | None, Query(alias="from", description="targets whose period ends on or after")] = None,
+    to_date: Annotated[date | None, Query(alias="to", description="targets whose period starts on or before")] = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    team: str | None = None,
+    limit: Limit = None,
+    cursor: str | None = None,
+    sort: Annotated[
+        str | None, Query(description="created_at (default: newest first), updated_at; - descending")
+    ] = None,
+) -> dict[str, Any]:
+    check_period("from", from_date, "to", to_date, end_inclusive=True)
+    access.check_filters(TARGET_FILTERS)
+    reply = await _stub(request).ListTargets(
+        pb.ListTargetsRequest(
+            page=_page(limit, cursor, sort, access),
+            from_date=_iso(from_date),
+            to_date=_iso(to_date),
+            owner_id=access.resolve_me(owner_id),
+            team=team or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return _list(access.present_many(target_dict(t) for t in reply.items), reply.page_info.next_cursor)
+
+
+@router.get("/targets/{target_id}", responses={200: {"model": schemas.Target}})
+async def get_target(target_id: str, request: Request, response: Response, access: TargetsRead) -> dict[str, Any]:
+    reply = await _stub(request).GetTarget(pb.GetTargetRequest(id=target_id), metadata=access.grpc_metadata())
+    return with_etag(response, access.present(target_dict(reply.target)))
+
+
+@router.patch("/targets/{target_id}", responses={200: {"model": schemas.Target}})
+async def update_target(
+    target_id: str,
+    body: TargetPatch,
+    request: Request,
+    response: Response,
+    access: TargetsUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """A new amount (owner, team and period name the target: create another for another)."""
+    access.check_write(_written(body))
+    reply = await _stub(request).UpdateTarget(
+        pb.UpdateTargetRequest(id=target_id, amount=body.amount.proto(), expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    record = target_dict(reply.target)
+    await access.audit_write(target_id, target_dict(reply.previous), record)
+    return with_etag(response, access.present(record))
+
+
+@router.delete("/targets/{target_id}", status_code=204)
+async def delete_target(target_id: str, request: Request, access: TargetsDelete, if_match: IfMatch = None) -> Response:
+    reply = await _stub(request).DeleteTarget(
+        pb.DeleteTargetRequest(id=target_id, expected_version=expected_version(if_match)),
+        metadata=access.grpc_metadata(),
+    )
+    await access.audit_write(target_id, target_dict(reply.previous), None)
+    return Response(status_code=204)
+
+
+@router.get("/forecast/attainment", responses={200: {"model": schemas.Attainment}})
+async def attainment(
+    request: Request,
+    access: ForecastRead,
+    period: Literal["month", "quarter"] = "month",
+    group_by: Literal["owner", "team"] = "owner",
+    from_date: Annotated[date | None, Query(alias="from")] = None,
+    to_date: Annotated[date | None, Query(alias="to")] = None,
+    owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
+    team: str | None = None,
+) -> dict[str, Any]:
+    """业绩达成率: per period, owner or team and currency, the target (monthly targets by month,
+    quarterly ones by quarter; owners' by owner, teams' by team), the forecast's closed won,
+    attainment = closed won / target, and the forecast's commit and weighted pipeline, to read
+    whether the target will be made. Read as the forecast is (its grant and record scope)."""
+    check_period("from", from_date, "to", to_date, end_inclusive=True)
+    access.check_filters(ATTAINMENT_FILTERS)
+    reply = await _stub(request).GetAttainment(
+        pb.GetAttainmentRequest(
+            period=pb.FORECAST_PERIOD_QUARTER if period == "quarter" else pb.FORECAST_PERIOD_MONTH,
+            group_by=pb.FORECAST_GROUP_BY_TEAM if group_by == "team" else pb.FORECAST_GROUP_BY_OWNER,
+            from_date=_iso(from_date),
+            to_date=_iso(to_date),
+            owner_id=access.resolve_me(owner_id),
+            team=team or "",
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    return {"period": period, "group_by": group_by, "rows": [attainment_row(r, access) for r in reply.rows]}
 
 
 # --- quotes ------------------------------------------------------------------------------------------

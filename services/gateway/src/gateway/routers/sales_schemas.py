@@ -312,6 +312,41 @@ class Forecast(BaseModel):
     rows: list[ForecastRow] = Field(description="one per period, group and currency")
 
 
+class Target(BaseModel):
+    """A sales target of an owner or a team for a month or a quarter (`ETag` carries its `version`)."""
+
+    id: str
+    owner_id: str | None = Field(default=None, description="the owner the target is for; null for a team's target")
+    team: str | None = Field(default=None, description="the team whose target it is, or the owner's team")
+    period: str | None = Field(default=None, description='"2026-12" (a month) or "2026-Q4" (a quarter)')
+    amount: MoneyOut | None = None
+    set_by: str | None = Field(default=None, description="who set the current amount")
+    created_at: Time = None
+    updated_at: Time = None
+    version: int | None = None
+
+
+class AttainmentRow(BaseModel):
+    period: str | None = Field(default=None, description='"2026-11" by month, "2026-Q4" by quarter')
+    group: str | None = Field(default=None, description="the owner id or the team, as grouped")
+    currency: str | None = None
+    target: MoneyOut | None = Field(
+        default=None, description="null when the group has no target for the period in this currency"
+    )
+    closed_won: MoneyOut | None = Field(default=None, description="deals won in the period (zero when none)")
+    attainment: str | None = Field(
+        default=None, description='closed_won / target with 4 places ("1.0250" is 102.5 %); null without a target'
+    )
+    commit: MoneyOut | None = Field(default=None, description="open deals in the commit category")
+    weighted: MoneyOut | None = Field(default=None, description="open deals times their stage's probability")
+
+
+class Attainment(BaseModel):
+    period: str = Field(description="month or quarter")
+    group_by: str = Field(description="owner or team")
+    rows: list[AttainmentRow] = Field(description="one per period, group and currency")
+
+
 class WinStatistics(BaseModel):
     owner_id: str | None = Field(description="null in the overall rows")
     currency: str
