@@ -340,9 +340,21 @@ async def test_a_draft_contract_is_deleted_at_its_etag_through_the_gateway(stack
         created = await admin.post("/api/v1/contracts", json=body)
         contract = _ok(created, 201)
         path = f"/api/v1/contracts/{contract['id']}"
-        stale = await admin.delete(path, headers={"If-Match": '"9"'})
+        # A draft's title and term are corrected at its ETag, before it is submitted.
+        fix = {"title": "Entered once", "starts_on": "2027-01-01", "ends_on": "2026-12-31"}
+        backwards = await admin.patch(path, json=fix, headers={"If-Match": created.headers["etag"]})
+        assert backwards.status_code == 422 and backwards.json()["errors"][0]["field"] == "ends_on"
+        fixed = await admin.patch(
+            path, json={**fix, "ends_on": "2027-12-31"}, headers={"If-Match": created.headers["etag"]}
+        )
+        assert (_ok(fixed)["title"], fixed.json()["ends_on"], fixed.headers["etag"]) == (
+            "Entered once",
+            "2027-12-31",
+            '"2"',
+        )
+        stale = await admin.delete(path, headers={"If-Match": created.headers["etag"]})
         assert stale.status_code == 412, stale.text
-        deleted = await admin.delete(path, headers={"If-Match": created.headers["etag"]})
+        deleted = await admin.delete(path, headers={"If-Match": fixed.headers["etag"]})
         assert (deleted.status_code, deleted.content) == (204, b"")
         assert (await admin.get(path)).status_code == 404
 

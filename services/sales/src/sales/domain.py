@@ -834,6 +834,16 @@ def check_contract_deletable(status: str, *, contract_id: str) -> None:
         )
 
 
+def check_contract_editable(status: str, *, contract_id: str) -> None:
+    """Its terms are changed while it is a draft or rejected (then submitted again): what approvers
+    decide on, or what was approved or signed, stays as it was (409)."""
+    if status not in DELETABLE_CONTRACTS:
+        raise Conflict(
+            f"contract {contract_id} is {status}; only a draft or rejected contract may be changed",
+            reason="ILLEGAL_STATE" if status == ContractStatus.PENDING_APPROVAL else "CONTRACT_IN_FORCE",
+        )
+
+
 def contract_number(year: int, month: int, sequence: int) -> str:
     """`CT-YYYYMM-NNNNNN`; the sequence restarts every month."""
     if not 0 < sequence <= 999_999:

@@ -5,7 +5,7 @@ The caller (principal and record scope) comes from `crm_platform.principal`; job
 run as the system with full scope. Records outside the caller's scope read as NotFound.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -78,6 +78,8 @@ QUOTE_SORTS = ("created_at", "updated_at")
 PAYMENT_SORTS = ("created_at", "received_at")
 INVOICE_SORTS = ("requested_at",)
 TARGET_SORTS = ("created_at", "updated_at")
+# What a contract's update may change (its amount, account and deal are what it was made from).
+CONTRACT_EDITABLE = ("title", "starts_on", "ends_on")
 # The `reason` of the events a change of another record causes (a quote following its deal; a deal,
 # contract or invoice its account): that change's event type.
 OPPORTUNITY_UPDATED = spec_of(events_pb2.OpportunityUpdated).type
@@ -1915,6 +1917,37 @@ class SalesHandlers:
                         contract=proto, reason=extra.get("terminated_reason", ""), actor=actor
                     )
             tx.publish(event, key=contract_id)
+            return Change(proto, previous)
+
+    async def update_contract(
+        self, contract_id: str, *, expected_version: int, changes: Mapping[str, Any]
+    ) -> Change[sales_pb2.Contract]:
+        """Corrects a draft or rejected contract's title and term (`changes` of CONTRACT_EDITABLE);
+        published as contract.updated with the fields that changed."""
+        principal = current_principal()
+        unknown = sorted(set(changes) - set(CONTRACT_EDITABLE))
+        if unknown:
+            raise ValidationFailed([FieldError(unknown[0], "cannot be changed on a contract")])
+        if "title" in changes:
+            _require(changes["title"], "title")
+            _check_lengths({"title": changes["title"].strip()}, d.NAME_LENGTH)
+            changes = {**changes, "title": changes["title"].strip()}
+        async with self.uow.begin() as tx:
+            row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
+            _check_version(row, expected_version, "contract")
+            d.check_contract_editable(row["status"], contract_id=contract_id)
+            starts_on, ends_on = changes.get("starts_on", row["starts_on"]), changes.get("ends_on", row["ends_on"])
+            if starts_on and ends_on and ends_on < starts_on:
+                raise ValidationFailed([FieldError("ends_on", "must not be before starts_on")])
+            previous = await self._contract_proto(tx.conn, row)
+            changed = sorted(name for name, value in changes.items() if row[name] != value)
+            if not changed:
+                return Change(previous, previous)
+            proto = await self._save_contract(tx, row, {name: changes[name] for name in changed})
+            tx.publish(
+                events_pb2.ContractUpdated(contract=proto, changed_fields=changed, actor=v.actor(principal)),
+                key=contract_id,
+            )
             return Change(proto, previous)
 
     async def delete_contract(self, contract_id: str, *, expected_version: int) -> sales_pb2.Contract:

@@ -165,6 +165,23 @@ def update_changes(request: pb.UpdateOpportunityRequest) -> dict[str, Any]:
     return changes
 
 
+def contract_changes(request: pb.UpdateContractRequest) -> dict[str, Any]:
+    """The fields the mask names, as the handler checks them (`handlers.CONTRACT_EDITABLE`)."""
+    source = request.contract
+    changes: dict[str, Any] = {}
+    for path in request.update_mask.paths:
+        match path:
+            case "starts_on" | "ends_on":
+                changes[path] = optional_date(getattr(source, path), path)
+            case "title":
+                changes[path] = source.title
+            case _:
+                raise ValidationFailed([FieldError("update_mask", f"cannot update {path!r}")])
+    if not changes:
+        raise ValidationFailed([FieldError("update_mask", "name at least one field to update")])
+    return changes
+
+
 def forecast_query(request: pb.GetForecastRequest | pb.GetAttainmentRequest, *, pipeline_id: str = "") -> ForecastQuery:
     """The forecast's periods, groups and filters, as the forecast and attainment requests both name them."""
     return ForecastQuery(
@@ -565,6 +582,12 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
     async def DeleteContract(self, request: pb.DeleteContractRequest, context: Context) -> pb.DeleteContractResponse:
         deleted = await self.h.delete_contract(request.id, expected_version=request.expected_version)
         return pb.DeleteContractResponse(previous=deleted)
+
+    async def UpdateContract(self, request: pb.UpdateContractRequest, context: Context) -> pb.UpdateContractResponse:
+        change = await self.h.update_contract(
+            request.id, expected_version=request.expected_version, changes=contract_changes(request)
+        )
+        return pb.UpdateContractResponse(contract=change.record, previous=change.previous)
 
     # payment plans, payments, receivables
 

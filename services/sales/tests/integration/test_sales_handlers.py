@@ -2484,3 +2484,31 @@ async def test_quotes_payments_and_invoices_list_in_the_order_asked_for(sales: S
         last_changed_first = await sales.list_quotes(Page(sort="-updated_at"), opportunity_id=deal.id)
     assert [q.id for q in oldest_first.items] == [first.id, second.id]
     assert [q.id for q in last_changed_first.items] == [first.id, second.id]
+
+
+async def test_a_contract_is_corrected_while_a_draft_or_rejected_and_published_with_what_changed(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    with as_user("rep1", "sales_rep"):
+        contract = await sales.create_contract(
+            idempotency_key="", opportunity_id="", account_id="acc-k", title="Typo Ltd support", amount=cny("500"),
+            owner_id="", team="", region="", starts_on=None, ends_on=None,
+        )  # fmt: skip
+        fixed = await sales.update_contract(
+            contract.id, expected_version=1, changes={"title": " Acme support ", "ends_on": date(2027, 12, 31)}
+        )
+        with pytest.raises(ValidationFailed) as backwards:
+            await sales.update_contract(contract.id, expected_version=0, changes={"starts_on": date(2028, 1, 1)})
+        with pytest.raises(StaleVersion):
+            await sales.update_contract(contract.id, expected_version=1, changes={"title": "Late"})
+        await sales.submit_contract(contract.id, expected_version=0)
+        with pytest.raises(Conflict) as pending:
+            await sales.update_contract(contract.id, expected_version=0, changes={"title": "During approval"})
+
+    assert (fixed.record.title, fixed.record.ends_on, fixed.record.version) == ("Acme support", "2027-12-31", 2)
+    assert [e.field for e in backwards.value.errors] == ["ends_on"]
+    assert pending.value.reason == "ILLEGAL_STATE"
+    [updated] = [
+        events_pb2.ContractUpdated.FromString(p) for p in await outbox_events(engine, "crm.sales.contract.updated")
+    ]
+    assert (list(updated.changed_fields), updated.contract.version) == (["ends_on", "title"], 2)

@@ -19,6 +19,7 @@ from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm_platform.principal import RecordScope
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -238,6 +239,14 @@ class ContractCreate(RequestBody):
     owner_id: OptionalId = Field(default=None, max_length=200)
     team: OptionalId = Field(default=None, max_length=200)
     region: OptionalId = Field(default=None, max_length=200)
+    starts_on: CalendarDate | None = None
+    ends_on: CalendarDate | None = None
+
+
+class ContractPatch(RequestBody):
+    """A draft or rejected contract's title and term: the fields sent are written (null clears a date)."""
+
+    title: NonBlank | None = Field(default=None, max_length=200)
     starts_on: CalendarDate | None = None
     ends_on: CalendarDate | None = None
 
@@ -1695,6 +1704,38 @@ async def delete_contract(
     )
     await access.audit_write(contract_id, contract_dict(reply.previous), None)
     return Response(status_code=204)
+
+
+@router.patch("/contracts/{contract_id}", responses={200: {"model": schemas.Contract}})
+async def update_contract(
+    contract_id: str,
+    body: ContractPatch,
+    request: Request,
+    response: Response,
+    access: ContractsUpdate,
+    if_match: IfMatch = None,
+) -> dict[str, Any]:
+    """Corrects a draft or rejected contract's title or term, before it is submitted (again): 409 once
+    approvers decide on it or it was approved; its amount, account and deal are what it was made from."""
+    given = body.model_dump(exclude_unset=True)
+    if not given:
+        raise RequestValidationError([{"loc": ("body",), "msg": "names no field to change", "type": "value_error"}])
+    access.check_write(given)
+    contract = sales_pb2.Contract(
+        title=given.get("title") or "",
+        starts_on=_iso(given.get("starts_on")),
+        ends_on=_iso(given.get("ends_on")),
+    )
+    message = pb.UpdateContractRequest(
+        id=contract_id,
+        expected_version=expected_version(if_match),
+        contract=contract,
+        update_mask=field_mask_pb2.FieldMask(paths=list(given)),
+    )
+    reply = await _stub(request).UpdateContract(message, metadata=access.grpc_metadata())
+    record = contract_dict(reply.contract)
+    await access.audit_write(contract_id, contract_dict(reply.previous), record)
+    return with_etag(response, access.present(record))
 
 
 # --- payment plans, payments, receivables ----------------------------------------------------------
