@@ -2,7 +2,7 @@
 them check them and decide whose they are: the leads service on a lead, the accounts service on an
 account. Analytics scopes them by the same rule."""
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from crm_platform.errors import FieldError
 from crm_platform.principal import RecordScope
@@ -51,3 +51,19 @@ def follow_up_change(next_follow_up_at: datetime | None, has_open_task: bool) ->
     if next_follow_up_at is None:
         return "cancel" if has_open_task else None
     return "move" if has_open_task else "create"
+
+
+# `?due=` of the task lists (an account's, a lead's).
+DUE_FILTERS = ("today", "overdue")
+
+
+def due_before(due: str, now: datetime) -> datetime:
+    """The end of an open task list's due window: `overdue`, due before now; `today`, due by the end
+    of the current UTC day, with those of earlier days still open (nothing due slips out of the day's
+    list). Both services' task lists mean the same by them."""
+    if due == "overdue":
+        return now
+    if due == "today":
+        start_of_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        return start_of_day + timedelta(days=1)
+    raise ValueError(f"due must be one of {', '.join(DUE_FILTERS)}")

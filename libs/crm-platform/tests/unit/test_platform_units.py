@@ -5,7 +5,7 @@ import gc
 import json
 import random
 from collections import namedtuple
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, cast
 
@@ -16,6 +16,7 @@ from aiokafka.partitioner import murmur2 as reference_murmur2
 from crm.leads.v1 import events_pb2 as lead_events
 from crm.leads.v1.leads_service_pb2 import SubmitWebformRequest
 from crm.sales.v1 import events_pb2 as sales_events
+from crm_platform import activities
 from crm_platform.activities import kind_error, may_change_activity, occurred_at_error
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
 from crm_platform.config import KafkaSettings
@@ -463,3 +464,15 @@ def test_an_update_mask_names_writable_fields_and_at_least_one() -> None:
     # `custom.<key>` writes one custom field where the mask is keyed, and is unknown where it is not.
     assert writable_paths(["custom.size"], {"custom"}, keyed=True) == ["custom.size"]
     assert _mask_errors(["custom.size"], {"custom"}) == [("custom.size", "is not a writable field")]
+
+
+def test_tasks_due_today_are_due_by_the_end_of_the_utc_day_those_overdue_included() -> None:
+    """Both services' task lists (an account's, a lead's) mean the same by `?due=`."""
+    now = datetime(2026, 12, 6, 23, 30, tzinfo=UTC)
+    end_of_day = datetime(2026, 12, 7, tzinfo=UTC)
+    assert activities.due_before("overdue", now) == now
+    assert activities.due_before("today", now) == end_of_day
+    beijing = now.astimezone(timezone(timedelta(hours=8)))  # already 7 December there
+    assert activities.due_before("today", beijing) == end_of_day
+    with pytest.raises(ValueError, match="today, overdue"):
+        activities.due_before("tomorrow", now)

@@ -5,7 +5,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, time, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlparse
 
@@ -19,7 +19,6 @@ LIFECYCLES = ("prospect", "customer", "churned")
 DECISION_ROLES = ("decision_maker", "influencer", "user", "gatekeeper")
 TASK_STATUSES = ("open", "done", "cancelled")
 SEGMENT_VISIBILITIES = ("user", "team")
-DUE_FILTERS = ("today", "overdue")
 MAX_NAME = 300
 MAX_TAGS = 50
 MAX_TAG_LENGTH = 64
@@ -307,17 +306,6 @@ def check_activity(values: Mapping[str, object], *, now: datetime) -> list[Field
 
 
 # --- tasks and reminders ----------------------------------------------------------------------
-
-
-def due_window(kind: str, now: datetime) -> tuple[datetime | None, datetime]:
-    """(from, before) bounds of due_at for open tasks: `today` is due within the current UTC day
-    (overdue ones from earlier days included, so nothing due slips away), `overdue` is due before now."""
-    if kind == "overdue":
-        return None, now
-    if kind == "today":
-        end_of_day = datetime.combine(now.date() + timedelta(days=1), time(0), tzinfo=now.tzinfo)
-        return None, end_of_day
-    raise ValueError(f"due must be one of {', '.join(DUE_FILTERS)}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any
 from crm.accounts.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
-from crm_platform.activities import follow_up_change, may_change_activity
+from crm_platform.activities import DUE_FILTERS, due_before, follow_up_change, may_change_activity
 from crm_platform.changes import Change
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.custom_field_filters import CustomFilter, load_filters
@@ -1500,14 +1500,14 @@ async def list_tasks(
 ) -> tuple[list[Any], str]:
     t = repo.tasks
     errors = [FieldError("status", f"unknown status {s}") for s in statuses if s not in domain.TASK_STATUSES]
-    if due and due not in domain.DUE_FILTERS:
-        errors.append(FieldError("due", f"must be one of {', '.join(domain.DUE_FILTERS)}"))
+    if due and due not in DUE_FILTERS:
+        errors.append(FieldError("due", f"must be one of {', '.join(DUE_FILTERS)}"))
     if page.sort_field == "due_at" and not due:
         errors.append(FieldError("sort", "due_at sorting needs a due filter"))
     _fail(errors)
     query = select(t).where(scope_clause(t, current_scope()))
     if due:
-        _, before = domain.due_window(due, ctx.clock())
+        before = due_before(due, ctx.clock())
         query = query.where(t.c.status == "open", t.c.due_at.is_not(None), t.c.due_at < before)
     if statuses:
         query = query.where(t.c.status.in_(statuses))

@@ -163,13 +163,6 @@ def test_an_activity_is_checked_for_the_fields_given_as_logged_and_as_corrected(
     ]
 
 
-def test_due_windows() -> None:
-    assert domain.due_window("overdue", NOW) == (None, NOW)
-    assert domain.due_window("today", NOW) == (None, datetime(2026, 11, 24, tzinfo=UTC))
-    with pytest.raises(ValueError, match="today, overdue"):
-        domain.due_window("tomorrow", NOW)
-
-
 def test_reminder_rules() -> None:
     rule = domain.Reminder(tiers=("A",), inactive_days=3)
     assert domain.reminder_fires(rule, tier="A", in_pool=False, anchor=NOW - timedelta(days=3), now=NOW)

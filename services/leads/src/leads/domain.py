@@ -7,10 +7,10 @@ import re
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from crm_platform.activities import ACTIVITY_KINDS, follow_up_error, kind_error, occurred_at_error
+from crm_platform.activities import ACTIVITY_KINDS, DUE_FILTERS, follow_up_error, kind_error, occurred_at_error
 from crm_platform.contact_points import normalise_email, normalise_phone
 from crm_platform.errors import Conflict, FieldError, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind
@@ -848,7 +848,6 @@ def ensure_reclaimable(
 
 TASK_STATUSES = ("open", "done", "cancelled")
 TASK_KINDS = ("first_contact", "follow_up")
-TASK_DUE_FILTERS = ("today", "overdue")
 
 
 @dataclass(frozen=True, slots=True)
@@ -858,16 +857,8 @@ class TaskFilters:
     owner_id: str = ""
     status: str = "open"
     kind: str = ""
-    # overdue or today (`task_due_bounds`); empty: any due time
+    # overdue or today (`crm_platform.activities.due_before`); empty: any due time
     due: str = ""
-
-
-def task_due_bounds(due: str, now: datetime) -> tuple[datetime | None, datetime]:
-    """[from, before) of due_at: `overdue` is due before now, `today` within the current UTC day."""
-    if due == "overdue":
-        return None, now
-    start_of_day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    return start_of_day, start_of_day + timedelta(days=1)
 
 
 def task_filter_errors(f: TaskFilters) -> list[FieldError]:
@@ -876,8 +867,8 @@ def task_filter_errors(f: TaskFilters) -> list[FieldError]:
         errors.append(FieldError("status", f"is not one of {', '.join(TASK_STATUSES)}"))
     if f.kind and f.kind not in TASK_KINDS:
         errors.append(FieldError("kind", f"is not one of {', '.join(TASK_KINDS)}"))
-    if f.due and f.due not in TASK_DUE_FILTERS:
-        errors.append(FieldError("due", f"is not one of {', '.join(TASK_DUE_FILTERS)}"))
+    if f.due and f.due not in DUE_FILTERS:
+        errors.append(FieldError("due", f"is not one of {', '.join(DUE_FILTERS)}"))
     elif f.due == "overdue" and f.status != "open":
         errors.append(FieldError("due", "overdue tasks are open ones: leave status out or make it open"))
     return errors

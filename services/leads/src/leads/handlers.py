@@ -17,7 +17,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2
 from crm_platform import custom_fields as cf
 from crm_platform import idempotency
-from crm_platform.activities import follow_up_change, may_change_activity
+from crm_platform.activities import due_before, follow_up_change, may_change_activity
 from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
@@ -1602,10 +1602,7 @@ class LeadsService:
         if f.kind:
             query = query.where(t.kind == f.kind)
         if f.due:
-            due_from, due_before = domain.task_due_bounds(f.due, self.clock())
-            query = query.where(t.due_at < due_before)
-            if due_from is not None:
-                query = query.where(t.due_at >= due_from)
+            query = query.where(t.due_at < due_before(f.due, self.clock()))
         query = keyset_page(query, sort_column=t.due_at, id_column=t.id, descending=False, cursor=cursor, limit=size)
         async with self.engine.connect() as conn:
             rows = list((await conn.execute(query)).mappings())

@@ -71,15 +71,22 @@ async def test_overdue_tasks_are_the_open_ones_due_before_now_and_the_sla_flags_
     assert unflagged == []
 
 
-async def test_tasks_due_today_are_those_due_within_the_current_utc_day(env: Any) -> None:
-    lead = await new_lead(env, "Busy", "rep1")  # the clock is 09:00 UTC: first contact due at 11:00
+async def test_tasks_due_today_are_those_due_by_the_end_of_the_utc_day_those_overdue_included(env: Any) -> None:
+    """As an account's task list means `today`: what was due yesterday and is still open is on it."""
+    await new_lead(env, "Late", "rep1")  # the clock is 09:00 UTC: first contact due at 11:00
+    env.clock.advance(days=1)  # yesterday's first contact, still not made
+    lead = await new_lead(env, "Busy", "rep1")
     await plan_follow_up(env, lead, timedelta(hours=10))  # 19:00 today
     await plan_follow_up(env, lead, timedelta(hours=16))  # 01:00 tomorrow
 
     today, _ = await listed(env, due="today")
     follow_ups, _ = await listed(env, kind="follow_up")
 
-    assert today == [("Busy", "first_contact", "rep1"), ("Busy", "follow_up", "rep1")]
+    assert today == [
+        ("Late", "first_contact", "rep1"),
+        ("Busy", "first_contact", "rep1"),
+        ("Busy", "follow_up", "rep1"),
+    ]
     assert follow_ups == [("Busy", "follow_up", "rep1"), ("Busy", "follow_up", "rep1")]
 
 

@@ -1,5 +1,5 @@
 from collections import deque
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from crm_platform.activities import follow_up_change
@@ -591,15 +591,6 @@ def test_a_full_rule_sends_its_lead_to_its_teams_pool_or_the_shared_one() -> Non
     teamless = AssignmentRule(id="r2", position=1, user_ids=("u1",), capacity=1)
     assert domain.routed(teamless, domain.pick_assignee(teamless, {"u1": 1}, 0)) is None
     assert domain.routed(teamless, "u1") == ("u1", "", "r2")
-
-
-def test_overdue_tasks_are_those_due_before_now_and_today_is_the_current_utc_day() -> None:
-    now = datetime(2026, 12, 6, 23, 30, tzinfo=UTC)
-    assert domain.task_due_bounds("overdue", now) == (None, now)
-    start = datetime(2026, 12, 6, tzinfo=UTC)
-    assert domain.task_due_bounds("today", now) == (start, start + timedelta(days=1))
-    beijing = now.astimezone(timezone(timedelta(hours=8)))  # already 7 December there
-    assert domain.task_due_bounds("today", beijing) == (start, start + timedelta(days=1))
 
 
 @pytest.mark.parametrize(
