@@ -1276,8 +1276,8 @@ async def update_activity(
         row = await _writable_activity(tx.conn, account_id, activity_id, account_scope=account_scope)
         _check_version("activity", row, expected_version)
         # Checked as the activity will be: a follow-up after what happened, whichever of them changes.
-        after = {name: values.get(name, getattr(row, name)) for name in ("occurred_at", "next_follow_up_at")}
-        _fail(domain.check_activity({**values, **after} if "next_follow_up_at" in values else values, now=now))
+        times = {name: values.get(name, getattr(row, name)) for name in ("occurred_at", "next_follow_up_at")}
+        _fail(domain.check_activity({**values, **times}, now=now))
         changed = sorted(name for name, value in values.items() if getattr(row, name) != value)
         if not changed:
             return row, row

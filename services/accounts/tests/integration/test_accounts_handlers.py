@@ -929,7 +929,7 @@ async def test_an_activity_says_what_came_of_it_and_plans_its_follow_up_which_mo
     task moves; cleared, or the activity deleted, it is cancelled; an open task of the activity is
     never planned twice."""
     acme = await new_account(ctx, REP1, "Acme")
-    monday = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    monday = utcnow().replace(microsecond=0) - timedelta(days=10)  # all of it past: any time may be corrected to
     friday, next_week = monday + timedelta(days=4), monday + timedelta(days=8)
     with acting_as(*REP1):
         with pytest.raises(ValidationFailed) as backwards:
@@ -951,6 +951,9 @@ async def test_an_activity_says_what_came_of_it_and_plans_its_follow_up_which_mo
         return [(status, due_at, owner) for status, due_at, owner in rows]
 
     assert await follow_ups() == [("open", friday, "rep-1")]
+    with pytest.raises(ValidationFailed) as overtaken:  # corrected to after its own follow-up
+        await correct(ctx, REP1, acme.id, call.id, {"occurred_at": friday + timedelta(minutes=1)})
+    assert refusals(overtaken) == [("next_follow_up_at", "must be after occurred_at")]
     await correct(ctx, REP1, acme.id, call.id, {"next_follow_up_at": next_week})
     assert await follow_ups() == [("open", next_week, "rep-1")]
     await correct(ctx, REP1, acme.id, call.id, {"next_follow_up_at": None})
