@@ -23,6 +23,7 @@ import hashlib
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
+from crm_platform.idempotency import KEY_LENGTH
 from fastapi import Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -32,11 +33,9 @@ from gateway.security.access import authenticate
 from gateway.security.replays import KeptAnswer, WriteReplays, key_refused
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-KEY_HEADER = "idempotency-key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 # The answer's headers a replay gives back (the rest are the request's own: X-Request-ID, ...).
 KEPT_HEADERS = ("content-type", "etag", "location", "link")
-MAX_KEY_LENGTH = 200
 
 
 def write_fingerprint(request: Request, body: bytes, grants: str) -> str:
@@ -80,7 +79,7 @@ class ReplayableRoute(APIRoute):
                 "name": IDEMPOTENCY_KEY_HEADER.alias,
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH},
+                "schema": {"type": "string", "maxLength": KEY_LENGTH},
                 "description": IDEMPOTENCY_KEY_HEADER.description,
             }
             self.openapi_extra = {**(self.openapi_extra or {}), "parameters": [described]}
@@ -92,7 +91,7 @@ class ReplayableRoute(APIRoute):
         route = f"{','.join(sorted(self.methods or ()))} {self.path}"
 
         async def replaying(request: Request) -> Response:
-            key = request.headers.get(KEY_HEADER, "")
+            key = request.headers.get(IDEMPOTENCY_KEY_HEADER.alias, "")
             if not key:
                 return await handler(request)
             return await _answer_once(request, handler, route, key)
@@ -101,8 +100,8 @@ class ReplayableRoute(APIRoute):
 
 
 async def _answer_once(request: Request, handler: Handler, route: str, key: str) -> Response:
-    if len(key) > MAX_KEY_LENGTH:
-        raise key_refused(key, f"must be at most {MAX_KEY_LENGTH} characters")
+    if len(key) > KEY_LENGTH:
+        raise key_refused(key, f"must be at most {KEY_LENGTH} characters")
     principal = await authenticate(request)  # 401 and 429 as for any request, before the key is looked at
     caller = f"{principal.kind}:{principal.user_id}"
     grants = f"{sorted(principal.roles)}|{principal.team}|{principal.region}"
