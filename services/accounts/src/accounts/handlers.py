@@ -851,7 +851,11 @@ async def _transfer(
 
 async def bulk_transfer(
     ctx: Context, *, from_owner_id: str, to_owner_id: str, to_team: str, reason: str, idempotency_key: str
-) -> Any:
+) -> tuple[Any, list[str]]:
+    """Moves every account of `from_owner_id` in the caller's scope, with its contacts and open
+    tasks, and the departing owner's other open tasks. Returns the recorded transfer and the ids of
+    the accounts moved (none when its key answers an earlier call's transfer: the service answers
+    that call's kept response)."""
     errors = [
         FieldError(n, "is required")
         for n, v in (("from_owner_id", from_owner_id), ("to_owner_id", to_owner_id))
@@ -867,7 +871,8 @@ async def bulk_transfer(
     async with ctx.uow.begin() as tx:
         earlier = await _idempotency_keys.claim(tx.conn, "bulk_transfer", idempotency_key, bulk_id, now)
         if earlier is not None:
-            return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == earlier))).one()
+            done = await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == earlier))
+            return done.one(), []
         query = (
             select(a)
             .where(
@@ -920,7 +925,8 @@ async def bulk_transfer(
                 created_at=now,
             )
         )
-        return (await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))).one()
+        recorded = await tx.conn.execute(select(repo.bulk_transfers).where(repo.bulk_transfers.c.id == bulk_id))
+        return recorded.one(), [row.id for row in accounts]
 
 
 # --- contacts ----------------------------------------------------------------------------------------

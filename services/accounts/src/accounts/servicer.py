@@ -230,7 +230,7 @@ class AccountsServicer(AccountsServiceServicer):
     async def BulkTransferAccounts(
         self, request: pb.BulkTransferAccountsRequest, context: Ctx
     ) -> pb.BulkTransferAccountsResponse:
-        row = await handlers.bulk_transfer(
+        row, account_ids = await handlers.bulk_transfer(
             self.ctx,
             from_owner_id=request.from_owner_id,
             to_owner_id=request.to_owner_id,
@@ -243,6 +243,7 @@ class AccountsServicer(AccountsServiceServicer):
             accounts_transferred=row.accounts,
             contacts_transferred=row.contacts,
             tasks_transferred=row.tasks,
+            account_ids=account_ids,
         )
 
     # contacts

@@ -549,15 +549,17 @@ async def test_pool_return_job_and_reminders(accounts_service: Running) -> None:
 async def test_bulk_transfer_moves_accounts_contacts_and_tasks(accounts_service: Running) -> None:
     svc = accounts_service
     a1 = await create(svc, "Leaver One")
-    await create(svc, "Leaver Two")
+    a2 = await create(svc, "Leaver Two")
     await svc.call(
         "CreateContact", pb.CreateContactRequest(contact=pb.ContactInput(account_id=a1.id, name="Han")), REP1
     )
     await svc.call("CreateTask", pb.CreateTaskRequest(task=pb.TaskInput(account_id=a1.id, title="follow up")), REP1)
-    result = await svc.call(
-        "BulkTransferAccounts", pb.BulkTransferAccountsRequest(from_owner_id="rep-1", to_owner_id="rep-2"), manager()
-    )
+    request = pb.BulkTransferAccountsRequest(from_owner_id="rep-1", to_owner_id="rep-2", idempotency_key="leave-1")
+    result = await svc.call("BulkTransferAccounts", request, manager())
     assert (result.accounts_transferred, result.contacts_transferred, result.tasks_transferred) == (2, 1, 1)
+    assert sorted(result.account_ids) == sorted([a1.id, a2.id])  # for their own audit rows
+    again = await svc.call("BulkTransferAccounts", request, manager())
+    assert again == result  # the same answer, nothing moved again
     mine = await svc.call("ListAccounts", pb.ListAccountsRequest(), REP2)
     assert {a.name for a in mine.items} == {"Leaver One", "Leaver Two"}
     tasks = await svc.call("ListTasks", pb.ListTasksRequest(), REP2)

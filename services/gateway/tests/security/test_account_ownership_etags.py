@@ -1,6 +1,7 @@
 """POST /accounts/{account_id}/claim, /release and /transfer answer the account as the move left it
 with its version in `ETag`, as PATCH does, so that the caller's next write sends it back in
-If-Match. The real gateway app over a fake accounts service."""
+If-Match; a bulk transfer is on the trail of each account it moved. The real gateway app over a
+fake accounts service."""
 
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -40,6 +41,13 @@ class OneAccount(AccountsServiceServicer):
     async def TransferAccount(self, request: pb.TransferAccountRequest, context: Any) -> pb.TransferAccountResponse:
         return pb.TransferAccountResponse(account=after(owner_id=request.new_owner_id), previous=BEFORE)
 
+    async def BulkTransferAccounts(
+        self, request: pb.BulkTransferAccountsRequest, context: Any
+    ) -> pb.BulkTransferAccountsResponse:
+        return pb.BulkTransferAccountsResponse(
+            bulk_transfer_id="bt-1", accounts_transferred=2, account_ids=["acc-1", "acc-2"]
+        )
+
 
 @pytest.fixture
 async def http(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[httpx.AsyncClient]:
@@ -71,3 +79,19 @@ async def test_a_write_of_an_account_answers_its_new_version_in_the_etag(
 
     assert response.status_code == 200, response.text
     assert (response.json()["version"], response.headers.get("ETag")) == (3, '"3"')
+
+
+async def test_a_bulk_transfer_is_on_the_trail_of_the_transfer_and_of_each_account_it_moved(
+    http: httpx.AsyncClient,
+) -> None:
+    body = {"from_owner_id": "u-1", "to_owner_id": "u-2", "reason": "left the company"}
+    response = await http.post("/api/v1/accounts:transfer", json=body, headers=auth("sales_manager"))
+    assert response.status_code == 200, response.text
+
+    trail = await http.get("/api/v1/audit-events", params={"resource": "accounts"}, headers=auth("admin"))
+    rows = sorted((row["action"], row["record_id"], row["reason"]) for row in trail.json()["items"])
+    assert rows == [
+        ("bulk_transfer", "bt-1", "u-1 -> u-2: left the company"),
+        ("transfer", "acc-1", "u-1 -> u-2: left the company (bt-1)"),
+        ("transfer", "acc-2", "u-1 -> u-2: left the company (bt-1)"),
+    ]

@@ -951,11 +951,11 @@ async def bulk_transfer(
         ),
         metadata=access.grpc_metadata(),
     )
-    await access.audit(
-        "bulk_transfer",
-        reply.bulk_transfer_id,
-        fields=["owner_id"],
-        reason=f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}",
+    moved = f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}"
+    await access.audit("bulk_transfer", reply.bulk_transfer_id, fields=["owner_id"], reason=moved)
+    # Each account's own trail shows the move too, naming the bulk transfer.
+    await access.audit_each(
+        "transfer", [(account_id, f"{moved} ({reply.bulk_transfer_id})") for account_id in reply.account_ids]
     )
     return {
         "bulk_transfer_id": reply.bulk_transfer_id,
