@@ -227,6 +227,38 @@ async def apply_task(conn: AsyncConnection, task: accounts_pb2.Task) -> None:
 # --------------------------------------------------------------------------------------- sales
 
 
+async def apply_pipeline(conn: AsyncConnection, pipeline: sales_pb2.Pipeline) -> None:
+    """A pipeline as created or changed, its stages in their order. Versioned: an older snapshot
+    applied late changes nothing; nor does any snapshot of a deleted pipeline (its id is never
+    used again)."""
+    if await repo.pipeline_deleted(conn, pipeline.id):
+        return
+    await repo.upsert(conn, repo.pipelines, _pipeline_values(pipeline), keys=["id"], versioned=True)
+
+
+async def apply_pipeline_deleted(conn: AsyncConnection, pipeline: sales_pb2.Pipeline) -> None:
+    """A deleted pipeline stays, flagged, with its last stage order: sales deletes only a pipeline no
+    deal is in, but a deal's deletion (keyed by the deal) may be applied after it, and should any of
+    its deals be in the read model they keep their history in that order. The flag is set whatever
+    the versions: no later change of the pipeline exists."""
+    await repo.upsert(conn, repo.pipelines, _pipeline_values(pipeline), keys=["id"], versioned=True)
+    await conn.execute(update(repo.pipelines).where(repo.pipelines.c.id == pipeline.id).values(deleted=True))
+
+
+def _pipeline_values(pipeline: sales_pb2.Pipeline) -> dict[str, Any]:
+    stages = [
+        {"key": stage.key, "name": stage.name, "probability": stage.probability, "outcome": stage.outcome}
+        for stage in domain.ordered_stages(pipeline.stages)
+    ]
+    return {
+        "id": pipeline.id,
+        "name": pipeline.name,
+        "stages": stages,
+        "is_default": pipeline.is_default,
+        "version": pipeline.version,
+    }
+
+
 async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) -> None:
     amount, currency = _amount(deal.amount, "opportunity.amount.amount")
     history = [
@@ -511,6 +543,9 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         accounts_events.TaskCompleted: task,
         accounts_events.TaskUpdated: task,
         accounts_events.TaskReassigned: task,
+        sales_events.PipelineCreated: _on(apply_pipeline, lambda m: m.pipeline),
+        sales_events.PipelineUpdated: _on(apply_pipeline, lambda m: m.pipeline),
+        sales_events.PipelineDeleted: _on(apply_pipeline_deleted, lambda m: m.pipeline),
         sales_events.OpportunityCreated: deal,
         sales_events.OpportunityUpdated: deal,
         sales_events.OpportunityAssigned: deal,

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Protocol, TypeVar
 
 from crm_platform.money import amount_text, minor_unit
 
@@ -13,8 +14,10 @@ RATE_PLACES = Decimal("0.0001")
 DURATION_PLACES = Decimal("0.01")
 ZERO = Decimal(0)
 
-# The default pipeline's open stages in order (SPEC §6); stages of other pipelines follow in the
-# order they first appear. Closed deals are reported as the "won" and "lost" rows.
+# The default pipeline's open stages in order (SPEC §6), as the sales database is seeded with them
+# (without an event): the order of a pipeline no pipeline event told of, and of the funnel across
+# pipelines. Stages not among the known ones follow in the order they first appear. Closed deals are
+# reported as the "won" and "lost" rows.
 DEFAULT_OPEN_STAGES = ("initial_contact", "needs_confirmed", "solution_demo", "quote_negotiation", "contract_signing")
 WON = "won"
 LOST = "lost"
@@ -118,18 +121,72 @@ class Funnel:
     mean_sales_cycle_days: Decimal | None
 
 
-def stage_order(deals: Iterable[Deal], known: Sequence[str] = DEFAULT_OPEN_STAGES) -> list[str]:
-    """Open stages in pipeline order: the known ones first, then others as they first appear."""
-    order = list(known)
+@dataclass(frozen=True, slots=True)
+class PipelineStage:
+    """A stage as the pipeline events give it: `position` in the pipeline, `outcome` open, won or lost."""
+
+    key: str
+    position: int = 0
+    outcome: str = OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStages:
+    """What a funnel needs of a pipeline: its open stages in order, and the keys of its closed stages
+    (deals there are the won and lost rows, whatever the stage is called)."""
+
+    open: tuple[str, ...]
+    closed: frozenset[str] = frozenset()
+
+
+DEFAULT_FUNNEL_STAGES = FunnelStages(DEFAULT_OPEN_STAGES)
+
+
+class Positioned(Protocol):
+    @property
+    def position(self) -> int: ...
+
+
+StageT = TypeVar("StageT", bound=Positioned)
+
+
+def ordered_stages(stages: Iterable[StageT]) -> list[StageT]:
+    """A pipeline's stages in its order: by position, as listed where positions are equal."""
+    return sorted(stages, key=lambda stage: stage.position)
+
+
+def funnel_stages(stages: Sequence[PipelineStage] | None) -> FunnelStages:
+    """The stages of a pipeline's funnel: its open stages in its order and its closed ones; the
+    default pipeline's order for a pipeline no event told of (None). A stage that is neither won nor
+    lost is open."""
+    if stages is None:
+        return DEFAULT_FUNNEL_STAGES
+    ordered = ordered_stages(stages)
+    return FunnelStages(
+        open=tuple(stage.key for stage in ordered if stage.outcome not in (WON, LOST)),
+        closed=frozenset(stage.key for stage in ordered if stage.outcome in (WON, LOST)),
+    )
+
+
+def stage_order(
+    deals: Iterable[Deal], known: Sequence[str] = DEFAULT_OPEN_STAGES, closed: Iterable[str] = ()
+) -> list[str]:
+    """Open stages in pipeline order: the known ones first, then others as they first appear (a stage
+    its pipeline no longer has, in a closed deal's history; a pipeline's stage no event told of).
+    Won and lost stages (`closed`, besides `won` and `lost`) are no open stage."""
+    not_open = {WON, LOST, *closed}
+    order = [stage for stage in known if stage not in not_open]
     for deal in deals:
         for stage in [visit.stage for visit in deal.history] + [deal.stage]:
-            if stage not in order and stage not in (WON, LOST):
+            if stage not in order and stage not in not_open:
                 order.append(stage)
     return order
 
 
-def sales_funnel(deals: Sequence[Deal], currency: str, known_stages: Sequence[str] = DEFAULT_OPEN_STAGES) -> Funnel:
-    open_stages = stage_order(deals, known_stages)
+def sales_funnel(deals: Sequence[Deal], currency: str, stages: FunnelStages = DEFAULT_FUNNEL_STAGES) -> Funnel:
+    """A row per open stage in order (the known `stages` first, those without a deal at zero), each
+    with its conversion to the next along that order; then the won and lost rows."""
+    open_stages = stage_order(deals, stages.open, stages.closed)
     rows: list[FunnelStageRow] = []
     for index, stage in enumerate(open_stages):
         here = [d for d in deals if d.status == OPEN and d.stage == stage]

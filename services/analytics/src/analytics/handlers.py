@@ -108,6 +108,16 @@ def _history(raw: Sequence[dict[str, Any]] | None) -> tuple[domain.StageVisit, .
     )
 
 
+def _pipeline_stages(raw: Sequence[dict[str, Any]] | None) -> list[domain.PipelineStage] | None:
+    """The stages `rm_pipelines` holds in order; None for a pipeline it does not hold."""
+    if raw is None:
+        return None
+    return [
+        domain.PipelineStage(stage["key"], position, stage.get("outcome") or domain.OPEN)
+        for position, stage in enumerate(raw)
+    ]
+
+
 def _utc(value: datetime | None) -> datetime | None:
     return as_utc(value) if value is not None else None
 
@@ -132,6 +142,9 @@ class Reports:
     # ------------------------------------------------------------------------------------ funnel
 
     async def sales_funnel(self, f: ReportFilter, pipeline_id: str = "") -> domain.Funnel:
+        """Of one pipeline (`pipeline_id`): its open stages in its order, as its latest event gave
+        them (a deleted one's last), the default pipeline's order for one no event told of. Across
+        pipelines: the default pipeline's stages, then others as they first appear."""
         f = self._filter(f)
         o = repo.opportunities
         conditions = [*_owned(o, f), *_period(o.c.created_at, f)]
@@ -143,6 +156,11 @@ class Reports:
             conditions.append(or_(o.c.source_lead_id.in_(from_source), o.c.id.in_(converted)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(select(o).where(*conditions))).all()
+            stages = (
+                domain.funnel_stages(_pipeline_stages(await repo.pipeline_stages(conn, pipeline_id)))
+                if pipeline_id
+                else domain.DEFAULT_FUNNEL_STAGES
+            )
         deals = [
             domain.Deal(
                 id=row.id,
@@ -157,7 +175,7 @@ class Reports:
             for row in rows
             if row.created_at is not None
         ]
-        return domain.sales_funnel(deals, f.currency)
+        return domain.sales_funnel(deals, f.currency, stages)
 
     # ------------------------------------------------------------------------------ lead sources
 

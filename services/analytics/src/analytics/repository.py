@@ -106,6 +106,20 @@ opportunities = Table(
     Index("ix_rm_opportunities_account", "account_id"),
 )
 
+# Pipelines as their events give them: the stages in order (`{"key", "name", "probability",
+# "outcome"}`), for the funnel of a pipeline. A deleted one stays, flagged: its last order still
+# orders whatever of its deals the reports hold, and no older event of it can bring it back.
+pipelines = Table(
+    "rm_pipelines",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("name"),
+    Column("stages", JSON, nullable=False),
+    Column("is_default", Boolean, nullable=False, server_default=text("false")),
+    Column("deleted", Boolean, nullable=False, server_default=text("false")),
+    Column("version", BigInteger, nullable=False),
+)
+
 accounts = Table(
     "rm_accounts",
     metadata,
@@ -258,6 +272,7 @@ READ_MODELS: tuple[Table, ...] = (
     leads,
     campaigns,
     opportunities,
+    pipelines,
     accounts,
     activities,
     deleted_activities,
@@ -355,6 +370,20 @@ async def start_next_generation(conn: AsyncConnection, name: str) -> int:
 
 async def count_rows(conn: AsyncConnection, table: Table) -> int:
     return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def pipeline_deleted(conn: AsyncConnection, pipeline_id: str) -> bool:
+    """Was the pipeline deleted in sales (its `pipeline.deleted` applied)?"""
+    found = await conn.scalar(select(pipelines.c.deleted).where(pipelines.c.id == pipeline_id))
+    return bool(found)
+
+
+async def pipeline_stages(conn: AsyncConnection, pipeline_id: str) -> list[dict[str, Any]] | None:
+    """The stages of a pipeline as its latest event gave them (deleted or not); None for a pipeline
+    no event told of (the default the sales database is seeded with, until it is changed)."""
+    found = await conn.execute(select(pipelines.c.stages).where(pipelines.c.id == pipeline_id))
+    stages = found.scalar_one_or_none()
+    return list(stages) if stages is not None else None
 
 
 async def lock_activity(conn: AsyncConnection, activity_id: str) -> None:

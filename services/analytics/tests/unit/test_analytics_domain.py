@@ -247,6 +247,50 @@ def test_funnel_appends_unknown_stages_and_handles_no_deals() -> None:
     assert empty.win_rate is None and empty.average_deal_size is None and empty.won_amount == 0
 
 
+PARTNERS = [  # listed out of order: the positions are the pipeline's order
+    domain.PipelineStage("discovery", 0),
+    domain.PipelineStage("pilot", 2),
+    domain.PipelineStage("closed_won", 3, "won"),
+    domain.PipelineStage("proposal", 1),
+    domain.PipelineStage("closed_lost", 4, "lost"),
+]
+
+
+def test_a_pipelines_stages_are_in_its_order_and_those_it_has_no_event_for_in_the_defaults() -> None:
+    assert domain.funnel_stages(PARTNERS) == domain.FunnelStages(
+        open=("discovery", "proposal", "pilot"), closed=frozenset({"closed_won", "closed_lost"})
+    )
+    assert domain.funnel_stages(None) == domain.FunnelStages(domain.DEFAULT_OPEN_STAGES)
+    # Equal positions (a producer that sets none) keep the order the stages are listed in.
+    listed = [domain.PipelineStage("b"), domain.PipelineStage("a"), domain.PipelineStage("c", 0, "won")]
+    assert domain.funnel_stages(listed) == domain.FunnelStages(open=("b", "a"), closed=frozenset({"c"}))
+
+
+def test_a_pipelines_funnel_lists_every_open_stage_in_its_order_and_converts_along_it() -> None:
+    deals = [
+        deal("a", ["discovery", "pilot"]),  # skipped the proposal
+        deal("b", ["discovery", "proposal", "closed_won"], "won", "3000", days=10),
+        deal("c", ["discovery", "closed_lost"], "lost", days=2),
+        # a stage the pipeline no longer has, in a closed deal's history: after the pipeline's own
+        deal("d", ["discovery", "workshop", "closed_lost"], "lost", days=4),
+    ]
+    funnel = domain.sales_funnel(deals, "CNY", domain.funnel_stages(PARTNERS))
+    rows = [(row.stage, row.count, row.reached, row.conversion_to_next) for row in funnel.stages]
+    assert rows == [
+        ("discovery", 0, 4, Decimal("0.7500")),  # a, b and d moved on, c was lost there
+        ("proposal", 0, 1, Decimal("1.0000")),
+        ("pilot", 1, 1, Decimal("0.0000")),
+        ("workshop", 0, 1, Decimal("0.0000")),
+        ("won", 1, 1, None),
+        ("lost", 2, 2, None),
+    ]
+    # No deal yet: every open stage at zero, in the pipeline's order.
+    empty = domain.sales_funnel([], "CNY", domain.funnel_stages(PARTNERS))
+    assert [(row.stage, row.count, row.reached) for row in empty.stages] == [
+        ("discovery", 0, 0), ("proposal", 0, 0), ("pilot", 0, 0), ("won", 0, 0), ("lost", 0, 0),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("currency", "amounts", "average"),
     [

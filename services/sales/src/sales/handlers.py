@@ -348,6 +348,7 @@ class SalesHandlers:
         self, *, idempotency_key: str, name: str, stages: Sequence[d.Stage], is_default: bool
     ) -> sales_pb2.Pipeline:
         _check_pipeline(name, stages)
+        principal = current_principal()
         async with self.uow.begin() as tx:
             pipeline_id = new_id()
             if idempotency_key:
@@ -357,7 +358,7 @@ class SalesHandlers:
                 if existing:
                     return v.pipeline_proto(await self._pipeline_row(tx.conn, existing))
             if is_default:
-                await tx.conn.execute(update(r.pipelines).values(is_default=False))
+                await self._demote_default(tx, pipeline_id, principal)
             values = {
                 "id": pipeline_id,
                 "name": name.strip(),
@@ -367,12 +368,15 @@ class SalesHandlers:
                 "version": 1,
             }
             await tx.conn.execute(insert(r.pipelines).values(values))
-            return v.pipeline_proto(values)
+            proto = v.pipeline_proto(values)
+            tx.publish(events_pb2.PipelineCreated(pipeline=proto, actor=v.actor(principal)), key=pipeline_id)
+            return proto
 
     async def update_pipeline(
         self, pipeline_id: str, *, expected_version: int, name: str, stages: Sequence[d.Stage], is_default: bool
     ) -> Change[sales_pb2.Pipeline]:
         _check_pipeline(name, stages)
+        principal = current_principal()
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
             row = await r.load(tx.conn, p, pipeline_id, lock=True)
@@ -393,7 +397,7 @@ class SalesHandlers:
                         f"stage {stage_key!r} still holds {count} open deals; move them first", reason="STAGE_IN_USE"
                     )
             if is_default:
-                await tx.conn.execute(update(p).where(p.c.id != pipeline_id).values(is_default=False))
+                await self._demote_default(tx, pipeline_id, principal)
             values = {
                 "name": name.strip(),
                 "stages": [v.stage_json(stage) for stage in stages],
@@ -401,6 +405,16 @@ class SalesHandlers:
                 "version": row["version"] + 1,
             }
             await tx.conn.execute(update(p).where(p.c.id == pipeline_id).values(values))
+            before = v.pipeline_domain(row)
+            changed = [
+                field_name
+                for field_name, was, now in (
+                    ("name", before.name, values["name"]),
+                    ("stages", before.stages, tuple(stages)),
+                    ("is_default", before.is_default, is_default),
+                )
+                if was != now
+            ]
             # The weighted forecast uses the stage probability: open deals follow the new one.
             for stage in stages:
                 await tx.conn.execute(
@@ -413,10 +427,16 @@ class SalesHandlers:
                     )
                     .values(probability_bp=int(stage.probability * 100))
                 )
-            return Change(v.pipeline_proto({**row, **values}), v.pipeline_proto(row))
+            proto = v.pipeline_proto({**row, **values})
+            tx.publish(
+                events_pb2.PipelineUpdated(pipeline=proto, changed_fields=changed, actor=v.actor(principal)),
+                key=pipeline_id,
+            )
+            return Change(proto, v.pipeline_proto(row))
 
     async def delete_pipeline(self, pipeline_id: str, *, expected_version: int = 0) -> sales_pb2.Pipeline:
         """Deletes a pipeline no deal uses; returns it as it was (for the caller's audit trail)."""
+        principal = current_principal()
         p, o = r.pipelines, r.opportunities
         async with self.uow.begin() as tx:
             row = await r.load(tx.conn, p, pipeline_id, lock=True)
@@ -428,7 +448,9 @@ class SalesHandlers:
             if await tx.conn.scalar(select(o.c.id).where(o.c.pipeline_id == pipeline_id).limit(1)) is not None:
                 raise Conflict(f"pipeline {pipeline_id} has deals", reason="PIPELINE_IN_USE")
             await tx.conn.execute(delete(p).where(p.c.id == pipeline_id))
-            return v.pipeline_proto(row)
+            deleted = v.pipeline_proto(row)
+            tx.publish(events_pb2.PipelineDeleted(pipeline=deleted, actor=v.actor(principal)), key=pipeline_id)
+            return deleted
 
     async def get_pipeline(self, pipeline_id: str) -> sales_pb2.Pipeline:
         async with self.engine.connect() as conn:
@@ -446,6 +468,23 @@ class SalesHandlers:
             [v.pipeline_proto(row) for row in rows[:limit]],
             next_cursor(rows, sort_key="created_at", descending=False, limit=limit),
         )
+
+    async def _demote_default(self, tx: Transaction, pipeline_id: str, principal: Principal) -> None:
+        """`pipeline_id` becomes the default: the pipeline that was (any other marked so) no longer is,
+        in its next version, published as pipeline.updated like any change of it."""
+        p = r.pipelines
+        query = select(p).where(p.c.is_default.is_(True), p.c.id != pipeline_id).order_by(p.c.id).with_for_update()
+        for row in (await tx.conn.execute(query)).mappings().all():
+            values = {"is_default": False, "version": row["version"] + 1}
+            await tx.conn.execute(update(p).where(p.c.id == row["id"]).values(values))
+            tx.publish(
+                events_pb2.PipelineUpdated(
+                    pipeline=v.pipeline_proto({**row, **values}),
+                    changed_fields=["is_default"],
+                    actor=v.actor(principal),
+                ),
+                key=row["id"],
+            )
 
     async def _pipeline_row(self, conn: AsyncConnection, pipeline_id: str) -> RowMapping:
         p = r.pipelines

@@ -2442,6 +2442,75 @@ async def test_pipelines_are_created_replaced_and_deleted_with_their_deals_in_mi
             await sales.get_pipeline(pipeline.id)
 
 
+async def test_pipeline_changes_are_published_with_their_stages_in_order(
+    sales: SalesHandlers, engine: AsyncEngine
+) -> None:
+    stages = [
+        d.Stage("qualify", "Qualify", Decimal(20)),
+        d.Stage("propose", "Propose", Decimal("60.5"), ("amount",)),
+        d.Stage("closed_won", "Won", Decimal(100), outcome=d.Outcome.WON),
+        d.Stage("closed_lost", "Lost", Decimal(0), outcome=d.Outcome.LOST),
+    ]
+    reordered = [d.Stage("pilot", "Pilot", Decimal(40)), stages[1], stages[0], *stages[2:]]
+    with as_user("admin", "admin"):
+        pipeline = await sales.create_pipeline(idempotency_key="p-1", name="Partners", stages=stages, is_default=False)
+        await sales.create_pipeline(idempotency_key="p-1", name="Partners", stages=stages, is_default=False)
+        await sales.update_pipeline(pipeline.id, expected_version=1, name="Partners", stages=reordered, is_default=True)
+        # The default again: the partners' pipeline no longer is, in its next version.
+        await sales.update_pipeline(
+            DEFAULT_PIPELINE_ID, expected_version=2, name="Default", stages=list(d.DEFAULT_STAGES), is_default=True
+        )
+        assert (await sales.get_pipeline(pipeline.id)).version == 3
+        await sales.delete_pipeline(pipeline.id, expected_version=3)
+
+    def stages_of(message: Any) -> list[tuple[int, str, str, str, str]]:
+        return [(s.position, s.key, s.name, s.probability, s.outcome) for s in message.pipeline.stages]
+
+    types = [t for t in await outbox_types(engine) if t.startswith("crm.sales.pipeline.")]
+    assert types == [
+        "crm.sales.pipeline.created",
+        "crm.sales.pipeline.updated",  # the default, no longer the default
+        "crm.sales.pipeline.updated",
+        "crm.sales.pipeline.updated",  # the partners' pipeline, no longer the default
+        "crm.sales.pipeline.updated",
+        "crm.sales.pipeline.deleted",
+    ]
+    [(key, created)] = [
+        (key, events_pb2.PipelineCreated.FromString(p))
+        for key, p in await outbox_keyed(engine, "crm.sales.pipeline.created")
+    ]
+    assert (key, created.pipeline.id, created.pipeline.version, created.actor.user_id) == (
+        pipeline.id, pipeline.id, 1, "admin"
+    )  # fmt: skip
+    assert stages_of(created) == [
+        (0, "qualify", "Qualify", "20", "open"),
+        (1, "propose", "Propose", "60.5", "open"),
+        (2, "closed_won", "Won", "100", "won"),
+        (3, "closed_lost", "Lost", "0", "lost"),
+    ]
+    updates = [
+        (key, events_pb2.PipelineUpdated.FromString(p))
+        for key, p in await outbox_keyed(engine, "crm.sales.pipeline.updated")
+    ]
+    assert [
+        (key, u.pipeline.id, u.pipeline.version, u.pipeline.is_default, list(u.changed_fields)) for key, u in updates
+    ] == [
+        (DEFAULT_PIPELINE_ID, DEFAULT_PIPELINE_ID, 2, False, ["is_default"]),
+        (pipeline.id, pipeline.id, 2, True, ["stages", "is_default"]),
+        (pipeline.id, pipeline.id, 3, False, ["is_default"]),
+        (DEFAULT_PIPELINE_ID, DEFAULT_PIPELINE_ID, 3, True, ["is_default"]),
+    ]
+    assert [s[1] for s in stages_of(updates[1][1])] == ["pilot", "propose", "qualify", "closed_won", "closed_lost"]
+    assert stages_of(updates[2][1]) == stages_of(updates[1][1])
+    assert [s[1] for s in stages_of(updates[0][1])] == [s.key for s in d.DEFAULT_STAGES]
+    [(key, deleted)] = [
+        (key, events_pb2.PipelineDeleted.FromString(p))
+        for key, p in await outbox_keyed(engine, "crm.sales.pipeline.deleted")
+    ]
+    assert (key, deleted.pipeline.id, deleted.pipeline.version) == (pipeline.id, pipeline.id, 3)
+    assert stages_of(deleted) == stages_of(updates[1][1])
+
+
 async def test_quotes_payments_and_invoices_list_in_the_order_asked_for(sales: SalesHandlers, clock: Clock) -> None:
     contract_id = await signed_contract(sales, "1000")
     with as_user("fin", "finance"):
