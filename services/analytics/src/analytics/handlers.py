@@ -326,8 +326,10 @@ class Reports:
     # ---------------------------------------------------------------------------- customer value
 
     async def customer_value(
-        self, f: ReportFilter, *, at_risk_only: bool, limit: int, cursor: str
+        self, f: ReportFilter, *, at_risk_only: bool, limit: int, cursor: str, by_name: bool = False
     ) -> CustomerValuePage:
+        """The accounts ranked by value (paid, then won), or `by_name`: the ranking itself would
+        tell a caller not shown the amounts which accounts paid more."""
         f = self._filter(f)
         size = page_limit(limit)
         after = self._cursor(cursor)
@@ -371,7 +373,7 @@ class Reports:
                     last_activity_at=last,
                 )
             )
-        rows.sort(key=_value_order)
+        rows.sort(key=_name_order if by_name else _value_order)
         start = 0 if after is None else domain.resume_at(after, [row.account_id for row in rows])
         page = rows[start : start + size]
         if len(rows) <= start + size:
@@ -508,3 +510,7 @@ class Reports:
 
 def _value_order(row: CustomerValueRow) -> tuple[Decimal, Decimal, str]:
     return -row.paid_amount, -row.won_amount, row.account_id
+
+
+def _name_order(row: CustomerValueRow) -> tuple[str, str]:
+    return row.account_name.casefold(), row.account_id

@@ -142,6 +142,7 @@ class AnalyticsServicer(AnalyticsServiceServicer):  # type: ignore[misc]
         page = await self.reports.customer_value(
             report_filter(request.filter),
             at_risk_only=request.at_risk_only,
+            by_name=request.order_by_name,
             limit=request.page.limit,
             cursor=request.page.cursor,
         )

@@ -623,3 +623,29 @@ async def test_customer_value_pages_through_every_account_once_with_cursors_that
             cursor = page.next_cursor
             assert not any(f"{(n + 1) * 1111}" in str(decode_cursor(cursor)) for n in range(5))
     assert seen == ["ACC4", "ACC3", "ACC2", "ACC1", "ACC0"]
+
+
+async def test_customer_value_by_name_follows_the_names_not_the_amounts(engine: AsyncEngine, reports: Reports) -> None:
+    """For a caller not shown the amounts: the order alone must not tell which accounts paid more."""
+    names = ["delta", "Alpha", "charlie", "Bravo"]  # worth most to least
+    await deliver(
+        engine,
+        [
+            *(account(name, "a1", "A") for name in names),
+            *(won(f"O-{name}", name, "a1", "A", f"{(4 - n) * 1000}") for n, name in enumerate(names)),
+        ],
+    )
+    seen: list[str] = []
+    cursor = ""
+    with acting_as(Principal(user_id="caller", roles=("marketing",)), ALL_RECORDS):
+        while True:
+            page = await reports.customer_value(
+                ReportFilter(), at_risk_only=False, limit=3, cursor=cursor, by_name=True
+            )
+            seen += [row.account_name for row in page.rows]
+            if not page.next_cursor:
+                break
+            cursor = page.next_cursor
+    assert seen == ["Alpha", "Bravo", "charlie", "delta"]
+    by_value = await value_rows(reports, ALL_RECORDS, ReportFilter())
+    assert [row.account_name for row in by_value] == names

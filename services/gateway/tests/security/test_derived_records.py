@@ -66,6 +66,7 @@ class FakeAnalytics(AnalyticsServiceServicer):
     async def GetCustomerValue(self, request: analytics_pb.GetCustomerValueRequest, context: Any) -> Any:
         row = analytics_pb.CustomerValueRow(
             account_id="acc-1", account_name="Initech", won_amount=CNY, paid_amount=CNY, churn_risk="high",
+            owner_id="by-name" if request.order_by_name else "by-value",  # the order asked for
             reasons=[
                 analytics_pb.ChurnReason(code="OVERDUE_INSTALLMENTS", detail="2 overdue installment(s), 80000.00 CNY"),
                 analytics_pb.ChurnReason(code="NO_ACTIVITY", detail="no activity for 40 days (limit 30)"),
@@ -220,6 +221,17 @@ async def test_report_money_is_left_out_for_callers_who_may_not_read_the_amounts
         {"code": "OVERDUE_INSTALLMENTS"},
         {"code": "NO_ACTIVITY", "detail": "no activity for 40 days (limit 30)"},
     ]
+
+
+async def test_accounts_are_ranked_by_value_only_for_callers_shown_both_amounts(client: Client) -> None:
+    for role, order in (("finance", "value"), ("analyst", "name"), ("marketing", "name")):
+        http = await client(role)
+        for path, params in (("reports/customer-value", {}), ("exports/reports", {"report": "customer-value"})):
+            response = await http.get(f"/api/v1/{path}", params=params)
+            assert response.status_code == 200, (role, path, response.text)
+            asked = response.json()["items"][0]["owner_id"] if path.startswith("reports") else response.text
+            assert f"by-{order}" in asked, (role, path)
+        assert (await http.get("/api/v1/reports/customer-value")).json()["ordered_by"] == order
 
 
 async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(client: Client) -> None:

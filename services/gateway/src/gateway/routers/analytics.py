@@ -202,6 +202,11 @@ class _Money:
             return reason
         return {key: value for key, value in reason.items() if key != "detail"}  # the code alone
 
+    def ranks_by_value(self) -> bool:
+        """May accounts be ranked by what they paid and won? Not for a caller not shown both in
+        clear: the order alone would tell them which accounts paid more."""
+        return self._in_clear(*_MONEY_SOURCES["paid_amount"]) and self._in_clear(*_MONEY_SOURCES["won_amount"])
+
     def _in_clear(self, resource: str, field: str) -> bool:
         view = self._views[resource]
         return view is not None and view.present_derived({field: "1"}, like=field) == {field: "1"}
@@ -357,27 +362,35 @@ async def customer_value(
     cursor: Annotated[str, Query(max_length=500)] = "",
     format: Format = "json",
 ) -> Any:
-    """Per account: won and paid amounts, churn risk and its reasons; highest paid first, a page at a
-    time (as CSV too: `Link` rel="next"; `/exports/reports?report=customer-value` gives every row)."""
+    """Per account: won and paid amounts, churn risk and its reasons; highest paid first (by name
+    for a caller not shown the amounts: `ordered_by`), a page at a time (as CSV too: `Link`
+    rel="next"; `/exports/reports?report=customer-value` gives every row)."""
+    money = _Money(access)
+    page = common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor)
     reply = await _report(
         _stub(request).GetCustomerValue(
-            pb.GetCustomerValueRequest(
-                filter=filters.proto(access, "customer-value"),
-                at_risk_only=at_risk_only,
-                page=common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor),
-            ),
+            _customer_value_request(filters.proto(access, "customer-value"), at_risk_only, page, money),
             metadata=access.grpc_metadata(),
         )
     )
-    body = _customer_value(reply, _Money(access))
+    body = _customer_value(reply, money)
     next_cursor = reply.page_info.next_cursor
     return await _respond(request, access, "customer-value", body, body["items"], filters, format, next_cursor)
+
+
+def _customer_value_request(
+    report_filter: pb.ReportFilter, at_risk_only: bool, page: common_pb2.PageRequest, money: _Money
+) -> pb.GetCustomerValueRequest:
+    return pb.GetCustomerValueRequest(
+        filter=report_filter, at_risk_only=at_risk_only, page=page, order_by_name=not money.ranks_by_value()
+    )
 
 
 def _customer_value(reply: pb.GetCustomerValueResponse, money: _Money) -> dict[str, Any]:
     """A page of accounts, their money as the caller sees it; `next_cursor` null on the last page."""
     return {
         "items": [money.present(plain(row)) for row in reply.rows],
+        "ordered_by": "value" if money.ranks_by_value() else "name",
         "next_cursor": reply.page_info.next_cursor or None,
     }
 
@@ -487,13 +500,10 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
         case "customer-value":
             cursor = ""
             while True:
+                page_request = common_pb2.PageRequest(limit=access.page_limit(500), cursor=cursor)
                 page = await _report(
                     stub.GetCustomerValue(
-                        pb.GetCustomerValueRequest(
-                            filter=report_filter,
-                            at_risk_only=export.at_risk_only,
-                            page=common_pb2.PageRequest(limit=access.page_limit(500), cursor=cursor),
-                        ),
+                        _customer_value_request(report_filter, export.at_risk_only, page_request, money),
                         metadata=metadata,
                     )
                 )

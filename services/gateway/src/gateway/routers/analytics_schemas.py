@@ -15,6 +15,8 @@ What would give that money away (an ROI, the detail of an overdue-installments r
 unless the caller sees the money in clear.
 """
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from gateway.conventions import MoneyOut, Time
@@ -136,7 +138,14 @@ class CustomerValueRow(BaseModel):
 
 
 class CustomerValuePage(BaseModel):
-    items: list[CustomerValueRow] = Field(description="highest paid amount first, then won amount, then account id")
+    items: list[CustomerValueRow] = Field(
+        description="by `ordered_by`: value (highest paid amount first, then won amount, then account id) or "
+        "name (account name, then account id)"
+    )
+    ordered_by: Literal["value", "name"] = Field(
+        description="value; name for a caller not shown both amounts in clear, to whom the ranking would tell "
+        "which accounts paid more"
+    )
     next_cursor: str | None = Field(description="the `cursor` of the next page; null on the last")
 
 
