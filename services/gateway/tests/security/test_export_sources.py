@@ -141,6 +141,14 @@ class FakeSales:
             ]
         )
 
+    async def GetAttainment(self, request: Any, metadata: Any = None) -> sales_pb.GetAttainmentResponse:
+        self.calls.note("GetAttainment", request, metadata)
+        row = sales_pb.AttainmentRow(
+            period="2026-12", group="team-a", currency="CNY", target=_money("300.00"), closed_won=_money("150.00"),
+            attainment="0.5000", commit=_money("200.00"), weighted=_money("400.00"),
+        )  # fmt: skip
+        return sales_pb.GetAttainmentResponse(rows=[row])
+
 
 class FakeServiceDesk:
     def __init__(self, calls: Calls) -> None:
@@ -516,3 +524,29 @@ async def test_an_export_beyond_its_row_limit_is_broken_off_never_handed_out_as_
     assert start["status"] == 200 and (b"x-export-row-limit", b"1") in start["headers"]
     assert b"".join(body["body"] for body in bodies).decode().splitlines()[1].startswith("c-1")
     assert all(body.get("more_body") for body in bodies)  # no last chunk: the file is not ended as whole
+
+
+@pytest.mark.parametrize(
+    ("path", "report", "header"),
+    [
+        ("forecast", "forecast", ["period", "group", "currency", "pipeline", "weighted"]),
+        ("forecast/attainment", "attainment", ["period", "group", "currency", "closed_won", "commit"]),
+    ],
+)
+async def test_the_forecast_and_attainment_routes_answer_csv_as_an_audited_export(
+    path: str, report: str, header: list[str], client: httpx.AsyncClient, real_app_auth: Any
+) -> None:
+    manager = real_app_auth("sales_manager", sub="u-boss")
+    rows = table(await client.get(f"/api/v1/{path}?format=csv&group_by=team&team=team-a", headers=manager))
+    refused = await client.get(f"/api/v1/{path}?format=csv", headers=real_app_auth("sales_rep"))
+
+    assert rows[0][:5] == header
+    assert rows[1][:3] == ["2026-12" if report == "attainment" else "2026-Q4", "team-a", "CNY"]
+    assert "150.00 CNY" in rows[1]
+    assert refused.status_code == 403, refused.text  # a rep reads the forecast, but exports nothing
+    trail = await client.get("/api/v1/audit-events?resource=forecast", headers=real_app_auth("admin"))
+    # One row for the refusal, naming the action refused (a route needing `export` besides `read`).
+    assert sorted((e["action"], e["outcome"], e["record_id"], e["reason"]) for e in trail.json()["items"]) == [
+        ("denied", "denied", "", "export: you may not export forecast"),
+        ("export", "allowed", report, f"report {report}; filters: group_by=team, team=team-a"),
+    ]

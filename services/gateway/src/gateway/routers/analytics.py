@@ -10,7 +10,7 @@ Money is `{"amount": "12.50", "currency": "CNY"}`; rates and durations are decim
 when undefined (nothing to divide by).
 """
 
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -22,24 +22,21 @@ from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.timeutil import from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Query, Request
-from fastapi.responses import StreamingResponse
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gateway.inputs import Instant
+from gateway.report_csv import Format, flat_row, json_or_csv, report_answer
 from gateway.routers import analytics_schemas as schemas
 from gateway.routing import ResourceRouter
-from gateway.security import Access, SecurityProblem, require
-from gateway.security.access import runtime_of
-from gateway.security.exports import csv_line, invalid_filter, register_export_source
+from gateway.security import Access, require
+from gateway.security.exports import invalid_filter, register_export_source
 from gateway.security.policy import reaches
-from gateway.security.problems import rate_limited
 
 router = ResourceRouter(tags=["analytics"])
 
 ReportsRead = Annotated[Access, Depends(require("reports", "read"))]
-Format = Annotated[Literal["json", "csv"], Query(description="csv needs the export permission")]
 
 # Decimal-string fields of the report messages: "" (undefined) becomes null in JSON.
 _DECIMAL_SUFFIXES = ("_rate", "_compliance", "_average", "_days", "_hours", "_minutes", "_in_stage")
@@ -212,73 +209,7 @@ class _Money:
         return view is not None and view.present_derived({field: "1"}, like=field) == {field: "1"}
 
 
-async def _respond(
-    request: Request,
-    access: Access,
-    report: str,
-    body: dict[str, Any],
-    rows: Iterable[Mapping[str, Any]],
-    filters: Filters,
-    format: str,
-    next_cursor: str = "",
-) -> Any:
-    """The report as JSON, or as CSV (an export: its own permission, rate limit and audit row). A
-    paged report's CSV is one page; its `Link: <...>; rel="next"` names the next (RFC 8288)."""
-    if format == "json":
-        return body
-    runtime = runtime_of(request)
-    try:
-        access.ensure("export")
-    except SecurityProblem as problem:
-        await runtime.audit_denied(request, access.principal, "reports", "export", problem)
-        raise
-    wait = runtime.export_limiter.acquire(f"{access.principal.kind}:{access.principal.user_id}")
-    if wait:
-        raise rate_limited(wait, "export rate limit exceeded")
-    table = [_flat(row) for row in rows]
-    columns = list(table[0]) if table else []
-    await access.audit("export", report, fields=columns, reason=f"report {report}; filters: {filters.described()}")
-
-    async def lines() -> AsyncIterator[str]:
-        yield csv_line(columns)
-        for row in table:
-            yield csv_line(row.get(column) for column in columns)
-
-    headers = {"Content-Disposition": f'attachment; filename="{report}.csv"'}
-    if next_cursor:
-        headers["Link"] = f'<{request.url.include_query_params(cursor=next_cursor)}>; rel="next"'
-    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
-
-
-def _flat(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One CSV row: lists of reasons joined, nested records other than Money flattened."""
-    flat: dict[str, Any] = {}
-    for name, value in row.items():
-        if isinstance(value, list):
-            flat[name] = "; ".join(_reason_text(item) if isinstance(item, Mapping) else str(item) for item in value)
-        else:
-            flat[name] = value
-    return flat
-
-
-def _reason_text(reason: Mapping[str, Any]) -> str:
-    """`CODE: detail`, or the code alone where the detail is withheld."""
-    return f"{reason['code']}: {reason['detail']}" if "detail" in reason else str(reason["code"])
-
-
-def _json_or_csv(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The 200 answer of a report route: `model` as JSON (documentation only, nothing validated), or CSV.
-    The routes set `response_model=None`: their `Any` return annotation would add a title beside the `$ref`."""
-    return {
-        200: {
-            "model": model,
-            "content": {"text/csv": {"schema": {"type": "string"}}},
-            "description": "JSON, or CSV with format=csv",
-        }
-    }
-
-
-@router.get("/reports/sales-funnel", response_model=None, responses=_json_or_csv(schemas.SalesFunnel))
+@router.get("/reports/sales-funnel", response_model=None, responses=json_or_csv(schemas.SalesFunnel))
 async def sales_funnel(
     request: Request,
     access: ReportsRead,
@@ -294,7 +225,7 @@ async def sales_funnel(
         )
     )
     body = _funnel(plain(reply), _Money(access))
-    return await _respond(request, access, "sales-funnel", body, body["stages"], filters, format)
+    return await report_answer(request, access, "sales-funnel", body, body["stages"], filters.described(), format)
 
 
 def _funnel(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
@@ -305,7 +236,7 @@ def _rows(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
     return {**body, "rows": [money.present(row) for row in body["rows"]]}
 
 
-@router.get("/reports/lead-sources", response_model=None, responses=_json_or_csv(schemas.LeadSourceReport))
+@router.get("/reports/lead-sources", response_model=None, responses=json_or_csv(schemas.LeadSourceReport))
 async def lead_sources(
     request: Request,
     access: ReportsRead,
@@ -322,10 +253,10 @@ async def lead_sources(
         )
     )
     body = _rows(plain(reply), _Money(access))
-    return await _respond(request, access, "lead-sources", body, body["rows"], filters, format)
+    return await report_answer(request, access, "lead-sources", body, body["rows"], filters.described(), format)
 
 
-@router.get("/reports/rep-performance", response_model=None, responses=_json_or_csv(schemas.RepPerformanceReport))
+@router.get("/reports/rep-performance", response_model=None, responses=json_or_csv(schemas.RepPerformanceReport))
 async def rep_performance(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
@@ -337,10 +268,10 @@ async def rep_performance(
         )
     )
     body = _rows(plain(reply), _Money(access))
-    return await _respond(request, access, "rep-performance", body, body["rows"], filters, format)
+    return await report_answer(request, access, "rep-performance", body, body["rows"], filters.described(), format)
 
 
-@router.get("/reports/service", response_model=None, responses=_json_or_csv(schemas.ServiceReport))
+@router.get("/reports/service", response_model=None, responses=json_or_csv(schemas.ServiceReport))
 async def service(request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json") -> Any:
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
     reply = await _report(
@@ -349,10 +280,10 @@ async def service(request: Request, access: ReportsRead, filters: ReportFilters,
         )
     )
     body = plain(reply)
-    return await _respond(request, access, "service", body, [body], filters, format)
+    return await report_answer(request, access, "service", body, [body], filters.described(), format)
 
 
-@router.get("/reports/customer-value", response_model=None, responses=_json_or_csv(schemas.CustomerValuePage))
+@router.get("/reports/customer-value", response_model=None, responses=json_or_csv(schemas.CustomerValuePage))
 async def customer_value(
     request: Request,
     access: ReportsRead,
@@ -375,7 +306,9 @@ async def customer_value(
     )
     body = _customer_value(reply, money)
     next_cursor = reply.page_info.next_cursor
-    return await _respond(request, access, "customer-value", body, body["items"], filters, format, next_cursor)
+    return await report_answer(
+        request, access, "customer-value", body, body["items"], filters.described(), format, next_cursor
+    )
 
 
 def _customer_value_request(
@@ -395,7 +328,7 @@ def _customer_value(reply: pb.GetCustomerValueResponse, money: _Money) -> dict[s
     }
 
 
-@router.get("/reports/data-completeness", response_model=None, responses=_json_or_csv(schemas.DataCompleteness))
+@router.get("/reports/data-completeness", response_model=None, responses=json_or_csv(schemas.DataCompleteness))
 async def data_completeness(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
@@ -407,7 +340,9 @@ async def data_completeness(
         )
     )
     body = plain(reply)
-    return await _respond(request, access, "data-completeness", body, _completeness_rows(body), filters, format)
+    return await report_answer(
+        request, access, "data-completeness", body, _completeness_rows(body), filters.described(), format
+    )
 
 
 def _completeness_rows(body: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -508,7 +443,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
                     )
                 )
                 for row in page.rows:
-                    yield _flat(money.present(plain(row)))
+                    yield flat_row(money.present(plain(row)))
                 cursor = page.page_info.next_cursor
                 if not cursor:
                     return
@@ -543,7 +478,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
             )
             rows = _completeness_rows(plain(completeness))
     for row in rows:
-        yield _flat(row)
+        yield flat_row(row)
 
 
 register_export_source(

@@ -46,6 +46,7 @@ from gateway.references import (
     audit_refused_rows,
     rows_naming_no_account,
 )
+from gateway.report_csv import Format, json_or_csv, query_described, report_answer
 from gateway.routers import sales_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
@@ -1097,7 +1098,7 @@ FORECAST_FILTERS: FilterFields = {
 }
 
 
-@router.get("/forecast", responses={200: {"model": schemas.Forecast}})
+@router.get("/forecast", response_model=None, responses=json_or_csv(schemas.Forecast))
 async def forecast(
     request: Request,
     access: ForecastRead,
@@ -1108,9 +1109,11 @@ async def forecast(
     owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
     team: str | None = None,
     pipeline_id: str | None = None,
-) -> dict[str, Any]:
+    format: Format = "json",
+) -> Any:
     """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
-    Open deals count by expected close date, won deals by close date."""
+    Open deals count by expected close date, won deals by close date. As CSV with `format=csv`
+    (the forecast's `export` action; `/exports/forecast` too)."""
     check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(FORECAST_FILTERS)
     reply = await _stub(request).GetForecast(
@@ -1119,8 +1122,9 @@ async def forecast(
         ),
         metadata=access.grpc_metadata(),
     )
-    rows = [_forecast_row(r) for r in reply.rows]
-    return {"period": period, "group_by": group_by, "rows": access.present_many(rows)}
+    rows = access.present_many(_forecast_row(r) for r in reply.rows)
+    body = {"period": period, "group_by": group_by, "rows": rows}
+    return await report_answer(request, access, "forecast", body, rows, query_described(request), format)
 
 
 def _forecast_request(
@@ -1343,7 +1347,7 @@ async def delete_target(target_id: str, request: Request, access: TargetsDelete,
     return Response(status_code=204)
 
 
-@router.get("/forecast/attainment", responses={200: {"model": schemas.Attainment}})
+@router.get("/forecast/attainment", response_model=None, responses=json_or_csv(schemas.Attainment))
 async def attainment(
     request: Request,
     access: ForecastRead,
@@ -1353,11 +1357,13 @@ async def attainment(
     to_date: Annotated[date | None, Query(alias="to")] = None,
     owner_id: Annotated[str | None, Query(description='"me" for the caller')] = None,
     team: str | None = None,
-) -> dict[str, Any]:
+    format: Format = "json",
+) -> Any:
     """业绩达成率: per period, owner or team and currency, the target (monthly targets by month,
     quarterly ones by quarter; owners' by owner, teams' by team), the forecast's closed won,
     attainment = closed won / target, and the forecast's commit and weighted pipeline, to read
-    whether the target will be made. Read as the forecast is (its grant and record scope)."""
+    whether the target will be made. Read as the forecast is (its grant and record scope); as CSV
+    with `format=csv` (the forecast's `export` action)."""
     check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(ATTAINMENT_FILTERS)
     reply = await _stub(request).GetAttainment(
@@ -1371,7 +1377,9 @@ async def attainment(
         ),
         metadata=access.grpc_metadata(),
     )
-    return {"period": period, "group_by": group_by, "rows": [attainment_row(r, access) for r in reply.rows]}
+    rows = [attainment_row(r, access) for r in reply.rows]
+    body = {"period": period, "group_by": group_by, "rows": rows}
+    return await report_answer(request, access, "attainment", body, rows, query_described(request), format)
 
 
 # --- quotes ------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ class Access:
     def ensure(self, action: str) -> None:
         """403 unless the caller may also do `action` on this resource (routes needing two actions)."""
         if not self.may(action):
-            raise forbidden(f"you may not {action} {self.resource}")
+            raise forbidden(f"you may not {action} {self.resource}", action=action)
 
     def view(self, resource: str, action: str = "read") -> "Access | None":
         """The caller's access to another resource (parts of a composed view), None when not allowed."""
@@ -520,8 +520,9 @@ def require(resource: str, action: str, *, denied: str = "") -> Callable[..., As
             except SecurityProblem as problem:
                 # A field the caller may not write or filter by: a denied request, audited too.
                 if problem.status == 403:
+                    refused = problem.action or action
                     await runtime.audit_denied(
-                        request, principal, resource, action, problem, record_id=addressed_record(request)
+                        request, principal, resource, refused, problem, record_id=addressed_record(request)
                     )
                 raise
             except grpc.aio.AioRpcError as error:

@@ -19,6 +19,7 @@ class SecurityProblem(Exception):
         *,
         field: str = "",
         headers: Mapping[str, str] | None = None,
+        action: str = "",
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -26,6 +27,9 @@ class SecurityProblem(Exception):
         self.detail = detail
         self.field = field
         self.headers = dict(headers or {})
+        # The action refused when it is not the route's own (a CSV answer needs `export` besides
+        # `read`): what the audit row of the denial names.
+        self.action = action
 
     def body(self, instance: str = "") -> dict[str, object]:
         body: dict[str, object] = {
@@ -45,8 +49,8 @@ def unauthenticated(detail: str) -> SecurityProblem:
     return SecurityProblem(401, "Unauthenticated", detail, headers={"WWW-Authenticate": 'Bearer realm="crm"'})
 
 
-def forbidden(detail: str, *, field: str = "") -> SecurityProblem:
-    return SecurityProblem(403, "Forbidden", detail, field=field)
+def forbidden(detail: str, *, field: str = "", action: str = "") -> SecurityProblem:
+    return SecurityProblem(403, "Forbidden", detail, field=field, action=action)
 
 
 def not_found(detail: str = "not found") -> SecurityProblem:
