@@ -177,6 +177,51 @@ async def apply_account_merged(conn: AsyncConnection, duplicate_id: str, survivo
         await repo.move_account_records(conn, duplicate_id, target)
 
 
+async def apply_contact(conn: AsyncConnection, contact: accounts_pb2.Contact) -> None:
+    """A contact as created or changed: an edit, a move to another account, and what the accounts
+    service changes along (a demoted primary, its account's new owner or territory, a merge) all
+    come as `contact.updated`, each a new version. Only which key fields are filled is kept, not
+    their values. The `deleted` flag of a tombstone is left as it is."""
+    filled = domain.contact_filled(
+        name=contact.name,
+        title=contact.title,
+        phone=contact.phone,
+        mobile=contact.mobile,
+        email=contact.email,
+        decision_role=contact.decision_role,
+    )
+    await repo.upsert(
+        conn,
+        repo.contacts,
+        {
+            "id": contact.id,
+            "account_id": await repo.surviving_account(conn, contact.account_id),
+            "owner_id": contact.owner_id,
+            "team": contact.team,
+            "region": contact.region,
+            "created_at": _time(contact.created_at),
+            "filled": filled,
+            "completeness": domain.completeness(filled, domain.CONTACT_KEY_FIELDS),
+            "version": contact.version,
+        },
+        keys=["id"],
+        versioned=True,
+    )
+
+
+async def apply_contact_deleted(conn: AsyncConnection, contact_id: str) -> None:
+    """The contact leaves data completeness (deleted alone, or with its account), for good: its row
+    becomes a tombstone, which no snapshot applied later (a stale one redelivered) brings back. One
+    never seen is entered as a tombstone (at version 0, its values left to its snapshots)."""
+    await repo.upsert(
+        conn,
+        repo.contacts,
+        {"id": contact_id, "deleted": True, "filled": [], "completeness": domain.ZERO, "version": 0},
+        keys=["id"],
+        insert_only=["filled", "completeness", "version"],
+    )
+
+
 async def apply_activity(conn: AsyncConnection, activity: accounts_pb2.Activity) -> None:
     account_id = await repo.surviving_account(conn, activity.account_id)
     row = {"id": activity.id, "account_id": account_id}
@@ -261,6 +306,14 @@ def _pipeline_values(pipeline: sales_pb2.Pipeline) -> dict[str, Any]:
 
 async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) -> None:
     amount, currency = _amount(deal.amount, "opportunity.amount.amount")
+    filled = domain.opportunity_filled(
+        amount=amount,
+        expected_close_date=deal.expected_close_date,
+        primary_contact_id=deal.primary_contact_id,
+        line_items=len(deal.line_items),
+        product_line=deal.product_line,
+        next_step=deal.next_step,
+    )
     history = [
         {
             "stage": entry.stage,
@@ -288,6 +341,8 @@ async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) 
             "created_at": _time(deal.created_at),
             "closed_at": _time(deal.closed_at),
             "history": history,
+            "filled": filled,
+            "completeness": domain.completeness(filled, domain.OPPORTUNITY_KEY_FIELDS),
             "version": deal.version,
         },
         keys=["id"],
@@ -510,6 +565,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
     lead = _on(apply_lead, lambda m: m.lead)
     campaign = _on(apply_campaign, lambda m: m.campaign)
     account = _on(apply_account, lambda m: m.account)
+    contact = _on(apply_contact, lambda m: m.contact)
     task = _on(apply_task, lambda m: m.task)
     deal = _on(apply_opportunity, lambda m: m.opportunity)
     contract = _on(apply_contract, lambda m: m.contract)
@@ -536,6 +592,9 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         accounts_events.AccountReleased: account,
         accounts_events.AccountMerged: _account_merged,
         accounts_events.AccountDeleted: _account_deleted,
+        accounts_events.ContactCreated: contact,
+        accounts_events.ContactUpdated: contact,
+        accounts_events.ContactDeleted: _on(apply_contact_deleted, lambda m: m.contact_id),
         accounts_events.ActivityLogged: _on(apply_activity, lambda m: m.activity),
         accounts_events.ActivityUpdated: _on(apply_activity, lambda m: m.activity),
         accounts_events.ActivityDeleted: _on(apply_activity_deleted, lambda m: m.activity_id),

@@ -34,6 +34,13 @@ CONTRACT_TERMINATED = "terminated"
 # Key fields whose share of filled values is an entity's data completeness (信息完整率).
 LEAD_KEY_FIELDS = ("name", "company", "title", "phone", "email", "source", "industry", "region")
 ACCOUNT_KEY_FIELDS = ("name", "industry", "size", "region", "address", "website", "annual_revenue", "tier")
+# A contact: who they are (name, title), whether they decide the purchase (decision_role) and how to
+# reach them (phone: a landline or a mobile number, either is one to call; email).
+CONTACT_KEY_FIELDS = ("name", "title", "phone", "email", "decision_role")
+# A deal: what a forecast and a pipeline review need of it: what it is worth (amount, above zero),
+# when it should close (expected_close_date), with whom (primary_contact), what is sold (products:
+# line items, or the product line it names) and what happens next (next_step).
+OPPORTUNITY_KEY_FIELDS = ("amount", "expected_close_date", "primary_contact", "products", "next_step")
 
 
 def rate(numerator: int | Decimal, denominator: int | Decimal) -> Decimal | None:
@@ -565,15 +572,49 @@ def rep_rows(tallies: Iterable[RepTally]) -> list[RepRow]:
 # ---------------------------------------------------------------------------- data completeness
 
 
+def _has_value(value: object) -> bool:
+    """Blank strings and missing values hold none."""
+    return value is not None and not (isinstance(value, str) and not value.strip())
+
+
 def filled_fields(values: Mapping[str, object], key_fields: Sequence[str]) -> list[str]:
     """The key fields holding a value (blank strings and missing values are not filled)."""
-    filled = []
-    for name in key_fields:
-        value = values.get(name)
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue
-        filled.append(name)
-    return filled
+    return [name for name in key_fields if _has_value(values.get(name))]
+
+
+def contact_filled(*, name: str, title: str, phone: str, mobile: str, email: str, decision_role: str) -> list[str]:
+    """A contact's filled key fields (`CONTACT_KEY_FIELDS`): its phone is filled by a landline or a
+    mobile number."""
+    values = {
+        "name": name,
+        "title": title,
+        "phone": phone if _has_value(phone) else mobile,
+        "email": email,
+        "decision_role": decision_role,
+    }
+    return filled_fields(values, CONTACT_KEY_FIELDS)
+
+
+def opportunity_filled(
+    *,
+    amount: Decimal | None,
+    expected_close_date: str,
+    primary_contact_id: str,
+    line_items: int,
+    product_line: str,
+    next_step: str,
+) -> list[str]:
+    """A deal's filled key fields (`OPPORTUNITY_KEY_FIELDS`). Its amount counts only above zero:
+    sales gives a deal created with neither an amount nor line items an amount of 0. Its products
+    are its `line_items` (how many), or the product line it names without any."""
+    values = {
+        "amount": amount if amount is not None and amount > 0 else None,
+        "expected_close_date": expected_close_date,
+        "primary_contact": primary_contact_id,
+        "products": "line items" if line_items > 0 else product_line,
+        "next_step": next_step,
+    }
+    return filled_fields(values, OPPORTUNITY_KEY_FIELDS)
 
 
 def completeness(filled: Sequence[str], key_fields: Sequence[str]) -> Decimal:

@@ -98,6 +98,34 @@ def _activity_records() -> Subquery:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Completeness:
+    """The records of an entity whose key fields make its data completeness: `table`'s rows where
+    `counted` holds (and the report's own scope, owner, team and period)."""
+
+    entity: str
+    table: Table
+    key_fields: tuple[str, ...]
+    counted: tuple[ColumnElement[bool], ...] = ()
+
+
+def _completeness_entities() -> tuple[_Completeness, ...]:
+    """Leads, accounts, contacts and deals, each by its own owner, team, region and creation time.
+    A deleted contact is a tombstone, left out; so is a deal projected before its key fields were
+    kept (until its next event or a rebuild)."""
+    return (
+        _Completeness("lead", repo.leads, domain.LEAD_KEY_FIELDS),
+        _Completeness("account", repo.accounts, domain.ACCOUNT_KEY_FIELDS),
+        _Completeness("contact", repo.contacts, domain.CONTACT_KEY_FIELDS, (repo.contacts.c.deleted.is_(False),)),
+        _Completeness(
+            "opportunity",
+            repo.opportunities,
+            domain.OPPORTUNITY_KEY_FIELDS,
+            (repo.opportunities.c.completeness.is_not(None),),
+        ),
+    )
+
+
 def _history(raw: Sequence[dict[str, Any]] | None) -> tuple[domain.StageVisit, ...]:
     def parse(text: str | None) -> datetime | None:
         return as_utc(datetime.fromisoformat(text)) if text else None
@@ -248,7 +276,10 @@ class Reports:
     async def rep_performance(self, f: ReportFilter) -> list[domain.RepRow]:
         """Every figure counts only the caller's in-scope records (by each record's own owner, team
         and region), under the record's owner and team: a rep appears wherever they have in-scope
-        records, and a rep who moved teams appears under each team with that team's records only."""
+        records, and a rep who moved teams appears under each team with that team's records only.
+        Data completeness is the mean share of filled key fields of the rep's records created in the
+        period, whichever entity (leads, accounts, contacts, deals), as the data-completeness
+        report counts them."""
         f = self._filter(f)
         tallies: dict[tuple[str, str], domain.RepTally] = {}
         async with self.engine.connect() as conn:
@@ -280,10 +311,11 @@ class Reports:
                 .where(*_owned(tk, f), *_period(c.c.submitted_at, f))
             ):
                 domain.tally_for(tallies, owner_id, team).csat_scores.append(int(score))
-            for table in (repo.leads, repo.accounts):
+            for entity in _completeness_entities():
+                table = entity.table
                 for owner_id, team, share in await conn.execute(
                     select(table.c.owner_id, table.c.team, table.c.completeness).where(
-                        *_owned(table, f), *_period(table.c.created_at, f)
+                        *_owned(table, f), *_period(table.c.created_at, f), *entity.counted
                     )
                 ):
                     domain.tally_for(tallies, owner_id, team).completeness.append(Decimal(share))
@@ -494,17 +526,22 @@ class Reports:
     # ------------------------------------------------------------------------- data completeness
 
     async def data_completeness(self, f: ReportFilter) -> list[domain.CompletenessRow]:
+        """A row per entity (lead, account, contact, opportunity), one without records too."""
         f = self._filter(f)
         result = []
         async with self.engine.connect() as conn:
-            for entity, table, key_fields in (
-                ("lead", repo.leads, domain.LEAD_KEY_FIELDS),
-                ("account", repo.accounts, domain.ACCOUNT_KEY_FIELDS),
-            ):
+            for entity in _completeness_entities():
+                table = entity.table
                 filled = (
-                    await conn.execute(select(table.c.filled).where(*_owned(table, f), *_period(table.c.created_at, f)))
+                    await conn.execute(
+                        select(table.c.filled).where(
+                            *_owned(table, f), *_period(table.c.created_at, f), *entity.counted
+                        )
+                    )
                 ).scalars()
-                result.append(domain.completeness_row(entity, [list(value) for value in filled], key_fields))
+                result.append(
+                    domain.completeness_row(entity.entity, [list(value) for value in filled], entity.key_fields)
+                )
         return result
 
 

@@ -98,6 +98,10 @@ opportunities = Table(
     _ts("created_at"),
     _ts("closed_at"),
     Column("history", JSON, nullable=False),
+    # Its filled key fields (`domain.OPPORTUNITY_KEY_FIELDS`) and their share. NULL for a deal
+    # projected before they were kept, left out of data completeness until its next event.
+    Column("filled", JSON, nullable=True),
+    Column("completeness", SHARE, nullable=True),
     Column("version", BigInteger, nullable=False),
     Index("ix_rm_opportunities_created", "created_at"),
     Index("ix_rm_opportunities_closed", "closed_at"),
@@ -135,6 +139,27 @@ accounts = Table(
     Column("version", BigInteger, nullable=False),
     Index("ix_rm_accounts_owner", "owner_id"),
     Index("ix_rm_accounts_team", "team"),
+)
+
+# Contacts, for their data completeness alone: the scope columns, the account they are on (after
+# merges, as other account records), which key fields are filled (`domain.CONTACT_KEY_FIELDS`) and
+# their share, never the values (no name, phone number or email address is kept). A deleted contact
+# stays as a flagged tombstone, out of the reports: no snapshot of it applied later brings it back.
+contacts = Table(
+    "rm_contacts",
+    metadata,
+    Column("id", ID, primary_key=True),
+    _text("account_id"),
+    *_scope_columns(),
+    _ts("created_at"),
+    Column("deleted", Boolean, nullable=False, server_default=text("false")),
+    Column("filled", JSON, nullable=False),
+    Column("completeness", SHARE, nullable=False),
+    Column("version", BigInteger, nullable=False),
+    Index("ix_rm_contacts_created", "created_at"),
+    Index("ix_rm_contacts_owner", "owner_id"),
+    Index("ix_rm_contacts_team", "team"),
+    Index("ix_rm_contacts_account", "account_id"),
 )
 
 activities = Table(
@@ -274,6 +299,7 @@ READ_MODELS: tuple[Table, ...] = (
     opportunities,
     pipelines,
     accounts,
+    contacts,
     activities,
     deleted_activities,
     tasks,
@@ -286,7 +312,15 @@ READ_MODELS: tuple[Table, ...] = (
 )
 
 # The read models holding an account id: an account merge moves their rows to the survivor.
-ACCOUNT_RECORDS: tuple[Table, ...] = (opportunities, contracts, installments, activities, tickets, csat_responses)
+ACCOUNT_RECORDS: tuple[Table, ...] = (
+    opportunities,
+    contacts,
+    contracts,
+    installments,
+    activities,
+    tickets,
+    csat_responses,
+)
 
 
 async def upsert(

@@ -127,6 +127,21 @@ def scenario() -> Scenario:
     )
     s.add(accounts_events.AccountCreated(account=a1), a1.id)
     s.add(accounts_events.AccountCreated(account=a2), a2.id)
+
+    # Contacts: C1 (r1) 4 of 5 key fields; C2 (r2) its name alone; C3 (r2) created, then deleted.
+    def contact(contact_id: str, account: accounts_pb2.Account, **fields: Any) -> accounts_pb2.Contact:
+        return accounts_pb2.Contact(
+            id=contact_id, account_id=account.id, owner_id=account.owner_id, team=t, region=region, version=1,
+            created_at=s.at(days=1), **fields,
+        )  # fmt: skip
+
+    c1 = contact(f"{t}-C1", a1, name="Li Lei", title="CTO", mobile="13800000000", email="l@a.cn")
+    s.add(accounts_events.ContactCreated(contact=c1), c1.id)
+    c2 = contact(f"{t}-C2", a2, name="Han Meimei")
+    s.add(accounts_events.ContactCreated(contact=c2), c2.id)
+    c3 = contact(f"{t}-C3", a2, name="Wang Wu", title="CFO")
+    s.add(accounts_events.ContactCreated(contact=c3), c3.id)
+    s.add(accounts_events.ContactDeleted(contact_id=c3.id, account_id=a2.id), c3.id)
     s.add(
         accounts_events.ActivityLogged(
             activity=accounts_pb2.Activity(
@@ -161,6 +176,9 @@ def scenario() -> Scenario:
 
     o1 = {"account_id": a1.id, "owner_id": "r1", "source_lead_id": f"{t}-L1", "amount": money("12000")}
     o1["created_at"] = s.at(days=1)
+    # O1 has every key field; O2 its amount alone; O3 its amount and a product line.
+    o1 |= {"expected_close_date": "2026-12-31", "primary_contact_id": c1.id, "next_step": "sign"}
+    o1["line_items"] = [sales_pb2.LineItem(product_id="p-1", product_name="CRM Pro", quantity="1")]
     s.add(
         sales_events.OpportunityCreated(
             opportunity=deal(f"{t}-O1", 1, [("initial_contact", 1, None)], status="open", **o1)
@@ -190,6 +208,7 @@ def scenario() -> Scenario:
     )
     s.add(sales_events.OpportunityLost(opportunity=lost, reason="price"), f"{t}-O2")
     o3 = {"account_id": a1.id, "owner_id": "r1", "amount": money("3000"), "created_at": s.at(days=2)}
+    o3["product_line"] = "CRM Pro"
     s.add(
         sales_events.OpportunityCreated(
             opportunity=deal(f"{t}-O3", 1, [("initial_contact", 2, None)], status="open", **o3)
@@ -326,13 +345,15 @@ def expected(s: Scenario) -> dict[str, Any]:
         },
         "reps": {
             "rows": [
-                # leads L1 (8/8), L2 (4/8) and account A1 (8/8): 2.5 / 3
+                # leads L1 (8/8), L2 (4/8), account A1 (8/8), contact C1 (4/5), deals O1 (5/5) and
+                # O3 (2/5): 4.7 / 6
                 {"ownerId": "r1", "team": t, "activities": "3", "tasks": "2", "tasksCompleted": "1",
                  "taskCompletionRate": "0.5000", "wonCount": "1", "wonAmount": cny("12000.00"),
-                 "csatResponses": "1", "csatAverage": "5.00", "dataCompleteness": "0.8333"},
-                # leads L3 (3/8), L4 (8/8) and account A2 (2/8): 1.625 / 3
+                 "csatResponses": "1", "csatAverage": "5.00", "dataCompleteness": "0.7833"},
+                # leads L3 (3/8), L4 (8/8), account A2 (2/8), contact C2 (1/5; C3 deleted) and deal
+                # O2 (1/5): 2.025 / 5
                 {"ownerId": "r2", "team": t, "activities": "1", "wonAmount": cny("0.00"),
-                 "csatResponses": "1", "csatAverage": "2.00", "dataCompleteness": "0.5417"},
+                 "csatResponses": "1", "csatAverage": "2.00", "dataCompleteness": "0.4050"},
             ]
         },
         "service": {
@@ -347,7 +368,10 @@ def expected(s: Scenario) -> dict[str, Any]:
             (f"{t}-A2", "0.00", "0.00", "high",
              ["NO_ACTIVITY", "OVERDUE_INSTALLMENTS", "OPEN_URGENT_TICKETS", "LOW_CSAT"]),
         ],
-        "completeness": [("lead", "4", "0.7188"), ("account", "2", "0.6250")],
+        "completeness": [
+            ("lead", "4", "0.7188"), ("account", "2", "0.6250"), ("contact", "2", "0.5000"),
+            ("opportunity", "3", "0.5333"),
+        ],
     }  # fmt: skip
 
 

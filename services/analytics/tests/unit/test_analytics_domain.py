@@ -459,6 +459,88 @@ def test_filled_fields_and_completeness() -> None:
     assert ("company", 1, Decimal("0.5000")) in row.fields
 
 
+CONTACT = {"name": "Li Lei", "title": "CTO", "phone": "021-5555", "mobile": "", "email": "l@a.cn"}
+
+
+def test_a_contacts_key_fields_are_its_name_title_phone_email_and_decision_role() -> None:
+    full = domain.contact_filled(**CONTACT, decision_role="decision_maker")
+    assert full == ["name", "title", "phone", "email", "decision_role"] == list(domain.CONTACT_KEY_FIELDS)
+    assert domain.completeness(full, domain.CONTACT_KEY_FIELDS) == Decimal("1.0000")
+    sparse = domain.contact_filled(name="Han", title=" ", phone="", mobile="", email="", decision_role="")
+    assert sparse == ["name"]
+    assert domain.completeness(sparse, domain.CONTACT_KEY_FIELDS) == Decimal("0.2000")
+
+
+@pytest.mark.parametrize(
+    ("phone", "mobile", "filled"),
+    [("021-5555", "", True), ("", "13800000000", True), ("  ", "13800000000", True), ("021-5555", "138", True),
+     ("", "", False), (" ", " ", False)],
+)  # fmt: skip
+def test_a_contacts_phone_is_filled_by_a_landline_or_a_mobile(phone: str, mobile: str, filled: bool) -> None:
+    fields = domain.contact_filled(**{**CONTACT, "phone": phone, "mobile": mobile}, decision_role="")
+    assert ("phone" in fields) is filled
+
+
+DEAL: dict[str, Any] = {
+    "amount": Decimal("12000"),
+    "expected_close_date": "2026-12-31",
+    "primary_contact_id": "c-1",
+    "line_items": 2,
+    "product_line": "CRM Pro",
+    "next_step": "demo on Friday",
+}
+
+
+def test_a_deals_key_fields_are_amount_close_date_primary_contact_products_and_next_step() -> None:
+    full = domain.opportunity_filled(**DEAL)
+    assert full == ["amount", "expected_close_date", "primary_contact", "products", "next_step"]
+    assert full == list(domain.OPPORTUNITY_KEY_FIELDS)
+    bare = domain.opportunity_filled(
+        amount=None, expected_close_date="", primary_contact_id="", line_items=0, product_line="", next_step=" "
+    )
+    assert bare == []
+    assert domain.completeness(bare, domain.OPPORTUNITY_KEY_FIELDS) == Decimal("0.0000")
+
+
+@pytest.mark.parametrize(
+    ("amount", "filled"),
+    # Sales gives a deal created with neither an amount nor line items an amount of 0: none was given.
+    [(Decimal("0.01"), True), (Decimal("12000"), True), (Decimal(0), False), (Decimal("0.0000"), False), (None, False)],
+)
+def test_a_deals_amount_is_filled_above_zero_only(amount: Decimal | None, filled: bool) -> None:
+    assert ("amount" in domain.opportunity_filled(**{**DEAL, "amount": amount})) is filled
+
+
+@pytest.mark.parametrize(
+    ("line_items", "product_line", "filled"),
+    [(1, "", True), (3, "CRM Pro", True), (0, "CRM Pro", True), (0, "", False), (0, "  ", False)],
+)
+def test_a_deals_products_are_its_line_items_or_its_product_line(
+    line_items: int, product_line: str, filled: bool
+) -> None:
+    fields = domain.opportunity_filled(**{**DEAL, "line_items": line_items, "product_line": product_line})
+    assert ("products" in fields) is filled
+
+
+def test_a_contact_and_a_deal_row_count_each_key_field() -> None:
+    deals = [
+        domain.opportunity_filled(**DEAL),
+        domain.opportunity_filled(**{**DEAL, "amount": Decimal(0), "next_step": "", "primary_contact_id": ""}),
+    ]
+    row = domain.completeness_row("opportunity", deals, domain.OPPORTUNITY_KEY_FIELDS)
+    assert (row.entity, row.records, row.completeness) == ("opportunity", 2, Decimal("0.7000"))
+    assert row.fields == [
+        ("amount", 1, Decimal("0.5000")),
+        ("expected_close_date", 2, Decimal("1.0000")),
+        ("primary_contact", 1, Decimal("0.5000")),
+        ("products", 2, Decimal("1.0000")),
+        ("next_step", 1, Decimal("0.5000")),
+    ]
+    assert domain.completeness_row("contact", [], domain.CONTACT_KEY_FIELDS).fields == [
+        (name, 0, None) for name in domain.CONTACT_KEY_FIELDS
+    ]
+
+
 @given(st.lists(st.sets(st.sampled_from(domain.ACCOUNT_KEY_FIELDS)), max_size=30))
 def test_completeness_is_a_share(records: list[set[str]]) -> None:
     row = domain.completeness_row("account", [sorted(r) for r in records], domain.ACCOUNT_KEY_FIELDS)

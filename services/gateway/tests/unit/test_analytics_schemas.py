@@ -9,7 +9,7 @@ import pytest
 from crm.analytics.v1 import analytics_service_pb2 as pb
 from crm_platform.principal import Principal
 from gateway.routers import analytics_schemas as schemas
-from gateway.routers.analytics import _customer_value, _funnel, _Money, _rows, plain
+from gateway.routers.analytics import _completeness_rows, _customer_value, _funnel, _Money, _rows, plain
 from gateway.security import Access, SecurityRuntime, SecuritySettings
 from gateway.security.masking import MASK
 from gateway.security.policy import parse_policy
@@ -87,3 +87,35 @@ def test_an_answer_with_a_wrong_type_is_refused() -> None:
     assert printed["backlog"] == 4
     with pytest.raises(ValueError, match="backlog"):
         assert_documented({**printed, "backlog": "4"}, schemas.ServiceReport)
+
+
+def test_the_data_completeness_of_contacts_and_deals_is_printed_and_exported_as_of_leads_and_accounts() -> None:
+    """A row per entity the service reports (lead, account, contact, opportunity), in its order: in
+    the JSON answer as documented, and in the CSV (the report's and the export's) its overall
+    completeness first, then its key fields."""
+    entities = ["lead", "account", "contact", "opportunity"]
+    fields = {"lead": "phone", "account": "tier", "contact": "decision_role", "opportunity": "next_step"}
+    reply = pb.GetDataCompletenessResponse(
+        rows=[
+            pb.CompletenessRow(
+                entity=entity,
+                records=4,
+                completeness="0.5000",
+                fields=[pb.FieldFill(field=fields[entity], filled=1, rate="0.2500")],
+            )
+            for entity in entities
+        ]
+    )
+
+    printed = plain(reply)
+    exported = _completeness_rows(printed)
+
+    assert_documented(printed, schemas.DataCompleteness)
+    assert [row["entity"] for row in printed["rows"]] == entities
+    assert [(row["entity"], row["field"], row["filled"], row["rate"]) for row in exported] == [
+        row
+        for entity in entities
+        for row in [(entity, "(all key fields)", None, "0.5000"), (entity, fields[entity], 1, "0.2500")]
+    ]
+    described = str(schemas.CompletenessRow.model_fields["entity"].description)
+    assert all(entity in described for entity in entities)

@@ -332,7 +332,7 @@ def _customer_value(reply: pb.GetCustomerValueResponse, money: _Money) -> dict[s
 async def data_completeness(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
-    """Share of filled key fields of leads and accounts, overall and per field."""
+    """Share of filled key fields of leads, accounts, contacts and opportunities, overall and per field."""
     reply = await _report(
         _stub(request).GetDataCompleteness(
             pb.GetDataCompletenessRequest(filter=filters.proto(access, "data-completeness")),

@@ -90,7 +90,10 @@ class RepPerformanceRow(BaseModel):
     won_amount: MoneyOut | None = None
     csat_responses: int = Field(description="CSAT responses to tickets assigned to the rep")
     csat_average: Mean = Field(description="mean CSAT score (1 to 5)")
-    data_completeness: Rate = Field(description="mean share of filled key fields of the rep's leads and accounts")
+    data_completeness: Rate = Field(
+        description="mean share of filled key fields of the rep's leads, accounts, contacts and opportunities "
+        "created in the period"
+    )
 
 
 class RepPerformanceReport(BaseModel):
@@ -156,7 +159,7 @@ class KeyFieldFill(BaseModel):
 
 
 class CompletenessRow(BaseModel):
-    entity: str = Field(description="lead or account")
+    entity: str = Field(description="lead, account, contact or opportunity: a row of each, in that order")
     records: int = Field(description="records created in the period")
     completeness: Rate = Field(description="mean share of filled key fields per record")
     fields: list[KeyFieldFill]
