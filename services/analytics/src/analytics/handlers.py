@@ -112,10 +112,12 @@ class _Completeness:
 def _completeness_entities() -> tuple[_Completeness, ...]:
     """Leads, accounts, contacts and deals, each by its own owner, team, region and creation time.
     A deleted contact is a tombstone, left out; so is a deal projected before its key fields were
-    kept (until its next event or a rebuild)."""
+    kept (until its next event or a rebuild), and an account deleted or merged into another (its
+    survivor is the customer's record now, as in customer value)."""
+    ac = repo.accounts
     return (
         _Completeness("lead", repo.leads, domain.LEAD_KEY_FIELDS),
-        _Completeness("account", repo.accounts, domain.ACCOUNT_KEY_FIELDS),
+        _Completeness("account", ac, domain.ACCOUNT_KEY_FIELDS, (ac.c.merged_into_id == "", ac.c.deleted.is_(False))),
         _Completeness("contact", repo.contacts, domain.CONTACT_KEY_FIELDS, (repo.contacts.c.deleted.is_(False),)),
         _Completeness(
             "opportunity",

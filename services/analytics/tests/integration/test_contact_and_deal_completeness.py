@@ -355,3 +355,16 @@ async def test_a_redelivery_changes_nothing_and_a_rebuilds_replay_restores_the_r
     await deliver(engine, contacts + deals + accounts)
     assert await completeness(reports) == want_report
     assert await contact_rows(engine) == want_rows
+
+
+async def test_an_account_merged_into_another_or_deleted_leaves_the_accounts_completeness(
+    engine: AsyncEngine, reports: Reports
+) -> None:
+    merge = accounts_events.AccountMerged(duplicate_id="DUP", survivor_id="SUR")
+    await deliver(engine, [account("SUR"), account("DUP"), account("GONE"), merge])
+    await deliver(engine, [accounts_events.AccountDeleted(account_id="GONE")])
+
+    assert (await completeness(reports))["account"][:2] == (1, Decimal("0.2500"))  # the survivor alone
+    with acting_as(Principal(user_id="caller", roles=("sales_manager",)), ALL_RECORDS):
+        (rep,) = await reports.rep_performance(ReportFilter())
+    assert rep.data_completeness == Decimal("0.2500")
