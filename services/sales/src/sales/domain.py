@@ -593,6 +593,24 @@ class AttainmentLine:
         return (self.closed_won / self.target).quantize(ATTAINMENT_PLACES, rounding=ROUND_HALF_UP)
 
 
+def quarter_targets(quarterly: Iterable[TargetAmount], monthly: Iterable[TargetAmount]) -> list[TargetAmount]:
+    """The targets of a quarterly attainment: the quarterly ones, and for a group and currency with
+    none in a quarter, the sum of its monthly targets there when each of the quarter's three months
+    has one (a part of the quarter's months would read as the quarter's whole target).
+    `monthly` targets carry their month's label ("2026-11")."""
+    result = list(quarterly)
+    set_quarters = {(target.period, target.group, target.currency) for target in result}
+    months: dict[tuple[str, str, str], list[Decimal]] = {}
+    for target in monthly:
+        year, month = target.period.split("-")
+        quarter = period_label(int(year) * 100 + int(month), quarter=True)
+        months.setdefault((quarter, target.group, target.currency), []).append(target.amount)
+    for key, amounts in months.items():
+        if key not in set_quarters and len(amounts) == 3:
+            result.append(TargetAmount(*key, amount=sum(amounts, Decimal(0))))
+    return result
+
+
 def attainment(lines: Iterable[ForecastLine], targets: Iterable[TargetAmount]) -> list[AttainmentLine]:
     """Targets beside the forecast's closed won, commit and weighted, per period, group and
     currency: a target without deals has zero won, deals without a target have no target (None).

@@ -1429,29 +1429,34 @@ class SalesHandlers:
 
     async def attainment(self, query: ForecastQuery) -> list[d.AttainmentLine]:
         """Targets beside the forecast of their periods and groups (`domain.attainment`): monthly
-        targets by month and quarterly ones by quarter, owners' targets by owner and teams' by team.
-        Closed won, commit and weighted are the forecast's own (`forecast`), in the same scope."""
+        targets by month and quarterly ones by quarter (or, without one, the sum of the quarter's
+        three monthly targets: `domain.quarter_targets`), owners' targets by owner and teams' by
+        team. Closed won, commit and weighted are the forecast's own (`forecast`), in the same scope."""
         t = r.targets
         lines = await self.forecast(query)
-        statement = select(t.c.period, t.c.owner_id, t.c.team, t.c.currency, t.c.amount).where(
+        statement = select(
+            t.c.period, t.c.owner_id, t.c.team, t.c.currency, t.c.amount, t.c.first_month, t.c.last_month
+        )
+        statement = statement.where(
             *_target_filters(
                 from_date=query.from_date, to_date=query.to_date, owner_id=query.owner_id, team=query.team
             ),
-            t.c.last_month > t.c.first_month if query.quarter else t.c.last_month == t.c.first_month,
             t.c.owner_id == "" if query.by_team else t.c.owner_id != "",
         )
+        if not query.quarter:
+            statement = statement.where(t.c.last_month == t.c.first_month)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(statement)).mappings().all()
-        targets = [
-            d.TargetAmount(
+        quarterly, monthly = [], []
+        for row in rows:
+            target = d.TargetAmount(
                 period=row["period"],
                 group=row["team"] if query.by_team else row["owner_id"],
                 currency=row["currency"],
                 amount=row["amount"],
             )
-            for row in rows
-        ]
-        return d.attainment(lines, targets)
+            (quarterly if row["last_month"] > row["first_month"] else monthly).append(target)
+        return d.attainment(lines, d.quarter_targets(quarterly, monthly) if query.quarter else monthly)
 
     # ------------------------------------------------------------ quotes
 

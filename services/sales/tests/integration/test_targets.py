@@ -170,6 +170,17 @@ async def test_attainment_compares_targets_with_the_forecasts_won_deals(sales: S
     assert [_row(x) for x in by_team] == [
         ("2026-Q4", "east", Decimal(200000), Decimal(65000), Decimal("0.325"), Decimal(50000), Decimal(5000))
     ]
+    # A quarter without its own target: the sum of its three monthly targets, once each month has one.
+    with as_user("boss", "sales_manager", team="east", scope="team"):
+        quarter = ForecastQuery(quarter=True)
+        assert {x.group: x.target for x in await sales.attainment(quarter)} == {"rep1": Decimal(999), "rep2": None}
+        for month in ("2026-10", "2026-11"):
+            await set_target(sales, month, cny("20000"), owner_id="rep2")
+        assert {x.group: x.target for x in await sales.attainment(quarter)}["rep2"] is None  # two of three
+        await set_target(sales, "2026-12", cny("10000"), owner_id="rep2")
+        rows = {x.group: _row(x) for x in await sales.attainment(quarter)}
+    assert rows["rep2"] == ("2026-Q4", "rep2", Decimal(50000), Decimal(5000), Decimal("0.1"), Decimal(0), Decimal(0))
+    assert rows["rep1"][2] == Decimal(999)  # its own quarterly target, not its months'
     # A rep sees their own row: the forecast's scope applies to targets too.
     with as_user("rep1", "sales_rep", team="east", scope="own"):
         [own] = await sales.attainment(ForecastQuery())

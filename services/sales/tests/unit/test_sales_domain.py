@@ -453,6 +453,27 @@ def test_attainment_is_rounded_half_up_to_four_places_and_may_exceed_one() -> No
     assert row.attainment == Decimal("99999999999999000.0000")
 
 
+def test_a_quarter_without_its_own_target_takes_the_sum_of_its_three_monthly_ones() -> None:
+    def target(period: str, group: str, amount: int, currency: str = "CNY") -> d.TargetAmount:
+        return d.TargetAmount(period, group, currency, Decimal(amount))
+
+    quarterly = [target("2026-Q4", "set", 500)]
+    monthly = [
+        *(target(month, "set", 100) for month in ("2026-10", "2026-11", "2026-12")),  # its own quarter target wins
+        *(target(month, "months", 100 + n) for n, month in enumerate(("2026-10", "2026-11", "2026-12"))),
+        target("2026-10", "part", 100),  # two months of three: no quarterly target
+        target("2026-11", "part", 100),
+        *(target(month, "usd", 10, "USD") for month in ("2027-01", "2027-02", "2027-03")),
+        target("2027-01", "mixed", 10), target("2027-02", "mixed", 10), target("2027-03", "mixed", 10, "USD"),
+    ]  # fmt: skip
+
+    assert sorted(d.quarter_targets(quarterly, monthly), key=lambda t: (t.group, t.currency)) == [
+        target("2026-Q4", "months", 303),
+        target("2026-Q4", "set", 500),
+        target("2027-Q1", "usd", 30, "USD"),
+    ]
+
+
 # ---------------------------------------------------------------- approvals
 
 

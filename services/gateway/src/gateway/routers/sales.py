@@ -1360,10 +1360,10 @@ async def attainment(
     format: Format = "json",
 ) -> Any:
     """业绩达成率: per period, owner or team and currency, the target (monthly targets by month,
-    quarterly ones by quarter; owners' by owner, teams' by team), the forecast's closed won,
-    attainment = closed won / target, and the forecast's commit and weighted pipeline, to read
-    whether the target will be made. Read as the forecast is (its grant and record scope); as CSV
-    with `format=csv` (the forecast's `export` action)."""
+    quarterly ones by quarter, or a quarter's three monthly ones summed; owners' by owner, teams' by
+    team), the forecast's closed won, attainment = closed won / target, and the forecast's commit
+    and weighted pipeline, to read whether the target will be made. Read as the forecast is (its
+    grant and record scope); as CSV with `format=csv` (the forecast's `export` action)."""
     check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(ATTAINMENT_FILTERS)
     reply = await _stub(request).GetAttainment(
