@@ -1447,7 +1447,8 @@ class SalesHandlers:
             statement = statement.where(t.c.last_month == t.c.first_month)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(statement)).mappings().all()
-        quarterly, monthly = [], []
+        quarterly: list[d.TargetAmount] = []
+        monthly: list[d.TargetAmount] = []
         for row in rows:
             target = d.TargetAmount(
                 period=row["period"],
