@@ -15,6 +15,7 @@ from gateway.routers.leads import (
     _rule_json,
     _task_json,
     _thresholds_json,
+    _transfer_json,
     _webform_json,
     campaign_json,
     lead_json,
@@ -33,6 +34,7 @@ _RECORDS = [
     (_rule_json(filled(leads_pb2.ScoringRule())), schemas.ScoringRule),
     (_rule_json(filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
     (_thresholds_json(filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
+    (_transfer_json(filled(pb.TransferLeadsResponse())), schemas.LeadTransfer),
 ]
 
 

@@ -356,6 +356,46 @@ def status_after_claim(first_contacted_at: datetime | None) -> str:
     return "contacted" if first_contacted_at else "new"
 
 
+# --- bulk transfer (人走客户不走) ------------------------------------------------------------------
+
+# The statuses of a lead its owner is working. A `recycled` lead is open too, but in the pool until a
+# claim or an assignment gives it an owner (and `new` or `contacted` back).
+TRANSFERABLE_STATUSES = ("new", "contacted", "qualified")
+
+
+def transferable(lead: Mapping[Any, Any], *, from_owner_id: str) -> bool:
+    """Does a bulk transfer of `from_owner_id`'s leads to another rep move `lead`? Only a lead they
+    are working: theirs, out of the pool and open (`TRANSFERABLE_STATUSES`). A converted or
+    disqualified lead stays with who closed it, which its history and the analytics by owner keep
+    saying; a pool lead is nobody's to hand over. `leads.repository.transferable_from` is this rule
+    as the transfer's UPDATE applies it."""
+    return (
+        bool(from_owner_id)
+        and lead["owner_id"] == from_owner_id
+        and not lead["in_pool"]
+        and lead["status"] in TRANSFERABLE_STATUSES
+    )
+
+
+def check_transfer(from_owner_id: str, to_owner_id: str, to_team: str) -> None:
+    """A bulk transfer names the rep whose leads go and the rep who takes them, two different ones;
+    a team is optional ("" keeps each lead's own), but only spaces would be a team nobody sees."""
+    errors: list[FieldError] = []
+    for name, value, required in (
+        ("from_owner_id", from_owner_id, True),
+        ("to_owner_id", to_owner_id, True),
+        ("to_team", to_team, False),
+    ):
+        if required and not value:
+            errors.append(FieldError(name, "is required"))
+        elif value and not value.strip():
+            errors.append(FieldError(name, "must not be blank"))
+    if not errors and from_owner_id == to_owner_id:
+        errors.append(FieldError("to_owner_id", "must differ from from_owner_id"))
+    if errors:
+        raise ValidationFailed(errors)
+
+
 # --- conversion ---------------------------------------------------------------------------------
 
 

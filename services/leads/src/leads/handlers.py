@@ -54,7 +54,21 @@ from crm_platform.principal import (
 from crm_platform.timeutil import utcnow
 from crm_platform.update_mask import writable_paths
 from prometheus_client import Counter
-from sqlalchemy import Column, ColumnElement, Select, Table, delete, false, func, insert, or_, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Select,
+    Table,
+    case,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -1680,6 +1694,76 @@ class LeadsService:
                 return Change(await self._assign_to(tx, lead, to_owner, to_team, rule_id, principal, now), lead)
 
         return await self._again_if_rule_deleted(attempt, await self.rules.get())
+
+    async def transfer_leads(
+        self, from_owner_id: str, to_owner_id: str, to_team: str, reason: str, idempotency_key: str = ""
+    ) -> tuple[RowMapping, list[str]]:
+        """Hands every lead `from_owner_id` is working (`domain.transferable`) in the caller's record
+        scope to `to_owner_id` (in `to_team`, "" keeping each lead's own), with the leads' open
+        first-contact and follow-up tasks, in one transaction: a departing rep's leads go on being
+        worked by another (人走客户不走). Each lead is assigned as `assign` assigns one to a user
+        (`_assignment_values`: a fresh first-contact SLA for a lead not contacted yet, which its
+        first-contact task follows; the recycling clock restarted; no claim held against the new
+        owner's claim limit) and published as `lead.assigned` with the reason and the transfer's id.
+        The assignment rules' per-rep capacity cap does not apply: the transfer is a manager's
+        explicit decision, as a manual assignment is, and leaving part of the leads with a rep who
+        has left would defeat it. One UPDATE ... RETURNING moves the leads, one UPDATE their tasks,
+        and the events are built from the returned rows, however many leads the rep holds.
+
+        Returns the transfer as recorded and the ids of the leads this call moved. A repeat of the
+        idempotency key answers with the first call's record and moves nothing (no ids)."""
+        domain.check_transfer(from_owner_id, to_owner_id, to_team)
+        reason = reason.strip()
+        principal = current_principal()
+        now = self.clock()
+        transfer_id = new_id()
+        transfers = repo.bulk_transfers
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            earlier = await claim(conn, "transfer_leads", idempotency_key, principal, {"id": transfer_id}, now)
+            if earlier is not None:
+                first = await conn.execute(select(transfers).where(transfers.c.id == earlier["id"]))
+                return first.mappings().one(), []
+            c = repo.leads.c
+            values = self._assignment_values(to_owner_id, to_team, False, now)
+            due = values["first_contact_due_at"]
+            # Per lead, as an assignment decides it: a lead contacted already has no first contact due.
+            values["first_contact_due_at"] = case(
+                (c.first_contacted_at.is_(None), literal(due, c.first_contact_due_at.type)), else_=None
+            )
+            statement = (
+                update(repo.leads)
+                .where(repo.transferable_from(from_owner_id), repo.lead_scope_clause(current_scope()))
+                .values(**values, claimed_at=None, updated_at=now, version=c.version + 1)
+                .returning(repo.leads)
+            )
+            rows = sorted((await conn.execute(statement)).mappings(), key=lambda row: str(row["id"]))
+            lead_ids = [row["id"] for row in rows]
+            tasks = await repo.move_open_tasks(conn, lead_ids, to_owner_id, first_contact_due=due)
+            who = actor(principal)
+            for row in rows:
+                assigned = events_pb2.LeadAssigned(
+                    previous_owner_id=from_owner_id, actor=who, reason=reason, bulk_transfer_id=transfer_id
+                )
+                fill_lead(assigned.lead, row)
+                tx.publish(assigned, key=row["id"])
+            await bulk_insert(conn, self.outbox, tx.take_outbox_rows(now))  # one COPY on PostgreSQL
+            recorded = await conn.execute(
+                insert(transfers)
+                .values(
+                    id=transfer_id,
+                    from_owner_id=from_owner_id,
+                    to_owner_id=to_owner_id,
+                    to_team=to_team,
+                    reason=reason,
+                    leads=len(rows),
+                    tasks=tasks,
+                    actor_id=principal.user_id,
+                    created_at=now,
+                )
+                .returning(transfers)
+            )
+            return recorded.mappings().one(), lead_ids
 
     async def disqualify(
         self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""

@@ -28,11 +28,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    any_,
     bindparam,
+    case,
     cast,
     false,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
@@ -41,12 +44,12 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from leads.domain import OPEN_STATUSES, RECYCLABLE_STATUSES
+from leads.domain import OPEN_STATUSES, RECYCLABLE_STATUSES, TRANSFERABLE_STATUSES
 
 metadata = MetaData()
 outbox, _ = add_messaging_tables(metadata)
@@ -414,6 +417,22 @@ conversions = Table(
     Column("updated_at", _TS, nullable=False),
 )
 
+# Bulk transfers of a rep's leads to another (`LeadsService.transfer_leads`, migration 0029): what
+# each moved, as its answer says it, also to a repeat of its idempotency key.
+bulk_transfers = Table(
+    "lead_bulk_transfers",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("from_owner_id", String(200), nullable=False),
+    Column("to_owner_id", String(200), nullable=False),
+    Column("to_team", String(200), nullable=False, server_default=""),
+    Column("reason", Text, nullable=False, server_default=""),
+    Column("leads", Integer, nullable=False),
+    Column("tasks", Integer, nullable=False),
+    Column("actor_id", String(200), nullable=False),
+    Column("created_at", _TS, nullable=False),
+)
+
 
 def lead_scope_clause(scope: RecordScope) -> ColumnElement[bool]:
     """The leads the caller reads and acts on (`lead_in_scope` for one already loaded): the records
@@ -456,6 +475,32 @@ def claim_first(scope: RecordScope, lead: Mapping[Any, Any]) -> bool:
     leads they own, so that the claim limit holds (a pool lead updated, contacted, disqualified or
     converted by whoever sees it would be worked without being anyone's). Managers act on their pool."""
     return scope.kind == ScopeKind.OWN and lead["owner_id"] != scope.owner_id
+
+
+def transferable_from(owner_id: str) -> ColumnElement[bool]:
+    """The leads a bulk transfer of `owner_id`'s leads moves (`domain.transferable`), found by
+    `ix_leads_owner_status`."""
+    c = leads.c
+    return (c.owner_id == owner_id) & ~c.in_pool & c.status.in_(TRANSFERABLE_STATUSES)
+
+
+async def move_open_tasks(
+    conn: AsyncConnection, lead_ids: Sequence[str], owner_id: str, *, first_contact_due: datetime
+) -> int:
+    """Gives the open tasks of the leads to `owner_id`, in one statement however many there are (on
+    PostgreSQL the ids are one array parameter); a first-contact task becomes due when the lead's new
+    first-contact SLA ends (`first_contact_due`). How many tasks moved."""
+    if not lead_ids:
+        return 0
+    t = tasks.c
+    if conn.dialect.name == "postgresql":
+        of_leads = t.lead_id == any_(bindparam("lead_ids", type_=ARRAY(t.lead_id.type)))
+    else:
+        of_leads = t.lead_id.in_(bindparam("lead_ids", expanding=True))
+    due = case((t.kind == "first_contact", literal(first_contact_due, t.due_at.type)), else_=t.due_at)
+    statement = update(tasks).where(of_leads, t.status == "open").values(owner_id=owner_id, due_at=due)
+    moved = await conn.execute(statement, {"lead_ids": list(lead_ids)})
+    return int(moved.rowcount)
 
 
 def tag_clause(conn: AsyncConnection, tag: str) -> ColumnElement[bool]:

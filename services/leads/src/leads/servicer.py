@@ -373,6 +373,19 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             previous=previous_message(messages.lead_to_proto, change.previous),
         )
 
+    async def TransferLeads(
+        self, request: leads_service_pb2.TransferLeadsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.TransferLeadsResponse:
+        transfer, lead_ids = await self.service.transfer_leads(
+            request.from_owner_id, request.to_owner_id, request.to_team, request.reason, request.idempotency_key
+        )
+        return leads_service_pb2.TransferLeadsResponse(
+            bulk_transfer_id=transfer["id"],
+            leads_transferred=transfer["leads"],
+            tasks_transferred=transfer["tasks"],
+            lead_ids=lead_ids,
+        )
+
     async def DisqualifyLead(
         self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DisqualifyLeadResponse:

@@ -553,6 +553,65 @@ def test_sending_a_pool_lead_to_the_pool_it_is_in_is_no_change(team: str, unchan
     assert not domain.already_assigned({**in_pool, "in_pool": False, "owner_id": "u1"}, owner_id="", team="")
 
 
+WORKED = {"owner_id": "leaver", "in_pool": False, "status": "new"}
+
+
+@pytest.mark.parametrize("status", ["new", "contacted", "qualified"])
+def test_a_bulk_transfer_moves_a_lead_its_rep_is_working(status: str) -> None:
+    assert domain.transferable({**WORKED, "status": status}, from_owner_id="leaver")
+
+
+@pytest.mark.parametrize(
+    "lead",
+    [
+        {**WORKED, "status": "converted"},  # stays with who converted it
+        {**WORKED, "status": "unqualified"},  # disqualified: closed too
+        {**WORKED, "owner_id": "", "in_pool": True, "status": "recycled"},  # in the pool: nobody's
+        {**WORKED, "in_pool": True},  # in the pool, however it got there
+        {**WORKED, "owner_id": "someone-else"},
+    ],
+)
+def test_a_bulk_transfer_leaves_closed_pool_and_other_reps_leads(lead: dict[str, object]) -> None:
+    assert not domain.transferable(lead, from_owner_id="leaver")
+
+
+def test_a_bulk_transfer_from_nobody_moves_no_lead() -> None:
+    assert not domain.transferable({**WORKED, "owner_id": "", "in_pool": True}, from_owner_id="")
+    assert not domain.transferable({**WORKED, "owner_id": ""}, from_owner_id="")
+
+
+@given(status=st.sampled_from(domain.STATUSES), in_pool=st.booleans(), owner=st.sampled_from(["leaver", "other", ""]))
+def test_a_bulk_transfer_moves_exactly_the_owned_open_leads_out_of_the_pool(
+    status: str, in_pool: bool, owner: str
+) -> None:
+    lead = {"owner_id": owner, "in_pool": in_pool, "status": status}
+    moved = domain.transferable(lead, from_owner_id="leaver")
+    assert moved == (owner == "leaver" and not in_pool and status in domain.OPEN_STATUSES and status != "recycled")
+
+
+@pytest.mark.parametrize(
+    ("given_ids", "errors"),
+    [
+        (("", "", ""), [("from_owner_id", "is required"), ("to_owner_id", "is required")]),
+        (("leaver", "", ""), [("to_owner_id", "is required")]),
+        ((" ", "\t", "  "), [(n, "must not be blank") for n in ("from_owner_id", "to_owner_id", "to_team")]),
+        (("leaver", "leaver", ""), [("to_owner_id", "must differ from from_owner_id")]),
+        (("leaver", "leaver", " "), [("to_team", "must not be blank")]),
+    ],
+)
+def test_a_bulk_transfer_names_each_owner_id_missing_blank_or_the_same(
+    given_ids: tuple[str, str, str], errors: list[tuple[str, str]]
+) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        domain.check_transfer(*given_ids)
+    assert [(e.field, e.message) for e in caught.value.errors] == errors
+
+
+def test_a_bulk_transfer_to_another_rep_with_or_without_a_team_is_valid() -> None:
+    domain.check_transfer("leaver", "taker", "")
+    domain.check_transfer("leaver", "taker", "west")
+
+
 @pytest.mark.parametrize(
     ("requested", "chosen", "created", "resumes"),
     [

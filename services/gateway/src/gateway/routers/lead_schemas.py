@@ -150,6 +150,14 @@ class Conversion(BaseModel):
     opportunity_id: str | None = Field(description="null when no opportunity was created")
 
 
+class LeadTransfer(BaseModel):
+    """What `POST /leads:transfer` moved."""
+
+    bulk_transfer_id: str
+    leads_transferred: int = Field(description="the leads the departing rep was working, now the new owner's")
+    tasks_transferred: int = Field(description="their open first-contact and follow-up tasks, now the new owner's")
+
+
 class ImportProgress(BaseModel):
     rows_seen: str | None = None
     accepted: str | None = None

@@ -148,6 +148,13 @@ class AssignIn(RequestBody):
     team: OptionalId = Field(default=None, max_length=200)
 
 
+class TransferIn(RequestBody):
+    from_owner_id: NonBlank = Field(max_length=200, description="the rep whose leads go")
+    to_owner_id: NonBlank = Field(max_length=200, description="the rep who takes them")
+    to_team: OptionalId = Field(default=None, max_length=200, description="the team the leads join; empty: their own")
+    reason: str = Field(default="", max_length=2000)
+
+
 class ReasonIn(RequestBody):
     reason: str = Field(default="", max_length=2000)
 
@@ -1186,6 +1193,45 @@ async def assign_lead(
     await access.audit_write(lead_id, before_write(reply, lead_json, result), result)
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+def _transfer_json(reply: pb.TransferLeadsResponse) -> dict[str, Any]:
+    return {
+        "bulk_transfer_id": reply.bulk_transfer_id,
+        "leads_transferred": reply.leads_transferred,
+        "tasks_transferred": reply.tasks_transferred,
+    }
+
+
+@router.post("/leads:transfer", responses={200: {"model": schemas.LeadTransfer}})
+async def transfer_leads(
+    body: TransferIn, request: Request, access: LeadsAssign, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """A departing rep's leads to another rep (人走客户不走), as `POST /accounts:transfer` moves their
+    accounts: every lead `from_owner_id` is working in the caller's scope (new, contacted or
+    qualified, out of the pool; converted and disqualified ones stay) goes to `to_owner_id`, with its
+    open first-contact and follow-up tasks, each as `POST /leads/{id}/assign` gives a lead to a rep
+    (a fresh first-contact SLA for one not contacted yet; the assignment rules' capacity caps do not
+    apply). On the audit trail once for the transfer and once on each lead it moved. Repeated with
+    its `Idempotency-Key`, it answers as the first request and moves nothing more."""
+    access.check_write(["owner_id", "team"] if body.to_team else ["owner_id"])
+    reply = await _stub(request).TransferLeads(
+        pb.TransferLeadsRequest(
+            from_owner_id=body.from_owner_id,
+            to_owner_id=body.to_owner_id,
+            to_team=body.to_team or "",
+            reason=body.reason,
+            idempotency_key=idempotency_key,
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    moved = f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}"
+    await access.audit("bulk_transfer", reply.bulk_transfer_id, fields=["owner_id"], reason=moved)
+    # Each lead's own trail shows the move too, naming the transfer (none in a replay: its row stands for it).
+    await access.audit_each(
+        "transfer", [(lead_id, f"{moved} ({reply.bulk_transfer_id})") for lead_id in reply.lead_ids]
+    )
+    return _transfer_json(reply)
 
 
 @router.post("/leads/{lead_id}/disqualify", responses={200: {"model": schemas.Lead}})

@@ -1,0 +1,165 @@
+"""POST /leads:transfer: a departing rep's leads go to another rep (人走客户不走), permissioned as
+POST /accounts:transfer is (the `assign` action: a manager may, a rep may not), a body the service
+could not act on is a 422 naming the field, and the transfer is on the audit trail once for itself
+and once on each lead it moved (a replay of its Idempotency-Key once, as a replay). The real
+gateway app over a fake leads service."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from crm.leads.v1 import leads_service_pb2 as pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.idempotency import REPLAYED_METADATA
+from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
+from gateway.security.access import REPLAY_REASON
+from gateway.testing import refuse, serving, started_gateway
+from gateway.token_cli import issue_dev_token
+
+pytestmark = pytest.mark.integration
+
+SECRET = "lead-transfer-secret-" + "t" * 30
+PATH = "/api/v1/leads:transfer"
+BODY = {"from_owner_id": "u-leaver", "to_owner_id": "u-taker", "reason": "left the company"}
+MOVED = "u-leaver -> u-taker: left the company"
+
+
+class TransferringLeads(LeadsServiceServicer):
+    """Moves lead-1 and lead-2 once per idempotency key; a repeat is answered as the service
+    answers it (the first answer, marked replayed). Refuses the same owner twice, as the service
+    does. Records each request with the record scope it came in."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[pb.TransferLeadsRequest, RecordScope]] = []
+        self.answers: dict[str, pb.TransferLeadsResponse] = {}
+
+    async def TransferLeads(self, request: pb.TransferLeadsRequest, context: Any) -> pb.TransferLeadsResponse:
+        self.calls.append((request, context_from_metadata(context.invocation_metadata()).scope))
+        if request.from_owner_id == request.to_owner_id:
+            await refuse(context, ValidationFailed([FieldError("to_owner_id", "must differ from from_owner_id")]))
+        if request.idempotency_key in self.answers:
+            context.set_trailing_metadata((REPLAYED_METADATA,))
+            return self.answers[request.idempotency_key]
+        answer = pb.TransferLeadsResponse(
+            bulk_transfer_id="bt-1", leads_transferred=2, tasks_transferred=3, lead_ids=["lead-1", "lead-2"]
+        )
+        if request.idempotency_key:
+            self.answers[request.idempotency_key] = answer
+        return answer
+
+
+@pytest.fixture
+def leads() -> TransferringLeads:
+    return TransferringLeads()
+
+
+@pytest.fixture
+async def http(tmp_path: Path, migrated_sqlite: Path, leads: TransferringLeads) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        serving(lambda server: add_LeadsServiceServicer_to_server(leads, server)) as address,
+        started_gateway(tmp_path, migrated_sqlite, secret=SECRET, leads=address) as client,
+    ):
+        yield client
+
+
+def auth(role: str, user: str = "u-1") -> dict[str, str]:
+    token = issue_dev_token(secret=SECRET, sub=user, roles=[role], team="east", region="north")
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def trail(http: httpx.AsyncClient, actor: str = "u-1") -> list[tuple[str, str, str, str]]:
+    """(action, outcome, record id, reason) of the actor's audit rows on leads."""
+    query = {"resource": "leads", "actor": actor}
+    items = (await http.get("/api/v1/audit-events", params=query, headers=auth("admin", "auditor"))).json()["items"]
+    return sorted((row["action"], row["outcome"], row["record_id"], row["reason"]) for row in items)
+
+
+@pytest.mark.parametrize(("role", "scope"), [("sales_manager", ScopeKind.TEAM), ("admin", ScopeKind.ALL)])
+async def test_a_manager_transfers_a_reps_leads_in_their_scope(
+    http: httpx.AsyncClient, leads: TransferringLeads, role: str, scope: ScopeKind
+) -> None:
+    body = {**BODY, "to_team": "west"}
+    response = await http.post(PATH, json=body, headers={**auth(role), "Idempotency-Key": "leave-1"})
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"bulk_transfer_id": "bt-1", "leads_transferred": 2, "tasks_transferred": 3}
+    [(request, sent_scope)] = leads.calls
+    assert (request.from_owner_id, request.to_owner_id, request.to_team) == ("u-leaver", "u-taker", "west")
+    assert (request.reason, request.idempotency_key) == ("left the company", "leave-1")
+    assert sent_scope.kind is scope
+
+
+@pytest.mark.parametrize("role", ["sales_rep", "marketing", "analyst"])
+async def test_a_caller_who_may_not_assign_leads_may_not_transfer_them(
+    http: httpx.AsyncClient, leads: TransferringLeads, role: str
+) -> None:
+    response = await http.post(PATH, json=BODY, headers=auth(role))
+
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert leads.calls == []
+    assert await trail(http) == [("denied", "denied", "", "assign: you may not assign leads")]
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({"to_owner_id": "u-taker"}, ["from_owner_id"]),
+        ({"from_owner_id": "u-leaver"}, ["to_owner_id"]),
+        ({**BODY, "from_owner_id": " ", "to_owner_id": "\t"}, ["from_owner_id", "to_owner_id"]),
+        ({**BODY, "to_team": "  "}, ["to_team"]),
+        ({**BODY, "to_owner_id": "u" * 201}, ["to_owner_id"]),
+        ({**BODY, "dry_run": True}, ["dry_run"]),
+    ],
+)
+async def test_a_body_naming_no_two_owners_is_422_naming_the_field_before_the_service_is_called(
+    http: httpx.AsyncClient, leads: TransferringLeads, body: dict[str, Any], fields: list[str]
+) -> None:
+    response = await http.post(PATH, json=body, headers=auth("sales_manager"))
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [error["field"] for error in response.json()["errors"]] == fields
+    assert leads.calls == []
+
+
+async def test_a_transfer_to_the_departing_rep_is_the_services_422_naming_the_field(
+    http: httpx.AsyncClient, leads: TransferringLeads
+) -> None:
+    response = await http.post(PATH, json={**BODY, "to_owner_id": "u-leaver"}, headers=auth("sales_manager"))
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["errors"] == [{"field": "to_owner_id", "message": "must differ from from_owner_id"}]
+    assert await trail(http) == []  # nothing moved, nothing audited as done
+
+
+async def test_a_transfer_is_on_the_trail_of_the_transfer_and_of_each_lead_it_moved(http: httpx.AsyncClient) -> None:
+    response = await http.post(PATH, json=BODY, headers=auth("sales_manager"))
+
+    assert response.status_code == 200, response.text
+    assert await trail(http) == [
+        ("bulk_transfer", "allowed", "bt-1", MOVED),
+        ("transfer", "allowed", "lead-1", f"{MOVED} (bt-1)"),
+        ("transfer", "allowed", "lead-2", f"{MOVED} (bt-1)"),
+    ]
+
+
+async def test_a_transfer_repeated_with_its_key_answers_the_same_and_is_audited_once_as_a_replay(
+    http: httpx.AsyncClient,
+) -> None:
+    keyed = {**auth("sales_manager"), "Idempotency-Key": "leave-1"}
+    first = await http.post(PATH, json=BODY, headers=keyed)
+    again = await http.post(PATH, json=BODY, headers=keyed)
+
+    assert (first.status_code, again.status_code) == (200, 200), again.text
+    assert again.json() == first.json()
+    assert await trail(http) == [
+        ("bulk_transfer", "allowed", "bt-1", MOVED),
+        ("replay", "allowed", "bt-1", f"bulk_transfer: {REPLAY_REASON}"),  # not lead by lead again
+        ("transfer", "allowed", "lead-1", f"{MOVED} (bt-1)"),
+        ("transfer", "allowed", "lead-2", f"{MOVED} (bt-1)"),
+    ]
