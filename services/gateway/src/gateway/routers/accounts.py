@@ -951,11 +951,8 @@ async def bulk_transfer(
         ),
         metadata=access.grpc_metadata(),
     )
-    moved = f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}"
-    await access.audit("bulk_transfer", reply.bulk_transfer_id, fields=["owner_id"], reason=moved)
-    # Each account's own trail shows the move too, naming the bulk transfer.
-    await access.audit_each(
-        "transfer", [(account_id, f"{moved} ({reply.bulk_transfer_id})") for account_id in reply.account_ids]
+    await access.audit_bulk_transfer(
+        reply.bulk_transfer_id, body.from_owner_id, body.to_owner_id, body.reason, reply.account_ids
     )
     return {
         "bulk_transfer_id": reply.bulk_transfer_id,

@@ -1225,11 +1225,8 @@ async def transfer_leads(
         ),
         metadata=access.grpc_metadata(),
     )
-    moved = f"{body.from_owner_id} -> {body.to_owner_id}: {body.reason}"
-    await access.audit("bulk_transfer", reply.bulk_transfer_id, fields=["owner_id"], reason=moved)
-    # Each lead's own trail shows the move too, naming the transfer (none in a replay: its row stands for it).
-    await access.audit_each(
-        "transfer", [(lead_id, f"{moved} ({reply.bulk_transfer_id})") for lead_id in reply.lead_ids]
+    await access.audit_bulk_transfer(
+        reply.bulk_transfer_id, body.from_owner_id, body.to_owner_id, body.reason, reply.lead_ids
     )
     return _transfer_json(reply)
 
