@@ -1,8 +1,9 @@
 """The 360° view of an account shows its open deals and its contracts exactly as GET
 /opportunities/{id} and GET /contracts/{id} show them to the same caller (versions as numbers, an
 expected close date or a stage not yet left as null, a decision without a comment with an empty
-one), and its receivables as GET /receivables shows them. The view's OpenAPI document names the
-schemas of those records. The real gateway app over fake accounts and sales services."""
+one), and its receivables as GET /receivables shows them; its open tickets' survey keys only to who
+may enter CSAT answers, as the ticket routes. The view's OpenAPI document names the schemas of those
+records. The real gateway app over fake accounts, sales and service-desk services."""
 
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,12 @@ from crm.common.v1 import common_pb2
 from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as sales_pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceServicer, add_SalesServiceServicer_to_server
+from crm.servicedesk.v1 import servicedesk_pb2
+from crm.servicedesk.v1 import servicedesk_service_pb2 as desk_pb
+from crm.servicedesk.v1.servicedesk_service_pb2_grpc import (
+    ServiceDeskServiceServicer,
+    add_ServiceDeskServiceServicer_to_server,
+)
 from gateway.routers import sales_schemas
 from gateway.testing import assert_documented, serving, started_gateway
 from gateway.token_cli import issue_dev_token
@@ -102,12 +109,24 @@ class OneDealAndContract(SalesServiceServicer):
         return RECEIVABLES
 
 
+class OneReopenedTicket(ServiceDeskServiceServicer):
+    async def ListTickets(self, request: desk_pb.ListTicketsRequest, context: Any) -> desk_pb.ListTicketsResponse:
+        ticket = servicedesk_pb2.Ticket(
+            id="t-1", account_id="acc-1", subject="Printer", status="reopened", team="east", region="north",
+            survey_key="k" * 32,  # resolved once: its customer's survey link
+        )  # fmt: skip
+        return desk_pb.ListTicketsResponse(items=[ticket])
+
+
 @pytest.fixture
 async def http(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[httpx.AsyncClient]:
     async with (
         serving(lambda server: add_AccountsServiceServicer_to_server(OneAccount(), server)) as accounts,
         serving(lambda server: add_SalesServiceServicer_to_server(OneDealAndContract(), server)) as sales,
-        started_gateway(tmp_path, migrated_sqlite, secret=SECRET, accounts=accounts, sales=sales) as client,
+        serving(lambda server: add_ServiceDeskServiceServicer_to_server(OneReopenedTicket(), server)) as desk,
+        started_gateway(
+            tmp_path, migrated_sqlite, secret=SECRET, accounts=accounts, sales=sales, service_desk=desk
+        ) as client,
     ):
         yield client
 
@@ -166,3 +185,12 @@ async def test_the_views_schema_names_the_deal_and_contract_schemas(http: httpx.
     contracts = schemas[view["contracts_and_receivables"]["$ref"].rsplit("/", 1)[-1]]["properties"]["items"]
     assert deals["anyOf"][0]["items"] == {"$ref": "#/components/schemas/Opportunity"}
     assert contracts["anyOf"][0]["items"] == {"$ref": "#/components/schemas/Contract"}
+
+
+@pytest.mark.parametrize(("role", "shown"), [("admin", True), ("sales_manager", False)])
+async def test_an_open_tickets_survey_key_is_shown_only_to_who_may_enter_csat_answers(
+    http: httpx.AsyncClient, role: str, shown: bool
+) -> None:
+    [ticket] = (await read(http, VIEW, role))["open_tickets"]["items"]
+    assert ticket["id"] == "t-1"
+    assert ("survey_key" in ticket) is shown

@@ -366,7 +366,7 @@ async def test_a_bad_forecast_filter_is_422(
 
 async def test_csat_as_csv_paged_in_the_region(app: FastAPI, client: httpx.AsyncClient, real_app_auth: Any) -> None:
     rows = table(await client.get("/api/v1/exports/csat?ticket_id=t-1", headers=real_app_auth("service_manager")))
-    assert rows[0] == ["id", "ticket_id", "account_id", "score", "comment", "submitted_at"]
+    assert rows[0] == ["id", "ticket_id", "account_id", "score", "comment", "submitted_at", "channel"]
     assert [row[:5] for row in rows[1:]] == [["c-1", "t-1", "", "5", "great"], ["c-2", "t-2", "", "2", "'+slow"]]
     pages = calls(app).of("ListCsatResponses")
     assert [request.page.cursor for request, _ in pages] == ["", "c-1"]

@@ -23,11 +23,14 @@ from gateway.security.runtime import api_routes, authenticated_routes, declared_
 pytestmark = pytest.mark.integration
 
 SECRET = "real-routes-secret-" + "z" * 30
-# Public on purpose: probes, and the webform intake (authenticated by its form key, SPEC §4).
+# Public on purpose: probes, the webform intake (authenticated by its form key, SPEC §4) and a
+# ticket's CSAT survey link (by its survey key, SPEC §7).
 PUBLIC = {
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("POST", "/api/v1/webforms/{form_key}/submissions"),
+    ("GET", "/api/v1/csat-surveys/{survey_key}"),
+    ("POST", "/api/v1/csat-surveys/{survey_key}"),
 }
 POLICY = load_policy()
 DUMMY_ID = "00000000-0000-7000-8000-000000000000"

@@ -32,7 +32,12 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
 def build_with_context(settings: ServiceDeskSettings, engine: AsyncEngine) -> tuple[ServiceApp, Context]:
     """The app and the handlers' context it serves with (tests drive the context's clock)."""
     uow = UnitOfWork(engine, metadata, source=f"/crm/{settings.service_name}")
-    ctx = Context(uow=uow, return_visit_days=settings.return_visit_days, suggestions=settings.suggestions)
+    ctx = Context(
+        uow=uow,
+        return_visit_days=settings.return_visit_days,
+        suggestions=settings.suggestions,
+        survey_valid_days=settings.survey_valid_days,
+    )
     servicer = ServiceDeskServicer(ctx)
     # The clock through ctx: tests replace ctx.clock after building the app.
     definitions = custom_fields_service.CustomFieldServicer(

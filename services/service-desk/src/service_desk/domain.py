@@ -305,6 +305,49 @@ def validate_csat(status: str, resolved: bool, score: int, comment: str) -> None
         raise Conflict("a survey needs a resolved ticket; this one was closed unresolved", reason="TICKET_NOT_RESOLVED")
 
 
+# Who gave a CSAT answer: entered by staff (SubmitCsat), or by the customer through the ticket's
+# survey link (SubmitCsatSurvey). One answer per ticket, whichever gives it first.
+STAFF_CHANNEL = "staff"
+CUSTOMER_CHANNEL = "customer"
+CSAT_CHANNELS = (STAFF_CHANNEL, CUSTOMER_CHANNEL)
+# Random bytes of a survey key (`secrets.token_urlsafe`): 32 URL-safe characters.
+SURVEY_KEY_BYTES = 24
+
+
+def survey_expires_at(resolved_at: datetime, valid_days: float) -> datetime:
+    """The end of the time a ticket's survey link takes an answer: `valid_days` after the ticket's
+    (current) resolution. A ticket resolved again after a reopening starts it again."""
+    return resolved_at + timedelta(days=valid_days)
+
+
+def survey_refusal(status: str, resolved_at: datetime | None, now: datetime, valid_days: float) -> Conflict | None:
+    """Why a ticket's survey link takes no answer now (None: it takes one). It answers a resolved
+    ticket (closed since or not, as `validate_csat`): not one open again (reopened, and worked on
+    since) nor one closed without a resolution (TICKET_NOT_RESOLVED); and only until
+    `survey_expires_at` (SURVEY_EXPIRED). Whether an answer was given already is the caller's to
+    check (one per ticket, staff answers included)."""
+    if status not in DONE_STATUSES or resolved_at is None:
+        state = status if status not in DONE_STATUSES else "closed without a resolution"
+        return Conflict(
+            f"the survey takes an answer once the ticket is resolved; it is {state}", reason="TICKET_NOT_RESOLVED"
+        )
+    expires_at = survey_expires_at(resolved_at, valid_days)
+    if now >= expires_at:
+        return Conflict(
+            f"the survey took answers until {expires_at.isoformat()}, {valid_days:g} days after the ticket was "
+            "resolved",
+            reason="SURVEY_EXPIRED",
+        )
+    return None
+
+
+def check_survey_answerable(status: str, resolved_at: datetime | None, now: datetime, valid_days: float) -> None:
+    """Raises the `survey_refusal` (HTTP 409) of a survey that takes no answer now."""
+    refusal = survey_refusal(status, resolved_at, now, valid_days)
+    if refusal is not None:
+        raise refusal
+
+
 # A return visit is open until done, or cancelled when its account is deleted (nobody to call).
 RETURN_VISIT_STATUSES = ("open", "done", "cancelled")
 VISIT_CANCELLED_WITH_THE_ACCOUNT = "account_deleted"

@@ -2,6 +2,7 @@
 the change and its events (outbox) together."""
 
 import logging
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -28,7 +29,15 @@ from crm_platform.errors import (
 from crm_platform.ids import new_id
 from crm_platform.jobs import claim_due
 from crm_platform.outbox import Transaction, UnitOfWork
-from crm_platform.principal import current_principal, current_scope, scope_clause
+from crm_platform.principal import (
+    ALL_RECORDS,
+    Principal,
+    acting_as,
+    current_principal,
+    current_request_id,
+    current_scope,
+    scope_clause,
+)
 from crm_platform.timeutil import as_utc, utcnow
 from sqlalchemy import and_, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -65,6 +74,8 @@ class Context:
     return_visit_days: float = 3.0
     suggestions: int = 3
     clock: Callable[[], datetime] = utcnow
+    # Days after its resolution during which a ticket's survey link takes the customer's answer.
+    survey_valid_days: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +349,7 @@ async def create_ticket(
             "resolution_breached_at": None,
             "sla_paused_at": None,
             "sla_paused_seconds": 0,
+            "survey_key": None,
             "created_at": now,
             "updated_at": now,
             "version": 1,
@@ -486,6 +498,8 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
     if status == "resolved":
         t["resolved_at"] = now
         t["first_resolved_at"] = t["first_resolved_at"] or now
+        # The survey link of the first resolution stays: a QR code printed then keeps working.
+        t["survey_key"] = t["survey_key"] or secrets.token_urlsafe(domain.SURVEY_KEY_BYTES)
     elif status == "closed":
         t["closed_at"] = now
     elif status == "reopened":
@@ -910,7 +924,7 @@ async def list_agents(
 
 
 async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *, idempotency_key: str) -> Any:
-    principal = current_principal()
+    """An answer entered by staff (channel `staff`): one per resolved ticket, as any answer."""
     now = ctx.clock()
     table = repo.csat_responses
     response_id = new_id()
@@ -920,17 +934,98 @@ async def submit_csat(ctx: Context, ticket_id: str, score: int, comment: str, *,
             return (await tx.conn.execute(select(table).where(table.c.id == earlier))).one()
         t = await _ticket_for_update(tx.conn, ticket_id)
         domain.validate_csat(t["status"], t["resolved_at"] is not None, score, comment)
-        existing = await tx.conn.scalar(select(table.c.id).where(table.c.ticket_id == ticket_id))
+        existing = await _csat_answer_id(tx.conn, ticket_id)
         if existing is not None:
-            raise AlreadyExists(f"ticket {ticket_id} already has a survey answer", existing_id=str(existing))
-        response = {
-            "id": response_id, "ticket_id": ticket_id, "account_id": t["account_id"], "score": score,
-            "comment": comment, "submitted_by_id": principal.user_id, "owner_id": t["owner_id"], "team": t["team"],
-            "region": t["region"], "submitted_at": now,
-        }  # fmt: skip
-        await tx.conn.execute(insert(table).values(**response))
-        tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=ticket_id)
+            raise AlreadyExists(f"ticket {ticket_id} already has a survey answer", existing_id=existing)
+        return await _store_csat(tx, t, response_id, score, comment, domain.STAFF_CHANNEL, now)
+
+
+async def _csat_answer_id(conn: AsyncConnection, ticket_id: str) -> str | None:
+    """The id of the ticket's CSAT answer, whoever gave it; None while it has none."""
+    table = repo.csat_responses
+    existing = await conn.scalar(select(table.c.id).where(table.c.ticket_id == ticket_id))
+    return None if existing is None else str(existing)
+
+
+async def _store_csat(
+    tx: Transaction, t: Mapping[str, Any], response_id: str, score: int, comment: str, channel: str, now: datetime
+) -> dict[str, Any]:
+    """Stores the answer to the locked ticket (in its record scope) and publishes csat.submitted."""
+    response = {
+        "id": response_id, "ticket_id": t["id"], "account_id": t["account_id"], "score": score, "comment": comment,
+        "submitted_by_id": current_principal().user_id, "owner_id": t["owner_id"], "team": t["team"],
+        "region": t["region"], "submitted_at": now, "channel": channel,
+    }  # fmt: skip
+    await tx.conn.execute(insert(repo.csat_responses).values(**response))
+    tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=t["id"])
     return response
+
+
+# --- the customer's survey link --------------------------------------------------------------------
+
+
+def survey_principal(ticket_id: str) -> Principal:
+    """Who answers through a ticket's survey link: the survey itself, named by its ticket (never by
+    its key), as a web form captures its leads. The gateway audits the answer with the same actor."""
+    return Principal(user_id=f"survey:{ticket_id}", kind="customer")
+
+
+async def _survey_ticket(conn: AsyncConnection, survey_key: str) -> Any:
+    """The ticket whose survey link has `survey_key`, in no record scope: the key is the credential
+    (the call is public). An unknown key is NOT_FOUND."""
+    row = None
+    if survey_key:
+        row = (await conn.execute(select(repo.tickets).where(repo.tickets.c.survey_key == survey_key))).first()
+    if row is None:
+        raise NotFound("csat_survey", survey_key)
+    return row
+
+
+async def get_csat_survey(ctx: Context, survey_key: str) -> dict[str, Any]:
+    """The survey of the ticket whose link has `survey_key`, as its customer sees it: the ticket's
+    id and subject, its resolution, until when the link takes an answer, whether one was given and
+    whether one would be taken now."""
+    now = ctx.clock()
+    async with ctx.uow.engine.connect() as conn:
+        t = await _survey_ticket(conn, survey_key)
+        answered = await _csat_answer_id(conn, t.id) is not None
+    resolved_at = as_utc(t.resolved_at) if t.resolved_at is not None else None
+    refusal = domain.survey_refusal(t.status, resolved_at, now, ctx.survey_valid_days)
+    return {
+        "ticket_id": t.id,
+        "subject": t.subject,
+        "resolved_at": resolved_at,
+        # Of the current resolution: none while the ticket is open again.
+        "expires_at": domain.survey_expires_at(resolved_at, ctx.survey_valid_days) if resolved_at else None,
+        "answered": answered,
+        "answerable": refusal is None and not answered,
+    }
+
+
+async def submit_csat_survey(ctx: Context, survey_key: str, score: int, comment: str, *, idempotency_key: str) -> Any:
+    """The customer's own answer through the ticket's survey link (channel `customer`), given as the
+    survey (`survey_principal`): while the ticket is resolved (closed since or not) and the link has
+    not expired (`domain.survey_refusal`), once per ticket, an answer entered by staff included. An
+    Idempotency-Key is the survey's own: a repeat answers with the first answer."""
+    now = ctx.clock()
+    table = repo.csat_responses
+    response_id = new_id()
+    async with ctx.uow.engine.connect() as conn:
+        ticket_id = (await _survey_ticket(conn, survey_key)).id
+    with acting_as(survey_principal(ticket_id), ALL_RECORDS, current_request_id()):
+        async with ctx.uow.begin() as tx:
+            earlier = await _idempotency_keys.claim(tx.conn, "submit_csat_survey", idempotency_key, response_id, now)
+            if earlier is not None:
+                return (await tx.conn.execute(select(table).where(table.c.id == earlier))).one()
+            # Locked as SubmitCsat locks it, so that of two answers racing, one is stored.
+            t = await _ticket_for_update(tx.conn, ticket_id)
+            domain.validate_csat(t["status"], t["resolved_at"] is not None, score, comment)
+            resolved_at = as_utc(t["resolved_at"]) if t["resolved_at"] is not None else None
+            domain.check_survey_answerable(t["status"], resolved_at, now, ctx.survey_valid_days)
+            if await _csat_answer_id(tx.conn, ticket_id) is not None:
+                # The customer is not told the answer's id: a public caller gets no internal id.
+                raise AlreadyExists("this survey was answered already")
+            return await _store_csat(tx, t, response_id, score, comment, domain.CUSTOMER_CHANNEL, now)
 
 
 async def list_csat(ctx: Context, *, ticket_id: str, account_id: str, page: Page) -> tuple[list[Any], str]:

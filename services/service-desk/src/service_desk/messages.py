@@ -66,6 +66,7 @@ def ticket_to_proto(row: Any) -> sd.Ticket:
         created_by_id=r["created_by_id"],
         account_tier=r["account_tier"],
         custom=_struct(r["custom"]),
+        survey_key=r["survey_key"] or "",
     )
     _times(
         message,
@@ -131,9 +132,26 @@ def agent_to_proto(row: Any, open_tickets: int) -> sd.Agent:
 def csat_to_proto(row: Any) -> sd.CsatResponse:
     r = _values(row)
     message = sd.CsatResponse(
-        id=r["id"], ticket_id=r["ticket_id"], account_id=r["account_id"], score=r["score"], comment=r["comment"]
+        id=r["id"],
+        ticket_id=r["ticket_id"],
+        account_id=r["account_id"],
+        score=r["score"],
+        comment=r["comment"],
+        channel=r["channel"],
     )
     _times(message, r, "submitted_at")
+    return message
+
+
+def survey_to_proto(survey: Mapping[str, Any]) -> sd.CsatSurvey:
+    """A ticket's survey as its customer sees it (`handlers.get_csat_survey`)."""
+    message = sd.CsatSurvey(
+        ticket_id=survey["ticket_id"],
+        subject=survey["subject"],
+        answered=survey["answered"],
+        answerable=survey["answerable"],
+    )
+    _times(message, survey, "resolved_at", "expires_at")
     return message
 
 

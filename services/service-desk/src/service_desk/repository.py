@@ -33,6 +33,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,6 +44,8 @@ metadata = MetaData()
 add_messaging_tables(metadata)
 
 TS = UtcDateTime()
+# Tickets with a survey link (resolved once): the only ones its unique index holds.
+HAS_SURVEY = text("survey_key IS NOT NULL")
 
 tickets = Table(
     "tickets",
@@ -91,6 +94,9 @@ tickets = Table(
     # is taken from the tickets offered longest ago (or never), so those nobody can take do not
     # hold the head of it.
     Column("dispatch_offered_at", TS),
+    # The key of the ticket's survey link for its customer (GetCsatSurvey): set at the first
+    # resolution, kept through reopenings; NULL before (migration 0016).
+    Column("survey_key", String(64)),
     Column("created_at", TS, nullable=False),
     Column("updated_at", TS, nullable=False),
     Column("version", BigInteger, nullable=False),
@@ -108,6 +114,7 @@ tickets = Table(
     Index("ix_tickets_contact", "contact_id"),
     Index("ix_tickets_escalated", "escalated"),
     Index("ix_tickets_next_sla_check", "next_sla_check_at"),
+    Index("ux_tickets_survey_key", "survey_key", unique=True, postgresql_where=HAS_SURVEY, sqlite_where=HAS_SURVEY),
 )
 
 ticket_comments = Table(
@@ -189,6 +196,9 @@ csat_responses = Table(
     Column("team", String(100), nullable=False, server_default=""),
     Column("region", String(100), nullable=False, server_default=""),
     Column("submitted_at", TS, nullable=False),
+    # staff (SubmitCsat) or customer (the survey link; `submitted_by_id` names the survey:
+    # `survey:<ticket id>`). Answers from before migration 0016 were all entered by staff.
+    Column("channel", String(20), nullable=False, server_default="staff"),
     UniqueConstraint("ticket_id", name="uq_csat_ticket"),
     Index("ix_csat_account", "account_id"),
     Index("ix_csat_submitted", "submitted_at", "id"),

@@ -20,6 +20,7 @@ from service_desk.messages import (
     csat_to_proto,
     return_visit_to_proto,
     sla_policy_to_proto,
+    survey_to_proto,
     ticket_to_proto,
     work_log_to_proto,
 )
@@ -218,6 +219,16 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             self.ctx, request.ticket_id, request.score, request.comment, idempotency_key=request.idempotency_key
         )
         return pb.SubmitCsatResponse(response=csat_to_proto(row))
+
+    async def GetCsatSurvey(self, request: pb.GetCsatSurveyRequest, context: Ctx) -> pb.GetCsatSurveyResponse:
+        survey = await handlers.get_csat_survey(self.ctx, request.survey_key)
+        return pb.GetCsatSurveyResponse(survey=survey_to_proto(survey))
+
+    async def SubmitCsatSurvey(self, request: pb.SubmitCsatSurveyRequest, context: Ctx) -> pb.SubmitCsatSurveyResponse:
+        row = await handlers.submit_csat_survey(
+            self.ctx, request.survey_key, request.score, request.comment, idempotency_key=request.idempotency_key
+        )
+        return pb.SubmitCsatSurveyResponse(response=csat_to_proto(row))
 
     async def ListCsatResponses(
         self, request: pb.ListCsatResponsesRequest, context: Ctx

@@ -16,7 +16,7 @@ TICKET = {
     "first_responded_at": None, "resolved_at": None, "closed_at": None, "created_at": T0, "updated_at": T0,
     "tags": ["vip"], "version": 1, "effective_priority": "urgent", "escalated": True,
     "escalation_reason": "sla_breached_first_response", "created_by_id": "u-1", "account_tier": "A",
-    "custom": {"sku": "X1"},
+    "custom": {"sku": "X1"}, "survey_key": None,
     # Not in the Ticket message: never listed.
     "owner_id": "u-1", "next_sla_check_at": T0, "first_response_breached_at": T0,
 }  # fmt: skip

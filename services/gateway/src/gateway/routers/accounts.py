@@ -45,6 +45,7 @@ from gateway.routers.custom_fields import (
 )
 from gateway.routers.sales import contract_dict, opportunity_dict, receivables_view
 from gateway.routers.service_desk import OPEN_STATUSES as OPEN_TICKET_STATUSES
+from gateway.routers.service_desk import ticket_presenter
 from gateway.routers.service_desk import to_json as ticket_json
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
@@ -1702,7 +1703,7 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
                 metadata=view.grpc_metadata(),
             )
         )
-        present = await presenter(view)
+        present = await ticket_presenter(view)  # a reopened ticket's survey key only for who enters CSAT
         return {"items": [present(ticket_json(t)) for t in rows.items]}
 
     parts = await asyncio.gather(

@@ -2,15 +2,20 @@
 CSAT, SLA policies, agents, return visits and the knowledge base.
 
 Permissions come only from `require(...)`/`Access`; the service-desk service applies record scope
-(a ticket's owner is its assignee). Illegal status transitions answer 409.
+(a ticket's owner is its assignee). Illegal status transitions answer 409. A ticket's CSAT survey
+link (`/csat-surveys/{survey_key}`) is public: its key, which only who may enter CSAT answers reads
+on the ticket, authenticates the customer (`gateway.public_keys`).
 """
 
 from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
+import grpc
 from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
+from crm_platform.grpc_client import noting_replays, replay_noted
+from crm_platform.principal import Principal
 from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -20,11 +25,13 @@ from pydantic import Field
 
 from gateway.conventions import IdempotencyKey, IfMatch, expected_version, nothing_to_change, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
+from gateway.public_keys import PublicKeyPath, deny_unknown_key, path_without_key
 from gateway.references import CONTACT, References
 from gateway.routers import service_desk_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, Presenter, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
+from gateway.security.access import runtime_of
 from gateway.security.problems import not_found
 
 router = ResourceRouter(tags=["service desk"])
@@ -181,9 +188,36 @@ def _page(limit: int, cursor: str, sort: str = "") -> common_pb2.PageRequest:
     return common_pb2.PageRequest(limit=limit, cursor=cursor, sort=sort)
 
 
-async def _listing(access: Access, items: Any, cursor: str) -> dict[str, Any]:
-    present = await presenter(access)
+async def _listing(access: Access, items: Any, cursor: str, present: Presenter | None = None) -> dict[str, Any]:
+    present = present or await presenter(access)
     return {"items": [present(to_json(item)) for item in items], "next_cursor": cursor or None}
+
+
+# --- a ticket's survey key -----------------------------------------------------------------------
+
+SURVEY_KEY = "survey_key"
+
+
+def may_see_survey_key(access: Access) -> bool:
+    """A ticket's `survey_key` lets whoever holds it answer the ticket's CSAT survey: it is for who
+    may enter CSAT answers (to print the link or its QR code for the customer), as a web form's key
+    is for who may change web forms; anyone else reading the ticket does not get it."""
+    return access.runtime.policy.decide(access.principal, "csat", "create").allowed
+
+
+def without_survey_key(ticket: dict[str, Any]) -> dict[str, Any]:
+    """A ticket without its `survey_key`: as the audit trail keeps it (the key is a credential,
+    kept out as a web form's is), and as a caller who may not enter CSAT answers reads it."""
+    return {name: value for name, value in ticket.items() if name != SURVEY_KEY}
+
+
+async def ticket_presenter(access: Access) -> Presenter:
+    """`presenter(access)` for tickets: the `survey_key` left out for who may not enter CSAT
+    answers (`may_see_survey_key`)."""
+    present = await presenter(access)
+    if may_see_survey_key(access):
+        return present
+    return lambda ticket: present(without_survey_key(dict(ticket)))
 
 
 def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
@@ -231,8 +265,8 @@ async def create_ticket(
         idempotency_key, lambda replay: stub.CreateTicket(message, metadata=access.grpc_metadata() + replay)
     )
     result = to_json(reply.ticket)
-    await access.audit_write(result["id"], None, result)
-    present = await presenter(access)
+    await access.audit_write(result["id"], None, without_survey_key(result))
+    present = await ticket_presenter(access)
     kb = access.view("kb_articles")
     return with_etag(
         response, _created_ticket_json(result, reply.suggested_articles, present, kb.present if kb else None)
@@ -311,14 +345,14 @@ async def list_tickets(
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _listing(access, reply.items, reply.page_info.next_cursor)
+    return await _listing(access, reply.items, reply.page_info.next_cursor, await ticket_presenter(access))
 
 
 @router.get("/tickets/{ticket_id}", responses={200: {"model": schemas.TicketDetail}})
 async def get_ticket(ticket_id: str, request: Request, response: Response, access: TicketsRead) -> dict[str, Any]:
     """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
     reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
-    present = await presenter(access)
+    present = await ticket_presenter(access)
     csat = access.view("csat")
     return with_etag(response, _ticket_detail_json(reply, present, csat.present if csat else None))
 
@@ -365,8 +399,8 @@ async def update_ticket(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, to_json(reply.previous), result)
-    present = await presenter(access)
+    await access.audit_write(ticket_id, without_survey_key(to_json(reply.previous)), without_survey_key(result))
+    present = await ticket_presenter(access)
     return with_etag(response, present(result))
 
 
@@ -385,7 +419,7 @@ async def delete_ticket(ticket_id: str, request: Request, access: TicketsDelete,
         pb.DeleteTicketRequest(ticket_id=ticket_id, expected_version=expected_version(if_match)),
         metadata=access.grpc_metadata(),
     )
-    await access.audit_write(ticket_id, to_json(reply.previous), None)
+    await access.audit_write(ticket_id, without_survey_key(to_json(reply.previous)), None)
     return Response(status_code=204)
 
 
@@ -401,8 +435,9 @@ async def change_ticket_status(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, to_json(reply.previous), result, reason=body.note)
-    present = await presenter(access)
+    before, after = without_survey_key(to_json(reply.previous)), without_survey_key(result)
+    await access.audit_write(ticket_id, before, after, reason=body.note)
+    present = await ticket_presenter(access)
     return with_etag(response, present(result))
 
 
@@ -419,8 +454,8 @@ async def assign_ticket(
         metadata=access.grpc_metadata(),
     )
     result = to_json(reply.ticket)
-    await access.audit_write(ticket_id, to_json(reply.previous), result)
-    present = await presenter(access)
+    await access.audit_write(ticket_id, without_survey_key(to_json(reply.previous)), without_survey_key(result))
+    present = await ticket_presenter(access)
     return with_etag(response, present(result))
 
 
@@ -511,6 +546,96 @@ async def list_csat(
         metadata=access.grpc_metadata(),
     )
     return await _listing(access, reply.items, reply.page_info.next_cursor)
+
+
+# --- the customer's survey link (public) -------------------------------------------------------
+
+_SURVEY_RATE_LIMIT = {
+    "description": "This address asked for too many unknown survey keys (see Retry-After): guesses are slowed "
+    "like failed logins"
+}
+
+
+def survey_actor(ticket_id: str) -> Principal:
+    """Who answers through a ticket's survey link: the survey, named by its ticket (never its key),
+    as the service desk acts for it (`handlers.survey_principal`), so its events and the audit trail
+    name the same actor."""
+    return Principal(user_id=f"survey:{ticket_id}", kind="customer")
+
+
+async def _deny_unknown_survey_key(request: Request, path: str, action: str) -> None:
+    """A key no ticket's survey link has: a failed authentication (`public_keys.deny_unknown_key`)."""
+    await deny_unknown_key(
+        request, path, resource="csat", action=action, message="no such survey",
+        too_many="too many requests to unknown surveys",
+    )  # fmt: skip
+
+
+@router.get("/csat-surveys/{survey_key}", responses={200: {"model": schemas.CsatSurvey}, 429: _SURVEY_RATE_LIMIT})
+async def get_csat_survey(survey_key: PublicKeyPath, request: Request) -> dict[str, Any]:
+    """Public, no login: the CSAT survey of the ticket whose link has this key (the link, or the QR
+    code of it, left with the customer; the ticket's `survey_key`). What identifies the ticket to
+    its customer (its id and subject) and whether the survey takes an answer now. An unknown key is
+    a 404, audited and slowed down as a failed login."""
+    path = path_without_key(request, SURVEY_KEY, survey_key)
+    try:
+        reply = await _stub(request).GetCsatSurvey(pb.GetCsatSurveyRequest(survey_key=survey_key), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            await _deny_unknown_survey_key(request, path, "read_survey")
+        raise
+    return to_json(reply.survey)
+
+
+@router.post(
+    "/csat-surveys/{survey_key}",
+    status_code=201,
+    responses={
+        201: {"model": schemas.SurveyAnswerReceived},
+        409: {
+            "description": "No answer taken: one was given already (staff's included: `DUPLICATE`), the ticket "
+            "is open again or was closed unresolved (`TICKET_NOT_RESOLVED`), or the link expired "
+            "(`SURVEY_EXPIRED`)"
+        },
+        429: _SURVEY_RATE_LIMIT,
+    },
+)
+async def answer_csat_survey(
+    survey_key: PublicKeyPath, body: CsatIn, request: Request, idempotency_key: IdempotencyKey = ""
+) -> dict[str, Any]:
+    """Public, no login: the customer's own answer to the ticket's CSAT survey (score 1 to 5, a
+    comment), through the link the key is of. Taken once per ticket (an answer entered by staff
+    counts), while the ticket is resolved or closed after a resolution, and for the service desk's
+    `SURVEY_VALID_DAYS` after its resolution. The answer never echoes the record. Audited with the
+    survey as its actor (`survey:<ticket id>`), never the key; an unknown key is a 404, audited and
+    slowed down as a failed login."""
+    path = path_without_key(request, SURVEY_KEY, survey_key)
+    try:
+        with noting_replays():
+            reply = await _stub(request).SubmitCsatSurvey(
+                pb.SubmitCsatSurveyRequest(
+                    survey_key=survey_key, score=body.score, comment=body.comment, idempotency_key=idempotency_key
+                ),
+                timeout=10,
+            )
+            replayed = replay_noted()
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            await _deny_unknown_survey_key(request, path, "answer_survey")
+        raise
+    result = to_json(reply.response)
+    await runtime_of(request).audit_public_write(
+        request,
+        survey_actor(result["ticket_id"]),
+        "csat",
+        result["id"],
+        None,
+        result,
+        action="create",
+        path=path,
+        replayed=replayed,
+    )
+    return {"status": "received"}
 
 
 # --- SLA policies --------------------------------------------------------------------------------

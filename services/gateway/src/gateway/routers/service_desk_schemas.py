@@ -63,6 +63,12 @@ class Ticket(BaseModel):
         default=None, description="the account's tier (A, B, C or D) as the service desk knows it; empty when unknown"
     )
     custom: dict[str, Any] | None = None
+    survey_key: str | None = Field(
+        default=None,
+        description="the key of the ticket's CSAT survey link for its customer (`/csat-surveys/{survey_key}`; a "
+        "frontend shows it as a QR code): set at the first resolution, kept through reopenings, empty before. "
+        "A credential: only who may create CSAT answers gets it",
+    )
 
 
 class TicketPage(BaseModel):
@@ -103,11 +109,35 @@ class CsatResponse(BaseModel):
     score: int | None = Field(default=None, description="1 to 5")
     comment: str | None = None
     submitted_at: Time = None
+    channel: str | None = Field(
+        default=None,
+        description="staff (entered by staff: POST /tickets/{ticket_id}/csat) or customer (answered by the customer "
+        "through the ticket's survey link)",
+    )
 
 
 class CsatPage(BaseModel):
     items: list[CsatResponse]
     next_cursor: str | None
+
+
+class CsatSurvey(BaseModel):
+    """A ticket's CSAT survey as its customer sees it through the survey link: no internal data."""
+
+    ticket_id: str = Field(description="the ticket the survey is of, as its customer was told it")
+    subject: str = Field(description="the ticket's subject")
+    resolved_at: Time = Field(default=None, description="the ticket's resolution; null while it is open again")
+    expires_at: Time = Field(
+        default=None,
+        description="until when the survey takes an answer (`SURVEY_VALID_DAYS` after the resolution); null while "
+        "the ticket is open again",
+    )
+    answered: bool = Field(description="an answer was given (by the customer, or entered by staff): one per ticket")
+    answerable: bool = Field(description="an answer would be taken now: resolved, not expired, not answered")
+
+
+class SurveyAnswerReceived(BaseModel):
+    status: str = Field(description='"received"')
 
 
 class KbArticle(BaseModel):

@@ -298,11 +298,14 @@ class Access:
         return dict(values)
 
     def readable_fields(self) -> list[str]:
-        """Declared top-level fields the caller sees on some record (hidden ones left out): export columns."""
+        """Declared top-level fields the caller sees on some record (hidden ones and credentials left
+        out): export columns."""
         return [
             name
-            for name in self.spec.fields
-            if "." not in name and self.decision.best_read_rule(name) > FieldRule.HIDDEN
+            for name, spec in self.spec.fields.items()
+            if "." not in name
+            and not (spec is not None and spec.credential)
+            and self.decision.best_read_rule(name) > FieldRule.HIDDEN
         ]
 
     def _present(

@@ -126,6 +126,9 @@ class FieldSpec(_Strict):
     pii: bool = False
     sensitive: bool = False
     readonly: bool = False
+    # A key that lets whoever holds it act (a ticket's CSAT survey key): shown where its routes show
+    # it, never an export column.
+    credential: bool = False
     default: RuleName | None = None
 
 
