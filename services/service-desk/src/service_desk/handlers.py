@@ -957,7 +957,8 @@ async def _store_csat(
         "region": t["region"], "submitted_at": now, "channel": channel,
     }  # fmt: skip
     await tx.conn.execute(insert(repo.csat_responses).values(**response))
-    tx.publish(events_pb2.CsatSubmitted(response=csat_to_proto(response)), key=t["id"])
+    event = events_pb2.CsatSubmitted(response=csat_to_proto(response), actor=actor(current_principal()))
+    tx.publish(event, key=t["id"])
     return response
 
 

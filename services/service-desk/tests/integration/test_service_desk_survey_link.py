@@ -177,6 +177,7 @@ async def test_the_customers_answer_is_stored_once_as_the_surveys_and_evented_wi
     assert on_the_ticket.channel == "customer"
     [event] = await _events(ctx, ticket["id"], events_pb2.CsatSubmitted)  # keyed by the ticket
     assert (event.response.id, event.response.channel, event.response.score) == (answer["id"], "customer", 4)
+    assert (event.actor.user_id, event.actor.kind) == (f"survey:{ticket['id']}", "customer")
 
     with pytest.raises(AlreadyExists) as again:
         await _answer(ctx, ticket["survey_key"], 1)
@@ -192,7 +193,7 @@ async def test_an_answer_entered_by_staff_closes_the_survey_to_the_customer(ctx:
         staff = await handlers.submit_csat(ctx, ticket["id"], 3, "by phone", idempotency_key="")
     assert (staff["channel"], staff["submitted_by_id"]) == ("staff", "ag-1")
     [event] = await _events(ctx, ticket["id"], events_pb2.CsatSubmitted)
-    assert event.response.channel == "staff"
+    assert (event.response.channel, event.actor.user_id) == ("staff", "ag-1")
 
     with pytest.raises(AlreadyExists):
         await _answer(ctx, ticket["survey_key"])
