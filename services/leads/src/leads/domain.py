@@ -25,6 +25,11 @@ RECYCLABLE_STATUSES = ("new", "contacted")
 # Activities that count as contacting the lead (a note is internal).
 CONTACT_KINDS = frozenset({"call", "email", "meeting", "visit", "wechat"})
 ON_DUPLICATE = ("reject", "merge", "allow")
+# Web behaviour a marketing system reports (`record_engagements`): counted by scoring rules, never a
+# contact (no first contact, status, SLA or recycling clock moves by one).
+ENGAGEMENT_KINDS = ("page_view", "email_open", "email_click", "download", "webinar")
+MAX_ENGAGEMENT_URL = 2000
+MAX_ENGAGEMENTS = 500  # items of one RecordLeadEngagements call
 STRATEGIES = ("round_robin", "least_loaded")
 GRADES = ("A", "B", "C", "D")
 SCORING_OPERATORS = ("equals", "not_equals", "contains", "in", "present", "absent", "gte", "lte")
@@ -477,6 +482,72 @@ def done_by_contact(task_kind: str, due_at: datetime, occurred_at: datetime) -> 
     return task_kind == "first_contact" or due_at <= occurred_at
 
 
+# --- engagements (web behaviour) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementInput:
+    """One engagement a marketing system reports: on the lead `lead_id`, or on the caller's one open
+    lead with `email`; `external_id` is the sender's id of the event (a resend counts once)."""
+
+    kind: str
+    external_id: str
+    occurred_at: datetime | None
+    url: str = ""
+    lead_id: str = ""
+    email: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedEngagement:
+    """An engagement as stored: trimmed, its email normalised as dedupe normalises it."""
+
+    kind: str
+    external_id: str
+    occurred_at: datetime
+    url: str
+    lead_id: str
+    email_norm: str
+
+
+def checked_engagement(item: EngagementInput, now: datetime) -> CheckedEngagement | FieldError:
+    """The engagement as stored, or the first thing wrong with it (its field unprefixed: the call
+    names it `items[<i>].<field>`). What happened has happened: `occurred_at` is required and not in
+    the future (beyond the clock skew allowed), as an activity's."""
+    lead_id, email = item.lead_id.strip(), item.email.strip()
+    external_id, url = item.external_id.strip(), item.url.strip()
+    if lead_id and email:
+        return FieldError("lead_id", "name the lead by lead_id or by email, not both")
+    if not lead_id and not email:
+        return FieldError("lead_id", "name the lead by lead_id or by email")
+    email_norm = ""
+    if email:
+        try:
+            email_norm = normalise_email(email)
+        except ValueError as exc:
+            return FieldError("email", str(exc))
+    if item.kind not in ENGAGEMENT_KINDS:
+        return FieldError("kind", f"must be one of {', '.join(ENGAGEMENT_KINDS)}")
+    if not external_id:
+        return FieldError("external_id", "is required: the sender's id of the event, so that a resend counts once")
+    if len(external_id) > MAX_TEXT:
+        return FieldError("external_id", f"longer than {MAX_TEXT} characters")
+    if len(url) > MAX_ENGAGEMENT_URL:
+        return FieldError("url", f"longer than {MAX_ENGAGEMENT_URL} characters")
+    if (time_error := occurred_at_error(item.occurred_at, now)) is not None:
+        return time_error
+    assert item.occurred_at is not None  # occurred_at_error refuses None
+    return CheckedEngagement(item.kind, external_id, item.occurred_at, url, lead_id, email_norm)
+
+
+def check_engagement_count(count: int) -> None:
+    """One call records at most MAX_ENGAGEMENTS: a larger batch is refused whole (nothing recorded)."""
+    if count > MAX_ENGAGEMENTS:
+        raise ValidationFailed(
+            [FieldError("items", f"at most {MAX_ENGAGEMENTS} engagements per call, not {count}: send them in parts")]
+        )
+
+
 # --- scoring ------------------------------------------------------------------------------------
 
 
@@ -490,6 +561,10 @@ class ScoringRule:
     activity_kind: str = ""
     min_count: int = 0
     enabled: bool = True
+    # An engagement count: engagements of this kind (ENGAGEMENT_KINDS), those whose URL contains
+    # `url_contains` (case-insensitive; "" any), at least `min_count` of them.
+    engagement_kind: str = ""
+    url_contains: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,13 +582,33 @@ def validate_scoring_rule(rule: ScoringRule, name: str) -> None:
         errors.append(FieldError("name", "must not be empty"))
     if not -100 <= rule.points <= 100 or rule.points == 0:
         errors.append(FieldError("points", "must be between -100 and 100, and not 0"))
-    if rule.activity_kind:
+    if rule.url_contains and not rule.engagement_kind:
+        errors.append(FieldError("url_contains", "only an engagement rule (engagement_kind) looks at URLs"))
+    if rule.activity_kind and rule.engagement_kind:
+        errors.append(FieldError("engagement_kind", "a rule counts either activities or engagements, not both"))
+    elif rule.activity_kind:
         if rule.activity_kind not in (*ACTIVITY_KINDS, "any"):
             errors.append(FieldError("activity_kind", f"{rule.activity_kind!r} is not an activity kind or 'any'"))
         if rule.min_count < 1:
             errors.append(FieldError("min_count", "must be at least 1 for an activity rule"))
         if rule.field or rule.operator or rule.value:
             errors.append(FieldError("field", "a rule is either a field condition or an activity count"))
+    elif rule.engagement_kind:
+        if rule.engagement_kind not in ENGAGEMENT_KINDS:
+            errors.append(
+                FieldError(
+                    "engagement_kind",
+                    f"{rule.engagement_kind!r} is not an engagement kind; kinds are {', '.join(ENGAGEMENT_KINDS)}",
+                )
+            )
+        if rule.min_count < 1:
+            errors.append(FieldError("min_count", "must be at least 1 for an engagement rule"))
+        if rule.url_contains and not rule.url_contains.strip():  # spaces: no URL a person visits
+            errors.append(FieldError("url_contains", "must not be blank (leave it empty for any URL)"))
+        elif len(rule.url_contains) > MAX_ENGAGEMENT_URL:
+            errors.append(FieldError("url_contains", f"longer than {MAX_ENGAGEMENT_URL} characters"))
+        if rule.field or rule.operator or rule.value:
+            errors.append(FieldError("field", "a rule is either a field condition or an engagement count"))
     else:
         if not (rule.field in SCORING_FIELDS or (rule.field.startswith("custom.") and rule.field != "custom.")):
             errors.append(FieldError("field", f"{rule.field!r} is not a scorable field"))
@@ -573,16 +668,37 @@ class _Condition:
     expected: str
     options: frozenset[str]
     limit: float | None
+    url_needle: str = ""
 
 
 def _condition(rule: ScoringRule) -> _Condition:
     options = frozenset(v.strip().lower() for v in rule.value.split(",")) if rule.operator == "in" else frozenset()
     limit = _as_number(rule.value) if rule.operator in ("gte", "lte") else None
-    return _Condition(rule, rule.value.strip().lower(), options, limit)
+    return _Condition(rule, rule.value.strip().lower(), options, limit, rule.url_contains.lower())
 
 
-def _condition_matches(condition: _Condition, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> bool:
+# A lead's engagements as the scorer counts them: how many of each kind at each URL, {(kind, url): n}
+# (`leads.repository.engagement_counts_of`), so that a rule's URL condition is decided here.
+EngagementCounts = Mapping[tuple[str, str], int]
+NO_ENGAGEMENTS: EngagementCounts = {}
+
+
+def engagement_count(kind: str, url_contains: str, counts: EngagementCounts) -> int:
+    """How many of a lead's engagements an engagement rule counts: those of `kind` whose URL
+    contains `url_contains`, case-insensitively ("" any URL, none included)."""
+    needle = url_contains.lower()
+    return sum(n for (k, url), n in counts.items() if k == kind and needle in url.lower())
+
+
+def _condition_matches(
+    condition: _Condition,
+    lead: Mapping[str, Any],
+    activity_counts: Mapping[str, int],
+    engagement_counts: EngagementCounts,
+) -> bool:
     rule = condition.rule
+    if rule.engagement_kind:
+        return engagement_count(rule.engagement_kind, condition.url_needle, engagement_counts) >= rule.min_count
     if rule.activity_kind:
         count = (
             sum(activity_counts.values()) if rule.activity_kind == "any" else activity_counts.get(rule.activity_kind, 0)
@@ -621,9 +737,14 @@ class Scorer:
     def __init__(self, rules: Sequence[ScoringRule]) -> None:
         self._conditions = [_condition(r) for r in rules if r.enabled]
 
-    def score(self, lead: Mapping[str, Any], activity_counts: Mapping[str, int]) -> tuple[int, list[str]]:
+    def score(
+        self,
+        lead: Mapping[str, Any],
+        activity_counts: Mapping[str, int],
+        engagement_counts: EngagementCounts = NO_ENGAGEMENTS,
+    ) -> tuple[int, list[str]]:
         """Sum of the matching rules' points, capped to 0..100, and the ids of those rules."""
-        matched = [c.rule for c in self._conditions if _condition_matches(c, lead, activity_counts)]
+        matched = [c.rule for c in self._conditions if _condition_matches(c, lead, activity_counts, engagement_counts)]
         total = sum(r.points for r in matched)
         return max(0, min(100, total)), [r.id for r in matched]
 
@@ -632,6 +753,12 @@ class Scorer:
         """Whether an enabled rule counts activities: else a lead scores the same whatever its
         activities, and they need not be counted."""
         return any(c.rule.activity_kind for c in self._conditions)
+
+    @property
+    def engagement_kinds(self) -> frozenset[str]:
+        """The engagement kinds enabled rules count: only those need counting (none: no engagement
+        changes a score)."""
+        return frozenset(c.rule.engagement_kind for c in self._conditions if c.rule.engagement_kind)
 
 
 def grade_for(score: int, t: Thresholds) -> str:

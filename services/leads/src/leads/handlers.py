@@ -216,6 +216,8 @@ async def load_rules(conn: AsyncConnection) -> Rules:
             activity_kind=r.activity_kind,
             min_count=r.min_count,
             enabled=r.enabled,
+            engagement_kind=r.engagement_kind,
+            url_contains=r.url_contains,
         )
         for r in await conn.execute(select(repo.scoring_rules).order_by(repo.scoring_rules.c.id))
     ]
@@ -673,6 +675,22 @@ class ActivityInput:
 
 
 @dataclass(frozen=True, slots=True)
+class EngagementOutcome:
+    """What became of one item of `record_engagements`, as an import row's outcome tells it."""
+
+    index: int
+    status: str  # recorded, duplicate, rejected
+    lead_id: str = ""
+    reason: str = ""
+    field: str = ""  # of a rejection: `items[<index>].<field>`
+
+
+def _engagement_rejected(index: int, error: FieldError) -> EngagementOutcome:
+    name = f"items[{index}].{error.field}"
+    return EngagementOutcome(index, "rejected", reason=f"{name}: {error.message}", field=name)
+
+
+@dataclass(frozen=True, slots=True)
 class LeadFilters:
     statuses: Sequence[str] = ()
     sources: Sequence[str] = ()
@@ -766,8 +784,14 @@ class LeadsService:
         query = select(repo.campaigns.c.id).where(repo.campaigns.c.id == campaign_id)
         return await conn.scalar(query.with_for_update(key_share=True, read=True)) is not None
 
-    def _score(self, rules: Rules, lead: Mapping[Any, Any], counts: Mapping[str, int]) -> tuple[int, str, list[str]]:
-        score, matched = rules.scorer.score(lead, counts)
+    def _score(
+        self,
+        rules: Rules,
+        lead: Mapping[Any, Any],
+        counts: Mapping[str, int],
+        engagements: domain.EngagementCounts = domain.NO_ENGAGEMENTS,
+    ) -> tuple[int, str, list[str]]:
+        score, matched = rules.scorer.score(lead, counts, engagements)
         return score, domain.grade_for(score, rules.thresholds), matched
 
     async def _pick_by_rules(
@@ -852,17 +876,25 @@ class LeadsService:
         of the rules it was computed with, when other than the lead's."""
         rules = await self.rules.get()
         counts = await repo.activity_counts(tx.conn, lead["id"])
-        scored = await self._rescored(tx, lead, rules, counts, now)
+        engagements = await repo.engagement_counts_of(tx.conn, [lead["id"]], rules.scorer.engagement_kinds)
+        scored = await self._rescored(tx, lead, rules, counts, now, engagements[lead["id"]])
         if not scored and lead["scoring_generation"] != rules.generation:
             await repo.record_scoring_generation(tx.conn, [lead["id"]], rules.generation)
         return scored
 
     async def _rescored(
-        self, tx: Transaction, lead: Mapping[Any, Any], rules: Rules, counts: Mapping[str, int], now: datetime
+        self,
+        tx: Transaction,
+        lead: Mapping[Any, Any],
+        rules: Rules,
+        counts: Mapping[str, int],
+        now: datetime,
+        engagements: domain.EngagementCounts = domain.NO_ENGAGEMENTS,
     ) -> dict[str, Any]:
         """The lead's score, grade and scoring generation under `rules` when its score or grade
-        moves (history written, `lead.scored` published), else {}."""
-        score, grade, matched = self._score(rules, lead, counts)
+        moves (history written, `lead.scored` published), else {}. `counts` are its activities by
+        kind, `engagements` its engagements by kind and URL (those of the kinds the rules count)."""
+        score, grade, matched = self._score(rules, lead, counts, engagements)
         if score == lead["score"] and grade == lead["grade"]:
             return {}
         await tx.conn.execute(
@@ -1587,6 +1619,122 @@ class LeadsService:
             return lead
         return await self._write(tx.conn, lead["id"], {**changes, **scored, "updated_at": now})
 
+    # --- engagements (web behaviour) -------------------------------------------------------
+
+    async def record_engagements(self, items: Sequence[domain.EngagementInput]) -> list[EngagementOutcome]:
+        """Records what a marketing system saw a lead do on the web, item by item (an item at fault
+        is rejected naming its field, the others are recorded), in one transaction: each on its lead
+        once per `external_id` (a resent batch: `duplicate`), then each open lead it recorded on is
+        rescored once, as an activity rescores it (history and `lead.scored` when its score or grade
+        moves; no other event). An engagement is no contact: the lead's status, first contact, SLA
+        and recycling clock stay. A converted or disqualified lead records it (it is what happened)
+        and keeps the score it closed with, as the rescoring job leaves it. Only leads in the
+        caller's scope: any other is `not found`, as one that does not exist."""
+        domain.check_engagement_count(len(items))
+        principal = current_principal()
+        scope = current_scope()
+        now = self.clock()
+        outcomes: dict[int, EngagementOutcome] = {}
+        checked: dict[int, domain.CheckedEngagement] = {}
+        for index, item in enumerate(items):
+            result = domain.checked_engagement(item, now)
+            if isinstance(result, FieldError):
+                outcomes[index] = _engagement_rejected(index, result)
+            else:
+                checked[index] = result
+        async with self.uow.begin() as tx:
+            conn = tx.conn
+            emails = {e.email_norm for e in checked.values() if e.email_norm}
+            by_email = await self._open_leads_with_emails(conn, emails, scope)
+            wanted = {e.lead_id for e in checked.values() if e.lead_id}
+            wanted |= {ids[0] for ids in by_email.values() if len(ids) == 1}
+            leads: dict[str, RowMapping] = {}
+            if wanted:
+                c = repo.leads.c
+                # Locked in id order, as by every write to several leads: two calls cannot deadlock.
+                query = select(repo.leads).where(c.id.in_(sorted(wanted)), repo.lead_scope_clause(scope))
+                rows = await conn.execute(query.order_by(c.id).with_for_update())
+                leads = {row["id"]: row for row in rows.mappings()}
+            touched: dict[str, RowMapping] = {}
+            for index, engagement in sorted(checked.items()):
+                found = self._engagement_lead(engagement, by_email, leads, scope)
+                if isinstance(found, FieldError):
+                    outcomes[index] = _engagement_rejected(index, found)
+                    continue
+                recorded = await insert_ignore(
+                    conn,
+                    repo.engagements,
+                    {
+                        "id": new_id(),
+                        "lead_id": found["id"],
+                        "kind": engagement.kind,
+                        "url": engagement.url,
+                        "occurred_at": engagement.occurred_at,
+                        "external_id": engagement.external_id,
+                        "actor_id": principal.user_id,
+                        "recorded_at": now,
+                    },
+                    keys=["lead_id", "external_id"],
+                )
+                status = "recorded" if recorded else "duplicate"
+                reason = "" if recorded else f"external_id {engagement.external_id!r} was recorded on this lead before"
+                outcomes[index] = EngagementOutcome(index, status, found["id"], reason)
+                if recorded:
+                    touched[found["id"]] = found
+            for lead_id in sorted(touched):
+                lead = touched[lead_id]
+                if lead["status"] in domain.OPEN_STATUSES:  # a closed lead keeps the score it closed with
+                    await self._after_activity_change(tx, lead, {}, now, rescore=True)
+        return [outcomes[index] for index in range(len(items))]
+
+    @staticmethod
+    async def _open_leads_with_emails(
+        conn: AsyncConnection, emails: Collection[str], scope: RecordScope
+    ) -> dict[str, list[str]]:
+        """The ids of the open leads in `scope` with each of `emails` (normalised), in id order."""
+        if not emails:
+            return {}
+        c = repo.leads.c
+        query = (
+            select(c.id, c.email_norm)
+            .where(c.email_norm.in_(sorted(emails)), c.status.in_(domain.OPEN_STATUSES), repo.lead_scope_clause(scope))
+            .order_by(c.id)
+        )
+        found: dict[str, list[str]] = {}
+        for lead_id, email_norm in await conn.execute(query):
+            found.setdefault(email_norm, []).append(lead_id)
+        return found
+
+    @staticmethod
+    def _engagement_lead(
+        engagement: domain.CheckedEngagement,
+        by_email: Mapping[str, Sequence[str]],
+        leads: Mapping[str, RowMapping],
+        scope: RecordScope,
+    ) -> RowMapping | FieldError:
+        """The lead (locked, in `scope`) an engagement names, or why it names none (a FieldError
+        naming `lead_id` or `email`). A lead out of the caller's scope is not found, as a lead that
+        does not exist, and an email whose leads are all out of it names none: nothing tells them apart."""
+        if engagement.lead_id:
+            field_name, lead = "lead_id", leads.get(engagement.lead_id)
+            if lead is None:
+                return FieldError("lead_id", f"lead {engagement.lead_id} not found")
+        else:
+            field_name, ids = "email", by_email.get(engagement.email_norm, [])
+            if len(ids) > 1:
+                return FieldError("email", f"{len(ids)} open leads have this email: name the lead by lead_id")
+            lead = leads.get(ids[0]) if ids else None
+            # Read before its row was locked: the lead may have been closed or given another email since.
+            if (
+                lead is None
+                or lead["email_norm"] != engagement.email_norm
+                or lead["status"] not in domain.OPEN_STATUSES
+            ):
+                return FieldError("email", "no open lead you may see has this email")
+        if repo.claim_first(scope, lead):  # a rep's pool lead, as for any write to it
+            return FieldError(field_name, f"lead {lead['id']} is in the pool: claim it first")
+        return lead
+
     async def list_tasks(self, lead_id: str, status: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         if status and status not in ("open", "done", "cancelled"):
             raise ValidationFailed([FieldError("status", "is not one of open, done, cancelled")])
@@ -1798,7 +1946,7 @@ class LeadsService:
             return Change(row, lead)
 
     async def delete_lead(self, lead_id: str, expected_version: int) -> RowMapping:
-        """Deletes a lead with what is only its own: activities, tasks, score history and an undone
+        """Deletes a lead with what is only its own: activities, engagements, tasks, score history and an undone
         conversion attempt; returns it as it was (for the caller's audit trail). Everything else
         follows the row: the owner loads by the triggers on `leads` (migration 0006), while the
         pool, the timers and the dedupe probe read `leads` itself."""
@@ -1819,7 +1967,7 @@ class LeadsService:
                 select(repo.conversions.c.state).where(repo.conversions.c.lead_id == lead_id).with_for_update()
             )
             domain.ensure_deletable(lead["status"], saga_state)
-            for table in (repo.activities, repo.tasks, repo.score_history, repo.conversions):
+            for table in (repo.activities, repo.engagements, repo.tasks, repo.score_history, repo.conversions):
                 await conn.execute(delete(table).where(table.c.lead_id == lead_id))
             await conn.execute(delete(repo.leads).where(repo.leads.c.id == lead_id))
             tx.publish(events_pb2.LeadDeleted(lead_id=lead_id, actor=actor(principal)), key=lead_id)
@@ -2667,6 +2815,8 @@ class LeadsService:
             "min_count": rule.min_count,
             "points": rule.points,
             "enabled": rule.enabled,
+            "engagement_kind": rule.engagement_kind,
+            "url_contains": rule.url_contains,
         }
 
     # A write of a scoring rule or of the thresholds moves the scoring generation on in its
@@ -3133,9 +3283,12 @@ class LeadsService:
             stale = (await tx.conn.execute(batch)).mappings().all()
             ids = [lead["id"] for lead in stale]
             counts = await repo.activity_counts_of(tx.conn, ids) if rules.scorer.counts_activities else {}
+            engagements = await repo.engagement_counts_of(tx.conn, ids, rules.scorer.engagement_kinds)
             unmoved: list[str] = []
             for lead in stale:
-                scored = await self._rescored(tx, lead, rules, counts.get(lead["id"], {}), now)
+                scored = await self._rescored(
+                    tx, lead, rules, counts.get(lead["id"], {}), now, engagements.get(lead["id"], {})
+                )
                 if scored:
                     await self._write(tx.conn, lead["id"], {**scored, "updated_at": now})
                 else:

@@ -132,6 +132,8 @@ def scoring_rule_to_proto(row: Mapping[Any, Any]) -> leads_pb2.ScoringRule:
         points=row["points"],
         enabled=row["enabled"],
         version=row["version"],
+        engagement_kind=row["engagement_kind"],
+        url_contains=row["url_contains"],
     )
 
 

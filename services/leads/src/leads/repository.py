@@ -164,6 +164,25 @@ activities = Table(
     Index("ix_lead_activities_lead", "lead_id", "id"),
 )
 
+# Web behaviour a marketing system reports (page views, e-mail opens and clicks, downloads, webinars;
+# migration 0030): counted by scoring rules, never a contact. Unique per lead by the sender's event id,
+# so a resent batch counts nothing twice.
+engagements = Table(
+    "lead_engagements",
+    metadata,
+    Column("id", _ID, primary_key=True),
+    Column("lead_id", _ID, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("url", String(2000), nullable=False, server_default=""),
+    Column("occurred_at", _TS, nullable=False),
+    Column("external_id", String(200), nullable=False),
+    Column("actor_id", String(200), nullable=False, server_default=""),
+    Column("recorded_at", _TS, nullable=False),
+    # Also what scoring counts by: a lead's engagements of a kind.
+    Index("ux_lead_engagements_external", "lead_id", "external_id", unique=True),
+    Index("ix_lead_engagements_lead_kind", "lead_id", "kind"),
+)
+
 tasks = Table(
     "lead_tasks",
     metadata,
@@ -217,6 +236,9 @@ scoring_rules = Table(
     Column("points", Integer, nullable=False),
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("version", BigInteger, nullable=False, server_default="1"),
+    # An engagement count (migration 0030): engagements of this kind whose URL contains `url_contains`.
+    Column("engagement_kind", String(20), nullable=False, server_default=""),
+    Column("url_contains", String(2000), nullable=False, server_default=""),
 )
 
 # The scoring model's generation (migration 0019), one row: every write of a scoring rule or of the
@@ -722,6 +744,26 @@ async def activity_counts_of(conn: AsyncConnection, lead_ids: Sequence[str]) -> 
     )
     for lead_id, kind, count in rows:
         counts[lead_id][kind] = int(count)
+    return counts
+
+
+async def engagement_counts_of(
+    conn: AsyncConnection, lead_ids: Sequence[str], kinds: Iterable[str]
+) -> dict[str, dict[tuple[str, str], int]]:
+    """Each lead's engagements of `kinds` counted by kind and URL (`domain.EngagementCounts`): one
+    query for a lead or a batch of the rescoring job; none when no rule counts engagements."""
+    counts: dict[str, dict[tuple[str, str], int]] = {lead_id: {} for lead_id in lead_ids}
+    wanted = sorted(set(kinds))
+    if not counts or not wanted:
+        return counts
+    e = engagements.c
+    rows = await conn.execute(
+        select(e.lead_id, e.kind, e.url, func.count())
+        .where(e.lead_id.in_(sorted(counts)), e.kind.in_(wanted))
+        .group_by(e.lead_id, e.kind, e.url)
+    )
+    for lead_id, kind, url, count in rows:
+        counts[lead_id][(kind, url)] = int(count)
     return counts
 
 

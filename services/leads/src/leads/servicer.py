@@ -16,7 +16,7 @@ from crm_platform.timeutil import from_timestamp, to_timestamp
 from sqlalchemy.engine import RowMapping
 
 from leads import messages
-from leads.domain import AssignmentRule, ScoringRule, TaskFilters, Thresholds
+from leads.domain import AssignmentRule, EngagementInput, ScoringRule, TaskFilters, Thresholds
 from leads.handlers import (
     WEBFORM_SETTINGS,
     ActivityInput,
@@ -386,6 +386,35 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             lead_ids=lead_ids,
         )
 
+    async def RecordLeadEngagements(
+        self, request: leads_service_pb2.RecordLeadEngagementsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.RecordLeadEngagementsResponse:
+        outcomes = await self.service.record_engagements(
+            [
+                EngagementInput(
+                    kind=item.kind,
+                    external_id=item.external_id,
+                    occurred_at=from_timestamp(item.occurred_at),
+                    url=item.url,
+                    lead_id=item.lead_id,
+                    email=item.email,
+                )
+                for item in request.items
+            ]
+        )
+        statuses = [o.status for o in outcomes]
+        return leads_service_pb2.RecordLeadEngagementsResponse(
+            results=[
+                leads_service_pb2.EngagementResult(
+                    index=o.index, status=o.status, lead_id=o.lead_id, reason=o.reason, field=o.field
+                )
+                for o in outcomes
+            ],
+            recorded=statuses.count("recorded"),
+            duplicates=statuses.count("duplicate"),
+            rejected=statuses.count("rejected"),
+        )
+
     async def DisqualifyLead(
         self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DisqualifyLeadResponse:
@@ -479,6 +508,8 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             activity_kind=message.activity_kind,
             min_count=message.min_count,
             enabled=message.enabled,
+            engagement_kind=message.engagement_kind,
+            url_contains=message.url_contains,
         )
 
     async def CreateScoringRule(

@@ -158,6 +158,23 @@ class LeadTransfer(BaseModel):
     tasks_transferred: int = Field(description="their open first-contact and follow-up tasks, now the new owner's")
 
 
+class EngagementResult(BaseModel):
+    index: int = Field(description="the item's 0-based position in `items`")
+    status: str = Field(description="recorded, duplicate (its external_id was recorded on the lead before) or rejected")
+    lead_id: str = Field(description="the lead it was recorded on; empty when rejected")
+    reason: str
+    field: str = Field(description="the field a rejection names, as `items[3].kind`")
+
+
+class EngagementAnswer(BaseModel):
+    """What `POST /lead-engagements` did, item by item in request order."""
+
+    results: list[EngagementResult]
+    recorded: int
+    duplicates: int
+    rejected: int
+
+
 class ImportProgress(BaseModel):
     rows_seen: str | None = None
     accepted: str | None = None
@@ -263,6 +280,10 @@ class ScoringRule(BaseModel):
     points: int
     enabled: bool
     version: int
+    engagement_kind: str = Field(
+        description="what an engagement-count condition counts: page_view, email_open, email_click, download or webinar"
+    )
+    url_contains: str = Field(description="of an engagement condition: only URLs containing this (any case)")
 
 
 class GradeThresholds(BaseModel):

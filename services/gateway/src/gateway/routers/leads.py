@@ -188,6 +188,31 @@ class ScoringRuleIn(ReplacementBody):
     min_count: int = Field(default=0, ge=0, le=INT32_MAX)
     points: int = Field(ge=-100, le=100)
     enabled: bool = True
+    engagement_kind: str = Field(
+        default="", max_length=20, description="page_view, email_open, email_click, download or webinar"
+    )
+    url_contains: str = Field(
+        default="", max_length=2000, description="of an engagement rule: only URLs containing this (any case)"
+    )
+
+
+class EngagementIn(RequestBody):
+    """One engagement, as the leads service checks it item by item (a `kind` it does not know, an
+    `occurred_at` missing or in the future, a lead it cannot find: that item is rejected, the others
+    recorded). Here only the shape and the stored lengths: anything else fails the whole request."""
+
+    lead_id: str = Field(default="", max_length=36, description="the lead; or name it by `email`")
+    email: str = Field(default="", max_length=254, description="the caller's one open lead with this email")
+    kind: str = Field(default="", max_length=20, description="page_view, email_open, email_click, download or webinar")
+    url: str = Field(default="", max_length=2000)
+    occurred_at: Instant | None = Field(default=None, description="required, not in the future")
+    external_id: str = Field(
+        default="", max_length=200, description="the sender's event id: recorded once per lead, so a resend counts once"
+    )
+
+
+class EngagementsIn(RequestBody):
+    items: list[EngagementIn] = Field(max_length=500, description="at most 500 per request")
 
 
 class ThresholdsIn(ReplacementBody):
@@ -1400,6 +1425,45 @@ async def release_lead(
     await access.audit_write(lead_id, before_write(reply, lead_json, result), result, action="assign", reason=reason)
     present = await presenter(access)
     return with_etag(response, present(result))
+
+
+# --- engagements (web behaviour) ----------------------------------------------------------------
+
+
+@router.post("/lead-engagements", responses={200: {"model": schemas.EngagementAnswer}})
+async def record_engagements(body: EngagementsIn, request: Request, access: LeadsUpdate) -> dict[str, Any]:
+    """Web behaviour a marketing system saw (page views, e-mail opens and clicks, downloads,
+    webinars), which scoring rules count (`engagement_kind`, `url_contains`, `min_count`): answered
+    item by item, as an import part answers row by row (`recorded`, `duplicate`: its `external_id`
+    was recorded on the lead before, so a resent batch counts nothing twice, or `rejected` naming the
+    field, `items[3].kind`). Each open lead recorded on is rescored at once; an engagement is no
+    contact (no first contact, status, SLA or recycling clock moves). Leads of the caller's scope
+    only: any other is not found, as one that does not exist. One audit row per request, with its
+    counts."""
+    reply = await _stub(request).RecordLeadEngagements(
+        pb.RecordLeadEngagementsRequest(
+            items=[
+                pb.EngagementInput(
+                    lead_id=item.lead_id,
+                    email=item.email,
+                    kind=item.kind,
+                    url=item.url,
+                    occurred_at=_timestamp(item.occurred_at),
+                    external_id=item.external_id,
+                )
+                for item in body.items
+            ]
+        ),
+        metadata=access.grpc_metadata(),
+    )
+    counts = f"{reply.recorded} recorded, {reply.duplicates} duplicate, {reply.rejected} rejected"
+    await access.audit("record_engagements", reason=f"{len(body.items)} engagements: {counts}")
+    return {
+        "results": [_message_json(result) for result in reply.results],
+        "recorded": reply.recorded,
+        "duplicates": reply.duplicates,
+        "rejected": reply.rejected,
+    }
 
 
 # --- scoring and assignment rules ----------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""POST /lead-engagements: web behaviour a marketing system reports (page views, e-mail opens and
+clicks, downloads, webinars) for lead scoring. It takes `leads:update` (marketing, whose API key
+carries that grant, may; an analyst may not), answers item by item as an import part answers row by
+row, refuses a body of the wrong shape with a 422 naming the field before the service is called, and
+is on the audit trail once per request with its counts. The scoring-rule routes take the engagement
+condition. The real gateway app over a fake leads service."""
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from crm.leads.v1 import leads_pb2
+from crm.leads.v1 import leads_service_pb2 as pb
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm_platform.errors import FieldError, ValidationFailed
+from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
+from crm_platform.timeutil import from_timestamp
+from gateway.testing import refuse, serving, started_gateway
+from gateway.token_cli import issue_dev_token
+
+pytestmark = pytest.mark.integration
+
+SECRET = "lead-engagements-secret-" + "e" * 30
+PATH = "/api/v1/lead-engagements"
+VIEW = {
+    "lead_id": "lead-1",
+    "kind": "page_view",
+    "url": "https://x.cn/product",
+    "occurred_at": "2026-12-18T09:00:00Z",
+    "external_id": "evt-1",
+}
+KINDS = ("page_view", "email_open", "email_click", "download", "webinar")
+
+
+class RecordingEngagements(LeadsServiceServicer):
+    """Records the first sight of each (lead, external_id), a resend a duplicate; an unknown kind is
+    rejected naming its field, as the service does. Keeps each request with its record scope, and
+    scoring rules as sent (an unknown engagement kind refused as the service refuses it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[pb.RecordLeadEngagementsRequest, RecordScope]] = []
+        self.seen: set[tuple[str, str]] = set()
+        self.rules: list[leads_pb2.ScoringRule] = []
+
+    async def RecordLeadEngagements(
+        self, request: pb.RecordLeadEngagementsRequest, context: Any
+    ) -> pb.RecordLeadEngagementsResponse:
+        self.calls.append((request, context_from_metadata(context.invocation_metadata()).scope))
+        answer = pb.RecordLeadEngagementsResponse()
+        for index, item in enumerate(request.items):
+            if item.kind not in KINDS:
+                field = f"items[{index}].kind"
+                answer.results.add(index=index, status="rejected", reason=f"{field}: unknown", field=field)
+                answer.rejected += 1
+            elif (item.lead_id, item.external_id) in self.seen:
+                answer.results.add(index=index, status="duplicate", lead_id=item.lead_id)
+                answer.duplicates += 1
+            else:
+                self.seen.add((item.lead_id, item.external_id))
+                answer.results.add(index=index, status="recorded", lead_id=item.lead_id)
+                answer.recorded += 1
+        return answer
+
+    async def CreateScoringRule(
+        self, request: pb.CreateScoringRuleRequest, context: Any
+    ) -> pb.CreateScoringRuleResponse:
+        if request.rule.engagement_kind and request.rule.engagement_kind not in KINDS:
+            await refuse(context, ValidationFailed([FieldError("engagement_kind", "is not an engagement kind")]))
+        rule = leads_pb2.ScoringRule()
+        rule.CopyFrom(request.rule)
+        rule.id, rule.version = "rule-1", 1
+        self.rules.append(rule)
+        return pb.CreateScoringRuleResponse(rule=rule)
+
+
+@pytest.fixture
+def leads() -> RecordingEngagements:
+    return RecordingEngagements()
+
+
+@pytest.fixture
+async def http(tmp_path: Path, migrated_sqlite: Path, leads: RecordingEngagements) -> AsyncIterator[httpx.AsyncClient]:
+    async with (
+        serving(lambda server: add_LeadsServiceServicer_to_server(leads, server)) as address,
+        started_gateway(tmp_path, migrated_sqlite, secret=SECRET, leads=address) as client,
+    ):
+        yield client
+
+
+def auth(role: str, user: str = "u-1") -> dict[str, str]:
+    token = issue_dev_token(secret=SECRET, sub=user, roles=[role], team="east", region="north")
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def trail(http: httpx.AsyncClient, actor: str = "u-1") -> list[tuple[str, str, str, str]]:
+    """(action, outcome, record id, reason) of the actor's audit rows on leads."""
+    query = {"resource": "leads", "actor": actor}
+    items = (await http.get("/api/v1/audit-events", params=query, headers=auth("admin", "auditor"))).json()["items"]
+    return sorted((row["action"], row["outcome"], row["record_id"], row["reason"]) for row in items)
+
+
+async def test_marketing_records_engagements_and_is_answered_item_by_item(
+    http: httpx.AsyncClient, leads: RecordingEngagements
+) -> None:
+    items = [VIEW, {**VIEW, "external_id": "evt-2", "lead_id": "", "email": "ann@example.com"}, {**VIEW, "kind": "tv"}]
+    first = await http.post(PATH, json={"items": items}, headers=auth("marketing"))
+    again = await http.post(PATH, json={"items": items[:1]}, headers=auth("marketing"))
+
+    assert first.status_code == 200, first.text
+    assert first.json() == {
+        "results": [
+            {"index": 0, "status": "recorded", "lead_id": "lead-1", "reason": "", "field": ""},
+            {"index": 1, "status": "recorded", "lead_id": "", "reason": "", "field": ""},
+            {
+                "index": 2,
+                "status": "rejected",
+                "lead_id": "",
+                "reason": "items[2].kind: unknown",
+                "field": "items[2].kind",
+            },
+        ],
+        "recorded": 2,
+        "duplicates": 0,
+        "rejected": 1,
+    }
+    assert again.json()["results"][0]["status"] == "duplicate"
+    (request, scope), _ = leads.calls
+    sent = request.items[1]
+    assert (sent.lead_id, sent.email, sent.kind, sent.url, sent.external_id) == (
+        "",
+        "ann@example.com",
+        "page_view",
+        "https://x.cn/product",
+        "evt-2",
+    )
+    assert from_timestamp(sent.occurred_at).isoformat() == "2026-12-18T09:00:00+00:00"  # type: ignore[union-attr]
+    assert not request.items[0].email
+    assert scope.kind is ScopeKind.ALL
+
+
+async def test_an_item_without_a_time_goes_to_the_service_to_reject(
+    http: httpx.AsyncClient, leads: RecordingEngagements
+) -> None:
+    item = {key: value for key, value in VIEW.items() if key != "occurred_at"}
+    response = await http.post(PATH, json={"items": [item]}, headers=auth("marketing"))
+
+    assert response.status_code == 200, response.text
+    [(request, _)] = leads.calls
+    assert not request.items[0].HasField("occurred_at")  # the service rejects it, naming items[0].occurred_at
+
+
+@pytest.mark.parametrize("role", ["analyst", "service_agent"])
+async def test_a_caller_who_may_not_update_leads_may_not_record_engagements(
+    http: httpx.AsyncClient, leads: RecordingEngagements, role: str
+) -> None:
+    response = await http.post(PATH, json={"items": [VIEW]}, headers=auth(role))
+
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert leads.calls == []
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, ["items"]),
+        ({"items": [VIEW] * 501}, ["items"]),
+        ({"items": [{**VIEW, "occurred_at": "yesterday"}]}, ["items[0].occurred_at"]),
+        ({"items": [VIEW, {**VIEW, "url": "u" * 2001}]}, ["items[1].url"]),
+        ({"items": [{**VIEW, "external_id": "e" * 201}]}, ["items[0].external_id"]),
+        ({"items": [{**VIEW, "visitor": "v-1"}]}, ["items[0].visitor"]),
+        ({"items": [{**VIEW, "kind": 3}]}, ["items[0].kind"]),
+    ],
+)
+async def test_a_body_of_the_wrong_shape_is_422_naming_the_field_before_the_service_is_called(
+    http: httpx.AsyncClient, leads: RecordingEngagements, body: dict[str, Any], fields: list[str]
+) -> None:
+    response = await http.post(PATH, json=body, headers=auth("marketing"))
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [error["field"] for error in response.json()["errors"]] == fields
+    assert leads.calls == []
+
+
+async def test_a_request_is_on_the_audit_trail_once_with_its_counts(http: httpx.AsyncClient) -> None:
+    items = [VIEW, {**VIEW, "external_id": "evt-2"}, {**VIEW, "kind": "tv", "external_id": "evt-3"}]
+    await http.post(PATH, json={"items": items}, headers=auth("marketing"))
+    await http.post(PATH, json={"items": items[:1]}, headers=auth("marketing"))
+
+    assert await trail(http) == [
+        ("record_engagements", "allowed", "", "1 engagements: 0 recorded, 1 duplicate, 0 rejected"),
+        ("record_engagements", "allowed", "", "3 engagements: 2 recorded, 0 duplicate, 1 rejected"),
+    ]
+
+
+async def test_a_scoring_rule_takes_an_engagement_condition(
+    http: httpx.AsyncClient, leads: RecordingEngagements
+) -> None:
+    rule = {
+        "name": "product page",
+        "engagement_kind": "page_view",
+        "url_contains": "/product",
+        "min_count": 3,
+        "points": 30,
+    }
+    created = await http.post("/api/v1/lead-scoring-rules", json=rule, headers=auth("admin"))
+
+    assert created.status_code == 201, created.text
+    assert (created.json()["engagement_kind"], created.json()["url_contains"]) == ("page_view", "/product")
+    [sent] = leads.rules
+    assert (sent.engagement_kind, sent.url_contains, sent.min_count) == ("page_view", "/product", 3)
+
+    unknown = await http.post(
+        "/api/v1/lead-scoring-rules", json={**rule, "engagement_kind": "tv"}, headers=auth("admin")
+    )
+    assert unknown.status_code == 422, unknown.text
+    assert [error["field"] for error in unknown.json()["errors"]] == ["engagement_kind"]
+    too_long = await http.post(
+        "/api/v1/lead-scoring-rules", json={**rule, "url_contains": "u" * 2001}, headers=auth("admin")
+    )
+    assert too_long.status_code == 422, too_long.text
+    assert [error["field"] for error in too_long.json()["errors"]] == ["url_contains"]
