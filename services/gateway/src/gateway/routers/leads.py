@@ -27,7 +27,7 @@ from crm_platform.lead_import import IMPORTABLE_FIELDS, column_target, custom_ke
 from crm_platform.principal import Principal
 from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import to_timestamp
-from fastapi import Depends, Path, Query, Request, Response
+from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
@@ -54,6 +54,7 @@ from gateway.inputs import (
     ReplacementBody,
     RequestBody,
 )
+from gateway.public_keys import PublicKeyPath, deny_unknown_key, path_without_key
 from gateway.references import refuse_if_deals_name_campaign
 from gateway.routers import lead_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
@@ -61,7 +62,7 @@ from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
 from gateway.security.masking import MASK, mask_value
-from gateway.security.problems import forbidden, not_found, rate_limited
+from gateway.security.problems import forbidden
 
 router = ResourceRouter(tags=["leads"])
 
@@ -2053,7 +2054,7 @@ def _submission_fields(body: SubmissionIn) -> dict[str, str]:
     },
 )
 async def submit_webform(
-    form_key: Annotated[str, Path(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")],
+    form_key: PublicKeyPath,
     body: SubmissionIn,
     request: Request,
     idempotency_key: IdempotencyKey = "",
@@ -2064,7 +2065,7 @@ async def submit_webform(
     (422, 429) or discarded as a bot's wrote nothing, and leaves no row."""
     fields = _submission_fields(body)
     # The audit trail (and its events) never holds the key: whoever reads it could submit.
-    path = request.url.path.removesuffix(f"/{form_key}/submissions") + "/{form_key}/submissions"
+    path = path_without_key(request, "form_key", form_key)
     try:
         with noting_replays():
             reply = await _stub(request).SubmitWebform(
@@ -2074,7 +2075,15 @@ async def submit_webform(
             replayed = replay_noted()
     except grpc.aio.AioRpcError as error:
         if error.code() == grpc.StatusCode.NOT_FOUND:
-            await _deny_unknown_form_key(request, path)
+            # A key no form has: a failed authentication, audited and limited like failed logins.
+            await deny_unknown_key(
+                request,
+                path,
+                resource="webforms",
+                action="submit",
+                message="no such web form",
+                too_many="too many submissions to unknown forms",
+            )
         raise
     if not reply.discarded_as_spam:
         action, before = _capture_audited(reply)
@@ -2091,16 +2100,6 @@ async def submit_webform(
         )
     # The public answer never says whether the person was already known.
     return {"status": "received"}
-
-
-async def _deny_unknown_form_key(request: Request, path: str) -> None:
-    """A key no form has is a failed authentication: audited as one, and limited per client
-    address like failed logins, so keys cannot be guessed quickly nor the audit flooded (429)."""
-    runtime = runtime_of(request)
-    client = request.client.host if request.client else "unknown"
-    if wait := runtime.auth_failure_limiter.acquire(f"ip:{client}"):
-        raise rate_limited(wait, "too many submissions to unknown forms")
-    await runtime.audit_denied(request, None, "webforms", "submit", not_found("no such web form"), path=path)
 
 
 def webform_actor(webform_id: str) -> Principal:
