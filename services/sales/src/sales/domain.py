@@ -593,20 +593,28 @@ class AttainmentLine:
         return (self.closed_won / self.target).quantize(ATTAINMENT_PLACES, rounding=ROUND_HALF_UP)
 
 
+def whole_quarters(from_date: date | None, to_date: date | None) -> tuple[date | None, date | None]:
+    """The range widened to the quarters it touches: a quarterly attainment asked for part of a
+    quarter (quarter to date) still sees each month of it, for `quarter_targets`."""
+    start = date(from_date.year, (from_date.month - 1) // 3 * 3 + 1, 1) if from_date else None
+    end = date(to_date.year, (to_date.month - 1) // 3 * 3 + 3, 1) if to_date else None
+    return start, end
+
+
 def quarter_targets(quarterly: Iterable[TargetAmount], monthly: Iterable[TargetAmount]) -> list[TargetAmount]:
-    """The targets of a quarterly attainment: the quarterly ones, and for a group and currency with
-    none in a quarter, the sum of its monthly targets there when each of the quarter's three months
-    has one (a part of the quarter's months would read as the quarter's whole target).
-    `monthly` targets carry their month's label ("2026-11")."""
+    """The targets of a quarterly attainment: the quarterly ones, and for a group with none in a
+    quarter (in any currency), the sum of its monthly targets there, per currency, when each of the
+    quarter's three months has one (a part of the quarter's months would read as the quarter's
+    whole target). `monthly` targets carry their month's label ("2026-11")."""
     result = list(quarterly)
-    set_quarters = {(target.period, target.group, target.currency) for target in result}
+    set_quarters = {(target.period, target.group) for target in result}
     months: dict[tuple[str, str, str], list[Decimal]] = {}
     for target in monthly:
         year, month = target.period.split("-")
         quarter = period_label(int(year) * 100 + int(month), quarter=True)
         months.setdefault((quarter, target.group, target.currency), []).append(target.amount)
     for key, amounts in months.items():
-        if key not in set_quarters and len(amounts) == 3:
+        if key[:2] not in set_quarters and len(amounts) == 3:
             result.append(TargetAmount(*key, amount=sum(amounts, Decimal(0))))
     return result
 

@@ -1437,10 +1437,13 @@ class SalesHandlers:
         statement = select(
             t.c.period, t.c.owner_id, t.c.team, t.c.currency, t.c.amount, t.c.first_month, t.c.last_month
         )
+        # Of a quarterly attainment, every month of the quarters asked for: a quarter's three monthly
+        # targets make its target when it has none of its own.
+        from_date, to_date = (
+            d.whole_quarters(query.from_date, query.to_date) if query.quarter else (query.from_date, query.to_date)
+        )
         statement = statement.where(
-            *_target_filters(
-                from_date=query.from_date, to_date=query.to_date, owner_id=query.owner_id, team=query.team
-            ),
+            *_target_filters(from_date=from_date, to_date=to_date, owner_id=query.owner_id, team=query.team),
             t.c.owner_id == "" if query.by_team else t.c.owner_id != "",
         )
         if not query.quarter:

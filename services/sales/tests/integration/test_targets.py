@@ -180,6 +180,10 @@ async def test_attainment_compares_targets_with_the_forecasts_won_deals(sales: S
         await set_target(sales, "2026-12", cny("10000"), owner_id="rep2")
         rows = {x.group: _row(x) for x in await sales.attainment(quarter)}
     assert rows["rep2"] == ("2026-Q4", "rep2", Decimal(50000), Decimal(5000), Decimal("0.1"), Decimal(0), Decimal(0))
+    # Quarter to date: the quarter's target is still its three months', not the months of the range.
+    with as_user("boss", "sales_manager", team="east", scope="team"):
+        to_date = ForecastQuery(quarter=True, from_date=date(2026, 10, 1), to_date=date(2026, 11, 20))
+        assert {x.group: x.target for x in await sales.attainment(to_date)}["rep2"] == Decimal(50000)
     assert rows["rep1"][2] == Decimal(999)  # its own quarterly target, not its months'
     # A rep sees their own row: the forecast's scope applies to targets too.
     with as_user("rep1", "sales_rep", team="east", scope="own"):

@@ -465,13 +465,33 @@ def test_a_quarter_without_its_own_target_takes_the_sum_of_its_three_monthly_one
         target("2026-11", "part", 100),
         *(target(month, "usd", 10, "USD") for month in ("2027-01", "2027-02", "2027-03")),
         target("2027-01", "mixed", 10), target("2027-02", "mixed", 10), target("2027-03", "mixed", 10, "USD"),
+        # Its own quarterly target is in USD: the quarter has one, its CNY months make none.
+        *(target(month, "usd-quarter", 10) for month in ("2026-10", "2026-11", "2026-12")),
     ]  # fmt: skip
+    quarterly.append(target("2026-Q4", "usd-quarter", 90, "USD"))
 
     assert sorted(d.quarter_targets(quarterly, monthly), key=lambda t: (t.group, t.currency)) == [
         target("2026-Q4", "months", 303),
         target("2026-Q4", "set", 500),
         target("2027-Q1", "usd", 30, "USD"),
+        target("2026-Q4", "usd-quarter", 90, "USD"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("from_date", "to_date", "widened"),
+    [
+        (date(2026, 11, 15), date(2026, 11, 20), (date(2026, 10, 1), date(2026, 12, 1))),
+        (date(2026, 1, 1), date(2026, 3, 31), (date(2026, 1, 1), date(2026, 3, 1))),
+        (date(2026, 12, 31), date(2027, 1, 1), (date(2026, 10, 1), date(2027, 3, 1))),
+        (None, date(2026, 8, 2), (None, date(2026, 9, 1))),
+        (None, None, (None, None)),
+    ],
+)
+def test_a_quarterly_attainment_reads_the_targets_of_whole_quarters(
+    from_date: date | None, to_date: date | None, widened: tuple[date | None, date | None]
+) -> None:
+    assert d.whole_quarters(from_date, to_date) == widened
 
 
 # ---------------------------------------------------------------- approvals
