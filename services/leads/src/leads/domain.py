@@ -605,6 +605,8 @@ def validate_scoring_rule(rule: ScoringRule, name: str) -> None:
             errors.append(FieldError("min_count", "must be at least 1 for an engagement rule"))
         if rule.url_contains and not rule.url_contains.strip():  # spaces: no URL a person visits
             errors.append(FieldError("url_contains", "must not be blank (leave it empty for any URL)"))
+        elif rule.url_contains != rule.url_contains.strip():  # URLs are kept trimmed: it would never match
+            errors.append(FieldError("url_contains", "must not begin or end with spaces"))
         elif len(rule.url_contains) > MAX_ENGAGEMENT_URL:
             errors.append(FieldError("url_contains", f"longer than {MAX_ENGAGEMENT_URL} characters"))
         if rule.field or rule.operator or rule.value:

@@ -1879,9 +1879,19 @@ class LeadsService:
             values["first_contact_due_at"] = case(
                 (c.first_contacted_at.is_(None), literal(due, c.first_contact_due_at.type)), else_=None
             )
+            movable = (
+                repo.transferable_from(from_owner_id),
+                repo.lead_scope_clause(current_scope()),
+                ~repo.converting(c.id),
+            )
+            # Locked in id order first, as every write of several leads locks them (an engagement
+            # batch's locks never cross these); then moved by a statement of its own, which sees a
+            # conversion begun meanwhile (it locked its lead): that lead stays, with the saga that
+            # makes its account, contact and deal for the owner it started with.
+            await conn.execute(select(c.id).where(*movable).order_by(c.id).with_for_update())
             statement = (
                 update(repo.leads)
-                .where(repo.transferable_from(from_owner_id), repo.lead_scope_clause(current_scope()))
+                .where(*movable)
                 .values(**values, claimed_at=None, updated_at=now, version=c.version + 1)
                 .returning(repo.leads)
             )

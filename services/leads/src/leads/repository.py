@@ -32,6 +32,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    exists,
     false,
     func,
     insert,
@@ -504,6 +505,12 @@ def transferable_from(owner_id: str) -> ColumnElement[bool]:
     `ix_leads_owner_status`."""
     c = leads.c
     return (c.owner_id == owner_id) & ~c.in_pool & c.status.in_(TRANSFERABLE_STATUSES)
+
+
+def converting(lead_id: ColumnElement[str]) -> ColumnElement[bool]:
+    """SQL: the lead's conversion is under way (running, or being undone): its saga makes the
+    account, contact and deal for the owner the lead had when it began."""
+    return exists().where(conversions.c.lead_id == lead_id, conversions.c.state.in_(("running", "compensating")))
 
 
 async def move_open_tasks(

@@ -3,6 +3,7 @@
 one transaction, each assigned as a manual assignment is and published as `lead.assigned`; the
 transfer is recorded, so a repeat of its Idempotency-Key answers the same and moves nothing more."""
 
+import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -277,3 +278,74 @@ async def test_through_the_gateway_a_manager_transfers_and_each_moved_lead_is_on
             ("replay", transfer_id, f"bulk_transfer: {REPLAY_REASON}"),
         ]
     )
+
+
+async def test_a_lead_whose_conversion_is_under_way_stays_with_the_owner_its_conversion_began_with(
+    env: Any,
+) -> None:
+    """The saga makes the account, contact and deal for the lead's owner when it began: a transfer
+    meanwhile would leave them with the departing rep and the converted lead with the taker."""
+    lead = await _lead(env, "Deal in flight")
+    other = await _lead(env, "Next one")
+    owners_created_for: list[str] = []
+    transfers: list[Any] = []
+    create_opportunity = env.ports.create_opportunity
+
+    async def transfer_meanwhile(**values: Any) -> str:
+        owners_created_for.append(values["lead"]["owner_id"])
+        with _manager(env):
+            transfers.append(await env.service.transfer_leads("leaver", "taker", "", "left", ""))
+        return str(await create_opportunity(**values))
+
+    env.ports.create_opportunity = transfer_meanwhile
+    with _manager(env, "manager2"):
+        await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
+    leads = await _leads(env)
+
+    [(_, moved)] = transfers
+    assert moved == [other["id"]]  # not the lead being converted
+    assert owners_created_for == ["leaver"]
+    assert (leads[lead["id"]]["status"], leads[lead["id"]]["owner_id"]) == ("converted", "leaver")
+    assert leads[other["id"]]["owner_id"] == "taker"
+
+
+async def test_a_transfer_and_an_engagement_batch_lock_their_leads_in_one_order(env: Any) -> None:
+    """Both lock in id order, so neither waits on the other in a cycle (a deadlock, one of them
+    failing), whatever order the database finds the rep's leads in."""
+    first = await _lead(env, "First")
+    middle = await _lead(env, "Middle", owner_id="stayer")
+    last = await _lead(env, "Last")
+    assert first["id"] < middle["id"] < last["id"]
+    # `last` contacted, `first` updated since: the rep's leads by (owner, status), or as stored,
+    # come `last` first.
+    with env.acting("leaver", team="east", scope=ScopeKind.OWN):
+        await env.service.log_activity(ActivityInput(last["id"], "call"))
+    with _manager(env):
+        await env.service.update_lead(first["id"], {"company": "Acme"}, ["company"], 0)
+    blocker = await env.engine.connect()
+    await blocker.begin()
+    await blocker.execute(select(repo.leads.c.id).where(repo.leads.c.id == middle["id"]).with_for_update())
+    when = env.clock() - timedelta(minutes=5)
+    items = [
+        domain.EngagementInput(kind="page_view", external_id=f"e-{x['id']}", occurred_at=when, lead_id=x["id"])
+        for x in (first, middle, last)
+    ]
+
+    async def engage() -> Any:
+        with env.acting("mkt", roles=("marketing",)):
+            return await env.service.record_engagements(items)
+
+    async def transfer() -> Any:
+        with _manager(env):
+            return await env.service.transfer_leads("leaver", "taker", "", "left", "")
+
+    engaging = asyncio.create_task(engage())  # holds `first`, waits for `middle`
+    await asyncio.sleep(0.3)
+    transferring = asyncio.create_task(transfer())  # waits for `first` before it locks `last`
+    await asyncio.sleep(0.3)
+    await blocker.rollback()
+    await blocker.close()
+    results = await asyncio.gather(engaging, transferring, return_exceptions=True)
+
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert sorted(results[1][1]) == sorted([first["id"], last["id"]])

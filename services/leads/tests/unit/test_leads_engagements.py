@@ -75,6 +75,11 @@ def test_engagement_rules_that_can_count_are_accepted() -> None:
         (ScoringRule(id="", engagement_kind="any", min_count=1, points=10), ["engagement_kind"]),
         (ScoringRule(id="", engagement_kind="page_view", min_count=0, points=10), ["min_count"]),
         (ScoringRule(id="", engagement_kind="page_view", url_contains="  ", min_count=1, points=10), ["url_contains"]),
+        # URLs are kept trimmed: " /pricing" would never match one.
+        (
+            ScoringRule(id="", engagement_kind="page_view", url_contains=" /pricing", min_count=1, points=10),
+            ["url_contains"],
+        ),
         (
             ScoringRule(id="", engagement_kind="page_view", url_contains="x" * 2001, min_count=1, points=10),
             ["url_contains"],

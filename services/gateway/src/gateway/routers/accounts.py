@@ -953,7 +953,12 @@ async def bulk_transfer(
         metadata=access.grpc_metadata(),
     )
     await access.audit_bulk_transfer(
-        reply.bulk_transfer_id, body.from_owner_id, body.to_owner_id, body.reason, reply.account_ids
+        reply.bulk_transfer_id,
+        body.from_owner_id,
+        body.to_owner_id,
+        body.reason,
+        reply.account_ids,
+        to_team=body.to_team or "",
     )
     return {
         "bulk_transfer_id": reply.bulk_transfer_id,

@@ -1252,7 +1252,12 @@ async def transfer_leads(
         metadata=access.grpc_metadata(),
     )
     await access.audit_bulk_transfer(
-        reply.bulk_transfer_id, body.from_owner_id, body.to_owner_id, body.reason, reply.lead_ids
+        reply.bulk_transfer_id,
+        body.from_owner_id,
+        body.to_owner_id,
+        body.reason,
+        reply.lead_ids,
+        to_team=body.to_team or "",
     )
     return _transfer_json(reply)
 

@@ -399,18 +399,26 @@ class Access:
             await self.runtime.audit.record(entries)
 
     async def audit_bulk_transfer(
-        self, transfer_id: str, from_owner_id: str, to_owner_id: str, reason: str, moved_ids: Iterable[str]
+        self,
+        transfer_id: str,
+        from_owner_id: str,
+        to_owner_id: str,
+        reason: str,
+        moved_ids: Iterable[str],
+        *,
+        to_team: str = "",
     ) -> None:
         """A departing owner's records handed to another (人走客户不走): one row for the transfer and
         one on the trail of each record it moved, naming it, written together. In a replayed request
         its `replay` row alone (the first request wrote these)."""
-        moved = f"{from_owner_id} -> {to_owner_id}: {reason}"
+        moved = f"{from_owner_id} -> {to_owner_id}: {reason.strip()}"
+        fields = ["owner_id", "team"] if to_team else ["owner_id"]
         if self.replayed:
             await self._audit_replay("bulk_transfer", transfer_id)
             return
-        entries = [self._entry("bulk_transfer", transfer_id, fields=["owner_id"], reason=moved)]
+        entries = [self._entry("bulk_transfer", transfer_id, fields=fields, reason=moved)]
         entries += [
-            self._entry("transfer", record_id, fields=["owner_id"], reason=f"{moved} ({transfer_id})")
+            self._entry("transfer", record_id, fields=fields, reason=f"{moved} ({transfer_id})")
             for record_id in moved_ids
         ]
         await self.runtime.audit.record(entries)
