@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from gateway.config import Settings
 from gateway.errors import install_error_handlers
 from gateway.middleware import RequestContextMiddleware
+from gateway.public_keys import holds_public_key
 from gateway.routers import (
     accounts,
     analytics,
@@ -31,8 +32,10 @@ UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def untraced(scope: MutableMapping[str, Any]) -> bool:
-    """Probes and scrapes: frequent, and nothing to follow in a trace."""
-    return scope.get("path") in UNTRACED_PATHS
+    """Probes and scrapes: frequent, and nothing to follow in a trace; and the public routes whose
+    path holds their key (a credential: a span would keep it in `url.path`)."""
+    path = str(scope.get("path", ""))
+    return path in UNTRACED_PATHS or holds_public_key(path)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

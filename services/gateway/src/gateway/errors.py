@@ -18,6 +18,7 @@ from starlette._utils import get_route_path
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.inputs import NON_BLANK_PATTERN
+from gateway.public_keys import path_for_logs
 from gateway.routing import allowed_methods
 from gateway.upstreams import UpstreamNotConfigured
 
@@ -137,7 +138,7 @@ async def _rpc_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, grpc.aio.AioRpcError)
     remote = from_rpc_error(error)
     if http_status_of(remote) >= 500 and remote.code != grpc.StatusCode.UNAVAILABLE:
-        log.error("upstream error on %s %s: %s %s", request.method, request.url.path, remote.code, remote.message)
+        log.error("upstream error on %s %s: %s %s", request.method, path_for_logs(request), remote.code, remote.message)
     return remote_problem(remote, request.url.path)
 
 
@@ -234,7 +235,7 @@ _QUIET_BROKEN_OFF = _QuietBrokenOff()
 
 async def _unhandled(request: Request, error: Exception) -> JSONResponse:
     if not isinstance(error, ResponseBrokenOff):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, path_for_logs(request))
     # Sent past RequestContextMiddleware, which put the request's id on its state for this.
     request_id = getattr(request.state, "request_id", "")
     headers = {"X-Request-ID": request_id} if request_id else None

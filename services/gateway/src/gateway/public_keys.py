@@ -8,6 +8,7 @@ per client address like failed logins (`deny_unknown_key`), so keys cannot be gu
 the audit trail flooded.
 """
 
+import re
 from typing import Annotated
 
 from fastapi import Path, Request
@@ -30,6 +31,25 @@ PublicKeyPath = Annotated[
         description="the key that authenticates the request (a credential: who holds it may use it)",
     ),
 ]
+
+
+# The paths of the routes above, whose raw path holds a key: not traced (a span's `url.path` would
+# keep it where more people read than the audit trail), and logged as their template.
+_KEYED_PATH = re.compile(r"^/api/v1/(csat-surveys/[^/]+|webforms/[^/]+/submissions)/?$")
+_KEY_PARAMETERS = ("{form_key}", "{survey_key}")
+
+
+def holds_public_key(path: str) -> bool:
+    """Does this raw request path carry a public key (`/csat-surveys/<key>`)?"""
+    return _KEYED_PATH.match(path) is not None
+
+
+def path_for_logs(request: Request) -> str:
+    """The request's path as a log line may hold it: a public route's as its template."""
+    route_path = getattr(request.scope.get("route"), "path", "")
+    if any(parameter in route_path for parameter in _KEY_PARAMETERS) or holds_public_key(request.url.path):
+        return route_path or "(a public route's path, holding its key)"
+    return request.url.path
 
 
 def path_without_key(request: Request, name: str, key: str) -> str:

@@ -6,11 +6,13 @@ failed logins; the body is checked before the service hears of it; the ticket's 
 shown only to who may enter CSAT answers, and kept out of the audit trail; CSAT answers show their
 `channel`."""
 
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from crm.servicedesk.v1 import servicedesk_pb2 as sd
@@ -23,7 +25,7 @@ from crm_platform.errors import AlreadyExists, Conflict, NotFound
 from crm_platform.idempotency import REPLAYED_METADATA
 from crm_platform.principal import context_from_metadata
 from fastapi import FastAPI
-from gateway.app import create_app
+from gateway.app import create_app, untraced
 from gateway.config import Settings
 from gateway.security.audit import AuditQuery
 from gateway.testing import add_no_custom_fields, refuse, serving, ticket_in_scope
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.integration
 SECRET = "csat-survey-link-secret-" + "q" * 30
 KEY = "Sv3yK3y-0123456789abcdefghijklmn"  # as secrets.token_urlsafe(24) draws them
 EXPIRED_KEY = "Expired-0123456789abcdefghijklmn"
+BROKEN_KEY = "Broken00-0123456789abcdefghijklm"  # the service fails on it (INTERNAL)
 SURVEY_PATH = "/api/v1/csat-surveys/{survey_key}"
 RESOLVED = Timestamp(seconds=1_796_000_000)
 EXPIRES = Timestamp(seconds=1_796_000_000 + 30 * 86_400)
@@ -59,6 +62,8 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
 
     async def GetCsatSurvey(self, request: desk_pb.GetCsatSurveyRequest, context: Any) -> Any:
         self._caller(context)
+        if request.survey_key == BROKEN_KEY:
+            await context.abort(grpc.StatusCode.INTERNAL, "the database went away")
         if request.survey_key != KEY:
             await refuse(context, NotFound("csat_survey", request.survey_key))
         survey = sd.CsatSurvey(
@@ -360,3 +365,20 @@ async def test_a_ticket_export_never_holds_the_survey_key(gateway: Gateway) -> N
     header = exported.text.splitlines()[0].split(",")
     assert "subject" in header and "survey_key" not in header
     assert KEY not in exported.text
+
+
+async def test_a_keyed_path_is_neither_traced_nor_logged_with_its_key(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Traces and logs are read more widely than the audit trail: a span's `url.path` or an error
+    line holding the key would hand it out."""
+    assert untraced({"path": f"/api/v1/csat-surveys/{KEY}"})
+    assert untraced({"path": f"/api/v1/webforms/{KEY}/submissions"})
+    assert not untraced({"path": "/api/v1/tickets/t-1"})
+
+    with caplog.at_level(logging.ERROR, logger="gateway.errors"):
+        failed = await gateway.client.get(f"/api/v1/csat-surveys/{BROKEN_KEY}")
+
+    assert failed.status_code == 500, failed.text
+    assert f"GET {SURVEY_PATH}" in caplog.text
+    assert BROKEN_KEY not in caplog.text

@@ -46,7 +46,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from service_desk import domain
 from service_desk import repository as repo
 from service_desk.domain import FIRST_RESPONSE, RESOLUTION, SlaClock
-from service_desk.messages import actor, changed_ticket_fields, csat_to_proto, return_visit_to_proto, ticket_to_proto
+from service_desk.messages import (
+    actor,
+    changed_ticket_fields,
+    csat_to_proto,
+    return_visit_to_proto,
+    ticket_answer,
+    ticket_to_proto,
+)
 from service_desk.repository import TicketFilter
 
 log = logging.getLogger(__name__)
@@ -528,8 +535,8 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
     tx.publish(
         events_pb2.TicketStatusChanged(ticket=message, from_status=previous, to_status=status, actor=who), key=t["id"]
     )
-    if status == "resolved":
-        tx.publish(events_pb2.TicketResolved(ticket=message, actor=who), key=t["id"])
+    if status == "resolved":  # with the survey key, for whatever sends the customer their link
+        tx.publish(events_pb2.TicketResolved(ticket=ticket_answer(t), actor=who), key=t["id"])
     elif status == "closed":
         tx.publish(events_pb2.TicketClosed(ticket=message, actor=who), key=t["id"])
     elif status == "reopened":

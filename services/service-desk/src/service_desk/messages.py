@@ -33,8 +33,9 @@ def _struct(values: Mapping[str, Any] | None) -> struct_pb2.Struct:
 
 
 # What a ticket.updated event may list as changed: the Ticket fields but those changing every time.
+# The survey key is no change any event tells (only ticket.resolved carries it: `ticket_answer`).
 TICKET_CHANGE_FIELDS = tuple(
-    field.name for field in sd.Ticket.DESCRIPTOR.fields if field.name not in ("updated_at", "version")
+    field.name for field in sd.Ticket.DESCRIPTOR.fields if field.name not in ("updated_at", "version", "survey_key")
 )
 
 
@@ -43,7 +44,17 @@ def changed_ticket_fields(before: Mapping[str, Any], after: Mapping[str, Any]) -
     return sorted(name for name in TICKET_CHANGE_FIELDS if before[name] != after[name])
 
 
+def ticket_answer(row: Any) -> sd.Ticket:
+    """A ticket as the service answers for it: with its survey key (a credential, which the gateway
+    shows only to who may enter CSAT answers), which `ticket_to_proto` leaves out of the events
+    but for ticket.resolved, for whatever sends the customer their link."""
+    message = ticket_to_proto(row)
+    message.survey_key = _values(row)["survey_key"] or ""
+    return message
+
+
 def ticket_to_proto(row: Any) -> sd.Ticket:
+    """A ticket as its events carry it: without its survey key."""
     r = _values(row)
     message = sd.Ticket(
         id=r["id"],
@@ -66,7 +77,6 @@ def ticket_to_proto(row: Any) -> sd.Ticket:
         created_by_id=r["created_by_id"],
         account_tier=r["account_tier"],
         custom=_struct(r["custom"]),
-        survey_key=r["survey_key"] or "",
     )
     _times(
         message,

@@ -21,7 +21,7 @@ from service_desk.messages import (
     return_visit_to_proto,
     sla_policy_to_proto,
     survey_to_proto,
-    ticket_to_proto,
+    ticket_answer,
     work_log_to_proto,
 )
 from service_desk.repository import TicketFilter
@@ -86,13 +86,13 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             skip_dispatch=request.skip_dispatch,
         )
         return pb.CreateTicketResponse(
-            ticket=ticket_to_proto(row), suggested_articles=[article_to_proto(a) for a in suggestions]
+            ticket=ticket_answer(row), suggested_articles=[article_to_proto(a) for a in suggestions]
         )
 
     async def GetTicket(self, request: pb.GetTicketRequest, context: Ctx) -> pb.GetTicketResponse:
         row, comments, entries, csat = await handlers.get_ticket(self.ctx, request.ticket_id)
         response = pb.GetTicketResponse(
-            ticket=ticket_to_proto(row),
+            ticket=ticket_answer(row),
             comments=[comment_to_proto(c) for c in comments],
             work_log=[work_log_to_proto(e) for e in entries],
         )
@@ -106,7 +106,7 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             self.ctx, request.ticket_id, values, expected_version=request.expected_version
         )
         return pb.UpdateTicketResponse(
-            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+            ticket=ticket_answer(change.record), previous=previous_message(ticket_answer, change.previous)
         )
 
     async def ListTickets(self, request: pb.ListTicketsRequest, context: Ctx) -> pb.ListTicketsResponse:
@@ -125,7 +125,7 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
         )
         custom = [(c.key, c.value) for c in request.custom]
         rows, cursor = await handlers.list_tickets(self.ctx, f, _page(request.page), custom)
-        return pb.ListTicketsResponse(items=[ticket_to_proto(r) for r in rows], page_info=_info(cursor))
+        return pb.ListTicketsResponse(items=[ticket_answer(r) for r in rows], page_info=_info(cursor))
 
     async def ChangeTicketStatus(
         self, request: pb.ChangeTicketStatusRequest, context: Ctx
@@ -134,7 +134,7 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             self.ctx, request.ticket_id, request.status, expected_version=request.expected_version, note=request.note
         )
         return pb.ChangeTicketStatusResponse(
-            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+            ticket=ticket_answer(change.record), previous=previous_message(ticket_answer, change.previous)
         )
 
     async def AssignTicket(self, request: pb.AssignTicketRequest, context: Ctx) -> pb.AssignTicketResponse:
@@ -142,7 +142,7 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
             self.ctx, request.ticket_id, request.assignee_id, expected_version=request.expected_version
         )
         return pb.AssignTicketResponse(
-            ticket=ticket_to_proto(change.record), previous=previous_message(ticket_to_proto, change.previous)
+            ticket=ticket_answer(change.record), previous=previous_message(ticket_answer, change.previous)
         )
 
     async def AddTicketComment(self, request: pb.AddTicketCommentRequest, context: Ctx) -> pb.AddTicketCommentResponse:
@@ -159,7 +159,7 @@ class ServiceDeskServicer(ServiceDeskServiceServicer):
 
     async def DeleteTicket(self, request: pb.DeleteTicketRequest, context: Ctx) -> pb.DeleteTicketResponse:
         deleted = await handlers.delete_ticket(self.ctx, request.ticket_id, expected_version=request.expected_version)
-        return pb.DeleteTicketResponse(previous=ticket_to_proto(deleted))
+        return pb.DeleteTicketResponse(previous=ticket_answer(deleted))
 
     # SLA policies
 

@@ -102,9 +102,16 @@ async def test_a_ticket_gets_its_survey_key_at_its_first_resolution_and_keeps_it
     assert (await _move(ctx, ticket["id"], "closed"))["survey_key"] == key
     row, _, _, _ = await handlers.get_ticket(ctx, ticket["id"])
     assert row.survey_key == key
-    # The resolution's event carries it, for whatever sends the customer their link.
+    # The resolution's event carries it, for whatever sends the customer their link; no other does
+    # (a credential on the topic only where it is needed), nor names it as a changed field.
     [first, second] = await _events(ctx, ticket["id"], events_pb2.TicketResolved)
     assert first.ticket.survey_key == second.ticket.survey_key == key
+    others = [
+        *await _events(ctx, ticket["id"], events_pb2.TicketStatusChanged),
+        *await _events(ctx, ticket["id"], events_pb2.TicketReopened),
+        *await _events(ctx, ticket["id"], events_pb2.TicketClosed),
+    ]
+    assert len(others) >= 7 and all(event.ticket.survey_key == "" for event in others)
 
 
 async def test_every_ticket_has_its_own_key_and_the_database_holds_each_once(ctx: Context) -> None:
