@@ -16,6 +16,9 @@ PROTO_STAMP := $(CONTRACTS)/.generated
 SYNC_STAMP := $(VENV)/.synced
 
 export CRM_DATA_DIR ?= .data
+# Test processes: most tests wait on PostgreSQL and the broker, so more workers than cores keep both
+# busy. A file's tests stay in one worker (its module fixtures, e.g. an e2e stack, start once).
+TEST_WORKERS ?= 3
 
 .PHONY: help setup proto lint test test-unit run token bench clean fuzz
 
@@ -51,7 +54,7 @@ lint: setup ## ruff, mypy, buf lint (and buf breaking against the previous commi
 	bash scripts/buf_breaking.sh $(BUF)
 
 test: setup lint helm-lint ## run every test suite (unit, integration, e2e) and the chart checks, as CI does
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-unit: setup ## only the fast tests without I/O
 	$(VENV)/bin/pytest -m unit
