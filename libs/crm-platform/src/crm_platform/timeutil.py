@@ -4,6 +4,8 @@ from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from crm_platform.errors import FieldError, ValidationFailed
+
 # A time a caller gives (when a call happened, when money was received) may run this far ahead of
 # the server's clock: the caller's clock may be fast.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -36,6 +38,15 @@ def from_timestamp(stamp: Timestamp) -> datetime | None:
     if stamp.seconds == 0 and stamp.nanos == 0:
         return None
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def given_time(stamp: Timestamp, field: str) -> datetime | None:
+    """`from_timestamp` of a time another system sent: one no datetime holds (outside the years
+    1 to 9999) is refused naming `field`, a bad message rather than a crash to retry."""
+    try:
+        return from_timestamp(stamp)
+    except ValueError:
+        raise ValidationFailed([FieldError(field, "is not a time between the years 1 and 9999")]) from None
 
 
 def isoformat(value: datetime | None) -> str | None:

@@ -290,6 +290,7 @@ class FakeSales(SalesServiceServicer):
         self.updates: list[sales_pb.UpdateOpportunityRequest] = []
         self.deal_lookups: list[tuple[str, RecordScope]] = []  # (campaign_id, scope) of each ListOpportunities
         self.contract_deletes: list[sales_pb.DeleteContractRequest] = []
+        self.contract_terminations: list[sales_pb.TerminateContractRequest] = []
         self.quote_deletes: list[sales_pb.DeleteQuoteRequest] = []
         self.assignments: list[sales_pb.AssignOpportunityRequest] = []
         self.quote_updates: list[sales_pb.UpdateQuoteRequest] = []
@@ -324,6 +325,13 @@ class FakeSales(SalesServiceServicer):
         return sales_pb.MoveOpportunityStageResponse(opportunity=deal, previous=self.DEAL)
 
     CONTRACT = sales_pb2.Contract(id="k-1", title="Robots", status="pending_approval", version=2)
+
+    async def TerminateContract(self, request: sales_pb.TerminateContractRequest, context: Any) -> Any:
+        self.contract_terminations.append(request)
+        return sales_pb.TerminateContractResponse(
+            contract=sales_pb2.Contract(id=request.id, title="Robots", status="terminated", version=3),
+            previous=sales_pb2.Contract(id=request.id, title="Robots", status="signed", version=2),
+        )
 
     async def DeleteContract(self, request: sales_pb.DeleteContractRequest, context: Any) -> Any:
         if request.id == "k-404":  # as the service answers a contract outside the caller's scope
@@ -930,6 +938,20 @@ async def test_a_contract_is_deleted_at_its_etags_version_by_who_may_delete_cont
     audited = rows[-1]
     assert (audited["resource"], audited["after"]) == ("contracts", None)
     assert (audited["before"]["title"], audited["before"]["status"]) == ("Robots", "pending_approval")
+
+
+async def test_a_contract_is_terminated_by_finance_or_a_manager_not_by_its_rep(gateway: Gateway) -> None:
+    """Terminating writes off what is still owed (the ERP stops dunning it): not a rep's call alone."""
+    path = "/api/v1/contracts/k-1/terminate"
+    by_the_rep = await gateway.client.post(path, json={"reason": "lost"}, headers=gateway.auth("sales_rep"))
+    by_finance = await gateway.client.post(path, json={"reason": "insolvent"}, headers=gateway.auth("finance"))
+    by_a_manager = await gateway.client.post(path, json={"reason": "withdrew"}, headers=gateway.auth("sales_manager"))
+
+    assert by_the_rep.status_code == 403, by_the_rep.text
+    assert by_the_rep.json()["errors"] == [{"field": "terminated_reason", "message": by_the_rep.json()["detail"]}]
+    assert (by_finance.status_code, by_a_manager.status_code) == (200, 200)
+    assert by_finance.json()["status"] == "terminated"
+    assert [r.reason for r in gateway.sales.contract_terminations] == ["insolvent", "withdrew"]
 
 
 async def test_a_quote_is_deleted_at_its_etags_version_by_who_may_delete_quotes_and_audited_as_it_was(

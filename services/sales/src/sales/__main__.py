@@ -1,6 +1,7 @@
 """`crm-sales [serve|migrate]`: the sales service's gRPC server, outbox relay, consumers and timers."""
 
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import grpc
 from crm.accounts.v1 import events_pb2 as account_events
@@ -34,6 +35,7 @@ def build_handlers(settings: SalesSettings, engine: AsyncEngine) -> SalesHandler
         contract_thresholds=settings.contract_thresholds(),
         default_currency=settings.default_currency,
         import_max_rows=settings.import_max_rows,
+        timezone=ZoneInfo(settings.business_timezone),
     )
 
 

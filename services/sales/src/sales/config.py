@@ -2,9 +2,10 @@
 
 from decimal import Decimal
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from crm_platform.config import ServiceSettings
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from sales.domain import ContractThresholds, QuoteThresholds
@@ -12,6 +13,17 @@ from sales.domain import ContractThresholds, QuoteThresholds
 # As contracts carry them: the API upper-cases the ISO 4217 codes clients send.
 CurrencyCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 ExchangeRate = Annotated[Decimal, Field(gt=0)]
+
+
+def _known_timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. Asia/Shanghai, UTC)") from None
+    return name
+
+
+BusinessTimezone = Annotated[str, AfterValidator(_known_timezone)]
 
 
 class SalesSettings(ServiceSettings):
@@ -33,6 +45,9 @@ class SalesSettings(ServiceSettings):
     # (JSON, e.g. {"USD": "7.10"}). A contract in a currency without a rate cannot be submitted.
     contract_threshold_currency: CurrencyCode | Literal[""] = ""
     contract_exchange_rates: dict[CurrencyCode, ExchangeRate] = {}
+    # The time zone of the business's calendar (IANA name, e.g. Asia/Shanghai): the month of a
+    # contract's number, the day an installment turns overdue, the day a deal closes by default.
+    business_timezone: BusinessTimezone = "UTC"
     # How often the overdue-installment timer runs and how many installments it claims per pass.
     overdue_interval_seconds: float = 60.0
     overdue_batch_size: int = 500

@@ -22,7 +22,7 @@ from crm_platform.ids import new_id
 from crm_platform.money import money_from_proto
 from crm_platform.outbox import Transaction
 from crm_platform.principal import ALL_RECORDS, Principal, acting_as
-from crm_platform.timeutil import from_timestamp
+from crm_platform.timeutil import given_time
 
 from sales.handlers import SalesHandlers
 
@@ -41,7 +41,7 @@ class SalesConsumers:
                 tx,
                 contract_id=message.contract_id or event.key,
                 amount=money_from_proto(message.amount, field="amount"),
-                received_at=from_timestamp(message.received_at),
+                received_at=given_time(message.received_at, "received_at"),
                 method=message.method,
                 external_reference=message.external_reference,
                 scope=ALL_RECORDS,
@@ -56,7 +56,7 @@ class SalesConsumers:
                 contract_id=message.contract_id or event.key,
                 amount=money_from_proto(message.amount, field="amount"),
                 number=message.number,
-                issued_at=from_timestamp(message.issued_at),
+                issued_at=given_time(message.issued_at, "issued_at"),
                 external_reference=message.external_reference,
                 invoice_id=message.invoice_id,
             )

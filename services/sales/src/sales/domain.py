@@ -13,6 +13,7 @@ from enum import StrEnum
 
 from crm_platform.errors import Conflict, FieldError, PermissionDenied, ValidationFailed
 from crm_platform.money import CENT, MAX_AMOUNT, Money, amount_text, check_amount, minor_unit
+from crm_platform.structs import text_problem
 from crm_platform.timeutil import in_the_future
 
 HUNDRED = Decimal(100)
@@ -29,8 +30,15 @@ MAX_ROTTING_DAYS = 3650
 MAX_QUANTITY = Decimal(1_000_000_000)
 
 
-def check_lengths(values: Mapping[str, str], limit: int) -> list[FieldError]:
-    return [FieldError(name, f"at most {limit} characters") for name, value in values.items() if len(value) > limit]
+def check_texts(values: Mapping[str, str], limit: int) -> list[FieldError]:
+    """Each value at most `limit` characters and storable (no NUL: an ERP's Kafka posting is not
+    checked by the gateway)."""
+    errors = []
+    for name, value in values.items():
+        problem = f"at most {limit} characters" if len(value) > limit else text_problem(value)
+        if problem:
+            errors.append(FieldError(name, problem))
+    return errors
 
 
 def quantize_money(value: Decimal, currency: str) -> Decimal:
@@ -246,7 +254,7 @@ def validate_line_items(items: Sequence[LineItem], *, field_name: str = "line_it
         if not (item.product_id or item.product_name):
             errors.append(FieldError(f"{prefix}.product_id", "product_id or product_name is required"))
         # A deal without a product line of its own takes its first item's.
-        errors.extend(check_lengths({f"{prefix}.product_line": item.product_line}, NAME_LENGTH))
+        errors.extend(check_texts({f"{prefix}.product_line": item.product_line}, NAME_LENGTH))
         price_errors = check_amount(
             item.unit_price.amount, field=f"{prefix}.unit_price.amount", currency=item.unit_price.currency
         )

@@ -7,7 +7,7 @@ run as the system with full scope. Records outside the caller's scope read as No
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 
@@ -224,16 +224,17 @@ def _require(value: str, field_name: str) -> None:
         raise ValidationFailed([FieldError(field_name, "is required")])
 
 
-def _check_lengths(values: dict[str, str], limit: int) -> None:
-    """Text longer than its column is a 422 naming the field (PostgreSQL would refuse it: a 500)."""
-    too_long = d.check_lengths(values, limit)
-    if too_long:
-        raise ValidationFailed(too_long)
+def _check_texts(values: dict[str, str], limit: int) -> None:
+    """Text longer than its column, or that no column holds (NUL), is a 422 naming the field
+    (PostgreSQL would refuse it: a 500)."""
+    refused = d.check_texts(values, limit)
+    if refused:
+        raise ValidationFailed(refused)
 
 
 def _check_pipeline(name: str, stages: Sequence[d.Stage]) -> None:
     _require(name, "name")
-    _check_lengths({"name": name.strip()}, d.NAME_LENGTH)
+    _check_texts({"name": name.strip()}, d.NAME_LENGTH)
     d.validate_stages(stages)
 
 
@@ -330,6 +331,7 @@ class SalesHandlers:
         default_currency: str = "CNY",
         import_max_rows: int = 5_000,
         clock: Callable[[], datetime] = utcnow,
+        timezone: tzinfo = UTC,
     ) -> None:
         self.uow = uow
         self.engine = uow.engine
@@ -338,9 +340,15 @@ class SalesHandlers:
         self.default_currency = default_currency
         self.import_max_rows = import_max_rows
         self.clock = clock
+        self.timezone = timezone
+
+    def local_now(self) -> datetime:
+        """Now on the business's calendar (`CRM_SALES_BUSINESS_TIMEZONE`): 1 December 07:00 in
+        Shanghai is still 30 November in UTC."""
+        return self.clock().astimezone(self.timezone)
 
     def today(self) -> date:
-        return self.clock().date()
+        return self.local_now().date()
 
     # ------------------------------------------------------------ pipelines
 
@@ -562,7 +570,7 @@ class SalesHandlers:
                 "source_lead_id": data.source_lead_id, "campaign_id": data.campaign_id}  # fmt: skip
         texts = {"name": data.name, "owner_id": data.owner_id, "team": data.team, "region": data.region,
                  "product_line": data.product_line}  # fmt: skip
-        errors += d.check_lengths(refs, d.REF_LENGTH) + d.check_lengths(texts, d.NAME_LENGTH)
+        errors += d.check_texts(refs, d.REF_LENGTH) + d.check_texts(texts, d.NAME_LENGTH)
         errors += cf.validate(definitions, data.custom)
         if errors:
             raise ValidationFailed(errors)
@@ -819,10 +827,10 @@ class SalesHandlers:
         if unknown:
             raise ValidationFailed([FieldError("update_mask", f"cannot update {', '.join(unknown)}")])
         texts = {name: value for name, value in changes.items() if isinstance(value, str) and name != "next_step"}
-        too_long = d.check_lengths({k: v for k, v in texts.items() if k == "primary_contact_id"}, d.REF_LENGTH)
-        too_long += d.check_lengths({k: v for k, v in texts.items() if k != "primary_contact_id"}, d.NAME_LENGTH)
-        if too_long:
-            raise ValidationFailed(too_long)
+        refused = d.check_texts({k: v for k, v in texts.items() if k == "primary_contact_id"}, d.REF_LENGTH)
+        refused += d.check_texts({k: v for k, v in texts.items() if k != "primary_contact_id"}, d.NAME_LENGTH)
+        if refused:
+            raise ValidationFailed(refused)
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
@@ -898,7 +906,7 @@ class SalesHandlers:
         principal = current_principal()
         _require(owner_id, "owner_id")
         given = {"owner_id": owner_id.strip(), "team": team.strip(), "region": region.strip()}
-        _check_lengths(given, d.NAME_LENGTH)
+        _check_texts(given, d.NAME_LENGTH)
         async with self.uow.begin() as tx:
             row = await self._opportunity_row(tx.conn, opportunity_id, scope=current_scope(), lock=True)
             _check_version(row, expected_version, "opportunity")
@@ -1094,7 +1102,7 @@ class SalesHandlers:
                 values.update(amount=amount.amount, currency=amount.currency)
             d.check_stage_gate(pipeline, stage.key, self._gate_fields({**row, **values}))
             now = self.clock()
-            closed_on = close_date or now.date()
+            closed_on = close_date or self.today()
             values.update(
                 status=outcome.value,
                 stage=stage.key,
@@ -1146,9 +1154,9 @@ class SalesHandlers:
                         ImportResult(index, "", "rejected", errors=[FieldError("external_id", "is required")])
                     )
                     continue
-                too_long = d.check_lengths({"external_id": row.external_id}, d.REFERENCE_LENGTH)
-                if too_long:
-                    results.append(ImportResult(index, row.external_id, "rejected", errors=too_long))
+                refused = d.check_texts({"external_id": row.external_id}, d.REFERENCE_LENGTH)
+                if refused:
+                    results.append(ImportResult(index, row.external_id, "rejected", errors=refused))
                     continue
                 if row.external_id in existing:
                     results.append(ImportResult(index, row.external_id, "existing", existing[row.external_id]))
@@ -1334,7 +1342,7 @@ class SalesHandlers:
         months = d.parse_period(period)
         d.require_valid_target(amount)
         team = team or principal.team
-        _check_lengths({"owner_id": owner_id, "team": team}, d.NAME_LENGTH)
+        _check_texts({"owner_id": owner_id, "team": team}, d.NAME_LENGTH)
         if not owner_id:
             _require(team, "team")
         if not current_scope().allows(owner_id=owner_id, team=team, region=""):
@@ -1746,8 +1754,8 @@ class SalesHandlers:
                 errors.append(FieldError("title", "is required"))
             if amount is None:
                 errors.append(FieldError("amount", "is required without an opportunity"))
-            errors += d.check_lengths({"account_id": account_id}, d.REF_LENGTH)
-            errors += d.check_lengths(
+            errors += d.check_texts({"account_id": account_id}, d.REF_LENGTH)
+            errors += d.check_texts(
                 {"title": title, "owner_id": owner_id, "team": team, "region": region}, d.NAME_LENGTH
             )
             if errors:
@@ -1755,11 +1763,11 @@ class SalesHandlers:
             assert amount is not None
             d.require_valid_amount(amount, field_name="amount", allow_zero=False)
             now = self.clock()
-            month = d.month_key(now.date())
-            sequence = await r.next_contract_sequence(tx.conn, month)
+            local = self.local_now()
+            sequence = await r.next_contract_sequence(tx.conn, d.month_key(local.date()))
             values = {
                 "id": contract_id,
-                "number": d.contract_number(now.year, now.month, sequence),
+                "number": d.contract_number(local.year, local.month, sequence),
                 "opportunity_id": opportunity_id,
                 "account_id": account_id,
                 "title": title.strip(),
@@ -1978,7 +1986,7 @@ class SalesHandlers:
             raise ValidationFailed([FieldError(unknown[0], "cannot be changed on a contract")])
         if "title" in changes:
             _require(changes["title"], "title")
-            _check_lengths({"title": changes["title"].strip()}, d.NAME_LENGTH)
+            _check_texts({"title": changes["title"].strip()}, d.NAME_LENGTH)
             changes = {**changes, "title": changes["title"].strip()}
         async with self.uow.begin() as tx:
             row = await self._contract_row(tx.conn, contract_id, scope=current_scope(), lock=True)
@@ -2272,8 +2280,8 @@ class SalesHandlers:
             errors.append(FieldError("external_reference", "is required (it is the idempotency key)"))
         if not contract_id:
             errors.append(FieldError("contract_id", "is required"))
-        errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
-        errors += d.check_lengths({"method": method.strip()}, d.CODE_LENGTH)
+        errors += d.check_texts({"external_reference": reference}, d.REFERENCE_LENGTH)
+        errors += d.check_texts({"method": method.strip()}, d.CODE_LENGTH)
         errors += d.past_errors("received_at", received_at, self.clock())
         if errors:
             raise ValidationFailed(errors)
@@ -2417,7 +2425,11 @@ class SalesHandlers:
         if self.engine.dialect.name == "postgresql":
             claim = claim.with_for_update(skip_locked=True, of=i)
         async with self.uow.begin() as tx:
-            rows = (await tx.conn.execute(claim)).mappings().all()
+            claimed = (await tx.conn.execute(claim)).mappings().all()
+            # The claim read the contracts as signed without holding them: the ERP must never get
+            # installment.overdue after contract.terminated.
+            accounts = await r.hold_signed_contracts(tx.conn, {row["contract_id"] for row in claimed})
+            rows = [row for row in claimed if row["contract_id"] in accounts]
             if not rows:
                 return 0
             now = self.clock()
@@ -2426,10 +2438,6 @@ class SalesHandlers:
                 .where(i.c.id.in_([row["id"] for row in rows]))
                 .values(status=d.InstallmentStatus.OVERDUE.value, overdue_at=now)
             )
-            found = await tx.conn.execute(
-                select(c.c.id, c.c.account_id).where(c.c.id.in_({row["contract_id"] for row in rows}))
-            )
-            accounts: dict[str, str] = {contract_id: account_id for contract_id, account_id in found}
             for row in rows:
                 installment = v.installment_proto(
                     {**row, "status": d.InstallmentStatus.OVERDUE.value, "overdue_at": now}
@@ -2565,7 +2573,7 @@ class SalesHandlers:
         self, invoice_id: str, *, number: str, issued_at: datetime | None, expected_version: int = 0
     ) -> Change[sales_pb2.Invoice]:
         _require(number, "number")
-        _check_lengths({"number": number.strip()}, d.CODE_LENGTH)
+        _check_texts({"number": number.strip()}, d.CODE_LENGTH)
         if errors := d.past_errors("issued_at", issued_at, self.clock()):
             raise ValidationFailed(errors)
         async with self.uow.begin() as tx:
@@ -2668,8 +2676,8 @@ class SalesHandlers:
             errors.append(FieldError("number", "is required"))
         if not contract_id:
             errors.append(FieldError("contract_id", "is required"))
-        errors += d.check_lengths({"external_reference": reference}, d.REFERENCE_LENGTH)
-        errors += d.check_lengths({"number": number}, d.CODE_LENGTH)
+        errors += d.check_texts({"external_reference": reference}, d.REFERENCE_LENGTH)
+        errors += d.check_texts({"number": number}, d.CODE_LENGTH)
         errors += d.past_errors("issued_at", issued_at, self.clock())
         if errors:
             raise ValidationFailed(errors)
@@ -2732,10 +2740,13 @@ class SalesHandlers:
         await self._contracts_follow_account(tx, contracts, {"account_id": survivor_id}, now=now, reason=ACCOUNT_MERGED)
         moved_quotes = r.quotes.c.account_id == duplicate_id
         await self._quotes_follow(tx, moved_quotes, {"account_id": survivor_id}, reason=ACCOUNT_MERGED)
-        for table in (r.payments, r.invoices):
-            await tx.conn.execute(
-                update(table).where(table.c.account_id == duplicate_id).values(account_id=survivor_id)
-            )
+        await tx.conn.execute(
+            update(r.payments).where(r.payments.c.account_id == duplicate_id).values(account_id=survivor_id)
+        )
+        # An invoice is versioned as the ERP keeps it: the moved one is its next version, not the same.
+        await tx.conn.execute(
+            update(i).where(i.c.account_id == duplicate_id).values(account_id=survivor_id, version=i.c.version + 1)
+        )
         actor = v.actor(current_principal())
         for row in moved:
             proto = v.opportunity_proto(
@@ -2748,7 +2759,7 @@ class SalesHandlers:
         for row in invoices:
             tx.publish(
                 events_pb2.InvoiceUpdated(
-                    invoice=v.invoice_proto({**row, "account_id": survivor_id}),
+                    invoice=v.invoice_proto({**row, "account_id": survivor_id, "version": row["version"] + 1}),
                     changed_fields=["account_id"],
                     reason=ACCOUNT_MERGED,
                     actor=actor,

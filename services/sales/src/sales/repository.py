@@ -5,7 +5,7 @@ NUMERIC is a float) an integer of ten-thousandths, so sums stay exact there too.
 a currency column beside it.
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -441,6 +441,21 @@ async def next_contract_sequence(conn: AsyncConnection, month: int) -> int:
         .returning(contract_sequences.c.last_value)
     )
     return int(result.scalar_one())
+
+
+async def hold_signed_contracts(conn: AsyncConnection, contract_ids: Collection[str]) -> dict[str, str]:
+    """The account of each of these contracts still signed, each held (FOR SHARE) until the
+    transaction ends: one terminated or completed meanwhile is left out, and so is one being changed
+    right now (SKIP LOCKED: its change may wait on rows this transaction holds, and it is seen as it
+    ends by the next round)."""
+    if not contract_ids:
+        return {}
+    query = select(contracts.c.id, contracts.c.account_id).where(
+        contracts.c.id.in_(sorted(contract_ids)), contracts.c.status == ContractStatus.SIGNED.value
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(read=True, skip_locked=True)
+    return {contract_id: account_id for contract_id, account_id in await conn.execute(query)}
 
 
 async def contract_decisions_of(conn: AsyncConnection, contract_id: str) -> Sequence[RowMapping]:

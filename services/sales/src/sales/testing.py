@@ -3,7 +3,7 @@ to it, a settable clock, and acting as a caller the gateway authenticated."""
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 
 from crm_platform.db import create_engine
@@ -34,12 +34,13 @@ async def migrated_engine(url: str) -> AsyncEngine:
     return create_engine(url)
 
 
-def make_handlers(engine: AsyncEngine, clock: Callable[[], datetime]) -> SalesHandlers:
+def make_handlers(engine: AsyncEngine, clock: Callable[[], datetime], timezone: tzinfo = UTC) -> SalesHandlers:
     return SalesHandlers(
         UnitOfWork(engine, metadata, source="/crm/sales"),
         quote_thresholds=d.QuoteThresholds(),
         contract_thresholds=d.ContractThresholds(),
         clock=clock,
+        timezone=timezone,
     )
 
 

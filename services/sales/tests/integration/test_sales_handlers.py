@@ -6,6 +6,7 @@ import random
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from crm.audit.v1.events_pb2 import AuditRecorded
@@ -1328,6 +1329,49 @@ async def test_a_plans_unpaid_installments_are_rescheduled_and_its_paid_ones_sta
     ]  # fmt: skip
 
 
+async def test_contract_months_and_overdue_days_follow_the_business_time_zone(engine: AsyncEngine) -> None:
+    """At 17:00 UTC on 30 November it is 1 December, 01:00, in Shanghai: a Shanghai business numbers
+    the contract in December and holds the installment due on 30 November overdue."""
+    clock = Clock(datetime(2026, 11, 1, 9, 0, tzinfo=UTC))
+    shanghai = make_handlers(engine, clock, ZoneInfo("Asia/Shanghai"))
+    contract_id = await signed_contract(shanghai, "1000")
+    with as_user("fin", "finance"):
+        await shanghai.create_payment_plan(
+            idempotency_key="", contract_id=contract_id, installments=[(date(2026, 11, 30), cny("1000"))]
+        )
+    clock.now = datetime(2026, 11, 30, 17, 0, tzinfo=UTC)
+    assert await make_handlers(engine, clock).mark_overdue_installments(10) == 0  # still 30 November in UTC
+    assert await shanghai.mark_overdue_installments(10) == 1
+    with as_user("rep1", "sales_rep"):
+        december = await direct_contract(shanghai, "10")
+    assert (await shanghai.get_contract(contract_id)).number.startswith("CT-202611-")
+    assert december.number == "CT-202612-000001"
+
+
+async def test_the_overdue_timer_leaves_an_installment_whose_contract_was_terminated_after_its_claim(
+    sales: SalesHandlers, engine: AsyncEngine, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer claims the installment while its contract is signed; the contract is terminated
+    before the timer marks it: nothing is marked, and no installment.overdue follows contract.terminated."""
+    contract_id = await signed_contract(sales, "1000")
+    with as_user("fin", "finance"):
+        await sales.create_payment_plan(
+            idempotency_key="", contract_id=contract_id, installments=[(clock().date(), cny("1000"))]
+        )
+    clock.now += timedelta(days=3)
+    claimed, go_on = pause_at(monkeypatch, repository, "hold_signed_contracts")
+    marking = asyncio.create_task(make_handlers(engine, clock).mark_overdue_installments(10))
+    await claimed.wait()
+    with as_user("fin", "finance"):
+        await sales.terminate_contract(contract_id, expected_version=0, reason="customer insolvent")
+    go_on.set()
+    assert await marking == 0
+    assert await outbox_events(engine, "crm.sales.installment.overdue") == []
+    with as_user("fin", "finance"):
+        [installment] = (await sales.get_payment_plan(contract_id)).installments
+    assert installment.status == "pending"
+
+
 async def test_a_rescheduled_overdue_installment_is_pending_again(sales: SalesHandlers, clock: Clock) -> None:
     contract_id = await signed_contract(sales, "1000")
     day = clock().date()
@@ -1591,6 +1635,40 @@ async def test_a_payment_is_not_received_in_the_future_from_the_api_or_the_erp(
         payments = await sales.list_payments(Page(), contract_id=contract_id)
     assert receivable.paid.amount == "100.00"
     assert [p.external_reference for p in payments.items] == ["BANK-NOW"]
+
+
+async def test_an_erp_posting_with_text_or_a_time_no_column_holds_is_refused_naming_the_field(
+    sales: SalesHandlers,
+) -> None:
+    """A Kafka posting is not checked by the gateway: a NUL in its text, or a time past the year
+    9999, is a validation error naming the field (dead-lettered at once with it), not a database
+    error retried and then dead-lettered as raw SQL."""
+    contract_id = await signed_contract(sales, "1000")
+    headers = CloudEventHeaders(id=new_id(), type="erp.payment.posted", source="/erp/sap", time=utcnow())
+    refused: list[list[tuple[str, str]]] = []
+    year_10k = 253402300800
+    for reference, method, seconds in (("BANK\x00-1", "wire", 0), ("BANK-2", "wi\x00re", 0), ("BANK-3", "", year_10k)):
+        posting = payments_pb2.ErpPaymentPosted(
+            contract_id=contract_id, amount=common_pb2.Money(amount="10.00", currency="CNY"),
+            external_reference=reference, method=method,
+        )  # fmt: skip
+        posting.received_at.seconds = seconds
+        with pytest.raises(ValidationFailed) as raised:
+            async with sales.uow.begin() as tx:
+                await SalesConsumers(sales).erp_payment_posted(
+                    tx, ReceivedEvent(headers, posting, contract_id, "erp.payments.v1", 0, 0)
+                )
+        refused.append(refusals(raised))
+    invoice = await erp_refuses(sales, erp_invoice(contract_id, "100.00", "FP\x00-9", "ERP-INV-1"))
+    assert refused == [
+        [("external_reference", "must not contain NUL characters")],
+        [("method", "must not contain NUL characters")],
+        [("received_at", "is not a time between the years 1 and 9999")],
+    ]
+    assert isinstance(invoice, ValidationFailed)
+    assert [(e.field, e.message) for e in invoice.errors] == [("number", "must not contain NUL characters")]
+    with as_user("fin", "finance"):
+        assert list((await sales.list_payments(Page(), contract_id=contract_id)).items) == []
 
 
 async def test_a_contract_is_not_signed_nor_an_invoice_issued_in_the_future(sales: SalesHandlers, clock: Clock) -> None:
@@ -1954,6 +2032,7 @@ async def test_a_merge_publishes_each_contract_quote_and_invoice_it_moves_to_the
     repointed = events_pb2.InvoiceUpdated.FromString(invoice_payload)
     assert invoice_key == invoice.id
     assert repointed.invoice == moved_invoice and moved_invoice.account_id == "survivor"
+    assert moved_invoice.version == invoice.version + 1  # an ERP keeping the highest version takes the move
     assert (list(repointed.changed_fields), repointed.reason) == (["account_id"], "crm.accounts.account.merged")
 
 

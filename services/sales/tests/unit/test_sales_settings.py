@@ -44,3 +44,14 @@ def test_the_thresholds_are_in_the_default_currency_unless_told_otherwise(monkey
 def test_unusable_exchange_rates_are_refused_at_start_up(rates: dict[str, Decimal], currency: str) -> None:
     with pytest.raises(ValidationError):
         SalesSettings(contract_exchange_rates=rates, contract_threshold_currency=currency)
+
+
+def test_the_business_time_zone_is_utc_unless_told_and_a_name_it_does_not_know_stops_the_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert SalesSettings().business_timezone == "UTC"
+    monkeypatch.setenv("CRM_SALES_BUSINESS_TIMEZONE", "Asia/Shanghai")
+    assert SalesSettings().business_timezone == "Asia/Shanghai"
+    monkeypatch.setenv("CRM_SALES_BUSINESS_TIMEZONE", "Beijing")
+    with pytest.raises(ValidationError, match="not an IANA time zone"):
+        SalesSettings()
