@@ -14,6 +14,7 @@ import httpx
 import pytest
 from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
 from crm_platform.ids import new_id
 from fastapi import APIRouter, Body, Depends, FastAPI, Request
 from gateway.app import create_app
@@ -30,7 +31,7 @@ from gateway.security import exports as exports_registry
 from gateway.security.exports import register_export_source
 from gateway.security.problems import not_found
 from gateway.security.store import migrate
-from gateway.testing import PolicyEdit, RoleClient, started_gateway
+from gateway.testing import PolicyEdit, RoleClient, serving, started_gateway
 from gateway.token_cli import issue_dev_token
 from gateway.upstreams import UpstreamNotConfigured
 
@@ -377,3 +378,47 @@ async def role_client(tmp_path: Path, migrated_sqlite: Path) -> AsyncIterator[Ro
             return await started.enter_async_context(gateway)
 
         yield make
+
+
+LEADS_SECRET = "leads-gateway-secret-" + "l" * 30
+# (action, outcome, record id, reason) of audit rows.
+AuditRows = list[tuple[str, str, str, str]]
+
+
+@pytest.fixture
+async def leads_http(
+    tmp_path: Path, migrated_sqlite: Path, leads: LeadsServiceServicer
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the real gateway in front of a fake leads service: the servicer the test
+    module's own `leads` fixture makes (it records what the gateway sends). Tokens from `leads_auth`."""
+    async with (
+        serving(lambda server: add_LeadsServiceServicer_to_server(leads, server)) as address,
+        started_gateway(tmp_path, migrated_sqlite, secret=LEADS_SECRET, leads=address) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+def leads_auth() -> AuthHeaders:
+    """`leads_auth(role, user="u-1")` -> an Authorization header `leads_http` accepts (team east,
+    region north)."""
+
+    def headers(role: str, user: str = "u-1") -> dict[str, str]:
+        token = issue_dev_token(secret=LEADS_SECRET, sub=user, roles=[role], team="east", region="north")
+        return {"Authorization": f"Bearer {token}"}
+
+    return headers
+
+
+@pytest.fixture
+def leads_trail(leads_http: httpx.AsyncClient, leads_auth: AuthHeaders) -> Callable[..., Awaitable[AuditRows]]:
+    """`await leads_trail(actor="u-1")`: the actor's audit rows on leads in `leads_http`, sorted."""
+
+    async def rows(actor: str = "u-1") -> AuditRows:
+        query = {"resource": "leads", "actor": actor}
+        answer = await leads_http.get("/api/v1/audit-events", params=query, headers=leads_auth("admin", "auditor"))
+        return sorted(
+            (row["action"], row["outcome"], row["record_id"], row["reason"]) for row in answer.json()["items"]
+        )
+
+    return rows

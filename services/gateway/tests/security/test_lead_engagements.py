@@ -3,26 +3,25 @@ clicks, downloads, webinars) for lead scoring. It takes `leads:update` (marketin
 carries that grant, may; an analyst may not), answers item by item as an import part answers row by
 row, refuses a body of the wrong shape with a 422 naming the field before the service is called, and
 is on the audit trail once per request with its counts. The scoring-rule routes take the engagement
-condition. The real gateway app over a fake leads service."""
+condition. GET /leads/{id}/engagements lists a lead's as reading the lead is permitted (`leads:read`),
+in the caller's record scope, a page at a time. The real gateway app over a fake leads service."""
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as pb
-from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
-from crm_platform.errors import FieldError, ValidationFailed
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer
+from crm_platform.errors import FieldError, NotFound, ValidationFailed
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from crm_platform.timeutil import from_timestamp
-from gateway.testing import refuse, serving, started_gateway
-from gateway.token_cli import issue_dev_token
+from gateway.testing import refuse
+from google.protobuf.timestamp_pb2 import Timestamp
 
 pytestmark = pytest.mark.integration
 
-SECRET = "lead-engagements-secret-" + "e" * 30
 PATH = "/api/v1/lead-engagements"
 VIEW = {
     "lead_id": "lead-1",
@@ -32,6 +31,19 @@ VIEW = {
     "external_id": "evt-1",
 }
 KINDS = ("page_view", "email_open", "email_click", "download", "webinar")
+# The leads the fake service lists engagements of: (owner, team, region), which decide whose record
+# scope holds each.
+LEADS = {"lead-1": ("u-1", "east", "north"), "lead-2": ("u-2", "west", "south")}
+LISTED = leads_pb2.Engagement(
+    id="eng-2",
+    lead_id="lead-1",
+    kind="page_view",
+    url="https://x.cn/product",
+    occurred_at=Timestamp(seconds=1_797_584_400),  # 2026-12-18T09:00:00Z
+    external_id="evt-2",
+    actor_id="mkt",
+    recorded_at=Timestamp(seconds=1_797_584_460),
+)
 
 
 class RecordingEngagements(LeadsServiceServicer):
@@ -43,6 +55,7 @@ class RecordingEngagements(LeadsServiceServicer):
         self.calls: list[tuple[pb.RecordLeadEngagementsRequest, RecordScope]] = []
         self.seen: set[tuple[str, str]] = set()
         self.rules: list[leads_pb2.ScoringRule] = []
+        self.listed: list[tuple[pb.ListLeadEngagementsRequest, RecordScope]] = []
 
     async def RecordLeadEngagements(
         self, request: pb.RecordLeadEngagementsRequest, context: Any
@@ -63,6 +76,18 @@ class RecordingEngagements(LeadsServiceServicer):
                 answer.recorded += 1
         return answer
 
+    async def ListLeadEngagements(
+        self, request: pb.ListLeadEngagementsRequest, context: Any
+    ) -> pb.ListLeadEngagementsResponse:
+        """A page of one engagement; a lead out of the call's record scope is NOT_FOUND, as one that
+        does not exist, as the service answers."""
+        scope = context_from_metadata(context.invocation_metadata()).scope
+        self.listed.append((request, scope))
+        lead = LEADS.get(request.lead_id)
+        if lead is None or not scope.allows(owner_id=lead[0], team=lead[1], region=lead[2]):
+            await refuse(context, NotFound("lead", request.lead_id))
+        return pb.ListLeadEngagementsResponse(items=[LISTED], page_info=common_pb2.PageInfo(next_cursor="page-2"))
+
     async def CreateScoringRule(
         self, request: pb.CreateScoringRuleRequest, context: Any
     ) -> pb.CreateScoringRuleResponse:
@@ -80,33 +105,12 @@ def leads() -> RecordingEngagements:
     return RecordingEngagements()
 
 
-@pytest.fixture
-async def http(tmp_path: Path, migrated_sqlite: Path, leads: RecordingEngagements) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serving(lambda server: add_LeadsServiceServicer_to_server(leads, server)) as address,
-        started_gateway(tmp_path, migrated_sqlite, secret=SECRET, leads=address) as client,
-    ):
-        yield client
-
-
-def auth(role: str, user: str = "u-1") -> dict[str, str]:
-    token = issue_dev_token(secret=SECRET, sub=user, roles=[role], team="east", region="north")
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def trail(http: httpx.AsyncClient, actor: str = "u-1") -> list[tuple[str, str, str, str]]:
-    """(action, outcome, record id, reason) of the actor's audit rows on leads."""
-    query = {"resource": "leads", "actor": actor}
-    items = (await http.get("/api/v1/audit-events", params=query, headers=auth("admin", "auditor"))).json()["items"]
-    return sorted((row["action"], row["outcome"], row["record_id"], row["reason"]) for row in items)
-
-
 async def test_marketing_records_engagements_and_is_answered_item_by_item(
-    http: httpx.AsyncClient, leads: RecordingEngagements
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements
 ) -> None:
     items = [VIEW, {**VIEW, "external_id": "evt-2", "lead_id": "", "email": "ann@example.com"}, {**VIEW, "kind": "tv"}]
-    first = await http.post(PATH, json={"items": items}, headers=auth("marketing"))
-    again = await http.post(PATH, json={"items": items[:1]}, headers=auth("marketing"))
+    first = await leads_http.post(PATH, json={"items": items}, headers=leads_auth("marketing"))
+    again = await leads_http.post(PATH, json={"items": items[:1]}, headers=leads_auth("marketing"))
 
     assert first.status_code == 200, first.text
     assert first.json() == {
@@ -141,10 +145,10 @@ async def test_marketing_records_engagements_and_is_answered_item_by_item(
 
 
 async def test_an_item_without_a_time_goes_to_the_service_to_reject(
-    http: httpx.AsyncClient, leads: RecordingEngagements
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements
 ) -> None:
     item = {key: value for key, value in VIEW.items() if key != "occurred_at"}
-    response = await http.post(PATH, json={"items": [item]}, headers=auth("marketing"))
+    response = await leads_http.post(PATH, json={"items": [item]}, headers=leads_auth("marketing"))
 
     assert response.status_code == 200, response.text
     [(request, _)] = leads.calls
@@ -153,9 +157,9 @@ async def test_an_item_without_a_time_goes_to_the_service_to_reject(
 
 @pytest.mark.parametrize("role", ["analyst", "service_agent"])
 async def test_a_caller_who_may_not_update_leads_may_not_record_engagements(
-    http: httpx.AsyncClient, leads: RecordingEngagements, role: str
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, role: str
 ) -> None:
-    response = await http.post(PATH, json={"items": [VIEW]}, headers=auth(role))
+    response = await leads_http.post(PATH, json={"items": [VIEW]}, headers=leads_auth(role))
 
     assert response.status_code == 403, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -175,9 +179,9 @@ async def test_a_caller_who_may_not_update_leads_may_not_record_engagements(
     ],
 )
 async def test_a_body_of_the_wrong_shape_is_422_naming_the_field_before_the_service_is_called(
-    http: httpx.AsyncClient, leads: RecordingEngagements, body: dict[str, Any], fields: list[str]
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, body: dict[str, Any], fields: list[str]
 ) -> None:
-    response = await http.post(PATH, json=body, headers=auth("marketing"))
+    response = await leads_http.post(PATH, json=body, headers=leads_auth("marketing"))
 
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -185,19 +189,21 @@ async def test_a_body_of_the_wrong_shape_is_422_naming_the_field_before_the_serv
     assert leads.calls == []
 
 
-async def test_a_request_is_on_the_audit_trail_once_with_its_counts(http: httpx.AsyncClient) -> None:
+async def test_a_request_is_on_the_audit_trail_once_with_its_counts(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads_trail: Any
+) -> None:
     items = [VIEW, {**VIEW, "external_id": "evt-2"}, {**VIEW, "kind": "tv", "external_id": "evt-3"}]
-    await http.post(PATH, json={"items": items}, headers=auth("marketing"))
-    await http.post(PATH, json={"items": items[:1]}, headers=auth("marketing"))
+    await leads_http.post(PATH, json={"items": items}, headers=leads_auth("marketing"))
+    await leads_http.post(PATH, json={"items": items[:1]}, headers=leads_auth("marketing"))
 
-    assert await trail(http) == [
+    assert await leads_trail() == [
         ("record_engagements", "allowed", "", "1 engagements: 0 recorded, 1 duplicate, 0 rejected"),
         ("record_engagements", "allowed", "", "3 engagements: 2 recorded, 0 duplicate, 1 rejected"),
     ]
 
 
 async def test_a_scoring_rule_takes_an_engagement_condition(
-    http: httpx.AsyncClient, leads: RecordingEngagements
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements
 ) -> None:
     rule = {
         "name": "product page",
@@ -206,20 +212,101 @@ async def test_a_scoring_rule_takes_an_engagement_condition(
         "min_count": 3,
         "points": 30,
     }
-    created = await http.post("/api/v1/lead-scoring-rules", json=rule, headers=auth("admin"))
+    created = await leads_http.post("/api/v1/lead-scoring-rules", json=rule, headers=leads_auth("admin"))
 
     assert created.status_code == 201, created.text
     assert (created.json()["engagement_kind"], created.json()["url_contains"]) == ("page_view", "/product")
     [sent] = leads.rules
     assert (sent.engagement_kind, sent.url_contains, sent.min_count) == ("page_view", "/product", 3)
 
-    unknown = await http.post(
-        "/api/v1/lead-scoring-rules", json={**rule, "engagement_kind": "tv"}, headers=auth("admin")
+    unknown = await leads_http.post(
+        "/api/v1/lead-scoring-rules", json={**rule, "engagement_kind": "tv"}, headers=leads_auth("admin")
     )
     assert unknown.status_code == 422, unknown.text
     assert [error["field"] for error in unknown.json()["errors"]] == ["engagement_kind"]
-    too_long = await http.post(
-        "/api/v1/lead-scoring-rules", json={**rule, "url_contains": "u" * 2001}, headers=auth("admin")
+    too_long = await leads_http.post(
+        "/api/v1/lead-scoring-rules", json={**rule, "url_contains": "u" * 2001}, headers=leads_auth("admin")
     )
     assert too_long.status_code == 422, too_long.text
     assert [error["field"] for error in too_long.json()["errors"]] == ["url_contains"]
+
+
+def engagements_of(lead_id: str) -> str:
+    return f"/api/v1/leads/{lead_id}/engagements"
+
+
+@pytest.mark.parametrize(("role", "scope"), [("sales_rep", ScopeKind.OWN), ("marketing", ScopeKind.ALL)])
+async def test_a_reader_of_the_lead_lists_its_engagements_a_page_at_a_time(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, role: str, scope: ScopeKind
+) -> None:
+    query = {"kind": "page_view", "limit": 2, "cursor": "page-1"}
+    response = await leads_http.get(engagements_of("lead-1"), params=query, headers=leads_auth(role))
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "items": [
+            {
+                "id": "eng-2",
+                "lead_id": "lead-1",
+                "kind": "page_view",
+                "url": "https://x.cn/product",
+                "occurred_at": "2026-12-18T09:00:00Z",
+                "external_id": "evt-2",
+                "actor_id": "mkt",
+                "recorded_at": "2026-12-18T09:01:00Z",
+            }
+        ],
+        "next_cursor": "page-2",
+    }
+    [(request, sent_scope)] = leads.listed
+    assert (request.lead_id, request.kind, request.page.limit, request.page.cursor) == (
+        "lead-1",
+        "page_view",
+        2,
+        "page-1",
+    )
+    assert sent_scope.kind is scope
+
+
+async def test_every_kind_is_listed_when_none_is_asked_for(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements
+) -> None:
+    response = await leads_http.get(engagements_of("lead-1"), headers=leads_auth("analyst"))
+
+    assert response.status_code == 200, response.text
+    [(request, _)] = leads.listed
+    assert (request.kind, request.page.limit, request.page.cursor) == ("", 50, "")
+
+
+@pytest.mark.parametrize("query", [{"kind": "tv"}, {"kind": ""}, {"kind": "Page_View"}])
+async def test_an_unknown_kind_is_422_naming_kind_before_the_service_is_called(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, query: dict[str, str]
+) -> None:
+    response = await leads_http.get(engagements_of("lead-1"), params=query, headers=leads_auth("marketing"))
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [error["field"] for error in response.json()["errors"]] == ["kind"]
+    assert leads.listed == []
+
+
+@pytest.mark.parametrize("lead_id", ["lead-2", "no-such-lead"])
+async def test_a_lead_out_of_the_callers_scope_is_404_as_one_that_does_not_exist(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, lead_id: str
+) -> None:
+    response = await leads_http.get(engagements_of(lead_id), headers=leads_auth("sales_rep"))
+
+    assert response.status_code == 404, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["detail"] == f"lead {lead_id} not found"
+
+
+@pytest.mark.parametrize("role", ["service_agent", "finance"])
+async def test_a_caller_who_may_not_read_leads_may_not_list_their_engagements(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, role: str
+) -> None:
+    response = await leads_http.get(engagements_of("lead-1"), headers=leads_auth(role))
+
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert leads.listed == []

@@ -4,24 +4,20 @@ could not act on is a 422 naming the field, and the transfer is on the audit tra
 and once on each lead it moved (a replay of its Idempotency-Key once, as a replay). The real
 gateway app over a fake leads service."""
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from crm.leads.v1 import leads_service_pb2 as pb
-from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
+from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer
 from crm_platform.errors import FieldError, ValidationFailed
 from crm_platform.idempotency import REPLAYED_METADATA
 from crm_platform.principal import RecordScope, ScopeKind, context_from_metadata
 from gateway.security.access import REPLAY_REASON
-from gateway.testing import refuse, serving, started_gateway
-from gateway.token_cli import issue_dev_token
+from gateway.testing import refuse
 
 pytestmark = pytest.mark.integration
 
-SECRET = "lead-transfer-secret-" + "t" * 30
 PATH = "/api/v1/leads:transfer"
 BODY = {"from_owner_id": "u-leaver", "to_owner_id": "u-taker", "reason": "left the company"}
 MOVED = "u-leaver -> u-taker: left the company"
@@ -56,33 +52,12 @@ def leads() -> TransferringLeads:
     return TransferringLeads()
 
 
-@pytest.fixture
-async def http(tmp_path: Path, migrated_sqlite: Path, leads: TransferringLeads) -> AsyncIterator[httpx.AsyncClient]:
-    async with (
-        serving(lambda server: add_LeadsServiceServicer_to_server(leads, server)) as address,
-        started_gateway(tmp_path, migrated_sqlite, secret=SECRET, leads=address) as client,
-    ):
-        yield client
-
-
-def auth(role: str, user: str = "u-1") -> dict[str, str]:
-    token = issue_dev_token(secret=SECRET, sub=user, roles=[role], team="east", region="north")
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def trail(http: httpx.AsyncClient, actor: str = "u-1") -> list[tuple[str, str, str, str]]:
-    """(action, outcome, record id, reason) of the actor's audit rows on leads."""
-    query = {"resource": "leads", "actor": actor}
-    items = (await http.get("/api/v1/audit-events", params=query, headers=auth("admin", "auditor"))).json()["items"]
-    return sorted((row["action"], row["outcome"], row["record_id"], row["reason"]) for row in items)
-
-
 @pytest.mark.parametrize(("role", "scope"), [("sales_manager", ScopeKind.TEAM), ("admin", ScopeKind.ALL)])
 async def test_a_manager_transfers_a_reps_leads_in_their_scope(
-    http: httpx.AsyncClient, leads: TransferringLeads, role: str, scope: ScopeKind
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: TransferringLeads, role: str, scope: ScopeKind
 ) -> None:
     body = {**BODY, "to_team": "west"}
-    response = await http.post(PATH, json=body, headers={**auth(role), "Idempotency-Key": "leave-1"})
+    response = await leads_http.post(PATH, json=body, headers={**leads_auth(role), "Idempotency-Key": "leave-1"})
 
     assert response.status_code == 200, response.text
     assert response.json() == {"bulk_transfer_id": "bt-1", "leads_transferred": 2, "tasks_transferred": 3}
@@ -94,14 +69,14 @@ async def test_a_manager_transfers_a_reps_leads_in_their_scope(
 
 @pytest.mark.parametrize("role", ["sales_rep", "marketing", "analyst"])
 async def test_a_caller_who_may_not_assign_leads_may_not_transfer_them(
-    http: httpx.AsyncClient, leads: TransferringLeads, role: str
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads_trail: Any, leads: TransferringLeads, role: str
 ) -> None:
-    response = await http.post(PATH, json=BODY, headers=auth(role))
+    response = await leads_http.post(PATH, json=BODY, headers=leads_auth(role))
 
     assert response.status_code == 403, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert leads.calls == []
-    assert await trail(http) == [("denied", "denied", "", "assign: you may not assign leads")]
+    assert await leads_trail() == [("denied", "denied", "", "assign: you may not assign leads")]
 
 
 @pytest.mark.parametrize(
@@ -116,9 +91,9 @@ async def test_a_caller_who_may_not_assign_leads_may_not_transfer_them(
     ],
 )
 async def test_a_body_naming_no_two_owners_is_422_naming_the_field_before_the_service_is_called(
-    http: httpx.AsyncClient, leads: TransferringLeads, body: dict[str, Any], fields: list[str]
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: TransferringLeads, body: dict[str, Any], fields: list[str]
 ) -> None:
-    response = await http.post(PATH, json=body, headers=auth("sales_manager"))
+    response = await leads_http.post(PATH, json=body, headers=leads_auth("sales_manager"))
 
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
@@ -127,21 +102,25 @@ async def test_a_body_naming_no_two_owners_is_422_naming_the_field_before_the_se
 
 
 async def test_a_transfer_to_the_departing_rep_is_the_services_422_naming_the_field(
-    http: httpx.AsyncClient, leads: TransferringLeads
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads_trail: Any, leads: TransferringLeads
 ) -> None:
-    response = await http.post(PATH, json={**BODY, "to_owner_id": "u-leaver"}, headers=auth("sales_manager"))
+    response = await leads_http.post(
+        PATH, json={**BODY, "to_owner_id": "u-leaver"}, headers=leads_auth("sales_manager")
+    )
 
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert response.json()["errors"] == [{"field": "to_owner_id", "message": "must differ from from_owner_id"}]
-    assert await trail(http) == []  # nothing moved, nothing audited as done
+    assert await leads_trail() == []  # nothing moved, nothing audited as done
 
 
-async def test_a_transfer_is_on_the_trail_of_the_transfer_and_of_each_lead_it_moved(http: httpx.AsyncClient) -> None:
-    response = await http.post(PATH, json=BODY, headers=auth("sales_manager"))
+async def test_a_transfer_is_on_the_trail_of_the_transfer_and_of_each_lead_it_moved(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads_trail: Any
+) -> None:
+    response = await leads_http.post(PATH, json=BODY, headers=leads_auth("sales_manager"))
 
     assert response.status_code == 200, response.text
-    assert await trail(http) == [
+    assert await leads_trail() == [
         ("bulk_transfer", "allowed", "bt-1", MOVED),
         ("transfer", "allowed", "lead-1", f"{MOVED} (bt-1)"),
         ("transfer", "allowed", "lead-2", f"{MOVED} (bt-1)"),
@@ -149,15 +128,17 @@ async def test_a_transfer_is_on_the_trail_of_the_transfer_and_of_each_lead_it_mo
 
 
 async def test_a_transfer_repeated_with_its_key_answers_the_same_and_is_audited_once_as_a_replay(
-    http: httpx.AsyncClient,
+    leads_http: httpx.AsyncClient,
+    leads_auth: Any,
+    leads_trail: Any,
 ) -> None:
-    keyed = {**auth("sales_manager"), "Idempotency-Key": "leave-1"}
-    first = await http.post(PATH, json=BODY, headers=keyed)
-    again = await http.post(PATH, json=BODY, headers=keyed)
+    keyed = {**leads_auth("sales_manager"), "Idempotency-Key": "leave-1"}
+    first = await leads_http.post(PATH, json=BODY, headers=keyed)
+    again = await leads_http.post(PATH, json=BODY, headers=keyed)
 
     assert (first.status_code, again.status_code) == (200, 200), again.text
     assert again.json() == first.json()
-    assert await trail(http) == [
+    assert await leads_trail() == [
         ("bulk_transfer", "allowed", "bt-1", MOVED),
         ("replay", "allowed", "bt-1", f"bulk_transfer: {REPLAY_REASON}"),  # not lead by lead again
         ("transfer", "allowed", "lead-1", f"{MOVED} (bt-1)"),

@@ -10,6 +10,7 @@ from crm.leads.v1 import leads_service_pb2 as pb
 from gateway.routers import lead_schemas as schemas
 from gateway.routers.leads import (
     _activity_json,
+    _engagement_json,
     _import_json,
     _message_json,
     _rule_json,
@@ -35,6 +36,7 @@ _RECORDS = [
     (_rule_json(filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
     (_thresholds_json(filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
     (_transfer_json(filled(pb.TransferLeadsResponse())), schemas.LeadTransfer),
+    (_engagement_json(filled(leads_pb2.Engagement())), schemas.Engagement),
 ]
 
 

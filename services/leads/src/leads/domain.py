@@ -540,6 +540,13 @@ def checked_engagement(item: EngagementInput, now: datetime) -> CheckedEngagemen
     return CheckedEngagement(item.kind, external_id, item.occurred_at, url, lead_id, email_norm)
 
 
+def engagement_filter_error(kind: str) -> FieldError | None:
+    """The `kind` a lead's engagements are listed by: empty (every kind) or one of ENGAGEMENT_KINDS."""
+    if kind and kind not in ENGAGEMENT_KINDS:
+        return FieldError("kind", f"is not one of {', '.join(ENGAGEMENT_KINDS)}")
+    return None
+
+
 def check_engagement_count(count: int) -> None:
     """One call records at most MAX_ENGAGEMENTS: a larger batch is refused whole (nothing recorded)."""
     if count > MAX_ENGAGEMENTS:

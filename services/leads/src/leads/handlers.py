@@ -170,6 +170,17 @@ class Rules:
         self.scorer = domain.Scorer(self.scoring)  # prepared once per load, used for every lead
 
 
+@dataclass(frozen=True, slots=True)
+class ScoringCounts:
+    """What the scoring `rules` count of some leads, read for all of them at once
+    (`LeadsService._scoring_counts`): their activities by kind (only when a rule counts activities)
+    and their engagements by kind and URL (of the kinds the rules count), by lead id."""
+
+    rules: Rules
+    activities: Mapping[str, Mapping[str, int]]
+    engagements: Mapping[str, domain.EngagementCounts]
+
+
 class RulesCache:
     """Scoring and assignment rules per replica, reloaded after `ttl` seconds or on a local change."""
 
@@ -870,16 +881,31 @@ class LeadsService:
         if done:
             await conn.execute(update(t).where(t.c.id.in_(done)).values(status="done", completed_at=now))
 
-    async def _rescore(self, tx: Transaction, lead: Mapping[Any, Any], now: datetime) -> dict[str, Any]:
-        """Recomputes the score; writes history and publishes `lead.scored` when it changed, and
-        returns the values the caller writes then. A score that stays only records the generation
-        of the rules it was computed with, when other than the lead's."""
-        rules = await self.rules.get()
-        counts = await repo.activity_counts(tx.conn, lead["id"])
-        engagements = await repo.engagement_counts_of(tx.conn, [lead["id"]], rules.scorer.engagement_kinds)
-        scored = await self._rescored(tx, lead, rules, counts, now, engagements[lead["id"]])
+    async def _scoring_counts(
+        self, conn: AsyncConnection, lead_ids: Sequence[str], rules: Rules | None = None
+    ) -> ScoringCounts:
+        """What `rules` (the cached rules when None) count of the leads: a query for their
+        activities when a rule counts them, one for their engagements when a rule counts those."""
+        if rules is None:
+            rules = await self.rules.get()
+        activities = await repo.activity_counts_of(conn, lead_ids) if rules.scorer.counts_activities else {}
+        engagements = await repo.engagement_counts_of(conn, lead_ids, rules.scorer.engagement_kinds)
+        return ScoringCounts(rules, activities, engagements)
+
+    async def _rescore(
+        self, tx: Transaction, lead: Mapping[Any, Any], now: datetime, counts: ScoringCounts | None = None
+    ) -> dict[str, Any]:
+        """Recomputes the score, with `counts` when read for several leads at once (else read for
+        this one); writes history and publishes `lead.scored` when it changed, and returns the
+        values the caller writes then. A score that stays only records the generation of the rules
+        it was computed with, when other than the lead's."""
+        if counts is None:
+            counts = await self._scoring_counts(tx.conn, [lead["id"]])
+        rules, lead_id = counts.rules, lead["id"]
+        activities, engagements = counts.activities.get(lead_id, {}), counts.engagements.get(lead_id, {})
+        scored = await self._rescored(tx, lead, rules, activities, now, engagements)
         if not scored and lead["scoring_generation"] != rules.generation:
-            await repo.record_scoring_generation(tx.conn, [lead["id"]], rules.generation)
+            await repo.record_scoring_generation(tx.conn, [lead_id], rules.generation)
         return scored
 
     async def _rescored(
@@ -1608,13 +1634,21 @@ class LeadsService:
                 )
 
     async def _after_activity_change(
-        self, tx: Transaction, lead: RowMapping, changes: Mapping[str, Any], now: datetime, *, rescore: bool
+        self,
+        tx: Transaction,
+        lead: RowMapping,
+        changes: Mapping[str, Any],
+        now: datetime,
+        *,
+        rescore: bool,
+        counts: ScoringCounts | None = None,
     ) -> RowMapping:
-        """The lead after one of its activities was edited or deleted: `changes` and, when the kinds
-        its activities count changed (`rescore`), its score recomputed (history and `lead.scored` when
-        it moved), written at once. When nothing of the lead moves it is not written: a corrected note
-        must not make an open edit form of the lead stale."""
-        scored = await self._rescore(tx, lead, now) if rescore else {}
+        """The lead after one of its activities was edited or deleted (or engagements recorded on
+        it): `changes` and, when the kinds its activities count changed (`rescore`), its score
+        recomputed (history and `lead.scored` when it moved; with `counts` when read for several
+        leads at once), written at once. When nothing of the lead moves it is not written: a
+        corrected note must not make an open edit form of the lead stale."""
+        scored = await self._rescore(tx, lead, now, counts) if rescore else {}
         if not changes and not scored:
             return lead
         return await self._write(tx.conn, lead["id"], {**changes, **scored, "updated_at": now})
@@ -1655,36 +1689,46 @@ class LeadsService:
                 query = select(repo.leads).where(c.id.in_(sorted(wanted)), repo.lead_scope_clause(scope))
                 rows = await conn.execute(query.order_by(c.id).with_for_update())
                 leads = {row["id"]: row for row in rows.mappings()}
-            touched: dict[str, RowMapping] = {}
+            named: dict[int, RowMapping] = {}  # item -> the lead it names
+            firsts: dict[tuple[str, str], int] = {}  # (lead id, external id) -> the first item naming them
             for index, engagement in sorted(checked.items()):
                 found = self._engagement_lead(engagement, by_email, leads, scope)
                 if isinstance(found, FieldError):
                     outcomes[index] = _engagement_rejected(index, found)
                     continue
-                recorded = await insert_ignore(
-                    conn,
-                    repo.engagements,
-                    {
-                        "id": new_id(),
-                        "lead_id": found["id"],
-                        "kind": engagement.kind,
-                        "url": engagement.url,
-                        "occurred_at": engagement.occurred_at,
-                        "external_id": engagement.external_id,
-                        "actor_id": principal.user_id,
-                        "recorded_at": now,
-                    },
-                    keys=["lead_id", "external_id"],
-                )
-                status = "recorded" if recorded else "duplicate"
-                reason = "" if recorded else f"external_id {engagement.external_id!r} was recorded on this lead before"
-                outcomes[index] = EngagementOutcome(index, status, found["id"], reason)
-                if recorded:
-                    touched[found["id"]] = found
-            for lead_id in sorted(touched):
-                lead = touched[lead_id]
-                if lead["status"] in domain.OPEN_STATUSES:  # a closed lead keeps the score it closed with
-                    await self._after_activity_change(tx, lead, {}, now, rescore=True)
+                named[index] = found
+                firsts.setdefault((found["id"], engagement.external_id), index)
+            # One statement for the batch. An item naming the lead and external id of an earlier one
+            # is its duplicate, as one recorded by an earlier batch.
+            new_rows = [
+                {
+                    "id": new_id(),
+                    "lead_id": named[index]["id"],
+                    "kind": checked[index].kind,
+                    "url": checked[index].url,
+                    "occurred_at": checked[index].occurred_at,
+                    "external_id": checked[index].external_id,
+                    "actor_id": principal.user_id,
+                    "recorded_at": now,
+                }
+                for index in firsts.values()
+            ]
+            recorded = {firsts[key] for key in await repo.insert_new_engagements(conn, new_rows)}
+            touched: dict[str, RowMapping] = {}
+            for index, lead in named.items():
+                if index in recorded:
+                    outcomes[index] = EngagementOutcome(index, "recorded", lead["id"])
+                    touched[lead["id"]] = lead
+                else:
+                    reason = f"external_id {checked[index].external_id!r} was recorded on this lead before"
+                    outcomes[index] = EngagementOutcome(index, "duplicate", lead["id"], reason)
+            # A closed lead keeps the score it closed with; the open ones are rescored in id order,
+            # with what the rules count of all of them read at once.
+            to_rescore = [lead for _, lead in sorted(touched.items()) if lead["status"] in domain.OPEN_STATUSES]
+            if to_rescore:
+                counts = await self._scoring_counts(conn, [lead["id"] for lead in to_rescore])
+                for lead in to_rescore:
+                    await self._after_activity_change(tx, lead, {}, now, rescore=True, counts=counts)
         return [outcomes[index] for index in range(len(items))]
 
     @staticmethod
@@ -1734,6 +1778,24 @@ class LeadsService:
         if repo.claim_first(scope, lead):  # a rep's pool lead, as for any write to it
             return FieldError(field_name, f"lead {lead['id']} is in the pool: claim it first")
         return lead
+
+    async def list_engagements(
+        self, lead_id: str, kind: str, *, limit: int, cursor: str
+    ) -> tuple[list[RowMapping], str]:
+        """The engagements recorded on a lead in the caller's scope (else NotFound, as for one that
+        does not exist), of `kind` or of every kind: newest first by when they happened, then id
+        (`ix_lead_engagements_lead_time`)."""
+        if error := domain.engagement_filter_error(kind):
+            raise ValidationFailed([error])
+        e = repo.engagements.c
+        query = select(repo.engagements).where(e.lead_id == lead_id)
+        if kind:
+            query = query.where(e.kind == kind)
+        async with self.engine.connect() as conn:
+            await self._visible_lead(conn, lead_id)
+            return await _keyset_rows(
+                conn, query, e.occurred_at, id_column=e.id, descending=True, cursor=cursor, limit=limit
+            )
 
     async def list_tasks(self, lead_id: str, status: str, *, limit: int, cursor: str) -> tuple[list[RowMapping], str]:
         if status and status not in ("open", "done", "cancelled"):
@@ -3292,12 +3354,11 @@ class LeadsService:
             batch = repo.leads_scored_before(rules.generation, self.settings.jobs_batch_size)
             stale = (await tx.conn.execute(batch)).mappings().all()
             ids = [lead["id"] for lead in stale]
-            counts = await repo.activity_counts_of(tx.conn, ids) if rules.scorer.counts_activities else {}
-            engagements = await repo.engagement_counts_of(tx.conn, ids, rules.scorer.engagement_kinds)
+            counts = await self._scoring_counts(tx.conn, ids, rules)
             unmoved: list[str] = []
             for lead in stale:
                 scored = await self._rescored(
-                    tx, lead, rules, counts.get(lead["id"], {}), now, engagements.get(lead["id"], {})
+                    tx, lead, rules, counts.activities.get(lead["id"], {}), now, counts.engagements.get(lead["id"], {})
                 )
                 if scored:
                     await self._write(tx.conn, lead["id"], {**scored, "updated_at": now})

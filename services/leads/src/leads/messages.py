@@ -120,6 +120,19 @@ def score_change_to_proto(row: Mapping[Any, Any]) -> leads_pb2.ScoreChange:
     )
 
 
+def engagement_to_proto(row: Mapping[Any, Any]) -> leads_pb2.Engagement:
+    return leads_pb2.Engagement(
+        id=row["id"],
+        lead_id=row["lead_id"],
+        kind=row["kind"],
+        url=row["url"],
+        occurred_at=to_timestamp(row["occurred_at"]),
+        external_id=row["external_id"],
+        actor_id=row["actor_id"],
+        recorded_at=to_timestamp(row["recorded_at"]),
+    )
+
+
 def scoring_rule_to_proto(row: Mapping[Any, Any]) -> leads_pb2.ScoringRule:
     return leads_pb2.ScoringRule(
         id=row["id"],

@@ -45,6 +45,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError
@@ -182,6 +183,8 @@ engagements = Table(
     # Also what scoring counts by: a lead's engagements of a kind.
     Index("ux_lead_engagements_external", "lead_id", "external_id", unique=True),
     Index("ix_lead_engagements_lead_kind", "lead_id", "kind"),
+    # A lead's engagements newest first, keyset paged (ListLeadEngagements, migration 0031).
+    Index("ix_lead_engagements_lead_time", "lead_id", "occurred_at", "id"),
 )
 
 tasks = Table(
@@ -733,15 +736,9 @@ async def open_loads(conn: AsyncConnection, user_ids: Sequence[str], *, locked: 
     return {owner: int(count) for owner, count in await conn.execute(query)}
 
 
-async def activity_counts(conn: AsyncConnection, lead_id: str) -> dict[str, int]:
-    rows = await conn.execute(
-        select(activities.c.kind, func.count()).where(activities.c.lead_id == lead_id).group_by(activities.c.kind)
-    )
-    return {kind: int(count) for kind, count in rows}
-
-
 async def activity_counts_of(conn: AsyncConnection, lead_ids: Sequence[str]) -> dict[str, dict[str, int]]:
-    """`activity_counts` of each lead: one query for a batch of the rescoring job."""
+    """Each lead's activities counted by kind: one query for a lead, a batch of the rescoring job or
+    the leads a batch of engagements was recorded on."""
     counts: dict[str, dict[str, int]] = {lead_id: {} for lead_id in lead_ids}
     if not counts:
         return counts
@@ -758,7 +755,8 @@ async def engagement_counts_of(
     conn: AsyncConnection, lead_ids: Sequence[str], kinds: Iterable[str]
 ) -> dict[str, dict[tuple[str, str], int]]:
     """Each lead's engagements of `kinds` counted by kind and URL (`domain.EngagementCounts`): one
-    query for a lead or a batch of the rescoring job; none when no rule counts engagements."""
+    query for a lead, a batch of the rescoring job or the leads a batch of engagements was recorded
+    on; none when no rule counts engagements."""
     counts: dict[str, dict[tuple[str, str], int]] = {lead_id: {} for lead_id in lead_ids}
     wanted = sorted(set(kinds))
     if not counts or not wanted:
@@ -772,6 +770,24 @@ async def engagement_counts_of(
     for lead_id, kind, url, count in rows:
         counts[lead_id][(kind, url)] = int(count)
     return counts
+
+
+async def insert_new_engagements(conn: AsyncConnection, rows: Sequence[Mapping[str, Any]]) -> set[tuple[str, str]]:
+    """Inserts the engagements but those recorded before (the same lead and `external_id`), in one
+    multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING however many there are (SQLAlchemy's
+    "insertmanyvalues", on PostgreSQL and SQLite alike): the (lead_id, external_id) of those it
+    inserted. No two rows may name the same lead and `external_id`."""
+    if not rows:
+        return set()
+    e = engagements.c
+    dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        dialect_insert(engagements)
+        .on_conflict_do_nothing(index_elements=["lead_id", "external_id"])
+        .returning(e.lead_id, e.external_id)
+    )
+    inserted = await conn.execute(statement, list(rows))
+    return {(lead_id, external_id) for lead_id, external_id in inserted}
 
 
 async def current_scoring_generation(conn: AsyncConnection) -> int:

@@ -415,6 +415,16 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             rejected=statuses.count("rejected"),
         )
 
+    async def ListLeadEngagements(
+        self, request: leads_service_pb2.ListLeadEngagementsRequest, context: grpc.aio.ServicerContext
+    ) -> leads_service_pb2.ListLeadEngagementsResponse:
+        rows, cursor = await self.service.list_engagements(
+            request.lead_id, request.kind, limit=request.page.limit, cursor=request.page.cursor
+        )
+        return leads_service_pb2.ListLeadEngagementsResponse(
+            items=[messages.engagement_to_proto(r) for r in rows], page_info=common_pb2.PageInfo(next_cursor=cursor)
+        )
+
     async def DisqualifyLead(
         self, request: leads_service_pb2.DisqualifyLeadRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DisqualifyLeadResponse:

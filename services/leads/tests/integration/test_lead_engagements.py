@@ -1,7 +1,9 @@
 """Web behaviour in lead scoring (反复看产品页就打个高分): a marketing system reports engagements
 (page views, e-mail opens and clicks, downloads, webinars), each recorded once per lead by its
 sender's event id, and scoring rules count them by kind and URL. Each open lead a call recorded on
-is rescored once in its transaction, as an activity rescores it; an engagement is no contact."""
+is rescored once in its transaction, as an activity rescores it; an engagement is no contact. A
+batch is one INSERT and one count of engagements however many items it has. A lead's engagements
+are listed newest first, a page at a time, to whoever may read the lead."""
 
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -10,15 +12,16 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from crm.common.v1 import common_pb2
 from crm.leads.v1 import events_pb2, leads_service_pb2, leads_service_pb2_grpc
-from crm_platform.errors import ValidationFailed
+from crm_platform.errors import NotFound, ValidationFailed
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.testing.outbox import outbox_events
 from crm_platform.timeutil import to_timestamp
 from leads import domain
 from leads import repository as repo
 from leads.domain import EngagementInput, ScoringRule
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 pytestmark = pytest.mark.integration
 
@@ -369,3 +372,187 @@ async def test_the_rescoring_of_an_engagement_is_in_its_transaction(env: Any) ->
         await _record(env, _views(env, lead["id"], "e1", "e2", "e3"))
     assert await _engagements(env, lead["id"]) == 0
     assert (await _stored(env, lead["id"]))["score"] == 0
+
+
+async def test_a_batch_records_each_event_id_once_per_lead_on_each_database(env_each_database: Any) -> None:
+    env = env_each_database
+    await _rule(env)
+    one, two = await _lead(env, "one"), await _lead(env, "two")
+    batch = [
+        *_views(env, one["id"], "e1", "e2"),
+        *_views(env, two["id"], "e1"),
+        *_views(env, one["id"], "e1", "e3"),  # e1 again in the same batch: the first is recorded
+        *_views(env, "no-such-lead", "e4"),
+    ]
+    with env.acting("mkt", roles=("marketing",)):
+        outcomes = await env.service.record_engagements(batch)
+
+    assert [(o.status, o.lead_id, o.field) for o in outcomes] == [
+        ("recorded", one["id"], ""),
+        ("recorded", one["id"], ""),
+        ("recorded", two["id"], ""),
+        ("duplicate", one["id"], ""),
+        ("recorded", one["id"], ""),
+        ("rejected", "", "items[5].lead_id"),
+    ]
+    assert outcomes[3].reason == "external_id 'e1' was recorded on this lead before"
+    assert (await _engagements(env, one["id"]), await _engagements(env, two["id"])) == (3, 1)
+    assert ((await _stored(env, one["id"]))["score"], (await _stored(env, two["id"]))["score"]) == (30, 0)
+    assert [status for status, _, _ in await _record(env, batch)] == ["duplicate"] * 5 + ["rejected"]
+    assert len(await _scored(env, one["id"])) == 1
+
+
+async def test_a_batch_is_one_insert_and_one_count_of_engagements_whatever_its_size(env_each_database: Any) -> None:
+    env = env_each_database
+    await _rule(env, ScoringRule(id="", engagement_kind="page_view", min_count=1000, points=30))  # counts, never met
+    leads = [await _lead(env, f"lead {i}") for i in range(2)]
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    counted: list[int] = []
+    for size in (3, 30):
+        batch = [item for lead in leads for item in _views(env, lead["id"], *(f"{size}-{n}" for n in range(size)))]
+        statements.clear()
+        event.listen(env.engine.sync_engine, "before_cursor_execute", seen)
+        try:
+            outcomes = await _record(env, batch)
+        finally:
+            event.remove(env.engine.sync_engine, "before_cursor_execute", seen)
+        assert [status for status, _, _ in outcomes] == ["recorded"] * len(batch)
+        assert sum(s.startswith("INSERT INTO lead_engagements") for s in statements) == 1
+        assert sum("FROM lead_engagements" in s for s in statements) == 1
+        counted.append(len(statements))
+    assert counted[0] == counted[1]
+
+
+async def _listed(env: Any, lead_id: str, kind: str = "", **acting: Any) -> list[list[str]]:
+    """The external ids of each page (of two) of the lead's engagements, following the cursors."""
+    pages: list[list[str]] = []
+    cursor = ""
+    with env.acting(**({"user": "mkt", "roles": ("marketing",)} | acting)):
+        while True:
+            rows, cursor = await env.service.list_engagements(lead_id, kind, limit=2, cursor=cursor)
+            pages.append([row["external_id"] for row in rows])
+            if not cursor:
+                return pages
+
+
+def _engagement(lead_id: str, external_id: str, when: datetime, kind: str = "page_view") -> EngagementInput:
+    return EngagementInput(kind=kind, external_id=external_id, occurred_at=when, url="https://x.cn/p", lead_id=lead_id)
+
+
+async def test_a_leads_engagements_are_listed_newest_first_a_page_at_a_time(env: Any) -> None:
+    lead, other = await _lead(env), await _lead(env, "other")
+    start = env.clock() - timedelta(days=1)
+    await _record(
+        env,
+        [
+            _engagement(lead["id"], "morning", start),
+            _engagement(lead["id"], "noon-1", start + timedelta(hours=3), "email_open"),
+            _engagement(lead["id"], "noon-2", start + timedelta(hours=3), "email_click"),  # same time: by id
+            _engagement(lead["id"], "evening", start + timedelta(hours=8), "download"),
+            _engagement(other["id"], "theirs", start + timedelta(hours=5)),
+        ],
+    )
+    # Reported later than the others, it happened before most: listed by when it happened.
+    await _record(env, [_engagement(lead["id"], "late-report", start + timedelta(hours=1))])
+
+    assert await _listed(env, lead["id"]) == [["evening", "noon-2"], ["noon-1", "late-report"], ["morning"]]
+    with env.acting("mkt", roles=("marketing",)):
+        [newest], _ = await env.service.list_engagements(lead["id"], "", limit=1, cursor="")
+    assert {name: newest[name] for name in ("lead_id", "kind", "url", "occurred_at", "actor_id", "recorded_at")} == {
+        "lead_id": lead["id"],
+        "kind": "download",
+        "url": "https://x.cn/p",
+        "occurred_at": start + timedelta(hours=8),
+        "actor_id": "mkt",
+        "recorded_at": env.clock(),
+    }
+
+
+async def test_the_kind_filter_lists_that_kind_only_and_an_unknown_kind_is_refused(env: Any) -> None:
+    lead = await _lead(env)
+    start = env.clock() - timedelta(hours=6)
+    await _record(
+        env,
+        [
+            _engagement(lead["id"], f"{kind}-{n}", start + timedelta(minutes=n), kind)
+            for n in range(3)
+            for kind in ("page_view", "email_click")
+        ],
+    )
+
+    assert await _listed(env, lead["id"], "email_click") == [["email_click-2", "email_click-1"], ["email_click-0"]]
+    assert await _listed(env, lead["id"], "webinar") == [[]]
+    with pytest.raises(ValidationFailed) as caught, env.acting("mkt", roles=("marketing",)):
+        await env.service.list_engagements(lead["id"], "page_visit", limit=0, cursor="")
+    assert [e.field for e in caught.value.errors] == ["kind"]
+
+
+async def test_engagements_of_a_lead_out_of_the_callers_scope_are_not_found_as_of_one_that_does_not_exist(
+    env: Any,
+) -> None:
+    mine = await _lead(env, "mine", owner_id="rep1")
+    theirs = await _lead(env, "theirs", owner_id="rep2", team="west")
+    await _record(env, [*_views(env, mine["id"], "e1"), *_views(env, theirs["id"], "e2")])
+
+    as_rep = {"user": "rep1", "roles": ("sales_rep",), "scope": ScopeKind.OWN}
+    assert await _listed(env, mine["id"], **as_rep) == [["e1"]]
+    for lead_id in (theirs["id"], "no-such-lead"):
+        with pytest.raises(NotFound) as caught, env.acting(**as_rep):
+            await env.service.list_engagements(lead_id, "", limit=0, cursor="")
+        assert str(caught.value) == f"lead {lead_id} not found"
+
+
+async def test_over_grpc_a_page_goes_on_with_its_own_lists_cursor_and_an_unknown_lead_is_not_found(
+    env: Any, stub: leads_service_pb2_grpc.LeadsServiceStub
+) -> None:
+    lead = await _lead(env)
+    await _record(env, _views(env, lead["id"], "e1", "e2", "e3"))
+
+    def listing(cursor: str = "", kind: str = "", lead_id: str = lead["id"]) -> Any:
+        page = common_pb2.PageRequest(limit=2, cursor=cursor)
+        request = leads_service_pb2.ListLeadEngagementsRequest(lead_id=lead_id, kind=kind, page=page)
+        return stub.ListLeadEngagements(request, metadata=MARKETING)
+
+    first = await listing()
+    rest = await listing(first.page_info.next_cursor)
+    assert [e.external_id for e in first.items] == ["e3", "e2"]  # one time: the last recorded first
+    assert ([e.external_id for e in rest.items], rest.page_info.next_cursor) == (["e1"], "")
+    assert (first.items[0].lead_id, first.items[0].kind, first.items[0].actor_id) == (lead["id"], "page_view", "mkt")
+
+    for cursor, kind, lead_id, code in [
+        (first.page_info.next_cursor, "page_view", lead["id"], grpc.StatusCode.INVALID_ARGUMENT),  # another list
+        ("", "tv", lead["id"], grpc.StatusCode.INVALID_ARGUMENT),
+        ("", "", "no-such-lead", grpc.StatusCode.NOT_FOUND),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await listing(cursor, kind, lead_id)
+        assert caught.value.code() == code, caught.value.details()
+
+
+async def test_through_the_gateway_a_leads_engagements_are_read_as_the_lead_is(
+    env: Any, admin: httpx.AsyncClient, bearer: Callable[[str, str], dict[str, str]]
+) -> None:
+    lead = await _lead(env, owner_id="rep2", team="west")
+    await _record(env, _views(env, lead["id"], "e1", "e2"))
+    path = f"/api/v1/leads/{lead['id']}/engagements"
+
+    first = await admin.get(path, params={"limit": 1})
+    assert first.status_code == 200, first.text
+    rest = await admin.get(path, params={"limit": 1, "cursor": first.json()["next_cursor"]})
+    assert [[e["external_id"] for e in page.json()["items"]] for page in (first, rest)] == [["e2"], ["e1"]]
+    assert rest.json()["next_cursor"] is None
+    assert first.json()["items"][0]["occurred_at"] == (env.clock() - timedelta(minutes=10)).isoformat().replace(
+        "+00:00", "Z"
+    )
+
+    unknown_kind = await admin.get(path, params={"kind": "page_visit"})
+    assert unknown_kind.status_code == 422, unknown_kind.text
+    assert [e["field"] for e in unknown_kind.json()["errors"]] == ["kind"]
+    # A rep reads their own leads (and the pool): this one is another rep's, not found as no lead is.
+    for lead_path in (path, "/api/v1/leads/no-such-lead/engagements"):
+        as_rep = await admin.get(lead_path, headers=bearer("rep", "sales_rep"))
+        assert as_rep.status_code == 404, as_rep.text

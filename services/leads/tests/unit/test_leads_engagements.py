@@ -1,6 +1,7 @@
 """Web behaviour in lead scoring (反复看产品页就打个高分): engagement rules count a lead's engagements
 by kind and URL (case-insensitive), at least `min_count`; rules that could never count are refused
-naming the field; an engagement a marketing system reports is checked item by item."""
+naming the field; an engagement a marketing system reports is checked item by item, and a lead's
+engagements are listed of one known kind or of every kind."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -161,3 +162,15 @@ def test_a_call_records_at_most_500_engagements() -> None:
     with pytest.raises(ValidationFailed) as caught:
         domain.check_engagement_count(domain.MAX_ENGAGEMENTS + 1)
     assert [e.field for e in caught.value.errors] == ["items"]
+
+
+@pytest.mark.parametrize("kind", ["", *domain.ENGAGEMENT_KINDS])
+def test_a_leads_engagements_are_listed_of_every_kind_or_of_one(kind: str) -> None:
+    assert domain.engagement_filter_error(kind) is None
+
+
+@pytest.mark.parametrize("kind", ["page_visit", "Page_View", " page_view"])
+def test_a_list_of_a_kind_that_is_none_is_refused_naming_kind(kind: str) -> None:
+    error = domain.engagement_filter_error(kind)
+    assert error is not None and error.field == "kind"
+    assert error.message == "is not one of page_view, email_open, email_click, download, webinar"

@@ -21,6 +21,7 @@ from gateway.conventions import MoneyOut, Time
 LeadStatus = Literal["new", "contacted", "qualified", "unqualified", "converted", "recycled"]
 LeadSource = Literal["website", "webform", "ad", "event", "referral", "wechat", "phone", "email", "import", "other"]
 LeadGrade = Literal["A", "B", "C", "D"]
+EngagementKind = Literal["page_view", "email_open", "email_click", "download", "webinar"]
 
 
 class Lead(BaseModel):
@@ -173,6 +174,24 @@ class EngagementAnswer(BaseModel):
     recorded: int
     duplicates: int
     rejected: int
+
+
+class Engagement(BaseModel):
+    """Web behaviour recorded on a lead (`POST /lead-engagements`)."""
+
+    id: str
+    lead_id: str | None = None
+    kind: str | None = Field(default=None, description="page_view, email_open, email_click, download or webinar")
+    url: str | None = None
+    occurred_at: Time = None
+    external_id: str | None = Field(default=None, description="the sender's event id: recorded once per lead")
+    actor_id: str | None = Field(default=None, description="who recorded it (the marketing system's user or API key)")
+    recorded_at: Time = None
+
+
+class EngagementPage(BaseModel):
+    items: list[Engagement]
+    next_cursor: str | None = Field(description="the `cursor` of the next page; null on the last")
 
 
 class ImportProgress(BaseModel):

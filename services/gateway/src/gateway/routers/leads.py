@@ -1472,6 +1472,41 @@ async def record_engagements(body: EngagementsIn, request: Request, access: Lead
     }
 
 
+def _engagement_json(engagement: leads_pb2.Engagement) -> dict[str, Any]:
+    body = _message_json(engagement)
+    body["occurred_at"] = _time(engagement.occurred_at)
+    body["recorded_at"] = _time(engagement.recorded_at)
+    return body
+
+
+@router.get("/leads/{lead_id}/engagements", responses={200: {"model": schemas.EngagementPage}})
+async def list_engagements(
+    lead_id: str,
+    request: Request,
+    access: LeadsRead,
+    limit: PageLimit = None,
+    cursor: PageCursor = "",
+    kind: Annotated[
+        schemas.EngagementKind | None,
+        Query(
+            description="only the engagements of this kind: page_view, email_open, email_click, download or "
+            "webinar; every kind when left out"
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    """The web behaviour recorded on a lead of the caller's record scope (404 for any other, as for
+    one that does not exist), newest first by `occurred_at`, one page at a time. Engagements are none
+    of the lead's fields: whoever reads the lead reads them as they were recorded."""
+    reply = await _stub(request).ListLeadEngagements(
+        pb.ListLeadEngagementsRequest(lead_id=lead_id, kind=kind or "", page=_page(access.page_limit(limit), cursor)),
+        metadata=access.grpc_metadata(),
+    )
+    return {
+        "items": [_engagement_json(item) for item in reply.items],
+        "next_cursor": reply.page_info.next_cursor or None,
+    }
+
+
 # --- scoring and assignment rules ----------------------------------------------------------------
 
 
