@@ -15,11 +15,12 @@ The owner may still delete the record a moment later; that is the eventual consi
 flow settles (deals follow account merges, analytics drops what is deleted)."""
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from crm.accounts.v1 import accounts_pb2
 from crm.accounts.v1 import accounts_service_pb2 as accounts_pb
 from crm.accounts.v1.accounts_service_pb2_grpc import AccountsServiceStub
 from crm.common.v1 import common_pb2
@@ -183,10 +184,20 @@ async def rows_naming_no_account(access: Access, account_of_row: Mapping[int, st
     owning service judges that, and `audit_refused_rows` records the rows refused in the end.
     Many rows name few accounts: the accounts service lists the distinct ids, a page of them per
     call, concurrently, over all records."""
-    wanted = sorted({account_id for account_id in account_of_row.values() if account_id})
+    wanted = {account_id for account_id in account_of_row.values() if account_id}
+    found = await listed_accounts(access, wanted, _over_all_records(access))
+    problems = {account_id: _record_problem(ACCOUNT, account_id, found.get(account_id), None) for account_id in wanted}
+    return {row: problems[account_id] for row, account_id in account_of_row.items() if problems.get(account_id)}
+
+
+async def listed_accounts(
+    access: Access, account_ids: Iterable[str], metadata: Metadata
+) -> dict[str, accounts_pb2.Account]:
+    """Those of `account_ids` the accounts service lists under `metadata` (its record scope; merged
+    ones included), by id: a page of the distinct ids per call, concurrently."""
+    wanted = sorted(set(account_ids))
     upstreams: Upstreams = access.request.app.state.upstreams
     stub = upstreams.stub("accounts", AccountsServiceStub)
-    metadata = _over_all_records(access)
     pages = [wanted[start : start + MAX_LIMIT] for start in range(0, len(wanted), MAX_LIMIT)]
     replies: list[accounts_pb.ListAccountsResponse] = await asyncio.gather(
         *(
@@ -199,9 +210,7 @@ async def rows_naming_no_account(access: Access, account_of_row: Mapping[int, st
             for page in pages
         )
     )
-    found = {account.id: account for reply in replies for account in reply.items}
-    problems = {account_id: _record_problem(ACCOUNT, account_id, found.get(account_id), None) for account_id in wanted}
-    return {row: problems[account_id] for row, account_id in account_of_row.items() if problems.get(account_id)}
+    return {account.id: account for reply in replies for account in reply.items}
 
 
 async def audit_refused_rows(access: Access, refused: Mapping[int, str]) -> None:

@@ -1,6 +1,7 @@
 """A report's route answers JSON, or with `?format=csv` the same rows as CSV (SPEC §8: CSV export of
-any report is a permissioned, audited action): the resource's `export` action, the export rate
-limit and an audit row naming the report and its filters."""
+any report is a permissioned, audited action): the resource's `export` action, whose record scope
+and field rules the rows are read with (`report_access`), the export rate limit and an audit row
+naming the report and its filters."""
 
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Annotated, Any, Literal
@@ -10,11 +11,25 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from gateway.security import Access
-from gateway.security.access import runtime_of
 from gateway.security.exports import csv_line
 from gateway.security.problems import rate_limited
 
 Format = Annotated[Literal["json", "csv"], Query(description="csv needs the export permission")]
+
+
+def report_access(access: Access, format: str) -> Access:
+    """What a report route reads its rows with: for JSON the caller's read (`access`); for CSV their
+    export of the resource (403 without it, audited as a refused export by the route's `require`),
+    rate limited with the other exports, as `/exports/{resource}` reads: the export grant's record
+    scope goes to the service and its rules show the rows, so a CSV holds no more than that grant
+    covers, however widely the caller reads. Call it before the service call."""
+    if format == "json":
+        return access
+    access.ensure("export")
+    wait = access.runtime.export_limiter.acquire(f"{access.principal.kind}:{access.principal.user_id}")
+    if wait:
+        raise rate_limited(wait, "export rate limit exceeded")
+    return access.require_view(access.resource, "export")
 
 
 async def report_answer(
@@ -24,19 +39,13 @@ async def report_answer(
     body: dict[str, Any],
     rows: Iterable[Mapping[str, Any]],
     filters: str,
-    format: str,
     next_cursor: str = "",
 ) -> Any:
-    """`body` as JSON, or `rows` as CSV (an export: its own permission, rate limit and audit row;
-    `filters` describes what was asked, for that row). A paged report's CSV is one page; its
-    `Link: <...>; rel="next"` names the next (RFC 8288)."""
-    if format == "json":
+    """`body` as JSON when read with the caller's read, or `rows` as CSV when read with their export
+    (`report_access`), with an audit row (`filters` describes what was asked). A paged report's
+    CSV is one page; its `Link: <...>; rel="next"` names the next (RFC 8288)."""
+    if access.action != "export":
         return body
-    access.ensure("export")  # audited as a refused export by the route's `require`
-    runtime = runtime_of(request)
-    wait = runtime.export_limiter.acquire(f"{access.principal.kind}:{access.principal.user_id}")
-    if wait:
-        raise rate_limited(wait, "export rate limit exceeded")
     table = [flat_row(row) for row in rows]
     columns = list(table[0]) if table else []
     await access.audit("export", report, fields=columns, reason=f"report {report}; filters: {filters}")

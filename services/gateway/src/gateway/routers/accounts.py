@@ -1708,7 +1708,8 @@ async def account_360(account_id: str, request: Request, access: AccountsRead) -
                 metadata=view.grpc_metadata(),
             )
         )
-        present = await ticket_presenter(view)  # a reopened ticket's survey key only for who enters CSAT
+        # A reopened ticket's survey key only for who enters its CSAT answers; the tier for who reads its account.
+        present = await ticket_presenter(view, (t.account_id for t in rows.items))
         return {"items": [present(ticket_json(t)) for t in rows.items]}
 
     parts = await asyncio.gather(

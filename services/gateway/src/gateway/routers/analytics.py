@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from pydantic import TypeAdapter, ValidationError
 
 from gateway.inputs import Instant
-from gateway.report_csv import Format, flat_row, json_or_csv, report_answer
+from gateway.report_csv import Format, flat_row, json_or_csv, report_access, report_answer
 from gateway.routers import analytics_schemas as schemas
 from gateway.routing import ResourceRouter
 from gateway.security import Access, require
@@ -218,6 +218,7 @@ async def sales_funnel(
     format: Format = "json",
 ) -> Any:
     """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle."""
+    access = report_access(access, format)
     reply = await _report(
         _stub(request).GetSalesFunnel(
             pb.GetSalesFunnelRequest(filter=filters.proto(access, "sales-funnel"), pipeline_id=pipeline_id),
@@ -225,7 +226,7 @@ async def sales_funnel(
         )
     )
     body = _funnel(plain(reply), _Money(access))
-    return await report_answer(request, access, "sales-funnel", body, body["stages"], filters.described(), format)
+    return await report_answer(request, access, "sales-funnel", body, body["stages"], filters.described())
 
 
 def _funnel(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
@@ -245,6 +246,7 @@ async def lead_sources(
     format: Format = "json",
 ) -> Any:
     """Leads by source or campaign: volume, contacted %, converted %, first-contact time, revenue, cost, ROI."""
+    access = report_access(access, format)
     grouping = pb.LEAD_GROUPING_CAMPAIGN if group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
     reply = await _report(
         _stub(request).GetLeadSourceReport(
@@ -253,7 +255,7 @@ async def lead_sources(
         )
     )
     body = _rows(plain(reply), _Money(access))
-    return await report_answer(request, access, "lead-sources", body, body["rows"], filters.described(), format)
+    return await report_answer(request, access, "lead-sources", body, body["rows"], filters.described())
 
 
 @router.get("/reports/rep-performance", response_model=None, responses=json_or_csv(schemas.RepPerformanceReport))
@@ -261,6 +263,7 @@ async def rep_performance(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
     """Per rep: activities, task completion, deals won, CSAT of their tickets, data completeness."""
+    access = report_access(access, format)
     reply = await _report(
         _stub(request).GetRepPerformance(
             pb.GetRepPerformanceRequest(filter=filters.proto(access, "rep-performance")),
@@ -268,19 +271,20 @@ async def rep_performance(
         )
     )
     body = _rows(plain(reply), _Money(access))
-    return await report_answer(request, access, "rep-performance", body, body["rows"], filters.described(), format)
+    return await report_answer(request, access, "rep-performance", body, body["rows"], filters.described())
 
 
 @router.get("/reports/service", response_model=None, responses=json_or_csv(schemas.ServiceReport))
 async def service(request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json") -> Any:
     """SLA compliance, first-response and resolution times, backlog, CSAT average and % satisfied."""
+    access = report_access(access, format)
     reply = await _report(
         _stub(request).GetServiceReport(
             pb.GetServiceReportRequest(filter=filters.proto(access, "service")), metadata=access.grpc_metadata()
         )
     )
     body = plain(reply)
-    return await report_answer(request, access, "service", body, [body], filters.described(), format)
+    return await report_answer(request, access, "service", body, [body], filters.described())
 
 
 @router.get("/reports/customer-value", response_model=None, responses=json_or_csv(schemas.CustomerValuePage))
@@ -296,6 +300,7 @@ async def customer_value(
     """Per account: won and paid amounts, churn risk and its reasons; highest paid first (by name
     for a caller not shown the amounts: `ordered_by`), a page at a time (as CSV too: `Link`
     rel="next"; `/exports/reports?report=customer-value` gives every row)."""
+    access = report_access(access, format)
     money = _Money(access)
     page = common_pb2.PageRequest(limit=access.page_limit(limit), cursor=cursor)
     reply = await _report(
@@ -306,9 +311,7 @@ async def customer_value(
     )
     body = _customer_value(reply, money)
     next_cursor = reply.page_info.next_cursor
-    return await report_answer(
-        request, access, "customer-value", body, body["items"], filters.described(), format, next_cursor
-    )
+    return await report_answer(request, access, "customer-value", body, body["items"], filters.described(), next_cursor)
 
 
 def _customer_value_request(
@@ -333,6 +336,7 @@ async def data_completeness(
     request: Request, access: ReportsRead, filters: ReportFilters, format: Format = "json"
 ) -> Any:
     """Share of filled key fields of leads, accounts, contacts and opportunities, overall and per field."""
+    access = report_access(access, format)
     reply = await _report(
         _stub(request).GetDataCompleteness(
             pb.GetDataCompletenessRequest(filter=filters.proto(access, "data-completeness")),
@@ -341,7 +345,7 @@ async def data_completeness(
     )
     body = plain(reply)
     return await report_answer(
-        request, access, "data-completeness", body, _completeness_rows(body), filters.described(), format
+        request, access, "data-completeness", body, _completeness_rows(body), filters.described()
     )
 
 

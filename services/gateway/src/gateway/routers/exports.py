@@ -262,6 +262,7 @@ for _resource, _listing in {
         servicedesk_pb.ListTicketsRequest,
         _list_route(service_desk.list_tickets),
         fields=TICKET_FILTERS,
+        shown=service_desk.without_unseen_account_tiers,
     ),
     "csat": GrpcListing(
         "service_desk",

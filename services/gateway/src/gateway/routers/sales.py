@@ -46,7 +46,7 @@ from gateway.references import (
     audit_refused_rows,
     rows_naming_no_account,
 )
-from gateway.report_csv import Format, json_or_csv, query_described, report_answer
+from gateway.report_csv import Format, json_or_csv, query_described, report_access, report_answer
 from gateway.routers import sales_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filters, presenter
 from gateway.routing import ResourceRouter
@@ -1114,6 +1114,7 @@ async def forecast(
     """Pipeline, weighted, commit, best case and closed won per period, owner or team and currency.
     Open deals count by expected close date, won deals by close date. As CSV with `format=csv`
     (the forecast's `export` action; `/exports/forecast` too)."""
+    access = report_access(access, format)
     check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(FORECAST_FILTERS)
     reply = await _stub(request).GetForecast(
@@ -1124,7 +1125,7 @@ async def forecast(
     )
     rows = access.present_many(_forecast_row(r) for r in reply.rows)
     body = {"period": period, "group_by": group_by, "rows": rows}
-    return await report_answer(request, access, "forecast", body, rows, query_described(request), format)
+    return await report_answer(request, access, "forecast", body, rows, query_described(request))
 
 
 def _forecast_request(
@@ -1364,6 +1365,7 @@ async def attainment(
     team), the forecast's closed won, attainment = closed won / target, and the forecast's commit
     and weighted pipeline, to read whether the target will be made. Read as the forecast is (its
     grant and record scope); as CSV with `format=csv` (the forecast's `export` action)."""
+    access = report_access(access, format)
     check_period("from", from_date, "to", to_date, end_inclusive=True)
     access.check_filters(ATTAINMENT_FILTERS)
     reply = await _stub(request).GetAttainment(
@@ -1379,7 +1381,7 @@ async def attainment(
     )
     rows = [attainment_row(r, access) for r in reply.rows]
     body = {"period": period, "group_by": group_by, "rows": rows}
-    return await report_answer(request, access, "attainment", body, rows, query_described(request), format)
+    return await report_answer(request, access, "attainment", body, rows, query_described(request))
 
 
 # --- quotes ------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@ CSAT, SLA policies, agents, return visits and the knowledge base.
 
 Permissions come only from `require(...)`/`Access`; the service-desk service applies record scope
 (a ticket's owner is its assignee). Illegal status transitions answer 409. A ticket's CSAT survey
-link (`/csat-surveys/{survey_key}`) is public: its key, which only who may enter CSAT answers reads
-on the ticket, authenticates the customer (`gateway.public_keys`).
+link (`/csat-surveys/{survey_key}`) is public: its key, which only who may enter CSAT answers for the
+ticket reads on it, authenticates the customer (`gateway.public_keys`). A ticket's account tier is
+shown only to who may read the account (`ticket_presenter`).
 """
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import grpc
@@ -15,7 +16,7 @@ from crm.common.v1 import common_pb2
 from crm.servicedesk.v1 import servicedesk_service_pb2 as pb
 from crm.servicedesk.v1.servicedesk_service_pb2_grpc import ServiceDeskServiceStub
 from crm_platform.grpc_client import noting_replays, replay_noted
-from crm_platform.principal import Principal
+from crm_platform.principal import Principal, RecordScope, ScopeKind
 from crm_platform.timeutil import isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -26,13 +27,15 @@ from pydantic import Field
 from gateway.conventions import IdempotencyKey, IfMatch, expected_version, nothing_to_change, with_etag
 from gateway.inputs import Instant, NonBlank, OptionalId, ReplacementBody, RequestBody
 from gateway.public_keys import PublicKeyPath, deny_unknown_key, path_without_key
-from gateway.references import CONTACT, References
+from gateway.references import CONTACT, References, listed_accounts
 from gateway.routers import service_desk_schemas as schemas
 from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, Presenter, custom_filters, presenter
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
+from gateway.security.policy import covers
 from gateway.security.problems import not_found
+from gateway.upstreams import UpstreamNotConfigured
 
 router = ResourceRouter(tags=["service desk"])
 
@@ -193,31 +196,86 @@ async def _listing(access: Access, items: Any, cursor: str, present: Presenter |
     return {"items": [present(to_json(item)) for item in items], "next_cursor": cursor or None}
 
 
-# --- a ticket's survey key -----------------------------------------------------------------------
+# --- what a ticket shows of its survey key and of its account -----------------------------------------
 
 SURVEY_KEY = "survey_key"
+# The account's tier (A: a VIP) as a ticket names it. The priority and due times a tier raises stay:
+# whoever works the ticket works by them (they tell the tier only of an account one has a ticket for).
+ACCOUNT_TIER_FIELDS = ("account_tier",)
 
 
-def may_see_survey_key(access: Access) -> bool:
+def may_see_survey_key(answering: RecordScope | None, ticket: Mapping[str, Any]) -> bool:
     """A ticket's `survey_key` lets whoever holds it answer the ticket's CSAT survey: it is for who
-    may enter CSAT answers (to print the link or its QR code for the customer), as a web form's key
-    is for who may change web forms; anyone else reading the ticket does not get it."""
-    return access.runtime.policy.decide(access.principal, "csat", "create").allowed
+    may enter CSAT answers for this very ticket (to print the link or its QR code for the customer),
+    as a web form's key is for who may change web forms; anyone else reading the ticket does not get
+    it. `answering`: the record scope of the caller's grant to create CSAT answers (None: they have
+    none), which must cover the ticket, as the service checks it for `POST /tickets/{id}/csat`."""
+    return answering is not None and covers(answering, _scoped_as_stored(ticket))
 
 
-def without_survey_key(ticket: dict[str, Any]) -> dict[str, Any]:
+def _scoped_as_stored(ticket: Mapping[str, Any]) -> dict[str, Any]:
+    """What a record scope judges a ticket by, as the service desk stores it: its owner is its
+    assignee, its creator while it has none."""
+    owner = ticket.get("assignee_id") or ticket.get("created_by_id")
+    return {"owner_id": owner, "team": ticket.get("team"), "region": ticket.get("region")}
+
+
+def without_survey_key(ticket: Mapping[str, Any]) -> dict[str, Any]:
     """A ticket without its `survey_key`: as the audit trail keeps it (the key is a credential,
-    kept out as a web form's is), and as a caller who may not enter CSAT answers reads it."""
-    return {name: value for name, value in ticket.items() if name != SURVEY_KEY}
+    kept out as a web form's is), and as a caller who may not enter CSAT answers for it reads it."""
+    return _without(ticket, (SURVEY_KEY,))
 
 
-async def ticket_presenter(access: Access) -> Presenter:
-    """`presenter(access)` for tickets: the `survey_key` left out for who may not enter CSAT
-    answers (`may_see_survey_key`)."""
+def _without(ticket: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    left_out = set(names)
+    return {name: value for name, value in ticket.items() if name not in left_out}
+
+
+async def _accounts_in_sight(access: Access, account_ids: Iterable[str]) -> Container[str]:
+    """Of the accounts named, those the caller may read, as the accounts service lists them in the
+    caller's read scope for accounts (no call for a caller who reads all accounts, or none); none of
+    them while that service cannot say (down, not deployed): tickets are still served, tiers left out."""
+    named = {account_id for account_id in account_ids if account_id}
+    accounts = access.view("accounts") if named else None
+    if accounts is None:
+        return frozenset()
+    if accounts.scope.kind is ScopeKind.ALL:
+        return named
+    try:
+        return (await listed_accounts(accounts, named, accounts.grpc_metadata())).keys()
+    except (grpc.aio.AioRpcError, UpstreamNotConfigured):
+        return frozenset()
+
+
+def _shown_of_account(ticket: Mapping[str, Any], in_sight: Container[str]) -> Mapping[str, Any]:
+    """The ticket, without its account's tier (`ACCOUNT_TIER_FIELDS`) when the caller may not read
+    that account: naming any account in a ticket they file must not tell them its tier."""
+    if not ticket.get("account_id") or ticket["account_id"] in in_sight:
+        return ticket
+    return _without(ticket, ACCOUNT_TIER_FIELDS)
+
+
+async def without_unseen_account_tiers(access: Access, tickets: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A page of exported tickets, their accounts' tiers as `ticket_presenter` shows them (an export
+    holds no survey key: a credential is never a column)."""
+    in_sight = await _accounts_in_sight(access, (ticket["account_id"] for ticket in tickets))
+    return [_shown_of_account(ticket, in_sight) for ticket in tickets]
+
+
+async def ticket_presenter(access: Access, account_ids: Iterable[str]) -> Presenter:
+    """`presenter(access)` for tickets of the accounts `account_ids` (those of the tickets the route
+    shows): the `survey_key` only on the tickets whose CSAT answers the caller may enter
+    (`may_see_survey_key`), and the account's tier only on tickets of accounts the caller may read
+    (or of none)."""
     present = await presenter(access)
-    if may_see_survey_key(access):
-        return present
-    return lambda ticket: present(without_survey_key(dict(ticket)))
+    answering = access.runtime.policy.decide(access.principal, "csat", "create").scope
+    in_sight = await _accounts_in_sight(access, account_ids)
+
+    def present_ticket(ticket: Mapping[str, Any]) -> dict[str, Any]:
+        shown = _shown_of_account(ticket, in_sight)
+        return present(shown if may_see_survey_key(answering, ticket) else without_survey_key(shown))
+
+    return present_ticket
 
 
 def _mask(given: dict[str, Any]) -> field_mask_pb2.FieldMask:
@@ -266,7 +324,7 @@ async def create_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(result["id"], None, without_survey_key(result))
-    present = await ticket_presenter(access)
+    present = await ticket_presenter(access, [result["account_id"]])
     kb = access.view("kb_articles")
     return with_etag(
         response, _created_ticket_json(result, reply.suggested_articles, present, kb.present if kb else None)
@@ -345,14 +403,15 @@ async def list_tickets(
         ),
         metadata=access.grpc_metadata(),
     )
-    return await _listing(access, reply.items, reply.page_info.next_cursor, await ticket_presenter(access))
+    present = await ticket_presenter(access, (ticket.account_id for ticket in reply.items))
+    return await _listing(access, reply.items, reply.page_info.next_cursor, present)
 
 
 @router.get("/tickets/{ticket_id}", responses={200: {"model": schemas.TicketDetail}})
 async def get_ticket(ticket_id: str, request: Request, response: Response, access: TicketsRead) -> dict[str, Any]:
     """The ticket with its comments, work log and CSAT answer (when the caller may read CSAT)."""
     reply = await _stub(request).GetTicket(pb.GetTicketRequest(ticket_id=ticket_id), metadata=access.grpc_metadata())
-    present = await ticket_presenter(access)
+    present = await ticket_presenter(access, [reply.ticket.account_id])
     csat = access.view("csat")
     return with_etag(response, _ticket_detail_json(reply, present, csat.present if csat else None))
 
@@ -400,7 +459,7 @@ async def update_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, without_survey_key(to_json(reply.previous)), without_survey_key(result))
-    present = await ticket_presenter(access)
+    present = await ticket_presenter(access, [result["account_id"]])
     return with_etag(response, present(result))
 
 
@@ -437,7 +496,7 @@ async def change_ticket_status(
     result = to_json(reply.ticket)
     before, after = without_survey_key(to_json(reply.previous)), without_survey_key(result)
     await access.audit_write(ticket_id, before, after, reason=body.note)
-    present = await ticket_presenter(access)
+    present = await ticket_presenter(access, [result["account_id"]])
     return with_etag(response, present(result))
 
 
@@ -455,7 +514,7 @@ async def assign_ticket(
     )
     result = to_json(reply.ticket)
     await access.audit_write(ticket_id, without_survey_key(to_json(reply.previous)), without_survey_key(result))
-    present = await ticket_presenter(access)
+    present = await ticket_presenter(access, [result["account_id"]])
     return with_etag(response, present(result))
 
 

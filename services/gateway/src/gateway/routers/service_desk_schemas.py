@@ -60,14 +60,16 @@ class Ticket(BaseModel):
     )
     created_by_id: str | None = None
     account_tier: str | None = Field(
-        default=None, description="the account's tier (A, B, C or D) as the service desk knows it; empty when unknown"
+        default=None,
+        description="the account's tier (A, B, C or D) as the service desk knows it (empty: unknown); left out "
+        "for a caller who may not read the ticket's account",
     )
     custom: dict[str, Any] | None = None
     survey_key: str | None = Field(
         default=None,
         description="the key of the ticket's CSAT survey link for its customer (`/csat-surveys/{survey_key}`; a "
         "frontend shows it as a QR code): set at the first resolution, kept through reopenings, empty before. "
-        "A credential: only who may create CSAT answers gets it",
+        "A credential: only who may create CSAT answers for this ticket (their grant's record scope covers it) gets it",
     )
 
 

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, cast
@@ -42,6 +42,8 @@ ExportSourceFn = Callable[[Access, Mapping[str, str]], AsyncIterator[Mapping[str
 # naming the parameter (a required filter missing, a value out of range): a `SecurityProblem`, or
 # the `RequestValidationError` a list route answers for a value of the wrong type.
 ExportCheckFn = Callable[[Mapping[str, str]], object]
+# `GrpcListing.shown`.
+PageShown = Callable[[Access, list[Mapping[str, Any]]], Awaitable[list[Mapping[str, Any]]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,9 @@ class GrpcListing:
     # Resources whose scope of the caller goes along, as the list route sends it (an activity's
     # account is checked in the caller's scope for accounts).
     scopes_along: tuple[str, ...] = ()
+    # A page of records as the list route leaves them for the caller before the field rules, where
+    # what it shows depends on other records (a ticket's account's tier on the caller's sight of it).
+    shown: PageShown | None = None
 
     def check(self, filters: Mapping[str, str]) -> None:
         if self.requires_one_of and not any(filters.get(name) for name in self.requires_one_of):
@@ -261,8 +266,9 @@ class GrpcListing:
                 getattr(request, _SEARCHED_IN).extend(searched)
             along = [access.require_view(resource) for resource in self.scopes_along]
             reply = await call(request, metadata=access.grpc_metadata(*along))
-            for item in reply.items:
-                yield message_dict(item)
+            records: list[Mapping[str, Any]] = [message_dict(item) for item in reply.items]
+            for record in await self.shown(access, records) if self.shown else records:
+                yield record
             cursor = reply.page_info.next_cursor
             if not cursor:
                 return
