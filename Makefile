@@ -17,7 +17,7 @@ SYNC_STAMP := $(VENV)/.synced
 
 export CRM_DATA_DIR ?= .data
 # Test processes: most tests wait on PostgreSQL and the broker, so more workers than cores keep both
-# busy. A file's tests stay in one worker (its module fixtures, e.g. an e2e stack, start once).
+# busy. A file's tests stay in one worker, and so do all e2e tests (the root conftest.py's groups).
 TEST_WORKERS ?= 3
 
 .PHONY: help setup proto lint test test-unit run token bench clean fuzz
@@ -54,7 +54,7 @@ lint: setup ## ruff, mypy, buf lint (and buf breaking against the previous commi
 	bash scripts/buf_breaking.sh $(BUF)
 
 test: setup lint helm-lint ## run every test suite (unit, integration, e2e) and the chart checks, as CI does
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: setup ## only the fast tests without I/O
 	$(VENV)/bin/pytest -m unit
