@@ -56,6 +56,7 @@ class RecordingEngagements(LeadsServiceServicer):
         self.seen: set[tuple[str, str]] = set()
         self.rules: list[leads_pb2.ScoringRule] = []
         self.listed: list[tuple[pb.ListLeadEngagementsRequest, RecordScope]] = []
+        self.page: list[leads_pb2.Engagement] = [LISTED]
 
     async def RecordLeadEngagements(
         self, request: pb.RecordLeadEngagementsRequest, context: Any
@@ -86,7 +87,7 @@ class RecordingEngagements(LeadsServiceServicer):
         lead = LEADS.get(request.lead_id)
         if lead is None or not scope.allows(owner_id=lead[0], team=lead[1], region=lead[2]):
             await refuse(context, NotFound("lead", request.lead_id))
-        return pb.ListLeadEngagementsResponse(items=[LISTED], page_info=common_pb2.PageInfo(next_cursor="page-2"))
+        return pb.ListLeadEngagementsResponse(items=self.page, page_info=common_pb2.PageInfo(next_cursor="page-2"))
 
     async def CreateScoringRule(
         self, request: pb.CreateScoringRuleRequest, context: Any
@@ -310,3 +311,28 @@ async def test_a_caller_who_may_not_read_leads_may_not_list_their_engagements(
     assert response.status_code == 403, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert leads.listed == []
+
+
+@pytest.mark.parametrize(
+    ("role", "shown"),
+    [
+        ("sales_rep", ["https://x.cn/?u=jane%40example.com", "mailto:jane@example.com"]),
+        ("marketing", ["https://x.cn/?u=j***%40example.com", "mailto:j***@example.com"]),
+        ("analyst", ["https://x.cn/?u=j***%40example.com", "mailto:j***@example.com"]),
+    ],
+)
+async def test_an_email_address_in_a_url_is_masked_for_who_reads_the_leads_email_masked(
+    leads_http: httpx.AsyncClient, leads_auth: Any, leads: RecordingEngagements, role: str, shown: list[str]
+) -> None:
+    """A tracking link carries the lead's address, written out or percent-encoded: who sees the lead's
+    email masked sees it masked there too."""
+    leads.page = [
+        leads_pb2.Engagement(
+            id="eng-3", lead_id="lead-1", kind="email_click", url="https://x.cn/?u=jane%40example.com"
+        ),
+        leads_pb2.Engagement(id="eng-4", lead_id="lead-1", kind="email_click", url="mailto:jane@example.com"),
+    ]
+    response = await leads_http.get(engagements_of("lead-1"), headers=leads_auth(role))
+
+    assert response.status_code == 200, response.text
+    assert [item["url"] for item in response.json()["items"]] == shown

@@ -2,7 +2,7 @@
 
 import pytest
 from crm_platform.principal import Principal, ScopeKind
-from gateway.security.masking import mask_email, mask_phone, mask_value
+from gateway.security.masking import mask_email, mask_emails_in, mask_phone, mask_value
 from gateway.security.policy import ACTIONS, FieldRule, Policy, PolicyError, load_policy, parse_policy
 
 pytestmark = pytest.mark.unit
@@ -374,3 +374,18 @@ def test_settings_refuse_unsafe_configurations() -> None:
         SecuritySettings(jwks_url="https://idp/jwks")
     dev = SecuritySettings(dev_mode=True, dev_jwt_secret="s" * 32)
     assert (dev.algorithm, dev.issuer, dev.audience) == ("HS256", "crm-dev", "crm")
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("https://x.cn/product?u=jane%40example.com&ref=mail", "https://x.cn/product?u=j***%40example.com&ref=mail"),
+        ("https://x.cn/p?e=john.doe@mail.example.co.uk", "https://x.cn/p?e=j***@mail.example.co.uk"),
+        ("write to a@b.cn or c@d.cn", "write to a***@b.cn or c***@d.cn"),
+        ("https://x.cn/product", "https://x.cn/product"),
+        ("https://x.cn/@team", "https://x.cn/@team"),  # an @ without a domain is no address
+    ],
+)
+def test_email_addresses_in_text_are_masked_as_an_email_field_is(text: str, masked: str) -> None:
+    assert mask_emails_in(text) == masked
+    assert mask_emails_in("jane@example.com") == mask_email("jane@example.com")

@@ -61,7 +61,7 @@ from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filte
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
-from gateway.security.masking import MASK, mask_value
+from gateway.security.masking import MASK, mask_emails_in, mask_value
 from gateway.security.problems import forbidden
 
 router = ResourceRouter(tags=["leads"])
@@ -1472,10 +1472,12 @@ async def record_engagements(body: EngagementsIn, request: Request, access: Lead
     }
 
 
-def _engagement_json(engagement: leads_pb2.Engagement) -> dict[str, Any]:
+def _engagement_json(engagement: leads_pb2.Engagement, *, mask_emails: bool) -> dict[str, Any]:
     body = _message_json(engagement)
     body["occurred_at"] = _time(engagement.occurred_at)
     body["recorded_at"] = _time(engagement.recorded_at)
+    if mask_emails:  # a tracking link often carries the lead's address
+        body["url"] = mask_emails_in(body["url"])
     return body
 
 
@@ -1496,13 +1498,15 @@ async def list_engagements(
 ) -> dict[str, Any]:
     """The web behaviour recorded on a lead of the caller's record scope (404 for any other, as for
     one that does not exist), newest first by `occurred_at`, one page at a time. Engagements are none
-    of the lead's fields: whoever reads the lead reads them as they were recorded."""
+    of the lead's fields: whoever reads the lead reads them as they were recorded, but for an e-mail
+    address in a URL, masked for a caller who reads the lead's `email` masked (marketing, analysts)."""
     reply = await _stub(request).ListLeadEngagements(
         pb.ListLeadEngagementsRequest(lead_id=lead_id, kind=kind or "", page=_page(access.page_limit(limit), cursor)),
         metadata=access.grpc_metadata(),
     )
+    mask_emails = not access.in_clear(["email"])
     return {
-        "items": [_engagement_json(item) for item in reply.items],
+        "items": [_engagement_json(item, mask_emails=mask_emails) for item in reply.items],
         "next_cursor": reply.page_info.next_cursor or None,
     }
 

@@ -1,5 +1,6 @@
 """Masking by field type: what a `masked` field shows, and how PII is written into audit records."""
 
+import re
 from typing import Any
 
 from crm_platform.contact_points import split_country_code
@@ -32,6 +33,22 @@ def mask_email(value: str) -> str:
     if not sep:
         return mask_text(value)
     return f"{local[:1]}***@{domain}"
+
+
+# An e-mail address inside free text or a URL, its @ written out or percent-encoded (a tracking
+# link's query string carries `jane%40example.com`).
+_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9._%+-]+(@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+
+
+def mask_emails_in(text: str) -> str:
+    """Each e-mail address in `text` masked as `mask_email` masks an email field, its @ as written:
+    `https://x.cn/?u=jane%40example.com` -> `https://x.cn/?u=j***%40example.com`."""
+
+    def masked(match: re.Match[str]) -> str:
+        local, at, domain = match.group().partition(match.group(1))
+        return f"{local[:1]}***{at}{domain}"
+
+    return _EMAIL_IN_TEXT.sub(masked, text)
 
 
 def mask_text(value: str) -> str:
