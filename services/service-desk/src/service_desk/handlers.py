@@ -511,13 +511,17 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
         t["closed_at"] = now
     elif status == "reopened":
         t["resolved_at"] = None
-    if status in domain.PAUSING_STATUSES:
-        if t["sla_paused_at"] is None:  # waiting for the customer, then resolved: one pause
-            t["sla_paused_at"] = now
-    elif t["sla_paused_at"] is not None:
+    # A pause of the resolution clock ends when the ticket is worked on again or resolved (the time
+    # waiting for the customer moves the target; the time resolved is a pause of its own). Closing
+    # ends none: a closed ticket keeps the due time its resolution was met against.
+    if t["sla_paused_at"] is not None and status != "closed":
         waited = int((now - as_utc(t["sla_paused_at"])).total_seconds())
         t["sla_paused_seconds"] += waited
         t["resolution_due_at"] = as_utc(t["resolution_due_at"]) + timedelta(seconds=waited)
+        t["sla_paused_at"] = None
+    if status in domain.PAUSING_STATUSES and t["sla_paused_at"] is None:
+        t["sla_paused_at"] = now
+    elif status == "closed":
         t["sla_paused_at"] = None
     late = _late_breaches(t, running, now)
     t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))

@@ -1,4 +1,4 @@
-"""Service-desk rules at the edges reviews found: a reopened ticket's SLA, merged accounts' tiers,
+"""Service-desk rules at the edges reviews found: a reopened or closed ticket's SLA, merged accounts' tiers,
 manual assignment to an agent away or full, surveys of tickets closed without a resolution, a first
 response by comment, due times of targets met, the region of a ticket whose account is not known
 yet, assignment ending an escalation for want of an agent, and closing a reopened ticket."""
@@ -91,6 +91,38 @@ async def test_waiting_for_the_customer_then_resolved_is_one_pause(ctx: Context)
     reopened = (await handlers.change_status(ctx, ticket["id"], "reopened", expected_version=0, note="")).record
     assert reopened["sla_paused_seconds"] == 4 * 3600  # from waiting (1 h) to reopened (5 h)
     assert reopened["resolution_due_at"] == start + timedelta(hours=8 + 4)
+
+
+async def test_a_closed_ticket_keeps_the_due_time_its_resolution_was_late_against(ctx: Context) -> None:
+    start = utcnow()
+    ctx.clock = lambda: start
+    await _agent(ctx, "ag-1")
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Router down", "priority": "urgent"}, idempotency_key="")
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    ctx.clock = lambda: start + timedelta(hours=6)  # 2 h past the 4 h target
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+    ctx.clock = lambda: start + timedelta(days=3)  # accepted by the customer days later
+    closed = (await handlers.change_status(ctx, ticket["id"], "closed", expected_version=0, note="")).record
+    assert closed["resolution_due_at"] == start + timedelta(hours=4)
+    assert closed["resolved_at"] > closed["resolution_due_at"]
+    assert closed["sla_paused_at"] is None and closed["sla_paused_seconds"] == 0
+
+
+async def test_time_waiting_for_the_customer_moves_the_target_a_resolution_is_met_against(ctx: Context) -> None:
+    start = utcnow()
+    ctx.clock = lambda: start
+    await _agent(ctx, "ag-1")
+    ticket, _ = await handlers.create_ticket(ctx, {"subject": "Invoice", "priority": "high"}, idempotency_key="")
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    ctx.clock = lambda: start + timedelta(hours=1)
+    await handlers.change_status(ctx, ticket["id"], "waiting_customer", expected_version=0, note="")
+    ctx.clock = lambda: start + timedelta(hours=10)  # the customer answered after 9 h; resolved at once
+    resolved = (await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")).record
+    assert resolved["resolution_due_at"] == start + timedelta(hours=8 + 9)  # 1 h of the team's 8 h worked
+    ctx.clock = lambda: start + timedelta(days=2)
+    closed = (await handlers.change_status(ctx, ticket["id"], "closed", expected_version=0, note="")).record
+    assert closed["resolution_due_at"] == start + timedelta(hours=8 + 9)
+    assert closed["resolved_at"] < closed["resolution_due_at"]
 
 
 async def test_tickets_of_a_merged_account_are_served_at_the_survivors_tier(ctx: Context) -> None:
