@@ -1,6 +1,7 @@
 """The service-desk lists over REST, against a fake service desk: the knowledge base is paged by
 keyset cursors like every list (`cursor` in, `next_cursor` out, a cursor the desk refuses a 422 on
-`cursor`), and return visits can be listed by each of their statuses, `cancelled` included."""
+`cursor`), return visits can be listed by each of their statuses, `cancelled` included, and `open`
+with statuses lists the open ones of them (none when none is open, never every ticket)."""
 
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,11 @@ class FakeServiceDesk(ServiceDeskServiceServicer):
     def __init__(self) -> None:
         self.searches: list[desk_pb.SearchKbArticlesRequest] = []
         self.visit_lists: list[desk_pb.ListReturnVisitsRequest] = []
+        self.ticket_lists: list[desk_pb.ListTicketsRequest] = []
+
+    async def ListTickets(self, request: desk_pb.ListTicketsRequest, context: Any) -> Any:
+        self.ticket_lists.append(request)
+        return desk_pb.ListTicketsResponse(items=[servicedesk_pb2.Ticket(id="t-1", status="new")])
 
     async def SearchKbArticles(self, request: desk_pb.SearchKbArticlesRequest, context: Any) -> Any:
         self.searches.append(request)
@@ -102,3 +108,20 @@ async def test_return_visits_of_an_unknown_status_are_a_422_on_status(
     assert response.status_code == 422, response.text
     assert [e["field"] for e in response.json()["errors"]] == ["status"]
     assert desk.visit_lists == []
+
+
+async def test_open_with_statuses_lists_the_open_ones_of_them(agent: httpx.AsyncClient, desk: FakeServiceDesk) -> None:
+    response = await agent.get("/api/v1/tickets", params={"open": "true", "status": ["new", "resolved"]})
+
+    assert response.status_code == 200, response.text
+    assert [list(r.statuses) for r in desk.ticket_lists] == [["new"]]
+
+
+async def test_open_with_only_statuses_that_are_not_lists_no_ticket(
+    agent: httpx.AsyncClient, desk: FakeServiceDesk
+) -> None:
+    response = await agent.get("/api/v1/tickets", params={"open": "true", "status": ["resolved", "closed"]})
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"items": [], "next_cursor": None}
+    assert desk.ticket_lists == []  # an empty status list would have been no filter at all

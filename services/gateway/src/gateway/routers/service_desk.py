@@ -385,6 +385,8 @@ async def list_tickets(
     statuses: list[str] = list(status or [])
     if open:
         statuses = [s for s in statuses if s in OPEN_STATUSES] if statuses else OPEN_STATUSES
+        if not statuses:  # open and only statuses that are not: no ticket is both (none sent is no filter)
+            return {"items": [], "next_cursor": None}
     reply = await _stub(request).ListTickets(
         pb.ListTicketsRequest(
             page=_page(access.page_limit(limit), cursor, sort),
