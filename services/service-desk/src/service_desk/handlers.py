@@ -3,7 +3,7 @@ the change and its events (outbox) together."""
 
 import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -39,7 +39,7 @@ from crm_platform.principal import (
     scope_clause,
 )
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import and_, case, delete, func, insert, select, update
+from sqlalchemy import Select, and_, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -247,12 +247,18 @@ async def _apply_sla(conn: AsyncConnection, t: dict[str, Any], now: datetime) ->
     t["next_sla_check_at"] = domain.next_sla_check(clocks)
 
 
+def _candidate_agents(regions: Collection[str]) -> Select[Any]:
+    """The available agents a ticket of these regions may go to (any agent for a ticket of none),
+    locked in id order: every dispatch takes its agents in that one order, so none waits in a cycle."""
+    query = select(repo.agents).where(repo.agents.c.available.is_(True))
+    if "" not in regions:
+        query = query.where(repo.agents.c.region.in_(sorted(regions)))
+    return query.order_by(repo.agents.c.id).with_for_update()
+
+
 async def _choose_agent(conn: AsyncConnection, category: str, region: str) -> Any:
     """Locks the candidate agents (so concurrent dispatches cannot overfill one) and picks one."""
-    query = select(repo.agents).where(repo.agents.c.available.is_(True))
-    if region:
-        query = query.where(repo.agents.c.region == region)
-    rows = list(await conn.execute(query.order_by(repo.agents.c.id).with_for_update()))
+    rows = list(await conn.execute(_candidate_agents([region])))
     counts = await repo.open_ticket_counts(conn, [row.id for row in rows])
     loads = [
         domain.AgentLoad(
@@ -831,7 +837,10 @@ async def dispatch_queued(ctx: Context, *, batch_size: int) -> int:
             .limit(batch_size)
         )
         untaken: list[str] = []
-        for row in list(await tx.conn.execute(claim_due(query))):
+        queued = list(await tx.conn.execute(claim_due(query)))
+        if queued:  # the agents of all its regions at once (ticket by ticket, they would be taken in ticket order)
+            await tx.conn.execute(_candidate_agents({row.region for row in queued}))
+        for row in queued:
             ticket = dict(row._mapping)
             agent = await _choose_agent(tx.conn, ticket["category"], ticket["region"])
             if agent is None:

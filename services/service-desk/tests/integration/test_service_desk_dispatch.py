@@ -1,5 +1,6 @@
-"""Auto-dispatch under concurrency: the capacity cap holds on both databases, and a dispatch whose
-agents another dispatch holds waits for them rather than leaving the ticket queued."""
+"""Auto-dispatch under concurrency: the capacity cap holds on both databases, a dispatch whose
+agents another dispatch holds waits for them rather than leaving the ticket queued, and the dispatch
+timer and a create never wait on each other in a cycle."""
 
 import asyncio
 from collections import Counter
@@ -179,6 +180,47 @@ async def test_a_dispatch_waits_for_an_agent_when_every_candidate_is_held(
     async with asyncio.timeout(5):
         ticket = await waiting
     assert ticket["assignee_id"] == "east-1" and ticket["status"] == "assigned"
+
+
+async def test_the_dispatch_timer_and_a_create_of_a_ticket_without_region_do_not_deadlock(
+    desk_on_postgres: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = desk_on_postgres
+    with acting_as(ADMIN, ALL_RECORDS):
+        await _agents(ctx, ("a1", "east", 50), ("a2", "west", 50))
+        for subject, priority, region in (("w", "urgent", "west"), ("e", "low", "east")):  # queued: west first
+            values = {"subject": subject, "priority": priority, "region": region}
+            await handlers.create_ticket(ctx, values, idempotency_key="", skip_dispatch=True)
+    choose_agent = handlers._choose_agent
+    west_chosen, go_on = asyncio.Event(), asyncio.Event()
+
+    async def pausing_after_west(conn: Any, category: str, region: str) -> Any:
+        chosen = await choose_agent(conn, category, region)
+        if region == "west" and not west_chosen.is_set():
+            west_chosen.set()
+            await go_on.wait()  # the timer, between its two tickets
+        return chosen
+
+    monkeypatch.setattr(handlers, "_choose_agent", pausing_after_west)
+
+    async def timer() -> int:
+        with acting_as(ADMIN, ALL_RECORDS):
+            return await handlers.dispatch_queued(ctx, batch_size=10)
+
+    async def create_without_region() -> Any:  # an admin's ticket for no account: any agent may take it
+        with acting_as(ADMIN, ALL_RECORDS):
+            ticket, _ = await handlers.create_ticket(ctx, {"subject": "no region"}, idempotency_key="")
+        return ticket
+
+    timing = asyncio.create_task(timer())
+    await asyncio.wait_for(west_chosen.wait(), 5)
+    creating = asyncio.create_task(create_without_region())
+    await asyncio.sleep(0.5)  # the create waits for the agents the timer holds
+    go_on.set()
+    async with asyncio.timeout(10):
+        assigned, ticket = await asyncio.gather(timing, creating)  # neither is aborted as a deadlock victim
+    assert assigned == 2
+    assert ticket["assignee_id"] in ("a1", "a2")
 
 
 async def test_a_ticket_for_no_account_is_of_its_creators_region_and_read_back_by_them(
