@@ -34,7 +34,7 @@ from crm_platform.cloudevents import (
     spec_of,
 )
 from crm_platform.config import KafkaSettings
-from crm_platform.db import driver_statement
+from crm_platform.db import database_unavailable, driver_statement
 from crm_platform.errors import CrmError, Unavailable
 from crm_platform.kafka import client_options, create_producer, stop_quietly
 from crm_platform.outbox import Transaction, UnitOfWork, backoff_seconds
@@ -98,7 +98,7 @@ def is_infrastructure_failure(error: BaseException) -> bool:
     """The database, the network or a called service is down: worth waiting for, not a bad event."""
     # ConnectionError, not OSError: a handler's FileNotFoundError is a bug, not an outage.
     infrastructure = (Unavailable, OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError)
-    if isinstance(error, infrastructure):
+    if isinstance(error, infrastructure) or database_unavailable(error):  # the latter raised as it is at connect
         return True
     return isinstance(error, DBAPIError) and error.connection_invalidated
 
@@ -323,9 +323,9 @@ class EventConsumer:
             metrics.CONSUMER_PROCESSED.labels(self.service, record.topic, "ignored").inc()
             return
         _, handler = self.handlers[event.headers.type]
-        attempt = 0
+        attempt = 0  # failures of the event's own, not the waits for a dependency
+        waits = 0
         while True:
-            attempt += 1
             try:
                 with self._span(event):
                     applied = await self._apply(handler, event)
@@ -340,8 +340,10 @@ class EventConsumer:
                     if self._stopping.is_set():
                         raise
                     log.warning("consumer %s: %s waits for a dependency: %s", self.name, event.headers.id, error)
-                    await asyncio.sleep(backoff_seconds(min(attempt, 8), base=self.retry_base_seconds, cap=30.0))
+                    waits += 1
+                    await asyncio.sleep(backoff_seconds(min(waits, 8), base=self.retry_base_seconds, cap=30.0))
                     continue
+                attempt += 1
                 if isinstance(error, CrmError) or attempt >= self.max_attempts:
                     # A business rule said no (retrying cannot change the answer), or a bug.
                     await self._dead_letter(record, error)

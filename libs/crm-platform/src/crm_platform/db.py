@@ -31,7 +31,14 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DatabaseError, DBAPIError, IntegrityError, InterfaceError, ProgrammingError
+from sqlalchemy.exc import (
+    DatabaseError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import ClauseElement
@@ -198,26 +205,68 @@ class DriverStatement:
         await self._run(conn, params, "execute")
 
     async def _run(self, conn: AsyncConnection, params: Mapping[str, Any], method: str) -> Any:
-        driver = await driver_connection(conn)
         args = self.args(params)
         try:
+            driver = await driver_connection(conn)
             return await getattr(driver, method)(self.sql, *args)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            raise _as_sqlalchemy_error(self.sql, args, error) from error
+        except Exception as error:
+            # The adapter's BEGIN raises its own translation of the driver's error, caused by it.
+            cause = error if isinstance(error, _DRIVER_ERRORS) else error.__cause__
+            if not isinstance(cause, _DRIVER_ERRORS):
+                raise
+            lost = connection_lost(cause)
+            if lost:  # as SQLAlchemy does on a disconnect: the pool opens a new connection in its place
+                await conn.invalidate()
+            raise _as_sqlalchemy_error(self.sql, args, cause, invalidated=lost) from error
 
 
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # The driver's errors as SQLAlchemy raises them, so callers catch one kind (`IntegrityError`, ...).
 _SQLALCHEMY_ERRORS: tuple[tuple[type[Exception], type[DBAPIError]], ...] = (
     (asyncpg.IntegrityConstraintViolationError, IntegrityError),
     (asyncpg.SyntaxOrAccessError, ProgrammingError),
     (asyncpg.InterfaceError, InterfaceError),
     (asyncpg.PostgresError, DatabaseError),
+    (OSError, OperationalError),
 )
 
 
-def _as_sqlalchemy_error(sql: str, args: list[Any], error: Exception) -> DBAPIError:
+def _as_sqlalchemy_error(sql: str, args: list[Any], error: Exception, *, invalidated: bool) -> DBAPIError:
     kind = next(sqlalchemy for driver, sqlalchemy in _SQLALCHEMY_ERRORS if isinstance(error, driver))
-    return kind(sql, args, error, hide_parameters=True)
+    return kind(sql, args, error, hide_parameters=True, connection_invalidated=invalidated)
+
+
+# SQLSTATE classes of a database that cannot serve now and will again: a connection lost or refused
+# (08), too few resources (53: too many clients, a full disk), an operator's shutdown or a start-up (57P).
+_UNAVAILABLE_STATES = ("08", "53", "57P")
+
+
+def sqlstate(error: BaseException) -> str:
+    """The SQLSTATE of a database error, however wrapped (SQLAlchemy's `orig`, the adapter's
+    cause), or ''."""
+    seen: BaseException | None = error
+    for _ in range(4):  # the wrappings are a few deep
+        if seen is None:
+            break
+        state = getattr(seen, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return ""
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """The database refused or lost the connection, or cannot serve for now: worth waiting for."""
+    return sqlstate(error).startswith(_UNAVAILABLE_STATES)
+
+
+def connection_lost(error: BaseException) -> bool:
+    """The driver's connection is gone (closed, reset, shut down by the server): not to be used again."""
+    if isinstance(error, OSError):
+        return True
+    if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
+        return True
+    return sqlstate(error).startswith(("08", "57P"))
 
 
 class UtcDateTime(TypeDecorator[datetime]):

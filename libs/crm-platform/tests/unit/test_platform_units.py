@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, cast
 
+import asyncpg
 import grpc
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
@@ -51,6 +52,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 pytestmark = pytest.mark.unit
@@ -271,6 +273,36 @@ def test_infrastructure_failures_are_told_apart_from_bad_events() -> None:
     assert not is_infrastructure_failure(IntegrityError("INSERT", {}, Exception("duplicate key")))
     assert not is_infrastructure_failure(ValidationFailed([FieldError("x", "bad")]))
     assert not is_infrastructure_failure(KeyError("bug"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.TooManyConnectionsError("too many clients already"),  # raised as it is when connecting
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        DatabaseError("SELECT 1", {}, asyncpg.ConnectionFailureError("could not receive data")),
+    ],
+    ids=["53300 too many clients", "57P03 starting up", "57P01 shut down", "08006 wrapped"],
+)
+def test_a_database_that_cannot_serve_now_is_an_outage_to_wait_for(error: BaseException) -> None:
+    from crm_platform.consumer import is_infrastructure_failure
+
+    assert is_infrastructure_failure(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        asyncpg.UniqueViolationError("duplicate key value"),
+        DatabaseError("UPDATE", {}, asyncpg.DeadlockDetectedError("deadlock detected")),  # retried, and counted
+        DatabaseError("SELECT", {}, asyncpg.DivisionByZeroError("division by zero")),
+    ],
+)
+def test_a_database_error_of_the_statement_itself_is_no_outage(error: BaseException) -> None:
+    from crm_platform.consumer import is_infrastructure_failure
+
+    assert not is_infrastructure_failure(error)
 
 
 def test_without_an_exporter_spans_are_not_recorded_but_still_carry_ids() -> None:
