@@ -107,6 +107,29 @@ def _replace_published_at_index(op: Operations, *, partial: bool) -> None:
     op.create_index("ix_outbox_published_at", "outbox", ["published_at"], postgresql_where=where, sqlite_where=where)
 
 
+def index_retrying_outbox_rows(op: Operations) -> None:
+    """`ix_outbox_retrying` on (key, seq) of the outbox rows that failed at least once (every
+    component's revision of 2026-12-07). A pass no longer claims a row behind an older row of its key
+    that waits out a backoff (`claim_statement`): such rows were claimed only to be held back, and
+    once a pass's worth of them stood at the head of the queue, every pass published nothing and
+    the events of all other keys waited too. The claim probes this index for every row it looks
+    at, on every pass; rows are deleted once published, so it is normally empty. A database made
+    after this revision was written has it already (`create_messaging_tables`)."""
+    where = text("published_at IS NULL AND next_attempt_at IS NOT NULL")
+    op.create_index(
+        "ix_outbox_retrying",
+        "outbox",
+        ["key", "seq"],
+        postgresql_where=where,
+        sqlite_where=where,
+        if_not_exists=True,
+    )
+
+
+def drop_retrying_outbox_rows_index(op: Operations) -> None:
+    op.drop_index("ix_outbox_retrying", table_name="outbox", if_exists=True)
+
+
 def add_idempotency_fingerprints(op: Operations) -> None:
     """The `fingerprint` column of the idempotency key table (each service's revision
     `idempotency_fingerprint`): which request used a key, so that a different request with the same

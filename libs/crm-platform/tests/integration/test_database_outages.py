@@ -5,7 +5,7 @@ dead-lettered for an outage."""
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -17,7 +17,7 @@ from crm_platform.db import create_engine
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
 from crm_platform.testing.infra import TansuBroker
-from crm_platform.testing.kafka import EventCollector, produce_event
+from crm_platform.testing.kafka import EventCollector, consume_until, produce_event
 from crm_platform.testing.sample_service import add_note, create_schema, metadata, notes
 from sqlalchemy import insert
 from sqlalchemy.engine import make_url
@@ -80,17 +80,6 @@ def _recording_consumer(engine: AsyncEngine, kafka: KafkaSettings, applied: list
         service="test",
         retry_base_seconds=0.05,
     )
-
-
-async def _run_until(consumer: EventConsumer, done: Callable[[], bool], timeout: float = 30) -> None:
-    task = asyncio.create_task(consumer.run())
-    try:
-        async with asyncio.timeout(timeout):
-            while not done():
-                await asyncio.sleep(0.05)
-    finally:
-        await consumer.stop()
-        await task
 
 
 async def _dead_letters(kafka: KafkaSettings) -> list[Any]:
@@ -226,6 +215,6 @@ async def test_waiting_out_an_outage_leaves_an_event_all_its_retries(
         service="test",
         retry_base_seconds=0.05,
     )
-    await _run_until(consumer, lambda: "payment" in applied)
+    await consume_until(consumer, lambda: "payment" in applied)
     assert calls == 9
     assert await _dead_letters(broker_settings) == []

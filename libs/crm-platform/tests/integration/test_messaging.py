@@ -8,14 +8,14 @@ import signal
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 from crm.audit.v1 import events_pb2
 from crm.leads.v1 import events_pb2 as lead_events
 from crm_platform import outbox as outbox_module
@@ -29,7 +29,14 @@ from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork, claim_statement
 from crm_platform.service import ServiceApp
 from crm_platform.testing.infra import TansuBroker, free_port, port_open
-from crm_platform.testing.kafka import EventCollector, ObservedRecord, produce_event, produce_events, produce_raw
+from crm_platform.testing.kafka import (
+    EventCollector,
+    ObservedRecord,
+    consume_until,
+    produce_event,
+    produce_events,
+    produce_raw,
+)
 from crm_platform.testing.plans import sql_literal
 from crm_platform.testing.sample_service import SERVICE, add_note, create_schema, metadata, notes
 from crm_platform.testing.tracing import record_spans
@@ -210,6 +217,62 @@ async def test_a_row_waiting_for_its_retry_holds_back_the_later_rows_of_its_key(
     assert gap == ids[:3]
 
 
+async def write_a_busy_key_whose_first_row_backs_off(engine: AsyncEngine, behind: int) -> tuple[list[str], str]:
+    """Events of key "busy" (the first one failed and is due again in an hour, `behind` more after
+    it), then one of key "other": their ids."""
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    async with uow.begin() as tx:
+        busy = [await add_note(tx, "busy") for _ in range(1 + behind)]
+    async with uow.begin() as tx:
+        other = await add_note(tx, "other")
+    outbox = metadata.tables["outbox"]
+    first = select(func.min(outbox.c.seq)).scalar_subquery()
+    async with engine.begin() as conn:  # its partition had no leader
+        await conn.execute(
+            update(outbox)
+            .where(outbox.c.seq == first)
+            .values(attempts=1, next_attempt_at=utcnow() + timedelta(hours=1), last_error="NotLeaderForPartitionError")
+        )
+    return busy, other
+
+
+async def test_rows_behind_a_row_waiting_for_its_retry_are_not_claimed_so_other_keys_do_not_wait(
+    engine_each_database: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """More rows wait behind a key's failed row than a pass claims. Were they claimed (only to be
+    held back), every pass would claim nothing else and publish nothing, and every other key's
+    events would wait for that key's backoff too. They are not: the other key's event goes now."""
+    engine = engine_each_database
+    await ensure_topics(broker_settings, [TOPIC])
+    _, other = await write_a_busy_key_whose_first_row_backs_off(engine, behind=10)
+    relay = OutboxRelay(engine, metadata, broker_settings, service="test", batch_size=10)
+    assert await relay.publish_pending() == 1
+    assert await relay.publish_pending() == 0  # nothing else is due
+    outbox = metadata.tables["outbox"]
+    async with engine.connect() as conn:
+        left = (await conn.execute(select(outbox.c.key, outbox.c.attempts).order_by(outbox.c.seq))).all()
+    assert [tuple(row) for row in left] == [("busy", 1)] + [("busy", 0)] * 10  # the rows behind were never tried
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        (record,) = await collector.wait_for(lambda r: len(r) >= 1)
+    assert record.decode(events_pb2.AuditRecorded).id == other
+    await relay.drain(5)
+
+
+async def test_the_shutdown_drain_publishes_rows_waiting_out_a_backoff_and_the_rows_behind_them_in_order(
+    engine_each_database: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    """At shutdown the relay publishes what it can, backoff or not: a key's failed row and the rows
+    behind it (more than a pass claims) all go, in order."""
+    engine = engine_each_database
+    await ensure_topics(broker_settings, [TOPIC])
+    busy, other = await write_a_busy_key_whose_first_row_backs_off(engine, behind=10)
+    relay = OutboxRelay(engine, metadata, broker_settings, service="test", batch_size=10)
+    assert await relay.drain(10) == 0
+    async with EventCollector(broker_settings.bootstrap_servers, [TOPIC]) as collector:
+        records = await collector.wait_for(lambda r: len(r) >= 12)
+    assert ids_by_key(records) == {"busy": busy, "other": [other]}
+
+
 async def test_the_relay_listens_with_the_tls_option_of_the_database_url(
     postgres_url: str, broker_settings: KafkaSettings
 ) -> None:
@@ -380,6 +443,64 @@ async def test_after_a_batch_fails_the_later_batches_of_its_partition_wait_inste
     assert ids_by_key([r for r in records if r.key == key]) == {key: ["0", "1", "2"]}
 
 
+MISSING_TOPIC = "crm.notcreated.v1"
+
+
+@pytest.mark.parametrize("answer", ["unknown topic", "no answer"])
+async def test_a_topic_the_broker_cannot_resolve_fails_only_its_own_rows(
+    engine: AsyncEngine, broker_settings: KafkaSettings, answer: str
+) -> None:
+    """A topic whose partitions the broker does not tell (not created where a platform team owns the
+    topics, no ACL for it, or no answer within the send timeout): its rows wait out a backoff with
+    that error, and the other topics' rows are published in the same pass."""
+    kafka = broker_settings.model_copy(update={"send_timeout_seconds": 1.0})
+    await ensure_topics(kafka, [TOPIC])
+    uow = UnitOfWork(engine, metadata, source="/crm/test")
+    async with uow.begin() as tx:
+        await add_note(tx, "on-a-missing-topic")
+    async with uow.begin() as tx:
+        healthy = await add_note(tx, "healthy")
+    outbox = metadata.tables["outbox"]
+    async with engine.begin() as conn:
+        await conn.execute(update(outbox).where(outbox.c.key == "on-a-missing-topic").values(topic=MISSING_TOPIC))
+    relay = relay_for(engine, kafka)
+    connect = relay._ensure_producer
+
+    class CannotResolveTheMissingTopic:
+        """The relay's producer, except for the missing topic's partitions: a broker that does not
+        create topics answers as aiokafka raises it, or a broker that does not answer in time."""
+
+        def __init__(self, producer: Any) -> None:
+            self.producer = producer
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.producer, name)
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            if topic == MISSING_TOPIC:
+                if answer == "unknown topic":
+                    raise UnknownTopicOrPartitionError()
+                await asyncio.Event().wait()
+            return await self.producer.partitions_for(topic)  # type: ignore[no-any-return]
+
+    async def producer_without_the_missing_topic() -> Any:
+        return CannotResolveTheMissingTopic(await connect())
+
+    relay._ensure_producer = producer_without_the_missing_topic  # type: ignore[method-assign]
+    assert await relay.publish_pending() == 1
+    async with engine.connect() as conn:
+        (left,) = (
+            await conn.execute(select(outbox.c.key, outbox.c.attempts, outbox.c.next_attempt_at, outbox.c.last_error))
+        ).all()
+    assert (left.key, left.attempts) == ("on-a-missing-topic", 1) and left.next_attempt_at is not None
+    error = "UnknownTopicOrPartitionError" if answer == "unknown topic" else "TimeoutError"
+    assert left.last_error.startswith(error), left.last_error
+    async with EventCollector(kafka.bootstrap_servers, [TOPIC]) as collector:
+        (record,) = await collector.wait_for(lambda r: len(r) >= 1)
+    assert record.decode(events_pb2.AuditRecorded).id == healthy
+    assert await relay.drain(0) == 1  # stops the relay; the missing topic's row waits for the next start
+
+
 def consumer_for(
     engine: AsyncEngine,
     kafka: KafkaSettings,
@@ -412,18 +533,6 @@ def consumer_for(
         service="test",
         only_these_types=only_these_types,
     )
-
-
-async def consume_until(consumer: EventConsumer, done: Callable[[], bool], timeout: float = 60) -> None:
-    """Runs the consumer until `done()` holds, then stops it."""
-    task = asyncio.create_task(consumer.run())
-    try:
-        async with asyncio.timeout(timeout):
-            while not done():
-                await asyncio.sleep(0.05)
-    finally:
-        await consumer.stop()
-        await task
 
 
 async def test_a_redelivered_event_is_applied_once(engine: AsyncEngine, broker_settings: KafkaSettings) -> None:
@@ -874,6 +983,52 @@ async def test_a_pass_plans_for_the_outbox_as_it_is_not_as_it_was_when_its_state
     assert "ix_outbox_key_pending on outbox older" in plans["claim"], plans["claim"]
     assert [row.seq for row in claimed] == sorted(row.seq for row in claimed)
     assert len(claimed) == 500 and [row.held_back for row in claimed] == [False] * 500
+
+
+async def test_a_pass_looks_up_each_rows_key_among_the_rows_backing_off_and_never_reads_them_all(
+    engine: AsyncEngine,
+) -> None:
+    # Statistics taken while two rows backed off; then the first rows of half the keys fail (their
+    # partitions lost their leader). For each row it looks at, a pass must look its key up in
+    # ix_outbox_retrying (the rows that failed), under a custom plan and the generic one alike: not
+    # read every row backing off and compare each row with all of them (390 ms a pass, not 3 ms).
+    outbox = metadata.tables["outbox"]
+    now = utcnow()
+    later = now + timedelta(hours=1)
+    async with engine.begin() as conn:  # two rows to a key: seqs 1 and 2 of key k0, 3 and 4 of k1, ...
+        await conn.execute(
+            insert(outbox),
+            [
+                {"id": new_id(), "topic": TOPIC, "key": f"k{n // 2}", "type": "t", "payload": b"x", "headers": [],
+                 "created_at": now}
+                for n in range(20000)
+            ],
+        )  # fmt: skip
+        await conn.execute(update(outbox).where(outbox.c.seq.in_([5, 17])).values(attempts=1, next_attempt_at=later))
+    async with engine.connect() as conn:
+        await (await conn.execution_options(isolation_level="AUTOCOMMIT")).execute(text("VACUUM ANALYZE outbox"))
+    async with engine.begin() as conn:  # the first row of k0, k2, k4, ...
+        await conn.execute(update(outbox).where(outbox.c.seq % 4 == 1).values(attempts=1, next_attempt_at=later))
+    relay = OutboxRelay(engine, metadata, KafkaSettings(), service="test")
+    claim = relay._driver_claim_due
+    plans = {}
+    async with engine.connect() as conn:
+        driver = await driver_connection(conn)
+        await driver.execute(f"PREPARE claim AS {claim.sql}")
+        values = ", ".join(sql_literal(value) for value in claim.args({"now": utcnow()}))
+        for mode in ("force_custom_plan", "force_generic_plan"):
+            async with conn.begin():
+                await relay._driver_pass_planning.execute(conn, {})  # the relay's settings for a pass
+                await driver.execute(f"SET LOCAL plan_cache_mode = {mode}")
+                plans[mode] = "\n".join(row[0] for row in await driver.fetch(f"EXPLAIN EXECUTE claim({values})"))
+        async with conn.begin():
+            claimed = await relay._claim(conn, ignore_backoff=False)
+    for mode, plan in plans.items():
+        assert "Index Scan using ix_outbox_pending on outbox" in plan, (mode, plan)
+        assert "Index Scan using ix_outbox_retrying on outbox retrying" in plan, (mode, plan)
+        assert "Materialize" not in plan and "Anti Join" not in plan, (mode, plan)
+    assert len(claimed) == 500 and not any(row.held_back for row in claimed)
+    assert all(int(row.key[1:]) % 2 == 1 for row in claimed)  # both rows of k1, k3, k5, ...
 
 
 async def test_a_relay_without_its_database_backs_off_logs_one_traceback_and_its_drain_still_returns(

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf.message import Message
 
 from crm_platform.cloudevents import CloudEventHeaders, spec_of
+from crm_platform.consumer import EventConsumer
 from crm_platform.ids import new_id
 from crm_platform.timeutil import utcnow
 
@@ -176,6 +177,18 @@ async def produce_raw(bootstrap_servers: str, topic: str, *, key: str | bytes, v
         await producer.send_and_wait(topic, value=value, key=raw_key, headers=list(headers))
     finally:
         await producer.stop()
+
+
+async def consume_until(consumer: EventConsumer, done: Callable[[], bool], timeout: float = 60) -> None:
+    """Runs the consumer until `done()` holds, then stops it."""
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                await asyncio.sleep(0.05)
+    finally:
+        await consumer.stop()
+        await task
 
 
 def _text(raw: bytes | None) -> str:
