@@ -600,9 +600,29 @@ async def merge_accounts(ctx: Context, survivor_id: str, duplicate_id: str, *, i
             now=now,
             principal=principal,
         )
-        moved_tasks = await _change_tasks(
-            tx, t.c.account_id == duplicate_id, values={"account_id": survivor_id}, now=now, principal=principal
-        )
+        # An open task is read in the survivor's territory from now on, as one moved by update_task
+        # is (its team kept where the survivor has none); a done or cancelled one keeps the
+        # territory it was worked in, as when an account's territory changes.
+        to_survivor = {"account_id": survivor_id}
+        survivor_territory = {"region": survivor.region, **({"team": survivor.team} if survivor.team else {})}
+        moved_tasks = [
+            *await _change_tasks(
+                tx,
+                t.c.account_id == duplicate_id,
+                t.c.status == "open",
+                values={**to_survivor, **survivor_territory},
+                now=now,
+                principal=principal,
+            ),
+            *await _change_tasks(
+                tx,
+                t.c.account_id == duplicate_id,
+                t.c.status != "open",
+                values=to_survivor,
+                now=now,
+                principal=principal,
+            ),
+        ]
         # Children and earlier tombstones point at the survivor, so no pointer chain forms. A live
         # child re-parented (and the heir) is a new version of it, published after the merge.
         children = (
@@ -775,25 +795,44 @@ async def _follow_owner(
         now=now,
         principal=principal,
     )
-    open_tasks = list(
-        await tx.conn.execute(
-            select(t).where(t.c.account_id == account_id, t.c.status == "open", t.c.owner_id == previous_owner)
-        )
+    open_tasks = await _reassign_tasks(
+        tx,
+        t.c.account_id == account_id,
+        t.c.status == "open",
+        t.c.owner_id == previous_owner,
+        previous_owner=previous_owner,
+        values={"owner_id": new_owner, "team": new_team},
+        now=now,
+        principal=principal,
     )
-    for task in open_tasks:
-        await tx.conn.execute(
-            update(t)
-            .where(t.c.id == task.id)
-            .values(owner_id=new_owner, team=new_team, updated_at=now, version=task.version + 1)
-        )
-        moved = (await tx.conn.execute(select(t).where(t.c.id == task.id))).one()
+    return len(moved_contacts), len(open_tasks)
+
+
+async def _reassign_tasks(
+    tx: Transaction,
+    *selecting: ColumnElement[bool],
+    previous_owner: str,
+    values: Mapping[str, Any],
+    now: datetime,
+    principal: Principal,
+) -> list[Any]:
+    """Gives the tasks `selecting` picks to their new owner (`values`), each in its next version,
+    published as task.reassigned; returns them as they are now, in id order. The version is taken in
+    the UPDATE, under each row's lock: a task edit committed meanwhile is built on (and a task it
+    completed or gave away is no longer picked), never given the same version."""
+    t = repo.tasks
+    changed = await tx.conn.execute(
+        update(t).where(*selecting).values(**values, updated_at=now, version=t.c.version + 1).returning(t)
+    )
+    tasks = sorted(changed, key=lambda task: task.id)
+    for task in tasks:
         tx.publish(
             events_pb2.TaskReassigned(
-                task=task_to_proto(moved), previous_owner_id=previous_owner, actor=actor(principal)
+                task=task_to_proto(task), previous_owner_id=previous_owner, actor=actor(principal)
             ),
             key=task.id,
         )
-    return len(moved_contacts), len(open_tasks)
+    return tasks
 
 
 async def transfer_account(
@@ -894,24 +933,16 @@ async def bulk_transfer(
             contacts += moved_contacts
             tasks += moved_tasks
         # Open tasks of the departing owner that belong to no transferred account follow too.
-        loose = list(
-            await tx.conn.execute(
-                select(t).where(t.c.owner_id == from_owner_id, t.c.status == "open", scope_clause(t, current_scope()))
-            )
+        loose = await _reassign_tasks(
+            tx,
+            t.c.owner_id == from_owner_id,
+            t.c.status == "open",
+            scope_clause(t, current_scope()),
+            previous_owner=from_owner_id,
+            values={"owner_id": to_owner_id, **({"team": to_team} if to_team else {})},
+            now=now,
+            principal=principal,
         )
-        for task in loose:
-            await tx.conn.execute(
-                update(t)
-                .where(t.c.id == task.id)
-                .values(owner_id=to_owner_id, team=to_team or task.team, updated_at=now, version=task.version + 1)
-            )
-            moved = (await tx.conn.execute(select(t).where(t.c.id == task.id))).one()
-            tx.publish(
-                events_pb2.TaskReassigned(
-                    task=task_to_proto(moved), previous_owner_id=from_owner_id, actor=actor(principal)
-                ),
-                key=task.id,
-            )
         await tx.conn.execute(
             insert(repo.bulk_transfers).values(
                 id=bulk_id,

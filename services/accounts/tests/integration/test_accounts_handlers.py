@@ -505,8 +505,9 @@ async def test_a_merge_into_an_account_without_a_primary_contact_keeps_the_dupli
 
 async def test_a_merge_publishes_each_contact_task_and_activity_it_moves(ctx: Context) -> None:
     """Mirrors follow the moved records as they follow an edit of each: the live contacts with the
-    survivor's account, owner and territory, and no second primary; tasks and activities on the
-    survivor (an activity keyed by its account, now the survivor)."""
+    survivor's account, owner and territory, and no second primary; an open task with the survivor's
+    account and territory (the fields set, listed even where equal, as when an account's territory
+    changes); activities on the survivor (keyed by their account, now the survivor)."""
     acme = await new_account(ctx, REP1, "Acme")
     twin = await new_account(ctx, MANAGER, "Acme Trading", owner_id="rep-2", region="cn-north")
     await new_primary_contact(ctx, REP1, acme.id, "Ann")
@@ -531,7 +532,7 @@ async def test_a_merge_publishes_each_contact_task_and_activity_it_moves(ctx: Co
         (key, e.task.account_id, e.task.version, list(e.changed_fields))
         for key, e in await keyed_events(ctx, events_pb2.TaskUpdated)
     ]
-    assert tasks == [(task.id, acme.id, 2, ["account_id"])]
+    assert tasks == [(task.id, acme.id, 2, ["account_id", "region", "team"])]
     activities = [
         (key, e.activity.id, e.activity.account_id, e.activity.version, list(e.changed_fields))
         for key, e in await keyed_events(ctx, events_pb2.ActivityUpdated)
@@ -1255,6 +1256,64 @@ async def test_a_task_moved_to_another_account_is_read_in_that_accounts_territor
     assert (moved.account_id, moved.team, moved.region) == (west.id, "west", "cn-west")
 
 
+async def stored_tasks(ctx: Context, *task_ids: str) -> list[Any]:
+    """The tasks as stored, whoever may read them."""
+    t = repo.tasks
+    async with ctx.uow.engine.connect() as conn:
+        return [(await conn.execute(select(t).where(t.c.id == task_id))).one() for task_id in task_ids]
+
+
+async def open_task_titles(ctx: Context, who: Caller, account_id: str) -> list[str]:
+    with acting_as(*who):
+        rows, _ = await handlers.list_tasks(
+            ctx, due="", account_id=account_id, owner_id="", statuses=["open"], page=PAGE
+        )
+    return [row.title for row in rows]
+
+
+async def test_a_merge_takes_the_duplicates_open_tasks_into_the_survivors_territory(ctx: Context) -> None:
+    """Moved to the survivor, an open task is read in its team and region, as a task moved to another
+    account by an edit is: the survivor's team sees it, the duplicate's no longer does. A done task
+    keeps the territory it was worked in."""
+    acme = await new_account(ctx, ADMIN, "Acme", owner_id="rep-1", team="east", region="cn-east")
+    twin = await new_account(ctx, ADMIN, "Acme West", owner_id="rep-w", team="west", region="cn-west")
+    quote = await new_task(ctx, WEST_REP, twin.id, "send quote")
+    brochure = await new_task(ctx, WEST_REP, twin.id, "send brochure")
+    with acting_as(*WEST_REP):
+        await handlers.complete_task(ctx, brochure.id, expected_version=0)
+    with acting_as(*ADMIN):
+        await handlers.merge_accounts(ctx, acme.id, twin.id, idempotency_key="")
+
+    moved_quote, moved_brochure = await stored_tasks(ctx, quote.id, brochure.id)
+    assert (moved_quote.account_id, moved_quote.team, moved_quote.region, moved_quote.version) == (
+        acme.id,
+        "east",
+        "cn-east",
+        2,
+    )
+    assert (moved_brochure.account_id, moved_brochure.team, moved_brochure.region) == (acme.id, "west", "cn-west")
+    assert await open_task_titles(ctx, MANAGER, acme.id) == ["send quote"]
+    assert await open_task_titles(ctx, WEST_MANAGER, acme.id) == []
+    [published] = [e for e in await events(ctx, events_pb2.TaskUpdated) if e.task.id == quote.id]
+    assert (published.task.team, published.task.region, published.task.version) == ("east", "cn-east", 2)
+    assert list(published.changed_fields) == ["account_id", "region", "team"]
+
+
+async def test_a_merge_into_an_account_without_a_team_keeps_the_open_tasks_team(ctx: Context) -> None:
+    """A survivor without a team gives a moved open task its region only, as an edit moving the task
+    there does: a task is never left in no team."""
+    group = await new_account(ctx, ADMIN, "Group", owner_id="rep-1", region="cn-east")  # no team
+    twin = await new_account(ctx, ADMIN, "Group West", owner_id="rep-w", team="west", region="cn-west")
+    task = await new_task(ctx, WEST_REP, twin.id, "send quote")
+    with acting_as(*ADMIN):
+        await handlers.merge_accounts(ctx, group.id, twin.id, idempotency_key="")
+
+    [moved] = await stored_tasks(ctx, task.id)
+    assert (moved.account_id, moved.team, moved.region) == (group.id, "west", "cn-east")
+    [published] = [e for e in await events(ctx, events_pb2.TaskUpdated) if e.task.id == task.id]
+    assert list(published.changed_fields) == ["account_id", "region"]
+
+
 async def _open_reminder(ctx: Context, account_id: str, rule_id: str) -> str:
     """An open reminder task as the reminder job raises one."""
     task_id, now = new_id(), utcnow()
@@ -1344,6 +1403,48 @@ async def test_concurrent_task_writes_at_one_version_let_one_through(pg_ctx: Con
         assert sorted(type(e).__name__ for e in completions) == ["Change", "StaleVersion"]
     done = [e for e in await events(ctx, events_pb2.TaskCompleted)]
     assert len(done) == 3  # one per task
+
+
+async def test_a_bulk_transfer_waiting_for_task_edits_moves_the_tasks_on_from_the_edited_versions(
+    pg_ctx: Context,
+) -> None:
+    """PostgreSQL: while edits hold tasks of the departing rep (as UpdateTask does, FOR UPDATE), one on
+    an account of theirs and one on another's, a bulk transfer waits for them, then gives each task
+    the version after the edit's, published as stored: two states of a task never share a version."""
+    ctx = pg_ctx
+    theirs = await new_account(ctx, REP1, "Acme")
+    others = await new_account(ctx, REP2, "Globex")
+    follows_account = await new_task(ctx, REP1, theirs.id, "call")
+    with acting_as(*MANAGER):
+        loose = await handlers.create_task(
+            ctx, {"account_id": others.id, "title": "visit", "owner_id": "rep-1"}, idempotency_key=""
+        )
+
+    async def transfer() -> Any:
+        with acting_as(*MANAGER):
+            return await handlers.bulk_transfer(
+                ctx, from_owner_id="rep-1", to_owner_id="rep-3", to_team="", reason="leave", idempotency_key=""
+            )
+
+    tasks = repo.tasks
+    edited = tasks.c.id.in_([follows_account.id, loose.id])
+    async with ctx.uow.engine.begin() as edits:
+        await edits.execute(select(tasks.c.id).where(edited).with_for_update())
+        transferring = asyncio.create_task(transfer())
+        await asyncio.sleep(0.5)
+        assert not transferring.done(), "the transfer moved tasks being edited"
+        await edits.execute(update(tasks).where(edited).values(notes="asked for a quote", version=2))
+    await transferring
+
+    stored = await stored_tasks(ctx, follows_account.id, loose.id)
+    assert [(t.owner_id, t.notes, t.version) for t in stored] == [("rep-3", "asked for a quote", 3)] * 2
+    published = {
+        e.task.id: (e.task.owner_id, e.task.notes, e.task.version) for e in await events(ctx, events_pb2.TaskReassigned)
+    }
+    assert published == {
+        follows_account.id: ("rep-3", "asked for a quote", 3),
+        loose.id: ("rep-3", "asked for a quote", 3),
+    }
 
 
 async def test_concurrent_claims_of_one_rep_stop_at_the_daily_limit(pg_ctx: Context) -> None:
