@@ -1341,6 +1341,13 @@ async def test_a_web_forms_key_is_answered_to_its_creator_but_kept_out_of_the_au
         ("sales_rep", "activities", "notes", "/accounts/a-1/activities", {"kind": "call", "notes": "Met the CFO"}),
         ("service_manager", "tickets", "assignee_id", "/tickets/t-1/assign", {"assignee_id": "agent-2"}),
         ("sales_manager", "accounts", "team", "/accounts/a-1/transfer", {"new_owner_id": "u-2", "new_team": "west"}),
+        (
+            "sales_manager",
+            "accounts",
+            "team",
+            "/accounts:transfer",
+            {"from_owner_id": "u-1", "to_owner_id": "u-2", "to_team": "west"},
+        ),
     ],
 )
 async def test_a_field_a_custom_policy_makes_read_only_is_refused_on_every_route_that_writes_it(

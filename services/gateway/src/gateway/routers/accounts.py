@@ -941,7 +941,9 @@ async def transfer_account(
 async def bulk_transfer(
     body: BulkTransferIn, request: Request, access: AccountsAssign, idempotency_key: IdempotencyKey = ""
 ) -> dict[str, Any]:
-    access.check_write(["owner_id"])
+    # A `to_team` moves the accounts into that team: the caller must be able to write it, as on a
+    # single transfer's `new_team`.
+    access.check_write(["owner_id", "team"] if body.to_team else ["owner_id"])
     reply = await _stub(request).BulkTransferAccounts(
         pb.BulkTransferAccountsRequest(
             from_owner_id=body.from_owner_id,
