@@ -36,6 +36,11 @@ ASSIGNABLE_STATUSES = frozenset({"new", "assigned", "in_progress", "waiting_cust
 # When its account is deleted, every ticket not yet closed is closed, from any status: there is no
 # customer left to answer, to resolve for or to accept a resolution. The tickets stay as history.
 CLOSED_WITH_THE_ACCOUNT = frozenset(STATUSES) - {"closed"}
+# The tickets that take their account's tier when it changes, or the survivor's on a merge: the open
+# ones, re-timed at once, and the resolved ones, which may be reopened and then be worked at it. A
+# resolved ticket keeps the effective priority and due times its resolution was judged against until
+# it is reopened: closed instead, that verdict is final. A closed ticket keeps the tier it was served at.
+TAKE_THE_ACCOUNTS_TIER = frozenset(OPEN_STATUSES) | {"resolved"}
 # A ticket that should never have been one (spam, a test, a duplicate) may be deleted while it is open
 # and was never resolved: not reopened, nor worked on again after a reopening. Once resolved or closed
 # it is a service record: SLA compliance, resolution times and CSAT averages count it, and a survey

@@ -529,6 +529,10 @@ async def _move(tx: Transaction, t: dict[str, Any], status: str, *, now: datetim
         t["sla_paused_at"] = now
     elif status == "closed":
         t["sla_paused_at"] = None
+    # Resolved, the ticket kept the targets its resolution was judged against while taking its
+    # account's new tier (`_change_account_facts`); worked again, it is served at that tier.
+    if status == "reopened" and t["effective_priority"] != domain.effective_priority(t["priority"], t["account_tier"]):
+        await _apply_sla(tx.conn, t, now)
     late = _late_breaches(t, running, now)
     t["next_sla_check_at"] = domain.next_sla_check(_clocks(t))
     t["updated_at"] = now
@@ -1183,8 +1187,7 @@ async def suggest_articles(ctx: Context, ticket_id: str, limit: int) -> list[Any
 
 async def apply_account(tx: Transaction, account_id: str, tier: str, region: str) -> int:
     """Keeps the tier (VIP) and region of an account, from crm.accounts.v1 events. When the tier
-    changes, the account's open tickets get the SLA targets of their new effective priority;
-    returns how many were re-timed."""
+    changes, the account's open and resolved tickets take it (`_take_tier`); returns how many."""
     if not account_id:
         return 0  # bad data: "" is how a ticket without an account is stored
     values = {"account_id": account_id, "tier": tier, "region": region, "updated_at": utcnow()}
@@ -1198,32 +1201,38 @@ async def apply_account(tx: Transaction, account_id: str, tier: str, region: str
         ),
         shape="tier and region",
     )
-    return await _retime_open_tickets(tx, account_id, tier)
+    return await _take_tier(tx, account_id, tier)
 
 
-async def _retime_open_tickets(tx: Transaction, account_id: str, tier: str) -> int:
-    """The account's open tickets of another tier take `tier` and the SLA targets of their new
-    effective priority; returns how many."""
+async def _take_tier(tx: Transaction, account_id: str, tier: str) -> int:
+    """The account's tickets of another tier that follow it (`domain.TAKE_THE_ACCOUNTS_TIER`) take
+    `tier`: the open ones with the SLA targets of their new effective priority; returns how many."""
     t = repo.tickets
     rows = await tx.conn.execute(
         select(t)
-        .where(t.c.account_id == account_id, t.c.status.in_(domain.OPEN_STATUSES), t.c.account_tier != tier)
+        .where(
+            t.c.account_id == account_id,
+            t.c.status.in_(domain.TAKE_THE_ACCOUNTS_TIER),
+            t.c.account_tier != tier,
+        )
         .order_by(t.c.id)
         .with_for_update()
     )
     now = utcnow()
-    retimed = 0
+    changed = 0
     for row in rows:
         await _change_account_facts(tx, dict(row._mapping), {"account_tier": tier}, now)
-        retimed += 1
-    return retimed
+        changed += 1
+    return changed
 
 
 async def _change_account_facts(
     tx: Transaction, before: Mapping[str, Any], changes: Mapping[str, Any], now: datetime
 ) -> None:
     """A change the accounts context makes to a locked ticket (its account, its account's tier): an
-    open ticket of another tier gets the SLA targets of its new effective priority."""
+    open ticket of another tier gets the SLA targets of its new effective priority. A resolved one
+    keeps the targets its resolution was judged against (re-timing its paused clock now could move
+    the due time to before `resolved_at` with no breach said): it is re-timed if reopened (`_move`)."""
     t = {**before, **changes}
     if t["status"] in domain.OPEN_STATUSES and t["account_tier"] != before["account_tier"]:
         await _apply_sla(tx.conn, t, now)
@@ -1234,9 +1243,9 @@ async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: s
     """Tickets, surveys and return visits of a merged-away account go to the survivor or, if that
     was merged in turn, to the end of the chain of merges (merges of different accounts arrive in
     any order); the projection remembers where the duplicate went, for the tickets that name it
-    later. Moved open tickets are served at the final survivor's tier from then on (a VIP survivor
-    raises them), or closed, and open return visits cancelled, if its deletion came first (the
-    events travel under different keys)."""
+    later. Moved open and resolved tickets take the final survivor's tier (a VIP survivor raises
+    them: the open ones at once, a resolved one if reopened), or are closed, and open return visits
+    cancelled, if its deletion came first (the events travel under different keys)."""
     if not survivor_id or not duplicate_id:
         return  # bad data: "" is how a ticket without an account is stored
     table = repo.account_tiers
@@ -1262,7 +1271,7 @@ async def apply_account_merge(tx: Transaction, survivor_id: str, duplicate_id: s
     takes_tier = survivor is not None and survivor.deleted_at is None
     for row in moving:
         changes = {"account_id": final_id}
-        if takes_tier and row.status in domain.OPEN_STATUSES:
+        if takes_tier and row.status in domain.TAKE_THE_ACCOUNTS_TIER:
             changes["account_tier"] = survivor.tier
         await _change_account_facts(tx, dict(row._mapping), changes, now)
     for records in (repo.csat_responses, repo.return_visits):

@@ -272,9 +272,10 @@ async def test_tickets_of_a_chain_of_merges_end_on_its_last_survivor_in_any_orde
         last_update = [payload for event_type, payload in await _events(ctx, ticket["id"]) if event_type == UPDATED][-1]
         published = desk_events.TicketUpdated.FromString(last_update).ticket
         assert (published.account_id, published.effective_priority, published.version) == ("d", "high", row.version)
-    # A resolved ticket and its survey follow as history, at the tier they were served at.
+    # A resolved ticket and its survey follow too. The ticket takes d's tier, to be worked at if it is
+    # reopened, but keeps the priority its resolution was judged at.
     row = await _row(ctx, answered["id"])
-    assert (row.account_id, row.account_tier) == ("d", "B")
+    assert (row.account_id, row.account_tier, row.effective_priority) == ("d", "A", "normal")
     surveys, _ = await handlers.list_csat(ctx, ticket_id="", account_id="d", page=handlers.Page())
     assert [s.ticket_id for s in surveys] == [answered["id"]]
     # Filtered by any account of the chain, the tickets are found where they went.

@@ -141,6 +141,35 @@ async def test_tickets_of_a_merged_account_are_served_at_the_survivors_tier(ctx:
     assert row.resolution_due_at - row.created_at == timedelta(hours=8)  # the high targets
 
 
+async def test_a_resolved_ticket_of_a_merged_account_is_worked_at_the_survivors_tier_when_reopened(
+    ctx: Context,
+) -> None:
+    """Moved to a VIP survivor while resolved, the ticket takes its tier: reopened, it is served one
+    priority higher, and resolved again, it schedules the survivor's return visit."""
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account(tx, "plain", "C", "north")
+        await handlers.apply_account(tx, "vip", "A", "north")
+    start = utcnow()
+    ctx.clock = lambda: start
+    await _agent(ctx, "ag-1", region="north")
+    ticket, _ = await handlers.create_ticket(
+        ctx, {"subject": "Slow portal", "account_id": "plain", "priority": "normal"}, idempotency_key=""
+    )
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    ctx.clock = lambda: start + timedelta(hours=2)
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")  # tier C: no visit
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account_merge(tx, "vip", "plain")
+
+    ctx.clock = lambda: start + timedelta(hours=3)
+    reopened = (await handlers.change_status(ctx, ticket["id"], "reopened", expected_version=0, note="")).record
+    assert (reopened["account_id"], reopened["account_tier"], reopened["effective_priority"]) == ("vip", "A", "high")
+    assert reopened["resolution_due_at"] == start + timedelta(hours=8 + 1)  # high's 8 h, and the hour resolved
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+    assert "crm.service.return_visit.scheduled" in await _outbox_types(ctx, ticket["id"])
+
+
 async def test_a_ticket_is_not_given_by_hand_to_an_agent_away_or_full(ctx: Context) -> None:
     await _agent(ctx, "away", available=False)
     await _agent(ctx, "full", capacity=1)

@@ -25,6 +25,8 @@ WARNING = "crm.service.ticket.sla_warning"
 BREACHED = "crm.service.ticket.sla_breached"
 ESCALATED = "crm.service.ticket.escalated"
 UPDATED = "crm.service.ticket.updated"
+REOPENED = "crm.service.ticket.reopened"
+VISIT_SCHEDULED = "crm.service.return_visit.scheduled"
 AUDITED = "crm.audit.record.recorded"
 
 
@@ -225,6 +227,76 @@ async def test_a_tier_change_publishes_each_retimed_ticket_as_updated_by_the_sys
     async with ctx.uow.begin() as tx:
         assert await handlers.apply_account(tx, "acme", "B", "east") == 0
     assert (await _types(ctx, ticket["id"])).count(UPDATED) == 1
+
+
+async def _resolved_ticket_of_a_tier_b_account(ctx: Context, start: datetime, resolved_after: timedelta) -> Any:
+    """A normal ticket of tier-B acme (24 h to resolve), answered at once and resolved after `resolved_after`."""
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account(tx, "acme", "B", "east")
+    at(ctx, start)
+    await handlers.create_agent(ctx, {"id": "ag-1", "name": "Bo", "region": "east"}, idempotency_key="")
+    ticket, _ = await handlers.create_ticket(
+        ctx, {"subject": "Slow portal", "priority": "normal", "account_id": "acme"}, idempotency_key=""
+    )
+    at(ctx, start + timedelta(minutes=10))
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    at(ctx, start + resolved_after)
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+    return ticket
+
+
+async def test_a_resolved_ticket_takes_its_accounts_new_tier_and_is_worked_at_it_when_reopened(ctx: Context) -> None:
+    """A resolved ticket may be reopened, so it takes its account's new tier as an open one does,
+    published as updated by the system. It keeps the due times its resolution was judged against
+    while it stays resolved; reopened, it is served at the new tier, and its next resolution
+    schedules the return visit of a tier-A account."""
+    start = utcnow()
+    ticket = await _resolved_ticket_of_a_tier_b_account(ctx, start, resolved_after=timedelta(hours=2))
+    assert VISIT_SCHEDULED not in await _types(ctx, ticket["id"])  # tier B: no return visit
+
+    async with ctx.uow.begin() as tx:
+        assert await handlers.apply_account(tx, "acme", "A", "east") == 1
+    row = await _row(ctx, ticket["id"])
+    assert (row.account_tier, row.effective_priority) == ("A", "normal")
+    assert row.resolution_due_at == start + timedelta(hours=24)  # the target its resolution met
+    event_type, payload = (await _events(ctx, ticket["id"]))[-1]
+    update = desk_events.TicketUpdated.FromString(payload)
+    assert (event_type, list(update.changed_fields), update.actor.kind) == (UPDATED, ["account_tier"], "system")
+
+    at(ctx, start + timedelta(hours=3))  # the customer says it is not fixed
+    reopened = (await handlers.change_status(ctx, ticket["id"], "reopened", expected_version=0, note="")).record
+    # Served as high: 8 h to resolve, and the hour it spent resolved is not the team's.
+    assert (reopened["effective_priority"], reopened["resolution_due_at"]) == ("high", start + timedelta(hours=9))
+    [published] = [
+        desk_events.TicketReopened.FromString(value)
+        for event_type, value in await _events(ctx, ticket["id"])
+        if event_type == REOPENED
+    ]
+    assert (published.ticket.effective_priority, from_timestamp(published.ticket.resolution_due_at)) == (
+        "high",
+        start + timedelta(hours=9),
+    )
+    at(ctx, start + timedelta(hours=4))
+    await handlers.change_status(ctx, ticket["id"], "in_progress", expected_version=0, note="")
+    await handlers.change_status(ctx, ticket["id"], "resolved", expected_version=0, note="")
+    assert (await _types(ctx, ticket["id"])).count(VISIT_SCHEDULED) == 1
+
+
+async def test_a_resolved_ticket_closed_after_its_account_became_vip_keeps_the_verdict_it_was_resolved_with(
+    ctx: Context,
+) -> None:
+    """Resolved in 10 h, in time for normal's 24 h: that the account is tier A by the time the
+    customer accepts the resolution (8 h, as high) does not make it late after the fact."""
+    start = utcnow()
+    ticket = await _resolved_ticket_of_a_tier_b_account(ctx, start, resolved_after=timedelta(hours=10))
+    async with ctx.uow.begin() as tx:
+        await handlers.apply_account(tx, "acme", "A", "east")
+    at(ctx, start + timedelta(days=1))
+    closed = (await handlers.change_status(ctx, ticket["id"], "closed", expected_version=0, note="")).record
+    assert (closed["resolution_due_at"], closed["resolution_breached_at"]) == (start + timedelta(hours=24), None)
+    assert closed["resolved_at"] < closed["resolution_due_at"]
+    assert await handlers.run_sla_timer(ctx, batch_size=10) == 0
+    assert BREACHED not in await _types(ctx, ticket["id"])
 
 
 async def test_an_answer_or_resolution_past_due_is_a_breach_though_the_timer_had_not_run(ctx: Context) -> None:
