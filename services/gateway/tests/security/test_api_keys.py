@@ -1,5 +1,6 @@
 """API keys for machine principals: created by admins (plain key shown once, only a hash stored),
-accepted as `X-API-Key`, scoped by the roles they carry, refused once revoked."""
+accepted as `X-API-Key`, scoped by the roles they carry, refused once revoked; whom a policy lets
+manage keys in a narrower scope than `all` makes, lists and revokes only keys of their own."""
 
 from typing import Any
 
@@ -143,3 +144,46 @@ async def test_a_manager_a_policy_lets_make_keys_makes_them_only_for_themselves_
     own = await create()
     assert own.status_code == 201, own.text
     assert own.json()["api_key"]["roles"] == ["sales_manager"]
+
+
+def _managers_may_manage_their_keys(actions: list[str]) -> Any:
+    document = default_policy_document()
+    document["roles"]["sales_manager"]["grants"]["api_keys"] = {"actions": actions, "scope": "own"}
+    return parse_policy(policy_text(document))
+
+
+async def test_a_managers_key_acts_in_the_managers_team_and_region(make_gateway: Any, auth_headers: Any) -> None:
+    gateway = await make_gateway(policy=_managers_may_manage_their_keys(["read", "create"]))
+    manager = auth_headers("sales_manager", sub="mgr-1", team="team-a", region="north")
+    body = {"name": "report bot", "principal_id": "mgr-1", "roles": ["sales_manager"]}
+
+    other_team = await gateway.client.post("/api/v1/api-keys", json={**body, "team": "team-b"}, headers=manager)
+    other_region = await gateway.client.post("/api/v1/api-keys", json={**body, "region": "south"}, headers=manager)
+    left_out = await gateway.client.post("/api/v1/api-keys", json=body, headers=manager)
+
+    assert other_team.status_code == 403 and other_team.json()["errors"][0]["field"] == "team"
+    assert other_region.status_code == 403 and other_region.json()["errors"][0]["field"] == "region"
+    assert left_out.status_code == 201, left_out.text
+    assert (left_out.json()["api_key"]["team"], left_out.json()["api_key"]["region"]) == ("team-a", "north")
+    me = await gateway.client.get("/api/v1/me", headers={"X-API-Key": left_out.json()["key"]})
+    assert (me.json()["team"], me.json()["region"]) == ("team-a", "north")
+
+
+async def test_a_manager_lists_and_revokes_only_the_keys_they_made(make_gateway: Any, auth_headers: Any) -> None:
+    gateway = await make_gateway(policy=_managers_may_manage_their_keys(["read", "create", "delete"]))
+    erp = await create_key(gateway, auth_headers("admin", sub="root"))
+    manager = auth_headers("sales_manager", sub="mgr-1", team="team-a")
+    own = await gateway.client.post(
+        "/api/v1/api-keys",
+        json={"name": "report bot", "principal_id": "mgr-1", "roles": ["sales_manager"]},
+        headers=manager,
+    )
+
+    listed = await gateway.client.get("/api/v1/api-keys", headers=manager)
+    revoking_the_erps = await gateway.client.delete(f"/api/v1/api-keys/{erp['api_key']['id']}", headers=manager)
+    revoking_their_own = await gateway.client.delete(f"/api/v1/api-keys/{own.json()['api_key']['id']}", headers=manager)
+
+    assert [item["name"] for item in listed.json()["items"]] == ["report bot"]
+    assert revoking_the_erps.status_code == 404  # as a key that does not exist
+    assert (await gateway.client.get("/api/v1/me", headers={"X-API-Key": erp["key"]})).status_code == 200
+    assert revoking_their_own.status_code == 204

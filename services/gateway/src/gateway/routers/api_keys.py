@@ -82,12 +82,20 @@ def _out(record: ApiKeyRecord) -> ApiKeyOut:
 
 
 def _refuse_more_than_the_creator_holds(access: Access, body: "ApiKeyCreate") -> None:
-    """A key acts with the roles it carries, as the principal it names. Whoever creates keys in
-    scope `all` (an admin) makes them for anyone; one whom a policy lets create keys in a narrower
-    scope makes them for themselves, with roles they hold: no key holds more than its creator."""
+    """A key acts with the roles it carries, as the principal it names, in the team and region it
+    names (which decide what its record scopes cover). Whoever creates keys in scope `all` (an
+    admin) makes them for anyone; one whom a policy lets create keys in a narrower scope makes them
+    for themselves, with roles they hold, in their own team and region (left out, they are the
+    creator's): no key holds more than its creator."""
     creator = access.principal
     if access.scope.kind is ScopeKind.ALL:
         return
+    for name, given, own in (("team", body.team, creator.team), ("region", body.region, creator.region)):
+        if given and given != own:
+            raise SecurityProblem(
+                403, "Forbidden", f"a key acts in its creator's {name} unless an admin makes it", field=name
+            )
+    body.team, body.region = creator.team, creator.region
     for position, role in enumerate(body.roles):
         if role not in creator.roles:
             raise SecurityProblem(
@@ -147,8 +155,9 @@ async def list_api_keys(
     limit: Annotated[int | None, Query(ge=1, le=500, description="items per page, 1 to 500; 50 when left out")] = None,
     cursor: Annotated[str, Query(max_length=200, description="the `next_cursor` of the page before")] = "",
 ) -> ApiKeyPage:
-    """The keys, revoked ones too, in the order they were created, one page at a time."""
-    records, following = await access.runtime.api_keys.list(limit=access.page_limit(limit), cursor=cursor)
+    """The keys in the caller's scope (below `all`: the keys they made, or of their team or region),
+    revoked ones too, in the order they were created, one page at a time."""
+    records, following = await access.runtime.api_keys.list(access.scope, limit=access.page_limit(limit), cursor=cursor)
     return ApiKeyPage(
         items=[ApiKeyOut.model_validate(access.present(_out(r).model_dump())) for r in records],
         next_cursor=following or None,
@@ -160,7 +169,7 @@ async def revoke_api_key(
     key_id: Annotated[str, Path(max_length=36)], access: Annotated[Access, Depends(require("api_keys", "delete"))]
 ) -> Response:
     before = await access.runtime.api_keys.get(key_id)
-    if before is None:
+    if before is None or not before.in_scope(access.scope):  # another's key answers as a missing one
         raise not_found(f"api key {key_id} not found")
     after = await access.runtime.api_keys.revoke(key_id)
     if before.revoked_at is None and after is not None:

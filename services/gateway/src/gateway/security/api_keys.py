@@ -12,9 +12,9 @@ from typing import Any
 from crm_platform.db import transaction
 from crm_platform.ids import new_id
 from crm_platform.pagination import bind_cursor, keyset_page, list_fingerprint, next_cursor, unbind_cursor
-from crm_platform.principal import Principal
+from crm_platform.principal import Principal, RecordScope, ScopeKind
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import insert, select, update
+from sqlalchemy import ColumnElement, false, insert, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,6 +34,19 @@ def hash_key(key: str) -> str:
 
 def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def _in_scope(scope: RecordScope) -> ColumnElement[bool]:
+    """The keys a record scope covers: a key is its creator's (`owner`), of the team and region it acts in."""
+    match scope.kind:
+        case ScopeKind.ALL:
+            return true()
+        case ScopeKind.OWN:
+            return api_keys.c.created_by == scope.owner_id if scope.owner_id else false()
+        case ScopeKind.TEAM:
+            return api_keys.c.team == scope.team if scope.team else false()
+        case ScopeKind.REGION:
+            return api_keys.c.region == scope.region if scope.region else false()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +72,10 @@ class ApiKeyRecord:
             name=self.name,
             kind="api_key",
         )
+
+    def in_scope(self, scope: RecordScope) -> bool:
+        """The in-memory twin of `_in_scope`."""
+        return scope.allows(owner_id=self.created_by, team=self.team, region=self.region)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -159,12 +176,12 @@ class ApiKeyStore:
             raise IdempotencyKeyReused(idempotency_key)
         return _record(row)
 
-    async def list(self, *, limit: int, cursor: str = "") -> tuple[list[ApiKeyRecord], str]:
-        """The keys in the order they were created (ids are time-ordered), one page at a time: the
-        page and the cursor of the next one ('' after the last)."""
+    async def list(self, scope: RecordScope, *, limit: int, cursor: str = "") -> tuple[list[ApiKeyRecord], str]:
+        """The keys in `scope` in the order they were created (ids are time-ordered), one page at a
+        time: the page and the cursor of the next one ('' after the last)."""
         query = keyset_page(
-            select(api_keys), sort_column=api_keys.c.id, id_column=api_keys.c.id, descending=False,
-            cursor=unbind_cursor(cursor, _LISTING), limit=limit,
+            select(api_keys).where(_in_scope(scope)), sort_column=api_keys.c.id, id_column=api_keys.c.id,
+            descending=False, cursor=unbind_cursor(cursor, _LISTING), limit=limit,
         )  # fmt: skip
         async with self.engine.connect() as conn:
             rows = list(await conn.execute(query))
