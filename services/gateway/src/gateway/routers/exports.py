@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 
 from gateway.errors import ResponseBrokenOff
-from gateway.inputs import unknown_query_parameters
+from gateway.inputs import reject_unstorable_input, unknown_query_parameters
 from gateway.routers import accounts, leads, sales, service_desk
 from gateway.routers.accounts import ACCOUNT_FILTER_FIELDS, CONTACT_FILTER_FIELDS, check_saved_segment
 from gateway.routers.custom_fields import check_custom_filters, presenter
@@ -42,6 +42,7 @@ from gateway.security.exports import (
     register_grpc_export,
     registered_exports,
 )
+from gateway.security.masking import mask_value
 from gateway.security.problems import SecurityProblem, forbidden, not_found, rate_limited
 
 router = ResourceRouter(tags=["exports"])
@@ -81,6 +82,7 @@ async def export_resource(
     source = export_source(resource)
     if resource not in runtime.policy.resources or source is None:
         raise not_found(f"{resource} cannot be exported")
+    await reject_unstorable_input(request)  # as every other route: a 422 before the audit and the rate limit
     decision = runtime.policy.decide(principal, resource, "export")
     access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
     filters = {key: value for key, value in request.query_params.items() if key != "format"}
@@ -127,12 +129,7 @@ async def export_resource(
     if wait:
         raise rate_limited(wait, "export rate limit exceeded")
     columns = access.readable_fields()
-    await access.audit(
-        "export",
-        fields=columns,
-        reason="filters: "
-        + (", ".join(f"{k}={v}" for k, v in sorted(mask_pii(filters, access.spec).items())) or "none"),
-    )
+    await access.audit("export", fields=columns, reason=f"filters: {_audited_filters(filters, access)}")
     max_rows = runtime.settings.export_max_rows
 
     present = await presenter(access)
@@ -180,6 +177,16 @@ async def export_resource(
         media_type="text/csv; charset=utf-8",
         headers={"Content-Disposition": f'attachment; filename="{resource}.csv"', "X-Export-Row-Limit": str(max_rows)},
     )
+
+
+def _audited_filters(filters: Mapping[str, str], access: Access) -> str:
+    """The export's filters for its audit row, personal data masked: the values of pii fields, of
+    `q` (which may search phones and e-mails) and of custom fields (which may hold any)."""
+    shown = mask_pii(filters, access.spec)
+    for name, value in filters.items():
+        if name == "q" or name.startswith("custom."):
+            shown[name] = mask_value(value, "text")
+    return ", ".join(f"{name}={value}" for name, value in sorted(shown.items())) or "none"
 
 
 class ExportTooLarge(ResponseBrokenOff):
