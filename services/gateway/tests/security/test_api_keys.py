@@ -187,3 +187,25 @@ async def test_a_manager_lists_and_revokes_only_the_keys_they_made(make_gateway:
     assert revoking_the_erps.status_code == 404  # as a key that does not exist
     assert (await gateway.client.get("/api/v1/me", headers={"X-API-Key": erp["key"]})).status_code == 200
     assert revoking_their_own.status_code == 204
+
+
+async def test_a_policy_that_hides_or_masks_fields_of_keys_leaves_them_out_of_its_readers_page(
+    make_gateway: Any, auth_headers: Any
+) -> None:
+    document = default_policy_document()
+    document["roles"]["sales_manager"]["grants"]["api_keys"] = {
+        "actions": ["read", "create"],
+        "scope": "own",
+        "fields": {"created_by": "hidden", "created_at": "masked"},
+    }
+    gateway = await make_gateway(policy=parse_policy(policy_text(document)))
+    manager = auth_headers("sales_manager", sub="mgr-1")
+    body = {"name": "report bot", "principal_id": "mgr-1", "roles": ["sales_manager"]}
+    assert (await gateway.client.post("/api/v1/api-keys", json=body, headers=manager)).status_code == 201
+
+    listed = await gateway.client.get("/api/v1/api-keys", headers=manager)
+
+    assert listed.status_code == 200, listed.text
+    [key] = listed.json()["items"]
+    assert "created_by" not in key and key["created_at"] is None
+    assert key["name"] == "report bot" and key["expires_at"] is None

@@ -484,6 +484,27 @@ def audit_readers(**scopes: str) -> Policy:
     return parse_policy(policy_text(data))
 
 
+async def test_a_policy_that_hides_or_masks_fields_of_the_trail_leaves_them_out_of_its_readers_page(
+    make_gateway: Any, auth_headers: Any
+) -> None:
+    data = default_policy_document()
+    data["roles"]["sales_manager"]["grants"]["audit_events"] = {
+        "actions": ["read"],
+        "scope": "team",
+        "fields": {"client_address": "hidden", "status_code": "masked"},
+    }
+    gateway = await make_gateway(policy=parse_policy(policy_text(data)))
+    rep = auth_headers("sales_rep", sub="u-rep", team="t-a")
+    assert (await gateway.client.post("/api/v1/fake/leads", json={"name": "Ada"}, headers=rep)).status_code == 201
+
+    listed = await gateway.client.get("/api/v1/audit-events", headers=auth_headers("sales_manager", team="t-a"))
+
+    assert listed.status_code == 200, listed.text
+    [event] = listed.json()["items"]
+    assert "client_address" not in event and event["status_code"] is None
+    assert event["actor"]["user_id"] == "u-rep" and event["action"] == "create"
+
+
 # Who writes (sub, team, region), oldest first.
 WRITERS = [("u-a", "t-a", "north"), ("u-b", "t-b", "north"), ("u-c", "t-b", "south"), ("u-none", "", "")]
 

@@ -39,17 +39,19 @@ class ApiKeyCreate(RequestBody):
 
 
 class ApiKeyOut(BaseModel):
-    id: str
-    name: str
-    prefix: str
-    principal_id: str
-    roles: list[str]
-    team: str
-    region: str
-    created_by: str
-    created_at: str
-    expires_at: str | None
-    revoked_at: str | None
+    """A key as its reader sees it: a field a policy hides is absent (a masked time or number, null)."""
+
+    id: str | None = None
+    name: str | None = None
+    prefix: str | None = None
+    principal_id: str | None = None
+    roles: list[str] | None = None
+    team: str | None = None
+    region: str | None = None
+    created_by: str | None = None
+    created_at: str | None = None
+    expires_at: str | None = None
+    revoked_at: str | None = None
 
 
 class ApiKeyCreated(BaseModel):
@@ -149,7 +151,7 @@ async def create_api_key(
     return ApiKeyCreated(key=key, api_key=out)
 
 
-@router.get("/api-keys", response_model=ApiKeyPage)
+@router.get("/api-keys", response_model=ApiKeyPage, response_model_exclude_unset=True)
 async def list_api_keys(
     access: Annotated[Access, Depends(require("api_keys", "read"))],
     limit: Annotated[int | None, Query(ge=1, le=500, description="items per page, 1 to 500; 50 when left out")] = None,

@@ -22,32 +22,35 @@ from gateway.security.policy import Decision, FieldRule, ResourceSpec
 router = ResourceRouter(tags=["audit"])
 
 
+# Every field is absent where a policy hides it from the reader (and null where it masks a time or a
+# number), as on any record: a policy may let a manager read the trail without client addresses.
 class AuditActor(BaseModel):
-    user_id: str
-    kind: str
-    roles: list[str]
-    team: str
-    region: str
+    user_id: str | None = None
+    kind: str | None = None
+    roles: list[str] | None = None
+    team: str | None = None
+    region: str | None = None
 
 
 class AuditEvent(BaseModel):
-    id: str
-    occurred_at: str
-    actor: AuditActor
-    action: str
-    resource: str
-    record_id: str
-    outcome: str
-    reason: str
-    fields: list[str]
-    # Absent where a policy hides them from the reader, as any hidden field is.
+    id: str | None = None
+    occurred_at: str | None = None
+    actor: AuditActor | None = None
+    action: str | None = None
+    resource: str | None = None
+    record_id: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    fields: list[str] | None = None
     before: dict[str, Any] | None = None
     after: dict[str, Any] | None = None
-    request_id: str
-    method: str
-    path: str
-    status_code: int
-    client_address: str = Field(description="where it came from: a trusted proxy's X-Forwarded-For, else the peer")
+    request_id: str | None = None
+    method: str | None = None
+    path: str | None = None
+    status_code: int | None = None
+    client_address: str | None = Field(
+        default=None, description="where it came from: a trusted proxy's X-Forwarded-For, else the peer"
+    )
 
 
 class AuditEventPage(BaseModel):
@@ -66,7 +69,7 @@ AUDIT_FILTERS: FilterFields = {
 }
 
 
-@router.get("/audit-events", response_model=AuditEventPage)
+@router.get("/audit-events", response_model=AuditEventPage, response_model_exclude_unset=True)
 async def list_audit_events(
     access: Annotated[Access, Depends(require("audit_events", "read"))],
     actor: Annotated[str | None, Query(max_length=200, description="actor user id")] = None,
