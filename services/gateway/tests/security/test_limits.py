@@ -106,9 +106,11 @@ async def test_cors_from_configuration(make_gateway: Any, auth_headers: Any) -> 
     assert "access-control-allow-origin" not in other.headers
     simple = await gateway.client.get("/api/v1/me", headers={"Origin": "https://app.example", **auth_headers("admin")})
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
-    # What a merge answers with, and what conditional writes and retries need, is readable by the page.
+    # What a merge answers with, what conditional writes and retries need, a report CSV's next page,
+    # an export's file name and row limit, a replay's mark and a 405's methods are readable by the page.
     exposed = {h.strip().lower() for h in simple.headers["access-control-expose-headers"].split(",")}
-    assert {"etag", "retry-after", "x-request-id", "location", "x-merged-into"} <= exposed
+    assert {"etag", "retry-after", "x-request-id", "location", "x-merged-into", "link"} <= exposed
+    assert {"content-disposition", "x-export-row-limit", "idempotent-replayed", "allow"} <= exposed
 
 
 async def test_no_cors_headers_without_configuration(gateway: Any, auth_headers: Any) -> None:

@@ -538,7 +538,12 @@ def install_security(
                 *("Authorization", "Content-Type", "If-Match", "Idempotency-Key", "X-API-Key", "X-Request-ID"),
                 *("traceparent", "tracestate"),
             ],
-            expose_headers=["ETag", "Retry-After", "X-Request-ID", "Location", "X-Merged-Into"],
+            # What a page reads of an answer: versions, waits, merges, a CSV's next page and file name,
+            # an export's row limit, a replayed answer, the methods a 405 allows.
+            expose_headers=[
+                *("ETag", "Retry-After", "X-Request-ID", "Location", "X-Merged-Into", "Link"),
+                *("Content-Disposition", "X-Export-Row-Limit", "Idempotent-Replayed", "Allow"),
+            ],
         )
     _document_problem_responses(app)
     return runtime
