@@ -697,10 +697,14 @@ def amount_in_threshold_currency(amount: Money, thresholds: ContractThresholds) 
         return (amount.amount * rate).quantize(minor_unit(thresholds.currency), rounding=ROUND_CEILING)
 
 
-def contract_approval_chain(amount: Money, thresholds: ContractThresholds) -> list[str]:
+def contract_approval_chain(
+    amount: Money, thresholds: ContractThresholds, *, alongside: Sequence[Money] = ()
+) -> list[str]:
     """A sales manager always approves; finance from `finance`, then admin from `admin`, in order,
-    comparing the amount converted to the thresholds' currency."""
-    converted = amount_in_threshold_currency(amount, thresholds)
+    comparing the amount converted to the thresholds' currency. `alongside`: the amounts of the
+    other live contracts made from the same deal, compared together with this one, so that a deal
+    split into contracts each under a threshold still meets it."""
+    converted = sum((amount_in_threshold_currency(each, thresholds) for each in (amount, *alongside)), Decimal(0))
     chain = ["sales_manager"]
     if converted >= thresholds.finance:
         chain.append("finance")
@@ -834,6 +838,18 @@ class ContractStatus(StrEnum):
     COMPLETED = "completed"
     TERMINATED = "terminated"
 
+
+# Contracts that are in force or may yet be: a rejected one counts again once resubmitted, a
+# terminated one no longer does.
+LIVE_CONTRACT_STATUSES = frozenset(
+    {
+        ContractStatus.DRAFT,
+        ContractStatus.PENDING_APPROVAL,
+        ContractStatus.APPROVED,
+        ContractStatus.SIGNED,
+        ContractStatus.COMPLETED,
+    }
+)
 
 # SPEC §6: draft → pending_approval → approved | rejected → signed → completed | terminated.
 # A rejected contract may be resubmitted; an approved but unsigned one may be terminated.

@@ -5,7 +5,7 @@ The caller (principal and record scope) comes from `crm_platform.principal`; job
 run as the system with full scope. Records outside the caller's scope read as NotFound.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from decimal import Decimal
@@ -282,6 +282,35 @@ async def _refuse_if_deal_has_contract(
 def _line_currency(line_items: Sequence[dict[str, str]]) -> str | None:
     """The currency of stored line items (validated to be one), None without items."""
     return next((item["currency"] for item in line_items), None)
+
+
+def _collision_lock(account_id: str, product_line_key: str) -> str:
+    """The lock that serialises anti-collision checks of one account and product line across
+    replicas, however each spells the line (PostgreSQL; SQLite has a single writer anyway)."""
+    return f"opp:{account_id}:{product_line_key}"
+
+
+def _colliding(
+    owner_id: str, open_deals: Iterable[RowMapping | dict[str, Any]], *, override: bool
+) -> d.OpenDeal | None:
+    """`domain.check_collision` of a deal about to be open under `owner_id` among `open_deals` of
+    its account and product line (rows, or an import's new deals), for the caller: a deal is named
+    with its owner only to a caller who may read it."""
+    scope = current_scope()
+    return d.check_collision(
+        owner_id=owner_id,
+        open_deals=[
+            d.OpenDeal(
+                deal["id"],
+                deal["owner_id"],
+                deal["name"],
+                scope.allows(owner_id=deal["owner_id"], team=deal["team"], region=deal["region"]),
+            )
+            for deal in open_deals
+        ],
+        override=override,
+        caller_roles=current_principal().roles,
+    )
 
 
 def _stamp(value: datetime) -> str:
@@ -647,41 +676,19 @@ class SalesHandlers:
         `domain.product_line_key`) under `owner_id`: 409 on another owner's open deal, unless a
         manager overrides with a reason; then the override's columns (who, why, over which deal) to
         store with the deal."""
-        await self._lock_collision_key(conn, account_id, product_line_key)
-        rows = await r.open_deals_on(
-            conn, account_id=account_id, product_line_key=product_line_key, exclude_id=exclude_id
-        )
-        principal = current_principal()
-        scope = current_scope()
-        colliding = d.check_collision(
-            owner_id=owner_id,
-            open_deals=[
-                d.OpenDeal(
-                    x["id"],
-                    x["owner_id"],
-                    x["name"],
-                    scope.allows(owner_id=x["owner_id"], team=x["team"], region=x["region"]),
-                )
-                for x in rows
-            ],
-            override=override,
-            caller_roles=principal.roles,
-        )
+        await lock_for_transaction(conn, _collision_lock(account_id, product_line_key))
+        line = (account_id, product_line_key)
+        open_deals = (await r.open_deals_on(conn, [line], exclude_id=exclude_id)).get(line, [])
+        colliding = _colliding(owner_id, open_deals, override=override)
         if colliding is None:
             return {}
         if not override_reason.strip():
             raise ValidationFailed([FieldError("override_reason", "is required to override anti-collision")])
         return {
-            "collision_override_by": principal.user_id,
+            "collision_override_by": current_principal().user_id,
             "collision_override_reason": override_reason.strip(),
             "colliding_opportunity_id": colliding.id,
         }
-
-    @staticmethod
-    async def _lock_collision_key(conn: AsyncConnection, account_id: str, product_line_key: str) -> None:
-        """Serialises anti-collision checks of one account and product line across replicas, however
-        each spells the line (PostgreSQL; SQLite has a single writer anyway)."""
-        await lock_for_transaction(conn, f"opp:{account_id}:{product_line_key}")
 
     async def _opportunity_row(
         self, conn: AsyncConnection, opportunity_id: str, *, scope: RecordScope | None, lock: bool = False
@@ -1127,13 +1134,17 @@ class SalesHandlers:
             return Change(proto, v.opportunity_proto(row))
 
     async def import_opportunities(self, pipeline_id: str, rows: Sequence[ImportRow]) -> list[ImportResult]:
-        """Loads deals of another system as they are (open at a stage, won or lost). Stage gates
-        and anti-collision are checks on how deals move here, so imported history skips them;
-        each row is validated and a repeated `external_id` returns the first result."""
+        """Loads deals of another system as they are (open at a stage, won or lost), each row
+        validated and answered on its own. Stage gates are checks on how deals move here, so imported
+        deals skip them. Anti-collision is a check on who works a deal now: a deal imported open meets
+        it as a created one does, won or lost history does not (an import overrides nothing: a manager
+        creates such a deal alone, with a reason). A repeated `external_id` answers `existing` with
+        the first deal when the caller may read it; the row is rejected otherwise."""
         if len(rows) > self.import_max_rows:
             raise ValidationFailed([FieldError("rows", f"at most {self.import_max_rows} rows per call")])
         principal = current_principal()
-        results: list[ImportResult] = []
+        scope = current_scope()
+        results: dict[int, ImportResult] = {}
         async with self.uow.begin() as tx:
             pipeline = await self._pipeline_of_new_deals(tx.conn, pipeline_id)
             definitions = await load_definitions(tx.conn, r.custom_fields, OPPORTUNITY_ENTITY)
@@ -1141,40 +1152,63 @@ class SalesHandlers:
             # Another import of the same deals waits here, then finds them existing (the unique
             # index alone would fail its whole batch).
             await lock_all_for_transaction(tx.conn, (f"opportunity-external-id:{key}" for key in external_ids))
-            existing: dict[str, str] = {}
-            o = r.opportunities
-            for start in range(0, len(external_ids), 1000):
-                chunk = external_ids[start : start + 1000]
-                found = await tx.conn.execute(select(o.c.external_id, o.c.id).where(o.c.external_id.in_(chunk)))
-                existing.update({key: value for key, value in found})
-            new_rows: list[dict[str, Any]] = []
+            imported = await r.deals_by_external_id(tx.conn, external_ids)
+            # Each row on its own first: what it answers, or the deal it would be.
+            built: dict[int, dict[str, Any]] = {}
+            invalid: dict[int, list[FieldError]] = {}
             for index, row in enumerate(rows):
                 if not row.external_id.strip():
-                    results.append(
-                        ImportResult(index, "", "rejected", errors=[FieldError("external_id", "is required")])
-                    )
+                    refused = [FieldError("external_id", "is required")]
+                    results[index] = ImportResult(index, "", "rejected", errors=refused)
+                elif refused := d.check_texts({"external_id": row.external_id}, d.REFERENCE_LENGTH):
+                    results[index] = ImportResult(index, row.external_id, "rejected", errors=refused)
+                elif (deal := imported.get(row.external_id)) is not None:
+                    if scope.allows(owner_id=deal["owner_id"], team=deal["team"], region=deal["region"]):
+                        results[index] = ImportResult(index, row.external_id, "existing", deal["id"])
+                    else:  # neither named nor confirmed: the caller may not read it
+                        refused = [FieldError("external_id", "is already used by an opportunity outside your records")]
+                        results[index] = ImportResult(index, row.external_id, "rejected", errors=refused)
+                elif not row.refusal:
+                    try:
+                        built[index] = self._import_values(row, pipeline, principal, definitions)
+                    except ValidationFailed as error:
+                        invalid[index] = error.errors
+            # 防撞单, as on a create: a deal imported open takes its account and product line's lock
+            # (all of the file's at once, in one order, so that two imports wait on each other rather
+            # than deadlock) and meets the open deals stored and those of the file's earlier rows.
+            opening = {
+                index: (values["account_id"], values["product_line_key"])
+                for index, values in built.items()
+                if values["status"] == d.OpportunityStatus.OPEN and values["product_line_key"]
+            }
+            await lock_all_for_transaction(tx.conn, (_collision_lock(*line) for line in opening.values()))
+            open_deals = await r.open_deals_on(tx.conn, set(opening.values()))
+            created: dict[str, str] = {}  # external id -> the deal this file creates for it
+            new_rows: list[dict[str, Any]] = []
+            for index, row in enumerate(rows):
+                if index in results:
                     continue
-                refused = d.check_texts({"external_id": row.external_id}, d.REFERENCE_LENGTH)
+                if row.external_id in created:
+                    results[index] = ImportResult(index, row.external_id, "existing", created[row.external_id])
+                    continue
+                refused = [FieldError("account_id", row.refusal)] if row.refusal else invalid.get(index, [])
+                if not refused and index in opening:
+                    deals = open_deals.setdefault(opening[index], [])
+                    try:
+                        _colliding(built[index]["owner_id"], deals, override=False)
+                    except Conflict as collision:
+                        refused = [FieldError("product_line", collision.detail)]
+                    else:
+                        deals.append(built[index])  # the file's later rows meet it
                 if refused:
-                    results.append(ImportResult(index, row.external_id, "rejected", errors=refused))
+                    results[index] = ImportResult(index, row.external_id, "rejected", errors=refused)
                     continue
-                if row.external_id in existing:
-                    results.append(ImportResult(index, row.external_id, "existing", existing[row.external_id]))
-                    continue
-                if row.refusal:
-                    refused = [FieldError("account_id", row.refusal)]
-                    results.append(ImportResult(index, row.external_id, "rejected", errors=refused))
-                    continue
-                try:
-                    values = self._import_values(row, pipeline, principal, definitions)
-                except ValidationFailed as error:
-                    results.append(ImportResult(index, row.external_id, "rejected", errors=error.errors))
-                    continue
-                existing[row.external_id] = values["id"]
+                values = built[index]
+                created[row.external_id] = values["id"]
                 new_rows.append(values)
-                results.append(ImportResult(index, row.external_id, "created", values["id"]))
+                results[index] = ImportResult(index, row.external_id, "created", values["id"])
             if new_rows:
-                await tx.conn.execute(insert(o), new_rows)
+                await tx.conn.execute(insert(r.opportunities), new_rows)
             actor = v.actor(principal)
             for values in new_rows:
                 proto = v.opportunity_proto(values)
@@ -1186,7 +1220,7 @@ class SalesHandlers:
                         events_pb2.OpportunityLost(opportunity=proto, reason=values["lost_reason"], actor=actor),
                         key=values["id"],
                     )
-        return results
+        return [results[index] for index in range(len(rows))]
 
     def _import_values(
         self, row: ImportRow, pipeline: d.Pipeline, principal: Principal, definitions: Sequence[cf.FieldDefinition]
@@ -1742,6 +1776,10 @@ class SalesHandlers:
                 if account_id and account_id != opportunity["account_id"]:
                     raise ValidationFailed([FieldError("account_id", "differs from the opportunity's account")])
                 account_id = opportunity["account_id"]
+                # In the deal's currency: its contracts are approved on their sum (`_approval_chain`).
+                if amount is not None and amount.currency != opportunity["currency"]:
+                    refused = f"must be the opportunity's currency {opportunity['currency']}"
+                    raise ValidationFailed([FieldError("amount.currency", refused)])
                 amount = amount or Money(opportunity["amount"], opportunity["currency"])
                 title = title or opportunity["name"]
                 owner_id = owner_id or opportunity["owner_id"]
@@ -1776,7 +1814,7 @@ class SalesHandlers:
                 "paid_amount": Decimal(0),
                 "invoiced_amount": Decimal(0),
                 "status": d.ContractStatus.DRAFT.value,
-                "approval_chain": d.contract_approval_chain(amount, self.contract_thresholds),
+                "approval_chain": await self._approval_chain(tx.conn, contract_id, opportunity_id, amount),
                 "approval_round": 0,
                 "owner_id": owner_id or principal.user_id,
                 "team": team or principal.team,
@@ -1797,6 +1835,25 @@ class SalesHandlers:
             proto = v.contract_proto(values, [])
             tx.publish(events_pb2.ContractCreated(contract=proto, actor=v.actor(principal)), key=contract_id)
             return proto
+
+    async def _approval_chain(
+        self, conn: AsyncConnection, contract_id: str, opportunity_id: str, amount: Money
+    ) -> list[str]:
+        """The chain of a contract of `amount`, chosen on its sum with the other live contracts made
+        from the same deal: splitting a won deal into contracts under a threshold buys nothing.
+        Several contracts of one deal (a framework agreement and its call-offs) stay allowed."""
+        alongside: list[Money] = []
+        if opportunity_id:
+            c = r.contracts
+            others = await conn.execute(
+                select(c.c.amount, c.c.currency).where(
+                    c.c.opportunity_id == opportunity_id,
+                    c.c.id != contract_id,
+                    c.c.status.in_([status.value for status in d.LIVE_CONTRACT_STATUSES]),
+                )
+            )
+            alongside = [Money(other_amount, currency) for other_amount, currency in others]
+        return d.contract_approval_chain(amount, self.contract_thresholds, alongside=alongside)
 
     async def _contract_row(
         self, conn: AsyncConnection, contract_id: str, *, scope: RecordScope | None, lock: bool = False
@@ -1856,7 +1913,9 @@ class SalesHandlers:
             d.check_contract_transition(row["status"], d.ContractStatus.PENDING_APPROVAL, contract_id=contract_id)
             previous = await self._contract_proto(tx.conn, row)
             # The chain is fixed here, with the rates of now: decisions follow it even if rates change.
-            chain = d.contract_approval_chain(Money(row["amount"], row["currency"]), self.contract_thresholds)
+            chain = await self._approval_chain(
+                tx.conn, contract_id, row["opportunity_id"], Money(row["amount"], row["currency"])
+            )
             values = {
                 "status": d.ContractStatus.PENDING_APPROVAL.value,
                 "approval_chain": chain,

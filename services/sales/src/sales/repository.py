@@ -35,6 +35,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    tuple_,
     type_coerce,
     update,
 )
@@ -407,28 +408,44 @@ async def load(
     return (await conn.execute(query)).mappings().first()
 
 
+# Values a query names at once in an IN list (well within every driver's limit).
+IN_LIST_CHUNK = 1000
+
+
+async def deals_by_external_id(conn: AsyncConnection, external_ids: Sequence[str]) -> dict[str, RowMapping]:
+    """The deals already imported under `external_ids`, by external id: their id and who owns them."""
+    o = opportunities
+    found: dict[str, RowMapping] = {}
+    for start in range(0, len(external_ids), IN_LIST_CHUNK):
+        query = select(o.c.external_id, o.c.id, o.c.owner_id, o.c.team, o.c.region).where(
+            o.c.external_id.in_(external_ids[start : start + IN_LIST_CHUNK])
+        )
+        found.update({row["external_id"]: row for row in (await conn.execute(query)).mappings()})
+    return found
+
+
 async def open_deals_on(
-    conn: AsyncConnection, *, account_id: str, product_line_key: str, exclude_id: str = ""
-) -> Sequence[RowMapping]:
-    """Open opportunities of the account and normalised product line (anti-collision), every owner."""
-    query = (
-        select(
-            opportunities.c.id,
-            opportunities.c.owner_id,
-            opportunities.c.name,
-            opportunities.c.team,
-            opportunities.c.region,
+    conn: AsyncConnection, lines: Collection[tuple[str, str]], *, exclude_id: str = ""
+) -> dict[tuple[str, str], list[RowMapping | dict[str, Any]]]:
+    """Open opportunities of each (account id, normalised product line) of `lines`, every owner,
+    oldest first (anti-collision)."""
+    o = opportunities
+    found: dict[tuple[str, str], list[RowMapping | dict[str, Any]]] = {}
+    ordered = sorted(lines)
+    for start in range(0, len(ordered), IN_LIST_CHUNK):
+        query = (
+            select(o.c.id, o.c.owner_id, o.c.name, o.c.team, o.c.region, o.c.account_id, o.c.product_line_key)
+            .where(
+                tuple_(o.c.account_id, o.c.product_line_key).in_(ordered[start : start + IN_LIST_CHUNK]),
+                o.c.status == OpportunityStatus.OPEN.value,
+            )
+            .order_by(o.c.created_at, o.c.id)
         )
-        .where(
-            opportunities.c.account_id == account_id,
-            opportunities.c.product_line_key == product_line_key,
-            opportunities.c.status == OpportunityStatus.OPEN.value,
-        )
-        .order_by(opportunities.c.created_at)
-    )
-    if exclude_id:
-        query = query.where(opportunities.c.id != exclude_id)
-    return (await conn.execute(query)).mappings().all()
+        if exclude_id:
+            query = query.where(o.c.id != exclude_id)
+        for row in (await conn.execute(query)).mappings():
+            found.setdefault((row["account_id"], row["product_line_key"]), []).append(row)
+    return found
 
 
 async def next_contract_sequence(conn: AsyncConnection, month: int) -> int:

@@ -621,6 +621,108 @@ async def test_an_import_row_the_caller_refuses_is_only_looked_up(sales: SalesHa
     assert [o.id for o in listed.items] == [first.opportunity_id]
 
 
+async def test_a_deal_imported_open_meets_anti_collision_as_a_created_one_does(sales: SalesHandlers) -> None:
+    """An import is no way around 防撞单: a row that would be open beside another owner's open deal
+    on its account and product line is rejected alone, with the reason a create gets; won and lost
+    rows are history and stay exempt."""
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-i", name="A", product_line="Cloud ERP"))
+    with as_user("bob", "sales_rep"):
+        with pytest.raises(Conflict) as created:
+            await sales.create_opportunity(OpportunityIn(account_id="acc-i", name="B", product_line="Cloud ERP"))
+        results = await sales.import_opportunities(
+            "",
+            [
+                ImportRow("B-open", OpportunityIn(account_id="acc-i", name="B", product_line="cloud  erp")),
+                ImportRow("B-elsewhere", OpportunityIn(account_id="acc-j", name="B", product_line="Cloud ERP")),
+                ImportRow(
+                    "B-won",
+                    OpportunityIn(account_id="acc-i", name="B", product_line="Cloud ERP", stage="won", amount=cny("5")),
+                    close_date=date(2025, 3, 1),
+                ),
+                ImportRow(
+                    "B-lost",
+                    OpportunityIn(account_id="acc-i", name="B", product_line="Cloud ERP", stage="lost"),
+                    close_date=date(2025, 4, 1),
+                ),
+            ],
+        )
+    with as_user("admin", "admin"):
+        deals_on_acc_i = await sales.list_opportunities(Page(), account_id="acc-i", statuses=["open"])
+
+    assert [r.outcome for r in results] == ["rejected", "created", "created", "created"]
+    assert [(e.field, e.message) for e in results[0].errors] == [("product_line", created.value.detail)]
+    assert [deal.id for deal in deals_on_acc_i.items] == [first.id]
+
+
+async def test_an_imported_deal_meets_the_open_deals_of_the_files_earlier_rows(sales: SalesHandlers) -> None:
+    """Two rows of one file opening a deal on the same account and product line for two owners: the
+    later one is rejected, naming the deal the earlier one became, as two creates would be."""
+    rows = [
+        ImportRow("F-1", OpportunityIn(account_id="acc-f", name="1", owner_id="alice", product_line="GTX")),
+        ImportRow("F-2", OpportunityIn(account_id="acc-f", name="2", owner_id="alice", product_line="gtx")),
+        ImportRow("F-3", OpportunityIn(account_id="acc-f", name="3", owner_id="bob", product_line="GTX")),
+    ]
+    with as_user("admin", "admin"):
+        results = await sales.import_opportunities("", rows)
+
+    assert [r.outcome for r in results] == ["created", "created", "rejected"]
+    assert [e.field for e in results[2].errors] == ["product_line"]
+    assert f"opportunity {results[0].opportunity_id} " in results[2].errors[0].message
+
+
+async def test_concurrent_creations_and_imports_by_several_owners_let_exactly_one_deal_through(
+    sales: SalesHandlers,
+) -> None:
+    """An import takes the lock a create takes: of deals opened at once on one account and product
+    line by creates and imports of several owners, one is open at the end."""
+
+    async def create(owner: str) -> bool:
+        with as_user(owner, "sales_rep"):
+            try:
+                await sales.create_opportunity(OpportunityIn(account_id="acc-r", name=owner, product_line="X"))
+            except Conflict:
+                return False
+            return True
+
+    async def import_(owner: str) -> bool:
+        with as_user(owner, "sales_rep"):
+            row = ImportRow(f"ext-{owner}", OpportunityIn(account_id="acc-r", name=owner, product_line="X"))
+            [result] = await sales.import_opportunities("", [row])
+            return result.outcome == "created"
+
+    opened = await asyncio.gather(
+        *(create(f"creator{n}") for n in range(3)), *(import_(f"importer{n}") for n in range(3))
+    )
+    assert sum(opened) == 1
+
+
+async def test_an_imported_external_id_answers_existing_only_to_who_may_read_the_deal(sales: SalesHandlers) -> None:
+    """A row whose external_id another user's deal has is rejected, neither naming that deal nor
+    confirming which it is, and creates nothing; who may read the deal gets it as `existing`."""
+    with as_user("alice", "sales_rep", team="east", scope="own"):
+        [imported] = await sales.import_opportunities(
+            "", [ImportRow("SF-0001", OpportunityIn(account_id="acc-s", name="Secret deal"))]
+        )
+    with as_user("zoe", "sales_rep", team="west", scope="own"):
+        [probed] = await sales.import_opportunities(
+            "", [ImportRow("SF-0001", OpportunityIn(account_id="acc-z", name="Probe"))]
+        )
+    with as_user("mgr", "sales_manager", team="east", scope="team"):
+        [found] = await sales.import_opportunities(
+            "", [ImportRow("SF-0001", OpportunityIn(account_id="acc-s", name="Secret deal"))]
+        )
+    with as_user("admin", "admin"):
+        probe_deals = await sales.list_opportunities(Page(), account_id="acc-z")
+
+    assert (probed.outcome, probed.opportunity_id) == ("rejected", "")
+    assert [(e.field, e.message) for e in probed.errors] == [
+        ("external_id", "is already used by an opportunity outside your records")
+    ]
+    assert probe_deals.items == []
+    assert (found.outcome, found.opportunity_id) == ("existing", imported.opportunity_id)
+
+
 # ---------------------------------------------------------------- quotes
 
 
@@ -1142,6 +1244,61 @@ async def test_a_submitted_contract_keeps_its_chain_when_the_rates_change_until_
             )
         ).record
     assert approved.status == "approved"
+
+
+async def contract_of_deal(sales: SalesHandlers, opportunity_id: str, amount: Money) -> Any:
+    return await sales.create_contract(
+        idempotency_key="", opportunity_id=opportunity_id, account_id="", title="Part", amount=amount,
+        owner_id="", team="", region="", starts_on=None, ends_on=None,
+    )  # fmt: skip
+
+
+async def test_a_won_deal_split_into_contracts_under_a_threshold_is_approved_on_their_sum(
+    sales: SalesHandlers,
+) -> None:
+    """A deal may have several contracts (a framework agreement and its call-offs), but each one's
+    chain is chosen on its sum with the deal's other live contracts, at creation and at submission:
+    five contracts of 99 999.99 from a deal won at 500 000 still need finance."""
+    opportunity_id = await won_deal(sales, "500000")
+    with as_user("rep1", "sales_rep"):
+        parts = [await contract_of_deal(sales, opportunity_id, cny("99999.99")) for _ in range(5)]
+        submitted = [(await sales.submit_contract(part.id, expected_version=0)).record for part in parts]
+
+    assert [list(part.approval_chain) for part in parts] == [["sales_manager"]] + [["sales_manager", "finance"]] * 4
+    assert [list(part.approval_chain) for part in submitted] == [["sales_manager", "finance"]] * 5
+
+
+async def test_a_rejected_or_terminated_contract_no_longer_counts_towards_its_deals_chain(
+    sales: SalesHandlers,
+) -> None:
+    opportunity_id = await won_deal(sales, "120000")
+    with as_user("rep1", "sales_rep"):
+        first = await contract_of_deal(sales, opportunity_id, cny("60000"))
+        second = await contract_of_deal(sales, opportunity_id, cny("60000"))
+        await sales.submit_contract(first.id, expected_version=0)
+    with as_user("m", "sales_manager"):
+        await sales.decide_contract(first.id, expected_version=0, decision=d.Decision.REJECTED, comment="terms")
+    with as_user("rep1", "sales_rep"):
+        beside_rejected = (await sales.submit_contract(second.id, expected_version=0)).record
+    with as_user("m", "sales_manager"):
+        await sales.decide_contract(second.id, expected_version=0, decision=d.Decision.APPROVED, comment="")
+    with as_user("f", "finance"):
+        await sales.terminate_contract(second.id, expected_version=0, reason="replaced")
+    with as_user("rep1", "sales_rep"):
+        beside_terminated = (await sales.submit_contract(first.id, expected_version=0)).record
+
+    assert list(second.approval_chain) == ["sales_manager", "finance"]  # 60 000 beside 60 000
+    assert list(beside_rejected.approval_chain) == ["sales_manager"]
+    assert list(beside_terminated.approval_chain) == ["sales_manager"]  # the first, resubmitted
+
+
+async def test_a_contract_made_from_a_deal_is_in_the_deals_currency(engine: AsyncEngine) -> None:
+    sales = sales_with_rates(engine, USD="7.10")
+    opportunity_id = await won_deal(sales, "500000")
+    with as_user("rep1", "sales_rep"), pytest.raises(ValidationFailed) as raised:
+        await contract_of_deal(sales, opportunity_id, Money(Decimal("14000"), "USD"))
+
+    assert refusals(raised) == [("amount.currency", "must be the opportunity's currency CNY")]
 
 
 # ---------------------------------------------------------------- payment plans, payments, invoices
