@@ -2,6 +2,7 @@
 row that does not fit its schema is rejected alone by the gateway, with the fields at fault; the
 others go to the sales service, whose per-row results come back under the file's row numbers."""
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,37 @@ async def test_a_rep_imports_deals_without_naming_fields_they_may_not_set(
     assert servicer.received == ["mine"]
     assert refused.status_code == 403
     assert [e["field"] for e in refused.json()["errors"]] == ["owner_id"]
+
+
+async def test_an_unstorable_row_is_rejected_alone_and_the_rest_of_the_body_is_checked_whole(
+    gateway: tuple[CreatesEveryRow, httpx.AsyncClient],
+) -> None:
+    """Every import row must be storable (no NUL, valid UTF-8): one that is not is rejected alone,
+    naming its field and the problem, as a row that does not fit its schema is; the others are
+    imported. The body's other fields are checked as every route's are: one of them unstorable
+    refuses the request."""
+    servicer, http = gateway
+    deal = {"account_id": "a-1", "name": "Deal"}
+    rows = [
+        {**deal, "external_id": "ok-1"},
+        {**deal, "external_id": "nul", "stage": "lost", "close_date": "2026-01-05", "lost_reason": "price\x00"},
+        {**deal, "external_id": "surrogate", "name": "\ud800"},
+        {**deal, "external_id": "ok-2"},
+    ]
+    headers = {"Content-Type": "application/json"}  # encoded here: httpx cannot encode a lone surrogate
+    response = await http.post("/api/v1/opportunities/import", content=json.dumps({"rows": rows}), headers=headers)
+
+    assert response.status_code == 200, response.text
+    assert servicer.received == ["ok-1", "ok-2"]
+    body = response.json()
+    assert (body["created"], body["rejected"]) == (2, 2)
+    assert [(r["external_id"], r["outcome"], r["errors"]) for r in body["results"][1:3]] == [
+        ("nul", "rejected", [{"field": "lost_reason", "message": "must not contain NUL characters"}]),
+        ("surrogate", "rejected", [{"field": "name", "message": "is not valid UTF-8 text"}]),
+    ]
+
+    servicer.received = []
+    refused = await http.post("/api/v1/opportunities/import", json={"pipeline_id": "p\x00", "rows": rows[:1]})
+    assert refused.status_code == 422
+    assert [e["field"] for e in refused.json()["errors"]] == ["pipeline_id"]
+    assert servicer.received == []

@@ -17,6 +17,7 @@ from crm.sales.v1 import sales_pb2
 from crm.sales.v1 import sales_service_pb2 as pb
 from crm.sales.v1.sales_service_pb2_grpc import SalesServiceStub
 from crm_platform.principal import RecordScope
+from crm_platform.structs import unstorable_values
 from crm_platform.timeutil import as_utc, from_timestamp, isoformat, to_timestamp
 from fastapi import Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -688,6 +689,8 @@ OpportunitiesCreate = Annotated[Access, Depends(require("opportunities", "create
 OpportunitiesUpdate = Annotated[Access, Depends(require("opportunities", "update"))]
 OpportunitiesDelete = Annotated[Access, Depends(require("opportunities", "delete"))]
 OpportunitiesAssign = Annotated[Access, Depends(require("opportunities", "assign"))]
+# An import checks each of its rows' storability itself: an unstorable row is rejected alone.
+OpportunitiesImport = Annotated[Access, Depends(require("opportunities", "create", rows="rows"))]
 
 
 @router.post("/opportunities", status_code=201, responses={201: {"model": schemas.Opportunity}})
@@ -987,13 +990,18 @@ async def lose_opportunity(
 
 
 @router.post("/opportunities/import", responses={200: {"model": schemas.OpportunityImportAnswer}})
-async def import_opportunities(body: ImportBody, request: Request, access: OpportunitiesCreate) -> dict[str, Any]:
+async def import_opportunities(body: ImportBody, request: Request, access: OpportunitiesImport) -> dict[str, Any]:
     """Deals of another system as they are (open at a stage, won or lost), per-row results;
-    a repeated `external_id` returns the first result. A row that does not fit its schema is
-    rejected alone, here, with the fields at fault; the service rejects the others it refuses."""
+    a repeated `external_id` returns the first result. A row that cannot be stored or does not fit
+    its schema is rejected alone, here, with the fields at fault; the service rejects the others it
+    refuses (a deal imported open meets anti-collision, as a created one does)."""
     checked: dict[int, ImportRowBody] = {}
     refused: dict[int, list[dict[str, str]]] = {}
     for index, raw in enumerate(body.rows):
+        unstorable = [field_error({"loc": loc, "msg": problem}) for loc, problem in unstorable_values(raw)]
+        if unstorable:
+            refused[index] = unstorable
+            continue
         try:
             checked[index] = ImportRowBody.model_validate(raw)
         except ValidationError as error:

@@ -11,6 +11,7 @@ from crm_platform.grpc_client import noting_replays, replay_noted
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, outgoing_metadata, resource_scope_key
 from fastapi import Depends, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -514,10 +515,26 @@ def addressed_record(request: Request) -> str:
     return str(next(reversed(request.path_params.values()), ""))
 
 
-def require(resource: str, action: str, *, denied: str = "") -> Callable[..., AsyncIterator[Access]]:
+async def _reject_unstorable_input(request: Request, rows: str) -> None:
+    """`reject_unstorable_input`, but for what it finds in a row of the body's `rows` (if named):
+    anywhere under ("body", rows, index)."""
+    try:
+        await reject_unstorable_input(request)
+    except RequestValidationError as error:
+        in_a_row = ("body", rows)
+        others = [
+            item for item in error.errors() if not (rows and item["loc"][:2] == in_a_row and len(item["loc"]) > 2)
+        ]
+        if others:
+            raise RequestValidationError(others) from error
+
+
+def require(resource: str, action: str, *, denied: str = "", rows: str = "") -> Callable[..., AsyncIterator[Access]]:
     """A FastAPI dependency: the caller must be allowed `action` on `resource`. `denied` names
     what the route does when the grant stands for more than its action's name says (managing
-    scoring rules needs `assign` on leads): the 403 says "you may not <denied>".
+    scoring rules needs `assign` on leads): the 403 says "you may not <denied>". `rows` names the
+    body's list of rows of a route that answers row by row (an import): an unstorable row is left to
+    the route, which rejects it alone; the rest of the request is checked here, as every route's is.
 
     Unknown actions fail at import time; unknown resources when the gateway starts
     (`SecurityRuntime.check_routes`)."""
@@ -536,7 +553,7 @@ def require(resource: str, action: str, *, denied: str = "") -> Callable[..., As
         # Allowed callers learn about unknown query parameters and unstorable text or numbers (422)
         # before the route calls a service.
         reject_unknown_query_parameters(request)
-        await reject_unstorable_input(request)
+        await _reject_unstorable_input(request, rows)
         access = Access(runtime=runtime, request=request, principal=principal, decision=decision)
         if request.method not in ("GET", "HEAD") and runtime.custom_pii_keys and access.masks_personal_data():
             # The caller reads pii custom values masked: sent back unchanged, a mask would replace them.
