@@ -16,6 +16,7 @@ from crm_platform.audit import audit_recorded
 from crm_platform.config import KafkaSettings
 from crm_platform.ids import new_id
 from crm_platform.kafka import ensure_topics
+from crm_platform.outbox import MAX_EVENT_BYTES
 from crm_platform.pagination import encode_cursor
 from crm_platform.principal import Principal
 from crm_platform.testing.kafka import EventCollector, produce_event
@@ -220,6 +221,26 @@ async def test_a_page_of_sensitive_reads_is_one_audit_row(gateway: Any, auth_hea
     assert len(rows) == 1
     assert rows[0]["fields"] == ["credit_limit"] and rows[0]["record_id"] == ""
     assert sorted(rows[0]["after"]["record_ids"]) == [f"a{n}" for n in range(5)]
+
+
+async def test_an_export_of_thousands_of_sensitive_records_is_audited_in_rows_each_event_publishable(
+    gateway: Any, auth_headers: Any
+) -> None:
+    for number in range(12_000):
+        record_id = f"{number:032d}-acct"  # as long as the CRM's ids
+        gateway.store.put(
+            "accounts", {"id": record_id, "owner_id": "x", "credit_limit": {"amount": "1", "currency": "CNY"}}
+        )
+
+    exported = await gateway.client.get("/api/v1/exports/accounts", headers=auth_headers("admin"))
+
+    assert exported.status_code == 200
+    rows = [row for row in await all_audit_rows(gateway) if row["action"] == "read_sensitive"]
+    assert sorted(len(row["after"]["record_ids"]) for row in rows) == [2_000, 5_000, 5_000]
+    assert len({record_id for row in rows for record_id in row["after"]["record_ids"]}) == 12_000
+    async with gateway.runtime.engine.connect() as conn:
+        largest = await conn.scalar(select(func.max(func.length(outbox.c.payload))))
+    assert largest < MAX_EVENT_BYTES  # the broker takes each, and the actor's later events follow
 
 
 async def test_custom_values_defined_as_personal_data_are_masked_in_the_audit_trail(
