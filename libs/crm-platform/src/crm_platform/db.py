@@ -3,7 +3,7 @@
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -376,6 +376,26 @@ async def held_exclusively(engine: AsyncEngine, name: str) -> AsyncIterator[None
                 # drops its locks with it, and no pooled connection keeps one.
                 await conn.invalidate()
                 raise
+
+
+# Tries each name's lock for the transaction (a try never waits, so the order does not matter):
+# those `held_exclusively` holds, on any replica, are not got, and answered.
+_TRIED_FOR_TRANSACTION = text(
+    "SELECT name FROM unnest(CAST(:names AS text[])) AS name"
+    " WHERE NOT pg_try_advisory_xact_lock(CAST(:space AS int), hashtext(name))"
+)
+
+
+async def held_now(conn: AsyncConnection, names: Collection[str]) -> set[str]:
+    """Those of `names` that a `held_exclusively` block of `conn`'s engine holds now, told without
+    waiting. On PostgreSQL, on any replica; and each name found free is then held by `conn`'s
+    transaction until it ends, so no such block begins meanwhile. On SQLite, in this process (a
+    SQLite deployment is one process)."""
+    if not names:
+        return set()
+    if conn.dialect.name == "postgresql":
+        return set(await conn.scalars(_TRIED_FOR_TRANSACTION, {"names": sorted(names), "space": _HELD_LOCK_SPACE}))
+    return {name for name in names if (local := _held_here.get((id(conn.engine), name))) is not None and local.locked()}
 
 
 async def delete_expired(engine: AsyncEngine, table: Table, stamp: str, *, before: datetime, limit: int) -> int:

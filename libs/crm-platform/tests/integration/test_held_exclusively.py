@@ -1,12 +1,14 @@
 """`held_exclusively`: work of several transactions that two requests must not interleave runs one
 holder at a time, whether the other holder is in this process or in another replica (an engine of
-its own, on PostgreSQL); a holder that fails or is cancelled lets the next one in."""
+its own, on PostgreSQL); a holder that fails or is cancelled lets the next one in; and a transaction
+can tell, without waiting, which names are held now (`held_now`), keeping the free ones from being
+taken until it ends (PostgreSQL)."""
 
 import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
-from crm_platform.db import create_engine, held_exclusively
+from crm_platform.db import create_engine, held_exclusively, held_now, transaction
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 pytestmark = pytest.mark.integration
@@ -61,3 +63,40 @@ async def test_a_holder_that_fails_or_is_cancelled_lets_the_next_in(engines: tup
     async with asyncio.timeout(5):
         async with held_exclusively(engines[1], "convert:7"):
             pass
+
+
+async def test_a_transaction_tells_which_names_are_held_now_without_waiting(
+    engines: tuple[AsyncEngine, AsyncEngine],
+) -> None:
+    inside, leave = asyncio.Event(), asyncio.Event()
+
+    async def converting() -> None:
+        async with held_exclusively(engines[1], "convert:1"):
+            inside.set()
+            await leave.wait()
+
+    holder = asyncio.create_task(converting())
+    await asyncio.wait_for(inside.wait(), timeout=5)
+    async with asyncio.timeout(5), transaction(engines[0]) as conn:
+        held = await held_now(conn, {"convert:1", "convert:2"})
+    leave.set()
+    await holder
+
+    assert held == {"convert:1"}
+
+
+async def test_a_name_found_free_is_not_taken_until_the_transaction_that_looked_ends(postgres_url: str) -> None:
+    """On PostgreSQL, across replicas (SQLite's writing transactions run one at a time anyway)."""
+    looking, holding = create_engine(postgres_url), create_engine(postgres_url)
+    log: list[str] = []
+    try:
+        async with transaction(looking) as conn:
+            assert await held_now(conn, {"convert:3"}) == set()
+            later = asyncio.create_task(_hold(holding, "convert:3", log, "later"))
+            await asyncio.sleep(0.2)
+            assert log == []  # it waits for the transaction
+        await asyncio.wait_for(later, timeout=5)
+    finally:
+        await looking.dispose()
+        await holding.dispose()
+    assert log == ["later in", "later out"]
