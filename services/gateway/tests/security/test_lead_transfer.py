@@ -24,9 +24,9 @@ MOVED = "u-leaver -> u-taker: left the company"
 
 
 class TransferringLeads(LeadsServiceServicer):
-    """Moves lead-1 and lead-2 once per idempotency key; a repeat is answered as the service
-    answers it (the first answer, marked replayed). Refuses the same owner twice, as the service
-    does. Records each request with the record scope it came in."""
+    """Moves lead-1 and lead-2 once per idempotency key, and leaves lead-3, whose conversion is under
+    way; a repeat is answered as the service answers it (the first answer, marked replayed). Refuses
+    the same owner twice, as the service does. Records each request with the record scope it came in."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[pb.TransferLeadsRequest, RecordScope]] = []
@@ -40,7 +40,11 @@ class TransferringLeads(LeadsServiceServicer):
             context.set_trailing_metadata((REPLAYED_METADATA,))
             return self.answers[request.idempotency_key]
         answer = pb.TransferLeadsResponse(
-            bulk_transfer_id="bt-1", leads_transferred=2, tasks_transferred=3, lead_ids=["lead-1", "lead-2"]
+            bulk_transfer_id="bt-1",
+            leads_transferred=2,
+            tasks_transferred=3,
+            lead_ids=["lead-1", "lead-2"],
+            skipped_lead_ids=["lead-3"],
         )
         if request.idempotency_key:
             self.answers[request.idempotency_key] = answer
@@ -60,7 +64,12 @@ async def test_a_manager_transfers_a_reps_leads_in_their_scope(
     response = await leads_http.post(PATH, json=body, headers={**leads_auth(role), "Idempotency-Key": "leave-1"})
 
     assert response.status_code == 200, response.text
-    assert response.json() == {"bulk_transfer_id": "bt-1", "leads_transferred": 2, "tasks_transferred": 3}
+    assert response.json() == {
+        "bulk_transfer_id": "bt-1",
+        "leads_transferred": 2,
+        "tasks_transferred": 3,
+        "skipped_lead_ids": ["lead-3"],  # left with the departing rep while its conversion runs
+    }
     [(request, sent_scope)] = leads.calls
     assert (request.from_owner_id, request.to_owner_id, request.to_team) == ("u-leaver", "u-taker", "west")
     assert (request.reason, request.idempotency_key) == ("left the company", "leave-1")

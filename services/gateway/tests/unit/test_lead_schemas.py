@@ -36,7 +36,7 @@ _RECORDS = [
     (_rule_json(filled(leads_pb2.AssignmentRule())), schemas.AssignmentRule),
     (_thresholds_json(filled(leads_pb2.GradeThresholds()), 2), schemas.GradeThresholds),
     (_transfer_json(filled(pb.TransferLeadsResponse())), schemas.LeadTransfer),
-    (_engagement_json(filled(leads_pb2.Engagement()), mask_emails=True), schemas.Engagement),
+    (_engagement_json(filled(leads_pb2.Engagement()), whole_url=False), schemas.Engagement),
 ]
 
 

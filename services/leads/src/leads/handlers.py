@@ -22,7 +22,7 @@ from crm_platform.audit import audit_of_job
 from crm_platform.changes import Change
 from crm_platform.custom_field_filters import CustomFilter, custom_clauses, typed_filters
 from crm_platform.custom_fields_service import load_definitions
-from crm_platform.db import delete_expired, held_exclusively, insert_ignore, single_statements, transaction
+from crm_platform.db import delete_expired, held_exclusively, held_now, insert_ignore, single_statements, transaction
 from crm_platform.errors import (
     AlreadyExists,
     Conflict,
@@ -1808,10 +1808,11 @@ class LeadsService:
             return await _keyset_rows(conn, query, repo.tasks.c.id, cursor=cursor, limit=limit)
 
     async def list_scoped_tasks(
-        self, f: domain.TaskFilters, *, limit: int, cursor: str
+        self, f: domain.TaskFilters, *, tasks_scope: RecordScope, limit: int, cursor: str
     ) -> tuple[list[RowMapping], str]:
-        """The tasks of the leads in the call's record scope, each with its lead's name as `lead_name`,
-        by due_at then id (`ix_lead_tasks_owner` serves an owner's)."""
+        """The tasks of the leads in the call's record scope, only the caller's own of them when
+        their scope on tasks (`tasks_scope`) is `own` (`repo.worklist_scope_clause`), each with its
+        lead's name as `lead_name`, by due_at then id (`ix_lead_tasks_owner` serves an owner's)."""
         if errors := domain.task_filter_errors(f):
             raise ValidationFailed(errors)
         size = page_limit(limit)
@@ -1819,7 +1820,7 @@ class LeadsService:
         query = (
             select(repo.tasks, repo.leads.c.name.label("lead_name"))
             .join(repo.leads, repo.leads.c.id == t.lead_id)
-            .where(repo.lead_scope_clause(current_scope()), t.status == f.status)
+            .where(repo.worklist_scope_clause(current_scope(), tasks_scope), t.status == f.status)
         )
         if f.owner_id:
             query = query.where(t.owner_id == f.owner_id)
@@ -1907,7 +1908,7 @@ class LeadsService:
 
     async def transfer_leads(
         self, from_owner_id: str, to_owner_id: str, to_team: str, reason: str, idempotency_key: str = ""
-    ) -> tuple[RowMapping, list[str]]:
+    ) -> tuple[RowMapping, list[str], list[str]]:
         """Hands every lead `from_owner_id` is working (`domain.transferable`) in the caller's record
         scope to `to_owner_id` (in `to_team`, "" keeping each lead's own), with the leads' open
         first-contact and follow-up tasks, in one transaction: a departing rep's leads go on being
@@ -1920,8 +1921,14 @@ class LeadsService:
         has left would defeat it. One UPDATE ... RETURNING moves the leads, one UPDATE their tasks,
         and the events are built from the returned rows, however many leads the rep holds.
 
-        Returns the transfer as recorded and the ids of the leads this call moved. A repeat of the
-        idempotency key answers with the first call's record and moves nothing (no ids)."""
+        A lead whose conversion is under way (its conversion lock held, on any replica) stays: the
+        saga makes its account, contact and deal for the owner it began with. One whose conversion
+        attempt an outage interrupted moves; a later conversion undoes that attempt and converts for
+        the new owner (`_resumable`).
+
+        Returns the transfer as recorded, the ids of the leads this call moved and those it left
+        because their conversion was under way. A repeat of the idempotency key answers with the
+        first call's record and moves nothing (no ids)."""
         domain.check_transfer(from_owner_id, to_owner_id, to_team)
         reason = reason.strip()
         principal = current_principal()
@@ -1933,31 +1940,31 @@ class LeadsService:
             earlier = await claim(conn, "transfer_leads", idempotency_key, principal, {"id": transfer_id}, now)
             if earlier is not None:
                 first = await conn.execute(select(transfers).where(transfers.c.id == earlier["id"]))
-                return first.mappings().one(), []
+                return first.mappings().one(), [], []
             c = repo.leads.c
+            movable = (repo.transferable_from(from_owner_id), repo.lead_scope_clause(current_scope()))
+            # Locked in id order first, as every write of several leads locks them (an engagement
+            # batch's locks never cross these). A conversion begins its attempt and finishes under
+            # its lead's row lock: none does so until this transaction ends, and one that begins
+            # later finds the lead moved. So only a lead whose attempt is unfinished now may have a
+            # conversion under way, which its conversion lock tells.
+            locked = list(await conn.scalars(select(c.id).where(*movable).order_by(c.id).with_for_update()))
+            unfinished = set(await conn.scalars(select(c.id).where(*movable, repo.conversion_unfinished(c.id))))
+            skipped = await self._conversions_under_way(conn, unfinished.intersection(locked))
             values = self._assignment_values(to_owner_id, to_team, False, now)
             due = values["first_contact_due_at"]
             # Per lead, as an assignment decides it: a lead contacted already has no first contact due.
             values["first_contact_due_at"] = case(
                 (c.first_contacted_at.is_(None), literal(due, c.first_contact_due_at.type)), else_=None
             )
-            movable = (
-                repo.transferable_from(from_owner_id),
-                repo.lead_scope_clause(current_scope()),
-                ~repo.converting(c.id),
-            )
-            # Locked in id order first, as every write of several leads locks them (an engagement
-            # batch's locks never cross these); then moved by a statement of its own, which sees a
-            # conversion begun meanwhile (it locked its lead): that lead stays, with the saga that
-            # makes its account, contact and deal for the owner it started with.
-            await conn.execute(select(c.id).where(*movable).order_by(c.id).with_for_update())
             statement = (
                 update(repo.leads)
-                .where(*movable)
+                .where(repo.one_of_ids(conn, c.id))
                 .values(**values, claimed_at=None, updated_at=now, version=c.version + 1)
                 .returning(repo.leads)
             )
-            rows = sorted((await conn.execute(statement)).mappings(), key=lambda row: str(row["id"]))
+            moving = [lead_id for lead_id in locked if lead_id not in skipped]
+            rows = sorted((await conn.execute(statement, {"ids": moving})).mappings(), key=lambda row: str(row["id"]))
             lead_ids = [row["id"] for row in rows]
             tasks = await repo.move_open_tasks(conn, lead_ids, to_owner_id, first_contact_due=due)
             who = actor(principal)
@@ -1983,7 +1990,15 @@ class LeadsService:
                 )
                 .returning(transfers)
             )
-            return recorded.mappings().one(), lead_ids
+            return recorded.mappings().one(), lead_ids, sorted(skipped)
+
+    @staticmethod
+    async def _conversions_under_way(conn: AsyncConnection, lead_ids: set[str]) -> set[str]:
+        """Those of `lead_ids` (leads with an unfinished conversion attempt) whose conversion runs
+        now, on any replica, told by their conversion locks without waiting (`held_now`): each lock
+        found free stays with this transaction, so no conversion of those leads begins meanwhile."""
+        locks = {repo.conversion_lock(lead_id): lead_id for lead_id in lead_ids}
+        return {locks[name] for name in await held_now(conn, locks)}
 
     async def disqualify(
         self, lead_id: str, reason: str, expected_version: int, idempotency_key: str = ""
@@ -3383,7 +3398,7 @@ class LeadsService:
         under way waits for it, then finds the lead converted (or the attempt undone), and never
         resumes an attempt still in flight as if it had been cut short.
         """
-        async with held_exclusively(self.engine, f"lead-convert:{req.lead_id}"):
+        async with held_exclusively(self.engine, repo.conversion_lock(req.lead_id)):
             return await self._convert_alone(req)
 
     async def _convert_alone(self, req: ConvertRequest) -> ConvertResult:
@@ -3399,7 +3414,11 @@ class LeadsService:
         if isinstance(begun, ConvertResult):
             return begun
         lead, saga = begun
-        if saga["state"] == "running" and saga["attempt_resumed"] and not await self._resumable(req, saga, scopes):
+        if (
+            saga["state"] == "running"
+            and saga["attempt_resumed"]
+            and not await self._resumable(req, lead, saga, scopes)
+        ):
             if req.account_id:  # a request refused for its account leaves the attempt as it was
                 with _calling_in(scopes.accounts):
                     await self.ports.get_account(req.account_id)
@@ -3515,6 +3534,7 @@ class LeadsService:
                     "opportunity_id": "",
                     "error": "",
                     "updated_at": now,
+                    "owner_id": lead["owner_id"],
                 }
                 if saga is None:
                     await conn.execute(insert(repo.conversions).values(values))
@@ -3714,18 +3734,24 @@ class LeadsService:
         for a conversion that will never finish, and the lead undeletable. Only by who may write
         the lead, at the version they expect. A conversion still under way (on any replica) is
         waited for, as another conversion would wait: only an attempt nobody is running is undone."""
-        async with held_exclusively(self.engine, f"lead-convert:{lead_id}"):
+        async with held_exclusively(self.engine, repo.conversion_lock(lead_id)):
             async with self.engine.connect() as conn:
                 lead = await self._visible_lead(conn, lead_id, for_update=True)
             if expected_version and lead["version"] != expected_version:
                 raise StaleVersion(LEAD, lead_id, lead["version"])
             await self._undo_attempt(lead_id, ("running", "compensating"))
 
-    async def _resumable(self, req: ConvertRequest, saga: Mapping[Any, Any], scopes: ConversionScopes) -> bool:
-        """May this request resume the interrupted attempt `saga`? Not when it asks for another account
-        than the attempt chose, nor when the attempt's account is outside the caller's scope (the lead
-        changed hands meanwhile): it would finish with records the caller asked for no part in."""
+    async def _resumable(
+        self, req: ConvertRequest, lead: Mapping[Any, Any], saga: Mapping[Any, Any], scopes: ConversionScopes
+    ) -> bool:
+        """May this request resume the interrupted attempt `saga`? Not when the lead changed hands
+        since the attempt began (a transfer, an assignment, a claim): its account and deal are the
+        former owner's. Nor when it asks for another account than the attempt chose, nor when the
+        attempt's account is outside the caller's scope: it would finish with records the caller
+        asked for no part in."""
         assert self.ports is not None
+        if saga["owner_id"] != lead["owner_id"]:
+            return False
         account_id = str(saga["account_id"])
         if not domain.same_account_choice(
             requested_account_id=req.account_id, account_id=account_id, account_created=bool(saga["account_created"])

@@ -441,6 +441,9 @@ conversions = Table(
     Column("opportunity_id", String(36), nullable=False, server_default=""),
     Column("error", Text, nullable=False, server_default=""),
     Column("updated_at", _TS, nullable=False),
+    # The lead's owner when the attempt began, whom its account and deal are made for (migration
+    # 0033): an attempt is resumed only while the lead still has that owner.
+    Column("owner_id", String(200), nullable=False, server_default=""),
 )
 
 # Bulk transfers of a rep's leads to another (`LeadsService.transfer_leads`, migration 0029): what
@@ -487,6 +490,19 @@ def _shared_pool(scope: RecordScope) -> ColumnElement[bool]:
     return leads.c.in_pool & is_open & or_(leads.c.team == "", leads.c.team == scope.team)
 
 
+def worklist_scope_clause(leads_scope: RecordScope, tasks_scope: RecordScope) -> ColumnElement[bool]:
+    """The tasks a caller's worklist across leads lists (`SearchLeadTasks`, the tasks joined with
+    their leads): those of the leads in their scope on leads, and only their own tasks when their
+    scope on tasks is `own`. A rep's lead scope takes in the shared pool, whose leads carry other
+    people's tasks (a manager's follow-up, the first contact of the rep a lead was recycled from); a
+    team, region or all scope on tasks covers every task of the leads in it."""
+    of_leads = lead_scope_clause(leads_scope)
+    if tasks_scope.kind is not ScopeKind.OWN:
+        return of_leads
+    owned = tasks.c.owner_id == tasks_scope.owner_id if tasks_scope.owner_id else false()
+    return of_leads & owned
+
+
 def lead_in_scope(scope: RecordScope, lead: Mapping[Any, Any]) -> bool:
     """`lead_scope_clause` for a lead loaded without it."""
     if scope.allows(owner_id=lead["owner_id"], team=lead["team"], region=lead["region"]):
@@ -510,28 +526,39 @@ def transferable_from(owner_id: str) -> ColumnElement[bool]:
     return (c.owner_id == owner_id) & ~c.in_pool & c.status.in_(TRANSFERABLE_STATUSES)
 
 
-def converting(lead_id: ColumnElement[str]) -> ColumnElement[bool]:
-    """SQL: the lead's conversion is under way (running, or being undone): its saga makes the
-    account, contact and deal for the owner the lead had when it began."""
+def conversion_unfinished(lead_id: ColumnElement[str]) -> ColumnElement[bool]:
+    """SQL: the lead's last conversion attempt is unfinished (running, or being undone): under way
+    now, or interrupted by an outage (`conversion_lock` tells which)."""
     return exists().where(conversions.c.lead_id == lead_id, conversions.c.state.in_(("running", "compensating")))
+
+
+def conversion_lock(lead_id: str) -> str:
+    """The name a conversion of the lead, or an undo of one, holds while it runs
+    (`crm_platform.db.held_exclusively`): one at a time per lead, on any replica."""
+    return f"lead-convert:{lead_id}"
+
+
+def one_of_ids(conn: AsyncConnection, column: ColumnElement[str]) -> ColumnElement[bool]:
+    """SQL: `column` is one of the ids a statement is executed with as `ids`, however many there are
+    (on PostgreSQL one array parameter)."""
+    if conn.dialect.name == "postgresql":
+        return column == any_(bindparam("ids", type_=ARRAY(column.type)))
+    return column.in_(bindparam("ids", expanding=True))
 
 
 async def move_open_tasks(
     conn: AsyncConnection, lead_ids: Sequence[str], owner_id: str, *, first_contact_due: datetime
 ) -> int:
-    """Gives the open tasks of the leads to `owner_id`, in one statement however many there are (on
-    PostgreSQL the ids are one array parameter); a first-contact task becomes due when the lead's new
-    first-contact SLA ends (`first_contact_due`). How many tasks moved."""
+    """Gives the open tasks of the leads to `owner_id`, in one statement however many there are; a
+    first-contact task becomes due when the lead's new first-contact SLA ends (`first_contact_due`).
+    How many tasks moved."""
     if not lead_ids:
         return 0
     t = tasks.c
-    if conn.dialect.name == "postgresql":
-        of_leads = t.lead_id == any_(bindparam("lead_ids", type_=ARRAY(t.lead_id.type)))
-    else:
-        of_leads = t.lead_id.in_(bindparam("lead_ids", expanding=True))
     due = case((t.kind == "first_contact", literal(first_contact_due, t.due_at.type)), else_=t.due_at)
+    of_leads = one_of_ids(conn, t.lead_id)
     statement = update(tasks).where(of_leads, t.status == "open").values(owner_id=owner_id, due_at=due)
-    moved = await conn.execute(statement, {"lead_ids": list(lead_ids)})
+    moved = await conn.execute(statement, {"ids": list(lead_ids)})
     return int(moved.rowcount)
 
 

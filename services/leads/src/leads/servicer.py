@@ -46,10 +46,12 @@ def _conversion_scopes(context: grpc.aio.ServicerContext) -> ConversionScopes:
     )
 
 
-def _leads_scope(context: grpc.aio.ServicerContext) -> RecordScope:
-    """The caller's scope on leads, sent with a call whose own scope is their scope on activities
-    (an activity's edit); their own leads when not sent, as for the call's own scope."""
-    sent = resource_scope_from_metadata(context.invocation_metadata(), "leads")
+def _scope_on(resource: str, context: grpc.aio.ServicerContext) -> RecordScope:
+    """The caller's scope on another `resource` than the call's own, sent along with it: on leads
+    with an activity's edit (whose own scope is the caller's on activities), on tasks with the
+    worklist across leads (whose own scope is the caller's on leads). Their own records when not
+    sent, as for the call's own scope."""
+    sent = resource_scope_from_metadata(context.invocation_metadata(), resource)
     return sent or RecordScope(ScopeKind.OWN, owner_id=current_principal().user_id)
 
 
@@ -311,7 +313,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             data,
             list(request.update_mask.paths),
             request.expected_version,
-            leads_scope=_leads_scope(context),
+            leads_scope=_scope_on("leads", context),
         )
         return leads_service_pb2.UpdateLeadActivityResponse(
             activity=messages.activity_to_proto(after), previous=messages.activity_to_proto(before)
@@ -321,7 +323,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
         self, request: leads_service_pb2.DeleteLeadActivityRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.DeleteLeadActivityResponse:
         deleted = await self.service.delete_activity(
-            request.lead_id, request.activity_id, request.expected_version, leads_scope=_leads_scope(context)
+            request.lead_id, request.activity_id, request.expected_version, leads_scope=_scope_on("leads", context)
         )
         return leads_service_pb2.DeleteLeadActivityResponse(activity=messages.activity_to_proto(deleted))
 
@@ -342,7 +344,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             owner_id=request.owner_id, status=request.status or "open", kind=request.kind, due=request.due
         )
         rows, cursor = await self.service.list_scoped_tasks(
-            filters, limit=request.page.limit, cursor=request.page.cursor
+            filters, tasks_scope=_scope_on("tasks", context), limit=request.page.limit, cursor=request.page.cursor
         )
         return leads_service_pb2.SearchLeadTasksResponse(
             items=[messages.task_to_proto(r) for r in rows],
@@ -376,7 +378,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
     async def TransferLeads(
         self, request: leads_service_pb2.TransferLeadsRequest, context: grpc.aio.ServicerContext
     ) -> leads_service_pb2.TransferLeadsResponse:
-        transfer, lead_ids = await self.service.transfer_leads(
+        transfer, lead_ids, skipped_lead_ids = await self.service.transfer_leads(
             request.from_owner_id, request.to_owner_id, request.to_team, request.reason, request.idempotency_key
         )
         return leads_service_pb2.TransferLeadsResponse(
@@ -384,6 +386,7 @@ class LeadsServicer(leads_service_pb2_grpc.LeadsServiceServicer):
             leads_transferred=transfer["leads"],
             tasks_transferred=transfer["tasks"],
             lead_ids=lead_ids,
+            skipped_lead_ids=skipped_lead_ids,
         )
 
     async def RecordLeadEngagements(

@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 from crm.leads.v1 import events_pb2, leads_service_pb2, leads_service_pb2_grpc
-from crm_platform.errors import ValidationFailed
+from crm_platform.errors import NotFound, Unavailable, ValidationFailed
 from crm_platform.idempotency import replayed
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.testing.outbox import outbox_events
@@ -86,7 +86,9 @@ async def test_a_bulk_transfer_moves_the_leads_the_rep_works_in_scope_with_their
     now = env.clock()
 
     with _manager(env):
-        transfer, moved = await env.service.transfer_leads("leaver", "taker", "", "left the company", "leave-1")
+        transfer, moved, skipped = await env.service.transfer_leads(
+            "leaver", "taker", "", "left the company", "leave-1"
+        )
 
     after, tasks_after = await _leads(env), await _tasks(env)
     # The leads the domain rule picks, of the manager's team: not the closed ones, nor the pool's,
@@ -94,6 +96,7 @@ async def test_a_bulk_transfer_moves_the_leads_the_rep_works_in_scope_with_their
     picked = {i for i, lead in before.items() if domain.transferable(lead, from_owner_id="leaver")}
     assert sorted(moved) == sorted(i for i in picked if before[i]["team"] == "east")
     assert sorted(moved) == sorted(ids[name] for name in WORKED)
+    assert skipped == []
     for lead_id, lead in after.items():
         if lead_id not in moved:
             assert lead == before[lead_id]
@@ -132,7 +135,7 @@ async def test_each_moved_lead_is_published_as_assigned_with_the_reason_and_the_
     assigned_before = len(await _assigned_events(env))
 
     with _manager(env):
-        transfer, moved = await env.service.transfer_leads("leaver", "taker", "west", " left the company ", "")
+        transfer, moved, _ = await env.service.transfer_leads("leaver", "taker", "west", " left the company ", "")
 
     events = (await _assigned_events(env))[assigned_before:]
     assert sorted(event.lead.id for event in events) == sorted(moved) == sorted(ids[name] for name in WORKED)
@@ -155,7 +158,7 @@ async def test_the_capacity_cap_of_the_assignment_rules_does_not_hold_a_transfer
         await _lead(env, name)
 
     with _manager(env):
-        transfer, moved = await env.service.transfer_leads("leaver", "taker", "", "left", "")
+        transfer, moved, _ = await env.service.transfer_leads("leaver", "taker", "", "left", "")
 
     assert (transfer["leads"], len(moved)) == (2, 2)
     assert (await env.loads_counted())["taker"] == 3
@@ -166,31 +169,31 @@ async def test_a_caller_transfers_only_the_leads_of_their_scope(env: Any) -> Non
     west = await _lead(env, "west", team="west")
 
     with env.acting("another-rep", team="west", scope=ScopeKind.OWN):  # not theirs: nothing moves
-        transfer, moved = await env.service.transfer_leads("leaver", "taker", "", "", "")
+        transfer, moved, _ = await env.service.transfer_leads("leaver", "taker", "", "", "")
     assert (transfer["leads"], moved) == (0, [])
     with env.acting("west-manager", roles=("sales_manager",), team="west", scope=ScopeKind.TEAM):
-        transfer, moved = await env.service.transfer_leads("leaver", "taker", "", "", "")
+        transfer, moved, _ = await env.service.transfer_leads("leaver", "taker", "", "", "")
     assert (transfer["leads"], moved) == (1, [west["id"]])
 
 
 async def test_a_transfer_repeated_with_its_key_answers_the_same_and_moves_nothing_more(env: Any) -> None:
     await _lead(env, "one")
     with _manager(env):
-        first, moved = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-1")
+        first, moved, _ = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-1")
     late = await _lead(env, "given to the leaver since")
     assigned_before = len(await _assigned_events(env))
 
     with _manager(env):
-        again, moved_again = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-1")
+        again, moved_again, skipped_again = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-1")
 
     assert dict(again) == dict(first)
-    assert (len(moved), moved_again) == (1, [])
+    assert (len(moved), moved_again, skipped_again) == (1, [], [])
     assert (await _leads(env))[late["id"]]["owner_id"] == "leaver"
     assert len(await _assigned_events(env)) == assigned_before
     async with env.engine.connect() as conn:
         assert len((await conn.execute(select(repo.bulk_transfers))).all()) == 1
     with _manager(env):  # under a new key: a transfer of its own, which moves it
-        _, moved_later = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-2")
+        _, moved_later, _ = await env.service.transfer_leads("leaver", "taker", "", "left", "leave-2")
     assert moved_later == [late["id"]]
 
 
@@ -262,7 +265,12 @@ async def test_through_the_gateway_a_manager_transfers_and_each_moved_lead_is_on
     assert refused.status_code == 403, refused.text
     assert response.status_code == 200, response.text
     transfer_id = response.json()["bulk_transfer_id"]
-    assert response.json() == {"bulk_transfer_id": transfer_id, "leads_transferred": 2, "tasks_transferred": 2}
+    assert response.json() == {
+        "bulk_transfer_id": transfer_id,
+        "leads_transferred": 2,
+        "tasks_transferred": 2,
+        "skipped_lead_ids": [],
+    }
     assert again.json() == response.json()
     with env.acting("admin", roles=("admin",)):
         assert {(await env.service.get_lead(lead["id"]))["owner_id"] for lead in (one, two)} == {"taker"}
@@ -281,10 +289,12 @@ async def test_through_the_gateway_a_manager_transfers_and_each_moved_lead_is_on
 
 
 async def test_a_lead_whose_conversion_is_under_way_stays_with_the_owner_its_conversion_began_with(
-    env: Any,
+    env_each_database: Any,
 ) -> None:
     """The saga makes the account, contact and deal for the lead's owner when it began: a transfer
-    meanwhile would leave them with the departing rep and the converted lead with the taker."""
+    meanwhile would leave them with the departing rep and the converted lead with the taker. The
+    transfer's answer names the lead it left."""
+    env = env_each_database
     lead = await _lead(env, "Deal in flight")
     other = await _lead(env, "Next one")
     owners_created_for: list[str] = []
@@ -302,11 +312,56 @@ async def test_a_lead_whose_conversion_is_under_way_stays_with_the_owner_its_con
         await env.service.convert(ConvertRequest(lead["id"], create_opportunity=True))
     leads = await _leads(env)
 
-    [(_, moved)] = transfers
+    [(_, moved, skipped)] = transfers
     assert moved == [other["id"]]  # not the lead being converted
+    assert skipped == [lead["id"]]
     assert owners_created_for == ["leaver"]
     assert (leads[lead["id"]]["status"], leads[lead["id"]]["owner_id"]) == ("converted", "leaver")
     assert leads[other["id"]]["owner_id"] == "taker"
+
+
+async def test_a_lead_whose_conversion_an_outage_interrupted_moves_and_is_converted_for_its_new_owner(
+    env: Any,
+) -> None:
+    """The leaver's conversion stopped when accounts went down, after it made an account for them
+    (the saga left `running`); nobody runs it now. The transfer moves the lead with the others. The
+    leaver can no longer convert it (not theirs: 404). A manager, who sees the account the attempt
+    made, converts it for the taker: that attempt is undone, never finished into the leaver's
+    account, and the lead converts into records made for the taker."""
+    stuck = await _lead(env, "Stuck")
+    other = await _lead(env, "Other")
+    owners_created_for: list[str] = []
+    create_account = env.ports.create_account
+
+    async def noting_the_owner(**values: Any) -> str:
+        owners_created_for.append(values["lead"]["owner_id"])
+        return str(await create_account(**values))
+
+    env.ports.create_account = noting_the_owner
+    env.ports.fail = {"contact": Unavailable("accounts down")}
+    with env.acting("leaver", team="east", scope=ScopeKind.OWN), pytest.raises(Unavailable):
+        await env.service.convert(ConvertRequest(stuck["id"]))
+    env.ports.fail = {}
+    [leavers_account] = env.ports.accounts
+
+    with _manager(env):
+        transfer, moved, skipped = await env.service.transfer_leads("leaver", "taker", "", "left", "")
+
+    assert (transfer["leads"], sorted(moved), skipped) == (2, sorted([stuck["id"], other["id"]]), [])
+    assert (await _leads(env))[stuck["id"]]["owner_id"] == "taker"
+    with env.acting("leaver", team="east", scope=ScopeKind.OWN), pytest.raises(NotFound):
+        await env.service.convert(ConvertRequest(stuck["id"]))
+    with _manager(env):
+        converted = await env.service.convert(ConvertRequest(stuck["id"]))
+    assert converted.account_id != leavers_account
+    assert list(env.ports.accounts) == [converted.account_id]  # the leaver's account is undone
+    assert owners_created_for == ["leaver", "taker"]
+    lead = (await _leads(env))[stuck["id"]]
+    assert (lead["status"], lead["owner_id"], lead["converted_account_id"]) == (
+        "converted",
+        "taker",
+        converted.account_id,
+    )
 
 
 async def test_a_transfer_and_an_engagement_batch_lock_their_leads_in_one_order(env: Any) -> None:

@@ -1,15 +1,17 @@
 """The lead tasks across leads (`GET /lead-tasks`, `SearchLeadTasks`): a rep's list of their
-first-contact and follow-up tasks, in the caller's record scope on the tasks' leads, filtered by
-owner, status, kind and due time (overdue, today), by due time and keyset paged, each with its
-lead's name; and `GET /leads?follow_up_overdue=` for the leads the first-contact SLA flagged."""
+first-contact and follow-up tasks, in the caller's record scope on the tasks' leads (and only their
+own tasks when their scope on tasks is `own`), filtered by owner, status, kind and due time
+(overdue, today), by due time and keyset paged, each with its lead's name; and
+`GET /leads?follow_up_overdue=` for the leads the first-contact SLA flagged."""
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from crm_platform.errors import ValidationFailed
-from crm_platform.principal import ScopeKind
+from crm_platform.principal import RecordScope, ScopeKind
 from leads.domain import TaskFilters
 from leads.handlers import ActivityInput, LeadFilters
 
@@ -32,12 +34,20 @@ async def plan_follow_up(env: Any, lead: Any, due_in: timedelta) -> None:
         )
 
 
+def tasks_scope(user: str, kind: ScopeKind = ScopeKind.OWN) -> RecordScope:
+    """`user`'s scope on tasks as the gateway sends it, of the kind of their scope on leads (as the
+    default policy grants both: a rep's own, a manager's team's)."""
+    return RecordScope(kind, owner_id=user, team="east", region="cn-east")
+
+
 async def listed(
     env: Any, user: str = "rep1", scope: ScopeKind = ScopeKind.OWN, *, limit: int = 50, cursor: str = "", **filters: Any
 ) -> tuple[list[tuple[str, str, str]], str]:
     """(lead name, task kind, task owner) of the tasks `user` lists, and the next page's cursor."""
     with env.acting(user, scope=scope):
-        rows, next_page = await env.service.list_scoped_tasks(TaskFilters(**filters), limit=limit, cursor=cursor)
+        rows, next_page = await env.service.list_scoped_tasks(
+            TaskFilters(**filters), tasks_scope=tasks_scope(user, scope), limit=limit, cursor=cursor
+        )
     return [(row["lead_name"], row["kind"], row["owner_id"]) for row in rows], next_page
 
 
@@ -53,6 +63,29 @@ async def test_a_rep_lists_the_tasks_of_their_own_leads_and_a_team_manager_those
     assert sorted(team) == [("Mine", "first_contact", "rep1"), ("Teammate's", "first_contact", "rep2")]
     teammates, _ = await listed(env, "manager", ScopeKind.TEAM, owner_id="rep2")
     assert teammates == [("Teammate's", "first_contact", "rep2")]
+
+
+async def test_a_rep_lists_only_their_own_tasks_of_the_pool_leads_they_see(env: Any) -> None:
+    """A rep's scope on leads takes in their team's pool, whose leads carry other people's tasks (a
+    manager's follow-up on a lead nobody has claimed): their worklist holds only the tasks they own,
+    as their scope on tasks (`own`) says, while the team manager's lists every task of the team's
+    leads. The lead's own task list (its history) still shows the rep what was planned on it."""
+    with env.acting("admin", roles=("admin",)):
+        pooled, _ = await env.service.create_lead({"name": "Pooled", "owner_id": "", "team": "east"})
+    with env.acting("manager", roles=("sales_manager",), scope=ScopeKind.TEAM):
+        await env.service.log_activity(
+            ActivityInput(lead_id=pooled["id"], kind="call", next_follow_up_at=env.clock() + timedelta(days=2))
+        )
+    await new_lead(env, "Mine", "rep1")
+
+    mine, _ = await listed(env, "rep1", ScopeKind.OWN)
+    team, _ = await listed(env, "manager", ScopeKind.TEAM)
+
+    assert mine == [("Mine", "first_contact", "rep1")]
+    assert sorted(team) == [("Mine", "first_contact", "rep1"), ("Pooled", "follow_up", "manager")]
+    with env.acting("rep1", scope=ScopeKind.OWN):
+        history, _ = await env.service.list_tasks(pooled["id"], "open", limit=50, cursor="")
+    assert [(task["kind"], task["owner_id"]) for task in history] == [("follow_up", "manager")]
 
 
 async def test_overdue_tasks_are_the_open_ones_due_before_now_and_the_sla_flags_their_leads(env: Any) -> None:
@@ -103,10 +136,11 @@ async def test_pages_follow_the_due_time_and_end_without_a_cursor(env: Any) -> N
     lead = await new_lead(env, "Paged", "rep1")
     for days in (3, 1, 2):
         await plan_follow_up(env, lead, timedelta(days=days))
+    mine = tasks_scope("rep1")
     with env.acting("rep1", scope=ScopeKind.OWN):
-        everything, _ = await env.service.list_scoped_tasks(TaskFilters(), limit=50, cursor="")
-        first, cursor = await env.service.list_scoped_tasks(TaskFilters(), limit=3, cursor="")
-        rest, end = await env.service.list_scoped_tasks(TaskFilters(), limit=3, cursor=cursor)
+        everything, _ = await env.service.list_scoped_tasks(TaskFilters(), tasks_scope=mine, limit=50, cursor="")
+        first, cursor = await env.service.list_scoped_tasks(TaskFilters(), tasks_scope=mine, limit=3, cursor="")
+        rest, end = await env.service.list_scoped_tasks(TaskFilters(), tasks_scope=mine, limit=3, cursor=cursor)
 
     assert [row["due_at"] for row in everything] == sorted(row["due_at"] for row in everything)
     assert [row["id"] for row in first + rest] == [row["id"] for row in everything]
@@ -116,7 +150,9 @@ async def test_pages_follow_the_due_time_and_end_without_a_cursor(env: Any) -> N
 async def test_overdue_done_tasks_or_unknown_filters_are_refused(env: Any) -> None:
     for filters in ({"status": "done", "due": "overdue"}, {"kind": "call"}, {"due": "tomorrow"}, {"status": ""}):
         with env.acting("rep1", scope=ScopeKind.OWN), pytest.raises(ValidationFailed):
-            await env.service.list_scoped_tasks(TaskFilters(**filters), limit=50, cursor="")
+            await env.service.list_scoped_tasks(
+                TaskFilters(**filters), tasks_scope=tasks_scope("rep1"), limit=50, cursor=""
+            )
 
 
 async def test_the_gateway_lists_the_callers_lead_tasks_and_filters_leads_by_the_overdue_flag(
@@ -143,6 +179,31 @@ async def test_the_gateway_lists_the_callers_lead_tasks_and_filters_leads_by_the
     assert exported.status_code == 200, exported.text
     assert "Wang Fang" in exported.text
     assert (await admin.get("/api/v1/lead-tasks", params={"due": "yesterday"})).status_code == 422
+
+
+async def test_through_the_gateway_a_rep_lists_their_own_tasks_not_others_on_their_pool_leads(
+    env: Any, admin: httpx.AsyncClient, bearer: Callable[[str, str], dict[str, str]]
+) -> None:
+    """The gateway sends the rep's scope on tasks (`own`) along with their scope on leads."""
+    with env.acting("admin", roles=("admin",)):
+        pooled, _ = await env.service.create_lead({"name": "Pooled", "owner_id": "", "team": "east"})
+    planned = await admin.post(
+        f"/api/v1/leads/{pooled['id']}/activities",
+        json={"kind": "call", "next_follow_up_at": (env.clock() + timedelta(days=2)).isoformat()},
+        headers=bearer("manager", "sales_manager"),
+    )
+    assert planned.status_code == 201, planned.text
+    await new_lead(env, "Mine", "rep-1")
+
+    as_rep = await admin.get("/api/v1/lead-tasks", headers=bearer("rep-1", "sales_rep"))
+    as_manager = await admin.get("/api/v1/lead-tasks", headers=bearer("manager", "sales_manager"))
+
+    assert as_rep.status_code == 200, as_rep.text
+    assert [(t["lead_name"], t["owner_id"]) for t in as_rep.json()["items"]] == [("Mine", "rep-1")]
+    assert sorted((t["lead_name"], t["owner_id"]) for t in as_manager.json()["items"]) == [
+        ("Mine", "rep-1"),
+        ("Pooled", "manager"),
+    ]
 
 
 async def test_a_contact_does_the_follow_ups_due_by_then_not_one_planned_for_later(env: Any) -> None:

@@ -157,6 +157,10 @@ class LeadTransfer(BaseModel):
     bulk_transfer_id: str
     leads_transferred: int = Field(description="the leads the departing rep was working, now the new owner's")
     tasks_transferred: int = Field(description="their open first-contact and follow-up tasks, now the new owner's")
+    skipped_lead_ids: list[str] = Field(
+        description="the departing rep's leads left with them because their conversion was under way (its account, "
+        "contact and deal are made for the owner it began with): transfer again once it has ended"
+    )
 
 
 class EngagementResult(BaseModel):
@@ -182,7 +186,11 @@ class Engagement(BaseModel):
     id: str
     lead_id: str | None = None
     kind: str | None = Field(default=None, description="page_view, email_open, email_click, download or webinar")
-    url: str | None = None
+    url: str | None = Field(
+        default=None,
+        description="as recorded; without its query string and fragment (`https://x.cn/p`) for a caller who reads "
+        "the lead's email or phone masked or not at all",
+    )
     occurred_at: Time = None
     external_id: str | None = Field(default=None, description="the sender's event id: recorded once per lead")
     actor_id: str | None = Field(default=None, description="who recorded it (the marketing system's user or API key)")

@@ -61,7 +61,7 @@ from gateway.routers.custom_fields import CUSTOM_FILTER_PARAMETERS, custom_filte
 from gateway.routing import ResourceRouter
 from gateway.security import Access, FilterFields, require
 from gateway.security.access import runtime_of
-from gateway.security.masking import MASK, mask_emails_in, mask_value
+from gateway.security.masking import MASK, mask_value, url_without_query
 from gateway.security.problems import forbidden
 
 router = ResourceRouter(tags=["leads"])
@@ -1145,8 +1145,9 @@ async def list_lead_tasks(
     ] = None,
 ) -> dict[str, Any]:
     """The follow-up tasks of the leads in the caller's scope (a rep's own, a manager's team's), by
-    due time, each with its lead's name; shown with the caller's rules for tasks, the name with
-    their rules for a lead's name (403 without a grant on tasks)."""
+    due time, each with its lead's name; of those, only the caller's own tasks when their scope on
+    tasks is `own` (a rep's pool leads may carry others' tasks). Shown with the caller's rules for
+    tasks, the name with their rules for a lead's name (403 without a grant on tasks)."""
     tasks = access.require_view("tasks")
     tasks.check_filters({"owner_id": "owner_id", "status": "status", "kind": "kind", "due": "due_at"})
     owner_id = access.resolve_me(owner_id)
@@ -1158,7 +1159,7 @@ async def list_lead_tasks(
             kind=kind or "",
             due=due or "",
         ),
-        metadata=access.grpc_metadata(),
+        metadata=access.grpc_metadata(tasks),  # the call's scope is on leads; the tasks' goes along
     )
     items = [
         tasks.present(_task_json(item))
@@ -1226,6 +1227,7 @@ def _transfer_json(reply: pb.TransferLeadsResponse) -> dict[str, Any]:
         "bulk_transfer_id": reply.bulk_transfer_id,
         "leads_transferred": reply.leads_transferred,
         "tasks_transferred": reply.tasks_transferred,
+        "skipped_lead_ids": list(reply.skipped_lead_ids),
     }
 
 
@@ -1238,8 +1240,10 @@ async def transfer_leads(
     qualified, out of the pool; converted and disqualified ones stay) goes to `to_owner_id`, with its
     open first-contact and follow-up tasks, each as `POST /leads/{id}/assign` gives a lead to a rep
     (a fresh first-contact SLA for one not contacted yet; the assignment rules' capacity caps do not
-    apply). On the audit trail once for the transfer and once on each lead it moved. Repeated with
-    its `Idempotency-Key`, it answers as the first request and moves nothing more."""
+    apply). A lead whose conversion is under way stays, named in `skipped_lead_ids` (transfer again
+    once it has ended); one whose conversion an outage interrupted moves. On the audit trail once for
+    the transfer and once on each lead it moved. Repeated with its `Idempotency-Key`, it answers as
+    the first request and moves nothing more."""
     access.check_write(["owner_id", "team"] if body.to_team else ["owner_id"])
     reply = await _stub(request).TransferLeads(
         pb.TransferLeadsRequest(
@@ -1472,12 +1476,12 @@ async def record_engagements(body: EngagementsIn, request: Request, access: Lead
     }
 
 
-def _engagement_json(engagement: leads_pb2.Engagement, *, mask_emails: bool) -> dict[str, Any]:
+def _engagement_json(engagement: leads_pb2.Engagement, *, whole_url: bool) -> dict[str, Any]:
     body = _message_json(engagement)
     body["occurred_at"] = _time(engagement.occurred_at)
     body["recorded_at"] = _time(engagement.recorded_at)
-    if mask_emails:  # a tracking link often carries the lead's address
-        body["url"] = mask_emails_in(body["url"])
+    if not whole_url:  # a tracking link's query often carries the lead's address or phone
+        body["url"] = url_without_query(body["url"])
     return body
 
 
@@ -1498,15 +1502,18 @@ async def list_engagements(
 ) -> dict[str, Any]:
     """The web behaviour recorded on a lead of the caller's record scope (404 for any other, as for
     one that does not exist), newest first by `occurred_at`, one page at a time. Engagements are none
-    of the lead's fields: whoever reads the lead reads them as they were recorded, but for an e-mail
-    address in a URL, masked for a caller who reads the lead's `email` masked (marketing, analysts)."""
+    of the lead's fields: whoever reads the lead reads them as they were recorded, except that a
+    caller who reads the lead's `email` or `phone` masked (marketing, analysts) or not at all sees
+    each URL without its query string and fragment (`https://x.cn/p`), where a tracking link carries
+    them."""
     reply = await _stub(request).ListLeadEngagements(
         pb.ListLeadEngagementsRequest(lead_id=lead_id, kind=kind or "", page=_page(access.page_limit(limit), cursor)),
         metadata=access.grpc_metadata(),
     )
-    mask_emails = not access.in_clear(["email"])
+    contact_points = ["email", "phone"]
+    whole_urls = access.in_clear(contact_points) == contact_points
     return {
-        "items": [_engagement_json(item, mask_emails=mask_emails) for item in reply.items],
+        "items": [_engagement_json(item, whole_url=whole_urls) for item in reply.items],
         "next_cursor": reply.page_info.next_cursor or None,
     }
 

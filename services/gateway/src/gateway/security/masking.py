@@ -1,7 +1,7 @@
 """Masking by field type: what a `masked` field shows, and how PII is written into audit records."""
 
-import re
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from crm_platform.contact_points import split_country_code
 
@@ -35,20 +35,21 @@ def mask_email(value: str) -> str:
     return f"{local[:1]}***@{domain}"
 
 
-# An e-mail address inside free text or a URL, its @ written out or percent-encoded (a tracking
-# link's query string carries `jane%40example.com`).
-_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9._%+-]+(@|%40)[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-
-
-def mask_emails_in(text: str) -> str:
-    """Each e-mail address in `text` masked as `mask_email` masks an email field, its @ as written:
-    `https://x.cn/?u=jane%40example.com` -> `https://x.cn/?u=j***%40example.com`."""
-
-    def masked(match: re.Match[str]) -> str:
-        local, at, domain = match.group().partition(match.group(1))
-        return f"{local[:1]}***{at}{domain}"
-
-    return _EMAIL_IN_TEXT.sub(masked, text)
+def url_without_query(url: str) -> str:
+    """The URL's scheme, host and path only: `https://x.cn/p?u=jane%40example.com#top` ->
+    `https://x.cn/p`. A tracking link carries who clicked in its query string or fragment, in any
+    encoding (an address percent-encoded once or twice, a phone number, non-ASCII text) that no
+    pattern would catch, so both go, as does any user information before the host. A URL without a
+    host (`mailto:jane@example.com`, `tel:...`) is that person: only its scheme is shown, and of
+    text that is no URL at all, nothing."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unclosed `[` of an IPv6 host: no URL
+        return ""
+    host = parts.netloc.rpartition("@")[2]
+    if not host:
+        return f"{parts.scheme}:" if parts.scheme else ""
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def mask_text(value: str) -> str:
