@@ -1,4 +1,5 @@
-"""Operating the gateway: readiness reports its own database (unready without it) and each
+"""Operating the gateway: readiness reports its own database (unready without it, ready with a busy
+connection pool) and each
 upstream (a down one degrades the API, it does not take it offline), a 500 carries the request's
 id like every other response, and a served gateway traces its database calls."""
 
@@ -18,6 +19,7 @@ from fastapi import FastAPI
 from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.config import Settings
+from gateway.security.store import migrate_async
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -76,6 +78,23 @@ async def test_unready_without_its_database(app_for: Any, tmp_path: Path) -> Non
 
     assert response.status_code == 503
     assert response.json()["status"] == "unready" and response.json()["database"] != "ok"
+
+
+async def test_a_busy_connection_pool_keeps_the_gateway_ready(app_for: Any, postgres_url: str) -> None:
+    """Every pooled connection checked out by requests, the database answering at once: the pod is
+    busy, not broken, and taken out of the Service its load would only move to the others."""
+    await migrate_async(postgres_url)
+    app = await app_for(_settings(postgres_url))
+    engine = app.state.security.engine
+    in_use = [await engine.connect() for _ in range(engine.pool.size() + engine.pool._max_overflow)]
+    try:
+        response = await _get(app, "/readyz")
+    finally:
+        for connection in in_use:
+            await connection.close()
+
+    assert response.status_code == 200, response.text
+    assert response.json()["database"] == "ok"
 
 
 async def test_a_down_upstream_degrades_but_keeps_the_gateway_ready(

@@ -13,7 +13,7 @@ import httpx
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings, data_dir
 from crm_platform.consumer import EventConsumer, consumed_topics
-from crm_platform.db import create_engine
+from crm_platform.db import create_engine, probe_engine
 from crm_platform.errors import ValidationFailed
 from crm_platform.grpc_errors import from_rpc_error
 from crm_platform.jobs import expiry_job, inbox_expiry_job
@@ -75,6 +75,8 @@ class SecurityRuntime:
         self.settings = settings
         self.policy = policy or load_policy(settings.policy_path or None)
         self.engine = engine or create_engine(database_url(settings))
+        # Readiness asks on a connection of its own: a pod whose pool is busy is busy, not broken.
+        self._probe = probe_engine(self.engine)
         self.audit = AuditLog(self.engine)
         self.api_keys = ApiKeyStore(self.engine)
         self.replays = WriteReplays(self.engine)
@@ -160,7 +162,7 @@ class SecurityRuntime:
         """ "ok" when the gateway's own database answers, else what went wrong: without it nothing can
         be audited, so no request can be served."""
         try:
-            async with asyncio.timeout(timeout_seconds), self.engine.connect() as connection:
+            async with asyncio.timeout(timeout_seconds), self._probe.connect() as connection:
                 await connection.execute(text("SELECT 1"))
         except (SQLAlchemyError, OSError, TimeoutError) as error:
             log.warning("gateway database not ready: %s", error)
@@ -184,6 +186,7 @@ class SecurityRuntime:
             left = await self._relay.drain(drain_seconds)
             if left:
                 log.warning("gateway outbox: %d audit events left for the next start", left)
+        await self._probe.dispose()
         await self.engine.dispose()
 
     # --- audit of refusals -----------------------------------------------------------------
