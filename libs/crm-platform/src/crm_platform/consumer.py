@@ -162,6 +162,7 @@ class EventConsumer:
     async def run(self) -> None:
         while not self._stopping.is_set():
             try:
+                await self._before_consuming()
                 await self._consume()
             except Exception:
                 log.exception("consumer %s failed; restarting", self.name)
@@ -172,6 +173,10 @@ class EventConsumer:
 
     async def stop(self) -> None:
         self._stopping.set()
+
+    async def _before_consuming(self) -> None:
+        """What a consumer of its own kind reads before it joins its group, at each (re)start: a
+        failure (the database not there yet) is retried as a failed consumption is."""
 
     async def _consume(self) -> None:
         consumer = AIOKafkaConsumer(

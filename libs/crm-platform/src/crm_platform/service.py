@@ -36,6 +36,10 @@ from crm_platform.telemetry import configure_telemetry, instrument_engine, shutd
 log = logging.getLogger(__name__)
 
 
+class BackgroundTaskEnded(RuntimeError):
+    """A relay, consumer or job ended while its service was serving (`ServiceApp.serve`)."""
+
+
 @dataclass
 class ServiceApp:
     settings: ServiceSettings
@@ -120,15 +124,25 @@ class ServiceApp:
         await self.engine.dispose()
 
     async def serve(self) -> None:
-        """Runs until SIGTERM or SIGINT."""
+        """Runs until SIGTERM or SIGINT. The relay, consumers and jobs retry what fails inside them:
+        one that ends anyway stops the process with an error, so that it is restarted rather than
+        left serving without it (a consumer gone, its read models frozen, and nothing to tell)."""
         stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
         await self.start()
-        await stop_requested.wait()
+        requested = asyncio.create_task(stop_requested.wait())
+        done, _ = await asyncio.wait({requested, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+        requested.cancel()
+        ended = [task for task in self._tasks if task in done]
+        for task in ended:
+            error = task.exception() if not task.cancelled() else None
+            log.error("%s: %s ended on its own (%r); stopping", self.settings.service_name, task.get_name(), error)
         log.info("%s shutting down", self.settings.service_name)
         await self.stop()
+        if ended:
+            raise BackgroundTaskEnded(", ".join(task.get_name() for task in ended))
 
     async def _create_topics(self) -> None:
         await ensure_topics_or_wait(self.settings.kafka, [*self.topics, *consumed_topics(self.consumers)])

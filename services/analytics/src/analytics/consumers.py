@@ -644,7 +644,8 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
 
 class ProjectionConsumer(EventConsumer):
     """The projection's consumer: its group (and inbox) name carries the generation stored in the
-    database, read when it starts, so a rebuild done while it was stopped starts from the beginning."""
+    database, read when it starts consuming, so a rebuild done while it was stopped starts from the
+    beginning (a database not there yet at start is waited for, as any failure to consume)."""
 
     def __init__(self, *, uow: UnitOfWork, kafka: KafkaSettings, service: str, group: str) -> None:
         super().__init__(
@@ -658,11 +659,10 @@ class ProjectionConsumer(EventConsumer):
         self.engine = uow.engine
         self.group = group
 
-    async def run(self) -> None:
+    async def _before_consuming(self) -> None:
         async with transaction(self.engine) as conn:
             self.name = consumer_name(self.group, await repo.generation(conn, self.group))
         log.info("projection consuming as group %s", self.name)
-        await super().run()
 
 
 async def rebuild(conn: AsyncConnection, group: str) -> str:

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from analytics.__main__ import build
@@ -39,6 +40,7 @@ from crm_platform.timeutil import to_timestamp, utcnow
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
+from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.integration
 
@@ -510,6 +512,30 @@ async def test_reports_from_events_are_idempotent_and_rebuildable(
         await eventually(lambda: snapshot(again.stub, s.team), want)
     finally:
         await again.stop()
+
+
+async def test_a_pod_started_while_its_database_refuses_connections_projects_once_it_answers(
+    settings: AnalyticsSettings, postgres_admin_url: str
+) -> None:
+    """A cluster restart in which PostgreSQL comes up last: the projection consumer waits for it
+    (its group name needs the generation stored there), it does not die behind a ready pod."""
+    database = make_url(settings.database_url).database
+    admin = await asyncpg.connect(postgres_admin_url)
+    try:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        app = build(settings, create_engine(settings.database_url))
+        await app.start()
+        await asyncio.sleep(1.0)  # its first read of the generation is refused
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    try:
+        consumer = app.consumers[0]
+        await asyncio.wait_for(consumer.ready.wait(), 60)  # joined its group once the database answered
+        assert consumer.name.startswith(settings.projection_group)
+        assert not any(task.done() for task in app._tasks)
+    finally:
+        await app.stop()
 
 
 async def test_bad_filters_name_the_field(service: Running) -> None:
