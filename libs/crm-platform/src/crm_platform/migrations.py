@@ -35,6 +35,10 @@ def upgrade(migrations_dir: Path, database_url: str, revision: str = "head") -> 
     command.upgrade(alembic_config(migrations_dir, database_url), revision)
 
 
+# Held for the transaction that migrates a database (PostgreSQL's transaction advisory lock).
+MIGRATION_LOCK = text("SELECT pg_advisory_xact_lock(hashtext('crm-migrations'))")
+
+
 def run_env(metadata: MetaData) -> None:
     """The body of every service's `migrations/env.py`."""
     url = context.config.get_main_option("sqlalchemy.url")
@@ -49,6 +53,10 @@ def run_env(metadata: MetaData) -> None:
     def migrate(connection: Connection) -> None:
         context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Two migrators at once (replicas migrating at start, a Job and a pod) take turns:
+                # the second reads the version the first left, and has nothing left to do.
+                connection.execute(MIGRATION_LOCK)
             context.run_migrations()
 
     async def run_async() -> None:

@@ -1,11 +1,13 @@
 """A test's empty database is brought to head by copying one migrated once per session: the copy
 must be what Alembic itself would have made, and a database already holding something must be
-migrated by Alembic, not replaced."""
+migrated by Alembic, not replaced. Two migrators of one database at once take turns."""
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from crm_platform import migrations
 from crm_platform.db import create_engine
 from crm_platform.testing.database import migrate_to_head
@@ -62,3 +64,26 @@ async def test_a_database_already_holding_rows_is_migrated_in_place(each_databas
         await engine.dispose()
     revision, _ = await _schema(each_database_url)
     assert revision != "0001"
+
+
+async def test_two_migrators_of_one_database_at_once_both_succeed(postgres_url: str) -> None:
+    """Replicas that migrate at start, or a migration Job beside a pod that does: processes of their
+    own, as in a deployment (Alembic's context is one per process)."""
+    script = "import sys; from pathlib import Path; from crm_platform import migrations; "
+    script += "migrations.upgrade(Path(sys.argv[1]), sys.argv[2])"
+    migrators = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, str(ACCOUNTS_MIGRATIONS), postgres_url, stderr=asyncio.subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    results = [await migrator.communicate() for migrator in migrators]
+
+    assert [migrator.returncode for migrator in migrators] == [0, 0], [err.decode()[-600:] for _, err in results]
+    revision, _ = await _schema(postgres_url)
+    assert revision == (await _head_revision())
+
+
+async def _head_revision() -> str:
+    script = ScriptDirectory.from_config(migrations.alembic_config(ACCOUNTS_MIGRATIONS, "sqlite://"))
+    return str(script.get_current_head())
