@@ -68,8 +68,14 @@ async def stop_quietly(client: Any, wait_seconds: float = 5.0) -> None:
         log.warning("kafka client did not stop cleanly: %s", error)
 
 
+# The events are the record the analytics read models are rebuilt from: kept, never compacted (a
+# record's events share its key). Operators who create the topics themselves are told the same.
+TOPIC_CONFIG = {"retention.ms": "-1", "cleanup.policy": "delete"}
+
+
 async def ensure_topics(settings: KafkaSettings, topics: list[str], *, wait_seconds: float = 15.0) -> None:
-    """Creates missing topics (local and test brokers). Existing topics are left alone."""
+    """Creates missing topics (local and test brokers), their events kept (`TOPIC_CONFIG`).
+    Existing topics are left alone."""
     if not settings.create_topics or not topics:
         return
     admin = AIOKafkaAdminClient(request_timeout_ms=int(wait_seconds * 1000), **client_options(settings))
@@ -83,6 +89,7 @@ async def ensure_topics(settings: KafkaSettings, topics: list[str], *, wait_seco
                     name=topic,
                     num_partitions=settings.topic_partitions,
                     replication_factor=settings.replication_factor,
+                    topic_configs=TOPIC_CONFIG,
                 )
                 for topic in missing
             ]
