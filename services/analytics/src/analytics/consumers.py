@@ -340,6 +340,7 @@ async def apply_opportunity(conn: AsyncConnection, deal: sales_pb2.Opportunity) 
             "campaign_id": deal.campaign_id,
             "created_at": _time(deal.created_at),
             "closed_at": _time(deal.closed_at),
+            "close_date": date.fromisoformat(deal.close_date) if deal.close_date else None,
             "history": history,
             "filled": filled,
             "completeness": domain.completeness(filled, domain.OPPORTUNITY_KEY_FIELDS),
@@ -460,34 +461,66 @@ async def apply_payment(conn: AsyncConnection, payment: sales_pb2.Payment) -> No
 
 
 async def apply_ticket(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket) -> None:
-    await repo.upsert(
-        conn,
-        repo.tickets,
-        {
-            "id": ticket.id,
-            "account_id": await repo.surviving_account(conn, ticket.account_id),
-            "owner_id": ticket.assignee_id,
-            "team": ticket.team,
-            "region": ticket.region,
-            "priority": ticket.effective_priority or ticket.priority,
-            "status": ticket.status,
-            "created_at": _time(ticket.created_at),
-            "first_response_due_at": _time(ticket.first_response_due_at),
-            "first_responded_at": _time(ticket.first_responded_at),
-            "resolution_due_at": _time(ticket.resolution_due_at),
-            "resolved_at": _time(ticket.resolved_at),
-            "version": ticket.version,
-        },
-        keys=["id"],
-        versioned=True,
+    """The ticket as this version has it. A breach the desk reported stays while it holds: a version
+    whose due time a priority or tier change moved lifts one the clock has not reached, as the desk
+    lifts it (`domain.breach_holds`)."""
+    stored = await repo.ticket_sla(conn, ticket.id)
+    changed_at = _time(ticket.updated_at)
+    paused_at = domain.resolution_paused_at(
+        ticket.status,
+        changed_at,
+        stored.status if stored is not None else "",
+        stored.resolution_paused_at if stored is not None else None,
     )
+    first_response_due_at = _time(ticket.first_response_due_at)
+    first_responded_at = _time(ticket.first_responded_at)
+    resolution_due_at = _time(ticket.resolution_due_at)
+    values: dict[str, Any] = {
+        "id": ticket.id,
+        "account_id": await repo.surviving_account(conn, ticket.account_id),
+        "owner_id": ticket.assignee_id,
+        "team": ticket.team,
+        "region": ticket.region,
+        "priority": ticket.effective_priority or ticket.priority,
+        "status": ticket.status,
+        "created_at": _time(ticket.created_at),
+        "first_response_due_at": first_response_due_at,
+        "first_responded_at": first_responded_at,
+        "resolution_due_at": resolution_due_at,
+        "resolved_at": _time(ticket.resolved_at),
+        "resolution_paused_at": paused_at,
+        "version": ticket.version,
+    }
+    if stored is not None:
+        # Met for good as the desk's clocks are: the first response once answered or the ticket done;
+        # the resolution once closed (a resolved ticket's clock only stands still, it may be reopened).
+        done = ticket.status in domain.TICKET_DONE_STATUSES
+        if not domain.breach_holds(
+            stored.first_response_breached_at,
+            first_response_due_at,
+            met_for_good=done or first_responded_at is not None,
+            judged_at=changed_at,
+        ):
+            values.update(first_response_breached=False, first_response_breached_at=None)
+        if not domain.breach_holds(
+            stored.resolution_breached_at,
+            resolution_due_at,
+            met_for_good=ticket.status == "closed",
+            judged_at=paused_at or changed_at,
+        ):
+            values.update(resolution_breached=False, resolution_breached_at=None)
+    await repo.upsert(conn, repo.tickets, values, keys=["id"], versioned=True)
 
 
-async def apply_sla_breach(conn: AsyncConnection, ticket: servicedesk_pb2.Ticket, target: str) -> None:
-    """A breach is a fact once reported: the flag is only ever set, so replays agree."""
+async def apply_sla_breach(
+    conn: AsyncConnection, ticket: servicedesk_pb2.Ticket, target: str, due_at: Timestamp
+) -> None:
+    """A breach as the desk reported it, at the time of the version reporting it (else of the due time
+    it passed): it holds until a version the desk re-timed no longer reaches it (`apply_ticket`)."""
     await apply_ticket(conn, ticket)
-    flag = "resolution_breached" if "resol" in target else "first_response_breached"
-    await conn.execute(update(repo.tickets).where(repo.tickets.c.id == ticket.id).values({flag: True}))
+    prefix = "resolution" if "resol" in target else "first_response"
+    breach = {f"{prefix}_breached": True, f"{prefix}_breached_at": _time(ticket.updated_at) or _time(due_at)}
+    await conn.execute(update(repo.tickets).where(repo.tickets.c.id == ticket.id).values(breach))
 
 
 async def apply_csat(conn: AsyncConnection, response: servicedesk_pb2.CsatResponse) -> None:
@@ -558,7 +591,8 @@ async def _installment_overdue(tx: Transaction, event: ReceivedEvent[sales_event
 
 
 async def _sla_breached(tx: Transaction, event: ReceivedEvent[service_events.TicketSlaBreached]) -> None:
-    await apply_sla_breach(tx.conn, event.message.ticket, event.message.target)
+    message = event.message
+    await apply_sla_breach(tx.conn, message.ticket, message.target, message.due_at)
 
 
 def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[Any]], Awaitable[None]]]:
@@ -629,7 +663,7 @@ def handlers() -> Mapping[type[Message], Callable[[Transaction, ReceivedEvent[An
         service_events.TicketCreated: ticket,
         service_events.TicketAssigned: ticket,
         service_events.TicketStatusChanged: ticket,
-        # Priority, due times and the rest as changed; the breach flags stay as reported (apply_sla_breach).
+        # Priority, due times and the rest as changed; a re-timing lifts the breaches that no longer hold.
         service_events.TicketUpdated: ticket,
         service_events.TicketSlaWarning: ticket,
         service_events.TicketSlaBreached: _sla_breached,

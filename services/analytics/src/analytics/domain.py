@@ -306,6 +306,14 @@ def ran_within(
     return True
 
 
+def first_day_from(moment: datetime) -> date:
+    """The first day beginning (00:00 UTC, as a campaign's days) at or after `moment`. A date begins
+    within the period [period_from, period_to) when it is from `first_day_from(period_from)` and
+    before `first_day_from(period_to)`."""
+    day = moment.astimezone(UTC).date()
+    return day if datetime.combine(day, time.min, UTC) >= moment else day + timedelta(days=1)
+
+
 def lead_source_report(
     leads: Sequence[LeadFact],
     won_deals: Sequence[WonDeal],
@@ -394,6 +402,38 @@ CLOCK_RUNNING = "running"
 CLOCK_PAUSED = "paused"
 CLOCK_ENDED = "ended"
 RESOLUTION_PAUSING_STATUSES = frozenset({"waiting_customer"})
+
+
+# The statuses in which the service desk's own resolution clock stands still (its PAUSING_STATUSES):
+# when it re-times a ticket there, it judges that clock where it stopped.
+DESK_PAUSING_STATUSES = RESOLUTION_PAUSING_STATUSES | {"resolved"}
+
+
+def resolution_paused_at(
+    status: str, changed_at: datetime | None, before_status: str, before_paused_at: datetime | None
+) -> datetime | None:
+    """When the desk's resolution clock of a ticket now in `status` stopped; None while it runs. The
+    desk stops it whenever the ticket moves into a pausing status: at the version that moved it
+    there (`changed_at`, its update time), or as before for a ticket that stays there."""
+    if status not in DESK_PAUSING_STATUSES:
+        return None
+    return before_paused_at if status == before_status else changed_at
+
+
+def breach_holds(
+    breached_at: datetime | None, due_at: datetime | None, *, met_for_good: bool, judged_at: datetime | None
+) -> bool:
+    """Whether a breach the desk reported at `breached_at` holds on a later version of the ticket whose
+    target is due at `due_at`, as the desk judges it again when a priority or tier change moves the
+    due time (its `retimed_clock`): a target met for good keeps its verdict; any other breach holds
+    only if the clock, where it stands (`judged_at`: when that version was made while the clock runs,
+    when it stopped while paused), reached the due time. A version that did not re-time the ticket
+    keeps a breach: its due time is the one breached, or moved on by a pause the breach came before.
+    A breach of unknown time (reported before the read model kept it) stays as reported; a version
+    without its time is judged at the breach."""
+    if breached_at is None or due_at is None or met_for_good:
+        return True
+    return (judged_at or breached_at) >= due_at
 
 
 def sla_clock(status: str, *, pauses_for_the_customer: bool) -> str:

@@ -1,6 +1,7 @@
 """Report use cases: read the read models within the caller's record scope and the filters, then
 let the pure functions of `domain` do the arithmetic."""
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -12,7 +13,7 @@ from crm_platform.money import parse_currency
 from crm_platform.pagination import NOT_ISSUED, decode_cursor, encode_cursor, page_limit
 from crm_platform.principal import current_scope, scope_clause
 from crm_platform.timeutil import as_utc, utcnow
-from sqlalchemy import ColumnElement, FromClause, Subquery, Table, and_, func, or_, select
+from sqlalchemy import ColumnElement, FromClause, Select, Subquery, Table, and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from analytics import domain
@@ -63,6 +64,19 @@ def _period(column: Any, f: ReportFilter) -> list[ColumnElement[bool]]:
     if f.period_to is not None:
         conditions.append(column < f.period_to)
     return conditions
+
+
+def _won_in_period(deals: Table, f: ReportFilter) -> list[ColumnElement[bool]]:
+    """Deals won in the period by the date they were won (`close_date`, which sales may back-date and
+    counts the win's attainment by), a date being in the period when it begins in it (00:00 UTC:
+    `domain.first_day_from`); a deal projected without that date by when the win was recorded."""
+    dated: list[ColumnElement[bool]] = [deals.c.close_date.is_not(None)]
+    if f.period_from is not None:
+        dated.append(deals.c.close_date >= domain.first_day_from(f.period_from))
+    if f.period_to is not None:
+        dated.append(deals.c.close_date < domain.first_day_from(f.period_to))
+    recorded = [deals.c.close_date.is_(None), *_period(deals.c.closed_at, f)]
+    return [deals.c.status == domain.WON, or_(and_(*dated), and_(*recorded))]
 
 
 def _in_scope(records: FromClause) -> ColumnElement[bool]:
@@ -299,9 +313,7 @@ class Reports:
                 domain.count_task(domain.tally_for(tallies, owner_id, team), status)
             o = repo.opportunities
             for owner_id, team, amount, currency in await conn.execute(
-                select(o.c.owner_id, o.c.team, o.c.amount, o.c.currency).where(
-                    *_owned(o, f), o.c.status == domain.WON, *_period(o.c.closed_at, f)
-                )
+                select(o.c.owner_id, o.c.team, o.c.amount, o.c.currency).where(*_owned(o, f), *_won_in_period(o, f))
             ):
                 tally = domain.tally_for(tallies, owner_id, team)
                 tally.won_count += 1
@@ -368,11 +380,12 @@ class Reports:
         size = page_limit(limit)
         after = self._cursor(cursor)
         ac = repo.accounts
+        listed = (*_owned(ac, f), ac.c.merged_into_id == "", ac.c.deleted.is_(False))
         async with self.engine.connect() as conn:
-            accounts = (
-                await conn.execute(select(ac).where(*_owned(ac, f), ac.c.merged_into_id == "", ac.c.deleted.is_(False)))
-            ).all()
-            facts = await self._account_facts(conn, [row.id for row in accounts], f)
+            accounts = (await conn.execute(select(ac).where(*listed))).all()
+            # Each figure is read for the accounts of this same query, as a subquery: a list of their
+            # ids would be one bind parameter each, more than a database takes in a large scope.
+            facts = await self._account_facts(conn, select(ac.c.id).where(*listed), f)
         now = self.clock()
         rows = []
         for account in accounts:
@@ -429,10 +442,13 @@ class Reports:
             raise ValidationFailed([FieldError("cursor", NOT_ISSUED)]) from None
 
     async def _account_facts(
-        self, conn: AsyncConnection, account_ids: list[str], f: ReportFilter
-    ) -> dict[str, dict[str, Any]]:
-        facts: dict[str, dict[str, Any]] = {
-            account_id: {
+        self, conn: AsyncConnection, listed: Select[tuple[str]], f: ReportFilter
+    ) -> defaultdict[str, dict[str, Any]]:
+        """The figures of the accounts `listed` selects, by account id, zero for one without any. Each
+        query selects the accounts anew: one that came into scope since the list was read may have
+        figures here too, which nobody reads."""
+        facts: defaultdict[str, dict[str, Any]] = defaultdict(
+            lambda: {
                 "won": Decimal(0),
                 "paid": Decimal(0),
                 "last_activity": None,
@@ -441,10 +457,7 @@ class Reports:
                 "urgent": 0,
                 "scores": [],
             }
-            for account_id in account_ids
-        }
-        if not account_ids:
-            return facts
+        )
         # The account being in scope is not enough: each figure counts only the caller's in-scope
         # records of it (a payment and an installment by their contract, a CSAT response by its
         # ticket), as the 360 view filters each of its parts and analytics obey the same rules
@@ -453,29 +466,27 @@ class Reports:
         o, p, k = repo.opportunities, repo.payments, repo.contracts
         for account_id, amount, currency in await conn.execute(
             select(o.c.account_id, o.c.amount, o.c.currency).where(
-                o.c.account_id.in_(account_ids), _in_scope(o), o.c.status == domain.WON, *_period(o.c.closed_at, f)
+                o.c.account_id.in_(listed), _in_scope(o), *_won_in_period(o, f)
             )
         ):
             facts[account_id]["won"] += domain.money_sum([(amount, currency)], f.currency)
         for account_id, amount, currency in await conn.execute(
             select(k.c.account_id, p.c.amount, p.c.currency)
             .select_from(p.join(k, k.c.id == p.c.contract_id))
-            .where(k.c.account_id.in_(account_ids), _in_scope(k), *_period(p.c.received_at, f))
+            .where(k.c.account_id.in_(listed), _in_scope(k), *_period(p.c.received_at, f))
         ):
             facts[account_id]["paid"] += domain.money_sum([(amount, currency)], f.currency)
         a = repo.activities
         for account_id, latest in await conn.execute(
-            select(a.c.account_id, func.max(a.c.occurred_at))
-            .where(a.c.account_id.in_(account_ids))
-            .group_by(a.c.account_id)
+            select(a.c.account_id, func.max(a.c.occurred_at)).where(a.c.account_id.in_(listed)).group_by(a.c.account_id)
         ):
             facts[account_id]["last_activity"] = _utc(latest)
-        await self._overdue(conn, facts, account_ids, f.currency)
+        await self._overdue(conn, facts, listed, f.currency)
         tk = repo.tickets
         for account_id, count in await conn.execute(
             select(tk.c.account_id, func.count())
             .where(
-                tk.c.account_id.in_(account_ids),
+                tk.c.account_id.in_(listed),
                 _in_scope(tk),
                 tk.c.priority == domain.URGENT,
                 tk.c.status.not_in(domain.TICKET_DONE_STATUSES),
@@ -488,16 +499,15 @@ class Reports:
             select(func.coalesce(func.nullif(c.c.account_id, ""), tk.c.account_id), c.c.score)
             .select_from(c.outerjoin(tk, tk.c.id == c.c.ticket_id))
             .where(
-                or_(c.c.account_id.in_(account_ids), and_(c.c.account_id == "", tk.c.account_id.in_(account_ids))),
+                or_(c.c.account_id.in_(listed), and_(c.c.account_id == "", tk.c.account_id.in_(listed))),
                 _in_scope(tk),
             )
         ):
-            if account_id in facts:
-                facts[account_id]["scores"].append(int(score))
+            facts[account_id]["scores"].append(int(score))
         return facts
 
     async def _overdue(
-        self, conn: AsyncConnection, facts: dict[str, dict[str, Any]], account_ids: list[str], currency: str
+        self, conn: AsyncConnection, facts: dict[str, dict[str, Any]], listed: Select[tuple[str]], currency: str
     ) -> None:
         i, k, al = repo.installments, repo.contracts, repo.allocations
         allocated = (
@@ -511,7 +521,7 @@ class Reports:
             )
             .where(
                 i.c.overdue.is_(True),
-                account.in_(account_ids),
+                account.in_(listed),
                 _in_scope(k),
                 # A terminated contract's installments are written off, however late they were (one of
                 # a contract not projected yet still counts).

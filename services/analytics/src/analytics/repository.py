@@ -26,6 +26,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 metadata = MetaData()
@@ -96,7 +97,11 @@ opportunities = Table(
     _text("source_lead_id"),
     _text("campaign_id"),
     _ts("created_at"),
+    # When the win or loss was recorded, and the date the deal was won or lost (`close_date`, which
+    # sales may back-date): wins count in a period by the date. NULL for a deal projected before the
+    # date was kept (until its next event or a rebuild), counted by `closed_at` meanwhile.
     _ts("closed_at"),
+    Column("close_date", Date, nullable=True),
     Column("history", JSON, nullable=False),
     # Its filled key fields (`domain.OPPORTUNITY_KEY_FIELDS`) and their share. NULL for a deal
     # projected before they were kept, left out of data completeness until its next event.
@@ -105,6 +110,7 @@ opportunities = Table(
     Column("version", BigInteger, nullable=False),
     Index("ix_rm_opportunities_created", "created_at"),
     Index("ix_rm_opportunities_closed", "closed_at"),
+    Index("ix_rm_opportunities_close_date", "close_date"),
     Index("ix_rm_opportunities_owner", "owner_id"),
     Index("ix_rm_opportunities_team", "team"),
     Index("ix_rm_opportunities_account", "account_id"),
@@ -265,6 +271,12 @@ tickets = Table(
     _ts("resolved_at"),
     Column("first_response_breached", Boolean, nullable=False, server_default=text("false")),
     Column("resolution_breached", Boolean, nullable=False, server_default=text("false")),
+    # When the service desk reported each breach: a later version it re-timed judges the breach again
+    # (`domain.breach_holds`). NULL for one reported before these were kept, which stays as reported.
+    _ts("first_response_breached_at"),
+    _ts("resolution_breached_at"),
+    # When the desk's resolution clock stopped (waiting for the customer, resolved); NULL while it runs.
+    _ts("resolution_paused_at"),
     Column("version", BigInteger, nullable=False),
     Index("ix_rm_tickets_created", "created_at"),
     Index("ix_rm_tickets_owner", "owner_id"),
@@ -404,6 +416,18 @@ async def start_next_generation(conn: AsyncConnection, name: str) -> int:
 
 async def count_rows(conn: AsyncConnection, table: Table) -> int:
     return int((await conn.execute(select(func.count()).select_from(table))).scalar_one())
+
+
+async def ticket_sla(conn: AsyncConnection, ticket_id: str) -> Row[Any] | None:
+    """The ticket's status, when its resolution clock stopped and when its breaches were reported;
+    None for a ticket not projected yet."""
+    t = tickets.c
+    found = await conn.execute(
+        select(t.status, t.resolution_paused_at, t.first_response_breached_at, t.resolution_breached_at).where(
+            t.id == ticket_id
+        )
+    )
+    return found.first()
 
 
 async def pipeline_deleted(conn: AsyncConnection, pipeline_id: str) -> bool:

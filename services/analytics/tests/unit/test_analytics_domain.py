@@ -1,7 +1,7 @@
 """Report arithmetic: rates, ROI, CSAT, SLA outcomes, funnel conversion, churn-risk rules."""
 
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -117,6 +117,28 @@ def test_sla_outcomes() -> None:
     assert domain.sla_outcome(due, None, breached=False, now=at(5), clock=domain.CLOCK_PAUSED) == "pending"
     assert domain.sla_outcome(due, None, breached=True, now=at(5), clock=domain.CLOCK_ENDED) == "breached"
     assert domain.sla_outcome(due, None, breached=True, now=at(5), clock=domain.CLOCK_PAUSED) == "breached"
+
+
+def test_a_reported_breach_holds_where_the_clock_reached_the_due_time_of_a_later_version() -> None:
+    """As the service desk judges a breach again when a priority or tier change moves its due time."""
+    breached = at(1)  # reported when the first response, due at 1 h, ran out
+    # Re-timed at the 2nd hour, due at the 4th now: the clock has not reached it, the desk lifts it.
+    assert not domain.breach_holds(breached, at(4), met_for_good=False, judged_at=at(2))
+    # Re-timed at the 5th hour: the new due time passed too, the breach holds.
+    assert domain.breach_holds(breached, at(4), met_for_good=False, judged_at=at(5))
+    # A target met for good keeps its verdict, whatever its due time now.
+    assert domain.breach_holds(breached, at(4), met_for_good=True, judged_at=at(2))
+    # A breach reported before its time was kept stays as reported; a version without a time is
+    # judged at the breach.
+    assert domain.breach_holds(None, at(4), met_for_good=False, judged_at=at(2))
+    assert not domain.breach_holds(breached, at(4), met_for_good=False, judged_at=None)
+
+
+def test_the_desks_resolution_clock_stops_when_the_ticket_moves_to_wait_for_the_customer_or_is_resolved() -> None:
+    assert domain.resolution_paused_at("waiting_customer", at(2), "in_progress", None) == at(2)
+    assert domain.resolution_paused_at("waiting_customer", at(3), "waiting_customer", at(2)) == at(2)
+    assert domain.resolution_paused_at("resolved", at(4), "waiting_customer", at(2)) == at(4)
+    assert domain.resolution_paused_at("in_progress", at(5), "waiting_customer", at(2)) is None
 
 
 def test_service_summary() -> None:
@@ -411,6 +433,29 @@ def test_a_campaign_ran_in_a_period_when_their_days_overlap(starts_on: Any, ends
     november = (datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
     assert domain.ran_within(starts_on, ends_on, *november) is ran
     assert domain.ran_within(starts_on, ends_on, None, None)
+
+
+SHANGHAI = timezone(timedelta(hours=8))
+
+
+@pytest.mark.parametrize(
+    ("moment", "day"),
+    [
+        (datetime(2026, 1, 1, tzinfo=UTC), date(2026, 1, 1)),  # a day begins at its own start
+        (datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), date(2026, 1, 2)),
+        (datetime(2026, 1, 1, tzinfo=SHANGHAI), date(2026, 1, 1)),  # 31 December 16:00 UTC
+        (datetime(2026, 2, 1, tzinfo=SHANGHAI), date(2026, 2, 1)),
+    ],
+)
+def test_the_first_day_from_a_moment_begins_at_or_after_it(moment: datetime, day: date) -> None:
+    assert domain.first_day_from(moment) == day
+
+
+def test_a_months_bounds_in_utc_or_east_of_it_hold_the_days_of_that_month() -> None:
+    """As sales' attainment counts a close date in its month."""
+    for zone in (UTC, SHANGHAI, timezone(timedelta(hours=14))):
+        first, end = (domain.first_day_from(datetime(2026, month, 1, tzinfo=zone)) for month in (1, 2))
+        assert (first, end) == (date(2026, 1, 1), date(2026, 2, 1))
 
 
 # -------------------------------------------------------------------------------- rep performance

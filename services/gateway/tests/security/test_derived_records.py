@@ -249,6 +249,35 @@ async def test_funnel_lead_source_and_rep_money_follow_the_amounts_they_add_up(c
     assert reps["rows"][0]["won_amount"] == mask_value(MONEY, "money")
 
 
+async def test_the_funnels_csv_ends_with_its_total_whose_money_follows_the_amounts_as_in_the_json(
+    client: Client,
+) -> None:
+    """The report route's CSV and the export alike: the stages, then a `total` row with the win rate,
+    the counts and the money of the whole funnel, left out or masked as the JSON answer has it."""
+    marketing = await client("marketing")  # reads no deal amounts
+    masked = await client("analyst", grant_fields("analyst", "opportunities", amount="masked"))
+    clear = await client("analyst")
+
+    for path, params in (("reports/sales-funnel", {"format": "csv"}), ("exports/reports", {"report": "sales-funnel"})):
+        hidden_rows = csv_dicts(await marketing.get(f"/api/v1/{path}", params=params))
+        masked_rows = csv_dicts(await masked.get(f"/api/v1/{path}", params=params))
+        clear_rows = csv_dicts(await clear.get(f"/api/v1/{path}", params=params))
+
+        assert [row["stage"] for row in clear_rows] == ["proposal", "total"]
+        total = clear_rows[-1]
+        assert (total["won_count"], total["win_rate"], total["count"]) == ("1", "0.5000", "")
+        assert (total["won_amount"], total["average_deal_size"]) == ("900.00 CNY", "900.00 CNY")
+        assert not {"amount", "won_amount", "average_deal_size"} & set(hidden_rows[-1])
+        assert hidden_rows[-1]["win_rate"] == "0.5000"
+        assert masked_rows[-1]["won_amount"] == masked_rows[-1]["average_deal_size"] == "*** CNY"
+        assert "900.00" not in str(masked_rows), path
+
+
+def csv_dicts(response: httpx.Response) -> list[dict[str, str]]:
+    assert response.status_code == 200, response.text
+    return list(csv.DictReader(io.StringIO(response.text)))
+
+
 def reports_of_everyone(policy: dict[str, Any]) -> None:
     """A rep who reads every rep's reports (as with a second role, an analyst's of marketing), but
     only their own deals."""

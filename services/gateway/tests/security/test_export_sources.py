@@ -71,6 +71,13 @@ class FakeAnalytics:
                 ),
             ],
             opportunities=5,
+            open_count=3,
+            won_count=1,
+            lost_count=1,
+            win_rate="0.5000",
+            won_amount=_money("100.00"),
+            average_deal_size=_money("100.00"),
+            mean_sales_cycle_days="12.50",
         )
 
     async def GetLeadSourceReport(self, request: Any, metadata: Any = None) -> analytics_pb.GetLeadSourceReportResponse:
@@ -242,8 +249,15 @@ async def test_sales_funnel_report_as_csv(app: FastAPI, client: httpx.AsyncClien
         headers=real_app_auth("sales_manager"),
     )
     rows = table(response)
-    assert rows[0] == ["stage", "count", "amount", "reached", "conversion_to_next", "mean_days_in_stage"]
-    assert rows[1:] == [["qualify", "3", "300.00 CNY", "5", "", ""], ["won", "1", "100.00 CNY", "1", "0.2000", ""]]
+    stage_columns = ["stage", "count", "amount", "reached", "conversion_to_next", "mean_days_in_stage"]
+    whole = ["opportunities", "open_count", "won_count", "lost_count", "win_rate", "won_amount", "average_deal_size"]
+    assert rows[0] == [*stage_columns, *whole, "mean_sales_cycle_days"]
+    # The stages, then the figures of the whole funnel on a row of their own.
+    assert rows[1:] == [
+        ["qualify", "3", "300.00 CNY", "5", "", "", *[""] * 8],
+        ["won", "1", "100.00 CNY", "1", "0.2000", "", *[""] * 8],
+        ["total", *[""] * 5, "5", "3", "1", "1", "0.5000", "100.00 CNY", "100.00 CNY", "12.50"],
+    ]
     assert response.headers["content-disposition"] == 'attachment; filename="reports.csv"'
     ((request, scope),) = calls(app).of("GetSalesFunnel")
     assert request.pipeline_id == "p-1"

@@ -217,7 +217,8 @@ async def sales_funnel(
     pipeline_id: Annotated[str, Query(max_length=64)] = "",
     format: Format = "json",
 ) -> Any:
-    """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle."""
+    """Deals per stage, stage-to-stage conversion, win rate, average deal size, sales cycle (as CSV:
+    a row per stage, then a `total` row with the figures of the whole funnel)."""
     access = report_access(access, format)
     reply = await _report(
         _stub(request).GetSalesFunnel(
@@ -225,12 +226,26 @@ async def sales_funnel(
             metadata=access.grpc_metadata(),
         )
     )
-    body = _funnel(plain(reply), _Money(access))
-    return await report_answer(request, access, "sales-funnel", body, body["stages"], filters.described())
+    funnel, money = plain(reply), _Money(access)
+    return await report_answer(
+        request, access, "sales-funnel", _funnel(funnel, money), _funnel_rows(funnel, money), filters.described()
+    )
 
 
 def _funnel(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
     return {**money.present(body), "stages": [money.present(stage) for stage in body["stages"]]}
+
+
+def _funnel_rows(body: Mapping[str, Any], money: _Money) -> list[dict[str, Any]]:
+    """The funnel's CSV rows, of the report route and the export alike: one per stage, then a row of
+    stage `total` with the figures of the whole funnel (the counts, win rate, won amount, average
+    deal size, sales cycle), which the stage rows alone would lose. Every row has every column, as
+    the first row names them: a stage's figures of the whole are empty, and the total's stage ones.
+    Money shows as in the JSON answer."""
+    whole = {name: value for name, value in body.items() if name != "stages"}
+    rows = [{**stage, **dict.fromkeys(whole)} for stage in body["stages"]]
+    rows.append({**dict.fromkeys(pb.FunnelStage.DESCRIPTOR.fields_by_name), "stage": "total", **whole})
+    return [money.present(row) for row in rows]
 
 
 def _rows(body: Mapping[str, Any], money: _Money) -> dict[str, Any]:
@@ -457,7 +472,7 @@ async def _report_export_rows(access: Access, filters: Mapping[str, str]) -> Asy
                     pb.GetSalesFunnelRequest(filter=report_filter, pipeline_id=export.pipeline_id), metadata=metadata
                 )
             )
-            rows = _funnel(plain(funnel), money)["stages"]
+            rows = _funnel_rows(plain(funnel), money)
         case "lead-sources":
             grouping = pb.LEAD_GROUPING_CAMPAIGN if export.group_by == "campaign" else pb.LEAD_GROUPING_SOURCE
             sources = await _report(

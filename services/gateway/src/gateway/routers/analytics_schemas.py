@@ -86,7 +86,7 @@ class RepPerformanceRow(BaseModel):
     tasks: int = Field(description="tasks due in the period, cancelled ones not counted")
     tasks_completed: int
     task_completion_rate: Rate = Field(description="tasks_completed / tasks")
-    won_count: int = Field(description="deals the rep won in the period")
+    won_count: int = Field(description="deals the rep won in the period, by their close date")
     won_amount: MoneyOut | None = None
     csat_responses: int = Field(description="CSAT responses to tickets assigned to the rep")
     csat_average: Mean = Field(description="mean CSAT score (1 to 5)")
@@ -133,7 +133,9 @@ class CustomerValueRow(BaseModel):
     account_name: str
     owner_id: str
     team: str
-    won_amount: MoneyOut | None = Field(default=None, description="the amount of the account's won deals")
+    won_amount: MoneyOut | None = Field(
+        default=None, description="the amount of the account's deals won in the period, by their close date"
+    )
     paid_amount: MoneyOut | None = Field(default=None, description="payments received on the account's contracts")
     churn_risk: str = Field(description="low (no reason), medium (one reason) or high (two or more)")
     reasons: list[ChurnReason]
