@@ -23,3 +23,9 @@ def test_an_explicit_target_wins_over_the_derived_one(tmp_path: Path, monkeypatc
     monkeypatch.setenv("CRM_GATEWAY_SALES_TARGET", "sales.example:443")
     env = stack_environment(data_dir=tmp_path, bootstrap="127.0.0.1:9092", gateway_port=8080)
     assert env["CRM_GATEWAY_SALES_TARGET"] == "sales.example:443"
+
+
+def test_the_stacks_processes_sign_their_calls_to_each_other(tmp_path: Path) -> None:
+    env = stack_environment(data_dir=tmp_path, bootstrap="127.0.0.1:9092", gateway_port=8080)
+
+    assert len(env["CRM_INTERNAL_CALL_SECRET"]) >= 32

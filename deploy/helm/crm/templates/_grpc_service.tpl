@@ -71,6 +71,7 @@ spec:
               value: {{ include "crm.service.target" (dict "root" $root "name" . "key" $upstreamKey) | quote }}
             {{- end }}
             {{- with (include "crm.component.settingsEnv" .) }}{{- . | trim | nindent 12 }}{{- end }}
+            {{- include "crm.internalCalls.env" $root | nindent 12 }}
             {{- include "crm.kafka.env" $root | nindent 12 }}
             {{- with (include "crm.otel.env" .) }}{{- . | trim | nindent 12 }}{{- end }}
             {{- with $values.extraEnvVars }}

@@ -253,6 +253,23 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/*
+The secret the gateway and the services sign and check their gRPC calls with (crm_platform.call_auth):
+`internalCalls.existingSecret`, else the Secret the chart generates (templates/internal-calls-secret.yaml).
+Not for the migration Jobs, which call no one (and run before that Secret exists on install).
+*/}}
+{{- define "crm.internalCalls.secretName" -}}
+{{- default (printf "%s-internal-calls" (include "crm.fullname" .)) .Values.internalCalls.existingSecret -}}
+{{- end -}}
+
+{{- define "crm.internalCalls.env" -}}
+- name: CRM_INTERNAL_CALL_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "crm.internalCalls.secretName" . }}
+      key: {{ .Values.internalCalls.secretKey }}
+{{- end -}}
+
 {{/* OpenTelemetry exporter (read by the OpenTelemetry SDK itself, see crm_platform.telemetry). */}}
 {{- define "crm.otel.env" -}}
 {{- if .root.Values.otel.endpoint }}

@@ -1,7 +1,7 @@
 """Settings read from environment variables (pydantic-settings).
 
 Each service subclasses `ServiceSettings` with its own prefix (`CRM_LEADS_`, ...); Kafka settings are
-shared by every process under `CRM_KAFKA_`.
+shared by every process under `CRM_KAFKA_`, the internal calls' secret under `CRM_INTERNAL_CALL_`.
 """
 
 from pathlib import Path
@@ -56,6 +56,16 @@ class KafkaSettings(BaseSettings):
         return self
 
 
+class InternalCallSettings(BaseSettings):
+    """Shared by the gateway and every service (`crm_platform.call_auth`)."""
+
+    model_config = SettingsConfigDict(env_prefix="CRM_INTERNAL_CALL_")
+
+    # Callers sign the principal and scope of each gRPC call with it and services refuse calls not
+    # signed with it. Empty: calls are not signed and services believe any caller (local runs, tests).
+    secret: str = ""
+
+
 # Connections per replica (see ServiceSettings); also create_engine's defaults.
 DATABASE_POOL_SIZE = 20
 DATABASE_MAX_OVERFLOW = 10
@@ -104,6 +114,8 @@ class ServiceSettings(InboxSettings):
     idempotency_retention_hours: float = Field(default=24.0, gt=0)
     idempotency_expiry_interval_seconds: float = Field(default=600.0, gt=0)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    # The service's server checks calls with this secret, and its channels to other services sign with it.
+    internal_calls: InternalCallSettings = Field(default_factory=InternalCallSettings)
 
     def resolved_database_url(self) -> str:
         """The configured URL, or a SQLite file under the data folder (the embedded default)."""

@@ -1,12 +1,13 @@
 """The gRPC server every service runs: health checking and reflection from the libraries, and one
-interceptor that sets the caller's context (and a keyed request's fingerprint), bounds the deadline,
-maps domain errors, binds a list's cursors to the list and its filters, answers a repeated key with
-the first answer it got (marked `REPLAYED_METADATA`) and counts."""
+interceptor that refuses calls not signed with the internal calls' secret (`call_auth`), sets the
+caller's context (and a keyed request's fingerprint), bounds the deadline, maps domain errors, binds
+a list's cursors to the list and its filters, answers a repeated key with the first answer it got
+(marked `REPLAYED_METADATA`) and counts."""
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import Any
 
@@ -15,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crm_platform import metrics
+from crm_platform.call_auth import verify
 from crm_platform.errors import CrmError
 from crm_platform.grpc_errors import to_status
 from crm_platform.idempotency import (
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 
 _PAGE_REQUEST = "crm.common.v1.PageRequest"
+# Peers whose refused calls are logged (once each): enough for a cluster's pods, and bounded, so a
+# scan from many addresses cannot grow the set or flood the log.
+_MAX_LOGGED_PEERS = 1024
 _LISTS: dict[Any, bool] = {}  # by message descriptor: whether it asks for a page of a list
 
 
@@ -48,9 +53,11 @@ def _is_list(request: Any) -> bool:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, service: str, default_deadline_seconds: float) -> None:
+    def __init__(self, service: str, default_deadline_seconds: float, call_secret: str = "") -> None:
         self.service = service
         self.default_deadline_seconds = default_deadline_seconds
+        self._secret = call_secret.encode()
+        self._refused_peers: set[str] = set()
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
@@ -90,15 +97,39 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler
 
+    def _refusal(
+        self, method: str, metadata: Sequence[tuple[str, str | bytes]], context: grpc.aio.ServicerContext
+    ) -> str | None:
+        """Why the call's signature does not hold (None when it does, or when no secret is set);
+        logged once per peer address."""
+        if not self._secret:
+            return None
+        reason = verify(self._secret, method, metadata, time.time())
+        if reason is not None:
+            peer = str(context.peer()).rsplit(":", 1)[0]  # the address without the client's port
+            if peer not in self._refused_peers and len(self._refused_peers) < _MAX_LOGGED_PEERS:
+                self._refused_peers.add(peer)
+                log.warning(
+                    "%s refused a call to %s from %s, not logged again for that peer: %s",
+                    self.service,
+                    method,
+                    peer,
+                    reason,
+                )
+        return reason
+
     def _deadline(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self.default_deadline_seconds if remaining is None else min(remaining, self.default_deadline_seconds)
 
     def _wrap_unary(self, behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            metadata = context.invocation_metadata()
-            call = context_from_metadata(metadata)
+            metadata = context.invocation_metadata() or ()
             started = time.perf_counter()
+            if (refused := self._refusal(method, metadata, context)) is not None:
+                self._observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"internal call refused: {refused}")
+            call = context_from_metadata(metadata)
             code = grpc.StatusCode.OK
             try:
                 with (
@@ -145,9 +176,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self, behaviour: Callable[..., AsyncIterator[Any]], method: str
     ) -> Callable[..., AsyncIterator[Any]]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            metadata = context.invocation_metadata()
-            call = context_from_metadata(metadata)
+            metadata = context.invocation_metadata() or ()
             started = time.perf_counter()
+            if (refused := self._refusal(method, metadata, context)) is not None:
+                self._observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"internal call refused: {refused}")
+            call = context_from_metadata(metadata)
             code = grpc.StatusCode.OK
             try:
                 with (
@@ -195,7 +229,10 @@ class GrpcServer:
 
     Health: the server ("") is SERVING from start to stop, for liveness. The named services follow
     `readiness` too (a check that raises when the service cannot serve, e.g. its database does not
-    answer): NOT_SERVING while it fails takes the pods out of rotation without restarting them."""
+    answer): NOT_SERVING while it fails takes the pods out of rotation without restarting them.
+
+    Calls must be signed with `call_secret` (`crm_platform.call_auth`), health and reflection
+    excepted (probes, grpcurl); empty checks nothing (`ServiceApp` gives `CRM_INTERNAL_CALL_SECRET`)."""
 
     def __init__(
         self,
@@ -206,9 +243,11 @@ class GrpcServer:
         default_deadline_seconds: float = 30.0,
         max_connection_age_seconds: float = 0.0,
         readiness: Callable[[], Awaitable[None]] | None = None,
+        call_secret: str = "",
     ) -> None:
+        self._authenticates_calls = bool(call_secret)
         self.server = grpc.aio.server(
-            interceptors=[CallInterceptor(service, default_deadline_seconds)],
+            interceptors=[CallInterceptor(service, default_deadline_seconds, call_secret)],
             options=server_options(max_connection_age_seconds, default_deadline_seconds),
         )
         register(self.server)
@@ -229,6 +268,13 @@ class GrpcServer:
     async def start(self, host: str, port: int) -> int:
         bound = int(self.server.add_insecure_port(f"{host}:{port}"))
         await self.server.start()
+        if not self._authenticates_calls:
+            log.warning(
+                "%s: internal calls are not authenticated (CRM_INTERNAL_CALL_SECRET is empty): whatever reaches "
+                "port %d may call as any user, in any scope",
+                self.service,
+                bound,
+            )
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         if self.readiness is None:
             await self._set_ready(True)

@@ -1,7 +1,9 @@
 """Who is calling and which records they may touch, carried from the gateway in gRPC metadata.
 
 The gateway authenticates and decides the record scope; services apply the scope inside their
-queries (`scope_clause`), so lists, counts and paging never include out-of-scope records.
+queries (`scope_clause`), so lists, counts and paging never include out-of-scope records. With
+`CRM_INTERNAL_CALL_SECRET` set, callers sign this metadata and services refuse it unsigned
+(`crm_platform.call_auth`).
 """
 
 from collections.abc import Iterator, Sequence
@@ -15,6 +17,8 @@ from sqlalchemy import ColumnElement, Table, and_, false, true
 
 from crm_platform.telemetry import trace_metadata
 
+# Every key of the caller's identity or scopes starts with `x-crm-principal` or `x-crm-scope`: the
+# prefixes `call_auth` signs.
 PRINCIPAL_KEY = "x-crm-principal-bin"
 SCOPE_KEY = "x-crm-scope-bin"
 REQUEST_ID_KEY = "x-request-id"

@@ -83,6 +83,7 @@ class ServiceApp:
             default_deadline_seconds=self.settings.default_deadline_seconds,
             max_connection_age_seconds=self.settings.max_connection_age_seconds,
             readiness=self._database_answers,
+            call_secret=self.settings.internal_calls.secret,
         )
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -40,7 +40,11 @@ def untraced(scope: MutableMapping[str, Any]) -> bool:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    upstreams = Upstreams(settings.upstream_targets(), deadline_seconds=settings.upstream_deadline_seconds)
+    upstreams = Upstreams(
+        settings.upstream_targets(),
+        deadline_seconds=settings.upstream_deadline_seconds,
+        call_secret=settings.internal_calls.secret,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,6 +1,6 @@
 """Gateway settings, from `CRM_GATEWAY_*` environment variables."""
 
-from crm_platform.config import KafkaSettings
+from crm_platform.config import InternalCallSettings, KafkaSettings
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -32,6 +32,8 @@ class Settings(SecuritySettings):
     # Deadline of every upstream call.
     upstream_deadline_seconds: float = 10.0
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    # CRM_INTERNAL_CALL_SECRET, shared with the services: signs every call to them.
+    internal_calls: InternalCallSettings = Field(default_factory=InternalCallSettings)
 
     def upstream_targets(self) -> dict[str, str]:
         targets = {

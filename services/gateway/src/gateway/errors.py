@@ -47,7 +47,9 @@ _TITLES = {
 
 _GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 422,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
+    # Only a service refusing the gateway's own call (internal call authentication: secrets that
+    # differ): the caller's credentials were fine, the gateway's were not.
+    grpc.StatusCode.UNAUTHENTICATED: 502,
     grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,

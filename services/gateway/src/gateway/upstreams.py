@@ -24,9 +24,11 @@ class UpstreamNotConfigured(Exception):
 
 
 class Upstreams:
-    def __init__(self, targets: dict[str, str], *, deadline_seconds: float) -> None:
+    def __init__(self, targets: dict[str, str], *, deadline_seconds: float, call_secret: str = "") -> None:
         self.targets = targets
         self.deadline_seconds = deadline_seconds
+        # Signs every call's principal and scope (crm_platform.call_auth); empty signs nothing.
+        self.call_secret = call_secret
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, object], Any] = {}
 
@@ -38,6 +40,7 @@ class Upstreams:
                 self.targets[name],
                 idempotent_methods=_idempotent_methods(name),
                 default_deadline_seconds=self.deadline_seconds,
+                call_secret=self.call_secret,
             )
         return self._channels[name]
 

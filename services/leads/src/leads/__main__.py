@@ -41,7 +41,10 @@ def build(settings: ServiceSettings, engine: AsyncEngine) -> ServiceApp:
     leads_settings = cast(LeadsSettings, settings)
     uow = UnitOfWork(engine, repo.metadata, source="crm/leads")
     ports = GrpcConversionPorts(
-        leads_settings.accounts_target, leads_settings.sales_target, leads_settings.upstream_deadline_seconds
+        leads_settings.accounts_target,
+        leads_settings.sales_target,
+        leads_settings.upstream_deadline_seconds,
+        call_secret=leads_settings.internal_calls.secret,
     )
     service = LeadsService(engine=engine, uow=uow, settings=leads_settings, ports=ports)
 

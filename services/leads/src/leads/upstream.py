@@ -76,7 +76,9 @@ def domain_error(error: grpc.aio.AioRpcError, *, step: str) -> CrmError:
 
 
 class GrpcConversionPorts:
-    def __init__(self, accounts_target: str, sales_target: str, deadline_seconds: float) -> None:
+    def __init__(
+        self, accounts_target: str, sales_target: str, deadline_seconds: float, *, call_secret: str = ""
+    ) -> None:
         # Creates are idempotent by key and deletes by id, so UNAVAILABLE may be retried by the channel.
         accounts_methods = [
             (ACCOUNTS, m)
@@ -86,12 +88,16 @@ class GrpcConversionPorts:
             )
         ]
         self._accounts_channel = create_channel(
-            accounts_target, idempotent_methods=accounts_methods, default_deadline_seconds=deadline_seconds
+            accounts_target,
+            idempotent_methods=accounts_methods,
+            default_deadline_seconds=deadline_seconds,
+            call_secret=call_secret,  # signs for the user the conversion acts for (crm_platform.call_auth)
         )
         self._sales_channel = create_channel(
             sales_target,
             idempotent_methods=[(SALES, m) for m in ("CreateOpportunity", "DeleteOpportunity", "ListOpportunities")],
             default_deadline_seconds=deadline_seconds,
+            call_secret=call_secret,
         )
         self.accounts = accounts_service_pb2_grpc.AccountsServiceStub(self._accounts_channel)
         self.sales = sales_service_pb2_grpc.SalesServiceStub(self._sales_channel)

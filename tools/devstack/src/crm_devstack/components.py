@@ -83,6 +83,8 @@ def stack_environment(
         "CRM_GATEWAY_METRICS_PORT": str(GATEWAY_METRICS_PORT + port_offset),
         "CRM_GATEWAY_DEV_MODE": "true",
         "CRM_GATEWAY_DEV_JWT_SECRET": dev_secret(data_dir),
+        # The stack's processes start together: a new secret each time signs their calls to each other.
+        "CRM_INTERNAL_CALL_SECRET": secrets.token_urlsafe(32),
     }
     ports: dict[str, int] = {}
     for service in installed_services():
