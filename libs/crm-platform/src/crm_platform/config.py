@@ -20,6 +20,21 @@ class DataDirSettings(BaseSettings):
     data_dir: str = ".data"
 
 
+def database_url_or_embedded(settings: BaseSettings, database_url: str, name: str) -> str:
+    """`database_url`, or a SQLite file `<name>.db` under the data folder (the embedded default)
+    when no URL is configured. One configured empty (a Secret whose value is missing) is refused:
+    the component would keep its data in a throwaway file of its pod, each replica its own, and its
+    migration Job would report success."""
+    if database_url:
+        return database_url
+    if "database_url" in settings.model_fields_set:
+        variable = f"{settings.model_config.get('env_prefix', '')}DATABASE_URL"
+        raise ValueError(f"{variable} is set but empty: give the database URL, or leave it out for the embedded SQLite")
+    folder = data_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite+aiosqlite:///{folder / (name + '.db')}"
+
+
 class KafkaSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRM_KAFKA_")
 
@@ -119,8 +134,4 @@ class ServiceSettings(InboxSettings):
 
     def resolved_database_url(self) -> str:
         """The configured URL, or a SQLite file under the data folder (the embedded default)."""
-        if self.database_url:
-            return self.database_url
-        folder = data_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        return f"sqlite+aiosqlite:///{folder / (self.service_name + '.db')}"
+        return database_url_or_embedded(self, self.database_url, self.service_name)

@@ -7,6 +7,7 @@ import random
 from collections import namedtuple
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -20,7 +21,7 @@ from crm.sales.v1 import events_pb2 as sales_events
 from crm_platform import activities
 from crm_platform.activities import kind_error, may_change_activity, occurred_at_error
 from crm_platform.cloudevents import CloudEventHeaders, MalformedEvent, spec_of
-from crm_platform.config import KafkaSettings
+from crm_platform.config import KafkaSettings, ServiceSettings
 from crm_platform.db import json_text
 from crm_platform.errors import AlreadyExists, FieldError, NotFound, StaleVersion, ValidationFailed, field_path
 from crm_platform.grpc_errors import STATUS_DETAILS_KEY, from_rpc_error, to_status
@@ -49,6 +50,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+from pydantic_settings import SettingsConfigDict
 from sqlalchemy import Column, MetaData, String, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
@@ -508,3 +510,23 @@ def test_tasks_due_today_are_due_by_the_end_of_the_utc_day_those_overdue_include
     assert activities.due_before("today", beijing) == end_of_day
     with pytest.raises(ValueError, match="today, overdue"):
         activities.due_before("tomorrow", now)
+
+
+class NotesSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_NOTES_")
+    service_name: str = "notes"
+
+
+def test_a_database_url_left_out_is_the_embedded_sqlite_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CRM_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CRM_NOTES_DATABASE_URL", raising=False)
+
+    assert NotesSettings().resolved_database_url() == f"sqlite+aiosqlite:///{tmp_path / 'notes.db'}"
+
+
+def test_a_database_url_given_empty_is_refused_naming_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Secret whose value is missing: not a throwaway SQLite file in the pod, each replica its own."""
+    monkeypatch.setenv("CRM_NOTES_DATABASE_URL", "")
+
+    with pytest.raises(ValueError, match="CRM_NOTES_DATABASE_URL is set but empty"):
+        NotesSettings().resolved_database_url()

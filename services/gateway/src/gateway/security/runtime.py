@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import httpx
 from crm.audit.v1 import events_pb2
-from crm_platform.config import KafkaSettings, data_dir
+from crm_platform.config import KafkaSettings, database_url_or_embedded
 from crm_platform.consumer import EventConsumer, consumed_topics
 from crm_platform.db import create_engine, probe_engine
 from crm_platform.errors import ValidationFailed
@@ -55,11 +55,7 @@ _UPSTREAM_REFUSALS = {grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NO
 
 
 def database_url(settings: SecuritySettings) -> str:
-    if settings.database_url:
-        return settings.database_url
-    folder = data_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite+aiosqlite:///{folder / 'gateway.db'}"
+    return database_url_or_embedded(settings, settings.database_url, "gateway")
 
 
 class SecurityRuntime:
