@@ -31,7 +31,10 @@ def main() -> None:
 
 
 def _ports(env: dict[str, str], bootstrap: str, gateway_port: int) -> list[int]:
-    ports = [gateway_port] + [int(env[f"{s.env_prefix}GRPC_PORT"]) for s in installed_services()]
+    """Every port the stack listens on: the API, each service's gRPC and metrics, the gateway's metrics."""
+    ports = [gateway_port, int(env["CRM_GATEWAY_METRICS_PORT"])]
+    for service in installed_services():
+        ports += [int(env[f"{service.env_prefix}GRPC_PORT"]), int(env[f"{service.env_prefix}METRICS_PORT"])]
     host, _, broker_port = bootstrap.partition(":")
     if host in ("127.0.0.1", "localhost"):
         ports.append(int(broker_port))
