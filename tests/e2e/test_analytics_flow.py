@@ -108,8 +108,9 @@ async def test_reports_follow_rest_changes_through_events(stack: RunningStack) -
         ]
         stages = await manager.get("/api/v1/exports/reports", params={"report": "sales-funnel", "team": team})
         assert stages.status_code == 200, stages.text
-        stage_rows = list(csv.DictReader(io.StringIO(stages.text)))
+        *stage_rows, total = list(csv.DictReader(io.StringIO(stages.text)))
         assert stage_rows[0]["stage"] and sum(int(row["count"]) for row in stage_rows) == 2
+        assert (total["stage"], total["opportunities"], total["win_rate"]) == ("total", "2", "0.0000")
         assert (await rep.get("/api/v1/exports/reports", params={"report": "service"})).status_code == 403
         missing = await analyst.get("/api/v1/exports/reports")
         assert missing.status_code == 422 and missing.json()["errors"][0]["field"] == "report"

@@ -426,9 +426,14 @@ def check_collision(
             existing_id=colliding.id,
             reason="OPPORTUNITY_COLLISION",
         )
+    check_may_override_collision(caller_roles)
+    return colliding
+
+
+def check_may_override_collision(caller_roles: Sequence[str]) -> None:
+    """403 on `override_collision` for whom is neither a sales manager nor an admin."""
     if not any(role in MANAGER_ROLES for role in caller_roles):
         raise PermissionDenied("only a sales manager or admin may override anti-collision", field="override_collision")
-    return colliding
 
 
 def is_rotting(status: str, stage: Stage, entered_at: datetime | None, now: datetime) -> bool:

@@ -1133,16 +1133,23 @@ class SalesHandlers:
             tx.publish(event, key=opportunity_id)
             return Change(proto, v.opportunity_proto(row))
 
-    async def import_opportunities(self, pipeline_id: str, rows: Sequence[ImportRow]) -> list[ImportResult]:
+    async def import_opportunities(
+        self, pipeline_id: str, rows: Sequence[ImportRow], *, override: bool = False, override_reason: str = ""
+    ) -> list[ImportResult]:
         """Loads deals of another system as they are (open at a stage, won or lost), each row
         validated and answered on its own. Stage gates are checks on how deals move here, so imported
         deals skip them. Anti-collision is a check on who works a deal now: a deal imported open meets
-        it as a created one does, won or lost history does not (an import overrides nothing: a manager
-        creates such a deal alone, with a reason). A repeated `external_id` answers `existing` with
-        the first deal when the caller may read it; the row is rejected otherwise."""
+        it as a created one does, won or lost history does not; a manager migrating another CRM's
+        deals overrides it for the file (`override`, with a reason each such deal records, as a
+        created one does). A repeated `external_id` answers `existing` with the first deal when the
+        caller may read it; the row is rejected otherwise."""
         if len(rows) > self.import_max_rows:
             raise ValidationFailed([FieldError("rows", f"at most {self.import_max_rows} rows per call")])
         principal = current_principal()
+        if override:  # refused at once, not row by row
+            d.check_may_override_collision(principal.roles)
+            if not override_reason.strip():
+                raise ValidationFailed([FieldError("override_reason", "is required to override anti-collision")])
         scope = current_scope()
         results: dict[int, ImportResult] = {}
         async with self.uow.begin() as tx:
@@ -1195,10 +1202,16 @@ class SalesHandlers:
                 if not refused and index in opening:
                     deals = open_deals.setdefault(opening[index], [])
                     try:
-                        _colliding(built[index]["owner_id"], deals, override=False)
+                        colliding = _colliding(built[index]["owner_id"], deals, override=override)
                     except Conflict as collision:
                         refused = [FieldError("product_line", collision.detail)]
                     else:
+                        if colliding is not None:  # overridden, recorded as on a create
+                            built[index].update(
+                                collision_override_by=principal.user_id,
+                                collision_override_reason=override_reason.strip(),
+                                colliding_opportunity_id=colliding.id,
+                            )
                         deals.append(built[index])  # the file's later rows meet it
                 if refused:
                     results[index] = ImportResult(index, row.external_id, "rejected", errors=refused)

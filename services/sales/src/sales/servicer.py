@@ -370,7 +370,16 @@ class SalesServicer(sales_service_pb2_grpc.SalesServiceServicer):
                 rows.append(import_row(row, index))
             except ValidationFailed as error:
                 rejected[index] = error.errors
-        outcomes = await self.h.import_opportunities(request.pipeline_id, rows) if rows else []
+        outcomes = (
+            await self.h.import_opportunities(
+                request.pipeline_id,
+                rows,
+                override=request.override_collision,
+                override_reason=request.override_reason,
+            )
+            if rows
+            else []
+        )
         results: list[pb.ImportRowResult] = []
         accepted = [index for index in range(len(request.rows)) if index not in rejected]
         outcome_by_row = {accepted[outcome.row]: outcome for outcome in outcomes}

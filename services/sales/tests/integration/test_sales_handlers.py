@@ -655,6 +655,30 @@ async def test_a_deal_imported_open_meets_anti_collision_as_a_created_one_does(s
     assert [deal.id for deal in deals_on_acc_i.items] == [first.id]
 
 
+async def test_a_manager_migrating_deals_overrides_anti_collision_for_the_file_and_each_deal_records_it(
+    sales: SalesHandlers,
+) -> None:
+    with as_user("alice", "sales_rep"):
+        first = await sales.create_opportunity(OpportunityIn(account_id="acc-m", name="A", product_line="Cloud ERP"))
+    row = ImportRow("M-1", OpportunityIn(account_id="acc-m", name="B", owner_id="bob", product_line="Cloud ERP"))
+    with as_user("bob", "sales_rep"), pytest.raises(PermissionDenied) as refused:
+        await sales.import_opportunities("", [row], override=True, override_reason="mine")
+    with as_user("boss", "sales_manager"):
+        with pytest.raises(ValidationFailed) as unexplained:
+            await sales.import_opportunities("", [row], override=True, override_reason=" ")
+        [result] = await sales.import_opportunities("", [row], override=True, override_reason="migration from SFDC")
+        imported = await sales.get_opportunity(result.opportunity_id)
+
+    assert refused.value.field == "override_collision"
+    assert [e.field for e in unexplained.value.errors] == ["override_reason"]
+    assert result.outcome == "created"
+    assert (imported.collision_override_by, imported.collision_override_reason, imported.colliding_opportunity_id) == (
+        "boss",
+        "migration from SFDC",
+        first.id,
+    )
+
+
 async def test_an_imported_deal_meets_the_open_deals_of_the_files_earlier_rows(sales: SalesHandlers) -> None:
     """Two rows of one file opening a deal on the same account and product line for two owners: the
     later one is rejected, naming the deal the earlier one became, as two creates would be."""

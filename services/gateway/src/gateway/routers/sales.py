@@ -205,6 +205,12 @@ class ImportBody(RequestBody):
     rows: list[dict[str, Any]] = Field(
         min_length=1, max_length=5000, description="ImportRowBody objects, each checked on its own"
     )
+    override_collision: bool = Field(
+        default=False,
+        description="a manager migrating another CRM's deals lets open deals in beside another owner's (防撞单), "
+        "each recording the override",
+    )
+    override_reason: str | None = Field(default=None, max_length=2000)
 
 
 class TargetCreate(RequestBody):
@@ -1037,7 +1043,12 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
     results = {index: _rejected_import_row(index, body.rows[index], errors) for index, errors in refused.items()}
     if rows:
         reply = await _stub(request).ImportOpportunities(
-            pb.ImportOpportunitiesRequest(pipeline_id=body.pipeline_id or "", rows=rows),
+            pb.ImportOpportunitiesRequest(
+                pipeline_id=body.pipeline_id or "",
+                rows=rows,
+                override_collision=body.override_collision,
+                override_reason=body.override_reason or "",
+            ),
             metadata=access.grpc_metadata(),
         )
         sent = list(checked)  # the service numbers the rows it was sent
@@ -1047,7 +1058,8 @@ async def import_opportunities(body: ImportBody, request: Request, access: Oppor
         access, {index: problem for index, problem in refusals.items() if results[index]["outcome"] == "rejected"}
     )
     answer = _import_answer(results)
-    await access.audit("import", "", reason=f"{answer['created']} created, {answer['rejected']} rejected")
+    overriding = f"; anti-collision overridden: {body.override_reason}" if body.override_collision else ""
+    await access.audit("import", "", reason=f"{answer['created']} created, {answer['rejected']} rejected{overriding}")
     # Each deal the import created is on its own trail, as one created alone is.
     created = [
         (r["opportunity_id"], f"import row {r['row']}, external_id {r['external_id']}")
