@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from crm.audit.v1 import events_pb2
 from crm_platform.config import KafkaSettings
-from crm_platform.consumer import EventConsumer, ReceivedEvent
+from crm_platform.consumer import EventConsumer, Handler, ReceivedEvent
 from crm_platform.db import create_engine
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
@@ -64,6 +64,19 @@ async def _drop_connections(postgres_url: str, user: str = "") -> None:
     await asyncio.sleep(0.3)  # the backends are gone; the database takes new connections at once
 
 
+def _consumer(engine: AsyncEngine, kafka: KafkaSettings, name: str, handler: Handler) -> EventConsumer:
+    """A consumer of AuditRecorded events that retries quickly."""
+    return EventConsumer(
+        name=name,
+        uow=UnitOfWork(engine, metadata, source="/crm/test"),
+        metadata=metadata,
+        kafka=kafka,
+        handlers={events_pb2.AuditRecorded: handler},
+        service="test",
+        retry_base_seconds=0.05,
+    )
+
+
 def _recording_consumer(engine: AsyncEngine, kafka: KafkaSettings, applied: list[str], name: str) -> EventConsumer:
     async def on_recorded(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
         await tx.conn.execute(
@@ -71,15 +84,7 @@ def _recording_consumer(engine: AsyncEngine, kafka: KafkaSettings, applied: list
         )
         applied.append(event.message.record_id)
 
-    return EventConsumer(
-        name=name,
-        uow=UnitOfWork(engine, metadata, source="/crm/test"),
-        metadata=metadata,
-        kafka=kafka,
-        handlers={events_pb2.AuditRecorded: on_recorded},
-        service="test",
-        retry_base_seconds=0.05,
-    )
+    return _consumer(engine, kafka, name, on_recorded)
 
 
 async def _dead_letters(kafka: KafkaSettings) -> list[Any]:
@@ -206,15 +211,27 @@ async def test_waiting_out_an_outage_leaves_an_event_all_its_retries(
             raise DatabaseError("UPDATE ...", {}, asyncpg.DeadlockDetectedError("deadlock detected"))
         applied.append(event.message.record_id)
 
-    consumer = EventConsumer(
-        name="attempts",
-        uow=UnitOfWork(engine, metadata, source="/crm/test"),
-        metadata=metadata,
-        kafka=broker_settings,
-        handlers={events_pb2.AuditRecorded: handler},
-        service="test",
-        retry_base_seconds=0.05,
-    )
-    await consume_until(consumer, lambda: "payment" in applied)
+    await consume_until(_consumer(engine, broker_settings, "attempts", handler), lambda: "payment" in applied)
     assert calls == 9
+    assert await _dead_letters(broker_settings) == []
+
+
+async def test_an_event_waits_out_a_database_outage_instead_of_going_to_the_dead_letter_topic(
+    engine: AsyncEngine, broker_settings: KafkaSettings
+) -> None:
+    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
+    for record_id in ("during-outage", "after-outage"):
+        await produce_event(broker_settings.bootstrap_servers, events_pb2.AuditRecorded(record_id=record_id), key="k")
+    applied: list[str] = []
+    failures = 0
+
+    async def flaky(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
+        nonlocal failures
+        if failures < 7:  # more than the 5 attempts a faulty event gets
+            failures += 1
+            raise OperationalError("INSERT ...", {}, ConnectionRefusedError("database is restarting"))
+        applied.append(event.message.record_id)
+
+    await consume_until(_consumer(engine, broker_settings, "outage", flaky), lambda: "after-outage" in applied)
+    assert applied == ["during-outage", "after-outage"]  # in order, nothing skipped
     assert await _dead_letters(broker_settings) == []

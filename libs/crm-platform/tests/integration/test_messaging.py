@@ -705,39 +705,6 @@ async def test_a_consumer_stopped_while_the_broker_does_not_answer_stops_at_once
     silent.close()
 
 
-async def test_an_event_waits_out_a_database_outage_instead_of_going_to_the_dead_letter_topic(
-    engine: AsyncEngine, broker_settings: KafkaSettings
-) -> None:
-    await ensure_topics(broker_settings, [TOPIC, f"{TOPIC}.dlt"])
-    bootstrap = broker_settings.bootstrap_servers
-    await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="during-outage"), key="k")
-    await produce_event(bootstrap, events_pb2.AuditRecorded(record_id="after-outage"), key="k")
-    applied: list[str] = []
-    failures = 0
-
-    async def flaky(tx: Transaction, event: ReceivedEvent[events_pb2.AuditRecorded]) -> None:
-        nonlocal failures
-        if failures < 7:  # more than the 5 attempts a faulty event gets
-            failures += 1
-            raise OperationalError("INSERT ...", {}, ConnectionRefusedError("database is restarting"))
-        applied.append(event.message.record_id)
-
-    consumer = EventConsumer(
-        name="outage",
-        uow=UnitOfWork(engine, metadata, source="/crm/test"),
-        metadata=metadata,
-        kafka=broker_settings,
-        handlers={events_pb2.AuditRecorded: flaky},
-        service="test",
-        retry_base_seconds=0.05,
-    )
-    await consume_until(consumer, lambda: "after-outage" in applied)
-    assert applied == ["during-outage", "after-outage"]  # in order, nothing skipped
-    async with EventCollector(bootstrap, [f"{TOPIC}.dlt"]) as dead_letters:
-        await asyncio.sleep(1.0)
-        assert dead_letters.records == []
-
-
 async def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_partition_keeps_moving(
     engine: AsyncEngine, broker_settings: KafkaSettings
 ) -> None:
