@@ -52,6 +52,7 @@ from crm.common.v1 import common_pb2
 from crm.leads.v1 import leads_service_pb2
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceStub
 from crm_platform import migrations
+from crm_platform.grpc_client import create_channel
 from crm_platform.ids import new_id
 from crm_platform.principal import Principal, RecordScope, ScopeKind, outgoing_metadata
 from crm_platform.service import run_event_loop
@@ -73,6 +74,8 @@ IMPORT_ROWS = int(os.environ.get("BENCH_LEADS_IMPORT", "100000"))
 PROFILE = os.environ.get("BENCH_LEADS_PROFILE", "") not in ("", "0")
 PART_BYTES = 1_000_000  # the gateway refuses bodies over 1 MiB
 SECRET = "bench-secret-" + uuid.uuid4().hex
+# The gateway signs its calls to the leads service with it, and the service checks them, as deployed.
+INTERNAL_CALL_SECRET = "bench-internal-calls-" + uuid.uuid4().hex
 BIN = Path(sys.executable).parent
 
 # A CRM that has run for a while: the newest leads are mostly new, the oldest mostly worked to an
@@ -532,7 +535,7 @@ async def list_latencies(query: Callable[[str, str], Awaitable[int]]) -> list[fl
 async def list_leads(leads_target: str, gateway: httpx.AsyncClient, summary: dict[str, float]) -> None:
     admin = Principal(user_id="bench-admin", roles=("admin",), team="east")
     metadata = outgoing_metadata(admin, RecordScope(ScopeKind.ALL))
-    async with grpc.aio.insecure_channel(leads_target) as channel:
+    async with create_channel(leads_target, call_secret=INTERNAL_CALL_SECRET) as channel:
         stub = LeadsServiceStub(channel)
 
         async def by_grpc(status: str, source: str) -> int:
@@ -725,6 +728,7 @@ async def main(admin_url: str) -> int:
             "CRM_LEADS_METRICS_PORT": "0",
             "CRM_LEADS_LOG_LEVEL": "WARNING",
             "CRM_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "CRM_INTERNAL_CALL_SECRET": INTERNAL_CALL_SECRET,
         }
         gateway_env = {
             "CRM_GATEWAY_PORT": str(ports["gateway"]),
@@ -739,6 +743,7 @@ async def main(admin_url: str) -> int:
             "CRM_GATEWAY_RATE_LIMIT_BURST": "1000000",
             "CRM_GATEWAY_LOG_LEVEL": "WARNING",
             "CRM_KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "CRM_INTERNAL_CALL_SECRET": INTERNAL_CALL_SECRET,
         }
         processes.start("leads", service_command("leads", "leads.__main__", ["serve"], work), leads_env)
         processes.start("gateway", service_command("gateway", "gateway.__main__", [], work), gateway_env)
