@@ -67,9 +67,10 @@ NOT_SERVED_YET = "the service does not serve this call in the version that answe
 
 RETRY_AFTER_SECONDS = "5"
 
-# The request fields the gateway fills from a header: a service's error about one names the header,
-# as the gateway's own validation of that header does.
-_HEADER_FIELDS = {"idempotency_key": "Idempotency-Key"}
+# The request fields the gateway fills from a header or makes of the body: a service's error about
+# one names the header, as the gateway's own validation of that header does, or the body (`update_mask`
+# is what a PATCH body names: an empty or override-only one "names no field to update").
+_REQUEST_FIELDS = {"idempotency_key": "Idempotency-Key", "update_mask": "body"}
 
 # gRPC's own refusals of a call's metadata or message as too large for the channel. Their code is
 # RESOURCE_EXHAUSTED, as a service's rate limit's is, but no wait helps and the text describes
@@ -112,7 +113,7 @@ def http_status_of(remote: RemoteError) -> int:
 
 def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
     status = http_status_of(remote)
-    errors = [{"field": _HEADER_FIELDS.get(e.field, e.field), "message": e.message} for e in remote.field_errors]
+    errors = [{"field": _REQUEST_FIELDS.get(e.field, e.field), "message": e.message} for e in remote.field_errors]
     if status == 403 and remote.metadata.get("field"):
         errors.append({"field": remote.metadata["field"], "message": remote.message})
     extra: dict[str, Any] = {}
@@ -130,7 +131,7 @@ def remote_problem(remote: RemoteError, instance: str = "") -> JSONResponse:
     detail = remote.message if status < 500 or status in (503, 504) else "internal error"
     if remote.code == grpc.StatusCode.UNIMPLEMENTED:  # gRPC's own text ("Method not found!") says nothing to a client
         detail = NOT_SERVED_YET
-    if any(e.field in _HEADER_FIELDS for e in remote.field_errors):
+    if any(e.field in _REQUEST_FIELDS for e in remote.field_errors):
         # The service's message names its fields ("idempotency_key: ..."): say it as `errors` does.
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors[: len(remote.field_errors)])
     return problem(status, detail, errors=errors or None, headers=headers, extra=extra or None, instance=instance)

@@ -1,5 +1,6 @@
 """A service's refusal as the gateway answers it: the fields the gateway fills from a header are
-named as the header, in `errors` and in `detail` alike."""
+named as the header, and the update mask it makes of a PATCH body as `body`, in `errors` and in
+`detail` alike."""
 
 import json
 
@@ -24,6 +25,19 @@ def test_a_reused_idempotency_key_is_named_as_the_header_in_errors_and_detail() 
     assert body["status"] == 422
     assert body["errors"] == [{"field": "Idempotency-Key", "message": "was used with a different request"}]
     assert body["detail"] == "Idempotency-Key: was used with a different request"
+
+
+def test_a_patch_naming_no_field_to_update_is_a_422_on_the_body_not_on_a_grpc_name() -> None:
+    remote = RemoteError(
+        code=grpc.StatusCode.INVALID_ARGUMENT,
+        message="update_mask: name at least one field to update",
+        field_errors=[FieldError("update_mask", "name at least one field to update")],
+    )
+
+    body = json.loads(remote_problem(remote, "/api/v1/opportunities/o-1").body)
+
+    assert body["errors"] == [{"field": "body", "message": "name at least one field to update"}]
+    assert body["detail"] == "body: name at least one field to update"
 
 
 def test_other_fields_keep_the_services_detail() -> None:
