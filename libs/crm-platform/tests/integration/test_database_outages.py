@@ -5,7 +5,6 @@ dead-lettered for an outage."""
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -16,7 +15,6 @@ from crm_platform.consumer import EventConsumer, Handler, ReceivedEvent
 from crm_platform.db import create_engine
 from crm_platform.kafka import ensure_topics
 from crm_platform.outbox import OutboxRelay, Transaction, UnitOfWork
-from crm_platform.testing.infra import TansuBroker
 from crm_platform.testing.kafka import EventCollector, consume_until, produce_event
 from crm_platform.testing.sample_service import add_note, create_schema, metadata, notes
 from sqlalchemy import insert
@@ -27,21 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 pytestmark = pytest.mark.integration
 
 TOPIC = "crm.audit.v1"
-
-
-@pytest.fixture
-def broker_settings(own_broker: TansuBroker) -> KafkaSettings:
-    return KafkaSettings(
-        bootstrap_servers=own_broker.bootstrap, topic_partitions=6, send_timeout_seconds=3.0, fetch_max_wait_ms=50
-    )
-
-
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(postgres_url)
-    await create_schema(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def _as_admin(postgres_url: str, sql: str, *args: Any) -> None:

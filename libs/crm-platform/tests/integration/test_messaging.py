@@ -54,14 +54,6 @@ pytestmark = pytest.mark.integration
 TOPIC = "crm.audit.v1"
 
 
-@pytest.fixture
-async def engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(postgres_url)
-    await create_schema(engine)
-    yield engine
-    await engine.dispose()
-
-
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def engine_each_database(
     request: pytest.FixtureRequest, postgres_url: str, tmp_path: Path
@@ -72,13 +64,6 @@ async def engine_each_database(
     await create_schema(engine)
     yield engine
     await engine.dispose()
-
-
-@pytest.fixture
-def broker_settings(own_broker: TansuBroker) -> KafkaSettings:
-    return KafkaSettings(
-        bootstrap_servers=own_broker.bootstrap, topic_partitions=6, send_timeout_seconds=3.0, fetch_max_wait_ms=50
-    )
 
 
 def relay_for(engine: AsyncEngine, kafka: KafkaSettings) -> OutboxRelay:

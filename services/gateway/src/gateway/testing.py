@@ -15,12 +15,17 @@ import yaml
 from crm.common.v1 import custom_fields_pb2
 from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceServicer, add_CustomFieldServiceServicer_to_server
 from crm.servicedesk.v1 import servicedesk_pb2
+from crm_platform.custom_fields_service import SERVICE_NAME, CustomFieldServicer, definitions_table
+from crm_platform.db import create_engine
 from crm_platform.errors import CrmError, NotFound
 from crm_platform.grpc_errors import to_status
+from crm_platform.grpc_server import GrpcServer
+from crm_platform.idempotency import idempotency_table
 from crm_platform.principal import context_from_metadata
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from pydantic import BaseModel
+from sqlalchemy import MetaData
 
 from gateway.app import create_app
 from gateway.config import Settings
@@ -133,6 +138,31 @@ async def serving(*add_servicers: Callable[[grpc.aio.Server], None]) -> AsyncIte
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+@asynccontextmanager
+async def serving_lead_definitions(folder: Path, *, call_secret: str = "") -> AsyncIterator[str]:
+    """The `host:port` of lead custom field definitions served as the leads service serves them (its
+    servicer on a SQLite file in `folder`, behind the services' own gRPC server)."""
+    metadata = MetaData()
+    table = definitions_table(metadata, "custom_field_definitions")
+    keys = idempotency_table(metadata)
+    engine = create_engine(f"sqlite+aiosqlite:///{folder / 'definitions.db'}")
+    async with engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    servicer = CustomFieldServicer(engine, table, keys=keys, entities=("lead",))
+    server = GrpcServer(
+        service="leads",
+        service_names=[SERVICE_NAME],
+        register=lambda s: add_CustomFieldServiceServicer_to_server(servicer, s),
+        call_secret=call_secret,
+    )
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+        await engine.dispose()
 
 
 async def refuse(context: grpc.aio.ServicerContext[Any, Any], error: CrmError) -> NoReturn:

@@ -6,16 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crm.common.v1.custom_fields_pb2_grpc import add_CustomFieldServiceServicer_to_server
 from crm.leads.v1 import leads_pb2
 from crm.leads.v1 import leads_service_pb2 as leads_pb
 from crm.leads.v1.leads_service_pb2_grpc import LeadsServiceServicer, add_LeadsServiceServicer_to_server
-from crm_platform.custom_fields_service import SERVICE_NAME, CustomFieldServicer, definitions_table
-from crm_platform.db import create_engine
-from crm_platform.grpc_server import GrpcServer
-from crm_platform.idempotency import idempotency_table
-from gateway.testing import RoleClient, serving
-from sqlalchemy import MetaData
+from gateway.testing import RoleClient, serving, serving_lead_definitions
 
 pytestmark = pytest.mark.integration
 
@@ -24,25 +18,8 @@ BUDGET = {"key": "budget", "label": "Budget", "type": "number"}
 
 @pytest.fixture
 async def lead_definitions(tmp_path: Path) -> AsyncIterator[str]:
-    """The `host:port` of lead custom field definitions served as the leads service serves them."""
-    metadata = MetaData()
-    table = definitions_table(metadata, "custom_field_definitions")
-    keys = idempotency_table(metadata)
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'definitions.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    servicer = CustomFieldServicer(engine, table, keys=keys, entities=("lead",))
-    server = GrpcServer(
-        service="definitions-test",
-        service_names=[SERVICE_NAME],
-        register=lambda s: add_CustomFieldServiceServicer_to_server(servicer, s),
-    )
-    port = await server.start("127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-        await engine.dispose()
+    async with serving_lead_definitions(tmp_path) as target:
+        yield target
 
 
 async def test_creating_a_key_that_has_a_definition_is_409_and_leaves_it_as_it_was(

@@ -11,15 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 from crm.common.v1 import custom_fields_pb2
-from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub, add_CustomFieldServiceServicer_to_server
-from crm_platform.custom_fields_service import SERVICE_NAME, CustomFieldServicer, definitions_table
-from crm_platform.db import create_engine
-from crm_platform.grpc_server import GrpcServer
-from crm_platform.idempotency import idempotency_table
+from crm.common.v1.custom_fields_pb2_grpc import CustomFieldServiceStub
 from crm_platform.principal import ALL_RECORDS, Principal, outgoing_metadata
-from gateway.testing import started_gateway
+from gateway.testing import serving_lead_definitions, started_gateway
 from gateway.token_cli import issue_dev_token
-from sqlalchemy import MetaData
 
 pytestmark = pytest.mark.integration
 
@@ -33,25 +28,8 @@ async def leads_definitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     """The `host:port` of a service that serves lead custom field definitions and requires signed
     calls; the secret is also in the environment, where the gateway the test starts reads it."""
     monkeypatch.setenv("CRM_INTERNAL_CALL_SECRET", INTERNAL_CALL_SECRET)
-    metadata = MetaData()
-    table = definitions_table(metadata, "custom_field_definitions")
-    keys = idempotency_table(metadata)
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'definitions.db'}")
-    async with engine.begin() as conn:
-        await conn.run_sync(metadata.create_all)
-    servicer = CustomFieldServicer(engine, table, keys=keys, entities=("lead",))
-    server = GrpcServer(
-        service="leads",
-        service_names=[SERVICE_NAME],
-        register=lambda s: add_CustomFieldServiceServicer_to_server(servicer, s),
-        call_secret=INTERNAL_CALL_SECRET,
-    )
-    port = await server.start("127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-        await engine.dispose()
+    async with serving_lead_definitions(tmp_path, call_secret=INTERNAL_CALL_SECRET) as target:
+        yield target
 
 
 async def test_requests_work_end_to_end_with_signed_internal_calls(
